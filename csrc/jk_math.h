@@ -1,0 +1,103 @@
+// Element-wise math shared by the C++ (OpenMP) kernels and the CUDA kernels.
+//
+// Every function here is the per-element spec of jitkernels/backends/numpy_ref.py, written once. Compile with
+// -ffp-contract=off (host) and --fmad=false (nvcc / NVRTC): a fused multiply-add rounds once where numpy rounds twice,
+// and the backends must match numpy bit for bit.
+#pragma once
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define JK_HD __host__ __device__ __forceinline__
+#else
+#define JK_HD inline
+#endif
+
+namespace jk {
+
+// bfloat16 and float16 travel as their 16 raw bits; the kernels widen them as they read.
+struct bf16 { uint16_t bits; };
+struct f16 { uint16_t bits; };
+
+JK_HD float bits_to_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f; memcpy(&f, &u, 4); return f;
+#endif
+}
+
+JK_HD uint32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u; memcpy(&u, &f, 4); return u;
+#endif
+}
+
+// bf16 -> f32 is exact: the bf16 bits are the high half of the f32.
+JK_HD float widen(bf16 h) { return bits_to_float((uint32_t)h.bits << 16); }
+
+// f16 -> f32 is exact. Branch-free decode (normal, subnormal, inf/nan) so that it also vectorizes on the host.
+JK_HD float widen(f16 h) {
+  const uint32_t sign = (uint32_t)(h.bits & 0x8000u) << 16;
+  const uint32_t em = (uint32_t)(h.bits & 0x7fffu);
+  // normal and subnormal: shift into place and rescale by 2^112 (exact: a power of two)
+  const float mag = bits_to_float(em << 13) * bits_to_float(0x77800000u);
+  const uint32_t infnan = (em >= 0x7c00u) ? (0x7f800000u | (em << 13)) : 0u;
+  const uint32_t out = (em >= 0x7c00u) ? infnan : float_to_bits(mag);
+  return bits_to_float(sign | out);
+}
+
+JK_HD float widen(float x) { return x; }
+JK_HD double widen(double x) { return x; }
+JK_HD float widen(int8_t x) { return (float)x; }
+
+// Round f32 to bf16, to nearest even (as ml_dtypes does); NaN stays a quiet NaN.
+JK_HD bf16 narrow_bf16(float f) {
+  uint32_t u = float_to_bits(f);
+  bf16 r;
+  if ((u & 0x7fffffffu) > 0x7f800000u) { r.bits = (uint16_t)((u >> 16) | 0x40u); return r; }
+  u += 0x7fffu + ((u >> 16) & 1u);
+  r.bits = (uint16_t)(u >> 16);
+  return r;
+}
+
+// One step of the fold: acc + w * x, two roundings (no FMA).
+template <class A>
+JK_HD A fold_step(A acc, A w, A x) {
+  A t = w * x;
+  return acc + t;
+}
+
+// Value of element i of an update as the accumulator sees it: x = A(u) [* A(scale)] [- base].
+template <class A, class In>
+JK_HD A load(In u) { return (A)widen(u); }
+
+template <class A>
+JK_HD A dequant(int8_t q, float scale) { return (A)q * (A)scale; }
+
+// Finalize: y = acc / A(W), then base + y when a base is given.
+template <class A>
+JK_HD A final_value(A acc, A total_w) { return acc / total_w; }
+
+template <class A>
+JK_HD A final_value(A acc, A total_w, A base) { A y = acc / total_w; return base + y; }
+
+// Narrow a finalized value to the output dtype, rounding to nearest even as numpy / ml_dtypes do. bf16 from f64
+// goes through f32 (ml_dtypes' double rounding, kept so that results match it); f16 from f64 rounds once (numpy).
+JK_HD void narrow_to(float* o, float y) { *o = y; }
+JK_HD void narrow_to(float* o, double y) { *o = (float)y; }
+JK_HD void narrow_to(double* o, float y) { *o = (double)y; }
+JK_HD void narrow_to(double* o, double y) { *o = y; }
+JK_HD void narrow_to(bf16* o, float y) { *o = narrow_bf16(y); }
+JK_HD void narrow_to(bf16* o, double y) { *o = narrow_bf16((float)y); }
+#if defined(__CUDA_ARCH__)
+__device__ __forceinline__ void narrow_to(f16* o, float y) { o->bits = __half_as_ushort(__float2half_rn(y)); }
+__device__ __forceinline__ void narrow_to(f16* o, double y) { o->bits = __half_as_ushort(__double2half(y)); }
+#elif !defined(__CUDACC_RTC__)
+inline void narrow_to(f16* o, float y) { _Float16 h = (_Float16)y; memcpy(&o->bits, &h, 2); }
+inline void narrow_to(f16* o, double y) { _Float16 h = (_Float16)y; memcpy(&o->bits, &h, 2); }
+#endif
+
+}  // namespace jk

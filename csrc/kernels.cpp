@@ -1,0 +1,209 @@
+// pybind11 module jitkernels._core: the C++ backend. Kernels read updates in place through pointer tables built by
+// jitkernels/batch.py; every entry point releases the GIL and runs on OpenMP threads (when built with OpenMP).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "jk_math.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define JK_X86 1
+#pragma GCC push_options
+#pragma GCC target("avx2,f16c")
+namespace avx2 {
+#include "kernels.h"
+}
+#pragma GCC pop_options
+#endif
+
+namespace baseline {
+#include "kernels.h"
+}
+
+namespace py = pybind11;
+
+namespace {
+
+// Input codes, in jitkernels.batch.GROUP_ORDER.
+enum InCode { F64 = 0, F32 = 1, F16 = 2, BF16 = 3, I8 = 4 };
+
+bool use_avx2() {
+#ifdef JK_X86
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+template <class T>
+const T* data_of(const py::array& a) { return static_cast<const T*>(a.data()); }
+
+template <class T>
+T* mutable_data_of(py::array& a) { return static_cast<T*>(a.mutable_data()); }
+
+void require(bool ok, const char* what) {
+  if (!ok) throw std::invalid_argument(what);
+}
+
+using I64 = py::array_t<int64_t, py::array::c_style>;
+using F64A = py::array_t<double, py::array::c_style>;
+
+bool is_acc_f64(const py::array& acc) {
+  if (acc.dtype().is(py::dtype::of<double>())) return true;
+  if (acc.dtype().is(py::dtype::of<float>())) return false;
+  throw std::invalid_argument("accumulator must be float32 or float64");
+}
+
+// Calls f(A{}, In{}) with the accumulator and input types a call names.
+template <class F>
+void with_types(bool acc64, int in_code, F&& f) {
+  auto in = [&](auto a) {
+    switch (in_code) {
+      case F64: return f(a, double{});
+      case F32: return f(a, float{});
+      case F16: return f(a, jk::f16{});
+      case BF16: return f(a, jk::bf16{});
+      case I8: return f(a, int8_t{});
+    }
+    throw std::invalid_argument("unknown input dtype code " + std::to_string(in_code));
+  };
+  if (acc64) in(double{}); else in(float{});
+}
+
+void fold(py::array acc, py::object base_obj, int in_code, I64 off, I64 ptr, F64A w, I64 sptr, I64 blk, I64 work,
+          int nthreads) {
+  require(acc.flags() & py::array::c_style && acc.writeable(), "accumulator must be a writeable C-contiguous array");
+  const bool acc64 = is_acc_f64(acc);
+  const bool has_base = !base_obj.is_none();
+  py::array base = has_base ? base_obj.cast<py::array>() : py::array();
+  if (has_base) require(base.dtype().is(acc.dtype()), "base must have the accumulator's dtype");
+  const int64_t k = ptr.ndim() == 2 ? ptr.shape(1) : 0, m = work.shape(0);
+  void* accp = acc.mutable_data();
+  const void* basep = has_base ? base.data() : nullptr;
+  with_types(acc64, in_code, [&](auto a, auto in) {
+    using A = decltype(a);
+    using In = decltype(in);
+    py::gil_scoped_release nogil;
+    auto run = [&](auto ns_fold, auto ns_fold_q) {
+      if constexpr (std::is_same_v<In, int8_t>) {
+        if (has_base) ns_fold_q(std::true_type{}); else ns_fold_q(std::false_type{});
+      } else {
+        if (has_base) ns_fold(std::true_type{}); else ns_fold(std::false_type{});
+      }
+    };
+#define JK_FOLD(NS)                                                                                              \
+  run([&](auto b) { NS::fold_rows<A, In, decltype(b)::value>((A*)accp, (const A*)basep, off.data(), ptr.data(), \
+                                                              w.data(), k, work.data(), m, nthreads); },      \
+      [&](auto b) { NS::fold_rows_q<A, decltype(b)::value>((A*)accp, (const A*)basep, off.data(), ptr.data(),   \
+                                                           w.data(), sptr.data(), blk.data(), k, work.data(), m, \
+                                                           nthreads); })
+#ifdef JK_X86
+    if (use_avx2()) { JK_FOLD(avx2); return; }
+#endif
+    JK_FOLD(baseline);
+#undef JK_FOLD
+  });
+}
+
+py::tuple stats(py::object base_obj, py::dtype acc_dtype, int in_code, I64 off, I64 ptr, I64 sptr, I64 blk,
+                I64 work, int nthreads) {
+  const bool acc64 = acc_dtype.is(py::dtype::of<double>());
+  const bool has_base = !base_obj.is_none();
+  py::array base = has_base ? base_obj.cast<py::array>() : py::array();
+  if (has_base) require(base.dtype().is(acc_dtype), "base must have the accumulator's dtype");
+  const int64_t k = ptr.ndim() == 2 ? ptr.shape(1) : 0, m = work.shape(0);
+  I64 nonfinite({m, k});
+  F64A sumsq({m, k}), maxabs({m, k});
+  std::fill_n(nonfinite.mutable_data(), m * k, 0);
+  std::fill_n(sumsq.mutable_data(), m * k, 0.0);
+  std::fill_n(maxabs.mutable_data(), m * k, 0.0);
+  const void* basep = has_base ? base.data() : nullptr;
+  int64_t* nf = nonfinite.mutable_data();
+  double* ss = sumsq.mutable_data();
+  double* mx = maxabs.mutable_data();
+  with_types(acc64, in_code, [&](auto a, auto in) {
+    using A = decltype(a);
+    using In = decltype(in);
+    constexpr bool Q = std::is_same_v<In, int8_t>;
+    py::gil_scoped_release nogil;
+#define JK_STATS(NS)                                                                                           \
+  if (has_base) NS::stats_rows<A, In, true, Q>((const A*)basep, off.data(), ptr.data(), sptr.data(), blk.data(), \
+                                               k, work.data(), m, nf, ss, mx, nthreads);                        \
+  else NS::stats_rows<A, In, false, Q>((const A*)basep, off.data(), ptr.data(), sptr.data(), blk.data(), k,      \
+                                       work.data(), m, nf, ss, mx, nthreads)
+#ifdef JK_X86
+    if (use_avx2()) { JK_STATS(avx2); return; }
+#endif
+    JK_STATS(baseline);
+#undef JK_STATS
+  });
+  return py::make_tuple(nonfinite, sumsq, maxabs);
+}
+
+void finalize(py::array acc, py::object base_obj, int out_code, I64 off, F64A total_w, I64 optr, I64 work,
+              int nthreads) {
+  const bool acc64 = is_acc_f64(acc);
+  const bool has_base = !base_obj.is_none();
+  py::array base = has_base ? base_obj.cast<py::array>() : py::array();
+  if (has_base) require(base.dtype().is(acc.dtype()), "base must have the accumulator's dtype");
+  require(out_code != I8, "int8 is not an output dtype");
+  const int64_t m = work.shape(0);
+  const void* accp = acc.data();
+  const void* basep = has_base ? base.data() : nullptr;
+  with_types(acc64, out_code, [&](auto a, auto out) {
+    using A = decltype(a);
+    using Out = decltype(out);
+    if constexpr (!std::is_same_v<Out, int8_t>) {
+      py::gil_scoped_release nogil;
+#define JK_FINAL(NS)                                                                                          \
+  if (has_base) NS::finalize_rows<A, Out, true>((const A*)accp, (const A*)basep, off.data(), total_w.data(), \
+                                                optr.data(), work.data(), m, nthreads);                      \
+  else NS::finalize_rows<A, Out, false>((const A*)accp, (const A*)basep, off.data(), total_w.data(),          \
+                                        optr.data(), work.data(), m, nthreads)
+#ifdef JK_X86
+      if (use_avx2()) { JK_FINAL(avx2); return; }
+#endif
+      JK_FINAL(baseline);
+#undef JK_FINAL
+    }
+  });
+}
+
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, mod) {
+  mod.doc() = "jitkernels C++ backend: fused fold, stats and finalize over pointer tables (OpenMP, GIL released)";
+  mod.def("fold", &fold, py::arg("acc"), py::arg("base"), py::arg("in_code"), py::arg("off"), py::arg("ptr"),
+          py::arg("w"), py::arg("scale_ptr"), py::arg("block"), py::arg("work"), py::arg("nthreads"));
+  mod.def("stats", &stats, py::arg("base"), py::arg("acc_dtype"), py::arg("in_code"), py::arg("off"),
+          py::arg("ptr"), py::arg("scale_ptr"), py::arg("block"), py::arg("work"), py::arg("nthreads"));
+  mod.def("finalize", &finalize, py::arg("acc"), py::arg("base"), py::arg("out_code"), py::arg("off"),
+          py::arg("total_w"), py::arg("out_ptr"), py::arg("work"), py::arg("nthreads"));
+  mod.def("max_threads", &max_threads);
+  mod.attr("openmp") =
+#ifdef _OPENMP
+      true;
+#else
+      false;
+#endif
+  mod.attr("simd") = use_avx2() ? "avx2+f16c" : "baseline";
+}

@@ -1,0 +1,28 @@
+"""jitkernels: fused, incremental aggregation kernels for federated learning.
+
+>>> import jitkernels as jk
+>>> agg = jk.Aggregator(template, algorithm="fedavg")          # doctest: +SKIP
+>>> agg.fold(update, weight=n_samples, party="hospital-3")     # doctest: +SKIP
+>>> model = agg.finalize()                                     # doctest: +SKIP
+"""
+
+from . import algorithms
+from .admission import Admitted, admit, admit_many
+from .aggregator import Aggregator
+from .backends import available_backends
+from .dtypes import Quantized, bfloat16
+from .errors import (AggregationError, BackendUnavailable, CorruptState, DuplicateParty, EmptyAggregate,
+                     IncompatibleStates, InvalidWeight, LayoutMismatch, NonFiniteUpdate, OverlappingParties,
+                     ValueOutOfRange)
+from .layout import Layout
+from .state import FoldState
+from .threads import get_num_threads, set_num_threads
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Admitted", "AggregationError", "Aggregator", "BackendUnavailable", "CorruptState", "DuplicateParty",
+    "EmptyAggregate", "FoldState", "IncompatibleStates", "InvalidWeight", "Layout", "LayoutMismatch",
+    "NonFiniteUpdate", "OverlappingParties", "Quantized", "ValueOutOfRange", "admit", "admit_many", "algorithms",
+    "available_backends", "bfloat16", "get_num_threads", "set_num_threads",
+]

@@ -1,0 +1,124 @@
+"""Admission: an update is validated once, on arrival, by one stats pass.
+
+The pass reads every leaf once and yields, per update, the count of non-finite values (per leaf, to name it), the
+L2 norm and the max-abs (float64). A rejected update never reaches the accumulator, so a rejection leaves the state
+bit-identical; folding admitted updates later does not read them again for validation. This is the design's answer
+to "a NaN found half-way through an in-place fold cannot be undone".
+
+An admitted update holds its leaves **in place** (zero-copy): the caller must not mutate them until they are folded.
+Pass ``copy=True`` (copy-on-admit) when the caller's buffers are reused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import backends
+from .batch import build_groups, leaf_entry
+from .dtypes import Quantized
+from .errors import InvalidWeight, NonFiniteUpdate, ValueOutOfRange
+
+HEADROOM = 2.0 ** -20
+"""An update's ``weight * max|x|`` may use at most this fraction of the accumulator's range, so that about a million
+such updates can be summed without overflow."""
+
+
+@dataclass(eq=False)
+class Admitted:
+    """A validated update, ready to fold: its leaves (in place), weight, party and admission stats."""
+
+    party: object
+    weight: float
+    leaves: list
+    entries: np.ndarray = field(repr=False)  # int64[L, 4]: code, address, scale address, block (batch.leaf_entry)
+    layout_fingerprint: str
+    norm: float
+    maxabs: float
+    nbytes: int
+    against_base: bool = False
+
+    @property
+    def present(self) -> np.ndarray:
+        """Mask of the layout's leaves this update carries (all of them unless it is partial)."""
+        return self.entries[:, 0] != -2
+
+
+def check_weight(weight, party) -> float:
+    try:
+        w = float(weight)
+    except (TypeError, ValueError):
+        raise InvalidWeight(party, weight) from None
+    if not (math.isfinite(w) and w > 0):
+        raise InvalidWeight(party, weight)
+    return w
+
+
+def _copy_leaf(a):
+    if a is None:
+        return None
+    if isinstance(a, Quantized):
+        return Quantized(a.values.copy(), a.scale.copy(), a.block)
+    return a.copy()
+
+
+def batch_stats(layout, leaves_list, *, base=None, backend="auto", acc_dtype="float32"):
+    """Per leaf and update ([L, k] arrays): non-finite count, sum of squares, max |x| (x = u, or u - base)."""
+    k = len(leaves_list)
+    L = len(layout.leaves)
+    nonfinite, sumsq, maxabs = np.zeros((L, k), np.int64), np.zeros((L, k)), np.zeros((L, k))
+    entries = [np.array([leaf_entry(a) for a in leaves], np.int64).reshape(L, 4) for leaves in leaves_list]
+    groups, _ = build_groups(layout, entries, leaves_list, np.ones(k))
+    for name, g in groups.items():
+        nf, ss, mx = backends.choose(backend, name).stats(base, g, acc_dtype)
+        nonfinite[g.leaf_ids] += nf
+        sumsq[g.leaf_ids] += ss
+        np.maximum.at(maxabs, g.leaf_ids, mx)
+    return entries, nonfinite, sumsq, maxabs
+
+
+def admit_many(updates, layout, *, weights=None, parties=None, base=None, backend="auto", acc_dtype="float32",
+               copy=False, partial=False) -> list:
+    """Admit k updates with one stats call per input dtype. Raises on the first bad update (in order); nothing
+    is returned (so nothing is folded) unless all pass."""
+    k = len(updates)
+    weights = [1.0] * k if weights is None else list(weights)
+    parties = [None] * k if parties is None else list(parties)
+    if len(weights) != k or len(parties) != k:
+        raise ValueError(f"{k} updates, {len(weights)} weights, {len(parties)} parties")
+    ws = [check_weight(w, p) for w, p in zip(weights, parties)]
+    leaves_list = [layout.flatten(u, party=p, partial=partial) for u, p in zip(updates, parties)]
+    if copy:
+        leaves_list = [[_copy_leaf(a) for a in leaves] for leaves in leaves_list]
+    entries, nonfinite, sumsq, maxabs = batch_stats(layout, leaves_list, base=base, backend=backend,
+                                                    acc_dtype=acc_dtype)
+    limit = float(np.finfo(np.dtype(acc_dtype)).max) * HEADROOM
+    out = []
+    for j in range(k):
+        bad = np.flatnonzero(nonfinite[:, j])
+        if bad.size:
+            raise NonFiniteUpdate(parties[j], layout.leaves[bad[0]].name, int(nonfinite[bad[0], j]))
+        worst = int(np.argmax(maxabs[:, j]))
+        if ws[j] * maxabs[worst, j] > limit:
+            raise ValueOutOfRange(
+                f"party {parties[j]!r}: leaf {layout.leaves[worst].name!r} has |x| = {maxabs[worst, j]:.6g}, "
+                f"which times weight {ws[j]:.6g} exceeds {limit:.3g} (the {acc_dtype} accumulator's headroom)")
+        nbytes = sum(a.nbytes for a in leaves_list[j] if a is not None)
+        out.append(Admitted(parties[j], ws[j], leaves_list[j], entries[j], layout.fingerprint,
+                            float(math.sqrt(sumsq[:, j].sum())), float(maxabs[:, j].max(initial=0.0)), nbytes,
+                            base is not None))
+    return out
+
+
+def admit(update, layout, *, weight=1.0, party=None, base=None, backend="auto", acc_dtype="float32", copy=False,
+          partial=False) -> Admitted:
+    """Validate one update against ``layout`` (one stats pass) and return it :class:`Admitted`.
+
+    Raises :class:`~jitkernels.errors.LayoutMismatch`, :class:`~jitkernels.errors.InvalidWeight`,
+    :class:`~jitkernels.errors.NonFiniteUpdate` or :class:`~jitkernels.errors.ValueOutOfRange`, naming the party and
+    the leaf. ``base`` (flat, accumulator dtype) makes the stats those of the delta ``u - base``.
+    """
+    return admit_many([update], layout, weights=[weight], parties=[party], base=base, backend=backend,
+                      acc_dtype=acc_dtype, copy=copy, partial=partial)[0]

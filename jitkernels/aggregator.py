@@ -1,0 +1,223 @@
+"""Aggregator: the user-facing object. Admits updates, folds them through a backend, merges, saves, finalizes.
+
+Concurrency: ``fold``/``fold_many``/``merge``/``finalize`` on one Aggregator may be called from several threads. The
+admission stats pass runs outside the lock (it only reads the update); the party check and the fold run under it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import numpy as np
+
+from . import algorithms as _algorithms
+from . import backends
+from .admission import Admitted, admit_many
+from .batch import build_groups, build_out_groups
+from .dtypes import np_dtype
+from .errors import DuplicateParty, EmptyAggregate, LayoutMismatch
+from .layout import Layout
+from .state import FoldState, _check_party
+
+INT_RULES = ("mean", "max")
+
+
+class Aggregator:
+    """Streaming aggregation of model updates into a :class:`FoldState`.
+
+    Parameters
+    ----------
+    template : dict | list | tuple | array
+        Fixes the layout (leaf names, shapes, dtypes) and the container and array type of the result.
+    algorithm : str | algorithm object
+        ``"fedavg"`` (weighted by sample count), ``"fedavg_unweighted"``, or an instance from
+        :mod:`jitkernels.algorithms`.
+    backend : "auto" | "numpy" | "numba" | "cpp"
+        Explicit names are always honored (or fail with the reason); "auto" picks, per input dtype, cpp > numba >
+        numpy. ``JITKERNELS_BACKEND`` sets the default.
+    acc_dtype : "float32" | "float64"
+        Accumulator dtype; never the input dtype (fp16/bf16/int8 inputs are widened as they are read).
+    base : pytree like ``template``, optional
+        Fold deltas ``u - base`` (never materialized) and return ``base + average delta``.
+    int_leaves : "mean" | "max"
+        Rule for integer leaves (e.g. BatchNorm's ``num_batches_tracked``): weighted mean rounded to nearest, or max.
+        They are tiny and folded on the host by numpy whatever the backend.
+    partial : bool
+        Accept updates that carry only some of a dict template's leaves (LoRA, FedBN); each leaf is divided by the
+        total weight of the updates that carried it.
+    copy : bool
+        Copy updates on admission. By default admitted updates are held zero-copy and must not be mutated by the
+        caller until folded.
+    """
+
+    def __init__(self, template, algorithm="fedavg", *, backend=None, acc_dtype="float32", base=None,
+                 int_leaves="mean", partial=False, copy=False, _state: FoldState | None = None):
+        if int_leaves not in INT_RULES:
+            raise ValueError(f"int_leaves must be one of {INT_RULES}, got {int_leaves!r}")
+        self.algorithm = _algorithms.resolve(algorithm)
+        self.backend = backends.requested(backend)
+        if self.backend != "auto":
+            backends.get(self.backend)  # fail now, with the reason, not at the first fold
+        self.partial = bool(partial)
+        self.copy = bool(copy)
+        self._lock = threading.RLock()
+        self._anon = itertools.count()
+        if _state is not None:
+            self.layout = _state.layout
+            self.state = _state
+            return
+        self.layout = template if isinstance(template, Layout) else Layout.from_template(template)
+        params = {**self.algorithm.params(), "int_leaves": int_leaves}
+        flat_base = None if base is None else self._flat(base, acc_dtype)
+        self.state = FoldState(self.layout, algorithm=params, acc_dtype=acc_dtype, base=flat_base)
+
+    @classmethod
+    def from_state(cls, state: FoldState, *, backend=None, partial=False, copy=False) -> "Aggregator":
+        """Resume from a (loaded) state: later folds continue it."""
+        return cls(state.layout, _algorithms.from_params(state.algorithm), backend=backend, partial=partial,
+                   copy=copy, int_leaves=state.algorithm.get("int_leaves", "mean"), _state=state)
+
+    def _flat(self, tree, acc_dtype):
+        leaves = self.layout.flatten(tree, party="<base>")
+        return np.concatenate([np.asarray(a, dtype=acc_dtype).reshape(-1) for a in leaves])
+
+    # --- properties ----------------------------------------------------------------------------------------------
+    @property
+    def acc_dtype(self) -> str:
+        return self.state.acc_dtype
+
+    @property
+    def count(self) -> int:
+        return self.state.count
+
+    @property
+    def total_weight(self) -> float:
+        return self.state.total_weight
+
+    def __repr__(self):
+        return f"Aggregator({self.algorithm!r}, backend={self.backend!r}, {self.state!r})"
+
+    # --- admission and folding -----------------------------------------------------------------------------------
+    def admit(self, update, weight=1.0, party=None) -> Admitted:
+        """Validate one update for this aggregator (see :func:`jitkernels.admit`)."""
+        return self.admit_many([update], [weight], [party])[0]
+
+    def admit_many(self, updates, weights=None, parties=None) -> list:
+        k = len(updates)
+        parties = [None] * k if parties is None else list(parties)
+        parties = [f"anon-{next(self._anon)}" if p is None else _check_party(p) for p in parties]
+        self._check_parties(parties)
+        return admit_many(updates, self.layout, weights=weights, parties=parties, base=self.state.base,
+                          backend=self.backend, acc_dtype=self.acc_dtype, copy=self.copy, partial=self.partial)
+
+    def _check_parties(self, parties):
+        seen = set()
+        for p in parties:
+            if p in seen:
+                raise DuplicateParty(p, "this batch")
+            seen.add(p)
+            if p in self.state.parties:
+                raise DuplicateParty(p)
+
+    def fold(self, update, weight=1.0, party=None) -> None:
+        """Fold one update (raw, or :class:`Admitted`). Raw updates are admitted first (one stats pass)."""
+        self.fold_many([update], None if isinstance(update, Admitted) else [weight], [party])
+
+    def fold_many(self, updates, weights=None, parties=None) -> None:
+        """Fold k updates in ONE pass over the accumulator. Items are :class:`Admitted` (weights and parties come
+        with them) or raw updates with ``weights`` and ``parties``. All are checked before anything is folded."""
+        updates = list(updates)
+        if not updates:
+            return
+        if all(isinstance(u, Admitted) for u in updates):
+            admitted = updates
+        elif any(isinstance(u, Admitted) for u in updates):
+            raise TypeError("fold_many takes either all admitted updates or all raw ones")
+        else:
+            admitted = self.admit_many(updates, weights, parties)
+        with self._lock:
+            self._fold_admitted(admitted)
+
+    def _fold_admitted(self, admitted) -> None:
+        for u in admitted:
+            if u.layout_fingerprint != self.layout.fingerprint:
+                raise LayoutMismatch(f"admitted against layout {u.layout_fingerprint}, this aggregator's is "
+                                     f"{self.layout.fingerprint}", party=u.party)
+        self._check_parties([u.party for u in admitted])
+        st = self.state
+        fold_w = [float(self.algorithm.fold_weight(u.weight)) for u in admitted]
+        groups, int_rows = build_groups(self.layout, [u.entries for u in admitted], [u.leaves for u in admitted],
+                                        fold_w)
+        for name, g in groups.items():
+            backends.choose(self.backend, name).fold(st.acc, st.base, g)
+        for lid, arrays in int_rows:
+            self._fold_int(lid, arrays, [w for u, w in zip(admitted, fold_w) if u.leaves[lid] is not None])
+        present = np.stack([u.present for u in admitted], axis=1)  # [L, k]
+        for j, (u, w) in enumerate(zip(admitted, fold_w)):
+            st.leaf_weight[present[:, j]] += w
+            st.parties[u.party] = w
+
+    def _fold_int(self, lid, arrays, weights):
+        leaf = self.layout.leaves[lid]
+        acc = self.state.acc[leaf.offset:leaf.offset + leaf.size]
+        A = acc.dtype
+        rule = self.state.algorithm.get("int_leaves", "mean")
+        for a, w in zip(arrays, weights):
+            x = a.reshape(-1).astype(A)
+            if rule == "mean":
+                acc += A.type(w) * x
+            elif self.state.leaf_weight[lid] > 0:
+                np.maximum(acc, x, out=acc)
+            else:
+                acc[...] = x
+
+    def merge(self, other) -> None:
+        """Merge another Aggregator's or a FoldState's aggregate into this one (refuses shared parties)."""
+        other_state = other.state if isinstance(other, Aggregator) else other
+        with self._lock:
+            self.state.merge_into(other_state)
+
+    # --- finalize ------------------------------------------------------------------------------------------------
+    def finalize(self, output: str = "model"):
+        """The aggregate, in the template's container, array type and dtypes.
+
+        ``output="model"``: the average (with a base: ``base + average delta``). ``output="delta"`` (base only): the
+        average delta. The state is unchanged; call :meth:`reset` to start the next round.
+        """
+        if output not in ("model", "delta"):
+            raise ValueError(f"output must be 'model' or 'delta', got {output!r}")
+        with self._lock:
+            st = self.state
+            if st.count == 0:
+                raise EmptyAggregate("nothing has been folded")
+            base = st.base if output == "model" else None
+            if output == "delta" and st.base is None:
+                raise ValueError("output='delta' needs an aggregator created with a base")
+            outs = [np.empty(l.shape, np_dtype(l.dtype)) for l in self.layout.leaves]
+            missing = [i for i, w in enumerate(st.leaf_weight) if w <= 0]
+            if missing and base is None:
+                raise EmptyAggregate(f"no folded update carried leaf {self.layout.leaves[missing[0]].name!r}")
+            float_ids = [i for i, l in enumerate(self.layout.leaves) if l.is_float and st.leaf_weight[i] > 0]
+            mod = backends.get(self.backend) if self.backend != "auto" else backends.choose("auto", "float32")
+            for og in build_out_groups(self.layout, float_ids, [outs[i] for i in float_ids], st.leaf_weight):
+                mod.finalize(st.acc, base, og)
+            for i in missing:
+                leaf = self.layout.leaves[i]
+                outs[i][...] = base[leaf.offset:leaf.offset + leaf.size].reshape(leaf.shape).astype(outs[i].dtype)
+            for i, leaf in enumerate(self.layout.leaves):
+                if leaf.is_float or st.leaf_weight[i] <= 0:
+                    continue
+                a = st.acc[leaf.offset:leaf.offset + leaf.size].astype(np.float64)
+                if st.algorithm.get("int_leaves", "mean") == "mean":
+                    a = np.rint(a / st.leaf_weight[i])
+                outs[i][...] = a.reshape(leaf.shape).astype(outs[i].dtype)
+            return self.layout.unflatten(outs)
+
+    def reset(self, base=None) -> FoldState:
+        """Start a new round (optionally with a new base); returns the finished round's state."""
+        with self._lock:
+            old = self.state
+            flat_base = old.base if base is None else self._flat(base, old.acc_dtype)
+            self.state = FoldState(self.layout, algorithm=old.algorithm, acc_dtype=old.acc_dtype, base=flat_base)
+            return old

@@ -1,0 +1,89 @@
+"""Backend registry and dispatch.
+
+A backend is a module with ``NAME``, ``DTYPES`` (input dtypes it runs at speed), ``available()`` (True or a reason)
+and three primitives with one signature each: ``fold(acc, base, group)``, ``stats(base, group, acc_dtype)`` and
+``finalize(acc, base, out_group)``. A backend the user names (argument, else ``JITKERNELS_BACKEND``) is always the one
+that runs, or the call fails with :class:`BackendUnavailable`; only ``"auto"`` lets :func:`choose` decide, per input
+dtype, in the order cpp > numba > numpy. Nothing is swapped silently.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+from ..errors import BackendUnavailable
+
+_MODULES = {"numpy": "numpy_ref", "numba": "numba_kernels", "cpp": "cpp"}
+AUTO_ORDER = ("cpp", "numba", "numpy")
+_loaded: dict = {}
+
+
+def _module(name: str):
+    if name not in _loaded:
+        _loaded[name] = importlib.import_module(f".{_MODULES[name]}", __name__)
+    return _loaded[name]
+
+
+def _cupy_reason():
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return "cupy is not installed (pip install 'jitkernels[gpu]')"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CUDA driver missing or broken
+        return f"no usable CUDA device ({type(e).__name__}: {e})"
+    if n == 0:
+        return "no CUDA device"
+    return "the CuPy backend is not part of this build yet (issue [gpu])"
+
+
+def available_backends() -> dict:
+    """``{name: True or the reason it cannot run here}`` for every backend."""
+    out = {}
+    for name in _MODULES:
+        try:
+            out[name] = _module(name).available()
+        except Exception as e:  # an import failure is a reason, not a crash
+            out[name] = f"{type(e).__name__}: {e}"
+    out["cupy"] = _cupy_reason()
+    return out
+
+
+def requested(name: str | None) -> str:
+    """The backend a user asked for: the argument, else ``JITKERNELS_BACKEND``, else 'auto'."""
+    name = name or os.environ.get("JITKERNELS_BACKEND") or "auto"
+    if name != "auto" and name not in _MODULES and name != "cupy":
+        raise ValueError(f"unknown backend {name!r}; choose from auto, {', '.join(_MODULES)}, cupy")
+    return name
+
+
+def get(name: str):
+    """The module of an explicitly named backend, or :class:`BackendUnavailable` with the reason."""
+    ok = available_backends()[name] if name == "cupy" else _module_available(name)
+    if ok is not True:
+        raise BackendUnavailable(f"backend {name!r} unavailable: {ok}")
+    return _module(name)
+
+
+def _module_available(name):
+    try:
+        return _module(name).available()
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def choose(name: str, in_dtype: str):
+    """Backend module that runs ``in_dtype`` for a request ``name`` ('auto' or a backend)."""
+    if name != "auto":
+        mod = get(name)
+        if in_dtype not in mod.DTYPES:
+            raise BackendUnavailable(
+                f"backend {name!r} does not run {in_dtype} inputs (it runs {', '.join(mod.DTYPES)}); "
+                f"use backend='auto' or one that does")
+        return mod
+    for cand in AUTO_ORDER:
+        if _module_available(cand) is True and in_dtype in _module(cand).DTYPES:
+            return _module(cand)
+    raise BackendUnavailable(f"no backend runs {in_dtype}")  # pragma: no cover - numpy runs every dtype

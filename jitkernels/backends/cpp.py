@@ -1,0 +1,37 @@
+"""The C++ backend: jitkernels._core (OpenMP, GIL released, AVX2/F16C chosen at run time)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..batch import CODE, rows_from_items
+from ..threads import get_num_threads
+
+NAME = "cpp"
+DTYPES = ("float64", "float32", "float16", "bfloat16", "int8")
+
+try:
+    from .. import _core
+except ImportError as e:  # pragma: no cover - exercised only on broken installs
+    _core = None
+    _reason = f"C++ extension not built ({e}); reinstall with `pip install -e .`"
+else:
+    _reason = None
+
+
+def available():
+    return True if _core is not None else _reason
+
+
+def fold(acc, base, g):
+    _core.fold(acc, base, CODE[g.in_dtype], g.off, g.ptr, g.w, g.scale_ptr, g.block, g.work, get_num_threads())
+
+
+def stats(base, g, acc_dtype):
+    per_item = _core.stats(base, np.dtype(acc_dtype), CODE[g.in_dtype], g.off, g.ptr, g.scale_ptr, g.block,
+                           g.work, get_num_threads())
+    return rows_from_items(g, *per_item)
+
+
+def finalize(acc, base, og):
+    _core.finalize(acc, base, CODE[og.out_dtype], og.off, og.total_w, og.ptr, og.work, get_num_threads())

@@ -1,0 +1,218 @@
+"""The numba backend: the same tables and element order as the C++ kernels, compiled by numba (parallel, cached).
+
+Updates are read in place: an intrinsic turns a table address into a typed pointer and ``numba.carray`` views it, so
+one compiled kernel serves any k (no tuple-of-arrays specialization per k). numba has no float16 arithmetic at speed,
+so float16 inputs are not offered here (dispatch picks ``cpp``); bfloat16 is widened with a shift and a bitcast.
+Thread-safety: kernels may be called from several threads at once only under the ``omp`` or ``tbb`` threading layers
+(``workqueue`` aborts), so this module asks for ``omp`` unless the user chose a layer.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+NAME = "numba"
+DTYPES = ("float64", "float32", "bfloat16", "int8")
+
+try:
+    import numba
+    from llvmlite import ir
+    from numba import carray, njit, prange, types
+    from numba.core.errors import TypingError  # noqa: F401  (import check)
+    from numba.extending import intrinsic, overload
+except ImportError as e:  # pragma: no cover
+    numba = None
+    _reason = f"numba not importable ({e})"
+else:
+    _reason = None
+    if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
+        numba.config.THREADING_LAYER = "omp"
+
+from ..batch import CODE, rows_from_items
+from ..dtypes import np_dtype
+from ..threads import get_num_threads
+
+
+def available():
+    return True if numba is not None else _reason
+
+
+if numba is not None:
+
+    @intrinsic
+    def _typed_ptr(typingctx, addr, witness):
+        """Address (int64) -> pointer to ``witness``'s element type."""
+        ptrty = types.CPointer(witness.dtype)
+
+        def codegen(context, builder, sig, args):
+            return builder.inttoptr(args[0], context.get_value_type(ptrty))
+
+        return ptrty(types.int64, witness), codegen
+
+    @intrinsic
+    def _u32_as_f32(typingctx, u):
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], ir.FloatType())
+
+        return types.float32(types.uint32), codegen
+
+    def _widen(x):  # pragma: no cover - replaced by the overload
+        raise NotImplementedError
+
+    @overload(_widen, inline="always")
+    def _widen_ov(x):
+        if x == types.uint16:  # bfloat16 bits
+            return lambda x: _u32_as_f32(np.uint32(x) << np.uint32(16))
+        if x == types.int8:
+            return lambda x: np.float32(x)
+        return lambda x: x
+
+    def _as_acc(x, acc):  # pragma: no cover - replaced by the overload
+        raise NotImplementedError
+
+    @overload(_as_acc, inline="always")
+    def _as_acc_ov(x, acc):
+        if acc.dtype == types.float64:
+            return lambda x, acc: np.float64(x)
+        return lambda x, acc: np.float32(x)
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _fold(acc, base, has_base, off, ptr, w, sptr, blk, work, witness, quant):
+        m, k = work.shape[0], ptr.shape[1]
+        for it in prange(m):
+            r, s, ln = work[it, 0], work[it, 1], work[it, 2]
+            o = off[r] + s
+            for j in range(k):
+                p = ptr[r, j]
+                if p == 0:
+                    continue
+                wj = w[r, j]
+                u = carray(_typed_ptr(p, witness), (s + ln,))
+                if quant:
+                    scales = carray(_typed_ptr(sptr[r, j], np.empty(0, np.float32)), (1 + (s + ln - 1) // blk[r, j],))
+                    B = blk[r, j]
+                    i0 = 0
+                    while i0 < ln:
+                        g = (s + i0) // B
+                        i1 = min(ln, (g + 1) * B - s)
+                        sc = _as_acc(scales[g], acc)
+                        for i in range(i0, i1):
+                            x = _as_acc(_widen(u[s + i]), acc) * sc
+                            if has_base:
+                                x = x - base[o + i]
+                            acc[o + i] = acc[o + i] + wj * x
+                        i0 = i1
+                elif has_base:
+                    for i in range(ln):
+                        x = _as_acc(_widen(u[s + i]), acc) - base[o + i]
+                        acc[o + i] = acc[o + i] + wj * x
+                else:
+                    for i in range(ln):
+                        acc[o + i] = acc[o + i] + wj * _as_acc(_widen(u[s + i]), acc)
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _stats(base, has_base, off, ptr, sptr, blk, work, witness, quant, nonfinite, sumsq, maxabs):
+        m, k = work.shape[0], ptr.shape[1]
+        f64 = np.empty(0, np.float64)
+        for it in prange(m):
+            r, s, ln = work[it, 0], work[it, 1], work[it, 2]
+            o = off[r] + s
+            for j in range(k):
+                p = ptr[r, j]
+                if p == 0:
+                    continue
+                u = carray(_typed_ptr(p, witness), (s + ln,))
+                scales = carray(_typed_ptr(sptr[r, j], np.empty(0, np.float32)), (1,))
+                if quant:
+                    scales = carray(_typed_ptr(sptr[r, j], np.empty(0, np.float32)), (1 + (s + ln - 1) // blk[r, j],))
+                ss0 = ss1 = ss2 = ss3 = 0.0
+                mx = 0.0
+                bad = 0
+                for i in range(ln):
+                    x = _as_acc(_widen(u[s + i]), f64)
+                    if quant:
+                        x = x * np.float64(scales[(s + i) // blk[r, j]])
+                    if has_base:
+                        x = x - np.float64(base[o + i])
+                    ax = abs(x)
+                    if ax <= 1.7976931348623157e308:
+                        sq = x * x
+                        lane = i & 3
+                        if lane == 0:
+                            ss0 += sq
+                        elif lane == 1:
+                            ss1 += sq
+                        elif lane == 2:
+                            ss2 += sq
+                        else:
+                            ss3 += sq
+                        if ax > mx:
+                            mx = ax
+                    else:
+                        bad += 1
+                nonfinite[it, j] = bad
+                sumsq[it, j] = (ss0 + ss1) + (ss2 + ss3)
+                maxabs[it, j] = mx
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _finalize(acc, base, has_base, off, total_w, optr, work, out_witness):
+        for it in prange(work.shape[0]):
+            r, s, ln = work[it, 0], work[it, 1], work[it, 2]
+            W = _as_acc(total_w[r], acc)
+            o = off[r] + s
+            out = carray(_typed_ptr(optr[r], out_witness), (s + ln,))
+            for i in range(ln):
+                y = acc[o + i] / W
+                if has_base:
+                    y = base[o + i] + y
+                out[s + i] = y
+
+
+_WITNESS = {"float64": np.float64, "float32": np.float32, "bfloat16": np.uint16, "int8": np.int8}
+
+
+def _base_arg(base, dt):
+    return (base, True) if base is not None else (np.empty(0, dt), False)
+
+
+def _set_threads():
+    n = min(get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+
+
+def fold(acc, base, g):
+    _set_threads()
+    b, has = _base_arg(base, acc.dtype)
+    _fold(acc, b, has, g.off, g.ptr, g.w.astype(acc.dtype), g.scale_ptr, g.block, g.work,
+          np.empty(0, _WITNESS[g.in_dtype]), g.in_dtype == "int8")
+
+
+def stats(base, g, acc_dtype):
+    _set_threads()
+    b, has = _base_arg(base, np.dtype(acc_dtype))
+    m, k = g.work.shape[0], g.ptr.shape[1]
+    nf, ss, mx = np.zeros((m, k), np.int64), np.zeros((m, k)), np.zeros((m, k))
+    _stats(b, has, g.off, g.ptr, g.scale_ptr, g.block, g.work, np.empty(0, _WITNESS[g.in_dtype]),
+           g.in_dtype == "int8", nf, ss, mx)
+    return rows_from_items(g, nf, ss, mx)
+
+
+def finalize(acc, base, og):
+    """float32/float64 outputs are written in place; float16/bfloat16 ones go through an acc-dtype buffer and numpy's
+    rounding (numba cannot round to half types itself)."""
+    _set_threads()
+    b, has = _base_arg(base, acc.dtype)
+    if og.out_dtype in ("float32", "float64"):
+        _finalize(acc, b, has, og.off, og.total_w, og.ptr, og.work, np.empty(0, og.out_dtype))
+        return
+    out_t = np_dtype(og.out_dtype)
+    for r, out in enumerate(og.outs):
+        buf = np.empty(int(og.n[r]), acc.dtype)
+        one = np.array([buf.__array_interface__["data"][0] if buf.size else 0], np.int64)
+        work = og.work[og.work[:, 0] == r].copy()
+        work[:, 0] = 0
+        _finalize(acc, b, has, og.off[r:r + 1], og.total_w[r:r + 1], one, work, np.empty(0, acc.dtype))
+        out.reshape(-1)[...] = buf.astype(out_t)

@@ -1,0 +1,168 @@
+"""Pointer tables: how k updates' leaves reach a kernel without being copied (apex's multi_tensor_apply idea).
+
+A :class:`Group` holds, for the leaves of one input dtype, a table ``ptr[row, j]`` of the addresses of update j's
+leaf (0 where update j lacks it), its fold weight ``w[row, j]`` (and for int8, the address of its scales and their
+block size), the leaf's offset and length in the flat accumulator, and a list of work items ``(row, start, len)``
+that cut every leaf into cache-sized chunks. Compiled backends parallelize over work items; within an item they run
+updates in order, so each element sees the same operations in the same order on every backend and thread count.
+
+Groups of one batch run in the fixed order of :data:`GROUP_ORDER`: a leaf that some updates send quantized and
+others raw is folded raw-first, then quantized, in batch order within each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .dtypes import Quantized, dtype_name
+
+GROUP_ORDER = ("float64", "float32", "float16", "bfloat16", "int8")
+CODE = {name: i for i, name in enumerate(GROUP_ORDER)}
+INT_CODE = -1  # integer leaves: folded on the host (see Aggregator's int_leaves rule)
+ABSENT = -2
+
+CHUNK = 8192
+"""Elements per work item: one accumulator chunk (32 KiB fp32) stays in L1/L2 while k updates stream through it."""
+
+
+def leaf_entry(a):
+    """(code, data address, scale address, block) of one flattened leaf."""
+    if a is None:
+        return ABSENT, 0, 0, 0
+    if isinstance(a, Quantized):
+        return CODE["int8"], _addr(a.values), _addr(a.scale), a.block
+    name = dtype_name(a.dtype)
+    return CODE.get(name, INT_CODE), _addr(a), 0, 0
+
+
+def _addr(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0] if a.size else 0
+
+
+def work_items(n: np.ndarray, chunk: int = CHUNK) -> np.ndarray:
+    """(row, start, len) chunks covering rows of lengths ``n``; empty rows get none."""
+    n = np.asarray(n, dtype=np.int64)
+    counts = -(-n // chunk)
+    rows = np.repeat(np.arange(n.size, dtype=np.int64), counts)
+    first = np.cumsum(counts) - counts
+    start = (np.arange(rows.size, dtype=np.int64) - np.repeat(first, counts)) * chunk
+    length = np.minimum(chunk, n[rows] - start)
+    return np.ascontiguousarray(np.stack([rows, start, length], axis=1))
+
+
+@dataclass
+class Group:
+    """Leaves of one input dtype across k updates, as tables for the compiled kernels and arrays for numpy."""
+
+    in_dtype: str
+    leaf_ids: np.ndarray  # int64[R]: layout leaf index of each row
+    off: np.ndarray  # int64[R]: offset of the leaf in the flat accumulator
+    n: np.ndarray  # int64[R]: elements
+    ptr: np.ndarray  # int64[R, k]: leaf address, 0 = absent
+    w: np.ndarray  # float64[R, k]: fold weight (0 where absent)
+    scale_ptr: np.ndarray  # int64[R, k]: int8 only
+    block: np.ndarray  # int64[R, k]: int8 only
+    arrays: list  # [R][k]: the leaves themselves (None = absent); keeps them alive during the call
+    work: np.ndarray  # int64[m, 3]
+
+    @property
+    def k(self) -> int:
+        return self.ptr.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of update data this group reads."""
+        total = 0
+        for row in self.arrays:
+            for a in row:
+                if a is not None:
+                    total += a.nbytes
+        return total
+
+
+def build_groups(layout, entries, leaves, weights, chunk: int = CHUNK):
+    """Group k updates' leaves by input dtype.
+
+    ``entries[j]`` is update j's int64[L, 4] table from :func:`leaf_entry`; ``leaves[j]`` its flattened leaves;
+    ``weights`` the k fold weights. Returns ``{in_dtype: Group}`` in :data:`GROUP_ORDER`, and the rows of integer
+    leaves ``[(leaf_id, [arrays])]`` for the host.
+    """
+    tab = np.stack(entries, axis=1)  # [L, k, 4]
+    codes = tab[:, :, 0]
+    w = np.asarray(weights, dtype=np.float64)
+    offs = np.fromiter((l.offset for l in layout.leaves), np.int64, len(layout.leaves))
+    sizes = np.fromiter((l.size for l in layout.leaves), np.int64, len(layout.leaves))
+    groups = {}
+    for name in GROUP_ORDER:
+        c = CODE[name]
+        hit = codes == c
+        rows = np.flatnonzero(hit.any(axis=1))
+        if rows.size == 0:
+            continue
+        mask = hit[rows]
+        arrays = [[leaves[j][r] if mask[i, j] else None for j in range(len(leaves))] for i, r in enumerate(rows)]
+        n = sizes[rows]
+        groups[name] = Group(
+            in_dtype=name,
+            leaf_ids=rows,
+            off=offs[rows],
+            n=n,
+            ptr=np.where(mask, tab[rows, :, 1], 0),
+            w=np.where(mask, w[None, :], 0.0),
+            scale_ptr=np.where(mask, tab[rows, :, 2], 0),
+            block=np.where(mask, tab[rows, :, 3], 1),
+            arrays=arrays,
+            work=work_items(n, chunk),
+        )
+    int_rows = [(int(r), [leaves[j][r] for j in range(len(leaves)) if codes[r, j] == INT_CODE])
+                for r in np.flatnonzero((codes == INT_CODE).any(axis=1))]
+    return groups, int_rows
+
+
+def rows_from_items(g: Group, nonfinite, sumsq, maxabs):
+    """Per-work-item stats [m, k] summed (max for max-abs) into per-row stats [R, k], in item order."""
+    R, k = g.ptr.shape
+    if g.work.shape[0] == 0:
+        return np.zeros((R, k), np.int64), np.zeros((R, k)), np.zeros((R, k))
+    starts = np.flatnonzero(np.r_[True, g.work[1:, 0] != g.work[:-1, 0]])
+    rows = g.work[starts, 0]
+    out = [np.zeros((R, k), np.int64), np.zeros((R, k)), np.zeros((R, k))]
+    out[0][rows] = np.add.reduceat(nonfinite, starts, axis=0)
+    out[1][rows] = np.add.reduceat(sumsq, starts, axis=0)
+    out[2][rows] = np.maximum.reduceat(maxabs, starts, axis=0)
+    return tuple(out)
+
+
+@dataclass
+class OutGroup:
+    """Finalize targets of one output dtype: accumulator rows and where their results go."""
+
+    out_dtype: str
+    off: np.ndarray  # int64[R]
+    n: np.ndarray  # int64[R]
+    total_w: np.ndarray  # float64[R]: the divisor of each row
+    ptr: np.ndarray  # int64[R]: output addresses
+    outs: list  # [R] output arrays
+    work: np.ndarray  # int64[m, 3]
+
+
+def build_out_groups(layout, leaf_ids, outs, total_w, chunk: int = CHUNK):
+    by = {}
+    for lid, out in zip(leaf_ids, outs):
+        by.setdefault(dtype_name(out.dtype), []).append((lid, out))
+    groups = []
+    for name, items in by.items():
+        ids = np.array([lid for lid, _ in items], dtype=np.int64)
+        n = np.array([layout.leaves[i].size for i in ids], dtype=np.int64)
+        groups.append(OutGroup(
+            out_dtype=name,
+            off=np.array([layout.leaves[i].offset for i in ids], dtype=np.int64),
+            n=n,
+            total_w=np.asarray(total_w, dtype=np.float64)[ids],
+            ptr=np.array([_addr(o) for _, o in items], dtype=np.int64),
+            outs=[o for _, o in items],
+            work=work_items(n, chunk),
+        ))
+    return groups

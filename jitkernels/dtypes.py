@@ -1,0 +1,129 @@
+"""Input dtypes, the bfloat16 bridge between torch and numpy, and quantized (int8 + scale) updates.
+
+numpy has no bfloat16; ``ml_dtypes.bfloat16`` gives it one with the same bits as torch's, so a torch bf16 tensor is
+read in place through ``tensor.view(torch.int16).numpy().view(bfloat16)``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+bfloat16 = np.dtype(ml_dtypes.bfloat16)
+
+FLOAT_INPUTS = ("float64", "float32", "float16", "bfloat16")
+"""Float dtypes a leaf may have. Integer leaves follow the aggregator's ``int_leaves`` rule."""
+
+ACC_DTYPES = ("float32", "float64")
+
+
+def dtype_name(dt) -> str:
+    """Canonical name of a numpy dtype ('bfloat16' for ml_dtypes' type)."""
+    dt = np.dtype(dt)
+    return "bfloat16" if dt == bfloat16 else dt.name
+
+
+def np_dtype(name: str) -> np.dtype:
+    return bfloat16 if name == "bfloat16" else np.dtype(name)
+
+
+def is_float_name(name: str) -> bool:
+    return name in FLOAT_INPUTS
+
+
+def is_int_name(name: str) -> bool:
+    return np.dtype(name).kind in "iub" if name != "bfloat16" else False
+
+
+def _torch():
+    return sys.modules.get("torch")
+
+
+def is_torch_tensor(x) -> bool:
+    torch = _torch()
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def torch_to_numpy(t):
+    """A numpy view of a CPU tensor's memory (no copy), bf16 included. CUDA tensors are refused here."""
+    torch = _torch()
+    if t.device.type != "cpu":
+        raise TypeError(f"tensor on {t.device}: the CPU backends read host memory; use backend='cupy'")
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(bfloat16)
+    return t.numpy()
+
+
+def numpy_to_torch(a):
+    """The inverse of :func:`torch_to_numpy` (no copy)."""
+    torch = _torch()
+    if a.dtype == bfloat16:
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """An int8-quantized leaf: ``value = values * scale[block]``, one scale per ``block`` flat elements.
+
+    A scalar ``scale`` (or ``block=None``) is per tensor. Scales are float32. A quantized leaf stands in for any
+    float leaf of the layout with the same shape (it is a wire encoding); the kernels dequantize in the accumulator
+    dtype as they read: ``x = acc_t(q) * acc_t(scale)``.
+    """
+
+    values: np.ndarray
+    scale: np.ndarray | float
+    block: int | None = None
+
+    def __post_init__(self):
+        q = np.asarray(self.values)
+        if q.dtype != np.int8:
+            raise TypeError(f"Quantized.values must be int8, got {q.dtype}")
+        s = np.ascontiguousarray(np.asarray(self.scale, dtype=np.float32).reshape(-1))
+        n = q.size
+        block = self.block
+        if block is None or s.size == 1:
+            block = max(n, 1)
+            if s.size != 1:
+                raise ValueError(f"Quantized: {s.size} scales given without a block size")
+        if block <= 0:
+            raise ValueError(f"Quantized: block must be > 0, got {block}")
+        need = -(-n // block) if n else 1
+        if s.size != need:
+            raise ValueError(f"Quantized: {n} values in blocks of {block} need {need} scales, got {s.size}")
+        object.__setattr__(self, "values", q)
+        object.__setattr__(self, "scale", s)
+        object.__setattr__(self, "block", int(block))
+
+    @property
+    def shape(self):
+        return self.values.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.nbytes + self.scale.nbytes
+
+    def dequantize(self, dtype="float32") -> np.ndarray:
+        """Reference dequantization, ``acc_t(q) * acc_t(scale[i // block])``."""
+        dt = np.dtype(dtype)
+        q = self.values.reshape(-1).astype(dt)
+        s = np.repeat(self.scale.astype(dt), self.block)[: q.size]
+        return (q * s).reshape(self.values.shape)
+
+    @classmethod
+    def quantize(cls, x, block: int | None = None) -> "Quantized":
+        """Symmetric int8 quantization of ``x`` (per tensor, or per ``block`` flat elements)."""
+        x = np.asarray(x, dtype=np.float32)
+        flat = x.reshape(-1)
+        b = flat.size if block is None else block
+        nb = max(-(-flat.size // max(b, 1)), 1)
+        pad = np.zeros(nb * max(b, 1), np.float32)
+        pad[: flat.size] = flat
+        amax = np.abs(pad.reshape(nb, -1)).max(axis=1)
+        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+        q = np.clip(np.rint(pad.reshape(nb, -1) / scale[:, None]), -127, 127).astype(np.int8)
+        return cls(q.reshape(-1)[: flat.size].reshape(x.shape), scale, b if block is not None else None)

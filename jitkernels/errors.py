@@ -1,0 +1,75 @@
+"""Typed errors. Every rejection names what is wrong (leaf, party, value) and leaves state untouched."""
+
+from __future__ import annotations
+
+
+class AggregationError(Exception):
+    """Base class of every error jitkernels raises on bad input or state."""
+
+
+class LayoutMismatch(AggregationError, ValueError):
+    """An update's leaves differ from the job's layout (name, shape, dtype or container)."""
+
+    def __init__(self, message: str, *, leaf: str | None = None, party=None):
+        self.leaf = leaf
+        self.party = party
+        where = []
+        if party is not None:
+            where.append(f"party {party!r}")
+        if leaf is not None:
+            where.append(f"leaf {leaf!r}")
+        super().__init__(f"{', '.join(where)}: {message}" if where else message)
+
+
+class NonFiniteUpdate(AggregationError, ValueError):
+    """An update holds NaN or inf (found by the admission stats pass)."""
+
+    def __init__(self, party, leaf: str, count: int):
+        self.party, self.leaf, self.count = party, leaf, count
+        super().__init__(f"party {party!r}: leaf {leaf!r} holds {count} non-finite value(s)")
+
+
+class ValueOutOfRange(AggregationError, ValueError):
+    """An update's magnitude exceeds what the accumulator (or deterministic grid) can hold."""
+
+
+class InvalidWeight(AggregationError, ValueError):
+    """A weight that is <= 0, NaN or inf."""
+
+    def __init__(self, party, weight):
+        self.party, self.weight = party, weight
+        super().__init__(f"party {party!r}: weight {weight!r} must be finite and > 0")
+
+
+class DuplicateParty(AggregationError, ValueError):
+    """A party would be folded twice into one state (or appears twice in one batch)."""
+
+    def __init__(self, party, where: str = "this state"):
+        self.party = party
+        super().__init__(f"party {party!r} is already folded into {where}")
+
+
+class OverlappingParties(AggregationError, ValueError):
+    """Two partial states to merge share parties: merging would count them twice."""
+
+    def __init__(self, parties):
+        self.parties = sorted(map(str, parties))
+        shown = ", ".join(repr(p) for p in self.parties[:5])
+        more = f" and {len(self.parties) - 5} more" if len(self.parties) > 5 else ""
+        super().__init__(f"states share parties {shown}{more}")
+
+
+class IncompatibleStates(AggregationError, ValueError):
+    """States with different layouts, algorithms or accumulator dtypes cannot be merged."""
+
+
+class CorruptState(AggregationError, OSError):
+    """A saved state file is truncated, altered, or of an unknown format version."""
+
+
+class BackendUnavailable(AggregationError, RuntimeError):
+    """The backend named explicitly is not installed here, or cannot run this dtype."""
+
+
+class EmptyAggregate(AggregationError, ValueError):
+    """Finalize was called on a state into which nothing (or nothing for some leaf) was folded."""

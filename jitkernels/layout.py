@@ -1,0 +1,213 @@
+"""Layouts: the names, shapes, dtypes and flat offsets of a job's leaves.
+
+A layout is fixed by a template (or the first update): a ``dict`` (a state_dict; nested dicts allowed), a ``list`` or
+``tuple`` (Flower's NDArrays), or one array, whose leaves are numpy arrays or torch CPU tensors. Every later update
+must match it exactly, or :class:`~jitkernels.errors.LayoutMismatch` names the first offending leaf.
+
+Flattening never copies a contiguous native-endian leaf: the kernels read it in place. Non-contiguous or
+byte-swapped leaves are copied once, at admission, into a contiguous native array (the kernels read flat memory).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from .dtypes import Quantized, dtype_name, is_float_name, is_torch_tensor, numpy_to_torch, torch_to_numpy
+from .errors import LayoutMismatch
+
+
+@dataclass(frozen=True)
+class Leaf:
+    name: str
+    shape: tuple
+    dtype: str
+    offset: int
+    size: int
+
+    @property
+    def is_float(self) -> bool:
+        return is_float_name(self.dtype)
+
+
+def _as_array(x, name, party):
+    """A native, C-contiguous numpy view of one leaf (a copy only when the leaf is strided or byte-swapped)."""
+    if isinstance(x, Quantized):
+        return x
+    if is_torch_tensor(x):
+        x = torch_to_numpy(x)
+    elif not isinstance(x, (np.ndarray, np.generic)):
+        raise LayoutMismatch(f"expected an array, got {type(x).__name__}", leaf=name, party=party)
+    a = np.asarray(x)
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    return a
+
+
+def _join(prefix: str, key) -> str:
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+class Layout:
+    """Leaves of a job in flattening order, with their offsets into one flat accumulator."""
+
+    def __init__(self, leaves, treedef, array_type: str = "numpy"):
+        self.leaves = tuple(leaves)
+        self.treedef = treedef
+        self.array_type = array_type
+        self.size = sum(leaf.size for leaf in self.leaves)
+        self._index = {leaf.name: i for i, leaf in enumerate(self.leaves)}
+
+    # --- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_template(cls, template) -> "Layout":
+        leaves, arrays = [], []
+        offset = 0
+        array_type = "numpy"
+
+        def walk(node, prefix):
+            nonlocal offset, array_type
+            if isinstance(node, dict):
+                keys = list(node.keys())
+                for k in keys:
+                    if not isinstance(k, str):
+                        raise TypeError(f"dict keys must be str, got {k!r} under {prefix or 'the root'!r}")
+                return {"t": "dict", "k": keys, "c": [walk(node[k], _join(prefix, k)) for k in keys]}
+            if isinstance(node, (list, tuple)):
+                kind = "list" if isinstance(node, list) else "tuple"
+                return {"t": kind, "c": [walk(v, _join(prefix, i)) for i, v in enumerate(node)]}
+            if is_torch_tensor(node):
+                array_type = "torch"
+            if isinstance(node, Quantized):
+                raise TypeError(f"template leaf {prefix!r} is Quantized: a template gives the output dtype")
+            a = _as_array(node, prefix or "<root>", None)
+            name = prefix or "<root>"
+            leaves.append(Leaf(name, tuple(a.shape), dtype_name(a.dtype), offset, int(a.size)))
+            arrays.append(a)
+            offset += int(a.size)
+            return {"t": "leaf"}
+
+        treedef = walk(template, "")
+        if not leaves:
+            raise TypeError("template has no array leaves")
+        return cls(leaves, treedef, array_type)
+
+    # --- identity -----------------------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {
+            "leaves": [[l.name, list(l.shape), l.dtype] for l in self.leaves],
+            "treedef": self.treedef,
+            "array_type": self.array_type,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Layout":
+        leaves, offset = [], 0
+        for name, shape, dt in d["leaves"]:
+            size = int(np.prod(shape, dtype=np.int64))
+            leaves.append(Leaf(name, tuple(shape), dt, offset, size))
+            offset += size
+        return cls(leaves, d["treedef"], d.get("array_type", "numpy"))
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Hash of names, shapes, dtypes and nesting (not of the array type): equal layouts can merge."""
+        d = self.to_json()
+        d.pop("array_type")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def __eq__(self, other):
+        return isinstance(other, Layout) and self.fingerprint == other.fingerprint
+
+    def __hash__(self):
+        return hash(self.fingerprint)
+
+    def __len__(self):
+        return len(self.leaves)
+
+    def __repr__(self):
+        return f"Layout({len(self.leaves)} leaves, {self.size} elements, {self.array_type})"
+
+    def index(self, name: str) -> int:
+        return self._index[name]
+
+    @cached_property
+    def nbytes(self) -> int:
+        return sum(l.size * np.dtype(l.dtype if l.dtype != "bfloat16" else "uint16").itemsize for l in self.leaves)
+
+    # --- flatten / unflatten ------------------------------------------------------------------------------------
+    def flatten(self, update, *, party=None, partial: bool = False) -> list:
+        """Leaves of ``update`` in layout order: native contiguous arrays, :class:`Quantized`, or ``None`` where a
+        partial update (``partial=True``) leaves a dict entry out. Raises :class:`LayoutMismatch` naming the leaf."""
+        out: list = [None] * len(self.leaves)
+        pos = 0
+
+        def walk(node, td, prefix):
+            nonlocal pos
+            kind = td["t"]
+            where = prefix or "<root>"
+            if kind == "dict":
+                if not isinstance(node, dict):
+                    raise LayoutMismatch(f"expected a dict, got {type(node).__name__}", leaf=where, party=party)
+                extra = [k for k in node if k not in set(td["k"])]
+                if extra:
+                    raise LayoutMismatch("not in the layout", leaf=_join(prefix, extra[0]), party=party)
+                for k, child in zip(td["k"], td["c"]):
+                    if k in node:
+                        walk(node[k], child, _join(prefix, k))
+                    elif partial:
+                        pos += _count_leaves(child)
+                    else:
+                        raise LayoutMismatch("missing from the update", leaf=_join(prefix, k), party=party)
+                return
+            if kind in ("list", "tuple"):
+                if not isinstance(node, (list, tuple)):
+                    raise LayoutMismatch(f"expected a {kind}, got {type(node).__name__}", leaf=where, party=party)
+                if len(node) != len(td["c"]):
+                    raise LayoutMismatch(f"{len(node)} entries, layout has {len(td['c'])}", leaf=where, party=party)
+                for i, (v, child) in enumerate(zip(node, td["c"])):
+                    walk(v, child, _join(prefix, i))
+                return
+            leaf = self.leaves[pos]
+            a = _as_array(node, leaf.name, party)
+            if tuple(a.shape) != leaf.shape:
+                raise LayoutMismatch(f"shape {tuple(a.shape)}, layout has {leaf.shape}", leaf=leaf.name, party=party)
+            if isinstance(a, Quantized):
+                if not leaf.is_float:
+                    raise LayoutMismatch(f"quantized value for a {leaf.dtype} leaf", leaf=leaf.name, party=party)
+            elif dtype_name(a.dtype) != leaf.dtype:
+                raise LayoutMismatch(
+                    f"dtype {dtype_name(a.dtype)}, layout has {leaf.dtype}", leaf=leaf.name, party=party)
+            out[pos] = a
+            pos += 1
+
+        walk(update, self.treedef, "")
+        return out
+
+    def unflatten(self, arrays):
+        """Rebuild the template's container from leaf arrays (numpy), as the template's array type."""
+        conv = numpy_to_torch if self.array_type == "torch" else (lambda a: a)
+        it = iter(arrays)
+
+        def build(td):
+            kind = td["t"]
+            if kind == "dict":
+                return {k: build(c) for k, c in zip(td["k"], td["c"])}
+            if kind in ("list", "tuple"):
+                items = [build(c) for c in td["c"]]
+                return items if kind == "list" else tuple(items)
+            return conv(next(it))
+
+        return build(self.treedef)
+
+
+def _count_leaves(td) -> int:
+    if td["t"] == "leaf":
+        return 1
+    return sum(_count_leaves(c) for c in td["c"])

@@ -1,0 +1,216 @@
+"""FoldState: a partial aggregate, and its safe, versioned, checksummed, atomically written file format.
+
+A state holds the flat accumulator (float32 or float64, never the input dtype), the per-leaf total weight (float64;
+leaves that partial updates leave out get less), the party -> weight record of everything folded in (an audit, and
+what makes double counting detectable), the layout, the algorithm and its parameters, and the base for delta folds.
+
+File format (version 1): a safetensors file (tensors ``acc``, ``leaf_weight``, optionally ``base``) whose metadata
+holds ``format``, ``version``, the JSON of layout / algorithm / parties, and ``checksum``: SHA-256 over every tensor's
+name, dtype, shape and bytes and over the other metadata, verified on load (safetensors itself has none). Nothing is
+ever unpickled. Saving writes a temp file (exclusive create), fsyncs it, renames it over the target and fsyncs the
+directory, so a crash leaves either the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+
+import numpy as np
+
+from .errors import CorruptState, IncompatibleStates, OverlappingParties
+from .layout import Layout
+
+FORMAT = "jitkernels.foldstate"
+VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+
+def _check_party(p):
+    if isinstance(p, bool) or not isinstance(p, (str, int)):
+        raise TypeError(f"party ids must be str or int, got {type(p).__name__} {p!r}")
+    return p
+
+
+class FoldState:
+    """A partial aggregate. Merge two with :meth:`merge` (associative, commutative, refuses shared parties)."""
+
+    def __init__(self, layout: Layout, *, algorithm: dict, acc_dtype: str = "float32", acc=None, leaf_weight=None,
+                 parties=None, base=None):
+        self.layout = layout
+        self.algorithm = dict(algorithm)
+        self.acc_dtype = np.dtype(acc_dtype).name
+        if self.acc_dtype not in ("float32", "float64"):
+            raise ValueError(f"acc_dtype must be float32 or float64, got {acc_dtype!r}")
+        self.acc = np.zeros(layout.size, self.acc_dtype) if acc is None else acc
+        self.leaf_weight = np.zeros(len(layout), np.float64) if leaf_weight is None else leaf_weight
+        self.parties: dict = {} if parties is None else dict(parties)
+        self.base = base
+        if self.acc.shape != (layout.size,) or self.acc.dtype != np.dtype(self.acc_dtype):
+            raise ValueError(f"accumulator must be {self.acc_dtype}[{layout.size}], got {self.acc.dtype}{self.acc.shape}")
+
+    # --- summary -----------------------------------------------------------------------------------------------
+    @property
+    def count(self) -> int:
+        return len(self.parties)
+
+    @property
+    def total_weight(self) -> float:
+        """Sum of the fold weights of every party (exactly rounded, whatever the fold order)."""
+        return math.fsum(self.parties.values())
+
+    def __repr__(self):
+        return (f"FoldState({self.algorithm.get('name')}, {self.count} parties, weight {self.total_weight:g}, "
+                f"{self.acc_dtype}[{self.layout.size}])")
+
+    def copy(self) -> "FoldState":
+        return FoldState(self.layout, algorithm=self.algorithm, acc_dtype=self.acc_dtype, acc=self.acc.copy(),
+                         leaf_weight=self.leaf_weight.copy(), parties=self.parties,
+                         base=None if self.base is None else self.base.copy())
+
+    def same_bits(self, other: "FoldState") -> bool:
+        """True when both states hold bit-identical accumulators, weights, parties and bases."""
+        def eq(a, b):
+            if a is None or b is None:
+                return a is None and b is None
+            return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+        return (self.layout == other.layout and self.algorithm == other.algorithm and eq(self.acc, other.acc)
+                and eq(self.leaf_weight, other.leaf_weight) and self.parties == other.parties
+                and eq(self.base, other.base))
+
+    # --- merge -------------------------------------------------------------------------------------------------
+    def check_mergeable(self, other: "FoldState") -> None:
+        if self.layout != other.layout:
+            raise IncompatibleStates("states have different layouts "
+                                     f"({self.layout.fingerprint} vs {other.layout.fingerprint})")
+        if self.algorithm != other.algorithm:
+            raise IncompatibleStates(f"states use different algorithms: {self.algorithm} vs {other.algorithm}")
+        if self.acc_dtype != other.acc_dtype:
+            raise IncompatibleStates(f"accumulators differ: {self.acc_dtype} vs {other.acc_dtype}")
+        if (self.base is None) != (other.base is None) or (
+                self.base is not None and self.base.tobytes() != other.base.tobytes()):
+            raise IncompatibleStates("states fold deltas against different bases")
+        shared = self.parties.keys() & other.parties.keys()
+        if shared:
+            raise OverlappingParties(shared)
+
+    def merge(self, other: "FoldState") -> "FoldState":
+        """A new state holding both aggregates: accumulators and weights add; parties are the union."""
+        self.check_mergeable(other)
+        out = self.copy()
+        out.merge_into(other, checked=True)
+        return out
+
+    def merge_into(self, other: "FoldState", *, checked: bool = False) -> None:
+        """Merge ``other`` into this state in place (checks first: a refused merge changes nothing)."""
+        if not checked:
+            self.check_mergeable(other)
+        if self.algorithm.get("int_leaves") == "max":
+            for i, leaf in enumerate(self.layout.leaves):
+                sl = slice(leaf.offset, leaf.offset + leaf.size)
+                if leaf.is_float:
+                    self.acc[sl] += other.acc[sl]
+                elif other.leaf_weight[i] > 0:
+                    self.acc[sl] = np.maximum(self.acc[sl], other.acc[sl]) if self.leaf_weight[i] > 0 else other.acc[sl]
+        else:
+            self.acc += other.acc
+        self.leaf_weight += other.leaf_weight
+        self.parties.update(other.parties)
+
+    # --- files -------------------------------------------------------------------------------------------------
+    def _tensors(self) -> dict:
+        t = {"acc": self.acc, "leaf_weight": self.leaf_weight}
+        if self.base is not None:
+            t["base"] = self.base
+        return t
+
+    def _metadata(self) -> dict:
+        return {
+            "format": FORMAT,
+            "version": str(VERSION),
+            "layout": json.dumps(self.layout.to_json(), sort_keys=True),
+            "algorithm": json.dumps(self.algorithm, sort_keys=True),
+            "acc_dtype": self.acc_dtype,
+            "parties": json.dumps([[p, w] for p, w in self.parties.items()]),
+        }
+
+    def save(self, path) -> None:
+        """Write atomically: temp file (exclusive create) -> fsync -> rename -> fsync the directory."""
+        from safetensors.numpy import save
+
+        tensors = self._tensors()
+        meta = self._metadata()
+        meta["checksum"] = _checksum(tensors, meta)
+        data = save(tensors, metadata=meta)
+        atomic_write(os.fspath(path), data)
+
+    @classmethod
+    def load(cls, path) -> "FoldState":
+        """Load and verify a saved state; :class:`CorruptState` if it is truncated, altered or of an unknown version."""
+        from safetensors import SafetensorError, safe_open
+
+        path = os.fspath(path)
+        try:
+            with safe_open(path, framework="np") as f:
+                meta = dict(f.metadata() or {})
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except (SafetensorError, ValueError, OSError) as e:
+            if isinstance(e, FileNotFoundError):
+                raise
+            raise CorruptState(f"{path}: not a readable state file ({e})") from e
+        if meta.get("format") != FORMAT:
+            raise CorruptState(f"{path}: not a jitkernels fold state (format {meta.get('format')!r})")
+        try:
+            version = int(meta.get("version", "-1"))
+        except ValueError:
+            version = -1
+        if version not in SUPPORTED_VERSIONS:
+            raise CorruptState(f"{path}: format version {meta.get('version')!r}; this build reads {SUPPORTED_VERSIONS}")
+        expected = meta.pop("checksum", None)
+        if expected is None or _checksum(tensors, meta) != expected:
+            raise CorruptState(f"{path}: checksum mismatch (the file was altered or damaged)")
+        try:
+            layout = Layout.from_json(json.loads(meta["layout"]))
+            algorithm = json.loads(meta["algorithm"])
+            parties = {_check_party(p): float(w) for p, w in json.loads(meta["parties"])}
+            return cls(layout, algorithm=algorithm, acc_dtype=meta["acc_dtype"], acc=np.array(tensors["acc"]),
+                       leaf_weight=np.array(tensors["leaf_weight"]), parties=parties,
+                       base=np.array(tensors["base"]) if "base" in tensors else None)
+        except (KeyError, ValueError, TypeError) as e:
+            raise CorruptState(f"{path}: inconsistent state ({e})") from e
+
+
+def _checksum(tensors: dict, meta: dict) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    h.update(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Crash-safe replace of ``path`` by ``data``: a reader sees the old file or the new one, never a mix."""
+    d = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dfd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

@@ -1,0 +1,45 @@
+"""Build the private C++ extension jitkernels._core (pybind11 + OpenMP, with a no-OpenMP fallback).
+
+Portable flags only: no -march=native. AVX2/F16C code paths are compiled with a target pragma and chosen at run time.
+-ffp-contract=off keeps the compiler from fusing multiply-adds, which would break bit-exactness against numpy.
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import setup
+
+
+def _openmp_flags():
+    """(-fopenmp, -fopenmp) if the compiler links OpenMP code, else no flags (the kernels then run serially)."""
+    if os.environ.get("JITKERNELS_NO_OPENMP"):
+        return [], []
+    cc = os.environ.get("CXX", "c++")
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "t.cpp")
+        with open(src, "w") as f:
+            f.write("#include <omp.h>\nint main(){return omp_get_max_threads() > 0 ? 0 : 1;}\n")
+        ok = subprocess.call([cc, "-fopenmp", src, "-o", os.path.join(d, "t")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) == 0
+    if not ok:
+        print("jitkernels: OpenMP not available, building the C++ backend single-threaded", file=sys.stderr)
+        return [], []
+    return ["-fopenmp"], ["-fopenmp"]
+
+
+omp_compile, omp_link = _openmp_flags()
+
+ext = Pybind11Extension(
+    "jitkernels._core",
+    ["csrc/kernels.cpp"],
+    include_dirs=["csrc"],
+    cxx_std=17,
+    extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno", *omp_compile],
+    extra_link_args=omp_link,
+    depends=["csrc/jk_math.h", "csrc/kernels.h"],
+)
+
+setup(ext_modules=[ext], cmdclass={"build_ext": build_ext})
