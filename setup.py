@@ -37,7 +37,7 @@ ext = Pybind11Extension(
     ["csrc/kernels.cpp"],
     include_dirs=["csrc"],
     cxx_std=17,
-    extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno", *omp_compile],
+    extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd", *omp_compile],
     extra_link_args=omp_link,
     depends=["csrc/jk_math.h", "csrc/kernels.h"],
 )

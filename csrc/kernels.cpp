@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -17,12 +18,18 @@
 #include "jk_math.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+#if defined(__x86_64__) || defined(_M_X64)
 #define JK_X86 1
 #pragma GCC push_options
 #pragma GCC target("avx2,f16c")
+#define JK_F16C 1
 namespace avx2 {
 #include "kernels.h"
 }
+#undef JK_F16C
 #pragma GCC pop_options
 #endif
 
@@ -180,6 +187,15 @@ void finalize(py::array acc, py::object base_obj, int out_code, I64 off, F64A to
   });
 }
 
+// STREAM-like read probe: sums a buffer on nthreads threads; time it to measure read bandwidth.
+double probe_read(py::array_t<float, py::array::c_style> buf, int nthreads) {
+  py::gil_scoped_release nogil;
+#ifdef JK_X86
+  if (use_avx2()) return avx2::probe_sum(buf.data(), buf.size(), nthreads);
+#endif
+  return baseline::probe_sum(buf.data(), buf.size(), nthreads);
+}
+
 int max_threads() {
 #ifdef _OPENMP
   return omp_get_max_threads();
@@ -199,6 +215,8 @@ PYBIND11_MODULE(_core, mod) {
   mod.def("finalize", &finalize, py::arg("acc"), py::arg("base"), py::arg("out_code"), py::arg("off"),
           py::arg("total_w"), py::arg("out_ptr"), py::arg("work"), py::arg("nthreads"));
   mod.def("max_threads", &max_threads);
+  mod.def("probe_read", &probe_read, py::arg("buf"), py::arg("nthreads"),
+          "Sum of a float32 buffer on nthreads threads: time it to measure read bandwidth.");
   mod.attr("openmp") =
 #ifdef _OPENMP
       true;

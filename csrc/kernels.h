@@ -2,23 +2,88 @@
 // an AVX2+F16C target and once for the baseline ISA, each inside its own namespace; runtime dispatch picks one.
 // Element-wise math comes from jk_math.h; these loops only decide the order, which is the reference's.
 
+// f16 inputs are widened in blocks through a small f32 buffer: F16C converts 8 at a time, which the compiler
+// cannot do on its own (it has no vector type for _Float16 without AVX512-FP16).
+constexpr int64_t WIDEN_BLOCK = 1024;
+
+static inline void widen_block(const jk::f16* u, float* t, int64_t n) {
+  int64_t i = 0;
+#ifdef JK_F16C
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(t + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u + i))));
+#endif
+  for (; i < n; ++i) t[i] = jk::widen(u[i]);
+}
+
+// Calls seg(ptr, i0, n) over [0, len) with ptr reading In directly, or f32 widened from f16 block by block.
+template <class In, class Seg>
+static inline void for_segments(const In* u, int64_t len, Seg&& seg) {
+  if constexpr (std::is_same_v<In, jk::f16>) {
+    float tmp[WIDEN_BLOCK];
+    for (int64_t i0 = 0; i0 < len; i0 += WIDEN_BLOCK) {
+      const int64_t n = std::min(WIDEN_BLOCK, len - i0);
+      widen_block(u + i0, tmp, n);
+      seg(static_cast<const float*>(tmp), i0, n);
+    }
+  } else {
+    seg(u, int64_t(0), len);
+  }
+}
+
+// Work items are cut into sub-blocks of SUB elements, and every update is folded into a sub-block before the next:
+// the accumulator's sub-block stays in L1 while k input streams pass through it. Per element the updates still
+// come in batch order, so the result is the reference's to the bit.
+constexpr int64_t SUB = 256;
+
+#ifdef JK_F16C
+// f16 -> f32 fold with F16C: the vector form of jk::load + jk::fold_step (a multiply, then an add: two roundings,
+// as the scalar spec). The compiler cannot vectorize _Float16 widening by itself before AVX512-FP16.
+template <bool Base>
+static inline void fold_f16_f32(float* __restrict a, const jk::f16* __restrict u, const float* __restrict b, float w,
+                                int64_t n) {
+  const __m256 vw = _mm256_set1_ps(w);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u + i)));
+    if (Base) x = _mm256_sub_ps(x, _mm256_loadu_ps(b + i));
+    _mm256_storeu_ps(a + i, _mm256_add_ps(_mm256_loadu_ps(a + i), _mm256_mul_ps(vw, x)));
+  }
+  for (; i < n; ++i) {
+    float x = jk::load<float>(u[i]);
+    if (Base) x = x - b[i];
+    a[i] = jk::fold_step(a[i], w, x);
+  }
+}
+#endif
+
 template <class A, class In, bool Base>
 static void fold_rows(A* acc, const A* base, const int64_t* off, const int64_t* ptr, const double* w,
                       int64_t k, const int64_t* work, int64_t m, int nthreads) {
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t it = 0; it < m; ++it) {
     const int64_t r = work[3 * it], s = work[3 * it + 1], len = work[3 * it + 2];
-    A* __restrict a = acc + off[r] + s;
-    const A* __restrict b = Base ? base + off[r] + s : nullptr;
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t p = ptr[r * k + j];
-      if (!p) continue;
-      const A wj = (A)w[r * k + j];
-      const In* __restrict u = reinterpret_cast<const In*>(p) + s;
-      for (int64_t i = 0; i < len; ++i) {
-        A x = jk::load<A>(u[i]);
-        if (Base) x = x - b[i];
-        a[i] = jk::fold_step(a[i], wj, x);
+    for (int64_t b0 = 0; b0 < len; b0 += SUB) {
+      const int64_t bn = std::min(SUB, len - b0);
+      A* __restrict a = acc + off[r] + s + b0;
+      const A* __restrict b = Base ? base + off[r] + s + b0 : nullptr;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t p = ptr[r * k + j];
+        if (!p) continue;
+        const A wj = (A)w[r * k + j];
+#ifdef JK_F16C
+        if constexpr (std::is_same_v<In, jk::f16> && std::is_same_v<A, float>) {
+          fold_f16_f32<Base>(a, reinterpret_cast<const jk::f16*>(p) + s + b0, b, wj, bn);
+          continue;
+        }
+#endif
+        for_segments(reinterpret_cast<const In*>(p) + s + b0, bn, [&](auto u, int64_t i0, int64_t n) {
+          A* __restrict ai = a + i0;
+          for (int64_t i = 0; i < n; ++i) {
+            A x = jk::load<A>(u[i]);
+            if (Base) x = x - b[i0 + i];
+            ai[i] = jk::fold_step(ai[i], wj, x);
+          }
+        });
       }
     }
   }
@@ -56,13 +121,36 @@ static void fold_rows_q(A* acc, const A* base, const int64_t* off, const int64_t
   }
 }
 
-// Stats per (work item, update): non-finite count, sum of squares, max |x|, in f64. Eight lanes make the sum
-// vectorizable without -ffast-math, in an order this code fixes (so results do not depend on the thread count).
+// Stats per (work item, update): non-finite count, sum of squares (f64), max |x|. Values are formed in S (f64 when the
+// input or the accumulator is f64, else f32: exact for f32/f16/bf16 inputs without a base); squares are summed in f64.
+// `omp simd reduction` lets the compiler split the sum over vector lanes: the result depends on the ISA path taken
+// (AVX2 or baseline) but not on the thread count, and it is a reduction, held to a tolerance, not to bits.
+// A NaN/inf anywhere makes the cheap check sum(x * 0) non-zero; only then is a second loop run to count them.
+template <class S>
+struct Lanes {
+  double ss = 0;
+  S mx = 0, chk = 0;
+};
+
+template <class S, class Value>
+static inline void stats_seg(Lanes<S>& st, int64_t n, Value value) {
+  double ss = st.ss;
+  S mx = st.mx, chk = st.chk;
+#pragma omp simd reduction(+ : ss, chk) reduction(max : mx)
+  for (int64_t i = 0; i < n; ++i) {
+    const S x = value(i), ax = std::fabs(x);
+    ss += (double)x * (double)x;
+    mx = ax > mx ? ax : mx;
+    chk += x * (S)0;
+  }
+  st.ss = ss; st.mx = mx; st.chk = chk;
+}
+
 template <class A, class In, bool Base, bool Quant>
 static void stats_rows(const A* base, const int64_t* off, const int64_t* ptr, const int64_t* sptr,
                        const int64_t* blk, int64_t k, const int64_t* work, int64_t m, int64_t* nonfinite,
                        double* sumsq, double* maxabs, int nthreads) {
-  constexpr int L = 8;
+  using S = std::conditional_t<std::is_same_v<A, double> || std::is_same_v<In, double>, double, float>;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t it = 0; it < m; ++it) {
     const int64_t r = work[3 * it], s = work[3 * it + 1], len = work[3 * it + 2];
@@ -70,39 +158,27 @@ static void stats_rows(const A* base, const int64_t* off, const int64_t* ptr, co
     for (int64_t j = 0; j < k; ++j) {
       const int64_t p = ptr[r * k + j];
       if (!p) continue;
-      const In* __restrict u = reinterpret_cast<const In*>(p) + s;
       const float* scales = Quant ? reinterpret_cast<const float*>(sptr[r * k + j]) : nullptr;
       const int64_t B = Quant ? blk[r * k + j] : 1;
-      double ss[L] = {0}, mx[L] = {0}, bad[L] = {0};
-      auto value = [&](int64_t i) {
-        double x;
-        if constexpr (Quant) x = jk::dequant<double>((int8_t)u[i], scales[(s + i) / B]);
-        else x = jk::load<double>(u[i]);
-        if (Base) x = x - (double)b[i];
-        return x;
-      };
-      int64_t i = 0;
-      for (; i + L <= len; i += L) {
-        for (int l = 0; l < L; ++l) {
-          const double x = value(i + l), ax = std::fabs(x);
-          const bool fin = ax <= DBL_MAX;
-          ss[l] += fin ? x * x : 0.0;
-          mx[l] = (fin && ax > mx[l]) ? ax : mx[l];
-          bad[l] += fin ? 0.0 : 1.0;
+      Lanes<S> st;
+      int64_t bad = 0;
+      for_segments(reinterpret_cast<const In*>(p) + s, len, [&](auto u, int64_t i0, int64_t n) {
+        auto value = [=](int64_t i) -> S {
+          S x;
+          if constexpr (Quant) x = jk::dequant<S>((int8_t)u[i], scales[(s + i0 + i) / B]);
+          else x = jk::load<S>(u[i]);
+          if constexpr (Base) x = x - (S)b[i0 + i];
+          return x;
+        };
+        stats_seg(st, n, value);
+        if (st.chk != 0 || st.chk != st.chk) {  // rare: count exactly
+          st.chk = 0;
+          for (int64_t q = 0; q < n; ++q) bad += std::isfinite(value(q)) ? 0 : 1;
         }
-      }
-      for (; i < len; ++i) {
-        const double x = value(i), ax = std::fabs(x);
-        const bool fin = ax <= DBL_MAX;
-        ss[0] += fin ? x * x : 0.0;
-        mx[0] = (fin && ax > mx[0]) ? ax : mx[0];
-        bad[0] += fin ? 0.0 : 1.0;
-      }
-      double tss = 0, tmx = 0, tbad = 0;
-      for (int l = 0; l < L; ++l) { tss += ss[l]; tmx = mx[l] > tmx ? mx[l] : tmx; tbad += bad[l]; }
-      nonfinite[it * k + j] = (int64_t)tbad;
-      sumsq[it * k + j] = tss;
-      maxabs[it * k + j] = tmx;
+      });
+      nonfinite[it * k + j] = bad;
+      sumsq[it * k + j] = st.ss;
+      maxabs[it * k + j] = (double)st.mx;
     }
   }
 }
@@ -122,4 +198,21 @@ static void finalize_rows(const A* acc, const A* base, const int64_t* off, const
       jk::narrow_to(o + i, y);
     }
   }
+}
+
+// Read-bandwidth probe: 32 independent f32 lanes per thread, so that loads, not add latency, bound the loop.
+static double probe_sum(const float* x, int64_t n, int nthreads) {
+  double total = 0;
+  const int64_t C = 1 << 16;
+#pragma omp parallel for schedule(static) reduction(+ : total) num_threads(nthreads)
+  for (int64_t c = 0; c < (n + C - 1) / C; ++c) {
+    float lanes[32] = {0};
+    const int64_t lo = c * C, hi = std::min(n, lo + C);
+    int64_t i = lo;
+    for (; i + 32 <= hi; i += 32)
+      for (int l = 0; l < 32; ++l) lanes[l] += x[i + l];
+    for (; i < hi; ++i) lanes[0] += x[i];
+    for (int l = 0; l < 32; ++l) total += lanes[l];
+  }
+  return total;
 }
