@@ -170,10 +170,16 @@ static void stats_rows(const A* base, const int64_t* off, const int64_t* ptr, co
           if constexpr (Base) x = x - (S)b[i0 + i];
           return x;
         };
+        const Lanes<S> before = st;
         stats_seg(st, n, value);
-        if (st.chk != 0 || st.chk != st.chk) {  // rare: count exactly
-          st.chk = 0;
-          for (int64_t q = 0; q < n; ++q) bad += std::isfinite(value(q)) ? 0 : 1;
+        if (st.chk != 0 || st.chk != st.chk) {  // rare: redo this segment, counting and skipping non-finite values
+          st = before;
+          for (int64_t q = 0; q < n; ++q) {
+            const S x = value(q), ax = std::fabs(x);
+            if (!std::isfinite(x)) { ++bad; continue; }
+            st.ss += (double)x * (double)x;
+            st.mx = ax > st.mx ? ax : st.mx;
+          }
         }
       });
       nonfinite[it * k + j] = bad;

@@ -146,65 +146,65 @@ class Layout:
         """Leaves of ``update`` in layout order: native contiguous arrays, :class:`Quantized`, or ``None`` where a
         partial update (``partial=True``) leaves a dict entry out. Raises :class:`LayoutMismatch` naming the leaf."""
         out: list = [None] * len(self.leaves)
-        pos = 0
-
-        def walk(node, td, prefix):
-            nonlocal pos
-            kind = td["t"]
-            where = prefix or "<root>"
-            if kind == "dict":
-                if not isinstance(node, dict):
-                    raise LayoutMismatch(f"expected a dict, got {type(node).__name__}", leaf=where, party=party)
-                extra = [k for k in node if k not in set(td["k"])]
-                if extra:
-                    raise LayoutMismatch("not in the layout", leaf=_join(prefix, extra[0]), party=party)
-                for k, child in zip(td["k"], td["c"]):
-                    if k in node:
-                        walk(node[k], child, _join(prefix, k))
-                    elif partial:
-                        pos += _count_leaves(child)
-                    else:
-                        raise LayoutMismatch("missing from the update", leaf=_join(prefix, k), party=party)
-                return
-            if kind in ("list", "tuple"):
-                if not isinstance(node, (list, tuple)):
-                    raise LayoutMismatch(f"expected a {kind}, got {type(node).__name__}", leaf=where, party=party)
-                if len(node) != len(td["c"]):
-                    raise LayoutMismatch(f"{len(node)} entries, layout has {len(td['c'])}", leaf=where, party=party)
-                for i, (v, child) in enumerate(zip(node, td["c"])):
-                    walk(v, child, _join(prefix, i))
-                return
-            leaf = self.leaves[pos]
-            a = _as_array(node, leaf.name, party)
-            if tuple(a.shape) != leaf.shape:
-                raise LayoutMismatch(f"shape {tuple(a.shape)}, layout has {leaf.shape}", leaf=leaf.name, party=party)
-            if isinstance(a, Quantized):
-                if not leaf.is_float:
-                    raise LayoutMismatch(f"quantized value for a {leaf.dtype} leaf", leaf=leaf.name, party=party)
-            elif dtype_name(a.dtype) != leaf.dtype:
-                raise LayoutMismatch(
-                    f"dtype {dtype_name(a.dtype)}, layout has {leaf.dtype}", leaf=leaf.name, party=party)
-            out[pos] = a
-            pos += 1
-
-        walk(update, self.treedef, "")
+        # module-level recursion, not a nested closure: a recursive closure is a reference cycle that would keep
+        # every flattened update alive until the cyclic GC runs
+        _flatten(self, update, self.treedef, "", out, 0, party, partial)
         return out
 
     def unflatten(self, arrays):
         """Rebuild the template's container from leaf arrays (numpy), as the template's array type."""
         conv = numpy_to_torch if self.array_type == "torch" else (lambda a: a)
-        it = iter(arrays)
+        return _build(self.treedef, iter(arrays), conv)
 
-        def build(td):
-            kind = td["t"]
-            if kind == "dict":
-                return {k: build(c) for k, c in zip(td["k"], td["c"])}
-            if kind in ("list", "tuple"):
-                items = [build(c) for c in td["c"]]
-                return items if kind == "list" else tuple(items)
-            return conv(next(it))
 
-        return build(self.treedef)
+def _flatten(layout, node, td, prefix, out, pos, party, partial) -> int:
+    """Fill ``out`` from ``node`` following ``td``, starting at leaf ``pos``; returns the next leaf position."""
+    kind = td["t"]
+    where = prefix or "<root>"
+    if kind == "dict":
+        if not isinstance(node, dict):
+            raise LayoutMismatch(f"expected a dict, got {type(node).__name__}", leaf=where, party=party)
+        keys = set(td["k"])
+        extra = [k for k in node if k not in keys]
+        if extra:
+            raise LayoutMismatch("not in the layout", leaf=_join(prefix, extra[0]), party=party)
+        for k, child in zip(td["k"], td["c"]):
+            if k in node:
+                pos = _flatten(layout, node[k], child, _join(prefix, k), out, pos, party, partial)
+            elif partial:
+                pos += _count_leaves(child)
+            else:
+                raise LayoutMismatch("missing from the update", leaf=_join(prefix, k), party=party)
+        return pos
+    if kind in ("list", "tuple"):
+        if not isinstance(node, (list, tuple)):
+            raise LayoutMismatch(f"expected a {kind}, got {type(node).__name__}", leaf=where, party=party)
+        if len(node) != len(td["c"]):
+            raise LayoutMismatch(f"{len(node)} entries, layout has {len(td['c'])}", leaf=where, party=party)
+        for i, (v, child) in enumerate(zip(node, td["c"])):
+            pos = _flatten(layout, v, child, _join(prefix, i), out, pos, party, partial)
+        return pos
+    leaf = layout.leaves[pos]
+    a = _as_array(node, leaf.name, party)
+    if tuple(a.shape) != leaf.shape:
+        raise LayoutMismatch(f"shape {tuple(a.shape)}, layout has {leaf.shape}", leaf=leaf.name, party=party)
+    if isinstance(a, Quantized):
+        if not leaf.is_float:
+            raise LayoutMismatch(f"quantized value for a {leaf.dtype} leaf", leaf=leaf.name, party=party)
+    elif dtype_name(a.dtype) != leaf.dtype:
+        raise LayoutMismatch(f"dtype {dtype_name(a.dtype)}, layout has {leaf.dtype}", leaf=leaf.name, party=party)
+    out[pos] = a
+    return pos + 1
+
+
+def _build(td, it, conv):
+    kind = td["t"]
+    if kind == "dict":
+        return {k: _build(c, it, conv) for k, c in zip(td["k"], td["c"])}
+    if kind in ("list", "tuple"):
+        items = [_build(c, it, conv) for c in td["c"]]
+        return items if kind == "list" else tuple(items)
+    return conv(next(it))
 
 
 def _count_leaves(td) -> int:

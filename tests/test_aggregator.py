@@ -1,0 +1,206 @@
+"""The user-facing API: containers and array types in and out, dtypes, partial updates, bases, integer leaves."""
+
+import numpy as np
+import pytest
+import torch
+
+import jitkernels as jk
+from jitkernels.dtypes import bfloat16
+
+from strategies import CPU_BACKENDS
+
+
+def _ref_mean(ups, ws):
+    return sum(np.float64(w) * u.astype(np.float64) for u, w in zip(ups, ws)) / sum(ws)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_quickstart_api(backend, tmp_path):
+    rng = np.random.default_rng(1)
+    template = {"conv": {"w": np.zeros((4, 3, 3), np.float32), "b": np.zeros(4, np.float32)},
+                "fc": np.zeros((10, 5), np.float32)}
+    ups = [{"conv": {"w": rng.standard_normal((4, 3, 3)).astype(np.float32),
+                     "b": rng.standard_normal(4).astype(np.float32)},
+            "fc": rng.standard_normal((10, 5)).astype(np.float32)} for _ in range(6)]
+    ws = [10, 20, 5, 1, 7, 3]
+    agg = jk.Aggregator(template, algorithm="fedavg", backend=backend, acc_dtype="float32")
+    agg.fold(ups[0], weight=ws[0], party="hospital-0")
+    u = jk.admit(ups[1], agg.layout, weight=ws[1], party="p1")
+    agg.fold_many([u])
+    agg.fold_many(ups[2:4], ws[2:4], parties=["p2", "p3"])
+    other = jk.Aggregator(template, backend=backend)
+    other.fold_many(ups[4:], ws[4:], parties=["p4", "p5"])
+    agg.merge(other)
+    path = tmp_path / "state.jks"
+    agg.state.save(path)
+    agg2 = jk.Aggregator.from_state(jk.FoldState.load(path), backend=backend)
+    res = agg2.finalize()
+    assert set(res) == {"conv", "fc"} and set(res["conv"]) == {"w", "b"}
+    assert res["fc"].dtype == np.float32 and res["fc"].shape == (10, 5)
+    np.testing.assert_allclose(res["fc"], _ref_mean([x["fc"] for x in ups], ws), rtol=1e-5, atol=1e-6)
+    assert agg2.count == 6 and agg2.total_weight == sum(ws)
+    assert sorted(agg2.state.parties) == sorted(["hospital-0", "p1", "p2", "p3", "p4", "p5"])
+
+
+@pytest.mark.parametrize("container", ["list", "tuple", "array"])
+def test_containers(container, backend="cpp"):
+    rng = np.random.default_rng(2)
+    arrs = [rng.standard_normal(s).astype(np.float32) for s in [(3, 4), (5,), ()]]
+    wrap = {"list": list, "tuple": tuple, "array": lambda a: a[0]}[container]
+    agg = jk.Aggregator(wrap(arrs))
+    agg.fold(wrap(arrs), weight=2.0, party="a")
+    agg.fold(wrap([2 * a for a in arrs]), weight=2.0, party="b")
+    out = agg.finalize()
+    if container == "array":
+        assert isinstance(out, np.ndarray)
+        np.testing.assert_allclose(out, 1.5 * arrs[0], rtol=1e-6)
+    else:
+        assert type(out) is (list if container == "list" else tuple)
+        for o, a in zip(out, arrs):
+            np.testing.assert_allclose(o, 1.5 * a, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_torch_in_and_out(dtype):
+    torch.manual_seed(0)
+    sd = {"w": torch.randn(8, 4, dtype=dtype), "b": torch.randn(8, dtype=dtype),
+          "bn.num_batches_tracked": torch.tensor(10, dtype=torch.int64)}
+    agg = jk.Aggregator(sd)
+    ups = [{k: (v + i if v.is_floating_point() else v + i) for k, v in sd.items()} for i in range(3)]
+    for i, u in enumerate(ups):
+        agg.fold(u, weight=1.0, party=i)
+    out = agg.finalize()
+    assert isinstance(out["w"], torch.Tensor) and out["w"].dtype == dtype
+    ref = torch.stack([u["w"].double() for u in ups]).mean(0)
+    tol = {torch.float16: 1e-2, torch.bfloat16: 2e-2}.get(dtype, 1e-5)
+    torch.testing.assert_close(out["w"].double(), ref, rtol=tol, atol=tol)
+    assert out["bn.num_batches_tracked"].dtype == torch.int64 and int(out["bn.num_batches_tracked"]) == 11
+
+
+def test_torch_tensors_are_read_in_place():
+    t = torch.arange(6, dtype=torch.float32)
+    agg = jk.Aggregator({"x": t})
+    u = agg.admit({"x": t}, 1.0, "a")
+    assert u.leaves[0].__array_interface__["data"][0] == t.data_ptr()
+
+
+def test_non_contiguous_and_byteswapped_leaves():
+    base = np.arange(24, dtype=np.float32).reshape(4, 6)
+    strided = base[:, ::2]  # (4, 3) view with strides
+    assert not strided.flags.c_contiguous
+    swapped = np.ascontiguousarray(strided).astype(">f4")
+    agg = jk.Aggregator({"x": np.zeros((4, 3), np.float32)}, backend="cpp")
+    agg.fold({"x": strided}, party="a")
+    agg.fold({"x": swapped}, party="b")
+    np.testing.assert_array_equal(agg.finalize()["x"], strided)
+    tstrided = torch.arange(24, dtype=torch.float32).reshape(4, 6)[:, ::2]
+    agg2 = jk.Aggregator({"x": tstrided})
+    agg2.fold({"x": tstrided}, party="t")
+    np.testing.assert_array_equal(agg2.finalize()["x"].numpy(), tstrided.numpy())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("in_dtype", ["float32", "float16", "bfloat16", "float64"])
+def test_half_inputs_accumulate_wide(backend, in_dtype):
+    """fp16 would overflow at 65504 if accumulated in the input dtype; the accumulator never is the input dtype."""
+    dt = bfloat16 if in_dtype == "bfloat16" else np.dtype(in_dtype)
+    x = np.full(5, 60000.0).astype(dt)
+    agg = jk.Aggregator({"x": x}, backend="auto" if (backend == "numba" and in_dtype == "float16") else backend)
+    agg.fold_many([{"x": x}] * 8, [1000.0] * 8, parties=list(range(8)))
+    out = agg.finalize()["x"]
+    assert out.dtype == dt
+    np.testing.assert_allclose(out.astype(np.float64), x.astype(np.float64), rtol=1e-3)
+
+
+@pytest.mark.parametrize("block", [None, 16])
+def test_quantized_updates(block):
+    rng = np.random.default_rng(3)
+    tmpl = {"a": np.zeros(100, np.float32), "b": np.zeros((7, 7), np.float16)}
+    raw = [{k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in tmpl.items()} for _ in range(4)]
+    q = [{k: jk.Quantized.quantize(v.astype(np.float32), block=block) for k, v in u.items()} for u in raw]
+    agg = jk.Aggregator(tmpl, backend="cpp")
+    agg.fold_many(q, [1, 2, 3, 4], parties=list("abcd"))
+    out = agg.finalize()
+    deq = [{k: v.dequantize() for k, v in u.items()} for u in q]
+    np.testing.assert_allclose(out["a"], _ref_mean([d["a"] for d in deq], [1, 2, 3, 4]), rtol=1e-5, atol=1e-6)
+    assert out["b"].dtype == np.float16
+
+
+def test_mixed_raw_and_quantized_batch():
+    rng = np.random.default_rng(4)
+    x = [rng.standard_normal(50).astype(np.float32) for _ in range(3)]
+    agg = jk.Aggregator(np.zeros(50, np.float32), backend="cpp")
+    agg.fold_many([x[0], jk.Quantized.quantize(x[1]), x[2]], [1, 1, 1], parties=[0, 1, 2])
+    want = (x[0] + jk.Quantized.quantize(x[1]).dequantize() + x[2]) / 3
+    np.testing.assert_allclose(agg.finalize(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_partial_updates_use_per_leaf_weights():
+    tmpl = {"base": np.zeros(4, np.float32), "lora": np.zeros(2, np.float32)}
+    agg = jk.Aggregator(tmpl, partial=True)
+    agg.fold({"base": np.ones(4, np.float32), "lora": np.full(2, 3.0, np.float32)}, weight=1, party="a")
+    agg.fold({"base": np.full(4, 3.0, np.float32)}, weight=1, party="b")  # no lora
+    out = agg.finalize()
+    np.testing.assert_array_equal(out["base"], np.full(4, 2.0))
+    np.testing.assert_array_equal(out["lora"], np.full(2, 3.0))  # only a carried it
+    strict = jk.Aggregator(tmpl)
+    with pytest.raises(jk.LayoutMismatch, match="lora"):
+        strict.fold({"base": np.ones(4, np.float32)}, party="x")
+
+
+def test_leaf_nobody_sent_needs_a_base():
+    tmpl = {"a": np.zeros(2, np.float32), "b": np.zeros(2, np.float32)}
+    agg = jk.Aggregator(tmpl, partial=True)
+    agg.fold({"a": np.ones(2, np.float32)}, party="p")
+    with pytest.raises(jk.EmptyAggregate, match="'b'"):
+        agg.finalize()
+    with_base = jk.Aggregator(tmpl, partial=True, base={"a": np.zeros(2, np.float32), "b": np.full(2, 5.0, np.float32)})
+    with_base.fold({"a": np.ones(2, np.float32)}, party="p")
+    np.testing.assert_array_equal(with_base.finalize()["b"], [5.0, 5.0])  # unchanged global value
+
+
+def test_delta_fold_against_base():
+    rng = np.random.default_rng(5)
+    base = (rng.standard_normal(1000) * 100).astype(np.float32)
+    deltas = [(rng.standard_normal(1000) * 1e-4).astype(np.float32) for _ in range(4)]
+    agg = jk.Aggregator(base, base=base, backend="cpp")
+    agg.fold_many([base + d for d in deltas], [1, 1, 1, 1], parties=list("abcd"))
+    delta = agg.finalize(output="delta")
+    want = np.mean([(base + d).astype(np.float64) - base for d in deltas], axis=0)
+    np.testing.assert_allclose(delta, want, rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(agg.finalize(), base + want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("rule,want", [("mean", 15), ("max", 20)])
+def test_integer_leaf_rules(rule, want):
+    tmpl = {"w": np.zeros(2, np.float32), "n": np.array(0, np.int64)}
+    agg = jk.Aggregator(tmpl, int_leaves=rule)
+    agg.fold({"w": np.ones(2, np.float32), "n": np.array(10, np.int64)}, party="a")
+    agg.fold({"w": np.ones(2, np.float32), "n": np.array(20, np.int64)}, party="b")
+    out = agg.finalize()
+    assert out["n"].dtype == np.int64 and int(out["n"]) == want
+
+
+def test_unweighted_fedavg_ignores_weights():
+    agg = jk.Aggregator(np.zeros(2, np.float32), algorithm="fedavg_unweighted")
+    agg.fold(np.array([1.0, 1.0], np.float32), weight=100, party="a")
+    agg.fold(np.array([3.0, 3.0], np.float32), weight=1, party="b")
+    np.testing.assert_array_equal(agg.finalize(), [2.0, 2.0])
+
+
+def test_copy_on_admit_protects_against_mutation():
+    x = np.ones(4, np.float32)
+    agg = jk.Aggregator(x, copy=True)
+    u = agg.admit(x, 1.0, "a")
+    x[:] = 100.0  # the caller reuses its buffer before the fold
+    agg.fold_many([u])
+    np.testing.assert_array_equal(agg.finalize(), np.ones(4))
+
+
+def test_reset_starts_next_round():
+    agg = jk.Aggregator(np.zeros(2, np.float32))
+    agg.fold(np.ones(2, np.float32), party="a")
+    done = agg.reset()
+    assert done.count == 1 and agg.count == 0
+    agg.fold(np.full(2, 4.0, np.float32), party="a")  # the same party may report again next round
+    np.testing.assert_array_equal(agg.finalize(), [4.0, 4.0])

@@ -1,0 +1,131 @@
+"""Every backend's primitives against the numpy reference, over dtypes x layouts x awkward inputs.
+
+Element-wise primitives (fold, finalize) must match bit for bit: the spec fixes each element's operations and order.
+The stats pass is a reduction: equal within a tolerance that scales with n, eps and the sum of squares.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import jitkernels as jk
+from jitkernels import backends
+from jitkernels.batch import build_groups, build_out_groups, leaf_entry
+from jitkernels.backends import numpy_ref
+from jitkernels.dtypes import np_dtype
+from jitkernels.layout import Layout
+
+from strategies import CPU_BACKENDS, FLOAT_DTYPES, leaf_shapes, make_update, seeds
+
+INPUTS = FLOAT_DTYPES + ("int8",)
+
+
+def _batch(rng, shapes, in_dtype, k, ties=False, scale=1.0, block=None):
+    tmpl = make_update(rng, shapes, "float32" if in_dtype == "int8" else in_dtype)
+    lay = Layout.from_template(tmpl)
+    ups = [make_update(rng, shapes, "float32" if in_dtype == "int8" else in_dtype, scale, ties,
+                       quantize=in_dtype == "int8", block=block) for _ in range(k)]
+    leaves = [lay.flatten(u) for u in ups]
+    entries = [np.array([leaf_entry(a) for a in l], np.int64).reshape(len(lay), 4) for l in leaves]
+    w = rng.uniform(0.1, 100.0, k)
+    groups, _ = build_groups(lay, entries, leaves, w)
+    return lay, groups, leaves
+
+
+def _module(backend, dtype):
+    if dtype not in backends.get(backend).DTYPES:
+        with pytest.raises(jk.BackendUnavailable):
+            backends.choose(backend, dtype)
+        pytest.skip(f"{backend} does not run {dtype} (raises BackendUnavailable, as checked)")
+    return backends.choose(backend, dtype)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("in_dtype", INPUTS)
+@pytest.mark.parametrize("acc_dtype", ["float32", "float64"])
+@given(seed=seeds, shapes=leaf_shapes(), k=st.integers(1, 5), with_base=st.booleans(), ties=st.booleans(),
+       block=st.sampled_from([None, 1, 7, 64]))
+def test_fold_bit_exact(backend, in_dtype, acc_dtype, seed, shapes, k, with_base, ties, block):
+    mod = _module(backend, in_dtype)
+    rng = np.random.default_rng(seed)
+    lay, groups, _ = _batch(rng, shapes, in_dtype, k, ties=ties, block=block)
+    start = rng.standard_normal(lay.size).astype(acc_dtype)
+    base = rng.standard_normal(lay.size).astype(acc_dtype) if with_base else None
+    for g in groups.values():
+        want, got = start.copy(), start.copy()
+        numpy_ref.fold(want, base, g)
+        mod.fold(got, base, g)
+        assert got.tobytes() == want.tobytes(), f"{backend} {g.in_dtype} fold differs from numpy"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("in_dtype", INPUTS)
+@pytest.mark.parametrize("acc_dtype", ["float32", "float64"])
+@given(seed=seeds, shapes=leaf_shapes(), k=st.integers(1, 4), with_base=st.booleans(),
+       scale=st.sampled_from([1e-30, 1.0, 1e4]), nonfinite=st.sampled_from([None, np.nan, np.inf, -np.inf]))
+def test_stats_close(backend, in_dtype, acc_dtype, seed, shapes, k, with_base, scale, nonfinite):
+    mod = _module(backend, in_dtype)
+    rng = np.random.default_rng(seed)
+    lay, groups, leaves = _batch(rng, shapes, in_dtype, k, scale=scale)
+    if nonfinite is not None and in_dtype != "int8":
+        j = int(rng.integers(k))
+        sizable = [a for a in leaves[j] if a.size]
+        if sizable:
+            a = sizable[int(rng.integers(len(sizable)))]
+            a.reshape(-1)[int(rng.integers(a.size))] = nonfinite
+    base = rng.standard_normal(lay.size).astype(acc_dtype) if with_base else None
+    eps = np.finfo(np.float32 if (acc_dtype == "float32" and in_dtype != "float64") else np.float64).eps
+    for g in groups.values():
+        nf_ref, ss_ref, mx_ref = numpy_ref.stats(base, g, acc_dtype)
+        nf, ss, mx = mod.stats(base, g, acc_dtype)
+        np.testing.assert_array_equal(nf, nf_ref)
+        n = g.n[:, None].astype(np.float64)
+        # values formed in f32 (with a base) are off by eps*|x|: squares by 2*eps; sums by n*eps64
+        tol_ss = (4 * eps + (n + 8) * np.finfo(np.float64).eps) * ss_ref + 1e-300
+        assert np.all(np.abs(ss - ss_ref) <= tol_ss), (ss, ss_ref)
+        assert np.all(np.abs(mx - mx_ref) <= 2 * eps * mx_ref), (mx, mx_ref)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("out_dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("acc_dtype", ["float32", "float64"])
+@given(seed=seeds, shapes=leaf_shapes(), with_base=st.booleans(), magnitude=st.sampled_from([1e-3, 1.0, 6e4]))
+def test_finalize_bit_exact(backend, out_dtype, acc_dtype, seed, shapes, with_base, magnitude):
+    mod = backends.get(backend)
+    rng = np.random.default_rng(seed)
+    tmpl = make_update(rng, shapes, out_dtype)
+    lay = Layout.from_template(tmpl)
+    acc = (rng.standard_normal(lay.size) * magnitude).astype(acc_dtype)
+    base = rng.standard_normal(lay.size).astype(acc_dtype) if with_base else None
+    total_w = rng.uniform(0.5, 50.0, len(lay))
+    ids = list(range(len(lay)))
+
+    def run(m):
+        outs = [np.full(l.shape, 7, np_dtype(out_dtype)) for l in lay.leaves]
+        for og in build_out_groups(lay, ids, outs, total_w):
+            m.finalize(acc, base, og)
+        return outs
+
+    for got, want in zip(run(mod), run(numpy_ref)):
+        assert got.tobytes() == want.tobytes(), f"{backend} finalize to {out_dtype} differs from numpy"
+
+
+def test_unknown_backend_and_unavailable_reasons():
+    with pytest.raises(ValueError, match="unknown backend"):
+        jk.Aggregator(np.zeros(3, np.float32), backend="fortran")
+    ab = jk.available_backends()
+    assert ab["numpy"] is True
+    assert isinstance(ab["cupy"], str) and ab["cupy"]  # no GPU here: a reason, not True
+    with pytest.raises(jk.BackendUnavailable, match="cupy"):
+        jk.Aggregator(np.zeros(3, np.float32), backend="cupy")
+
+
+def test_env_var_selects_backend(monkeypatch):
+    monkeypatch.setenv("JITKERNELS_BACKEND", "numpy")
+    assert jk.Aggregator(np.zeros(3, np.float32)).backend == "numpy"
+    monkeypatch.setenv("JITKERNELS_BACKEND", "numba")
+    agg = jk.Aggregator(np.zeros(3, np.float16))
+    with pytest.raises(jk.BackendUnavailable, match="float16"):
+        agg.fold(np.ones(3, np.float16), party="a")  # named backends are honored, never swapped
+    assert agg.count == 0

@@ -1,0 +1,172 @@
+"""FoldState files: round trip, corruption detection, old format versions, atomic writes, kill -9 and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import jitkernels as jk
+from jitkernels.state import atomic_write
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "data"))
+from make_golden import golden_inputs  # noqa: E402
+
+
+def _agg(acc="float32", base=False):
+    rng = np.random.default_rng(0)
+    tmpl = {"a": rng.standard_normal((6, 5)).astype(np.float32), "b": np.zeros(3, np.float16)}
+    agg = jk.Aggregator(tmpl, acc_dtype=acc, base=tmpl if base else None)
+    for j in range(3):
+        agg.fold({"a": rng.standard_normal((6, 5)).astype(np.float32), "b": rng.standard_normal(3).astype(np.float16)},
+                 weight=j + 1, party=f"p{j}" if j else 0)
+    return agg
+
+
+@pytest.mark.parametrize("acc", ["float32", "float64"])
+@pytest.mark.parametrize("base", [False, True])
+def test_round_trip_is_bit_identical(tmp_path, acc, base):
+    agg = _agg(acc, base)
+    path = tmp_path / "s.jks"
+    agg.state.save(path)
+    loaded = jk.FoldState.load(path)
+    assert loaded.same_bits(agg.state)
+    assert list(loaded.parties) == list(agg.state.parties)  # insertion order (fold order) kept; int ids stay int
+    assert [f for f in os.listdir(tmp_path) if f != "s.jks"] == []  # no temp file left behind
+
+
+def test_save_replaces_atomically(tmp_path):
+    path = tmp_path / "s.jks"
+    _agg().state.save(path)
+    agg = _agg("float64")
+    agg.state.save(path)
+    assert jk.FoldState.load(path).acc_dtype == "float64"
+
+
+def test_failed_write_keeps_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "s.jks"
+    _agg().state.save(path)
+    old = path.read_bytes()
+
+    def boom(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(str(path), b"new contents")
+    assert path.read_bytes() == old
+    assert sorted(os.listdir(tmp_path)) == ["s.jks"]
+
+
+def _rewrite_metadata(path, fn):
+    raw = bytearray(path.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    fn(header["__metadata__"])
+    new = json.dumps(header, separators=(",", ":")).encode()
+    new += b" " * (n - len(new)) if len(new) <= n else b""
+    assert len(new) == n, "test helper: header grew"
+    path.write_bytes(bytes(raw[:8]) + new + bytes(raw[8 + n:]))
+
+
+@pytest.mark.parametrize("damage", ["flip_data", "truncate", "empty", "garbage", "version", "format", "parties"])
+def test_corrupt_files_are_refused(tmp_path, damage):
+    path = tmp_path / "s.jks"
+    _agg().state.save(path)
+    raw = bytearray(path.read_bytes())
+    if damage == "flip_data":
+        raw[-3] ^= 0x40
+        path.write_bytes(bytes(raw))
+    elif damage == "truncate":
+        path.write_bytes(bytes(raw[: len(raw) // 2]))
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "garbage":
+        path.write_bytes(os.urandom(300))
+    elif damage == "version":
+        _rewrite_metadata(path, lambda m: m.update(version="9"))
+    elif damage == "format":
+        _rewrite_metadata(path, lambda m: m.update(format="other.thing"))
+    elif damage == "parties":
+        _rewrite_metadata(path, lambda m: m.update(parties=m["parties"].replace("p1", "p9")))
+    with pytest.raises(jk.CorruptState):
+        jk.FoldState.load(path)
+
+
+def test_missing_file_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        jk.FoldState.load(tmp_path / "nope.jks")
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(HERE, "data")) if f.endswith(".jks")))
+def test_golden_files_of_every_version_still_load(name):
+    state = jk.FoldState.load(os.path.join(HERE, "data", name))
+    tmpl, ups, ws = golden_inputs()
+    assert sorted(map(str, state.parties)) == ["7", "alice", "bob"] and state.total_weight == sum(ws)
+    out = jk.Aggregator.from_state(state).finalize()
+    want = sum(w * u["enc"]["w"].astype(np.float64) for u, w in zip(ups, ws)) / sum(ws)
+    np.testing.assert_allclose(out["enc"]["w"], want, rtol=1e-6)
+    assert out["enc"]["b"].dtype == np.float16 and int(out["steps"]) == round((10 + 40 + 90) / 6)
+
+
+def test_merge_refusals():
+    a, b = _agg(), _agg()
+    with pytest.raises(jk.OverlappingParties, match="p1"):
+        a.merge(b)
+    c = jk.Aggregator({"x": np.zeros(2, np.float32)})
+    with pytest.raises(jk.IncompatibleStates, match="layouts"):
+        a.merge(c)
+    d = jk.Aggregator(a.layout, acc_dtype="float64")
+    with pytest.raises(jk.IncompatibleStates, match="accumulators"):
+        a.merge(d)
+    before = a.state.copy()
+    assert a.state.same_bits(before)
+
+
+WORKER = textwrap.dedent("""
+    import sys, numpy as np, jitkernels as jk
+    path, n = sys.argv[1], int(sys.argv[2])
+    tmpl = {"w": np.zeros((50, 40), np.float32), "b": np.zeros(40, np.float32)}
+    def update(j):
+        rng = np.random.default_rng(j)
+        return {"w": rng.standard_normal((50, 40)).astype(np.float32), "b": rng.standard_normal(40).astype(np.float32)}
+    import os
+    agg = jk.Aggregator.from_state(jk.FoldState.load(path)) if os.path.exists(path) else jk.Aggregator(tmpl)
+    for j in range(n):
+        if j in agg.state.parties:
+            continue
+        agg.fold(update(j), weight=1 + j % 5, party=j)
+        agg.state.save(path)
+        print(j, flush=True)
+    print("done", flush=True)
+""")
+
+
+@pytest.mark.parametrize("kill_after", [1, 4, 9])
+def test_kill_9_then_resume_equals_uninterrupted(tmp_path, kill_after):
+    n = 12
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    ref_path, path = tmp_path / "ref.jks", tmp_path / "run.jks"
+    subprocess.run([sys.executable, str(script), str(ref_path), str(n)], check=True, capture_output=True)
+    proc = subprocess.Popen([sys.executable, str(script), str(path), str(n)], stdout=subprocess.PIPE, text=True)
+    seen = 0
+    for line in proc.stdout:
+        seen += 1
+        if seen == kill_after:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    resumed = subprocess.run([sys.executable, str(script), str(path), str(n)], check=True, capture_output=True,
+                             text=True)
+    assert resumed.stdout.strip().endswith("done")
+    got, want = jk.FoldState.load(path), jk.FoldState.load(ref_path)
+    assert set(got.parties) == set(range(n))
+    # same fold order for the parties, so the same bits
+    assert got.acc.tobytes() == want.acc.tobytes()

@@ -1,0 +1,102 @@
+"""Threads: set_num_threads, environment variables, thread-count independence, concurrent folds."""
+
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import jitkernels as jk
+
+from strategies import CPU_BACKENDS
+
+
+def test_set_num_threads_returns_previous():
+    old = jk.get_num_threads()
+    try:
+        assert jk.set_num_threads(1) == old
+        assert jk.set_num_threads(2) == 1
+        assert jk.get_num_threads() == 2
+        with pytest.raises(ValueError):
+            jk.set_num_threads(0)
+    finally:
+        jk.set_num_threads(old)
+
+
+@pytest.mark.parametrize("env,want", [({"JITKERNELS_NUM_THREADS": "3", "OMP_NUM_THREADS": "5"}, 3),
+                                      ({"OMP_NUM_THREADS": "5"}, 5)])
+def test_thread_env_vars(env, want):
+    clean = {k: v for k, v in os.environ.items() if k not in ("JITKERNELS_NUM_THREADS", "OMP_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", "import jitkernels as jk; print(jk.get_num_threads())"],
+                         env={**clean, **env}, capture_output=True, text=True, check=True)
+    assert int(out.stdout) == want
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_results_do_not_depend_on_thread_count(backend):
+    rng = np.random.default_rng(0)
+    tmpl = {f"l{i}": np.zeros(n, np.float32) for i, n in enumerate([70000, 3, 0, 12345, 1])}
+    ups = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in tmpl.items()} for _ in range(6)]
+    results = []
+    old = jk.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            jk.set_num_threads(n)
+            agg = jk.Aggregator(tmpl, backend=backend)
+            adm = agg.admit_many(ups, list(range(1, 7)), list(range(6)))
+            agg.fold_many(adm)
+            results.append((agg.state.acc.tobytes(), [u.norm for u in adm]))
+    finally:
+        jk.set_num_threads(old)
+    assert results[0][0] == results[1][0] == results[2][0]
+    assert results[0][1] == results[1][1] == results[2][1]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_concurrent_folds_into_one_aggregator(backend):
+    rng = np.random.default_rng(1)
+    tmpl = {"w": np.zeros((300, 200), np.float32), "b": np.zeros(200, np.float32)}
+    ups = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in tmpl.items()} for _ in range(32)]
+    agg = jk.Aggregator(tmpl, backend=backend)
+    errors = []
+
+    def worker(t):
+        try:
+            for j in range(t, 32, 4):
+                agg.fold(ups[j], weight=1 + j, party=j)
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert agg.count == 32 and sorted(agg.state.parties) == list(range(32))
+    ref = jk.Aggregator(tmpl, backend="numpy", acc_dtype="float64")
+    ref.fold_many(ups, [1 + j for j in range(32)], parties=list(range(32)))
+    np.testing.assert_allclose(agg.finalize()["w"], ref.finalize()["w"], rtol=1e-4, atol=1e-5)
+
+
+def test_concurrent_duplicate_party_counts_once():
+    agg = jk.Aggregator(np.zeros(1000, np.float32))
+    x = np.ones(1000, np.float32)
+    outcomes = []
+
+    def worker():
+        try:
+            agg.fold(x, party="same")
+            outcomes.append("ok")
+        except jk.DuplicateParty:
+            outcomes.append("dup")
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["dup"] * 7 + ["ok"]
+    assert agg.count == 1 and agg.state.leaf_weight[0] == 1.0
