@@ -77,6 +77,26 @@ JK_HD A load(In u) { return (A)widen(u); }
 template <class A>
 JK_HD A dequant(int8_t q, float scale) { return (A)q * (A)scale; }
 
+// Deterministic mode (pre-rounded binned sums, Demmel & Nguyen / ReproBLAS): t = w * x in f64 is split on two fixed
+// grids, q1 = multiple of unit1 = ulp(s1) and q2 = multiple of ulp(s2), by adding and removing the constants
+// s1 = 1.5 * 2^(b+29), s2 = 1.5 * 2^(b-4) (b = log2 of the job's bound on |t|). Both partial sums are exact, so
+// the total does not depend on order; the part of t below ulp(s2) = 2^(b-56) is rounded away, deterministically.
+JK_HD void binned_step(double& hi, double& lo, double t, double s1, double s2) {
+  const double q1 = (t + s1) - s1;
+  const double r = t - q1;
+  const double q2 = (r + s2) - s2;
+  hi = hi + q1;
+  lo = lo + q2;
+}
+
+// Carry: move the multiple of unit1 held in lo into hi (exact), so lo stays within unit1/2 and can take 2^20 more
+// terms before it could lose bits.
+JK_HD void binned_carry(double& hi, double& lo, double s1) {
+  const double c = (lo + s1) - s1;
+  hi = hi + c;
+  lo = lo - c;
+}
+
 // Finalize: y = acc / A(W), then base + y when a base is given.
 template <class A>
 JK_HD A final_value(A acc, A total_w) { return acc / total_w; }

@@ -123,6 +123,34 @@ void fold(py::array acc, py::object base_obj, int in_code, I64 off, I64 ptr, F64
   });
 }
 
+void fold_binned(py::array_t<double, py::array::c_style> hi, py::array_t<double, py::array::c_style> lo,
+                 py::object base_obj, int in_code, I64 off, I64 ptr, F64A w, I64 sptr, I64 blk, I64 work, double s1,
+                 double s2, int nthreads) {
+  require(hi.writeable() && lo.writeable() && hi.size() == lo.size(), "hi and lo must be writeable and equal-sized");
+  const bool has_base = !base_obj.is_none();
+  py::array_t<double, py::array::c_style> base;
+  if (has_base) base = base_obj.cast<py::array_t<double, py::array::c_style>>();
+  const int64_t k = ptr.ndim() == 2 ? ptr.shape(1) : 0, m = work.shape(0);
+  double* h = hi.mutable_data();
+  double* l = lo.mutable_data();
+  const double* bp = has_base ? base.data() : nullptr;
+  with_types(true, in_code, [&](auto, auto in) {
+    using In = decltype(in);
+    constexpr bool Q = std::is_same_v<In, int8_t>;
+    py::gil_scoped_release nogil;
+#define JK_BINNED(NS)                                                                                          \
+  if (has_base) NS::fold_binned_rows<In, true, Q>(h, l, bp, off.data(), ptr.data(), w.data(), sptr.data(),      \
+                                                   blk.data(), k, work.data(), m, s1, s2, nthreads);           \
+  else NS::fold_binned_rows<In, false, Q>(h, l, bp, off.data(), ptr.data(), w.data(), sptr.data(), blk.data(),  \
+                                          k, work.data(), m, s1, s2, nthreads)
+#ifdef JK_X86
+    if (use_avx2()) { JK_BINNED(avx2); return; }
+#endif
+    JK_BINNED(baseline);
+#undef JK_BINNED
+  });
+}
+
 py::tuple stats(py::object base_obj, py::dtype acc_dtype, int in_code, I64 off, I64 ptr, I64 sptr, I64 blk,
                 I64 work, int nthreads) {
   const bool acc64 = acc_dtype.is(py::dtype::of<double>());
@@ -210,6 +238,9 @@ PYBIND11_MODULE(_core, mod) {
   mod.doc() = "jitkernels C++ backend: fused fold, stats and finalize over pointer tables (OpenMP, GIL released)";
   mod.def("fold", &fold, py::arg("acc"), py::arg("base"), py::arg("in_code"), py::arg("off"), py::arg("ptr"),
           py::arg("w"), py::arg("scale_ptr"), py::arg("block"), py::arg("work"), py::arg("nthreads"));
+  mod.def("fold_binned", &fold_binned, py::arg("hi"), py::arg("lo"), py::arg("base"), py::arg("in_code"),
+          py::arg("off"), py::arg("ptr"), py::arg("w"), py::arg("scale_ptr"), py::arg("block"), py::arg("work"),
+          py::arg("s1"), py::arg("s2"), py::arg("nthreads"));
   mod.def("stats", &stats, py::arg("base"), py::arg("acc_dtype"), py::arg("in_code"), py::arg("off"),
           py::arg("ptr"), py::arg("scale_ptr"), py::arg("block"), py::arg("work"), py::arg("nthreads"));
   mod.def("finalize", &finalize, py::arg("acc"), py::arg("base"), py::arg("out_code"), py::arg("off"),

@@ -89,6 +89,40 @@ static void fold_rows(A* acc, const A* base, const int64_t* off, const int64_t* 
   }
 }
 
+// Deterministic fold (jk::binned_step), then a carry per element once the batch is in. x and t are f64.
+template <class In, bool Base, bool Quant>
+static void fold_binned_rows(double* hi, double* lo, const double* base, const int64_t* off, const int64_t* ptr,
+                             const double* w, const int64_t* sptr, const int64_t* blk, int64_t k,
+                             const int64_t* work, int64_t m, double s1, double s2, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t it = 0; it < m; ++it) {
+    const int64_t r = work[3 * it], s = work[3 * it + 1], len = work[3 * it + 2];
+    for (int64_t b0 = 0; b0 < len; b0 += SUB) {
+      const int64_t bn = std::min(SUB, len - b0);
+      double* __restrict h = hi + off[r] + s + b0;
+      double* __restrict l = lo + off[r] + s + b0;
+      const double* __restrict b = Base ? base + off[r] + s + b0 : nullptr;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t p = ptr[r * k + j];
+        if (!p) continue;
+        const double wj = w[r * k + j];
+        const float* scales = Quant ? reinterpret_cast<const float*>(sptr[r * k + j]) : nullptr;
+        const int64_t B = Quant ? blk[r * k + j] : 1;
+        for_segments(reinterpret_cast<const In*>(p) + s + b0, bn, [&](auto u, int64_t i0, int64_t n) {
+          for (int64_t i = 0; i < n; ++i) {
+            double x;
+            if constexpr (Quant) x = jk::dequant<double>((int8_t)u[i], scales[(s + b0 + i0 + i) / B]);
+            else x = jk::load<double>(u[i]);
+            if (Base) x = x - b[i0 + i];
+            jk::binned_step(h[i0 + i], l[i0 + i], wj * x, s1, s2);
+          }
+        });
+      }
+      for (int64_t i = 0; i < bn; ++i) jk::binned_carry(h[i], l[i], s1);
+    }
+  }
+}
+
 // int8 + scales: segments of equal scale inside the chunk, so the inner loop has no division.
 template <class A, bool Base>
 static void fold_rows_q(A* acc, const A* base, const int64_t* off, const int64_t* ptr, const double* w,

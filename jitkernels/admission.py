@@ -80,9 +80,9 @@ def batch_stats(layout, leaves_list, *, base=None, backend="auto", acc_dtype="fl
 
 
 def admit_many(updates, layout, *, weights=None, parties=None, base=None, backend="auto", acc_dtype="float32",
-               copy=False, partial=False) -> list:
+               copy=False, partial=False, bound=None) -> list:
     """Admit k updates with one stats call per input dtype. Raises on the first bad update (in order); nothing
-    is returned (so nothing is folded) unless all pass."""
+    is returned (so nothing is folded) unless all pass. ``bound`` (deterministic mode) caps ``weight * max|x|``."""
     k = len(updates)
     weights = [1.0] * k if weights is None else list(weights)
     parties = [None] * k if parties is None else list(parties)
@@ -94,7 +94,8 @@ def admit_many(updates, layout, *, weights=None, parties=None, base=None, backen
         leaves_list = [[_copy_leaf(a) for a in leaves] for leaves in leaves_list]
     entries, nonfinite, sumsq, maxabs = batch_stats(layout, leaves_list, base=base, backend=backend,
                                                     acc_dtype=acc_dtype)
-    limit = float(np.finfo(np.dtype(acc_dtype)).max) * HEADROOM
+    limit = float(np.finfo(np.dtype(acc_dtype)).max) * HEADROOM if bound is None else float(bound)
+    what = f"the {acc_dtype} accumulator's headroom" if bound is None else "the deterministic bound"
     out = []
     for j in range(k):
         bad = np.flatnonzero(nonfinite[:, j])
@@ -104,7 +105,7 @@ def admit_many(updates, layout, *, weights=None, parties=None, base=None, backen
         if ws[j] * maxabs[worst, j] > limit:
             raise ValueOutOfRange(
                 f"party {parties[j]!r}: leaf {layout.leaves[worst].name!r} has |x| = {maxabs[worst, j]:.6g}, "
-                f"which times weight {ws[j]:.6g} exceeds {limit:.3g} (the {acc_dtype} accumulator's headroom)")
+                f"which times weight {ws[j]:.6g} exceeds {limit:.6g} ({what})")
         nbytes = sum(a.nbytes for a in leaves_list[j] if a is not None)
         out.append(Admitted(parties[j], ws[j], leaves_list[j], entries[j], layout.fingerprint,
                             float(math.sqrt(sumsq[:, j].sum())), float(maxabs[:, j].max(initial=0.0)), nbytes,

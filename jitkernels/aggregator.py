@@ -7,6 +7,7 @@ admission stats pass runs outside the lock (it only reads the update); the party
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 
 import numpy as np
@@ -16,7 +17,8 @@ from . import backends
 from .admission import Admitted, admit_many
 from .batch import build_groups, build_out_groups
 from .dtypes import np_dtype
-from .errors import DuplicateParty, EmptyAggregate, LayoutMismatch
+from .backends import numpy_ref
+from .errors import DuplicateParty, EmptyAggregate, LayoutMismatch, ValueOutOfRange
 from .layout import Layout
 from .state import FoldState, _check_party
 
@@ -49,12 +51,32 @@ class Aggregator:
     copy : bool
         Copy updates on admission. By default admitted updates are held zero-copy and must not be mutated by the
         caller until folded.
+    deterministic : bool
+        Bit-identical results for any arrival order, batching, merge tree and thread count: each term ``w * x`` (f64)
+        is pre-rounded on two fixed grids into two float64 accumulators whose sums are exact (Demmel & Nguyen,
+        ReproBLAS). Limits: every ``weight * |x|`` must be <= ``bound`` (rounded up to a power of two, fixed when the
+        job is created; larger updates are rejected at admission with ``ValueOutOfRange``); terms are resolved to
+        ``bound * 2^-56`` (absolute); the state holds 16 bytes per element; at most 2^30 updates per state and 2^20
+        per batch; the total weight is summed exactly (``math.fsum``); ``partial`` is not supported.
+    bound : float
+        The deterministic mode's bound on ``weight * |x|`` (default 2^20, e.g. weights up to ~10^5 samples times
+        parameters up to ~10).
     """
 
-    def __init__(self, template, algorithm="fedavg", *, backend=None, acc_dtype="float32", base=None,
-                 int_leaves="mean", partial=False, copy=False, _state: FoldState | None = None):
+    def __init__(self, template, algorithm="fedavg", *, backend=None, acc_dtype=None, base=None,
+                 int_leaves="mean", partial=False, copy=False, deterministic=False, bound=2.0 ** 20,
+                 _state: FoldState | None = None):
         if int_leaves not in INT_RULES:
             raise ValueError(f"int_leaves must be one of {INT_RULES}, got {int_leaves!r}")
+        if deterministic:
+            if acc_dtype not in (None, "float64"):
+                raise ValueError("deterministic mode accumulates in float64 (two float64 parts)")
+            if partial:
+                raise ValueError("deterministic mode does not support partial updates yet")
+            if not (math.isfinite(bound) and bound > 0):
+                raise ValueError(f"bound must be finite and > 0, got {bound!r}")
+            acc_dtype = "float64"
+        acc_dtype = acc_dtype or "float32"
         self.algorithm = _algorithms.resolve(algorithm)
         self.backend = backends.requested(backend)
         if self.backend != "auto":
@@ -68,15 +90,20 @@ class Aggregator:
             self.state = _state
             return
         self.layout = template if isinstance(template, Layout) else Layout.from_template(template)
-        params = {**self.algorithm.params(), "int_leaves": int_leaves}
+        params = {**self.algorithm.params(), "int_leaves": int_leaves,
+                  "deterministic": math.ceil(math.log2(bound)) if deterministic else None}
         flat_base = None if base is None else self._flat(base, acc_dtype)
         self.state = FoldState(self.layout, algorithm=params, acc_dtype=acc_dtype, base=flat_base)
 
     @classmethod
     def from_state(cls, state: FoldState, *, backend=None, partial=False, copy=False) -> "Aggregator":
-        """Resume from a (loaded) state: later folds continue it."""
+        """Resume from a (loaded) state: later folds continue it (its algorithm, mode and bound come with it)."""
         return cls(state.layout, _algorithms.from_params(state.algorithm), backend=backend, partial=partial,
                    copy=copy, int_leaves=state.algorithm.get("int_leaves", "mean"), _state=state)
+
+    @property
+    def deterministic(self) -> bool:
+        return self.state.deterministic
 
     def _flat(self, tree, acc_dtype):
         leaves = self.layout.flatten(tree, party="<base>")
@@ -108,8 +135,10 @@ class Aggregator:
         parties = [None] * k if parties is None else list(parties)
         parties = [f"anon-{next(self._anon)}" if p is None else _check_party(p) for p in parties]
         self._check_parties(parties)
-        return admit_many(updates, self.layout, weights=weights, parties=parties, base=self.state.base,
-                          backend=self.backend, acc_dtype=self.acc_dtype, copy=self.copy, partial=self.partial)
+        st = self.state
+        return admit_many(updates, self.layout, weights=weights, parties=parties, base=st.base,
+                          backend=self.backend, acc_dtype=self.acc_dtype, copy=self.copy, partial=self.partial,
+                          bound=2.0 ** st.bound_log2 if st.deterministic else None)
 
     def _check_parties(self, parties):
         seen = set()
@@ -149,8 +178,18 @@ class Aggregator:
         fold_w = [float(self.algorithm.fold_weight(u.weight)) for u in admitted]
         groups, int_rows = build_groups(self.layout, [u.entries for u in admitted], [u.leaves for u in admitted],
                                         fold_w)
+        if st.deterministic:
+            bound = 2.0 ** st.bound_log2
+            for u, w in zip(admitted, fold_w):  # an Admitted made elsewhere was not checked against the bound
+                if w * u.maxabs > bound:
+                    raise ValueOutOfRange(f"party {u.party!r}: weight * max|x| = {w * u.maxabs:.6g} exceeds the "
+                                          f"deterministic bound {bound:.6g}")
         for name, g in groups.items():
-            backends.choose(self.backend, name).fold(st.acc, st.base, g)
+            mod = backends.choose(self.backend, name)
+            if st.deterministic:
+                mod.fold_binned(st.acc, st.lo, st.base, g, st.bound_log2)
+            else:
+                mod.fold(st.acc, st.base, g)
         for lid, arrays in int_rows:
             self._fold_int(lid, arrays, [w for u, w in zip(admitted, fold_w) if u.leaves[lid] is not None])
         present = np.stack([u.present for u in admitted], axis=1)  # [L, k]
@@ -162,10 +201,16 @@ class Aggregator:
         leaf = self.layout.leaves[lid]
         acc = self.state.acc[leaf.offset:leaf.offset + leaf.size]
         A = acc.dtype
-        rule = self.state.algorithm.get("int_leaves", "mean")
+        st = self.state
+        rule = st.algorithm.get("int_leaves", "mean")
         for a, w in zip(arrays, weights):
             x = a.reshape(-1).astype(A)
-            if rule == "mean":
+            if rule == "mean" and st.deterministic:
+                s1, s2 = numpy_ref.binned_constants(st.bound_log2)
+                lo = st.lo[leaf.offset:leaf.offset + leaf.size]
+                numpy_ref.binned_add(acc, lo, np.float64(w) * x, s1, s2)
+                numpy_ref.binned_carry(acc, lo, s1)
+            elif rule == "mean":
                 acc += A.type(w) * x
             elif self.state.leaf_weight[lid] > 0:
                 np.maximum(acc, x, out=acc)
@@ -200,24 +245,40 @@ class Aggregator:
                 raise EmptyAggregate(f"no folded update carried leaf {self.layout.leaves[missing[0]].name!r}")
             float_ids = [i for i, l in enumerate(self.layout.leaves) if l.is_float and st.leaf_weight[i] > 0]
             mod = backends.get(self.backend) if self.backend != "auto" else backends.choose("auto", "float32")
-            for og in build_out_groups(self.layout, float_ids, [outs[i] for i in float_ids], st.leaf_weight):
-                mod.finalize(st.acc, base, og)
+            acc = st.value()
+            # deterministic: every leaf is divided by the exactly rounded total weight (no partial updates there)
+            weights = np.full(len(self.layout), st.total_weight) if st.deterministic else st.leaf_weight
+            for og in build_out_groups(self.layout, float_ids, [outs[i] for i in float_ids], weights):
+                mod.finalize(acc, base, og)
             for i in missing:
                 leaf = self.layout.leaves[i]
                 outs[i][...] = base[leaf.offset:leaf.offset + leaf.size].reshape(leaf.shape).astype(outs[i].dtype)
             for i, leaf in enumerate(self.layout.leaves):
                 if leaf.is_float or st.leaf_weight[i] <= 0:
                     continue
-                a = st.acc[leaf.offset:leaf.offset + leaf.size].astype(np.float64)
+                a = acc[leaf.offset:leaf.offset + leaf.size].astype(np.float64)
                 if st.algorithm.get("int_leaves", "mean") == "mean":
-                    a = np.rint(a / st.leaf_weight[i])
+                    a = np.rint(a / weights[i])
                 outs[i][...] = a.reshape(leaf.shape).astype(outs[i].dtype)
             return self.layout.unflatten(outs)
 
-    def reset(self, base=None) -> FoldState:
-        """Start a new round (optionally with a new base); returns the finished round's state."""
+    def reset(self, base=None, *, reuse: bool = False) -> FoldState | None:
+        """Start a new round (optionally with a new base).
+
+        Returns the finished round's state. With ``reuse=True`` the accumulator's memory is zeroed in place and
+        reused instead (the old state is gone; returns None): a fresh model-sized buffer costs page faults on first
+        touch, measured at 0.2-0.4 ns per byte here, about 2x a fold pass over it.
+        """
         with self._lock:
             old = self.state
             flat_base = old.base if base is None else self._flat(base, old.acc_dtype)
+            if reuse:
+                old.acc.fill(0)
+                if old.lo is not None:
+                    old.lo.fill(0)
+                old.leaf_weight.fill(0)
+                old.parties.clear()
+                old.base = flat_base
+                return None
             self.state = FoldState(self.layout, algorithm=old.algorithm, acc_dtype=old.acc_dtype, base=flat_base)
             return old

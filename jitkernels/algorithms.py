@@ -53,7 +53,7 @@ def resolve(algorithm):
 
 def from_params(params: dict):
     """Rebuild an algorithm from the ``params()`` saved in a state."""
-    p = {k: v for k, v in params.items() if k not in ("name", "int_leaves")}
+    p = {k: v for k, v in params.items() if k not in ("name", "int_leaves", "deterministic")}
     if params.get("name") == "fedavg":
         return FedAvg(**p)
     raise ValueError(f"unknown algorithm in state: {params.get('name')!r}")

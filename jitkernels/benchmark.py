@@ -6,8 +6,9 @@ times mean little on a shared machine.
 
 What is measured, per workload (N float32 elements in uneven leaves, k updates):
 
-* **probe**: a STREAM-like read of a 256 MB float32 buffer by ``jitkernels._core.probe_read`` on the kernels'
-  threads. Its bandwidth B bounds every fold.
+* **probe**: a STREAM-like read of 256 MB of float32 by ``jitkernels._core.probe_read`` on the kernels' threads,
+  each call the next slice of a buffer four times the last-level cache (so it reads memory, not cache). Its
+  bandwidth B bounds every fold.
 * **fold_many**: ``Aggregator.fold_many`` of k pre-admitted updates into a reset aggregator, per backend and input
   dtype (float32, float16, bfloat16, int8 via :meth:`Quantized.quantize` per leaf). Bytes moved:
   ``k*N*itemsize(in) + 2*N*4`` (each update read once; the float32 accumulator read and written once; int8 counts
@@ -142,16 +143,30 @@ def make_workload(n: int, leaves: int, k: int, seed: int = 0) -> Workload:
 
 # --- the bandwidth probe and interleaved timing ------------------------------------------------------------------
 class Probe:
-    """STREAM-like read bandwidth: ``_core.probe_read`` sums a float32 buffer on the kernels' threads."""
+    """STREAM-like read bandwidth: ``_core.probe_read`` sums ``mb`` MB of float32 on the kernels' threads.
+
+    Each call reads the next ``mb``-MB slice of a buffer at least four times the last-level cache (STREAM's rule), so
+    it reads memory, not cache: on a machine whose cache holds the 256 MB a fixed buffer would be partly cached
+    between calls whenever the kernel timed between them touches little data.
+    """
 
     def __init__(self, mb: int = PROBE_MB):
-        self.buf = np.ones(mb * 2 ** 20 // 4, np.float32)  # written here, so its pages are resident before the reads
+        n = mb * 2 ** 20 // 4
+        slices = max(1, -(-4 * _llc_bytes() // (n * 4)))
+        self.buf = np.ones((slices, n), np.float32)  # written here, so its pages are resident before the reads
+        self._next = 0
+
+    @property
+    def span_mb(self) -> int:
+        return self.buf.nbytes // 2 ** 20
 
     def __call__(self) -> float:
-        """One timed pass; GB/s."""
+        """One timed read of the next slice; GB/s."""
+        part = self.buf[self._next]
+        self._next = (self._next + 1) % self.buf.shape[0]
         t0 = time.perf_counter()
-        _core.probe_read(self.buf, jk.get_num_threads())
-        return self.buf.nbytes / (time.perf_counter() - t0) / 1e9
+        _core.probe_read(part, jk.get_num_threads())
+        return part.nbytes / (time.perf_counter() - t0) / 1e9
 
 
 @dataclass
@@ -335,19 +350,37 @@ def nvflare_weighted(updates, weights):
     return helper.get_result()
 
 
+# Inputs of each peer, built untimed from the workload's float32 updates (views, except Flower's serialized FitRes).
+def _leaf_lists(wl):
+    return [list(u.values()) for u in wl.updates("float32")], wl.weights
+
+
 def _torch_leaves(wl):
     import torch
 
-    return [[torch.from_numpy(x) for x in u.values()] for u in wl.updates("float32")]
+    return [[torch.from_numpy(x) for x in u.values()] for u in wl.updates("float32")], wl.weights
+
+
+def _flower_results(wl):
+    return ([(list(u.values()), w) for u, w in zip(wl.updates("float32"), wl.weights)],)
 
 
 def _fitres(wl):
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
     ok = Status(code=Code.OK, message="")
-    return [(None, FitRes(status=ok, parameters=ndarrays_to_parameters(list(u.values())), num_examples=w,
-                          metrics={}))
-            for u, w in zip(wl.updates("float32"), wl.weights)]
+    return ([(None, FitRes(status=ok, parameters=ndarrays_to_parameters(list(u.values())), num_examples=w,
+                           metrics={}))
+             for u, w in zip(wl.updates("float32"), wl.weights)],)
+
+
+def _torch_dicts(wl):
+    tensors, weights = _torch_leaves(wl)
+    return [dict(zip(u, t)) for u, t in zip(wl.updates("float32"), tensors)], weights
+
+
+def _numpy_dicts(wl):
+    return wl.updates("float32"), wl.weights
 
 
 @dataclass(frozen=True)
@@ -356,25 +389,23 @@ class Peer:
     ``divides``: the call returns the average (compare it with fold_many + finalize), not just the weighted sum."""
 
     name: str
-    package: str  # the distribution it needs
+    package: str  # the top-level package it needs
+    module: str  # imported before the untimed memory pass, so that import is not counted as the call's memory
     prepare: Callable
     run: Callable
     divides: bool
 
 
+_FLWR = "flwr.server.strategy.aggregate"
+_NVFLARE = "nvflare.app_common.aggregators.weighted_aggregation_helper"
 PEERS = (
-    Peer("numpy eager acc+=w*u", "numpy", lambda wl: ([list(u.values()) for u in wl.updates("float32")], wl.weights),
-         numpy_eager, False),
-    Peer("torch add_(alpha=w)", "torch", lambda wl: (_torch_leaves(wl), wl.weights), torch_add, False),
-    Peer("torch _foreach_add_", "torch", lambda wl: (_torch_leaves(wl), wl.weights), torch_foreach, False),
-    Peer("flwr aggregate", "flwr",
-         lambda wl: ([(list(u.values()), w) for u, w in zip(wl.updates("float32"), wl.weights)],),
-         flower_aggregate, True),
-    Peer("flwr aggregate_inplace", "flwr", lambda wl: (_fitres(wl),), flower_aggregate_inplace, True),
-    Peer("nvflare WAH (torch)", "nvflare",
-         lambda wl: ([dict(zip(u, t)) for u, t in zip(wl.updates("float32"), _torch_leaves(wl))], wl.weights),
-         nvflare_weighted, True),
-    Peer("nvflare WAH (numpy)", "nvflare", lambda wl: (wl.updates("float32"), wl.weights), nvflare_weighted, True),
+    Peer("numpy eager acc+=w*u", "numpy", "numpy", _leaf_lists, numpy_eager, False),
+    Peer("torch add_(alpha=w)", "torch", "torch", _torch_leaves, torch_add, False),
+    Peer("torch _foreach_add_", "torch", "torch", _torch_leaves, torch_foreach, False),
+    Peer("flwr aggregate", "flwr", _FLWR, _flower_results, flower_aggregate, True),
+    Peer("flwr aggregate_inplace", "flwr", _FLWR, _fitres, flower_aggregate_inplace, True),
+    Peer("nvflare WAH (torch)", "nvflare", _NVFLARE, _torch_dicts, nvflare_weighted, True),
+    Peer("nvflare WAH (numpy)", "nvflare", _NVFLARE, _numpy_dicts, nvflare_weighted, True),
 )
 EAGER = PEERS[0].name
 
@@ -395,15 +426,17 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _llc() -> str:
-    """Size of the last-level cache (Linux sysfs), e.g. '300M': a workload that fits in it can beat the probe."""
+def _llc_bytes() -> int:
+    """Size of the last-level cache in bytes (Linux sysfs; 0 where unknown)."""
     base = "/sys/devices/system/cpu/cpu0/cache"
     try:
-        idx = sorted(d for d in os.listdir(base) if d.startswith("index"))[-1]
+        idx = max((d for d in os.listdir(base) if d.startswith("index")), key=lambda d: int(d[5:]))
         with open(f"{base}/{idx}/size") as f:
-            return f.read().strip()
-    except (OSError, IndexError):
-        return "unknown"
+            text = f.read().strip()
+    except (OSError, ValueError):
+        return 0
+    unit = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}.get(text[-1:].upper(), 1)
+    return int(text.rstrip("KMGkmg")) * unit
 
 
 def _version(dist: str) -> str | None:
@@ -413,7 +446,7 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def header(probe_mb: int = PROBE_MB) -> dict:
+def header(probe: Probe | None = None) -> dict:
     """Date, hardware, threads and versions: what a reader needs to compare two runs."""
     try:
         usable = len(os.sched_getaffinity(0))
@@ -432,14 +465,15 @@ def header(probe_mb: int = PROBE_MB) -> dict:
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "usable_cpus": usable,
-        "last_level_cache": _llc(),
+        "last_level_cache_mb": _llc_bytes() / 2 ** 20,
         "threads": jk.get_num_threads(),
         "torch_threads": torch_threads,
         "simd": _core.simd,
         "openmp": bool(_core.openmp),
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
         "omp_policy_set_after": _SET_TOO_LATE,
-        "probe_mb": probe_mb,
+        "probe_mb": None if probe is None else probe.buf[0].nbytes // 2 ** 20,
+        "probe_span_mb": None if probe is None else probe.span_mb,
         "versions": versions,
     }
 
@@ -524,6 +558,7 @@ def _bench_peers(wl, probe, rows, bar):
             out.append(_row(wl, peer.name, peer.package, "float32", note="not installed", kind="peer"))
             bar.update()
             continue
+        importlib.import_module(peer.module)
         args = peer.prepare(wl)
         mem = peak_memory(lambda: peer.run(*args))
         out.append(_row(wl, peer.name, peer.package, "float32", interleaved(lambda: peer.run(*args), probe), nbytes,
@@ -574,9 +609,9 @@ def run(sizes=None, *, quick: bool = False, backends=None, dtypes=DTYPES, peers:
         torch_old = torch.get_num_threads()
         torch.set_num_threads(jk.get_num_threads())
     try:
-        head = header(probe_mb)
         _warm_up(backends, dtypes)
         probe = Probe(probe_mb)
+        head = header(probe)
         per_wl = len(backends) * len(dtypes) * 3 + (1 + len(PEERS) if peers else 0)
         rows = []
         with tqdm(total=per_wl * len(sizes), file=sys.stderr, disable=not progress, unit="measure") as bar:
@@ -645,13 +680,14 @@ def format_table(head: dict, rows: list) -> str:
     lines = [
         f"jitkernels benchmark  {head['date']}",
         f"CPU: {head['cpu']}; {head['cores']} cores ({head['usable_cpus']} usable); last-level cache "
-        f"{head['last_level_cache']}",
+        f"{head['last_level_cache_mb']:.0f} MB",
         f"threads: jitkernels {head['threads']}, torch {head['torch_threads']}; simd {head['simd']}; "
         f"OpenMP {head['openmp']}; OMP_WAIT_POLICY={head['OMP_WAIT_POLICY']}"
         + (f" (set after {', '.join(head['omp_policy_set_after'])} loaded: not in effect there)"
            if head["omp_policy_set_after"] else ""),
         f"versions: {vers}" + (f"; not installed: {missing}" if missing else ""),
-        f"probe: {head['probe_mb']} MB float32 read (jitkernels._core.probe_read)",
+        f"probe: {head['probe_mb']} MB float32 read per call (jitkernels._core.probe_read), cycling through "
+        f"{head['probe_span_mb']} MB",
     ]
     titles = " ".join(f"{t:<{w}}" if i < 3 else f"{t:>{w}}" for i, (t, w, _) in enumerate(_COLUMNS)) + "  note"
     rule = "-" * len(titles)

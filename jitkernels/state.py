@@ -38,7 +38,7 @@ class FoldState:
     """A partial aggregate. Merge two with :meth:`merge` (associative, commutative, refuses shared parties)."""
 
     def __init__(self, layout: Layout, *, algorithm: dict, acc_dtype: str = "float32", acc=None, leaf_weight=None,
-                 parties=None, base=None):
+                 parties=None, base=None, lo=None):
         self.layout = layout
         self.algorithm = dict(algorithm)
         self.acc_dtype = np.dtype(acc_dtype).name
@@ -48,8 +48,29 @@ class FoldState:
         self.leaf_weight = np.zeros(len(layout), np.float64) if leaf_weight is None else leaf_weight
         self.parties: dict = {} if parties is None else dict(parties)
         self.base = base
+        # deterministic mode: acc is the high part of a binned sum and lo the low part (see csrc/jk_math.h)
+        if self.deterministic:
+            if self.acc_dtype != "float64":
+                raise ValueError("deterministic states accumulate in float64")
+            self.lo = np.zeros(layout.size, np.float64) if lo is None else lo
+        elif lo is not None:
+            raise ValueError("only deterministic states have a low part")
+        else:
+            self.lo = None
         if self.acc.shape != (layout.size,) or self.acc.dtype != np.dtype(self.acc_dtype):
             raise ValueError(f"accumulator must be {self.acc_dtype}[{layout.size}], got {self.acc.dtype}{self.acc.shape}")
+
+    @property
+    def deterministic(self) -> bool:
+        return self.algorithm.get("deterministic") is not None
+
+    @property
+    def bound_log2(self) -> int:
+        return int(self.algorithm["deterministic"])
+
+    def value(self) -> np.ndarray:
+        """The accumulated sums as one float64/float32 array (hi + lo, correctly rounded, in deterministic mode)."""
+        return self.acc + self.lo if self.deterministic else self.acc
 
     # --- summary -----------------------------------------------------------------------------------------------
     @property
@@ -68,7 +89,8 @@ class FoldState:
     def copy(self) -> "FoldState":
         return FoldState(self.layout, algorithm=self.algorithm, acc_dtype=self.acc_dtype, acc=self.acc.copy(),
                          leaf_weight=self.leaf_weight.copy(), parties=self.parties,
-                         base=None if self.base is None else self.base.copy())
+                         base=None if self.base is None else self.base.copy(),
+                         lo=None if self.lo is None else self.lo.copy())
 
     def same_bits(self, other: "FoldState") -> bool:
         """True when both states hold bit-identical accumulators, weights, parties and bases."""
@@ -78,7 +100,7 @@ class FoldState:
             return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
         return (self.layout == other.layout and self.algorithm == other.algorithm and eq(self.acc, other.acc)
                 and eq(self.leaf_weight, other.leaf_weight) and self.parties == other.parties
-                and eq(self.base, other.base))
+                and eq(self.base, other.base) and eq(self.lo, other.lo))
 
     # --- merge -------------------------------------------------------------------------------------------------
     def check_mergeable(self, other: "FoldState") -> None:
@@ -116,6 +138,10 @@ class FoldState:
                     self.acc[sl] = np.maximum(self.acc[sl], other.acc[sl]) if self.leaf_weight[i] > 0 else other.acc[sl]
         else:
             self.acc += other.acc
+        if self.deterministic:  # both parts add exactly; the carry keeps lo small
+            from .backends.numpy_ref import binned_carry, binned_constants
+            self.lo += other.lo
+            binned_carry(self.acc, self.lo, binned_constants(self.bound_log2)[0])
         self.leaf_weight += other.leaf_weight
         self.parties.update(other.parties)
 
@@ -124,6 +150,8 @@ class FoldState:
         t = {"acc": self.acc, "leaf_weight": self.leaf_weight}
         if self.base is not None:
             t["base"] = self.base
+        if self.lo is not None:
+            t["lo"] = self.lo
         return t
 
     def _metadata(self) -> dict:
@@ -177,7 +205,8 @@ class FoldState:
             parties = {_check_party(p): float(w) for p, w in json.loads(meta["parties"])}
             return cls(layout, algorithm=algorithm, acc_dtype=meta["acc_dtype"], acc=np.array(tensors["acc"]),
                        leaf_weight=np.array(tensors["leaf_weight"]), parties=parties,
-                       base=np.array(tensors["base"]) if "base" in tensors else None)
+                       base=np.array(tensors["base"]) if "base" in tensors else None,
+                       lo=np.array(tensors["lo"]) if "lo" in tensors else None)
         except (KeyError, ValueError, TypeError) as e:
             raise CorruptState(f"{path}: inconsistent state ({e})") from e
 

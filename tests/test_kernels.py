@@ -129,3 +129,21 @@ def test_env_var_selects_backend(monkeypatch):
     with pytest.raises(jk.BackendUnavailable, match="float16"):
         agg.fold(np.ones(3, np.float16), party="a")  # named backends are honored, never swapped
     assert agg.count == 0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("in_dtype", INPUTS)
+@given(seed=seeds, shapes=leaf_shapes(), k=st.integers(1, 5), with_base=st.booleans(), ties=st.booleans(),
+       bound_log2=st.integers(8, 40))
+def test_fold_binned_bit_exact(backend, in_dtype, seed, shapes, k, with_base, ties, bound_log2):
+    mod = _module(backend, in_dtype)
+    rng = np.random.default_rng(seed)
+    lay, groups, _ = _batch(rng, shapes, in_dtype, k, ties=ties)
+    hi0 = np.zeros(lay.size)
+    lo0 = np.zeros(lay.size)
+    base = rng.standard_normal(lay.size) if with_base else None
+    for g in groups.values():
+        want, got = (hi0.copy(), lo0.copy()), (hi0.copy(), lo0.copy())
+        numpy_ref.fold_binned(*want, base, g, bound_log2)
+        mod.fold_binned(*got, base, g, bound_log2)
+        assert got[0].tobytes() == want[0].tobytes() and got[1].tobytes() == want[1].tobytes()

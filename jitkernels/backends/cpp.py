@@ -6,6 +6,7 @@ import numpy as np
 
 from ..batch import CODE, rows_from_items
 from ..threads import get_num_threads
+from .numpy_ref import binned_constants
 
 NAME = "cpp"
 DTYPES = ("float64", "float32", "float16", "bfloat16", "int8")
@@ -25,6 +26,12 @@ def available():
 
 def fold(acc, base, g):
     _core.fold(acc, base, CODE[g.in_dtype], g.off, g.ptr, g.w, g.scale_ptr, g.block, g.work, get_num_threads())
+
+
+def fold_binned(hi, lo, base, g, bound_log2):
+    s1, s2 = binned_constants(bound_log2)
+    _core.fold_binned(hi, lo, base, CODE[g.in_dtype], g.off, g.ptr, g.w, g.scale_ptr, g.block, g.work, s1, s2,
+                      get_num_threads())
 
 
 def stats(base, g, acc_dtype):

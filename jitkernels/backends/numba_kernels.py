@@ -33,6 +33,7 @@ else:
 from ..batch import CODE, rows_from_items
 from ..dtypes import np_dtype
 from ..threads import get_num_threads
+from .numpy_ref import binned_constants
 
 
 def available():
@@ -131,6 +132,39 @@ if numba is not None:
                     for i in range(ln):
                         a[i] = a[i] + wj * _as_acc(_widen(u[i]), acc)
 
+    @njit(parallel=True, cache=True, nogil=True)
+    def _fold_binned(hi, lo, base, has_base, off, ptr, w, sptr, blk, work, witness, quant, s1, s2):
+        m, k = work.shape[0], ptr.shape[1]
+        f64 = np.empty(0, np.float64)
+        for it in prange(m):
+            r, s, ln = work[it, 0], work[it, 1], work[it, 2]
+            h = hi[off[r] + s:off[r] + s + ln]
+            lw = lo[off[r] + s:off[r] + s + ln]
+            b = base[off[r] + s:off[r] + s + ln] if has_base else base[:0]
+            for j in range(k):
+                p = ptr[r, j]
+                if p == 0:
+                    continue
+                wj = w[r, j]
+                u = carray(_typed_ptr(p, witness), (s + ln,))[s:]
+                B = blk[r, j] if quant else 1
+                scales = carray(_typed_ptr(sptr[r, j], np.empty(0, np.float32)), (1 + (s + ln - 1) // B if quant else 0,))
+                for i in range(ln):
+                    x = _as_acc(_widen(u[i]), f64)
+                    if quant:
+                        x = x * np.float64(scales[(s + i) // B])
+                    if has_base:
+                        x = x - b[i]
+                    t = wj * x
+                    q1 = (t + s1) - s1
+                    q2 = ((t - q1) + s2) - s2
+                    h[i] = h[i] + q1
+                    lw[i] = lw[i] + q2
+            for i in range(ln):
+                c = (lw[i] + s1) - s1
+                h[i] = h[i] + c
+                lw[i] = lw[i] - c
+
     # Max-abs as an integer max over the magnitude bits of the f64 value: integer max vectorizes where a float
     # compare-select does not (it would need "nnan"), and bits >= those of inf flag NaN/inf in the same pass.
     _MAG = np.uint64(0x7FFFFFFFFFFFFFFF)
@@ -223,6 +257,14 @@ def fold(acc, base, g):
     b, has = _base_arg(base, acc.dtype)
     _fold(acc, b, has, g.off, g.ptr, g.w.astype(acc.dtype), g.scale_ptr, g.block, g.work,
           np.empty(0, _WITNESS[g.in_dtype]), g.in_dtype == "int8")
+
+
+def fold_binned(hi, lo, base, g, bound_log2):
+    _set_threads()
+    s1, s2 = binned_constants(bound_log2)
+    b, has = _base_arg(base, np.float64)
+    _fold_binned(hi, lo, b, has, g.off, g.ptr, g.w, g.scale_ptr, g.block, g.work, np.empty(0, _WITNESS[g.in_dtype]),
+                 g.in_dtype == "int8", s1, s2)
 
 
 def stats(base, g, acc_dtype):

@@ -48,6 +48,44 @@ def fold(acc, base, g):
             a += A.type(g.w[r, j]) * x
 
 
+def binned_constants(bound_log2: int):
+    """(s1, s2) of deterministic mode for a bound 2^b on |w * x| (see csrc/jk_math.h, binned_step)."""
+    return 1.5 * 2.0 ** (bound_log2 + 29), 1.5 * 2.0 ** (bound_log2 - 4)
+
+
+def fold_binned(hi, lo, base, g, bound_log2):
+    """Deterministic fold: t = f64(w) * x in f64, split on two fixed grids, both partial sums exact, then a carry
+    from lo into hi at the end of the batch. Reads k*n*itemsize(in) + 4*n*8 bytes in a fused kernel."""
+    s1, s2 = binned_constants(bound_log2)
+    for r, row in enumerate(g.arrays):
+        o, n = int(g.off[r]), int(g.n[r])
+        H, Lo = hi[o:o + n], lo[o:o + n]
+        b = None if base is None else base[o:o + n]
+        for j, u in enumerate(row):
+            if u is None:
+                continue
+            x = _load(u, np.float64)
+            if b is not None:
+                x = x - b
+            binned_add(H, Lo, np.float64(g.w[r, j]) * x, s1, s2)
+        binned_carry(H, Lo, s1)
+
+
+def binned_add(hi, lo, t, s1, s2):
+    """hi += q1, lo += q2: t split on the two fixed grids (jk::binned_step)."""
+    q1 = (t + s1) - s1
+    q2 = ((t - q1) + s2) - s2
+    hi += q1
+    lo += q2
+
+
+def binned_carry(hi, lo, s1):
+    """Move lo's multiple of unit1 into hi, exactly (jk::binned_carry)."""
+    c = (lo + s1) - s1
+    hi += c
+    lo -= c
+
+
 def stats(base, g, acc_dtype):
     """Per (row, update): non-finite count, sum of squares and max |x| of x = u (or u - base), in float64."""
     R, k = g.ptr.shape

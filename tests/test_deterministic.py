@@ -1,0 +1,108 @@
+"""Deterministic mode: bit-identical results for any order, batching, merge tree, thread count and backend."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import jitkernels as jk
+
+from strategies import CPU_BACKENDS, leaf_shapes, make_update, seeds
+
+
+def _updates(seed, shapes, k, dtype):
+    rng = np.random.default_rng(seed)
+    tmpl = make_update(rng, shapes, dtype)
+    tmpl["steps"] = np.array(0, np.int64)
+    ups = []
+    for j in range(k):
+        u = make_update(rng, shapes, dtype, scale=float(rng.choice([1e-3, 1.0, 30.0])))
+        u["steps"] = np.array(int(rng.integers(0, 1000)), np.int64)
+        ups.append(u)
+    return tmpl, ups, list(rng.uniform(0.5, 5000.0, k))
+
+
+def _run(tmpl, ups, ws, order, cuts, merge_order, backend, threads):
+    """Fold in `order`, as parts split at `cuts` (each part folded one-by-one or batched), merged in `merge_order`."""
+    old = jk.set_num_threads(threads)
+    try:
+        parts = [order[i:j] for i, j in zip([0] + cuts, cuts + [len(order)])]
+        states = []
+        for n, part in enumerate(parts):
+            a = jk.Aggregator(tmpl, deterministic=True, backend=backend)
+            if n % 2:
+                a.fold_many([ups[i] for i in part], [ws[i] for i in part], parties=list(part))
+            else:
+                for i in part:
+                    a.fold(ups[i], weight=ws[i], party=i)
+            states.append(a.state)
+        acc = states[merge_order[0]]
+        for i in merge_order[1:]:
+            acc = acc.merge(states[i])
+        return jk.Aggregator.from_state(acc, backend=backend).finalize()
+    finally:
+        jk.set_num_threads(old)
+
+
+def _bits(tree):
+    return {k: np.asarray(v).tobytes() for k, v in tree.items()}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+@given(seed=seeds, shapes=leaf_shapes(max_leaves=3, max_size=2000), k=st.integers(2, 9), data=st.data())
+def test_bit_identical_under_any_order_tree_backend_and_threads(dtype, seed, shapes, k, data):
+    tmpl, ups, ws = _updates(seed, shapes, k, dtype)
+    want = _bits(_run(tmpl, ups, ws, list(range(k)), [], [0], "numpy", 1))
+    order = data.draw(st.permutations(range(k)))
+    cuts = sorted(data.draw(st.lists(st.integers(1, k - 1), max_size=3, unique=True)))
+    merge_order = data.draw(st.permutations(range(len(cuts) + 1)))
+    backend = data.draw(st.sampled_from(CPU_BACKENDS))
+    threads = data.draw(st.sampled_from([1, 2, 3]))
+    got = _bits(_run(tmpl, ups, ws, order, cuts, merge_order, backend, threads))
+    assert got == want
+
+
+@given(seed=seeds, k=st.integers(1, 20))
+def test_deterministic_result_is_accurate(seed, k):
+    rng = np.random.default_rng(seed)
+    ups = [(rng.standard_normal(500) * rng.choice([1e-4, 1.0, 50.0])).astype(np.float32) for _ in range(k)]
+    ws = rng.uniform(1, 1e4, k)
+    agg = jk.Aggregator(np.zeros(500, np.float32), deterministic=True, acc_dtype="float64", bound=2.0 ** 24)
+    agg.fold_many(ups, ws, parties=list(range(k)))
+    exact = sum(np.float64(w) * u.astype(np.float64) for u, w in zip(ups, ws)) / ws.sum()
+    out = agg.finalize()
+    # fold error <= k * 2^-57 * bound per element (/ W), then the float32 output rounding
+    tol = k * 2.0 ** (24 - 57) / ws.sum() + np.finfo(np.float32).eps * np.abs(exact)
+    assert np.all(np.abs(out - exact) <= tol)
+
+
+def test_bound_is_enforced_at_admission_and_state_unchanged():
+    agg = jk.Aggregator(np.zeros(4, np.float32), deterministic=True, bound=1000.0)
+    agg.fold(np.full(4, 1.0, np.float32), weight=10.0, party="ok")
+    before = agg.state.copy()
+    with pytest.raises(jk.ValueOutOfRange, match="deterministic bound"):
+        agg.fold(np.full(4, 30.0, np.float32), weight=100.0, party="big")  # 3000 > 1024
+    assert agg.state.same_bits(before)
+    u = jk.admit(np.full(4, 30.0, np.float32), agg.layout, weight=100.0, party="elsewhere")
+    with pytest.raises(jk.ValueOutOfRange):
+        agg.fold_many([u])  # admitted without the bound: checked again before folding
+    assert agg.state.same_bits(before)
+
+
+def test_options_that_deterministic_mode_refuses():
+    with pytest.raises(ValueError, match="float64"):
+        jk.Aggregator(np.zeros(2, np.float32), deterministic=True, acc_dtype="float32")
+    with pytest.raises(ValueError, match="partial"):
+        jk.Aggregator({"a": np.zeros(2, np.float32)}, deterministic=True, partial=True)
+
+
+def test_deterministic_state_round_trip_and_merge_refusal(tmp_path):
+    a = jk.Aggregator(np.zeros(3, np.float32), deterministic=True)
+    a.fold(np.ones(3, np.float32), party=1)
+    a.state.save(tmp_path / "d.jks")
+    loaded = jk.FoldState.load(tmp_path / "d.jks")
+    assert loaded.same_bits(a.state) and loaded.deterministic
+    plain = jk.Aggregator(np.zeros(3, np.float32), acc_dtype="float64")
+    plain.fold(np.ones(3, np.float32), party=2)
+    with pytest.raises(jk.IncompatibleStates):
+        loaded.merge(plain.state)
