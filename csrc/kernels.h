@@ -155,8 +155,9 @@ static void fold_rows_q(A* acc, const A* base, const int64_t* off, const int64_t
   }
 }
 
-// Stats per (work item, update): non-finite count, sum of squares (f64), max |x|. Values are formed in S (f64 when the
-// input or the accumulator is f64, else f32: exact for f32/f16/bf16 inputs without a base); squares are summed in f64.
+// Stats per (work item, update): non-finite count, sum of squares (f64), max |x|. Values are formed in S: f64 with a
+// base (u - base would cancel in f32) or when the input or the accumulator is f64; else f32, which is exact for
+// f32/f16/bf16 inputs. Squares are summed in f64.
 // `omp simd reduction` lets the compiler split the sum over vector lanes: the result depends on the ISA path taken
 // (AVX2 or baseline) but not on the thread count, and it is a reduction, held to a tolerance, not to bits.
 // A NaN/inf anywhere makes the cheap check sum(x * 0) non-zero; only then is a second loop run to count them.
@@ -184,7 +185,7 @@ template <class A, class In, bool Base, bool Quant>
 static void stats_rows(const A* base, const int64_t* off, const int64_t* ptr, const int64_t* sptr,
                        const int64_t* blk, int64_t k, const int64_t* work, int64_t m, int64_t* nonfinite,
                        double* sumsq, double* maxabs, int nthreads) {
-  using S = std::conditional_t<std::is_same_v<A, double> || std::is_same_v<In, double>, double, float>;
+  using S = std::conditional_t<Base || std::is_same_v<A, double> || std::is_same_v<In, double>, double, float>;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t it = 0; it < m; ++it) {
     const int64_t r = work[3 * it], s = work[3 * it + 1], len = work[3 * it + 2];
