@@ -4,8 +4,10 @@
 // -ffp-contract=off (host) and --fmad=false (nvcc / NVRTC): a fused multiply-add rounds once where numpy rounds twice,
 // and the backends must match numpy bit for bit.
 #pragma once
+#if !defined(__CUDACC_RTC__)
 #include <stdint.h>
 #include <string.h>
+#endif
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 #define JK_HD __host__ __device__ __forceinline__
@@ -112,10 +114,11 @@ JK_HD void narrow_to(double* o, float y) { *o = (double)y; }
 JK_HD void narrow_to(double* o, double y) { *o = y; }
 JK_HD void narrow_to(bf16* o, float y) { *o = narrow_bf16(y); }
 JK_HD void narrow_to(bf16* o, double y) { *o = narrow_bf16((float)y); }
-#if defined(__CUDA_ARCH__)
-__device__ __forceinline__ void narrow_to(f16* o, float y) { o->bits = __half_as_ushort(__float2half_rn(y)); }
-__device__ __forceinline__ void narrow_to(f16* o, double y) { o->bits = __half_as_ushort(__double2half(y)); }
-#elif !defined(__CUDACC_RTC__)
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+// include <cuda_fp16.h> before this header in CUDA sources
+JK_HD void narrow_to(f16* o, float y) { __half_raw r = __float2half_rn(y); o->bits = r.x; }
+JK_HD void narrow_to(f16* o, double y) { __half_raw r = __double2half(y); o->bits = r.x; }
+#else
 inline void narrow_to(f16* o, float y) { _Float16 h = (_Float16)y; memcpy(&o->bits, &h, 2); }
 inline void narrow_to(f16* o, double y) { _Float16 h = (_Float16)y; memcpy(&o->bits, &h, 2); }
 #endif
