@@ -7,7 +7,7 @@
 """
 
 from . import algorithms
-from .admission import Admitted, admit, admit_many
+from .admission import Admitted, admit, admit_many, check_weight
 from .aggregator import Aggregator
 from .backends import available_backends
 from .dtypes import Quantized, bfloat16
@@ -24,5 +24,5 @@ __all__ = [
     "Admitted", "AggregationError", "Aggregator", "BackendUnavailable", "CorruptState", "DuplicateParty",
     "EmptyAggregate", "FoldState", "IncompatibleStates", "InvalidWeight", "Layout", "LayoutMismatch",
     "NonFiniteUpdate", "OverlappingParties", "Quantized", "ValueOutOfRange", "admit", "admit_many", "algorithms",
-    "available_backends", "bfloat16", "get_num_threads", "set_num_threads",
+    "available_backends", "bfloat16", "check_weight", "get_num_threads", "set_num_threads",
 ]

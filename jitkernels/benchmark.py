@@ -9,7 +9,7 @@ What is measured, per workload (N float32 elements in uneven leaves, k updates):
 * **probe**: a STREAM-like read of 256 MB of float32 by ``jitkernels._core.probe_read`` on the kernels' threads,
   each call the next slice of a buffer four times the last-level cache (so it reads memory, not cache). Its
   bandwidth B bounds every fold.
-* **fold_many**: ``Aggregator.fold_many`` of k pre-admitted updates into a reset aggregator, per backend and input
+* **fold_many**: ``Aggregator.fold_many`` of k pre-admitted updates into a cleared aggregator, per backend and input
   dtype (float32, float16, bfloat16, int8 via :meth:`Quantized.quantize` per leaf). Bytes moved:
   ``k*N*itemsize(in) + 2*N*4`` (each update read once; the float32 accumulator read and written once; int8 counts
   values and scales).
@@ -25,11 +25,16 @@ Every measurement is **interleaved** with the probe (probe, kernel, probe, kerne
 ``fraction of roofline = (bytes / B) / time``. Above 1 means the data were partly served from cache (a workload
 whose updates fit in the last-level cache).
 
+Accumulators are kept across repetitions, as a server keeps them across rounds: jitkernels clears its own with
+``agg.reset(reuse=True)`` (zeroed in place) and numpy/torch eager get theirs zeroed, both untimed, so no timing pays
+the page faults of a fresh model-sized buffer. Flower's and NVFlare's calls allocate theirs inside, as their APIs do;
+that is part of their cost.
+
 Peak extra memory is measured in one untimed pass per method, which also warms it up: ``traced`` is the peak of
 numpy (and Python) allocations seen by :mod:`tracemalloc`, results included; torch's CPU allocator is invisible to
 it, so ``rss`` is the growth of the resident set (Linux ``VmHWM`` after resetting it through
-``/proc/self/clear_refs``, with freed heap memory first returned by ``malloc_trim``). jitkernels rows include the
-``agg.reset()`` that allocates their accumulator in that pass, as the peers allocate theirs.
+``/proc/self/clear_refs``, with freed heap memory first returned by ``malloc_trim``). Neither counts the reused
+accumulators above, which every method needs once (4N bytes).
 
 ``OMP_WAIT_POLICY=passive`` is set (unless already set) before any OpenMP runtime is loaded: torch, numba and the
 C++ kernels each bring an OpenMP thread pool, and by default a pool's threads spin after each parallel region,
@@ -183,7 +188,7 @@ class Timing:
         return statistics.median(self.bandwidths)
 
 
-def interleaved(fn: Callable, probe: Probe, *, setup: Callable | None = None, min_reps: int = 3, max_reps: int = 9,
+def interleaved(fn: Callable, probe: Probe, *, setup: Callable | None = None, min_reps: int = 3, max_reps: int = 7,
                 budget_s: float = 0.5, cap_s: float = 4.0) -> Timing:
     """Time ``fn()`` between probes: probe, [setup], fn, probe, [setup], fn, ..., probe (setup is not timed).
 
@@ -259,7 +264,7 @@ def prepare(wl: Workload, backend: str, dtype: str) -> tuple:
 
 def fold_many(agg, admitted) -> None:
     """The fused fold: ``agg.fold_many(admitted)``, one pass over the accumulator for all k updates. Moves
-    ``sum(update bytes) + 2*N*4`` bytes. The aggregator must be reset (or fresh) before each call."""
+    ``sum(update bytes) + 2*N*4`` bytes. The aggregator must be cleared (``agg.reset(reuse=True)``) between calls."""
     agg.fold_many(admitted)
 
 
@@ -277,19 +282,19 @@ def admit(agg, wl: Workload, dtype: str) -> list:
 
 
 def fold_many_finalize(agg, admitted):
-    """``reset`` + ``fold_many`` + ``finalize``: the average itself, what Flower's and NVFlare's calls return.
-    Moves ``sum(update bytes) + 2*N*4`` bytes for the fold and ``2*N*4`` for finalize."""
-    agg.reset()
+    """A round's whole cost: ``reset(reuse=True)`` + ``fold_many`` + ``finalize``, the average itself, what Flower's
+    and NVFlare's calls return. Moves ``4*N`` bytes (zeroing), ``sum(update bytes) + 2*N*4`` (the fold) and
+    ``2*N*4`` (finalize, into freshly allocated outputs)."""
+    agg.reset(reuse=True)
     agg.fold_many(admitted)
     return agg.finalize()
 
 
 # --- peers (re-exported by bench/peers.py) -----------------------------------------------------------------------
-def numpy_eager(updates, weights):
-    """numpy's eager loop, as FL platforms write it: ``acc += np.float32(w) * u`` per leaf, per update, into
-    ``np.zeros_like`` accumulators. ``updates`` is a list of k lists of float32 leaves. One temporary per (leaf,
-    update): about 20*N bytes moved per update (read u, write and read w*u, read and write acc)."""
-    accs = [np.zeros_like(leaf) for leaf in updates[0]]
+def numpy_eager(accs, updates, weights):
+    """numpy's eager loop, as FL platforms write it: ``acc += np.float32(w) * u`` per leaf, per update, into the
+    zeroed float32 ``accs``. ``updates`` is a list of k lists of float32 leaves. One temporary per (leaf, update):
+    about 20*N bytes moved per update (read u, write and read w*u, read and write acc)."""
     for leaves, w in zip(updates, weights):
         w32 = np.float32(w)
         for acc, x in zip(accs, leaves):
@@ -297,24 +302,20 @@ def numpy_eager(updates, weights):
     return accs
 
 
-def torch_add(tensors, weights):
-    """torch eager: ``acc.add_(u, alpha=w)`` per leaf, per update (``torch.Tensor.add_``, no temporary) into
-    ``torch.zeros_like`` accumulators. ``tensors`` are ``torch.from_numpy`` views of the float32 leaves."""
-    import torch
-
-    accs = [torch.zeros_like(t) for t in tensors[0]]
+def torch_add(accs, tensors, weights):
+    """torch eager: ``acc.add_(u, alpha=w)`` per leaf, per update (``torch.Tensor.add_``, no temporary) into the
+    zeroed ``accs``. ``tensors`` are ``torch.from_numpy`` views of the float32 leaves."""
     for leaves, w in zip(tensors, weights):
         for acc, x in zip(accs, leaves):
             acc.add_(x, alpha=w)
     return accs
 
 
-def torch_foreach(tensors, weights):
-    """torch's multi-tensor path: one ``torch._foreach_add_(accs, leaves, alpha=w)`` per update (the kernel
-    torch.optim's foreach optimizers use)."""
+def torch_foreach(accs, tensors, weights):
+    """torch's multi-tensor path: one ``torch._foreach_add_(accs, leaves, alpha=w)`` per update into the zeroed
+    ``accs`` (the kernel torch.optim's foreach optimizers use)."""
     import torch
 
-    accs = [torch.zeros_like(t) for t in tensors[0]]
     for leaves, w in zip(tensors, weights):
         torch._foreach_add_(accs, leaves, alpha=w)
     return accs
@@ -352,13 +353,26 @@ def nvflare_weighted(updates, weights):
 
 # Inputs of each peer, built untimed from the workload's float32 updates (views, except Flower's serialized FitRes).
 def _leaf_lists(wl):
-    return [list(u.values()) for u in wl.updates("float32")], wl.weights
+    leaves = [list(u.values()) for u in wl.updates("float32")]
+    return [np.zeros_like(x) for x in leaves[0]], leaves, wl.weights
+
+
+def _tensors(wl):
+    import torch
+
+    return [[torch.from_numpy(x) for x in u.values()] for u in wl.updates("float32")]
 
 
 def _torch_leaves(wl):
     import torch
 
-    return [[torch.from_numpy(x) for x in u.values()] for u in wl.updates("float32")], wl.weights
+    tensors = _tensors(wl)
+    return [torch.zeros_like(t) for t in tensors[0]], tensors, wl.weights
+
+
+def _zero(accs, *_):
+    for acc in accs:
+        acc[...] = 0
 
 
 def _flower_results(wl):
@@ -375,8 +389,7 @@ def _fitres(wl):
 
 
 def _torch_dicts(wl):
-    tensors, weights = _torch_leaves(wl)
-    return [dict(zip(u, t)) for u, t in zip(wl.updates("float32"), tensors)], weights
+    return [dict(zip(u, t)) for u, t in zip(wl.updates("float32"), _tensors(wl))], wl.weights
 
 
 def _numpy_dicts(wl):
@@ -385,7 +398,8 @@ def _numpy_dicts(wl):
 
 @dataclass(frozen=True)
 class Peer:
-    """A peer baseline: ``run(*prepare(wl))`` aggregates the workload's float32 updates with a real library call.
+    """A peer baseline: ``run(*args)``, ``args = prepare(wl)``, aggregates the workload's float32 updates with a real
+    library call; ``clear(*args)`` (untimed, None where the call allocates its own) zeroes its accumulators.
     ``divides``: the call returns the average (compare it with fold_many + finalize), not just the weighted sum."""
 
     name: str
@@ -394,14 +408,15 @@ class Peer:
     prepare: Callable
     run: Callable
     divides: bool
+    clear: Callable | None = None
 
 
 _FLWR = "flwr.server.strategy.aggregate"
 _NVFLARE = "nvflare.app_common.aggregators.weighted_aggregation_helper"
 PEERS = (
-    Peer("numpy eager acc+=w*u", "numpy", "numpy", _leaf_lists, numpy_eager, False),
-    Peer("torch add_(alpha=w)", "torch", "torch", _torch_leaves, torch_add, False),
-    Peer("torch _foreach_add_", "torch", "torch", _torch_leaves, torch_foreach, False),
+    Peer("numpy eager acc+=w*u", "numpy", "numpy", _leaf_lists, numpy_eager, False, _zero),
+    Peer("torch add_(alpha=w)", "torch", "torch", _torch_leaves, torch_add, False, _zero),
+    Peer("torch _foreach_add_", "torch", "torch", _torch_leaves, torch_foreach, False, _zero),
     Peer("flwr aggregate", "flwr", _FLWR, _flower_results, flower_aggregate, True),
     Peer("flwr aggregate_inplace", "flwr", _FLWR, _fitres, flower_aggregate_inplace, True),
     Peer("nvflare WAH (torch)", "nvflare", _NVFLARE, _torch_dicts, nvflare_weighted, True),
@@ -439,6 +454,14 @@ def _llc_bytes() -> int:
     return int(text.rstrip("KMGkmg")) * unit
 
 
+def _loadavg():
+    """1-minute load average: above ~0 before a run, something else shares the cores and memory bandwidth."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # pragma: no cover - not Unix
+        return None
+
+
 def _version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
@@ -462,6 +485,7 @@ def header(probe: Probe | None = None) -> dict:
         versions[dist] = _version(dist)
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "load_average": _loadavg(),
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "usable_cpus": usable,
@@ -503,12 +527,21 @@ def _warm_up(backends, dtypes):
             except jk.BackendUnavailable:
                 continue
             fold_many_finalize(agg, adm)
-            agg.reset()
+            agg.reset(reuse=True)
             fold_each(agg, adm)
+
+
+def _measure(wl, method, backend, dtype, fn, probe, nbytes, clear=None, kind="jitkernels"):
+    """One row: clear, the untimed memory pass (which also warms ``fn`` up), then the interleaved timing."""
+    if clear is not None:
+        clear()
+    mem = peak_memory(fn)
+    return _row(wl, method, backend, dtype, interleaved(fn, probe, setup=clear), nbytes, mem, kind=kind)
 
 
 def _bench_jitkernels(wl, probe, backends, dtypes, bar):
     rows = []
+    acc2 = 2 * wl.n * ACC_ITEMSIZE  # the accumulator, read and written
     for backend in backends:
         for dtype in dtypes:
             bar.set_postfix_str(f"{backend} {dtype}")
@@ -518,23 +551,21 @@ def _bench_jitkernels(wl, probe, backends, dtypes, bar):
                 rows.append(_row(wl, "-", backend, dtype, note=f"skipped: {e}"))
                 bar.update(3)
                 continue
-            ub, acc2 = wl.update_bytes(dtype), 2 * wl.n * ACC_ITEMSIZE
-            methods = (("fold_many", lambda: fold_many(agg, adm), ub + acc2),
-                       ("fold", lambda: fold_each(agg, adm), ub + wl.k * acc2))
-            for method, fn, nbytes in methods:
-                mem = peak_memory(lambda: (agg.reset(), fn()))
-                t = interleaved(fn, probe, setup=agg.reset)
-                row = _row(wl, method, backend, dtype, t, nbytes, mem)
-                if method == "fold":
-                    per_call = t.time / wl.k
-                    row["us_per_call"] = per_call * 1e6
-                    row["overhead_us_per_call"] = (per_call - nbytes / wl.k / (t.bandwidth * 1e9)) * 1e6
-                rows.append(row)
-                bar.update()
-            agg.reset()  # admission refuses parties already folded into the state
-            mem = peak_memory(lambda: admit(agg, wl, dtype))
-            rows.append(_row(wl, "admit_many", backend, dtype, interleaved(lambda: admit(agg, wl, dtype), probe), ub,
-                             mem))
+            ub = wl.update_bytes(dtype)
+
+            def clear(agg=agg):
+                agg.reset(reuse=True)
+
+            rows.append(_measure(wl, "fold_many", backend, dtype, lambda: fold_many(agg, adm), probe, ub + acc2, clear))
+            bar.update()
+            row = _measure(wl, "fold", backend, dtype, lambda: fold_each(agg, adm), probe, ub + wl.k * acc2, clear)
+            per_call = row["time_s"] / wl.k
+            row["us_per_call"] = per_call * 1e6
+            row["overhead_us_per_call"] = (per_call - row["bytes"] / wl.k / (row["probe_gbps"] * 1e9)) * 1e6
+            rows.append(row)
+            bar.update()
+            clear()  # admission refuses parties already folded into the state
+            rows.append(_measure(wl, "admit_many", backend, dtype, lambda: admit(agg, wl, dtype), probe, ub))
             bar.update()
     return rows
 
@@ -548,22 +579,21 @@ def _bench_peers(wl, probe, rows, bar):
         best = min(f32, key=lambda r: r["time_s"])["backend"]
         bar.set_postfix_str(f"{best} fold_many+finalize")
         agg, adm = prepare(wl, best, "float32")
-        mem = peak_memory(lambda: fold_many_finalize(agg, adm))
-        out.append(_row(wl, "fold_many+finalize", best, "float32",
-                        interleaved(lambda: fold_many_finalize(agg, adm), probe), nbytes, mem))
+        agg.reset(reuse=True)  # its pages resident, as in every later round
+        out.append(_measure(wl, "fold_many+finalize", best, "float32", lambda: fold_many_finalize(agg, adm), probe,
+                            nbytes))
     bar.update()
     for peer in PEERS:
         bar.set_postfix_str(peer.name)
         if not installed(peer.package):
             out.append(_row(wl, peer.name, peer.package, "float32", note="not installed", kind="peer"))
-            bar.update()
-            continue
-        importlib.import_module(peer.module)
-        args = peer.prepare(wl)
-        mem = peak_memory(lambda: peer.run(*args))
-        out.append(_row(wl, peer.name, peer.package, "float32", interleaved(lambda: peer.run(*args), probe), nbytes,
-                        mem, kind="peer"))
-        del args
+        else:
+            importlib.import_module(peer.module)  # not counted as the call's memory
+            args = peer.prepare(wl)
+            clear = None if peer.clear is None else (lambda: peer.clear(*args))
+            out.append(_measure(wl, peer.name, peer.package, "float32", lambda: peer.run(*args), probe, nbytes, clear,
+                                kind="peer"))
+            del args
         bar.update()
     return out
 
@@ -630,6 +660,7 @@ def run(sizes=None, *, quick: bool = False, backends=None, dtypes=DTYPES, peers:
             jk.set_num_threads(old_threads)
         if torch_old is not None:
             torch.set_num_threads(torch_old)
+    head["load_average_end"] = _loadavg()
     print(format_table(head, rows), file=file or sys.stdout)
     if json_path:
         with open(json_path, "w") as f:
@@ -664,8 +695,8 @@ admit_many: k*N*itemsize; int8 counts values and scales); roofl: (MB / probe) / 
 cache; us/call: fold's time per update; ovh us: that minus the call's bytes at probe bandwidth; x eager: numpy
 eager's time / this time (float32 rows); jk x: this peer's time / jitkernels' best float32 fold_many (or
 fold_many+finalize for peers that return the average); trc MB: peak numpy allocations (tracemalloc, results
-included; torch's allocator is not traced); RSS MB: peak resident-set growth. jitkernels' memory includes the
-accumulator its reset() allocates."""
+included; torch's allocator is not traced); RSS MB: peak resident-set growth. Neither counts the accumulators that
+jitkernels and numpy/torch eager reuse across repetitions (4N bytes); Flower and NVFlare allocate theirs per call."""
 
 
 def _f(x, scale, spec):
@@ -678,7 +709,8 @@ def format_table(head: dict, rows: list) -> str:
     vers = ", ".join(f"{k} {val}" for k, val in v.items() if val)
     missing = ", ".join(k for k, val in v.items() if not val)
     lines = [
-        f"jitkernels benchmark  {head['date']}",
+        f"jitkernels benchmark  {head['date']}  (1-min load average {head['load_average']} at start, "
+        f"{head.get('load_average_end')} at end)",
         f"CPU: {head['cpu']}; {head['cores']} cores ({head['usable_cpus']} usable); last-level cache "
         f"{head['last_level_cache_mb']:.0f} MB",
         f"threads: jitkernels {head['threads']}, torch {head['torch_threads']}; simd {head['simd']}; "

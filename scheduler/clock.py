@@ -1,0 +1,133 @@
+"""Two clocks, one scheduler: the same event-driven code runs on a virtual clock (simulator, tests) and a real one.
+
+Both offer ``now()``, ``call_at(t, fn, *args)``, ``call_later(dt, ...)`` and ``call_soon_threadsafe(fn, ...)``, and
+run callbacks one at a time, in time order (ties in the order they were scheduled), so the scheduler's state is only
+ever touched by one callback at a time.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+
+
+class Handle:
+    __slots__ = ("when", "fn", "args", "cancelled")
+
+    def __init__(self, when, fn, args):
+        self.when, self.fn, self.args, self.cancelled = when, fn, args, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Heap:
+    def __init__(self):
+        self._heap = []
+        self._seq = itertools.count()
+
+    def push(self, when, fn, args) -> Handle:
+        h = Handle(when, fn, args)
+        heapq.heappush(self._heap, (when, next(self._seq), h))
+        return h
+
+    def peek_time(self):
+        while self._heap and self._heap[0][2].cancelled:
+            heapq.heappop(self._heap)
+        return self._heap[0][0] if self._heap else None
+
+    def pop(self) -> Handle:
+        return heapq.heappop(self._heap)[2]
+
+    def __len__(self):
+        return len(self._heap)
+
+
+class VirtualClock:
+    """Discrete-event time: ``run()`` jumps from event to event. Nothing sleeps."""
+
+    def __init__(self, start: float = 0.0):
+        self._now = float(start)
+        self._q = _Heap()
+        self.events = 0
+
+    def now(self) -> float:
+        return self._now
+
+    def call_at(self, when: float, fn, *args) -> Handle:
+        return self._q.push(max(float(when), self._now), fn, args)
+
+    def call_later(self, delay: float, fn, *args) -> Handle:
+        return self.call_at(self._now + max(delay, 0.0), fn, *args)
+
+    def call_soon_threadsafe(self, fn, *args) -> Handle:
+        return self.call_at(self._now, fn, *args)
+
+    call_soon = call_soon_threadsafe
+
+    def run(self, until: float | None = None) -> None:
+        """Process events in time order until none is left (or the next is after ``until``)."""
+        while True:
+            t = self._q.peek_time()
+            if t is None or (until is not None and t > until):
+                break
+            h = self._q.pop()
+            self._now = h.when
+            self.events += 1
+            h.fn(*h.args)
+        if until is not None:
+            self._now = max(self._now, until)
+
+
+class RealClock:
+    """Wall time (monotonic, seconds since the clock started), with one thread running the callbacks."""
+
+    def __init__(self):
+        self._t0 = time.monotonic()
+        self._q = _Heap()
+        self._cv = threading.Condition()
+        self._stop = False
+        self.events = 0
+        self._thread = threading.Thread(target=self._loop, name="jitkernels-scheduler", daemon=True)
+        self._thread.start()
+
+    def now(self) -> float:
+        return time.monotonic() - self._t0
+
+    def call_at(self, when: float, fn, *args) -> Handle:
+        with self._cv:
+            h = self._q.push(float(when), fn, args)
+            self._cv.notify()
+        return h
+
+    def call_later(self, delay: float, fn, *args) -> Handle:
+        return self.call_at(self.now() + max(delay, 0.0), fn, *args)
+
+    def call_soon_threadsafe(self, fn, *args) -> Handle:
+        return self.call_at(self.now(), fn, *args)
+
+    call_soon = call_soon_threadsafe
+
+    def _loop(self):
+        while True:
+            with self._cv:
+                while True:
+                    if self._stop:
+                        return
+                    t = self._q.peek_time()
+                    wait = None if t is None else t - self.now()
+                    if wait is not None and wait <= 0:
+                        h = self._q.pop()
+                        break
+                    self._cv.wait(timeout=wait)
+            self.events += 1
+            h.fn(*h.args)
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()

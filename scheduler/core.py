@@ -1,0 +1,593 @@
+"""JITScheduler: decides when each job's aggregation runs, and on which aggregator slot.
+
+Event-driven: arrivals, timers and task completions are callbacks on a clock (real or virtual), run one at a time,
+so the policy code is the same in the runtime and in the simulator. The scheduler imports only jitkernels' public API.
+
+Lifecycle of a round: it opens (at the job's start, or when the previous round's model is ready); updates arrive and
+are admitted (validated) in ``submit``'s caller and buffered; the policy says when to deploy an aggregator; once
+deployed, the buffered updates are folded in one fused batch and later ones as they come; membership is fixed at the
+quorum (the first q arrivals); the model is finalized; the deployment is released (eager keeps it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import threading
+import math
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import jitkernels as jk
+
+from . import policies as _policies
+from .clock import RealClock
+from .cost import CostModel
+from .executors import LocalExecutor, ModelExecutor, Task
+from .predictor import Predictor
+
+log = logging.getLogger("jitkernels.scheduler")
+
+
+class SchedulerError(jk.AggregationError):
+    """Base of the scheduler's own errors."""
+
+
+class UnknownJob(SchedulerError, KeyError):
+    pass
+
+
+class UnknownParty(SchedulerError, ValueError):
+    pass
+
+
+class LateUpdate(SchedulerError, ValueError):
+    """An update for a round whose membership is already fixed (late rule 'reject')."""
+
+
+class QuorumUnreachable(SchedulerError, RuntimeError):
+    """A round cannot reach its quorum (parties gone, or its deadline passed)."""
+
+
+class Backpressure(SchedulerError, RuntimeError):
+    """Buffered bytes are over budget and cannot be folded fast enough (overflow rule 'raise')."""
+
+
+@dataclass
+class Job:
+    """One FL job. ``template`` (a pytree) makes real aggregation; without it the job is modelled by sizes only
+    (``model_elems``, ``update_bytes``), as the simulator does."""
+
+    id: str
+    template: object = None
+    parties: list = field(default_factory=list)
+    quorum: float = 1.0  # a fraction of the parties (float <= 1) or a count (int)
+    algorithm: object = "fedavg"
+    deadline_s: float | None = None  # per round, from its start
+    priority: int = 0  # tie-breaker between equal laxities (higher first)
+    rounds: int | None = None  # the job ends after this many rounds (eager releases then)
+    first_round: int = 0
+    model_elems: int | None = None
+    update_bytes: int | None = None
+    backend: str = "auto"
+    acc_dtype: str = "float32"
+    late: str = "reject"  # or "next_round": fold into the next round with weight * late_weight
+    late_weight: float = 0.5
+    unreachable: str = "error"  # or "partial": finalize what is there
+    prior_response_s: float | None = None  # predictor prior before any response is seen
+
+    def quorum_count(self) -> int:
+        n = len(self.parties)
+        q = self.quorum
+        if isinstance(q, float) and q <= 1.0:
+            return max(1, math.ceil(q * n - 1e-9))
+        return int(q)
+
+
+@dataclass
+class Ack:
+    job: str
+    round: int
+    party: object
+    accepted: bool
+    durable: Future
+
+
+@dataclass
+class _Round:
+    number: int
+    start: float
+    quorum: int
+    members: list = field(default_factory=list)  # first q arrivals, in order
+    arrived: set = field(default_factory=set)
+    pending: list = field(default_factory=list)  # admitted (or modelled) updates not yet folded
+    pending_bytes: int = 0
+    folded: int = 0
+    quorum_time: float | None = None
+    last_arrival: float | None = None
+    ready_time: float | None = None
+    aggregator: object = None
+    future: Future = field(default_factory=Future)
+    timer: object = None
+    deadline_timer: object = None
+    done: bool = False
+
+
+@dataclass
+class _Deployment:
+    slot: int
+    start: float
+    ready_at: float
+    ready: bool = False
+    busy: bool = False
+
+
+@dataclass
+class JobMetrics:
+    deployed_s: float = 0.0
+    busy_s: float = 0.0
+    deployments: int = 0
+    rounds: int = 0
+    latencies: list = field(default_factory=list)
+    misses: int = 0
+    peak_bytes: int = 0
+    unreachable: int = 0
+
+    def summary(self) -> dict:
+        lat = np.array(self.latencies) if self.latencies else np.zeros(1)
+        return {"deployed_s": self.deployed_s, "busy_s": self.busy_s, "idle_s": self.deployed_s - self.busy_s,
+                "deployments": self.deployments, "rounds": self.rounds,
+                "latency_p50_s": float(np.percentile(lat, 50)), "latency_p95_s": float(np.percentile(lat, 95)),
+                "latency_p99_s": float(np.percentile(lat, 99)), "deadline_misses": self.misses,
+                "peak_bytes_buffered": self.peak_bytes, "unreachable_rounds": self.unreachable}
+
+
+class _JobState:
+    def __init__(self, job: Job, predictor: Predictor, added: float):
+        self.job = job
+        self.predictor = predictor
+        self.expected = list(job.parties)
+        self.rounds: dict = {}
+        self.open: _Round | None = None
+        self.deployment: _Deployment | None = None
+        self.metrics = JobMetrics()
+        self.added = added
+        self.finished = False
+        self.layout = jk.Layout.from_template(job.template) if job.template is not None else None
+        if self.layout is not None:
+            self.model_elems = self.layout.size
+            self.update_bytes = job.update_bytes or self.layout.nbytes
+        else:
+            if job.model_elems is None:
+                raise ValueError(f"job {job.id!r}: give a template, or model_elems (and update_bytes) to model it")
+            self.model_elems = job.model_elems
+            self.update_bytes = job.update_bytes or 4 * job.model_elems
+        self.seen: set = set()  # (round, party) acknowledged, for de-duplication
+
+
+class JITScheduler:
+    """Deadline-aware scheduler of aggregation work over a few aggregator slots.
+
+    Parameters
+    ----------
+    policy : "eager" | "lazy" | "jit" | "oracle" | Policy
+    slots : aggregators that may be deployed at once (slots x kernel threads <= cores)
+    clock : RealClock (default) or VirtualClock
+    executor : LocalExecutor (default with a real clock) or ModelExecutor (default with a virtual clock)
+    cost : CostModel (kernel throughput, per-call cost and deployment start-up)
+    alpha : the JIT policy's accepted risk of the quorum arriving before the aggregator is ready
+    byte_budget : bytes of buffered (admitted, unfolded) updates: past half of it a partial fold is forced early, and
+        at the budget ``submit`` raises :class:`Backpressure` (buffered bytes stay within budget + one update)
+    overflow : "raise" (spilling to disk is not offered yet)
+    hysteresis_s : an idle deployment is taken back only for a job whose laxity is this much smaller
+    """
+
+    def __init__(self, policy="jit", slots: int = 1, *, clock=None, executor=None, cost: CostModel | None = None,
+                 alpha: float = 0.05, oracle=None, byte_budget: int | None = None, overflow: str = "raise",
+                 hysteresis_s: float = 1.0, decision_log: int = 100_000):
+        self.policy = _policies.make(policy, alpha=alpha, oracle=oracle)
+        self.slots = int(slots)
+        self.clock = clock if clock is not None else RealClock()
+        self._own_clock = clock is None
+        self.cost = cost or CostModel()
+        if executor is None:
+            executor = LocalExecutor(self.clock, self.slots) if isinstance(self.clock, RealClock) \
+                else ModelExecutor(self.clock)
+        self.executor = executor
+        self.byte_budget = byte_budget
+        if overflow not in ("raise",):
+            raise ValueError(f"overflow must be 'raise', got {overflow!r}")
+        self.overflow = overflow
+        self.hysteresis_s = hysteresis_s
+        self.jobs: dict = {}
+        self.free_slots = list(range(self.slots))
+        self.waiting: dict = {}  # job id -> laxity at request time
+        self.decisions: deque = deque(maxlen=decision_log)
+        self._lock = threading.RLock()
+        self._ids = itertools.count()
+        self.buffered_bytes = 0
+        self.peak_buffered_bytes = 0
+
+    # --- public API ----------------------------------------------------------------------------------------------
+    def add_job(self, job: Job) -> None:
+        with self._lock:
+            if job.id in self.jobs:
+                raise ValueError(f"job {job.id!r} already added")
+            pred = Predictor(prior_s=job.prior_response_s)
+            js = _JobState(job, pred, self.clock.now())
+            self.jobs[job.id] = js
+            self._log("add_job", js, quorum=job.quorum_count(), parties=len(job.parties))
+            self._open_round(js, job.first_round)
+
+    def submit(self, job_id: str, round: int, party, update=None, weight: float = 1.0) -> Ack:
+        """Admit (validate) an update here, in the caller's thread, and hand it to the scheduler. Returns at once:
+        folding happens later, on an aggregator slot. Bad updates raise their typed error here."""
+        js = self._job(job_id)
+        if party not in js.predictor.parties and party not in set(js.job.parties):
+            raise UnknownParty(f"job {job_id!r}: party {party!r} is not one of the job's parties")
+        if js.layout is not None:
+            item = jk.admit(update, js.layout, weight=weight, party=party, backend=js.job.backend,
+                            acc_dtype=js.job.acc_dtype)
+            nbytes = item.nbytes
+        else:
+            item, nbytes = None, js.update_bytes
+            jk.check_weight(weight, party)
+        with self._lock:
+            key = (round, party)
+            if key in js.seen:
+                raise jk.DuplicateParty(party, f"job {job_id!r} round {round}")
+            rnd = js.rounds.get(round)
+            if rnd is not None and (rnd.done or rnd.quorum_time is not None) and js.job.late == "reject":
+                raise LateUpdate(f"job {job_id!r} round {round}: membership was fixed at the quorum; "
+                                 f"update from {party!r} rejected (late rule 'reject')")
+            if self.byte_budget is not None and self.buffered_bytes >= self.byte_budget:
+                raise Backpressure(f"{self.buffered_bytes} bytes are buffered, at the budget of {self.byte_budget}; "
+                                   f"retry once the forced fold has drained them")
+            js.seen.add(key)
+            self.buffered_bytes += nbytes  # reserved now so that a burst sees its own bytes
+        durable = Future()
+        durable.set_result(True)  # no state directory: nothing to persist
+        self.clock.call_soon_threadsafe(self._on_arrival, js, round, party, item, nbytes, float(weight))
+        return Ack(job_id, round, party, True, durable)
+
+    def result(self, job_id: str, round: int) -> Future:
+        """The future model of a round (resolves when it is finalized, or with its error)."""
+        with self._lock:
+            js = self._job(job_id)
+            return self._round(js, round).future
+
+    def drop_party(self, job_id: str, party) -> None:
+        """A party left the job: it is no longer expected (a round may become unreachable)."""
+        with self._lock:
+            js = self._job(job_id)
+            if party in js.expected:
+                js.expected.remove(party)
+            self.clock.call_soon_threadsafe(self._check_reachable, js)
+
+    def metrics(self) -> dict:
+        with self._lock:
+            out = {}
+            now = self.clock.now()
+            for jid, js in self.jobs.items():
+                m = js.metrics.summary()
+                if js.deployment is not None:  # count the open deployment up to now
+                    m["deployed_s"] += now - js.deployment.start
+                    m["idle_s"] = m["deployed_s"] - m["busy_s"]
+                out[jid] = m
+            return out
+
+    def finish_job(self, job_id: str) -> None:
+        """The job ends: its deployment (eager's) is released."""
+        with self._lock:
+            js = self._job(job_id)
+            js.finished = True
+            if js.deployment is not None and not js.deployment.busy:
+                self._release(js, "job finished")
+
+    def close(self) -> None:
+        with self._lock:
+            for js in self.jobs.values():
+                if js.deployment is not None:
+                    self._release(js, "scheduler closed")
+        self.executor.close()
+        if self._own_clock:
+            self.clock.close()
+
+    # --- cost ---------------------------------------------------------------------------------------------------
+    def work_estimate(self, js: _JobState, rnd: _Round) -> float:
+        """Seconds of work left for a round: fold what is not folded yet (in one batch), then finalize."""
+        remaining = max(rnd.quorum - rnd.folded, 0)
+        return (self.cost.fold_s(remaining * js.update_bytes, remaining, js.model_elems)
+                + self.cost.finalize_s(js.model_elems))
+
+    # --- internals: rounds ----------------------------------------------------------------------------------------
+    def _job(self, job_id) -> _JobState:
+        try:
+            return self.jobs[job_id]
+        except KeyError:
+            raise UnknownJob(f"no job {job_id!r}") from None
+
+    def _round(self, js: _JobState, number: int) -> _Round:
+        rnd = js.rounds.get(number)
+        if rnd is None:  # a future round: its start is set when it opens
+            rnd = js.rounds[number] = _Round(number, math.nan, js.job.quorum_count())
+        return rnd
+
+    def _open_round(self, js: _JobState, number: int) -> None:
+        now = self.clock.now()
+        rnd = self._round(js, number)
+        rnd.start = now
+        js.open = rnd
+        if js.layout is not None:
+            rnd.aggregator = jk.Aggregator(js.job.template, js.job.algorithm, backend=js.job.backend,
+                                           acc_dtype=js.job.acc_dtype)
+        if js.job.deadline_s is not None:
+            rnd.deadline_timer = self.clock.call_at(now + js.job.deadline_s, self._on_deadline, js, rnd)
+        self._log("open_round", js, round=number)
+        early, rnd.pending = rnd.pending, []
+        for party, item, nbytes, weight in early:  # arrivals that came before the round opened
+            self.buffered_bytes -= nbytes
+            self._accept(js, rnd, party, item, nbytes, weight, now)
+        self._plan(js)
+
+    def _on_arrival(self, js, number, party, item, nbytes, weight) -> None:
+        with self._lock:
+            now = self.clock.now()
+            rnd = self._round(js, number)
+            if rnd.done or (rnd.quorum_time is not None and party not in rnd.arrived):
+                self.buffered_bytes -= nbytes
+                self._late(js, rnd, party, item, nbytes, weight)
+                return
+            if js.open is None or rnd.number != js.open.number:
+                rnd.pending.append((party, item, nbytes, weight))  # early: kept until the round opens
+                return
+            self.buffered_bytes -= nbytes
+            self._accept(js, rnd, party, item, nbytes, weight, now)
+            self._plan(js)
+
+    def _accept(self, js, rnd, party, item, nbytes, weight, now) -> None:
+        rnd.arrived.add(party)
+        rnd.members.append(party)
+        rnd.pending.append((party, item, nbytes, weight))
+        rnd.pending_bytes += nbytes
+        self.buffered_bytes += nbytes
+        self.peak_buffered_bytes = max(self.peak_buffered_bytes, self.buffered_bytes)
+        js.metrics.peak_bytes = max(js.metrics.peak_bytes, rnd.pending_bytes)
+        js.predictor.observe(party, now - rnd.start)
+        rnd.last_arrival = now
+        if len(rnd.members) == rnd.quorum:
+            rnd.quorum_time = now
+            self._log("quorum", js, round=rnd.number, at=now)
+
+    def _late(self, js, rnd, party, item, nbytes, weight) -> None:
+        if js.job.late == "next_round":
+            self._log("late_to_next_round", js, round=rnd.number, party=party)
+            nxt = rnd.number + 1
+            js.seen.add((nxt, party))
+            self.buffered_bytes += nbytes
+            self._on_arrival(js, nxt, party, item, nbytes, weight * js.job.late_weight)
+        else:
+            self._log("late_rejected", js, round=rnd.number, party=party)
+
+    def _on_deadline(self, js, rnd) -> None:
+        with self._lock:
+            if rnd.done or rnd.quorum_time is not None:
+                return
+            self._unreachable(js, rnd, f"deadline of {js.job.deadline_s}s passed with {len(rnd.members)} of "
+                                       f"{rnd.quorum} updates")
+
+    def _check_reachable(self, js) -> None:
+        with self._lock:
+            rnd = js.open
+            if rnd is None or rnd.done or rnd.quorum_time is not None:
+                return
+            possible = len(rnd.members) + sum(1 for p in js.expected if p not in rnd.arrived)
+            if possible < rnd.quorum:
+                self._unreachable(js, rnd, f"only {possible} parties left for a quorum of {rnd.quorum}")
+
+    def _unreachable(self, js, rnd, why) -> None:
+        js.metrics.unreachable += 1
+        self._log("unreachable", js, round=rnd.number, why=why)
+        if js.job.unreachable == "partial" and rnd.members:
+            rnd.quorum = len(rnd.members)  # finalize what is there
+            rnd.quorum_time = self.clock.now()
+            self._plan(js)
+            return
+        rnd.done = True
+        self.buffered_bytes -= rnd.pending_bytes
+        rnd.pending, rnd.pending_bytes = [], 0
+        rnd.future.set_exception(QuorumUnreachable(f"job {js.job.id!r} round {rnd.number}: {why}"))
+        self._round_finished(js, rnd)
+
+    # --- internals: planning and slots ---------------------------------------------------------------------------
+    def _plan(self, js) -> None:
+        rnd = js.open
+        if rnd is None or rnd.done:
+            return
+        dep = js.deployment
+        if dep is not None:
+            self._pump(js)
+            return
+        if rnd.timer is not None:
+            rnd.timer.cancel()
+            rnd.timer = None
+        now = self.clock.now()
+        # buffer pressure: past half the budget, fold early so that arrivals during the fold still fit
+        over_budget = (self.byte_budget is not None and self.buffered_bytes > self.byte_budget // 2
+                       and rnd.pending)
+        t, inputs = self.policy.deploy_at(self, js, rnd)
+        if over_budget and (t is None or t > now):
+            self._log("buffer_pressure", js, round=rnd.number, buffered=self.buffered_bytes, budget=self.byte_budget)
+            t = now
+        if t is None:
+            self._log("wait", js, round=rnd.number, plan=inputs)
+            return
+        if t > now:
+            rnd.timer = self.clock.call_at(t, self._on_timer, js, rnd)
+            self._log("deploy_planned", js, round=rnd.number, at=t, plan=inputs)
+            return
+        self._request_slot(js, laxity=t - now, inputs=inputs)
+
+    def _on_timer(self, js, rnd) -> None:
+        """The planned deploy time has come: deploy. Re-planning here instead would let the conditional quantile
+        (which moves later while nothing arrives) postpone the deployment again and again, compounding the risk;
+        only an arrival, which is new information, re-plans."""
+        with self._lock:
+            rnd.timer = None
+            if js.open is rnd and not rnd.done and js.deployment is None:
+                self._request_slot(js, laxity=0.0, inputs={"timer": True})
+
+    def _laxity(self, js) -> float:
+        rnd = js.open
+        if rnd is None or rnd.done:
+            return math.inf
+        if js.deployment is not None and (rnd.quorum_time is not None or rnd.pending):
+            return -math.inf  # it has work now
+        t, _ = self.policy.deploy_at(self, js, rnd)
+        return math.inf if t is None else t - self.clock.now()
+
+    def _request_slot(self, js, laxity: float, inputs: dict) -> None:
+        if self.free_slots:
+            self._deploy(js, self.free_slots.pop(0), laxity, inputs)
+            return
+        self.waiting[js.job.id] = laxity
+        # take back an idle deployment whose job can wait longer, if the gap beats the hysteresis
+        victims = [(self._laxity(o), o) for o in self.jobs.values()
+                   if o.deployment is not None and not o.deployment.busy and o is not js]
+        victims = [(lx, o) for lx, o in victims if lx - laxity > self.hysteresis_s + self.cost.startup_s]
+        if victims:
+            lx, victim = max(victims, key=lambda v: v[0])
+            self._log("preempt", victim, for_job=js.job.id, victim_laxity=lx, laxity=laxity)
+            self._release(victim, f"preempted by {js.job.id}")
+            victim_rnd = victim.open
+            if victim_rnd is not None and not victim_rnd.done:
+                self._plan(victim)
+        else:
+            self._log("wait_slot", js, laxity=laxity, waiting=len(self.waiting), plan=inputs)
+
+    def _deploy(self, js, slot: int, laxity: float, inputs: dict) -> None:
+        now = self.clock.now()
+        self.waiting.pop(js.job.id, None)
+        dep = js.deployment = _Deployment(slot, now, now + self.cost.startup_s)
+        js.metrics.deployments += 1
+        self._log("deploy", js, slot=slot, laxity=laxity, plan=inputs)
+        self.clock.call_at(dep.ready_at, self._on_ready, js, dep)
+
+    def _on_ready(self, js, dep) -> None:
+        with self._lock:
+            if js.deployment is dep:
+                dep.ready = True
+                self._pump(js)
+
+    def _release(self, js, why: str) -> None:
+        dep = js.deployment
+        now = self.clock.now()
+        js.metrics.deployed_s += now - dep.start
+        js.deployment = None
+        self._log("release", js, slot=dep.slot, why=why, held_s=now - dep.start)
+        self.free_slots.append(dep.slot)
+        if self.waiting:  # least laxity first (laxity recomputed now), then priority
+            cands = [(self._laxity(self.jobs[j]), -self.jobs[j].job.priority, j) for j in self.waiting]
+            lx, _, jid = min(cands)
+            nxt = self.jobs[jid]
+            self.waiting.pop(jid)
+            if nxt.deployment is None:
+                self._deploy(nxt, self.free_slots.pop(0), lx, {"from_queue": True})
+
+    # --- internals: work ---------------------------------------------------------------------------------------
+    def _pump(self, js) -> None:
+        dep, rnd = js.deployment, js.open
+        if dep is None or not dep.ready or dep.busy:
+            return
+        if rnd is None or rnd.done:
+            if not self.policy.keep_between_rounds or js.finished:
+                self._release(js, "no open round")
+            return
+        if rnd.pending and (self.policy.fold_on_arrival or rnd.quorum_time is not None):
+            batch, rnd.pending = rnd.pending, []
+            nbytes = rnd.pending_bytes
+            rnd.pending_bytes = 0
+            est = self.cost.fold_s(nbytes, len(batch), js.model_elems)
+            fn = None
+            if rnd.aggregator is not None:
+                agg, items = rnd.aggregator, [it for _, it, _, _ in batch]
+                weights = [w for *_, w in batch]
+
+                def fn(agg=agg, items=items, weights=weights):
+                    # a late update carried to this round comes with its staleness-scaled weight
+                    agg.fold_many([it if w == it.weight else dataclasses.replace(it, weight=w)
+                                   for it, w in zip(items, weights)])
+            task = Task("fold", js.job.id, rnd.number, len(batch), nbytes, est, fn)
+            dep.busy = True
+            self._log("fold", js, round=rnd.number, updates=len(batch), bytes=nbytes, est_s=est)
+            self.executor.run(task, lambda d, r, e, js=js, rnd=rnd, task=task: self._done(js, rnd, task, d, r, e))
+            return
+        if rnd.quorum_time is not None and rnd.folded >= rnd.quorum:
+            est = self.cost.finalize_s(js.model_elems)
+            fn = rnd.aggregator.finalize if rnd.aggregator is not None else None
+            task = Task("finalize", js.job.id, rnd.number, 0, 0, est, fn)
+            dep.busy = True
+            self._log("finalize", js, round=rnd.number, est_s=est)
+            self.executor.run(task, lambda d, r, e, js=js, rnd=rnd, task=task: self._done(js, rnd, task, d, r, e))
+
+    def _done(self, js, rnd, task, duration, result, error) -> None:
+        with self._lock:
+            dep = js.deployment
+            if dep is not None:
+                dep.busy = False
+            js.metrics.busy_s += duration
+            if task.kind == "fold":
+                rnd.folded += task.n_updates
+                self.buffered_bytes -= task.nbytes
+                if error is not None:
+                    self._fail(js, rnd, error)
+                    return
+            else:
+                now = self.clock.now()
+                rnd.ready_time = now
+                rnd.done = True
+                js.metrics.latencies.append(now - rnd.quorum_time)
+                js.metrics.rounds += 1
+                if js.job.deadline_s is not None and now > rnd.start + js.job.deadline_s:
+                    js.metrics.misses += 1
+                self._log("ready", js, round=rnd.number, latency_s=now - rnd.quorum_time, busy_s=duration)
+                if error is not None:
+                    rnd.future.set_exception(error)
+                else:
+                    rnd.future.set_result(result)
+                self._round_finished(js, rnd)
+                return
+            self._pump(js)
+
+    def _fail(self, js, rnd, error) -> None:
+        rnd.done = True
+        self._log("round_failed", js, round=rnd.number, error=repr(error))
+        rnd.future.set_exception(error)
+        self._round_finished(js, rnd)
+
+    def _round_finished(self, js, rnd) -> None:
+        if rnd.deadline_timer is not None:
+            rnd.deadline_timer.cancel()
+        if rnd.timer is not None:
+            rnd.timer.cancel()
+        js.predictor.close_round(rnd.arrived, js.expected)
+        nxt = rnd.number + 1
+        last = js.job.rounds is not None and nxt >= js.job.first_round + js.job.rounds
+        if last:
+            js.finished = True
+            js.open = None
+        if js.deployment is not None and (not self.policy.keep_between_rounds or js.finished):
+            if not js.deployment.busy:
+                self._release(js, "round done")
+        if not last:
+            self._open_round(js, nxt)
+
+    def _log(self, event: str, js=None, **inputs) -> None:
+        rec = {"t": self.clock.now(), "event": event, "job": js.job.id if js is not None else None, **inputs}
+        self.decisions.append(rec)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s", rec)

@@ -1,0 +1,98 @@
+"""Cost model: how long aggregation work takes, and what a deployment's start-up costs.
+
+    fold(n updates)  = call_s + (update bytes [+ host-to-device copy] + 2 * accumulator bytes) / throughput
+    finalize         = call_s + (accumulator bytes + output bytes) / throughput
+    deployment       = startup_s (user-set: a process, container or GPU context cold start)
+
+Throughput and per-call overhead are calibrated by running the real kernels (:meth:`CostModel.calibrate`: a
+least-squares fit of time against bytes over several sizes), saved to a JSON file and reused. Updates that arrive in
+host memory pay the host-to-device copy on a GPU backend (``h2d_Bps``), which the CPU backends do not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+import jitkernels as jk
+
+
+@dataclass
+class BackendCost:
+    throughput_Bps: float  # bytes moved per second by a fused fold
+    call_s: float = 50e-6  # fixed cost per kernel call
+    h2d_Bps: float | None = None  # host-to-device copy bandwidth (GPU backends only)
+
+
+@dataclass
+class CostModel:
+    backends: dict = field(default_factory=lambda: {"cpu": BackendCost(10e9)})
+    startup_s: float = 0.0
+    backend: str = "cpu"
+    acc_itemsize: int = 4
+
+    def _b(self, backend=None) -> BackendCost:
+        return self.backends[backend or self.backend]
+
+    def fold_s(self, update_bytes: float, n_updates: int, model_elems: int, backend=None) -> float:
+        if n_updates <= 0:
+            return 0.0
+        b = self._b(backend)
+        t = b.call_s + (update_bytes + 2 * model_elems * self.acc_itemsize) / b.throughput_Bps
+        if b.h2d_Bps:
+            t += update_bytes / b.h2d_Bps
+        return t
+
+    def finalize_s(self, model_elems: int, out_itemsize: int = 4, backend=None) -> float:
+        b = self._b(backend)
+        return b.call_s + model_elems * (self.acc_itemsize + out_itemsize) / b.throughput_Bps
+
+    # --- files -------------------------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {"backends": {k: asdict(v) for k, v in self.backends.items()}, "startup_s": self.startup_s,
+                "backend": self.backend, "acc_itemsize": self.acc_itemsize}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "CostModel":
+        return cls(backends={k: BackendCost(**v) for k, v in d["backends"].items()}, startup_s=d["startup_s"],
+                   backend=d["backend"], acc_itemsize=d.get("acc_itemsize", 4))
+
+    def save(self, path) -> None:
+        from jitkernels.state import atomic_write
+
+        atomic_write(os.fspath(path), json.dumps(self.to_json(), indent=2).encode())
+
+    @classmethod
+    def load(cls, path) -> "CostModel":
+        with open(path) as f:
+            return cls.from_json(json.load(f))
+
+    # --- calibration -------------------------------------------------------------------------------------------
+    @classmethod
+    def calibrate(cls, *, backend: str = "auto", sizes=(100_000, 1_000_000, 8_000_000), k: int = 8,
+                  repeats: int = 3, startup_s: float = 0.0, progress=None) -> "CostModel":
+        """Fit throughput and per-call overhead by timing the real ``fold_many`` of k float32 updates."""
+        xs, ys = [], []
+        rng = np.random.default_rng(0)
+        for n in sizes:
+            ups = [rng.standard_normal(n).astype(np.float32) for _ in range(k)]
+            agg = jk.Aggregator(ups[0], backend=backend)
+            adm = agg.admit_many(ups, [1.0] * k, list(range(k)))
+            agg.fold_many(adm)  # warm-up: compile, first touch
+            best = float("inf")
+            for _ in range(repeats):
+                agg.reset(reuse=True)
+                t0 = time.perf_counter()
+                agg.fold_many(adm)
+                best = min(best, time.perf_counter() - t0)
+            xs.append(k * n * 4 + 2 * n * 4)
+            ys.append(best)
+            if progress:
+                progress(n, best)
+        slope, intercept = np.polyfit(np.array(xs, float), np.array(ys), 1)
+        throughput = 1.0 / slope if slope > 0 else max(x / y for x, y in zip(xs, ys))
+        return cls(backends={"cpu": BackendCost(throughput, max(intercept, 1e-6))}, startup_s=startup_s)

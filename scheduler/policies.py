@@ -1,0 +1,111 @@
+"""When to deploy an aggregator for a round: eager, lazy, jit, oracle.
+
+Each policy answers one question, ``deploy_at(sched, job, round)``: the time at which the job's aggregator should be
+deployed (start-up included) for its open round, or ``None`` for "not yet known; ask again on the next arrival". The
+scheduler does everything else (slots, folding, release, metrics) the same way for all of them.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+class Policy:
+    name = "policy"
+    keep_between_rounds = False  # eager keeps its deployment for the job's whole life
+    fold_on_arrival = True  # once deployed, fold updates as they come (in batches of what is pending)
+
+    def deploy_at(self, sched, js, rnd):
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+class Eager(Policy):
+    """Today's platforms: deployed from the job's start to its end, folding each update on arrival."""
+
+    name = "eager"
+    keep_between_rounds = True
+
+    def deploy_at(self, sched, js, rnd):
+        return sched.clock.now(), {}
+
+
+class Lazy(Policy):
+    """Deploy when the quorum is in and fold everything then: the resource floor and the latency ceiling."""
+
+    name = "lazy"
+
+    def deploy_at(self, sched, js, rnd):
+        return (rnd.quorum_time, {}) if rnd.quorum_time is not None else (None, {"waiting": "quorum"})
+
+
+class JIT(Policy):
+    """Deploy at the latest start that meets the quorum time's alpha-quantile:
+
+        deploy_at = round_start + Q_alpha(T_q) - work(remaining updates + finalize) - startup (if not deployed)
+
+    then fold the buffered updates in one fused batch and the rest as they come. alpha is the accepted risk that the
+    quorum arrives before the aggregator is ready (then the round waits for the start-up and the backlog). Before
+    any response has been seen (and with no prior) it deploys at once, as eager would: no prediction is possible.
+    """
+
+    name = "jit"
+
+    def __init__(self, alpha: float = 0.05):
+        if not 0 < alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        self.alpha = alpha
+
+    def deploy_at(self, sched, js, rnd):
+        now = sched.clock.now()
+        if rnd.quorum_time is not None:
+            return now, {"quorum": "reached"}
+        need = rnd.quorum - len(rnd.members)
+        pending = [p for p in js.expected if p not in rnd.arrived]
+        q = js.predictor.quorum_quantile(pending, need, now - rnd.start, self.alpha)
+        if math.isinf(q):
+            if not js.predictor.has_history():  # cold start: nothing to predict from, so behave like eager
+                return now, {"quantile": "unknown (no history yet)", "need": need}
+            return None, {"quantile": "inf", "need": need}
+        work = sched.work_estimate(js, rnd)
+        startup = 0.0 if js.deployment is not None else sched.cost.startup_s
+        t = rnd.start + q - work - startup
+        return t, {"quantile_s": round(q, 6), "work_s": round(work, 6), "startup_s": startup, "alpha": self.alpha}
+
+    def __repr__(self):
+        return f"JIT(alpha={self.alpha})"
+
+
+class Oracle(Policy):
+    """Knows the true quorum time (from the simulator): a bound no online policy can beat."""
+
+    name = "oracle"
+
+    def __init__(self, quorum_time_fn):
+        self.quorum_time_fn = quorum_time_fn  # (job_id, round) -> absolute time of the q-th arrival
+
+    def deploy_at(self, sched, js, rnd):
+        t_q = self.quorum_time_fn(js.job.id, rnd.number)
+        if t_q is None:
+            return None, {"oracle": "no quorum"}
+        work = sched.work_estimate(js, rnd)
+        startup = 0.0 if js.deployment is not None else sched.cost.startup_s
+        return t_q - work - startup, {"true_quorum": t_q, "work_s": work, "startup_s": startup}
+
+
+def make(policy, *, alpha: float = 0.05, oracle=None) -> Policy:
+    if isinstance(policy, Policy):
+        return policy
+    if policy == "eager":
+        return Eager()
+    if policy == "lazy":
+        return Lazy()
+    if policy == "jit":
+        return JIT(alpha)
+    if policy == "oracle":
+        if oracle is None:
+            raise ValueError("the oracle policy needs oracle=(job_id, round) -> true quorum time")
+        return Oracle(oracle)
+    raise ValueError(f"unknown policy {policy!r}; choose eager, lazy, jit or oracle")

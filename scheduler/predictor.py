@@ -1,0 +1,201 @@
+"""Arrival prediction: per-party response-time models and the distribution of a round's quorum time.
+
+Each party's response time (round start -> its update) is modelled as log-normal with a running location and spread
+(exponentially weighted mean and variance of log response time, so drift is followed), and a participation rate
+(exponentially weighted share of rounds the party answered in, so intermittent parties and parties that drop out
+and return are followed). A party with no history borrows the job's pooled model.
+
+The quorum time T_q of a round, the time the q-th update arrives, has
+    P(T_q <= t) = P(sum_i B_i(t) >= q - a),   B_i(t) ~ Bernoulli(pi_i(t)),
+over the parties still pending at time tau (a have arrived), with the arrival probability of a pending party
+conditioned on its not having arrived by tau:
+    pi_i(t) = p_i (F_i(t) - F_i(tau)) / (1 - p_i F_i(tau)).
+The sum is Poisson-binomial: exact by dynamic programming for small rounds, a normal approximation with continuity
+correction for large ones. The scheduler plans on the alpha-quantile of T_q, alpha being the risk it accepts of
+the quorum coming in before the aggregator is ready: a stated risk instead of an ad-hoc safety margin.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+SQRT2 = math.sqrt(2.0)
+EXACT_MAX = 400  # pending parties up to which the Poisson-binomial tail is computed exactly
+
+
+def _phi(z: float) -> float:
+    return 0.5 * math.erfc(-z / SQRT2)
+
+
+@dataclass
+class PartyModel:
+    """Running log-normal model of one party's response time, and its participation rate."""
+
+    halflife: float = 8.0  # rounds
+    mu: float = float("nan")  # EW mean of log response time
+    var: float = 0.0  # EW variance of log response time
+    n: int = 0  # responses seen
+    participation: float = 1.0  # EW share of rounds answered
+    rounds: int = 0
+
+    @property
+    def _a(self) -> float:
+        return 1.0 - 0.5 ** (1.0 / self.halflife)
+
+    def observe(self, response_s: float) -> None:
+        y = math.log(max(response_s, 1e-9))
+        if self.n == 0:
+            self.mu, self.var = y, 0.0
+        else:
+            # first responses weigh more (a running mean) until the EW window takes over
+            a = max(self._a, 1.0 / (self.n + 1))
+            d = y - self.mu
+            self.mu += a * d
+            self.var = (1 - a) * (self.var + a * d * d)
+        self.n += 1
+
+    def close_round(self, answered: bool) -> None:
+        a = max(self._a, 1.0 / (self.rounds + 1))
+        self.participation += a * ((1.0 if answered else 0.0) - self.participation)
+        self.rounds += 1
+
+
+@dataclass(frozen=True)
+class LogNormal:
+    mu: float
+    sigma: float
+
+    def cdf(self, t: float) -> float:
+        if t <= 0:
+            return 0.0
+        if self.sigma <= 0:
+            return 1.0 if math.log(t) >= self.mu else 0.0
+        return _phi((math.log(t) - self.mu) / self.sigma)
+
+    def quantile_upper(self, z: float = 6.0) -> float:
+        return math.exp(self.mu + z * max(self.sigma, 1e-3))
+
+
+class Predictor:
+    """Per-party models of one job, and quorum-time quantiles for its rounds."""
+
+    def __init__(self, *, halflife: float = 8.0, min_sigma: float = 0.02, prior_s: float | None = None,
+                 prior_cv: float = 0.5):
+        self.halflife = halflife
+        self.min_sigma = min_sigma
+        self.prior_s = prior_s
+        self.prior_cv = prior_cv
+        self.parties: dict = {}
+
+    def model(self, party) -> PartyModel:
+        m = self.parties.get(party)
+        if m is None:
+            m = self.parties[party] = PartyModel(halflife=self.halflife)
+        return m
+
+    def observe(self, party, response_s: float) -> None:
+        self.model(party).observe(response_s)
+
+    def has_history(self) -> bool:
+        return self.prior_s is not None or any(m.n > 0 for m in self.parties.values())
+
+    def close_round(self, answered, expected) -> None:
+        """Update participation: ``answered`` parties responded this round, the rest of ``expected`` did not."""
+        answered = set(answered)
+        for p in expected:
+            self.model(p).close_round(p in answered)
+
+    def _pooled(self) -> LogNormal | None:
+        seen = [m for m in self.parties.values() if m.n > 0]
+        if not seen:
+            if self.prior_s is None:
+                return None
+            s = math.sqrt(math.log1p(self.prior_cv ** 2))
+            return LogNormal(math.log(self.prior_s) - s * s / 2, s)
+        mu = sum(m.mu for m in seen) / len(seen)
+        # spread across parties plus within: a newcomer could be any of them
+        var = sum(m.var + (m.mu - mu) ** 2 for m in seen) / len(seen)
+        return LogNormal(mu, max(math.sqrt(var), self.min_sigma))
+
+    def distribution(self, party) -> tuple[LogNormal | None, float]:
+        """(response-time distribution, participation rate) of a party (pooled if it has no history)."""
+        m = self.parties.get(party)
+        if m is None or m.n == 0:
+            return self._pooled(), (m.participation if m is not None else 1.0)
+        # one observation says little about spread: widen towards the pooled spread until a few are in
+        sigma = math.sqrt(m.var) if m.n >= 3 else max(math.sqrt(m.var), self.prior_cv)
+        return LogNormal(m.mu, max(sigma, self.min_sigma)), m.participation
+
+    # --- quorum time -------------------------------------------------------------------------------------------
+    def quorum_cdf_fn(self, pending, need: int, tau: float):
+        """t -> P(T_q <= t) for ``need`` more arrivals among ``pending`` parties, given none arrived by ``tau``."""
+        terms = []
+        for p in pending:
+            dist, part = self.distribution(p)
+            if dist is None:
+                continue
+            f_tau = dist.cdf(tau)
+            denom = 1.0 - part * f_tau
+            if denom <= 1e-12:
+                continue
+            terms.append((dist, part, f_tau, denom))
+
+        def cdf(t: float) -> float:
+            if need <= 0:
+                return 1.0
+            probs = [max(0.0, part * (d.cdf(t) - f_tau) / denom) for d, part, f_tau, denom in terms]
+            return poisson_binomial_tail(probs, need)
+
+        return cdf, terms
+
+    def quorum_quantile(self, pending, need: int, tau: float, alpha: float) -> float:
+        """The alpha-quantile of the quorum time (seconds since round start), or ``inf`` when the quorum is not
+        reached with probability alpha at all (too few parties left, or nothing learned yet)."""
+        if need <= 0:
+            return tau
+        cdf, terms = self.quorum_cdf_fn(pending, need, tau)
+        if len(terms) < need:
+            return math.inf
+        hi = max(d.quantile_upper() for d, *_ in terms)
+        hi = max(hi, tau * 2 + 1e-6)
+        if cdf(hi) < alpha:
+            return math.inf
+        lo = tau
+        if cdf(lo) >= alpha:
+            return tau
+        for _ in range(60):  # bisection to ~1e-18 of the range
+            mid = 0.5 * (lo + hi)
+            if cdf(mid) >= alpha:
+                hi = mid
+            else:
+                lo = mid
+            if hi - lo <= 1e-6 * max(1.0, hi):
+                break
+        return hi
+
+
+def poisson_binomial_tail(probs, need: int) -> float:
+    """P(sum of independent Bernoulli(p_i) >= need)."""
+    n = len(probs)
+    if need <= 0:
+        return 1.0
+    if need > n:
+        return 0.0
+    if n <= EXACT_MAX:
+        # dist[c] = P(count == c) for c < need; everything >= need is folded into the tail
+        dist = [1.0] + [0.0] * (need - 1)
+        tail = 0.0
+        for p in probs:
+            if p <= 0.0:
+                continue
+            tail += dist[need - 1] * p
+            for c in range(need - 1, 0, -1):
+                dist[c] = dist[c] * (1 - p) + dist[c - 1] * p
+            dist[0] *= 1 - p
+        return min(1.0, max(0.0, tail))
+    mean = sum(probs)
+    var = sum(p * (1 - p) for p in probs)
+    if var <= 1e-12:
+        return 1.0 if mean >= need - 0.5 else 0.0
+    return 1.0 - _phi((need - 0.5 - mean) / math.sqrt(var))

@@ -1,0 +1,104 @@
+"""Arrival prediction: quorum-time quantiles are calibrated, follow drift, and track intermittent parties."""
+
+import itertools
+import math
+import random
+
+import pytest
+
+from scheduler import Predictor, poisson_binomial_tail
+
+
+def test_poisson_binomial_tail_exact_and_normal():
+    probs = [0.1, 0.5, 0.9, 0.3, 0.7]
+    for need in range(0, 7):
+        brute = sum(math.prod(p if b else 1 - p for p, b in zip(probs, bits))
+                    for bits in itertools.product([0, 1], repeat=5) if sum(bits) >= need)
+        assert poisson_binomial_tail(probs, need) == pytest.approx(brute, abs=1e-12)
+    big = [0.3] * 2000  # normal approximation past EXACT_MAX
+    assert poisson_binomial_tail(big, 600) == pytest.approx(0.5, abs=0.02)
+
+
+def _round_times(rng, means, jitter):
+    return {p: m * math.exp(rng.gauss(0, jitter)) for p, m in means.items()}
+
+
+@pytest.mark.parametrize("jitter", [0.05, 0.2])
+def test_quantile_is_calibrated_on_periodic_arrivals(jitter):
+    rng = random.Random(3)
+    means = {p: 100 * (1 + 0.05 * p) for p in range(10)}
+    pred, alpha, q = Predictor(), 0.1, 8
+    hits = trials = 0
+    for r in range(400):
+        times = _round_times(rng, means, jitter)
+        if r >= 30:
+            est = pred.quorum_quantile(list(means), q, 0.0, alpha)
+            hits += sorted(times.values())[q - 1] < est
+            trials += 1
+        for p, t in times.items():
+            pred.observe(p, t)
+        pred.close_round(times, means)
+    assert alpha / 2.5 <= hits / trials <= alpha * 2.5
+
+
+def test_conditioning_on_arrivals_so_far():
+    rng = random.Random(0)
+    means = {p: 100.0 for p in range(5)}
+    pred = Predictor()
+    for _ in range(30):
+        for p, t in _round_times(rng, means, 0.1).items():
+            pred.observe(p, t)
+    q0 = pred.quorum_quantile(list(means), 5, 0.0, 0.05)
+    # 110 s in and nobody has answered: the quorum is later than the unconditional quantile, and after now
+    q1 = pred.quorum_quantile(list(means), 5, 110.0, 0.05)
+    assert q1 > 110.0 and q1 > q0
+    # four answered: one more needed, from one party
+    assert pred.quorum_quantile([4], 1, 50.0, 0.05) < q0
+
+
+def test_follows_drift():
+    rng = random.Random(1)
+    pred = Predictor(halflife=5)
+    for r in range(80):
+        scale = 100 if r < 40 else 200
+        for p, t in _round_times(rng, {p: scale for p in range(6)}, 0.05).items():
+            pred.observe(p, t)
+    med = pred.quorum_quantile(list(range(6)), 3, 0.0, 0.5)
+    assert 170 < med < 230
+
+
+def test_parties_that_drop_out_and_return():
+    rng = random.Random(2)
+    means = {p: 100.0 for p in range(4)}
+    pred = Predictor(halflife=4)
+    for _ in range(10):
+        times = _round_times(rng, means, 0.1)
+        for p, t in times.items():
+            pred.observe(p, t)
+        pred.close_round(times, means)
+    assert math.isfinite(pred.quorum_quantile(list(means), 4, 0.0, 0.05))
+    for _ in range(20):  # party 0 stops answering
+        times = {p: t for p, t in _round_times(rng, means, 0.1).items() if p != 0}
+        for p, t in times.items():
+            pred.observe(p, t)
+        pred.close_round(times, means)
+    assert pred.model(0).participation < 0.1
+    assert math.isinf(pred.quorum_quantile(list(means), 4, 0.0, 0.05))  # all four: unlikely now
+    assert math.isfinite(pred.quorum_quantile(list(means), 3, 0.0, 0.05))
+    for _ in range(20):  # it comes back
+        times = _round_times(rng, means, 0.1)
+        for p, t in times.items():
+            pred.observe(p, t)
+        pred.close_round(times, means)
+    assert pred.model(0).participation > 0.9
+    assert math.isfinite(pred.quorum_quantile(list(means), 4, 0.0, 0.05))
+
+
+def test_newcomers_borrow_the_pooled_model_and_cold_start_is_unknown():
+    pred = Predictor()
+    assert math.isinf(pred.quorum_quantile(["a", "b"], 2, 0.0, 0.05)) and not pred.has_history()
+    for t in (90, 100, 110):
+        pred.observe("a", t)
+    q = pred.quorum_quantile(["new"], 1, 0.0, 0.5)
+    assert 80 < q < 120
+    assert Predictor(prior_s=60.0).has_history()

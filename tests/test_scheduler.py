@@ -1,0 +1,213 @@
+"""The JIT scheduler on a virtual clock: exact accounting on hand-computed scenarios, policies, slots, errors."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+
+import jitkernels as jk
+from scheduler import (Backpressure, BackendCost, CostModel, JITScheduler, Job, LateUpdate, QuorumUnreachable,
+                       UnknownParty, VirtualClock)
+
+# fold(n) = (n * 4000 + 8000) / 1e6 s; finalize = 8000 / 1e6 s; start-up 1 s
+COST = CostModel(backends={"cpu": BackendCost(1e6, 0.0)}, startup_s=1.0)
+
+
+def _two_party_round(policy):
+    clk = VirtualClock()
+    sched = JITScheduler(policy, slots=1, clock=clk, cost=COST, oracle=lambda j, r: 20.0)
+    sched.add_job(Job("a", parties=["p0", "p1"], quorum=2, rounds=1, model_elems=1000, update_bytes=4000))
+    clk.call_at(10.0, sched.submit, "a", 0, "p0", None, 1.0)
+    clk.call_at(20.0, sched.submit, "a", 0, "p1", None, 1.0)
+    clk.run()
+    assert sched.result("a", 0).done()
+    return sched.metrics()["a"]
+
+
+@pytest.mark.parametrize("policy,deployed,busy,latency", [
+    # lazy: deploy at the quorum (20), ready 21, fold both (0.016), finalize (0.008)
+    ("lazy", 1.024, 0.024, 1.024),
+    # eager: deployed 0 .. 20.020; folds at 10 and 20 (0.012 each), finalize 0.008
+    ("eager", 20.020, 0.032, 0.020),
+    # oracle: knows T_q = 20, plans work 0.024 + start-up 1: deploys at 18.976; folds p0 at 19.976, p1 at 20
+    ("oracle", 20.020 - 18.976, 0.032, 0.020),
+])
+def test_hand_computed_accounting(policy, deployed, busy, latency):
+    m = _two_party_round(policy)
+    assert m["deployed_s"] == pytest.approx(deployed, abs=1e-9)
+    assert m["busy_s"] == pytest.approx(busy, abs=1e-9)
+    assert m["latency_p50_s"] == pytest.approx(latency, abs=1e-9)
+    assert m["deployments"] == 1 and m["rounds"] == 1
+
+
+def _periodic(policy, *, jitter=0.05, rounds=30, startup=5.0, parties=10, seed=1, quorum=1.0, alpha=0.05):
+    """Rounds start when the previous model is ready; party i answers after 100 * (1 + 0.05 i) * (1 + jitter N)."""
+    clk = VirtualClock()
+    truth = {}
+    cost = CostModel(backends={"cpu": BackendCost(1e9, 0.0)}, startup_s=startup)
+    sched = JITScheduler(policy, slots=1, clock=clk, cost=cost, alpha=alpha, oracle=lambda j, r: truth.get(r))
+    ids = list(range(parties))
+    job = Job("a", parties=ids, quorum=quorum, rounds=rounds, model_elems=10_000_000, update_bytes=40_000_000)
+    sched.add_job(job)
+    rng = random.Random(seed)
+    q = job.quorum_count()
+
+    def start(r, t0):
+        times = sorted(t0 + 100 * (1 + 0.05 * p) * max(0.05, 1 + jitter * rng.gauss(0, 1)) for p in ids)
+        truth[r] = times[q - 1]
+        for p, t in zip(ids, times):
+            clk.call_at(t, sched.submit, "a", r, p, None, 1.0)
+
+    for r in range(rounds):
+        sched.result("a", r).add_done_callback(lambda f, r=r: start(r + 1, clk.now()) if r + 1 < rounds else None)
+    start(0, 0.0)
+    clk.run()
+    return sched.metrics()["a"], sched
+
+
+def test_jit_saves_most_of_lazys_saving_with_little_latency():
+    eager, _ = _periodic("eager")
+    lazy, _ = _periodic("lazy")
+    jit, sched = _periodic("jit")
+    oracle, _ = _periodic("oracle")
+    saving = (eager["deployed_s"] - jit["deployed_s"]) / (eager["deployed_s"] - lazy["deployed_s"])
+    assert saving > 0.85
+    assert jit["latency_p50_s"] <= eager["latency_p50_s"] + 1e-9
+    assert lazy["latency_p50_s"] > 5.0  # lazy pays the start-up on every round
+    assert oracle["deployed_s"] <= jit["deployed_s"]
+    # every decision is logged with its inputs
+    plans = [d for d in sched.decisions if d["event"] == "deploy_planned"]
+    assert plans and {"quantile_s", "work_s", "startup_s", "alpha"} <= set(plans[-1]["plan"])
+
+
+def test_same_arrivals_for_every_policy_give_same_membership():
+    # common random numbers: the draws depend on the seed, not on the policy's timing
+    a, sa = _periodic("eager", rounds=5)
+    b, sb = _periodic("lazy", rounds=5)
+    ma = [sorted(r.members) for r in sa.jobs["a"].rounds.values()]
+    mb = [sorted(r.members) for r in sb.jobs["a"].rounds.values()]
+    assert ma == mb
+
+
+def test_quorum_fraction_fixes_membership_and_rejects_late():
+    clk = VirtualClock()
+    sched = JITScheduler("lazy", clock=clk, cost=COST)
+    sched.add_job(Job("a", parties=list("abcd"), quorum=0.5, rounds=2, model_elems=1000, update_bytes=4000))
+    for t, p in [(1, "a"), (2, "b")]:
+        clk.call_at(t, sched.submit, "a", 0, p, None, 1.0)
+    clk.run(until=10)
+    assert sched.jobs["a"].rounds[0].members == ["a", "b"]
+    with pytest.raises(LateUpdate, match="'c'"):
+        sched.submit("a", 0, "c", None, 1.0)
+    with pytest.raises(UnknownParty):
+        sched.submit("a", 1, "zz", None, 1.0)
+    with pytest.raises(jk.InvalidWeight):
+        sched.submit("a", 1, "a", None, -1.0)
+
+
+def test_late_updates_can_go_to_the_next_round():
+    clk = VirtualClock()
+    sched = JITScheduler("lazy", clock=clk, cost=COST)
+    sched.add_job(Job("a", parties=list("abc"), quorum=2, rounds=2, model_elems=1000, update_bytes=4000,
+                      late="next_round"))
+    for t, p in [(1, "a"), (2, "b"), (3, "c")]:
+        clk.call_at(t, sched.submit, "a", 0, p, None, 1.0)
+    clk.run()
+    assert sched.jobs["a"].rounds[1].members == ["c"]
+    assert any(d["event"] == "late_to_next_round" for d in sched.decisions)
+
+
+def test_unreachable_quorum_resolves_with_a_typed_error_or_partial():
+    for rule in ("error", "partial"):
+        clk = VirtualClock()
+        sched = JITScheduler("jit", clock=clk, cost=COST)
+        sched.add_job(Job("a", parties=list("abc"), quorum=3, rounds=1, deadline_s=50.0, model_elems=1000,
+                          update_bytes=4000, unreachable=rule))
+        clk.call_at(5, sched.submit, "a", 0, "a", None, 1.0)
+        clk.run()
+        fut = sched.result("a", 0)
+        if rule == "error":
+            with pytest.raises(QuorumUnreachable, match="deadline"):
+                fut.result()
+        else:
+            assert fut.done() and fut.exception() is None
+        assert sched.metrics()["a"]["unreachable_rounds"] == 1
+
+
+def test_dropped_parties_make_a_round_unreachable():
+    clk = VirtualClock()
+    sched = JITScheduler("lazy", clock=clk, cost=COST)
+    sched.add_job(Job("a", parties=list("abc"), quorum=3, rounds=1, model_elems=1000, update_bytes=4000))
+    clk.call_at(1, sched.submit, "a", 0, "a", None, 1.0)
+    clk.call_at(2, sched.drop_party, "a", "b")
+    clk.run()
+    with pytest.raises(QuorumUnreachable, match="parties left"):
+        sched.result("a", 0).result()
+
+
+def test_burst_stays_within_byte_budget_plus_one_update():
+    clk = VirtualClock()
+    budget = 10 * 4000
+    sched = JITScheduler("lazy", clock=clk, cost=COST, byte_budget=budget)
+    parties = list(range(100))
+    sched.add_job(Job("a", parties=parties, quorum=100, rounds=1, model_elems=1000, update_bytes=4000))
+    accepted, refused = [], []
+
+    def burst(p):
+        try:
+            sched.submit("a", 0, p, None, 1.0)
+            accepted.append(p)
+        except Backpressure:
+            refused.append(p)
+            clk.call_later(0.05, burst, p)  # the client retries
+
+    for p in parties:  # 10x the budget at once
+        clk.call_at(1.0, burst, p)
+    clk.run()
+    assert refused and sorted(accepted) == parties
+    assert sched.peak_buffered_bytes <= budget + 4000
+    assert sched.result("a", 0).done()
+
+
+def test_least_laxity_first_and_preemption_of_idle_deployments():
+    clk = VirtualClock()
+    cost = CostModel(backends={"cpu": BackendCost(1e9, 0.0)}, startup_s=2.0)
+    sched = JITScheduler("eager", slots=1, clock=clk, cost=cost, hysteresis_s=0.5)
+    sched.add_job(Job("a", parties=["x"], quorum=1, rounds=1, model_elems=1000, update_bytes=4000))
+    sched.add_job(Job("b", parties=["y"], quorum=1, rounds=1, model_elems=1000, update_bytes=4000))
+    clk.call_at(50, sched.submit, "b", 0, "y", None, 1.0)
+    clk.call_at(100, sched.submit, "a", 0, "x", None, 1.0)
+    clk.run()
+    assert sched.result("a", 0).done() and sched.result("b", 0).done()
+    events = [(d["event"], d["job"]) for d in sched.decisions if d["event"] in ("deploy", "wait_slot", "preempt")]
+    assert events[0] == ("deploy", "a") and ("wait_slot", "b") in events
+
+
+def test_real_aggregation_on_virtual_clock_equals_direct_fold():
+    rng = np.random.default_rng(0)
+    tmpl = {"w": np.zeros((20, 10), np.float32), "b": np.zeros(10, np.float32)}
+    ups = {p: {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in tmpl.items()} for p in range(6)}
+    clk = VirtualClock()
+    sched = JITScheduler("jit", clock=clk, cost=COST)
+    sched.add_job(Job("a", template=tmpl, parties=list(ups), quorum=6, rounds=1))
+    for i, p in enumerate(ups):
+        clk.call_at(10.0 * (i + 1), sched.submit, "a", 0, p, ups[p], float(p + 1))
+    clk.run()
+    got = sched.result("a", 0).result()
+    ref = jk.Aggregator(tmpl)
+    ref.fold_many(list(ups.values()), [p + 1 for p in ups], parties=list(ups))
+    want = ref.finalize()
+    np.testing.assert_allclose(got["w"], want["w"], rtol=1e-6)
+    with pytest.raises(jk.LayoutMismatch):
+        sched.submit("a", 1, 0, {"w": np.zeros(3, np.float32)}, 1.0)
+
+
+def test_cost_model_calibrates_saves_and_loads(tmp_path):
+    cm = CostModel.calibrate(sizes=(20_000, 200_000), k=4, repeats=2, startup_s=3.0)
+    b = cm.backends["cpu"]
+    assert b.throughput_Bps > 1e8 and b.call_s > 0 and cm.startup_s == 3.0
+    cm.save(tmp_path / "cost.json")
+    again = CostModel.load(tmp_path / "cost.json")
+    assert again == cm
+    assert again.fold_s(4000 * 10, 10, 1000) == pytest.approx(b.call_s + (40000 + 8000) / b.throughput_Bps)
