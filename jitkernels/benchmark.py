@@ -14,16 +14,17 @@ What is measured, per workload (N float32 elements in uneven leaves, k updates):
   ``k*N*itemsize(in) + 2*N*4`` (each update read once; the float32 accumulator read and written once; int8 counts
   values and scales).
 * **fold**: the same k updates folded one call at a time (``agg.fold(a)``, as they would arrive). Bytes moved:
-  ``k*(N*itemsize(in) + 2*N*4)``: the accumulator is read and written once per call.
+  ``k*(N*itemsize(in) + 2*N*4)``: the accumulator is read and written once per call. A call's fixed cost is
+  measured apart, on the same layout shrunk to one element per leaf.
 * **admit_many**: the admission stats pass alone over the k raw updates. Bytes moved: ``k*N*itemsize(in)``.
 * **peers** on the same float32 updates (:data:`PEERS`): numpy eager ``acc += w*u``, torch ``add_(alpha=)`` and
   ``_foreach_add_``, Flower's ``aggregate``/``aggregate_inplace``, NVFlare's ``WeightedAggregationHelper``; their
   roofline counts the bytes of the fused float32 fold, the least any method moves for the job.
 
 Every measurement is **interleaved** with the probe (probe, kernel, probe, kernel, ..., probe): the probe drifts
-10-20 % over a run, so a row reports its median time, the median of the probes around it, and
-``fraction of roofline = (bytes / B) / time``. Above 1 means the data were partly served from cache (a workload
-whose updates fit in the last-level cache).
+over a run (10-20 %, up to 2x on a shared host), so a row reports its median time, the median of the probes
+around it, and ``fraction of roofline = (bytes / B) / time``. Above 1 means the data were partly served from cache
+(a workload whose updates fit in the last-level cache).
 
 Accumulators are kept across repetitions, as a server keeps them across rounds: jitkernels clears its own with
 ``agg.reset(reuse=True)`` (zeroed in place) and numpy/torch eager get theirs zeroed, both untimed, so no timing pays
@@ -507,7 +508,7 @@ def _row(wl, method, backend, dtype, timing=None, nbytes=None, mem=(None, None),
     row = {"workload": wl.label, "n": wl.n, "leaves": wl.leaves, "k": wl.k, "kind": kind, "method": method,
            "backend": backend, "dtype": dtype, "time_s": None, "times_s": None, "reps": 0, "probe_gbps": None,
            "probe_gbps_all": None, "bytes": nbytes, "frac_roofline": None, "us_per_call": None,
-           "overhead_us_per_call": None, "vs_numpy_eager": None, "jk_speedup": None, "traced_peak_bytes": mem[0],
+           "extra_us_per_update": None, "vs_numpy_eager": None, "jk_speedup": None, "traced_peak_bytes": mem[0],
            "rss_peak_bytes": mem[1], "note": note}
     if timing is not None:
         row.update(time_s=timing.time, times_s=timing.times, reps=len(timing.times), probe_gbps=timing.bandwidth,
@@ -539,6 +540,20 @@ def _measure(wl, method, backend, dtype, fn, probe, nbytes, clear=None, kind="ji
     return _row(wl, method, backend, dtype, interleaved(fn, probe, setup=clear), nbytes, mem, kind=kind)
 
 
+def _dispatch_row(wl, backend, probe):
+    """The fixed cost of one ``agg.fold(a)`` call: k calls on the workload's layout shrunk to one element per leaf
+    (same leaf count, so the same tables and checks; the bytes are negligible)."""
+    tiny = make_workload(wl.leaves, wl.leaves, wl.k)
+    agg, adm = prepare(tiny, backend, "float32")
+
+    def clear():
+        agg.reset(reuse=True)
+
+    row = _measure(wl, "fold, 1 elem/leaf", backend, "float32", lambda: fold_each(agg, adm), probe, None, clear)
+    row["us_per_call"] = row["time_s"] / wl.k * 1e6
+    return row
+
+
 def _bench_jitkernels(wl, probe, backends, dtypes, bar):
     rows = []
     acc2 = 2 * wl.n * ACC_ITEMSIZE  # the accumulator, read and written
@@ -559,11 +574,13 @@ def _bench_jitkernels(wl, probe, backends, dtypes, bar):
             rows.append(_measure(wl, "fold_many", backend, dtype, lambda: fold_many(agg, adm), probe, ub + acc2, clear))
             bar.update()
             row = _measure(wl, "fold", backend, dtype, lambda: fold_each(agg, adm), probe, ub + wl.k * acc2, clear)
-            per_call = row["time_s"] / wl.k
-            row["us_per_call"] = per_call * 1e6
-            row["overhead_us_per_call"] = (per_call - row["bytes"] / wl.k / (row["probe_gbps"] * 1e9)) * 1e6
+            row["us_per_call"] = row["time_s"] / wl.k * 1e6
+            row["extra_us_per_update"] = (row["time_s"] - rows[-1]["time_s"]) / wl.k * 1e6
             rows.append(row)
             bar.update()
+            if dtype == "float32":
+                rows.append(_dispatch_row(wl, backend, probe))
+                bar.update()
             clear()  # admission refuses parties already folded into the state
             rows.append(_measure(wl, "admit_many", backend, dtype, lambda: admit(agg, wl, dtype), probe, ub))
             bar.update()
@@ -598,6 +615,9 @@ def _bench_peers(wl, probe, rows, bar):
     return out
 
 
+FOLDS = ("fold_many", "fold", "fold_many+finalize")
+
+
 def _ratios(rows):
     """``vs_numpy_eager`` (numpy eager time / row time) on float32 fold rows and peers; ``jk_speedup`` (peer time /
     jitkernels' best comparable time) on peers: fold_many for weighted sums, fold_many + finalize for averages."""
@@ -609,7 +629,7 @@ def _ratios(rows):
     for r in rows:
         if not r["time_s"]:
             continue
-        if eager and r["dtype"] == "float32" and r["method"] != "admit_many":
+        if eager and r["dtype"] == "float32" and (r["kind"] == "peer" or r["method"] in FOLDS):
             r["vs_numpy_eager"] = eager / r["time_s"]
         ref = best_avg if divides.get(r["method"]) else best_sum
         if r["kind"] == "peer" and ref:
@@ -642,7 +662,7 @@ def run(sizes=None, *, quick: bool = False, backends=None, dtypes=DTYPES, peers:
         _warm_up(backends, dtypes)
         probe = Probe(probe_mb)
         head = header(probe)
-        per_wl = len(backends) * len(dtypes) * 3 + (1 + len(PEERS) if peers else 0)
+        per_wl = len(backends) * (len(dtypes) * 3 + ("float32" in dtypes)) + (1 + len(PEERS) if peers else 0)
         rows = []
         with tqdm(total=per_wl * len(sizes), file=sys.stderr, disable=not progress, unit="measure") as bar:
             for n, leaves, k in sizes:
@@ -681,7 +701,7 @@ _COLUMNS = (  # title, width, row -> text
     ("MB", 7, lambda r: _f(r["bytes"], 1e-6, ".0f")),
     ("roofl", 5, lambda r: _f(r["frac_roofline"], 1, ".2f")),
     ("us/call", 7, lambda r: _f(r["us_per_call"], 1, ".0f")),
-    ("ovh us", 6, lambda r: _f(r["overhead_us_per_call"], 1, ".0f")),
+    ("+us/upd", 7, lambda r: _f(r["extra_us_per_update"], 1, ".0f")),
     ("x eager", 7, lambda r: _f(r["vs_numpy_eager"], 1, ".2f")),
     ("jk x", 6, lambda r: _f(r["jk_speedup"], 1, ".2f")),
     ("trc MB", 7, lambda r: _f(r["traced_peak_bytes"], 1e-6, ".0f")),
@@ -692,11 +712,13 @@ LEGEND = """\
 ms: median time; reps: repetitions (each between two probes); probe: median read bandwidth (GB/s) of the probes
 around them; MB: bytes the method must move (fold_many, peers: k*N*itemsize + 8N; fold: k*(N*itemsize + 8N);
 admit_many: k*N*itemsize; int8 counts values and scales); roofl: (MB / probe) / ms, above 1 = served partly from
-cache; us/call: fold's time per update; ovh us: that minus the call's bytes at probe bandwidth; x eager: numpy
-eager's time / this time (float32 rows); jk x: this peer's time / jitkernels' best float32 fold_many (or
-fold_many+finalize for peers that return the average); trc MB: peak numpy allocations (tracemalloc, results
-included; torch's allocator is not traced); RSS MB: peak resident-set growth. Neither counts the accumulators that
-jitkernels and numpy/torch eager reuse across repetitions (4N bytes); Flower and NVFlare allocate theirs per call."""
+cache (fold: the accumulator stays cached between calls when it fits); us/call: time per fold call ("fold, 1
+elem/leaf": a call's fixed cost, measured on the same layout shrunk to one element per leaf); +us/upd:
+(fold - fold_many) / k, what folding each update on arrival costs over batching; x eager: numpy eager's time / this
+time (float32 folds and peers); jk x: this peer's time / jitkernels' best float32 fold_many (or fold_many+finalize
+for peers that return the average); trc MB: peak numpy allocations (tracemalloc, results included; torch's allocator
+is not traced); RSS MB: peak resident-set growth. Neither counts the accumulators that jitkernels and numpy/torch
+eager reuse across repetitions (4N bytes); Flower and NVFlare allocate theirs per call."""
 
 
 def _f(x, scale, spec):
