@@ -56,6 +56,17 @@ static inline void fold_f16_f32(float* __restrict a, const jk::f16* __restrict u
 }
 #endif
 
+// Calls seg(i0, i1, g) over [0, n) cut where the scale block g = (start + i) / B changes: one division per block.
+template <class Seg>
+static inline void for_scale_segments(int64_t start, int64_t n, int64_t B, Seg&& seg) {
+  for (int64_t i0 = 0; i0 < n;) {
+    const int64_t g = (start + i0) / B;
+    const int64_t i1 = std::min(n, (g + 1) * B - start);
+    seg(i0, i1, g);
+    i0 = i1;
+  }
+}
+
 template <class A, class In, bool Base>
 static void fold_rows(A* acc, const A* base, const int64_t* off, const int64_t* ptr, const double* w,
                       int64_t k, const int64_t* work, int64_t m, int nthreads) {
@@ -123,7 +134,8 @@ static void fold_binned_rows(double* hi, double* lo, const double* base, const i
   }
 }
 
-// int8 + scales: segments of equal scale inside the chunk, so the inner loop has no division.
+// int8 + scales: SUB-blocked like fold_rows; within a sub-block, segments of equal scale, so that the inner loop
+// has no division.
 template <class A, bool Base>
 static void fold_rows_q(A* acc, const A* base, const int64_t* off, const int64_t* ptr, const double* w,
                         const int64_t* sptr, const int64_t* blk, int64_t k, const int64_t* work, int64_t m,
@@ -131,25 +143,24 @@ static void fold_rows_q(A* acc, const A* base, const int64_t* off, const int64_t
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t it = 0; it < m; ++it) {
     const int64_t r = work[3 * it], s = work[3 * it + 1], len = work[3 * it + 2];
-    A* __restrict a = acc + off[r] + s;
-    const A* __restrict b = Base ? base + off[r] + s : nullptr;
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t p = ptr[r * k + j];
-      if (!p) continue;
-      const A wj = (A)w[r * k + j];
-      const int8_t* __restrict q = reinterpret_cast<const int8_t*>(p) + s;
-      const float* scales = reinterpret_cast<const float*>(sptr[r * k + j]);
-      const int64_t B = blk[r * k + j];
-      for (int64_t i0 = 0; i0 < len;) {
-        const int64_t g = (s + i0) / B;
-        const int64_t i1 = std::min(len, (g + 1) * B - s);
-        const float sc = scales[g];
-        for (int64_t i = i0; i < i1; ++i) {
-          A x = jk::dequant<A>(q[i], sc);
-          if (Base) x = x - b[i];
-          a[i] = jk::fold_step(a[i], wj, x);
-        }
-        i0 = i1;
+    for (int64_t b0 = 0; b0 < len; b0 += SUB) {
+      const int64_t bn = std::min(SUB, len - b0);
+      A* __restrict a = acc + off[r] + s + b0;
+      const A* __restrict b = Base ? base + off[r] + s + b0 : nullptr;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t p = ptr[r * k + j];
+        if (!p) continue;
+        const A wj = (A)w[r * k + j];
+        const int8_t* __restrict q = reinterpret_cast<const int8_t*>(p) + s + b0;
+        const float* scales = reinterpret_cast<const float*>(sptr[r * k + j]);
+        for_scale_segments(s + b0, bn, blk[r * k + j], [&](int64_t i0, int64_t i1, int64_t g) {
+          const float sc = scales[g];
+          for (int64_t i = i0; i < i1; ++i) {
+            A x = jk::dequant<A>(q[i], sc);
+            if (Base) x = x - b[i];
+            a[i] = jk::fold_step(a[i], wj, x);
+          }
+        });
       }
     }
   }
@@ -197,17 +208,11 @@ static void stats_rows(const A* base, const int64_t* off, const int64_t* ptr, co
       const int64_t B = Quant ? blk[r * k + j] : 1;
       Lanes<S> st;
       int64_t bad = 0;
-      for_segments(reinterpret_cast<const In*>(p) + s, len, [&](auto u, int64_t i0, int64_t n) {
-        auto value = [=](int64_t i) -> S {
-          S x;
-          if constexpr (Quant) x = jk::dequant<S>((int8_t)u[i], scales[(s + i0 + i) / B]);
-          else x = jk::load<S>(u[i]);
-          if constexpr (Base) x = x - (S)b[i0 + i];
-          return x;
-        };
+      // one segment: the vectorized pass, and only if it saw a NaN/inf, an exact recount that skips them
+      auto run = [&](int64_t n, auto value) {
         const Lanes<S> before = st;
         stats_seg(st, n, value);
-        if (st.chk != 0 || st.chk != st.chk) {  // rare: redo this segment, counting and skipping non-finite values
+        if (st.chk != 0 || st.chk != st.chk) {
           st = before;
           for (int64_t q = 0; q < n; ++q) {
             const S x = value(q), ax = std::fabs(x);
@@ -216,7 +221,26 @@ static void stats_rows(const A* base, const int64_t* off, const int64_t* ptr, co
             st.mx = ax > st.mx ? ax : st.mx;
           }
         }
-      });
+      };
+      if constexpr (Quant) {
+        const int8_t* q8 = reinterpret_cast<const int8_t*>(p) + s;
+        for_scale_segments(s, len, B, [&](int64_t i0, int64_t i1, int64_t g) {
+          const float sc = scales[g];
+          run(i1 - i0, [=](int64_t i) -> S {
+            S x = jk::dequant<S>(q8[i0 + i], sc);
+            if constexpr (Base) x = x - (S)b[i0 + i];
+            return x;
+          });
+        });
+      } else {
+        for_segments(reinterpret_cast<const In*>(p) + s, len, [&](auto u, int64_t i0, int64_t n) {
+          run(n, [=](int64_t i) -> S {
+            S x = jk::load<S>(u[i]);
+            if constexpr (Base) x = x - (S)b[i0 + i];
+            return x;
+          });
+        });
+      }
       nonfinite[it * k + j] = bad;
       sumsq[it * k + j] = st.ss;
       maxabs[it * k + j] = (double)st.mx;

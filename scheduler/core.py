@@ -113,6 +113,8 @@ class _Round:
     aggregator: object = None
     future: Future = field(default_factory=Future)
     timer: object = None
+    plan_t: float | None = None  # the deploy time last planned (inf: unknown): what laxity is measured from
+    since_plan: int = 0  # arrivals since the deploy time was last planned
     deadline_timer: object = None
     done: bool = False
 
@@ -211,6 +213,8 @@ class JITScheduler:
         self._ids = itertools.count()
         self.buffered_bytes = 0
         self.peak_buffered_bytes = 0
+        self.occupancy = [(self.clock.now(), 0)]
+        self._relieving = False  # (time, deployed aggregators) at every change
 
     # --- public API ----------------------------------------------------------------------------------------------
     def add_job(self, job: Job) -> None:
@@ -245,6 +249,9 @@ class JITScheduler:
                 raise LateUpdate(f"job {job_id!r} round {round}: membership was fixed at the quorum; "
                                  f"update from {party!r} rejected (late rule 'reject')")
             if self.byte_budget is not None and self.buffered_bytes >= self.byte_budget:
+                if not self._relieving:
+                    self._relieving = True
+                    self.clock.call_soon_threadsafe(self._relieve_pressure)
                 raise Backpressure(f"{self.buffered_bytes} bytes are buffered, at the budget of {self.byte_budget}; "
                                    f"retry once the forced fold has drained them")
             js.seen.add(key)
@@ -413,13 +420,18 @@ class JITScheduler:
             self._pump(js)
             return
         if rnd.timer is not None:
+            # re-plan on arrivals, but in large rounds only every ~2% of the parties: one arrival among
+            # thousands barely moves the quantile, and each plan costs O(parties)
+            rnd.since_plan += 1
+            if rnd.since_plan < max(1, len(js.expected) // 50) and not self._over_budget(rnd):
+                return
             rnd.timer.cancel()
             rnd.timer = None
+        rnd.since_plan = 0
         now = self.clock.now()
-        # buffer pressure: past half the budget, fold early so that arrivals during the fold still fit
-        over_budget = (self.byte_budget is not None and self.buffered_bytes > self.byte_budget // 2
-                       and rnd.pending)
+        over_budget = self._over_budget(rnd)
         t, inputs = self.policy.deploy_at(self, js, rnd)
+        rnd.plan_t = math.inf if t is None else t
         if over_budget and (t is None or t > now):
             self._log("buffer_pressure", js, round=rnd.number, buffered=self.buffered_bytes, budget=self.byte_budget)
             t = now
@@ -432,6 +444,25 @@ class JITScheduler:
             return
         self._request_slot(js, laxity=t - now, inputs=inputs)
 
+    def _relieve_pressure(self) -> None:
+        """Buffer full: every job holding buffered updates re-plans, which forces their early partial folds (the
+        parties being refused may belong to a job with nothing buffered, so its own arrivals cannot do it)."""
+        with self._lock:
+            self._relieving = False
+            for js in sorted(self.jobs.values(), key=lambda j: -(j.open.pending_bytes if j.open else 0)):
+                # a deployed job folds its backlog by itself; a waiting one is already queued for a slot
+                if js.deployment is not None or js.job.id in self.waiting:
+                    continue
+                if js.open is not None and js.open.pending:
+                    if js.open.timer is not None:
+                        js.open.timer.cancel()
+                        js.open.timer = None
+                    self._plan(js)
+
+    def _over_budget(self, rnd) -> bool:
+        """Buffer pressure: past half the budget, fold early so that arrivals during the fold still fit."""
+        return bool(self.byte_budget is not None and self.buffered_bytes > self.byte_budget // 2 and rnd.pending)
+
     def _on_timer(self, js, rnd) -> None:
         """The planned deploy time has come: deploy. Re-planning here instead would let the conditional quantile
         (which moves later while nothing arrives) postpone the deployment again and again, compounding the risk;
@@ -442,30 +473,36 @@ class JITScheduler:
                 self._request_slot(js, laxity=0.0, inputs={"timer": True})
 
     def _laxity(self, js) -> float:
+        """Latest start - now, from the job's last plan (re-planned on arrivals). For a deployed job that is the
+        latest start it had before it was deployed, start-up included: what taking its slot back would cost."""
         rnd = js.open
         if rnd is None or rnd.done:
             return math.inf
-        if js.deployment is not None and (rnd.quorum_time is not None or rnd.pending):
+        if js.deployment is not None and (rnd.quorum_time is not None or rnd.pending or js.deployment.busy):
             return -math.inf  # it has work now
-        t, _ = self.policy.deploy_at(self, js, rnd)
-        return math.inf if t is None else t - self.clock.now()
+        return (math.inf if rnd.plan_t is None else rnd.plan_t) - self.clock.now()
 
     def _request_slot(self, js, laxity: float, inputs: dict) -> None:
         if self.free_slots:
             self._deploy(js, self.free_slots.pop(0), laxity, inputs)
             return
         self.waiting[js.job.id] = laxity
-        # take back an idle deployment whose job can wait longer, if the gap beats the hysteresis
-        victims = [(self._laxity(o), o) for o in self.jobs.values()
-                   if o.deployment is not None and not o.deployment.busy and o is not js]
-        victims = [(lx, o) for lx, o in victims if lx - laxity > self.hysteresis_s + self.cost.startup_s]
+        idle = [o for o in self.jobs.values() if o is not js and o.deployment is not None and not o.deployment.busy
+                and o.open is not None and not o.open.pending and o.open.quorum_time is None]
+        pressure = self.byte_budget is not None and js.open is not None and js.open.pending and \
+            self.buffered_bytes > self.byte_budget // 2
+        if pressure:
+            # memory first: an idle deployment (nothing buffered) yields to a job whose buffered updates must be
+            # folded to free the budget; otherwise the idle job's own parties stay blocked by Backpressure
+            victims = [(self._laxity(o), o) for o in idle]
+        else:
+            # take back an idle deployment whose job can wait longer, if the gap beats the hysteresis + start-up
+            victims = [(lx, o) for lx, o in ((self._laxity(o), o) for o in idle)
+                       if lx - laxity > self.hysteresis_s + self.cost.startup_s]
         if victims:
             lx, victim = max(victims, key=lambda v: v[0])
-            self._log("preempt", victim, for_job=js.job.id, victim_laxity=lx, laxity=laxity)
+            self._log("preempt", victim, for_job=js.job.id, victim_laxity=lx, laxity=laxity, pressure=bool(pressure))
             self._release(victim, f"preempted by {js.job.id}")
-            victim_rnd = victim.open
-            if victim_rnd is not None and not victim_rnd.done:
-                self._plan(victim)
         else:
             self._log("wait_slot", js, laxity=laxity, waiting=len(self.waiting), plan=inputs)
 
@@ -474,6 +511,7 @@ class JITScheduler:
         self.waiting.pop(js.job.id, None)
         dep = js.deployment = _Deployment(slot, now, now + self.cost.startup_s)
         js.metrics.deployments += 1
+        self.occupancy.append((now, self.occupancy[-1][1] + 1))
         self._log("deploy", js, slot=slot, laxity=laxity, plan=inputs)
         self.clock.call_at(dep.ready_at, self._on_ready, js, dep)
 
@@ -488,6 +526,7 @@ class JITScheduler:
         now = self.clock.now()
         js.metrics.deployed_s += now - dep.start
         js.deployment = None
+        self.occupancy.append((now, self.occupancy[-1][1] - 1))
         self._log("release", js, slot=dep.slot, why=why, held_s=now - dep.start)
         self.free_slots.append(dep.slot)
         if self.waiting:  # least laxity first (laxity recomputed now), then priority

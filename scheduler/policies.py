@@ -16,6 +16,7 @@ class Policy:
     fold_on_arrival = True  # once deployed, fold updates as they come (in batches of what is pending)
 
     def deploy_at(self, sched, js, rnd):
+        """(time to deploy, inputs used), or (None, inputs) for 'not yet known'."""
         raise NotImplementedError
 
     def __repr__(self):

@@ -20,8 +20,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 SQRT2 = math.sqrt(2.0)
-EXACT_MAX = 400  # pending parties up to which the Poisson-binomial tail is computed exactly
+EXACT_MAX = 64  # pending parties up to which the Poisson-binomial tail is computed exactly (O(n * need) per call)
 
 
 def _phi(z: float) -> float:
@@ -66,16 +68,6 @@ class LogNormal:
     mu: float
     sigma: float
 
-    def cdf(self, t: float) -> float:
-        if t <= 0:
-            return 0.0
-        if self.sigma <= 0:
-            return 1.0 if math.log(t) >= self.mu else 0.0
-        return _phi((math.log(t) - self.mu) / self.sigma)
-
-    def quantile_upper(self, z: float = 6.0) -> float:
-        return math.exp(self.mu + z * max(self.sigma, 1e-3))
-
 
 class Predictor:
     """Per-party models of one job, and quorum-time quantiles for its rounds."""
@@ -118,84 +110,113 @@ class Predictor:
         var = sum(m.var + (m.mu - mu) ** 2 for m in seen) / len(seen)
         return LogNormal(mu, max(math.sqrt(var), self.min_sigma))
 
-    def distribution(self, party) -> tuple[LogNormal | None, float]:
-        """(response-time distribution, participation rate) of a party (pooled if it has no history)."""
+    def distribution(self, party, pooled=None) -> tuple[LogNormal | None, float]:
+        """(response-time distribution, participation rate) of a party (pooled if it has no history; pass
+        ``pooled`` when asking for many parties, it costs O(parties) to compute)."""
         m = self.parties.get(party)
         if m is None or m.n == 0:
-            return self._pooled(), (m.participation if m is not None else 1.0)
+            return (pooled if pooled is not None else self._pooled()), (m.participation if m is not None else 1.0)
         # one observation says little about spread: widen towards the pooled spread until a few are in
         sigma = math.sqrt(m.var) if m.n >= 3 else max(math.sqrt(m.var), self.prior_cv)
         return LogNormal(m.mu, max(sigma, self.min_sigma)), m.participation
 
     # --- quorum time -------------------------------------------------------------------------------------------
+    def _pending_arrays(self, pending, tau: float):
+        """(mu, sigma, participation, F(tau)) of the pending parties that have a model, as arrays."""
+        rows = []
+        pooled = self._pooled()
+        for p in pending:
+            dist, part = self.distribution(p, pooled)
+            if dist is not None:
+                rows.append((dist.mu, dist.sigma, part))
+        if not rows:
+            return None
+        mu, sigma, part = (np.array(c, dtype=np.float64) for c in zip(*rows))
+        f_tau = _lognormal_cdf(tau, mu, sigma)
+        denom = 1.0 - part * f_tau
+        keep = denom > 1e-12
+        return mu[keep], sigma[keep], part[keep], f_tau[keep], denom[keep]
+
     def quorum_cdf_fn(self, pending, need: int, tau: float):
         """t -> P(T_q <= t) for ``need`` more arrivals among ``pending`` parties, given none arrived by ``tau``."""
-        terms = []
-        for p in pending:
-            dist, part = self.distribution(p)
-            if dist is None:
-                continue
-            f_tau = dist.cdf(tau)
-            denom = 1.0 - part * f_tau
-            if denom <= 1e-12:
-                continue
-            terms.append((dist, part, f_tau, denom))
+        arrays = self._pending_arrays(pending, tau)
 
         def cdf(t: float) -> float:
             if need <= 0:
                 return 1.0
-            probs = [max(0.0, part * (d.cdf(t) - f_tau) / denom) for d, part, f_tau, denom in terms]
+            if arrays is None:
+                return 0.0
+            mu, sigma, part, f_tau, denom = arrays
+            probs = np.maximum(part * (_lognormal_cdf(t, mu, sigma) - f_tau) / denom, 0.0)
             return poisson_binomial_tail(probs, need)
 
-        return cdf, terms
+        return cdf, arrays
 
     def quorum_quantile(self, pending, need: int, tau: float, alpha: float) -> float:
         """The alpha-quantile of the quorum time (seconds since round start), or ``inf`` when the quorum is not
         reached with probability alpha at all (too few parties left, or nothing learned yet)."""
         if need <= 0:
             return tau
-        cdf, terms = self.quorum_cdf_fn(pending, need, tau)
-        if len(terms) < need:
+        cdf, arrays = self.quorum_cdf_fn(pending, need, tau)
+        if arrays is None or arrays[0].size < need:
             return math.inf
-        hi = max(d.quantile_upper() for d, *_ in terms)
-        hi = max(hi, tau * 2 + 1e-6)
+        mu, sigma = arrays[0], arrays[1]
+        hi = max(float(np.exp(mu + 6.0 * np.maximum(sigma, 1e-3)).max()), tau * 2 + 1e-6)
         if cdf(hi) < alpha:
             return math.inf
-        lo = tau
+        lo = max(tau, 1e-9)
         if cdf(lo) >= alpha:
             return tau
-        for _ in range(60):  # bisection to ~1e-18 of the range
-            mid = 0.5 * (lo + hi)
-            if cdf(mid) >= alpha:
-                hi = mid
+        # bisection in log time: 30 halvings reach ~1e-8 of the ratio hi/lo
+        llo, lhi = math.log(lo), math.log(hi)
+        for _ in range(30):
+            mid = 0.5 * (llo + lhi)
+            if cdf(math.exp(mid)) >= alpha:
+                lhi = mid
             else:
-                lo = mid
-            if hi - lo <= 1e-6 * max(1.0, hi):
+                llo = mid
+            if lhi - llo <= 1e-7:
                 break
-        return hi
+        return math.exp(lhi)
+
+
+def _lognormal_cdf(t: float, mu, sigma):
+    if t <= 0:
+        return np.zeros_like(mu)
+    z = (math.log(t) - mu) / np.maximum(sigma, 1e-12)
+    return _norm_cdf(z)
+
+
+def _norm_cdf(z):
+    """Standard normal CDF, vectorized (Abramowitz & Stegun 7.1.26 for erf: |error| < 1.5e-7)."""
+    x = np.abs(z) / SQRT2
+    t = 1.0 / (1.0 + 0.3275911 * x)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    erf = 1.0 - poly * np.exp(-x * x)
+    return 0.5 * (1.0 + np.sign(z) * erf)
 
 
 def poisson_binomial_tail(probs, need: int) -> float:
-    """P(sum of independent Bernoulli(p_i) >= need)."""
-    n = len(probs)
+    """P(sum of independent Bernoulli(p_i) >= need): exact (dynamic programming over counts, vectorized) for up to
+    EXACT_MAX parties, a normal approximation with continuity correction beyond."""
+    probs = np.asarray(probs, dtype=np.float64)
+    probs = probs[probs > 0.0]
+    n = probs.size
     if need <= 0:
         return 1.0
     if need > n:
         return 0.0
     if n <= EXACT_MAX:
-        # dist[c] = P(count == c) for c < need; everything >= need is folded into the tail
-        dist = [1.0] + [0.0] * (need - 1)
+        dist = np.zeros(need)  # dist[c] = P(count == c) for c < need; the rest is folded into the tail
+        dist[0] = 1.0
         tail = 0.0
         for p in probs:
-            if p <= 0.0:
-                continue
-            tail += dist[need - 1] * p
-            for c in range(need - 1, 0, -1):
-                dist[c] = dist[c] * (1 - p) + dist[c - 1] * p
+            tail += dist[-1] * p
+            dist[1:] = dist[1:] * (1 - p) + dist[:-1] * p
             dist[0] *= 1 - p
-        return min(1.0, max(0.0, tail))
-    mean = sum(probs)
-    var = sum(p * (1 - p) for p in probs)
+        return float(min(1.0, max(0.0, tail)))
+    mean = float(probs.sum())
+    var = float((probs * (1 - probs)).sum())
     if var <= 1e-12:
         return 1.0 if mean >= need - 0.5 else 0.0
     return 1.0 - _phi((need - 0.5 - mean) / math.sqrt(var))

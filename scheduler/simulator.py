@@ -1,0 +1,286 @@
+"""Discrete-event simulation of FL aggregation under each policy, on the scheduler's virtual clock.
+
+The simulator runs the same :class:`~scheduler.JITScheduler` and policy code as the runtime; only the clock (virtual)
+and the executor (cost-model time, or measured time of the real kernels with ``real=True``) differ.
+
+Fair comparison:
+* common random numbers: each party's response time and availability in round r are drawn from a generator seeded
+  by (seed, job, round), relative to the round's start, so every policy sees the same draws; a policy's latency
+  shifts later rounds in time, not the draws;
+* round membership is fixed at the quorum (the first q arrivals), the same set under every policy;
+* eager is deployed for the job's whole life, one aggregator per job (it gets as many slots as there are jobs:
+  that is how platforms run today); the other policies share the workload's slots; every deployment pays the
+  start-up.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+
+import numpy as np
+
+from .clock import VirtualClock
+from .core import Backpressure, JITScheduler, Job, LateUpdate
+from .cost import BackendCost, CostModel
+from .executors import MeasuredExecutor, ModelExecutor
+
+WORKLOADS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workloads")
+POLICIES = ("eager", "lazy", "jit", "oracle")
+RETRY_S = 1.0  # a party whose update met Backpressure retries after this long
+
+
+@dataclass
+class JobSpec:
+    """A group of ``count`` identical jobs."""
+
+    name: str = "job"
+    count: int = 1
+    model_params: int = 10_000_000
+    bytes_per_param: int = 4  # of an update on the wire (4: fp32, 2: fp16/bf16, 1: int8)
+    parties: int = 10
+    quorum: float = 1.0
+    rounds: int = 10
+    response_s: float = 300.0  # mean response time of a typical party
+    jitter_cv: float = 0.1  # round-to-round coefficient of variation of a party's response time
+    party_spread: float = 0.3  # log-sd of party speeds (fixed per party)
+    intermittent: float = 0.0  # share of parties that answer a round only with probability `availability`
+    availability: float = 1.0
+    dropout: float = 0.0  # per-round probability that a party leaves the job for good
+    deadline_s: float | None = None
+    priority: int = 0
+
+
+@dataclass
+class Workload:
+    name: str = "workload"
+    seed: int = 0
+    slots: int = 2
+    startup_s: float = 20.0
+    alpha: float = 0.05
+    backend: str = "cpu"
+    byte_budget: int | None = None
+    cost: dict = field(default_factory=lambda: {"cpu": {"throughput_Bps": 2e10, "call_s": 5e-5}})
+    jobs: list = field(default_factory=list)
+
+    @classmethod
+    def from_toml(cls, path) -> "Workload":
+        with open(path, "rb") as f:
+            d = tomllib.load(f)
+        known = {f.name for f in fields(JobSpec)}
+        jobs = []
+        for j in d.pop("jobs", []):
+            unknown = set(j) - known
+            if unknown:
+                raise ValueError(f"{path}: unknown job keys {sorted(unknown)}")
+            jobs.append(JobSpec(**j))
+        wl_known = {f.name for f in fields(cls)}
+        unknown = set(d) - wl_known
+        if unknown:
+            raise ValueError(f"{path}: unknown workload keys {sorted(unknown)}")
+        return cls(jobs=jobs, **d)
+
+    @classmethod
+    def builtin(cls, name: str = "mixed") -> "Workload":
+        return cls.from_toml(os.path.join(WORKLOADS, f"{name}.toml"))
+
+    def cost_model(self) -> CostModel:
+        return CostModel(backends={k: BackendCost(**v) for k, v in self.cost.items()}, startup_s=self.startup_s,
+                         backend=self.backend)
+
+    def instances(self):
+        """(job id, spec) for every job of every group."""
+        for g, spec in enumerate(self.jobs):
+            for i in range(spec.count):
+                yield f"{spec.name}-{i}", g * 1_000_003 + i, spec
+
+
+class Arrivals:
+    """The draws of one job: fixed party speeds and intermittency, and per-round response times and availability."""
+
+    def __init__(self, seed: int, key: int, spec: JobSpec):
+        self.seed, self.key, self.spec = seed, key, spec
+        rng = np.random.default_rng([seed, key, 0xFA57])
+        n = spec.parties
+        self.speed = np.exp(rng.normal(0.0, spec.party_spread, n) - spec.party_spread ** 2 / 2)
+        self.intermittent = rng.random(n) < spec.intermittent
+        # the round a party leaves (dropout), geometric; > rounds means never
+        self.leaves = (rng.geometric(spec.dropout, n) if spec.dropout > 0 else np.full(n, 1 << 30))
+        s = math.sqrt(math.log1p(spec.jitter_cv ** 2))
+        self._sigma = s
+
+    def round(self, r: int):
+        """(party indices that answer, their response times relative to the round's start)."""
+        spec = self.spec
+        rng = np.random.default_rng([self.seed, self.key, r])
+        noise = np.exp(rng.normal(-self._sigma ** 2 / 2, self._sigma, spec.parties))
+        avail = rng.random(spec.parties)
+        answer = (~self.intermittent | (avail < spec.availability)) & (self.leaves > r)
+        idx = np.flatnonzero(answer)
+        return idx, spec.response_s * self.speed[idx] * noise[idx]
+
+
+@dataclass
+class PolicyResult:
+    policy: str
+    deployed_s: float
+    busy_s: float
+    latencies: list
+    misses: int
+    unreachable: int
+    rounds: int
+    peak_bytes: int
+    occupancy: list  # (t, deployed aggregators)
+    makespan_s: float
+    events: int
+    wall_s: float
+    real_busy_s: float | None = None
+    per_job: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        lat = np.array(self.latencies) if self.latencies else np.zeros(1)
+        return {"policy": self.policy, "aggregator_s": self.deployed_s, "busy_s": self.busy_s,
+                "latency_p50_s": float(np.percentile(lat, 50)), "latency_p95_s": float(np.percentile(lat, 95)),
+                "latency_p99_s": float(np.percentile(lat, 99)), "deadline_misses": self.misses,
+                "unreachable_rounds": self.unreachable, "rounds": self.rounds, "peak_buffered_bytes": self.peak_bytes,
+                "makespan_s": self.makespan_s, "events": self.events, "events_per_s": self.events / max(self.wall_s, 1e-9),
+                "wall_s": self.wall_s, "real_busy_s": self.real_busy_s}
+
+
+def simulate(workload: Workload, policy: str, *, real: bool = False, progress=None) -> PolicyResult:
+    """Run one policy on the workload. ``real=True`` folds real arrays (model sizes scaled down to at most 1M
+    parameters) and advances virtual time by the kernels' measured time."""
+    clock = VirtualClock()
+    cost = workload.cost_model()
+    truth: dict = {}
+    executor = MeasuredExecutor(clock) if real else ModelExecutor(clock)
+    instances = list(workload.instances())
+    # eager is today's platforms: one always-on aggregator per job, so it gets a slot per job
+    slots = len(instances) if policy == "eager" else workload.slots
+    sched = JITScheduler(policy, slots=slots, clock=clock, executor=executor, cost=cost,
+                         alpha=workload.alpha, byte_budget=workload.byte_budget,
+                         oracle=lambda jid, r: truth.get((jid, r)))
+    total_rounds = sum(spec.rounds for _, _, spec in instances)
+    done_rounds = [0]
+    templates = {}
+    t0 = time.perf_counter()
+
+    def on_round():
+        done_rounds[0] += 1
+        if progress is not None:
+            progress(done_rounds[0], total_rounds)
+
+    for jid, key, spec in instances:
+        arrivals = Arrivals(workload.seed, key, spec)
+        q = max(1, math.ceil(spec.quorum * spec.parties - 1e-9))
+        template = None
+        if real:
+            n = min(spec.model_params, 1_000_000)
+            template = templates.setdefault(n, np.zeros(n, np.float32))
+        job = Job(jid, template=template, parties=list(range(spec.parties)), quorum=q, rounds=spec.rounds,
+                  model_elems=spec.model_params, update_bytes=spec.model_params * spec.bytes_per_param,
+                  deadline_s=spec.deadline_s, priority=spec.priority, unreachable="partial",
+                  prior_response_s=spec.response_s)  # operators know a job's nominal round time
+        sched.add_job(job)
+
+        _JobDriver(sched, clock, jid, spec, arrivals, q, template, truth, on_round).start(0)
+
+    clock.run()
+    wall = time.perf_counter() - t0
+    metrics = sched.metrics()
+    lat, deployed, busy, misses, unreachable, rounds = [], 0.0, 0.0, 0, 0, 0
+    for jid, js in sched.jobs.items():
+        m = js.metrics
+        lat.extend(m.latencies)
+        deployed += metrics[jid]["deployed_s"]
+        busy += m.busy_s
+        misses += m.misses
+        unreachable += m.unreachable
+        rounds += m.rounds
+    return PolicyResult(policy, deployed, busy, lat, misses, unreachable, rounds, sched.peak_buffered_bytes,
+                        list(sched.occupancy), clock.now(), clock.events, wall,
+                        real_busy_s=busy if real else None, per_job=metrics)
+
+
+class _JobDriver:
+    """Feeds one job's arrivals: when round r opens (its predecessor's model is ready), its draws are scheduled."""
+
+    def __init__(self, sched, clock, jid, spec, arrivals, q, template, truth, on_round):
+        self.sched, self.clock, self.jid, self.spec = sched, clock, jid, spec
+        self.arrivals, self.q, self.template, self.truth, self.on_round = arrivals, q, template, truth, on_round
+
+    def start(self, r: int) -> None:
+        start = self.clock.now()
+        idx, resp = self.arrivals.round(r)
+        order = np.argsort(resp, kind="stable")
+        self.truth[(self.jid, r)] = start + float(resp[order[self.q - 1]]) if idx.size >= self.q else None
+        upd = None if self.template is None else np.full(self.template.shape, float(r), np.float32)
+        for i in order:
+            self.clock.call_at(start + float(resp[i]), self._submit, r, int(idx[i]), upd)
+        self.sched.result(self.jid, r).add_done_callback(lambda _f: self._done(r))
+
+    def _submit(self, r, party, upd) -> None:
+        try:
+            self.sched.submit(self.jid, r, party, upd, 1.0)
+        except Backpressure:  # the party retries later, as a real client would
+            self.clock.call_later(RETRY_S, self._submit, r, party, upd)
+        except LateUpdate:  # past the quorum: membership is fixed, the update is not needed
+            pass
+
+    def _done(self, r: int) -> None:
+        self.on_round()
+        if r + 1 < self.spec.rounds:
+            self.start(r + 1)
+
+
+def rho(workload: Workload) -> float:
+    """Aggregation work over round duration, averaged over the workload's jobs (from the cost model)."""
+    cost = workload.cost_model()
+    work = dur = 0.0
+    for _, _, spec in workload.instances():
+        q = max(1, math.ceil(spec.quorum * spec.parties - 1e-9))
+        work += spec.rounds * (cost.fold_s(q * spec.model_params * spec.bytes_per_param, q, spec.model_params)
+                               + cost.finalize_s(spec.model_params))
+        dur += spec.rounds * spec.response_s
+    return work / dur
+
+
+def compare(workload: Workload, policies=POLICIES, *, real: bool = False, progress=None) -> dict:
+    """Every policy on the same draws; savings and added latencies relative to eager and lazy."""
+    results = {p: simulate(workload, p, real=real, progress=(lambda d, t, p=p: progress(p, d, t)) if progress else None)
+               for p in policies}
+    rows = {p: r.summary() for p, r in results.items()}
+    if "eager" in rows:
+        e = rows["eager"]
+        for p, row in rows.items():
+            row["saving_vs_eager"] = 1.0 - row["aggregator_s"] / e["aggregator_s"] if e["aggregator_s"] else 0.0
+            row["added_latency_p95_vs_eager_s"] = row["latency_p95_s"] - e["latency_p95_s"]
+        if "lazy" in rows and "jit" in rows:
+            l, j = rows["lazy"], rows["jit"]
+            gap = e["aggregator_s"] - l["aggregator_s"]
+            rows["jit"]["capture_of_lazy_saving"] = (e["aggregator_s"] - j["aggregator_s"]) / gap if gap else 1.0
+            lgap = l["latency_p95_s"] - e["latency_p95_s"]
+            rows["jit"]["latency_share_of_lazy_gap"] = ((j["latency_p95_s"] - e["latency_p95_s"]) / lgap
+                                                        if lgap else 0.0)
+        if "oracle" in rows and "jit" in rows:
+            o = rows["oracle"]
+            gap = e["aggregator_s"] - o["aggregator_s"]
+            rows["jit"]["capture_of_oracle_saving"] = (e["aggregator_s"] - rows["jit"]["aggregator_s"]) / gap \
+                if gap else 1.0
+    return {"workload": workload.name, "rho": rho(workload), "policies": rows, "results": results}
+
+
+def sweep_workload(rho_target: float, jitter_cv: float, *, seed: int = 3, rounds: int = 20) -> Workload:
+    """One job whose round duration is set so that aggregation work / round duration = rho_target."""
+    spec = JobSpec(name="sweep", model_params=25_000_000, parties=10, quorum=1.0, rounds=rounds, jitter_cv=jitter_cv,
+                   party_spread=0.2)
+    wl = Workload(name=f"rho={rho_target},cv={jitter_cv}", seed=seed, slots=1, startup_s=5.0, jobs=[spec])
+    cost = wl.cost_model()
+    q = spec.parties
+    work = (cost.fold_s(q * spec.model_params * 4, q, spec.model_params) + cost.finalize_s(spec.model_params)
+            + wl.startup_s)
+    spec.response_s = work / rho_target
+    return replace(wl, jobs=[spec])
