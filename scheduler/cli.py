@@ -1,0 +1,234 @@
+"""``jitagg``: simulate the policies on a workload, sweep rho x jitter, calibrate the cost model, run the kernel bench.
+
+    jitagg simulate [--config my.toml | --mix mixed|cross_silo|cross_device] [--out results/] [--real]
+    jitagg sweep [--out results/]
+    jitagg calibrate [--out cost.json]
+    jitagg bench [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+from .simulator import POLICIES, Workload, compare, sweep_workload
+
+COLUMNS = [("policy", "policy", "{}"), ("aggregator_s", "aggr-s", "{:,.0f}"), ("busy_s", "busy-s", "{:,.1f}"),
+           ("saving_vs_eager", "saving", "{:.1%}"), ("latency_p50_s", "lat p50", "{:.2f}"),
+           ("latency_p95_s", "lat p95", "{:.2f}"), ("latency_p99_s", "lat p99", "{:.2f}"),
+           ("deadline_misses", "misses", "{}"), ("peak_buffered_bytes", "peak GB", "{:.2f}"),
+           ("events_per_s", "events/s", "{:,.0f}")]
+
+
+def _progress(desc_total):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # progress is a nicety: print dots instead
+        tqdm = None
+    bars = {}
+
+    def update(policy, done, total):
+        if tqdm is None:
+            if done == total:
+                print(f"  {policy}: {total} rounds", file=sys.stderr)
+            return
+        bar = bars.get(policy)
+        if bar is None:
+            bar = bars[policy] = tqdm(total=total, desc=f"{desc_total} {policy:>6}", unit="round", file=sys.stderr,
+                                      leave=False)
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+
+    return update
+
+
+def _table(rows: dict) -> str:
+    head = " ".join(f"{h:>10}" for _, h, _ in COLUMNS)
+    lines = [head, "-" * len(head)]
+    for row in rows.values():
+        cells = []
+        for key, _, fmt in COLUMNS:
+            v = row.get(key)
+            if key == "peak_buffered_bytes" and v is not None:
+                v = v / 1e9
+            cells.append(f"{fmt.format(v):>10}" if v is not None else f"{'-':>10}")
+        lines.append(" ".join(cells))
+    return "\n".join(lines)
+
+
+def _plot(out: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    results = out["results"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    ax = axes[0]
+    for p, r in results.items():
+        t, n = zip(*r.occupancy)
+        ax.step(np.array(t) / 3600, n, where="post", label=f"{p} ({r.deployed_s / 3600:,.1f} aggr-h)")
+    ax.set_xlabel("time (h)")
+    ax.set_ylabel("aggregators deployed")
+    ax.set_title(f"{out['workload']}: aggregator occupancy (rho = {out['rho']:.4f})")
+    ax.legend()
+    ax = axes[1]
+    for p, r in results.items():
+        lat = np.sort(np.maximum(np.array(r.latencies), 1e-3))
+        ax.step(lat, np.arange(1, lat.size + 1) / lat.size, where="post", label=p)
+    ax.set_xscale("log")
+    ax.set_xlabel("added latency: quorum's last update -> model ready (s)")
+    ax.set_ylabel("fraction of rounds")
+    ax.set_title("latency CDF")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _json_ready(out: dict) -> dict:
+    return {"workload": out["workload"], "rho": out["rho"], "policies": out["policies"],
+            "per_job": {p: r.per_job for p, r in out["results"].items()},
+            "occupancy": {p: r.occupancy for p, r in out["results"].items()}}
+
+
+def cmd_simulate(args) -> int:
+    wl = Workload.from_toml(args.config) if args.config else Workload.builtin(args.mix)
+    if args.seed is not None:
+        wl.seed = args.seed
+    policies = args.policies.split(",")
+    print(f"workload {wl.name}: {sum(s.count for s in wl.jobs)} jobs, slots {wl.slots}, start-up {wl.startup_s}s, "
+          f"alpha {wl.alpha}, seed {wl.seed}", file=sys.stderr)
+    out = compare(wl, policies, real=args.real, progress=_progress(wl.name))
+    print(f"\n{wl.name}: rho = aggregation work / round time = {out['rho']:.5f}")
+    print(_table(out["policies"]))
+    j = out["policies"].get("jit", {})
+    if "capture_of_lazy_saving" in j:
+        print(f"\njit captures {j['capture_of_lazy_saving']:.1%} of lazy's saving over eager "
+              f"and {j.get('capture_of_oracle_saving', math.nan):.1%} of oracle's; its p95 added latency is "
+              f"{j['latency_share_of_lazy_gap']:.1%} of the way from eager's to lazy's. "
+              f"Saving vs eager: {j['saving_vs_eager']:.1%} (the seed paper reports 60+%).")
+    if args.real:
+        print("--real: busy seconds are the kernels' measured time (models scaled to <= 1M parameters)")
+    os.makedirs(args.out, exist_ok=True)
+    base = os.path.join(args.out, f"simulate_{wl.name}")
+    with open(base + ".json", "w") as f:
+        json.dump(_json_ready(out), f, indent=1, default=float)
+    _plot(out, base + ".png")
+    print(f"\nwrote {base}.json and {base}.png")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    import numpy as np
+
+    rhos = [float(x) for x in args.rho.split(",")]
+    cvs = [float(x) for x in args.cv.split(",")]
+    saving = np.zeros((len(cvs), len(rhos)))
+    capture = np.zeros_like(saving)
+    added = np.zeros_like(saving)
+    cells = []
+    total = len(rhos) * len(cvs)
+    k = 0
+    for i, cv in enumerate(cvs):
+        for j, r in enumerate(rhos):
+            k += 1
+            print(f"[{k}/{total}] rho={r} cv={cv}", file=sys.stderr)
+            out = compare(sweep_workload(r, cv), ("eager", "lazy", "jit"))
+            row = out["policies"]["jit"]
+            saving[i, j] = row["saving_vs_eager"]
+            capture[i, j] = row["capture_of_lazy_saving"]
+            added[i, j] = row["added_latency_p95_vs_eager_s"]
+            cells.append({"rho": r, "jitter_cv": cv, **{p: v for p, v in out["policies"].items()}})
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "sweep.json"), "w") as f:
+        json.dump(cells, f, indent=1, default=float)
+    print("\njit saving vs eager (rows: jitter CV, columns: rho)")
+    print("cv \\ rho " + " ".join(f"{r:>8}" for r in rhos))
+    for i, cv in enumerate(cvs):
+        print(f"{cv:>8} " + " ".join(f"{saving[i, j]:>8.1%}" for j in range(len(rhos))))
+    print("\njit p95 added latency vs eager (s)")
+    for i, cv in enumerate(cvs):
+        print(f"{cv:>8} " + " ".join(f"{added[i, j]:>8.2f}" for j in range(len(rhos))))
+    _heatmaps(rhos, cvs, saving, capture, added, os.path.join(args.out, "sweep.png"))
+    print(f"\nwrote {args.out}/sweep.json and {args.out}/sweep.png")
+    return 0
+
+
+def _heatmaps(rhos, cvs, saving, capture, added, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, data, title, fmt in ((axes[0], saving, "jit saving vs eager", "{:.0%}"),
+                                 (axes[1], capture, "share of lazy's saving jit captures", "{:.0%}"),
+                                 (axes[2], added, "jit p95 added latency vs eager (s)", "{:.1f}")):
+        im = ax.imshow(data, origin="lower", cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(rhos)), [str(r) for r in rhos])
+        ax.set_yticks(range(len(cvs)), [str(c) for c in cvs])
+        ax.set_xlabel("rho = aggregation work / round time")
+        ax.set_ylabel("response-time jitter (CV)")
+        ax.set_title(title)
+        for i in range(len(cvs)):
+            for j in range(len(rhos)):
+                ax.text(j, i, fmt.format(data[i, j]), ha="center", va="center", color="w")
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def cmd_calibrate(args) -> int:
+    from .cost import CostModel
+
+    cm = CostModel.calibrate(backend=args.backend, startup_s=args.startup,
+                             progress=lambda n, t: print(f"  N={n:>10,}: {t * 1e3:8.2f} ms", file=sys.stderr))
+    cm.save(args.out)
+    b = cm.backends["cpu"]
+    print(f"throughput {b.throughput_Bps / 1e9:.2f} GB/s, per-call {b.call_s * 1e6:.0f} us -> {args.out}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from jitkernels import benchmark
+
+    return benchmark.main(["--quick"] if args.quick else [])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="jitagg", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("simulate", help="compare eager, lazy, jit and oracle on a workload")
+    s.add_argument("--config", help="workload TOML (see scheduler/workloads/)")
+    s.add_argument("--mix", default="mixed", choices=["mixed", "cross_silo", "cross_device"])
+    s.add_argument("--policies", default=",".join(POLICIES))
+    s.add_argument("--seed", type=int)
+    s.add_argument("--real", action="store_true", help="fold real arrays; busy time measured")
+    s.add_argument("--out", default="results")
+    s.set_defaults(fn=cmd_simulate)
+    s = sub.add_parser("sweep", help="jit's saving and latency over rho x jitter")
+    s.add_argument("--rho", default="0.001,0.01,0.1,0.3")
+    s.add_argument("--cv", default="0.05,0.2,0.5")
+    s.add_argument("--out", default="results")
+    s.set_defaults(fn=cmd_sweep)
+    s = sub.add_parser("calibrate", help="measure kernel throughput for the cost model")
+    s.add_argument("--backend", default="auto")
+    s.add_argument("--startup", type=float, default=0.0, help="deployment start-up (s) to record")
+    s.add_argument("--out", default="cost.json")
+    s.set_defaults(fn=cmd_calibrate)
+    s = sub.add_parser("bench", help="the kernel benchmark table")
+    s.add_argument("--quick", action="store_true")
+    s.set_defaults(fn=cmd_bench)
+    args = p.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
