@@ -52,6 +52,28 @@ def work_items(n: np.ndarray, chunk: int = CHUNK) -> np.ndarray:
     return np.ascontiguousarray(np.stack([rows, start, length], axis=1))
 
 
+def _cached_work(layout, rows, n, chunk):
+    """Work items depend only on which leaves a group has: cache them per layout (a server folds the same layout
+    over and over, and rebuilding the table is a fixed cost per call that small models feel)."""
+    cache = layout.__dict__.setdefault("_work_cache", {})
+    key = (rows.tobytes(), chunk)
+    work = cache.get(key)
+    if work is None:
+        if len(cache) > 64:
+            cache.clear()
+        work = cache[key] = work_items(n, chunk)
+    return work
+
+
+def threads_for(g, nthreads: int) -> int:
+    """One thread for small calls: waking a thread pool costs tens of microseconds, more than folding ~256K
+    elements on one core."""
+    return 1 if int(g.n.sum()) * g.k < SMALL_CALL else nthreads
+
+
+SMALL_CALL = 1 << 18
+
+
 @dataclass
 class Group:
     """Leaves of one input dtype across k updates, as tables for the compiled kernels and arrays for numpy."""
@@ -92,11 +114,13 @@ def build_groups(layout, entries, leaves, weights, chunk: int = CHUNK):
     tab = np.stack(entries, axis=1)  # [L, k, 4]
     codes = tab[:, :, 0]
     w = np.asarray(weights, dtype=np.float64)
-    offs = np.fromiter((l.offset for l in layout.leaves), np.int64, len(layout.leaves))
-    sizes = np.fromiter((l.size for l in layout.leaves), np.int64, len(layout.leaves))
+    offs, sizes = layout.offsets, layout.sizes
     groups = {}
+    present = set(np.unique(codes).tolist())
     for name in GROUP_ORDER:
         c = CODE[name]
+        if c not in present:
+            continue
         hit = codes == c
         rows = np.flatnonzero(hit.any(axis=1))
         if rows.size == 0:
@@ -114,10 +138,11 @@ def build_groups(layout, entries, leaves, weights, chunk: int = CHUNK):
             scale_ptr=np.where(mask, tab[rows, :, 2], 0),
             block=np.where(mask, tab[rows, :, 3], 1),
             arrays=arrays,
-            work=work_items(n, chunk),
+            work=_cached_work(layout, rows, n, chunk),
         )
-    int_rows = [(int(r), [leaves[j][r] for j in range(len(leaves)) if codes[r, j] == INT_CODE])
-                for r in np.flatnonzero((codes == INT_CODE).any(axis=1))]
+    int_rows = [] if INT_CODE not in present else [
+        (int(r), [leaves[j][r] for j in range(len(leaves)) if codes[r, j] == INT_CODE])
+        for r in np.flatnonzero((codes == INT_CODE).any(axis=1))]
     return groups, int_rows
 
 

@@ -138,6 +138,14 @@ class Layout:
         return self._index[name]
 
     @cached_property
+    def offsets(self) -> np.ndarray:
+        return np.fromiter((l.offset for l in self.leaves), np.int64, len(self.leaves))
+
+    @cached_property
+    def sizes(self) -> np.ndarray:
+        return np.fromiter((l.size for l in self.leaves), np.int64, len(self.leaves))
+
+    @cached_property
     def nbytes(self) -> int:
         return sum(l.size * np.dtype(l.dtype if l.dtype != "bfloat16" else "uint16").itemsize for l in self.leaves)
 

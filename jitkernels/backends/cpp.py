@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..batch import CODE, rows_from_items
+from ..batch import CODE, rows_from_items, threads_for
 from ..threads import get_num_threads
 from .numpy_ref import binned_constants
 
@@ -25,18 +25,19 @@ def available():
 
 
 def fold(acc, base, g):
-    _core.fold(acc, base, CODE[g.in_dtype], g.off, g.ptr, g.w, g.scale_ptr, g.block, g.work, get_num_threads())
+    _core.fold(acc, base, CODE[g.in_dtype], g.off, g.ptr, g.w, g.scale_ptr, g.block, g.work,
+               threads_for(g, get_num_threads()))
 
 
 def fold_binned(hi, lo, base, g, bound_log2):
     s1, s2 = binned_constants(bound_log2)
     _core.fold_binned(hi, lo, base, CODE[g.in_dtype], g.off, g.ptr, g.w, g.scale_ptr, g.block, g.work, s1, s2,
-                      get_num_threads())
+                      threads_for(g, get_num_threads()))
 
 
 def stats(base, g, acc_dtype):
     per_item = _core.stats(base, np.dtype(acc_dtype), CODE[g.in_dtype], g.off, g.ptr, g.scale_ptr, g.block,
-                           g.work, get_num_threads())
+                           g.work, threads_for(g, get_num_threads()))
     return rows_from_items(g, *per_item)
 
 

@@ -30,7 +30,7 @@ else:
     if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
         numba.config.THREADING_LAYER = "omp"
 
-from ..batch import CODE, rows_from_items
+from ..batch import rows_from_items, threads_for
 from ..dtypes import np_dtype
 from ..threads import get_num_threads
 from .numpy_ref import binned_constants
@@ -246,21 +246,21 @@ def _base_arg(base, dt):
     return (base, True) if base is not None else (np.empty(0, dt), False)
 
 
-def _set_threads():
-    n = min(get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+def _set_threads(g=None):
+    n = min(get_num_threads() if g is None else threads_for(g, get_num_threads()), numba.config.NUMBA_NUM_THREADS)
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)
 
 
 def fold(acc, base, g):
-    _set_threads()
+    _set_threads(g)
     b, has = _base_arg(base, acc.dtype)
     _fold(acc, b, has, g.off, g.ptr, g.w.astype(acc.dtype), g.scale_ptr, g.block, g.work,
           np.empty(0, _WITNESS[g.in_dtype]), g.in_dtype == "int8")
 
 
 def fold_binned(hi, lo, base, g, bound_log2):
-    _set_threads()
+    _set_threads(g)
     s1, s2 = binned_constants(bound_log2)
     b, has = _base_arg(base, np.float64)
     _fold_binned(hi, lo, b, has, g.off, g.ptr, g.w, g.scale_ptr, g.block, g.work, np.empty(0, _WITNESS[g.in_dtype]),
@@ -268,7 +268,7 @@ def fold_binned(hi, lo, base, g, bound_log2):
 
 
 def stats(base, g, acc_dtype):
-    _set_threads()
+    _set_threads(g)
     b, has = _base_arg(base, np.dtype(acc_dtype))
     m, k = g.work.shape[0], g.ptr.shape[1]
     nf, ss, mx = np.zeros((m, k), np.int64), np.zeros((m, k)), np.zeros((m, k))
