@@ -246,6 +246,7 @@ class JITScheduler:
                 raise jk.DuplicateParty(party, f"job {job_id!r} round {round}")
             rnd = js.rounds.get(round)
             if rnd is not None and (rnd.done or rnd.quorum_time is not None) and js.job.late == "reject":
+                js.predictor.observe_late(party, self.clock.now() - rnd.start)
                 raise LateUpdate(f"job {job_id!r} round {round}: membership was fixed at the quorum; "
                                  f"update from {party!r} rejected (late rule 'reject')")
             if self.byte_budget is not None and self.buffered_bytes >= self.byte_budget:
@@ -371,6 +372,7 @@ class JITScheduler:
             self._log("quorum", js, round=rnd.number, at=now)
 
     def _late(self, js, rnd, party, item, nbytes, weight) -> None:
+        js.predictor.observe_late(party, self.clock.now() - rnd.start)
         if js.job.late == "next_round":
             self._log("late_to_next_round", js, round=rnd.number, party=party)
             nxt = rnd.number + 1

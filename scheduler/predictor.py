@@ -61,6 +61,12 @@ class PartyModel:
         a = max(self._a, 1.0 / (self.rounds + 1))
         self.participation += a * ((1.0 if answered else 0.0) - self.participation)
         self.rounds += 1
+        self._last_a = a if not answered else 0.0
+
+    def answered_late(self) -> None:
+        """It did answer the round just closed, after its membership was fixed: turn the 'no' into a 'yes'."""
+        self.participation += getattr(self, "_last_a", 0.0)
+        self._last_a = 0.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,14 @@ class Predictor:
 
     def observe(self, party, response_s: float) -> None:
         self.model(party).observe(response_s)
+        self._cache = None
+
+    def observe_late(self, party, response_s: float) -> None:
+        """An update that came after the quorum: its response time still informs the model. Leaving it out would
+        censor the slow parties (only the first q of every round would be seen) and bias the quorum time."""
+        m = self.model(party)
+        m.observe(response_s)
+        m.answered_late()
         self._cache = None
 
     def has_history(self) -> bool:
