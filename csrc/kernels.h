@@ -67,37 +67,72 @@ static inline void for_scale_segments(int64_t start, int64_t n, int64_t B, Seg&&
   }
 }
 
-template <class A, class In, bool Base>
-static void fold_rows(A* acc, const A* base, const int64_t* off, const int64_t* ptr, const double* w,
-                      int64_t k, const int64_t* work, int64_t m, int nthreads) {
+// The one loop nest of every fold: work items in parallel, each cut into SUB-blocks; for each block, every update
+// present in batch order calls body(e, p, pos, o, n) (e: its table entry, p: its address, pos: the block's position
+// in the leaf, o: in the accumulator, n: its length), then done(o, n) once.
+template <class Body, class Done>
+static void for_blocks(const int64_t* off, const int64_t* ptr, int64_t k, const int64_t* work, int64_t m,
+                       int nthreads, Body&& body, Done&& done) {
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t it = 0; it < m; ++it) {
     const int64_t r = work[3 * it], s = work[3 * it + 1], len = work[3 * it + 2];
     for (int64_t b0 = 0; b0 < len; b0 += SUB) {
-      const int64_t bn = std::min(SUB, len - b0);
-      A* __restrict a = acc + off[r] + s + b0;
-      const A* __restrict b = Base ? base + off[r] + s + b0 : nullptr;
+      const int64_t n = std::min(SUB, len - b0), o = off[r] + s + b0;
       for (int64_t j = 0; j < k; ++j) {
         const int64_t p = ptr[r * k + j];
-        if (!p) continue;
-        const A wj = (A)w[r * k + j];
-#ifdef JK_F16C
-        if constexpr (std::is_same_v<In, jk::f16> && std::is_same_v<A, float>) {
-          fold_f16_f32<Base>(a, reinterpret_cast<const jk::f16*>(p) + s + b0, b, wj, bn);
-          continue;
-        }
-#endif
-        for_segments(reinterpret_cast<const In*>(p) + s + b0, bn, [&](auto u, int64_t i0, int64_t n) {
-          A* __restrict ai = a + i0;
-          for (int64_t i = 0; i < n; ++i) {
-            A x = jk::load<A>(u[i]);
-            if (Base) x = x - b[i0 + i];
-            ai[i] = jk::fold_step(ai[i], wj, x);
-          }
-        });
+        if (p) body(r * k + j, p, s + b0, o, n);
       }
+      done(o, n);
     }
   }
+}
+
+constexpr auto no_done = [](int64_t, int64_t) {};
+
+template <class A, class In, bool Base>
+static void fold_rows(A* acc, const A* base, const int64_t* off, const int64_t* ptr, const double* w,
+                      int64_t k, const int64_t* work, int64_t m, int nthreads) {
+  for_blocks(off, ptr, k, work, m, nthreads, [&](int64_t e, int64_t p, int64_t pos, int64_t o, int64_t n) {
+    A* __restrict a = acc + o;
+    const A* __restrict b = Base ? base + o : nullptr;
+    const A wj = (A)w[e];
+#ifdef JK_F16C
+    if constexpr (std::is_same_v<In, jk::f16> && std::is_same_v<A, float>) {
+      fold_f16_f32<Base>(a, reinterpret_cast<const jk::f16*>(p) + pos, b, wj, n);
+      return;
+    }
+#endif
+    for_segments(reinterpret_cast<const In*>(p) + pos, n, [&](auto u, int64_t i0, int64_t len) {
+      A* __restrict ai = a + i0;
+      for (int64_t i = 0; i < len; ++i) {
+        A x = jk::load<A>(u[i]);
+        if (Base) x = x - b[i0 + i];
+        ai[i] = jk::fold_step(ai[i], wj, x);
+      }
+    });
+  }, no_done);
+}
+
+// int8 + scales: within a block, segments of equal scale, so that the inner loop has no division.
+template <class A, bool Base>
+static void fold_rows_q(A* acc, const A* base, const int64_t* off, const int64_t* ptr, const double* w,
+                        const int64_t* sptr, const int64_t* blk, int64_t k, const int64_t* work, int64_t m,
+                        int nthreads) {
+  for_blocks(off, ptr, k, work, m, nthreads, [&](int64_t e, int64_t p, int64_t pos, int64_t o, int64_t n) {
+    A* __restrict a = acc + o;
+    const A* __restrict b = Base ? base + o : nullptr;
+    const A wj = (A)w[e];
+    const int8_t* __restrict q = reinterpret_cast<const int8_t*>(p) + pos;
+    const float* scales = reinterpret_cast<const float*>(sptr[e]);
+    for_scale_segments(pos, n, blk[e], [&](int64_t i0, int64_t i1, int64_t g) {
+      const float sc = scales[g];
+      for (int64_t i = i0; i < i1; ++i) {
+        A x = jk::dequant<A>(q[i], sc);
+        if (Base) x = x - b[i];
+        a[i] = jk::fold_step(a[i], wj, x);
+      }
+    });
+  }, no_done);
 }
 
 // Deterministic fold (jk::binned_step), then a carry per element once the batch is in. x and t are f64.
@@ -105,65 +140,29 @@ template <class In, bool Base, bool Quant>
 static void fold_binned_rows(double* hi, double* lo, const double* base, const int64_t* off, const int64_t* ptr,
                              const double* w, const int64_t* sptr, const int64_t* blk, int64_t k,
                              const int64_t* work, int64_t m, double s1, double s2, int nthreads) {
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (int64_t it = 0; it < m; ++it) {
-    const int64_t r = work[3 * it], s = work[3 * it + 1], len = work[3 * it + 2];
-    for (int64_t b0 = 0; b0 < len; b0 += SUB) {
-      const int64_t bn = std::min(SUB, len - b0);
-      double* __restrict h = hi + off[r] + s + b0;
-      double* __restrict l = lo + off[r] + s + b0;
-      const double* __restrict b = Base ? base + off[r] + s + b0 : nullptr;
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t p = ptr[r * k + j];
-        if (!p) continue;
-        const double wj = w[r * k + j];
-        const float* scales = Quant ? reinterpret_cast<const float*>(sptr[r * k + j]) : nullptr;
-        const int64_t B = Quant ? blk[r * k + j] : 1;
-        for_segments(reinterpret_cast<const In*>(p) + s + b0, bn, [&](auto u, int64_t i0, int64_t n) {
-          for (int64_t i = 0; i < n; ++i) {
-            double x;
-            if constexpr (Quant) x = jk::dequant<double>((int8_t)u[i], scales[(s + b0 + i0 + i) / B]);
-            else x = jk::load<double>(u[i]);
-            if (Base) x = x - b[i0 + i];
-            jk::binned_step(h[i0 + i], l[i0 + i], wj * x, s1, s2);
-          }
-        });
-      }
-      for (int64_t i = 0; i < bn; ++i) jk::binned_carry(h[i], l[i], s1);
+  for_blocks(off, ptr, k, work, m, nthreads, [&](int64_t e, int64_t p, int64_t pos, int64_t o, int64_t n) {
+    double* __restrict h = hi + o;
+    double* __restrict l = lo + o;
+    const double* __restrict b = Base ? base + o : nullptr;
+    const double wj = w[e];
+    auto step = [&](int64_t i, double x) {
+      if (Base) x = x - b[i];
+      jk::binned_step(h[i], l[i], wj * x, s1, s2);
+    };
+    if constexpr (Quant) {
+      const int8_t* q = reinterpret_cast<const int8_t*>(p) + pos;
+      const float* scales = reinterpret_cast<const float*>(sptr[e]);
+      for_scale_segments(pos, n, blk[e], [&](int64_t i0, int64_t i1, int64_t g) {
+        for (int64_t i = i0; i < i1; ++i) step(i, jk::dequant<double>(q[i], scales[g]));
+      });
+    } else {
+      for_segments(reinterpret_cast<const In*>(p) + pos, n, [&](auto u, int64_t i0, int64_t len) {
+        for (int64_t i = 0; i < len; ++i) step(i0 + i, jk::load<double>(u[i]));
+      });
     }
-  }
-}
-
-// int8 + scales: SUB-blocked like fold_rows; within a sub-block, segments of equal scale, so that the inner loop
-// has no division.
-template <class A, bool Base>
-static void fold_rows_q(A* acc, const A* base, const int64_t* off, const int64_t* ptr, const double* w,
-                        const int64_t* sptr, const int64_t* blk, int64_t k, const int64_t* work, int64_t m,
-                        int nthreads) {
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (int64_t it = 0; it < m; ++it) {
-    const int64_t r = work[3 * it], s = work[3 * it + 1], len = work[3 * it + 2];
-    for (int64_t b0 = 0; b0 < len; b0 += SUB) {
-      const int64_t bn = std::min(SUB, len - b0);
-      A* __restrict a = acc + off[r] + s + b0;
-      const A* __restrict b = Base ? base + off[r] + s + b0 : nullptr;
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t p = ptr[r * k + j];
-        if (!p) continue;
-        const A wj = (A)w[r * k + j];
-        const int8_t* __restrict q = reinterpret_cast<const int8_t*>(p) + s + b0;
-        const float* scales = reinterpret_cast<const float*>(sptr[r * k + j]);
-        for_scale_segments(s + b0, bn, blk[r * k + j], [&](int64_t i0, int64_t i1, int64_t g) {
-          const float sc = scales[g];
-          for (int64_t i = i0; i < i1; ++i) {
-            A x = jk::dequant<A>(q[i], sc);
-            if (Base) x = x - b[i];
-            a[i] = jk::fold_step(a[i], wj, x);
-          }
-        });
-      }
-    }
-  }
+  }, [&](int64_t o, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) jk::binned_carry(hi[o + i], lo[o + i], s1);
+  });
 }
 
 // Stats per (work item, update): non-finite count, sum of squares (f64), max |x|. Values are formed in S: f64 with a
