@@ -224,11 +224,13 @@ class Aggregator:
             self.state.merge_into(other_state)
 
     # --- finalize ------------------------------------------------------------------------------------------------
-    def finalize(self, output: str = "model"):
+    def finalize(self, output: str = "model", *, out=None):
         """The aggregate, in the template's container, array type and dtypes.
 
         ``output="model"``: the average (with a base: ``base + average delta``). ``output="delta"`` (base only): the
-        average delta. The state is unchanged; call :meth:`reset` to start the next round.
+        average delta. ``out``: a pytree like the template to write into (and return), e.g. last round's result:
+        fresh model-sized outputs cost first-touch page faults, about as much as the fold itself at 25M parameters.
+        The state is unchanged; call :meth:`reset` to start the next round.
         """
         if output not in ("model", "delta"):
             raise ValueError(f"output must be 'model' or 'delta', got {output!r}")
@@ -239,7 +241,10 @@ class Aggregator:
             base = st.base if output == "model" else None
             if output == "delta" and st.base is None:
                 raise ValueError("output='delta' needs an aggregator created with a base")
-            outs = [np.empty(l.shape, np_dtype(l.dtype)) for l in self.layout.leaves]
+            if out is None:
+                outs = [np.empty(l.shape, np_dtype(l.dtype)) for l in self.layout.leaves]
+            else:
+                outs = self.layout.flatten(out, party="<out>", writable=True)
             missing = [i for i, w in enumerate(st.leaf_weight) if w <= 0]
             if missing and base is None:
                 raise EmptyAggregate(f"no folded update carried leaf {self.layout.leaves[missing[0]].name!r}")
@@ -260,7 +265,7 @@ class Aggregator:
                 if st.algorithm.get("int_leaves", "mean") == "mean":
                     a = np.rint(a / weights[i])
                 outs[i][...] = a.reshape(leaf.shape).astype(outs[i].dtype)
-            return self.layout.unflatten(outs)
+            return out if out is not None else self.layout.unflatten(outs)
 
     def reset(self, base=None, *, reuse: bool = False) -> FoldState | None:
         """Start a new round (optionally with a new base).

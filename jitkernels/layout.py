@@ -34,8 +34,9 @@ class Leaf:
         return is_float_name(self.dtype)
 
 
-def _as_array(x, name, party):
-    """A native, C-contiguous numpy view of one leaf (a copy only when the leaf is strided or byte-swapped)."""
+def _as_array(x, name, party, writable=False):
+    """A native, C-contiguous numpy view of one leaf (a copy only when the leaf is strided or byte-swapped; with
+    ``writable`` such a leaf is refused instead, since writes into a copy would be lost)."""
     if isinstance(x, Quantized):
         return x
     if is_torch_tensor(x):
@@ -43,6 +44,9 @@ def _as_array(x, name, party):
     elif not isinstance(x, (np.ndarray, np.generic)):
         raise LayoutMismatch(f"expected an array, got {type(x).__name__}", leaf=name, party=party)
     a = np.asarray(x)
+    if writable and not (a.dtype.isnative and a.flags.c_contiguous and a.flags.writeable):
+        raise LayoutMismatch("an output leaf must be writeable, C-contiguous and native-endian", leaf=name,
+                             party=party)
     if not a.dtype.isnative:
         a = a.astype(a.dtype.newbyteorder("="))
     if not a.flags.c_contiguous:
@@ -150,13 +154,14 @@ class Layout:
         return sum(l.size * np.dtype(l.dtype if l.dtype != "bfloat16" else "uint16").itemsize for l in self.leaves)
 
     # --- flatten / unflatten ------------------------------------------------------------------------------------
-    def flatten(self, update, *, party=None, partial: bool = False) -> list:
+    def flatten(self, update, *, party=None, partial: bool = False, writable: bool = False) -> list:
         """Leaves of ``update`` in layout order: native contiguous arrays, :class:`Quantized`, or ``None`` where a
-        partial update (``partial=True``) leaves a dict entry out. Raises :class:`LayoutMismatch` naming the leaf."""
+        partial update (``partial=True``) leaves a dict entry out. Raises :class:`LayoutMismatch` naming the leaf.
+        ``writable``: the leaves are outputs, to be written in place (no copies allowed)."""
         out: list = [None] * len(self.leaves)
         # module-level recursion, not a nested closure: a recursive closure is a reference cycle that would keep
         # every flattened update alive until the cyclic GC runs
-        _flatten(self, update, self.treedef, "", out, 0, party, partial)
+        _flatten(self, update, self.treedef, "", out, 0, party, partial, writable)
         return out
 
     def unflatten(self, arrays):
@@ -165,7 +170,7 @@ class Layout:
         return _build(self.treedef, iter(arrays), conv)
 
 
-def _flatten(layout, node, td, prefix, out, pos, party, partial) -> int:
+def _flatten(layout, node, td, prefix, out, pos, party, partial, writable=False) -> int:
     """Fill ``out`` from ``node`` following ``td``, starting at leaf ``pos``; returns the next leaf position."""
     kind = td["t"]
     where = prefix or "<root>"
@@ -178,7 +183,7 @@ def _flatten(layout, node, td, prefix, out, pos, party, partial) -> int:
             raise LayoutMismatch("not in the layout", leaf=_join(prefix, extra[0]), party=party)
         for k, child in zip(td["k"], td["c"]):
             if k in node:
-                pos = _flatten(layout, node[k], child, _join(prefix, k), out, pos, party, partial)
+                pos = _flatten(layout, node[k], child, _join(prefix, k), out, pos, party, partial, writable)
             elif partial:
                 pos += _count_leaves(child)
             else:
@@ -190,10 +195,10 @@ def _flatten(layout, node, td, prefix, out, pos, party, partial) -> int:
         if len(node) != len(td["c"]):
             raise LayoutMismatch(f"{len(node)} entries, layout has {len(td['c'])}", leaf=where, party=party)
         for i, (v, child) in enumerate(zip(node, td["c"])):
-            pos = _flatten(layout, v, child, _join(prefix, i), out, pos, party, partial)
+            pos = _flatten(layout, v, child, _join(prefix, i), out, pos, party, partial, writable)
         return pos
     leaf = layout.leaves[pos]
-    a = _as_array(node, leaf.name, party)
+    a = _as_array(node, leaf.name, party, writable)
     if tuple(a.shape) != leaf.shape:
         raise LayoutMismatch(f"shape {tuple(a.shape)}, layout has {leaf.shape}", leaf=leaf.name, party=party)
     if isinstance(a, Quantized):

@@ -204,3 +204,21 @@ def test_reset_starts_next_round():
     assert done.count == 1 and agg.count == 0
     agg.fold(np.full(2, 4.0, np.float32), party="a")  # the same party may report again next round
     np.testing.assert_array_equal(agg.finalize(), [4.0, 4.0])
+
+
+def test_finalize_into_given_outputs():
+    tmpl = {"a": np.zeros(5, np.float32), "b": np.zeros((2, 2), np.float16)}
+    agg = jk.Aggregator(tmpl)
+    agg.fold({"a": np.ones(5, np.float32), "b": np.ones((2, 2), np.float16)}, party="x")
+    out = {"a": np.full(5, 9, np.float32), "b": np.full((2, 2), 9, np.float16)}
+    res = agg.finalize(out=out)
+    assert res is out and np.all(out["a"] == 1) and np.all(out["b"] == 1)
+    with pytest.raises(jk.LayoutMismatch, match="'b'"):
+        agg.finalize(out={"a": np.zeros(5, np.float32), "b": np.zeros((2, 2), np.float32)})
+    t = torch.zeros(5)
+    agg2 = jk.Aggregator(t)
+    agg2.fold(torch.ones(5), party=1)
+    agg2.finalize(out=t)
+    assert torch.equal(t, torch.ones(5))
+    with pytest.raises(jk.LayoutMismatch, match="C-contiguous"):
+        agg.finalize(out={"a": np.zeros(10, np.float32)[::2], "b": np.zeros((2, 2), np.float16)})
