@@ -1,0 +1,55 @@
+"""Scheduler runtime: ``submit`` latency while folds run on the executor's threads, and simulator event rates.
+
+``submit`` admits the update (validation and stats pass) in the caller's thread and returns; it never waits for a
+fold. The p50/p99 of ``submit`` on small updates is recorded while a large job's folds keep the pool busy.
+"""
+
+import time
+
+import numpy as np
+
+from scheduler import BackendCost, CostModel, JITScheduler, Job
+from scheduler.simulator import Workload, simulate
+
+
+def test_submit_latency_while_folding(benchmark):
+    rng = np.random.default_rng(0)
+    big_t = np.zeros(8_000_000, np.float32)
+    small_t = {f"l{i}": np.zeros(1000, np.float32) for i in range(10)}
+    cost = CostModel(backends={"cpu": BackendCost(2e10, 5e-5)}, startup_s=0.0)
+    sched = JITScheduler("eager", slots=2, cost=cost)
+    big_parties = list(range(40))
+    sched.add_job(Job("big", template=big_t, parties=big_parties, quorum=1.0, rounds=1))
+    n_small = 2000
+    sched.add_job(Job("small", template=small_t, parties=list(range(n_small)), quorum=1.0, rounds=1))
+    big = [rng.standard_normal(big_t.size).astype(np.float32) for _ in range(4)]
+    small = {k: np.ones(1000, np.float32) for k in small_t}
+    lat = []
+    try:
+        for p in big_parties:  # keeps the fold threads busy
+            sched.submit("big", 0, p, big[p % 4], 1.0)
+
+        def run():
+            for p in range(n_small):
+                t0 = time.perf_counter()
+                sched.submit("small", 0, p, small, 1.0)
+                lat.append(time.perf_counter() - t0)
+
+        benchmark.pedantic(run, rounds=1, iterations=1)
+        sched.result("small", 0).result(timeout=120)
+        sched.result("big", 0).result(timeout=120)
+    finally:
+        sched.close()
+    lat_us = np.array(lat) * 1e6
+    benchmark.extra_info.update(submit_p50_us=float(np.percentile(lat_us, 50)),
+                                submit_p99_us=float(np.percentile(lat_us, 99)),
+                                submit_max_us=float(lat_us.max()))
+    print(f"\nsubmit latency while folding: p50 {np.percentile(lat_us, 50):.0f} us, "
+          f"p99 {np.percentile(lat_us, 99):.0f} us, max {lat_us.max():.0f} us")
+
+
+def test_simulator_event_rate(benchmark):
+    wl = Workload.builtin("cross_device")
+    result = benchmark.pedantic(lambda: simulate(wl, "jit"), rounds=1, iterations=1)
+    benchmark.extra_info.update(events=result.events, events_per_s=result.events / result.wall_s)
+    print(f"\ncross_device, jit: {result.events:,} events at {result.events / result.wall_s:,.0f} events/s")
