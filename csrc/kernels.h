@@ -73,11 +73,13 @@ static inline void for_scale_segments(int64_t start, int64_t n, int64_t B, Seg&&
 template <class Body, class Done>
 static void for_blocks(const int64_t* off, const int64_t* ptr, int64_t k, const int64_t* work, int64_t m,
                        int nthreads, Body&& body, Done&& done) {
+  // many updates: longer runs per update stream, so that the prefetchers keep up with k streams
+  const int64_t sub = k > 16 ? 8 * SUB : SUB;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t it = 0; it < m; ++it) {
     const int64_t r = work[3 * it], s = work[3 * it + 1], len = work[3 * it + 2];
-    for (int64_t b0 = 0; b0 < len; b0 += SUB) {
-      const int64_t n = std::min(SUB, len - b0), o = off[r] + s + b0;
+    for (int64_t b0 = 0; b0 < len; b0 += sub) {
+      const int64_t n = std::min(sub, len - b0), o = off[r] + s + b0;
       for (int64_t j = 0; j < k; ++j) {
         const int64_t p = ptr[r * k + j];
         if (p) body(r * k + j, p, s + b0, o, n);

@@ -193,9 +193,8 @@ class Aggregator:
         for lid, arrays in int_rows:
             self._fold_int(lid, arrays, [w for u, w in zip(admitted, fold_w) if u.leaves[lid] is not None])
         present = np.stack([u.present for u in admitted], axis=1)  # [L, k]
-        for j, (u, w) in enumerate(zip(admitted, fold_w)):
-            st.leaf_weight[present[:, j]] += w
-            st.parties[u.party] = w
+        st.leaf_weight += present @ np.asarray(fold_w)  # per leaf, the weights of the updates that carried it
+        st.parties.update((u.party, w) for u, w in zip(admitted, fold_w))
 
     def _fold_int(self, lid, arrays, weights):
         leaf = self.layout.leaves[lid]
