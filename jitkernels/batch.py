@@ -52,19 +52,6 @@ def work_items(n: np.ndarray, chunk: int = CHUNK) -> np.ndarray:
     return np.ascontiguousarray(np.stack([rows, start, length], axis=1))
 
 
-def _cached_work(layout, rows, n, chunk):
-    """Work items depend only on which leaves a group has: cache them per layout (a server folds the same layout
-    over and over, and rebuilding the table is a fixed cost per call that small models feel)."""
-    cache = layout.__dict__.setdefault("_work_cache", {})
-    key = (rows.tobytes(), chunk)
-    work = cache.get(key)
-    if work is None:
-        if len(cache) > 64:
-            cache.clear()
-        work = cache[key] = work_items(n, chunk)
-    return work
-
-
 def threads_for(g, nthreads: int) -> int:
     """One thread for small calls: waking a thread pool costs tens of microseconds, more than folding ~256K
     elements on one core."""
@@ -112,38 +99,52 @@ def build_groups(layout, entries, leaves, weights, chunk: int = CHUNK):
     leaves ``[(leaf_id, [arrays])]`` for the host.
     """
     tab = np.stack(entries, axis=1)  # [L, k, 4]
-    codes = tab[:, :, 0]
     w = np.asarray(weights, dtype=np.float64)
-    offs, sizes = layout.offsets, layout.sizes
+    k = len(leaves)
     groups = {}
-    present = set(np.unique(codes).tolist())
-    for name in GROUP_ORDER:
-        c = CODE[name]
-        if c not in present:
-            continue
-        hit = codes == c
-        rows = np.flatnonzero(hit.any(axis=1))
-        if rows.size == 0:
-            continue
-        mask = hit[rows]
-        arrays = [[leaves[j][r] if mask[i, j] else None for j in range(len(leaves))] for i, r in enumerate(rows)]
-        n = sizes[rows]
+    plan, int_rows_ids = _plan(layout, tab[:, :, 0], chunk)
+    for name, rows, mask, off, n, work in plan:
+        arrays = [[leaves[j][r] if mask[i, j] else None for j in range(k)] for i, r in enumerate(rows.tolist())]
         groups[name] = Group(
             in_dtype=name,
             leaf_ids=rows,
-            off=offs[rows],
+            off=off,
             n=n,
             ptr=np.where(mask, tab[rows, :, 1], 0),
             w=np.where(mask, w[None, :], 0.0),
             scale_ptr=np.where(mask, tab[rows, :, 2], 0),
             block=np.where(mask, tab[rows, :, 3], 1),
             arrays=arrays,
-            work=_cached_work(layout, rows, n, chunk),
+            work=work,
         )
-    int_rows = [] if INT_CODE not in present else [
-        (int(r), [leaves[j][r] for j in range(len(leaves)) if codes[r, j] == INT_CODE])
-        for r in np.flatnonzero((codes == INT_CODE).any(axis=1))]
+    int_rows = [(r, [leaves[j][r] for j in range(k) if tab[r, j, 0] == INT_CODE]) for r in int_rows_ids]
     return groups, int_rows
+
+
+def _plan(layout, codes, chunk):
+    """Which rows (leaves) each input dtype group has, with their masks, offsets, lengths and work items: a function
+    of the code matrix only, so it is cached per layout (a server sends the same kinds of batches again and again;
+    rebuilding this was most of a small fold's fixed cost)."""
+    cache = layout.__dict__.setdefault("_plan_cache", {})
+    key = (codes.shape, codes.tobytes(), chunk)
+    hit = cache.get(key)
+    if hit is not None:
+        return hit
+    plan = []
+    present = set(np.unique(codes).tolist())
+    for name in GROUP_ORDER:
+        c = CODE[name]
+        if c not in present:
+            continue
+        match = codes == c
+        rows = np.flatnonzero(match.any(axis=1))
+        n = layout.sizes[rows]
+        plan.append((name, rows, match[rows], layout.offsets[rows], n, work_items(n, chunk)))
+    int_rows = [] if INT_CODE not in present else np.flatnonzero((codes == INT_CODE).any(axis=1)).tolist()
+    if len(cache) > 256:
+        cache.clear()
+    cache[key] = (plan, int_rows)
+    return plan, int_rows
 
 
 def rows_from_items(g: Group, nonfinite, sumsq, maxabs):

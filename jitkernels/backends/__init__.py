@@ -74,8 +74,19 @@ def _module_available(name):
         return f"{type(e).__name__}: {e}"
 
 
+_chosen: dict = {}
+
+
 def choose(name: str, in_dtype: str):
-    """Backend module that runs ``in_dtype`` for a request ``name`` ('auto' or a backend)."""
+    """Backend module that runs ``in_dtype`` for a request ``name`` ('auto' or a backend). Resolved once per pair:
+    what is installed does not change while the process runs."""
+    mod = _chosen.get((name, in_dtype))
+    if mod is None:
+        mod = _chosen[(name, in_dtype)] = _resolve(name, in_dtype)
+    return mod
+
+
+def _resolve(name: str, in_dtype: str):
     if name != "auto":
         mod = get(name)
         if in_dtype not in mod.DTYPES:
