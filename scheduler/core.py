@@ -169,6 +169,7 @@ class _JobState:
             self.model_elems = job.model_elems
             self.update_bytes = job.update_bytes or 4 * job.model_elems
         self.seen: set = set()  # (round, party) acknowledged, for de-duplication
+        self.spare = None  # an Aggregator to reuse for the next round
 
 
 class JITScheduler:
@@ -331,8 +332,11 @@ class JITScheduler:
         rnd.start = now
         js.open = rnd
         if js.layout is not None:
-            rnd.aggregator = jk.Aggregator(js.job.template, js.job.algorithm, backend=js.job.backend,
-                                           acc_dtype=js.job.acc_dtype)
+            if js.spare is not None:  # last round's accumulator, zeroed: a fresh one costs first-touch page faults
+                rnd.aggregator, js.spare = js.spare, None
+            else:
+                rnd.aggregator = jk.Aggregator(js.job.template, js.job.algorithm, backend=js.job.backend,
+                                               acc_dtype=js.job.acc_dtype)
         if js.job.deadline_s is not None:
             rnd.deadline_timer = self.clock.call_at(now + js.job.deadline_s, self._on_deadline, js, rnd)
         self._log("open_round", js, round=number)
@@ -611,6 +615,10 @@ class JITScheduler:
         self._round_finished(js, rnd)
 
     def _round_finished(self, js, rnd) -> None:
+        busy = js.deployment is not None and js.deployment.busy  # a fold of this round may still be running
+        if rnd.aggregator is not None and not busy:  # the result is out (finalize allocates it): recycle it
+            rnd.aggregator.reset(reuse=True)
+            js.spare, rnd.aggregator = rnd.aggregator, None
         if rnd.deadline_timer is not None:
             rnd.deadline_timer.cancel()
         if rnd.timer is not None:
