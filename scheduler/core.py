@@ -488,6 +488,10 @@ class JITScheduler:
             return -math.inf  # it has work now
         return (math.inf if rnd.plan_t is None else rnd.plan_t) - self.clock.now()
 
+    def _redeploy_laxity(self, js) -> float:
+        t, _ = self.policy.deploy_at(self, js, js.open, redeploy=True)
+        return math.inf if t is None else t - self.clock.now()
+
     def _request_slot(self, js, laxity: float, inputs: dict) -> None:
         if self.free_slots:
             self._deploy(js, self.free_slots.pop(0), laxity, inputs)
@@ -502,13 +506,16 @@ class JITScheduler:
             # folded to free the budget; otherwise the idle job's own parties stay blocked by Backpressure
             victims = [(self._laxity(o), o) for o in idle]
         else:
-            # take back an idle deployment whose job can wait longer, if the gap beats the hysteresis + start-up
-            victims = [(lx, o) for lx, o in ((self._laxity(o), o) for o in idle)
+            # take back an idle deployment whose job can wait longer, if the gap beats the hysteresis + start-up;
+            # its laxity is re-planned now as if it had to redeploy (a few quantiles, only when a job must wait)
+            victims = [(lx, o) for lx, o in ((self._redeploy_laxity(o), o) for o in idle)
                        if lx - laxity > self.hysteresis_s + self.cost.startup_s]
         if victims:
             lx, victim = max(victims, key=lambda v: v[0])
             self._log("preempt", victim, for_job=js.job.id, victim_laxity=lx, laxity=laxity, pressure=bool(pressure))
             self._release(victim, f"preempted by {js.job.id}")
+            if victim.open is not None and not victim.open.done:
+                self._plan(victim)  # it plans its redeployment now, not at its next arrival
         else:
             self._log("wait_slot", js, laxity=laxity, waiting=len(self.waiting), plan=inputs)
 

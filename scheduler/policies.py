@@ -15,8 +15,9 @@ class Policy:
     keep_between_rounds = False  # eager keeps its deployment for the job's whole life
     fold_on_arrival = True  # once deployed, fold updates as they come (in batches of what is pending)
 
-    def deploy_at(self, sched, js, rnd):
-        """(time to deploy, inputs used), or (None, inputs) for 'not yet known'."""
+    def deploy_at(self, sched, js, rnd, *, redeploy: bool = False):
+        """(time to deploy, inputs used), or (None, inputs) for 'not yet known'. ``redeploy``: for a deployed job,
+        the latest start if its slot were taken back now (start-up included): what preemption weighs."""
         raise NotImplementedError
 
     def __repr__(self):
@@ -29,7 +30,7 @@ class Eager(Policy):
     name = "eager"
     keep_between_rounds = True
 
-    def deploy_at(self, sched, js, rnd):
+    def deploy_at(self, sched, js, rnd, *, redeploy=False):
         return sched.clock.now(), {}
 
 
@@ -38,7 +39,7 @@ class Lazy(Policy):
 
     name = "lazy"
 
-    def deploy_at(self, sched, js, rnd):
+    def deploy_at(self, sched, js, rnd, *, redeploy=False):
         return (rnd.quorum_time, {}) if rnd.quorum_time is not None else (None, {"waiting": "quorum"})
 
 
@@ -59,7 +60,7 @@ class JIT(Policy):
             raise ValueError(f"alpha must be in (0, 1), got {alpha}")
         self.alpha = alpha
 
-    def deploy_at(self, sched, js, rnd):
+    def deploy_at(self, sched, js, rnd, *, redeploy=False):
         now = sched.clock.now()
         if rnd.quorum_time is not None:
             return now, {"quorum": "reached"}
@@ -71,7 +72,7 @@ class JIT(Policy):
                 return now, {"quantile": "unknown (no history yet)", "need": need}
             return None, {"quantile": "inf", "need": need}
         work = sched.work_estimate(js, rnd)
-        startup = 0.0 if js.deployment is not None else sched.cost.startup_s
+        startup = 0.0 if js.deployment is not None and not redeploy else sched.cost.startup_s
         t = rnd.start + q - work - startup
         return t, {"quantile_s": round(q, 6), "work_s": round(work, 6), "startup_s": startup, "alpha": self.alpha}
 
@@ -87,12 +88,12 @@ class Oracle(Policy):
     def __init__(self, quorum_time_fn):
         self.quorum_time_fn = quorum_time_fn  # (job_id, round) -> absolute time of the q-th arrival
 
-    def deploy_at(self, sched, js, rnd):
+    def deploy_at(self, sched, js, rnd, *, redeploy=False):
         t_q = self.quorum_time_fn(js.job.id, rnd.number)
         if t_q is None:
             return None, {"oracle": "no quorum"}
         work = sched.work_estimate(js, rnd)
-        startup = 0.0 if js.deployment is not None else sched.cost.startup_s
+        startup = 0.0 if js.deployment is not None and not redeploy else sched.cost.startup_s
         return t_q - work - startup, {"true_quorum": t_q, "work_s": work, "startup_s": startup}
 
 
