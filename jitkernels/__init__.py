@@ -15,7 +15,7 @@ from .errors import (AggregationError, BackendUnavailable, CorruptState, Duplica
                      IncompatibleStates, InvalidWeight, LayoutMismatch, NonFiniteUpdate, OverlappingParties,
                      ValueOutOfRange)
 from .layout import Layout
-from .state import FoldState
+from .state import FoldState, atomic_write
 from .threads import get_num_threads, set_num_threads
 
 __version__ = "0.1.0"
@@ -24,5 +24,5 @@ __all__ = [
     "Admitted", "AggregationError", "Aggregator", "BackendUnavailable", "CorruptState", "DuplicateParty",
     "EmptyAggregate", "FoldState", "IncompatibleStates", "InvalidWeight", "Layout", "LayoutMismatch",
     "NonFiniteUpdate", "OverlappingParties", "Quantized", "ValueOutOfRange", "admit", "admit_many", "algorithms",
-    "available_backends", "bfloat16", "check_weight", "get_num_threads", "set_num_threads",
+    "atomic_write", "available_backends", "bfloat16", "check_weight", "get_num_threads", "set_num_threads",
 ]

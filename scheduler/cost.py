@@ -62,9 +62,7 @@ class CostModel:
                    backend=d["backend"], acc_itemsize=d.get("acc_itemsize", 4))
 
     def save(self, path) -> None:
-        from jitkernels.state import atomic_write
-
-        atomic_write(os.fspath(path), json.dumps(self.to_json(), indent=2).encode())
+        jk.atomic_write(os.fspath(path), json.dumps(self.to_json(), indent=2).encode())
 
     @classmethod
     def load(cls, path) -> "CostModel":
