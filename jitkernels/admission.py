@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import backends
-from .batch import build_groups, leaf_entry
+from .batch import ABSENT, build_groups, leaf_entry
 from .dtypes import Quantized
 from .errors import InvalidWeight, NonFiniteUpdate, ValueOutOfRange
 
@@ -43,7 +43,7 @@ class Admitted:
     @property
     def present(self) -> np.ndarray:
         """Mask of the layout's leaves this update carries (all of them unless it is partial)."""
-        return self.entries[:, 0] != -2
+        return self.entries[:, 0] != ABSENT
 
 
 def check_weight(weight, party) -> float:

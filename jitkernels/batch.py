@@ -80,16 +80,6 @@ class Group:
     def k(self) -> int:
         return self.ptr.shape[1]
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of update data this group reads."""
-        total = 0
-        for row in self.arrays:
-            for a in row:
-                if a is not None:
-                    total += a.nbytes
-        return total
-
 
 def build_groups(layout, entries, leaves, weights, chunk: int = CHUNK):
     """Group k updates' leaves by input dtype.

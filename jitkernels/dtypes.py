@@ -17,9 +17,6 @@ bfloat16 = np.dtype(ml_dtypes.bfloat16)
 FLOAT_INPUTS = ("float64", "float32", "float16", "bfloat16")
 """Float dtypes a leaf may have. Integer leaves follow the aggregator's ``int_leaves`` rule."""
 
-ACC_DTYPES = ("float32", "float64")
-
-
 def dtype_name(dt) -> str:
     """Canonical name of a numpy dtype ('bfloat16' for ml_dtypes' type)."""
     dt = np.dtype(dt)
@@ -32,10 +29,6 @@ def np_dtype(name: str) -> np.dtype:
 
 def is_float_name(name: str) -> bool:
     return name in FLOAT_INPUTS
-
-
-def is_int_name(name: str) -> bool:
-    return np.dtype(name).kind in "iub" if name != "bfloat16" else False
 
 
 def _torch():

@@ -66,7 +66,6 @@ class Layout:
         self.treedef = treedef
         self.array_type = array_type
         self.size = sum(leaf.size for leaf in self.leaves)
-        self._index = {leaf.name: i for i, leaf in enumerate(self.leaves)}
 
     # --- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -137,9 +136,6 @@ class Layout:
 
     def __repr__(self):
         return f"Layout({len(self.leaves)} leaves, {self.size} elements, {self.array_type})"
-
-    def index(self, name: str) -> int:
-        return self._index[name]
 
     @cached_property
     def offsets(self) -> np.ndarray:

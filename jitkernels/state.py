@@ -112,7 +112,7 @@ class FoldState:
         if self.acc_dtype != other.acc_dtype:
             raise IncompatibleStates(f"accumulators differ: {self.acc_dtype} vs {other.acc_dtype}")
         if (self.base is None) != (other.base is None) or (
-                self.base is not None and self.base.tobytes() != other.base.tobytes()):
+                self.base is not None and not np.array_equal(self.base, other.base)):
             raise IncompatibleStates("states fold deltas against different bases")
         shared = self.parties.keys() & other.parties.keys()
         if shared:

@@ -12,6 +12,7 @@ quorum (the first q arrivals); the model is finalized; the deployment is release
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import threading
@@ -566,13 +567,9 @@ class JITScheduler:
             est = self.cost.fold_s(nbytes, len(batch), js.model_elems)
             fn = None
             if rnd.aggregator is not None:
-                agg, items = rnd.aggregator, [it for _, it, _, _ in batch]
-                weights = [w for *_, w in batch]
-
-                def fn(agg=agg, items=items, weights=weights):
-                    # a late update carried to this round comes with its staleness-scaled weight
-                    agg.fold_many([it if w == it.weight else dataclasses.replace(it, weight=w)
-                                   for it, w in zip(items, weights)])
+                # a late update carried to this round comes with its staleness-scaled weight
+                items = [it if w == it.weight else dataclasses.replace(it, weight=w) for _, it, _, w in batch]
+                fn = functools.partial(rnd.aggregator.fold_many, items)
             task = Task("fold", js.job.id, rnd.number, len(batch), nbytes, est, fn)
             dep.busy = True
             self._log("fold", js, round=rnd.number, updates=len(batch), bytes=nbytes, est_s=est)

@@ -20,7 +20,6 @@ try:
     import numba
     from llvmlite import ir
     from numba import carray, njit, prange, types
-    from numba.core.errors import TypingError  # noqa: F401  (import check)
     from numba.extending import intrinsic, overload
 except ImportError as e:  # pragma: no cover
     numba = None
