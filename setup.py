@@ -11,6 +11,21 @@ import tempfile
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+CUDA_DATA = ["jk_math.h", "cuda/kernels.cu", "cuda/emulate.h"]
+
+
+class build_py_with_cuda(build_py):
+    """Ship the CUDA source as package data (jitkernels/_csrc): the GPU backend compiles it with NVRTC at run time,
+    once per device. An editable install reads it from csrc/ instead."""
+
+    def run(self):
+        super().run()
+        for rel in CUDA_DATA:
+            dst = os.path.join(self.build_lib, "jitkernels", "_csrc", rel)
+            self.mkpath(os.path.dirname(dst))
+            self.copy_file(os.path.join("csrc", rel), dst)
 
 
 def _openmp_flags():
@@ -42,4 +57,4 @@ ext = Pybind11Extension(
     depends=["csrc/jk_math.h", "csrc/kernels.h"],
 )
 
-setup(ext_modules=[ext], cmdclass={"build_ext": build_ext})
+setup(ext_modules=[ext], cmdclass={"build_ext": build_ext, "build_py": build_py_with_cuda})

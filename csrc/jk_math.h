@@ -40,8 +40,15 @@ JK_HD uint32_t float_to_bits(float f) {
 // bf16 -> f32 is exact: the bf16 bits are the high half of the f32.
 JK_HD float widen(bf16 h) { return bits_to_float((uint32_t)h.bits << 16); }
 
-// f16 -> f32 is exact. Branch-free decode (normal, subnormal, inf/nan) so that it also vectorizes on the host.
+// f16 -> f32 is exact. On the GPU, the hardware conversion (exact, and immune to flush-to-zero: f16 subnormals are
+// f32 normals). On the host, a branch-free decode (normal, subnormal, inf/nan) that vectorizes; its intermediate for
+// a subnormal is an f32 subnormal, which a flush-to-zero mode would lose, hence not used on the device.
 JK_HD float widen(f16 h) {
+#if defined(__CUDA_ARCH__)
+  __half_raw raw;
+  raw.x = h.bits;
+  return __half2float(__half(raw));
+#else
   const uint32_t sign = (uint32_t)(h.bits & 0x8000u) << 16;
   const uint32_t em = (uint32_t)(h.bits & 0x7fffu);
   // normal and subnormal: shift into place and rescale by 2^112 (exact: a power of two)
@@ -49,11 +56,15 @@ JK_HD float widen(f16 h) {
   const uint32_t infnan = (em >= 0x7c00u) ? (0x7f800000u | (em << 13)) : 0u;
   const uint32_t out = (em >= 0x7c00u) ? infnan : float_to_bits(mag);
   return bits_to_float(sign | out);
+#endif
 }
 
 JK_HD float widen(float x) { return x; }
 JK_HD double widen(double x) { return x; }
 JK_HD float widen(int8_t x) { return (float)x; }
+
+// x is finite: inf - inf and nan - nan are nan, which compares unequal to 0 (no <cmath>, so NVRTC needs no headers).
+JK_HD bool is_finite(double x) { return (x - x) == 0.0; }
 
 // Round f32 to bf16, to nearest even (as ml_dtypes does); NaN stays a quiet NaN.
 JK_HD bf16 narrow_bf16(float f) {

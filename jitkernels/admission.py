@@ -19,7 +19,8 @@ import numpy as np
 from . import backends
 from .batch import ABSENT, build_groups, leaf_entry
 from .dtypes import Quantized
-from .errors import InvalidWeight, NonFiniteUpdate, ValueOutOfRange
+from .device import DeviceLeaf
+from .errors import InvalidWeight, LayoutMismatch, NonFiniteUpdate, ValueOutOfRange
 
 HEADROOM = 2.0 ** -20
 """An update's ``weight * max|x|`` may use at most this fraction of the accumulator's range, so that about a million
@@ -39,6 +40,7 @@ class Admitted:
     maxabs: float
     nbytes: int
     against_base: bool = False
+    on_device: bool = False  # its leaves are in GPU memory (CuPy arrays / torch CUDA tensors)
 
     @property
     def present(self) -> np.ndarray:
@@ -61,28 +63,57 @@ def _copy_leaf(a):
         return None
     if isinstance(a, Quantized):
         return Quantized(a.values.copy(), a.scale.copy(), a.block)
+    if isinstance(a, DeviceLeaf):
+        return DeviceLeaf(a.array.copy(), a.dtype)
     return a.copy()
 
 
-def batch_stats(layout, leaves_list, *, base=None, backend="auto", acc_dtype="float32"):
-    """Per leaf and update ([L, k] arrays): non-finite count, sum of squares, max |x| (x = u, or u - base)."""
+def _on_device(leaves, party) -> bool:
+    dev = [isinstance(a, DeviceLeaf) for a in leaves if a is not None]
+    if any(dev) and not all(dev):
+        raise LayoutMismatch("mixes GPU arrays and host arrays; send one update from one place", party=party)
+    return bool(dev) and dev[0]
+
+
+def batch_stats(layout, leaves_list, *, base=None, host_base=None, backend="auto", acc_dtype="float32",
+                on_device=None):
+    """Per leaf and update ([L, k] arrays): non-finite count, sum of squares, max |x| (x = u, or u - base).
+
+    Updates are validated where they are: device-resident ones by the GPU backend (against ``base``), host ones by
+    a CPU backend (against ``host_base``, the base's host copy when the base lives on the GPU): checking host bytes
+    on the host spares them a trip over PCIe that the fold would repeat."""
     k = len(leaves_list)
     L = len(layout.leaves)
     nonfinite, sumsq, maxabs = np.zeros((L, k), np.int64), np.zeros((L, k)), np.zeros((L, k))
     entries = [np.array([leaf_entry(a) for a in leaves], np.int64).reshape(L, 4) for leaves in leaves_list]
-    groups, _ = build_groups(layout, entries, leaves_list, np.ones(k))
-    for name, g in groups.items():
-        nf, ss, mx = backends.choose(backend, name).stats(base, g, acc_dtype)
-        nonfinite[g.leaf_ids] += nf
-        sumsq[g.leaf_ids] += ss
-        np.maximum.at(maxabs, g.leaf_ids, mx)
+    on_device = np.zeros(k, bool) if on_device is None else np.asarray(on_device, bool)
+    host_base = base if host_base is None else host_base
+    for dev in (False, True):
+        cols = np.flatnonzero(on_device == dev)
+        if cols.size == 0:
+            continue
+        every = cols.size == k  # the usual case: no column subsets to gather or scatter
+        groups, _ = build_groups(layout, entries if every else [entries[j] for j in cols],
+                                 leaves_list if every else [leaves_list[j] for j in cols], np.ones(cols.size),
+                                 device=np.ones(cols.size, bool) if dev else None)
+        for name, g in groups.items():
+            if dev:
+                mod, b = backends.get("cupy"), base
+            else:
+                mod, b = backends.choose("auto" if backend == "cupy" else backend, name), host_base
+            nf, ss, mx = mod.stats(b, g, acc_dtype)
+            rows = g.leaf_ids if every else np.ix_(g.leaf_ids, cols)
+            nonfinite[rows] += nf
+            sumsq[rows] += ss
+            maxabs[rows] = np.maximum(maxabs[rows], mx)  # a leaf is in one group per dtype: rows are distinct
     return entries, nonfinite, sumsq, maxabs
 
 
 def admit_many(updates, layout, *, weights=None, parties=None, base=None, backend="auto", acc_dtype="float32",
-               copy=False, partial=False, bound=None) -> list:
+               copy=False, partial=False, bound=None, host_base=None) -> list:
     """Admit k updates with one stats call per input dtype. Raises on the first bad update (in order); nothing
-    is returned (so nothing is folded) unless all pass. ``bound`` (deterministic mode) caps ``weight * max|x|``."""
+    is returned (so nothing is folded) unless all pass. ``bound`` (deterministic mode) caps ``weight * max|x|``.
+    Updates in GPU memory need ``backend`` "cupy" (or "auto" with the GPU backend available)."""
     k = len(updates)
     weights = [1.0] * k if weights is None else list(weights)
     parties = [None] * k if parties is None else list(parties)
@@ -92,8 +123,13 @@ def admit_many(updates, layout, *, weights=None, parties=None, base=None, backen
     leaves_list = [layout.flatten(u, party=p, partial=partial) for u, p in zip(updates, parties)]
     if copy:
         leaves_list = [[_copy_leaf(a) for a in leaves] for leaves in leaves_list]
-    entries, nonfinite, sumsq, maxabs = batch_stats(layout, leaves_list, base=base, backend=backend,
-                                                    acc_dtype=acc_dtype)
+    on_device = [_on_device(leaves, p) for leaves, p in zip(leaves_list, parties)]
+    if any(on_device) and backend not in ("auto", "cupy"):
+        p = parties[on_device.index(True)]
+        raise LayoutMismatch(f"the update is in GPU memory; backend {backend!r} reads host memory (use 'cupy')",
+                             party=p)
+    entries, nonfinite, sumsq, maxabs = batch_stats(layout, leaves_list, base=base, host_base=host_base,
+                                                    backend=backend, acc_dtype=acc_dtype, on_device=on_device)
     limit = float(np.finfo(np.dtype(acc_dtype)).max) * HEADROOM if bound is None else float(bound)
     what = f"the {acc_dtype} accumulator's headroom" if bound is None else "the deterministic bound"
     out = []
@@ -109,7 +145,7 @@ def admit_many(updates, layout, *, weights=None, parties=None, base=None, backen
         nbytes = sum(a.nbytes for a in leaves_list[j] if a is not None)
         out.append(Admitted(parties[j], ws[j], leaves_list[j], entries[j], layout.fingerprint,
                             float(math.sqrt(sumsq[:, j].sum())), float(maxabs[:, j].max(initial=0.0)), nbytes,
-                            base is not None))
+                            base is not None, on_device[j]))
     return out
 
 

@@ -16,6 +16,7 @@ from . import algorithms as _algorithms
 from . import backends
 from .admission import Admitted, admit_many
 from .batch import build_groups, build_out_groups
+from .device import DeviceLeaf, empty_leaf, like, to_host, zeros
 from .dtypes import np_dtype
 from .backends import numpy_ref
 from .errors import DuplicateParty, EmptyAggregate, LayoutMismatch, ValueOutOfRange
@@ -23,6 +24,14 @@ from .layout import Layout
 from .state import FoldState, _check_party
 
 INT_RULES = ("mean", "max")
+
+
+def _write(out, host_values) -> None:
+    """out[...] = host_values, for a host array or a device leaf."""
+    if isinstance(out, DeviceLeaf):
+        out.array[...] = like(host_values.view(out.array.dtype), out.array)
+    else:
+        out[...] = host_values
 
 
 class Aggregator:
@@ -35,9 +44,12 @@ class Aggregator:
     algorithm : str | algorithm object
         ``"fedavg"`` (weighted by sample count), ``"fedavg_unweighted"``, or an instance from
         :mod:`jitkernels.algorithms`.
-    backend : "auto" | "numpy" | "numba" | "cpp"
-        Explicit names are always honored (or fail with the reason); "auto" picks, per input dtype, cpp > numba >
-        numpy. ``JITKERNELS_BACKEND`` sets the default.
+    backend : "auto" | "numpy" | "numba" | "cpp" | "cupy"
+        Explicit names are always honored (or fail with the reason); "auto" picks "cupy" when the template is in
+        GPU memory (CuPy arrays, torch CUDA tensors), else, per input dtype, cpp > numba > numpy.
+        ``JITKERNELS_BACKEND`` sets the default. With "cupy" the accumulator lives in GPU memory; host updates are
+        staged through pinned buffers, device updates are read in place, and the result comes back as the
+        template's array type (on the device for CuPy / torch CUDA templates).
     acc_dtype : "float32" | "float64"
         Accumulator dtype; never the input dtype (fp16/bf16/int8 inputs are widened as they are read).
     base : pytree like ``template``, optional
@@ -78,22 +90,25 @@ class Aggregator:
             acc_dtype = "float64"
         acc_dtype = acc_dtype or "float32"
         self.algorithm = _algorithms.resolve(algorithm)
-        self.backend = backends.requested(backend)
-        if self.backend != "auto":
-            backends.get(self.backend)  # fail now, with the reason, not at the first fold
         self.partial = bool(partial)
         self.copy = bool(copy)
         self._lock = threading.RLock()
         self._anon = itertools.count()
+        self.layout = _state.layout if _state is not None else (
+            template if isinstance(template, Layout) else Layout.from_template(template))
+        self.backend = backends.requested(backend)
+        if self.backend == "auto" and self.layout.array_type in ("cupy", "torch_cuda"):
+            self.backend = "cupy"
+        if self.backend != "auto":
+            backends.get(self.backend)  # fail now, with the reason, not at the first fold
         if _state is not None:
-            self.layout = _state.layout
-            self.state = _state
+            self.state = _state.to(self.on_gpu)
             return
-        self.layout = template if isinstance(template, Layout) else Layout.from_template(template)
         params = {**self.algorithm.params(), "int_leaves": int_leaves,
                   "deterministic": math.ceil(math.log2(bound)) if deterministic else None}
         flat_base = None if base is None else self._flat(base, acc_dtype)
-        self.state = FoldState(self.layout, algorithm=params, acc_dtype=acc_dtype, base=flat_base)
+        self.state = FoldState(self.layout, algorithm=params, acc_dtype=acc_dtype, base=flat_base,
+                               on_device=self.on_gpu)
 
     @classmethod
     def from_state(cls, state: FoldState, *, backend=None, partial=False, copy=False) -> "Aggregator":
@@ -105,9 +120,14 @@ class Aggregator:
     def deterministic(self) -> bool:
         return self.state.deterministic
 
+    @property
+    def on_gpu(self) -> bool:
+        return self.backend == "cupy"
+
     def _flat(self, tree, acc_dtype):
         leaves = self.layout.flatten(tree, party="<base>")
-        return np.concatenate([np.asarray(a, dtype=acc_dtype).reshape(-1) for a in leaves])
+        flat = np.concatenate([np.asarray(to_host(a), dtype=acc_dtype).reshape(-1) for a in leaves])
+        return like(flat, zeros(0, np.float32, True)) if self.on_gpu else flat
 
     # --- properties ----------------------------------------------------------------------------------------------
     @property
@@ -137,8 +157,8 @@ class Aggregator:
         self._check_parties(parties)
         st = self.state
         return admit_many(updates, self.layout, weights=weights, parties=parties, base=st.base,
-                          backend=self.backend, acc_dtype=self.acc_dtype, copy=self.copy, partial=self.partial,
-                          bound=2.0 ** st.bound_log2 if st.deterministic else None)
+                          host_base=st.host_base(), backend=self.backend, acc_dtype=self.acc_dtype, copy=self.copy,
+                          partial=self.partial, bound=2.0 ** st.bound_log2 if st.deterministic else None)
 
     def _check_parties(self, parties):
         seen = set()
@@ -175,9 +195,13 @@ class Aggregator:
                                      f"{self.layout.fingerprint}", party=u.party)
         self._check_parties([u.party for u in admitted])
         st = self.state
+        on_device = np.array([u.on_device for u in admitted])
+        if on_device.any() and not self.on_gpu:
+            raise LayoutMismatch(f"the update is in GPU memory; this aggregator's backend {self.backend!r} reads "
+                                 f"host memory (use backend='cupy')", party=admitted[int(np.argmax(on_device))].party)
         fold_w = [float(self.algorithm.fold_weight(u.weight)) for u in admitted]
         groups, int_rows = build_groups(self.layout, [u.entries for u in admitted], [u.leaves for u in admitted],
-                                        fold_w)
+                                        fold_w, device=on_device if on_device.any() else None)
         if st.deterministic:
             bound = 2.0 ** st.bound_log2
             for u, w in zip(admitted, fold_w):  # an Admitted made elsewhere was not checked against the bound
@@ -203,7 +227,7 @@ class Aggregator:
         st = self.state
         rule = st.algorithm.get("int_leaves", "mean")
         for a, w in zip(arrays, weights):
-            x = a.reshape(-1).astype(A)
+            x = like(to_host(a).reshape(-1).astype(A), acc)
             if rule == "mean" and st.deterministic:
                 s1, s2 = numpy_ref.binned_constants(st.bound_log2)
                 lo = st.lo[leaf.offset:leaf.offset + leaf.size]
@@ -240,10 +264,17 @@ class Aggregator:
             base = st.base if output == "model" else None
             if output == "delta" and st.base is None:
                 raise ValueError("output='delta' needs an aggregator created with a base")
-            if out is None:
+            if out is None and self.on_gpu:
+                outs = [empty_leaf(l.shape, l.dtype) for l in self.layout.leaves]
+            elif out is None:
                 outs = [np.empty(l.shape, np_dtype(l.dtype)) for l in self.layout.leaves]
             else:
                 outs = self.layout.flatten(out, party="<out>", writable=True)
+                where = [isinstance(o, DeviceLeaf) for o in outs]
+                if not all(w == self.on_gpu for w in where):
+                    bad = self.layout.leaves[[w == self.on_gpu for w in where].index(False)].name
+                    raise LayoutMismatch(f"out must be in {'GPU' if self.on_gpu else 'host'} memory for backend "
+                                         f"{self.backend!r}", leaf=bad, party="<out>")
             missing = [i for i, w in enumerate(st.leaf_weight) if w <= 0]
             if missing and base is None:
                 raise EmptyAggregate(f"no folded update carried leaf {self.layout.leaves[missing[0]].name!r}")
@@ -254,16 +285,18 @@ class Aggregator:
             weights = np.full(len(self.layout), st.total_weight) if st.deterministic else st.leaf_weight
             for og in build_out_groups(self.layout, float_ids, [outs[i] for i in float_ids], weights):
                 mod.finalize(acc, base, og)
+            # leaves no update carried, and integer leaves: tiny, finished on the host and written back
             for i in missing:
                 leaf = self.layout.leaves[i]
-                outs[i][...] = base[leaf.offset:leaf.offset + leaf.size].reshape(leaf.shape).astype(outs[i].dtype)
+                b = to_host(base[leaf.offset:leaf.offset + leaf.size])
+                _write(outs[i], b.reshape(leaf.shape).astype(outs[i].dtype))
             for i, leaf in enumerate(self.layout.leaves):
                 if leaf.is_float or st.leaf_weight[i] <= 0:
                     continue
-                a = acc[leaf.offset:leaf.offset + leaf.size].astype(np.float64)
+                a = to_host(acc[leaf.offset:leaf.offset + leaf.size]).astype(np.float64)
                 if st.algorithm.get("int_leaves", "mean") == "mean":
                     a = np.rint(a / weights[i])
-                outs[i][...] = a.reshape(leaf.shape).astype(outs[i].dtype)
+                _write(outs[i], a.reshape(leaf.shape).astype(outs[i].dtype))
             return out if out is not None else self.layout.unflatten(outs)
 
     def reset(self, base=None, *, reuse: bool = False) -> FoldState | None:

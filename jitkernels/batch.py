@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .device import DeviceLeaf
 from .dtypes import Quantized, dtype_name
 
 GROUP_ORDER = ("float64", "float32", "float16", "bfloat16", "int8")
@@ -37,7 +38,9 @@ def leaf_entry(a):
     return CODE.get(name, INT_CODE), _addr(a), 0, 0
 
 
-def _addr(a: np.ndarray) -> int:
+def _addr(a) -> int:
+    if isinstance(a, DeviceLeaf):
+        return a.ptr
     return a.__array_interface__["data"][0] if a.size else 0
 
 
@@ -75,17 +78,18 @@ class Group:
     block: np.ndarray  # int64[R, k]: int8 only
     arrays: list  # [R][k]: the leaves themselves (None = absent); keeps them alive during the call
     work: np.ndarray  # int64[m, 3]
+    device: np.ndarray | None = None  # bool[k]: update j is in GPU memory (None: all on the host)
 
     @property
     def k(self) -> int:
         return self.ptr.shape[1]
 
 
-def build_groups(layout, entries, leaves, weights, chunk: int = CHUNK):
+def build_groups(layout, entries, leaves, weights, chunk: int = CHUNK, device=None):
     """Group k updates' leaves by input dtype.
 
     ``entries[j]`` is update j's int64[L, 4] table from :func:`leaf_entry`; ``leaves[j]`` its flattened leaves;
-    ``weights`` the k fold weights. Returns ``{in_dtype: Group}`` in :data:`GROUP_ORDER`, and the rows of integer
+    ``weights`` the k fold weights; ``device`` (bool[k] or None) which updates are in GPU memory. Returns ``{in_dtype: Group}`` in :data:`GROUP_ORDER`, and the rows of integer
     leaves ``[(leaf_id, [arrays])]`` for the host.
     """
     tab = np.stack(entries, axis=1)  # [L, k, 4]
@@ -106,6 +110,7 @@ def build_groups(layout, entries, leaves, weights, chunk: int = CHUNK):
             block=np.where(mask, tab[rows, :, 3], 1),
             arrays=arrays,
             work=work,
+            device=device,
         )
     int_rows = [(r, [leaves[j][r] for j in range(k) if tab[r, j, 0] == INT_CODE]) for r in int_rows_ids]
     return groups, int_rows

@@ -17,6 +17,7 @@ from functools import cached_property
 
 import numpy as np
 
+from .device import DeviceLeaf, device_leaf, is_device_array, leaf_to, leaf_to_cupy
 from .dtypes import Quantized, dtype_name, is_float_name, is_torch_tensor, numpy_to_torch, torch_to_numpy
 from .errors import LayoutMismatch
 
@@ -39,6 +40,10 @@ def _as_array(x, name, party, writable=False):
     ``writable`` such a leaf is refused instead, since writes into a copy would be lost)."""
     if isinstance(x, Quantized):
         return x
+    if is_device_array(x):
+        if writable and not _contiguous(x):
+            raise LayoutMismatch("an output leaf must be C-contiguous", leaf=name, party=party)
+        return device_leaf(x)
     if is_torch_tensor(x):
         x = torch_to_numpy(x)
     elif not isinstance(x, (np.ndarray, np.generic)):
@@ -52,6 +57,18 @@ def _as_array(x, name, party, writable=False):
     if not a.flags.c_contiguous:
         a = np.ascontiguousarray(a)
     return a
+
+
+def _contiguous(x) -> bool:
+    c = getattr(x, "is_contiguous", None)
+    return c() if callable(c) else bool(x.flags.c_contiguous)
+
+
+def array_type_of(x) -> str:
+    """'numpy', 'torch' (CPU), 'torch_cuda' or 'cupy': what a finalized result is returned as."""
+    if is_torch_tensor(x):
+        return "torch_cuda" if x.device.type == "cuda" else "torch"
+    return "cupy" if is_device_array(x) else "numpy"
 
 
 def _join(prefix: str, key) -> str:
@@ -85,8 +102,8 @@ class Layout:
             if isinstance(node, (list, tuple)):
                 kind = "list" if isinstance(node, list) else "tuple"
                 return {"t": kind, "c": [walk(v, _join(prefix, i)) for i, v in enumerate(node)]}
-            if is_torch_tensor(node):
-                array_type = "torch"
+            if array_type == "numpy":
+                array_type = array_type_of(node)
             if isinstance(node, Quantized):
                 raise TypeError(f"template leaf {prefix!r} is Quantized: a template gives the output dtype")
             a = _as_array(node, prefix or "<root>", None)
@@ -161,8 +178,18 @@ class Layout:
         return out
 
     def unflatten(self, arrays):
-        """Rebuild the template's container from leaf arrays (numpy), as the template's array type."""
-        conv = numpy_to_torch if self.array_type == "torch" else (lambda a: a)
+        """Rebuild the template's container from leaf arrays (numpy, or device leaves), as the template's array
+        type."""
+        at = self.array_type
+
+        def conv(a):
+            if isinstance(a, DeviceLeaf):
+                return leaf_to(a, at)
+            if at in ("torch", "torch_cuda"):
+                t = numpy_to_torch(a)
+                return t.cuda() if at == "torch_cuda" else t
+            return a if at == "numpy" else leaf_to_cupy(a)
+
         return _build(self.treedef, iter(arrays), conv)
 
 

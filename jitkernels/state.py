@@ -20,6 +20,7 @@ import os
 
 import numpy as np
 
+from .device import like, to_host, zeros
 from .errors import CorruptState, IncompatibleStates, OverlappingParties
 from .layout import Layout
 
@@ -38,13 +39,13 @@ class FoldState:
     """A partial aggregate. Merge two with :meth:`merge` (associative, commutative, refuses shared parties)."""
 
     def __init__(self, layout: Layout, *, algorithm: dict, acc_dtype: str = "float32", acc=None, leaf_weight=None,
-                 parties=None, base=None, lo=None):
+                 parties=None, base=None, lo=None, on_device: bool = False):
         self.layout = layout
         self.algorithm = dict(algorithm)
         self.acc_dtype = np.dtype(acc_dtype).name
         if self.acc_dtype not in ("float32", "float64"):
             raise ValueError(f"acc_dtype must be float32 or float64, got {acc_dtype!r}")
-        self.acc = np.zeros(layout.size, self.acc_dtype) if acc is None else acc
+        self.acc = zeros(layout.size, self.acc_dtype, on_device) if acc is None else acc
         self.leaf_weight = np.zeros(len(layout), np.float64) if leaf_weight is None else leaf_weight
         self.parties: dict = {} if parties is None else dict(parties)
         self.base = base
@@ -52,13 +53,37 @@ class FoldState:
         if self.deterministic:
             if self.acc_dtype != "float64":
                 raise ValueError("deterministic states accumulate in float64")
-            self.lo = np.zeros(layout.size, np.float64) if lo is None else lo
+            self.lo = zeros(layout.size, np.float64, on_device) if lo is None else lo
         elif lo is not None:
             raise ValueError("only deterministic states have a low part")
         else:
             self.lo = None
         if self.acc.shape != (layout.size,) or self.acc.dtype != np.dtype(self.acc_dtype):
             raise ValueError(f"accumulator must be {self.acc_dtype}[{layout.size}], got {self.acc.dtype}{self.acc.shape}")
+
+    @property
+    def on_device(self) -> bool:
+        """The accumulators live in GPU memory (the cupy backend's states)."""
+        return not isinstance(self.acc, np.ndarray)
+
+    def to(self, on_device: bool) -> "FoldState":
+        """Move the arrays (accumulators and base) to GPU memory or back, in place; returns self."""
+        if on_device != self.on_device:
+            ref = np.empty(0) if not on_device else zeros(0, np.float32, True)
+            self.acc = like(self.acc, ref)
+            self.lo = None if self.lo is None else like(self.lo, ref)
+            self.base = None if self.base is None else like(self.base, ref)
+            self.__dict__.pop("_host_base", None)
+        return self
+
+    def host_base(self):
+        """The base in host memory (cached: admission of host updates computes their delta stats on the CPU)."""
+        if self.base is None or isinstance(self.base, np.ndarray):
+            return self.base
+        hb = self.__dict__.get("_host_base")
+        if hb is None or hb[0] is not self.base:
+            hb = self.__dict__["_host_base"] = (self.base, to_host(self.base))
+        return hb[1]
 
     @property
     def deterministic(self) -> bool:
@@ -97,6 +122,7 @@ class FoldState:
         def eq(a, b):
             if a is None or b is None:
                 return a is None and b is None
+            a, b = to_host(a), to_host(b)
             return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
         return (self.layout == other.layout and self.algorithm == other.algorithm and eq(self.acc, other.acc)
                 and eq(self.leaf_weight, other.leaf_weight) and self.parties == other.parties
@@ -112,7 +138,7 @@ class FoldState:
         if self.acc_dtype != other.acc_dtype:
             raise IncompatibleStates(f"accumulators differ: {self.acc_dtype} vs {other.acc_dtype}")
         if (self.base is None) != (other.base is None) or (
-                self.base is not None and not np.array_equal(self.base, other.base)):
+                self.base is not None and not np.array_equal(to_host(self.base), to_host(other.base))):
             raise IncompatibleStates("states fold deltas against different bases")
         shared = self.parties.keys() & other.parties.keys()
         if shared:
@@ -126,9 +152,12 @@ class FoldState:
         return out
 
     def merge_into(self, other: "FoldState", *, checked: bool = False) -> None:
-        """Merge ``other`` into this state in place (checks first: a refused merge changes nothing)."""
+        """Merge ``other`` into this state in place (checks first: a refused merge changes nothing). ``other`` may
+        live on the other side of the PCIe bus; its arrays are moved to this state's."""
         if not checked:
             self.check_mergeable(other)
+        if other.on_device != self.on_device:
+            other = other.copy().to(self.on_device)
         if self.algorithm.get("int_leaves") == "max":
             for i, leaf in enumerate(self.layout.leaves):
                 sl = slice(leaf.offset, leaf.offset + leaf.size)
@@ -147,11 +176,11 @@ class FoldState:
 
     # --- files -------------------------------------------------------------------------------------------------
     def _tensors(self) -> dict:
-        t = {"acc": self.acc, "leaf_weight": self.leaf_weight}
+        t = {"acc": to_host(self.acc), "leaf_weight": self.leaf_weight}
         if self.base is not None:
-            t["base"] = self.base
+            t["base"] = to_host(self.base)
         if self.lo is not None:
-            t["lo"] = self.lo
+            t["lo"] = to_host(self.lo)
         return t
 
     def _metadata(self) -> dict:

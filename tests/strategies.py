@@ -4,7 +4,9 @@ import numpy as np
 from hypothesis import strategies as st
 
 import jitkernels as jk
+from jitkernels.batch import CHUNK, build_groups, leaf_entry
 from jitkernels.dtypes import np_dtype
+from jitkernels.layout import Layout
 
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 CPU_BACKENDS = [b for b in ("numpy", "numba", "cpp") if jk.available_backends()[b] is True]
@@ -48,3 +50,27 @@ def make_update(rng, shapes, dtype, scale=1.0, ties=False, quantize=False, block
 
 seeds = st.integers(0, 2**32 - 1)
 weights = st.floats(0.01, 1e4, allow_nan=False, allow_infinity=False)
+
+
+def misaligned(a):
+    """A copy of ``a`` one element past an aligned address (what a leaf sliced out of a flat buffer looks like)."""
+    buf = np.empty(a.size + 1, a.dtype)
+    out = buf[1:].reshape(a.shape)
+    out[...] = a
+    return out
+
+
+def make_batch(rng, shapes, in_dtype, k, ties=False, scale=1.0, block=None, chunk=CHUNK, device=None,
+               misalign=False):
+    """(layout, {in_dtype: Group}, leaves) of k random updates with random weights; ``device`` marks updates as
+    GPU-resident (for the GPU backend's shim); ``misalign`` moves the odd updates' leaves off vector boundaries."""
+    src = "float32" if in_dtype == "int8" else in_dtype
+    lay = Layout.from_template(make_update(rng, shapes, src))
+    ups = [make_update(rng, shapes, src, scale, ties, quantize=in_dtype == "int8", block=block) for _ in range(k)]
+    if misalign and in_dtype != "int8":
+        ups = [{n: misaligned(a) for n, a in u.items()} if j % 2 else u for j, u in enumerate(ups)]
+    leaves = [lay.flatten(u) for u in ups]
+    entries = [np.array([leaf_entry(a) for a in l], np.int64).reshape(len(lay), 4) for l in leaves]
+    w = rng.uniform(0.1, 100.0, k)
+    groups, _ = build_groups(lay, entries, leaves, w, chunk=chunk, device=device)
+    return lay, groups, leaves

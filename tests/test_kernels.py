@@ -11,26 +11,14 @@ from hypothesis import strategies as st
 
 import jitkernels as jk
 from jitkernels import backends
-from jitkernels.batch import build_groups, build_out_groups, leaf_entry
+from jitkernels.batch import build_out_groups
 from jitkernels.backends import numpy_ref
 from jitkernels.dtypes import np_dtype
 from jitkernels.layout import Layout
 
-from strategies import CPU_BACKENDS, FLOAT_DTYPES, leaf_shapes, make_update, seeds
+from strategies import CPU_BACKENDS, FLOAT_DTYPES, leaf_shapes, make_batch, make_update, seeds
 
 INPUTS = FLOAT_DTYPES + ("int8",)
-
-
-def _batch(rng, shapes, in_dtype, k, ties=False, scale=1.0, block=None):
-    tmpl = make_update(rng, shapes, "float32" if in_dtype == "int8" else in_dtype)
-    lay = Layout.from_template(tmpl)
-    ups = [make_update(rng, shapes, "float32" if in_dtype == "int8" else in_dtype, scale, ties,
-                       quantize=in_dtype == "int8", block=block) for _ in range(k)]
-    leaves = [lay.flatten(u) for u in ups]
-    entries = [np.array([leaf_entry(a) for a in l], np.int64).reshape(len(lay), 4) for l in leaves]
-    w = rng.uniform(0.1, 100.0, k)
-    groups, _ = build_groups(lay, entries, leaves, w)
-    return lay, groups, leaves
 
 
 def _module(backend, dtype):
@@ -49,7 +37,7 @@ def _module(backend, dtype):
 def test_fold_bit_exact(backend, in_dtype, acc_dtype, seed, shapes, k, with_base, ties, block):
     mod = _module(backend, in_dtype)
     rng = np.random.default_rng(seed)
-    lay, groups, _ = _batch(rng, shapes, in_dtype, k, ties=ties, block=block)
+    lay, groups, _ = make_batch(rng, shapes, in_dtype, k, ties=ties, block=block)
     start = rng.standard_normal(lay.size).astype(acc_dtype)
     base = rng.standard_normal(lay.size).astype(acc_dtype) if with_base else None
     for g in groups.values():
@@ -67,7 +55,7 @@ def test_fold_bit_exact(backend, in_dtype, acc_dtype, seed, shapes, k, with_base
 def test_stats_close(backend, in_dtype, acc_dtype, seed, shapes, k, with_base, scale, nonfinite):
     mod = _module(backend, in_dtype)
     rng = np.random.default_rng(seed)
-    lay, groups, leaves = _batch(rng, shapes, in_dtype, k, scale=scale)
+    lay, groups, leaves = make_batch(rng, shapes, in_dtype, k, scale=scale)
     if nonfinite is not None and in_dtype != "int8":
         j = int(rng.integers(k))
         sizable = [a for a in leaves[j] if a.size]
@@ -138,7 +126,7 @@ def test_env_var_selects_backend(monkeypatch):
 def test_fold_binned_bit_exact(backend, in_dtype, seed, shapes, k, with_base, ties, bound_log2):
     mod = _module(backend, in_dtype)
     rng = np.random.default_rng(seed)
-    lay, groups, _ = _batch(rng, shapes, in_dtype, k, ties=ties)
+    lay, groups, _ = make_batch(rng, shapes, in_dtype, k, ties=ties)
     hi0 = np.zeros(lay.size)
     lo0 = np.zeros(lay.size)
     base = rng.standard_normal(lay.size) if with_base else None

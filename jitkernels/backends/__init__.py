@@ -4,7 +4,8 @@ A backend is a module with ``NAME``, ``DTYPES`` (input dtypes it runs at speed),
 and three primitives with one signature each: ``fold(acc, base, group)``, ``stats(base, group, acc_dtype)`` and
 ``finalize(acc, base, out_group)``. A backend the user names (argument, else ``JITKERNELS_BACKEND``) is always the one
 that runs, or the call fails with :class:`BackendUnavailable`; only ``"auto"`` lets :func:`choose` decide, per input
-dtype, in the order cpp > numba > numpy. Nothing is swapped silently.
+dtype, in the order cpp > numba > numpy (the Aggregator resolves "auto" to "cupy" when its template is in GPU memory).
+Nothing is swapped silently.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 
 from ..errors import BackendUnavailable
 
-_MODULES = {"numpy": "numpy_ref", "numba": "numba_kernels", "cpp": "cpp"}
+_MODULES = {"numpy": "numpy_ref", "numba": "numba_kernels", "cpp": "cpp", "cupy": "cupy_backend"}
 AUTO_ORDER = ("cpp", "numba", "numpy")
 _loaded: dict = {}
 
@@ -25,43 +26,23 @@ def _module(name: str):
     return _loaded[name]
 
 
-def _cupy_reason():
-    try:
-        import cupy  # noqa: F401
-    except ImportError:
-        return "cupy is not installed (pip install 'jitkernels[gpu]')"
-    try:
-        n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # CUDA driver missing or broken
-        return f"no usable CUDA device ({type(e).__name__}: {e})"
-    if n == 0:
-        return "no CUDA device"
-    return "the CuPy backend is not part of this build yet (issue [gpu])"
-
-
 def available_backends() -> dict:
     """``{name: True or the reason it cannot run here}`` for every backend."""
     out = {}
-    for name in _MODULES:
-        try:
-            out[name] = _module(name).available()
-        except Exception as e:  # an import failure is a reason, not a crash
-            out[name] = f"{type(e).__name__}: {e}"
-    out["cupy"] = _cupy_reason()
-    return out
+    return {name: _module_available(name) for name in _MODULES}
 
 
 def requested(name: str | None) -> str:
     """The backend a user asked for: the argument, else ``JITKERNELS_BACKEND``, else 'auto'."""
     name = name or os.environ.get("JITKERNELS_BACKEND") or "auto"
-    if name != "auto" and name not in _MODULES and name != "cupy":
+    if name != "auto" and name not in _MODULES:
         raise ValueError(f"unknown backend {name!r}; choose from auto, {', '.join(_MODULES)}, cupy")
     return name
 
 
 def get(name: str):
     """The module of an explicitly named backend, or :class:`BackendUnavailable` with the reason."""
-    ok = available_backends()[name] if name == "cupy" else _module_available(name)
+    ok = _module_available(name)
     if ok is not True:
         raise BackendUnavailable(f"backend {name!r} unavailable: {ok}")
     return _module(name)
@@ -70,7 +51,7 @@ def get(name: str):
 def _module_available(name):
     try:
         return _module(name).available()
-    except Exception as e:
+    except Exception as e:  # an import failure is a reason, not a crash
         return f"{type(e).__name__}: {e}"
 
 

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The GPU checks, on a machine with CUDA, CuPy and torch installed (no network needed): build the C++ extension in
+# place (no build isolation, no dependency resolution: the machine's own torch and CuPy stay as they are), run the
+# GPU tests, then the GPU-versus-CPU comparison. Results go to $OUT (default gpu-results/).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-gpu-results}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY="${PYTHON:-python3}"
+echo "== build"; "$PY" setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+"$PY" -c "import cupy, torch, jitkernels as jk; print('cupy', cupy.__version__, 'torch', torch.__version__,
+jk.available_backends())" 2>&1 | tee -a "$OUT/gpu.txt"
+echo "== tests"
+timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest tests/test_gpu.py tests/test_gpu_shim.py tests/test_cuda_source.py \
+  -q -p no:cacheprovider -ra 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+echo "== comparison"
+timeout "${BENCH_TIMEOUT:-600}" "$PY" -m jitkernels.gpu_benchmark ${BENCH_ARGS:-} --json "$OUT/gpu_bench.json" \
+  --markdown "$OUT/gpu_bench.md" --plot "$OUT/gpu_bench.png" 2>&1 | tee "$OUT/gpu_bench.log"

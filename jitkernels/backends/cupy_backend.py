@@ -1,0 +1,353 @@
+"""The GPU backend (CuPy): the fused fold, admission stats and finalize of csrc/cuda/kernels.cu.
+
+The accumulator lives in GPU memory. Updates already there (CuPy arrays, torch CUDA tensors) are read in place
+through the group's pointer table. Updates in host memory (the usual case: they come off the network) are staged:
+the group's work items are cut into *stages* of at most ``SLOT_BYTES`` of host data, and each stage goes
+
+    host gather into pinned slot s (CPU)  ->  H2D copy into device slot s (copy stream)  ->  fused fold (compute)
+
+over a ring of ``DEPTH`` slots, so that gathering stage i+2 and copying stage i+1 overlap the fold of stage i.
+Updates whose memory is already pinned skip the gather: the copy engine reads them directly. A stage's pointer table
+points host columns at their bytes in the device slot (``slot + offset - start * itemsize``, so the kernels index
+with the leaf's own coordinates) and device columns at the updates themselves, so every element still sees its k
+updates in batch order, as the reference does, whatever mix of host and device updates a batch holds.
+
+Stream order: stage i's fold waits for its copy (event); the copy into a slot waits for the fold that last read it;
+the CPU refills a pinned slot only after the copy that last read it is done. Every call returns with its work done
+(the compute stream synchronized), so the caller may reuse or free the updates it folded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ..dtypes import Quantized
+from ..errors import BackendUnavailable
+from . import cuda_source
+from .numpy_ref import binned_constants
+
+NAME = "cupy"
+DTYPES = ("float64", "float32", "float16", "bfloat16", "int8")
+ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
+
+SLOT_BYTES = 64 << 20
+"""Host bytes per stage (pinned and device slot size): big enough that a copy runs at the link's speed."""
+DEPTH = 3
+"""Slots in the ring: gather, copy and fold of three consecutive stages in flight."""
+ALIGN = 32
+"""Staged copies start on 32-byte boundaries in the slot, so that the fold kernel's quad loads apply to them."""
+GATHER_PIECE = 8 << 20
+"""Pageable-to-pinned gathers are split into pieces of this size across a few host threads."""
+
+_runtime = None
+_stager = None
+_lock = threading.Lock()
+
+
+def _make_runtime():
+    try:
+        import cupy
+    except ImportError:
+        raise BackendUnavailable("cupy is not installed (pip install 'jitkernels[gpu]')") from None
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # driver missing or broken
+        raise BackendUnavailable(f"no usable CUDA device ({type(e).__name__}: {e})") from None
+    if n == 0:
+        raise BackendUnavailable("no CUDA device")
+    from .gpu_runtime import CupyRuntime
+
+    return CupyRuntime()
+
+
+def runtime():
+    """The runtime the backend launches through (CuPy's, unless a test installed a shim)."""
+    global _runtime
+    with _lock:
+        if _runtime is None:
+            _runtime = _make_runtime()
+        return _runtime
+
+
+def available():
+    try:
+        runtime()
+    except BackendUnavailable as e:
+        return str(e)
+    return True
+
+
+@contextlib.contextmanager
+def use_runtime(rt, slot_bytes: int | None = None):
+    """Run the backend on ``rt`` (e.g. the CPU shim) inside the block; ``slot_bytes`` shrinks the stages so that
+    small tests cross many of them."""
+    global _runtime, _stager, SLOT_BYTES
+    saved = _runtime, _stager, SLOT_BYTES
+    _runtime, _stager = rt, None
+    SLOT_BYTES = slot_bytes or SLOT_BYTES
+    try:
+        yield rt
+    finally:
+        _runtime, _stager, SLOT_BYTES = saved
+
+
+class _Stager:
+    """The ring of pinned and device slots, the copy stream and the gather threads of one runtime."""
+
+    def __init__(self, rt):
+        self.rt = rt
+        self.lock = threading.Lock()
+        self.copy_stream = rt.stream()
+        self.pinned = [None] * DEPTH
+        self.device = [None] * DEPTH
+        self.copied = [None] * DEPTH  # event: slot's last H2D copy done (pinned slot free)
+        self.folded = [None] * DEPTH  # event: slot's last fold done (device slot free)
+        self.pool = ThreadPoolExecutor(max(1, min(8, (os.cpu_count() or 2) // 2)), thread_name_prefix="jk-gather")
+
+    def slot(self, i: int):
+        if self.device[i] is None or self.device[i].nbytes < SLOT_BYTES:
+            self.pinned[i] = self.rt.pinned(SLOT_BYTES)
+            self.device[i] = self.rt.empty(SLOT_BYTES, np.uint8)
+            self.copied[i] = self.folded[i] = None  # (a call always ends with every stage folded)
+        return self.pinned[i], self.rt.ptr(self.device[i])
+
+
+def _stager_for(rt) -> _Stager:
+    global _stager
+    with _lock:
+        if _stager is None or _stager.rt is not rt:
+            _stager = _Stager(rt)
+        return _stager
+
+
+def _addr(rt, a) -> np.uint64:
+    return np.uint64(0 if a is None else rt.ptr(a))
+
+
+def _device_mask(g) -> np.ndarray:
+    return np.zeros(g.k, bool) if g.device is None else g.device
+
+
+# --- fold ---------------------------------------------------------------------------------------------------------
+def fold(acc, base, g):
+    """acc[i] = acc[i] + A(w_j) * (x_j[i] [- base[i]]), j = 0..k-1, in one pass per stage. Moves, per element,
+    k*itemsize(in) bytes in (host updates: once over PCIe, then once from the device slot) + 2*itemsize(A)."""
+    rt = runtime()
+    name = cuda_source.fold_name(acc.dtype.name, g.in_dtype, base is not None)
+    _pipeline(rt, g, name, (_addr(rt, acc), _addr(rt, base)), ())
+
+
+def fold_binned(hi, lo, base, g, bound_log2):
+    """Deterministic fold (jk::binned_step per term, jk::binned_carry per stage): bit-identical to the CPU."""
+    rt = runtime()
+    s1, s2 = binned_constants(bound_log2)
+    name = cuda_source.binned_name(g.in_dtype, base is not None)
+    _pipeline(rt, g, name, (_addr(rt, hi), _addr(rt, lo), _addr(rt, base)), (np.float64(s1), np.float64(s2)))
+
+
+def _pipeline(rt, g, name, head, tail):
+    if g.work.shape[0] == 0:
+        return
+    isz = ITEMSIZE[g.in_dtype]
+    dev = _device_mask(g)
+    # a stage must hold at least one work item of every host column: split wide batches into passes over columns
+    # (consecutive, so each element still sees the updates in batch order)
+    per_pass = SLOT_BYTES // (2 * int(g.work[:, 2].max()) * isz)
+    if per_pass < 1:
+        raise ValueError(f"staging slots of {SLOT_BYTES} bytes cannot hold a work item of {g.in_dtype}")
+    passes, start, n_host = [], 0, 0
+    for j in range(g.k):
+        if not dev[j]:
+            if n_host == per_pass:
+                passes.append((start, j))
+                start, n_host = j, 0
+            n_host += 1
+    passes.append((start, g.k))
+    st = _stager_for(rt)
+    compute = rt.current_stream()
+    with st.lock:
+        for ja, jb in passes:
+            _run_pass(rt, st, compute, g, ja, jb, dev, isz, name, head, tail)
+        compute.synchronize()
+
+
+def _run_pass(rt, st, compute, g, ja, jb, dev, isz, name, head, tail):
+    kc = jb - ja
+    ptr = g.ptr[:, ja:jb]
+    hmask = (~dev[ja:jb])[None, :] & (ptr != 0)  # [R, kc]: host leaves to stage
+    sptr = g.scale_ptr[:, ja:jb].copy()
+    keep = []  # host arrays that device tables point into must outlive the pass
+    if g.in_dtype == "int8" and hmask.any():
+        sptr = _stage_scales(rt, g, ja, hmask, sptr, keep)
+    work = g.work
+    r, s, n = work[:, 0], work[:, 1], work[:, 2]
+    if hmask.any():
+        item_bytes = n * isz * hmask[r].sum(axis=1)
+        # items starting in [m*S', (m+1)*S') form stage m: at most S' + one item + alignment padding <= SLOT_BYTES
+        slack = min(ALIGN * int(hmask.sum()), SLOT_BYTES // 4)
+        stage = (np.cumsum(item_bytes) - item_bytes) // (SLOT_BYTES - int(item_bytes.max()) - slack)
+    else:
+        stage = np.zeros(len(r), np.int64)
+    newseg = np.r_[True, (r[1:] != r[:-1]) | (stage[1:] != stage[:-1])]
+    first = np.flatnonzero(newseg)
+    seg_of_item = np.cumsum(newseg) - 1
+    seg_row, seg_s0, seg_stage = r[first], s[first], stage[first]
+    seg_len = np.add.reduceat(n, first)
+    item_bounds = np.flatnonzero(np.r_[True, stage[1:] != stage[:-1], True])
+    seg_bounds = np.searchsorted(seg_stage, stage[item_bounds[:-1]])
+    seg_bounds = np.r_[seg_bounds, len(seg_row)]
+
+    ints, flts, plans = [], [], []
+    n_int = n_flt = 0
+    pinned_cache = {}
+    for i in range(len(item_bounds) - 1):
+        i0, i1 = item_bounds[i], item_bounds[i + 1]
+        s0, s1 = seg_bounds[i], seg_bounds[i + 1]
+        rows = seg_row[s0:s1]
+        slot = i % DEPTH
+        slot_dev = st.slot(slot)[1] if hmask[rows].any() else None
+        p_local = ptr[rows].astype(np.int64)  # copy
+        gathers, directs, o, pad = [], [], 0, 0
+        pend = []
+        for q, row in enumerate(rows.tolist()):
+            for j in np.flatnonzero(hmask[row]).tolist():
+                a0, ln = int(seg_s0[s0 + q]), int(seg_len[s0 + q])
+                src = int(ptr[row, j])
+                key = (row, j)
+                if key not in pinned_cache:
+                    pinned_cache[key] = rt.is_pinned(src)
+                pend.append((pinned_cache[key], q, row, j, a0, ln, src))
+        for pinned_src in (False, True):  # pageable bytes first: they go over in one copy from the pinned slot
+            for is_p, q, row, j, a0, ln, src in pend:
+                if is_p != pinned_src:
+                    continue
+                nb = ln * isz
+                if pad + ALIGN <= slack:  # start each copy on a vector boundary: the kernel then loads quads
+                    aligned = -(-o // ALIGN) * ALIGN
+                    pad, o = pad + aligned - o, aligned
+                if pinned_src:
+                    directs.append((o, src + a0 * isz, nb))
+                else:
+                    gathers.append((o, _bytes_of(g.arrays[row][ja + j])[a0 * isz:a0 * isz + nb]))
+                p_local[q, j] = slot_dev + o - a0 * isz
+                o += nb
+        loc_work = work[i0:i1].copy()
+        loc_work[:, 0] = seg_of_item[i0:i1] - s0
+        tab = [g.off[rows], p_local.reshape(-1), sptr[rows].reshape(-1), g.block[rows, ja:jb].reshape(-1),
+               loc_work.reshape(-1)]
+        offs = []
+        for t in tab:
+            offs.append(n_int)
+            ints.append(np.asarray(t, np.int64))
+            n_int += len(ints[-1])
+        wl = np.ascontiguousarray(g.w[rows, ja:jb], np.float64).reshape(-1)
+        flts.append(wl)
+        gathered = max((o_ + v.nbytes for o_, v in gathers), default=0)  # the pinned slot's used span
+        plans.append((slot, gathers, directs, gathered, offs, n_flt, i1 - i0))
+        n_flt += len(wl)
+    itab = rt.upload(np.concatenate(ints))
+    ftab = rt.upload(np.concatenate(flts))
+    ip, fp = rt.ptr(itab), rt.ptr(ftab)
+    keep += [itab, ftab]
+    for slot, gathers, directs, gathered, offs, woff, m in plans:
+        if gathers or directs:
+            pinned, slot_dev = st.slot(slot)
+            if gathers and st.copied[slot] is not None:
+                st.copied[slot].synchronize()  # the pinned slot's previous contents are on the device
+            _gather(st, pinned, gathers)
+            if st.folded[slot] is not None:
+                st.copy_stream.wait(st.folded[slot])  # the device slot's previous stage is folded
+            if gathered:
+                rt.h2d_async(slot_dev, pinned.ctypes.data, gathered, st.copy_stream)
+            for o, src, nb in directs:
+                rt.h2d_async(slot_dev + o, src, nb, st.copy_stream)
+            ev = st.copied[slot] = st.copied[slot] or rt.event()
+            ev.record(st.copy_stream)
+            compute.wait(ev)
+        off, p, sp, blk, wk = (np.uint64(ip + 8 * x) for x in offs)
+        args = head + (off, p, np.uint64(fp + 8 * woff), sp, blk, np.int64(kc), wk) + tail
+        rt.launch(name, m, args, compute)
+        if gathers or directs:
+            ev = st.folded[slot] = st.folded[slot] or rt.event()
+            ev.record(compute)
+    compute.synchronize()  # tables and staged scales (keep) may be freed after this
+    del keep
+
+
+def _bytes_of(a) -> np.ndarray:
+    """Flat uint8 view of a host leaf's data (int8 values for a Quantized leaf)."""
+    if isinstance(a, Quantized):
+        a = a.values
+    return a.reshape(-1).view(np.uint8)
+
+
+def _gather(st, pinned, gathers):
+    pieces = []
+    for o, src in gathers:
+        for p in range(0, src.nbytes, GATHER_PIECE):
+            pieces.append((o + p, src[p:p + GATHER_PIECE]))
+    if len(pieces) <= 1:
+        for o, src in pieces:
+            pinned[o:o + src.nbytes] = src
+        return
+    list(st.pool.map(lambda x: pinned.__setitem__(slice(x[0], x[0] + x[1].nbytes), x[1]), pieces))
+
+
+def _stage_scales(rt, g, ja, hmask, sptr, keep):
+    """Upload the int8 scales of the host leaves (small: one float per block) and point the table at them."""
+    rows, cols = np.nonzero(hmask)
+    scales = [np.asarray(g.arrays[r][ja + j].scale, np.float32) for r, j in zip(rows.tolist(), cols.tolist())]
+    flat = rt.upload(np.concatenate(scales))
+    keep.append(flat)
+    base = rt.ptr(flat)
+    starts = np.cumsum([0] + [x.size for x in scales[:-1]])
+    sptr[rows, cols] = base + 4 * starts
+    return sptr
+
+
+# --- stats --------------------------------------------------------------------------------------------------------
+def stats(base, g, acc_dtype):
+    """Per (row, update) of device-resident updates: non-finite count, sum of squares and max |x| (float64).
+    Host updates are validated where they are, by a CPU backend (see jitkernels.admission)."""
+    rt = runtime()
+    R, k = g.ptr.shape
+    if not _device_mask(g).all():
+        raise TypeError("the GPU stats pass reads device-resident updates only")
+    A = acc_dtype if base is None else base.dtype.name
+    name = cuda_source.stats_name(A, g.in_dtype, base is not None)
+    itab = rt.upload(np.concatenate([g.off, g.ptr.reshape(-1), g.scale_ptr.reshape(-1), g.block.reshape(-1),
+                                     g.work.reshape(-1)]).astype(np.int64))
+    out = rt.zeros(3 * R * k, np.uint64)  # nonfinite, sumsq bits, maxabs bits
+    ip, op = rt.ptr(itab), rt.ptr(out)
+    offs = np.cumsum([0, R, R * k, R * k, R * k])
+    compute = rt.current_stream()
+    rt.launch(name, g.work.shape[0], (_addr(rt, base),) + tuple(np.uint64(ip + 8 * x) for x in offs[:4])
+              + (np.int64(k), np.uint64(ip + 8 * offs[4]), np.uint64(op), np.uint64(op + 8 * R * k),
+                 np.uint64(op + 16 * R * k)), compute)
+    h = rt.download(out).reshape(3, R, k)  # synchronizes
+    return h[0].astype(np.int64), h[1].view(np.float64).copy(), h[2].view(np.float64).copy()
+
+
+# --- finalize -----------------------------------------------------------------------------------------------------
+def finalize(acc, base, og):
+    """out = out_t(acc / A(W)) (base + that, with a base). Reads n*itemsize(A) (x2 with base), writes
+    n*itemsize(out) bytes of GPU memory; outputs are device arrays."""
+    rt = runtime()
+    R = len(og.off)
+    itab = rt.upload(np.concatenate([og.off, og.ptr, og.work.reshape(-1)]).astype(np.int64))
+    wtab = rt.upload(np.asarray(og.total_w, np.float64))
+    ip = rt.ptr(itab)
+    compute = rt.current_stream()
+    name = cuda_source.finalize_name(acc.dtype.name, og.out_dtype, base is not None)
+    rt.launch(name, og.work.shape[0], (_addr(rt, acc), _addr(rt, base), np.uint64(ip), np.uint64(rt.ptr(wtab)),
+                                       np.uint64(ip + 8 * R), np.uint64(ip + 16 * R)), compute)
+    compute.synchronize()
+
+
+def set_num_threads(n: int) -> None:
+    pass

@@ -1,0 +1,112 @@
+"""The few CUDA runtime services the GPU backend uses, through CuPy.
+
+The backend talks to the GPU only through this interface (memory, pinned host buffers, streams, events, async
+host-to-device copies, kernel launches), so that its orchestration also runs against the test suite's CPU shim
+(tests/gpu_shim.py), which executes the same kernels.cu through a host emulation of the grid and replays streams
+in a random, dependency-respecting order. Kernel arguments are numpy scalars: ``np.uint64`` for addresses,
+``np.int64`` and ``np.float64`` for values.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from . import cuda_source
+
+
+class CupyRuntime:
+    name = "cupy"
+
+    def __init__(self):
+        import cupy
+
+        self.cp = cupy
+        self._modules = {}
+        self._lock = threading.Lock()
+
+    # --- memory -------------------------------------------------------------------------------------------------
+    def empty(self, n: int, dtype):
+        return self.cp.empty(n, dtype)
+
+    def zeros(self, n: int, dtype):
+        return self.cp.zeros(n, dtype)
+
+    def upload(self, a: np.ndarray):
+        """Device copy of a small host table, ordered on the current stream (the host buffer may be reused)."""
+        return self.cp.asarray(a)
+
+    def download(self, a) -> np.ndarray:
+        return a.get()
+
+    @staticmethod
+    def ptr(a) -> int:
+        return int(a.data.ptr)
+
+    def pinned(self, nbytes: int) -> np.ndarray:
+        mem = self.cp.cuda.alloc_pinned_memory(nbytes)
+        return np.ndarray((nbytes,), np.uint8, buffer=mem)  # the array keeps the PinnedMemoryPointer alive
+
+    def is_pinned(self, addr: int) -> bool:
+        """Host memory the DMA engines can read directly (cudaHostAlloc'd or registered)."""
+        try:
+            attr = self.cp.cuda.runtime.pointerGetAttributes(addr)
+        except self.cp.cuda.runtime.CUDARuntimeError:
+            return False
+        return attr.type == getattr(self.cp.cuda.runtime, "memoryTypeHost", 1)
+
+    # --- streams and events ---------------------------------------------------------------------------------------
+    def current_stream(self):
+        return _Stream(self.cp.cuda.get_current_stream())
+
+    def stream(self):
+        return _Stream(self.cp.cuda.Stream(non_blocking=True))
+
+    def event(self):
+        return _Event(self.cp.cuda.Event(disable_timing=True))
+
+    def h2d_async(self, dst: int, src: int, nbytes: int, stream) -> None:
+        self.cp.cuda.runtime.memcpyAsync(dst, src, nbytes, self.cp.cuda.runtime.memcpyHostToDevice,
+                                         stream.s.ptr)
+
+    # --- kernels -------------------------------------------------------------------------------------------------
+    def module(self):
+        """The compiled kernels of the current device: NVRTC once per device and process; CuPy's on-disk cache
+        (keyed on source, options and architecture) makes later processes skip the compile."""
+        dev = self.cp.cuda.Device().id
+        with self._lock:
+            mod = self._modules.get(dev)
+            if mod is None:
+                mod = self.cp.RawModule(code=cuda_source.source(), options=cuda_source.NVRTC_OPTIONS,
+                                        name_expressions=cuda_source.kernel_names())
+                self._modules[dev] = mod
+        return mod
+
+    def launch(self, name: str, grid: int, args: tuple, stream) -> None:
+        if grid:
+            fn = self.module().get_function(name)
+            with stream.s:  # RawKernel launches on the current stream
+                fn((grid,), (cuda_source.BLOCK,), args)
+
+
+class _Stream:
+    def __init__(self, s):
+        self.s = s
+
+    def wait(self, ev) -> None:
+        self.s.wait_event(ev.e)
+
+    def synchronize(self) -> None:
+        self.s.synchronize()
+
+
+class _Event:
+    def __init__(self, e):
+        self.e = e
+
+    def record(self, stream) -> None:
+        self.e.record(stream.s)
+
+    def synchronize(self) -> None:
+        self.e.synchronize()

@@ -1,0 +1,134 @@
+"""Device-resident arrays: CuPy arrays and torch CUDA tensors, read in place by the GPU backend.
+
+A :class:`DeviceLeaf` is one leaf in GPU memory: a C-contiguous CuPy view of its bytes (bf16, which CuPy has no
+dtype for, is viewed as uint16) and its true dtype. torch tensors come in through DLPack (``cupy.from_dlpack``,
+which makes CuPy's current stream wait for the producer's stream), CuPy arrays as they are. Nothing here imports
+CuPy unless a device array is actually seen, so ``import jitkernels`` works on machines without it.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from .dtypes import bfloat16, np_dtype
+
+
+def _cupy():
+    return sys.modules.get("cupy")
+
+
+def is_device_array(x) -> bool:
+    """A CuPy array or a torch tensor on a CUDA device."""
+    cp = _cupy()
+    if cp is not None and isinstance(x, cp.ndarray):
+        return True
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor) and x.device.type == "cuda"
+
+
+@dataclass(frozen=True, eq=False)
+class DeviceLeaf:
+    """One leaf in GPU memory: ``array`` holds its bytes (C-contiguous; bf16 as uint16), ``dtype`` its dtype."""
+
+    array: object
+    dtype: np.dtype
+
+    @property
+    def shape(self):
+        return tuple(self.array.shape)
+
+    @property
+    def size(self) -> int:
+        return int(self.array.size)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.array.nbytes)
+
+    @property
+    def ptr(self) -> int:
+        return int(self.array.data.ptr) if self.size else 0
+
+
+def device_leaf(x) -> DeviceLeaf:
+    """The :class:`DeviceLeaf` of a CuPy array or torch CUDA tensor (a device copy only when it is strided)."""
+    import cupy as cp
+
+    dtype = None
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        t = x.detach()
+        if t.dtype == torch.bfloat16:
+            t, dtype = t.view(torch.int16), bfloat16
+        a = cp.from_dlpack(t).reshape(tuple(t.shape))  # a 0-d tensor can come through DLPack as shape (1,)
+    else:
+        a = x
+    if dtype is None:
+        dtype = np.dtype(a.dtype)
+    elif a.dtype != np.uint16:
+        a = a.view(np.uint16)
+    return DeviceLeaf(cp.ascontiguousarray(a), dtype)
+
+
+def empty_leaf(shape, dtype_name: str) -> DeviceLeaf:
+    """An uninitialized device leaf (a finalize output)."""
+    import cupy as cp
+
+    dt = np_dtype(dtype_name)
+    return DeviceLeaf(cp.empty(shape, np.uint16 if dt == bfloat16 else dt), dt)
+
+
+def to_host(a):
+    """numpy copy of a device array (or the array itself when it is already on the host)."""
+    if isinstance(a, DeviceLeaf):
+        h = a.array.get()
+        return h.view(bfloat16) if a.dtype == bfloat16 else h
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else a
+
+
+def like(x, ref):
+    """``x`` where ``ref`` lives: uploaded when ``ref`` is a CuPy array, downloaded when it is numpy."""
+    if isinstance(ref, np.ndarray):
+        return to_host(x)
+    import cupy as cp
+
+    return cp.asarray(x)
+
+
+def leaf_to(leaf: DeviceLeaf, array_type: str):
+    """A finalized device leaf as the template's array type: torch CUDA or CuPy stay on the device (no copy),
+    numpy and torch CPU templates get host arrays."""
+    if array_type == "cupy":
+        return leaf.array
+    if array_type == "torch_cuda":
+        import torch
+
+        if leaf.dtype == bfloat16:  # torch reads int16 through DLPack everywhere; uint16 only in recent releases
+            t = torch.from_dlpack(leaf.array.view(np.int16)).view(torch.bfloat16)
+        else:
+            t = torch.from_dlpack(leaf.array)
+        return t.reshape(leaf.shape)  # a 0-d array can come through DLPack as shape (1,)
+    h = to_host(leaf)
+    if array_type == "torch":
+        from .dtypes import numpy_to_torch
+
+        return numpy_to_torch(h)
+    return h
+
+
+def leaf_to_cupy(a: np.ndarray):
+    """A host result uploaded for a CuPy template (a CPU backend finalized it)."""
+    import cupy as cp
+
+    return cp.asarray(a)
+
+
+def zeros(n: int, dtype, on_device: bool):
+    if not on_device:
+        return np.zeros(n, dtype)
+    import cupy as cp
+
+    return cp.zeros(n, dtype)

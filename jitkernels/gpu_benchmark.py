@@ -1,0 +1,289 @@
+"""GPU-versus-CPU fusion comparison: the fused fold on the GPU against unfused CuPy, torch CUDA and the CPU backends.
+
+For each model size N, input dtype (fp32, bf16; k updates of ``leaves`` leaves each) and placement of the updates:
+
+* ``device``: updates already in GPU memory. Methods: jitkernels' fused kernel (one pass, k updates), unfused CuPy
+  (``acc += w * u`` per leaf and update), torch ``acc.add_(u, alpha=w)``, ``torch._foreach_add_``. Ceiling: the
+  device-to-device copy bandwidth measured in the same run (bytes read + written); useful bytes = k*N*itemsize +
+  2*N*4 (the float32 accumulator read and written once).
+* ``pinned`` / ``pageable``: updates in host memory (pinned by the receiver, or plain). The GPU methods include the
+  host-to-device copy (jitkernels stages it through its pinned ring; the peers call ``.to('cuda')`` /
+  ``cp.asarray``); the CPU backends (cpp, numba) fold the same pageable host updates where they are. Ceiling: the
+  pinned host-to-device bandwidth measured in the same run; useful bytes = k*N*itemsize over the bus.
+
+Times are medians of ``reps`` runs after a warm-up, each ending with the device synchronized. Without a GPU, the
+CPU half runs and the report says so. ``python -m jitkernels.gpu_benchmark --json out.json --plot out.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import jitkernels as jk
+
+DTYPES = ("float32", "bfloat16")
+SIZES = (25_000_000, 250_000_000)
+
+
+def _median_time(fn, reps, setup=None, sync=None) -> float:
+    times = []
+    for i in range(reps + 1):
+        if setup is not None:
+            setup()
+        if sync is not None:
+            sync()
+        t = time.perf_counter()
+        fn()
+        if sync is not None:
+            sync()
+        if i:  # the first run warms up (compiles, allocates, faults pages in)
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def probes(reps: int = 5, nbytes: int = 1 << 30) -> dict:
+    """Device-to-device copy (bytes read + written / s) and host-to-device copy from pinned and pageable memory."""
+    import cupy as cp
+
+    sync = cp.cuda.Device().synchronize
+    src, dst = cp.ones(nbytes, cp.uint8), cp.empty(nbytes, cp.uint8)
+    d2d = 2 * nbytes / _median_time(lambda: dst.__setitem__(Ellipsis, src), reps, sync=sync)
+    pinned = np.ndarray((nbytes,), np.uint8, buffer=cp.cuda.alloc_pinned_memory(nbytes))
+    pinned[...] = 1
+    pageable = np.ones(nbytes, np.uint8)
+    h2d_pinned = nbytes / _median_time(lambda: dst.set(pinned), reps, sync=sync)
+    h2d_pageable = nbytes / _median_time(lambda: dst.set(pageable), reps, sync=sync)
+    return {"d2d_GBps": d2d / 1e9, "h2d_pinned_GBps": h2d_pinned / 1e9, "h2d_pageable_GBps": h2d_pageable / 1e9}
+
+
+def _model(n, leaves, dtype, k, seed):
+    """k updates (dicts of torch CUDA tensors) and their weights."""
+    import torch
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    sizes = [n // leaves + (1 if i < n % leaves else 0) for i in range(leaves)]
+    tdt = getattr(torch, dtype)
+    ups = [{f"l{i}": torch.randn(s, device="cuda", generator=g).to(tdt) for i, s in enumerate(sizes)}
+           for _ in range(k)]
+    return ups, np.random.default_rng(seed).uniform(1, 100, k)
+
+
+def _unfused_cupy(acc, ups, w, to_device):
+    """acc += w * u, per leaf and update (bf16 widened by its bits: CuPy has no bfloat16)."""
+    import cupy as cp
+
+    for u, wj in zip(ups, w):
+        for name, a in acc.items():
+            x = to_device(u[name])
+            if x.dtype == cp.int16:  # a bf16 tensor's bits
+                x = (x.view(cp.uint16).astype(cp.uint32) << 16).view(cp.float32)
+            a += cp.float32(wj) * x
+
+
+def _torch_bits(t):
+    """A CuPy view of a torch CUDA tensor (bf16 as its int16 bits)."""
+    import cupy as cp
+    import torch
+
+    return cp.from_dlpack(t.view(torch.int16) if t.dtype == torch.bfloat16 else t)
+
+
+def _host_bits(t):
+    import cupy as cp
+    import torch
+
+    return cp.asarray((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy())
+
+
+def run_case(n, dtype, *, k=10, leaves=10, reps=5, seed=0, bw=None, log=print) -> list:
+    """Rows of one (N, dtype): every method on every placement."""
+    import cupy as cp
+    import torch
+
+    sync = torch.cuda.synchronize
+    ups, w = _model(n, leaves, dtype, k, seed)
+    isz = 2 if dtype == "bfloat16" else 4
+    dev_bytes, bus_bytes = k * n * isz + 2 * n * 4, k * n * isz
+    parties = list(range(k))
+    rows = []
+
+    def add(placement, method, secs):
+        ceiling = bw["d2d_GBps"] if placement == "device" else bw["h2d_pinned_GBps"]
+        useful = dev_bytes if placement == "device" else bus_bytes
+        rows.append({"N": n, "dtype": dtype, "k": k, "placement": placement, "method": method, "seconds": secs,
+                     "GBps": useful / secs / 1e9, "fraction_of_ceiling": useful / secs / 1e9 / ceiling})
+        log(f"  N={n:>11,} {dtype:8s} {placement:8s} {method:24s} {secs * 1e3:9.2f} ms  "
+            f"{rows[-1]['fraction_of_ceiling']:.2f} of {'d2d' if placement == 'device' else 'pinned h2d'}")
+
+    host = {"device": ups,
+            "pinned": [{n_: t.cpu().pin_memory() for n_, t in u.items()} for u in ups],
+            "pageable": [{n_: t.cpu() for n_, t in u.items()} for u in ups]}
+    as_cupy = [{n_: _torch_bits(t) for n_, t in u.items()} for u in ups]  # views, made once, outside the timing
+    to_dev = {"device": lambda x: x, "pinned": _host_bits, "pageable": _host_bits}
+    for placement, us in host.items():
+        r = reps if n < 100_000_000 or placement == "device" else max(2, reps // 2)
+        agg = jk.Aggregator({k_: v.cuda() if placement == "device" else v for k_, v in us[0].items()},
+                            backend="cupy")
+        adm = agg.admit_many(us, w, parties)
+        add(placement, "jitkernels fused (cupy)",
+            _median_time(lambda: agg.fold_many(adm), r, setup=lambda: agg.reset(reuse=True), sync=sync))
+        if placement == "device":  # the same call's GPU time alone (CUDA events): without the Python around it
+            from cupyx.profiler import benchmark
+
+            def again():
+                agg.state.parties.clear()  # fold the same updates again (the sums grow; no matter here)
+                agg.fold_many(adm)
+            gpu_t = benchmark(again, n_repeat=r, n_warmup=1).gpu_times
+            add(placement, "jitkernels fused, GPU time", float(np.median(gpu_t)))
+        del agg, adm
+        acc_c = {name: cp.zeros(t.numel(), cp.float32) for name, t in ups[0].items()}
+        add(placement, "cupy unfused",
+            _median_time(lambda: _unfused_cupy(acc_c, as_cupy if placement == "device" else us, w,
+                                               to_dev[placement]), r, sync=sync))
+        del acc_c
+        acc_t = {name: torch.zeros(t.numel(), device="cuda") for name, t in ups[0].items()}
+        nb = placement == "pinned"
+
+        def torch_add():
+            for u, wj in zip(us, w):
+                for name, a in acc_t.items():
+                    a.add_(u[name].to("cuda", non_blocking=nb), alpha=float(wj))
+
+        def torch_foreach():
+            names = list(acc_t)
+            for u, wj in zip(us, w):
+                torch._foreach_add_([acc_t[x] for x in names], [u[x].to("cuda", non_blocking=nb) for x in names],
+                                    alpha=float(wj))
+        add(placement, "torch add_(alpha=)", _median_time(torch_add, r, sync=sync))
+        add(placement, "torch _foreach_add_", _median_time(torch_foreach, r, sync=sync))
+        del acc_t
+        if placement == "pageable":
+            rows += cpu_rows(n, dtype, us, w, r, bw, log)
+    del host, ups, as_cupy
+    torch.cuda.empty_cache()
+    cp.get_default_memory_pool().free_all_blocks()
+    return rows
+
+
+def cpu_rows(n, dtype, host_updates, w, reps, bw, log=print) -> list:
+    """The CPU backends folding the same host updates (where they are: no bus), as fractions of the same ceiling
+    (so GPU and CPU rows compare) and in GB/s of update bytes read."""
+    rows = []
+    isz = 2 if dtype == "bfloat16" else 4
+    for backend in ("cpp", "numba"):
+        agg = jk.Aggregator(host_updates[0], backend=backend)
+        try:
+            adm = agg.admit_many(host_updates, w, list(range(len(w))))
+        except jk.BackendUnavailable:
+            continue
+        secs = _median_time(lambda: agg.fold_many(adm), reps, setup=lambda: agg.reset(reuse=True))
+        useful = len(w) * n * isz
+        rows.append({"N": n, "dtype": dtype, "k": len(w), "placement": "pageable", "method": f"{backend} (CPU)",
+                     "seconds": secs, "GBps": useful / secs / 1e9,
+                     "fraction_of_ceiling": None if bw is None else useful / secs / 1e9 / bw["h2d_pinned_GBps"]})
+        log(f"  N={n:>11,} {dtype:8s} host     {backend + ' (CPU)':24s} {secs * 1e3:9.2f} ms  "
+            f"{useful / secs / 1e9:.1f} GB/s of updates")
+    return rows
+
+
+def run(sizes=SIZES, dtypes=DTYPES, k=10, leaves=10, reps=5, log=print) -> dict:
+    gpu = jk.available_backends()["cupy"]
+    report = {"gpu": gpu is True, "threads": jk.get_num_threads(), "rows": []}
+    if gpu is not True:
+        log(f"no GPU ({gpu}): running the CPU half only")
+        import torch
+
+        for n in sizes:
+            for dtype in dtypes:
+                tdt = getattr(torch, dtype)
+                ups = [{f"l{i}": torch.randn(n // leaves).to(tdt) for i in range(leaves)} for _ in range(k)]
+                report["rows"] += cpu_rows(n, dtype, ups, np.random.default_rng(0).uniform(1, 100, k), reps,
+                                           None, log)
+        return report
+    import cupy as cp
+
+    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+    report["device"] = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    report["probes"] = bw = probes()
+    log(f"{report['device']}: d2d copy {bw['d2d_GBps']:.0f} GB/s, h2d pinned {bw['h2d_pinned_GBps']:.1f} GB/s, "
+        f"h2d pageable {bw['h2d_pageable_GBps']:.1f} GB/s")
+    for n in sizes:
+        for dtype in dtypes:
+            report["rows"] += run_case(n, dtype, k=k, leaves=leaves, reps=reps, bw=bw, log=log)
+    return report
+
+
+def markdown(report) -> str:
+    head = ("| N | dtype | updates in | method | ms | GB/s | fraction of ceiling | vs cupy unfused |\n"
+            "|---|---|---|---|---|---|---|---|\n")
+    base = {(r["N"], r["dtype"], r["placement"]): r["seconds"] for r in report["rows"]
+            if r["method"] == "cupy unfused"}  # wall-clock, like every row but the GPU-time one
+    lines = []
+    for r in report["rows"]:
+        ref = base.get((r["N"], r["dtype"], r["placement"]))
+        frac = "" if r["fraction_of_ceiling"] is None else f"{r['fraction_of_ceiling']:.2f}"
+        speedup = "" if ref is None else f"{ref / r['seconds']:.2f}x"
+        lines.append(f"| {r['N']:,} | {r['dtype']} | {r['placement']} | {r['method']} | {r['seconds'] * 1e3:.2f} "
+                     f"| {r['GBps']:.1f} | {frac} | {speedup} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def plot(report, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["rows"] if r["fraction_of_ceiling"] is not None]
+    if not rows:  # the CPU half alone has no GPU ceiling to plot against
+        return
+    cases = sorted({(r["N"], r["dtype"], r["placement"]) for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(8, len(cases) * 1.2), 4.5))
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        ys = [next((r["fraction_of_ceiling"] for r in rows if (r["N"], r["dtype"], r["placement"]) == c
+                    and r["method"] == m), 0) for c in cases]
+        ax.bar(np.arange(len(cases)) + i * width, ys, width, label=m)
+    ax.set_xticks(np.arange(len(cases)) + 0.4 - width / 2)
+    ax.set_xticklabels([f"{n / 1e6:g}M {d}\n{p}" for n, d, p in cases], fontsize=8)
+    ax.set_ylabel("fraction of ceiling (d2d copy; pinned h2d for host updates)")
+    ax.set_title(f"fold of k updates on {report.get('device', 'CPU')}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jitkernels.gpu_benchmark", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=lambda s: [int(float(x)) for x in s.split(",")], default=list(SIZES))
+    p.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--leaves", type=int, default=10)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--markdown", metavar="PATH")
+    p.add_argument("--plot", metavar="PATH")
+    a = p.parse_args(argv)
+    report = run(a.sizes, a.dtypes, a.k, a.leaves, a.reps, log=lambda s: print(s, flush=True))
+    md = markdown(report)
+    print(md)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(report, f, indent=1)
+    if a.markdown:
+        with open(a.markdown, "w") as f:
+            f.write(md)
+    if a.plot:
+        plot(report, a.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""The CuPy backend on a real GPU, end to end through the Aggregator, against the numpy reference.
+
+Skipped, with the reason, where no GPU backend is available (``jk.available_backends()["cupy"]``). The same kernels
+run in CI through the host emulation (test_gpu_shim.py) and are compiled there by nvcc and NVRTC
+(test_cuda_source.py); this file checks what only a GPU can: CuPy's NVRTC build, real streams and pinned memory,
+DLPack exchange with torch, results on the device.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jitkernels as jk
+
+from strategies import FLOAT_DTYPES, leaf_shapes, make_update, seeds
+
+REASON = jk.available_backends()["cupy"]
+pytestmark = pytest.mark.skipif(REASON is not True, reason=f"GPU backend unavailable: {REASON}")
+INPUTS = FLOAT_DTYPES + ("int8",)
+
+
+def _updates(rng, shapes, in_dtype, k, block=None):
+    src = "float32" if in_dtype == "int8" else in_dtype
+    tmpl = make_update(rng, shapes, src)
+    ups = [make_update(rng, shapes, src, quantize=in_dtype == "int8", block=block) for _ in range(k)]
+    return tmpl, ups, rng.uniform(1.0, 100.0, k)
+
+
+def _same(a, b):
+    return all(np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(a.values(), b.values()))
+
+
+@pytest.mark.parametrize("in_dtype", INPUTS)
+@pytest.mark.parametrize("acc_dtype", ["float32", "float64"])
+@settings(max_examples=15)
+@given(seed=seeds, shapes=leaf_shapes(max_size=40000), k=st.integers(1, 6), with_base=st.booleans(),
+       pinned=st.booleans(), block=st.sampled_from([None, 64]))
+def test_host_updates_bit_exact(in_dtype, acc_dtype, seed, shapes, k, with_base, pinned, block):
+    import cupyx
+    rng = np.random.default_rng(seed)
+    tmpl, ups, w = _updates(rng, shapes, in_dtype, k, block)
+    if pinned:  # as a server that receives into pinned buffers would hand them over
+        def pin(a):
+            if isinstance(a, jk.Quantized):
+                return jk.Quantized(pin(a.values), pin(a.scale), a.block)
+            p = cupyx.empty_pinned(a.shape, a.dtype)
+            p[...] = a
+            return p
+        ups = [{n: pin(a) for n, a in u.items()} for u in ups]
+    base = make_update(rng, shapes, "float32" if in_dtype == "int8" else in_dtype) if with_base else None
+    ref = jk.Aggregator(tmpl, backend="numpy", acc_dtype=acc_dtype, base=base)
+    gpu = jk.Aggregator(tmpl, backend="cupy", acc_dtype=acc_dtype, base=base)
+    for agg in (ref, gpu):
+        agg.fold_many(ups[: k // 2], w[: k // 2], parties=list(range(k // 2)))
+        agg.fold_many(ups[k // 2:], w[k // 2:], parties=list(range(k // 2, k)))
+    assert gpu.state.on_device
+    assert jk.FoldState.same_bits(gpu.state, ref.state)
+    assert _same(gpu.finalize(), ref.finalize())
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
+@settings(max_examples=10)
+@given(seed=seeds, shapes=leaf_shapes(max_size=40000), k=st.integers(1, 5))
+def test_cupy_updates_read_in_place(dtype, seed, shapes, k):
+    import cupy as cp
+    rng = np.random.default_rng(seed)
+    tmpl, ups, w = _updates(rng, shapes, dtype, k)
+    ref = jk.Aggregator(tmpl, backend="numpy")
+    ref.fold_many(ups, w, parties=list(range(k)))
+    dev_tmpl = {n: cp.asarray(a) for n, a in tmpl.items()}
+    gpu = jk.Aggregator(dev_tmpl)  # auto: the template is on the GPU
+    assert gpu.backend == "cupy"
+    gpu.fold_many([{n: cp.asarray(a) for n, a in u.items()} for u in ups], w, parties=list(range(k)))
+    out = gpu.finalize()
+    assert all(isinstance(v, cp.ndarray) for v in out.values())
+    assert _same({n: v.get() for n, v in out.items()}, ref.finalize())
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_torch_cuda_tensors_in_and_out(dtype):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    rng = np.random.default_rng(0)
+    tmpl, ups, w = _updates(rng, [(1000,), (30, 40), ()], dtype, 4)
+    ref = jk.Aggregator({n: torch.from_numpy(np.asarray(a, np.float32)).to(getattr(torch, dtype)) for n, a in
+                         tmpl.items()}, backend="numpy")
+    tt = [{n: torch.from_numpy(np.asarray(a, np.float32)).to(getattr(torch, dtype)) for n, a in u.items()} for u in ups]
+    ref.fold_many(tt, w, parties=list(range(4)))
+    gpu = jk.Aggregator({n: t.cuda() for n, t in ref.layout.unflatten(
+        [np.zeros(l.shape, jk.bfloat16 if dtype == "bfloat16" else np.float32) for l in ref.layout.leaves]).items()})
+    gpu.fold_many([{n: t.cuda() for n, t in u.items()} for u in tt], w, parties=list(range(4)))
+    out, want = gpu.finalize(), ref.finalize()
+    for n in want:
+        assert out[n].is_cuda and out[n].dtype == want[n].dtype
+        assert torch.equal(out[n].cpu().view(torch.int16) if dtype == "bfloat16" else out[n].cpu(),
+                           want[n].view(torch.int16) if dtype == "bfloat16" else want[n])
+
+
+def test_nonfinite_device_update_rejected_state_untouched():
+    import cupy as cp
+    tmpl = {"a": cp.zeros(5000, cp.float32), "b": cp.zeros(7, cp.float32)}
+    agg = jk.Aggregator(tmpl)
+    agg.fold({"a": cp.ones(5000, cp.float32), "b": cp.ones(7, cp.float32)}, weight=2, party="ok")
+    before = agg.state.copy()
+    bad = {"a": cp.ones(5000, cp.float32), "b": cp.ones(7, cp.float32)}
+    bad["b"][3] = cp.nan
+    with pytest.raises(jk.NonFiniteUpdate, match="'b'") as e:
+        agg.fold(bad, weight=1, party="bad")
+    assert e.value.party == "bad"
+    assert agg.state.same_bits(before)
+    u = agg.admit({"a": cp.full(5000, 3.0, cp.float32), "b": cp.zeros(7, cp.float32)}, weight=1, party="n")
+    assert u.on_device and u.norm == pytest.approx(3.0 * np.sqrt(5000)) and u.maxabs == 3.0
+
+
+def test_deterministic_gpu_equals_cpu_bit_for_bit():
+    rng = np.random.default_rng(5)
+    tmpl, ups, w = _updates(rng, [(50000,), (300,)], "float32", 9)
+    cpu = jk.Aggregator(tmpl, backend="cpp", deterministic=True)
+    gpu = jk.Aggregator(tmpl, backend="cupy", deterministic=True)
+    cpu.fold_many(ups, w, parties=list(range(9)))
+    for j in (4, 0, 8, 2, 6, 1, 3, 7, 5):  # another order, one at a time
+        gpu.fold(ups[j], weight=w[j], party=j)
+    assert _same(gpu.finalize(), cpu.finalize())
+
+
+def test_state_save_load_resume_and_merge_across_devices(tmp_path):
+    """A GPU state saved, loaded, resumed, and merged with a CPU node's partial aggregate equals the same merge tree
+    computed by the numpy reference, bit for bit (merging is a float addition: the tree fixes the rounding)."""
+    rng = np.random.default_rng(7)
+    tmpl, ups, w = _updates(rng, [(20000,), (5, 5)], "float32", 6)
+
+    def tree(first, second):
+        a = jk.Aggregator(tmpl, backend=first)
+        a.fold_many(ups[:2], w[:2], parties=[0, 1])
+        a.state.save(tmp_path / f"{first}.jks")
+        b = jk.Aggregator.from_state(jk.FoldState.load(tmp_path / f"{first}.jks"), backend=first)
+        b.fold(ups[2], weight=w[2], party=2)
+        other = jk.Aggregator(tmpl, backend=second)  # a partial aggregate made on another node
+        other.fold_many(ups[3:], w[3:], parties=[3, 4, 5])
+        b.merge(other)
+        return b
+
+    got, want = tree("cupy", "cpp"), tree("numpy", "numpy")
+    assert got.state.on_device and got.state.same_bits(want.state)
+    assert _same(got.finalize(), want.finalize())
+
+
+SUBNORMAL_REFERENCE = """
+import sys, numpy as np, jitkernels as jk
+dt = jk.bfloat16 if sys.argv[1] == "bfloat16" else np.dtype(sys.argv[1])
+tiny = {"float16": 2.0 ** -24, "bfloat16": 2.0 ** -133, "float32": 2.0 ** -149}[sys.argv[1]]  # smallest subnormal
+vals = (np.arange(1, 4097, dtype=np.float64) * tiny).astype(dt)  # subnormals, then normals
+ups = [{"x": vals}, {"x": (-vals).astype(dt)}, {"x": (vals * 3).astype(dt)}]
+agg = jk.Aggregator({"x": vals}, backend=sys.argv[2])
+agg.fold_many(ups, [1.0, 0.5, 2.0], parties=[0, 1, 2])
+sys.stdout.write(jk.device.to_host(agg.state.acc).tobytes().hex())
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_subnormal_inputs_bit_exact(dtype):
+    """Subnormal inputs (and results) survive on the GPU: the kernels are built with --ftz=false, and f16 is widened
+    by the hardware conversion (an f16 subnormal is an f32 normal). The reference runs in a fresh process that
+    imports numpy alone: a library loaded here (built with -ffast-math) may have set the CPU's flush-to-zero flags,
+    and then numpy itself flushes."""
+    import subprocess
+    import sys
+
+    def run(backend):
+        return subprocess.run([sys.executable, "-c", SUBNORMAL_REFERENCE, dtype, backend], check=True,
+                              capture_output=True, text=True).stdout
+    assert run("cupy") == run("numpy")
+
+
+def test_wide_batches_cross_several_passes_and_stages(monkeypatch):
+    from jitkernels.backends import cupy_backend
+    monkeypatch.setattr(cupy_backend, "SLOT_BYTES", 1 << 20)
+    rng = np.random.default_rng(3)
+    tmpl, ups, w = _updates(rng, [(300000,), (4097,)], "float32", 40)
+    ref = jk.Aggregator(tmpl, backend="numpy")
+    gpu = jk.Aggregator(tmpl, backend="cupy")
+    ref.fold_many(ups, w, parties=list(range(40)))
+    gpu.fold_many(ups, w, parties=list(range(40)))
+    assert jk.FoldState.same_bits(gpu.state, ref.state)

@@ -1,0 +1,172 @@
+"""The GPU backend's orchestration, run without a GPU: the same kernels.cu (host emulation of each grid) behind a
+CPU stand-in for the CUDA runtime whose streams replay in random dependency-respecting orders (gpu_shim.py).
+
+Small chunks and small staging slots make every batch cross many stages, passes and slot reuses; updates are a mix
+of device-resident, pinned-host and pageable-host columns. Fold and finalize must equal the numpy reference bit for
+bit (their per-element order is fixed), the stats within the reduction tolerance of test_kernels.
+"""
+
+import shutil
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from jitkernels.backends import cupy_backend, numpy_ref
+from jitkernels.batch import build_out_groups
+from jitkernels.dtypes import Quantized, np_dtype
+from jitkernels.layout import Layout
+
+from strategies import FLOAT_DTYPES, leaf_shapes, make_batch, make_update, seeds
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the host emulation needs g++")
+INPUTS = FLOAT_DTYPES + ("int8",)
+
+
+@pytest.fixture(scope="module")
+def gpu_shim():
+    import gpu_shim
+    gpu_shim.emulation_library()
+    return gpu_shim
+
+
+def _mixed(rng, gpu_shim, k, seed):
+    """A runtime with random stream replay, and a random split of the k updates: 0 device, 1 pinned, 2 pageable."""
+    return gpu_shim.HostRuntime(seed=seed), rng.integers(0, 3, k)
+
+
+def _pin(rt, leaves, where):
+    for j in np.flatnonzero(where == 1):
+        for a in leaves[j]:
+            if isinstance(a, Quantized):
+                rt.pin(a.values)
+                rt.pin(a.scale)
+            elif a is not None:
+                rt.pin(a)
+
+
+@pytest.mark.parametrize("in_dtype", INPUTS)
+@pytest.mark.parametrize("acc_dtype", ["float32", "float64"])
+@given(seed=seeds, shapes=leaf_shapes(), k=st.integers(1, 6), with_base=st.booleans(),
+       chunk=st.sampled_from([64, 300, 8192]), slot_kib=st.sampled_from([8, 40, 1024]),
+       block=st.sampled_from([None, 7, 64]), misalign=st.booleans())
+def test_fold_staged_bit_exact(gpu_shim, in_dtype, acc_dtype, seed, shapes, k, with_base, chunk, slot_kib, block,
+                               misalign):
+    rng = np.random.default_rng(seed)
+    isz = 1 if in_dtype == "int8" else np_dtype(in_dtype).itemsize
+    slot = max(slot_kib << 10, 2 * chunk * isz)
+    rt, where = _mixed(rng, gpu_shim, k, seed)
+    lay, groups, leaves = make_batch(rng, shapes, in_dtype, k, block=block, chunk=chunk, misalign=misalign,
+                                     device=where == 0)
+    _pin(rt, leaves, where)
+    start = rng.standard_normal(lay.size).astype(acc_dtype)
+    base = rng.standard_normal(lay.size).astype(acc_dtype) if with_base else None
+    for g in groups.values():
+        want, got = start.copy(), start.copy()
+        numpy_ref.fold(want, base, g)
+        with cupy_backend.use_runtime(rt, slot_bytes=slot):
+            cupy_backend.fold(got, base, g)
+        assert got.tobytes() == want.tobytes(), f"staged {g.in_dtype} fold differs from numpy"
+        assert not any(s.ops for s in rt.streams), "a call returned with work still queued"
+
+
+@pytest.mark.parametrize("in_dtype", INPUTS)
+@given(seed=seeds, shapes=leaf_shapes(), k=st.integers(1, 5), with_base=st.booleans(), bound_log2=st.integers(8, 40))
+def test_fold_binned_staged_bit_exact(gpu_shim, in_dtype, seed, shapes, k, with_base, bound_log2):
+    rng = np.random.default_rng(seed)
+    rt, where = _mixed(rng, gpu_shim, k, seed)
+    lay, groups, leaves = make_batch(rng, shapes, in_dtype, k, chunk=128, device=where == 0)
+    _pin(rt, leaves, where)
+    base = rng.standard_normal(lay.size) if with_base else None
+    for g in groups.values():
+        want, got = (np.zeros(lay.size), np.zeros(lay.size)), (np.zeros(lay.size), np.zeros(lay.size))
+        numpy_ref.fold_binned(*want, base, g, bound_log2)
+        with cupy_backend.use_runtime(rt, slot_bytes=4096):
+            cupy_backend.fold_binned(*got, base, g, bound_log2)
+        assert got[0].tobytes() == want[0].tobytes() and got[1].tobytes() == want[1].tobytes()
+
+
+@pytest.mark.parametrize("in_dtype", INPUTS)
+@given(seed=seeds, shapes=leaf_shapes(), k=st.integers(1, 4), with_base=st.booleans(),
+       scale=st.sampled_from([1e-30, 1.0, 1e4]), nonfinite=st.sampled_from([None, np.nan, np.inf]))
+def test_stats_of_device_updates(gpu_shim, in_dtype, seed, shapes, k, with_base, scale, nonfinite):
+    rng = np.random.default_rng(seed)
+    lay, groups, leaves = make_batch(rng, shapes, in_dtype, k, scale=scale, chunk=500, device=np.ones(k, bool))
+    if nonfinite is not None and in_dtype != "int8":
+        sizable = [a for a in leaves[0] if a.size]
+        if sizable:
+            sizable[0].reshape(-1)[int(rng.integers(sizable[0].size))] = nonfinite
+    base = rng.standard_normal(lay.size).astype(np.float32) if with_base else None
+    eps = np.finfo(np.float64).eps
+    for g in groups.values():
+        nf_ref, ss_ref, mx_ref = numpy_ref.stats(base, g, "float32")
+        with cupy_backend.use_runtime(gpu_shim.HostRuntime(seed)):
+            nf, ss, mx = cupy_backend.stats(base, g, "float32")
+        np.testing.assert_array_equal(nf, nf_ref)
+        n = g.n[:, None].astype(np.float64)
+        assert np.all(np.abs(ss - ss_ref) <= (n + 8) * eps * ss_ref + 1e-300), (ss, ss_ref)
+        assert np.array_equal(mx, mx_ref)  # a max is exact
+
+
+@pytest.mark.parametrize("out_dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("acc_dtype", ["float32", "float64"])
+@given(seed=seeds, shapes=leaf_shapes(), with_base=st.booleans(), magnitude=st.sampled_from([1e-3, 1.0, 6e4]))
+def test_finalize_bit_exact(gpu_shim, out_dtype, acc_dtype, seed, shapes, with_base, magnitude):
+    rng = np.random.default_rng(seed)
+    lay = Layout.from_template(make_update(rng, shapes, out_dtype))
+    acc = (rng.standard_normal(lay.size) * magnitude).astype(acc_dtype)
+    base = rng.standard_normal(lay.size).astype(acc_dtype) if with_base else None
+    total_w = rng.uniform(0.5, 50.0, len(lay))
+    ids = list(range(len(lay)))
+
+    def run(fin):
+        outs = [np.full(l.shape, 7, np_dtype(out_dtype)) for l in lay.leaves]
+        for og in build_out_groups(lay, ids, outs, total_w, chunk=100):
+            fin(acc, base, og)
+        return outs
+
+    with cupy_backend.use_runtime(gpu_shim.HostRuntime(seed)):
+        got = run(cupy_backend.finalize)
+    for a, b in zip(got, run(numpy_ref.finalize)):
+        assert a.tobytes() == b.tobytes()
+
+
+def _staged_run(gpu_shim, rt, seed):
+    rng = np.random.default_rng(seed)
+    lay, groups, leaves = make_batch(rng, [(5000,), (3000,)], "float32", 4, chunk=256)
+    acc = np.zeros(lay.size, np.float32)
+    want = acc.copy()
+    g = groups["float32"]
+    numpy_ref.fold(want, None, g)
+    with cupy_backend.use_runtime(rt, slot_bytes=8192):
+        cupy_backend.fold(acc, None, g)
+    return acc.tobytes() == want.tobytes()
+
+
+def test_pipeline_overlaps_copies_with_folds(gpu_shim):
+    rt = gpu_shim.HostRuntime(seed=1)
+    assert _staged_run(gpu_shim, rt, 1)
+    assert rt.max_overlap >= 2, "copies of later stages should be queued while a fold is"
+    assert sum(kind == "copy" for kind, _ in rt.log) >= 10
+
+
+def test_shim_catches_a_missing_stream_wait(gpu_shim, monkeypatch):
+    """Negative control: drop the copy stream's wait for the fold that last read a slot, and the random replay
+    lets a copy overwrite a slot before its fold has read it, in some schedule: the shim can see ordering bugs."""
+    real_wait = gpu_shim.Stream.wait
+
+    def wait(self, ev):
+        if self.name != "compute":
+            return
+        real_wait(self, ev)
+    monkeypatch.setattr(gpu_shim.Stream, "wait", wait)
+    assert not all(_staged_run(gpu_shim, gpu_shim.HostRuntime(seed=s), s) for s in range(20))
+
+
+def test_slot_too_small_for_a_work_item_is_refused(gpu_shim):
+    rng = np.random.default_rng(0)
+    _, groups, _ = make_batch(rng, [(5000,)], "float64", 2, chunk=1024)
+    with cupy_backend.use_runtime(gpu_shim.HostRuntime(0), slot_bytes=4096):
+        with pytest.raises(ValueError, match="cannot hold a work item"):
+            cupy_backend.fold(np.zeros(5000, np.float32), None, groups["float64"])
