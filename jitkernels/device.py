@@ -70,7 +70,9 @@ def device_leaf(x) -> DeviceLeaf:
         dtype = np.dtype(a.dtype)
     elif a.dtype != np.uint16:
         a = a.view(np.uint16)
-    return DeviceLeaf(cp.ascontiguousarray(a), dtype)
+    if not a.flags.c_contiguous:
+        a = cp.ascontiguousarray(a)  # (not for 0-d arrays, which it would make 1-d, as numpy's does)
+    return DeviceLeaf(a, dtype)
 
 
 def empty_leaf(shape, dtype_name: str) -> DeviceLeaf:

@@ -2,15 +2,13 @@
 
 * nvcc, for sm_80 and sm_90, with ``-Xptxas -warn-spills``: every kernel the backend may launch (the same name
   list, ``cuda_source.kernel_names()``), instantiated by taking its address.
-* NVRTC (``nvidia-cuda-nvrtc`` + ``cuda-bindings`` from PyPI; NVRTC needs no device), with the exact source text,
-  options and name expressions the backend hands CuPy's RawModule, and every name must resolve to a lowered name.
+* NVRTC (``nvidia-cuda-nvrtc`` + ``cuda-bindings`` from PyPI; NVRTC needs no device), through the very function the
+  backend compiles with, and every name must resolve to a lowered name.
 
 The kernels' element-wise math is csrc/jk_math.h, shared with the C++ backend whose tests check it against numpy;
 the host emulation (test_gpu_shim.py) runs these kernels' grids against numpy too.
 """
 
-import glob
-import os
 import shutil
 import subprocess
 
@@ -19,15 +17,6 @@ import pytest
 from jitkernels.backends import cuda_source
 
 NVCC = shutil.which("nvcc")
-
-
-def _cuda_include():
-    roots = [os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda",
-             *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
-    for r in roots:
-        if r and os.path.exists(os.path.join(r, "include", "cuda_fp16.h")):
-            return os.path.join(r, "include")
-    return None
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
@@ -42,26 +31,24 @@ def test_cuda_kernels_compile_with_nvcc_without_spills(tmp_path, arch):
     assert "spill" not in out.stderr.lower(), out.stderr
 
 
-def test_cuda_kernels_compile_with_nvrtc_as_the_backend_asks():
-    nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="NVRTC check needs nvidia-cuda-nvrtc + cuda-bindings")
-    inc = _cuda_include()
-    if inc is None:
-        pytest.skip("no CUDA include folder with cuda_fp16.h (CuPy supplies it on a GPU machine)")
-    err, prog = nvrtc.nvrtcCreateProgram(cuda_source.source().encode(), b"kernels.cu", 0, [], [])
-    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
-    names = cuda_source.kernel_names()
-    for n in names:
-        nvrtc.nvrtcAddNameExpression(prog, n.encode())
-    opts = [o.encode() for o in cuda_source.NVRTC_OPTIONS] + [b"--gpu-architecture=compute_90", f"-I{inc}".encode()]
-    (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-    _, size = nvrtc.nvrtcGetProgramLogSize(prog)
-    log = b" " * size
-    nvrtc.nvrtcGetProgramLog(prog, log)
-    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace")
-    for n in names:
-        err, lowered = nvrtc.nvrtcGetLoweredName(prog, n.encode())
-        assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS and lowered, n
-    nvrtc.nvrtcDestroyProgram(prog)
+@pytest.mark.parametrize("arch", ["compute_90", "sm_80"])
+def test_cuda_kernels_compile_with_nvrtc_as_the_backend_does(arch):
+    """The backend's own compile function (the one CupyRuntime calls), so the exact source, options and names.
+    The PTX must hold no flush-to-zero and no fused multiply-add: either would break bit-exactness with numpy
+    (CuPy's RawModule would add -ftz=true, which is why the backend compiles with NVRTC itself)."""
+    pytest.importorskip("cuda.bindings.nvrtc", reason="NVRTC check needs nvidia-cuda-nvrtc + cuda-bindings")
+    try:
+        cuda_source.include_dirs()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    image, lowered = cuda_source.compile_nvrtc(arch)
+    assert set(lowered) == set(cuda_source.kernel_names()) and all(v.startswith("_Z") for v in lowered.values())
+    if arch.startswith("compute_"):
+        ptx = bytes(image).decode()
+        assert ".ftz" not in ptx and "fma.rn" not in ptx
+        assert "mul.rn.f32" in ptx and "add.rn.f32" in ptx  # rounded separately, as numpy does
+    else:
+        assert bytes(image[:4]) == b"\x7fELF"  # a cubin
 
 
 def test_the_source_is_self_contained_for_nvrtc():

@@ -8,6 +8,7 @@ as numpy does, and ``--ftz=false`` keeps subnormals; without them the GPU would 
 
 from __future__ import annotations
 
+import glob
 import os
 from functools import lru_cache
 
@@ -17,8 +18,9 @@ IN_TYPES = ("float64", "float32", "float16", "bfloat16", "int8")
 OUT_TYPES = ("float64", "float32", "float16", "bfloat16")
 
 NVRTC_OPTIONS = ("--std=c++17", "--fmad=false", "--ftz=false", "--prec-div=true", "--prec-sqrt=true")
-"""Options handed to CuPy's RawModule (it adds the architecture and its include path for cuda_fp16.h): IEEE
-rounding, no contraction, subnormals kept (the defaults, spelled out so that no caller-wide setting changes them)."""
+"""IEEE rounding, no contraction, subnormals kept. We call NVRTC ourselves (:func:`compile_nvrtc`) rather than
+through ``cupy.RawModule``: CuPy appends ``-ftz=true`` to every compile (cupy/cuda/compiler.py,
+``_compile_with_cache_cuda``), which flushed subnormal inputs and sums to zero on an H100 and broke bit-exactness."""
 
 BLOCK = 256
 """Threads per block: every kernel runs one block per work item (batch.CHUNK elements)."""
@@ -91,3 +93,75 @@ def instantiation_source(names=None) -> str:
     names = kernel_names() if names is None else names
     body = ",\n".join(f"  (void*)&{n}" for n in names)
     return f'#include "{kernel_path()}"\nvoid* jk_kernel_table[] = {{\n{body}\n}};\n'
+
+
+def include_dirs() -> list:
+    """The first folder that holds cuda_fp16.h (NVRTC's kernels include it): CUDA_PATH / CUDA_HOME, the usual
+    install folders, then the headers that pip's CUDA packages ship."""
+    roots = [os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda",
+             *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+    cands = [os.path.join(r, "include") for r in roots if r]
+    try:
+        import nvidia
+
+        for base in nvidia.__path__:
+            cands += sorted(glob.glob(os.path.join(base, "*", "include")), reverse=True)
+    except ImportError:
+        pass
+    for d in cands:
+        if os.path.exists(os.path.join(d, "cuda_fp16.h")):
+            return [d]
+    raise FileNotFoundError("no CUDA include folder with cuda_fp16.h (set CUDA_PATH)")
+
+
+def compile_nvrtc(arch: str, names=None) -> tuple:
+    """Compile :func:`source` with NVRTC (``cuda-bindings``) for ``arch`` ("sm_90": a cubin; "compute_90": PTX),
+    with exactly :data:`NVRTC_OPTIONS`. Returns (image bytes, {name expression: lowered (mangled) name})."""
+    from cuda.bindings import nvrtc
+
+    names = kernel_names() if names is None else names
+
+    def check(res, what):
+        err = res[0] if isinstance(res, tuple) else res
+        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            raise RuntimeError(f"NVRTC {what} failed: {err}")
+        return res[1:] if isinstance(res, tuple) and len(res) > 1 else None
+
+    (prog,) = check(nvrtc.nvrtcCreateProgram(source().encode(), b"jitkernels.cu", 0, [], []), "create")
+    try:
+        for n in names:
+            check(nvrtc.nvrtcAddNameExpression(prog, n.encode()), "name expression")
+        opts = [o.encode() for o in NVRTC_OPTIONS] + [f"--gpu-architecture={arch}".encode()] + [
+            f"-I{d}".encode() for d in include_dirs()]
+        res = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        if res[0] != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            (size,) = check(nvrtc.nvrtcGetProgramLogSize(prog), "log size")
+            log = b" " * size
+            nvrtc.nvrtcGetProgramLog(prog, log)
+            raise RuntimeError(f"NVRTC could not compile {kernel_path()}:\n{log.decode(errors='replace')}")
+        if arch.startswith("sm_"):
+            (size,) = check(nvrtc.nvrtcGetCUBINSize(prog), "cubin size")
+            image = b" " * size
+            check(nvrtc.nvrtcGetCUBIN(prog, image), "cubin")
+        else:
+            (size,) = check(nvrtc.nvrtcGetPTXSize(prog), "ptx size")
+            image = b" " * size
+            check(nvrtc.nvrtcGetPTX(prog, image), "ptx")
+        lowered = {}
+        for n in names:
+            (low,) = check(nvrtc.nvrtcGetLoweredName(prog, n.encode()), "lowered name")
+            lowered[n] = low.decode() if isinstance(low, bytes) else str(low)
+        return image, lowered
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+def cache_key(arch: str) -> str:
+    """Source, options, architecture and NVRTC version: what a compiled image depends on."""
+    import hashlib
+
+    from cuda.bindings import nvrtc
+
+    h = hashlib.sha256(source().encode())
+    h.update(repr((NVRTC_OPTIONS, arch, nvrtc.nvrtcVersion()[1:], kernel_names())).encode())
+    return h.hexdigest()[:24]

@@ -60,6 +60,11 @@ def _make_runtime():
         raise BackendUnavailable(f"no usable CUDA device ({type(e).__name__}: {e})") from None
     if n == 0:
         raise BackendUnavailable("no CUDA device")
+    try:
+        from cuda.bindings import nvrtc  # noqa: F401
+    except ImportError:
+        raise BackendUnavailable("cuda-bindings is not installed: the kernels are compiled with NVRTC directly, "
+                                 "since CuPy's compiler forces -ftz=true (pip install 'jitkernels[gpu]')") from None
     from .gpu_runtime import CupyRuntime
 
     return CupyRuntime()

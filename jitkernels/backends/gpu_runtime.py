@@ -72,20 +72,38 @@ class CupyRuntime:
 
     # --- kernels -------------------------------------------------------------------------------------------------
     def module(self):
-        """The compiled kernels of the current device: NVRTC once per device and process; CuPy's on-disk cache
-        (keyed on source, options and architecture) makes later processes skip the compile."""
-        dev = self.cp.cuda.Device().id
+        """(module, lowered names) of the current device: compiled by NVRTC with our options once per device
+        architecture and cached on disk (JITKERNELS_CACHE_DIR, default ~/.cache/jitkernels), loaded once per
+        device and process."""
+        dev = self.cp.cuda.Device()
         with self._lock:
-            mod = self._modules.get(dev)
+            mod = self._modules.get(dev.id)
             if mod is None:
-                mod = self.cp.RawModule(code=cuda_source.source(), options=cuda_source.NVRTC_OPTIONS,
-                                        name_expressions=cuda_source.kernel_names())
-                self._modules[dev] = mod
+                mod = self._modules[dev.id] = self._load(f"sm_{dev.compute_capability}")
         return mod
+
+    def _load(self, arch: str):
+        import json
+        import os
+
+        from ..state import atomic_write
+
+        d = os.path.join(os.environ.get("JITKERNELS_CACHE_DIR") or os.path.expanduser("~/.cache/jitkernels"),
+                         "cuda")
+        os.makedirs(d, exist_ok=True)
+        stem = os.path.join(d, f"kernels-{arch}-{cuda_source.cache_key(arch)}")
+        if not (os.path.exists(stem + ".cubin") and os.path.exists(stem + ".json")):
+            image, lowered = cuda_source.compile_nvrtc(arch)
+            atomic_write(stem + ".json", json.dumps(lowered).encode())
+            atomic_write(stem + ".cubin", bytes(image))
+        with open(stem + ".json") as f:
+            lowered = json.load(f)
+        return self.cp.RawModule(path=stem + ".cubin"), lowered
 
     def launch(self, name: str, grid: int, args: tuple, stream) -> None:
         if grid:
-            fn = self.module().get_function(name)
+            mod, lowered = self.module()
+            fn = mod.get_function(lowered[name])
             with stream.s:  # RawKernel launches on the current stream
                 fn((grid,), (cuda_source.BLOCK,), args)
 
