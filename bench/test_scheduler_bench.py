@@ -7,17 +7,21 @@ fold. The p50/p99 of ``submit`` on small updates is recorded while a large job's
 import time
 
 import numpy as np
+import pytest
 
 from scheduler import BackendCost, CostModel, JITScheduler, Job
 from scheduler.simulator import Workload, simulate
 
 
-def test_submit_latency_while_folding(benchmark):
+@pytest.mark.parametrize("durable", [False, True], ids=["memory", "state_dir"])
+def test_submit_latency_while_folding(benchmark, tmp_path, durable):
+    """With a state directory every update is also written (and fsynced) by the writer thread: ``submit`` must not
+    wait for that (the acknowledgement's ``durable`` future does)."""
     rng = np.random.default_rng(0)
     big_t = np.zeros(8_000_000, np.float32)
     small_t = {f"l{i}": np.zeros(1000, np.float32) for i in range(10)}
     cost = CostModel(backends={"cpu": BackendCost(2e10, 5e-5)}, startup_s=0.0)
-    sched = JITScheduler("eager", slots=2, cost=cost)
+    sched = JITScheduler("eager", slots=2, cost=cost, state_dir=tmp_path if durable else None)
     big_parties = list(range(40))
     sched.add_job(Job("big", template=big_t, parties=big_parties, quorum=1.0, rounds=1))
     n_small = 2000

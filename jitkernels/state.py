@@ -193,30 +193,19 @@ class FoldState:
             "parties": json.dumps([[p, w] for p, w in self.parties.items()]),
         }
 
-    def save(self, path) -> None:
-        """Write atomically: temp file (exclusive create) -> fsync -> rename -> fsync the directory."""
-        from safetensors.numpy import save
+    def to_bytes(self) -> bytes:
+        """The file's bytes (safetensors with the checksummed metadata)."""
+        return checked_bytes(self._tensors(), self._metadata())
 
-        tensors = self._tensors()
-        meta = self._metadata()
-        meta["checksum"] = _checksum(tensors, meta)
-        data = save(tensors, metadata=meta)
-        atomic_write(os.fspath(path), data)
+    def save(self, path, *, on_step=None) -> None:
+        """Write atomically: temp file (exclusive create) -> fsync -> rename -> fsync the directory."""
+        atomic_write(os.fspath(path), self.to_bytes(), on_step=on_step)
 
     @classmethod
     def load(cls, path) -> "FoldState":
         """Load and verify a saved state; :class:`CorruptState` if it is truncated, altered or of an unknown version."""
-        from safetensors import SafetensorError, safe_open
-
         path = os.fspath(path)
-        try:
-            with safe_open(path, framework="np") as f:
-                meta = dict(f.metadata() or {})
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except (SafetensorError, ValueError, OSError) as e:
-            if isinstance(e, FileNotFoundError):
-                raise
-            raise CorruptState(f"{path}: not a readable state file ({e})") from e
+        tensors, meta = read_checked(path, what="state file")
         if meta.get("format") != FORMAT:
             raise CorruptState(f"{path}: not a jitkernels fold state (format {meta.get('format')!r})")
         try:
@@ -225,9 +214,6 @@ class FoldState:
             version = -1
         if version not in SUPPORTED_VERSIONS:
             raise CorruptState(f"{path}: format version {meta.get('version')!r}; this build reads {SUPPORTED_VERSIONS}")
-        expected = meta.pop("checksum", None)
-        if expected is None or _checksum(tensors, meta) != expected:
-            raise CorruptState(f"{path}: checksum mismatch (the file was altered or damaged)")
         try:
             layout = Layout.from_json(json.loads(meta["layout"]))
             algorithm = json.loads(meta["algorithm"])
@@ -240,18 +226,51 @@ class FoldState:
             raise CorruptState(f"{path}: inconsistent state ({e})") from e
 
 
+def checked_bytes(tensors: dict, meta: dict) -> bytes:
+    """A safetensors file of ``tensors`` whose metadata (``meta``, str -> str) carries their SHA-256 checksum."""
+    from safetensors.numpy import save
+
+    meta = dict(meta)
+    meta["checksum"] = _checksum(tensors, meta)
+    return save(tensors, metadata=meta)
+
+
+def read_checked(path: str, what: str = "file") -> tuple:
+    """(tensors, metadata without the checksum) of a file written by :func:`checked_bytes`, verified:
+    :class:`CorruptState` if it is truncated, altered or not such a file. Nothing is unpickled."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="np") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, ValueError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise CorruptState(f"{path}: not a readable {what} ({e})") from e
+    expected = meta.pop("checksum", None)
+    if expected is None or _checksum(tensors, meta) != expected:
+        raise CorruptState(f"{path}: checksum mismatch (the {what} was altered or damaged)")
+    return tensors, meta
+
+
 def _checksum(tensors: dict, meta: dict) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
         a = np.ascontiguousarray(tensors[name])
         h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(a.tobytes())
+        h.update(a.reshape(-1).view(np.uint8).data)  # no copy; hashlib drops the GIL on large buffers
     h.update(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode())
     return h.hexdigest()
 
 
-def atomic_write(path: str, data: bytes) -> None:
-    """Crash-safe replace of ``path`` by ``data``: a reader sees the old file or the new one, never a mix."""
+def atomic_write(path: str, data: bytes, *, on_step=None) -> None:
+    """Crash-safe replace of ``path`` by ``data``: a reader sees the old file or the new one, never a mix.
+
+    Protocol: temp file (exclusive create) -> write -> fsync -> rename over ``path`` -> fsync the directory.
+    ``on_step(name)``, if given, is called after each durable step ("tmp_synced", "renamed", "dir_synced"): the
+    scheduler's crash tests stop the protocol there. An exception from it propagates without cleanup, as a crash
+    would leave things (a temp file, say: the next open collects it)."""
     d = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -260,15 +279,34 @@ def atomic_write(path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        _unlink(tmp)
+        raise
+    if on_step is not None:
+        on_step("tmp_synced")
+    try:
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _unlink(tmp)
         raise
+    if on_step is not None:
+        on_step("renamed")
     dfd = os.open(d, os.O_RDONLY)
     try:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+    if on_step is not None:
+        on_step("dir_synced")
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def is_temp_file(name: str) -> bool:
+    """A temp file that :func:`atomic_write` left behind when the process died between create and rename."""
+    return name.startswith(".") and name.endswith(".tmp")

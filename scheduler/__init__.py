@@ -11,11 +11,12 @@ from .clock import RealClock, VirtualClock
 from .core import (Ack, Backpressure, Job, JITScheduler, LateUpdate, QuorumUnreachable, SchedulerError, UnknownJob,
                    UnknownParty)
 from .cost import BackendCost, CostModel
+from .durable import Crashed, StateDir, StateDirLocked
 from .executors import LocalExecutor, MeasuredExecutor, ModelExecutor, Task
 from .policies import JIT, Eager, Lazy, Oracle, Policy
 from .predictor import Predictor, poisson_binomial_tail
 
-__all__ = ["Ack", "Backpressure", "BackendCost", "CostModel", "Eager", "JIT", "JITScheduler", "Job", "LateUpdate",
+__all__ = ["Ack", "Backpressure", "BackendCost", "CostModel", "Crashed", "Eager", "JIT", "JITScheduler", "Job", "LateUpdate",
            "Lazy", "LocalExecutor", "MeasuredExecutor", "ModelExecutor", "Oracle", "Policy", "Predictor",
-           "QuorumUnreachable", "RealClock", "SchedulerError", "Task", "UnknownJob", "UnknownParty", "VirtualClock",
+           "QuorumUnreachable", "RealClock", "SchedulerError", "StateDir", "StateDirLocked", "Task", "UnknownJob", "UnknownParty", "VirtualClock",
            "poisson_binomial_tail"]

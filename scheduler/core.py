@@ -28,10 +28,18 @@ import jitkernels as jk
 from . import policies as _policies
 from .clock import RealClock
 from .cost import CostModel
+from .durable import StateDir
 from .executors import LocalExecutor, ModelExecutor, Task
 from .predictor import Predictor
 
 log = logging.getLogger("jitkernels.scheduler")
+DETERMINISTIC_BOUND = 2.0 ** 20  # jitkernels' default bound on weight * |x| for deterministic jobs
+
+
+def _resolved(value) -> Future:
+    f = Future()
+    f.set_result(value)
+    return f
 
 
 class SchedulerError(jk.AggregationError):
@@ -80,6 +88,7 @@ class Job:
     late_weight: float = 0.5
     unreachable: str = "error"  # or "partial": finalize what is there
     prior_response_s: float | None = None  # predictor prior before any response is seen
+    deterministic: bool = False  # jitkernels' deterministic mode: bit-identical whatever the batching (and recovery)
 
     def quorum_count(self) -> int:
         n = len(self.parties)
@@ -91,11 +100,15 @@ class Job:
 
 @dataclass
 class Ack:
+    """``durable`` resolves once the update is on disk (at once without a state directory). ``duplicate``: the same
+    update (same ``update_id``) was acknowledged before, e.g. a resend after a crash; it is not counted again."""
+
     job: str
     round: int
     party: object
     accepted: bool
     durable: Future
+    duplicate: bool = False
 
 
 @dataclass
@@ -169,8 +182,24 @@ class _JobState:
                 raise ValueError(f"job {job.id!r}: give a template, or model_elems (and update_bytes) to model it")
             self.model_elems = job.model_elems
             self.update_bytes = job.update_bytes or 4 * job.model_elems
-        self.seen: set = set()  # (round, party) acknowledged, for de-duplication
+        self.seen: dict = {}  # (round, party) acknowledged -> its update id, for de-duplication
+        self.fold_bytes = 0  # bytes folded since the last checkpoint
         self.spare = None  # an Aggregator to reuse for the next round
+
+    def admit(self, update, weight, party):
+        """Validate one update for this job (deterministic jobs: against the bound their aggregator will use)."""
+        bound = 2.0 ** math.ceil(math.log2(DETERMINISTIC_BOUND)) if self.job.deterministic else None
+        return jk.admit_many([update], self.layout, weights=[weight], parties=[party], backend=self.job.backend,
+                             acc_dtype=self.acc_dtype, bound=bound)[0]
+
+    @property
+    def acc_dtype(self) -> str:
+        return "float64" if self.job.deterministic else self.job.acc_dtype
+
+    def new_aggregator(self):
+        return jk.Aggregator(self.job.template, self.job.algorithm, backend=self.job.backend,
+                             acc_dtype=self.acc_dtype, deterministic=self.job.deterministic,
+                             bound=DETERMINISTIC_BOUND)
 
 
 class JITScheduler:
@@ -188,11 +217,18 @@ class JITScheduler:
         at the budget ``submit`` raises :class:`Backpressure` (buffered bytes stay within budget + one update)
     overflow : "raise" (spilling to disk is not offered yet)
     hysteresis_s : an idle deployment is taken back only for a job whose laxity is this much smaller
+    state_dir : a directory that makes the scheduler crash-safe (see :mod:`scheduler.durable`): every acknowledged
+        update is persisted (``Ack.durable``), rounds are checkpointed and their results committed there; a new
+        scheduler on the same directory resumes each job as ``add_job`` is called for it (or :meth:`recover`).
+    checkpoint_bytes : with a state directory, a round's partial aggregate is committed after a fold once this many
+        update bytes were folded since the last commit (default: 4x the accumulator's bytes; 0: after every fold).
+        Acknowledged updates are durable either way; checkpoints bound what a recovery replays.
     """
 
     def __init__(self, policy="jit", slots: int = 1, *, clock=None, executor=None, cost: CostModel | None = None,
                  alpha: float = 0.05, oracle=None, byte_budget: int | None = None, overflow: str = "raise",
-                 hysteresis_s: float = 1.0, decision_log: int = 100_000):
+                 hysteresis_s: float = 1.0, decision_log: int = 100_000, state_dir=None, checkpoint_bytes=None,
+                 crash_hook=None):
         self.policy = _policies.make(policy, alpha=alpha, oracle=oracle)
         self.slots = int(slots)
         self.clock = clock if clock is not None else RealClock()
@@ -217,6 +253,18 @@ class JITScheduler:
         self.peak_buffered_bytes = 0
         self.occupancy = [(self.clock.now(), 0)]
         self._relieving = False  # (time, deployed aggregators) at every change
+        self.store = None if state_dir is None else StateDir(state_dir, crash_hook=crash_hook)
+        self.checkpoint_bytes = checkpoint_bytes
+
+    @classmethod
+    def recover(cls, state_dir, jobs, **kwargs) -> "JITScheduler":
+        """A scheduler resumed from ``state_dir``: each job continues from its last committed generation, with the
+        acknowledged updates that generation does not cover replayed (the results of finished rounds resolve
+        their futures). ``jobs`` are the same :class:`Job` definitions (templates are code, not state)."""
+        sched = cls(state_dir=state_dir, **kwargs)
+        for job in jobs:
+            sched.add_job(job)
+        return sched
 
     # --- public API ----------------------------------------------------------------------------------------------
     def add_job(self, job: Job) -> None:
@@ -227,17 +275,29 @@ class JITScheduler:
             js = _JobState(job, pred, self.clock.now())
             self.jobs[job.id] = js
             self._log("add_job", js, quorum=job.quorum_count(), parties=len(job.parties))
-            self._open_round(js, job.first_round)
+            if self.store is not None and js.layout is not None:
+                self._resume(js)
+            else:
+                self._open_round(js, job.first_round)
 
-    def submit(self, job_id: str, round: int, party, update=None, weight: float = 1.0) -> Ack:
+    def submit(self, job_id: str, round: int, party, update=None, weight: float = 1.0, update_id=None) -> Ack:
         """Admit (validate) an update here, in the caller's thread, and hand it to the scheduler. Returns at once:
-        folding happens later, on an aggregator slot. Bad updates raise their typed error here."""
+        folding happens later, on an aggregator slot; with a state directory, ``Ack.durable`` resolves once the
+        update is on disk. Bad updates raise their typed error here. A resend of an acknowledged update with the
+        same ``update_id`` is acknowledged again (``duplicate=True``) and not counted twice; another update from
+        the same party for the same round raises :class:`~jitkernels.DuplicateParty`."""
         js = self._job(job_id)
         if party not in js.predictor.parties and party not in set(js.job.parties):
             raise UnknownParty(f"job {job_id!r}: party {party!r} is not one of the job's parties")
+        with self._lock:
+            if update_id is not None and js.seen.get((round, party), object()) == update_id:
+                return Ack(job_id, round, party, True, _resolved(True), duplicate=True)
+        return self._submit(js, round, party, update, weight, update_id, persist=True)
+
+    def _submit(self, js, round, party, update, weight, update_id, persist) -> Ack:
+        job_id = js.job.id
         if js.layout is not None:
-            item = jk.admit(update, js.layout, weight=weight, party=party, backend=js.job.backend,
-                            acc_dtype=js.job.acc_dtype)
+            item = js.admit(update, weight, party)
             nbytes = item.nbytes
         else:
             item, nbytes = None, js.update_bytes
@@ -245,6 +305,8 @@ class JITScheduler:
         with self._lock:
             key = (round, party)
             if key in js.seen:
+                if update_id is not None and js.seen[key] == update_id:
+                    return Ack(job_id, round, party, True, _resolved(True), duplicate=True)
                 raise jk.DuplicateParty(party, f"job {job_id!r} round {round}")
             rnd = js.rounds.get(round)
             if rnd is not None and (rnd.done or rnd.quorum_time is not None) and js.job.late == "reject":
@@ -257,10 +319,13 @@ class JITScheduler:
                     self.clock.call_soon_threadsafe(self._relieve_pressure)
                 raise Backpressure(f"{self.buffered_bytes} bytes are buffered, at the budget of {self.byte_budget}; "
                                    f"retry once the forced fold has drained them")
-            js.seen.add(key)
+            js.seen[key] = update_id
             self.buffered_bytes += nbytes  # reserved now so that a burst sees its own bytes
-        durable = Future()
-        durable.set_result(True)  # no state directory: nothing to persist
+        if persist and self.store is not None and item is not None:
+            durable = self.store.persist_update(job_id, round, party, update_id, float(weight), item.leaves,
+                                                js.layout.fingerprint)
+        else:
+            durable = _resolved(True)  # nothing to persist (no state directory), or already on disk (a replay)
         self.clock.call_soon_threadsafe(self._on_arrival, js, round, party, item, nbytes, float(weight))
         return Ack(job_id, round, party, True, durable)
 
@@ -306,6 +371,8 @@ class JITScheduler:
         self.executor.close()
         if self._own_clock:
             self.clock.close()
+        if self.store is not None:
+            self.store.close()
 
     # --- cost ---------------------------------------------------------------------------------------------------
     def work_estimate(self, js: _JobState, rnd: _Round) -> float:
@@ -336,8 +403,7 @@ class JITScheduler:
             if js.spare is not None:  # last round's accumulator, zeroed: a fresh one costs first-touch page faults
                 rnd.aggregator, js.spare = js.spare, None
             else:
-                rnd.aggregator = jk.Aggregator(js.job.template, js.job.algorithm, backend=js.job.backend,
-                                               acc_dtype=js.job.acc_dtype)
+                rnd.aggregator = js.new_aggregator()
         if js.job.deadline_s is not None:
             rnd.deadline_timer = self.clock.call_at(now + js.job.deadline_s, self._on_deadline, js, rnd)
         self._log("open_round", js, round=number)
@@ -381,7 +447,7 @@ class JITScheduler:
         if js.job.late == "next_round":
             self._log("late_to_next_round", js, round=rnd.number, party=party)
             nxt = rnd.number + 1
-            js.seen.add((nxt, party))
+            js.seen[(nxt, party)] = None
             self.buffered_bytes += nbytes
             self._on_arrival(js, nxt, party, item, nbytes, weight * js.job.late_weight)
         else:
@@ -570,6 +636,9 @@ class JITScheduler:
                 # a late update carried to this round comes with its staleness-scaled weight
                 items = [it if w == it.weight else dataclasses.replace(it, weight=w) for _, it, _, w in batch]
                 fn = functools.partial(rnd.aggregator.fold_many, items)
+                if self.store is not None:
+                    fn = functools.partial(self._fold_durably, js, rnd.number, rnd.aggregator, items, nbytes,
+                                           self._update_ids(js, rnd))
             task = Task("fold", js.job.id, rnd.number, len(batch), nbytes, est, fn)
             dep.busy = True
             self._log("fold", js, round=rnd.number, updates=len(batch), bytes=nbytes, est_s=est)
@@ -578,10 +647,70 @@ class JITScheduler:
         if rnd.quorum_time is not None and rnd.folded >= rnd.quorum:
             est = self.cost.finalize_s(js.model_elems)
             fn = rnd.aggregator.finalize if rnd.aggregator is not None else None
+            if fn is not None and self.store is not None:
+                fn = functools.partial(self._finalize_durably, js, rnd.number, rnd.aggregator,
+                                       self._update_ids(js, rnd))
             task = Task("finalize", js.job.id, rnd.number, 0, 0, est, fn)
             dep.busy = True
             self._log("finalize", js, round=rnd.number, est_s=est)
             self.executor.run(task, lambda d, r, e, js=js, rnd=rnd, task=task: self._done(js, rnd, task, d, r, e))
+
+    # --- internals: crash safety (scheduler.durable) --------------------------------------------------------------
+    def _update_ids(self, js, rnd) -> dict:
+        return {p: js.seen.get((rnd.number, p)) for p in rnd.members}
+
+    def _fold_durably(self, js, number, agg, items, nbytes, ids) -> None:
+        """A fold task with a state directory: fold, then commit the partial aggregate once enough was folded.
+        Runs on the executor's thread (one task per job at a time), outside the scheduler's lock."""
+        agg.fold_many(items)
+        js.fold_bytes += nbytes
+        limit = 4 * agg.state.acc.nbytes if self.checkpoint_bytes is None else self.checkpoint_bytes
+        if js.fold_bytes >= limit:
+            self.store.checkpoint(js.job.id, number, agg.state, ids)
+            js.fold_bytes = 0
+
+    def _finalize_durably(self, js, number, agg, ids):
+        """A finalize task with a state directory: the result is committed before its future resolves."""
+        result = agg.finalize()
+        self.store.commit_result(js.job.id, number, js.layout, js.layout.flatten(result), ids)
+        js.fold_bytes = 0
+        return result
+
+    def _resume(self, js) -> None:
+        """Continue a job from the state directory: finished rounds' results, the open round's committed partial
+        aggregate, and the acknowledged updates that it does not cover (replayed as arrivals; the predictor
+        re-learns from them and later ones)."""
+        st, job = self.store, js.job
+        meta = st.jobs.get(job.id, {})
+        first = meta.get("round", job.first_round)
+        for r, rel in meta.get("results", {}).items():
+            rnd = self._round(js, int(r))
+            leaves, _, ids = st.load_result(rel, js.layout)
+            rnd.done = True
+            rnd.future.set_result(js.layout.unflatten(leaves))
+            js.seen.update({(int(r), p): u for p, u in ids.items()})
+        if job.rounds is not None and first >= job.first_round + job.rounds:
+            js.finished = True
+            self._log("resumed", js, round=first, finished=True)
+            return
+        self._open_round(js, first)
+        rnd = js.open
+        if meta.get("state"):
+            state = st.load_state(meta["state"])
+            rnd.aggregator = jk.Aggregator.from_state(state, backend=job.backend)
+            for p, uid in meta["parties"]:
+                rnd.arrived.add(p)
+                rnd.members.append(p)
+                js.seen[(first, p)] = uid
+            rnd.folded = len(rnd.members)
+            if rnd.folded >= rnd.quorum:
+                rnd.quorum_time = self.clock.now()
+        replayed = st.stored_updates(job.id, len(js.layout))
+        for r, party, uid, weight, leaves in replayed:
+            self._submit(js, r, party, js.layout.unflatten(leaves), weight, uid, persist=False)
+        self._log("resumed", js, round=first, folded=rnd.folded, replayed=len(replayed),
+                  fallbacks=len(st.fallbacks), orphans_removed=st.orphans_removed)
+        self._plan(js)
 
     def _done(self, js, rnd, task, duration, result, error) -> None:
         with self._lock:

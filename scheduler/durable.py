@@ -1,0 +1,333 @@
+"""Crash safety: a state directory that holds every acknowledged update and every committed partial aggregate, from
+which a new scheduler resumes (``JITScheduler(state_dir=...)``, then ``add_job`` as before, or
+``JITScheduler.recover``) with no acknowledged update lost and none counted twice.
+
+Layout of the directory::
+
+    LOCK                                   flock'ed by the one scheduler that owns the directory
+    updates/<job>/<round>/<party>.jku      one acknowledged update, until a committed generation covers it
+    states/<job>-r<round>-g<gen>.jks       a round's partial aggregate (a FoldState file) as of generation <gen>
+    results/<job>-r<round>.jkr             a finished round: the model and the server-optimizer state, one file
+    manifest-<gen>.json                    generation <gen>: per job, its open round, that round's state file and
+                                           folded parties, and its finished rounds' result files
+
+Every file is written by ``jitkernels.atomic_write`` (temp file with O_EXCL -> fsync -> rename -> fsync the
+directory) and carries a SHA-256 checksum; nothing is ever unpickled. A generation's manifest is written after the
+files it names, so its rename is the commit point: a crash before it leaves the previous generation in force, and
+the updates that the new one would have covered are still on disk. Opening the directory verifies the newest
+manifest and every file it names, and falls back to the previous generation if any check fails; orphan temp files
+are removed. Files are deleted only once the *older* of the two retained generations covers them, so that the
+fallback never misses an update.
+
+A round's result and the optimizer state commit together (one file, one generation): a server-optimizer step
+(FedAdam, say) applied twice would not be idempotent.
+
+Names in paths are the hex of the JSON of job ids and party ids (any str or int is a safe file name that way).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+import jitkernels as jk
+from jitkernels.device import DeviceLeaf, to_host
+from jitkernels.dtypes import dtype_name
+from jitkernels.state import checked_bytes, is_temp_file, read_checked
+
+log = logging.getLogger("jitkernels.scheduler")
+
+MANIFEST_FORMAT = "jitkernels.scheduler-state"
+VERSION = 1
+UPDATE_FORMAT = "jitkernels.update"
+RESULT_FORMAT = "jitkernels.round-result"
+
+
+class StateDirLocked(jk.AggregationError, RuntimeError):
+    """Another scheduler holds the state directory."""
+
+
+class Crashed(RuntimeError):
+    """The state directory stopped at a crash point (tests): nothing more reaches the disk."""
+
+
+def ident(x) -> str:
+    """A file name for a job or party id (reversible: hex of its JSON)."""
+    return json.dumps(x).encode().hex()
+
+
+def unident(name: str):
+    return json.loads(bytes.fromhex(name).decode())
+
+
+# --- file encodings ---------------------------------------------------------------------------------------------
+def encode_leaves(leaves) -> tuple:
+    """(tensors, dtypes) of flattened leaves: arrays as they are (bf16 as its uint16 bits), int8-quantized leaves as
+    values + scales (block size kept in ``dtypes``), device leaves copied to the host."""
+    tensors, dtypes = {}, {}
+    for i, a in enumerate(leaves):
+        if a is None:
+            continue
+        if isinstance(a, jk.Quantized):
+            tensors[f"{i}.q"], tensors[f"{i}.s"] = np.ascontiguousarray(a.values), np.ascontiguousarray(a.scale)
+            dtypes[str(i)] = ["int8", a.block]
+            continue
+        a = to_host(a) if isinstance(a, DeviceLeaf) else a
+        name = dtype_name(a.dtype)
+        tensors[str(i)] = np.ascontiguousarray(a.view(np.uint16) if name == "bfloat16" else a)
+        dtypes[str(i)] = [name, None]
+    return tensors, dtypes
+
+
+def decode_leaves(tensors, dtypes, n_leaves) -> list:
+    out = [None] * n_leaves
+    for key, (name, block) in dtypes.items():
+        i = int(key)
+        if name == "int8":
+            out[i] = jk.Quantized(tensors[f"{key}.q"], tensors[f"{key}.s"], block)
+        else:
+            a = tensors[key]
+            out[i] = a.view(jk.bfloat16) if name == "bfloat16" else a
+    return out
+
+
+class StateDir:
+    """The scheduler's state directory (see the module docstring). Thread-safe; updates are persisted by one writer
+    thread, so that ``submit`` returns at once and its acknowledgement's ``durable`` future waits for the disk.
+
+    ``crash_hook(point)`` (tests) is called at every step of the commit protocol, with points named
+    ``<update|state|result|manifest>.<tmp_synced|renamed|dir_synced>`` and ``gc.<started|deleted>``; a hook that
+    calls :meth:`die` and raises stops the directory there, as a crash would."""
+
+    def __init__(self, path, *, crash_hook=None):
+        self.path = os.path.abspath(os.fspath(path))
+        os.makedirs(self.path, exist_ok=True)
+        self._lockf = open(os.path.join(self.path, "LOCK"), "a+")
+        try:
+            fcntl.flock(self._lockf.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lockf.close()
+            raise StateDirLocked(f"{self.path} is used by another scheduler (LOCK is held)") from None
+        self.crash_hook = crash_hook
+        self.dead = False
+        self._lock = threading.RLock()
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="jitkernels-durable")
+        self.orphans_removed = self._collect_orphans()
+        self.fallbacks: list = []  # (manifest, reason) skipped at open
+        self._states: dict = {}  # verified state files, loaded once
+        self.gen, self.jobs = self._load()
+        self.prev_jobs = self.jobs  # the older retained generation (what deletions wait for)
+
+    # --- protocol steps -------------------------------------------------------------------------------------------
+    def die(self) -> None:
+        """Stop writing, as a killed process would."""
+        self.dead = True
+
+    def crash(self) -> None:
+        """Die, and drop the lock as the kernel does for a dead process (tests: a new scheduler in the same
+        process may then open the directory)."""
+        self.die()
+        self._lockf.close()
+
+    def _step(self, point: str) -> None:
+        if self.dead:
+            raise Crashed(point)
+        if self.crash_hook is not None:
+            self.crash_hook(point)
+
+    def _write(self, kind: str, rel: str, data: bytes) -> None:
+        self._step(f"{kind}.begin")
+        path = os.path.join(self.path, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        jk.atomic_write(path, data, on_step=lambda s: self._step(f"{kind}.{s}"))
+
+    def _collect_orphans(self) -> int:
+        n = 0
+        for root, _, files in os.walk(self.path):
+            for f in files:
+                if is_temp_file(f):
+                    os.unlink(os.path.join(root, f))
+                    n += 1
+        return n
+
+    # --- updates --------------------------------------------------------------------------------------------------
+    def _update_rel(self, job, rnd: int, party) -> str:
+        return os.path.join("updates", ident(job), str(int(rnd)), ident(party) + ".jku")
+
+    def persist_update(self, job, rnd: int, party, update_id, weight: float, leaves, fingerprint: str):
+        """Write one acknowledged update (on the writer thread); returns the future that resolves once it is
+        durable."""
+        def work():
+            tensors, dtypes = encode_leaves(leaves)
+            meta = {"format": UPDATE_FORMAT, "version": str(VERSION), "job": json.dumps(job),
+                    "round": str(int(rnd)), "party": json.dumps(party), "update_id": json.dumps(update_id),
+                    "weight": repr(float(weight)), "layout": fingerprint, "leaves": json.dumps(dtypes)}
+            self._write("update", self._update_rel(job, rnd, party), checked_bytes(tensors, meta))
+            return True
+        return self._writer.submit(work)
+
+    def stored_updates(self, job, n_leaves: int) -> list:
+        """[(round, party, update_id, weight, leaves)] of ``job``'s updates on disk that the committed generation
+        does not cover, in (round, file name) order. A damaged file is skipped and logged (it never became
+        durable: the rename is atomic)."""
+        meta = self.jobs.get(job, {})
+        cur, covered = meta.get("round"), {_key(p) for p, _ in meta.get("parties", [])}
+        done = set(map(int, meta.get("results", {})))
+        root = os.path.join(self.path, "updates", ident(job))
+        out = []
+        if not os.path.isdir(root):
+            return out
+        for rdir in sorted(os.listdir(root), key=int):
+            r = int(rdir)
+            if r in done or (cur is not None and r < cur):
+                continue
+            for f in sorted(os.listdir(os.path.join(root, rdir))):
+                if not f.endswith(".jku"):
+                    continue
+                party = unident(f[:-4])
+                if r == cur and _key(party) in covered:
+                    continue
+                path = os.path.join(root, rdir, f)
+                try:
+                    tensors, m = read_checked(path, what="update file")
+                    leaves = decode_leaves(tensors, json.loads(m["leaves"]), n_leaves)
+                except (jk.CorruptState, KeyError, ValueError) as e:
+                    log.warning("skipping damaged update file %s: %s", path, e)
+                    continue
+                out.append((r, party, json.loads(m["update_id"]), float(m["weight"]), leaves))
+        return out
+
+    # --- generations ---------------------------------------------------------------------------------------------
+    def checkpoint(self, job, rnd: int, state: jk.FoldState, update_ids: dict) -> None:
+        """Commit a round's partial aggregate: its state file, then a new generation naming it (with the update
+        ids of its parties, so that resends are recognized after a restart)."""
+        with self._lock:
+            gen = self.gen + 1
+            rel = os.path.join("states", f"{ident(job)}-r{int(rnd)}-g{gen}.jks")
+            self._write("state", rel, state.to_bytes())
+            jobs = dict(self.jobs)
+            old = jobs.get(job, {})
+            jobs[job] = {"round": int(rnd), "state": rel,
+                         "parties": [[p, update_ids.get(p)] for p in state.parties],
+                         "results": old.get("results", {})}
+            self._commit(gen, jobs)
+
+    def commit_result(self, job, rnd: int, layout: jk.Layout, leaves, update_ids: dict,
+                      optimizer: dict | None = None) -> None:
+        """Commit a finished round: the model and the server-optimizer state (one file), then a generation that
+        moves the job to the next round."""
+        with self._lock:
+            tensors, dtypes = encode_leaves(leaves)
+            for k, v in (optimizer or {}).items():
+                tensors[f"opt/{k}"] = np.ascontiguousarray(v)
+            meta = {"format": RESULT_FORMAT, "version": str(VERSION), "job": json.dumps(job),
+                    "round": str(int(rnd)), "layout": layout.fingerprint, "leaves": json.dumps(dtypes),
+                    "parties": json.dumps([[p, u] for p, u in update_ids.items()])}
+            rel = os.path.join("results", f"{ident(job)}-r{int(rnd)}.jkr")
+            self._write("result", rel, checked_bytes(tensors, meta))
+            jobs = dict(self.jobs)
+            old = jobs.get(job, {})
+            jobs[job] = {"round": int(rnd) + 1, "state": None, "parties": [],
+                         "results": {**old.get("results", {}), str(int(rnd)): rel}}
+            self._commit(self.gen + 1, jobs)
+
+    def load_result(self, rel: str, layout: jk.Layout) -> tuple:
+        """(model leaves, optimizer state, {party: update id}) of a committed round."""
+        tensors, meta = read_checked(os.path.join(self.path, rel), what="round result")
+        opt = {k[4:]: v for k, v in tensors.items() if k.startswith("opt/")}
+        ids = {p: u for p, u in json.loads(meta["parties"])}
+        return decode_leaves(tensors, json.loads(meta["leaves"]), len(layout)), opt, ids
+
+    def load_state(self, rel: str) -> jk.FoldState:
+        st = self._states.pop(rel, None)
+        return st if st is not None else jk.FoldState.load(os.path.join(self.path, rel))
+
+    def _commit(self, gen: int, jobs: dict) -> None:
+        body = {"format": MANIFEST_FORMAT, "version": VERSION, "gen": gen, "jobs": {ident(j): m for j, m in
+                                                                                   jobs.items()}}
+        body["checksum"] = _digest(body)
+        self._write("manifest", f"manifest-{gen:08d}.json", json.dumps(body, sort_keys=True).encode())
+        self.prev_jobs, self.jobs, self.gen = self.jobs, jobs, gen
+        self._gc()
+
+    def _load(self) -> tuple:
+        """The newest generation whose manifest and files verify; older ones on failure (recorded in
+        ``fallbacks``)."""
+        gens = sorted((f for f in os.listdir(self.path) if f.startswith("manifest-") and f.endswith(".json")),
+                      reverse=True)
+        for f in gens:
+            try:
+                with open(os.path.join(self.path, f)) as fh:
+                    body = json.load(fh)
+                expected = body.pop("checksum", None)
+                if body.get("format") != MANIFEST_FORMAT or expected != _digest(body):
+                    raise jk.CorruptState("checksum mismatch")
+                jobs = {unident(j): m for j, m in body["jobs"].items()}
+                for m in jobs.values():
+                    if m.get("state"):
+                        st = jk.FoldState.load(os.path.join(self.path, m["state"]))
+                        if set(map(_key, st.parties)) != {_key(p) for p, _ in m["parties"]}:
+                            raise jk.CorruptState(f"{m['state']} holds other parties than the manifest says")
+                        self._states[m["state"]] = st
+                    for rel in m.get("results", {}).values():
+                        read_checked(os.path.join(self.path, rel), what="round result")
+                return int(body["gen"]), jobs
+            except (OSError, ValueError, KeyError, jk.CorruptState) as e:
+                self._states.clear()
+                self.fallbacks.append((f, f"{type(e).__name__}: {e}"))
+                log.warning("state directory %s: %s unusable (%s); trying the previous generation", self.path, f, e)
+        return 0, {}
+
+    def _gc(self) -> None:
+        """Delete what the older retained generation covers: older manifests, unreferenced state files, updates
+        folded into its states or its results."""
+        self._step("gc.started")
+        keep_gens = {self.gen, self.gen - 1}
+        for f in os.listdir(self.path):
+            if f.startswith("manifest-") and f.endswith(".json") and int(f[9:-5]) not in keep_gens:
+                self._delete(os.path.join(self.path, f))
+        referenced = {m["state"] for jobs in (self.jobs, self.prev_jobs) for m in jobs.values() if m.get("state")}
+        sdir = os.path.join(self.path, "states")
+        if os.path.isdir(sdir):
+            for f in os.listdir(sdir):
+                if os.path.join("states", f) not in referenced:
+                    self._delete(os.path.join(sdir, f))
+        for job, m in self.prev_jobs.items():
+            root = os.path.join(self.path, "updates", ident(job))
+            if not os.path.isdir(root):
+                continue
+            done, cur = set(map(int, m.get("results", {}))), m.get("round")
+            covered = {_key(p) for p, _ in m.get("parties", [])}
+            for rdir in os.listdir(root):
+                r = int(rdir)
+                for f in os.listdir(os.path.join(root, rdir)):
+                    if not f.endswith(".jku"):  # the writer thread's temp file of an update being persisted
+                        continue
+                    if r in done or (cur is not None and r < cur) or (
+                            r == cur and _key(unident(f[:-4])) in covered):
+                        self._delete(os.path.join(root, rdir, f))
+
+    def _delete(self, path: str) -> None:
+        os.unlink(path)
+        self._step("gc.deleted")
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=not self.dead)
+        if not self._lockf.closed:
+            self._lockf.close()  # closing the descriptor releases the flock
+
+
+def _key(party):
+    """Party ids as they compare after a JSON round trip (party ids are str or int)."""
+    return json.dumps(party)
+
+
+def _digest(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,218 @@
+"""Crash safety of the scheduler's state directory (scheduler/durable.py).
+
+Every test compares with the uninterrupted result bit for bit (the job is deterministic, so batching does not
+matter) and resubmits, after a crash, only the updates whose acknowledgement was *not* durable: an acknowledged
+update that was lost, or one counted twice, would change the result.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import jitkernels as jk
+from scheduler import Crashed, JITScheduler, StateDir, StateDirLocked, VirtualClock
+
+import crash_workload as cw
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+POINTS = [f"{kind}.{step}" for kind in ("update", "state", "manifest", "result")
+          for step in ("begin", "tmp_synced", "renamed", "dir_synced")] + ["gc.started", "gc.deleted"]
+
+
+def _sched(state_dir, **kw):
+    return JITScheduler(policy="eager", slots=1, clock=VirtualClock(), state_dir=state_dir, checkpoint_bytes=0,
+                        **kw)
+
+
+def _results(sched):
+    sched.clock.run()
+    return [sched.result("crash-job", r).result(timeout=10) for r in range(cw.ROUNDS)]
+
+
+def _same(models, want):
+    return all(a[n].tobytes() == b[n].tobytes() for a, b in zip(models, want) for n in b)
+
+
+@pytest.fixture(scope="module")
+def want():
+    return cw.expected()
+
+
+def _submit_all(sched, skip=()):
+    """Submit the workload's updates in order (but ``skip``); returns the keys whose durability resolved."""
+    acked = set()
+    for r, p in cw.order():
+        if (r, p) in skip:
+            continue
+        try:
+            ack = sched.submit("crash-job", r, p, cw.update(r, p), cw.weight(r, p), update_id=f"{r}:{p}")
+        except Crashed:
+            break
+        try:
+            if ack.durable.result(timeout=30):
+                acked.add((r, p))
+        except Crashed:
+            pass
+        sched.clock.run()
+        if sched.store.dead:
+            break
+    return acked
+
+
+def test_uninterrupted_run_with_a_state_dir_equals_plain_aggregation(tmp_path, want):
+    sched = _sched(tmp_path)
+    sched.add_job(cw.job())
+    assert len(_submit_all(sched)) == len(cw.order())
+    assert _same(_results(sched), want)
+    sched.close()
+    # what is left: the two retained generations and what they name
+    names = sorted(os.listdir(tmp_path))
+    assert [n for n in names if n.startswith("manifest-")][-2:] == [n for n in names if n.startswith("manifest-")]
+
+
+def test_restart_after_clean_close_resolves_finished_rounds(tmp_path, want):
+    sched = _sched(tmp_path)
+    sched.add_job(cw.job())
+    _submit_all(sched)
+    _results(sched)
+    sched.close()
+    again = JITScheduler.recover(tmp_path, [cw.job()], policy="eager", clock=VirtualClock())
+    assert _same([again.result("crash-job", r).result() for r in range(cw.ROUNDS)], want)
+    ack = again.submit("crash-job", 1, "p2", cw.update(1, "p2"), cw.weight(1, "p2"), update_id="1:p2")
+    assert ack.duplicate and ack.accepted  # a resend after a restart is recognized, not counted
+    with pytest.raises(jk.DuplicateParty):
+        again.submit("crash-job", 1, "p2", cw.update(1, "p2"), cw.weight(1, "p2"), update_id="other")
+    again.close()
+
+
+def test_a_second_scheduler_cannot_open_a_held_directory(tmp_path):
+    first = StateDir(tmp_path)
+    with pytest.raises(StateDirLocked):
+        StateDir(tmp_path)
+    first.close()
+    StateDir(tmp_path).close()  # released by close
+
+
+@pytest.mark.parametrize("point", POINTS)
+@pytest.mark.parametrize("nth", [1, 3])
+def test_crash_at_every_protocol_step_loses_nothing_counts_nothing_twice(tmp_path, want, point, nth):
+    seen = []
+
+    def hook(p):
+        if p == point:
+            seen.append(p)
+            if len(seen) == nth:
+                sched.store.crash()
+                raise Crashed(p)
+
+    sched = _sched(tmp_path, crash_hook=hook)
+    sched.add_job(cw.job())
+    acked = _submit_all(sched)
+    if len(seen) < nth:
+        pytest.skip(f"{point} is reached fewer than {nth} times in this workload")
+    assert sched.store.dead
+    again = JITScheduler.recover(tmp_path, [cw.job()], policy="eager", slots=1, clock=VirtualClock(),
+                                 checkpoint_bytes=0)
+    _submit_all(again, skip=acked)  # only what was never acknowledged as durable
+    assert _same(_results(again), want), f"crash at {point} #{nth}"
+    assert not any(f.endswith(".tmp") for _, _, fs in os.walk(tmp_path) for f in fs)
+    again.close()
+
+
+def test_a_damaged_newest_generation_falls_back_to_the_previous(tmp_path, want):
+    sched = _sched(tmp_path)
+    sched.add_job(cw.job())
+    acked = _submit_all(sched, skip={(r, p) for r, p in cw.order() if r > 0 or p in ("p4", "p5")})
+    sched.clock.run()
+    sched.store.crash()
+    manifests = sorted(f for f in os.listdir(tmp_path) if f.startswith("manifest-"))
+    with open(tmp_path / manifests[-1], "r+b") as f:  # flip a byte of the newest manifest
+        f.seek(40)
+        b = f.read(1)
+        f.seek(40)
+        f.write(bytes([b[0] ^ 1]))
+    again = JITScheduler.recover(tmp_path, [cw.job()], policy="eager", clock=VirtualClock(), checkpoint_bytes=0)
+    assert again.store.fallbacks and again.store.fallbacks[0][0] == manifests[-1]
+    _submit_all(again, skip=acked)
+    assert _same(_results(again), want)
+    again.close()
+
+
+def test_commit_protocol_order_fsync_before_rename_and_files_before_their_manifest(tmp_path, monkeypatch, want):
+    """A kill cannot show a missing fsync (the page cache survives it): record the calls instead. Every rename
+    follows the fsync of its temp file and is followed by the fsync of its directory; a manifest is renamed only
+    after every state and result file it names was renamed and its directory fsynced."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        named = []
+        if os.path.basename(dst).startswith("manifest-"):
+            with open(src) as f:
+                body = json.load(f)
+            named = [m[k] for m in body["jobs"].values() for k in ("state",) if m.get(k)]
+            named += [rel for m in body["jobs"].values() for rel in m.get("results", {}).values()]
+        events.append(("rename", os.fspath(src), os.fspath(dst), named))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    sched = _sched(tmp_path)
+    sched.add_job(cw.job())
+    _submit_all(sched)
+    assert _same(_results(sched), want)
+    sched.close()
+    renames = [i for i, e in enumerate(events) if e[0] == "rename"]
+    manifests = [i for i in renames if os.path.basename(events[i][2]).startswith("manifest-")]
+    assert len(manifests) > 10 and any(events[i][3] for i in manifests)
+    for i in renames:
+        _, src, dst, named = events[i]
+        assert ("fsync", src) in events[:i], f"{dst} renamed before its temp file was fsynced"
+        assert events[i + 1] == ("fsync", os.path.dirname(dst)), f"{dst}: directory not fsynced after the rename"
+        for rel in named:
+            path = os.path.join(str(tmp_path), rel)
+            j = max(k for k in renames if k < i and events[k][2] == path)
+            assert events[j + 1] == ("fsync", os.path.dirname(path)), f"{rel} not durable before its manifest"
+
+
+def test_random_kill9_of_a_spawned_scheduler_loses_and_duplicates_nothing(tmp_path):
+    """>= 50 kill -9 at random moments of a scheduler process (spawned: a fresh interpreter, no fork) that submits,
+    folds, checkpoints and commits 25 rounds; each restart recovers and resubmits only the updates never
+    acknowledged as durable. The final models equal the uninterrupted ones bit for bit."""
+    rounds = 25
+    want = cw.expected(rounds)
+    state = tmp_path / "state"
+    acked_path = tmp_path / "acked.txt"
+    acked_path.write_text("")
+    rng = np.random.default_rng(20261126)
+    env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, os.path.join(HERE, "crash_workload.py"), str(state), str(acked_path), str(rounds)]
+    kills, done_early = 0, 0
+    while kills < 50:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        line = proc.stdout.readline()
+        assert line.strip() == "READY", (line, proc.stderr.read())
+        time.sleep(float(rng.uniform(0.0, 0.05)))  # a few submits, folds and commits: then the kill
+        proc.kill()
+        out, _ = proc.communicate()
+        kills += 1
+        with open(acked_path, "a") as f:
+            for l in out.splitlines():
+                if l.startswith("ACK "):
+                    f.write(l[4:] + "\n")
+        done_early += any(l.startswith("RESULT") for l in out.splitlines())
+    n_acked = len(acked_path.read_text().split("\n")) - 1
+    assert n_acked >= len(cw.order(rounds)) // 4, f"only {n_acked} updates were acknowledged between kills"
+    final = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert final.returncode == 0, final.stderr
+    assert f"RESULT {cw.digest(want)}" in final.stdout.splitlines()
+    assert done_early == 0, "every kill should land before the workload is done"
