@@ -112,6 +112,16 @@ class Ack:
 
 
 @dataclass
+class _Spilled:
+    """An update accepted over the byte budget with overflow='spill': only its file holds it until it is folded."""
+
+    round: int
+    party: object
+    weight: float
+    durable: Future
+
+
+@dataclass
 class _Round:
     number: int
     start: float
@@ -215,7 +225,9 @@ class JITScheduler:
     alpha : the JIT policy's accepted risk of the quorum arriving before the aggregator is ready
     byte_budget : bytes of buffered (admitted, unfolded) updates: past half of it a partial fold is forced early, and
         at the budget ``submit`` raises :class:`Backpressure` (buffered bytes stay within budget + one update)
-    overflow : "raise" (spilling to disk is not offered yet)
+    overflow : "raise" or "spill" (needs ``state_dir``): at the budget, "raise" refuses the update with
+        :class:`Backpressure`; "spill" accepts it, keeps it only on disk (where the state directory writes every
+        update anyway) and reads it back when it is folded, at most half the budget at a time
     hysteresis_s : an idle deployment is taken back only for a job whose laxity is this much smaller
     state_dir : a directory that makes the scheduler crash-safe (see :mod:`scheduler.durable`): every acknowledged
         update is persisted (``Ack.durable``), rounds are checkpointed and their results committed there; a new
@@ -239,9 +251,12 @@ class JITScheduler:
                 else ModelExecutor(self.clock)
         self.executor = executor
         self.byte_budget = byte_budget
-        if overflow not in ("raise",):
-            raise ValueError(f"overflow must be 'raise', got {overflow!r}")
+        if overflow not in ("raise", "spill"):
+            raise ValueError(f"overflow must be 'raise' or 'spill', got {overflow!r}")
+        if overflow == "spill" and state_dir is None:
+            raise ValueError("overflow='spill' needs a state_dir (spilled updates live there)")
         self.overflow = overflow
+        self.spilled = 0  # updates accepted over the budget and kept on disk only
         self.hysteresis_s = hysteresis_s
         self.jobs: dict = {}
         self.free_slots = list(range(self.slots))
@@ -313,19 +328,26 @@ class JITScheduler:
                 js.predictor.observe_late(party, self.clock.now() - rnd.start)
                 raise LateUpdate(f"job {job_id!r} round {round}: membership was fixed at the quorum; "
                                  f"update from {party!r} rejected (late rule 'reject')")
+            spill = False
             if self.byte_budget is not None and self.buffered_bytes >= self.byte_budget:
                 if not self._relieving:
                     self._relieving = True
                     self.clock.call_soon_threadsafe(self._relieve_pressure)
-                raise Backpressure(f"{self.buffered_bytes} bytes are buffered, at the budget of {self.byte_budget}; "
-                                   f"retry once the forced fold has drained them")
+                if self.overflow == "raise" or item is None:
+                    raise Backpressure(f"{self.buffered_bytes} bytes are buffered, at the budget of "
+                                       f"{self.byte_budget}; retry once the forced fold has drained them")
+                spill = True
             js.seen[key] = update_id
-            self.buffered_bytes += nbytes  # reserved now so that a burst sees its own bytes
+            if not spill:
+                self.buffered_bytes += nbytes  # reserved now so that a burst sees its own bytes
         if persist and self.store is not None and item is not None:
             durable = self.store.persist_update(job_id, round, party, update_id, float(weight), item.leaves,
                                                 js.layout.fingerprint)
         else:
             durable = _resolved(True)  # nothing to persist (no state directory), or already on disk (a replay)
+        if spill:  # from here on only the file holds it (the writer thread lets the arrays go once written)
+            item, nbytes = _Spilled(round, party, float(weight), durable), 0
+            self.spilled += 1
         self.clock.call_soon_threadsafe(self._on_arrival, js, round, party, item, nbytes, float(weight))
         return Ack(job_id, round, party, True, durable)
 
@@ -660,14 +682,26 @@ class JITScheduler:
         return {p: js.seen.get((rnd.number, p)) for p in rnd.members}
 
     def _fold_durably(self, js, number, agg, items, nbytes, ids) -> None:
-        """A fold task with a state directory: fold, then commit the partial aggregate once enough was folded.
-        Runs on the executor's thread (one task per job at a time), outside the scheduler's lock."""
-        agg.fold_many(items)
+        """A fold task with a state directory: fold (spilled updates read back from disk, at most half the byte
+        budget at a time), then commit the partial aggregate once enough was folded. Runs on the executor's thread
+        (one task per job at a time), outside the scheduler's lock."""
+        spilled = [it for it in items if isinstance(it, _Spilled)]
+        in_memory = [it for it in items if not isinstance(it, _Spilled)]
+        if in_memory:
+            agg.fold_many(in_memory)
+        per = max(1, (self.byte_budget or 0) // 2 // max(1, js.update_bytes))
+        for i in range(0, len(spilled), per):
+            agg.fold_many([self._read_spilled(js, sp) for sp in spilled[i:i + per]])
         js.fold_bytes += nbytes
         limit = 4 * agg.state.acc.nbytes if self.checkpoint_bytes is None else self.checkpoint_bytes
         if js.fold_bytes >= limit:
             self.store.checkpoint(js.job.id, number, agg.state, ids)
             js.fold_bytes = 0
+
+    def _read_spilled(self, js, sp):
+        sp.durable.result()  # the writer thread may still be writing it
+        leaves = self.store.load_update(js.job.id, sp.round, sp.party, len(js.layout))
+        return js.admit(js.layout.unflatten(leaves), sp.weight, sp.party)
 
     def _finalize_durably(self, js, number, agg, ids):
         """A finalize task with a state directory: the result is committed before its future resolves."""

@@ -173,6 +173,11 @@ class StateDir:
             return True
         return self._writer.submit(work)
 
+    def load_update(self, job, rnd: int, party, n_leaves: int) -> list:
+        """The leaves of one persisted update (verified)."""
+        tensors, m = read_checked(os.path.join(self.path, self._update_rel(job, rnd, party)), what="update file")
+        return decode_leaves(tensors, json.loads(m["leaves"]), n_leaves)
+
     def stored_updates(self, job, n_leaves: int) -> list:
         """[(round, party, update_id, weight, leaves)] of ``job``'s updates on disk that the committed generation
         does not cover, in (round, file name) order. A damaged file is skipped and logged (it never became

@@ -216,3 +216,24 @@ def test_random_kill9_of_a_spawned_scheduler_loses_and_duplicates_nothing(tmp_pa
     assert final.returncode == 0, final.stderr
     assert f"RESULT {cw.digest(want)}" in final.stdout.splitlines()
     assert done_early == 0, "every kill should land before the workload is done"
+
+
+def test_spill_keeps_memory_within_budget_and_loses_nothing(tmp_path, want):
+    """overflow='spill': a burst of 10x the byte budget is accepted (no Backpressure); what is over the budget lives
+    only on disk until it is folded, read back at most half the budget at a time; the results are unchanged."""
+    one = sum(a.nbytes for a in cw.template().values())
+    budget = 2 * one  # updates are 12 KB: the burst below is 9x the budget
+    sched = JITScheduler(policy="lazy", slots=1, clock=VirtualClock(), state_dir=tmp_path, byte_budget=budget,
+                         overflow="spill")
+    sched.add_job(cw.job())
+    acks = [sched.submit("crash-job", r, p, cw.update(r, p), cw.weight(r, p), update_id=f"{r}:{p}")
+            for r, p in cw.order()]
+    assert all(a.accepted for a in acks) and sched.spilled >= len(acks) - 4
+    assert sched.peak_buffered_bytes <= budget + one
+    assert _same(_results(sched), want)
+    sched.close()
+
+
+def test_spill_needs_a_state_dir():
+    with pytest.raises(ValueError, match="state_dir"):
+        JITScheduler(policy="lazy", clock=VirtualClock(), byte_budget=100, overflow="spill")
