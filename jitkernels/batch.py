@@ -147,6 +147,8 @@ def rows_from_items(g: Group, nonfinite, sumsq, maxabs):
     R, k = g.ptr.shape
     if g.work.shape[0] == 0:
         return np.zeros((R, k), np.int64), np.zeros((R, k)), np.zeros((R, k))
+    if g.work.shape[0] == R and np.array_equal(g.work[:, 0], np.arange(R)):
+        return nonfinite, sumsq, maxabs  # one work item per row (every leaf fits in a chunk): nothing to combine
     starts = np.flatnonzero(np.r_[True, g.work[1:, 0] != g.work[:-1, 0]])
     rows = g.work[starts, 0]
     out = [np.zeros((R, k), np.int64), np.zeros((R, k)), np.zeros((R, k))]

@@ -17,10 +17,23 @@ bfloat16 = np.dtype(ml_dtypes.bfloat16)
 FLOAT_INPUTS = ("float64", "float32", "float16", "bfloat16")
 """Float dtypes a leaf may have. Integer leaves follow the aggregator's ``int_leaves`` rule."""
 
+_NAMES: dict = {}
+
+
 def dtype_name(dt) -> str:
-    """Canonical name of a numpy dtype ('bfloat16' for ml_dtypes' type)."""
-    dt = np.dtype(dt)
-    return "bfloat16" if dt == bfloat16 else dt.name
+    """Canonical name of a numpy dtype ('bfloat16' for ml_dtypes' type). Cached: numpy computes ``dtype.name`` in
+    Python, and admission asks for it per leaf (it was a third of a small update's admission time)."""
+    try:
+        return _NAMES[dt]
+    except (KeyError, TypeError):
+        pass
+    d = np.dtype(dt)
+    name = "bfloat16" if d == bfloat16 else d.name
+    try:
+        _NAMES[dt] = name
+    except TypeError:
+        pass
+    return name
 
 
 def np_dtype(name: str) -> np.dtype:
