@@ -20,14 +20,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 SQRT2 = math.sqrt(2.0)
 EXACT_MAX = 64  # pending parties up to which the Poisson-binomial tail is computed exactly (O(n * need) per call)
-
-
-def _phi(z: float) -> float:
-    return 0.5 * math.erfc(-z / SQRT2)
 
 
 @dataclass
@@ -85,18 +82,29 @@ class Predictor:
         self.prior_s = prior_s
         self.prior_cv = prior_cv
         self.parties: dict = {}
-        self._cache = None
+        self._raw = None  # (index, n, mu, var, participation): arrays mirroring the party models, kept in sync
+        self._cache = None  # what planning reads, derived from _raw
 
     def model(self, party) -> PartyModel:
         m = self.parties.get(party)
         if m is None:
             m = self.parties[party] = PartyModel(halflife=self.halflife)
-            self._cache = None
+            self._raw = self._cache = None
         return m
 
     def observe(self, party, response_s: float) -> None:
-        self.model(party).observe(response_s)
+        m = self.model(party)
+        m.observe(response_s)
+        self._sync(party, m)
+
+    def _sync(self, party, m: PartyModel) -> None:
+        """Mirror one party's model into the arrays in O(1): an arrival must not cost a rebuild over thousands
+        of parties (that rebuild was most of a large round's planning time)."""
         self._cache = None
+        if self._raw is not None:
+            index, n, mu, var, part = self._raw
+            i = index[party]
+            n[i], mu[i], var[i], part[i] = m.n, m.mu, m.var, m.participation
 
     def observe_late(self, party, response_s: float) -> None:
         """An update that came after the quorum: its response time still informs the model. Leaving it out would
@@ -104,7 +112,7 @@ class Predictor:
         m = self.model(party)
         m.observe(response_s)
         m.answered_late()
-        self._cache = None
+        self._sync(party, m)
 
     def has_history(self) -> bool:
         return self.prior_s is not None or any(m.n > 0 for m in self.parties.values())
@@ -114,19 +122,30 @@ class Predictor:
         answered = set(answered)
         for p in expected:
             self.model(p).close_round(p in answered)
-        self._cache = None
+        self._raw = self._cache = None
+
+    def _raw_arrays(self):
+        if self._raw is None:
+            order = list(self.parties)
+            ms = [self.parties[p] for p in order]
+            self._raw = ({p: i for i, p in enumerate(order)}, np.array([m.n for m in ms], np.int64),
+                         np.array([m.mu for m in ms], np.float64), np.array([m.var for m in ms], np.float64),
+                         np.array([m.participation for m in ms], np.float64))
+        return self._raw
 
     def _pooled(self) -> LogNormal | None:
-        seen = [m for m in self.parties.values() if m.n > 0]
-        if not seen:
+        _, n, mu, var, _ = self._raw_arrays()
+        seen = n > 0
+        if not seen.any():
             if self.prior_s is None:
                 return None
             s = math.sqrt(math.log1p(self.prior_cv ** 2))
             return LogNormal(math.log(self.prior_s) - s * s / 2, s)
-        mu = sum(m.mu for m in seen) / len(seen)
+        mus = mu[seen]
+        m = float(mus.mean())
         # spread across parties plus within: a newcomer could be any of them
-        var = sum(m.var + (m.mu - mu) ** 2 for m in seen) / len(seen)
-        return LogNormal(mu, max(math.sqrt(var), self.min_sigma))
+        v = float((var[seen] + (mus - m) ** 2).mean())
+        return LogNormal(m, max(math.sqrt(v), self.min_sigma))
 
     def distribution(self, party, pooled=None) -> tuple[LogNormal | None, float]:
         """(response-time distribution, participation rate) of a party (pooled if it has no history; pass
@@ -140,16 +159,11 @@ class Predictor:
 
     # --- quorum time -------------------------------------------------------------------------------------------
     def _arrays(self):
-        """Per-party (mu, sigma, participation) as arrays indexed like ``self._order``, rebuilt only after a change:
+        """Per-party (mu, sigma, participation) as arrays indexed like the models, derived again after a change:
         planning a round of thousands of parties then costs a few vector operations, not a Python loop."""
         if self._cache is None:
-            self._order = list(self.parties)
-            self._index = {p: i for i, p in enumerate(self._order)}
-            ms = [self.parties[p] for p in self._order]
-            n = np.array([m.n for m in ms], np.int64)
-            mu = np.array([m.mu for m in ms], np.float64)
-            sd = np.sqrt(np.array([m.var for m in ms], np.float64))
-            part = np.array([m.participation for m in ms], np.float64)
+            _, n, mu, var, part = self._raw_arrays()
+            sd = np.sqrt(var)
             # one or two observations say little about spread: widen to the prior CV until three are in
             sigma = np.maximum(np.where(n >= 3, sd, np.maximum(sd, self.prior_cv)), self.min_sigma)
             pooled = self._pooled()
@@ -166,7 +180,8 @@ class Predictor:
             if p not in self.parties:
                 self.model(p)
         mu, sigma, part, known = self._arrays()
-        idx = np.fromiter((self._index[p] for p in pending), np.int64, len(pending))
+        index = self._raw[0]
+        idx = np.fromiter((index[p] for p in pending), np.int64, len(pending))
         idx = idx[known[idx]]
         if idx.size == 0:
             return None
@@ -183,11 +198,10 @@ class Predictor:
         def cdf(t: float) -> float:
             if need <= 0:
                 return 1.0
-            if arrays is None:
+            if arrays is None or t <= 0:
                 return 0.0
             mu, sigma, part, f_tau, denom = arrays
-            probs = np.maximum(part * (_lognormal_cdf(t, mu, sigma) - f_tau) / denom, 0.0)
-            return poisson_binomial_tail(probs, need)
+            return _quorum_tail(math.log(t), mu, sigma, part, f_tau, denom, need)
 
         return cdf, arrays
 
@@ -220,24 +234,33 @@ class Predictor:
 def _lognormal_cdf(t: float, mu, sigma):
     if t <= 0:
         return np.zeros_like(mu)
-    z = (math.log(t) - mu) / np.maximum(sigma, 1e-12)
-    return _norm_cdf(z)
+    return _norm_cdf_array((math.log(t) - mu) / np.maximum(sigma, 1e-12))
 
 
-def _norm_cdf(z):
-    """Standard normal CDF, vectorized (Abramowitz & Stegun 7.1.26 for erf: |error| < 1.5e-7)."""
-    x = np.abs(z) / SQRT2
+# The quorum CDF is evaluated ~20 times per plan (bisection) over every pending party: compiled with numba, one call
+# per evaluation instead of a dozen numpy passes (planning was most of a large simulation's time).
+@numba.njit(cache=True)
+def _norm_cdf(z: float) -> float:
+    """Standard normal CDF (Abramowitz & Stegun 7.1.26 for erf: |error| < 1.5e-7)."""
+    x = abs(z) / SQRT2
     t = 1.0 / (1.0 + 0.3275911 * x)
     poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
-    erf = 1.0 - poly * np.exp(-x * x)
-    return 0.5 * (1.0 + np.sign(z) * erf)
+    erf = 1.0 - poly * math.exp(-x * x)
+    return 0.5 * (1.0 + erf) if z >= 0 else 0.5 * (1.0 - erf)
 
 
-def poisson_binomial_tail(probs, need: int) -> float:
-    """P(sum of independent Bernoulli(p_i) >= need): exact (dynamic programming over counts, vectorized) for up to
-    EXACT_MAX parties, a normal approximation with continuity correction beyond."""
-    probs = np.asarray(probs, dtype=np.float64)
-    probs = probs[probs > 0.0]
+@numba.njit(cache=True)
+def _norm_cdf_array(z):
+    out = np.empty(z.size)
+    for i in range(z.size):
+        out[i] = _norm_cdf(z[i])
+    return out
+
+
+@numba.njit(cache=True)
+def _tail(probs, need: int) -> float:
+    """P(sum of Bernoulli(probs) >= need) over positive probs: exact DP up to EXACT_MAX, else normal approximation
+    with continuity correction."""
     n = probs.size
     if need <= 0:
         return 1.0
@@ -248,12 +271,35 @@ def poisson_binomial_tail(probs, need: int) -> float:
         dist[0] = 1.0
         tail = 0.0
         for p in probs:
-            tail += dist[-1] * p
-            dist[1:] = dist[1:] * (1 - p) + dist[:-1] * p
+            tail += dist[need - 1] * p
+            for c in range(need - 1, 0, -1):
+                dist[c] = dist[c] * (1 - p) + dist[c - 1] * p
             dist[0] *= 1 - p
-        return float(min(1.0, max(0.0, tail)))
-    mean = float(probs.sum())
-    var = float((probs * (1 - probs)).sum())
+        return min(1.0, max(0.0, tail))
+    mean = 0.0
+    var = 0.0
+    for p in probs:
+        mean += p
+        var += p * (1 - p)
     if var <= 1e-12:
         return 1.0 if mean >= need - 0.5 else 0.0
-    return 1.0 - _phi((need - 0.5 - mean) / math.sqrt(var))
+    return 1.0 - 0.5 * math.erfc(-((need - 0.5 - mean) / math.sqrt(var)) / SQRT2)
+
+
+@numba.njit(cache=True)
+def _quorum_tail(logt, mu, sigma, part, f_tau, denom, need):
+    probs = np.empty(mu.size)
+    m = 0
+    for i in range(mu.size):
+        p = part[i] * (_norm_cdf((logt - mu[i]) / max(sigma[i], 1e-12)) - f_tau[i]) / denom[i]
+        if p > 0.0:
+            probs[m] = p
+            m += 1
+    return _tail(probs[:m], need)
+
+
+def poisson_binomial_tail(probs, need: int) -> float:
+    """P(sum of independent Bernoulli(p_i) >= need): exact (dynamic programming over counts) for up to EXACT_MAX
+    parties, a normal approximation with continuity correction beyond."""
+    probs = np.asarray(probs, dtype=np.float64)
+    return float(_tail(probs[probs > 0.0], int(need)))
