@@ -261,6 +261,7 @@ class JITScheduler:
         self.jobs: dict = {}
         self.free_slots = list(range(self.slots))
         self.waiting: dict = {}  # job id -> laxity at request time
+        self._searched: dict = {}  # job id -> latest start when it last looked for a deployment to take back
         self.decisions: deque = deque(maxlen=decision_log)
         self._lock = threading.RLock()
         self._ids = itertools.count()
@@ -586,6 +587,12 @@ class JITScheduler:
             self._deploy(js, self.free_slots.pop(0), laxity, inputs)
             return
         self.waiting[js.job.id] = laxity
+        # a job re-plans on its arrivals while it waits: search for a victim again only if its latest start moved
+        # earlier by more than the hysteresis (each search re-plans idle deployments: quantiles over their parties)
+        latest = self.clock.now() + laxity
+        if latest >= self._searched.get(js.job.id, math.inf) - self.hysteresis_s:
+            return
+        self._searched[js.job.id] = latest
         idle = [o for o in self.jobs.values() if o is not js and o.deployment is not None and not o.deployment.busy
                 and o.open is not None and not o.open.pending and o.open.quorum_time is None]
         pressure = self.byte_budget is not None and js.open is not None and js.open.pending and \
@@ -611,6 +618,7 @@ class JITScheduler:
     def _deploy(self, js, slot: int, laxity: float, inputs: dict) -> None:
         now = self.clock.now()
         self.waiting.pop(js.job.id, None)
+        self._searched.pop(js.job.id, None)
         dep = js.deployment = _Deployment(slot, now, now + self.cost.startup_s)
         js.metrics.deployments += 1
         self.occupancy.append((now, self.occupancy[-1][1] + 1))
