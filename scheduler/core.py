@@ -515,14 +515,16 @@ class JITScheduler:
         if dep is not None:
             self._pump(js)
             return
-        if rnd.timer is not None:
+        if rnd.timer is not None or js.job.id in self.waiting:
             # re-plan on arrivals, but in large rounds only every ~2% of the parties: one arrival among
-            # thousands barely moves the quantile, and each plan costs O(parties)
+            # thousands barely moves the quantile, and each plan costs O(parties). The same holds while the job
+            # waits for a slot (with many jobs queued, re-planning at each of their arrivals dominated the run)
             rnd.since_plan += 1
             if rnd.since_plan < max(1, len(js.expected) // 50) and not self._over_budget(rnd):
                 return
-            rnd.timer.cancel()
-            rnd.timer = None
+            if rnd.timer is not None:
+                rnd.timer.cancel()
+                rnd.timer = None
         rnd.since_plan = 0
         now = self.clock.now()
         over_budget = self._over_budget(rnd)
