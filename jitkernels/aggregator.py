@@ -16,7 +16,7 @@ from . import algorithms as _algorithms
 from . import backends
 from .admission import Admitted, admit_many
 from .batch import build_groups, build_out_groups
-from .device import DeviceLeaf, empty_leaf, like, to_host, zeros
+from .device import DeviceLeaf, empty_leaf, place, to_host
 from .dtypes import np_dtype
 from .backends import numpy_ref
 from .errors import DuplicateParty, EmptyAggregate, LayoutMismatch, ValueOutOfRange
@@ -29,7 +29,7 @@ INT_RULES = ("mean", "max")
 def _write(out, host_values) -> None:
     """out[...] = host_values, for a host array or a device leaf."""
     if isinstance(out, DeviceLeaf):
-        out.array[...] = like(host_values.view(out.array.dtype), out.array)
+        out.array[...] = place(host_values.view(out.array.dtype), True)
     else:
         out[...] = host_values
 
@@ -127,7 +127,7 @@ class Aggregator:
     def _flat(self, tree, acc_dtype):
         leaves = self.layout.flatten(tree, party="<base>")
         flat = np.concatenate([np.asarray(to_host(a), dtype=acc_dtype).reshape(-1) for a in leaves])
-        return like(flat, zeros(0, np.float32, True)) if self.on_gpu else flat
+        return place(flat, self.on_gpu)
 
     # --- properties ----------------------------------------------------------------------------------------------
     @property
@@ -227,7 +227,7 @@ class Aggregator:
         st = self.state
         rule = st.algorithm.get("int_leaves", "mean")
         for a, w in zip(arrays, weights):
-            x = like(to_host(a).reshape(-1).astype(A), acc)
+            x = place(to_host(a).reshape(-1).astype(A), st.on_device)
             if rule == "mean" and st.deterministic:
                 s1, s2 = numpy_ref.binned_constants(st.bound_log2)
                 lo = st.lo[leaf.offset:leaf.offset + leaf.size]

@@ -91,9 +91,9 @@ def to_host(a):
     return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else a
 
 
-def like(x, ref):
-    """``x`` where ``ref`` lives: uploaded when ``ref`` is a CuPy array, downloaded when it is numpy."""
-    if isinstance(ref, np.ndarray):
+def place(x, on_device: bool):
+    """``x`` in GPU memory (uploaded if needed) or in host memory (downloaded if needed)."""
+    if not on_device:
         return to_host(x)
     import cupy as cp
 

@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from .device import like, to_host, zeros
+from .device import place, to_host, zeros
 from .errors import CorruptState, IncompatibleStates, OverlappingParties
 from .layout import Layout
 
@@ -69,10 +69,9 @@ class FoldState:
     def to(self, on_device: bool) -> "FoldState":
         """Move the arrays (accumulators and base) to GPU memory or back, in place; returns self."""
         if on_device != self.on_device:
-            ref = np.empty(0) if not on_device else zeros(0, np.float32, True)
-            self.acc = like(self.acc, ref)
-            self.lo = None if self.lo is None else like(self.lo, ref)
-            self.base = None if self.base is None else like(self.base, ref)
+            self.acc = place(self.acc, on_device)
+            self.lo = None if self.lo is None else place(self.lo, on_device)
+            self.base = None if self.base is None else place(self.base, on_device)
             self.__dict__.pop("_host_base", None)
         return self
 

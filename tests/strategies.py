@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 import jitkernels as jk
-from jitkernels.batch import CHUNK, build_groups, leaf_entry
+from jitkernels.batch import CHUNK, build_groups, build_out_groups, leaf_entry
 from jitkernels.dtypes import np_dtype
 from jitkernels.layout import Layout
 
@@ -50,6 +50,14 @@ def make_update(rng, shapes, dtype, scale=1.0, ties=False, quantize=False, block
 
 seeds = st.integers(0, 2**32 - 1)
 weights = st.floats(0.01, 1e4, allow_nan=False, allow_infinity=False)
+
+
+def finalize_outputs(fin, lay, acc, base, total_w, out_dtype, chunk=CHUNK):
+    """Every leaf finalized by ``fin`` (a backend's finalize) into fresh outputs pre-filled with 7s."""
+    outs = [np.full(l.shape, 7, np_dtype(out_dtype)) for l in lay.leaves]
+    for og in build_out_groups(lay, list(range(len(lay))), outs, total_w, chunk=chunk):
+        fin(acc, base, og)
+    return outs
 
 
 def misaligned(a):

@@ -14,11 +14,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from jitkernels.backends import cupy_backend, numpy_ref
-from jitkernels.batch import build_out_groups
 from jitkernels.dtypes import Quantized, np_dtype
 from jitkernels.layout import Layout
 
-from strategies import FLOAT_DTYPES, leaf_shapes, make_batch, make_update, seeds
+from strategies import FLOAT_DTYPES, finalize_outputs, leaf_shapes, make_batch, make_update, seeds
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the host emulation needs g++")
 INPUTS = FLOAT_DTYPES + ("int8",)
@@ -118,17 +117,9 @@ def test_finalize_bit_exact(gpu_shim, out_dtype, acc_dtype, seed, shapes, with_b
     acc = (rng.standard_normal(lay.size) * magnitude).astype(acc_dtype)
     base = rng.standard_normal(lay.size).astype(acc_dtype) if with_base else None
     total_w = rng.uniform(0.5, 50.0, len(lay))
-    ids = list(range(len(lay)))
-
-    def run(fin):
-        outs = [np.full(l.shape, 7, np_dtype(out_dtype)) for l in lay.leaves]
-        for og in build_out_groups(lay, ids, outs, total_w, chunk=100):
-            fin(acc, base, og)
-        return outs
-
     with cupy_backend.use_runtime(gpu_shim.HostRuntime(seed)):
-        got = run(cupy_backend.finalize)
-    for a, b in zip(got, run(numpy_ref.finalize)):
+        got = finalize_outputs(cupy_backend.finalize, lay, acc, base, total_w, out_dtype, chunk=100)
+    for a, b in zip(got, finalize_outputs(numpy_ref.finalize, lay, acc, base, total_w, out_dtype)):
         assert a.tobytes() == b.tobytes()
 
 

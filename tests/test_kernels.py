@@ -11,12 +11,10 @@ from hypothesis import strategies as st
 
 import jitkernels as jk
 from jitkernels import backends
-from jitkernels.batch import build_out_groups
 from jitkernels.backends import numpy_ref
-from jitkernels.dtypes import np_dtype
 from jitkernels.layout import Layout
 
-from strategies import CPU_BACKENDS, FLOAT_DTYPES, leaf_shapes, make_batch, make_update, seeds
+from strategies import CPU_BACKENDS, FLOAT_DTYPES, finalize_outputs, leaf_shapes, make_batch, make_update, seeds
 
 INPUTS = FLOAT_DTYPES + ("int8",)
 
@@ -87,15 +85,8 @@ def test_finalize_bit_exact(backend, out_dtype, acc_dtype, seed, shapes, with_ba
     acc = (rng.standard_normal(lay.size) * magnitude).astype(acc_dtype)
     base = rng.standard_normal(lay.size).astype(acc_dtype) if with_base else None
     total_w = rng.uniform(0.5, 50.0, len(lay))
-    ids = list(range(len(lay)))
-
-    def run(m):
-        outs = [np.full(l.shape, 7, np_dtype(out_dtype)) for l in lay.leaves]
-        for og in build_out_groups(lay, ids, outs, total_w):
-            m.finalize(acc, base, og)
-        return outs
-
-    for got, want in zip(run(mod), run(numpy_ref)):
+    for got, want in zip(finalize_outputs(mod.finalize, lay, acc, base, total_w, out_dtype),
+                         finalize_outputs(numpy_ref.finalize, lay, acc, base, total_w, out_dtype)):
         assert got.tobytes() == want.tobytes(), f"{backend} finalize to {out_dtype} differs from numpy"
 
 

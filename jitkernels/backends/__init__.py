@@ -28,7 +28,6 @@ def _module(name: str):
 
 def available_backends() -> dict:
     """``{name: True or the reason it cannot run here}`` for every backend."""
-    out = {}
     return {name: _module_available(name) for name in _MODULES}
 
 

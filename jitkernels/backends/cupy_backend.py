@@ -177,8 +177,7 @@ def _pipeline(rt, g, name, head, tail):
     compute = rt.current_stream()
     with st.lock:
         for ja, jb in passes:
-            _run_pass(rt, st, compute, g, ja, jb, dev, isz, name, head, tail)
-        compute.synchronize()
+            _run_pass(rt, st, compute, g, ja, jb, dev, isz, name, head, tail)  # each ends synchronized
 
 
 def _run_pass(rt, st, compute, g, ja, jb, dev, isz, name, head, tail):
