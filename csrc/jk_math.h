@@ -117,6 +117,52 @@ JK_HD A final_value(A acc, A total_w) { return acc / total_w; }
 template <class A>
 JK_HD A final_value(A acc, A total_w, A base) { A y = acc / total_w; return base + y; }
 
+// Square root, correctly rounded (IEEE 754) on every backend: numpy, the host's sqrtss/sqrtsd, CUDA's sqrt with
+// -prec-sqrt=true (NVRTC's default). No <cmath>: NVRTC compiles this header without system headers.
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+JK_HD float sqrt_rn(float x) { return sqrtf(x); }
+JK_HD double sqrt_rn(double x) { return sqrt(x); }
+#else
+JK_HD float sqrt_rn(float x) { return __builtin_sqrtf(x); }
+JK_HD double sqrt_rn(double x) { return __builtin_sqrt(x); }
+#endif
+
+// Server optimizer step, one element (jitkernels/algorithms.py states the math; numpy_ref.step is the spec).
+// d = acc / W is the round's average delta, x the global model, m and v the optimizer's moments, all in A.
+// Coefficients come from the host, computed in f64 and rounded to A once: b1, c1 = 1 - b1, b2, c2 = 1 - b2, the
+// step size lr (bias correction included) and tau.
+enum OptKind { OPT_MOMENTUM = 0, OPT_NESTEROV = 1, OPT_ADAM = 2, OPT_YOGI = 3, OPT_ADAGRAD = 4 };
+
+template <class A>
+struct OptCoef { A b1, c1, b2, c2, lr, tau; };
+
+template <int Kind, class A>
+JK_HD void opt_step(A d, A& x, A& m, A& v, const OptCoef<A>& c) {
+  if (Kind == OPT_MOMENTUM || Kind == OPT_NESTEROV) {
+    const A bm = c.b1 * m;
+    m = bm + d;
+    A s = m;
+    if (Kind == OPT_NESTEROV) { const A bm2 = c.b1 * m; s = d + bm2; }
+    const A step = c.lr * s;
+    x = x + step;
+  } else {
+    const A bm = c.b1 * m, cd = c.c1 * d;
+    m = bm + cd;
+    const A dd = d * d;
+    if (Kind == OPT_ADAM) { const A bv = c.b2 * v, cv = c.c2 * dd; v = bv + cv; }
+    if (Kind == OPT_YOGI) {
+      const A t = c.c2 * dd, diff = v - dd;
+      const A sgn = diff > (A)0 ? (A)1 : (diff < (A)0 ? (A)-1 : (A)0);
+      const A ts = t * sgn;
+      v = v - ts;
+    }
+    if (Kind == OPT_ADAGRAD) v = v + dd;
+    const A num = c.lr * m, den = sqrt_rn(v) + c.tau;
+    const A step = num / den;
+    x = x + step;
+  }
+}
+
 // Narrow a finalized value to the output dtype, rounding to nearest even as numpy / ml_dtypes do. bf16 from f64
 // goes through f32 (ml_dtypes' double rounding, kept so that results match it); f16 from f64 rounds once (numpy).
 JK_HD void narrow_to(float* o, float y) { *o = y; }

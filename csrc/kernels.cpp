@@ -215,6 +215,60 @@ void finalize(py::array acc, py::object base_obj, int out_code, I64 off, F64A to
   });
 }
 
+// Calls f(std::integral_constant<int, Kind>) for a runtime optimizer kind: the kind is a template parameter so that
+// each inner loop is branch-free and vectorizes.
+template <class F>
+void with_opt_kind(int kind, F&& f) {
+  switch (kind) {
+    case jk::OPT_MOMENTUM: return f(std::integral_constant<int, jk::OPT_MOMENTUM>{});
+    case jk::OPT_NESTEROV: return f(std::integral_constant<int, jk::OPT_NESTEROV>{});
+    case jk::OPT_ADAM: return f(std::integral_constant<int, jk::OPT_ADAM>{});
+    case jk::OPT_YOGI: return f(std::integral_constant<int, jk::OPT_YOGI>{});
+    case jk::OPT_ADAGRAD: return f(std::integral_constant<int, jk::OPT_ADAGRAD>{});
+  }
+  throw std::invalid_argument("unknown optimizer kind " + std::to_string(kind));
+}
+
+void step(py::array acc, py::array x, py::array m, py::object v_obj, int kind, F64A coef, int out_code, I64 off,
+          F64A total_w, I64 optr, I64 work, int nthreads) {
+  const bool acc64 = is_acc_f64(acc);
+  const bool has_v = !v_obj.is_none();
+  py::array v = has_v ? v_obj.cast<py::array>() : py::array();
+  require(kind < jk::OPT_ADAM || has_v, "this optimizer needs a second moment v");
+  for (const py::array* a : {&x, &m, &v}) {
+    if (a == &v && !has_v) continue;
+    require(a->dtype().is(acc.dtype()) && a->size() == acc.size() && a->writeable() &&
+                (a->flags() & py::array::c_style),
+            "x, m and v must be writeable, C-contiguous and shaped and typed like the accumulator");
+  }
+  require(coef.size() == 6, "coef is (b1, c1, b2, c2, lr, tau)");
+  require(out_code != I8, "int8 is not an output dtype");
+  const int64_t nwork = work.shape(0);
+  const double* cf = coef.data();
+  const void* accp = acc.data();
+  void* xp = x.mutable_data();
+  void* mp = m.mutable_data();
+  void* vp = has_v ? v.mutable_data() : nullptr;
+  with_types(acc64, out_code, [&](auto a, auto out) {
+    using A = decltype(a);
+    using Out = decltype(out);
+    if constexpr (!std::is_same_v<Out, int8_t>) {
+      const jk::OptCoef<A> c{(A)cf[0], (A)cf[1], (A)cf[2], (A)cf[3], (A)cf[4], (A)cf[5]};
+      with_opt_kind(kind, [&](auto k) {
+        py::gil_scoped_release nogil;
+#define JK_STEP(NS)                                                                                             \
+  NS::step_rows<decltype(k)::value, A, Out>((const A*)accp, (A*)xp, (A*)mp, (A*)vp, off.data(), total_w.data(), \
+                                            optr.data(), work.data(), nwork, c, nthreads)
+#ifdef JK_X86
+        if (use_avx2()) { JK_STEP(avx2); return; }
+#endif
+        JK_STEP(baseline);
+#undef JK_STEP
+      });
+    }
+  });
+}
+
 // STREAM-like read probe: sums a buffer on nthreads threads; time it to measure read bandwidth.
 double probe_read(py::array_t<float, py::array::c_style> buf, int nthreads) {
   py::gil_scoped_release nogil;
@@ -235,7 +289,7 @@ int max_threads() {
 }  // namespace
 
 PYBIND11_MODULE(_core, mod) {
-  mod.doc() = "jitkernels C++ backend: fused fold, stats and finalize over pointer tables (OpenMP, GIL released)";
+  mod.doc() = "jitkernels C++ backend: fused fold, stats, finalize and server-optimizer step over pointer tables (OpenMP, GIL released)";
   mod.def("fold", &fold, py::arg("acc"), py::arg("base"), py::arg("in_code"), py::arg("off"), py::arg("ptr"),
           py::arg("w"), py::arg("scale_ptr"), py::arg("block"), py::arg("work"), py::arg("nthreads"));
   mod.def("fold_binned", &fold_binned, py::arg("hi"), py::arg("lo"), py::arg("base"), py::arg("in_code"),
@@ -245,6 +299,9 @@ PYBIND11_MODULE(_core, mod) {
           py::arg("ptr"), py::arg("scale_ptr"), py::arg("block"), py::arg("work"), py::arg("nthreads"));
   mod.def("finalize", &finalize, py::arg("acc"), py::arg("base"), py::arg("out_code"), py::arg("off"),
           py::arg("total_w"), py::arg("out_ptr"), py::arg("work"), py::arg("nthreads"));
+  mod.def("step", &step, py::arg("acc"), py::arg("x"), py::arg("m"), py::arg("v"), py::arg("kind"),
+          py::arg("coef"), py::arg("out_code"), py::arg("off"), py::arg("total_w"), py::arg("out_ptr"),
+          py::arg("work"), py::arg("nthreads"));
   mod.def("max_threads", &max_threads);
   mod.def("probe_read", &probe_read, py::arg("buf"), py::arg("nthreads"),
           "Sum of a float32 buffer on nthreads threads: time it to measure read bandwidth.");

@@ -266,6 +266,34 @@ static void finalize_rows(const A* acc, const A* base, const int64_t* off, const
   }
 }
 
+// Server optimizer step at finalize, one pass over (acc, x, m[, v]): d = acc / W, then jk::opt_step updates x, m
+// and v in place and the new x is narrowed into the output. Reads 3-4 and writes 2-3 acc-sized streams, plus out.
+// The span loop takes restrict parameters: inside the OpenMP region, restrict on local pointers is lost, and the
+// alias checks five streams would need exceed what the vectorizer versions a loop for.
+template <int Kind, class A, class Out>
+static inline void step_span(const A* __restrict a, A* __restrict x, A* __restrict m, A* __restrict v,
+                             Out* __restrict o, int64_t len, A W, const jk::OptCoef<A> c) {
+  for (int64_t i = 0; i < len; ++i) {
+    A xi = x[i], mi = m[i], vi = Kind >= jk::OPT_ADAM ? v[i] : (A)0;
+    jk::opt_step<Kind>(jk::final_value(a[i], W), xi, mi, vi, c);
+    x[i] = xi;
+    m[i] = mi;
+    if (Kind >= jk::OPT_ADAM) v[i] = vi;
+    jk::narrow_to(o + i, xi);
+  }
+}
+
+template <int Kind, class A, class Out>
+static void step_rows(const A* acc, A* x, A* m, A* v, const int64_t* off, const double* total_w, const int64_t* optr,
+                      const int64_t* work, int64_t nwork, jk::OptCoef<A> c, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t it = 0; it < nwork; ++it) {
+    const int64_t r = work[3 * it], s = work[3 * it + 1], len = work[3 * it + 2], o0 = off[r] + s;
+    step_span<Kind, A, Out>(acc + o0, x + o0, m + o0, Kind >= jk::OPT_ADAM ? v + o0 : nullptr,
+                            reinterpret_cast<Out*>(optr[r]) + s, len, (A)total_w[r], c);
+  }
+}
+
 // Read-bandwidth probe: 32 independent f32 lanes per thread, so that loads, not add latency, bound the loop.
 static double probe_sum(const float* x, int64_t n, int nthreads) {
   double total = 0;

@@ -12,8 +12,8 @@ from .aggregator import Aggregator
 from .backends import available_backends
 from .dtypes import Quantized, bfloat16
 from .errors import (AggregationError, BackendUnavailable, CorruptState, DuplicateParty, EmptyAggregate,
-                     IncompatibleStates, InvalidWeight, LayoutMismatch, NonFiniteUpdate, OverlappingParties,
-                     ValueOutOfRange)
+                     IncompatibleStates, InvalidUpdateInfo, InvalidWeight, LayoutMismatch, NonFiniteUpdate,
+                     OverlappingParties, RoundClosed, ValueOutOfRange)
 from .layout import Layout
 from .state import FoldState, atomic_write
 from .threads import get_num_threads, set_num_threads
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Admitted", "AggregationError", "Aggregator", "BackendUnavailable", "CorruptState", "DuplicateParty",
-    "EmptyAggregate", "FoldState", "IncompatibleStates", "InvalidWeight", "Layout", "LayoutMismatch",
-    "NonFiniteUpdate", "OverlappingParties", "Quantized", "ValueOutOfRange", "admit", "admit_many", "algorithms",
+    "EmptyAggregate", "FoldState", "IncompatibleStates", "InvalidUpdateInfo", "InvalidWeight", "Layout", "LayoutMismatch",
+    "NonFiniteUpdate", "OverlappingParties", "Quantized", "RoundClosed", "ValueOutOfRange", "admit", "admit_many", "algorithms",
     "atomic_write", "available_backends", "bfloat16", "check_weight", "get_num_threads", "set_num_threads",
 ]

@@ -41,6 +41,7 @@ class Admitted:
     nbytes: int
     against_base: bool = False
     on_device: bool = False  # its leaves are in GPU memory (CuPy arrays / torch CUDA tensors)
+    info: dict = field(default_factory=dict)  # per-update values the algorithm reads (steps, staleness), checked
 
     @property
     def present(self) -> np.ndarray:

@@ -19,7 +19,7 @@ from .batch import build_groups, build_out_groups
 from .device import DeviceLeaf, empty_leaf, place, to_host
 from .dtypes import np_dtype
 from .backends import numpy_ref
-from .errors import DuplicateParty, EmptyAggregate, LayoutMismatch, ValueOutOfRange
+from .errors import DuplicateParty, EmptyAggregate, LayoutMismatch, RoundClosed, ValueOutOfRange
 from .layout import Layout
 from .state import FoldState, _check_party
 
@@ -43,7 +43,9 @@ class Aggregator:
         Fixes the layout (leaf names, shapes, dtypes) and the container and array type of the result.
     algorithm : str | algorithm object
         ``"fedavg"`` (weighted by sample count), ``"fedavg_unweighted"``, or an instance from
-        :mod:`jitkernels.algorithms`.
+        :mod:`jitkernels.algorithms` (FedProx, FedNova, FedBuff, and the server optimizers FedAvgM, FedAdam,
+        FedYogi, FedAdagrad, which need ``base``, keep their moments in the state and apply their step at
+        :meth:`finalize`).
     backend : "auto" | "numpy" | "numba" | "cpp" | "cupy"
         Explicit names are always honored (or fail with the reason); "auto" picks "cupy" when the template is in
         GPU memory (CuPy arrays, torch CUDA tensors), else, per input dtype, cpp > numba > numpy.
@@ -107,8 +109,15 @@ class Aggregator:
         params = {**self.algorithm.params(), "int_leaves": int_leaves,
                   "deterministic": math.ceil(math.log2(bound)) if deterministic else None}
         flat_base = None if base is None else self._flat(base, acc_dtype)
+        if self.algorithm.needs_base and base is None:
+            raise ValueError(f"{type(self.algorithm).__name__} folds deltas against the global model: pass base=")
+        opt = None
+        if self.algorithm.kind is not None:
+            opt = {"m": place(np.zeros(self.layout.size, acc_dtype), self.on_gpu)}
+            if self.algorithm.moments == 2:
+                opt["v"] = place(np.full(self.layout.size, self.algorithm.v0(), acc_dtype), self.on_gpu)
         self.state = FoldState(self.layout, algorithm=params, acc_dtype=acc_dtype, base=flat_base,
-                               on_device=self.on_gpu)
+                               on_device=self.on_gpu, opt=opt, scalars=self.algorithm.initial_scalars())
 
     @classmethod
     def from_state(cls, state: FoldState, *, backend=None, partial=False, copy=False) -> "Aggregator":
@@ -146,19 +155,25 @@ class Aggregator:
         return f"Aggregator({self.algorithm!r}, backend={self.backend!r}, {self.state!r})"
 
     # --- admission and folding -----------------------------------------------------------------------------------
-    def admit(self, update, weight=1.0, party=None) -> Admitted:
-        """Validate one update for this aggregator (see :func:`jitkernels.admit`)."""
-        return self.admit_many([update], [weight], [party])[0]
+    def admit(self, update, weight=1.0, party=None, **info) -> Admitted:
+        """Validate one update for this aggregator (see :func:`jitkernels.admit`); ``info``: the per-update values
+        the algorithm reads (``steps=`` for FedNova, ``staleness=`` for FedBuff)."""
+        return self.admit_many([update], [weight], [party], [info])[0]
 
-    def admit_many(self, updates, weights=None, parties=None) -> list:
+    def admit_many(self, updates, weights=None, parties=None, infos=None) -> list:
         k = len(updates)
         parties = [None] * k if parties is None else list(parties)
         parties = [f"anon-{next(self._anon)}" if p is None else _check_party(p) for p in parties]
         self._check_parties(parties)
+        infos = [self.algorithm.check_info(i or {}, p) for i, p in zip(infos or [None] * k, parties)]
         st = self.state
-        return admit_many(updates, self.layout, weights=weights, parties=parties, base=st.base,
-                          host_base=st.host_base(), backend=self.backend, acc_dtype=self.acc_dtype, copy=self.copy,
-                          partial=self.partial, bound=2.0 ** st.bound_log2 if st.deterministic else None)
+        admitted = admit_many(updates, self.layout, weights=weights, parties=parties, base=st.base,
+                              host_base=st.host_base(), backend=self.backend, acc_dtype=self.acc_dtype,
+                              copy=self.copy, partial=self.partial,
+                              bound=2.0 ** st.bound_log2 if st.deterministic else None)
+        for a, i in zip(admitted, infos):
+            a.info = i
+        return admitted
 
     def _check_parties(self, parties):
         seen = set()
@@ -169,13 +184,18 @@ class Aggregator:
             if p in self.state.parties:
                 raise DuplicateParty(p)
 
-    def fold(self, update, weight=1.0, party=None) -> None:
-        """Fold one update (raw, or :class:`Admitted`). Raw updates are admitted first (one stats pass)."""
-        self.fold_many([update], None if isinstance(update, Admitted) else [weight], [party])
+    def fold(self, update, weight=1.0, party=None, **info) -> None:
+        """Fold one update (raw, or :class:`Admitted`). Raw updates are admitted first (one stats pass).
+        ``info``: the per-update values the algorithm reads (``steps=`` for FedNova, ``staleness=`` for FedBuff)."""
+        if isinstance(update, Admitted):
+            self.fold_many([update])
+        else:
+            self.fold_many([update], [weight], [party], [info])
 
-    def fold_many(self, updates, weights=None, parties=None) -> None:
-        """Fold k updates in ONE pass over the accumulator. Items are :class:`Admitted` (weights and parties come
-        with them) or raw updates with ``weights`` and ``parties``. All are checked before anything is folded."""
+    def fold_many(self, updates, weights=None, parties=None, infos=None) -> None:
+        """Fold k updates in ONE pass over the accumulator. Items are :class:`Admitted` (weights, parties and info
+        come with them) or raw updates with ``weights``, ``parties`` and ``infos`` (dicts). All are checked before
+        anything is folded."""
         updates = list(updates)
         if not updates:
             return
@@ -184,7 +204,7 @@ class Aggregator:
         elif any(isinstance(u, Admitted) for u in updates):
             raise TypeError("fold_many takes either all admitted updates or all raw ones")
         else:
-            admitted = self.admit_many(updates, weights, parties)
+            admitted = self.admit_many(updates, weights, parties, infos)
         with self._lock:
             self._fold_admitted(admitted)
 
@@ -195,11 +215,18 @@ class Aggregator:
                                      f"{self.layout.fingerprint}", party=u.party)
         self._check_parties([u.party for u in admitted])
         st = self.state
+        if st.closed:
+            raise RoundClosed("finalize closed this round (a server step or DP noise); reset() to start the next")
+        alg = self.algorithm
+        for u in admitted:  # an Admitted made elsewhere (jk.admit) was not checked against this algorithm
+            u.info = alg.check_info(u.info, u.party)
         on_device = np.array([u.on_device for u in admitted])
         if on_device.any() and not self.on_gpu:
             raise LayoutMismatch(f"the update is in GPU memory; this aggregator's backend {self.backend!r} reads "
                                  f"host memory (use backend='cupy')", party=admitted[int(np.argmax(on_device))].party)
-        fold_w = [float(self.algorithm.fold_weight(u.weight)) for u in admitted]
+        fold_w = [float(alg.fold_weight(u, st)) for u in admitted]
+        mass = [float(alg.mass(u)) for u in admitted]
+        derived = [alg.derived_info(u, st) for u in admitted]
         groups, int_rows = build_groups(self.layout, [u.entries for u in admitted], [u.leaves for u in admitted],
                                         fold_w, device=on_device if on_device.any() else None)
         if st.deterministic:
@@ -214,11 +241,13 @@ class Aggregator:
                 mod.fold_binned(st.acc, st.lo, st.base, g, st.bound_log2)
             else:
                 mod.fold(st.acc, st.base, g)
+        # integer leaves (counters) take the plain mass-weighted mean: discounts and clipping are for float deltas
         for lid, arrays in int_rows:
-            self._fold_int(lid, arrays, [w for u, w in zip(admitted, fold_w) if u.leaves[lid] is not None])
+            self._fold_int(lid, arrays, [w for u, w in zip(admitted, mass) if u.leaves[lid] is not None])
         present = np.stack([u.present for u in admitted], axis=1)  # [L, k]
-        st.leaf_weight += present @ np.asarray(fold_w)  # per leaf, the weights of the updates that carried it
-        st.parties.update((u.party, w) for u, w in zip(admitted, fold_w))
+        st.leaf_weight += present @ np.asarray(mass)  # per leaf, the masses of the updates that carried it
+        st.parties.update((u.party, w) for u, w in zip(admitted, mass))
+        st.info.update((u.party, {**u.info, **d}) for u, d in zip(admitted, derived) if u.info or d)
 
     def _fold_int(self, lid, arrays, weights):
         leaf = self.layout.leaves[lid]
@@ -254,39 +283,51 @@ class Aggregator:
         average delta. ``out``: a pytree like the template to write into (and return), e.g. last round's result:
         fresh model-sized outputs cost first-touch page faults, about as much as the fold itself at 25M parameters.
         The state is unchanged; call :meth:`reset` to start the next round.
+
+        Server optimizers (FedAvgM, FedAdam, FedYogi, FedAdagrad) apply their step here, in one fused pass that
+        updates the state's model (its base) and moments in place and writes the new model; DP wrappers add their
+        noise to the accumulator first. Either way the round is then closed (no more folds or merges; finalize
+        again returns the same result) until :meth:`reset`, whose next round starts from the new model.
         """
         if output not in ("model", "delta"):
             raise ValueError(f"output must be 'model' or 'delta', got {output!r}")
         with self._lock:
-            st = self.state
+            st, alg = self.state, self.algorithm
+            opt = alg.kind is not None
+            closing = alg.closes_round and not st.closed  # this call applies the noise / the step
+            if opt and output == "delta":
+                raise ValueError("server optimizers return the model (output='model')")
             if st.count == 0:
                 raise EmptyAggregate("nothing has been folded")
             base = st.base if output == "model" else None
             if output == "delta" and st.base is None:
                 raise ValueError("output='delta' needs an aggregator created with a base")
-            if out is None and self.on_gpu:
-                outs = [empty_leaf(l.shape, l.dtype) for l in self.layout.leaves]
-            elif out is None:
-                outs = [np.empty(l.shape, np_dtype(l.dtype)) for l in self.layout.leaves]
-            else:
-                outs = self.layout.flatten(out, party="<out>", writable=True)
-                where = [isinstance(o, DeviceLeaf) for o in outs]
-                if not all(w == self.on_gpu for w in where):
-                    bad = self.layout.leaves[[w == self.on_gpu for w in where].index(False)].name
-                    raise LayoutMismatch(f"out must be in {'GPU' if self.on_gpu else 'host'} memory for backend "
-                                         f"{self.backend!r}", leaf=bad, party="<out>")
+            outs = self._outputs(out)
             missing = [i for i, w in enumerate(st.leaf_weight) if w <= 0]
             if missing and base is None:
                 raise EmptyAggregate(f"no folded update carried leaf {self.layout.leaves[missing[0]].name!r}")
             float_ids = [i for i, l in enumerate(self.layout.leaves) if l.is_float and st.leaf_weight[i] > 0]
             mod = backends.get(self.backend) if self.backend != "auto" else backends.choose("auto", "float32")
-            acc = st.value()
             # deterministic: every leaf is divided by the exactly rounded total weight (no partial updates there)
             weights = np.full(len(self.layout), st.total_weight) if st.deterministic else st.leaf_weight
+            weights = weights * alg.divisor_scale(st)
+            if closing and alg.noise_std(st) > 0:
+                self._add_noise(alg.noise_std(st), weights, float_ids)
+            acc = st.value()
             for og in build_out_groups(self.layout, float_ids, [outs[i] for i in float_ids], weights):
-                mod.finalize(acc, base, og)
-            # leaves no update carried, and integer leaves: tiny, finished on the host and written back
-            for i in missing:
+                if not opt:
+                    mod.finalize(acc, base, og)
+                elif closing:
+                    mod.step(acc, st.base, st.opt["m"], st.opt.get("v"), alg.kind, alg.coefficients(st.round + 1),
+                             og)
+            if closing:
+                alg.close(st)
+                st.round += 1
+                st.closed = True
+                st.__dict__.pop("_host_base", None)  # a step moved the base in place
+            # leaves no update carried (and, finalizing a stepped round again, every float leaf), and integer
+            # leaves: tiny or rare, finished on the host and written back
+            for i in (missing + float_ids if opt and not closing else missing):
                 leaf = self.layout.leaves[i]
                 b = to_host(base[leaf.offset:leaf.offset + leaf.size])
                 _write(outs[i], b.reshape(leaf.shape).astype(outs[i].dtype))
@@ -299,12 +340,47 @@ class Aggregator:
                 _write(outs[i], a.reshape(leaf.shape).astype(outs[i].dtype))
             return out if out is not None else self.layout.unflatten(outs)
 
+    def _add_noise(self, std, weights, leaf_ids) -> None:
+        """acc += A(std * W_leaf * z) per float leaf, z from jitkernels.noise keyed by (seed, round, leaf, index):
+        after the division by W_leaf the average delta carries N(0, std^2) noise. Device accumulators get the same
+        values, generated on the host (one model-sized upload)."""
+        from . import noise
+
+        st, seed = self.state, self.algorithm.seed
+        for i in leaf_ids:
+            leaf = self.layout.leaves[i]
+            sl = slice(leaf.offset, leaf.offset + leaf.size)
+            sigma = std * float(weights[i])
+            if st.on_device:
+                z = noise.gaussian_numba(seed, st.round, i, 0, leaf.size) if noise.numba_available() else \
+                    noise.gaussian(seed, st.round, i, 0, leaf.size)
+                st.acc[sl] += place((sigma * z).astype(st.acc.dtype), True)
+            else:
+                noise.add_noise(st.acc[sl], sigma, seed, st.round, i, 0)
+
+    def _outputs(self, out) -> list:
+        """The output leaves: ``out``'s (checked to be where the backend writes), else fresh ones."""
+        if out is None and self.on_gpu:
+            return [empty_leaf(l.shape, l.dtype) for l in self.layout.leaves]
+        if out is None:
+            return [np.empty(l.shape, np_dtype(l.dtype)) for l in self.layout.leaves]
+        outs = self.layout.flatten(out, party="<out>", writable=True)
+        where = [isinstance(o, DeviceLeaf) for o in outs]
+        if not all(w == self.on_gpu for w in where):
+            bad = self.layout.leaves[[w == self.on_gpu for w in where].index(False)].name
+            raise LayoutMismatch(f"out must be in {'GPU' if self.on_gpu else 'host'} memory for backend "
+                                 f"{self.backend!r}", leaf=bad, party="<out>")
+        return outs
+
     def reset(self, base=None, *, reuse: bool = False) -> FoldState | None:
         """Start a new round (optionally with a new base).
 
         Returns the finished round's state. With ``reuse=True`` the accumulator's memory is zeroed in place and
         reused instead (the old state is gone; returns None): a fresh model-sized buffer costs page faults on first
         touch, measured at 0.2-0.4 ns per byte here, about 2x a fold pass over it.
+
+        Server optimizers carry their model (the base, moved by the last step) and moments into the new round; a
+        ``base`` given here replaces the model. The returned state holds copies of them.
         """
         with self._lock:
             old = self.state
@@ -315,7 +391,13 @@ class Aggregator:
                     old.lo.fill(0)
                 old.leaf_weight.fill(0)
                 old.parties.clear()
+                old.info.clear()
                 old.base = flat_base
+                old.closed = False
                 return None
-            self.state = FoldState(self.layout, algorithm=old.algorithm, acc_dtype=old.acc_dtype, base=flat_base)
+            self.state = FoldState(self.layout, algorithm=old.algorithm, acc_dtype=old.acc_dtype, base=flat_base,
+                                   on_device=old.on_device, opt=old.opt, round=old.round, scalars=old.scalars)
+            if old.opt is not None:
+                old.opt = {k: a.copy() for k, a in old.opt.items()}
+                old.base = old.base.copy()
             return old

@@ -1,10 +1,45 @@
-"""Aggregation algorithms: each one readable class whose docstring states its math.
+r"""Aggregation algorithms: each one readable class whose docstring states its math.
 
-An algorithm turns a party's reported weight into its fold weight and names its parameters (saved with the state).
-The fold itself is the backends' fused kernel; finalize divides by the total weight.
+An algorithm decides three numbers per update and, for server optimizers, the step at finalize; the backends' fused
+kernels do the rest, so every algorithm runs on every backend:
+
+* ``fold_weight(u, state)``: the multiplier the fold kernel applies, :math:`\mathrm{acc} \mathrel{+}= f_j\,(u_j - b)`;
+* ``mass(u)``: what the update adds to the divisor (recorded per party, summed per leaf), :math:`W = \sum_j m_j`;
+* ``divisor_scale(state)``: a factor on :math:`W` (a server learning rate, FedNova's effective steps).
+
+Algorithms that change the state at finalize (server optimizers, DP noise) *close* the round: ``noise_std(state)``
+(Gaussian noise on the average delta, from :mod:`jitkernels.noise`), the step, then ``close(state)`` (e.g. adaptive
+clipping's norm update). Server-side scalars that carry across rounds live in ``state.scalars``.
+
+Finalize returns :math:`b + \mathrm{acc} / (s W)` (or, without a base, :math:`\mathrm{acc} / (s W)`). Per-update
+values (``steps``, ``staleness``) arrive as keyword arguments of ``Aggregator.fold`` and are checked by
+``check_info``. Weights are computed once, on the host, in float64.
+
+Server optimizers (:class:`FedAvgM`, :class:`FedAdam`, :class:`FedYogi`, :class:`FedAdagrad`) fold deltas against
+the global model and apply their step in one fused pass at finalize over (accumulator, model, moments): the kernels
+of ``step`` in every backend, with the element-wise math written once (``jk::opt_step`` in csrc/jk_math.h, mirrored
+by ``numpy_ref.step``).
 """
 
 from __future__ import annotations
+
+import math
+
+from .errors import InvalidUpdateInfo
+
+MOMENTUM, NESTEROV, ADAM, YOGI, ADAGRAD = range(5)  # jk::OptKind
+
+
+def _positive(info: dict, key: str, party, *, allow_zero=False) -> float:
+    if key not in info:
+        raise InvalidUpdateInfo(party, key, None, "is required by this algorithm")
+    try:
+        x = float(info[key])
+    except (TypeError, ValueError):
+        raise InvalidUpdateInfo(party, key, info[key], "must be a number") from None
+    if not math.isfinite(x) or x < 0 or (x == 0 and not allow_zero):
+        raise InvalidUpdateInfo(party, key, info[key], "must be finite and " + (">= 0" if allow_zero else "> 0"))
+    return x
 
 
 class FedAvg:
@@ -19,23 +54,507 @@ class FedAvg:
     """
 
     name = "fedavg"
+    needs_base = False
+    info_keys: tuple = ()
+    kind = None  # server optimizers set their jk::OptKind
 
     def __init__(self, *, weighted: bool = True):
         self.weighted = bool(weighted)
 
-    def fold_weight(self, weight: float) -> float:
-        return weight if self.weighted else 1.0
+    def check_info(self, info: dict, party) -> dict:
+        """The per-update values this algorithm reads, validated (a typed error names the party and the key)."""
+        extra = set(info) - set(self.info_keys)
+        if extra:
+            key = sorted(extra)[0]
+            raise InvalidUpdateInfo(party, key, info[key], f"is not used by {type(self).__name__} "
+                                    f"(it reads {', '.join(self.info_keys) or 'nothing'})")
+        return {}
+
+    def mass(self, u) -> float:
+        return u.weight if self.weighted else 1.0
+
+    def fold_weight(self, u, state) -> float:
+        return self.mass(u)
+
+    def derived_info(self, u, state) -> dict:
+        """Per-party values the algorithm derives at fold time and records in the state (besides ``check_info``'s)."""
+        return {}
+
+    def divisor_scale(self, state) -> float:
+        return 1.0
+
+    def initial_scalars(self) -> dict:
+        return {}
+
+    @property
+    def closes_round(self) -> bool:
+        return self.kind is not None
+
+    def noise_std(self, state) -> float:
+        return 0.0
+
+    def close(self, state) -> None:
+        """Called once when finalize closes a round (after the noise and the step)."""
 
     def params(self) -> dict:
         return {"name": self.name, "weighted": self.weighted}
 
     def __repr__(self):
-        return f"FedAvg(weighted={self.weighted})"
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items() if k != "name")
+        return f"{type(self).__name__}({args})"
 
 
+class FedProx(FedAvg):
+    r"""FedProx (Li et al., 2020, "Federated Optimization in Heterogeneous Networks").
+
+    The proximal term :math:`\frac{\mu}{2}\lVert w - x_t \rVert^2` acts in the parties' local training; the server
+    side is :class:`FedAvg`. ``mu`` is recorded with the state (and sent to parties by the caller), so that a saved
+    round says which objective produced it. Bytes moved: as FedAvg.
+    """
+
+    name = "fedprox"
+
+    def __init__(self, *, mu: float, weighted: bool = True):
+        super().__init__(weighted=weighted)
+        if not (math.isfinite(mu) and mu >= 0):
+            raise ValueError(f"mu must be finite and >= 0, got {mu!r}")
+        self.mu = float(mu)
+
+    def params(self) -> dict:
+        return {**super().params(), "mu": self.mu}
+
+
+class FedNova(FedAvg):
+    r"""FedNova (Wang et al., 2020, "Tackling the Objective Inconsistency Problem in Heterogeneous Federated
+    Optimization"): each party's change is normalized by its number of local steps :math:`\tau_j` before averaging,
+    and the average is rescaled by the effective number of steps.
+
+    .. math::  x_{t+1} = x_t + \tau_{\mathrm{eff}} \sum_j p_j \frac{u_j - x_t}{\tau_j}, \qquad
+               p_j = \frac{n_j}{\sum_i n_i}, \quad \tau_{\mathrm{eff}} = \sum_j p_j \tau_j
+
+    As a fold: fold weight :math:`n_j / \tau_j`, mass :math:`n_j`, divisor scale
+    :math:`\sum_j n_j / \sum_j n_j \tau_j` (both sums exact, ``math.fsum`` over the recorded parties). Needs a base
+    (:math:`x_t`) and ``steps=`` (:math:`\tau_j`; for local momentum SGD pass FedNova's :math:`\lVert a_j \rVert_1`
+    instead). Bytes moved: as FedAvg.
+    """
+
+    name = "fednova"
+    needs_base = True
+    info_keys = ("steps",)
+
+    def check_info(self, info, party):
+        super().check_info(info, party)
+        return {"steps": _positive(info, "steps", party)}
+
+    def fold_weight(self, u, state) -> float:
+        return self.mass(u) / u.info["steps"]
+
+    def divisor_scale(self, state) -> float:
+        n = math.fsum(state.parties.values())
+        n_tau = math.fsum(state.parties[p] * state.info[p]["steps"] for p in state.parties)
+        return n / n_tau
+
+
+STALENESS = ("constant", "polynomial", "hinge", "nvflare")
+
+
+class FedBuff(FedAvg):
+    r"""Buffered asynchronous aggregation (Nguyen et al., 2022, "Federated Learning with Buffered Asynchronous
+    Aggregation"): updates computed against an older model are discounted by their staleness :math:`s_j` (rounds
+    since the model they started from), and the buffer's average moves the model by a server learning rate.
+
+    .. math::  x_{t+1} = x_t + \eta_g \frac{\sum_j w_j\, \sigma(s_j)\, (u_j - x_{t-s_j})}{\sum_j w_j}
+
+    (the caller sends deltas, or updates against the current base; :math:`w_j = n_j` or 1). The divisor is the
+    undiscounted mass, so stale updates count less without renormalizing (FedBuff's :math:`1/K`). Staleness
+    functions :math:`\sigma(s)`:
+
+    * ``"constant"``: 1;
+    * ``"polynomial"``: :math:`(1 + s)^{-a}` (FedBuff and FedScale use :math:`a = 1/2`; FedAsync's polynomial form);
+    * ``"hinge"``: 1 for :math:`s \le b`, else :math:`1 / (a (s - b) + 1)` (FedAsync, Xie et al., 2019);
+    * ``"nvflare"``: :math:`1 / (1 + \sqrt{s})`.
+
+    Per update: ``staleness=`` (>= 0). The learning rate is a divisor scale :math:`1/\eta_g` (one division per
+    element, as FedAvg). Bytes moved: as FedAvg.
+    """
+
+    name = "fedbuff"
+    info_keys = ("staleness",)
+
+    def __init__(self, *, staleness: str = "polynomial", a: float = 0.5, b: float = 4.0, server_lr: float = 1.0,
+                 weighted: bool = False):
+        super().__init__(weighted=weighted)
+        if staleness not in STALENESS:
+            raise ValueError(f"staleness must be one of {STALENESS}, got {staleness!r}")
+        for name, x in (("a", a), ("b", b), ("server_lr", server_lr)):
+            if not (math.isfinite(x) and x >= 0) or (name == "server_lr" and x == 0):
+                raise ValueError(f"{name} must be finite and {'> 0' if name == 'server_lr' else '>= 0'}, got {x!r}")
+        self.staleness, self.a, self.b, self.server_lr = staleness, float(a), float(b), float(server_lr)
+
+    def discount(self, s: float) -> float:
+        if self.staleness == "polynomial":
+            return (1.0 + s) ** -self.a
+        if self.staleness == "hinge":
+            return 1.0 if s <= self.b else 1.0 / (self.a * (s - self.b) + 1.0)
+        if self.staleness == "nvflare":
+            return 1.0 / (1.0 + math.sqrt(s))
+        return 1.0
+
+    def check_info(self, info, party):
+        super().check_info(info, party)
+        return {"staleness": _positive(info, "staleness", party, allow_zero=True)}
+
+    def fold_weight(self, u, state) -> float:
+        return self.mass(u) * self.discount(u.info["staleness"])
+
+    def divisor_scale(self, state) -> float:
+        return 1.0 / self.server_lr
+
+    def params(self) -> dict:
+        return {**super().params(), "staleness": self.staleness, "a": self.a, "b": self.b,
+                "server_lr": self.server_lr}
+
+
+# --- server optimizers --------------------------------------------------------------------------------------------
+
+VARIANTS = ("reddi", "flower")
+
+
+class _ServerOptimizer(FedAvg):
+    """Shared by the server optimizers: a base is required (the global model the step moves), and finalize runs
+    ``step`` with :meth:`coefficients` instead of the plain division. The moments live in the fold state (saved
+    with it); the round counter ``t`` counts applied steps."""
+
+    needs_base = True
+    moments = 2  # m and v; FedAvgM keeps only m
+
+    def v0(self) -> float:
+        return 0.0
+
+    def coefficients(self, t: int) -> tuple:
+        """(b1, 1 - b1, b2, 1 - b2, lr_t, tau) for step ``t`` (1-based), in float64."""
+        raise NotImplementedError
+
+
+def _check_hyper(**kw):
+    for name, (x, lo, hi) in kw.items():
+        if not (math.isfinite(x) and lo <= x < hi):
+            raise ValueError(f"{name} must be in [{lo}, {hi}), got {x!r}")
+
+
+class FedAvgM(_ServerOptimizer):
+    r"""FedAvg with server momentum (Hsu et al., 2019, "Measuring the Effects of Non-Identical Data Distribution for
+    Federated Visual Classification").
+
+    .. math::  \Delta_t = \frac{\sum_j w_j (u_j - x_t)}{\sum_j w_j}, \quad m_t = \beta m_{t-1} + \Delta_t, \quad
+               x_{t+1} = x_t + \eta\, m_t \quad (\text{Nesterov: } x_{t+1} = x_t + \eta (\Delta_t + \beta m_t))
+
+    Flower's FedAvgM keeps :math:`-m` (a pseudo-gradient) and subtracts it: the same numbers. With ``lr=1,
+    momentum=0`` it is FedAvg. One fused pass at finalize: reads acc, x, m; writes x, m and the output (f32 state
+    and output: 24 bytes per parameter).
+    """
+
+    name = "fedavgm"
+    moments = 1
+
+    def __init__(self, *, lr: float = 1.0, momentum: float = 0.0, nesterov: bool = False, weighted: bool = True):
+        super().__init__(weighted=weighted)
+        _check_hyper(momentum=(momentum, 0.0, 1.0))
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr must be finite and > 0, got {lr!r}")
+        self.lr, self.momentum, self.nesterov = float(lr), float(momentum), bool(nesterov)
+        self.kind = NESTEROV if nesterov else MOMENTUM
+
+    def coefficients(self, t):
+        return (self.momentum, 1.0 - self.momentum, 0.0, 1.0, self.lr, 0.0)
+
+    def params(self) -> dict:
+        return {**super().params(), "lr": self.lr, "momentum": self.momentum, "nesterov": self.nesterov}
+
+
+class _Adaptive(_ServerOptimizer):
+    r"""Adaptive server optimizers (Reddi et al., 2021, "Adaptive Federated Optimization", Algorithm 2).
+
+    .. math::  m_t = \beta_1 m_{t-1} + (1 - \beta_1) \Delta_t, \qquad
+               x_{t+1} = x_t + \eta_t \frac{m_t}{\sqrt{v_t} + \tau}
+
+    with :math:`v_t` per subclass and :math:`\Delta_t` the folded average delta (``u - x_t`` in the kernel, never
+    the average minus :math:`x_t` afterwards). Two variants:
+
+    * ``"reddi"`` (the paper): :math:`\eta_t = \eta`, :math:`v_{-1} = \tau^2`.
+    * ``"flower"`` (flwr's strategies): :math:`v_{-1} = 0`; FedAdam also scales :math:`\eta_t = \eta
+      \sqrt{1 - \beta_2^{t+1}} / (1 - \beta_1^{t+1})` (Kingma & Ba's bias correction folded into the step size, with
+      Flower's exponent ``server_round + 1``, one more than the step count :math:`t`). Flower computes in the model's
+      dtype except that FedAdam's ``eta_norm`` is a numpy float64, which promotes its result to float64 under NEP 50;
+      here every variant computes in the accumulator dtype.
+
+    One fused pass at finalize: reads acc, x, m, v; writes x, m, v and the output (f32 state and output: 32 bytes
+    per parameter, 28 without keeping the new model in the state).
+    """
+
+    def __init__(self, *, lr, beta1, beta2, tau, variant, weighted=True):
+        super().__init__(weighted=weighted)
+        _check_hyper(beta1=(beta1, 0.0, 1.0), beta2=(beta2, 0.0, 1.0))
+        if not (math.isfinite(lr) and lr > 0 and math.isfinite(tau) and tau > 0):
+            raise ValueError(f"lr and tau must be finite and > 0, got lr={lr!r}, tau={tau!r}")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        self.lr, self.beta1, self.beta2, self.tau = float(lr), float(beta1), float(beta2), float(tau)
+        self.variant = variant
+
+    def v0(self) -> float:
+        return self.tau * self.tau if self.variant == "reddi" else 0.0
+
+    def step_size(self, t: int) -> float:
+        return self.lr
+
+    def coefficients(self, t):
+        return (self.beta1, 1.0 - self.beta1, self.beta2, 1.0 - self.beta2, self.step_size(t), self.tau)
+
+    def params(self) -> dict:
+        return {**super().params(), "lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "tau": self.tau,
+                "variant": self.variant}
+
+
+class FedAdam(_Adaptive):
+    __doc__ = _Adaptive.__doc__ + r"""
+    FedAdam: :math:`v_t = \beta_2 v_{t-1} + (1 - \beta_2) \Delta_t^2`.
+    """
+
+    name = "fedadam"
+    kind = ADAM
+
+    def __init__(self, *, lr: float = 0.1, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-9,
+                 variant: str = "reddi", weighted: bool = True):
+        super().__init__(lr=lr, beta1=beta1, beta2=beta2, tau=tau, variant=variant, weighted=weighted)
+
+    def step_size(self, t):
+        if self.variant == "flower":
+            return self.lr * math.sqrt(1.0 - self.beta2 ** (t + 1)) / (1.0 - self.beta1 ** (t + 1))
+        return self.lr
+
+
+class FedYogi(_Adaptive):
+    __doc__ = _Adaptive.__doc__ + r"""
+    FedYogi: :math:`v_t = v_{t-1} - (1 - \beta_2) \Delta_t^2 \operatorname{sign}(v_{t-1} - \Delta_t^2)`.
+    """
+
+    name = "fedyogi"
+    kind = YOGI
+
+    def __init__(self, *, lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3,
+                 variant: str = "reddi", weighted: bool = True):
+        super().__init__(lr=lr, beta1=beta1, beta2=beta2, tau=tau, variant=variant, weighted=weighted)
+
+
+class FedAdagrad(_Adaptive):
+    __doc__ = _Adaptive.__doc__ + r"""
+    FedAdagrad: :math:`v_t = v_{t-1} + \Delta_t^2` (:math:`\beta_2` unused; Flower's default :math:`\beta_1 = 0`).
+    """
+
+    name = "fedadagrad"
+    kind = ADAGRAD
+
+    def __init__(self, *, lr: float = 0.1, beta1: float = 0.0, tau: float = 1e-9, variant: str = "reddi",
+                 weighted: bool = True):
+        super().__init__(lr=lr, beta1=beta1, beta2=0.0, tau=tau, variant=variant, weighted=weighted)
+
+    def params(self) -> dict:
+        p = super().params()
+        del p["beta2"]
+        return p
+
+
+# --- differential privacy -----------------------------------------------------------------------------------------
+
+class _DPClipping:
+    """Shared by the DP wrappers: delegate to the inner algorithm, clip each update's delta by scaling its fold
+    weight, add Gaussian noise to the average delta at finalize."""
+
+    needs_base = True
+
+    def __init__(self, algorithm, *, noise_multiplier, num_sampled, seed):
+        self.inner = resolve(algorithm)
+        if isinstance(self.inner, _DPClipping):
+            raise ValueError("DP wrappers do not nest")
+        if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+            raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier!r}")
+        if num_sampled is not None and int(num_sampled) <= 0:
+            raise ValueError(f"num_sampled must be > 0, got {num_sampled!r}")
+        self.noise_multiplier = float(noise_multiplier)
+        self.num_sampled = None if num_sampled is None else int(num_sampled)
+        from .noise import new_seed
+
+        self.seed = new_seed() if seed is None else int(seed)
+
+    # delegated: the inner algorithm's weights, optimizer and per-update values
+    def __getattr__(self, name):
+        if name in ("kind", "moments", "v0", "coefficients", "info_keys", "check_info", "mass", "divisor_scale"):
+            return getattr(self.inner, name)
+        raise AttributeError(name)
+
+    def clip_norm(self, state) -> float:
+        raise NotImplementedError
+
+    def clip_factor(self, u, state) -> float:
+        if not u.against_base:
+            raise ValueError(f"party {u.party!r}: DP clipping needs the update's delta norm (admit it with the base)")
+        c = self.clip_norm(state)
+        return 1.0 if u.norm <= c else c / u.norm
+
+    def fold_weight(self, u, state) -> float:
+        return self.inner.fold_weight(u, state) * self.clip_factor(u, state)
+
+    def derived_info(self, u, state) -> dict:
+        return self.inner.derived_info(u, state)
+
+    def initial_scalars(self) -> dict:
+        return self.inner.initial_scalars()
+
+    @property
+    def closes_round(self) -> bool:
+        return True
+
+    def noise_std(self, state) -> float:
+        """sigma * C / m on the average delta (Flower's ``compute_stdv``; McMahan et al., 2018): the sensitivity of
+        an unweighted average of m updates clipped to C. m = ``num_sampled``, else the parties folded."""
+        m = self.num_sampled or state.count
+        return self.noise_multiplier * self.clip_norm(state) / m
+
+    def close(self, state) -> None:
+        self.inner.close(state)
+
+    def _params(self) -> dict:
+        return {"noise_multiplier": self.noise_multiplier, "num_sampled": self.num_sampled, "seed": self.seed,
+                "algorithm": self.inner.params()}
+
+    def __repr__(self):
+        p = {k: v for k, v in self.params().items() if k not in ("name", "seed")}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in p.items())})"
+
+
+class DPFixedClipping(_DPClipping):
+    r"""Central differential privacy with fixed clipping, server side (McMahan et al., 2018, "Learning
+    Differentially Private Recurrent Language Models"; Flower's ``DifferentialPrivacyServerSideFixedClipping``).
+
+    .. math::  \Delta_j = u_j - x_t, \quad \bar\Delta_j = \Delta_j \min\Big(1, \frac{C}{\lVert \Delta_j \rVert_2}\Big),
+               \quad \tilde\Delta = \frac{\sum_j w_j \bar\Delta_j}{\sum_j w_j} + \mathcal{N}\Big(0,
+               \big(\tfrac{\sigma C}{m}\big)^2 I\Big)
+
+    then the inner algorithm's finalize (FedAvg: :math:`x_t + \tilde\Delta`; a server optimizer steps on
+    :math:`\tilde\Delta`, where Flower would noise the optimizer's output). The norms come from admission's stats
+    pass, so clipping is a scaled fold: the clipped fold moves the bytes of the stats pass plus the fold, nothing
+    more. The noise is Philox-keyed by (seed, round, leaf, index) (:mod:`jitkernels.noise`): bit-identical across
+    backends and thread counts, and reproducible after a restart. The sensitivity bound assumes an unweighted
+    average (``weighted=False``, the default here); with sample-count weights a party moves the average by up to
+    :math:`w_j C / W`, which Flower's std (and this one) does not account for.
+
+    Caveats: floating-point noise is not exactly the Gaussian mechanism (see :mod:`jitkernels.noise`); the seed is
+    saved with the state (which before finalize holds the un-noised aggregate anyway): protect state files; the
+    privacy budget (epsilon, delta) is for an accountant such as Opacus' ``RDPAccountant``.
+    """
+
+    name = "dp_fixed"
+
+    def __init__(self, algorithm=None, *, clip_norm: float, noise_multiplier: float, num_sampled: int | None = None,
+                 seed: int | None = None):
+        super().__init__(FedAvg(weighted=False) if algorithm is None else algorithm,
+                         noise_multiplier=noise_multiplier, num_sampled=num_sampled, seed=seed)
+        if not (math.isfinite(clip_norm) and clip_norm > 0):
+            raise ValueError(f"clip_norm must be finite and > 0, got {clip_norm!r}")
+        self.fixed_clip_norm = float(clip_norm)
+
+    def clip_norm(self, state) -> float:
+        return self.fixed_clip_norm
+
+    def params(self) -> dict:
+        return {"name": self.name, "clip_norm": self.fixed_clip_norm, **self._params()}
+
+
+COUNT_LEAF = 0xFFFFFFFF
+"""The noise stream (leaf id) of adaptive clipping's noised count: no layout has 2^32 - 1 leaves."""
+
+
+class DPAdaptiveClipping(_DPClipping):
+    r"""Central DP with adaptive clipping (Andrew, Thakkar, McMahan & Ramaswamy, 2021, "Differentially Private
+    Learning with Adaptive Clipping"): the clip norm tracks a target quantile :math:`\gamma` of the update norms.
+
+    .. math::  b_j = [\lVert \Delta_j \rVert_2 \le C_t], \quad
+               \tilde b = \frac{\sum_j b_j + \mathcal{N}(0, \sigma_b^2)}{m}, \quad
+               C_{t+1} = C_t \exp\big(-\eta_C (\tilde b - \gamma)\big)
+
+    Updates are clipped to :math:`C_t` and the average delta noised with std :math:`\sigma_\Delta C_t / m`, where
+    :math:`\sigma_\Delta = (\sigma^{-2} - (2\sigma_b)^{-2})^{-1/2}` keeps the total privacy cost that of noise
+    multiplier :math:`\sigma` (their Theorem 1); :math:`\sigma_b` defaults to :math:`m / 20`. :math:`C` is saved with
+    the state. Differences from Flower's ``DifferentialPrivacyServerSideAdaptiveClipping``, deliberate (tested):
+    Flower counts *clipped* updates as :math:`b_j` in the same update rule, which drives :math:`C` the wrong way
+    (more clipping shrinks :math:`C` further), and it noises the round's aggregate with the *updated*
+    :math:`C_{t+1}` although the updates were clipped to :math:`C_t` (under-noising when :math:`C` shrinks). The
+    count's noise is Philox-keyed like the model's (leaf id :data:`COUNT_LEAF`).
+    """
+
+    name = "dp_adaptive"
+
+    def __init__(self, algorithm=None, *, noise_multiplier: float, num_sampled: int,
+                 initial_clip_norm: float = 0.1, target_quantile: float = 0.5, clip_norm_lr: float = 0.2,
+                 count_stddev: float | None = None, seed: int | None = None):
+        super().__init__(FedAvg(weighted=False) if algorithm is None else algorithm,
+                         noise_multiplier=noise_multiplier, num_sampled=num_sampled, seed=seed)
+        if not (math.isfinite(initial_clip_norm) and initial_clip_norm > 0):
+            raise ValueError(f"initial_clip_norm must be finite and > 0, got {initial_clip_norm!r}")
+        if not 0 <= target_quantile <= 1:
+            raise ValueError(f"target_quantile must be in [0, 1], got {target_quantile!r}")
+        if not (math.isfinite(clip_norm_lr) and clip_norm_lr > 0):
+            raise ValueError(f"clip_norm_lr must be finite and > 0, got {clip_norm_lr!r}")
+        self.initial_clip_norm, self.target_quantile = float(initial_clip_norm), float(target_quantile)
+        self.clip_norm_lr = float(clip_norm_lr)
+        self.count_stddev = float(num_sampled / 20 if count_stddev is None else count_stddev)
+        if self.noise_multiplier > 0:
+            if not self.noise_multiplier < 2 * self.count_stddev:
+                raise ValueError(f"noise_multiplier {noise_multiplier} needs count_stddev > {noise_multiplier / 2} "
+                                 f"(got {self.count_stddev})")
+            self.delta_multiplier = (self.noise_multiplier ** -2 - (2 * self.count_stddev) ** -2) ** -0.5
+        else:
+            self.delta_multiplier = 0.0
+
+    def clip_norm(self, state) -> float:
+        return state.scalars["clip_norm"]
+
+    def initial_scalars(self) -> dict:
+        return {**self.inner.initial_scalars(), "clip_norm": self.initial_clip_norm}
+
+    def derived_info(self, u, state) -> dict:
+        return {**self.inner.derived_info(u, state), "unclipped": float(u.norm <= self.clip_norm(state))}
+
+    def noise_std(self, state) -> float:
+        return self.delta_multiplier * self.clip_norm(state) / self.num_sampled
+
+    def close(self, state) -> None:
+        from .noise import gaussian
+
+        unclipped = math.fsum(state.info[p]["unclipped"] for p in state.parties)
+        z = float(gaussian(self.seed, state.round, COUNT_LEAF, 0, 1)[0])
+        frac = (unclipped + self.count_stddev * z) / self.num_sampled
+        state.scalars["clip_norm"] = self.clip_norm(state) * math.exp(-self.clip_norm_lr * (frac - self.target_quantile))
+        self.inner.close(state)
+
+    def params(self) -> dict:
+        return {"name": self.name, "initial_clip_norm": self.initial_clip_norm,
+                "target_quantile": self.target_quantile, "clip_norm_lr": self.clip_norm_lr,
+                "count_stddev": self.count_stddev, **self._params()}
+
+
+_CLASSES = {c.name: c for c in (FedAvg, FedProx, FedNova, FedBuff, FedAvgM, FedAdam, FedYogi, FedAdagrad,
+                                 DPFixedClipping, DPAdaptiveClipping)}
 _BY_NAME = {
     "fedavg": lambda: FedAvg(),
     "fedavg_unweighted": lambda: FedAvg(weighted=False),
+    "fednova": lambda: FedNova(),
+    "fedbuff": lambda: FedBuff(),
+    "fedavgm": lambda: FedAvgM(),
+    "fedadam": lambda: FedAdam(),
+    "fedyogi": lambda: FedYogi(),
+    "fedadagrad": lambda: FedAdagrad(),
 }
 
 
@@ -46,14 +565,19 @@ def resolve(algorithm):
             return _BY_NAME[algorithm.lower()]()
         except KeyError:
             raise ValueError(f"unknown algorithm {algorithm!r}; choose from {', '.join(_BY_NAME)}") from None
-    if not hasattr(algorithm, "fold_weight") or not hasattr(algorithm, "params"):
-        raise TypeError(f"{algorithm!r} is not an algorithm (needs fold_weight() and params())")
+    for hook in ("fold_weight", "mass", "divisor_scale", "check_info", "derived_info", "noise_std", "close",
+                 "params"):
+        if not hasattr(algorithm, hook):
+            raise TypeError(f"{algorithm!r} is not an algorithm (needs {hook}())")
     return algorithm
 
 
 def from_params(params: dict):
     """Rebuild an algorithm from the ``params()`` saved in a state."""
     p = {k: v for k, v in params.items() if k not in ("name", "int_leaves", "deterministic")}
-    if params.get("name") == "fedavg":
-        return FedAvg(**p)
-    raise ValueError(f"unknown algorithm in state: {params.get('name')!r}")
+    cls = _CLASSES.get(params.get("name"))
+    if cls is None:
+        raise ValueError(f"unknown algorithm in state: {params.get('name')!r}")
+    if "algorithm" in p:  # a wrapper: rebuild the inner algorithm first
+        p["algorithm"] = from_params(p["algorithm"])
+    return cls(**p)

@@ -41,6 +41,19 @@ class InvalidWeight(AggregationError, ValueError):
         super().__init__(f"party {party!r}: weight {weight!r} must be finite and > 0")
 
 
+class InvalidUpdateInfo(AggregationError, ValueError):
+    """A per-update value an algorithm reads (``steps``, ``staleness``) is missing, unused or out of range."""
+
+    def __init__(self, party, key: str, value, problem: str):
+        self.party, self.key, self.value = party, key, value
+        shown = "" if value is None else f" = {value!r}"
+        super().__init__(f"party {party!r}: {key}{shown} {problem}")
+
+
+class RoundClosed(AggregationError, RuntimeError):
+    """A server optimizer's round was finalized (its step applied): reset() before folding into the next one."""
+
+
 class DuplicateParty(AggregationError, ValueError):
     """A party would be folded twice into one state (or appears twice in one batch)."""
 

@@ -2,10 +2,13 @@
 
 A state holds the flat accumulator (float32 or float64, never the input dtype), the per-leaf total weight (float64;
 leaves that partial updates leave out get less), the party -> weight record of everything folded in (an audit, and
-what makes double counting detectable), the layout, the algorithm and its parameters, and the base for delta folds.
+what makes double counting detectable; the weight is the update's mass, what it adds to the divisor), the per-party
+values the algorithm read (FedNova's steps, FedBuff's staleness), the layout, the algorithm and its parameters, the
+base for delta folds, a server optimizer's moments, and the count of rounds that finalize closed.
 
-File format (version 1): a safetensors file (tensors ``acc``, ``leaf_weight``, optionally ``base``) whose metadata
-holds ``format``, ``version``, the JSON of layout / algorithm / parties, and ``checksum``: SHA-256 over every tensor's
+File format (version 2): a safetensors file (tensors ``acc``, ``leaf_weight``, optionally ``base``, ``lo``, ``opt_m``,
+``opt_v``) whose metadata holds ``format``, ``version``, the JSON of layout / algorithm / parties / info, the
+rounds closed so far (``round``) and whether this one is (``closed``), and ``checksum``: SHA-256 over every tensor's
 name, dtype, shape and bytes and over the other metadata, verified on load (safetensors itself has none). Nothing is
 ever unpickled. Saving writes a temp file (exclusive create), fsyncs it, renames it over the target and fsyncs the
 directory, so a crash leaves either the old file or the new one.
@@ -25,8 +28,8 @@ from .errors import CorruptState, IncompatibleStates, OverlappingParties
 from .layout import Layout
 
 FORMAT = "jitkernels.foldstate"
-VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)  # version 1: no info, no optimizer state
 
 
 def _check_party(p):
@@ -39,7 +42,8 @@ class FoldState:
     """A partial aggregate. Merge two with :meth:`merge` (associative, commutative, refuses shared parties)."""
 
     def __init__(self, layout: Layout, *, algorithm: dict, acc_dtype: str = "float32", acc=None, leaf_weight=None,
-                 parties=None, base=None, lo=None, on_device: bool = False):
+                 parties=None, base=None, lo=None, on_device: bool = False, info=None, opt=None,
+                 round: int = 0, closed: bool = False, scalars=None):
         self.layout = layout
         self.algorithm = dict(algorithm)
         self.acc_dtype = np.dtype(acc_dtype).name
@@ -48,7 +52,16 @@ class FoldState:
         self.acc = zeros(layout.size, self.acc_dtype, on_device) if acc is None else acc
         self.leaf_weight = np.zeros(len(layout), np.float64) if leaf_weight is None else leaf_weight
         self.parties: dict = {} if parties is None else dict(parties)
+        self.info: dict = {} if info is None else {p: dict(v) for p, v in info.items()}
         self.base = base
+        # server optimizers' moments {"m": acc-sized, "v": acc-sized or absent}; ``round``: rounds closed so far.
+        # A round is closed when finalize changed the state in place (a server step moved the base, or DP noise
+        # went into the accumulator): nothing more may be folded or merged into it, and finalize again returns
+        # the same result.
+        self.opt: dict | None = None if opt is None else dict(opt)
+        self.round = int(round)
+        self.scalars: dict = {} if scalars is None else {k: float(v) for k, v in scalars.items()}  # e.g. clip_norm
+        self.closed = bool(closed)
         # deterministic mode: acc is the high part of a binned sum and lo the low part (see csrc/jk_math.h)
         if self.deterministic:
             if self.acc_dtype != "float64":
@@ -60,6 +73,10 @@ class FoldState:
             self.lo = None
         if self.acc.shape != (layout.size,) or self.acc.dtype != np.dtype(self.acc_dtype):
             raise ValueError(f"accumulator must be {self.acc_dtype}[{layout.size}], got {self.acc.dtype}{self.acc.shape}")
+        for k, arr in (self.opt or {}).items():
+            if k not in ("m", "v") or arr.shape != (layout.size,) or arr.dtype != np.dtype(self.acc_dtype):
+                raise ValueError(f"optimizer state {k!r} must be {self.acc_dtype}[{layout.size}], got "
+                                 f"{arr.dtype}{arr.shape}")
 
     @property
     def on_device(self) -> bool:
@@ -72,6 +89,8 @@ class FoldState:
             self.acc = place(self.acc, on_device)
             self.lo = None if self.lo is None else place(self.lo, on_device)
             self.base = None if self.base is None else place(self.base, on_device)
+            if self.opt is not None:
+                self.opt = {k: place(a, on_device) for k, a in self.opt.items()}
             self.__dict__.pop("_host_base", None)
         return self
 
@@ -114,7 +133,9 @@ class FoldState:
         return FoldState(self.layout, algorithm=self.algorithm, acc_dtype=self.acc_dtype, acc=self.acc.copy(),
                          leaf_weight=self.leaf_weight.copy(), parties=self.parties,
                          base=None if self.base is None else self.base.copy(),
-                         lo=None if self.lo is None else self.lo.copy())
+                         lo=None if self.lo is None else self.lo.copy(), info=self.info,
+                         opt=None if self.opt is None else {k: a.copy() for k, a in self.opt.items()},
+                         round=self.round, closed=self.closed, scalars=self.scalars)
 
     def same_bits(self, other: "FoldState") -> bool:
         """True when both states hold bit-identical accumulators, weights, parties and bases."""
@@ -125,7 +146,11 @@ class FoldState:
             return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
         return (self.layout == other.layout and self.algorithm == other.algorithm and eq(self.acc, other.acc)
                 and eq(self.leaf_weight, other.leaf_weight) and self.parties == other.parties
-                and eq(self.base, other.base) and eq(self.lo, other.lo))
+                and eq(self.base, other.base) and eq(self.lo, other.lo) and self.info == other.info
+                and (self.opt is None) == (other.opt is None) and self.round == other.round
+                and self.closed == other.closed and self.scalars == other.scalars
+                and (self.opt is None or (self.opt.keys() == other.opt.keys()
+                                          and all(eq(self.opt[k], other.opt[k]) for k in self.opt))))
 
     # --- merge -------------------------------------------------------------------------------------------------
     def check_mergeable(self, other: "FoldState") -> None:
@@ -136,6 +161,12 @@ class FoldState:
             raise IncompatibleStates(f"states use different algorithms: {self.algorithm} vs {other.algorithm}")
         if self.acc_dtype != other.acc_dtype:
             raise IncompatibleStates(f"accumulators differ: {self.acc_dtype} vs {other.acc_dtype}")
+        if self.closed or other.closed:
+            raise IncompatibleStates("finalize closed the round of one of the states (a server step or DP noise)")
+        if self.round != other.round:
+            raise IncompatibleStates(f"states are at different rounds ({self.round} vs {other.round})")
+        if self.scalars != other.scalars:
+            raise IncompatibleStates(f"states carry different server values: {self.scalars} vs {other.scalars}")
         if (self.base is None) != (other.base is None) or (
                 self.base is not None and not np.array_equal(to_host(self.base), to_host(other.base))):
             raise IncompatibleStates("states fold deltas against different bases")
@@ -172,6 +203,7 @@ class FoldState:
             binned_carry(self.acc, self.lo, binned_constants(self.bound_log2)[0])
         self.leaf_weight += other.leaf_weight
         self.parties.update(other.parties)
+        self.info.update(other.info)
 
     # --- files -------------------------------------------------------------------------------------------------
     def _tensors(self) -> dict:
@@ -180,6 +212,8 @@ class FoldState:
             t["base"] = to_host(self.base)
         if self.lo is not None:
             t["lo"] = to_host(self.lo)
+        for k, a in (self.opt or {}).items():
+            t[f"opt_{k}"] = to_host(a)
         return t
 
     def _metadata(self) -> dict:
@@ -190,6 +224,10 @@ class FoldState:
             "algorithm": json.dumps(self.algorithm, sort_keys=True),
             "acc_dtype": self.acc_dtype,
             "parties": json.dumps([[p, w] for p, w in self.parties.items()]),
+            "info": json.dumps([[p, v] for p, v in self.info.items()], sort_keys=True),
+            "round": str(self.round),
+            "scalars": json.dumps(self.scalars, sort_keys=True),
+            "closed": "1" if self.closed else "0",
         }
 
     def to_bytes(self) -> bytes:
@@ -217,10 +255,14 @@ class FoldState:
             layout = Layout.from_json(json.loads(meta["layout"]))
             algorithm = json.loads(meta["algorithm"])
             parties = {_check_party(p): float(w) for p, w in json.loads(meta["parties"])}
+            info = {_check_party(p): {k: float(x) for k, x in v.items()} for p, v in json.loads(meta.get("info", "[]"))}
+            opt = {k[4:]: np.array(a) for k, a in tensors.items() if k.startswith("opt_")}
             return cls(layout, algorithm=algorithm, acc_dtype=meta["acc_dtype"], acc=np.array(tensors["acc"]),
                        leaf_weight=np.array(tensors["leaf_weight"]), parties=parties,
                        base=np.array(tensors["base"]) if "base" in tensors else None,
-                       lo=np.array(tensors["lo"]) if "lo" in tensors else None)
+                       lo=np.array(tensors["lo"]) if "lo" in tensors else None, info=info, opt=opt or None,
+                       round=int(meta.get("round", "0")), closed=meta.get("closed", "0") == "1",
+                       scalars=json.loads(meta.get("scalars", "{}")))
         except (KeyError, ValueError, TypeError) as e:
             raise CorruptState(f"{path}: inconsistent state ({e})") from e
 

@@ -56,7 +56,7 @@ def emulation_library():
 
 
 _CTYPE = {np.dtype(np.uint64): ctypes.c_uint64, np.dtype(np.int64): ctypes.c_int64,
-          np.dtype(np.float64): ctypes.c_double}
+          np.dtype(np.float64): ctypes.c_double, np.dtype(np.int32): ctypes.c_int32}
 
 
 class Stream:

@@ -194,6 +194,41 @@ __global__ void finalize_rows(const A* __restrict__ acc, const A* __restrict__ b
   }
 }
 
+// Server optimizer step (jk::opt_step) over one work item, d = acc / W; x, m, v updated in place, the new x
+// narrowed into out. Reads 3-4 and writes 2-3 acc-sized streams plus out. The kind is a template argument of the
+// loop, picked once per block, so the loop body has no branch on it.
+template <int Kind, class A, class Out>
+__device__ void step_item(const A* a, A* x, A* m, A* v, Out* o, i64 len, A W, const jk::OptCoef<A>& c) {
+  for (i64 i = threadIdx.x; i < len; i += blockDim.x) {
+    A vi = Kind >= jk::OPT_ADAM ? v[i] : (A)0;
+    A xi = x[i], mi = m[i];
+    jk::opt_step<Kind>(jk::final_value(a[i], W), xi, mi, vi, c);
+    x[i] = xi;
+    m[i] = mi;
+    if (Kind >= jk::OPT_ADAM) v[i] = vi;
+    jk::narrow_to(o + i, xi);
+  }
+}
+
+template <class A, class Out>
+__global__ void step_rows(const A* __restrict__ acc, A* __restrict__ x, A* __restrict__ m, A* __restrict__ v,
+                          const i64* __restrict__ off, const double* __restrict__ total_w,
+                          const i64* __restrict__ optr, const i64* __restrict__ work, const double* __restrict__ coef,
+                          int kind) {
+  const i64 r = work[3 * blockIdx.x], s = work[3 * blockIdx.x + 1], len = work[3 * blockIdx.x + 2], o0 = off[r] + s;
+  const jk::OptCoef<A> c{(A)coef[0], (A)coef[1], (A)coef[2], (A)coef[3], (A)coef[4], (A)coef[5]};
+  const A W = (A)total_w[r];
+  Out* o = reinterpret_cast<Out*>(optr[r]) + s;
+  A* vs = v ? v + o0 : nullptr;
+  switch (kind) {
+    case jk::OPT_MOMENTUM: step_item<jk::OPT_MOMENTUM>(acc + o0, x + o0, m + o0, vs, o, len, W, c); break;
+    case jk::OPT_NESTEROV: step_item<jk::OPT_NESTEROV>(acc + o0, x + o0, m + o0, vs, o, len, W, c); break;
+    case jk::OPT_ADAM: step_item<jk::OPT_ADAM>(acc + o0, x + o0, m + o0, vs, o, len, W, c); break;
+    case jk::OPT_YOGI: step_item<jk::OPT_YOGI>(acc + o0, x + o0, m + o0, vs, o, len, W, c); break;
+    case jk::OPT_ADAGRAD: step_item<jk::OPT_ADAGRAD>(acc + o0, x + o0, m + o0, vs, o, len, W, c); break;
+  }
+}
+
 // Warp-level reductions (the host emulation runs one-thread warps: lane 0, identity).
 #if defined(JK_HOST_EMULATION)
 template <class T> T warp_sum(T v) { return v; }

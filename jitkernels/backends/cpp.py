@@ -43,3 +43,8 @@ def stats(base, g, acc_dtype):
 
 def finalize(acc, base, og):
     _core.finalize(acc, base, CODE[og.out_dtype], og.off, og.total_w, og.ptr, og.work, get_num_threads())
+
+
+def step(acc, x, m, v, kind, coef, og):
+    _core.step(acc, x, m, v, kind, np.asarray(coef, np.float64), CODE[og.out_dtype], og.off, og.total_w, og.ptr,
+               og.work, get_num_threads())

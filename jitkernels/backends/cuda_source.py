@@ -46,6 +46,10 @@ def finalize_name(acc: str, out_dtype: str, base: bool) -> str:
     return f"jkcuda::finalize_rows<{C_TYPES[acc]}, {C_TYPES[out_dtype]}, {_b(base)}>"
 
 
+def step_name(acc: str, out_dtype: str) -> str:
+    return f"jkcuda::step_rows<{C_TYPES[acc]}, {C_TYPES[out_dtype]}>"
+
+
 @lru_cache(maxsize=None)
 def kernel_names() -> tuple:
     """Every kernel the backend may launch, compiled together once per device."""
@@ -57,6 +61,7 @@ def kernel_names() -> tuple:
             names += [stats_name(a, t, base) for a in ACC_TYPES]
         for o in OUT_TYPES:
             names += [finalize_name(a, o, base) for a in ACC_TYPES]
+    names += [step_name(a, o) for a in ACC_TYPES for o in OUT_TYPES]
     return tuple(names)
 
 

@@ -353,5 +353,20 @@ def finalize(acc, base, og):
     compute.synchronize()
 
 
+def step(acc, x, m, v, kind, coef, og):
+    """The server-optimizer step of numpy_ref.step, one pass over device memory: reads acc, x, m (v), writes x, m
+    (v) and out."""
+    rt = runtime()
+    R = len(og.off)
+    itab = rt.upload(np.concatenate([og.off, og.ptr, og.work.reshape(-1)]).astype(np.int64))
+    wtab = rt.upload(np.concatenate([np.asarray(og.total_w, np.float64), np.asarray(coef, np.float64)]))
+    ip, wp = rt.ptr(itab), rt.ptr(wtab)
+    compute = rt.current_stream()
+    rt.launch(cuda_source.step_name(acc.dtype.name, og.out_dtype), og.work.shape[0],
+              (_addr(rt, acc), _addr(rt, x), _addr(rt, m), _addr(rt, v), np.uint64(ip), np.uint64(wp),
+               np.uint64(ip + 8 * R), np.uint64(ip + 16 * R), np.uint64(wp + 8 * R), np.int32(kind)), compute)
+    compute.synchronize()
+
+
 def set_num_threads(n: int) -> None:
     pass

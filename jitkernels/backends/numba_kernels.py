@@ -238,6 +238,41 @@ if numba is not None:
                     out[i] = a[i] / W
 
 
+    @njit(parallel=True, cache=True, nogil=True)
+    def _step(acc, x, m, v, kind, coef, off, total_w, optr, work, out_witness, write_out):
+        b1, c1, b2, c2, lr, tau = (_as_acc(coef[0], acc), _as_acc(coef[1], acc), _as_acc(coef[2], acc),
+                                   _as_acc(coef[3], acc), _as_acc(coef[4], acc), _as_acc(coef[5], acc))
+        one, zero = _as_acc(1.0, acc), _as_acc(0.0, acc)
+        for it in prange(work.shape[0]):
+            r, s, ln = work[it, 0], work[it, 1], work[it, 2]
+            o = off[r] + s
+            W = _as_acc(total_w[r], acc)
+            a, X, M = acc[o:o + ln], x[o:o + ln], m[o:o + ln]
+            V = v[o:o + ln] if kind >= 2 else v[:0]
+            out = carray(_typed_ptr(optr[r], out_witness), (s + ln,))[s:] if write_out else out_witness[:0]
+            if kind <= 1:  # momentum, nesterov
+                for i in range(ln):
+                    d = a[i] / W
+                    M[i] = b1 * M[i] + d
+                    X[i] = X[i] + lr * (d + b1 * M[i] if kind == 1 else M[i])
+            else:
+                for i in range(ln):
+                    d = a[i] / W
+                    M[i] = b1 * M[i] + c1 * d
+                    dd = d * d
+                    if kind == 2:
+                        V[i] = b2 * V[i] + c2 * dd
+                    elif kind == 3:
+                        diff = V[i] - dd
+                        V[i] = V[i] - (c2 * dd) * (one if diff > zero else (-one if diff < zero else zero))
+                    else:
+                        V[i] = V[i] + dd
+                    X[i] = X[i] + (lr * M[i]) / (np.sqrt(V[i]) + tau)
+            if write_out:
+                for i in range(ln):
+                    out[i] = X[i]
+
+
 _WITNESS = {"float64": np.float64, "float32": np.float32, "bfloat16": np.uint16, "int8": np.int8}
 
 
@@ -292,3 +327,16 @@ def finalize(acc, base, og):
         work[:, 0] = 0
         _finalize(acc, b, has, og.off[r:r + 1], og.total_w[r:r + 1], one, work, np.empty(0, acc.dtype))
         out.reshape(-1)[...] = buf.astype(out_t)
+
+
+def step(acc, x, m, v, kind, coef, og):
+    """The optimizer step of numpy_ref.step; float16/bfloat16 outputs are rounded by numpy from the updated x."""
+    _set_threads()
+    direct = og.out_dtype in ("float32", "float64")
+    _step(acc, x, m, np.empty(0, acc.dtype) if v is None else v, kind, np.asarray(coef, np.float64), og.off,
+          og.total_w, og.ptr, og.work, np.empty(0, og.out_dtype if direct else acc.dtype), direct)
+    if not direct:
+        out_t = np_dtype(og.out_dtype)
+        for r, out in enumerate(og.outs):
+            o = int(og.off[r])
+            out.reshape(-1)[...] = x[o:o + int(og.n[r])].astype(out_t)

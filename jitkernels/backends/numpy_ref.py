@@ -6,6 +6,7 @@ Element-wise spec (acc dtype ``A``, fl = round to ``A``; no fused multiply-add a
 * delta  ``x = x - base[i]``                            (only when a base is given)
 * fold   ``acc[i] = acc[i] + A(w_j) * x``                for j = 0..k-1 in batch order, groups in ``GROUP_ORDER``
 * final  ``y = acc[i] / A(W_leaf)``; with a base ``y = base[i] + y``; ``out[i] = out_t(y)`` (round to nearest even)
+* step   server optimizers (:func:`step`): ``d = acc[i] / A(W_leaf)``, then the update of x, m, v below, in A
 
 Because every element sees the same operations in the same order, the compiled backends match this bit for bit.
 Stats (finite count, sum of squares and max-abs in float64) are reductions: equal within a tolerance.
@@ -118,6 +119,48 @@ def finalize(acc, base, og):
         if base is not None:
             y = base[o:o + n] + y
         out.reshape(-1)[...] = y.astype(out_t)
+
+
+# Optimizer kinds, as jk::OptKind in csrc/jk_math.h.
+MOMENTUM, NESTEROV, ADAM, YOGI, ADAGRAD = range(5)
+
+
+def step(acc, x, m, v, kind, coef, og):
+    """One server-optimizer step per element, in the accumulator dtype A, with coef = (b1, c1, b2, c2, lr, tau)
+    rounded to A once (each product and sum below rounds once; no multiply-add is fused)::
+
+        d = acc / W
+        momentum:  m = b1*m + d;                 x = x + lr*m
+        nesterov:  m = b1*m + d;                 x = x + lr*(d + b1*m)
+        adam:      m = b1*m + c1*d;  v = b2*v + c2*d*d;                 x = x + (lr*m) / (sqrt(v) + tau)
+        yogi:      m = b1*m + c1*d;  v = v - (c2*d*d) * sign(v - d*d);  x = ...
+        adagrad:   m = b1*m + c1*d;  v = v + d*d;                       x = ...
+        out = out_t(x)
+
+    x, m, v are updated in place. A fused kernel reads acc, x, m (and v) and writes x, m (and v) and out: for
+    FedAdam with f32 state and output, 32 bytes per parameter."""
+    A = acc.dtype
+    b1, c1, b2, c2, lr, tau = (A.type(c) for c in coef)
+    out_t = np_dtype(og.out_dtype)
+    for r, out in enumerate(og.outs):
+        sl = slice(int(og.off[r]), int(og.off[r]) + int(og.n[r]))
+        d = acc[sl] / A.type(og.total_w[r])
+        X, M = x[sl], m[sl]
+        if kind in (MOMENTUM, NESTEROV):
+            M[...] = b1 * M + d
+            X[...] = X + lr * (d + b1 * M if kind == NESTEROV else M)
+        else:
+            M[...] = b1 * M + c1 * d
+            dd = d * d
+            V = v[sl]
+            if kind == ADAM:
+                V[...] = b2 * V + c2 * dd
+            elif kind == YOGI:
+                V[...] = V - (c2 * dd) * np.sign(V - dd)
+            else:
+                V[...] = V + dd
+            X[...] = X + (lr * M) / (np.sqrt(V) + tau)
+        out.reshape(-1)[...] = X.astype(out_t)
 
 
 def set_num_threads(n: int) -> None:

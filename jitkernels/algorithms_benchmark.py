@@ -1,0 +1,222 @@
+"""Benchmark of the algorithms' kernels and whole rounds: ``python -m jitkernels.algorithms_benchmark``.
+
+As :mod:`jitkernels.benchmark`, every number is a ratio from one run: against the read-bandwidth probe measured
+between repetitions (the roofline) and against Flower on the same inputs. Rows, for N float32 parameters in uneven
+leaves and k updates:
+
+* **step (fused)**: the server-optimizer step at finalize (``backend.step``), per backend, on a state with a folded
+  accumulator. Bytes: FedAdam/Yogi/Adagrad read acc, x, m, v and write x, m, v, out (32N, f32 everywhere); FedAvgM
+  reads acc, x, m and writes x, m, out (24N). ``min bytes`` is what the equations need at least (28N for FedAdam:
+  the new model written once, as the output).
+* **numpy f32 expressions**: the same equations as plain float32 numpy expressions over the flat arrays (the way
+  Flower writes them: ``m = b1*m + (1-b1)*d`` ...), each allocating its result.
+* **round from FitRes**: a whole round from Flower ``FitRes`` in to the new model out: ours folds zero-copy views of
+  the serialized bytes (:mod:`jitkernels.integrations.flower`) with ``fold_many`` and finalizes into last round's
+  output; Flower's ``FedAdam.aggregate_fit`` / ``FedAvg.aggregate_fit`` (``inplace=True``, as shipped) deserialize
+  with copies and allocate per step. Bytes (the fused minimum): ``k*N*4 + 8N`` for the fold, plus the step's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+import jitkernels as jk
+
+from . import algorithms as A
+from .backends import numpy_ref
+from .batch import build_out_groups
+from .benchmark import Probe, header, installed, interleaved, make_workload, peak_memory
+
+OPTIMIZERS = {"fedadam": (lambda: A.FedAdam(lr=0.01, tau=1e-3), 32, 28),
+              "fedavgm": (lambda: A.FedAvgM(lr=1.0, momentum=0.9), 24, 20)}
+
+
+def _row(label, method, backend, timing, nbytes, min_bytes=None, mem=(None, None)):
+    t, bw = timing.time, timing.bandwidth
+    return {"workload": label, "method": method, "backend": backend, "time_s": t, "times_s": timing.times,
+            "probe_gbps": bw, "bytes": nbytes, "frac_roofline": nbytes / (bw * 1e9) / t,
+            "frac_min_roofline": None if min_bytes is None else min_bytes / (bw * 1e9) / t,
+            "traced_peak_bytes": mem[0], "rss_peak_bytes": mem[1]}
+
+
+def _stepped_state(wl, alg, backend):
+    """An aggregator with the workload's k updates folded (deltas against the first update as the model)."""
+    base = wl.updates("float32")[0]
+    agg = jk.Aggregator(wl.template("float32"), alg, backend=backend, base=base)
+    agg.fold_many(wl.updates("float32")[1:], wl.weights[1:], wl.parties[1:])
+    return agg
+
+
+def bench_step(wl, probe, name, backends):
+    make, nbytes, min_bytes = OPTIMIZERS[name]
+    rows = []
+    for backend in backends:
+        agg = _stepped_state(wl, make(), backend)
+        st, alg = agg.state, agg.algorithm
+        outs = [np.empty(l.shape, np.float32) for l in agg.layout.leaves]
+        ids = list(range(len(agg.layout)))
+        groups = build_out_groups(agg.layout, ids, outs, st.leaf_weight)
+        mod = numpy_ref if backend == "numpy" else jk.backends.get(backend)
+        coef = alg.coefficients(1)
+
+        def run():
+            for og in groups:
+                mod.step(st.acc, st.base, st.opt["m"], st.opt.get("v"), alg.kind, coef, og)
+
+        rows.append(_row(wl.label, f"{name} step (fused)", backend, interleaved(run, probe), nbytes * wl.n,
+                         min_bytes * wl.n))
+        if backend == backends[0]:
+            rows.append(_row(wl.label, f"{name} numpy f32 expressions", "numpy",
+                             interleaved(_numpy_expressions(st, alg, agg.layout), probe), nbytes * wl.n,
+                             min_bytes * wl.n))
+        del agg, st
+    return rows
+
+
+def _numpy_expressions(st, alg, layout):
+    """The step as plain float32 numpy expressions per leaf, each one allocating (as FL frameworks write it)."""
+    b1, c1, b2, c2, lr, tau = alg.coefficients(1)
+    spans = [(l.offset, l.offset + l.size) for l in layout.leaves]
+    W = np.float32(st.leaf_weight[0])
+    x = [st.base[a:b].copy() for a, b in spans]
+    m = [st.opt["m"][a:b].copy() for a, b in spans]
+    v = [st.opt["v"][a:b].copy() for a, b in spans] if "v" in st.opt else None
+    d = [st.acc[a:b] for a, b in spans]
+
+    def run():
+        nonlocal x, m, v
+        delta = [a / W for a in d]
+        if v is None:
+            m = [b1 * mm + dd for mm, dd in zip(m, delta)]
+            x = [xx + lr * mm for xx, mm in zip(x, m)]
+        else:
+            m = [b1 * mm + c1 * dd for mm, dd in zip(m, delta)]
+            v = [b2 * vv + c2 * (dd * dd) for vv, dd in zip(v, delta)]
+            x = [xx + lr * mm / (np.sqrt(vv) + tau) for xx, mm, vv in zip(x, m, v)]
+    return run
+
+
+def bench_rounds(wl, probe, backend):
+    """A FedAdam and a FedAvg round from FitRes, ours and Flower's, on the same FitRes objects."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.server import strategy as fl
+
+    from .integrations.flower import ndarrays_from_parameters
+
+    ok = Status(code=Code.OK, message="")
+    ups = [list(u.values()) for u in wl.updates("float32")]
+    results = [(None, FitRes(status=ok, parameters=ndarrays_to_parameters(u), num_examples=w, metrics={}))
+               for u, w in zip(ups, wl.weights)]
+    x0 = [np.zeros_like(a) for a in ups[0]]
+    fold_bytes = wl.k * wl.n * 4 + 8 * wl.n
+    rows = []
+    for name, ours, theirs, step_bytes in (
+            ("FedAdam", A.FedAdam(lr=0.01, tau=1e-3, variant="flower"),
+             lambda: fl.FedAdam(initial_parameters=ndarrays_to_parameters(x0), eta=0.01, tau=1e-3), 32),
+            ("FedAvg", A.FedAvg(), lambda: fl.FedAvg(), 8)):
+        agg = jk.Aggregator(x0, ours, backend=backend, base=x0 if name == "FedAdam" else None)
+        out = [np.empty_like(a) for a in x0]
+        state = {"r": 0}
+
+        def ours_round():
+            agg.reset(reuse=True)
+            views = [ndarrays_from_parameters(fr.parameters) for _, fr in results]
+            agg.fold_many(views, [fr.num_examples for _, fr in results], list(range(len(results))))
+            return agg.finalize(out=out)
+
+        strat = theirs()
+
+        def flower_round():
+            state["r"] += 1
+            return strat.aggregate_fit(state["r"], results, [])
+
+        nbytes = fold_bytes + step_bytes * wl.n
+        for method, fn, be in ((f"{name} round from FitRes", ours_round, backend),
+                               (f"{name} round: Flower aggregate_fit", flower_round, "flwr")):
+            mem = peak_memory(fn)
+            rows.append(_row(wl.label, method, be, interleaved(fn, probe, min_reps=2, max_reps=5, cap_s=30),
+                             nbytes, mem=mem))
+        del agg, strat
+    return rows
+
+
+def run(n=25_000_000, leaves=50, k=10, *, backends=None, flower=True, json_path=None, progress=True, file=None):
+    """Run every row, print the table and return the rows."""
+    from tqdm import tqdm
+
+    avail = jk.available_backends()
+    backends = [b for b in (backends or ("cpp", "numba", "numpy")) if avail.get(b) is True]
+    probe = Probe()
+    head = header(probe)
+    wl = make_workload(n, leaves, k)
+    _stepped_state(make_workload(4096, 4, 2), A.FedAdam(), backends[0])  # warm up (numba compiles)
+    rows = []
+    steps = [("step", o) for o in OPTIMIZERS] + ([("rounds", None)] if flower and installed("flwr") else [])
+    with tqdm(steps, file=sys.stderr, disable=not progress, unit="part") as bar:
+        for what, name in bar:
+            bar.set_description(f"{what} {name or ''}")
+            if what == "step":
+                rows += bench_step(wl, probe, name, backends)
+            else:
+                rows += bench_rounds(wl, probe, backends[0])
+    _ratios(rows)
+    print(format_table(head, rows, wl.label), file=file or sys.stdout)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"header": head, "rows": rows}, f, indent=1)
+    return rows
+
+
+def _ratios(rows):
+    """``speedup``: the plain-numpy (or Flower) time of the same job over this row's time."""
+    by = {r["method"]: r for r in rows}
+    for r in rows:
+        m = r["method"]
+        peer = None
+        if m.endswith("step (fused)"):
+            peer = by.get(m.replace("step (fused)", "numpy f32 expressions"))
+        elif m.endswith("round from FitRes"):
+            peer = by.get(m.replace("round from FitRes", "round: Flower aggregate_fit"))
+        r["speedup"] = None if peer is None else peer["time_s"] / r["time_s"]
+
+
+def format_table(head, rows, label) -> str:
+    lines = [f"# jitkernels algorithms benchmark: {label}",
+             f"# {head['cpu']}, {head['usable_cpus']} CPUs, threads {head['threads']}, simd {head['simd']}",
+             f"{'method':38} {'backend':7} {'ms':>9} {'probe':>6} {'MB':>7} {'roofl':>5} {'min-r':>5} "
+             f"{'speedup':>7} {'RSS MB':>7}"]
+    for r in rows:
+        def f(x, s, spec):
+            return "" if x is None else format(x * s, spec)
+        lines.append(f"{r['method']:38} {r['backend']:7} {f(r['time_s'], 1e3, '9.1f')} "
+                     f"{f(r['probe_gbps'], 1, '6.1f')} {f(r['bytes'], 1e-6, '7.0f')} "
+                     f"{f(r['frac_roofline'], 1, '5.2f')} {f(r['frac_min_roofline'], 1, '5.2f'):>5} "
+                     f"{f(r['speedup'], 1, '7.1f'):>7} {f(r['rss_peak_bytes'], 1e-6, '7.0f'):>7}")
+    lines.append("ms: median time; probe: read GB/s around it; MB: bytes the fused method moves; roofl: (MB / probe) "
+                 "/ ms; min-r: the same with the equations' minimum bytes; speedup: the numpy-expression (step) or "
+                 "Flower (round) time / this time; RSS MB: peak resident-set growth of one call.")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jitkernels.algorithms_benchmark",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=25_000_000)
+    p.add_argument("--leaves", type=int, default=50)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--backends", nargs="+", choices=("cpp", "numba", "numpy"))
+    p.add_argument("--no-flower", action="store_true")
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    run(a.n, a.leaves, a.k, backends=a.backends, flower=not a.no_flower, json_path=a.json,
+        progress=not a.no_progress)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,439 @@
+"""Algorithms: the server-optimizer step kernel on every backend against the numpy reference (bit for bit: it is
+element-wise), each algorithm against its equations written out in float64, rounds carried across reset and
+save/load, and the typed errors of per-update values."""
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import jitkernels as jk
+from jitkernels import algorithms as A
+from jitkernels.backends import numpy_ref
+from jitkernels.batch import build_out_groups
+from jitkernels.dtypes import np_dtype
+from jitkernels.layout import Layout
+
+from strategies import CPU_BACKENDS, FLOAT_DTYPES, leaf_shapes, make_update, seeds
+
+OPTIMIZERS = {
+    "fedavgm": lambda v: A.FedAvgM(lr=0.7, momentum=0.9),
+    "nesterov": lambda v: A.FedAvgM(lr=0.7, momentum=0.9, nesterov=True),
+    "fedadam": lambda v: A.FedAdam(lr=0.05, tau=1e-3, variant=v),
+    "fedyogi": lambda v: A.FedYogi(lr=0.05, variant=v),
+    "fedadagrad": lambda v: A.FedAdagrad(lr=0.05, beta1=0.5, tau=1e-3, variant=v),
+}
+
+
+def _step_backends():
+    out = [(b, None) for b in CPU_BACKENDS if b != "numpy"]
+    if shutil.which("g++"):
+        out.append(("cupy", "shim"))
+    return out
+
+
+def _run_step(backend, lay, acc, x, m, v, kind, coef, total_w, out_dtype, seed):
+    """Every leaf stepped by ``backend``'s step into outputs pre-filled with 7s; returns (outs, x, m, v)."""
+    x, m, v = x.copy(), m.copy(), None if v is None else v.copy()
+    outs = [np.full(l.shape, 7, np_dtype(out_dtype)) for l in lay.leaves]
+    chunk = 100 if backend == "cupy" else 4096
+    groups = build_out_groups(lay, list(range(len(lay))), outs, total_w, chunk=chunk)
+    if backend == "cupy":
+        import gpu_shim
+        from jitkernels.backends import cupy_backend
+        with cupy_backend.use_runtime(gpu_shim.HostRuntime(seed)):
+            for og in groups:
+                cupy_backend.step(acc, x, m, v, kind, coef, og)
+    else:
+        mod = numpy_ref if backend == "numpy" else jk.backends.get(backend)
+        for og in groups:
+            mod.step(acc, x, m, v, kind, coef, og)
+    return outs, x, m, v
+
+
+@pytest.mark.parametrize("backend,_", _step_backends())
+@pytest.mark.parametrize("kind", [A.MOMENTUM, A.NESTEROV, A.ADAM, A.YOGI, A.ADAGRAD])
+@pytest.mark.parametrize("acc_dtype", ["float32", "float64"])
+@given(seed=seeds, shapes=leaf_shapes(max_size=700), out_dtype=st.sampled_from(FLOAT_DTYPES),
+       magnitude=st.sampled_from([1e-6, 1e-2, 1.0, 1e3]), ties=st.booleans())
+def test_step_bit_exact(backend, _, kind, acc_dtype, seed, shapes, out_dtype, magnitude, ties):
+    rng = np.random.default_rng(seed)
+    lay = Layout.from_template(make_update(rng, shapes, out_dtype))
+    n = lay.size
+    acc = (rng.standard_normal(n) * magnitude).astype(acc_dtype)
+    x = rng.standard_normal(n).astype(acc_dtype)
+    m = (rng.standard_normal(n) * magnitude).astype(acc_dtype)
+    v = (rng.random(n) * magnitude * magnitude).astype(acc_dtype) if kind >= A.ADAM else None
+    total_w = rng.uniform(0.5, 20.0, len(lay))
+    if ties and v is not None:  # Yogi's sign(v - d*d) = 0 and v = 0 exactly
+        d = acc / np.asarray(np.repeat(total_w, [l.size for l in lay.leaves]), acc_dtype)
+        v[::3] = d[::3] * d[::3]
+        v[1::5] = 0
+    coef = (0.9, 0.1, 0.99, 0.01 if kind != A.ADAGRAD else 1.0, float(rng.uniform(0.01, 1.0)), 1e-3)
+    got = _run_step(backend, lay, acc, x, m, v, kind, coef, total_w, out_dtype, seed)
+    ref = _run_step("numpy", lay, acc, x, m, v, kind, coef, total_w, out_dtype, seed)
+    for g, r in zip(got[0], ref[0]):
+        assert g.tobytes() == r.tobytes()
+    for g, r in zip(got[1:], ref[1:]):
+        assert (g is None and r is None) or g.tobytes() == r.tobytes()
+
+
+# --- algorithms against their equations ---------------------------------------------------------------------------
+
+def _model(rng, n=(50, 7)):
+    return {"w": rng.standard_normal(n).astype(np.float32), "b": rng.standard_normal(n[1]).astype(np.float32)}
+
+
+def _updates(rng, base, k, scale=0.05):
+    return [{name: (a + scale * rng.standard_normal(a.shape)).astype(np.float32) for name, a in base.items()}
+            for _ in range(k)]
+
+
+def _reference_step(alg, x, d, m, v, t):
+    """The optimizer's equations in float64, written out from the papers (docstrings of jitkernels.algorithms)."""
+    if isinstance(alg, A.FedAvgM):
+        m = alg.momentum * m + d
+        return x + alg.lr * (d + alg.momentum * m if alg.nesterov else m), m, v
+    m = alg.beta1 * m + (1 - alg.beta1) * d
+    if isinstance(alg, A.FedAdam):
+        v = alg.beta2 * v + (1 - alg.beta2) * d * d
+    elif isinstance(alg, A.FedYogi):
+        v = v - (1 - alg.beta2) * d * d * np.sign(v - d * d)
+    else:
+        v = v + d * d
+    return x + alg.step_size(t) * m / (np.sqrt(v) + alg.tau), m, v
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("variant", ["reddi", "flower"])
+def test_optimizers_follow_their_equations_over_rounds(backend, name, variant):
+    rng = np.random.default_rng(7)
+    alg = OPTIMIZERS[name](variant)
+    base = _model(rng)
+    agg = jk.Aggregator(base, alg, backend=backend, base=base, acc_dtype="float64")
+    x = {k: a.astype(np.float64) for k, a in base.items()}
+    m = {k: np.zeros_like(a) for k, a in x.items()}
+    v = {k: np.full_like(a, alg.v0()) for k, a in x.items()}
+    for t in range(1, 5):
+        ups = _updates(rng, {k: a.astype(np.float32) for k, a in x.items()}, 4)
+        ws = rng.uniform(1, 100, 4)
+        for j, (u, w) in enumerate(zip(ups, ws)):
+            agg.fold(u, weight=w, party=j)
+        got = agg.finalize()
+        for key in x:
+            d = sum(w * (u[key].astype(np.float64) - x[key]) for u, w in zip(ups, ws)) / ws.sum()
+            x[key], m[key], v[key] = _reference_step(alg, x[key], d, m[key], v[key], t)
+            np.testing.assert_allclose(got[key], x[key].astype(np.float32), rtol=1e-5, atol=1e-6)
+        assert agg.state.round == t
+        agg.reset(reuse=t % 2 == 0)
+
+
+def test_a_finalized_optimizer_round_is_closed_until_reset():
+    rng = np.random.default_rng(1)
+    base = _model(rng)
+    agg = jk.Aggregator(base, A.FedAdam(), base=base)
+    u = _updates(rng, base, 2)
+    agg.fold(u[0], party="a")
+    first = agg.finalize()
+    again = agg.finalize()  # the same model, not a second step
+    assert all(np.array_equal(first[k], again[k]) for k in first)
+    assert agg.state.round == 1
+    with pytest.raises(jk.RoundClosed):
+        agg.fold(u[1], party="b")
+    with pytest.raises(ValueError, match="model"):
+        agg.finalize(output="delta")
+    agg.reset()
+    assert agg.state.count == 0 and agg.state.round == 1
+    for leaf in agg.layout.leaves:  # the next round starts from the stepped model
+        np.testing.assert_array_equal(agg.state.base[leaf.offset:leaf.offset + leaf.size], first[leaf.name].reshape(-1))
+
+
+def test_optimizers_need_a_base():
+    with pytest.raises(ValueError, match="base="):
+        jk.Aggregator(_model(np.random.default_rng(0)), A.FedYogi())
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_save_load_between_and_within_rounds_gives_the_same_bits(tmp_path, name):
+    rng = np.random.default_rng(3)
+    base = _model(rng)
+    rounds = [_updates(rng, base, 3, scale=0.1) for _ in range(3)]
+
+    def run(stop_at=None):
+        agg = jk.Aggregator(base, OPTIMIZERS[name]("reddi"), base=base)
+        outs = []
+        for r, ups in enumerate(rounds):
+            for j, u in enumerate(ups):
+                if (r, j) == stop_at:  # save, "crash", load, go on
+                    agg.state.save(tmp_path / "s.jks")
+                    agg = jk.Aggregator.from_state(jk.FoldState.load(tmp_path / "s.jks"))
+                agg.fold(u, weight=j + 1, party=j)
+            outs.append(agg.finalize())
+            agg.reset()
+        return outs, agg.state
+
+    ref, ref_state = run()
+    for stop in [(1, 0), (2, 2)]:
+        got, state = run(stop)
+        assert all(g[k].tobytes() == r[k].tobytes() for g, r in zip(got, ref) for k in r)
+        assert state.same_bits(ref_state)
+
+
+def test_merged_partial_states_step_like_one_state():
+    rng = np.random.default_rng(5)
+    base = _model(rng)
+    ups = _updates(rng, base, 6)
+    alg = A.FedAdam(lr=0.1, tau=1e-3)
+    whole = jk.Aggregator(base, alg, base=base, acc_dtype="float64")
+    left = jk.Aggregator(base, alg, base=base, acc_dtype="float64")
+    right = jk.Aggregator(base, alg, base=base, acc_dtype="float64")
+    for j, u in enumerate(ups):
+        whole.fold(u, weight=j + 1, party=j)
+        (left if j % 2 else right).fold(u, weight=j + 1, party=j)
+    left.merge(right)
+    a, b = whole.finalize(), left.finalize()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
+    with pytest.raises(jk.IncompatibleStates, match="closed the round"):
+        left.merge(jk.Aggregator(base, alg, base=base, acc_dtype="float64"))
+
+
+def test_a_rejected_update_leaves_an_optimizer_state_bit_identical():
+    rng = np.random.default_rng(2)
+    base = _model(rng)
+    agg = jk.Aggregator(base, A.FedYogi(), base=base)
+    good, bad = _updates(rng, base, 2)
+    agg.fold(good, party="ok")
+    agg.finalize()
+    agg.reset()
+    agg.fold(_updates(rng, base, 1)[0], party="ok")
+    before = agg.state.copy()
+    bad["w"][3, 2] = np.nan
+    with pytest.raises(jk.NonFiniteUpdate):
+        agg.fold(bad, party="nan")
+    assert agg.state.same_bits(before)
+
+
+# --- streaming algorithms -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fednova_normalizes_by_local_steps(backend):
+    rng = np.random.default_rng(11)
+    base = _model(rng)
+    ups = _updates(rng, base, 4)
+    n, tau = np.array([10.0, 20.0, 5.0, 40.0]), np.array([3.0, 1.0, 7.0, 2.0])
+    agg = jk.Aggregator(base, A.FedNova(), backend=backend, base=base, acc_dtype="float64")
+    for j, u in enumerate(ups):
+        agg.fold(u, weight=n[j], party=j, steps=tau[j])
+    got = agg.finalize()
+    p = n / n.sum()
+    tau_eff = (p * tau).sum()
+    for k in base:
+        x = base[k].astype(np.float64)
+        want = x + tau_eff * sum(p[j] * (ups[j][k] - x) / tau[j] for j in range(4))
+        np.testing.assert_allclose(got[k], want.astype(np.float32), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("staleness,a,b,fn", [
+    ("constant", 0.5, 4.0, lambda s: 1.0),
+    ("polynomial", 0.5, 4.0, lambda s: 1 / math.sqrt(1 + s)),  # FedBuff / FedScale
+    ("hinge", 2.0, 3.0, lambda s: 1.0 if s <= 3 else 1 / (2.0 * (s - 3) + 1)),
+    ("nvflare", 0.5, 4.0, lambda s: 1 / (1 + math.sqrt(s))),
+])
+def test_fedbuff_discounts_stale_updates(staleness, a, b, fn):
+    rng = np.random.default_rng(13)
+    base = _model(rng)
+    ups = _updates(rng, base, 5)
+    stale = [0, 1, 3, 6, 10]
+    agg = jk.Aggregator(base, A.FedBuff(staleness=staleness, a=a, b=b, server_lr=0.5), base=base, acc_dtype="float64")
+    for j, u in enumerate(ups):
+        agg.fold(u, party=j, staleness=stale[j])
+    got = agg.finalize()
+    for k in base:
+        x = base[k].astype(np.float64)
+        want = x + 0.5 * sum(fn(s) * (u[k] - x) for s, u in zip(stale, ups)) / len(ups)
+        np.testing.assert_allclose(got[k], want.astype(np.float32), rtol=1e-6, atol=1e-7)
+
+
+def test_fedprox_is_fedavg_on_the_server_and_records_mu(tmp_path):
+    rng = np.random.default_rng(4)
+    base = _model(rng)
+    ups = _updates(rng, base, 3)
+    prox = jk.Aggregator(base, A.FedProx(mu=0.01), base=base)
+    avg = jk.Aggregator(base, "fedavg", base=base)
+    for j, u in enumerate(ups):
+        prox.fold(u, weight=j + 1, party=j)
+        avg.fold(u, weight=j + 1, party=j)
+    a, b = prox.finalize(), avg.finalize()
+    assert all(a[k].tobytes() == b[k].tobytes() for k in a)
+    prox.state.save(tmp_path / "p.jks")
+    loaded = jk.Aggregator.from_state(jk.FoldState.load(tmp_path / "p.jks"))
+    assert loaded.algorithm.mu == 0.01
+
+
+def test_per_update_values_are_checked_with_the_party_named():
+    rng = np.random.default_rng(6)
+    base = _model(rng)
+    u = _updates(rng, base, 1)[0]
+    nova = jk.Aggregator(base, A.FedNova(), base=base)
+    with pytest.raises(jk.InvalidUpdateInfo, match="'p1'.*steps.*required"):
+        nova.fold(u, party="p1")
+    with pytest.raises(jk.InvalidUpdateInfo, match="'p1'.*steps = -2"):
+        nova.fold(u, party="p1", steps=-2)
+    with pytest.raises(jk.InvalidUpdateInfo, match="staleness.*not used"):
+        jk.Aggregator(base, "fedavg").fold(u, party="p1", staleness=1)
+    with pytest.raises(jk.InvalidUpdateInfo, match="'p2'.*staleness = nan"):
+        jk.Aggregator(base, A.FedBuff(), base=base).fold(u, party="p2", staleness=float("nan"))
+    assert nova.state.count == 0
+    adm = jk.admit(u, nova.layout, party="p3", base=nova.state.base)  # admitted elsewhere, without the steps
+    with pytest.raises(jk.InvalidUpdateInfo, match="'p3'"):
+        nova.fold(adm)
+    assert nova.state.count == 0
+
+
+@pytest.mark.parametrize("alg", [A.FedAvg(weighted=False), A.FedProx(mu=0.1), A.FedNova(), A.FedBuff(staleness="hinge"),
+                                 A.FedAvgM(lr=0.5, momentum=0.9, nesterov=True), A.FedAdam(variant="flower"),
+                                 A.FedYogi(), A.FedAdagrad(),
+                                 A.DPFixedClipping(A.FedAdam(), clip_norm=2.0, noise_multiplier=0.5, seed=1),
+                                 A.DPAdaptiveClipping(noise_multiplier=0.0, num_sampled=4)])
+def test_algorithms_round_trip_through_their_params(alg):
+    again = A.from_params(alg.params())
+    assert type(again) is type(alg) and again.params() == alg.params()
+
+
+# --- differential privacy -------------------------------------------------------------------------------------------
+
+def _norm(u, base):
+    return math.sqrt(sum(float(((u[k].astype(np.float64) - base[k]) ** 2).sum()) for k in base))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fixed_clipping_scales_each_delta_to_the_clip_norm(backend):
+    rng = np.random.default_rng(21)
+    base = _model(rng)
+    ups = [_updates(rng, base, 1, scale=s)[0] for s in (0.001, 0.05, 0.2, 1.0)]
+    C = 1.5
+    agg = jk.Aggregator(base, A.DPFixedClipping(clip_norm=C, noise_multiplier=0.0), backend=backend, base=base,
+                        acc_dtype="float64")
+    for j, u in enumerate(ups):
+        agg.fold(u, weight=10 * (j + 1), party=j)  # unweighted inner FedAvg: weights do not count
+    got = agg.finalize()
+    for k in base:
+        x = base[k].astype(np.float64)
+        want = x + sum(min(1.0, C / _norm(u, base)) * (u[k] - x) for u in ups) / len(ups)
+        np.testing.assert_allclose(got[k], want.astype(np.float32), rtol=1e-6, atol=1e-7)
+
+
+def _dp_round(backend, seed, *, threads=None, ups=None, base=None):
+    alg = A.DPFixedClipping(clip_norm=1e6, noise_multiplier=1.0, seed=seed)
+    agg = jk.Aggregator(base, alg, backend=backend, base=base)
+    old = jk.set_num_threads(threads) if threads else None
+    try:
+        for j, u in enumerate(ups):
+            agg.fold(u, party=j)
+        return agg.finalize(), agg
+    finally:
+        if old:
+            jk.set_num_threads(old)
+
+
+def test_dp_noise_is_bit_identical_across_backends_and_threads_and_runs():
+    rng = np.random.default_rng(8)
+    base = _model(rng)
+    ups = _updates(rng, base, 3)  # inside the clip norm: every backend folds the same weights, bit for bit
+    ref, _ = _dp_round("numpy", 1234, ups=ups, base=base)
+    for backend in CPU_BACKENDS:
+        for threads in (1, 2):
+            got, _ = _dp_round(backend, 1234, threads=threads, ups=ups, base=base)
+            assert all(got[k].tobytes() == ref[k].tobytes() for k in ref)
+    other, _ = _dp_round("numpy", 1235, ups=ups, base=base)
+    assert not np.array_equal(other["w"], ref["w"])
+
+
+def test_dp_noise_has_the_stated_std():
+    rng = np.random.default_rng(9)
+    base = {"w": np.zeros(200_000, np.float32)}
+    ups = [{"w": np.zeros(200_000, np.float32)} for _ in range(4)]  # zero deltas: the output is the noise
+    got, agg = _dp_round("cpp", 77, ups=ups, base=base)
+    std = 1.0 * 1e6 / 4  # sigma * C / m
+    z = got["w"].astype(np.float64) / std
+    n = z.size
+    assert abs(z.mean()) < 6 / math.sqrt(n)
+    assert abs(z.var() - 1) < 6 * math.sqrt(2 / n)
+    assert agg.state.round == 1 and agg.state.closed
+
+
+def test_a_dp_round_is_closed_noise_once_and_restart_reproduces_it(tmp_path):
+    rng = np.random.default_rng(10)
+    base = _model(rng)
+    ups = _updates(rng, base, 3)
+    first, agg = _dp_round("cpp", 99, ups=ups, base=base)
+    again = agg.finalize()
+    assert all(first[k].tobytes() == again[k].tobytes() for k in first)  # no second noise draw
+    with pytest.raises(jk.RoundClosed):
+        agg.fold(ups[0], party="late")
+    # saved before finalize, reloaded elsewhere: the same noise (the seed and round are in the state)
+    alg = A.DPFixedClipping(clip_norm=1e6, noise_multiplier=1.0, seed=99)
+    pre = jk.Aggregator(base, alg, base=base)
+    for j, u in enumerate(ups):
+        pre.fold(u, party=j)
+    pre.state.save(tmp_path / "dp.jks")
+    resumed = jk.Aggregator.from_state(jk.FoldState.load(tmp_path / "dp.jks"))
+    out = resumed.finalize()
+    assert all(first[k].tobytes() == out[k].tobytes() for k in first)
+    assert resumed.algorithm.seed == 99 and isinstance(resumed.algorithm.inner, A.FedAvg)
+
+
+def test_dp_over_a_server_optimizer_noises_the_delta_before_the_step():
+    rng = np.random.default_rng(12)
+    base = _model(rng)
+    ups = _updates(rng, base, 3)
+    dp = jk.Aggregator(base, A.DPFixedClipping(A.FedAvgM(lr=1.0), clip_norm=1e6, noise_multiplier=1.0, seed=5),
+                       base=base)
+    plain = jk.Aggregator(base, A.DPFixedClipping(clip_norm=1e6, noise_multiplier=1.0, seed=5), base=base)
+    for j, u in enumerate(ups):
+        dp.fold(u, party=j)
+        plain.fold(u, party=j)
+    a, b = dp.finalize(), plain.finalize()  # FedAvgM(lr=1, momentum=0) on the noised delta = noised FedAvg
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-5)
+    assert dp.state.round == 1 and dp.state.opt is not None
+
+
+def test_adaptive_clipping_moves_the_norm_toward_the_target_quantile():
+    rng = np.random.default_rng(14)
+    base = _model(rng)
+    alg = A.DPAdaptiveClipping(noise_multiplier=0.0, num_sampled=4, initial_clip_norm=0.5, count_stddev=0.0,
+                               clip_norm_lr=0.2, target_quantile=0.5)
+    agg = jk.Aggregator(base, alg, base=base)
+    norms = []
+    for r in range(3):
+        for j, u in enumerate(_updates(rng, base, 4, scale=1.0)):  # norms ~ 20: all clipped
+            agg.fold(u, party=j)
+        agg.finalize()
+        norms.append(agg.state.scalars["clip_norm"])
+        agg.reset()
+    # unclipped fraction 0 < 0.5: C grows by exp(0.2 * 0.5) per round (Andrew et al.)
+    np.testing.assert_allclose(norms, 0.5 * np.exp(0.1 * np.arange(1, 4)), rtol=1e-12)
+
+
+def test_adaptive_clipping_noise_uses_the_norm_it_clipped_to():
+    from jitkernels import noise
+
+    m, C0 = 40, 2.0
+    alg = A.DPAdaptiveClipping(noise_multiplier=1.0, num_sampled=m, initial_clip_norm=C0, seed=3)
+    base = {"w": np.zeros(50_000, np.float32)}
+    agg = jk.Aggregator(base, alg, base=base, acc_dtype="float64")
+    for j in range(m):  # zero deltas: the output is the noise alone
+        agg.fold({"w": np.zeros(50_000, np.float32)}, party=j)
+    got = agg.finalize()["w"]
+    sigma_delta = (1.0 ** -2 - (2 * m / 20) ** -2) ** -0.5
+    z = noise.gaussian(3, 0, 0, 0, 50_000)
+    np.testing.assert_allclose(got, (sigma_delta * C0 / m * z).astype(np.float32), rtol=1e-6, atol=1e-12)
+    assert agg.state.scalars["clip_norm"] != C0  # updated after, for the next round
+    with pytest.raises(ValueError, match="count_stddev"):
+        A.DPAdaptiveClipping(noise_multiplier=1.0, num_sampled=10)  # m/20 = 0.5 is too little count noise

@@ -1,0 +1,62 @@
+"""Zero-copy views of Flower's serialized parameters: equal to Flower's own deserialization, read in place, and
+every malformed or unsafe buffer refused with the party and array named (nothing is unpickled)."""
+
+import io
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import jitkernels as jk
+from jitkernels.integrations.flower import ndarray_view, ndarrays_from_parameters
+
+flwr = pytest.importorskip("flwr", reason="Flower (flwr) is a test dependency: pip install -e '.[test]'")
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays  # noqa: E402
+
+DTYPES = ["float64", "float32", "float16", "int64", "int32", "int8", "uint8", "bool", "complex64"]
+
+
+@given(seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from(DTYPES), ndim=st.integers(0, 3),
+       fortran=st.booleans(), big_endian=st.booleans())
+def test_views_equal_flowers_deserialization(seed, dtype, ndim, fortran, big_endian):
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(s) for s in rng.integers(0, 5, ndim))
+    a = (rng.standard_normal(shape) * 100).astype(dtype)
+    if big_endian:
+        a = a.astype(a.dtype.newbyteorder(">"))
+    if fortran:
+        a = np.asfortranarray(a)
+    params = ndarrays_to_parameters([a])
+    (view,), (theirs,) = ndarrays_from_parameters(params), parameters_to_ndarrays(params)
+    assert view.dtype == theirs.dtype and view.shape == theirs.shape
+    assert view.tobytes() == theirs.tobytes()
+    assert not view.flags.writeable
+    if a.size:
+        assert np.shares_memory(view, np.frombuffer(params.tensors[0], np.uint8))  # no copy
+
+
+def test_malformed_and_unsafe_buffers_are_refused():
+    good = ndarrays_to_parameters([np.ones((3, 4), np.float32)]).tensors[0]
+    for bad, what in [(good[:-1], "data bytes"), (b"not numpy", "not a .npy"), (good[:9], "not a .npy"),
+                      (good[:12], "truncated|bad .npy header")]:
+        with pytest.raises(jk.LayoutMismatch, match=what) as e:
+            ndarray_view(bad, party="p7", index=2)
+        assert e.value.party == "p7" and e.value.leaf == "array 2"
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(jk.LayoutMismatch, match="unpickling"):
+        ndarray_view(buf.getvalue(), party="evil", index=0)
+
+
+def test_views_fold_in_place():
+    rng = np.random.default_rng(0)
+    ups = [[rng.standard_normal((30, 20)).astype(np.float32), rng.standard_normal(20).astype(np.float32)]
+           for _ in range(3)]
+    agg = jk.Aggregator(ups[0], "fedavg")
+    for j, u in enumerate(ups):
+        agg.fold(ndarrays_from_parameters(ndarrays_to_parameters(u), party=j), weight=j + 1, party=j)
+    got = agg.finalize()
+    want = [sum((j + 1) * u[i].astype(np.float64) for j, u in enumerate(ups)) / 6 for i in range(2)]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
