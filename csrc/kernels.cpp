@@ -123,6 +123,45 @@ void fold(py::array acc, py::object base_obj, int in_code, I64 off, I64 ptr, F64
   });
 }
 
+// fold and stats in one pass (kernels.h, fold_stats_rows): returns the stats as stats() does.
+py::tuple fold_stats(py::array acc, py::object base_obj, int in_code, I64 off, I64 ptr, F64A w, I64 sptr, I64 blk,
+                     I64 work, int nthreads) {
+  require(acc.flags() & py::array::c_style && acc.writeable(), "accumulator must be a writeable C-contiguous array");
+  const bool acc64 = is_acc_f64(acc);
+  const bool has_base = !base_obj.is_none();
+  py::array base = has_base ? base_obj.cast<py::array>() : py::array();
+  if (has_base) require(base.dtype().is(acc.dtype()), "base must have the accumulator's dtype");
+  const int64_t k = ptr.ndim() == 2 ? ptr.shape(1) : 0, m = work.shape(0);
+  I64 nonfinite({m, k});
+  F64A sumsq({m, k}), maxabs({m, k});
+  std::fill_n(nonfinite.mutable_data(), m * k, 0);
+  std::fill_n(sumsq.mutable_data(), m * k, 0.0);
+  std::fill_n(maxabs.mutable_data(), m * k, 0.0);
+  int64_t* nf = nonfinite.mutable_data();
+  double* ss = sumsq.mutable_data();
+  double* mx = maxabs.mutable_data();
+  void* accp = acc.mutable_data();
+  const void* basep = has_base ? base.data() : nullptr;
+  with_types(acc64, in_code, [&](auto a, auto in) {
+    using A = decltype(a);
+    using In = decltype(in);
+    constexpr bool Q = std::is_same_v<In, int8_t>;
+    py::gil_scoped_release nogil;
+#define JK_FOLD_STATS(NS, B)                                                                                    \
+  NS::fold_stats_rows<A, In, B, Q>((A*)accp, (const A*)basep, off.data(), ptr.data(), w.data(), sptr.data(),    \
+                                   blk.data(), k, work.data(), m, nf, ss, mx, nthreads)
+#ifdef JK_X86
+    if (use_avx2()) {
+      if (has_base) JK_FOLD_STATS(avx2, true); else JK_FOLD_STATS(avx2, false);
+      return;
+    }
+#endif
+    if (has_base) JK_FOLD_STATS(baseline, true); else JK_FOLD_STATS(baseline, false);
+#undef JK_FOLD_STATS
+  });
+  return py::make_tuple(nonfinite, sumsq, maxabs);
+}
+
 void fold_binned(py::array_t<double, py::array::c_style> hi, py::array_t<double, py::array::c_style> lo,
                  py::object base_obj, int in_code, I64 off, I64 ptr, F64A w, I64 sptr, I64 blk, I64 work, double s1,
                  double s2, int nthreads) {
@@ -295,6 +334,8 @@ PYBIND11_MODULE(_core, mod) {
   mod.def("fold_binned", &fold_binned, py::arg("hi"), py::arg("lo"), py::arg("base"), py::arg("in_code"),
           py::arg("off"), py::arg("ptr"), py::arg("w"), py::arg("scale_ptr"), py::arg("block"), py::arg("work"),
           py::arg("s1"), py::arg("s2"), py::arg("nthreads"));
+  mod.def("fold_stats", &fold_stats, py::arg("acc"), py::arg("base"), py::arg("in_code"), py::arg("off"),
+          py::arg("ptr"), py::arg("w"), py::arg("scale_ptr"), py::arg("block"), py::arg("work"), py::arg("nthreads"));
   mod.def("stats", &stats, py::arg("base"), py::arg("acc_dtype"), py::arg("in_code"), py::arg("off"),
           py::arg("ptr"), py::arg("scale_ptr"), py::arg("block"), py::arg("work"), py::arg("nthreads"));
   mod.def("finalize", &finalize, py::arg("acc"), py::arg("base"), py::arg("out_code"), py::arg("off"),

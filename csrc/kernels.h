@@ -68,8 +68,8 @@ static inline void for_scale_segments(int64_t start, int64_t n, int64_t B, Seg&&
 }
 
 // The one loop nest of every fold: work items in parallel, each cut into SUB-blocks; for each block, every update
-// present in batch order calls body(e, p, pos, o, n) (e: its table entry, p: its address, pos: the block's position
-// in the leaf, o: in the accumulator, n: its length), then done(o, n) once.
+// present in batch order calls body(it, e, p, pos, o, n) (it: the work item, e: the update's table entry, p: its
+// address, pos: the block's position in the leaf, o: in the accumulator, n: its length), then done(o, n) once.
 template <class Body, class Done>
 static void for_blocks(const int64_t* off, const int64_t* ptr, int64_t k, const int64_t* work, int64_t m,
                        int nthreads, Body&& body, Done&& done) {
@@ -82,7 +82,7 @@ static void for_blocks(const int64_t* off, const int64_t* ptr, int64_t k, const 
       const int64_t n = std::min(sub, len - b0), o = off[r] + s + b0;
       for (int64_t j = 0; j < k; ++j) {
         const int64_t p = ptr[r * k + j];
-        if (p) body(r * k + j, p, s + b0, o, n);
+        if (p) body(it, r * k + j, p, s + b0, o, n);
       }
       done(o, n);
     }
@@ -91,49 +91,54 @@ static void for_blocks(const int64_t* off, const int64_t* ptr, int64_t k, const 
 
 constexpr auto no_done = [](int64_t, int64_t) {};
 
+// One block of one update into the accumulator: a[i] = a[i] + w * x, x = A(u[i]) [- b[i]].
 template <class A, class In, bool Base>
-static void fold_rows(A* acc, const A* base, const int64_t* off, const int64_t* ptr, const double* w,
-                      int64_t k, const int64_t* work, int64_t m, int nthreads) {
-  for_blocks(off, ptr, k, work, m, nthreads, [&](int64_t e, int64_t p, int64_t pos, int64_t o, int64_t n) {
-    A* __restrict a = acc + o;
-    const A* __restrict b = Base ? base + o : nullptr;
-    const A wj = (A)w[e];
+static inline void fold_block(A* __restrict a, const A* __restrict b, const In* u, A wj, int64_t n) {
 #ifdef JK_F16C
-    if constexpr (std::is_same_v<In, jk::f16> && std::is_same_v<A, float>) {
-      fold_f16_f32<Base>(a, reinterpret_cast<const jk::f16*>(p) + pos, b, wj, n);
-      return;
-    }
+  if constexpr (std::is_same_v<In, jk::f16> && std::is_same_v<A, float>) {
+    fold_f16_f32<Base>(a, u, b, wj, n);
+    return;
+  }
 #endif
-    for_segments(reinterpret_cast<const In*>(p) + pos, n, [&](auto u, int64_t i0, int64_t len) {
-      A* __restrict ai = a + i0;
-      for (int64_t i = 0; i < len; ++i) {
-        A x = jk::load<A>(u[i]);
-        if (Base) x = x - b[i0 + i];
-        ai[i] = jk::fold_step(ai[i], wj, x);
-      }
-    });
-  }, no_done);
+  for_segments(u, n, [&](auto v, int64_t i0, int64_t len) {
+    A* __restrict ai = a + i0;
+    for (int64_t i = 0; i < len; ++i) {
+      A x = jk::load<A>(v[i]);
+      if (Base) x = x - b[i0 + i];
+      ai[i] = jk::fold_step(ai[i], wj, x);
+    }
+  });
 }
 
 // int8 + scales: within a block, segments of equal scale, so that the inner loop has no division.
 template <class A, bool Base>
+static inline void fold_block_q(A* __restrict a, const A* __restrict b, const int8_t* __restrict q,
+                                const float* scales, int64_t pos, int64_t B, A wj, int64_t n) {
+  for_scale_segments(pos, n, B, [&](int64_t i0, int64_t i1, int64_t g) {
+    const float sc = scales[g];
+    for (int64_t i = i0; i < i1; ++i) {
+      A x = jk::dequant<A>(q[i], sc);
+      if (Base) x = x - b[i];
+      a[i] = jk::fold_step(a[i], wj, x);
+    }
+  });
+}
+
+template <class A, class In, bool Base>
+static void fold_rows(A* acc, const A* base, const int64_t* off, const int64_t* ptr, const double* w,
+                      int64_t k, const int64_t* work, int64_t m, int nthreads) {
+  for_blocks(off, ptr, k, work, m, nthreads, [&](int64_t, int64_t e, int64_t p, int64_t pos, int64_t o, int64_t n) {
+    fold_block<A, In, Base>(acc + o, Base ? base + o : nullptr, reinterpret_cast<const In*>(p) + pos, (A)w[e], n);
+  }, no_done);
+}
+
+template <class A, bool Base>
 static void fold_rows_q(A* acc, const A* base, const int64_t* off, const int64_t* ptr, const double* w,
                         const int64_t* sptr, const int64_t* blk, int64_t k, const int64_t* work, int64_t m,
                         int nthreads) {
-  for_blocks(off, ptr, k, work, m, nthreads, [&](int64_t e, int64_t p, int64_t pos, int64_t o, int64_t n) {
-    A* __restrict a = acc + o;
-    const A* __restrict b = Base ? base + o : nullptr;
-    const A wj = (A)w[e];
-    const int8_t* __restrict q = reinterpret_cast<const int8_t*>(p) + pos;
-    const float* scales = reinterpret_cast<const float*>(sptr[e]);
-    for_scale_segments(pos, n, blk[e], [&](int64_t i0, int64_t i1, int64_t g) {
-      const float sc = scales[g];
-      for (int64_t i = i0; i < i1; ++i) {
-        A x = jk::dequant<A>(q[i], sc);
-        if (Base) x = x - b[i];
-        a[i] = jk::fold_step(a[i], wj, x);
-      }
-    });
+  for_blocks(off, ptr, k, work, m, nthreads, [&](int64_t, int64_t e, int64_t p, int64_t pos, int64_t o, int64_t n) {
+    fold_block_q<A, Base>(acc + o, Base ? base + o : nullptr, reinterpret_cast<const int8_t*>(p) + pos,
+                          reinterpret_cast<const float*>(sptr[e]), pos, blk[e], (A)w[e], n);
   }, no_done);
 }
 
@@ -142,7 +147,7 @@ template <class In, bool Base, bool Quant>
 static void fold_binned_rows(double* hi, double* lo, const double* base, const int64_t* off, const int64_t* ptr,
                              const double* w, const int64_t* sptr, const int64_t* blk, int64_t k,
                              const int64_t* work, int64_t m, double s1, double s2, int nthreads) {
-  for_blocks(off, ptr, k, work, m, nthreads, [&](int64_t e, int64_t p, int64_t pos, int64_t o, int64_t n) {
+  for_blocks(off, ptr, k, work, m, nthreads, [&](int64_t, int64_t e, int64_t p, int64_t pos, int64_t o, int64_t n) {
     double* __restrict h = hi + o;
     double* __restrict l = lo + o;
     const double* __restrict b = Base ? base + o : nullptr;
@@ -193,60 +198,97 @@ static inline void stats_seg(Lanes<S>& st, int64_t n, Value value) {
   st.ss = ss; st.mx = mx; st.chk = chk;
 }
 
+// The stats type: f64 with a base (u - base would cancel in f32) or when the input or the accumulator is f64.
+template <class A, class In, bool Base>
+using StatT = std::conditional_t<Base || std::is_same_v<A, double> || std::is_same_v<In, double>, double, float>;
+
+// Stats of x over [pos, pos + len) of one update (b: the base at pos), added to st and bad: one vectorized pass, and
+// only if it saw a NaN/inf, an exact recount that skips them.
+template <class A, class In, bool Base, bool Quant, class S>
+static inline void stats_span(Lanes<S>& st, int64_t& bad, int64_t p, const float* scales, int64_t B,
+                              const A* __restrict b, int64_t pos, int64_t len) {
+  auto run = [&](int64_t n, auto value) {
+    const Lanes<S> before = st;
+    stats_seg(st, n, value);
+    if (st.chk != 0 || st.chk != st.chk) {
+      st = before;
+      for (int64_t q = 0; q < n; ++q) {
+        const S x = value(q), ax = std::fabs(x);
+        if (!std::isfinite(x)) { ++bad; continue; }
+        st.ss += (double)x * (double)x;
+        st.mx = ax > st.mx ? ax : st.mx;
+      }
+    }
+  };
+  if constexpr (Quant) {
+    const int8_t* q8 = reinterpret_cast<const int8_t*>(p) + pos;
+    for_scale_segments(pos, len, B, [&](int64_t i0, int64_t i1, int64_t g) {
+      const float sc = scales[g];
+      run(i1 - i0, [=](int64_t i) -> S {
+        S x = jk::dequant<S>(q8[i0 + i], sc);
+        if constexpr (Base) x = x - (S)b[i0 + i];
+        return x;
+      });
+    });
+  } else {
+    for_segments(reinterpret_cast<const In*>(p) + pos, len, [&](auto u, int64_t i0, int64_t n) {
+      run(n, [=](int64_t i) -> S {
+        S x = jk::load<S>(u[i]);
+        if constexpr (Base) x = x - (S)b[i0 + i];
+        return x;
+      });
+    });
+  }
+}
+
 template <class A, class In, bool Base, bool Quant>
 static void stats_rows(const A* base, const int64_t* off, const int64_t* ptr, const int64_t* sptr,
                        const int64_t* blk, int64_t k, const int64_t* work, int64_t m, int64_t* nonfinite,
                        double* sumsq, double* maxabs, int nthreads) {
-  using S = std::conditional_t<Base || std::is_same_v<A, double> || std::is_same_v<In, double>, double, float>;
+  using S = StatT<A, In, Base>;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t it = 0; it < m; ++it) {
     const int64_t r = work[3 * it], s = work[3 * it + 1], len = work[3 * it + 2];
-    const A* __restrict b = Base ? base + off[r] + s : nullptr;
     for (int64_t j = 0; j < k; ++j) {
-      const int64_t p = ptr[r * k + j];
+      const int64_t e = r * k + j, p = ptr[e];
       if (!p) continue;
-      const float* scales = Quant ? reinterpret_cast<const float*>(sptr[r * k + j]) : nullptr;
-      const int64_t B = Quant ? blk[r * k + j] : 1;
       Lanes<S> st;
       int64_t bad = 0;
-      // one segment: the vectorized pass, and only if it saw a NaN/inf, an exact recount that skips them
-      auto run = [&](int64_t n, auto value) {
-        const Lanes<S> before = st;
-        stats_seg(st, n, value);
-        if (st.chk != 0 || st.chk != st.chk) {
-          st = before;
-          for (int64_t q = 0; q < n; ++q) {
-            const S x = value(q), ax = std::fabs(x);
-            if (!std::isfinite(x)) { ++bad; continue; }
-            st.ss += (double)x * (double)x;
-            st.mx = ax > st.mx ? ax : st.mx;
-          }
-        }
-      };
-      if constexpr (Quant) {
-        const int8_t* q8 = reinterpret_cast<const int8_t*>(p) + s;
-        for_scale_segments(s, len, B, [&](int64_t i0, int64_t i1, int64_t g) {
-          const float sc = scales[g];
-          run(i1 - i0, [=](int64_t i) -> S {
-            S x = jk::dequant<S>(q8[i0 + i], sc);
-            if constexpr (Base) x = x - (S)b[i0 + i];
-            return x;
-          });
-        });
-      } else {
-        for_segments(reinterpret_cast<const In*>(p) + s, len, [&](auto u, int64_t i0, int64_t n) {
-          run(n, [=](int64_t i) -> S {
-            S x = jk::load<S>(u[i]);
-            if constexpr (Base) x = x - (S)b[i0 + i];
-            return x;
-          });
-        });
-      }
+      stats_span<A, In, Base, Quant>(st, bad, p, Quant ? reinterpret_cast<const float*>(sptr[e]) : nullptr,
+                                     Quant ? blk[e] : 1, Base ? base + off[r] + s : nullptr, s, len);
       nonfinite[it * k + j] = bad;
       sumsq[it * k + j] = st.ss;
       maxabs[it * k + j] = (double)st.mx;
     }
   }
+}
+
+// Admission and fold in one pass, for a batch folded into an empty state: per block of each update, its stats
+// (added into the (work item, update) outputs, zeroed by the caller), then its fold while the block is in L1. The
+// updates are read from memory once instead of twice. If any update fails admission, the caller zeroes the
+// accumulator again: it was all zeros, so that restores its bits. Per element the fold is fold_rows', bit for bit.
+template <class A, class In, bool Base, bool Quant>
+static void fold_stats_rows(A* acc, const A* base, const int64_t* off, const int64_t* ptr, const double* w,
+                            const int64_t* sptr, const int64_t* blk, int64_t k, const int64_t* work, int64_t m,
+                            int64_t* nonfinite, double* sumsq, double* maxabs, int nthreads) {
+  using S = StatT<A, In, Base>;
+  for_blocks(off, ptr, k, work, m, nthreads, [&](int64_t it, int64_t e, int64_t p, int64_t pos, int64_t o,
+                                                 int64_t n) {
+    const int64_t j = e % k, q = it * k + j;
+    const A* b = Base ? base + o : nullptr;
+    const float* scales = Quant ? reinterpret_cast<const float*>(sptr[e]) : nullptr;
+    Lanes<S> st;
+    st.mx = (S)maxabs[q];
+    int64_t bad = 0;
+    stats_span<A, In, Base, Quant>(st, bad, p, scales, Quant ? blk[e] : 1, b, pos, n);
+    nonfinite[q] += bad;
+    sumsq[q] += st.ss;
+    maxabs[q] = (double)st.mx;
+    if constexpr (Quant)
+      fold_block_q<A, Base>(acc + o, b, reinterpret_cast<const int8_t*>(p) + pos, scales, pos, blk[e], (A)w[e], n);
+    else
+      fold_block<A, In, Base>(acc + o, b, reinterpret_cast<const In*>(p) + pos, (A)w[e], n);
+  }, no_done);
 }
 
 template <class A, class Out, bool Base>

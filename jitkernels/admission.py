@@ -76,8 +76,14 @@ def _on_device(leaves, party) -> bool:
     return bool(dev) and dev[0]
 
 
+def leaf_entries(layout, leaves_list) -> list:
+    """Per update, its int64[L, 4] table entries (batch.leaf_entry of each leaf)."""
+    L = len(layout.leaves)
+    return [np.array([leaf_entry(a) for a in leaves], np.int64).reshape(L, 4) for leaves in leaves_list]
+
+
 def batch_stats(layout, leaves_list, *, base=None, host_base=None, backend="auto", acc_dtype="float32",
-                on_device=None):
+                on_device=None, entries=None):
     """Per leaf and update ([L, k] arrays): non-finite count, sum of squares, max |x| (x = u, or u - base).
 
     Updates are validated where they are: device-resident ones by the GPU backend (against ``base``), host ones by
@@ -86,7 +92,7 @@ def batch_stats(layout, leaves_list, *, base=None, host_base=None, backend="auto
     k = len(leaves_list)
     L = len(layout.leaves)
     nonfinite, sumsq, maxabs = np.zeros((L, k), np.int64), np.zeros((L, k)), np.zeros((L, k))
-    entries = [np.array([leaf_entry(a) for a in leaves], np.int64).reshape(L, 4) for leaves in leaves_list]
+    entries = leaf_entries(layout, leaves_list) if entries is None else entries
     on_device = np.zeros(k, bool) if on_device is None else np.asarray(on_device, bool)
     host_base = base if host_base is None else host_base
     for dev in (False, True):
@@ -102,19 +108,32 @@ def batch_stats(layout, leaves_list, *, base=None, host_base=None, backend="auto
                 mod, b = backends.get("cupy"), base
             else:
                 mod, b = backends.choose("auto" if backend == "cupy" else backend, name), host_base
-            nf, ss, mx = mod.stats(b, g, acc_dtype)
-            rows = g.leaf_ids if every else np.ix_(g.leaf_ids, cols)
-            nonfinite[rows] += nf
-            sumsq[rows] += ss
-            maxabs[rows] = np.maximum(maxabs[rows], mx)  # a leaf is in one group per dtype: rows are distinct
+            add_stats((nonfinite, sumsq, maxabs), g.leaf_ids if every else np.ix_(g.leaf_ids, cols),
+                      *mod.stats(b, g, acc_dtype))
     return entries, nonfinite, sumsq, maxabs
 
 
-def admit_many(updates, layout, *, weights=None, parties=None, base=None, backend="auto", acc_dtype="float32",
-               copy=False, partial=False, bound=None, host_base=None) -> list:
-    """Admit k updates with one stats call per input dtype. Raises on the first bad update (in order); nothing
-    is returned (so nothing is folded) unless all pass. ``bound`` (deterministic mode) caps ``weight * max|x|``.
-    Updates in GPU memory need ``backend`` "cupy" (or "auto" with the GPU backend available)."""
+def add_stats(stats, rows, nf, ss, mx) -> None:
+    """Add one group's per-(leaf, update) stats into the [L, k] arrays (a leaf is in one group: rows are distinct)."""
+    nonfinite, sumsq, maxabs = stats
+    nonfinite[rows] += nf
+    sumsq[rows] += ss
+    maxabs[rows] = np.maximum(maxabs[rows], mx)
+
+
+@dataclass
+class Prepared:
+    """Updates checked for everything but their values: weights, parties, layouts, where they live."""
+
+    weights: list
+    parties: list
+    leaves: list
+    entries: list
+    on_device: list
+
+
+def prepare(updates, layout, *, weights=None, parties=None, backend="auto", copy=False, partial=False) -> Prepared:
+    """The checks of admission that need no pass over the values (weights, layout, placement)."""
     k = len(updates)
     weights = [1.0] * k if weights is None else list(weights)
     parties = [None] * k if parties is None else list(parties)
@@ -129,25 +148,41 @@ def admit_many(updates, layout, *, weights=None, parties=None, base=None, backen
         p = parties[on_device.index(True)]
         raise LayoutMismatch(f"the update is in GPU memory; backend {backend!r} reads host memory (use 'cupy')",
                              party=p)
-    entries, nonfinite, sumsq, maxabs = batch_stats(layout, leaves_list, base=base, host_base=host_base,
-                                                    backend=backend, acc_dtype=acc_dtype, on_device=on_device)
+    return Prepared(ws, parties, leaves_list, leaf_entries(layout, leaves_list), on_device)
+
+
+def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, against_base=False) -> list:
+    """Admitted updates from their stats ([L, k] non-finite counts, sums of squares, max-abs), or the error of the
+    first bad one (in order). ``bound`` (deterministic mode) caps ``weight * max|x|``."""
+    nonfinite, sumsq, maxabs = stats
     limit = float(np.finfo(np.dtype(acc_dtype)).max) * HEADROOM if bound is None else float(bound)
     what = f"the {acc_dtype} accumulator's headroom" if bound is None else "the deterministic bound"
     out = []
-    for j in range(k):
+    for j, party in enumerate(prep.parties):
         bad = np.flatnonzero(nonfinite[:, j])
         if bad.size:
-            raise NonFiniteUpdate(parties[j], layout.leaves[bad[0]].name, int(nonfinite[bad[0], j]))
+            raise NonFiniteUpdate(party, layout.leaves[bad[0]].name, int(nonfinite[bad[0], j]))
         worst = int(np.argmax(maxabs[:, j]))
-        if ws[j] * maxabs[worst, j] > limit:
+        if prep.weights[j] * maxabs[worst, j] > limit:
             raise ValueOutOfRange(
-                f"party {parties[j]!r}: leaf {layout.leaves[worst].name!r} has |x| = {maxabs[worst, j]:.6g}, "
-                f"which times weight {ws[j]:.6g} exceeds {limit:.6g} ({what})")
-        nbytes = sum(a.nbytes for a in leaves_list[j] if a is not None)
-        out.append(Admitted(parties[j], ws[j], leaves_list[j], entries[j], layout.fingerprint,
+                f"party {party!r}: leaf {layout.leaves[worst].name!r} has |x| = {maxabs[worst, j]:.6g}, "
+                f"which times weight {prep.weights[j]:.6g} exceeds {limit:.6g} ({what})")
+        nbytes = sum(a.nbytes for a in prep.leaves[j] if a is not None)
+        out.append(Admitted(party, prep.weights[j], prep.leaves[j], prep.entries[j], layout.fingerprint,
                             float(math.sqrt(sumsq[:, j].sum())), float(maxabs[:, j].max(initial=0.0)), nbytes,
-                            base is not None, on_device[j]))
+                            against_base, prep.on_device[j]))
     return out
+
+
+def admit_many(updates, layout, *, weights=None, parties=None, base=None, backend="auto", acc_dtype="float32",
+               copy=False, partial=False, bound=None, host_base=None) -> list:
+    """Admit k updates with one stats call per input dtype. Raises on the first bad update (in order); nothing
+    is returned (so nothing is folded) unless all pass. ``bound`` (deterministic mode) caps ``weight * max|x|``.
+    Updates in GPU memory need ``backend`` "cupy" (or "auto" with the GPU backend available)."""
+    prep = prepare(updates, layout, weights=weights, parties=parties, backend=backend, copy=copy, partial=partial)
+    _, *stats = batch_stats(layout, prep.leaves, base=base, host_base=host_base, backend=backend,
+                            acc_dtype=acc_dtype, on_device=prep.on_device, entries=prep.entries)
+    return check(prep, layout, stats, acc_dtype=acc_dtype, bound=bound, against_base=base is not None)
 
 
 def admit(update, layout, *, weight=1.0, party=None, base=None, backend="auto", acc_dtype="float32", copy=False,

@@ -12,6 +12,7 @@ import threading
 
 import numpy as np
 
+from . import admission
 from . import algorithms as _algorithms
 from . import backends
 from .admission import Admitted, admit_many
@@ -195,18 +196,69 @@ class Aggregator:
     def fold_many(self, updates, weights=None, parties=None, infos=None) -> None:
         """Fold k updates in ONE pass over the accumulator. Items are :class:`Admitted` (weights, parties and info
         come with them) or raw updates with ``weights``, ``parties`` and ``infos`` (dicts). All are checked before
-        anything is folded."""
+        anything is folded.
+
+        Raw updates into an empty state (a round's first batch, JIT's usual case) on the C++ backend are admitted and
+        folded in one pass over them: a rejection then zeroes the accumulator again, which restores its bits."""
         updates = list(updates)
         if not updates:
             return
         if all(isinstance(u, Admitted) for u in updates):
-            admitted = updates
+            with self._lock:
+                self._fold_admitted(updates)
         elif any(isinstance(u, Admitted) for u in updates):
             raise TypeError("fold_many takes either all admitted updates or all raw ones")
+        elif self._fused_admission():
+            with self._lock:
+                if self._fused_admission():  # re-checked under the lock: another thread may have folded meanwhile
+                    self._admit_and_fold(updates, weights, parties, infos)
+                    return
+            self.fold_many(self.admit_many(updates, weights, parties, infos))
         else:
             admitted = self.admit_many(updates, weights, parties, infos)
-        with self._lock:
-            self._fold_admitted(admitted)
+            with self._lock:
+                self._fold_admitted(admitted)
+
+    def _fused_admission(self) -> bool:
+        """Whether raw updates may be admitted and folded in one pass: into an empty state (all zeros, so a rejected
+        batch is undone by zeroing), by the C++ kernel, with weights that do not depend on the admission stats."""
+        st = self.state
+        return (st.count == 0 and not st.closed and not st.deterministic and not self.on_gpu
+                and self.backend in ("auto", "cpp") and backends.is_available("cpp")
+                and not getattr(self.algorithm, "needs_norms", False))
+
+    def _admit_and_fold(self, updates, weights, parties, infos) -> None:
+        k = len(updates)
+        parties = [None] * k if parties is None else list(parties)
+        parties = [f"anon-{next(self._anon)}" if p is None else _check_party(p) for p in parties]
+        self._check_parties(parties)
+        infos = [self.algorithm.check_info(i or {}, p) for i, p in zip(infos or [None] * k, parties)]
+        prep = admission.prepare(updates, self.layout, weights=weights, parties=parties, backend=self.backend,
+                                 copy=self.copy, partial=self.partial)
+        if any(prep.on_device):
+            raise LayoutMismatch(f"the update is in GPU memory; this aggregator's backend {self.backend!r} reads "
+                                 f"host memory (use backend='cupy')", party=parties[prep.on_device.index(True)])
+        st, alg = self.state, self.algorithm
+        # provisional admitted updates: the weights hooks read weight and info (needs_norms algorithms never get here)
+        prov = [Admitted(p, w, leaves, e, self.layout.fingerprint, math.nan, math.nan, 0, st.base is not None,
+                         False, info) for p, w, leaves, e, info in zip(parties, prep.weights, prep.leaves,
+                                                                       prep.entries, infos)]
+        fold_w = [float(alg.fold_weight(u, st)) for u in prov]
+        groups, int_rows = build_groups(self.layout, prep.entries, prep.leaves, fold_w)
+        L = len(self.layout)
+        stats = (np.zeros((L, k), np.int64), np.zeros((L, k)), np.zeros((L, k)))
+        cpp = backends.get("cpp")
+        try:
+            for g in groups.values():
+                admission.add_stats(stats, g.leaf_ids, *cpp.fold_stats(st.acc, st.base, g))
+            admitted = admission.check(prep, self.layout, stats, acc_dtype=self.acc_dtype,
+                                       against_base=st.base is not None)
+        except BaseException:
+            st.acc.fill(0)  # the state was empty: all zeros
+            raise
+        for a, i in zip(admitted, infos):
+            a.info = i
+        self._record(admitted, fold_w, int_rows)
 
     def _fold_admitted(self, admitted) -> None:
         for u in admitted:
@@ -225,8 +277,6 @@ class Aggregator:
             raise LayoutMismatch(f"the update is in GPU memory; this aggregator's backend {self.backend!r} reads "
                                  f"host memory (use backend='cupy')", party=admitted[int(np.argmax(on_device))].party)
         fold_w = [float(alg.fold_weight(u, st)) for u in admitted]
-        mass = [float(alg.mass(u)) for u in admitted]
-        derived = [alg.derived_info(u, st) for u in admitted]
         groups, int_rows = build_groups(self.layout, [u.entries for u in admitted], [u.leaves for u in admitted],
                                         fold_w, device=on_device if on_device.any() else None)
         if st.deterministic:
@@ -241,6 +291,13 @@ class Aggregator:
                 mod.fold_binned(st.acc, st.lo, st.base, g, st.bound_log2)
             else:
                 mod.fold(st.acc, st.base, g)
+        self._record(admitted, fold_w, int_rows)
+
+    def _record(self, admitted, fold_w, int_rows) -> None:
+        """After the float fold: integer leaves, per-leaf masses, the party and info records."""
+        st, alg = self.state, self.algorithm
+        mass = [float(alg.mass(u)) for u in admitted]
+        derived = [alg.derived_info(u, st) for u in admitted]
         # integer leaves (counters) take the plain mass-weighted mean: discounts and clipping are for float deltas
         for lid, arrays in int_rows:
             self._fold_int(lid, arrays, [w for u, w in zip(admitted, mass) if u.leaves[lid] is not None])

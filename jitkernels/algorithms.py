@@ -215,6 +215,44 @@ class FedBuff(FedAvg):
                 "server_lr": self.server_lr}
 
 
+class SCAFFOLD(FedAvg):
+    r"""SCAFFOLD's server side (Karimireddy et al., 2020, "SCAFFOLD: Stochastic Controlled Averaging for Federated
+    Learning", Algorithm 1): the model and the server control variate move in one fold.
+
+    .. math::  x \leftarrow x + \eta_g \frac{1}{|S|} \sum_{i \in S} (y_i - x), \qquad
+               c \leftarrow c + \frac{|S|}{N} \frac{1}{|S|} \sum_{i \in S} (c_i^+ - c)
+
+    The template (and every update, and the base) is a dict ``{"model": ..., "control": ...}`` of two trees of the
+    same leaves: party :math:`i` sends its new local model :math:`y_i` and control variate :math:`c_i^+`, the base
+    holds :math:`(x, c)`. Both trees are leaves of one layout, so the control variates are the *second accumulator*,
+    folded in the same pass as the model (bytes: twice FedAvg's). Divisor scales per leaf: :math:`1/\eta_g` on model
+    leaves, :math:`N / |S|` on control leaves. ``num_parties``: :math:`N`, all parties of the federation.
+    """
+
+    name = "scaffold"
+    needs_base = True
+
+    def __init__(self, *, num_parties: int, server_lr: float = 1.0, weighted: bool = False):
+        super().__init__(weighted=weighted)
+        if int(num_parties) <= 0:
+            raise ValueError(f"num_parties must be > 0, got {num_parties!r}")
+        if not (math.isfinite(server_lr) and server_lr > 0):
+            raise ValueError(f"server_lr must be finite and > 0, got {server_lr!r}")
+        self.num_parties, self.server_lr = int(num_parties), float(server_lr)
+
+    def divisor_scale(self, state):
+        import numpy as np
+
+        names = [l.name for l in state.layout.leaves]
+        if not all(n.startswith(("model.", "control.")) for n in names):
+            raise ValueError("SCAFFOLD's template is {'model': ..., 'control': ...}")
+        control = np.array([n.startswith("control.") for n in names])
+        return np.where(control, self.num_parties / state.count, 1.0 / self.server_lr)
+
+    def params(self) -> dict:
+        return {**super().params(), "num_parties": self.num_parties, "server_lr": self.server_lr}
+
+
 # --- server optimizers --------------------------------------------------------------------------------------------
 
 VARIANTS = ("reddi", "flower")
@@ -372,6 +410,7 @@ class _DPClipping:
     weight, add Gaussian noise to the average delta at finalize."""
 
     needs_base = True
+    needs_norms = True  # the fold weights need the admission stats first
 
     def __init__(self, algorithm, *, noise_multiplier, num_sampled, seed):
         self.inner = resolve(algorithm)
@@ -544,7 +583,7 @@ class DPAdaptiveClipping(_DPClipping):
                 "count_stddev": self.count_stddev, **self._params()}
 
 
-_CLASSES = {c.name: c for c in (FedAvg, FedProx, FedNova, FedBuff, FedAvgM, FedAdam, FedYogi, FedAdagrad,
+_CLASSES = {c.name: c for c in (FedAvg, FedProx, FedNova, FedBuff, SCAFFOLD, FedAvgM, FedAdam, FedYogi, FedAdagrad,
                                  DPFixedClipping, DPAdaptiveClipping)}
 _BY_NAME = {
     "fedavg": lambda: FedAvg(),

@@ -10,6 +10,10 @@ leaves and k updates:
   the new model written once, as the output).
 * **numpy f32 expressions**: the same equations as plain float32 numpy expressions over the flat arrays (the way
   Flower writes them: ``m = b1*m + (1-b1)*d`` ...), each allocating its result.
+* **clipped fold**: ``fold_many`` of the k raw updates into an empty state with a base, by FedAvg (admission and
+  fold fused in one pass over the updates) and by :class:`~jitkernels.algorithms.DPFixedClipping` (noise off: the
+  clip factors need the norms first, so the stats pass, then the fold). Bytes: ``k*N*4 + 12N`` (updates, base,
+  accumulator); ``speedup`` of the clipped row is unclipped time / clipped time.
 * **round from FitRes**: a whole round from Flower ``FitRes`` in to the new model out: ours folds zero-copy views of
   the serialized bytes (:mod:`jitkernels.integrations.flower`) with ``fold_many`` and finalizes into last round's
   output; Flower's ``FedAdam.aggregate_fit`` / ``FedAvg.aggregate_fit`` (``inplace=True``, as shipped) deserialize
@@ -100,6 +104,20 @@ def _numpy_expressions(st, alg, layout):
     return run
 
 
+def bench_clipping(wl, probe, backend):
+    base = wl.template("float32")
+    ups = wl.updates("float32")
+    rows = []
+    for method, alg in (("fold_many raw: FedAvg (fused admission)", A.FedAvg(weighted=False)),
+                        ("fold_many raw: DP fixed clipping", A.DPFixedClipping(clip_norm=1.0, noise_multiplier=0.0))):
+        agg = jk.Aggregator(base, alg, backend=backend, base=base)
+        rows.append(_row(wl.label, method, backend,
+                         interleaved(lambda: agg.fold_many(ups, wl.weights, wl.parties), probe,
+                                     setup=lambda: agg.reset(reuse=True)),
+                         wl.k * wl.n * 4 + 12 * wl.n))
+    return rows
+
+
 def bench_rounds(wl, probe, backend):
     """A FedAdam and a FedAvg round from FitRes, ours and Flower's, on the same FitRes objects."""
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
@@ -155,12 +173,15 @@ def run(n=25_000_000, leaves=50, k=10, *, backends=None, flower=True, json_path=
     wl = make_workload(n, leaves, k)
     _stepped_state(make_workload(4096, 4, 2), A.FedAdam(), backends[0])  # warm up (numba compiles)
     rows = []
-    steps = [("step", o) for o in OPTIMIZERS] + ([("rounds", None)] if flower and installed("flwr") else [])
+    steps = [("step", o) for o in OPTIMIZERS] + [("clipping", None)] + (
+        [("rounds", None)] if flower and installed("flwr") else [])
     with tqdm(steps, file=sys.stderr, disable=not progress, unit="part") as bar:
         for what, name in bar:
             bar.set_description(f"{what} {name or ''}")
             if what == "step":
                 rows += bench_step(wl, probe, name, backends)
+            elif what == "clipping":
+                rows += bench_clipping(wl, probe, backends[0])
             else:
                 rows += bench_rounds(wl, probe, backends[0])
     _ratios(rows)
@@ -179,6 +200,8 @@ def _ratios(rows):
         peer = None
         if m.endswith("step (fused)"):
             peer = by.get(m.replace("step (fused)", "numpy f32 expressions"))
+        elif m == "fold_many raw: DP fixed clipping":
+            peer = by.get("fold_many raw: FedAvg (fused admission)")
         elif m.endswith("round from FitRes"):
             peer = by.get(m.replace("round from FitRes", "round: Flower aggregate_fit"))
         r["speedup"] = None if peer is None else peer["time_s"] / r["time_s"]
@@ -198,7 +221,7 @@ def format_table(head, rows, label) -> str:
                      f"{f(r['speedup'], 1, '7.1f'):>7} {f(r['rss_peak_bytes'], 1e-6, '7.0f'):>7}")
     lines.append("ms: median time; probe: read GB/s around it; MB: bytes the fused method moves; roofl: (MB / probe) "
                  "/ ms; min-r: the same with the equations' minimum bytes; speedup: the numpy-expression (step) or "
-                 "Flower (round) time / this time; RSS MB: peak resident-set growth of one call.")
+                 "Flower (round) time / this time (clipped fold: the unclipped fold's time / this time); RSS MB: peak resident-set growth of one call.")
     return "\n".join(lines)
 
 

@@ -297,7 +297,7 @@ def test_per_update_values_are_checked_with_the_party_named():
 
 @pytest.mark.parametrize("alg", [A.FedAvg(weighted=False), A.FedProx(mu=0.1), A.FedNova(), A.FedBuff(staleness="hinge"),
                                  A.FedAvgM(lr=0.5, momentum=0.9, nesterov=True), A.FedAdam(variant="flower"),
-                                 A.FedYogi(), A.FedAdagrad(),
+                                 A.FedYogi(), A.FedAdagrad(), A.SCAFFOLD(num_parties=9, server_lr=0.3),
                                  A.DPFixedClipping(A.FedAdam(), clip_norm=2.0, noise_multiplier=0.5, seed=1),
                                  A.DPAdaptiveClipping(noise_multiplier=0.0, num_sampled=4)])
 def test_algorithms_round_trip_through_their_params(alg):
@@ -437,3 +437,26 @@ def test_adaptive_clipping_noise_uses_the_norm_it_clipped_to():
     assert agg.state.scalars["clip_norm"] != C0  # updated after, for the next round
     with pytest.raises(ValueError, match="count_stddev"):
         A.DPAdaptiveClipping(noise_multiplier=1.0, num_sampled=10)  # m/20 = 0.5 is too little count noise
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_scaffold_moves_model_and_control_variate_in_one_fold(backend):
+    rng = np.random.default_rng(15)
+    x, c = _model(rng), _model(rng)
+    base = {"model": x, "control": c}
+    S, N, lr = 4, 10, 0.5
+    ups = [{"model": u, "control": v} for u, v in zip(_updates(rng, x, S), _updates(rng, c, S))]
+    agg = jk.Aggregator(base, A.SCAFFOLD(num_parties=N, server_lr=lr), backend=backend, base=base,
+                        acc_dtype="float64")
+    for j, u in enumerate(ups):
+        agg.fold(u, weight=7.0 * (j + 1), party=j)  # unweighted by default: the paper's 1/|S|
+    got = agg.finalize()
+    for k in x:
+        dx = sum(u["model"][k] - x[k].astype(np.float64) for u in ups) / S
+        dc = sum(u["control"][k] - c[k].astype(np.float64) for u in ups) / S
+        np.testing.assert_allclose(got["model"][k], (x[k] + lr * dx).astype(np.float32), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(got["control"][k], (c[k] + S / N * dc).astype(np.float32), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="'model'"):
+        bad = jk.Aggregator(x, A.SCAFFOLD(num_parties=N), base=x)
+        bad.fold(ups[0]["model"], party=0)
+        bad.finalize()

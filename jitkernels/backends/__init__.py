@@ -31,6 +31,17 @@ def available_backends() -> dict:
     return {name: _module_available(name) for name in _MODULES}
 
 
+def is_available(name: str) -> bool:
+    """Whether backend ``name`` runs here (cached: what is installed does not change while the process runs)."""
+    ok = _available_cache.get(name)
+    if ok is None:
+        ok = _available_cache[name] = _module_available(name) is True
+    return ok
+
+
+_available_cache: dict = {}
+
+
 def requested(name: str | None) -> str:
     """The backend a user asked for: the argument, else ``JITKERNELS_BACKEND``, else 'auto'."""
     name = name or os.environ.get("JITKERNELS_BACKEND") or "auto"

@@ -41,6 +41,13 @@ def stats(base, g, acc_dtype):
     return rows_from_items(g, *per_item)
 
 
+def fold_stats(acc, base, g):
+    """fold() and stats() in one pass over the updates (for a batch into an empty state; see Aggregator)."""
+    per_item = _core.fold_stats(acc, base, CODE[g.in_dtype], g.off, g.ptr, g.w, g.scale_ptr, g.block, g.work,
+                                threads_for(g, get_num_threads()))
+    return rows_from_items(g, *per_item)
+
+
 def finalize(acc, base, og):
     _core.finalize(acc, base, CODE[og.out_dtype], og.off, og.total_w, og.ptr, og.work, get_num_threads())
 
