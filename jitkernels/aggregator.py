@@ -276,6 +276,8 @@ class Aggregator:
         if on_device.any() and not self.on_gpu:
             raise LayoutMismatch(f"the update is in GPU memory; this aggregator's backend {self.backend!r} reads "
                                  f"host memory (use backend='cupy')", party=admitted[int(np.argmax(on_device))].party)
+        if getattr(alg, "needs_norms", False) and st.base is not None:
+            self._norms_against_base([u for u in admitted if not u.against_base])
         fold_w = [float(alg.fold_weight(u, st)) for u in admitted]
         groups, int_rows = build_groups(self.layout, [u.entries for u in admitted], [u.leaves for u in admitted],
                                         fold_w, device=on_device if on_device.any() else None)
@@ -292,6 +294,18 @@ class Aggregator:
             else:
                 mod.fold(st.acc, st.base, g)
         self._record(admitted, fold_w, int_rows)
+
+    def _norms_against_base(self, admitted) -> None:
+        """Delta norms for updates admitted without this state's base (jk.admit, a scheduler buffering for a later
+        round): clipping needs ||u - base||, so one more stats pass over them."""
+        if not admitted:
+            return
+        st = self.state
+        _, _, sumsq, maxabs = admission.batch_stats(
+            self.layout, [u.leaves for u in admitted], base=st.base, host_base=st.host_base(), backend=self.backend,
+            acc_dtype=self.acc_dtype, on_device=[u.on_device for u in admitted], entries=[u.entries for u in admitted])
+        for j, u in enumerate(admitted):
+            u.norm, u.maxabs, u.against_base = float(math.sqrt(sumsq[:, j].sum())), float(maxabs[:, j].max()), True
 
     def _record(self, admitted, fold_w, int_rows) -> None:
         """After the float fold: integer leaves, per-leaf masses, the party and info records."""

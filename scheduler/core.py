@@ -195,6 +195,9 @@ class _JobState:
         self.seen: dict = {}  # (round, party) acknowledged -> its update id, for de-duplication
         self.fold_bytes = 0  # bytes folded since the last checkpoint
         self.spare = None  # an Aggregator to reuse for the next round
+        # algorithms that close rounds (server optimizers, DP): the finished round's aggregator, whose state (model,
+        # moments, round counter, clip norm) the next round continues
+        self.carry = None
 
     def admit(self, update, weight, party):
         """Validate one update for this job (deterministic jobs: against the bound their aggregator will use)."""
@@ -207,9 +210,16 @@ class _JobState:
         return "float64" if self.job.deterministic else self.job.acc_dtype
 
     def new_aggregator(self):
-        return jk.Aggregator(self.job.template, self.job.algorithm, backend=self.job.backend,
+        """A first round's aggregator. Algorithms that fold deltas start from the template as the global model."""
+        alg = jk.algorithms.resolve(self.job.algorithm)
+        return jk.Aggregator(self.job.template, alg, backend=self.job.backend,
                              acc_dtype=self.acc_dtype, deterministic=self.job.deterministic,
-                             bound=DETERMINISTIC_BOUND)
+                             bound=DETERMINISTIC_BOUND, base=self.job.template if alg.needs_base else None)
+
+    @property
+    def carries(self) -> bool:
+        """The job's rounds hand state to the next one (see ``carry``)."""
+        return self.layout is not None and jk.algorithms.resolve(self.job.algorithm).closes_round
 
 
 class JITScheduler:
@@ -423,7 +433,10 @@ class JITScheduler:
         rnd.start = now
         js.open = rnd
         if js.layout is not None:
-            if js.spare is not None:  # last round's accumulator, zeroed: a fresh one costs first-touch page faults
+            if js.carry is not None:  # the next round of a closed one: same model, moments and counters
+                rnd.aggregator, js.carry = js.carry, None
+                rnd.aggregator.reset(reuse=True)
+            elif js.spare is not None:  # last round's accumulator, zeroed: a fresh one costs first-touch page faults
                 rnd.aggregator, js.spare = js.spare, None
             else:
                 rnd.aggregator = js.new_aggregator()
@@ -716,7 +729,8 @@ class JITScheduler:
     def _finalize_durably(self, js, number, agg, ids):
         """A finalize task with a state directory: the result is committed before its future resolves."""
         result = agg.finalize()
-        self.store.commit_result(js.job.id, number, js.layout, js.layout.flatten(result), ids)
+        self.store.commit_result(js.job.id, number, js.layout, js.layout.flatten(result), ids,
+                                 carry=agg.state if js.carries else None)
         js.fold_bytes = 0
         return result
 
@@ -729,7 +743,7 @@ class JITScheduler:
         first = meta.get("round", job.first_round)
         for r, rel in meta.get("results", {}).items():
             rnd = self._round(js, int(r))
-            leaves, _, ids = st.load_result(rel, js.layout)
+            leaves, ids = st.load_result(rel, js.layout)
             rnd.done = True
             rnd.future.set_result(js.layout.unflatten(leaves))
             js.seen.update({(int(r), p): u for p, u in ids.items()})
@@ -737,6 +751,8 @@ class JITScheduler:
             js.finished = True
             self._log("resumed", js, round=first, finished=True)
             return
+        if meta.get("carry") and not meta.get("state"):  # the open round starts from the last round's carry
+            js.carry = jk.Aggregator.from_state(st.load_state(meta["carry"]), backend=job.backend)
         self._open_round(js, first)
         rnd = js.open
         if meta.get("state"):
@@ -793,7 +809,9 @@ class JITScheduler:
 
     def _round_finished(self, js, rnd) -> None:
         busy = js.deployment is not None and js.deployment.busy  # a fold of this round may still be running
-        if rnd.aggregator is not None and not busy:  # the result is out (finalize allocates it): recycle it
+        if rnd.aggregator is not None and js.carries:  # finalized or failed, the next round continues its state
+            js.carry, rnd.aggregator = rnd.aggregator, None
+        elif rnd.aggregator is not None and not busy:  # the result is out (finalize allocates it): recycle it
             rnd.aggregator.reset(reuse=True)
             js.spare, rnd.aggregator = rnd.aggregator, None
         if rnd.deadline_timer is not None:

@@ -7,9 +7,11 @@ Layout of the directory::
     LOCK                                   flock'ed by the one scheduler that owns the directory
     updates/<job>/<round>/<party>.jku      one acknowledged update, until a committed generation covers it
     states/<job>-r<round>-g<gen>.jks       a round's partial aggregate (a FoldState file) as of generation <gen>
-    results/<job>-r<round>.jkr             a finished round: the model and the server-optimizer state, one file
+    states/<job>-carry-r<round>.jks        what a finished round hands the next one (a closed FoldState: the
+                                           server optimizer's model and moments, the round counter, DP scalars)
+    results/<job>-r<round>.jkr             a finished round's model
     manifest-<gen>.json                    generation <gen>: per job, its open round, that round's state file and
-                                           folded parties, and its finished rounds' result files
+                                           folded parties, the carry, and its finished rounds' result files
 
 Every file is written by ``jitkernels.atomic_write`` (temp file with O_EXCL -> fsync -> rename -> fsync the
 directory) and carries a SHA-256 checksum; nothing is ever unpickled. A generation's manifest is written after the
@@ -19,8 +21,8 @@ manifest and every file it names, and falls back to the previous generation if a
 are removed. Files are deleted only once the *older* of the two retained generations covers them, so that the
 fallback never misses an update.
 
-A round's result and the optimizer state commit together (one file, one generation): a server-optimizer step
-(FedAdam, say) applied twice would not be idempotent.
+A round's result and its carry commit together (one generation names both): a server-optimizer step (FedAdam, say)
+or a round's DP noise applied twice would not be idempotent, and the next round must start from exactly that state.
 
 Names in paths are the hex of the JSON of job ids and party ids (any str or int is a safe file name that way).
 """
@@ -221,17 +223,19 @@ class StateDir:
             old = jobs.get(job, {})
             jobs[job] = {"round": int(rnd), "state": rel,
                          "parties": [[p, update_ids.get(p)] for p in state.parties],
-                         "results": old.get("results", {})}
+                         "results": old.get("results", {}), "carry": old.get("carry")}
             self._commit(gen, jobs)
 
     def commit_result(self, job, rnd: int, layout: jk.Layout, leaves, update_ids: dict,
-                      optimizer: dict | None = None) -> None:
-        """Commit a finished round: the model and the server-optimizer state (one file), then a generation that
-        moves the job to the next round."""
+                      carry: jk.FoldState | None = None) -> None:
+        """Commit a finished round: its model, the state the next round starts from (``carry``, for algorithms
+        that close rounds), then a generation that names both and moves the job to the next round."""
         with self._lock:
+            carry_rel = None
+            if carry is not None:
+                carry_rel = os.path.join("states", f"{ident(job)}-carry-r{int(rnd)}.jks")
+                self._write("state", carry_rel, carry.to_bytes())
             tensors, dtypes = encode_leaves(leaves)
-            for k, v in (optimizer or {}).items():
-                tensors[f"opt/{k}"] = np.ascontiguousarray(v)
             meta = {"format": RESULT_FORMAT, "version": str(VERSION), "job": json.dumps(job),
                     "round": str(int(rnd)), "layout": layout.fingerprint, "leaves": json.dumps(dtypes),
                     "parties": json.dumps([[p, u] for p, u in update_ids.items()])}
@@ -240,15 +244,15 @@ class StateDir:
             jobs = dict(self.jobs)
             old = jobs.get(job, {})
             jobs[job] = {"round": int(rnd) + 1, "state": None, "parties": [],
-                         "results": {**old.get("results", {}), str(int(rnd)): rel}}
+                         "results": {**old.get("results", {}), str(int(rnd)): rel},
+                         "carry": carry_rel or old.get("carry")}
             self._commit(self.gen + 1, jobs)
 
     def load_result(self, rel: str, layout: jk.Layout) -> tuple:
-        """(model leaves, optimizer state, {party: update id}) of a committed round."""
+        """(model leaves, {party: update id}) of a committed round."""
         tensors, meta = read_checked(os.path.join(self.path, rel), what="round result")
-        opt = {k[4:]: v for k, v in tensors.items() if k.startswith("opt/")}
         ids = {p: u for p, u in json.loads(meta["parties"])}
-        return decode_leaves(tensors, json.loads(meta["leaves"]), len(layout)), opt, ids
+        return decode_leaves(tensors, json.loads(meta["leaves"]), len(layout)), ids
 
     def load_state(self, rel: str) -> jk.FoldState:
         st = self._states.pop(rel, None)
@@ -283,6 +287,10 @@ class StateDir:
                         self._states[m["state"]] = st
                     for rel in m.get("results", {}).values():
                         read_checked(os.path.join(self.path, rel), what="round result")
+                    if m.get("carry"):  # verified always, kept only where the open round starts from it
+                        carry = jk.FoldState.load(os.path.join(self.path, m["carry"]))
+                        if not m.get("state"):
+                            self._states[m["carry"]] = carry
                 return int(body["gen"]), jobs
             except (OSError, ValueError, KeyError, jk.CorruptState) as e:
                 self._states.clear()
@@ -298,7 +306,8 @@ class StateDir:
         for f in os.listdir(self.path):
             if f.startswith("manifest-") and f.endswith(".json") and int(f[9:-5]) not in keep_gens:
                 self._delete(os.path.join(self.path, f))
-        referenced = {m["state"] for jobs in (self.jobs, self.prev_jobs) for m in jobs.values() if m.get("state")}
+        referenced = {m[key] for jobs in (self.jobs, self.prev_jobs) for m in jobs.values()
+                      for key in ("state", "carry") if m.get(key)}
         sdir = os.path.join(self.path, "states")
         if os.path.isdir(sdir):
             for f in os.listdir(sdir):

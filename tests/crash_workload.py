@@ -32,22 +32,34 @@ def weight(r, p):
     return float(1 + (7 * r + PARTIES.index(p)) % 5)
 
 
-def job(rounds=ROUNDS):
+def algorithm(name="fedavg"):
+    """The job's algorithm: FedAvg, or ones whose rounds hand state to the next (a server optimizer's model and
+    moments; DP's round counter, which keys the noise)."""
+    return {"fedavg": lambda: "fedavg",
+            "fedadam": lambda: jk.algorithms.FedAdam(lr=0.05, tau=1e-3),
+            "dp": lambda: jk.algorithms.DPFixedClipping(jk.algorithms.FedAvgM(lr=0.5, momentum=0.5), clip_norm=40.0,
+                                                        noise_multiplier=0.3, seed=7)}[name]()
+
+
+def job(rounds=ROUNDS, alg="fedavg"):
     return Job("crash-job", template=template(), parties=PARTIES, quorum=1.0, rounds=rounds, deterministic=True,
-               prior_response_s=1.0)
+               prior_response_s=1.0, algorithm=algorithm(alg))
 
 
 def order(rounds=ROUNDS):
     return [(r, p) for r in range(rounds) for p in PARTIES]
 
 
-def expected(rounds=ROUNDS):
-    """Each round's model, folded in one batch by a plain aggregator (deterministic: any batching gives it)."""
+def expected(rounds=ROUNDS, alg="fedavg"):
+    """Each round's model, folded in one batch by a plain aggregator (deterministic: any batching gives it); for
+    algorithms that carry state, one aggregator across the rounds."""
+    a = jk.algorithms.resolve(algorithm(alg))
+    agg = jk.Aggregator(template(), a, deterministic=True, base=template() if a.needs_base else None)
     out = []
     for r in range(rounds):
-        agg = jk.Aggregator(template(), deterministic=True)
         agg.fold_many([update(r, p) for p in PARTIES], [weight(r, p) for p in PARTIES], parties=PARTIES)
         out.append(agg.finalize())
+        agg.reset()
     return out
 
 

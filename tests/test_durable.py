@@ -124,6 +124,40 @@ def test_crash_at_every_protocol_step_loses_nothing_counts_nothing_twice(tmp_pat
     again.close()
 
 
+@pytest.mark.parametrize("point", POINTS)
+@pytest.mark.parametrize("alg", ["fedadam", "dp"])
+def test_crashes_keep_the_state_that_rounds_hand_on(tmp_path, point, alg):
+    """Server optimizers and DP close their rounds: the next round starts from the committed carry (model, moments,
+    round counter keying the noise). A crash anywhere, then recovery, gives the uninterrupted run's bits."""
+    want = cw.expected(alg=alg)
+    seen = []
+
+    def hook(p):
+        if p == point and not seen:
+            seen.append(p)
+            sched.store.crash()
+            raise Crashed(p)
+
+    sched = _sched(tmp_path, crash_hook=hook)
+    sched.add_job(cw.job(alg=alg))
+    acked = _submit_all(sched)
+    if not seen:
+        pytest.skip(f"{point} is not reached in this workload")
+    again = JITScheduler.recover(tmp_path, [cw.job(alg=alg)], policy="eager", slots=1, clock=VirtualClock(),
+                                 checkpoint_bytes=0)
+    _submit_all(again, skip=acked)
+    assert _same(_results(again), want), f"crash at {point}"
+    again.close()
+
+
+def test_optimizer_and_dp_jobs_equal_one_aggregator_across_rounds(tmp_path):
+    for alg in ("fedadam", "dp"):
+        sched = JITScheduler(policy="jit", slots=1, clock=VirtualClock(), state_dir=tmp_path / alg)
+        sched.add_job(cw.job(alg=alg))
+        _submit_all(sched)
+        assert _same(_results(sched), cw.expected(alg=alg)), alg
+
+
 def test_a_damaged_newest_generation_falls_back_to_the_previous(tmp_path, want):
     sched = _sched(tmp_path)
     sched.add_job(cw.job())
