@@ -16,6 +16,7 @@
 #endif
 
 #include "jk_math.h"
+#include "jk_secagg.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -308,6 +309,30 @@ void step(py::array acc, py::array x, py::array m, py::object v_obj, int kind, F
   });
 }
 
+// SecAgg k-way modular sum (jk_secagg.h, modsum_rows): integer adds vectorize with the baseline ISA, and the loop is
+// memory-bound, so there is no AVX2 variant. Returns bad[m, k]: update j holds a value outside [0, 2^bits) in item m.
+py::array_t<uint8_t> modsum(py::array acc, I64 off, I64 ptr, I64 code, I64 work, int bits, bool subtract,
+                            int nthreads) {
+  require(acc.flags() & py::array::c_style && acc.writeable(), "accumulator must be a writeable C-contiguous array");
+  require(bits >= 1 && bits <= 32, "modulus_bits must be in [1, 32]");
+  const bool wide = acc.dtype().is(py::dtype::of<uint64_t>());
+  require(wide || acc.dtype().is(py::dtype::of<uint32_t>()), "accumulator must be uint32 or uint64");
+  const int64_t m = work.shape(0), k = ptr.ndim() == 2 ? ptr.shape(1) : 0;
+  py::array_t<uint8_t> bad({m, k});
+  // jk::i64 is long long (NVRTC has no <stdint.h>); int64_t is long here: same width, another type
+  auto t = [](const I64& a) { return reinterpret_cast<const jk::i64*>(a.data()); };
+  {
+    py::gil_scoped_release nogil;
+    if (wide)
+      jk::modsum_rows<jk::u64>(static_cast<jk::u64*>(acc.mutable_data()), t(off), t(ptr), t(code), t(work), m, k,
+                               bits, subtract, bad.mutable_data(), nthreads);
+    else
+      jk::modsum_rows<uint32_t>(static_cast<uint32_t*>(acc.mutable_data()), t(off), t(ptr), t(code), t(work), m, k,
+                                bits, subtract, bad.mutable_data(), nthreads);
+  }
+  return bad;
+}
+
 // STREAM-like read probe: sums a buffer on nthreads threads; time it to measure read bandwidth.
 double probe_read(py::array_t<float, py::array::c_style> buf, int nthreads) {
   py::gil_scoped_release nogil;
@@ -343,6 +368,8 @@ PYBIND11_MODULE(_core, mod) {
   mod.def("step", &step, py::arg("acc"), py::arg("x"), py::arg("m"), py::arg("v"), py::arg("kind"),
           py::arg("coef"), py::arg("out_code"), py::arg("off"), py::arg("total_w"), py::arg("out_ptr"),
           py::arg("work"), py::arg("nthreads"));
+  mod.def("modsum", &modsum, py::arg("acc"), py::arg("off"), py::arg("ptr"), py::arg("code"), py::arg("work"),
+          py::arg("bits"), py::arg("subtract"), py::arg("nthreads"));
   mod.def("max_threads", &max_threads);
   mod.def("probe_read", &probe_read, py::arg("buf"), py::arg("nthreads"),
           "Sum of a float32 buffer on nthreads threads: time it to measure read bandwidth.");

@@ -14,6 +14,9 @@ leaves and k updates:
   fold fused in one pass over the updates) and by :class:`~jitkernels.algorithms.DPFixedClipping` (noise off: the
   clip factors need the norms first, so the stats pass, then the fold). Bytes: ``k*N*4 + 12N`` (updates, base,
   accumulator); ``speedup`` of the clipped row is unclipped time / clipped time.
+* **SecAgg sum**: the k-way modular sum of k masked uint32 vectors (:mod:`jitkernels.secagg`, ``SecAggSum.fold_many``
+  into a cleared state) against Flower's SecAgg+ server loop (``parameters_addition`` per client on its int64 wire
+  arrays, then ``parameters_mod``). Bytes: ``k*N*4 + 8N``.
 * **round from FitRes**: a whole round from Flower ``FitRes`` in to the new model out: ours folds zero-copy views of
   the serialized bytes (:mod:`jitkernels.integrations.flower`) with ``fold_many`` and finalizes into last round's
   output; Flower's ``FedAdam.aggregate_fit`` / ``FedAvg.aggregate_fit`` (``inplace=True``, as shipped) deserialize
@@ -118,6 +121,35 @@ def bench_clipping(wl, probe, backend):
     return rows
 
 
+def bench_secagg(wl, probe):
+    from flwr.common.secure_aggregation.ndarrays_arithmetic import parameters_addition, parameters_mod
+
+    from . import secagg
+
+    rng = np.random.default_rng(0)
+    u32 = [rng.integers(0, 2 ** 32, wl.n, dtype=np.uint32) for _ in range(wl.k)]
+    i64 = [u.astype(np.int64) for u in u32]
+    state = secagg.SecAggSum(wl.n, 32)
+
+    def ours():
+        state.reset()  # as a server reuses its state between rounds (untimed below)
+
+    def flower():
+        masked = None
+        for v in i64:
+            masked = [v] if masked is None else parameters_addition(masked, [v])
+        return parameters_mod(masked, 1 << 32)[0]
+
+    ours()
+    state.fold_many(u32, list(range(wl.k)))
+    assert np.array_equal(state.result(), flower())
+    nbytes = wl.k * wl.n * 4 + 8 * wl.n
+    return [_row(wl.label, "SecAgg sum (uint32, k-way mod 2^32)", secagg._default_backend(),
+                 interleaved(lambda: state.fold_many(u32, list(range(wl.k))), probe, setup=ours), nbytes),
+            _row(wl.label, "SecAgg sum: Flower's per-client loop", "flwr",
+                 interleaved(flower, probe, min_reps=2, max_reps=4, cap_s=20), nbytes)]
+
+
 def bench_rounds(wl, probe, backend):
     """A FedAdam and a FedAvg round from FitRes, ours and Flower's, on the same FitRes objects."""
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
@@ -174,7 +206,7 @@ def run(n=25_000_000, leaves=50, k=10, *, backends=None, flower=True, json_path=
     _stepped_state(make_workload(4096, 4, 2), A.FedAdam(), backends[0])  # warm up (numba compiles)
     rows = []
     steps = [("step", o) for o in OPTIMIZERS] + [("clipping", None)] + (
-        [("rounds", None)] if flower and installed("flwr") else [])
+        [("secagg", None), ("rounds", None)] if flower and installed("flwr") else [])
     with tqdm(steps, file=sys.stderr, disable=not progress, unit="part") as bar:
         for what, name in bar:
             bar.set_description(f"{what} {name or ''}")
@@ -182,6 +214,8 @@ def run(n=25_000_000, leaves=50, k=10, *, backends=None, flower=True, json_path=
                 rows += bench_step(wl, probe, name, backends)
             elif what == "clipping":
                 rows += bench_clipping(wl, probe, backends[0])
+            elif what == "secagg":
+                rows += bench_secagg(wl, probe)
             else:
                 rows += bench_rounds(wl, probe, backends[0])
     _ratios(rows)
@@ -202,6 +236,8 @@ def _ratios(rows):
             peer = by.get(m.replace("step (fused)", "numpy f32 expressions"))
         elif m == "fold_many raw: DP fixed clipping":
             peer = by.get("fold_many raw: FedAvg (fused admission)")
+        elif m.startswith("SecAgg sum (uint32"):
+            peer = by.get("SecAgg sum: Flower's per-client loop")
         elif m.endswith("round from FitRes"):
             peer = by.get(m.replace("round from FitRes", "round: Flower aggregate_fit"))
         r["speedup"] = None if peer is None else peer["time_s"] / r["time_s"]
