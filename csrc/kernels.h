@@ -70,11 +70,12 @@ static inline void for_scale_segments(int64_t start, int64_t n, int64_t B, Seg&&
 // The one loop nest of every fold: work items in parallel, each cut into SUB-blocks; for each block, every update
 // present in batch order calls body(it, e, p, pos, o, n) (it: the work item, e: the update's table entry, p: its
 // address, pos: the block's position in the leaf, o: in the accumulator, n: its length), then done(o, n) once.
+// ``min_sub`` raises the block length for bodies with a fixed cost per block (fold_stats_rows).
 template <class Body, class Done>
 static void for_blocks(const int64_t* off, const int64_t* ptr, int64_t k, const int64_t* work, int64_t m,
-                       int nthreads, Body&& body, Done&& done) {
+                       int nthreads, Body&& body, Done&& done, int64_t min_sub = SUB) {
   // many updates: longer runs per update stream, so that the prefetchers keep up with k streams
-  const int64_t sub = k > 16 ? 8 * SUB : SUB;
+  const int64_t sub = std::max(min_sub, k > 16 ? 8 * SUB : SUB);
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t it = 0; it < m; ++it) {
     const int64_t r = work[3 * it], s = work[3 * it + 1], len = work[3 * it + 2];
@@ -172,9 +173,10 @@ static void fold_binned_rows(double* hi, double* lo, const double* base, const i
   });
 }
 
-// Stats per (work item, update): non-finite count, sum of squares (f64), max |x|. Values are formed in S: f64 with a
-// base (u - base would cancel in f32) or when the input or the accumulator is f64; else f32, which is exact for
-// f32/f16/bf16 inputs. Squares are summed in f64.
+// Stats per (work item, update): non-finite count, sum of squares (f64), max |x|. Values are formed in S: f64 when
+// the input or the accumulator is f64, or for int8 deltas; else f32, which is exact for f32/f16/bf16 inputs, and with a base gives the
+// delta u - b rounded once (the difference of two floats is correctly rounded): the very x the fold adds. Squares are
+// summed in f64.
 // `omp simd reduction` lets the compiler split the sum over vector lanes: the result depends on the ISA path taken
 // (AVX2 or baseline) but not on the thread count, and it is a reduction, held to a tolerance, not to bits.
 // A NaN/inf anywhere makes the cheap check sum(x * 0) non-zero; only then is a second loop run to count them.
@@ -200,7 +202,9 @@ static inline void stats_seg(Lanes<S>& st, int64_t n, Value value) {
 
 // The stats type: f64 with a base (u - base would cancel in f32) or when the input or the accumulator is f64.
 template <class A, class In, bool Base>
-using StatT = std::conditional_t<Base || std::is_same_v<A, double> || std::is_same_v<In, double>, double, float>;
+using StatT = std::conditional_t<std::is_same_v<A, double> || std::is_same_v<In, double> ||
+                                     (Base && std::is_same_v<In, int8_t>),  // q * scale - b: two roundings in f32
+                                 double, float>;
 
 // Stats of x over [pos, pos + len) of one update (b: the base at pos), added to st and bad: one vectorized pass, and
 // only if it saw a NaN/inf, an exact recount that skips them.
@@ -267,6 +271,10 @@ static void stats_rows(const A* base, const int64_t* off, const int64_t* ptr, co
 // (added into the (work item, update) outputs, zeroed by the caller), then its fold while the block is in L1. The
 // updates are read from memory once instead of twice. If any update fails admission, the caller zeroes the
 // accumulator again: it was all zeros, so that restores its bits. Per element the fold is fold_rows', bit for bit.
+// Blocks of 8 KB of f32 per update: the stats' fixed cost per block (lanes, the non-finite check) amortized, and the
+// block, its accumulator and base slices (24 KB) still in L1 for the fold that follows.
+constexpr int64_t FUSED_SUB = 8 * SUB;
+
 template <class A, class In, bool Base, bool Quant>
 static void fold_stats_rows(A* acc, const A* base, const int64_t* off, const int64_t* ptr, const double* w,
                             const int64_t* sptr, const int64_t* blk, int64_t k, const int64_t* work, int64_t m,
@@ -288,7 +296,7 @@ static void fold_stats_rows(A* acc, const A* base, const int64_t* off, const int
       fold_block_q<A, Base>(acc + o, b, reinterpret_cast<const int8_t*>(p) + pos, scales, pos, blk[e], (A)w[e], n);
     else
       fold_block<A, In, Base>(acc + o, b, reinterpret_cast<const In*>(p) + pos, (A)w[e], n);
-  }, no_done);
+  }, no_done, FUSED_SUB);
 }
 
 template <class A, class Out, bool Base>
