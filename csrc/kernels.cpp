@@ -342,6 +342,17 @@ double probe_read(py::array_t<float, py::array::c_style> buf, int nthreads) {
   return baseline::probe_sum(buf.data(), buf.size(), nthreads);
 }
 
+// A new bytes object of n uninitialized bytes and the address of its data: the caller fills it (numpy views over that
+// address) before sharing it, as C extensions fill PyBytes_FromStringAndSize(NULL, n). Lets a finalize write straight
+// into the bytes that a framework's messages carry (Flower's Parameters.tensors must be bytes), without a copy.
+py::tuple new_bytes(py::ssize_t n) {
+  require(n >= 0, "n must be >= 0");
+  PyObject* b = PyBytes_FromStringAndSize(nullptr, n);
+  if (b == nullptr) throw py::error_already_set();
+  const auto addr = reinterpret_cast<std::uintptr_t>(PyBytes_AS_STRING(b));
+  return py::make_tuple(py::reinterpret_steal<py::bytes>(b), addr);
+}
+
 int max_threads() {
 #ifdef _OPENMP
   return omp_get_max_threads();
@@ -370,6 +381,7 @@ PYBIND11_MODULE(_core, mod) {
           py::arg("work"), py::arg("nthreads"));
   mod.def("modsum", &modsum, py::arg("acc"), py::arg("off"), py::arg("ptr"), py::arg("code"), py::arg("work"),
           py::arg("bits"), py::arg("subtract"), py::arg("nthreads"));
+  mod.def("new_bytes", &new_bytes, py::arg("n"));
   mod.def("max_threads", &max_threads);
   mod.def("probe_read", &probe_read, py::arg("buf"), py::arg("nthreads"),
           "Sum of a float32 buffer on nthreads threads: time it to measure read bandwidth.");

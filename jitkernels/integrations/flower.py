@@ -1,20 +1,39 @@
-"""Flower (flwr) integration: zero-copy views of the parameters Flower ships.
+"""Flower (flwr) integration: drop-in strategies that aggregate with jitkernels, and zero-copy views of the
+parameters Flower ships.
 
 Flower serializes each array with ``np.save(..., allow_pickle=False)`` (``flwr.common.ndarray_to_bytes``), and its
 ``parameters_to_ndarrays`` copies every byte back out through ``np.load``: at 25M parameters x 10 parties that copy
 costs more than a fused fold of the same updates. :func:`ndarrays_from_parameters` reads the ``.npy`` header (a
 Python literal, parsed by numpy's ``read_array_header`` with ``ast.literal_eval``; never unpickled) and returns
-read-only ``np.frombuffer`` views into the received bytes, which the fold kernels read in place.
+read-only ``np.frombuffer`` views into the received bytes, which the fold kernels read in place. The new model is
+finalized straight into the ``bytes`` objects of the returned ``Parameters`` (:func:`parameters_buffers`): no copy on
+the way out either.
+
+Strategies (:class:`FedAvg`, :class:`FedAvgM`, :class:`FedAdam`, :class:`FedYogi`, :class:`FedAdagrad`) subclass
+Flower's own, take the same arguments (plus ``backend=``), and replace ``aggregate_fit``; everything else (client
+sampling, configuration, evaluation) is Flower's. Their results equal Flower's within float32 rounding, with these
+deliberate differences: integer arrays are averaged (Flower's ``aggregate_inplace`` zeroes them); float16 models are
+accumulated in float32 (Flower's ``aggregate`` overflows); results keep the model's dtype (Flower's FedAdam returns
+float64, a NEP 50 promotion); deltas are folded as ``u - x`` (Flower forms the average, then subtracts, which turns
+rounding into steps); clients that report ``num_examples == 0`` are left out (they weigh nothing in Flower either).
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import io
+import logging
 
 import numpy as np
 
+import jitkernels as jk
+
+from .. import algorithms as A
+from ..dtypes import np_dtype
 from ..errors import LayoutMismatch
+
+log = logging.getLogger(__name__)
 
 _MAGIC = b"\x93NUMPY"
 
@@ -64,3 +83,160 @@ def ndarrays_from_parameters(parameters, *, party=None) -> list:
     if getattr(parameters, "tensor_type", "numpy.ndarray") != "numpy.ndarray":
         raise LayoutMismatch(f"tensor_type {parameters.tensor_type!r}; expected 'numpy.ndarray'", party=party)
     return [ndarray_view(t, party=party, index=i) for i, t in enumerate(parameters.tensors)]
+
+
+def _npy_header(shape, dtype) -> bytes:
+    """The exact header ``np.save`` writes for a C-contiguous array of this shape and dtype."""
+    f = io.BytesIO()
+    d = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
+    try:
+        np.lib.format.write_array_header_1_0(f, d)
+    except ValueError:  # a header too long for version 1.0
+        f = io.BytesIO()
+        np.lib.format.write_array_header_2_0(f, d)
+    return f.getvalue()
+
+
+def parameters_buffers(shapes_dtypes) -> tuple:
+    """(tensors, arrays): new ``bytes`` objects laid out as ``np.save`` would write arrays of these shapes and
+    dtypes, and writable numpy views of their data regions. Fill the arrays, then hand out the bytes (never write
+    after that: bytes are immutable to everyone else)."""
+    from .. import _core
+
+    tensors, arrays = [], []
+    for shape, dtype in shapes_dtypes:
+        dt = np.dtype(dtype)
+        head = _npy_header(shape, dt)
+        n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        b, addr = _core.new_bytes(len(head) + n)
+        raw = np.ctypeslib.as_array((ctypes.c_uint8 * (len(head) + n)).from_address(addr))
+        raw[:len(head)] = np.frombuffer(head, np.uint8)
+        tensors.append(b)
+        arrays.append(raw[len(head):].view(dt).reshape(shape))
+    return tensors, arrays
+
+
+class _Runner:
+    """One jitkernels Aggregator kept across a strategy's rounds: the first results fix the layout; each round folds
+    the results' zero-copy views in one pass and finalizes into the returned Parameters' bytes."""
+
+    def __init__(self, algorithm, backend):
+        self.algorithm, self.backend = algorithm, backend
+        self.agg = None
+
+    def aggregate(self, results, base=None):
+        from flwr.common import Parameters
+
+        kept = [(i, cp, fr) for i, (cp, fr) in enumerate(results) if fr.num_examples > 0]
+        if len(kept) < len(results):
+            log.info("jitkernels: %d result(s) with num_examples == 0 left out", len(results) - len(kept))
+        if not kept:
+            return None
+        parties = [getattr(cp, "cid", None) or f"result-{i}" for i, cp, _ in kept]
+        views = [ndarrays_from_parameters(fr.parameters, party=p) for (_, _, fr), p in zip(kept, parties)]
+        if self.agg is None:
+            tmpl = [np.empty(v.shape, v.dtype) for v in views[0]] if base is None else base
+            self.agg = jk.Aggregator(tmpl, self.algorithm, backend=self.backend, base=base)
+        elif self.agg.state.count or self.agg.state.closed:
+            self.agg.reset(reuse=True)
+        self.agg.fold_many(views, [float(fr.num_examples) for _, _, fr in kept], parties)
+        tensors, arrays = parameters_buffers([(leaf.shape, np_dtype(leaf.dtype)) for leaf in self.agg.layout.leaves])
+        self.agg.finalize(out=arrays)
+        return Parameters(tensors=tensors, tensor_type="numpy.ndarray")
+
+
+def _metrics(strategy, server_round, results):
+    """Fit metrics, aggregated as Flower's FedAvg does."""
+    if strategy.fit_metrics_aggregation_fn:
+        return strategy.fit_metrics_aggregation_fn([(res.num_examples, res.metrics) for _, res in results])
+    if server_round == 1:
+        log.warning("No fit_metrics_aggregation_fn provided")
+    return {}
+
+
+def _strategies():
+    """The strategy classes, built on first use so that importing this module needs no flwr."""
+    from flwr.server import strategy as fl
+
+    class FedAvg(fl.FedAvg):
+        """Flower's FedAvg (``aggregate_fit`` by jitkernels: one fused pass, zero-copy in and out)."""
+
+        def __init__(self, *args, backend: str = "auto", **kwargs):
+            super().__init__(*args, **kwargs)
+            self._jk = _Runner(A.FedAvg(), backend)
+
+        def aggregate_fit(self, server_round, results, failures):
+            if not results or (not self.accept_failures and failures):
+                return None, {}
+            return self._jk.aggregate(results), _metrics(self, server_round, results)
+
+    class FedAvgM(fl.FedAvgM):
+        """Flower's FedAvgM: server momentum on the folded average delta (jitkernels.algorithms.FedAvgM)."""
+
+        def __init__(self, *args, backend: str = "auto", **kwargs):
+            super().__init__(*args, **kwargs)
+            self._backend = backend
+            self._jk = None
+
+        def aggregate_fit(self, server_round, results, failures):
+            if not results or (not self.accept_failures and failures):
+                return None, {}
+            if not self.server_opt:  # lr 1, momentum 0: plain FedAvg, as Flower does
+                return self._plain(results), _metrics(self, server_round, results)
+            if self._jk is None:
+                if self.initial_parameters is None:
+                    raise ValueError("When using server-side optimization, model needs to be initialized.")
+                self._jk = _Runner(A.FedAvgM(lr=self.server_learning_rate, momentum=self.server_momentum), self._backend)
+                base = [np.array(a) for a in ndarrays_from_parameters(self.initial_parameters)]
+                params = self._jk.aggregate(results, base=base)
+            else:
+                params = self._jk.aggregate(results)
+            self.initial_parameters = params
+            return params, _metrics(self, server_round, results)
+
+        def _plain(self, results):
+            if self._jk is None:
+                self._jk = _Runner(A.FedAvg(), self._backend)
+            return self._jk.aggregate(results)
+
+    def _fedopt(flower_cls, ours):
+        class Strategy(flower_cls):
+            __doc__ = (f"Flower's {flower_cls.__name__} (``variant='flower'`` of "
+                       f"jitkernels.algorithms.{ours.__name__}): one fused finalize pass over (average delta, model, "
+                       f"moments).")
+
+            def __init__(self, *args, backend: str = "auto", **kwargs):
+                super().__init__(*args, **kwargs)
+                kw = {"lr": self.eta, "tau": self.tau, "variant": "flower"}
+                if ours is not A.FedAdagrad:
+                    kw.update(beta1=self.beta_1, beta2=self.beta_2)
+                else:
+                    kw.update(beta1=self.beta_1)
+                self._jk = _Runner(ours(**kw), backend)
+
+            def aggregate_fit(self, server_round, results, failures):
+                if not results or (not self.accept_failures and failures):
+                    return None, {}
+                first = self._jk.agg is None
+                params = self._jk.aggregate(results, base=[np.array(a) for a in self.current_weights] if first
+                                            else None)
+                if params is not None:
+                    self.current_weights = ndarrays_from_parameters(params)
+                return params, _metrics(self, server_round, results)
+
+        Strategy.__name__ = Strategy.__qualname__ = flower_cls.__name__
+        return Strategy
+
+    return {"FedAvg": FedAvg, "FedAvgM": FedAvgM, "FedAdam": _fedopt(fl.FedAdam, A.FedAdam),
+            "FedYogi": _fedopt(fl.FedYogi, A.FedYogi), "FedAdagrad": _fedopt(fl.FedAdagrad, A.FedAdagrad)}
+
+
+@functools.lru_cache(maxsize=None)
+def _classes():
+    return _strategies()
+
+
+def __getattr__(name):  # module-level lazy classes: ``from jitkernels.integrations.flower import FedAdam``
+    if name in ("FedAvg", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad"):
+        return _classes()[name]
+    raise AttributeError(name)

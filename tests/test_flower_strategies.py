@@ -1,0 +1,105 @@
+"""jitkernels' Flower strategies against Flower's own, through ``aggregate_fit`` on the same FitRes over several
+rounds: equal within float32 rounding (see jitkernels.integrations.flower for the deliberate differences)."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr", reason="Flower (flwr) is a test dependency: pip install -e '.[test]'")
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays  # noqa: E402
+from flwr.server import strategy as fl  # noqa: E402
+
+import jitkernels.integrations.flower as jkfl  # noqa: E402
+
+ROUNDS, K = 3, 4
+
+
+class _Proxy:
+    def __init__(self, cid):
+        self.cid = cid
+
+
+def _fit_res(arrays, n, metrics=None):
+    return FitRes(status=Status(code=Code.OK, message=""), parameters=ndarrays_to_parameters(arrays),
+                  num_examples=int(n), metrics=metrics or {})
+
+
+def _model(rng):
+    return [rng.standard_normal((40, 30)).astype(np.float32), rng.standard_normal(30).astype(np.float32)]
+
+
+def _run(make, seed=0):
+    """Both strategies over ROUNDS rounds of the same results (drawn around Flower's current model)."""
+    rng = np.random.default_rng(seed)
+    x0 = _model(rng)
+    theirs, ours = make(fl, x0), make(jkfl, x0)
+    glob, outs = x0, []
+    for r in range(1, ROUNDS + 1):
+        results = [(_Proxy(f"c{j}"), _fit_res([(a + 0.05 * rng.standard_normal(a.shape)).astype(np.float32)
+                                                for a in glob], rng.integers(10, 500), {"loss": float(j)}))
+                   for j in range(K)]
+        p_t, m_t = theirs.aggregate_fit(r, results, [])
+        p_o, m_o = ours.aggregate_fit(r, results, [])
+        want, got = parameters_to_ndarrays(p_t), parameters_to_ndarrays(p_o)
+        outs.append((got, want))
+        assert m_o == m_t
+        glob = [a.astype(np.float32) for a in want]
+    return outs, ours
+
+
+def _metrics_fn(ms):
+    return {"loss": sum(n * m["loss"] for n, m in ms) / sum(n for n, _ in ms)}
+
+
+CASES = {
+    "FedAvg": (lambda m, x0: m.FedAvg(fit_metrics_aggregation_fn=_metrics_fn), 1.0),
+    "FedAvgM": (lambda m, x0: m.FedAvgM(initial_parameters=ndarrays_to_parameters(x0), server_learning_rate=0.8,
+                                        server_momentum=0.9), 8.0),
+    "FedAvgM-plain": (lambda m, x0: m.FedAvgM(initial_parameters=ndarrays_to_parameters(x0)), 1.0),
+    "FedAdam": (lambda m, x0: m.FedAdam(initial_parameters=ndarrays_to_parameters(x0), eta=0.01, tau=1e-3), 0.01),
+    "FedYogi": (lambda m, x0: m.FedYogi(initial_parameters=ndarrays_to_parameters(x0), eta=0.01), 0.01),
+    "FedAdagrad": (lambda m, x0: m.FedAdagrad(initial_parameters=ndarrays_to_parameters(x0), eta=0.01, tau=1e-3),
+                   0.01),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_strategy_equals_flowers(name):
+    make, lr = CASES[name]
+    outs, ours = _run(make)
+    for got, want in outs:
+        for g, w in zip(got, want):
+            assert g.dtype == np.float32 and g.shape == w.shape
+            np.testing.assert_allclose(g, w.astype(np.float32), rtol=0, atol=2e-4 * lr + 4e-6)
+
+
+def test_parameters_are_written_in_place_and_read_back_by_flower():
+    make, _ = CASES["FedAvg"]
+    outs, ours = _run(make)
+    params, _ = ours.aggregate_fit(9, [(_Proxy("a"), _fit_res(outs[-1][1], 3, {"loss": 0.0}))], [])
+    assert all(type(t) is bytes for t in params.tensors)
+    back = parameters_to_ndarrays(params)  # Flower's own np.load of our bytes
+    for b, v, w in zip(back, jkfl.ndarrays_from_parameters(params), outs[-1][1]):
+        assert b.tobytes() == v.tobytes() and b.dtype == v.dtype and b.shape == v.shape
+        np.testing.assert_allclose(b, w.astype(np.float32), rtol=1e-6, atol=1e-7)  # one party: w * u / w
+
+
+def test_failures_and_empty_results_follow_flower():
+    s = jkfl.FedAvg(accept_failures=False)
+    rng = np.random.default_rng(1)
+    res = [(_Proxy("a"), _fit_res(_model(rng), 5))]
+    assert s.aggregate_fit(1, res, [RuntimeError("x")]) == (None, {})
+    assert s.aggregate_fit(1, [], []) == (None, {})
+    zero = [(_Proxy("a"), _fit_res(_model(rng), 0))]
+    assert s.aggregate_fit(1, zero, [])[0] is None
+
+
+def test_the_flower_example_runs_end_to_end():
+    import os
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(here, "examples", "flower_simulation.py"), "--rounds", "3",
+                          "--compare"], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "round  3: test accuracy" in out
+    diff = float(out.rsplit("max |model difference|", 1)[1].split()[0])
+    assert diff < 1e-4
