@@ -17,10 +17,11 @@ leaves and k updates:
 * **SecAgg sum**: the k-way modular sum of k masked uint32 vectors (:mod:`jitkernels.secagg`, ``SecAggSum.fold_many``
   into a cleared state) against Flower's SecAgg+ server loop (``parameters_addition`` per client on its int64 wire
   arrays, then ``parameters_mod``). Bytes: ``k*N*4 + 8N``.
-* **round from FitRes**: a whole round from Flower ``FitRes`` in to the new model out: ours folds zero-copy views of
-  the serialized bytes (:mod:`jitkernels.integrations.flower`) with ``fold_many`` and finalizes into last round's
-  output; Flower's ``FedAdam.aggregate_fit`` / ``FedAvg.aggregate_fit`` (``inplace=True``, as shipped) deserialize
-  with copies and allocate per step. Bytes (the fused minimum): ``k*N*4 + 8N`` for the fold, plus the step's.
+* **round from FitRes**: a whole round from Flower ``FitRes`` in to the new ``Parameters`` out, by the strategies of
+  :mod:`jitkernels.integrations.flower` (zero-copy views of the serialized bytes folded in one pass, finalized into
+  the bytes of the new Parameters) and by Flower's own ``FedAdam`` / ``FedAvg`` (``inplace=True``, as shipped), whose
+  ``aggregate_fit`` deserializes with copies and allocates per step. Bytes (the fused minimum): ``k*N*4 + 8N`` for
+  the fold, plus the step's.
 """
 
 from __future__ import annotations
@@ -151,46 +152,38 @@ def bench_secagg(wl, probe):
 
 
 def bench_rounds(wl, probe, backend):
-    """A FedAdam and a FedAvg round from FitRes, ours and Flower's, on the same FitRes objects."""
+    """A FedAdam and a FedAvg round, Flower FitRes in -> new Parameters out: jitkernels' Flower strategies against
+    Flower's own, ``aggregate_fit`` on the same FitRes objects."""
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
     from flwr.server import strategy as fl
 
-    from .integrations.flower import ndarrays_from_parameters
+    from .integrations import flower as jkfl
 
     ok = Status(code=Code.OK, message="")
     ups = [list(u.values()) for u in wl.updates("float32")]
     results = [(None, FitRes(status=ok, parameters=ndarrays_to_parameters(u), num_examples=w, metrics={}))
                for u, w in zip(ups, wl.weights)]
-    x0 = [np.zeros_like(a) for a in ups[0]]
+    x0 = ndarrays_to_parameters([np.zeros_like(a) for a in ups[0]])
     fold_bytes = wl.k * wl.n * 4 + 8 * wl.n
     rows = []
-    for name, ours, theirs, step_bytes in (
-            ("FedAdam", A.FedAdam(lr=0.01, tau=1e-3, variant="flower"),
-             lambda: fl.FedAdam(initial_parameters=ndarrays_to_parameters(x0), eta=0.01, tau=1e-3), 32),
-            ("FedAvg", A.FedAvg(), lambda: fl.FedAvg(), 8)):
-        agg = jk.Aggregator(x0, ours, backend=backend, base=x0 if name == "FedAdam" else None)
-        out = [np.empty_like(a) for a in x0]
-        state = {"r": 0}
-
-        def ours_round():
-            agg.reset(reuse=True)
-            views = [ndarrays_from_parameters(fr.parameters) for _, fr in results]
-            agg.fold_many(views, [fr.num_examples for _, fr in results], list(range(len(results))))
-            return agg.finalize(out=out)
-
-        strat = theirs()
-
-        def flower_round():
-            state["r"] += 1
-            return strat.aggregate_fit(state["r"], results, [])
-
+    for name, make, step_bytes in (("FedAdam", lambda m: m.FedAdam(initial_parameters=x0, eta=0.01, tau=1e-3), 32),
+                                   ("FedAvg", lambda m: m.FedAvg(), 8)):
         nbytes = fold_bytes + step_bytes * wl.n
-        for method, fn, be in ((f"{name} round from FitRes", ours_round, backend),
-                               (f"{name} round: Flower aggregate_fit", flower_round, "flwr")):
-            mem = peak_memory(fn)
-            rows.append(_row(wl.label, method, be, interleaved(fn, probe, min_reps=2, max_reps=5, cap_s=30),
+        for method, mod, be in ((f"{name} round from FitRes", jkfl, backend),
+                                (f"{name} round: Flower aggregate_fit", fl, "flwr")):
+            strat = make(mod)
+            if mod is jkfl:
+                strat._jk.backend = backend
+            state = {"r": 0}
+
+            def round_():
+                state["r"] += 1
+                return strat.aggregate_fit(state["r"], results, [])
+
+            mem = peak_memory(round_)
+            rows.append(_row(wl.label, method, be, interleaved(round_, probe, min_reps=2, max_reps=5, cap_s=30),
                              nbytes, mem=mem))
-        del agg, strat
+            del strat
     return rows
 
 
