@@ -67,9 +67,15 @@ void require(bool ok, const char* what) {
 using I64 = py::array_t<int64_t, py::array::c_style>;
 using F64A = py::array_t<double, py::array::c_style>;
 
+// dtype equality by equivalence, not identity: an array that crossed a process boundary (Ray, pickle) carries its
+// own dtype object.
+bool same_dtype(const py::dtype& a, const py::dtype& b) {
+  return py::detail::npy_api::get().PyArray_EquivTypes_(a.ptr(), b.ptr());
+}
+
 bool is_acc_f64(const py::array& acc) {
-  if (acc.dtype().is(py::dtype::of<double>())) return true;
-  if (acc.dtype().is(py::dtype::of<float>())) return false;
+  if (same_dtype(acc.dtype(), py::dtype::of<double>())) return true;
+  if (same_dtype(acc.dtype(), py::dtype::of<float>())) return false;
   throw std::invalid_argument("accumulator must be float32 or float64");
 }
 
@@ -95,7 +101,7 @@ void fold(py::array acc, py::object base_obj, int in_code, I64 off, I64 ptr, F64
   const bool acc64 = is_acc_f64(acc);
   const bool has_base = !base_obj.is_none();
   py::array base = has_base ? base_obj.cast<py::array>() : py::array();
-  if (has_base) require(base.dtype().is(acc.dtype()), "base must have the accumulator's dtype");
+  if (has_base) require(same_dtype(base.dtype(), acc.dtype()), "base must have the accumulator's dtype");
   const int64_t k = ptr.ndim() == 2 ? ptr.shape(1) : 0, m = work.shape(0);
   void* accp = acc.mutable_data();
   const void* basep = has_base ? base.data() : nullptr;
@@ -131,7 +137,7 @@ py::tuple fold_stats(py::array acc, py::object base_obj, int in_code, I64 off, I
   const bool acc64 = is_acc_f64(acc);
   const bool has_base = !base_obj.is_none();
   py::array base = has_base ? base_obj.cast<py::array>() : py::array();
-  if (has_base) require(base.dtype().is(acc.dtype()), "base must have the accumulator's dtype");
+  if (has_base) require(same_dtype(base.dtype(), acc.dtype()), "base must have the accumulator's dtype");
   const int64_t k = ptr.ndim() == 2 ? ptr.shape(1) : 0, m = work.shape(0);
   I64 nonfinite({m, k});
   F64A sumsq({m, k}), maxabs({m, k});
@@ -193,10 +199,10 @@ void fold_binned(py::array_t<double, py::array::c_style> hi, py::array_t<double,
 
 py::tuple stats(py::object base_obj, py::dtype acc_dtype, int in_code, I64 off, I64 ptr, I64 sptr, I64 blk,
                 I64 work, int nthreads) {
-  const bool acc64 = acc_dtype.is(py::dtype::of<double>());
+  const bool acc64 = same_dtype(acc_dtype, py::dtype::of<double>());
   const bool has_base = !base_obj.is_none();
   py::array base = has_base ? base_obj.cast<py::array>() : py::array();
-  if (has_base) require(base.dtype().is(acc_dtype), "base must have the accumulator's dtype");
+  if (has_base) require(same_dtype(base.dtype(), acc_dtype), "base must have the accumulator's dtype");
   const int64_t k = ptr.ndim() == 2 ? ptr.shape(1) : 0, m = work.shape(0);
   I64 nonfinite({m, k});
   F64A sumsq({m, k}), maxabs({m, k});
@@ -231,7 +237,7 @@ void finalize(py::array acc, py::object base_obj, int out_code, I64 off, F64A to
   const bool acc64 = is_acc_f64(acc);
   const bool has_base = !base_obj.is_none();
   py::array base = has_base ? base_obj.cast<py::array>() : py::array();
-  if (has_base) require(base.dtype().is(acc.dtype()), "base must have the accumulator's dtype");
+  if (has_base) require(same_dtype(base.dtype(), acc.dtype()), "base must have the accumulator's dtype");
   require(out_code != I8, "int8 is not an output dtype");
   const int64_t m = work.shape(0);
   const void* accp = acc.data();
@@ -277,7 +283,7 @@ void step(py::array acc, py::array x, py::array m, py::object v_obj, int kind, F
   require(kind < jk::OPT_ADAM || has_v, "this optimizer needs a second moment v");
   for (const py::array* a : {&x, &m, &v}) {
     if (a == &v && !has_v) continue;
-    require(a->dtype().is(acc.dtype()) && a->size() == acc.size() && a->writeable() &&
+    require(same_dtype(a->dtype(), acc.dtype()) && a->size() == acc.size() && a->writeable() &&
                 (a->flags() & py::array::c_style),
             "x, m and v must be writeable, C-contiguous and shaped and typed like the accumulator");
   }
@@ -315,8 +321,8 @@ py::array_t<uint8_t> modsum(py::array acc, I64 off, I64 ptr, I64 code, I64 work,
                             int nthreads) {
   require(acc.flags() & py::array::c_style && acc.writeable(), "accumulator must be a writeable C-contiguous array");
   require(bits >= 1 && bits <= 32, "modulus_bits must be in [1, 32]");
-  const bool wide = acc.dtype().is(py::dtype::of<uint64_t>());
-  require(wide || acc.dtype().is(py::dtype::of<uint32_t>()), "accumulator must be uint32 or uint64");
+  const bool wide = same_dtype(acc.dtype(), py::dtype::of<uint64_t>());
+  require(wide || same_dtype(acc.dtype(), py::dtype::of<uint32_t>()), "accumulator must be uint32 or uint64");
   const int64_t m = work.shape(0), k = ptr.ndim() == 2 ? ptr.shape(1) : 0;
   py::array_t<uint8_t> bad({m, k});
   // jk::i64 is long long (NVRTC has no <stdint.h>); int64_t is long here: same width, another type

@@ -168,7 +168,8 @@ class FoldState:
         if self.scalars != other.scalars:
             raise IncompatibleStates(f"states carry different server values: {self.scalars} vs {other.scalars}")
         if (self.base is None) != (other.base is None) or (
-                self.base is not None and not np.array_equal(to_host(self.base), to_host(other.base))):
+                self.base is not None and self.base is not other.base
+                and not np.array_equal(to_host(self.base), to_host(other.base))):
             raise IncompatibleStates("states fold deltas against different bases")
         shared = self.parties.keys() & other.parties.keys()
         if shared:
@@ -242,7 +243,15 @@ class FoldState:
     def load(cls, path) -> "FoldState":
         """Load and verify a saved state; :class:`CorruptState` if it is truncated, altered or of an unknown version."""
         path = os.fspath(path)
-        tensors, meta = read_checked(path, what="state file")
+        return cls._from_checked(*read_checked(path, what="state file"), path)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, where: str = "<bytes>") -> "FoldState":
+        """A state from :meth:`to_bytes` (e.g. a partial fold sent back by a Ray worker), verified as :meth:`load`."""
+        return cls._from_checked(*read_checked_bytes(data, what="state"), where)
+
+    @classmethod
+    def _from_checked(cls, tensors, meta, path) -> "FoldState":
         if meta.get("format") != FORMAT:
             raise CorruptState(f"{path}: not a jitkernels fold state (format {meta.get('format')!r})")
         try:
@@ -292,6 +301,23 @@ def read_checked(path: str, what: str = "file") -> tuple:
     expected = meta.pop("checksum", None)
     if expected is None or _checksum(tensors, meta) != expected:
         raise CorruptState(f"{path}: checksum mismatch (the {what} was altered or damaged)")
+    return tensors, meta
+
+
+def read_checked_bytes(data: bytes, what: str = "buffer") -> tuple:
+    """:func:`read_checked` of bytes in memory (safetensors' header JSON holds the metadata)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    try:
+        n = int.from_bytes(bytes(data[:8]), "little")
+        meta = dict(json.loads(bytes(data[8:8 + n])).get("__metadata__") or {})
+        tensors = load(bytes(data))
+    except (SafetensorError, ValueError, UnicodeDecodeError) as e:
+        raise CorruptState(f"not a readable {what} ({e})") from e
+    expected = meta.pop("checksum", None)
+    if expected is None or _checksum(tensors, meta) != expected:
+        raise CorruptState(f"checksum mismatch (the {what} was altered or damaged)")
     return tensors, meta
 
 

@@ -12,11 +12,11 @@ from .core import (Ack, Backpressure, Job, JITScheduler, LateUpdate, QuorumUnrea
                    UnknownParty)
 from .cost import BackendCost, CostModel
 from .durable import Crashed, StateDir, StateDirLocked
-from .executors import LocalExecutor, MeasuredExecutor, ModelExecutor, Task
+from .executors import LocalExecutor, MeasuredExecutor, ModelExecutor, RayExecutor, Task
 from .policies import JIT, Eager, Lazy, Oracle, Policy
 from .predictor import Predictor, poisson_binomial_tail
 
 __all__ = ["Ack", "Backpressure", "BackendCost", "CostModel", "Crashed", "Eager", "JIT", "JITScheduler", "Job", "LateUpdate",
            "Lazy", "LocalExecutor", "MeasuredExecutor", "ModelExecutor", "Oracle", "Policy", "Predictor",
-           "QuorumUnreachable", "RealClock", "SchedulerError", "StateDir", "StateDirLocked", "Task", "UnknownJob", "UnknownParty", "VirtualClock",
+           "QuorumUnreachable", "RayExecutor", "RealClock", "SchedulerError", "StateDir", "StateDirLocked", "Task", "UnknownJob", "UnknownParty", "VirtualClock",
            "poisson_binomial_tail"]

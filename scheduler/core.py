@@ -230,7 +230,8 @@ class JITScheduler:
     policy : "eager" | "lazy" | "jit" | "oracle" | Policy
     slots : aggregators that may be deployed at once (slots x kernel threads <= cores)
     clock : RealClock (default) or VirtualClock
-    executor : LocalExecutor (default with a real clock) or ModelExecutor (default with a virtual clock)
+    executor : LocalExecutor (default with a real clock), ModelExecutor (default with a virtual clock), or
+        RayExecutor (folds on Ray workers; :mod:`scheduler.executors`)
     cost : CostModel (kernel throughput, per-call cost and deployment start-up)
     alpha : the JIT policy's accepted risk of the quorum arriving before the aggregator is ready
     byte_budget : bytes of buffered (admitted, unfolded) updates: past half of it a partial fold is forced early, and
@@ -680,7 +681,7 @@ class JITScheduler:
             if rnd.aggregator is not None:
                 # a late update carried to this round comes with its staleness-scaled weight
                 items = [it if w == it.weight else dataclasses.replace(it, weight=w) for _, it, _, w in batch]
-                fn = functools.partial(rnd.aggregator.fold_many, items)
+                fn = functools.partial(self.executor.fold_many, rnd.aggregator, items)
                 if self.store is not None:
                     fn = functools.partial(self._fold_durably, js, rnd.number, rnd.aggregator, items, nbytes,
                                            self._update_ids(js, rnd))
@@ -711,10 +712,10 @@ class JITScheduler:
         spilled = [it for it in items if isinstance(it, _Spilled)]
         in_memory = [it for it in items if not isinstance(it, _Spilled)]
         if in_memory:
-            agg.fold_many(in_memory)
+            self.executor.fold_many(agg, in_memory)
         per = max(1, (self.byte_budget or 0) // 2 // max(1, js.update_bytes))
         for i in range(0, len(spilled), per):
-            agg.fold_many([self._read_spilled(js, sp) for sp in spilled[i:i + per]])
+            self.executor.fold_many(agg, [self._read_spilled(js, sp) for sp in spilled[i:i + per]])
         js.fold_bytes += nbytes
         limit = 4 * agg.state.acc.nbytes if self.checkpoint_bytes is None else self.checkpoint_bytes
         if js.fold_bytes >= limit:

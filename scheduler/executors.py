@@ -5,8 +5,11 @@
 * :class:`ModelExecutor` (virtual clock): a task takes the cost model's estimate of virtual time.
 * :class:`MeasuredExecutor` (virtual clock, the simulator's ``--real`` mode): runs the real task, then lets virtual
   time advance by the measured duration.
+* :class:`RayExecutor` (real clock): the folds run as Ray tasks, each folding a share of the batch into a partial
+  state that comes back as checksummed bytes and is merged in a fixed tree; for more than one machine.
 
-``run(task, done)`` calls ``done(duration_s, result, error)`` on the clock's thread when the task ends.
+``run(task, done)`` calls ``done(duration_s, result, error)`` on the clock's thread when the task ends. A fold task
+folds through ``executor.fold_many(aggregator, items)``: in place by default, on Ray workers for :class:`RayExecutor`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import jitkernels as jk
+from jitkernels.device import DeviceLeaf, to_host
 
 
 @dataclass
@@ -40,7 +44,14 @@ def _call(task: Task):
     return time.perf_counter() - t0, result, error
 
 
-class ModelExecutor:
+class _InPlace:
+    @staticmethod
+    def fold_many(agg, items) -> None:
+        """Fold a batch of admitted updates into ``agg`` (in this process)."""
+        agg.fold_many(items)
+
+
+class ModelExecutor(_InPlace):
     """Virtual time advances by the cost model's estimate; a task with data still runs (so results are real and
     timings deterministic)."""
 
@@ -55,7 +66,7 @@ class ModelExecutor:
         pass
 
 
-class MeasuredExecutor:
+class MeasuredExecutor(_InPlace):
     """Virtual time advances by the measured duration of the real task."""
 
     def __init__(self, clock):
@@ -69,7 +80,7 @@ class MeasuredExecutor:
         pass
 
 
-class LocalExecutor:
+class LocalExecutor(_InPlace):
     def __init__(self, clock, slots: int, kernel_threads: int | None = None):
         self.clock = clock
         self.pool = ThreadPoolExecutor(max_workers=max(1, slots), thread_name_prefix="jitkernels-fold")
@@ -86,3 +97,64 @@ class LocalExecutor:
     def close(self):
         self.pool.shutdown(wait=True)
         jk.set_num_threads(self._old_threads)
+
+
+def _fold_partial(spec: dict, base, updates: list, weights: list, parties: list, infos: list) -> bytes:
+    """A Ray task: fold a share of a round's updates into an empty partial state; return it as checksummed bytes
+    (without the base, which the caller holds). Kernel threads follow the CPUs Ray gave the task (it sets
+    ``OMP_NUM_THREADS`` to them)."""
+    fault = os.environ.get("JITKERNELS_RAY_KILL_ONCE")  # tests: a worker that dies mid-fold, once
+    if fault and os.path.exists(fault):
+        os.remove(fault)
+        os._exit(1)
+    jk.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
+    layout = jk.Layout.from_json(spec["layout"])
+    state = jk.FoldState(layout, algorithm=spec["algorithm"], acc_dtype=spec["acc_dtype"], base=base,
+                         round=spec["round"], scalars=spec["scalars"])
+    agg = jk.Aggregator.from_state(state, backend=spec["backend"])
+    agg.fold_many([layout.unflatten(u) for u in updates], weights, parties, infos)
+    state.base = None
+    return state.to_bytes()
+
+
+class RayExecutor(LocalExecutor):
+    """Folds on Ray workers: a batch of pending updates goes to Ray's object store, is split into ``workers``
+    shares folded as Ray tasks (each an empty partial :class:`~jitkernels.FoldState`, returned as checksummed
+    bytes), and the partial states are merged in a fixed balanced tree, then into the round's aggregator. A worker
+    killed mid-fold loses nothing: Ray re-runs its task from the stored updates (``max_retries``). Finalize and the
+    scheduler's bookkeeping stay in this process.
+
+    Connect to a cluster with ``ray.init(address=...)`` before creating it (else a local Ray is started with
+    ``ray_init`` arguments). ``cpus_per_task`` is the Ray resource request of each fold task; Ray sets the task's
+    ``OMP_NUM_THREADS`` to it, and the kernels use that many threads.
+    """
+
+    def __init__(self, clock, slots: int, *, workers: int = 2, cpus_per_task: int = 1, max_retries: int = 3,
+                 kernel_threads: int | None = None, **ray_init):
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(**ray_init)
+        super().__init__(clock, slots, kernel_threads)
+        self.workers = max(1, int(workers))
+        self._ray = ray
+        self._task = ray.remote(num_cpus=cpus_per_task, max_retries=max_retries)(_fold_partial)
+
+    def fold_many(self, agg, items) -> None:
+        if agg.partial:  # partial updates (absent leaves) are folded here: shipping them needs their masks too
+            return super().fold_many(agg, items)
+        ray, st = self._ray, agg.state
+        spec = {"layout": st.layout.to_json(), "algorithm": st.algorithm, "acc_dtype": st.acc_dtype,
+                "round": st.round, "scalars": st.scalars, "backend": agg.backend if agg.backend != "cupy" else "auto"}
+        base = None if st.base is None else ray.put(to_host(st.base))
+        shares = [items[i::self.workers] for i in range(min(self.workers, len(items)))]
+        refs = [self._task.remote(spec, base, [[to_host(a) if isinstance(a, DeviceLeaf) else a for a in u.leaves]
+                                               for u in share],
+                                  [u.weight for u in share], [u.party for u in share], [u.info for u in share])
+                for share in shares]
+        states = [jk.FoldState.from_bytes(b, where="ray partial fold") for b in ray.get(refs)]
+        while len(states) > 1:  # a fixed balanced tree: the merge order (hence the rounding) does not vary
+            states = [states[i].merge(states[i + 1]) if i + 1 < len(states) else states[i]
+                      for i in range(0, len(states), 2)]
+        states[0].base = st.base
+        agg.merge(states[0])
