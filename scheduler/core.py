@@ -128,6 +128,7 @@ class _Round:
     quorum: int
     members: list = field(default_factory=list)  # first q arrivals, in order
     arrived: set = field(default_factory=set)
+    arrived_flags: object = None  # bool per expected party (the job's order): the pending set as a vector op
     pending: list = field(default_factory=list)  # admitted (or modelled) updates not yet folded
     pending_bytes: int = 0
     folded: int = 0
@@ -177,6 +178,7 @@ class _JobState:
         self.job = job
         self.predictor = predictor
         self.expected = list(job.parties)
+        self._index_expected()
         self.rounds: dict = {}
         self.open: _Round | None = None
         self.deployment: _Deployment | None = None
@@ -198,6 +200,32 @@ class _JobState:
         # algorithms that close rounds (server optimizers, DP): the finished round's aggregator, whose state (model,
         # moments, round counter, clip norm) the next round continues
         self.carry = None
+
+    def _index_expected(self) -> None:
+        self.expected_pos = {p: i for i, p in enumerate(self.expected)}
+        self.expected_idx = self.predictor.indices(self.expected)  # positions in the predictor's arrays
+
+    def drop_expected(self, party) -> None:
+        self.expected.remove(party)
+        self._index_expected()
+        for rnd in self.rounds.values():
+            rnd.arrived_flags = None  # re-derived from the arrived set on next use
+
+    def flags(self, rnd):
+        """rnd.arrived_flags, aligned with ``expected`` (built from the arrived set when missing)."""
+        if rnd.arrived_flags is None:
+            rnd.arrived_flags = np.fromiter((p in rnd.arrived for p in self.expected), bool, len(self.expected))
+        return rnd.arrived_flags
+
+    def mark_arrived(self, rnd, party) -> None:
+        rnd.arrived.add(party)
+        i = self.expected_pos.get(party)
+        if i is not None and rnd.arrived_flags is not None:
+            rnd.arrived_flags[i] = True
+
+    def pending_idx(self, rnd) -> np.ndarray:
+        """Predictor positions of the expected parties that have not arrived in ``rnd``."""
+        return self.expected_idx[~self.flags(rnd)]
 
     def admit(self, update, weight, party):
         """Validate one update for this job (deterministic jobs: against the bound their aggregator will use)."""
@@ -374,7 +402,7 @@ class JITScheduler:
         with self._lock:
             js = self._job(job_id)
             if party in js.expected:
-                js.expected.remove(party)
+                js.drop_expected(party)
             self.clock.call_soon_threadsafe(self._check_reachable, js)
 
     def metrics(self) -> dict:
@@ -466,7 +494,7 @@ class JITScheduler:
             self._plan(js)
 
     def _accept(self, js, rnd, party, item, nbytes, weight, now) -> None:
-        rnd.arrived.add(party)
+        js.mark_arrived(rnd, party)
         rnd.members.append(party)
         rnd.pending.append((party, item, nbytes, weight))
         rnd.pending_bytes += nbytes
@@ -502,7 +530,7 @@ class JITScheduler:
             rnd = js.open
             if rnd is None or rnd.done or rnd.quorum_time is not None:
                 return
-            possible = len(rnd.members) + sum(1 for p in js.expected if p not in rnd.arrived)
+            possible = len(rnd.members) + int(js.pending_idx(rnd).size)
             if possible < rnd.quorum:
                 self._unreachable(js, rnd, f"only {possible} parties left for a quorum of {rnd.quorum}")
 
@@ -760,7 +788,7 @@ class JITScheduler:
             state = st.load_state(meta["state"])
             rnd.aggregator = jk.Aggregator.from_state(state, backend=job.backend)
             for p, uid in meta["parties"]:
-                rnd.arrived.add(p)
+                js.mark_arrived(rnd, p)
                 rnd.members.append(p)
                 js.seen[(first, p)] = uid
             rnd.folded = len(rnd.members)

@@ -65,8 +65,7 @@ class JIT(Policy):
         if rnd.quorum_time is not None:
             return now, {"quorum": "reached"}
         need = rnd.quorum - len(rnd.members)
-        pending = [p for p in js.expected if p not in rnd.arrived]
-        q = js.predictor.quorum_quantile(pending, need, now - rnd.start, self.alpha)
+        q = js.predictor.quorum_quantile(js.pending_idx(rnd), need, now - rnd.start, self.alpha)
         if math.isinf(q):
             if not js.predictor.has_history():  # cold start: nothing to predict from, so behave like eager
                 return now, {"quantile": "unknown (no history yet)", "need": need}
