@@ -65,9 +65,17 @@ JK_HD u64 secagg_excess(u64 v, int shift) { return v >> shift; }
 #if !defined(__CUDACC_RTC__) && !defined(__CUDA_ARCH__)
 
 // One update's segment into one accumulator chunk; returns the OR of the excess bits (0 when all are in range).
+// shift == 64: no range check (the caller knows every value is in range).
 template <class A, class W>
 inline u64 secagg_segment(A* __restrict a, const W* __restrict u, i64 n, int shift, bool subtract) {
   u64 excess = 0;
+  if (shift == 64) {
+    if (subtract)
+      for (i64 i = 0; i < n; ++i) a[i] = secagg_sub(a[i], secagg_word(u[i]));
+    else
+      for (i64 i = 0; i < n; ++i) a[i] = secagg_add(a[i], secagg_word(u[i]));
+    return 0;
+  }
   if (subtract) {
     for (i64 i = 0; i < n; ++i) {
       a[i] = secagg_sub(a[i], secagg_word(u[i]));
@@ -113,6 +121,8 @@ void modsum_rows(A* acc, const i64* off, const i64* ptr, const i64* code, const 
       u64 excess;
       if (c == SECAGG_64)
         excess = secagg_segment(a, reinterpret_cast<const u64*>(p) + s, n, shift, subtract);
+      else if (shift >= 32)  // every 32-bit word is in [0, 2^32): no range check, 8 lanes of 32-bit adds
+        excess = secagg_segment(a, reinterpret_cast<const uint32_t*>(p) + s, n, 64, subtract);
       else
         excess = secagg_segment(a, reinterpret_cast<const uint32_t*>(p) + s, n, shift, subtract);
       if (bad) bad[t * k + j] = excess != 0;

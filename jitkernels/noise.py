@@ -57,18 +57,13 @@ import numpy as np
 
 from .threads import get_num_threads
 
-try:
-    import numba
-    from llvmlite import ir
+from ._numba import numba, reason as _numba_reason
+
+if numba is not None:
     from numba import njit, prange, types
-    from numba.extending import intrinsic, overload
-except ImportError as e:  # pragma: no cover - numba is optional
-    numba = None
-    _numba_reason = f"numba not importable ({e})"
-else:
-    _numba_reason = None
-    if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
-        numba.config.THREADING_LAYER = "omp"  # as backends/numba_kernels.py: thread-safe kernel calls
+    from numba.extending import overload
+
+    from ._numba import bits_f64 as _f64_from_bits, f64_bits as _f64_bits
 
 __all__ = ["new_seed", "philox4x32_10", "jk_log", "sincos_2pi", "gaussian", "gaussian_numba", "add_noise",
            "numba_available"]
@@ -295,20 +290,6 @@ def _add_noise_numpy(out, sigma, seed, round, leaf, start):
 # signed/unsigned 64-bit arithmetic would go through float64.
 
 if numba is not None:
-
-    @intrinsic
-    def _f64_bits(typingctx, x):
-        def codegen(context, builder, sig, args):
-            return builder.bitcast(args[0], ir.IntType(64))
-
-        return types.uint64(types.float64), codegen
-
-    @intrinsic
-    def _f64_from_bits(typingctx, u):
-        def codegen(context, builder, sig, args):
-            return builder.bitcast(args[0], ir.DoubleType())
-
-        return types.float64(types.uint64), codegen
 
     def _narrow(x, like):  # pragma: no cover - replaced by the overload inside numba
         raise NotImplementedError

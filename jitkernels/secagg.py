@@ -90,18 +90,13 @@ try:
 except ImportError:  # pragma: no cover - broken installs; the numba and numpy backends remain
     _core = None
 
-try:
-    import numba
+from ._numba import numba, reason as _numba_reason
+
+if numba is not None:
     from numba import carray, njit, prange, types
     from numba.extending import overload
-except ImportError as e:  # pragma: no cover - numba is optional
-    numba = None
-    _numba_reason = f"numba not importable ({e})"
-else:
-    _numba_reason = None
-    if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
-        numba.config.THREADING_LAYER = "omp"  # as backends/numba_kernels.py: thread-safe kernel calls
-    from .backends.numba_kernels import _typed_ptr
+
+    from ._numba import typed_ptr as _typed_ptr
 
 __all__ = ["BACKENDS", "SecAggSum", "dequantize", "max_parties", "modsum", "numba_available", "quantize"]
 

@@ -3,36 +3,28 @@
 Updates are read in place: an intrinsic turns a table address into a typed pointer and ``numba.carray`` views it, so
 one compiled kernel serves any k (no tuple-of-arrays specialization per k). numba has no float16 arithmetic at speed,
 so float16 inputs are not offered here (dispatch picks ``cpp``); bfloat16 is widened with a shift and a bitcast.
-Thread-safety: kernels may be called from several threads at once only under the ``omp`` or ``tbb`` threading layers
-(``workqueue`` aborts), so this module asks for ``omp`` unless the user chose a layer.
+Thread-safety: :mod:`jitkernels._numba` selects the ``omp`` threading layer (concurrent calls are safe).
 """
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-NAME = "numba"
-DTYPES = ("float64", "float32", "bfloat16", "int8")
-
-try:
-    import numba
-    from llvmlite import ir
-    from numba import carray, njit, prange, types
-    from numba.extending import intrinsic, overload
-except ImportError as e:  # pragma: no cover
-    numba = None
-    _reason = f"numba not importable ({e})"
-else:
-    _reason = None
-    if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
-        numba.config.THREADING_LAYER = "omp"
-
+from .._numba import numba, reason as _reason
 from ..batch import rows_from_items, threads_for
 from ..dtypes import np_dtype
 from ..threads import get_num_threads
 from .numpy_ref import binned_constants
+
+if numba is not None:
+    from numba import carray, njit, prange, types
+    from numba.extending import overload
+
+    from .._numba import bits_f64 as _bits_f64, f64_bits as _f64_bits, typed_ptr as _typed_ptr
+    from .._numba import u32_as_f32 as _u32_as_f32
+
+NAME = "numba"
+DTYPES = ("float64", "float32", "bfloat16", "int8")
 
 
 def available():
@@ -40,37 +32,6 @@ def available():
 
 
 if numba is not None:
-
-    @intrinsic
-    def _typed_ptr(typingctx, addr, witness):
-        """Address (int64) -> pointer to ``witness``'s element type."""
-        ptrty = types.CPointer(witness.dtype)
-
-        def codegen(context, builder, sig, args):
-            return builder.inttoptr(args[0], context.get_value_type(ptrty))
-
-        return ptrty(types.int64, witness), codegen
-
-    @intrinsic
-    def _u32_as_f32(typingctx, u):
-        def codegen(context, builder, sig, args):
-            return builder.bitcast(args[0], ir.FloatType())
-
-        return types.float32(types.uint32), codegen
-
-    @intrinsic
-    def _f64_bits(typingctx, x):
-        def codegen(context, builder, sig, args):
-            return builder.bitcast(args[0], ir.IntType(64))
-
-        return types.uint64(types.float64), codegen
-
-    @intrinsic
-    def _bits_f64(typingctx, u):
-        def codegen(context, builder, sig, args):
-            return builder.bitcast(args[0], ir.DoubleType())
-
-        return types.float64(types.uint64), codegen
 
     def _widen(x):  # pragma: no cover - replaced by the overload
         raise NotImplementedError
