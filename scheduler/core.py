@@ -759,7 +759,7 @@ class JITScheduler:
         """A finalize task with a state directory: the result is committed before its future resolves."""
         result = agg.finalize()
         self.store.commit_result(js.job.id, number, js.layout, js.layout.flatten(result), ids,
-                                 carry=agg.state if js.carries else None)
+                                 carry=agg.state if js.carries else None, predictor=js.predictor.to_json())
         js.fold_bytes = 0
         return result
 
@@ -770,6 +770,8 @@ class JITScheduler:
         st, job = self.store, js.job
         meta = st.jobs.get(job.id, {})
         first = meta.get("round", job.first_round)
+        if meta.get("predictor"):  # what the arrivals of committed rounds taught it
+            js.predictor.load_json(meta["predictor"])
         for r, rel in meta.get("results", {}).items():
             rnd = self._round(js, int(r))
             leaves, ids = st.load_result(rel, js.layout)

@@ -223,13 +223,15 @@ class StateDir:
             old = jobs.get(job, {})
             jobs[job] = {"round": int(rnd), "state": rel,
                          "parties": [[p, update_ids.get(p)] for p in state.parties],
-                         "results": old.get("results", {}), "carry": old.get("carry")}
+                         "results": old.get("results", {}), "carry": old.get("carry"),
+                         "predictor": old.get("predictor")}
             self._commit(gen, jobs)
 
     def commit_result(self, job, rnd: int, layout: jk.Layout, leaves, update_ids: dict,
-                      carry: jk.FoldState | None = None) -> None:
+                      carry: jk.FoldState | None = None, predictor: list | None = None) -> None:
         """Commit a finished round: its model, the state the next round starts from (``carry``, for algorithms
-        that close rounds), then a generation that names both and moves the job to the next round."""
+        that close rounds), then a generation that names both, records the arrival predictor's models (so that a
+        restart plans as well as before) and moves the job to the next round."""
         with self._lock:
             carry_rel = None
             if carry is not None:
@@ -245,7 +247,8 @@ class StateDir:
             old = jobs.get(job, {})
             jobs[job] = {"round": int(rnd) + 1, "state": None, "parties": [],
                          "results": {**old.get("results", {}), str(int(rnd)): rel},
-                         "carry": carry_rel or old.get("carry")}
+                         "carry": carry_rel or old.get("carry"),
+                         "predictor": predictor if predictor is not None else old.get("predictor")}
             self._commit(self.gen + 1, jobs)
 
     def load_result(self, rel: str, layout: jk.Layout) -> tuple:

@@ -92,6 +92,17 @@ class Predictor:
             self._raw = self._cache = None
         return m
 
+    def to_json(self) -> list:
+        """The per-party models, JSON-ready: what a restart needs to plan as well as before it."""
+        return [[p, m.n, m.mu, m.var, m.participation, m.rounds] for p, m in self.parties.items()]
+
+    def load_json(self, rows) -> None:
+        """Restore models saved by :meth:`to_json` (replacing those of the same parties)."""
+        for p, n, mu, var, part, rounds in rows:
+            m = self.model(p)
+            m.n, m.mu, m.var, m.participation, m.rounds = int(n), float(mu), float(var), float(part), int(rounds)
+        self._raw = self._cache = None
+
     def observe(self, party, response_s: float) -> None:
         m = self.model(party)
         m.observe(response_s)

@@ -271,3 +271,21 @@ def test_spill_keeps_memory_within_budget_and_loses_nothing(tmp_path, want):
 def test_spill_needs_a_state_dir():
     with pytest.raises(ValueError, match="state_dir"):
         JITScheduler(policy="lazy", clock=VirtualClock(), byte_budget=100, overflow="spill")
+
+
+def test_recovery_restores_the_arrival_predictor(tmp_path):
+    """A restarted scheduler plans from what committed rounds taught its predictor, not from scratch."""
+    sched = _sched(tmp_path)
+    sched.add_job(cw.job())
+    _submit_all(sched, skip={(r, p) for r, p in cw.order() if r > 0})
+    sched.clock.run()
+    sched.result("crash-job", 0).result(timeout=10)
+    learned = sched.jobs["crash-job"].predictor.to_json()
+    sched.close()
+    again = JITScheduler.recover(tmp_path, [cw.job()], policy="eager", slots=1, clock=VirtualClock(),
+                                 checkpoint_bytes=0)
+    got = {row[0]: row[1:] for row in again.jobs["crash-job"].predictor.to_json()}
+    for p, *rest in learned:
+        assert got[p][0] == rest[0] and got[p][0] > 0  # responses seen
+        np.testing.assert_allclose(got[p][1:3], rest[1:3])
+    again.close()
