@@ -54,7 +54,7 @@ ext = Pybind11Extension(
     cxx_std=17,
     extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd", *omp_compile],
     extra_link_args=omp_link,
-    depends=["csrc/jk_math.h", "csrc/jk_secagg.h", "csrc/kernels.h"],
+    depends=["csrc/jk_math.h", "csrc/jk_robust_coord.h", "csrc/jk_secagg.h", "csrc/kernels.h"],
 )
 
 setup(ext_modules=[ext], cmdclass={"build_ext": build_ext, "build_py": build_py_with_cuda})

@@ -16,6 +16,7 @@
 #endif
 
 #include "jk_math.h"
+#include "jk_robust_coord.h"  // baseline ::jkrc (SSE2 lanes); the AVX2 body is included below
 #include "jk_secagg.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -30,6 +31,12 @@
 namespace avx2 {
 #include "kernels.h"
 }
+#define JK_RC_AVX2 1
+namespace avx2 {
+#undef JK_ROBUST_COORD_BODY
+#include "jk_robust_coord.h"
+}
+#undef JK_RC_AVX2
 #undef JK_F16C
 #pragma GCC pop_options
 #endif
@@ -315,6 +322,43 @@ void step(py::array acc, py::array x, py::array m, py::object v_obj, int kind, F
   });
 }
 
+// Coordinate-wise median / trimmed mean over a [k, N] slab (jk_robust_coord.h). rows: 2-D with unit column stride;
+// code: 1 = f32, 2 = f16 bits, 3 = bf16 bits; tile 0 picks the path (registers for small k).
+template <class F>
+void robust_call(const py::array& rows, int code, py::array_t<float, py::array::c_style>& out, F&& f) {
+  require(rows.ndim() == 2, "rows must be [k, N]");
+  const int64_t item = code == 1 ? 4 : 2;
+  require(rows.itemsize() == item && rows.strides(1) == item && rows.strides(0) % item == 0,
+          "rows: unit column stride and an itemsize matching the code");
+  require(out.ndim() == 1 && out.shape(0) == rows.shape(1) && out.writeable(), "out must be a writeable float32[N]");
+  const int64_t k = rows.shape(0), n = rows.shape(1), ld = rows.strides(0) / item;
+  int rc;
+  {
+    py::gil_scoped_release nogil;
+    rc = f(rows.data(), k, n, ld, out.mutable_data());
+  }
+  if (rc != 0) throw std::invalid_argument("robust kernel: invalid arguments (code " + std::to_string(rc) + ")");
+}
+
+void robust_median(py::array rows, int code, py::array_t<float, py::array::c_style> out, int64_t tile, int nthreads) {
+  robust_call(rows, code, out, [&](const void* x, int64_t k, int64_t n, int64_t ld, float* o) {
+#ifdef JK_X86
+    if (use_avx2()) return avx2::jkrc::median_code(x, code, k, n, ld, o, tile, nthreads);
+#endif
+    return jkrc::median_code(x, code, k, n, ld, o, tile, nthreads);
+  });
+}
+
+void robust_trimmed_mean(py::array rows, int code, int64_t lo, int64_t hi, py::array_t<float, py::array::c_style> out,
+                         int64_t tile, int nthreads) {
+  robust_call(rows, code, out, [&](const void* x, int64_t k, int64_t n, int64_t ld, float* o) {
+#ifdef JK_X86
+    if (use_avx2()) return avx2::jkrc::trimmed_mean_code(x, code, k, n, ld, lo, hi, o, tile, nthreads);
+#endif
+    return jkrc::trimmed_mean_code(x, code, k, n, ld, lo, hi, o, tile, nthreads);
+  });
+}
+
 // SecAgg k-way modular sum (jk_secagg.h, modsum_rows): integer adds vectorize with the baseline ISA, and the loop is
 // memory-bound, so there is no AVX2 variant. Returns bad[m, k]: update j holds a value outside [0, 2^bits) in item m.
 py::array_t<uint8_t> modsum(py::array acc, I64 off, I64 ptr, I64 code, I64 work, int bits, bool subtract,
@@ -385,6 +429,10 @@ PYBIND11_MODULE(_core, mod) {
   mod.def("step", &step, py::arg("acc"), py::arg("x"), py::arg("m"), py::arg("v"), py::arg("kind"),
           py::arg("coef"), py::arg("out_code"), py::arg("off"), py::arg("total_w"), py::arg("out_ptr"),
           py::arg("work"), py::arg("nthreads"));
+  mod.def("robust_median", &robust_median, py::arg("rows"), py::arg("code"), py::arg("out"), py::arg("tile"),
+          py::arg("nthreads"));
+  mod.def("robust_trimmed_mean", &robust_trimmed_mean, py::arg("rows"), py::arg("code"), py::arg("lo"),
+          py::arg("hi"), py::arg("out"), py::arg("tile"), py::arg("nthreads"));
   mod.def("modsum", &modsum, py::arg("acc"), py::arg("off"), py::arg("ptr"), py::arg("code"), py::arg("work"),
           py::arg("bits"), py::arg("subtract"), py::arg("nthreads"));
   mod.def("new_bytes", &new_bytes, py::arg("n"));

@@ -13,7 +13,7 @@ from .backends import available_backends
 from .dtypes import Quantized, bfloat16
 from .errors import (AggregationError, BackendUnavailable, CorruptState, DuplicateParty, EmptyAggregate,
                      IncompatibleStates, InvalidUpdateInfo, InvalidWeight, LayoutMismatch, NonFiniteUpdate,
-                     OverlappingParties, RoundClosed, ValueOutOfRange)
+                     OverlappingParties, RoundClosed, TooFewUpdates, ValueOutOfRange)
 from .layout import Layout
 from .state import FoldState, atomic_write
 from .threads import get_num_threads, set_num_threads
@@ -23,6 +23,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Admitted", "AggregationError", "Aggregator", "BackendUnavailable", "CorruptState", "DuplicateParty",
     "EmptyAggregate", "FoldState", "IncompatibleStates", "InvalidUpdateInfo", "InvalidWeight", "Layout", "LayoutMismatch",
-    "NonFiniteUpdate", "OverlappingParties", "Quantized", "RoundClosed", "ValueOutOfRange", "admit", "admit_many", "algorithms",
+    "NonFiniteUpdate", "OverlappingParties", "Quantized", "RoundClosed", "TooFewUpdates", "ValueOutOfRange", "admit", "admit_many", "algorithms",
     "atomic_write", "available_backends", "bfloat16", "check_weight", "get_num_threads", "set_num_threads",
 ]

@@ -117,14 +117,25 @@ class Aggregator:
             opt = {"m": place(np.zeros(self.layout.size, acc_dtype), self.on_gpu)}
             if self.algorithm.moments == 2:
                 opt["v"] = place(np.full(self.layout.size, self.algorithm.v0(), acc_dtype), self.on_gpu)
+        store = None
+        if self.buffered:
+            if self.on_gpu or self.partial or deterministic:
+                raise ValueError(f"{type(self.algorithm).__name__} buffers the round's updates on the host: no "
+                                 f"GPU backend, partial updates or deterministic mode")
+            store = self.algorithm.new_store(self.layout)
         self.state = FoldState(self.layout, algorithm=params, acc_dtype=acc_dtype, base=flat_base,
-                               on_device=self.on_gpu, opt=opt, scalars=self.algorithm.initial_scalars())
+                               on_device=self.on_gpu, opt=opt, scalars=self.algorithm.initial_scalars(), store=store)
 
     @classmethod
     def from_state(cls, state: FoldState, *, backend=None, partial=False, copy=False) -> "Aggregator":
         """Resume from a (loaded) state: later folds continue it (its algorithm, mode and bound come with it)."""
         return cls(state.layout, _algorithms.from_params(state.algorithm), backend=backend, partial=partial,
                    copy=copy, int_leaves=state.algorithm.get("int_leaves", "mean"), _state=state)
+
+    @property
+    def buffered(self) -> bool:
+        """The algorithm needs all of a round's updates (robust rules): they are kept in ``state.store``."""
+        return getattr(self.algorithm, "buffered", False)
 
     @property
     def deterministic(self) -> bool:
@@ -171,7 +182,8 @@ class Aggregator:
         admitted = admit_many(updates, self.layout, weights=weights, parties=parties, base=st.base,
                               host_base=st.host_base(), backend=self.backend, acc_dtype=self.acc_dtype,
                               copy=self.copy, partial=self.partial,
-                              bound=2.0 ** st.bound_log2 if st.deterministic else None)
+                              # buffered rules keep values, they do not sum them: no accumulator headroom to keep
+                              bound=2.0 ** st.bound_log2 if st.deterministic else (math.inf if self.buffered else None))
         for a, i in zip(admitted, infos):
             a.info = i
         return admitted
@@ -223,7 +235,7 @@ class Aggregator:
         """Whether raw updates may be admitted and folded in one pass: into an empty state (all zeros, so a rejected
         batch is undone by zeroing), by the C++ kernel, with weights that do not depend on the admission stats."""
         st = self.state
-        return (st.count == 0 and not st.closed and not st.deterministic and not self.on_gpu
+        return (st.count == 0 and not st.closed and not st.deterministic and not self.on_gpu and not self.buffered
                 and self.backend in ("auto", "cpp") and backends.is_available("cpp")
                 and not getattr(self.algorithm, "needs_norms", False))
 
@@ -279,6 +291,10 @@ class Aggregator:
         if getattr(alg, "needs_norms", False) and st.base is not None:
             self._norms_against_base([u for u in admitted if not u.against_base])
         fold_w = [float(alg.fold_weight(u, st)) for u in admitted]
+        if self.buffered:
+            self._buffer(admitted)
+            self._record(admitted, fold_w, [])
+            return
         groups, int_rows = build_groups(self.layout, [u.entries for u in admitted], [u.leaves for u in admitted],
                                         fold_w, device=on_device if on_device.any() else None)
         if st.deterministic:
@@ -294,6 +310,15 @@ class Aggregator:
             else:
                 mod.fold(st.acc, st.base, g)
         self._record(admitted, fold_w, int_rows)
+
+    def _buffer(self, admitted) -> None:
+        """Copy a batch into the store, all or nothing: whatever could refuse a row (capacity, the byte budget) is
+        checked for the whole batch first; the values were validated at admission."""
+        store = self.state.store
+        k = len(store) + len(admitted)
+        store.check_room(k, party=admitted[-1].party)
+        for u in admitted:
+            store.add(list(u.leaves), u.party)
 
     def _norms_against_base(self, admitted) -> None:
         """Delta norms for updates admitted without this state's base (jk.admit, a scheduler buffering for a later
@@ -382,6 +407,8 @@ class Aggregator:
             # deterministic: every leaf is divided by the exactly rounded total weight (no partial updates there)
             weights = np.full(len(self.layout), st.total_weight) if st.deterministic else st.leaf_weight
             weights = weights * alg.divisor_scale(st)
+            if self.buffered:
+                return self._finalize_buffered(outs, out, base if output == "delta" else None)
             if closing and alg.noise_std(st) > 0:
                 self._add_noise(alg.noise_std(st), weights, float_ids)
             acc = st.value()
@@ -410,6 +437,21 @@ class Aggregator:
                     a = np.rint(a / weights[i])
                 _write(outs[i], a.reshape(leaf.shape).astype(outs[i].dtype))
             return out if out is not None else self.layout.unflatten(outs)
+
+    def _finalize_buffered(self, outs, out, minus):
+        """A robust rule over the store's rows, written leaf by leaf into the outputs (``minus``: subtract the base,
+        for output="delta")."""
+        st = self.state
+        weights = np.array([st.parties[p] for p in st.store.parties], np.float64)
+        flat = self.algorithm.aggregate(st.store, weights, base=st.base)
+        for i, leaf in enumerate(self.layout.leaves):
+            v = flat[leaf.offset:leaf.offset + leaf.size]
+            if minus is not None:
+                v = v - minus[leaf.offset:leaf.offset + leaf.size]
+            if not leaf.is_float:
+                v = np.rint(v)
+            _write(outs[i], np.asarray(v).reshape(leaf.shape).astype(outs[i].dtype))
+        return out if out is not None else self.layout.unflatten(outs)
 
     def _add_noise(self, std, weights, leaf_ids) -> None:
         """acc += A(std * W_leaf * z) per float leaf, z from jitkernels.noise keyed by (seed, round, leaf, index):
@@ -465,9 +507,12 @@ class Aggregator:
                 old.info.clear()
                 old.base = flat_base
                 old.closed = False
+                if old.store is not None:
+                    old.store.clear()
                 return None
             self.state = FoldState(self.layout, algorithm=old.algorithm, acc_dtype=old.acc_dtype, base=flat_base,
-                                   on_device=old.on_device, opt=old.opt, round=old.round, scalars=old.scalars)
+                                   on_device=old.on_device, opt=old.opt, round=old.round, scalars=old.scalars,
+                                   store=None if old.store is None else self.algorithm.new_store(self.layout))
             if old.opt is not None:
                 old.opt = {k: a.copy() for k, a in old.opt.items()}
                 old.base = old.base.copy()

@@ -598,10 +598,15 @@ _BY_NAME = {
 def resolve(algorithm):
     """An algorithm object from a name or an instance."""
     if isinstance(algorithm, str):
-        try:
-            return _BY_NAME[algorithm.lower()]()
-        except KeyError:
-            raise ValueError(f"unknown algorithm {algorithm!r}; choose from {', '.join(_BY_NAME)}") from None
+        make = _BY_NAME.get(algorithm.lower())
+        if make is None:
+            from . import robust
+
+            make = {c.name: c for c in robust.CLASSES if c.name in robust.BY_NAME}.get(algorithm.lower())
+        if make is None:
+            raise ValueError(f"unknown algorithm {algorithm!r}; choose from {', '.join(_BY_NAME)}, fedmedian, "
+                             f"fedtrimmedavg (or an instance)")
+        return make()
     for hook in ("fold_weight", "mass", "divisor_scale", "check_info", "derived_info", "noise_std", "close",
                  "params"):
         if not hasattr(algorithm, hook):
@@ -613,6 +618,10 @@ def from_params(params: dict):
     """Rebuild an algorithm from the ``params()`` saved in a state."""
     p = {k: v for k, v in params.items() if k not in ("name", "int_leaves", "deterministic")}
     cls = _CLASSES.get(params.get("name"))
+    if cls is None:
+        from . import robust  # robust rules build on this module: looked up on demand
+
+        cls = {c.name: c for c in robust.CLASSES}.get(params.get("name"))
     if cls is None:
         raise ValueError(f"unknown algorithm in state: {params.get('name')!r}")
     if "algorithm" in p:  # a wrapper: rebuild the inner algorithm first

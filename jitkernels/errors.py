@@ -50,6 +50,14 @@ class InvalidUpdateInfo(AggregationError, ValueError):
         super().__init__(f"party {party!r}: {key}{shown} {problem}")
 
 
+class TooFewUpdates(AggregationError, ValueError):
+    """A robust rule was asked to tolerate f Byzantine parties with fewer updates than its guarantee requires."""
+
+    def __init__(self, rule: str, k: int, f: int, need: int):
+        self.rule, self.k, self.f, self.need = rule, k, f, need
+        super().__init__(f"{rule} with f={f} needs at least {need} updates, got {k}")
+
+
 class RoundClosed(AggregationError, RuntimeError):
     """A server optimizer's round was finalized (its step applied): reset() before folding into the next one."""
 

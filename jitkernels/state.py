@@ -43,7 +43,7 @@ class FoldState:
 
     def __init__(self, layout: Layout, *, algorithm: dict, acc_dtype: str = "float32", acc=None, leaf_weight=None,
                  parties=None, base=None, lo=None, on_device: bool = False, info=None, opt=None,
-                 round: int = 0, closed: bool = False, scalars=None):
+                 round: int = 0, closed: bool = False, scalars=None, store=None):
         self.layout = layout
         self.algorithm = dict(algorithm)
         self.acc_dtype = np.dtype(acc_dtype).name
@@ -61,6 +61,8 @@ class FoldState:
         self.opt: dict | None = None if opt is None else dict(opt)
         self.round = int(round)
         self.scalars: dict = {} if scalars is None else {k: float(v) for k, v in scalars.items()}  # e.g. clip_norm
+        # buffered (robust) rules: the round's updates, one row per party (jitkernels.robust_store.UpdateStore)
+        self.store = store
         self.closed = bool(closed)
         # deterministic mode: acc is the high part of a binned sum and lo the low part (see csrc/jk_math.h)
         if self.deterministic:
@@ -135,7 +137,8 @@ class FoldState:
                          base=None if self.base is None else self.base.copy(),
                          lo=None if self.lo is None else self.lo.copy(), info=self.info,
                          opt=None if self.opt is None else {k: a.copy() for k, a in self.opt.items()},
-                         round=self.round, closed=self.closed, scalars=self.scalars)
+                         round=self.round, closed=self.closed, scalars=self.scalars,
+                         store=None if self.store is None else self.store.copy())
 
     def same_bits(self, other: "FoldState") -> bool:
         """True when both states hold bit-identical accumulators, weights, parties and bases."""
@@ -149,6 +152,9 @@ class FoldState:
                 and eq(self.base, other.base) and eq(self.lo, other.lo) and self.info == other.info
                 and (self.opt is None) == (other.opt is None) and self.round == other.round
                 and self.closed == other.closed and self.scalars == other.scalars
+                and (self.store is None) == (other.store is None)
+                and (self.store is None or (self.store.parties == other.store.parties
+                                            and eq(self.store.rows(), other.store.rows())))
                 and (self.opt is None or (self.opt.keys() == other.opt.keys()
                                           and all(eq(self.opt[k], other.opt[k]) for k in self.opt))))
 
@@ -202,6 +208,8 @@ class FoldState:
             from .backends.numpy_ref import binned_carry, binned_constants
             self.lo += other.lo
             binned_carry(self.acc, self.lo, binned_constants(self.bound_log2)[0])
+        if self.store is not None:
+            self.store.extend(other.store)
         self.leaf_weight += other.leaf_weight
         self.parties.update(other.parties)
         self.info.update(other.info)
@@ -215,6 +223,8 @@ class FoldState:
             t["lo"] = to_host(self.lo)
         for k, a in (self.opt or {}).items():
             t[f"opt_{k}"] = to_host(a)
+        if self.store is not None:
+            t["store_rows"] = np.ascontiguousarray(self.store.rows())
         return t
 
     def _metadata(self) -> dict:
@@ -228,6 +238,7 @@ class FoldState:
             "info": json.dumps([[p, v] for p, v in self.info.items()], sort_keys=True),
             "round": str(self.round),
             "scalars": json.dumps(self.scalars, sort_keys=True),
+            **({} if self.store is None else {"store": json.dumps(self.store.describe())}),
             "closed": "1" if self.closed else "0",
         }
 
@@ -271,9 +282,19 @@ class FoldState:
                        base=np.array(tensors["base"]) if "base" in tensors else None,
                        lo=np.array(tensors["lo"]) if "lo" in tensors else None, info=info, opt=opt or None,
                        round=int(meta.get("round", "0")), closed=meta.get("closed", "0") == "1",
-                       scalars=json.loads(meta.get("scalars", "{}")))
+                       scalars=json.loads(meta.get("scalars", "{}")),
+                       store=_store_from(tensors, meta, layout))
         except (KeyError, ValueError, TypeError) as e:
             raise CorruptState(f"{path}: inconsistent state ({e})") from e
+
+
+def _store_from(tensors, meta, layout):
+    if "store" not in meta:
+        return None
+    from .robust_store import UpdateStore
+
+    return UpdateStore.from_rows(tensors["store_rows"], **json.loads(meta["store"]),
+                                 shapes=[leaf.shape for leaf in layout.leaves])
 
 
 def checked_bytes(tensors: dict, meta: dict) -> bytes:

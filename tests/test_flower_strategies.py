@@ -103,3 +103,28 @@ def test_the_flower_example_runs_end_to_end():
     assert "round  3: test accuracy" in out
     diff = float(out.rsplit("max |model difference|", 1)[1].split()[0])
     assert diff < 1e-4
+
+
+ROBUST = {
+    "FedMedian": lambda m, x0: m.FedMedian(),
+    "FedTrimmedAvg": lambda m, x0: m.FedTrimmedAvg(beta=0.25),
+    "Krum": lambda m, x0: m.Krum(num_malicious_clients=1, num_clients_to_keep=0),
+    "Multi-Krum": lambda m, x0: m.Krum(num_malicious_clients=1, num_clients_to_keep=3),
+}
+
+
+@pytest.mark.parametrize("name", list(ROBUST))
+def test_robust_strategy_equals_flowers(name):
+    """Well-separated inputs (distinct Krum scores); 5 clients, one an attacker far away."""
+    rng = np.random.default_rng(3)
+    x0 = _model(rng)
+    theirs, ours = ROBUST[name](fl, x0), ROBUST[name](jkfl, x0)
+    for r in range(1, 3):
+        ups = [[(a + 0.05 * (j + 1) * rng.standard_normal(a.shape)).astype(np.float32) for a in x0]
+               for j in range(4)] + [[(a + 50.0).astype(np.float32) for a in x0]]
+        results = [(_Proxy(f"c{j}"), _fit_res(u, 10 * (j + 1))) for j, u in enumerate(ups)]
+        want = parameters_to_ndarrays(theirs.aggregate_fit(r, list(results), [])[0])
+        got = parameters_to_ndarrays(ours.aggregate_fit(r, list(results), [])[0])
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w.astype(np.float32), rtol=1e-6, atol=1e-6)
+            assert np.abs(g - x0[0 if g.ndim == 2 else 1]).max() < 5  # the attacker did not get in

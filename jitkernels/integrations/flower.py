@@ -9,7 +9,8 @@ read-only ``np.frombuffer`` views into the received bytes, which the fold kernel
 finalized straight into the ``bytes`` objects of the returned ``Parameters`` (:func:`parameters_buffers`): no copy on
 the way out either.
 
-Strategies (:class:`FedAvg`, :class:`FedAvgM`, :class:`FedAdam`, :class:`FedYogi`, :class:`FedAdagrad`) subclass
+Strategies (:class:`FedAvg`, :class:`FedAvgM`, :class:`FedAdam`, :class:`FedYogi`, :class:`FedAdagrad`, and the robust
+:class:`FedMedian`, :class:`FedTrimmedAvg`, :class:`Krum` over jitkernels' buffered slab kernels) subclass
 Flower's own, take the same arguments (plus ``backend=``), and replace ``aggregate_fit``; everything else (client
 sampling, configuration, evaluation) is Flower's. Their results equal Flower's within float32 rounding, with these
 deliberate differences: integer arrays are averaged (Flower's ``aggregate_inplace`` zeroes them); float16 models are
@@ -227,8 +228,31 @@ def _strategies():
         Strategy.__name__ = Strategy.__qualname__ = flower_cls.__name__
         return Strategy
 
+    def _robust(flower_cls, make):
+        class Strategy(flower_cls):
+            __doc__ = (f"Flower's {flower_cls.__name__} by jitkernels' buffered robust kernels (one slab of the "
+                       f"round's updates, cache-blocked selection; no stacked copies).")
+
+            def __init__(self, *args, backend: str = "auto", **kwargs):
+                super().__init__(*args, **kwargs)
+                self._jk = _Runner(make(self), backend)
+
+            def aggregate_fit(self, server_round, results, failures):
+                if not results or (not self.accept_failures and failures):
+                    return None, {}
+                return self._jk.aggregate(results), _metrics(self, server_round, results)
+
+        Strategy.__name__ = Strategy.__qualname__ = flower_cls.__name__
+        return Strategy
+
+    from .. import robust as R
+
     return {"FedAvg": FedAvg, "FedAvgM": FedAvgM, "FedAdam": _fedopt(fl.FedAdam, A.FedAdam),
-            "FedYogi": _fedopt(fl.FedYogi, A.FedYogi), "FedAdagrad": _fedopt(fl.FedAdagrad, A.FedAdagrad)}
+            "FedYogi": _fedopt(fl.FedYogi, A.FedYogi), "FedAdagrad": _fedopt(fl.FedAdagrad, A.FedAdagrad),
+            "FedMedian": _robust(fl.FedMedian, lambda st: R.FedMedian()),
+            "FedTrimmedAvg": _robust(fl.FedTrimmedAvg, lambda st: R.FedTrimmedAvg(beta=st.beta)),
+            "Krum": _robust(fl.Krum, lambda st: R.Krum(f=st.num_malicious_clients,
+                                                       m=max(1, st.num_clients_to_keep)))}
 
 
 @functools.lru_cache(maxsize=None)
@@ -237,6 +261,6 @@ def _classes():
 
 
 def __getattr__(name):  # module-level lazy classes: ``from jitkernels.integrations.flower import FedAdam``
-    if name in ("FedAvg", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad"):
+    if name in ("FedAvg", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad", "FedMedian", "FedTrimmedAvg", "Krum"):
         return _classes()[name]
     raise AttributeError(name)

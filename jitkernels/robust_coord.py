@@ -1,0 +1,625 @@
+"""Coordinate-wise robust aggregation over a slab of k buffered updates: median and trimmed mean.
+
+Math (per coordinate i, over the k values x_1[i] .. x_k[i], sorted ascending as x_(0) <= ... <= x_(k-1)):
+
+* coordinate-wise median (Yin, Chen, Ramchandran, Bartlett, "Byzantine-Robust Distributed Learning: Towards
+  Optimal Statistical Rates", ICML 2018)::
+
+      a = x_(floor((k-1)/2)),  b = x_(floor(k/2))            (a == b for odd k)
+      med = RN_out( ((0.5*a) + (0.5*b)) + 0.0 )               in float64, operations in this order
+
+  Why ``0.5*a + 0.5*b``: it cannot overflow in any format (|0.5a + 0.5b| <= max(|a|, |b|), and rounding a value
+  that is at most the largest finite number cannot give inf), where ``(a + b)/2`` overflows for a = b = 3e38 in
+  float32 (Flower's ``aggregate_median``, i.e. ``np.median`` on float32, returns inf there) and ``a + (b-a)/2``
+  overflows for b = -a = 3e38. The inputs here are at most 32-bit floats widened exactly to float64, so in float64
+  every one of these forms is safe and the halvings are exact (no float64 subnormal can arise from a float32 value):
+  ``0.5*a + 0.5*b`` equals ``(a+b)/2`` computed in float64, rounded once to float64, then once to float32. For odd
+  k the formula gives ``a`` exactly. ``+ 0.0`` maps a -0.0 result to +0.0: selection compares values, and -0.0 ==
+  +0.0, so which zero a selection returns is not defined; the canonical +0.0 makes every backend agree bit for bit.
+
+* trimmed mean with proportion ``beta`` cut from each end (Flower's ``FedTrimmedAvg``: ``aggregate_trimmed_avg``
+  and ``_trim_mean`` in flwr/server/strategy/aggregate.py, which follows ``scipy.stats.trim_mean``)::
+
+      c = int(beta * k)            (0 <= beta < 0.5; the same float product Flower truncates)
+      s = ((((+0.0 + x_(c)) + x_(c+1)) + ...) + x_(k-c-1))  in float64, ascending rank order
+      tm = RN_out( s / (k - 2c) )                             a true division, then one rounding
+
+  Summing in float64 from float32 values cannot overflow (k * 3.4e38 << 1.8e308); the sum starts at +0.0, so a
+  zero result is +0.0.
+
+Ties: the value of both statistics depends only on the multiset of values (equal values have equal bits; the one
+exception, -0.0 vs +0.0, is canonicalized above), so no tie-breaking rule is needed for them and none is applied. A
+statistic that returns *which* party was selected (Krum, Bulyan) would need one: break ties by party (row) order.
+
+Kernels (numba here, C++ in csrc/jk_robust_coord.h, the same two paths; numpy below is the specification): a
+sorting network, SIMD across coordinates: comparator (i, j) puts the lane-wise min in i and the max in j; no
+branches, no data-dependent control flow. The network is Batcher's odd-even merge sort for k inputs (the
+power-of-two network without the comparators that touch positions >= k), pruned to the comparators that can change
+the ranks read (the two middle ranks for the median; the trimmed mean sorts fully). Comparators: 32 pruned to 29
+for the median of 10, 403 to 330 for 50. Per-coordinate quickselect (nth_element on the k gathered values) measured
+10-15x slower: its branches depend on the data.
+
+* register path (small k; numba k <= NUMBA_REG_MAX_K = 16, C++ k <= 32 median / 24 trimmed mean): the network is
+  unrolled for that k (numba: generated source, compiled once per (k, dtype, statistic) and cached; C++: a template
+  instantiation per k), so a block of coordinates (8/16 lanes) is read from the k rows, sorted in vector registers
+  and written: no buffer and no loads or stores per comparator. This is what runs at memory speed for k ~ 10.
+* tile path (larger k, or ``tile=`` given): tiles of T coordinates (:func:`default_tile`: k*T*4 bytes near 32 KB);
+  each row's T contiguous values are widened into a k x T float32 buffer (per thread), the network's leading
+  disjoint comparators applied on the way, then the rest run over buffer rows, T lanes at a time.
+
+No full sort of the model, no stacked copy: memory is the slab + the output + (tile path) k*T*4 + T*8 bytes per
+thread. Any exact selection gives the same values, so backends and paths agree bit for bit.
+
+Bytes moved per coordinate: k * itemsize read (4 for float32, 2 for float16/bfloat16) + 4 written.
+
+Inputs: an :class:`~jitkernels.robust_store.UpdateStore` or a [k, N] array of float32, float16, bfloat16
+(``jitkernels.bfloat16``), or uint16 holding bfloat16 bits with ``dtype="bfloat16"``. NaN must not reach these
+kernels (the store rejects non-finite updates); +-inf is ordered as usual.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import numpy as np
+
+from . import backends as _backends
+from .errors import BackendUnavailable, EmptyAggregate
+from .threads import get_num_threads
+
+try:
+    import numba
+    from llvmlite import ir
+    from numba import njit, prange, types
+    from numba.extending import intrinsic, overload
+except ImportError as e:  # pragma: no cover
+    numba = None
+    _numba_reason = f"numba not importable ({e})"
+else:
+    _numba_reason = None
+    if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
+        numba.config.THREADING_LAYER = "omp"  # as backends/numba_kernels.py: thread-safe calls from many threads
+
+# Input codes, as csrc/kernels.cpp's InCode (float64 = 0 is not a slab dtype).
+F32, F16, BF16 = 1, 2, 3
+CODES = {"float32": F32, "float16": F16, "bfloat16": BF16}
+BACKENDS = ("numpy", "numba", "cpp")
+
+# Work below this many values (k * N) runs on one thread: waking a pool costs more than it saves.
+SMALL_CALL = 1 << 17
+
+
+# --- parameters ---------------------------------------------------------------------------------------------------
+def trim_count(k: int, beta: float) -> int:
+    """Values cut from each end: ``int(beta * k)``, Flower's ``_trim_mean`` rule (ValueError unless 0 <= beta < 0.5)."""
+    beta = float(beta)
+    if not 0.0 <= beta < 0.5:
+        raise ValueError(f"beta (the proportion cut from each end) must be in [0, 0.5), got {beta!r}")
+    return int(beta * k)
+
+
+def median_ranks(k: int) -> tuple:
+    """0-based ranks (a, b) of the two middle values; equal for odd k."""
+    return (k - 1) // 2, k // 2
+
+
+def default_tile(k: int) -> int:
+    """Coordinates per tile: a power of two in [256, 2048] with the k x T float32 buffer near 32 KB (L1), so the
+    network's passes over it stay in cache while the k row segments read per tile are long enough to stream."""
+    t = 1 << max(0, (32768 // (4 * max(k, 1))).bit_length() - 1)
+    return int(min(2048, max(256, t)))
+
+
+@functools.lru_cache(maxsize=512)
+def network(k: int, r_lo: int, r_hi: int) -> tuple:
+    """``(i, j, fused)``: comparators (int32 arrays, i < j, applied in order: min to i, max to j) of Batcher's
+    odd-even merge sort on k inputs, pruned to those that affect output ranks [r_lo, r_hi); the first ``fused`` are
+    disjoint and run while the rows are loaded. The same list as jkrc::network in csrc/jk_robust_coord.h (results do
+    not depend on it: any exact selection gives the same values)."""
+    pairs = []
+    p = 1
+    while p < k:
+        q = p
+        while q >= 1:
+            j = q % p
+            while j <= k - 1 - q:
+                for i in range(min(q - 1, k - j - q - 1) + 1):
+                    if (i + j) // (2 * p) == (i + j + q) // (2 * p):
+                        pairs.append((i + j, i + j + q))
+                j += 2 * q
+            q //= 2
+        p *= 2
+    need = set(range(r_lo, r_hi))
+    kept = []
+    for a, b in reversed(pairs):
+        if a in need or b in need:
+            kept.append((a, b))
+            need.add(a)
+            need.add(b)
+    kept.reverse()
+    fused, used = 0, set()
+    for a, b in kept:  # the leading disjoint comparators: applied while the rows are loaded
+        if a in used or b in used:
+            break
+        used.update((a, b))
+        fused += 1
+    ci = np.array([a for a, _ in kept], np.int32)
+    cj = np.array([b for _, b in kept], np.int32)
+    ci.flags.writeable = cj.flags.writeable = False
+    return ci, cj, fused
+
+
+# --- entry points -------------------------------------------------------------------------------------------------
+def coordinate_median(x, *, backend: str | None = None, out=None, tile: int | None = None, dtype=None) -> np.ndarray:
+    """Coordinate-wise median of the k rows of ``x`` (an UpdateStore or a [k, N] slab): float32[N].
+
+    ``med = RN_f32(((0.5*a) + (0.5*b)) + 0.0)`` in float64 with a, b the two middle values (module docstring).
+    Reads k*N*itemsize bytes, writes 4N. ``backend``: "numpy", "numba", "cpp" or None / "auto" (cpp > numba > numpy;
+    ``JITKERNELS_BACKEND`` is honored). ``out``: a float32[N] to write into. ``tile``: None lets the backend choose
+    (registers for small k, else :func:`default_tile`); a number forces the tile path with that tile."""
+    rows, code = _slab(x, dtype)
+    k = rows.shape[0]
+    if k == 0:
+        raise EmptyAggregate("coordinate median of zero updates")
+    out = _out(out, rows.shape[1])
+    _pick(backend)[0](rows, code, out, _tile(tile))
+    return out
+
+
+def trimmed_mean(x, beta: float, *, backend: str | None = None, out=None, tile: int | None = None,
+                 dtype=None) -> np.ndarray:
+    """Coordinate-wise trimmed mean of the k rows of ``x``: cut ``int(beta*k)`` values from each end (Flower's
+    FedTrimmedAvg rule), average the rest in float64 in ascending order, round once: float32[N].
+
+    Reads k*N*itemsize bytes, writes 4N. Arguments as :func:`coordinate_median`."""
+    rows, code = _slab(x, dtype)
+    k = rows.shape[0]
+    c = trim_count(k, beta)
+    if k == 0:
+        raise EmptyAggregate("trimmed mean of zero updates")
+    out = _out(out, rows.shape[1])
+    _pick(backend)[1](rows, code, c, k - c, out, _tile(tile))
+    return out
+
+
+def available_backends() -> dict:
+    """``{name: True or the reason it cannot run here}`` for the robust kernels."""
+    return {"numpy": True, "numba": True if numba is not None else _numba_reason, "cpp": _cpp_available()}
+
+
+def _pick(backend):
+    name = _backends.requested(backend)
+    if name == "auto":
+        for cand in BACKENDS[::-1]:
+            if available_backends()[cand] is True:
+                return _REGISTRY[cand]
+    if name not in _REGISTRY:
+        raise BackendUnavailable(f"backend {name!r} has no robust coordinate kernels (it runs {', '.join(BACKENDS)})")
+    ok = available_backends()[name]
+    if ok is not True:
+        raise BackendUnavailable(f"backend {name!r} unavailable: {ok}")
+    return _REGISTRY[name]
+
+
+def _slab(x, dtype):
+    """(rows [k, N] as stored, code). Never copies the slab."""
+    from .dtypes import bfloat16
+    from .robust_store import UpdateStore
+
+    if isinstance(x, UpdateStore):
+        r = x.rows()
+        return (r.view(np.uint16) if r.dtype == np.float16 else r), CODES[x.dtype]
+    a = np.asarray(x)
+    if a.ndim != 2:
+        raise ValueError(f"expected a [k, N] slab, got shape {a.shape}")
+    if a.dtype == bfloat16:
+        a = a.view(np.uint16)
+        name = "bfloat16"
+    elif a.dtype == np.uint16:
+        if dtype is None or str(dtype) not in ("bfloat16", "float16"):
+            raise TypeError("a uint16 slab holds 16-bit float bits: say dtype='bfloat16' or 'float16'")
+        name = str(dtype)
+    else:
+        name = a.dtype.name
+        if name == "float16":
+            a = a.view(np.uint16)
+    if name not in CODES:
+        raise TypeError(f"the robust kernels read float32, float16 or bfloat16 slabs, got {a.dtype}")
+    if a.size and a.strides[1] != a.itemsize:
+        raise ValueError("each row of the slab must be contiguous (the kernels stream rows)")
+    return a, CODES[name]
+
+
+def _tile(tile):
+    """0: let the backend choose (the register path for small k, else tiles of default_tile(k)); > 0: the tile path
+    with tiles of that many coordinates (the tests compare both paths)."""
+    if tile is None:
+        return 0
+    tile = int(tile)
+    if tile < 1:
+        raise ValueError(f"tile must be >= 1 coordinates, got {tile}")
+    return tile
+
+
+def _out(out, n):
+    if out is None:
+        return np.empty(n, np.float32)
+    if not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != (n,) or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a contiguous float32[{n}]")
+    return out
+
+
+def _threads(rows) -> int:
+    return 1 if rows.size < SMALL_CALL else get_num_threads()
+
+
+# --- numpy: the specification -------------------------------------------------------------------------------------
+NUMPY_TILE = 1 << 15  # the numpy reference's tile (coordinates): large enough to amortize the calls per tile
+
+
+def widen(block: np.ndarray, code: int) -> np.ndarray:
+    """float32 copy of a block of stored values (exact for float16 and bfloat16 bits)."""
+    if code == F32:
+        return np.array(block, np.float32)
+    if code == BF16:
+        return (block.astype(np.uint32) << 16).view(np.float32)
+    return block.view(np.float16).astype(np.float32)
+
+
+def _median_numpy(rows, code, out, tile):
+    """Reference: sort each tile's columns (np.sort, a k x T copy), take the middle ranks, the float64 midpoint."""
+    k, n = rows.shape
+    r1, r2 = median_ranks(k)
+    step = max(tile, NUMPY_TILE)
+    for c0 in range(0, n, step):
+        s = np.sort(widen(rows[:, c0:c0 + step], code), axis=0)
+        a = s[r1].astype(np.float64)
+        b = s[r2].astype(np.float64)
+        out[c0:c0 + step] = ((0.5 * a) + (0.5 * b)) + 0.0
+
+
+def _trimmed_numpy(rows, code, lo, hi, out, tile):
+    """Reference: sort each tile's columns, sum ranks lo..hi-1 one by one in float64 from +0.0, divide, round."""
+    k, n = rows.shape
+    step = max(tile, NUMPY_TILE)
+    for c0 in range(0, n, step):
+        s = np.sort(widen(rows[:, c0:c0 + step], code), axis=0)
+        acc = np.zeros(s.shape[1], np.float64)
+        for r in range(lo, hi):
+            acc += s[r]
+        out[c0:c0 + step] = acc / np.float64(hi - lo)
+
+
+# --- numba ----------------------------------------------------------------------------------------------------------
+if numba is not None:
+
+    @intrinsic
+    def _u32_as_f32(typingctx, u):
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], ir.FloatType())
+
+        return types.float32(types.uint32), codegen
+
+    @njit(inline="always")
+    def _f16_to_f32(h):
+        """jk::widen(f16) of csrc/jk_math.h: exact, branch-free (vectorizes), inf/nan kept."""
+        em = np.uint32(h) & np.uint32(0x7FFF)
+        sign = (np.uint32(h) & np.uint32(0x8000)) << np.uint32(16)
+        mag = _u32_as_f32(em << np.uint32(13)) * _u32_as_f32(np.uint32(0x77800000))
+        bits = (np.uint32(0x7F800000) | (em << np.uint32(13))) if em >= np.uint32(0x7C00) else _f32_bits(mag)
+        return _u32_as_f32(sign | bits)
+
+    @intrinsic
+    def _f32_bits(typingctx, x):
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], ir.IntType(32))
+
+        return types.uint32(types.float32), codegen
+
+    def _load_pair(sa, sb, da, db, ln, code):  # pragma: no cover - replaced by the overload
+        raise NotImplementedError
+
+    def _load_row(src, dst, ln, code):  # pragma: no cover - replaced by the overload
+        raise NotImplementedError
+
+    # One implementation per stored type, so a float32 slab compiles no 16-bit code; for 16-bit bits the dtype
+    # branch sits outside the lane loops (they vectorize).
+    @overload(_load_pair, inline="always")
+    def _load_pair_ov(sa, sb, da, db, ln, code):
+        """da = min, db = max of the widened sa, sb (a fused first comparator)."""
+        if sa.dtype == types.float32:
+            def impl(sa, sb, da, db, ln, code):
+                for t in range(ln):
+                    u = sa[t]
+                    v = sb[t]
+                    lt = v < u
+                    da[t] = v if lt else u
+                    db[t] = u if lt else v
+            return impl
+
+        def impl16(sa, sb, da, db, ln, code):
+            if code == BF16:
+                for t in range(ln):
+                    u = _u32_as_f32(np.uint32(sa[t]) << np.uint32(16))
+                    v = _u32_as_f32(np.uint32(sb[t]) << np.uint32(16))
+                    lt = v < u
+                    da[t] = v if lt else u
+                    db[t] = u if lt else v
+            else:
+                for t in range(ln):
+                    u = _f16_to_f32(sa[t])
+                    v = _f16_to_f32(sb[t])
+                    lt = v < u
+                    da[t] = v if lt else u
+                    db[t] = u if lt else v
+        return impl16
+
+    @overload(_load_row, inline="always")
+    def _load_row_ov(src, dst, ln, code):
+        if src.dtype == types.float32:
+            def impl(src, dst, ln, code):
+                for t in range(ln):
+                    dst[t] = src[t]
+            return impl
+
+        def impl16(src, dst, ln, code):
+            if code == BF16:
+                for t in range(ln):
+                    dst[t] = _u32_as_f32(np.uint32(src[t]) << np.uint32(16))
+            else:
+                for t in range(ln):
+                    dst[t] = _f16_to_f32(src[t])
+        return impl16
+
+    @njit(inline="always")
+    def _load_tile(x, code, c0, ln, buf, ci, cj, fused, paired):
+        """buf[r, :ln] = widen(x[r, c0:c0+ln]) for every row r (k streams of ln contiguous values), the network's
+        first ``fused`` (disjoint) comparators applied on the way."""
+        for f in range(fused):
+            a, b = ci[f], cj[f]
+            _load_pair(x[a, c0:c0 + ln], x[b, c0:c0 + ln], buf[a], buf[b], ln, code)
+        for r in range(x.shape[0]):
+            if not paired[r]:
+                _load_row(x[r, c0:c0 + ln], buf[r], ln, code)
+
+    @njit(inline="always")
+    def _apply_network(buf, ci, cj, fused, ln):
+        """Each comparator after the fused ones: min to row ci[c], max to row cj[c], over ln lanes (a select, which
+        LLVM vectorizes to compare + max + masked store)."""
+        for c in range(fused, ci.shape[0]):
+            a = buf[ci[c]]
+            b = buf[cj[c]]
+            for t in range(ln):
+                u = a[t]
+                v = b[t]
+                lt = v < u
+                a[t] = v if lt else u
+                b[t] = u if lt else v
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _coord_nb(x, code, mode, r_lo, r_hi, ci, cj, fused, out, tile, nblocks):
+        """mode 0: median of ranks (r_lo, r_hi) (the two middle ranks); mode 1: trimmed mean of ranks [r_lo, r_hi).
+        Tiles are split into nblocks contiguous runs, one scratch buffer per run."""
+        k, n = x.shape
+        ntiles = (n + tile - 1) // tile
+        m = np.float64(r_hi - r_lo)
+        paired = np.zeros(k, np.bool_)
+        for f in range(fused):
+            paired[ci[f]] = True
+            paired[cj[f]] = True
+        for blk in prange(nblocks):
+            t0 = blk * ntiles // nblocks
+            t1 = (blk + 1) * ntiles // nblocks
+            buf = np.empty((k, tile), np.float32)
+            acc = np.empty(tile, np.float64)
+            for it in range(t0, t1):
+                c0 = it * tile
+                ln = min(tile, n - c0)
+                _load_tile(x, code, c0, ln, buf, ci, cj, fused, paired)
+                _apply_network(buf, ci, cj, fused, ln)
+                o = out[c0:c0 + ln]
+                if mode == 0:
+                    ra = buf[r_lo]
+                    rb = buf[r_hi]
+                    for t in range(ln):
+                        o[t] = np.float32(((0.5 * np.float64(ra[t])) + (0.5 * np.float64(rb[t]))) + 0.0)
+                else:
+                    for t in range(ln):
+                        acc[t] = 0.0
+                    for r in range(r_lo, r_hi):
+                        row = buf[r]
+                        for t in range(ln):
+                            acc[t] = acc[t] + np.float64(row[t])
+                    for t in range(ln):
+                        o[t] = np.float32(acc[t] / m)
+
+
+# Register path: for k <= NUMBA_REG_MAX_K, a kernel generated for that k (the network unrolled over k scalars, the
+# coordinate loop vectorized by LLVM, so the k values of a lane block live in vector registers: no buffer, no
+# loads/stores per comparator). numba caches only functions defined in files, so the source is written to a
+# per-user cache directory (0700, owner checked) and imported from there; its compile (~1 s for k = 10) happens once
+# per machine. Larger k, or tile= given: the tile kernel above. Both give the same bits.
+NUMBA_REG_MAX_K = 16
+_GEN_VERSION = 1
+
+
+def _reg_source(k: int, code: int, mode: int) -> str:
+    """Python source of the register kernel ``kernel(x, out, c0, c1, lo, hi)`` for k rows of dtype ``code``."""
+    if mode == 0:
+        r1, r2 = median_ranks(k)
+        ci, cj, _ = network(k, r1, r2 + 1)
+    else:
+        ci, cj, _ = network(k, 0, k)
+    load = {F32: "{}", BF16: "_u32_as_f32(np.uint32({}) << np.uint32(16))", F16: "_f16_to_f32({})"}[code]
+    what = "median" if mode == 0 else "trimmed mean"
+    name = {F32: "float32", F16: "float16", BF16: "bfloat16"}[code]
+    out = [f"# Generated by jitkernels.robust_coord (version {_GEN_VERSION}): {what} of k={k} {name} rows. "
+           "Safe to delete.",
+           "import numpy as np",
+           "from numba import njit",
+           "from jitkernels.robust_coord import _f16_to_f32, _u32_as_f32  # noqa: F401",
+           "",
+           "",
+           "@njit(cache=True, nogil=True)",
+           "def kernel(x, out, c0, c1, lo, hi):"]
+    out += [f"    x{j} = x[{j}, c0:c1]" for j in range(k)]
+    out += ["    o = out[c0:c1]", "    m = np.float64(hi - lo)"]
+    if mode == 1:
+        out += [f"    keep{j} = lo <= {j} and {j} < hi" for j in range(k)]
+    out += ["    for c in range(c1 - c0):"]
+    out += [f"        v{j} = " + load.format(f"x{j}[c]") for j in range(k)]
+    for a, b in zip(ci, cj):
+        out += [f"        lt = v{b} < v{a}", f"        t = v{b} if lt else v{a}",
+                f"        v{b} = v{a} if lt else v{b}", f"        v{a} = t"]
+    if mode == 0:
+        r1, r2 = median_ranks(k)
+        out += [f"        o[c] = np.float32(((0.5 * np.float64(v{r1})) + (0.5 * np.float64(v{r2}))) + 0.0)"]
+    else:  # adding +0.0 for a rank outside [lo, hi) leaves s unchanged (s is never -0.0)
+        out += ["        s = 0.0"]
+        out += [f"        s = s + (np.float64(v{j}) if keep{j} else 0.0)" for j in range(k)]
+        out += ["        o[c] = np.float32(s / m)"]
+    return "\n".join(out) + "\n"
+
+
+def _cache_dir():
+    """A private (0700, ours) directory for generated kernels, or None where there is none."""
+    base = os.environ.get("JITKERNELS_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "jitkernels")
+    d = os.path.join(base, "robust_coord")
+    try:
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        st = os.stat(d)
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            return None
+        return d
+    except (OSError, AttributeError):
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _reg_kernel(k: int, code: int, mode: int):
+    import hashlib
+    import importlib.util
+
+    src = _reg_source(k, code, mode)
+    name = f"jk_rc_{'med' if mode == 0 else 'trim'}_k{k}_c{code}_{hashlib.sha256(src.encode()).hexdigest()[:16]}"
+    d = _cache_dir()
+    if d is None:  # no private cache directory: compile in memory, every process
+        ns: dict = {}
+        exec(compile(src.replace("cache=True", "cache=False"), name, "exec"), ns)
+        return ns["kernel"]
+    path = os.path.join(d, name + ".py")
+    try:
+        with open(path) as f:
+            ok = f.read() == src
+    except OSError:
+        ok = False
+    if not ok:  # write it (atomically: another process may be importing it)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(src)
+        os.replace(tmp, path)
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # numba's cache finds the function's module by name when it loads
+    spec.loader.exec_module(mod)
+    return mod.kernel
+
+
+_pools: dict = {}
+
+
+def _run_threads(fn, n: int, nthreads: int, *args) -> None:
+    """fn(*args[:2], c0, c1, *args[2:]) over nthreads contiguous ranges of [0, n), on threads (fn releases the GIL)."""
+    x, out, *rest = args
+    if nthreads <= 1:
+        fn(x, out, 0, n, *rest)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = _pools.get(nthreads)
+    if pool is None:
+        pool = _pools[nthreads] = ThreadPoolExecutor(nthreads, thread_name_prefix="jk-robust")
+    bounds = [b * n // nthreads for b in range(nthreads + 1)]
+    futures = [pool.submit(fn, x, out, bounds[b], bounds[b + 1], *rest) for b in range(1, nthreads)]
+    fn(x, out, bounds[0], bounds[1], *rest)
+    for f in futures:
+        f.result()
+
+
+def _writable_alias(rows):
+    """The same memory flagged writable where numpy allows it (rows() views are read-only; the kernels only read):
+    numba compiles read-only arrays as a separate type, which would double every compile."""
+    if rows.flags.writeable:
+        return rows
+    v = rows.view()
+    try:
+        v.flags.writeable = True
+    except ValueError:  # a truly read-only buffer: the read-only specialization is compiled instead
+        return rows
+    return v
+
+
+def _numba_run(rows, code, mode, r_lo, r_hi, ranks, out, tile, use_reg):
+    if numba is None:  # pragma: no cover
+        raise BackendUnavailable(f"backend 'numba' unavailable: {_numba_reason}")
+    k, n = rows.shape
+    if n == 0:
+        return
+    rows = _writable_alias(rows)
+    nthreads = _threads(rows)
+    if use_reg and k <= NUMBA_REG_MAX_K:
+        lo, hi = (r_lo, r_hi) if mode == 1 else (0, 1)
+        _run_threads(_reg_kernel(k, code, mode), n, min(nthreads, max(1, n // 4096)), rows, out, lo, hi)
+        return
+    nthreads = min(nthreads, numba.config.NUMBA_NUM_THREADS)
+    if numba.get_num_threads() != nthreads:
+        numba.set_num_threads(nthreads)
+    ci, cj, fused = network(k, *ranks)
+    ntiles = -(-n // tile)
+    _coord_nb(rows, code, mode, r_lo, r_hi, ci, cj, fused, out, tile, min(ntiles, nthreads))
+
+
+def _median_numba(rows, code, out, tile):
+    k = rows.shape[0]
+    r1, r2 = median_ranks(k)
+    _numba_run(rows, code, 0, r1, r2, (r1, r2 + 1), out, tile if tile > 0 else default_tile(k), tile <= 0)
+
+
+def _trimmed_numba(rows, code, lo, hi, out, tile):
+    k = rows.shape[0]
+    _numba_run(rows, code, 1, lo, hi, (lo, hi), out, tile if tile > 0 else default_tile(k), tile <= 0)
+
+
+# --- cpp (csrc/jk_robust_coord.h, once bound into jitkernels._core) --------------------------------------------------
+def _core():
+    from . import _core as core
+
+    return core
+
+
+def _cpp_available():
+    try:
+        core = _core()
+    except ImportError as e:
+        return f"jitkernels._core not importable ({e})"
+    if not (hasattr(core, "robust_median") and hasattr(core, "robust_trimmed_mean")):
+        return "jitkernels._core has no robust_median / robust_trimmed_mean yet (csrc/jk_robust_coord.h is not bound)"
+    return True
+
+
+def _median_cpp(rows, code, out, tile):
+    _core().robust_median(rows, code, out, tile, _threads(rows))
+
+
+def _trimmed_cpp(rows, code, lo, hi, out, tile):
+    _core().robust_trimmed_mean(rows, code, lo, hi, out, tile, _threads(rows))
+
+
+_REGISTRY = {
+    "numpy": (_median_numpy, _trimmed_numpy),
+    "numba": (_median_numba, _trimmed_numba),
+    "cpp": (_median_cpp, _trimmed_cpp),
+}

@@ -1,0 +1,116 @@
+"""Robust rules through the Aggregator: buffered updates, finalize by the rule, all or nothing on rejection, saved
+and merged with the state; against plain numpy and Flower's strategies."""
+
+import numpy as np
+import pytest
+
+import jitkernels as jk
+from jitkernels import robust as R
+
+
+def _model(rng):
+    return {"w": rng.standard_normal((30, 20)).astype(np.float32), "b": rng.standard_normal(20).astype(np.float32),
+            "n": np.array(7, np.int64)}
+
+
+def _ups(rng, base, k, scale=0.1):
+    return [{n: (a + scale * rng.standard_normal(a.shape)).astype(a.dtype) if a.dtype.kind == "f"
+             else np.array(int(rng.integers(0, 100)), a.dtype) for n, a in base.items()} for _ in range(k)]
+
+
+def _stack(ups, name):
+    return np.stack([u[name].astype(np.float64) for u in ups])
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 6])
+def test_median_and_trimmed_mean_through_the_aggregator(k):
+    rng = np.random.default_rng(k)
+    base = _model(rng)
+    ups = _ups(rng, base, k)
+    ups[-1]["w"][0, 0] = 3e38  # an adversarial coordinate: the median ignores it (k >= 3)
+    for alg, ref in ((R.FedMedian(), lambda x: np.median(x, axis=0)),
+                     (R.FedTrimmedAvg(beta=0.2), lambda x: np.sort(x, 0)[int(0.2 * k):k - int(0.2 * k)].mean(0))):
+        agg = jk.Aggregator(base, alg)
+        agg.fold_many(ups, list(range(1, k + 1)), list(range(k)))
+        got = agg.finalize()
+        for n in ("w", "b"):
+            np.testing.assert_allclose(got[n], ref(_stack(ups, n)).astype(np.float32), rtol=1e-6, atol=1e-7)
+        assert got["n"].dtype == np.int64 and got["n"] == np.rint(ref(_stack(ups, "n")))
+
+
+def test_a_rejected_batch_leaves_store_and_state_bit_identical(tmp_path):
+    rng = np.random.default_rng(1)
+    base = _model(rng)
+    row = sum(a.size for a in base.values()) * 4
+    agg = jk.Aggregator(base, R.FedMedian(budget_bytes=3 * row))
+    agg.fold_many(_ups(rng, base, 2), parties=["a", "b"])
+    before = agg.state.copy()
+    bad = _ups(rng, base, 2)
+    bad[1]["b"][3] = np.nan
+    with pytest.raises(jk.NonFiniteUpdate, match="'d'"):
+        agg.fold_many(bad, parties=["c", "d"])
+    with pytest.raises(jk.AggregationError, match="budget"):  # two more rows would pass the budget: neither lands
+        agg.fold_many(_ups(rng, base, 2), parties=["c", "d"])
+    assert agg.state.same_bits(before)
+    agg.fold(_ups(rng, base, 1)[0], party="c")
+    assert agg.state.count == 3
+
+
+def test_buffered_state_saves_loads_and_merges(tmp_path):
+    rng = np.random.default_rng(2)
+    base = _model(rng)
+    ups = _ups(rng, base, 7)
+    whole = jk.Aggregator(base, R.FedMedian())
+    whole.fold_many(ups, parties=list(range(7)))
+    left, right = jk.Aggregator(base, R.FedMedian()), jk.Aggregator(base, R.FedMedian())
+    left.fold_many(ups[:3], parties=[0, 1, 2])
+    left.state.save(tmp_path / "m.jks")
+    left = jk.Aggregator.from_state(jk.FoldState.load(tmp_path / "m.jks"))
+    right.fold_many(ups[3:], parties=[3, 4, 5, 6])
+    left.merge(right)
+    a, b = whole.finalize(), left.finalize()
+    assert all(a[n].tobytes() == b[n].tobytes() for n in a)  # the median does not depend on row order
+    left.reset(reuse=True)
+    assert left.state.count == 0 and len(left.state.store) == 0
+
+
+def test_norm_bounding_clips_each_delta():
+    rng = np.random.default_rng(3)
+    base = {"w": rng.standard_normal(500).astype(np.float32)}
+    ups = [{"w": (base["w"] + s * rng.standard_normal(500)).astype(np.float32)} for s in (0.01, 0.1, 1.0)]
+    agg = jk.Aggregator(base, R.NormBounding(max_norm=1.0, weighted=False), base=base, acc_dtype="float64")
+    agg.fold_many(ups, parties=[0, 1, 2])
+    x = base["w"].astype(np.float64)
+    want = x + sum(min(1.0, 1.0 / np.linalg.norm(u["w"] - x)) * (u["w"] - x) for u in ups) / 3
+    np.testing.assert_allclose(agg.finalize()["w"], want.astype(np.float32), rtol=1e-6, atol=1e-7)
+
+
+def test_names_resolve():
+    assert isinstance(jk.algorithms.resolve("fedmedian"), R.FedMedian)
+    assert isinstance(jk.algorithms.from_params(R.FedTrimmedAvg(beta=0.1).params()), R.FedTrimmedAvg)
+
+
+@pytest.mark.parametrize("alg", [R.Krum(f=2), R.Krum(f=2, m=3), R.Bulyan(f=2), R.GeometricMedian(),
+                                 R.CenteredClipping(tau=2.0, iters=3)])
+def test_distance_rules_through_the_aggregator_exclude_attackers(alg):
+    """11 parties around the model, 2 colluding attackers far away: each rule stays with the honest cluster."""
+    rng = np.random.default_rng(4)
+    base = {"w": rng.standard_normal(3000).astype(np.float32)}
+    honest = [{"w": (base["w"] + 0.05 * rng.standard_normal(3000)).astype(np.float32)} for _ in range(11)]
+    attack = [{"w": (base["w"] + 100.0).astype(np.float32)} for _ in range(2)]
+    agg = jk.Aggregator(base, alg, base=base if alg.needs_base else None)
+    agg.fold_many(honest[:6] + attack + honest[6:], parties=list(range(13)))
+    got = agg.finalize()["w"]
+    center = np.mean([u["w"] for u in honest], axis=0)
+    assert np.abs(got - center).max() < 0.2
+    with pytest.raises(ValueError):
+        jk.Aggregator(base, alg, backend="numpy", partial=True)
+
+
+def test_too_few_updates_for_the_rule_is_a_typed_error():
+    rng = np.random.default_rng(5)
+    base = {"w": rng.standard_normal(50).astype(np.float32)}
+    agg = jk.Aggregator(base, R.Bulyan(f=2))
+    agg.fold_many([{"w": rng.standard_normal(50).astype(np.float32)} for _ in range(5)], parties=list(range(5)))
+    with pytest.raises(jk.TooFewUpdates, match="Bulyan with f=2 needs at least 11"):
+        agg.finalize()
