@@ -17,6 +17,11 @@ leaves and k updates:
 * **SecAgg sum**: the k-way modular sum of k masked uint32 vectors (:mod:`jitkernels.secagg`, ``SecAggSum.fold_many``
   into a cleared state) against Flower's SecAgg+ server loop (``parameters_addition`` per client on its int64 wire
   arrays, then ``parameters_mod``). Bytes: ``k*N*4 + 8N``.
+* **robust** (``--robust``): the round's k updates in an :class:`~jitkernels.robust_store.UpdateStore` slab (k x N
+  float32); coordinate median and trimmed mean (beta 0.2) per backend against Flower's ``aggregate_median`` /
+  ``aggregate_trimmed_avg`` (bytes: the slab read once + 4N written); the Gram step of Krum against numpy's
+  ``X @ X.T`` on the same slab (SSYRK, in the same run: ``speedup`` < 1 means slower than BLAS); Krum (f = 2)
+  against Flower's ``aggregate_krum``; the geometric median's passes over the slab.
 * **round from FitRes**: a whole round from Flower ``FitRes`` in to the new ``Parameters`` out, by the strategies of
   :mod:`jitkernels.integrations.flower` (zero-copy views of the serialized bytes folded in one pass, finalized into
   the bytes of the new Parameters) and by Flower's own ``FedAdam`` / ``FedAvg`` (``inplace=True``, as shipped), whose
@@ -151,6 +156,46 @@ def bench_secagg(wl, probe):
                  interleaved(flower, probe, min_reps=2, max_reps=4, cap_s=20), nbytes)]
 
 
+def bench_robust(wl, probe, backends):
+    from flwr.server.strategy.aggregate import aggregate_krum, aggregate_median, aggregate_trimmed_avg
+
+    from . import robust_coord, robust_gram
+    from .robust_store import UpdateStore
+
+    store = UpdateStore(wl.n, wl.k)
+    for u, p in zip(wl.updates("float32"), wl.parties):
+        store.add(list(u.values()), p)
+    X = store.rows()
+    flower_in = [(list(u.values()), w) for u, w in zip(wl.updates("float32"), wl.weights)]
+    nbytes = X.nbytes + 4 * wl.n
+    rows = []
+    for name, ours, theirs in (("median", lambda b: robust_coord.coordinate_median(store, backend=b),
+                                lambda: aggregate_median(flower_in)),
+                               ("trimmed mean 0.2", lambda b: robust_coord.trimmed_mean(store, 0.2, backend=b),
+                                lambda: aggregate_trimmed_avg(flower_in, 0.2))):
+        for b in backends:
+            if robust_coord.available_backends().get(b) is True and b != "numpy":
+                ours(b)  # compile / warm
+                rows.append(_row(wl.label, f"robust {name}", b, interleaved(lambda: ours(b), probe), nbytes))
+        rows.append(_row(wl.label, f"robust {name}: Flower", "flwr",
+                         interleaved(theirs, probe, min_reps=1, max_reps=2, cap_s=20), nbytes))
+    robust_gram.gram(X[:, :4096])
+    rows.append(_row(wl.label, "robust Gram step (Krum)", "numba", interleaved(lambda: robust_gram.gram(X), probe),
+                     X.nbytes))
+    rows.append(_row(wl.label, "robust Gram step: numpy X @ X.T (SSYRK)", "blas", interleaved(lambda: X @ X.T, probe),
+                     X.nbytes))
+    rows.append(_row(wl.label, "robust Krum f=2", "numba", interleaved(lambda: robust_gram.krum(store, 2), probe),
+                     X.nbytes))
+    rows.append(_row(wl.label, "robust Krum f=2: Flower", "flwr",
+                     interleaved(lambda: aggregate_krum(flower_in, 2, 0), probe, min_reps=1, max_reps=2, cap_s=30),
+                     X.nbytes))
+    gm = robust_gram.geometric_median(store)
+    rows.append({**_row(wl.label, f"robust geometric median ({gm.info.get('passes')} passes)", "numba",
+                        interleaved(lambda: robust_gram.geometric_median(store), probe), 2 * X.nbytes)})
+    store.close()
+    return rows
+
+
 def bench_rounds(wl, probe, backend):
     """A FedAdam and a FedAvg round, Flower FitRes in -> new Parameters out: jitkernels' Flower strategies against
     Flower's own, ``aggregate_fit`` on the same FitRes objects."""
@@ -187,7 +232,8 @@ def bench_rounds(wl, probe, backend):
     return rows
 
 
-def run(n=25_000_000, leaves=50, k=10, *, backends=None, flower=True, json_path=None, progress=True, file=None):
+def run(n=25_000_000, leaves=50, k=10, *, backends=None, flower=True, robust=False, json_path=None, progress=True,
+        file=None):
     """Run every row, print the table and return the rows."""
     from tqdm import tqdm
 
@@ -199,7 +245,8 @@ def run(n=25_000_000, leaves=50, k=10, *, backends=None, flower=True, json_path=
     _stepped_state(make_workload(4096, 4, 2), A.FedAdam(), backends[0])  # warm up (numba compiles)
     rows = []
     steps = [("step", o) for o in OPTIMIZERS] + [("clipping", None)] + (
-        [("secagg", None), ("rounds", None)] if flower and installed("flwr") else [])
+        [("secagg", None), ("rounds", None)] if flower and installed("flwr") else []) + (
+        [("robust", None)] if robust and installed("flwr") else [])
     with tqdm(steps, file=sys.stderr, disable=not progress, unit="part") as bar:
         for what, name in bar:
             bar.set_description(f"{what} {name or ''}")
@@ -209,6 +256,8 @@ def run(n=25_000_000, leaves=50, k=10, *, backends=None, flower=True, json_path=
                 rows += bench_clipping(wl, probe, backends[0])
             elif what == "secagg":
                 rows += bench_secagg(wl, probe)
+            elif what == "robust":
+                rows += bench_robust(wl, probe, backends)
             else:
                 rows += bench_rounds(wl, probe, backends[0])
     _ratios(rows)
@@ -229,6 +278,8 @@ def _ratios(rows):
             peer = by.get(m.replace("step (fused)", "numpy f32 expressions"))
         elif m == "fold_many raw: DP fixed clipping":
             peer = by.get("fold_many raw: FedAvg (fused admission)")
+        elif m.startswith("robust ") and not m.endswith(("Flower", "(SSYRK)")) and "geometric" not in m:
+            peer = by.get("robust Gram step: numpy X @ X.T (SSYRK)" if "Gram" in m else m + ": Flower")
         elif m.startswith("SecAgg sum (uint32"):
             peer = by.get("SecAgg sum: Flower's per-client loop")
         elif m.endswith("round from FitRes"):
@@ -262,10 +313,11 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--backends", nargs="+", choices=("cpp", "numba", "numpy"))
     p.add_argument("--no-flower", action="store_true")
+    p.add_argument("--robust", action="store_true", help="also the robust rules (the slab needs k x N x 4 bytes more)")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    run(a.n, a.leaves, a.k, backends=a.backends, flower=not a.no_flower, json_path=a.json,
+    run(a.n, a.leaves, a.k, backends=a.backends, flower=not a.no_flower, robust=a.robust, json_path=a.json,
         progress=not a.no_progress)
     return 0
 
