@@ -416,6 +416,8 @@ class _DPClipping:
         self.inner = resolve(algorithm)
         if isinstance(self.inner, _DPClipping):
             raise ValueError("DP wrappers do not nest")
+        if getattr(self.inner, "buffered", False):
+            raise ValueError(f"DP wrappers take streaming algorithms; {type(self.inner).__name__} is buffered")
         if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
             raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier!r}")
         if num_sampled is not None and int(num_sampled) <= 0:

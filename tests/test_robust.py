@@ -114,3 +114,8 @@ def test_too_few_updates_for_the_rule_is_a_typed_error():
     agg.fold_many([{"w": rng.standard_normal(50).astype(np.float32)} for _ in range(5)], parties=list(range(5)))
     with pytest.raises(jk.TooFewUpdates, match="Bulyan with f=2 needs at least 11"):
         agg.finalize()
+
+
+def test_dp_does_not_wrap_a_buffered_rule():
+    with pytest.raises(ValueError, match="buffered"):
+        jk.algorithms.DPFixedClipping(R.FedMedian(), clip_norm=1.0, noise_multiplier=1.0)
