@@ -211,3 +211,27 @@ def test_cost_model_calibrates_saves_and_loads(tmp_path):
     again = CostModel.load(tmp_path / "cost.json")
     assert again == cm
     assert again.fold_s(4000 * 10, 10, 1000) == pytest.approx(b.call_s + (40000 + 8000) / b.throughput_Bps)
+
+
+@pytest.mark.parametrize("rule", ["fedmedian", "krum"])
+def test_a_robust_job_buffers_its_rounds_through_the_scheduler(rule):
+    """A buffered (robust) rule runs through the JIT scheduler unchanged: each round's result equals the rule over
+    that round's updates."""
+    from jitkernels import robust as R
+
+    alg = R.FedMedian() if rule == "fedmedian" else R.Krum(f=1)
+    rng = np.random.default_rng(0)
+    tmpl = {"w": np.zeros(1000, np.float32)}
+    parties = [f"p{i}" for i in range(7)]
+    sched = JITScheduler("jit", slots=1, clock=VirtualClock())
+    sched.add_job(Job("j", template=tmpl, parties=parties, quorum=1.0, rounds=2, algorithm=alg, prior_response_s=1.0))
+    ups = {}
+    for r in range(2):
+        for i, p in enumerate(parties):
+            ups[(r, p)] = {"w": rng.standard_normal(1000).astype(np.float32)}
+            sched.clock.call_at(r * 10 + i * 0.1 + 0.1, sched.submit, "j", r, p, ups[(r, p)], 1.0)
+    sched.clock.run()
+    for r in range(2):
+        agg = jk.Aggregator(tmpl, alg)
+        agg.fold_many([ups[(r, p)] for p in parties], parties=parties)
+        assert np.array_equal(agg.finalize()["w"], sched.result("j", r).result(timeout=5)["w"])
