@@ -25,8 +25,6 @@ from flwr.common import (Code, EvaluateRes, FitRes, GetParametersRes, GetPropert
                          ndarrays_to_parameters, parameters_to_ndarrays)
 from flwr.server import Server, SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import FedAdam as FlowerFedAdam
-from flwr.server.strategy import FedAvg as FlowerFedAvg
 
 import jitkernels.integrations.flower as jkfl
 

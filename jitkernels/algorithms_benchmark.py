@@ -86,7 +86,6 @@ def bench_step(wl, probe, name, backends):
             rows.append(_row(wl.label, f"{name} numpy f32 expressions", "numpy",
                              interleaved(_numpy_expressions(st, alg, agg.layout), probe), nbytes * wl.n,
                              min_bytes * wl.n))
-        del agg, st
     return rows
 
 
@@ -228,7 +227,6 @@ def bench_rounds(wl, probe, backend):
             mem = peak_memory(round_)
             rows.append(_row(wl.label, method, be, interleaved(round_, probe, min_reps=2, max_reps=5, cap_s=30),
                              nbytes, mem=mem))
-            del strat
     return rows
 
 

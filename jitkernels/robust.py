@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from .algorithms import FedAvg, _positive  # noqa: F401  (the streaming base class and its checks)
+from .algorithms import FedAvg
 
 
 class _Buffered(FedAvg):
@@ -100,7 +100,8 @@ class Krum(_Buffered):
     r"""Krum and Multi-Krum (Blanchard et al., 2017, "Machine Learning with Adversaries: Byzantine Tolerant Gradient
     Descent"; Flower's ``Krum``).
 
-    .. math::  s_i = \sum_{j \in N_i} \lVert u_i - u_j Vert^2, \quad |N_i| = k - f - 2 	ext{ nearest}, \qquad
+    .. math::  s_i = \sum_{j \in N_i} \lVert u_i - u_j 
+Vert^2, \quad |N_i| = k - f - 2 	ext{ nearest}, \qquad
                x = rac{\sum_{i \in S} w_i u_i}{\sum_{i \in S} w_i}, \ S = 	ext{the } m 	ext{ lowest scores}
 
     (m = 1: Krum; weights by sample counts as Flower, or uniform with ``weighted=False``; ties to the earlier party).
@@ -155,7 +156,8 @@ class GeometricMedian(_Buffered):
     r"""Geometric median by Weiszfeld's iteration, as RFA (Pillutla, Kakade & Harchaoui, 2022, "Robust Aggregation
     for Federated Learning").
 
-    .. math::  x = rg\min_z \sum_j w_j \lVert z - u_j Vert_2
+    .. math::  x = rg\min_z \sum_j w_j \lVert z - u_j 
+Vert_2
 
     Iterated in k-space from the Gram matrix (:math:`z = \sum_j a_j u_j`, distances from :math:`a^T G a`), stopped
     when a step is below ``eps`` times a robust distance scale or after ``max_iter``; then one weighted sum: two
@@ -183,7 +185,8 @@ class GeometricMedian(_Buffered):
 class CenteredClipping(_Buffered):
     r"""Centered clipping (Karimireddy, He & Jaggi, 2021, "Learning from History for Byzantine Robust
     Optimization"), centered at the base (the global model): :math:`v \leftarrow v + \sum_i \omega_i (u_i - v)
-    \min(1, 	au / \lVert u_i - v Vert)`, ``iters`` times, in k-space from the Gram matrix of the rows centered at
+    \min(1, 	au / \lVert u_i - v 
+Vert)`, ``iters`` times, in k-space from the Gram matrix of the rows centered at
     the base: two passes over the slab. Needs the base.
     """
 

@@ -355,7 +355,6 @@ def test_dp_noise_is_bit_identical_across_backends_and_threads_and_runs():
 
 
 def test_dp_noise_has_the_stated_std():
-    rng = np.random.default_rng(9)
     base = {"w": np.zeros(200_000, np.float32)}
     ups = [{"w": np.zeros(200_000, np.float32)} for _ in range(4)]  # zero deltas: the output is the noise
     got, agg = _dp_round("cpp", 77, ups=ups, base=base)
