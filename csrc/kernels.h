@@ -174,33 +174,33 @@ static void fold_binned_rows(double* hi, double* lo, const double* base, const i
 }
 
 // Stats per (work item, update): non-finite count, sum of squares (f64), max |x|. Values are formed in S: f64 when
-// the input or the accumulator is f64, or for int8 deltas; else f32, which is exact for f32/f16/bf16 inputs, and with a base gives the
-// delta u - b rounded once (the difference of two floats is correctly rounded): the very x the fold adds. Squares are
-// summed in f64.
+// the input or the accumulator is f64, or for int8 deltas; else f32, which is exact for f32/f16/bf16 inputs, and
+// with a base gives the delta u - b rounded once (the difference of two floats is correctly rounded): the very x the
+// fold adds. Squares are summed in f64.
 // `omp simd reduction` lets the compiler split the sum over vector lanes: the result depends on the ISA path taken
 // (AVX2 or baseline) but not on the thread count, and it is a reduction, held to a tolerance, not to bits.
-// A NaN/inf anywhere makes the cheap check sum(x * 0) non-zero; only then is a second loop run to count them.
+// A NaN or inf anywhere makes the sum of squares non-finite; only then is a second loop run to count them (a sum that
+// overflowed on huge finite f64 values takes that loop too, and counts nothing).
 template <class S>
 struct Lanes {
   double ss = 0;
-  S mx = 0, chk = 0;
+  S mx = 0;
 };
 
 template <class S, class Value>
 static inline void stats_seg(Lanes<S>& st, int64_t n, Value value) {
   double ss = st.ss;
-  S mx = st.mx, chk = st.chk;
-#pragma omp simd reduction(+ : ss, chk) reduction(max : mx)
+  S mx = st.mx;
+#pragma omp simd reduction(+ : ss) reduction(max : mx)
   for (int64_t i = 0; i < n; ++i) {
     const S x = value(i), ax = std::fabs(x);
     ss += (double)x * (double)x;
     mx = ax > mx ? ax : mx;
-    chk += x * (S)0;
   }
-  st.ss = ss; st.mx = mx; st.chk = chk;
+  st.ss = ss; st.mx = mx;
 }
 
-// The stats type: f64 with a base (u - base would cancel in f32) or when the input or the accumulator is f64.
+// The stats type (see Lanes above).
 template <class A, class In, bool Base>
 using StatT = std::conditional_t<std::is_same_v<A, double> || std::is_same_v<In, double> ||
                                      (Base && std::is_same_v<In, int8_t>),  // q * scale - b: two roundings in f32
@@ -214,7 +214,7 @@ static inline void stats_span(Lanes<S>& st, int64_t& bad, int64_t p, const float
   auto run = [&](int64_t n, auto value) {
     const Lanes<S> before = st;
     stats_seg(st, n, value);
-    if (st.chk != 0 || st.chk != st.chk) {
+    if (!jk::is_finite(st.ss)) {
       st = before;
       for (int64_t q = 0; q < n; ++q) {
         const S x = value(q), ax = std::fabs(x);
