@@ -119,31 +119,58 @@ def parameters_buffers(shapes_dtypes) -> tuple:
 
 class _Runner:
     """One jitkernels Aggregator kept across a strategy's rounds: the first results fix the layout; each round folds
-    the results' zero-copy views in one pass and finalizes into the returned Parameters' bytes."""
+    the results' zero-copy views in one pass and finalizes into new bytes laid out as ``np.save`` writes them."""
 
     def __init__(self, algorithm, backend):
         self.algorithm, self.backend = algorithm, backend
         self.agg = None
 
-    def aggregate(self, results, base=None):
-        from flwr.common import Parameters
-
-        kept = [(i, cp, fr) for i, (cp, fr) in enumerate(results) if fr.num_examples > 0]
-        if len(kept) < len(results):
-            log.info("jitkernels: %d result(s) with num_examples == 0 left out", len(results) - len(kept))
+    def fold_and_finalize(self, views, weights, parties, base=None):
+        """(bytes per leaf, the arrays viewing them) of the round's aggregate, or None when no update weighs."""
+        kept = [j for j, w in enumerate(weights) if w > 0]
+        if len(kept) < len(weights):
+            log.info("jitkernels: %d result(s) with weight 0 left out", len(weights) - len(kept))
         if not kept:
             return None
-        parties = [getattr(cp, "cid", None) or f"result-{i}" for i, cp, _ in kept]
-        views = [ndarrays_from_parameters(fr.parameters, party=p) for (_, _, fr), p in zip(kept, parties)]
         if self.agg is None:
-            tmpl = [np.empty(v.shape, v.dtype) for v in views[0]] if base is None else base
+            tmpl = [np.empty(v.shape, v.dtype) for v in views[kept[0]]] if base is None else base
             self.agg = jk.Aggregator(tmpl, self.algorithm, backend=self.backend, base=base)
         elif self.agg.state.count or self.agg.state.closed:
             self.agg.reset(reuse=True)
-        self.agg.fold_many(views, [float(fr.num_examples) for _, _, fr in kept], parties)
+        self.agg.fold_many([views[j] for j in kept], [float(weights[j]) for j in kept], [parties[j] for j in kept])
         tensors, arrays = parameters_buffers([(leaf.shape, np_dtype(leaf.dtype)) for leaf in self.agg.layout.leaves])
         self.agg.finalize(out=arrays)
-        return Parameters(tensors=tensors, tensor_type="numpy.ndarray")
+        return tensors, arrays
+
+    def aggregate(self, results, base=None):
+        """Flower's strategy API: FitRes in, Parameters out."""
+        from flwr.common import Parameters
+
+        parties = [getattr(cp, "cid", None) or f"result-{i}" for i, (cp, _) in enumerate(results)]
+        views = [ndarrays_from_parameters(fr.parameters, party=p) for (_, fr), p in zip(results, parties)]
+        out = self.fold_and_finalize(views, [fr.num_examples for _, fr in results], parties, base)
+        return None if out is None else Parameters(tensors=out[0], tensor_type="numpy.ndarray")
+
+    def aggregate_records(self, contents, weight_key):
+        """Flower's Message API: the replies' RecordDicts (one ArrayRecord and one MetricRecord each, as Flower's
+        strategies check) in, an ArrayRecord of the aggregate out (its Arrays' data are the new bytes)."""
+        from flwr.app import Array, ArrayRecord
+
+        records = [next(iter(c.array_records.values())) for c in contents]
+        weights = [float(next(iter(c.metric_records.values()))[weight_key]) for c in contents]
+        names = list(records[0].keys())
+        parties = [f"reply-{i}" for i in range(len(records))]
+        views = []
+        for rec, p in zip(records, parties):
+            for n in names:
+                if rec[n].stype != "numpy.ndarray":
+                    raise LayoutMismatch(f"serialization {rec[n].stype!r}; expected 'numpy.ndarray'", leaf=n, party=p)
+            views.append([ndarray_view(rec[n].data, party=p, index=n) for n in names])
+        out = self.fold_and_finalize(views, weights, parties)
+        if out is None:
+            return None
+        return ArrayRecord({n: Array(dtype=str(a.dtype), shape=tuple(a.shape), stype="numpy.ndarray", data=t)
+                            for n, t, a in zip(names, *out)})
 
 
 def _metrics(strategy, server_round, results):
@@ -255,12 +282,36 @@ def _strategies():
                                                        m=max(1, st.num_clients_to_keep)))}
 
 
+def _message_strategies():
+    """Strategies of Flower's Message API (``flwr.serverapp.strategy``): the same aggregation behind
+    ``aggregate_train``."""
+    from flwr.serverapp import strategy as ms
+
+    class MessageFedAvg(ms.FedAvg):
+        """``flwr.serverapp.strategy.FedAvg`` with ``aggregate_train`` by jitkernels (zero-copy in and out)."""
+
+        def __init__(self, *args, backend: str = "auto", **kwargs):
+            super().__init__(*args, **kwargs)
+            self._jk = _Runner(A.FedAvg(), backend)
+
+        def aggregate_train(self, server_round, replies):
+            valid, _ = self._check_and_log_replies(replies, is_train=True)
+            if not valid:
+                return None, None
+            contents = [msg.content for msg in valid]
+            return (self._jk.aggregate_records(contents, self.weighted_by_key),
+                    self.train_metrics_aggr_fn(contents, self.weighted_by_key))
+
+    return {"MessageFedAvg": MessageFedAvg}
+
+
 @functools.lru_cache(maxsize=None)
 def _classes():
-    return _strategies()
+    return {**_strategies(), **_message_strategies()}
 
 
 def __getattr__(name):  # module-level lazy classes: ``from jitkernels.integrations.flower import FedAdam``
-    if name in ("FedAvg", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad", "FedMedian", "FedTrimmedAvg", "Krum"):
+    if name in ("FedAvg", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad", "FedMedian", "FedTrimmedAvg", "Krum",
+                "MessageFedAvg"):
         return _classes()[name]
     raise AttributeError(name)
