@@ -35,3 +35,22 @@ def test_message_fedavg_equals_flowers():
             assert type(a_o[k].data) is bytes
             np.testing.assert_allclose(a_o[k].numpy(), a_t[k].numpy(), rtol=1e-6, atol=1e-7)
     assert ours.aggregate_train(3, []) == (None, None)
+
+
+@pytest.mark.parametrize("name", ["FedAdam", "FedYogi", "FedAdagrad"])
+def test_message_fedopt_equals_flowers_over_rounds(name):
+    rng = np.random.default_rng(1)
+    x0 = [rng.standard_normal((30, 20)).astype(np.float32), rng.standard_normal(20).astype(np.float32)]
+    kw = {"eta": 0.01, "tau": 1e-3}
+    theirs, ours = getattr(ms, name)(**kw), getattr(jkfl, "Message" + name)(**kw)
+    glob = x0
+    for r in range(1, 4):
+        for s in (theirs, ours):  # what configure_train records: the arrays sent this round
+            s.current_arrays = {f"layer{i}": a for i, a in enumerate(glob)}
+        replies = [_reply(j, [(a + 0.05 * rng.standard_normal(a.shape)).astype(np.float32) for a in glob],
+                          int(rng.integers(1, 100)), 0.0) for j in range(4)]
+        a_t, _ = theirs.aggregate_train(r, replies)
+        a_o, _ = ours.aggregate_train(r, replies)
+        for k in a_t:
+            np.testing.assert_allclose(a_o[k].numpy(), a_t[k].numpy().astype(np.float32), rtol=0, atol=3e-6)
+        glob = [a_t[f"layer{i}"].numpy().astype(np.float32) for i in range(2)]

@@ -151,7 +151,7 @@ class _Runner:
         out = self.fold_and_finalize(views, [fr.num_examples for _, fr in results], parties, base)
         return None if out is None else Parameters(tensors=out[0], tensor_type="numpy.ndarray")
 
-    def aggregate_records(self, contents, weight_key):
+    def aggregate_records(self, contents, weight_key, base=None):
         """Flower's Message API: the replies' RecordDicts (one ArrayRecord and one MetricRecord each, as Flower's
         strategies check) in, an ArrayRecord of the aggregate out (its Arrays' data are the new bytes)."""
         from flwr.app import Array, ArrayRecord
@@ -166,7 +166,8 @@ class _Runner:
                 if rec[n].stype != "numpy.ndarray":
                     raise LayoutMismatch(f"serialization {rec[n].stype!r}; expected 'numpy.ndarray'", leaf=n, party=p)
             views.append([ndarray_view(rec[n].data, party=p, index=n) for n in names])
-        out = self.fold_and_finalize(views, weights, parties)
+        out = self.fold_and_finalize(views, weights, parties,
+                                     None if base is None else [np.array(base[n]) for n in names])
         if out is None:
             return None
         return ArrayRecord({n: Array(dtype=str(a.dtype), shape=tuple(a.shape), stype="numpy.ndarray", data=t)
@@ -302,7 +303,36 @@ def _message_strategies():
             return (self._jk.aggregate_records(contents, self.weighted_by_key),
                     self.train_metrics_aggr_fn(contents, self.weighted_by_key))
 
-    return {"MessageFedAvg": MessageFedAvg}
+    def _fedopt(flower_cls, ours):
+        class Strategy(flower_cls):
+            __doc__ = (f"``flwr.serverapp.strategy.{flower_cls.__name__}`` with ``aggregate_train`` by jitkernels "
+                       f"(``variant='flower'`` of jitkernels.algorithms.{ours.__name__}: one fused finalize pass).")
+
+            def __init__(self, *args, backend: str = "auto", **kwargs):
+                super().__init__(*args, **kwargs)
+                kw = {"lr": self.eta, "tau": self.tau, "variant": "flower", "beta1": self.beta_1}
+                if ours is not A.FedAdagrad:
+                    kw["beta2"] = self.beta_2
+                self._jk = _Runner(ours(**kw), backend)
+
+            def aggregate_train(self, server_round, replies):
+                valid, _ = self._check_and_log_replies(replies, is_train=True)
+                if not valid:
+                    return None, None
+                if self.current_arrays is None:
+                    raise ValueError("Current arrays not set. Ensure that `configure_train` has been called before "
+                                     "aggregation.")
+                contents = [msg.content for msg in valid]
+                first = self._jk.agg is None  # later rounds continue from the model the last step produced
+                return (self._jk.aggregate_records(contents, self.weighted_by_key,
+                                                   base=self.current_arrays if first else None),
+                        self.train_metrics_aggr_fn(contents, self.weighted_by_key))
+
+        Strategy.__name__ = Strategy.__qualname__ = "Message" + flower_cls.__name__
+        return Strategy
+
+    return {"MessageFedAvg": MessageFedAvg, "MessageFedAdam": _fedopt(ms.FedAdam, A.FedAdam),
+            "MessageFedYogi": _fedopt(ms.FedYogi, A.FedYogi), "MessageFedAdagrad": _fedopt(ms.FedAdagrad, A.FedAdagrad)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -312,6 +342,6 @@ def _classes():
 
 def __getattr__(name):  # module-level lazy classes: ``from jitkernels.integrations.flower import FedAdam``
     if name in ("FedAvg", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad", "FedMedian", "FedTrimmedAvg", "Krum",
-                "MessageFedAvg"):
+                "MessageFedAvg", "MessageFedAdam", "MessageFedYogi", "MessageFedAdagrad"):
         return _classes()[name]
     raise AttributeError(name)
