@@ -331,7 +331,32 @@ def _message_strategies():
         Strategy.__name__ = Strategy.__qualname__ = "Message" + flower_cls.__name__
         return Strategy
 
-    return {"MessageFedAvg": MessageFedAvg, "MessageFedAdam": _fedopt(ms.FedAdam, A.FedAdam),
+    def _robust(flower_cls, make):
+        class Strategy(flower_cls):
+            __doc__ = (f"``flwr.serverapp.strategy.{flower_cls.__name__}`` by jitkernels' buffered robust kernels "
+                       f"(the replies are read, not popped: Flower's version empties them).")
+
+            def __init__(self, *args, backend: str = "auto", **kwargs):
+                super().__init__(*args, **kwargs)
+                self._jk = _Runner(make(self), backend)
+
+            def aggregate_train(self, server_round, replies):
+                valid, _ = self._check_and_log_replies(replies, is_train=True)
+                if not valid:
+                    return None, None
+                contents = [msg.content for msg in valid]
+                return (self._jk.aggregate_records(contents, self.weighted_by_key),
+                        self.train_metrics_aggr_fn(contents, self.weighted_by_key))
+
+        Strategy.__name__ = Strategy.__qualname__ = "Message" + flower_cls.__name__
+        return Strategy
+
+    from .. import robust as R
+
+    return {"MessageFedAvg": MessageFedAvg,
+            "MessageFedMedian": _robust(ms.FedMedian, lambda st: R.FedMedian()),
+            "MessageFedTrimmedAvg": _robust(ms.FedTrimmedAvg, lambda st: R.FedTrimmedAvg(beta=st.beta)),
+            "MessageFedAdam": _fedopt(ms.FedAdam, A.FedAdam),
             "MessageFedYogi": _fedopt(ms.FedYogi, A.FedYogi), "MessageFedAdagrad": _fedopt(ms.FedAdagrad, A.FedAdagrad)}
 
 
@@ -342,6 +367,7 @@ def _classes():
 
 def __getattr__(name):  # module-level lazy classes: ``from jitkernels.integrations.flower import FedAdam``
     if name in ("FedAvg", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad", "FedMedian", "FedTrimmedAvg", "Krum",
-                "MessageFedAvg", "MessageFedAdam", "MessageFedYogi", "MessageFedAdagrad"):
+                "MessageFedAvg", "MessageFedAdam", "MessageFedYogi", "MessageFedAdagrad", "MessageFedMedian",
+                "MessageFedTrimmedAvg"):
         return _classes()[name]
     raise AttributeError(name)
