@@ -456,20 +456,19 @@ class Aggregator:
     def _add_noise(self, std, weights, leaf_ids) -> None:
         """acc += A(std * W_leaf * z) per float leaf, z from jitkernels.noise keyed by (seed, round, leaf, index):
         after the division by W_leaf the average delta carries N(0, std^2) noise. Device accumulators get the same
-        values, generated on the host (one model-sized upload)."""
+        bits from the CUDA kernel (csrc/jk_noise.h)."""
         from . import noise
 
         st, seed = self.state, self.algorithm.seed
-        for i in leaf_ids:
+        sigmas = [std * float(weights[i]) for i in leaf_ids]
+        if st.on_device:  # one kernel over every leaf: the same bits, generated where the accumulator lives
+            leaves = [self.layout.leaves[i] for i in leaf_ids]
+            backends.get("cupy").add_noise(st.acc, leaf_ids, [l.offset for l in leaves], [l.size for l in leaves],
+                                           sigmas, seed, st.round)
+            return
+        for i, sigma in zip(leaf_ids, sigmas):
             leaf = self.layout.leaves[i]
-            sl = slice(leaf.offset, leaf.offset + leaf.size)
-            sigma = std * float(weights[i])
-            if st.on_device:
-                z = noise.gaussian_numba(seed, st.round, i, 0, leaf.size) if noise.numba_available() else \
-                    noise.gaussian(seed, st.round, i, 0, leaf.size)
-                st.acc[sl] += place((sigma * z).astype(st.acc.dtype), True)
-            else:
-                noise.add_noise(st.acc[sl], sigma, seed, st.round, i, 0)
+            noise.add_noise(st.acc[leaf.offset:leaf.offset + leaf.size], sigma, seed, st.round, i, 0)
 
     def _outputs(self, out) -> list:
         """The output leaves: ``out``'s (checked to be where the backend writes), else fresh ones."""

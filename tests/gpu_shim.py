@@ -36,7 +36,7 @@ def emulation_library():
            'extern "C" int jk_launch(int id, unsigned grid, unsigned block, void** args) {\n'
            f"  switch (id) {{\n{cases}\n    default: return -1;\n  }}\n  return 0;\n}}\n")
     deps = "".join(open(os.path.join(cuda_source.source_dir(), p)).read()
-                   for p in ("jk_math.h", "cuda/kernels.cu", "cuda/emulate.h"))
+                   for p in ("jk_math.h", "jk_noise.h", "cuda/kernels.cu", "cuda/emulate.h"))
     key = hashlib.sha256((src + deps).encode()).hexdigest()[:16]
     d = os.path.join(tempfile.gettempdir(), "jitkernels-emulation")
     os.makedirs(d, exist_ok=True)
@@ -56,7 +56,8 @@ def emulation_library():
 
 
 _CTYPE = {np.dtype(np.uint64): ctypes.c_uint64, np.dtype(np.int64): ctypes.c_int64,
-          np.dtype(np.float64): ctypes.c_double, np.dtype(np.int32): ctypes.c_int32}
+          np.dtype(np.float64): ctypes.c_double, np.dtype(np.int32): ctypes.c_int32,
+          np.dtype(np.uint32): ctypes.c_uint32}
 
 
 class Stream:

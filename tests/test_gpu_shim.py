@@ -161,3 +161,24 @@ def test_slot_too_small_for_a_work_item_is_refused(gpu_shim):
     with cupy_backend.use_runtime(gpu_shim.HostRuntime(0), slot_bytes=4096):
         with pytest.raises(ValueError, match="cannot hold a work item"):
             cupy_backend.fold(np.zeros(5000, np.float32), None, groups["float64"])
+
+
+@pytest.mark.parametrize("acc_dtype", ["float32", "float64"])
+@given(seed=st.integers(0, 2**64 - 1), rnd=st.integers(0, 2**32 - 1), shapes=leaf_shapes())
+def test_dp_noise_kernel_bit_exact(gpu_shim, acc_dtype, seed, rnd, shapes):
+    """The CUDA noise kernel (jk_noise.h's Philox + Box-Muller) adds the host's bits, leaf by leaf."""
+    from jitkernels import noise
+
+    rng = np.random.default_rng(seed % 2**32)
+    lay = Layout.from_template(make_update(rng, shapes, "float32"))
+    acc = rng.standard_normal(lay.size).astype(acc_dtype)
+    ids = list(range(len(lay)))
+    sigmas = rng.uniform(0.01, 10.0, len(lay))
+    got = acc.copy()
+    with cupy_backend.use_runtime(gpu_shim.HostRuntime(seed % 2**32)):
+        cupy_backend.add_noise(got, ids, [l.offset for l in lay.leaves], [l.size for l in lay.leaves], sigmas, seed,
+                               rnd)
+    want = acc.copy()
+    for i, leaf in enumerate(lay.leaves):
+        noise.add_noise(want[leaf.offset:leaf.offset + leaf.size], sigmas[i], seed, rnd, i, 0, backend="numpy")
+    assert got.tobytes() == want.tobytes()

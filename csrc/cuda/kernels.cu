@@ -23,6 +23,7 @@ typedef unsigned int uint32_t;
 #endif
 
 #include "../jk_math.h"
+#include "../jk_noise.h"
 
 namespace jkcuda {
 
@@ -226,6 +227,20 @@ __global__ void step_rows(const A* __restrict__ acc, A* __restrict__ x, A* __res
     case jk::OPT_ADAM: step_item<jk::OPT_ADAM>(acc + o0, x + o0, m + o0, vs, o, len, W, c); break;
     case jk::OPT_YOGI: step_item<jk::OPT_YOGI>(acc + o0, x + o0, m + o0, vs, o, len, W, c); break;
     case jk::OPT_ADAGRAD: step_item<jk::OPT_ADAGRAD>(acc + o0, x + o0, m + o0, vs, o, len, W, c); break;
+  }
+}
+
+// DP noise into the accumulator (jitkernels/noise.py add_noise, per leaf row r): acc[i] = acc[i] + A(sigma_r * z),
+// z = jk::gaussian(seed, round, leaf_r, i): the same bits as the host, whatever the grid. Reads and writes acc once.
+template <class A>
+__global__ void add_noise_rows(A* __restrict__ acc, const i64* __restrict__ off, const double* __restrict__ sigma,
+                               const i64* __restrict__ leaf, const i64* __restrict__ work, unsigned long long seed,
+                               unsigned int round) {
+  const i64 r = work[3 * blockIdx.x], s = work[3 * blockIdx.x + 1], len = work[3 * blockIdx.x + 2];
+  A* a = acc + off[r] + s;
+  for (i64 i = threadIdx.x; i < len; i += blockDim.x) {
+    const double z = jk::gaussian(seed, round, (uint32_t)leaf[r], (jk::u64)(s + i));
+    a[i] = a[i] + (A)(sigma[r] * z);
   }
 }
 

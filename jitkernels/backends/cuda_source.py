@@ -50,6 +50,10 @@ def step_name(acc: str, out_dtype: str) -> str:
     return f"jkcuda::step_rows<{C_TYPES[acc]}, {C_TYPES[out_dtype]}>"
 
 
+def noise_name(acc: str) -> str:
+    return f"jkcuda::add_noise_rows<{C_TYPES[acc]}>"
+
+
 @lru_cache(maxsize=None)
 def kernel_names() -> tuple:
     """Every kernel the backend may launch, compiled together once per device."""
@@ -62,6 +66,7 @@ def kernel_names() -> tuple:
         for o in OUT_TYPES:
             names += [finalize_name(a, o, base) for a in ACC_TYPES]
     names += [step_name(a, o) for a in ACC_TYPES for o in OUT_TYPES]
+    names += [noise_name(a) for a in ACC_TYPES]
     return tuple(names)
 
 
@@ -79,17 +84,21 @@ def kernel_path() -> str:
 
 
 def source() -> str:
-    """The source text handed to NVRTC: kernels.cu, with jk_math.h inlined (NVRTC resolves no relative includes
-    from a string, and one self-contained text is what CuPy's cache keys on)."""
+    """The source text handed to NVRTC: kernels.cu, with jk_math.h and jk_noise.h inlined (NVRTC resolves no
+    relative includes from a string, and one self-contained text is what the cubin cache keys on)."""
     d = source_dir()
     with open(os.path.join(d, "cuda", "kernels.cu")) as f:
         text = f.read()
-    with open(os.path.join(d, "jk_math.h")) as f:
-        header = f.read()
-    inc = '#include "../jk_math.h"'
-    if inc not in text:
-        raise RuntimeError(f"{kernel_path()} no longer includes {inc}")
-    return text.replace(inc, header.replace("#pragma once", ""), 1)
+    for name, nested in (("jk_math.h", None), ("jk_noise.h", '#include "jk_math.h"')):
+        with open(os.path.join(d, name)) as f:
+            header = f.read().replace("#pragma once", "")
+        if nested is not None:  # already inlined above
+            header = header.replace(nested, "", 1)
+        inc = f'#include "../{name}"'
+        if inc not in text:
+            raise RuntimeError(f"{kernel_path()} no longer includes {inc}")
+        text = text.replace(inc, header, 1)
+    return text
 
 
 def instantiation_source(names=None) -> str:

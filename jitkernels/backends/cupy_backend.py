@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ..batch import CHUNK, work_items
 from ..dtypes import Quantized
 from ..errors import BackendUnavailable
 from . import cuda_source
@@ -365,6 +366,26 @@ def step(acc, x, m, v, kind, coef, og):
     rt.launch(cuda_source.step_name(acc.dtype.name, og.out_dtype), og.work.shape[0],
               (_addr(rt, acc), _addr(rt, x), _addr(rt, m), _addr(rt, v), np.uint64(ip), np.uint64(wp),
                np.uint64(ip + 8 * R), np.uint64(ip + 16 * R), np.uint64(wp + 8 * R), np.int32(kind)), compute)
+    compute.synchronize()
+
+
+def add_noise(acc, leaf_ids, offsets, sizes, sigmas, seed: int, round: int) -> None:
+    """DP noise into the accumulator on the GPU: for each leaf row, ``acc[o + i] += A(sigma * z(seed, round, leaf,
+    i))`` with jitkernels.noise's Gaussian (bit-identical to the host's). Reads and writes the rows once."""
+    rt = runtime()
+    n = np.asarray(sizes, np.int64)
+    work = work_items(n, CHUNK)
+    if work.shape[0] == 0:
+        return
+    R = len(n)
+    itab = rt.upload(np.concatenate([np.asarray(offsets, np.int64), np.asarray(leaf_ids, np.int64),
+                                     work.reshape(-1)]).astype(np.int64))
+    stab = rt.upload(np.asarray(sigmas, np.float64))
+    ip = rt.ptr(itab)
+    compute = rt.current_stream()
+    rt.launch(cuda_source.noise_name(acc.dtype.name), work.shape[0],
+              (_addr(rt, acc), np.uint64(ip), np.uint64(rt.ptr(stab)), np.uint64(ip + 8 * R),
+               np.uint64(ip + 16 * R), np.uint64(seed), np.uint32(round)), compute)
     compute.synchronize()
 
 
