@@ -71,3 +71,21 @@ def test_message_robust_strategies_equal_flowers(name):
     for k in a_t:
         np.testing.assert_allclose(a_o[k].numpy(), a_t[k].numpy().astype(np.float32), rtol=1e-6, atol=1e-7)
     assert all(len(next(iter(m.content.array_records.values()))) == 2 for m in mine)  # ours left them intact
+
+
+def test_message_fedavgm_equals_flowers_over_rounds():
+    rng = np.random.default_rng(3)
+    x0 = [rng.standard_normal((30, 20)).astype(np.float32), rng.standard_normal(20).astype(np.float32)]
+    kw = {"server_learning_rate": 0.8, "server_momentum": 0.9}
+    theirs, ours = ms.FedAvgM(**kw), jkfl.MessageFedAvgM(**kw)
+    record = ArrayRecord({f"layer{i}": Array(a) for i, a in enumerate(x0)})
+    theirs.current_arrays = ours.current_arrays = record  # what configure_train records on round 1
+    glob = x0
+    for r in range(1, 4):
+        replies = [_reply(j, [(a + 0.05 * rng.standard_normal(a.shape)).astype(np.float32) for a in glob],
+                          int(rng.integers(1, 100)), 0.0) for j in range(4)]
+        a_t, _ = theirs.aggregate_train(r, replies)
+        a_o, _ = ours.aggregate_train(r, replies)
+        for k in a_t:
+            np.testing.assert_allclose(a_o[k].numpy(), a_t[k].numpy(), rtol=0, atol=2e-5)
+        glob = [a_t[f"layer{i}"].numpy() for i in range(2)]

@@ -351,9 +351,36 @@ def _message_strategies():
         Strategy.__name__ = Strategy.__qualname__ = "Message" + flower_cls.__name__
         return Strategy
 
+    class MessageFedAvgM(ms.FedAvgM):
+        """``flwr.serverapp.strategy.FedAvgM`` with ``aggregate_train`` by jitkernels: server momentum on the folded
+        average delta in one fused pass (plain FedAvg when lr is 1 and momentum 0, as Flower)."""
+
+        def __init__(self, *args, backend: str = "auto", **kwargs):
+            super().__init__(*args, **kwargs)
+            alg = (A.FedAvgM(lr=self.server_learning_rate, momentum=self.server_momentum) if self.server_opt
+                   else A.FedAvg())
+            self._jk = _Runner(alg, backend)
+
+        def aggregate_train(self, server_round, replies):
+            valid, _ = self._check_and_log_replies(replies, is_train=True)
+            if not valid:
+                return None, None
+            contents = [msg.content for msg in valid]
+            base = None
+            if self.server_opt:
+                if self.current_arrays is None:
+                    raise ValueError("No initial parameters set for FedAvgM. Ensure that `configure_train` has been "
+                                     "called before aggregation.")
+                if self._jk.agg is None:  # later rounds continue from the model the last step produced
+                    base = {k: a.numpy() for k, a in self.current_arrays.items()}
+            arrays = self._jk.aggregate_records(contents, self.weighted_by_key, base=base)
+            if self.server_opt and arrays is not None:
+                self.current_arrays = arrays
+            return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
     from .. import robust as R
 
-    return {"MessageFedAvg": MessageFedAvg,
+    return {"MessageFedAvg": MessageFedAvg, "MessageFedAvgM": MessageFedAvgM,
             "MessageFedMedian": _robust(ms.FedMedian, lambda st: R.FedMedian()),
             "MessageFedTrimmedAvg": _robust(ms.FedTrimmedAvg, lambda st: R.FedTrimmedAvg(beta=st.beta)),
             "MessageFedAdam": _fedopt(ms.FedAdam, A.FedAdam),
@@ -367,7 +394,7 @@ def _classes():
 
 def __getattr__(name):  # module-level lazy classes: ``from jitkernels.integrations.flower import FedAdam``
     if name in ("FedAvg", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad", "FedMedian", "FedTrimmedAvg", "Krum",
-                "MessageFedAvg", "MessageFedAdam", "MessageFedYogi", "MessageFedAdagrad", "MessageFedMedian",
-                "MessageFedTrimmedAvg"):
+                "MessageFedAvg", "MessageFedAvgM", "MessageFedAdam", "MessageFedYogi", "MessageFedAdagrad",
+                "MessageFedMedian", "MessageFedTrimmedAvg"):
         return _classes()[name]
     raise AttributeError(name)
