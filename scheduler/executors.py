@@ -104,9 +104,13 @@ def _fold_partial(spec: dict, base, updates: list, weights: list, parties: list,
     (without the base, which the caller holds). Kernel threads follow the CPUs Ray gave the task (it sets
     ``OMP_NUM_THREADS`` to them)."""
     fault = os.environ.get("JITKERNELS_RAY_KILL_ONCE")  # tests: a worker that dies mid-fold, once
-    if fault and os.path.exists(fault):
-        os.remove(fault)
-        os._exit(1)
+    if fault:
+        try:
+            os.remove(fault)  # atomic: of concurrent tasks, only the one that removes the file dies
+        except FileNotFoundError:
+            pass
+        else:
+            os._exit(1)
     jk.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
     layout = jk.Layout.from_json(spec["layout"])
     state = jk.FoldState(layout, algorithm=spec["algorithm"], acc_dtype=spec["acc_dtype"], base=base,
