@@ -48,6 +48,13 @@ if numba is not None:
         return types.float32(types.uint32), codegen
 
     @intrinsic
+    def f32_bits(typingctx, x):
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], ir.IntType(32))
+
+        return types.uint32(types.float32), codegen
+
+    @intrinsic
     def f64_bits(typingctx, x):
         def codegen(context, builder, sig, args):
             return builder.bitcast(args[0], ir.IntType(64))

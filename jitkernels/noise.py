@@ -398,9 +398,10 @@ if numba is not None:
             z1[j] = rho * s
 
     @njit(parallel=True, cache=True)
-    def _fill_nb(out, seed, rnd, leaf, start):
-        """out[j] = z(seed, rnd, leaf, start + j). Parallel over chunks of _BLOCKS Philox blocks; element 2c + e of
-        block c lands at out[2c + e - start] when that is in range (the first and last block may be half ours)."""
+    def _noise_nb(out, sigma, seed, rnd, leaf, start, add):
+        """add: out[j] = out[j] + T(sigma * z(seed, rnd, leaf, start + j)), T the element type of out; else
+        out[j] = z(...) (float64 out). Parallel over chunks of _BLOCKS Philox blocks; element 2c + e of block c lands
+        at out[2c + e - start] when that is in range (the first and last block may be half ours)."""
         n = out.shape[0]
         if n == 0:
             return
@@ -418,33 +419,9 @@ if numba is not None:
             for j in range(m):
                 o = 2 * (a + j) - lead
                 if o >= 0:
-                    out[o] = z0[j]
+                    out[o] = out[o] + _narrow(sigma * z0[j], out) if add else z0[j]
                 if o + 1 < n:
-                    out[o + 1] = z1[j]
-
-    @njit(parallel=True, cache=True)
-    def _add_nb(out, sigma, seed, rnd, leaf, start):
-        """out[j] = out[j] + T(sigma * z(seed, rnd, leaf, start + j)), T the element type of out; as _fill_nb."""
-        n = out.shape[0]
-        if n == 0:
-            return
-        c_first = start >> _ONE
-        nb = np.int64(((start + np.uint64(n - 1)) >> _ONE) - c_first) + 1
-        lead = np.int64(start & _ONE)
-        k0 = seed & _MASK
-        k1 = seed >> _S32
-        for ch in prange((nb + _BLOCKS - 1) // _BLOCKS):
-            a = ch * _BLOCKS
-            m = min(_BLOCKS, nb - a)
-            z0 = np.empty(_BLOCKS)
-            z1 = np.empty(_BLOCKS)
-            _blocks_nb(k0, k1, rnd, leaf, c_first + np.uint64(a), m, z0, z1)
-            for j in range(m):
-                o = 2 * (a + j) - lead
-                if o >= 0:
-                    out[o] = out[o] + _narrow(sigma * z0[j], out)
-                if o + 1 < n:
-                    out[o + 1] = out[o + 1] + _narrow(sigma * z1[j], out)
+                    out[o + 1] = out[o + 1] + _narrow(sigma * z1[j], out) if add else z1[j]
 
 
 def _require_numba():
@@ -465,7 +442,7 @@ def gaussian_numba(seed, round, leaf, start, n, out=None) -> np.ndarray:
     elif out.dtype != np.float64 or out.shape != (n,) or not out.flags.c_contiguous or not out.flags.writeable:
         raise ValueError(f"out must be a writeable contiguous float64 array of shape ({n},)")
     _require_numba()
-    _fill_nb(out, np.uint64(seed), np.uint64(round), np.uint64(leaf), np.uint64(start))
+    _noise_nb(out, 1.0, np.uint64(seed), np.uint64(round), np.uint64(leaf), np.uint64(start), False)
     return out
 
 
@@ -494,7 +471,7 @@ def add_noise(out, sigma, seed, round, leaf, start=0, *, backend=None) -> np.nda
         _add_noise_numpy(out, sigma, seed, round, leaf, start)
     elif backend == "numba":
         _require_numba()
-        _add_nb(out, sigma, np.uint64(seed), np.uint64(round), np.uint64(leaf), np.uint64(start))
+        _noise_nb(out, sigma, np.uint64(seed), np.uint64(round), np.uint64(leaf), np.uint64(start), True)
     else:
         raise ValueError(f"backend must be one of {_ADD_BACKENDS}, got {backend!r}")
     return out

@@ -69,18 +69,13 @@ from . import backends as _backends
 from .errors import BackendUnavailable, EmptyAggregate
 from .threads import get_num_threads
 
-try:
-    import numba
-    from llvmlite import ir
+from ._numba import numba, reason as _numba_reason
+
+if numba is not None:
     from numba import njit, prange, types
-    from numba.extending import intrinsic, overload
-except ImportError as e:  # pragma: no cover
-    numba = None
-    _numba_reason = f"numba not importable ({e})"
-else:
-    _numba_reason = None
-    if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
-        numba.config.THREADING_LAYER = "omp"  # as backends/numba_kernels.py: thread-safe calls from many threads
+    from numba.extending import overload
+
+    from ._numba import f32_bits as _f32_bits, u32_as_f32 as _u32_as_f32
 
 # Input codes, as csrc/kernels.cpp's InCode (float64 = 0 is not a slab dtype).
 F32, F16, BF16 = 1, 2, 3
@@ -295,13 +290,6 @@ def _trimmed_numpy(rows, code, lo, hi, out, tile):
 # --- numba ----------------------------------------------------------------------------------------------------------
 if numba is not None:
 
-    @intrinsic
-    def _u32_as_f32(typingctx, u):
-        def codegen(context, builder, sig, args):
-            return builder.bitcast(args[0], ir.FloatType())
-
-        return types.float32(types.uint32), codegen
-
     @njit(inline="always")
     def _f16_to_f32(h):
         """jk::widen(f16) of csrc/jk_math.h: exact, branch-free (vectorizes), inf/nan kept."""
@@ -310,13 +298,6 @@ if numba is not None:
         mag = _u32_as_f32(em << np.uint32(13)) * _u32_as_f32(np.uint32(0x77800000))
         bits = (np.uint32(0x7F800000) | (em << np.uint32(13))) if em >= np.uint32(0x7C00) else _f32_bits(mag)
         return _u32_as_f32(sign | bits)
-
-    @intrinsic
-    def _f32_bits(typingctx, x):
-        def codegen(context, builder, sig, args):
-            return builder.bitcast(args[0], ir.IntType(32))
-
-        return types.uint32(types.float32), codegen
 
     def _load_pair(sa, sb, da, db, ln, code):  # pragma: no cover - replaced by the overload
         raise NotImplementedError

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import time
 from typing import NamedTuple
 
@@ -50,16 +49,10 @@ from .errors import (BackendUnavailable, DuplicateParty, InvalidWeight, NonFinit
                      ValueOutOfRange)
 from .threads import get_num_threads
 
-try:
-    import numba
+from ._numba import numba, reason as _numba_reason
+
+if numba is not None:
     from numba import njit, prange
-except ImportError as e:  # pragma: no cover
-    numba = None
-    _numba_reason = f"numba not importable ({e})"
-else:
-    _numba_reason = None
-    if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
-        numba.config.THREADING_LAYER = "omp"  # as backends/numba_kernels.py: thread-safe calls from many threads
 
 BACKENDS = ("numpy", "numba")
 BLOCK = 1 << 16  # columns per tile (numba: per parallel work item); see gram()

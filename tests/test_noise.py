@@ -1,7 +1,7 @@
 """DP Gaussian noise (jitkernels/noise.py, csrc/jk_noise.h): one function z(seed, round, leaf, i), bit for bit.
 
 * Philox4x32-10 against Random123's published known-answer vectors, on numpy, numba and C++.
-* numpy (the reference), numba and C++ (g++ -ffp-contract=off, at -O2 and at -O3 -march=native) give the same bits
+* numpy (the reference), numba and C++ (g++ -ffp-contract=off, at -O2 and at -O3 with AVX2+FMA) give the same bits
   for random (seed, round, leaf, start, n); splitting [start, start + n) or changing numba's thread count does not
   change them; add_noise rounds the same way on both Python backends.
 * jk_log and sin/cos(2 pi u) are within 1 ulp of an 80-bit long double reference (measured: log 0.82 ulp, sin and
@@ -71,7 +71,17 @@ void jkn_sincos(const double* u, double* s, double* c, long long n) {
 }
 """
 
-CXX_VARIANTS = {"O2": ["-O2"], "O3-native": ["-O3", "-march=native"]}
+def _cpu_has(*flags) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            have = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return all(fl in have for fl in flags)
+
+
+# an FMA-capable ISA named explicitly, not the build machine's own: with -ffp-contract=off it must give the same bits
+CXX_VARIANTS = {"O2": ["-O2"], **({"O3-avx2-fma": ["-O3", "-mavx2", "-mfma"]} if _cpu_has("avx2", "fma") else {})}
 
 
 @pytest.fixture(scope="session", params=sorted(CXX_VARIANTS))
@@ -449,36 +459,11 @@ def test_header_compiles_with_nvcc_without_fma(tmp_path):
 
 def test_header_compiles_with_nvrtc_without_fma():
     """NVRTC sees one self-contained text (no <stdint.h>, no relative includes), as the GPU backend builds it."""
-    nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="NVRTC check needs nvidia-cuda-nvrtc + cuda-bindings")
+    pytest.importorskip("cuda.bindings.nvrtc", reason="NVRTC check needs nvidia-cuda-nvrtc + cuda-bindings")
     from jitkernels.backends import cuda_source
     try:
-        inc = cuda_source.include_dirs()
+        cuda_source.include_dirs()
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    prelude = ("typedef signed char int8_t;\ntypedef unsigned short uint16_t;\ntypedef unsigned int uint32_t;\n"
-               "#include <cuda_fp16.h>\n")
-    math_h = (CSRC / "jk_math.h").read_text().replace("#pragma once", "")
-    noise_h = (CSRC / "jk_noise.h").read_text().replace("#pragma once", "").replace('#include "jk_math.h"', math_h)
-    text = prelude + noise_h + KERNEL
-
-    def ok(res, what):
-        err = res[0] if isinstance(res, tuple) else res
-        assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, what
-        return res[1] if isinstance(res, tuple) and len(res) > 1 else None
-
-    prog = ok(nvrtc.nvrtcCreateProgram(text.encode(), b"jk_noise.cu", 0, [], []), "create")
-    try:
-        opts = [o.encode() for o in cuda_source.NVRTC_OPTIONS] + [b"--gpu-architecture=compute_80"] + [
-            f"-I{d}".encode() for d in inc]
-        res = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-        if res[0] != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-            size = ok(nvrtc.nvrtcGetProgramLogSize(prog), "log size")
-            log = b" " * size
-            nvrtc.nvrtcGetProgramLog(prog, log)
-            pytest.fail(log.decode(errors="replace"))
-        size = ok(nvrtc.nvrtcGetPTXSize(prog), "ptx size")
-        ptx = b" " * size
-        ok(nvrtc.nvrtcGetPTX(prog, ptx), "ptx")
-        _assert_no_contraction(ptx.decode(errors="replace"))
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
+    ptx, _ = cuda_source.compile_nvrtc("compute_80", text=cuda_source.header_source("jk_noise.h") + KERNEL)
+    _assert_no_contraction(ptx.decode(errors="replace"))

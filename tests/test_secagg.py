@@ -589,34 +589,14 @@ def test_header_compiles_with_nvcc(tmp_path):
 
 def test_header_compiles_with_nvrtc():
     """NVRTC sees one self-contained text (no <stdint.h>, no relative includes), as the GPU backend builds it."""
-    nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="NVRTC check needs nvidia-cuda-nvrtc + cuda-bindings")
+    pytest.importorskip("cuda.bindings.nvrtc", reason="NVRTC check needs nvidia-cuda-nvrtc + cuda-bindings")
     from jitkernels.backends import cuda_source
     try:
-        inc = cuda_source.include_dirs()
+        cuda_source.include_dirs()
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    prelude = ("typedef signed char int8_t;\ntypedef unsigned short uint16_t;\ntypedef unsigned int uint32_t;\n"
-               "typedef unsigned char uint8_t;\n#include <cuda_fp16.h>\n")
-    math_h = (CSRC / "jk_math.h").read_text().replace("#pragma once", "")
-    hdr = (CSRC / "jk_secagg.h").read_text().replace("#pragma once", "").replace('#include "jk_math.h"', math_h)
-    text = (prelude + hdr + KERNEL).encode()
-    try:
-        res = nvrtc.nvrtcCreateProgram(text, b"jk_secagg.cu", 0, [], [])
-    except Exception as e:  # pragma: no cover - a broken NVRTC install
-        pytest.skip(f"NVRTC unusable here: {e}")
-    assert res[0] == nvrtc.nvrtcResult.NVRTC_SUCCESS
-    prog = res[1]
-    try:
-        opts = [o.encode() for o in cuda_source.NVRTC_OPTIONS] + [b"--gpu-architecture=compute_80"] + [
-            f"-I{d}".encode() for d in inc]
-        r = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-        if r[0] != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-            size = nvrtc.nvrtcGetProgramLogSize(prog)[1]
-            log = b" " * size
-            nvrtc.nvrtcGetProgramLog(prog, log)
-            pytest.fail(log.decode(errors="replace"))
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
+    ptx, _ = cuda_source.compile_nvrtc("compute_80", text=cuda_source.header_source("jk_secagg.h") + KERNEL)
+    assert b"jk_secagg_modsum_u32" in ptx
 
 
 def test_reset_starts_the_next_round_in_place():

@@ -128,12 +128,29 @@ def include_dirs() -> list:
     raise FileNotFoundError("no CUDA include folder with cuda_fp16.h (set CUDA_PATH)")
 
 
-def compile_nvrtc(arch: str, names=None) -> tuple:
-    """Compile :func:`source` with NVRTC (``cuda-bindings``) for ``arch`` ("sm_90": a cubin; "compute_90": PTX),
-    with exactly :data:`NVRTC_OPTIONS`. Returns (image bytes, {name expression: lowered (mangled) name})."""
+NVRTC_PRELUDE = ("typedef signed char int8_t;\ntypedef unsigned char uint8_t;\ntypedef unsigned short uint16_t;\n"
+                 "typedef unsigned int uint32_t;\n#include <cuda_fp16.h>\n")
+"""What a header of csrc/ needs before it under NVRTC (no <stdint.h> there; jk_math.h's f16 math wants cuda_fp16)."""
+
+
+def header_source(name: str) -> str:
+    """A csrc/ header (``jk_noise.h``, ``jk_secagg.h``) as one NVRTC-ready text: the prelude, then the header with
+    jk_math.h inlined. Append kernels that use it and hand the text to :func:`compile_nvrtc`."""
+    d = source_dir()
+    with open(os.path.join(d, "jk_math.h")) as f:
+        math_h = f.read().replace("#pragma once", "")
+    with open(os.path.join(d, name)) as f:
+        text = f.read().replace("#pragma once", "")
+    return NVRTC_PRELUDE + text.replace('#include "jk_math.h"', math_h, 1)
+
+
+def compile_nvrtc(arch: str, names=None, text: str | None = None) -> tuple:
+    """Compile ``text`` (default :func:`source`) with NVRTC (``cuda-bindings``) for ``arch`` ("sm_90": a cubin;
+    "compute_90": PTX), with exactly :data:`NVRTC_OPTIONS`. Returns (image bytes, {name expression: lowered name})."""
     from cuda.bindings import nvrtc
 
-    names = kernel_names() if names is None else names
+    names = (kernel_names() if text is None else ()) if names is None else names
+    text = source() if text is None else text
 
     def check(res, what):
         err = res[0] if isinstance(res, tuple) else res
@@ -141,7 +158,7 @@ def compile_nvrtc(arch: str, names=None) -> tuple:
             raise RuntimeError(f"NVRTC {what} failed: {err}")
         return res[1:] if isinstance(res, tuple) and len(res) > 1 else None
 
-    (prog,) = check(nvrtc.nvrtcCreateProgram(source().encode(), b"jitkernels.cu", 0, [], []), "create")
+    (prog,) = check(nvrtc.nvrtcCreateProgram(text.encode(), b"jitkernels.cu", 0, [], []), "create")
     try:
         for n in names:
             check(nvrtc.nvrtcAddNameExpression(prog, n.encode()), "name expression")
@@ -152,7 +169,7 @@ def compile_nvrtc(arch: str, names=None) -> tuple:
             (size,) = check(nvrtc.nvrtcGetProgramLogSize(prog), "log size")
             log = b" " * size
             nvrtc.nvrtcGetProgramLog(prog, log)
-            raise RuntimeError(f"NVRTC could not compile {kernel_path()}:\n{log.decode(errors='replace')}")
+            raise RuntimeError(f"NVRTC could not compile:\n{log.decode(errors='replace')}")
         if arch.startswith("sm_"):
             (size,) = check(nvrtc.nvrtcGetCUBINSize(prog), "cubin size")
             image = b" " * size

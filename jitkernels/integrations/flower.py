@@ -174,6 +174,14 @@ class _Runner:
                             for n, t, a in zip(names, *out)})
 
 
+def _flower_optimizer(strategy, ours):
+    """Our optimizer with a Flower FedOpt strategy's hyperparameters (``variant="flower"``: Flower's math)."""
+    kw = {"lr": strategy.eta, "tau": strategy.tau, "variant": "flower", "beta1": strategy.beta_1}
+    if ours is not A.FedAdagrad:
+        kw["beta2"] = strategy.beta_2
+    return ours(**kw)
+
+
 def _metrics(strategy, server_round, results):
     """Fit metrics, aggregated as Flower's FedAvg does."""
     if strategy.fit_metrics_aggregation_fn:
@@ -187,17 +195,25 @@ def _strategies():
     """The strategy classes, built on first use so that importing this module needs no flwr."""
     from flwr.server import strategy as fl
 
-    class FedAvg(fl.FedAvg):
-        """Flower's FedAvg (``aggregate_fit`` by jitkernels: one fused pass, zero-copy in and out)."""
+    def _fold_rule(flower_cls, make, doc):
+        """A strategy whose aggregate_fit is our Aggregator with ``make(strategy)``'s algorithm."""
+        class Strategy(flower_cls):
+            __doc__ = doc
 
-        def __init__(self, *args, backend: str = "auto", **kwargs):
-            super().__init__(*args, **kwargs)
-            self._jk = _Runner(A.FedAvg(), backend)
+            def __init__(self, *args, backend: str = "auto", **kwargs):
+                super().__init__(*args, **kwargs)
+                self._jk = _Runner(make(self), backend)
 
-        def aggregate_fit(self, server_round, results, failures):
-            if not results or (not self.accept_failures and failures):
-                return None, {}
-            return self._jk.aggregate(results), _metrics(self, server_round, results)
+            def aggregate_fit(self, server_round, results, failures):
+                if not results or (not self.accept_failures and failures):
+                    return None, {}
+                return self._jk.aggregate(results), _metrics(self, server_round, results)
+
+        Strategy.__name__ = Strategy.__qualname__ = flower_cls.__name__
+        return Strategy
+
+    FedAvg = _fold_rule(fl.FedAvg, lambda st: A.FedAvg(),
+                        "Flower's FedAvg (``aggregate_fit`` by jitkernels: one fused pass, zero-copy in and out).")
 
     class FedAvgM(fl.FedAvgM):
         """Flower's FedAvgM: server momentum on the folded average delta (jitkernels.algorithms.FedAvgM)."""
@@ -236,12 +252,7 @@ def _strategies():
 
             def __init__(self, *args, backend: str = "auto", **kwargs):
                 super().__init__(*args, **kwargs)
-                kw = {"lr": self.eta, "tau": self.tau, "variant": "flower"}
-                if ours is not A.FedAdagrad:
-                    kw.update(beta1=self.beta_1, beta2=self.beta_2)
-                else:
-                    kw.update(beta1=self.beta_1)
-                self._jk = _Runner(ours(**kw), backend)
+                self._jk = _Runner(_flower_optimizer(self, ours), backend)
 
             def aggregate_fit(self, server_round, results, failures):
                 if not results or (not self.accept_failures and failures):
@@ -257,21 +268,8 @@ def _strategies():
         return Strategy
 
     def _robust(flower_cls, make):
-        class Strategy(flower_cls):
-            __doc__ = (f"Flower's {flower_cls.__name__} by jitkernels' buffered robust kernels (one slab of the "
-                       f"round's updates, cache-blocked selection; no stacked copies).")
-
-            def __init__(self, *args, backend: str = "auto", **kwargs):
-                super().__init__(*args, **kwargs)
-                self._jk = _Runner(make(self), backend)
-
-            def aggregate_fit(self, server_round, results, failures):
-                if not results or (not self.accept_failures and failures):
-                    return None, {}
-                return self._jk.aggregate(results), _metrics(self, server_round, results)
-
-        Strategy.__name__ = Strategy.__qualname__ = flower_cls.__name__
-        return Strategy
+        return _fold_rule(flower_cls, make, f"Flower's {flower_cls.__name__} by jitkernels' buffered robust kernels "
+                                            f"(one slab of the round's updates, cache-blocked selection).")
 
     from .. import robust as R
 
@@ -288,20 +286,28 @@ def _message_strategies():
     ``aggregate_train``."""
     from flwr.serverapp import strategy as ms
 
-    class MessageFedAvg(ms.FedAvg):
-        """``flwr.serverapp.strategy.FedAvg`` with ``aggregate_train`` by jitkernels (zero-copy in and out)."""
+    def _train_rule(flower_cls, make, doc):
+        """A strategy whose aggregate_train is our Aggregator with ``make(strategy)``'s algorithm."""
+        class Strategy(flower_cls):
+            __doc__ = doc
 
-        def __init__(self, *args, backend: str = "auto", **kwargs):
-            super().__init__(*args, **kwargs)
-            self._jk = _Runner(A.FedAvg(), backend)
+            def __init__(self, *args, backend: str = "auto", **kwargs):
+                super().__init__(*args, **kwargs)
+                self._jk = _Runner(make(self), backend)
 
-        def aggregate_train(self, server_round, replies):
-            valid, _ = self._check_and_log_replies(replies, is_train=True)
-            if not valid:
-                return None, None
-            contents = [msg.content for msg in valid]
-            return (self._jk.aggregate_records(contents, self.weighted_by_key),
-                    self.train_metrics_aggr_fn(contents, self.weighted_by_key))
+            def aggregate_train(self, server_round, replies):
+                valid, _ = self._check_and_log_replies(replies, is_train=True)
+                if not valid:
+                    return None, None
+                contents = [msg.content for msg in valid]
+                return (self._jk.aggregate_records(contents, self.weighted_by_key),
+                        self.train_metrics_aggr_fn(contents, self.weighted_by_key))
+
+        Strategy.__name__ = Strategy.__qualname__ = "Message" + flower_cls.__name__
+        return Strategy
+
+    MessageFedAvg = _train_rule(ms.FedAvg, lambda st: A.FedAvg(), "``flwr.serverapp.strategy.FedAvg`` with "
+                                "``aggregate_train`` by jitkernels (zero-copy in and out).")
 
     def _fedopt(flower_cls, ours):
         class Strategy(flower_cls):
@@ -310,10 +316,7 @@ def _message_strategies():
 
             def __init__(self, *args, backend: str = "auto", **kwargs):
                 super().__init__(*args, **kwargs)
-                kw = {"lr": self.eta, "tau": self.tau, "variant": "flower", "beta1": self.beta_1}
-                if ours is not A.FedAdagrad:
-                    kw["beta2"] = self.beta_2
-                self._jk = _Runner(ours(**kw), backend)
+                self._jk = _Runner(_flower_optimizer(self, ours), backend)
 
             def aggregate_train(self, server_round, replies):
                 valid, _ = self._check_and_log_replies(replies, is_train=True)
@@ -332,24 +335,9 @@ def _message_strategies():
         return Strategy
 
     def _robust(flower_cls, make):
-        class Strategy(flower_cls):
-            __doc__ = (f"``flwr.serverapp.strategy.{flower_cls.__name__}`` by jitkernels' buffered robust kernels "
-                       f"(the replies are read, not popped: Flower's version empties them).")
-
-            def __init__(self, *args, backend: str = "auto", **kwargs):
-                super().__init__(*args, **kwargs)
-                self._jk = _Runner(make(self), backend)
-
-            def aggregate_train(self, server_round, replies):
-                valid, _ = self._check_and_log_replies(replies, is_train=True)
-                if not valid:
-                    return None, None
-                contents = [msg.content for msg in valid]
-                return (self._jk.aggregate_records(contents, self.weighted_by_key),
-                        self.train_metrics_aggr_fn(contents, self.weighted_by_key))
-
-        Strategy.__name__ = Strategy.__qualname__ = "Message" + flower_cls.__name__
-        return Strategy
+        return _train_rule(flower_cls, make, f"``flwr.serverapp.strategy.{flower_cls.__name__}`` by jitkernels' "
+                                             f"buffered robust kernels (the replies are read, not popped: Flower's "
+                                             f"version empties them).")
 
     class MessageFedAvgM(ms.FedAvgM):
         """``flwr.serverapp.strategy.FedAvgM`` with ``aggregate_train`` by jitkernels: server momentum on the folded
