@@ -67,3 +67,52 @@ if numba is not None:
             return builder.bitcast(args[0], ir.DoubleType())
 
         return types.float64(types.uint64), codegen
+
+    def _ordered(pick_smaller: bool):
+        """min/max of two floats as one compare and one select, with no branch in numba's IR (``x if c else y``
+        costs a basic block, and numba's SSA pass is quadratic in blocks: a 330-comparator network took 36 s to
+        compile that way). min(a, b) = b if b < a else a; max(a, b) = a if b < a else b: together they return
+        the same two values (the same predicate), as std::min/std::max in C++."""
+
+        @intrinsic
+        def select(typingctx, a, b):
+            if not (isinstance(a, types.Float) and a == b):
+                return None
+
+            def codegen(context, builder, sig, args):
+                x, y = args
+                lt = builder.fcmp_ordered("<", y, x)
+                return builder.select(lt, y, x) if pick_smaller else builder.select(lt, x, y)
+
+            return a(a, b), codegen
+
+        return select
+
+    fmin = _ordered(True)
+    fmax = _ordered(False)
+
+    @intrinsic
+    def prefetch(typingctx, arr, i):
+        """Prefetch the cache line of ``arr[i]`` (1-d array, any stride) for reading; no bounds check is needed: a
+        prefetch never faults. For kernels that read many rows at once (more streams than the hardware prefetcher
+        follows)."""
+        if not (isinstance(arr, types.Array) and arr.ndim == 1 and isinstance(i, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            from numba.core import cgutils
+
+            a = context.make_array(sig.args[0])(context, builder, args[0])
+            idx = context.cast(builder, args[1], sig.args[1], types.intp)
+            stride = builder.extract_value(a.strides, 0)
+            byte = ir.IntType(8)
+            base = builder.bitcast(a.data, byte.as_pointer())
+            ptr = builder.gep(base, [builder.mul(idx, stride)])
+            i32 = ir.IntType(32)
+            fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+            suffix = "p0" if getattr(ptr.type, "is_opaque", False) else "p0i8"
+            fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.prefetch.{suffix}")
+            builder.call(fn, [ptr, i32(0), i32(3), i32(1)])  # read, keep in all levels, data cache
+            return context.get_dummy_value()
+
+        return types.void(arr, i), codegen

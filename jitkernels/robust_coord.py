@@ -39,10 +39,12 @@ the ranks read (the two middle ranks for the median; the trimmed mean sorts full
 for the median of 10, 403 to 330 for 50. Per-coordinate quickselect (nth_element on the k gathered values) measured
 10-15x slower: its branches depend on the data.
 
-* register path (small k; numba k <= NUMBA_REG_MAX_K = 16, C++ k <= 32 median / 24 trimmed mean): the network is
-  unrolled for that k (numba: generated source, compiled once per (k, dtype, statistic) and cached; C++: a template
-  instantiation per k), so a block of coordinates (8/16 lanes) is read from the k rows, sorted in vector registers
-  and written: no buffer and no loads or stores per comparator. This is what runs at memory speed for k ~ 10.
+* register path (numba k <= NUMBA_REG_MAX_K = 64, C++ k <= 32 median / 24 trimmed mean): the network is unrolled
+  for that k (numba: generated source, compiled once per (k, dtype, statistic) and cached on disk, ~3 s at k = 50;
+  C++: a template instantiation per k), so a block of coordinates (8/16 lanes) is read from the k rows, sorted in
+  vector registers (the compiler spills what does not fit) and written: no buffer. numba's kernel also prefetches
+  each row a few lines ahead (k rows are k read streams). This runs at memory speed for k ~ 10 and at ~0.5 of it
+  for k = 50; ``backend="auto"`` takes numba's kernel where k is past C++'s register path.
 * tile path (larger k, or ``tile=`` given): tiles of T coordinates (:func:`default_tile`: k*T*4 bytes near 32 KB);
   each row's T contiguous values are widened into a k x T float32 buffer (per thread), the network's leading
   disjoint comparators applied on the way, then the rest run over buffer rows, T lanes at a time.
@@ -108,11 +110,16 @@ def default_tile(k: int) -> int:
 
 
 @functools.lru_cache(maxsize=512)
-def network(k: int, r_lo: int, r_hi: int) -> tuple:
+def network(k: int, r_lo: int, r_hi: int, depth_first: bool = False) -> tuple:
     """``(i, j, fused)``: comparators (int32 arrays, i < j, applied in order: min to i, max to j) of Batcher's
     odd-even merge sort on k inputs, pruned to those that affect output ranks [r_lo, r_hi); the first ``fused`` are
     disjoint and run while the rows are loaded. The same list as jkrc::network in csrc/jk_robust_coord.h (results do
-    not depend on it: any exact selection gives the same values)."""
+    not depend on it: any exact selection gives the same values).
+
+    ``depth_first``: the same comparators in the recursion's post-order (sort the first half, sort the second,
+    merge) instead of stage by stage. Comparators on disjoint wires commute, so the result is the same; fewer
+    values are live at once, which spares the register kernels spills (k = 50, one thread, from memory: median 21 ->
+    17 ns, trimmed mean 26 -> 23 ns per coordinate)."""
     pairs = []
     p = 1
     while p < k:
@@ -122,26 +129,28 @@ def network(k: int, r_lo: int, r_hi: int) -> tuple:
             while j <= k - 1 - q:
                 for i in range(min(q - 1, k - j - q - 1) + 1):
                     if (i + j) // (2 * p) == (i + j + q) // (2 * p):
-                        pairs.append((i + j, i + j + q))
+                        pairs.append((i + j, i + j + q, p))
                 j += 2 * q
             q //= 2
         p *= 2
     need = set(range(r_lo, r_hi))
     kept = []
-    for a, b in reversed(pairs):
+    for a, b, p in reversed(pairs):
         if a in need or b in need:
-            kept.append((a, b))
+            kept.append((a, b, p))
             need.add(a)
             need.add(b)
     kept.reverse()
+    if depth_first:  # stage p merges blocks of 2p: order the merges by (block end, block size), stable inside one
+        kept.sort(key=lambda c: ((c[0] // (2 * c[2]) + 1) * 2 * c[2], c[2]))
     fused, used = 0, set()
-    for a, b in kept:  # the leading disjoint comparators: applied while the rows are loaded
+    for a, b, _ in kept:  # the leading disjoint comparators: applied while the rows are loaded
         if a in used or b in used:
             break
         used.update((a, b))
         fused += 1
-    ci = np.array([a for a, _ in kept], np.int32)
-    cj = np.array([b for _, b in kept], np.int32)
+    ci = np.array([a for a, _, _ in kept], np.int32)
+    cj = np.array([b for _, b, _ in kept], np.int32)
     ci.flags.writeable = cj.flags.writeable = False
     return ci, cj, fused
 
@@ -151,15 +160,15 @@ def coordinate_median(x, *, backend: str | None = None, out=None, tile: int | No
     """Coordinate-wise median of the k rows of ``x`` (an UpdateStore or a [k, N] slab): float32[N].
 
     ``med = RN_f32(((0.5*a) + (0.5*b)) + 0.0)`` in float64 with a, b the two middle values (module docstring).
-    Reads k*N*itemsize bytes, writes 4N. ``backend``: "numpy", "numba", "cpp" or None / "auto" (cpp > numba > numpy;
-    ``JITKERNELS_BACKEND`` is honored). ``out``: a float32[N] to write into. ``tile``: None lets the backend choose
+    Reads k*N*itemsize bytes, writes 4N. ``backend``: "numpy", "numba", "cpp" or None / "auto" (the fastest here
+    for this k: see ``_pick``; ``JITKERNELS_BACKEND`` is honored). ``out``: a float32[N] to write into. ``tile``: None lets the backend choose
     (registers for small k, else :func:`default_tile`); a number forces the tile path with that tile."""
     rows, code = _slab(x, dtype)
     k = rows.shape[0]
     if k == 0:
         raise EmptyAggregate("coordinate median of zero updates")
     out = _out(out, rows.shape[1])
-    _pick(backend)[0](rows, code, out, _tile(tile))
+    _pick(backend, k, 0)[0](rows, code, out, _tile(tile))
     return out
 
 
@@ -175,7 +184,7 @@ def trimmed_mean(x, beta: float, *, backend: str | None = None, out=None, tile: 
     if k == 0:
         raise EmptyAggregate("trimmed mean of zero updates")
     out = _out(out, rows.shape[1])
-    _pick(backend)[1](rows, code, c, k - c, out, _tile(tile))
+    _pick(backend, k, 1)[1](rows, code, c, k - c, out, _tile(tile))
     return out
 
 
@@ -184,17 +193,22 @@ def available_backends() -> dict:
     return {"numpy": True, "numba": True if numba is not None else _numba_reason, "cpp": _cpp_available()}
 
 
-def _pick(backend):
+def _pick(backend, k: int, stat: int):
+    """The kernels for ``backend``; for auto, the fastest that is available for k rows and statistic ``stat`` (0
+    median, 1 trimmed mean): cpp where its register path covers k, else numba's generated kernel (k <=
+    NUMBA_REG_MAX_K; at k = 50 it ran 3x cpp's tile path), else cpp's tile path, numba's, numpy."""
     name = _backends.requested(backend)
+    avail = available_backends()
     if name == "auto":
-        for cand in BACKENDS[::-1]:
-            if available_backends()[cand] is True:
-                return _REGISTRY[cand]
+        order = ["cpp", "numba", "numpy"]
+        if avail["cpp"] is True and k > _core().robust_reg_max_k[stat] and k <= NUMBA_REG_MAX_K:
+            order.remove("numba")
+            order.insert(0, "numba")
+        return _REGISTRY[next(c for c in order if avail[c] is True)]
     if name not in _REGISTRY:
         raise BackendUnavailable(f"backend {name!r} has no robust coordinate kernels (it runs {', '.join(BACKENDS)})")
-    ok = available_backends()[name]
-    if ok is not True:
-        raise BackendUnavailable(f"backend {name!r} unavailable: {ok}")
+    if avail[name] is not True:
+        raise BackendUnavailable(f"backend {name!r} unavailable: {avail[name]}")
     return _REGISTRY[name]
 
 
@@ -420,47 +434,60 @@ if numba is not None:
 # Register path: for k <= NUMBA_REG_MAX_K, a kernel generated for that k (the network unrolled over k scalars, the
 # coordinate loop vectorized by LLVM, so the k values of a lane block live in vector registers: no buffer, no
 # loads/stores per comparator). numba caches only functions defined in files, so the source is written to a
-# per-user cache directory (0700, owner checked) and imported from there; its compile (~1 s for k = 10) happens once
+# per-user cache directory (0700, owner checked) and imported from there; its compile (0.6 s for k = 10, 3 s for
+# k = 50, 5 s for k = 64) happens once
 # per machine. Larger k, or tile= given: the tile kernel above. Both give the same bits.
-NUMBA_REG_MAX_K = 16
-_GEN_VERSION = 1
+NUMBA_REG_MAX_K = 64
+_GEN_VERSION = 3
 
 
-def _reg_source(k: int, code: int, mode: int) -> str:
-    """Python source of the register kernel ``kernel(x, out, c0, c1, lo, hi)`` for k rows of dtype ``code``."""
-    if mode == 0:
-        r1, r2 = median_ranks(k)
-        ci, cj, _ = network(k, r1, r2 + 1)
-    else:
-        ci, cj, _ = network(k, 0, k)
+# Register kernels run over blocks of one cache line of coordinates; before each block, each row's line
+# PREFETCH_BYTES ahead is prefetched. k rows are k concurrent read streams, more than the hardware prefetcher
+# follows: at k = 50 the median ran at 13 ns per coordinate with the rows in cache and at 27 ns from memory without
+# the prefetches, 21 ns with them (one thread, this machine; a block of 64 coordinates with its 4 lines per row
+# prefetched in one burst: 30 ns). A prefetch never faults, so none is bounds-checked.
+PREFETCH_BYTES = 2048
+
+
+def _reg_source(k: int, code: int, mode: int, lo: int, hi: int) -> str:
+    """Python source of the register kernel ``kernel(x, out, c0, c1)`` for k rows of dtype ``code``: the median
+    (mode 0), or the trimmed mean of ranks [lo, hi) (mode 1; the ranks are baked in, so that the network is pruned to
+    them).
+
+    Every comparator is ``fmin``/``fmax`` from jitkernels._numba: one compare and one select each, no branch in
+    numba's IR (a ternary per comparator made k = 50 take 36 s to compile, against 3 s). Indices are unsigned: a
+    signed one costs a negative-index check per load, and LLVM then vectorizes the loads as gathers."""
+    r1, r2 = median_ranks(k)
+    ci, cj, _ = network(k, r1, r2 + 1, True) if mode == 0 else network(k, lo, hi, True)
+    itemsize = 4 if code == F32 else 2
+    ahead, line = PREFETCH_BYTES // itemsize, 64 // itemsize
     load = {F32: "{}", BF16: "_u32_as_f32(np.uint32({}) << np.uint32(16))", F16: "_f16_to_f32({})"}[code]
-    what = "median" if mode == 0 else "trimmed mean"
+    what = "median" if mode == 0 else f"trimmed mean of ranks [{lo}, {hi})"
     name = {F32: "float32", F16: "float16", BF16: "bfloat16"}[code]
     out = [f"# Generated by jitkernels.robust_coord (version {_GEN_VERSION}): {what} of k={k} {name} rows. "
            "Safe to delete.",
            "import numpy as np",
            "from numba import njit",
+           "from jitkernels._numba import fmax, fmin, prefetch  # noqa: F401",
            "from jitkernels.robust_coord import _f16_to_f32, _u32_as_f32  # noqa: F401",
            "",
            "",
            "@njit(cache=True, nogil=True)",
-           "def kernel(x, out, c0, c1, lo, hi):"]
-    out += [f"    x{j} = x[{j}, c0:c1]" for j in range(k)]
-    out += ["    o = out[c0:c1]", "    m = np.float64(hi - lo)"]
-    if mode == 1:
-        out += [f"    keep{j} = lo <= {j} and {j} < hi" for j in range(k)]
-    out += ["    for c in range(c1 - c0):"]
-    out += [f"        v{j} = " + load.format(f"x{j}[c]") for j in range(k)]
+           "def kernel(x, out, c0, c1):"]
+    out += [f"    x{j} = x[{j}]" for j in range(k)]
+    out += [f"    for b0 in range(c0, c1, {line}):"]
+    out += [f"        prefetch(x{j}, b0 + {ahead})" for j in range(k)]
+    out += [f"        for c in range(b0, min(b0 + {line}, c1)):",
+            "            u = np.uint64(c)"]
+    out += [f"            v{j} = " + load.format(f"x{j}[u]") for j in range(k)]
     for a, b in zip(ci, cj):
-        out += [f"        lt = v{b} < v{a}", f"        t = v{b} if lt else v{a}",
-                f"        v{b} = v{a} if lt else v{b}", f"        v{a} = t"]
+        out += [f"            t = fmin(v{a}, v{b})", f"            v{b} = fmax(v{a}, v{b})", f"            v{a} = t"]
     if mode == 0:
-        r1, r2 = median_ranks(k)
-        out += [f"        o[c] = np.float32(((0.5 * np.float64(v{r1})) + (0.5 * np.float64(v{r2}))) + 0.0)"]
-    else:  # adding +0.0 for a rank outside [lo, hi) leaves s unchanged (s is never -0.0)
-        out += ["        s = 0.0"]
-        out += [f"        s = s + (np.float64(v{j}) if keep{j} else 0.0)" for j in range(k)]
-        out += ["        o[c] = np.float32(s / m)"]
+        out += [f"            out[u] = np.float32(((0.5 * np.float64(v{r1})) + (0.5 * np.float64(v{r2}))) + 0.0)"]
+    else:  # ascending rank order, from +0.0: the numpy specification's order
+        out += ["            s = 0.0"]
+        out += [f"            s = s + np.float64(v{j})" for j in range(lo, hi)]
+        out += [f"            out[u] = np.float32(s / {float(hi - lo)!r})"]
     return "\n".join(out) + "\n"
 
 
@@ -480,12 +507,12 @@ def _cache_dir():
 
 
 @functools.lru_cache(maxsize=None)
-def _reg_kernel(k: int, code: int, mode: int):
+def _reg_kernel(k: int, code: int, mode: int, lo: int, hi: int):
     import hashlib
     import importlib.util
 
-    src = _reg_source(k, code, mode)
-    name = f"jk_rc_{'med' if mode == 0 else 'trim'}_k{k}_c{code}_{hashlib.sha256(src.encode()).hexdigest()[:16]}"
+    src = _reg_source(k, code, mode, lo, hi)
+    name = f"jk_rc_{'med' if mode == 0 else f'trim{lo}_{hi}'}_k{k}_c{code}_{hashlib.sha256(src.encode()).hexdigest()[:16]}"
     d = _cache_dir()
     if d is None:  # no private cache directory: compile in memory, every process
         ns: dict = {}
@@ -552,8 +579,8 @@ def _numba_run(rows, code, mode, r_lo, r_hi, ranks, out, tile, use_reg):
     rows = _writable_alias(rows)
     nthreads = _threads(rows)
     if use_reg and k <= NUMBA_REG_MAX_K:
-        lo, hi = (r_lo, r_hi) if mode == 1 else (0, 1)
-        _run_threads(_reg_kernel(k, code, mode), n, min(nthreads, max(1, n // 4096)), rows, out, lo, hi)
+        lo, hi = (r_lo, r_hi) if mode == 1 else (0, 0)
+        _run_threads(_reg_kernel(k, code, mode, lo, hi), n, min(nthreads, max(1, n // 4096)), rows, out)
         return
     nthreads = min(nthreads, numba.config.NUMBA_NUM_THREADS)
     if numba.get_num_threads() != nthreads:

@@ -229,7 +229,7 @@ def test_backends_equal_the_float64_oracle_bit_for_bit(cpp, k, n, pattern, seed,
         assert same_bits(t, tm), (name, "trimmed mean")
 
 
-NUMBA_REG = [(k, "float32") for k in (1, 2, 7, 10)] + [(10, "float16"), (10, "bfloat16")]
+NUMBA_REG = [(k, "float32") for k in (1, 2, 7, 10, 50)] + [(10, "float16"), (10, "bfloat16"), (64, "bfloat16")]
 
 
 @pytest.mark.parametrize("k,dtype", NUMBA_REG)
@@ -247,6 +247,19 @@ def test_numba_register_kernels(k, dtype):
         assert same_bits(rc.coordinate_median(arg, backend="numba", **kw), ref_median(x64)), pattern
         for beta in (0.0, 0.2):
             assert same_bits(rc.trimmed_mean(arg, beta, backend="numba", **kw), ref_trimmed(x64, beta)), pattern
+
+
+def test_auto_takes_numba_past_the_cpp_register_path():
+    """backend="auto": cpp while its register path covers k, numba's generated kernel past it (up to
+    NUMBA_REG_MAX_K), cpp's tile path beyond that."""
+    if rc.available_backends()["numba"] is not True or rc.available_backends()["cpp"] is not True:
+        pytest.skip("needs numba and the C++ extension")
+    cpp_max = rc._core().robust_reg_max_k
+    for stat in (0, 1):
+        assert rc._pick("auto", cpp_max[stat], stat) is rc._REGISTRY["cpp"]
+        assert rc._pick("auto", cpp_max[stat] + 1, stat) is rc._REGISTRY["numba"]
+        assert rc._pick("auto", rc.NUMBA_REG_MAX_K, stat) is rc._REGISTRY["numba"]
+        assert rc._pick("auto", rc.NUMBA_REG_MAX_K + 1, stat) is rc._REGISTRY["cpp"]
 
 
 def test_cpp_register_and_tile_paths_on_threads(cpp):
@@ -290,11 +303,16 @@ def test_cpp_rejects_bad_arguments(cpp):
 def test_network_sorts_and_matches_cpp(cpp):
     """0-1 principle: a comparator network sorts every input iff it sorts every 0/1 input."""
     for k in range(1, 13):
-        ci, cj, _ = rc.network(k, 0, k)
-        x = ((np.arange(2 ** k)[None, :] >> np.arange(k)[:, None]) & 1).astype(np.float32)
-        for a, b in zip(ci, cj):
-            x[a], x[b] = np.minimum(x[a], x[b]), np.maximum(x[a], x[b])
-        assert (np.diff(x, axis=0) >= 0).all(), k
+        x01 = ((np.arange(2 ** k)[None, :] >> np.arange(k)[:, None]) & 1).astype(np.float32)
+        want = np.sort(x01, axis=0)
+        for depth_first in (False, True):
+            for lo, hi in ((0, k), ((k - 1) // 2, k // 2 + 1), (k // 5, k - k // 5)):
+                ci, cj, _ = rc.network(k, lo, hi, depth_first)
+                x = x01.copy()
+                for a, b in zip(ci, cj):
+                    x[a], x[b] = np.minimum(x[a], x[b]), np.maximum(x[a], x[b])
+                assert (x[lo:hi] == want[lo:hi]).all(), (k, lo, hi, depth_first)
+        assert len(rc.network(k, 0, k, True)[0]) == len(rc.network(k, 0, k)[0])
     _, _, net = cpp["base"]
     for k in range(1, 41):
         for lo, hi in ((0, k), (k // 2, k // 2 + 1), ((k - 1) // 2, k // 2 + 1)):
