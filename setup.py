@@ -13,7 +13,7 @@ from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
-CUDA_DATA = ["jk_math.h", "jk_noise.h", "cuda/kernels.cu", "cuda/emulate.h"]
+CUDA_DATA = ["jk_math.h", "jk_noise.h", "jk_secagg.h", "cuda/kernels.cu", "cuda/emulate.h"]
 
 
 class build_py_with_cuda(build_py):

@@ -19,8 +19,10 @@ What this module gives the server
   once and the accumulator read and written once. Bytes per element: ``k * itemsize(y) + 2 * itemsize(acc)``
   (uint32 inputs and accumulator: ``4k + 8``; Flower's int64 vectors: ``8k + 8``). Backends: the numpy reference
   (the specification; k passes), and a numba kernel over an address table of the updates, read in place as the
-  library's other kernels read them; ``csrc/jk_secagg.h`` is the same loop for C++ and CUDA. Integer math:
-  every backend gives the same bits, in any order, any thread count, any split into partial sums.
+  library's other kernels read them; ``csrc/jk_secagg.h`` is the same per-element math for C++ and CUDA
+  (``backend="cupy"``: the accumulator on the GPU, CuPy / torch CUDA updates read in place, host updates copied
+  over first; csrc/cuda/kernels.cu ``modsum_rows``). Integer math: every backend gives the same bits, in any
+  order, any thread count, any split into partial sums.
 * :class:`SecAggSum` -- a streaming state: ``fold`` / ``fold_many`` / ``merge`` / ``result``, typed errors that name
   the party, a rejected update leaves the state bit-identical, and a checksummed safetensors file (never pickle).
 * :func:`quantize` / :func:`dequantize` -- Flower's formulas (``flwr/common/secure_aggregation/quantization.py``
@@ -81,6 +83,7 @@ import threading
 
 import numpy as np
 
+from . import device
 from .errors import (CorruptState, DuplicateParty, IncompatibleStates, LayoutMismatch, NonFiniteUpdate,
                      OverlappingParties, BackendUnavailable, ValueOutOfRange)
 from .threads import get_num_threads
@@ -100,7 +103,7 @@ if numba is not None:
 
 __all__ = ["BACKENDS", "SecAggSum", "dequantize", "max_parties", "modsum", "numba_available", "quantize"]
 
-BACKENDS = ("numpy", "numba", "cpp")
+BACKENDS = ("numpy", "numba", "cpp", "cupy")
 MAX_BITS = 32
 CHUNK = 65536
 """Elements per work item: 256 KiB of a uint32 accumulator stays in L2 while the k updates stream through it. The
@@ -252,7 +255,9 @@ def _leaves_of(update, plan: _Plan, who: str = "", party=None):
         arrays = [(None, update)]
     flat = []
     for leaf, a in arrays:
-        if not isinstance(a, np.ndarray):
+        if device.is_device_array(a):  # CuPy / torch CUDA: a CuPy view of the same memory (cupy backend only)
+            a = device.device_leaf(a).array
+        elif not isinstance(a, np.ndarray):
             raise LayoutMismatch(f"{who}expected a numpy array, got {type(a).__name__}", leaf=leaf, party=party)
         if a.dtype not in _CODE:
             raise LayoutMismatch(f"{who}dtype {a.dtype} is not one of uint32, int32, int64, uint64", leaf=leaf,
@@ -280,23 +285,36 @@ def _leaves_of(update, plan: _Plan, who: str = "", party=None):
     return out
 
 
-def _tables(leaves: list, plan: _Plan):
-    """ptr[R, k] (addresses; 0 for empty rows) and code[R, k] of k updates' per-row views."""
+def _tables(leaves: list, plan: _Plan, addr=None):
+    """ptr[R, k] (addresses; 0 for empty rows) and code[R, k] of k updates' per-row views; ``addr(a)``: an array's
+    address (default: host memory)."""
     k, R = len(leaves), plan.sizes.size
     ptr = np.zeros((R, k), np.int64)
     code = np.zeros((R, k), np.int64)
     for j, rows in enumerate(leaves):
         for r, a in enumerate(rows):
-            ptr[r, j] = a.__array_interface__["data"][0] if a.size else 0
+            ptr[r, j] = (a.__array_interface__["data"][0] if addr is None else addr(a)) if a.size else 0
             code[r, j] = _CODE[a.dtype]
     return ptr, code
 
 
-def _check_acc(acc) -> None:
-    if not isinstance(acc, np.ndarray) or acc.dtype.name not in ACC_DTYPES:
-        raise TypeError(f"acc must be a uint32 or uint64 numpy array, got {getattr(acc, 'dtype', type(acc))}")
-    if acc.ndim != 1 or not acc.flags.c_contiguous or not acc.flags.writeable or not acc.dtype.isnative:
+def _check_acc(acc, backend: str) -> None:
+    on_device = device.is_device_array(acc)
+    if not (isinstance(acc, np.ndarray) or on_device) or getattr(acc.dtype, "name", None) not in ACC_DTYPES:
+        raise TypeError(f"acc must be a uint32 or uint64 array, got {getattr(acc, 'dtype', type(acc))}")
+    if on_device != (backend == "cupy"):
+        raise TypeError(f"acc is in {'GPU' if on_device else 'host'} memory but the backend is {backend!r}")
+    if acc.ndim != 1 or not acc.flags.c_contiguous or not acc.dtype.isnative or not (
+            on_device or acc.flags.writeable):
         raise ValueError("acc must be 1-d, C-contiguous, native-endian and writeable")
+
+
+def _on_host(leaves: list, backend: str) -> None:
+    """A CPU backend reads host memory only: say so for an update in GPU memory (rather than fail on its address)."""
+    if backend != "cupy":
+        for j, rows in enumerate(leaves):
+            if any(not isinstance(a, np.ndarray) for a in rows):
+                raise LayoutMismatch(f"update {j} is in GPU memory; use backend='cupy' for device updates")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -410,7 +428,18 @@ def _modsum_cpp(acc, plan, leaves, bits, subtract):
     return bad.astype(bool).any(axis=0) if plan.work.shape[0] else np.zeros(k, bool)
 
 
-_BACKEND_FUNCS = {"numpy": _modsum_numpy, "numba": _modsum_numba, "cpp": _modsum_cpp}
+def _modsum_cupy(acc, plan, leaves, bits, subtract):
+    from .backends import cupy_backend
+
+    rt = cupy_backend.runtime()
+    # updates in host memory are copied to the device first (this path has no staging ring: SecAgg vectors are
+    # 32-bit words, and a server that folds them on the GPU receives them there)
+    dev = [[a if not isinstance(a, np.ndarray) else rt.upload(a) for a in rows] for rows in leaves]
+    ptr, code = _tables(dev, plan, addr=rt.ptr)
+    return cupy_backend.modsum(acc, plan.offsets, ptr, code, plan.sizes, bits, subtract)
+
+
+_BACKEND_FUNCS = {"numpy": _modsum_numpy, "numba": _modsum_numba, "cpp": _modsum_cpp, "cupy": _modsum_cupy}
 
 
 def _default_backend() -> str:
@@ -428,10 +457,17 @@ def _resolve(backend) -> str:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     if backend == "numba" and numba is None:
         raise BackendUnavailable(f"backend 'numba' unavailable: {_numba_reason}")
+    if backend == "cupy":
+        from .backends import cupy_backend
+
+        ok = cupy_backend.available()
+        if ok is not True:
+            raise BackendUnavailable(f"backend 'cupy' unavailable: {ok}")
     return backend
 
 
 def _run(acc, plan, leaves, bits, subtract, backend):
+    _on_host(leaves, backend)
     return _BACKEND_FUNCS[backend](acc, plan, leaves, bits, subtract)
 
 
@@ -442,12 +478,13 @@ def modsum(acc, updates, modulus_bits: int = 32, *, subtract: bool = False, back
     updates, each a C-contiguous uint32 / int32 / int64 / uint64 array of ``acc.size`` elements (any shape) or a
     list of such arrays whose sizes split ``acc`` into leaves (the same split for every list). Each value counts
     mod 2^32 (its low 32-bit word); no range check here (:class:`SecAggSum` checks). ``subtract=True`` subtracts
-    instead (removing masks). ``backend``: "numpy" (the reference), "numba", or None (numba when importable).
+    instead (removing masks). ``backend``: "numpy" (the reference), "numba", "cpp", "cupy" (``acc`` a CuPy array;
+    updates in GPU memory read in place, host ones copied over) or None (cpp, else numba, else numpy).
     Bytes per element: ``k * itemsize(y) + 2 * itemsize(acc)``.
     """
-    _check_acc(acc)
     bits = _check_bits(modulus_bits)
     backend = _resolve(backend)
+    _check_acc(acc, backend)
     updates = list(updates)
     split = next((u for u in updates if isinstance(u, (list, tuple))), None)
     plan = _Plan([acc.size] if split is None else [np.size(a) for a in split])
@@ -498,7 +535,9 @@ class SecAggSum:
         self.sizes = tuple(int(s) for s in sz)
         self._plan = _Plan(self.sizes)
         self.backend = _resolve(backend)
-        self.acc = np.zeros(self._plan.total, self.acc_dtype) if _acc is None else _acc
+        on_device = self.backend == "cupy"  # the accumulator lives where the backend's kernels run
+        self.acc = (device.zeros(self._plan.total, self.acc_dtype, on_device) if _acc is None
+                    else device.place(_acc, on_device))
         self._parties: list = []
         self._party_set: set = set()
         for p in _parties:
@@ -570,6 +609,7 @@ class SecAggSum:
     def _range_message(self, party, rows) -> str:
         hi = 1 << self.modulus_bits
         for r, u in enumerate(rows):
+            u = device.to_host(u)
             out = (u < 0) | (u >= hi) if u.dtype.kind == "i" else (u >= hi)
             idx = np.flatnonzero(out)
             if idx.size:
@@ -613,7 +653,7 @@ class SecAggSum:
 
     # --- results -------------------------------------------------------------------------------------------------
     def result(self) -> np.ndarray:
-        """A copy of the sum mod 2^b, flat, in the accumulator's dtype."""
+        """A copy of the sum mod 2^b, flat, in the accumulator's dtype (a CuPy array with backend "cupy")."""
         with self._lock:
             return self.acc.copy()
 
@@ -634,7 +674,8 @@ class SecAggSum:
     def same_bits(self, other: "SecAggSum") -> bool:
         """Same layout, modulus, accumulator bits and parties (in order)."""
         return (self.sizes == other.sizes and self.modulus_bits == other.modulus_bits
-                and self.acc.dtype == other.acc.dtype and self.acc.tobytes() == other.acc.tobytes()
+                and self.acc.dtype == other.acc.dtype
+                and device.to_host(self.acc).tobytes() == device.to_host(other.acc).tobytes()
                 and self._parties == other._parties)
 
     # --- files ---------------------------------------------------------------------------------------------------
@@ -647,7 +688,7 @@ class SecAggSum:
         checksum (:func:`jitkernels.state.checked_bytes`). Nothing is pickled."""
         from .state import checked_bytes
         with self._lock:
-            return checked_bytes({"acc": self.acc}, self._metadata())
+            return checked_bytes({"acc": device.to_host(self.acc)}, self._metadata())
 
     def save(self, path) -> None:
         """Write atomically (temp file, fsync, rename, fsync the directory)."""

@@ -36,7 +36,7 @@ def emulation_library():
            'extern "C" int jk_launch(int id, unsigned grid, unsigned block, void** args) {\n'
            f"  switch (id) {{\n{cases}\n    default: return -1;\n  }}\n  return 0;\n}}\n")
     deps = "".join(open(os.path.join(cuda_source.source_dir(), p)).read()
-                   for p in ("jk_math.h", "jk_noise.h", "cuda/kernels.cu", "cuda/emulate.h"))
+                   for p in ("jk_math.h", "jk_noise.h", "jk_secagg.h", "cuda/kernels.cu", "cuda/emulate.h"))
     key = hashlib.sha256((src + deps).encode()).hexdigest()[:16]
     d = os.path.join(tempfile.gettempdir(), "jitkernels-emulation")
     os.makedirs(d, exist_ok=True)

@@ -217,3 +217,33 @@ def test_dp_noise_on_the_gpu_equals_the_cpu():
         agg.fold_many(ups, w, parties=list(range(3)))
         outs.append(agg.finalize())
     assert _same(outs[1], outs[0])
+
+
+@settings(max_examples=10)
+@given(seed=seeds, sizes=st.lists(st.integers(0, 70000), min_size=1, max_size=3), k=st.integers(1, 6),
+       bits=st.sampled_from([16, 31, 32]))
+def test_secagg_sum_on_the_gpu_equals_the_cpu(seed, sizes, k, bits):
+    """SecAggSum(backend="cupy"): device updates read in place, host ones copied over, a bad batch rolled back to
+    the same bits, the saved file the CPU's."""
+    import cupy as cp
+
+    from jitkernels import secagg as sa
+
+    rng = np.random.default_rng(seed)
+    ups = [[rng.integers(0, 1 << bits, n, dtype=np.uint64).astype(np.int64 if j % 2 else np.uint32) for n in sizes]
+           for j in range(k)]
+    cpu = sa.SecAggSum(sizes, bits, backend="numpy")
+    gpu = sa.SecAggSum(sizes, bits, backend="cupy")
+    cpu.fold_many(ups, list(range(k)))
+    gpu.fold_many([[cp.asarray(a) for a in u] if j % 3 else u for j, u in enumerate(ups)], list(range(k)))
+    assert isinstance(gpu.result(), cp.ndarray)
+    assert gpu.result().get().tobytes() == cpu.result().tobytes()
+    before = gpu.to_bytes()
+    bad = [a.copy() for a in ups[0]]
+    if sum(sizes):
+        r = int(np.argmax(sizes))
+        bad[r][0] = -1 if bad[r].dtype.kind == "i" else np.uint32(1 << bits) if bits < 32 else 0
+        if bad[r][0] != 0:
+            with pytest.raises(jk.ValueOutOfRange, match="party 'x'"):
+                gpu.fold_many([[cp.asarray(a) for a in bad]], ["x"])
+    assert gpu.to_bytes() == before == cpu.to_bytes()

@@ -24,6 +24,7 @@ typedef unsigned int uint32_t;
 
 #include "../jk_math.h"
 #include "../jk_noise.h"
+#include "../jk_secagg.h"
 
 namespace jkcuda {
 
@@ -241,6 +242,44 @@ __global__ void add_noise_rows(A* __restrict__ acc, const i64* __restrict__ off,
   for (i64 i = threadIdx.x; i < len; i += blockDim.x) {
     const double z = jk::gaussian(seed, round, (uint32_t)leaf[r], (jk::u64)(s + i));
     a[i] = a[i] + (A)(sigma[r] * z);
+  }
+}
+
+// SecAgg modular sum (jitkernels/secagg.py modsum; the per-element math is jk_secagg.h's, shared with the C++
+// backend): acc[i] <- (acc[i] +/- sum_j word(y_j[i])) mod 2^b over the k updates in table order, for the elements
+// of work item t = blockIdx.x. One thread per element, the accumulator held in a register across the k updates:
+// reads k*itemsize(y) + itemsize(A) bytes and writes itemsize(A) per element. bad[t*k + j] is set to 1 where update
+// j holds a value outside [0, 2^b) in the item (the caller zeroes bad, and rolls the batch back with subtract = 1 if
+// any is set). Integer math: the result does not depend on the grid.
+template <class A>
+__global__ void modsum_rows(A* __restrict__ acc, const i64* __restrict__ off, const i64* __restrict__ ptr,
+                            const i64* __restrict__ code, i64 k, const i64* __restrict__ work, int bits, int subtract,
+                            unsigned int* __restrict__ bad) {
+  const i64 t = blockIdx.x;
+  const i64 r = work[3 * t], s = work[3 * t + 1], len = work[3 * t + 2];
+  A* a = acc + off[r] + s;
+  const jk::u64 mask = jk::secagg_mask(bits);
+  for (i64 i = threadIdx.x; i < len; i += blockDim.x) {
+    A v = a[i];
+    for (i64 j = 0; j < k; ++j) {
+      const i64 p = ptr[r * k + j];
+      if (!p) continue;
+      const int c = (int)code[r * k + j];
+      const int shift = jk::secagg_range_shift(c, bits);
+      uint32_t y;
+      jk::u64 excess;
+      if (c == jk::SECAGG_64) {
+        const jk::u64 w = reinterpret_cast<const jk::u64*>(p)[s + i];
+        y = jk::secagg_word(w);
+        excess = jk::secagg_excess(w, shift);
+      } else {
+        y = reinterpret_cast<const uint32_t*>(p)[s + i];
+        excess = jk::secagg_excess(y, shift);
+      }
+      v = subtract ? jk::secagg_sub(v, y) : jk::secagg_add(v, y);
+      if (excess) bad[t * k + j] = 1u;  // racing writers all store 1
+    }
+    a[i] = jk::secagg_reduce(v, mask);
   }
 }
 

@@ -54,6 +54,13 @@ def noise_name(acc: str) -> str:
     return f"jkcuda::add_noise_rows<{C_TYPES[acc]}>"
 
 
+SECAGG_C_TYPES = {"uint32": "unsigned int", "uint64": "unsigned long long"}
+
+
+def modsum_name(acc: str) -> str:
+    return f"jkcuda::modsum_rows<{SECAGG_C_TYPES[acc]}>"
+
+
 @lru_cache(maxsize=None)
 def kernel_names() -> tuple:
     """Every kernel the backend may launch, compiled together once per device."""
@@ -67,6 +74,7 @@ def kernel_names() -> tuple:
             names += [finalize_name(a, o, base) for a in ACC_TYPES]
     names += [step_name(a, o) for a in ACC_TYPES for o in OUT_TYPES]
     names += [noise_name(a) for a in ACC_TYPES]
+    names += [modsum_name(a) for a in SECAGG_C_TYPES]
     return tuple(names)
 
 
@@ -84,12 +92,13 @@ def kernel_path() -> str:
 
 
 def source() -> str:
-    """The source text handed to NVRTC: kernels.cu, with jk_math.h and jk_noise.h inlined (NVRTC resolves no
+    """The source text handed to NVRTC: kernels.cu, with the csrc/ headers inlined (NVRTC resolves no
     relative includes from a string, and one self-contained text is what the cubin cache keys on)."""
     d = source_dir()
     with open(os.path.join(d, "cuda", "kernels.cu")) as f:
         text = f.read()
-    for name, nested in (("jk_math.h", None), ("jk_noise.h", '#include "jk_math.h"')):
+    for name, nested in (("jk_math.h", None), ("jk_noise.h", '#include "jk_math.h"'),
+                         ("jk_secagg.h", '#include "jk_math.h"')):
         with open(os.path.join(d, name)) as f:
             header = f.read().replace("#pragma once", "")
         if nested is not None:  # already inlined above

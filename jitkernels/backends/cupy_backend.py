@@ -389,5 +389,29 @@ def add_noise(acc, leaf_ids, offsets, sizes, sigmas, seed: int, round: int) -> N
     compute.synchronize()
 
 
+def modsum(acc, offsets, ptr, code, sizes, bits: int, subtract: bool) -> np.ndarray:
+    """SecAgg's modular sum on the GPU (csrc/cuda/kernels.cu modsum_rows over jk_secagg.h): ``acc <- (acc +/- sum_j
+    y_j) mod 2^b`` for every row r (``acc[offsets[r]:][:sizes[r]]``), the updates at the device addresses
+    ``ptr[r, j]`` (0: absent) with input codes ``code[r, j]``. Returns bool[k]: update j holds a value outside
+    [0, 2^b). Reads k*itemsize(y) + itemsize(acc) and writes itemsize(acc) bytes per element."""
+    rt = runtime()
+    work = work_items(np.asarray(sizes, np.int64), CHUNK)
+    m, k = work.shape[0], ptr.shape[1]
+    if m == 0 or k == 0:
+        return np.zeros(k, bool)
+    R = len(sizes)
+    tab = rt.upload(np.concatenate([np.asarray(offsets, np.int64), ptr.reshape(-1), code.reshape(-1),
+                                    work.reshape(-1)]).astype(np.int64))
+    bad = rt.zeros(m * k, np.uint32)
+    tp = rt.ptr(tab)
+    compute = rt.current_stream()
+    rt.launch(cuda_source.modsum_name(acc.dtype.name), m,
+              (_addr(rt, acc), np.uint64(tp), np.uint64(tp + 8 * R), np.uint64(tp + 8 * R * (1 + k)), np.int64(k),
+               np.uint64(tp + 8 * R * (1 + 2 * k)), np.int32(bits), np.int32(bool(subtract)), _addr(rt, bad)),
+              compute)
+    compute.synchronize()
+    return rt.download(bad).reshape(m, k).any(axis=0)
+
+
 def set_num_threads(n: int) -> None:
     pass
