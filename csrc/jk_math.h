@@ -163,6 +163,20 @@ JK_HD void opt_step(A d, A& x, A& m, A& v, const OptCoef<A>& c) {
   }
 }
 
+// Coordinate-wise robust statistics (jitkernels/robust_coord.py is the spec; csrc/jk_robust_coord.h's tile path and
+// the generated CUDA kernels of jitkernels/backends/cuda_source.py call these per coordinate).
+// A comparator of a sorting network: (a, b) <- (min, max), one predicate for both, so the pair keeps its values.
+JK_HD void order2(float& a, float& b) {
+  const float u = a, w = b;
+  const bool lt = w < u;
+  a = lt ? w : u;
+  b = lt ? u : w;
+}
+// The median from the two middle values a <= b (a == b for odd k): ((0.5*a) + (0.5*b)) + 0.0 in double. Cannot
+// overflow (|result| <= max(|a|, |b|)); the halvings are exact, so this is (a+b)/2 rounded once to double, then once
+// to float; + 0.0 maps -0.0 to +0.0.
+JK_HD float median_mid(float a, float b) { return (float)(((0.5 * (double)a) + (0.5 * (double)b)) + 0.0); }
+
 // Narrow a finalized value to the output dtype, rounding to nearest even as numpy / ml_dtypes do. bf16 from f64
 // goes through f32 (ml_dtypes' double rounding, kept so that results match it); f16 from f64 rounds once (numpy).
 JK_HD void narrow_to(float* o, float y) { *o = y; }

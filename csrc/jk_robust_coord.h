@@ -410,7 +410,7 @@ void tile_rows(const In* x, int64_t k, int64_t n, int64_t ld, int mode, int64_t 
         const float* __restrict rb = buf + r_hi * T;
 #pragma omp simd
         for (int64_t t = 0; t < len; ++t)
-          o[t] = float(((0.5 * double(ra[t])) + (0.5 * double(rb[t]))) + 0.0);
+          o[t] = ::jk::median_mid(ra[t], rb[t]);
       } else {
 #pragma omp simd
         for (int64_t t = 0; t < len; ++t) acc[t] = 0.0;

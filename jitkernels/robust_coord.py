@@ -68,6 +68,7 @@ import sys
 import numpy as np
 
 from . import backends as _backends
+from . import device as _device
 from .errors import BackendUnavailable, EmptyAggregate
 from .threads import get_num_threads
 
@@ -82,7 +83,7 @@ if numba is not None:
 # Input codes, as csrc/kernels.cpp's InCode (float64 = 0 is not a slab dtype).
 F32, F16, BF16 = 1, 2, 3
 CODES = {"float32": F32, "float16": F16, "bfloat16": BF16}
-BACKENDS = ("numpy", "numba", "cpp")
+BACKENDS = ("numpy", "numba", "cpp", "cupy")
 
 # Work below this many values (k * N) runs on one thread: waking a pool costs more than it saves.
 SMALL_CALL = 1 << 17
@@ -167,8 +168,9 @@ def coordinate_median(x, *, backend: str | None = None, out=None, tile: int | No
     k = rows.shape[0]
     if k == 0:
         raise EmptyAggregate("coordinate median of zero updates")
-    out = _out(out, rows.shape[1])
-    _pick(backend, k, 0)[0](rows, code, out, _tile(tile))
+    fns = _pick(backend, k, 0, rows)
+    out = _out(out, rows)
+    fns[0](rows, code, out, _tile(tile))
     return out
 
 
@@ -183,32 +185,44 @@ def trimmed_mean(x, beta: float, *, backend: str | None = None, out=None, tile: 
     c = trim_count(k, beta)
     if k == 0:
         raise EmptyAggregate("trimmed mean of zero updates")
-    out = _out(out, rows.shape[1])
-    _pick(backend, k, 1)[1](rows, code, c, k - c, out, _tile(tile))
+    fns = _pick(backend, k, 1, rows)
+    out = _out(out, rows)
+    fns[1](rows, code, c, k - c, out, _tile(tile))
     return out
 
 
 def available_backends() -> dict:
     """``{name: True or the reason it cannot run here}`` for the robust kernels."""
-    return {"numpy": True, "numba": True if numba is not None else _numba_reason, "cpp": _cpp_available()}
+    from .backends import cupy_backend
+
+    return {"numpy": True, "numba": True if numba is not None else _numba_reason, "cpp": _cpp_available(),
+            "cupy": cupy_backend.available()}
 
 
-def _pick(backend, k: int, stat: int):
+def _pick(backend, k: int, stat: int, rows):
     """The kernels for ``backend``; for auto, the fastest that is available for k rows and statistic ``stat`` (0
-    median, 1 trimmed mean): cpp where its register path covers k, else numba's generated kernel (k <=
-    NUMBA_REG_MAX_K; at k = 50 it ran 3x cpp's tile path), else cpp's tile path, numba's, numpy."""
+    median, 1 trimmed mean): cupy for a slab in GPU memory; else cpp where its register path covers k, else numba's
+    generated kernel (k <= NUMBA_REG_MAX_K; at k = 50 it ran 3x cpp's tile path), else cpp's tile path, numba's,
+    numpy. A slab stays where it is: the GPU reads device slabs only, the CPU backends host slabs only."""
     name = _backends.requested(backend)
+    on_device = not isinstance(rows, np.ndarray)
     avail = available_backends()
     if name == "auto":
-        order = ["cpp", "numba", "numpy"]
-        if avail["cpp"] is True and k > _core().robust_reg_max_k[stat] and k <= NUMBA_REG_MAX_K:
-            order.remove("numba")
-            order.insert(0, "numba")
-        return _REGISTRY[next(c for c in order if avail[c] is True)]
+        if on_device:
+            name = "cupy"
+        else:
+            order = ["cpp", "numba", "numpy"]
+            if avail["cpp"] is True and k > _core().robust_reg_max_k[stat] and k <= NUMBA_REG_MAX_K:
+                order.remove("numba")
+                order.insert(0, "numba")
+            return _REGISTRY[next(c for c in order if avail[c] is True)]
     if name not in _REGISTRY:
         raise BackendUnavailable(f"backend {name!r} has no robust coordinate kernels (it runs {', '.join(BACKENDS)})")
     if avail[name] is not True:
         raise BackendUnavailable(f"backend {name!r} unavailable: {avail[name]}")
+    if on_device != (name == "cupy"):
+        hint = "use backend='cupy'" if on_device else "upload it (cupy.asarray) first"
+        raise TypeError(f"the slab is in {'GPU' if on_device else 'host'} memory but the backend is {name!r}: {hint}")
     return _REGISTRY[name]
 
 
@@ -220,6 +234,20 @@ def _slab(x, dtype):
     if isinstance(x, UpdateStore):
         r = x.rows()
         return (r.view(np.uint16) if r.dtype == np.float16 else r), CODES[x.dtype]
+    if _device.is_device_array(x):  # CuPy / torch CUDA: a CuPy view of the same memory, for the cupy backend
+        leaf = _device.device_leaf(x)
+        a, name = leaf.array, np.dtype(leaf.dtype).name
+        if name == "uint16":
+            if dtype is None or str(dtype) not in ("bfloat16", "float16"):
+                raise TypeError("a uint16 slab holds 16-bit float bits: say dtype='bfloat16' or 'float16'")
+            name = str(dtype)
+        elif name == "float16":
+            a = a.view(np.uint16)
+        if a.ndim != 2:
+            raise ValueError(f"expected a [k, N] slab, got shape {a.shape}")
+        if name not in CODES:
+            raise TypeError(f"the robust kernels read float32, float16 or bfloat16 slabs, got {name}")
+        return a, CODES[name]
     a = np.asarray(x)
     if a.ndim != 2:
         raise ValueError(f"expected a [k, N] slab, got shape {a.shape}")
@@ -252,11 +280,14 @@ def _tile(tile):
     return tile
 
 
-def _out(out, n):
+def _out(out, rows):
+    """``out`` checked, or a new float32[N] where the slab lives (GPU memory for a device slab)."""
+    n, on_device = rows.shape[1], not isinstance(rows, np.ndarray)
     if out is None:
-        return np.empty(n, np.float32)
-    if not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != (n,) or not out.flags.c_contiguous:
-        raise ValueError(f"out must be a contiguous float32[{n}]")
+        return _device.zeros(n, np.float32, on_device) if on_device else np.empty(n, np.float32)
+    if (not on_device and not isinstance(out, np.ndarray)) or (on_device and not _device.is_device_array(out)) or \
+            out.dtype != np.float32 or out.shape != (n,) or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a contiguous float32[{n}] in {'GPU' if on_device else 'host'} memory")
     return out
 
 
@@ -626,8 +657,22 @@ def _trimmed_cpp(rows, code, lo, hi, out, tile):
     _core().robust_trimmed_mean(rows, code, lo, hi, out, tile, _threads(rows))
 
 
+# --- cupy (the kernels generated by jitkernels.backends.cuda_source.robust_kernel; ``tile`` does not apply) -------
+def _median_cupy(rows, code, out, tile):
+    from .backends import cupy_backend
+
+    cupy_backend.robust_coord(rows, code, 0, 0, 0, out)
+
+
+def _trimmed_cupy(rows, code, lo, hi, out, tile):
+    from .backends import cupy_backend
+
+    cupy_backend.robust_coord(rows, code, 1, lo, hi, out)
+
+
 _REGISTRY = {
     "numpy": (_median_numpy, _trimmed_numpy),
     "numba": (_median_numba, _trimmed_numba),
     "cpp": (_median_cpp, _trimmed_cpp),
+    "cupy": (_median_cupy, _trimmed_cupy),
 }

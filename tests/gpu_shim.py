@@ -55,6 +55,38 @@ def emulation_library():
     return _LIB
 
 
+_GENERATED: dict = {}
+
+
+def generated_library(name: str, body: str):
+    """A generated kernel (cuda_source.robust_kernel) under the host emulation, built once per source."""
+    lib = _GENERATED.get(body)
+    if lib is not None:
+        return lib
+    d = cuda_source.source_dir()
+    src = ("#define JK_HOST_EMULATION\n"
+           f'#include "{os.path.join(d, "cuda", "emulate.h")}"\n#include "{os.path.join(d, "jk_math.h")}"\n'
+           f"{body}thread_local jk_dim3 blockIdx, threadIdx, blockDim;\n"
+           'extern "C" int jk_launch(unsigned grid, unsigned block, void** args) {\n'
+           f"  jk_emu::launch(&{name}, grid, block, args);\n  return 0;\n}}\n")
+    deps = "".join(open(os.path.join(d, p)).read() for p in ("jk_math.h", "cuda/emulate.h"))
+    key = hashlib.sha256((src + deps).encode()).hexdigest()[:16]
+    out = os.path.join(tempfile.gettempdir(), "jitkernels-emulation")
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"gen-{key}.so")
+    if not os.path.exists(path):
+        cpp = os.path.join(out, f"gen-{key}.cpp")
+        with open(cpp, "w") as f:
+            f.write(src)
+        tmp = f"{path}.{os.getpid()}"
+        subprocess.run(["g++", "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-w", cpp, "-o", tmp],
+                       check=True)
+        os.replace(tmp, path)
+    lib = _GENERATED[body] = ctypes.CDLL(path)
+    lib.jk_launch.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p)]
+    return lib
+
+
 _CTYPE = {np.dtype(np.uint64): ctypes.c_uint64, np.dtype(np.int64): ctypes.c_int64,
           np.dtype(np.float64): ctypes.c_double, np.dtype(np.int32): ctypes.c_int32,
           np.dtype(np.uint32): ctypes.c_uint32}
@@ -160,6 +192,19 @@ class HostRuntime:
         def run():
             rc = self.lib.jk_launch(idx, grid, cuda_source.BLOCK, argv)
             assert rc == 0, name
+            del vals[:]
+        stream.ops.append(("launch", None, run))
+        self._note_overlap()
+
+    def launch_generated(self, name, body, grid, args, stream):
+        if not grid:
+            return
+        lib = generated_library(name, body)
+        vals = [_CTYPE[np.asarray(a).dtype](a.item()) for a in args]
+        argv = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
+
+        def run():
+            assert lib.jk_launch(grid, cuda_source.BLOCK, argv) == 0, name
             del vals[:]
         stream.ops.append(("launch", None, run))
         self._note_overlap()

@@ -55,3 +55,41 @@ def test_the_source_is_self_contained_for_nvrtc():
     text = cuda_source.source()
     assert '#include "../jk_math.h"' not in text and "namespace jk {" in text
     assert set(cuda_source.kernel_names()) and len(set(cuda_source.kernel_names())) == len(cuda_source.kernel_names())
+
+
+ROBUST_CASES = [(10, 1, 0), (50, 1, 1), (50, 3, 0), (cuda_source.ROBUST_MAX_K, 2, 1)]
+
+
+def _robust_sources():
+    from jitkernels import robust_coord as rc
+
+    for k, code, mode in ROBUST_CASES:
+        c = rc.trim_count(k, 0.2)
+        yield cuda_source.robust_kernel(k, code, mode, c, k - c)
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_generated_robust_kernels_compile_with_nvcc_without_spills(tmp_path, arch):
+    """The per-k robust kernels hold k values in registers: up to ROBUST_MAX_K they must not spill."""
+    src = tmp_path / "robust.cu"
+    body = "".join(b for _, b in _robust_sources())
+    src.write_text(f'#include <cuda_fp16.h>\n#include "{cuda_source.source_dir()}/jk_math.h"\n{body}')
+    cmd = [NVCC, *cuda_source.NVRTC_OPTIONS, "-Xptxas", "-warn-spills", "-Werror", "all-warnings",
+           f"-gencode=arch=compute_{arch},code=sm_{arch}", "-c", str(src), "-o", str(tmp_path / "robust.o")]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "spill" not in out.stderr.lower(), out.stderr
+
+
+def test_generated_robust_kernels_compile_with_nvrtc():
+    """The text CupyRuntime.launch_generated hands NVRTC: jk_math.h, then the generated kernel."""
+    pytest.importorskip("cuda.bindings.nvrtc", reason="NVRTC check needs nvidia-cuda-nvrtc + cuda-bindings")
+    try:
+        cuda_source.include_dirs()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    for name, body in _robust_sources():
+        ptx, _ = cuda_source.compile_nvrtc("compute_90", names=(), text=cuda_source.header_source("jk_math.h") + body)
+        text = bytes(ptx).decode()
+        assert f".entry {name}(" in text and ".ftz" not in text and "fma.rn" not in text

@@ -247,3 +247,24 @@ def test_secagg_sum_on_the_gpu_equals_the_cpu(seed, sizes, k, bits):
             with pytest.raises(jk.ValueOutOfRange, match="party 'x'"):
                 gpu.fold_many([[cp.asarray(a) for a in bad]], ["x"])
     assert gpu.to_bytes() == before == cpu.to_bytes()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("k", [3, 10, 50])
+def test_robust_coordinate_kernels_on_the_gpu(k, dtype):
+    """Coordinate median and trimmed mean of a CuPy slab: the CPU backends' bits, the result on the device."""
+    import cupy as cp
+
+    from jitkernels import robust_coord as rc
+
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal((k, 100_003)).astype(np.float32)
+    x[:, ::7] = 0.5  # ties
+    host = x if dtype == "float32" else x.astype(jk.bfloat16)
+    dev = cp.asarray(host if dtype == "float32" else host.view(np.uint16))
+    kw = {} if dtype == "float32" else {"dtype": "bfloat16"}
+    med = rc.coordinate_median(dev, **kw)
+    assert isinstance(med, cp.ndarray)
+    assert med.get().tobytes() == rc.coordinate_median(host, backend="numpy").tobytes()
+    tri = rc.trimmed_mean(dev, 0.2, **kw)
+    assert tri.get().tobytes() == rc.trimmed_mean(host, 0.2, backend="numpy").tobytes()

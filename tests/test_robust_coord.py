@@ -256,10 +256,53 @@ def test_auto_takes_numba_past_the_cpp_register_path():
         pytest.skip("needs numba and the C++ extension")
     cpp_max = rc._core().robust_reg_max_k
     for stat in (0, 1):
-        assert rc._pick("auto", cpp_max[stat], stat) is rc._REGISTRY["cpp"]
-        assert rc._pick("auto", cpp_max[stat] + 1, stat) is rc._REGISTRY["numba"]
-        assert rc._pick("auto", rc.NUMBA_REG_MAX_K, stat) is rc._REGISTRY["numba"]
-        assert rc._pick("auto", rc.NUMBA_REG_MAX_K + 1, stat) is rc._REGISTRY["cpp"]
+        def pick(k):
+            return rc._pick("auto", k, stat, np.zeros((k, 1), np.float32))
+        assert pick(cpp_max[stat]) is rc._REGISTRY["cpp"]
+        assert pick(cpp_max[stat] + 1) is rc._REGISTRY["numba"]
+        assert pick(rc.NUMBA_REG_MAX_K) is rc._REGISTRY["numba"]
+        assert pick(rc.NUMBA_REG_MAX_K + 1) is rc._REGISTRY["cpp"]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the host emulation needs g++")
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("k", [1, 2, 5, 10, 33, 50])
+def test_cuda_kernels_in_the_host_emulation(k, dtype):
+    """The generated CUDA kernels (cuda_source.robust_kernel, jk_math.h's order2 / median_mid), run by the GPU
+    backend's launch code on the CPU shim (each grid as loops): the numpy reference's bits, on rows with a stride
+    and a ragged last block."""
+    import gpu_shim
+    from jitkernels.backends import cupy_backend
+
+    n, ld = 700, 709
+    for pattern in ("normal", "ties", "huge", "zeros"):
+        x32 = make_rows(k, ld, pattern, k)
+        if dtype != "float32":
+            x32 = np.clip(x32, -6e4, 6e4) if dtype == "float16" else np.clip(x32, -3e38, 3e38)
+        wide = to_storage(x32, dtype)
+        stored = wide[:, :n]
+        x64 = widened(np.ascontiguousarray(stored), dtype)
+        rows = stored.view(np.uint16) if stored.dtype != np.float32 else stored
+        with cupy_backend.use_runtime(gpu_shim.HostRuntime(k)):
+            med = np.empty(n, np.float32)
+            cupy_backend.robust_coord(rows, rc.CODES[dtype], 0, 0, 0, med)
+            c = rc.trim_count(k, 0.2)
+            tri = np.empty(n, np.float32)
+            cupy_backend.robust_coord(rows, rc.CODES[dtype], 1, c, k - c, tri)
+        assert same_bits(med, ref_median(x64)), pattern
+        assert same_bits(tri, ref_trimmed(x64, 0.2)), pattern
+
+
+def test_device_and_host_slabs_stay_where_they_are():
+    """backend="cupy" reads GPU slabs only (a host slab is refused, not copied behind the caller's back), and says
+    why it cannot run where there is no GPU."""
+    host = np.zeros((3, 4), np.float32)
+    if rc.available_backends()["cupy"] is True:
+        with pytest.raises(TypeError, match="host memory but the backend is 'cupy'"):
+            rc.coordinate_median(host, backend="cupy")
+    else:
+        with pytest.raises(jk.BackendUnavailable, match="cupy"):
+            rc.coordinate_median(host, backend="cupy")
 
 
 def test_cpp_register_and_tile_paths_on_threads(cpp):

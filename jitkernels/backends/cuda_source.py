@@ -78,6 +78,44 @@ def kernel_names() -> tuple:
     return tuple(names)
 
 
+ROBUST_MAX_K = 128
+"""Largest k of the generated robust kernels: the k values of a coordinate live in one thread's registers (255 per
+thread), and the unrolled network grows as k log^2 k."""
+
+
+def robust_kernel(k: int, code: int, mode: int, lo: int = 0, hi: int = 0) -> tuple:
+    """(name, CUDA source) of the coordinate-wise robust kernel for k rows of input code ``code``
+    (jitkernels.robust_coord.CODES): the median (mode 0) or the trimmed mean of ranks [lo, hi) (mode 1). Generated per
+    k, as numba's register kernels are, from the same network (robust_coord.network, depth-first); the math per
+    coordinate is jk_math.h's (order2, median_mid; the trimmed mean sums in float64 in ascending rank order, from
+    +0.0). One thread per coordinate, ``extern "C"`` (no name lowering):
+    ``name(const In* x, long long ld, long long n, float* out)``, row j of the slab at ``x + j*ld``. Reads
+    k*itemsize(In) bytes and writes 4 per coordinate; the loads of a row are coalesced across the warp. The source
+    needs jk_math.h before it (NVRTC: :func:`header_source` ("jk_math.h"); nvcc and the host emulation include it)."""
+    from ..robust_coord import F16, F32, median_ranks, network
+
+    if not 1 <= k <= ROBUST_MAX_K:
+        raise ValueError(f"the GPU robust kernels take 1 <= k <= {ROBUST_MAX_K} updates, got {k}")
+    r1, r2 = median_ranks(k)
+    ci, cj, _ = network(k, r1, r2 + 1, True) if mode == 0 else network(k, lo, hi, True)
+    ctype = "float" if code == F32 else "jk::f16" if code == F16 else "jk::bf16"
+    name = f"jk_rc_{'med' if mode == 0 else f'trim{lo}_{hi}'}_k{k}_{ctype.replace('jk::', '')}"
+    body = [f'extern "C" __global__ void {name}(const {ctype}* __restrict__ x, long long ld, long long n,',
+            "                                  float* __restrict__ out) {",
+            "  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;",
+            "  if (i >= n) return;"]
+    body += [f"  float v{j} = jk::widen(x[{j} * ld + i]);" for j in range(k)]
+    body += [f"  jk::order2(v{a}, v{b});" for a, b in zip(ci.tolist(), cj.tolist())]
+    if mode == 0:
+        body.append(f"  out[i] = jk::median_mid(v{r1}, v{r2});")
+    else:
+        body.append("  double s = 0.0;")
+        body += [f"  s = s + (double)v{j};" for j in range(lo, hi)]
+        body.append(f"  out[i] = (float)(s / {float(hi - lo)!r});")
+    body.append("}")
+    return name, "\n".join(body) + "\n"
+
+
 def source_dir() -> str:
     """Folder holding ``cuda/kernels.cu`` and ``jk_math.h``: the installed package data, else the source tree."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -75,14 +75,19 @@ class CupyRuntime:
         """(module, lowered names) of the current device: compiled by NVRTC with our options once per device
         architecture and cached on disk (JITKERNELS_CACHE_DIR, default ~/.cache/jitkernels), loaded once per
         device and process."""
+        return self._module("kernels", None)
+
+    def _module(self, tag: str, text):
+        """The module of ``text`` (None: kernels.cu with every kernel name) on the current device, compiled once."""
         dev = self.cp.cuda.Device()
         with self._lock:
-            mod = self._modules.get(dev.id)
+            mod = self._modules.get((dev.id, tag))
             if mod is None:
-                mod = self._modules[dev.id] = self._load(f"sm_{dev.compute_capability}")
+                mod = self._modules[(dev.id, tag)] = self._load(f"sm_{dev.compute_capability}", tag, text)
         return mod
 
-    def _load(self, arch: str):
+    def _load(self, arch: str, tag: str, text):
+        import hashlib
         import json
         import os
 
@@ -91,14 +96,24 @@ class CupyRuntime:
         d = os.path.join(os.environ.get("JITKERNELS_CACHE_DIR") or os.path.expanduser("~/.cache/jitkernels"),
                          "cuda")
         os.makedirs(d, exist_ok=True)
-        stem = os.path.join(d, f"kernels-{arch}-{cuda_source.cache_key(arch)}")
+        key = cuda_source.cache_key(arch) if text is None else hashlib.sha256(
+            (text + cuda_source.cache_key(arch)).encode()).hexdigest()[:24]
+        stem = os.path.join(d, f"{tag}-{arch}-{key}")
         if not (os.path.exists(stem + ".cubin") and os.path.exists(stem + ".json")):
-            image, lowered = cuda_source.compile_nvrtc(arch)
+            image, lowered = cuda_source.compile_nvrtc(arch, names=None if text is None else (), text=text)
             atomic_write(stem + ".json", json.dumps(lowered).encode())
             atomic_write(stem + ".cubin", bytes(image))
         with open(stem + ".json") as f:
             lowered = json.load(f)
         return self.cp.RawModule(path=stem + ".cubin"), lowered
+
+    def launch_generated(self, name: str, body: str, grid: int, args: tuple, stream) -> None:
+        """Launch ``extern "C"`` kernel ``name`` of a generated source ``body`` (jk_math.h prepended), compiled
+        once per device architecture and cached like kernels.cu."""
+        if grid:
+            mod, _ = self._module(name, cuda_source.header_source("jk_math.h") + body)
+            with stream.s:
+                mod.get_function(name)((grid,), (cuda_source.BLOCK,), args)
 
     def launch(self, name: str, grid: int, args: tuple, stream) -> None:
         if grid:
