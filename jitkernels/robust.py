@@ -120,7 +120,9 @@ Vert^2, \quad |N_i| = k - f - 2 	ext{ nearest}, \qquad
     def aggregate(self, store, weights, base=None):
         from .robust_gram import krum
 
-        return krum(store, self.f, self.m, weights=weights if self.weighted else None).aggregate
+        res = krum(store, self.f, self.m, weights=weights if self.weighted else None)
+        self.selected = res.parties  # who the last aggregate kept, by increasing score (e.g. to average their metrics)
+        return res.aggregate
 
     def params(self) -> dict:
         return {**super().params(), "f": self.f, "m": self.m}

@@ -89,3 +89,31 @@ def test_message_fedavgm_equals_flowers_over_rounds():
         for k in a_t:
             np.testing.assert_allclose(a_o[k].numpy(), a_t[k].numpy(), rtol=0, atol=2e-5)
         glob = [a_t[f"layer{i}"].numpy() for i in range(2)]
+
+
+@pytest.mark.parametrize("name,kw", [("Krum", {"num_malicious_nodes": 1}),
+                                     ("MultiKrum", {"num_malicious_nodes": 1, "num_nodes_to_select": 3})])
+def test_message_krum_equals_flowers_with_metrics_of_the_selected(name, kw):
+    """Well-separated scores (an honest cluster at different distances, one attacker far out): the same selection,
+    the same weighted average, and the metrics averaged over the selected replies only, as Flower does."""
+    def replies():
+        r = np.random.default_rng(11)
+        center = [r.standard_normal((30, 20)).astype(np.float32), r.standard_normal(20).astype(np.float32)]
+        out = []
+        for j in range(6):
+            spread = 0.01 * (j + 1) if j < 5 else 50.0  # j = 5: the attacker
+            out.append(_reply(j, [(c + spread * r.standard_normal(c.shape)).astype(np.float32) for c in center],
+                              10 * (j + 1), float(j)))
+        return out
+
+    a_t, m_t = getattr(ms, name)(**kw).aggregate_train(1, replies())
+    ours = getattr(jkfl, "Message" + name)(**kw)
+    mine = replies()
+    a_o, m_o = ours.aggregate_train(1, mine)
+    assert dict(m_o) == pytest.approx(dict(m_t))
+    from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+    every = aggregate_metricrecords([m.content for m in replies()], "num-examples")
+    assert dict(m_o) != pytest.approx(dict(every))  # not the metrics of all six replies
+    assert "reply-5" not in ours._jk.algorithm.selected
+    for k in a_t:
+        np.testing.assert_allclose(a_o[k].numpy(), a_t[k].numpy().astype(np.float32), rtol=1e-6, atol=1e-6)

@@ -151,6 +151,11 @@ class _Runner:
         out = self.fold_and_finalize(views, [fr.num_examples for _, fr in results], parties, base)
         return None if out is None else Parameters(tensors=out[0], tensor_type="numpy.ndarray")
 
+    @staticmethod
+    def reply_ids(n: int) -> list:
+        """The party ids :meth:`aggregate_records` gives the replies, in order."""
+        return [f"reply-{i}" for i in range(n)]
+
     def aggregate_records(self, contents, weight_key, base=None):
         """Flower's Message API: the replies' RecordDicts (one ArrayRecord and one MetricRecord each, as Flower's
         strategies check) in, an ArrayRecord of the aggregate out (its Arrays' data are the new bytes)."""
@@ -159,7 +164,7 @@ class _Runner:
         records = [next(iter(c.array_records.values())) for c in contents]
         weights = [float(next(iter(c.metric_records.values()))[weight_key]) for c in contents]
         names = list(records[0].keys())
-        parties = [f"reply-{i}" for i in range(len(records))]
+        parties = self.reply_ids(len(records))
         views = []
         for rec, p in zip(records, parties):
             for n in names:
@@ -366,9 +371,37 @@ def _message_strategies():
                 self.current_arrays = arrays
             return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
+    def _selecting(flower_cls, make):
+        class Strategy(flower_cls):
+            __doc__ = (f"``flwr.serverapp.strategy.{flower_cls.__name__}`` by jitkernels' Krum (distances from one "
+                       f"float64 Gram pass over the round's slab): the weighted average of the selected replies, "
+                       f"their metrics aggregated as Flower does (over the selected replies only). Needs k >= 2f + "
+                       f"3 replies (Flower runs any k).")
+
+            def __init__(self, *args, backend: str = "auto", **kwargs):
+                super().__init__(*args, **kwargs)
+                self._jk = _Runner(make(self), backend)
+
+            def aggregate_train(self, server_round, replies):
+                valid, _ = self._check_and_log_replies(replies, is_train=True)
+                if not valid:
+                    return None, None
+                contents = [msg.content for msg in valid]
+                arrays = self._jk.aggregate_records(contents, self.weighted_by_key)
+                index = {p: i for i, p in enumerate(self._jk.reply_ids(len(contents)))}
+                chosen = [contents[index[p]] for p in self._jk.algorithm.selected]  # by increasing score, as Flower
+                return arrays, self.train_metrics_aggr_fn(chosen, self.weighted_by_key)
+
+        Strategy.__name__ = Strategy.__qualname__ = "Message" + flower_cls.__name__
+        return Strategy
+
     from .. import robust as R
 
+    def krum(st):
+        return R.Krum(f=st.num_malicious_nodes, m=st.num_nodes_to_select)
+
     return {"MessageFedAvg": MessageFedAvg, "MessageFedAvgM": MessageFedAvgM,
+            "MessageKrum": _selecting(ms.Krum, krum), "MessageMultiKrum": _selecting(ms.MultiKrum, krum),
             "MessageFedMedian": _robust(ms.FedMedian, lambda st: R.FedMedian()),
             "MessageFedTrimmedAvg": _robust(ms.FedTrimmedAvg, lambda st: R.FedTrimmedAvg(beta=st.beta)),
             "MessageFedAdam": _fedopt(ms.FedAdam, A.FedAdam),
@@ -383,6 +416,6 @@ def _classes():
 def __getattr__(name):  # module-level lazy classes: ``from jitkernels.integrations.flower import FedAdam``
     if name in ("FedAvg", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad", "FedMedian", "FedTrimmedAvg", "Krum",
                 "MessageFedAvg", "MessageFedAvgM", "MessageFedAdam", "MessageFedYogi", "MessageFedAdagrad",
-                "MessageFedMedian", "MessageFedTrimmedAvg"):
+                "MessageFedMedian", "MessageFedTrimmedAvg", "MessageKrum", "MessageMultiKrum"):
         return _classes()[name]
     raise AttributeError(name)
