@@ -11,6 +11,7 @@ import heapq
 import itertools
 import threading
 import time
+from collections import deque
 
 
 class Handle:
@@ -46,18 +47,28 @@ class _Heap:
 
 
 class VirtualClock:
-    """Discrete-event time: ``run()`` jumps from event to event. Nothing sleeps."""
+    """Discrete-event time: ``run()`` jumps from event to event. Nothing sleeps.
+
+    Events for the current time (``call_soon``, half of a simulation's events: each arrival hands its update on)
+    skip the heap: they go to a FIFO that shares the heap's sequence numbers, and ``run`` takes whichever of the two
+    heads comes first in (time, sequence) order, so the order is the heap-only order."""
 
     def __init__(self, start: float = 0.0):
         self._now = float(start)
         self._q = _Heap()
+        self._soon = deque()  # (seq, Handle) due at self._now
         self.events = 0
 
     def now(self) -> float:
         return self._now
 
     def call_at(self, when: float, fn, *args) -> Handle:
-        return self._q.push(max(float(when), self._now), fn, args)
+        when = float(when)
+        if when <= self._now:
+            h = Handle(self._now, fn, args)
+            self._soon.append((next(self._q._seq), h))
+            return h
+        return self._q.push(when, fn, args)
 
     def call_later(self, delay: float, fn, *args) -> Handle:
         return self.call_at(self._now + max(delay, 0.0), fn, *args)
@@ -69,12 +80,21 @@ class VirtualClock:
 
     def run(self, until: float | None = None) -> None:
         """Process events in time order until none is left (or the next is after ``until``)."""
+        soon, heap = self._soon, self._q._heap
         while True:
-            t = self._q.peek_time()
-            if t is None or (until is not None and t > until):
-                break
-            h = self._q.pop()
-            self._now = h.when
+            if soon:  # due now; a heap event due now that was scheduled earlier goes first
+                if heap and heap[0][0] <= self._now and heap[0][1] < soon[0][0]:
+                    h = heapq.heappop(heap)[2]
+                else:
+                    h = soon.popleft()[1]
+                if h.cancelled:
+                    continue
+            else:
+                t = self._q.peek_time()
+                if t is None or (until is not None and t > until):
+                    break
+                h = self._q.pop()
+                self._now = h.when
             self.events += 1
             h.fn(*h.args)
         if until is not None:

@@ -299,16 +299,18 @@ def _tail(probs, need: int) -> float:
 
 @numba.njit(cache=True)
 def _quorum_tail(logt, mu, sigma, part, f_tau, denom, need):
-    return _quorum_tail_into(np.empty(mu.size), logt, mu, sigma, part, f_tau, denom, need)
+    return _quorum_tail_into(np.empty(mu.size), logt, mu, 1.0 / np.maximum(sigma, 1e-12), part, f_tau, 1.0 / denom,
+                             need)
 
 
 @numba.njit(cache=True)
 def _bisect_quantile(llo, lhi, tol, alpha, mu, sigma, part, f_tau, denom, need):
     """The smallest log t (to ``tol``) in [llo, lhi] whose quorum CDF reaches alpha (the CDF at lhi does)."""
     probs = np.empty(mu.size)
+    isig, idenom = 1.0 / np.maximum(sigma, 1e-12), 1.0 / denom
     while lhi - llo > tol:
         mid = 0.5 * (llo + lhi)
-        if _quorum_tail_into(probs, math.log(math.exp(mid)), mu, sigma, part, f_tau, denom, need) >= alpha:
+        if _quorum_tail_into(probs, math.log(math.exp(mid)), mu, isig, part, f_tau, idenom, need) >= alpha:
             lhi = mid
         else:
             llo = mid
@@ -316,14 +318,26 @@ def _bisect_quantile(llo, lhi, tol, alpha, mu, sigma, part, f_tau, denom, need):
 
 
 @numba.njit(cache=True)
-def _quorum_tail_into(probs, logt, mu, sigma, part, f_tau, denom, need):
+def _quorum_tail_into(probs, logt, mu, isig, part, f_tau, idenom, need):
+    """P(at least ``need`` of the pending parties arrive by log time ``logt``): each party's conditional arrival
+    probability p = part * (F(t) - F(tau)) / (1 - part * F(tau)) (``isig``, ``idenom``: the reciprocals of sigma
+    and of that denominator, computed once per quantile), then the Poisson-binomial tail; for more than EXACT_MAX
+    positive p its normal approximation, whose mean and variance are summed in the same loop (no second pass)."""
     m = 0
+    mean = 0.0
+    var = 0.0
     for i in range(mu.size):
-        p = part[i] * (_norm_cdf((logt - mu[i]) / max(sigma[i], 1e-12)) - f_tau[i]) / denom[i]
+        p = part[i] * (_norm_cdf((logt - mu[i]) * isig[i]) - f_tau[i]) * idenom[i]
         if p > 0.0:
             probs[m] = p
             m += 1
-    return _tail(probs[:m], need)
+            mean += p
+            var += p * (1.0 - p)
+    if m <= EXACT_MAX or need <= 0 or need > m:
+        return _tail(probs[:m], need)
+    if var <= 1e-12:
+        return 1.0 if mean >= need - 0.5 else 0.0
+    return 1.0 - 0.5 * math.erfc(-((need - 0.5 - mean) / math.sqrt(var)) / SQRT2)
 
 
 def poisson_binomial_tail(probs, need: int) -> float:
