@@ -129,9 +129,8 @@ def cmd_sweep(args) -> int:
 
     rhos = [float(x) for x in args.rho.split(",")]
     cvs = [float(x) for x in args.cv.split(",")]
-    saving = np.zeros((len(cvs), len(rhos)))
-    capture = np.zeros_like(saving)
-    added = np.zeros_like(saving)
+    shape = (len(cvs), len(rhos))
+    saving, capture, oracle, latency, added = (np.zeros(shape) for _ in range(5))
     cells = []
     total = len(rhos) * len(cvs)
     k = 0
@@ -139,22 +138,26 @@ def cmd_sweep(args) -> int:
         for j, r in enumerate(rhos):
             k += 1
             print(f"[{k}/{total}] rho={r} cv={cv}", file=sys.stderr)
-            out = compare(sweep_workload(r, cv), ("eager", "lazy", "jit"))
+            out = compare(sweep_workload(r, cv, rounds=args.rounds), POLICIES)
             row = out["policies"]["jit"]
             saving[i, j] = row["saving_vs_eager"]
             capture[i, j] = row["capture_of_lazy_saving"]
+            oracle[i, j] = row["capture_of_oracle_saving"]
+            latency[i, j] = row["latency_share_of_lazy_gap"]
             added[i, j] = row["added_latency_p95_vs_eager_s"]
             cells.append({"rho": r, "jitter_cv": cv, **{p: v for p, v in out["policies"].items()}})
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "sweep.json"), "w") as f:
         json.dump(cells, f, indent=1, default=float)
-    print("\njit saving vs eager (rows: jitter CV, columns: rho)")
-    print("cv \\ rho " + " ".join(f"{r:>8}" for r in rhos))
-    for i, cv in enumerate(cvs):
-        print(f"{cv:>8} " + " ".join(f"{saving[i, j]:>8.1%}" for j in range(len(rhos))))
-    print("\njit p95 added latency vs eager (s)")
-    for i, cv in enumerate(cvs):
-        print(f"{cv:>8} " + " ".join(f"{added[i, j]:>8.2f}" for j in range(len(rhos))))
+    for title, data, fmt in (("jit saving vs eager", saving, "{:>8.1%}"),
+                             ("share of lazy's saving jit captures", capture, "{:>8.1%}"),
+                             ("share of oracle's saving jit captures", oracle, "{:>8.1%}"),
+                             ("jit p95 latency: share of the way from eager's to lazy's", latency, "{:>8.1%}"),
+                             ("jit p95 added latency vs eager (s)", added, "{:>8.2f}")):
+        print(f"\n{title} (rows: jitter CV, columns: rho)")
+        print("cv \\ rho " + " ".join(f"{r:>8}" for r in rhos))
+        for i, cv in enumerate(cvs):
+            print(f"{cv:>8} " + " ".join(fmt.format(data[i, j]) for j in range(len(rhos))))
     _heatmaps(rhos, cvs, saving, capture, added, os.path.join(args.out, "sweep.png"))
     print(f"\nwrote {args.out}/sweep.json and {args.out}/sweep.png")
     return 0
@@ -213,9 +216,11 @@ def main(argv=None) -> int:
     s.add_argument("--real", action="store_true", help="fold real arrays; busy time measured")
     s.add_argument("--out", default="results")
     s.set_defaults(fn=cmd_simulate)
-    s = sub.add_parser("sweep", help="jit's saving and latency over rho x jitter")
+    s = sub.add_parser("sweep", help="jit's saving and latency over rho x jitter (against eager, lazy, oracle)")
     s.add_argument("--rho", default="0.001,0.01,0.1,0.3")
     s.add_argument("--cv", default="0.05,0.2,0.5")
+    s.add_argument("--rounds", type=int, default=100,
+                   help="rounds per cell (the predictor learns over the first few; 100 is a short FL job)")
     s.add_argument("--out", default="results")
     s.set_defaults(fn=cmd_sweep)
     s = sub.add_parser("calibrate", help="measure kernel throughput for the cost model")
