@@ -86,3 +86,17 @@ def test_jitagg_simulate_writes_table_png_and_json(tiny, tmp_path, capsys):
     data = json.loads((out / "simulate_tiny.json").read_text())
     assert set(data["policies"]) == {"eager", "lazy", "jit", "oracle"}
     assert (out / "simulate_tiny.png").stat().st_size > 1000
+
+
+def test_jitagg_sweep_reports_each_bar_per_cell(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert cli.main(["sweep", "--rho", "0.01", "--cv", "0.05,0.2", "--rounds", "6", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "share of oracle's saving" in printed and "share of lazy's saving" in printed
+    cells = json.loads((out / "sweep.json").read_text())
+    assert [(c["rho"], c["jitter_cv"]) for c in cells] == [(0.01, 0.05), (0.01, 0.2)]
+    for c in cells:
+        assert {"eager", "lazy", "jit", "oracle"} <= set(c)
+        assert 0.0 <= c["jit"]["capture_of_oracle_saving"] <= 1.0 + 1e-9
+        assert all(c[p]["rounds"] == 6 for p in ("eager", "lazy", "jit", "oracle"))
+    assert (out / "sweep.png").stat().st_size > 1000
