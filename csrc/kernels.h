@@ -92,6 +92,14 @@ static void for_blocks(const int64_t* off, const int64_t* ptr, int64_t k, const 
 
 constexpr auto no_done = [](int64_t, int64_t) {};
 
+// Prefetch the bytes of an update's next block (it is read after the other k - 1 updates' blocks): a compute-heavy
+// body (the deterministic fold) leaves the hardware prefetchers behind on k streams visited one block at a time
+// (in the fused admission it measured no gain). Past the end of a row the prefetch is harmless (it never faults).
+static inline void prefetch_next(int64_t p, int64_t pos, int64_t n, int64_t itemsize) {
+  const char* next = reinterpret_cast<const char*>(p) + (pos + n) * itemsize;
+  for (int64_t c = 0; c < n * itemsize; c += 64) __builtin_prefetch(next + c);
+}
+
 // One block of one update into the accumulator: a[i] = a[i] + w * x, x = A(u[i]) [- b[i]].
 template <class A, class In, bool Base>
 static inline void fold_block(A* __restrict a, const A* __restrict b, const In* u, A wj, int64_t n) {
@@ -153,6 +161,7 @@ static void fold_binned_rows(double* hi, double* lo, const double* base, const i
     double* __restrict l = lo + o;
     const double* __restrict b = Base ? base + o : nullptr;
     const double wj = w[e];
+    prefetch_next(p, pos, n, Quant ? 1 : int64_t(sizeof(In)));  // 64-71 ms against 70-111 ms without (25M x 10)
     auto step = [&](int64_t i, double x) {
       if (Base) x = x - b[i];
       jk::binned_step(h[i], l[i], wj * x, s1, s2);
