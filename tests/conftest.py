@@ -27,3 +27,16 @@ def pytest_report_header(config):
     return [f"jitkernels {jk.__version__}: numpy {np.__version__}, numba {numba.__version__}, "
             f"threads {jk.get_num_threads()}, C++ openmp={_core.openmp} simd={_core.simd}",
             f"cpu: {cpu}; backends: {jk.available_backends()}"]
+
+
+@pytest.fixture
+def nvrtc():
+    """cuda_source, where NVRTC can compile here (it needs no GPU: nvidia-cuda-nvrtc + cuda-bindings from PyPI and
+    a folder with cuda_fp16.h); else the test skips, saying which is missing."""
+    pytest.importorskip("cuda.bindings.nvrtc", reason="NVRTC check needs nvidia-cuda-nvrtc + cuda-bindings")
+    from jitkernels.backends import cuda_source
+    try:
+        cuda_source.include_dirs()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    return cuda_source

@@ -24,6 +24,26 @@ from jitkernels.backends import cuda_source
 _LIB = None
 
 
+def _build(stem: str, src: str, deps) -> ctypes.CDLL:
+    """g++ of ``src`` under the host emulation into a shared library, cached by the hash of the source and of the
+    csrc/ files ``deps`` it includes."""
+    text = src + "".join(open(os.path.join(cuda_source.source_dir(), p)).read() for p in deps)
+    key = hashlib.sha256(text.encode()).hexdigest()[:16]
+    d = os.path.join(tempfile.gettempdir(), "jitkernels-emulation")
+    os.makedirs(d, exist_ok=True)
+    lib = os.path.join(d, f"{stem}-{key}.so")
+    if not os.path.exists(lib):
+        cpp = os.path.join(d, f"{stem}-{key}.cpp")
+        with open(cpp, "w") as f:
+            f.write(src)
+        tmp = f"{lib}.{os.getpid()}"
+        # -ffp-contract=off as for the C++ backend: the emulation must round as the GPU does with --fmad=false
+        subprocess.run(["g++", "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-w", cpp, "-o", tmp],
+                       check=True)
+        os.replace(tmp, lib)
+    return ctypes.CDLL(lib)
+
+
 def emulation_library():
     """Build (once, cached by source hash) the shared library of emulated kernels."""
     global _LIB
@@ -35,22 +55,7 @@ def emulation_library():
            "thread_local jk_dim3 blockIdx, threadIdx, blockDim;\n"
            'extern "C" int jk_launch(int id, unsigned grid, unsigned block, void** args) {\n'
            f"  switch (id) {{\n{cases}\n    default: return -1;\n  }}\n  return 0;\n}}\n")
-    deps = "".join(open(os.path.join(cuda_source.source_dir(), p)).read()
-                   for p in ("jk_math.h", "jk_noise.h", "jk_secagg.h", "cuda/kernels.cu", "cuda/emulate.h"))
-    key = hashlib.sha256((src + deps).encode()).hexdigest()[:16]
-    d = os.path.join(tempfile.gettempdir(), "jitkernels-emulation")
-    os.makedirs(d, exist_ok=True)
-    lib = os.path.join(d, f"emu-{key}.so")
-    if not os.path.exists(lib):
-        cpp = os.path.join(d, f"emu-{key}.cpp")
-        with open(cpp, "w") as f:
-            f.write(src)
-        tmp = f"{lib}.{os.getpid()}"
-        # -ffp-contract=off as for the C++ backend: the emulation must round as the GPU does with --fmad=false
-        subprocess.run(["g++", "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-w", cpp, "-o", tmp],
-                       check=True)
-        os.replace(tmp, lib)
-    _LIB = ctypes.CDLL(lib)
+    _LIB = _build("emu", src, ("jk_math.h", "jk_noise.h", "jk_secagg.h", "cuda/kernels.cu", "cuda/emulate.h"))
     _LIB.jk_launch.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p)]
     return _LIB
 
@@ -61,29 +66,15 @@ _GENERATED: dict = {}
 def generated_library(name: str, body: str):
     """A generated kernel (cuda_source.robust_kernel) under the host emulation, built once per source."""
     lib = _GENERATED.get(body)
-    if lib is not None:
-        return lib
-    d = cuda_source.source_dir()
-    src = ("#define JK_HOST_EMULATION\n"
-           f'#include "{os.path.join(d, "cuda", "emulate.h")}"\n#include "{os.path.join(d, "jk_math.h")}"\n'
-           f"{body}thread_local jk_dim3 blockIdx, threadIdx, blockDim;\n"
-           'extern "C" int jk_launch(unsigned grid, unsigned block, void** args) {\n'
-           f"  jk_emu::launch(&{name}, grid, block, args);\n  return 0;\n}}\n")
-    deps = "".join(open(os.path.join(d, p)).read() for p in ("jk_math.h", "cuda/emulate.h"))
-    key = hashlib.sha256((src + deps).encode()).hexdigest()[:16]
-    out = os.path.join(tempfile.gettempdir(), "jitkernels-emulation")
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, f"gen-{key}.so")
-    if not os.path.exists(path):
-        cpp = os.path.join(out, f"gen-{key}.cpp")
-        with open(cpp, "w") as f:
-            f.write(src)
-        tmp = f"{path}.{os.getpid()}"
-        subprocess.run(["g++", "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-w", cpp, "-o", tmp],
-                       check=True)
-        os.replace(tmp, path)
-    lib = _GENERATED[body] = ctypes.CDLL(path)
-    lib.jk_launch.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p)]
+    if lib is None:
+        d = cuda_source.source_dir()
+        src = ("#define JK_HOST_EMULATION\n"
+               f'#include "{os.path.join(d, "cuda", "emulate.h")}"\n#include "{os.path.join(d, "jk_math.h")}"\n'
+               f"{body}thread_local jk_dim3 blockIdx, threadIdx, blockDim;\n"
+               'extern "C" int jk_launch(unsigned grid, unsigned block, void** args) {\n'
+               f"  jk_emu::launch(&{name}, grid, block, args);\n  return 0;\n}}\n")
+        lib = _GENERATED[body] = _build("gen", src, ("jk_math.h", "cuda/emulate.h"))
+        lib.jk_launch.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p)]
     return lib
 
 

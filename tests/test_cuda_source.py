@@ -32,15 +32,10 @@ def test_cuda_kernels_compile_with_nvcc_without_spills(tmp_path, arch):
 
 
 @pytest.mark.parametrize("arch", ["compute_90", "sm_80"])
-def test_cuda_kernels_compile_with_nvrtc_as_the_backend_does(arch):
+def test_cuda_kernels_compile_with_nvrtc_as_the_backend_does(arch, nvrtc):
     """The backend's own compile function (the one CupyRuntime calls), so the exact source, options and names.
     The PTX must hold no flush-to-zero and no fused multiply-add: either would break bit-exactness with numpy
     (CuPy's RawModule would add -ftz=true, which is why the backend compiles with NVRTC itself)."""
-    pytest.importorskip("cuda.bindings.nvrtc", reason="NVRTC check needs nvidia-cuda-nvrtc + cuda-bindings")
-    try:
-        cuda_source.include_dirs()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
     image, lowered = cuda_source.compile_nvrtc(arch)
     assert set(lowered) == set(cuda_source.kernel_names()) and all(v.startswith("_Z") for v in lowered.values())
     if arch.startswith("compute_"):
@@ -82,13 +77,8 @@ def test_generated_robust_kernels_compile_with_nvcc_without_spills(tmp_path, arc
     assert "spill" not in out.stderr.lower(), out.stderr
 
 
-def test_generated_robust_kernels_compile_with_nvrtc():
+def test_generated_robust_kernels_compile_with_nvrtc(nvrtc):
     """The text CupyRuntime.launch_generated hands NVRTC: jk_math.h, then the generated kernel."""
-    pytest.importorskip("cuda.bindings.nvrtc", reason="NVRTC check needs nvidia-cuda-nvrtc + cuda-bindings")
-    try:
-        cuda_source.include_dirs()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
     for name, body in _robust_sources():
         ptx, _ = cuda_source.compile_nvrtc("compute_90", names=(), text=cuda_source.header_source("jk_math.h") + body)
         text = bytes(ptx).decode()

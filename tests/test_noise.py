@@ -457,13 +457,7 @@ def test_header_compiles_with_nvcc_without_fma(tmp_path):
     _assert_no_contraction((tmp_path / "noise.ptx").read_text())
 
 
-def test_header_compiles_with_nvrtc_without_fma():
+def test_header_compiles_with_nvrtc_without_fma(nvrtc):
     """NVRTC sees one self-contained text (no <stdint.h>, no relative includes), as the GPU backend builds it."""
-    pytest.importorskip("cuda.bindings.nvrtc", reason="NVRTC check needs nvidia-cuda-nvrtc + cuda-bindings")
-    from jitkernels.backends import cuda_source
-    try:
-        cuda_source.include_dirs()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    ptx, _ = cuda_source.compile_nvrtc("compute_80", text=cuda_source.header_source("jk_noise.h") + KERNEL)
+    ptx, _ = nvrtc.compile_nvrtc("compute_80", text=nvrtc.header_source("jk_noise.h") + KERNEL)
     _assert_no_contraction(ptx.decode(errors="replace"))

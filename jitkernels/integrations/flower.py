@@ -291,8 +291,9 @@ def _message_strategies():
     ``aggregate_train``."""
     from flwr.serverapp import strategy as ms
 
-    def _train_rule(flower_cls, make, doc):
-        """A strategy whose aggregate_train is our Aggregator with ``make(strategy)``'s algorithm."""
+    def _train_rule(flower_cls, make, doc, selected=None):
+        """A strategy whose aggregate_train is our Aggregator with ``make(strategy)``'s algorithm;
+        ``selected(strategy, contents)``: the replies whose metrics are aggregated (default: all of them)."""
         class Strategy(flower_cls):
             __doc__ = doc
 
@@ -305,8 +306,9 @@ def _message_strategies():
                 if not valid:
                     return None, None
                 contents = [msg.content for msg in valid]
-                return (self._jk.aggregate_records(contents, self.weighted_by_key),
-                        self.train_metrics_aggr_fn(contents, self.weighted_by_key))
+                arrays = self._jk.aggregate_records(contents, self.weighted_by_key)
+                chosen = contents if selected is None else selected(self, contents)
+                return arrays, self.train_metrics_aggr_fn(chosen, self.weighted_by_key)
 
         Strategy.__name__ = Strategy.__qualname__ = "Message" + flower_cls.__name__
         return Strategy
@@ -371,37 +373,21 @@ def _message_strategies():
                 self.current_arrays = arrays
             return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
-    def _selecting(flower_cls, make):
-        class Strategy(flower_cls):
-            __doc__ = (f"``flwr.serverapp.strategy.{flower_cls.__name__}`` by jitkernels' Krum (distances from one "
-                       f"float64 Gram pass over the round's slab): the weighted average of the selected replies, "
-                       f"their metrics aggregated as Flower does (over the selected replies only). Needs k >= 2f + "
-                       f"3 replies (Flower runs any k).")
-
-            def __init__(self, *args, backend: str = "auto", **kwargs):
-                super().__init__(*args, **kwargs)
-                self._jk = _Runner(make(self), backend)
-
-            def aggregate_train(self, server_round, replies):
-                valid, _ = self._check_and_log_replies(replies, is_train=True)
-                if not valid:
-                    return None, None
-                contents = [msg.content for msg in valid]
-                arrays = self._jk.aggregate_records(contents, self.weighted_by_key)
-                index = {p: i for i, p in enumerate(self._jk.reply_ids(len(contents)))}
-                chosen = [contents[index[p]] for p in self._jk.algorithm.selected]  # by increasing score, as Flower
-                return arrays, self.train_metrics_aggr_fn(chosen, self.weighted_by_key)
-
-        Strategy.__name__ = Strategy.__qualname__ = "Message" + flower_cls.__name__
-        return Strategy
-
     from .. import robust as R
 
-    def krum(st):
-        return R.Krum(f=st.num_malicious_nodes, m=st.num_nodes_to_select)
+    def _krum(flower_cls):
+        def kept(st, contents):  # the replies Krum kept, by increasing score (Flower's order)
+            index = {p: i for i, p in enumerate(st._jk.reply_ids(len(contents)))}
+            return [contents[index[p]] for p in st._jk.algorithm.selected]
+
+        return _train_rule(flower_cls, lambda st: R.Krum(f=st.num_malicious_nodes, m=st.num_nodes_to_select),
+                           f"``flwr.serverapp.strategy.{flower_cls.__name__}`` by jitkernels' Krum (distances from "
+                           f"one float64 Gram pass over the round's slab): the weighted average of the selected "
+                           f"replies, their metrics aggregated as Flower does (over the selected replies only). "
+                           f"Needs k >= 2f + 3 replies (Flower runs any k).", kept)
 
     return {"MessageFedAvg": MessageFedAvg, "MessageFedAvgM": MessageFedAvgM,
-            "MessageKrum": _selecting(ms.Krum, krum), "MessageMultiKrum": _selecting(ms.MultiKrum, krum),
+            "MessageKrum": _krum(ms.Krum), "MessageMultiKrum": _krum(ms.MultiKrum),
             "MessageFedMedian": _robust(ms.FedMedian, lambda st: R.FedMedian()),
             "MessageFedTrimmedAvg": _robust(ms.FedTrimmedAvg, lambda st: R.FedTrimmedAvg(beta=st.beta)),
             "MessageFedAdam": _fedopt(ms.FedAdam, A.FedAdam),
