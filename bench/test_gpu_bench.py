@@ -8,7 +8,6 @@ are bench/test_fold_bench.py's).
 
 import os
 
-import numpy as np
 import pytest
 
 import jitkernels as jk

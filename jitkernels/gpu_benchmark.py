@@ -141,12 +141,12 @@ def run_case(n, dtype, *, k=10, leaves=10, reps=5, seed=0, bw=None, log=print) -
                 agg.fold_many(adm)
             gpu_t = benchmark(again, n_repeat=r, n_warmup=1).gpu_times
             add(placement, "jitkernels fused, GPU time", float(np.median(gpu_t)))
-        del agg, adm
+        agg = adm = None  # free the device accumulator before the next method (rebound: closures read these cells)
         acc_c = {name: cp.zeros(t.numel(), cp.float32) for name, t in ups[0].items()}
         add(placement, "cupy unfused",
             _median_time(lambda: _unfused_cupy(acc_c, as_cupy if placement == "device" else us, w,
                                                to_dev[placement]), r, sync=sync))
-        del acc_c
+        acc_c = None
         acc_t = {name: torch.zeros(t.numel(), device="cuda") for name, t in ups[0].items()}
         nb = placement == "pinned"
 
@@ -162,7 +162,7 @@ def run_case(n, dtype, *, k=10, leaves=10, reps=5, seed=0, bw=None, log=print) -
                                     alpha=float(wj))
         add(placement, "torch add_(alpha=)", _median_time(torch_add, r, sync=sync))
         add(placement, "torch _foreach_add_", _median_time(torch_foreach, r, sync=sync))
-        del acc_t
+        acc_t = None
         if placement == "pageable":
             rows += cpu_rows(n, dtype, us, w, r, bw, log)
     del host, ups, as_cupy

@@ -1,6 +1,5 @@
 """The JIT scheduler on a virtual clock: exact accounting on hand-computed scenarios, policies, slots, errors."""
 
-import math
 import random
 
 import numpy as np
