@@ -165,7 +165,7 @@ def run_case(n, dtype, *, k=10, leaves=10, reps=5, seed=0, bw=None, log=print) -
         acc_t = None
         if placement == "pageable":
             rows += cpu_rows(n, dtype, us, w, r, bw, log)
-    del host, ups, as_cupy
+    host = ups = as_cupy = None
     torch.cuda.empty_cache()
     cp.get_default_memory_pool().free_all_blocks()
     return rows
