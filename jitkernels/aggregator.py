@@ -340,8 +340,10 @@ class Aggregator:
         # integer leaves (counters) take the plain mass-weighted mean: discounts and clipping are for float deltas
         for lid, arrays in int_rows:
             self._fold_int(lid, arrays, [w for u, w in zip(admitted, mass) if u.leaves[lid] is not None])
-        present = np.stack([u.present for u in admitted], axis=1)  # [L, k]
-        st.leaf_weight += present @ np.asarray(mass)  # per leaf, the masses of the updates that carried it
+        if len(admitted) == 1:  # per leaf, the masses of the updates that carried it
+            st.leaf_weight += admitted[0].present * mass[0]
+        else:
+            st.leaf_weight += np.stack([u.present for u in admitted], axis=1) @ np.asarray(mass)
         st.parties.update((u.party, w) for u, w in zip(admitted, mass))
         st.info.update((u.party, {**u.info, **d}) for u, d in zip(admitted, derived) if u.info or d)
 

@@ -92,26 +92,23 @@ def build_groups(layout, entries, leaves, weights, chunk: int = CHUNK, device=No
     ``weights`` the k fold weights; ``device`` (bool[k] or None) which updates are in GPU memory. Returns ``{in_dtype: Group}`` in :data:`GROUP_ORDER`, and the rows of integer
     leaves ``[(leaf_id, [arrays])]`` for the host.
     """
-    tab = np.stack(entries, axis=1)  # [L, k, 4]
+    tab = entries[0][:, None, :] if len(entries) == 1 else np.stack(entries, axis=1)  # [L, k, 4]
     w = np.asarray(weights, dtype=np.float64)
     k = len(leaves)
     groups = {}
     plan, int_rows_ids = _plan(layout, tab[:, :, 0], chunk)
-    for name, rows, mask, off, n, work in plan:
-        arrays = [[leaves[j][r] if mask[i, j] else None for j in range(k)] for i, r in enumerate(rows.tolist())]
-        groups[name] = Group(
-            in_dtype=name,
-            leaf_ids=rows,
-            off=off,
-            n=n,
-            ptr=np.where(mask, tab[rows, :, 1], 0),
-            w=np.where(mask, w[None, :], 0.0),
-            scale_ptr=np.where(mask, tab[rows, :, 2], 0),
-            block=np.where(mask, tab[rows, :, 3], 1),
-            arrays=arrays,
-            work=work,
-            device=device,
-        )
+    for name, rows, mask, full, off, n, work in plan:
+        sub = tab[rows]  # [R, k, 4]
+        if full:  # every update carries every row of the group (the usual case): no masking
+            arrays = [[lv[r] for lv in leaves] for r in rows.tolist()]
+            ptr, wt, sptr, blk = sub[:, :, 1], np.repeat(w[None, :], len(rows), axis=0), sub[:, :, 2], sub[:, :, 3]
+        else:
+            arrays = [[leaves[j][r] if mask[i, j] else None for j in range(k)] for i, r in enumerate(rows.tolist())]
+            ptr, wt = np.where(mask, sub[:, :, 1], 0), np.where(mask, w[None, :], 0.0)
+            sptr, blk = np.where(mask, sub[:, :, 2], 0), np.where(mask, sub[:, :, 3], 1)
+        groups[name] = Group(in_dtype=name, leaf_ids=rows, off=off, n=n, ptr=np.ascontiguousarray(ptr), w=wt,
+                             scale_ptr=np.ascontiguousarray(sptr), block=np.ascontiguousarray(blk), arrays=arrays,
+                             work=work, device=device)
     int_rows = [(r, [leaves[j][r] for j in range(k) if tab[r, j, 0] == INT_CODE]) for r in int_rows_ids]
     return groups, int_rows
 
@@ -134,7 +131,7 @@ def _plan(layout, codes, chunk):
         match = codes == c
         rows = np.flatnonzero(match.any(axis=1))
         n = layout.sizes[rows]
-        plan.append((name, rows, match[rows], layout.offsets[rows], n, work_items(n, chunk)))
+        plan.append((name, rows, match[rows], bool(match[rows].all()), layout.offsets[rows], n, work_items(n, chunk)))
     int_rows = [] if INT_CODE not in present else np.flatnonzero((codes == INT_CODE).any(axis=1)).tolist()
     if len(cache) > 256:
         cache.clear()
