@@ -54,7 +54,7 @@ import numpy as np
 from .dtypes import dtype_name, is_torch_tensor, torch_to_numpy
 from .errors import (AggregationError, CorruptState, DuplicateParty, IncompatibleStates, LayoutMismatch,
                      NonFiniteUpdate, ValueOutOfRange)
-from .state import atomic_write, checked_bytes, read_checked
+from .state import atomic_write, checked_bytes, checked_writer, read_checked
 
 FORMAT = "jitkernels.updatestore"
 VERSION = 1
@@ -487,12 +487,15 @@ class UpdateStore:
             "spill_dir": json.dumps(self.spill_dir),
         }
 
+    def _file(self) -> tuple:
+        return {"rows": np.ascontiguousarray(self.rows())}, self._metadata()
+
     def to_bytes(self) -> bytes:
-        return checked_bytes({"rows": np.ascontiguousarray(self.rows())}, self._metadata())
+        return checked_bytes(*self._file())
 
     def save(self, path, *, on_step=None) -> None:
         """Write the k rows and the configuration atomically (temp file, fsync, rename, fsync the directory)."""
-        atomic_write(os.fspath(path), self.to_bytes(), on_step=on_step)
+        atomic_write(os.fspath(path), checked_writer(*self._file()), on_step=on_step)
 
     _UNSET = object()
 

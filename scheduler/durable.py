@@ -42,7 +42,7 @@ import numpy as np
 import jitkernels as jk
 from jitkernels.device import DeviceLeaf, to_host
 from jitkernels.dtypes import dtype_name
-from jitkernels.state import checked_bytes, is_temp_file, read_checked
+from jitkernels.state import checked_bytes, checked_writer, is_temp_file, read_checked
 
 log = logging.getLogger("jitkernels.scheduler")
 
@@ -144,7 +144,7 @@ class StateDir:
         if self.crash_hook is not None:
             self.crash_hook(point)
 
-    def _write(self, kind: str, rel: str, data: bytes) -> None:
+    def _write(self, kind: str, rel: str, data) -> None:  # bytes, or a writer (jitkernels.state.checked_writer)
         self._step(f"{kind}.begin")
         path = os.path.join(self.path, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -218,7 +218,7 @@ class StateDir:
         with self._lock:
             gen = self.gen + 1
             rel = os.path.join("states", f"{ident(job)}-r{int(rnd)}-g{gen}.jks")
-            self._write("state", rel, state.to_bytes())
+            self._write("state", rel, state.writer())
             jobs = dict(self.jobs)
             old = jobs.get(job, {})
             jobs[job] = {"round": int(rnd), "state": rel,
@@ -236,13 +236,13 @@ class StateDir:
             carry_rel = None
             if carry is not None:
                 carry_rel = os.path.join("states", f"{ident(job)}-carry-r{int(rnd)}.jks")
-                self._write("state", carry_rel, carry.to_bytes())
+                self._write("state", carry_rel, carry.writer())
             tensors, dtypes = encode_leaves(leaves)
             meta = {"format": RESULT_FORMAT, "version": str(VERSION), "job": json.dumps(job),
                     "round": str(int(rnd)), "layout": layout.fingerprint, "leaves": json.dumps(dtypes),
                     "parties": json.dumps([[p, u] for p, u in update_ids.items()])}
             rel = os.path.join("results", f"{ident(job)}-r{int(rnd)}.jkr")
-            self._write("result", rel, checked_bytes(tensors, meta))
+            self._write("result", rel, checked_writer(tensors, meta))
             jobs = dict(self.jobs)
             old = jobs.get(job, {})
             jobs[job] = {"round": int(rnd) + 1, "state": None, "parties": [],

@@ -170,3 +170,27 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path, kill_after):
     assert set(got.parties) == set(range(n))
     # same fold order for the parties, so the same bits
     assert got.acc.tobytes() == want.acc.tobytes()
+
+
+def test_checked_writer_writes_the_bytes_of_checked_bytes(tmp_path):
+    """atomic_write with a writer (safetensors' save_file, no bytes built in memory) gives the file checked_bytes
+    gives (the same tensors and checksummed metadata; safetensors' two writers order the metadata keys
+    differently), and a failing writer leaves no temp file behind."""
+    from jitkernels.state import atomic_write, checked_bytes, checked_writer, is_temp_file, read_checked
+
+    rng = np.random.default_rng(4)
+    tensors = {"acc": rng.standard_normal(1000).astype(np.float32), "lo": np.arange(7, dtype=np.float64)}
+    meta = {"format": "x", "parties": "[1, 2]"}
+    atomic_write(str(tmp_path / "a"), checked_bytes(tensors, meta))
+    steps = []
+    atomic_write(str(tmp_path / "b"), checked_writer(tensors, meta), on_step=steps.append)
+    (ta, ma), (tb, mb) = read_checked(str(tmp_path / "a")), read_checked(str(tmp_path / "b"))
+    assert ma == mb == meta and ta.keys() == tb.keys() == tensors.keys()
+    assert all(ta[n].tobytes() == tb[n].tobytes() == tensors[n].tobytes() for n in tensors)
+    assert steps == ["tmp_synced", "renamed", "dir_synced"]
+
+    def broken(path):
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(str(tmp_path / "c"), broken)
+    assert not (tmp_path / "c").exists() and not any(is_temp_file(p.name) for p in tmp_path.iterdir())
