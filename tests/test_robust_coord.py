@@ -249,6 +249,17 @@ def test_numba_register_kernels(k, dtype):
             assert same_bits(rc.trimmed_mean(arg, beta, backend="numba", **kw), ref_trimmed(x64, beta)), pattern
 
 
+@pytest.mark.parametrize("k", [10, 50])
+def test_numba_register_kernels_read_rows_with_a_stride(k):
+    """A column block of a wider slab (rows contiguous, the row stride larger, an unaligned start): the generated
+    kernels index rows through their strides, prefetches included."""
+    wide = make_rows(k, 5000, "ties", k)
+    x = wide[:, 7:4007]
+    x64 = x.astype(np.float64)
+    assert same_bits(rc.coordinate_median(x, backend="numba"), ref_median(x64))
+    assert same_bits(rc.trimmed_mean(x, 0.2, backend="numba"), ref_trimmed(x64, 0.2))
+
+
 def test_auto_takes_numba_past_the_cpp_register_path():
     """backend="auto": cpp while its register path covers k, numba's generated kernel past it (up to
     NUMBA_REG_MAX_K), cpp's tile path beyond that."""
