@@ -403,6 +403,24 @@ py::tuple new_bytes(py::ssize_t n) {
   return py::make_tuple(py::reinterpret_steal<py::bytes>(b), addr);
 }
 
+// Data addresses of a list of numpy arrays (0 for an empty one), or -1 for an item that is not one: a leaf table's
+// address column in one call (numpy's __array_interface__ builds a dict per leaf, ~1.7 us each).
+py::array_t<int64_t> leaf_addresses(py::list items) {
+  py::array_t<int64_t> out(static_cast<py::ssize_t>(items.size()));
+  auto* o = out.mutable_data();
+  py::ssize_t i = 0;
+  for (auto item : items) {
+    if (py::isinstance<py::array>(item)) {
+      auto a = py::reinterpret_borrow<py::array>(item);
+      o[i] = a.size() ? reinterpret_cast<int64_t>(a.data()) : 0;
+    } else {
+      o[i] = -1;
+    }
+    ++i;
+  }
+  return out;
+}
+
 int max_threads() {
 #ifdef _OPENMP
   return omp_get_max_threads();
@@ -439,6 +457,7 @@ PYBIND11_MODULE(_core, mod) {
           py::arg("bits"), py::arg("subtract"), py::arg("nthreads"));
   mod.def("new_bytes", &new_bytes, py::arg("n"));
   mod.def("max_threads", &max_threads);
+  mod.def("leaf_addresses", &leaf_addresses, py::arg("items"));
   mod.def("probe_read", &probe_read, py::arg("buf"), py::arg("nthreads"),
           "Sum of a float32 buffer on nthreads threads: time it to measure read bandwidth.");
   mod.attr("openmp") =

@@ -17,10 +17,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import backends
-from .batch import ABSENT, build_groups, leaf_entry
+from .batch import ABSENT, CODE, INT_CODE, build_groups, leaf_entry
 from .dtypes import Quantized
 from .device import DeviceLeaf
 from .errors import InvalidWeight, LayoutMismatch, NonFiniteUpdate, ValueOutOfRange
+
+try:
+    from . import _core
+except ImportError:  # pragma: no cover - the numba and numpy backends run without the extension
+    _core = None
 
 HEADROOM = 2.0 ** -20
 """An update's ``weight * max|x|`` may use at most this fraction of the accumulator's range, so that about a million
@@ -77,9 +82,29 @@ def _on_device(leaves, party) -> bool:
 
 
 def leaf_entries(layout, leaves_list) -> list:
-    """Per update, its int64[L, 4] table entries (batch.leaf_entry of each leaf)."""
+    """Per update, its int64[L, 4] table entries (batch.leaf_entry of each leaf). An update whose leaves are all
+    numpy arrays (flatten checked their dtypes against the layout) gets the layout's codes and the addresses from one
+    C++ call: the per-leaf path cost ~2 us a leaf, a fifth of a small update's admission."""
     L = len(layout.leaves)
-    return [np.array([leaf_entry(a) for a in leaves], np.int64).reshape(L, 4) for leaves in leaves_list]
+    out = []
+    for leaves in leaves_list:
+        if _core is not None and all(type(a) is np.ndarray for a in leaves):
+            e = np.zeros((L, 4), np.int64)
+            e[:, 0] = _layout_codes(layout)
+            e[:, 1] = _core.leaf_addresses(leaves)
+        else:
+            e = np.array([leaf_entry(a) for a in leaves], np.int64).reshape(L, 4)
+        out.append(e)
+    return out
+
+
+def _layout_codes(layout) -> np.ndarray:
+    """batch.CODE of each leaf's dtype (INT_CODE for integer leaves), cached on the layout."""
+    codes = layout.__dict__.get("_entry_codes")
+    if codes is None:
+        codes = layout.__dict__["_entry_codes"] = np.array([CODE.get(leaf.dtype, INT_CODE) for leaf in layout.leaves],
+                                                           np.int64)
+    return codes
 
 
 def batch_stats(layout, leaves_list, *, base=None, host_base=None, backend="auto", acc_dtype="float32",

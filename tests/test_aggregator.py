@@ -222,3 +222,23 @@ def test_finalize_into_given_outputs():
     assert torch.equal(t, torch.ones(5))
     with pytest.raises(jk.LayoutMismatch, match="C-contiguous"):
         agg.finalize(out={"a": np.zeros(10, np.float32)[::2], "b": np.zeros((2, 2), np.float16)})
+
+
+def test_leaf_entries_fast_path_equals_the_per_leaf_one():
+    """admission.leaf_entries takes the layout's codes and one C++ call for numpy leaves: the same table as
+    batch.leaf_entry leaf by leaf (empty, integer and bfloat16 leaves included); other leaves take the per-leaf path."""
+    from jitkernels import admission
+    from jitkernels.batch import leaf_entry
+
+    tmpl = {"a": np.zeros((3, 4), np.float32), "e": np.zeros(0, np.float32), "n": np.zeros(2, np.int64),
+            "b": np.zeros(5, jk.bfloat16), "h": np.zeros(6, np.float16)}
+    lay = jk.Aggregator(tmpl, backend="numpy").layout
+    upd = {k: np.ones_like(v) for k, v in tmpl.items()}
+    leaves = lay.flatten(upd)
+    fast, = admission.leaf_entries(lay, [leaves])
+    slow = np.array([leaf_entry(a) for a in leaves], np.int64).reshape(len(leaves), 4)
+    assert fast.tobytes() == slow.tobytes()
+    q = jk.Quantized.quantize(np.ones((3, 4), np.float32))
+    mixed = lay.flatten({**upd, "a": q})
+    got, = admission.leaf_entries(lay, [mixed])
+    assert got[0, 0] == leaf_entry(q)[0] and got[0, 2] != 0  # the int8 code and its scales' address
