@@ -451,8 +451,6 @@ PYBIND11_MODULE(_core, mod) {
           py::arg("nthreads"));
   mod.def("robust_trimmed_mean", &robust_trimmed_mean, py::arg("rows"), py::arg("code"), py::arg("lo"),
           py::arg("hi"), py::arg("out"), py::arg("tile"), py::arg("nthreads"));
-  // The largest k each statistic's register path covers (past it, the tile path): robust_coord's auto choice reads them.
-  mod.attr("robust_reg_max_k") = py::make_tuple(jkrc::REG_MAX_K_MEDIAN, jkrc::REG_MAX_K_TRIMMED);
   mod.def("modsum", &modsum, py::arg("acc"), py::arg("off"), py::arg("ptr"), py::arg("code"), py::arg("work"),
           py::arg("bits"), py::arg("subtract"), py::arg("nthreads"));
   mod.def("new_bytes", &new_bytes, py::arg("n"));

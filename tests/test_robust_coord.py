@@ -260,19 +260,17 @@ def test_numba_register_kernels_read_rows_with_a_stride(k):
     assert same_bits(rc.trimmed_mean(x, 0.2, backend="numba"), ref_trimmed(x64, 0.2))
 
 
-def test_auto_takes_numba_past_the_cpp_register_path():
-    """backend="auto": cpp while its register path covers k, numba's generated kernel past it (up to
-    NUMBA_REG_MAX_K), cpp's tile path beyond that."""
+def test_auto_takes_numba_from_16_to_64_rows():
+    """backend="auto": cpp below AUTO_NUMBA_FROM_K rows (both at memory speed, no compile step), numba's generated
+    kernels from there to NUMBA_REG_MAX_K, cpp's tile path beyond."""
     if rc.available_backends()["numba"] is not True or rc.available_backends()["cpp"] is not True:
         pytest.skip("needs numba and the C++ extension")
-    cpp_max = rc._core().robust_reg_max_k
-    for stat in (0, 1):
-        def pick(k):
-            return rc._pick("auto", k, stat, np.zeros((k, 1), np.float32))
-        assert pick(cpp_max[stat]) is rc._REGISTRY["cpp"]
-        assert pick(cpp_max[stat] + 1) is rc._REGISTRY["numba"]
-        assert pick(rc.NUMBA_REG_MAX_K) is rc._REGISTRY["numba"]
-        assert pick(rc.NUMBA_REG_MAX_K + 1) is rc._REGISTRY["cpp"]
+    def pick(k):
+        return rc._pick("auto", k, np.zeros((k, 1), np.float32))
+    assert pick(rc.AUTO_NUMBA_FROM_K - 1) is rc._REGISTRY["cpp"]
+    assert pick(rc.AUTO_NUMBA_FROM_K) is rc._REGISTRY["numba"]
+    assert pick(rc.NUMBA_REG_MAX_K) is rc._REGISTRY["numba"]
+    assert pick(rc.NUMBA_REG_MAX_K + 1) is rc._REGISTRY["cpp"]
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="the host emulation needs g++")
