@@ -78,7 +78,7 @@ if numba is not None:
     from numba import njit, prange, types
     from numba.extending import overload
 
-    from ._numba import f32_bits as _f32_bits, u32_as_f32 as _u32_as_f32
+    from ._numba import f32_bits as _f32_bits, fmax as _fmax, fmin as _fmin, u32_as_f32 as _u32_as_f32
 
 # Input codes, as csrc/kernels.cpp's InCode (float64 = 0 is not a slab dtype).
 F32, F16, BF16 = 1, 2, 3
@@ -358,9 +358,8 @@ if numba is not None:
                 for t in range(ln):
                     u = sa[t]
                     v = sb[t]
-                    lt = v < u
-                    da[t] = v if lt else u
-                    db[t] = u if lt else v
+                    da[t] = _fmin(u, v)
+                    db[t] = _fmax(u, v)
             return impl
 
         def impl16(sa, sb, da, db, ln, code):
@@ -368,16 +367,14 @@ if numba is not None:
                 for t in range(ln):
                     u = _u32_as_f32(np.uint32(sa[t]) << np.uint32(16))
                     v = _u32_as_f32(np.uint32(sb[t]) << np.uint32(16))
-                    lt = v < u
-                    da[t] = v if lt else u
-                    db[t] = u if lt else v
+                    da[t] = _fmin(u, v)
+                    db[t] = _fmax(u, v)
             else:
                 for t in range(ln):
                     u = _f16_to_f32(sa[t])
                     v = _f16_to_f32(sb[t])
-                    lt = v < u
-                    da[t] = v if lt else u
-                    db[t] = u if lt else v
+                    da[t] = _fmin(u, v)
+                    db[t] = _fmax(u, v)
         return impl16
 
     @overload(_load_row, inline="always")
@@ -410,17 +407,15 @@ if numba is not None:
 
     @njit(inline="always")
     def _apply_network(buf, ci, cj, fused, ln):
-        """Each comparator after the fused ones: min to row ci[c], max to row cj[c], over ln lanes (a select, which
-        LLVM vectorizes to compare + max + masked store)."""
+        """Each comparator after the fused ones: min to row ci[c], max to row cj[c], over ln lanes."""
         for c in range(fused, ci.shape[0]):
             a = buf[ci[c]]
             b = buf[cj[c]]
             for t in range(ln):
                 u = a[t]
                 v = b[t]
-                lt = v < u
-                a[t] = v if lt else u
-                b[t] = u if lt else v
+                a[t] = _fmin(u, v)
+                b[t] = _fmax(u, v)
 
     @njit(parallel=True, cache=True, nogil=True)
     def _coord_nb(x, code, mode, r_lo, r_hi, ci, cj, fused, out, tile, nblocks):

@@ -54,6 +54,8 @@ from ._numba import numba, reason as _numba_reason
 if numba is not None:
     from numba import njit, prange
 
+    from ._numba import fmax as _fmax, fmin as _fmin
+
 BACKENDS = ("numpy", "numba")
 BLOCK = 1 << 16  # columns per tile (numba: per parallel work item); see gram()
 PILOT = 4096  # columns sampled to choose the automatic reference row
@@ -999,9 +1001,8 @@ if numba is not None:
                     for t in range(ln):
                         u = ra[t]
                         v = rb[t]
-                        lt = v < u
-                        ra[t] = v if lt else u
-                        rb[t] = u if lt else v
+                        ra[t] = _fmin(u, v)
+                        rb[t] = _fmax(u, v)
                 if theta % 2 == 1:
                     rm = buf[h]
                     for t in range(ln):

@@ -54,7 +54,7 @@ import numpy as np
 from .dtypes import dtype_name, is_torch_tensor, torch_to_numpy
 from .errors import (AggregationError, CorruptState, DuplicateParty, IncompatibleStates, LayoutMismatch,
                      NonFiniteUpdate, ValueOutOfRange)
-from .state import atomic_write, checked_bytes, checked_writer, read_checked
+from .state import atomic_write, check_format, checked_bytes, checked_writer, read_checked
 
 FORMAT = "jitkernels.updatestore"
 VERSION = 1
@@ -506,10 +506,7 @@ class UpdateStore:
         the budget spill or raise BudgetExceeded as add would."""
         path = os.fspath(path)
         tensors, meta = read_checked(path, what="update store file")
-        if meta.get("format") != FORMAT:
-            raise CorruptState(f"{path}: not a jitkernels update store (format {meta.get('format')!r})")
-        if meta.get("version") != str(VERSION):
-            raise CorruptState(f"{path}: format version {meta.get('version')!r}; this build reads {VERSION}")
+        check_format(path, meta, FORMAT, (VERSION,), "jitkernels update store")
         try:
             rows = tensors["rows"]
             if rows.ndim != 2 or rows.shape[1] != int(meta["n"]):

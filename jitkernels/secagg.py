@@ -699,13 +699,10 @@ class SecAggSum:
     def load(cls, path, *, backend=None) -> "SecAggSum":
         """Load and verify a saved state: :class:`CorruptState` if it is truncated, altered, of another format or
         version, or inconsistent (values >= 2^b, wrong length, duplicate parties)."""
-        from .state import read_checked
+        from .state import check_format, read_checked
         path = os.fspath(path)
         tensors, meta = read_checked(path, what="SecAggSum file")
-        if meta.get("format") != FORMAT:
-            raise CorruptState(f"{path}: not a SecAggSum file (format {meta.get('format')!r})")
-        if meta.get("version") != str(VERSION):
-            raise CorruptState(f"{path}: format version {meta.get('version')!r}; this build reads {VERSION}")
+        check_format(path, meta, FORMAT, (VERSION,), "SecAggSum file")
         try:
             bits = int(meta["modulus_bits"])
             sizes = json.loads(meta["sizes"])

@@ -267,14 +267,7 @@ class FoldState:
 
     @classmethod
     def _from_checked(cls, tensors, meta, path) -> "FoldState":
-        if meta.get("format") != FORMAT:
-            raise CorruptState(f"{path}: not a jitkernels fold state (format {meta.get('format')!r})")
-        try:
-            version = int(meta.get("version", "-1"))
-        except ValueError:
-            version = -1
-        if version not in SUPPORTED_VERSIONS:
-            raise CorruptState(f"{path}: format version {meta.get('version')!r}; this build reads {SUPPORTED_VERSIONS}")
+        check_format(path, meta, FORMAT, SUPPORTED_VERSIONS, "jitkernels fold state")
         try:
             layout = Layout.from_json(json.loads(meta["layout"]))
             algorithm = json.loads(meta["algorithm"])
@@ -299,6 +292,15 @@ def _store_from(tensors, meta, layout):
 
     return UpdateStore.from_rows(tensors["store_rows"], **json.loads(meta["store"]),
                                  shapes=[leaf.shape for leaf in layout.leaves])
+
+
+def check_format(path, meta: dict, fmt: str, versions, what: str) -> None:
+    """:class:`CorruptState` unless a checked file's metadata names format ``fmt`` and one of ``versions``."""
+    if meta.get("format") != fmt:
+        raise CorruptState(f"{path}: not a {what} (format {meta.get('format')!r})")
+    if meta.get("version") not in {str(v) for v in versions}:
+        raise CorruptState(f"{path}: format version {meta.get('version')!r}; this build reads "
+                           f"{', '.join(map(str, versions))}")
 
 
 def checked_bytes(tensors: dict, meta: dict) -> bytes:
