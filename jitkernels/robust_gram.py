@@ -54,7 +54,7 @@ from ._numba import numba, reason as _numba_reason
 if numba is not None:
     from numba import njit, prange
 
-    from ._numba import fmax as _fmax, fmin as _fmin
+    from .robust_coord import _apply_network  # the coordinate kernels' comparator loop over buffer rows
 
 BACKENDS = ("numpy", "numba")
 BLOCK = 1 << 16  # columns per tile (numba: per parallel work item); see gram()
@@ -995,14 +995,7 @@ if numba is not None:
                     dst = buf[a]
                     for t in range(ln):
                         dst[t] = np.float64(src[t])
-                for c in range(ci.shape[0]):
-                    ra = buf[ci[c]]
-                    rb = buf[cj[c]]
-                    for t in range(ln):
-                        u = ra[t]
-                        v = rb[t]
-                        ra[t] = _fmin(u, v)
-                        rb[t] = _fmax(u, v)
+                _apply_network(buf, ci, cj, 0, ln)
                 if theta % 2 == 1:
                     rm = buf[h]
                     for t in range(ln):
