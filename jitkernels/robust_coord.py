@@ -225,43 +225,30 @@ def _pick(backend, k: int, rows):
 
 
 def _slab(x, dtype):
-    """(rows [k, N] as stored, code). Never copies the slab."""
-    from .dtypes import bfloat16
+    """(rows [k, N] as stored, code): a host slab, or a CuPy view of a device one (CuPy / torch CUDA, for the cupy
+    backend). Never copies the slab; 16-bit floats are read as their uint16 bits."""
+    from .dtypes import dtype_name
     from .robust_store import UpdateStore
 
     if isinstance(x, UpdateStore):
         r = x.rows()
         return (r.view(np.uint16) if r.dtype == np.float16 else r), CODES[x.dtype]
-    if _device.is_device_array(x):  # CuPy / torch CUDA: a CuPy view of the same memory, for the cupy backend
+    if _device.is_device_array(x):
         leaf = _device.device_leaf(x)
-        a, name = leaf.array, np.dtype(leaf.dtype).name
-        if name == "uint16":
-            if dtype is None or str(dtype) not in ("bfloat16", "float16"):
-                raise TypeError("a uint16 slab holds 16-bit float bits: say dtype='bfloat16' or 'float16'")
-            name = str(dtype)
-        elif name == "float16":
-            a = a.view(np.uint16)
-        if a.ndim != 2:
-            raise ValueError(f"expected a [k, N] slab, got shape {a.shape}")
-        if name not in CODES:
-            raise TypeError(f"the robust kernels read float32, float16 or bfloat16 slabs, got {name}")
-        return a, CODES[name]
-    a = np.asarray(x)
+        a, name = leaf.array, dtype_name(leaf.dtype)
+    else:
+        a = np.asarray(x)
+        name = dtype_name(a.dtype)
     if a.ndim != 2:
         raise ValueError(f"expected a [k, N] slab, got shape {a.shape}")
-    if a.dtype == bfloat16:
-        a = a.view(np.uint16)
-        name = "bfloat16"
-    elif a.dtype == np.uint16:
+    if name == "uint16":
         if dtype is None or str(dtype) not in ("bfloat16", "float16"):
             raise TypeError("a uint16 slab holds 16-bit float bits: say dtype='bfloat16' or 'float16'")
         name = str(dtype)
-    else:
-        name = a.dtype.name
-        if name == "float16":
-            a = a.view(np.uint16)
     if name not in CODES:
-        raise TypeError(f"the robust kernels read float32, float16 or bfloat16 slabs, got {a.dtype}")
+        raise TypeError(f"the robust kernels read float32, float16 or bfloat16 slabs, got {name}")
+    if name != "float32" and a.dtype != np.uint16:
+        a = a.view(np.uint16)
     if a.size and a.strides[1] != a.itemsize:
         raise ValueError("each row of the slab must be contiguous (the kernels stream rows)")
     return a, CODES[name]
