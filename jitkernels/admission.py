@@ -125,9 +125,9 @@ def batch_stats(layout, leaves_list, *, base=None, host_base=None, backend="auto
         if cols.size == 0:
             continue
         every = cols.size == k  # the usual case: no column subsets to gather or scatter
-        groups, _ = build_groups(layout, entries if every else [entries[j] for j in cols],
-                                 leaves_list if every else [leaves_list[j] for j in cols], np.ones(cols.size),
-                                 device=np.ones(cols.size, bool) if dev else None)
+        groups = build_groups(layout, entries if every else [entries[j] for j in cols],
+                              leaves_list if every else [leaves_list[j] for j in cols], np.ones(cols.size),
+                              device=np.ones(cols.size, bool) if dev else None)[0]
         for name, g in groups.items():
             if dev:
                 mod, b = backends.get("cupy"), base

@@ -16,7 +16,7 @@ from . import admission
 from . import algorithms as _algorithms
 from . import backends
 from .admission import Admitted, admit_many
-from .batch import build_groups, build_out_groups
+from .batch import ABSENT, build_groups, build_out_groups, stack_entries
 from .device import DeviceLeaf, empty_leaf, place, to_host
 from .dtypes import np_dtype
 from .backends import numpy_ref
@@ -201,7 +201,8 @@ class Aggregator:
         """Fold one update (raw, or :class:`Admitted`). Raw updates are admitted first (one stats pass).
         ``info``: the per-update values the algorithm reads (``steps=`` for FedNova, ``staleness=`` for FedBuff)."""
         if isinstance(update, Admitted):
-            self.fold_many([update])
+            with self._lock:
+                self._fold_admitted([update])
         else:
             self.fold_many([update], [weight], [party], [info])
 
@@ -256,7 +257,7 @@ class Aggregator:
                          False, info) for p, w, leaves, e, info in zip(parties, prep.weights, prep.leaves,
                                                                        prep.entries, infos)]
         fold_w = [float(alg.fold_weight(u, st)) for u in prov]
-        groups, int_rows = build_groups(self.layout, prep.entries, prep.leaves, fold_w)
+        groups, int_rows, carried = build_groups(self.layout, prep.entries, prep.leaves, fold_w)
         L = len(self.layout)
         stats = (np.zeros((L, k), np.int64), np.zeros((L, k)), np.zeros((L, k)))
         cpp = backends.get("cpp")
@@ -270,34 +271,34 @@ class Aggregator:
             raise
         for a, i in zip(admitted, infos):
             a.info = i
-        self._record(admitted, fold_w, int_rows)
+        self._record(admitted, int_rows, carried)
 
     def _fold_admitted(self, admitted) -> None:
+        st, alg, fp = self.state, self.algorithm, self.layout.fingerprint
         for u in admitted:
-            if u.layout_fingerprint != self.layout.fingerprint:
-                raise LayoutMismatch(f"admitted against layout {u.layout_fingerprint}, this aggregator's is "
-                                     f"{self.layout.fingerprint}", party=u.party)
+            if u.layout_fingerprint != fp:
+                raise LayoutMismatch(f"admitted against layout {u.layout_fingerprint}, this aggregator's is {fp}",
+                                     party=u.party)
         self._check_parties([u.party for u in admitted])
-        st = self.state
         if st.closed:
             raise RoundClosed("finalize closed this round (a server step or DP noise); reset() to start the next")
-        alg = self.algorithm
         for u in admitted:  # an Admitted made elsewhere (jk.admit) was not checked against this algorithm
             u.info = alg.check_info(u.info, u.party)
-        on_device = np.array([u.on_device for u in admitted])
-        if on_device.any() and not self.on_gpu:
+        on_device = np.array([u.on_device for u in admitted]) if any(u.on_device for u in admitted) else None
+        if on_device is not None and not self.on_gpu:
             raise LayoutMismatch(f"the update is in GPU memory; this aggregator's backend {self.backend!r} reads "
                                  f"host memory (use backend='cupy')", party=admitted[int(np.argmax(on_device))].party)
-        if getattr(alg, "needs_norms", False) and st.base is not None:
+        if st.base is not None and getattr(alg, "needs_norms", False):
             self._norms_against_base([u for u in admitted if not u.against_base])
         fold_w = [float(alg.fold_weight(u, st)) for u in admitted]
         if self.buffered:
             self._buffer(admitted)
-            self._record(admitted, fold_w, [])
+            self._record(admitted, [], (stack_entries([u.entries for u in admitted])[:, :, 0] != ABSENT))
             return
-        groups, int_rows = build_groups(self.layout, [u.entries for u in admitted], [u.leaves for u in admitted],
-                                        fold_w, device=on_device if on_device.any() else None)
-        if st.deterministic:
+        groups, int_rows, carried = build_groups(self.layout, [u.entries for u in admitted],
+                                                 [u.leaves for u in admitted], fold_w, device=on_device)
+        deterministic = st.deterministic
+        if deterministic:
             bound = 2.0 ** st.bound_log2
             for u, w in zip(admitted, fold_w):  # an Admitted made elsewhere was not checked against the bound
                 if w * u.maxabs > bound:
@@ -305,11 +306,11 @@ class Aggregator:
                                           f"deterministic bound {bound:.6g}")
         for name, g in groups.items():
             mod = backends.choose(self.backend, name)
-            if st.deterministic:
+            if deterministic:
                 mod.fold_binned(st.acc, st.lo, st.base, g, st.bound_log2)
             else:
                 mod.fold(st.acc, st.base, g)
-        self._record(admitted, fold_w, int_rows)
+        self._record(admitted, int_rows, carried)
 
     def _buffer(self, admitted) -> None:
         """Copy a batch into the store, all or nothing: whatever could refuse a row (capacity, the byte budget) is
@@ -332,18 +333,16 @@ class Aggregator:
         for j, u in enumerate(admitted):
             u.norm, u.maxabs, u.against_base = float(math.sqrt(sumsq[:, j].sum())), float(maxabs[:, j].max()), True
 
-    def _record(self, admitted, fold_w, int_rows) -> None:
-        """After the float fold: integer leaves, per-leaf masses, the party and info records."""
+    def _record(self, admitted, int_rows, carried) -> None:
+        """After the float fold: integer leaves, per-leaf masses (``carried[i, j]``: update j carries leaf i), the
+        party and info records."""
         st, alg = self.state, self.algorithm
         mass = [float(alg.mass(u)) for u in admitted]
         derived = [alg.derived_info(u, st) for u in admitted]
         # integer leaves (counters) take the plain mass-weighted mean: discounts and clipping are for float deltas
         for lid, arrays in int_rows:
             self._fold_int(lid, arrays, [w for u, w in zip(admitted, mass) if u.leaves[lid] is not None])
-        if len(admitted) == 1:  # per leaf, the masses of the updates that carried it
-            st.leaf_weight += admitted[0].present * mass[0]
-        else:
-            st.leaf_weight += np.stack([u.present for u in admitted], axis=1) @ np.asarray(mass)
+        st.leaf_weight += carried @ np.asarray(mass)  # per leaf, the masses of the updates that carried it
         st.parties.update((u.party, w) for u, w in zip(admitted, mass))
         st.info.update((u.party, {**u.info, **d}) for u, d in zip(admitted, derived) if u.info or d)
 

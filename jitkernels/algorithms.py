@@ -63,6 +63,8 @@ class FedAvg:
 
     def check_info(self, info: dict, party) -> dict:
         """The per-update values this algorithm reads, validated (a typed error names the party and the key)."""
+        if not info:  # the usual case, checked per update of every batch
+            return {}
         extra = set(info) - set(self.info_keys)
         if extra:
             key = sorted(extra)[0]

@@ -12,7 +12,8 @@ others raw is folded raw-first, then quantized, in batch order within each.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -58,7 +59,7 @@ def work_items(n: np.ndarray, chunk: int = CHUNK) -> np.ndarray:
 def threads_for(g, nthreads: int) -> int:
     """One thread for small calls: waking a thread pool costs tens of microseconds, more than folding ~256K
     elements on one core."""
-    return 1 if int(g.n.sum()) * g.k < SMALL_CALL else nthreads
+    return 1 if g.elements * g.k < SMALL_CALL else nthreads
 
 
 SMALL_CALL = 1 << 18
@@ -76,44 +77,80 @@ class Group:
     w: np.ndarray  # float64[R, k]: fold weight (0 where absent)
     scale_ptr: np.ndarray  # int64[R, k]: int8 only
     block: np.ndarray  # int64[R, k]: int8 only
-    arrays: list  # [R][k]: the leaves themselves (None = absent); keeps them alive during the call
+    leaves: list = field(repr=False)  # [k]: each update's flattened leaves; keeps them alive during the call
+    mask: np.ndarray | None = field(repr=False)  # bool[R, k]: update j carries row i (None: every update, every row)
     work: np.ndarray  # int64[m, 3]
     device: np.ndarray | None = None  # bool[k]: update j is in GPU memory (None: all on the host)
+    elements: int = 0  # sum of n: the elements of one update's rows
 
     @property
     def k(self) -> int:
         return self.ptr.shape[1]
 
+    @cached_property
+    def arrays(self) -> list:
+        """[R][k]: the leaves themselves (None = absent), for the backends that take arrays rather than addresses
+        (built on first use: a compiled fold of 100 small updates would spend more on this list than on its call)."""
+        rows = self.leaf_ids.tolist()
+        if self.mask is None:
+            return [[lv[r] for lv in self.leaves] for r in rows]
+        return [[lv[r] if m else None for lv, m in zip(self.leaves, mrow)] for r, mrow in zip(rows, self.mask.tolist())]
+
+
+def stack_entries(entries) -> np.ndarray:
+    """int64[L, k, 4]: the k updates' leaf tables (``leaf_entry`` rows) side by side; a stacked table is passed through."""
+    if isinstance(entries, np.ndarray):
+        return entries
+    return np.array(entries).transpose(1, 0, 2)  # one C-level copy: np.stack costs twice as much on 100 small tables
+
 
 def build_groups(layout, entries, leaves, weights, chunk: int = CHUNK, device=None):
     """Group k updates' leaves by input dtype.
 
-    ``entries[j]`` is update j's int64[L, 4] table from :func:`leaf_entry`; ``leaves[j]`` its flattened leaves;
-    ``weights`` the k fold weights; ``device`` (bool[k] or None) which updates are in GPU memory. Returns ``{in_dtype: Group}`` in :data:`GROUP_ORDER`, and the rows of integer
-    leaves ``[(leaf_id, [arrays])]`` for the host.
+    ``entries``: the updates' int64[L, 4] tables from :func:`leaf_entry`, or :func:`stack_entries` of them;
+    ``leaves[j]`` update j's flattened leaves; ``weights`` the k fold weights; ``device`` (bool[k] or None) which
+    updates are in GPU memory. Returns ``{in_dtype: Group}`` in :data:`GROUP_ORDER`, the rows of integer leaves
+    ``[(leaf_id, [arrays])]`` for the host, and ``carried`` (float64[L, k]: 1 where update j carries leaf i).
     """
-    tab = entries[0][:, None, :] if len(entries) == 1 else np.stack(entries, axis=1)  # [L, k, 4]
+    tab = stack_entries(entries)
     w = np.asarray(weights, dtype=np.float64)
-    k = len(leaves)
+    plan = _plan(layout, tab[:, :, 0], chunk)
     groups = {}
-    plan, int_rows_ids = _plan(layout, tab[:, :, 0], chunk)
-    for name, rows, mask, full, off, n, work in plan:
-        sub = tab[rows]  # [R, k, 4]
-        if full:  # every update carries every row of the group (the usual case): no masking
-            arrays = [[lv[r] for lv in leaves] for r in rows.tolist()]
-            ptr, wt, sptr, blk = sub[:, :, 1], np.repeat(w[None, :], len(rows), axis=0), sub[:, :, 2], sub[:, :, 3]
+    for p in plan.groups:
+        # [4, R, k]: code, address, scale address and block tables of the group's rows, each contiguous
+        sub = np.ascontiguousarray(tab.take(p.rows, axis=0).transpose(2, 0, 1))
+        wt = np.empty(sub.shape[1:])
+        wt[...] = w
+        if p.mask is None:  # every update carries every row of the group (the usual case): nothing to mask
+            ptr, sptr, blk = sub[1], sub[2], sub[3]
         else:
-            arrays = [[leaves[j][r] if mask[i, j] else None for j in range(k)] for i, r in enumerate(rows.tolist())]
-            ptr, wt = np.where(mask, sub[:, :, 1], 0), np.where(mask, w[None, :], 0.0)
-            sptr, blk = np.where(mask, sub[:, :, 2], 0), np.where(mask, sub[:, :, 3], 1)
-        groups[name] = Group(in_dtype=name, leaf_ids=rows, off=off, n=n, ptr=np.ascontiguousarray(ptr), w=wt,
-                             scale_ptr=np.ascontiguousarray(sptr), block=np.ascontiguousarray(blk), arrays=arrays,
-                             work=work, device=device)
-    int_rows = [(r, [leaves[j][r] for j in range(k) if tab[r, j, 0] == INT_CODE]) for r in int_rows_ids]
-    return groups, int_rows
+            ptr, sptr, blk = np.where(p.mask, sub[1], 0), np.where(p.mask, sub[2], 0), np.where(p.mask, sub[3], 1)
+            wt[~p.mask] = 0.0
+        groups[p.name] = Group(p.name, p.rows, p.off, p.n, ptr, wt, sptr, blk, leaves, p.mask, p.work, device,
+                               p.elements)
+    int_rows = [(r, [lv[r] for lv, c in zip(leaves, tab[r, :, 0].tolist()) if c == INT_CODE]) for r in plan.int_rows]
+    return groups, int_rows, plan.carried
 
 
-def _plan(layout, codes, chunk):
+@dataclass(frozen=True)
+class _GroupPlan:
+    name: str
+    rows: np.ndarray
+    mask: np.ndarray | None  # None: every update carries every row
+    off: np.ndarray
+    n: np.ndarray
+    work: np.ndarray
+    elements: int
+
+
+@dataclass(frozen=True)
+class _Plan:
+    groups: list
+    int_rows: list
+    carried: np.ndarray
+
+
+def _plan(layout, codes, chunk) -> _Plan:
     """Which rows (leaves) each input dtype group has, with their masks, offsets, lengths and work items: a function
     of the code matrix only, so it is cached per layout (a server sends the same kinds of batches again and again;
     rebuilding this was most of a small fold's fixed cost)."""
@@ -122,7 +159,7 @@ def _plan(layout, codes, chunk):
     hit = cache.get(key)
     if hit is not None:
         return hit
-    plan = []
+    groups = []
     present = set(np.unique(codes).tolist())
     for name in GROUP_ORDER:
         c = CODE[name]
@@ -131,12 +168,14 @@ def _plan(layout, codes, chunk):
         match = codes == c
         rows = np.flatnonzero(match.any(axis=1))
         n = layout.sizes[rows]
-        plan.append((name, rows, match[rows], bool(match[rows].all()), layout.offsets[rows], n, work_items(n, chunk)))
+        mask = match[rows]
+        groups.append(_GroupPlan(name, rows, None if mask.all() else mask, layout.offsets[rows], n,
+                                 work_items(n, chunk), int(n.sum())))
     int_rows = [] if INT_CODE not in present else np.flatnonzero((codes == INT_CODE).any(axis=1)).tolist()
     if len(cache) > 256:
         cache.clear()
-    cache[key] = (plan, int_rows)
-    return plan, int_rows
+    cache[key] = plan = _Plan(groups, int_rows, (codes != ABSENT).astype(np.float64))
+    return plan
 
 
 def rows_from_items(g: Group, nonfinite, sumsq, maxabs):

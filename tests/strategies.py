@@ -80,5 +80,5 @@ def make_batch(rng, shapes, in_dtype, k, ties=False, scale=1.0, block=None, chun
     leaves = [lay.flatten(u) for u in ups]
     entries = [np.array([leaf_entry(a) for a in l], np.int64).reshape(len(lay), 4) for l in leaves]
     w = rng.uniform(0.1, 100.0, k)
-    groups, _ = build_groups(lay, entries, leaves, w, chunk=chunk, device=device)
+    groups = build_groups(lay, entries, leaves, w, chunk=chunk, device=device)[0]
     return lay, groups, leaves
