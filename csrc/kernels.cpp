@@ -80,6 +80,28 @@ bool same_dtype(const py::dtype& a, const py::dtype& b) {
   return py::detail::npy_api::get().PyArray_EquivTypes_(a.ptr(), b.ptr());
 }
 
+// The optional base (deltas are folded against it): its data, checked to be an array of the accumulator's dtype
+// (an array, so that the pointer lives as long as the caller's argument).
+const void* base_data(const py::object& base_obj, const py::dtype& acc_dtype) {
+  if (base_obj.is_none()) return nullptr;
+  require(py::isinstance<py::array>(base_obj), "base must be a numpy array");
+  auto base = py::reinterpret_borrow<py::array>(base_obj);
+  require(same_dtype(base.dtype(), acc_dtype), "base must have the accumulator's dtype");
+  return base.data();
+}
+
+// The three admission stats per (work item, update), zeroed.
+struct StatsOut {
+  I64 nonfinite;
+  F64A sumsq, maxabs;
+  StatsOut(int64_t m, int64_t k) : nonfinite({m, k}), sumsq({m, k}), maxabs({m, k}) {
+    std::fill_n(nonfinite.mutable_data(), m * k, 0);
+    std::fill_n(sumsq.mutable_data(), m * k, 0.0);
+    std::fill_n(maxabs.mutable_data(), m * k, 0.0);
+  }
+  py::tuple tuple() const { return py::make_tuple(nonfinite, sumsq, maxabs); }
+};
+
 bool is_acc_f64(const py::array& acc) {
   if (same_dtype(acc.dtype(), py::dtype::of<double>())) return true;
   if (same_dtype(acc.dtype(), py::dtype::of<float>())) return false;
@@ -106,12 +128,10 @@ void fold(py::array acc, py::object base_obj, int in_code, I64 off, I64 ptr, F64
           int nthreads) {
   require(acc.flags() & py::array::c_style && acc.writeable(), "accumulator must be a writeable C-contiguous array");
   const bool acc64 = is_acc_f64(acc);
-  const bool has_base = !base_obj.is_none();
-  py::array base = has_base ? base_obj.cast<py::array>() : py::array();
-  if (has_base) require(same_dtype(base.dtype(), acc.dtype()), "base must have the accumulator's dtype");
+  const void* basep = base_data(base_obj, acc.dtype());
+  const bool has_base = basep != nullptr;
   const int64_t k = ptr.ndim() == 2 ? ptr.shape(1) : 0, m = work.shape(0);
   void* accp = acc.mutable_data();
-  const void* basep = has_base ? base.data() : nullptr;
   with_types(acc64, in_code, [&](auto a, auto in) {
     using A = decltype(a);
     using In = decltype(in);
@@ -142,20 +162,14 @@ py::tuple fold_stats(py::array acc, py::object base_obj, int in_code, I64 off, I
                      I64 work, int nthreads) {
   require(acc.flags() & py::array::c_style && acc.writeable(), "accumulator must be a writeable C-contiguous array");
   const bool acc64 = is_acc_f64(acc);
-  const bool has_base = !base_obj.is_none();
-  py::array base = has_base ? base_obj.cast<py::array>() : py::array();
-  if (has_base) require(same_dtype(base.dtype(), acc.dtype()), "base must have the accumulator's dtype");
+  const void* basep = base_data(base_obj, acc.dtype());
+  const bool has_base = basep != nullptr;
   const int64_t k = ptr.ndim() == 2 ? ptr.shape(1) : 0, m = work.shape(0);
-  I64 nonfinite({m, k});
-  F64A sumsq({m, k}), maxabs({m, k});
-  std::fill_n(nonfinite.mutable_data(), m * k, 0);
-  std::fill_n(sumsq.mutable_data(), m * k, 0.0);
-  std::fill_n(maxabs.mutable_data(), m * k, 0.0);
-  int64_t* nf = nonfinite.mutable_data();
-  double* ss = sumsq.mutable_data();
-  double* mx = maxabs.mutable_data();
+  StatsOut st(m, k);
+  int64_t* nf = st.nonfinite.mutable_data();
+  double* ss = st.sumsq.mutable_data();
+  double* mx = st.maxabs.mutable_data();
   void* accp = acc.mutable_data();
-  const void* basep = has_base ? base.data() : nullptr;
   with_types(acc64, in_code, [&](auto a, auto in) {
     using A = decltype(a);
     using In = decltype(in);
@@ -173,7 +187,7 @@ py::tuple fold_stats(py::array acc, py::object base_obj, int in_code, I64 off, I
     if (has_base) JK_FOLD_STATS(baseline, true); else JK_FOLD_STATS(baseline, false);
 #undef JK_FOLD_STATS
   });
-  return py::make_tuple(nonfinite, sumsq, maxabs);
+  return st.tuple();
 }
 
 void fold_binned(py::array_t<double, py::array::c_style> hi, py::array_t<double, py::array::c_style> lo,
@@ -207,19 +221,13 @@ void fold_binned(py::array_t<double, py::array::c_style> hi, py::array_t<double,
 py::tuple stats(py::object base_obj, py::dtype acc_dtype, int in_code, I64 off, I64 ptr, I64 sptr, I64 blk,
                 I64 work, int nthreads) {
   const bool acc64 = same_dtype(acc_dtype, py::dtype::of<double>());
-  const bool has_base = !base_obj.is_none();
-  py::array base = has_base ? base_obj.cast<py::array>() : py::array();
-  if (has_base) require(same_dtype(base.dtype(), acc_dtype), "base must have the accumulator's dtype");
+  const void* basep = base_data(base_obj, acc_dtype);
+  const bool has_base = basep != nullptr;
   const int64_t k = ptr.ndim() == 2 ? ptr.shape(1) : 0, m = work.shape(0);
-  I64 nonfinite({m, k});
-  F64A sumsq({m, k}), maxabs({m, k});
-  std::fill_n(nonfinite.mutable_data(), m * k, 0);
-  std::fill_n(sumsq.mutable_data(), m * k, 0.0);
-  std::fill_n(maxabs.mutable_data(), m * k, 0.0);
-  const void* basep = has_base ? base.data() : nullptr;
-  int64_t* nf = nonfinite.mutable_data();
-  double* ss = sumsq.mutable_data();
-  double* mx = maxabs.mutable_data();
+  StatsOut st(m, k);
+  int64_t* nf = st.nonfinite.mutable_data();
+  double* ss = st.sumsq.mutable_data();
+  double* mx = st.maxabs.mutable_data();
   with_types(acc64, in_code, [&](auto a, auto in) {
     using A = decltype(a);
     using In = decltype(in);
@@ -236,19 +244,17 @@ py::tuple stats(py::object base_obj, py::dtype acc_dtype, int in_code, I64 off, 
     JK_STATS(baseline);
 #undef JK_STATS
   });
-  return py::make_tuple(nonfinite, sumsq, maxabs);
+  return st.tuple();
 }
 
 void finalize(py::array acc, py::object base_obj, int out_code, I64 off, F64A total_w, I64 optr, I64 work,
               int nthreads) {
   const bool acc64 = is_acc_f64(acc);
-  const bool has_base = !base_obj.is_none();
-  py::array base = has_base ? base_obj.cast<py::array>() : py::array();
-  if (has_base) require(same_dtype(base.dtype(), acc.dtype()), "base must have the accumulator's dtype");
+  const void* basep = base_data(base_obj, acc.dtype());
+  const bool has_base = basep != nullptr;
   require(out_code != I8, "int8 is not an output dtype");
   const int64_t m = work.shape(0);
   const void* accp = acc.data();
-  const void* basep = has_base ? base.data() : nullptr;
   with_types(acc64, out_code, [&](auto a, auto out) {
     using A = decltype(a);
     using Out = decltype(out);
