@@ -426,9 +426,10 @@ void tile_rows(const In* x, int64_t k, int64_t n, int64_t ld, int mode, int64_t 
   }
 }
 
-// Coordinate-wise median of k rows of n values, row r at x + r*ld: out[n] (float). tile = 0: the register path for
-// k <= REG_MAX_K_MEDIAN, else tiles of default_tile(k); tile > 0: the tile path with tiles of `tile` coordinates.
-// Either path (tile > 0 forces the tile path: the tests compare both).
+// Coordinate-wise statistic of k rows of n values, row r at x + r*ld: out[n] (float). mode 0: the median, from ranks
+// r_lo = (k-1)/2 and r_hi = k/2; mode 1: the trimmed mean of ranks [r_lo, r_hi). tile = 0: the register path for k up
+// to REG_MAX_K_*, else tiles of default_tile(k); tile > 0 forces the tile path with tiles of `tile` coordinates (the
+// tests compare both).
 template <class In>
 void select_rows(const In* x, int64_t k, int64_t n, int64_t ld, int mode, int64_t r_lo, int64_t r_hi, float* out,
                  int64_t tile, int nthreads) {
@@ -442,39 +443,29 @@ void select_rows(const In* x, int64_t k, int64_t n, int64_t ld, int mode, int64_
   }
 }
 
-template <class In>
-void median(const In* x, int64_t k, int64_t n, int64_t ld, float* out, int64_t tile, int nthreads) {
-  select_rows(x, k, n, ld, 0, (k - 1) / 2, k / 2, out, tile, nthreads);
+// Type-erased entry point for a binding: `code` selects the stored dtype. 0 on success, -1 on a bad argument.
+inline int select_code(const void* x, int code, int64_t k, int64_t n, int64_t ld, int mode, int64_t r_lo, int64_t r_hi,
+                       float* out, int64_t tile, int nthreads) {
+  if (k < 1 || n < 0 || ld < n || nthreads < 1 || r_lo < 0 || r_hi > k || r_lo > r_hi || (mode == 1 && r_lo == r_hi))
+    return -1;
+  switch (code) {
+    case F32: select_rows(static_cast<const float*>(x), k, n, ld, mode, r_lo, r_hi, out, tile, nthreads); return 0;
+    case F16: select_rows(static_cast<const ::jk::f16*>(x), k, n, ld, mode, r_lo, r_hi, out, tile, nthreads); return 0;
+    case BF16: select_rows(static_cast<const ::jk::bf16*>(x), k, n, ld, mode, r_lo, r_hi, out, tile, nthreads); return 0;
+    default: return -1;
+  }
 }
 
-// Coordinate-wise trimmed mean keeping ranks [lo, hi) (lo = int(beta*k), hi = k - lo): out[n] (float).
-template <class In>
-void trimmed_mean(const In* x, int64_t k, int64_t n, int64_t ld, int64_t lo, int64_t hi, float* out, int64_t tile,
-                  int nthreads) {
-  select_rows(x, k, n, ld, 1, lo, hi, out, tile, nthreads);
-}
-
-// Type-erased entry points for a binding: `code` selects the stored dtype. 0 on success, -1 on a bad argument.
+// Coordinate-wise median: out[n].
 inline int median_code(const void* x, int code, int64_t k, int64_t n, int64_t ld, float* out, int64_t tile,
                        int nthreads) {
-  if (k < 1 || n < 0 || ld < n || nthreads < 1) return -1;
-  switch (code) {
-    case F32: median(static_cast<const float*>(x), k, n, ld, out, tile, nthreads); return 0;
-    case F16: median(static_cast<const ::jk::f16*>(x), k, n, ld, out, tile, nthreads); return 0;
-    case BF16: median(static_cast<const ::jk::bf16*>(x), k, n, ld, out, tile, nthreads); return 0;
-    default: return -1;
-  }
+  return select_code(x, code, k, n, ld, 0, (k - 1) / 2, k / 2, out, tile, nthreads);
 }
 
+// Coordinate-wise trimmed mean keeping ranks [lo, hi) (lo = int(beta*k), hi = k - lo): out[n].
 inline int trimmed_mean_code(const void* x, int code, int64_t k, int64_t n, int64_t ld, int64_t lo, int64_t hi,
                              float* out, int64_t tile, int nthreads) {
-  if (k < 1 || n < 0 || ld < n || nthreads < 1 || lo < 0 || hi > k || lo >= hi) return -1;
-  switch (code) {
-    case F32: trimmed_mean(static_cast<const float*>(x), k, n, ld, lo, hi, out, tile, nthreads); return 0;
-    case F16: trimmed_mean(static_cast<const ::jk::f16*>(x), k, n, ld, lo, hi, out, tile, nthreads); return 0;
-    case BF16: trimmed_mean(static_cast<const ::jk::bf16*>(x), k, n, ld, lo, hi, out, tile, nthreads); return 0;
-    default: return -1;
-  }
+  return select_code(x, code, k, n, ld, 1, lo, hi, out, tile, nthreads);
 }
 
 }  // namespace jkrc

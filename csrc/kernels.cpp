@@ -328,41 +328,38 @@ void step(py::array acc, py::array x, py::array m, py::object v_obj, int kind, F
   });
 }
 
-// Coordinate-wise median / trimmed mean over a [k, N] slab (jk_robust_coord.h). rows: 2-D with unit column stride;
-// code: 1 = f32, 2 = f16 bits, 3 = bf16 bits; tile 0 picks the path (registers for small k).
-template <class F>
-void robust_call(const py::array& rows, int code, py::array_t<float, py::array::c_style>& out, F&& f) {
+// Coordinate-wise median (mode 0) / trimmed mean of ranks [lo, hi) (mode 1) over a [k, N] slab (jk_robust_coord.h).
+// rows: 2-D with unit column stride; code: 1 = f32, 2 = f16 bits, 3 = bf16 bits; tile 0 picks the path (registers for
+// small k).
+void robust_select(const py::array& rows, int code, int mode, int64_t lo, int64_t hi,
+                   py::array_t<float, py::array::c_style>& out, int64_t tile, int nthreads) {
   require(rows.ndim() == 2, "rows must be [k, N]");
   const int64_t item = code == 1 ? 4 : 2;
   require(rows.itemsize() == item && rows.strides(1) == item && rows.strides(0) % item == 0,
           "rows: unit column stride and an itemsize matching the code");
   require(out.ndim() == 1 && out.shape(0) == rows.shape(1) && out.writeable(), "out must be a writeable float32[N]");
   const int64_t k = rows.shape(0), n = rows.shape(1), ld = rows.strides(0) / item;
+  if (mode == 0) lo = (k - 1) / 2, hi = k / 2;
   int rc;
   {
     py::gil_scoped_release nogil;
-    rc = f(rows.data(), k, n, ld, out.mutable_data());
+#ifdef JK_X86
+    if (use_avx2())
+      rc = avx2::jkrc::select_code(rows.data(), code, k, n, ld, mode, lo, hi, out.mutable_data(), tile, nthreads);
+    else
+#endif
+      rc = jkrc::select_code(rows.data(), code, k, n, ld, mode, lo, hi, out.mutable_data(), tile, nthreads);
   }
   if (rc != 0) throw std::invalid_argument("robust kernel: invalid arguments (code " + std::to_string(rc) + ")");
 }
 
 void robust_median(py::array rows, int code, py::array_t<float, py::array::c_style> out, int64_t tile, int nthreads) {
-  robust_call(rows, code, out, [&](const void* x, int64_t k, int64_t n, int64_t ld, float* o) {
-#ifdef JK_X86
-    if (use_avx2()) return avx2::jkrc::median_code(x, code, k, n, ld, o, tile, nthreads);
-#endif
-    return jkrc::median_code(x, code, k, n, ld, o, tile, nthreads);
-  });
+  robust_select(rows, code, 0, 0, 0, out, tile, nthreads);
 }
 
 void robust_trimmed_mean(py::array rows, int code, int64_t lo, int64_t hi, py::array_t<float, py::array::c_style> out,
                          int64_t tile, int nthreads) {
-  robust_call(rows, code, out, [&](const void* x, int64_t k, int64_t n, int64_t ld, float* o) {
-#ifdef JK_X86
-    if (use_avx2()) return avx2::jkrc::trimmed_mean_code(x, code, k, n, ld, lo, hi, o, tile, nthreads);
-#endif
-    return jkrc::trimmed_mean_code(x, code, k, n, ld, lo, hi, o, tile, nthreads);
-  });
+  robust_select(rows, code, 1, lo, hi, out, tile, nthreads);
 }
 
 // SecAgg k-way modular sum (jk_secagg.h, modsum_rows): integer adds vectorize with the baseline ISA, and the loop is
