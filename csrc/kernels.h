@@ -93,11 +93,11 @@ static inline int thread_count() {
 #endif
 }
 
-// The one loop nest of every fold: for each block (a SUB-block, or with many updates a whole work item), every update
+// The one loop nest of every fold: for each block (a SUB-block, or with many updates a work item), every update
 // present in batch order calls body(it, e, p, pos, o, n) (it: the work item, e: the update's table entry, p: its
-// address, pos: the block's position in the leaf, o: in the accumulator, n: its length); done(o, n) follows once
-// every update has passed the block. ``min_sub`` raises the block length for bodies with a fixed cost per block
-// (fold_stats_rows).
+// address, pos: the piece's position in the leaf, o: in the accumulator, n: its length) over the block, in one or
+// more pieces; done(o, n) follows once every update has passed the block. ``min_sub`` raises the piece length for
+// bodies with a fixed cost per call (fold_stats_rows).
 template <class Body, class Done>
 static void for_blocks(const int64_t* off, const int64_t* ptr, int64_t k, const int64_t* work, int64_t m,
                        int nthreads, Body&& body, Done&& done, int64_t min_sub = SUB) {
@@ -107,6 +107,9 @@ static void for_blocks(const int64_t* off, const int64_t* ptr, int64_t k, const 
     if (p) body(it, r * k + j, p, s + b0, off[r] + s + b0, n);
   };
   if (k > MANY_UPDATES) {
+    // bodies see pieces of an update's run, one after another (the same memory order): a body that reads its piece
+    // twice (fold_stats) finds it in L1
+    const int64_t piece = std::max(min_sub, 8 * SUB);
     int64_t total = 0;
     for (int64_t it = 0; it < m; ++it) total += work[3 * it + 2];
 #pragma omp parallel num_threads(nthreads)
@@ -121,7 +124,9 @@ static void for_blocks(const int64_t* off, const int64_t* ptr, int64_t k, const 
         int64_t t1 = t0 + 1, elems = work[3 * t0 + 2];
         while (t1 < e && elems + work[3 * t1 + 2] <= TILE) elems += work[3 * t1++ + 2];
         for (int64_t j = 0; j < k; ++j)
-          for (int64_t it = t0; it < t1; ++it) update(it, j, 0, work[3 * it + 2]);
+          for (int64_t it = t0; it < t1; ++it)
+            for (int64_t b0 = 0, len = work[3 * it + 2]; b0 < len; b0 += piece)
+              update(it, j, b0, std::min(piece, len - b0));
         for (int64_t it = t0; it < t1; ++it) done(off[work[3 * it]] + work[3 * it + 1], work[3 * it + 2]);
         t0 = t1;
       }
