@@ -329,26 +329,34 @@ static inline void stats_span(Lanes<S>& st, int64_t& bad, int64_t p, const float
   }
 }
 
+// Stats of update entry e over one piece [pos, pos + n), added into its (work item, update) outputs q = it * k + j
+// (zeroed by the caller): the body of stats_rows and fold_stats_rows.
+template <class A, class In, bool Base, bool Quant>
+static inline void add_stats(const A* b, int64_t p, const float* scales, int64_t B, int64_t pos, int64_t n, int64_t q,
+                             int64_t* nonfinite, double* sumsq, double* maxabs) {
+  Lanes<StatT<A, In, Base>> st;
+  st.mx = (StatT<A, In, Base>)maxabs[q];
+  int64_t bad = 0;
+  stats_span<A, In, Base, Quant>(st, bad, p, scales, B, b, pos, n);
+  nonfinite[q] += bad;
+  sumsq[q] += st.ss;
+  maxabs[q] = (double)st.mx;
+}
+
+// Admission stats per (work item, update), through the fold's loop nest with one piece per work item: the same spans
+// as a loop over items, and with many updates the same update-major tiles as the fold.
+constexpr int64_t WHOLE_ITEMS = INT64_MAX;
+
 template <class A, class In, bool Base, bool Quant>
 static void stats_rows(const A* base, const int64_t* off, const int64_t* ptr, const int64_t* sptr,
                        const int64_t* blk, int64_t k, const int64_t* work, int64_t m, int64_t* nonfinite,
                        double* sumsq, double* maxabs, int nthreads) {
-  using S = StatT<A, In, Base>;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (int64_t it = 0; it < m; ++it) {
-    const int64_t r = work[3 * it], s = work[3 * it + 1], len = work[3 * it + 2];
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t e = r * k + j, p = ptr[e];
-      if (!p) continue;
-      Lanes<S> st;
-      int64_t bad = 0;
-      stats_span<A, In, Base, Quant>(st, bad, p, Quant ? reinterpret_cast<const float*>(sptr[e]) : nullptr,
-                                     Quant ? blk[e] : 1, Base ? base + off[r] + s : nullptr, s, len);
-      nonfinite[it * k + j] = bad;
-      sumsq[it * k + j] = st.ss;
-      maxabs[it * k + j] = (double)st.mx;
-    }
-  }
+  for_blocks(off, ptr, k, work, m, nthreads, [&](int64_t it, int64_t e, int64_t p, int64_t pos, int64_t o,
+                                                 int64_t n) {
+    const float* scales = Quant ? reinterpret_cast<const float*>(sptr[e]) : nullptr;
+    add_stats<A, In, Base, Quant>(Base ? base + o : nullptr, p, scales, Quant ? blk[e] : 1, pos, n, it * k + e % k,
+                                  nonfinite, sumsq, maxabs);
+  }, no_done, WHOLE_ITEMS);
 }
 
 // Admission and fold in one pass, for a batch folded into an empty state: per block of each update, its stats
@@ -363,19 +371,11 @@ template <class A, class In, bool Base, bool Quant>
 static void fold_stats_rows(A* acc, const A* base, const int64_t* off, const int64_t* ptr, const double* w,
                             const int64_t* sptr, const int64_t* blk, int64_t k, const int64_t* work, int64_t m,
                             int64_t* nonfinite, double* sumsq, double* maxabs, int nthreads) {
-  using S = StatT<A, In, Base>;
   for_blocks(off, ptr, k, work, m, nthreads, [&](int64_t it, int64_t e, int64_t p, int64_t pos, int64_t o,
                                                  int64_t n) {
-    const int64_t j = e % k, q = it * k + j;
     const A* b = Base ? base + o : nullptr;
     const float* scales = Quant ? reinterpret_cast<const float*>(sptr[e]) : nullptr;
-    Lanes<S> st;
-    st.mx = (S)maxabs[q];
-    int64_t bad = 0;
-    stats_span<A, In, Base, Quant>(st, bad, p, scales, Quant ? blk[e] : 1, b, pos, n);
-    nonfinite[q] += bad;
-    sumsq[q] += st.ss;
-    maxabs[q] = (double)st.mx;
+    add_stats<A, In, Base, Quant>(b, p, scales, Quant ? blk[e] : 1, pos, n, it * k + e % k, nonfinite, sumsq, maxabs);
     if constexpr (Quant)
       fold_block_q<A, Base>(acc + o, b, reinterpret_cast<const int8_t*>(p) + pos, scales, pos, blk[e], (A)w[e], n);
     else

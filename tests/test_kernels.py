@@ -48,7 +48,7 @@ def test_fold_bit_exact(backend, in_dtype, acc_dtype, seed, shapes, k, with_base
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("in_dtype", INPUTS)
 @pytest.mark.parametrize("acc_dtype", ["float32", "float64"])
-@given(seed=seeds, shapes=leaf_shapes(), k=st.integers(1, 4), with_base=st.booleans(),
+@given(seed=seeds, shapes=leaf_shapes(), k=st.one_of(st.integers(1, 4), st.integers(17, 20)), with_base=st.booleans(),
        scale=st.sampled_from([1e-30, 1.0, 1e4]), nonfinite=st.sampled_from([None, np.nan, np.inf, -np.inf]))
 def test_stats_close(backend, in_dtype, acc_dtype, seed, shapes, k, with_base, scale, nonfinite):
     mod = _module(backend, in_dtype)
@@ -134,7 +134,8 @@ def test_fold_binned_bit_exact(backend, in_dtype, seed, shapes, k, with_base, ti
 def test_many_updates_bit_exact_across_tiles_and_threads(backend, in_dtype, threads):
     """k > 16 updates over leaves longer than a tile, shared unevenly between threads: the C++ kernels walk each
     thread's share in update-major tiles (csrc/kernels.h for_blocks), and every element still sees the updates in
-    batch order, so fold and the deterministic fold match the reference to the bit."""
+    batch order, so fold and the deterministic fold match the reference to the bit; the stats pass does not depend
+    on the thread count."""
     mod = _module(backend, in_dtype)
     rng = np.random.default_rng(threads)
     lay, groups, _ = make_batch(rng, [(70001,), (3,), (40000,), (1,), (90000,), (8193,)], in_dtype, 20, block=7)
@@ -150,5 +151,15 @@ def test_many_updates_bit_exact_across_tiles_and_threads(backend, in_dtype, thre
             numpy_ref.fold_binned(*want, None, g, 30)
             mod.fold_binned(*got, None, g, 30)
             assert got[0].tobytes() == want[0].tobytes() and got[1].tobytes() == want[1].tobytes()
+            # the stats pass walks the same tiles: per (leaf, update) one span, whatever the thread count
+            got = mod.stats(None, g, "float32")
+            jk.set_num_threads(1)
+            one = mod.stats(None, g, "float32")
+            jk.set_num_threads(threads)
+            assert all(a.tobytes() == b.tobytes() for a, b in zip(got, one))
+            want = numpy_ref.stats(None, g, "float32")
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
+            np.testing.assert_allclose(got[2], want[2], rtol=1e-6)  # int8: x = q * scale rounds in float32
     finally:
         jk.set_num_threads(old)
