@@ -86,16 +86,16 @@ def leaf_entries(layout, leaves_list) -> list:
     numpy arrays (flatten checked their dtypes against the layout) gets the layout's codes and the addresses from one
     C++ call: the per-leaf path cost ~2 us a leaf, a fifth of a small update's admission."""
     L = len(layout.leaves)
-    out = []
-    for leaves in leaves_list:
-        if _core is not None and all(type(a) is np.ndarray for a in leaves):
-            e = np.zeros((L, 4), np.int64)
-            e[:, 0] = _layout_codes(layout)
-            e[:, 1] = _core.leaf_addresses(leaves)
-        else:
-            e = np.array([leaf_entry(a) for a in leaves], np.int64).reshape(L, 4)
-        out.append(e)
-    return out
+    plain = [_core is not None and all(type(a) is np.ndarray for a in leaves) for leaves in leaves_list]
+    n = sum(plain)
+    if n:  # one table for all of them: the layout's codes, and every address from one C++ call
+        tab = np.zeros((n, L, 4), np.int64)
+        tab[:, :, 0] = _layout_codes(layout)
+        tab[:, :, 1] = _core.leaf_addresses([a for leaves, ok in zip(leaves_list, plain) if ok for a in leaves]
+                                            ).reshape(n, L)
+        rows = iter(tab)
+    return [next(rows) if ok else np.array([leaf_entry(a) for a in leaves], np.int64).reshape(L, 4)
+            for leaves, ok in zip(leaves_list, plain)]
 
 
 def _layout_codes(layout) -> np.ndarray:
@@ -181,22 +181,29 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
     first bad one (in order). ``bound`` (deterministic mode) caps ``weight * max|x|``."""
     nonfinite, sumsq, maxabs = stats
     limit = float(np.finfo(np.dtype(acc_dtype)).max) * HEADROOM if bound is None else float(bound)
-    what = f"the {acc_dtype} accumulator's headroom" if bound is None else "the deterministic bound"
-    out = []
-    for j, party in enumerate(prep.parties):
-        bad = np.flatnonzero(nonfinite[:, j])
-        if bad.size:
-            raise NonFiniteUpdate(party, layout.leaves[bad[0]].name, int(nonfinite[bad[0], j]))
+    # every update at once (a Python loop of numpy calls per update was most of admitting small updates); the
+    # first bad update in order raises, non-finite before out of range, as one by one
+    peak = maxabs.max(axis=0, initial=0.0)
+    bad = nonfinite.any(axis=0) | (np.asarray(prep.weights, np.float64) * peak > limit)
+    if bad.any():
+        j = int(np.argmax(bad))
+        party = prep.parties[j]
+        leaf = np.flatnonzero(nonfinite[:, j])
+        if leaf.size:
+            raise NonFiniteUpdate(party, layout.leaves[leaf[0]].name, int(nonfinite[leaf[0], j]))
+        what = f"the {acc_dtype} accumulator's headroom" if bound is None else "the deterministic bound"
         worst = int(np.argmax(maxabs[:, j]))
-        if prep.weights[j] * maxabs[worst, j] > limit:
-            raise ValueOutOfRange(
-                f"party {party!r}: leaf {layout.leaves[worst].name!r} has |x| = {maxabs[worst, j]:.6g}, "
-                f"which times weight {prep.weights[j]:.6g} exceeds {limit:.6g} ({what})")
-        nbytes = sum(a.nbytes for a in prep.leaves[j] if a is not None)
-        out.append(Admitted(party, prep.weights[j], prep.leaves[j], prep.entries[j], layout.fingerprint,
-                            float(math.sqrt(sumsq[:, j].sum())), float(maxabs[:, j].max(initial=0.0)), nbytes,
-                            against_base, prep.on_device[j]))
-    return out
+        raise ValueOutOfRange(
+            f"party {party!r}: leaf {layout.leaves[worst].name!r} has |x| = {peak[j]:.6g}, "
+            f"which times weight {prep.weights[j]:.6g} exceeds {limit:.6g} ({what})")
+    # per update, the sum over leaves in the order a column's own .sum() takes (pairwise): the same bits as before
+    norms = np.sqrt(np.ascontiguousarray(sumsq.T).sum(axis=1)).tolist()
+    maxes = peak.tolist()
+    fp = layout.fingerprint
+    return [Admitted(party, w, leaves, entries, fp, norm, mx, sum(a.nbytes for a in leaves if a is not None),
+                     against_base, dev)
+            for party, w, leaves, entries, norm, mx, dev in zip(prep.parties, prep.weights, prep.leaves,
+                                                                  prep.entries, norms, maxes, prep.on_device)]
 
 
 def admit_many(updates, layout, *, weights=None, parties=None, base=None, backend="auto", acc_dtype="float32",
