@@ -116,10 +116,10 @@ def batch_stats(layout, leaves_list, *, base=None, host_base=None, backend="auto
     on the host spares them a trip over PCIe that the fold would repeat."""
     k = len(leaves_list)
     L = len(layout.leaves)
-    nonfinite, sumsq, maxabs = np.zeros((L, k), np.int64), np.zeros((L, k)), np.zeros((L, k))
     entries = leaf_entries(layout, leaves_list) if entries is None else entries
     on_device = np.zeros(k, bool) if on_device is None else np.asarray(on_device, bool)
     host_base = base if host_base is None else host_base
+    stats = None
     for dev in (False, True):
         cols = np.flatnonzero(on_device == dev)
         if cols.size == 0:
@@ -133,9 +133,15 @@ def batch_stats(layout, leaves_list, *, base=None, host_base=None, backend="auto
                 mod, b = backends.get("cupy"), base
             else:
                 mod, b = backends.choose("auto" if backend == "cupy" else backend, name), host_base
-            add_stats((nonfinite, sumsq, maxabs), g.leaf_ids if every else np.ix_(g.leaf_ids, cols),
-                      *mod.stats(b, g, acc_dtype))
-    return entries, nonfinite, sumsq, maxabs
+            got = mod.stats(b, g, acc_dtype)
+            if every and len(g.leaf_ids) == L:  # one group with every leaf, in order: its stats are the answer
+                return (entries, *got)
+            if stats is None:
+                stats = np.zeros((L, k), np.int64), np.zeros((L, k)), np.zeros((L, k))
+            add_stats(stats, g.leaf_ids if every else np.ix_(g.leaf_ids, cols), *got)
+    if stats is None:
+        stats = np.zeros((L, k), np.int64), np.zeros((L, k)), np.zeros((L, k))
+    return (entries, *stats)
 
 
 def add_stats(stats, rows, nf, ss, mx) -> None:

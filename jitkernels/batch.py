@@ -82,6 +82,7 @@ class Group:
     work: np.ndarray  # int64[m, 3]
     device: np.ndarray | None = None  # bool[k]: update j is in GPU memory (None: all on the host)
     elements: int = 0  # sum of n: the elements of one update's rows
+    row_starts: np.ndarray | None = None  # first work item of each row (None: one item per row, in row order)
 
     @property
     def k(self) -> int:
@@ -127,7 +128,7 @@ def build_groups(layout, entries, leaves, weights, chunk: int = CHUNK, device=No
             ptr, sptr, blk = np.where(p.mask, sub[1], 0), np.where(p.mask, sub[2], 0), np.where(p.mask, sub[3], 1)
             wt[~p.mask] = 0.0
         groups[p.name] = Group(p.name, p.rows, p.off, p.n, ptr, wt, sptr, blk, leaves, p.mask, p.work, device,
-                               p.elements)
+                               p.elements, p.row_starts)
     int_rows = [(r, [lv[r] for lv, c in zip(leaves, tab[r, :, 0].tolist()) if c == INT_CODE]) for r in plan.int_rows]
     return groups, int_rows, plan.carried
 
@@ -141,6 +142,7 @@ class _GroupPlan:
     n: np.ndarray
     work: np.ndarray
     elements: int
+    row_starts: np.ndarray | None
 
 
 @dataclass(frozen=True)
@@ -169,8 +171,11 @@ def _plan(layout, codes, chunk) -> _Plan:
         rows = np.flatnonzero(match.any(axis=1))
         n = layout.sizes[rows]
         mask = match[rows]
-        groups.append(_GroupPlan(name, rows, None if mask.all() else mask, layout.offsets[rows], n,
-                                 work_items(n, chunk), int(n.sum())))
+        work = work_items(n, chunk)
+        one_per_row = work.shape[0] == len(rows) and np.array_equal(work[:, 0], np.arange(len(rows)))
+        starts = None if one_per_row else np.flatnonzero(np.r_[True, work[1:, 0] != work[:-1, 0]])
+        groups.append(_GroupPlan(name, rows, None if mask.all() else mask, layout.offsets[rows], n, work,
+                                 int(n.sum()), starts))
     int_rows = [] if INT_CODE not in present else np.flatnonzero((codes == INT_CODE).any(axis=1)).tolist()
     if len(cache) > 256:
         cache.clear()
@@ -183,9 +188,9 @@ def rows_from_items(g: Group, nonfinite, sumsq, maxabs):
     R, k = g.ptr.shape
     if g.work.shape[0] == 0:
         return np.zeros((R, k), np.int64), np.zeros((R, k)), np.zeros((R, k))
-    if g.work.shape[0] == R and np.array_equal(g.work[:, 0], np.arange(R)):
+    if g.row_starts is None:
         return nonfinite, sumsq, maxabs  # one work item per row (every leaf fits in a chunk): nothing to combine
-    starts = np.flatnonzero(np.r_[True, g.work[1:, 0] != g.work[:-1, 0]])
+    starts = g.row_starts
     rows = g.work[starts, 0]
     out = [np.zeros((R, k), np.int64), np.zeros((R, k)), np.zeros((R, k))]
     out[0][rows] = np.add.reduceat(nonfinite, starts, axis=0)
