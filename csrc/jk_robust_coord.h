@@ -451,7 +451,9 @@ inline int select_code(const void* x, int code, int64_t k, int64_t n, int64_t ld
   switch (code) {
     case F32: select_rows(static_cast<const float*>(x), k, n, ld, mode, r_lo, r_hi, out, tile, nthreads); return 0;
     case F16: select_rows(static_cast<const ::jk::f16*>(x), k, n, ld, mode, r_lo, r_hi, out, tile, nthreads); return 0;
-    case BF16: select_rows(static_cast<const ::jk::bf16*>(x), k, n, ld, mode, r_lo, r_hi, out, tile, nthreads); return 0;
+    case BF16:
+      select_rows(static_cast<const ::jk::bf16*>(x), k, n, ld, mode, r_lo, r_hi, out, tile, nthreads);
+      return 0;
     default: return -1;
   }
 }

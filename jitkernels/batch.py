@@ -95,11 +95,12 @@ class Group:
         rows = self.leaf_ids.tolist()
         if self.mask is None:
             return [[lv[r] for lv in self.leaves] for r in rows]
-        return [[lv[r] if m else None for lv, m in zip(self.leaves, mrow)] for r, mrow in zip(rows, self.mask.tolist())]
+        return [[lv[r] if m else None for lv, m in zip(self.leaves, mrow)]
+                for r, mrow in zip(rows, self.mask.tolist())]
 
 
 def stack_entries(entries) -> np.ndarray:
-    """int64[L, k, 4]: the k updates' leaf tables (``leaf_entry`` rows) side by side; a stacked table is passed through."""
+    """int64[L, k, 4]: the k updates' leaf tables (``leaf_entry`` rows) side by side (a stacked table passes as is)."""
     if isinstance(entries, np.ndarray):
         return entries
     return np.array(entries).transpose(1, 0, 2)  # one C-level copy: np.stack costs twice as much on 100 small tables
@@ -135,6 +136,8 @@ def build_groups(layout, entries, leaves, weights, chunk: int = CHUNK, device=No
 
 @dataclass(frozen=True)
 class _GroupPlan:
+    """The part of a Group that depends only on which updates carry which leaves in which dtype (see _plan)."""
+
     name: str
     rows: np.ndarray
     mask: np.ndarray | None  # None: every update carries every row
@@ -147,6 +150,8 @@ class _GroupPlan:
 
 @dataclass(frozen=True)
 class _Plan:
+    """A batch shape's groups, integer-leaf rows and carried matrix (float64[L, k])."""
+
     groups: list
     int_rows: list
     carried: np.ndarray
