@@ -68,12 +68,13 @@ static inline void for_scale_segments(int64_t start, int64_t n, int64_t B, Seg&&
 // Few updates (k <= 16): each work item is cut into SUB-blocks, and every update is folded into a block before the
 // next, the block's accumulator in L1 while the k streams run on block after block.
 // Many updates: the hardware prefetchers lose track of k streams that each read one short run and wait for the other
-// k - 1. Each thread takes a contiguous share of the work items (balanced by elements) and walks it in tiles of up
-// to TILE elements, update-major: update j's runs through the whole tile before update j + 1's. Wherever an update's
-// leaves lie next to each other in memory (split from one buffer: safetensors, Flower's bytes, a flat vector), update
-// j is then one long sequential read (k = 100 x 100k elements: 1.71 -> 1.35 ms, two threads, in a C++ model of the
-// loop). The tile's accumulator (256 KiB) stays in L2. Per element the updates still come in batch order, so either
-// way the result is the reference's to the bit.
+// k - 1. Each thread takes a contiguous share of the work items (balanced by elements) and walks it in tiles of about
+// TILE elements, update-major: update j's runs through the whole tile before update j + 1's (jitkernels.batch.walk
+// states the same rule and hands the walk to numba). Wherever an update's leaves lie next to each other in memory
+// (split from one buffer: safetensors, Flower's bytes, a flat vector), update j is then one long sequential read
+// (k = 100 x 100k elements: 1.71 -> 1.35 ms, two threads, in a C++ model of the loop). The tile's accumulator
+// (256 KiB) stays in L2. Per element the updates still come in batch order, so either way the result is the
+// reference's to the bit.
 constexpr int64_t TILE = 65536;
 constexpr int64_t MANY_UPDATES = 16;
 
@@ -120,15 +121,17 @@ static void for_blocks(const int64_t* off, const int64_t* ptr, int64_t k, const 
       for (; a < m && start < lo; ++a) start += work[3 * a + 2];
       int64_t e = a;
       for (int64_t pos = start; e < m && pos < hi; ++e) pos += work[3 * e + 2];
-      for (int64_t t0 = a; t0 < e;) {
-        int64_t t1 = t0 + 1, elems = work[3 * t0 + 2];
-        while (t1 < e && elems + work[3 * t1 + 2] <= TILE) elems += work[3 * t1++ + 2];
+      // a tile: the items whose first element falls in the same TILE-element window of the share
+      for (int64_t t0 = a, pos0 = start; t0 < e;) {
+        int64_t t1 = t0, pos = pos0;
+        while (t1 < e && (pos - lo) / TILE == (pos0 - lo) / TILE) pos += work[3 * t1++ + 2];
         for (int64_t j = 0; j < k; ++j)
           for (int64_t it = t0; it < t1; ++it)
             for (int64_t b0 = 0, len = work[3 * it + 2]; b0 < len; b0 += piece)
               update(it, j, b0, std::min(piece, len - b0));
         for (int64_t it = t0; it < t1; ++it) done(off[work[3 * it]] + work[3 * it + 1], work[3 * it + 2]);
         t0 = t1;
+        pos0 = pos;
       }
     }
     return;

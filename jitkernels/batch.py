@@ -28,6 +28,11 @@ ABSENT = -2
 CHUNK = 8192
 """Elements per work item: one accumulator chunk (32 KiB fp32) stays in L1/L2 while k updates stream through it."""
 
+MANY_UPDATES = 16
+TILE = 65536
+"""Past MANY_UPDATES updates, kernels walk each thread's share of the work items in tiles of TILE elements,
+update-major (:func:`walk`; the same constants and rule as csrc/kernels.h ``for_blocks``)."""
+
 
 def leaf_entry(a):
     """(code, data address, scale address, block) of one flattened leaf."""
@@ -83,6 +88,7 @@ class Group:
     device: np.ndarray | None = None  # bool[k]: update j is in GPU memory (None: all on the host)
     elements: int = 0  # sum of n: the elements of one update's rows
     row_starts: np.ndarray | None = None  # first work item of each row (None: one item per row, in row order)
+    plan: _GroupPlan | None = field(default=None, repr=False)  # what it was built from (caches its walks)
 
     @property
     def k(self) -> int:
@@ -129,7 +135,7 @@ def build_groups(layout, entries, leaves, weights, chunk: int = CHUNK, device=No
             ptr, sptr, blk = np.where(p.mask, sub[1], 0), np.where(p.mask, sub[2], 0), np.where(p.mask, sub[3], 1)
             wt[~p.mask] = 0.0
         groups[p.name] = Group(p.name, p.rows, p.off, p.n, ptr, wt, sptr, blk, leaves, p.mask, p.work, device,
-                               p.elements, p.row_starts)
+                               p.elements, p.row_starts, p)
     int_rows = [(r, [lv[r] for lv, c in zip(leaves, tab[r, :, 0].tolist()) if c == INT_CODE]) for r in plan.int_rows]
     return groups, int_rows, plan.carried
 
@@ -146,6 +152,7 @@ class _GroupPlan:
     work: np.ndarray
     elements: int
     row_starts: np.ndarray | None
+    walks: dict = field(default_factory=dict, compare=False, repr=False)  # (many, threads) -> walk()
 
 
 @dataclass(frozen=True)
@@ -186,6 +193,40 @@ def _plan(layout, codes, chunk) -> _Plan:
         cache.clear()
     cache[key] = plan = _Plan(groups, int_rows, (codes != ABSENT).astype(np.float64))
     return plan
+
+
+def walk(g: Group, nthreads: int) -> tuple:
+    """(share, tiles): the order in which the kernels visit a group's work items, as data (numba's kernels take it;
+    csrc/kernels.h ``for_blocks`` computes the same walk itself). Thread t walks the tiles share[t]:share[t+1]; a
+    tile is the run of work items tiles[i, 0]:tiles[i, 1], visited update-major (every item of the tile for update
+    j, then for j + 1), so an update whose leaves lie next to each other in memory is read in one long run. Few
+    updates (k <= MANY_UPDATES): one item per tile and threads take equal counts of items. Many: threads take the
+    items whose first element falls in their equal share of the elements, and a tile is the items whose first
+    element falls in the same TILE-element window of the share. Cached on the group's plan."""
+    many = g.k > MANY_UPDATES
+    cache = g.plan.walks if g.plan is not None else {}
+    hit = cache.get((many, nthreads))
+    if hit is None:
+        hit = cache[(many, nthreads)] = _walk(g.work, many, nthreads)
+    return hit
+
+
+def _walk(work, many: bool, T: int) -> tuple:
+    m = work.shape[0]
+    if m == 0:
+        return np.zeros(T + 1, np.int64), np.zeros((0, 2), np.int64)
+    if not many:
+        items = np.arange(m + 1, dtype=np.int64)
+        return (m * np.arange(T + 1, dtype=np.int64)) // T, np.ascontiguousarray(np.stack([items[:-1], items[1:]], 1))
+    lens = work[:, 2]
+    total = int(lens.sum())
+    start = np.cumsum(lens) - lens
+    lo = (total * np.arange(T + 1, dtype=np.int64)) // T
+    thread = np.searchsorted(lo, start, side="right") - 1
+    window = thread * (total // TILE + 1) + (start - lo[thread]) // TILE
+    first = np.flatnonzero(np.r_[True, window[1:] != window[:-1]])
+    tiles = np.ascontiguousarray(np.stack([first, np.r_[first[1:], m]], 1).astype(np.int64))
+    return np.searchsorted(thread[first], np.arange(T + 1)).astype(np.int64), tiles
 
 
 def rows_from_items(g: Group, nonfinite, sumsq, maxabs):

@@ -163,3 +163,26 @@ def test_many_updates_bit_exact_across_tiles_and_threads(backend, in_dtype, thre
             np.testing.assert_allclose(got[2], want[2], rtol=1e-6)  # int8: x = q * scale rounds in float32
     finally:
         jk.set_num_threads(old)
+
+
+@given(sizes=st.lists(st.integers(0, 300_000), min_size=1, max_size=30), threads=st.integers(1, 5),
+       many=st.booleans())
+def test_walk_visits_every_work_item_once_in_order(sizes, threads, many):
+    """batch.walk (the kernels' visiting order as data): the threads' tiles cover the work items once, in order,
+    each thread a contiguous run; with many updates a tile never spans two TILE windows of its thread's share."""
+    from jitkernels.batch import TILE, _walk, work_items
+
+    work = work_items(np.array(sizes))
+    share, tiles = _walk(work, many, threads)
+    assert share.shape == (threads + 1,) and share[0] == 0 and share[-1] == len(tiles)
+    assert np.all(np.diff(share) >= 0)
+    covered = np.concatenate([np.arange(a, b) for a, b in tiles]) if len(tiles) else np.zeros(0, int)
+    assert covered.tolist() == list(range(work.shape[0]))
+    if many and work.shape[0]:
+        start = np.cumsum(work[:, 2]) - work[:, 2]
+        total = int(work[:, 2].sum())
+        for t in range(threads):
+            lo = total * t // threads
+            for a, b in tiles[share[t]:share[t + 1]]:
+                assert len({int(x - lo) // TILE for x in start[a:b]}) == 1
+                assert all(lo <= x < total * (t + 1) // threads for x in start[a:b])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._numba import numba, reason as _reason
-from ..batch import rows_from_items, threads_for
+from ..batch import rows_from_items, threads_for, walk
 from ..dtypes import np_dtype
 from ..threads import get_num_threads
 from .numpy_ref import binned_constants
@@ -55,75 +55,87 @@ if numba is not None:
 
     # Loops index slices from 0 (a = acc[o:o+n]; a[i]): with offsets inside the index, numba's negative-index
     # wraparound check stays in the loop and blocks vectorization (measured: 2.5x slower).
+    # Every kernel below walks the work items in jitkernels.batch.walk's order: thread t takes tiles
+    # share[t]:share[t+1], each tile's items update-major (the C++ kernels' for_blocks, as data).
     @njit(parallel=True, cache=True, nogil=True)
-    def _fold(acc, base, has_base, off, ptr, w, sptr, blk, work, witness, quant):
-        m, k = work.shape[0], ptr.shape[1]
-        for it in prange(m):
-            r, s, ln = work[it, 0], work[it, 1], work[it, 2]
-            a = acc[off[r] + s:off[r] + s + ln]
-            b = base[off[r] + s:off[r] + s + ln] if has_base else base[:0]
-            for j in range(k):
-                p = ptr[r, j]
-                if p == 0:
-                    continue
-                wj = w[r, j]
-                u = carray(_typed_ptr(p, witness), (s + ln,))[s:]
-                if quant:
-                    B = blk[r, j]
-                    scales = carray(_typed_ptr(sptr[r, j], np.empty(0, np.float32)), (1 + (s + ln - 1) // B,))
-                    i0 = 0
-                    while i0 < ln:
-                        g = (s + i0) // B
-                        i1 = min(ln, (g + 1) * B - s)
-                        sc = _as_acc(scales[g], acc)
-                        aa, uu = a[i0:i1], u[i0:i1]
-                        if has_base:
-                            bb = b[i0:i1]
-                            for i in range(i1 - i0):
-                                aa[i] = aa[i] + wj * (_as_acc(_widen(uu[i]), acc) * sc - bb[i])
+    def _fold(acc, base, has_base, off, ptr, w, sptr, blk, work, share, tiles, witness, quant):
+        k = ptr.shape[1]
+        for t in prange(share.size - 1):
+            for ti in range(share[t], share[t + 1]):
+                for j in range(k):
+                    for it in range(tiles[ti, 0], tiles[ti, 1]):
+                        r, s, ln = work[it, 0], work[it, 1], work[it, 2]
+                        p = ptr[r, j]
+                        if p == 0:
+                            continue
+                        a = acc[off[r] + s:off[r] + s + ln]
+                        b = base[off[r] + s:off[r] + s + ln] if has_base else base[:0]
+                        wj = w[r, j]
+                        u = carray(_typed_ptr(p, witness), (s + ln,))[s:]
+                        if quant:
+                            B = blk[r, j]
+                            scales = carray(_typed_ptr(sptr[r, j], np.empty(0, np.float32)),
+                                            (1 + (s + ln - 1) // B,))
+                            i0 = 0
+                            while i0 < ln:
+                                g = (s + i0) // B
+                                i1 = min(ln, (g + 1) * B - s)
+                                sc = _as_acc(scales[g], acc)
+                                aa, uu = a[i0:i1], u[i0:i1]
+                                if has_base:
+                                    bb = b[i0:i1]
+                                    for i in range(i1 - i0):
+                                        aa[i] = aa[i] + wj * (_as_acc(_widen(uu[i]), acc) * sc - bb[i])
+                                else:
+                                    for i in range(i1 - i0):
+                                        aa[i] = aa[i] + wj * (_as_acc(_widen(uu[i]), acc) * sc)
+                                i0 = i1
+                        elif has_base:
+                            for i in range(ln):
+                                a[i] = a[i] + wj * (_as_acc(_widen(u[i]), acc) - b[i])
                         else:
-                            for i in range(i1 - i0):
-                                aa[i] = aa[i] + wj * (_as_acc(_widen(uu[i]), acc) * sc)
-                        i0 = i1
-                elif has_base:
-                    for i in range(ln):
-                        a[i] = a[i] + wj * (_as_acc(_widen(u[i]), acc) - b[i])
-                else:
-                    for i in range(ln):
-                        a[i] = a[i] + wj * _as_acc(_widen(u[i]), acc)
+                            for i in range(ln):
+                                a[i] = a[i] + wj * _as_acc(_widen(u[i]), acc)
 
     @njit(parallel=True, cache=True, nogil=True)
-    def _fold_binned(hi, lo, base, has_base, off, ptr, w, sptr, blk, work, witness, quant, s1, s2):
-        m, k = work.shape[0], ptr.shape[1]
+    def _fold_binned(hi, lo, base, has_base, off, ptr, w, sptr, blk, work, share, tiles, witness, quant, s1, s2):
+        k = ptr.shape[1]
         f64 = np.empty(0, np.float64)
-        for it in prange(m):
-            r, s, ln = work[it, 0], work[it, 1], work[it, 2]
-            h = hi[off[r] + s:off[r] + s + ln]
-            lw = lo[off[r] + s:off[r] + s + ln]
-            b = base[off[r] + s:off[r] + s + ln] if has_base else base[:0]
-            for j in range(k):
-                p = ptr[r, j]
-                if p == 0:
-                    continue
-                wj = w[r, j]
-                u = carray(_typed_ptr(p, witness), (s + ln,))[s:]
-                B = blk[r, j] if quant else 1
-                scales = carray(_typed_ptr(sptr[r, j], np.empty(0, np.float32)), (1 + (s + ln - 1) // B if quant else 0,))
-                for i in range(ln):
-                    x = _as_acc(_widen(u[i]), f64)
-                    if quant:
-                        x = x * np.float64(scales[(s + i) // B])
-                    if has_base:
-                        x = x - b[i]
-                    t = wj * x
-                    q1 = (t + s1) - s1
-                    q2 = ((t - q1) + s2) - s2
-                    h[i] = h[i] + q1
-                    lw[i] = lw[i] + q2
-            for i in range(ln):
-                c = (lw[i] + s1) - s1
-                h[i] = h[i] + c
-                lw[i] = lw[i] - c
+        for t in prange(share.size - 1):
+            for ti in range(share[t], share[t + 1]):
+                for j in range(k):
+                    for it in range(tiles[ti, 0], tiles[ti, 1]):
+                        r, s, ln = work[it, 0], work[it, 1], work[it, 2]
+                        p = ptr[r, j]
+                        if p == 0:
+                            continue
+                        h = hi[off[r] + s:off[r] + s + ln]
+                        lw = lo[off[r] + s:off[r] + s + ln]
+                        b = base[off[r] + s:off[r] + s + ln] if has_base else base[:0]
+                        wj = w[r, j]
+                        u = carray(_typed_ptr(p, witness), (s + ln,))[s:]
+                        B = blk[r, j] if quant else 1
+                        scales = carray(_typed_ptr(sptr[r, j], np.empty(0, np.float32)),
+                                        (1 + (s + ln - 1) // B if quant else 0,))
+                        for i in range(ln):
+                            x = _as_acc(_widen(u[i]), f64)
+                            if quant:
+                                x = x * np.float64(scales[(s + i) // B])
+                            if has_base:
+                                x = x - b[i]
+                            t_ = wj * x
+                            q1 = (t_ + s1) - s1
+                            q2 = ((t_ - q1) + s2) - s2
+                            h[i] = h[i] + q1
+                            lw[i] = lw[i] + q2
+                for it in range(tiles[ti, 0], tiles[ti, 1]):  # the carry, once every update has passed the tile
+                    r, s, ln = work[it, 0], work[it, 1], work[it, 2]
+                    h = hi[off[r] + s:off[r] + s + ln]
+                    lw = lo[off[r] + s:off[r] + s + ln]
+                    for i in range(ln):
+                        c = (lw[i] + s1) - s1
+                        h[i] = h[i] + c
+                        lw[i] = lw[i] - c
 
     # Max-abs as an integer max over the magnitude bits of the f64 value: integer max vectorizes where a float
     # compare-select does not (it would need "nnan"), and bits >= those of inf flag NaN/inf in the same pass.
@@ -142,46 +154,49 @@ if numba is not None:
     # fastmath "reassoc" only: lets LLVM vectorize the sum (a reduction, held to a tolerance) while no multiply-add
     # is contracted ("contract" is off) and NaN/inf keep their meaning ("nnan"/"ninf" are off).
     @njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc"})
-    def _stats(base, has_base, off, ptr, sptr, blk, work, witness, quant, nonfinite, sumsq, maxabs):
-        m, k = work.shape[0], ptr.shape[1]
+    def _stats(base, has_base, off, ptr, sptr, blk, work, share, tiles, witness, quant, nonfinite, sumsq, maxabs):
+        k = ptr.shape[1]
         f64 = np.empty(0, np.float64)
-        for it in prange(m):
-            r, s, ln = work[it, 0], work[it, 1], work[it, 2]
-            b = base[off[r] + s:off[r] + s + ln] if has_base else base[:0]
-            for j in range(k):
-                p = ptr[r, j]
-                if p == 0:
-                    continue
-                u = carray(_typed_ptr(p, witness), (s + ln,))[s:]
-                B = blk[r, j] if quant else 1
-                scales = carray(_typed_ptr(sptr[r, j], np.empty(0, np.float32)), (1 + (s + ln - 1) // B if quant else 0,))
-                ss = 0.0
-                mxb = np.uint64(0)
-                if quant or has_base:
-                    for i in range(ln):
-                        x = _value(u, b, scales, i, s, B, quant, has_base)
-                        ss += x * x
-                        mxb = max(mxb, _f64_bits(x) & _MAG)
-                else:  # the common case, without loop-invariant branches in the loop
-                    for i in range(ln):
-                        x = _as_acc(_widen(u[i]), f64)
-                        ss += x * x
-                        mxb = max(mxb, _f64_bits(x) & _MAG)
-                bad = 0
-                if mxb >= _INF_BITS:  # rare: recount, leaving non-finite values out of the sums
-                    ss = 0.0
-                    mxb = np.uint64(0)
-                    for i in range(ln):
-                        x = _value(u, b, scales, i, s, B, quant, has_base)
-                        xb = _f64_bits(x) & _MAG
-                        if xb >= _INF_BITS:
-                            bad += 1
-                        else:
-                            ss += x * x
-                            mxb = max(mxb, xb)
-                nonfinite[it, j] = bad
-                sumsq[it, j] = ss
-                maxabs[it, j] = _bits_f64(mxb)
+        for t in prange(share.size - 1):
+            for ti in range(share[t], share[t + 1]):
+                for j in range(k):
+                    for it in range(tiles[ti, 0], tiles[ti, 1]):
+                        r, s, ln = work[it, 0], work[it, 1], work[it, 2]
+                        p = ptr[r, j]
+                        if p == 0:
+                            continue
+                        b = base[off[r] + s:off[r] + s + ln] if has_base else base[:0]
+                        u = carray(_typed_ptr(p, witness), (s + ln,))[s:]
+                        B = blk[r, j] if quant else 1
+                        scales = carray(_typed_ptr(sptr[r, j], np.empty(0, np.float32)),
+                                        (1 + (s + ln - 1) // B if quant else 0,))
+                        ss = 0.0
+                        mxb = np.uint64(0)
+                        if quant or has_base:
+                            for i in range(ln):
+                                x = _value(u, b, scales, i, s, B, quant, has_base)
+                                ss += x * x
+                                mxb = max(mxb, _f64_bits(x) & _MAG)
+                        else:  # the common case, without loop-invariant branches in the loop
+                            for i in range(ln):
+                                x = _as_acc(_widen(u[i]), f64)
+                                ss += x * x
+                                mxb = max(mxb, _f64_bits(x) & _MAG)
+                        bad = 0
+                        if mxb >= _INF_BITS:  # rare: recount, leaving non-finite values out of the sums
+                            ss = 0.0
+                            mxb = np.uint64(0)
+                            for i in range(ln):
+                                x = _value(u, b, scales, i, s, B, quant, has_base)
+                                xb = _f64_bits(x) & _MAG
+                                if xb >= _INF_BITS:
+                                    bad += 1
+                                else:
+                                    ss += x * x
+                                    mxb = max(mxb, xb)
+                        nonfinite[it, j] = bad
+                        sumsq[it, j] = ss
+                        maxabs[it, j] = _bits_f64(mxb)
 
     @njit(parallel=True, cache=True, nogil=True)
     def _finalize(acc, base, has_base, off, total_w, optr, work, out_witness):
@@ -245,29 +260,32 @@ def _set_threads(g=None):
     n = min(get_num_threads() if g is None else threads_for(g, get_num_threads()), numba.config.NUMBA_NUM_THREADS)
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)
+    return n
+
+
+def _walk(g):
+    """Set numba's threads for g and return (share, tiles) for that many: one share per thread."""
+    return walk(g, _set_threads(g))
 
 
 def fold(acc, base, g):
-    _set_threads(g)
     b, has = _base_arg(base, acc.dtype)
-    _fold(acc, b, has, g.off, g.ptr, g.w.astype(acc.dtype), g.scale_ptr, g.block, g.work,
+    _fold(acc, b, has, g.off, g.ptr, g.w.astype(acc.dtype), g.scale_ptr, g.block, g.work, *_walk(g),
           np.empty(0, _WITNESS[g.in_dtype]), g.in_dtype == "int8")
 
 
 def fold_binned(hi, lo, base, g, bound_log2):
-    _set_threads(g)
     s1, s2 = binned_constants(bound_log2)
     b, has = _base_arg(base, np.float64)
-    _fold_binned(hi, lo, b, has, g.off, g.ptr, g.w, g.scale_ptr, g.block, g.work, np.empty(0, _WITNESS[g.in_dtype]),
-                 g.in_dtype == "int8", s1, s2)
+    _fold_binned(hi, lo, b, has, g.off, g.ptr, g.w, g.scale_ptr, g.block, g.work, *_walk(g),
+                 np.empty(0, _WITNESS[g.in_dtype]), g.in_dtype == "int8", s1, s2)
 
 
 def stats(base, g, acc_dtype):
-    _set_threads(g)
     b, has = _base_arg(base, np.dtype(acc_dtype))
     m, k = g.work.shape[0], g.ptr.shape[1]
     nf, ss, mx = np.zeros((m, k), np.int64), np.zeros((m, k)), np.zeros((m, k))
-    _stats(b, has, g.off, g.ptr, g.scale_ptr, g.block, g.work, np.empty(0, _WITNESS[g.in_dtype]),
+    _stats(b, has, g.off, g.ptr, g.scale_ptr, g.block, g.work, *_walk(g), np.empty(0, _WITNESS[g.in_dtype]),
            g.in_dtype == "int8", nf, ss, mx)
     return rows_from_items(g, nf, ss, mx)
 
