@@ -134,7 +134,7 @@ def batch_stats(layout, leaves_list, *, base=None, host_base=None, backend="auto
             else:
                 mod, b = backends.choose("auto" if backend == "cupy" else backend, name), host_base
             got = mod.stats(b, g, acc_dtype)
-            if every and len(g.leaf_ids) == L:  # one group with every leaf, in order: its stats are the answer
+            if every and len(groups) == 1 and len(g.leaf_ids) == L:  # one group, every leaf in order: the answer
                 return (entries, *got)
             if stats is None:
                 stats = np.zeros((L, k), np.int64), np.zeros((L, k)), np.zeros((L, k))

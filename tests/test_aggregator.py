@@ -135,6 +135,21 @@ def test_mixed_raw_and_quantized_batch():
     np.testing.assert_allclose(agg.finalize(), want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "numba", "numpy"])
+def test_mixed_batch_checks_every_dtype_group(backend):
+    """A leaf that one update sends raw and another quantized is in two dtype groups: a NaN in the quantized one is
+    found even though the raw group alone covers every leaf."""
+    x = np.ones(50, np.float32)
+    bad = jk.Quantized.quantize(x)
+    bad.scale[0] = np.nan
+    agg = jk.Aggregator(np.zeros(50, np.float32), backend=backend)
+    with pytest.raises(jk.NonFiniteUpdate, match="p1"):
+        agg.admit_many([x, bad], [1, 1], parties=["p0", "p1"])
+    with pytest.raises(jk.NonFiniteUpdate, match="p1"):
+        agg.fold_many([x, bad], [1, 1], parties=["p0", "p1"])
+    assert agg.state.count == 0
+
+
 def test_partial_updates_use_per_leaf_weights():
     tmpl = {"base": np.zeros(4, np.float32), "lora": np.zeros(2, np.float32)}
     agg = jk.Aggregator(tmpl, partial=True)
