@@ -11,8 +11,12 @@ For each model size N, input dtype (fp32, bf16; k updates of ``leaves`` leaves e
   ``cp.asarray``); the CPU backends (cpp, numba) fold the same pageable host updates where they are. Ceiling: the
   pinned host-to-device bandwidth measured in the same run; useful bytes = k*N*itemsize over the bus.
 
-Times are medians of ``reps`` runs after a warm-up, each ending with the device synchronized. Without a GPU, the
-CPU half runs and the report says so. ``python -m jitkernels.gpu_benchmark --json out.json --plot out.png``.
+Times are medians of ``reps`` runs after a warm-up, each ending with the device synchronized. For device updates
+two more rows time the same fold call on the GPU: "GPU time" (CUDA events around the whole call, so the host work
+between them counts) and "kernel time" (events around the fold kernel's launch alone: what the copy probe, a bare
+kernel too, compares with). ``--fold-variants 1x2,4x2`` sweeps the fold kernel's tuning macros (U updates' loads in
+flight, E quads per thread; kernels.cu) by kernel time, to pick its defaults. Without a GPU, the CPU half runs and
+the report says so. ``python -m jitkernels.gpu_benchmark --json out.json --plot out.png``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import json
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -29,6 +34,7 @@ import jitkernels as jk
 
 DTYPES = ("float32", "bfloat16")
 SIZES = (25_000_000, 250_000_000)
+PLACEMENTS = ("device", "pinned", "pageable")
 
 
 def _median_time(fn, reps, setup=None, sync=None) -> float:
@@ -60,6 +66,43 @@ def probes(reps: int = 5, nbytes: int = 1 << 30) -> dict:
     h2d_pinned = nbytes / _median_time(lambda: dst.set(pinned), reps, sync=sync)
     h2d_pageable = nbytes / _median_time(lambda: dst.set(pageable), reps, sync=sync)
     return {"d2d_GBps": d2d / 1e9, "h2d_pinned_GBps": h2d_pinned / 1e9, "h2d_pageable_GBps": h2d_pageable / 1e9}
+
+
+@contextmanager
+def kernel_timer(rt, times: list):
+    """Append, per backend call made inside, the GPU time of its kernel launches alone (ms; CUDA events recorded
+    around each launch on its stream). Read ``times`` after synchronizing."""
+    import cupy as cp
+
+    launch, pending = rt.launch, []
+
+    def timed(name, grid, args, stream):
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a.record(stream.s)
+        launch(name, grid, args, stream)
+        b.record(stream.s)
+        pending.append((a, b))
+    rt.launch = timed
+    try:
+        yield lambda: times.append(sum(cp.cuda.get_elapsed_time(a, b) for a, b in pending) / 1e3) or pending.clear()
+    finally:
+        del rt.launch  # the class's own method again
+
+
+def _kernel_seconds(agg, adm, reps) -> float:
+    """Median kernel time of ``agg.fold_many(adm)`` on the GPU (warm-up call first)."""
+    import cupy as cp
+
+    from .backends.cupy_backend import runtime
+
+    times = []
+    with kernel_timer(runtime(), times) as done:
+        for _ in range(reps + 1):
+            agg.reset(reuse=True)
+            agg.fold_many(adm)
+            cp.cuda.Device().synchronize()
+            done()
+    return statistics.median(times[1:])
 
 
 def _model(n, leaves, dtype, k, seed):
@@ -101,8 +144,10 @@ def _host_bits(t):
     return cp.asarray((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy())
 
 
-def run_case(n, dtype, *, k=10, leaves=10, reps=5, seed=0, bw=None, log=print) -> list:
-    """Rows of one (N, dtype): every method on every placement."""
+def run_case(n, dtype, *, k=10, leaves=10, reps=5, seed=0, bw=None, log=print, placements=PLACEMENTS,
+             variants=()) -> list:
+    """Rows of one (N, dtype): every method on every placement; with ``variants`` ((U, E) pairs), the device fold's
+    kernel time under each."""
     import cupy as cp
     import torch
 
@@ -121,9 +166,9 @@ def run_case(n, dtype, *, k=10, leaves=10, reps=5, seed=0, bw=None, log=print) -
         log(f"  N={n:>11,} {dtype:8s} {placement:8s} {method:24s} {secs * 1e3:9.2f} ms  "
             f"{rows[-1]['fraction_of_ceiling']:.2f} of {'d2d' if placement == 'device' else 'pinned h2d'}")
 
-    host = {"device": ups,
-            "pinned": [{n_: t.cpu().pin_memory() for n_, t in u.items()} for u in ups],
-            "pageable": [{n_: t.cpu() for n_, t in u.items()} for u in ups]}
+    make = {"device": lambda: ups, "pinned": lambda: [{n_: t.cpu().pin_memory() for n_, t in u.items()} for u in ups],
+            "pageable": lambda: [{n_: t.cpu() for n_, t in u.items()} for u in ups]}
+    host = {p: make[p]() for p in placements}
     as_cupy = [{n_: _torch_bits(t) for n_, t in u.items()} for u in ups]  # views, made once, outside the timing
     to_dev = {"device": lambda x: x, "pinned": _host_bits, "pageable": _host_bits}
     for placement, us in host.items():
@@ -141,6 +186,8 @@ def run_case(n, dtype, *, k=10, leaves=10, reps=5, seed=0, bw=None, log=print) -
                 agg.fold_many(adm)
             gpu_t = benchmark(again, n_repeat=r, n_warmup=1).gpu_times
             add(placement, "jitkernels fused, GPU time", float(np.median(gpu_t)))
+            add(placement, "jitkernels fused, kernel time", _kernel_seconds(agg, adm, r))
+            sweep_variants(agg, adm, r, variants, add)
         agg = adm = None  # free the device accumulator before the next method (rebound: closures read these cells)
         acc_c = {name: cp.zeros(t.numel(), cp.float32) for name, t in ups[0].items()}
         add(placement, "cupy unfused",
@@ -171,6 +218,20 @@ def run_case(n, dtype, *, k=10, leaves=10, reps=5, seed=0, bw=None, log=print) -
     return rows
 
 
+def sweep_variants(agg, adm, reps, variants, add) -> None:
+    """Add a row per (U, E): the device fold's kernel time with kernels.cu compiled at ``JK_FOLD_UPDATES`` = U,
+    ``JK_FOLD_QUADS`` = E; the runtime's own defaults are restored after."""
+    from .backends.cupy_backend import runtime
+
+    rt = runtime()
+    for u, e in variants:
+        rt.defines = {"JK_FOLD_UPDATES": u, "JK_FOLD_QUADS": e}
+        try:
+            add("device", f"fused kernel, U={u} E={e}", _kernel_seconds(agg, adm, reps))
+        finally:
+            rt.defines = {}
+
+
 def cpu_rows(n, dtype, host_updates, w, reps, bw, log=print) -> list:
     """The CPU backends folding the same host updates (where they are: no bus), as fractions of the same ceiling
     (so GPU and CPU rows compare) and in GB/s of update bytes read."""
@@ -192,7 +253,9 @@ def cpu_rows(n, dtype, host_updates, w, reps, bw, log=print) -> list:
     return rows
 
 
-def run(sizes=SIZES, dtypes=DTYPES, k=10, leaves=10, reps=5, log=print) -> dict:
+def run(sizes=SIZES, dtypes=DTYPES, k=10, leaves=10, reps=5, log=print, placements=PLACEMENTS, variants=(),
+        on_case=None) -> dict:
+    """The report: probes and rows; ``on_case(report)`` after each (N, dtype), so a run cut short keeps its rows."""
     gpu = jk.available_backends()["cupy"]
     report = {"gpu": gpu is True, "threads": jk.get_num_threads(), "rows": []}
     if gpu is not True:
@@ -215,7 +278,10 @@ def run(sizes=SIZES, dtypes=DTYPES, k=10, leaves=10, reps=5, log=print) -> dict:
         f"h2d pageable {bw['h2d_pageable_GBps']:.1f} GB/s")
     for n in sizes:
         for dtype in dtypes:
-            report["rows"] += run_case(n, dtype, k=k, leaves=leaves, reps=reps, bw=bw, log=log)
+            report["rows"] += run_case(n, dtype, k=k, leaves=leaves, reps=reps, bw=bw, log=log,
+                                       placements=placements, variants=variants)
+            if on_case is not None:
+                on_case(report)
     return report
 
 
@@ -267,19 +333,25 @@ def main(argv=None) -> int:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--leaves", type=int, default=10)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--placements", nargs="+", choices=PLACEMENTS, default=list(PLACEMENTS))
+    p.add_argument("--fold-variants", type=lambda s: [tuple(int(x) for x in v.split("x")) for v in s.split(",")],
+                   default=[], metavar="UxE,...", help="sweep the fold kernel's tuning macros (device updates)")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--markdown", metavar="PATH")
     p.add_argument("--plot", metavar="PATH")
     a = p.parse_args(argv)
-    report = run(a.sizes, a.dtypes, a.k, a.leaves, a.reps, log=lambda s: print(s, flush=True))
-    md = markdown(report)
-    print(md)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(report, f, indent=1)
-    if a.markdown:
-        with open(a.markdown, "w") as f:
-            f.write(md)
+
+    def save(report):
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(report, f, indent=1)
+        if a.markdown:
+            with open(a.markdown, "w") as f:
+                f.write(markdown(report))
+    report = run(a.sizes, a.dtypes, a.k, a.leaves, a.reps, log=lambda s: print(s, flush=True),
+                 placements=a.placements, variants=a.fold_variants, on_case=save)
+    save(report)
+    print(markdown(report))
     if a.plot:
         plot(report, a.plot)
     return 0

@@ -4,9 +4,10 @@
 // bit-exactness with numpy.
 //
 // One thread block per work item (row, start, len). Each thread holds E elements of the item (i0 + e*blockDim.x,
-// coalesced across the warp) and, per update j in batch order, issues the E loads before using any of them: E
-// independent loads in flight per thread is what keeps HBM busy (one, waited on per update, reached ~1/3 of the copy
-// bandwidth on an H100). Every element still sees the k updates in batch order, as the reference does. Kernels are
+// coalesced across the warp) and issues the loads of U updates (E each) before using any of them: independent loads
+// in flight per thread are what keep HBM busy (one, waited on per update, reached ~1/3 of the copy bandwidth on an
+// H100; E = 2, U = 1 reached 0.73). Every element still sees the k updates in batch order, as the reference does:
+// the U loaded values are folded in j order. Kernels are
 // templates; the backend compiles the ones it needs by name (NVRTC name expressions, listed in
 // jitkernels/backends/cuda_source.py), and the tests instantiate the same names for nvcc and for the host emulation
 // (emulate.h), which runs each grid as loops on the CPU.
@@ -25,6 +26,15 @@ typedef unsigned int uint32_t;
 #include "../jk_math.h"
 #include "../jk_noise.h"
 #include "../jk_secagg.h"
+
+// Quads per thread (E) and updates whose loads are in flight together (U) in fold_rows; the defaults are what the
+// sweep of jitkernels.gpu_benchmark --fold-variants measured best (README, "GPU").
+#ifndef JK_FOLD_QUADS
+#define JK_FOLD_QUADS 2
+#endif
+#ifndef JK_FOLD_UPDATES
+#define JK_FOLD_UPDATES 4
+#endif
 
 namespace jkcuda {
 
@@ -72,7 +82,7 @@ __global__ void fold_rows(A* __restrict__ acc, const A* __restrict__ base, const
   }
   i64 done = 0;  // elements handled as quads
   if (quads) {
-    constexpr int E = 2;  // quads in flight per thread and update
+    constexpr int E = JK_FOLD_QUADS, U = JK_FOLD_UPDATES;
     const i64 nq = len / 4;
     Quad<A>* aq = reinterpret_cast<Quad<A>*>(a);
     const Quad<A>* bq = reinterpret_cast<const Quad<A>*>(b);
@@ -86,24 +96,31 @@ __global__ void fold_rows(A* __restrict__ acc, const A* __restrict__ base, const
           if (Base) bv[e] = bq[q];
         }
       }
-      for (i64 j = 0; j < k; ++j) {
-        const i64 p = ptr[r * k + j];
-        if (!p) continue;
-        const A wj = (A)w[r * k + j];
-        const Quad<In>* xq = reinterpret_cast<const Quad<In>*>(p + s * (i64)sizeof(In));
-        Quad<In> x[E];
+      for (i64 j0 = 0; j0 < k; j0 += U) {
+        i64 p[U];
+        Quad<In> x[U][E];
 #pragma unroll
-        for (int e = 0; e < E; ++e) {
-          const i64 q = q0 + e * step;
-          if (q < nq) x[e] = xq[q];
+        for (int u = 0; u < U; ++u) {
+          p[u] = j0 + u < k ? ptr[r * k + j0 + u] : 0;
+          const Quad<In>* xq = reinterpret_cast<const Quad<In>*>(p[u] + s * (i64)sizeof(In));
+#pragma unroll
+          for (int e = 0; e < E; ++e) {
+            const i64 q = q0 + e * step;
+            if (p[u] && q < nq) x[u][e] = xq[q];
+          }
         }
 #pragma unroll
-        for (int e = 0; e < E; ++e) {
+        for (int u = 0; u < U; ++u) {
+          if (!p[u]) continue;
+          const A wj = (A)w[r * k + j0 + u];
 #pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            A xv = jk::load<A>(x[e].v[c]);
-            if (Base) xv = xv - bv[e].v[c];
-            v[e].v[c] = jk::fold_step(v[e].v[c], wj, xv);
+          for (int e = 0; e < E; ++e) {
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+              A xv = jk::load<A>(x[u][e].v[c]);
+              if (Base) xv = xv - bv[e].v[c];
+              v[e].v[c] = jk::fold_step(v[e].v[c], wj, xv);
+            }
           }
         }
       }

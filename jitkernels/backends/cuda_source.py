@@ -191,9 +191,11 @@ def header_source(name: str) -> str:
     return NVRTC_PRELUDE + text.replace('#include "jk_math.h"', math_h, 1)
 
 
-def compile_nvrtc(arch: str, names=None, text: str | None = None) -> tuple:
+def compile_nvrtc(arch: str, names=None, text: str | None = None, defines: dict | None = None) -> tuple:
     """Compile ``text`` (default :func:`source`) with NVRTC (``cuda-bindings``) for ``arch`` ("sm_90": a cubin;
-    "compute_90": PTX), with exactly :data:`NVRTC_OPTIONS`. Returns (image bytes, {name expression: lowered name})."""
+    "compute_90": PTX), with exactly :data:`NVRTC_OPTIONS` (plus ``-Dname=value`` per ``defines``: the kernels'
+    tuning macros, which only the benchmark's variant sweep sets). Returns (image bytes, {name expression: lowered
+    name})."""
     from cuda.bindings import nvrtc
 
     names = (kernel_names() if text is None else ()) if names is None else names
@@ -210,6 +212,7 @@ def compile_nvrtc(arch: str, names=None, text: str | None = None) -> tuple:
         for n in names:
             check(nvrtc.nvrtcAddNameExpression(prog, n.encode()), "name expression")
         opts = [o.encode() for o in NVRTC_OPTIONS] + [f"--gpu-architecture={arch}".encode()] + [
+            f"-D{m}={v}".encode() for m, v in (defines or {}).items()] + [
             f"-I{d}".encode() for d in include_dirs()]
         res = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         if res[0] != nvrtc.nvrtcResult.NVRTC_SUCCESS:

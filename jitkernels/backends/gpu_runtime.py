@@ -25,6 +25,9 @@ class CupyRuntime:
         self.cp = cupy
         self._modules = {}
         self._lock = threading.Lock()
+        self.defines = {}
+        """Tuning macros of kernels.cu (``JK_FOLD_UPDATES``, ...) for the modules this runtime compiles; empty: the
+        defaults in the source. Only the benchmark's variant sweep sets them."""
 
     # --- memory -------------------------------------------------------------------------------------------------
     def empty(self, n: int, dtype):
@@ -80,10 +83,11 @@ class CupyRuntime:
     def _module(self, tag: str, text):
         """The module of ``text`` (None: kernels.cu with every kernel name) on the current device, compiled once."""
         dev = self.cp.cuda.Device()
+        key = (dev.id, tag, tuple(sorted(self.defines.items())))
         with self._lock:
-            mod = self._modules.get((dev.id, tag))
+            mod = self._modules.get(key)
             if mod is None:
-                mod = self._modules[(dev.id, tag)] = self._load(f"sm_{dev.compute_capability}", tag, text)
+                mod = self._modules[key] = self._load(f"sm_{dev.compute_capability}", tag, text)
         return mod
 
     def _load(self, arch: str, tag: str, text):
@@ -96,11 +100,12 @@ class CupyRuntime:
         d = os.path.join(os.environ.get("JITKERNELS_CACHE_DIR") or os.path.expanduser("~/.cache/jitkernels"),
                          "cuda")
         os.makedirs(d, exist_ok=True)
-        key = cuda_source.cache_key(arch) if text is None else hashlib.sha256(
-            (text + cuda_source.cache_key(arch)).encode()).hexdigest()[:24]
+        key = hashlib.sha256(((text or "") + cuda_source.cache_key(arch) + repr(sorted(self.defines.items())))
+                             .encode()).hexdigest()[:24]
         stem = os.path.join(d, f"{tag}-{arch}-{key}")
         if not (os.path.exists(stem + ".cubin") and os.path.exists(stem + ".json")):
-            image, lowered = cuda_source.compile_nvrtc(arch, names=None if text is None else (), text=text)
+            image, lowered = cuda_source.compile_nvrtc(arch, names=None if text is None else (), text=text,
+                                                       defines=self.defines)
             atomic_write(stem + ".json", json.dumps(lowered).encode())
             atomic_write(stem + ".cubin", bytes(image))
         with open(stem + ".json") as f:
