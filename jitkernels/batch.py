@@ -152,7 +152,7 @@ class _GroupPlan:
     work: np.ndarray
     elements: int
     row_starts: np.ndarray | None
-    walks: dict = field(default_factory=dict, compare=False, repr=False)  # (many, threads) -> walk()
+    cache: dict = field(default_factory=dict, compare=False, repr=False)  # tables derived from it: walk(), ...
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,7 @@ def walk(g: Group, nthreads: int) -> tuple:
     items whose first element falls in their equal share of the elements, and a tile is the items whose first
     element falls in the same TILE-element window of the share. Cached on the group's plan."""
     many = g.k > MANY_UPDATES
-    cache = g.plan.walks if g.plan is not None else {}
+    cache = g.plan.cache if g.plan is not None else {}
     hit = cache.get((many, nthreads))
     if hit is None:
         hit = cache[(many, nthreads)] = _walk(g.work, many, nthreads)
@@ -227,6 +227,31 @@ def _walk(work, many: bool, T: int) -> tuple:
     first = np.flatnonzero(np.r_[True, window[1:] != window[:-1]])
     tiles = np.ascontiguousarray(np.stack([first, np.r_[first[1:], m]], 1).astype(np.int64))
     return np.searchsorted(thread[first], np.arange(T + 1)).astype(np.int64), tiles
+
+
+def segment_table(work: np.ndarray) -> np.ndarray:
+    """The GPU kernels' work table (csrc/cuda/kernels.cu ``item_of``) of work items ``work`` [m, 3] (m > 0):
+    int64 [nseg, chunk, then (row, start, len, first item) per segment], a segment being a run of items that
+    continue one another in one row. Every item but a segment's last holds ``chunk`` elements (:func:`work_items`
+    cuts rows so), so a kernel block finds its item by a search over the segments: the table grows with the rows,
+    not with the items."""
+    if work.shape[0] == 0:
+        return np.array([0, 1], np.int64)  # nothing to launch
+    r, s, n = work[:, 0], work[:, 1], work[:, 2]
+    first = np.flatnonzero(np.r_[True, (r[1:] != r[:-1]) | (s[1:] != s[:-1] + n[:-1])])
+    tab = np.empty(2 + 4 * len(first), np.int64)
+    tab[0], tab[1] = len(first), n.max()
+    tab[2:].reshape(-1, 4)[:] = np.stack([r[first], s[first], np.add.reduceat(n, first), first], axis=1)
+    return tab
+
+
+def group_segments(g: Group) -> np.ndarray:
+    """:func:`segment_table` of a group's work items, cached on its plan."""
+    cache = g.plan.cache if g.plan is not None else {}
+    hit = cache.get("segments")
+    if hit is None:
+        hit = cache["segments"] = segment_table(g.work)
+    return hit
 
 
 def rows_from_items(g: Group, nonfinite, sumsq, maxabs):

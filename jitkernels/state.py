@@ -304,7 +304,9 @@ def check_format(path, meta: dict, fmt: str, versions, what: str) -> None:
 
 
 def checked_bytes(tensors: dict, meta: dict) -> bytes:
-    """A safetensors file of ``tensors`` whose metadata (``meta``, str -> str) carries their SHA-256 checksum."""
+    """A safetensors file of ``tensors`` whose metadata (``meta``, str -> str) carries their SHA-256 checksum. Two
+    saves of one state hold the same tensors, metadata and checksum, but not always the same bytes: safetensors
+    writes the metadata from a hash map, in no fixed order (compare what :func:`read_checked_bytes` returns)."""
     from safetensors.numpy import save
 
     return save(tensors, metadata=_with_checksum(tensors, meta))

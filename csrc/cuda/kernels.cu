@@ -3,12 +3,12 @@
 // --fmad=false --ftz=false (nvcc and NVRTC): a contracted multiply-add, or a subnormal flushed to zero, would break
 // bit-exactness with numpy.
 //
-// One thread block per work item (row, start, len). Each thread holds E elements of the item (i0 + e*blockDim.x,
-// coalesced across the warp) and issues the loads of U updates (E each) before using any of them: independent loads
-// in flight per thread are what keep HBM busy (one, waited on per update, reached ~1/3 of the copy bandwidth on an
-// H100; E = 2, U = 1 reached 0.73). Every element still sees the k updates in batch order, as the reference does:
-// the U loaded values are folded in j order. Kernels are
-// templates; the backend compiles the ones it needs by name (NVRTC name expressions, listed in
+// One thread block per work item (row, start, len), which the block finds in its work table (item_of). Each thread
+// holds E elements of the item (i0 + e*blockDim.x, coalesced across the warp) and issues the loads of U updates (E
+// each) before using any of them: independent loads in flight per thread are what keep HBM busy (one, waited on per
+// update, reached ~1/3 of the copy bandwidth on an H100; E = 2, U = 1 reached 0.73). Every element still sees the k
+// updates in batch order, as the reference does: the U loaded values are folded in j order. Kernels are templates;
+// the backend compiles the ones it needs by name (NVRTC name expressions, listed in
 // jitkernels/backends/cuda_source.py), and the tests instantiate the same names for nvcc and for the host emulation
 // (emulate.h), which runs each grid as loops on the CPU.
 #if defined(JK_HOST_EMULATION)
@@ -40,6 +40,27 @@ namespace jkcuda {
 
 typedef long long i64;
 
+struct Item {
+  i64 r, s, len;  // row, first element within the row, elements
+};
+
+// Work item b of a work table: [nseg, chunk, then (row, start, len, first item) per segment]. A segment is a run of
+// the row's elements [start, start + len) cut into chunk-element items; item b lies in the last segment whose first
+// item is <= b (binary search: every thread of the block reads the same few words, from L1). The table grows with
+// the segments, not the items: a table of one entry per item, built and uploaded on every call, cost ~1.3 ms of host
+// time per fold of 250M elements (30K items), a third of the kernel's time on an H200.
+__device__ __forceinline__ Item item_of(const i64* __restrict__ work, i64 b) {
+  const i64* seg = work + 2;
+  i64 lo = 0, hi = work[0] - 1;
+  while (lo < hi) {
+    const i64 mid = (lo + hi + 1) / 2;
+    if (seg[4 * mid + 3] <= b) lo = mid; else hi = mid - 1;
+  }
+  const i64* g = seg + 4 * lo;
+  const i64 s = g[1] + (b - g[3]) * work[1], end = g[1] + g[2];
+  return {g[0], s, end - s < work[1] ? end - s : work[1]};
+}
+
 // Element idx of update j of row r (rj = r * k + j), as the accumulator type sees it: A(u) or A(q) * A(scale).
 template <class A, class In, bool Quant>
 __device__ __forceinline__ A load_x(i64 p, const i64* __restrict__ sptr, const i64* __restrict__ blk, i64 rj,
@@ -70,7 +91,8 @@ template <class A, class In, bool Base, bool Quant>
 __global__ void fold_rows(A* __restrict__ acc, const A* __restrict__ base, const i64* __restrict__ off,
                           const i64* __restrict__ ptr, const double* __restrict__ w, const i64* __restrict__ sptr,
                           const i64* __restrict__ blk, i64 k, const i64* __restrict__ work) {
-  const i64 r = work[3 * blockIdx.x], s = work[3 * blockIdx.x + 1], len = work[3 * blockIdx.x + 2];
+  const Item it = item_of(work, blockIdx.x);
+  const i64 r = it.r, s = it.s, len = it.len;
   A* a = acc + off[r] + s;
   const A* b = Base ? base + off[r] + s : nullptr;
   const i64 step = blockDim.x;
@@ -155,7 +177,8 @@ __global__ void fold_binned_rows(double* __restrict__ hi, double* __restrict__ l
                                  const i64* __restrict__ blk, i64 k, const i64* __restrict__ work, double s1,
                                  double s2) {
   constexpr int E = 4;
-  const i64 r = work[3 * blockIdx.x], s = work[3 * blockIdx.x + 1], len = work[3 * blockIdx.x + 2];
+  const Item it = item_of(work, blockIdx.x);
+  const i64 r = it.r, s = it.s, len = it.len;
   double* h = hi + off[r] + s;
   double* l = lo + off[r] + s;
   const double* b = Base ? base + off[r] + s : nullptr;
@@ -202,7 +225,8 @@ template <class A, class Out, bool Base>
 __global__ void finalize_rows(const A* __restrict__ acc, const A* __restrict__ base, const i64* __restrict__ off,
                               const double* __restrict__ total_w, const i64* __restrict__ optr,
                               const i64* __restrict__ work) {
-  const i64 r = work[3 * blockIdx.x], s = work[3 * blockIdx.x + 1], len = work[3 * blockIdx.x + 2];
+  const Item it = item_of(work, blockIdx.x);
+  const i64 r = it.r, s = it.s, len = it.len;
   const A* a = acc + off[r] + s;
   const A* b = Base ? base + off[r] + s : nullptr;
   Out* o = reinterpret_cast<Out*>(optr[r]) + s;
@@ -234,7 +258,8 @@ __global__ void step_rows(const A* __restrict__ acc, A* __restrict__ x, A* __res
                           const i64* __restrict__ off, const double* __restrict__ total_w,
                           const i64* __restrict__ optr, const i64* __restrict__ work, const double* __restrict__ coef,
                           int kind) {
-  const i64 r = work[3 * blockIdx.x], s = work[3 * blockIdx.x + 1], len = work[3 * blockIdx.x + 2], o0 = off[r] + s;
+  const Item it = item_of(work, blockIdx.x);
+  const i64 r = it.r, s = it.s, len = it.len, o0 = off[r] + s;
   const jk::OptCoef<A> c{(A)coef[0], (A)coef[1], (A)coef[2], (A)coef[3], (A)coef[4], (A)coef[5]};
   const A W = (A)total_w[r];
   Out* o = reinterpret_cast<Out*>(optr[r]) + s;
@@ -254,7 +279,8 @@ template <class A>
 __global__ void add_noise_rows(A* __restrict__ acc, const i64* __restrict__ off, const double* __restrict__ sigma,
                                const i64* __restrict__ leaf, const i64* __restrict__ work, unsigned long long seed,
                                unsigned int round) {
-  const i64 r = work[3 * blockIdx.x], s = work[3 * blockIdx.x + 1], len = work[3 * blockIdx.x + 2];
+  const Item it = item_of(work, blockIdx.x);
+  const i64 r = it.r, s = it.s, len = it.len;
   A* a = acc + off[r] + s;
   for (i64 i = threadIdx.x; i < len; i += blockDim.x) {
     const double z = jk::gaussian(seed, round, (uint32_t)leaf[r], (jk::u64)(s + i));
@@ -273,7 +299,8 @@ __global__ void modsum_rows(A* __restrict__ acc, const i64* __restrict__ off, co
                             const i64* __restrict__ code, i64 k, const i64* __restrict__ work, int bits, int subtract,
                             unsigned int* __restrict__ bad) {
   const i64 t = blockIdx.x;
-  const i64 r = work[3 * t], s = work[3 * t + 1], len = work[3 * t + 2];
+  const Item it = item_of(work, t);
+  const i64 r = it.r, s = it.s, len = it.len;
   A* a = acc + off[r] + s;
   const jk::u64 mask = jk::secagg_mask(bits);
   for (i64 i = threadIdx.x; i < len; i += blockDim.x) {
@@ -329,7 +356,8 @@ __global__ void stats_rows(const A* __restrict__ base, const i64* __restrict__ o
                            const i64* __restrict__ sptr, const i64* __restrict__ blk, i64 k,
                            const i64* __restrict__ work, unsigned long long* __restrict__ nonfinite,
                            double* __restrict__ sumsq, unsigned long long* __restrict__ maxabs) {
-  const i64 r = work[3 * blockIdx.x], s = work[3 * blockIdx.x + 1], len = work[3 * blockIdx.x + 2];
+  const Item it = item_of(work, blockIdx.x);
+  const i64 r = it.r, s = it.s, len = it.len;
   const A* b = Base ? base + off[r] + s : nullptr;
   for (i64 j = 0; j < k; ++j) {
     const i64 p = ptr[r * k + j];

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..batch import CHUNK, work_items
+from ..batch import CHUNK, group_segments, segment_table, work_items
 from ..dtypes import Quantized
 from ..errors import BackendUnavailable
 from . import cuda_source
@@ -131,6 +131,17 @@ def _stager_for(rt) -> _Stager:
         return _stager
 
 
+def _tables(rt, *parts) -> tuple:
+    """(device array, [address of each part]): the small host tables of one launch (int64, and float64 as its
+    bits) in one upload: a pageable copy costs ~75 us (measured on an H200), more than the fold of a few million
+    elements. Keep the array alive until the launch has run."""
+    flat = [np.ascontiguousarray(x).reshape(-1) for x in parts]
+    dev = rt.upload(np.concatenate([x.view(np.int64) if x.dtype == np.float64 else x.astype(np.int64, copy=False)
+                                    for x in flat]))
+    base, starts = rt.ptr(dev), np.cumsum([0] + [x.size for x in flat[:-1]])
+    return dev, [np.uint64(base + 8 * int(o)) for o in starts]
+
+
 def _addr(rt, a) -> np.uint64:
     return np.uint64(0 if a is None else rt.ptr(a))
 
@@ -189,15 +200,18 @@ def _run_pass(rt, st, compute, g, ja, jb, dev, isz, name, head, tail):
     keep = []  # host arrays that device tables point into must outlive the pass
     if g.in_dtype == "int8" and hmask.any():
         sptr = _stage_scales(rt, g, ja, hmask, sptr, keep)
+    if not hmask.any():  # every update of the pass is on the device: one launch over the group's own tables
+        tabs, (off, p, w, sp, blk, wk) = _tables(rt, g.off, ptr, np.asarray(g.w[:, ja:jb], np.float64), sptr,
+                                                 g.block[:, ja:jb], group_segments(g))
+        rt.launch(name, g.work.shape[0], head + (off, p, w, sp, blk, np.int64(kc), wk) + tail, compute)
+        compute.synchronize()  # the tables may be freed after this
+        return
     work = g.work
     r, s, n = work[:, 0], work[:, 1], work[:, 2]
-    if hmask.any():
-        item_bytes = n * isz * hmask[r].sum(axis=1)
-        # items starting in [m*S', (m+1)*S') form stage m: at most S' + one item + alignment padding <= SLOT_BYTES
-        slack = min(ALIGN * int(hmask.sum()), SLOT_BYTES // 4)
-        stage = (np.cumsum(item_bytes) - item_bytes) // (SLOT_BYTES - int(item_bytes.max()) - slack)
-    else:
-        stage = np.zeros(len(r), np.int64)
+    item_bytes = n * isz * hmask[r].sum(axis=1)
+    # items starting in [m*S', (m+1)*S') form stage m: at most S' + one item + alignment padding <= SLOT_BYTES
+    slack = min(ALIGN * int(hmask.sum()), SLOT_BYTES // 4)
+    stage = (np.cumsum(item_bytes) - item_bytes) // (SLOT_BYTES - int(item_bytes.max()) - slack)
     newseg = np.r_[True, (r[1:] != r[:-1]) | (stage[1:] != stage[:-1])]
     first = np.flatnonzero(newseg)
     seg_of_item = np.cumsum(newseg) - 1
@@ -244,7 +258,7 @@ def _run_pass(rt, st, compute, g, ja, jb, dev, isz, name, head, tail):
         loc_work = work[i0:i1].copy()
         loc_work[:, 0] = seg_of_item[i0:i1] - s0
         tab = [g.off[rows], p_local.reshape(-1), sptr[rows].reshape(-1), g.block[rows, ja:jb].reshape(-1),
-               loc_work.reshape(-1)]
+               segment_table(loc_work)]
         offs = []
         for t in tab:
             offs.append(n_int)
@@ -255,10 +269,9 @@ def _run_pass(rt, st, compute, g, ja, jb, dev, isz, name, head, tail):
         gathered = max((o_ + v.nbytes for o_, v in gathers), default=0)  # the pinned slot's used span
         plans.append((slot, gathers, directs, gathered, offs, n_flt, i1 - i0))
         n_flt += len(wl)
-    itab = rt.upload(np.concatenate(ints))
-    ftab = rt.upload(np.concatenate(flts))
-    ip, fp = rt.ptr(itab), rt.ptr(ftab)
-    keep += [itab, ftab]
+    tabs, (ip, fp) = _tables(rt, np.concatenate(ints), np.concatenate(flts))
+    ip, fp = int(ip), int(fp)
+    keep.append(tabs)
     for slot, gathers, directs, gathered, offs, woff, m in plans:
         if gathers or directs:
             pinned, slot_dev = st.slot(slot)
@@ -325,15 +338,12 @@ def stats(base, g, acc_dtype):
         raise TypeError("the GPU stats pass reads device-resident updates only")
     A = acc_dtype if base is None else base.dtype.name
     name = cuda_source.stats_name(A, g.in_dtype, base is not None)
-    itab = rt.upload(np.concatenate([g.off, g.ptr.reshape(-1), g.scale_ptr.reshape(-1), g.block.reshape(-1),
-                                     g.work.reshape(-1)]).astype(np.int64))
+    tabs, (off, p, sp, blk, wk) = _tables(rt, g.off, g.ptr, g.scale_ptr, g.block, group_segments(g))
     out = rt.zeros(3 * R * k, np.uint64)  # nonfinite, sumsq bits, maxabs bits
-    ip, op = rt.ptr(itab), rt.ptr(out)
-    offs = np.cumsum([0, R, R * k, R * k, R * k])
+    op = rt.ptr(out)
     compute = rt.current_stream()
-    rt.launch(name, g.work.shape[0], (_addr(rt, base),) + tuple(np.uint64(ip + 8 * x) for x in offs[:4])
-              + (np.int64(k), np.uint64(ip + 8 * offs[4]), np.uint64(op), np.uint64(op + 8 * R * k),
-                 np.uint64(op + 16 * R * k)), compute)
+    rt.launch(name, g.work.shape[0], (_addr(rt, base), off, p, sp, blk, np.int64(k), wk, np.uint64(op),
+                                      np.uint64(op + 8 * R * k), np.uint64(op + 16 * R * k)), compute)
     h = rt.download(out).reshape(3, R, k)  # synchronizes
     return h[0].astype(np.int64), h[1].view(np.float64).copy(), h[2].view(np.float64).copy()
 
@@ -343,14 +353,11 @@ def finalize(acc, base, og):
     """out = out_t(acc / A(W)) (base + that, with a base). Reads n*itemsize(A) (x2 with base), writes
     n*itemsize(out) bytes of GPU memory; outputs are device arrays."""
     rt = runtime()
-    R = len(og.off)
-    itab = rt.upload(np.concatenate([og.off, og.ptr, og.work.reshape(-1)]).astype(np.int64))
-    wtab = rt.upload(np.asarray(og.total_w, np.float64))
-    ip = rt.ptr(itab)
+    tabs, (off, w, optr, wk) = _tables(rt, og.off, np.asarray(og.total_w, np.float64), og.ptr,
+                                       segment_table(og.work))
     compute = rt.current_stream()
     name = cuda_source.finalize_name(acc.dtype.name, og.out_dtype, base is not None)
-    rt.launch(name, og.work.shape[0], (_addr(rt, acc), _addr(rt, base), np.uint64(ip), np.uint64(rt.ptr(wtab)),
-                                       np.uint64(ip + 8 * R), np.uint64(ip + 16 * R)), compute)
+    rt.launch(name, og.work.shape[0], (_addr(rt, acc), _addr(rt, base), off, w, optr, wk), compute)
     compute.synchronize()
 
 
@@ -358,14 +365,12 @@ def step(acc, x, m, v, kind, coef, og):
     """The server-optimizer step of numpy_ref.step, one pass over device memory: reads acc, x, m (v), writes x, m
     (v) and out."""
     rt = runtime()
-    R = len(og.off)
-    itab = rt.upload(np.concatenate([og.off, og.ptr, og.work.reshape(-1)]).astype(np.int64))
-    wtab = rt.upload(np.concatenate([np.asarray(og.total_w, np.float64), np.asarray(coef, np.float64)]))
-    ip, wp = rt.ptr(itab), rt.ptr(wtab)
+    tabs, (off, w, optr, wk, cf) = _tables(rt, og.off, np.asarray(og.total_w, np.float64), og.ptr,
+                                           segment_table(og.work), np.asarray(coef, np.float64))
     compute = rt.current_stream()
     rt.launch(cuda_source.step_name(acc.dtype.name, og.out_dtype), og.work.shape[0],
-              (_addr(rt, acc), _addr(rt, x), _addr(rt, m), _addr(rt, v), np.uint64(ip), np.uint64(wp),
-               np.uint64(ip + 8 * R), np.uint64(ip + 16 * R), np.uint64(wp + 8 * R), np.int32(kind)), compute)
+              (_addr(rt, acc), _addr(rt, x), _addr(rt, m), _addr(rt, v), off, w, optr, wk, cf, np.int32(kind)),
+              compute)
     compute.synchronize()
 
 
@@ -377,15 +382,11 @@ def add_noise(acc, leaf_ids, offsets, sizes, sigmas, seed: int, round: int) -> N
     work = work_items(n, CHUNK)
     if work.shape[0] == 0:
         return
-    R = len(n)
-    itab = rt.upload(np.concatenate([np.asarray(offsets, np.int64), np.asarray(leaf_ids, np.int64),
-                                     work.reshape(-1)]).astype(np.int64))
-    stab = rt.upload(np.asarray(sigmas, np.float64))
-    ip = rt.ptr(itab)
+    tabs, (off, sig, leaf, wk) = _tables(rt, np.asarray(offsets, np.int64), np.asarray(sigmas, np.float64),
+                                         np.asarray(leaf_ids, np.int64), segment_table(work))
     compute = rt.current_stream()
     rt.launch(cuda_source.noise_name(acc.dtype.name), work.shape[0],
-              (_addr(rt, acc), np.uint64(ip), np.uint64(rt.ptr(stab)), np.uint64(ip + 8 * R),
-               np.uint64(ip + 16 * R), np.uint64(seed), np.uint32(round)), compute)
+              (_addr(rt, acc), off, sig, leaf, wk, np.uint64(seed), np.uint32(round)), compute)
     compute.synchronize()
 
 
@@ -399,15 +400,11 @@ def modsum(acc, offsets, ptr, code, sizes, bits: int, subtract: bool) -> np.ndar
     m, k = work.shape[0], ptr.shape[1]
     if m == 0 or k == 0:
         return np.zeros(k, bool)
-    R = len(sizes)
-    tab = rt.upload(np.concatenate([np.asarray(offsets, np.int64), ptr.reshape(-1), code.reshape(-1),
-                                    work.reshape(-1)]).astype(np.int64))
+    tabs, (off, p, c, wk) = _tables(rt, np.asarray(offsets, np.int64), ptr, code, segment_table(work))
     bad = rt.zeros(m * k, np.uint32)
-    tp = rt.ptr(tab)
     compute = rt.current_stream()
     rt.launch(cuda_source.modsum_name(acc.dtype.name), m,
-              (_addr(rt, acc), np.uint64(tp), np.uint64(tp + 8 * R), np.uint64(tp + 8 * R * (1 + k)), np.int64(k),
-               np.uint64(tp + 8 * R * (1 + 2 * k)), np.int32(bits), np.int32(bool(subtract)), _addr(rt, bad)),
+              (_addr(rt, acc), off, p, c, np.int64(k), wk, np.int32(bits), np.int32(bool(subtract)), _addr(rt, bad)),
               compute)
     compute.synchronize()
     return rt.download(bad).reshape(m, k).any(axis=0)
