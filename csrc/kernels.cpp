@@ -102,6 +102,19 @@ struct StatsOut {
   py::tuple tuple() const { return py::make_tuple(nonfinite, sumsq, maxabs); }
 };
 
+// The walk of a call (jitkernels.batch.walk: the threads' shares of the tiles, the tiles' runs of work items), as
+// the kernels of namespace NS take it (kernels.h is compiled once per instruction set, each with its own Walk).
+void check_walk(const I64& work, const I64& share, const I64& tiles) {
+  require(share.ndim() == 1 && share.size() >= 2 && tiles.ndim() == 2 && tiles.shape(1) == 2 && work.ndim() == 2 &&
+              work.shape(1) == 3, "walk: work [m, 3], share [T + 1], tiles [n, 2]");
+}
+
+template <class W>
+W walk_of(const I64& work, const I64& share, const I64& tiles) {
+  return W{work.data(), share.data(), tiles.data(), int(share.size() - 1)};
+}
+#define JK_WALK(NS) walk_of<NS::Walk>(work, share, tiles)
+
 bool is_acc_f64(const py::array& acc) {
   if (same_dtype(acc.dtype(), py::dtype::of<double>())) return true;
   if (same_dtype(acc.dtype(), py::dtype::of<float>())) return false;
@@ -125,12 +138,13 @@ void with_types(bool acc64, int in_code, F&& f) {
 }
 
 void fold(py::array acc, py::object base_obj, int in_code, I64 off, I64 ptr, F64A w, I64 sptr, I64 blk, I64 work,
-          int nthreads) {
+          I64 share, I64 tiles) {
+  check_walk(work, share, tiles);
   require(acc.flags() & py::array::c_style && acc.writeable(), "accumulator must be a writeable C-contiguous array");
   const bool acc64 = is_acc_f64(acc);
   const void* basep = base_data(base_obj, acc.dtype());
   const bool has_base = basep != nullptr;
-  const int64_t k = ptr.ndim() == 2 ? ptr.shape(1) : 0, m = work.shape(0);
+  const int64_t k = ptr.ndim() == 2 ? ptr.shape(1) : 0;
   void* accp = acc.mutable_data();
   with_types(acc64, in_code, [&](auto a, auto in) {
     using A = decltype(a);
@@ -145,10 +159,9 @@ void fold(py::array acc, py::object base_obj, int in_code, I64 off, I64 ptr, F64
     };
 #define JK_FOLD(NS)                                                                                              \
   run([&](auto b) { NS::fold_rows<A, In, decltype(b)::value>((A*)accp, (const A*)basep, off.data(), ptr.data(), \
-                                                              w.data(), k, work.data(), m, nthreads); },      \
+                                                              w.data(), k, JK_WALK(NS)); },                     \
       [&](auto b) { NS::fold_rows_q<A, decltype(b)::value>((A*)accp, (const A*)basep, off.data(), ptr.data(),   \
-                                                           w.data(), sptr.data(), blk.data(), k, work.data(), m, \
-                                                           nthreads); })
+                                                           w.data(), sptr.data(), blk.data(), k, JK_WALK(NS)); })
 #ifdef JK_X86
     if (use_avx2()) { JK_FOLD(avx2); return; }
 #endif
@@ -159,7 +172,8 @@ void fold(py::array acc, py::object base_obj, int in_code, I64 off, I64 ptr, F64
 
 // fold and stats in one pass (kernels.h, fold_stats_rows): returns the stats as stats() does.
 py::tuple fold_stats(py::array acc, py::object base_obj, int in_code, I64 off, I64 ptr, F64A w, I64 sptr, I64 blk,
-                     I64 work, int nthreads) {
+                     I64 work, I64 share, I64 tiles) {
+  check_walk(work, share, tiles);
   require(acc.flags() & py::array::c_style && acc.writeable(), "accumulator must be a writeable C-contiguous array");
   const bool acc64 = is_acc_f64(acc);
   const void* basep = base_data(base_obj, acc.dtype());
@@ -177,7 +191,7 @@ py::tuple fold_stats(py::array acc, py::object base_obj, int in_code, I64 off, I
     py::gil_scoped_release nogil;
 #define JK_FOLD_STATS(NS, B)                                                                                    \
   NS::fold_stats_rows<A, In, B, Q>((A*)accp, (const A*)basep, off.data(), ptr.data(), w.data(), sptr.data(),    \
-                                   blk.data(), k, work.data(), m, nf, ss, mx, nthreads)
+                                   blk.data(), k, JK_WALK(NS), nf, ss, mx)
 #ifdef JK_X86
     if (use_avx2()) {
       if (has_base) JK_FOLD_STATS(avx2, true); else JK_FOLD_STATS(avx2, false);
@@ -191,13 +205,14 @@ py::tuple fold_stats(py::array acc, py::object base_obj, int in_code, I64 off, I
 }
 
 void fold_binned(py::array_t<double, py::array::c_style> hi, py::array_t<double, py::array::c_style> lo,
-                 py::object base_obj, int in_code, I64 off, I64 ptr, F64A w, I64 sptr, I64 blk, I64 work, double s1,
-                 double s2, int nthreads) {
+                 py::object base_obj, int in_code, I64 off, I64 ptr, F64A w, I64 sptr, I64 blk, I64 work, I64 share,
+                 I64 tiles, double s1, double s2) {
+  check_walk(work, share, tiles);
   require(hi.writeable() && lo.writeable() && hi.size() == lo.size(), "hi and lo must be writeable and equal-sized");
   const bool has_base = !base_obj.is_none();
   py::array_t<double, py::array::c_style> base;
   if (has_base) base = base_obj.cast<py::array_t<double, py::array::c_style>>();
-  const int64_t k = ptr.ndim() == 2 ? ptr.shape(1) : 0, m = work.shape(0);
+  const int64_t k = ptr.ndim() == 2 ? ptr.shape(1) : 0;
   double* h = hi.mutable_data();
   double* l = lo.mutable_data();
   const double* bp = has_base ? base.data() : nullptr;
@@ -207,9 +222,9 @@ void fold_binned(py::array_t<double, py::array::c_style> hi, py::array_t<double,
     py::gil_scoped_release nogil;
 #define JK_BINNED(NS)                                                                                          \
   if (has_base) NS::fold_binned_rows<In, true, Q>(h, l, bp, off.data(), ptr.data(), w.data(), sptr.data(),      \
-                                                   blk.data(), k, work.data(), m, s1, s2, nthreads);           \
+                                                   blk.data(), k, JK_WALK(NS), s1, s2);                         \
   else NS::fold_binned_rows<In, false, Q>(h, l, bp, off.data(), ptr.data(), w.data(), sptr.data(), blk.data(),  \
-                                          k, work.data(), m, s1, s2, nthreads)
+                                          k, JK_WALK(NS), s1, s2)
 #ifdef JK_X86
     if (use_avx2()) { JK_BINNED(avx2); return; }
 #endif
@@ -219,7 +234,8 @@ void fold_binned(py::array_t<double, py::array::c_style> hi, py::array_t<double,
 }
 
 py::tuple stats(py::object base_obj, py::dtype acc_dtype, int in_code, I64 off, I64 ptr, I64 sptr, I64 blk,
-                I64 work, int nthreads) {
+                I64 work, I64 share, I64 tiles) {
+  check_walk(work, share, tiles);
   const bool acc64 = same_dtype(acc_dtype, py::dtype::of<double>());
   const void* basep = base_data(base_obj, acc_dtype);
   const bool has_base = basep != nullptr;
@@ -235,9 +251,9 @@ py::tuple stats(py::object base_obj, py::dtype acc_dtype, int in_code, I64 off, 
     py::gil_scoped_release nogil;
 #define JK_STATS(NS)                                                                                           \
   if (has_base) NS::stats_rows<A, In, true, Q>((const A*)basep, off.data(), ptr.data(), sptr.data(), blk.data(), \
-                                               k, work.data(), m, nf, ss, mx, nthreads);                        \
+                                               k, JK_WALK(NS), nf, ss, mx);                                     \
   else NS::stats_rows<A, In, false, Q>((const A*)basep, off.data(), ptr.data(), sptr.data(), blk.data(), k,      \
-                                       work.data(), m, nf, ss, mx, nthreads)
+                                       JK_WALK(NS), nf, ss, mx)
 #ifdef JK_X86
     if (use_avx2()) { JK_STATS(avx2); return; }
 #endif
@@ -437,14 +453,16 @@ int max_threads() {
 PYBIND11_MODULE(_core, mod) {
   mod.doc() = "jitkernels C++ backend: fused fold, stats, finalize and server-optimizer step over pointer tables (OpenMP, GIL released)";
   mod.def("fold", &fold, py::arg("acc"), py::arg("base"), py::arg("in_code"), py::arg("off"), py::arg("ptr"),
-          py::arg("w"), py::arg("scale_ptr"), py::arg("block"), py::arg("work"), py::arg("nthreads"));
+          py::arg("w"), py::arg("scale_ptr"), py::arg("block"), py::arg("work"), py::arg("share"), py::arg("tiles"));
   mod.def("fold_binned", &fold_binned, py::arg("hi"), py::arg("lo"), py::arg("base"), py::arg("in_code"),
           py::arg("off"), py::arg("ptr"), py::arg("w"), py::arg("scale_ptr"), py::arg("block"), py::arg("work"),
-          py::arg("s1"), py::arg("s2"), py::arg("nthreads"));
+          py::arg("share"), py::arg("tiles"), py::arg("s1"), py::arg("s2"));
   mod.def("fold_stats", &fold_stats, py::arg("acc"), py::arg("base"), py::arg("in_code"), py::arg("off"),
-          py::arg("ptr"), py::arg("w"), py::arg("scale_ptr"), py::arg("block"), py::arg("work"), py::arg("nthreads"));
+          py::arg("ptr"), py::arg("w"), py::arg("scale_ptr"), py::arg("block"), py::arg("work"), py::arg("share"),
+          py::arg("tiles"));
   mod.def("stats", &stats, py::arg("base"), py::arg("acc_dtype"), py::arg("in_code"), py::arg("off"),
-          py::arg("ptr"), py::arg("scale_ptr"), py::arg("block"), py::arg("work"), py::arg("nthreads"));
+          py::arg("ptr"), py::arg("scale_ptr"), py::arg("block"), py::arg("work"), py::arg("share"),
+          py::arg("tiles"));
   mod.def("finalize", &finalize, py::arg("acc"), py::arg("base"), py::arg("out_code"), py::arg("off"),
           py::arg("total_w"), py::arg("out_ptr"), py::arg("work"), py::arg("nthreads"));
   mod.def("step", &step, py::arg("acc"), py::arg("x"), py::arg("m"), py::arg("v"), py::arg("kind"),

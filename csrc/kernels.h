@@ -65,18 +65,23 @@ static inline void for_scale_segments(int64_t start, int64_t n, int64_t B, Seg&&
   }
 }
 
-// Few updates (k <= 16): each work item is cut into SUB-blocks, and every update is folded into a block before the
-// next, the block's accumulator in L1 while the k streams run on block after block.
-// Many updates: the hardware prefetchers lose track of k streams that each read one short run and wait for the other
-// k - 1. Each thread takes a contiguous share of the work items (balanced by elements) and walks it in tiles of about
-// TILE elements, update-major: update j's runs through the whole tile before update j + 1's (jitkernels.batch.walk
-// states the same rule and hands the walk to numba). Wherever an update's leaves lie next to each other in memory
-// (split from one buffer: safetensors, Flower's bytes, a flat vector), update j is then one long sequential read
-// (k = 100 x 100k elements: 1.71 -> 1.35 ms, two threads, in a C++ model of the loop). The tile's accumulator
-// (256 KiB) stays in L2. Per element the updates still come in batch order, so either way the result is the
+// The work items of a call and the order in which threads visit them, as jitkernels.batch.walk computes it (one
+// rule, also handed to numba): thread t walks the tiles share[t]:share[t+1], tile i being the items
+// tiles[2i]:tiles[2i+1]. With few updates a tile is one item, cut into SUB-blocks, and every update is folded into a
+// block before the next: the block's accumulator stays in L1 while the k streams run on block after block. With many
+// (batch.MANY_UPDATES), the hardware prefetchers lose track of k streams that each read one short run and wait for
+// the other k - 1, so a tile holds the items of about TILE elements of the thread's share (256 KiB of f32
+// accumulator, in L2) and is walked update-major: update j's runs through the whole tile before update j + 1's.
+// Wherever an update's leaves lie next to each other in memory (split from one buffer: safetensors, Flower's bytes,
+// a flat vector), update j is then one long sequential read (k = 100 x 100k elements: 1.71 -> 1.35 ms, two threads,
+// in a C++ model of the loop). Per element the updates still come in batch order, so either way the result is the
 // reference's to the bit.
-constexpr int64_t TILE = 65536;
-constexpr int64_t MANY_UPDATES = 16;
+struct Walk {
+  const int64_t* work;   // [m, 3]: row, start, len
+  const int64_t* share;  // [nthreads + 1]
+  const int64_t* tiles;  // [ntiles, 2]
+  int nthreads;
+};
 
 static inline int thread_index() {
 #ifdef _OPENMP
@@ -94,56 +99,43 @@ static inline int thread_count() {
 #endif
 }
 
-// The one loop nest of every fold: for each block (a SUB-block, or with many updates a work item), every update
-// present in batch order calls body(it, e, p, pos, o, n) (it: the work item, e: the update's table entry, p: its
-// address, pos: the piece's position in the leaf, o: in the accumulator, n: its length) over the block, in one or
-// more pieces; done(o, n) follows once every update has passed the block. ``min_sub`` raises the piece length for
-// bodies with a fixed cost per call (fold_stats_rows).
+// The one loop nest of every fold: for each block (a SUB-block of a one-item tile, or a whole item of a longer
+// tile), every update present in batch order calls body(it, e, p, pos, o, n) (it: the work item, e: the update's
+// table entry, p: its address, pos: the piece's position in the leaf, o: in the accumulator, n: its length) over the
+// block, in one or more pieces; done(o, n) follows once every update has passed the block. ``min_sub`` raises the
+// piece length for bodies with a fixed cost per call (fold_stats_rows). A team smaller than asked for still covers
+// every share.
 template <class Body, class Done>
-static void for_blocks(const int64_t* off, const int64_t* ptr, int64_t k, const int64_t* work, int64_t m,
-                       int nthreads, Body&& body, Done&& done, int64_t min_sub = SUB) {
+static void for_blocks(const int64_t* off, const int64_t* ptr, int64_t k, const Walk& wk, Body&& body, Done&& done,
+                       int64_t min_sub = SUB) {
+  const int64_t* work = wk.work;
   auto update = [&](int64_t it, int64_t j, int64_t b0, int64_t n) {
     const int64_t r = work[3 * it], s = work[3 * it + 1];
     const int64_t p = ptr[r * k + j];
     if (p) body(it, r * k + j, p, s + b0, off[r] + s + b0, n);
   };
-  if (k > MANY_UPDATES) {
-    // bodies see pieces of an update's run, one after another (the same memory order): a body that reads its piece
-    // twice (fold_stats) finds it in L1
-    const int64_t piece = std::max(min_sub, 8 * SUB);
-    int64_t total = 0;
-    for (int64_t it = 0; it < m; ++it) total += work[3 * it + 2];
-#pragma omp parallel num_threads(nthreads)
-    {
-      // this thread's items: those whose first element falls in its share [total * t / T, total * (t + 1) / T)
-      const int64_t t = thread_index(), T = thread_count(), lo = total * t / T, hi = total * (t + 1) / T;
-      int64_t a = 0, start = 0;
-      for (; a < m && start < lo; ++a) start += work[3 * a + 2];
-      int64_t e = a;
-      for (int64_t pos = start; e < m && pos < hi; ++e) pos += work[3 * e + 2];
-      // a tile: the items whose first element falls in the same TILE-element window of the share
-      for (int64_t t0 = a, pos0 = start; t0 < e;) {
-        int64_t t1 = t0, pos = pos0;
-        while (t1 < e && (pos - lo) / TILE == (pos0 - lo) / TILE) pos += work[3 * t1++ + 2];
-        for (int64_t j = 0; j < k; ++j)
-          for (int64_t it = t0; it < t1; ++it)
-            for (int64_t b0 = 0, len = work[3 * it + 2]; b0 < len; b0 += piece)
-              update(it, j, b0, std::min(piece, len - b0));
-        for (int64_t it = t0; it < t1; ++it) done(off[work[3 * it]] + work[3 * it + 1], work[3 * it + 2]);
-        t0 = t1;
-        pos0 = pos;
-      }
-    }
-    return;
-  }
   const int64_t sub = std::max(min_sub, SUB);
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (int64_t it = 0; it < m; ++it) {
-    const int64_t r = work[3 * it], s = work[3 * it + 1], len = work[3 * it + 2];
-    for (int64_t b0 = 0; b0 < len; b0 += sub) {
-      const int64_t n = std::min(sub, len - b0);
-      for (int64_t j = 0; j < k; ++j) update(it, j, b0, n);
-      done(off[r] + s + b0, n);
+  // a tile's bodies see pieces of an update's run, one after another (the same memory order): a body that reads its
+  // piece twice (fold_stats) finds it in L1
+  const int64_t piece = std::max(min_sub, 8 * SUB);
+#pragma omp parallel num_threads(wk.nthreads) if (wk.nthreads > 1)
+  for (int64_t t = thread_index(); t < wk.nthreads; t += thread_count()) {
+    for (int64_t ti = wk.share[t]; ti < wk.share[t + 1]; ++ti) {
+      const int64_t t0 = wk.tiles[2 * ti], t1 = wk.tiles[2 * ti + 1];
+      if (t1 - t0 == 1) {
+        const int64_t r = work[3 * t0], s = work[3 * t0 + 1], len = work[3 * t0 + 2];
+        for (int64_t b0 = 0; b0 < len; b0 += sub) {
+          const int64_t n = std::min(sub, len - b0);
+          for (int64_t j = 0; j < k; ++j) update(t0, j, b0, n);
+          done(off[r] + s + b0, n);
+        }
+        continue;
+      }
+      for (int64_t j = 0; j < k; ++j)
+        for (int64_t it = t0; it < t1; ++it)
+          for (int64_t b0 = 0, len = work[3 * it + 2]; b0 < len; b0 += piece)
+            update(it, j, b0, std::min(piece, len - b0));
+      for (int64_t it = t0; it < t1; ++it) done(off[work[3 * it]] + work[3 * it + 1], work[3 * it + 2]);
     }
   }
 }
@@ -193,17 +185,16 @@ static inline void fold_block_q(A* __restrict a, const A* __restrict b, const in
 
 template <class A, class In, bool Base>
 static void fold_rows(A* acc, const A* base, const int64_t* off, const int64_t* ptr, const double* w,
-                      int64_t k, const int64_t* work, int64_t m, int nthreads) {
-  for_blocks(off, ptr, k, work, m, nthreads, [&](int64_t, int64_t e, int64_t p, int64_t pos, int64_t o, int64_t n) {
+                      int64_t k, const Walk& wk) {
+  for_blocks(off, ptr, k, wk, [&](int64_t, int64_t e, int64_t p, int64_t pos, int64_t o, int64_t n) {
     fold_block<A, In, Base>(acc + o, Base ? base + o : nullptr, reinterpret_cast<const In*>(p) + pos, (A)w[e], n);
   }, no_done);
 }
 
 template <class A, bool Base>
 static void fold_rows_q(A* acc, const A* base, const int64_t* off, const int64_t* ptr, const double* w,
-                        const int64_t* sptr, const int64_t* blk, int64_t k, const int64_t* work, int64_t m,
-                        int nthreads) {
-  for_blocks(off, ptr, k, work, m, nthreads, [&](int64_t, int64_t e, int64_t p, int64_t pos, int64_t o, int64_t n) {
+                        const int64_t* sptr, const int64_t* blk, int64_t k, const Walk& wk) {
+  for_blocks(off, ptr, k, wk, [&](int64_t, int64_t e, int64_t p, int64_t pos, int64_t o, int64_t n) {
     fold_block_q<A, Base>(acc + o, Base ? base + o : nullptr, reinterpret_cast<const int8_t*>(p) + pos,
                           reinterpret_cast<const float*>(sptr[e]), pos, blk[e], (A)w[e], n);
   }, no_done);
@@ -213,8 +204,8 @@ static void fold_rows_q(A* acc, const A* base, const int64_t* off, const int64_t
 template <class In, bool Base, bool Quant>
 static void fold_binned_rows(double* hi, double* lo, const double* base, const int64_t* off, const int64_t* ptr,
                              const double* w, const int64_t* sptr, const int64_t* blk, int64_t k,
-                             const int64_t* work, int64_t m, double s1, double s2, int nthreads) {
-  for_blocks(off, ptr, k, work, m, nthreads, [&](int64_t, int64_t e, int64_t p, int64_t pos, int64_t o, int64_t n) {
+                             const Walk& wk, double s1, double s2) {
+  for_blocks(off, ptr, k, wk, [&](int64_t, int64_t e, int64_t p, int64_t pos, int64_t o, int64_t n) {
     double* __restrict h = hi + o;
     double* __restrict l = lo + o;
     const double* __restrict b = Base ? base + o : nullptr;
@@ -352,10 +343,9 @@ constexpr int64_t WHOLE_ITEMS = INT64_MAX;
 
 template <class A, class In, bool Base, bool Quant>
 static void stats_rows(const A* base, const int64_t* off, const int64_t* ptr, const int64_t* sptr,
-                       const int64_t* blk, int64_t k, const int64_t* work, int64_t m, int64_t* nonfinite,
-                       double* sumsq, double* maxabs, int nthreads) {
-  for_blocks(off, ptr, k, work, m, nthreads, [&](int64_t it, int64_t e, int64_t p, int64_t pos, int64_t o,
-                                                 int64_t n) {
+                       const int64_t* blk, int64_t k, const Walk& wk, int64_t* nonfinite, double* sumsq,
+                       double* maxabs) {
+  for_blocks(off, ptr, k, wk, [&](int64_t it, int64_t e, int64_t p, int64_t pos, int64_t o, int64_t n) {
     const float* scales = Quant ? reinterpret_cast<const float*>(sptr[e]) : nullptr;
     add_stats<A, In, Base, Quant>(Base ? base + o : nullptr, p, scales, Quant ? blk[e] : 1, pos, n, it * k + e % k,
                                   nonfinite, sumsq, maxabs);
@@ -372,10 +362,9 @@ constexpr int64_t FUSED_SUB = 8 * SUB;
 
 template <class A, class In, bool Base, bool Quant>
 static void fold_stats_rows(A* acc, const A* base, const int64_t* off, const int64_t* ptr, const double* w,
-                            const int64_t* sptr, const int64_t* blk, int64_t k, const int64_t* work, int64_t m,
-                            int64_t* nonfinite, double* sumsq, double* maxabs, int nthreads) {
-  for_blocks(off, ptr, k, work, m, nthreads, [&](int64_t it, int64_t e, int64_t p, int64_t pos, int64_t o,
-                                                 int64_t n) {
+                            const int64_t* sptr, const int64_t* blk, int64_t k, const Walk& wk, int64_t* nonfinite,
+                            double* sumsq, double* maxabs) {
+  for_blocks(off, ptr, k, wk, [&](int64_t it, int64_t e, int64_t p, int64_t pos, int64_t o, int64_t n) {
     const A* b = Base ? base + o : nullptr;
     const float* scales = Quant ? reinterpret_cast<const float*>(sptr[e]) : nullptr;
     add_stats<A, In, Base, Quant>(b, p, scales, Quant ? blk[e] : 1, pos, n, it * k + e % k, nonfinite, sumsq, maxabs);

@@ -31,7 +31,7 @@ CHUNK = 8192
 MANY_UPDATES = 16
 TILE = 65536
 """Past MANY_UPDATES updates, kernels walk each thread's share of the work items in tiles of TILE elements,
-update-major (:func:`walk`; the same constants and rule as csrc/kernels.h ``for_blocks``)."""
+update-major (:func:`walk`, which both compiled backends take as data; csrc/kernels.h ``for_blocks`` says why)."""
 
 
 def leaf_entry(a):
@@ -196,8 +196,8 @@ def _plan(layout, codes, chunk) -> _Plan:
 
 
 def walk(g: Group, nthreads: int) -> tuple:
-    """(share, tiles): the order in which the kernels visit a group's work items, as data (numba's kernels take it;
-    csrc/kernels.h ``for_blocks`` computes the same walk itself). Thread t walks the tiles share[t]:share[t+1]; a
+    """(share, tiles): the order in which the kernels visit a group's work items, as data (numba's kernels and
+    csrc/kernels.h ``for_blocks`` take it; one rule for both). Thread t walks the tiles share[t]:share[t+1]; a
     tile is the run of work items tiles[i, 0]:tiles[i, 1], visited update-major (every item of the tile for update
     j, then for j + 1), so an update whose leaves lie next to each other in memory is read in one long run. Few
     updates (k <= MANY_UPDATES): one item per tile and threads take equal counts of items. Many: threads take the

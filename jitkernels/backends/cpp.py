@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..batch import CODE, rows_from_items, threads_for
+from ..batch import CODE, rows_from_items, threads_for, walk
 from ..threads import get_num_threads
 from .numpy_ref import binned_constants
 
@@ -24,27 +24,29 @@ def available():
     return True if _core is not None else _reason
 
 
+def _walk(g):
+    """(work, share, tiles): the group's work items and batch.walk's order of them, for threads_for's threads."""
+    return (g.work,) + walk(g, threads_for(g, get_num_threads()))
+
+
 def fold(acc, base, g):
-    _core.fold(acc, base, CODE[g.in_dtype], g.off, g.ptr, g.w, g.scale_ptr, g.block, g.work,
-               threads_for(g, get_num_threads()))
+    _core.fold(acc, base, CODE[g.in_dtype], g.off, g.ptr, g.w, g.scale_ptr, g.block, *_walk(g))
 
 
 def fold_binned(hi, lo, base, g, bound_log2):
     s1, s2 = binned_constants(bound_log2)
-    _core.fold_binned(hi, lo, base, CODE[g.in_dtype], g.off, g.ptr, g.w, g.scale_ptr, g.block, g.work, s1, s2,
-                      threads_for(g, get_num_threads()))
+    _core.fold_binned(hi, lo, base, CODE[g.in_dtype], g.off, g.ptr, g.w, g.scale_ptr, g.block, *_walk(g), s1, s2)
 
 
 def stats(base, g, acc_dtype):
     per_item = _core.stats(base, np.dtype(acc_dtype), CODE[g.in_dtype], g.off, g.ptr, g.scale_ptr, g.block,
-                           g.work, threads_for(g, get_num_threads()))
+                           *_walk(g))
     return rows_from_items(g, *per_item)
 
 
 def fold_stats(acc, base, g):
     """fold() and stats() in one pass over the updates (for a batch into an empty state; see Aggregator)."""
-    per_item = _core.fold_stats(acc, base, CODE[g.in_dtype], g.off, g.ptr, g.w, g.scale_ptr, g.block, g.work,
-                                threads_for(g, get_num_threads()))
+    per_item = _core.fold_stats(acc, base, CODE[g.in_dtype], g.off, g.ptr, g.w, g.scale_ptr, g.block, *_walk(g))
     return rows_from_items(g, *per_item)
 
 
