@@ -54,6 +54,33 @@ def test_results_do_not_depend_on_thread_count(backend):
     assert results[0][1] == results[1][1] == results[2][1]
 
 
+_SMALL_TEAM = """
+import numpy as np, jitkernels as jk
+jk.set_num_threads(3)
+rng = np.random.default_rng(0)
+tmpl = {"a": np.zeros(300000, np.float32), "b": np.zeros(70001, np.float32)}
+for k in (4, 20):  # one item per tile, and update-major tiles
+    ups = [{n: rng.standard_normal(v.shape).astype(np.float32) for n, v in tmpl.items()} for _ in range(k)]
+    w = rng.uniform(1, 5, k)
+    out = {}
+    for backend in ("numpy", "cpp"):
+        agg = jk.Aggregator(tmpl, backend=backend)
+        agg.fold_many(agg.admit_many(ups, w, list(range(k))))
+        out[backend] = agg.state.acc.tobytes()
+    assert out["cpp"] == out["numpy"], k
+print("ok")
+"""
+
+
+@pytest.mark.skipif(jk.available_backends()["cpp"] is not True, reason="the C++ backend is not built")
+def test_cpp_covers_every_share_with_a_smaller_openmp_team():
+    """The walk hands the C++ kernels 3 shares; OpenMP may give a smaller team (OMP_THREAD_LIMIT, nested
+    parallelism): its threads take the missing shares too, so nothing is left out."""
+    out = subprocess.run([sys.executable, "-c", _SMALL_TEAM], env={**os.environ, "OMP_THREAD_LIMIT": "1"},
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_concurrent_folds_into_one_aggregator(backend):
     rng = np.random.default_rng(1)
