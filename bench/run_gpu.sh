@@ -14,7 +14,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 jk.available_backends())" 2>&1 | tee -a "$OUT/gpu.txt"
 echo "== tests"
 timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest tests/test_gpu.py tests/test_secagg.py tests/test_robust_coord.py \
-  tests/test_noise.py -k "gpu or cupy or device" -q -p no:cacheprovider -ra 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+  tests/test_noise.py tests/test_gpu_shim.py tests/test_cuda_source.py -k "gpu or cupy or device or shim or cuda" \
+  -q -p no:cacheprovider -ra 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
 echo "== comparison"
 timeout "${BENCH_TIMEOUT:-600}" "$PY" -m jitkernels.gpu_benchmark ${BENCH_ARGS:-} --json "$OUT/gpu_bench.json" \
   --markdown "$OUT/gpu_bench.md" --plot "$OUT/gpu_bench.png" 2>&1 | tee "$OUT/gpu_bench.log"

@@ -107,6 +107,9 @@ struct StatsOut {
 void check_walk(const I64& work, const I64& share, const I64& tiles) {
   require(share.ndim() == 1 && share.size() >= 2 && tiles.ndim() == 2 && tiles.shape(1) == 2 && work.ndim() == 2 &&
               work.shape(1) == 3, "walk: work [m, 3], share [T + 1], tiles [n, 2]");
+  const int64_t T = share.size() - 1, n = tiles.shape(0);
+  require(share.data()[0] == 0 && share.data()[T] == n && (n == 0 || tiles.data()[2 * n - 1] <= work.shape(0)),
+          "walk does not cover its tiles and work items");
 }
 
 template <class W>

@@ -30,7 +30,7 @@ static inline void for_segments(const In* u, int64_t len, Seg&& seg) {
   }
 }
 
-// Block length of a fold of few updates (see for_blocks).
+// Block length of a one-item tile (see for_blocks).
 constexpr int64_t SUB = 256;
 
 #ifdef JK_F16C
@@ -71,7 +71,9 @@ static inline void for_scale_segments(int64_t start, int64_t n, int64_t B, Seg&&
 // block before the next: the block's accumulator stays in L1 while the k streams run on block after block. With many
 // (batch.MANY_UPDATES), the hardware prefetchers lose track of k streams that each read one short run and wait for
 // the other k - 1, so a tile holds the items of about TILE elements of the thread's share (256 KiB of f32
-// accumulator, in L2) and is walked update-major: update j's runs through the whole tile before update j + 1's.
+// accumulator, in L2) and is walked update-major: update j's runs through the whole tile before update j + 1's. (The
+// loop shape follows the tile, not k: a one-item tile at the end of a share of many updates is SUB-blocked, at most
+// one per share; same bits either way.)
 // Wherever an update's leaves lie next to each other in memory (split from one buffer: safetensors, Flower's bytes,
 // a flat vector), update j is then one long sequential read (k = 100 x 100k elements: 1.71 -> 1.35 ms, two threads,
 // in a C++ model of the loop). Per element the updates still come in batch order, so either way the result is the

@@ -88,7 +88,7 @@ class Group:
     device: np.ndarray | None = None  # bool[k]: update j is in GPU memory (None: all on the host)
     elements: int = 0  # sum of n: the elements of one update's rows
     row_starts: np.ndarray | None = None  # first work item of each row (None: one item per row, in row order)
-    plan: _GroupPlan | None = field(default=None, repr=False)  # what it was built from (caches its walks)
+    plan: _GroupPlan | None = field(default=None, repr=False)  # what it was built from (caches its walks, ...)
 
     @property
     def k(self) -> int:
@@ -204,10 +204,16 @@ def walk(g: Group, nthreads: int) -> tuple:
     items whose first element falls in their equal share of the elements, and a tile is the items whose first
     element falls in the same TILE-element window of the share. Cached on the group's plan."""
     many = g.k > MANY_UPDATES
-    cache = g.plan.cache if g.plan is not None else {}
-    hit = cache.get((many, nthreads))
+    return _cached(g, (many, nthreads), lambda: _walk(g.work, many, nthreads))
+
+
+def _cached(g: Group, key, make):
+    """``make()``, cached on the group's plan under ``key`` (computed afresh for a group built without a plan)."""
+    if g.plan is None:
+        return make()
+    hit = g.plan.cache.get(key)
     if hit is None:
-        hit = cache[(many, nthreads)] = _walk(g.work, many, nthreads)
+        hit = g.plan.cache[key] = make()
     return hit
 
 
@@ -230,28 +236,36 @@ def _walk(work, many: bool, T: int) -> tuple:
 
 
 def segment_table(work: np.ndarray) -> np.ndarray:
-    """The GPU kernels' work table (csrc/cuda/kernels.cu ``item_of``) of work items ``work`` [m, 3] (m > 0):
-    int64 [nseg, chunk, then (row, start, len, first item) per segment], a segment being a run of items that
-    continue one another in one row. Every item but a segment's last holds ``chunk`` elements (:func:`work_items`
-    cuts rows so), so a kernel block finds its item by a search over the segments: the table grows with the rows,
-    not with the items."""
-    if work.shape[0] == 0:
-        return np.array([0, 1], np.int64)  # nothing to launch
+    """The GPU kernels' work table (csrc/cuda/kernels.cu ``item_of``) of work items ``work`` [m, 3]: a segment per
+    run of items that continue one another in one row (:func:`pack_segments`). Every item but a segment's last must
+    hold ``chunk`` = the longest item's elements, as :func:`work_items` cuts rows (checked: a table that broke it
+    would send blocks to the wrong elements)."""
+    m = work.shape[0]
+    if m == 0:
+        return pack_segments(*np.zeros((4, 0), np.int64), 1)  # nothing to launch
     r, s, n = work[:, 0], work[:, 1], work[:, 2]
     first = np.flatnonzero(np.r_[True, (r[1:] != r[:-1]) | (s[1:] != s[:-1] + n[:-1])])
-    tab = np.empty(2 + 4 * len(first), np.int64)
-    tab[0], tab[1] = len(first), n.max()
-    tab[2:].reshape(-1, 4)[:] = np.stack([r[first], s[first], np.add.reduceat(n, first), first], axis=1)
+    chunk = int(n.max())
+    inner = np.ones(m, bool)
+    inner[np.r_[first[1:] - 1, m - 1]] = False  # each segment's last item may be shorter
+    if (n[inner] != chunk).any():
+        raise ValueError(f"work items are not cut in chunks of {chunk} elements: no segment table")
+    return pack_segments(r[first], s[first], np.add.reduceat(n, first), first, chunk)
+
+
+def pack_segments(rows, starts, lens, first, chunk: int) -> np.ndarray:
+    """int64 [nseg, chunk, then (row, start, len, first item) per segment]: segment i covers elements
+    [start, start + len) of its row in items of ``chunk`` elements, numbered from ``first``. A kernel block finds
+    its item by a search over the segments: the table grows with the rows, not with the items."""
+    tab = np.empty(2 + 4 * len(rows), np.int64)
+    tab[0], tab[1] = len(rows), chunk
+    tab[2:].reshape(-1, 4)[:] = np.stack([rows, starts, lens, first], axis=1)
     return tab
 
 
 def group_segments(g: Group) -> np.ndarray:
     """:func:`segment_table` of a group's work items, cached on its plan."""
-    cache = g.plan.cache if g.plan is not None else {}
-    hit = cache.get("segments")
-    if hit is None:
-        hit = cache["segments"] = segment_table(g.work)
-    return hit
+    return _cached(g, "segments", lambda: segment_table(g.work))
 
 
 def rows_from_items(g: Group, nonfinite, sumsq, maxabs):

@@ -46,6 +46,16 @@ def test_cuda_kernels_compile_with_nvrtc_as_the_backend_does(arch, nvrtc):
         assert bytes(image[:4]) == b"\x7fELF"  # a cubin
 
 
+def test_fold_tuning_macros_compile_and_are_checked(nvrtc):
+    """The benchmark's variant sweep compiles kernels.cu with other JK_FOLD_* values; a value that would make the
+    fold loop spin (no update per step) is refused at compile time."""
+    name = cuda_source.fold_name("float32", "bfloat16", False)
+    _, lowered = cuda_source.compile_nvrtc("compute_90", [name], defines={"JK_FOLD_UPDATES": 3, "JK_FOLD_QUADS": 1})
+    assert list(lowered) == [name]
+    with pytest.raises(RuntimeError, match="at least one quad and one update"):
+        cuda_source.compile_nvrtc("compute_90", [name], defines={"JK_FOLD_UPDATES": 0})
+
+
 def test_the_source_is_self_contained_for_nvrtc():
     text = cuda_source.source()
     assert '#include "../jk_math.h"' not in text and "namespace jk {" in text

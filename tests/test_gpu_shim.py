@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from jitkernels.backends import cupy_backend, numpy_ref
+from jitkernels.batch import segment_table, work_items
 from jitkernels.dtypes import Quantized, np_dtype
 from jitkernels.layout import Layout
 
@@ -214,3 +215,25 @@ def test_secagg_modsum_kernel_bit_exact(gpu_shim, acc_dtype, seed, sizes, k, bit
         bad_got = sa._modsum_cupy(got, plan, leaves, bits, subtract)
     assert got.tobytes() == want.tobytes()
     assert bad_got.tolist() == bad_want.tolist()
+
+
+@given(sizes=st.lists(st.integers(0, 3000), max_size=6), chunk=st.integers(1, 700), cut=st.tuples(
+    st.floats(0, 1), st.floats(0, 1)))
+def test_segment_table_maps_every_block_to_its_item(sizes, chunk, cut):
+    """csrc/cuda/kernels.cu item_of, modelled in numpy, finds every work item from its block index in the segment
+    table: of a group (all items) and of a stage (a contiguous run of items, cut anywhere, rows split across it)."""
+    work = work_items(np.array(sizes, np.int64), chunk)
+    i0, i1 = sorted(int(c * len(work)) for c in cut)
+    for items in (work, work[i0:i1]):
+        tab = segment_table(items)
+        seg, ch, b = tab[2:].reshape(-1, 4), tab[1], np.arange(len(items))
+        assert tab[0] == len(seg) <= len(items) and len(seg) <= len(sizes) + 1
+        g = np.searchsorted(seg[:, 3], b, side="right") - 1  # the last segment whose first item is <= b
+        s = seg[g, 1] + (b - seg[g, 3]) * ch
+        got = np.stack([seg[g, 0], s, np.minimum(ch, seg[g, 1] + seg[g, 2] - s)], axis=1)
+        assert np.array_equal(got.reshape(-1, 3), items.reshape(-1, 3))
+
+
+def test_segment_table_refuses_items_not_cut_in_chunks():
+    with pytest.raises(ValueError, match="chunks of 7"):
+        segment_table(np.array([[0, 0, 5], [0, 5, 7]], np.int64))

@@ -35,6 +35,7 @@ typedef unsigned int uint32_t;
 #ifndef JK_FOLD_UPDATES
 #define JK_FOLD_UPDATES 4
 #endif
+static_assert(JK_FOLD_QUADS >= 1 && JK_FOLD_UPDATES >= 1, "fold_rows needs at least one quad and one update");
 
 namespace jkcuda {
 

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..batch import CHUNK, group_segments, segment_table, work_items
+from ..batch import CHUNK, group_segments, pack_segments, segment_table, work_items
 from ..dtypes import Quantized
 from ..errors import BackendUnavailable
 from . import cuda_source
@@ -136,6 +136,9 @@ def _tables(rt, *parts) -> tuple:
     bits) in one upload: a pageable copy costs ~75 us (measured on an H200), more than the fold of a few million
     elements. Keep the array alive until the launch has run."""
     flat = [np.ascontiguousarray(x).reshape(-1) for x in parts]
+    for x in flat:
+        if x.dtype.kind not in "iub" and x.dtype != np.float64:
+            raise TypeError(f"kernel tables are int64 or float64, not {x.dtype}")
     dev = rt.upload(np.concatenate([x.view(np.int64) if x.dtype == np.float64 else x.astype(np.int64, copy=False)
                                     for x in flat]))
     base, starts = rt.ptr(dev), np.cumsum([0] + [x.size for x in flat[:-1]])
@@ -198,9 +201,10 @@ def _run_pass(rt, st, compute, g, ja, jb, dev, isz, name, head, tail):
     hmask = (~dev[ja:jb])[None, :] & (ptr != 0)  # [R, kc]: host leaves to stage
     sptr = g.scale_ptr[:, ja:jb].copy()
     keep = []  # host arrays that device tables point into must outlive the pass
-    if g.in_dtype == "int8" and hmask.any():
+    staged = bool(hmask.any())
+    if g.in_dtype == "int8" and staged:
         sptr = _stage_scales(rt, g, ja, hmask, sptr, keep)
-    if not hmask.any():  # every update of the pass is on the device: one launch over the group's own tables
+    if not staged:  # every update of the pass is on the device: one launch over the group's own tables
         tabs, (off, p, w, sp, blk, wk) = _tables(rt, g.off, ptr, np.asarray(g.w[:, ja:jb], np.float64), sptr,
                                                  g.block[:, ja:jb], group_segments(g))
         rt.launch(name, g.work.shape[0], head + (off, p, w, sp, blk, np.int64(kc), wk) + tail, compute)
@@ -212,17 +216,15 @@ def _run_pass(rt, st, compute, g, ja, jb, dev, isz, name, head, tail):
     # items starting in [m*S', (m+1)*S') form stage m: at most S' + one item + alignment padding <= SLOT_BYTES
     slack = min(ALIGN * int(hmask.sum()), SLOT_BYTES // 4)
     stage = (np.cumsum(item_bytes) - item_bytes) // (SLOT_BYTES - int(item_bytes.max()) - slack)
-    newseg = np.r_[True, (r[1:] != r[:-1]) | (stage[1:] != stage[:-1])]
-    first = np.flatnonzero(newseg)
-    seg_of_item = np.cumsum(newseg) - 1
+    first = np.flatnonzero(np.r_[True, (r[1:] != r[:-1]) | (stage[1:] != stage[:-1])])  # segments: (row, stage)
     seg_row, seg_s0, seg_stage = r[first], s[first], stage[first]
     seg_len = np.add.reduceat(n, first)
     item_bounds = np.flatnonzero(np.r_[True, stage[1:] != stage[:-1], True])
     seg_bounds = np.searchsorted(seg_stage, stage[item_bounds[:-1]])
     seg_bounds = np.r_[seg_bounds, len(seg_row)]
 
-    ints, flts, plans = [], [], []
-    n_int = n_flt = 0
+    chunk = int(n.max())
+    parts, plans = [], []
     pinned_cache = {}
     for i in range(len(item_bounds) - 1):
         i0, i1 = item_bounds[i], item_bounds[i + 1]
@@ -255,24 +257,14 @@ def _run_pass(rt, st, compute, g, ja, jb, dev, isz, name, head, tail):
                     gathers.append((o, _bytes_of(g.arrays[row][ja + j])[a0 * isz:a0 * isz + nb]))
                 p_local[q, j] = slot_dev + o - a0 * isz
                 o += nb
-        loc_work = work[i0:i1].copy()
-        loc_work[:, 0] = seg_of_item[i0:i1] - s0
-        tab = [g.off[rows], p_local.reshape(-1), sptr[rows].reshape(-1), g.block[rows, ja:jb].reshape(-1),
-               segment_table(loc_work)]
-        offs = []
-        for t in tab:
-            offs.append(n_int)
-            ints.append(np.asarray(t, np.int64))
-            n_int += len(ints[-1])
-        wl = np.ascontiguousarray(g.w[rows, ja:jb], np.float64).reshape(-1)
-        flts.append(wl)
+        # the stage's tables, one row per segment (local row q: the items' starts stay the row's)
+        parts += [g.off[rows], p_local, np.asarray(g.w[rows, ja:jb], np.float64), sptr[rows], g.block[rows, ja:jb],
+                  pack_segments(np.arange(len(rows)), seg_s0[s0:s1], seg_len[s0:s1], first[s0:s1] - i0, chunk)]
         gathered = max((o_ + v.nbytes for o_, v in gathers), default=0)  # the pinned slot's used span
-        plans.append((slot, gathers, directs, gathered, offs, n_flt, i1 - i0))
-        n_flt += len(wl)
-    tabs, (ip, fp) = _tables(rt, np.concatenate(ints), np.concatenate(flts))
-    ip, fp = int(ip), int(fp)
+        plans.append((slot, gathers, directs, gathered, i1 - i0))
+    tabs, addrs = _tables(rt, *parts)
     keep.append(tabs)
-    for slot, gathers, directs, gathered, offs, woff, m in plans:
+    for i, (slot, gathers, directs, gathered, m) in enumerate(plans):
         if gathers or directs:
             pinned, slot_dev = st.slot(slot)
             if gathers and st.copied[slot] is not None:
@@ -287,8 +279,8 @@ def _run_pass(rt, st, compute, g, ja, jb, dev, isz, name, head, tail):
             ev = st.copied[slot] = st.copied[slot] or rt.event()
             ev.record(st.copy_stream)
             compute.wait(ev)
-        off, p, sp, blk, wk = (np.uint64(ip + 8 * x) for x in offs)
-        args = head + (off, p, np.uint64(fp + 8 * woff), sp, blk, np.int64(kc), wk) + tail
+        off, p, w, sp, blk, wk = addrs[6 * i:6 * i + 6]
+        args = head + (off, p, w, sp, blk, np.int64(kc), wk) + tail
         rt.launch(name, m, args, compute)
         if gathers or directs:
             ev = st.folded[slot] = st.folded[slot] or rt.event()

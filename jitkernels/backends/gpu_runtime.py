@@ -83,14 +83,15 @@ class CupyRuntime:
     def _module(self, tag: str, text):
         """The module of ``text`` (None: kernels.cu with every kernel name) on the current device, compiled once."""
         dev = self.cp.cuda.Device()
-        key = (dev.id, tag, tuple(sorted(self.defines.items())))
+        defines = dict(self.defines)  # one snapshot for the key and the compile
+        key = (dev.id, tag, tuple(sorted(defines.items())))
         with self._lock:
             mod = self._modules.get(key)
             if mod is None:
-                mod = self._modules[key] = self._load(f"sm_{dev.compute_capability}", tag, text)
+                mod = self._modules[key] = self._load(f"sm_{dev.compute_capability}", tag, text, defines)
         return mod
 
-    def _load(self, arch: str, tag: str, text):
+    def _load(self, arch: str, tag: str, text, defines: dict):
         import hashlib
         import json
         import os
@@ -100,12 +101,12 @@ class CupyRuntime:
         d = os.path.join(os.environ.get("JITKERNELS_CACHE_DIR") or os.path.expanduser("~/.cache/jitkernels"),
                          "cuda")
         os.makedirs(d, exist_ok=True)
-        key = hashlib.sha256(((text or "") + cuda_source.cache_key(arch) + repr(sorted(self.defines.items())))
+        key = hashlib.sha256(((text or "") + cuda_source.cache_key(arch) + repr(sorted(defines.items())))
                              .encode()).hexdigest()[:24]
         stem = os.path.join(d, f"{tag}-{arch}-{key}")
         if not (os.path.exists(stem + ".cubin") and os.path.exists(stem + ".json")):
             image, lowered = cuda_source.compile_nvrtc(arch, names=None if text is None else (), text=text,
-                                                       defines=self.defines)
+                                                       defines=defines)
             atomic_write(stem + ".json", json.dumps(lowered).encode())
             atomic_write(stem + ".cubin", bytes(image))
         with open(stem + ".json") as f:
