@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import threading
 import time
 from collections import deque
+
+log = logging.getLogger("jitkernels.scheduler")
 
 
 class Handle:
@@ -143,7 +146,10 @@ class RealClock:
                         break
                     self._cv.wait(timeout=wait)
             self.events += 1
-            h.fn(*h.args)
+            try:
+                h.fn(*h.args)
+            except Exception:  # one failed callback must not stop every job's clock
+                log.exception("scheduler callback %r failed", getattr(h.fn, "__qualname__", h.fn))
 
     def close(self) -> None:
         with self._cv:

@@ -66,6 +66,10 @@ class Backpressure(SchedulerError, RuntimeError):
     """Buffered bytes are over budget and cannot be folded fast enough (overflow rule 'raise')."""
 
 
+class SchedulerClosed(SchedulerError, RuntimeError):
+    """The scheduler was closed: no more updates, and rounds still open resolve with this error."""
+
+
 @dataclass
 class Job:
     """One FL job. ``template`` (a pytree) makes real aggregation; without it the job is modelled by sizes only
@@ -104,7 +108,7 @@ class Ack:
     update (same ``update_id``) was acknowledged before, e.g. a resend after a crash; it is not counted again."""
 
     job: str
-    round: int
+    round: int  # the round the update counts for: the next one with room for a late update (late="next_round")
     party: object
     accepted: bool
     durable: Future
@@ -142,6 +146,8 @@ class _Round:
     since_plan: int = 0  # arrivals since the deploy time was last planned
     deadline_timer: object = None
     done: bool = False
+    admitted: int = 0  # updates acknowledged for the round: membership is decided at submit, the first q
+    durable: dict = field(default_factory=dict)  # party -> its update's Ack.durable, for a resend's Ack
 
 
 @dataclass
@@ -303,6 +309,7 @@ class JITScheduler:
         self._searched: dict = {}  # job id -> latest start when it last looked for a deployment to take back
         self.decisions: deque = deque(maxlen=decision_log)
         self._lock = threading.RLock()
+        self._closed = False
         self._ids = itertools.count()
         self.buffered_bytes = 0
         self.peak_buffered_bytes = 0
@@ -345,9 +352,31 @@ class JITScheduler:
         if party not in js.predictor.parties and party not in set(js.job.parties):
             raise UnknownParty(f"job {job_id!r}: party {party!r} is not one of the job's parties")
         with self._lock:
+            if self._closed:
+                raise SchedulerClosed(f"job {job_id!r}: the scheduler is closed; update from {party!r} for round "
+                                      f"{round} not taken")
             if update_id is not None and js.seen.get((round, party), object()) == update_id:
-                return Ack(job_id, round, party, True, DURABLE, duplicate=True)
+                ack = self._duplicate(js, round, party)
+                failed = ack.durable.done() and ack.durable.exception() is not None
+                if not failed or self.store is None or js.layout is None:
+                    return ack
+            else:
+                failed = False
+        if failed:  # the original's write failed (e.g. a full disk): the resend is written again
+            item = js.admit(update, weight, party)
+            durable = self.store.persist_update(job_id, round, party, update_id, float(weight), item.leaves,
+                                                js.layout.fingerprint)
+            with self._lock:
+                js.rounds[round].durable[party] = durable
+            return Ack(job_id, round, party, True, durable, duplicate=True)
         return self._submit(js, round, party, update, weight, update_id, persist=True)
+
+    def _duplicate(self, js, round, party) -> Ack:
+        """The Ack of a resend: the original's durable future (a failed write shows as failed: resend to retry it),
+        or DURABLE for an update recovered from disk."""
+        rnd = js.rounds.get(round)
+        durable = rnd.durable.get(party, DURABLE) if rnd is not None else DURABLE
+        return Ack(js.job.id, round, party, True, durable, duplicate=True)
 
     def _submit(self, js, round, party, update, weight, update_id, persist) -> Ack:
         job_id = js.job.id
@@ -361,13 +390,30 @@ class JITScheduler:
             key = (round, party)
             if key in js.seen:
                 if update_id is not None and js.seen[key] == update_id:
-                    return Ack(job_id, round, party, True, DURABLE, duplicate=True)
+                    return self._duplicate(js, round, party)
                 raise jk.DuplicateParty(party, f"job {job_id!r} round {round}")
-            rnd = js.rounds.get(round)
-            if rnd is not None and (rnd.done or rnd.quorum_time is not None) and js.job.late == "reject":
-                js.predictor.observe_late(party, self.clock.now() - rnd.start)
-                raise LateUpdate(f"job {job_id!r} round {round}: membership was fixed at the quorum; "
-                                 f"update from {party!r} rejected (late rule 'reject')")
+            if js.open is None or (round < js.open.number and round not in js.rounds):
+                raise LateUpdate(f"job {job_id!r} round {round}: " + (
+                    "the job has finished" if js.open is None else f"the round is over (round {js.open.number} "
+                    f"is open)") + f"; update from {party!r} not taken")
+            rnd = self._round(js, round)
+            if rnd.done or rnd.admitted >= rnd.quorum:  # membership is fixed: the first q acknowledged updates
+                if not math.isnan(rnd.start):
+                    js.predictor.observe_late(party, self.clock.now() - rnd.start)
+                if js.job.late == "reject":
+                    raise LateUpdate(f"job {job_id!r} round {round} is closed (its quorum is in, or it ended); "
+                                     f"update from {party!r} rejected (late rule 'reject')")
+                while rnd.done or rnd.admitted >= rnd.quorum:  # late rule 'next_round': the next round with room
+                    round += 1
+                    rnd = self._round(js, round)
+                key = (round, party)
+                if key in js.seen:
+                    if update_id is not None and js.seen[key] == update_id:  # a resend of a carried update
+                        return self._duplicate(js, round, party)
+                    raise jk.DuplicateParty(party, f"job {job_id!r} round {round} (a late update carried over from "
+                                                   f"round {round - 1})")
+                self._log("late_to_next_round", js, round=round - 1, party=party)
+                weight = float(weight) * js.job.late_weight
             spill = False
             if self.byte_budget is not None and self.buffered_bytes >= self.byte_budget:
                 if not self._relieving:
@@ -378,6 +424,7 @@ class JITScheduler:
                                        f"{self.byte_budget}; retry once the forced fold has drained them")
                 spill = True
             js.seen[key] = update_id
+            rnd.admitted += 1
             if not spill:
                 self.buffered_bytes += nbytes  # reserved now so that a burst sees its own bytes
         if persist and self.store is not None and item is not None:
@@ -385,6 +432,9 @@ class JITScheduler:
                                                 js.layout.fingerprint)
         else:
             durable = DURABLE  # nothing to persist (no state directory), or already on disk (a replay)
+        if durable is not DURABLE:
+            with self._lock:
+                rnd.durable[party] = durable
         if spill:  # from here on only the file holds it (the writer thread lets the arrays go once written)
             item, nbytes = _Spilled(round, party, float(weight), durable), 0
             self.spilled += 1
@@ -426,8 +476,15 @@ class JITScheduler:
                 self._release(js, "job finished")
 
     def close(self) -> None:
+        """Stop: release the deployments, end the executor, clock and state directory. Rounds still open resolve
+        with :class:`SchedulerClosed` (nobody waits forever on them), and later submits raise it."""
         with self._lock:
+            self._closed = True
             for js in self.jobs.values():
+                for rnd in js.rounds.values():
+                    if not rnd.future.done():
+                        rnd.future.set_exception(SchedulerClosed(f"job {js.job.id!r} round {rnd.number}: the "
+                                                                 "scheduler was closed before the round finished"))
                 if js.deployment is not None:
                     self._release(js, "scheduler closed")
         self.executor.close()
@@ -509,13 +566,15 @@ class JITScheduler:
 
     def _late(self, js, rnd, party, item, nbytes, weight) -> None:
         js.predictor.observe_late(party, self.clock.now() - rnd.start)
-        if js.job.late == "next_round":
+        nxt = rnd.number + 1
+        last = js.job.rounds is not None and nxt >= js.job.first_round + js.job.rounds
+        if js.job.late == "next_round" and not last and (nxt, party) not in js.seen:
             self._log("late_to_next_round", js, round=rnd.number, party=party)
-            nxt = rnd.number + 1
             js.seen[(nxt, party)] = None
+            self._round(js, nxt).admitted += 1
             self.buffered_bytes += nbytes
             self._on_arrival(js, nxt, party, item, nbytes, weight * js.job.late_weight)
-        else:
+        else:  # rejected, or no round to carry it to (the job's last round, or the party sent one there already)
             self._log("late_rejected", js, round=rnd.number, party=party)
 
     def _on_deadline(self, js, rnd) -> None:
@@ -793,7 +852,7 @@ class JITScheduler:
                 js.mark_arrived(rnd, p)
                 rnd.members.append(p)
                 js.seen[(first, p)] = uid
-            rnd.folded = len(rnd.members)
+            rnd.folded = rnd.admitted = len(rnd.members)
             if rnd.folded >= rnd.quorum:
                 rnd.quorum_time = self.clock.now()
         replayed = st.stored_updates(job.id, len(js.layout))
@@ -833,8 +892,14 @@ class JITScheduler:
             self._pump(js)
 
     def _fail(self, js, rnd, error) -> None:
+        if rnd.done:  # already resolved (e.g. its deadline passed while this fold ran)
+            self._log("fold_failed_after_round_end", js, round=rnd.number, error=repr(error))
+            self._pump(js)
+            return
         rnd.done = True
         self._log("round_failed", js, round=rnd.number, error=repr(error))
+        self.buffered_bytes -= rnd.pending_bytes
+        rnd.pending, rnd.pending_bytes = [], 0
         rnd.future.set_exception(error)
         self._round_finished(js, rnd)
 

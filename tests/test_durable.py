@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import jitkernels as jk
-from scheduler import Crashed, JITScheduler, StateDir, StateDirLocked, VirtualClock
+from scheduler import Crashed, JITScheduler, Job, StateDir, StateDirLocked, VirtualClock
 
 import crash_workload as cw
 
@@ -289,3 +289,36 @@ def test_recovery_restores_the_arrival_predictor(tmp_path):
         assert got[p][0] == rest[0] and got[p][0] > 0  # responses seen
         np.testing.assert_allclose(got[p][1:3], rest[1:3])
     again.close()
+
+
+def test_a_resend_after_a_failed_write_writes_it_again(tmp_path):
+    """A write that fails (a full disk) fails the Ack's ``durable``; the resend (same update_id) shows that failure
+    instead of claiming the update is on disk, and once the disk takes writes again a resend writes it: the
+    recovered scheduler then has it, exactly once."""
+    full = [True]
+
+    def hook(point):
+        if full[0] and point == "update.begin":
+            raise OSError(28, "No space left on device")
+
+    tmpl = {"w": np.zeros(4, np.float32)}
+    job = Job("j", template=tmpl, parties=["a", "b"], quorum=2, rounds=1, deterministic=True)
+    sched = _sched(tmp_path, crash_hook=hook)
+    sched.add_job(job)
+    upd = {"w": np.ones(4, np.float32)}
+    first = sched.submit("j", 0, "a", upd, update_id="a0")
+    with pytest.raises(OSError, match="No space"):
+        first.durable.result(timeout=10)
+    again = sched.submit("j", 0, "a", upd, update_id="a0")
+    assert again.duplicate
+    with pytest.raises(OSError, match="No space"):
+        again.durable.result(timeout=10)
+    full[0] = False
+    third = sched.submit("j", 0, "a", upd, update_id="a0")
+    assert third.duplicate and third.durable.result(timeout=10)
+    sched.close()
+    rec = JITScheduler.recover(tmp_path, [job], policy="eager", slots=1, clock=VirtualClock(), checkpoint_bytes=0)
+    rec.submit("j", 0, "b", {"w": np.full(4, 3.0, np.float32)}, update_id="b0")
+    rec.clock.run()
+    assert np.array_equal(rec.result("j", 0).result(timeout=10)["w"], np.full(4, 2.0))
+    rec.close()

@@ -7,7 +7,8 @@ import pytest
 
 import jitkernels as jk
 from scheduler import (Backpressure, BackendCost, CostModel, JITScheduler, Job, LateUpdate, QuorumUnreachable,
-                       UnknownParty, VirtualClock)
+                       SchedulerClosed, UnknownParty, VirtualClock)
+from scheduler.executors import ModelExecutor, _call
 
 # fold(n) = (n * 4000 + 8000) / 1e6 s; finalize = 8000 / 1e6 s; start-up 1 s
 COST = CostModel(backends={"cpu": BackendCost(1e6, 0.0)}, startup_s=1.0)
@@ -115,6 +116,91 @@ def test_late_updates_can_go_to_the_next_round():
     clk.run()
     assert sched.jobs["a"].rounds[1].members == ["c"]
     assert any(d["event"] == "late_to_next_round" for d in sched.decisions)
+
+
+def test_membership_is_decided_at_submit_so_an_accepted_update_is_never_dropped():
+    """Three submits before the event loop runs, quorum 2: the third is refused at once (it used to be accepted and
+    then dropped as late when the loop saw the quorum); under late='next_round' it is acknowledged for round 1, at
+    the late weight, and a second update of that party for round 1 is refused rather than counted twice."""
+    t = {"w": np.zeros(4, np.float32)}
+    s = JITScheduler("eager", clock=VirtualClock())
+    s.add_job(Job("j", template=t, parties=list("abc"), quorum=2, rounds=2))
+    acks = [s.submit("j", 0, p, {"w": np.full(4, i + 1, np.float32)}) for i, p in enumerate("ab")]
+    with pytest.raises(LateUpdate, match="round 0 is closed.*'c'"):
+        s.submit("j", 0, "c", {"w": np.ones(4, np.float32)})
+    s.clock.run()
+    assert all(a.accepted for a in acks) and np.array_equal(s.result("j", 0).result()["w"], np.full(4, 1.5))
+
+    s = JITScheduler("eager", clock=VirtualClock())
+    s.add_job(Job("j", template=t, parties=list("abc"), quorum=2, rounds=2, late="next_round", late_weight=0.5))
+    for p in "ab":
+        s.submit("j", 0, p, {"w": np.ones(4, np.float32)})
+    ack = s.submit("j", 0, "c", {"w": np.full(4, 3.0, np.float32)}, weight=2.0, update_id="c0")
+    assert ack.round == 1 and s.jobs["j"].rounds[1].admitted == 1
+    assert s.submit("j", 0, "c", {"w": np.full(4, 3.0, np.float32)}, weight=2.0, update_id="c0").duplicate
+    with pytest.raises(jk.DuplicateParty, match="round 1"):
+        s.submit("j", 1, "c", {"w": np.ones(4, np.float32)})
+    s.submit("j", 1, "a", {"w": np.zeros(4, np.float32)}, weight=1.0)
+    s.clock.run()
+    assert s.jobs["j"].rounds[1].members == ["c", "a"]
+    assert np.array_equal(s.result("j", 1).result()["w"], np.full(4, 1.5))  # (1.0 * 3 + 1 * 0) / 2
+
+
+def test_updates_for_rounds_that_are_over_are_refused():
+    s = JITScheduler("eager", clock=VirtualClock())
+    s.add_job(Job("j", template={"w": np.zeros(2, np.float32)}, parties=list("ab"), quorum=1, rounds=2,
+                  first_round=5))
+    with pytest.raises(LateUpdate, match="round 3: the round is over \\(round 5 is open\\)"):
+        s.submit("j", 3, "a", {"w": np.ones(2, np.float32)})
+    for r in (5, 6):
+        s.submit("j", r, "a", {"w": np.ones(2, np.float32)})
+        s.clock.run()
+    with pytest.raises(LateUpdate, match="the job has finished"):
+        s.submit("j", 7, "b", {"w": np.ones(2, np.float32)})
+    assert s.buffered_bytes == 0
+
+
+class _FailingFolds(ModelExecutor):
+    """Folds that fail after 10 s (e.g. a full disk under the checkpoint)."""
+
+    def fold_many(self, agg, items):
+        raise OSError("No space left on device")
+
+    def run(self, task, done):
+        _, r, e = _call(task)
+        self.clock.call_later(10.0, done, 10.0, r, e)
+
+
+def test_a_failed_fold_releases_its_bytes_and_a_late_failure_leaves_the_clock_running():
+    """A fold that fails resolves its round with the error and gives back the bytes it held; one that fails after
+    the round's deadline already resolved it is logged, not set twice (that raised out of the clock's loop)."""
+    clk = VirtualClock()
+    s = JITScheduler("eager", clock=clk, executor=_FailingFolds(clk))
+    s.add_job(Job("j", template={"w": np.zeros(4, np.float32)}, parties=["a", "b"], quorum=2, rounds=1,
+                  deadline_s=1.0))
+    s.submit("j", 0, "a", {"w": np.ones(4, np.float32)})
+    clk.run(until=20)
+    assert isinstance(s.result("j", 0).exception(), QuorumUnreachable)
+    assert any(d["event"] == "fold_failed_after_round_end" for d in s.decisions)
+    clk = VirtualClock()
+    s = JITScheduler("eager", clock=clk, executor=_FailingFolds(clk))
+    s.add_job(Job("j", template={"w": np.zeros(4, np.float32)}, parties=["a", "b"], quorum=2, rounds=1))
+    for p in "ab":
+        s.submit("j", 0, p, {"w": np.ones(4, np.float32)})
+    clk.run(until=30)
+    assert isinstance(s.result("j", 0).exception(), OSError) and s.buffered_bytes == 0
+
+
+def test_close_resolves_open_rounds_and_refuses_later_submits():
+    s = JITScheduler("jit")
+    s.add_job(Job("j", template={"w": np.zeros(2, np.float32)}, parties=list("ab"), quorum=2))
+    s.submit("j", 0, "a", {"w": np.ones(2, np.float32)})
+    fut = s.result("j", 0)
+    s.close()
+    with pytest.raises(SchedulerClosed, match="round 0"):
+        fut.result(timeout=5)
+    with pytest.raises(SchedulerClosed, match="'b'"):
+        s.submit("j", 0, "b", {"w": np.ones(2, np.float32)})
 
 
 def test_unreachable_quorum_resolves_with_a_typed_error_or_partial():
