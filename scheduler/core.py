@@ -66,6 +66,10 @@ class Backpressure(SchedulerError, RuntimeError):
     """Buffered bytes are over budget and cannot be folded fast enough (overflow rule 'raise')."""
 
 
+class RoundForgotten(SchedulerError, LookupError):
+    """A finished round older than the last ``keep_rounds``: its result is no longer held."""
+
+
 class SchedulerClosed(SchedulerError, RuntimeError):
     """The scheduler was closed: no more updates, and rounds still open resolve with this error."""
 
@@ -201,6 +205,7 @@ class _JobState:
             self.model_elems = job.model_elems
             self.update_bytes = job.update_bytes or 4 * job.model_elems
         self.seen: dict = {}  # (round, party) acknowledged -> its update id, for de-duplication
+        self.forgotten: int | None = None  # rounds up to this one are finished and no longer held
         self.fold_bytes = 0  # bytes folded since the last checkpoint
         self.spare = None  # an Aggregator to reuse for the next round
         # algorithms that close rounds (server optimizers, DP): the finished round's aggregator, whose state (model,
@@ -285,7 +290,7 @@ class JITScheduler:
     def __init__(self, policy="jit", slots: int = 1, *, clock=None, executor=None, cost: CostModel | None = None,
                  alpha: float = 0.05, oracle=None, byte_budget: int | None = None, overflow: str = "raise",
                  hysteresis_s: float = 1.0, decision_log: int = 100_000, state_dir=None, checkpoint_bytes=None,
-                 crash_hook=None):
+                 crash_hook=None, keep_rounds: int = 16):
         self.policy = _policies.make(policy, alpha=alpha, oracle=oracle)
         self.slots = int(slots)
         self.clock = clock if clock is not None else RealClock()
@@ -315,7 +320,11 @@ class JITScheduler:
         self.peak_buffered_bytes = 0
         self.occupancy = [(self.clock.now(), 0)]
         self._relieving = False  # (time, deployed aggregators) at every change
-        self.store = None if state_dir is None else StateDir(state_dir, crash_hook=crash_hook)
+        if keep_rounds < 1:
+            raise ValueError(f"keep_rounds must be >= 1, got {keep_rounds}")
+        self.keep_rounds = int(keep_rounds)
+        self.store = None if state_dir is None else StateDir(state_dir, crash_hook=crash_hook,
+                                                             keep_results=self.keep_rounds)
         self.checkpoint_bytes = checkpoint_bytes
 
     @classmethod
@@ -442,9 +451,14 @@ class JITScheduler:
         return Ack(job_id, round, party, True, durable)
 
     def result(self, job_id: str, round: int) -> Future:
-        """The future model of a round (resolves when it is finalized, or with its error)."""
+        """The future model of a round (resolves when it is finalized, or with its error). The last ``keep_rounds``
+        finished rounds are held; an older one raises :class:`RoundForgotten` (with a state directory, the
+        directory keeps as many)."""
         with self._lock:
             js = self._job(job_id)
+            if js.forgotten is not None and round <= js.forgotten and round not in js.rounds:
+                raise RoundForgotten(f"job {job_id!r} round {round}: finished, and no longer held (the scheduler "
+                                     f"keeps the last {self.keep_rounds} rounds' results: keep_rounds)")
             return self._round(js, round).future
 
     def drop_party(self, job_id: str, party) -> None:
@@ -837,6 +851,8 @@ class JITScheduler:
             rnd.done = True
             rnd.future.set_result(js.layout.unflatten(leaves))
             js.seen.update({(int(r), p): u for p, u in ids.items()})
+        if meta.get("results"):  # older rounds' results were let go (keep_rounds)
+            js.forgotten = min(map(int, meta["results"])) - 1
         if job.rounds is not None and first >= job.first_round + job.rounds:
             js.finished = True
             self._log("resumed", js, round=first, finished=True)
@@ -915,6 +931,7 @@ class JITScheduler:
         if rnd.timer is not None:
             rnd.timer.cancel()
         js.predictor.close_round(rnd.arrived, js.expected)
+        self._forget_old_rounds(js, rnd.number)
         nxt = rnd.number + 1
         last = js.job.rounds is not None and nxt >= js.job.first_round + js.job.rounds
         if last:
@@ -925,6 +942,19 @@ class JITScheduler:
                 self._release(js, "round done")
         if not last:
             self._open_round(js, nxt)
+
+    def _forget_old_rounds(self, js, latest: int) -> None:
+        """Drop finished rounds older than the last ``keep_rounds`` (their futures hold whole models: a long job
+        would hold every round's), with their de-duplication records (a resend for them is late). In batches, once
+        twice as many are held, so that the cost per round stays O(parties)."""
+        done = [n for n, r in js.rounds.items() if r.done and n <= latest - self.keep_rounds]
+        if len(done) < self.keep_rounds:
+            return
+        gone = set(done)
+        for n in gone:
+            del js.rounds[n]
+        js.seen = {k: v for k, v in js.seen.items() if k[0] not in gone}
+        js.forgotten = max(gone) if js.forgotten is None else max(js.forgotten, max(gone))
 
     def _log(self, event: str, js=None, **inputs) -> None:
         rec = {"t": self.clock.now(), "event": event, "job": js.job.id if js is not None else None, **inputs}

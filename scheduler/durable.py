@@ -108,8 +108,9 @@ class StateDir:
     ``<update|state|result|manifest>.<tmp_synced|renamed|dir_synced>`` and ``gc.<started|deleted>``; a hook that
     calls :meth:`die` and raises stops the directory there, as a crash would."""
 
-    def __init__(self, path, *, crash_hook=None):
+    def __init__(self, path, *, crash_hook=None, keep_results: int | None = None):
         self.path = os.path.abspath(os.fspath(path))
+        self.keep_results = keep_results  # finished rounds' results a job's manifest names (None: all)
         os.makedirs(self.path, exist_ok=True)
         self._lockf = open(os.path.join(self.path, "LOCK"), "a+")
         try:
@@ -246,8 +247,11 @@ class StateDir:
             self._write("result", rel, checked_writer(tensors, meta))
             jobs = dict(self.jobs)
             old = jobs.get(job, {})
+            results = {**old.get("results", {}), str(int(rnd)): rel}
+            if self.keep_results is not None:  # the older ones' files go at the next collection
+                results = dict(sorted(results.items(), key=lambda kv: int(kv[0]))[-self.keep_results:])
             jobs[job] = {"round": int(rnd) + 1, "state": None, "parties": [],
-                         "results": {**old.get("results", {}), str(int(rnd)): rel},
+                         "results": results,
                          "carry": carry_rel or old.get("carry"),
                          "predictor": predictor if predictor is not None else old.get("predictor")}
             self._commit(self.gen + 1, jobs)
@@ -317,6 +321,13 @@ class StateDir:
             for f in os.listdir(sdir):
                 if os.path.join("states", f) not in referenced:
                     self._delete(os.path.join(sdir, f))
+        named = {rel for jobs in (self.jobs, self.prev_jobs) for m in jobs.values()
+                 for rel in m.get("results", {}).values()}
+        rdir = os.path.join(self.path, "results")
+        if os.path.isdir(rdir):  # results past keep_results, named by neither retained generation
+            for f in os.listdir(rdir):
+                if f.endswith(".jkr") and os.path.join("results", f) not in named:
+                    self._delete(os.path.join(rdir, f))
         for job, m in self.prev_jobs.items():
             root = os.path.join(self.path, "updates", ident(job))
             if not os.path.isdir(root):
@@ -331,6 +342,11 @@ class StateDir:
                     if r in done or (cur is not None and r < cur) or (
                             r == cur and _key(unident(f[:-4])) in covered):
                         self._delete(os.path.join(root, rdir, f))
+                if (r in done or (cur is not None and r < cur)) and not os.listdir(os.path.join(root, rdir)):
+                    try:  # a finished round's emptied folder (unless a resend's write just arrived in it)
+                        os.rmdir(os.path.join(root, rdir))
+                    except OSError:
+                        pass
 
     def _delete(self, path: str) -> None:
         os.unlink(path)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import jitkernels as jk
-from scheduler import Crashed, JITScheduler, Job, StateDir, StateDirLocked, VirtualClock
+from scheduler import Crashed, JITScheduler, Job, LateUpdate, RoundForgotten, StateDir, StateDirLocked, VirtualClock
 
 import crash_workload as cw
 
@@ -321,4 +321,35 @@ def test_a_resend_after_a_failed_write_writes_it_again(tmp_path):
     rec.submit("j", 0, "b", {"w": np.full(4, 3.0, np.float32)}, update_id="b0")
     rec.clock.run()
     assert np.array_equal(rec.result("j", 0).result(timeout=10)["w"], np.full(4, 2.0))
+    rec.close()
+
+
+def test_old_rounds_are_let_go_in_memory_and_on_disk(tmp_path):
+    """A long job holds the last keep_rounds rounds' results, not every round's model: older futures and their
+    de-duplication records go, and the state directory keeps as many result files (plus the previous generation's)
+    and no emptied update folders. After a restart the kept results are there; older ones say they are gone."""
+    tmpl = {"w": np.zeros(4, np.float32)}
+    job = Job("j", template=tmpl, parties=["a"], quorum=1, rounds=12, deterministic=True)
+    sched = _sched(tmp_path, keep_rounds=2)
+    sched.add_job(job)
+    for r in range(12):
+        sched.submit("j", r, "a", {"w": np.full(4, float(r), np.float32)}, update_id=f"a{r}")
+        sched.clock.run()
+    js = sched.jobs["j"]
+    assert len(js.rounds) <= 2 * 2 + 1 and all(k[0] in js.rounds for k in js.seen)
+    assert np.array_equal(sched.result("j", 11).result(timeout=10)["w"], np.full(4, 11.0))
+    with pytest.raises(RoundForgotten, match="round 0"):
+        sched.result("j", 0)
+    with pytest.raises(LateUpdate, match="round 0"):  # a resend for a forgotten round is late, never re-counted
+        sched.submit("j", 0, "a", {"w": np.ones(4, np.float32)}, update_id="a0")
+    sched.close()
+    results = os.listdir(tmp_path / "results")
+    assert len(results) <= 3, results
+    # only the last round's folder can remain: the previous generation still covers its update until the next commit
+    assert set(os.listdir(tmp_path / "updates" / os.listdir(tmp_path / "updates")[0])) <= {"11"}
+    rec = JITScheduler.recover(tmp_path, [job], policy="eager", slots=1, clock=VirtualClock(), checkpoint_bytes=0,
+                               keep_rounds=2)
+    assert np.array_equal(rec.result("j", 10).result(timeout=10)["w"], np.full(4, 10.0))
+    with pytest.raises(RoundForgotten):
+        rec.result("j", 3)
     rec.close()
