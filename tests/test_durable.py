@@ -353,3 +353,47 @@ def test_old_rounds_are_let_go_in_memory_and_on_disk(tmp_path):
     with pytest.raises(RoundForgotten):
         rec.result("j", 3)
     rec.close()
+
+
+def test_a_round_that_fails_mid_fold_hands_on_its_server_state_not_the_busy_aggregator(tmp_path):
+    """FedAdam with a deadline that passes while a (slow) fold of the round runs: the next round starts from a copy
+    of the server state (the fold keeps its own aggregator: resetting it would wait for the fold, holding the
+    scheduler's loop, and the fold's checkpoint would then commit the reset state as the failed round's), and the
+    failed round is not committed. Round 1 equals a first round from the same model, bit for bit."""
+    import threading
+
+    from scheduler import QuorumUnreachable, RealClock
+    from scheduler.executors import LocalExecutor
+
+    started = threading.Event()
+
+    class SlowFolds(LocalExecutor):
+        def fold_many(self, agg, items):
+            started.set()
+            time.sleep(0.6)
+            super().fold_many(agg, items)
+
+    tmpl = {"w": np.zeros(8, np.float32)}
+    alg = jk.algorithms.FedAdam(lr=0.1)
+    ups = {p: {"w": np.full(8, v, np.float32)} for p, v in (("a", 1.0), ("b", 3.0))}
+    clk = RealClock()
+    sched = JITScheduler("eager", clock=clk, executor=SlowFolds(clk, 1), state_dir=tmp_path, checkpoint_bytes=0)
+    sched.add_job(Job("j", template=tmpl, parties=["a", "b"], quorum=2, rounds=2, deadline_s=0.3, algorithm=alg,
+                      deterministic=True))
+    sched.submit("j", 0, "a", ups["a"])
+    assert started.wait(5)
+    with pytest.raises(QuorumUnreachable):
+        sched.result("j", 0).result(timeout=5)
+    for p in "ab":
+        sched.submit("j", 1, p, ups[p])
+    got = sched.result("j", 1).result(timeout=10)
+    sched.close()
+    assert not any("-r0-" in f for f in os.listdir(tmp_path / "states"))
+
+    ref = JITScheduler("eager", clock=VirtualClock())
+    ref.add_job(Job("j", template=tmpl, parties=["a", "b"], quorum=2, rounds=1, algorithm=jk.algorithms.FedAdam(lr=0.1),
+                    deterministic=True))
+    for p in "ab":
+        ref.submit("j", 0, p, ups[p])
+    ref.clock.run()
+    assert got["w"].tobytes() == ref.result("j", 0).result()["w"].tobytes()
