@@ -429,7 +429,8 @@ class JITScheduler:
                     self._relieving = True
                     self.clock.call_soon_threadsafe(self._relieve_pressure)
                 if self.overflow == "raise" or item is None:
-                    raise Backpressure(f"{self.buffered_bytes} bytes are buffered, at the budget of "
+                    raise Backpressure(f"job {job_id!r} round {round}: update from {party!r} not taken: "
+                                       f"{self.buffered_bytes} bytes are buffered, at the budget of "
                                        f"{self.byte_budget}; retry once the forced fold has drained them")
                 spill = True
             js.seen[key] = update_id
@@ -917,6 +918,8 @@ class JITScheduler:
             return
         rnd.done = True
         self._log("round_failed", js, round=rnd.number, error=repr(error))
+        if hasattr(error, "add_note"):  # the error keeps its type; the note says where it happened
+            error.add_note(f"while folding job {js.job.id!r} round {rnd.number}")
         self.buffered_bytes -= rnd.pending_bytes
         rnd.pending, rnd.pending_bytes = [], 0
         rnd.future.set_exception(error)
