@@ -468,6 +468,8 @@ class JITScheduler:
             js = self._job(job_id)
             if party in js.expected:
                 js.drop_expected(party)
+                if self.store is not None and js.layout is not None:
+                    self.store.commit_dropped(job_id, party)
             self.clock.call_soon_threadsafe(self._check_reachable, js)
 
     def metrics(self) -> dict:
@@ -619,8 +621,20 @@ class JITScheduler:
         rnd.done = True
         self.buffered_bytes -= rnd.pending_bytes
         rnd.pending, rnd.pending_bytes = [], 0
-        rnd.future.set_exception(QuorumUnreachable(f"job {js.job.id!r} round {rnd.number}: {why}"))
+        error = QuorumUnreachable(f"job {js.job.id!r} round {rnd.number}: {why}")
+        self._commit_failure(js, rnd, error)
+        rnd.future.set_exception(error)
         self._round_finished(js, rnd)
+
+    def _commit_failure(self, js, rnd, error) -> None:
+        """With a state directory, record that the round ended with ``error`` (a restart then moves past it)."""
+        if self.store is None or js.layout is None:
+            return
+        try:
+            self.store.commit_failure(js.job.id, rnd.number, error, predictor=js.predictor.to_json())
+        except Exception:  # the round has ended in memory either way; a restart would reopen it
+            log.exception("job %r round %d: could not record its failure in %s", js.job.id, rnd.number,
+                          self.store.path)
 
     # --- internals: planning and slots ---------------------------------------------------------------------------
     def _plan(self, js) -> None:
@@ -855,8 +869,18 @@ class JITScheduler:
             rnd.done = True
             rnd.future.set_result(js.layout.unflatten(leaves))
             js.seen.update({(int(r), p): u for p, u in ids.items()})
-        if meta.get("results"):  # older rounds' results were let go (keep_rounds)
-            js.forgotten = min(map(int, meta["results"])) - 1
+        for r, (kind, message) in meta.get("failed", {}).items():  # rounds that ended with an error
+            rnd = self._round(js, int(r))
+            rnd.done = True
+            rnd.future.set_exception(QuorumUnreachable(message) if kind == "QuorumUnreachable" else
+                                     SchedulerError(f"job {job.id!r} round {r} failed before the restart: {kind}: "
+                                                    f"{message}"))
+        ended = [int(r) for key in ("results", "failed") for r in meta.get(key, {})]
+        if ended:  # older rounds' results were let go (keep_rounds)
+            js.forgotten = min(ended) - 1
+        for p in meta.get("dropped", []):  # parties that left (drop_party) are not waited for
+            if p in js.expected:
+                js.drop_expected(p)
         if job.rounds is not None and first >= job.first_round + job.rounds:
             js.finished = True
             self._log("resumed", js, round=first, finished=True)
@@ -920,6 +944,7 @@ class JITScheduler:
         self._log("round_failed", js, round=rnd.number, error=repr(error))
         if hasattr(error, "add_note"):  # the error keeps its type; the note says where it happened
             error.add_note(f"while folding job {js.job.id!r} round {rnd.number}")
+        self._commit_failure(js, rnd, error)
         self.buffered_bytes -= rnd.pending_bytes
         rnd.pending, rnd.pending_bytes = [], 0
         rnd.future.set_exception(error)

@@ -222,11 +222,8 @@ class StateDir:
             rel = os.path.join("states", f"{ident(job)}-r{int(rnd)}-g{gen}.jks")
             self._write("state", rel, state.writer())
             jobs = dict(self.jobs)
-            old = jobs.get(job, {})
-            jobs[job] = {"round": int(rnd), "state": rel,
-                         "parties": [[p, update_ids.get(p)] for p in state.parties],
-                         "results": old.get("results", {}), "carry": old.get("carry"),
-                         "predictor": old.get("predictor")}
+            jobs[job] = {**jobs.get(job, {}), "round": int(rnd), "state": rel,
+                         "parties": [[p, update_ids.get(p)] for p in state.parties]}
             self._commit(gen, jobs)
 
     def commit_result(self, job, rnd: int, layout: jk.Layout, leaves, update_ids: dict,
@@ -247,14 +244,39 @@ class StateDir:
             self._write("result", rel, checked_writer(tensors, meta))
             jobs = dict(self.jobs)
             old = jobs.get(job, {})
-            results = {**old.get("results", {}), str(int(rnd)): rel}
-            if self.keep_results is not None:  # the older ones' files go at the next collection
-                results = dict(sorted(results.items(), key=lambda kv: int(kv[0]))[-self.keep_results:])
-            jobs[job] = {"round": int(rnd) + 1, "state": None, "parties": [],
-                         "results": results,
+            jobs[job] = {**old, "round": int(rnd) + 1, "state": None, "parties": [],
+                         "results": self._recent({**old.get("results", {}), str(int(rnd)): rel}),
                          "carry": carry_rel or old.get("carry"),
                          "predictor": predictor if predictor is not None else old.get("predictor")}
             self._commit(self.gen + 1, jobs)
+
+    def commit_failure(self, job, rnd: int, error: BaseException, predictor: list | None = None) -> None:
+        """Commit a round that ended with an error (unreachable quorum, failed fold): the job moves on to the next
+        round, which starts from the same carry; a restart resolves the round with the error again instead of
+        reopening it (its updates are collected with the next generation)."""
+        with self._lock:
+            jobs = dict(self.jobs)
+            old = jobs.get(job, {})
+            failed = {**old.get("failed", {}), str(int(rnd)): [type(error).__name__, str(error)]}
+            jobs[job] = {**old, "round": int(rnd) + 1, "state": None, "parties": [], "failed": self._recent(failed),
+                         "predictor": predictor if predictor is not None else old.get("predictor")}
+            self._commit(self.gen + 1, jobs)
+
+    def commit_dropped(self, job, party) -> None:
+        """Commit that ``party`` left ``job`` (``JITScheduler.drop_party``): a restart does not wait for it."""
+        with self._lock:
+            jobs = dict(self.jobs)
+            old = jobs.get(job, {})
+            if _key(party) in {_key(p) for p in old.get("dropped", [])}:
+                return
+            jobs[job] = {**old, "dropped": [*old.get("dropped", []), party]}
+            self._commit(self.gen + 1, jobs)
+
+    def _recent(self, by_round: dict) -> dict:
+        """The last ``keep_results`` entries of a {round: ...} map (older result files go at the next collection)."""
+        if self.keep_results is None:
+            return by_round
+        return dict(sorted(by_round.items(), key=lambda kv: int(kv[0]))[-self.keep_results:])
 
     def load_result(self, rel: str, layout: jk.Layout) -> tuple:
         """(model leaves, {party: update id}) of a committed round."""

@@ -397,3 +397,31 @@ def test_a_round_that_fails_mid_fold_hands_on_its_server_state_not_the_busy_aggr
         ref.submit("j", 0, p, ups[p])
     ref.clock.run()
     assert got["w"].tobytes() == ref.result("j", 0).result()["w"].tobytes()
+
+
+def test_failed_rounds_and_dropped_parties_survive_a_restart(tmp_path):
+    """A round that ended unreachable is committed as failed: a restart resolves it with the same error and goes on
+    with the next round (it used to reopen it, and without a deadline wait forever); a party dropped before the
+    restart is not waited for after it."""
+    from scheduler import QuorumUnreachable
+
+    tmpl = {"w": np.zeros(4, np.float32)}
+    job = Job("j", template=tmpl, parties=["a", "b", "c"], quorum=2, rounds=3, deadline_s=5.0, deterministic=True)
+    sched = _sched(tmp_path)
+    sched.add_job(job)
+    sched.submit("j", 0, "a", {"w": np.ones(4, np.float32)})
+    sched.clock.run(until=7.0)  # round 0's deadline passed at 5 s; round 1's is at 10 s
+    with pytest.raises(QuorumUnreachable, match="deadline"):
+        sched.result("j", 0).result(timeout=1)
+    sched.drop_party("j", "c")
+    sched.clock.run(until=7.5)
+    sched.close()
+    rec = JITScheduler.recover(tmp_path, [job], policy="eager", slots=1, clock=VirtualClock(), checkpoint_bytes=0)
+    with pytest.raises(QuorumUnreachable, match="deadline"):
+        rec.result("j", 0).result(timeout=1)
+    assert rec.jobs["j"].open.number == 1 and "c" not in rec.jobs["j"].expected
+    for p, v in (("a", 1.0), ("b", 3.0)):
+        rec.submit("j", 1, p, {"w": np.full(4, v, np.float32)})
+    rec.clock.run(until=2.0)
+    assert np.array_equal(rec.result("j", 1).result(timeout=1)["w"], np.full(4, 2.0))
+    rec.close()
