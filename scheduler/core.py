@@ -589,8 +589,12 @@ class JITScheduler:
             self._log("late_to_next_round", js, round=rnd.number, party=party)
             js.seen[(nxt, party)] = None
             self._round(js, nxt).admitted += 1
+            weight = weight * js.job.late_weight
+            if self.store is not None and item is not None and not isinstance(item, _Spilled):
+                # written again under the round it now counts for: the ended round's files go with it
+                self.store.persist_update(js.job.id, nxt, party, None, weight, item.leaves, js.layout.fingerprint)
             self.buffered_bytes += nbytes
-            self._on_arrival(js, nxt, party, item, nbytes, weight * js.job.late_weight)
+            self._on_arrival(js, nxt, party, item, nbytes, weight)
         else:  # rejected, or no round to carry it to (the job's last round, or the party sent one there already)
             self._log("late_rejected", js, round=rnd.number, party=party)
 
