@@ -6,9 +6,9 @@ admission stats pass runs outside the lock (it only reads the update); the party
 
 from __future__ import annotations
 
-import itertools
 import math
 import threading
+import uuid
 
 import numpy as np
 
@@ -96,7 +96,6 @@ class Aggregator:
         self.partial = bool(partial)
         self.copy = bool(copy)
         self._lock = threading.RLock()
-        self._anon = itertools.count()
         self.layout = _state.layout if _state is not None else (
             template if isinstance(template, Layout) else Layout.from_template(template))
         self.backend = backends.requested(backend)
@@ -175,9 +174,9 @@ class Aggregator:
     def admit_many(self, updates, weights=None, parties=None, infos=None) -> list:
         k = len(updates)
         parties = [None] * k if parties is None else list(parties)
-        parties = [f"anon-{next(self._anon)}" if p is None else _check_party(p) for p in parties]
+        parties = [_anonymous() if p is None else _check_party(p) for p in parties]
         self._check_parties(parties)
-        infos = [self.algorithm.check_info(i or {}, p) for i, p in zip(infos or [None] * k, parties)]
+        infos = [self.algorithm.check_info(i or {}, p) for i, p in zip(_per_update(infos, k, "infos"), parties)]
         st = self.state
         admitted = admit_many(updates, self.layout, weights=weights, parties=parties, base=st.base,
                               host_base=st.host_base(), backend=self.backend, acc_dtype=self.acc_dtype,
@@ -243,9 +242,9 @@ class Aggregator:
     def _admit_and_fold(self, updates, weights, parties, infos) -> None:
         k = len(updates)
         parties = [None] * k if parties is None else list(parties)
-        parties = [f"anon-{next(self._anon)}" if p is None else _check_party(p) for p in parties]
+        parties = [_anonymous() if p is None else _check_party(p) for p in parties]
         self._check_parties(parties)
-        infos = [self.algorithm.check_info(i or {}, p) for i, p in zip(infos or [None] * k, parties)]
+        infos = [self.algorithm.check_info(i or {}, p) for i, p in zip(_per_update(infos, k, "infos"), parties)]
         prep = admission.prepare(updates, self.layout, weights=weights, parties=parties, backend=self.backend,
                                  copy=self.copy, partial=self.partial)
         if any(prep.on_device):
@@ -517,3 +516,19 @@ class Aggregator:
                 old.opt = {k: a.copy() for k, a in old.opt.items()}
                 old.base = old.base.copy()
             return old
+
+
+def _anonymous() -> str:
+    """A party id for an update given without one: unique across aggregators and processes (a per-aggregator
+    counter made two workers' "anon-0" collide when their states were merged)."""
+    return f"anon-{uuid.uuid4().hex}"
+
+
+def _per_update(values, k: int, what: str) -> list:
+    """``values`` as a list of k (None: k Nones); a list of another length is refused, not cut short by zip."""
+    if values is None:
+        return [None] * k
+    values = list(values)
+    if len(values) != k:
+        raise ValueError(f"{k} updates but {len(values)} {what}")
+    return values

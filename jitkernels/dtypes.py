@@ -6,6 +6,7 @@ read in place through ``tensor.view(torch.int16).numpy().view(bfloat16)``.
 
 from __future__ import annotations
 
+import operator
 import sys
 from dataclasses import dataclass
 
@@ -89,9 +90,15 @@ class Quantized:
         q = np.asarray(self.values)
         if q.dtype != np.int8:
             raise TypeError(f"Quantized.values must be int8, got {q.dtype}")
+        q = np.ascontiguousarray(q)  # the kernels read the values from their first byte on, in order
         s = np.ascontiguousarray(np.asarray(self.scale, dtype=np.float32).reshape(-1))
         n = q.size
         block = self.block
+        if block is not None:
+            try:
+                block = operator.index(block)
+            except TypeError:
+                raise TypeError(f"Quantized: block must be an integer, got {block!r}") from None
         if block is None or s.size == 1:
             block = max(n, 1)
             if s.size != 1:

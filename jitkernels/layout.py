@@ -18,7 +18,8 @@ from functools import cached_property
 import numpy as np
 
 from .device import DeviceLeaf, device_leaf, is_device_array, leaf_to, leaf_to_cupy
-from .dtypes import Quantized, dtype_name, is_float_name, is_torch_tensor, numpy_to_torch, torch_to_numpy
+from .dtypes import (Quantized, dtype_name, is_float_name, is_torch_tensor, np_dtype, numpy_to_torch,
+                     torch_to_numpy)
 from .errors import LayoutMismatch
 
 
@@ -189,8 +190,9 @@ class Layout:
         td = self.treedef
         if td["t"] != "dict" or any(c["t"] != "leaf" for c in td["c"]):
             return None
-        return [(k, leaf.shape, None if leaf.dtype == "bfloat16" else np.dtype(leaf.dtype))
-                for k, leaf in zip(td["k"], self.leaves)]
+        # bfloat16 as ml_dtypes' numpy dtype: a None here compared equal to float64 (numpy's dtype == None is
+        # float64), and a float64 array passed for a bf16 leaf, its bytes read as bf16
+        return [(k, leaf.shape, np_dtype(leaf.dtype)) for k, leaf in zip(td["k"], self.leaves)]
 
     def unflatten(self, arrays):
         """Rebuild the template's container from leaf arrays (numpy, or device leaves), as the template's array

@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 
 import numpy as np
 
@@ -75,6 +76,12 @@ class FoldState:
             self.lo = None
         if self.acc.shape != (layout.size,) or self.acc.dtype != np.dtype(self.acc_dtype):
             raise ValueError(f"accumulator must be {self.acc_dtype}[{layout.size}], got {self.acc.dtype}{self.acc.shape}")
+        # every array the kernels index by the layout: a wrong shape would be read out of bounds
+        for name, arr, dt, n in (("base", self.base, self.acc_dtype, layout.size),
+                                 ("lo", self.lo, "float64", layout.size),
+                                 ("leaf_weight", self.leaf_weight, "float64", len(layout))):
+            if arr is not None and (arr.shape != (n,) or arr.dtype != np.dtype(dt)):
+                raise ValueError(f"{name} must be {dt}[{n}], got {arr.dtype}{arr.shape}")
         for k, arr in (self.opt or {}).items():
             if k not in ("m", "v") or arr.shape != (layout.size,) or arr.dtype != np.dtype(self.acc_dtype):
                 raise ValueError(f"optimizer state {k!r} must be {self.acc_dtype}[{layout.size}], got "
@@ -271,7 +278,10 @@ class FoldState:
         try:
             layout = Layout.from_json(json.loads(meta["layout"]))
             algorithm = json.loads(meta["algorithm"])
-            parties = {_check_party(p): float(w) for p, w in json.loads(meta["parties"])}
+            pairs = json.loads(meta["parties"])
+            parties = {_check_party(p): float(w) for p, w in pairs}
+            if len(parties) != len(pairs):
+                raise ValueError("a party is listed twice")
             info = {_check_party(p): {k: float(x) for k, x in v.items()} for p, v in json.loads(meta.get("info", "[]"))}
             opt = {k[4:]: np.array(a) for k, a in tensors.items() if k.startswith("opt_")}
             return cls(layout, algorithm=algorithm, acc_dtype=meta["acc_dtype"], acc=np.array(tensors["acc"]),
@@ -281,7 +291,7 @@ class FoldState:
                        round=int(meta.get("round", "0")), closed=meta.get("closed", "0") == "1",
                        scalars=json.loads(meta.get("scalars", "{}")),
                        store=_store_from(tensors, meta, layout))
-        except (KeyError, ValueError, TypeError) as e:
+        except (KeyError, ValueError, TypeError, AttributeError) as e:
             raise CorruptState(f"{path}: inconsistent state ({e})") from e
 
 
@@ -357,7 +367,7 @@ def read_checked_bytes(data: bytes, what: str = "buffer") -> tuple:
         n = int.from_bytes(bytes(data[:8]), "little")
         meta = dict(json.loads(bytes(data[8:8 + n])).get("__metadata__") or {})
         tensors = load(bytes(data))
-    except (SafetensorError, ValueError, UnicodeDecodeError) as e:
+    except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError, TypeError) as e:
         raise CorruptState(f"not a readable {what} ({e})") from e
     expected = meta.pop("checksum", None)
     if expected is None or _checksum(tensors, meta) != expected:
@@ -384,8 +394,10 @@ def atomic_write(path: str, data, *, on_step=None) -> None:
     scheduler's crash tests stop the protocol there. An exception from it propagates without cleanup, as a crash
     would leave things (a temp file, say: the next open collects it)."""
     d = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # the name is ours from here on
+    # a fresh exclusive name: a pid alone collided with a dead process's leftover (pid 1 again in a container) and
+    # with a second thread saving the same path
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
+    os.fchmod(fd, 0o644)
     try:
         if callable(data):
             os.close(fd)

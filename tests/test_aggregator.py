@@ -257,3 +257,43 @@ def test_leaf_entries_fast_path_equals_the_per_leaf_one():
     mixed = lay.flatten({**upd, "a": q})
     got, = admission.leaf_entries(lay, [mixed])
     assert got[0, 0] == leaf_entry(q)[0] and got[0, 2] != 0  # the int8 code and its scales' address
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_float64_array_is_not_taken_for_a_bfloat16_leaf(backend):
+    """A flat dict's fast path compared the leaf dtype with None for bf16 leaves, which numpy took as float64: a
+    float64 array passed, its bytes read as bf16."""
+    agg = jk.Aggregator({"w": np.zeros(4, bfloat16)}, backend=backend)
+    with pytest.raises(jk.LayoutMismatch, match="leaf 'w'.*float64.*bfloat16"):
+        agg.fold({"w": np.arange(4, dtype=np.float64)}, party="p")
+    assert agg.state.count == 0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_quantized_values_from_a_strided_view(backend):
+    """The kernels read int8 values from their first byte on: a strided view is made contiguous by Quantized."""
+    q = np.arange(32, dtype=np.int8)[::2]
+    agg = jk.Aggregator({"w": np.zeros(16, np.float32)}, backend=backend)
+    agg.fold({"w": jk.Quantized(q, np.float32(1.0))}, party="p")
+    np.testing.assert_array_equal(agg.finalize()["w"], q.astype(np.float32))
+    with pytest.raises(TypeError, match="block must be an integer"):
+        jk.Quantized(q, np.ones(2, np.float32), block=8.5)
+
+
+def test_per_update_lists_of_another_length_are_refused():
+    agg = jk.Aggregator({"w": np.zeros(4, np.float32)}, backend="numpy")
+    ups = [{"w": np.ones(4, np.float32)}] * 3
+    with pytest.raises(ValueError, match="3 updates but 1 infos"):
+        agg.fold_many(ups, [1, 2, 3], ["a", "b", "c"], infos=[{}])
+    assert agg.state.count == 0
+
+
+def test_anonymous_parties_of_two_aggregators_merge():
+    """Updates folded without a party id get ids unique across aggregators (a per-aggregator counter made two
+    workers' anonymous updates collide on merge)."""
+    t = {"w": np.zeros(4, np.float32)}
+    a, b = jk.Aggregator(t, backend="numpy"), jk.Aggregator(t, backend="numpy")
+    a.fold({"w": np.ones(4, np.float32)})
+    b.fold({"w": np.full(4, 3.0, np.float32)})
+    a.merge(b)
+    assert a.state.count == 2 and np.array_equal(a.finalize()["w"], np.full(4, 2.0))

@@ -194,3 +194,27 @@ def test_checked_writer_writes_the_bytes_of_checked_bytes(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         atomic_write(str(tmp_path / "c"), broken)
     assert not (tmp_path / "c").exists() and not any(is_temp_file(p.name) for p in tmp_path.iterdir())
+
+
+def test_a_checksummed_state_with_arrays_of_the_wrong_shape_is_refused():
+    """A file whose checksum matches but whose base (or leaf weights) does not fit its layout is CorruptState: the
+    kernels would index it by the layout, out of bounds."""
+    from jitkernels.state import FoldState, checked_bytes, read_checked_bytes
+
+    agg = jk.Aggregator({"w": np.zeros(8, np.float32)}, backend="numpy", base={"w": np.zeros(8, np.float32)})
+    agg.fold({"w": np.ones(8, np.float32)}, party="p")
+    tensors, meta = read_checked_bytes(agg.state.to_bytes())
+    for name in ("base", "leaf_weight"):
+        bad = dict(tensors, **{name: tensors[name][:0].copy()})
+        with pytest.raises(jk.CorruptState, match=name):
+            FoldState.from_bytes(checked_bytes(bad, meta))
+    with pytest.raises(jk.CorruptState):
+        FoldState.from_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00[1,2]")
+
+
+def test_atomic_write_is_not_blocked_by_a_leftover_temp_file(tmp_path):
+    """A temp file a dead process left with our pid's name (pid 1 again in a container) no longer blocks a write."""
+    path = tmp_path / "s.jks"
+    (tmp_path / f".s.jks.{os.getpid()}.tmp").write_bytes(b"left by a crash")
+    atomic_write(str(path), b"new")
+    assert path.read_bytes() == b"new"
