@@ -44,7 +44,7 @@ class Admitted:
     norm: float
     maxabs: float
     nbytes: int
-    against_base: bool = False
+    against_base: object = False  # its norms are deltas against a base (an Aggregator marks which one)
     on_device: bool = False  # its leaves are in GPU memory (CuPy arrays / torch CUDA tensors)
     info: dict = field(default_factory=dict)  # per-update values the algorithm reads (steps, staleness), checked
 
@@ -182,15 +182,23 @@ def prepare(updates, layout, *, weights=None, parties=None, backend="auto", copy
     return Prepared(ws, parties, leaves_list, leaf_entries(layout, leaves_list), on_device)
 
 
-def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, against_base=False) -> list:
+def headroom(acc_dtype) -> float:
+    """The largest ``weight * max|x|`` a fold may add: the accumulator's range, less room for 2^20 such terms."""
+    return float(np.finfo(np.dtype(acc_dtype)).max) * HEADROOM
+
+
+def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, against_base=False,
+          fold_weights=None) -> list:
     """Admitted updates from their stats ([L, k] non-finite counts, sums of squares, max-abs), or the error of the
-    first bad one (in order). ``bound`` (deterministic mode) caps ``weight * max|x|``."""
+    first bad one (in order). ``bound`` (deterministic mode) caps ``weight * max|x|``; with ``fold_weights`` (the
+    algorithm's, e.g. FedNova's w / steps) the headroom is checked against those, which the fold multiplies by."""
     nonfinite, sumsq, maxabs = stats
-    limit = float(np.finfo(np.dtype(acc_dtype)).max) * HEADROOM if bound is None else float(bound)
+    limit = headroom(acc_dtype) if bound is None else float(bound)
     # every update at once (a Python loop of numpy calls per update was most of admitting small updates); the
     # first bad update in order raises, non-finite before out of range, as one by one
     peak = maxabs.max(axis=0, initial=0.0)
-    bad = nonfinite.any(axis=0) | (np.asarray(prep.weights, np.float64) * peak > limit)
+    scale = np.asarray(prep.weights if fold_weights is None else fold_weights, np.float64)
+    bad = nonfinite.any(axis=0) | ~(scale * peak <= limit)
     if bad.any():
         j = int(np.argmax(bad))
         party = prep.parties[j]
@@ -201,7 +209,7 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
         worst = int(np.argmax(maxabs[:, j]))
         raise ValueOutOfRange(
             f"party {party!r}: leaf {layout.leaves[worst].name!r} has |x| = {peak[j]:.6g}, "
-            f"which times weight {prep.weights[j]:.6g} exceeds {limit:.6g} ({what})")
+            f"which times weight {scale[j]:.6g} exceeds {limit:.6g} ({what})")
     # per update, the sum over leaves in the order a column's own .sum() takes (pairwise): the same bits as before
     norms = np.sqrt(np.ascontiguousarray(sumsq.T).sum(axis=1)).tolist()
     maxes = peak.tolist()

@@ -96,6 +96,9 @@ class Aggregator:
         self.partial = bool(partial)
         self.copy = bool(copy)
         self._lock = threading.RLock()
+        # which base the admission stats of an Admitted were measured against (renewed by reset(), which may change
+        # the base): clipping must not use a delta norm taken against another round's model
+        self._base_token = object()
         self.layout = _state.layout if _state is not None else (
             template if isinstance(template, Layout) else Layout.from_template(template))
         self.backend = backends.requested(backend)
@@ -128,6 +131,8 @@ class Aggregator:
     @classmethod
     def from_state(cls, state: FoldState, *, backend=None, partial=False, copy=False) -> "Aggregator":
         """Resume from a (loaded) state: later folds continue it (its algorithm, mode and bound come with it)."""
+        if partial and (state.deterministic or state.store is not None):
+            raise ValueError("partial updates are not supported by deterministic mode or buffered (robust) rules")
         return cls(state.layout, _algorithms.from_params(state.algorithm), backend=backend, partial=partial,
                    copy=copy, int_leaves=state.algorithm.get("int_leaves", "mean"), _state=state)
 
@@ -185,6 +190,8 @@ class Aggregator:
                               bound=2.0 ** st.bound_log2 if st.deterministic else (math.inf if self.buffered else None))
         for a, i in zip(admitted, infos):
             a.info = i
+            if a.against_base:
+                a.against_base = self._base_token
         return admitted
 
     def _check_parties(self, parties):
@@ -264,7 +271,7 @@ class Aggregator:
             for g in groups.values():
                 admission.add_stats(stats, g.leaf_ids, *cpp.fold_stats(st.acc, st.base, g))
             admitted = admission.check(prep, self.layout, stats, acc_dtype=self.acc_dtype,
-                                       against_base=st.base is not None)
+                                       against_base=st.base is not None, fold_weights=fold_w)
         except BaseException:
             st.acc.fill(0)  # the state was empty: all zeros
             raise
@@ -279,6 +286,12 @@ class Aggregator:
                 raise LayoutMismatch(f"admitted against layout {u.layout_fingerprint}, this aggregator's is {fp}",
                                      party=u.party)
         self._check_parties([u.party for u in admitted])
+        if not self.partial:  # an Admitted made elsewhere (jk.admit(..., partial=True)) may lack leaves
+            for u in admitted:
+                missing = np.flatnonzero(~u.present)
+                if missing.size:
+                    raise LayoutMismatch("the update lacks this leaf and the aggregator takes whole updates "
+                                         "(partial=False)", leaf=self.layout.leaves[missing[0]].name, party=u.party)
         if st.closed:
             raise RoundClosed("finalize closed this round (a server step or DP noise); reset() to start the next")
         for u in admitted:  # an Admitted made elsewhere (jk.admit) was not checked against this algorithm
@@ -288,7 +301,7 @@ class Aggregator:
             raise LayoutMismatch(f"the update is in GPU memory; this aggregator's backend {self.backend!r} reads "
                                  f"host memory (use backend='cupy')", party=admitted[int(np.argmax(on_device))].party)
         if st.base is not None and getattr(alg, "needs_norms", False):
-            self._norms_against_base([u for u in admitted if not u.against_base])
+            self._norms_against_base([u for u in admitted if u.against_base is not self._base_token])
         fold_w = [float(alg.fold_weight(u, st)) for u in admitted]
         if self.buffered:
             self._buffer(admitted)
@@ -297,14 +310,16 @@ class Aggregator:
         groups, int_rows, carried = build_groups(self.layout, [u.entries for u in admitted],
                                                  [u.leaves for u in admitted], fold_w, device=on_device)
         deterministic = st.deterministic
-        if deterministic:
-            bound = 2.0 ** st.bound_log2
-            for u, w in zip(admitted, fold_w):  # an Admitted made elsewhere was not checked against the bound
-                if w * u.maxabs > bound:
-                    raise ValueOutOfRange(f"party {u.party!r}: weight * max|x| = {w * u.maxabs:.6g} exceeds the "
-                                          f"deterministic bound {bound:.6g}")
+        # admission checked the raw weight against its own limit: the fold multiplies by the algorithm's weight
+        bound, what = (2.0 ** st.bound_log2, "the deterministic bound") if deterministic else (
+            admission.headroom(self.acc_dtype), f"the {self.acc_dtype} accumulator's headroom")
+        for u, w in zip(admitted, fold_w):
+            if not w * u.maxabs <= bound:
+                raise ValueOutOfRange(f"party {u.party!r}: fold weight * max|x| = {w * u.maxabs:.6g} exceeds "
+                                      f"{bound:.6g} ({what})")
+        mods = {name: backends.choose(self.backend, name) for name in groups}  # all refusals before any fold
         for name, g in groups.items():
-            mod = backends.choose(self.backend, name)
+            mod = mods[name]
             if deterministic:
                 mod.fold_binned(st.acc, st.lo, st.base, g, st.bound_log2)
             else:
@@ -312,13 +327,19 @@ class Aggregator:
         self._record(admitted, int_rows, carried)
 
     def _buffer(self, admitted) -> None:
-        """Copy a batch into the store, all or nothing: whatever could refuse a row (capacity, the byte budget) is
-        checked for the whole batch first; the values were validated at admission."""
+        """Copy a batch into the store, all or nothing: room (capacity, the byte budget) is checked for the whole
+        batch first, and a row refused partway (a value out of the store dtype's range) takes the batch's rows back
+        out."""
         store = self.state.store
-        k = len(store) + len(admitted)
-        store.check_room(k, party=admitted[-1].party)
-        for u in admitted:
-            store.add(list(u.leaves), u.party)
+        k0 = len(store)
+        store.check_room(k0 + len(admitted), party=admitted[-1].party)
+        names = [leaf.name for leaf in self.layout.leaves]  # so that a refusal names the leaf
+        try:
+            for u in admitted:
+                store.add(dict(zip(names, u.leaves)), u.party)
+        except BaseException:  # a value the store's dtype cannot hold, a leaf it cannot take: no row of the batch
+            store.truncate(k0)
+            raise
 
     def _norms_against_base(self, admitted) -> None:
         """Delta norms for updates admitted without this state's base (jk.admit, a scheduler buffering for a later
@@ -330,7 +351,8 @@ class Aggregator:
             self.layout, [u.leaves for u in admitted], base=st.base, host_base=st.host_base(), backend=self.backend,
             acc_dtype=self.acc_dtype, on_device=[u.on_device for u in admitted], entries=[u.entries for u in admitted])
         for j, u in enumerate(admitted):
-            u.norm, u.maxabs, u.against_base = float(math.sqrt(sumsq[:, j].sum())), float(maxabs[:, j].max()), True
+            u.norm, u.maxabs = float(math.sqrt(sumsq[:, j].sum())), float(maxabs[:, j].max())
+            u.against_base = self._base_token
 
     def _record(self, admitted, int_rows, carried) -> None:
         """After the float fold: integer leaves, per-leaf masses (``carried[i, j]``: update j carries leaf i), the
@@ -367,9 +389,13 @@ class Aggregator:
 
     def merge(self, other) -> None:
         """Merge another Aggregator's or a FoldState's aggregate into this one (refuses shared parties)."""
-        other_state = other.state if isinstance(other, Aggregator) else other
+        if isinstance(other, Aggregator):  # both locked (in a fixed order): a fold into other must not tear it
+            first, second = sorted((self, other), key=id)
+            with first._lock, second._lock:
+                self.state.merge_into(other.state)
+            return
         with self._lock:
-            self.state.merge_into(other_state)
+            self.state.merge_into(other)
 
     # --- finalize ------------------------------------------------------------------------------------------------
     def finalize(self, output: str = "model", *, out=None):
@@ -495,6 +521,7 @@ class Aggregator:
         ``base`` given here replaces the model. The returned state holds copies of them.
         """
         with self._lock:
+            self._base_token = object()
             old = self.state
             flat_base = old.base if base is None else self._flat(base, old.acc_dtype)
             if reuse:

@@ -90,7 +90,8 @@ class Quantized:
         q = np.asarray(self.values)
         if q.dtype != np.int8:
             raise TypeError(f"Quantized.values must be int8, got {q.dtype}")
-        q = np.ascontiguousarray(q)  # the kernels read the values from their first byte on, in order
+        if not q.flags.c_contiguous:  # the kernels read the values from their first byte on, in order
+            q = np.ascontiguousarray(q)  # (not for a 0-d array: it would come back 1-d)
         s = np.ascontiguousarray(np.asarray(self.scale, dtype=np.float32).reshape(-1))
         n = q.size
         block = self.block

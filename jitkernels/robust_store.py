@@ -412,6 +412,15 @@ class UpdateStore:
             self._slab[:len(self._parties)] = 0
         self._parties, self._index = [], {}
 
+    def truncate(self, k: int) -> None:
+        """Drop the rows from ``k`` on (zeroed again, as :meth:`add` expects a free row): undoes the adds of a
+        batch that failed partway."""
+        if k < len(self._parties):
+            self._slab[k:len(self._parties)] = 0
+            for p in self._parties[k:]:
+                del self._index[p]
+            del self._parties[k:]
+
     def close(self) -> None:
         """Release the slab (and remove the spill file). The store is empty afterwards."""
         self._slab = np.zeros((0, self.n), _STORAGE[self.dtype])

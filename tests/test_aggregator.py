@@ -297,3 +297,50 @@ def test_anonymous_parties_of_two_aggregators_merge():
     b.fold({"w": np.full(4, 3.0, np.float32)})
     a.merge(b)
     assert a.state.count == 2 and np.array_equal(a.finalize()["w"], np.full(4, 2.0))
+
+
+def test_clipping_measures_an_update_admitted_in_an_earlier_round_against_the_new_base():
+    """An Admitted carries norms measured against the base of its round: after reset(base=...) they are taken again
+    (DP clipping used the stale norm: a delta of norm 200 went in at clip_norm 1)."""
+    t = {"w": np.zeros(4, np.float32)}
+    agg = jk.Aggregator(t, jk.algorithms.DPFixedClipping(clip_norm=1.0, noise_multiplier=0.0, seed=0),
+                        base={"w": np.zeros(4, np.float32)})
+    adm = agg.admit({"w": np.full(4, 0.1, np.float32)}, 1.0, "late")
+    agg.fold({"w": np.full(4, 0.1, np.float32)}, 1.0, "p0")
+    agg.finalize()
+    agg.reset(base={"w": np.full(4, -100.0, np.float32)})
+    agg.fold(adm)
+    assert np.linalg.norm(agg.finalize()["w"] + 100.0) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_a_rejection_found_by_the_fold_leaves_the_state_as_it_was():
+    """Refusals the fold finds (a backend that cannot run a leaf's dtype, a fold weight that would overflow the
+    accumulator, a leaf missing from an Admitted, a value the robust store's dtype cannot hold) come before any
+    bit of the state changes."""
+    t = {"a": np.zeros(4, np.float32), "h": np.zeros(4, np.float16)}
+    agg = jk.Aggregator(t, backend="numba")
+    adm = jk.admit({"a": np.ones(4, np.float32), "h": np.ones(4, np.float16)}, agg.layout, party="p")
+    with pytest.raises(jk.BackendUnavailable, match="float16"):
+        agg.fold(adm)
+    assert not agg.state.acc.any() and agg.state.count == 0
+
+    nova = jk.Aggregator({"w": np.zeros(4, np.float32)}, "fednova", base={"w": np.zeros(4, np.float32)})
+    nova.fold({"w": np.ones(4, np.float32)}, 10.0, "good", steps=5)
+    before = nova.state.acc.copy()
+    with pytest.raises(jk.ValueOutOfRange, match="'evil'.*fold weight"):
+        nova.fold({"w": np.full(4, 100.0, np.float32)}, 10.0, "evil", steps=1e-40)
+    assert nova.state.acc.tobytes() == before.tobytes() and nova.state.count == 1
+
+    two = {"a": np.zeros(2, np.float32), "b": np.zeros(2, np.float32)}
+    whole = jk.Aggregator(two, backend="numpy")
+    with pytest.raises(jk.LayoutMismatch, match="leaf 'b'"):
+        whole.fold(jk.admit({"a": np.ones(2, np.float32)}, whole.layout, party="p", partial=True))
+    assert whole.state.count == 0
+
+    from jitkernels.robust import FedMedian
+    med = jk.Aggregator({"w": np.zeros(4, np.float32)}, FedMedian(slab_dtype="float16"))
+    with pytest.raises(jk.ValueOutOfRange, match="'b'"):
+        med.fold_many([{"w": np.ones(4, np.float32)}, {"w": np.full(4, 1e5, np.float32)}], [1, 1], ["a", "b"])
+    assert med.state.store.parties == () and med.state.count == 0
+    med.fold({"w": np.ones(4, np.float32)}, 1.0, "a")  # "a" is not left half-recorded
+    assert med.state.store.parties == ("a",)
