@@ -62,6 +62,8 @@ class FedMedian(_Buffered):
     reads, N writes, in cache-blocked tiles with a sorting network per tile (``robust_coord``).
     """
 
+    uses_weights = False  # the rule ignores the parties' weights (Flower's too)
+
     name = "fedmedian"
 
     def aggregate(self, store, weights, base=None):
@@ -78,6 +80,8 @@ class FedTrimmedAvg(_Buffered):
     (the :math:`c` largest and smallest values of each coordinate cut, as ``scipy.stats.trim_mean`` and Flower do),
     summed in float64 in ascending order. Unweighted. One pass over the slab.
     """
+
+    uses_weights = False  # the rule ignores the parties' weights (Flower's too)
 
     name = "fedtrimmedavg"
 
@@ -136,6 +140,8 @@ class Bulyan(_Buffered):
     The iterated Krum runs on one distance matrix (the Gram pass), not on the data again; the coordinate step is a
     sorting network per cache-sized tile over the selected rows. Unweighted. Needs k >= 4f + 3.
     """
+
+    uses_weights = False  # the rule ignores the parties' weights (Flower's too)
 
     name = "bulyan"
 

@@ -99,6 +99,17 @@ class LocalExecutor(_InPlace):
         jk.set_num_threads(self._old_threads)
 
 
+def _task_cpus() -> int:
+    """The CPUs Ray assigned this task (Ray leaves an OMP_NUM_THREADS that was set before it started, so that
+    variable may not say), at least 1."""
+    try:
+        import ray
+
+        return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+    except Exception:  # outside a Ray task
+        return 1
+
+
 def _fold_partial(spec: dict, base, updates: list, weights: list, parties: list, infos: list) -> bytes:
     """A Ray task: fold a share of a round's updates into an empty partial state; return it as checksummed bytes
     (without the base, which the caller holds). Kernel threads follow the CPUs Ray gave the task (it sets
@@ -111,7 +122,7 @@ def _fold_partial(spec: dict, base, updates: list, weights: list, parties: list,
             pass
         else:
             os._exit(1)
-    jk.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
+    jk.set_num_threads(_task_cpus())
     layout = jk.Layout.from_json(spec["layout"])
     state = jk.FoldState(layout, algorithm=spec["algorithm"], acc_dtype=spec["acc_dtype"], base=base,
                          round=spec["round"], scalars=spec["scalars"])
@@ -129,8 +140,10 @@ class RayExecutor(LocalExecutor):
     scheduler's bookkeeping stay in this process.
 
     Connect to a cluster with ``ray.init(address=...)`` before creating it (else a local Ray is started with
-    ``ray_init`` arguments). ``cpus_per_task`` is the Ray resource request of each fold task; Ray sets the task's
-    ``OMP_NUM_THREADS`` to it, and the kernels use that many threads.
+    ``ray_init`` arguments). ``cpus_per_task`` is the Ray resource request of each fold task, and the kernels use
+    that many threads (the CPUs Ray assigned the task). A request no node can meet is refused here (Ray would wait
+    for one forever). Partial updates and buffered (robust) rules are folded in this process: the first need their
+    masks shipped, the second a slab.
     """
 
     def __init__(self, clock, slots: int, *, workers: int = 2, cpus_per_task: int = 1, max_retries: int = 3,
@@ -139,13 +152,17 @@ class RayExecutor(LocalExecutor):
 
         if not ray.is_initialized():
             ray.init(**ray_init)
+        most = max((n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+        if cpus_per_task > most:
+            raise ValueError(f"cpus_per_task={cpus_per_task}, but no Ray node has more than {most:g} CPUs: its tasks "
+                             "would wait forever")
         super().__init__(clock, slots, kernel_threads)
         self.workers = max(1, int(workers))
         self._ray = ray
         self._task = ray.remote(num_cpus=cpus_per_task, max_retries=max_retries)(_fold_partial)
 
     def fold_many(self, agg, items) -> None:
-        if agg.partial:  # partial updates (absent leaves) are folded here: shipping them needs their masks too
+        if agg.partial or agg.buffered or not items:  # see the class docstring
             return super().fold_many(agg, items)
         ray, st = self._ray, agg.state
         spec = {"layout": st.layout.to_json(), "algorithm": st.algorithm, "acc_dtype": st.acc_dtype,

@@ -128,3 +128,49 @@ def test_robust_strategy_equals_flowers(name):
         for g, w in zip(got, want):
             np.testing.assert_allclose(g, w.astype(np.float32), rtol=1e-6, atol=1e-6)
             assert np.abs(g - x0[0 if g.ndim == 2 else 1]).max() < 5  # the attacker did not get in
+
+
+def _same_round(theirs, ours, r, results):
+    p_t, _ = theirs.aggregate_fit(r, results, [])
+    p_o, _ = ours.aggregate_fit(r, results, [])
+    return p_t, p_o
+
+
+def test_rules_that_ignore_weights_keep_results_with_zero_examples():
+    """Flower's FedMedian and FedTrimmedAvg count every result whatever its num_examples; so do ours now (they
+    used to drop num_examples == 0 and returned another median)."""
+    vals = [0.0, 1.0, 2.0, 10.0, 11.0]
+    results = [(_Proxy(f"c{j}"), _fit_res([np.full(4, v, np.float32)], 0 if j == 0 else 10))
+               for j, v in enumerate(vals)]
+    for name, kw in (("FedMedian", {}), ("FedTrimmedAvg", {"beta": 0.2})):
+        p_t, p_o = _same_round(getattr(fl, name)(**kw), getattr(jkfl, name)(**kw), 1, results)
+        np.testing.assert_allclose(parameters_to_ndarrays(p_o)[0], parameters_to_ndarrays(p_t)[0], rtol=1e-6)
+
+
+def test_server_optimizers_after_a_round_without_a_model():
+    """FedAvgM whose first round has no weighing result keeps its initial model and goes on; FedAdam's bias
+    correction counts Flower's server rounds, also after a round that returned no model."""
+    x0 = [np.zeros(4, np.float32)]
+    zero = [(_Proxy("c0"), _fit_res([np.full(4, 10.0, np.float32)], 0))]
+    ours = jkfl.FedAvgM(initial_parameters=ndarrays_to_parameters(x0), server_learning_rate=0.5, server_momentum=0.0)
+    assert ours.aggregate_fit(1, zero, [])[0] is None
+    p, _ = ours.aggregate_fit(2, [(_Proxy("c1"), _fit_res([np.full(4, 2.0, np.float32)], 5))], [])
+    np.testing.assert_allclose(parameters_to_ndarrays(p)[0], np.full(4, 1.0))  # x0 + 0.5 * (2 - 0)
+
+    theirs = fl.FedAdam(initial_parameters=ndarrays_to_parameters(x0), eta=0.1, tau=1e-3)
+    ours = jkfl.FedAdam(initial_parameters=ndarrays_to_parameters(x0), eta=0.1, tau=1e-3)
+    one = [(_Proxy("c1"), _fit_res([np.full(4, 1.0, np.float32)], 5))]
+    for r in (1, 3):  # round 2 returned no model (e.g. every client failed)
+        p_t, p_o = _same_round(theirs, ours, r, one)
+        np.testing.assert_allclose(parameters_to_ndarrays(p_o)[0], parameters_to_ndarrays(p_t)[0], rtol=1e-5)
+
+
+def test_parameters_arrays_are_refused_unless_they_average_and_views_stay_valid():
+    with pytest.raises(jkfl.LayoutMismatch, match="complex64"):
+        jkfl.ndarray_view(ndarrays_to_parameters([np.ones(2, np.complex64)]).tensors[0], party="a", index=0)
+    view = jkfl.ndarray_view(bytearray(ndarrays_to_parameters([np.ones(3, np.float32)]).tensors[0]))
+    assert not view.flags.writeable
+    tensors, arrays = jkfl.parameters_buffers([((4,), np.float32)])
+    arrays[0][:] = 7.0
+    del tensors  # the arrays keep the bytes they view alive
+    np.testing.assert_array_equal(arrays[0], np.full(4, 7.0))

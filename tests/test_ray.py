@@ -67,3 +67,18 @@ def test_a_scheduler_job_runs_its_rounds_on_ray(executor):
     got = [sched.result("crash-job", r).result(timeout=120) for r in range(cw.ROUNDS)]
     want = cw.expected(alg="fedadam")
     assert all(g[n].tobytes() == w[n].tobytes() for g, w in zip(got, want) for n in w)
+
+
+def test_buffered_rules_and_impossible_requests(executor):
+    """Robust (buffered) rules fold in the driver, as partial updates do (their worker states had no slab and
+    failed); a cpus_per_task no node has is refused at once (its tasks would wait forever)."""
+    from jitkernels import robust as R
+
+    for alg in (R.FedMedian(), R.Krum(f=1, m=1)):
+        loc, rem = jk.Aggregator(cw.template(), alg), jk.Aggregator(cw.template(), alg)
+        loc.fold_many(_batch(loc))
+        executor.fold_many(rem, _batch(rem))
+        a, b = loc.finalize(), rem.finalize()
+        assert all(np.array_equal(a[n], b[n]) for n in a)
+    with pytest.raises(ValueError, match="cpus_per_task=64"):
+        RayExecutor(RealClock(), slots=1, cpus_per_task=64)

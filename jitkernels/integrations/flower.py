@@ -16,12 +16,12 @@ sampling, configuration, evaluation) is Flower's. Their results equal Flower's w
 deliberate differences: integer arrays are averaged (Flower's ``aggregate_inplace`` zeroes them); float16 models are
 accumulated in float32 (Flower's ``aggregate`` overflows); results keep the model's dtype (Flower's FedAdam returns
 float64, a NEP 50 promotion); deltas are folded as ``u - x`` (Flower forms the average, then subtracts, which turns
-rounding into steps); clients that report ``num_examples == 0`` are left out (they weigh nothing in Flower either).
+rounding into steps); clients that report ``num_examples == 0`` are left out of weighted rules (they weigh nothing in
+Flower either) and kept by the rules that ignore weights (median, trimmed mean), as Flower keeps them.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import io
 import logging
@@ -49,6 +49,8 @@ def ndarray_view(buf: bytes, *, party=None, index: int | None = None) -> np.ndar
     if bytes(mv[:6]) != _MAGIC or len(mv) < 10:
         raise LayoutMismatch("not a .npy serialized array", leaf=where, party=party)
     major = mv[6]
+    if major not in (1, 2, 3):
+        raise LayoutMismatch(f".npy format version {major} is not one of 1-3", leaf=where, party=party)
     hlen_size = 2 if major == 1 else 4
     if len(mv) < 8 + hlen_size:
         raise LayoutMismatch("truncated .npy header", leaf=where, party=party)
@@ -56,11 +58,17 @@ def ndarray_view(buf: bytes, *, party=None, index: int | None = None) -> np.ndar
     shape, fortran, dtype = _header(bytes(mv[:start]), where, party)
     if dtype.hasobject:
         raise LayoutMismatch("object arrays are refused (they would need unpickling)", leaf=where, party=party)
+    if dtype.kind not in "fiub" or dtype.subdtype is not None:  # complex, datetime, structured, subarray
+        raise LayoutMismatch(f"dtype {dtype} cannot be averaged here (float, integer or bool arrays only)",
+                             leaf=where, party=party)
+    if any(not isinstance(d, int) or d < 0 for d in shape):
+        raise LayoutMismatch(f"bad shape {shape!r} in the .npy header", leaf=where, party=party)
     count = int(np.prod(shape, dtype=np.int64))
     if len(mv) - start != count * dtype.itemsize:
         raise LayoutMismatch(f"{len(mv) - start} data bytes for {dtype}{tuple(shape)} ({count * dtype.itemsize})",
                              leaf=where, party=party)
     flat = np.frombuffer(buf, dtype=dtype, count=count, offset=start)
+    flat.flags.writeable = False  # a bytearray would give a writable view into memory its owner may reuse
     return flat.reshape(shape, order="F" if fortran else "C")
 
 
@@ -110,11 +118,20 @@ def parameters_buffers(shapes_dtypes) -> tuple:
         head = _npy_header(shape, dt)
         n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
         b, addr = _core.new_bytes(len(head) + n)
-        raw = np.ctypeslib.as_array((ctypes.c_uint8 * (len(head) + n)).from_address(addr))
+        raw = np.asarray(_BytesData(b, addr, len(head) + n))  # the array's base keeps the bytes alive
         raw[:len(head)] = np.frombuffer(head, np.uint8)
         tensors.append(b)
         arrays.append(raw[len(head):].view(dt).reshape(shape))
     return tensors, arrays
+
+
+class _BytesData:
+    """The data of a ``bytes`` object as a writable uint8 array interface, holding the bytes: an array made from it
+    keeps them alive (a ctypes view from their address did not, and read freed memory once they were dropped)."""
+
+    def __init__(self, owner: bytes, addr: int, n: int):
+        self.owner = owner
+        self.__array_interface__ = {"data": (addr, False), "shape": (n,), "typestr": "|u1", "version": 3}
 
 
 class _Runner:
@@ -125,8 +142,12 @@ class _Runner:
         self.algorithm, self.backend = algorithm, backend
         self.agg = None
 
-    def fold_and_finalize(self, views, weights, parties, base=None):
-        """(bytes per leaf, the arrays viewing them) of the round's aggregate, or None when no update weighs."""
+    def fold_and_finalize(self, views, weights, parties, base=None, server_round=None):
+        """(bytes per leaf, the arrays viewing them) of the round's aggregate, or None when no update weighs.
+        ``server_round``: Flower's round number, which its adaptive optimizers' bias correction counts (not the
+        steps applied: a round that returned no model still counts there)."""
+        if not getattr(self.algorithm, "uses_weights", True):  # median & co.: Flower counts every result
+            weights = [w if w > 0 else 1.0 for w in weights]
         kept = [j for j, w in enumerate(weights) if w > 0]
         if len(kept) < len(weights):
             log.info("jitkernels: %d result(s) with weight 0 left out", len(weights) - len(kept))
@@ -138,17 +159,19 @@ class _Runner:
         elif self.agg.state.count or self.agg.state.closed:
             self.agg.reset(reuse=True)
         self.agg.fold_many([views[j] for j in kept], [float(weights[j]) for j in kept], [parties[j] for j in kept])
+        if server_round is not None and self.agg.state.opt is not None:
+            self.agg.state.round = int(server_round) - 1  # steps before this one, as Flower counts them
         tensors, arrays = parameters_buffers([(leaf.shape, np_dtype(leaf.dtype)) for leaf in self.agg.layout.leaves])
         self.agg.finalize(out=arrays)
         return tensors, arrays
 
-    def aggregate(self, results, base=None):
+    def aggregate(self, results, base=None, server_round=None):
         """Flower's strategy API: FitRes in, Parameters out."""
         from flwr.common import Parameters
 
         parties = [getattr(cp, "cid", None) or f"result-{i}" for i, (cp, _) in enumerate(results)]
         views = [ndarrays_from_parameters(fr.parameters, party=p) for (_, fr), p in zip(results, parties)]
-        out = self.fold_and_finalize(views, [fr.num_examples for _, fr in results], parties, base)
+        out = self.fold_and_finalize(views, [fr.num_examples for _, fr in results], parties, base, server_round)
         return None if out is None else Parameters(tensors=out[0], tensor_type="numpy.ndarray")
 
     @staticmethod
@@ -156,7 +179,7 @@ class _Runner:
         """The party ids :meth:`aggregate_records` gives the replies, in order."""
         return [f"reply-{i}" for i in range(n)]
 
-    def aggregate_records(self, contents, weight_key, base=None):
+    def aggregate_records(self, contents, weight_key, base=None, server_round=None):
         """Flower's Message API: the replies' RecordDicts (one ArrayRecord and one MetricRecord each, as Flower's
         strategies check) in, an ArrayRecord of the aggregate out (its Arrays' data are the new bytes)."""
         from flwr.app import Array, ArrayRecord
@@ -172,7 +195,7 @@ class _Runner:
                     raise LayoutMismatch(f"serialization {rec[n].stype!r}; expected 'numpy.ndarray'", leaf=n, party=p)
             views.append([ndarray_view(rec[n].data, party=p, index=n) for n in names])
         out = self.fold_and_finalize(views, weights, parties,
-                                     None if base is None else [np.array(base[n]) for n in names])
+                                     None if base is None else [np.array(base[n]) for n in names], server_round)
         if out is None:
             return None
         return ArrayRecord({n: Array(dtype=str(a.dtype), shape=tuple(a.shape), stype="numpy.ndarray", data=t)
@@ -234,14 +257,16 @@ def _strategies():
             if not self.server_opt:  # lr 1, momentum 0: plain FedAvg, as Flower does
                 return self._plain(results), _metrics(self, server_round, results)
             if self._jk is None:
+                self._jk = _Runner(A.FedAvgM(lr=self.server_learning_rate, momentum=self.server_momentum), self._backend)
+            if self._jk.agg is None:  # until a round has folded something, the model is the initial one
                 if self.initial_parameters is None:
                     raise ValueError("When using server-side optimization, model needs to be initialized.")
-                self._jk = _Runner(A.FedAvgM(lr=self.server_learning_rate, momentum=self.server_momentum), self._backend)
                 base = [np.array(a) for a in ndarrays_from_parameters(self.initial_parameters)]
                 params = self._jk.aggregate(results, base=base)
             else:
                 params = self._jk.aggregate(results)
-            self.initial_parameters = params
+            if params is not None:  # a round where no result weighed keeps the model
+                self.initial_parameters = params
             return params, _metrics(self, server_round, results)
 
         def _plain(self, results):
@@ -264,7 +289,7 @@ def _strategies():
                     return None, {}
                 first = self._jk.agg is None
                 params = self._jk.aggregate(results, base=[np.array(a) for a in self.current_weights] if first
-                                            else None)
+                                            else None, server_round=server_round)
                 if params is not None:
                     self.current_weights = ndarrays_from_parameters(params)
                 return params, _metrics(self, server_round, results)
@@ -335,7 +360,8 @@ def _message_strategies():
                 contents = [msg.content for msg in valid]
                 first = self._jk.agg is None  # later rounds continue from the model the last step produced
                 return (self._jk.aggregate_records(contents, self.weighted_by_key,
-                                                   base=self.current_arrays if first else None),
+                                                   base=self.current_arrays if first else None,
+                                                   server_round=server_round),
                         self.train_metrics_aggr_fn(contents, self.weighted_by_key))
 
         Strategy.__name__ = Strategy.__qualname__ = "Message" + flower_cls.__name__
