@@ -20,7 +20,7 @@ from .batch import ABSENT, build_groups, build_out_groups, stack_entries
 from .device import DeviceLeaf, empty_leaf, place, to_host
 from .dtypes import np_dtype
 from .backends import numpy_ref
-from .errors import DuplicateParty, EmptyAggregate, LayoutMismatch, RoundClosed, ValueOutOfRange
+from .errors import DuplicateParty, EmptyAggregate, LayoutMismatch, NonFiniteUpdate, RoundClosed, ValueOutOfRange
 from .layout import Layout
 from .state import FoldState, _check_party
 
@@ -152,6 +152,10 @@ class Aggregator:
     def _flat(self, tree, acc_dtype):
         leaves = self.layout.flatten(tree, party="<base>")
         flat = np.concatenate([np.asarray(to_host(a), dtype=acc_dtype).reshape(-1) for a in leaves])
+        if not np.isfinite(flat).all():  # else every later fold would be blamed on its party
+            bad = next(i for i, a in enumerate(leaves) if not np.isfinite(np.asarray(to_host(a), np.float64)).all())
+            count = int((~np.isfinite(np.asarray(to_host(leaves[bad]), np.float64))).sum())
+            raise NonFiniteUpdate("<base>", self.layout.leaves[bad].name, count)
         return place(flat, self.on_gpu)
 
     # --- properties ----------------------------------------------------------------------------------------------
@@ -431,12 +435,12 @@ class Aggregator:
             float_ids = [i for i, l in enumerate(self.layout.leaves) if l.is_float and st.leaf_weight[i] > 0]
             mod = backends.get(self.backend) if self.backend != "auto" else backends.choose("auto", "float32")
             # deterministic: every leaf is divided by the exactly rounded total weight (no partial updates there)
-            weights = np.full(len(self.layout), st.total_weight) if st.deterministic else st.leaf_weight
-            weights = weights * alg.divisor_scale(st)
+            mass = np.full(len(self.layout), st.total_weight) if st.deterministic else st.leaf_weight
+            weights = mass * alg.divisor_scale(st)  # the algorithm's scaling (FedBuff's server lr, FedNova's steps)
             if self.buffered:
                 return self._finalize_buffered(outs, out, base if output == "delta" else None)
-            if closing and alg.noise_std(st) > 0:
-                self._add_noise(alg.noise_std(st), weights, float_ids)
+            if closing and alg.noise_std(st) > 0:  # on the average delta, before that scaling, as the sum is
+                self._add_noise(alg.noise_std(st), mass, float_ids)
             acc = st.value()
             for og in build_out_groups(self.layout, float_ids, [outs[i] for i in float_ids], weights):
                 if not opt:
@@ -459,8 +463,8 @@ class Aggregator:
                 if leaf.is_float or st.leaf_weight[i] <= 0:
                     continue
                 a = to_host(acc[leaf.offset:leaf.offset + leaf.size]).astype(np.float64)
-                if st.algorithm.get("int_leaves", "mean") == "mean":
-                    a = np.rint(a / weights[i])
+                if st.algorithm.get("int_leaves", "mean") == "mean":  # the plain mass-weighted mean
+                    a = np.rint(a / mass[i])
                 _write(outs[i], a.reshape(leaf.shape).astype(outs[i].dtype))
             return out if out is not None else self.layout.unflatten(outs)
 

@@ -490,6 +490,10 @@ class DPFixedClipping(_DPClipping):
     average (``weighted=False``, the default here); with sample-count weights a party moves the average by up to
     :math:`w_j C / W`, which Flower's std (and this one) does not account for.
 
+    The noise goes on the average delta before the inner algorithm scales it (FedBuff's ``server_lr`` scales the
+    noise with the step, so the ratio to one party's reach stays ``sigma``). FedNova inside reweights parties by their
+    local steps: one party's reach is then not :math:`C / m`, and ``noise_multiplier`` must be calibrated for it.
+
     Caveats: floating-point noise is not exactly the Gaussian mechanism (see :mod:`jitkernels.noise`); the seed is
     saved with the state (which before finalize holds the un-noised aggregate anyway): protect state files; the
     privacy budget (epsilon, delta) is for an accountant such as Opacus' ``RDPAccountant``.
@@ -550,6 +554,8 @@ class DPAdaptiveClipping(_DPClipping):
         self.initial_clip_norm, self.target_quantile = float(initial_clip_norm), float(target_quantile)
         self.clip_norm_lr = float(clip_norm_lr)
         self.count_stddev = float(num_sampled / 20 if count_stddev is None else count_stddev)
+        if not (math.isfinite(self.count_stddev) and self.count_stddev >= 0):
+            raise ValueError(f"count_stddev must be finite and >= 0, got {count_stddev!r}")
         if self.noise_multiplier > 0:
             if not self.noise_multiplier < 2 * self.count_stddev:
                 raise ValueError(f"noise_multiplier {noise_multiplier} needs count_stddev > {noise_multiplier / 2} "

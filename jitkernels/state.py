@@ -184,6 +184,11 @@ class FoldState:
                 self.base is not None and self.base is not other.base
                 and not np.array_equal(to_host(self.base), to_host(other.base))):
             raise IncompatibleStates("states fold deltas against different bases")
+        if self.opt and other.opt:  # both carry a server optimizer's moments (a worker's partial state has none)
+            for k in self.opt.keys() | other.opt.keys():
+                a, b = self.opt.get(k), other.opt.get(k)
+                if a is None or b is None or (a is not b and not np.array_equal(to_host(a), to_host(b))):
+                    raise IncompatibleStates(f"states carry different server optimizer moments ({k!r})")
         shared = self.parties.keys() & other.parties.keys()
         if shared:
             raise OverlappingParties(shared)

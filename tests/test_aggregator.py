@@ -344,3 +344,21 @@ def test_a_rejection_found_by_the_fold_leaves_the_state_as_it_was():
     assert med.state.store.parties == () and med.state.count == 0
     med.fold({"w": np.ones(4, np.float32)}, 1.0, "a")  # "a" is not left half-recorded
     assert med.state.store.parties == ("a",)
+
+
+def test_a_non_finite_base_is_refused_where_it_is_given():
+    with pytest.raises(jk.NonFiniteUpdate, match="'<base>'.*leaf 'w'.*1 non-finite"):
+        jk.Aggregator({"w": np.zeros(4, np.float32)}, base={"w": np.array([np.nan, 0, 0, 0], np.float32)})
+    agg = jk.Aggregator({"w": np.zeros(4, np.float32)}, base={"w": np.zeros(4, np.float32)})
+    with pytest.raises(jk.NonFiniteUpdate, match="<base>"):
+        agg.reset(base={"w": np.full(4, np.inf, np.float32)})
+
+
+def test_states_with_different_server_moments_do_not_merge():
+    t = {"w": np.zeros(4, np.float32)}
+    a = jk.Aggregator(t, jk.algorithms.FedAdam(lr=0.1), base=t)
+    b = jk.Aggregator(t, jk.algorithms.FedAdam(lr=0.1), base=t)
+    b.state.opt["m"][:] = 1.0
+    a.fold({"w": np.ones(4, np.float32)}, party="x")
+    with pytest.raises(jk.IncompatibleStates, match="moments"):
+        a.merge(b)

@@ -459,3 +459,26 @@ def test_scaffold_moves_model_and_control_variate_in_one_fold(backend):
         bad = jk.Aggregator(x, A.SCAFFOLD(num_parties=N), base=x)
         bad.fold(ups[0]["model"], party=0)
         bad.finalize()
+
+
+def test_dp_noise_scales_with_the_inner_step_and_integer_leaves_average_plainly():
+    """DP noise goes on the average delta before the inner algorithm scales it (FedBuff's server_lr used to leave
+    the noise at sigma C / m while one party moved the model by lr C / m); integer leaves take the plain weighted
+    mean, not divided by the algorithm's scale (counters came out lr times too large)."""
+    import jitkernels as jk
+
+    n = 200_000
+    t = {"w": np.zeros(n, np.float32)}
+    for lr in (0.5, 4.0):
+        alg = jk.algorithms.DPFixedClipping(jk.algorithms.FedBuff(server_lr=lr), clip_norm=1.0,
+                                            noise_multiplier=1.0, num_sampled=1, seed=3)
+        agg = jk.Aggregator(t, alg, base=t)
+        agg.fold({"w": np.zeros(n, np.float32)}, 1.0, "p", staleness=0)
+        assert np.std(agg.finalize()["w"]) == pytest.approx(lr * 1.0, rel=0.02)
+    ints = {"f": np.zeros(2, np.float32), "nbt": np.zeros((), np.int64)}
+    agg = jk.Aggregator(ints, jk.algorithms.FedBuff(server_lr=2.0), base=ints)
+    for j, c in enumerate((100, 110, 120)):
+        agg.fold({"f": np.ones(2, np.float32), "nbt": np.array(c, np.int64)}, 1.0, f"p{j}", staleness=0)
+    assert int(agg.finalize()["nbt"]) == 110
+    with pytest.raises(ValueError, match="count_stddev"):
+        jk.algorithms.DPAdaptiveClipping(noise_multiplier=0.0, num_sampled=10, count_stddev=float("nan"))

@@ -17,7 +17,9 @@ deliberate differences: integer arrays are averaged (Flower's ``aggregate_inplac
 accumulated in float32 (Flower's ``aggregate`` overflows); results keep the model's dtype (Flower's FedAdam returns
 float64, a NEP 50 promotion); deltas are folded as ``u - x`` (Flower forms the average, then subtracts, which turns
 rounding into steps); clients that report ``num_examples == 0`` are left out of weighted rules (they weigh nothing in
-Flower either) and kept by the rules that ignore weights (median, trimmed mean), as Flower keeps them.
+Flower either) and kept by the rules that ignore weights (median, trimmed mean), as Flower keeps them. Krum needs
+k >= 2f + 3 results (:class:`~jitkernels.errors.TooFewUpdates` otherwise; Flower's runs with fewer, its scores then
+undefined) and, as a weighted rule (Multi-Krum averages by ``num_examples``), leaves ``num_examples == 0`` out.
 """
 
 from __future__ import annotations
@@ -58,9 +60,8 @@ def ndarray_view(buf: bytes, *, party=None, index: int | None = None) -> np.ndar
     shape, fortran, dtype = _header(bytes(mv[:start]), where, party)
     if dtype.hasobject:
         raise LayoutMismatch("object arrays are refused (they would need unpickling)", leaf=where, party=party)
-    if dtype.kind not in "fiub" or dtype.subdtype is not None:  # complex, datetime, structured, subarray
-        raise LayoutMismatch(f"dtype {dtype} cannot be averaged here (float, integer or bool arrays only)",
-                             leaf=where, party=party)
+    if dtype.subdtype is not None:  # np.load would return another shape than the header's
+        raise LayoutMismatch(f"subarray dtype {dtype} in the .npy header", leaf=where, party=party)
     if any(not isinstance(d, int) or d < 0 for d in shape):
         raise LayoutMismatch(f"bad shape {shape!r} in the .npy header", leaf=where, party=party)
     count = int(np.prod(shape, dtype=np.int64))
@@ -153,6 +154,11 @@ class _Runner:
             log.info("jitkernels: %d result(s) with weight 0 left out", len(weights) - len(kept))
         if not kept:
             return None
+        for j in kept:  # complex, datetime, structured: there is no average of those here (complex lost its part)
+            for i, v in enumerate(views[j]):
+                if v.dtype.kind not in "fiub":
+                    raise LayoutMismatch(f"dtype {v.dtype} cannot be averaged (float, integer or bool arrays only)",
+                                         leaf=f"array {i}", party=parties[j])
         if self.agg is None:
             tmpl = [np.empty(v.shape, v.dtype) for v in views[kept[0]]] if base is None else base
             self.agg = jk.Aggregator(tmpl, self.algorithm, backend=self.backend, base=base)
