@@ -438,7 +438,7 @@ class Aggregator:
             mass = np.full(len(self.layout), st.total_weight) if st.deterministic else st.leaf_weight
             weights = mass * alg.divisor_scale(st)  # the algorithm's scaling (FedBuff's server lr, FedNova's steps)
             if self.buffered:
-                return self._finalize_buffered(outs, out, base if output == "delta" else None)
+                return self._finalize_buffered(outs, out, st.base if output == "delta" else None)
             if closing and alg.noise_std(st) > 0:  # on the average delta, before that scaling, as the sum is
                 self._add_noise(alg.noise_std(st), mass, float_ids)
             acc = st.value()

@@ -25,12 +25,16 @@ class _Buffered(FedAvg):
     """Shared by buffered rules: the store's configuration, and the hooks the Aggregator calls."""
 
     buffered = True
+    slab_dtypes = None  # the slab dtypes the rule's kernels read (None: every one the store offers)
 
     def __init__(self, *, k_max: int = 4096, slab_dtype: str = "float32", budget_bytes: int | None = None,
                  over_budget: str = "refuse", spill_dir=None, weighted: bool = True):
         super().__init__(weighted=weighted)
         if over_budget not in ("refuse", "spill"):
             raise ValueError(f"over_budget must be 'refuse' or 'spill', got {over_budget!r}")
+        if self.slab_dtypes is not None and str(slab_dtype) not in self.slab_dtypes:  # not at finalize, after a round
+            raise ValueError(f"{type(self).__name__} reads {' or '.join(self.slab_dtypes)} slabs (its distances "
+                             f"come from the Gram kernels), not {slab_dtype}")
         self.k_max, self.slab_dtype = int(k_max), str(slab_dtype)
         self.budget_bytes, self.over_budget, self.spill_dir = budget_bytes, over_budget, spill_dir
 
@@ -104,14 +108,15 @@ class Krum(_Buffered):
     r"""Krum and Multi-Krum (Blanchard et al., 2017, "Machine Learning with Adversaries: Byzantine Tolerant Gradient
     Descent"; Flower's ``Krum``).
 
-    .. math::  s_i = \sum_{j \in N_i} \lVert u_i - u_j 
-Vert^2, \quad |N_i| = k - f - 2 	ext{ nearest}, \qquad
-               x = rac{\sum_{i \in S} w_i u_i}{\sum_{i \in S} w_i}, \ S = 	ext{the } m 	ext{ lowest scores}
+    .. math::  s_i = \sum_{j \in N_i} \lVert u_i - u_j \rVert^2, \quad |N_i| = k - f - 2 \text{ nearest}, \qquad
+               x = \frac{\sum_{i \in S} w_i u_i}{\sum_{i \in S} w_i}, \ S = \text{the } m \text{ lowest scores}
 
     (m = 1: Krum; weights by sample counts as Flower, or uniform with ``weighted=False``; ties to the earlier party).
     Distances come from the k x k Gram matrix of the centered rows, accumulated in float64 in one cache-blocked pass
     (``robust_gram.gram``), then one pass for the weighted sum of the selected rows. Needs k >= 2f + 3.
     """
+
+    slab_dtypes = ("float32", "float64")
 
     name = "krum"
 
@@ -134,12 +139,14 @@ Vert^2, \quad |N_i| = k - f - 2 	ext{ nearest}, \qquad
 
 class Bulyan(_Buffered):
     r"""Bulyan (El Mhamdi et al., 2018, "The Hidden Vulnerability of Distributed Learning in Byzantium"; Flower's
-    ``Bulyan``): :math:`	heta = k - 2f` rows chosen by iterated Krum, then per coordinate the mean of the
-    :math:`eta = 	heta - 2f` selected values closest to their median.
+    ``Bulyan``): :math:`\theta = k - 2f` rows chosen by iterated Krum, then per coordinate the mean of the
+    :math:`\beta = \theta - 2f` selected values closest to their median.
 
     The iterated Krum runs on one distance matrix (the Gram pass), not on the data again; the coordinate step is a
     sorting network per cache-sized tile over the selected rows. Unweighted. Needs k >= 4f + 3.
     """
+
+    slab_dtypes = ("float32", "float64")
 
     uses_weights = False  # the rule ignores the parties' weights (Flower's too)
 
@@ -164,19 +171,20 @@ class GeometricMedian(_Buffered):
     r"""Geometric median by Weiszfeld's iteration, as RFA (Pillutla, Kakade & Harchaoui, 2022, "Robust Aggregation
     for Federated Learning").
 
-    .. math::  x = rg\min_z \sum_j w_j \lVert z - u_j 
-Vert_2
+    .. math::  x = \arg\min_z \sum_j w_j \lVert z - u_j \rVert_2
 
     Iterated in k-space from the Gram matrix (:math:`z = \sum_j a_j u_j`, distances from :math:`a^T G a`), stopped
     when a step is below ``eps`` times a robust distance scale or after ``max_iter``; then one weighted sum: two
     passes over the slab whatever the iteration count.
     """
 
+    slab_dtypes = ("float32", "float64")
+
     name = "geometric_median"
 
     def __init__(self, *, eps: float = 1e-6, max_iter: int = 100, **store):
         super().__init__(**store)
-        if not (eps > 0 and int(max_iter) >= 1):
+        if not (math.isfinite(eps) and eps > 0 and int(max_iter) >= 1):
             raise ValueError(f"need eps > 0 and max_iter >= 1, got eps={eps!r}, max_iter={max_iter!r}")
         self.eps, self.max_iter = float(eps), int(max_iter)
 
@@ -193,17 +201,18 @@ Vert_2
 class CenteredClipping(_Buffered):
     r"""Centered clipping (Karimireddy, He & Jaggi, 2021, "Learning from History for Byzantine Robust
     Optimization"), centered at the base (the global model): :math:`v \leftarrow v + \sum_i \omega_i (u_i - v)
-    \min(1, 	au / \lVert u_i - v 
-Vert)`, ``iters`` times, in k-space from the Gram matrix of the rows centered at
+    \min(1, \tau / \lVert u_i - v \rVert)`, ``iters`` times, in k-space from the Gram matrix of the rows centered at
     the base: two passes over the slab. Needs the base.
     """
+
+    slab_dtypes = ("float32", "float64")
 
     name = "centered_clipping"
     needs_base = True
 
     def __init__(self, *, tau: float, iters: int = 1, **store):
         super().__init__(**store)
-        if not (tau > 0 and int(iters) >= 1):
+        if not (math.isfinite(tau) and tau > 0 and int(iters) >= 1):
             raise ValueError(f"need tau > 0 and iters >= 1, got tau={tau!r}, iters={iters!r}")
         self.tau, self.iters = float(tau), int(iters)
 

@@ -236,6 +236,7 @@ class UpdateStore:
 
     def _allocate(self):
         self._slab = _anonymous(self.k_max * self.row_bytes).view(_STORAGE[self.dtype]).reshape(self.k_max, self.n)
+        self.closed = False
 
     def _spill(self):
         """Move the slab into a sparse file of k_max rows in spill_dir; the memory is released."""
@@ -370,6 +371,8 @@ class UpdateStore:
         Raises, leaving the store bit-identical: DuplicateParty, StoreFull, LayoutMismatch, BudgetExceeded,
         NonFiniteUpdate, ValueOutOfRange (module docstring). Reads each leaf once, in place."""
         _check_party(party)
+        if self.closed:
+            raise ValueError("the update store was closed (its slab is released): clear() makes a new one")
         if party in self._index:
             raise DuplicateParty(party, "this update store")
         k = len(self._parties)
@@ -425,6 +428,7 @@ class UpdateStore:
         """Release the slab (and remove the spill file). The store is empty afterwards."""
         self._slab = np.zeros((0, self.n), _STORAGE[self.dtype])
         self._parties, self._index = [], {}
+        self.closed = True
         if self._finalizer is not None:
             self._finalizer()
             self._finalizer = None
@@ -463,6 +467,8 @@ class UpdateStore:
 
     def _append(self, rows, parties) -> None:
         """Append checked rows (as stored) for new parties: room first (all or nothing), then row by row."""
+        if self.closed:
+            raise ValueError("the update store was closed (its slab is released): clear() makes a new one")
         k = len(self._parties)
         if parties:
             self._make_room(k + len(parties), parties[-1])

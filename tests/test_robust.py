@@ -119,3 +119,27 @@ def test_too_few_updates_for_the_rule_is_a_typed_error():
 def test_dp_does_not_wrap_a_buffered_rule():
     with pytest.raises(ValueError, match="buffered"):
         jk.algorithms.DPFixedClipping(R.FedMedian(), clip_norm=1.0, noise_multiplier=1.0)
+
+
+def test_robust_delta_output_settings_refused_early_and_closed_stores():
+    """finalize("delta") of a robust rule is the rule's model minus the base (it returned the model); settings the
+    kernels cannot run (16-bit slabs for distance rules, an infinite tau or eps) are refused when the rule is made,
+    not at finalize after a whole round was buffered; a closed store says so."""
+    from jitkernels.robust_store import UpdateStore
+
+    base = {"w": np.full(3, 10.0, np.float32)}
+    for alg in (R.FedMedian(), R.CenteredClipping(tau=100.0)):
+        agg = jk.Aggregator({"w": np.zeros(3, np.float32)}, alg, base=base)
+        for j, v in enumerate((11.0, 12.0, 13.0)):
+            agg.fold({"w": np.full(3, v, np.float32)}, 1.0, f"p{j}")
+        np.testing.assert_allclose(agg.finalize("delta")["w"], agg.finalize()["w"] - 10.0)
+    for make in (lambda: R.Krum(f=1, slab_dtype="float16"), lambda: R.GeometricMedian(slab_dtype="bfloat16"),
+                 lambda: R.CenteredClipping(tau=float("inf")), lambda: R.GeometricMedian(eps=float("inf"))):
+        with pytest.raises(ValueError):
+            make()
+    store = UpdateStore(3, 4)
+    store.close()
+    with pytest.raises(ValueError, match="closed"):
+        store.add(np.ones(3, np.float32), "p")
+    store.clear()
+    assert store.add(np.ones(3, np.float32), "p") == 0
