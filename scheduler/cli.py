@@ -101,7 +101,7 @@ def cmd_simulate(args) -> int:
     wl = Workload.from_toml(args.config) if args.config else Workload.builtin(args.mix)
     if args.seed is not None:
         wl.seed = args.seed
-    policies = args.policies.split(",")
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     print(f"workload {wl.name}: {sum(s.count for s in wl.jobs)} jobs, slots {wl.slots}, start-up {wl.startup_s}s, "
           f"alpha {wl.alpha}, seed {wl.seed}", file=sys.stderr)
     out = compare(wl, policies, real=args.real, progress=_progress(wl.name))
@@ -194,7 +194,7 @@ def cmd_calibrate(args) -> int:
     cm = CostModel.calibrate(backend=args.backend, startup_s=args.startup,
                              progress=lambda n, t: print(f"  N={n:>10,}: {t * 1e3:8.2f} ms", file=sys.stderr))
     cm.save(args.out)
-    b = cm.backends["cpu"]
+    b = cm.backends[cm.backend]
     print(f"throughput {b.throughput_Bps / 1e9:.2f} GB/s, per-call {b.call_s * 1e6:.0f} us -> {args.out}")
     return 0
 

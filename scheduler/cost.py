@@ -12,6 +12,7 @@ host memory pay the host-to-device copy on a GPU backend (``h2d_Bps``), which th
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,14 @@ class BackendCost:
     call_s: float = 50e-6  # fixed cost per kernel call
     h2d_Bps: float | None = None  # host-to-device copy bandwidth (GPU backends only)
 
+    def __post_init__(self):
+        for name in ("throughput_Bps", "h2d_Bps"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be finite and > 0, got {v!r}")
+        if not (math.isfinite(self.call_s) and self.call_s >= 0):
+            raise ValueError(f"call_s must be finite and >= 0, got {self.call_s!r}")
+
 
 @dataclass
 class CostModel:
@@ -34,6 +43,12 @@ class CostModel:
     startup_s: float = 0.0
     backend: str = "cpu"
     acc_itemsize: int = 4
+
+    def __post_init__(self):
+        if self.backend not in self.backends:
+            raise ValueError(f"backend {self.backend!r} has no cost entry (entries: {sorted(self.backends)})")
+        if not (math.isfinite(self.startup_s) and self.startup_s >= 0):
+            raise ValueError(f"startup_s must be finite and >= 0, got {self.startup_s!r}")
 
     def _b(self, backend=None) -> BackendCost:
         return self.backends[backend or self.backend]
@@ -62,6 +77,7 @@ class CostModel:
                    backend=d["backend"], acc_itemsize=d.get("acc_itemsize", 4))
 
     def save(self, path) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
         jk.atomic_write(os.fspath(path), json.dumps(self.to_json(), indent=2).encode())
 
     @classmethod

@@ -82,7 +82,31 @@ class Workload:
         unknown = set(d) - wl_known
         if unknown:
             raise ValueError(f"{path}: unknown workload keys {sorted(unknown)}")
-        return cls(jobs=jobs, **d)
+        wl = cls(jobs=jobs, **d)
+        try:
+            wl.check()
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        return wl
+
+    def check(self) -> None:
+        """ValueError naming the first value a run cannot use (a quorum of 1.5 ran before and reported a 100% saving
+        over zero rounds)."""
+        if not self.jobs:
+            raise ValueError("the workload has no jobs")
+        if self.slots < 1:
+            raise ValueError(f"slots must be >= 1, got {self.slots}")
+        self.cost_model()  # its own checks: a cost entry for the backend, throughputs > 0, start-up >= 0
+        for j in self.jobs:
+            for name, ok in (("count", j.count >= 1), ("parties", j.parties >= 1), ("rounds", j.rounds >= 1),
+                             ("quorum", 0 < j.quorum <= 1), ("response_s", j.response_s > 0),
+                             ("model_params", j.model_params >= 1), ("bytes_per_param", j.bytes_per_param >= 1),
+                             ("jitter_cv", j.jitter_cv >= 0), ("party_spread", j.party_spread >= 0),
+                             ("intermittent", 0 <= j.intermittent <= 1), ("availability", 0 < j.availability <= 1),
+                             ("dropout", 0 <= j.dropout < 1),
+                             ("deadline_s", j.deadline_s is None or j.deadline_s > 0)):
+                if not ok:
+                    raise ValueError(f"job {j.name!r}: {name} = {getattr(j, name)!r} is out of range")
 
     @classmethod
     def builtin(cls, name: str = "mixed") -> "Workload":

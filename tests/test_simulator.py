@@ -100,3 +100,22 @@ def test_jitagg_sweep_reports_each_bar_per_cell(tmp_path, capsys):
         assert 0.0 <= c["jit"]["capture_of_oracle_saving"] <= 1.0 + 1e-9
         assert all(c[p]["rounds"] == 6 for p in ("eager", "lazy", "jit", "oracle"))
     assert (out / "sweep.png").stat().st_size > 1000
+
+
+def test_workloads_and_cost_models_refuse_values_a_run_cannot_use(tmp_path):
+    """A quorum of 1.5 used to run and report a 100% saving over zero rounds; an empty config divided by zero; a
+    cost file with a zero throughput or no entry for its backend loaded."""
+    from scheduler import BackendCost, CostModel
+
+    for body, what in (("", "no jobs"), ("[[jobs]]\nquorum = 1.5\n", "quorum"), ("[[jobs]]\nparties = -3\n", "parties"),
+                       ("[[jobs]]\nresponse_s = 0\n", "response_s"), ("backend = 'gpu'\n[[jobs]]\n", "'gpu'")):
+        p = tmp_path / "w.toml"
+        p.write_text(body)
+        with pytest.raises(ValueError, match=what):
+            Workload.from_toml(p)
+    with pytest.raises(ValueError, match="throughput_Bps"):
+        BackendCost(0.0)
+    with pytest.raises(ValueError, match="no cost entry"):
+        CostModel(backends={"cpu": BackendCost(1e9)}, backend="cupy")
+    CostModel().save(tmp_path / "new" / "dir" / "cost.json")  # the folder is made
+    assert CostModel.load(tmp_path / "new" / "dir" / "cost.json").backend == "cpu"
