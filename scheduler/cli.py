@@ -14,6 +14,7 @@ import math
 import os
 import sys
 
+from .cost import CostModel
 from .simulator import POLICIES, Workload, compare, sweep_workload
 
 COLUMNS = [("policy", "policy", "{}"), ("aggregator_s", "aggr-s", "{:,.0f}"), ("busy_s", "busy-s", "{:,.1f}"),
@@ -99,6 +100,8 @@ def _json_ready(out: dict) -> dict:
 
 def cmd_simulate(args) -> int:
     wl = Workload.from_toml(args.config) if args.config else Workload.builtin(args.mix)
+    if args.cost:
+        wl.use_cost(CostModel.load(args.cost))
     if args.seed is not None:
         wl.seed = args.seed
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -138,7 +141,10 @@ def cmd_sweep(args) -> int:
         for j, r in enumerate(rhos):
             k += 1
             print(f"[{k}/{total}] rho={r} cv={cv}", file=sys.stderr)
-            out = compare(sweep_workload(r, cv, rounds=args.rounds), POLICIES)
+            wl = sweep_workload(r, cv, rounds=args.rounds)
+            if args.cost:
+                wl.use_cost(CostModel.load(args.cost))
+            out = compare(wl, POLICIES)
             row = out["policies"]["jit"]
             saving[i, j] = row["saving_vs_eager"]
             capture[i, j] = row["capture_of_lazy_saving"]
@@ -189,8 +195,6 @@ def _heatmaps(rhos, cvs, saving, capture, added, path) -> None:
 
 
 def cmd_calibrate(args) -> int:
-    from .cost import CostModel
-
     cm = CostModel.calibrate(backend=args.backend, startup_s=args.startup,
                              progress=lambda n, t: print(f"  N={n:>10,}: {t * 1e3:8.2f} ms", file=sys.stderr))
     cm.save(args.out)
@@ -214,11 +218,14 @@ def main(argv=None) -> int:
     s.add_argument("--policies", default=",".join(POLICIES))
     s.add_argument("--seed", type=int)
     s.add_argument("--real", action="store_true", help="fold real arrays; busy time measured")
+    s.add_argument("--cost", metavar="FILE", help="kernel figures from `jitagg calibrate` (the start-up stays the "
+                                                  "workload's)")
     s.add_argument("--out", default="results")
     s.set_defaults(fn=cmd_simulate)
     s = sub.add_parser("sweep", help="jit's saving and latency over rho x jitter (against eager, lazy, oracle)")
     s.add_argument("--rho", default="0.001,0.01,0.1,0.3")
     s.add_argument("--cv", default="0.05,0.2,0.5")
+    s.add_argument("--cost", metavar="FILE", help="kernel figures from `jitagg calibrate`")
     s.add_argument("--rounds", type=int, default=100,
                    help="rounds per cell (the predictor learns over the first few; 100 is a short FL job)")
     s.add_argument("--out", default="results")

@@ -15,6 +15,7 @@ Fair comparison:
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import os
@@ -111,6 +112,14 @@ class Workload:
     @classmethod
     def builtin(cls, name: str = "mixed") -> "Workload":
         return cls.from_toml(os.path.join(WORKLOADS, f"{name}.toml"))
+
+    def use_cost(self, cm: CostModel) -> "Workload":
+        """Take the kernel figures of a calibrated cost model (``jitagg calibrate``'s file: its backends and which one
+        runs); the deployment start-up stays the workload's (a platform's, not a kernel's). Returns self."""
+        self.cost = {k: dataclasses.asdict(v) for k, v in cm.backends.items()}
+        self.backend = cm.backend
+        self.check()
+        return self
 
     def cost_model(self) -> CostModel:
         return CostModel(backends={k: BackendCost(**v) for k, v in self.cost.items()}, startup_s=self.startup_s,

@@ -119,3 +119,20 @@ def test_workloads_and_cost_models_refuse_values_a_run_cannot_use(tmp_path):
         CostModel(backends={"cpu": BackendCost(1e9)}, backend="cupy")
     CostModel().save(tmp_path / "new" / "dir" / "cost.json")  # the folder is made
     assert CostModel.load(tmp_path / "new" / "dir" / "cost.json").backend == "cpu"
+
+
+def test_simulate_takes_a_calibrated_cost_file(tmp_path, capsys):
+    """`jitagg calibrate` writes a cost file; `simulate --cost` reads it back (it was written and never reused):
+    a slower kernel gives more busy time on the same draws."""
+    from scheduler import BackendCost, CostModel
+
+    cfg = tmp_path / "w.toml"
+    cfg.write_text("[[jobs]]\nparties = 4\nrounds = 3\nresponse_s = 50\nmodel_params = 1000000\n")
+    slow = tmp_path / "slow.json"
+    CostModel(backends={"cpu": BackendCost(1e6)}, backend="cpu").save(slow)
+    busy = []
+    for extra in ([], ["--cost", str(slow)]):
+        assert cli.main(["simulate", "--config", str(cfg), "--policies", "eager", "--out", str(tmp_path / "o"),
+                         *extra]) == 0
+        busy.append(json.loads((tmp_path / "o" / "simulate_workload.json").read_text())["policies"]["eager"]["busy_s"])
+    assert busy[1] > 10 * busy[0]
