@@ -152,10 +152,11 @@ class Aggregator:
     def _flat(self, tree, acc_dtype):
         leaves = self.layout.flatten(tree, party="<base>")
         flat = np.concatenate([np.asarray(to_host(a), dtype=acc_dtype).reshape(-1) for a in leaves])
-        if not np.isfinite(flat).all():  # else every later fold would be blamed on its party
-            bad = next(i for i, a in enumerate(leaves) if not np.isfinite(np.asarray(to_host(a), np.float64)).all())
-            count = int((~np.isfinite(np.asarray(to_host(leaves[bad]), np.float64))).sum())
-            raise NonFiniteUpdate("<base>", self.layout.leaves[bad].name, count)
+        bad = ~np.isfinite(flat)
+        if bad.any():  # else every later fold would be blamed on its party
+            leaf = self.layout.leaves[int(np.searchsorted([l.offset for l in self.layout.leaves], np.argmax(bad),
+                                                          side="right")) - 1]
+            raise NonFiniteUpdate("<base>", leaf.name, int(bad[leaf.offset:leaf.offset + leaf.size].sum()))
         return place(flat, self.on_gpu)
 
     # --- properties ----------------------------------------------------------------------------------------------
@@ -182,10 +183,7 @@ class Aggregator:
 
     def admit_many(self, updates, weights=None, parties=None, infos=None) -> list:
         k = len(updates)
-        parties = [None] * k if parties is None else list(parties)
-        parties = [_anonymous() if p is None else _check_party(p) for p in parties]
-        self._check_parties(parties)
-        infos = [self.algorithm.check_info(i or {}, p) for i, p in zip(_per_update(infos, k, "infos"), parties)]
+        parties, infos = self._parties_and_infos(parties, infos, k)
         st = self.state
         admitted = admit_many(updates, self.layout, weights=weights, parties=parties, base=st.base,
                               host_base=st.host_base(), backend=self.backend, acc_dtype=self.acc_dtype,
@@ -197,6 +195,12 @@ class Aggregator:
             if a.against_base:
                 a.against_base = self._base_token
         return admitted
+
+    def _parties_and_infos(self, parties, infos, k: int) -> tuple:
+        """The batch's party ids (anonymous ones made up, duplicates refused) and its checked info dicts."""
+        parties = [_anonymous() if p is None else _check_party(p) for p in _per_update(parties, k, "parties")]
+        self._check_parties(parties)
+        return parties, [self.algorithm.check_info(i or {}, p) for i, p in zip(_per_update(infos, k, "infos"), parties)]
 
     def _check_parties(self, parties):
         seen = set()
@@ -252,10 +256,7 @@ class Aggregator:
 
     def _admit_and_fold(self, updates, weights, parties, infos) -> None:
         k = len(updates)
-        parties = [None] * k if parties is None else list(parties)
-        parties = [_anonymous() if p is None else _check_party(p) for p in parties]
-        self._check_parties(parties)
-        infos = [self.algorithm.check_info(i or {}, p) for i, p in zip(_per_update(infos, k, "infos"), parties)]
+        parties, infos = self._parties_and_infos(parties, infos, k)
         prep = admission.prepare(updates, self.layout, weights=weights, parties=parties, backend=self.backend,
                                  copy=self.copy, partial=self.partial)
         if any(prep.on_device):
@@ -540,12 +541,8 @@ class Aggregator:
                 if old.store is not None:
                     old.store.clear()
                 return None
-            self.state = FoldState(self.layout, algorithm=old.algorithm, acc_dtype=old.acc_dtype, base=flat_base,
-                                   on_device=old.on_device, opt=old.opt, round=old.round, scalars=old.scalars,
-                                   store=None if old.store is None else self.algorithm.new_store(self.layout))
-            if old.opt is not None:
-                old.opt = {k: a.copy() for k, a in old.opt.items()}
-                old.base = old.base.copy()
+            self.state = old.next_round(base=None if base is None else flat_base,
+                                        store=None if old.store is None else self.algorithm.new_store(self.layout))
             return old
 
 

@@ -138,6 +138,17 @@ class FoldState:
         return (f"FoldState({self.algorithm.get('name')}, {self.count} parties, weight {self.total_weight:g}, "
                 f"{self.acc_dtype}[{self.layout.size}])")
 
+    def next_round(self, *, base=None, store=None) -> "FoldState":
+        """An empty state that continues this one: its layout, algorithm and mode, its model (or ``base``), server
+        moments, round counter and scalars. With a server optimizer the model and moments are copied (its step moves
+        them in place, which must not reach the other state); folds touch neither."""
+        own = self.opt is not None
+        if base is None:
+            base = self.base.copy() if own and self.base is not None else self.base
+        return FoldState(self.layout, algorithm=self.algorithm, acc_dtype=self.acc_dtype, on_device=self.on_device,
+                         base=base, round=self.round, scalars=self.scalars, store=store,
+                         opt={k: a.copy() for k, a in self.opt.items()} if own else None)
+
     def copy(self) -> "FoldState":
         return FoldState(self.layout, algorithm=self.algorithm, acc_dtype=self.acc_dtype, acc=self.acc.copy(),
                          leaf_weight=self.leaf_weight.copy(), parties=self.parties,

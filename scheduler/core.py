@@ -956,8 +956,10 @@ class JITScheduler:
 
     def _round_finished(self, js, rnd) -> None:
         busy = js.deployment is not None and js.deployment.busy  # a fold of this round may still be running
-        if rnd.aggregator is not None and js.carries and busy:  # failed mid-fold: the fold keeps its aggregator
-            js.carry = self._server_state_of(js, rnd.aggregator)
+        if rnd.aggregator is not None and js.carries and busy:
+            # failed (deadline) mid-fold: the fold keeps its aggregator, the next round starts from a copy of the
+            # server state (folds do not touch it, so it is read without waiting for the fold)
+            js.carry = jk.Aggregator.from_state(rnd.aggregator.state.next_round(), backend=js.job.backend)
         elif rnd.aggregator is not None and js.carries:  # finalized or failed, the next round continues its state
             js.carry, rnd.aggregator = rnd.aggregator, None
         elif rnd.aggregator is not None and not busy:  # the result is out (finalize allocates it): recycle it
@@ -979,17 +981,6 @@ class JITScheduler:
                 self._release(js, "round done")
         if not last:
             self._open_round(js, nxt)
-
-    @staticmethod
-    def _server_state_of(js, agg):
-        """A new Aggregator with ``agg``'s server state (model, moments, round counter, scalars) and an empty
-        accumulator: the next round's, when a fold still runs on ``agg`` (a round that failed by its deadline). Folds
-        do not touch that state (finalize does, and a failed round has none), so it is read without waiting."""
-        st = agg.state
-        fresh = jk.FoldState(st.layout, algorithm=st.algorithm, acc_dtype=st.acc_dtype, on_device=st.on_device,
-                             base=None if st.base is None else st.base.copy(), round=st.round, scalars=st.scalars,
-                             opt=None if st.opt is None else {k: a.copy() for k, a in st.opt.items()})
-        return jk.Aggregator.from_state(fresh, backend=js.job.backend)
 
     def _forget_old_rounds(self, js, latest: int) -> None:
         """Drop finished rounds older than the last ``keep_rounds`` (their futures hold whole models: a long job

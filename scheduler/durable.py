@@ -221,10 +221,7 @@ class StateDir:
             gen = self.gen + 1
             rel = os.path.join("states", f"{ident(job)}-r{int(rnd)}-g{gen}.jks")
             self._write("state", rel, state.writer())
-            jobs = dict(self.jobs)
-            jobs[job] = {**jobs.get(job, {}), "round": int(rnd), "state": rel,
-                         "parties": [[p, update_ids.get(p)] for p in state.parties]}
-            self._commit(gen, jobs)
+            self._commit_job(job, round=int(rnd), state=rel, parties=[[p, update_ids.get(p)] for p in state.parties])
 
     def commit_result(self, job, rnd: int, layout: jk.Layout, leaves, update_ids: dict,
                       carry: jk.FoldState | None = None, predictor: list | None = None) -> None:
@@ -242,35 +239,33 @@ class StateDir:
                     "parties": json.dumps([[p, u] for p, u in update_ids.items()])}
             rel = os.path.join("results", f"{ident(job)}-r{int(rnd)}.jkr")
             self._write("result", rel, checked_writer(tensors, meta))
-            jobs = dict(self.jobs)
-            old = jobs.get(job, {})
-            jobs[job] = {**old, "round": int(rnd) + 1, "state": None, "parties": [],
-                         "results": self._recent({**old.get("results", {}), str(int(rnd)): rel}),
-                         "carry": carry_rel or old.get("carry"),
-                         "predictor": predictor if predictor is not None else old.get("predictor")}
-            self._commit(self.gen + 1, jobs)
+            old = self.jobs.get(job, {})
+            self._commit_job(job, round=int(rnd) + 1, state=None, parties=[],
+                             results=self._recent({**old.get("results", {}), str(int(rnd)): rel}),
+                             carry=carry_rel or old.get("carry"), predictor=predictor or old.get("predictor"))
 
     def commit_failure(self, job, rnd: int, error: BaseException, predictor: list | None = None) -> None:
         """Commit a round that ended with an error (unreachable quorum, failed fold): the job moves on to the next
         round, which starts from the same carry; a restart resolves the round with the error again instead of
         reopening it (its updates are collected with the next generation)."""
         with self._lock:
-            jobs = dict(self.jobs)
-            old = jobs.get(job, {})
+            old = self.jobs.get(job, {})
             failed = {**old.get("failed", {}), str(int(rnd)): [type(error).__name__, str(error)]}
-            jobs[job] = {**old, "round": int(rnd) + 1, "state": None, "parties": [], "failed": self._recent(failed),
-                         "predictor": predictor if predictor is not None else old.get("predictor")}
-            self._commit(self.gen + 1, jobs)
+            self._commit_job(job, round=int(rnd) + 1, state=None, parties=[], failed=self._recent(failed),
+                             predictor=predictor or old.get("predictor"))
 
     def commit_dropped(self, job, party) -> None:
         """Commit that ``party`` left ``job`` (``JITScheduler.drop_party``): a restart does not wait for it."""
         with self._lock:
-            jobs = dict(self.jobs)
-            old = jobs.get(job, {})
-            if _key(party) in {_key(p) for p in old.get("dropped", [])}:
-                return
-            jobs[job] = {**old, "dropped": [*old.get("dropped", []), party]}
-            self._commit(self.gen + 1, jobs)
+            dropped = self.jobs.get(job, {}).get("dropped", [])
+            if _key(party) not in {_key(p) for p in dropped}:
+                self._commit_job(job, dropped=[*dropped, party])
+
+    def _commit_job(self, job, **changes) -> None:
+        """Commit a generation in which ``job``'s manifest entry takes ``changes`` (its other keys kept)."""
+        jobs = dict(self.jobs)
+        jobs[job] = {**jobs.get(job, {}), **changes}
+        self._commit(self.gen + 1, jobs)
 
     def _recent(self, by_round: dict) -> dict:
         """The last ``keep_results`` entries of a {round: ...} map (older result files go at the next collection)."""
