@@ -408,7 +408,7 @@ class JITScheduler:
             rnd = self._round(js, round)
             if rnd.done or rnd.admitted >= rnd.quorum:  # membership is fixed: the first q acknowledged updates
                 if not math.isnan(rnd.start):
-                    js.predictor.observe_late(party, self.clock.now() - rnd.start)
+                    js.predictor.observe_late(party, self.clock.now() - rnd.start, rnd.number)
                 if js.job.late == "reject":
                     raise LateUpdate(f"job {job_id!r} round {round} is closed (its quorum is in, or it ended); "
                                      f"update from {party!r} rejected (late rule 'reject')")
@@ -582,7 +582,7 @@ class JITScheduler:
             self._log("quorum", js, round=rnd.number, at=now)
 
     def _late(self, js, rnd, party, item, nbytes, weight) -> None:
-        js.predictor.observe_late(party, self.clock.now() - rnd.start)
+        js.predictor.observe_late(party, self.clock.now() - rnd.start, rnd.number)
         nxt = rnd.number + 1
         last = js.job.rounds is not None and nxt >= js.job.first_round + js.job.rounds
         if js.job.late == "next_round" and not last and (nxt, party) not in js.seen:
@@ -969,7 +969,7 @@ class JITScheduler:
             rnd.deadline_timer.cancel()
         if rnd.timer is not None:
             rnd.timer.cancel()
-        js.predictor.close_round(rnd.arrived, js.expected)
+        js.predictor.close_round(rnd.arrived, js.expected, rnd.number)
         self._forget_old_rounds(js, rnd.number)
         nxt = rnd.number + 1
         last = js.job.rounds is not None and nxt >= js.job.first_round + js.job.rounds

@@ -37,6 +37,9 @@ class PartyModel:
     n: int = 0  # responses seen
     participation: float = 1.0  # EW share of rounds answered
     rounds: int = 0
+    closed_round: int | None = None  # the last round closed, and the step its 'no' took (0.0 for a 'yes')
+    closed_no: float = 0.0
+    late_round: int | None = None  # a round not yet closed that the party answered late
 
     @property
     def _a(self) -> float:
@@ -54,16 +57,22 @@ class PartyModel:
             self.var = (1 - a) * (self.var + a * d * d)
         self.n += 1
 
-    def close_round(self, answered: bool) -> None:
+    def close_round(self, answered: bool, round: int) -> None:
+        answered = answered or self.late_round == round
         a = max(self._a, 1.0 / (self.rounds + 1))
         self.participation += a * ((1.0 if answered else 0.0) - self.participation)
         self.rounds += 1
-        self._last_a = a if not answered else 0.0
+        self.closed_round, self.closed_no = round, (0.0 if answered else a)
 
-    def answered_late(self) -> None:
-        """It did answer the round just closed, after its membership was fixed: turn the 'no' into a 'yes'."""
-        self.participation += getattr(self, "_last_a", 0.0)
-        self._last_a = 0.0
+    def answered_late(self, round: int) -> None:
+        """It answered ``round`` after its membership was fixed. If that round is closed (counted as a 'no'), turn
+        the 'no' into a 'yes'; if not, it closes as a 'yes'. (Reversing whatever was closed last instead credited
+        an answer that came before its round closed to the round before, and closed its own round as a 'no'.)"""
+        if self.closed_round == round:
+            self.participation += self.closed_no
+            self.closed_no = 0.0
+        else:
+            self.late_round = round
 
 
 @dataclass(frozen=True)
@@ -94,13 +103,16 @@ class Predictor:
 
     def to_json(self) -> list:
         """The per-party models, JSON-ready: what a restart needs to plan as well as before it."""
-        return [[p, m.n, m.mu, m.var, m.participation, m.rounds] for p, m in self.parties.items()]
+        return [[p, m.n, m.mu, m.var, m.participation, m.rounds, m.closed_round, m.closed_no, m.late_round]
+                for p, m in self.parties.items()]
 
     def load_json(self, rows) -> None:
         """Restore models saved by :meth:`to_json` (replacing those of the same parties)."""
-        for p, n, mu, var, part, rounds in rows:
+        for p, n, mu, var, part, rounds, *late in rows:  # rows saved before late answers were kept by round: 6
             m = self.model(p)
             m.n, m.mu, m.var, m.participation, m.rounds = int(n), float(mu), float(var), float(part), int(rounds)
+            if late:
+                m.closed_round, m.closed_no, m.late_round = late[0], float(late[1]), late[2]
         self._raw = self._cache = None
 
     def observe(self, party, response_s: float) -> None:
@@ -117,22 +129,24 @@ class Predictor:
             i = index[party]
             n[i], mu[i], var[i], part[i] = m.n, m.mu, m.var, m.participation
 
-    def observe_late(self, party, response_s: float) -> None:
-        """An update that came after the quorum: its response time still informs the model. Leaving it out would
-        censor the slow parties (only the first q of every round would be seen) and bias the quorum time."""
+    def observe_late(self, party, response_s: float, round: int) -> None:
+        """An update to ``round`` that came after its quorum: its response time still informs the model, and the
+        party counts as having answered that round. Leaving it out would censor the slow parties (only the first
+        q of every round would be seen) and bias the quorum time."""
         m = self.model(party)
         m.observe(response_s)
-        m.answered_late()
+        m.answered_late(round)
         self._sync(party, m)
 
     def has_history(self) -> bool:
         return self.prior_s is not None or any(m.n > 0 for m in self.parties.values())
 
-    def close_round(self, answered, expected) -> None:
-        """Update participation: ``answered`` parties responded this round, the rest of ``expected`` did not."""
+    def close_round(self, answered, expected, round: int) -> None:
+        """Update participation: ``answered`` parties (and those that answered late) responded in ``round``, the
+        rest of ``expected`` did not."""
         answered = set(answered)
         for p in expected:
-            self.model(p).close_round(p in answered)
+            self.model(p).close_round(p in answered, round)
         self._raw = self._cache = None
 
     def _raw_arrays(self):
@@ -195,18 +209,25 @@ class Predictor:
         return np.fromiter((index[p] for p in parties), np.int64, len(parties))
 
     def _pending_arrays(self, pending, tau: float):
-        """(mu, sigma, participation, F(tau), 1 - p F(tau)) of the pending parties that have a model. ``pending``:
-        party ids, or their :meth:`indices` (an int64 array)."""
+        """(mu, sigma, w, log S(tau)) of the pending parties that may still arrive: w is the probability that a
+        party answers this round given that it has not by ``tau``, w = p S(tau) / (1 - p + p S(tau)) with S the
+        survival function of its response time. ``pending``: party ids, or their :meth:`indices` (an int64 array).
+
+        Survival form, in logs, because an overdue party (tau far past its model: S(tau) below 1e-16) is still
+        pending. Computed as 1 - p F(tau), the denominator rounded to 0 and the party was dropped; a quorum that
+        needed it had an infinite quantile and JIT planned nothing. Here it keeps w = 1 if it always answered
+        (p = 1: it is late and comes next) and w -> 0 if it sometimes does not (it most likely skipped the round)."""
         idx = pending if isinstance(pending, np.ndarray) else self.indices(pending)
         mu, sigma, part, known = self._arrays()
         idx = idx[known[idx]]
-        if idx.size == 0:
-            return None
         mu, sigma, part = mu[idx], sigma[idx], part[idx]
-        f_tau = _lognormal_cdf(tau, mu, sigma)
-        denom = 1.0 - part * f_tau
-        keep = denom > 1e-12
-        return mu[keep], sigma[keep], part[keep], f_tau[keep], denom[keep]
+        lsf_tau = _log_sf_array(tau, mu, sigma)
+        with np.errstate(divide="ignore"):  # p = 1: w = 1 whatever S(tau) is
+            w = 1.0 / (1.0 + np.exp(np.log1p(-part) - np.log(part) - lsf_tau))
+        keep = w > 0.0
+        if not keep.any():
+            return None
+        return mu[keep], sigma[keep], w[keep], lsf_tau[keep]
 
     def quorum_cdf_fn(self, pending, need: int, tau: float):
         """t -> P(T_q <= t) for ``need`` more arrivals among ``pending`` parties, given none arrived by ``tau``."""
@@ -217,8 +238,7 @@ class Predictor:
                 return 1.0
             if arrays is None or t <= 0:
                 return 0.0
-            mu, sigma, part, f_tau, denom = arrays
-            return _quorum_tail(math.log(t), mu, sigma, part, f_tau, denom, need)
+            return _quorum_tail(math.log(t), *arrays, need)
 
         return cdf, arrays
 
@@ -242,29 +262,26 @@ class Predictor:
         return math.exp(_bisect_quantile(math.log(lo), math.log(hi), 1e-5, alpha, *arrays, need))
 
 
-def _lognormal_cdf(t: float, mu, sigma):
-    if t <= 0:
-        return np.zeros_like(mu)
-    return _norm_cdf_array((math.log(t) - mu) / np.maximum(sigma, 1e-12))
-
-
 # The quorum CDF is evaluated ~20 times per plan (bisection) over every pending party: compiled with numba, one call
 # per evaluation instead of a dozen numpy passes (planning was most of a large simulation's time).
 @numba.njit(cache=True)
-def _norm_cdf(z: float) -> float:
-    """Standard normal CDF (Abramowitz & Stegun 7.1.26 for erf: |error| < 1.5e-7)."""
-    x = abs(z) / SQRT2
-    t = 1.0 / (1.0 + 0.3275911 * x)
-    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
-    erf = 1.0 - poly * math.exp(-x * x)
-    return 0.5 * (1.0 + erf) if z >= 0 else 0.5 * (1.0 - erf)
+def _log_sf(z: float) -> float:
+    """log P(Z > z) for a standard normal Z, to ~1e-8 relative over all z: erfc until it nears underflow, then the
+    asymptotic series (its first omitted term, 15 / z^6, is 2e-8 at z = 30)."""
+    if z < 30.0:
+        return math.log(0.5 * math.erfc(z / SQRT2))
+    iz2 = 1.0 / (z * z)
+    return -0.5 * z * z - math.log(z) - 0.5 * math.log(2.0 * math.pi) + math.log1p(-iz2 + 3.0 * iz2 * iz2)
 
 
 @numba.njit(cache=True)
-def _norm_cdf_array(z):
-    out = np.empty(z.size)
-    for i in range(z.size):
-        out[i] = _norm_cdf(z[i])
+def _log_sf_array(t: float, mu, sigma):
+    """log S(t) per party, S the survival function of its log-normal response time (0 for t <= 0)."""
+    out = np.zeros(mu.size)
+    if t > 0:
+        logt = math.log(t)
+        for i in range(mu.size):
+            out[i] = _log_sf((logt - mu[i]) / max(sigma[i], 1e-12))
     return out
 
 
@@ -298,19 +315,18 @@ def _tail(probs, need: int) -> float:
 
 
 @numba.njit(cache=True)
-def _quorum_tail(logt, mu, sigma, part, f_tau, denom, need):
-    return _quorum_tail_into(np.empty(mu.size), logt, mu, 1.0 / np.maximum(sigma, 1e-12), part, f_tau, 1.0 / denom,
-                             need)
+def _quorum_tail(logt, mu, sigma, w, lsf_tau, need):
+    return _quorum_tail_into(np.empty(mu.size), logt, mu, 1.0 / np.maximum(sigma, 1e-12), w, lsf_tau, need)
 
 
 @numba.njit(cache=True)
-def _bisect_quantile(llo, lhi, tol, alpha, mu, sigma, part, f_tau, denom, need):
+def _bisect_quantile(llo, lhi, tol, alpha, mu, sigma, w, lsf_tau, need):
     """The smallest log t (to ``tol``) in [llo, lhi] whose quorum CDF reaches alpha (the CDF at lhi does)."""
     probs = np.empty(mu.size)
-    isig, idenom = 1.0 / np.maximum(sigma, 1e-12), 1.0 / denom
+    isig = 1.0 / np.maximum(sigma, 1e-12)
     while lhi - llo > tol:
         mid = 0.5 * (llo + lhi)
-        if _quorum_tail_into(probs, math.log(math.exp(mid)), mu, isig, part, f_tau, idenom, need) >= alpha:
+        if _quorum_tail_into(probs, mid, mu, isig, w, lsf_tau, need) >= alpha:
             lhi = mid
         else:
             llo = mid
@@ -318,16 +334,16 @@ def _bisect_quantile(llo, lhi, tol, alpha, mu, sigma, part, f_tau, denom, need):
 
 
 @numba.njit(cache=True)
-def _quorum_tail_into(probs, logt, mu, isig, part, f_tau, idenom, need):
+def _quorum_tail_into(probs, logt, mu, isig, w, lsf_tau, need):
     """P(at least ``need`` of the pending parties arrive by log time ``logt``): each party's conditional arrival
-    probability p = part * (F(t) - F(tau)) / (1 - part * F(tau)) (``isig``, ``idenom``: the reciprocals of sigma
-    and of that denominator, computed once per quantile), then the Poisson-binomial tail; for more than EXACT_MAX
-    positive p its normal approximation, whose mean and variance are summed in the same loop (no second pass)."""
+    probability p = w (1 - S(t) / S(tau)) (``isig``: the reciprocals of sigma, computed once per quantile), then
+    the Poisson-binomial tail; for more than EXACT_MAX positive p its normal approximation, whose mean and
+    variance are summed in the same loop (no second pass)."""
     m = 0
     mean = 0.0
     var = 0.0
     for i in range(mu.size):
-        p = part[i] * (_norm_cdf((logt - mu[i]) * isig[i]) - f_tau[i]) * idenom[i]
+        p = -w[i] * math.expm1(_log_sf((logt - mu[i]) * isig[i]) - lsf_tau[i])
         if p > 0.0:
             probs[m] = p
             m += 1
