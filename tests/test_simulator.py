@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from scheduler import cli
-from scheduler.simulator import Arrivals, JobSpec, Workload, compare, simulate
+from scheduler.simulator import Arrivals, JobSpec, Workload, compare, risk_bound, simulate, sweep_workload
 
 SMALL = """
 name = "tiny"
@@ -99,6 +99,7 @@ def test_jitagg_sweep_reports_each_bar_per_cell(tmp_path, capsys):
         assert {"eager", "lazy", "jit", "oracle"} <= set(c)
         assert 0.0 <= c["jit"]["capture_of_oracle_saving"] <= 1.0 + 1e-9
         assert all(c[p]["rounds"] == 6 for p in ("eager", "lazy", "jit", "oracle"))
+        assert 0.0 < c["jit"]["risk_bound_of_oracle_saving"] <= 1.0
     assert (out / "sweep.png").stat().st_size > 1000
 
 
@@ -136,3 +137,26 @@ def test_simulate_takes_a_calibrated_cost_file(tmp_path, capsys):
                          *extra]) == 0
         busy.append(json.loads((tmp_path / "o" / "simulate_workload.json").read_text())["policies"]["eager"]["busy_s"])
     assert busy[1] > 10 * busy[0]
+
+
+def test_quorum_quantile_of_the_true_model():
+    """One party, no spread: the quorum time is its log-normal response time, whose alpha-quantile is known."""
+    spec = JobSpec(parties=1, quorum=1.0, response_s=100.0, jitter_cv=0.2, party_spread=0.0)
+    s = np.sqrt(np.log1p(0.2 ** 2))
+    want = 100.0 * np.exp(-s * s / 2 + s * -1.6448536)
+    assert Arrivals(0, 0, spec).quorum_quantile(0, 1, 0.05, draws=200_000) == pytest.approx(want, rel=0.01)
+    gone = JobSpec(parties=2, quorum=1.0, dropout=1.0)  # both leave in round 0: no quorum
+    assert np.isinf(Arrivals(0, 0, gone).quorum_quantile(3, 2, 0.05))
+
+
+def test_risk_bound_is_the_price_of_the_risk_alpha():
+    """Without jitter a known distribution is the round's draw: the bound keeps all of oracle's saving. With
+    jitter it keeps less, more at a larger alpha (less margin); JIT, which learns the distributions, stays near it."""
+    flat = sweep_workload(0.01, 1e-4, rounds=8)
+    assert risk_bound(flat, compare(flat, ("eager", "oracle"))) > 0.999
+    wl = sweep_workload(0.01, 0.2, rounds=30)
+    out = compare(wl, ("eager", "jit", "oracle"))
+    b05 = risk_bound(wl, out)
+    wl.alpha = 0.2
+    assert b05 < risk_bound(wl, out) < 1.0
+    assert abs(out["policies"]["jit"]["capture_of_oracle_saving"] - b05) < 0.05
