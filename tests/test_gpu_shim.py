@@ -156,6 +156,22 @@ def test_shim_catches_a_missing_stream_wait(gpu_shim, monkeypatch):
     assert not all(_staged_run(gpu_shim, gpu_shim.HostRuntime(seed=s), s) for s in range(20))
 
 
+@pytest.mark.parametrize("wait", [True, False], ids=["ring", "negative-control"])
+def test_table_ring_refills_a_block_only_after_its_copy(gpu_shim, monkeypatch, wait):
+    """More tables queued than the ring has blocks, with no synchronization between them (copies replay lazily):
+    each device table holds its own bytes. Without the wait for a block's last copy (the control), a later table
+    overwrites the block first."""
+    rt = gpu_shim.HostRuntime(seed=0)
+    if not wait:
+        monkeypatch.setattr(gpu_shim.Event, "synchronize", lambda self: None)
+    ring = cupy_backend._TableRing(rt)
+    hosts = [np.full(1000 + 300 * i, i, np.int64) for i in range(3 * cupy_backend.TABLE_DEPTH)]
+    devs = [ring.upload(h, rt.default) for h in hosts]
+    rt.default.synchronize()
+    same = [d.view(np.int64).tobytes() == h.tobytes() for d, h in zip(devs, hosts)]
+    assert all(same) == wait
+
+
 def test_slot_too_small_for_a_work_item_is_refused(gpu_shim):
     rng = np.random.default_rng(0)
     _, groups, _ = make_batch(rng, [(5000,)], "float64", 2, chunk=1024)

@@ -44,6 +44,10 @@ ALIGN = 32
 """Staged copies start on 32-byte boundaries in the slot, so that the fold kernel's quad loads apply to them."""
 GATHER_PIECE = 8 << 20
 """Pageable-to-pinned gathers are split into pieces of this size across a few host threads."""
+TABLE_BLOCK = 64 << 10
+"""Smallest pinned block of the kernel-table ring (a fold's tables: a few KiB; blocks grow to fit)."""
+TABLE_DEPTH = 4
+"""Blocks in the kernel-table ring: a block is refilled once the copy that last read it is done."""
 
 _runtime = None
 _stager = None
@@ -114,6 +118,7 @@ class _Stager:
         self.copied = [None] * DEPTH  # event: slot's last H2D copy done (pinned slot free)
         self.folded = [None] * DEPTH  # event: slot's last fold done (device slot free)
         self.pool = ThreadPoolExecutor(max(1, min(8, (os.cpu_count() or 2) // 2)), thread_name_prefix="jk-gather")
+        self.tables = _TableRing(rt)
 
     def slot(self, i: int):
         if self.device[i] is None or self.device[i].nbytes < SLOT_BYTES:
@@ -131,16 +136,49 @@ def _stager_for(rt) -> _Stager:
         return _stager
 
 
+class _TableRing:
+    """Pinned host blocks that kernel tables go to the device through, as async copies on the launch's stream: a
+    pageable upload (``cupy.asarray``) is a synchronous round trip of ~75 us (measured on an H200), more than the
+    fold of a few million elements."""
+
+    def __init__(self, rt):
+        self.rt = rt
+        self.lock = threading.Lock()
+        self.next = 0
+        self.blocks = [None] * TABLE_DEPTH
+        self.copied = [None] * TABLE_DEPTH  # event: the block's last copy done (the block may be refilled)
+
+    def upload(self, host: np.ndarray, stream):
+        """Device copy (uint8) of the bytes of contiguous ``host``, ordered on ``stream`` before what is launched
+        there next."""
+        nb = host.nbytes
+        dev = self.rt.empty(max(nb, 1), np.uint8)  # from the pool of the current stream: freed in its order
+        with self.lock:
+            i = self.next
+            self.next = (i + 1) % TABLE_DEPTH
+            if self.copied[i] is not None:
+                self.copied[i].synchronize()  # (usually long done: TABLE_DEPTH launches ago)
+            if self.blocks[i] is None or self.blocks[i].nbytes < nb:
+                self.blocks[i] = self.rt.pinned(max(TABLE_BLOCK, 1 << (nb - 1).bit_length()))
+            block = self.blocks[i]
+            block[:nb] = host.reshape(-1).view(np.uint8)
+            self.rt.h2d_async(self.rt.ptr(dev), block.ctypes.data, nb, stream)
+            ev = self.copied[i] = self.copied[i] or self.rt.event()
+            ev.record(stream)
+        return dev
+
+
 def _tables(rt, *parts) -> tuple:
     """(device array, [address of each part]): the small host tables of one launch (int64, and float64 as its
-    bits) in one upload: a pageable copy costs ~75 us (measured on an H200), more than the fold of a few million
-    elements. Keep the array alive until the launch has run."""
+    bits) in one async upload through the pinned table ring, ordered on the current stream. Keep the array
+    alive until the launch has run."""
     flat = [np.ascontiguousarray(x).reshape(-1) for x in parts]
     for x in flat:
         if x.dtype.kind not in "iub" and x.dtype != np.float64:
             raise TypeError(f"kernel tables are int64 or float64, not {x.dtype}")
-    dev = rt.upload(np.concatenate([x.view(np.int64) if x.dtype == np.float64 else x.astype(np.int64, copy=False)
-                                    for x in flat]))
+    host = np.concatenate([x.view(np.int64) if x.dtype == np.float64 else x.astype(np.int64, copy=False)
+                           for x in flat])
+    dev = _stager_for(rt).tables.upload(host, rt.current_stream())
     base, starts = rt.ptr(dev), np.cumsum([0] + [x.size for x in flat[:-1]])
     return dev, [np.uint64(base + 8 * int(o)) for o in starts]
 
@@ -312,7 +350,7 @@ def _stage_scales(rt, g, ja, hmask, sptr, keep):
     """Upload the int8 scales of the host leaves (small: one float per block) and point the table at them."""
     rows, cols = np.nonzero(hmask)
     scales = [np.asarray(g.arrays[r][ja + j].scale, np.float32) for r, j in zip(rows.tolist(), cols.tolist())]
-    flat = rt.upload(np.concatenate(scales))
+    flat = _stager_for(rt).tables.upload(np.concatenate(scales), rt.current_stream())
     keep.append(flat)
     base = rt.ptr(flat)
     starts = np.cumsum([0] + [x.size for x in scales[:-1]])
