@@ -291,12 +291,13 @@ class Aggregator:
                 raise LayoutMismatch(f"admitted against layout {u.layout_fingerprint}, this aggregator's is {fp}",
                                      party=u.party)
         self._check_parties([u.party for u in admitted])
-        if not self.partial:  # an Admitted made elsewhere (jk.admit(..., partial=True)) may lack leaves
-            for u in admitted:
-                missing = np.flatnonzero(~u.present)
-                if missing.size:
-                    raise LayoutMismatch("the update lacks this leaf and the aggregator takes whole updates "
-                                         "(partial=False)", leaf=self.layout.leaves[missing[0]].name, party=u.party)
+        tab = stack_entries([u.entries for u in admitted])  # [L, k, 4], once for the checks and the groups
+        absent = tab[:, :, 0] == ABSENT
+        if not self.partial and absent.any():  # an Admitted made elsewhere (jk.admit(..., partial=True))
+            j = int(np.flatnonzero(absent.any(axis=0))[0])
+            leaf = int(np.flatnonzero(absent[:, j])[0])
+            raise LayoutMismatch("the update lacks this leaf and the aggregator takes whole updates (partial=False)",
+                                 leaf=self.layout.leaves[leaf].name, party=admitted[j].party)
         if st.closed:
             raise RoundClosed("finalize closed this round (a server step or DP noise); reset() to start the next")
         for u in admitted:  # an Admitted made elsewhere (jk.admit) was not checked against this algorithm
@@ -310,10 +311,10 @@ class Aggregator:
         fold_w = [float(alg.fold_weight(u, st)) for u in admitted]
         if self.buffered:
             self._buffer(admitted)
-            self._record(admitted, [], (stack_entries([u.entries for u in admitted])[:, :, 0] != ABSENT))
+            self._record(admitted, [], ~absent)
             return
-        groups, int_rows, carried = build_groups(self.layout, [u.entries for u in admitted],
-                                                 [u.leaves for u in admitted], fold_w, device=on_device)
+        groups, int_rows, carried = build_groups(self.layout, tab, [u.leaves for u in admitted], fold_w,
+                                                 device=on_device)
         deterministic = st.deterministic
         # admission checked the raw weight against its own limit: the fold multiplies by the algorithm's weight
         bound, what = (2.0 ** st.bound_log2, "the deterministic bound") if deterministic else (

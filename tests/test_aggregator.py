@@ -161,6 +161,12 @@ def test_partial_updates_use_per_leaf_weights():
     strict = jk.Aggregator(tmpl)
     with pytest.raises(jk.LayoutMismatch, match="lora"):
         strict.fold({"base": np.ones(4, np.float32)}, party="x")
+    # admitted elsewhere as partial: the strict aggregator names the first update lacking a leaf, and folds none
+    whole = jk.admit({"base": np.ones(4, np.float32), "lora": np.ones(2, np.float32)}, strict.layout, party="y")
+    part = jk.admit({"base": np.ones(4, np.float32)}, strict.layout, party="z", partial=True)
+    with pytest.raises(jk.LayoutMismatch, match="party 'z', leaf 'lora'") as e:
+        strict.fold_many([whole, part])
+    assert (e.value.party, e.value.leaf) == ("z", "lora") and strict.state.count == 0
 
 
 def test_leaf_nobody_sent_needs_a_base():
