@@ -8,8 +8,8 @@
 """
 
 from .clock import RealClock, VirtualClock
-from .core import (Ack, Backpressure, Job, JITScheduler, LateUpdate, QuorumUnreachable, RoundForgotten, SchedulerClosed,
-                   SchedulerError, UnknownJob, UnknownParty)
+from .core import (Ack, Backpressure, Job, JITScheduler, LateUpdate, NoSuchRound, QuorumUnreachable, RoundForgotten,
+                   SchedulerClosed, SchedulerError, UnknownJob, UnknownParty)
 from .cost import BackendCost, CostModel
 from .durable import Crashed, StateDir, StateDirLocked
 from .executors import LocalExecutor, MeasuredExecutor, ModelExecutor, RayExecutor, Task
@@ -17,6 +17,6 @@ from .policies import JIT, Eager, Lazy, Oracle, Policy
 from .predictor import Predictor, poisson_binomial_tail
 
 __all__ = ["Ack", "Backpressure", "BackendCost", "CostModel", "Crashed", "Eager", "JIT", "JITScheduler", "Job", "LateUpdate",
-           "Lazy", "LocalExecutor", "MeasuredExecutor", "ModelExecutor", "Oracle", "Policy", "Predictor",
+           "Lazy", "LocalExecutor", "MeasuredExecutor", "ModelExecutor", "NoSuchRound", "Oracle", "Policy", "Predictor",
            "QuorumUnreachable", "RayExecutor", "RealClock", "RoundForgotten", "SchedulerClosed", "SchedulerError", "StateDir", "StateDirLocked", "Task", "UnknownJob", "UnknownParty", "VirtualClock",
            "poisson_binomial_tail"]

@@ -70,6 +70,11 @@ class RoundForgotten(SchedulerError, LookupError):
     """A finished round older than the last ``keep_rounds``: its result is no longer held."""
 
 
+class NoSuchRound(SchedulerError, LookupError):
+    """A round the job does not have (before its first or after its last), or, for a job without a round count, more
+    than ``keep_rounds`` ahead of the open one: it would be held until it opens, and a stray number for ever."""
+
+
 class SchedulerClosed(SchedulerError, RuntimeError):
     """The scheduler was closed: no more updates, and rounds still open resolve with this error."""
 
@@ -405,6 +410,8 @@ class JITScheduler:
                 raise LateUpdate(f"job {job_id!r} round {round}: " + (
                     "the job has finished" if js.open is None else f"the round is over (round {js.open.number} "
                     f"is open)") + f"; update from {party!r} not taken")
+            if round not in js.rounds:
+                self._check_round(js, round)
             rnd = self._round(js, round)
             if rnd.done or rnd.admitted >= rnd.quorum:  # membership is fixed: the first q acknowledged updates
                 if not math.isnan(rnd.start):
@@ -414,6 +421,9 @@ class JITScheduler:
                                      f"update from {party!r} rejected (late rule 'reject')")
                 while rnd.done or rnd.admitted >= rnd.quorum:  # late rule 'next_round': the next round with room
                     round += 1
+                    if js.job.rounds is not None and round >= js.job.first_round + js.job.rounds:
+                        raise LateUpdate(f"job {job_id!r} round {round - 1} is closed and it is the job's last; "
+                                         f"update from {party!r} not taken (no round to carry it to)")
                     rnd = self._round(js, round)
                 key = (round, party)
                 if key in js.seen:
@@ -460,6 +470,8 @@ class JITScheduler:
             if js.forgotten is not None and round <= js.forgotten and round not in js.rounds:
                 raise RoundForgotten(f"job {job_id!r} round {round}: finished, and no longer held (the scheduler "
                                      f"keeps the last {self.keep_rounds} rounds' results: keep_rounds)")
+            if round not in js.rounds:
+                self._check_round(js, round)
             return self._round(js, round).future
 
     def drop_party(self, job_id: str, party) -> None:
@@ -523,6 +535,15 @@ class JITScheduler:
             return self.jobs[job_id]
         except KeyError:
             raise UnknownJob(f"no job {job_id!r}") from None
+
+    def _check_round(self, js: _JobState, number: int) -> None:
+        job = js.job
+        if number < job.first_round or (job.rounds is not None and number >= job.first_round + job.rounds):
+            last = "" if job.rounds is None else f" to {job.first_round + job.rounds - 1}"
+            raise NoSuchRound(f"job {job.id!r} has no round {number} (its rounds: {job.first_round}{last})")
+        if job.rounds is None and js.open is not None and number > js.open.number + self.keep_rounds:
+            raise NoSuchRound(f"job {job.id!r} round {number} is more than keep_rounds = {self.keep_rounds} ahead of "
+                              f"the open round {js.open.number}")
 
     def _round(self, js: _JobState, number: int) -> _Round:
         rnd = js.rounds.get(number)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import jitkernels as jk
-from scheduler import (Backpressure, BackendCost, CostModel, JITScheduler, Job, LateUpdate, QuorumUnreachable,
-                       SchedulerClosed, UnknownParty, VirtualClock)
+from scheduler import (Backpressure, BackendCost, CostModel, JITScheduler, Job, LateUpdate, NoSuchRound,
+                       QuorumUnreachable, SchedulerClosed, UnknownParty, VirtualClock)
 from scheduler.executors import ModelExecutor, _call
 
 # fold(n) = (n * 4000 + 8000) / 1e6 s; finalize = 8000 / 1e6 s; start-up 1 s
@@ -158,6 +158,37 @@ def test_updates_for_rounds_that_are_over_are_refused():
     with pytest.raises(LateUpdate, match="the job has finished"):
         s.submit("j", 7, "b", {"w": np.ones(2, np.float32)})
     assert s.buffered_bytes == 0
+
+
+def test_rounds_a_job_does_not_have_are_refused_not_held_for_ever():
+    """result() and submit() of a round after the job's last, or far ahead of the open one, used to make a pending
+    entry that nothing would ever resolve; a late update carried from the last round went to such a round and was
+    acknowledged, then never folded."""
+    u = {"w": np.ones(2, np.float32)}
+    s = JITScheduler("eager", clock=VirtualClock(), keep_rounds=4)
+    s.add_job(Job("j", template={"w": np.zeros(2, np.float32)}, parties=list("ab"), quorum=1, rounds=2,
+                  late="next_round"))
+    with pytest.raises(NoSuchRound, match="has no round 2 \\(its rounds: 0 to 1\\)"):
+        s.result("j", 2)
+    with pytest.raises(NoSuchRound, match="has no round -1"):
+        s.result("j", -1)
+    assert not s.result("j", 1).done()  # the next round is a round like any other
+    s.submit("j", 0, "a", u)
+    s.submit("j", 1, "a", u)
+    with pytest.raises(LateUpdate, match="no round to carry it to"):
+        s.submit("j", 1, "b", u)  # round 1's quorum is in, and it is the last
+    s.clock.run()
+    assert sorted(s.jobs["j"].rounds) == [0, 1] and s.buffered_bytes == 0
+
+    s = JITScheduler("eager", clock=VirtualClock(), keep_rounds=4)
+    s.add_job(Job("j", template={"w": np.zeros(2, np.float32)}, parties=list("ab"), quorum=1))
+    with pytest.raises(NoSuchRound, match="round 5 is more than keep_rounds = 4 ahead of the open round 0"):
+        s.result("j", 5)
+    with pytest.raises(NoSuchRound, match="ahead"):
+        s.submit("j", 10**9, "a", u)
+    s.submit("j", 4, "a", u)  # within reach: held until it opens
+    assert sorted(s.jobs["j"].rounds) == [0, 4]
+    s.close()
 
 
 class _FailingFolds(ModelExecutor):
