@@ -611,8 +611,10 @@ class JITScheduler:
             js.seen[(nxt, party)] = None
             self._round(js, nxt).admitted += 1
             weight = weight * js.job.late_weight
-            if self.store is not None and item is not None and not isinstance(item, _Spilled):
-                # written again under the round it now counts for: the ended round's files go with it
+            # written again under the round it now counts for: the ended round's files go with it
+            if isinstance(item, _Spilled):  # its file is its only copy
+                item = _Spilled(nxt, party, weight, self.store.carry_update(js.job.id, rnd.number, nxt, party, weight))
+            elif self.store is not None and item is not None:
                 self.store.persist_update(js.job.id, nxt, party, None, weight, item.leaves, js.layout.fingerprint)
             self.buffered_bytes += nbytes
             self._on_arrival(js, nxt, party, item, nbytes, weight)

@@ -125,6 +125,7 @@ class StateDir:
         self.orphans_removed = self._collect_orphans()
         self.fallbacks: list = []  # (manifest, reason) skipped at open
         self._states: dict = {}  # verified state files, loaded once
+        self._held: set = set()  # update files that collection must keep (a carry_update is reading them)
         self.gen, self.jobs = self._load()
         self.prev_jobs = self.jobs  # the older retained generation (what deletions wait for)
 
@@ -174,6 +175,26 @@ class StateDir:
                     "weight": repr(float(weight)), "layout": fingerprint, "leaves": json.dumps(dtypes)}
             # save_file, not save: building the bytes would hold the GIL (22 ms for 32 MB), and submit waits on it
             self._write("update", self._update_rel(job, rnd, party), checked_writer(tensors, meta))
+            return True
+        return self._writer.submit(work)
+
+    def carry_update(self, job, rnd: int, nxt: int, party, weight: float):
+        """File a spilled update that became late for round ``rnd`` again under round ``nxt`` at ``weight`` (on the
+        writer thread, after its first write); returns the future of the new file. Its file is its only copy and
+        the ended round's files are collected, so the old one is held back from collection until the new one is
+        written."""
+        old = self._update_rel(job, rnd, party)
+        with self._lock:
+            self._held.add(old)
+
+        def work():
+            try:
+                tensors, m = read_checked(os.path.join(self.path, old), what="update file")
+                meta = {**m, "round": str(int(nxt)), "weight": repr(float(weight)), "update_id": json.dumps(None)}
+                self._write("update", self._update_rel(job, nxt, party), checked_writer(tensors, meta))
+            finally:
+                with self._lock:
+                    self._held.discard(old)
             return True
         return self._writer.submit(work)
 
@@ -355,6 +376,8 @@ class StateDir:
                 r = int(rdir)
                 for f in os.listdir(os.path.join(root, rdir)):
                     if not f.endswith(".jku"):  # the writer thread's temp file of an update being persisted
+                        continue
+                    if os.path.join("updates", ident(job), rdir, f) in self._held:
                         continue
                     if r in done or (cur is not None and r < cur) or (
                             r == cur and _key(unident(f[:-4])) in covered):

@@ -427,12 +427,16 @@ def test_failed_rounds_and_dropped_parties_survive_a_restart(tmp_path):
     rec.close()
 
 
-def test_an_update_made_late_by_a_deadline_is_kept_for_the_next_round_across_a_restart(tmp_path):
+@pytest.mark.parametrize("restart", [True, False])
+@pytest.mark.parametrize("spill", [False, True], ids=["in-memory", "spilled"])
+def test_an_update_made_late_by_a_deadline_is_kept_for_the_next_round_across_a_restart(tmp_path, spill, restart):
     """Acknowledged for round 0 just before its deadline, processed just after (late='next_round'): it is carried to
     round 1 and written there, so the restart that follows still has it (round 0's files are collected once its
-    failure is committed)."""
-    clk = VirtualClock()
-    sched = JITScheduler("eager", clock=clk, state_dir=tmp_path, checkpoint_bytes=0)
+    failure is committed). A spilled one (over the byte budget: only its file holds it) is filed again under round 1
+    at the late weight; it was carried pointing at round 0's file at its old weight (folded at weight 1, or lost)."""
+    clk = VirtualClock()  # lazy: round 1 holds the carried update unfolded until its quorum
+    sched = JITScheduler("lazy", clock=clk, state_dir=tmp_path, checkpoint_bytes=0,
+                         **({"byte_budget": 0, "overflow": "spill"} if spill else {}))
     acks = []
     # queued before the job opens round 0 (and its deadline timer): the submit runs first at t = 5, its arrival after
     clk.call_at(5.0, lambda: acks.append(sched.submit("j", 0, "a", {"w": np.ones(4, np.float32)}, update_id="a0")))
@@ -442,9 +446,14 @@ def test_an_update_made_late_by_a_deadline_is_kept_for_the_next_round_across_a_r
     clk.run(until=6.0)
     assert acks[0].round == 0 and [d["event"] for d in sched.decisions if d["event"].startswith("late")] == [
         "late_to_next_round"]
-    sched.close()
-    rec = JITScheduler.recover(tmp_path, [job], policy="eager", slots=1, clock=VirtualClock(), checkpoint_bytes=0)
+    assert sched.spilled == int(spill)
+    if restart:
+        sched.close()
+        rec = JITScheduler.recover(tmp_path, [job], policy="eager", slots=1, clock=VirtualClock(), checkpoint_bytes=0)
+    else:
+        rec = sched
+        rec.clock.run(until=7.0)  # more commits: round 0's files are collected meanwhile
     rec.submit("j", 1, "b", {"w": np.full(4, 4.0, np.float32)})
-    rec.clock.run(until=1.0)
+    rec.clock.run(until=rec.clock.now() + 1.0)
     assert np.array_equal(rec.result("j", 1).result(timeout=1)["w"], np.full(4, 3.0))  # (0.5 * 1 + 1 * 4) / 1.5
     rec.close()
