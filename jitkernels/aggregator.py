@@ -431,6 +431,8 @@ class Aggregator:
             if output == "delta" and st.base is None:
                 raise ValueError("output='delta' needs an aggregator created with a base")
             outs = self._outputs(out)
+            if self.buffered:  # whole updates, each in a stored row, whatever its mass (Krum's may be 0)
+                return self._finalize_buffered(outs, out, st.base if output == "delta" else None)
             missing = [i for i, w in enumerate(st.leaf_weight) if w <= 0]
             if missing and base is None:
                 raise EmptyAggregate(f"no folded update carried leaf {self.layout.leaves[missing[0]].name!r}")
@@ -439,8 +441,6 @@ class Aggregator:
             # deterministic: every leaf is divided by the exactly rounded total weight (no partial updates there)
             mass = np.full(len(self.layout), st.total_weight) if st.deterministic else st.leaf_weight
             weights = mass * alg.divisor_scale(st)  # the algorithm's scaling (FedBuff's server lr, FedNova's steps)
-            if self.buffered:
-                return self._finalize_buffered(outs, out, st.base if output == "delta" else None)
             if closing and alg.noise_std(st) > 0:  # on the average delta, before that scaling, as the sum is
                 self._add_noise(alg.noise_std(st), mass, float_ids)
             acc = st.value()

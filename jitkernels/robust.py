@@ -18,7 +18,8 @@ import math
 
 import numpy as np
 
-from .algorithms import FedAvg
+from .algorithms import FedAvg, _positive
+from .errors import InvalidUpdateInfo
 
 
 class _Buffered(FedAvg):
@@ -113,28 +114,48 @@ class Krum(_Buffered):
 
     (m = 1: Krum; weights by sample counts as Flower, or uniform with ``weighted=False``; ties to the earlier party).
     Distances come from the k x k Gram matrix of the centered rows, accumulated in float64 in one cache-blocked pass
-    (``robust_gram.gram``), then one pass for the weighted sum of the selected rows. Needs k >= 2f + 3.
+    (``robust_gram.gram``), then one pass for the weighted sum of the selected rows. ``variant="paper"`` needs
+    k >= 2f + 3; ``variant="flower"`` runs wherever Flower's Krum does (any k, m > k keeps all; see
+    :func:`~jitkernels.robust_gram.krum`) and takes a per-update ``mass=`` (>= 0; default: the update's weight):
+    its weight in the average, so that an update of mass 0 takes part in the scores and weighs nothing, as
+    Flower's results with ``num_examples == 0`` (a fold weight must be > 0).
     """
 
     slab_dtypes = ("float32", "float64")
 
     name = "krum"
+    info_keys = ("mass",)
 
-    def __init__(self, *, f: int, m: int = 1, **store):
+    def __init__(self, *, f: int, m: int = 1, variant: str = "paper", **store):
+        from .robust_gram import KRUM_VARIANTS
+
         super().__init__(**store)
         if int(f) < 0 or int(m) < 1:
             raise ValueError(f"need f >= 0 and m >= 1, got f={f!r}, m={m!r}")
-        self.f, self.m = int(f), int(m)
+        if variant not in KRUM_VARIANTS:
+            raise ValueError(f"variant must be one of {KRUM_VARIANTS}, got {variant!r}")
+        self.f, self.m, self.variant = int(f), int(m), variant
+
+    def check_info(self, info, party):
+        super().check_info(info, party)
+        if "mass" not in info:
+            return {}
+        if self.variant != "flower":
+            raise InvalidUpdateInfo(party, "mass", info["mass"], "is read by variant='flower' only")
+        return {"mass": _positive(info, "mass", party, allow_zero=True)}
+
+    def mass(self, u) -> float:
+        return u.info.get("mass", u.weight) if self.weighted else 1.0
 
     def aggregate(self, store, weights, base=None):
         from .robust_gram import krum
 
-        res = krum(store, self.f, self.m, weights=weights if self.weighted else None)
+        res = krum(store, self.f, self.m, weights=weights if self.weighted else None, variant=self.variant)
         self.selected = res.parties  # who the last aggregate kept, by increasing score (e.g. to average their metrics)
         return res.aggregate
 
     def params(self) -> dict:
-        return {**super().params(), "f": self.f, "m": self.m}
+        return {**super().params(), "f": self.f, "m": self.m, "variant": self.variant}
 
 
 class Bulyan(_Buffered):

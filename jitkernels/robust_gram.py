@@ -45,8 +45,8 @@ from typing import NamedTuple
 import numpy as np
 
 from . import backends as _backends
-from .errors import (BackendUnavailable, DuplicateParty, InvalidWeight, NonFiniteUpdate, TooFewUpdates,
-                     ValueOutOfRange)
+from .errors import (BackendUnavailable, DuplicateParty, EmptyAggregate, InvalidWeight, NonFiniteUpdate,
+                     TooFewUpdates, ValueOutOfRange)
 from .threads import get_num_threads
 
 from ._numba import numba, reason as _numba_reason
@@ -132,15 +132,15 @@ def _party(parties, i):
     return parties[i] if parties is not None else int(i)
 
 
-def _weights(weights, k, parties) -> np.ndarray:
-    """float64 [k]: the weights (sample counts), each finite and > 0, or ones."""
+def _weights(weights, k, parties, allow_zero=False) -> np.ndarray:
+    """float64 [k]: the weights (sample counts), each finite and > 0 (>= 0 with ``allow_zero``), or ones."""
     if weights is None:
         return np.ones(k)
     w = np.asarray(weights, dtype=np.float64).reshape(-1)
     if w.shape[0] != k:
         raise ValueError(f"{w.shape[0]} weights for {k} rows")
     for i, x in enumerate(w):
-        if not (math.isfinite(x) and x > 0):
+        if not (math.isfinite(x) and (x > 0 or (allow_zero and x == 0))):
             raise InvalidWeight(_party(parties, i), weights[i])
     return w
 
@@ -326,8 +326,9 @@ def combine(X, coef, *, rows_idx=None, base=None, backend: str | None = None) ->
 # --- Krum / Multi-Krum ----------------------------------------------------------------------------------------------
 def krum_scores(D: np.ndarray, f: int, active=None) -> np.ndarray:
     r"""Krum scores over the rows ``active`` (default all) of a squared-distance matrix:
-    :math:`s_i = \sum` of the :math:`\max(1, n - f - 2)` smallest :math:`d_{ij}`, j in active, j != i (n = |active|).
-    The row's own index is excluded (not "the first after sorting")."""
+    :math:`s_i = \sum` of the :math:`\max(1, n - f - 2)` smallest :math:`d_{ij}`, j in active, j != i (n = |active|;
+    at most the n - 1 there are: a lone row scores 0, as in Flower's slice). The row's own index is excluded (not "the
+    first after sorting")."""
     return _scores(D, None, f, active)[0]
 
 
@@ -342,7 +343,7 @@ def _scores(D, g, f, active=None):
     ascending order, so equal multisets give equal scores."""
     act = np.arange(D.shape[0]) if active is None else np.asarray(active, dtype=np.int64)
     n = act.shape[0]
-    s = max(1, n - f - 2)
+    s = min(max(1, n - f - 2), n - 1)
     sub = D[np.ix_(act, act)]
     np.fill_diagonal(sub, np.inf)  # the row itself is excluded by index, not by sorting first
     near = np.argsort(sub, axis=1, kind="stable")[:, :s]
@@ -366,7 +367,10 @@ def _lowest(scores, err, m) -> list:
     return out
 
 
-def krum(X, f: int, m: int = 1, *, weights=None, party_ids=None, gram: Gram | None = None,
+KRUM_VARIANTS = ("paper", "flower")
+
+
+def krum(X, f: int, m: int = 1, *, weights=None, variant: str = "paper", party_ids=None, gram: Gram | None = None,
          backend: str | None = None) -> RobustResult:
     r"""Krum and Multi-Krum (Blanchard, El Mhamdi, Guerraoui, Stainer, 2017, "Machine Learning with Adversaries:
     Byzantine Tolerant Gradient Descent").
@@ -379,25 +383,37 @@ def krum(X, f: int, m: int = 1, *, weights=None, party_ids=None, gram: Gram | No
     below any real difference) are ties: exact duplicates have equal scores in exact arithmetic, but BLAS may round
     their Gram entries differently. The aggregate is :math:`\sum_{i \in S} w_i x_i / \sum_{i \in S} w_i` with
     ``weights`` (sample counts: what Flower's ``aggregate_krum`` does through ``aggregate``) or uniform
-    (``weights=None``: the paper's Multi-Krum). m = 1 is Krum: the selected row itself, exactly. Requires
-    k >= 2f + 3 (the paper's n > 2f + 2), else :class:`TooFewUpdates` (Flower runs any k with ``max(1, k - f - 2)``
-    neighbours, outside the guarantee).
+    (``weights=None``: the paper's Multi-Krum). m = 1 is Krum: the selected row itself, exactly.
+
+    ``variant="paper"`` requires k >= 2f + 3 (the paper's n > 2f + 2), else :class:`TooFewUpdates`, weights > 0 and
+    m <= k. ``variant="flower"`` runs wherever Flower's ``aggregate_krum`` and ``select_multikrum`` do, outside the
+    guarantee below 2f + 3: any k >= 1 (with :math:`\max(1, k - f - 2)` neighbours, at most the k - 1 there are),
+    weights >= 0 (a row of weight 0 takes part in the scores and weighs nothing in the average; Krum returns the
+    selected row whatever its weight; a Multi-Krum selection that weighs 0 in all raises :class:`EmptyAggregate`,
+    where Flower divides by 0), and m > k keeps all k rows (as ``select_multikrum``'s ``argsort(scores)[:m]``).
 
     Passes: 1 (the Gram; ``gram=`` reuses one) + m rows for the average. k-space work: O(k^2 log k).
     """
     rows, parties = _slab(X, party_ids)
     k = rows.shape[0]
     f, m = _count(f), _count(m, "m")
-    if k < 2 * f + 3:
+    if variant not in KRUM_VARIANTS:
+        raise ValueError(f"variant must be one of {KRUM_VARIANTS}, got {variant!r}")
+    flower = variant == "flower"
+    if not flower and k < 2 * f + 3:
         raise TooFewUpdates("Krum", k, f, 2 * f + 3)
+    if flower:
+        m = min(m, k)
     if not 1 <= m <= k:
         raise ValueError(f"m (rows kept by Multi-Krum) must be in [1, {k}], got {m}")
-    w = _weights(weights, k, parties)
+    w = _weights(weights, k, parties, allow_zero=flower)
     g = gram if gram is not None else _build_gram(rows, party_ids=parties, backend=backend)
     scores, err = _scores(g.distances(), np.diag(g.G), f)
     sel = np.array(_lowest(scores, err, m), dtype=np.int64)
+    if m > 1 and not np.sum(w[sel]) > 0:
+        raise EmptyAggregate(f"the {m} updates Multi-Krum selected weigh 0 in all")
     coef = np.zeros(k)
-    coef[sel] = w[sel] / np.sum(w[sel])
+    coef[sel] = w[sel] / np.sum(w[sel]) if m > 1 else 1.0
     if m == 1:
         agg = rows[sel[0]].copy()
     else:

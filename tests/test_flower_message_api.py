@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("flwr", reason="Flower (flwr) is a test dependency: pip install -e '.[test]'")
-from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict  # noqa: E402
 from flwr.serverapp import strategy as ms  # noqa: E402
 
 import jitkernels.integrations.flower as jkfl  # noqa: E402
@@ -117,3 +117,92 @@ def test_message_krum_equals_flowers_with_metrics_of_the_selected(name, kw):
     assert "reply-5" not in ours._jk.algorithm.selected
     for k in a_t:
         np.testing.assert_allclose(a_o[k].numpy(), a_t[k].numpy().astype(np.float32), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["FedAdam", "FedYogi", "FedAdagrad", "FedAvgM"])
+def test_message_server_optimizers_step_from_the_arrays_flower_reads(name):
+    """Flower's FedOpt steps from ``current_arrays``, which its configure_train sets to the arrays it sends, each
+    round; its FedAvgM from ``current_arrays`` too, set by configure_train once and by each step after (a caller may
+    assign it). A caller that sends other arrays in round 2 (a restored checkpoint, say) gets Flower's result; ours
+    went on from its own last model."""
+    rng = np.random.default_rng(2)
+    x0 = [rng.standard_normal((30, 20)).astype(np.float32), rng.standard_normal(20).astype(np.float32)]
+    kw = {"server_learning_rate": 0.8, "server_momentum": 0.9} if name == "FedAvgM" else {"eta": 0.01, "tau": 1e-3}
+    # fraction_train=0: configure_train records the arrays and samples no node (no Grid needed)
+    kw["fraction_train"] = 0.0
+    theirs, ours = getattr(ms, name)(**kw), getattr(jkfl, "Message" + name)(**kw)
+    glob = x0
+    for r in range(1, 4):
+        if r == 2:
+            glob = [(a + 0.5 * rng.standard_normal(a.shape)).astype(np.float32) for a in x0]
+        record = ArrayRecord({f"layer{i}": Array(a) for i, a in enumerate(glob)})
+        for s in (theirs, ours):
+            assert s.configure_train(r, record, ConfigRecord(), None) == []
+            if name == "FedAvgM" and r == 2:
+                s.current_arrays = record
+        replies = [_reply(j, [(a + 0.05 * rng.standard_normal(a.shape)).astype(np.float32) for a in glob],
+                          int(rng.integers(1, 100)), 0.0) for j in range(4)]
+        a_t, _ = theirs.aggregate_train(r, replies)
+        a_o, _ = ours.aggregate_train(r, replies)
+        for k in a_t:
+            np.testing.assert_allclose(a_o[k].numpy(), a_t[k].numpy().astype(np.float32), rtol=0, atol=2e-5)
+        glob = [a_t[f"layer{i}"].numpy().astype(np.float32) for i in range(2)]
+
+
+def _line_replies(k, f, zero):
+    """k replies on a line at 0, 1, 3, 7 steps (gaps 1, 2, 4), in a random order, the one at ``zero`` of weight 0:
+    well-separated Krum scores, but for the closest pair's when a score has one neighbour (k - f - 2 <= 1): those
+    two always share the lowest score, an exact tie. Rebuilt for each strategy."""
+    rng = np.random.default_rng(10 * k + f)
+    center = [rng.standard_normal((30, 20)).astype(np.float32), rng.standard_normal(20).astype(np.float32)]
+    step = [rng.standard_normal(c.shape).astype(np.float32) for c in center]
+    return [_reply(j, [(c + p * d).astype(np.float32) for c, d in zip(center, step)],
+                   0 if j == zero else 10 * (j + 1), float(j)) for j, p in enumerate(rng.permutation([0, 1, 3, 7][:k]))]
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+@pytest.mark.parametrize("f", [0, 1, 2])
+def test_message_krum_with_few_replies_and_zero_weight_equals_flowers(k, f):
+    """Flower's Krum and MultiKrum run with any k (max(1, k - f - 2) neighbours), score replies of weight 0 (they
+    weigh 0 in the average), and keep every reply when num_nodes_to_select > k; so do ours (they raised
+    TooFewUpdates below k = 2f + 3, left weight 0 out, and refused m > k). Krum (one reply) only where its score is
+    the lowest alone (k = 4, f = 0: two neighbours); see the next test for the tie. Where Krum selects the reply of
+    weight 0, Flower divides by the selection's total weight (ZeroDivisionError); so does ours (in the metrics,
+    averaged by Flower's own function)."""
+    krum = k - f - 2 >= 2
+    cases = [("MultiKrum", {"num_nodes_to_select": 2}), ("MultiKrum", {"num_nodes_to_select": 5})] + (
+        [("Krum", {})] if krum else [])
+    raised = 0
+    for name, kw in cases:
+        kw["num_malicious_nodes"] = f
+        for zero in range(k):
+            try:
+                a_t, m_t = getattr(ms, name)(**kw).aggregate_train(1, _line_replies(k, f, zero))
+            except ZeroDivisionError:
+                with pytest.raises(ZeroDivisionError):
+                    getattr(jkfl, "Message" + name)(**kw).aggregate_train(1, _line_replies(k, f, zero))
+                raised += 1
+                continue
+            a_o, m_o = getattr(jkfl, "Message" + name)(**kw).aggregate_train(1, _line_replies(k, f, zero))
+            assert dict(m_o) == pytest.approx(dict(m_t))
+            for key in a_t:
+                np.testing.assert_allclose(a_o[key].numpy(), a_t[key].numpy(), rtol=1e-6, atol=1e-6)
+    assert raised == krum  # Krum selects one reply: once, the reply of weight 0
+
+
+@pytest.mark.parametrize("k,f", [(2, 0), (3, 1), (4, 2)])
+def test_message_krum_tie_goes_to_the_earlier_reply(k, f):
+    """With one neighbour the two closest replies share the lowest score exactly. Flower's Message Krum takes
+    whichever ``np.argsort`` (not stable) puts first; ours, like Flower's strategy-API Krum (``np.argmin``), the
+    earlier one. Either way it is one of the pair."""
+    contents = [m.content for m in _line_replies(k, f, None)]
+    flat = np.stack([np.concatenate([a.ravel() for a in c["arrays"].to_numpy_ndarrays()]) for c in contents])
+    d = ((flat[:, None, :].astype(np.float64) - flat[None, :, :]) ** 2).sum(-1) + np.diag(np.full(k, np.inf))
+    pair = sorted(np.unravel_index(np.argmin(d), d.shape))
+    theirs = ms.multikrum.select_multikrum(contents, f, 1)[0]
+    assert any(theirs is contents[j] for j in pair)
+    ours = jkfl.MessageKrum(num_malicious_nodes=f)
+    a_o, _ = ours.aggregate_train(1, _line_replies(k, f, None))
+    assert ours._jk.algorithm.selected == (f"reply-{pair[0]}",)
+    for key, a in contents[pair[0]]["arrays"].items():
+        np.testing.assert_array_equal(a_o[key].numpy(), a.numpy())

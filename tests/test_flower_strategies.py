@@ -72,6 +72,33 @@ def test_strategy_equals_flowers(name):
             np.testing.assert_allclose(g, w.astype(np.float32), rtol=0, atol=2e-4 * lr + 4e-6)
 
 
+@pytest.mark.parametrize("name", ["FedAvgM", "FedAdam", "FedYogi", "FedAdagrad"])
+def test_server_optimizers_step_from_the_model_flower_keeps(name):
+    """Flower's FedAvgM steps from ``initial_parameters`` and its FedOpt from ``current_weights``, read each round
+    (each stores its new model there). A caller that replaces that model between rounds (a restored checkpoint,
+    say) gets Flower's result; ours went on from its own last model."""
+    make, lr = CASES[name]
+    rng = np.random.default_rng(5)
+    x0 = _model(rng)
+    theirs, ours = make(fl, x0), make(jkfl, x0)
+    glob = x0
+    for r in range(1, 4):
+        if r == 2:
+            glob = [(a + 0.5 * rng.standard_normal(a.shape)).astype(np.float32) for a in x0]
+            for s in (theirs, ours):
+                if name == "FedAvgM":
+                    s.initial_parameters = ndarrays_to_parameters(glob)
+                else:
+                    s.current_weights = [a.copy() for a in glob]
+        results = [(_Proxy(f"c{j}"), _fit_res([(a + 0.05 * rng.standard_normal(a.shape)).astype(np.float32)
+                                                for a in glob], rng.integers(10, 500))) for j in range(K)]
+        p_t, p_o = _same_round(theirs, ours, r, results)
+        want = parameters_to_ndarrays(p_t)
+        for g, w in zip(parameters_to_ndarrays(p_o), want):
+            np.testing.assert_allclose(g, w.astype(np.float32), rtol=0, atol=2e-4 * lr + 4e-6)
+        glob = [a.astype(np.float32) for a in want]
+
+
 def test_parameters_are_written_in_place_and_read_back_by_flower():
     make, _ = CASES["FedAvg"]
     outs, ours = _run(make)
@@ -145,6 +172,52 @@ def test_rules_that_ignore_weights_keep_results_with_zero_examples():
     for name, kw in (("FedMedian", {}), ("FedTrimmedAvg", {"beta": 0.2})):
         p_t, p_o = _same_round(getattr(fl, name)(**kw), getattr(jkfl, name)(**kw), 1, results)
         np.testing.assert_allclose(parameters_to_ndarrays(p_o)[0], parameters_to_ndarrays(p_t)[0], rtol=1e-6)
+
+
+def _line(x0, k, rng):
+    """k updates on a line through x0 at 0, 1, 3, 7 steps (gaps 1, 2, 4), in a random order: Krum scores far apart,
+    but for the two closest updates' when a score has one neighbour (those always share the lowest score: an exact
+    tie, which Flower's argmin and ours both give to the earlier result)."""
+    step = [rng.standard_normal(a.shape).astype(np.float32) for a in x0]
+    return [[(a + p * d).astype(np.float32) for a, d in zip(x0, step)] for p in rng.permutation([0, 1, 3, 7][:k])]
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+@pytest.mark.parametrize("f", [0, 1, 2])
+def test_krum_with_few_results_and_zero_examples_equals_flowers(k, f):
+    """Flower's Krum runs with any k (max(1, k - f - 2) neighbours, below the paper's k >= 2f + 3) and scores the
+    results with num_examples == 0 (Multi-Krum's average weighs them 0); ours did neither (TooFewUpdates; left
+    them out). The zero-example result takes each place in turn, so Krum sometimes selects it."""
+    rng = np.random.default_rng(10 * k + f)
+    x0 = _model(rng)
+    ups = _line(x0, k, rng)
+    chose_zero = False
+    for keep in sorted({0, 2, k}):
+        for zero in range(k):
+            results = [(_Proxy(f"c{j}"), _fit_res(u, 0 if j == zero else 10 * (j + 1))) for j, u in enumerate(ups)]
+            ours = jkfl.Krum(num_malicious_clients=f, num_clients_to_keep=keep)
+            p_t, p_o = _same_round(fl.Krum(num_malicious_clients=f, num_clients_to_keep=keep), ours, 1, results)
+            for g, w in zip(parameters_to_ndarrays(p_o), parameters_to_ndarrays(p_t)):
+                if keep == 0:  # Krum: the selected result itself
+                    np.testing.assert_array_equal(g, w)
+                else:
+                    np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+            chose_zero |= keep == 0 and ours._jk.algorithm.selected == (f"c{zero}",)
+    assert chose_zero
+
+
+def test_multikrum_keeping_more_than_k_keeps_all():
+    """num_clients_to_keep above k: ours averages all k results, as Flower's Message API (``argsort(scores)[:m]``);
+    Flower's strategy API slices ``argsort(scores)[::-1][k - to_keep:]``, which keeps the ``to_keep - k`` lowest
+    scores (here one result)."""
+    rng = np.random.default_rng(8)
+    ups = _line(_model(rng), 3, rng)
+    results = [(_Proxy(f"c{j}"), _fit_res(u, 10)) for j, u in enumerate(ups)]
+    p_t, p_o = _same_round(fl.Krum(num_clients_to_keep=4), jkfl.Krum(num_clients_to_keep=4), 1, results)
+    theirs, ours = parameters_to_ndarrays(p_t), parameters_to_ndarrays(p_o)
+    assert any(all(np.allclose(t, a, rtol=1e-6) for t, a in zip(theirs, u)) for u in ups)
+    for i, g in enumerate(ours):
+        np.testing.assert_allclose(g, np.mean([u[i] for u in ups], axis=0), rtol=1e-6, atol=1e-6)
 
 
 def test_server_optimizers_after_a_round_without_a_model():

@@ -116,6 +116,37 @@ def test_too_few_updates_for_the_rule_is_a_typed_error():
         agg.finalize()
 
 
+def test_krum_variants_through_the_aggregator(tmp_path):
+    """variant='paper' (the default) keeps the paper's k >= 2f + 3 and refuses a mass; variant='flower' runs any k
+    and takes a per-update mass >= 0: an update of mass 0 is scored and weighs nothing in the average; Krum returns
+    its selected row whatever its mass, a Multi-Krum selection of mass 0 in all raises. The variant is saved."""
+    base = {"w": np.zeros(8, np.float32)}
+    ups = [{"w": np.full(8, v, np.float32)} for v in (0.0, 1.0, 3.0)]  # scores (one neighbour): 1, 1, 4
+    paper = jk.Aggregator(base, R.Krum(f=1))
+    paper.fold_many(ups, parties=["a", "b", "c"])
+    with pytest.raises(jk.TooFewUpdates, match="Krum with f=1 needs at least 5"):
+        paper.finalize()
+    with pytest.raises(jk.InvalidUpdateInfo, match="mass"):
+        paper.fold(ups[0], party="d", mass=0.0)
+
+    def flower(m, masses):
+        agg = jk.Aggregator(base, R.Krum(f=1, m=m, variant="flower"))
+        agg.fold_many(ups, parties=["a", "b", "c"], infos=[{"mass": x} for x in masses])
+        return agg
+
+    np.testing.assert_array_equal(flower(1, [0.0, 0.0, 0.0]).finalize()["w"], ups[0]["w"])  # the tie to 'a'
+    np.testing.assert_array_equal(flower(2, [0.0, 5.0, 1.0]).finalize()["w"], ups[1]["w"])  # a, b: a weighs 0
+    np.testing.assert_allclose(flower(3, [0.0, 5.0, 1.0]).finalize()["w"], np.full(8, 8 / 6), rtol=1e-6)
+    np.testing.assert_allclose(flower(4, [1.0, 1.0, 1.0]).finalize()["w"], np.full(8, 4 / 3), rtol=1e-6)  # m > k
+    with pytest.raises(jk.EmptyAggregate, match="weigh 0"):
+        flower(2, [0.0, 0.0, 1.0]).finalize()
+    agg = flower(2, [0.0, 5.0, 1.0])
+    agg.state.save(tmp_path / "k.jks")
+    back = jk.Aggregator.from_state(jk.FoldState.load(tmp_path / "k.jks"))
+    assert back.algorithm.variant == "flower"
+    np.testing.assert_array_equal(back.finalize()["w"], ups[1]["w"])
+
+
 def test_dp_does_not_wrap_a_buffered_rule():
     with pytest.raises(ValueError, match="buffered"):
         jk.algorithms.DPFixedClipping(R.FedMedian(), clip_norm=1.0, noise_multiplier=1.0)

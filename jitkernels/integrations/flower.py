@@ -16,10 +16,22 @@ sampling, configuration, evaluation) is Flower's. Their results equal Flower's w
 deliberate differences: integer arrays are averaged (Flower's ``aggregate_inplace`` zeroes them); float16 models are
 accumulated in float32 (Flower's ``aggregate`` overflows); results keep the model's dtype (Flower's FedAdam returns
 float64, a NEP 50 promotion); deltas are folded as ``u - x`` (Flower forms the average, then subtracts, which turns
-rounding into steps); clients that report ``num_examples == 0`` are left out of weighted rules (they weigh nothing in
-Flower either) and kept by the rules that ignore weights (median, trimmed mean), as Flower keeps them. Krum needs
-k >= 2f + 3 results (:class:`~jitkernels.errors.TooFewUpdates` otherwise; Flower's runs with fewer, its scores then
-undefined) and, as a weighted rule (Multi-Krum averages by ``num_examples``), leaves ``num_examples == 0`` out.
+rounding into steps); clients that report ``num_examples == 0`` are left out of weighted averages (they weigh nothing
+in Flower either) and kept by the rules that ignore weights (median, trimmed mean), as Flower keeps them.
+
+Krum and Multi-Krum are ``variant="flower"`` of :class:`jitkernels.robust.Krum` (whose default keeps the paper's
+k >= 2f + 3): as Flower's ``aggregate_krum`` and ``select_multikrum``, they run with any k (``max(1, k - f - 2)``
+neighbours), score the results with ``num_examples == 0`` (which weigh 0 in Multi-Krum's average; Krum returns its
+selected result whatever its weight) and keep all k when asked to keep more. Differences: exact score ties go to the
+earlier result (Flower's Message API takes whichever ``np.argsort``, not stable, puts first; its strategy-API Krum's
+``np.argmin`` also takes the earlier); a Multi-Krum selection whose results all report 0 examples raises
+:class:`~jitkernels.errors.EmptyAggregate` (Flower's strategy API returns NaN arrays, its Message API raises
+ZeroDivisionError); with ``num_clients_to_keep`` above k the strategy API keeps all k (Flower's slice
+``argsort(scores)[::-1][k - to_keep:]`` keeps the ``to_keep - k`` lowest).
+
+The server optimizers step from the model Flower's own classes read each round (``current_weights``,
+``initial_parameters``, ``current_arrays``), so a caller that replaces it between rounds gets Flower's result; this
+costs one copy of the model into the step's state per round.
 """
 
 from __future__ import annotations
@@ -145,9 +157,15 @@ class _Runner:
 
     def fold_and_finalize(self, views, weights, parties, base=None, server_round=None):
         """(bytes per leaf, the arrays viewing them) of the round's aggregate, or None when no update weighs.
-        ``server_round``: Flower's round number, which its adaptive optimizers' bias correction counts (not the
-        steps applied: a round that returned no model still counts there)."""
-        if not getattr(self.algorithm, "uses_weights", True):  # median & co.: Flower counts every result
+        ``base``: the model the round's updates start from (Flower's strategies keep it, and a caller may replace
+        it between rounds); None continues from the model the last step produced. ``server_round``: Flower's round
+        number, which its adaptive optimizers' bias correction counts (not the steps applied: a round that returned
+        no model still counts there)."""
+        infos = None
+        if "mass" in getattr(self.algorithm, "info_keys", ()):  # Krum: Flower scores results of weight 0 too
+            infos = [{"mass": float(w)} for w in weights]
+            weights = [1.0] * len(weights)
+        elif not getattr(self.algorithm, "uses_weights", True):  # median & co.: Flower counts every result
             weights = [w if w > 0 else 1.0 for w in weights]
         kept = [j for j, w in enumerate(weights) if w > 0]
         if len(kept) < len(weights):
@@ -162,9 +180,10 @@ class _Runner:
         if self.agg is None:
             tmpl = [np.empty(v.shape, v.dtype) for v in views[kept[0]]] if base is None else base
             self.agg = jk.Aggregator(tmpl, self.algorithm, backend=self.backend, base=base)
-        elif self.agg.state.count or self.agg.state.closed:
-            self.agg.reset(reuse=True)
-        self.agg.fold_many([views[j] for j in kept], [float(weights[j]) for j in kept], [parties[j] for j in kept])
+        elif base is not None or self.agg.state.count or self.agg.state.closed:
+            self.agg.reset(base, reuse=True)
+        self.agg.fold_many([views[j] for j in kept], [float(weights[j]) for j in kept], [parties[j] for j in kept],
+                           None if infos is None else [infos[j] for j in kept])
         if server_round is not None and self.agg.state.opt is not None:
             self.agg.state.round = int(server_round) - 1  # steps before this one, as Flower counts them
         tensors, arrays = parameters_buffers([(leaf.shape, np_dtype(leaf.dtype)) for leaf in self.agg.layout.leaves])
@@ -264,13 +283,10 @@ def _strategies():
                 return self._plain(results), _metrics(self, server_round, results)
             if self._jk is None:
                 self._jk = _Runner(A.FedAvgM(lr=self.server_learning_rate, momentum=self.server_momentum), self._backend)
-            if self._jk.agg is None:  # until a round has folded something, the model is the initial one
-                if self.initial_parameters is None:
-                    raise ValueError("When using server-side optimization, model needs to be initialized.")
-                base = [np.array(a) for a in ndarrays_from_parameters(self.initial_parameters)]
-                params = self._jk.aggregate(results, base=base)
-            else:
-                params = self._jk.aggregate(results)
+            if self.initial_parameters is None:
+                raise ValueError("When using server-side optimization, model needs to be initialized.")
+            # Flower steps from initial_parameters each round (it stores each new model there; a caller may too)
+            params = self._jk.aggregate(results, base=ndarrays_from_parameters(self.initial_parameters))
             if params is not None:  # a round where no result weighed keeps the model
                 self.initial_parameters = params
             return params, _metrics(self, server_round, results)
@@ -293,9 +309,8 @@ def _strategies():
             def aggregate_fit(self, server_round, results, failures):
                 if not results or (not self.accept_failures and failures):
                     return None, {}
-                first = self._jk.agg is None
-                params = self._jk.aggregate(results, base=[np.array(a) for a in self.current_weights] if first
-                                            else None, server_round=server_round)
+                # Flower steps from current_weights each round (it stores each new model there; a caller may too)
+                params = self._jk.aggregate(results, base=self.current_weights, server_round=server_round)
                 if params is not None:
                     self.current_weights = ndarrays_from_parameters(params)
                 return params, _metrics(self, server_round, results)
@@ -313,8 +328,8 @@ def _strategies():
             "FedYogi": _fedopt(fl.FedYogi, A.FedYogi), "FedAdagrad": _fedopt(fl.FedAdagrad, A.FedAdagrad),
             "FedMedian": _robust(fl.FedMedian, lambda st: R.FedMedian()),
             "FedTrimmedAvg": _robust(fl.FedTrimmedAvg, lambda st: R.FedTrimmedAvg(beta=st.beta)),
-            "Krum": _robust(fl.Krum, lambda st: R.Krum(f=st.num_malicious_clients,
-                                                       m=max(1, st.num_clients_to_keep)))}
+            "Krum": _robust(fl.Krum, lambda st: R.Krum(f=st.num_malicious_clients, m=max(1, st.num_clients_to_keep),
+                                                       variant="flower"))}
 
 
 def _message_strategies():
@@ -364,9 +379,8 @@ def _message_strategies():
                     raise ValueError("Current arrays not set. Ensure that `configure_train` has been called before "
                                      "aggregation.")
                 contents = [msg.content for msg in valid]
-                first = self._jk.agg is None  # later rounds continue from the model the last step produced
-                return (self._jk.aggregate_records(contents, self.weighted_by_key,
-                                                   base=self.current_arrays if first else None,
+                # Flower steps from current_arrays, which configure_train sets each round to the arrays it sends
+                return (self._jk.aggregate_records(contents, self.weighted_by_key, base=self.current_arrays,
                                                    server_round=server_round),
                         self.train_metrics_aggr_fn(contents, self.weighted_by_key))
 
@@ -398,8 +412,8 @@ def _message_strategies():
                 if self.current_arrays is None:
                     raise ValueError("No initial parameters set for FedAvgM. Ensure that `configure_train` has been "
                                      "called before aggregation.")
-                if self._jk.agg is None:  # later rounds continue from the model the last step produced
-                    base = {k: a.numpy() for k, a in self.current_arrays.items()}
+                # Flower steps from current_arrays each round (configure_train sets it once, each step after)
+                base = {k: a.numpy() for k, a in self.current_arrays.items()}
             arrays = self._jk.aggregate_records(contents, self.weighted_by_key, base=base)
             if self.server_opt and arrays is not None:
                 self.current_arrays = arrays
@@ -412,11 +426,11 @@ def _message_strategies():
             index = {p: i for i, p in enumerate(st._jk.reply_ids(len(contents)))}
             return [contents[index[p]] for p in st._jk.algorithm.selected]
 
-        return _train_rule(flower_cls, lambda st: R.Krum(f=st.num_malicious_nodes, m=st.num_nodes_to_select),
+        return _train_rule(flower_cls, lambda st: R.Krum(f=st.num_malicious_nodes, m=st.num_nodes_to_select,
+                                                         variant="flower"),
                            f"``flwr.serverapp.strategy.{flower_cls.__name__}`` by jitkernels' Krum (distances from "
                            f"one float64 Gram pass over the round's slab): the weighted average of the selected "
-                           f"replies, their metrics aggregated as Flower does (over the selected replies only). "
-                           f"Needs k >= 2f + 3 replies (Flower runs any k).", kept)
+                           f"replies, their metrics aggregated as Flower does (over the selected replies only).", kept)
 
     return {"MessageFedAvg": MessageFedAvg, "MessageFedAvgM": MessageFedAvgM,
             "MessageKrum": _krum(ms.Krum), "MessageMultiKrum": _krum(ms.MultiKrum),
