@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -108,7 +109,7 @@ class StateDir:
     ``<update|state|result|manifest>.<tmp_synced|renamed|dir_synced>`` and ``gc.<started|deleted>``; a hook that
     calls :meth:`die` and raises stops the directory there, as a crash would."""
 
-    def __init__(self, path, *, crash_hook=None, keep_results: int | None = None):
+    def __init__(self, path, *, crash_hook=None, keep_results: int | None = None, writer_nice: int = 0):
         self.path = os.path.abspath(os.fspath(path))
         self.keep_results = keep_results  # finished rounds' results a job's manifest names (None: all)
         os.makedirs(self.path, exist_ok=True)
@@ -121,7 +122,8 @@ class StateDir:
         self.crash_hook = crash_hook
         self.dead = False
         self._lock = threading.RLock()
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="jitkernels-durable")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="jitkernels-durable", initializer=_renice,
+                                          initargs=(writer_nice,))
         self.orphans_removed = self._collect_orphans()
         self.fallbacks: list = []  # (manifest, reason) skipped at open
         self._states: dict = {}  # verified state files, loaded once
@@ -396,6 +398,16 @@ class StateDir:
         self._writer.shutdown(wait=not self.dead)
         if not self._lockf.closed:
             self._lockf.close()  # closing the descriptor releases the flock
+
+
+def _renice(nice: int) -> None:
+    """Nice value ``nice`` for the calling thread (JITScheduler's ``writer_nice``). Linux only: there the nice value
+    is per thread; elsewhere the call would change the whole process. A refusal leaves the thread as it was."""
+    if nice and sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), int(nice))
+        except OSError:
+            pass
 
 
 def _key(party):

@@ -98,6 +98,18 @@ def test_a_second_scheduler_cannot_open_a_held_directory(tmp_path):
     StateDir(tmp_path).close()  # released by close
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the nice value is per thread on Linux only")
+def test_writer_nice_renices_the_writer_thread_alone(tmp_path):
+    """JITScheduler(writer_nice=19) yields the writer's CPU to submit's callers and the folds; the caller's thread
+    keeps its own priority, and the default leaves the writer as it was."""
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    for nice, want in ((0, before), (19, 19)):
+        sched = JITScheduler("eager", clock=VirtualClock(), state_dir=tmp_path / str(nice), writer_nice=nice)
+        assert sched.store._writer.submit(lambda: os.getpriority(os.PRIO_PROCESS, 0)).result(timeout=10) == want
+        sched.close()
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before
+
+
 @pytest.mark.parametrize("point", POINTS)
 @pytest.mark.parametrize("nth", [1, 3])
 def test_crash_at_every_protocol_step_loses_nothing_counts_nothing_twice(tmp_path, want, point, nth):
