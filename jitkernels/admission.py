@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import backends
-from .batch import CODE, INT_CODE, build_groups, leaf_entry
+from .batch import ABSENT, CODE, INT_CODE, build_groups, leaf_entry
 from .dtypes import Quantized
 from .device import DeviceLeaf
 from .errors import InvalidWeight, LayoutMismatch, NonFiniteUpdate, ValueOutOfRange
@@ -47,6 +47,11 @@ class Admitted:
     against_base: object = False  # its norms are deltas against a base (an Aggregator marks which one)
     on_device: bool = False  # its leaves are in GPU memory (CuPy arrays / torch CUDA tensors)
     info: dict = field(default_factory=dict)  # per-update values the algorithm reads (steps, staleness), checked
+
+    @property
+    def present(self) -> np.ndarray:
+        """Mask of the layout's leaves this update carries (all of them unless it is partial)."""
+        return self.entries[:, 0] != ABSENT
 
 
 def check_weight(weight, party) -> float:

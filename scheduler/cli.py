@@ -159,8 +159,8 @@ def cmd_sweep(args) -> int:
     for title, data, fmt in (("jit saving vs eager", saving, "{:>8.1%}"),
                              ("share of lazy's saving jit captures", capture, "{:>8.1%}"),
                              ("share of oracle's saving jit captures", oracle, "{:>8.1%}"),
-                             ("... and the most a policy that knew the response-time distributions would, at the "
-                              "same risk alpha (simulator.risk_bound)", bound, "{:>8.1%}"),
+                             ("... and what planning at risk alpha on the true response-time distributions keeps "
+                              "(simulator.risk_bound)", bound, "{:>8.1%}"),
                              ("jit p95 latency: share of the way from eager's to lazy's", latency, "{:>8.1%}"),
                              ("jit p95 added latency vs eager (s)", added, "{:>8.2f}")):
         print(f"\n{title} (rows: jitter CV, columns: rho)")

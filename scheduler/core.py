@@ -103,6 +103,10 @@ class Job:
     prior_response_s: float | None = None  # predictor prior before any response is seen
     deterministic: bool = False  # jitkernels' deterministic mode: bit-identical whatever the batching (and recovery)
 
+    def after_last(self, number: int) -> bool:
+        """Round ``number`` comes after the job's last (never, without a round count)."""
+        return self.rounds is not None and number >= self.first_round + self.rounds
+
     def quorum_count(self) -> int:
         n = len(self.parties)
         q = self.quorum
@@ -157,6 +161,8 @@ class _Round:
     done: bool = False
     admitted: int = 0  # updates acknowledged for the round: membership is decided at submit, the first q
     durable: dict = field(default_factory=dict)  # party -> its update's Ack.durable, for a resend's Ack
+    carried: set = field(default_factory=set)  # parties whose late update for the round before counts here
+    unobserved: set = field(default_factory=set)  # parties whose arrival is no response time (carried, replayed)
 
 
 @dataclass
@@ -411,12 +417,12 @@ class JITScheduler:
                 if update_id is not None and js.seen[key] == update_id:
                     return self._duplicate(js, round, party)
                 raise jk.DuplicateParty(party, f"job {job_id!r} round {round}")
+            if round not in js.rounds:  # a round the job has not got is that, whether it is over or not
+                self._check_round(js, round)
             if js.open is None or (round < js.open.number and round not in js.rounds):
                 raise LateUpdate(f"job {job_id!r} round {round}: " + (
                     "the job has finished" if js.open is None else f"the round is over (round {js.open.number} "
                     f"is open)") + f"; update from {party!r} not taken")
-            if round not in js.rounds:
-                self._check_round(js, round)
             rnd = self._round(js, round)
             if rnd.done or rnd.admitted >= rnd.quorum:  # membership is fixed: the first q acknowledged updates
                 if not math.isnan(rnd.start):
@@ -426,7 +432,7 @@ class JITScheduler:
                                      f"update from {party!r} rejected (late rule 'reject')")
                 while rnd.done or rnd.admitted >= rnd.quorum:  # late rule 'next_round': the next round with room
                     round += 1
-                    if js.job.rounds is not None and round >= js.job.first_round + js.job.rounds:
+                    if js.job.after_last(round):
                         raise LateUpdate(f"job {job_id!r} round {round - 1} is closed and it is the job's last; "
                                          f"update from {party!r} not taken (no round to carry it to)")
                     rnd = self._round(js, round)
@@ -436,6 +442,8 @@ class JITScheduler:
                         return self._duplicate(js, round, party)
                     raise jk.DuplicateParty(party, f"job {job_id!r} round {round} (a late update carried over from "
                                                    f"round {round - 1})")
+                rnd.carried.add(party)
+                rnd.unobserved.add(party)
                 self._log("late_to_next_round", js, round=round - 1, party=party)
                 weight = float(weight) * js.job.late_weight
             spill = False
@@ -452,6 +460,8 @@ class JITScheduler:
             rnd.admitted += 1
             if not spill:
                 self.buffered_bytes += nbytes  # reserved now so that a burst sees its own bytes
+        if spill:  # held from before its file exists until it is folded, carried or dropped
+            self.store.hold(job_id, round, party)
         if persist and self.store is not None and item is not None:
             durable = self.store.persist_update(job_id, round, party, update_id, float(weight), item.leaves,
                                                 js.layout.fingerprint)
@@ -543,7 +553,7 @@ class JITScheduler:
 
     def _check_round(self, js: _JobState, number: int) -> None:
         job = js.job
-        if number < job.first_round or (job.rounds is not None and number >= job.first_round + job.rounds):
+        if number < job.first_round or job.after_last(number):
             last = "" if job.rounds is None else f" to {job.first_round + job.rounds - 1}"
             raise NoSuchRound(f"job {job.id!r} has no round {number} (its rounds: {job.first_round}{last})")
         if job.rounds is None and js.open is not None and number > js.open.number + self.keep_rounds:
@@ -601,7 +611,8 @@ class JITScheduler:
         self.buffered_bytes += nbytes
         self.peak_buffered_bytes = max(self.peak_buffered_bytes, self.buffered_bytes)
         js.metrics.peak_bytes = max(js.metrics.peak_bytes, rnd.pending_bytes)
-        js.predictor.observe(party, now - rnd.start)
+        if party not in rnd.unobserved:  # a carried update's time and answer belong to the round before; a
+            js.predictor.observe(party, now - rnd.start)  # replayed one's arrival is the restart
         rnd.last_arrival = now
         if len(rnd.members) == rnd.quorum:
             rnd.quorum_time = now
@@ -610,21 +621,25 @@ class JITScheduler:
     def _late(self, js, rnd, party, item, nbytes, weight) -> None:
         js.predictor.observe_late(party, self.clock.now() - rnd.start, rnd.number)
         nxt = rnd.number + 1
-        last = js.job.rounds is not None and nxt >= js.job.first_round + js.job.rounds
-        if js.job.late == "next_round" and not last and (nxt, party) not in js.seen:
+        if js.job.late == "next_round" and not js.job.after_last(nxt) and (nxt, party) not in js.seen:
             self._log("late_to_next_round", js, round=rnd.number, party=party)
             js.seen[(nxt, party)] = None
             self._round(js, nxt).admitted += 1
+            self._round(js, nxt).carried.add(party)
+            self._round(js, nxt).unobserved.add(party)
             weight = weight * js.job.late_weight
             # written again under the round it now counts for: the ended round's files go with it
             if isinstance(item, _Spilled):  # its file is its only copy
                 item = _Spilled(nxt, party, weight, self.store.carry_update(js.job.id, rnd.number, nxt, party, weight))
             elif self.store is not None and item is not None:
-                self.store.persist_update(js.job.id, nxt, party, None, weight, item.leaves, js.layout.fingerprint)
+                self.store.persist_update(js.job.id, nxt, party, None, weight, item.leaves, js.layout.fingerprint,
+                                          carried_from=rnd.number)
             self.buffered_bytes += nbytes
             self._on_arrival(js, nxt, party, item, nbytes, weight)
         else:  # rejected, or no round to carry it to (the job's last round, or the party sent one there already)
             self._log("late_rejected", js, round=rnd.number, party=party)
+            if isinstance(item, _Spilled):
+                self.store.release(js.job.id, item.round, party)
 
     def _on_deadline(self, js, rnd) -> None:
         with self._lock:
@@ -651,8 +666,7 @@ class JITScheduler:
             self._plan(js)
             return
         rnd.done = True
-        self.buffered_bytes -= rnd.pending_bytes
-        rnd.pending, rnd.pending_bytes = [], 0
+        self._drop_pending(js, rnd)
         error = QuorumUnreachable(f"job {js.job.id!r} round {rnd.number}: {why}")
         self._commit_failure(js, rnd, error)
         rnd.future.set_exception(error)
@@ -876,7 +890,16 @@ class JITScheduler:
     def _read_spilled(self, js, sp):
         sp.durable.result()  # the writer thread may still be writing it
         leaves = self.store.load_update(js.job.id, sp.round, sp.party, len(js.layout))
+        self.store.release(js.job.id, sp.round, sp.party)  # folded next: the checkpoint or result covers it
         return js.admit(js.layout.unflatten(leaves), sp.weight, sp.party)
+
+    def _drop_pending(self, js, rnd) -> None:
+        """A round ended with updates unfolded: their bytes are freed, and spilled ones' files let go."""
+        self.buffered_bytes -= rnd.pending_bytes
+        for party, item, _, _ in rnd.pending:
+            if isinstance(item, _Spilled):
+                self.store.release(js.job.id, item.round, party)
+        rnd.pending, rnd.pending_bytes = [], 0
 
     def _finalize_durably(self, js, number, agg, ids):
         """A finalize task with a state directory: the result is committed before its future resolves."""
@@ -888,8 +911,8 @@ class JITScheduler:
 
     def _resume(self, js) -> None:
         """Continue a job from the state directory: finished rounds' results, the open round's committed partial
-        aggregate, and the acknowledged updates that it does not cover (replayed as arrivals; the predictor
-        re-learns from them and later ones)."""
+        aggregate, and the acknowledged updates that it does not cover (replayed as arrivals, which the predictor
+        does not learn response times from: it resumes from the models the manifest saved)."""
         st, job = self.store, js.job
         meta = st.jobs.get(job.id, {})
         first = meta.get("round", job.first_round)
@@ -913,7 +936,7 @@ class JITScheduler:
         for p in meta.get("dropped", []):  # parties that left (drop_party) are not waited for
             if p in js.expected:
                 js.drop_expected(p)
-        if job.rounds is not None and first >= job.first_round + job.rounds:
+        if job.after_last(first):
             js.finished = True
             self._log("resumed", js, round=first, finished=True)
             return
@@ -933,6 +956,7 @@ class JITScheduler:
                 rnd.quorum_time = self.clock.now()
         replayed = st.stored_updates(job.id, len(js.layout))
         for r, party, uid, weight, leaves in replayed:
+            self._round(js, r).unobserved.add(party)  # it arrives now, in replay: no response time to learn
             self._submit(js, r, party, js.layout.unflatten(leaves), weight, uid, persist=False)
         self._log("resumed", js, round=first, folded=rnd.folded, replayed=len(replayed),
                   fallbacks=len(st.fallbacks), orphans_removed=st.orphans_removed)
@@ -977,8 +1001,7 @@ class JITScheduler:
         if hasattr(error, "add_note"):  # the error keeps its type; the note says where it happened
             error.add_note(f"while folding job {js.job.id!r} round {rnd.number}")
         self._commit_failure(js, rnd, error)
-        self.buffered_bytes -= rnd.pending_bytes
-        rnd.pending, rnd.pending_bytes = [], 0
+        self._drop_pending(js, rnd)
         rnd.future.set_exception(error)
         self._round_finished(js, rnd)
 
@@ -997,10 +1020,10 @@ class JITScheduler:
             rnd.deadline_timer.cancel()
         if rnd.timer is not None:
             rnd.timer.cancel()
-        js.predictor.close_round(rnd.arrived, js.expected, rnd.number)
+        js.predictor.close_round(rnd.arrived - rnd.carried, js.expected, rnd.number)
         self._forget_old_rounds(js, rnd.number)
         nxt = rnd.number + 1
-        last = js.job.rounds is not None and nxt >= js.job.first_round + js.job.rounds
+        last = js.job.after_last(nxt)
         if last:
             js.finished = True
             js.open = None

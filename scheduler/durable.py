@@ -127,7 +127,7 @@ class StateDir:
         self.orphans_removed = self._collect_orphans()
         self.fallbacks: list = []  # (manifest, reason) skipped at open
         self._states: dict = {}  # verified state files, loaded once
-        self._held: set = set()  # update files that collection must keep (a carry_update is reading them)
+        self._held: set = set()  # update files collection must keep (spilled updates not yet folded: hold/release)
         self.gen, self.jobs = self._load()
         self.prev_jobs = self.jobs  # the older retained generation (what deletions wait for)
 
@@ -167,36 +167,47 @@ class StateDir:
     def _update_rel(self, job, rnd: int, party) -> str:
         return os.path.join("updates", ident(job), str(int(rnd)), ident(party) + ".jku")
 
-    def persist_update(self, job, rnd: int, party, update_id, weight: float, leaves, fingerprint: str):
+    def persist_update(self, job, rnd: int, party, update_id, weight: float, leaves, fingerprint: str,
+                       carried_from: int | None = None):
         """Write one acknowledged update (on the writer thread); returns the future that resolves once it is
-        durable."""
+        durable. ``carried_from``: the round it was acknowledged for, if it was carried here late (its file there
+        is then not replayed: see :meth:`stored_updates`)."""
         def work():
             tensors, dtypes = encode_leaves(leaves)
             meta = {"format": UPDATE_FORMAT, "version": str(VERSION), "job": json.dumps(job),
                     "round": str(int(rnd)), "party": json.dumps(party), "update_id": json.dumps(update_id),
-                    "weight": repr(float(weight)), "layout": fingerprint, "leaves": json.dumps(dtypes)}
+                    "weight": repr(float(weight)), "layout": fingerprint, "leaves": json.dumps(dtypes),
+                    "carried_from": json.dumps(carried_from)}
             # save_file, not save: building the bytes would hold the GIL (22 ms for 32 MB), and submit waits on it
             self._write("update", self._update_rel(job, rnd, party), checked_writer(tensors, meta))
             return True
         return self._writer.submit(work)
 
-    def carry_update(self, job, rnd: int, nxt: int, party, weight: float):
-        """File a spilled update that became late for round ``rnd`` again under round ``nxt`` at ``weight`` (on the
-        writer thread, after its first write); returns the future of the new file. Its file is its only copy and
-        the ended round's files are collected, so the old one is held back from collection until the new one is
-        written."""
-        old = self._update_rel(job, rnd, party)
+    def hold(self, job, rnd: int, party) -> None:
+        """Keep an update's file from collection (a spilled update: the file is its only copy) until
+        :meth:`release`; collection would take it once its round is over, before it is folded or carried."""
         with self._lock:
-            self._held.add(old)
+            self._held.add(self._update_rel(job, rnd, party))
+
+    def release(self, job, rnd: int, party) -> None:
+        with self._lock:
+            self._held.discard(self._update_rel(job, rnd, party))
+
+    def carry_update(self, job, rnd: int, nxt: int, party, weight: float):
+        """File a held (spilled) update that became late for round ``rnd`` again under round ``nxt`` at ``weight``
+        (on the writer thread, after its first write); returns the future of the new file, which is held in turn.
+        The old file is released once the new one is written."""
+        old = self._update_rel(job, rnd, party)
+        self.hold(job, nxt, party)
 
         def work():
             try:
                 tensors, m = read_checked(os.path.join(self.path, old), what="update file")
-                meta = {**m, "round": str(int(nxt)), "weight": repr(float(weight)), "update_id": json.dumps(None)}
+                meta = {**m, "round": str(int(nxt)), "weight": repr(float(weight)), "update_id": json.dumps(None),
+                        "carried_from": json.dumps(int(rnd))}
                 self._write("update", self._update_rel(job, nxt, party), checked_writer(tensors, meta))
             finally:
-                with self._lock:
-                    self._held.discard(old)
+                self.release(job, rnd, party)
             return True
         return self._writer.submit(work)
 
@@ -208,7 +219,9 @@ class StateDir:
     def stored_updates(self, job, n_leaves: int) -> list:
         """[(round, party, update_id, weight, leaves)] of ``job``'s updates on disk that the committed generation
         does not cover, in (round, file name) order. A damaged file is skipped and logged (it never became
-        durable: the rename is atomic)."""
+        durable: the rename is atomic). An update carried late to a later round is replayed there only: its file in
+        the round it was acknowledged for (still uncollected if a crash came before that round's commit) would
+        count it twice."""
         meta = self.jobs.get(job, {})
         cur, covered = meta.get("round"), {_key(p) for p, _ in meta.get("parties", [])}
         done = set(map(int, meta.get("results", {})))
@@ -233,8 +246,10 @@ class StateDir:
                 except (jk.CorruptState, KeyError, ValueError) as e:
                     log.warning("skipping damaged update file %s: %s", path, e)
                     continue
-                out.append((r, party, json.loads(m["update_id"]), float(m["weight"]), leaves))
-        return out
+                out.append((r, party, json.loads(m["update_id"]), float(m["weight"]), leaves,
+                            json.loads(m.get("carried_from", "null"))))
+        moved = {(c, _key(p)) for _, p, _, _, _, c in out if c is not None}
+        return [(r, p, u, w, lv) for r, p, u, w, lv, _ in out if (r, _key(p)) not in moved]
 
     # --- generations ---------------------------------------------------------------------------------------------
     def checkpoint(self, job, rnd: int, state: jk.FoldState, update_ids: dict) -> None:
@@ -402,12 +417,13 @@ class StateDir:
 
 def _renice(nice: int) -> None:
     """Nice value ``nice`` for the calling thread (JITScheduler's ``writer_nice``). Linux only: there the nice value
-    is per thread; elsewhere the call would change the whole process. A refusal leaves the thread as it was."""
+    is per thread; elsewhere the call would change the whole process. A refusal is logged and leaves the thread as
+    it was."""
     if nice and sys.platform.startswith("linux"):
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), int(nice))
-        except OSError:
-            pass
+        except OSError as e:  # e.g. a negative value without the privilege
+            log.warning("state directory writer: nice %s refused (%s); it runs at the process's priority", nice, e)
 
 
 def _key(party):

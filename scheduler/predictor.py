@@ -46,6 +46,8 @@ class PartyModel:
         return 1.0 - 0.5 ** (1.0 / self.halflife)
 
     def observe(self, response_s: float) -> None:
+        if not math.isfinite(response_s):  # one NaN would poison mu and var for good
+            raise ValueError(f"response time must be finite, got {response_s!r}")
         y = math.log(max(response_s, 1e-9))
         if self.n == 0:
             self.mu, self.var = y, 0.0
@@ -65,9 +67,11 @@ class PartyModel:
         self.closed_round, self.closed_no = round, (0.0 if answered else a)
 
     def answered_late(self, round: int) -> None:
-        """It answered ``round`` after its membership was fixed. If that round is closed (counted as a 'no'), turn
-        the 'no' into a 'yes'; if not, it closes as a 'yes'. (Reversing whatever was closed last instead credited
-        an answer that came before its round closed to the round before, and closed its own round as a 'no'.)"""
+        """It answered ``round`` after its membership was fixed. If that round is the one closed last (counted as a
+        'no'), turn the 'no' into a 'yes'; if it is still open, it closes as a 'yes'. (Reversing whatever was closed
+        last instead credited an answer that came before its round closed to the round before, and closed its own
+        round as a 'no'.) An answer to an older round stays a 'no': a party that answers more than a round late
+        does not answer in time for a round's quorum, which is what participation predicts."""
         if self.closed_round == round:
             self.participation += self.closed_no
             self.closed_no = 0.0
@@ -222,7 +226,7 @@ class Predictor:
         idx = idx[known[idx]]
         mu, sigma, part = mu[idx], sigma[idx], part[idx]
         lsf_tau = _log_sf_array(tau, mu, sigma)
-        with np.errstate(divide="ignore"):  # p = 1: w = 1 whatever S(tau) is
+        with np.errstate(divide="ignore", over="ignore"):  # p = 1: w = 1 whatever S(tau) is; S(tau) -> 0: w -> 0
             w = 1.0 / (1.0 + np.exp(np.log1p(-part) - np.log(part) - lsf_tau))
         keep = w > 0.0
         if not keep.any():
@@ -309,6 +313,12 @@ def _tail(probs, need: int) -> float:
     for p in probs:
         mean += p
         var += p * (1 - p)
+    return _normal_tail(mean, var, need)
+
+
+@numba.njit(cache=True)
+def _normal_tail(mean: float, var: float, need: int) -> float:
+    """P(count >= need) for a count of this mean and variance: normal approximation with continuity correction."""
     if var <= 1e-12:
         return 1.0 if mean >= need - 0.5 else 0.0
     return 1.0 - 0.5 * math.erfc(-((need - 0.5 - mean) / math.sqrt(var)) / SQRT2)
@@ -351,9 +361,7 @@ def _quorum_tail_into(probs, logt, mu, isig, w, lsf_tau, need):
             var += p * (1.0 - p)
     if m <= EXACT_MAX or need <= 0 or need > m:
         return _tail(probs[:m], need)
-    if var <= 1e-12:
-        return 1.0 if mean >= need - 0.5 else 0.0
-    return 1.0 - 0.5 * math.erfc(-((need - 0.5 - mean) / math.sqrt(var)) / SQRT2)
+    return _normal_tail(mean, var, need)
 
 
 def poisson_binomial_tail(probs, need: int) -> float:

@@ -331,13 +331,16 @@ def compare(workload: Workload, policies=POLICIES, *, real: bool = False, progre
 
 def risk_bound(workload: Workload, out: dict, *, draws: int = 20_000) -> float:
     """The share of oracle's saving over eager that a policy knowing every party's response-time distribution
-    (not the round's draws) keeps when it deploys each round to be ready at the quorum time's alpha-quantile Q:
-    it idles max(0, T_q - Q) longer than oracle in each round, and misses (pays latency, not resource) otherwise.
-    No policy planning at risk alpha does better on average without knowing more than the distributions, which
-    makes it the yardstick for JIT's capture of oracle's saving: the gap to it is what the predictor loses by
-    learning the distributions; the gap from it to 1 is the price of the risk alpha. Single-job workloads (slot
-    contention is not modelled); ``out`` is :func:`compare`'s result with eager and oracle."""
-    (jid, key, spec), = workload.instances()
+    (not the round's draws) keeps when it deploys each round to be ready at the quorum time's alpha-quantile Q,
+    fixed at the round's start: it idles max(0, T_q - Q) longer than oracle in each round, and misses (pays latency,
+    not resource) otherwise. A yardstick for JIT's capture of oracle's saving, not a bound on it: JIT learns the
+    distributions (which costs) but also re-plans on the round's arrivals (which pays where jitter is large). The
+    gap from it to 1 is the price of planning at risk alpha. Single-job workloads (slot contention is not
+    modelled); ``out`` is :func:`compare`'s result with eager and oracle."""
+    jobs = list(workload.instances())
+    if len(jobs) != 1:
+        raise ValueError(f"risk_bound models one job; workload {workload.name!r} has {len(jobs)}")
+    (_, key, spec), = jobs
     arrivals = Arrivals(workload.seed, key, spec)
     q = max(1, math.ceil(spec.quorum * spec.parties - 1e-9))
     idle = 0.0

@@ -469,3 +469,57 @@ def test_an_update_made_late_by_a_deadline_is_kept_for_the_next_round_across_a_r
     rec.clock.run(until=rec.clock.now() + 1.0)
     assert np.array_equal(rec.result("j", 1).result(timeout=1)["w"], np.full(4, 3.0))  # (0.5 * 1 + 1 * 4) / 1.5
     rec.close()
+
+
+def test_replayed_updates_do_not_teach_the_predictor(tmp_path):
+    """After a restart the acknowledged updates not covered by a checkpoint are replayed as arrivals, at the restart:
+    their 'response times' (~0 s) are not the parties'. The models resume from the manifest unchanged."""
+    job = Job("j", template={"w": np.zeros(2, np.float32)}, parties=["a", "b", "c"], quorum=3, rounds=3)
+    sched = JITScheduler("lazy", slots=1, clock=VirtualClock(), state_dir=tmp_path, checkpoint_bytes=1 << 40)
+    sched.add_job(job)
+    for t, p in ((100.0, "a"), (120.0, "b"), (140.0, "c")):
+        sched.clock.call_at(t, sched.submit, "j", 0, p, {"w": np.ones(2, np.float32)})
+    sched.clock.run(until=200.0)
+    sched.result("j", 0).result(timeout=5)
+    start = sched.jobs["j"].rounds[1].start
+    for t, p in ((start + 90.0, "a"), (start + 110.0, "b")):  # round 1: two of three, not checkpointed
+        sched.clock.call_at(t, sched.submit, "j", 1, p, {"w": np.ones(2, np.float32)})
+    sched.clock.run(until=start + 120.0)
+    sched.close()
+    rec = JITScheduler.recover(tmp_path, [job], policy="lazy", slots=1, clock=VirtualClock())
+    rec.clock.run(until=1.0)
+    assert rec.jobs["j"].open.number == 1 and sorted(rec.jobs["j"].open.members) == ["a", "b"]
+    for p in ("a", "b"):  # learned from round 0 only (the manifest's), not from the replay at ~0 s
+        m = rec.jobs["j"].predictor.model(p)
+        assert m.n == 1 and m.mu == pytest.approx(np.log({"a": 100.0, "b": 120.0}[p]))
+    rec.close()
+
+
+def test_a_held_update_file_outlives_its_round_until_released(tmp_path):
+    """A spilled update's file is its only copy: held from when it is spilled until it is folded or carried, it
+    survives the collection that takes its ended round's files (two generations later)."""
+    sd = StateDir(tmp_path)
+    sd.hold("j", 0, "a")
+    for p in ("a", "b"):
+        sd.persist_update("j", 0, p, None, 1.0, [np.ones(2, np.float32)], "fp").result(timeout=10)
+    sd.commit_failure("j", 0, RuntimeError("deadline"))
+    sd.commit_dropped("j", "zz")  # a second generation: round 0 is covered by the older retained one
+    root = tmp_path / "updates"
+    files = sorted(p.name for p in root.rglob("*.jku"))
+    assert len(files) == 1  # b's went, a's is held
+    sd.release("j", 0, "a")
+    sd.commit_dropped("j", "zy")
+    assert not list(root.rglob("*.jku"))
+    sd.close()
+
+
+def test_an_update_carried_late_is_replayed_only_where_it_was_carried(tmp_path):
+    """A crash after a late update was carried (and filed under the next round) but before its own round was
+    committed leaves both files: replay takes the carried one only, so the update is not counted twice."""
+    sd = StateDir(tmp_path)
+    one = [np.ones(2, np.float32)]
+    sd.persist_update("j", 0, "a", "a0", 1.0, one, "fp").result(timeout=10)
+    sd.persist_update("j", 0, "b", "b0", 1.0, one, "fp").result(timeout=10)
+    sd.persist_update("j", 1, "a", None, 0.5, one, "fp", carried_from=0).result(timeout=10)
+    assert [(r, p, w) for r, p, _, w, _ in sd.stored_updates("j", 1)] == [(0, "b", 1.0), (1, "a", 0.5)]
+    sd.close()

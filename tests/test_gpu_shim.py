@@ -166,7 +166,7 @@ def test_table_ring_refills_a_block_only_after_its_copy(gpu_shim, monkeypatch, w
         monkeypatch.setattr(gpu_shim.Event, "synchronize", lambda self: None)
     ring = cupy_backend._TableRing(rt)
     hosts = [np.full(1000 + 300 * i, i, np.int64) for i in range(3 * cupy_backend.TABLE_DEPTH)]
-    devs = [ring.upload(h, rt.default) for h in hosts]
+    devs = [ring.upload(h) for h in hosts]  # on the runtime's current stream
     rt.default.synchronize()
     same = [d.view(np.int64).tobytes() == h.tobytes() for d, h in zip(devs, hosts)]
     assert all(same) == wait

@@ -135,11 +135,14 @@ def test_a_late_answer_counts_for_its_own_round_whenever_it_comes():
     pred.close_round({"fast"}, ["fast", "slow"], 40)  # a round it really missed counts as one
     pred.observe_late("slow", 50.0, 39)  # an answer to an older round changes nothing more
     assert pred.model("slow").participation < 1.0
+    with pytest.raises(ValueError, match="finite"):
+        pred.observe("slow", float("nan"))
     saved = Predictor(halflife=4)
     saved.load_json(pred.to_json())
     assert saved.to_json() == pred.to_json()
 
 
+@pytest.mark.filterwarnings("error")  # far past the model, S(tau) underflows: no overflow warning on the way
 @pytest.mark.parametrize("times", [[100.0] * 8, [100.0, 101.0, 99.0, 100.5] * 2])
 def test_an_overdue_party_that_always_answers_is_expected_next(times):
     """tau far past a party's model (S(tau) < 1e-16): one that always answered is late and comes next, so the
@@ -156,4 +159,5 @@ def test_an_overdue_party_that_always_answers_is_expected_next(times):
     pred.close_round({"a"}, ["a", "b"], len(times))  # b skipped a round: p < 1
     assert pred.model("b").participation < 1.0
     assert math.isinf(pred.quorum_quantile(["b"], 1, 200.0, 0.05))
+    assert math.isinf(pred.quorum_quantile(["b"], 1, 300.0, 0.05))
     assert math.isfinite(pred.quorum_quantile(["b"], 1, 0.0, 0.05))

@@ -118,6 +118,26 @@ def test_late_updates_can_go_to_the_next_round():
     assert any(d["event"] == "late_to_next_round" for d in sched.decisions)
 
 
+@pytest.mark.parametrize("policy", ["lazy", "eager"])
+def test_a_carried_update_teaches_the_predictor_once(policy):
+    """A late update carried to the next round is one answer, to its own round, at its own response time: it used to
+    be observed again when the next round took it (at that round's start: a response time of 0, which pulled the
+    party's model to ~1e-4 s) and counted as that round's answer too."""
+    clk = VirtualClock()
+    sched = JITScheduler(policy, clock=clk, cost=COST)
+    sched.add_job(Job("a", parties=["fast", "slow"], quorum=1, rounds=3, model_elems=1000, update_bytes=4000,
+                      late="next_round"))
+    clk.call_at(10.0, sched.submit, "a", 0, "fast", None, 1.0)
+    clk.call_at(10.5, sched.submit, "a", 0, "slow", None, 1.0)
+    clk.run(until=30.0)
+    js = sched.jobs["a"]
+    assert js.rounds[1].members == ["slow"]
+    m = js.predictor.model("slow")
+    assert m.n == 1 and m.mu == pytest.approx(np.log(10.5))
+    assert js.predictor.model("slow").rounds == 2 and m.closed_round == 1 and m.closed_no > 0  # round 1: no answer
+    sched.close()
+
+
 def test_membership_is_decided_at_submit_so_an_accepted_update_is_never_dropped():
     """Three submits before the event loop runs, quorum 2: the third is refused at once (it used to be accepted and
     then dropped as late when the loop saw the quorum); under late='next_round' it is acknowledged for round 1, at
@@ -150,12 +170,17 @@ def test_updates_for_rounds_that_are_over_are_refused():
     s = JITScheduler("eager", clock=VirtualClock())
     s.add_job(Job("j", template={"w": np.zeros(2, np.float32)}, parties=list("ab"), quorum=1, rounds=2,
                   first_round=5))
-    with pytest.raises(LateUpdate, match="round 3: the round is over \\(round 5 is open\\)"):
+    with pytest.raises(NoSuchRound, match="has no round 3 \\(its rounds: 5 to 6\\)"):
         s.submit("j", 3, "a", {"w": np.ones(2, np.float32)})
-    for r in (5, 6):
-        s.submit("j", r, "a", {"w": np.ones(2, np.float32)})
-        s.clock.run()
+    s.submit("j", 5, "a", {"w": np.ones(2, np.float32)})
+    s.clock.run()
+    with pytest.raises(LateUpdate, match="round 5 is closed"):
+        s.submit("j", 5, "b", {"w": np.ones(2, np.float32)})
+    s.submit("j", 6, "a", {"w": np.ones(2, np.float32)})
+    s.clock.run()
     with pytest.raises(LateUpdate, match="the job has finished"):
+        s.submit("j", 6, "b", {"w": np.ones(2, np.float32)})
+    with pytest.raises(NoSuchRound, match="has no round 7"):
         s.submit("j", 7, "b", {"w": np.ones(2, np.float32)})
     assert s.buffered_bytes == 0
 

@@ -51,6 +51,7 @@ TABLE_DEPTH = 4
 
 _runtime = None
 _stager = None
+_ring = None
 _lock = threading.Lock()
 
 
@@ -96,14 +97,14 @@ def available():
 def use_runtime(rt, slot_bytes: int | None = None):
     """Run the backend on ``rt`` (e.g. the CPU shim) inside the block; ``slot_bytes`` shrinks the stages so that
     small tests cross many of them."""
-    global _runtime, _stager, SLOT_BYTES
-    saved = _runtime, _stager, SLOT_BYTES
-    _runtime, _stager = rt, None
+    global _runtime, _stager, _ring, SLOT_BYTES
+    saved = _runtime, _stager, _ring, SLOT_BYTES
+    _runtime, _stager, _ring = rt, None, None
     SLOT_BYTES = slot_bytes or SLOT_BYTES
     try:
         yield rt
     finally:
-        _runtime, _stager, SLOT_BYTES = saved
+        _runtime, _stager, _ring, SLOT_BYTES = saved
 
 
 class _Stager:
@@ -118,7 +119,6 @@ class _Stager:
         self.copied = [None] * DEPTH  # event: slot's last H2D copy done (pinned slot free)
         self.folded = [None] * DEPTH  # event: slot's last fold done (device slot free)
         self.pool = ThreadPoolExecutor(max(1, min(8, (os.cpu_count() or 2) // 2)), thread_name_prefix="jk-gather")
-        self.tables = _TableRing(rt)
 
     def slot(self, i: int):
         if self.device[i] is None or self.device[i].nbytes < SLOT_BYTES:
@@ -148,10 +148,11 @@ class _TableRing:
         self.blocks = [None] * TABLE_DEPTH
         self.copied = [None] * TABLE_DEPTH  # event: the block's last copy done (the block may be refilled)
 
-    def upload(self, host: np.ndarray, stream):
-        """Device copy (uint8) of the bytes of contiguous ``host``, ordered on ``stream`` before what is launched
-        there next."""
+    def upload(self, host: np.ndarray):
+        """Device copy (uint8) of the bytes of contiguous ``host``, ordered on the current stream before what is
+        launched there next (the copy's stream is the one whose memory pool the device array comes from)."""
         nb = host.nbytes
+        stream = self.rt.current_stream()
         dev = self.rt.empty(max(nb, 1), np.uint8)  # from the pool of the current stream: freed in its order
         with self.lock:
             i = self.next
@@ -168,6 +169,14 @@ class _TableRing:
         return dev
 
 
+def _ring_for(rt) -> _TableRing:
+    global _ring
+    with _lock:
+        if _ring is None or _ring.rt is not rt:
+            _ring = _TableRing(rt)
+        return _ring
+
+
 def _tables(rt, *parts) -> tuple:
     """(device array, [address of each part]): the small host tables of one launch (int64, and float64 as its
     bits) in one async upload through the pinned table ring, ordered on the current stream. Keep the array
@@ -178,7 +187,7 @@ def _tables(rt, *parts) -> tuple:
             raise TypeError(f"kernel tables are int64 or float64, not {x.dtype}")
     host = np.concatenate([x.view(np.int64) if x.dtype == np.float64 else x.astype(np.int64, copy=False)
                            for x in flat])
-    dev = _stager_for(rt).tables.upload(host, rt.current_stream())
+    dev = _ring_for(rt).upload(host)
     base, starts = rt.ptr(dev), np.cumsum([0] + [x.size for x in flat[:-1]])
     return dev, [np.uint64(base + 8 * int(o)) for o in starts]
 
@@ -350,7 +359,7 @@ def _stage_scales(rt, g, ja, hmask, sptr, keep):
     """Upload the int8 scales of the host leaves (small: one float per block) and point the table at them."""
     rows, cols = np.nonzero(hmask)
     scales = [np.asarray(g.arrays[r][ja + j].scale, np.float32) for r, j in zip(rows.tolist(), cols.tolist())]
-    flat = _stager_for(rt).tables.upload(np.concatenate(scales), rt.current_stream())
+    flat = _ring_for(rt).upload(np.concatenate(scales))
     keep.append(flat)
     base = rt.ptr(flat)
     starts = np.cumsum([0] + [x.size for x in scales[:-1]])

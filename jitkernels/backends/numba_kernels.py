@@ -306,7 +306,8 @@ def finalize(acc, base, og):
         work = og.work[og.work[:, 0] == r].copy()
         work[:, 0] = 0
         _finalize(acc, b, has, og.off[r:r + 1], og.total_w[r:r + 1], one, work, np.empty(0, acc.dtype))
-        out.reshape(-1)[...] = buf.astype(out_t)
+        with np.errstate(over="ignore"):  # past the output dtype's range it rounds to inf (IEEE)
+            out.reshape(-1)[...] = buf.astype(out_t)
 
 
 def step(acc, x, m, v, kind, coef, og):

@@ -118,7 +118,8 @@ def finalize(acc, base, og):
         y = acc[o:o + n] / A.type(og.total_w[r])
         if base is not None:
             y = base[o:o + n] + y
-        out.reshape(-1)[...] = y.astype(out_t)
+        with np.errstate(over="ignore"):  # past the output dtype's range it rounds to inf (IEEE), as the kernels do
+            out.reshape(-1)[...] = y.astype(out_t)
 
 
 # Optimizer kinds, as jk::OptKind in csrc/jk_math.h.
