@@ -37,6 +37,17 @@ def test_message_fedavg_equals_flowers():
     assert ours.aggregate_train(3, []) == (None, None)
 
 
+def _round_equals_flowers(theirs, ours, r, glob, rng, atol):
+    """One round of 4 replies near ``glob`` through both strategies: equal models; returns Flower's (float32)."""
+    replies = [_reply(j, [(a + 0.05 * rng.standard_normal(a.shape)).astype(np.float32) for a in glob],
+                      int(rng.integers(1, 100)), 0.0) for j in range(4)]
+    a_t, _ = theirs.aggregate_train(r, replies)
+    a_o, _ = ours.aggregate_train(r, replies)
+    for k in a_t:
+        np.testing.assert_allclose(a_o[k].numpy(), a_t[k].numpy().astype(np.float32), rtol=0, atol=atol)
+    return [a_t[f"layer{i}"].numpy().astype(np.float32) for i in range(2)]
+
+
 @pytest.mark.parametrize("name", ["FedAdam", "FedYogi", "FedAdagrad"])
 def test_message_fedopt_equals_flowers_over_rounds(name):
     rng = np.random.default_rng(1)
@@ -47,13 +58,7 @@ def test_message_fedopt_equals_flowers_over_rounds(name):
     for r in range(1, 4):
         for s in (theirs, ours):  # what configure_train records: the arrays sent this round
             s.current_arrays = {f"layer{i}": a for i, a in enumerate(glob)}
-        replies = [_reply(j, [(a + 0.05 * rng.standard_normal(a.shape)).astype(np.float32) for a in glob],
-                          int(rng.integers(1, 100)), 0.0) for j in range(4)]
-        a_t, _ = theirs.aggregate_train(r, replies)
-        a_o, _ = ours.aggregate_train(r, replies)
-        for k in a_t:
-            np.testing.assert_allclose(a_o[k].numpy(), a_t[k].numpy().astype(np.float32), rtol=0, atol=3e-6)
-        glob = [a_t[f"layer{i}"].numpy().astype(np.float32) for i in range(2)]
+        glob = _round_equals_flowers(theirs, ours, r, glob, rng, atol=3e-6)
 
 
 @pytest.mark.parametrize("name", ["FedMedian", "FedTrimmedAvg"])
@@ -140,13 +145,7 @@ def test_message_server_optimizers_step_from_the_arrays_flower_reads(name):
             assert s.configure_train(r, record, ConfigRecord(), None) == []
             if name == "FedAvgM" and r == 2:
                 s.current_arrays = record
-        replies = [_reply(j, [(a + 0.05 * rng.standard_normal(a.shape)).astype(np.float32) for a in glob],
-                          int(rng.integers(1, 100)), 0.0) for j in range(4)]
-        a_t, _ = theirs.aggregate_train(r, replies)
-        a_o, _ = ours.aggregate_train(r, replies)
-        for k in a_t:
-            np.testing.assert_allclose(a_o[k].numpy(), a_t[k].numpy().astype(np.float32), rtol=0, atol=2e-5)
-        glob = [a_t[f"layer{i}"].numpy().astype(np.float32) for i in range(2)]
+        glob = _round_equals_flowers(theirs, ours, r, glob, rng, atol=2e-5)
 
 
 def _line_replies(k, f, zero):

@@ -50,8 +50,7 @@ TABLE_DEPTH = 4
 """Blocks in the kernel-table ring: a block is refilled once the copy that last read it is done."""
 
 _runtime = None
-_stager = None
-_ring = None
+_owned: dict = {}  # class -> its one object for the current runtime (_Stager, _TableRing): see _of_runtime
 _lock = threading.Lock()
 
 
@@ -97,14 +96,14 @@ def available():
 def use_runtime(rt, slot_bytes: int | None = None):
     """Run the backend on ``rt`` (e.g. the CPU shim) inside the block; ``slot_bytes`` shrinks the stages so that
     small tests cross many of them."""
-    global _runtime, _stager, _ring, SLOT_BYTES
-    saved = _runtime, _stager, _ring, SLOT_BYTES
-    _runtime, _stager, _ring = rt, None, None
+    global _runtime, _owned, SLOT_BYTES
+    saved = _runtime, _owned, SLOT_BYTES
+    _runtime, _owned = rt, {}
     SLOT_BYTES = slot_bytes or SLOT_BYTES
     try:
         yield rt
     finally:
-        _runtime, _stager, _ring, SLOT_BYTES = saved
+        _runtime, _owned, SLOT_BYTES = saved
 
 
 class _Stager:
@@ -128,12 +127,13 @@ class _Stager:
         return self.pinned[i], self.rt.ptr(self.device[i])
 
 
-def _stager_for(rt) -> _Stager:
-    global _stager
+def _of_runtime(cls, rt):
+    """The one ``cls(rt)`` (staging ring, table ring) of runtime ``rt``, made on first use."""
     with _lock:
-        if _stager is None or _stager.rt is not rt:
-            _stager = _Stager(rt)
-        return _stager
+        obj = _owned.get(cls)
+        if obj is None or obj.rt is not rt:
+            obj = _owned[cls] = cls(rt)
+        return obj
 
 
 class _TableRing:
@@ -169,14 +169,6 @@ class _TableRing:
         return dev
 
 
-def _ring_for(rt) -> _TableRing:
-    global _ring
-    with _lock:
-        if _ring is None or _ring.rt is not rt:
-            _ring = _TableRing(rt)
-        return _ring
-
-
 def _tables(rt, *parts) -> tuple:
     """(device array, [address of each part]): the small host tables of one launch (int64, and float64 as its
     bits) in one async upload through the pinned table ring, ordered on the current stream. Keep the array
@@ -187,7 +179,7 @@ def _tables(rt, *parts) -> tuple:
             raise TypeError(f"kernel tables are int64 or float64, not {x.dtype}")
     host = np.concatenate([x.view(np.int64) if x.dtype == np.float64 else x.astype(np.int64, copy=False)
                            for x in flat])
-    dev = _ring_for(rt).upload(host)
+    dev = _of_runtime(_TableRing, rt).upload(host)
     base, starts = rt.ptr(dev), np.cumsum([0] + [x.size for x in flat[:-1]])
     return dev, [np.uint64(base + 8 * int(o)) for o in starts]
 
@@ -235,7 +227,7 @@ def _pipeline(rt, g, name, head, tail):
                 start, n_host = j, 0
             n_host += 1
     passes.append((start, g.k))
-    st = _stager_for(rt)
+    st = _of_runtime(_Stager, rt)
     compute = rt.current_stream()
     with st.lock:
         for ja, jb in passes:
@@ -359,7 +351,7 @@ def _stage_scales(rt, g, ja, hmask, sptr, keep):
     """Upload the int8 scales of the host leaves (small: one float per block) and point the table at them."""
     rows, cols = np.nonzero(hmask)
     scales = [np.asarray(g.arrays[r][ja + j].scale, np.float32) for r, j in zip(rows.tolist(), cols.tolist())]
-    flat = _ring_for(rt).upload(np.concatenate(scales))
+    flat = _of_runtime(_TableRing, rt).upload(np.concatenate(scales))
     keep.append(flat)
     base = rt.ptr(flat)
     starts = np.cumsum([0] + [x.size for x in scales[:-1]])
