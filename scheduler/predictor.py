@@ -325,18 +325,29 @@ def _normal_tail(mean: float, var: float, need: int) -> float:
 
 
 @numba.njit(cache=True)
+def _per_party(sigma, w, lsf_tau):
+    """(1 / sigma, S(tau), w / S(tau)): what every evaluation of the quorum CDF reuses (S(tau) = 0 where it
+    underflows: those parties take the log path)."""
+    isig = 1.0 / np.maximum(sigma, 1e-12)
+    s_tau = np.exp(lsf_tau)
+    ws = np.where(s_tau > 0.0, w / np.maximum(s_tau, 1e-300), 0.0)
+    return isig, s_tau, ws
+
+
+@numba.njit(cache=True)
 def _quorum_tail(logt, mu, sigma, w, lsf_tau, need):
-    return _quorum_tail_into(np.empty(mu.size), logt, mu, 1.0 / np.maximum(sigma, 1e-12), w, lsf_tau, need)
+    isig, s_tau, ws = _per_party(sigma, w, lsf_tau)
+    return _quorum_tail_into(np.empty(mu.size), logt, mu, isig, w, lsf_tau, s_tau, ws, need)
 
 
 @numba.njit(cache=True)
 def _bisect_quantile(llo, lhi, tol, alpha, mu, sigma, w, lsf_tau, need):
     """The smallest log t (to ``tol``) in [llo, lhi] whose quorum CDF reaches alpha (the CDF at lhi does)."""
     probs = np.empty(mu.size)
-    isig = 1.0 / np.maximum(sigma, 1e-12)
+    isig, s_tau, ws = _per_party(sigma, w, lsf_tau)
     while lhi - llo > tol:
         mid = 0.5 * (llo + lhi)
-        if _quorum_tail_into(probs, mid, mu, isig, w, lsf_tau, need) >= alpha:
+        if _quorum_tail_into(probs, mid, mu, isig, w, lsf_tau, s_tau, ws, need) >= alpha:
             lhi = mid
         else:
             llo = mid
@@ -344,16 +355,20 @@ def _bisect_quantile(llo, lhi, tol, alpha, mu, sigma, w, lsf_tau, need):
 
 
 @numba.njit(cache=True)
-def _quorum_tail_into(probs, logt, mu, isig, w, lsf_tau, need):
+def _quorum_tail_into(probs, logt, mu, isig, w, lsf_tau, s_tau, ws, need):
     """P(at least ``need`` of the pending parties arrive by log time ``logt``): each party's conditional arrival
-    probability p = w (1 - S(t) / S(tau)) (``isig``: the reciprocals of sigma, computed once per quantile), then
-    the Poisson-binomial tail; for more than EXACT_MAX positive p its normal approximation, whose mean and
-    variance are summed in the same loop (no second pass)."""
+    probability p = w (1 - S(t) / S(tau)), one erfc per party (in logs only where S(tau) underflows: an overdue
+    party), then the Poisson-binomial tail; for more than EXACT_MAX positive p its normal approximation, whose mean
+    and variance are summed in the same loop (no second pass)."""
     m = 0
     mean = 0.0
     var = 0.0
     for i in range(mu.size):
-        p = -w[i] * math.expm1(_log_sf((logt - mu[i]) * isig[i]) - lsf_tau[i])
+        z = (logt - mu[i]) * isig[i]
+        if s_tau[i] > 0.0:
+            p = ws[i] * (s_tau[i] - 0.5 * math.erfc(z / SQRT2))
+        else:
+            p = -w[i] * math.expm1(_log_sf(z) - lsf_tau[i])
         if p > 0.0:
             probs[m] = p
             m += 1
