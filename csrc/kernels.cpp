@@ -175,7 +175,7 @@ void fold(py::array acc, py::object base_obj, int in_code, I64 off, I64 ptr, F64
 
 // fold and stats in one pass (kernels.h, fold_stats_rows): returns the stats as stats() does.
 py::tuple fold_stats(py::array acc, py::object base_obj, int in_code, I64 off, I64 ptr, F64A w, I64 sptr, I64 blk,
-                     I64 work, I64 share, I64 tiles) {
+                     I64 work, I64 share, I64 tiles, bool norms) {
   check_walk(work, share, tiles);
   require(acc.flags() & py::array::c_style && acc.writeable(), "accumulator must be a writeable C-contiguous array");
   const bool acc64 = is_acc_f64(acc);
@@ -192,16 +192,22 @@ py::tuple fold_stats(py::array acc, py::object base_obj, int in_code, I64 off, I
     using In = decltype(in);
     constexpr bool Q = std::is_same_v<In, int8_t>;
     py::gil_scoped_release nogil;
-#define JK_FOLD_STATS(NS, B)                                                                                    \
-  NS::fold_stats_rows<A, In, B, Q>((A*)accp, (const A*)basep, off.data(), ptr.data(), w.data(), sptr.data(),    \
-                                   blk.data(), k, JK_WALK(NS), nf, ss, mx)
+#define JK_FOLD_STATS(NS, B, N)                                                                                 \
+  NS::fold_stats_rows<A, In, B, Q, N>((A*)accp, (const A*)basep, off.data(), ptr.data(), w.data(), sptr.data(), \
+                                      blk.data(), k, JK_WALK(NS), nf, ss, mx)
+#define JK_FOLD_STATS_ANY(NS)                                                                                   \
+  if (has_base && norms) JK_FOLD_STATS(NS, true, true);                                                          \
+  else if (has_base) JK_FOLD_STATS(NS, true, false);                                                             \
+  else if (norms) JK_FOLD_STATS(NS, false, true);                                                                \
+  else JK_FOLD_STATS(NS, false, false)
 #ifdef JK_X86
     if (use_avx2()) {
-      if (has_base) JK_FOLD_STATS(avx2, true); else JK_FOLD_STATS(avx2, false);
+      JK_FOLD_STATS_ANY(avx2);
       return;
     }
 #endif
-    if (has_base) JK_FOLD_STATS(baseline, true); else JK_FOLD_STATS(baseline, false);
+    JK_FOLD_STATS_ANY(baseline);
+#undef JK_FOLD_STATS_ANY
 #undef JK_FOLD_STATS
   });
   return st.tuple();
@@ -462,7 +468,7 @@ PYBIND11_MODULE(_core, mod) {
           py::arg("share"), py::arg("tiles"), py::arg("s1"), py::arg("s2"));
   mod.def("fold_stats", &fold_stats, py::arg("acc"), py::arg("base"), py::arg("in_code"), py::arg("off"),
           py::arg("ptr"), py::arg("w"), py::arg("scale_ptr"), py::arg("block"), py::arg("work"), py::arg("share"),
-          py::arg("tiles"));
+          py::arg("tiles"), py::arg("norms") = true);
   mod.def("stats", &stats, py::arg("base"), py::arg("acc_dtype"), py::arg("in_code"), py::arg("off"),
           py::arg("ptr"), py::arg("scale_ptr"), py::arg("block"), py::arg("work"), py::arg("share"),
           py::arg("tiles"));

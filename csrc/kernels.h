@@ -250,31 +250,41 @@ struct Lanes {
   S mx = 0;
 };
 
-template <class S, class Value>
+// Norms = false (a fold whose algorithm reads no norms): instead of the f64 sum of squares, a sum of x - x in S,
+// which is 0 unless some x is NaN or inf: the same finiteness test at a fraction of the arithmetic (no conversions,
+// no f64 lanes); the caller reports the norms as not measured.
+template <bool Norms, class S>
+static inline void stats_term(double& ss, S& chk, S x) {
+  if constexpr (Norms) ss += (double)x * (double)x;
+  else chk += x - x;
+}
+
+template <bool Norms, class S, class Value>
 static inline void stats_seg(Lanes<S>& st, int64_t n, Value value) {
   // STAT_LANES independent partial sums and maxima: with one vector accumulator the loop waits on the add's latency
   // every 4 elements (f64 lanes); the fused admission ran at 83 ms instead of ~45 at N = 25M, k = 10.
   constexpr int64_t L = STAT_LANES;
   double ss[L] = {};
+  S chk[L] = {};
   S mx[L] = {};
   int64_t i = 0;
   for (; i + L <= n; i += L) {
 #pragma omp simd
     for (int64_t l = 0; l < L; ++l) {
       const S x = value(i + l), ax = std::fabs(x);
-      ss[l] += (double)x * (double)x;
+      stats_term<Norms>(ss[l], chk[l], x);
       mx[l] = ax > mx[l] ? ax : mx[l];
     }
   }
   for (int64_t l = 0; i < n; ++i, ++l) {
     const S x = value(i), ax = std::fabs(x);
-    ss[l] += (double)x * (double)x;
+    stats_term<Norms>(ss[l], chk[l], x);
     mx[l] = ax > mx[l] ? ax : mx[l];
   }
   double total = 0;
   S m = st.mx;
   for (int64_t l = 0; l < L; ++l) {
-    total += ss[l];
+    total += Norms ? ss[l] : (double)chk[l];
     m = mx[l] > m ? mx[l] : m;
   }
   st.ss += total; st.mx = m;
@@ -288,18 +298,18 @@ using StatT = std::conditional_t<std::is_same_v<A, double> || std::is_same_v<In,
 
 // Stats of x over [pos, pos + len) of one update (b: the base at pos), added to st and bad: one vectorized pass, and
 // only if it saw a NaN/inf, an exact recount that skips them.
-template <class A, class In, bool Base, bool Quant, class S>
+template <class A, class In, bool Base, bool Quant, bool Norms, class S>
 static inline void stats_span(Lanes<S>& st, int64_t& bad, int64_t p, const float* scales, int64_t B,
                               const A* __restrict b, int64_t pos, int64_t len) {
   auto run = [&](int64_t n, auto value) {
     const Lanes<S> before = st;
-    stats_seg(st, n, value);
+    stats_seg<Norms>(st, n, value);
     if (!jk::is_finite(st.ss)) {
       st = before;
       for (int64_t q = 0; q < n; ++q) {
         const S x = value(q), ax = std::fabs(x);
         if (!std::isfinite(x)) { ++bad; continue; }
-        st.ss += (double)x * (double)x;
+        if constexpr (Norms) st.ss += (double)x * (double)x;
         st.mx = ax > st.mx ? ax : st.mx;
       }
     }
@@ -327,13 +337,13 @@ static inline void stats_span(Lanes<S>& st, int64_t& bad, int64_t p, const float
 
 // Stats of update entry e over one piece [pos, pos + n), added into its (work item, update) outputs q = it * k + j
 // (zeroed by the caller): the body of stats_rows and fold_stats_rows.
-template <class A, class In, bool Base, bool Quant>
+template <class A, class In, bool Base, bool Quant, bool Norms = true>
 static inline void add_stats(const A* b, int64_t p, const float* scales, int64_t B, int64_t pos, int64_t n, int64_t q,
                              int64_t* nonfinite, double* sumsq, double* maxabs) {
   Lanes<StatT<A, In, Base>> st;
   st.mx = (StatT<A, In, Base>)maxabs[q];
   int64_t bad = 0;
-  stats_span<A, In, Base, Quant>(st, bad, p, scales, B, b, pos, n);
+  stats_span<A, In, Base, Quant, Norms>(st, bad, p, scales, B, b, pos, n);
   nonfinite[q] += bad;
   sumsq[q] += st.ss;
   maxabs[q] = (double)st.mx;
@@ -354,7 +364,8 @@ static void stats_rows(const A* base, const int64_t* off, const int64_t* ptr, co
   }, no_done, WHOLE_ITEMS);
 }
 
-// Admission and fold in one pass, for a batch folded into an empty state: per block of each update, its stats
+// Admission and fold in one pass, for a batch folded into an empty state (Norms = false: no sums of squares, for
+// an algorithm that reads no norms; see stats_term): per block of each update, its stats
 // (added into the (work item, update) outputs, zeroed by the caller), then its fold while the block is in L1. The
 // updates are read from memory once instead of twice. If any update fails admission, the caller zeroes the
 // accumulator again: it was all zeros, so that restores its bits. Per element the fold is fold_rows', bit for bit.
@@ -362,14 +373,15 @@ static void stats_rows(const A* base, const int64_t* off, const int64_t* ptr, co
 // block, its accumulator and base slices (24 KB) still in L1 for the fold that follows.
 constexpr int64_t FUSED_SUB = 8 * SUB;
 
-template <class A, class In, bool Base, bool Quant>
+template <class A, class In, bool Base, bool Quant, bool Norms>
 static void fold_stats_rows(A* acc, const A* base, const int64_t* off, const int64_t* ptr, const double* w,
                             const int64_t* sptr, const int64_t* blk, int64_t k, const Walk& wk, int64_t* nonfinite,
                             double* sumsq, double* maxabs) {
   for_blocks(off, ptr, k, wk, [&](int64_t it, int64_t e, int64_t p, int64_t pos, int64_t o, int64_t n) {
     const A* b = Base ? base + o : nullptr;
     const float* scales = Quant ? reinterpret_cast<const float*>(sptr[e]) : nullptr;
-    add_stats<A, In, Base, Quant>(b, p, scales, Quant ? blk[e] : 1, pos, n, it * k + e % k, nonfinite, sumsq, maxabs);
+    add_stats<A, In, Base, Quant, Norms>(b, p, scales, Quant ? blk[e] : 1, pos, n, it * k + e % k, nonfinite, sumsq,
+                                         maxabs);
     if constexpr (Quant)
       fold_block_q<A, Base>(acc + o, b, reinterpret_cast<const int8_t*>(p) + pos, scales, pos, blk[e], (A)w[e], n);
     else

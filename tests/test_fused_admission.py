@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import jitkernels as jk
 from jitkernels.backends import cpp
 
-from strategies import FLOAT_DTYPES, leaf_shapes, make_update, seeds
+from strategies import FLOAT_DTYPES, leaf_shapes, make_batch, make_update, seeds
 
 pytestmark = pytest.mark.skipif(jk.available_backends()["cpp"] is not True, reason="the fused pass is C++")
 
@@ -19,9 +19,9 @@ def fused_calls(monkeypatch):
     calls = []
     real = cpp.fold_stats
 
-    def spy(*a):
+    def spy(*a, **kw):
         calls.append(1)
-        return real(*a)
+        return real(*a, **kw)
     monkeypatch.setattr(cpp, "fold_stats", spy)
     return calls
 
@@ -46,6 +46,29 @@ def test_fused_pass_gives_the_two_pass_bits(seed, shapes, dtype, k, with_base, a
     two = jk.Aggregator(tmpl, backend="cpp", base=base, acc_dtype=acc_dtype)
     two.fold_many(two.admit_many(ups, ws, list(range(k))))
     assert fused.state.same_bits(two.state)
+
+
+@given(seed=seeds, shapes=leaf_shapes(), dtype=st.sampled_from(FLOAT_DTYPES + ("int8",)), k=st.integers(1, 20),
+       with_base=st.booleans(), n_bad=st.integers(0, 3))
+def test_the_fused_kernel_without_norms_finds_what_the_stats_pass_finds(seed, shapes, dtype, k, with_base, n_bad):
+    """fold_stats(norms=False) tests finiteness by sums of x - x instead of the sums of squares: the same non-finite
+    counts and max |x| as the stats pass, sums of squares not formed (0), and the fold's bits."""
+    rng = np.random.default_rng(seed)
+    lay, groups, leaves = make_batch(rng, shapes, dtype, k)
+    base = rng.standard_normal(lay.size).astype(np.float32) if with_base else None
+    for g in groups.values():
+        if g.in_dtype != "int8" and n_bad:  # NaN / inf at random places of random updates
+            for _ in range(n_bad):
+                r, j = int(rng.integers(len(g.leaf_ids))), int(rng.integers(k))
+                a = leaves[j][int(g.leaf_ids[r])]
+                if a is not None and a.size:
+                    a.reshape(-1)[int(rng.integers(a.size))] = rng.choice([np.nan, np.inf, -np.inf])
+        acc, want_acc = np.zeros(lay.size, np.float32), np.zeros(lay.size, np.float32)
+        nf, ss, mx = cpp.fold_stats(acc, base, g, norms=False)
+        want_nf, want_ss, want_mx = cpp.stats(base, g, "float32")
+        cpp.fold(want_acc, base, g)
+        assert np.array_equal(nf, want_nf) and np.array_equal(mx, want_mx) and not ss.any()
+        assert acc.tobytes() == want_acc.tobytes()
 
 
 def test_only_an_empty_state_takes_the_fused_pass(fused_calls):

@@ -44,9 +44,11 @@ def stats(base, g, acc_dtype):
     return rows_from_items(g, *per_item)
 
 
-def fold_stats(acc, base, g):
-    """fold() and stats() in one pass over the updates (for a batch into an empty state; see Aggregator)."""
-    per_item = _core.fold_stats(acc, base, CODE[g.in_dtype], g.off, g.ptr, g.w, g.scale_ptr, g.block, *_walk(g))
+def fold_stats(acc, base, g, norms: bool = True):
+    """fold() and stats() in one pass over the updates (for a batch into an empty state; see Aggregator). Without
+    ``norms`` the sums of squares are not formed (returned as zeros): finiteness is tested by sums of x - x."""
+    per_item = _core.fold_stats(acc, base, CODE[g.in_dtype], g.off, g.ptr, g.w, g.scale_ptr, g.block, *_walk(g),
+                                norms)
     return rows_from_items(g, *per_item)
 
 
