@@ -164,6 +164,11 @@ class _Round:
     carried: set = field(default_factory=set)  # parties whose late update for the round before counts here
     unobserved: set = field(default_factory=set)  # parties whose arrival is no response time (carried, replayed)
 
+    def take_carried(self, party) -> None:
+        """``party``'s late update for the round before counts here: not as this round's answer, nor its time."""
+        self.carried.add(party)
+        self.unobserved.add(party)
+
 
 @dataclass
 class _Deployment:
@@ -442,8 +447,7 @@ class JITScheduler:
                         return self._duplicate(js, round, party)
                     raise jk.DuplicateParty(party, f"job {job_id!r} round {round} (a late update carried over from "
                                                    f"round {round - 1})")
-                rnd.carried.add(party)
-                rnd.unobserved.add(party)
+                rnd.take_carried(party)
                 self._log("late_to_next_round", js, round=round - 1, party=party)
                 weight = float(weight) * js.job.late_weight
             spill = False
@@ -624,9 +628,9 @@ class JITScheduler:
         if js.job.late == "next_round" and not js.job.after_last(nxt) and (nxt, party) not in js.seen:
             self._log("late_to_next_round", js, round=rnd.number, party=party)
             js.seen[(nxt, party)] = None
-            self._round(js, nxt).admitted += 1
-            self._round(js, nxt).carried.add(party)
-            self._round(js, nxt).unobserved.add(party)
+            dest = self._round(js, nxt)
+            dest.admitted += 1
+            dest.take_carried(party)
             weight = weight * js.job.late_weight
             # written again under the round it now counts for: the ended round's files go with it
             if isinstance(item, _Spilled):  # its file is its only copy

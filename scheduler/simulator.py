@@ -146,24 +146,26 @@ class Arrivals:
         s = math.sqrt(math.log1p(spec.jitter_cv ** 2))
         self._sigma = s
 
+    def _draw(self, rng, r: int, shape: tuple = ()):
+        """(response times, who answers) of round r for every party, ``shape`` rounds of them: jitter, then
+        availability, from ``rng``."""
+        spec, size = self.spec, shape + (self.spec.parties,)
+        t = spec.response_s * self.speed * np.exp(rng.normal(-self._sigma ** 2 / 2, self._sigma, size))
+        answer = (~self.intermittent | (rng.random(size) < spec.availability)) & (self.leaves > r)
+        return t, answer
+
     def round(self, r: int):
         """(party indices that answer, their response times relative to the round's start)."""
-        spec = self.spec
-        rng = np.random.default_rng([self.seed, self.key, r])
-        noise = np.exp(rng.normal(-self._sigma ** 2 / 2, self._sigma, spec.parties))
-        avail = rng.random(spec.parties)
-        answer = (~self.intermittent | (avail < spec.availability)) & (self.leaves > r)
+        t, answer = self._draw(np.random.default_rng([self.seed, self.key, r]), r)
         idx = np.flatnonzero(answer)
-        return idx, spec.response_s * self.speed[idx] * noise[idx]
+        return idx, t[idx]
 
     def quorum_quantile(self, r: int, q: int, alpha: float, draws: int = 20_000) -> float:
         """The alpha-quantile of round r's quorum time (the q-th response) under this job's true model: speeds and
         dropouts as drawn, fresh jitter and availability per draw; inf where the quorum fails more often than alpha.
         What a policy that knew every party's distribution (not the round's draws) would plan on."""
-        spec, n = self.spec, self.spec.parties
-        rng = np.random.default_rng([self.seed, self.key, r, 0xB0D])
-        t = spec.response_s * self.speed * np.exp(rng.normal(-self._sigma ** 2 / 2, self._sigma, (draws, n)))
-        answer = (~self.intermittent | (rng.random((draws, n)) < spec.availability)) & (self.leaves > r)
+        n = self.spec.parties
+        t, answer = self._draw(np.random.default_rng([self.seed, self.key, r, 0xB0D]), r, (draws,))
         t[~answer] = np.inf
         tq = np.partition(t, q - 1, axis=1)[:, q - 1] if q <= n else np.full(draws, np.inf)
         return float(np.quantile(tq, alpha, method="inverted_cdf"))  # an order statistic: no inf - inf
