@@ -116,7 +116,8 @@ static void for_blocks(const int64_t* off, const int64_t* ptr, int64_t k, const 
     const int64_t p = ptr[r * k + j];
     if (p) body(it, r * k + j, p, s + b0, off[r] + s + b0, n);
   };
-  const int64_t sub = std::max(min_sub, SUB);
+  // one update: no other stream shares the block, so a longer one only saves calls
+  const int64_t sub = k == 1 ? std::max(min_sub, 32 * SUB) : std::max(min_sub, SUB);
   // a tile's bodies see pieces of an update's run, one after another (the same memory order): a body that reads its
   // piece twice (fold_stats) finds it in L1
   const int64_t piece = std::max(min_sub, 8 * SUB);

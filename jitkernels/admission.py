@@ -11,6 +11,7 @@ Pass ``copy=True`` (copy-on-admit) when the caller's buffers are reused.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -182,6 +183,7 @@ def prepare(updates, layout, *, weights=None, parties=None, backend="auto", copy
     return Prepared(ws, parties, leaves_list, leaf_entries(layout, leaves_list), on_device)
 
 
+@functools.cache
 def headroom(acc_dtype) -> float:
     """The largest ``weight * max|x|`` a fold may add: the accumulator's range, less room for 2^20 such terms."""
     return float(np.finfo(np.dtype(acc_dtype)).max) * HEADROOM

@@ -16,7 +16,7 @@ from . import admission
 from . import algorithms as _algorithms
 from . import backends
 from .admission import Admitted, admit_many
-from .batch import ABSENT, build_groups, build_out_groups, stack_entries
+from .batch import build_groups, build_out_groups, plan_of, stack_entries
 from .device import DeviceLeaf, empty_leaf, place, to_host
 from .dtypes import np_dtype
 from .backends import numpy_ref
@@ -268,7 +268,7 @@ class Aggregator:
                          False, info) for p, w, leaves, e, info in zip(parties, prep.weights, prep.leaves,
                                                                        prep.entries, infos)]
         fold_w = [float(alg.fold_weight(u, st)) for u in prov]
-        groups, int_rows, carried = build_groups(self.layout, prep.entries, prep.leaves, fold_w)
+        groups, int_rows, plan = build_groups(self.layout, prep.entries, prep.leaves, fold_w)
         L = len(self.layout)
         # the algorithm reads no norms here (needs_norms ones never get here): the kernel skips the sums of squares
         # (0.87-0.89x the time of this pass at 25M x 10 on 2 vCPUs) and the admitted updates' norms stay NaN
@@ -284,7 +284,7 @@ class Aggregator:
             raise
         for a, i in zip(admitted, infos):
             a.info = i
-        self._record(admitted, int_rows, carried)
+        self._record(admitted, int_rows, plan)
 
     def _fold_admitted(self, admitted) -> None:
         st, alg, fp = self.state, self.algorithm, self.layout.fingerprint
@@ -294,18 +294,21 @@ class Aggregator:
                                      party=u.party)
         self._check_parties([u.party for u in admitted])
         tab = stack_entries([u.entries for u in admitted])  # [L, k, 4], once for the checks and the groups
-        absent = tab[:, :, 0] == ABSENT
-        if not self.partial and absent.any():  # an Admitted made elsewhere (jk.admit(..., partial=True))
+        plan = plan_of(self.layout, tab)
+        absent = plan.absent
+        if not self.partial and absent is not None:  # an Admitted made elsewhere (jk.admit(..., partial=True))
             j = int(np.flatnonzero(absent.any(axis=0))[0])
             leaf = int(np.flatnonzero(absent[:, j])[0])
             raise LayoutMismatch("the update lacks this leaf and the aggregator takes whole updates (partial=False)",
                                  leaf=self.layout.leaves[leaf].name, party=admitted[j].party)
         if st.closed:
             raise RoundClosed("finalize closed this round (a server step or DP noise); reset() to start the next")
+        device = False
         for u in admitted:  # an Admitted made elsewhere (jk.admit) was not checked against this algorithm
             u.info = alg.check_info(u.info, u.party)
-        on_device = np.array([u.on_device for u in admitted]) if any(u.on_device for u in admitted) else None
-        if on_device is not None and not self.on_gpu:
+            device = device or u.on_device
+        on_device = np.array([u.on_device for u in admitted]) if device else None
+        if device and not self.on_gpu:
             raise LayoutMismatch(f"the update is in GPU memory; this aggregator's backend {self.backend!r} reads "
                                  f"host memory (use backend='cupy')", party=admitted[int(np.argmax(on_device))].party)
         if st.base is not None and getattr(alg, "needs_norms", False):
@@ -313,16 +316,16 @@ class Aggregator:
         fold_w = [float(alg.fold_weight(u, st)) for u in admitted]
         if self.buffered:
             self._buffer(admitted)
-            self._record(admitted, [], ~absent)
+            self._record(admitted, [], plan)
             return
-        groups, int_rows, carried = build_groups(self.layout, tab, [u.leaves for u in admitted], fold_w,
-                                                 device=on_device)
+        groups, int_rows, _ = build_groups(self.layout, tab, [u.leaves for u in admitted], fold_w,
+                                           device=on_device, plan=plan)
         deterministic = st.deterministic
         # admission checked the raw weight against its own limit: the fold multiplies by the algorithm's weight
-        bound, what = (2.0 ** st.bound_log2, "the deterministic bound") if deterministic else (
-            admission.headroom(self.acc_dtype), f"the {self.acc_dtype} accumulator's headroom")
+        bound = 2.0 ** st.bound_log2 if deterministic else admission.headroom(self.acc_dtype)
         for u, w in zip(admitted, fold_w):
             if not w * u.maxabs <= bound:
+                what = "the deterministic bound" if deterministic else f"the {self.acc_dtype} accumulator's headroom"
                 raise ValueOutOfRange(f"party {u.party!r}: fold weight * max|x| = {w * u.maxabs:.6g} exceeds "
                                       f"{bound:.6g} ({what})")
         mods = {name: backends.choose(self.backend, name) for name in groups}  # all refusals before any fold
@@ -332,7 +335,7 @@ class Aggregator:
                 mod.fold_binned(st.acc, st.lo, st.base, g, st.bound_log2)
             else:
                 mod.fold(st.acc, st.base, g)
-        self._record(admitted, int_rows, carried)
+        self._record(admitted, int_rows, plan)
 
     def _buffer(self, admitted) -> None:
         """Copy a batch into the store, all or nothing: room (capacity, the byte budget) is checked for the whole
@@ -362,18 +365,23 @@ class Aggregator:
             u.norm, u.maxabs = float(math.sqrt(sumsq[:, j].sum())), float(maxabs[:, j].max())
             u.against_base = self._base_token
 
-    def _record(self, admitted, int_rows, carried) -> None:
-        """After the float fold: integer leaves, per-leaf masses (``carried[i, j]``: update j carries leaf i), the
-        party and info records."""
+    def _record(self, admitted, int_rows, plan) -> None:
+        """After the float fold: integer leaves, per-leaf masses (the batch plan's ``carried[i, j]``: update j carries
+        leaf i), the party and info records."""
         st, alg = self.state, self.algorithm
         mass = [float(alg.mass(u)) for u in admitted]
         derived = [alg.derived_info(u, st) for u in admitted]
         # integer leaves (counters) take the plain mass-weighted mean: discounts and clipping are for float deltas
         for lid, arrays in int_rows:
             self._fold_int(lid, arrays, [w for u, w in zip(admitted, mass) if u.leaves[lid] is not None])
-        st.leaf_weight += carried @ np.asarray(mass)  # per leaf, the masses of the updates that carried it
-        st.parties.update((u.party, w) for u, w in zip(admitted, mass))
-        st.info.update((u.party, {**u.info, **d}) for u, d in zip(admitted, derived) if u.info or d)
+        if len(mass) == 1 and plan.absent is None:  # one whole update (a per-update fold): no matrix product
+            st.leaf_weight += mass[0]
+        else:
+            st.leaf_weight += plan.carried @ np.asarray(mass)  # per leaf, the masses of the updates that carried it
+        for u, m, d in zip(admitted, mass, derived):
+            st.parties[u.party] = m
+            if u.info or d:
+                st.info[u.party] = {**u.info, **d}
 
     def _fold_int(self, lid, arrays, weights):
         leaf = self.layout.leaves[lid]

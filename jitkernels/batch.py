@@ -109,24 +109,27 @@ def stack_entries(entries) -> np.ndarray:
     """int64[L, k, 4]: the k updates' leaf tables (``leaf_entry`` rows) side by side (a stacked table passes as is)."""
     if isinstance(entries, np.ndarray):
         return entries
+    if len(entries) == 1:
+        return entries[0][:, None, :]  # a view
     return np.array(entries).transpose(1, 0, 2)  # one C-level copy: np.stack costs twice as much on 100 small tables
 
 
-def build_groups(layout, entries, leaves, weights, chunk: int = CHUNK, device=None):
+def build_groups(layout, entries, leaves, weights, chunk: int = CHUNK, device=None, plan=None):
     """Group k updates' leaves by input dtype.
 
     ``entries``: the updates' int64[L, 4] tables from :func:`leaf_entry`, or :func:`stack_entries` of them;
     ``leaves[j]`` update j's flattened leaves; ``weights`` the k fold weights; ``device`` (bool[k] or None) which
-    updates are in GPU memory. Returns ``{in_dtype: Group}`` in :data:`GROUP_ORDER`, the rows of integer leaves
-    ``[(leaf_id, [arrays])]`` for the host, and ``carried`` (float64[L, k]: 1 where update j carries leaf i).
+    updates are in GPU memory; ``plan``: :func:`plan_of` the same tables, if the caller has it. Returns
+    ``{in_dtype: Group}`` in :data:`GROUP_ORDER`, the rows of integer leaves ``[(leaf_id, [arrays])]`` for the host,
+    and the plan (its ``carried``: float64[L, k], 1 where update j carries leaf i).
     """
     tab = stack_entries(entries)
     w = np.asarray(weights, dtype=np.float64)
-    plan = _plan(layout, tab[:, :, 0], chunk)
+    plan = plan_of(layout, tab, chunk) if plan is None else plan
     groups = {}
     for p in plan.groups:
         # [4, R, k]: code, address, scale address and block tables of the group's rows, each contiguous
-        sub = np.ascontiguousarray(tab.take(p.rows, axis=0).transpose(2, 0, 1))
+        sub = np.ascontiguousarray((tab if p.every_row else tab.take(p.rows, axis=0)).transpose(2, 0, 1))
         wt = np.empty(sub.shape[1:])
         wt[...] = w
         if p.mask is None:  # every update carries every row of the group (the usual case): nothing to mask
@@ -137,7 +140,7 @@ def build_groups(layout, entries, leaves, weights, chunk: int = CHUNK, device=No
         groups[p.name] = Group(p.name, p.rows, p.off, p.n, ptr, wt, sptr, blk, leaves, p.mask, p.work, device,
                                p.elements, p.row_starts, p)
     int_rows = [(r, [lv[r] for lv, c in zip(leaves, tab[r, :, 0].tolist()) if c == INT_CODE]) for r in plan.int_rows]
-    return groups, int_rows, plan.carried
+    return groups, int_rows, plan
 
 
 @dataclass(frozen=True)
@@ -152,22 +155,26 @@ class _GroupPlan:
     work: np.ndarray
     elements: int
     row_starts: np.ndarray | None
+    every_row: bool  # rows are all the layout's leaves, in order
     cache: dict = field(default_factory=dict, compare=False, repr=False)  # tables derived from it: walk(), ...
 
 
 @dataclass(frozen=True)
 class _Plan:
-    """A batch shape's groups, integer-leaf rows and carried matrix (float64[L, k])."""
+    """A batch shape's groups, integer-leaf rows, carried matrix (float64[L, k]) and absent mask (bool[L, k], None
+    when every update carries every leaf)."""
 
     groups: list
     int_rows: list
     carried: np.ndarray
+    absent: np.ndarray | None
 
 
-def _plan(layout, codes, chunk) -> _Plan:
-    """Which rows (leaves) each input dtype group has, with their masks, offsets, lengths and work items: a function
-    of the code matrix only, so it is cached per layout (a server sends the same kinds of batches again and again;
-    rebuilding this was most of a small fold's fixed cost)."""
+def plan_of(layout, tab, chunk: int = CHUNK) -> _Plan:
+    """Which rows (leaves) each input dtype group of the batch ``tab`` (:func:`stack_entries`) has, with their masks,
+    offsets, lengths and work items: a function of the code matrix only, so it is cached per layout (a server sends
+    the same kinds of batches again and again; rebuilding this was most of a small fold's fixed cost)."""
+    codes = tab[:, :, 0]
     cache = layout.__dict__.setdefault("_plan_cache", {})
     key = (codes.shape, codes.tobytes(), chunk)
     hit = cache.get(key)
@@ -187,11 +194,12 @@ def _plan(layout, codes, chunk) -> _Plan:
         one_per_row = work.shape[0] == len(rows) and np.array_equal(work[:, 0], np.arange(len(rows)))
         starts = None if one_per_row else np.flatnonzero(np.r_[True, work[1:, 0] != work[:-1, 0]])
         groups.append(_GroupPlan(name, rows, None if mask.all() else mask, layout.offsets[rows], n, work,
-                                 int(n.sum()), starts))
+                                 int(n.sum()), starts, len(rows) == len(codes)))
     int_rows = [] if INT_CODE not in present else np.flatnonzero((codes == INT_CODE).any(axis=1)).tolist()
     if len(cache) > 256:
         cache.clear()
-    cache[key] = plan = _Plan(groups, int_rows, (codes != ABSENT).astype(np.float64))
+    absent = codes == ABSENT
+    cache[key] = plan = _Plan(groups, int_rows, (~absent).astype(np.float64), absent if absent.any() else None)
     return plan
 
 
