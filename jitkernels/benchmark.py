@@ -256,10 +256,16 @@ def peak_memory(fn: Callable) -> tuple:
 
 
 # --- the jitkernels methods --------------------------------------------------------------------------------------
-def prepare(wl: Workload, backend: str, dtype: str) -> tuple:
-    """An aggregator for ``dtype`` inputs on ``backend`` and the k updates admitted to it (once, untimed).
-    Raises :class:`~jitkernels.BackendUnavailable` where the backend does not run ``dtype``."""
-    agg = jk.Aggregator(wl.template(dtype), backend=backend)
+DET_BOUND = 2 ** 20
+"""Deterministic mode's bound on weight * |x| in the benchmark (the workload's largest is ~2.5e3)."""
+
+
+def prepare(wl: Workload, backend: str, dtype: str, deterministic: bool = False) -> tuple:
+    """An aggregator for ``dtype`` inputs on ``backend`` (in deterministic mode: float64 binned state, bound
+    :data:`DET_BOUND`) and the k updates admitted to it (once, untimed). Raises
+    :class:`~jitkernels.BackendUnavailable` where the backend does not run ``dtype``."""
+    det = {"deterministic": True, "bound": DET_BOUND} if deterministic else {}
+    agg = jk.Aggregator(wl.template(dtype), backend=backend, **det)
     return agg, agg.admit_many(wl.updates(dtype), wl.weights, wl.parties)
 
 
@@ -508,7 +514,7 @@ def _row(wl, method, backend, dtype, timing=None, nbytes=None, mem=(None, None),
     row = {"workload": wl.label, "n": wl.n, "leaves": wl.leaves, "k": wl.k, "kind": kind, "method": method,
            "backend": backend, "dtype": dtype, "time_s": None, "times_s": None, "reps": 0, "probe_gbps": None,
            "probe_gbps_all": None, "bytes": nbytes, "frac_roofline": None, "us_per_call": None,
-           "extra_us_per_update": None, "vs_numpy_eager": None, "jk_speedup": None, "traced_peak_bytes": mem[0],
+           "extra_us_per_update": None, "vs_numpy_eager": None, "vs_fold_many": None, "jk_speedup": None, "traced_peak_bytes": mem[0],
            "rss_peak_bytes": mem[1], "note": note}
     if timing is not None:
         row.update(time_s=timing.time, times_s=timing.times, reps=len(timing.times), probe_gbps=timing.bandwidth,
@@ -554,6 +560,17 @@ def _dispatch_row(wl, backend, probe):
     return row
 
 
+def _deterministic_row(wl, backend, probe):
+    """``fold_many`` in deterministic mode: two float64 partial sums per element, read and written (32N bytes)."""
+    agg, adm = prepare(wl, backend, "float32", deterministic=True)
+
+    def clear():
+        agg.reset(reuse=True)
+
+    nbytes = wl.update_bytes("float32") + 4 * wl.n * 8
+    return _measure(wl, DETERMINISTIC, backend, "float32", lambda: fold_many(agg, adm), probe, nbytes, clear)
+
+
 def _bench_jitkernels(wl, probe, backends, dtypes, bar):
     rows = []
     acc2 = 2 * wl.n * ACC_ITEMSIZE  # the accumulator, read and written
@@ -580,6 +597,8 @@ def _bench_jitkernels(wl, probe, backends, dtypes, bar):
             bar.update()
             if dtype == "float32":
                 rows.append(_dispatch_row(wl, backend, probe))
+                bar.update()
+                rows.append(_deterministic_row(wl, backend, probe))
                 bar.update()
             clear()  # admission refuses parties already folded into the state
             rows.append(_measure(wl, "admit_many", backend, dtype, lambda: admit(agg, wl, dtype), probe, ub))
@@ -616,6 +635,7 @@ def _bench_peers(wl, probe, rows, bar):
 
 
 FOLDS = ("fold_many", "fold", "fold_many+finalize")
+DETERMINISTIC = "fold_many deterministic"
 
 
 def _ratios(rows):
@@ -634,6 +654,12 @@ def _ratios(rows):
         ref = best_avg if divides.get(r["method"]) else best_sum
         if r["kind"] == "peer" and ref:
             r["jk_speedup"] = r["time_s"] / ref
+        if r["method"] == DETERMINISTIC:
+            f = next((x["time_s"] for x in rows if x["method"] == "fold_many" and x["dtype"] == "float32"
+                      and x["backend"] == r["backend"] and x["time_s"]), None)
+            r["vs_fold_many"] = None if f is None else r["time_s"] / f
+            if f is not None:
+                r["note"] = f"{r['vs_fold_many']:.2f}x its float32 fold_many"
 
 
 def run(sizes=None, *, quick: bool = False, backends=None, dtypes=DTYPES, peers: bool = True, threads=None,
@@ -662,7 +688,7 @@ def run(sizes=None, *, quick: bool = False, backends=None, dtypes=DTYPES, peers:
         _warm_up(backends, dtypes)
         probe = Probe(probe_mb)
         head = header(probe)
-        per_wl = len(backends) * (len(dtypes) * 3 + ("float32" in dtypes)) + (1 + len(PEERS) if peers else 0)
+        per_wl = len(backends) * (len(dtypes) * 3 + 2 * ("float32" in dtypes)) + (1 + len(PEERS) if peers else 0)
         rows = []
         with tqdm(total=per_wl * len(sizes), file=sys.stderr, disable=not progress, unit="measure") as bar:
             for n, leaves, k in sizes:
@@ -711,7 +737,7 @@ _COLUMNS = (  # title, width, row -> text
 LEGEND = """\
 ms: median time; reps: repetitions (each between two probes); probe: median read bandwidth (GB/s) of the probes
 around them; MB: bytes the method must move (fold_many, peers: k*N*itemsize + 8N; fold: k*(N*itemsize + 8N);
-admit_many: k*N*itemsize; int8 counts values and scales); roofl: (MB / probe) / ms, above 1 = served partly from
+admit_many: k*N*itemsize; int8 counts values and scales; deterministic: k*N*itemsize + 32N); roofl: (MB / probe) / ms, above 1 = served partly from
 cache (fold: the accumulator stays cached between calls when it fits); us/call: time per fold call ("fold, 1
 elem/leaf": a call's fixed cost, measured on the same layout shrunk to one element per leaf); +us/upd:
 (fold - fold_many) / k, what folding each update on arrival costs over batching; x eager: numpy eager's time / this

@@ -1,0 +1,27 @@
+"""The kernel benchmark (``python -m jitkernels.benchmark``, ``jitagg bench``) runs end to end on a tiny workload and
+fills every row it promises: the timings themselves are for bench/, not for tests."""
+
+import io
+import json
+
+import jitkernels as jk
+from jitkernels import benchmark as jb
+
+
+def test_benchmark_table_rows_and_json(tmp_path):
+    backends = [b for b in ("numpy", "cpp") if jk.available_backends()[b] is True]
+    out = io.StringIO()
+    rows = jb.run([(20_000, 4, 4)], backends=backends, dtypes=["float32"], peers=False, probe_mb=4,
+                  json_path=tmp_path / "b.json", progress=False, file=out)
+    methods = {(r["method"], r["backend"]) for r in rows}
+    for b in backends:
+        for m in ("fold_many", "fold", "fold, 1 elem/leaf", jb.DETERMINISTIC, "admit_many"):
+            assert (m, b) in methods
+    for r in rows:
+        assert r["time_s"] > 0 and r["reps"] >= 1, r
+        if r["method"] == jb.DETERMINISTIC:
+            f32 = next(x for x in rows if x["method"] == "fold_many" and x["backend"] == r["backend"])
+            assert r["vs_fold_many"] == r["time_s"] / f32["time_s"]
+            assert r["bytes"] == 4 * 20_000 * 4 + 32 * 20_000
+    assert "fold_many deterministic" in out.getvalue()
+    assert len(json.loads((tmp_path / "b.json").read_text())["rows"]) == len(rows)
