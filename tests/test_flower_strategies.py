@@ -99,6 +99,33 @@ def test_server_optimizers_step_from_the_model_flower_keeps(name):
         glob = [a.astype(np.float32) for a in want]
 
 
+@pytest.mark.parametrize("name", ["FedAvg", "FedAdam", "FedMedian"])
+def test_results_in_another_float_dtype_are_converted_as_flower_promotes(name, caplog):
+    """float32 clients of a float64 global model (a numpy-initialized model, a torch client), then a round whose
+    clients switch to float64: Flower's numpy math takes any mix; the layout is exact, so the strategy converts
+    (it raised LayoutMismatch). The model's dtype is kept: float64 here, as Flower returns it."""
+    rng = np.random.default_rng(7)
+    x0 = [a.astype(np.float64) for a in _model(rng)]
+    make = {**CASES, **ROBUST}[name]
+    make = make[0] if isinstance(make, tuple) else make
+    theirs, ours = make(fl, x0), make(jkfl, x0)
+    glob = x0
+    for r, dt in ((1, np.float32), (2, np.float64), (3, np.float32)):
+        results = [(_Proxy(f"c{j}"), _fit_res([(a + 0.05 * rng.standard_normal(a.shape)).astype(dt) for a in glob],
+                                              rng.integers(10, 500), {"loss": float(j)})) for j in range(K)]
+        with caplog.at_level("INFO", logger="jitkernels.integrations.flower"):
+            p_t, p_o = _same_round(theirs, ours, r, results)
+        want, got = parameters_to_ndarrays(p_t), parameters_to_ndarrays(p_o)
+        first = np.float64 if name == "FedAdam" else np.float32  # FedAvg and the median take the first results'
+        for g, w in zip(got, want):
+            assert g.dtype == first and g.shape == w.shape
+            np.testing.assert_allclose(g, w, rtol=0, atol=2e-6)
+        converted = "converted" in caplog.text
+        assert converted == (dt != first), (r, caplog.text)
+        caplog.clear()
+        glob = want
+
+
 def test_parameters_are_written_in_place_and_read_back_by_flower():
     make, _ = CASES["FedAvg"]
     outs, ours = _run(make)

@@ -15,7 +15,8 @@ Flower's own, take the same arguments (plus ``backend=``), and replace ``aggrega
 sampling, configuration, evaluation) is Flower's. Their results equal Flower's within float32 rounding, with these
 deliberate differences: integer arrays are averaged (Flower's ``aggregate_inplace`` zeroes them); float16 models are
 accumulated in float32 (Flower's ``aggregate`` overflows); results keep the model's dtype (Flower's FedAdam returns
-float64, a NEP 50 promotion); deltas are folded as ``u - x`` (Flower forms the average, then subtracts, which turns
+float64, a NEP 50 promotion): float results in another dtype (float32 clients of a float64 model, or a round whose
+clients switched dtype) are converted to the model's, a copy of those arrays, where Flower's numpy promotes; deltas are folded as ``u - x`` (Flower forms the average, then subtracts, which turns
 rounding into steps); clients that report ``num_examples == 0`` are left out of weighted averages (they weigh nothing
 in Flower either) and kept by the rules that ignore weights (median, trimmed mean), as Flower keeps them.
 
@@ -182,13 +183,34 @@ class _Runner:
             self.agg = jk.Aggregator(tmpl, self.algorithm, backend=self.backend, base=base)
         elif base is not None or self.agg.state.count or self.agg.state.closed:
             self.agg.reset(base, reuse=True)
-        self.agg.fold_many([views[j] for j in kept], [float(weights[j]) for j in kept], [parties[j] for j in kept],
+        self.agg.fold_many(self._conform([views[j] for j in kept], [parties[j] for j in kept]),
+                           [float(weights[j]) for j in kept], [parties[j] for j in kept],
                            None if infos is None else [infos[j] for j in kept])
         if server_round is not None and self.agg.state.opt is not None:
             self.agg.state.round = int(server_round) - 1  # steps before this one, as Flower counts them
         tensors, arrays = parameters_buffers([(leaf.shape, np_dtype(leaf.dtype)) for leaf in self.agg.layout.leaves])
         self.agg.finalize(out=arrays)
         return tensors, arrays
+
+    def _conform(self, updates, parties):
+        """The results with each float array in the model's float dtype: Flower's numpy math takes any mix (a
+        float64 global model and float32 clients, a model whose dtype changes between rounds) and promotes; the
+        aggregator's layout is exact. A result that differs is converted (a copy of those arrays; float32 -> float64
+        is exact, float64 -> float32 rounds once) and the round says so in the log; other kinds are left for the
+        aggregator to refuse (LayoutMismatch names the party and the array)."""
+        want = [np_dtype(leaf.dtype) if leaf.is_float else None for leaf in self.agg.layout.leaves]
+        out, converted = [], set()
+        for u, p in zip(updates, parties):
+            if len(u) == len(want) and any(d is not None and v.dtype != d and v.dtype.kind == "f"
+                                           for v, d in zip(u, want)):
+                u = [v.astype(d) if d is not None and v.dtype != d and v.dtype.kind == "f" else v
+                     for v, d in zip(u, want)]
+                converted.add(p)
+            out.append(u)
+        if converted:
+            log.info("jitkernels: %d result(s) sent float arrays in another dtype than the model's (%s): converted",
+                     len(converted), ", ".join(sorted({str(d) for d in want if d is not None})))
+        return out
 
     def aggregate(self, results, base=None, server_round=None):
         """Flower's strategy API: FitRes in, Parameters out."""
