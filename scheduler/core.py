@@ -408,9 +408,14 @@ class JITScheduler:
         durable = rnd.durable.get(party, DURABLE) if rnd is not None else DURABLE
         return Ack(js.job.id, round, party, True, durable, duplicate=True)
 
-    def _submit(self, js, round, party, update, weight, update_id, persist) -> Ack:
+    def _submit(self, js, round, party, update, weight, update_id, persist, stored=False) -> Ack:
+        """``stored``: an update replayed from its file after a restart (``update`` is None): it takes no memory
+        and no budget, and is read back (and admitted again) when it is folded, as a spilled one is."""
         job_id = js.job.id
-        if js.layout is not None:
+        acked_round = round
+        if stored:
+            item, nbytes = None, 0
+        elif js.layout is not None:
             item = js.admit(update, weight, party)
             nbytes = item.nbytes
         else:
@@ -450,8 +455,8 @@ class JITScheduler:
                 rnd.take_carried(party)
                 self._log("late_to_next_round", js, round=round - 1, party=party)
                 weight = float(weight) * js.job.late_weight
-            spill = False
-            if self.byte_budget is not None and self.buffered_bytes >= self.byte_budget:
+            spill = stored
+            if not stored and self.byte_budget is not None and self.buffered_bytes >= self.byte_budget:
                 if not self._relieving:
                     self._relieving = True
                     self.clock.call_soon_threadsafe(self._relieve_pressure)
@@ -465,8 +470,10 @@ class JITScheduler:
             if not spill:
                 self.buffered_bytes += nbytes  # reserved now so that a burst sees its own bytes
         if spill:  # held from before its file exists until it is folded, carried or dropped
-            self.store.hold(job_id, round, party)
-        if persist and self.store is not None and item is not None:
+            self.store.hold(job_id, acked_round if stored else round, party)
+        if stored and round != acked_round:  # (late on replay: its file goes under the round it now counts for)
+            durable = self.store.carry_update(job_id, acked_round, round, party, float(weight))
+        elif persist and self.store is not None and item is not None:
             durable = self.store.persist_update(job_id, round, party, update_id, float(weight), item.leaves,
                                                 js.layout.fingerprint)
         else:
@@ -476,7 +483,7 @@ class JITScheduler:
                 rnd.durable[party] = durable
         if spill:  # from here on only the file holds it (the writer thread lets the arrays go once written)
             item, nbytes = _Spilled(round, party, float(weight), durable), 0
-            self.spilled += 1
+            self.spilled += not stored
         self.clock.call_soon_threadsafe(self._on_arrival, js, round, party, item, nbytes, float(weight))
         return Ack(job_id, round, party, True, durable)
 
@@ -958,10 +965,13 @@ class JITScheduler:
             rnd.folded = rnd.admitted = len(rnd.members)
             if rnd.folded >= rnd.quorum:
                 rnd.quorum_time = self.clock.now()
+        # replayed from their files, as spilled updates: read back at most half the byte budget at a time when
+        # folded (decoding them all here held every one in memory, and past the budget recovery itself raised
+        # Backpressure)
         replayed = st.stored_updates(job.id, len(js.layout))
-        for r, party, uid, weight, leaves in replayed:
+        for r, party, uid, weight in replayed:
             self._round(js, r).unobserved.add(party)  # it arrives now, in replay: no response time to learn
-            self._submit(js, r, party, js.layout.unflatten(leaves), weight, uid, persist=False)
+            self._submit(js, r, party, None, weight, uid, persist=False, stored=True)
         self._log("resumed", js, round=first, folded=rnd.folded, replayed=len(replayed),
                   fallbacks=len(st.fallbacks), orphans_removed=st.orphans_removed)
         self._plan(js)

@@ -217,11 +217,12 @@ class StateDir:
         return decode_leaves(tensors, json.loads(m["leaves"]), n_leaves)
 
     def stored_updates(self, job, n_leaves: int) -> list:
-        """[(round, party, update_id, weight, leaves)] of ``job``'s updates on disk that the committed generation
-        does not cover, in (round, file name) order. A damaged file is skipped and logged (it never became
-        durable: the rename is atomic). An update carried late to a later round is replayed there only: its file in
-        the round it was acknowledged for (still uncollected if a crash came before that round's commit) would
-        count it twice."""
+        """[(round, party, update_id, weight)] of ``job``'s updates on disk that the committed generation does not
+        cover, in (round, file name) order. Each file is read and verified here, one at a time, and its leaves are
+        not kept (:meth:`load_update` reads them when they are folded). A damaged file is skipped and logged (it
+        never became durable: the rename is atomic). An update carried late to a later round is replayed there only:
+        its file in the round it was acknowledged for (still uncollected if a crash came before that round's
+        commit) would count it twice."""
         meta = self.jobs.get(job, {})
         cur, covered = meta.get("round"), {_key(p) for p, _ in meta.get("parties", [])}
         done = set(map(int, meta.get("results", {})))
@@ -242,14 +243,15 @@ class StateDir:
                 path = os.path.join(root, rdir, f)
                 try:
                     tensors, m = read_checked(path, what="update file")
-                    leaves = decode_leaves(tensors, json.loads(m["leaves"]), n_leaves)
+                    decode_leaves(tensors, json.loads(m["leaves"]), n_leaves)
+                    del tensors
                 except (jk.CorruptState, KeyError, ValueError) as e:
                     log.warning("skipping damaged update file %s: %s", path, e)
                     continue
-                out.append((r, party, json.loads(m["update_id"]), float(m["weight"]), leaves,
+                out.append((r, party, json.loads(m["update_id"]), float(m["weight"]),
                             json.loads(m.get("carried_from", "null"))))
-        moved = {(c, _key(p)) for _, p, _, _, _, c in out if c is not None}
-        return [(r, p, u, w, lv) for r, p, u, w, lv, _ in out if (r, _key(p)) not in moved]
+        moved = {(c, _key(p)) for _, p, _, _, c in out if c is not None}
+        return [(r, p, u, w) for r, p, u, w, _ in out if (r, _key(p)) not in moved]
 
     # --- generations ---------------------------------------------------------------------------------------------
     def checkpoint(self, job, rnd: int, state: jk.FoldState, update_ids: dict) -> None:
