@@ -887,7 +887,7 @@ class JITScheduler:
         if in_memory:
             self.executor.fold_many(agg, in_memory)
         # (replayed updates are spilled ones too: without a budget they are read back in one batch)
-        per = len(spilled) if self.byte_budget is None else max(1, self.byte_budget // 2 // max(1, js.update_bytes))
+        per = max(1, len(spilled) if self.byte_budget is None else self.byte_budget // 2 // max(1, js.update_bytes))
         for i in range(0, len(spilled), per):
             self.executor.fold_many(agg, [self._read_spilled(js, sp) for sp in spilled[i:i + per]])
         js.fold_bytes += nbytes
