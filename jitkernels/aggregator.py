@@ -121,10 +121,10 @@ class Aggregator:
                 opt["v"] = place(np.full(self.layout.size, self.algorithm.v0(), acc_dtype), self.on_gpu)
         store = None
         if self.buffered:
-            if self.on_gpu or self.partial or deterministic:
-                raise ValueError(f"{type(self.algorithm).__name__} buffers the round's updates on the host: no "
-                                 f"GPU backend, partial updates or deterministic mode")
-            store = self.algorithm.new_store(self.layout)
+            if self.partial or deterministic:
+                raise ValueError(f"{type(self.algorithm).__name__} buffers the round's updates: no partial updates "
+                                 f"or deterministic mode")
+            store = self.algorithm.new_store(self.layout)  # in host memory, on every backend (see _buffer)
         self.state = FoldState(self.layout, algorithm=params, acc_dtype=acc_dtype, base=flat_base,
                                on_device=self.on_gpu, opt=opt, scalars=self.algorithm.initial_scalars(), store=store)
 
@@ -347,7 +347,11 @@ class Aggregator:
         names = [leaf.name for leaf in self.layout.leaves]  # so that a refusal names the leaf
         try:
             for u in admitted:
-                store.add(dict(zip(names, u.leaves)), u.party)
+                # the slab is in host memory on every backend (its budget, spill file and CPU kernels are the
+                # host's): an update in GPU memory is copied to it once, here
+                leaves = [to_host(a) if isinstance(a, DeviceLeaf) else a for a in u.leaves] if u.on_device else \
+                    u.leaves
+                store.add(dict(zip(names, leaves)), u.party)
         except BaseException:  # a value the store's dtype cannot hold, a leaf it cannot take: no row of the batch
             store.truncate(k0)
             raise
@@ -442,7 +446,7 @@ class Aggregator:
                 raise ValueError("output='delta' needs an aggregator created with a base")
             outs = self._outputs(out)
             if self.buffered:  # whole updates, each in a stored row, whatever its mass (Krum's may be 0)
-                return self._finalize_buffered(outs, out, st.base if output == "delta" else None)
+                return self._finalize_buffered(outs, out, delta=output == "delta")
             missing = [i for i, w in enumerate(st.leaf_weight) if w <= 0]
             if missing and base is None:
                 raise EmptyAggregate(f"no folded update carried leaf {self.layout.leaves[missing[0]].name!r}")
@@ -480,16 +484,16 @@ class Aggregator:
                 _write(outs[i], a.reshape(leaf.shape).astype(outs[i].dtype))
             return out if out is not None else self.layout.unflatten(outs)
 
-    def _finalize_buffered(self, outs, out, minus):
-        """A robust rule over the store's rows, written leaf by leaf into the outputs (``minus``: subtract the base,
-        for output="delta")."""
+    def _finalize_buffered(self, outs, out, delta: bool):
+        """A robust rule over the store's rows, written leaf by leaf into the outputs (``delta``: less the base)."""
         st = self.state
         weights = np.array([st.parties[p] for p in st.store.parties], np.float64)
-        flat = self.algorithm.aggregate(st.store, weights, base=st.base)
+        base = st.host_base()  # the rules run on the host slab (a GPU aggregator's results go back to the device)
+        flat = self.algorithm.aggregate(st.store, weights, base=base)
         for i, leaf in enumerate(self.layout.leaves):
             v = flat[leaf.offset:leaf.offset + leaf.size]
-            if minus is not None:
-                v = v - minus[leaf.offset:leaf.offset + leaf.size]
+            if delta:
+                v = v - base[leaf.offset:leaf.offset + leaf.size]
             if not leaf.is_float:
                 v = np.rint(v)
             _write(outs[i], np.asarray(v).reshape(leaf.shape).astype(outs[i].dtype))

@@ -277,3 +277,36 @@ def test_robust_coordinate_kernels_on_the_gpu(k, dtype):
     assert med.get().tobytes() == rc.coordinate_median(host, backend="numpy").tobytes()
     tri = rc.trimmed_mean(dev, 0.2, **kw)
     assert tri.get().tobytes() == rc.trimmed_mean(host, 0.2, backend="numpy").tobytes()
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed", "krum", "bulyan", "geomed", "centered"])
+def test_robust_rules_on_a_gpu_aggregator_equal_the_cpu(rule):
+    """A GPU aggregator (torch CUDA template and updates) runs every robust rule: each update is copied once into
+    the host slab (its budget, spill file and CPU kernels are the host's), the rule runs there, and the result comes
+    back in the template's type on the device, equal to a host aggregator's to the bit (delta output too)."""
+    import torch
+
+    from jitkernels import robust as R
+
+    make = {"median": lambda: R.FedMedian(), "trimmed": lambda: R.FedTrimmedAvg(beta=0.2),
+            "krum": lambda: R.Krum(f=1, m=2), "bulyan": lambda: R.Bulyan(f=1),
+            "geomed": lambda: R.GeometricMedian(), "centered": lambda: R.CenteredClipping(tau=1.0)}[rule]
+    rng = np.random.default_rng(3)
+    shapes = {"w": (60, 70), "b": (70,), "s": (3,)}
+    base = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    ups = [{n: (a + 0.1 * rng.standard_normal(a.shape)).astype(np.float32) for n, a in base.items()}
+           for _ in range(8)]
+    ups[2] = {n: a * 50.0 for n, a in ups[2].items()}  # an outlier the rules must resist
+    w = rng.uniform(1.0, 50.0, len(ups))
+    cuda = {n: torch.from_numpy(a).cuda() for n, a in base.items()}
+    host = jk.Aggregator(base, make(), base=base)
+    gpu = jk.Aggregator(cuda, make(), base=cuda)
+    assert gpu.backend == "cupy" and gpu.on_gpu
+    host.fold_many(ups, w, parties=list(range(len(ups))))
+    gpu.fold_many([{n: torch.from_numpy(a).cuda() for n, a in u.items()} for u in ups], w,
+                  parties=list(range(len(ups))))
+    for output in ("model", "delta"):
+        want, got = host.finalize(output), gpu.finalize(output)
+        for n in shapes:
+            assert got[n].is_cuda and got[n].dtype == torch.float32
+            assert got[n].cpu().numpy().tobytes() == want[n].tobytes(), (rule, output, n)
