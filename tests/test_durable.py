@@ -571,3 +571,23 @@ def test_recovery_replays_stored_updates_from_disk_within_the_byte_budget(tmp_pa
     agg = jk.Aggregator(job.template, deterministic=True)
     agg.fold_many([ups[p] for p in parties], [1.0 + int(p[1:]) for p in parties], parties)
     assert got["w"].tobytes() == agg.finalize()["w"].tobytes()
+
+
+def test_default_checkpoints_of_a_small_model_wait_for_min_checkpoint_bytes(tmp_path):
+    """The default interval is 4x the accumulator's bytes, at least MIN_CHECKPOINT_BYTES: a 1,000-parameter model
+    folded update by update (eager) was checkpointed every 4 updates (a state file, a manifest, four fsyncs each);
+    now only the rounds' results are committed, and a crash still loses nothing (updates are durable on their own)."""
+    from scheduler.core import MIN_CHECKPOINT_BYTES
+
+    parties = [f"p{i}" for i in range(40)]
+    job = Job("j", template={"w": np.zeros(1000, np.float32)}, parties=parties, quorum=len(parties), rounds=2)
+    sched = JITScheduler("eager", slots=1, clock=VirtualClock(), state_dir=tmp_path)
+    sched.add_job(job)
+    for r in range(2):
+        for p in parties:
+            sched.submit("j", r, p, {"w": np.ones(1000, np.float32)}, 1.0)
+            sched.clock.run(until=sched.clock.now() + 0.01)
+        sched.clock.run()
+        sched.result("j", r).result(timeout=10)
+    assert 40 * 4000 < MIN_CHECKPOINT_BYTES and sched.store.gen == 2  # the two results, no partial checkpoints
+    sched.close()
