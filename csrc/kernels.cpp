@@ -7,6 +7,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -112,6 +113,21 @@ void check_walk(const I64& work, const I64& share, const I64& tiles) {
           "walk does not cover its tiles and work items");
 }
 
+// The GIL is let go around a kernel only when the call has work to overlap: a small call (a small model's update, in
+// a server's submit) gave it up for microseconds and then queued to take it back behind whichever thread took it,
+// for up to the interpreter's switch interval (5 ms).
+constexpr int64_t NOGIL_MIN_ELEMENTS = int64_t(1) << 16;
+
+struct NogilIfLarge {
+  std::optional<py::gil_scoped_release> released;
+  NogilIfLarge(const I64& work, int64_t k) {
+    const int64_t m = work.shape(0);
+    int64_t n = 0;
+    for (int64_t i = 0; i < m; ++i) n += work.data()[3 * i + 2];
+    if (n * std::max<int64_t>(k, 1) >= NOGIL_MIN_ELEMENTS) released.emplace();
+  }
+};
+
 template <class W>
 W walk_of(const I64& work, const I64& share, const I64& tiles) {
   return W{work.data(), share.data(), tiles.data(), int(share.size() - 1)};
@@ -152,7 +168,7 @@ void fold(py::array acc, py::object base_obj, int in_code, I64 off, I64 ptr, F64
   with_types(acc64, in_code, [&](auto a, auto in) {
     using A = decltype(a);
     using In = decltype(in);
-    py::gil_scoped_release nogil;
+    NogilIfLarge nogil(work, k);
     auto run = [&](auto ns_fold, auto ns_fold_q) {
       if constexpr (std::is_same_v<In, int8_t>) {
         if (has_base) ns_fold_q(std::true_type{}); else ns_fold_q(std::false_type{});
@@ -191,7 +207,7 @@ py::tuple fold_stats(py::array acc, py::object base_obj, int in_code, I64 off, I
     using A = decltype(a);
     using In = decltype(in);
     constexpr bool Q = std::is_same_v<In, int8_t>;
-    py::gil_scoped_release nogil;
+    NogilIfLarge nogil(work, k);
 #define JK_FOLD_STATS(NS, B, N)                                                                                 \
   NS::fold_stats_rows<A, In, B, Q, N>((A*)accp, (const A*)basep, off.data(), ptr.data(), w.data(), sptr.data(), \
                                       blk.data(), k, JK_WALK(NS), nf, ss, mx)
@@ -228,7 +244,7 @@ void fold_binned(py::array_t<double, py::array::c_style> hi, py::array_t<double,
   with_types(true, in_code, [&](auto, auto in) {
     using In = decltype(in);
     constexpr bool Q = std::is_same_v<In, int8_t>;
-    py::gil_scoped_release nogil;
+    NogilIfLarge nogil(work, k);
 #define JK_BINNED(NS)                                                                                          \
   if (has_base) NS::fold_binned_rows<In, true, Q>(h, l, bp, off.data(), ptr.data(), w.data(), sptr.data(),      \
                                                    blk.data(), k, JK_WALK(NS), s1, s2);                         \
@@ -257,7 +273,7 @@ py::tuple stats(py::object base_obj, py::dtype acc_dtype, int in_code, I64 off, 
     using A = decltype(a);
     using In = decltype(in);
     constexpr bool Q = std::is_same_v<In, int8_t>;
-    py::gil_scoped_release nogil;
+    NogilIfLarge nogil(work, k);
 #define JK_STATS(NS)                                                                                           \
   if (has_base) NS::stats_rows<A, In, true, Q>((const A*)basep, off.data(), ptr.data(), sptr.data(), blk.data(), \
                                                k, JK_WALK(NS), nf, ss, mx);                                     \
