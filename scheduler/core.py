@@ -360,8 +360,12 @@ class JITScheduler:
         acknowledged updates that generation does not cover replayed (the results of finished rounds resolve
         their futures). ``jobs`` are the same :class:`Job` definitions (templates are code, not state)."""
         sched = cls(state_dir=state_dir, **kwargs)
-        for job in jobs:
-            sched.add_job(job)
+        try:
+            for job in jobs:
+                sched.add_job(job)
+        except BaseException:  # (e.g. a job whose template changed): the directory is let go, for a retry
+            sched.close()
+            raise
         return sched
 
     # --- public API ----------------------------------------------------------------------------------------------
@@ -374,7 +378,11 @@ class JITScheduler:
             self.jobs[job.id] = js
             self._log("add_job", js, quorum=job.quorum_count(), parties=len(job.parties))
             if self.store is not None and js.layout is not None:
-                self._resume(js)
+                try:
+                    self._resume(js)
+                except BaseException:  # not added: the job's files stay as they are
+                    del self.jobs[job.id]
+                    raise
             else:
                 self._open_round(js, job.first_round)
 
@@ -441,7 +449,7 @@ class JITScheduler:
                     f"is open)") + f"; update from {party!r} not taken")
             rnd = self._round(js, round)
             if rnd.done or rnd.admitted >= rnd.quorum:  # membership is fixed: the first q acknowledged updates
-                if not math.isnan(rnd.start):
+                if not math.isnan(rnd.start) and party not in rnd.unobserved:  # (not a replay's time)
                     js.predictor.observe_late(party, self.clock.now() - rnd.start, rnd.number)
                 if js.job.late == "reject":
                     raise LateUpdate(f"job {job_id!r} round {round} is closed (its quorum is in, or it ended); "
@@ -636,7 +644,8 @@ class JITScheduler:
             self._log("quorum", js, round=rnd.number, at=now)
 
     def _late(self, js, rnd, party, item, nbytes, weight) -> None:
-        js.predictor.observe_late(party, self.clock.now() - rnd.start, rnd.number)
+        if party not in rnd.unobserved:  # a replay's arrival is the restart's time
+            js.predictor.observe_late(party, self.clock.now() - rnd.start, rnd.number)
         nxt = rnd.number + 1
         if js.job.late == "next_round" and not js.job.after_last(nxt) and (nxt, party) not in js.seen:
             self._log("late_to_next_round", js, round=rnd.number, party=party)
@@ -853,16 +862,17 @@ class JITScheduler:
             return
         if rnd.pending and (self.policy.fold_on_arrival or rnd.quorum_time is not None):
             batch, rnd.pending = rnd.pending, []
-            nbytes = rnd.pending_bytes
+            nbytes = rnd.pending_bytes  # in memory; spilled (and replayed) updates are read back by the fold
             rnd.pending_bytes = 0
-            est = self.cost.fold_s(nbytes, len(batch), js.model_elems)
+            work = nbytes + js.update_bytes * sum(isinstance(it, _Spilled) for _, it, _, _ in batch)
+            est = self.cost.fold_s(work, len(batch), js.model_elems)
             fn = None
             if rnd.aggregator is not None:
                 # a late update carried to this round comes with its staleness-scaled weight
                 items = [it if w == it.weight else dataclasses.replace(it, weight=w) for _, it, _, w in batch]
                 fn = functools.partial(self.executor.fold_many, rnd.aggregator, items)
                 if self.store is not None:
-                    fn = functools.partial(self._fold_durably, js, rnd.number, rnd.aggregator, items, nbytes,
+                    fn = functools.partial(self._fold_durably, js, rnd.number, rnd.aggregator, items, work,
                                            self._update_ids(js, rnd))
             task = Task("fold", js.job.id, rnd.number, len(batch), nbytes, est, fn)
             dep.busy = True
@@ -886,16 +896,23 @@ class JITScheduler:
 
     def _fold_durably(self, js, number, agg, items, nbytes, ids) -> None:
         """A fold task with a state directory: fold (spilled updates read back from disk, at most half the byte
-        budget at a time), then commit the partial aggregate once enough was folded. Runs on the executor's thread
-        (one task per job at a time), outside the scheduler's lock."""
+        budget at a time), then commit the partial aggregate once enough was folded (``nbytes``: the update bytes
+        the task folds, spilled ones included). Runs on the executor's thread (one task per job at a time), outside
+        the scheduler's lock."""
         spilled = [it for it in items if isinstance(it, _Spilled)]
         in_memory = [it for it in items if not isinstance(it, _Spilled)]
-        if in_memory:
-            self.executor.fold_many(agg, in_memory)
-        # (replayed updates are spilled ones too: without a budget they are read back in one batch)
-        per = max(1, len(spilled) if self.byte_budget is None else self.byte_budget // 2 // max(1, js.update_bytes))
-        for i in range(0, len(spilled), per):
-            self.executor.fold_many(agg, [self._read_spilled(js, sp) for sp in spilled[i:i + per]])
+        try:
+            if in_memory:
+                self.executor.fold_many(agg, in_memory)
+            # (replayed updates are spilled ones too: without a budget they are read back in one batch)
+            per = max(1, len(spilled) if self.byte_budget is None else
+                      self.byte_budget // 2 // max(1, js.update_bytes))
+            for i in range(0, len(spilled), per):
+                self.executor.fold_many(agg, [self._read_spilled(js, sp) for sp in spilled[i:i + per]])
+        except BaseException:  # the round fails: the files of the spilled updates not read yet are let go
+            for sp in spilled:
+                self.store.release(js.job.id, sp.round, sp.party)
+            raise
         js.fold_bytes += nbytes
         limit = max(4 * agg.state.acc.nbytes, MIN_CHECKPOINT_BYTES) if self.checkpoint_bytes is None else \
             self.checkpoint_bytes
@@ -976,7 +993,7 @@ class JITScheduler:
         # replayed from their files, as spilled updates: read back at most half the byte budget at a time when
         # folded (decoding them all here held every one in memory, and past the budget recovery itself raised
         # Backpressure)
-        replayed = st.stored_updates(job.id, len(js.layout))
+        replayed = st.stored_updates(job.id, len(js.layout), js.layout.fingerprint)
         for r, party, uid, weight in replayed:
             self._round(js, r).unobserved.add(party)  # it arrives now, in replay: no response time to learn
             self._submit(js, r, party, None, weight, uid, persist=False, stored=True)

@@ -216,13 +216,14 @@ class StateDir:
         tensors, m = read_checked(os.path.join(self.path, self._update_rel(job, rnd, party)), what="update file")
         return decode_leaves(tensors, json.loads(m["leaves"]), n_leaves)
 
-    def stored_updates(self, job, n_leaves: int) -> list:
+    def stored_updates(self, job, n_leaves: int, fingerprint: str) -> list:
         """[(round, party, update_id, weight)] of ``job``'s updates on disk that the committed generation does not
         cover, in (round, file name) order. Each file is read and verified here, one at a time, and its leaves are
         not kept (:meth:`load_update` reads them when they are folded). A damaged file is skipped and logged (it
-        never became durable: the rename is atomic). An update carried late to a later round is replayed there only:
-        its file in the round it was acknowledged for (still uncollected if a crash came before that round's
-        commit) would count it twice."""
+        never became durable: the rename is atomic); a file written for another layout than ``fingerprint`` (the
+        job's template changed between runs) raises :class:`~jitkernels.LayoutMismatch` here, before anything is
+        replayed. An update carried late to a later round is replayed there only: its file in the round it was
+        acknowledged for (still uncollected if a crash came before that round's commit) would count it twice."""
         meta = self.jobs.get(job, {})
         cur, covered = meta.get("round"), {_key(p) for p, _ in meta.get("parties", [])}
         done = set(map(int, meta.get("results", {})))
@@ -248,6 +249,9 @@ class StateDir:
                 except (jk.CorruptState, KeyError, ValueError) as e:
                     log.warning("skipping damaged update file %s: %s", path, e)
                     continue
+                if m.get("layout") != fingerprint:
+                    raise jk.LayoutMismatch(f"update file {path} was written for layout {m.get('layout')}; the "
+                                            f"job's layout is {fingerprint} (its template changed?)", party=party)
                 out.append((r, party, json.loads(m["update_id"]), float(m["weight"]),
                             json.loads(m.get("carried_from", "null"))))
         moved = {(c, _key(p)) for _, p, _, _, c in out if c is not None}

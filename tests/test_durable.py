@@ -521,7 +521,7 @@ def test_an_update_carried_late_is_replayed_only_where_it_was_carried(tmp_path):
     sd.persist_update("j", 0, "a", "a0", 1.0, one, "fp").result(timeout=10)
     sd.persist_update("j", 0, "b", "b0", 1.0, one, "fp").result(timeout=10)
     sd.persist_update("j", 1, "a", None, 0.5, one, "fp", carried_from=0).result(timeout=10)
-    assert [(r, p, w) for r, p, _, w in sd.stored_updates("j", 1)] == [(0, "b", 1.0), (1, "a", 0.5)]
+    assert [(r, p, w) for r, p, _, w in sd.stored_updates("j", 1, "fp")] == [(0, "b", 1.0), (1, "a", 0.5)]
     sd.close()
 
 
@@ -591,3 +591,47 @@ def test_default_checkpoints_of_a_small_model_wait_for_min_checkpoint_bytes(tmp_
         sched.result("j", r).result(timeout=10)
     assert 40 * 4000 < MIN_CHECKPOINT_BYTES and sched.store.gen == 2  # the two results, no partial checkpoints
     sched.close()
+
+
+def test_replayed_updates_count_toward_the_next_checkpoint(tmp_path):
+    """Replayed updates are read back from their files when folded; their bytes count toward the checkpoint interval
+    (they counted 0: folded, never checkpointed, and every later restart replayed them all again)."""
+    n = 1000
+    parties = [f"p{i}" for i in range(6)]
+    job = Job("j", template={"w": np.zeros(n, np.float32)}, parties=parties, quorum=6, rounds=1, deterministic=True)
+    sched = JITScheduler("eager", clock=VirtualClock(), state_dir=tmp_path, checkpoint_bytes=1 << 40)
+    sched.add_job(job)
+    for p in parties[:4]:
+        assert sched.submit("j", 0, p, {"w": np.ones(n, np.float32)}, update_id=p).durable.result(timeout=10)
+    sched.clock.run()
+    sched.close()
+    for replayed in (4, 0):
+        rec = JITScheduler.recover(tmp_path, [job], policy="eager", clock=VirtualClock(), checkpoint_bytes=4 * n)
+        rec.clock.run()
+        assert [d["replayed"] for d in rec.decisions if d["event"] == "resumed"] == [replayed]
+        assert rec.jobs["j"].open.folded == 4
+        assert sorted(p for p, _ in rec.store.jobs["j"]["parties"]) == parties[:4]  # checkpointed
+        rec.store.crash()
+
+
+def test_recovery_refuses_update_files_of_another_layout(tmp_path):
+    """A job whose template changed between runs: its update files are refused when the scheduler is recovered
+    (LayoutMismatch, nothing replayed or committed), as before replay read them lazily; with the template back,
+    recovery replays them."""
+    def job(n):
+        return Job("j", template={"w": np.zeros(n, np.float32)}, parties=["a", "b", "c"], quorum=3, rounds=1,
+                   deterministic=True)
+
+    sched = JITScheduler("eager", clock=VirtualClock(), state_dir=tmp_path, checkpoint_bytes=1 << 40)
+    sched.add_job(job(8))
+    for p in "ab":
+        assert sched.submit("j", 0, p, {"w": np.ones(8, np.float32)}, update_id=p).durable.result(timeout=10)
+    sched.clock.run()
+    sched.close()
+    with pytest.raises(jk.LayoutMismatch, match="written for layout"):
+        JITScheduler.recover(tmp_path, [job(9)], policy="eager", clock=VirtualClock())
+    rec = JITScheduler.recover(tmp_path, [job(8)], policy="eager", clock=VirtualClock())
+    rec.submit("j", 0, "c", {"w": np.ones(8, np.float32)}, update_id="c")
+    rec.clock.run()
+    np.testing.assert_array_equal(rec.result("j", 0).result(timeout=10)["w"], np.ones(8, np.float32))
+    rec.close()
