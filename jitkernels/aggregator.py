@@ -489,7 +489,9 @@ class Aggregator:
         st = self.state
         weights = np.array([st.parties[p] for p in st.store.parties], np.float64)
         base = st.host_base()  # the rules run on the host slab (a GPU aggregator's results go back to the device)
-        flat = self.algorithm.aggregate(st.store, weights, base=base)
+        # the rule's host kernels: this aggregator's backend where it names one (not JITKERNELS_BACKEND's default)
+        flat = self.algorithm.aggregate(st.store, weights, base=base,
+                                        backend="auto" if self.backend == "cupy" else self.backend)
         for i, leaf in enumerate(self.layout.leaves):
             v = flat[leaf.offset:leaf.offset + leaf.size]
             if delta:

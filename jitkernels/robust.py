@@ -45,9 +45,10 @@ class _Buffered(FedAvg):
                            over_budget=self.over_budget, spill_dir=self.spill_dir,
                            shapes=[leaf.shape for leaf in layout.leaves])
 
-    def aggregate(self, store, weights: np.ndarray, base=None) -> np.ndarray:
+    def aggregate(self, store, weights: np.ndarray, base=None, backend: str = "auto") -> np.ndarray:
         """The rule over the store's k rows (``weights``: the parties' masses, in row order; ``base``: the flat
-        global model, for rules centered at it): float[N]."""
+        global model, for rules centered at it; ``backend``: the host kernels' backend, as the Aggregator's): float[N].
+        """
         raise NotImplementedError
 
     def params(self) -> dict:
@@ -70,10 +71,10 @@ class FedMedian(_Buffered):
 
     name = "fedmedian"
 
-    def aggregate(self, store, weights, base=None):
+    def aggregate(self, store, weights, base=None, backend="auto"):
         from .robust_coord import coordinate_median
 
-        return coordinate_median(store)
+        return coordinate_median(store, backend=backend)
 
 
 class FedTrimmedAvg(_Buffered):
@@ -95,10 +96,10 @@ class FedTrimmedAvg(_Buffered):
             raise ValueError(f"beta must be in [0, 0.5), got {beta!r}")
         self.beta = float(beta)
 
-    def aggregate(self, store, weights, base=None):
+    def aggregate(self, store, weights, base=None, backend="auto"):
         from .robust_coord import trimmed_mean
 
-        return trimmed_mean(store, self.beta)
+        return trimmed_mean(store, self.beta, backend=backend)
 
     def params(self) -> dict:
         return {**super().params(), "beta": self.beta}
@@ -142,10 +143,11 @@ class Krum(_Buffered):
     def mass(self, u) -> float:
         return u.info.get("mass", u.weight) if self.weighted else 1.0
 
-    def aggregate(self, store, weights, base=None):
-        from .robust_gram import krum
+    def aggregate(self, store, weights, base=None, backend="auto"):
+        from .robust_gram import gram_backend, krum
 
-        res = krum(store, self.f, self.m, weights=weights if self.weighted else None, variant=self.variant)
+        res = krum(store, self.f, self.m, weights=weights if self.weighted else None, variant=self.variant,
+                   backend=gram_backend(backend))
         self.selected = res.parties  # who the last aggregate kept, by increasing score (e.g. to average their metrics)
         return res.aggregate
 
@@ -174,10 +176,10 @@ class Bulyan(_Buffered):
             raise ValueError(f"need f >= 0, got {f!r}")
         self.f = int(f)
 
-    def aggregate(self, store, weights, base=None):
-        from .robust_gram import bulyan
+    def aggregate(self, store, weights, base=None, backend="auto"):
+        from .robust_gram import bulyan, gram_backend
 
-        return bulyan(store, self.f).aggregate
+        return bulyan(store, self.f, backend=gram_backend(backend)).aggregate
 
     def params(self) -> dict:
         return {**super().params(), "f": self.f}
@@ -204,11 +206,11 @@ class GeometricMedian(_Buffered):
             raise ValueError(f"need eps > 0 and max_iter >= 1, got eps={eps!r}, max_iter={max_iter!r}")
         self.eps, self.max_iter = float(eps), int(max_iter)
 
-    def aggregate(self, store, weights, base=None):
-        from .robust_gram import geometric_median
+    def aggregate(self, store, weights, base=None, backend="auto"):
+        from .robust_gram import geometric_median, gram_backend
 
         return geometric_median(store, eps=self.eps, max_iter=self.max_iter,
-                                weights=weights if self.weighted else None).aggregate
+                                weights=weights if self.weighted else None, backend=gram_backend(backend)).aggregate
 
     def params(self) -> dict:
         return {**super().params(), "eps": self.eps, "max_iter": self.max_iter}
@@ -232,11 +234,11 @@ class CenteredClipping(_Buffered):
             raise ValueError(f"need tau > 0 and iters >= 1, got tau={tau!r}, iters={iters!r}")
         self.tau, self.iters = float(tau), int(iters)
 
-    def aggregate(self, store, weights, base=None):
-        from .robust_gram import centered_clipping
+    def aggregate(self, store, weights, base=None, backend="auto"):
+        from .robust_gram import centered_clipping, gram_backend
 
         return centered_clipping(store, self.tau, base, iters=self.iters,
-                                 weights=weights if self.weighted else None).aggregate
+                                 weights=weights if self.weighted else None, backend=gram_backend(backend)).aggregate
 
     def params(self) -> dict:
         return {**super().params(), "tau": self.tau, "iters": self.iters}

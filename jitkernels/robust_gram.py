@@ -156,6 +156,12 @@ def available_backends() -> dict:
     return {"numpy": True, "numba": True if numba is not None else _numba_reason}
 
 
+def gram_backend(backend: str) -> str:
+    """The Gram kernels' backend for an aggregator's: the same where they have it (numpy, numba), else auto (the C++
+    backend has no Gram kernels; a GPU aggregator's slab is in host memory)."""
+    return backend if backend in BACKENDS else "auto"
+
+
 def _pick(backend) -> str:
     name = _backends.requested(backend)
     if name == "auto":

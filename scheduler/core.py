@@ -38,8 +38,9 @@ DETERMINISTIC_BOUND = 2.0 ** 20  # jitkernels' default bound on weight * |x| for
 
 MIN_CHECKPOINT_BYTES = 64 << 20
 """The default checkpoint interval's floor (update bytes folded): a checkpoint is a state file and a manifest, each
-fsync'ed with its directory; a 100k-parameter model checkpointed every 4 updates spent more on those than on folding,
-where replaying 64 MiB of updates after a crash reads them back in well under a second."""
+fsync'ed with its directory; a 100k-parameter model checkpointed every 4 updates spent more on those than on folding.
+What it costs: a recovery may replay up to 64 MiB of update files (a file each: ~0.3 ms per file here, so ~5 s for
+16K updates of 4 KB, well under a second for 400 KB ones)."""
 
 DURABLE = Future()
 DURABLE.set_result(True)

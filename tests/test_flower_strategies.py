@@ -274,3 +274,19 @@ def test_parameters_arrays_are_refused_unless_they_average_and_views_stay_valid(
     arrays[0][:] = 7.0
     del tensors  # the arrays keep the bytes they view alive
     np.testing.assert_array_equal(arrays[0], np.full(4, 7.0))
+
+
+def test_a_result_beyond_the_models_float_range_is_refused_by_name():
+    """A float16 model (the first result's dtype) and a float32 result with 7e4 (beyond float16): converting it
+    made inf, refused as a non-finite update of that client; now a ValueOutOfRange names the result and the array.
+    Flower's numpy promotes to float32 instead (a deliberate difference: results keep the model's dtype)."""
+    import jitkernels as jk
+
+    results = [(_Proxy("a"), _fit_res([np.ones(3, np.float16)], 10)),
+               (_Proxy("b"), _fit_res([np.array([7e4, 1.0, 2.0], np.float32)], 10))]
+    with pytest.raises(jk.ValueOutOfRange, match=r"party 'b', array 0: float32 value .*70000.* float16"):
+        jkfl.FedMedian().aggregate_fit(1, results, [])
+    fine = [(_Proxy("a"), _fit_res([np.ones(3, np.float16)], 10)),
+            (_Proxy("b"), _fit_res([np.array([3.0, 1.0, 2.0], np.float32)], 10))]
+    p, _ = jkfl.FedAvg().aggregate_fit(1, fine, [])
+    np.testing.assert_array_equal(parameters_to_ndarrays(p)[0], np.array([2.0, 1.0, 1.5], np.float16))

@@ -174,3 +174,37 @@ def test_robust_delta_output_settings_refused_early_and_closed_stores():
         store.add(np.ones(3, np.float32), "p")
     store.clear()
     assert store.add(np.ones(3, np.float32), "p") == 0
+
+
+RULES = {"median": lambda: R.FedMedian(), "trimmed": lambda: R.FedTrimmedAvg(beta=0.2),
+         "krum": lambda: R.Krum(f=1, m=2), "bulyan": lambda: R.Bulyan(f=1), "geomed": lambda: R.GeometricMedian(),
+         "centered": lambda: R.CenteredClipping(tau=1.0)}
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+@pytest.mark.parametrize("backend, env", [("cpp", "cupy"), ("auto", "cpp"), ("numba", None), ("numpy", None)])
+def test_rules_run_on_the_aggregators_backend_whatever_jitkernels_backend_says(monkeypatch, rule, backend, env):
+    """The rules' host kernels follow the aggregator's backend: with JITKERNELS_BACKEND=cupy (a GPU server's setting)
+    a host aggregator's rules asked for CuPy kernels at finalize and failed; with cpp, the Gram rules (which have no
+    C++ kernels) failed. Coordinate rules give the same bits on every backend; Gram rules agree to rounding."""
+    if jk.available_backends()[backend if backend != "auto" else "cpp"] is not True:
+        pytest.skip(f"{backend} unavailable")
+    rng = np.random.default_rng(1)
+    base = {"w": rng.standard_normal((30, 20)).astype(np.float32), "b": rng.standard_normal(20).astype(np.float32)}
+    ups = [{n: (a + 0.1 * rng.standard_normal(a.shape)).astype(np.float32) for n, a in base.items()} for _ in range(7)]
+    w = rng.uniform(1.0, 9.0, len(ups))
+    ref = jk.Aggregator(base, RULES[rule](), backend="numpy", base=base)
+    ref.fold_many(ups, w, list(range(7)))
+    want = ref.finalize()
+    if env is None:
+        monkeypatch.delenv("JITKERNELS_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("JITKERNELS_BACKEND", env)
+    agg = jk.Aggregator(base, RULES[rule](), backend=backend, base=base)
+    agg.fold_many(ups, w, list(range(7)))
+    got = agg.finalize()
+    for n in base:
+        if rule in ("median", "trimmed"):
+            assert got[n].tobytes() == want[n].tobytes()
+        else:
+            np.testing.assert_allclose(got[n], want[n], rtol=1e-5, atol=1e-6)

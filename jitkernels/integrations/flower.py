@@ -148,6 +148,21 @@ class _BytesData:
         self.__array_interface__ = {"data": (addr, False), "shape": (n,), "typestr": "|u1", "version": 3}
 
 
+def _narrow(v: np.ndarray, dtype, i: int, party) -> np.ndarray:
+    """``v`` converted to the model's float ``dtype``; a finite value beyond its range (a float32 client of a
+    float16 model sending 7e4) is refused, naming the result and the array, rather than turned into inf here and
+    blamed on the client as a non-finite update."""
+    with np.errstate(over="ignore"):
+        out = v.astype(dtype)
+    if out.dtype.itemsize < v.dtype.itemsize:
+        bad = np.isfinite(v) & ~np.isfinite(out)
+        if bad.any():
+            raise jk.ValueOutOfRange(f"party {party!r}, array {i}: {v.dtype} value {v[bad].flat[0]!r} is beyond the "
+                                     f"range of the model's dtype {np.dtype(dtype)} (the first result's; Flower's "
+                                     f"numpy would promote)")
+    return out
+
+
 class _Runner:
     """One jitkernels Aggregator kept across a strategy's rounds: the first results fix the layout; each round folds
     the results' zero-copy views in one pass and finalizes into new bytes laid out as ``np.save`` writes them."""
@@ -203,8 +218,8 @@ class _Runner:
         for u, p in zip(updates, parties):
             if len(u) == len(want) and any(d is not None and v.dtype != d and v.dtype.kind == "f"
                                            for v, d in zip(u, want)):
-                u = [v.astype(d) if d is not None and v.dtype != d and v.dtype.kind == "f" else v
-                     for v, d in zip(u, want)]
+                u = [_narrow(v, d, i, p) if d is not None and v.dtype != d and v.dtype.kind == "f" else v
+                     for i, (v, d) in enumerate(zip(u, want))]
                 converted.add(p)
             out.append(u)
         if converted:
