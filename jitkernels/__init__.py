@@ -20,9 +20,19 @@ from .threads import get_num_threads, set_num_threads
 
 __version__ = "0.1.0"
 
+
+def bench(sizes=None, **kwargs) -> list:
+    """Run the kernel benchmark on this machine and print its table (one run: every kernel against a read-bandwidth
+    probe and the peers, interleaved); returns the rows. The arguments are :func:`jitkernels.benchmark.run`'s
+    (``quick=True`` for a smoke run). Needs the ``bench`` extra (pytest-benchmark's peers, tqdm, matplotlib)."""
+    from . import benchmark
+
+    return benchmark.run(sizes, **kwargs)
+
+
 __all__ = [
     "Admitted", "AggregationError", "Aggregator", "BackendUnavailable", "CorruptState", "DuplicateParty",
     "EmptyAggregate", "FoldState", "IncompatibleStates", "InvalidUpdateInfo", "InvalidWeight", "Layout", "LayoutMismatch",
     "NonFiniteUpdate", "OverlappingParties", "Quantized", "RoundClosed", "TooFewUpdates", "ValueOutOfRange", "admit", "admit_many", "algorithms",
-    "atomic_write", "available_backends", "bfloat16", "check_weight", "get_num_threads", "set_num_threads",
+    "atomic_write", "available_backends", "bench", "bfloat16", "check_weight", "get_num_threads", "set_num_threads",
 ]

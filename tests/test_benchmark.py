@@ -11,7 +11,7 @@ from jitkernels import benchmark as jb
 def test_benchmark_table_rows_and_json(tmp_path):
     backends = [b for b in ("numpy", "cpp") if jk.available_backends()[b] is True]
     out = io.StringIO()
-    rows = jb.run([(20_000, 4, 4)], backends=backends, dtypes=["float32"], peers=False, probe_mb=4,
+    rows = jk.bench([(20_000, 4, 4)], backends=backends, dtypes=["float32"], peers=False, probe_mb=4,
                   json_path=tmp_path / "b.json", progress=False, file=out)
     methods = {(r["method"], r["backend"]) for r in rows}
     for b in backends:
