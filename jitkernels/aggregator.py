@@ -349,9 +349,7 @@ class Aggregator:
             for u in admitted:
                 # the slab is in host memory on every backend (its budget, spill file and CPU kernels are the
                 # host's): an update in GPU memory is copied to it once, here
-                leaves = [to_host(a) if isinstance(a, DeviceLeaf) else a for a in u.leaves] if u.on_device else \
-                    u.leaves
-                store.add(dict(zip(names, leaves)), u.party)
+                store.add(dict(zip(names, [to_host(a) for a in u.leaves] if u.on_device else u.leaves)), u.party)
         except BaseException:  # a value the store's dtype cannot hold, a leaf it cannot take: no row of the batch
             store.truncate(k0)
             raise

@@ -82,3 +82,12 @@ def make_batch(rng, shapes, in_dtype, k, ties=False, scale=1.0, block=None, chun
     w = rng.uniform(0.1, 100.0, k)
     groups = build_groups(lay, entries, leaves, w, chunk=chunk, device=device)[0]
     return lay, groups, leaves
+
+
+def robust_rules() -> dict:
+    """Every buffered robust rule, by short name, as a factory (one configuration each that 7-8 updates allow)."""
+    from jitkernels import robust as R
+
+    return {"median": lambda: R.FedMedian(), "trimmed": lambda: R.FedTrimmedAvg(beta=0.2),
+            "krum": lambda: R.Krum(f=1, m=2), "bulyan": lambda: R.Bulyan(f=1), "geomed": lambda: R.GeometricMedian(),
+            "centered": lambda: R.CenteredClipping(tau=1.0)}

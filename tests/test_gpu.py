@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import jitkernels as jk
 
-from strategies import FLOAT_DTYPES, leaf_shapes, make_update, seeds
+from strategies import FLOAT_DTYPES, leaf_shapes, make_update, robust_rules, seeds
 
 REASON = jk.available_backends()["cupy"]
 pytestmark = pytest.mark.skipif(REASON is not True, reason=f"GPU backend unavailable: {REASON}")
@@ -279,18 +279,14 @@ def test_robust_coordinate_kernels_on_the_gpu(k, dtype):
     assert tri.get().tobytes() == rc.trimmed_mean(host, 0.2, backend="numpy").tobytes()
 
 
-@pytest.mark.parametrize("rule", ["median", "trimmed", "krum", "bulyan", "geomed", "centered"])
+@pytest.mark.parametrize("rule", list(robust_rules()))
 def test_robust_rules_on_a_gpu_aggregator_equal_the_cpu(rule):
     """A GPU aggregator (torch CUDA template and updates) runs every robust rule: each update is copied once into
     the host slab (its budget, spill file and CPU kernels are the host's), the rule runs there, and the result comes
     back in the template's type on the device, equal to a host aggregator's to the bit (delta output too)."""
     import torch
 
-    from jitkernels import robust as R
-
-    make = {"median": lambda: R.FedMedian(), "trimmed": lambda: R.FedTrimmedAvg(beta=0.2),
-            "krum": lambda: R.Krum(f=1, m=2), "bulyan": lambda: R.Bulyan(f=1),
-            "geomed": lambda: R.GeometricMedian(), "centered": lambda: R.CenteredClipping(tau=1.0)}[rule]
+    make = robust_rules()[rule]
     rng = np.random.default_rng(3)
     shapes = {"w": (60, 70), "b": (70,), "s": (3,)}
     base = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}

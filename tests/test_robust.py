@@ -7,6 +7,8 @@ import pytest
 import jitkernels as jk
 from jitkernels import robust as R
 
+from strategies import robust_rules
+
 
 def _model(rng):
     return {"w": rng.standard_normal((30, 20)).astype(np.float32), "b": rng.standard_normal(20).astype(np.float32),
@@ -176,9 +178,7 @@ def test_robust_delta_output_settings_refused_early_and_closed_stores():
     assert store.add(np.ones(3, np.float32), "p") == 0
 
 
-RULES = {"median": lambda: R.FedMedian(), "trimmed": lambda: R.FedTrimmedAvg(beta=0.2),
-         "krum": lambda: R.Krum(f=1, m=2), "bulyan": lambda: R.Bulyan(f=1), "geomed": lambda: R.GeometricMedian(),
-         "centered": lambda: R.CenteredClipping(tau=1.0)}
+RULES = robust_rules()
 
 
 @pytest.mark.parametrize("rule", list(RULES))

@@ -148,7 +148,7 @@ class _BytesData:
         self.__array_interface__ = {"data": (addr, False), "shape": (n,), "typestr": "|u1", "version": 3}
 
 
-def _narrow(v: np.ndarray, dtype, i: int, party) -> np.ndarray:
+def _to_model_dtype(v: np.ndarray, dtype, i: int, party) -> np.ndarray:
     """``v`` converted to the model's float ``dtype``; a finite value beyond its range (a float32 client of a
     float16 model sending 7e4) is refused, naming the result and the array, rather than turned into inf here and
     blamed on the client as a non-finite update."""
@@ -218,7 +218,7 @@ class _Runner:
         for u, p in zip(updates, parties):
             if len(u) == len(want) and any(d is not None and v.dtype != d and v.dtype.kind == "f"
                                            for v, d in zip(u, want)):
-                u = [_narrow(v, d, i, p) if d is not None and v.dtype != d and v.dtype.kind == "f" else v
+                u = [_to_model_dtype(v, d, i, p) if d is not None and v.dtype != d and v.dtype.kind == "f" else v
                      for i, (v, d) in enumerate(zip(u, want))]
                 converted.add(p)
             out.append(u)
