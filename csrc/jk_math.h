@@ -94,10 +94,22 @@ JK_HD A dequant(int8_t q, float scale) { return (A)q * (A)scale; }
 // grids, q1 = multiple of unit1 = ulp(s1) and q2 = multiple of ulp(s2), by adding and removing the constants
 // s1 = 1.5 * 2^(b+29), s2 = 1.5 * 2^(b-4) (b = log2 of the job's bound on |t|). Both partial sums are exact, so
 // the total does not depend on order; the part of t below ulp(s2) = 2^(b-56) is rounded away, deterministically.
+// Ties round away from zero: setting the last mantissa bit of t (and of r = t - q1) moves a value that lies halfway
+// between two grid points off the tie, and moves no other value across a rounding boundary (|t| <= 2^b, so the
+// grids are more than 2^20 ulps of t apart). That rule, ReproBLAS's, lets a fast kernel add t straight into an
+// accumulator biased by s1 (csrc/kernels.h fold_binned_rows): its rounding then no longer depends on the sum so far.
+JK_HD double or_last_bit(double x) {
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(__double_as_longlong(x) | 1LL);
+#else
+  uint64_t u; memcpy(&u, &x, 8); u |= 1u; memcpy(&x, &u, 8); return x;
+#endif
+}
+
 JK_HD void binned_step(double& hi, double& lo, double t, double s1, double s2) {
-  const double q1 = (t + s1) - s1;
+  const double q1 = (or_last_bit(t) + s1) - s1;
   const double r = t - q1;
-  const double q2 = (r + s2) - s2;
+  const double q2 = (or_last_bit(r) + s2) - s2;
   hi = hi + q1;
   lo = lo + q2;
 }

@@ -7,6 +7,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -53,9 +54,12 @@ namespace {
 // Input codes, in jitkernels.batch.GROUP_ORDER.
 enum InCode { F64 = 0, F32 = 1, F16 = 2, BF16 = 3, I8 = 4 };
 
+// JITKERNELS_SIMD=baseline forces the portable path on an AVX2 host (so that its code is tested, and to rule it out
+// when debugging); it is read once, when the module is imported.
 bool use_avx2() {
 #ifdef JK_X86
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+                         std::string(std::getenv("JITKERNELS_SIMD") ? std::getenv("JITKERNELS_SIMD") : "") != "baseline";
   return ok;
 #else
   return false;

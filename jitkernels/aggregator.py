@@ -22,6 +22,7 @@ from .dtypes import np_dtype
 from .backends import numpy_ref
 from .errors import DuplicateParty, EmptyAggregate, LayoutMismatch, NonFiniteUpdate, RoundClosed, ValueOutOfRange
 from .layout import Layout
+from . import state as state_module
 from .state import FoldState, _check_party
 
 INT_RULES = ("mean", "max")
@@ -69,10 +70,11 @@ class Aggregator:
     deterministic : bool
         Bit-identical results for any arrival order, batching, merge tree and thread count: each term ``w * x`` (f64)
         is pre-rounded on two fixed grids into two float64 accumulators whose sums are exact (Demmel & Nguyen,
-        ReproBLAS). Limits: every ``weight * |x|`` must be <= ``bound`` (rounded up to a power of two, fixed when the
-        job is created; larger updates are rejected at admission with ``ValueOutOfRange``); terms are resolved to
-        ``bound * 2^-56`` (absolute); the state holds 16 bytes per element; at most 2^30 updates per state and 2^20
-        per batch; the total weight is summed exactly (``math.fsum``); ``partial`` is not supported.
+        ReproBLAS; halfway values round away from zero). Limits: every ``weight * |x|`` must be <= ``bound``
+        (rounded up to a power of two, fixed when the job is created; larger updates are rejected at admission with
+        ``ValueOutOfRange``); terms are resolved to ``bound * 2^-56`` (absolute); the state holds 16 bytes per
+        element; at most 2^30 updates per state (``ValueOutOfRange`` past it); batches over 2^18 updates are folded
+        in parts (same bits); the total weight is summed exactly (``math.fsum``); ``partial`` is not supported.
     bound : float
         The deterministic mode's bound on ``weight * |x|`` (default 2^20, e.g. weights up to ~10^5 samples times
         parameters up to ~10).
@@ -321,6 +323,9 @@ class Aggregator:
         groups, int_rows, _ = build_groups(self.layout, tab, [u.leaves for u in admitted], fold_w,
                                            device=on_device, plan=plan)
         deterministic = st.deterministic
+        if deterministic and st.count + len(admitted) > state_module.BINNED_MAX_UPDATES:
+            raise ValueOutOfRange(f"a deterministic state holds at most 2^30 updates (its high part's sums stay exact "
+                                  f"up to there): {st.count} + {len(admitted)}")
         # admission checked the raw weight against its own limit: the fold multiplies by the algorithm's weight
         bound = 2.0 ** st.bound_log2 if deterministic else admission.headroom(self.acc_dtype)
         for u, w in zip(admitted, fold_w):
@@ -332,7 +337,10 @@ class Aggregator:
         for name, g in groups.items():
             mod = mods[name]
             if deterministic:
-                mod.fold_binned(st.acc, st.lo, st.base, g, st.bound_log2)
+                step = state_module.BINNED_BATCH
+                for j0 in range(0, g.k, step):
+                    part = g if g.k <= step else g.columns(j0, j0 + step)
+                    mod.fold_binned(st.acc, st.lo, st.base, part, st.bound_log2)
             else:
                 mod.fold(st.acc, st.base, g)
         self._record(admitted, int_rows, plan)

@@ -12,7 +12,7 @@ others raw is folded raw-first, then quantized, in batch order within each.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
@@ -93,6 +93,13 @@ class Group:
     @property
     def k(self) -> int:
         return self.ptr.shape[1]
+
+    def columns(self, j0: int, j1: int) -> "Group":
+        """The same rows for updates j0:j1 alone (deterministic mode folds a very large batch in parts)."""
+        def cut(a):
+            return None if a is None else np.ascontiguousarray(a[..., j0:j1])
+        return replace(self, ptr=cut(self.ptr), w=cut(self.w), scale_ptr=cut(self.scale_ptr), block=cut(self.block),
+                       leaves=self.leaves[j0:j1], mask=cut(self.mask), device=cut(self.device), plan=None)
 
     @cached_property
     def arrays(self) -> list:

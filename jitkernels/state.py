@@ -25,12 +25,17 @@ import tempfile
 import numpy as np
 
 from .device import place, to_host, zeros
-from .errors import CorruptState, IncompatibleStates, OverlappingParties
+from .errors import CorruptState, IncompatibleStates, OverlappingParties, ValueOutOfRange
 from .layout import Layout
 
 FORMAT = "jitkernels.foldstate"
 VERSION = 2
 SUPPORTED_VERSIONS = (1, 2)  # version 1: no info, no optimizer state
+# Deterministic mode's capacities (csrc/jk_math.h binned_step): the high part holds multiples of 2^(b-23) below
+# 2^(b+30), exact for 2^30 terms of |w * x| <= 2^b; a batch's low part stays in the fast kernel's biased range
+# (csrc/kernels.h fold_binned_rows) for 2^18 terms, so larger batches are folded in chunks of that many.
+BINNED_MAX_UPDATES = 2 ** 30
+BINNED_BATCH = 2 ** 18
 
 
 def _check_party(p):
@@ -203,6 +208,9 @@ class FoldState:
         shared = self.parties.keys() & other.parties.keys()
         if shared:
             raise OverlappingParties(shared)
+        if self.deterministic and self.count + other.count > BINNED_MAX_UPDATES:
+            raise ValueOutOfRange(f"a deterministic state holds at most 2^30 updates (its high part's sums stay exact "
+                                  f"up to there): {self.count} + {other.count}")
 
     def merge(self, other: "FoldState") -> "FoldState":
         """A new state holding both aggregates: accumulators and weights add; parties are the union."""

@@ -76,6 +76,22 @@ def test_deterministic_result_is_accurate(seed, k):
     assert np.all(np.abs(out - exact) <= tol)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_ties_on_the_grid_round_away_from_zero(backend, dtype):
+    """Halfway between two points of the fine grid (ulp(s2) = 2^(b-56)), a term rounds away from zero, on every
+    backend (csrc/jk_math.h binned_step): with bound 1 and weight 1, t = (m + 1/2) * 2^-56 sums to (m + 1) * 2^-56.
+    Vector kernels that add the terms into biased accumulators must keep that rule, and 17 values exercise both the
+    register blocks of 16 elements and the scalar tail."""
+    m = np.array([0, 2, 5, 7, 0, 2, 5, 7, 1, 3, 1, 3, 4, 6, 8, 10, 9], np.float64)
+    sign = np.where(np.arange(m.size) % 2, -1.0, 1.0)
+    x = (sign * (m + 0.5) * 2.0 ** -56).astype(dtype)
+    agg = jk.Aggregator(np.zeros(m.size, dtype), deterministic=True, bound=1.0, backend=backend)
+    agg.fold(x, weight=1.0, party="p")
+    st_ = agg.state
+    assert np.array_equal(st_.acc + st_.lo, sign * (m + 1) * 2.0 ** -56)
+
+
 def test_bound_is_enforced_at_admission_and_state_unchanged():
     agg = jk.Aggregator(np.zeros(4, np.float32), deterministic=True, bound=1000.0)
     agg.fold(np.full(4, 1.0, np.float32), weight=10.0, party="ok")
@@ -106,3 +122,31 @@ def test_deterministic_state_round_trip_and_merge_refusal(tmp_path):
     plain.fold(np.ones(3, np.float32), party=2)
     with pytest.raises(jk.IncompatibleStates):
         loaded.merge(plain.state)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_batches_over_the_kernel_limit_fold_in_parts_with_the_same_bits(backend, monkeypatch):
+    """A batch larger than state.BINNED_BATCH is folded in parts (the fast kernel's low part would leave its range);
+    the result is the one-batch result, bit for bit. The limit is lowered to 3 here to run it on 10 updates."""
+    tmpl, ups, ws = _updates(7, [(40,), (3,)], 10, "float32")
+    want = _bits(_run(tmpl, ups, ws, list(range(10)), [], [0], backend, 2))
+    monkeypatch.setattr(jk.state, "BINNED_BATCH", 3)
+    agg = jk.Aggregator(tmpl, deterministic=True, backend=backend)
+    agg.fold_many(ups, ws, parties=list(range(10)))
+    assert _bits(agg.finalize()) == want
+
+
+def test_state_capacity_is_enforced(monkeypatch):
+    """Past 2^30 updates the high part's sums would lose bits: folds and merges beyond it are refused, unchanged."""
+    monkeypatch.setattr(jk.state, "BINNED_MAX_UPDATES", 3)
+    a = jk.Aggregator(np.zeros(2, np.float32), deterministic=True)
+    a.fold_many([np.ones(2, np.float32)] * 2, [1.0, 1.0], parties=["a", "b"])
+    before = a.state.copy()
+    with pytest.raises(jk.ValueOutOfRange, match="2\\^30"):
+        a.fold_many([np.ones(2, np.float32)] * 2, [1.0, 1.0], parties=["c", "d"])
+    assert a.state.same_bits(before) and a.count == 2
+    b = jk.Aggregator(np.zeros(2, np.float32), deterministic=True)
+    b.fold_many([np.ones(2, np.float32)] * 2, [1.0, 1.0], parties=["e", "f"])
+    with pytest.raises(jk.ValueOutOfRange, match="2\\^30"):
+        a.merge(b)
+    assert a.state.same_bits(before)

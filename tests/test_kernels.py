@@ -4,6 +4,10 @@ Element-wise primitives (fold, finalize) must match bit for bit: the spec fixes 
 The stats pass is a reduction: equal within a tolerance that scales with n, eps and the sum of squares.
 """
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -12,6 +16,7 @@ from hypothesis import strategies as st
 import jitkernels as jk
 from jitkernels import backends
 from jitkernels.backends import numpy_ref
+from jitkernels.batch import build_groups, leaf_entry
 from jitkernels.layout import Layout
 
 from strategies import CPU_BACKENDS, FLOAT_DTYPES, finalize_outputs, leaf_shapes, make_batch, make_update, seeds
@@ -129,6 +134,39 @@ def test_fold_binned_bit_exact(backend, in_dtype, seed, shapes, k, with_base, ti
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("in_dtype", INPUTS)
+@given(seed=seeds, k=st.sampled_from([3, 17, 40]), with_base=st.booleans())
+def test_absent_leaves_bit_exact(backend, in_dtype, seed, k, with_base):
+    """Partial batches (some updates lack some leaves: null addresses in the tables) with more updates than the
+    deterministic kernel keeps in registers at once (16): fold and the deterministic fold skip the absent ones and
+    match the reference to the bit."""
+    mod = _module(backend, in_dtype)
+    rng = np.random.default_rng(seed)
+    src = "float32" if in_dtype == "int8" else in_dtype
+    shapes = [(37,), (5,), (300,), (1,), (64,)]
+    lay = Layout.from_template(make_update(rng, shapes, src))
+    leaves = [lay.flatten(make_update(rng, shapes, src, quantize=in_dtype == "int8", block=5)) for _ in range(k)]
+    for lv in leaves:
+        for r in np.flatnonzero(rng.random(len(lv)) < 0.3):
+            lv[r] = None
+    entries = [np.array([leaf_entry(a) for a in lv], np.int64).reshape(len(lay), 4) for lv in leaves]
+    groups = build_groups(lay, entries, leaves, rng.uniform(0.1, 100.0, k))[0]
+    base = rng.standard_normal(lay.size) if with_base else None
+    base32 = None if base is None else base.astype(np.float32)
+    start = rng.standard_normal(lay.size).astype(np.float32)
+    for g in groups.values():
+        assert g.mask is not None or k == 3  # some update lacks some leaf of the group
+        want, got = start.copy(), start.copy()
+        numpy_ref.fold(want, base32, g)
+        mod.fold(got, base32, g)
+        assert got.tobytes() == want.tobytes()
+        want, got = (np.zeros(lay.size), np.zeros(lay.size)), (np.zeros(lay.size), np.zeros(lay.size))
+        numpy_ref.fold_binned(*want, base, g, 24)
+        mod.fold_binned(*got, base, g, 24)
+        assert got[0].tobytes() == want[0].tobytes() and got[1].tobytes() == want[1].tobytes()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("in_dtype", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_many_updates_bit_exact_across_tiles_and_threads(backend, in_dtype, threads):
@@ -186,3 +224,32 @@ def test_walk_visits_every_work_item_once_in_order(sizes, threads, many):
             for a, b in tiles[share[t]:share[t + 1]]:
                 assert len({int(x - lo) // TILE for x in start[a:b]}) == 1
                 assert all(lo <= x < total * (t + 1) // threads for x in start[a:b])
+
+
+def test_simd_env_selects_the_baseline_path():
+    """JITKERNELS_SIMD=baseline makes the C++ backend run its portable kernels (checked in the subprocess below)."""
+    if os.environ.get("JITKERNELS_SIMD") != "baseline":
+        pytest.skip("runs in the baseline subprocess of test_baseline_isa_bit_exact")
+    assert _core_simd() == "baseline"
+
+
+def test_baseline_isa_bit_exact():
+    """The portable (non-AVX2) C++ kernels are compiled from the same source with other code in places (vector
+    extensions instead of AVX2 intrinsics): on an AVX2 host they only run when forced, so the cpp bit-exact tests of
+    this file run again in a subprocess with JITKERNELS_SIMD=baseline."""
+    if not backends.is_available("cpp"):
+        pytest.skip("no C++ backend")
+    if _core_simd() == "baseline":
+        pytest.skip("this host runs the baseline kernels in every test already")
+    env = {**os.environ, "JITKERNELS_SIMD": "baseline"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.basename(__file__),
+           "-k", "(cpp and (bit_exact or absent) and not baseline_isa) or simd_env"]
+    done = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "1 skipped" not in done.stdout.splitlines()[-1], done.stdout[-500:]
+
+
+def _core_simd() -> str:
+    from jitkernels import _core
+
+    return _core.simd

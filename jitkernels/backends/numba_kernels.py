@@ -124,9 +124,9 @@ if numba is not None:
                                 x = x * np.float64(scales[(s + i) // B])
                             if has_base:
                                 x = x - b[i]
-                            t_ = wj * x
-                            q1 = (t_ + s1) - s1
-                            q2 = ((t_ - q1) + s2) - s2
+                            t_ = wj * x  # jk::binned_step: ties away from zero, by the last mantissa bit
+                            q1 = (_bits_f64(_f64_bits(t_) | np.uint64(1)) + s1) - s1
+                            q2 = (_bits_f64(_f64_bits(t_ - q1) | np.uint64(1)) + s2) - s2
                             h[i] = h[i] + q1
                             lw[i] = lw[i] + q2
                 for it in range(tiles[ti, 0], tiles[ti, 1]):  # the carry, once every update has passed the tile

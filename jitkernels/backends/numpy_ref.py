@@ -73,11 +73,18 @@ def fold_binned(hi, lo, base, g, bound_log2):
 
 
 def binned_add(hi, lo, t, s1, s2):
-    """hi += q1, lo += q2: t split on the two fixed grids (jk::binned_step)."""
-    q1 = (t + s1) - s1
-    q2 = ((t - q1) + s2) - s2
+    """hi += q1, lo += q2: t split on the two fixed grids, ties away from zero (jk::binned_step)."""
+    q1 = (or_last_bit(t) + s1) - s1
+    q2 = (or_last_bit(t - q1) + s2) - s2
     hi += q1
     lo += q2
+
+
+def or_last_bit(x):
+    """x with its last mantissa bit set (jk::or_last_bit): a value halfway between two grid points is moved off the
+    tie, away from zero."""
+    x = np.asarray(x, np.float64)
+    return (x.view(np.uint64) | np.uint64(1)).view(np.float64)
 
 
 def binned_carry(hi, lo, s1):
