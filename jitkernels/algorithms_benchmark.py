@@ -43,6 +43,7 @@ from . import algorithms as A
 from .backends import numpy_ref
 from .batch import build_out_groups
 from .benchmark import Probe, header, installed, interleaved, make_workload, peak_memory
+from .progress import bar as progress_bar
 
 OPTIMIZERS = {"fedadam": (lambda: A.FedAdam(lr=0.01, tau=1e-3), 32, 28),
               "fedavgm": (lambda: A.FedAvgM(lr=1.0, momentum=0.9), 24, 20)}
@@ -233,8 +234,6 @@ def bench_rounds(wl, probe, backend):
 def run(n=25_000_000, leaves=50, k=10, *, backends=None, flower=True, robust=False, json_path=None, progress=True,
         file=None):
     """Run every row, print the table and return the rows."""
-    from tqdm import tqdm
-
     avail = jk.available_backends()
     backends = [b for b in (backends or ("cpp", "numba", "numpy")) if avail.get(b) is True]
     probe = Probe()
@@ -245,7 +244,7 @@ def run(n=25_000_000, leaves=50, k=10, *, backends=None, flower=True, robust=Fal
     steps = [("step", o) for o in OPTIMIZERS] + [("clipping", None)] + (
         [("secagg", None), ("rounds", None)] if flower and installed("flwr") else []) + (
         [("robust", None)] if robust and installed("flwr") else [])
-    with tqdm(steps, file=sys.stderr, disable=not progress, unit="part") as bar:
+    with progress_bar(steps, enabled=progress, unit="part") as bar:
         for what, name in bar:
             bar.set_description(f"{what} {name or ''}")
             if what == "step":

@@ -72,6 +72,7 @@ import numpy as np  # noqa: E402
 import jitkernels as jk  # noqa: E402
 
 from . import _core  # noqa: E402  (the probe lives in the C++ extension)
+from .progress import bar as progress_bar  # noqa: E402
 
 PROBE_MB = 256
 DTYPES = ("float32", "float16", "bfloat16", "int8")
@@ -671,8 +672,6 @@ def run(sizes=None, *, quick: bool = False, backends=None, dtypes=DTYPES, peers:
     :func:`jitkernels.get_num_threads`); torch is run on as many. ``json_path`` / ``plot_path``: also write the
     header and rows as JSON, and a bar plot of fold_many's fraction of roofline (PNG).
     """
-    from tqdm import tqdm
-
     sizes = tuple(sizes or (QUICK_SIZES if quick else DEFAULT_SIZES))
     avail = jk.available_backends()
     backends = [b for b in (backends or BACKENDS) if avail.get(b) is True]
@@ -690,7 +689,7 @@ def run(sizes=None, *, quick: bool = False, backends=None, dtypes=DTYPES, peers:
         head = header(probe)
         per_wl = len(backends) * (len(dtypes) * 3 + 2 * ("float32" in dtypes)) + (1 + len(PEERS) if peers else 0)
         rows = []
-        with tqdm(total=per_wl * len(sizes), file=sys.stderr, disable=not progress, unit="measure") as bar:
+        with progress_bar(total=per_wl * len(sizes), enabled=progress, unit="measure") as bar:
             for n, leaves, k in sizes:
                 bar.set_description(f"N={n:,} k={k}")
                 bar.set_postfix_str("generating updates")

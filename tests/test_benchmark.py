@@ -3,12 +3,14 @@ fills every row it promises: the timings themselves are for bench/, not for test
 
 import io
 import json
+import sys
 
 import jitkernels as jk
 from jitkernels import benchmark as jb
 
 
-def test_benchmark_table_rows_and_json(tmp_path):
+def test_benchmark_table_rows_and_json(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # progress=False needs no tqdm (it comes with the extras)
     backends = [b for b in ("numpy", "cpp") if jk.available_backends()[b] is True]
     out = io.StringIO()
     rows = jk.bench([(20_000, 4, 4)], backends=backends, dtypes=["float32"], peers=False, probe_mb=4,
@@ -25,3 +27,15 @@ def test_benchmark_table_rows_and_json(tmp_path):
             assert r["bytes"] == 4 * 20_000 * 4 + 32 * 20_000
     assert "fold_many deterministic" in out.getvalue()
     assert len(json.loads((tmp_path / "b.json").read_text())["rows"]) == len(rows)
+
+
+def test_progress_bar_without_tqdm(monkeypatch):
+    from jitkernels.progress import bar
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    with bar(["a", "b"], enabled=True, unit="part") as b:
+        assert list(b) == ["a", "b"]
+        b.set_description("x")
+    with bar(total=3) as b:
+        b.update(2)
+        assert b.n == 2
