@@ -475,6 +475,7 @@ class Aggregator:
                 st.round += 1
                 st.closed = True
                 st.__dict__.pop("_host_base", None)  # a step moved the base in place
+            self._check_float16(outs, float_ids, acc, base, weights, stepped=opt)
             # leaves no update carried (and, finalizing a stepped round again, every float leaf), and integer
             # leaves: tiny or rare, finished on the host and written back
             for i in (missing + float_ids if opt and not closing else missing):
@@ -489,6 +490,31 @@ class Aggregator:
                     a = np.rint(a / mass[i])
                 _write(outs[i], a.reshape(leaf.shape).astype(outs[i].dtype))
             return out if out is not None else self.layout.unflatten(outs)
+
+    def _check_float16(self, outs, float_ids, acc, base, weights, stepped: bool) -> None:
+        """float16 outputs whose value overflowed the narrowing (inf; the accumulator's are finite) are refused with
+        the leaf and value, rather than handed on as a model that the next round's updates turn into NaN. A server
+        optimizer's step has then been applied: its model stays in the state's base, in the accumulator dtype."""
+        for i in float_ids:
+            leaf = self.layout.leaves[i]
+            if leaf.dtype != "float16":
+                continue
+            o = outs[i].array if isinstance(outs[i], DeviceLeaf) else outs[i]
+            bits = o.view(np.uint16)
+            # inf or NaN: exponent all ones, 0x7C00.. as int16 (positive) or 0xFC00.. as uint16 (negative); two
+            # integer maxima find them without a temporary the size of the model
+            if bits.size == 0 or (int(bits.view(np.int16).max()) < 0x7C00 and int(bits.max()) < 0xFC00):
+                continue
+            sl = slice(leaf.offset, leaf.offset + leaf.size)
+            if stepped:
+                y = to_host(self.state.base[sl])
+            else:
+                y = to_host(acc[sl]).astype(np.float64) / float(weights[i])
+                y = y if base is None else to_host(base[sl]) + y
+            where = (" (the step was applied and closed the round: the new model is in state.base, "
+                     f"{self.acc_dtype})") if stepped else ""
+            raise ValueOutOfRange(f"leaf {leaf.name!r}: the result reaches |{float(np.abs(y).max()):.6g}|, beyond "
+                                  f"float16's 65504{where}")
 
     def _finalize_buffered(self, outs, out, delta: bool):
         """A robust rule over the store's rows, written leaf by leaf into the outputs (``delta``: less the base)."""

@@ -482,3 +482,24 @@ def test_dp_noise_scales_with_the_inner_step_and_integer_leaves_average_plainly(
     assert int(agg.finalize()["nbt"]) == 110
     with pytest.raises(ValueError, match="count_stddev"):
         jk.algorithms.DPAdaptiveClipping(noise_multiplier=0.0, num_sampled=10, count_stddev=float("nan"))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cpp"])  # numba runs no float16
+def test_float16_model_overflow_is_refused_naming_the_leaf(backend):
+    """A server step that takes a float16 model past 65504 is refused by name, not handed on as inf (the next
+    round's deltas would be NaN). The step has been applied: the round is closed and the new model is in the
+    state's base, in the accumulator dtype."""
+    base = {"w": np.array([65000, 1, 2, 3], np.float16), "b": np.zeros(3, np.float16)}
+    agg = jk.Aggregator(base, A.FedAdam(lr=1000.0), base=base, backend=backend)
+    agg.fold({"w": np.array([65504, 1, 2, 3], np.float16), "b": np.ones(3, np.float16)}, weight=1.0, party=1)
+    with pytest.raises(jk.ValueOutOfRange, match="leaf 'w'.*65504.*state.base"):
+        agg.finalize()
+    st_ = agg.state
+    assert st_.closed and st_.round == 1
+    w = st_.base[:4]
+    assert np.isfinite(w).all() and w[0] > 65504
+    with pytest.raises(jk.ValueOutOfRange, match="leaf 'w'"):
+        agg.finalize()  # the closed round answers the same
+    ok = jk.Aggregator(base, A.FedAdam(lr=0.1), base=base, backend=backend)
+    ok.fold({"w": np.array([65504, 1, 2, 3], np.float16), "b": np.ones(3, np.float16)}, weight=1.0, party=1)
+    assert np.isfinite(ok.finalize()["w"]).all()
