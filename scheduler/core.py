@@ -299,7 +299,8 @@ class JITScheduler:
         at the budget ``submit`` raises :class:`Backpressure` (buffered bytes stay within budget + one update)
     overflow : "raise" or "spill" (needs ``state_dir``): at the budget, "raise" refuses the update with
         :class:`Backpressure`; "spill" accepts it, keeps it only on disk (where the state directory writes every
-        update anyway) and reads it back when it is folded, at most half the budget at a time
+        update anyway) and reads it back when it is folded, as much as the budget has room for at a time (counted as
+        buffered; at least one update)
     hysteresis_s : an idle deployment is taken back only for a job whose laxity is this much smaller
     state_dir : a directory that makes the scheduler crash-safe (see :mod:`scheduler.durable`): every acknowledged
         update is persisted (``Ack.durable``), rounds are checkpointed and their results committed there; a new
@@ -872,10 +873,10 @@ class JITScheduler:
                 # a late update carried to this round comes with its staleness-scaled weight
                 items = [it if w == it.weight else dataclasses.replace(it, weight=w) for _, it, _, w in batch]
                 fn = functools.partial(self.executor.fold_many, rnd.aggregator, items)
-                if self.store is not None:
-                    fn = functools.partial(self._fold_durably, js, rnd.number, rnd.aggregator, items, work,
-                                           self._update_ids(js, rnd))
             task = Task("fold", js.job.id, rnd.number, len(batch), nbytes, est, fn)
+            if self.store is not None and rnd.aggregator is not None:
+                task.fn = functools.partial(self._fold_durably, js, task, rnd.aggregator, items, work,
+                                            self._update_ids(js, rnd))
             dep.busy = True
             self._log("fold", js, round=rnd.number, updates=len(batch), bytes=nbytes, est_s=est)
             self.executor.run(task, lambda d, r, e, js=js, rnd=rnd, task=task: self._done(js, rnd, task, d, r, e))
@@ -895,21 +896,30 @@ class JITScheduler:
     def _update_ids(self, js, rnd) -> dict:
         return {p: js.seen.get((rnd.number, p)) for p in rnd.members}
 
-    def _fold_durably(self, js, number, agg, items, nbytes, ids) -> None:
-        """A fold task with a state directory: fold (spilled updates read back from disk, at most half the byte
-        budget at a time), then commit the partial aggregate once enough was folded (``nbytes``: the update bytes
-        the task folds, spilled ones included). Runs on the executor's thread (one task per job at a time), outside
-        the scheduler's lock."""
+    def _fold_durably(self, js, task, agg, items, nbytes, ids) -> None:
+        """A fold task with a state directory: fold the updates in memory, free their bytes, then read back the
+        spilled ones from disk as the byte budget has room (:meth:`_reserve_read_back`), and commit the partial
+        aggregate once enough was folded (``nbytes``: the update bytes the task folds, spilled ones included). Runs
+        on the executor's thread (one task per job at a time), outside the scheduler's lock."""
         spilled = [it for it in items if isinstance(it, _Spilled)]
         in_memory = [it for it in items if not isinstance(it, _Spilled)]
+        items.clear()  # this frame holds them now, and lets the folded ones go
         try:
             if in_memory:
                 self.executor.fold_many(agg, in_memory)
-            # (replayed updates are spilled ones too: without a budget they are read back in one batch)
-            per = max(1, len(spilled) if self.byte_budget is None else
-                      self.byte_budget // 2 // max(1, js.update_bytes))
-            for i in range(0, len(spilled), per):
-                self.executor.fold_many(agg, [self._read_spilled(js, sp) for sp in spilled[i:i + per]])
+                in_memory.clear()
+            with self._lock:  # folded: their bytes are free (for the read-back, and for arrivals)
+                self.buffered_bytes -= task.nbytes
+                task.nbytes = 0
+            i = 0
+            while i < len(spilled):
+                n = self._reserve_read_back(js, len(spilled) - i)
+                try:
+                    self.executor.fold_many(agg, [self._read_spilled(js, sp) for sp in spilled[i:i + n]])
+                finally:
+                    with self._lock:
+                        self.buffered_bytes -= n * js.update_bytes
+                i += n
         except BaseException:  # the round fails: the files of the spilled updates not read yet are let go
             for sp in spilled:
                 self.store.release(js.job.id, sp.round, sp.party)
@@ -918,11 +928,24 @@ class JITScheduler:
         limit = max(4 * agg.state.acc.nbytes, MIN_CHECKPOINT_BYTES) if self.checkpoint_bytes is None else \
             self.checkpoint_bytes
         with self._lock:  # a round that ended meanwhile (its deadline) is not committed: it never finished
-            rnd = js.rounds.get(number)
+            rnd = js.rounds.get(task.round)
             live = rnd is not None and not rnd.done
         if js.fold_bytes >= limit and live:
-            self.store.checkpoint(js.job.id, number, agg.state, ids)
+            self.store.checkpoint(js.job.id, task.round, agg.state, ids)
             js.fold_bytes = 0
+
+    def _reserve_read_back(self, js, remaining: int) -> int:
+        """How many spilled (or replayed) updates a fold reads back next: as many as the byte budget has room for now
+        (all of them without a budget), at least one so that the fold goes on. Their bytes count as buffered until
+        folded, as arrivals' do."""
+        with self._lock:
+            if self.byte_budget is None:
+                n = remaining
+            else:
+                n = max(1, min(remaining, (self.byte_budget - self.buffered_bytes) // max(1, js.update_bytes)))
+            self.buffered_bytes += n * js.update_bytes
+            self.peak_buffered_bytes = max(self.peak_buffered_bytes, self.buffered_bytes)
+            return n
 
     def _read_spilled(self, js, sp):
         sp.durable.result()  # the writer thread may still be writing it
@@ -991,9 +1014,8 @@ class JITScheduler:
             rnd.folded = rnd.admitted = len(rnd.members)
             if rnd.folded >= rnd.quorum:
                 rnd.quorum_time = self.clock.now()
-        # replayed from their files, as spilled updates: read back at most half the byte budget at a time when
-        # folded (decoding them all here held every one in memory, and past the budget recovery itself raised
-        # Backpressure)
+        # replayed from their files, as spilled updates: read back within the byte budget when folded (decoding them
+        # all here held every one in memory, and past the budget recovery itself raised Backpressure)
         replayed = st.stored_updates(job.id, len(js.layout), js.layout.fingerprint)
         for r, party, uid, weight in replayed:
             self._round(js, r).unobserved.add(party)  # it arrives now, in replay: no response time to learn

@@ -280,6 +280,43 @@ def test_spill_keeps_memory_within_budget_and_loses_nothing(tmp_path, want):
     sched.close()
 
 
+def test_spilled_updates_read_back_count_as_buffered_within_the_budget(tmp_path, want):
+    """A fold frees the bytes of the updates it folded from memory, then reads spilled ones back as the budget has
+    room, counting them as buffered until folded (they were not counted: a fold could hold 1.5x the budget)."""
+    one = sum(a.nbytes for a in cw.template().values())
+    budget = 3 * one
+    sched = JITScheduler(policy="lazy", slots=1, clock=VirtualClock(), state_dir=tmp_path, byte_budget=budget,
+                         overflow="spill")
+    calls, reserved = [], []
+    fold_many, reserve = sched.executor.fold_many, sched._reserve_read_back
+
+    def spy_fold(agg, items):
+        calls.append((len(items), sched.buffered_bytes))
+        return fold_many(agg, items)
+
+    def spy_reserve(js, remaining):
+        before = sched.buffered_bytes
+        n = reserve(js, remaining)
+        reserved.append((before, n, sched.buffered_bytes))
+        return n
+
+    sched.executor.fold_many, sched._reserve_read_back = spy_fold, spy_reserve
+    sched.add_job(cw.job())
+    for r, p in cw.order():
+        assert sched.submit("crash-job", r, p, cw.update(r, p), cw.weight(r, p), update_id=f"{r}:{p}").accepted
+    assert sched.spilled > 0
+    assert _same(_results(sched), want)
+    assert sum(n for _, n, _ in reserved) == sched.spilled  # every spilled update was read back through it
+    for before, n, after in reserved:
+        assert after == before + n * one <= budget + one  # counted, and within the budget
+        assert n == max(1, min(n, (budget - before) // one))
+    # the first read-back of a round comes after its in-memory updates were folded and freed: the whole budget
+    assert reserved[0][0] == 0 and reserved[0][1] == 3
+    assert all(b <= budget + one for _, b in calls) and sched.peak_buffered_bytes <= budget + one
+    assert sched.buffered_bytes == 0
+    sched.close()
+
+
 def test_spill_needs_a_state_dir():
     with pytest.raises(ValueError, match="state_dir"):
         JITScheduler(policy="lazy", clock=VirtualClock(), byte_budget=100, overflow="spill")
