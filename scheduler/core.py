@@ -724,7 +724,8 @@ class JITScheduler:
             # thousands barely moves the quantile, and each plan costs O(parties). The same holds while the job
             # waits for a slot (with many jobs queued, re-planning at each of their arrivals dominated the run)
             rnd.since_plan += 1
-            if rnd.since_plan < max(1, len(js.expected) // 50) and not self._over_budget(rnd):
+            if rnd.since_plan < max(1, len(js.expected) // 50) and not self._over_budget(rnd) \
+                    and rnd.quorum_time is None:  # the quorum's arrival always re-plans: the round now waits
                 return
             if rnd.timer is not None:
                 rnd.timer.cancel()
@@ -784,6 +785,12 @@ class JITScheduler:
             return -math.inf  # it has work now
         return (math.inf if rnd.plan_t is None else rnd.plan_t) - self.clock.now()
 
+    @staticmethod
+    def _urgent(js) -> bool:
+        """The open round's quorum is in: every second without an aggregator is added latency."""
+        rnd = js.open
+        return rnd is not None and not rnd.done and rnd.quorum_time is not None
+
     def _redeploy_laxity(self, js) -> float:
         t, _ = self.policy.deploy_at(self, js, js.open, redeploy=True)
         return math.inf if t is None else t - self.clock.now()
@@ -794,8 +801,9 @@ class JITScheduler:
             return
         self.waiting[js.job.id] = laxity
         # a job re-plans on its arrivals while it waits: search for a victim again only if its latest start moved
-        # earlier by more than the hysteresis (each search re-plans idle deployments: quantiles over their parties)
-        latest = self.clock.now() + laxity
+        # earlier by more than the hysteresis (each search re-plans idle deployments: quantiles over their parties),
+        # or once its quorum is in (its latency runs from then: it is served first, see _release)
+        latest = -math.inf if self._urgent(js) else self.clock.now() + laxity
         if latest >= self._searched.get(js.job.id, math.inf) - self.hysteresis_s:
             return
         self._searched[js.job.id] = latest
@@ -845,9 +853,10 @@ class JITScheduler:
         self.occupancy.append((now, self.occupancy[-1][1] - 1))
         self._log("release", js, slot=dep.slot, why=why, held_s=now - dep.start)
         self.free_slots.append(dep.slot)
-        if self.waiting:  # least laxity first (laxity recomputed now), then priority
-            cands = [(self._laxity(self.jobs[j]), -self.jobs[j].job.priority, j) for j in self.waiting]
-            lx, _, jid = min(cands)
+        if self.waiting:  # jobs whose quorum is in first (their latency runs), then least laxity (now), priority
+            cands = [(not self._urgent(self.jobs[j]), self._laxity(self.jobs[j]), -self.jobs[j].job.priority, j)
+                     for j in self.waiting]
+            _, lx, _, jid = min(cands)
             nxt = self.jobs[jid]
             self.waiting.pop(jid)
             if nxt.deployment is None:

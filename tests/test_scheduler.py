@@ -376,3 +376,24 @@ def test_a_robust_job_buffers_its_rounds_through_the_scheduler(rule):
         agg = jk.Aggregator(tmpl, alg)
         agg.fold_many([ups[(r, p)] for p in parties], parties=parties)
         assert np.array_equal(agg.finalize()["w"], sched.result("j", r).result(timeout=5)["w"])
+
+
+def test_a_freed_slot_goes_first_to_a_job_whose_quorum_is_in():
+    """Least laxity first, except that a waiting job whose quorum has arrived (every second is added latency) comes
+    before one that is only past its planned start (its quorum may be minutes away): on cross_silo the slot went by
+    laxity to an idle-bound 1B-parameter job while a 25M job's quorum waited 630 s."""
+    clk = VirtualClock()
+    sched = JITScheduler("lazy", slots=1, clock=clk, cost=COST)
+    for j in ("h", "u", "r"):
+        sched.add_job(Job(j, parties=["p0", "p1"], quorum=2, rounds=1, model_elems=1000, update_bytes=4000))
+    clk.call_at(10.0, sched.submit, "h", 0, "p0", None, 1.0)
+    clk.call_at(10.0, sched.submit, "h", 0, "p1", None, 1.0)
+    clk.run(until=10.5)  # h holds the slot (lazy: deployed at its quorum, ready at 11)
+    u, r = sched.jobs["u"], sched.jobs["r"]
+    with sched._lock:
+        u.open.quorum_time, u.open.plan_t = 10.5, 10.5  # quorum in, waiting
+        r.open.plan_t = 5.0  # past its planned start by more, quorum not in
+        sched.waiting.update({"u": 0.0, "r": -5.5})
+    clk.run(until=12.0)
+    deployed = [d["job"] for d in sched.decisions if d["event"] == "deploy"]
+    assert deployed[:2] == ["h", "u"]
