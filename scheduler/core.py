@@ -341,6 +341,7 @@ class JITScheduler:
         self.free_slots = list(range(self.slots))
         self.waiting: dict = {}  # job id -> laxity at request time
         self._searched: dict = {}  # job id -> latest start when it last looked for a deployment to take back
+        self._retries: dict = {}  # job id -> timer of its next search, while its quorum is in and it waits
         self.decisions: deque = deque(maxlen=decision_log)
         self._lock = threading.RLock()
         self._closed = False
@@ -828,11 +829,27 @@ class JITScheduler:
                 self._plan(victim)  # it plans its redeployment now, not at its next arrival
         else:
             self._log("wait_slot", js, laxity=laxity, waiting=len(self.waiting), plan=inputs)
+            if self._urgent(js) and js.job.id not in self._retries:
+                # the idle deployments' laxities grow as their quorums fail to come: look again every quarter
+                # start-up while this round's latency runs (on cross_silo a 25M job waited 360 s for a slot that a
+                # search would have freed after 300 s)
+                self._retries[js.job.id] = self.clock.call_at(
+                    self.clock.now() + max(self.hysteresis_s, self.cost.startup_s / 4), self._retry_slot, js, js.open)
+
+    def _retry_slot(self, js, rnd) -> None:
+        with self._lock:
+            self._retries.pop(js.job.id, None)
+            if js.open is rnd and js.job.id in self.waiting and self._urgent(js) and js.deployment is None:
+                self._searched.pop(js.job.id, None)
+                self._request_slot(js, laxity=min(0.0, self._laxity(js)), inputs={"retry": True})
 
     def _deploy(self, js, slot: int, laxity: float, inputs: dict) -> None:
         now = self.clock.now()
         self.waiting.pop(js.job.id, None)
         self._searched.pop(js.job.id, None)
+        retry = self._retries.pop(js.job.id, None)
+        if retry is not None:
+            retry.cancel()
         dep = js.deployment = _Deployment(slot, now, now + self.cost.startup_s)
         js.metrics.deployments += 1
         self.occupancy.append((now, self.occupancy[-1][1] + 1))

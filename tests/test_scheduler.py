@@ -397,3 +397,35 @@ def test_a_freed_slot_goes_first_to_a_job_whose_quorum_is_in():
     clk.run(until=12.0)
     deployed = [d["job"] for d in sched.decisions if d["event"] == "deploy"]
     assert deployed[:2] == ["h", "u"]
+
+
+def test_a_waiting_quorum_looks_again_for_an_idle_deployment_to_take_back():
+    """A job whose quorum is in and finds no deployment it may take back (their laxities are too small) looks again
+    every quarter start-up: an idle deployment's laxity grows while its quorum fails to come, and the round should
+    not wait for that job's quorum (a 25M job waited 360 s that way on cross_silo)."""
+    from scheduler.policies import Policy
+
+    class Scripted(Policy):
+        name = "scripted"
+        h_laxity = 0.0  # h's latest start, if redeployed, is this far ahead
+
+        def deploy_at(self, sched, js, rnd, *, redeploy=False):
+            now = sched.clock.now()
+            if js.job.id == "h":
+                return (now + self.h_laxity if redeploy else now), {}
+            return (now, {}) if rnd.quorum_time is not None else (None, {})
+
+    pol = Scripted()
+    clk = VirtualClock()
+    cost = CostModel(backends={"cpu": BackendCost(1e9, 0.0)}, startup_s=8.0)  # retries every 2 s
+    sched = JITScheduler(pol, slots=1, clock=clk, cost=cost, hysteresis_s=0.5)
+    for j in ("h", "u"):
+        sched.add_job(Job(j, parties=["p0", "p1"], quorum=2, rounds=1, model_elems=1000, update_bytes=4000))
+    clk.call_at(5.0, sched.submit, "u", 0, "p0", None, 1.0)
+    clk.call_at(5.0, sched.submit, "u", 0, "p1", None, 1.0)
+    clk.call_at(6.0, setattr, pol, "h_laxity", 20.0)  # h's parties are late: it could now redeploy later
+    clk.run(until=30.0)
+    got = [(d["t"], d["event"], d["job"]) for d in sched.decisions if d["event"] in ("wait_slot", "preempt", "deploy")]
+    assert got[:4] == [(0.0, "deploy", "h"), (5.0, "wait_slot", "u"), (7.0, "preempt", "h"), (7.0, "deploy", "u")]
+    assert sched.result("u", 0).done() and sched.metrics()["u"]["latency_p50_s"] == pytest.approx(2.0 + 8.0, abs=0.01)
+    sched.close()
