@@ -74,7 +74,8 @@ class Aggregator:
         (rounded up to a power of two, fixed when the job is created; larger updates are rejected at admission with
         ``ValueOutOfRange``); terms are resolved to ``bound * 2^-56`` (absolute); the state holds 16 bytes per
         element; at most 2^30 updates per state (``ValueOutOfRange`` past it); batches over 2^18 updates are folded
-        in parts (same bits); the total weight is summed exactly (``math.fsum``); ``partial`` is not supported.
+        in parts (same bits); integer leaves' ``mass * |x|`` up to 2^10 x the bound, their sums below 2^30 x the
+        bound; the total weight is summed exactly (``math.fsum``); ``partial`` is not supported.
     bound : float
         The deterministic mode's bound on ``weight * |x|`` (default 2^20, e.g. weights up to ~10^5 samples times
         parameters up to ~10).
@@ -333,6 +334,8 @@ class Aggregator:
                 what = "the deterministic bound" if deterministic else f"the {self.acc_dtype} accumulator's headroom"
                 raise ValueOutOfRange(f"party {u.party!r}: fold weight * max|x| = {w * u.maxabs:.6g} exceeds "
                                       f"{bound:.6g} ({what})")
+        if deterministic and int_rows and st.algorithm.get("int_leaves", "mean") == "mean":
+            self._check_int_bound(admitted, int_rows, bound)
         mods = {name: backends.choose(self.backend, name) for name in groups}  # all refusals before any fold
         for name, g in groups.items():
             mod = mods[name]
@@ -344,6 +347,27 @@ class Aggregator:
             else:
                 mod.fold(st.acc, st.base, g)
         self._record(admitted, int_rows, plan)
+
+    def _check_int_bound(self, admitted, int_rows, bound) -> None:
+        """Deterministic mode sums integer leaves (counters) on the float leaves' grids, each term t = mass * x. The
+        grids stay exact for |t| up to 2^(b+28) and the high part for sums below 2^(b+30) (csrc/jk_math.h); past
+        that, the sum of large counters depended on the arrival order. A counter may be up to 2^10 x the bound
+        (:data:`state.BINNED_INT_HEADROOM`), and the leaf's running sum must stay within the high part's range."""
+        limit = bound * state_module.BINNED_INT_HEADROOM
+        for lid, arrays in int_rows:
+            leaf = self.layout.leaves[lid]
+            carriers = [u for u in admitted if u.leaves[lid] is not None]  # build_groups' order of the arrays
+            total = float(np.abs(to_host(self.state.acc[leaf.offset:leaf.offset + leaf.size])).max(initial=0.0))
+            for u, a in zip(carriers, arrays):
+                t = float(self.algorithm.mass(u)) * float(np.abs(to_host(a).astype(np.float64)).max(initial=0.0))
+                total += t
+                if not t <= limit:
+                    raise ValueOutOfRange(f"party {u.party!r}: leaf {leaf.name!r}: mass * max|x| = {t:.6g} exceeds "
+                                          f"{limit:.6g} (2^10 x the deterministic bound, for integer leaves)")
+                if not total < bound * 2.0 ** 30:
+                    raise ValueOutOfRange(f"party {u.party!r}: leaf {leaf.name!r}: the deterministic sum of this "
+                                          f"integer leaf would reach {total:.6g}, past its exact range "
+                                          f"({bound * 2.0 ** 30:.6g})")
 
     def _buffer(self, admitted) -> None:
         """Copy a batch into the store, all or nothing: room (capacity, the byte budget) is checked for the whole
@@ -430,7 +454,8 @@ class Aggregator:
         ``output="model"``: the average (with a base: ``base + average delta``). ``output="delta"`` (base only): the
         average delta. ``out``: a pytree like the template to write into (and return), e.g. last round's result:
         fresh model-sized outputs cost first-touch page faults, about as much as the fold itself at 25M parameters.
-        The state is unchanged; call :meth:`reset` to start the next round.
+        The state is unchanged; call :meth:`reset` to start the next round. A float16 result past 65504 raises
+        :class:`ValueOutOfRange` naming the leaf; ``out`` then holds what was written (inf there).
 
         Server optimizers (FedAvgM, FedAdam, FedYogi, FedAdagrad) apply their step here, in one fused pass that
         updates the state's model (its base) and moments in place and writes the new model; DP wrappers add their
@@ -475,13 +500,13 @@ class Aggregator:
                 st.round += 1
                 st.closed = True
                 st.__dict__.pop("_host_base", None)  # a step moved the base in place
-            self._check_float16(outs, float_ids, acc, base, weights, stepped=opt)
             # leaves no update carried (and, finalizing a stepped round again, every float leaf), and integer
             # leaves: tiny or rare, finished on the host and written back
             for i in (missing + float_ids if opt and not closing else missing):
                 leaf = self.layout.leaves[i]
                 b = to_host(base[leaf.offset:leaf.offset + leaf.size])
-                _write(outs[i], b.reshape(leaf.shape).astype(outs[i].dtype))
+                with np.errstate(over="ignore"):  # a float16 overflow is refused below, by name
+                    _write(outs[i], b.reshape(leaf.shape).astype(outs[i].dtype))
             for i, leaf in enumerate(self.layout.leaves):
                 if leaf.is_float or st.leaf_weight[i] <= 0:
                     continue
@@ -489,12 +514,15 @@ class Aggregator:
                 if st.algorithm.get("int_leaves", "mean") == "mean":  # the plain mass-weighted mean
                     a = np.rint(a / mass[i])
                 _write(outs[i], a.reshape(leaf.shape).astype(outs[i].dtype))
+            self._check_float16(outs, float_ids, acc, base, weights, stepped=opt)
             return out if out is not None else self.layout.unflatten(outs)
 
     def _check_float16(self, outs, float_ids, acc, base, weights, stepped: bool) -> None:
         """float16 outputs whose value overflowed the narrowing (inf; the accumulator's are finite) are refused with
-        the leaf and value, rather than handed on as a model that the next round's updates turn into NaN. A server
-        optimizer's step has then been applied: its model stays in the state's base, in the accumulator dtype."""
+        the leaf and value, rather than handed on as a model that the next round's updates turn into NaN. The outputs
+        are checked as written (an ``out=`` is then left holding them: the kernels write as they go). A server
+        optimizer's step has been applied: its model stays in the state's base, in the accumulator dtype, and
+        finalizing the closed round again refuses again."""
         for i in float_ids:
             leaf = self.layout.leaves[i]
             if leaf.dtype != "float16":

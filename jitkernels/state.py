@@ -36,6 +36,7 @@ SUPPORTED_VERSIONS = (1, 2)  # version 1: no info, no optimizer state
 # (csrc/kernels.h fold_binned_rows) for 2^18 terms, so larger batches are folded in chunks of that many.
 BINNED_MAX_UPDATES = 2 ** 30
 BINNED_BATCH = 2 ** 18
+BINNED_INT_HEADROOM = 2.0 ** 10  # integer leaves' terms may be this many times the bound (Aggregator._check_int_bound)
 
 
 def _check_party(p):
@@ -211,6 +212,16 @@ class FoldState:
         if self.deterministic and self.count + other.count > BINNED_MAX_UPDATES:
             raise ValueOutOfRange(f"a deterministic state holds at most 2^30 updates (its high part's sums stay exact "
                                   f"up to there): {self.count} + {other.count}")
+        if self.deterministic:  # integer leaves' terms may exceed the bound: their sums are checked by value
+            for leaf in self.layout.leaves:
+                if leaf.is_float:
+                    continue
+                sl = slice(leaf.offset, leaf.offset + leaf.size)
+                total = float(np.abs(to_host(self.acc[sl])).max(initial=0.0)) + \
+                    float(np.abs(to_host(other.acc[sl])).max(initial=0.0))
+                if not total < 2.0 ** (self.bound_log2 + 30):
+                    raise ValueOutOfRange(f"leaf {leaf.name!r}: the merged deterministic sum of this integer leaf "
+                                          f"would reach {total:.6g}, past its exact range")
 
     def merge(self, other: "FoldState") -> "FoldState":
         """A new state holding both aggregates: accumulators and weights add; parties are the union."""

@@ -299,8 +299,8 @@ class JITScheduler:
         at the budget ``submit`` raises :class:`Backpressure` (buffered bytes stay within budget + one update)
     overflow : "raise" or "spill" (needs ``state_dir``): at the budget, "raise" refuses the update with
         :class:`Backpressure`; "spill" accepts it, keeps it only on disk (where the state directory writes every
-        update anyway) and reads it back when it is folded, as much as the budget has room for at a time (counted as
-        buffered; at least one update)
+        update anyway) and reads it back when it is folded, as the budget has room, up to half of it at a time
+        (counted as buffered; at least one update)
     hysteresis_s : an idle deployment is taken back only for a job whose laxity is this much smaller
     state_dir : a directory that makes the scheduler crash-safe (see :mod:`scheduler.durable`): every acknowledged
         update is persisted (``Ack.durable``), rounds are checkpointed and their results committed there; a new
@@ -961,14 +961,15 @@ class JITScheduler:
             js.fold_bytes = 0
 
     def _reserve_read_back(self, js, remaining: int) -> int:
-        """How many spilled (or replayed) updates a fold reads back next: as many as the byte budget has room for now
-        (all of them without a budget), at least one so that the fold goes on. Their bytes count as buffered until
-        folded, as arrivals' do."""
+        """How many spilled (or replayed) updates a fold reads back next: as many as the byte budget has room for now,
+        up to half of it (arrivals meanwhile keep the other half; all of them without a budget), at least one so that
+        the fold goes on. Their bytes count as buffered until folded, as arrivals' do."""
         with self._lock:
             if self.byte_budget is None:
                 n = remaining
             else:
-                n = max(1, min(remaining, (self.byte_budget - self.buffered_bytes) // max(1, js.update_bytes)))
+                room = min(self.byte_budget // 2, self.byte_budget - self.buffered_bytes)
+                n = max(1, min(remaining, room // max(1, js.update_bytes)))
             self.buffered_bytes += n * js.update_bytes
             self.peak_buffered_bytes = max(self.peak_buffered_bytes, self.buffered_bytes)
             return n

@@ -150,3 +150,40 @@ def test_state_capacity_is_enforced(monkeypatch):
     with pytest.raises(jk.ValueOutOfRange, match="2\\^30"):
         a.merge(b)
     assert a.state.same_bits(before)
+
+
+def test_integer_leaves_are_held_to_the_bound():
+    """Integer leaves (counters) are summed on the same grids: a counter whose mass * |x| exceeds the bound would
+    make the sum depend on the arrival order (found with counters near 2^60), so it is refused, by party and leaf,
+    and the state is unchanged; within the bound the mean is order-independent."""
+    tmpl = {"w": np.zeros(2, np.float32), "n": np.zeros(1, np.int64)}
+    agg = jk.Aggregator(tmpl, deterministic=True, bound=2.0 ** 20)
+    agg.fold({"w": np.ones(2, np.float32), "n": np.array([1000])}, weight=10.0, party="a")
+    before = agg.state.copy()
+    with pytest.raises(jk.ValueOutOfRange, match="party 'b': leaf 'n'.*2\\^10"):
+        agg.fold({"w": np.ones(2, np.float32), "n": np.array([2 ** 31])}, weight=1.0, party="b")
+    assert agg.state.same_bits(before) and agg.count == 1
+    full = jk.Aggregator(tmpl, deterministic=True, bound=2.0 ** 20)
+    full.fold({"w": np.ones(2, np.float32), "n": np.array([1000])}, weight=1.0, party="a")
+    n = next(leaf for leaf in full.layout.leaves if leaf.name == "n")
+    full.state.acc[n.offset] = 2.0 ** 50 - 2.0 ** 21  # stands in for ~2^20 updates of large counters
+    kept = full.state.copy()
+    with pytest.raises(jk.ValueOutOfRange, match="party 'c': leaf 'n'.*exact range"):
+        full.fold({"w": np.ones(2, np.float32), "n": np.array([2 ** 22])}, weight=1.0, party="c")
+    assert full.state.same_bits(kept)
+    other = jk.Aggregator(tmpl, deterministic=True, bound=2.0 ** 20)
+    other.fold({"w": np.ones(2, np.float32), "n": np.array([2 ** 22])}, weight=1.0, party="d")
+    with pytest.raises(jk.ValueOutOfRange, match="leaf 'n'.*merged"):
+        full.merge(other)
+    assert full.state.same_bits(kept)
+    rng = np.random.default_rng(0)
+    ups = [{"w": rng.standard_normal(2).astype(np.float32), "n": np.array([int(rng.integers(0, 5000))])}
+           for _ in range(20)]
+    ws = list(rng.uniform(1, 100, 20))
+    outs = []
+    for order in (range(20), reversed(range(20))):
+        a = jk.Aggregator(tmpl, deterministic=True, bound=2.0 ** 20)
+        for j in order:
+            a.fold(ups[j], weight=ws[j], party=j)
+        outs.append((a.state.acc.tobytes(), a.state.lo.tobytes(), _bits(a.finalize())))
+    assert outs[0] == outs[1]

@@ -6,6 +6,7 @@ import numpy as np
 
 from ..batch import CODE, rows_from_items, threads_for, walk
 from ..threads import get_num_threads
+from ..state import BINNED_BATCH
 from .numpy_ref import binned_constants
 
 NAME = "cpp"
@@ -34,6 +35,8 @@ def fold(acc, base, g):
 
 
 def fold_binned(hi, lo, base, g, bound_log2):
+    if g.k > BINNED_BATCH:  # the kernel's biased low part has room for 2^19 terms; Aggregator folds in parts
+        raise ValueError(f"the deterministic kernel takes at most {BINNED_BATCH} updates per call, got {g.k}")
     s1, s2 = binned_constants(bound_log2)
     _core.fold_binned(hi, lo, base, CODE[g.in_dtype], g.off, g.ptr, g.w, g.scale_ptr, g.block, *_walk(g), s1, s2)
 
