@@ -75,7 +75,7 @@ class Aggregator:
         ``ValueOutOfRange``); terms are resolved to ``bound * 2^-56`` (absolute); the state holds 16 bytes per
         element; at most 2^30 updates per state (``ValueOutOfRange`` past it); batches over 2^18 updates are folded
         in parts (same bits); integer leaves' ``mass * |x|`` up to 2^10 x the bound, their sums below 2^30 x the
-        bound; the total weight is summed exactly (``math.fsum``); ``partial`` is not supported.
+        bound; the total weight, and with ``partial`` each leaf's, is summed exactly (``math.fsum``).
     bound : float
         The deterministic mode's bound on ``weight * |x|`` (default 2^20, e.g. weights up to ~10^5 samples times
         parameters up to ~10).
@@ -89,8 +89,6 @@ class Aggregator:
         if deterministic:
             if acc_dtype not in (None, "float64"):
                 raise ValueError("deterministic mode accumulates in float64 (two float64 parts)")
-            if partial:
-                raise ValueError("deterministic mode does not support partial updates yet")
             if not (math.isfinite(bound) and bound > 0):
                 raise ValueError(f"bound must be finite and > 0, got {bound!r}")
             acc_dtype = "float64"
@@ -134,8 +132,8 @@ class Aggregator:
     @classmethod
     def from_state(cls, state: FoldState, *, backend=None, partial=False, copy=False) -> "Aggregator":
         """Resume from a (loaded) state: later folds continue it (its algorithm, mode and bound come with it)."""
-        if partial and (state.deterministic or state.store is not None):
-            raise ValueError("partial updates are not supported by deterministic mode or buffered (robust) rules")
+        if partial and state.store is not None:
+            raise ValueError("partial updates are not supported by buffered (robust) rules")
         return cls(state.layout, _algorithms.from_params(state.algorithm), backend=backend, partial=partial,
                    copy=copy, int_leaves=state.algorithm.get("int_leaves", "mean"), _state=state)
 
@@ -412,6 +410,11 @@ class Aggregator:
             st.leaf_weight += mass[0]
         else:
             st.leaf_weight += plan.carried @ np.asarray(mass)  # per leaf, the masses of the updates that carried it
+        if st.deterministic and plan.absent is not None:  # for the exact per-leaf sums of the masses
+            for j, u in enumerate(admitted):
+                lacks = np.flatnonzero(plan.absent[:, j])
+                if lacks.size:
+                    st.absent[u.party] = tuple(lacks.tolist())
         for u, m, d in zip(admitted, mass, derived):
             st.parties[u.party] = m
             if u.info or d:
@@ -483,8 +486,8 @@ class Aggregator:
                 raise EmptyAggregate(f"no folded update carried leaf {self.layout.leaves[missing[0]].name!r}")
             float_ids = [i for i, l in enumerate(self.layout.leaves) if l.is_float and st.leaf_weight[i] > 0]
             mod = backends.get(self.backend) if self.backend != "auto" else backends.choose("auto", "float32")
-            # deterministic: every leaf is divided by the exactly rounded total weight (no partial updates there)
-            mass = np.full(len(self.layout), st.total_weight) if st.deterministic else st.leaf_weight
+            # deterministic: every leaf is divided by the exactly rounded sum of its carriers' masses
+            mass = st.exact_leaf_weights() if st.deterministic else st.leaf_weight
             weights = mass * alg.divisor_scale(st)  # the algorithm's scaling (FedBuff's server lr, FedNova's steps)
             if closing and alg.noise_std(st) > 0:  # on the average delta, before that scaling, as the sum is
                 self._add_noise(alg.noise_std(st), mass, float_ids)
@@ -613,6 +616,7 @@ class Aggregator:
                 old.leaf_weight.fill(0)
                 old.parties.clear()
                 old.info.clear()
+                old.absent.clear()
                 old.base = flat_base
                 old.closed = False
                 if old.store is not None:

@@ -6,8 +6,8 @@ what makes double counting detectable; the weight is the update's mass, what it 
 values the algorithm read (FedNova's steps, FedBuff's staleness), the layout, the algorithm and its parameters, the
 base for delta folds, a server optimizer's moments, and the count of rounds that finalize closed.
 
-File format (version 2): a safetensors file (tensors ``acc``, ``leaf_weight``, optionally ``base``, ``lo``, ``opt_m``,
-``opt_v``) whose metadata holds ``format``, ``version``, the JSON of layout / algorithm / parties / info, the
+File format (version 3): a safetensors file (tensors ``acc``, ``leaf_weight``, optionally ``base``, ``lo``, ``opt_m``,
+``opt_v``) whose metadata holds ``format``, ``version``, the JSON of layout / algorithm / parties / info / absent, the
 rounds closed so far (``round``) and whether this one is (``closed``), and ``checksum``: SHA-256 over every tensor's
 name, dtype, shape and bytes and over the other metadata, verified on load (safetensors itself has none). Nothing is
 ever unpickled. Saving writes a temp file (exclusive create), fsyncs it, renames it over the target and fsyncs the
@@ -29,8 +29,8 @@ from .errors import CorruptState, IncompatibleStates, OverlappingParties, ValueO
 from .layout import Layout
 
 FORMAT = "jitkernels.foldstate"
-VERSION = 2
-SUPPORTED_VERSIONS = (1, 2)  # version 1: no info, no optimizer state
+VERSION = 3
+SUPPORTED_VERSIONS = (1, 2, 3)  # version 1: no info, no optimizer state; 2: no absent-leaf record
 # Deterministic mode's capacities (csrc/jk_math.h binned_step): the high part holds multiples of 2^(b-23) below
 # 2^(b+30), exact for 2^30 terms of |w * x| <= 2^b; a batch's low part stays in the fast kernel's biased range
 # (csrc/kernels.h fold_binned_rows) for 2^18 terms, so larger batches are folded in chunks of that many.
@@ -50,7 +50,7 @@ class FoldState:
 
     def __init__(self, layout: Layout, *, algorithm: dict, acc_dtype: str = "float32", acc=None, leaf_weight=None,
                  parties=None, base=None, lo=None, on_device: bool = False, info=None, opt=None,
-                 round: int = 0, closed: bool = False, scalars=None, store=None):
+                 round: int = 0, closed: bool = False, scalars=None, store=None, absent=None):
         self.layout = layout
         self.algorithm = dict(algorithm)
         self.acc_dtype = np.dtype(acc_dtype).name
@@ -60,6 +60,9 @@ class FoldState:
         self.leaf_weight = np.zeros(len(layout), np.float64) if leaf_weight is None else leaf_weight
         self.parties: dict = {} if parties is None else dict(parties)
         self.info: dict = {} if info is None else {p: dict(v) for p, v in info.items()}
+        # deterministic mode with partial updates: party -> the leaf indices its update lacked (parties with whole
+        # updates are not listed), from which each leaf's total weight is summed exactly (exact_leaf_weights)
+        self.absent: dict = {} if absent is None else {p: tuple(int(i) for i in v) for p, v in absent.items()}
         self.base = base
         # server optimizers' moments {"m": acc-sized, "v": acc-sized or absent}; ``round``: rounds closed so far.
         # A round is closed when finalize changed the state in place (a server step moved the base, or DP noise
@@ -131,6 +134,17 @@ class FoldState:
         return self.acc + self.lo if self.deterministic else self.acc
 
     # --- summary -----------------------------------------------------------------------------------------------
+    def exact_leaf_weights(self) -> np.ndarray:
+        """Deterministic mode: each leaf's total weight, the exactly rounded sum (``math.fsum``) of the masses of the
+        parties whose updates carried it (so any order, batching and merge tree gives the same divisor)."""
+        if not self.absent:
+            return np.full(len(self.layout), self.total_weight)
+        by_pattern: dict = {}  # the leaves an update lacked -> the masses of the parties that sent such updates
+        for p, m in self.parties.items():
+            by_pattern.setdefault(self.absent.get(p, ()), []).append(m)
+        return np.array([math.fsum(m for pattern, ms in by_pattern.items() if i not in pattern for m in ms)
+                         for i in range(len(self.layout))])
+
     @property
     def count(self) -> int:
         return len(self.parties)
@@ -162,7 +176,7 @@ class FoldState:
                          lo=None if self.lo is None else self.lo.copy(), info=self.info,
                          opt=None if self.opt is None else {k: a.copy() for k, a in self.opt.items()},
                          round=self.round, closed=self.closed, scalars=self.scalars,
-                         store=None if self.store is None else self.store.copy())
+                         store=None if self.store is None else self.store.copy(), absent=self.absent)
 
     def same_bits(self, other: "FoldState") -> bool:
         """True when both states hold bit-identical accumulators, weights, parties and bases."""
@@ -174,6 +188,7 @@ class FoldState:
         return (self.layout == other.layout and self.algorithm == other.algorithm and eq(self.acc, other.acc)
                 and eq(self.leaf_weight, other.leaf_weight) and self.parties == other.parties
                 and eq(self.base, other.base) and eq(self.lo, other.lo) and self.info == other.info
+                and self.absent == other.absent
                 and (self.opt is None) == (other.opt is None) and self.round == other.round
                 and self.closed == other.closed and self.scalars == other.scalars
                 and (self.store is None) == (other.store is None)
@@ -255,6 +270,7 @@ class FoldState:
         self.leaf_weight += other.leaf_weight
         self.parties.update(other.parties)
         self.info.update(other.info)
+        self.absent.update(other.absent)
 
     # --- files -------------------------------------------------------------------------------------------------
     def _tensors(self) -> dict:
@@ -278,6 +294,7 @@ class FoldState:
             "acc_dtype": self.acc_dtype,
             "parties": json.dumps([[p, w] for p, w in self.parties.items()]),
             "info": json.dumps([[p, v] for p, v in self.info.items()], sort_keys=True),
+            "absent": json.dumps([[p, list(v)] for p, v in self.absent.items()]),
             "round": str(self.round),
             "scalars": json.dumps(self.scalars, sort_keys=True),
             **({} if self.store is None else {"store": json.dumps(self.store.describe())}),
@@ -318,6 +335,9 @@ class FoldState:
             if len(parties) != len(pairs):
                 raise ValueError("a party is listed twice")
             info = {_check_party(p): {k: float(x) for k, x in v.items()} for p, v in json.loads(meta.get("info", "[]"))}
+            absent = {_check_party(p): tuple(int(i) for i in v) for p, v in json.loads(meta.get("absent", "[]"))}
+            if not absent.keys() <= parties.keys() or any(not 0 <= i < len(layout) for v in absent.values() for i in v):
+                raise ValueError("the absent-leaf record names unknown parties or leaves")
             opt = {k[4:]: np.array(a) for k, a in tensors.items() if k.startswith("opt_")}
             return cls(layout, algorithm=algorithm, acc_dtype=meta["acc_dtype"], acc=np.array(tensors["acc"]),
                        leaf_weight=np.array(tensors["leaf_weight"]), parties=parties,
@@ -325,7 +345,7 @@ class FoldState:
                        lo=np.array(tensors["lo"]) if "lo" in tensors else None, info=info, opt=opt or None,
                        round=int(meta.get("round", "0")), closed=meta.get("closed", "0") == "1",
                        scalars=json.loads(meta.get("scalars", "{}")),
-                       store=_store_from(tensors, meta, layout))
+                       store=_store_from(tensors, meta, layout), absent=absent)
         except (KeyError, ValueError, TypeError, AttributeError) as e:
             raise CorruptState(f"{path}: inconsistent state ({e})") from e
 

@@ -1,5 +1,7 @@
 """Deterministic mode: bit-identical results for any order, batching, merge tree, thread count and backend."""
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -108,8 +110,69 @@ def test_bound_is_enforced_at_admission_and_state_unchanged():
 def test_options_that_deterministic_mode_refuses():
     with pytest.raises(ValueError, match="float64"):
         jk.Aggregator(np.zeros(2, np.float32), deterministic=True, acc_dtype="float32")
-    with pytest.raises(ValueError, match="partial"):
-        jk.Aggregator({"a": np.zeros(2, np.float32)}, deterministic=True, partial=True)
+
+
+def _partial_updates(seed, k):
+    """k updates of a three-leaf model (and a counter), each but the first lacking a random subset of the leaves."""
+    rng = np.random.default_rng(seed)
+    tmpl = {"a": np.zeros(40, np.float32), "b": np.zeros(3, np.float32), "c": np.zeros(7, np.float32),
+            "n": np.array(0, np.int64)}
+    ups = []
+    for j in range(k):
+        keep = [name for name in tmpl if j == 0 or rng.random() < 0.6] or ["a"]
+        ups.append({name: (rng.standard_normal(tmpl[name].shape) * rng.choice([1e-3, 1.0])).astype(np.float32)
+                    if name != "n" else np.array(int(rng.integers(0, 100))) for name in keep})
+    return tmpl, ups, list(rng.uniform(0.5, 500.0, k))
+
+
+@given(seed=seeds, k=st.integers(2, 9), data=st.data())
+def test_partial_updates_bit_identical_under_any_order_tree_backend_and_threads(seed, k, data):
+    """Partial updates (LoRA, FedBN: some leaves left out) in deterministic mode: each leaf is divided by the exact
+    sum of its carriers' masses, so order, batching, merge tree, backend and threads give the same bits, and the
+    result is each leaf's weighted mean over its carriers."""
+    tmpl, ups, ws = _partial_updates(seed, k)
+
+    def run(order, cuts, merge_order, backend, threads):
+        old = jk.set_num_threads(threads)
+        try:
+            parts = [order[i:j] for i, j in zip([0] + cuts, cuts + [len(order)])]
+            states = []
+            for n, part in enumerate(parts):
+                a = jk.Aggregator(tmpl, deterministic=True, partial=True, backend=backend)
+                if n % 2:
+                    a.fold_many([ups[i] for i in part], [ws[i] for i in part], parties=list(part))
+                else:
+                    for i in part:
+                        a.fold(ups[i], weight=ws[i], party=i)
+                states.append(a.state)
+            acc = states[merge_order[0]]
+            for i in merge_order[1:]:
+                acc = acc.merge(states[i])
+            return jk.Aggregator.from_state(acc, backend=backend, partial=True).finalize()
+        finally:
+            jk.set_num_threads(old)
+
+    want = run(list(range(k)), [], [0], "numpy", 1)
+    order = data.draw(st.permutations(range(k)))
+    cuts = sorted(data.draw(st.lists(st.integers(1, k - 1), max_size=3, unique=True)))
+    merge_order = data.draw(st.permutations(range(len(cuts) + 1)))
+    got = run(order, cuts, merge_order, data.draw(st.sampled_from(CPU_BACKENDS)), data.draw(st.sampled_from([1, 2])))
+    assert _bits(got) == _bits(want)
+    for name in ("a", "b", "c"):
+        carriers = [j for j in range(k) if name in ups[j]]
+        mean = sum(ws[j] * ups[j][name].astype(np.float64) for j in carriers) / math.fsum(ws[j] for j in carriers)
+        assert np.allclose(want[name], mean, rtol=1e-6, atol=1e-9)
+
+
+def test_partial_deterministic_state_round_trip(tmp_path):
+    tmpl, ups, ws = _partial_updates(3, 6)
+    a = jk.Aggregator(tmpl, deterministic=True, partial=True)
+    a.fold_many(ups, ws, parties=list(range(6)))
+    assert a.state.absent  # some update lacked some leaf
+    a.state.save(tmp_path / "p.jks")
+    loaded = jk.FoldState.load(tmp_path / "p.jks")
+    assert loaded.same_bits(a.state) and loaded.absent == a.state.absent
+    assert _bits(jk.Aggregator.from_state(loaded, partial=True).finalize()) == _bits(a.finalize())
 
 
 def test_deterministic_state_round_trip_and_merge_refusal(tmp_path):
