@@ -73,8 +73,8 @@ class Aggregator:
         ReproBLAS; halfway values round away from zero). Limits: every ``weight * |x|`` must be <= ``bound``
         (rounded up to a power of two, fixed when the job is created; larger updates are rejected at admission with
         ``ValueOutOfRange``); terms are resolved to ``bound * 2^-56`` (absolute); the state holds 16 bytes per
-        element; at most 2^30 updates per state (``ValueOutOfRange`` past it); batches over 2^18 updates are folded
-        in parts (same bits); integer leaves' ``mass * |x|`` up to 2^10 x the bound, their sums below 2^30 x the
+        element; at most 2^30 updates per state, 2^20 when it sums integer leaves (``ValueOutOfRange`` past it);
+        batches over 2^18 updates are folded in parts (same bits); integer leaves' ``mass * |x|`` up to 2^10 x the
         bound; the total weight, and with ``partial`` each leaf's, is summed exactly (``math.fsum``).
     bound : float
         The deterministic mode's bound on ``weight * |x|`` (default 2^20, e.g. weights up to ~10^5 samples times
@@ -322,9 +322,9 @@ class Aggregator:
         groups, int_rows, _ = build_groups(self.layout, tab, [u.leaves for u in admitted], fold_w,
                                            device=on_device, plan=plan)
         deterministic = st.deterministic
-        if deterministic and st.count + len(admitted) > state_module.BINNED_MAX_UPDATES:
-            raise ValueOutOfRange(f"a deterministic state holds at most 2^30 updates (its high part's sums stay exact "
-                                  f"up to there): {st.count} + {len(admitted)}")
+        if deterministic and st.count + len(admitted) > st.binned_capacity:
+            raise ValueOutOfRange(f"this deterministic state holds at most {st.binned_capacity} updates (its high "
+                                  f"part's sums stay exact up to there): {st.count} + {len(admitted)}")
         # admission checked the raw weight against its own limit: the fold multiplies by the algorithm's weight
         bound = 2.0 ** st.bound_log2 if deterministic else admission.headroom(self.acc_dtype)
         for u, w in zip(admitted, fold_w):
@@ -349,23 +349,18 @@ class Aggregator:
     def _check_int_bound(self, admitted, int_rows, bound) -> None:
         """Deterministic mode sums integer leaves (counters) on the float leaves' grids, each term t = mass * x. The
         grids stay exact for |t| up to 2^(b+28) and the high part for sums below 2^(b+30) (csrc/jk_math.h); past
-        that, the sum of large counters depended on the arrival order. A counter may be up to 2^10 x the bound
-        (:data:`state.BINNED_INT_HEADROOM`), and the leaf's running sum must stay within the high part's range."""
+        that, the sum of large counters depended on the arrival order. A counter's |t| may be up to 2^10 x the bound
+        (:data:`state.BINNED_INT_HEADROOM`); a state that sums integer leaves then holds 2^20 updates, not 2^30
+        (:attr:`FoldState.binned_capacity`, a count: the same for any order, batching or merge tree)."""
         limit = bound * state_module.BINNED_INT_HEADROOM
         for lid, arrays in int_rows:
             leaf = self.layout.leaves[lid]
             carriers = [u for u in admitted if u.leaves[lid] is not None]  # build_groups' order of the arrays
-            total = float(np.abs(to_host(self.state.acc[leaf.offset:leaf.offset + leaf.size])).max(initial=0.0))
             for u, a in zip(carriers, arrays):
                 t = float(self.algorithm.mass(u)) * float(np.abs(to_host(a).astype(np.float64)).max(initial=0.0))
-                total += t
                 if not t <= limit:
                     raise ValueOutOfRange(f"party {u.party!r}: leaf {leaf.name!r}: mass * max|x| = {t:.6g} exceeds "
                                           f"{limit:.6g} (2^10 x the deterministic bound, for integer leaves)")
-                if not total < bound * 2.0 ** 30:
-                    raise ValueOutOfRange(f"party {u.party!r}: leaf {leaf.name!r}: the deterministic sum of this "
-                                          f"integer leaf would reach {total:.6g}, past its exact range "
-                                          f"({bound * 2.0 ** 30:.6g})")
 
     def _buffer(self, admitted) -> None:
         """Copy a batch into the store, all or nothing: room (capacity, the byte budget) is checked for the whole
@@ -426,6 +421,7 @@ class Aggregator:
         A = acc.dtype
         st = self.state
         rule = st.algorithm.get("int_leaves", "mean")
+        seen = st.leaf_weight[lid] > 0  # "max": the first carrier ever sets the leaf, later ones (this batch's too) max
         for a, w in zip(arrays, weights):
             x = place(to_host(a).reshape(-1).astype(A), st.on_device)
             if rule == "mean" and st.deterministic:
@@ -435,10 +431,11 @@ class Aggregator:
                 numpy_ref.binned_carry(acc, lo, s1)
             elif rule == "mean":
                 acc += A.type(w) * x
-            elif self.state.leaf_weight[lid] > 0:
+            elif seen:
                 np.maximum(acc, x, out=acc)
             else:
                 acc[...] = x
+                seen = True
 
     def merge(self, other) -> None:
         """Merge another Aggregator's or a FoldState's aggregate into this one (refuses shared parties)."""

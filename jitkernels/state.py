@@ -37,6 +37,7 @@ SUPPORTED_VERSIONS = (1, 2, 3)  # version 1: no info, no optimizer state; 2: no 
 BINNED_MAX_UPDATES = 2 ** 30
 BINNED_BATCH = 2 ** 18
 BINNED_INT_HEADROOM = 2.0 ** 10  # integer leaves' terms may be this many times the bound (Aggregator._check_int_bound)
+BINNED_MAX_UPDATES_INT = 2 ** 20  # ... so a state that sums them holds this many updates
 
 
 def _check_party(p):
@@ -134,6 +135,14 @@ class FoldState:
         return self.acc + self.lo if self.deterministic else self.acc
 
     # --- summary -----------------------------------------------------------------------------------------------
+    @property
+    def binned_capacity(self) -> int:
+        """Deterministic mode: the updates this state may hold and stay exact: 2^30, or 2^20 when it sums integer
+        leaves (whose terms may reach 2^10 x the bound)."""
+        sums_ints = self.algorithm.get("int_leaves", "mean") == "mean" and \
+            any(not leaf.is_float for leaf in self.layout.leaves)
+        return BINNED_MAX_UPDATES_INT if sums_ints else BINNED_MAX_UPDATES
+
     def exact_leaf_weights(self) -> np.ndarray:
         """Deterministic mode: each leaf's total weight, the exactly rounded sum (``math.fsum``) of the masses of the
         parties whose updates carried it (so any order, batching and merge tree gives the same divisor)."""
@@ -224,19 +233,9 @@ class FoldState:
         shared = self.parties.keys() & other.parties.keys()
         if shared:
             raise OverlappingParties(shared)
-        if self.deterministic and self.count + other.count > BINNED_MAX_UPDATES:
-            raise ValueOutOfRange(f"a deterministic state holds at most 2^30 updates (its high part's sums stay exact "
-                                  f"up to there): {self.count} + {other.count}")
-        if self.deterministic:  # integer leaves' terms may exceed the bound: their sums are checked by value
-            for leaf in self.layout.leaves:
-                if leaf.is_float:
-                    continue
-                sl = slice(leaf.offset, leaf.offset + leaf.size)
-                total = float(np.abs(to_host(self.acc[sl])).max(initial=0.0)) + \
-                    float(np.abs(to_host(other.acc[sl])).max(initial=0.0))
-                if not total < 2.0 ** (self.bound_log2 + 30):
-                    raise ValueOutOfRange(f"leaf {leaf.name!r}: the merged deterministic sum of this integer leaf "
-                                          f"would reach {total:.6g}, past its exact range")
+        if self.deterministic and self.count + other.count > self.binned_capacity:
+            raise ValueOutOfRange(f"this deterministic state holds at most {self.binned_capacity} updates (its high "
+                                  f"part's sums stay exact up to there): {self.count} + {other.count}")
 
     def merge(self, other: "FoldState") -> "FoldState":
         """A new state holding both aggregates: accumulators and weights add; parties are the union."""
@@ -283,18 +282,26 @@ class FoldState:
             t[f"opt_{k}"] = to_host(a)
         if self.store is not None:
             t["store_rows"] = np.ascontiguousarray(self.store.rows())
+        if self.absent:  # per party, in the parties record's order: its pattern in absent_patterns, or -1
+            index = {pat: i for i, pat in enumerate(self._absent_patterns())}
+            t["absent_index"] = np.array([index.get(self.absent.get(p), -1) for p in self.parties], np.int32)
         return t
+
+    def _absent_patterns(self) -> list:
+        """The distinct sets of leaves that partial updates lacked (a LoRA round has one or a few, whatever the
+        number of parties: listing each party's would outgrow safetensors' 100 MB header)."""
+        return sorted(set(self.absent.values()))
 
     def _metadata(self) -> dict:
         return {
             "format": FORMAT,
-            "version": str(VERSION),
+            "version": str(VERSION if self.absent else 2),  # version 2 readers read every state without the record
             "layout": json.dumps(self.layout.to_json(), sort_keys=True),
             "algorithm": json.dumps(self.algorithm, sort_keys=True),
             "acc_dtype": self.acc_dtype,
             "parties": json.dumps([[p, w] for p, w in self.parties.items()]),
             "info": json.dumps([[p, v] for p, v in self.info.items()], sort_keys=True),
-            "absent": json.dumps([[p, list(v)] for p, v in self.absent.items()]),
+            **({"absent_patterns": json.dumps([list(p) for p in self._absent_patterns()])} if self.absent else {}),
             "round": str(self.round),
             "scalars": json.dumps(self.scalars, sort_keys=True),
             **({} if self.store is None else {"store": json.dumps(self.store.describe())}),
@@ -335,19 +342,40 @@ class FoldState:
             if len(parties) != len(pairs):
                 raise ValueError("a party is listed twice")
             info = {_check_party(p): {k: float(x) for k, x in v.items()} for p, v in json.loads(meta.get("info", "[]"))}
-            absent = {_check_party(p): tuple(int(i) for i in v) for p, v in json.loads(meta.get("absent", "[]"))}
-            if not absent.keys() <= parties.keys() or any(not 0 <= i < len(layout) for v in absent.values() for i in v):
-                raise ValueError("the absent-leaf record names unknown parties or leaves")
+            absent = _absent_from(tensors, meta, list(parties), len(layout), algorithm)
             opt = {k[4:]: np.array(a) for k, a in tensors.items() if k.startswith("opt_")}
-            return cls(layout, algorithm=algorithm, acc_dtype=meta["acc_dtype"], acc=np.array(tensors["acc"]),
+            state = cls(layout, algorithm=algorithm, acc_dtype=meta["acc_dtype"], acc=np.array(tensors["acc"]),
                        leaf_weight=np.array(tensors["leaf_weight"]), parties=parties,
                        base=np.array(tensors["base"]) if "base" in tensors else None,
                        lo=np.array(tensors["lo"]) if "lo" in tensors else None, info=info, opt=opt or None,
                        round=int(meta.get("round", "0")), closed=meta.get("closed", "0") == "1",
                        scalars=json.loads(meta.get("scalars", "{}")),
                        store=_store_from(tensors, meta, layout), absent=absent)
-        except (KeyError, ValueError, TypeError, AttributeError) as e:
+            # the record must agree with the per-leaf weights folded beside it (they differ only by rounding)
+            if absent and not np.allclose(state.exact_leaf_weights(), state.leaf_weight, rtol=1e-9, atol=0.0):
+                raise ValueError("the absent-leaf record disagrees with the per-leaf weights")
+            return state
+        except (KeyError, ValueError, TypeError, AttributeError, OverflowError) as e:
             raise CorruptState(f"{path}: inconsistent state ({e})") from e
+
+
+def _absent_from(tensors, meta, parties: list, n_leaves: int, algorithm: dict) -> dict:
+    """The absent-leaf record (``absent_patterns`` + ``absent_index``), checked: a pattern is a strictly increasing
+    list of leaf indices that leaves at least one leaf; each party has one pattern or -1."""
+    if "absent_patterns" not in meta and "absent_index" not in tensors:
+        return {}
+    if algorithm.get("deterministic") is None:
+        raise ValueError("an absent-leaf record in a state that is not deterministic")
+    patterns = json.loads(meta["absent_patterns"])
+    for pat in patterns:
+        if not (isinstance(pat, list) and 0 < len(pat) < n_leaves and all(type(i) is int for i in pat)
+                and all(0 <= a < b < n_leaves for a, b in zip(pat, pat[1:])) and 0 <= pat[0]):
+            raise ValueError(f"absent-leaf pattern {pat!r} is not a strictly increasing list of leaf indices")
+    index = np.asarray(tensors["absent_index"])
+    if index.dtype != np.int32 or index.shape != (len(parties),) or (index < -1).any() or \
+            (index >= len(patterns)).any():
+        raise ValueError("absent_index does not give each party a pattern or -1")
+    return {p: tuple(patterns[i]) for p, i in zip(parties, index.tolist()) if i >= 0}
 
 
 def _store_from(tensors, meta, layout):

@@ -552,6 +552,10 @@ class JITScheduler:
         with :class:`SchedulerClosed` (nobody waits forever on them), and later submits raise it."""
         with self._lock:
             self._closed = True
+            self.waiting.clear()  # a slot freed below goes to nobody
+            for timer in self._retries.values():
+                timer.cancel()
+            self._retries.clear()
             for js in self.jobs.values():
                 for rnd in js.rounds.values():
                     if not rnd.future.done():
@@ -829,16 +833,18 @@ class JITScheduler:
                 self._plan(victim)  # it plans its redeployment now, not at its next arrival
         else:
             self._log("wait_slot", js, laxity=laxity, waiting=len(self.waiting), plan=inputs)
-            if self._urgent(js) and js.job.id not in self._retries:
-                # the idle deployments' laxities grow as their quorums fail to come: look again every quarter
-                # start-up while this round's latency runs (on cross_silo a 25M job waited 360 s for a slot that a
-                # search would have freed after 300 s)
-                self._retries[js.job.id] = self.clock.call_at(
-                    self.clock.now() + max(self.hysteresis_s, self.cost.startup_s / 4), self._retry_slot, js, js.open)
+        # still waiting with its quorum in (no victim, or the freed slot went to a job before it in the queue): the
+        # idle deployments' laxities grow as their quorums fail to come, so look again every quarter start-up while
+        # this round's latency runs (on cross_silo a 25M job waited 360 s for a slot that a search freed after 300 s)
+        if js.job.id in self.waiting and self._urgent(js) and js.job.id not in self._retries:
+            self._retries[js.job.id] = self.clock.call_at(
+                self.clock.now() + max(self.hysteresis_s, self.cost.startup_s / 4), self._retry_slot, js, js.open)
 
     def _retry_slot(self, js, rnd) -> None:
         with self._lock:
             self._retries.pop(js.job.id, None)
+            if self._closed:
+                return
             if js.open is rnd and js.job.id in self.waiting and self._urgent(js) and js.deployment is None:
                 self._searched.pop(js.job.id, None)
                 self._request_slot(js, laxity=min(0.0, self._laxity(js)), inputs={"retry": True})

@@ -399,23 +399,53 @@ def test_a_freed_slot_goes_first_to_a_job_whose_quorum_is_in():
     assert deployed[:2] == ["h", "u"]
 
 
-def test_a_waiting_quorum_looks_again_for_an_idle_deployment_to_take_back():
-    """A job whose quorum is in and finds no deployment it may take back (their laxities are too small) looks again
-    every quarter start-up: an idle deployment's laxity grows while its quorum fails to come, and the round should
-    not wait for that job's quorum (a 25M job waited 360 s that way on cross_silo)."""
+def _scripted():
+    """A policy whose idle "h..." jobs deploy at once and could be redeployed ``laxity[job]`` seconds from now (0
+    until a test raises it); the other jobs deploy at their quorum."""
     from scheduler.policies import Policy
 
     class Scripted(Policy):
         name = "scripted"
-        h_laxity = 0.0  # h's latest start, if redeployed, is this far ahead
+
+        def __init__(self):
+            self.laxity = {}
 
         def deploy_at(self, sched, js, rnd, *, redeploy=False):
             now = sched.clock.now()
-            if js.job.id == "h":
-                return (now + self.h_laxity if redeploy else now), {}
+            if js.job.id.startswith("h"):
+                return (now + self.laxity.get(js.job.id, 0.0) if redeploy else now), {}
             return (now, {}) if rnd.quorum_time is not None else (None, {})
 
-    pol = Scripted()
+    return Scripted()
+
+
+def test_close_stops_the_retries_and_hands_no_slot_out():
+    """close() while a job whose quorum is in waits for a slot: its retries stop (they re-armed for ever: a virtual
+    clock's run() never returned), and the slots freed by close go to nobody (a waiting job got one and folded and
+    finalized after close)."""
+    clk = VirtualClock()
+    cost = CostModel(backends={"cpu": BackendCost(1e9, 0.0)}, startup_s=8.0)
+    sched = JITScheduler(_scripted(), slots=1, clock=clk, cost=cost, hysteresis_s=0.5)
+    for j in ("u1", "u2", "h"):  # h's release comes last in close's loop: u1 and u2 were passed already
+        sched.add_job(Job(j, parties=["p0", "p1"], quorum=2, rounds=1, model_elems=1000, update_bytes=4000))
+    for j in ("u1", "u2"):
+        clk.call_at(5.0, sched.submit, j, 0, "p0", None, 1.0)
+        clk.call_at(5.0, sched.submit, j, 0, "p1", None, 1.0)
+    clk.run(until=6.0)
+    assert set(sched.waiting) == {"u1", "u2"} and sched._retries
+    sched.close()
+    n = len(sched.decisions)
+    clk.run()  # returns: nothing is left scheduled
+    assert not sched._retries and not sched.waiting
+    assert len(sched.decisions) == n and list(sched.decisions)[-1]["event"] == "release"  # close's own, last
+    assert all(js.deployment is None for js in sched.jobs.values())
+
+
+def test_a_waiting_quorum_looks_again_for_an_idle_deployment_to_take_back():
+    """A job whose quorum is in and finds no deployment it may take back (their laxities are too small) looks again
+    every quarter start-up: an idle deployment's laxity grows while its quorum fails to come, and the round should
+    not wait for that job's quorum (a 25M job waited 360 s that way on cross_silo)."""
+    pol = _scripted()
     clk = VirtualClock()
     cost = CostModel(backends={"cpu": BackendCost(1e9, 0.0)}, startup_s=8.0)  # retries every 2 s
     sched = JITScheduler(pol, slots=1, clock=clk, cost=cost, hysteresis_s=0.5)
@@ -423,9 +453,31 @@ def test_a_waiting_quorum_looks_again_for_an_idle_deployment_to_take_back():
         sched.add_job(Job(j, parties=["p0", "p1"], quorum=2, rounds=1, model_elems=1000, update_bytes=4000))
     clk.call_at(5.0, sched.submit, "u", 0, "p0", None, 1.0)
     clk.call_at(5.0, sched.submit, "u", 0, "p1", None, 1.0)
-    clk.call_at(6.0, setattr, pol, "h_laxity", 20.0)  # h's parties are late: it could now redeploy later
+    clk.call_at(6.0, pol.laxity.__setitem__, "h", 20.0)  # h's parties are late: it could now redeploy later
     clk.run(until=30.0)
     got = [(d["t"], d["event"], d["job"]) for d in sched.decisions if d["event"] in ("wait_slot", "preempt", "deploy")]
     assert got[:4] == [(0.0, "deploy", "h"), (5.0, "wait_slot", "u"), (7.0, "preempt", "h"), (7.0, "deploy", "u")]
     assert sched.result("u", 0).done() and sched.metrics()["u"]["latency_p50_s"] == pytest.approx(2.0 + 8.0, abs=0.01)
+    sched.close()
+
+
+def test_a_quorum_whose_search_freed_a_slot_for_another_job_keeps_looking():
+    """u1's search takes h1's slot back, but the slot goes to u2 (higher priority) first: u1 keeps looking, and
+    takes h2's slot once h2 can wait (it had no retry left and waited for u2's round to end)."""
+    pol = _scripted()
+    clk = VirtualClock()
+    cost = CostModel(backends={"cpu": BackendCost(1e9, 0.0)}, startup_s=8.0)  # retries every 2 s
+    sched = JITScheduler(pol, slots=2, clock=clk, cost=cost, hysteresis_s=0.5)
+    for j, prio in (("h1", 0), ("h2", 0), ("u1", 0), ("u2", 1)):
+        sched.add_job(Job(j, parties=["p0", "p1"], quorum=2, rounds=1, model_elems=1000, update_bytes=4000,
+                          priority=prio))
+    for j in ("u1", "u2"):
+        clk.call_at(5.0, sched.submit, j, 0, "p0", None, 1.0)
+        clk.call_at(5.0, sched.submit, j, 0, "p1", None, 1.0)
+    clk.call_at(6.0, pol.laxity.__setitem__, "h1", 20.0)
+    clk.call_at(8.0, pol.laxity.__setitem__, "h2", 20.0)
+    clk.run(until=40.0)
+    preempts = [(d["t"], d["job"], d["for_job"]) for d in sched.decisions if d["event"] == "preempt"]
+    assert preempts[0][1:] == ("h1", "u1") and preempts[1][1:] == ("h2", "u1") and preempts[1][0] <= 9.0
+    assert sched.result("u1", 0).done() and sched.metrics()["u1"]["latency_p50_s"] < 13.0
     sched.close()
