@@ -330,9 +330,9 @@ static void fold_binned_rows(double* hi, double* lo, const double* base, const i
             if (Base) x = x - vb[v];
             const bin_d4 t = vw * x;
             const bin_d4 nh = bh[v] + (bin_d4)((bin_i4)t | bin_one);
-            const bin_d4 r = t + (bh[v] - nh);  // t - q1
+            const bin_d4 rest = t + (bh[v] - nh);  // t - q1
             bh[v] = nh;
-            bl[v] = bl[v] + (bin_d4)((bin_i4)r | bin_one);
+            bl[v] = bl[v] + (bin_d4)((bin_i4)rest | bin_one);
           }
         }
 #pragma GCC unroll 4
