@@ -322,9 +322,8 @@ class Aggregator:
         groups, int_rows, _ = build_groups(self.layout, tab, [u.leaves for u in admitted], fold_w,
                                            device=on_device, plan=plan)
         deterministic = st.deterministic
-        if deterministic and st.count + len(admitted) > st.binned_capacity:
-            raise ValueOutOfRange(f"this deterministic state holds at most {st.binned_capacity} updates (its high "
-                                  f"part's sums stay exact up to there): {st.count} + {len(admitted)}")
+        if deterministic:
+            st.check_binned_room(len(admitted))
         # admission checked the raw weight against its own limit: the fold multiplies by the algorithm's weight
         bound = 2.0 ** st.bound_log2 if deterministic else admission.headroom(self.acc_dtype)
         for u, w in zip(admitted, fold_w):

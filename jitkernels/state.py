@@ -143,6 +143,12 @@ class FoldState:
             any(not leaf.is_float for leaf in self.layout.leaves)
         return BINNED_MAX_UPDATES_INT if sums_ints else BINNED_MAX_UPDATES
 
+    def check_binned_room(self, more: int) -> None:
+        """Deterministic mode: refuse ``more`` updates (a batch, a merged state) past :attr:`binned_capacity`."""
+        if self.count + more > self.binned_capacity:
+            raise ValueOutOfRange(f"this deterministic state holds at most {self.binned_capacity} updates (its high "
+                                  f"part's sums stay exact up to there): {self.count} + {more}")
+
     def exact_leaf_weights(self) -> np.ndarray:
         """Deterministic mode: each leaf's total weight, the exactly rounded sum (``math.fsum``) of the masses of the
         parties whose updates carried it (so any order, batching and merge tree gives the same divisor)."""
@@ -233,9 +239,8 @@ class FoldState:
         shared = self.parties.keys() & other.parties.keys()
         if shared:
             raise OverlappingParties(shared)
-        if self.deterministic and self.count + other.count > self.binned_capacity:
-            raise ValueOutOfRange(f"this deterministic state holds at most {self.binned_capacity} updates (its high "
-                                  f"part's sums stay exact up to there): {self.count} + {other.count}")
+        if self.deterministic:
+            self.check_binned_room(other.count)
 
     def merge(self, other: "FoldState") -> "FoldState":
         """A new state holding both aggregates: accumulators and weights add; parties are the union."""

@@ -25,14 +25,14 @@ def _updates(seed, shapes, k, dtype):
     return tmpl, ups, list(rng.uniform(0.5, 5000.0, k))
 
 
-def _run(tmpl, ups, ws, order, cuts, merge_order, backend, threads):
+def _run(tmpl, ups, ws, order, cuts, merge_order, backend, threads, partial=False):
     """Fold in `order`, as parts split at `cuts` (each part folded one-by-one or batched), merged in `merge_order`."""
     old = jk.set_num_threads(threads)
     try:
         parts = [order[i:j] for i, j in zip([0] + cuts, cuts + [len(order)])]
         states = []
         for n, part in enumerate(parts):
-            a = jk.Aggregator(tmpl, deterministic=True, backend=backend)
+            a = jk.Aggregator(tmpl, deterministic=True, partial=partial, backend=backend)
             if n % 2:
                 a.fold_many([ups[i] for i in part], [ws[i] for i in part], parties=list(part))
             else:
@@ -42,7 +42,7 @@ def _run(tmpl, ups, ws, order, cuts, merge_order, backend, threads):
         acc = states[merge_order[0]]
         for i in merge_order[1:]:
             acc = acc.merge(states[i])
-        return jk.Aggregator.from_state(acc, backend=backend).finalize()
+        return jk.Aggregator.from_state(acc, backend=backend, partial=partial).finalize()
     finally:
         jk.set_num_threads(old)
 
@@ -133,31 +133,12 @@ def test_partial_updates_bit_identical_under_any_order_tree_backend_and_threads(
     result is each leaf's weighted mean over its carriers."""
     tmpl, ups, ws = _partial_updates(seed, k)
 
-    def run(order, cuts, merge_order, backend, threads):
-        old = jk.set_num_threads(threads)
-        try:
-            parts = [order[i:j] for i, j in zip([0] + cuts, cuts + [len(order)])]
-            states = []
-            for n, part in enumerate(parts):
-                a = jk.Aggregator(tmpl, deterministic=True, partial=True, backend=backend)
-                if n % 2:
-                    a.fold_many([ups[i] for i in part], [ws[i] for i in part], parties=list(part))
-                else:
-                    for i in part:
-                        a.fold(ups[i], weight=ws[i], party=i)
-                states.append(a.state)
-            acc = states[merge_order[0]]
-            for i in merge_order[1:]:
-                acc = acc.merge(states[i])
-            return jk.Aggregator.from_state(acc, backend=backend, partial=True).finalize()
-        finally:
-            jk.set_num_threads(old)
-
-    want = run(list(range(k)), [], [0], "numpy", 1)
+    want = _run(tmpl, ups, ws, list(range(k)), [], [0], "numpy", 1, partial=True)
     order = data.draw(st.permutations(range(k)))
     cuts = sorted(data.draw(st.lists(st.integers(1, k - 1), max_size=3, unique=True)))
     merge_order = data.draw(st.permutations(range(len(cuts) + 1)))
-    got = run(order, cuts, merge_order, data.draw(st.sampled_from(CPU_BACKENDS)), data.draw(st.sampled_from([1, 2])))
+    got = _run(tmpl, ups, ws, order, cuts, merge_order, data.draw(st.sampled_from(CPU_BACKENDS)),
+               data.draw(st.sampled_from([1, 2])), partial=True)
     assert _bits(got) == _bits(want)
     for name in ("a", "b", "c"):
         carriers = [j for j in range(k) if name in ups[j]]

@@ -133,6 +133,20 @@ def test_fold_binned_bit_exact(backend, in_dtype, seed, shapes, k, with_base, ti
         assert got[0].tobytes() == want[0].tobytes() and got[1].tobytes() == want[1].tobytes()
 
 
+def _assert_folds_bit_exact(mod, g, start, base32, base64, bound_log2):
+    """``mod``'s fold (float32, from ``start``) and deterministic fold (from zeros) of group g equal the numpy
+    reference's bit for bit."""
+    want, got = start.copy(), start.copy()
+    numpy_ref.fold(want, base32, g)
+    mod.fold(got, base32, g)
+    assert got.tobytes() == want.tobytes()
+    n = start.size
+    want, got = (np.zeros(n), np.zeros(n)), (np.zeros(n), np.zeros(n))
+    numpy_ref.fold_binned(*want, base64, g, bound_log2)
+    mod.fold_binned(*got, base64, g, bound_log2)
+    assert got[0].tobytes() == want[0].tobytes() and got[1].tobytes() == want[1].tobytes()
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("in_dtype", INPUTS)
 @given(seed=seeds, k=st.sampled_from([3, 17, 40]), with_base=st.booleans())
@@ -156,14 +170,7 @@ def test_absent_leaves_bit_exact(backend, in_dtype, seed, k, with_base):
     start = rng.standard_normal(lay.size).astype(np.float32)
     for g in groups.values():
         assert g.mask is not None or k == 3  # some update lacks some leaf of the group
-        want, got = start.copy(), start.copy()
-        numpy_ref.fold(want, base32, g)
-        mod.fold(got, base32, g)
-        assert got.tobytes() == want.tobytes()
-        want, got = (np.zeros(lay.size), np.zeros(lay.size)), (np.zeros(lay.size), np.zeros(lay.size))
-        numpy_ref.fold_binned(*want, base, g, 24)
-        mod.fold_binned(*got, base, g, 24)
-        assert got[0].tobytes() == want[0].tobytes() and got[1].tobytes() == want[1].tobytes()
+        _assert_folds_bit_exact(mod, g, start, base32, base, 24)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -181,14 +188,7 @@ def test_many_updates_bit_exact_across_tiles_and_threads(backend, in_dtype, thre
     old = jk.set_num_threads(threads)
     try:
         for g in groups.values():
-            want, got = start.copy(), start.copy()
-            numpy_ref.fold(want, None, g)
-            mod.fold(got, None, g)
-            assert got.tobytes() == want.tobytes()
-            want, got = (np.zeros(lay.size), np.zeros(lay.size)), (np.zeros(lay.size), np.zeros(lay.size))
-            numpy_ref.fold_binned(*want, None, g, 30)
-            mod.fold_binned(*got, None, g, 30)
-            assert got[0].tobytes() == want[0].tobytes() and got[1].tobytes() == want[1].tobytes()
+            _assert_folds_bit_exact(mod, g, start, None, None, 30)
             # the stats pass walks the same tiles: per (leaf, update) one span, whatever the thread count
             got = mod.stats(None, g, "float32")
             jk.set_num_threads(1)
