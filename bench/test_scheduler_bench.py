@@ -13,16 +13,17 @@ from scheduler import BackendCost, CostModel, JITScheduler, Job
 from scheduler.simulator import Workload, simulate
 
 
-@pytest.mark.parametrize("durable, nice", [(False, 0), (True, 0), (True, 19)],
-                         ids=["memory", "state_dir", "state_dir_writer_nice19"])
-def test_submit_latency_while_folding(benchmark, tmp_path, durable, nice):
+@pytest.mark.parametrize("durable, nice, fold_nice", [(False, 0, 0), (True, 0, 0), (True, 19, 0), (True, 0, 19)],
+                         ids=["memory", "state_dir", "state_dir_writer_nice19", "state_dir_fold_nice19"])
+def test_submit_latency_while_folding(benchmark, tmp_path, durable, nice, fold_nice):
     """With a state directory every update is also written (and fsynced) by the writer thread: ``submit`` must not
-    wait for that (the acknowledgement's ``durable`` future does). ``writer_nice``: see JITScheduler."""
+    wait for that (the acknowledgement's ``durable`` future does). ``writer_nice``, ``fold_nice``: see JITScheduler."""
     rng = np.random.default_rng(0)
     big_t = np.zeros(8_000_000, np.float32)
     small_t = {f"l{i}": np.zeros(1000, np.float32) for i in range(10)}
     cost = CostModel(backends={"cpu": BackendCost(2e10, 5e-5)}, startup_s=0.0)
-    sched = JITScheduler("eager", slots=2, cost=cost, state_dir=tmp_path if durable else None, writer_nice=nice)
+    sched = JITScheduler("eager", slots=2, cost=cost, state_dir=tmp_path if durable else None, writer_nice=nice,
+                         fold_nice=fold_nice)
     big_parties = list(range(40))
     sched.add_job(Job("big", template=big_t, parties=big_parties, quorum=1.0, rounds=1))
     n_small = 2000

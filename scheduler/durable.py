@@ -34,7 +34,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -44,6 +43,8 @@ import jitkernels as jk
 from jitkernels.device import DeviceLeaf, to_host
 from jitkernels.dtypes import dtype_name
 from jitkernels.state import checked_writer, is_temp_file, read_checked
+
+from .executors import renice
 
 log = logging.getLogger("jitkernels.scheduler")
 
@@ -122,8 +123,8 @@ class StateDir:
         self.crash_hook = crash_hook
         self.dead = False
         self._lock = threading.RLock()
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="jitkernels-durable", initializer=_renice,
-                                          initargs=(writer_nice,))
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="jitkernels-durable", initializer=renice,
+                                          initargs=(writer_nice, "state directory writer"))
         self.orphans_removed = self._collect_orphans()
         self.fallbacks: list = []  # (manifest, reason) skipped at open
         self._states: dict = {}  # verified state files, loaded once
@@ -419,17 +420,6 @@ class StateDir:
         self._writer.shutdown(wait=not self.dead)
         if not self._lockf.closed:
             self._lockf.close()  # closing the descriptor releases the flock
-
-
-def _renice(nice: int) -> None:
-    """Nice value ``nice`` for the calling thread (JITScheduler's ``writer_nice``). Linux only: there the nice value
-    is per thread; elsewhere the call would change the whole process. A refusal is logged and leaves the thread as
-    it was."""
-    if nice and sys.platform.startswith("linux"):
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), int(nice))
-        except OSError as e:  # e.g. a negative value without the privilege
-            log.warning("state directory writer: nice %s refused (%s); it runs at the process's priority", nice, e)
 
 
 def _key(party):

@@ -14,13 +14,18 @@ folds through ``executor.fold_many(aggregator, items)``: in place by default, on
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import jitkernels as jk
 from jitkernels.device import DeviceLeaf, to_host
+
+log = logging.getLogger("jitkernels.scheduler")
 
 
 @dataclass
@@ -81,9 +86,10 @@ class MeasuredExecutor(_InPlace):
 
 
 class LocalExecutor(_InPlace):
-    def __init__(self, clock, slots: int, kernel_threads: int | None = None):
+    def __init__(self, clock, slots: int, kernel_threads: int | None = None, nice: int = 0):
         self.clock = clock
-        self.pool = ThreadPoolExecutor(max_workers=max(1, slots), thread_name_prefix="jitkernels-fold")
+        self.pool = ThreadPoolExecutor(max_workers=max(1, slots), thread_name_prefix="jitkernels-fold",
+                                       initializer=renice, initargs=(nice, "fold threads"))
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.kernel_threads = kernel_threads or max(1, cores // max(1, slots))
         self._old_threads = jk.set_num_threads(self.kernel_threads)
@@ -97,6 +103,18 @@ class LocalExecutor(_InPlace):
     def close(self):
         self.pool.shutdown(wait=True)
         jk.set_num_threads(self._old_threads)
+
+
+def renice(nice: int, what: str) -> None:
+    """Nice value ``nice`` for the calling thread, and for the OpenMP workers it starts later (Linux: nice values are
+    per thread and inherited by the threads a thread creates, and libgomp keeps a worker pool per thread that opens a
+    parallel region). Elsewhere the call would change the whole process, so it is skipped there. A refusal is logged
+    and leaves the thread as it was."""
+    if nice and sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), int(nice))
+        except OSError as e:  # e.g. a negative value without the privilege
+            log.warning("%s: nice %s refused (%s); they run at the process's priority", what, nice, e)
 
 
 def _task_cpus() -> int:

@@ -1,5 +1,7 @@
 """The scheduler on the real clock with the local executor: real updates in, real models out."""
 
+import os
+import sys
 import threading
 
 import numpy as np
@@ -62,3 +64,40 @@ def test_runtime_bad_update_raises_in_submit():
         np.testing.assert_array_equal(sched.result("a", 0).result(timeout=10), np.full(4, 2.0))
     finally:
         sched.close()
+
+
+def _thread_nices() -> dict:
+    """{thread id: nice value} of this process's threads (Linux /proc)."""
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                out[int(tid)] = int(f.read().rsplit(")", 1)[1].split()[16])
+        except FileNotFoundError:  # the thread ended meanwhile
+            pass
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the nice value is per thread on Linux only")
+def test_fold_nice_renices_the_fold_threads_and_their_kernel_threads():
+    """JITScheduler(fold_nice=n): the executor's fold threads, and the OpenMP workers they start (libgomp keeps a pool
+    per thread that opens a parallel region; new threads inherit their creator's nice value), run at nice n; the
+    caller's thread and the threads that existed before keep theirs."""
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    old = _thread_nices()
+    n = 2 * jk.batch.SMALL_CALL  # two kernel threads on a machine with two cores or more
+    sched = JITScheduler("eager", slots=1, fold_nice=7)
+    try:
+        sched.add_job(Job("a", template=np.zeros(n, np.float32), parties=["x"], quorum=1, rounds=1))
+        sched.submit("a", 0, "x", np.ones(n, np.float32), 1.0)
+        np.testing.assert_array_equal(sched.result("a", 0).result(timeout=60), np.ones(n, np.float32))
+        assert sched.executor.pool.submit(lambda: os.getpriority(os.PRIO_PROCESS, 0)).result(timeout=10) == 7
+        new = {t: v for t, v in _thread_nices().items() if t not in old}
+        niced = [t for t, v in new.items() if v == 7]
+        want = 2 if sched.executor.kernel_threads > 1 and jk._core.openmp else 1
+        assert len(niced) >= want, new
+    finally:
+        sched.close()
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before
+    now = _thread_nices()
+    assert all(now.get(t, v) == v for t, v in old.items())
