@@ -17,7 +17,7 @@ from . import algorithms as _algorithms
 from . import backends
 from .admission import Admitted, admit_many
 from .batch import build_groups, build_out_groups, plan_of, stack_entries
-from .device import DeviceLeaf, empty_leaf, place, to_host
+from .device import DeviceLeaf, array_module, empty_leaf, place, to_host
 from .dtypes import np_dtype
 from .backends import numpy_ref
 from .errors import DuplicateParty, EmptyAggregate, LayoutMismatch, NonFiniteUpdate, RoundClosed, ValueOutOfRange
@@ -125,7 +125,7 @@ class Aggregator:
             if self.partial or deterministic:
                 raise ValueError(f"{type(self.algorithm).__name__} buffers the round's updates: no partial updates "
                                  f"or deterministic mode")
-            store = self.algorithm.new_store(self.layout)  # in host memory, on every backend (see _buffer)
+            store = self.algorithm.new_store(self.layout, self.on_gpu)
         self.state = FoldState(self.layout, algorithm=params, acc_dtype=acc_dtype, base=flat_base,
                                on_device=self.on_gpu, opt=opt, scalars=self.algorithm.initial_scalars(), store=store)
 
@@ -371,9 +371,10 @@ class Aggregator:
         names = [leaf.name for leaf in self.layout.leaves]  # so that a refusal names the leaf
         try:
             for u in admitted:
-                # the slab is in host memory on every backend (its budget, spill file and CPU kernels are the
-                # host's): an update in GPU memory is copied to it once, here
-                store.add(dict(zip(names, [to_host(a) for a in u.leaves] if u.on_device else u.leaves)), u.party)
+                # a GPU aggregator's store is in GPU memory (unless it may spill to disk): device updates go in
+                # device to device; a host store takes a copy of them
+                leaves = [to_host(a) for a in u.leaves] if u.on_device and not store.on_device else u.leaves
+                store.add(dict(zip(names, leaves)), u.party)
         except BaseException:  # a value the store's dtype cannot hold, a leaf it cannot take: no row of the batch
             store.truncate(k0)
             raise
@@ -547,17 +548,23 @@ class Aggregator:
         """A robust rule over the store's rows, written leaf by leaf into the outputs (``delta``: less the base)."""
         st = self.state
         weights = np.array([st.parties[p] for p in st.store.parties], np.float64)
-        base = st.host_base()  # the rules run on the host slab (a GPU aggregator's results go back to the device)
-        # the rule's host kernels: this aggregator's backend where it names one (not JITKERNELS_BACKEND's default)
+        base = st.base if st.store.on_device else st.host_base()  # where the slab and its kernels are
+        # the rule's kernels: this aggregator's backend where it names a CPU one (not JITKERNELS_BACKEND's default);
+        # "auto" follows the slab (cupy for a device store)
         flat = self.algorithm.aggregate(st.store, weights, base=base,
                                         backend="auto" if self.backend == "cupy" else self.backend)
+        xp = array_module(flat)
         for i, leaf in enumerate(self.layout.leaves):
             v = flat[leaf.offset:leaf.offset + leaf.size]
             if delta:
                 v = v - base[leaf.offset:leaf.offset + leaf.size]
             if not leaf.is_float:
-                v = np.rint(v)
-            _write(outs[i], np.asarray(v).reshape(leaf.shape).astype(outs[i].dtype))
+                v = xp.rint(v)
+            o = outs[i]
+            if isinstance(o, DeviceLeaf) and xp is not np and o.dtype == v.dtype:  # device to device
+                o.array[...] = v.reshape(leaf.shape)
+            else:
+                _write(o, to_host(v).reshape(leaf.shape).astype(o.dtype))
         return out if out is not None else self.layout.unflatten(outs)
 
     def _add_noise(self, std, weights, leaf_ids) -> None:
@@ -619,7 +626,8 @@ class Aggregator:
                     old.store.clear()
                 return None
             self.state = old.next_round(base=None if base is None else flat_base,
-                                        store=None if old.store is None else self.algorithm.new_store(self.layout))
+                                        store=None if old.store is None else self.algorithm.new_store(self.layout,
+                                                                                                      self.on_gpu))
             return old
 
 

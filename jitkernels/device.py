@@ -29,6 +29,13 @@ def is_device_array(x) -> bool:
     return torch is not None and isinstance(x, torch.Tensor) and x.device.type == "cuda"
 
 
+def array_module(a):
+    """The array module of ``a``: CuPy for a CuPy array, else numpy (``cupy.get_array_module`` without importing
+    CuPy where no device array was ever made)."""
+    cp = _cupy()
+    return cp if cp is not None and isinstance(a, cp.ndarray) else np
+
+
 @dataclass(frozen=True, eq=False)
 class DeviceLeaf:
     """One leaf in GPU memory: ``array`` holds its bytes (C-contiguous; bf16 as uint16), ``dtype`` its dtype."""

@@ -16,7 +16,8 @@ two more rows time the same fold call on the GPU: "GPU time" (CUDA events around
 between them counts) and "kernel time" (events around the fold kernel's launch alone: what the copy probe, a bare
 kernel too, compares with). ``--fold-variants 1x2,4x2`` sweeps the fold kernel's tuning macros (U updates' loads in
 flight, E quads per thread; kernels.cu) by kernel time, to pick its defaults. Without a GPU, the CPU half runs and
-the report says so. ``python -m jitkernels.gpu_benchmark --json out.json --plot out.png``.
+the report says so. ``--robust`` compares the robust rules on a slab in GPU memory with the same slab on the host
+instead (:func:`robust_rows`). ``python -m jitkernels.gpu_benchmark --json out.json --plot out.png``.
 """
 
 from __future__ import annotations
@@ -253,13 +254,64 @@ def cpu_rows(n, dtype, host_updates, w, reps, bw, log=print) -> list:
     return rows
 
 
+def robust_rows(n, k=10, reps=5, bw=None, log=print) -> list:
+    """The robust rules over a round's k float32 updates in GPU memory: filling a
+    :class:`~jitkernels.robust_store.DeviceUpdateStore` from device updates (what a GPU aggregator's fold does), then
+    each rule on its slab (robust_coord's kernels; robust_gram on CuPy, the Gram on cuBLAS); and the same rules on
+    the same slab in host memory (C++ coordinate kernels, numpy's BLAS Gram: nothing to compile on a fresh machine).
+    Device rows as fractions of the d2d copy bandwidth, bytes = what the pass must read (k N 4; the store's fill
+    reads and writes them)."""
+    import cupy as cp
+
+    from . import robust_coord as rc
+    from . import robust_gram as rg
+    from .robust_store import DeviceUpdateStore
+
+    sync = cp.cuda.Device().synchronize
+    rng = cp.random.default_rng(0)
+    ups = [rng.standard_normal(n, dtype=cp.float32) for _ in range(k)]
+    store = DeviceUpdateStore(n, k)
+
+    def fill():
+        store.clear(release=False)
+        for j, u in enumerate(ups):
+            store.add(u, party=j)
+    fill()
+    host = np.stack([u.get() for u in ups])
+    f = max(0, (k - 3) // 4)  # Bulyan's k >= 4f + 3
+    rules = [("coordinate median", lambda x, b: rc.coordinate_median(x, backend=b[0])),
+             ("trimmed mean 0.2", lambda x, b: rc.trimmed_mean(x, 0.2, backend=b[0])),
+             ("Gram (float64, centered)", lambda x, b: rg.gram(x, backend=b[1])),
+             (f"Krum f={f} m={k - f}", lambda x, b: rg.krum(x, f, m=k - f, backend=b[1])),
+             (f"Bulyan f={f}", lambda x, b: rg.bulyan(x, f, backend=b[1])),
+             ("geometric median", lambda x, b: rg.geometric_median(x, backend=b[1]))]
+    rows = []
+
+    def add(where, method, secs, nbytes):
+        frac = nbytes / secs / 1e9 / bw["d2d_GBps"] if bw is not None and where == "device slab" else None
+        rows.append({"N": n, "dtype": "float32", "k": k, "placement": where, "method": method, "seconds": secs,
+                     "GBps": nbytes / secs / 1e9, "fraction_of_ceiling": frac})
+        log(f"  N={n:>11,} {where:11s} {method:26s} {secs * 1e3:9.2f} ms  {nbytes / secs / 1e9:7.1f} GB/s"
+            + ("" if frac is None else f"  {frac:.2f} of d2d"))
+    add("device slab", "store add (device updates)", _median_time(fill, reps, sync=sync), 2 * k * n * 4)
+    for name, rule in rules:
+        add("device slab", name + " (cupy)", _median_time(lambda: rule(store, ("cupy", "cupy")), reps, sync=sync),
+            k * n * 4)
+        add("host slab", name + " (cpp / numpy)", _median_time(lambda: rule(host, ("cpp", "numpy")), reps),
+            k * n * 4)
+    return rows
+
+
 def run(sizes=SIZES, dtypes=DTYPES, k=10, leaves=10, reps=5, log=print, placements=PLACEMENTS, variants=(),
-        on_case=None) -> dict:
+        on_case=None, robust=False) -> dict:
     """The report: probes and rows; ``on_case(report)`` after each (N, dtype), so a run cut short keeps its rows."""
     gpu = jk.available_backends()["cupy"]
     report = {"gpu": gpu is True, "threads": jk.get_num_threads(), "rows": []}
     if gpu is not True:
         log(f"no GPU ({gpu}): running the CPU half only")
+        if robust:  # the CPU backends' robust rules have their own benchmark
+            log("(the robust rules on the CPU: python -m jitkernels.algorithms_benchmark --robust)")
+            return report
         import torch
 
         for n in sizes:
@@ -277,6 +329,11 @@ def run(sizes=SIZES, dtypes=DTYPES, k=10, leaves=10, reps=5, log=print, placemen
     log(f"{report['device']}: d2d copy {bw['d2d_GBps']:.0f} GB/s, h2d pinned {bw['h2d_pinned_GBps']:.1f} GB/s, "
         f"h2d pageable {bw['h2d_pageable_GBps']:.1f} GB/s")
     for n in sizes:
+        if robust:  # the robust rules instead of the fold (float32 slabs)
+            report["rows"] += robust_rows(n, k, reps, bw, log)
+            if on_case is not None:
+                on_case(report)
+            continue
         for dtype in dtypes:
             report["rows"] += run_case(n, dtype, k=k, leaves=leaves, reps=reps, bw=bw, log=log,
                                        placements=placements, variants=variants)
@@ -336,6 +393,8 @@ def main(argv=None) -> int:
     p.add_argument("--placements", nargs="+", choices=PLACEMENTS, default=list(PLACEMENTS))
     p.add_argument("--fold-variants", type=lambda s: [tuple(int(x) for x in v.split("x")) for v in s.split(",")],
                    default=[], metavar="UxE,...", help="sweep the fold kernel's tuning macros (device updates)")
+    p.add_argument("--robust", action="store_true",
+                   help="the robust rules on a device slab against the host slab, instead of the fold")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--markdown", metavar="PATH")
     p.add_argument("--plot", metavar="PATH")
@@ -349,7 +408,7 @@ def main(argv=None) -> int:
             with open(a.markdown, "w") as f:
                 f.write(markdown(report))
     report = run(a.sizes, a.dtypes, a.k, a.leaves, a.reps, log=lambda s: print(s, flush=True),
-                 placements=a.placements, variants=a.fold_variants, on_case=save)
+                 placements=a.placements, variants=a.fold_variants, on_case=save, robust=a.robust)
     save(report)
     print(markdown(report))
     if a.plot:

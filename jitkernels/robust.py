@@ -38,12 +38,14 @@ class _Buffered(FedAvg):
         self.k_max, self.slab_dtype = int(k_max), str(slab_dtype)
         self.budget_bytes, self.over_budget, self.spill_dir = budget_bytes, over_budget, spill_dir
 
-    def new_store(self, layout):
-        from .robust_store import UpdateStore
+    def new_store(self, layout, on_device: bool = False):
+        """The round's store: in GPU memory for a GPU aggregator (``on_device``), unless it may spill to disk
+        (:func:`~jitkernels.robust_store.store_class`)."""
+        from .robust_store import store_class
 
-        return UpdateStore(layout.size, self.k_max, dtype=self.slab_dtype, budget_bytes=self.budget_bytes,
-                           over_budget=self.over_budget, spill_dir=self.spill_dir,
-                           shapes=[leaf.shape for leaf in layout.leaves])
+        return store_class(on_device, self.over_budget)(
+            layout.size, self.k_max, dtype=self.slab_dtype, budget_bytes=self.budget_bytes,
+            over_budget=self.over_budget, spill_dir=self.spill_dir, shapes=[leaf.shape for leaf in layout.leaves])
 
     def aggregate(self, store, weights: np.ndarray, base=None, backend: str = "auto") -> np.ndarray:
         """The rule over the store's k rows (``weights``: the parties' masses, in row order; ``base``: the flat

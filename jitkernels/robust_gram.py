@@ -30,9 +30,14 @@ Outputs are float32 for a float32 slab (float64 for float64), computed in float6
 :class:`RobustResult` whose ``coef`` says how much each party contributed (``aggregate = base + sum_i coef_i (x_i -
 base)``), which is what an FL server logs to explain a round.
 
-Backends: ``"numpy"`` (BLAS ``dsyrk`` over float64 tiles: the specification) and ``"numba"`` (one fused,
-cache-blocked kernel); ``backend=None`` honors ``JITKERNELS_BACKEND``, else numba when importable, else numpy. A
-backend named explicitly always runs or raises :class:`~jitkernels.errors.BackendUnavailable`.
+Backends: ``"numpy"`` (BLAS ``dsyrk`` over float64 tiles: the specification), ``"numba"`` (one fused,
+cache-blocked kernel) and ``"cupy"`` (the numpy path's operations on a slab in GPU memory, in tiles of ~256 MB of
+float64: cuBLAS ``dgemm`` for the Gram; :class:`~jitkernels.robust_store.DeviceUpdateStore`, CuPy arrays, torch
+CUDA tensors). ``backend=None`` honors ``JITKERNELS_BACKEND``, else: cupy for a slab in GPU memory, numba when
+importable, numpy. A slab stays where it is (a host slab with "cupy", or a device slab with a CPU backend, raises
+TypeError), and a backend named explicitly always runs or raises :class:`~jitkernels.errors.BackendUnavailable`.
+The k-space steps (scores, selections, iterations) run on the host whatever the backend: k x k numbers. Results
+are where the slab is.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import backends as _backends
+from .device import array_module, device_leaf, is_device_array, to_host
 from .errors import (BackendUnavailable, DuplicateParty, EmptyAggregate, InvalidWeight, NonFiniteUpdate,
                      TooFewUpdates, ValueOutOfRange)
 from .threads import get_num_threads
@@ -56,8 +62,9 @@ if numba is not None:
 
     from .robust_coord import _apply_network  # the coordinate kernels' comparator loop over buffer rows
 
-BACKENDS = ("numpy", "numba")
+BACKENDS = ("numpy", "numba", "cupy")
 BLOCK = 1 << 16  # columns per tile (numba: per parallel work item); see gram()
+DEVICE_TILE = 1 << 25  # values per float64 tile on the GPU (256 MB): few, large cuBLAS calls
 PILOT = 4096  # columns sampled to choose the automatic reference row
 REDO_RATIO = 1e6  # automatic reference: second pass when its median distance exceeds the best row's by this factor
 SMALL_CALL = 1 << 17  # values (k * N) below which kernels run on one thread
@@ -99,11 +106,13 @@ class RobustResult(NamedTuple):
 
 # --- inputs ---------------------------------------------------------------------------------------------------------
 def _slab(X, party_ids=None):
-    """(rows [k, N] as stored (never copied), parties tuple or None)."""
+    """(rows [k, N] as stored (never copied; a CuPy view of a slab in GPU memory), parties tuple or None)."""
     if hasattr(X, "rows") and hasattr(X, "parties") and not isinstance(X, np.ndarray):  # an UpdateStore
         rows = X.rows()
         if party_ids is None:
             party_ids = X.parties
+    elif is_device_array(X):
+        rows = device_leaf(X).array
     else:
         rows = np.asarray(X)
     if rows.ndim != 2:
@@ -153,24 +162,32 @@ def _count(f, name="f") -> int:
 
 def available_backends() -> dict:
     """``{name: True or the reason it cannot run here}`` for the Gram kernels."""
-    return {"numpy": True, "numba": True if numba is not None else _numba_reason}
+    from .backends import cupy_backend
+
+    return {"numpy": True, "numba": True if numba is not None else _numba_reason, "cupy": cupy_backend.available()}
 
 
 def gram_backend(backend: str) -> str:
     """The Gram kernels' backend for an aggregator's: the same where they have it (numpy, numba), else auto (the C++
-    backend has no Gram kernels; a GPU aggregator's slab is in host memory)."""
-    return backend if backend in BACKENDS else "auto"
+    backend has no Gram kernels; "auto" also follows the slab: cupy for a GPU aggregator's device store, the CPU
+    for a host one)."""
+    return backend if backend in ("numpy", "numba") else "auto"
 
 
-def _pick(backend) -> str:
+def _pick(backend, rows) -> str:
+    """The backend for ``backend`` and a slab: auto is cupy for a slab in GPU memory, else numba, else numpy."""
     name = _backends.requested(backend)
+    on_device = not isinstance(rows, np.ndarray)
     if name == "auto":
-        return "numba" if numba is not None else "numpy"
+        name = "cupy" if on_device else "numba" if numba is not None else "numpy"
     if name not in BACKENDS:
         raise BackendUnavailable(f"backend {name!r} has no Gram kernels (they run on {', '.join(BACKENDS)})")
     ok = available_backends()[name]
     if ok is not True:
         raise BackendUnavailable(f"backend {name!r} unavailable: {ok}")
+    if on_device != (name == "cupy"):
+        hint = "use backend='cupy'" if on_device else "upload it (cupy.asarray) first"
+        raise TypeError(f"the slab is in {'GPU' if on_device else 'host'} memory but the backend is {name!r}: {hint}")
     return name
 
 
@@ -216,7 +233,7 @@ def gram(X, *, center=True, block: int | None = None, party_ids=None, backend: s
     (plus N itemsize for a center vector), nothing written but the k x k result.
     """
     rows, parties = _slab(X, party_ids)
-    be = _pick(backend)
+    be = _pick(backend, rows)
     block = int(block or BLOCK)
     if block < 1:
         raise ValueError(f"block must be >= 1 columns, got {block}")
@@ -233,11 +250,9 @@ def gram(X, *, center=True, block: int | None = None, party_ids=None, backend: s
         if not 0 <= ref < k:
             raise ValueError(f"center row {ref} is not in [0, {k})")
     else:
-        refvec = np.asarray(center)
+        refvec = _vector(center, rows)
         if refvec.shape != (n,) or refvec.dtype not in (np.float32, np.float64):
             raise ValueError(f"center must be True, False, a row index or a float32/float64 vector of shape ({n},)")
-        if not refvec.flags.c_contiguous:
-            refvec = np.ascontiguousarray(refvec)
         ref, mode = "vector", MODE_VECTOR
     G, sq, _ = _run_gram(be, rows, mode, ref if mode == MODE_ROW else 0, refvec, block, False)
     _check_finite(rows, parties, sq, G)
@@ -252,6 +267,12 @@ def gram(X, *, center=True, block: int | None = None, party_ids=None, backend: s
 
 
 _build_gram = gram  # the rules' ``gram=`` argument shadows the function's name inside them
+
+
+def _vector(v, rows):
+    """A contiguous [N] vector (a center, a base) where the slab is: uploaded or downloaded once if it is not."""
+    xp = array_module(rows)
+    return xp.ascontiguousarray(xp.asarray(v) if xp is not np else to_host(v))
 
 
 def sq_distances(G: np.ndarray) -> np.ndarray:
@@ -279,7 +300,7 @@ def _pilot_reference(rows) -> int:
     if k <= 2 or n == 0:
         return 0
     cols = np.unique(np.linspace(0, n - 1, min(n, PILOT)).astype(np.int64))
-    S = rows[:, cols].astype(np.float64)
+    S = to_host(rows[:, array_module(rows).asarray(cols)]).astype(np.float64)
     srt = np.sort(S, axis=0)  # the coordinate-wise median (np.median along axis 0 is ~6x slower here)
     S -= 0.5 * srt[(k - 1) // 2] + 0.5 * srt[k // 2]
     with np.errstate(over="ignore", invalid="ignore"):
@@ -292,8 +313,9 @@ def _pilot_reference(rows) -> int:
 def _check_finite(rows, parties, sq, G) -> None:
     """NaN/inf in the slab shows in the sums of squares; a finite row whose squares overflow float64 in G."""
     bad = np.flatnonzero(~np.isfinite(sq))
+    xp = array_module(rows)
     for i in bad:
-        cnt = int(np.count_nonzero(~np.isfinite(rows[i])))  # error path only: one more read of that row
+        cnt = int(xp.count_nonzero(~xp.isfinite(rows[i])))  # error path only: one more read of that row
         if cnt:
             raise NonFiniteUpdate(_party(parties, i), "<slab row>", cnt)
         raise ValueOutOfRange(f"party {_party(parties, i)!r}: the squared norm of its update overflows float64")
@@ -303,10 +325,10 @@ def _check_finite(rows, parties, sq, G) -> None:
 
 
 def _run_gram(be, rows, mode, refrow, refvec, block, diag_only):
-    """(G [k, k] symmetric, uncentered sqnorms [k], centered sqnorms [k]); G is None when diag_only."""
+    """(G [k, k] symmetric, uncentered sqnorms [k], centered sqnorms [k]); G is None when diag_only. Host arrays."""
     if be == "numba":
         return _gram_numba(rows, mode, refrow, refvec, block, diag_only)
-    return _gram_numpy(rows, mode, refrow, refvec, block, diag_only)
+    return _gram_xp(rows, mode, refrow, refvec, _tile_columns(be, rows.shape[0], block), diag_only)
 
 
 # --- weighted sums over the slab ------------------------------------------------------------------------------------
@@ -315,17 +337,20 @@ def combine(X, coef, *, rows_idx=None, base=None, backend: str | None = None) ->
     slab's dtype. ``rows_idx``: the rows read (default all; Multi-Krum reads only its m). Bytes moved:
     len(rows_idx) N itemsize read (+ N itemsize for base), N itemsize written."""
     rows, _ = _slab(X)
-    be = _pick(backend)
+    be = _pick(backend, rows)
     idx = np.arange(rows.shape[0], dtype=np.int64) if rows_idx is None else np.asarray(rows_idx, dtype=np.int64)
     c = np.asarray(coef, dtype=np.float64)
     if c.shape != idx.shape:
         raise ValueError(f"{c.shape[0]} coefficients for {idx.shape[0]} rows")
     if base is not None:
-        base = np.ascontiguousarray(base)
+        base = _vector(base, rows)
         if base.shape != (rows.shape[1],):
             raise ValueError(f"base must have shape ({rows.shape[1]},)")
-    out = np.empty(rows.shape[1], rows.dtype)
-    (_combine_numba if be == "numba" else _combine_numpy)(rows, idx, c, base, out)
+    out = array_module(rows).empty(rows.shape[1], rows.dtype)
+    if be == "numba":
+        _combine_numba(rows, idx, c, base, out)
+    else:
+        _combine_xp(rows, idx, c, base, out, _tile_columns(be, len(idx), BLOCK))
     return out
 
 
@@ -471,12 +496,15 @@ def bulyan(X, f: int, *, party_ids=None, gram: Gram | None = None, backend: str 
         raise TooFewUpdates("Bulyan", k, f, 4 * f + 3)
     theta = k - 2 * f
     beta = theta - 2 * f
-    be = _pick(backend)
+    be = _pick(backend, rows)
     g = gram if gram is not None else _build_gram(rows, party_ids=parties, backend=be)
     picks = bulyan_select(g.distances(), f, theta, np.diag(g.G))
-    out = np.empty(rows.shape[1], rows.dtype)
+    out = array_module(rows).empty(rows.shape[1], rows.dtype)
     idx = np.sort(picks)  # the coordinate step depends only on the set: read the rows in memory order
-    (_bulyan_numba if be == "numba" else _bulyan_numpy)(rows, idx, beta, out)
+    if be == "numba":
+        _bulyan_numba(rows, idx, beta, out)
+    else:
+        _bulyan_xp(rows, idx, beta, out, _tile_columns(be, theta, 1 << 14))
     info = {"theta": theta, "beta": beta, "passes": (g.passes if gram is None else 0) + theta / k,
             "gram_reference": g.reference}
     return RobustResult(out, picks, _names(parties, picks), None, info)
@@ -674,13 +702,13 @@ def centered_clipping(X, tau: float, center=None, *, iters: int = 1, weights=Non
     iters = _count(iters, "iters")
     if iters < 1:
         raise ValueError("iters must be >= 1")
-    be = _pick(backend)
+    be = _pick(backend, rows)
     omega = _weights(weights, k, parties)
     omega = omega / omega.sum()
     if center is None:
         mode, v0 = MODE_NONE, None
     else:
-        v0 = np.ascontiguousarray(center)
+        v0 = _vector(center, rows)
         if v0.shape != (n,) or v0.dtype not in (np.float32, np.float64):
             raise ValueError(f"center must be a float32/float64 vector of shape ({n},)")
         mode = MODE_VECTOR
@@ -719,44 +747,70 @@ def _clip_factor(norms, M) -> np.ndarray:
 
 
 # --- numpy backend: the specification -------------------------------------------------------------------------------
-def _gram_numpy(rows, mode, refrow, refvec, block, diag_only):
+# --- numpy and CuPy: the same array operations on a host or a device slab --------------------------------------------
+def _tile_columns(be: str, rows: int, block: int) -> int:
+    """Columns per tile: ``block`` on the host (cache-sized); on the GPU, DEVICE_TILE values' worth of float64."""
+    return max(block, DEVICE_TILE // max(rows, 1)) if be == "cupy" else block
+
+
+def _gram_xp(rows, mode, refrow, refvec, block, diag_only):
+    xp = array_module(rows)
     k, n = rows.shape
-    G = None if diag_only else np.zeros((k, k))
-    sq = np.zeros(k)
-    csq = np.zeros(k)
+    G = None if diag_only else xp.zeros((k, k))
+    sq = xp.zeros(k)
+    csq = xp.zeros(k)
     for c0 in range(0, n, block):
         T = rows[:, c0:c0 + block].astype(np.float64)
-        sq += np.einsum("ij,ij->i", T, T)
+        sq += xp.einsum("ij,ij->i", T, T)
         if mode == MODE_ROW:
             T -= T[refrow].copy()
         elif mode == MODE_VECTOR:
             T -= refvec[c0:c0 + block]
         if diag_only:
-            csq += np.einsum("ij,ij->i", T, T)
+            csq += xp.einsum("ij,ij->i", T, T)
         else:
-            G += T @ T.T  # dsyrk (numpy detects A @ A.T)
+            G += T @ T.T  # dsyrk (numpy detects A @ A.T); cuBLAS dgemm
+    sq, csq = to_host(sq), to_host(csq)
     if not diag_only:
+        G = to_host(G)
         G = np.tril(G) + np.tril(G, -1).T  # exactly symmetric
         csq = np.diag(G).copy()
     return G, sq, csq
 
 
-def _combine_numpy(rows, idx, coef, base, out):
-    n = rows.shape[1]
-    for c0 in range(0, n, BLOCK):
-        T = rows[idx, c0:c0 + BLOCK].astype(np.float64)
+def _combine_xp(rows, idx, coef, base, out, block):
+    xp = array_module(rows)
+    idx, coef = xp.asarray(idx), xp.asarray(coef)
+    for c0 in range(0, rows.shape[1], block):
+        T = rows[idx, c0:c0 + block].astype(np.float64)
         if base is not None:
-            b = base[c0:c0 + BLOCK].astype(np.float64)
-            out[c0:c0 + BLOCK] = b + coef @ (T - b)
+            b = base[c0:c0 + block].astype(np.float64)
+            out[c0:c0 + block] = (b + coef @ (T - b)).astype(out.dtype)
         else:
-            out[c0:c0 + BLOCK] = coef @ T
+            out[c0:c0 + block] = (coef @ T).astype(out.dtype)
 
 
-def _bulyan_numpy(rows, idx, beta, out):
-    n = rows.shape[1]
-    step = 1 << 14
-    for c0 in range(0, n, step):
-        out[c0:c0 + step] = bulyan_coordinate(rows[idx, c0:c0 + step], beta)
+def _bulyan_xp(rows, idx, beta, out, block):
+    """:func:`bulyan_coordinate` by whole-tile array operations: sort each coordinate's theta values, then drop
+    theta - beta values from the ends of the sorted window, each time the one farther from the median (the larger
+    on a tie: ties go to the smaller value), which leaves the beta values the specification keeps; their mean."""
+    xp = array_module(rows)
+    idx = xp.asarray(idx)
+    theta = int(idx.shape[0])
+    lower, upper = (theta - 1) // 2, theta // 2
+    for c0 in range(0, rows.shape[1], block):
+        V = xp.sort(rows[idx, c0:c0 + block].astype(np.float64), axis=0)
+        m = (V[lower] + V[upper]) / 2 if lower != upper else V[upper]  # as np.median
+        lo = xp.zeros(V.shape[1], np.int64)
+        hi = xp.full(V.shape[1], theta - 1, np.int64)  # the window is V[lo..hi]
+        for _ in range(theta - beta):
+            far_hi = xp.abs(xp.take_along_axis(V, hi[None], 0)[0] - m) >= \
+                xp.abs(xp.take_along_axis(V, lo[None], 0)[0] - m)
+            hi = xp.where(far_hi, hi - 1, hi)
+            lo = xp.where(far_hi, lo, lo + 1)
+        r = xp.arange(theta)[:, None]
+        kept = (r >= lo) & (r <= hi)
+        out[c0:c0 + block] = (xp.where(kept, V, 0.0).sum(axis=0) / beta).astype(out.dtype)
 
 
 # --- numba backend --------------------------------------------------------------------------------------------------

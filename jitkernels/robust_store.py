@@ -51,6 +51,7 @@ import weakref
 
 import numpy as np
 
+from .device import DeviceLeaf, array_module, device_leaf, is_device_array, to_host
 from .dtypes import dtype_name, is_torch_tensor, torch_to_numpy
 from .errors import (AggregationError, CorruptState, DuplicateParty, IncompatibleStates, LayoutMismatch,
                      NonFiniteUpdate, ValueOutOfRange)
@@ -61,6 +62,7 @@ VERSION = 1
 SLAB_DTYPES = ("float32", "float16", "bfloat16")
 INPUT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 CHUNK = 1 << 18  # elements converted and checked per step (1 MB of float32): cache-sized temporaries
+DEVICE_CHUNK = 1 << 24  # the same on the GPU: each chunk's check waits for the device, so fewer, larger ones
 _STORAGE = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16)}
 _FINITE_MAX = {"float32": float(np.finfo(np.float32).max), "float16": float(np.finfo(np.float16).max),
                "bfloat16": 3.3895313892515355e38}
@@ -123,50 +125,57 @@ def _f64_to_f32_odd(x: np.ndarray) -> np.ndarray:
     return f
 
 
-def _convert_into(dst: np.ndarray, src: np.ndarray, src_name: str, slab: str) -> None:
-    """dst (slab storage) <- src (one chunk of a leaf), converted with round-to-nearest-even."""
-    if src_name == "bfloat16":  # ml_dtypes bfloat16: take its bits, widen exactly
-        bits = src.view(np.uint16)
+def _convert_into(dst, src, src_name: str, slab: str) -> None:
+    """dst (slab storage) <- src (one chunk of a leaf), converted with round-to-nearest-even. numpy or CuPy arrays
+    (the same operations either way); a host chunk into a device slab is uploaded first."""
+    if src_name == "bfloat16":  # ml_dtypes bfloat16 (or its bits): take the bits, widen exactly
+        src = src.view(np.uint16)
+    xp = array_module(dst)
+    if xp is not np:
+        src = xp.asarray(src)
+    if src_name == "bfloat16":
         if slab == "bfloat16":
-            dst[...] = bits
+            dst[...] = src
             return
-        src, src_name = (bits.astype(np.uint32) << 16).view(np.float32), "float32"
+        src, src_name = (src.astype(np.uint32) << 16).view(np.float32), "float32"
     if slab == "bfloat16":
         if src.dtype.kind in "iu":  # integers: exact in float64 up to 2**53, then rounded once (via round-to-odd)
             f = _f64_to_f32_odd(src.astype(np.float64))
         elif src_name == "float64":
             f = _f64_to_f32_odd(src)
         else:
-            f = np.asarray(src, np.float32)  # float16 -> float32 is exact
+            f = src.astype(np.float32, copy=False)  # float16 -> float32 is exact
         dst[...] = _f32_to_bf16_bits(f)
     else:
         with np.errstate(over="ignore"):
-            dst[...] = src
+            dst[...] = src.astype(dst.dtype, copy=False)
 
 
-def _bad_count(x: np.ndarray, slab: str) -> int:
-    """Non-finite values in a chunk of slab storage."""
+def _bad_count(x, slab: str) -> int:
+    """Non-finite values in a chunk of slab storage (numpy or CuPy)."""
+    xp = array_module(x)
     if slab == "bfloat16":
-        return int(np.count_nonzero((x & np.uint16(0x7F80)) == np.uint16(0x7F80)))
-    return int(x.size - np.count_nonzero(np.isfinite(x)))
+        return int(xp.count_nonzero((x & np.uint16(0x7F80)) == np.uint16(0x7F80)))
+    return int(x.size - xp.count_nonzero(xp.isfinite(x)))
 
 
-def _nonfinite_in(leaf: np.ndarray, name: str) -> int:
+def _nonfinite_in(leaf, name: str) -> int:
     """Non-finite values in one input leaf (chunked: no leaf-sized temporary)."""
+    xp = array_module(leaf)
     n = 0
     for a in range(0, leaf.size, CHUNK):
         c = leaf[a:a + CHUNK]
         if name == "bfloat16":
-            n += int(np.count_nonzero((c.view(np.uint16) & np.uint16(0x7F80)) == np.uint16(0x7F80)))
+            n += int(xp.count_nonzero((c.view(np.uint16) & np.uint16(0x7F80)) == np.uint16(0x7F80)))
         else:
-            n += int(c.size - np.count_nonzero(np.isfinite(c)))
+            n += int(c.size - xp.count_nonzero(xp.isfinite(c)))
     return n
 
 
-def _check_values(leaves, party, slab: str) -> None:
+def _check_values(leaves, party, slab: str, xp=np) -> None:
     """Raise NonFiniteUpdate / ValueOutOfRange if a leaf, converted to the slab dtype, holds non-finite values
-    (converted through a chunk-sized temporary; nothing is written)."""
-    tmp = np.empty(CHUNK, _STORAGE[slab])
+    (converted through a chunk-sized temporary, in ``xp``'s memory; nothing is written)."""
+    tmp = xp.empty(CHUNK, _STORAGE[slab])
     for name, flat, dn, _ in leaves:
         over = 0
         for a in range(0, flat.size, CHUNK):
@@ -195,6 +204,9 @@ class UpdateStore:
 
     Not thread-safe: admit from one thread (or under a lock); the kernels may then read :meth:`rows` from any thread.
     """
+
+    on_device = False
+    chunk = CHUNK
 
     def __init__(self, n: int, k_max: int, *, dtype: str = "float32", budget_bytes: int | None = None,
                  over_budget: str = "refuse", spill_dir=None, shapes=None):
@@ -237,6 +249,13 @@ class UpdateStore:
     def _allocate(self):
         self._slab = _anonymous(self.k_max * self.row_bytes).view(_STORAGE[self.dtype]).reshape(self.k_max, self.n)
         self.closed = False
+
+    def _reserve(self, k: int) -> None:
+        """Room for k rows in the slab: the host slab has all k_max from the start (committed as written)."""
+
+    def _stored(self, rows):
+        """Rows given to :meth:`_append` (host or device) as this slab's assignments take them."""
+        return to_host(rows)
 
     def _spill(self):
         """Move the slab into a sparse file of k_max rows in spill_dir; the memory is released."""
@@ -301,7 +320,7 @@ class UpdateStore:
 
     def unflatten(self, flat: np.ndarray) -> list:
         """Split a flat [N] array (an aggregate) into the layout's leaves (views)."""
-        flat = np.asarray(flat)
+        flat = flat if hasattr(flat, "reshape") else np.asarray(flat)
         if flat.shape != (self.n,):
             raise ValueError(f"expected a flat array of {self.n} values, got shape {flat.shape}")
         if self.shapes is None:
@@ -314,7 +333,7 @@ class UpdateStore:
         return out
 
     def __repr__(self):
-        where = f"spilled to {self.spill_path}" if self.spilled else "in memory"
+        where = f"spilled to {self.spill_path}" if self.spilled else "in GPU memory" if self.on_device else "in memory"
         return f"UpdateStore({self.k}/{self.k_max} rows of {self.dtype}[{self.n}], {where})"
 
     # --- admission -------------------------------------------------------------------------------------------------
@@ -328,10 +347,7 @@ class UpdateStore:
             items = [("0", update)]
         leaves = []
         for name, a in items:
-            if is_torch_tensor(a):
-                a = torch_to_numpy(a)
-            a = np.asarray(a)
-            dn = dtype_name(a.dtype)
+            a, dn = self._array(a)
             if dn not in INPUT_DTYPES and a.dtype.kind not in "iu":
                 raise LayoutMismatch(f"dtype {dn} is neither a float dtype ({', '.join(INPUT_DTYPES)}) nor an "
                                      f"integer one", leaf=name, party=party)
@@ -348,6 +364,17 @@ class UpdateStore:
             raise LayoutMismatch(f"the update holds {total} values; the store's rows hold {self.n}", party=party)
         # (name, flat view, dtype name, shape); reshape copies only a non-contiguous leaf
         return [(name, a.reshape(-1), dn, a.shape) for name, a, dn in leaves]
+
+    def _array(self, a) -> tuple:
+        """(array, dtype name) of one leaf as add reads it: a host array (torch CPU tensors viewed as numpy); a leaf
+        in GPU memory is refused by name, the caller copies it (a GPU aggregator keeps a DeviceUpdateStore)."""
+        if isinstance(a, DeviceLeaf) or is_device_array(a):
+            raise TypeError("a leaf in GPU memory for a host update store: copy it to the host, or keep the updates "
+                            "in a DeviceUpdateStore")
+        if is_torch_tensor(a):
+            a = torch_to_numpy(a)
+        a = np.asarray(a)
+        return a, dtype_name(a.dtype)
 
     def check_room(self, k: int, party=None) -> None:
         """Raise what adding rows up to k in all would raise for room: StoreFull past k_max, BudgetExceeded past the
@@ -383,16 +410,17 @@ class UpdateStore:
         if self.budget_bytes is not None and not self.spilled and (k + 1) * self.row_bytes > self.budget_bytes:
             _check_values(leaves, party, self.dtype)  # a dry run: a rejected update must not move the slab
             self._spill()
+        self._reserve(k + 1)
         row = self._slab[k]
         off = 0
         for name, flat, dn, _ in leaves:
-            for a in range(0, flat.size, CHUNK):
-                src = flat[a:a + CHUNK]
+            for a in range(0, flat.size, self.chunk):
+                src = flat[a:a + self.chunk]
                 dst = row[off + a:off + a + src.size]
                 _convert_into(dst, src, dn, self.dtype)
                 if _bad_count(dst, self.dtype):
                     row[:off + a + src.size] = 0  # the row was all zeros: restore it
-                    _check_values([(name, flat, dn, None)], party, self.dtype)
+                    _check_values([(name, flat, dn, None)], party, self.dtype, array_module(row))
                     raise AssertionError("unreachable: a bad chunk must fail the check")  # pragma: no cover
             off += flat.size
         self._parties.append(party)
@@ -426,7 +454,7 @@ class UpdateStore:
 
     def close(self) -> None:
         """Release the slab (and remove the spill file). The store is empty afterwards."""
-        self._slab = np.zeros((0, self.n), _STORAGE[self.dtype])
+        self._slab = array_module(self._slab).zeros((0, self.n), _STORAGE[self.dtype])
         self._parties, self._index = [], {}
         self.closed = True
         if self._finalizer is not None:
@@ -446,7 +474,7 @@ class UpdateStore:
         """A store holding ``rows`` ([k, N] as stored: float32, float16, or uint16 / bfloat16 for bfloat16) for
         ``parties`` (k ids, row order). ValueError / TypeError if they are inconsistent or hold non-finite values;
         BudgetExceeded where the rows pass a refusing budget. The rows are copied in, one at a time."""
-        rows = np.asarray(rows)
+        rows = rows if is_device_array(rows) else np.asarray(rows)
         if dtype == "bfloat16" and rows.dtype != np.uint16:
             rows = rows.view(np.uint16)  # ml_dtypes bfloat16
         parties = [_check_party(p) for p in parties]
@@ -472,16 +500,25 @@ class UpdateStore:
         k = len(self._parties)
         if parties:
             self._make_room(k + len(parties), parties[-1])
+            self._reserve(k + len(parties))
         for r, p in enumerate(parties):
-            self._slab[k + r] = rows[r]
+            self._slab[k + r] = self._stored(rows[r])
         self._parties.extend(parties)
         self._index.update({p: k + r for r, p in enumerate(parties)})
 
     def copy(self) -> "UpdateStore":
         """An independent store with the same rows, parties and configuration (a spilled store spills again)."""
-        return UpdateStore.from_rows(self.rows(), **self.describe(), shapes=self.shapes,
-                                     budget_bytes=self.budget_bytes, over_budget=self.over_budget,
-                                     spill_dir=self.spill_dir)
+        return self._copy_as(type(self))
+
+    def placed(self, on_device: bool) -> "UpdateStore":
+        """This store where an aggregator in GPU memory (``on_device``) or in host memory keeps it
+        (:func:`store_class`): itself when it is there already, else a copy of the other kind."""
+        kind = store_class(on_device, self.over_budget)
+        return self if type(self) is kind else self._copy_as(kind)
+
+    def _copy_as(self, kind) -> "UpdateStore":
+        return kind.from_rows(self.rows(), **self.describe(), shapes=self.shapes, budget_bytes=self.budget_bytes,
+                              over_budget=self.over_budget, spill_dir=self.spill_dir)
 
     def extend(self, other: "UpdateStore") -> None:
         """Append another store's rows and parties (merging two partial states): all or nothing. Raises
@@ -503,7 +540,7 @@ class UpdateStore:
         }
 
     def _file(self) -> tuple:
-        return {"rows": np.ascontiguousarray(self.rows())}, self._metadata()
+        return {"rows": np.ascontiguousarray(to_host(self.rows()))}, self._metadata()
 
     def to_bytes(self) -> bytes:
         return checked_bytes(*self._file())
@@ -534,6 +571,83 @@ class UpdateStore:
                 spill_dir=json.loads(meta["spill_dir"]) if spill_dir is cls._UNSET else spill_dir)
         except (KeyError, ValueError, TypeError) as e:
             raise CorruptState(f"{path}: inconsistent update store ({e})") from e
+
+
+class DeviceUpdateStore(UpdateStore):
+    """An :class:`UpdateStore` whose slab is in GPU memory (CuPy): a GPU aggregator's robust rules read it there
+    (the coordinate kernels of :mod:`jitkernels.robust_coord` and the Gram rules of :mod:`jitkernels.robust_gram`,
+    both on CuPy), and its updates, already on the GPU, are copied into it device to device; host updates are
+    uploaded chunk by chunk. Admission, errors, budget and files are the host store's. Two differences:
+
+    * GPU memory is not committed as it is written, so the slab grows: its capacity doubles (the rows copied on the
+      device) up to k_max rows, and never past the rows the budget allows.
+    * Over its budget it refuses (:class:`BudgetExceeded`): there is no file to spill to. A GPU aggregator whose
+      rule says ``over_budget="spill"`` keeps a host store instead (:func:`store_class`).
+
+    :meth:`rows` is a CuPy array; :meth:`save` and :meth:`to_bytes` copy the rows to the host.
+    """
+
+    on_device = True
+    chunk = DEVICE_CHUNK
+    FIRST_ROWS = 8
+
+    @property
+    def xp(self):
+        import cupy
+
+        return cupy
+
+    def __init__(self, n: int, k_max: int, *, dtype: str = "float32", budget_bytes: int | None = None,
+                 over_budget: str = "refuse", spill_dir=None, shapes=None):
+        if over_budget != "refuse":
+            raise ValueError("a store in GPU memory refuses updates over its budget (over_budget='refuse'); one "
+                             "that spills to disk lives in host memory (UpdateStore)")
+        super().__init__(n, k_max, dtype=dtype, budget_bytes=budget_bytes, shapes=shapes)
+
+    def _allocate(self):
+        self._slab = self.xp.zeros((0, self.n), _STORAGE[self.dtype])
+        self.closed = False
+
+    def _reserve(self, k: int) -> None:
+        cap = self._slab.shape[0]
+        if k <= cap:
+            return
+        limit = self.k_max
+        if self.budget_bytes is not None and self.row_bytes:
+            limit = max(k, min(limit, self.budget_bytes // self.row_bytes))
+        grown = self.xp.zeros((min(limit, max(k, 2 * cap, self.FIRST_ROWS)), self.n), _STORAGE[self.dtype])
+        grown[:cap] = self._slab  # rows past k are zeros in both
+        self._slab = grown
+
+    def _stored(self, rows):
+        return self.xp.asarray(rows)
+
+    def _array(self, a) -> tuple:
+        """A leaf in GPU memory (CuPy, torch CUDA, DeviceLeaf) as its CuPy view, read in place; a host leaf as
+        the host store reads it (uploaded chunk by chunk as it is converted)."""
+        if isinstance(a, DeviceLeaf) or is_device_array(a):
+            leaf = a if isinstance(a, DeviceLeaf) else device_leaf(a)
+            return leaf.array, dtype_name(leaf.dtype)
+        return super()._array(a)
+
+    def rows(self):
+        """The [k, N] CuPy view of the filled rows, as stored (uint16 bits for bfloat16). No copy."""
+        return self._slab[:self.k]
+
+    def row(self, i: int) -> np.ndarray:
+        """Row i widened to float32, in host memory (a copy; exact)."""
+        from .robust_coord import CODES, widen
+
+        if not 0 <= i < self.k:
+            raise IndexError(f"row {i} of {self.k}")
+        return widen(to_host(self._slab[i]), CODES[self.dtype])
+
+
+def store_class(on_device: bool, over_budget: str):
+    """The store an aggregator keeps a round's updates in: in GPU memory for a GPU aggregator (its updates are
+    there, and so are the rules' kernels), unless the rule may spill to disk (``over_budget="spill"``), which only
+    a host store does."""
+    return DeviceUpdateStore if on_device and over_budget != "spill" else UpdateStore
 
 
 def _remove(path: str) -> None:

@@ -111,6 +111,8 @@ class FoldState:
             if self.opt is not None:
                 self.opt = {k: place(a, on_device) for k, a in self.opt.items()}
             self.__dict__.pop("_host_base", None)
+            if self.store is not None:  # a GPU aggregator keeps its rows in GPU memory (robust_store.store_class)
+                self.store = self.store.placed(on_device)
         return self
 
     def host_base(self):
@@ -286,7 +288,7 @@ class FoldState:
         for k, a in (self.opt or {}).items():
             t[f"opt_{k}"] = to_host(a)
         if self.store is not None:
-            t["store_rows"] = np.ascontiguousarray(self.store.rows())
+            t["store_rows"] = np.ascontiguousarray(to_host(self.store.rows()))
         if self.absent:  # per party, in the parties record's order: its pattern in absent_patterns, or -1
             index = {pat: i for i, pat in enumerate(self._absent_patterns())}
             t["absent_index"] = np.array([index.get(self.absent.get(p), -1) for p in self.parties], np.int32)

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 import jitkernels as jk
 from jitkernels import robust_coord as rc
-from jitkernels.robust_store import CHUNK, BudgetExceeded, StoreFull, UpdateStore
+from jitkernels.robust_store import CHUNK, BudgetExceeded, DeviceUpdateStore, StoreFull, UpdateStore, store_class
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
@@ -457,7 +457,17 @@ def _layers(rng, j=0):
 
 
 def _snapshot(store: UpdateStore):
-    return (store.k, store.parties, store.shapes, store.spilled, store._slab.tobytes())
+    """What a rejected add must leave as it was: rows, parties, layout, where the slab lives, and zeros past row k
+    (a device store's capacity may have grown: that is not in its state)."""
+    return (store.k, store.parties, store.shapes, store.spilled, store.rows().tobytes(), store._slab[store.k:].any())
+
+
+class HostShimDeviceStore(DeviceUpdateStore):
+    """DeviceUpdateStore's own logic (growth within k_max and the budget, admission, rejection, whole-store moves)
+    run on numpy arrays, as tests/gpu_shim.py runs the GPU backend's orchestration: test_gpu.py runs the real one."""
+
+    xp = np
+    chunk = CHUNK  # the device's chunks are 64x larger: with the host's, a rejection falls in a later chunk
 
 
 def test_store_rows_and_layout():
@@ -492,9 +502,10 @@ def test_clear_starts_a_new_round(tmp_path, release):
     ("length", jk.LayoutMismatch), ("dtype", jk.LayoutMismatch), ("shape", jk.LayoutMismatch),
     ("duplicate", jk.DuplicateParty), ("budget", BudgetExceeded),
 ])
-def test_rejected_add_names_the_party_and_leaves_the_store_bit_identical(bad, err):
+@pytest.mark.parametrize("kind", [UpdateStore, HostShimDeviceStore])
+def test_rejected_add_names_the_party_and_leaves_the_store_bit_identical(bad, err, kind):
     n = 2 * CHUNK + 5  # the non-finite value sits in the third chunk: two chunks were written, then undone
-    s = UpdateStore(n, 4, dtype="float16" if bad == "f16_overflow" else "float32", budget_bytes=2 * n * 4)
+    s = kind(n, 4, dtype="float16" if bad == "f16_overflow" else "float32", budget_bytes=2 * n * 4)
     good = [np.ones((2, CHUNK), np.float32), np.ones(5, np.float64)]
     s.add(good, party="ok")
     before = _snapshot(s)
@@ -521,6 +532,64 @@ def test_rejected_add_names_the_party_and_leaves_the_store_bit_identical(bad, er
     if bad in ("nan_late", "f16_overflow", "length", "dtype"):
         assert "'1'" in str(e.value)  # the leaf
     assert _snapshot(s) == before
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_device_store_grows_within_k_max_and_its_budget(dtype):
+    """A store in GPU memory has no lazy commit: its slab starts empty and doubles (at least FIRST_ROWS), never past
+    k_max rows nor the rows its budget allows; rows and errors are the host store's."""
+    rng = np.random.default_rng(2)
+    n = 17
+    ups = [_layers(rng, j) for j in range(20)]
+    host = UpdateStore(n, 20, dtype=dtype)
+    dev = HostShimDeviceStore(n, 20, dtype=dtype)
+    tight = HostShimDeviceStore(n, 20, dtype=dtype, budget_bytes=11 * n * host.itemsize)
+    assert dev._slab.shape[0] == 0
+    caps = []
+    for j, u in enumerate(ups):
+        host.add(u, party=j)
+        dev.add(u, party=j)
+        caps.append(dev._slab.shape[0])
+        assert np.array_equal(dev.rows(), host.rows()) and not dev._slab[dev.k:].any()
+        if j < 11:
+            tight.add(u, party=j)
+            assert tight._slab.shape[0] <= 11
+        else:
+            with pytest.raises(BudgetExceeded, match=repr(j)):
+                tight.add(u, party=j)
+    assert sorted(set(caps)) == [8, 16, 20]
+    assert np.array_equal(dev.row(3), host.row(3)) and dev.shapes == host.shapes
+
+
+def test_device_store_moves_whole(tmp_path):
+    """clear, truncate, extend from a host store, copy, save and load keep the rows; which kind of store an
+    aggregator keeps follows store_class."""
+    rng = np.random.default_rng(4)
+    ups = [_layers(rng, j) for j in range(6)]
+    host = UpdateStore(17, 8)
+    dev = HostShimDeviceStore(17, 8)
+    for j in range(3):
+        host.add(ups[j], party=f"h{j}")
+        dev.add(ups[j + 3], party=f"d{j}")
+    dev.extend(host)
+    assert dev.parties == ("d0", "d1", "d2", "h0", "h1", "h2")
+    both = np.concatenate([np.asarray(dev.rows()[:3]), host.rows()])
+    assert np.array_equal(dev.rows(), both)
+    assert np.array_equal(dev.copy().rows(), both) and type(dev.copy()) is HostShimDeviceStore
+    dev.save(tmp_path / "s.jks")
+    back = HostShimDeviceStore.load(tmp_path / "s.jks")
+    assert back.parties == dev.parties and np.array_equal(back.rows(), both)
+    assert np.array_equal(UpdateStore.load(tmp_path / "s.jks").rows(), both)  # the same file, either kind
+    dev.truncate(4)
+    assert dev.parties == ("d0", "d1", "d2", "h0") and np.array_equal(dev.rows(), both[:4])
+    assert not dev._slab[4:].any()
+    for release in (False, True):
+        dev.clear(release=release)
+        assert len(dev) == 0 and not dev._slab.any()
+    with pytest.raises(ValueError, match="refuses"):
+        HostShimDeviceStore(17, 8, budget_bytes=100, over_budget="spill", spill_dir=tmp_path)
+    assert store_class(True, "refuse") is DeviceUpdateStore
+    assert store_class(True, "spill") is UpdateStore and store_class(False, "refuse") is UpdateStore
 
 
 def test_store_spills_to_a_file_past_its_budget(tmp_path):
