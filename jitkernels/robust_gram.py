@@ -65,6 +65,7 @@ if numba is not None:
 BACKENDS = ("numpy", "numba", "cupy")
 BLOCK = 1 << 16  # columns per tile (numba: per parallel work item); see gram()
 DEVICE_TILE = 1 << 25  # values per float64 tile on the GPU (256 MB): few, large cuBLAS calls
+DEVICE_PART = 1 << 13  # columns per part of a GPU tile's products (see _sumsq)
 PILOT = 4096  # columns sampled to choose the automatic reference row
 REDO_RATIO = 1e6  # automatic reference: second pass when its median distance exceeds the best row's by this factor
 SMALL_CALL = 1 << 17  # values (k * N) below which kernels run on one thread
@@ -753,23 +754,50 @@ def _tile_columns(be: str, rows: int, block: int) -> int:
     return max(block, DEVICE_TILE // max(rows, 1)) if be == "cupy" else block
 
 
+def _parts(T, part: int) -> tuple:
+    """A [k, w] tile as (its first m columns cut in [m / part, k, part] parts, the rest [k, w - m]); no parts for
+    ``part`` 0. A k x w times w x k product with w in the millions is one thread block's work per k x k output
+    on a GPU (cuBLAS splits the rows and columns of the output, not the long dimension): in parts it runs as
+    m / part batched products, then a sum. The host's BLAS splits any way it likes: there the tile stays whole."""
+    k, w = T.shape
+    m = w // part * part if part else 0
+    head = array_module(T).ascontiguousarray(T[:, :m].reshape(k, m // part, part).transpose(1, 0, 2)) if m else None
+    return head, T[:, m:]
+
+
+def _sumsq(T, part: int):
+    """Per row of a float64 tile, the sum of its squares."""
+    xp = array_module(T)
+    head, rest = _parts(T, part)
+    out = xp.einsum("ij,ij->i", rest, rest)
+    return out if head is None else out + (head * head).sum(axis=2).sum(axis=0)
+
+
+def _syrk(T, part: int):
+    """T @ T.T of a float64 tile (dsyrk: numpy detects A @ A.T; cuBLAS batched dgemm over the parts)."""
+    head, rest = _parts(T, part)
+    out = rest @ rest.T
+    return out if head is None else out + (head @ head.transpose(0, 2, 1)).sum(axis=0)
+
+
 def _gram_xp(rows, mode, refrow, refvec, block, diag_only):
     xp = array_module(rows)
+    part = DEVICE_PART if xp is not np else 0
     k, n = rows.shape
     G = None if diag_only else xp.zeros((k, k))
     sq = xp.zeros(k)
     csq = xp.zeros(k)
     for c0 in range(0, n, block):
         T = rows[:, c0:c0 + block].astype(np.float64)
-        sq += xp.einsum("ij,ij->i", T, T)
+        sq += _sumsq(T, part)
         if mode == MODE_ROW:
             T -= T[refrow].copy()
         elif mode == MODE_VECTOR:
             T -= refvec[c0:c0 + block]
         if diag_only:
-            csq += xp.einsum("ij,ij->i", T, T)
+            csq += _sumsq(T, part)
         else:
-            G += T @ T.T  # dsyrk (numpy detects A @ A.T); cuBLAS dgemm
+            G += _syrk(T, part)
     sq, csq = to_host(sq), to_host(csq)
     if not diag_only:
         G = to_host(G)
@@ -799,18 +827,18 @@ def _bulyan_xp(rows, idx, beta, out, block):
     theta = int(idx.shape[0])
     lower, upper = (theta - 1) // 2, theta // 2
     for c0 in range(0, rows.shape[1], block):
-        V = xp.sort(rows[idx, c0:c0 + block].astype(np.float64), axis=0)
-        m = (V[lower] + V[upper]) / 2 if lower != upper else V[upper]  # as np.median
-        lo = xp.zeros(V.shape[1], np.int64)
-        hi = xp.full(V.shape[1], theta - 1, np.int64)  # the window is V[lo..hi]
+        # [T, theta]: each coordinate's values contiguous, sorted along the last axis (the fast one on both)
+        V = xp.sort(xp.ascontiguousarray(rows[idx, c0:c0 + block].T).astype(np.float64), axis=1)
+        m = (V[:, lower] + V[:, upper]) / 2 if lower != upper else V[:, upper]  # as np.median
+        lo = xp.zeros((V.shape[0], 1), np.int64)
+        hi = xp.full((V.shape[0], 1), theta - 1, np.int64)  # the window is V[:, lo..hi]
         for _ in range(theta - beta):
-            far_hi = xp.abs(xp.take_along_axis(V, hi[None], 0)[0] - m) >= \
-                xp.abs(xp.take_along_axis(V, lo[None], 0)[0] - m)
-            hi = xp.where(far_hi, hi - 1, hi)
-            lo = xp.where(far_hi, lo, lo + 1)
-        r = xp.arange(theta)[:, None]
+            far_hi = xp.abs(xp.take_along_axis(V, hi, 1)[:, 0] - m) >= xp.abs(xp.take_along_axis(V, lo, 1)[:, 0] - m)
+            hi = xp.where(far_hi[:, None], hi - 1, hi)
+            lo = xp.where(far_hi[:, None], lo, lo + 1)
+        r = xp.arange(theta)[None, :]
         kept = (r >= lo) & (r <= hi)
-        out[c0:c0 + block] = (xp.where(kept, V, 0.0).sum(axis=0) / beta).astype(out.dtype)
+        out[c0:c0 + block] = (xp.where(kept, V, 0.0).sum(axis=1) / beta).astype(out.dtype)
 
 
 # --- numba backend --------------------------------------------------------------------------------------------------

@@ -531,3 +531,13 @@ def test_update_store_like_input():
     X = np.vstack([X[:4], X[6:], X[4:6]])  # the attacker in row 4
     r = rg.krum(Store(X), 1, m=6)
     assert "evil" not in r.parties and len(r.parties) == 6
+
+
+def test_gram_products_in_parts_equal_the_whole_tile():
+    """On a GPU a tile's products run in column parts (batched GEMMs, then a sum: cuBLAS would give a k x k output
+    one thread block); the same code on numpy gives the whole tile's, also with a remainder short of a part."""
+    rng = np.random.default_rng(7)
+    T = rng.standard_normal((5, 1000))
+    for part in (0, 1, 7, 64, 1000, 2000):
+        np.testing.assert_allclose(rg._syrk(T, part), T @ T.T, rtol=1e-12)
+        np.testing.assert_allclose(rg._sumsq(T, part), (T * T).sum(axis=1), rtol=1e-12)
