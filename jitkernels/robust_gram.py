@@ -505,7 +505,7 @@ def bulyan(X, f: int, *, party_ids=None, gram: Gram | None = None, backend: str 
     if be == "numba":
         _bulyan_numba(rows, idx, beta, out)
     else:
-        _bulyan_xp(rows, idx, beta, out, _tile_columns(be, theta, 1 << 14))
+        (_bulyan_cupy if be == "cupy" else _bulyan_xp)(rows, idx, beta, out, _tile_columns(be, theta, 1 << 14))
     info = {"theta": theta, "beta": beta, "passes": (g.passes if gram is None else 0) + theta / k,
             "gram_reference": g.reference}
     return RobustResult(out, picks, _names(parties, picks), None, info)
@@ -819,26 +819,37 @@ def _combine_xp(rows, idx, coef, base, out, block):
 
 
 def _bulyan_xp(rows, idx, beta, out, block):
-    """:func:`bulyan_coordinate` by whole-tile array operations: sort each coordinate's theta values, then drop
-    theta - beta values from the ends of the sorted window, each time the one farther from the median (the larger
-    on a tie: ties go to the smaller value), which leaves the beta values the specification keeps; their mean."""
+    """The coordinate step by whole-tile array operations, with ``_bulyan_nb``'s math (and so its bits): each
+    coordinate's theta values sorted along the fast axis, the median m (0.5 a + 0.5 b for even theta), the start
+    of the beta-window closest to m counted as the number of s with v[s + beta] - m < m - v[s] (monotone in s; a
+    tie keeps the smaller values), the window summed in ascending order from +0.0, the other ranks adding 0.0."""
     xp = array_module(rows)
     idx = xp.asarray(idx)
     theta = int(idx.shape[0])
     lower, upper = (theta - 1) // 2, theta // 2
     for c0 in range(0, rows.shape[1], block):
-        # [T, theta]: each coordinate's values contiguous, sorted along the last axis (the fast one on both)
-        V = xp.sort(xp.ascontiguousarray(rows[idx, c0:c0 + block].T).astype(np.float64), axis=1)
-        m = (V[:, lower] + V[:, upper]) / 2 if lower != upper else V[:, upper]  # as np.median
-        lo = xp.zeros((V.shape[0], 1), np.int64)
-        hi = xp.full((V.shape[0], 1), theta - 1, np.int64)  # the window is V[:, lo..hi]
-        for _ in range(theta - beta):
-            far_hi = xp.abs(xp.take_along_axis(V, hi, 1)[:, 0] - m) >= xp.abs(xp.take_along_axis(V, lo, 1)[:, 0] - m)
-            hi = xp.where(far_hi[:, None], hi - 1, hi)
-            lo = xp.where(far_hi[:, None], lo, lo + 1)
-        r = xp.arange(theta)[None, :]
-        kept = (r >= lo) & (r <= hi)
-        out[c0:c0 + block] = (xp.where(kept, V, 0.0).sum(axis=1) / beta).astype(out.dtype)
+        V = xp.sort(xp.ascontiguousarray(rows[idx, c0:c0 + block].T).astype(np.float64), axis=1)  # [T, theta]
+        m = V[:, upper] if lower == upper else 0.5 * V[:, lower] + 0.5 * V[:, upper]
+        start = ((V[:, beta:] - m[:, None]) < (m[:, None] - V[:, :theta - beta])).sum(axis=1)
+        acc = xp.zeros(V.shape[0])
+        for j in range(theta):  # in rank order, as the kernels add
+            acc += xp.where((start <= j) & (j < start + beta), V[:, j], 0.0)
+        out[c0:c0 + block] = (acc / beta).astype(out.dtype)
+
+
+def _bulyan_cupy(rows, idx, beta, out, block):
+    """On the GPU: the selected rows gathered tile by tile into a contiguous [theta, T] block, then the generated
+    per-theta kernel (cuda_source.robust_kernel, mode 2: one thread per coordinate, the values in registers, the
+    same math as _bulyan_nb). float32 slabs and theta <= BULYAN_MAX_K; others take the array path."""
+    from .backends import cuda_source, cupy_backend
+    from .robust_coord import CODES
+
+    theta = len(idx)
+    if rows.dtype != np.float32 or theta > cuda_source.BULYAN_MAX_K:
+        return _bulyan_xp(rows, idx, beta, out, block)
+    sel = array_module(rows).asarray(idx)
+    for c0 in range(0, rows.shape[1], block):
+        cupy_backend.robust_coord(rows[sel, c0:c0 + block], CODES["float32"], 2, beta, 0, out[c0:c0 + block])
 
 
 # --- numba backend --------------------------------------------------------------------------------------------------

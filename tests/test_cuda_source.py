@@ -62,7 +62,8 @@ def test_the_source_is_self_contained_for_nvrtc():
     assert set(cuda_source.kernel_names()) and len(set(cuda_source.kernel_names())) == len(cuda_source.kernel_names())
 
 
-ROBUST_CASES = [(10, 1, 0), (50, 1, 1), (50, 3, 0), (cuda_source.ROBUST_MAX_K, 2, 1)]
+ROBUST_CASES = [(10, 1, 0), (50, 1, 1), (50, 3, 0), (cuda_source.ROBUST_MAX_K, 2, 1), (9, 1, 2),
+                (cuda_source.BULYAN_MAX_K, 3, 2)]  # (k, code, mode: 0 median, 1 trimmed mean, 2 Bulyan)
 
 
 def _robust_sources():

@@ -541,3 +541,52 @@ def test_gram_products_in_parts_equal_the_whole_tile():
     for part in (0, 1, 7, 64, 1000, 2000):
         np.testing.assert_allclose(rg._syrk(T, part), T @ T.T, rtol=1e-12)
         np.testing.assert_allclose(rg._sumsq(T, part), (T * T).sum(axis=1), rtol=1e-12)
+
+
+def _coordinate_cases():
+    """(rows float32 [k, n], selected row indices, beta): random, tied, huge and signed-zero coordinates, odd and
+    even theta, beta from 1 to theta."""
+    rng = np.random.default_rng(8)
+    for k, theta in ((5, 5), (9, 4), (12, 7), (20, 16)):
+        X = rng.standard_normal((k, 301)).astype(np.float32)
+        X[:, ::5] = np.round(X[:, ::5])  # ties in value and in distance to the median
+        X[:, 1::7] = 0.0
+        X[::2, 1::7] = -0.0
+        X[0, 2::11] = 3e38  # huge values
+        X[1, 2::11] = -3e38
+        idx = np.sort(rng.choice(k, theta, replace=False))
+        for beta in sorted({1, 2, theta // 2, theta - 1, theta} - {0}):
+            yield X, idx, beta
+
+
+def test_bulyan_coordinate_step_is_the_same_on_every_path():
+    """Bulyan's coordinate step: the array path (numpy here, CuPy on a GPU) gives numba's kernel's bits, and the
+    values of the specification bulyan_coordinate (which sums in distance order)."""
+    for X, idx, beta in _coordinate_cases():
+        xp_out = np.empty(X.shape[1], np.float32)
+        rg._bulyan_xp(X, idx, beta, xp_out, 64)  # several tiles, the last one ragged
+        spec = rg.bulyan_coordinate(X[idx], beta)
+        np.testing.assert_allclose(xp_out, spec.astype(np.float32), rtol=1e-6, atol=1e-30)
+        if "numba" in BACKENDS:
+            nb = np.empty(X.shape[1], np.float32)
+            rg._bulyan_numba(X, idx, beta, nb)
+            assert nb.tobytes() == xp_out.tobytes(), (len(idx), beta)
+
+
+def test_bulyan_gpu_kernel_in_the_host_emulation():
+    """The GPU's Bulyan step (the generated per-theta kernel, robust_kernel mode 2, run by the backend's launch code
+    on the CPU shim): the array path's bits, tile by tile."""
+    import shutil
+
+    if shutil.which("g++") is None:
+        pytest.skip("the host emulation needs g++")
+    import gpu_shim
+    from jitkernels.backends import cupy_backend
+
+    for X, idx, beta in _coordinate_cases():
+        want = np.empty(X.shape[1], np.float32)
+        rg._bulyan_xp(X, idx, beta, want, 1 << 14)
+        got = np.empty(X.shape[1], np.float32)
+        with cupy_backend.use_runtime(gpu_shim.HostRuntime(len(idx))):
+            rg._bulyan_cupy(X, idx, beta, got, 100)
+        assert got.tobytes() == want.tobytes(), (len(idx), beta)

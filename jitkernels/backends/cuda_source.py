@@ -81,25 +81,33 @@ def kernel_names() -> tuple:
 ROBUST_MAX_K = 128
 """Largest k of the generated robust kernels: the k values of a coordinate live in one thread's registers (255 per
 thread), and the unrolled network grows as k log^2 k."""
+BULYAN_MAX_K = 64
+"""Largest theta of the generated Bulyan kernel (mode 2): its full sort and float64 window spilled at 128 (sm_80)."""
 
 
 def robust_kernel(k: int, code: int, mode: int, lo: int = 0, hi: int = 0) -> tuple:
     """(name, CUDA source) of the coordinate-wise robust kernel for k rows of input code ``code``
-    (jitkernels.robust_coord.CODES): the median (mode 0) or the trimmed mean of ranks [lo, hi) (mode 1). Generated per
-    k, as numba's register kernels are, from the same network (robust_coord.network, depth-first); the math per
-    coordinate is jk_math.h's (order2, median_mid; the trimmed mean sums in float64 in ascending rank order, from
-    +0.0). One thread per coordinate, ``extern "C"`` (no name lowering):
+    (jitkernels.robust_coord.CODES): the median (mode 0), the trimmed mean of ranks [lo, hi) (mode 1), or Bulyan's
+    coordinate step keeping beta = ``lo`` values (mode 2). Generated per k, as numba's register kernels are, from the
+    same network (robust_coord.network, depth-first); the math per coordinate is jk_math.h's (order2, median_mid;
+    the trimmed mean sums in float64 in ascending rank order, from +0.0) and, for Bulyan, numba's ``_bulyan_nb``
+    (robust_gram): in float64, the median m (0.5 a + 0.5 b for even k), the start of the beta-window closest to m
+    counted as the number of s with v[s + beta] - m < m - v[s], the window summed in ascending order from +0.0 with
+    the other ranks adding 0.0, divided by beta. One thread per coordinate, ``extern "C"`` (no name lowering):
     ``name(const In* x, long long ld, long long n, float* out)``, row j of the slab at ``x + j*ld``. Reads
     k*itemsize(In) bytes and writes 4 per coordinate; the loads of a row are coalesced across the warp. The source
     needs jk_math.h before it (NVRTC: :func:`header_source` ("jk_math.h"); nvcc and the host emulation include it)."""
     from ..robust_coord import F16, F32, median_ranks, network
 
-    if not 1 <= k <= ROBUST_MAX_K:
-        raise ValueError(f"the GPU robust kernels take 1 <= k <= {ROBUST_MAX_K} updates, got {k}")
+    top = BULYAN_MAX_K if mode == 2 else ROBUST_MAX_K
+    if not 1 <= k <= top:
+        raise ValueError(f"the GPU robust kernels take 1 <= k <= {top} updates here, got {k}")
     r1, r2 = median_ranks(k)
-    ci, cj, _ = network(k, r1, r2 + 1, True) if mode == 0 else network(k, lo, hi, True)
+    ci, cj, _ = network(k, r1, r2 + 1, True) if mode == 0 else network(k, lo, hi, True) if mode == 1 else \
+        network(k, 0, k, True)
     ctype = "float" if code == F32 else "jk::f16" if code == F16 else "jk::bf16"
-    name = f"jk_rc_{'med' if mode == 0 else f'trim{lo}_{hi}'}_k{k}_{ctype.replace('jk::', '')}"
+    what = "med" if mode == 0 else f"trim{lo}_{hi}" if mode == 1 else f"bulyan{lo}"
+    name = f"jk_rc_{what}_k{k}_{ctype.replace('jk::', '')}"
     body = [f'extern "C" __global__ void {name}(const {ctype}* __restrict__ x, long long ld, long long n,',
             "                                  float* __restrict__ out) {",
             "  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;",
@@ -108,10 +116,21 @@ def robust_kernel(k: int, code: int, mode: int, lo: int = 0, hi: int = 0) -> tup
     body += [f"  jk::order2(v{a}, v{b});" for a, b in zip(ci.tolist(), cj.tolist())]
     if mode == 0:
         body.append(f"  out[i] = jk::median_mid(v{r1}, v{r2});")
-    else:
+    elif mode == 1:
         body.append("  double s = 0.0;")
         body += [f"  s = s + (double)v{j};" for j in range(lo, hi)]
         body.append(f"  out[i] = (float)(s / {float(hi - lo)!r});")
+    else:
+        beta = lo
+        if not 1 <= beta <= k:
+            raise ValueError(f"Bulyan keeps 1 <= beta <= k values, got beta={beta} of k={k}")
+        body.append(f"  const double m = (double)v{r1};" if r1 == r2 else
+                    f"  const double m = 0.5 * (double)v{r1} + 0.5 * (double)v{r2};")
+        body.append("  int c = 0;")
+        body += [f"  c += ((double)v{s_ + beta} - m < m - (double)v{s_}) ? 1 : 0;" for s_ in range(k - beta)]
+        body.append("  double s = 0.0;")
+        body += [f"  s = s + ((c <= {j} && {j} < c + {beta}) ? (double)v{j} : 0.0);" for j in range(k)]
+        body.append(f"  out[i] = (float)(s / {float(beta)!r});")
     body.append("}")
     return name, "\n".join(body) + "\n"
 

@@ -455,9 +455,10 @@ def modsum(acc, offsets, ptr, code, sizes, bits: int, subtract: bool) -> np.ndar
 
 
 def robust_coord(rows, code: int, mode: int, lo: int, hi: int, out) -> None:
-    """Coordinate-wise median (mode 0) or trimmed mean of ranks [lo, hi) (mode 1) of the k rows of a device slab
-    ``rows`` [k, N] (rows contiguous; bf16/f16 as uint16) into the device float32[N] ``out``: the generated kernel of
-    cuda_source.robust_kernel, one thread per coordinate. Reads k*itemsize and writes 4 bytes per coordinate."""
+    """Coordinate-wise median (mode 0), trimmed mean of ranks [lo, hi) (mode 1) or Bulyan's step keeping ``lo``
+    values (mode 2) of the k rows of a device slab ``rows`` [k, N] (rows contiguous; bf16/f16 as uint16) into the
+    device float32[N] ``out``: the generated kernel of cuda_source.robust_kernel, one thread per coordinate. Reads
+    k*itemsize and writes 4 bytes per coordinate."""
     rt = runtime()
     k, n = rows.shape
     name, body = cuda_source.robust_kernel(k, code, mode, lo, hi)
