@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, on a machine with CUDA, CuPy and torch installed (no network needed): build the C++ extension in
 # place (no build isolation, no dependency resolution: the machine's own torch and CuPy stay as they are), run the
-# GPU tests, then the GPU-versus-CPU comparison. Results go to $OUT (default gpu-results/).
+# GPU tests, then the GPU-versus-CPU comparison and the robust rules on a device slab. Results go to $OUT (default
+# gpu-results/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-results}"
@@ -19,3 +20,6 @@ timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest tests/test_gpu.py tests/test_seca
 echo "== comparison"
 timeout "${BENCH_TIMEOUT:-600}" "$PY" -m jitkernels.gpu_benchmark ${BENCH_ARGS:-} --json "$OUT/gpu_bench.json" \
   --markdown "$OUT/gpu_bench.md" --plot "$OUT/gpu_bench.png" 2>&1 | tee "$OUT/gpu_bench.log"
+echo "== robust rules on a device slab"
+timeout "${BENCH_TIMEOUT:-600}" "$PY" -m jitkernels.gpu_benchmark --robust --sizes 25000000 --reps 3 \
+  --json "$OUT/gpu_robust.json" --markdown "$OUT/gpu_robust.md" 2>&1 | tee "$OUT/gpu_robust.log"
