@@ -350,6 +350,10 @@ class JITScheduler:
         self._retries: dict = {}  # job id -> timer of its next search, while its quorum is in and it waits
         self.decisions: deque = deque(maxlen=decision_log)
         self._lock = threading.RLock()
+        # a read-back with no room in the budget may go past it by one update, one fold at a time (see
+        # _reserve_read_back); the others wait for room or for it
+        self._read_back_room = threading.Condition(self._lock)
+        self._overdraft = False
         self._closed = False
         self._ids = itertools.count()
         self.buffered_bytes = 0
@@ -951,12 +955,14 @@ class JITScheduler:
                 task.nbytes = 0
             i = 0
             while i < len(spilled):
-                n = self._reserve_read_back(js, len(spilled) - i)
+                n, overdraft = self._reserve_read_back(js, len(spilled) - i)
                 try:
                     self.executor.fold_many(agg, [self._read_spilled(js, sp) for sp in spilled[i:i + n]])
                 finally:
                     with self._lock:
                         self.buffered_bytes -= n * js.update_bytes
+                        self._overdraft = self._overdraft and not overdraft
+                        self._read_back_room.notify_all()
                 i += n
         except BaseException:  # the round fails: the files of the spilled updates not read yet are let go
             for sp in spilled:
@@ -972,19 +978,31 @@ class JITScheduler:
             self.store.checkpoint(js.job.id, task.round, agg.state, ids)
             js.fold_bytes = 0
 
-    def _reserve_read_back(self, js, remaining: int) -> int:
-        """How many spilled (or replayed) updates a fold reads back next: as many as the byte budget has room for now,
-        up to half of it (arrivals meanwhile keep the other half; all of them without a budget), at least one so that
-        the fold goes on. Their bytes count as buffered until folded, as arrivals' do."""
+    def _reserve_read_back(self, js, remaining: int) -> tuple:
+        """(n, overdraft): how many spilled (or replayed) updates a fold reads back next: as many as the byte budget
+        has room for now, up to half of it (arrivals meanwhile keep the other half; all of them without a budget).
+        With no room for one, one update goes past the budget so that the fold goes on (``overdraft``), but only one
+        fold at a time: another waits for room or for that one to be folded, so that the buffered bytes stay within
+        the budget plus one update however many slots fold. (Inline executors run one task at a time: they never
+        wait here.) The bytes count as buffered until folded, as arrivals' do."""
         with self._lock:
+            overdraft = False
             if self.byte_budget is None:
                 n = remaining
             else:
-                room = min(self.byte_budget // 2, self.byte_budget - self.buffered_bytes)
-                n = max(1, min(remaining, room // max(1, js.update_bytes)))
+                while True:
+                    room = min(self.byte_budget // 2, self.byte_budget - self.buffered_bytes)
+                    n = min(remaining, room // max(1, js.update_bytes))
+                    if n >= 1:
+                        break
+                    if not self._overdraft:
+                        n = 1
+                        overdraft = self._overdraft = True
+                        break
+                    self._read_back_room.wait(timeout=0.01)  # also woken by other folds' releases
             self.buffered_bytes += n * js.update_bytes
             self.peak_buffered_bytes = max(self.peak_buffered_bytes, self.buffered_bytes)
-            return n
+            return n, overdraft
 
     def _read_spilled(self, js, sp):
         sp.durable.result()  # the writer thread may still be writing it

@@ -296,9 +296,10 @@ def test_spilled_updates_read_back_count_as_buffered_within_the_budget(tmp_path,
 
     def spy_reserve(js, remaining):
         before = sched.buffered_bytes
-        n = reserve(js, remaining)
+        n, overdraft = reserve(js, remaining)
         reserved.append((before, n, sched.buffered_bytes))
-        return n
+        assert overdraft == (budget - before < one)  # past the budget only when there is no room for one
+        return n, overdraft
 
     sched.executor.fold_many, sched._reserve_read_back = spy_fold, spy_reserve
     sched.add_job(cw.job())
@@ -315,6 +316,31 @@ def test_spilled_updates_read_back_count_as_buffered_within_the_budget(tmp_path,
     assert reserved[0][0] == 0 and reserved[0][1] == 2
     assert all(b <= budget + one for _, b in calls) and sched.peak_buffered_bytes <= budget + one
     assert sched.buffered_bytes == 0
+    sched.close()
+
+
+def test_one_read_back_at_a_time_goes_past_the_budget():
+    """With several slots folding spilled updates, a read-back with no room for one update may go past the budget
+    by one update only while no other does: a second waits (on its executor thread) for room or for the first to be
+    folded, so the buffered bytes stay within the budget plus one update."""
+    import threading
+    from types import SimpleNamespace
+
+    sched = JITScheduler(policy="lazy", slots=2, clock=VirtualClock(), byte_budget=1000)
+    js = SimpleNamespace(update_bytes=300)
+    sched.buffered_bytes = 1000  # the budget is full
+    assert sched._reserve_read_back(js, 5) == (1, True)  # the first goes past it, by one update
+    got = []
+    second = threading.Thread(target=lambda: got.append(sched._reserve_read_back(js, 5)))
+    second.start()
+    second.join(timeout=0.2)
+    assert second.is_alive() and not got and sched.buffered_bytes == 1300  # it waits
+    with sched._lock:  # the first one folded: its bytes and its overdraft released (as _fold_durably does)
+        sched.buffered_bytes -= 300
+        sched._overdraft = False
+        sched._read_back_room.notify_all()
+    second.join(timeout=5)
+    assert got == [(1, True)] and sched.buffered_bytes == 1300 and sched.peak_buffered_bytes == 1300
     sched.close()
 
 
