@@ -271,9 +271,11 @@ _build_gram = gram  # the rules' ``gram=`` argument shadows the function's name 
 
 
 def _vector(v, rows):
-    """A contiguous [N] vector (a center, a base) where the slab is: uploaded or downloaded once if it is not."""
+    """A contiguous vector (a center, a base) where the slab is: uploaded or downloaded once if it is not. (A 0-d
+    value stays 0-d, and the caller's shape check refuses it.)"""
     xp = array_module(rows)
-    return xp.ascontiguousarray(xp.asarray(v) if xp is not np else to_host(v))
+    v = xp.asarray(v) if xp is not np else np.asarray(to_host(v))
+    return xp.ascontiguousarray(v) if v.ndim else v
 
 
 def sq_distances(G: np.ndarray) -> np.ndarray:
@@ -769,15 +771,16 @@ def _sumsq(T, part: int):
     """Per row of a float64 tile, the sum of its squares."""
     xp = array_module(T)
     head, rest = _parts(T, part)
-    out = xp.einsum("ij,ij->i", rest, rest)
-    return out if head is None else out + (head * head).sum(axis=2).sum(axis=0)
+    out = xp.zeros(T.shape[0]) if head is None else (head * head).sum(axis=2).sum(axis=0)
+    return out + xp.einsum("ij,ij->i", rest, rest) if rest.shape[1] else out  # (no empty einsum on the GPU)
 
 
 def _syrk(T, part: int):
     """T @ T.T of a float64 tile (dsyrk: numpy detects A @ A.T; cuBLAS batched dgemm over the parts)."""
+    xp = array_module(T)
     head, rest = _parts(T, part)
-    out = rest @ rest.T
-    return out if head is None else out + (head @ head.transpose(0, 2, 1)).sum(axis=0)
+    out = xp.zeros((T.shape[0],) * 2) if head is None else (head @ head.transpose(0, 2, 1)).sum(axis=0)
+    return out + rest @ rest.T if rest.shape[1] else out
 
 
 def _gram_xp(rows, mode, refrow, refvec, block, diag_only):

@@ -584,7 +584,10 @@ class DeviceUpdateStore(UpdateStore):
     * Over its budget it refuses (:class:`BudgetExceeded`): there is no file to spill to. A GPU aggregator whose
       rule says ``over_budget="spill"`` keeps a host store instead (:func:`store_class`).
 
-    :meth:`rows` is a CuPy array; :meth:`save` and :meth:`to_bytes` copy the rows to the host.
+    Growing holds the old and the new slab for a moment (CuPy cannot grow an allocation in place): up to 3x the
+    rows in use, or the budget's rows plus the old capacity with a budget; a device out of memory then raises
+    CuPy's OutOfMemoryError and leaves the store as it was. :meth:`rows` is a CuPy array, writable (CuPy has no
+    read-only flag: the rules only read it); :meth:`save` and :meth:`to_bytes` copy the rows to the host.
     """
 
     on_device = True
@@ -607,6 +610,12 @@ class DeviceUpdateStore(UpdateStore):
     def _allocate(self):
         self._slab = self.xp.zeros((0, self.n), _STORAGE[self.dtype])
         self.closed = False
+
+    @classmethod
+    def load(cls, path, *, budget_bytes=UpdateStore._UNSET, over_budget=None, spill_dir=None) -> "UpdateStore":
+        """:meth:`UpdateStore.load` into GPU memory: a file saved by a store that spilled loads as a refusing one
+        (a store in GPU memory has no file to spill to)."""
+        return super().load(path, budget_bytes=budget_bytes, over_budget=over_budget or "refuse", spill_dir=spill_dir)
 
     def _reserve(self, k: int) -> None:
         cap = self._slab.shape[0]

@@ -314,9 +314,10 @@ class JITScheduler:
         ``submit``'s callers: at 19, p99 ``submit`` fell from a median of 2.5 ms to 0.7 ms over six runs on 2 vCPUs,
         but a writer starved while it holds the GIL stalled every thread for up to 90 ms, and durable
         acknowledgements wait for a free core. A choice for oversubscribed machines, not a default.
-    fold_nice : the nice value of the local executor's fold threads and of the OpenMP threads their kernels start
-        (Linux; 0: unchanged). Folds are bulk work: at 19 they give a core to ``submit``'s callers, the writer and
-        the event loop as soon as those wake. With a state directory on 2 vCPUs that folds keep busy, p99 ``submit``
+    fold_nice : the nice value of the local executor's threads (its folds and finalizes) and of the OpenMP threads
+        their kernels start (Linux; 0: unchanged; numba's tbb and workqueue layers keep one shared pool, which it
+        does not reach). Folds are bulk work: at 19 they give a core to ``submit``'s callers, the writer and the
+        event loop as soon as those wake. With a state directory on 2 vCPUs that folds keep busy, p99 ``submit``
         over nine runs went from a median of 1.11 ms (0.54-1.81) to 0.69 ms (0.60-1.19); what remains is the GIL,
         which a fold thread at nice 19 may hold while it waits for a core. Not a default: on a host shared with
         other busy processes, folds at nice 19 get a sliver of a core, and their deadlines slip.

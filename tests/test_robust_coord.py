@@ -825,3 +825,17 @@ def test_median_over_a_200mb_store_uses_slab_plus_tiles(cpp):
         extra = 4 * n if name == "cpp" else 0  # the ctypes helper allocates its own output
         assert growth < extra + 64 * 2 ** 20, f"{name}: {growth / 2 ** 20:.0f} MB over a 200 MB slab"
     assert s.nbytes == k * n * 4
+
+
+def test_device_store_loads_a_spilling_stores_file(tmp_path):
+    """A file saved by a store that spilled loads into GPU memory as a refusing store, not as a corrupt file: rows
+    over its budget are refused as an add would refuse them, and fit under another budget."""
+    s = UpdateStore(5, 4, budget_bytes=20, over_budget="spill", spill_dir=tmp_path)
+    for j in range(3):
+        s.add(np.full(5, float(j)), party=j)
+    assert s.spilled
+    s.save(tmp_path / "s.jks")
+    with pytest.raises(BudgetExceeded):
+        HostShimDeviceStore.load(tmp_path / "s.jks")
+    d = HostShimDeviceStore.load(tmp_path / "s.jks", budget_bytes=None)
+    assert d.over_budget == "refuse" and d.parties == (0, 1, 2) and np.array_equal(d.rows(), s.rows())

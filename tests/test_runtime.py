@@ -73,7 +73,7 @@ def _thread_nices() -> dict:
         try:
             with open(f"/proc/self/task/{tid}/stat") as f:
                 out[int(tid)] = int(f.read().rsplit(")", 1)[1].split()[16])
-        except FileNotFoundError:  # the thread ended meanwhile
+        except (FileNotFoundError, ProcessLookupError):  # the thread ended meanwhile
             pass
     return out
 
