@@ -489,8 +489,10 @@ def bulyan(X, f: int, *, party_ids=None, gram: Gram | None = None, backend: str 
 
     Requires k >= 4f + 3 (the paper's and Flower's condition), else :class:`TooFewUpdates`. Unweighted (as the
     paper and Flower). Passes: 1 (the Gram) + theta rows (the coordinate step: a sorting network across each
-    tile's coordinates in the numba kernel, O(theta log^2 theta) vectorized compares per coordinate; a sort in
-    numpy).
+    tile's coordinates in the numba kernel, O(theta log^2 theta) vectorized compares per coordinate; a sort on the
+    array path; on the GPU a kernel generated per theta, each coordinate's values in registers; all three with
+    the same math and bits, which differ from this specification's only in the order of the window's sum and when
+    rounded distances tie).
     """
     rows, parties = _slab(X, party_ids)
     k = rows.shape[0]
@@ -749,7 +751,6 @@ def _clip_factor(norms, M) -> np.ndarray:
         return np.minimum(1.0, M / np.where(norms > 0, norms, np.inf))
 
 
-# --- numpy backend: the specification -------------------------------------------------------------------------------
 # --- numpy and CuPy: the same array operations on a host or a device slab --------------------------------------------
 def _tile_columns(be: str, rows: int, block: int) -> int:
     """Columns per tile: ``block`` on the host (cache-sized); on the GPU, DEVICE_TILE values' worth of float64."""
