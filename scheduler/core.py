@@ -319,8 +319,10 @@ class JITScheduler:
         does not reach). Folds are bulk work: at 19 they give a core to ``submit``'s callers, the writer and the
         event loop as soon as those wake. With a state directory on 2 vCPUs that folds keep busy, p99 ``submit``
         over nine runs went from a median of 1.11 ms (0.54-1.81) to 0.69 ms (0.60-1.19); what remains is the GIL,
-        which a fold thread at nice 19 may hold while it waits for a core. Not a default: on a host shared with
-        other busy processes, folds at nice 19 get a sliver of a core, and their deadlines slip.
+        which a fold thread at nice 19 may hold while it waits for a core. Not a default: where other busy work
+        shares the process's scheduling group (its cgroup, or its session under autogroup: see sched(7); nice values
+        weigh threads only within it), folds at nice 19 get a sliver of a core and their deadlines slip; and a fold
+        thread that holds the GIL waits behind every busy thread at nice 0 (the writer hashing a large update).
     """
 
     def __init__(self, policy="jit", slots: int = 1, *, clock=None, executor=None, cost: CostModel | None = None,
