@@ -104,6 +104,26 @@ def test_newcomers_borrow_the_pooled_model_and_cold_start_is_unknown():
     assert Predictor(prior_s=60.0).has_history()
 
 
+def test_young_parties_take_the_pooled_within_party_spread():
+    """A party with one or two responses is given the spread the experienced parties share (their running
+    variances made unbiased) once three parties have three responses or more; before that, the prior CV."""
+    rng = random.Random(3)
+    pred = Predictor(prior_cv=0.5)
+    pred.observe("young", 100.0)
+    assert pred.distribution("young")[0].sigma == 0.5  # nobody experienced yet: the prior
+    for p in ("a", "b"):
+        for _ in range(4):
+            pred.observe(p, 100.0 * math.exp(rng.gauss(0.0, 0.1)))
+    assert pred.distribution("young")[0].sigma == 0.5  # two experienced parties are not enough
+    for _ in range(4):
+        pred.observe("c", 100.0 * math.exp(rng.gauss(0.0, 0.1)))
+    want = math.sqrt(sum(pred.parties[p].var * 4 / 3 for p in "abc") / 3)
+    got = pred.distribution("young")[0].sigma
+    assert got == pytest.approx(want) and 0.02 < got < 0.3
+    q_young = pred.quorum_quantile(["young"], 1, 0.0, 0.05)
+    assert 60 < q_young < 100  # the 5% quantile of a 10%-ish spread around 100 s, not of a 50% one (~44 s)
+
+
 def test_late_answers_count_as_answers_and_inform_the_model():
     """Parties that answer after the quorum must not look absent: that would censor the slow ones and bias the
     quorum time late (a measured effect: JIT's p95 latency on the cross-device mix fell from 8.7 s to 2.7 s)."""
