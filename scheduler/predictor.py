@@ -24,8 +24,6 @@ import numba
 import numpy as np
 
 SQRT2 = math.sqrt(2.0)
-_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
-FIT_SPREAD_ANSWERS = 10  # first-round answers before the censored fit's spread may go below the prior's
 MIN_SPREAD_PARTIES = 3  # parties with three responses or more before their spread stands in for the young ones
 EXACT_MAX = 64  # pending parties up to which the Poisson-binomial tail is computed exactly (O(n * need) per call)
 
@@ -98,7 +96,6 @@ class Predictor:
         self.prior_s = prior_s
         self.prior_cv = prior_cv
         self.parties: dict = {}
-        self._closed_any = False  # a round was closed: the parties still out are no longer censored first-timers
         self._raw = None  # (index, n, mu, var, participation): arrays mirroring the party models, kept in sync
         self._cache = None  # what planning reads, derived from _raw
 
@@ -121,7 +118,6 @@ class Predictor:
             m.n, m.mu, m.var, m.participation, m.rounds = int(n), float(mu), float(var), float(part), int(rounds)
             if late:
                 m.closed_round, m.closed_no, m.late_round = late[0], float(late[1]), late[2]
-            self._closed_any = self._closed_any or m.rounds > 0
         self._raw = self._cache = None
 
     def observe(self, party, response_s: float) -> None:
@@ -156,7 +152,6 @@ class Predictor:
         answered = set(answered)
         for p in expected:
             self.model(p).close_round(p in answered, round)
-        self._closed_any = True
         self._raw = self._cache = None
 
     def _raw_arrays(self):
@@ -188,60 +183,26 @@ class Predictor:
         m = self.parties.get(party)
         if m is None or m.n == 0:
             return (pooled if pooled is not None else self._pooled()), (m.participation if m is not None else 1.0)
-        _, n, _, var, _ = self._raw_arrays()
-        sigma = math.sqrt(m.var) if m.n >= 3 else max(math.sqrt(m.var), self._young_spread(n, var))
+        index, n, _, var, _ = self._raw_arrays()
+        young = 0.0 if m.n >= 3 else float(self._young_spread(n, var)[index[party]])
+        sigma = math.sqrt(m.var) if m.n >= 3 else max(math.sqrt(m.var), young)
         return LogNormal(m.mu, max(sigma, self.min_sigma)), m.participation
 
-    def _first_round_pooled(self, tau: float, censored: int):
-        """(mu, sigma) for the parties that have not answered by ``tau`` in a job's first round. The parties that have
-        answered are the fast ones, and a pooled model fitted to them alone expects the rest soon (round 0 of the
-        cross_device mix planned a quorum at 35 s that came at 95 s, and its deployments held slots idle meanwhile).
-        So the pooled log-normal is fitted by maximum likelihood with the ``censored`` parties still out counted as
-        answering after tau (a Tobit fit: for each spread on a grid, the location that zeroes the score, which is
-        monotone in it, by bisection; then the spread of highest likelihood), the prior's location, if any, as one
-        more answer, and its spread as the spread's floor until FIT_SPREAD_ANSWERS parties have answered (a few fast
-        answers say little about the spread). None without an answer or a prior."""
-        _, n, mu, _, _ = self._raw_arrays()
-        y = mu[n > 0]
-        s_min = self.min_sigma
-        if self.prior_s is not None:
-            s0 = math.sqrt(math.log1p(self.prior_cv ** 2))
-            if y.size < FIT_SPREAD_ANSWERS:  # a few fast answers say little about the spread: the prior's, at least
-                s_min = max(s_min, s0)
-            y = np.append(y, math.log(self.prior_s) - s0 * s0 / 2)
-        if y.size == 0:
-            return None
-        lt = math.log(tau)
-        k, s1, s2 = y.size, float(y.sum()), float((y * y).sum())  # sums: each step below is O(1)
-        y_lo, y_hi = min(float(y.min()), lt), max(float(y.max()), lt)
-        best = None
-        for s in np.geomspace(s_min, max(3.0, 2 * s_min), 40):
-            lo, hi = y_lo - 1.0, y_hi + 20.0 * s
-            for _ in range(50):  # the score (times s^2): sum(y - m) + censored * s * phi(z) / Q(z), z = (lt - m) / s
-                m = 0.5 * (lo + hi)
-                z = (lt - m) / s
-                if s1 - k * m + censored * s * math.exp(-0.5 * z * z - _LOG_SQRT_2PI - _log_sf(z)) > 0:
-                    lo = m
-                else:
-                    hi = m
-            m = 0.5 * (lo + hi)
-            ll = -0.5 * (s2 - 2 * m * s1 + k * m * m) / (s * s) - k * math.log(s) + censored * _log_sf((lt - m) / s)
-            if best is None or ll > best[0]:
-                best = (ll, m, s)
-        return best[1], best[2]
-
-    def _young_spread(self, n, var) -> float:
-        """The spread of a party with fewer than three responses (one or two say little about it): the parties'
-        pooled within-party spread (their running variances, which divide by n, made unbiased) once
-        MIN_SPREAD_PARTIES parties have three responses or more, else the prior CV. Parties share the job's jitter
+    def _young_spread(self, n, var) -> np.ndarray:
+        """Per party, the spread to give it while it has fewer than three responses (one or two say little about
+        it): the parties' pooled within-party spread (their running variances, which divide by n, made unbiased)
+        widened by the uncertainty of its own mean, sqrt(1 + 1/n), once MIN_SPREAD_PARTIES parties have three
+        responses or more; else the prior CV. Parties share the job's jitter
         more than they share a prior: with the prior CV (0.5 by default) for every young party, the intermittent
         mixes' early rounds planned for quorums far earlier than came, and their deployments held slots idle while
         other jobs' quorums waited (cross_device: 10 jobs on 4 slots; p95 latency share 19% -> 10%)."""
         old = n >= 3
         if old.sum() < MIN_SPREAD_PARTIES:
-            return self.prior_cv
+            return np.full(n.shape, self.prior_cv)
         m = n[old]
-        return float(np.sqrt((var[old] * m / (m - 1)).mean()))  # the running variance divides by n
+        within = float(np.sqrt((var[old] * m / (m - 1)).mean()))  # the running variance divides by n
+        # the spread of its next answer: the shared within-party spread, and its mean's, known from n answers
+        return within * np.sqrt(1.0 + 1.0 / np.maximum(n, 1))
 
     # --- quorum time -------------------------------------------------------------------------------------------
     def _arrays(self):
@@ -281,11 +242,6 @@ class Predictor:
         mu, sigma, part, known = self._arrays()
         idx = idx[known[idx]]
         mu, sigma, part = mu[idx], sigma[idx], part[idx]
-        if tau > 0 and not self._closed_any:
-            unseen = self._raw_arrays()[1][idx] == 0
-            fit = self._first_round_pooled(tau, int(unseen.sum())) if unseen.any() else None
-            if fit is not None:
-                mu[unseen], sigma[unseen] = fit
         lsf_tau, w = _log_sf_and_w(tau, mu, sigma, part)
         keep = w > 0.0
         if not keep.any():
