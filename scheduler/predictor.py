@@ -183,19 +183,21 @@ class Predictor:
         m = self.parties.get(party)
         if m is None or m.n == 0:
             return (pooled if pooled is not None else self._pooled()), (m.participation if m is not None else 1.0)
-        index, n, _, var, _ = self._raw_arrays()
-        young = 0.0 if m.n >= 3 else float(self._young_spread(n, var)[index[party]])
-        sigma = math.sqrt(m.var) if m.n >= 3 else max(math.sqrt(m.var), young)
+        if m.n >= 3:
+            sigma = math.sqrt(m.var)
+        else:
+            index, n, _, var, _ = self._raw_arrays()
+            sigma = max(math.sqrt(m.var), float(self._young_spread(n, var)[index[party]]))
         return LogNormal(m.mu, max(sigma, self.min_sigma)), m.participation
 
     def _young_spread(self, n, var) -> np.ndarray:
         """Per party, the spread to give it while it has fewer than three responses (one or two say little about
         it): the parties' pooled within-party spread (their running variances, which divide by n, made unbiased)
         widened by the uncertainty of its own mean, sqrt(1 + 1/n), once MIN_SPREAD_PARTIES parties have three
-        responses or more; else the prior CV. Parties share the job's jitter
-        more than they share a prior: with the prior CV (0.5 by default) for every young party, the intermittent
-        mixes' early rounds planned for quorums far earlier than came, and their deployments held slots idle while
-        other jobs' quorums waited (cross_device: 10 jobs on 4 slots; p95 latency share 19% -> 10%)."""
+        responses or more; else the prior CV. Parties share the job's jitter more than they share a prior: with the
+        prior CV (0.5 by default) for every young party, the intermittent mixes' early rounds planned for quorums
+        far earlier than came, and their deployments held slots idle while other jobs' quorums waited
+        (cross_device: 10 jobs on 4 slots; p95 latency share 19% -> 10%)."""
         old = n >= 3
         if old.sum() < MIN_SPREAD_PARTIES:
             return np.full(n.shape, self.prior_cv)
