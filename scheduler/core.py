@@ -300,7 +300,7 @@ class JITScheduler:
     overflow : "raise" or "spill" (needs ``state_dir``): at the budget, "raise" refuses the update with
         :class:`Backpressure`; "spill" accepts it, keeps it only on disk (where the state directory writes every
         update anyway) and reads it back when it is folded, as the budget has room, up to half of it at a time
-        (counted as buffered; at least one update)
+        (counted as buffered; with no room, one update past the budget, one fold at a time)
     hysteresis_s : an idle deployment is taken back only for a job whose laxity is this much smaller
     state_dir : a directory that makes the scheduler crash-safe (see :mod:`scheduler.durable`): every acknowledged
         update is persisted (``Ack.durable``), rounds are checkpointed and their results committed there; a new
