@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import threading
 import uuid
+from typing import NamedTuple
 
 import numpy as np
 
@@ -26,6 +27,14 @@ from . import state as state_module
 from .state import FoldState, _check_party
 
 INT_RULES = ("mean", "max")
+
+
+class _OneUpdate(NamedTuple):
+    """What Aggregator._fold_one keeps between calls, for updates of one signature."""
+
+    sig: bytes  # the update's dtype codes, one per leaf (batch.leaf_entry)
+    bound: float  # Aggregator._fold_bound()
+    runs: list  # [(backend module, Group)]: the batch path's groups for one such update, re-pointed per call
 
 
 def _write(out, host_values) -> None:
@@ -97,6 +106,7 @@ class Aggregator:
         self.partial = bool(partial)
         self.copy = bool(copy)
         self._lock = threading.RLock()
+        self._one: _OneUpdate | None = None
         # which base the admission stats of an Admitted were measured against (renewed by reset(), which may change
         # the base): clipping must not use a delta norm taken against another round's model
         self._base_token = object()
@@ -217,7 +227,8 @@ class Aggregator:
         ``info``: the per-update values the algorithm reads (``steps=`` for FedNova, ``staleness=`` for FedBuff)."""
         if isinstance(update, Admitted):
             with self._lock:
-                self._fold_admitted([update])
+                if not self._fold_one(update):
+                    self._fold_admitted([update])
         else:
             self.fold_many([update], [weight], [party], [info])
 
@@ -287,12 +298,73 @@ class Aggregator:
             a.info = i
         self._record(admitted, int_rows, plan)
 
+    def _check_layout(self, u) -> None:
+        fp = self.layout.fingerprint
+        if u.layout_fingerprint != fp:
+            raise LayoutMismatch(f"admitted against layout {u.layout_fingerprint}, this aggregator's is {fp}",
+                                 party=u.party)
+
+    def _check_open(self) -> None:
+        if self.state.closed:
+            raise RoundClosed("finalize closed this round (a server step or DP noise); reset() to start the next")
+
+    def _fold_bound(self) -> float:
+        """The limit on fold weight * max |x|: the accumulator's headroom, or the deterministic bound. (Admission
+        checked the raw weight against its own limit: the fold multiplies by the algorithm's weight.)"""
+        st = self.state
+        return 2.0 ** st.bound_log2 if st.deterministic else admission.headroom(self.acc_dtype)
+
+    def _check_headroom(self, u, w: float, bound: float) -> None:
+        if not w * u.maxabs <= bound:
+            what = "the deterministic bound" if self.deterministic else f"the {self.acc_dtype} accumulator's headroom"
+            raise ValueOutOfRange(f"party {u.party!r}: fold weight * max|x| = {w * u.maxabs:.6g} exceeds "
+                                  f"{bound:.6g} ({what})")
+
+    def _fold_one(self, u) -> bool:
+        """The streaming server's per-update fold: one whole host update into a plain float state, through the batch
+        path's groups and kernels. Building a batch's tables and checks for one update cost more than folding a
+        100k-element update (12 us a call); here the groups are built once per update signature (the dtype of every
+        leaf), re-pointed at each update, and the checks are the batch path's for one update. Returns False (nothing
+        done) where the batch path must run: the GPU backend, partial updates, integer leaves, buffered rules,
+        deterministic mode, norms still to measure against the base."""
+        st, alg = self.state, self.algorithm
+        if u.on_device or (st.base is not None and getattr(alg, "needs_norms", False)
+                           and u.against_base is not self._base_token):
+            return False
+        self._check_layout(u)
+        sig = u.entries[:, 0].tobytes()
+        one = self._one
+        if one is None or one.sig != sig:  # (the backend, the rule and the mode are the aggregator's for good)
+            if self.on_gpu or self.buffered or st.deterministic:
+                return False
+            plan = plan_of(self.layout, stack_entries([u.entries]))
+            if plan.absent is not None or plan.int_rows:
+                return False
+            groups, _, _ = build_groups(self.layout, stack_entries([u.entries]), [u.leaves], [0.0], plan=plan)
+            for g in groups.values():
+                g.release()
+            one = self._one = _OneUpdate(sig, self._fold_bound(),
+                                         [(backends.choose(self.backend, n), g) for n, g in groups.items()])
+        self._check_parties([u.party])
+        self._check_open()
+        u.info = alg.check_info(u.info, u.party)
+        w = float(alg.fold_weight(u, st))
+        self._check_headroom(u, w, one.bound)
+        for mod, g in one.runs:
+            g.repoint(u.entries, w, u.leaves)
+            try:
+                mod.fold(st.acc, st.base, g)
+            finally:
+                g.release()
+        m = float(alg.mass(u))
+        st.leaf_weight += m  # _record's per-leaf masses, for one whole update
+        self._record_party(u, m, alg.derived_info(u, st))
+        return True
+
     def _fold_admitted(self, admitted) -> None:
-        st, alg, fp = self.state, self.algorithm, self.layout.fingerprint
+        st, alg = self.state, self.algorithm
         for u in admitted:
-            if u.layout_fingerprint != fp:
-                raise LayoutMismatch(f"admitted against layout {u.layout_fingerprint}, this aggregator's is {fp}",
-                                     party=u.party)
+            self._check_layout(u)
         self._check_parties([u.party for u in admitted])
         tab = stack_entries([u.entries for u in admitted])  # [L, k, 4], once for the checks and the groups
         plan = plan_of(self.layout, tab)
@@ -302,8 +374,7 @@ class Aggregator:
             leaf = int(np.flatnonzero(absent[:, j])[0])
             raise LayoutMismatch("the update lacks this leaf and the aggregator takes whole updates (partial=False)",
                                  leaf=self.layout.leaves[leaf].name, party=admitted[j].party)
-        if st.closed:
-            raise RoundClosed("finalize closed this round (a server step or DP noise); reset() to start the next")
+        self._check_open()
         device = False
         for u in admitted:  # an Admitted made elsewhere (jk.admit) was not checked against this algorithm
             u.info = alg.check_info(u.info, u.party)
@@ -324,13 +395,9 @@ class Aggregator:
         deterministic = st.deterministic
         if deterministic:
             st.check_binned_room(len(admitted))
-        # admission checked the raw weight against its own limit: the fold multiplies by the algorithm's weight
-        bound = 2.0 ** st.bound_log2 if deterministic else admission.headroom(self.acc_dtype)
+        bound = self._fold_bound()
         for u, w in zip(admitted, fold_w):
-            if not w * u.maxabs <= bound:
-                what = "the deterministic bound" if deterministic else f"the {self.acc_dtype} accumulator's headroom"
-                raise ValueOutOfRange(f"party {u.party!r}: fold weight * max|x| = {w * u.maxabs:.6g} exceeds "
-                                      f"{bound:.6g} ({what})")
+            self._check_headroom(u, w, bound)
         if deterministic and int_rows and st.algorithm.get("int_leaves", "mean") == "mean":
             self._check_int_bound(admitted, int_rows, bound)
         mods = {name: backends.choose(self.backend, name) for name in groups}  # all refusals before any fold
@@ -411,9 +478,12 @@ class Aggregator:
                 if lacks.size:
                     st.absent[u.party] = tuple(lacks.tolist())
         for u, m, d in zip(admitted, mass, derived):
-            st.parties[u.party] = m
-            if u.info or d:
-                st.info[u.party] = {**u.info, **d}
+            self._record_party(u, m, d)
+
+    def _record_party(self, u, mass: float, derived: dict) -> None:
+        self.state.parties[u.party] = mass
+        if u.info or derived:
+            self.state.info[u.party] = {**u.info, **derived}
 
     def _fold_int(self, lid, arrays, weights):
         leaf = self.layout.leaves[lid]

@@ -90,7 +90,7 @@ class Group:
     row_starts: np.ndarray | None = None  # first work item of each row (None: one item per row, in row order)
     plan: _GroupPlan | None = field(default=None, repr=False)  # what it was built from (caches its walks, ...)
 
-    @property
+    @cached_property  # read several times a call (threads_for, walk) by a per-update fold that reuses its group
     def k(self) -> int:
         return self.ptr.shape[1]
 
@@ -100,6 +100,25 @@ class Group:
             return None if a is None else np.ascontiguousarray(a[..., j0:j1])
         return replace(self, ptr=cut(self.ptr), w=cut(self.w), scale_ptr=cut(self.scale_ptr), block=cut(self.block),
                        leaves=self.leaves[j0:j1], mask=cut(self.mask), device=cut(self.device), plan=None)
+
+    def repoint(self, entries: np.ndarray, weight: float, leaves: list) -> None:
+        """Rewrite a one-update group in place for another update of the same signature (the same dtype in every
+        leaf, so the same plan): its address tables from ``entries`` (the update's int64[L, 4] table), its weight,
+        its leaves. A per-update fold reuses its group: building one costs more than folding a small update."""
+        e = entries if self.plan.every_row else entries[self.leaf_ids]
+        self.ptr[:, 0] = e[:, 1]
+        if self.in_dtype == "int8":  # the other dtypes' scale and block entries are 0
+            self.scale_ptr[:, 0] = e[:, 2]
+            self.block[:, 0] = e[:, 3]
+        self.w.fill(weight)
+        self.leaves = [leaves]
+        self.__dict__.pop("arrays", None)
+
+    def release(self) -> None:
+        """Drop the update a reused group points at (its leaves would stay alive until the next fold)."""
+        self.ptr.fill(0)
+        self.leaves = []
+        self.__dict__.pop("arrays", None)
 
     @cached_property
     def arrays(self) -> list:
@@ -135,8 +154,9 @@ def build_groups(layout, entries, leaves, weights, chunk: int = CHUNK, device=No
     plan = plan_of(layout, tab, chunk) if plan is None else plan
     groups = {}
     for p in plan.groups:
-        # [4, R, k]: code, address, scale address and block tables of the group's rows, each contiguous
-        sub = np.ascontiguousarray((tab if p.every_row else tab.take(p.rows, axis=0)).transpose(2, 0, 1))
+        # [4, R, k]: code, address, scale address and block tables of the group's rows, each contiguous; a copy
+        # always (one leaf's transposed table is already contiguous, and Group.repoint writes into its group's)
+        sub = np.array((tab if p.every_row else tab.take(p.rows, axis=0)).transpose(2, 0, 1), order="C")
         wt = np.empty(sub.shape[1:])
         wt[...] = w
         if p.mask is None:  # every update carries every row of the group (the usual case): nothing to mask

@@ -1,13 +1,18 @@
 """The user-facing API: containers and array types in and out, dtypes, partial updates, bases, integer leaves."""
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import jitkernels as jk
-from jitkernels.dtypes import bfloat16
+from jitkernels.dtypes import bfloat16, np_dtype
 
-from strategies import CPU_BACKENDS
+from strategies import CPU_BACKENDS, leaf_shapes, make_values, seeds
 
 
 def _ref_mean(ups, ws):
@@ -368,3 +373,86 @@ def test_states_with_different_server_moments_do_not_merge():
     a.fold({"w": np.ones(4, np.float32)}, party="x")
     with pytest.raises(jk.IncompatibleStates, match="moments"):
         a.merge(b)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@given(seed=seeds, shapes=leaf_shapes(max_leaves=4, max_size=500), k=st.integers(1, 6), with_base=st.booleans(),
+       data=st.data())
+def test_admitted_updates_folded_one_at_a_time_equal_the_batch_bitwise(backend, seed, shapes, k, with_base, data):
+    """``fold(admitted)`` (the per-update path, which re-points one set of groups at each update) gives the bits of
+    one ``fold_many`` of the same updates, with leaves of several dtypes (several groups, int8 among them), and
+    records the same weights and parties. Each leaf keeps its dtype across updates: the batch folds a leaf's raw
+    updates before its quantized ones."""
+    kinds = ["float32", "bfloat16", "int8"] + (["float16"] if backend != "numba" else [])
+    leaf_kind = [data.draw(st.sampled_from(kinds)) for _ in shapes]
+    rng = np.random.default_rng(seed)
+
+    def update():
+        out = {}
+        for i, (s, kind) in enumerate(zip(shapes, leaf_kind)):
+            x = make_values(rng, s, "float32")
+            out[f"l{i}"] = jk.Quantized.quantize(x) if kind == "int8" else x.astype(np_dtype(kind))
+        return out
+
+    tmpl = {f"l{i}": np.zeros(s, np.float32 if kind == "int8" else np_dtype(kind))
+            for i, (s, kind) in enumerate(zip(shapes, leaf_kind))}
+    base = {n: make_values(rng, a.shape, "float32").astype(a.dtype) for n, a in tmpl.items()} if with_base else None
+    ups, ws = [update() for _ in range(k)], list(rng.integers(1, 500, k).astype(float))
+    one = jk.Aggregator(tmpl, backend=backend, base=base)
+    batch = jk.Aggregator(tmpl, backend=backend, base=base)
+    for j, (u, w) in enumerate(zip(ups, ws)):
+        one.fold(one.admit(u, w, f"p{j}"))
+    batch.fold_many(batch.admit_many(ups, ws, [f"p{j}" for j in range(k)]))
+    assert one.state.acc.tobytes() == batch.state.acc.tobytes()
+    assert one.state.leaf_weight.tobytes() == batch.state.leaf_weight.tobytes()
+    assert one.state.parties == batch.state.parties
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_per_update_fold_follows_each_updates_dtypes(backend):
+    """Updates of another signature (a leaf sent quantized after raw ones, and back) fold as the batch path folds
+    them, one at a time; the per-update path keeps no update alive after its fold."""
+    t = {"a": np.zeros(300, np.float32), "b": np.zeros(5, np.float32)}
+    rng = np.random.default_rng(3)
+    x = [{"a": make_values(rng, (300,), "float32"), "b": make_values(rng, (5,), "float32")} for _ in range(6)]
+    q = jk.Quantized.quantize
+    ups = [x[0], {**x[1], "a": q(x[1]["a"])}, x[2], {**x[3], "b": q(x[3]["b"])}, {"a": q(x[4]["a"]), "b": q(x[4]["b"])},
+           x[5]]
+    one, ref = jk.Aggregator(t, backend=backend), jk.Aggregator(t, backend=backend)
+    for j, u in enumerate(ups):
+        one.fold(one.admit(u, j + 1.0, j))
+        ref.fold_many([ref.admit(u, j + 1.0, j)])  # the batch path, one update per call
+    assert one.state.acc.tobytes() == ref.state.acc.tobytes()
+    probe = np.ones(300, np.float32)
+    alive = weakref.ref(probe)
+    one.fold(one.admit({"a": probe, "b": np.ones(5, np.float32)}, 1.0, "last"))
+    del probe
+    gc.collect()
+    assert alive() is None, "the per-update fold's groups kept the update alive"
+
+
+def test_per_update_fold_refusals_leave_the_state_as_it_was():
+    t = {"w": np.zeros(8, np.float32)}
+    agg = jk.Aggregator(t)
+    agg.fold(agg.admit({"w": np.ones(8, np.float32)}, 2.0, "a"))
+    before = agg.state.copy()
+    with pytest.raises(jk.DuplicateParty, match="'a'"):
+        agg.fold(agg.admit({"w": np.ones(8, np.float32)}, 1.0, "a"))
+    other = jk.Aggregator({"w": np.zeros(9, np.float32)})
+    with pytest.raises(jk.LayoutMismatch, match="'b'"):
+        agg.fold(other.admit({"w": np.ones(9, np.float32)}, 1.0, "b"))
+    # admitted against a float64 accumulator's headroom: too large for this float32 one
+    big = jk.admit({"w": np.full(8, 3e37, np.float32)}, agg.layout, weight=100.0, party="c", acc_dtype="float64")
+    with pytest.raises(jk.ValueOutOfRange, match="'c'.*headroom"):
+        agg.fold(big)
+    assert agg.state.same_bits(before)
+    nova = jk.Aggregator(t, "fednova", base=t)
+    nova.fold(nova.admit({"w": np.ones(8, np.float32)}, 10.0, "good", steps=5))
+    kept = nova.state.copy()
+    with pytest.raises(jk.ValueOutOfRange, match="'evil'.*fold weight"):
+        nova.fold(nova.admit({"w": np.full(8, 100.0, np.float32)}, 10.0, "evil", steps=1e-40))
+    assert nova.state.same_bits(kept)
+    agg.finalize()
+    agg.state.closed = True  # as a server step or DP noise leaves it
+    with pytest.raises(jk.RoundClosed):
+        agg.fold(agg.admit({"w": np.ones(8, np.float32)}, 1.0, "d"))

@@ -253,3 +253,23 @@ def _core_simd() -> str:
     from jitkernels import _core
 
     return _core.simd
+
+
+@pytest.mark.skipif(not backends.is_available("cpp"), reason="C++ extension not built")
+def test_cpp_tables_are_taken_as_they_are():
+    """The C++ entry points take their tables as given (C-contiguous, of the exact dtype): anything else is pybind's
+    TypeError, never a silent conversion."""
+    from jitkernels.backends import cpp
+
+    lay = Layout.from_template({n: np.zeros(4, np.float32) for n in "abc"})
+    u = [np.ones(4, np.float32) for _ in "abc"]
+    g = build_groups(lay, [np.array([leaf_entry(a) for a in u], np.int64)], [u], [2.0])[0]["float32"]
+    acc = np.zeros(12, np.float32)
+    args = [g.off, g.ptr, g.w, g.scale_ptr, g.block, *cpp._walk(g)]
+    cpp._core.fold(acc, None, 1, *args)
+    assert (acc == 2.0).all()
+    strided = np.repeat(g.ptr, 2, axis=1)[:, ::2]
+    for i, bad in ((0, g.off.astype(np.int32)), (2, g.w.astype(np.float32)), (1, strided)):
+        with pytest.raises(TypeError, match="incompatible function arguments"):
+            cpp._core.fold(acc, None, 1, *args[:i], bad, *args[i + 1:])
+    assert (acc == 2.0).all()
