@@ -57,7 +57,7 @@ if numba is not None:
 
     # Loops index slices from 0 (a = acc[o:o+n]; a[i]): with offsets inside the index, numba's negative-index
     # wraparound check stays in the loop and blocks vectorization (measured: 2.5x slower).
-    # Every kernel below walks the work items in jitkernels.batch.walk's order, as the C++ kernels' for_blocks
+    # Every kernel below walks the work items in jitkernels.batch.walk's order, as the C++ kernels' walk_blocks
     # does: thread t takes tiles share[t]:share[t+1], each tile's items update-major (one-item tiles too: numba
     # keeps no SUB-blocks).
     @njit(parallel=True, cache=True, nogil=True)
