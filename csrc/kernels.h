@@ -228,31 +228,45 @@ static inline void fold_block_g(A* __restrict a, const A* __restrict b, const In
   }
 }
 
+// The present updates among j0 <= j < j1 of row r (at most FOLD_GROUP): their table entries, in batch order.
+static inline int present_updates(const int64_t* ptr, int64_t r, int64_t k, int64_t j0, int64_t j1, int64_t* es) {
+  int g = 0;
+  for (int64_t j = j0; j < j1; ++j)
+    if (ptr[r * k + j]) es[g++] = r * k + j;
+  return g;
+}
+
+// fold_block_g of the g updates es[0..g) over elements pos .. pos + n of their leaf (o in the accumulator).
+template <class A, class In, bool Base>
+static inline void fold_group(A* acc, const A* base, const int64_t* ptr, const double* w, const int64_t* es, int g,
+                              int64_t pos, int64_t o, int64_t n) {
+  const In* u[FOLD_GROUP];
+  A wg[FOLD_GROUP];
+  for (int q = 0; q < g; ++q) {
+    u[q] = reinterpret_cast<const In*>(ptr[es[q]]) + pos;
+    wg[q] = (A)w[es[q]];
+  }
+  A* a = acc + o;
+  const A* b = Base ? base + o : nullptr;
+  switch (g) {
+    case 1: fold_block_g<A, In, Base, 1>(a, b, u, wg, n); break;
+    case 2: fold_block_g<A, In, Base, 2>(a, b, u, wg, n); break;
+    case 3: fold_block_g<A, In, Base, 3>(a, b, u, wg, n); break;
+    case 4: fold_block_g<A, In, Base, 4>(a, b, u, wg, n); break;
+    default: break;
+  }
+}
+
 template <class A, class In, bool Base>
 static void fold_rows(A* acc, const A* base, const int64_t* off, const int64_t* ptr, const double* w,
                       int64_t k, const Walk& wk) {
   if constexpr (groups_fold<In>) {
     const int64_t* work = wk.work;
     walk_blocks(off, k, FOLD_GROUP, wk, [&](int64_t it, int64_t j0, int64_t j1, int64_t b0, int64_t n) {
-      const int64_t r = work[3 * it], pos = work[3 * it + 1] + b0, o = off[r] + pos;
-      const In* u[FOLD_GROUP];
-      A wg[FOLD_GROUP];
-      int g = 0;
-      for (int64_t j = j0; j < j1; ++j) {  // the present ones, in batch order
-        const int64_t e = r * k + j;
-        if (!ptr[e]) continue;
-        u[g] = reinterpret_cast<const In*>(ptr[e]) + pos;
-        wg[g++] = (A)w[e];
-      }
-      A* a = acc + o;
-      const A* b = Base ? base + o : nullptr;
-      switch (g) {
-        case 1: fold_block_g<A, In, Base, 1>(a, b, u, wg, n); break;
-        case 2: fold_block_g<A, In, Base, 2>(a, b, u, wg, n); break;
-        case 3: fold_block_g<A, In, Base, 3>(a, b, u, wg, n); break;
-        case 4: fold_block_g<A, In, Base, 4>(a, b, u, wg, n); break;
-        default: break;
-      }
+      const int64_t r = work[3 * it], pos = work[3 * it + 1] + b0;
+      int64_t es[FOLD_GROUP];
+      const int g = present_updates(ptr, r, k, j0, j1, es);
+      fold_group<A, In, Base>(acc, base, ptr, w, es, g, pos, off[r] + pos, n);
     }, no_done, SUB);
   } else {
     for_blocks(off, ptr, k, wk, [&](int64_t, int64_t e, int64_t p, int64_t pos, int64_t o, int64_t n) {

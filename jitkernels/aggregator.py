@@ -227,8 +227,7 @@ class Aggregator:
         ``info``: the per-update values the algorithm reads (``steps=`` for FedNova, ``staleness=`` for FedBuff)."""
         if isinstance(update, Admitted):
             with self._lock:
-                if not self._fold_one(update):
-                    self._fold_admitted([update])
+                self._fold_admitted([update])
         else:
             self.fold_many([update], [weight], [party], [info])
 
@@ -362,6 +361,11 @@ class Aggregator:
         return True
 
     def _fold_admitted(self, admitted) -> None:
+        if len(admitted) == 1 and self._fold_one(admitted[0]):
+            return
+        self._fold_batch(admitted)
+
+    def _fold_batch(self, admitted) -> None:
         st, alg = self.state, self.algorithm
         for u in admitted:
             self._check_layout(u)
