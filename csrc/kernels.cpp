@@ -76,9 +76,10 @@ void require(bool ok, const char* what) {
   if (!ok) throw std::invalid_argument(what);
 }
 
-// A table argument (offsets, addresses, weights, walks): a C-contiguous numpy array of T, taken as it is; anything
-// else fails the call with pybind's TypeError. py::array_t's caster converts each argument through PyArray_FromAny with
-// a fresh dtype (0.14 us each): 1.1 of a small fold call's 2 us, which a server pays per update.
+// A table argument (offsets, addresses, weights, walks): a C-contiguous numpy array of T in native byte order, taken
+// as it is; anything else fails the call with pybind's TypeError. py::array_t's caster converts each argument through
+// PyArray_FromAny with a fresh dtype (0.14 us each): 1.1 of a small fold call's 2 us, which a server pays per update.
+// (numpy shows native order as '=' or '|'; a swapped array has T's type number too, so that alone is not enough.)
 template <class T>
 class Table : public py::array {
  public:
@@ -87,9 +88,10 @@ class Table : public py::array {
     const auto& api = py::detail::npy_api::get();
     if (!api.PyArray_Check_(o)) return false;
     const auto* a = py::detail::array_proxy(o);
-    return (a->flags & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_) &&
-           (py::detail::array_descriptor_proxy(a->descr)->type_num == py::detail::npy_format_descriptor<T>::value ||
-            api.PyArray_EquivTypes_(a->descr, py::dtype::of<T>().ptr()));
+    if (!(a->flags & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_)) return false;
+    const auto* d = py::detail::array_descriptor_proxy(a->descr);
+    return (d->type_num == py::detail::npy_format_descriptor<T>::value && (d->byteorder == '=' || d->byteorder == '|'))
+           || api.PyArray_EquivTypes_(a->descr, py::dtype::of<T>().ptr());
   }
   const T* data() const { return static_cast<const T*>(py::array::data()); }
 };

@@ -34,7 +34,8 @@ class _OneUpdate(NamedTuple):
 
     sig: bytes  # the update's dtype codes, one per leaf (batch.leaf_entry)
     bound: float  # Aggregator._fold_bound()
-    runs: list  # [(backend module, Group)]: the batch path's groups for one such update, re-pointed per call
+    groups: list | None  # the batch path's groups for one such update, re-pointed per call (None: the batch path)
+    int_rows: tuple  # its integer leaves (folded on the host)
 
 
 def _write(out, host_values) -> None:
@@ -323,9 +324,9 @@ class Aggregator:
         """The streaming server's per-update fold: one whole host update into a plain float state, through the batch
         path's groups and kernels. Building a batch's tables and checks for one update cost more than folding a
         100k-element update (12 us a call); here the groups are built once per update signature (the dtype of every
-        leaf), re-pointed at each update, and the checks are the batch path's for one update. Returns False (nothing
-        done) where the batch path must run: the GPU backend, partial updates, integer leaves, buffered rules,
-        deterministic mode, norms still to measure against the base."""
+        leaf), re-pointed at each update, and the checks are the batch path's for one update, in its order. Returns
+        False (nothing done) where the batch path must run: the GPU backend, partial updates, buffered rules,
+        deterministic mode, norms still to measure against the base (a refused signature is remembered too)."""
         st, alg = self.state, self.algorithm
         if u.on_device or (st.base is not None and getattr(alg, "needs_norms", False)
                            and u.against_base is not self._base_token):
@@ -334,31 +335,39 @@ class Aggregator:
         sig = u.entries[:, 0].tobytes()
         one = self._one
         if one is None or one.sig != sig:  # (the backend, the rule and the mode are the aggregator's for good)
-            if self.on_gpu or self.buffered or st.deterministic:
-                return False
-            plan = plan_of(self.layout, stack_entries([u.entries]))
-            if plan.absent is not None or plan.int_rows:
-                return False
-            groups, _, _ = build_groups(self.layout, stack_entries([u.entries]), [u.leaves], [0.0], plan=plan)
-            for g in groups.values():
-                g.release()
-            one = self._one = _OneUpdate(sig, self._fold_bound(),
-                                         [(backends.choose(self.backend, n), g) for n, g in groups.items()])
+            one = self._one = self._one_update(u, sig)
+        if one.groups is None:
+            return False
         self._check_parties([u.party])
         self._check_open()
         u.info = alg.check_info(u.info, u.party)
         w = float(alg.fold_weight(u, st))
         self._check_headroom(u, w, one.bound)
-        for mod, g in one.runs:
+        mods = [backends.choose(self.backend, g.in_dtype) for g in one.groups]  # after the checks, as the batch path
+        for mod, g in zip(mods, one.groups):
             g.repoint(u.entries, w, u.leaves)
             try:
                 mod.fold(st.acc, st.base, g)
             finally:
                 g.release()
         m = float(alg.mass(u))
+        for lid in one.int_rows:  # as _record: counters take the plain mass-weighted mean (or max), before the masses
+            self._fold_int(lid, [u.leaves[lid]], [m])
         st.leaf_weight += m  # _record's per-leaf masses, for one whole update
         self._record_party(u, m, alg.derived_info(u, st))
         return True
+
+    def _one_update(self, u, sig: bytes) -> "_OneUpdate":
+        """_fold_one's groups for updates of ``u``'s signature (``groups`` None: the batch path folds them)."""
+        if self.on_gpu or self.buffered or self.state.deterministic:
+            return _OneUpdate(sig, 0.0, None, ())
+        plan = plan_of(self.layout, stack_entries([u.entries]))
+        if plan.absent is not None:
+            return _OneUpdate(sig, 0.0, None, ())
+        groups, _, _ = build_groups(self.layout, stack_entries([u.entries]), [u.leaves], [0.0], plan=plan)
+        for g in groups.values():
+            g.release()
+        return _OneUpdate(sig, self._fold_bound(), list(groups.values()), tuple(plan.int_rows))
 
     def _fold_admitted(self, admitted) -> None:
         if len(admitted) == 1 and self._fold_one(admitted[0]):

@@ -457,3 +457,36 @@ def test_per_update_fold_refusals_leave_the_state_as_it_was():
     agg.state.closed = True  # as a server step or DP noise leaves it
     with pytest.raises(jk.RoundClosed):
         agg.fold(agg.admit({"w": np.ones(8, np.float32)}, 1.0, "d"))
+
+
+@pytest.mark.parametrize("rule", ["mean", "max"])
+def test_per_update_fold_takes_integer_leaves(rule):
+    """Counters (BatchNorm's num_batches_tracked) ride along the per-update path: folded as the batch path folds
+    them, the float leaves through the reused groups."""
+    t = {"w": np.zeros(300, np.float32), "n": np.zeros((), np.int64)}
+    rng = np.random.default_rng(5)
+    ups = [{"w": make_values(rng, (300,), "float32"), "n": np.array(int(rng.integers(0, 50)))} for _ in range(5)]
+    one = jk.Aggregator(t, int_leaves=rule)
+    batch = jk.Aggregator(t, int_leaves=rule)
+    for j, u in enumerate(ups):
+        one.fold(one.admit(u, j + 1.0, j))
+    assert one._one.groups is not None and one._one.int_rows == (1,)
+    batch.fold_many(batch.admit_many(ups, [j + 1.0 for j in range(5)], list(range(5))))
+    assert one.state.acc.tobytes() == batch.state.acc.tobytes()
+    assert one.finalize()["n"] == batch.finalize()["n"]
+
+
+@pytest.mark.skipif("numba" not in CPU_BACKENDS, reason="numba is not installed")
+def test_per_update_fold_refuses_in_the_batch_paths_order():
+    """A closed round is refused as such even where the backend could not run the update's dtype: the per-update
+    path picks backends after the checks, as the batch path does."""
+    t = {"h": np.zeros(4, np.float16)}
+    agg = jk.Aggregator(t, backend="numba")
+    agg.state.closed = True
+    adm = jk.admit({"h": np.ones(4, np.float16)}, agg.layout, party="p", backend="numpy")
+    with pytest.raises(jk.RoundClosed):
+        agg.fold(adm)
+    agg.state.closed = False
+    with pytest.raises(jk.BackendUnavailable, match="float16"):
+        agg.fold(adm)
+    assert agg.state.count == 0 and not agg.state.acc.any()

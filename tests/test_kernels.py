@@ -257,8 +257,8 @@ def _core_simd() -> str:
 
 @pytest.mark.skipif(not backends.is_available("cpp"), reason="C++ extension not built")
 def test_cpp_tables_are_taken_as_they_are():
-    """The C++ entry points take their tables as given (C-contiguous, of the exact dtype): anything else is pybind's
-    TypeError, never a silent conversion."""
+    """The C++ entry points take their tables as given (C-contiguous, of the exact dtype, in native byte order):
+    anything else is pybind's TypeError, never a silent conversion (or a swapped address dereferenced)."""
     from jitkernels.backends import cpp
 
     lay = Layout.from_template({n: np.zeros(4, np.float32) for n in "abc"})
@@ -269,7 +269,8 @@ def test_cpp_tables_are_taken_as_they_are():
     cpp._core.fold(acc, None, 1, *args)
     assert (acc == 2.0).all()
     strided = np.repeat(g.ptr, 2, axis=1)[:, ::2]
-    for i, bad in ((0, g.off.astype(np.int32)), (2, g.w.astype(np.float32)), (1, strided)):
+    swapped = (1, g.ptr.astype(">i8")), (2, g.w.astype(">f8"))  # the type numbers match; the byte order does not
+    for i, bad in ((0, g.off.astype(np.int32)), (2, g.w.astype(np.float32)), (1, strided), *swapped):
         with pytest.raises(TypeError, match="incompatible function arguments"):
             cpp._core.fold(acc, None, 1, *args[:i], bad, *args[i + 1:])
     assert (acc == 2.0).all()
