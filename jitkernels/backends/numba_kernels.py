@@ -59,23 +59,64 @@ if numba is not None:
     # wraparound check stays in the loop and blocks vectorization (measured: 2.5x slower).
     # Every kernel below walks the work items in jitkernels.batch.walk's order, as the C++ kernels' walk_blocks
     # does: thread t takes tiles share[t]:share[t+1], each tile's items update-major (one-item tiles too: numba
-    # keeps no SUB-blocks).
+    # keeps no SUB-blocks); the plain fold takes four updates at a time through them, as the C++ one does.
+    @njit(inline="always")
+    def _fold_one(a, b, has_base, u, wj, acc):
+        if has_base:
+            for i in range(a.size):
+                a[i] = a[i] + wj * (_as_acc(_widen(u[i]), acc) - b[i])
+        else:
+            for i in range(a.size):
+                a[i] = a[i] + wj * _as_acc(_widen(u[i]), acc)
+
+    @njit(inline="always")
+    def _fold_four(a, b, has_base, u0, u1, u2, u3, w0, w1, w2, w3, acc):
+        """Four updates in one pass over the block, each element's terms added in batch order (the same operations
+        as four _fold_one calls, so the same bits; the C++ kernels' fold_block_g)."""
+        if has_base:
+            for i in range(a.size):
+                x = a[i] + w0 * (_as_acc(_widen(u0[i]), acc) - b[i])
+                x = x + w1 * (_as_acc(_widen(u1[i]), acc) - b[i])
+                x = x + w2 * (_as_acc(_widen(u2[i]), acc) - b[i])
+                a[i] = x + w3 * (_as_acc(_widen(u3[i]), acc) - b[i])
+        else:
+            for i in range(a.size):
+                x = a[i] + w0 * _as_acc(_widen(u0[i]), acc)
+                x = x + w1 * _as_acc(_widen(u1[i]), acc)
+                x = x + w2 * _as_acc(_widen(u2[i]), acc)
+                a[i] = x + w3 * _as_acc(_widen(u3[i]), acc)
+
     @njit(parallel=True, cache=True, nogil=True)
     def _fold(acc, base, has_base, off, ptr, w, sptr, blk, work, share, tiles, witness, quant):
+        """Raw updates go through an item four at a time (_fold_four: the accumulator read and written once per four,
+        their streams read side by side), int8 ones one at a time (their scale segments)."""
         k = ptr.shape[1]
+        G = 1 if quant else 4
         for t in prange(share.size - 1):
             for ti in range(share[t], share[t + 1]):
-                for j in range(k):
+                for j0 in range(0, k, G):
+                    j1 = min(k, j0 + G)
                     for it in range(tiles[ti, 0], tiles[ti, 1]):
                         r, s, ln = work[it, 0], work[it, 1], work[it, 2]
-                        p = ptr[r, j]
-                        if p == 0:
-                            continue
                         a = acc[off[r] + s:off[r] + s + ln]
                         b = base[off[r] + s:off[r] + s + ln] if has_base else base[:0]
-                        wj = w[r, j]
-                        u = carray(_typed_ptr(p, witness), (s + ln,))[s:]
-                        if quant:
+                        if not quant and j1 - j0 == 4 and ptr[r, j0] != 0 and ptr[r, j0 + 1] != 0 \
+                                and ptr[r, j0 + 2] != 0 and ptr[r, j0 + 3] != 0:
+                            _fold_four(a, b, has_base, carray(_typed_ptr(ptr[r, j0], witness), (s + ln,))[s:],
+                                       carray(_typed_ptr(ptr[r, j0 + 1], witness), (s + ln,))[s:],
+                                       carray(_typed_ptr(ptr[r, j0 + 2], witness), (s + ln,))[s:],
+                                       carray(_typed_ptr(ptr[r, j0 + 3], witness), (s + ln,))[s:],
+                                       w[r, j0], w[r, j0 + 1], w[r, j0 + 2], w[r, j0 + 3], acc)
+                            continue
+                        for j in range(j0, j1):
+                            p = ptr[r, j]
+                            if p == 0:
+                                continue
+                            wj = w[r, j]
+                            u = carray(_typed_ptr(p, witness), (s + ln,))[s:]
+                            if not quant:
+                                _fold_one(a, b, has_base, u, wj, acc)
+                                continue
                             B = blk[r, j]
                             scales = carray(_typed_ptr(sptr[r, j], np.empty(0, np.float32)),
                                             (1 + (s + ln - 1) // B,))
@@ -93,12 +134,6 @@ if numba is not None:
                                     for i in range(i1 - i0):
                                         aa[i] = aa[i] + wj * (_as_acc(_widen(uu[i]), acc) * sc)
                                 i0 = i1
-                        elif has_base:
-                            for i in range(ln):
-                                a[i] = a[i] + wj * (_as_acc(_widen(u[i]), acc) - b[i])
-                        else:
-                            for i in range(ln):
-                                a[i] = a[i] + wj * _as_acc(_widen(u[i]), acc)
 
     @njit(parallel=True, cache=True, nogil=True)
     def _fold_binned(hi, lo, base, has_base, off, ptr, w, sptr, blk, work, share, tiles, witness, quant, s1, s2):
