@@ -36,6 +36,7 @@ class _OneUpdate(NamedTuple):
     bound: float  # Aggregator._fold_bound()
     groups: list | None  # the batch path's groups for one such update, re-pointed per call (None: the batch path)
     int_rows: tuple  # its integer leaves (folded on the host)
+    mods: list  # the backend module of each group, once resolved
 
 
 def _write(out, host_values) -> None:
@@ -343,8 +344,9 @@ class Aggregator:
         u.info = alg.check_info(u.info, u.party)
         w = float(alg.fold_weight(u, st))
         self._check_headroom(u, w, one.bound)
-        mods = [backends.choose(self.backend, g.in_dtype) for g in one.groups]  # after the checks, as the batch path
-        for mod, g in zip(mods, one.groups):
+        if len(one.mods) < len(one.groups):  # resolved after the checks, as the batch path does; then kept
+            one.mods[:] = [backends.choose(self.backend, g.in_dtype) for g in one.groups]
+        for mod, g in zip(one.mods, one.groups):
             g.repoint(u.entries, w, u.leaves)
             try:
                 mod.fold(st.acc, st.base, g)
@@ -354,20 +356,20 @@ class Aggregator:
         for lid in one.int_rows:  # as _record: counters take the plain mass-weighted mean (or max), before the masses
             self._fold_int(lid, [u.leaves[lid]], [m])
         st.leaf_weight += m  # _record's per-leaf masses, for one whole update
-        self._record_party(u, m, alg.derived_info(u, st))
+        self._record_parties((u,), (m,), (alg.derived_info(u, st),))
         return True
 
     def _one_update(self, u, sig: bytes) -> "_OneUpdate":
         """_fold_one's groups for updates of ``u``'s signature (``groups`` None: the batch path folds them)."""
         if self.on_gpu or self.buffered or self.state.deterministic:
-            return _OneUpdate(sig, 0.0, None, ())
+            return _OneUpdate(sig, 0.0, None, (), [])
         plan = plan_of(self.layout, stack_entries([u.entries]))
         if plan.absent is not None:
-            return _OneUpdate(sig, 0.0, None, ())
+            return _OneUpdate(sig, 0.0, None, (), [])
         groups, _, _ = build_groups(self.layout, stack_entries([u.entries]), [u.leaves], [0.0], plan=plan)
         for g in groups.values():
             g.release()
-        return _OneUpdate(sig, self._fold_bound(), list(groups.values()), tuple(plan.int_rows))
+        return _OneUpdate(sig, self._fold_bound(), list(groups.values()), tuple(plan.int_rows), [])
 
     def _fold_admitted(self, admitted) -> None:
         if len(admitted) == 1 and self._fold_one(admitted[0]):
@@ -376,8 +378,10 @@ class Aggregator:
 
     def _fold_batch(self, admitted) -> None:
         st, alg = self.state, self.algorithm
-        for u in admitted:
-            self._check_layout(u)
+        fp = self.layout.fingerprint
+        foreign = next((u for u in admitted if u.layout_fingerprint != fp), None)
+        if foreign is not None:
+            self._check_layout(foreign)
         self._check_parties([u.party for u in admitted])
         tab = stack_entries([u.entries for u in admitted])  # [L, k, 4], once for the checks and the groups
         plan = plan_of(self.layout, tab)
@@ -409,8 +413,10 @@ class Aggregator:
         if deterministic:
             st.check_binned_room(len(admitted))
         bound = self._fold_bound()
-        for u, w in zip(admitted, fold_w):
-            self._check_headroom(u, w, bound)
+        over = ~(np.asarray(fold_w) * np.fromiter((u.maxabs for u in admitted), float, len(admitted)) <= bound)
+        if over.any():  # the first in order, as one by one
+            j = int(np.argmax(over))
+            self._check_headroom(admitted[j], fold_w[j], bound)
         if deterministic and int_rows and st.algorithm.get("int_leaves", "mean") == "mean":
             self._check_int_bound(admitted, int_rows, bound)
         mods = {name: backends.choose(self.backend, name) for name in groups}  # all refusals before any fold
@@ -490,13 +496,14 @@ class Aggregator:
                 lacks = np.flatnonzero(plan.absent[:, j])
                 if lacks.size:
                     st.absent[u.party] = tuple(lacks.tolist())
-        for u, m, d in zip(admitted, mass, derived):
-            self._record_party(u, m, d)
+        self._record_parties(admitted, mass, derived)
 
-    def _record_party(self, u, mass: float, derived: dict) -> None:
-        self.state.parties[u.party] = mass
-        if u.info or derived:
-            self.state.info[u.party] = {**u.info, **derived}
+    def _record_parties(self, admitted, mass, derived) -> None:
+        parties, info = self.state.parties, self.state.info
+        for u, m, d in zip(admitted, mass, derived):
+            parties[u.party] = m
+            if u.info or d:
+                info[u.party] = {**u.info, **d}
 
     def _fold_int(self, lid, arrays, weights):
         leaf = self.layout.leaves[lid]
