@@ -460,7 +460,7 @@ class Aggregator:
                 # a GPU aggregator's store is in GPU memory (unless it may spill to disk): device updates go in
                 # device to device; a host store takes a copy of them
                 leaves = [to_host(a) for a in u.leaves] if u.on_device and not store.on_device else u.leaves
-                store.add(dict(zip(names, leaves)), u.party)
+                store.add(dict(zip(names, leaves)), u.party, finite=True)  # admission counted its values
         except BaseException:  # a value the store's dtype cannot hold, a leaf it cannot take: no row of the batch
             store.truncate(k0)
             raise

@@ -275,7 +275,7 @@ def robust_rows(n, k=10, reps=5, bw=None, log=print) -> list:
     def fill():
         store.clear(release=False)
         for j, u in enumerate(ups):
-            store.add(u, party=j)
+            store.add(u, party=j, finite=True)  # as an aggregator adds its admitted updates
     fill()
     host = np.stack([u.get() for u in ups])
     f = max(0, (k - 3) // 4)  # Bulyan's k >= 4f + 3

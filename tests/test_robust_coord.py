@@ -534,6 +534,26 @@ def test_rejected_add_names_the_party_and_leaves_the_store_bit_identical(bad, er
     assert _snapshot(s) == before
 
 
+@pytest.mark.parametrize("kind", [UpdateStore, HostShimDeviceStore])
+def test_finite_updates_skip_only_the_checks_that_cannot_fail(kind):
+    """add(..., finite=True) (an admitted update, whose values admission counted) writes the same bits without the
+    per-chunk check where the slab holds the values exactly; a conversion that can overflow (float32 into float16,
+    float64 into float32) is still checked, and refused by name."""
+    n = 2 * CHUNK + 5
+    rng = np.random.default_rng(1)
+    up = [rng.standard_normal((2, CHUNK)).astype(np.float32), rng.standard_normal(5).astype(np.float16)]
+    plain, known = kind(n, 2), kind(n, 2)
+    plain.add(up, party="p")
+    known.add(up, party="p", finite=True)
+    assert _snapshot(plain) == _snapshot(known)
+    for dtype, bad in (("float16", np.full(5, 7e4, np.float32)), ("float32", np.full(5, 1e300))):
+        s = kind(n, 2, dtype=dtype)
+        before = _snapshot(s)
+        with pytest.raises(jk.ValueOutOfRange, match="'q'"):
+            s.add([np.ones((2, CHUNK), np.float32), bad], party="q", finite=True)
+        assert _snapshot(s) == before
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_device_store_grows_within_k_max_and_its_budget(dtype):
     """A store in GPU memory has no lazy commit: its slab starts empty and doubles (at least FIRST_ROWS), never past
