@@ -200,7 +200,8 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
     # first bad update in order raises, non-finite before out of range, as one by one
     peak = maxabs.max(axis=0, initial=0.0)
     scale = np.asarray(prep.weights if fold_weights is None else fold_weights, np.float64)
-    bad = nonfinite.any(axis=0) | ~(scale * peak <= limit)
+    with np.errstate(over="ignore", invalid="ignore"):  # an inf or NaN product is refused below, by name
+        bad = nonfinite.any(axis=0) | ~(scale * peak <= limit)
     if bad.any():
         j = int(np.argmax(bad))
         party = prep.parties[j]

@@ -413,7 +413,8 @@ class Aggregator:
         if deterministic:
             st.check_binned_room(len(admitted))
         bound = self._fold_bound()
-        over = ~(np.asarray(fold_w) * np.fromiter((u.maxabs for u in admitted), float, len(admitted)) <= bound)
+        with np.errstate(over="ignore", invalid="ignore"):  # an inf or NaN product is refused below, by name
+            over = ~(np.asarray(fold_w) * np.fromiter((u.maxabs for u in admitted), float, len(admitted)) <= bound)
         if over.any():  # the first in order, as one by one
             j = int(np.argmax(over))
             self._check_headroom(admitted[j], fold_w[j], bound)

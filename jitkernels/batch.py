@@ -234,7 +234,7 @@ def walk(g: Group, nthreads: int) -> tuple:
     """(share, tiles): the order in which the kernels visit a group's work items, as data (numba's kernels and
     csrc/kernels.h ``walk_blocks`` take it; one rule for both). Thread t walks the tiles share[t]:share[t+1]; a
     tile is the run of work items tiles[i, 0]:tiles[i, 1], visited update-major (every item of the tile for update
-    j, then for j + 1; the C++ fold takes four updates side by side), so an update whose leaves lie next to each other
+    j, then for j + 1; the plain fold takes four updates side by side), so an update whose leaves lie next to each other
     in memory is read in one long run. Few updates (k <= MANY_UPDATES): one item per tile and threads take equal
     counts of items. Many: threads take the items whose first element falls in their equal share of the elements,
     and a tile is the items whose first element falls in the same TILE-element window of the share. Cached on the

@@ -490,3 +490,18 @@ def test_per_update_fold_refuses_in_the_batch_paths_order():
     with pytest.raises(jk.BackendUnavailable, match="float16"):
         agg.fold(adm)
     assert agg.state.count == 0 and not agg.state.acc.any()
+
+
+def test_an_overflowing_fold_weight_is_refused_by_name_under_strict_numpy_errors():
+    """fold weight * max|x| may overflow (FedNova's w / steps with tiny steps) or be inf * 0: the batch's vectorized
+    headroom check refuses the party by name, without a numpy warning or FloatingPointError on the way."""
+    t = {"w": np.zeros(4, np.float32)}
+    lay = jk.Layout.from_template(t)
+    for vals, steps in (([1.0, 1e10], [1.0, 1e-300]), ([1.0, 0.0], [1.0, 1e-320])):
+        agg = jk.Aggregator(t, "fednova", base=t)
+        ups = [jk.admit({"w": np.full(4, v, np.float32)}, lay, party=f"p{i}") for i, v in enumerate(vals)]
+        for u, s in zip(ups, steps):
+            u.info = {"steps": s}
+        with np.errstate(all="raise"), pytest.raises(jk.ValueOutOfRange, match="'p1'"):
+            agg.fold_many(ups)
+        assert agg.state.count == 0
