@@ -40,7 +40,8 @@ accumulators above, which every method needs once (4N bytes).
 ``OMP_WAIT_POLICY=passive`` is set (unless already set) before any OpenMP runtime is loaded: torch, numba and the
 C++ kernels each bring an OpenMP thread pool, and by default a pool's threads spin after each parallel region,
 stealing the cores the next library's kernel needs (on a 2-core machine, all of them). The header says whether the
-setting came too late (torch or the C++ extension imported before this module).
+setting came too late (torch or the C++ extension imported before this module: the command line then runs again
+with it set, :func:`command_line`).
 """
 
 from __future__ import annotations
@@ -841,5 +842,14 @@ def main(argv=None) -> int:
     return 0
 
 
+def command_line(argv) -> int:
+    """The command line (``python -m jitkernels.benchmark``, ``jitagg bench``). Importing the package loads the C++
+    extension, whose OpenMP runtime reads ``OMP_WAIT_POLICY`` then: where that came before this module could set it,
+    the command runs again in a fresh interpreter that has it from the start (the header says so either way)."""
+    if _SET_TOO_LATE:
+        os.execv(sys.executable, [sys.executable, "-m", "jitkernels.benchmark", *argv])  # the environment has it now
+    return main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command_line(sys.argv[1:]))

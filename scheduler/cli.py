@@ -209,7 +209,7 @@ def cmd_calibrate(args) -> int:
 def cmd_bench(args) -> int:
     from jitkernels import benchmark
 
-    return benchmark.main(["--quick"] if args.quick else [])
+    return benchmark.command_line(["--quick"] if args.quick else [])
 
 
 def main(argv=None) -> int:
