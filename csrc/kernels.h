@@ -153,7 +153,6 @@ static void for_blocks(const int64_t* off, const int64_t* ptr, int64_t k, const 
   }, done, min_sub);
 }
 
-
 // Prefetch the bytes of an update's next block (it is read after the other k - 1 updates' blocks): a compute-heavy
 // body (the deterministic fold) leaves the hardware prefetchers behind on k streams visited one block at a time
 // (in the fused admission it measured no gain). Past the end of a row the prefetch is harmless (it never faults).
