@@ -502,7 +502,8 @@ int max_threads() {
 namespace pybind11::detail {
 template <class T>
 struct handle_type_name<Table<T>> {
-  static constexpr auto name = const_name("numpy.ndarray[") + npy_format_descriptor<T>::name + const_name(", C-contiguous]");
+  static constexpr auto name =
+      const_name("numpy.ndarray[") + npy_format_descriptor<T>::name + const_name(", C-contiguous]");
 };
 }  // namespace pybind11::detail
 

@@ -363,10 +363,11 @@ class Aggregator:
         """_fold_one's groups for updates of ``u``'s signature (``groups`` None: the batch path folds them)."""
         if self.on_gpu or self.buffered or self.state.deterministic:
             return _OneUpdate(sig, 0.0, None, (), [])
-        plan = plan_of(self.layout, stack_entries([u.entries]))
+        tab = stack_entries([u.entries])
+        plan = plan_of(self.layout, tab)
         if plan.absent is not None:
             return _OneUpdate(sig, 0.0, None, (), [])
-        groups, _, _ = build_groups(self.layout, stack_entries([u.entries]), [u.leaves], [0.0], plan=plan)
+        groups, _, _ = build_groups(self.layout, tab, [u.leaves], [0.0], plan=plan)
         for g in groups.values():
             g.release()
         return _OneUpdate(sig, self._fold_bound(), list(groups.values()), tuple(plan.int_rows), [])

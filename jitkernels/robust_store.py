@@ -418,12 +418,12 @@ class UpdateStore:
         row = self._slab[k]
         off = 0
         for name, flat, dn, _ in leaves:
-            checked = finite and (dn == self.dtype or (self.dtype == "float32" and dn in ("float16", "bfloat16")))
+            exact = finite and (dn == self.dtype or (self.dtype == "float32" and dn in ("float16", "bfloat16")))
             for a in range(0, flat.size, self.chunk):
                 src = flat[a:a + self.chunk]
                 dst = row[off + a:off + a + src.size]
                 _convert_into(dst, src, dn, self.dtype)
-                if not checked and _bad_count(dst, self.dtype):
+                if not exact and _bad_count(dst, self.dtype):
                     row[:off + a + src.size] = 0  # the row was all zeros: restore it
                     _check_values([(name, flat, dn, None)], party, self.dtype, array_module(row))
                     raise AssertionError("unreachable: a bad chunk must fail the check")  # pragma: no cover

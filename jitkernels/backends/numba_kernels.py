@@ -88,8 +88,9 @@ if numba is not None:
 
     @njit(parallel=True, cache=True, nogil=True)
     def _fold(acc, base, has_base, off, ptr, w, sptr, blk, work, share, tiles, witness, quant):
-        """Raw updates go through an item four at a time (_fold_four: the accumulator read and written once per four,
-        their streams read side by side), int8 ones one at a time (their scale segments)."""
+        """Raw updates go through an item four at a time where all four carry it (_fold_four: the accumulator read
+        and written once per four, their streams read side by side; C++ also packs the present ones of a group),
+        else one at a time, as int8 ones always are (their scale segments)."""
         k = ptr.shape[1]
         G = 1 if quant else 4
         for t in prange(share.size - 1):
