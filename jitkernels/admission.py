@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import backends
-from .batch import ABSENT, CODE, INT_CODE, build_groups, leaf_entry
+from .batch import ABSENT, build_groups, dtype_code, leaf_entry, stack_entries
 from .dtypes import Quantized
 from .device import DeviceLeaf
 from .errors import InvalidWeight, LayoutMismatch, NonFiniteUpdate, ValueOutOfRange
@@ -100,11 +100,10 @@ def leaf_entries(layout, leaves_list) -> list:
 
 
 def _layout_codes(layout) -> np.ndarray:
-    """batch.CODE of each leaf's dtype (INT_CODE for integer leaves), cached on the layout."""
+    """batch.dtype_code of each leaf's dtype, cached on the layout."""
     codes = layout.__dict__.get("_entry_codes")
     if codes is None:
-        codes = layout.__dict__["_entry_codes"] = np.array([CODE.get(leaf.dtype, INT_CODE) for leaf in layout.leaves],
-                                                           np.int64)
+        codes = layout.__dict__["_entry_codes"] = np.array([dtype_code(leaf.dtype) for leaf in layout.leaves], np.int64)
     return codes
 
 
@@ -118,31 +117,70 @@ def batch_stats(layout, leaves_list, *, base=None, host_base=None, backend="auto
     k = len(leaves_list)
     L = len(layout.leaves)
     entries = leaf_entries(layout, leaves_list) if entries is None else entries
-    on_device = np.zeros(k, bool) if on_device is None else np.asarray(on_device, bool)
     host_base = base if host_base is None else host_base
     stats = None
-    for dev in (False, True):
-        cols = np.flatnonzero(on_device == dev)
+    if on_device is None or not any(on_device):  # the usual case: every update on the host, no columns to gather
+        sides = [(False, np.arange(k))]
+    else:
+        on_device = np.asarray(on_device, bool)
+        sides = [(dev, np.flatnonzero(on_device == dev)) for dev in (False, True)]
+    for dev, cols in sides:
         if cols.size == 0:
             continue
-        every = cols.size == k  # the usual case: no column subsets to gather or scatter
-        groups = build_groups(layout, entries if every else [entries[j] for j in cols],
-                              leaves_list if every else [leaves_list[j] for j in cols], np.ones(cols.size),
-                              device=np.ones(cols.size, bool) if dev else None)[0]
-        for name, g in groups.items():
-            if dev:
-                mod, b = backends.get("cupy"), base
-            else:
-                mod, b = backends.choose("auto" if backend == "cupy" else backend, name), host_base
-            got = mod.stats(b, g, acc_dtype)
-            if every and len(groups) == 1 and len(g.leaf_ids) == L:  # one group, every leaf in order: the answer
-                return (entries, *got)
-            if stats is None:
-                stats = np.zeros((L, k), np.int64), np.zeros((L, k)), np.zeros((L, k))
-            add_stats(stats, g.leaf_ids if every else np.ix_(g.leaf_ids, cols), *got)
+        every = cols.size == k
+        one = k == 1 and not dev  # a submit's admission: its signature's groups, re-pointed (see _OneStats)
+        table = stack_entries(entries)[:, 0] if one else None  # (a list of tables, or one stacked table)
+        groups = _OneStats.take(layout, table, leaves_list[0]) if one else build_groups(
+            layout, entries if every else [entries[j] for j in cols],
+            leaves_list if every else [leaves_list[j] for j in cols], np.ones(cols.size),
+            device=np.ones(cols.size, bool) if dev else None)[0]
+        try:
+            for name, g in groups.items():
+                if dev:
+                    mod, b = backends.get("cupy"), base
+                else:
+                    mod, b = backends.choose("auto" if backend == "cupy" else backend, name), host_base
+                got = mod.stats(b, g, acc_dtype)
+                if every and len(groups) == 1 and len(g.leaf_ids) == L:  # one group, every leaf in order: the answer
+                    return (entries, *got)
+                if stats is None:
+                    stats = np.zeros((L, k), np.int64), np.zeros((L, k)), np.zeros((L, k))
+                add_stats(stats, g.leaf_ids if every else np.ix_(g.leaf_ids, cols), *got)
+        finally:
+            if one:
+                _OneStats.give_back(layout, table, groups)
     if stats is None:
         stats = np.zeros((L, k), np.int64), np.zeros((L, k)), np.zeros((L, k))
     return (entries, *stats)
+
+
+class _OneStats:
+    """Stats groups for one host update, built once per signature (the dtype code of every leaf) and re-pointed at
+    each update (batch.Group.repoint), as the aggregator's per-update fold does: building them was a third of a
+    small update's admission. A caller takes a signature's groups out of the layout's cache and gives them back
+    after its call, so threads admitting at once never share one (a second thread builds its own)."""
+
+    @staticmethod
+    def _cache(layout) -> dict:
+        return layout.__dict__.setdefault("_one_stats", {})
+
+    @classmethod
+    def take(cls, layout, entries, leaves) -> dict:
+        groups = cls._cache(layout).pop(entries[:, 0].tobytes(), None)
+        if groups is None:
+            groups = build_groups(layout, entries[:, None], [leaves], np.ones(1))[0]
+        for g in groups.values():
+            g.repoint(entries, 1.0, leaves)
+        return groups
+
+    @classmethod
+    def give_back(cls, layout, entries, groups) -> None:
+        for g in groups.values():
+            g.release()
+        cache = cls._cache(layout)
+        if len(cache) > 64:  # (signatures: mixes of dtypes and absent leaves; a server sees a few)
+            cache.clear()
+        cache[entries[:, 0].tobytes()] = groups
 
 
 def add_stats(stats, rows, nf, ss, mx) -> None:
@@ -196,14 +234,20 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
     algorithm's, e.g. FedNova's w / steps) the headroom is checked against those, which the fold multiplies by."""
     nonfinite, sumsq, maxabs = stats
     limit = headroom(acc_dtype) if bound is None else float(bound)
-    # every update at once (a Python loop of numpy calls per update was most of admitting small updates); the
-    # first bad update in order raises, non-finite before out of range, as one by one
-    peak = maxabs.max(axis=0, initial=0.0)
-    scale = np.asarray(prep.weights if fold_weights is None else fold_weights, np.float64)
-    with np.errstate(over="ignore", invalid="ignore"):  # an inf or NaN product is refused below, by name
-        bad = nonfinite.any(axis=0) | ~(scale * peak <= limit)
-    if bad.any():
-        j = int(np.argmax(bad))
+    scale = prep.weights if fold_weights is None else [float(w) for w in fold_weights]
+    if len(scale) == 1:  # one update (a submit): Python floats, a third of the numpy calls' time
+        peak = [float(maxabs.max(initial=0.0))]
+        bad = [bool(nonfinite.any()) or not scale[0] * peak[0] <= limit]
+        # the sum over leaves in the order the batch path's row sum takes (pairwise): the same bits
+        norms = [math.sqrt(float(sumsq.sum()))]
+    else:  # every update at once (a Python loop of numpy calls per update was most of admitting small updates)
+        peak = maxabs.max(axis=0, initial=0.0)
+        with np.errstate(over="ignore", invalid="ignore"):  # an inf or NaN product is refused below, by name
+            bad = (nonfinite.any(axis=0) | ~(np.asarray(scale, np.float64) * peak <= limit)).tolist()
+        norms = np.sqrt(np.ascontiguousarray(sumsq.T).sum(axis=1)).tolist()
+        peak = peak.tolist()
+    if True in bad:  # the first bad update in order raises, non-finite before out of range, as one by one
+        j = bad.index(True)
         party = prep.parties[j]
         leaf = np.flatnonzero(nonfinite[:, j])
         if leaf.size:
@@ -213,14 +257,11 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
         raise ValueOutOfRange(
             f"party {party!r}: leaf {layout.leaves[worst].name!r} has |x| = {peak[j]:.6g}, "
             f"which times weight {scale[j]:.6g} exceeds {limit:.6g} ({what})")
-    # per update, the sum over leaves in the order a column's own .sum() takes (pairwise): the same bits as before
-    norms = np.sqrt(np.ascontiguousarray(sumsq.T).sum(axis=1)).tolist()
-    maxes = peak.tolist()
     fp = layout.fingerprint
     return [Admitted(party, w, leaves, entries, fp, norm, mx, sum(a.nbytes for a in leaves if a is not None),
                      against_base, dev)
             for party, w, leaves, entries, norm, mx, dev in zip(prep.parties, prep.weights, prep.leaves,
-                                                                  prep.entries, norms, maxes, prep.on_device)]
+                                                                  prep.entries, norms, peak, prep.on_device)]
 
 
 def admit_many(updates, layout, *, weights=None, parties=None, base=None, backend="auto", acc_dtype="float32",

@@ -18,7 +18,7 @@ from functools import cached_property
 import numpy as np
 
 from .device import DeviceLeaf
-from .dtypes import Quantized, dtype_name
+from .dtypes import Quantized, dtype_name, is_float_name
 
 GROUP_ORDER = ("float64", "float32", "float16", "bfloat16", "int8")
 CODE = {name: i for i, name in enumerate(GROUP_ORDER)}
@@ -34,14 +34,19 @@ TILE = 65536
 update-major (:func:`walk`, which both compiled backends take as data; csrc/kernels.h ``walk_blocks`` says why)."""
 
 
+def dtype_code(name: str) -> int:
+    """The group code of a leaf of dtype ``name``: its float group, else INT_CODE. An int8 array is an integer
+    leaf: only a :class:`Quantized` leaf (int8 values with scales) is folded by the int8 group."""
+    return CODE[name] if is_float_name(name) else INT_CODE
+
+
 def leaf_entry(a):
     """(code, data address, scale address, block) of one flattened leaf."""
     if a is None:
         return ABSENT, 0, 0, 0
     if isinstance(a, Quantized):
         return CODE["int8"], _addr(a.values), _addr(a.scale), a.block
-    name = dtype_name(a.dtype)
-    return CODE.get(name, INT_CODE), _addr(a), 0, 0
+    return dtype_code(dtype_name(a.dtype)), _addr(a), 0, 0
 
 
 def _addr(a) -> int:

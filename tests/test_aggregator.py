@@ -197,14 +197,21 @@ def test_delta_fold_against_base():
     np.testing.assert_allclose(agg.finalize(), base + want, rtol=1e-6)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [np.int64, np.int8, np.uint8])
 @pytest.mark.parametrize("rule,want", [("mean", 15), ("max", 20)])
-def test_integer_leaf_rules(rule, want):
-    tmpl = {"w": np.zeros(2, np.float32), "n": np.array(0, np.int64)}
-    agg = jk.Aggregator(tmpl, int_leaves=rule)
-    agg.fold({"w": np.ones(2, np.float32), "n": np.array(10, np.int64)}, party="a")
-    agg.fold({"w": np.ones(2, np.float32), "n": np.array(20, np.int64)}, party="b")
-    out = agg.finalize()
-    assert out["n"].dtype == np.int64 and int(out["n"]) == want
+def test_integer_leaf_rules(rule, want, dtype, backend):
+    """Integer leaves of every width follow the rule, one by one and in a batch: an int8 array is an integer leaf,
+    not the int8 group's quantized values (it was folded as one, without scales: a SIGFPE in the C++ kernel)."""
+    tmpl = {"w": np.zeros(2, np.float32), "n": np.zeros(3, dtype)}
+    ups = [{"w": np.ones(2, np.float32), "n": np.full(3, v, dtype)} for v in (10, 20)]
+    agg = jk.Aggregator(tmpl, int_leaves=rule, backend=backend)
+    for p, u in zip("ab", ups):
+        agg.fold(u, party=p)
+    batch = jk.Aggregator(tmpl, int_leaves=rule, backend=backend)
+    batch.fold_many(ups, parties=["a", "b"])
+    for out in (agg.finalize(), batch.finalize()):
+        assert out["n"].dtype == dtype and out["n"].tolist() == [want] * 3
 
 
 def test_unweighted_fedavg_ignores_weights():
@@ -406,6 +413,75 @@ def test_admitted_updates_folded_one_at_a_time_equal_the_batch_bitwise(backend, 
     assert one.state.acc.tobytes() == batch.state.acc.tobytes()
     assert one.state.leaf_weight.tobytes() == batch.state.leaf_weight.tobytes()
     assert one.state.parties == batch.state.parties
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@given(seed=seeds, shapes=leaf_shapes(max_leaves=4, max_size=500), k=st.integers(2, 5), with_base=st.booleans(),
+       data=st.data())
+def test_one_update_admission_gives_the_batchs_stats_bitwise(backend, seed, shapes, k, with_base, data):
+    """Admitting one update (a submit: its signature's stats groups re-pointed, the checks on Python floats) gives
+    the norm and max-abs that admitting it in a batch gives, to the bit, with leaves of several dtypes, absent
+    leaves (partial updates) and integer leaves; and refuses what the batch refuses, naming the same leaf."""
+    kinds = ["float32", "bfloat16", "int8", "int32", "absent"] + (["float16"] if backend != "numba" else [])
+    rng = np.random.default_rng(seed)
+    kind_of = {f"l{i}": data.draw(st.sampled_from(kinds)) for i in range(len(shapes))}
+    tmpl = {n: np.zeros(s, np.int32 if kind == "int32" else
+                        np.float32 if kind in ("int8", "absent") else np_dtype(kind))
+            for (n, kind), s in zip(kind_of.items(), shapes)}
+
+    def update():
+        out = {}
+        for n, a in tmpl.items():
+            x = make_values(rng, a.shape, "float32")
+            if kind_of[n] == "int8":
+                out[n] = jk.Quantized.quantize(x)
+            elif kind_of[n] == "int32":
+                out[n] = rng.integers(-5, 5, a.shape).astype(np.int32)
+            elif kind_of[n] != "absent" or data.draw(st.booleans()):
+                out[n] = x.astype(a.dtype)
+        return out
+
+    base = {n: make_values(rng, a.shape, "float32").astype(a.dtype) for n, a in tmpl.items()} if with_base else None
+    agg = jk.Aggregator(tmpl, backend=backend, base=base, partial=True)
+    ups, ws = [update() for _ in range(k)], list(rng.integers(1, 500, k).astype(float))
+    batch = agg.admit_many(ups, ws, list(range(k)))
+    for j, (u, w) in enumerate(zip(ups, ws)):
+        for _ in range(2):  # the second time through the cached groups
+            one = agg.admit(u, w, j)
+            assert (one.norm, one.maxabs, one.nbytes) == (batch[j].norm, batch[j].maxabs, batch[j].nbytes)
+            assert one.entries.tobytes() == batch[j].entries.tobytes()
+    floats = [n for n in tmpl if kind_of[n] not in ("int8", "int32") and ups[0].get(n) is not None
+              and ups[0][n].size]
+    if floats:
+        bad = {**ups[0], floats[-1]: ups[0][floats[-1]].copy()}
+        bad[floats[-1]].reshape(-1)[-1] = np.nan
+        for call in (lambda: agg.admit(bad, 1.0, "bad"), lambda: agg.admit_many([ups[1], bad], [1.0, 1.0], [1, "bad"])):
+            with pytest.raises(jk.NonFiniteUpdate, match=f"'bad'.*leaf '{floats[-1]}'"):
+                call()
+
+
+def test_one_update_admission_from_several_threads_keeps_each_updates_stats():
+    """Threads admitting updates of one signature at once each get their own update's stats (a thread takes its
+    signature's cached groups out while it uses them)."""
+    import threading
+    t = {f"l{i}": np.zeros(300, np.float32) for i in range(4)}
+    agg = jk.Aggregator(t, backend="cpp")
+    ups = [{n: np.full(300, float(j + 1), np.float32) for n in t} for j in range(8)]
+    want = [np.sqrt(4 * 300 * (j + 1.0) ** 2) for j in range(8)]
+    errors = []
+
+    def admit(j):
+        for _ in range(300):
+            a = agg.admit(ups[j], 1.0, j)
+            if a.maxabs != j + 1 or not np.isclose(a.norm, want[j]):
+                errors.append((j, a.maxabs, a.norm))
+
+    threads = [threading.Thread(target=admit, args=(j,)) for j in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
