@@ -11,6 +11,7 @@ import threading
 import uuid
 from typing import NamedTuple
 
+import ml_dtypes
 import numpy as np
 
 from . import admission
@@ -27,6 +28,10 @@ from . import state as state_module
 from .state import FoldState, _check_party
 
 INT_RULES = ("mean", "max")
+
+_INF_BITS = {"float16": (np.int16, np.uint16, 0x7C00, 0xFC00), "bfloat16": (np.int16, np.uint16, 0x7F80, 0xFF80),
+             "float32": (np.int32, np.uint32, 0x7F800000, 0xFF800000)}
+"""Per narrow output dtype: the integer views of its bits, and the first bits of inf/NaN, positive and negative."""
 
 
 class _OneUpdate(NamedTuple):
@@ -292,6 +297,7 @@ class Aggregator:
                 admission.add_stats(stats, g.leaf_ids, *cpp.fold_stats(st.acc, st.base, g, norms=False))
             admitted = admission.check(prep, self.layout, stats, acc_dtype=self.acc_dtype,
                                        against_base=st.base is not None, fold_weights=fold_w)
+            self._check_int_bound(admitted, int_rows, self._fold_bound())
         except BaseException:
             st.acc.fill(0)  # the state was empty: all zeros
             raise
@@ -344,6 +350,7 @@ class Aggregator:
         u.info = alg.check_info(u.info, u.party)
         w = float(alg.fold_weight(u, st))
         self._check_headroom(u, w, one.bound)
+        self._check_int_bound((u,), [(lid, [u.leaves[lid]]) for lid in one.int_rows], one.bound)
         if len(one.mods) < len(one.groups):  # resolved after the checks, as the batch path does; then kept
             one.mods[:] = [backends.choose(self.backend, g.in_dtype) for g in one.groups]
         for mod, g in zip(one.mods, one.groups):
@@ -419,8 +426,7 @@ class Aggregator:
         if over.any():  # the first in order, as one by one
             j = int(np.argmax(over))
             self._check_headroom(admitted[j], fold_w[j], bound)
-        if deterministic and int_rows and st.algorithm.get("int_leaves", "mean") == "mean":
-            self._check_int_bound(admitted, int_rows, bound)
+        self._check_int_bound(admitted, int_rows, bound)
         mods = {name: backends.choose(self.backend, name) for name in groups}  # all refusals before any fold
         for name, g in groups.items():
             mod = mods[name]
@@ -434,12 +440,20 @@ class Aggregator:
         self._record(admitted, int_rows, plan)
 
     def _check_int_bound(self, admitted, int_rows, bound) -> None:
-        """Deterministic mode sums integer leaves (counters) on the float leaves' grids, each term t = mass * x. The
-        grids stay exact for |t| up to 2^(b+28) and the high part for sums below 2^(b+30) (csrc/jk_math.h); past
-        that, the sum of large counters depended on the arrival order. A counter's |t| may be up to 2^10 x the bound
-        (:data:`state.BINNED_INT_HEADROOM`); a state that sums integer leaves then holds 2^20 updates, not 2^30
-        (:attr:`FoldState.binned_capacity`, a count: the same for any order, batching or merge tree)."""
-        limit = bound * state_module.BINNED_INT_HEADROOM
+        """The "mean" rule sums integer leaves (counters) as terms t = mass * x in the accumulator, which admission
+        (a pass over the float leaves) did not measure: |t| must stay within the accumulator's headroom, as a float
+        leaf's must (a counter of 2^62 at weight 1e20 made the sum inf, and the result INT64_MIN). Deterministic mode
+        sums them on the float leaves' grids, which stay exact for |t| up to 2^(b+28) and the high part for sums
+        below 2^(b+30) (csrc/jk_math.h); past that, the sum of large counters depended on the arrival order. There a
+        counter's |t| may be up to 2^10 x the bound (:data:`state.BINNED_INT_HEADROOM`); a state that sums integer
+        leaves then holds 2^20 updates, not 2^30 (:attr:`FoldState.binned_capacity`, a count: the same for any
+        order, batching or merge tree)."""
+        if not int_rows or self.state.algorithm.get("int_leaves", "mean") != "mean":
+            return
+        det = self.state.deterministic
+        limit = bound * state_module.BINNED_INT_HEADROOM if det else bound
+        what = ("2^10 x the deterministic bound, for integer leaves" if det
+                else f"the {self.acc_dtype} accumulator's headroom")
         for lid, arrays in int_rows:
             leaf = self.layout.leaves[lid]
             carriers = [u for u in admitted if u.leaves[lid] is not None]  # build_groups' order of the arrays
@@ -447,7 +461,7 @@ class Aggregator:
                 t = float(self.algorithm.mass(u)) * float(np.abs(to_host(a).astype(np.float64)).max(initial=0.0))
                 if not t <= limit:
                     raise ValueOutOfRange(f"party {u.party!r}: leaf {leaf.name!r}: mass * max|x| = {t:.6g} exceeds "
-                                          f"{limit:.6g} (2^10 x the deterministic bound, for integer leaves)")
+                                          f"{limit:.6g} ({what})")
 
     def _buffer(self, admitted) -> None:
         """Copy a batch into the store, all or nothing: room (capacity, the byte budget) is checked for the whole
@@ -489,10 +503,12 @@ class Aggregator:
         # integer leaves (counters) take the plain mass-weighted mean: discounts and clipping are for float deltas
         for lid, arrays in int_rows:
             self._fold_int(lid, arrays, [w for u, w in zip(admitted, mass) if u.leaves[lid] is not None])
-        if len(mass) == 1 and plan.absent is None:  # one whole update (a per-update fold): no matrix product
+        if len(mass) == 1 and plan.absent is None:  # one whole update (a per-update fold)
             st.leaf_weight += mass[0]
-        else:
-            st.leaf_weight += plan.carried @ np.asarray(mass)  # per leaf, the masses of the updates that carried it
+        else:  # per leaf, the masses of the updates that carried it, added in batch order as one by one would add
+            # them (a matrix product sums in BLAS's order: the divisor, so the result, depended on the batching)
+            terms = np.concatenate([st.leaf_weight[:, None], plan.carried * np.asarray(mass)], axis=1)
+            st.leaf_weight[:] = np.cumsum(terms, axis=1)[:, -1]
         if st.deterministic and plan.absent is not None:  # for the exact per-leaf sums of the masses
             for j, u in enumerate(admitted):
                 lacks = np.flatnonzero(plan.absent[:, j])
@@ -546,8 +562,9 @@ class Aggregator:
         ``output="model"``: the average (with a base: ``base + average delta``). ``output="delta"`` (base only): the
         average delta. ``out``: a pytree like the template to write into (and return), e.g. last round's result:
         fresh model-sized outputs cost first-touch page faults, about as much as the fold itself at 25M parameters.
-        The state is unchanged; call :meth:`reset` to start the next round. A float16 result past 65504 raises
-        :class:`ValueOutOfRange` naming the leaf; ``out`` then holds what was written (inf there).
+        The state is unchanged; call :meth:`reset` to start the next round. A result beyond its dtype's range (past
+        65504 in float16) raises :class:`ValueOutOfRange` naming the leaf; ``out`` then holds what was written (inf
+        there).
 
         Server optimizers (FedAvgM, FedAdam, FedYogi, FedAdagrad) apply their step here, in one fused pass that
         updates the state's model (its base) and moments in place and writes the new model; DP wrappers add their
@@ -597,7 +614,7 @@ class Aggregator:
             for i in (missing + float_ids if opt and not closing else missing):
                 leaf = self.layout.leaves[i]
                 b = to_host(base[leaf.offset:leaf.offset + leaf.size])
-                with np.errstate(over="ignore"):  # a float16 overflow is refused below, by name
+                with np.errstate(over="ignore"):  # an overflow is refused below, by name
                     _write(outs[i], b.reshape(leaf.shape).astype(outs[i].dtype))
             for i, leaf in enumerate(self.layout.leaves):
                 if leaf.is_float or st.leaf_weight[i] <= 0:
@@ -606,24 +623,29 @@ class Aggregator:
                 if st.algorithm.get("int_leaves", "mean") == "mean":  # the plain mass-weighted mean
                     a = np.rint(a / mass[i])
                 _write(outs[i], a.reshape(leaf.shape).astype(outs[i].dtype))
-            self._check_float16(outs, float_ids, acc, base, weights, stepped=opt)
+            self._check_range(outs, float_ids, acc, base, weights, stepped=opt)
             return out if out is not None else self.layout.unflatten(outs)
 
-    def _check_float16(self, outs, float_ids, acc, base, weights, stepped: bool) -> None:
-        """float16 outputs whose value overflowed the narrowing (inf; the accumulator's are finite) are refused with
-        the leaf and value, rather than handed on as a model that the next round's updates turn into NaN. The outputs
-        are checked as written (an ``out=`` is then left holding them: the kernels write as they go). A server
-        optimizer's step has been applied: its model stays in the state's base, in the accumulator dtype, and
-        finalizing the closed round again refuses again."""
+    def _check_range(self, outs, float_ids, acc, base, weights, stepped: bool) -> None:
+        """Outputs whose value overflowed the narrowing to their dtype (inf; the accumulator's are finite) are refused
+        with the leaf and value, rather than handed on as a model that the next round's updates turn into NaN. The
+        outputs are checked as written (an ``out=`` is then left holding them: the kernels write as they go). A
+        server optimizer's step has been applied: its model stays in the state's base, in the accumulator dtype, and
+        finalizing the closed round again refuses again. float16 outputs are always checked; float32 and bfloat16
+        ones where they can overflow: from a float64 accumulator, or with a base or a step added (a plain mean of
+        float32 values stays within their range)."""
+        wide = self.acc_dtype == "float64" or base is not None or stepped
         for i in float_ids:
             leaf = self.layout.leaves[i]
-            if leaf.dtype != "float16":
+            bits = _INF_BITS.get(leaf.dtype)
+            if bits is None or (leaf.dtype != "float16" and not wide):
                 continue
+            signed, unsigned, pos_inf, neg_inf = bits
             o = outs[i].array if isinstance(outs[i], DeviceLeaf) else outs[i]
-            bits = o.view(np.uint16)
-            # inf or NaN: exponent all ones, 0x7C00.. as int16 (positive) or 0xFC00.. as uint16 (negative); two
-            # integer maxima find them without a temporary the size of the model
-            if bits.size == 0 or (int(bits.view(np.int16).max()) < 0x7C00 and int(bits.max()) < 0xFC00):
+            u = o.view(unsigned)
+            # inf or NaN: exponent all ones, from pos_inf up as signed integers (positive) or from neg_inf up as
+            # unsigned ones (negative); two integer maxima find them without a temporary the size of the model
+            if u.size == 0 or (int(u.view(signed).max()) < pos_inf and int(u.max()) < neg_inf):
                 continue
             sl = slice(leaf.offset, leaf.offset + leaf.size)
             if stepped:
@@ -633,8 +655,9 @@ class Aggregator:
                 y = y if base is None else to_host(base[sl]) + y
             where = (" (the step was applied and closed the round: the new model is in state.base, "
                      f"{self.acc_dtype})") if stepped else ""
+            top = float(ml_dtypes.finfo(np_dtype(leaf.dtype)).max)  # (numpy's finfo has no bfloat16)
             raise ValueOutOfRange(f"leaf {leaf.name!r}: the result reaches |{float(np.abs(y).max()):.6g}|, beyond "
-                                  f"float16's 65504{where}")
+                                  f"{leaf.dtype}'s {top:.6g}{where}")
 
     def _finalize_buffered(self, outs, out, delta: bool):
         """A robust rule over the store's rows, written leaf by leaf into the outputs (``delta``: less the base)."""

@@ -45,6 +45,17 @@ def is_float_name(name: str) -> bool:
     return name in FLOAT_INPUTS
 
 
+def is_leaf_dtype_name(name) -> bool:
+    """Whether a leaf may have dtype ``name``: a float input, or an integer or bool (the ``int_leaves`` rule). Not
+    complex (the imaginary part would be dropped), strings, objects or dates."""
+    if name in FLOAT_INPUTS:
+        return True
+    try:
+        return np.dtype(name).kind in "iub"
+    except TypeError:
+        return False
+
+
 def _torch():
     return sys.modules.get("torch")
 

@@ -18,8 +18,8 @@ from functools import cached_property
 import numpy as np
 
 from .device import DeviceLeaf, device_leaf, is_device_array, leaf_to, leaf_to_cupy
-from .dtypes import (Quantized, dtype_name, is_float_name, is_torch_tensor, np_dtype, numpy_to_torch,
-                     torch_to_numpy)
+from .dtypes import (Quantized, dtype_name, is_float_name, is_leaf_dtype_name, is_torch_tensor, np_dtype,
+                     numpy_to_torch, torch_to_numpy)
 from .errors import LayoutMismatch
 
 
@@ -63,6 +63,9 @@ def _as_array(x, name, party, writable=False):
 def _contiguous(x) -> bool:
     c = getattr(x, "is_contiguous", None)
     return c() if callable(c) else bool(x.flags.c_contiguous)
+
+
+ARRAY_TYPES = ("numpy", "torch", "torch_cuda", "cupy")
 
 
 def array_type_of(x) -> str:
@@ -109,6 +112,8 @@ class Layout:
                 raise TypeError(f"template leaf {prefix!r} is Quantized: a template gives the output dtype")
             a = _as_array(node, prefix or "<root>", None)
             name = prefix or "<root>"
+            if not is_leaf_dtype_name(dtype_name(a.dtype)):
+                raise TypeError(f"template leaf {name!r} has dtype {a.dtype}: leaves are float, integer or bool")
             leaves.append(Leaf(name, tuple(a.shape), dtype_name(a.dtype), offset, int(a.size)))
             arrays.append(a)
             offset += int(a.size)
@@ -129,11 +134,22 @@ class Layout:
 
     @classmethod
     def from_json(cls, d: dict) -> "Layout":
+        """The layout :meth:`to_json` wrote, checked (it comes from a file): ValueError if it is not one that
+        :meth:`from_template` could have made (leaf names, shapes, dtypes, a tree with one node per leaf)."""
         leaves, offset = [], 0
-        for name, shape, dt in d["leaves"]:
+        for entry in d["leaves"]:
+            name, shape, dt = entry
+            if not (isinstance(name, str) and isinstance(shape, list) and is_leaf_dtype_name(dt)
+                    and all(type(n) is int and n >= 0 for n in shape)):
+                raise ValueError(f"layout leaf {entry!r} is not (name, shape, supported dtype)")
             size = int(np.prod(shape, dtype=np.int64))
             leaves.append(Leaf(name, tuple(shape), dt, offset, size))
             offset += size
+        tree_leaves = _check_treedef(d["treedef"])
+        if tree_leaves != len(leaves) or not leaves:
+            raise ValueError(f"the layout's tree has {tree_leaves} leaves, its leaf list {len(leaves)}")
+        if d.get("array_type", "numpy") not in ARRAY_TYPES:
+            raise ValueError(f"unknown array type {d['array_type']!r}")
         return cls(leaves, d["treedef"], d.get("array_type", "numpy"))
 
     @cached_property
@@ -271,6 +287,25 @@ def _build(td, it, conv):
         items = [_build(c, it, conv) for c in td["c"]]
         return items if kind == "list" else tuple(items)
     return conv(next(it))
+
+
+def _check_treedef(td) -> int:
+    """The leaves of a tree read from a file, checked node by node without recursion (a crafted file may nest
+    deeply): ValueError unless every node is a dict (str keys, one child each), a list, a tuple or a leaf."""
+    count, todo = 0, [td]
+    while todo:
+        node = todo.pop()
+        kind = node.get("t") if isinstance(node, dict) else None
+        if kind == "leaf":
+            count += 1
+            continue
+        children = node.get("c") if kind in ("dict", "list", "tuple") else None
+        if not isinstance(children, list) or (kind == "dict" and not (
+                isinstance(node.get("k"), list) and len(node["k"]) == len(children)
+                and all(isinstance(k, str) for k in node["k"]))):
+            raise ValueError(f"the layout's tree has a malformed node {str(node)[:80]}")
+        todo.extend(children)
+    return count
 
 
 def _count_leaves(td) -> int:

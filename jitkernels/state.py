@@ -362,7 +362,7 @@ class FoldState:
             if absent and not np.allclose(state.exact_leaf_weights(), state.leaf_weight, rtol=1e-9, atol=0.0):
                 raise ValueError("the absent-leaf record disagrees with the per-leaf weights")
             return state
-        except (KeyError, ValueError, TypeError, AttributeError, OverflowError) as e:
+        except (KeyError, ValueError, TypeError, AttributeError, OverflowError, RecursionError) as e:
             raise CorruptState(f"{path}: inconsistent state ({e})") from e
 
 

@@ -3,6 +3,7 @@
 import gc
 import weakref
 
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -214,6 +215,64 @@ def test_integer_leaf_rules(rule, want, dtype, backend):
         assert out["n"].dtype == dtype and out["n"].tolist() == [want] * 3
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_an_integer_leaf_beyond_the_accumulators_headroom_is_refused_on_every_path(backend):
+    """Counters are summed as mass * x in the accumulator: a term past its headroom is refused by name (it made the
+    sum inf and the result INT64_MIN), one by one, in a batch, and in the fused admission of a first batch (C++),
+    and the state stays as it was."""
+    t = {"w": np.zeros(2, np.float32), "n": np.zeros((), np.int64)}
+    good = {"w": np.ones(2, np.float32), "n": np.array(5, np.int64)}
+    big = {"w": np.ones(2, np.float32), "n": np.array(2 ** 62, np.int64)}
+    for fold in (lambda a: a.fold(big, weight=1e20, party="big"),
+                 lambda a: a.fold(a.admit(big, 1e20, "big")),
+                 lambda a: a.fold_many([good, big], [1.0, 1e20], parties=["g", "big"]),
+                 lambda a: a.fold_many(a.admit_many([good, big], [1.0, 1e20], ["g", "big"]))):
+        for first in (False, True):  # into an empty state (the fused pass) and into one that holds an update
+            agg = jk.Aggregator(t, backend=backend)
+            if not first:
+                agg.fold(good, party="before")
+            kept = agg.state.copy()
+            with pytest.raises(jk.ValueOutOfRange, match="'big'.*leaf 'n'.*float32 accumulator's headroom"):
+                fold(agg)
+            assert agg.state.same_bits(kept)
+    ok = jk.Aggregator(t, backend=backend, acc_dtype="float64")  # within a float64 accumulator's headroom
+    ok.fold(big, weight=1e20, party="big")
+    assert int(ok.finalize()["n"]) == 2 ** 62
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.longdouble, np.dtype("U3"), np.dtype("datetime64[s]")])
+def test_a_template_leaf_of_an_unsupported_dtype_is_refused_by_name(dtype):
+    """Leaves are float, integer or bool. A complex leaf was taken as an integer one (its imaginary part dropped,
+    its mean rounded), as was an extended-precision float."""
+    with pytest.raises(TypeError, match="template leaf 'b' has dtype"):
+        jk.Aggregator({"a": np.zeros(2, np.float32), "b": np.zeros(2, dtype)})
+    jk.Aggregator({"a": np.zeros(2, np.float32), "b": np.zeros(2, bool), "c": np.zeros(1, np.uint16)})
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_a_result_beyond_its_dtypes_range_is_refused_by_name(dtype, backend):
+    """A float64 accumulator (an int8 update whose scale takes it past float32's range) or a server step can take a
+    result beyond its output dtype: refused naming the leaf, not handed on as inf; a result in range passes."""
+    if backend == "numba" and dtype == "float16":
+        pytest.skip("numba does not run float16")
+    t = {"ok": np.zeros(3, np_dtype(dtype)), "w": np.zeros(2, np_dtype(dtype))}
+    agg = jk.Aggregator(t, acc_dtype="float64", backend=backend)
+    agg.fold({"ok": np.ones(3, np_dtype(dtype)), "w": jk.Quantized(np.array([127, 1], np.int8), np.float32(3e38))},
+             party="p")
+    with pytest.raises(jk.ValueOutOfRange, match=f"leaf 'w'.*3.81e\\+40.*beyond {dtype}'s"):
+        agg.finalize()
+    top = float(ml_dtypes.finfo(np_dtype(dtype)).max)
+    base = {"ok": np.zeros(3, np_dtype(dtype)), "w": np.full(2, top / 2, np_dtype(dtype))}
+    stepped = jk.Aggregator(t, jk.algorithms.FedAvgM(lr=30.0), acc_dtype="float64", backend=backend, base=base)
+    stepped.fold({"ok": np.ones(3, np_dtype(dtype)), "w": np.full(2, top, np_dtype(dtype))}, party="p")
+    with pytest.raises(jk.ValueOutOfRange, match=f"leaf 'w'.*beyond {dtype}'s.*state.base"):
+        stepped.finalize()
+    fine = jk.Aggregator(t, acc_dtype="float64", backend=backend)
+    fine.fold({"ok": np.ones(3, np_dtype(dtype)), "w": np.full(2, top, np_dtype(dtype))}, party="p")
+    assert np.isfinite(fine.finalize()["w"].astype(np.float64)).all()
+
+
 def test_unweighted_fedavg_ignores_weights():
     agg = jk.Aggregator(np.zeros(2, np.float32), algorithm="fedavg_unweighted")
     agg.fold(np.array([1.0, 1.0], np.float32), weight=100, party="a")
@@ -404,7 +463,8 @@ def test_admitted_updates_folded_one_at_a_time_equal_the_batch_bitwise(backend, 
     tmpl = {f"l{i}": np.zeros(s, np.float32 if kind == "int8" else np_dtype(kind))
             for i, (s, kind) in enumerate(zip(shapes, leaf_kind))}
     base = {n: make_values(rng, a.shape, "float32").astype(a.dtype) for n, a in tmpl.items()} if with_base else None
-    ups, ws = [update() for _ in range(k)], list(rng.integers(1, 500, k).astype(float))
+    # weights with fractions: their sums round, so the per-leaf divisors must be added in one order on both paths
+    ups, ws = [update() for _ in range(k)], list(rng.uniform(1, 500, k))
     one = jk.Aggregator(tmpl, backend=backend, base=base)
     batch = jk.Aggregator(tmpl, backend=backend, base=base)
     for j, (u, w) in enumerate(zip(ups, ws)):

@@ -216,6 +216,35 @@ def test_a_checksummed_state_with_arrays_of_the_wrong_shape_is_refused():
         FoldState.from_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00[1,2]")
 
 
+@pytest.mark.parametrize("edit, what", [
+    (lambda lay: lay["treedef"].update({"k": ["a"], "c": [{"t": "leaf"}]}), "tree has 1 leaves"),
+    (lambda lay: lay["leaves"][1].__setitem__(2, "complex128"), "supported dtype"),
+    (lambda lay: lay["leaves"][1].__setitem__(2, "no-such-dtype"), "supported dtype"),
+    (lambda lay: lay["leaves"][0].__setitem__(1, [-3]), "supported dtype"),
+    (lambda lay: lay["treedef"]["c"].__setitem__(0, {"t": "set"}), "malformed node"),
+    (lambda lay: lay.update({"array_type": "jax"}), "array type"),
+    (None, "recursion"),
+], ids=["tree_vs_leaves", "complex", "unknown_dtype", "negative_shape", "bad_node", "array_type", "deep_json"])
+def test_a_checksummed_state_with_an_impossible_layout_is_refused(edit, what):
+    """A layout that from_template could not have made (read from a file whose checksum matches: a bug or a crafted
+    file) is CorruptState at load, not a wrong or untyped failure at finalize."""
+    import json
+
+    from jitkernels.state import FoldState, checked_bytes, read_checked_bytes
+
+    agg = jk.Aggregator({"a": np.zeros(3, np.float32), "b": np.zeros(2, np.float32)})
+    agg.fold({"a": np.ones(3, np.float32), "b": np.ones(2, np.float32)}, party="p")
+    tensors, meta = read_checked_bytes(agg.state.to_bytes())
+    if edit is None:
+        meta = dict(meta, layout="[" * 100_000 + "]" * 100_000)
+    else:
+        lay = json.loads(meta["layout"])
+        edit(lay)
+        meta = dict(meta, layout=json.dumps(lay))
+    with pytest.raises(jk.CorruptState, match=what):
+        FoldState.from_bytes(checked_bytes(tensors, meta))
+
+
 def test_atomic_write_is_not_blocked_by_a_leftover_temp_file(tmp_path):
     """A temp file a dead process left with our pid's name (pid 1 again in a container) no longer blocks a write."""
     path = tmp_path / "s.jks"
