@@ -365,4 +365,5 @@ def step(acc, x, m, v, kind, coef, og):
         out_t = np_dtype(og.out_dtype)
         for r, out in enumerate(og.outs):
             o = int(og.off[r])
-            out.reshape(-1)[...] = x[o:o + int(og.n[r])].astype(out_t)
+            with np.errstate(over="ignore"):  # past the output dtype's range it rounds to inf (IEEE)
+                out.reshape(-1)[...] = x[o:o + int(og.n[r])].astype(out_t)
