@@ -48,6 +48,7 @@ class Admitted:
     against_base: object = False  # its norms are deltas against a base (an Aggregator marks which one)
     on_device: bool = False  # its leaves are in GPU memory (CuPy arrays / torch CUDA tensors)
     info: dict = field(default_factory=dict)  # per-update values the algorithm reads (steps, staleness), checked
+    worst_leaf: int = -1  # the leaf that holds maxabs (named when a fold weight takes it past the headroom)
 
     @property
     def present(self) -> np.ndarray:
@@ -237,11 +238,13 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
     scale = prep.weights if fold_weights is None else [float(w) for w in fold_weights]
     if len(scale) == 1:  # one update (a submit): Python floats, a third of the numpy calls' time
         peak = [float(maxabs.max(initial=0.0))]
+        worst = [int(maxabs.argmax()) if maxabs.size else -1]
         bad = [bool(nonfinite.any()) or not scale[0] * peak[0] <= limit]
         # the sum over leaves in the order the batch path's row sum takes (pairwise): the same bits
         norms = [math.sqrt(float(sumsq.sum()))]
     else:  # every update at once (a Python loop of numpy calls per update was most of admitting small updates)
         peak = maxabs.max(axis=0, initial=0.0)
+        worst = maxabs.argmax(axis=0).tolist() if maxabs.size else [-1] * len(scale)
         with np.errstate(over="ignore", invalid="ignore"):  # an inf or NaN product is refused below, by name
             bad = (nonfinite.any(axis=0) | ~(np.asarray(scale, np.float64) * peak <= limit)).tolist()
         norms = np.sqrt(np.ascontiguousarray(sumsq.T).sum(axis=1)).tolist()
@@ -253,15 +256,15 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
         if leaf.size:
             raise NonFiniteUpdate(party, layout.leaves[leaf[0]].name, int(nonfinite[leaf[0], j]))
         what = f"the {acc_dtype} accumulator's headroom" if bound is None else "the deterministic bound"
-        worst = int(np.argmax(maxabs[:, j]))
         raise ValueOutOfRange(
-            f"party {party!r}: leaf {layout.leaves[worst].name!r} has |x| = {peak[j]:.6g}, "
-            f"which times weight {scale[j]:.6g} exceeds {limit:.6g} ({what})")
+            f"party {party!r}: leaf {layout.leaves[worst[j]].name!r} has |x| = {peak[j]:.6g}, "
+            f"which times {'weight' if fold_weights is None else 'fold weight'} {scale[j]:.6g} exceeds {limit:.6g} "
+            f"({what})")
     fp = layout.fingerprint
     return [Admitted(party, w, leaves, entries, fp, norm, mx, sum(a.nbytes for a in leaves if a is not None),
-                     against_base, dev)
-            for party, w, leaves, entries, norm, mx, dev in zip(prep.parties, prep.weights, prep.leaves,
-                                                                  prep.entries, norms, peak, prep.on_device)]
+                     against_base, dev, worst_leaf=wl)
+            for party, w, leaves, entries, norm, mx, dev, wl in zip(prep.parties, prep.weights, prep.leaves,
+                                                                      prep.entries, norms, peak, prep.on_device, worst)]
 
 
 def admit_many(updates, layout, *, weights=None, parties=None, base=None, backend="auto", acc_dtype="float32",

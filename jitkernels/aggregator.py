@@ -324,8 +324,9 @@ class Aggregator:
     def _check_headroom(self, u, w: float, bound: float) -> None:
         if not w * u.maxabs <= bound:
             what = "the deterministic bound" if self.deterministic else f"the {self.acc_dtype} accumulator's headroom"
-            raise ValueOutOfRange(f"party {u.party!r}: fold weight * max|x| = {w * u.maxabs:.6g} exceeds "
-                                  f"{bound:.6g} ({what})")
+            leaf = f"leaf {self.layout.leaves[u.worst_leaf].name!r} " if u.worst_leaf >= 0 else ""
+            raise ValueOutOfRange(f"party {u.party!r}: {leaf}has |x| = {u.maxabs:.6g}, which times fold weight "
+                                  f"{w:.6g} exceeds {bound:.6g} ({what})")
 
     def _fold_one(self, u) -> bool:
         """The streaming server's per-update fold: one whole host update into a plain float state, through the batch
@@ -492,6 +493,7 @@ class Aggregator:
             acc_dtype=self.acc_dtype, on_device=[u.on_device for u in admitted], entries=[u.entries for u in admitted])
         for j, u in enumerate(admitted):
             u.norm, u.maxabs = float(math.sqrt(sumsq[:, j].sum())), float(maxabs[:, j].max())
+            u.worst_leaf = int(maxabs[:, j].argmax())
             u.against_base = self._base_token
 
     def _record(self, admitted, int_rows, plan) -> None:
