@@ -508,18 +508,23 @@ using StatT = std::conditional_t<std::is_same_v<A, double> || std::is_same_v<In,
                                  double, float>;
 
 // Stats of x over [pos, pos + len) of one update (b: the base at pos), added to st and bad: one vectorized pass, and
-// only if it saw a NaN/inf, an exact recount that skips them.
+// only if it saw a NaN/inf, an exact recount that skips them. A finite input whose value overflows S (its delta
+// against the finite base, or q * scale) is out of range, not non-finite: it sets max-abs to inf, which admission
+// refuses by name as the numpy and numba backends do (they form the value in f64 and see its size).
 template <class A, class In, bool Base, bool Quant, bool Norms, class S>
 static inline void stats_span(Lanes<S>& st, int64_t& bad, int64_t p, const float* scales, int64_t B,
                               const A* __restrict b, int64_t pos, int64_t len) {
-  auto run = [&](int64_t n, auto value) {
+  auto run = [&](int64_t n, auto value, auto input_finite) {
     const Lanes<S> before = st;
     stats_seg<Norms>(st, n, value);
     if (!jk::is_finite(st.ss)) {
       st = before;
       for (int64_t q = 0; q < n; ++q) {
         const S x = value(q), ax = std::fabs(x);
-        if (!std::isfinite(x)) { ++bad; continue; }
+        if (!std::isfinite(x)) {
+          if (input_finite(q)) st.mx = std::numeric_limits<S>::infinity(); else ++bad;
+          continue;
+        }
         if constexpr (Norms) st.ss += (double)x * (double)x;
         st.mx = ax > st.mx ? ax : st.mx;
       }
@@ -533,7 +538,7 @@ static inline void stats_span(Lanes<S>& st, int64_t& bad, int64_t p, const float
         S x = jk::dequant<S>(q8[i0 + i], sc);
         if constexpr (Base) x = x - (S)b[i0 + i];
         return x;
-      });
+      }, [=](int64_t) { return std::isfinite(sc); });  // q * scale past S's range, from a finite scale
     });
   } else {
     for_segments(reinterpret_cast<const In*>(p) + pos, len, [&](auto u, int64_t i0, int64_t n) {
@@ -541,7 +546,7 @@ static inline void stats_span(Lanes<S>& st, int64_t& bad, int64_t p, const float
         S x = jk::load<S>(u[i]);
         if constexpr (Base) x = x - (S)b[i0 + i];
         return x;
-      });
+      }, [=](int64_t i) { return Base && std::isfinite(jk::load<S>(u[i])); });
     });
   }
 }

@@ -258,8 +258,8 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
         what = f"the {acc_dtype} accumulator's headroom" if bound is None else "the deterministic bound"
         raise ValueOutOfRange(
             f"party {party!r}: leaf {layout.leaves[worst[j]].name!r} has |x| = {peak[j]:.6g}, "
-            f"which times {'weight' if fold_weights is None else 'fold weight'} {scale[j]:.6g} exceeds {limit:.6g} "
-            f"({what})")
+            f"which times {'weight' if scale[j] == prep.weights[j] else 'fold weight'} {scale[j]:.6g} exceeds "
+            f"{limit:.6g} ({what})")
     fp = layout.fingerprint
     return [Admitted(party, w, leaves, entries, fp, norm, mx, sum(a.nbytes for a in leaves if a is not None),
                      against_base, dev, worst_leaf=wl)

@@ -240,6 +240,24 @@ def test_an_integer_leaf_beyond_the_accumulators_headroom_is_refused_on_every_pa
     assert int(ok.finalize()["n"]) == 2 ** 62
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_finite_update_whose_value_overflows_is_out_of_range_not_non_finite(backend):
+    """A finite update whose delta against the base (or whose q * scale) is past float32's range is refused as out
+    of range on every backend (C++ forms it in float32, where it is inf: it was called non-finite); an update that
+    holds an inf (or a non-finite scale) is non-finite on every backend."""
+    t = {"w": np.zeros(2, np.float32)}
+    cases = [({"w": np.array([3e38, 0], np.float32)}, {"w": np.array([-3e38, 0], np.float32)}, jk.ValueOutOfRange),
+             ({"w": np.array([np.inf, 0], np.float32)}, {"w": np.zeros(2, np.float32)}, jk.NonFiniteUpdate),
+             ({"w": jk.Quantized(np.array([127, 1], np.int8), np.float32(3e38))}, None, jk.ValueOutOfRange),
+             ({"w": jk.Quantized(np.array([127, 1], np.int8), np.float32(np.inf))}, None, jk.NonFiniteUpdate)]
+    for update, base, error in cases:
+        agg = jk.Aggregator(t, backend=backend, base=base)
+        for fold in (lambda: agg.fold(update, party="p"), lambda: agg.fold_many([update], parties=["p"])):
+            with pytest.raises(error, match="'p'.*leaf 'w'"):
+                fold()
+        assert agg.state.count == 0 and not agg.state.acc.any()
+
+
 @pytest.mark.parametrize("dtype", [np.complex64, np.longdouble, np.dtype("U3"), np.dtype("datetime64[s]")])
 def test_a_template_leaf_of_an_unsupported_dtype_is_refused_by_name(dtype):
     """Leaves are float, integer or bool. A complex leaf was taken as an integer one (its imaginary part dropped,
