@@ -8,15 +8,16 @@
 """
 
 from .clock import RealClock, VirtualClock
-from .core import (Ack, Backpressure, Job, JITScheduler, LateUpdate, NoSuchRound, QuorumUnreachable, RoundForgotten,
-                   SchedulerClosed, SchedulerError, UnknownJob, UnknownParty)
+from .core import (Ack, Backpressure, InvalidJob, Job, JITScheduler, LateUpdate, NoSuchRound, QuorumUnreachable,
+                   RoundForgotten, SchedulerClosed, SchedulerError, UnknownJob, UnknownParty)
 from .cost import BackendCost, CostModel
 from .durable import Crashed, StateDir, StateDirLocked
 from .executors import LocalExecutor, MeasuredExecutor, ModelExecutor, RayExecutor, Task
 from .policies import JIT, Eager, Lazy, Oracle, Policy
 from .predictor import Predictor, poisson_binomial_tail
 
-__all__ = ["Ack", "Backpressure", "BackendCost", "CostModel", "Crashed", "Eager", "JIT", "JITScheduler", "Job", "LateUpdate",
-           "Lazy", "LocalExecutor", "MeasuredExecutor", "ModelExecutor", "NoSuchRound", "Oracle", "Policy", "Predictor",
-           "QuorumUnreachable", "RayExecutor", "RealClock", "RoundForgotten", "SchedulerClosed", "SchedulerError", "StateDir", "StateDirLocked", "Task", "UnknownJob", "UnknownParty", "VirtualClock",
+__all__ = ["Ack", "Backpressure", "BackendCost", "CostModel", "Crashed", "Eager", "InvalidJob", "JIT", "JITScheduler",
+           "Job", "LateUpdate", "Lazy", "LocalExecutor", "MeasuredExecutor", "ModelExecutor", "NoSuchRound", "Oracle",
+           "Policy", "Predictor", "QuorumUnreachable", "RayExecutor", "RealClock", "RoundForgotten", "SchedulerClosed",
+           "SchedulerError", "StateDir", "StateDirLocked", "Task", "UnknownJob", "UnknownParty", "VirtualClock",
            "poisson_binomial_tail"]

@@ -85,6 +85,10 @@ class SchedulerClosed(SchedulerError, RuntimeError):
     """The scheduler was closed: no more updates, and rounds still open resolve with this error."""
 
 
+class InvalidJob(SchedulerError, ValueError):
+    """A job definition the scheduler cannot run as given (a quorum its parties cannot meet, an unknown rule)."""
+
+
 @dataclass
 class Job:
     """One FL job. ``template`` (a pytree) makes real aggregation; without it the job is modelled by sizes only
@@ -119,6 +123,35 @@ class Job:
         if isinstance(q, float) and q <= 1.0:
             return max(1, math.ceil(q * n - 1e-9))
         return int(q)
+
+    def check(self) -> None:
+        """:class:`InvalidJob` naming what is wrong: a quorum that is neither a fraction in (0, 1] nor a count of 1
+        to len(parties) (a round would wait for ever, or refuse every update), an unknown late or unreachable rule,
+        a late weight that is not a positive number (a negative one subtracted the update)."""
+        q, n = self.quorum, len(self.parties)
+        fraction = isinstance(q, float) and 0.0 < q <= 1.0
+        count = (isinstance(q, (int, np.integer)) and not isinstance(q, bool)
+                 or isinstance(q, float) and q.is_integer()) and 1 <= q <= n  # (a TOML count may read as 5.0)
+        if not (fraction or count):
+            raise InvalidJob(f"job {self.id!r}: quorum {q!r} is neither a fraction in (0, 1] nor a count of 1 to "
+                             f"{n} (its parties)")
+        if self.late not in ("reject", "next_round"):
+            raise InvalidJob(f"job {self.id!r}: late must be 'reject' or 'next_round', got {self.late!r}")
+        if self.unreachable not in ("error", "partial"):
+            raise InvalidJob(f"job {self.id!r}: unreachable must be 'error' or 'partial', got {self.unreachable!r}")
+        try:
+            jk.check_weight(self.late_weight, f"<job {self.id!r} late_weight>")
+        except jk.InvalidWeight:
+            raise InvalidJob(f"job {self.id!r}: late_weight must be a finite number > 0, got "
+                             f"{self.late_weight!r}") from None
+
+
+def _round_number(job_id, number) -> int:
+    """A round number as an int (numpy integers too), else :class:`NoSuchRound` (a float or a string compared as
+    one, or failed as a bare TypeError)."""
+    if isinstance(number, (int, np.integer)) and not isinstance(number, bool):
+        return int(number)
+    raise NoSuchRound(f"job {job_id!r}: a round number is an int, got {number!r}")
 
 
 @dataclass
@@ -169,6 +202,8 @@ class _Round:
     durable: dict = field(default_factory=dict)  # party -> its update's Ack.durable, for a resend's Ack
     carried: set = field(default_factory=set)  # parties whose late update for the round before counts here
     unobserved: set = field(default_factory=set)  # parties whose arrival is no response time (carried, replayed)
+    late_observed: set = field(default_factory=set)  # parties whose late answer the predictor has learnt
+    missed: bool = False  # its deadline passed before its quorum (counted once in the metrics)
 
     def take_carried(self, party) -> None:
         """``party``'s late update for the round before counts here: not as this round's answer, nor its time."""
@@ -329,20 +364,19 @@ class JITScheduler:
                  alpha: float = 0.05, oracle=None, byte_budget: int | None = None, overflow: str = "raise",
                  hysteresis_s: float = 1.0, decision_log: int = 100_000, state_dir=None, checkpoint_bytes=None,
                  crash_hook=None, keep_rounds: int = 16, writer_nice: int = 0, fold_nice: int = 0):
-        self.policy = _policies.make(policy, alpha=alpha, oracle=oracle)
-        self.slots = int(slots)
-        self.clock = clock if clock is not None else RealClock()
-        self._own_clock = clock is None
-        self.cost = cost or CostModel()
-        if executor is None:
-            executor = LocalExecutor(self.clock, self.slots, nice=fold_nice) if isinstance(self.clock, RealClock) \
-                else ModelExecutor(self.clock)
-        self.executor = executor
-        self.byte_budget = byte_budget
+        # the arguments first: a refused construction starts no thread and changes no setting
         if overflow not in ("raise", "spill"):
             raise ValueError(f"overflow must be 'raise' or 'spill', got {overflow!r}")
         if overflow == "spill" and state_dir is None:
             raise ValueError("overflow='spill' needs a state_dir (spilled updates live there)")
+        if keep_rounds < 1:
+            raise ValueError(f"keep_rounds must be >= 1, got {keep_rounds}")
+        if int(slots) < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        self.policy = _policies.make(policy, alpha=alpha, oracle=oracle)
+        self.slots = int(slots)
+        self.cost = cost or CostModel()
+        self.byte_budget = byte_budget
         self.overflow = overflow
         self.spilled = 0  # updates accepted over the budget and kept on disk only
         self.hysteresis_s = hysteresis_s
@@ -361,14 +395,28 @@ class JITScheduler:
         self._ids = itertools.count()
         self.buffered_bytes = 0
         self.peak_buffered_bytes = 0
-        self.occupancy = [(self.clock.now(), 0)]
-        self._relieving = False  # (time, deployed aggregators) at every change
-        if keep_rounds < 1:
-            raise ValueError(f"keep_rounds must be >= 1, got {keep_rounds}")
+        self._relieving = False
         self.keep_rounds = int(keep_rounds)
-        self.store = None if state_dir is None else StateDir(state_dir, crash_hook=crash_hook,
-                                                             keep_results=self.keep_rounds, writer_nice=writer_nice)
         self.checkpoint_bytes = checkpoint_bytes
+        self.clock = clock if clock is not None else RealClock()
+        self._own_clock = clock is None
+        self.executor = self.store = None
+        own_executor = executor is None
+        try:  # the state directory may be locked by another scheduler: what was started here is stopped again
+            if own_executor:
+                executor = LocalExecutor(self.clock, self.slots, nice=fold_nice) \
+                    if isinstance(self.clock, RealClock) else ModelExecutor(self.clock)
+            self.executor = executor
+            self.store = None if state_dir is None else StateDir(state_dir, crash_hook=crash_hook,
+                                                                 keep_results=self.keep_rounds,
+                                                                 writer_nice=writer_nice)
+        except BaseException:
+            if own_executor and self.executor is not None:
+                self.executor.close()
+            if self._own_clock:
+                self.clock.close()
+            raise
+        self.occupancy = [(self.clock.now(), 0)]  # (time, deployed aggregators) at every change
 
     @classmethod
     def recover(cls, state_dir, jobs, **kwargs) -> "JITScheduler":
@@ -386,6 +434,7 @@ class JITScheduler:
 
     # --- public API ----------------------------------------------------------------------------------------------
     def add_job(self, job: Job) -> None:
+        job.check()
         with self._lock:
             if job.id in self.jobs:
                 raise ValueError(f"job {job.id!r} already added")
@@ -409,7 +458,12 @@ class JITScheduler:
         same ``update_id`` is acknowledged again (``duplicate=True``) and not counted twice; another update from
         the same party for the same round raises :class:`~jitkernels.DuplicateParty`."""
         js = self._job(job_id)
-        if party not in js.predictor.parties and party not in set(js.job.parties):
+        round = _round_number(job_id, round)
+        try:
+            known = party in js.predictor.parties or party in set(js.job.parties)
+        except TypeError:  # unhashable
+            known = False
+        if not known:
             raise UnknownParty(f"job {job_id!r}: party {party!r} is not one of the job's parties")
         with self._lock:
             if self._closed:
@@ -464,15 +518,17 @@ class JITScheduler:
                     "the job has finished" if js.open is None else f"the round is over (round {js.open.number} "
                     f"is open)") + f"; update from {party!r} not taken")
             rnd = self._round(js, round)
+            late_from = None  # the round a late update was sent for (late rule 'next_round': it counts in a later one)
             if rnd.done or rnd.admitted >= rnd.quorum:  # membership is fixed: the first q acknowledged updates
-                if not math.isnan(rnd.start) and party not in rnd.unobserved:  # (not a replay's time)
-                    js.predictor.observe_late(party, self.clock.now() - rnd.start, rnd.number)
+                late_from = rnd
                 if js.job.late == "reject":
+                    self._observe_late(js, rnd, party)
                     raise LateUpdate(f"job {job_id!r} round {round} is closed (its quorum is in, or it ended); "
                                      f"update from {party!r} rejected (late rule 'reject')")
                 while rnd.done or rnd.admitted >= rnd.quorum:  # late rule 'next_round': the next round with room
                     round += 1
                     if js.job.after_last(round):
+                        self._observe_late(js, late_from, party)
                         raise LateUpdate(f"job {job_id!r} round {round - 1} is closed and it is the job's last; "
                                          f"update from {party!r} not taken (no round to carry it to)")
                     rnd = self._round(js, round)
@@ -482,19 +538,28 @@ class JITScheduler:
                         return self._duplicate(js, round, party)
                     raise jk.DuplicateParty(party, f"job {job_id!r} round {round} (a late update carried over from "
                                                    f"round {round - 1})")
-                rnd.take_carried(party)
-                self._log("late_to_next_round", js, round=round - 1, party=party)
                 weight = float(weight) * js.job.late_weight
             spill = stored
-            if not stored and self.byte_budget is not None and self.buffered_bytes >= self.byte_budget:
+            # updates for a round not open yet cannot be folded before it opens: they may fill half the budget, so
+            # that the open round's updates still find room (they had filled it, and the open round starved)
+            early = js.open is not None and round > js.open.number
+            if not stored and self.byte_budget is not None and (
+                    self.buffered_bytes >= self.byte_budget or early and self.buffered_bytes >= self.byte_budget // 2):
                 if not self._relieving:
                     self._relieving = True
                     self.clock.call_soon_threadsafe(self._relieve_pressure)
                 if self.overflow == "raise" or item is None:
-                    raise Backpressure(f"job {job_id!r} round {round}: update from {party!r} not taken: "
-                                       f"{self.buffered_bytes} bytes are buffered, at the budget of "
-                                       f"{self.byte_budget}; retry once the forced fold has drained them")
+                    why = (f"round {round} is not open yet, and updates for later rounds may take half the budget "
+                           f"of {self.byte_budget} bytes ({self.buffered_bytes} are buffered)" if early and
+                           self.buffered_bytes < self.byte_budget else f"{self.buffered_bytes} bytes are buffered, "
+                           f"at the budget of {self.byte_budget}")
+                    raise Backpressure(f"job {job_id!r} round {acked_round}: update from {party!r} not taken: {why}; "
+                                       f"retry once the forced fold has drained them")
                 spill = True
+            if late_from is not None:  # taken: the predictor learns its answer (once), and it counts in ``round``
+                self._observe_late(js, late_from, party)
+                rnd.take_carried(party)
+                self._log("late_to_next_round", js, round=round - 1, party=party)
             js.seen[key] = update_id
             rnd.admitted += 1
             if not spill:
@@ -523,6 +588,7 @@ class JITScheduler:
         directory keeps as many)."""
         with self._lock:
             js = self._job(job_id)
+            round = _round_number(job_id, round)
             if js.forgotten is not None and round <= js.forgotten and round not in js.rounds:
                 raise RoundForgotten(f"job {job_id!r} round {round}: finished, and no longer held (the scheduler "
                                      f"keeps the last {self.keep_rounds} rounds' results: keep_rounds)")
@@ -562,7 +628,10 @@ class JITScheduler:
 
     def close(self) -> None:
         """Stop: release the deployments, end the executor, clock and state directory. Rounds still open resolve
-        with :class:`SchedulerClosed` (nobody waits forever on them), and later submits raise it."""
+        with :class:`SchedulerClosed` (nobody waits forever on them), and later submits raise it. Work that was
+        running ends without effect on the closed scheduler, except that a finalize whose result was being written
+        to the state directory completes the write (as if the process had stopped right after it): a scheduler
+        resumed there returns that round's result."""
         with self._lock:
             self._closed = True
             self.waiting.clear()  # a slot freed below goes to nobody
@@ -635,6 +704,8 @@ class JITScheduler:
 
     def _on_arrival(self, js, number, party, item, nbytes, weight) -> None:
         with self._lock:
+            if self._closed:  # (queued before close: its round resolved with SchedulerClosed)
+                return
             now = self.clock.now()
             rnd = self._round(js, number)
             if rnd.done or (rnd.quorum_time is not None and party not in rnd.arrived):
@@ -663,9 +734,17 @@ class JITScheduler:
             rnd.quorum_time = now
             self._log("quorum", js, round=rnd.number, at=now)
 
+    def _observe_late(self, js, rnd, party) -> None:
+        """The predictor learns a late answer's response time: once per round and party (a refused update's
+        retries, or a resend, teach it nothing more), not for a replay (its arrival is the restart's time) nor for
+        a round that has not started."""
+        if math.isnan(rnd.start) or party in rnd.unobserved or party in rnd.late_observed:
+            return
+        rnd.late_observed.add(party)
+        js.predictor.observe_late(party, self.clock.now() - rnd.start, rnd.number)
+
     def _late(self, js, rnd, party, item, nbytes, weight) -> None:
-        if party not in rnd.unobserved:  # a replay's arrival is the restart's time
-            js.predictor.observe_late(party, self.clock.now() - rnd.start, rnd.number)
+        self._observe_late(js, rnd, party)
         nxt = rnd.number + 1
         if js.job.late == "next_round" and not js.job.after_last(nxt) and (nxt, party) not in js.seen:
             self._log("late_to_next_round", js, round=rnd.number, party=party)
@@ -689,15 +768,18 @@ class JITScheduler:
 
     def _on_deadline(self, js, rnd) -> None:
         with self._lock:
-            if rnd.done or rnd.quorum_time is not None:
+            # (a quorum acknowledged but still queued as arrivals is in: it finalizes, late)
+            if self._closed or rnd.done or rnd.quorum_time is not None or rnd.admitted >= rnd.quorum:
                 return
+            js.metrics.misses += 1
+            rnd.missed = True
             self._unreachable(js, rnd, f"deadline of {js.job.deadline_s}s passed with {len(rnd.members)} of "
                                        f"{rnd.quorum} updates")
 
     def _check_reachable(self, js) -> None:
         with self._lock:
             rnd = js.open
-            if rnd is None or rnd.done or rnd.quorum_time is not None:
+            if self._closed or rnd is None or rnd.done or rnd.quorum_time is not None:
                 return
             possible = len(rnd.members) + int(js.pending_idx(rnd).size)
             if possible < rnd.quorum:
@@ -706,9 +788,13 @@ class JITScheduler:
     def _unreachable(self, js, rnd, why) -> None:
         js.metrics.unreachable += 1
         self._log("unreachable", js, round=rnd.number, why=why)
-        if js.job.unreachable == "partial" and rnd.members:
-            rnd.quorum = len(rnd.members)  # finalize what is there
-            rnd.quorum_time = self.clock.now()
+        if js.job.unreachable == "partial" and rnd.admitted:
+            # finalize what was acknowledged, with the updates whose arrivals are still queued (an acknowledged
+            # update left out of the partial model was lost without a word)
+            rnd.quorum = rnd.admitted
+            if len(rnd.members) >= rnd.quorum:
+                rnd.quorum_time = self.clock.now()
+                self._log("quorum", js, round=rnd.number, at=rnd.quorum_time)
             self._plan(js)
             return
         rnd.done = True
@@ -770,11 +856,18 @@ class JITScheduler:
         parties being refused may belong to a job with nothing buffered, so its own arrivals cannot do it)."""
         with self._lock:
             self._relieving = False
+            if self._closed:
+                return
             for js in sorted(self.jobs.values(), key=lambda j: -(j.open.pending_bytes if j.open else 0)):
-                # a deployed job folds its backlog by itself; a waiting one is already queued for a slot
-                if js.deployment is not None or js.job.id in self.waiting:
+                if js.deployment is not None:  # a deployed job folds its backlog by itself
                     continue
-                if js.open is not None and js.open.pending:
+                if js.job.id in self.waiting and js.open is not None and js.open.pending:
+                    # queued for a slot with updates buffered: look for an idle deployment to take back now (its
+                    # laxity may not have moved since its last search, and its parties, refused, send nothing new:
+                    # the budget stayed full for good)
+                    self._searched.pop(js.job.id, None)
+                    self._request_slot(js, laxity=self.waiting[js.job.id], inputs={"pressure": True})
+                elif js.open is not None and js.open.pending:
                     if js.open.timer is not None:
                         js.open.timer.cancel()
                         js.open.timer = None
@@ -790,7 +883,7 @@ class JITScheduler:
         only an arrival, which is new information, re-plans."""
         with self._lock:
             rnd.timer = None
-            if js.open is rnd and not rnd.done and js.deployment is None:
+            if not self._closed and js.open is rnd and not rnd.done and js.deployment is None:
                 self._request_slot(js, laxity=0.0, inputs={"timer": True})
 
     def _laxity(self, js) -> float:
@@ -822,13 +915,13 @@ class JITScheduler:
         # earlier by more than the hysteresis (each search re-plans idle deployments: quantiles over their parties),
         # or once its quorum is in (its latency runs from then: it is served first, see _release)
         latest = -math.inf if self._urgent(js) else self.clock.now() + laxity
-        if latest >= self._searched.get(js.job.id, math.inf) - self.hysteresis_s:
+        pressure = self.byte_budget is not None and js.open is not None and js.open.pending and \
+            self.buffered_bytes > self.byte_budget // 2
+        if latest >= self._searched.get(js.job.id, math.inf) - self.hysteresis_s and not pressure:
             return
         self._searched[js.job.id] = latest
         idle = [o for o in self.jobs.values() if o is not js and o.deployment is not None and not o.deployment.busy
                 and o.open is not None and not o.open.pending and o.open.quorum_time is None]
-        pressure = self.byte_budget is not None and js.open is not None and js.open.pending and \
-            self.buffered_bytes > self.byte_budget // 2
         if pressure:
             # memory first: an idle deployment (nothing buffered) yields to a job whose buffered updates must be
             # folded to free the budget; otherwise the idle job's own parties stay blocked by Backpressure
@@ -877,7 +970,7 @@ class JITScheduler:
 
     def _on_ready(self, js, dep) -> None:
         with self._lock:
-            if js.deployment is dep:
+            if not self._closed and js.deployment is dep:
                 dep.ready = True
                 self._pump(js)
 
@@ -1024,6 +1117,9 @@ class JITScheduler:
     def _finalize_durably(self, js, number, agg, ids):
         """A finalize task with a state directory: the result is committed before its future resolves."""
         result = agg.finalize()
+        with self._lock:
+            if self._closed:  # the round resolved with SchedulerClosed: a restart reopens it
+                return result
         self.store.commit_result(js.job.id, number, js.layout, js.layout.flatten(result), ids,
                                  carry=agg.state if js.carries else None, predictor=js.predictor.to_json())
         js.fold_bytes = 0
@@ -1053,6 +1149,10 @@ class JITScheduler:
         ended = [int(r) for key in ("results", "failed") for r in meta.get(key, {})]
         if ended:  # older rounds' results were let go (keep_rounds)
             js.forgotten = min(ended) - 1
+            if first <= max(ended):  # (a manifest that names an ended round as open: resume after it)
+                log.warning("job %r: the state directory names round %d as open, but round %d ended; resuming at %d",
+                            job.id, first, max(ended), max(ended) + 1)
+                first, meta = max(ended) + 1, {k: v for k, v in meta.items() if k not in ("state", "parties")}
         for p in meta.get("dropped", []):  # parties that left (drop_party) are not waited for
             if p in js.expected:
                 js.drop_expected(p)
@@ -1086,6 +1186,9 @@ class JITScheduler:
 
     def _done(self, js, rnd, task, duration, result, error) -> None:
         with self._lock:
+            if self._closed:  # a task that was running at close: its round resolved with SchedulerClosed
+                self.buffered_bytes -= task.nbytes if task.kind == "fold" else 0
+                return
             dep = js.deployment
             if dep is not None:
                 dep.busy = False
@@ -1096,13 +1199,16 @@ class JITScheduler:
                 if error is not None:
                     self._fail(js, rnd, error)
                     return
+                if rnd.done:  # its round ended while it ran (a deadline)
+                    self._after_ended_round(js)
+                    return
             else:
                 now = self.clock.now()
                 rnd.ready_time = now
                 rnd.done = True
                 js.metrics.latencies.append(now - rnd.quorum_time)
                 js.metrics.rounds += 1
-                if js.job.deadline_s is not None and now > rnd.start + js.job.deadline_s:
+                if js.job.deadline_s is not None and now > rnd.start + js.job.deadline_s and not rnd.missed:
                     js.metrics.misses += 1
                 self._log("ready", js, round=rnd.number, latency_s=now - rnd.quorum_time, busy_s=duration)
                 if error is not None:
@@ -1116,7 +1222,7 @@ class JITScheduler:
     def _fail(self, js, rnd, error) -> None:
         if rnd.done:  # already resolved (e.g. its deadline passed while this fold ran)
             self._log("fold_failed_after_round_end", js, round=rnd.number, error=repr(error))
-            self._pump(js)
+            self._after_ended_round(js)
             return
         rnd.done = True
         self._log("round_failed", js, round=rnd.number, error=repr(error))
@@ -1126,6 +1232,16 @@ class JITScheduler:
         self._drop_pending(js, rnd)
         rnd.future.set_exception(error)
         self._round_finished(js, rnd)
+
+    def _after_ended_round(self, js) -> None:
+        """A task of a round that ended while it ran is over: the deployment, which _round_finished could not
+        release while busy, is released now unless the policy keeps it (the next round plans its own; held, it sat
+        idle until that round's end), else it goes on with the open round's work."""
+        if js.deployment is not None and (not self.policy.keep_between_rounds or js.finished):
+            self._release(js, "round done")
+            self._plan(js)
+        else:
+            self._pump(js)
 
     def _round_finished(self, js, rnd) -> None:
         busy = js.deployment is not None and js.deployment.busy  # a fold of this round may still be running

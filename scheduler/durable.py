@@ -259,14 +259,19 @@ class StateDir:
         return [(r, p, u, w) for r, p, u, w, _ in out if (r, _key(p)) not in moved]
 
     # --- generations ---------------------------------------------------------------------------------------------
-    def checkpoint(self, job, rnd: int, state: jk.FoldState, update_ids: dict) -> None:
+    def checkpoint(self, job, rnd: int, state: jk.FoldState, update_ids: dict) -> bool:
         """Commit a round's partial aggregate: its state file, then a new generation naming it (with the update
-        ids of its parties, so that resends are recognized after a restart)."""
+        ids of its parties, so that resends are recognized after a restart). False (nothing written) if the job has
+        moved past the round meanwhile (its failure or result committed first, e.g. its deadline while the fold
+        ran): committing it then would move the job back to a round that is over."""
         with self._lock:
+            if self.jobs.get(job, {}).get("round", rnd) > rnd:
+                return False
             gen = self.gen + 1
             rel = os.path.join("states", f"{ident(job)}-r{int(rnd)}-g{gen}.jks")
             self._write("state", rel, state.writer())
             self._commit_job(job, round=int(rnd), state=rel, parties=[[p, update_ids.get(p)] for p in state.parties])
+            return True
 
     def commit_result(self, job, rnd: int, layout: jk.Layout, leaves, update_ids: dict,
                       carry: jk.FoldState | None = None, predictor: list | None = None) -> None:

@@ -775,3 +775,26 @@ def test_a_second_crash_while_replayed_updates_are_pending_loses_nothing(tmp_pat
     _submit_retrying(last, cw.order(), acked)
     assert _same(_results(last), want)
     last.close()
+
+
+def test_a_checkpoint_that_comes_after_its_rounds_failure_is_not_committed(tmp_path):
+    """A fold checks that its round is live, then checkpoints outside the scheduler's lock: if the round's deadline
+    commits its failure in between, the checkpoint must not move the job back to that round (a restart re-opened
+    the failed round as the open one, and the next round never opened)."""
+    agg = jk.Aggregator({"w": np.zeros(4, np.float32)})
+    agg.fold({"w": np.ones(4, np.float32)}, party="a")
+    st = StateDir(tmp_path)
+    try:
+        st.commit_failure("j", 0, RuntimeError("deadline"))
+        assert st.checkpoint("j", 0, agg.state, {"a": "a0"}) is False
+        assert st.jobs["j"]["round"] == 1 and not st.jobs["j"].get("state")
+        assert st.checkpoint("j", 1, agg.state, {"a": "a1"}) is True
+    finally:
+        st.close()
+    job = Job("j", template={"w": np.zeros(4, np.float32)}, parties=["a", "b"], quorum=2, rounds=3)
+    r = JITScheduler.recover(tmp_path, [job], policy="eager", clock=VirtualClock())
+    try:
+        assert r.jobs["j"].open.number == 1 and not r.jobs["j"].open.done
+        assert isinstance(r.result("j", 0).exception(), Exception)
+    finally:
+        r.close()

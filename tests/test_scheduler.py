@@ -481,3 +481,200 @@ def test_a_quorum_whose_search_freed_a_slot_for_another_job_keeps_looking():
     assert preempts[0][1:] == ("h1", "u1") and preempts[1][1:] == ("h2", "u1") and preempts[1][0] <= 9.0
     assert sched.result("u1", 0).done() and sched.metrics()["u1"]["latency_p50_s"] < 13.0
     sched.close()
+
+
+W4 = {"w": np.zeros(4, np.float32)}
+
+
+def _ones(v=1.0):
+    return {"w": np.full(4, v, np.float32)}
+
+
+def test_a_partial_round_keeps_the_acknowledged_updates_whose_arrivals_are_still_queued():
+    """An update acknowledged for round 0 whose arrival is processed after the deadline fired is in the partial
+    model (it was left out without a word); a deadline that finds the quorum acknowledged fails nothing."""
+    for quorum, unreachable, want in ((3, "partial", 2.0), (2, "error", 2.0)):
+        clk = VirtualClock()
+        s = JITScheduler("lazy", clock=clk)
+        acks = []
+        # the submit runs at t = 5 ahead of the deadline timer (queued first), its arrival after it
+        clk.call_at(5.0, lambda: acks.append(s.submit("j", 0, "b", _ones(3.0))))
+        s.add_job(Job("j", template=W4, parties=["a", "b", "c"], quorum=quorum, rounds=1, deadline_s=5.0,
+                      unreachable=unreachable))
+        s.submit("j", 0, "a", _ones())
+        clk.run(until=20)
+        assert acks[0].accepted and acks[0].round == 0
+        assert s.result("j", 0).result(timeout=1)["w"].tolist() == [want] * 4
+        assert not [d for d in s.decisions if d["event"] == "late_rejected"]
+        s.close()
+
+
+def test_deadline_misses_count_failed_rounds_once():
+    for rule in ("error", "partial"):
+        clk = VirtualClock()
+        s = JITScheduler("lazy", clock=clk, cost=COST)
+        s.add_job(Job("a", parties=list("abc"), quorum=3, rounds=2, deadline_s=50.0, model_elems=1000,
+                      update_bytes=4000, unreachable=rule))
+        clk.call_at(5, s.submit, "a", 0, "a", None, 1.0)
+        clk.run()
+        m = s.metrics()["a"]
+        assert m["deadline_misses"] == 2 and m["unreachable_rounds"] == 2, (rule, m)
+        s.close()
+
+
+def test_a_late_update_refused_by_the_budget_changes_nothing_and_teaches_the_predictor_once():
+    clk = VirtualClock()
+    s = JITScheduler("lazy", clock=clk, byte_budget=2 * 16)
+    s.add_job(Job("j", template=W4, parties=["a", "b", "c"], quorum=2, rounds=3, late="next_round"))
+    js = s.jobs["j"]
+    clk.run(until=10.0)
+    s.submit("j", 0, "a", _ones())
+    s.submit("j", 0, "b", _ones())  # round 0's quorum; the budget is full
+    for _ in range(3):
+        with pytest.raises(Backpressure, match="round 0: update from 'c'"):
+            s.submit("j", 0, "c", _ones(5.0))
+    r1 = js.rounds[1]
+    assert (r1.carried, r1.unobserved, r1.admitted) == (set(), set(), 0)
+    assert js.predictor.model("c").n == 0
+    clk.run(until=12.0)  # round 0 folded: room again
+    ack = s.submit("j", 0, "c", _ones(5.0), update_id="c0")
+    assert ack.round == 1 and js.predictor.model("c").n == 1
+    for _ in range(3):  # resends of the carried update are acknowledged again and teach nothing more
+        assert s.submit("j", 0, "c", _ones(5.0), update_id="c0").duplicate
+    assert js.predictor.model("c").n == 1
+    s.close()
+
+
+def test_updates_for_a_round_not_open_yet_take_at_most_half_the_budget():
+    """Early updates cannot be folded before their round opens: had they filled the budget, the open round's
+    updates were refused for ever (a livelock)."""
+    clk = VirtualClock()
+    s = JITScheduler("eager", clock=clk, byte_budget=2 * 16)
+    s.add_job(Job("j", template=W4, parties=["a", "b"], quorum=2, rounds=4))
+    s.submit("j", 1, "a", _ones())  # a fast party sends rounds 1 and 2 ahead of time
+    with pytest.raises(Backpressure, match="round 2 is not open yet"):
+        s.submit("j", 2, "a", _ones())
+    refused = []
+
+    def client(p):
+        try:
+            s.submit("j", 0, p, _ones())
+        except Backpressure:
+            refused.append(p)
+            clk.call_later(0.5, client, p)  # the client retries
+
+    clk.call_at(1.0, client, "a")
+    clk.call_at(1.0, client, "b")
+    clk.run(until=60.0)
+    assert s.result("j", 0).done() and s.result("j", 0).exception() is None and len(refused) < 5
+    s.close()
+
+
+@pytest.mark.parametrize("policy", ["jit", "lazy", "eager"])
+def test_a_job_waiting_for_a_slot_with_the_budget_full_takes_back_an_idle_deployment(policy):
+    """Job A holds the only slot, idle; job B waits for one while its updates fill the budget: every later update
+    of either job was refused for ever. The pressure now searches B a victim."""
+    clk = VirtualClock()
+    s = JITScheduler(policy, slots=1, clock=clk, byte_budget=2 * 16)
+    for j in ("A", "B"):
+        s.add_job(Job(j, template=W4, parties=["p", "q", "r"], quorum=3, rounds=1))
+    refused = {"A": 0, "B": 0}
+
+    def client(j, p):
+        try:
+            s.submit(j, 0, p, _ones())
+        except Backpressure:
+            refused[j] += 1
+            clk.call_later(0.5, client, j, p)
+
+    for p in "pqr":
+        clk.call_at(1.0, client, "B", p)
+        clk.call_at(2.0, client, "A", p)
+    clk.run(until=600.0)
+    assert s.result("A", 0).done() and s.result("B", 0).done(), refused
+    assert s.buffered_bytes == 0 and sum(refused.values()) < 10
+    s.close()
+
+
+def test_a_deployment_is_released_when_the_fold_of_a_round_that_ended_meanwhile_ends():
+    """A lazy job's round fails at its deadline while a (pressure-forced) fold runs: the deployment goes when the
+    fold ends (it was held, idle, through the next round)."""
+    clk = VirtualClock()
+    cost = CostModel(backends={"cpu": BackendCost(32.0, 0.0)}, startup_s=1.0)  # the fold runs 9 -> 11 s
+    s = JITScheduler("lazy", clock=clk, cost=cost, byte_budget=2 * 16)
+    s.add_job(Job("j", template=W4, parties=["a", "b", "c"], quorum=3, rounds=2, deadline_s=10.0))
+    clk.call_at(8.0, s.submit, "j", 0, "a", _ones())
+    clk.call_at(8.0, s.submit, "j", 0, "b", _ones())  # past half the budget: a forced fold
+    clk.run(until=200.0)
+    assert isinstance(s.result("j", 0).exception(), QuorumUnreachable)
+    releases = [d["t"] for d in s.decisions if d["event"] == "release"]
+    assert releases and releases[0] == pytest.approx(11.0)
+    assert s.metrics()["j"]["deployed_s"] == pytest.approx(3.0)
+    s.close()
+
+
+def test_work_that_ends_after_close_has_no_effect():
+    """A finalize running at close, and an arrival queued before it: the closed scheduler starts nothing and
+    resolves nothing again (it raised InvalidStateError on the clock)."""
+    clk = VirtualClock()
+    s = JITScheduler("eager", clock=clk, cost=COST)
+    s.add_job(Job("j", template=W4, parties=["a"], quorum=1, rounds=2))
+    s.submit("j", 0, "a", _ones())
+    clk.run(until=0.0011)  # deployed, folding or finalizing
+    s.close()
+    clk.run()  # the task's completion and anything queued run on the closed scheduler
+    with pytest.raises(SchedulerClosed):
+        s.result("j", 0).result(timeout=0)
+    clk2 = VirtualClock()
+    s2 = JITScheduler("eager", clock=clk2, cost=COST)
+    s2.add_job(Job("j", template=W4, parties=["a"], quorum=1, rounds=2))
+    s2.submit("j", 0, "a", _ones())  # its arrival is queued
+    s2.close()
+    events = len(s2.decisions)
+    clk2.run()
+    assert len(s2.decisions) == events
+
+
+def test_a_refused_construction_starts_no_thread_and_changes_no_setting(tmp_path):
+    import threading
+
+    from scheduler import StateDirLocked
+
+    holder = JITScheduler("jit", state_dir=tmp_path)
+    threads, kernel = threading.active_count(), jk.get_num_threads()
+    try:
+        for kwargs in ({"state_dir": tmp_path}, {"keep_rounds": 0}, {"overflow": "drop"}, {"slots": 0}):
+            with pytest.raises((StateDirLocked, ValueError)):
+                JITScheduler("jit", **kwargs)
+        assert threading.active_count() == threads and jk.get_num_threads() == kernel
+    finally:
+        holder.close()
+
+
+@pytest.mark.parametrize("change, what", [
+    ({"quorum": 5}, "quorum 5"), ({"quorum": 0}, "quorum 0"), ({"quorum": -1}, "quorum -1"),
+    ({"quorum": 2.5}, "quorum 2.5"), ({"quorum": True}, "quorum True"), ({"late": "rejct"}, "late must be"),
+    ({"unreachable": "part"}, "unreachable must be"), ({"late_weight": -0.5}, "late_weight"),
+    ({"late_weight": 0.0}, "late_weight"), ({"late_weight": float("nan")}, "late_weight")])
+def test_a_job_that_cannot_run_as_given_is_refused_by_add_job(change, what):
+    from scheduler import InvalidJob
+
+    s = JITScheduler("jit", clock=VirtualClock())
+    with pytest.raises(InvalidJob, match=what):
+        s.add_job(Job("j", template=W4, parties=["a", "b", "c"], **change))
+    s.add_job(Job("ok", template=W4, parties=["a", "b", "c"], quorum=3.0))  # a count read from TOML as a float
+    s.close()
+
+
+def test_round_numbers_and_parties_of_the_wrong_type_are_refused_by_name():
+    s = JITScheduler("jit", clock=VirtualClock())
+    s.add_job(Job("j", template=W4, parties=["a"]))
+    for bad in ("0", 0.0, None, True):
+        with pytest.raises(NoSuchRound, match="a round number is an int"):
+            s.submit("j", bad, "a", _ones())
+        with pytest.raises(NoSuchRound, match="a round number is an int"):
+            s.result("j", bad)
+    with pytest.raises(UnknownParty, match=r"\['a'\]"):
+        s.submit("j", 0, ["a"], _ones())
+    assert s.submit("j", np.int64(0), "a", _ones()).round == 0
+    s.close()
