@@ -1,6 +1,7 @@
 """Build the private C++ extension jitkernels._core (pybind11 + OpenMP, with a no-OpenMP fallback).
 
-Portable flags only: nothing tuned to the build host. AVX2/F16C code paths are compiled with a target pragma and chosen at run time.
+Portable flags only: nothing tuned to the build host. AVX2/F16C code paths are compiled with a target pragma and
+chosen at run time.
 -ffp-contract=off keeps the compiler from fusing multiply-adds, which would break bit-exactness against numpy.
 """
 

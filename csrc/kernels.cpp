@@ -58,8 +58,9 @@ enum InCode { F64 = 0, F32 = 1, F16 = 2, BF16 = 3, I8 = 4 };
 // when debugging); it is read once, when the module is imported.
 bool use_avx2() {
 #ifdef JK_X86
+  const char* simd = std::getenv("JITKERNELS_SIMD");
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
-                         std::string(std::getenv("JITKERNELS_SIMD") ? std::getenv("JITKERNELS_SIMD") : "") != "baseline";
+                         std::string(simd ? simd : "") != "baseline";
   return ok;
 #else
   return false;
@@ -508,7 +509,8 @@ struct handle_type_name<Table<T>> {
 }  // namespace pybind11::detail
 
 PYBIND11_MODULE(_core, mod) {
-  mod.doc() = "jitkernels C++ backend: fused fold, stats, finalize and server-optimizer step over pointer tables (OpenMP, GIL released)";
+  mod.doc() = "jitkernels C++ backend: fused fold, stats, finalize and server-optimizer step over pointer tables "
+              "(OpenMP, GIL released)";
   mod.def("fold", &fold, py::arg("acc"), py::arg("base"), py::arg("in_code"), py::arg("off"), py::arg("ptr"),
           py::arg("w"), py::arg("scale_ptr"), py::arg("block"), py::arg("work"), py::arg("share"), py::arg("tiles"));
   mod.def("fold_binned", &fold_binned, py::arg("hi"), py::arg("lo"), py::arg("base"), py::arg("in_code"),

@@ -32,7 +32,8 @@ def bench(sizes=None, **kwargs) -> list:
 
 __all__ = [
     "Admitted", "AggregationError", "Aggregator", "BackendUnavailable", "CorruptState", "DuplicateParty",
-    "EmptyAggregate", "FoldState", "IncompatibleStates", "InvalidUpdateInfo", "InvalidWeight", "Layout", "LayoutMismatch",
-    "NonFiniteUpdate", "OverlappingParties", "Quantized", "RoundClosed", "TooFewUpdates", "ValueOutOfRange", "admit", "admit_many", "algorithms",
-    "atomic_write", "available_backends", "bench", "bfloat16", "check_weight", "get_num_threads", "set_num_threads",
+    "EmptyAggregate", "FoldState", "IncompatibleStates", "InvalidUpdateInfo", "InvalidWeight", "Layout",
+    "LayoutMismatch", "NonFiniteUpdate", "OverlappingParties", "Quantized", "RoundClosed", "TooFewUpdates",
+    "ValueOutOfRange", "admit", "admit_many", "algorithms", "atomic_write", "available_backends", "bench", "bfloat16",
+    "check_weight", "get_num_threads", "set_num_threads",
 ]

@@ -351,7 +351,8 @@ class Aggregator:
         u.info = alg.check_info(u.info, u.party)
         w = float(alg.fold_weight(u, st))
         self._check_headroom(u, w, one.bound)
-        self._check_int_bound((u,), [(lid, [u.leaves[lid]]) for lid in one.int_rows], one.bound)
+        if one.int_rows:
+            self._check_int_bound((u,), [(lid, [u.leaves[lid]]) for lid in one.int_rows], one.bound)
         if len(one.mods) < len(one.groups):  # resolved after the checks, as the batch path does; then kept
             one.mods[:] = [backends.choose(self.backend, g.in_dtype) for g in one.groups]
         for mod, g in zip(one.mods, one.groups):

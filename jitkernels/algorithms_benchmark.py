@@ -298,7 +298,8 @@ def format_table(head, rows, label) -> str:
                      f"{f(r['speedup'], 1, '7.1f'):>7} {f(r['rss_peak_bytes'], 1e-6, '7.0f'):>7}")
     lines.append("ms: median time; probe: read GB/s around it; MB: bytes the fused method moves; roofl: (MB / probe) "
                  "/ ms; min-r: the same with the equations' minimum bytes; speedup: the numpy-expression (step) or "
-                 "Flower (round) time / this time (clipped fold: the unclipped fold's time / this time); RSS MB: peak resident-set growth of one call.")
+                 "Flower (round) time / this time (clipped fold: the unclipped fold's time / this time); RSS MB: peak "
+                 "resident-set growth of one call.")
     return "\n".join(lines)
 
 

@@ -516,8 +516,8 @@ def _row(wl, method, backend, dtype, timing=None, nbytes=None, mem=(None, None),
     row = {"workload": wl.label, "n": wl.n, "leaves": wl.leaves, "k": wl.k, "kind": kind, "method": method,
            "backend": backend, "dtype": dtype, "time_s": None, "times_s": None, "reps": 0, "probe_gbps": None,
            "probe_gbps_all": None, "bytes": nbytes, "frac_roofline": None, "us_per_call": None,
-           "extra_us_per_update": None, "vs_numpy_eager": None, "vs_fold_many": None, "jk_speedup": None, "traced_peak_bytes": mem[0],
-           "rss_peak_bytes": mem[1], "note": note}
+           "extra_us_per_update": None, "vs_numpy_eager": None, "vs_fold_many": None, "jk_speedup": None,
+           "traced_peak_bytes": mem[0], "rss_peak_bytes": mem[1], "note": note}
     if timing is not None:
         row.update(time_s=timing.time, times_s=timing.times, reps=len(timing.times), probe_gbps=timing.bandwidth,
                    probe_gbps_all=timing.bandwidths)
@@ -737,8 +737,8 @@ _COLUMNS = (  # title, width, row -> text
 LEGEND = """\
 ms: median time; reps: repetitions (each between two probes); probe: median read bandwidth (GB/s) of the probes
 around them; MB: bytes the method must move (fold_many, peers: k*N*itemsize + 8N; fold: k*(N*itemsize + 8N);
-admit_many: k*N*itemsize; int8 counts values and scales; deterministic: k*N*itemsize + 32N); roofl: (MB / probe) / ms, above 1 = served partly from
-cache (fold: the accumulator stays cached between calls when it fits); us/call: time per fold call ("fold, 1
+admit_many: k*N*itemsize; int8 counts values and scales; deterministic: k*N*itemsize + 32N); roofl: (MB / probe) /
+ms, above 1 = served partly from cache (fold: the accumulator stays cached between calls when it fits); us/call: time per fold call ("fold, 1
 elem/leaf": a call's fixed cost, measured on the same layout shrunk to one element per leaf); +us/upd:
 (fold - fold_many) / k, what folding each update on arrival costs over batching; x eager: numpy eager's time / this
 time (float32 folds and peers); jk x: this peer's time / jitkernels' best float32 fold_many (or fold_many+finalize

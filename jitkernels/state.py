@@ -85,7 +85,8 @@ class FoldState:
         else:
             self.lo = None
         if self.acc.shape != (layout.size,) or self.acc.dtype != np.dtype(self.acc_dtype):
-            raise ValueError(f"accumulator must be {self.acc_dtype}[{layout.size}], got {self.acc.dtype}{self.acc.shape}")
+            raise ValueError(f"accumulator must be {self.acc_dtype}[{layout.size}], got "
+                             f"{self.acc.dtype}{self.acc.shape}")
         # every array the kernels index by the layout: a wrong shape would be read out of bounds
         for name, arr, dt, n in (("base", self.base, self.acc_dtype, layout.size),
                                  ("lo", self.lo, "float64", layout.size),

@@ -194,7 +194,8 @@ class PolicyResult:
                 "latency_p50_s": float(np.percentile(lat, 50)), "latency_p95_s": float(np.percentile(lat, 95)),
                 "latency_p99_s": float(np.percentile(lat, 99)), "deadline_misses": self.misses,
                 "unreachable_rounds": self.unreachable, "rounds": self.rounds, "peak_buffered_bytes": self.peak_bytes,
-                "makespan_s": self.makespan_s, "events": self.events, "events_per_s": self.events / max(self.wall_s, 1e-9),
+                "makespan_s": self.makespan_s, "events": self.events,
+                "events_per_s": self.events / max(self.wall_s, 1e-9),
                 "wall_s": self.wall_s, "real_busy_s": self.real_busy_s}
 
 

@@ -25,8 +25,9 @@ def test_message_fedavg_equals_flowers():
     rng = np.random.default_rng(0)
     theirs, ours = ms.FedAvg(), jkfl.MessageFedAvg()
     for r in range(1, 3):
-        replies = [_reply(j, [rng.standard_normal((30, 20)).astype(np.float32), rng.standard_normal(20).astype(np.float32)],
-                          int(rng.integers(1, 100)), float(j)) for j in range(4)]
+        replies = [_reply(j, [rng.standard_normal((30, 20)).astype(np.float32),
+                              rng.standard_normal(20).astype(np.float32)], int(rng.integers(1, 100)), float(j))
+                   for j in range(4)]
         a_t, m_t = theirs.aggregate_train(r, replies)
         a_o, m_o = ours.aggregate_train(r, replies)
         assert dict(m_o) == pytest.approx(dict(m_t))

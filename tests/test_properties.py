@@ -65,7 +65,8 @@ def test_order_and_merge_tree_independence(backend, seed, shapes, k, data):
         states.append(a.state)
     while len(states) > 1:
         i = data.draw(st.integers(0, len(states) - 2))
-        states[i:i + 2] = [states[i + 1].merge(states[i]) if data.draw(st.booleans()) else states[i].merge(states[i + 1])]
+        pair = (states[i + 1], states[i]) if data.draw(st.booleans()) else (states[i], states[i + 1])
+        states[i:i + 2] = [pair[0].merge(pair[1])]
     got = _flat(jk.Aggregator.from_state(states[0], backend=backend).finalize())
     assert np.all(np.abs(got - want) <= tol)
     assert states[0].count == k and abs(states[0].total_weight - sum(ws)) <= 1e-12 * sum(ws)

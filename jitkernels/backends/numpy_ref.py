@@ -117,7 +117,8 @@ def stats(base, g, acc_dtype):
 
 
 def finalize(acc, base, og):
-    """out = out_t(acc / A(W)) (+ base first, when given). Reads n*itemsize(A) (x2 with base), writes n*itemsize(out)."""
+    """out = out_t(acc / A(W)) (+ base first, when given). Reads n*itemsize(A) (x2 with base), writes
+    n*itemsize(out)."""
     A = acc.dtype
     out_t = np_dtype(og.out_dtype)
     for r, out in enumerate(og.outs):
