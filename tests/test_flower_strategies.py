@@ -290,3 +290,68 @@ def test_a_result_beyond_the_models_float_range_is_refused_by_name():
             (_Proxy("b"), _fit_res([np.array([3.0, 1.0, 2.0], np.float32)], 10))]
     p, _ = jkfl.FedAvg().aggregate_fit(1, fine, [])
     np.testing.assert_array_equal(parameters_to_ndarrays(p)[0], np.array([2.0, 1.0, 1.5], np.float16))
+
+
+@pytest.mark.parametrize("name, kw, rtol", [("FedAvg", {}, 1e-6), ("FedAvgM", {"server_momentum": 0.9}, 1e-6),
+                                            ("FedAdagrad", {"eta": 1e-6, "tau": 1e-9}, 1e-4)])
+def test_a_float64_model_is_accumulated_in_float64(name, kw, rtol):
+    """Updates of 1e-9 to a float64 model at 1 + 1e-12: Flower computes in float64; so do we (a float32 accumulator
+    lost them all, and the model's own 1e-12). (FedAdagrad's steps, normalized by deltas of 1e-9, amplify the
+    rounding of Flower's average-then-subtract: 1e-7 of the delta becomes 1.5e-5 of the step by round 3.)"""
+    x0 = [np.full(4, 1 + 1e-12, np.float64)]
+    if name != "FedAvg":
+        kw = {**kw, "initial_parameters": ndarrays_to_parameters(x0)}
+    theirs, ours = getattr(fl, name)(**kw), getattr(jkfl, name)(**kw)
+    glob = x0
+    for r in range(1, 4):
+        results = [(_Proxy(f"c{j}"), _fit_res([glob[0] + 1e-9], 10)) for j in range(3)]
+        want = parameters_to_ndarrays(theirs.aggregate_fit(r, results, [])[0])
+        got = parameters_to_ndarrays(ours.aggregate_fit(r, results, [])[0])
+        assert got[0].dtype == np.float64
+        np.testing.assert_allclose(got[0] - 1, want[0] - 1, rtol=rtol, atol=1e-18)
+        assert got[0][0] - 1 > r * 0.9e-9 if name == "FedAvg" else got[0][0] != x0[0][0]
+        glob = want
+
+
+def test_a_malformed_first_result_is_the_one_named_and_fixes_nothing():
+    """The first round's layout comes from the shapes most results share (a malformed first result blamed the good
+    ones, and fixed its layout for the strategy's life)."""
+    import jitkernels as jk
+
+    good = [np.ones((4, 3), np.float32), np.ones(3, np.float32)]
+    bad = [np.ones((3, 3), np.float32), np.ones(3, np.float32)]
+    ours = jkfl.FedAvg()
+    with pytest.raises(jk.LayoutMismatch, match="party 'bad'.*shape \\(3, 3\\)"):
+        ours.aggregate_fit(1, [(_Proxy("bad"), _fit_res(bad, 10)), (_Proxy("g1"), _fit_res(good, 10)),
+                               (_Proxy("g2"), _fit_res(good, 10))], [])
+    two = [(_Proxy("bad"), _fit_res(bad, 10)), (_Proxy("g1"), _fit_res(good, 10))]
+    with pytest.raises(jk.LayoutMismatch):  # one against one: the first result's layout, as before
+        ours.aggregate_fit(1, two, [])
+    p, _ = ours.aggregate_fit(2, [(_Proxy("g1"), _fit_res(good, 10)), (_Proxy("g2"), _fit_res(good, 30))], [])
+    assert [a.shape for a in parameters_to_ndarrays(p)] == [(4, 3), (3,)]
+
+
+def test_a_negative_or_nan_weight_is_refused_naming_the_client():
+    import jitkernels as jk
+
+    a = [np.ones(3, np.float32)]
+    for n in (-5, float("nan")):
+        res = [(_Proxy("ok"), _fit_res(a, 10)), (_Proxy("liar"), _fit_res(a, 10))]
+        res[1][1].num_examples = n
+        with pytest.raises(jk.InvalidWeight, match="party 'liar'"):
+            jkfl.FedAvg().aggregate_fit(1, res, [])
+    zero = [(_Proxy("ok"), _fit_res(a, 10)), (_Proxy("idle"), _fit_res([a[0] * 5], 0))]
+    p, _ = jkfl.FedAvg().aggregate_fit(1, zero, [])  # a weight of 0 weighs nothing, as in Flower
+    np.testing.assert_array_equal(parameters_to_ndarrays(p)[0], a[0])
+
+
+def test_a_header_whose_shape_overflows_int64_is_refused_by_name():
+    import struct
+
+    import jitkernels as jk
+
+    head = b"{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296), }"
+    head += b" " * (63 - len(head) % 64) + b"\n"
+    buf = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(head)) + head
+    with pytest.raises(jk.LayoutMismatch, match="party 'evil'.*array 0.*data bytes"):
+        jkfl.ndarray_view(buf, party="evil", index=0)

@@ -12,13 +12,19 @@ the way out either.
 Strategies (:class:`FedAvg`, :class:`FedAvgM`, :class:`FedAdam`, :class:`FedYogi`, :class:`FedAdagrad`, and the robust
 :class:`FedMedian`, :class:`FedTrimmedAvg`, :class:`Krum` over jitkernels' buffered slab kernels) subclass
 Flower's own, take the same arguments (plus ``backend=``), and replace ``aggregate_fit``; everything else (client
-sampling, configuration, evaluation) is Flower's. Their results equal Flower's within float32 rounding, with these
+sampling, configuration, evaluation) is Flower's. Their results equal Flower's within the rounding of the
+accumulator (float32 for float32 and float16 models, float64 where a float64 array is in the model), with these
 deliberate differences: integer arrays are averaged (Flower's ``aggregate_inplace`` zeroes them); float16 models are
 accumulated in float32 (Flower's ``aggregate`` overflows); results keep the model's dtype (Flower's FedAdam returns
 float64, a NEP 50 promotion): float results in another dtype (float32 clients of a float64 model, or a round whose
-clients switched dtype) are converted to the model's, a copy of those arrays, where Flower's numpy promotes; deltas are folded as ``u - x`` (Flower forms the average, then subtracts, which turns
-rounding into steps); clients that report ``num_examples == 0`` are left out of weighted averages (they weigh nothing
-in Flower either) and kept by the rules that ignore weights (median, trimmed mean), as Flower keeps them.
+clients switched dtype) are converted to the model's, a copy of those arrays, where Flower's numpy promotes; deltas
+are folded as ``u - x`` (Flower forms the average, then subtracts, which turns rounding into steps); clients that
+report ``num_examples == 0`` are left out of weighted averages (they weigh nothing in Flower either) and kept by the
+rules that ignore weights (median, trimmed mean), as Flower keeps them; a negative or non-finite ``num_examples`` is
+refused naming the client (:class:`~jitkernels.errors.InvalidWeight`; Flower's average takes it). The first round's
+results fix the model's layout from the shapes and dtypes most of them share, so that a malformed result is the one
+named. The Message API's strategies match arrays by their names (keys), name the replies ``node-<src_node_id>``, and
+name the arrays in errors by their keys.
 
 Krum and Multi-Krum are ``variant="flower"`` of :class:`jitkernels.robust.Krum` (whose default keeps the paper's
 k >= 2f + 3): as Flower's ``aggregate_krum`` and ``select_multikrum``, they run with any k (``max(1, k - f - 2)``
@@ -77,7 +83,9 @@ def ndarray_view(buf: bytes, *, party=None, index: int | None = None) -> np.ndar
         raise LayoutMismatch(f"subarray dtype {dtype} in the .npy header", leaf=where, party=party)
     if any(not isinstance(d, int) or d < 0 for d in shape):
         raise LayoutMismatch(f"bad shape {shape!r} in the .npy header", leaf=where, party=party)
-    count = int(np.prod(shape, dtype=np.int64))
+    count = 1
+    for d in shape:  # Python ints: a crafted (2^32, 2^32) wrapped to 0 in int64 and passed the size check
+        count *= d
     if len(mv) - start != count * dtype.itemsize:
         raise LayoutMismatch(f"{len(mv) - start} data bytes for {dtype}{tuple(shape)} ({count * dtype.itemsize})",
                              leaf=where, party=party)
@@ -163,6 +171,15 @@ def _to_model_dtype(v: np.ndarray, dtype, i: int, party) -> np.ndarray:
     return out
 
 
+def _most_common_layout(views, kept) -> int:
+    """The result among ``kept`` whose arrays' shapes and dtypes most results share (the first such on a tie)."""
+    sigs = [tuple((v.shape, v.dtype.str) for v in views[j]) for j in kept]
+    count = {}
+    for sig in sigs:
+        count[sig] = count.get(sig, 0) + 1
+    return kept[max(range(len(kept)), key=lambda i: (count[sigs[i]], -i))]
+
+
 class _Runner:
     """One jitkernels Aggregator kept across a strategy's rounds: the first results fix the layout; each round folds
     the results' zero-copy views in one pass and finalizes into new bytes laid out as ``np.save`` writes them."""
@@ -170,20 +187,30 @@ class _Runner:
     def __init__(self, algorithm, backend):
         self.algorithm, self.backend = algorithm, backend
         self.agg = None
+        self.names = None  # the Message API's array names, in the layout's order (fixed by the first round)
+        self.last_parties = []  # the party ids of the last round's replies (aggregate_records)
 
-    def fold_and_finalize(self, views, weights, parties, base=None, server_round=None):
+    def fold_and_finalize(self, views, weights, parties, base=None, server_round=None, names=None):
         """(bytes per leaf, the arrays viewing them) of the round's aggregate, or None when no update weighs.
         ``base``: the model the round's updates start from (Flower's strategies keep it, and a caller may replace
         it between rounds); None continues from the model the last step produced. ``server_round``: Flower's round
         number, which its adaptive optimizers' bias correction counts (not the steps applied: a round that returned
-        no model still counts there)."""
+        no model still counts there). ``names``: the arrays' names (the Message API's keys), which the layout's
+        leaves take (errors name them); views and base come in their order.
+
+        The first round's results fix the layout: the most common shapes and dtypes among them (a malformed result
+        is then the one named, whatever its place), and a failed first fold fixes nothing. A float64 model (or base)
+        is accumulated in float64, as Flower's numpy computes in the model's dtype: float32 accumulation lost
+        updates below its resolution."""
         infos = None
         if "mass" in getattr(self.algorithm, "info_keys", ()):  # Krum: Flower scores results of weight 0 too
             infos = [{"mass": float(w)} for w in weights]
             weights = [1.0] * len(weights)
         elif not getattr(self.algorithm, "uses_weights", True):  # median & co.: Flower counts every result
             weights = [w if w > 0 else 1.0 for w in weights]
-        kept = [j for j, w in enumerate(weights) if w > 0]
+        # a weight of 0 weighs nothing (Flower's too); a negative or non-finite one is the aggregator's to refuse,
+        # naming the result (it was left out as if it weighed 0)
+        kept = [j for j, w in enumerate(weights) if w != 0]
         if len(kept) < len(weights):
             log.info("jitkernels: %d result(s) with weight 0 left out", len(weights) - len(kept))
         if not kept:
@@ -193,18 +220,30 @@ class _Runner:
                 if v.dtype.kind not in "fiub":
                     raise LayoutMismatch(f"dtype {v.dtype} cannot be averaged (float, integer or bool arrays only)",
                                          leaf=f"array {i}", party=parties[j])
-        if self.agg is None:
-            tmpl = [np.empty(v.shape, v.dtype) for v in views[kept[0]]] if base is None else base
-            self.agg = jk.Aggregator(tmpl, self.algorithm, backend=self.backend, base=base)
+        def tree(arrays):  # the layout's container: a list, or a dict by the arrays' names
+            return arrays if names is None or arrays is None else dict(zip(names, arrays))
+
+        fresh = self.agg is None
+        if fresh:
+            tmpl = [np.empty(v.shape, v.dtype) for v in views[_most_common_layout(views, kept)]] if base is None \
+                else base
+            wide = any(np.dtype(a.dtype) == np.float64 for a in tmpl)
+            self.agg = jk.Aggregator(tree(tmpl), self.algorithm, backend=self.backend, base=tree(base),
+                                     acc_dtype="float64" if wide else None)
         elif base is not None or self.agg.state.count or self.agg.state.closed:
-            self.agg.reset(base, reuse=True)
-        self.agg.fold_many(self._conform([views[j] for j in kept], [parties[j] for j in kept]),
-                           [float(weights[j]) for j in kept], [parties[j] for j in kept],
-                           None if infos is None else [infos[j] for j in kept])
+            self.agg.reset(tree(base), reuse=True)
+        try:
+            self.agg.fold_many([tree(u) for u in self._conform([views[j] for j in kept], [parties[j] for j in kept])],
+                               [float(weights[j]) for j in kept], [parties[j] for j in kept],
+                               None if infos is None else [infos[j] for j in kept])
+        except BaseException:
+            if fresh:  # the next round's results fix the layout
+                self.agg = None
+            raise
         if server_round is not None and self.agg.state.opt is not None:
             self.agg.state.round = int(server_round) - 1  # steps before this one, as Flower counts them
         tensors, arrays = parameters_buffers([(leaf.shape, np_dtype(leaf.dtype)) for leaf in self.agg.layout.leaves])
-        self.agg.finalize(out=arrays)
+        self.agg.finalize(out=tree(arrays))
         return tensors, arrays
 
     def _conform(self, updates, parties):
@@ -237,27 +276,40 @@ class _Runner:
         return None if out is None else Parameters(tensors=out[0], tensor_type="numpy.ndarray")
 
     @staticmethod
-    def reply_ids(n: int) -> list:
-        """The party ids :meth:`aggregate_records` gives the replies, in order."""
-        return [f"reply-{i}" for i in range(n)]
+    def reply_ids(replies) -> list:
+        """The party ids :meth:`aggregate_records` gives the replies, in order: their source nodes' ids
+        (``node-<id>``), or ``reply-<i>`` where two replies share a node."""
+        nodes = [getattr(getattr(m, "metadata", None), "src_node_id", None) for m in replies]
+        if None in nodes or len(set(nodes)) < len(nodes):
+            return [f"reply-{i}" for i in range(len(replies))]
+        return [f"node-{n}" for n in nodes]
 
-    def aggregate_records(self, contents, weight_key, base=None, server_round=None):
-        """Flower's Message API: the replies' RecordDicts (one ArrayRecord and one MetricRecord each, as Flower's
-        strategies check) in, an ArrayRecord of the aggregate out (its Arrays' data are the new bytes)."""
+    def aggregate_records(self, replies, weight_key, base=None, server_round=None):
+        """Flower's Message API: the replies (one ArrayRecord and one MetricRecord each in their content, as
+        Flower's strategies check) in, an ArrayRecord of the aggregate out (its Arrays' data are the new bytes).
+        Arrays are matched by name: the first round's order is kept (a reply may list its keys in another)."""
         from flwr.app import Array, ArrayRecord
 
+        contents = [m.content for m in replies]
         records = [next(iter(c.array_records.values())) for c in contents]
         weights = [float(next(iter(c.metric_records.values()))[weight_key]) for c in contents]
-        names = list(records[0].keys())
-        parties = self.reply_ids(len(records))
+        parties = self.reply_ids(replies)
+        names = self.names if self.agg is not None else list(records[0].keys())
         views = []
         for rec, p in zip(records, parties):
+            missing = [n for n in names if n not in rec]
+            extra = [n for n in rec.keys() if n not in set(names)]
+            if missing or extra:
+                raise LayoutMismatch("missing from the reply" if missing else "not in the model's arrays",
+                                     leaf=(missing or extra)[0], party=p)
             for n in names:
                 if rec[n].stype != "numpy.ndarray":
                     raise LayoutMismatch(f"serialization {rec[n].stype!r}; expected 'numpy.ndarray'", leaf=n, party=p)
             views.append([ndarray_view(rec[n].data, party=p, index=n) for n in names])
         out = self.fold_and_finalize(views, weights, parties,
-                                     None if base is None else [np.array(base[n]) for n in names], server_round)
+                                     None if base is None else [np.array(base[n]) for n in names], server_round,
+                                     names=names)
+        self.names, self.last_parties = names, parties
         if out is None:
             return None
         return ArrayRecord({n: Array(dtype=str(a.dtype), shape=tuple(a.shape), stype="numpy.ndarray", data=t)
@@ -389,7 +441,7 @@ def _message_strategies():
                 if not valid:
                     return None, None
                 contents = [msg.content for msg in valid]
-                arrays = self._jk.aggregate_records(contents, self.weighted_by_key)
+                arrays = self._jk.aggregate_records(valid, self.weighted_by_key)
                 chosen = contents if selected is None else selected(self, contents)
                 return arrays, self.train_metrics_aggr_fn(chosen, self.weighted_by_key)
 
@@ -417,7 +469,7 @@ def _message_strategies():
                                      "aggregation.")
                 contents = [msg.content for msg in valid]
                 # Flower steps from current_arrays, which configure_train sets each round to the arrays it sends
-                return (self._jk.aggregate_records(contents, self.weighted_by_key, base=self.current_arrays,
+                return (self._jk.aggregate_records(valid, self.weighted_by_key, base=self.current_arrays,
                                                    server_round=server_round),
                         self.train_metrics_aggr_fn(contents, self.weighted_by_key))
 
@@ -451,7 +503,7 @@ def _message_strategies():
                                      "called before aggregation.")
                 # Flower steps from current_arrays each round (configure_train sets it once, each step after)
                 base = {k: a.numpy() for k, a in self.current_arrays.items()}
-            arrays = self._jk.aggregate_records(contents, self.weighted_by_key, base=base)
+            arrays = self._jk.aggregate_records(valid, self.weighted_by_key, base=base)
             if self.server_opt and arrays is not None:
                 self.current_arrays = arrays
             return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
@@ -460,7 +512,7 @@ def _message_strategies():
 
     def _krum(flower_cls):
         def kept(st, contents):  # the replies Krum kept, by increasing score (Flower's order)
-            index = {p: i for i, p in enumerate(st._jk.reply_ids(len(contents)))}
+            index = {p: i for i, p in enumerate(st._jk.last_parties)}
             return [contents[index[p]] for p in st._jk.algorithm.selected]
 
         return _train_rule(flower_cls, lambda st: R.Krum(f=st.num_malicious_nodes, m=st.num_nodes_to_select,
