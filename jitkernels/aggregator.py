@@ -599,6 +599,7 @@ class Aggregator:
             mass = st.exact_leaf_weights() if st.deterministic else st.leaf_weight
             weights = mass * alg.divisor_scale(st)  # the algorithm's scaling (FedBuff's server lr, FedNova's steps)
             if closing and alg.noise_std(st) > 0:  # on the average delta, before that scaling, as the sum is
+                alg.claim_noise(st)  # (refuses before anything changes)
                 self._add_noise(alg.noise_std(st), mass, float_ids)
             acc = st.value()
             for og in build_out_groups(self.layout, float_ids, [outs[i] for i in float_ids], weights):
@@ -607,11 +608,14 @@ class Aggregator:
                 elif closing:
                     mod.step(acc, st.base, st.opt["m"], st.opt.get("v"), alg.kind, alg.coefficients(st.round + 1),
                              og)
-            if closing:
-                alg.close(st)
-                st.round += 1
-                st.closed = True
-                st.__dict__.pop("_host_base", None)  # a step moved the base in place
+            if closing:  # the noise and the step are in: the round closes even if the algorithm's close raises (a
+                # second finalize would add them again)
+                try:
+                    alg.close(st)
+                finally:
+                    st.round += 1
+                    st.closed = True
+                    st.__dict__.pop("_host_base", None)  # a step moved the base in place
             # leaves no update carried (and, finalizing a stepped round again, every float leaf), and integer
             # leaves: tiny or rare, finished on the host and written back
             for i in (missing + float_ids if opt and not closing else missing):

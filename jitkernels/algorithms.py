@@ -236,11 +236,9 @@ class SCAFFOLD(FedAvg):
 
     def __init__(self, *, num_parties: int, server_lr: float = 1.0, weighted: bool = False):
         super().__init__(weighted=weighted)
-        if int(num_parties) <= 0:
-            raise ValueError(f"num_parties must be > 0, got {num_parties!r}")
         if not (math.isfinite(server_lr) and server_lr > 0):
             raise ValueError(f"server_lr must be finite and > 0, got {server_lr!r}")
-        self.num_parties, self.server_lr = int(num_parties), float(server_lr)
+        self.num_parties, self.server_lr = _count("num_parties", num_parties), float(server_lr)
 
     def divisor_scale(self, state):
         import numpy as np
@@ -274,6 +272,14 @@ class _ServerOptimizer(FedAvg):
     def coefficients(self, t: int) -> tuple:
         """(b1, 1 - b1, b2, 1 - b2, lr_t, tau) for step ``t`` (1-based), in float64."""
         raise NotImplementedError
+
+
+def _count(name: str, x) -> int:
+    """A count > 0: an int, or a float with an integral value (2.7 was truncated to 2 without a word)."""
+    whole = hasattr(x, "__index__") or isinstance(x, float) and math.isfinite(x) and x.is_integer()
+    if isinstance(x, bool) or not whole or int(x) <= 0:
+        raise ValueError(f"{name} must be an integer count > 0, got {x!r}")
+    return int(x)
 
 
 def _check_hyper(**kw):
@@ -422,13 +428,12 @@ class _DPClipping:
             raise ValueError(f"DP wrappers take streaming algorithms; {type(self.inner).__name__} is buffered")
         if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
             raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier!r}")
-        if num_sampled is not None and int(num_sampled) <= 0:
-            raise ValueError(f"num_sampled must be > 0, got {num_sampled!r}")
         self.noise_multiplier = float(noise_multiplier)
-        self.num_sampled = None if num_sampled is None else int(num_sampled)
-        from .noise import new_seed
+        self.num_sampled = None if num_sampled is None else _count("num_sampled", num_sampled)
+        from .noise import _uint, new_seed
 
-        self.seed = new_seed() if seed is None else int(seed)
+        self.seed = new_seed() if seed is None else _uint("seed", seed, 64)
+        self._noised = {}  # round -> the state whose aggregate took that round's noise (see claim_noise)
 
     # delegated: the inner algorithm's weights, optimizer and per-update values
     def __getattr__(self, name):
@@ -438,6 +443,17 @@ class _DPClipping:
 
     def clip_norm(self, state) -> float:
         raise NotImplementedError
+
+    def claim_noise(self, state) -> None:
+        """Called before a round's noise is added: noise is keyed by (seed, round, leaf, index), so two aggregates
+        noised by one instance in the same round (a fresh Aggregator each round, whose round counter starts at 0
+        again) would get the same noise, which cancels in the difference of the released models. Refused."""
+        owner = state.__dict__.setdefault("_dp_owner", object())
+        if self._noised.setdefault(state.round, owner) is not owner:
+            raise ValueError(f"{type(self).__name__}: round {state.round}'s noise (seed {self.seed}) was already "
+                             f"added to another aggregate by this instance, and the same noise in two released models "
+                             f"cancels in their difference. Keep one Aggregator across rounds (reset() between "
+                             f"them), or give each aggregate its own DP algorithm (a new seed)")
 
     def clip_factor(self, u, state) -> float:
         c = self.clip_norm(state)  # u.norm is ||u - base||: the Aggregator re-measures updates admitted without it
@@ -517,6 +533,7 @@ class DPFixedClipping(_DPClipping):
 
 
 COUNT_LEAF = 0xFFFFFFFF
+_LOG_CLIP_MIN, _LOG_CLIP_MAX = math.log(1e-300), math.log(1e300)  # the adaptive clip norm's range
 """The noise stream (leaf id) of adaptive clipping's noised count: no layout has 2^32 - 1 leaves."""
 
 
@@ -543,6 +560,8 @@ class DPAdaptiveClipping(_DPClipping):
     def __init__(self, algorithm=None, *, noise_multiplier: float, num_sampled: int,
                  initial_clip_norm: float = 0.1, target_quantile: float = 0.5, clip_norm_lr: float = 0.2,
                  count_stddev: float | None = None, seed: int | None = None):
+        if num_sampled is None:  # the clipped count's denominator
+            raise ValueError("num_sampled (the parties sampled per round) is required for adaptive clipping")
         super().__init__(FedAvg(weighted=False) if algorithm is None else algorithm,
                          noise_multiplier=noise_multiplier, num_sampled=num_sampled, seed=seed)
         if not (math.isfinite(initial_clip_norm) and initial_clip_norm > 0):
@@ -582,7 +601,9 @@ class DPAdaptiveClipping(_DPClipping):
         unclipped = math.fsum(state.info[p]["unclipped"] for p in state.parties)
         z = float(gaussian(self.seed, state.round, COUNT_LEAF, 0, 1)[0])
         frac = (unclipped + self.count_stddev * z) / self.num_sampled
-        state.scalars["clip_norm"] = self.clip_norm(state) * math.exp(-self.clip_norm_lr * (frac - self.target_quantile))
+        # in log space, kept within float64's normal range: a count noise far above num_sampled overflowed exp()
+        log_c = math.log(self.clip_norm(state)) - self.clip_norm_lr * (frac - self.target_quantile)
+        state.scalars["clip_norm"] = math.exp(min(max(log_c, _LOG_CLIP_MIN), _LOG_CLIP_MAX))
         self.inner.close(state)
 
     def params(self) -> dict:

@@ -165,7 +165,8 @@ def quantize(arrays, clipping_range: float, target_range: int, *, seed=None):
 
     ``arrays``: a list of arrays (Flower's NDArrays; a list comes back) or one array. ``seed``: an int, None, a
     ``np.random.Generator`` or a ``np.random.RandomState`` (one uniform per element, in array order, C order).
-    ``x'`` is computed in float64 whatever the input dtype (Flower: in the input's dtype, see the module notes);
+    ``x'`` is computed in float64 whatever the input dtype (Flower: in the input's dtype, see the module notes) and
+    capped at T (at x = +c it can round to just above T, and Flower's then returns T + 1: 0 at T = 2^32 - 1);
     non-finite values raise :class:`NonFiniteUpdate`. Reads 4 or 8 and writes 4 bytes per element (plus numpy's
     temporaries).
     """
@@ -180,6 +181,7 @@ def quantize(arrays, clipping_range: float, target_range: int, *, seed=None):
         if bad:
             raise NonFiniteUpdate(None, str(i), bad)
         pre = (np.clip(x, -c, c) + c) * quantizer
+        pre = np.minimum(pre, T)  # (x = +c can round to just above T: ceil made T + 1, and at T = 2^32 - 1, 0)
         ret = np.ceil(pre)
         u = rng.random(pre.shape)
         ret -= u < ret - pre

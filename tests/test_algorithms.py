@@ -508,3 +508,60 @@ def test_float16_model_overflow_is_refused_naming_the_leaf(backend):
     stale = {"w": np.full(4, np.inf, np.float16), "b": np.full(3, np.inf, np.float16)}
     again = ok.finalize(out=stale)  # checked as written, not as the buffer held it before
     assert again["w"].tobytes() == first["w"].tobytes()
+
+
+@pytest.mark.parametrize("make", [
+    lambda **k: A.DPFixedClipping(clip_norm=1.0, noise_multiplier=1.0, num_sampled=3, **k),
+    lambda **k: A.DPAdaptiveClipping(noise_multiplier=0.5, num_sampled=3, **k)], ids=["fixed", "adaptive"])
+@pytest.mark.parametrize("kw, what", [({"seed": -1}, "seed must be in"), ({"seed": 2 ** 64}, "seed must be in"),
+                                      ({"seed": 1.9}, "seed must be an integer")])
+def test_dp_seeds_are_checked_when_the_algorithm_is_made(make, kw, what):
+    with pytest.raises((ValueError, TypeError), match=what):
+        make(**kw)
+
+
+@pytest.mark.parametrize("make, name, required", [
+    (lambda x: A.DPFixedClipping(clip_norm=1.0, noise_multiplier=1.0, num_sampled=x), "num_sampled", False),
+    (lambda x: A.DPAdaptiveClipping(noise_multiplier=0.1, num_sampled=x), "num_sampled", True),
+    (lambda x: A.SCAFFOLD(num_parties=x), "num_parties", True)])
+def test_counts_are_integers_not_truncated(make, name, required):
+    """2.7 was truncated to 2 (the noise's std off by 35%); None, NaN and inf failed without naming the parameter."""
+    for bad in (2.7, float("nan"), float("inf"), True, 0, -3, "3") + ((None,) if required else ()):
+        with pytest.raises(ValueError, match=name):
+            make(bad)
+    assert getattr(make(3.0), name) == 3 and getattr(make(np.int64(4)), name) == 4
+
+
+def test_one_dp_instance_never_noises_two_aggregates_in_the_same_round():
+    """Noise is keyed by (seed, round): a fresh Aggregator per round with one DP instance gave every round the same
+    noise, which cancels in the difference of two released models. Refused before anything changes; one Aggregator
+    across rounds (reset) gets new noise each round."""
+    x = {"w": np.zeros(64, np.float32)}
+    dp = A.DPFixedClipping(clip_norm=1.0, noise_multiplier=1.0, num_sampled=2, seed=5)
+    first = jk.Aggregator(x, dp, base=x)
+    first.fold({"w": np.full(64, 0.1, np.float32)}, party="a")
+    out0 = first.finalize()["w"].copy()
+    second = jk.Aggregator(x, dp, base=x)
+    second.fold({"w": np.full(64, 0.1, np.float32)}, party="a")
+    kept = second.state.copy()
+    with pytest.raises(ValueError, match="round 0's noise .* already added to another aggregate"):
+        second.finalize()
+    assert second.state.same_bits(kept)
+    first.reset()
+    first.fold({"w": np.full(64, 0.1, np.float32)}, party="a")
+    assert not np.array_equal(first.finalize()["w"], out0)  # round 1: other noise
+
+
+def test_adaptive_clipping_survives_a_count_noise_far_above_the_sample_and_closes_its_round_once():
+    """A count noise far above num_sampled overflowed exp() after the noise and the step were applied, and left the
+    round open: a second finalize noised and stepped again. The clip norm is now updated in log space, within
+    float64's normal range."""
+    x = {"w": np.zeros(4, np.float32)}
+    dp = A.DPAdaptiveClipping(A.FedAvgM(lr=1.0, momentum=0.5), noise_multiplier=0.0, num_sampled=1,
+                              count_stddev=1e6, seed=2)
+    agg = jk.Aggregator(x, dp, base=x)
+    agg.fold({"w": np.full(4, 0.05, np.float32)}, party="a")
+    out = agg.finalize()["w"].copy()
+    st_ = agg.state
+    assert st_.closed and st_.round == 1 and 1e-300 <= st_.scalars["clip_norm"] <= 1e300
+    np.testing.assert_array_equal(agg.finalize()["w"], out)  # the closed round answers the same

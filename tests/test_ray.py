@@ -41,7 +41,8 @@ def test_ray_partial_folds_equal_the_local_fold(executor, alg):
     a = jk.algorithms.resolve(cw.algorithm(alg))
     base = cw.template() if a.needs_base else None
     local = jk.Aggregator(cw.template(), a, base=base, deterministic=True)
-    remote = jk.Aggregator(cw.template(), a, base=base, deterministic=True)
+    # the same algorithm and seed, another instance: one DP instance refuses to noise two aggregates in one round
+    remote = jk.Aggregator(cw.template(), jk.algorithms.resolve(cw.algorithm(alg)), base=base, deterministic=True)
     local.fold_many(_batch(local))
     executor.fold_many(remote, _batch(remote))
     assert remote.state.same_bits(local.state)  # deterministic mode: any split and merge tree gives the same bits

@@ -421,9 +421,12 @@ def test_quantize_bit_identical_to_flower_with_the_same_uniforms():
         np.random.seed(1234)
         want = flwr_quant.quantize(arrays, c, t)
         got = sa.quantize(arrays, c, t, seed=np.random.RandomState(1234))
-        for w, g in zip(want, got):
+        for w, g, x in zip(want, got, arrays):
             assert g.dtype == np.uint32 and np.shape(g) == np.shape(w)
-            assert np.array_equal(np.asarray(w, np.int64), g.astype(np.int64))
+            # Flower's T + 1 where x' rounds above T at x >= c (capped at T here; see the next test)
+            over = (np.clip(np.asarray(x, np.float64), -c, c) + c) * (t / (2 * c)) > t
+            assert np.array_equal(np.where(over, np.minimum(np.asarray(w, np.int64), t), np.asarray(w, np.int64)),
+                                  g.astype(np.int64))
             assert g.size == 0 or (g.min() >= 0 and g.max() <= t)
 
 
@@ -572,3 +575,13 @@ def test_reset_starts_the_next_round_in_place():
     assert s.acc is acc and not s.acc.any() and s.count == 0
     s.fold(np.ones(5, np.uint32), party="a")  # the same party again: a new round
     assert s.result().tolist() == [1] * 5
+
+
+def test_quantize_stays_within_the_target_range_at_the_clip():
+    """At x = +c, (x + c) * T / (2c) can round to just above T (c = 0.7, T = 2^32 - 1): ceil gave T + 1, which the
+    uint32 cast wrapped to 0, the clipped maximum turned into the minimum."""
+    from jitkernels.secagg import quantize
+
+    for c, T in ((0.7, 2 ** 32 - 1), (1.3, 2 ** 32 - 1), (0.3, 176985557)):
+        q = quantize(np.full(200_000, c), c, T, seed=0)
+        assert q.min() >= T - 1 and q.max() == T
