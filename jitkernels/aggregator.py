@@ -31,7 +31,26 @@ INT_RULES = ("mean", "max")
 
 _INF_BITS = {"float16": (np.int16, np.uint16, 0x7C00, 0xFC00), "bfloat16": (np.int16, np.uint16, 0x7F80, 0xFF80),
              "float32": (np.int32, np.uint32, 0x7F800000, 0xFF800000)}
-"""Per narrow output dtype: the integer views of its bits, and the first bits of inf/NaN, positive and negative."""
+"""Per narrow output dtype: the integer views of its bits, and the first bits of inf/NaN, positive and negative
+(see _overflowed)."""
+
+
+def _overflowed(dtype: str, out) -> bool:
+    """Whether an output of a narrow float dtype (float16, bfloat16, float32) holds inf or NaN: exponent all ones,
+    from pos_inf up as signed integers (positive) or from neg_inf up as unsigned ones (negative). Two integer maxima
+    find them without a temporary the size of the output."""
+    bits = _INF_BITS.get(dtype)
+    if bits is None:
+        return False
+    signed, unsigned, pos_inf, neg_inf = bits
+    u = (out.array if isinstance(out, DeviceLeaf) else out).view(unsigned)
+    return u.size > 0 and (int(u.view(signed).max()) >= pos_inf or int(u.max()) >= neg_inf)
+
+
+def _beyond(leaf, reach: float, where: str = "") -> ValueOutOfRange:
+    top = float(ml_dtypes.finfo(np_dtype(leaf.dtype)).max)  # (numpy's finfo has no bfloat16)
+    return ValueOutOfRange(f"leaf {leaf.name!r}: the result reaches |{reach:.6g}|, beyond {leaf.dtype}'s {top:.6g}"
+                           f"{where}")
 
 
 class _OneUpdate(NamedTuple):
@@ -147,12 +166,22 @@ class Aggregator:
                                on_device=self.on_gpu, opt=opt, scalars=self.algorithm.initial_scalars(), store=store)
 
     @classmethod
-    def from_state(cls, state: FoldState, *, backend=None, partial=False, copy=False) -> "Aggregator":
-        """Resume from a (loaded) state: later folds continue it (its algorithm, mode and bound come with it)."""
+    def from_state(cls, state: FoldState, *, backend=None, partial=False, copy=False, spill_dir=None) -> "Aggregator":
+        """Resume from a (loaded) state: later folds continue it (its algorithm, mode and bound come with it). A
+        robust rule's store keeps its byte budget and rule; ``spill_dir``: where it spills on this machine (needed
+        when the rule is ``over_budget="spill"`` with a budget)."""
         if partial and state.store is not None:
             raise ValueError("partial updates are not supported by buffered (robust) rules")
-        return cls(state.layout, _algorithms.from_params(state.algorithm), backend=backend, partial=partial,
-                   copy=copy, int_leaves=state.algorithm.get("int_leaves", "mean"), _state=state)
+        alg = _algorithms.from_params(state.algorithm)
+        if getattr(alg, "buffered", False):
+            if alg.over_budget == "spill" and alg.budget_bytes is not None and spill_dir is None:
+                raise ValueError(f"the state's {type(alg).__name__} spills past its budget of {alg.budget_bytes} "
+                                 f"bytes: give from_state a spill_dir on this machine")
+            alg.spill_dir = spill_dir
+            if state.store is not None:
+                state.store.set_budget(alg.budget_bytes, alg.over_budget, spill_dir)
+        return cls(state.layout, alg, backend=backend, partial=partial, copy=copy,
+                   int_leaves=state.algorithm.get("int_leaves", "mean"), _state=state)
 
     @property
     def buffered(self) -> bool:
@@ -471,7 +500,8 @@ class Aggregator:
         out."""
         store = self.state.store
         k0 = len(store)
-        store.check_room(k0 + len(admitted), party=admitted[-1].party)
+        for j, u in enumerate(admitted):  # the first row past the room names its party and the store's size then
+            store.check_room(k0 + j + 1, party=u.party)
         names = [leaf.name for leaf in self.layout.leaves]  # so that a refusal names the leaf
         try:
             for u in admitted:
@@ -511,7 +541,8 @@ class Aggregator:
         else:  # per leaf, the masses of the updates that carried it, added in batch order as one by one would add
             # them (a matrix product sums in BLAS's order: the divisor, so the result, depended on the batching)
             terms = np.concatenate([st.leaf_weight[:, None], plan.carried * np.asarray(mass)], axis=1)
-            st.leaf_weight[:] = np.cumsum(terms, axis=1)[:, -1]
+            with np.errstate(over="ignore"):  # (masses of 1e308, which a buffered rule rescales, sum to inf here)
+                st.leaf_weight[:] = np.cumsum(terms, axis=1)[:, -1]
         if st.deterministic and plan.absent is not None:  # for the exact per-leaf sums of the masses
             for j, u in enumerate(admitted):
                 lacks = np.flatnonzero(plan.absent[:, j])
@@ -644,15 +675,7 @@ class Aggregator:
         wide = self.acc_dtype == "float64" or base is not None or stepped
         for i in float_ids:
             leaf = self.layout.leaves[i]
-            bits = _INF_BITS.get(leaf.dtype)
-            if bits is None or (leaf.dtype != "float16" and not wide):
-                continue
-            signed, unsigned, pos_inf, neg_inf = bits
-            o = outs[i].array if isinstance(outs[i], DeviceLeaf) else outs[i]
-            u = o.view(unsigned)
-            # inf or NaN: exponent all ones, from pos_inf up as signed integers (positive) or from neg_inf up as
-            # unsigned ones (negative); two integer maxima find them without a temporary the size of the model
-            if u.size == 0 or (int(u.view(signed).max()) < pos_inf and int(u.max()) < neg_inf):
+            if (leaf.dtype != "float16" and not wide) or not _overflowed(leaf.dtype, outs[i]):
                 continue
             sl = slice(leaf.offset, leaf.offset + leaf.size)
             if stepped:
@@ -662,9 +685,7 @@ class Aggregator:
                 y = y if base is None else to_host(base[sl]) + y
             where = (" (the step was applied and closed the round: the new model is in state.base, "
                      f"{self.acc_dtype})") if stepped else ""
-            top = float(ml_dtypes.finfo(np_dtype(leaf.dtype)).max)  # (numpy's finfo has no bfloat16)
-            raise ValueOutOfRange(f"leaf {leaf.name!r}: the result reaches |{float(np.abs(y).max()):.6g}|, beyond "
-                                  f"{leaf.dtype}'s {top:.6g}{where}")
+            raise _beyond(leaf, float(np.abs(y).max()), where)
 
     def _finalize_buffered(self, outs, out, delta: bool):
         """A robust rule over the store's rows, written leaf by leaf into the outputs (``delta``: less the base)."""
@@ -678,15 +699,20 @@ class Aggregator:
         xp = array_module(flat)
         for i, leaf in enumerate(self.layout.leaves):
             v = flat[leaf.offset:leaf.offset + leaf.size]
-            if delta:
-                v = v - base[leaf.offset:leaf.offset + leaf.size]
+            if delta and leaf.is_float:  # counters are not deltas: the streaming path returns their mean too
+                # in float64 (exact for float32 values, then one rounding to the output): a delta past float32's
+                # range is measured, then refused below
+                v = v.astype(xp.float64) - base[leaf.offset:leaf.offset + leaf.size]
             if not leaf.is_float:
                 v = xp.rint(v)
             o = outs[i]
             if isinstance(o, DeviceLeaf) and xp is not np and o.dtype == v.dtype:  # device to device
                 o.array[...] = v.reshape(leaf.shape)
             else:
-                _write(o, to_host(v).reshape(leaf.shape).astype(o.dtype))
+                with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, by name
+                    _write(o, to_host(v).reshape(leaf.shape).astype(o.dtype))
+            if leaf.is_float and _overflowed(leaf.dtype, o):  # (a delta of two in-range values may not be)
+                raise _beyond(leaf, float(xp.abs(v).max()))
         return out if out is not None else self.layout.unflatten(outs)
 
     def _add_noise(self, std, weights, leaf_ids) -> None:

@@ -18,7 +18,20 @@ import math
 
 import numpy as np
 
-from .algorithms import FedAvg, _positive
+from .algorithms import FedAvg, _count, _positive
+
+
+_GRAM_SLABS = ("float32",)
+"""The slabs the Gram rules read through an Aggregator: the store holds float32 or half slabs, and the Gram kernels
+take float32 (or float64 arrays, called directly)."""
+
+
+def _byzantine(f) -> int:
+    """f, the Byzantine parties a rule tolerates: an integer >= 0 (2.9 was truncated to 2, a weaker bound)."""
+    try:
+        return 0 if f == 0 and not isinstance(f, bool) else _count("f", f)
+    except (ValueError, TypeError):
+        raise ValueError(f"f must be an integer >= 0, got {f!r}") from None
 
 
 class _Buffered(FedAvg):
@@ -54,8 +67,10 @@ class _Buffered(FedAvg):
         raise NotImplementedError
 
     def params(self) -> dict:
-        # the store's budget and spill directory are this machine's: not saved with the state
-        return {**super().params(), "k_max": self.k_max, "slab_dtype": self.slab_dtype}
+        # the budget and its rule are saved with the state; the spill directory is this machine's (from_state takes
+        # it again: Aggregator.from_state(..., spill_dir=))
+        return {**super().params(), "k_max": self.k_max, "slab_dtype": self.slab_dtype,
+                "budget_bytes": self.budget_bytes, "over_budget": self.over_budget}
 
 
 class FedMedian(_Buffered):
@@ -114,7 +129,8 @@ class Krum(_Buffered):
     .. math::  s_i = \sum_{j \in N_i} \lVert u_i - u_j \rVert^2, \quad |N_i| = k - f - 2 \text{ nearest}, \qquad
                x = \frac{\sum_{i \in S} w_i u_i}{\sum_{i \in S} w_i}, \ S = \text{the } m \text{ lowest scores}
 
-    (m = 1: Krum; weights by sample counts as Flower, or uniform with ``weighted=False``; ties to the earlier party).
+    (m = 1: Krum; weights by sample counts as Flower, or uniform with ``weighted=False``; ties to the smallest party
+    id, so that the order of arrival and the merge tree do not decide; ``variant="flower"``: to the earlier result).
     Distances come from the k x k Gram matrix of the centered rows, accumulated in float64 in one cache-blocked pass
     (``robust_gram.gram``), then one pass for the weighted sum of the selected rows. ``variant="paper"`` needs
     k >= 2f + 3; ``variant="flower"`` runs wherever Flower's Krum does (any k, m > k keeps all; see
@@ -123,7 +139,7 @@ class Krum(_Buffered):
     Flower's results with ``num_examples == 0`` (a fold weight must be > 0).
     """
 
-    slab_dtypes = ("float32", "float64")
+    slab_dtypes = _GRAM_SLABS
 
     name = "krum"
 
@@ -131,11 +147,9 @@ class Krum(_Buffered):
         from .robust_gram import KRUM_VARIANTS
 
         super().__init__(**store)
-        if int(f) < 0 or int(m) < 1:
-            raise ValueError(f"need f >= 0 and m >= 1, got f={f!r}, m={m!r}")
         if variant not in KRUM_VARIANTS:
             raise ValueError(f"variant must be one of {KRUM_VARIANTS}, got {variant!r}")
-        self.f, self.m, self.variant = int(f), int(m), variant
+        self.f, self.m, self.variant = _byzantine(f), _count("m", m), variant
         self.info_keys = ("mass",) if variant == "flower" else ()  # what check_info takes, and callers test
 
     def check_info(self, info, party):
@@ -166,7 +180,7 @@ class Bulyan(_Buffered):
     sorting network per cache-sized tile over the selected rows. Unweighted. Needs k >= 4f + 3.
     """
 
-    slab_dtypes = ("float32", "float64")
+    slab_dtypes = _GRAM_SLABS
 
     uses_weights = False  # the rule ignores the parties' weights (Flower's too)
 
@@ -174,9 +188,7 @@ class Bulyan(_Buffered):
 
     def __init__(self, *, f: int, **store):
         super().__init__(**store)
-        if int(f) < 0:
-            raise ValueError(f"need f >= 0, got {f!r}")
-        self.f = int(f)
+        self.f = _byzantine(f)
 
     def aggregate(self, store, weights, base=None, backend="auto"):
         from .robust_gram import bulyan, gram_backend
@@ -198,15 +210,15 @@ class GeometricMedian(_Buffered):
     passes over the slab whatever the iteration count.
     """
 
-    slab_dtypes = ("float32", "float64")
+    slab_dtypes = _GRAM_SLABS
 
     name = "geometric_median"
 
     def __init__(self, *, eps: float = 1e-6, max_iter: int = 100, **store):
         super().__init__(**store)
-        if not (math.isfinite(eps) and eps > 0 and int(max_iter) >= 1):
-            raise ValueError(f"need eps > 0 and max_iter >= 1, got eps={eps!r}, max_iter={max_iter!r}")
-        self.eps, self.max_iter = float(eps), int(max_iter)
+        if not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"need eps > 0, got eps={eps!r}")
+        self.eps, self.max_iter = float(eps), _count("max_iter", max_iter)
 
     def aggregate(self, store, weights, base=None, backend="auto"):
         from .robust_gram import geometric_median, gram_backend
@@ -225,16 +237,16 @@ class CenteredClipping(_Buffered):
     the base: two passes over the slab. Needs the base.
     """
 
-    slab_dtypes = ("float32", "float64")
+    slab_dtypes = _GRAM_SLABS
 
     name = "centered_clipping"
     needs_base = True
 
     def __init__(self, *, tau: float, iters: int = 1, **store):
         super().__init__(**store)
-        if not (math.isfinite(tau) and tau > 0 and int(iters) >= 1):
-            raise ValueError(f"need tau > 0 and iters >= 1, got tau={tau!r}, iters={iters!r}")
-        self.tau, self.iters = float(tau), int(iters)
+        if not (math.isfinite(tau) and tau > 0):
+            raise ValueError(f"need tau > 0, got tau={tau!r}")
+        self.tau, self.iters = float(tau), _count("iters", iters)
 
     def aggregate(self, store, weights, base=None, backend="auto"):
         from .robust_gram import centered_clipping, gram_backend

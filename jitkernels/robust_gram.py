@@ -152,6 +152,10 @@ def _weights(weights, k, parties, allow_zero=False) -> np.ndarray:
     for i, x in enumerate(w):
         if not (math.isfinite(x) and (x > 0 or (allow_zero and x == 0))):
             raise InvalidWeight(_party(parties, i), weights[i])
+    with np.errstate(over="ignore"):
+        total = w.sum()
+    if not math.isfinite(total):  # the rules use w / sum(w): scaled first where the sum overflows (weights 1e308)
+        w = w / w.max()
     return w
 
 
@@ -386,19 +390,33 @@ def _scores(D, g, f, active=None):
     return out, err
 
 
-def _lowest(scores, err, m) -> list:
-    """Positions of the m lowest scores, one at a time: the lowest index among the remaining scores within their
-    rounding allowances of the minimum (so exact duplicates, whose Gram-derived scores may differ in the last bits
-    when BLAS computes their entries by different paths, are ties, and the lower index wins)."""
+def _lowest(scores, err, m, rank=None) -> list:
+    """Positions of the m lowest scores, one at a time: among the remaining scores within their rounding allowances
+    of the minimum (so exact duplicates, whose Gram-derived scores may differ in the last bits when BLAS computes
+    their entries by different paths, are ties), the lowest ``rank`` (:func:`party_ranks`), else the lowest index."""
     left = list(range(len(scores)))
     out = []
     for _ in range(m):
         sc = scores[left]
         j = left[int(np.argmin(sc))]
-        pick = next(i for i in left if scores[i] <= scores[j] + err[j] + err[i])  # `left` is in index order
+        ties = [i for i in left if scores[i] <= scores[j] + err[j] + err[i]]  # `left` is in index order
+        pick = ties[0] if rank is None else min(ties, key=rank.__getitem__)
         out.append(pick)
         left.remove(pick)
     return out
+
+
+def party_ranks(parties) -> list | None:
+    """Each row's place in the parties' canonical order (int ids by value, then str ids by value), which breaks
+    selection ties: the result then depends on the set of updates, not on their arrival order or merge tree."""
+    if parties is None:
+        return None
+    order = sorted(range(len(parties)), key=lambda i: (1, parties[i]) if isinstance(parties[i], str)
+                   else (0, parties[i]))
+    rank = [0] * len(parties)
+    for r, i in enumerate(order):
+        rank[i] = r
+    return rank
 
 
 KRUM_VARIANTS = ("paper", "flower")
@@ -412,7 +430,9 @@ def krum(X, f: int, m: int = 1, *, weights=None, variant: str = "paper", party_i
     .. math::  s_i = \sum_{j \in N_i} \lVert x_i - x_j \rVert^2, \qquad N_i = \text{the } k - f - 2
                \text{ rows closest to } x_i \ (j \ne i)
 
-    The m rows of lowest score are selected, one at a time; ties go to the lower row index (arrival order). Scores
+    The m rows of lowest score are selected, one at a time; ties go to the smallest party id (:func:`party_ranks`:
+    the set of updates decides, not their order), or the lower row index without party ids and for
+    ``variant="flower"`` (Flower's ``np.argmin`` takes the earlier result). Scores
     within their rounding allowance of the minimum (``TIE_RTOL`` = 1e-12 times the centered norms involved, far
     below any real difference) are ties: exact duplicates have equal scores in exact arithmetic, but BLAS may round
     their Gram entries differently. The aggregate is :math:`\sum_{i \in S} w_i x_i / \sum_{i \in S} w_i` with
@@ -438,12 +458,14 @@ def krum(X, f: int, m: int = 1, *, weights=None, variant: str = "paper", party_i
         raise TooFewUpdates("Krum", k, f, 2 * f + 3)
     if flower:
         m = min(m, k)
-    if not 1 <= m <= k:
-        raise ValueError(f"m (rows kept by Multi-Krum) must be in [1, {k}], got {m}")
+    if m < 1:
+        raise ValueError(f"m (rows kept by Multi-Krum) must be >= 1, got {m}")
+    if m > k:  # a round with fewer updates than the rule keeps
+        raise TooFewUpdates(f"Multi-Krum keeping m={m}", k, f, max(m, 2 * f + 3))
     w = _weights(weights, k, parties, allow_zero=flower)
     g = gram if gram is not None else _build_gram(rows, party_ids=parties, backend=backend)
     scores, err = _scores(g.distances(), np.diag(g.G), f)
-    sel = np.array(_lowest(scores, err, m), dtype=np.int64)
+    sel = np.array(_lowest(scores, err, m, None if flower else party_ranks(parties)), dtype=np.int64)
     if m > 1 and not np.sum(w[sel]) > 0:
         raise EmptyAggregate(f"the {m} updates Multi-Krum selected weigh 0 in all")
     coef = np.zeros(k)
@@ -461,16 +483,17 @@ def _names(parties, idx):
 
 
 # --- Bulyan ---------------------------------------------------------------------------------------------------------
-def bulyan_select(D: np.ndarray, f: int, theta: int, g=None) -> np.ndarray:
+def bulyan_select(D: np.ndarray, f: int, theta: int, g=None, rank=None) -> np.ndarray:
     """Iterated Krum on a distance matrix: theta times, pick the remaining row of lowest Krum score over the
-    remaining rows (``max(1, n - f - 2)`` neighbours for n remaining, as Flower), ties to the lower index, remove
-    it. No data is read: the distances are computed once. ``g``: the centered Gram's diagonal, for the rounding
-    allowance of ties (see :func:`krum`); without it only exact ties are ties."""
+    remaining rows (``max(1, n - f - 2)`` neighbours for n remaining, as Flower), ties to the lowest ``rank``
+    (:func:`party_ranks`; without it the lower index), remove it. No data is read: the distances are computed once.
+    ``g``: the centered Gram's diagonal, for the rounding allowance of ties (see :func:`krum`); without it only
+    exact ties are ties."""
     active = list(range(D.shape[0]))
     picks = []
     for _ in range(theta):
         s, err = _scores(D, g, f, active)
-        j = active[_lowest(s, err, 1)[0]]
+        j = active[_lowest(s, err, 1, None if rank is None else [rank[a] for a in active])[0]]
         picks.append(j)
         active.remove(j)
     return np.array(picks, dtype=np.int64)
@@ -503,7 +526,7 @@ def bulyan(X, f: int, *, party_ids=None, gram: Gram | None = None, backend: str 
     beta = theta - 2 * f
     be = _pick(backend, rows)
     g = gram if gram is not None else _build_gram(rows, party_ids=parties, backend=be)
-    picks = bulyan_select(g.distances(), f, theta, np.diag(g.G))
+    picks = bulyan_select(g.distances(), f, theta, np.diag(g.G), party_ranks(parties))
     out = array_module(rows).empty(rows.shape[1], rows.dtype)
     idx = np.sort(picks)  # the coordinate step depends only on the set: read the rows in memory order
     if be == "numba":

@@ -218,15 +218,7 @@ class UpdateStore:
         if dtype not in SLAB_DTYPES:
             raise ValueError(f"slab dtype must be one of {SLAB_DTYPES}, got {dtype!r}")
         self.dtype = dtype
-        if over_budget not in ("spill", "refuse"):
-            raise ValueError(f"over_budget must be 'spill' or 'refuse', got {over_budget!r}")
-        if over_budget == "spill" and spill_dir is None and budget_bytes is not None:
-            raise ValueError("over_budget='spill' needs a spill_dir")
-        if budget_bytes is not None and int(budget_bytes) < 0:
-            raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
-        self.budget_bytes = None if budget_bytes is None else int(budget_bytes)
-        self.over_budget = over_budget
-        self.spill_dir = None if spill_dir is None else os.fspath(spill_dir)
+        self._set_budget(budget_bytes, over_budget, spill_dir)
         self.shapes = None if shapes is None else tuple(tuple(int(d) for d in s) for s in shapes)
         if self.shapes is not None and sum(int(np.prod(s)) for s in self.shapes) != self.n:
             raise ValueError(f"shapes {self.shapes} do not hold n={self.n} values")
@@ -236,6 +228,26 @@ class UpdateStore:
         self.spill_path = None
         self._finalizer = None
         self._allocate()
+
+    def _set_budget(self, budget_bytes, over_budget, spill_dir) -> None:
+        if over_budget not in ("spill", "refuse"):
+            raise ValueError(f"over_budget must be 'spill' or 'refuse', got {over_budget!r}")
+        if over_budget == "spill" and spill_dir is None and budget_bytes is not None:
+            raise ValueError("over_budget='spill' needs a spill_dir")
+        if budget_bytes is not None and int(budget_bytes) < 0:
+            raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
+        self.budget_bytes = None if budget_bytes is None else int(budget_bytes)
+        self.over_budget = over_budget
+        self.spill_dir = None if spill_dir is None else os.fspath(spill_dir)
+
+    def set_budget(self, budget_bytes=None, over_budget: str = "refuse", spill_dir=None) -> None:
+        """Bound a store that has rows already (one loaded with its fold state: the budget and the spill directory
+        are this machine's): later rows follow the new rule, and a spilling store whose rows pass the budget now
+        goes to disk at once. A refusing store keeps the rows it has."""
+        self._set_budget(budget_bytes, over_budget, spill_dir)
+        if (self.budget_bytes is not None and not self.spilled and self.over_budget == "spill"
+                and self.nbytes > self.budget_bytes):
+            self._spill()
 
     # --- storage ---------------------------------------------------------------------------------------------------
     @property

@@ -312,6 +312,12 @@ class _JobState:
                              acc_dtype=self.acc_dtype, deterministic=self.job.deterministic,
                              bound=DETERMINISTIC_BOUND, base=self.job.template if alg.needs_base else None)
 
+    def from_state(self, state):
+        """An aggregator that continues ``state`` (a checkpoint or a carry) with the job's backend, and for a robust
+        rule, the spill directory its algorithm names on this machine."""
+        spill_dir = getattr(jk.algorithms.resolve(self.job.algorithm), "spill_dir", None)
+        return jk.Aggregator.from_state(state, backend=self.job.backend, spill_dir=spill_dir)
+
     @property
     def carries(self) -> bool:
         """The job's rounds hand state to the next one (see ``carry``)."""
@@ -1161,12 +1167,12 @@ class JITScheduler:
             self._log("resumed", js, round=first, finished=True)
             return
         if meta.get("carry") and not meta.get("state"):  # the open round starts from the last round's carry
-            js.carry = jk.Aggregator.from_state(st.load_state(meta["carry"]), backend=job.backend)
+            js.carry = js.from_state(st.load_state(meta["carry"]))
         self._open_round(js, first)
         rnd = js.open
         if meta.get("state"):
             state = st.load_state(meta["state"])
-            rnd.aggregator = jk.Aggregator.from_state(state, backend=job.backend)
+            rnd.aggregator = js.from_state(state)
             for p, uid in meta["parties"]:
                 js.mark_arrived(rnd, p)
                 rnd.members.append(p)
@@ -1248,7 +1254,7 @@ class JITScheduler:
         if rnd.aggregator is not None and js.carries and busy:
             # failed (deadline) mid-fold: the fold keeps its aggregator, the next round starts from a copy of the
             # server state (folds do not touch it, so it is read without waiting for the fold)
-            js.carry = jk.Aggregator.from_state(rnd.aggregator.state.next_round(), backend=js.job.backend)
+            js.carry = js.from_state(rnd.aggregator.state.next_round())
         elif rnd.aggregator is not None and js.carries:  # finalized or failed, the next round continues its state
             js.carry, rnd.aggregator = rnd.aggregator, None
         elif rnd.aggregator is not None and not busy:  # the result is out (finalize allocates it): recycle it

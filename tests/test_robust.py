@@ -6,6 +6,7 @@ import pytest
 
 import jitkernels as jk
 from jitkernels import robust as R
+from jitkernels.robust_store import BudgetExceeded
 
 from strategies import robust_rules
 
@@ -208,3 +209,109 @@ def test_rules_run_on_the_aggregators_backend_whatever_jitkernels_backend_says(m
             assert got[n].tobytes() == want[n].tobytes()
         else:
             np.testing.assert_allclose(got[n], want[n], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("over", ["refuse", "spill"])
+def test_a_restored_robust_state_keeps_its_byte_budget(tmp_path, over):
+    """The budget and its rule are saved with the state (a restored aggregator took any number of rows); the spill
+    directory is this machine's and is given again to from_state."""
+    t = {"w": np.zeros(1000, np.float32)}
+    row = 4000
+    spill = {"spill_dir": tmp_path / "spill"} if over == "spill" else {}
+    agg = jk.Aggregator(t, R.FedMedian(budget_bytes=2 * row, over_budget=over, **spill))
+    agg.fold_many([{"w": np.full(1000, float(j), np.float32)} for j in range(2)], parties=["a", "b"])
+    agg.state.save(tmp_path / "s.jks")
+    state = jk.FoldState.load(tmp_path / "s.jks")
+    if over == "spill":
+        with pytest.raises(ValueError, match="spill_dir"):
+            jk.Aggregator.from_state(state)
+    back = jk.Aggregator.from_state(state, **spill)
+    assert back.state.store.budget_bytes == 2 * row and back.state.store.over_budget == over
+    if over == "refuse":
+        with pytest.raises(BudgetExceeded, match="party 'c'.*12000 bytes"):
+            back.fold({"w": np.ones(1000, np.float32)}, party="c")
+        assert len(back.state.store) == 2
+    else:
+        back.fold({"w": np.ones(1000, np.float32)}, party="c")
+        assert back.state.store.spilled and len(back.state.store) == 3
+    back.finalize()
+    back.reset()  # the next round's store has the budget too
+    assert back.state.store.budget_bytes == 2 * row
+
+
+def test_a_buffered_delta_beyond_its_dtype_is_refused_and_counters_are_not_deltas():
+    t = {"w": np.zeros(4, np.float16), "c": np.zeros(1, np.int8)}
+    base = {"w": np.full(4, -60000, np.float16), "c": np.array([-100], np.int8)}
+    for alg in (R.FedMedian(slab_dtype="float16"), R.FedTrimmedAvg(beta=0.1), R.Krum(f=0)):
+        agg = jk.Aggregator(t, alg, base=base)
+        agg.fold_many([{"w": np.full(4, 60000, np.float16), "c": np.array([100], np.int8)} for _ in range(3)],
+                      parties=[0, 1, 2])
+        with pytest.raises(jk.ValueOutOfRange, match="leaf 'w'.*120000.*float16"):
+            agg.finalize(output="delta")
+        ok = jk.Aggregator({"c": np.zeros(1, np.int8), "w": np.zeros(4, np.float32)}, alg,
+                           base={"c": np.array([-100], np.int8), "w": np.zeros(4, np.float32)})
+        ok.fold_many([{"c": np.array([100], np.int8), "w": np.ones(4, np.float32)} for _ in range(3)],
+                     parties=[0, 1, 2])
+        assert ok.finalize(output="delta")["c"].tolist() == [100]  # the counters' value, as the streaming path
+
+
+def test_krum_ties_go_to_the_smallest_party_whatever_the_order():
+    """Three updates on a line with f = 0: every score ties. The rule's pick depends on the set, not on the arrival
+    order or the merge tree (ties went to the earlier row)."""
+    t = {"w": np.zeros(1, np.float32)}
+    ups = {"a": 0.0, "b": 1.0, "c": 2.0}
+
+    def run(order, m=1):
+        agg = jk.Aggregator(t, R.Krum(f=0, m=m))
+        agg.fold_many([{"w": np.array([ups[p]], np.float32)} for p in order], parties=list(order))
+        return float(agg.finalize()["w"][0])
+
+    assert {run(o) for o in ("abc", "bca", "cab", "cba")} == {0.0}
+    assert {run(o, m=2) for o in ("abc", "cba", "bca")} == {0.5}
+    left = jk.Aggregator(t, R.Krum(f=0))
+    left.fold({"w": np.array([2.0], np.float32)}, party="c")
+    right = jk.Aggregator(t, R.Krum(f=0))
+    right.fold_many([{"w": np.array([1.0], np.float32)}, {"w": np.array([0.0], np.float32)}], parties=["b", "a"])
+    left.merge(right)
+    assert float(left.finalize()["w"][0]) == 0.0
+
+
+@pytest.mark.parametrize("alg", [lambda: R.Krum(f=0, m=3), lambda: R.GeometricMedian(),
+                                 lambda: R.CenteredClipping(tau=10.0)], ids=["multikrum", "geomed", "cclip"])
+def test_weights_whose_sum_overflows_give_the_scaled_weights_result(alg):
+    rng = np.random.default_rng(0)
+    t = {"w": np.zeros(3, np.float32)}
+    ups = [{"w": rng.standard_normal(3).astype(np.float32)} for _ in range(5)]
+    base = t if alg().needs_base else None
+    got, want = jk.Aggregator(t, alg(), base=base), jk.Aggregator(t, alg(), base=base)
+    got.fold_many(ups, [1e308, 1e308, 1e308, 1.0, 1.0], list(range(5)))
+    want.fold_many(ups, [1.0, 1.0, 1.0, 1e-308, 1e-308], list(range(5)))
+    np.testing.assert_allclose(got.finalize()["w"], want.finalize()["w"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("make, what", [
+    (lambda: R.Krum(f=2.9), "f must be an integer >= 0"), (lambda: R.Krum(f=True), "f must be an integer >= 0"),
+    (lambda: R.Krum(f=1, m=1.7), "m must be"), (lambda: R.Bulyan(f=0.7), "f must be"),
+    (lambda: R.CenteredClipping(tau=1.0, iters=1.9), "iters must be"),
+    (lambda: R.GeometricMedian(max_iter=2.5), "max_iter must be"),
+    (lambda: R.Krum(f=0, slab_dtype="float64"), "reads float32 slabs")])
+def test_rule_parameters_are_integers_not_truncated(make, what):
+    """Krum(f=2.9) ran as f = 2: a weaker Byzantine bound than asked for."""
+    with pytest.raises(ValueError, match=what):
+        make()
+
+
+def test_multikrum_keeping_more_than_the_round_has_is_too_few_updates():
+    agg = jk.Aggregator({"w": np.zeros(2, np.float32)}, R.Krum(f=0, m=5))
+    agg.fold_many([{"w": np.full(2, float(j), np.float32)} for j in range(3)], parties=[0, 1, 2])
+    with pytest.raises(jk.TooFewUpdates, match="m=5"):
+        agg.finalize()
+
+
+def test_a_refused_batch_names_the_first_row_past_the_budget():
+    t = {"w": np.zeros(15, np.float32)}  # 60-byte rows, room for 3
+    agg = jk.Aggregator(t, R.FedMedian(budget_bytes=180))
+    agg.fold_many([{"w": np.ones(15, np.float32)} for _ in range(2)], parties=["a", "b"])
+    with pytest.raises(jk.AggregationError, match="party 'd'.*240 bytes"):
+        agg.fold_many([{"w": np.ones(15, np.float32)} for _ in range(3)], parties=["c", "d", "e"])
+    assert len(agg.state.store) == 2
