@@ -444,6 +444,14 @@ class _DPClipping:
     def clip_norm(self, state) -> float:
         raise NotImplementedError
 
+    def __copy__(self):
+        """A copy that has claimed no rounds: what a scheduler gives its aggregators, whose rounds it numbers itself
+        (a recovery in the same process replays a round's noise, as it must)."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new._noised = {}
+        return new
+
     def claim_noise(self, state) -> None:
         """Called before a round's noise is added: noise is keyed by (seed, round, leaf, index), so two aggregates
         noised by one instance in the same round (a fresh Aggregator each round, whose round counter starts at 0

@@ -11,6 +11,7 @@ quorum (the first q arrivals); the model is finalized; the deployment is release
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import itertools
@@ -306,8 +307,10 @@ class _JobState:
         return "float64" if self.job.deterministic else self.job.acc_dtype
 
     def new_aggregator(self):
-        """A first round's aggregator. Algorithms that fold deltas start from the template as the global model."""
-        alg = jk.algorithms.resolve(self.job.algorithm)
+        """A first round's aggregator. Algorithms that fold deltas start from the template as the global model. The
+        algorithm is a copy of the job's: this scheduler numbers the job's rounds (a DP instance refuses to noise a
+        round twice, and a scheduler resumed in the same process replays one)."""
+        alg = copy.copy(jk.algorithms.resolve(self.job.algorithm))
         return jk.Aggregator(self.job.template, alg, backend=self.job.backend,
                              acc_dtype=self.acc_dtype, deterministic=self.job.deterministic,
                              bound=DETERMINISTIC_BOUND, base=self.job.template if alg.needs_base else None)

@@ -678,3 +678,20 @@ def test_round_numbers_and_parties_of_the_wrong_type_are_refused_by_name():
         s.submit("j", 0, ["a"], _ones())
     assert s.submit("j", np.int64(0), "a", _ones()).round == 0
     s.close()
+
+
+def test_a_dp_job_run_again_in_the_same_process_replays_its_noise():
+    """A scheduler gives its aggregators a copy of the job's DP algorithm: a second scheduler (a recovery in the same
+    process) replays round 0 with the same noise, where the shared instance refused to noise round 0 twice."""
+    dp = jk.algorithms.DPFixedClipping(jk.algorithms.FedAvg(), clip_norm=1.0, noise_multiplier=0.5, seed=3)
+    job = Job("j", template=W4, parties=["a"], quorum=1, rounds=1, algorithm=dp)
+    outs = []
+    for _ in range(2):
+        clk = VirtualClock()
+        s = JITScheduler("eager", clock=clk)
+        s.add_job(job)
+        s.submit("j", 0, "a", _ones())
+        clk.run()
+        outs.append(s.result("j", 0).result(timeout=0)["w"])
+        s.close()
+    assert outs[0].tobytes() == outs[1].tobytes() and not np.array_equal(outs[0], np.ones(4, np.float32))
