@@ -661,18 +661,20 @@ class Aggregator:
                 if st.algorithm.get("int_leaves", "mean") == "mean":  # the plain mass-weighted mean
                     a = np.rint(a / mass[i])
                 _write(outs[i], a.reshape(leaf.shape).astype(outs[i].dtype))
-            self._check_range(outs, float_ids, acc, base, weights, stepped=opt)
+            # (a divisor below the masses, FedBuff's server_lr > 1, takes a mean past its values' range)
+            self._check_range(outs, float_ids, acc, base, weights, stepped=opt,
+                              amplified=bool(np.any(weights < mass)))
             return out if out is not None else self.layout.unflatten(outs)
 
-    def _check_range(self, outs, float_ids, acc, base, weights, stepped: bool) -> None:
+    def _check_range(self, outs, float_ids, acc, base, weights, stepped: bool, amplified: bool) -> None:
         """Outputs whose value overflowed the narrowing to their dtype (inf; the accumulator's are finite) are refused
         with the leaf and value, rather than handed on as a model that the next round's updates turn into NaN. The
         outputs are checked as written (an ``out=`` is then left holding them: the kernels write as they go). A
         server optimizer's step has been applied: its model stays in the state's base, in the accumulator dtype, and
         finalizing the closed round again refuses again. float16 outputs are always checked; float32 and bfloat16
-        ones where they can overflow: from a float64 accumulator, or with a base or a step added (a plain mean of
-        float32 values stays within their range)."""
-        wide = self.acc_dtype == "float64" or base is not None or stepped
+        ones where they can overflow: from a float64 accumulator, with a base or a step added, or divided by less than
+        the masses (``amplified``); a plain mean of float32 values stays within their range."""
+        wide = self.acc_dtype == "float64" or base is not None or stepped or amplified
         for i in float_ids:
             leaf = self.layout.leaves[i]
             if (leaf.dtype != "float16" and not wide) or not _overflowed(leaf.dtype, outs[i]):

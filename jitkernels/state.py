@@ -220,7 +220,7 @@ class FoldState:
         if self.layout != other.layout:
             raise IncompatibleStates("states have different layouts "
                                      f"({self.layout.fingerprint} vs {other.layout.fingerprint})")
-        if self.algorithm != other.algorithm:
+        if _rule(self.algorithm) != _rule(other.algorithm):
             raise IncompatibleStates(f"states use different algorithms: {self.algorithm} vs {other.algorithm}")
         if self.acc_dtype != other.acc_dtype:
             raise IncompatibleStates(f"accumulators differ: {self.acc_dtype} vs {other.acc_dtype}")
@@ -384,6 +384,16 @@ def _absent_from(tensors, meta, parties: list, n_leaves: int, algorithm: dict) -
             (index >= len(patterns)).any():
         raise ValueError("absent_index does not give each party a pattern or -1")
     return {p: tuple(patterns[i]) for p, i in zip(parties, index.tolist()) if i >= 0}
+
+
+STORE_RESOURCES = ("budget_bytes", "over_budget")
+"""Algorithm parameters that bound a robust rule's store on one machine, not the rule: states that differ only in
+them merge (a coordinator with a budget merges a worker's partial aggregate without one, or one saved before they
+were saved)."""
+
+
+def _rule(params: dict) -> dict:
+    return {k: v for k, v in params.items() if k not in STORE_RESOURCES}
 
 
 def _store_from(tensors, meta, layout):

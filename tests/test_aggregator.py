@@ -659,3 +659,14 @@ def test_an_overflowing_fold_weight_is_refused_by_name_under_strict_numpy_errors
         with np.errstate(all="raise"), pytest.raises(jk.ValueOutOfRange, match="'p1'"):
             agg.fold_many(ups)
         assert agg.state.count == 0
+
+
+def test_a_result_a_small_divisor_takes_past_float32_is_refused_by_name():
+    """FedBuff's server_lr > 1 divides the sum by less than the masses: a float32 accumulator's mean can pass the
+    float32 range with no base and no step (it came back inf)."""
+    for dtype in ("float32", "bfloat16"):
+        t = {"w": np.zeros(4, np_dtype(dtype))}
+        agg = jk.Aggregator(t, jk.algorithms.FedBuff(staleness="constant", server_lr=1e7))
+        agg.fold({"w": np.full(4, 1e32, np_dtype(dtype))}, party="p", staleness=0)
+        with pytest.raises(jk.ValueOutOfRange, match=f"leaf 'w'.*beyond {dtype}'s"):
+            agg.finalize()

@@ -245,3 +245,18 @@ def test_message_errors_name_the_node_and_the_array():
     nan = [good[0], ("conv.bias", np.array([1, np.nan, 1], np.float32))]
     with pytest.raises(jk.NonFiniteUpdate, match="party 'node-11'.*leaf 'conv.bias'"):
         ours.aggregate_train(3, [_named_reply(0, good, 10), _named_reply(1, nan, 10)])
+
+
+def test_a_first_round_whose_step_is_refused_leaves_the_next_round_working():
+    """Round 1's step takes a float16 model past 65504 (refused by name): round 2 aggregates by the same names
+    (it failed with a TypeError: the names were set only after a successful first round)."""
+    import jitkernels as jk
+
+    s = jkfl.MessageFedAdam(eta=1e5, tau=1e-3)
+    s.current_arrays = {"layer0": np.zeros(5, np.float16)}
+    with pytest.raises(jk.ValueOutOfRange, match="leaf 'layer0'"):
+        s.aggregate_train(1, [_named_reply(j, [("layer0", np.full(5, 0.5 * (j + 1), np.float16))], 10)
+                              for j in range(3)])
+    out, _ = s.aggregate_train(2, [_named_reply(j, [("layer0", np.full(5, 1e-3 * (j + 1), np.float16))], 10)
+                                   for j in range(3)])
+    assert np.isfinite(out["layer0"].numpy()).all()

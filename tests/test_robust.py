@@ -315,3 +315,15 @@ def test_a_refused_batch_names_the_first_row_past_the_budget():
     with pytest.raises(jk.AggregationError, match="party 'd'.*240 bytes"):
         agg.fold_many([{"w": np.ones(15, np.float32)} for _ in range(3)], parties=["c", "d", "e"])
     assert len(agg.state.store) == 2
+
+
+def test_states_that_differ_only_in_their_store_budget_merge():
+    """The budget bounds a machine's store, not the rule: a coordinator with one merges a worker's state without."""
+    t = {"w": np.zeros(8, np.float32)}
+    coord, worker = jk.Aggregator(t, R.FedMedian(budget_bytes=10 ** 9)), jk.Aggregator(t, R.FedMedian())
+    coord.fold_many([{"w": np.full(8, float(j), np.float32)} for j in range(3)], parties=[0, 1, 2])
+    worker.fold_many([{"w": np.full(8, float(j), np.float32)} for j in range(3, 6)], parties=[3, 4, 5])
+    coord.merge(worker)
+    assert len(coord.state.store) == 6 and coord.finalize()["w"][0] == 2.5
+    with pytest.raises(jk.IncompatibleStates):  # another rule parameter is another rule
+        jk.Aggregator(t, R.FedTrimmedAvg(beta=0.1)).merge(jk.Aggregator(t, R.FedTrimmedAvg(beta=0.2)))

@@ -306,10 +306,11 @@ class _Runner:
                 if rec[n].stype != "numpy.ndarray":
                     raise LayoutMismatch(f"serialization {rec[n].stype!r}; expected 'numpy.ndarray'", leaf=n, party=p)
             views.append([ndarray_view(rec[n].data, party=p, index=n) for n in names])
+        # set first: a first round whose finalize raises keeps its aggregator, whose layout has these names
+        self.names, self.last_parties = names, parties
         out = self.fold_and_finalize(views, weights, parties,
                                      None if base is None else [np.array(base[n]) for n in names], server_round,
                                      names=names)
-        self.names, self.last_parties = names, parties
         if out is None:
             return None
         return ArrayRecord({n: Array(dtype=str(a.dtype), shape=tuple(a.shape), stype="numpy.ndarray", data=t)
