@@ -273,7 +273,8 @@ def test_unreachable_quorum_resolves_with_a_typed_error_or_partial():
                 fut.result()
         else:
             assert fut.done() and fut.exception() is None
-        assert sched.metrics()["a"]["unreachable_rounds"] == 1
+        # a missed deadline counts once, whether the round fails or finalizes partially after it
+        assert sched.metrics()["a"]["unreachable_rounds"] == 1 and sched.metrics()["a"]["deadline_misses"] == 1
 
 
 def test_dropped_parties_make_a_round_unreachable():
@@ -506,19 +507,6 @@ def test_a_partial_round_keeps_the_acknowledged_updates_whose_arrivals_are_still
         assert acks[0].accepted and acks[0].round == 0
         assert s.result("j", 0).result(timeout=1)["w"].tolist() == [want] * 4
         assert not [d for d in s.decisions if d["event"] == "late_rejected"]
-        s.close()
-
-
-def test_deadline_misses_count_failed_rounds_once():
-    for rule in ("error", "partial"):
-        clk = VirtualClock()
-        s = JITScheduler("lazy", clock=clk, cost=COST)
-        s.add_job(Job("a", parties=list("abc"), quorum=3, rounds=2, deadline_s=50.0, model_elems=1000,
-                      update_bytes=4000, unreachable=rule))
-        clk.call_at(5, s.submit, "a", 0, "a", None, 1.0)
-        clk.run()
-        m = s.metrics()["a"]
-        assert m["deadline_misses"] == 2 and m["unreachable_rounds"] == 2, (rule, m)
         s.close()
 
 
