@@ -738,8 +738,9 @@ LEGEND = """\
 ms: median time; reps: repetitions (each between two probes); probe: median read bandwidth (GB/s) of the probes
 around them; MB: bytes the method must move (fold_many, peers: k*N*itemsize + 8N; fold: k*(N*itemsize + 8N);
 admit_many: k*N*itemsize; int8 counts values and scales; deterministic: k*N*itemsize + 32N); roofl: (MB / probe) /
-ms, above 1 = served partly from cache (fold: the accumulator stays cached between calls when it fits); us/call: time per fold call ("fold, 1
-elem/leaf": a call's fixed cost, measured on the same layout shrunk to one element per leaf); +us/upd:
+ms, above 1 = served partly from cache (fold: the accumulator stays cached between calls when it fits); us/call:
+time per fold call ("fold, 1 elem/leaf": a call's fixed cost, measured on the same layout shrunk to one element per
+leaf); +us/upd:
 (fold - fold_many) / k, what folding each update on arrival costs over batching; x eager: numpy eager's time / this
 time (float32 folds and peers); jk x: this peer's time / jitkernels' best float32 fold_many (or fold_many+finalize
 for peers that return the average); trc MB: peak numpy allocations (tracemalloc, results included; torch's allocator

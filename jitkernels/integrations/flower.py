@@ -372,7 +372,8 @@ def _strategies():
             if not self.server_opt:  # lr 1, momentum 0: plain FedAvg, as Flower does
                 return self._plain(results), _metrics(self, server_round, results)
             if self._jk is None:
-                self._jk = _Runner(A.FedAvgM(lr=self.server_learning_rate, momentum=self.server_momentum), self._backend)
+                self._jk = _Runner(A.FedAvgM(lr=self.server_learning_rate, momentum=self.server_momentum),
+                                   self._backend)
             if self.initial_parameters is None:
                 raise ValueError("When using server-side optimization, model needs to be initialized.")
             # Flower steps from initial_parameters each round (it stores each new model there; a caller may too)
