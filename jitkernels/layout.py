@@ -20,7 +20,7 @@ import numpy as np
 from .device import DeviceLeaf, device_leaf, is_device_array, leaf_to, leaf_to_cupy
 from .dtypes import (Quantized, dtype_name, is_float_name, is_leaf_dtype_name, is_torch_tensor, np_dtype,
                      numpy_to_torch, torch_to_numpy)
-from .errors import LayoutMismatch
+from .errors import BackendUnavailable, LayoutMismatch
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,12 @@ def _as_array(x, name, party, writable=False):
     if isinstance(x, Quantized):
         return x
     if is_device_array(x):
+        from .backends import cupy_backend  # (imported here: it imports this module)
+
+        why = cupy_backend.available()
+        if why is not True:  # a torch CUDA tensor where CuPy is missing: the reason, naming the leaf and party
+            raise BackendUnavailable(f"party {party!r}, leaf {name!r}: the array is in GPU memory, and the GPU backend "
+                                     f"cannot run here: {why}")
         if writable and not _contiguous(x):
             raise LayoutMismatch("an output leaf must be C-contiguous", leaf=name, party=party)
         return device_leaf(x)

@@ -104,7 +104,11 @@ def cmd_simulate(args) -> int:
         wl.use_cost(CostModel.load(args.cost))
     if args.seed is not None:
         wl.seed = args.seed
+    wl.check()
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown or not policies:  # before any policy runs (a typo at the end failed after the others had run)
+        raise SystemExit(f"jitagg simulate: --policies takes some of {', '.join(POLICIES)}; got {args.policies!r}")
     print(f"workload {wl.name}: {sum(s.count for s in wl.jobs)} jobs, slots {wl.slots}, start-up {wl.startup_s}s, "
           f"alpha {wl.alpha}, seed {wl.seed}", file=sys.stderr)
     out = compare(wl, policies, real=args.real, progress=_progress(wl.name))
@@ -132,6 +136,9 @@ def cmd_sweep(args) -> int:
 
     rhos = [float(x) for x in args.rho.split(",")]
     cvs = [float(x) for x in args.cv.split(",")]
+    if not all(r > 0 for r in rhos) or not all(c >= 0 for c in cvs) or args.rounds < 1:
+        raise SystemExit(f"jitagg sweep: need --rho > 0, --cv >= 0 and --rounds >= 1; got {args.rho!r}, {args.cv!r}, "
+                         f"{args.rounds}")
     shape = (len(cvs), len(rhos))
     saving, capture, oracle, bound, latency, added = (np.zeros(shape) for _ in range(6))
     cells = []
@@ -141,9 +148,7 @@ def cmd_sweep(args) -> int:
         for j, r in enumerate(rhos):
             k += 1
             print(f"[{k}/{total}] rho={r} cv={cv}", file=sys.stderr)
-            wl = sweep_workload(r, cv, rounds=args.rounds)
-            if args.cost:
-                wl.use_cost(CostModel.load(args.cost))
+            wl = sweep_workload(r, cv, rounds=args.rounds, cost=CostModel.load(args.cost) if args.cost else None)
             out = compare(wl, POLICIES)
             row = out["policies"]["jit"]
             saving[i, j] = row["saving_vs_eager"]
@@ -226,7 +231,8 @@ def main(argv=None) -> int:
     s.add_argument("--out", default="results")
     s.set_defaults(fn=cmd_simulate)
     s = sub.add_parser("sweep", help="jit's saving and latency over rho x jitter (against eager, lazy, oracle)")
-    s.add_argument("--rho", default="0.001,0.01,0.1,0.3")
+    s.add_argument("--rho", default="0.001,0.01,0.1,0.3",
+                   help="(aggregation work + start-up) / round time: the share of a round one deployment needs")
     s.add_argument("--cv", default="0.05,0.2,0.5")
     s.add_argument("--cost", metavar="FILE", help="kernel figures from `jitagg calibrate`")
     s.add_argument("--rounds", type=int, default=100,

@@ -708,8 +708,11 @@ class JITScheduler:
         early, rnd.pending = rnd.pending, []
         for party, item, nbytes, weight in early:  # arrivals that came before the round opened
             self.buffered_bytes -= nbytes
+            rnd.unobserved.add(party)  # sent before its round began: no response time (it read as 0 s)
             self._accept(js, rnd, party, item, nbytes, weight, now)
         self._plan(js)
+        if len(js.expected) < rnd.quorum:  # parties left since: it can never be reached (drop_party checked then)
+            self.clock.call_soon_threadsafe(self._check_reachable, js)
 
     def _on_arrival(self, js, number, party, item, nbytes, weight) -> None:
         with self._lock:
@@ -1270,7 +1273,9 @@ class JITScheduler:
         js.predictor.close_round(rnd.arrived - rnd.carried, js.expected, rnd.number)
         self._forget_old_rounds(js, rnd.number)
         nxt = rnd.number + 1
-        last = js.job.after_last(nxt)
+        # parties left for good (drop_party) below the quorum: a job without a round count ends here (its every
+        # later round would fail at once, an endless chain); a counted one fails its remaining rounds in turn
+        last = js.job.after_last(nxt) or (js.job.rounds is None and len(js.expected) < js.job.quorum_count())
         if last:
             js.finished = True
             js.open = None

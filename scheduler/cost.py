@@ -49,6 +49,8 @@ class CostModel:
             raise ValueError(f"backend {self.backend!r} has no cost entry (entries: {sorted(self.backends)})")
         if not (math.isfinite(self.startup_s) and self.startup_s >= 0):
             raise ValueError(f"startup_s must be finite and >= 0, got {self.startup_s!r}")
+        if isinstance(self.acc_itemsize, bool) or not isinstance(self.acc_itemsize, int) or self.acc_itemsize < 1:
+            raise ValueError(f"acc_itemsize must be an integer >= 1, got {self.acc_itemsize!r}")
 
     def _b(self, backend=None) -> BackendCost:
         return self.backends[backend or self.backend]
@@ -73,7 +75,7 @@ class CostModel:
 
     @classmethod
     def from_json(cls, d: dict) -> "CostModel":
-        return cls(backends={k: BackendCost(**v) for k, v in d["backends"].items()}, startup_s=d["startup_s"],
+        return cls(backends={k: BackendCost(**v) for k, v in d["backends"].items()}, startup_s=d.get("startup_s", 0.0),
                    backend=d["backend"], acc_itemsize=d.get("acc_itemsize", 4))
 
     def save(self, path) -> None:

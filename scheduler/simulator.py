@@ -66,6 +66,7 @@ class Workload:
     backend: str = "cpu"
     byte_budget: int | None = None
     cost: dict = field(default_factory=lambda: {"cpu": {"throughput_Bps": 2e10, "call_s": 5e-5}})
+    acc_itemsize: int = 4  # the accumulator's bytes per element, in the cost model's fold and finalize times
     jobs: list = field(default_factory=list)
 
     @classmethod
@@ -86,7 +87,7 @@ class Workload:
         wl = cls(jobs=jobs, **d)
         try:
             wl.check()
-        except ValueError as e:
+        except (ValueError, TypeError) as e:  # (a [cost.cpu] entry with a misspelled key is a TypeError)
             raise ValueError(f"{path}: {e}") from None
         return wl
 
@@ -95,10 +96,28 @@ class Workload:
         over zero rounds)."""
         if not self.jobs:
             raise ValueError("the workload has no jobs")
-        if self.slots < 1:
-            raise ValueError(f"slots must be >= 1, got {self.slots}")
+        for name, value, ok in (("slots", self.slots, _is_int(self.slots) and self.slots >= 1),
+                                ("seed", self.seed, _is_int(self.seed) and self.seed >= 0),
+                                ("alpha", self.alpha, _is_real(self.alpha) and 0 < self.alpha < 1),
+                                ("byte_budget", self.byte_budget, self.byte_budget is None
+                                 or _is_int(self.byte_budget) and self.byte_budget > 0)):
+            if not ok:  # (a budget of 0 refused every update for ever; slots = 1.5 ran as 1)
+                raise ValueError(f"{name} = {value!r} is out of range")
+        names = [j.name for j in self.jobs]
+        if len(set(names)) < len(names):
+            raise ValueError(f"job names must be unique, got {names}")
         self.cost_model()  # its own checks: a cost entry for the backend, throughputs > 0, start-up >= 0
         for j in self.jobs:
+            for name in ("count", "parties", "rounds", "model_params", "bytes_per_param", "priority"):
+                v = getattr(j, name)
+                if isinstance(v, float) and v.is_integer():  # (TOML reads 1e6 as a float)
+                    setattr(j, name, int(v))
+                elif not _is_int(v):
+                    raise ValueError(f"job {j.name!r}: {name} = {v!r} is not an integer")
+            for name in ("quorum", "response_s", "jitter_cv", "party_spread", "intermittent", "availability",
+                         "dropout") + (("deadline_s",) if j.deadline_s is not None else ()):
+                if not (_is_real(getattr(j, name)) and math.isfinite(getattr(j, name))):
+                    raise ValueError(f"job {j.name!r}: {name} = {getattr(j, name)!r} is not a finite number")
             for name, ok in (("count", j.count >= 1), ("parties", j.parties >= 1), ("rounds", j.rounds >= 1),
                              ("quorum", 0 < j.quorum <= 1), ("response_s", j.response_s > 0),
                              ("model_params", j.model_params >= 1), ("bytes_per_param", j.bytes_per_param >= 1),
@@ -117,13 +136,13 @@ class Workload:
         """Take the kernel figures of a calibrated cost model (``jitagg calibrate``'s file: its backends and which one
         runs); the deployment start-up stays the workload's (a platform's, not a kernel's). Returns self."""
         self.cost = {k: dataclasses.asdict(v) for k, v in cm.backends.items()}
-        self.backend = cm.backend
+        self.backend, self.acc_itemsize = cm.backend, cm.acc_itemsize
         self.check()
         return self
 
     def cost_model(self) -> CostModel:
         return CostModel(backends={k: BackendCost(**v) for k, v in self.cost.items()}, startup_s=self.startup_s,
-                         backend=self.backend)
+                         backend=self.backend, acc_itemsize=self.acc_itemsize)
 
     def instances(self):
         """(job id, spec) for every job of every group."""
@@ -187,6 +206,7 @@ class PolicyResult:
     wall_s: float
     real_busy_s: float | None = None
     per_job: dict = field(default_factory=dict)
+    ended: int = 0  # rounds that ended, with a model or an error (a round that cannot end stalls its job)
 
     def summary(self) -> dict:
         lat = np.array(self.latencies) if self.latencies else np.zeros(1)
@@ -233,9 +253,10 @@ def simulate(workload: Workload, policy: str, *, real: bool = False, progress=No
                   model_elems=spec.model_params, update_bytes=spec.model_params * spec.bytes_per_param,
                   deadline_s=spec.deadline_s, priority=spec.priority, unreachable="partial",
                   prior_response_s=spec.response_s)  # operators know a job's nominal round time
+        driver = _JobDriver(sched, clock, jid, spec, arrivals, q, template, truth, on_round)
+        driver.draw(0)  # before add_job, which plans round 0: the oracle knows its quorum time from the start
         sched.add_job(job)
-
-        _JobDriver(sched, clock, jid, spec, arrivals, q, template, truth, on_round).start(0)
+        driver.start(0)
 
     # The run allocates millions of short-lived objects while the scheduler keeps its history (acknowledged update
     # ids, decisions, per-round records) alive; the cyclic collector's passes over that history made a 10M-update run
@@ -261,7 +282,7 @@ def simulate(workload: Workload, policy: str, *, real: bool = False, progress=No
         rounds += m.rounds
     return PolicyResult(policy, deployed, busy, lat, misses, unreachable, rounds, sched.peak_buffered_bytes,
                         list(sched.occupancy), clock.now(), clock.events, wall,
-                        real_busy_s=busy if real else None, per_job=metrics)
+                        real_busy_s=busy if real else None, per_job=metrics, ended=done_rounds[0])
 
 
 class _JobDriver:
@@ -271,11 +292,23 @@ class _JobDriver:
         self.sched, self.clock, self.jid, self.spec = sched, clock, jid, spec
         self.arrivals, self.q, self.template, self.truth, self.on_round = arrivals, q, template, truth, on_round
 
+    def draw(self, r: int):
+        """Round r's draws (cached for start), and the oracle's truth: the time its quorum arrives, if it does."""
+        if getattr(self, "_drawn", (None,))[0] != r:
+            idx, resp = self.arrivals.round(r)
+            order = np.argsort(resp, kind="stable")
+            self.truth[(self.jid, r)] = self.clock.now() + float(resp[order[self.q - 1]]) \
+                if idx.size >= self.q else None
+            self._drawn = (r, idx, resp, order)
+        return self._drawn[1:]
+
     def start(self, r: int) -> None:
         start = self.clock.now()
-        idx, resp = self.arrivals.round(r)
-        order = np.argsort(resp, kind="stable")
-        self.truth[(self.jid, r)] = start + float(resp[order[self.q - 1]]) if idx.size >= self.q else None
+        idx, resp, order = self.draw(r)
+        # parties that leave the job (dropout) leave at this round's start: a round they make unreachable ends
+        # (partially, as the simulated jobs are configured) instead of waiting for them
+        for party in np.flatnonzero(self.arrivals.leaves == r).tolist():
+            self.sched.drop_party(self.jid, party)
         upd = None if self.template is None else np.full(self.template.shape, float(r), np.float32)
         for i in order:
             self.clock.call_at(start + float(resp[i]), self._submit, r, int(idx[i]), upd)
@@ -295,6 +328,14 @@ class _JobDriver:
             self.start(r + 1)
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
 def rho(workload: Workload) -> float:
     """Aggregation work over round duration, averaged over the workload's jobs (from the cost model)."""
     cost = workload.cost_model()
@@ -311,6 +352,11 @@ def compare(workload: Workload, policies=POLICIES, *, real: bool = False, progre
     """Every policy on the same draws; savings and added latencies relative to eager and lazy."""
     results = {p: simulate(workload, p, real=real, progress=(lambda d, t, p=p: progress(p, d, t)) if progress else None)
                for p in policies}
+    total = sum(spec.rounds for _, _, spec in workload.instances())
+    stalled = {p: r.ended for p, r in results.items() if r.ended != total}
+    if stalled:  # savings over a run cut short would be eager's idle time, not JIT's merit
+        raise ValueError(f"workload {workload.name!r}: rounds ended {stalled} of {total}: a round could not reach "
+                         f"its quorum and had no deadline (give the job deadline_s, or a lower quorum)")
     rows = {p: r.summary() for p, r in results.items()}
     if "eager" in rows:
         e = rows["eager"]
@@ -356,11 +402,20 @@ def risk_bound(workload: Workload, out: dict, *, draws: int = 20_000) -> float:
     return 1.0 - idle / gap if gap else 1.0
 
 
-def sweep_workload(rho_target: float, jitter_cv: float, *, seed: int = 3, rounds: int = 20) -> Workload:
-    """One job whose round duration is set so that aggregation work / round duration = rho_target."""
+def sweep_workload(rho_target: float, jitter_cv: float, *, seed: int = 3, rounds: int = 20,
+                   cost: CostModel | None = None) -> Workload:
+    """One job whose round duration is set so that (aggregation work + start-up) / round duration = rho_target: the
+    share of a round that one deployment needs. (The sweep's rho counts the 5 s start-up, which the work alone is
+    about 1/72 of at 25M parameters on the default cost figures; :func:`rho` is the work alone.) ``cost``: a
+    calibrated cost model (``jitagg calibrate``), used to size the rounds as well as to run them."""
+    if not (rho_target > 0 and math.isfinite(rho_target)):
+        raise ValueError(f"rho must be a finite number > 0, got {rho_target!r}")
     spec = JobSpec(name="sweep", model_params=25_000_000, parties=10, quorum=1.0, rounds=rounds, jitter_cv=jitter_cv,
                    party_spread=0.2)
     wl = Workload(name=f"rho={rho_target},cv={jitter_cv}", seed=seed, slots=1, startup_s=5.0, jobs=[spec])
+    if cost is not None:
+        wl.use_cost(cost)
+    wl.check()
     cost = wl.cost_model()
     q = spec.parties
     work = (cost.fold_s(q * spec.model_params * 4, q, spec.model_params) + cost.finalize_s(spec.model_params)

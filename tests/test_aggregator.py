@@ -670,3 +670,28 @@ def test_a_result_a_small_divisor_takes_past_float32_is_refused_by_name():
         agg.fold({"w": np.full(4, 1e32, np_dtype(dtype))}, party="p", staleness=0)
         with pytest.raises(jk.ValueOutOfRange, match=f"leaf 'w'.*beyond {dtype}'s"):
             agg.finalize()
+
+
+def test_a_cuda_tensor_where_the_gpu_backend_cannot_run_names_the_reason_party_and_leaf():
+    """A torch CUDA tensor with no CuPy installed (a common setup) raised a bare ModuleNotFoundError. Simulated by a
+    tensor whose device says cuda, all that jitkernels looks at before going to CuPy."""
+    why = jk.available_backends()["cupy"]
+    if why is True:
+        pytest.skip("the GPU backend runs here")
+
+    class FakeCuda(torch.Tensor):
+        @property
+        def device(self):
+            return torch.device("cuda", 0)
+
+    def cuda_like(a):
+        return torch.Tensor._make_subclass(FakeCuda, torch.from_numpy(a))
+
+    agg = jk.Aggregator({"w": np.zeros(4, np.float32)}, backend="cpp")
+    for call in (lambda: agg.fold({"w": cuda_like(np.ones(4, np.float32))}, 1.0, party="p7"),
+                 lambda: jk.admit({"w": cuda_like(np.ones(4, np.float32))}, agg.layout, party="p7")):
+        with pytest.raises(jk.BackendUnavailable, match="party 'p7', leaf 'w': the array is in GPU memory"):
+            call()
+    with pytest.raises(jk.BackendUnavailable, match="leaf 'w'"):
+        jk.Aggregator({"w": cuda_like(np.zeros(4, np.float32))})
+    assert agg.count == 0

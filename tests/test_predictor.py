@@ -15,8 +15,13 @@ def test_poisson_binomial_tail_exact_and_normal():
         brute = sum(math.prod(p if b else 1 - p for p, b in zip(probs, bits))
                     for bits in itertools.product([0, 1], repeat=5) if sum(bits) >= need)
         assert poisson_binomial_tail(probs, need) == pytest.approx(brute, abs=1e-12)
-    big = [0.3] * 2000  # normal approximation past EXACT_MAX
+    big = [0.3] * 2000  # normal approximation past EXACT_MAX (and n * need past EXACT_WORK)
     assert poisson_binomial_tail(big, 600) == pytest.approx(0.5, abs=0.02)
+    # few arrivals needed among many pending parties: exact (the normal tail said 0.022 for 0.049 at 65 parties)
+    for n in (64, 65, 1000):
+        assert poisson_binomial_tail([0.05 / n] * n, 1) == pytest.approx(1 - (1 - 0.05 / n) ** n, rel=1e-9)
+    assert poisson_binomial_tail([0.001] * 1000, 2) == pytest.approx(1 - 0.999 ** 1000 - 1000 * 0.001 * 0.999 ** 999,
+                                                                      rel=1e-9)
 
 
 def _round_times(rng, means, jitter):

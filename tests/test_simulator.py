@@ -109,7 +109,13 @@ def test_workloads_and_cost_models_refuse_values_a_run_cannot_use(tmp_path):
     from scheduler import BackendCost, CostModel
 
     for body, what in (("", "no jobs"), ("[[jobs]]\nquorum = 1.5\n", "quorum"), ("[[jobs]]\nparties = -3\n", "parties"),
-                       ("[[jobs]]\nresponse_s = 0\n", "response_s"), ("backend = 'gpu'\n[[jobs]]\n", "'gpu'")):
+                       ("[[jobs]]\nresponse_s = 0\n", "response_s"), ("backend = 'gpu'\n[[jobs]]\n", "'gpu'"),
+                       ("byte_budget = 0\n[[jobs]]\n", "byte_budget"), ("slots = 1.5\n[[jobs]]\n", "slots"),
+                       ("seed = -1\n[[jobs]]\n", "seed"), ("alpha = 1.5\n[[jobs]]\n", "alpha"),
+                       ("[[jobs]]\nrounds = 2.5\n", "rounds"), ("[[jobs]]\nresponse_s = inf\n", "response_s"),
+                       ("[[jobs]]\npriority = 'high'\n", "priority"),
+                       ("[[jobs]]\nname = 'a'\n[[jobs]]\nname = 'a'\n", "unique"),
+                       ("[cost.cpu]\nthroughput = 1e9\n[[jobs]]\n", "throughput")):
         p = tmp_path / "w.toml"
         p.write_text(body)
         with pytest.raises(ValueError, match=what):
@@ -118,6 +124,10 @@ def test_workloads_and_cost_models_refuse_values_a_run_cannot_use(tmp_path):
         BackendCost(0.0)
     with pytest.raises(ValueError, match="no cost entry"):
         CostModel(backends={"cpu": BackendCost(1e9)}, backend="cupy")
+    with pytest.raises(ValueError, match="acc_itemsize"):
+        CostModel(acc_itemsize=-4)
+    (tmp_path / "w.toml").write_text("[[jobs]]\nmodel_params = 1e6\n")  # TOML's float for a count: taken
+    assert Workload.from_toml(tmp_path / "w.toml").jobs[0].model_params == 1_000_000
     CostModel().save(tmp_path / "new" / "dir" / "cost.json")  # the folder is made
     assert CostModel.load(tmp_path / "new" / "dir" / "cost.json").backend == "cpu"
 
@@ -160,3 +170,32 @@ def test_risk_bound_is_the_price_of_the_risk_alpha():
     wl.alpha = 0.2
     assert b05 < risk_bound(wl, out) < 1.0
     assert abs(out["policies"]["jit"]["capture_of_oracle_saving"] - b05) < 0.05
+
+
+def test_the_oracle_knows_round_0_and_parties_that_leave_end_their_rounds():
+    """The oracle's round 0 was planned before its truth was drawn (it behaved as lazy); a round that dropouts make
+    unreachable ended only by a deadline (the job stalled, and compare reported eager's idle time as savings); a
+    round that can never end is an error, not a result."""
+    spec = JobSpec(name="a", model_params=1_000_000, parties=2, quorum=1.0, rounds=2, response_s=100.0,
+                   jitter_cv=0.0, party_spread=0.0)
+    wl = Workload(name="two", seed=1, slots=1, startup_s=20.0, jobs=[spec])
+    assert simulate(wl, "oracle").latencies == pytest.approx(simulate(wl, "eager").latencies, abs=0.1)
+    drop = JobSpec(name="d", model_params=1_000_000, parties=20, quorum=0.5, rounds=20, response_s=100.0,
+                   dropout=0.1)
+    out = compare(Workload(name="dropout", seed=0, slots=1, startup_s=20.0, jobs=[drop]))
+    for row in out["policies"].values():  # every round ended (compare checks): some of them unreachable
+        assert row["unreachable_rounds"] >= 1
+    stuck = JobSpec(name="s", model_params=1_000_000, parties=4, quorum=1.0, rounds=3, response_s=100.0,
+                    intermittent=1.0, availability=0.5)
+    with pytest.raises(ValueError, match="could not reach its quorum"):
+        compare(Workload(name="stuck", seed=0, slots=1, startup_s=20.0, jobs=[stuck]))
+
+
+def test_sweep_sizes_its_rounds_with_the_cost_model_it_runs():
+    from scheduler import BackendCost, CostModel
+
+    slow = CostModel(backends={"cpu": BackendCost(1e8, 0.0)})
+    # (work + start-up) / round time: the slow kernels' work moves the round time (the start-up stays 5 s)
+    assert sweep_workload(0.3, 0.1, cost=slow).jobs[0].response_s > 3 * sweep_workload(0.3, 0.1).jobs[0].response_s
+    with pytest.raises(ValueError, match="rho"):
+        sweep_workload(0.0, 0.1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..device import array_module
 from ..dtypes import Quantized, np_dtype
 
 NAME = "numpy"
@@ -83,7 +84,7 @@ def binned_add(hi, lo, t, s1, s2):
 def or_last_bit(x):
     """x with its last mantissa bit set (jk::or_last_bit): a value halfway between two grid points is moved off the
     tie, away from zero."""
-    x = np.asarray(x, np.float64)
+    x = array_module(x).asarray(x, dtype=np.float64)  # (a deterministic GPU state's integer leaves come here too)
     return (x.view(np.uint64) | np.uint64(1)).view(np.float64)
 
 
