@@ -679,6 +679,9 @@ class JITScheduler:
         if number < job.first_round or job.after_last(number):
             last = "" if job.rounds is None else f" to {job.first_round + job.rounds - 1}"
             raise NoSuchRound(f"job {job.id!r} has no round {number} (its rounds: {job.first_round}{last})")
+        if job.rounds is None and js.open is None and js.finished:  # (its parties fell below its quorum for good)
+            raise NoSuchRound(f"job {job.id!r} has ended: its remaining parties cannot meet its quorum; no round "
+                              f"{number}")
         if job.rounds is None and js.open is not None and number > js.open.number + self.keep_rounds:
             raise NoSuchRound(f"job {job.id!r} round {number} is more than keep_rounds = {self.keep_rounds} ahead of "
                               f"the open round {js.open.number}")

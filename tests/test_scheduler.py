@@ -683,3 +683,42 @@ def test_a_dp_job_run_again_in_the_same_process_replays_its_noise():
         outs.append(s.result("j", 0).result(timeout=0)["w"])
         s.close()
     assert outs[0].tobytes() == outs[1].tobytes() and not np.array_equal(outs[0], np.ones(4, np.float32))
+
+
+def test_a_job_without_a_round_count_ends_when_its_parties_fall_below_its_quorum():
+    """Every later round would fail at once (an endless chain of failures on the clock): the job ends instead, and
+    asking for a later round says so."""
+    clk = VirtualClock()
+    s = JITScheduler("lazy", clock=clk, cost=COST)
+    s.add_job(Job("a", parties=list("abc"), quorum=3, model_elems=1000, update_bytes=4000))
+    clk.call_at(1, s.submit, "a", 0, "a", None, 1.0)
+    clk.call_at(2, s.drop_party, "a", "b")
+    clk.run()
+    with pytest.raises(QuorumUnreachable):
+        s.result("a", 0).result(timeout=0)
+    assert s.jobs["a"].finished and s.jobs["a"].open is None
+    with pytest.raises(NoSuchRound, match="has ended"):
+        s.result("a", 1)
+    s.close()
+
+
+def test_an_update_sent_before_its_round_opens_teaches_no_response_time():
+    """Accepted when its round opens, it read as a 0 s response (log 1e-9): the party's model collapsed (sigma 7)."""
+    clk = VirtualClock()
+    s = JITScheduler("jit", slots=1, clock=clk, cost=COST)
+    s.add_job(Job("a", parties=["p0", "p1"], quorum=2, rounds=4, model_elems=1000, update_bytes=4000))
+
+    def start(r, t0):
+        for p, dt in (("p0", 100.0), ("p1", 101.0)):
+            if r == 2 and p == "p0":
+                clk.call_at(t0 + 50.0, s.submit, "a", 3, p, None, 1.0)  # round 3's update, sent during round 2
+            if not (r == 3 and p == "p0"):
+                clk.call_at(t0 + dt, s.submit, "a", r, p, None, 1.0)
+
+    for r in range(4):
+        s.result("a", r).add_done_callback(lambda f, r=r: start(r + 1, clk.now()) if r + 1 < 4 else None)
+    start(0, 0.0)
+    clk.run()
+    dist, _ = s.jobs["a"].predictor.distribution("p0")
+    assert abs(dist.mu - np.log(100.0)) < 0.01 and dist.sigma < 0.1
+    s.close()
