@@ -26,6 +26,7 @@ import numpy as np
 SQRT2 = math.sqrt(2.0)
 MIN_SPREAD_PARTIES = 3  # parties with three responses or more before their spread stands in for the young ones
 EXACT_MAX = 64  # pending parties up to which the Poisson-binomial tail is computed exactly (O(n * need) per call)
+_HI_MAX = 1e300  # (s) the quantile's bracket stays finite: a bisection to inf would not end
 EXACT_WORK = 1 << 14
 """Past EXACT_MAX parties the tail is still exact while n * need is at most this: the normal approximation's lower
 tail is poor where few more arrivals are needed (asked for risk 0.05 at need = 1 among 200 pending parties, it
@@ -274,8 +275,17 @@ class Predictor:
         if arrays is None or arrays[0].size < need:
             return math.inf
         mu, sigma = arrays[0], arrays[1]
-        hi = max(float(np.exp(mu + 6.0 * np.maximum(sigma, 1e-3)).max()), tau * 2 + 1e-6)
-        if _cdf(prep, need, hi) < alpha:
+        step = 6.0 * max(float(sigma.max()), 1e-3)
+        hi = max(float(np.exp(mu + step).max()), tau * 2 + 1e-6)
+        # the bracket grows by 6 sigmas in log time while the CDF is short of alpha: conditioned on no arrival by
+        # tau, a wide party's arrivals lie beyond mu + 6 sigma (a bracket that ignored tau gave a false inf)
+        for _ in range(8):
+            if _cdf(prep, need, hi) >= alpha:
+                break
+            if hi >= _HI_MAX:
+                return math.inf
+            hi = min(hi * math.exp(step), _HI_MAX)
+        else:
             return math.inf
         lo = max(tau, 1e-9)
         if _cdf(prep, need, lo) >= alpha:

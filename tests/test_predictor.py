@@ -187,3 +187,20 @@ def test_an_overdue_party_that_always_answers_is_expected_next(times):
     assert math.isinf(pred.quorum_quantile(["b"], 1, 200.0, 0.05))
     assert math.isinf(pred.quorum_quantile(["b"], 1, 300.0, 0.05))
     assert math.isfinite(pred.quorum_quantile(["b"], 1, 0.0, 0.05))
+
+
+def test_the_quantile_of_an_overdue_wide_party_is_finite_and_grows_with_the_time_waited():
+    """The bracket's upper end ignored the time already waited: past ~5.5 sigma a party that always answers got a
+    quantile of inf at alpha 0.9 (finite again at 10 sigma)."""
+    p = Predictor()
+    for r, t in enumerate([10.0, 1000.0] * 10):  # a wide party: sigma ~ 2.3
+        p.observe("a", t)
+        p.close_round({"a"}, ["a"], r)
+    d = p.distribution("a")[0]
+    qs = []
+    for k in (5.0, 5.5, 5.9, 7.0, 10.0):
+        tau = math.exp(d.mu + k * d.sigma)
+        q = p.quorum_quantile(["a"], 1, tau, 0.9)
+        assert tau < q < math.inf
+        qs.append(q)
+    assert qs == sorted(qs)
