@@ -274,11 +274,11 @@ class _ServerOptimizer(FedAvg):
         raise NotImplementedError
 
 
-def _count(name: str, x) -> int:
-    """A count > 0: an int, or a float with an integral value (2.7 was truncated to 2 without a word)."""
+def _count(name: str, x, minimum: int = 1) -> int:
+    """A count >= ``minimum``: an int, or a float with an integral value (2.7 was truncated to 2 without a word)."""
     whole = hasattr(x, "__index__") or isinstance(x, float) and math.isfinite(x) and x.is_integer()
-    if isinstance(x, bool) or not whole or int(x) <= 0:
-        raise ValueError(f"{name} must be an integer count > 0, got {x!r}")
+    if isinstance(x, bool) or not whole or int(x) < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {x!r}")
     return int(x)
 
 

@@ -26,14 +26,6 @@ _GRAM_SLABS = ("float32",)
 take float32 (or float64 arrays, called directly)."""
 
 
-def _byzantine(f) -> int:
-    """f, the Byzantine parties a rule tolerates: an integer >= 0 (2.9 was truncated to 2, a weaker bound)."""
-    try:
-        return 0 if f == 0 and not isinstance(f, bool) else _count("f", f)
-    except (ValueError, TypeError):
-        raise ValueError(f"f must be an integer >= 0, got {f!r}") from None
-
-
 class _Buffered(FedAvg):
     """Shared by buffered rules: the store's configuration, and the hooks the Aggregator calls."""
 
@@ -149,7 +141,8 @@ class Krum(_Buffered):
         super().__init__(**store)
         if variant not in KRUM_VARIANTS:
             raise ValueError(f"variant must be one of {KRUM_VARIANTS}, got {variant!r}")
-        self.f, self.m, self.variant = _byzantine(f), _count("m", m), variant
+        # (f = 2.9 was truncated to 2: a weaker Byzantine bound than asked for)
+        self.f, self.m, self.variant = _count("f", f, 0), _count("m", m), variant
         self.info_keys = ("mass",) if variant == "flower" else ()  # what check_info takes, and callers test
 
     def check_info(self, info, party):
@@ -188,7 +181,7 @@ class Bulyan(_Buffered):
 
     def __init__(self, *, f: int, **store):
         super().__init__(**store)
-        self.f = _byzantine(f)
+        self.f = _count("f", f, 0)
 
     def aggregate(self, store, weights, base=None, backend="auto"):
         from .robust_gram import bulyan, gram_backend

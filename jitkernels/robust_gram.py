@@ -51,6 +51,7 @@ import numpy as np
 
 from . import backends as _backends
 from .device import array_module, device_leaf, is_device_array, to_host
+from .algorithms import _count
 from .errors import (BackendUnavailable, DuplicateParty, EmptyAggregate, InvalidWeight, NonFiniteUpdate,
                      TooFewUpdates, ValueOutOfRange)
 from .threads import get_num_threads
@@ -157,12 +158,6 @@ def _weights(weights, k, parties, allow_zero=False) -> np.ndarray:
     if not math.isfinite(total):  # the rules use w / sum(w): scaled first where the sum overflows (weights 1e308)
         w = w / w.max()
     return w
-
-
-def _count(f, name="f") -> int:
-    if isinstance(f, bool) or int(f) != f or f < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {f!r}")
-    return int(f)
 
 
 def available_backends() -> dict:
@@ -450,7 +445,7 @@ def krum(X, f: int, m: int = 1, *, weights=None, variant: str = "paper", party_i
     """
     rows, parties = _slab(X, party_ids)
     k = rows.shape[0]
-    f, m = _count(f), _count(m, "m")
+    f, m = _count("f", f, 0), _count("m", m)
     if variant not in KRUM_VARIANTS:
         raise ValueError(f"variant must be one of {KRUM_VARIANTS}, got {variant!r}")
     flower = variant == "flower"
@@ -458,8 +453,6 @@ def krum(X, f: int, m: int = 1, *, weights=None, variant: str = "paper", party_i
         raise TooFewUpdates("Krum", k, f, 2 * f + 3)
     if flower:
         m = min(m, k)
-    if m < 1:
-        raise ValueError(f"m (rows kept by Multi-Krum) must be >= 1, got {m}")
     if m > k:  # a round with fewer updates than the rule keeps
         raise TooFewUpdates(f"Multi-Krum keeping m={m}", k, f, max(m, 2 * f + 3))
     w = _weights(weights, k, parties, allow_zero=flower)
@@ -519,7 +512,7 @@ def bulyan(X, f: int, *, party_ids=None, gram: Gram | None = None, backend: str 
     """
     rows, parties = _slab(X, party_ids)
     k = rows.shape[0]
-    f = _count(f)
+    f = _count("f", f, 0)
     if k < 4 * f + 3:
         raise TooFewUpdates("Bulyan", k, f, 4 * f + 3)
     theta = k - 2 * f
@@ -606,7 +599,7 @@ def geometric_median(X, *, eps: float = 1e-6, max_iter: int = 100, weights=None,
     """
     rows, parties = _slab(X, party_ids)
     k = rows.shape[0]
-    max_iter = _count(max_iter, "max_iter")
+    max_iter = _count("max_iter", max_iter, 0)
     if not (eps > 0 and nu > 0):
         raise ValueError("eps and nu must be > 0")
     if init not in ("robust", "mean"):
@@ -727,7 +720,7 @@ def centered_clipping(X, tau: float, center=None, *, iters: int = 1, weights=Non
     rows, parties = _slab(X, party_ids)
     k, n = rows.shape
     t = _positive_float(tau, "tau")
-    iters = _count(iters, "iters")
+    iters = _count("iters", iters, 0)
     if iters < 1:
         raise ValueError("iters must be >= 1")
     be = _pick(backend, rows)
