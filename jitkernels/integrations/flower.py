@@ -43,6 +43,7 @@ costs one copy of the model into the step's state per round.
 
 from __future__ import annotations
 
+import collections
 import functools
 import io
 import logging
@@ -174,9 +175,7 @@ def _to_model_dtype(v: np.ndarray, dtype, i: int, party) -> np.ndarray:
 def _most_common_layout(views, kept) -> int:
     """The result among ``kept`` whose arrays' shapes and dtypes most results share (the first such on a tie)."""
     sigs = [tuple((v.shape, v.dtype.str) for v in views[j]) for j in kept]
-    count = {}
-    for sig in sigs:
-        count[sig] = count.get(sig, 0) + 1
+    count = collections.Counter(sigs)
     return kept[max(range(len(kept)), key=lambda i: (count[sigs[i]], -i))]
 
 
@@ -295,10 +294,10 @@ class _Runner:
         weights = [float(next(iter(c.metric_records.values()))[weight_key]) for c in contents]
         parties = self.reply_ids(replies)
         names = self.names if self.agg is not None else list(records[0].keys())
-        views = []
+        views, known = [], set(names)
         for rec, p in zip(records, parties):
             missing = [n for n in names if n not in rec]
-            extra = [n for n in rec.keys() if n not in set(names)]
+            extra = [n for n in rec.keys() if n not in known]
             if missing or extra:
                 raise LayoutMismatch("missing from the reply" if missing else "not in the model's arrays",
                                      leaf=(missing or extra)[0], party=p)
