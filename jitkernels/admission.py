@@ -49,6 +49,15 @@ class Admitted:
     on_device: bool = False  # its leaves are in GPU memory (CuPy arrays / torch CUDA tensors)
     info: dict = field(default_factory=dict)  # per-update values the algorithm reads (steps, staleness), checked
     worst_leaf: int = -1  # the leaf that holds maxabs (named when a fold weight takes it past the headroom)
+    sig: bytes | None = field(default=None, repr=False)  # signature's value, once known
+
+    @property
+    def signature(self) -> bytes:
+        """The dtype code of every leaf, as bytes (batch.leaf_entry): updates of one signature fold through the same
+        groups. Known at admission for an update of plain numpy arrays (the layout's codes); else taken once here."""
+        if self.sig is None:
+            self.sig = self.entries[:, 0].tobytes()
+        return self.sig
 
     @property
     def present(self) -> np.ndarray:
@@ -83,10 +92,11 @@ def _on_device(leaves, party) -> bool:
     return bool(dev) and dev[0]
 
 
-def leaf_entries(layout, leaves_list) -> list:
-    """Per update, its int64[L, 4] table entries (batch.leaf_entry of each leaf). An update whose leaves are all
-    numpy arrays (flatten checked their dtypes against the layout) gets the layout's codes and the addresses from one
-    C++ call: the per-leaf path cost ~2 us a leaf, a fifth of a small update's admission."""
+def leaf_entries(layout, leaves_list) -> tuple:
+    """Per update, its int64[L, 4] table entries (batch.leaf_entry of each leaf), and its signature where it is known
+    without reading the table (else None; see Admitted.signature). An update whose leaves are all numpy arrays
+    (flatten checked their dtypes against the layout) gets the layout's codes and the addresses from one C++ call:
+    the per-leaf path cost ~2 us a leaf, a fifth of a small update's admission."""
     L = len(layout.leaves)
     plain = [_core is not None and all(type(a) is np.ndarray for a in leaves) for leaves in leaves_list]
     n = sum(plain)
@@ -96,8 +106,9 @@ def leaf_entries(layout, leaves_list) -> list:
         tab[:, :, 1] = _core.leaf_addresses([a for leaves, ok in zip(leaves_list, plain) if ok for a in leaves]
                                             ).reshape(n, L)
         rows = iter(tab)
-    return [next(rows) if ok else np.array([leaf_entry(a) for a in leaves], np.int64).reshape(L, 4)
-            for leaves, ok in zip(leaves_list, plain)]
+    sig = _layout_codes(layout).tobytes()
+    return ([next(rows) if ok else np.array([leaf_entry(a) for a in leaves], np.int64).reshape(L, 4)
+             for leaves, ok in zip(leaves_list, plain)], [sig if ok else None for ok in plain])
 
 
 def _layout_codes(layout) -> np.ndarray:
@@ -117,7 +128,7 @@ def batch_stats(layout, leaves_list, *, base=None, host_base=None, backend="auto
     on the host spares them a trip over PCIe that the fold would repeat."""
     k = len(leaves_list)
     L = len(layout.leaves)
-    entries = leaf_entries(layout, leaves_list) if entries is None else entries
+    entries = leaf_entries(layout, leaves_list)[0] if entries is None else entries
     host_base = base if host_base is None else host_base
     stats = None
     if on_device is None or not any(on_device):  # the usual case: every update on the host, no columns to gather
@@ -200,6 +211,7 @@ class Prepared:
     parties: list
     leaves: list
     entries: list
+    signatures: list  # leaf_entries': each update's signature where known (else None)
     on_device: list
 
 
@@ -219,7 +231,7 @@ def prepare(updates, layout, *, weights=None, parties=None, backend="auto", copy
         p = parties[on_device.index(True)]
         raise LayoutMismatch(f"the update is in GPU memory; backend {backend!r} reads host memory (use 'cupy')",
                              party=p)
-    return Prepared(ws, parties, leaves_list, leaf_entries(layout, leaves_list), on_device)
+    return Prepared(ws, parties, leaves_list, *leaf_entries(layout, leaves_list), on_device)
 
 
 @functools.cache
@@ -262,9 +274,10 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
             f"{limit:.6g} ({what})")
     fp = layout.fingerprint
     return [Admitted(party, w, leaves, entries, fp, norm, mx, sum(a.nbytes for a in leaves if a is not None),
-                     against_base, dev, worst_leaf=wl)
-            for party, w, leaves, entries, norm, mx, dev, wl in zip(prep.parties, prep.weights, prep.leaves,
-                                                                      prep.entries, norms, peak, prep.on_device, worst)]
+                     against_base, dev, worst_leaf=wl, sig=sig)
+            for party, w, leaves, entries, norm, mx, dev, wl, sig in zip(
+                prep.parties, prep.weights, prep.leaves, prep.entries, norms, peak, prep.on_device, worst,
+                prep.signatures)]
 
 
 def admit_many(updates, layout, *, weights=None, parties=None, base=None, backend="auto", acc_dtype="float32",

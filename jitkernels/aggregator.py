@@ -369,13 +369,14 @@ class Aggregator:
                            and u.against_base is not self._base_token):
             return False
         self._check_layout(u)
-        sig = u.entries[:, 0].tobytes()
+        sig = u.signature
         one = self._one
         if one is None or one.sig != sig:  # (the backend, the rule and the mode are the aggregator's for good)
             one = self._one = self._one_update(u, sig)
         if one.groups is None:
             return False
-        self._check_parties([u.party])
+        if u.party in st.parties:  # (_check_parties for one party)
+            raise DuplicateParty(u.party)
         self._check_open()
         u.info = alg.check_info(u.info, u.party)
         w = float(alg.fold_weight(u, st))
@@ -394,7 +395,7 @@ class Aggregator:
         for lid in one.int_rows:  # as _record: counters take the plain mass-weighted mean (or max), before the masses
             self._fold_int(lid, [u.leaves[lid]], [m])
         st.leaf_weight += m  # _record's per-leaf masses, for one whole update
-        self._record_parties((u,), (m,), (alg.derived_info(u, st),))
+        self._record_party(u, m, alg.derived_info(u, st))
         return True
 
     def _one_update(self, u, sig: bytes) -> "_OneUpdate":
@@ -548,14 +549,13 @@ class Aggregator:
                 lacks = np.flatnonzero(plan.absent[:, j])
                 if lacks.size:
                     st.absent[u.party] = tuple(lacks.tolist())
-        self._record_parties(admitted, mass, derived)
-
-    def _record_parties(self, admitted, mass, derived) -> None:
-        parties, info = self.state.parties, self.state.info
         for u, m, d in zip(admitted, mass, derived):
-            parties[u.party] = m
-            if u.info or d:
-                info[u.party] = {**u.info, **d}
+            self._record_party(u, m, d)
+
+    def _record_party(self, u, mass, derived) -> None:
+        self.state.parties[u.party] = mass
+        if u.info or derived:
+            self.state.info[u.party] = {**u.info, **derived}
 
     def _fold_int(self, lid, arrays, weights):
         leaf = self.layout.leaves[lid]

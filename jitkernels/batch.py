@@ -245,16 +245,17 @@ def walk(g: Group, nthreads: int) -> tuple:
     and a tile is the items whose first element falls in the same TILE-element window of the share. Cached on the
     group's plan."""
     many = g.k > MANY_UPDATES
-    return _cached(g, (many, nthreads), lambda: _walk(g.work, many, nthreads))
+    return _cached(g, (many, nthreads), _walk, g.work, many, nthreads)
 
 
-def _cached(g: Group, key, make):
-    """``make()``, cached on the group's plan under ``key`` (computed afresh for a group built without a plan)."""
+def _cached(g: Group, key, make, *args):
+    """``make(*args)``, cached on the group's plan under ``key`` (computed afresh for a group built without a plan;
+    no closure: a per-update fold asks for its walk every call)."""
     if g.plan is None:
-        return make()
+        return make(*args)
     hit = g.plan.cache.get(key)
     if hit is None:
-        hit = g.plan.cache[key] = make()
+        hit = g.plan.cache[key] = make(*args)
     return hit
 
 
@@ -306,7 +307,7 @@ def pack_segments(rows, starts, lens, first, chunk: int) -> np.ndarray:
 
 def group_segments(g: Group) -> np.ndarray:
     """:func:`segment_table` of a group's work items, cached on its plan."""
-    return _cached(g, "segments", lambda: segment_table(g.work))
+    return _cached(g, "segments", segment_table, g.work)
 
 
 def rows_from_items(g: Group, nonfinite, sumsq, maxabs):

@@ -336,7 +336,8 @@ def test_finalize_into_given_outputs():
 
 def test_leaf_entries_fast_path_equals_the_per_leaf_one():
     """admission.leaf_entries takes the layout's codes and one C++ call for numpy leaves: the same table as
-    batch.leaf_entry leaf by leaf (empty, integer and bfloat16 leaves included); other leaves take the per-leaf path."""
+    batch.leaf_entry leaf by leaf (empty, integer and bfloat16 leaves included), and the signature the table's codes
+    give; other leaves take the per-leaf path, their signature left to Admitted.signature."""
     from jitkernels import admission
     from jitkernels.batch import leaf_entry
 
@@ -345,13 +346,15 @@ def test_leaf_entries_fast_path_equals_the_per_leaf_one():
     lay = jk.Aggregator(tmpl, backend="numpy").layout
     upd = {k: np.ones_like(v) for k, v in tmpl.items()}
     leaves = lay.flatten(upd)
-    fast, = admission.leaf_entries(lay, [leaves])
+    (fast,), (sig,) = admission.leaf_entries(lay, [leaves])
     slow = np.array([leaf_entry(a) for a in leaves], np.int64).reshape(len(leaves), 4)
     assert fast.tobytes() == slow.tobytes()
+    assert sig == slow[:, 0].tobytes() == jk.admit(upd, lay).signature
     q = jk.Quantized.quantize(np.ones((3, 4), np.float32))
     mixed = lay.flatten({**upd, "a": q})
-    got, = admission.leaf_entries(lay, [mixed])
+    (got,), (sig,) = admission.leaf_entries(lay, [mixed])
     assert got[0, 0] == leaf_entry(q)[0] and got[0, 2] != 0  # the int8 code and its scales' address
+    assert sig is None and jk.admit({**upd, "a": q}, lay).signature == got[:, 0].tobytes()
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
