@@ -29,7 +29,7 @@ import jitkernels as jk
 from . import policies as _policies
 from .clock import RealClock
 from .cost import CostModel
-from .durable import StateDir
+from .durable import Crashed, StateDir, check_id
 from .executors import LocalExecutor, ModelExecutor, Task
 from .predictor import Predictor
 
@@ -453,6 +453,12 @@ class JITScheduler:
             self._log("add_job", js, quorum=job.quorum_count(), parties=len(job.parties))
             if self.store is not None and js.layout is not None:
                 try:
+                    try:  # (their hex names the job's files)
+                        check_id(job.id, "job id")
+                        for p in job.parties:
+                            check_id(p, f"job {job.id!r}: party id")
+                    except ValueError as e:
+                        raise InvalidJob(str(e)) from None
                     self._resume(js)
                 except BaseException:  # not added: the job's files stay as they are
                     del self.jobs[job.id]
@@ -515,6 +521,9 @@ class JITScheduler:
             item, nbytes = None, js.update_bytes
             jk.check_weight(weight, party)
         with self._lock:
+            if self._closed:  # (submit checked before admitting; close() may have come meanwhile)
+                raise SchedulerClosed(f"job {job_id!r}: the scheduler is closed; update from {party!r} for round "
+                                      f"{round} not taken")
             key = (round, party)
             if key in js.seen:
                 if update_id is not None and js.seen[key] == update_id:
@@ -578,8 +587,14 @@ class JITScheduler:
         if stored and round != acked_round:  # (late on replay: its file goes under the round it now counts for)
             durable = self.store.carry_update(job_id, acked_round, round, party, float(weight))
         elif persist and self.store is not None and item is not None:
-            durable = self.store.persist_update(job_id, round, party, update_id, float(weight), item.leaves,
-                                                js.layout.fingerprint)
+            try:
+                durable = self.store.persist_update(job_id, round, party, update_id, float(weight), item.leaves,
+                                                    js.layout.fingerprint)
+            except RuntimeError:  # the writer was shut down: close() came after the check above
+                if self._closed:
+                    raise SchedulerClosed(f"job {job_id!r}: the scheduler closed while it took the update from "
+                                          f"{party!r} for round {round}; not taken") from None
+                raise
         else:
             durable = DURABLE  # nothing to persist (no state directory), or already on disk (a replay)
         if durable is not DURABLE:
@@ -609,10 +624,12 @@ class JITScheduler:
         """A party left the job: it is no longer expected (a round may become unreachable)."""
         with self._lock:
             js = self._job(job_id)
+            if self._closed:
+                raise SchedulerClosed(f"job {job_id!r}: the scheduler is closed; party {party!r} not dropped")
             if party in js.expected:
-                js.drop_expected(party)
-                if self.store is not None and js.layout is not None:
+                if self.store is not None and js.layout is not None:  # first: a failed commit changes nothing
                     self.store.commit_dropped(job_id, party)
+                js.drop_expected(party)
             self.clock.call_soon_threadsafe(self._check_reachable, js)
 
     def metrics(self) -> dict:
@@ -763,7 +780,8 @@ class JITScheduler:
         nxt = rnd.number + 1
         if js.job.late == "next_round" and not js.job.after_last(nxt) and (nxt, party) not in js.seen:
             self._log("late_to_next_round", js, round=rnd.number, party=party)
-            js.seen[(nxt, party)] = None
+            uid = js.seen.get((rnd.number, party))  # a resend after a restart is then known where it now counts
+            js.seen[(nxt, party)] = uid
             dest = self._round(js, nxt)
             dest.admitted += 1
             dest.take_carried(party)
@@ -772,14 +790,28 @@ class JITScheduler:
             if isinstance(item, _Spilled):  # its file is its only copy
                 item = _Spilled(nxt, party, weight, self.store.carry_update(js.job.id, rnd.number, nxt, party, weight))
             elif self.store is not None and item is not None:
-                self.store.persist_update(js.job.id, nxt, party, None, weight, item.leaves, js.layout.fingerprint,
-                                          carried_from=rnd.number)
+                # the file under the ended round is kept (collection skips held files) until the copy is on disk
+                self.store.hold(js.job.id, rnd.number, party)
+                dest.durable[party] = self.store.persist_update(js.job.id, nxt, party, uid, weight, item.leaves,
+                                                                js.layout.fingerprint, carried_from=rnd.number)
+                dest.durable[party].add_done_callback(functools.partial(self._carried, js.job.id, rnd.number, party))
             self.buffered_bytes += nbytes
             self._on_arrival(js, nxt, party, item, nbytes, weight)
         else:  # rejected, or no round to carry it to (the job's last round, or the party sent one there already)
             self._log("late_rejected", js, round=rnd.number, party=party)
             if isinstance(item, _Spilled):
                 self.store.release(js.job.id, item.round, party)
+
+    def _carried(self, job_id, number, party, durable) -> None:
+        """A late update's copy under the round it now counts for was written (its old file may go), or not: then
+        the old file is kept while this process runs, and a restart before that round commits would lose the
+        update (it is folded here all the same)."""
+        if durable.exception() is None:
+            self.store.release(job_id, number, party)
+        else:
+            log.error("job %r: the update from %r carried late from round %d could not be written under round %d "
+                      "(%s); a restart before that round commits loses it", job_id, party, number, number + 1,
+                      durable.exception())
 
     def _on_deadline(self, js, rnd) -> None:
         with self._lock:
@@ -1086,8 +1118,14 @@ class JITScheduler:
             rnd = js.rounds.get(task.round)
             live = rnd is not None and not rnd.done
         if js.fold_bytes >= limit and live:
-            self.store.checkpoint(js.job.id, task.round, agg.state, ids)
-            js.fold_bytes = 0
+            try:
+                self.store.checkpoint(js.job.id, task.round, agg.state, ids)
+                js.fold_bytes = 0
+            except Exception as e:  # only bounds what a restart replays: the updates are still on disk
+                if isinstance(e, Crashed):
+                    raise
+                log.warning("job %r round %d: checkpoint failed (%s); the next fold tries again", js.job.id,
+                            task.round, e)
 
     def _reserve_read_back(self, js, remaining: int) -> tuple:
         """(n, overdraft): how many spilled (or replayed) updates a fold reads back next: as many as the byte budget
@@ -1116,7 +1154,10 @@ class JITScheduler:
             return n, overdraft
 
     def _read_spilled(self, js, sp):
-        sp.durable.result()  # the writer thread may still be writing it
+        with self._lock:  # a resend after a failed write wrote the file again: wait for that write
+            rnd = js.rounds.get(sp.round)
+            durable = rnd.durable.get(sp.party, sp.durable) if rnd is not None else sp.durable
+        durable.result()  # the writer thread may still be writing it
         leaves = self.store.load_update(js.job.id, sp.round, sp.party, len(js.layout))
         self.store.release(js.job.id, sp.round, sp.party)  # folded next: the checkpoint or result covers it
         return js.admit(js.layout.unflatten(leaves), sp.weight, sp.party)
@@ -1151,8 +1192,12 @@ class JITScheduler:
             js.predictor.load_json(meta["predictor"])
         for r, rel in meta.get("results", {}).items():
             rnd = self._round(js, int(r))
-            leaves, ids = st.load_result(rel, js.layout)
             rnd.done = True
+            try:
+                leaves, ids = st.load_result(rel, js.layout)
+            except jk.CorruptState as e:  # (logged when the directory was opened) this round's answer only
+                rnd.future.set_exception(e)
+                continue
             rnd.future.set_result(js.layout.unflatten(leaves))
             js.seen.update({(int(r), p): u for p, u in ids.items()})
         for r, (kind, message) in meta.get("failed", {}).items():  # rounds that ended with an error
@@ -1162,12 +1207,13 @@ class JITScheduler:
                                      SchedulerError(f"job {job.id!r} round {r} failed before the restart: {kind}: "
                                                     f"{message}"))
         ended = [int(r) for key in ("results", "failed") for r in meta.get(key, {})]
-        if ended:  # older rounds' results were let go (keep_rounds)
-            js.forgotten = min(ended) - 1
+        if ended:
             if first <= max(ended):  # (a manifest that names an ended round as open: resume after it)
                 log.warning("job %r: the state directory names round %d as open, but round %d ended; resuming at %d",
                             job.id, first, max(ended), max(ended) + 1)
                 first, meta = max(ended) + 1, {k: v for k, v in meta.items() if k not in ("state", "parties")}
+        if first > job.first_round:  # rounds before the open one that it does not hold: results let go (keep_rounds),
+            js.forgotten = first - 1  # or a round whose end could not be recorded (a full disk)
         for p in meta.get("dropped", []):  # parties that left (drop_party) are not waited for
             if p in js.expected:
                 js.drop_expected(p)
@@ -1176,12 +1222,11 @@ class JITScheduler:
             self._log("resumed", js, round=first, finished=True)
             return
         if meta.get("carry") and not meta.get("state"):  # the open round starts from the last round's carry
-            js.carry = js.from_state(st.load_state(meta["carry"]))
+            js.carry = js.from_state(self._stored_state(js, meta["carry"]))
         self._open_round(js, first)
         rnd = js.open
         if meta.get("state"):
-            state = st.load_state(meta["state"])
-            rnd.aggregator = js.from_state(state)
+            rnd.aggregator = js.from_state(self._stored_state(js, meta["state"]))
             for p, uid in meta["parties"]:
                 js.mark_arrived(rnd, p)
                 rnd.members.append(p)
@@ -1198,6 +1243,14 @@ class JITScheduler:
         self._log("resumed", js, round=first, folded=rnd.folded, replayed=len(replayed),
                   fallbacks=len(st.fallbacks), orphans_removed=st.orphans_removed)
         self._plan(js)
+
+    def _stored_state(self, js, rel):
+        """A committed state file of the job, refused if it holds another layout (the template changed)."""
+        state = self.store.load_state(rel)
+        if state.layout.fingerprint != js.layout.fingerprint:
+            raise jk.LayoutMismatch(f"job {js.job.id!r}: {rel} holds layout {state.layout.fingerprint}; the job's "
+                                    f"layout is {js.layout.fingerprint} (its template changed?)")
+        return state
 
     def _done(self, js, rnd, task, duration, result, error) -> None:
         with self._lock:
@@ -1227,6 +1280,7 @@ class JITScheduler:
                     js.metrics.misses += 1
                 self._log("ready", js, round=rnd.number, latency_s=now - rnd.quorum_time, busy_s=duration)
                 if error is not None:
+                    self._commit_failure(js, rnd, error)
                     rnd.future.set_exception(error)
                 else:
                     rnd.future.set_result(result)

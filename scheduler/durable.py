@@ -24,7 +24,8 @@ fallback never misses an update.
 A round's result and its carry commit together (one generation names both): a server-optimizer step (FedAdam, say)
 or a round's DP noise applied twice would not be idempotent, and the next round must start from exactly that state.
 
-Names in paths are the hex of the JSON of job ids and party ids (any str or int is a safe file name that way).
+Names in paths are the hex of the JSON of job ids and party ids (any str or int is a safe file name that way, up
+to MAX_ID_BYTES of JSON: longer ids are refused when the job is added, not when a file name turns out too long).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -52,6 +54,10 @@ MANIFEST_FORMAT = "jitkernels.scheduler-state"
 VERSION = 1
 UPDATE_FORMAT = "jitkernels.update"
 RESULT_FORMAT = "jitkernels.round-result"
+MAX_ID_BYTES = 100
+"""The longest job or party id (as JSON) a state directory takes: its hex names a file, which with its suffix must
+stay within the 255 bytes a file name may have."""
+_MANIFEST = re.compile(r"manifest-(\d+)\.json")
 
 
 class StateDirLocked(jk.AggregationError, RuntimeError):
@@ -65,6 +71,14 @@ class Crashed(RuntimeError):
 def ident(x) -> str:
     """A file name for a job or party id (reversible: hex of its JSON)."""
     return json.dumps(x).encode().hex()
+
+
+def check_id(x, what: str) -> None:
+    """Refuse an id whose file name would be too long (see MAX_ID_BYTES)."""
+    n = len(json.dumps(x).encode())
+    if n > MAX_ID_BYTES:
+        raise ValueError(f"{what} {x!r:.60} is {n} bytes as JSON; a state directory takes ids of at most "
+                         f"{MAX_ID_BYTES} (they name its files)")
 
 
 def unident(name: str):
@@ -122,6 +136,7 @@ class StateDir:
             raise StateDirLocked(f"{self.path} is used by another scheduler (LOCK is held)") from None
         self.crash_hook = crash_hook
         self.dead = False
+        self.closed = False  # close() was called: nothing more is written (a stale reference must not)
         self._lock = threading.RLock()
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="jitkernels-durable", initializer=renice,
                                           initargs=(writer_nice, "state directory writer"))
@@ -146,6 +161,8 @@ class StateDir:
     def _step(self, point: str) -> None:
         if self.dead:
             raise Crashed(point)
+        if self.closed and not point.startswith("gc."):
+            raise RuntimeError(f"state directory {self.path} is closed; nothing more is written to it ({point})")
         if self.crash_hook is not None:
             self.crash_hook(point)
 
@@ -204,8 +221,7 @@ class StateDir:
         def work():
             try:
                 tensors, m = read_checked(os.path.join(self.path, old), what="update file")
-                meta = {**m, "round": str(int(nxt)), "weight": repr(float(weight)), "update_id": json.dumps(None),
-                        "carried_from": json.dumps(int(rnd))}
+                meta = {**m, "round": str(int(nxt)), "weight": repr(float(weight)), "carried_from": json.dumps(int(rnd))}
                 self._write("update", self._update_rel(job, nxt, party), checked_writer(tensors, meta))
             finally:
                 self.release(job, rnd, party)
@@ -232,7 +248,7 @@ class StateDir:
         out = []
         if not os.path.isdir(root):
             return out
-        for rdir in sorted(os.listdir(root), key=int):
+        for rdir in sorted((d for d in os.listdir(root) if d.isdigit()), key=int):
             r = int(rdir)
             if r in done or (cur is not None and r < cur):
                 continue
@@ -247,6 +263,10 @@ class StateDir:
                     tensors, m = read_checked(path, what="update file")
                     decode_leaves(tensors, json.loads(m["leaves"]), n_leaves)
                     del tensors
+                    if (m.get("format"), m.get("job"), m.get("round"), m.get("party")) != (
+                            UPDATE_FORMAT, json.dumps(job), str(r), json.dumps(party)):
+                        raise jk.CorruptState(f"it was written for job {m.get('job')}, round {m.get('round')}, "
+                                              f"party {m.get('party')} ({m.get('format')}), not where it lies")
                 except (jk.CorruptState, KeyError, ValueError) as e:
                     log.warning("skipping damaged update file %s: %s", path, e)
                     continue
@@ -326,6 +346,9 @@ class StateDir:
     def load_result(self, rel: str, layout: jk.Layout) -> tuple:
         """(model leaves, {party: update id}) of a committed round."""
         tensors, meta = read_checked(os.path.join(self.path, rel), what="round result")
+        if meta.get("layout") != layout.fingerprint:
+            raise jk.LayoutMismatch(f"round result {rel} was written for layout {meta.get('layout')}; the job's "
+                                    f"layout is {layout.fingerprint} (its template changed?)")
         ids = {p: u for p, u in json.loads(meta["parties"])}
         return decode_leaves(tensors, json.loads(meta["leaves"]), len(layout)), ids
 
@@ -339,20 +362,27 @@ class StateDir:
         body["checksum"] = _digest(body)
         self._write("manifest", f"manifest-{gen:08d}.json", json.dumps(body, sort_keys=True).encode())
         self.prev_jobs, self.jobs, self.gen = self.jobs, jobs, gen
-        self._gc()
+        try:
+            self._gc()
+        except OSError as e:  # committed all the same: what it no longer needs goes at the next collection
+            log.warning("state directory %s: collection after generation %d failed (%s)", self.path, gen, e)
 
     def _load(self) -> tuple:
         """The newest generation whose manifest and files verify; older ones on failure (recorded in
         ``fallbacks``)."""
-        gens = sorted((f for f in os.listdir(self.path) if f.startswith("manifest-") and f.endswith(".json")),
-                      reverse=True)
-        for f in gens:
+        gens = sorted((int(m[1]), m[0]) for m in map(_MANIFEST.fullmatch, os.listdir(self.path)) if m)
+        for _, f in reversed(gens):
             try:
                 with open(os.path.join(self.path, f)) as fh:
                     body = json.load(fh)
+                if not isinstance(body, dict) or not isinstance(body.get("jobs"), dict):
+                    raise jk.CorruptState("not a manifest")
                 expected = body.pop("checksum", None)
                 if body.get("format") != MANIFEST_FORMAT or expected != _digest(body):
                     raise jk.CorruptState("checksum mismatch")
+                if body.get("version") != VERSION:
+                    raise jk.CorruptState(f"manifest version {body.get('version')!r}; this scheduler reads "
+                                          f"{VERSION}")
                 jobs = {unident(j): m for j, m in body["jobs"].items()}
                 for m in jobs.values():
                     if m.get("state"):
@@ -360,17 +390,24 @@ class StateDir:
                         if set(map(_key, st.parties)) != {_key(p) for p, _ in m["parties"]}:
                             raise jk.CorruptState(f"{m['state']} holds other parties than the manifest says")
                         self._states[m["state"]] = st
-                    for rel in m.get("results", {}).values():
-                        read_checked(os.path.join(self.path, rel), what="round result")
+                    for rel in m.get("results", {}).values():  # a damaged result fails its round only
+                        try:
+                            read_checked(os.path.join(self.path, rel), what="round result")
+                        except (OSError, jk.CorruptState) as e:
+                            log.error("state directory %s: round result %s is damaged (%s)", self.path, rel, e)
                     if m.get("carry"):  # verified always, kept only where the open round starts from it
                         carry = jk.FoldState.load(os.path.join(self.path, m["carry"]))
                         if not m.get("state"):
                             self._states[m["carry"]] = carry
                 return int(body["gen"]), jobs
-            except (OSError, ValueError, KeyError, jk.CorruptState) as e:
+            except (OSError, ValueError, KeyError, TypeError, jk.CorruptState) as e:
                 self._states.clear()
                 self.fallbacks.append((f, f"{type(e).__name__}: {e}"))
                 log.warning("state directory %s: %s unusable (%s); trying the previous generation", self.path, f, e)
+        if gens:  # starting afresh would collect every job's files: the operator decides
+            self._lockf.close()
+            raise jk.CorruptState(f"state directory {self.path}: no generation verifies ("
+                                  + "; ".join(f"{f}: {why}" for f, why in self.fallbacks) + ")")
         return 0, {}
 
     def _gc(self) -> None:
@@ -379,7 +416,8 @@ class StateDir:
         self._step("gc.started")
         keep_gens = {self.gen, self.gen - 1}
         for f in os.listdir(self.path):
-            if f.startswith("manifest-") and f.endswith(".json") and int(f[9:-5]) not in keep_gens:
+            m = _MANIFEST.fullmatch(f)
+            if m and int(m[1]) not in keep_gens:
                 self._delete(os.path.join(self.path, f))
         referenced = {m[key] for jobs in (self.jobs, self.prev_jobs) for m in jobs.values()
                       for key in ("state", "carry") if m.get(key)}
@@ -401,7 +439,7 @@ class StateDir:
                 continue
             done, cur = set(map(int, m.get("results", {}))), m.get("round")
             covered = {_key(p) for p, _ in m.get("parties", [])}
-            for rdir in os.listdir(root):
+            for rdir in (d for d in os.listdir(root) if d.isdigit()):
                 r = int(rdir)
                 for f in os.listdir(os.path.join(root, rdir)):
                     if not f.endswith(".jku"):  # the writer thread's temp file of an update being persisted
@@ -423,6 +461,7 @@ class StateDir:
 
     def close(self) -> None:
         self._writer.shutdown(wait=not self.dead)
+        self.closed = True
         if not self._lockf.closed:
             self._lockf.close()  # closing the descriptor releases the flock
 

@@ -25,8 +25,8 @@ POINTS = [f"{kind}.{step}" for kind in ("update", "state", "manifest", "result")
 
 
 def _sched(state_dir, **kw):
-    return JITScheduler(policy="eager", slots=1, clock=VirtualClock(), state_dir=state_dir, checkpoint_bytes=0,
-                        **kw)
+    return JITScheduler(policy="eager", slots=1, clock=VirtualClock(), state_dir=state_dir,
+                        **{"checkpoint_bytes": 0, **kw})
 
 
 def _results(sched):
@@ -798,3 +798,344 @@ def test_a_checkpoint_that_comes_after_its_rounds_failure_is_not_committed(tmp_p
         assert isinstance(r.result("j", 0).exception(), Exception)
     finally:
         r.close()
+
+
+# --- disk errors and damaged directories (each of these lost acknowledged updates or hung a result before) --------
+def _enospc(point_name, nth=1):
+    """A crash hook that raises ENOSPC at the nth time ``point_name`` is reached."""
+    import errno
+
+    seen = {"n": 0}
+
+    def hook(point):
+        if point == point_name:
+            seen["n"] += 1
+            if seen["n"] == nth:
+                raise OSError(errno.ENOSPC, "No space left on device")
+    return hook
+
+
+def _small_job(**kw):
+    kw.setdefault("parties", ["a", "b", "c"])
+    kw.setdefault("quorum", len(kw["parties"]))
+    return Job("j", template={"w": np.zeros(8, np.float32)}, deterministic=True, **{"rounds": 3, **kw})
+
+
+def test_a_failed_checkpoint_is_not_the_rounds_failure(tmp_path):
+    """A checkpoint only bounds what a restart replays: a full disk while writing one is logged and the round goes
+    on (it failed the round, and the failure was committed: its durable updates were thrown away)."""
+    s = _sched(tmp_path, crash_hook=_enospc("state.begin"))
+    s.add_job(_small_job())
+    for i, p in enumerate("abc"):
+        assert s.submit("j", 0, p, {"w": np.full(8, i + 1.0, np.float32)}, update_id=p).durable.result(timeout=10)
+    s.clock.run()
+    np.testing.assert_array_equal(s.result("j", 0).result(timeout=10)["w"], np.full(8, 2.0, np.float32))
+    s.close()
+    r = JITScheduler.recover(tmp_path, [_small_job()], policy="eager", clock=VirtualClock(), checkpoint_bytes=0)
+    np.testing.assert_array_equal(r.result("j", 0).result(timeout=10)["w"], np.full(8, 2.0, np.float32))
+    r.close()
+
+
+def test_rounds_the_directory_no_longer_names_are_forgotten_after_a_restart(tmp_path):
+    """An old failed round kept in the manifest made every round between it and the kept results neither forgotten
+    nor finished after a restart: result() never resolved, and a submit for one was buffered for ever."""
+    job = _small_job(parties=["a", "b"], rounds=10, deadline_s=100.0)
+    s = _sched(tmp_path, keep_rounds=2, checkpoint_bytes=1 << 40)
+    s.add_job(job)
+    s.submit("j", 0, "a", {"w": np.ones(8, np.float32)}, update_id="0a")  # b never answers: round 0 fails
+    s.clock.run(until=150.0)
+    for r in range(1, 6):
+        for p in "ab":
+            s.submit("j", r, p, {"w": np.full(8, float(r), np.float32)}, update_id=f"{r}{p}")
+        s.clock.run(until=s.clock.now() + 10)
+    s.close()
+    rec = JITScheduler.recover(tmp_path, [job], policy="eager", clock=VirtualClock(), keep_rounds=2)
+    with pytest.raises(RoundForgotten):
+        rec.result("j", 2)
+    with pytest.raises(LateUpdate):
+        rec.submit("j", 2, "a", {"w": np.ones(8, np.float32)}, update_id="other")
+    assert rec.buffered_bytes == 0
+    np.testing.assert_array_equal(rec.result("j", 5).result(timeout=5)["w"], np.full(8, 5.0, np.float32))
+    rec.close()
+
+
+def test_a_failed_result_commit_is_recorded_as_the_rounds_failure(tmp_path):
+    """A result whose commit failed (a full disk) failed its round in memory but left no record: after a restart
+    the round was neither a result nor a failure."""
+    job = _small_job(parties=["a", "b"], rounds=4)
+    s = _sched(tmp_path, checkpoint_bytes=1 << 40, crash_hook=_enospc("result.begin", nth=2))
+    s.add_job(job)
+    for r in range(3):
+        for p in "ab":
+            s.submit("j", r, p, {"w": np.full(8, r + 1.0, np.float32)}, update_id=f"{r}{p}").durable.result(10)
+        s.clock.run()
+    assert isinstance(s.result("j", 1).exception(timeout=5), OSError)
+    s.close()
+    rec = JITScheduler.recover(tmp_path, [job], policy="eager", clock=VirtualClock())
+    rec.clock.run()
+    np.testing.assert_array_equal(rec.result("j", 2).result(timeout=5)["w"], np.full(8, 3.0, np.float32))
+    err = rec.result("j", 1).exception(timeout=5)
+    assert "OSError" in str(err) and "failed before the restart" in str(err)
+    rec.close()
+
+
+def test_a_damaged_result_fails_its_round_only(tmp_path):
+    """A flipped byte in one job's finished result made both retained generations fail to verify, and the directory
+    opened as new: every job restarted at round 0 and the first commit collected the other jobs' files. Now that
+    round's result() raises CorruptState and everything else resumes."""
+    import glob
+    from scheduler.durable import ident
+
+    jobs = [_small_job(), Job("k", template={"w": np.zeros(8, np.float32)}, parties=["a", "b", "c"], quorum=3,
+                              rounds=3, deterministic=True)]
+    s = _sched(tmp_path)
+    for j in jobs:
+        s.add_job(j)
+    for jid in "jk":
+        for p in "abc":
+            s.submit(jid, 0, p, {"w": np.ones(8, np.float32)}, update_id=f"0{p}")
+        s.submit(jid, 1, "a", {"w": np.ones(8, np.float32)}, update_id="1a").durable.result(10)
+    s.clock.run()
+    s.close()
+    path, = glob.glob(str(tmp_path / "results" / f"{ident('j')}-r0.jkr"))
+    raw = bytearray(open(path, "rb").read())
+    raw[-10] ^= 0xFF
+    open(path, "wb").write(raw)
+    rec = JITScheduler.recover(tmp_path, jobs, policy="eager", clock=VirtualClock(), checkpoint_bytes=0)
+    assert rec.store.fallbacks == []
+    assert isinstance(rec.result("j", 0).exception(timeout=5), jk.CorruptState)
+    np.testing.assert_array_equal(rec.result("k", 0).result(timeout=5)["w"], np.ones(8, np.float32))
+    assert rec.jobs["k"].open.number == 1 and (1, "a") in rec.jobs["k"].seen
+    rec.close()
+
+
+def test_a_directory_where_no_generation_verifies_is_refused(tmp_path):
+    """Opening it as new would collect every job's files."""
+    s = _sched(tmp_path)
+    s.add_job(_small_job())
+    for p in "abc":
+        s.submit("j", 0, p, {"w": np.ones(8, np.float32)}, update_id=p)
+    s.clock.run()
+    s.close()
+    for f in tmp_path.glob("manifest-*.json"):
+        f.write_text("[]")  # valid JSON, not a manifest (an uncaught TypeError before)
+    with pytest.raises(jk.CorruptState, match="no generation verifies"):
+        StateDir(tmp_path)
+    StateDir(tmp_path / "fresh").close()  # (an empty directory is new, not damaged)
+
+
+def test_manifest_names_and_versions(tmp_path):
+    """An operator's manifest-backup.json broke every commit (int('backup') in the collection) and sorted above the
+    numbered manifests; a manifest of another version was read as this one."""
+    import shutil
+
+    s = _sched(tmp_path)
+    s.add_job(_small_job())
+    for p in "abc":
+        s.submit("j", 0, p, {"w": np.ones(8, np.float32)}, update_id=f"0{p}")
+    s.clock.run()
+    s.close()
+    newest = sorted(tmp_path.glob("manifest-*.json"))[-1]
+    shutil.copy(newest, tmp_path / "manifest-backup.json")
+    s = _sched(tmp_path)
+    s.add_job(_small_job())
+    for p in "abc":
+        s.submit("j", 1, p, {"w": np.full(8, 2.0, np.float32)}, update_id=f"1{p}")
+    s.clock.run()
+    np.testing.assert_array_equal(s.result("j", 1).result(timeout=5)["w"], np.full(8, 2.0, np.float32))
+    s.close()
+    assert (tmp_path / "manifest-backup.json").exists()
+    from scheduler.durable import _digest
+
+    newest = sorted(tmp_path.glob("manifest-0*.json"))[-1]
+    body = json.loads(newest.read_text())
+    body.pop("checksum")
+    body["version"] = 99
+    body["checksum"] = _digest(body)
+    newest.write_text(json.dumps(body))
+    d = StateDir(tmp_path)
+    assert d.fallbacks and "version 99" in d.fallbacks[0][1]
+    d.close()
+
+
+def test_a_closed_scheduler_writes_nothing(tmp_path):
+    """drop_party on a closed scheduler wrote its old view as the newest manifest, and its collection deleted the
+    new owner's files."""
+    s = _sched(tmp_path)
+    s.add_job(_small_job())
+    s.close()
+    with pytest.raises(jk.AggregationError):  # SchedulerClosed
+        s.drop_party("j", "c")
+    with pytest.raises(RuntimeError, match="closed"):
+        s.store.commit_dropped("j", "c")
+    assert len(list(tmp_path.glob("manifest-*.json"))) == 0
+
+
+def test_drop_party_whose_commit_fails_changes_nothing(tmp_path):
+    """The party was dropped in memory before its commit: a failed commit left memory and disk apart, and a retry
+    found it gone and committed nothing."""
+    full = [False]
+
+    def hook(point):
+        if full[0] and point == "manifest.begin":
+            import errno
+            raise OSError(errno.ENOSPC, "No space left on device")
+    job = _small_job(rounds=2)
+    s = _sched(tmp_path, checkpoint_bytes=1 << 40, crash_hook=hook)
+    s.add_job(job)
+    s.submit("j", 0, "a", {"w": np.ones(8, np.float32)}, update_id="a").durable.result(10)
+    s.clock.run()
+    full[0] = True
+    with pytest.raises(OSError):
+        s.drop_party("j", "c")
+    assert "c" in s.jobs["j"].expected
+    full[0] = False
+    s.drop_party("j", "c")
+    s.clock.run()
+    assert "c" not in s.jobs["j"].expected and s.store.jobs["j"]["dropped"] == ["c"]
+    s.close()
+
+
+def test_a_resend_after_a_failed_spill_write_is_what_the_fold_reads(tmp_path):
+    """With overflow='spill', the resend of an update whose write failed wrote the file again, but the fold waited
+    on the failed write's future and failed the round."""
+    import errno
+
+    full = [True]
+
+    def hook(point):
+        if full[0] and point == "update.begin":
+            raise OSError(errno.ENOSPC, "No space left on device")
+    job = _small_job(parties=["a", "b"], rounds=1)
+    s = JITScheduler("lazy", clock=VirtualClock(), state_dir=tmp_path, checkpoint_bytes=0, byte_budget=0,
+                     overflow="spill", crash_hook=hook)
+    s.add_job(job)
+    assert isinstance(s.submit("j", 0, "a", {"w": np.ones(8, np.float32)}, update_id="a0").durable.exception(10),
+                      OSError)
+    full[0] = False
+    again = s.submit("j", 0, "a", {"w": np.ones(8, np.float32)}, update_id="a0")
+    assert again.duplicate and again.durable.result(timeout=10)
+    s.submit("j", 0, "b", {"w": np.full(8, 3.0, np.float32)}, update_id="b0").durable.result(timeout=10)
+    s.clock.run()
+    np.testing.assert_array_equal(s.result("j", 0).result(timeout=10)["w"], np.full(8, 2.0, np.float32))
+    s.close()
+
+
+def test_states_and_results_of_another_layout_are_refused_at_recovery(tmp_path):
+    """Only update files were checked: a changed template recovered old-shape results and checkpoints, and the
+    first new update then failed its round."""
+    def job(n):
+        return Job("j", template={"w": np.zeros(n, np.float32)}, parties=["a", "b"], quorum=2, rounds=3,
+                   deterministic=True)
+    s = _sched(tmp_path)
+    s.add_job(job(8))
+    for r, ps in ((0, "ab"), (1, "a")):
+        for p in ps:
+            s.submit("j", r, p, {"w": np.ones(8, np.float32)}, update_id=f"{r}{p}").durable.result(timeout=10)
+            s.clock.run()
+    s.close()
+    with pytest.raises(jk.LayoutMismatch):
+        JITScheduler.recover(tmp_path, [job(9)], policy="eager", clock=VirtualClock(), checkpoint_bytes=0)
+
+
+def _late_job(**kw):
+    return Job("j", template={"w": np.zeros(4, np.float32)}, parties=["a", "b"], quorum=2, rounds=3, deadline_s=5.0,
+               late="next_round", late_weight=0.5, deterministic=True, **kw)
+
+
+def _carry_late(tmp_path, hook=None):
+    """A scheduler whose job's round 0 ends at its deadline (5 s) while a's update, acknowledged for round 0, is
+    still queued: it is carried to round 1 at half weight."""
+    clk = VirtualClock()
+    s = JITScheduler("lazy", clock=clk, state_dir=tmp_path, checkpoint_bytes=0, crash_hook=hook)
+    acks = []
+    clk.call_at(5.0, lambda: acks.append(s.submit("j", 0, "a", {"w": np.ones(4, np.float32)}, update_id="a0")))
+    s.add_job(_late_job())
+    clk.run(until=6.0)
+    assert acks[0].round == 0 and acks[0].durable.result(timeout=10)
+    assert any(e["event"] == "late_to_next_round" for e in s.decisions)
+    return s
+
+
+def test_a_carried_update_keeps_its_id_across_a_restart(tmp_path):
+    """Its copy under the next round was written without its update id: a resend after a restart raised
+    DuplicateParty (before the restart it was acknowledged as a duplicate)."""
+    s = _carry_late(tmp_path)
+    s.store._writer.submit(lambda: None).result()  # the carried copy is written
+    s.close()
+    rec = JITScheduler.recover(tmp_path, [_late_job()], policy="lazy", clock=VirtualClock(), checkpoint_bytes=0)
+    ack = rec.submit("j", 0, "a", {"w": np.ones(4, np.float32)}, update_id="a0")
+    assert ack.duplicate and ack.round == 1
+    rec.submit("j", 1, "b", {"w": np.full(4, 4.0, np.float32)})
+    rec.clock.run()
+    np.testing.assert_array_equal(rec.result("j", 1).result(timeout=5)["w"], np.full(4, 3.0, np.float32))
+    rec.close()
+
+
+def test_a_carried_copy_that_cannot_be_written_keeps_the_original(tmp_path, caplog):
+    """The carried copy's write future was dropped: a failed write was silent and the original file went with its
+    round. Now the original is held while the process runs and the failure is logged."""
+    import logging
+
+    from scheduler.durable import ident
+
+    with caplog.at_level(logging.ERROR, logger="jitkernels.scheduler"):
+        s = _carry_late(tmp_path, hook=_enospc("update.begin", nth=2))
+        s.store._writer.submit(lambda: None).result()
+    assert any("could not be written under round 1" in r.message for r in caplog.records)
+    assert os.path.join("updates", ident("j"), "0", ident("a") + ".jku") in s.store._held
+    s.close()
+
+
+def test_ids_too_long_for_file_names_are_refused_when_the_job_is_added(tmp_path):
+    """A party id over ~125 characters named a file over 255 bytes: every update it sent failed to become durable."""
+    from scheduler import InvalidJob
+
+    s = _sched(tmp_path)
+    with pytest.raises(InvalidJob, match="party id"):
+        s.add_job(Job("j", template={"w": np.zeros(4, np.float32)}, parties=["client-" + "x" * 130, "b"], quorum=2))
+    with pytest.raises(InvalidJob, match="job id"):
+        s.add_job(Job("t" * 120, template={"w": np.zeros(4, np.float32)}, parties=["a"], quorum=1))
+    assert not s.jobs
+    s.close()
+
+
+def test_update_files_out_of_place_are_not_replayed(tmp_path):
+    """Update files were replayed by where they lie: a checksum-valid file of another job copied into this job's
+    folder was counted."""
+    import shutil
+
+    from scheduler.durable import ident
+
+    jobs = [_small_job(), Job("k", template={"w": np.zeros(8, np.float32)}, parties=["a", "b", "c"], quorum=3,
+                              rounds=3, deterministic=True)]
+    s = _sched(tmp_path)
+    for j in jobs:
+        s.add_job(j)
+    s.submit("k", 0, "a", {"w": np.ones(8, np.float32)}, update_id="x").durable.result(10)
+    s.close()
+    src = tmp_path / "updates" / ident("k") / "0" / (ident("a") + ".jku")
+    dst = tmp_path / "updates" / ident("j") / "0" / (ident("a") + ".jku")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src, dst)
+    rec = JITScheduler.recover(tmp_path, jobs, policy="eager", clock=VirtualClock(), checkpoint_bytes=0)
+    assert (0, "a") not in rec.jobs["j"].seen and (0, "a") in rec.jobs["k"].seen
+    rec.close()
+
+
+def test_a_submit_racing_close_raises_scheduler_closed(tmp_path):
+    """close() between submit's check and its write raised the executor's bare RuntimeError."""
+    from scheduler import SchedulerClosed
+
+    s = _sched(tmp_path)
+    s.add_job(_small_job())
+    js = s.jobs["j"]
+    admit = js.admit
+
+    def admit_then_close(*a, **kw):  # close() lands while the update is admitted, outside the lock
+        out = admit(*a, **kw)
+        s.close()
+        return out
+    js.admit = admit_then_close
+    with pytest.raises(SchedulerClosed):
+        s.submit("j", 0, "a", {"w": np.ones(8, np.float32)}, update_id="a")
