@@ -19,6 +19,7 @@ import math
 import numpy as np
 
 from .algorithms import FedAvg, _count, _positive
+from .robust_store import BudgetExceeded, DeviceUpdateStore, StoreFull, UpdateStore  # noqa: F401 (the rules' store)
 
 
 _GRAM_SLABS = ("float32",)

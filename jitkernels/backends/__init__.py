@@ -46,7 +46,7 @@ def requested(name: str | None) -> str:
     """The backend a user asked for: the argument, else ``JITKERNELS_BACKEND``, else 'auto'."""
     name = name or os.environ.get("JITKERNELS_BACKEND") or "auto"
     if name != "auto" and name not in _MODULES:
-        raise ValueError(f"unknown backend {name!r}; choose from auto, {', '.join(_MODULES)}, cupy")
+        raise ValueError(f"unknown backend {name!r}; choose from auto, {', '.join(_MODULES)}")
     return name
 
 
