@@ -334,7 +334,8 @@ class JITScheduler:
     ----------
     policy : "eager" | "lazy" | "jit" | "oracle" | Policy
     slots : aggregators that may be deployed at once (slots x kernel threads <= cores)
-    clock : RealClock (default) or VirtualClock
+    clock : RealClock (default; the executor's, if one is given) or VirtualClock; closed with the scheduler unless
+        it was given here
     executor : LocalExecutor (default with a real clock), ModelExecutor (default with a virtual clock), or
         RayExecutor (folds on Ray workers; :mod:`scheduler.executors`)
     cost : CostModel (kernel throughput, per-call cost and deployment start-up)
@@ -407,7 +408,9 @@ class JITScheduler:
         self._relieving = False
         self.keep_rounds = int(keep_rounds)
         self.checkpoint_bytes = checkpoint_bytes
-        self.clock = clock if clock is not None else RealClock()
+        # a scheduler handed an executor runs on the executor's clock (both must be one event loop), and closes it
+        # unless it was handed the clock too: RayExecutor(RealClock(), ...) inline left a clock thread per scheduler
+        self.clock = clock if clock is not None else executor.clock if executor is not None else RealClock()
         self._own_clock = clock is None
         self.executor = self.store = None
         own_executor = executor is None

@@ -101,3 +101,19 @@ def test_fold_nice_renices_the_fold_threads_and_their_kernel_threads():
     assert os.getpriority(os.PRIO_PROCESS, 0) == before
     now = _thread_nices()
     assert all(now.get(t, v) == v for t, v in old.items())
+
+
+def test_a_scheduler_given_an_executor_runs_on_its_clock_and_closes_it():
+    """RayExecutor(RealClock(), ...) inline (the README's form) left the executor's clock thread running after
+    close(), and the scheduler ran a second clock of its own beside it."""
+    import time
+
+    from scheduler import JITScheduler, LocalExecutor, RealClock
+
+    before = set(threading.enumerate())
+    for _ in range(3):
+        s = JITScheduler(policy="jit", slots=1, executor=LocalExecutor(RealClock(), 1))
+        assert s.clock is s.executor.clock
+        s.close()
+    time.sleep(0.2)
+    assert not [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
