@@ -355,6 +355,20 @@ def test_cost_model_calibrates_saves_and_loads(tmp_path):
     assert again.fold_s(4000 * 10, 10, 1000) == pytest.approx(b.call_s + (40000 + 8000) / b.throughput_Bps)
 
 
+def test_the_calibration_fit_takes_the_call_cost_from_the_small_calls():
+    """Timings of 0.4 MB to 300 MB folds with 5% noise on the largest: a plain least-squares line took its intercept
+    (the per-call cost, ~20 us) from that noise (a busy machine's calibrations gave 4-7 ms)."""
+    from scheduler.cost import fit_call_and_throughput
+
+    call, bw = 20e-6, 30e9
+    sizes = np.array([1_000, 100_000, 1_000_000, 8_000_000]) * 40.0
+    for noise in (1.05, 0.95):
+        t = call + sizes / bw
+        t[-1] *= noise
+        got_call, got_bw = fit_call_and_throughput(sizes, t)
+        assert 0.5 * call < got_call < 2 * call and 0.9 * bw < got_bw < 1.1 * bw
+
+
 @pytest.mark.parametrize("rule", ["fedmedian", "krum"])
 def test_a_robust_job_buffers_its_rounds_through_the_scheduler(rule):
     """A buffered (robust) rule runs through the JIT scheduler unchanged: each round's result equals the rule over
