@@ -29,7 +29,7 @@ import jitkernels as jk
 from . import policies as _policies
 from .clock import RealClock
 from .cost import CostModel
-from .durable import Crashed, StateDir, check_id
+from .durable import MAX_JOB_ID_BYTES, MAX_PARTY_ID_BYTES, Crashed, StateDir, check_id, has_job_files
 from .executors import LocalExecutor, ModelExecutor, Task
 from .predictor import Predictor
 
@@ -411,7 +411,7 @@ class JITScheduler:
         # a scheduler handed an executor runs on the executor's clock (both must be one event loop), and closes it
         # unless it was handed the clock too: RayExecutor(RealClock(), ...) inline left a clock thread per scheduler
         self.clock = clock if clock is not None else executor.clock if executor is not None else RealClock()
-        self._own_clock = clock is None
+        self._own_clock = clock is None  # closed with the scheduler (as a given executor is)
         self.executor = self.store = None
         own_executor = executor is None
         try:  # the state directory may be locked by another scheduler: what was started here is stopped again
@@ -422,10 +422,10 @@ class JITScheduler:
             self.store = None if state_dir is None else StateDir(state_dir, crash_hook=crash_hook,
                                                                  keep_results=self.keep_rounds,
                                                                  writer_nice=writer_nice)
-        except BaseException:
+        except BaseException:  # what was made here is stopped; what the caller gave stays theirs
             if own_executor and self.executor is not None:
                 self.executor.close()
-            if self._own_clock:
+            if clock is None and own_executor:
                 self.clock.close()
             raise
         self.occupancy = [(self.clock.now(), 0)]  # (time, deployed aggregators) at every change
@@ -456,12 +456,13 @@ class JITScheduler:
             self._log("add_job", js, quorum=job.quorum_count(), parties=len(job.parties))
             if self.store is not None and js.layout is not None:
                 try:
-                    try:  # (their hex names the job's files)
-                        check_id(job.id, "job id")
-                        for p in job.parties:
-                            check_id(p, f"job {job.id!r}: party id")
-                    except ValueError as e:
-                        raise InvalidJob(str(e)) from None
+                    if job.id not in self.store.jobs and not has_job_files(self.store.path, job.id):
+                        try:  # (their hex names the job's files; a job the directory has worked with keeps its ids)
+                            check_id(job.id, "job id", MAX_JOB_ID_BYTES)
+                            for p in job.parties:
+                                check_id(p, f"job {job.id!r}: party id", MAX_PARTY_ID_BYTES)
+                        except ValueError as e:
+                            raise InvalidJob(str(e)) from None
                     self._resume(js)
                 except BaseException:  # not added: the job's files stay as they are
                     del self.jobs[job.id]
@@ -496,12 +497,23 @@ class JITScheduler:
                 failed = False
         if failed:  # the original's write failed (e.g. a full disk): the resend is written again
             item = js.admit(update, weight, party)
-            durable = self.store.persist_update(job_id, round, party, update_id, float(weight), item.leaves,
-                                                js.layout.fingerprint)
+            durable = self._persist(js, round, party, update_id, weight, item)
             with self._lock:
                 js.rounds[round].durable[party] = durable
             return Ack(job_id, round, party, True, durable, duplicate=True)
         return self._submit(js, round, party, update, weight, update_id, persist=True)
+
+    def _persist(self, js, round, party, update_id, weight, item) -> Future:
+        """Hand an acknowledged update to the state directory's writer (SchedulerClosed if close() came after the
+        caller's check: the writer is shut down)."""
+        try:
+            return self.store.persist_update(js.job.id, round, party, update_id, float(weight), item.leaves,
+                                             js.layout.fingerprint)
+        except RuntimeError:
+            if self._closed:
+                raise SchedulerClosed(f"job {js.job.id!r}: the scheduler closed while it took the update from "
+                                      f"{party!r} for round {round}; not taken") from None
+            raise
 
     def _duplicate(self, js, round, party) -> Ack:
         """The Ack of a resend: the original's durable future (a failed write shows as failed: resend to retry it),
@@ -590,14 +602,7 @@ class JITScheduler:
         if stored and round != acked_round:  # (late on replay: its file goes under the round it now counts for)
             durable = self.store.carry_update(job_id, acked_round, round, party, float(weight))
         elif persist and self.store is not None and item is not None:
-            try:
-                durable = self.store.persist_update(job_id, round, party, update_id, float(weight), item.leaves,
-                                                    js.layout.fingerprint)
-            except RuntimeError:  # the writer was shut down: close() came after the check above
-                if self._closed:
-                    raise SchedulerClosed(f"job {job_id!r}: the scheduler closed while it took the update from "
-                                          f"{party!r} for round {round}; not taken") from None
-                raise
+            durable = self._persist(js, round, party, update_id, weight, item)
         else:
             durable = DURABLE  # nothing to persist (no state directory), or already on disk (a replay)
         if durable is not DURABLE:
@@ -675,7 +680,7 @@ class JITScheduler:
                 if js.deployment is not None:
                     self._release(js, "scheduler closed")
         self.executor.close()
-        if self._own_clock:
+        if self._own_clock and hasattr(self.clock, "close"):  # (a VirtualClock has no thread to stop)
             self.clock.close()
         if self.store is not None:
             self.store.close()
@@ -1198,12 +1203,15 @@ class JITScheduler:
             rnd.done = True
             try:
                 leaves, ids = st.load_result(rel, js.layout)
-            except jk.CorruptState as e:  # (logged when the directory was opened) this round's answer only
-                rnd.future.set_exception(e)
+            except (OSError, jk.CorruptState) as e:  # (logged when the directory was opened) this round's answer only
+                rnd.future.set_exception(e if isinstance(e, jk.CorruptState) else jk.CorruptState(
+                    f"job {job.id!r} round {r}: its result {rel} cannot be read ({e})"))
                 continue
             rnd.future.set_result(js.layout.unflatten(leaves))
             js.seen.update({(int(r), p): u for p, u in ids.items()})
         for r, (kind, message) in meta.get("failed", {}).items():  # rounds that ended with an error
+            if r in meta.get("results", {}):  # (recorded as failed after its result was committed: it finished)
+                continue
             rnd = self._round(js, int(r))
             rnd.done = True
             rnd.future.set_exception(QuorumUnreachable(message) if kind == "QuorumUnreachable" else
@@ -1224,12 +1232,21 @@ class JITScheduler:
             js.finished = True
             self._log("resumed", js, round=first, finished=True)
             return
-        if meta.get("carry") and not meta.get("state"):  # the open round starts from the last round's carry
-            js.carry = js.from_state(self._stored_state(js, meta["carry"]))
+        # everything that may refuse the job is read before its round opens (an open round arms timers and takes
+        # a slot, which a refused add_job would leave behind): its states, then its stored updates (replayed from
+        # their files, as spilled updates: read back within the byte budget when folded; decoding them all here
+        # held every one in memory, and past the budget recovery itself raised Backpressure)
+        carry = self._stored_state(js, meta["carry"]) if meta.get("carry") and not meta.get("state") else None
+        state = self._stored_state(js, meta["state"]) if meta.get("state") else None
+        replayed = st.stored_updates(job.id, len(js.layout), js.layout.fingerprint)
+        carry = js.from_state(carry) if carry is not None else None
+        resumed = js.from_state(state) if state is not None else None
+        if carry is not None:  # the open round starts from the last round's carry
+            js.carry = carry
         self._open_round(js, first)
         rnd = js.open
-        if meta.get("state"):
-            rnd.aggregator = js.from_state(self._stored_state(js, meta["state"]))
+        if resumed is not None:
+            rnd.aggregator = resumed
             for p, uid in meta["parties"]:
                 js.mark_arrived(rnd, p)
                 rnd.members.append(p)
@@ -1237,9 +1254,6 @@ class JITScheduler:
             rnd.folded = rnd.admitted = len(rnd.members)
             if rnd.folded >= rnd.quorum:
                 rnd.quorum_time = self.clock.now()
-        # replayed from their files, as spilled updates: read back within the byte budget when folded (decoding them
-        # all here held every one in memory, and past the budget recovery itself raised Backpressure)
-        replayed = st.stored_updates(job.id, len(js.layout), js.layout.fingerprint)
         for r, party, uid, weight in replayed:
             self._round(js, r).unobserved.add(party)  # it arrives now, in replay: no response time to learn
             self._submit(js, r, party, None, weight, uid, persist=False, stored=True)
@@ -1283,7 +1297,11 @@ class JITScheduler:
                     js.metrics.misses += 1
                 self._log("ready", js, round=rnd.number, latency_s=now - rnd.quorum_time, busy_s=duration)
                 if error is not None:
-                    self._commit_failure(js, rnd, error)
+                    # recorded, so that a restart resolves the round with it; not for a job whose rounds hand state
+                    # on: the next round here continues from this round's (stepped) state, and a restart must too,
+                    # by replaying the round from its files (still on disk: nothing committed covers them)
+                    if not js.carries:
+                        self._commit_failure(js, rnd, error)
                     rnd.future.set_exception(error)
                 else:
                     rnd.future.set_result(result)

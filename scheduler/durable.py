@@ -25,7 +25,8 @@ A round's result and its carry commit together (one generation names both): a se
 or a round's DP noise applied twice would not be idempotent, and the next round must start from exactly that state.
 
 Names in paths are the hex of the JSON of job ids and party ids (any str or int is a safe file name that way, up
-to MAX_ID_BYTES of JSON: longer ids are refused when the job is added, not when a file name turns out too long).
+to MAX_JOB_ID_BYTES / MAX_PARTY_ID_BYTES of JSON: a job new to the directory with a longer id is refused when it is
+added, not when a file name turns out too long).
 """
 
 from __future__ import annotations
@@ -54,9 +55,11 @@ MANIFEST_FORMAT = "jitkernels.scheduler-state"
 VERSION = 1
 UPDATE_FORMAT = "jitkernels.update"
 RESULT_FORMAT = "jitkernels.round-result"
-MAX_ID_BYTES = 100
-"""The longest job or party id (as JSON) a state directory takes: its hex names a file, which with its suffix must
-stay within the 255 bytes a file name may have."""
+_NAME_ROOM = 255 - len(".." + "x" * 8 + ".tmp")  # a file name's 255 bytes, less atomic_write's temp-name additions
+MAX_JOB_ID_BYTES = (_NAME_ROOM - len("-r-g.jks") - 24) // 2  # its hex names state files (<job>-r<round>-g<gen>.jks)
+MAX_PARTY_ID_BYTES = (_NAME_ROOM - len(".jku")) // 2  # its hex names update files (<party>.jku)
+"""The longest job and party ids (as JSON) a state directory takes (104 and 118 bytes): their hex names files, which
+must stay within the 255 bytes a file name may have (rounds and generations up to 12 digits)."""
 _MANIFEST = re.compile(r"manifest-(\d+)\.json")
 
 
@@ -73,12 +76,12 @@ def ident(x) -> str:
     return json.dumps(x).encode().hex()
 
 
-def check_id(x, what: str) -> None:
-    """Refuse an id whose file name would be too long (see MAX_ID_BYTES)."""
+def check_id(x, what: str, limit: int) -> None:
+    """Refuse an id whose file names would be too long (see MAX_JOB_ID_BYTES)."""
     n = len(json.dumps(x).encode())
-    if n > MAX_ID_BYTES:
-        raise ValueError(f"{what} {x!r:.60} is {n} bytes as JSON; a state directory takes ids of at most "
-                         f"{MAX_ID_BYTES} (they name its files)")
+    if n > limit:
+        raise ValueError(f"{what} {x!r:.60} is {n} bytes as JSON; a state directory takes such ids of at most "
+                         f"{limit} bytes (they name its files)")
 
 
 def unident(name: str):
@@ -255,7 +258,9 @@ class StateDir:
             for f in sorted(os.listdir(os.path.join(root, rdir))):
                 if not f.endswith(".jku"):
                     continue
-                party = unident(f[:-4])
+                party = _party_of(f)
+                if party is _NOT_OURS:
+                    continue
                 if r == cur and _key(party) in covered:
                     continue
                 path = os.path.join(root, rdir, f)
@@ -364,7 +369,9 @@ class StateDir:
         self.prev_jobs, self.jobs, self.gen = self.jobs, jobs, gen
         try:
             self._gc()
-        except OSError as e:  # committed all the same: what it no longer needs goes at the next collection
+        except Exception as e:  # committed all the same: what it no longer needs goes at the next collection
+            if isinstance(e, Crashed):
+                raise
             log.warning("state directory %s: collection after generation %d failed (%s)", self.path, gen, e)
 
     def _load(self) -> tuple:
@@ -447,7 +454,7 @@ class StateDir:
                     if os.path.join("updates", ident(job), rdir, f) in self._held:
                         continue
                     if r in done or (cur is not None and r < cur) or (
-                            r == cur and _key(unident(f[:-4])) in covered):
+                            r == cur and _party_of(f) is not _NOT_OURS and _key(_party_of(f)) in covered):
                         self._delete(os.path.join(root, rdir, f))
                 if (r in done or (cur is not None and r < cur)) and not os.listdir(os.path.join(root, rdir)):
                     try:  # a finished round's emptied folder (unless a resend's write just arrived in it)
@@ -464,6 +471,23 @@ class StateDir:
         self.closed = True
         if not self._lockf.closed:
             self._lockf.close()  # closing the descriptor releases the flock
+
+
+_NOT_OURS = object()
+
+
+def _party_of(name: str):
+    """The party id an update file's name encodes, or _NOT_OURS for a name this directory did not write (a stray
+    ``._<hex>.jku`` an operating system's copy leaves)."""
+    try:
+        return unident(name[:-4])
+    except ValueError:
+        return _NOT_OURS
+
+
+def has_job_files(path, job) -> bool:
+    """Whether a state directory at ``path`` holds update files of ``job`` (written under its id before)."""
+    return os.path.isdir(os.path.join(path, "updates", ident(job)))
 
 
 def _key(party):

@@ -1088,15 +1088,28 @@ def test_a_carried_copy_that_cannot_be_written_keeps_the_original(tmp_path, capl
 
 
 def test_ids_too_long_for_file_names_are_refused_when_the_job_is_added(tmp_path):
-    """A party id over ~125 characters named a file over 255 bytes: every update it sent failed to become durable."""
+    """A party id over ~125 characters named a file over 255 bytes: every update it sent failed to become durable.
+    The limits are the longest ids whose every file name (temp names included) fits; a job the directory already
+    holds files of keeps its ids (ids just under the old failure point worked)."""
     from scheduler import InvalidJob
+    from scheduler.durable import MAX_JOB_ID_BYTES, MAX_PARTY_ID_BYTES
 
     s = _sched(tmp_path)
     with pytest.raises(InvalidJob, match="party id"):
-        s.add_job(Job("j", template={"w": np.zeros(4, np.float32)}, parties=["client-" + "x" * 130, "b"], quorum=2))
+        s.add_job(Job("j", template={"w": np.zeros(4, np.float32)}, parties=["x" * (MAX_PARTY_ID_BYTES - 1), "b"],
+                      quorum=2))
     with pytest.raises(InvalidJob, match="job id"):
-        s.add_job(Job("t" * 120, template={"w": np.zeros(4, np.float32)}, parties=["a"], quorum=1))
+        s.add_job(Job("t" * (MAX_JOB_ID_BYTES - 1), template={"w": np.zeros(4, np.float32)}, parties=["a"],
+                      quorum=1))
     assert not s.jobs
+    long_job, long_party = "t" * (MAX_JOB_ID_BYTES - 2), "x" * (MAX_PARTY_ID_BYTES - 2)  # (2 bytes of JSON quotes)
+    job = Job(long_job, template={"w": np.zeros(4, np.float32)}, parties=[long_party, "b"], quorum=2, rounds=2,
+              deterministic=True)
+    s.add_job(job)
+    for p in (long_party, "b"):
+        assert s.submit(long_job, 0, p, {"w": np.ones(4, np.float32)}, update_id=1).durable.result(timeout=10)
+    s.clock.run()
+    np.testing.assert_array_equal(s.result(long_job, 0).result(timeout=10)["w"], np.ones(4, np.float32))
     s.close()
 
 
@@ -1133,6 +1146,139 @@ def test_a_submit_racing_close_raises_scheduler_closed(tmp_path):
     admit = js.admit
 
     def admit_then_close(*a, **kw):  # close() lands while the update is admitted, outside the lock
+        out = admit(*a, **kw)
+        s.close()
+        return out
+    js.admit = admit_then_close
+    with pytest.raises(SchedulerClosed):
+        s.submit("j", 0, "a", {"w": np.ones(8, np.float32)}, update_id="a")
+
+
+def test_a_refused_recovery_leaves_no_round_behind(tmp_path):
+    """A job refused at recovery (a changed template) had its round opened first: its deadline timer later wrote
+    failures over the job's manifest entry (whose checkpoint was then collected), and its deployment kept a slot."""
+    def job(n):
+        return Job("j", template={"w": np.zeros(n, np.float32)}, parties=["a", "b"], quorum=2, rounds=3,
+                   deadline_s=10.0, deterministic=True)
+    s = _sched(tmp_path)
+    s.add_job(job(8))
+    s.submit("j", 0, "a", {"w": np.ones(8, np.float32)}, update_id="0a").durable.result(10)
+    s.clock.run(until=1.0)
+    s.close()
+    s = _sched(tmp_path)
+    before = dict(s.store.jobs["j"])
+    with pytest.raises(jk.LayoutMismatch):
+        s.add_job(job(9))
+    s.clock.run(until=100.0)
+    assert s.store.jobs["j"] == before and s.free_slots == [0]
+    s.add_job(job(8))
+    s.submit("j", 0, "b", {"w": np.full(8, 3.0, np.float32)}, update_id="0b")
+    s.clock.run(until=s.clock.now() + 1)
+    np.testing.assert_array_equal(s.result("j", 0).result(timeout=5)["w"], np.full(8, 2.0, np.float32))
+    s.close()
+
+
+def test_a_failed_result_commit_of_a_carrying_job_replays_the_same_after_a_restart(tmp_path):
+    """A server optimizer's round whose result could not be committed: the next round continues from its stepped
+    state in memory, so a restart must too (committing the failure kept the old carry: 2.0 after a restart against
+    3.8 without)."""
+    def run(restart, path):
+        job = Job("j", template={"w": np.zeros(4, np.float32)}, parties=["a", "b"], quorum=2, rounds=3,
+                  deterministic=True, algorithm=jk.algorithms.FedAvgM(lr=1.0, momentum=0.9))
+        s = _sched(path, checkpoint_bytes=1 << 40, crash_hook=_enospc("result.begin"))
+        s.add_job(job)
+        for p in "ab":
+            s.submit("j", 0, p, {"w": np.ones(4, np.float32)}, update_id=f"0{p}").durable.result(10)
+        s.clock.run()
+        assert isinstance(s.result("j", 0).exception(timeout=5), OSError)
+        if restart:
+            s.close()
+            s = JITScheduler.recover(path, [job], policy="eager", clock=VirtualClock(), checkpoint_bytes=0)
+            s.clock.run()
+        for p in "ab":
+            s.submit("j", 1, p, {"w": np.full(4, 2.0, np.float32)}, update_id=f"1{p}")
+        s.clock.run()
+        out = s.result("j", 1).result(timeout=5)["w"]
+        s.close()
+        return out
+    np.testing.assert_array_equal(run(True, tmp_path / "r"), run(False, tmp_path / "n"))
+
+
+def test_a_scheduler_on_a_virtual_executor_closes(tmp_path):
+    """The executor's clock is the scheduler's now; a VirtualClock has no close(), and close() raised
+    AttributeError before releasing the directory."""
+    from scheduler import ModelExecutor
+
+    s = JITScheduler("eager", executor=ModelExecutor(VirtualClock()), state_dir=tmp_path)
+    s.close()
+    StateDir(tmp_path).close()
+
+
+def test_a_failed_construction_leaves_a_given_executor_running(tmp_path):
+    """A scheduler refused (the directory locked) closed the clock of the executor its caller still owns: a second
+    scheduler on that executor never got its events."""
+    from scheduler import LocalExecutor, RealClock
+
+    ex = LocalExecutor(RealClock(), 1)
+    held = StateDir(tmp_path)
+    with pytest.raises(StateDirLocked):
+        JITScheduler("eager", executor=ex, state_dir=tmp_path)
+    held.close()
+    s = JITScheduler("eager", executor=ex, state_dir=tmp_path)
+    s.add_job(Job("j", template={"w": np.zeros(4, np.float32)}, parties=["a"], quorum=1, rounds=1))
+    s.submit("j", 0, "a", {"w": np.ones(4, np.float32)})
+    np.testing.assert_array_equal(s.result("j", 0).result(timeout=10)["w"], np.ones(4, np.float32))
+    s.close()
+
+
+def test_a_stray_file_name_in_the_updates_folder_is_ignored(tmp_path):
+    """A ``._<hex>.jku`` (what a macOS copy leaves) made collection raise after a result's commit: the round was
+    recorded as both finished and failed, and recovery crashed."""
+    from scheduler.durable import ident
+
+    s = _sched(tmp_path)
+    s.add_job(_small_job(parties=["a", "b"]))
+    s.submit("j", 0, "a", {"w": np.ones(8, np.float32)}, update_id="0a").durable.result(10)
+    (tmp_path / "updates" / ident("j") / "0" / ("._" + ident("b") + ".jku")).write_bytes(b"\0" * 64)
+    s.submit("j", 0, "b", {"w": np.full(8, 3.0, np.float32)}, update_id="0b")
+    s.clock.run()
+    np.testing.assert_array_equal(s.result("j", 0).result(timeout=5)["w"], np.full(8, 2.0, np.float32))
+    s.close()
+    rec = JITScheduler.recover(tmp_path, [_small_job(parties=["a", "b"])], policy="eager", clock=VirtualClock())
+    np.testing.assert_array_equal(rec.result("j", 0).result(timeout=5)["w"], np.full(8, 2.0, np.float32))
+    rec.close()
+
+
+def test_a_missing_result_fails_its_round_only(tmp_path):
+    from scheduler.durable import ident
+
+    s = _sched(tmp_path)
+    s.add_job(_small_job())
+    for r in range(2):
+        for p in "abc":
+            s.submit("j", r, p, {"w": np.full(8, r + 1.0, np.float32)}, update_id=f"{r}{p}")
+        s.clock.run()
+    s.close()
+    os.unlink(tmp_path / "results" / f"{ident('j')}-r0.jkr")
+    rec = JITScheduler.recover(tmp_path, [_small_job()], policy="eager", clock=VirtualClock(), checkpoint_bytes=0)
+    assert isinstance(rec.result("j", 0).exception(timeout=5), jk.CorruptState)
+    np.testing.assert_array_equal(rec.result("j", 1).result(timeout=5)["w"], np.full(8, 2.0, np.float32))
+    rec.close()
+
+
+def test_a_resend_racing_close_raises_scheduler_closed(tmp_path):
+    """The resend of an update whose write failed is written again outside the lock: close() meanwhile raised the
+    writer's bare RuntimeError."""
+    from scheduler import SchedulerClosed
+
+    s = _sched(tmp_path, crash_hook=_enospc("update.begin"))
+    s.add_job(_small_job())
+    assert isinstance(s.submit("j", 0, "a", {"w": np.ones(8, np.float32)}, update_id="a").durable.exception(10),
+                      OSError)
+    js = s.jobs["j"]
+    admit = js.admit
+
+    def admit_then_close(*a, **kw):
         out = admit(*a, **kw)
         s.close()
         return out
