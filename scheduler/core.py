@@ -346,6 +346,9 @@ class JITScheduler:
         :class:`Backpressure`; "spill" accepts it, keeps it only on disk (where the state directory writes every
         update anyway) and reads it back when it is folded, as the budget has room, up to half of it at a time
         (counted as buffered; with no room, one update past the budget, one fold at a time)
+    decision_log : the latest decisions kept in ``decisions``
+    history : the latest round latencies per job (``metrics()``'s percentiles) and occupancy changes kept (None:
+        all, as the simulator keeps; a server running for months would grow them without end)
     hysteresis_s : an idle deployment is taken back only for a job whose laxity is this much smaller
     state_dir : a directory that makes the scheduler crash-safe (see :mod:`scheduler.durable`): every acknowledged
         update is persisted (``Ack.durable``), rounds are checkpointed and their results committed there; a new
@@ -373,7 +376,8 @@ class JITScheduler:
     def __init__(self, policy="jit", slots: int = 1, *, clock=None, executor=None, cost: CostModel | None = None,
                  alpha: float = 0.05, oracle=None, byte_budget: int | None = None, overflow: str = "raise",
                  hysteresis_s: float = 1.0, decision_log: int = 100_000, state_dir=None, checkpoint_bytes=None,
-                 crash_hook=None, keep_rounds: int = 16, writer_nice: int = 0, fold_nice: int = 0):
+                 crash_hook=None, keep_rounds: int = 16, writer_nice: int = 0, fold_nice: int = 0,
+                 history: int | None = 100_000):
         # the arguments first: a refused construction starts no thread and changes no setting
         if overflow not in ("raise", "spill"):
             raise ValueError(f"overflow must be 'raise' or 'spill', got {overflow!r}")
@@ -383,6 +387,8 @@ class JITScheduler:
             raise ValueError(f"keep_rounds must be >= 1, got {keep_rounds}")
         if int(slots) < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
+        if history is not None and (isinstance(history, bool) or not isinstance(history, int) or history < 1):
+            raise ValueError(f"history must be None or an integer >= 1, got {history!r}")
         self.policy = _policies.make(policy, alpha=alpha, oracle=oracle)
         self.slots = int(slots)
         self.cost = cost or CostModel()
@@ -428,7 +434,8 @@ class JITScheduler:
             if clock is None and own_executor:
                 self.clock.close()
             raise
-        self.occupancy = [(self.clock.now(), 0)]  # (time, deployed aggregators) at every change
+        self.history = history
+        self.occupancy = deque([(self.clock.now(), 0)], maxlen=history)  # (time, deployed aggregators) at changes
 
     @classmethod
     def recover(cls, state_dir, jobs, **kwargs) -> "JITScheduler":
@@ -452,6 +459,7 @@ class JITScheduler:
                 raise ValueError(f"job {job.id!r} already added")
             pred = Predictor(prior_s=job.prior_response_s)
             js = _JobState(job, pred, self.clock.now())
+            js.metrics.latencies = deque(maxlen=self.history)
             self.jobs[job.id] = js
             self._log("add_job", js, quorum=job.quorum_count(), parties=len(job.parties))
             if self.store is not None and js.layout is not None:

@@ -231,7 +231,7 @@ def simulate(workload: Workload, policy: str, *, real: bool = False, progress=No
     slots = len(instances) if policy == "eager" else workload.slots
     sched = JITScheduler(policy, slots=slots, clock=clock, executor=executor, cost=cost,
                          alpha=workload.alpha, byte_budget=workload.byte_budget,
-                         oracle=lambda jid, r: truth.get((jid, r)))
+                         oracle=lambda jid, r: truth.get((jid, r)), history=None)
     total_rounds = sum(spec.rounds for _, _, spec in instances)
     done_rounds = [0]
     templates = {}

@@ -736,3 +736,18 @@ def test_an_update_sent_before_its_round_opens_teaches_no_response_time():
     dist, _ = s.jobs["a"].predictor.distribution("p0")
     assert abs(dist.mu - np.log(100.0)) < 0.01 and dist.sigma < 0.1
     s.close()
+
+
+def test_a_long_running_scheduler_keeps_a_bounded_history():
+    """Round latencies and occupancy changes grew by every round for the scheduler's life (a server running for
+    months); ``history`` bounds them (the simulator keeps all)."""
+    s = JITScheduler("eager", clock=VirtualClock(), history=5)
+    s.add_job(Job("j", template={"w": np.zeros(4, np.float32)}, parties=["a"], quorum=1, rounds=20))
+    for r in range(20):
+        s.submit("j", r, "a", {"w": np.ones(4, np.float32)})
+        s.clock.run()
+    assert len(s.jobs["j"].metrics.latencies) == 5 and len(s.occupancy) <= 5
+    assert s.metrics()["j"]["rounds"] == 20
+    s.close()
+    with pytest.raises(ValueError, match="history"):
+        JITScheduler("eager", clock=VirtualClock(), history=0)
