@@ -1,14 +1,23 @@
 """Fixtures of the pytest-benchmark suites: ``pytest bench/ --benchmark-only`` (users run them; CI does not).
 
-Importing :mod:`jitkernels.benchmark` first sets ``OMP_WAIT_POLICY=passive`` before torch or the C++ extension load
-an OpenMP runtime (see that module). The workload and the probe are built once per session.
+``OMP_WAIT_POLICY=passive`` is set here, before anything imports jitkernels (whose C++ extension loads an OpenMP
+runtime, which reads it then) or torch: importing :mod:`jitkernels.benchmark` to set it came after the extension had
+loaded, and the peers' OpenMP pools spun on both cores (torch ``add_`` 20-60x slower). The header says whether it
+came too late all the same. The workload and the probe are built once per session.
 """
 
-import statistics
+import os
+import sys
 
-import pytest
+_TOO_LATE = [] if "OMP_WAIT_POLICY" in os.environ else [m for m in ("torch", "jitkernels._core", "numba")
+                                                        if m in sys.modules]
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from jitkernels import benchmark as jb
+import statistics  # noqa: E402
+
+import pytest  # noqa: E402
+
+from jitkernels import benchmark as jb  # noqa: E402
 
 N, LEAVES, K = 4_000_000, 50, 10
 """A modest size: each update (16 MB as float32) is larger than a core's L2 but the suite runs in minutes."""
@@ -19,7 +28,8 @@ def pytest_report_header(config):
     vers = ", ".join(f"{k} {v}" for k, v in h["versions"].items() if v)
     return [f"jitkernels bench: {h['cpu']}, {h['usable_cpus']} CPUs, "
             f"last-level cache {h['last_level_cache_mb']:.0f} MB",
-            f"threads {h['threads']}, simd {h['simd']}, OMP_WAIT_POLICY={h['OMP_WAIT_POLICY']}; {vers}",
+            f"threads {h['threads']}, simd {h['simd']}, OMP_WAIT_POLICY={h['OMP_WAIT_POLICY']}"
+            + (f" (set after {', '.join(_TOO_LATE)} loaded: not in effect)" if _TOO_LATE else "") + f"; {vers}",
             f"workload: N={N:,} float32 in {LEAVES} leaves, k={K}"]
 
 

@@ -141,7 +141,9 @@ def make_workload(n: int, leaves: int, k: int, seed: int = 0) -> Workload:
         raise ValueError(f"{n} elements cannot fill {leaves} leaves")
     rng = np.random.default_rng(seed)
     raw = rng.lognormal(0.0, 1.5, leaves)
-    sizes = np.maximum(1, np.floor(raw / raw.sum() * n)).astype(np.int64)
+    # one element each, the rest in proportion (rounding up every leaf to 1 and taking the excess from the largest
+    # made it negative where n is close to the leaf count: 50 leaves of 50 elements had one of -13)
+    sizes = 1 + np.floor(raw / raw.sum() * (n - leaves)).astype(np.int64)
     sizes[np.argmax(sizes)] += n - sizes.sum()
     base = rng.standard_normal(n, dtype=np.float32)
     flat = [np.roll(base, j * (n // k + 1)) for j in range(k)]
@@ -611,7 +613,9 @@ def _bench_jitkernels(wl, probe, backends, dtypes, bar):
 def _bench_peers(wl, probe, rows, bar):
     """The peers, and jitkernels' fold_many + finalize on the backend fastest at float32 fold_many."""
     f32 = [r for r in rows if r["method"] == "fold_many" and r["dtype"] == "float32" and r["time_s"]]
-    nbytes = wl.update_bytes("float32") + 2 * wl.n * ACC_ITEMSIZE
+    # what fold_many_finalize moves: zeroing (one accumulator), the fold (updates, the accumulator read and written),
+    # finalize (the accumulator read, a float32 output written)
+    nbytes = wl.update_bytes("float32") + 4 * wl.n * ACC_ITEMSIZE + 4 * wl.n
     out = []
     if f32:
         best = min(f32, key=lambda r: r["time_s"])["backend"]
@@ -843,13 +847,15 @@ def main(argv=None) -> int:
     return 0
 
 
-def command_line(argv) -> int:
-    """The command line (``python -m jitkernels.benchmark``, ``jitagg bench``). Importing the package loads the C++
-    extension, whose OpenMP runtime reads ``OMP_WAIT_POLICY`` then: where that came before this module could set it,
-    the command runs again in a fresh interpreter that has it from the start (the header says so either way)."""
+def command_line(argv, module: str = "jitkernels.benchmark", entry=None) -> int:
+    """The command line of a benchmark module (``python -m jitkernels.benchmark``, ``jitagg bench``, and the
+    algorithms and GPU benchmarks): ``entry(argv)`` (this module's :func:`main` by default). Importing the package
+    loads the C++ extension, whose OpenMP runtime reads ``OMP_WAIT_POLICY`` then: where that came before this module
+    could set it, the command runs again in a fresh interpreter that has it from the start (the header says so
+    either way)."""
     if _SET_TOO_LATE:
-        os.execv(sys.executable, [sys.executable, "-m", "jitkernels.benchmark", *argv])  # the environment has it now
-    return main(argv)
+        os.execv(sys.executable, [sys.executable, "-m", module, *argv])  # the environment has it now
+    return (entry or main)(argv)
 
 
 if __name__ == "__main__":

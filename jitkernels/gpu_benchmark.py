@@ -416,5 +416,7 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # (again with OMP_WAIT_POLICY=passive from the start where it came too late)
+    from .benchmark import command_line
+
+    sys.exit(command_line(sys.argv[1:], "jitkernels.gpu_benchmark", main))

@@ -1351,6 +1351,8 @@ class JITScheduler:
             js.carry, rnd.aggregator = rnd.aggregator, None
         elif rnd.aggregator is not None and not busy:  # the result is out (finalize allocates it): recycle it
             rnd.aggregator.reset(reuse=True)
+            if rnd.aggregator.state.store is not None:  # a robust rule's slab (k models) is returned while it waits
+                rnd.aggregator.state.store.clear()
             js.spare, rnd.aggregator = rnd.aggregator, None
         if rnd.deadline_timer is not None:
             rnd.deadline_timer.cancel()

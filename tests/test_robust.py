@@ -327,3 +327,29 @@ def test_states_that_differ_only_in_their_store_budget_merge():
     assert len(coord.state.store) == 6 and coord.finalize()["w"][0] == 2.5
     with pytest.raises(jk.IncompatibleStates):  # another rule parameter is another rule
         jk.Aggregator(t, R.FedTrimmedAvg(beta=0.1)).merge(jk.Aggregator(t, R.FedTrimmedAvg(beta=0.2)))
+
+
+@pytest.mark.parametrize("rule", ["fedmedian", "krum"])
+def test_reset_reuse_keeps_the_slab_and_gives_the_same_rounds(rule):
+    """reset(reuse=True) released a robust rule's slab, so every round's rows paid first-touch page faults (filling a
+    1 GB slab took 0.58 s, 0.14 s into resident pages); it keeps it now (its used rows zeroed), and the rounds are
+    those of fresh aggregators, with fewer updates after more."""
+    rng = np.random.default_rng(5)
+    tmpl = {"a": np.zeros(300, np.float32), "b": np.zeros((4, 5), np.float32)}
+
+    def make():
+        return jk.Aggregator(tmpl, R.FedMedian() if rule == "fedmedian" else R.Krum(f=1), backend="numpy")
+    agg = make()
+    slab = None
+    for k in (7, 5, 6):
+        ups = [{n: rng.standard_normal(v.shape).astype(np.float32) for n, v in tmpl.items()} for _ in range(k)]
+        fresh = make()
+        fresh.fold_many(ups, [1.0] * k, list(range(k)))
+        agg.fold_many(ups, [1.0] * k, list(range(k)))
+        want, got = fresh.finalize(), agg.finalize()
+        for n in tmpl:
+            np.testing.assert_array_equal(got[n], want[n])
+        if slab is not None:
+            assert agg.state.store._slab is slab
+        agg.reset(reuse=True)
+        slab = agg.state.store._slab
