@@ -12,8 +12,8 @@ from .aggregator import Aggregator
 from .backends import available_backends
 from .dtypes import Quantized, bfloat16
 from .errors import (AggregationError, BackendUnavailable, CorruptState, DuplicateParty, EmptyAggregate,
-                     IncompatibleStates, InvalidUpdateInfo, InvalidWeight, LayoutMismatch, NonFiniteUpdate,
-                     OverlappingParties, RoundClosed, TooFewUpdates, ValueOutOfRange)
+                     IncompatibleStates, InvalidParty, InvalidUpdateInfo, InvalidWeight, LayoutMismatch,
+                     NonFiniteUpdate, OverlappingParties, RoundClosed, TooFewUpdates, ValueOutOfRange)
 from .layout import Layout
 from .state import FoldState, atomic_write
 from .threads import get_num_threads, set_num_threads
@@ -32,8 +32,8 @@ def bench(sizes=None, **kwargs) -> list:
 
 __all__ = [
     "Admitted", "AggregationError", "Aggregator", "BackendUnavailable", "CorruptState", "DuplicateParty",
-    "EmptyAggregate", "FoldState", "IncompatibleStates", "InvalidUpdateInfo", "InvalidWeight", "Layout",
-    "LayoutMismatch", "NonFiniteUpdate", "OverlappingParties", "Quantized", "RoundClosed", "TooFewUpdates",
+    "EmptyAggregate", "FoldState", "IncompatibleStates", "InvalidParty", "InvalidUpdateInfo", "InvalidWeight",
+    "Layout", "LayoutMismatch", "NonFiniteUpdate", "OverlappingParties", "Quantized", "RoundClosed", "TooFewUpdates",
     "ValueOutOfRange", "admit", "admit_many", "algorithms", "atomic_write", "available_backends", "bench", "bfloat16",
     "check_weight", "get_num_threads", "set_num_threads",
 ]

@@ -22,6 +22,7 @@ from .batch import ABSENT, build_groups, dtype_code, leaf_entry, stack_entries
 from .dtypes import Quantized
 from .device import DeviceLeaf
 from .errors import InvalidWeight, LayoutMismatch, NonFiniteUpdate, ValueOutOfRange
+from .parties import anonymous_party, check_party
 
 try:
     from . import _core
@@ -222,8 +223,13 @@ def prepare(updates, layout, *, weights=None, parties=None, backend="auto", copy
     parties = [None] * k if parties is None else list(parties)
     if len(weights) != k or len(parties) != k:
         raise ValueError(f"{k} updates, {len(weights)} weights, {len(parties)} parties")
+    # (an id the state could not save, or None twice, was admitted and then failed later)
+    parties = [anonymous_party() if p is None else check_party(p) for p in parties]
     ws = [check_weight(w, p) for w, p in zip(weights, parties)]
     leaves_list = [layout.flatten(u, party=p, partial=partial) for u, p in zip(updates, parties)]
+    for leaves, p in zip(leaves_list, parties):
+        if partial and leaves and all(a is None for a in leaves):
+            raise LayoutMismatch("a partial update must carry at least one leaf; this one carries none", party=p)
     if copy:
         leaves_list = [[_copy_leaf(a) for a in leaves] for leaves in leaves_list]
     on_device = [_on_device(leaves, p) for leaves, p in zip(leaves_list, parties)]
@@ -232,6 +238,23 @@ def prepare(updates, layout, *, weights=None, parties=None, backend="auto", copy
         raise LayoutMismatch(f"the update is in GPU memory; backend {backend!r} reads host memory (use 'cupy')",
                              party=p)
     return Prepared(ws, parties, leaves_list, *leaf_entries(layout, leaves_list), on_device)
+
+
+def check_weight_range(weights, parties, acc_dtype, what: str = "weight") -> None:
+    """Weights are rounded to the accumulator's dtype in the kernels: one below its smallest normal number rounds to 0
+    or loses bits, one above its headroom makes inf (times an all-zero update, NaN). Refused by name, as
+    ValueOutOfRange (the weight itself is valid: the accumulator cannot hold it)."""
+    lo, hi = tiny(acc_dtype), headroom(acc_dtype)
+    for w, p in zip(weights, parties):
+        if not lo <= w <= hi:
+            raise ValueOutOfRange(f"party {p!r}: {what} {w:.6g} is outside what the {acc_dtype} accumulator holds "
+                                  f"([{lo:.6g}, {hi:.6g}]; acc_dtype='float64' takes more)")
+
+
+@functools.cache
+def tiny(acc_dtype) -> float:
+    """The accumulator dtype's smallest normal number."""
+    return float(np.finfo(np.dtype(acc_dtype)).tiny)
 
 
 @functools.cache
@@ -247,7 +270,9 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
     algorithm's, e.g. FedNova's w / steps) the headroom is checked against those, which the fold multiplies by."""
     nonfinite, sumsq, maxabs = stats
     limit = headroom(acc_dtype) if bound is None else float(bound)
-    scale = prep.weights if fold_weights is None else [float(w) for w in fold_weights]
+    # the larger of the weight and the fold weight: admission without the aggregator checks the weight, the fold
+    # the fold weight (FedNova's w / steps), so the fused pass checks both, or its verdict depended on the path
+    scale = prep.weights if fold_weights is None else [max(float(w), r) for w, r in zip(fold_weights, prep.weights)]
     if len(scale) == 1:  # one update (a submit): Python floats, a third of the numpy calls' time
         peak = [float(maxabs.max(initial=0.0))]
         worst = [int(maxabs.argmax()) if maxabs.size else -1]
@@ -272,6 +297,11 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
             f"party {party!r}: leaf {layout.leaves[worst[j]].name!r} has |x| = {peak[j]:.6g}, "
             f"which times {'weight' if scale[j] == prep.weights[j] else 'fold weight'} {scale[j]:.6g} exceeds "
             f"{limit:.6g} ({what})")
+    # (after the values' checks, which name the leaf: this one is for weights no update's values reveal, e.g. on an
+    # all-zero update; not for buffered rules, whose weights never enter the accumulator: their limit is inf)
+    if limit != math.inf:
+        check_weight_range(prep.weights if fold_weights is None else [float(w) for w in fold_weights], prep.parties,
+                           acc_dtype, "weight" if fold_weights is None else "fold weight")
     fp = layout.fingerprint
     return [Admitted(party, w, leaves, entries, fp, norm, mx, sum(a.nbytes for a in leaves if a is not None),
                      against_base, dev, worst_leaf=wl, sig=sig)

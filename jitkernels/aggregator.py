@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import threading
-import uuid
 from typing import NamedTuple
 
 import ml_dtypes
@@ -25,7 +24,8 @@ from .backends import numpy_ref
 from .errors import DuplicateParty, EmptyAggregate, LayoutMismatch, NonFiniteUpdate, RoundClosed, ValueOutOfRange
 from .layout import Layout
 from . import state as state_module
-from .state import FoldState, _check_party
+from .parties import anonymous_party, check_party
+from .state import FoldState
 
 INT_RULES = ("mean", "max")
 
@@ -61,6 +61,13 @@ class _OneUpdate(NamedTuple):
     groups: list | None  # the batch path's groups for one such update, re-pointed per call (None: the batch path)
     int_rows: tuple  # its integer leaves (folded on the host)
     mods: list  # the backend module of each group, once resolved
+
+
+def _int_range(dtype) -> tuple:
+    """The float64 values an integer dtype holds at its ends (int64's max rounds up to 2^63: the next one below)."""
+    info = np.iinfo(dtype)
+    hi = float(info.max)
+    return float(info.min), (hi if hi <= info.max else float(np.nextafter(hi, -np.inf)))
 
 
 def _write(out, host_values) -> None:
@@ -124,8 +131,8 @@ class Aggregator:
         if deterministic:
             if acc_dtype not in (None, "float64"):
                 raise ValueError("deterministic mode accumulates in float64 (two float64 parts)")
-            if not (math.isfinite(bound) and bound > 0):
-                raise ValueError(f"bound must be finite and > 0, got {bound!r}")
+            if not (2.0 ** -960 <= bound <= 2.0 ** 960):  # its grids, and 2^30 terms summed on them, stay in float64
+                raise ValueError(f"bound must be within [2^-960, 2^960], got {bound!r}")
             acc_dtype = "float64"
         acc_dtype = acc_dtype or "float32"
         self.algorithm = _algorithms.resolve(algorithm)
@@ -245,7 +252,7 @@ class Aggregator:
 
     def _parties_and_infos(self, parties, infos, k: int) -> tuple:
         """The batch's party ids (anonymous ones made up, duplicates refused) and its checked info dicts."""
-        parties = [_anonymous() if p is None else _check_party(p) for p in _per_update(parties, k, "parties")]
+        parties = [anonymous_party() if p is None else check_party(p) for p in _per_update(parties, k, "parties")]
         self._check_parties(parties)
         return parties, [self.algorithm.check_info(i or {}, p) for i, p in zip(_per_update(infos, k, "infos"), parties)]
 
@@ -356,6 +363,7 @@ class Aggregator:
             leaf = f"leaf {self.layout.leaves[u.worst_leaf].name!r} " if u.worst_leaf >= 0 else ""
             raise ValueOutOfRange(f"party {u.party!r}: {leaf}has |x| = {u.maxabs:.6g}, which times fold weight "
                                   f"{w:.6g} exceeds {bound:.6g} ({what})")
+        admission.check_weight_range([w], [u.party], self.acc_dtype, "fold weight")
 
     def _fold_one(self, u) -> bool:
         """The streaming server's per-update fold: one whole host update into a plain float state, through the batch
@@ -629,6 +637,11 @@ class Aggregator:
             # deterministic: every leaf is divided by the exactly rounded sum of its carriers' masses
             mass = st.exact_leaf_weights() if st.deterministic else st.leaf_weight
             weights = mass * alg.divisor_scale(st)  # the algorithm's scaling (FedBuff's server lr, FedNova's steps)
+            over = [i for i in float_ids if not weights[i] <= np.finfo(np.dtype(self.acc_dtype)).max]
+            if over:  # the kernels divide by it in the accumulator's dtype: inf, and a mean of 0
+                raise ValueOutOfRange(f"leaf {self.layout.leaves[over[0]].name!r}: its total weight "
+                                      f"{weights[over[0]]:.6g} is past the {self.acc_dtype} accumulator's range "
+                                      f"(use acc_dtype='float64', or smaller weights)")
             if closing and alg.noise_std(st) > 0:  # on the average delta, before that scaling, as the sum is
                 alg.claim_noise(st)  # (refuses before anything changes)
                 self._add_noise(alg.noise_std(st), mass, float_ids)
@@ -660,6 +673,8 @@ class Aggregator:
                 a = to_host(acc[leaf.offset:leaf.offset + leaf.size]).astype(np.float64)
                 if st.algorithm.get("int_leaves", "mean") == "mean":  # the plain mass-weighted mean
                     a = np.rint(a / mass[i])
+                if outs[i].dtype.kind in "iu":  # within the dtype: the accumulator's rounding took int32's max to
+                    a = np.clip(a, *_int_range(outs[i].dtype))  # 2^31, which the cast wrapped to its minimum
                 _write(outs[i], a.reshape(leaf.shape).astype(outs[i].dtype))
             # (a divisor below the masses, FedBuff's server_lr > 1, takes a mean past its values' range)
             self._check_range(outs, float_ids, acc, base, weights, stepped=opt,
@@ -779,12 +794,6 @@ class Aggregator:
                                         store=None if old.store is None else self.algorithm.new_store(self.layout,
                                                                                                       self.on_gpu))
             return old
-
-
-def _anonymous() -> str:
-    """A party id for an update given without one: unique across aggregators and processes (a per-aggregator
-    counter made two workers' "anon-0" collide when their states were merged)."""
-    return f"anon-{uuid.uuid4().hex}"
 
 
 def _per_update(values, k: int, what: str) -> list:

@@ -62,6 +62,10 @@ class RoundClosed(AggregationError, RuntimeError):
     """A server optimizer's round was finalized (its step applied): reset() before folding into the next one."""
 
 
+class InvalidParty(AggregationError, TypeError):
+    """A party id that is not a str or an int (ids go into state files as JSON)."""
+
+
 class DuplicateParty(AggregationError, ValueError):
     """A party would be folded twice into one state (or appears twice in one batch)."""
 

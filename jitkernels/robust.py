@@ -19,7 +19,11 @@ import math
 import numpy as np
 
 from .algorithms import FedAvg, _count, _positive
-from .robust_store import BudgetExceeded, DeviceUpdateStore, StoreFull, UpdateStore  # noqa: F401 (the rules' store)
+from . import robust_store as _store
+
+# the rules' store and its errors, where the rules are (``from jitkernels import robust as R; R.BudgetExceeded``)
+BudgetExceeded, DeviceUpdateStore, StoreFull, UpdateStore = (_store.BudgetExceeded, _store.DeviceUpdateStore,
+                                                             _store.StoreFull, _store.UpdateStore)
 
 
 _GRAM_SLABS = ("float32",)

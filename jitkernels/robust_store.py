@@ -56,6 +56,7 @@ from .dtypes import dtype_name, is_torch_tensor, torch_to_numpy
 from .errors import (AggregationError, CorruptState, DuplicateParty, IncompatibleStates, LayoutMismatch,
                      NonFiniteUpdate, ValueOutOfRange)
 from .state import atomic_write, check_format, checked_bytes, checked_writer, read_checked
+from .parties import check_party
 
 FORMAT = "jitkernels.updatestore"
 VERSION = 1
@@ -83,12 +84,6 @@ class BudgetExceeded(AggregationError, MemoryError):
         self.party, self.need, self.budget = party, need, budget
         super().__init__(f"party {party!r}: its row would bring the update store to {need} bytes, over its budget "
                          f"of {budget} bytes (over_budget='refuse'; use 'spill' with a spill_dir to go to disk)")
-
-
-def _check_party(p):
-    if isinstance(p, bool) or not isinstance(p, (str, int)):
-        raise TypeError(f"party ids must be str or int, got {type(p).__name__} {p!r}")
-    return p
 
 
 # Python's mmap module only exports MAP_NORESERVE from 3.13 on; its value is 0x4000 on every Linux architecture.
@@ -413,7 +408,7 @@ class UpdateStore:
         (the same dtype, or float16/bfloat16 into float32) then skip the per-chunk check of the converted values, a
         second pass over the row (``clear(release=False)`` and a 25M x 10 float32 fill on 2 vCPUs: 164-171 ->
         137-140 ms)."""
-        _check_party(party)
+        check_party(party)
         if self.closed:
             raise ValueError("the update store was closed (its slab is released): clear() makes a new one")
         if party in self._index:
@@ -494,7 +489,7 @@ class UpdateStore:
         rows = rows if is_device_array(rows) else np.asarray(rows)
         if dtype == "bfloat16" and rows.dtype != np.uint16:
             rows = rows.view(np.uint16)  # ml_dtypes bfloat16
-        parties = [_check_party(p) for p in parties]
+        parties = [check_party(p) for p in parties]
         if rows.ndim != 2:
             raise ValueError(f"rows must be [k, N], got shape {rows.shape}")
         store = cls(rows.shape[1], k_max, dtype=dtype, budget_bytes=budget_bytes, over_budget=over_budget,

@@ -86,6 +86,7 @@ import numpy as np
 from . import device
 from .errors import (CorruptState, DuplicateParty, IncompatibleStates, LayoutMismatch, NonFiniteUpdate,
                      OverlappingParties, BackendUnavailable, ValueOutOfRange)
+from .parties import check_party
 from .threads import get_num_threads
 
 try:
@@ -504,12 +505,6 @@ FORMAT = "jitkernels.secaggsum"
 VERSION = 1
 
 
-def _check_party(p):
-    if isinstance(p, bool) or not isinstance(p, (str, int)):
-        raise TypeError(f"party ids must be str or int, got {type(p).__name__} {p!r}")
-    return p
-
-
 class SecAggSum:
     r"""Streaming SecAgg sum: ``S = sum_j y_j mod 2^b`` over the parties folded so far, O(model) memory.
 
@@ -543,7 +538,7 @@ class SecAggSum:
         self._parties: list = []
         self._party_set: set = set()
         for p in _parties:
-            self._add_party(_check_party(p))
+            self._add_party(check_party(p))
         self._lock = threading.Lock()
 
     def reset(self) -> None:
@@ -591,7 +586,7 @@ class SecAggSum:
             return
         seen = set()
         for p in parties:
-            _check_party(p)
+            check_party(p)
             if p in seen:
                 raise DuplicateParty(p, "this batch")
             seen.add(p)

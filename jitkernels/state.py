@@ -27,6 +27,7 @@ import numpy as np
 from .device import place, to_host, zeros
 from .errors import CorruptState, IncompatibleStates, OverlappingParties, ValueOutOfRange
 from .layout import Layout
+from .parties import check_party
 
 FORMAT = "jitkernels.foldstate"
 VERSION = 3
@@ -38,12 +39,6 @@ BINNED_MAX_UPDATES = 2 ** 30
 BINNED_BATCH = 2 ** 18
 BINNED_INT_HEADROOM = 2.0 ** 10  # integer leaves' terms may be this many times the bound (Aggregator._check_int_bound)
 BINNED_MAX_UPDATES_INT = 2 ** 20  # ... so a state that sums them holds this many updates
-
-
-def _check_party(p):
-    if isinstance(p, bool) or not isinstance(p, (str, int)):
-        raise TypeError(f"party ids must be str or int, got {type(p).__name__} {p!r}")
-    return p
 
 
 class FoldState:
@@ -346,10 +341,10 @@ class FoldState:
             layout = Layout.from_json(json.loads(meta["layout"]))
             algorithm = json.loads(meta["algorithm"])
             pairs = json.loads(meta["parties"])
-            parties = {_check_party(p): float(w) for p, w in pairs}
+            parties = {check_party(p): float(w) for p, w in pairs}
             if len(parties) != len(pairs):
                 raise ValueError("a party is listed twice")
-            info = {_check_party(p): {k: float(x) for k, x in v.items()} for p, v in json.loads(meta.get("info", "[]"))}
+            info = {check_party(p): {k: float(x) for k, x in v.items()} for p, v in json.loads(meta.get("info", "[]"))}
             absent = _absent_from(tensors, meta, list(parties), len(layout), algorithm)
             opt = {k[4:]: np.array(a) for k, a in tensors.items() if k.startswith("opt_")}
             state = cls(layout, algorithm=algorithm, acc_dtype=meta["acc_dtype"], acc=np.array(tensors["acc"]),

@@ -520,6 +520,9 @@ def test_one_update_admission_gives_the_batchs_stats_bitwise(backend, seed, shap
                 out[n] = rng.integers(-5, 5, a.shape).astype(np.int32)
             elif kind_of[n] != "absent" or data.draw(st.booleans()):
                 out[n] = x.astype(a.dtype)
+        if not out:  # (every leaf may be left out: a partial update must carry one)
+            n, a = next(iter(tmpl.items()))
+            out[n] = make_values(rng, a.shape, "float32")
         return out
 
     base = {n: make_values(rng, a.shape, "float32").astype(a.dtype) for n, a in tmpl.items()} if with_base else None
@@ -698,3 +701,87 @@ def test_a_cuda_tensor_where_the_gpu_backend_cannot_run_names_the_reason_party_a
     with pytest.raises(jk.BackendUnavailable, match="leaf 'w'"):
         jk.Aggregator({"w": cuda_like(np.zeros(4, np.float32))})
     assert agg.count == 0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_weights_the_accumulator_cannot_hold_are_refused(backend):
+    """Weights are rounded to the accumulator's dtype in the kernels: 1e-46 rounded to 0 (NaN out), 1e39 on an
+    all-zero update passed the headroom check (0 * 1e39) and made NaN, and admissible weights whose sum passed
+    float32's range made the divisor inf (a mean of 0). Refused by name, the state unchanged."""
+    t = {"w": np.zeros(3, np.float32), "n": np.zeros((), np.int64)}
+    u = {"w": np.array([1, 2, 3], np.float32), "n": np.int64(7)}
+    for w, upd in ((1e-46, u), (1e-40, u), (1e39, {"w": np.zeros(3, np.float32), "n": np.int64(0)})):
+        agg = jk.Aggregator(t, backend=backend)
+        agg.fold(u, weight=1.0, party="a")
+        before = agg.state.acc.copy()
+        with pytest.raises(jk.ValueOutOfRange, match="party 'b'.*weight"):
+            agg.fold(upd, weight=w, party="b")
+        assert agg.state.acc.tobytes() == before.tobytes() and agg.count == 1
+        with pytest.raises(jk.ValueOutOfRange):
+            jk.admit(upd, agg.layout, weight=w, party="b")
+    agg = jk.Aggregator(t, backend=backend, acc_dtype="float64")
+    agg.fold(u, weight=1e-46, party="a")  # a float64 accumulator holds it
+    assert agg.finalize()["n"] == 7
+    # a divisor past the range (as 2^20 updates at the headroom would make): FedBuff divides by its server_lr
+    agg = jk.Aggregator({"w": np.zeros(3, np.float32)}, jk.algorithms.FedBuff(server_lr=1e-39), backend=backend)
+    agg.fold({"w": np.full(3, 1e-7, np.float32)}, party="a", staleness=0)
+    with pytest.raises(jk.ValueOutOfRange, match="total weight"):
+        agg.finalize()
+
+
+def test_a_partial_update_without_a_leaf_is_refused():
+    """It was admitted and counted, and a deterministic state holding it saved but could not be loaded."""
+    t = {"a": np.zeros(3, np.float32), "b": np.zeros(2, np.float32)}
+    agg = jk.Aggregator(t, backend="numpy", deterministic=True, partial=True)
+    with pytest.raises(jk.LayoutMismatch, match="at least one leaf"):
+        agg.fold({}, weight=2.0, party="empty")
+    assert agg.count == 0
+
+
+def test_admission_checks_party_ids_as_the_aggregator_does(tmp_path):
+    """jk.admit took any party: None twice was a DuplicateParty, None, 1.5, tuples, bools and bytes were folded and
+    then failed the state's save or load. None is made anonymous; a numpy integer is an int; the rest is refused."""
+    t = {"a": np.zeros(3, np.float32)}
+    agg = jk.Aggregator(t, backend="cpp")
+    for _ in range(2):
+        agg.fold(jk.admit({"a": np.ones(3, np.float32)}, agg.layout, weight=2.0))
+    assert agg.count == 2 and all(p.startswith("anon-") for p in agg.state.parties)
+    assert jk.admit({"a": np.ones(3, np.float32)}, agg.layout, party=np.int64(3)).party == 3
+    agg.state.save(tmp_path / "s.jk")
+    assert jk.FoldState.load(tmp_path / "s.jk").count == 2
+    for p in (1.5, ("site", 3), True, b"x"):
+        with pytest.raises(jk.InvalidParty):
+            jk.admit({"a": np.ones(3, np.float32)}, agg.layout, party=p)
+        with pytest.raises(jk.InvalidParty):
+            agg.fold({"a": np.ones(3, np.float32)}, party=p)
+
+
+@pytest.mark.parametrize("dt", [np.int32, np.uint32, np.int64, np.uint64])
+@pytest.mark.parametrize("rule", ["mean", "max"])
+def test_integer_leaves_at_their_dtypes_end_do_not_wrap(dt, rule):
+    """Every party sent int32's max: the float32 accumulator's rounding made 2^31, which the cast wrapped to int32's
+    minimum (uint: 0). The result stays within the dtype (inexact past 2^24 / 2^53, as documented)."""
+    v = np.iinfo(dt).max
+    for acc in ("float32", "float64"):
+        agg = jk.Aggregator({"w": np.zeros(2, np.float32), "n": np.zeros((), dt)}, backend="cpp", acc_dtype=acc,
+                            int_leaves=rule)
+        agg.fold({"w": np.ones(2, np.float32), "n": dt(v)}, weight=1.0, party="a")
+        agg.fold({"w": np.ones(2, np.float32), "n": dt(v)}, weight=3.0, party="b")
+        n = int(agg.finalize()["n"])
+        assert n > 0 and v - n <= v * 2.0 ** -23
+
+
+def test_the_fused_first_batch_refuses_what_admission_refuses():
+    """FedNova's fold weight is w / steps: the fused pass checked only it, admission only the raw weight, so cpp
+    took a batch as a round's first that the other backends (and cpp later in the round) refused."""
+    from jitkernels.algorithms import FedNova
+
+    t = {"a": np.zeros(4, np.float32)}
+    u = {"a": np.ones(4, np.float32)}
+    for b in CPU_BACKENDS:
+        for first in (True, False):
+            agg = jk.Aggregator(t, FedNova(), backend=b, base=t)
+            if not first:
+                agg.fold(u, weight=1.0, party="warm", steps=1)
+            with pytest.raises(jk.ValueOutOfRange):
+                agg.fold_many([u], [1e33], parties=["p"], infos=[{"steps": 100}])
