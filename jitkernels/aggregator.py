@@ -19,7 +19,7 @@ from . import backends
 from .admission import Admitted, admit_many
 from .batch import build_groups, build_out_groups, plan_of, stack_entries
 from .device import DeviceLeaf, array_module, empty_leaf, place, to_host
-from .dtypes import np_dtype
+from .dtypes import Quantized, np_dtype
 from .backends import numpy_ref
 from .errors import DuplicateParty, EmptyAggregate, LayoutMismatch, NonFiniteUpdate, RoundClosed, ValueOutOfRange
 from .layout import Layout
@@ -205,6 +205,10 @@ class Aggregator:
 
     def _flat(self, tree, acc_dtype):
         leaves = self.layout.flatten(tree, party="<base>")
+        for a, leaf in zip(leaves, self.layout.leaves):
+            if isinstance(a, Quantized):
+                raise LayoutMismatch(f"leaf {leaf.name!r} of the base is int8-quantized: a base (the global model) is "
+                                     f"given as plain arrays (Quantized.dequantize())", party="<base>")
         flat = np.concatenate([np.asarray(to_host(a), dtype=acc_dtype).reshape(-1) for a in leaves])
         bad = ~np.isfinite(flat)
         if bad.any():  # else every later fold would be blamed on its party
@@ -630,7 +634,7 @@ class Aggregator:
             if self.buffered:  # whole updates, each in a stored row, whatever its mass (Krum's may be 0)
                 return self._finalize_buffered(outs, out, delta=output == "delta")
             missing = [i for i, w in enumerate(st.leaf_weight) if w <= 0]
-            if missing and base is None:
+            if missing and st.base is None:
                 raise EmptyAggregate(f"no folded update carried leaf {self.layout.leaves[missing[0]].name!r}")
             float_ids = [i for i, l in enumerate(self.layout.leaves) if l.is_float and st.leaf_weight[i] > 0]
             mod = backends.get(self.backend) if self.backend != "auto" else backends.choose("auto", "float32")
@@ -664,6 +668,9 @@ class Aggregator:
             # leaves: tiny or rare, finished on the host and written back
             for i in (missing + float_ids if opt and not closing else missing):
                 leaf = self.layout.leaves[i]
+                if base is None:  # output="delta": a leaf nobody sent did not move (the model keeps the base's)
+                    _write(outs[i], np.zeros(leaf.shape, outs[i].dtype))
+                    continue
                 b = to_host(base[leaf.offset:leaf.offset + leaf.size])
                 with np.errstate(over="ignore"):  # an overflow is refused below, by name
                     _write(outs[i], b.reshape(leaf.shape).astype(outs[i].dtype))

@@ -785,3 +785,21 @@ def test_the_fused_first_batch_refuses_what_admission_refuses():
                 agg.fold(u, weight=1.0, party="warm", steps=1)
             with pytest.raises(jk.ValueOutOfRange):
                 agg.fold_many([u], [1e33], parties=["p"], infos=[{"steps": 100}])
+
+
+def test_a_delta_of_a_leaf_nobody_sent_is_zero():
+    """output="model" kept the base for it, output="delta" raised EmptyAggregate: the two disagreed."""
+    t = {"a": np.zeros(3, np.float32), "b": np.zeros(2, np.float32)}
+    base = {"a": np.ones(3, np.float32), "b": np.full(2, 5.0, np.float32)}
+    agg = jk.Aggregator(t, backend="cpp", base=base, partial=True)
+    agg.fold({"a": np.full(3, 3.0, np.float32)}, party="p")
+    delta, model = agg.finalize(output="delta"), agg.finalize()
+    np.testing.assert_array_equal(delta["a"], np.full(3, 2.0, np.float32))
+    np.testing.assert_array_equal(delta["b"], np.zeros(2, np.float32))
+    np.testing.assert_array_equal(model["b"], base["b"])
+
+
+def test_a_quantized_base_is_refused_by_name():
+    t = {"a": np.zeros(4, np.float32)}
+    with pytest.raises(jk.LayoutMismatch, match="leaf 'a' of the base is int8-quantized"):
+        jk.Aggregator(t, backend="cpp", base={"a": jk.Quantized.quantize(np.ones(4, np.float32))})
