@@ -76,6 +76,13 @@ def check_weight(weight, party) -> float:
     return w
 
 
+def _flatten(layout, update, party, partial: bool) -> list:
+    leaves = layout.flatten(update, party=party, partial=partial)
+    if partial and leaves and all(a is None for a in leaves):
+        raise LayoutMismatch("a partial update must carry at least one leaf; this one carries none", party=party)
+    return leaves
+
+
 def _copy_leaf(a):
     if a is None:
         return None
@@ -226,10 +233,7 @@ def prepare(updates, layout, *, weights=None, parties=None, backend="auto", copy
     # (an id the state could not save, or None twice, was admitted and then failed later)
     parties = [anonymous_party() if p is None else check_party(p) for p in parties]
     ws = [check_weight(w, p) for w, p in zip(weights, parties)]
-    leaves_list = [layout.flatten(u, party=p, partial=partial) for u, p in zip(updates, parties)]
-    for leaves, p in zip(leaves_list, parties):
-        if partial and leaves and all(a is None for a in leaves):
-            raise LayoutMismatch("a partial update must carry at least one leaf; this one carries none", party=p)
+    leaves_list = [_flatten(layout, u, p, partial) for u, p in zip(updates, parties)]
     if copy:
         leaves_list = [[_copy_leaf(a) for a in leaves] for leaves in leaves_list]
     on_device = [_on_device(leaves, p) for leaves, p in zip(leaves_list, parties)]
@@ -244,7 +248,7 @@ def check_weight_range(weights, parties, acc_dtype, what: str = "weight") -> Non
     """Weights are rounded to the accumulator's dtype in the kernels: one below its smallest normal number rounds to 0
     or loses bits, one above its headroom makes inf (times an all-zero update, NaN). Refused by name, as
     ValueOutOfRange (the weight itself is valid: the accumulator cannot hold it)."""
-    lo, hi = tiny(acc_dtype), headroom(acc_dtype)
+    lo, hi = weight_range(acc_dtype)
     for w, p in zip(weights, parties):
         if not lo <= w <= hi:
             raise ValueOutOfRange(f"party {p!r}: {what} {w:.6g} is outside what the {acc_dtype} accumulator holds "
@@ -252,9 +256,9 @@ def check_weight_range(weights, parties, acc_dtype, what: str = "weight") -> Non
 
 
 @functools.cache
-def tiny(acc_dtype) -> float:
-    """The accumulator dtype's smallest normal number."""
-    return float(np.finfo(np.dtype(acc_dtype)).tiny)
+def weight_range(acc_dtype) -> tuple:
+    """(smallest normal number, headroom) of the accumulator's dtype: the weights it holds."""
+    return float(np.finfo(np.dtype(acc_dtype)).tiny), headroom(acc_dtype)
 
 
 @functools.cache
@@ -270,13 +274,18 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
     algorithm's, e.g. FedNova's w / steps) the headroom is checked against those, which the fold multiplies by."""
     nonfinite, sumsq, maxabs = stats
     limit = headroom(acc_dtype) if bound is None else float(bound)
+    raw = prep.weights
+    fold = raw if fold_weights is None else [float(w) for w in fold_weights]
     # the larger of the weight and the fold weight: admission without the aggregator checks the weight, the fold
     # the fold weight (FedNova's w / steps), so the fused pass checks both, or its verdict depended on the path
-    scale = prep.weights if fold_weights is None else [max(float(w), r) for w, r in zip(fold_weights, prep.weights)]
+    scale = raw if fold_weights is None else [max(f, r) for f, r in zip(fold, raw)]
+    # weights the accumulator holds (the kernels round them to its dtype); buffered rules (limit inf) sum nothing
+    lo, hi = weight_range(acc_dtype) if limit != math.inf else (0.0, math.inf)
     if len(scale) == 1:  # one update (a submit): Python floats, a third of the numpy calls' time
         peak = [float(maxabs.max(initial=0.0))]
         worst = [int(maxabs.argmax()) if maxabs.size else -1]
-        bad = [bool(nonfinite.any()) or not scale[0] * peak[0] <= limit]
+        bad = [bool(nonfinite.any()) or not scale[0] * peak[0] <= limit or not lo <= raw[0] <= hi
+               or not lo <= fold[0] <= hi]
         # the sum over leaves in the order the batch path's row sum takes (pairwise): the same bits
         norms = [math.sqrt(float(sumsq.sum()))]
     else:  # every update at once (a Python loop of numpy calls per update was most of admitting small updates)
@@ -284,6 +293,7 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
         worst = maxabs.argmax(axis=0).tolist() if maxabs.size else [-1] * len(scale)
         with np.errstate(over="ignore", invalid="ignore"):  # an inf or NaN product is refused below, by name
             bad = (nonfinite.any(axis=0) | ~(np.asarray(scale, np.float64) * peak <= limit)).tolist()
+        bad = [b or not lo <= r <= hi or not lo <= f <= hi for b, r, f in zip(bad, raw, fold)]
         norms = np.sqrt(np.ascontiguousarray(sumsq.T).sum(axis=1)).tolist()
         peak = peak.tolist()
     if True in bad:  # the first bad update in order raises, non-finite before out of range, as one by one
@@ -292,16 +302,14 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
         leaf = np.flatnonzero(nonfinite[:, j])
         if leaf.size:
             raise NonFiniteUpdate(party, layout.leaves[leaf[0]].name, int(nonfinite[leaf[0], j]))
+        if scale[j] * peak[j] <= limit:  # (its values are in range: its weight is not)
+            check_weight_range([raw[j]], [party], acc_dtype)
+            check_weight_range([fold[j]], [party], acc_dtype, "fold weight")
         what = f"the {acc_dtype} accumulator's headroom" if bound is None else "the deterministic bound"
         raise ValueOutOfRange(
             f"party {party!r}: leaf {layout.leaves[worst[j]].name!r} has |x| = {peak[j]:.6g}, "
             f"which times {'weight' if scale[j] == prep.weights[j] else 'fold weight'} {scale[j]:.6g} exceeds "
             f"{limit:.6g} ({what})")
-    # (after the values' checks, which name the leaf: this one is for weights no update's values reveal, e.g. on an
-    # all-zero update; not for buffered rules, whose weights never enter the accumulator: their limit is inf)
-    if limit != math.inf:
-        check_weight_range(prep.weights if fold_weights is None else [float(w) for w in fold_weights], prep.parties,
-                           acc_dtype, "weight" if fold_weights is None else "fold weight")
     fp = layout.fingerprint
     return [Admitted(party, w, leaves, entries, fp, norm, mx, sum(a.nbytes for a in leaves if a is not None),
                      against_base, dev, worst_leaf=wl, sig=sig)

@@ -63,11 +63,16 @@ class _OneUpdate(NamedTuple):
     mods: list  # the backend module of each group, once resolved
 
 
-def _int_range(dtype) -> tuple:
-    """The float64 values an integer dtype holds at its ends (int64's max rounds up to 2^63: the next one below)."""
-    info = np.iinfo(dtype)
-    hi = float(info.max)
-    return float(info.min), (hi if hi <= info.max else float(np.nextafter(hi, -np.inf)))
+def _cast(values, dtype):
+    """Host values in an output dtype; an integer one clamped to its range first: the accumulator's rounding took
+    int32's max to 2^31, which the cast wrapped to its minimum (int64's max rounds up to 2^63: the float below)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        hi = float(info.max)
+        values = np.clip(np.asarray(values, np.float64), float(info.min),  # (in float32, the bounds round too)
+                         hi if hi <= info.max else float(np.nextafter(hi, -np.inf)))
+    return values.astype(dtype)
 
 
 def _write(out, host_values) -> None:
@@ -367,7 +372,9 @@ class Aggregator:
             leaf = f"leaf {self.layout.leaves[u.worst_leaf].name!r} " if u.worst_leaf >= 0 else ""
             raise ValueOutOfRange(f"party {u.party!r}: {leaf}has |x| = {u.maxabs:.6g}, which times fold weight "
                                   f"{w:.6g} exceeds {bound:.6g} ({what})")
-        admission.check_weight_range([w], [u.party], self.acc_dtype, "fold weight")
+        lo, hi = admission.weight_range(self.acc_dtype)
+        if not lo <= w <= hi:
+            admission.check_weight_range([w], [u.party], self.acc_dtype, "fold weight")
 
     def _fold_one(self, u) -> bool:
         """The streaming server's per-update fold: one whole host update into a plain float state, through the batch
@@ -467,6 +474,8 @@ class Aggregator:
         bound = self._fold_bound()
         with np.errstate(over="ignore", invalid="ignore"):  # an inf or NaN product is refused below, by name
             over = ~(np.asarray(fold_w) * np.fromiter((u.maxabs for u in admitted), float, len(admitted)) <= bound)
+        lo, hi = admission.weight_range(self.acc_dtype)
+        over |= ~((lo <= np.asarray(fold_w, np.float64)) & (np.asarray(fold_w, np.float64) <= hi))
         if over.any():  # the first in order, as one by one
             j = int(np.argmax(over))
             self._check_headroom(admitted[j], fold_w[j], bound)
@@ -668,21 +677,19 @@ class Aggregator:
             # leaves: tiny or rare, finished on the host and written back
             for i in (missing + float_ids if opt and not closing else missing):
                 leaf = self.layout.leaves[i]
-                if base is None:  # output="delta": a leaf nobody sent did not move (the model keeps the base's)
-                    _write(outs[i], np.zeros(leaf.shape, outs[i].dtype))
+                if base is None and leaf.is_float:  # output="delta": a leaf nobody sent did not move (the model
+                    _write(outs[i], np.zeros(leaf.shape, outs[i].dtype))  # keeps the base's)
                     continue
-                b = to_host(base[leaf.offset:leaf.offset + leaf.size])
-                with np.errstate(over="ignore"):  # an overflow is refused below, by name
-                    _write(outs[i], b.reshape(leaf.shape).astype(outs[i].dtype))
+                b = to_host(st.base[leaf.offset:leaf.offset + leaf.size])  # (a counter is its value, not a delta)
+                with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, by name
+                    _write(outs[i], _cast(b.reshape(leaf.shape), outs[i].dtype))
             for i, leaf in enumerate(self.layout.leaves):
                 if leaf.is_float or st.leaf_weight[i] <= 0:
                     continue
                 a = to_host(acc[leaf.offset:leaf.offset + leaf.size]).astype(np.float64)
                 if st.algorithm.get("int_leaves", "mean") == "mean":  # the plain mass-weighted mean
                     a = np.rint(a / mass[i])
-                if outs[i].dtype.kind in "iu":  # within the dtype: the accumulator's rounding took int32's max to
-                    a = np.clip(a, *_int_range(outs[i].dtype))  # 2^31, which the cast wrapped to its minimum
-                _write(outs[i], a.reshape(leaf.shape).astype(outs[i].dtype))
+                _write(outs[i], _cast(a.reshape(leaf.shape), outs[i].dtype))
             # (a divisor below the masses, FedBuff's server_lr > 1, takes a mean past its values' range)
             self._check_range(outs, float_ids, acc, base, weights, stepped=opt,
                               amplified=bool(np.any(weights < mass)))
@@ -734,7 +741,7 @@ class Aggregator:
                 o.array[...] = v.reshape(leaf.shape)
             else:
                 with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, by name
-                    _write(o, to_host(v).reshape(leaf.shape).astype(o.dtype))
+                    _write(o, _cast(to_host(v).reshape(leaf.shape), o.dtype))
             if leaf.is_float and _overflowed(leaf.dtype, o):  # (a delta of two in-range values may not be)
                 raise _beyond(leaf, float(xp.abs(v).max()))
         return out if out is not None else self.layout.unflatten(outs)
@@ -794,8 +801,10 @@ class Aggregator:
                 old.absent.clear()
                 old.base = flat_base
                 old.closed = False
-                if old.store is not None:  # a robust rule's slab too: its rows stay resident (first-touch page
-                    old.store.clear(release=False)  # faults made filling a 1 GB slab 0.58 s, against 0.14 s reused)
+                if old.store is not None:  # a robust rule's slab too: its rows stay resident (first-touch page faults
+                    # made filling a 1 GB slab 0.58 s, against 0.14 s reused); not one spilled to disk, whose later
+                    # rounds would stay there
+                    old.store.clear(release=old.store.spilled)
                 return None
             self.state = old.next_round(base=None if base is None else flat_base,
                                         store=None if old.store is None else self.algorithm.new_store(self.layout,

@@ -11,6 +11,8 @@ from .errors import InvalidParty
 
 def check_party(p):
     """``p`` as a party id (a numpy integer as an int), or :class:`InvalidParty`."""
+    if type(p) is str or type(p) is int:  # (the usual ids; the ABC check below costs 0.4 us, once per update)
+        return p
     if isinstance(p, str) or (isinstance(p, numbers.Integral) and not isinstance(p, bool)):
         return p if type(p) in (str, int) else (str(p) if isinstance(p, str) else int(p))
     raise InvalidParty(f"party ids must be str or int, got {type(p).__name__} {p!r}")

@@ -584,9 +584,9 @@ class SecAggSum:
             raise ValueError(f"{len(updates)} updates but {len(parties)} parties")
         if not updates:
             return
+        parties = [check_party(p) for p in parties]
         seen = set()
         for p in parties:
-            check_party(p)
             if p in seen:
                 raise DuplicateParty(p, "this batch")
             seen.add(p)

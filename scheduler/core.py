@@ -297,10 +297,17 @@ class _JobState:
         return self.expected_idx[~self.flags(rnd)]
 
     def admit(self, update, weight, party):
-        """Validate one update for this job (deterministic jobs: against the bound their aggregator will use)."""
-        bound = 2.0 ** math.ceil(math.log2(DETERMINISTIC_BOUND)) if self.job.deterministic else None
+        """Validate one update for this job, against the bound its aggregator will use."""
         return jk.admit_many([update], self.layout, weights=[weight], parties=[party], backend=self.job.backend,
-                             acc_dtype=self.acc_dtype, bound=bound)[0]
+                             acc_dtype=self.acc_dtype, bound=self._admit_bound)[0]
+
+    @functools.cached_property
+    def _admit_bound(self):
+        """Deterministic jobs: their bound; robust rules keep values, they do not sum them: none (as the aggregator
+        admits); else the accumulator's headroom (None)."""
+        if self.job.deterministic:
+            return 2.0 ** math.ceil(math.log2(DETERMINISTIC_BOUND))
+        return math.inf if getattr(jk.algorithms.resolve(self.job.algorithm), "buffered", False) else None
 
     @property
     def acc_dtype(self) -> str:
@@ -1350,9 +1357,9 @@ class JITScheduler:
         elif rnd.aggregator is not None and js.carries:  # finalized or failed, the next round continues its state
             js.carry, rnd.aggregator = rnd.aggregator, None
         elif rnd.aggregator is not None and not busy:  # the result is out (finalize allocates it): recycle it
-            rnd.aggregator.reset(reuse=True)
             if rnd.aggregator.state.store is not None:  # a robust rule's slab (k models) is returned while it waits
-                rnd.aggregator.state.store.clear()
+                rnd.aggregator.state.store.clear()  # (first: reset would zero its used rows for nothing)
+            rnd.aggregator.reset(reuse=True)
             js.spare, rnd.aggregator = rnd.aggregator, None
         if rnd.deadline_timer is not None:
             rnd.deadline_timer.cancel()

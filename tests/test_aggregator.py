@@ -803,3 +803,64 @@ def test_a_quantized_base_is_refused_by_name():
     t = {"a": np.zeros(4, np.float32)}
     with pytest.raises(jk.LayoutMismatch, match="leaf 'a' of the base is int8-quantized"):
         jk.Aggregator(t, backend="cpp", base={"a": jk.Quantized.quantize(np.ones(4, np.float32))})
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_weight_range_verdicts_do_not_depend_on_the_path(backend):
+    """A fold weight out of range was refused alone but folded in a batch (only the headroom's first offender was
+    checked), and the fused first batch did not check the raw weight; a batch's errors come in update order."""
+    from jitkernels.algorithms import FedBuff
+
+    t = {"a": np.zeros(3, np.float32)}
+    u = {"a": np.ones(3, np.float32)}
+    for batch in (False, True):
+        agg = jk.Aggregator(t, FedBuff(weighted=True), backend=backend)
+        agg.fold(u, 1.0, "warm", staleness=0)
+        tiny = agg.admit(u, 1e-37, "p", staleness=1000)  # fold weight ~3e-39: below float32's normal numbers
+        with pytest.raises(jk.ValueOutOfRange, match="'p'.*fold weight"):
+            agg.fold_many([tiny, agg.admit(u, 1.0, "q", staleness=0)] if batch else [tiny])
+        assert agg.count == 1
+    for first in (True, False):
+        agg = jk.Aggregator(t, backend=backend)
+        if not first:
+            agg.fold(u, 1.0, "warm")
+        with pytest.raises(jk.ValueOutOfRange, match="'p'"):
+            agg.fold_many([u], [1e-40], ["p"])
+    ups = [u, {"a": np.array([1, np.nan, 2], np.float32)}]
+    with pytest.raises(jk.ValueOutOfRange, match="party 'A'"):
+        jk.Aggregator(t, backend=backend).fold_many(ups, [1e-40, 1.0], ["A", "B"])
+
+
+def test_numpy_integer_parties_are_stored_as_ints(tmp_path):
+    """check_party takes numpy integers: the secure-aggregation sum and the update store kept the numpy value, and
+    their save failed (not JSON serializable)."""
+    from jitkernels.robust_store import UpdateStore
+    from jitkernels.secagg import SecAggSum
+
+    s = SecAggSum([4], 32)
+    s.fold(np.arange(4, dtype=np.uint32), party=np.int64(3))
+    s.save(tmp_path / "s.jk")
+    st = UpdateStore(4, 4)
+    st.add(np.ones(4, np.float32), np.int64(7))
+    st.save(tmp_path / "u.jk")
+    assert type(st.parties[0]) is int
+
+
+def test_counters_nobody_sent_keep_their_value_in_every_output():
+    """A delta of a leaf nobody sent is 0 for float leaves, but a counter is its value (as a carried counter's is),
+    and an uncarried or buffered counter at its dtype's end does not wrap either."""
+    from jitkernels import robust as R
+
+    t = {"w": np.zeros(2, np.float32), "n": np.zeros((), np.int32)}
+    base = {"w": np.ones(2, np.float32), "n": np.int32(100)}
+    a = jk.Aggregator(t, backend="cpp", base=base, partial=True)
+    a.fold({"w": np.full(2, 3, np.float32)}, party="a")
+    assert a.finalize(output="delta")["n"] == 100 and a.finalize()["n"] == 100
+    v = np.iinfo(np.int32).max
+    a = jk.Aggregator(t, backend="cpp", base={"w": np.zeros(2, np.float32), "n": np.int32(v)}, partial=True)
+    a.fold({"w": np.ones(2, np.float32)}, party="a")
+    assert a.finalize()["n"] > 0
+    a = jk.Aggregator(t, R.FedMedian(), backend="numpy")
+    for p in "abc":
+        a.fold({"w": np.ones(2, np.float32), "n": np.int32(v)}, party=p)
+    assert a.finalize()["n"] > 0

@@ -353,3 +353,18 @@ def test_reset_reuse_keeps_the_slab_and_gives_the_same_rounds(rule):
             assert agg.state.store._slab is slab
         agg.reset(reuse=True)
         slab = agg.state.store._slab
+
+
+def test_reset_reuse_releases_a_slab_that_spilled(tmp_path):
+    """A spilled slab kept by reset(reuse=True) stayed on disk for every later round, even rounds within the budget."""
+    n = 100_000
+    agg = jk.Aggregator({"w": np.zeros(n, np.float32)},
+                        R.FedMedian(budget_bytes=3 * 4 * n, over_budget="spill", spill_dir=str(tmp_path), k_max=64),
+                        backend="numpy")
+    ups = [{"w": np.random.default_rng(j).standard_normal(n).astype(np.float32)} for j in range(8)]
+    agg.fold_many(ups, [1.0] * 8, list(range(8)))
+    assert agg.state.store.spilled
+    agg.finalize()
+    agg.reset(reuse=True)
+    agg.fold_many(ups[:2], [1.0] * 2, [0, 1])
+    assert not agg.state.store.spilled and not list(tmp_path.iterdir())
