@@ -1136,12 +1136,17 @@ def test_update_files_out_of_place_are_not_replayed(tmp_path):
     rec.close()
 
 
-def test_a_submit_racing_close_raises_scheduler_closed(tmp_path):
-    """close() between submit's check and its write raised the executor's bare RuntimeError."""
+@pytest.mark.parametrize("resend", [False, True])
+def test_a_submit_racing_close_raises_scheduler_closed(tmp_path, resend):
+    """close() between submit's check and its write raised the executor's bare RuntimeError: on a first submit, and
+    on the resend of an update whose write failed (written again outside the lock)."""
     from scheduler import SchedulerClosed
 
-    s = _sched(tmp_path)
+    s = _sched(tmp_path, crash_hook=_enospc("update.begin") if resend else None)
     s.add_job(_small_job())
+    if resend:
+        first = s.submit("j", 0, "a", {"w": np.ones(8, np.float32)}, update_id="a")
+        assert isinstance(first.durable.exception(10), OSError)
     js = s.jobs["j"]
     admit = js.admit
 
@@ -1264,24 +1269,3 @@ def test_a_missing_result_fails_its_round_only(tmp_path):
     assert isinstance(rec.result("j", 0).exception(timeout=5), jk.CorruptState)
     np.testing.assert_array_equal(rec.result("j", 1).result(timeout=5)["w"], np.full(8, 2.0, np.float32))
     rec.close()
-
-
-def test_a_resend_racing_close_raises_scheduler_closed(tmp_path):
-    """The resend of an update whose write failed is written again outside the lock: close() meanwhile raised the
-    writer's bare RuntimeError."""
-    from scheduler import SchedulerClosed
-
-    s = _sched(tmp_path, crash_hook=_enospc("update.begin"))
-    s.add_job(_small_job())
-    assert isinstance(s.submit("j", 0, "a", {"w": np.ones(8, np.float32)}, update_id="a").durable.exception(10),
-                      OSError)
-    js = s.jobs["j"]
-    admit = js.admit
-
-    def admit_then_close(*a, **kw):
-        out = admit(*a, **kw)
-        s.close()
-        return out
-    js.admit = admit_then_close
-    with pytest.raises(SchedulerClosed):
-        s.submit("j", 0, "a", {"w": np.ones(8, np.float32)}, update_id="a")
