@@ -271,7 +271,9 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
           fold_weights=None) -> list:
     """Admitted updates from their stats ([L, k] non-finite counts, sums of squares, max-abs), or the error of the
     first bad one (in order). ``bound`` (deterministic mode) caps ``weight * max|x|``; with ``fold_weights`` (the
-    algorithm's, e.g. FedNova's w / steps) the headroom is checked against those, which the fold multiplies by."""
+    algorithm's, e.g. FedNova's w / steps) the headroom is checked against those too, which the fold multiplies by.
+    The weights must be ones the accumulator holds (:func:`check_weight_range`), unless ``bound`` is inf (buffered
+    rules)."""
     nonfinite, sumsq, maxabs = stats
     limit = headroom(acc_dtype) if bound is None else float(bound)
     raw = prep.weights
