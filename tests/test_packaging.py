@@ -16,8 +16,9 @@ def test_the_build_ships_every_package_and_its_data(tmp_path):
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns("*.egg-info", "build", ".git", "*.so", "__pycache__",
                                                              ".numba_cache", "results", ".hypothesis"))
     out = tmp_path / "out"
-    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "-d", str(out)], cwd=src, check=True,
-                   capture_output=True)
+    run = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "-d", str(out)], cwd=src,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
     for top in ("jitkernels", "scheduler"):
         for dirpath, _, files in os.walk(os.path.join(ROOT, top)):
             if "__init__.py" in files:
