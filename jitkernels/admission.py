@@ -244,15 +244,14 @@ def prepare(updates, layout, *, weights=None, parties=None, backend="auto", copy
     return Prepared(ws, parties, leaves_list, *leaf_entries(layout, leaves_list), on_device)
 
 
-def check_weight_range(weights, parties, acc_dtype, what: str = "weight") -> None:
+def check_weight_range(w: float, party, acc_dtype, what: str = "weight") -> None:
     """Weights are rounded to the accumulator's dtype in the kernels: one below its smallest normal number rounds to 0
     or loses bits, one above its headroom makes inf (times an all-zero update, NaN). Refused by name, as
     ValueOutOfRange (the weight itself is valid: the accumulator cannot hold it)."""
     lo, hi = weight_range(acc_dtype)
-    for w, p in zip(weights, parties):
-        if not lo <= w <= hi:
-            raise ValueOutOfRange(f"party {p!r}: {what} {w:.6g} is outside what the {acc_dtype} accumulator holds "
-                                  f"([{lo:.6g}, {hi:.6g}]; acc_dtype='float64' takes more)")
+    if not lo <= w <= hi:
+        raise ValueOutOfRange(f"party {party!r}: {what} {w:.6g} is outside what the {acc_dtype} accumulator holds "
+                              f"([{lo:.6g}, {hi:.6g}]; acc_dtype='float64' takes more)")
 
 
 @functools.cache
@@ -305,8 +304,8 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
         if leaf.size:
             raise NonFiniteUpdate(party, layout.leaves[leaf[0]].name, int(nonfinite[leaf[0], j]))
         if scale[j] * peak[j] <= limit:  # (its values are in range: its weight is not)
-            check_weight_range([raw[j]], [party], acc_dtype)
-            check_weight_range([fold[j]], [party], acc_dtype, "fold weight")
+            check_weight_range(raw[j], party, acc_dtype)
+            check_weight_range(fold[j], party, acc_dtype, "fold weight")
         what = f"the {acc_dtype} accumulator's headroom" if bound is None else "the deterministic bound"
         raise ValueOutOfRange(
             f"party {party!r}: leaf {layout.leaves[worst[j]].name!r} has |x| = {peak[j]:.6g}, "

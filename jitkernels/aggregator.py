@@ -372,9 +372,7 @@ class Aggregator:
             leaf = f"leaf {self.layout.leaves[u.worst_leaf].name!r} " if u.worst_leaf >= 0 else ""
             raise ValueOutOfRange(f"party {u.party!r}: {leaf}has |x| = {u.maxabs:.6g}, which times fold weight "
                                   f"{w:.6g} exceeds {bound:.6g} ({what})")
-        lo, hi = admission.weight_range(self.acc_dtype)
-        if not lo <= w <= hi:
-            admission.check_weight_range([w], [u.party], self.acc_dtype, "fold weight")
+        admission.check_weight_range(w, u.party, self.acc_dtype, "fold weight")
 
     def _fold_one(self, u) -> bool:
         """The streaming server's per-update fold: one whole host update into a plain float state, through the batch
@@ -472,10 +470,11 @@ class Aggregator:
         if deterministic:
             st.check_binned_room(len(admitted))
         bound = self._fold_bound()
-        with np.errstate(over="ignore", invalid="ignore"):  # an inf or NaN product is refused below, by name
-            over = ~(np.asarray(fold_w) * np.fromiter((u.maxabs for u in admitted), float, len(admitted)) <= bound)
+        fw = np.asarray(fold_w, np.float64)
         lo, hi = admission.weight_range(self.acc_dtype)
-        over |= ~((lo <= np.asarray(fold_w, np.float64)) & (np.asarray(fold_w, np.float64) <= hi))
+        with np.errstate(over="ignore", invalid="ignore"):  # an inf or NaN product is refused below, by name
+            over = ~(fw * np.fromiter((u.maxabs for u in admitted), float, len(admitted)) <= bound) | ~(
+                (lo <= fw) & (fw <= hi))
         if over.any():  # the first in order, as one by one
             j = int(np.argmax(over))
             self._check_headroom(admitted[j], fold_w[j], bound)
@@ -650,7 +649,8 @@ class Aggregator:
             # deterministic: every leaf is divided by the exactly rounded sum of its carriers' masses
             mass = st.exact_leaf_weights() if st.deterministic else st.leaf_weight
             weights = mass * alg.divisor_scale(st)  # the algorithm's scaling (FedBuff's server lr, FedNova's steps)
-            over = [i for i in float_ids if not weights[i] <= np.finfo(np.dtype(self.acc_dtype)).max]
+            top = np.finfo(np.dtype(self.acc_dtype)).max
+            over = [i for i in float_ids if not weights[i] <= top]
             if over:  # the kernels divide by it in the accumulator's dtype: inf, and a mean of 0
                 raise ValueOutOfRange(f"leaf {self.layout.leaves[over[0]].name!r}: its total weight "
                                       f"{weights[over[0]]:.6g} is past the {self.acc_dtype} accumulator's range "

@@ -14,7 +14,7 @@ def check_party(p):
     if type(p) is str or type(p) is int:  # (the usual ids; the ABC check below costs 0.4 us, once per update)
         return p
     if isinstance(p, str) or (isinstance(p, numbers.Integral) and not isinstance(p, bool)):
-        return p if type(p) in (str, int) else (str(p) if isinstance(p, str) else int(p))
+        return str(p) if isinstance(p, str) else int(p)
     raise InvalidParty(f"party ids must be str or int, got {type(p).__name__} {p!r}")
 
 

@@ -29,7 +29,7 @@ import jitkernels as jk
 from . import policies as _policies
 from .clock import RealClock
 from .cost import CostModel
-from .durable import MAX_JOB_ID_BYTES, MAX_PARTY_ID_BYTES, Crashed, StateDir, check_id, has_job_files
+from .durable import Crashed, StateDir
 from .executors import LocalExecutor, ModelExecutor, Task
 from .predictor import Predictor
 
@@ -464,6 +464,11 @@ class JITScheduler:
         with self._lock:
             if job.id in self.jobs:
                 raise ValueError(f"job {job.id!r} already added")
+            if self.store is not None and job.template is not None:
+                try:
+                    self.store.check_ids(job.id, job.parties)
+                except ValueError as e:
+                    raise InvalidJob(str(e)) from None
             pred = Predictor(prior_s=job.prior_response_s)
             js = _JobState(job, pred, self.clock.now())
             js.metrics.latencies = deque(maxlen=self.history)
@@ -471,13 +476,6 @@ class JITScheduler:
             self._log("add_job", js, quorum=job.quorum_count(), parties=len(job.parties))
             if self.store is not None and js.layout is not None:
                 try:
-                    if job.id not in self.store.jobs and not has_job_files(self.store.path, job.id):
-                        try:  # (their hex names the job's files; a job the directory has worked with keeps its ids)
-                            check_id(job.id, "job id", MAX_JOB_ID_BYTES)
-                            for p in job.parties:
-                                check_id(p, f"job {job.id!r}: party id", MAX_PARTY_ID_BYTES)
-                        except ValueError as e:
-                            raise InvalidJob(str(e)) from None
                     self._resume(js)
                 except BaseException:  # not added: the job's files stay as they are
                     del self.jobs[job.id]
@@ -1144,9 +1142,9 @@ class JITScheduler:
             try:
                 self.store.checkpoint(js.job.id, task.round, agg.state, ids)
                 js.fold_bytes = 0
+            except Crashed:
+                raise
             except Exception as e:  # only bounds what a restart replays: the updates are still on disk
-                if isinstance(e, Crashed):
-                    raise
                 log.warning("job %r round %d: checkpoint failed (%s); the next fold tries again", js.job.id,
                             task.round, e)
 
@@ -1251,11 +1249,10 @@ class JITScheduler:
         # a slot, which a refused add_job would leave behind): its states, then its stored updates (replayed from
         # their files, as spilled updates: read back within the byte budget when folded; decoding them all here
         # held every one in memory, and past the budget recovery itself raised Backpressure)
-        carry = self._stored_state(js, meta["carry"]) if meta.get("carry") and not meta.get("state") else None
-        state = self._stored_state(js, meta["state"]) if meta.get("state") else None
+        carry = js.from_state(self._stored_state(js, meta["carry"])) if meta.get("carry") and not meta.get("state") \
+            else None
+        resumed = js.from_state(self._stored_state(js, meta["state"])) if meta.get("state") else None
         replayed = st.stored_updates(job.id, len(js.layout), js.layout.fingerprint)
-        carry = js.from_state(carry) if carry is not None else None
-        resumed = js.from_state(state) if state is not None else None
         if carry is not None:  # the open round starts from the last round's carry
             js.carry = carry
         self._open_round(js, first)

@@ -76,8 +76,7 @@ def ident(x) -> str:
     return json.dumps(x).encode().hex()
 
 
-def check_id(x, what: str, limit: int) -> None:
-    """Refuse an id whose file names would be too long (see MAX_JOB_ID_BYTES)."""
+def _check_id(x, what: str, limit: int) -> None:
     n = len(json.dumps(x).encode())
     if n > limit:
         raise ValueError(f"{what} {x!r:.60} is {n} bytes as JSON; a state directory takes such ids of at most "
@@ -184,6 +183,15 @@ class StateDir:
                     n += 1
         return n
 
+    def check_ids(self, job, parties) -> None:
+        """ValueError for a job new to the directory whose id, or a party's, would name files over 255 bytes (see
+        MAX_JOB_ID_BYTES); a job the directory holds files of keeps its ids (they fitted)."""
+        if job in self.jobs or os.path.isdir(os.path.join(self.path, "updates", ident(job))):
+            return
+        _check_id(job, "job id", MAX_JOB_ID_BYTES)
+        for p in parties:
+            _check_id(p, f"job {job!r}: party id", MAX_PARTY_ID_BYTES)
+
     # --- updates --------------------------------------------------------------------------------------------------
     def _update_rel(self, job, rnd: int, party) -> str:
         return os.path.join("updates", ident(job), str(int(rnd)), ident(party) + ".jku")
@@ -259,7 +267,7 @@ class StateDir:
                 if not f.endswith(".jku"):
                     continue
                 party = _party_of(f)
-                if party is _NOT_OURS:
+                if party is None:
                     continue
                 if r == cur and _key(party) in covered:
                     continue
@@ -369,9 +377,9 @@ class StateDir:
         self.prev_jobs, self.jobs, self.gen = self.jobs, jobs, gen
         try:
             self._gc()
+        except Crashed:
+            raise
         except Exception as e:  # committed all the same: what it no longer needs goes at the next collection
-            if isinstance(e, Crashed):
-                raise
             log.warning("state directory %s: collection after generation %d failed (%s)", self.path, gen, e)
 
     def _load(self) -> tuple:
@@ -454,7 +462,7 @@ class StateDir:
                     if os.path.join("updates", ident(job), rdir, f) in self._held:
                         continue
                     if r in done or (cur is not None and r < cur) or (
-                            r == cur and _party_of(f) is not _NOT_OURS and _key(_party_of(f)) in covered):
+                            r == cur and _key(_party_of(f)) in covered):
                         self._delete(os.path.join(root, rdir, f))
                 if (r in done or (cur is not None and r < cur)) and not os.listdir(os.path.join(root, rdir)):
                     try:  # a finished round's emptied folder (unless a resend's write just arrived in it)
@@ -473,21 +481,13 @@ class StateDir:
             self._lockf.close()  # closing the descriptor releases the flock
 
 
-_NOT_OURS = object()
-
-
 def _party_of(name: str):
-    """The party id an update file's name encodes, or _NOT_OURS for a name this directory did not write (a stray
-    ``._<hex>.jku`` an operating system's copy leaves)."""
+    """The party id an update file's name encodes, or None (no party id is) for a name this directory did not write
+    (a stray ``._<hex>.jku`` an operating system's copy leaves)."""
     try:
         return unident(name[:-4])
     except ValueError:
-        return _NOT_OURS
-
-
-def has_job_files(path, job) -> bool:
-    """Whether a state directory at ``path`` holds update files of ``job`` (written under its id before)."""
-    return os.path.isdir(os.path.join(path, "updates", ident(job)))
+        return None
 
 
 def _key(party):
