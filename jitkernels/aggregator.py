@@ -781,7 +781,7 @@ class Aggregator:
         """Start a new round (optionally with a new base).
 
         Returns the finished round's state. With ``reuse=True`` the accumulator's memory (and a robust rule's slab,
-        its used rows zeroed) is reused instead (the old state is gone; returns None): a fresh model-sized buffer costs
+        its rows free again) is reused instead (the old state is gone; returns None): a fresh model-sized buffer costs
         page faults on first touch, measured at 0.2-0.4 ns per byte here, about 2x a fold pass over it.
 
         Server optimizers carry their model (the base, moved by the last step) and moments into the new round; a

@@ -15,7 +15,9 @@ converted like numpy's cast, exact in float32 up to 2**24; what the aggregate do
 Memory layout (the "lazy rows" choice): the slab is one anonymous ``mmap`` of k_max rows with MAP_NORESERVE. The
 kernel commits a page when it is first written, so the resident memory is the rows used (rounded up to a page),
 nothing is ever copied to grow, and :meth:`rows` is always one contiguous [k, N] view. Reserving address space
-costs nothing (and MAP_NORESERVE keeps k_max x N out of the overcommit accounting). Rows >= k always hold zeros.
+costs nothing (and MAP_NORESERVE keeps k_max x N out of the overcommit accounting). Rows >= k are never read: they
+hold zeros, or what an earlier round (:meth:`clear` with ``release=False``), a dropped row (:meth:`truncate`) or a
+rejected add left there, since every add writes its whole row.
 First-touch page faults are most of an add's cost (see :meth:`clear` with ``release=False`` to keep the pages from
 one round to the next). Transparent huge pages were measured slower here (compaction), so none are requested.
 
@@ -31,7 +33,8 @@ sizes summing to N, float dtypes: :class:`~jitkernels.errors.LayoutMismatch` nam
 budget. Then one pass copies the leaves (read in place) into the next row, chunk by chunk, and checks each converted
 chunk: a non-finite input value raises :class:`~jitkernels.errors.NonFiniteUpdate`, a finite one that overflows the
 slab dtype (1e5 in float16, 1e39 from float64) :class:`~jitkernels.errors.ValueOutOfRange`, both naming the party and
-the leaf, after the part of the row already written is zeroed again: a rejected add leaves the store bit-identical.
+the leaf: a rejected add leaves the store bit-identical (its rows, parties and layout; the free row it wrote into
+is not part of it).
 
 Files: :meth:`save` writes the k rows, the parties (in row order), the layout and the configuration as safetensors
 with a SHA-256 checksum (:func:`jitkernels.state.checked_bytes`), atomically (:func:`jitkernels.state.atomic_write`);
@@ -431,7 +434,6 @@ class UpdateStore:
                 dst = row[off + a:off + a + src.size]
                 _convert_into(dst, src, dn, self.dtype)
                 if not exact and _bad_count(dst, self.dtype):
-                    row[:off + a + src.size] = 0  # the row was all zeros: restore it
                     _check_values([(name, flat, dn, None)], party, self.dtype, array_module(row))
                     raise AssertionError("unreachable: a bad chunk must fail the check")  # pragma: no cover
             off += flat.size
@@ -445,21 +447,19 @@ class UpdateStore:
         """Empty the store for the next round (configuration and layout kept).
 
         ``release=True`` returns the memory (or removes the spill file); views from rows() keep the old memory alive
-        until they are dropped. ``release=False`` keeps the pages and zeroes the used rows (one write pass): the
-        next round's rows are then already resident, which makes an add several times faster than writing into fresh
-        pages (first-touch page faults dominate an add: ~70 ms vs ~12 ms for 100 MB here)."""
+        until they are dropped. ``release=False`` keeps the pages, and the old rows in them until the next round's
+        adds overwrite them (nothing reads a row past k, and each add writes its whole row, so nothing is zeroed):
+        the next round's rows are then already resident, which makes an add several times faster than writing into
+        fresh pages (first-touch page faults dominate an add: ~70 ms vs ~12 ms for 100 MB here)."""
         if release or self._slab is None:
             self.close()
             self._allocate()
-        else:
-            self._slab[:len(self._parties)] = 0
         self._parties, self._index = [], {}
 
     def truncate(self, k: int) -> None:
-        """Drop the rows from ``k`` on (zeroed again, as :meth:`add` expects a free row): undoes the adds of a
+        """Drop the rows from ``k`` on (free again; their values stay until overwritten): undoes the adds of a
         batch that failed partway."""
         if k < len(self._parties):
-            self._slab[k:len(self._parties)] = 0
             for p in self._parties[k:]:
                 del self._index[p]
             del self._parties[k:]
@@ -636,8 +636,8 @@ class DeviceUpdateStore(UpdateStore):
         limit = self.k_max
         if self.budget_bytes is not None and self.row_bytes:
             limit = max(k, min(limit, self.budget_bytes // self.row_bytes))
-        grown = self.xp.zeros((min(limit, max(k, 2 * cap, self.FIRST_ROWS)), self.n), _STORAGE[self.dtype])
-        grown[:cap] = self._slab  # rows past k are zeros in both
+        grown = self.xp.empty((min(limit, max(k, 2 * cap, self.FIRST_ROWS)), self.n), _STORAGE[self.dtype])
+        grown[:self.k] = self._slab[:self.k]
         self._slab = grown
 
     def _stored(self, rows):

@@ -1355,7 +1355,7 @@ class JITScheduler:
             js.carry, rnd.aggregator = rnd.aggregator, None
         elif rnd.aggregator is not None and not busy:  # the result is out (finalize allocates it): recycle it
             if rnd.aggregator.state.store is not None:  # a robust rule's slab (k models) is returned while it waits
-                rnd.aggregator.state.store.clear()  # (first: reset would zero its used rows for nothing)
+                rnd.aggregator.state.store.clear()
             rnd.aggregator.reset(reuse=True)
             js.spare, rnd.aggregator = rnd.aggregator, None
         if rnd.deadline_timer is not None:

@@ -329,22 +329,32 @@ def test_states_that_differ_only_in_their_store_budget_merge():
         jk.Aggregator(t, R.FedTrimmedAvg(beta=0.1)).merge(jk.Aggregator(t, R.FedTrimmedAvg(beta=0.2)))
 
 
-@pytest.mark.parametrize("rule", ["fedmedian", "krum"])
-def test_reset_reuse_keeps_the_slab_and_gives_the_same_rounds(rule):
+@pytest.mark.parametrize("backend", ["numpy", "cpp"])
+@pytest.mark.parametrize("rule", [lambda: R.FedMedian(), lambda: R.FedTrimmedAvg(beta=0.2), lambda: R.Krum(f=1, m=2),
+                                  lambda: R.Bulyan(f=1), lambda: R.GeometricMedian(), lambda: R.CenteredClipping(tau=2.0)],
+                         ids=["median", "trimmed", "multikrum", "bulyan", "geomedian", "centered"])
+def test_reset_reuse_keeps_the_slab_and_gives_the_same_rounds(rule, backend):
     """reset(reuse=True) released a robust rule's slab, so every round's rows paid first-touch page faults (filling a
-    1 GB slab took 0.58 s, 0.14 s into resident pages); it keeps it now (its used rows zeroed), and the rounds are
-    those of fresh aggregators, with fewer updates after more."""
+    1 GB slab took 0.58 s, 0.14 s into resident pages); it keeps it now, rows and all: nothing zeroes the old rows
+    (a write pass over the slab), since no rule reads a row past k. The rounds are those of fresh aggregators, with
+    fewer updates after more, stale rows of huge values past k, and a rejected update written into one of them."""
     rng = np.random.default_rng(5)
     tmpl = {"a": np.zeros(300, np.float32), "b": np.zeros((4, 5), np.float32)}
 
     def make():
-        return jk.Aggregator(tmpl, R.FedMedian() if rule == "fedmedian" else R.Krum(f=1), backend="numpy")
+        alg = rule()
+        return jk.Aggregator(tmpl, alg, backend=backend, base=tmpl if alg.needs_base else None)
     agg = make()
     slab = None
-    for k in (7, 5, 6):
-        ups = [{n: rng.standard_normal(v.shape).astype(np.float32) for n, v in tmpl.items()} for _ in range(k)]
+    for k, scale in ((9, 1e6), (7, 1.0), (8, 1.0)):
+        ups = [{n: (scale * rng.standard_normal(v.shape)).astype(np.float32) for n, v in tmpl.items()}
+               for _ in range(k)]
         fresh = make()
         fresh.fold_many(ups, [1.0] * k, list(range(k)))
+        bad = {n: v.copy() for n, v in ups[0].items()}
+        bad["b"][2, 3] = np.nan  # rejected after its row's first leaf was written
+        with pytest.raises(jk.NonFiniteUpdate):
+            agg.fold(bad, weight=1.0, party="bad")
         agg.fold_many(ups, [1.0] * k, list(range(k)))
         want, got = fresh.finalize(), agg.finalize()
         for n in tmpl:
