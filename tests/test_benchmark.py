@@ -5,6 +5,8 @@ import io
 import json
 import sys
 
+import pytest
+
 import jitkernels as jk
 from jitkernels import benchmark as jb
 
@@ -50,3 +52,19 @@ def test_workload_leaves_hold_at_least_one_element_each():
     for n, leaves in ((50, 50), (51, 50), (10, 10), (1000, 50), (100_000, 10)):
         sizes = make_workload(n, leaves, 2).sizes
         assert len(sizes) == leaves and sizes.min() >= 1 and sizes.sum() == n
+
+
+def test_gpu_comparison_cpu_half_reports_against_the_host_probe():
+    """Without a GPU the comparison runs its CPU half; each row carries the host read probe timed between its
+    repetitions and its fraction of the fold's byte roofline (it had absolute GB/s only)."""
+    from jitkernels import gpu_benchmark as gb
+
+    if jk.available_backends()["cupy"] is True:
+        pytest.skip("a GPU is present: the comparison runs its GPU half (bench/test_gpu_bench.py)")
+    report = gb.run(sizes=(20_000,), dtypes=("float32",), k=3, leaves=2, reps=2, log=lambda s: None)
+    assert not report["gpu"] and {r["method"] for r in report["rows"]} >= {"cpp (CPU)"}
+    for r in report["rows"]:
+        assert r["host_read_probe_GBps"] > 0 and r["fraction_of_host_roofline"] > 0
+        frac = (3 * 20_000 * 4 + 2 * 20_000 * 4) / r["seconds"] / 1e9 / r["host_read_probe_GBps"]
+        assert abs(r["fraction_of_host_roofline"] - frac) <= 1e-12 * frac
+    assert f"{report['rows'][0]['fraction_of_host_roofline']:.2f} (" in gb.markdown(report)
