@@ -519,6 +519,7 @@ def _row(wl, method, backend, dtype, timing=None, nbytes=None, mem=(None, None),
            "backend": backend, "dtype": dtype, "time_s": None, "times_s": None, "reps": 0, "probe_gbps": None,
            "probe_gbps_all": None, "bytes": nbytes, "frac_roofline": None, "us_per_call": None,
            "extra_us_per_update": None, "vs_numpy_eager": None, "vs_fold_many": None, "jk_speedup": None,
+           "jk_speedup_equal_bw": None,
            "traced_peak_bytes": mem[0], "rss_peak_bytes": mem[1], "note": note}
     if timing is not None:
         row.update(time_s=timing.time, times_s=timing.times, reps=len(timing.times), probe_gbps=timing.bandwidth,
@@ -646,11 +647,14 @@ DETERMINISTIC = "fold_many deterministic"
 
 def _ratios(rows):
     """``vs_numpy_eager`` (numpy eager time / row time) on float32 fold rows and peers; ``jk_speedup`` (peer time /
-    jitkernels' best comparable time) on peers: fold_many for weighted sums, fold_many + finalize for averages."""
+    jitkernels' best comparable time) on peers: fold_many for weighted sums, fold_many + finalize for averages; and
+    ``jk_speedup_equal_bw``, the same ratio with each time scaled by its own probe bandwidth (time x GB/s: what it
+    would take at one bandwidth), since the two rows are timed minutes apart and the machine's bandwidth drifts
+    (exact for methods that memory bounds, an approximation for the compute-bound ones)."""
     eager = next((r["time_s"] for r in rows if r["method"] == EAGER and r["time_s"]), None)
-    f32 = [r["time_s"] for r in rows if r["method"] == "fold_many" and r["dtype"] == "float32" and r["time_s"]]
-    best_sum = min(f32, default=None)
-    best_avg = next((r["time_s"] for r in rows if r["method"] == "fold_many+finalize" and r["time_s"]), None)
+    f32 = [r for r in rows if r["method"] == "fold_many" and r["dtype"] == "float32" and r["time_s"]]
+    best_sum = min(f32, key=lambda r: r["time_s"], default=None)
+    best_avg = next((r for r in rows if r["method"] == "fold_many+finalize" and r["time_s"]), None)
     divides = {p.name: p.divides for p in PEERS}
     for r in rows:
         if not r["time_s"]:
@@ -659,7 +663,9 @@ def _ratios(rows):
             r["vs_numpy_eager"] = eager / r["time_s"]
         ref = best_avg if divides.get(r["method"]) else best_sum
         if r["kind"] == "peer" and ref:
-            r["jk_speedup"] = r["time_s"] / ref
+            r["jk_speedup"] = r["time_s"] / ref["time_s"]
+            if r["probe_gbps"] and ref["probe_gbps"]:
+                r["jk_speedup_equal_bw"] = r["time_s"] * r["probe_gbps"] / (ref["time_s"] * ref["probe_gbps"])
         if r["method"] == DETERMINISTIC:
             f = next((x["time_s"] for x in rows if x["method"] == "fold_many" and x["dtype"] == "float32"
                       and x["backend"] == r["backend"] and x["time_s"]), None)
@@ -734,6 +740,7 @@ _COLUMNS = (  # title, width, row -> text
     ("+us/upd", 7, lambda r: _f(r["extra_us_per_update"], 1, ".0f")),
     ("x eager", 7, lambda r: _f(r["vs_numpy_eager"], 1, ".2f")),
     ("jk x", 6, lambda r: _f(r["jk_speedup"], 1, ".2f")),
+    ("jk x@bw", 7, lambda r: _f(r["jk_speedup_equal_bw"], 1, ".2f")),
     ("trc MB", 7, lambda r: _f(r["traced_peak_bytes"], 1e-6, ".0f")),
     ("RSS MB", 7, lambda r: _f(r["rss_peak_bytes"], 1e-6, ".0f")),
 )
@@ -747,7 +754,8 @@ time per fold call ("fold, 1 elem/leaf": a call's fixed cost, measured on the sa
 leaf); +us/upd:
 (fold - fold_many) / k, what folding each update on arrival costs over batching; x eager: numpy eager's time / this
 time (float32 folds and peers); jk x: this peer's time / jitkernels' best float32 fold_many (or fold_many+finalize
-for peers that return the average); trc MB: peak numpy allocations (tracemalloc, results included; torch's allocator
+for peers that return the average); jk x@bw: the same with each time scaled by its own probe (time x GB/s), as if
+both ran at one bandwidth (rows are timed minutes apart); trc MB: peak numpy allocations (tracemalloc, results included; torch's allocator
 is not traced); RSS MB: peak resident-set growth. Neither counts the accumulators that jitkernels and numpy/torch
 eager reuse across repetitions (4N bytes); Flower and NVFlare allocate theirs per call."""
 

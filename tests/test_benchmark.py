@@ -68,3 +68,19 @@ def test_gpu_comparison_cpu_half_reports_against_the_host_probe():
         frac = (3 * 20_000 * 4 + 2 * 20_000 * 4) / r["seconds"] / 1e9 / r["host_read_probe_GBps"]
         assert abs(r["fraction_of_host_roofline"] - frac) <= 1e-12 * frac
     assert f"{report['rows'][0]['fraction_of_host_roofline']:.2f} (" in gb.markdown(report)
+
+
+def test_peer_ratios_at_equal_bandwidth():
+    """jk x divides times of rows timed minutes apart; jk x@bw scales each by its own probe first."""
+    def row(method, kind, t, bw, dtype="float32"):
+        return {"method": method, "kind": kind, "backend": "cpp" if kind == "jitkernels" else "", "dtype": dtype,
+                "time_s": t, "probe_gbps": bw, "vs_numpy_eager": None, "jk_speedup": None,
+                "jk_speedup_equal_bw": None, "vs_fold_many": None}
+    rows = [row("fold_many", "jitkernels", 0.04, 30.0), row("fold_many", "jitkernels", 0.05, 20.0),
+            row("fold_many+finalize", "jitkernels", 0.06, 25.0), row("torch add_(alpha=w)", "peer", 0.08, 20.0),
+            row("flwr aggregate", "peer", 0.6, 30.0)]
+    jb._ratios(rows)
+    torch_row, flwr_row = rows[3], rows[4]
+    assert torch_row["jk_speedup"] == 0.08 / 0.04 and torch_row["jk_speedup_equal_bw"] == 0.08 * 20 / (0.04 * 30)
+    assert flwr_row["jk_speedup"] == 0.6 / 0.06 and flwr_row["jk_speedup_equal_bw"] == 0.6 * 30 / (0.06 * 25)
+    assert rows[0]["jk_speedup_equal_bw"] is None  # ours: no ratio to ourselves
