@@ -224,6 +224,15 @@ class Aggregator:
 
     # --- properties ----------------------------------------------------------------------------------------------
     @property
+    def state(self) -> FoldState:
+        return self._state
+
+    @state.setter
+    def state(self, st: FoldState) -> None:
+        st.guard = self._lock  # its save() and to_bytes() wait for this aggregator's folds from other threads
+        self._state = st
+
+    @property
     def acc_dtype(self) -> str:
         return self.state.acc_dtype
 
@@ -247,16 +256,18 @@ class Aggregator:
     def admit_many(self, updates, weights=None, parties=None, infos=None) -> list:
         k = len(updates)
         parties, infos = self._parties_and_infos(parties, infos, k)
-        st = self.state
-        admitted = admit_many(updates, self.layout, weights=weights, parties=parties, base=st.base,
-                              host_base=st.host_base(), backend=self.backend, acc_dtype=self.acc_dtype,
+        with self._lock:  # the base and its token together: a reset(base=) meanwhile must not stamp norms measured
+            st, token = self.state, self._base_token  # against the old base with the new base's token
+            base, host_base = st.base, st.host_base()
+        admitted = admit_many(updates, self.layout, weights=weights, parties=parties, base=base,
+                              host_base=host_base, backend=self.backend, acc_dtype=self.acc_dtype,
                               copy=self.copy, partial=self.partial,
                               # buffered rules keep values, they do not sum them: no accumulator headroom to keep
                               bound=2.0 ** st.bound_log2 if st.deterministic else (math.inf if self.buffered else None))
         for a, i in zip(admitted, infos):
             a.info = i
             if a.against_base:
-                a.against_base = self._base_token
+                a.against_base = token
         return admitted
 
     def _parties_and_infos(self, parties, infos, k: int) -> tuple:

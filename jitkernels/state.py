@@ -21,6 +21,7 @@ import json
 import math
 import os
 import tempfile
+import threading
 
 import numpy as np
 
@@ -48,6 +49,9 @@ class FoldState:
                  parties=None, base=None, lo=None, on_device: bool = False, info=None, opt=None,
                  round: int = 0, closed: bool = False, scalars=None, store=None, absent=None):
         self.layout = layout
+        # held while the state's file is built and written: an Aggregator puts its own lock here, so that folds
+        # from other threads cannot change the arrays between the checksum and the write (nor tear them)
+        self.guard = threading.RLock()
         self.algorithm = dict(algorithm)
         self.acc_dtype = np.dtype(acc_dtype).name
         if self.acc_dtype not in ("float32", "float64"):
@@ -313,15 +317,19 @@ class FoldState:
 
     def to_bytes(self) -> bytes:
         """The file's bytes (safetensors with the checksummed metadata)."""
-        return checked_bytes(self._tensors(), self._metadata())
+        with self.guard:
+            return checked_bytes(self._tensors(), self._metadata())
 
     def writer(self):
-        """``write(path)`` of the file :meth:`to_bytes` returns, for :func:`atomic_write` (no bytes built first)."""
+        """``write(path)`` of the file :meth:`to_bytes` returns, for :func:`atomic_write` (no bytes built first). It
+        reads the live arrays when called: the caller keeps folds out until then (:meth:`save` does)."""
         return checked_writer(self._tensors(), self._metadata())
 
     def save(self, path, *, on_step=None) -> None:
-        """Write atomically: temp file (exclusive create) -> fsync -> rename -> fsync the directory."""
-        atomic_write(os.fspath(path), self.writer(), on_step=on_step)
+        """Write atomically: temp file (exclusive create) -> fsync -> rename -> fsync the directory. A state that an
+        Aggregator holds is written under that aggregator's lock: its folds from other threads wait for the write."""
+        with self.guard:
+            atomic_write(os.fspath(path), self.writer(), on_step=on_step)
 
     @classmethod
     def load(cls, path) -> "FoldState":

@@ -200,6 +200,7 @@ class _Round:
     deadline_timer: object = None
     done: bool = False
     admitted: int = 0  # updates acknowledged for the round: membership is decided at submit, the first q
+    acked: set = field(default_factory=set)  # their parties (carried ones too), arrived or still queued
     durable: dict = field(default_factory=dict)  # party -> its update's Ack.durable, for a resend's Ack
     carried: set = field(default_factory=set)  # parties whose late update for the round before counts here
     unobserved: set = field(default_factory=set)  # parties whose arrival is no response time (carried, replayed)
@@ -608,6 +609,7 @@ class JITScheduler:
                 self._log("late_to_next_round", js, round=round - 1, party=party)
             js.seen[key] = update_id
             rnd.admitted += 1
+            rnd.acked.add(party)
             if not spill:
                 self.buffered_bytes += nbytes  # reserved now so that a burst sees its own bytes
         if spill:  # held from before its file exists until it is folded, carried or dropped
@@ -762,8 +764,14 @@ class JITScheduler:
             now = self.clock.now()
             rnd = self._round(js, number)
             if rnd.done or (rnd.quorum_time is not None and party not in rnd.arrived):
+                # acknowledged for a round that ended before its arrival came through (its deadline or an unreachable
+                # quorum failed it): a member, it shares the round's fate as the arrived members do. (It was carried
+                # to the next round, where its Ack did not say it counted, and the party's own update was refused.)
                 self.buffered_bytes -= nbytes
-                self._late(js, rnd, party, item, nbytes, weight)
+                self._observe_late(js, rnd, party)
+                self._log("dropped_with_round", js, round=rnd.number, party=party)
+                if isinstance(item, _Spilled):
+                    self.store.release(js.job.id, item.round, party)
                 return
             if js.open is None or rnd.number != js.open.number:
                 rnd.pending.append((party, item, nbytes, weight))  # early: kept until the round opens
@@ -796,44 +804,6 @@ class JITScheduler:
         rnd.late_observed.add(party)
         js.predictor.observe_late(party, self.clock.now() - rnd.start, rnd.number)
 
-    def _late(self, js, rnd, party, item, nbytes, weight) -> None:
-        self._observe_late(js, rnd, party)
-        nxt = rnd.number + 1
-        if js.job.late == "next_round" and not js.job.after_last(nxt) and (nxt, party) not in js.seen:
-            self._log("late_to_next_round", js, round=rnd.number, party=party)
-            uid = js.seen.get((rnd.number, party))  # a resend after a restart is then known where it now counts
-            js.seen[(nxt, party)] = uid
-            dest = self._round(js, nxt)
-            dest.admitted += 1
-            dest.take_carried(party)
-            weight = weight * js.job.late_weight
-            # written again under the round it now counts for: the ended round's files go with it
-            if isinstance(item, _Spilled):  # its file is its only copy
-                item = _Spilled(nxt, party, weight, self.store.carry_update(js.job.id, rnd.number, nxt, party, weight))
-            elif self.store is not None and item is not None:
-                # the file under the ended round is kept (collection skips held files) until the copy is on disk
-                self.store.hold(js.job.id, rnd.number, party)
-                dest.durable[party] = self.store.persist_update(js.job.id, nxt, party, uid, weight, item.leaves,
-                                                                js.layout.fingerprint, carried_from=rnd.number)
-                dest.durable[party].add_done_callback(functools.partial(self._carried, js.job.id, rnd.number, party))
-            self.buffered_bytes += nbytes
-            self._on_arrival(js, nxt, party, item, nbytes, weight)
-        else:  # rejected, or no round to carry it to (the job's last round, or the party sent one there already)
-            self._log("late_rejected", js, round=rnd.number, party=party)
-            if isinstance(item, _Spilled):
-                self.store.release(js.job.id, item.round, party)
-
-    def _carried(self, job_id, number, party, durable) -> None:
-        """A late update's copy under the round it now counts for was written (its old file may go), or not: then
-        the old file is kept while this process runs, and a restart before that round commits would lose the
-        update (it is folded here all the same)."""
-        if durable.exception() is None:
-            self.store.release(job_id, number, party)
-        else:
-            log.error("job %r: the update from %r carried late from round %d could not be written under round %d "
-                      "(%s); a restart before that round commits loses it", job_id, party, number, number + 1,
-                      durable.exception())
-
     def _on_deadline(self, js, rnd) -> None:
         with self._lock:
             # (a quorum acknowledged but still queued as arrivals is in: it finalizes, late)
@@ -849,7 +819,11 @@ class JITScheduler:
             rnd = js.open
             if self._closed or rnd is None or rnd.done or rnd.quorum_time is not None:
                 return
-            possible = len(rnd.members) + int(js.pending_idx(rnd).size)
+            # an acknowledged update whose arrival is still queued is in, whether or not its party is still
+            # expected (one dropped right after its update was acknowledged, or before a restart replays it)
+            queued = [p for p in rnd.acked if p not in rnd.arrived]
+            possible = (len(rnd.members) + len(queued) + int(js.pending_idx(rnd).size)
+                        - sum(p in js.expected_pos for p in queued))
             if possible < rnd.quorum:
                 self._unreachable(js, rnd, f"only {possible} parties left for a quorum of {rnd.quorum}")
 

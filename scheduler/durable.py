@@ -196,17 +196,15 @@ class StateDir:
     def _update_rel(self, job, rnd: int, party) -> str:
         return os.path.join("updates", ident(job), str(int(rnd)), ident(party) + ".jku")
 
-    def persist_update(self, job, rnd: int, party, update_id, weight: float, leaves, fingerprint: str,
-                       carried_from: int | None = None):
+    def persist_update(self, job, rnd: int, party, update_id, weight: float, leaves, fingerprint: str):
         """Write one acknowledged update (on the writer thread); returns the future that resolves once it is
-        durable. ``carried_from``: the round it was acknowledged for, if it was carried here late (its file there
-        is then not replayed: see :meth:`stored_updates`)."""
+        durable."""
         def work():
             tensors, dtypes = encode_leaves(leaves)
             meta = {"format": UPDATE_FORMAT, "version": str(VERSION), "job": json.dumps(job),
                     "round": str(int(rnd)), "party": json.dumps(party), "update_id": json.dumps(update_id),
                     "weight": repr(float(weight)), "layout": fingerprint, "leaves": json.dumps(dtypes),
-                    "carried_from": json.dumps(carried_from)}
+                    "carried_from": "null"}
             # save_file, not save: building the bytes would hold the GIL (22 ms for 32 MB), and submit waits on it
             self._write("update", self._update_rel(job, rnd, party), checked_writer(tensors, meta))
             return True

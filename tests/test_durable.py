@@ -503,14 +503,39 @@ def test_failed_rounds_and_dropped_parties_survive_a_restart(tmp_path):
     rec.close()
 
 
+def test_a_dropped_partys_acknowledged_update_still_counts_after_a_restart(tmp_path):
+    """a, b, c acknowledged (quorum 4), then c dropped: the round waits for d. After a restart it failed at once
+    (QuorumUnreachable) and refused d: the reopened round's reachability check ran before the replayed updates'
+    arrivals and counted only the parties still expected."""
+    job = Job("j", template={"w": np.zeros(4, np.float32)}, parties=list("abcd"), quorum=4, rounds=1)
+    sched = _sched(tmp_path, checkpoint_bytes=None)  # the acknowledged updates not checkpointed: replayed
+    sched.add_job(job)
+    for i, p in enumerate("abc"):
+        sched.submit("j", 0, p, {"w": np.full(4, i + 1.0, np.float32)}, update_id=p)
+    sched.drop_party("j", "c")
+    sched.clock.run(until=1.0)
+    assert not sched.result("j", 0).done()
+    sched.close()
+    rec = JITScheduler.recover(tmp_path, [job], policy="eager", slots=1, clock=VirtualClock())
+    rec.clock.run(until=1.0)
+    assert not rec.result("j", 0).done() and "c" not in rec.jobs["j"].expected
+    rec.submit("j", 0, "d", {"w": np.full(4, 6.0, np.float32)}, update_id="d")
+    rec.clock.run(until=2.0)
+    assert np.array_equal(rec.result("j", 0).result(timeout=1)["w"], np.full(4, 3.0))
+    rec.close()
+
+
 @pytest.mark.parametrize("restart", [True, False])
 @pytest.mark.parametrize("spill", [False, True], ids=["in-memory", "spilled"])
-def test_an_update_made_late_by_a_deadline_is_kept_for_the_next_round_across_a_restart(tmp_path, spill, restart):
-    """Acknowledged for round 0 just before its deadline, processed just after (late='next_round'): it is carried to
-    round 1 and written there, so the restart that follows still has it (round 0's files are collected once its
-    failure is committed). A spilled one (over the byte budget: only its file holds it) is filed again under round 1
-    at the late weight; it was carried pointing at round 0's file at its old weight (folded at weight 1, or lost)."""
-    clk = VirtualClock()  # lazy: round 1 holds the carried update unfolded until its quorum
+def test_an_update_acknowledged_before_a_deadline_fails_its_round_goes_with_the_round(tmp_path, spill, restart):
+    """Acknowledged for round 0 just before its deadline, its arrival processed just after: a member of round 0, it
+    shares the round's fate (the round fails; its file, a spilled one's too, is let go), as round 0's arrived
+    members do. It used to be carried into round 1 at the late weight although its Ack said round 0, and the
+    party's own round-1 update was then refused as a duplicate. Across a restart too, the party's round-1 update
+    counts, once."""
+    from scheduler import QuorumUnreachable
+
+    clk = VirtualClock()  # lazy: round 1 holds its updates unfolded until its quorum
     sched = JITScheduler("lazy", clock=clk, state_dir=tmp_path, checkpoint_bytes=0,
                          **({"byte_budget": 0, "overflow": "spill"} if spill else {}))
     acks = []
@@ -520,18 +545,22 @@ def test_an_update_made_late_by_a_deadline_is_kept_for_the_next_round_across_a_r
               late="next_round", late_weight=0.5, deterministic=True)
     sched.add_job(job)
     clk.run(until=6.0)
-    assert acks[0].round == 0 and [d["event"] for d in sched.decisions if d["event"].startswith("late")] == [
-        "late_to_next_round"]
-    assert sched.spilled == int(spill)
+    assert acks[0].round == 0 and [d["event"] for d in sched.decisions if d["event"].startswith(("late", "dropped"))
+                                    ] == ["dropped_with_round"]
+    with pytest.raises(QuorumUnreachable, match="deadline"):
+        sched.result("j", 0).result(timeout=1)
+    assert sched.spilled == int(spill) and sched.buffered_bytes == 0 and not sched.store._held
     if restart:
         sched.close()
         rec = JITScheduler.recover(tmp_path, [job], policy="eager", slots=1, clock=VirtualClock(), checkpoint_bytes=0)
     else:
         rec = sched
-        rec.clock.run(until=7.0)  # more commits: round 0's files are collected meanwhile
+        rec.clock.run(until=7.0)
+    assert rec.jobs["j"].open.number == 1 and not rec.jobs["j"].open.acked  # nothing carried in, nothing replayed
+    rec.submit("j", 1, "a", {"w": np.full(4, 2.0, np.float32)})
     rec.submit("j", 1, "b", {"w": np.full(4, 4.0, np.float32)})
     rec.clock.run(until=rec.clock.now() + 1.0)
-    assert np.array_equal(rec.result("j", 1).result(timeout=1)["w"], np.full(4, 3.0))  # (0.5 * 1 + 1 * 4) / 1.5
+    assert np.array_equal(rec.result("j", 1).result(timeout=1)["w"], np.full(4, 3.0))
     rec.close()
 
 
@@ -584,7 +613,8 @@ def test_an_update_carried_late_is_replayed_only_where_it_was_carried(tmp_path):
     one = [np.ones(2, np.float32)]
     sd.persist_update("j", 0, "a", "a0", 1.0, one, "fp").result(timeout=10)
     sd.persist_update("j", 0, "b", "b0", 1.0, one, "fp").result(timeout=10)
-    sd.persist_update("j", 1, "a", None, 0.5, one, "fp", carried_from=0).result(timeout=10)
+    sd.hold("j", 0, "a")
+    sd.carry_update("j", 0, 1, "a", 0.5).result(timeout=10)  # a replayed update that came out late, filed again
     assert [(r, p, w) for r, p, _, w in sd.stored_updates("j", 1, "fp")] == [(0, "b", 1.0), (1, "a", 0.5)]
     sd.close()
 
@@ -1038,52 +1068,22 @@ def test_states_and_results_of_another_layout_are_refused_at_recovery(tmp_path):
         JITScheduler.recover(tmp_path, [job(9)], policy="eager", clock=VirtualClock(), checkpoint_bytes=0)
 
 
-def _late_job(**kw):
-    return Job("j", template={"w": np.zeros(4, np.float32)}, parties=["a", "b"], quorum=2, rounds=3, deadline_s=5.0,
-               late="next_round", late_weight=0.5, deterministic=True, **kw)
-
-
-def _carry_late(tmp_path, hook=None):
-    """A scheduler whose job's round 0 ends at its deadline (5 s) while a's update, acknowledged for round 0, is
-    still queued: it is carried to round 1 at half weight."""
+def test_a_resend_of_an_update_dropped_with_its_round_is_a_duplicate(tmp_path):
+    """The update acknowledged for round 0 and dropped with it (its deadline passed before its arrival came
+    through): a resend with the same id is acknowledged as the duplicate it is (round 0, nothing folded), and the
+    party's own round-1 update is taken."""
     clk = VirtualClock()
-    s = JITScheduler("lazy", clock=clk, state_dir=tmp_path, checkpoint_bytes=0, crash_hook=hook)
-    acks = []
-    clk.call_at(5.0, lambda: acks.append(s.submit("j", 0, "a", {"w": np.ones(4, np.float32)}, update_id="a0")))
-    s.add_job(_late_job())
+    s = JITScheduler("lazy", clock=clk, state_dir=tmp_path, checkpoint_bytes=0)
+    clk.call_at(5.0, lambda: s.submit("j", 0, "a", {"w": np.ones(4, np.float32)}, update_id="a0"))
+    s.add_job(Job("j", template={"w": np.zeros(4, np.float32)}, parties=["a", "b"], quorum=2, rounds=3,
+                  deadline_s=5.0, late="next_round", late_weight=0.5))
     clk.run(until=6.0)
-    assert acks[0].round == 0 and acks[0].durable.result(timeout=10)
-    assert any(e["event"] == "late_to_next_round" for e in s.decisions)
-    return s
-
-
-def test_a_carried_update_keeps_its_id_across_a_restart(tmp_path):
-    """Its copy under the next round was written without its update id: a resend after a restart raised
-    DuplicateParty (before the restart it was acknowledged as a duplicate)."""
-    s = _carry_late(tmp_path)
-    s.store._writer.submit(lambda: None).result()  # the carried copy is written
-    s.close()
-    rec = JITScheduler.recover(tmp_path, [_late_job()], policy="lazy", clock=VirtualClock(), checkpoint_bytes=0)
-    ack = rec.submit("j", 0, "a", {"w": np.ones(4, np.float32)}, update_id="a0")
-    assert ack.duplicate and ack.round == 1
-    rec.submit("j", 1, "b", {"w": np.full(4, 4.0, np.float32)})
-    rec.clock.run()
-    np.testing.assert_array_equal(rec.result("j", 1).result(timeout=5)["w"], np.full(4, 3.0, np.float32))
-    rec.close()
-
-
-def test_a_carried_copy_that_cannot_be_written_keeps_the_original(tmp_path, caplog):
-    """The carried copy's write future was dropped: a failed write was silent and the original file went with its
-    round. Now the original is held while the process runs and the failure is logged."""
-    import logging
-
-    from scheduler.durable import ident
-
-    with caplog.at_level(logging.ERROR, logger="jitkernels.scheduler"):
-        s = _carry_late(tmp_path, hook=_enospc("update.begin", nth=2))
-        s.store._writer.submit(lambda: None).result()
-    assert any("could not be written under round 1" in r.message for r in caplog.records)
-    assert os.path.join("updates", ident("j"), "0", ident("a") + ".jku") in s.store._held
+    ack = s.submit("j", 0, "a", {"w": np.ones(4, np.float32)}, update_id="a0")
+    assert ack.duplicate and ack.round == 0
+    s.submit("j", 1, "a", {"w": np.full(4, 2.0, np.float32)})
+    s.submit("j", 1, "b", {"w": np.full(4, 4.0, np.float32)})
+    clk.run(until=7.0)
+    np.testing.assert_array_equal(s.result("j", 1).result(timeout=5)["w"], np.full(4, 3.0, np.float32))
     s.close()
 
 

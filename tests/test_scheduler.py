@@ -288,6 +288,24 @@ def test_dropped_parties_make_a_round_unreachable():
         sched.result("a", 0).result()
 
 
+def test_an_update_acknowledged_before_its_party_is_dropped_still_counts():
+    """drop_party's reachability check counted arrived members and parties still expected, not acknowledged updates
+    whose arrivals were still queued: c's update, acknowledged as the quorum's third, then c dropped, and the check
+    ran first (a race with submit's persisting on real clocks, 8-27 in 200 runs): QuorumUnreachable, c's update
+    thrown away. Here the check runs exactly there."""
+    s = JITScheduler("eager", clock=VirtualClock())
+    s.add_job(Job("j", template={"w": np.zeros(4, np.float32)}, parties=list("abc"), quorum=3, rounds=1))
+    for i, p in enumerate("ab"):
+        s.submit("j", 0, p, {"w": np.full(4, i + 1.0, np.float32)})
+    s.clock.run()
+    s.submit("j", 0, "c", {"w": np.full(4, 6.0, np.float32)})
+    s.drop_party("j", "c")
+    s._check_reachable(s.jobs["j"])  # before c's queued arrival
+    s.clock.run()
+    assert np.array_equal(s.result("j", 0).result(timeout=1)["w"], np.full(4, 3.0))
+    s.close()
+
+
 def test_burst_stays_within_byte_budget_plus_one_update():
     clk = VirtualClock()
     budget = 10 * 4000

@@ -127,3 +127,61 @@ def test_concurrent_duplicate_party_counts_once():
         t.join()
     assert sorted(outcomes) == ["dup"] * 7 + ["ok"]
     assert agg.count == 1 and agg.state.leaf_weight[0] == 1.0
+
+
+def test_reset_with_a_new_base_during_admission_is_not_taken_for_the_new_base(monkeypatch):
+    """admit_many read the base token after its stats pass: a reset(base=new) from another thread during the pass
+    stamped norms measured against the old base as the new base's, and clipping used them (NormBounding clipped
+    updates within the bound; DP clipping let deltas of norm 7-17 through a bound of 1). Here the reset comes
+    exactly there; the fold must measure again against the new base."""
+    import jitkernels.aggregator as A
+    import jitkernels.robust as R
+
+    old_base, new_base = {"w": np.zeros(64, np.float32)}, {"w": np.full(64, 10.0, np.float32)}
+    update = {"w": np.full(64, 10.5, np.float32)}  # 4 from the new base (norm 4); 84 from the old one
+    agg = jk.Aggregator(old_base, R.NormBounding(max_norm=5.0), base=old_base, backend="numpy")
+    real = A.admit_many
+
+    def racing(*args, **kw):
+        out = real(*args, **kw)
+        agg.reset(base=new_base)  # another thread's reset lands between the stats pass and the stamp
+        return out
+    monkeypatch.setattr(A, "admit_many", racing)
+    admitted = agg.admit(update, weight=1.0, party="p")
+    monkeypatch.setattr(A, "admit_many", real)
+    agg.fold(admitted)
+    np.testing.assert_array_equal(agg.finalize()["w"], update["w"])  # within the bound: not clipped
+
+
+def test_save_waits_for_folds_from_other_threads(tmp_path, monkeypatch):
+    """state.save() ran outside the aggregator's lock, so a fold from another thread changed the arrays between the
+    checksum and the write (CorruptState on load) or between the accumulator and the party record (a file that
+    verifies but holds a party its record lacks: resumed, that party would count twice). The aggregator's lock now
+    guards its state's files: a fold waits for the write."""
+    import jitkernels.state as S
+
+    agg = jk.Aggregator({"w": np.zeros(1000, np.float32)}, backend="numpy")
+    agg.fold({"w": np.ones(1000, np.float32)}, weight=1.0, party="a")
+    writing, release = threading.Event(), threading.Event()
+    real = S.atomic_write
+
+    def slow_write(path, write, **kw):
+        writing.set()
+        assert release.wait(10)
+        return real(path, write, **kw)
+    monkeypatch.setattr(S, "atomic_write", slow_write)
+    saver = threading.Thread(target=agg.state.save, args=(tmp_path / "s.jks",))
+    saver.start()
+    assert writing.wait(10)
+    folder = threading.Thread(target=agg.fold, args=({"w": np.full(1000, 2.0, np.float32)},),
+                              kwargs={"weight": 1.0, "party": "b"})
+    folder.start()
+    folder.join(0.3)
+    assert folder.is_alive()  # held until the file is written
+    release.set()
+    saver.join(10)
+    folder.join(10)
+    st = jk.FoldState.load(tmp_path / "s.jks")
+    assert set(st.parties) == {"a"} and np.all(st.acc == 1.0)
+    assert set(agg.state.parties) == {"a", "b"}
+    assert agg.state.to_bytes() and set(jk.FoldState.from_bytes(agg.state.to_bytes()).parties) == {"a", "b"}
