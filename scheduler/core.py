@@ -472,6 +472,9 @@ class JITScheduler:
                     raise InvalidJob(str(e)) from None
             pred = Predictor(prior_s=job.prior_response_s)
             js = _JobState(job, pred, self.clock.now())
+            if self.byte_budget is not None and self.overflow == "raise" and js.update_bytes > self.byte_budget:
+                raise InvalidJob(f"job {job.id!r}: its updates ({js.update_bytes} bytes) do not fit the byte budget "
+                                 f"of {self.byte_budget}: with overflow='raise' every one would be refused")
             js.metrics.latencies = deque(maxlen=self.history)
             self.jobs[job.id] = js
             self._log("add_job", js, quorum=job.quorum_count(), parties=len(job.parties))
@@ -590,16 +593,18 @@ class JITScheduler:
             # updates for a round not open yet cannot be folded before it opens: they may fill half the budget, so
             # that the open round's updates still find room (they had filled it, and the open round starved)
             early = js.open is not None and round > js.open.number
-            if not stored and self.byte_budget is not None and (
-                    self.buffered_bytes >= self.byte_budget or early and self.buffered_bytes >= self.byte_budget // 2):
+            # an update is taken in memory only within the budget (not merely while it has room left: with updates
+            # of several sizes that, and one fold's read-back past it, made the budget plus two updates)
+            limit = None if self.byte_budget is None else self.byte_budget // 2 if early else self.byte_budget
+            if not stored and limit is not None and self.buffered_bytes + nbytes > limit:
                 if not self._relieving:
                     self._relieving = True
                     self.clock.call_soon_threadsafe(self._relieve_pressure)
                 if self.overflow == "raise" or item is None:
                     why = (f"round {round} is not open yet, and updates for later rounds may take half the budget "
                            f"of {self.byte_budget} bytes ({self.buffered_bytes} are buffered)" if early and
-                           self.buffered_bytes < self.byte_budget else f"{self.buffered_bytes} bytes are buffered, "
-                           f"at the budget of {self.byte_budget}")
+                           self.buffered_bytes + nbytes <= self.byte_budget else f"{self.buffered_bytes} bytes are "
+                           f"buffered; its {nbytes} would pass the budget of {self.byte_budget}")
                     raise Backpressure(f"job {job_id!r} round {acked_round}: update from {party!r} not taken: {why}; "
                                        f"retry once the forced fold has drained them")
                 spill = True

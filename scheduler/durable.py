@@ -146,6 +146,9 @@ class StateDir:
         self.fallbacks: list = []  # (manifest, reason) skipped at open
         self._states: dict = {}  # verified state files, loaded once
         self._held: set = set()  # update files collection must keep (spilled updates not yet folded: hold/release)
+        # its own lock, not the commits': submit holds a spilled update's file, and must not wait for a checkpoint's
+        # write and fsync (46-82 ms at 16 MB)
+        self._held_lock = threading.Lock()
         self.gen, self.jobs = self._load()
         self.prev_jobs = self.jobs  # the older retained generation (what deletions wait for)
 
@@ -213,11 +216,11 @@ class StateDir:
     def hold(self, job, rnd: int, party) -> None:
         """Keep an update's file from collection (a spilled update: the file is its only copy) until
         :meth:`release`; collection would take it once its round is over, before it is folded or carried."""
-        with self._lock:
+        with self._held_lock:
             self._held.add(self._update_rel(job, rnd, party))
 
     def release(self, job, rnd: int, party) -> None:
-        with self._lock:
+        with self._held_lock:
             self._held.discard(self._update_rel(job, rnd, party))
 
     def carry_update(self, job, rnd: int, nxt: int, party, weight: float):
@@ -457,11 +460,11 @@ class StateDir:
                 for f in os.listdir(os.path.join(root, rdir)):
                     if not f.endswith(".jku"):  # the writer thread's temp file of an update being persisted
                         continue
-                    if os.path.join("updates", ident(job), rdir, f) in self._held:
-                        continue
                     if r in done or (cur is not None and r < cur) or (
                             r == cur and _key(_party_of(f)) in covered):
-                        self._delete(os.path.join(root, rdir, f))
+                        with self._held_lock:  # (a hold placed meanwhile keeps its file)
+                            if os.path.join("updates", ident(job), rdir, f) not in self._held:
+                                self._delete(os.path.join(root, rdir, f))
                 if (r in done or (cur is not None and r < cur)) and not os.listdir(os.path.join(root, rdir)):
                     try:  # a finished round's emptied folder (unless a resend's write just arrived in it)
                         os.rmdir(os.path.join(root, rdir))

@@ -306,6 +306,27 @@ def test_an_update_acknowledged_before_its_party_is_dropped_still_counts():
     s.close()
 
 
+def test_an_update_is_taken_in_memory_only_within_the_budget():
+    """submit took an update whenever the buffered bytes were under the budget, so with updates of several sizes
+    the bytes passed it by most of an update, and a fold's read-back past it added one more (budget + 1.7-1.9
+    updates with 8 and 6 KB updates). An update is now taken only if it fits; one that never can is refused when
+    its job is added."""
+    from scheduler import InvalidJob
+
+    s = JITScheduler("lazy", clock=VirtualClock(), byte_budget=10_000, overflow="raise")
+    s.add_job(Job("a", parties=list(range(5)), quorum=5, rounds=1, model_elems=750, update_bytes=3000))
+    s.add_job(Job("b", parties=list(range(5)), quorum=5, rounds=1, model_elems=2000, update_bytes=8000))
+    for p in range(3):
+        s.submit("a", 0, p, None, 1.0)
+    with pytest.raises(Backpressure, match="9000 bytes are buffered; its 8000 would pass the budget of 10000"):
+        s.submit("b", 0, 0, None, 1.0)
+    assert s.buffered_bytes == 9000 and s.peak_buffered_bytes <= 10_000
+    with pytest.raises(InvalidJob, match="do not fit the byte budget"):
+        s.add_job(Job("c", parties=[0], quorum=1, rounds=1, model_elems=3000, update_bytes=12_000))
+    assert "c" not in s.jobs
+    s.close()
+
+
 def test_burst_stays_within_byte_budget_plus_one_update():
     clk = VirtualClock()
     budget = 10 * 4000
