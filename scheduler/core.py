@@ -617,6 +617,8 @@ class JITScheduler:
             rnd.acked.add(party)
             if not spill:
                 self.buffered_bytes += nbytes  # reserved now so that a burst sees its own bytes
+            elif not stored:
+                self.spilled += 1
         if spill:  # held from before its file exists until it is folded, carried or dropped
             self.store.hold(job_id, acked_round if stored else round, party)
         if stored and round != acked_round:  # (late on replay: its file goes under the round it now counts for)
@@ -630,7 +632,6 @@ class JITScheduler:
                 rnd.durable[party] = durable
         if spill:  # from here on only the file holds it (the writer thread lets the arrays go once written)
             item, nbytes = _Spilled(round, party, float(weight), durable), 0
-            self.spilled += not stored
         self.clock.call_soon_threadsafe(self._on_arrival, js, round, party, item, nbytes, float(weight))
         return Ack(job_id, round, party, True, durable)
 
