@@ -393,8 +393,7 @@ class Aggregator:
         False (nothing done) where the batch path must run: the GPU backend, partial updates, buffered rules,
         deterministic mode, norms still to measure against the base (a refused signature is remembered too)."""
         st, alg = self.state, self.algorithm
-        if u.on_device or (st.base is not None and getattr(alg, "needs_norms", False)
-                           and u.against_base is not self._base_token):
+        if u.on_device or (st.base is not None and not self.buffered and u.against_base is not self._base_token):
             return False
         self._check_layout(u)
         sig = u.signature
@@ -468,7 +467,9 @@ class Aggregator:
         if device and not self.on_gpu:
             raise LayoutMismatch(f"the update is in GPU memory; this aggregator's backend {self.backend!r} reads "
                                  f"host memory (use backend='cupy')", party=admitted[int(np.argmax(on_device))].party)
-        if st.base is not None and getattr(alg, "needs_norms", False):
+        if st.base is not None and not self.buffered:
+            # stats taken elsewhere (jk.admit without this base, or before a reset changed it) say nothing of u - base:
+            # its norm (clipping) and max |x| (the accumulator's headroom: base 3e38, u 0 folded twice made -inf)
             self._norms_against_base([u for u in admitted if u.against_base is not self._base_token])
         fold_w = [float(alg.fold_weight(u, st)) for u in admitted]
         if self.buffered:

@@ -6,6 +6,18 @@ import os
 import threading
 
 _lock = threading.Lock()
+# more threads than any machine runs kernels on: a larger count is a typo (100000 made OpenMP's team and the
+# kernels' per-thread partials fail, a segfault in the C++ stats pass)
+MAX_THREADS = 1024
+
+
+def _count(n, what: str) -> int:
+    if isinstance(n, bool) or not float(n).is_integer():
+        raise ValueError(f"{what} must be a whole number of threads, got {n!r}")
+    n = int(n)
+    if not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"{what} must be within 1 to {MAX_THREADS}, got {n}")
+    return n
 
 
 def _default() -> int:
@@ -17,7 +29,7 @@ def _default() -> int:
             except ValueError:
                 raise ValueError(f"{var}={os.environ[var]!r} is not a thread count") from None
             if n > 0:
-                return n
+                return _count(n, var)
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
@@ -34,9 +46,7 @@ def get_num_threads() -> int:
 def set_num_threads(n: int) -> int:
     """Set the threads every backend's kernels use; returns the previous value."""
     global _threads
-    n = int(n)
-    if n < 1:
-        raise ValueError(f"thread count must be >= 1, got {n}")
+    n = _count(n, "the thread count")
     with _lock:
         old, _threads = _threads, n
     return old

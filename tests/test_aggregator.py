@@ -411,6 +411,24 @@ def test_clipping_measures_an_update_admitted_in_an_earlier_round_against_the_ne
     assert np.linalg.norm(agg.finalize()["w"] + 100.0) == pytest.approx(1.0, rel=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "cpp"])
+def test_an_update_admitted_without_the_base_is_checked_against_it_when_folded(backend):
+    """jk.admit(update, agg.layout) measures |u|; folded into an aggregator with a base, what is summed is u - base,
+    whose max |x| the headroom check must see: base 3e38 and u 0, folded twice, made the accumulator -inf (the
+    round could not be undone). The fold measures such updates against its base first, one at a time or in a batch."""
+    base = {"w": np.full(4, 3.0e38, np.float32)}
+    zero = {"w": np.zeros(4, np.float32)}
+    for fold in (lambda agg, us: agg.fold(us[0]), lambda agg, us: agg.fold_many(us)):
+        agg = jk.Aggregator(base, base=base, backend=backend)
+        us = [jk.admit(zero, agg.layout, weight=1.0, party=f"p{i}") for i in range(2)]
+        with pytest.raises(jk.ValueOutOfRange, match="'p0'.*headroom"):
+            fold(agg, us)
+        assert agg.state.count == 0 and not agg.state.acc.any()
+    agg = jk.Aggregator({"w": np.zeros(4, np.float32)}, base={"w": np.ones(4, np.float32)}, backend=backend)
+    agg.fold_many([jk.admit({"w": np.full(4, 3.0, np.float32)}, agg.layout, party=p) for p in "ab"])
+    np.testing.assert_array_equal(agg.finalize()["w"], np.full(4, 3.0, np.float32))
+
+
 def test_a_rejection_found_by_the_fold_leaves_the_state_as_it_was():
     """Refusals the fold finds (a backend that cannot run a leaf's dtype, a fold weight that would overflow the
     accumulator, a leaf missing from an Admitted, a value the robust store's dtype cannot hold) come before any

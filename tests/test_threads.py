@@ -19,8 +19,10 @@ def test_set_num_threads_returns_previous():
         assert jk.set_num_threads(1) == old
         assert jk.set_num_threads(2) == 1
         assert jk.get_num_threads() == 2
-        with pytest.raises(ValueError):
-            jk.set_num_threads(0)
+        for bad in (0, jk.threads.MAX_THREADS + 1, 100_000, 2.5, True):  # 100000 segfaulted the next cpp fold
+            with pytest.raises(ValueError, match="thread"):
+                jk.set_num_threads(bad)
+        assert jk.get_num_threads() == 2
     finally:
         jk.set_num_threads(old)
 
