@@ -67,9 +67,12 @@ class Admitted:
 
 
 def check_weight(weight, party) -> float:
+    """A weight as a float: a real number (not a bool, a string or bytes, which float() would read), finite, > 0."""
+    if isinstance(weight, (bool, np.bool_, str, bytes, bytearray)):
+        raise InvalidWeight(party, weight)
     try:
         w = float(weight)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # (10**400 overflows)
         raise InvalidWeight(party, weight) from None
     if not (math.isfinite(w) and w > 0):
         raise InvalidWeight(party, weight)

@@ -17,6 +17,14 @@ from collections import deque
 log = logging.getLogger("jitkernels.scheduler")
 
 
+def _time(when) -> float:
+    """An event time: a NaN (which no comparison orders) stopped the clock's heap and its waits."""
+    when = float(when)
+    if when != when:
+        raise ValueError("an event time must be a number, got NaN")
+    return when
+
+
 class Handle:
     __slots__ = ("when", "fn", "args", "cancelled")
 
@@ -66,7 +74,7 @@ class VirtualClock:
         return self._now
 
     def call_at(self, when: float, fn, *args) -> Handle:
-        when = float(when)
+        when = _time(when)
         if when <= self._now:
             h = Handle(self._now, fn, args)
             self._soon.append((next(self._q._seq), h))
@@ -120,8 +128,9 @@ class RealClock:
         return time.monotonic() - self._t0
 
     def call_at(self, when: float, fn, *args) -> Handle:
+        when = _time(when)
         with self._cv:
-            h = self._q.push(float(when), fn, args)
+            h = self._q.push(when, fn, args)
             self._cv.notify()
         return h
 

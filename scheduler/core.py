@@ -145,6 +145,31 @@ class Job:
         except jk.InvalidWeight:
             raise InvalidJob(f"job {self.id!r}: late_weight must be a finite number > 0, got "
                              f"{self.late_weight!r}") from None
+        try:
+            if len(set(self.parties)) != n:
+                raise InvalidJob(f"job {self.id!r}: a party is listed twice (its quorum could never be met)")
+        except TypeError:
+            raise InvalidJob(f"job {self.id!r}: party ids must be str or int") from None
+        # a NaN deadline stopped the clock thread's waits (every job's events), one <= 0 failed rounds in a hot loop
+        for name, v, lo in (("deadline_s", self.deadline_s, 0.0), ("prior_response_s", self.prior_response_s, 0.0)):
+            if v is not None and not (_real(v) and math.isfinite(v) and v > lo):
+                raise InvalidJob(f"job {self.id!r}: {name} must be None or a finite number of seconds > 0, got {v!r}")
+        for name, v, lo, optional in (("rounds", self.rounds, 1, True), ("first_round", self.first_round, 0, False),
+                                      ("model_elems", self.model_elems, 1, True),
+                                      ("update_bytes", self.update_bytes, 1, True)):
+            if not (v is None and optional or _whole(v) and v >= lo):
+                raise InvalidJob(f"job {self.id!r}: {name} must be {'None or ' if optional else ''}an integer >= "
+                                 f"{lo}, got {v!r}")
+        if not (_real(self.priority) and math.isfinite(self.priority)):
+            raise InvalidJob(f"job {self.id!r}: priority must be a finite number, got {self.priority!r}")
+
+
+def _real(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def _whole(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 def _round_number(job_id, number) -> int:
@@ -397,6 +422,11 @@ class JITScheduler:
             raise ValueError(f"slots must be >= 1, got {slots}")
         if history is not None and (isinstance(history, bool) or not isinstance(history, int) or history < 1):
             raise ValueError(f"history must be None or an integer >= 1, got {history!r}")
+        for name, v in (("byte_budget", byte_budget), ("checkpoint_bytes", checkpoint_bytes)):
+            if v is not None and not (_whole(v) and v >= 0):
+                raise ValueError(f"{name} must be None or an integer >= 0, got {v!r}")
+        if not (_real(hysteresis_s) and math.isfinite(hysteresis_s) and hysteresis_s >= 0):
+            raise ValueError(f"hysteresis_s must be a finite number >= 0, got {hysteresis_s!r}")
         self.policy = _policies.make(policy, alpha=alpha, oracle=oracle)
         self.slots = int(slots)
         self.cost = cost or CostModel()
@@ -478,14 +508,14 @@ class JITScheduler:
             js.metrics.latencies = deque(maxlen=self.history)
             self.jobs[job.id] = js
             self._log("add_job", js, quorum=job.quorum_count(), parties=len(job.parties))
-            if self.store is not None and js.layout is not None:
-                try:
+            try:
+                if self.store is not None and js.layout is not None:
                     self._resume(js)
-                except BaseException:  # not added: the job's files stay as they are
-                    del self.jobs[job.id]
-                    raise
-            else:
-                self._open_round(js, job.first_round)
+                else:
+                    self._open_round(js, job.first_round)
+            except BaseException:  # not added (a resumed job's files stay as they are)
+                del self.jobs[job.id]
+                raise
 
     def submit(self, job_id: str, round: int, party, update=None, weight: float = 1.0, update_id=None) -> Ack:
         """Admit (validate) an update here, in the caller's thread, and hand it to the scheduler. Returns at once:

@@ -89,8 +89,8 @@ def test_merge_is_commutative_bitwise_and_associative_within_tolerance(seed, k):
     assert np.all(np.abs(left.acc - right.acc) <= 2 * np.finfo(np.float32).eps * mag)
 
 
-REJECTIONS = ["nan", "inf", "shape", "dtype", "missing", "extra", "weight0", "weightnan", "weightneg", "dup_state",
-              "dup_batch", "container", "huge"]
+REJECTIONS = ["nan", "inf", "shape", "dtype", "missing", "extra", "weight0", "weightnan", "weightneg", "weightstr",
+              "weightbool", "weighthuge", "dup_state", "dup_batch", "container", "huge"]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -109,6 +109,7 @@ def test_rejection_leaves_state_bit_identical(backend, kind, seed, shapes, k, da
     expected = {"nan": jk.NonFiniteUpdate, "inf": jk.NonFiniteUpdate, "shape": jk.LayoutMismatch,
                 "dtype": jk.LayoutMismatch, "missing": jk.LayoutMismatch, "extra": jk.LayoutMismatch,
                 "weight0": jk.InvalidWeight, "weightnan": jk.InvalidWeight, "weightneg": jk.InvalidWeight,
+                "weightstr": jk.InvalidWeight, "weightbool": jk.InvalidWeight, "weighthuge": jk.InvalidWeight,
                 "dup_state": jk.DuplicateParty, "dup_batch": jk.DuplicateParty, "container": jk.LayoutMismatch,
                 "huge": jk.ValueOutOfRange}[kind]
     if kind in ("nan", "inf", "huge"):
@@ -131,7 +132,9 @@ def test_rejection_leaves_state_bit_identical(backend, kind, seed, shapes, k, da
         leaf = "intruder"
     elif kind.startswith("weight"):
         bw = list(bw)
-        bw[j] = {"weight0": 0.0, "weightnan": float("nan"), "weightneg": -1.0}[kind]
+        # (float() reads "5" and True, and raises OverflowError, not InvalidWeight, on 10**400)
+        bw[j] = {"weight0": 0.0, "weightnan": float("nan"), "weightneg": -1.0, "weightstr": "5", "weightbool": True,
+                 "weighthuge": 10 ** 400}[kind]
     elif kind == "dup_state":
         bp[j] = "a"
     elif kind == "dup_batch":

@@ -790,3 +790,37 @@ def test_a_long_running_scheduler_keeps_a_bounded_history():
     s.close()
     with pytest.raises(ValueError, match="history"):
         JITScheduler("eager", clock=VirtualClock(), history=0)
+
+
+@pytest.mark.parametrize("field,value", [("deadline_s", float("nan")), ("deadline_s", 0.0), ("deadline_s", -5.0),
+                                         ("deadline_s", "10"), ("parties", ["a", "a"]), ("rounds", -1),
+                                         ("rounds", 2.5), ("first_round", -1), ("late_weight", "0.5"),
+                                         ("priority", float("nan")), ("prior_response_s", 0.0),
+                                         ("update_bytes", 0)])
+def test_a_job_with_a_bad_field_is_refused_by_name(field, value):
+    """A NaN deadline stopped the real clock's thread (its heap's top compared with nothing: every job's events
+    stalled); one <= 0 failed rounds in a hot loop (35k rounds/s, starving the other jobs); a string one was
+    registered, then failed in add_job, leaving the job half added; duplicate parties made a quorum that could never
+    be met; a string late_weight passed, then raised TypeError in submit."""
+    from scheduler import InvalidJob
+
+    kw = {"id": "j", "parties": ["a", "b"], "quorum": 1, "model_elems": 4, **{field: value}}
+    s = JITScheduler("eager", clock=VirtualClock())
+    with pytest.raises(InvalidJob, match=field.split("_")[0] if field != "parties" else "listed twice"):
+        s.add_job(Job(**kw))
+    assert "j" not in s.jobs
+    s.add_job(Job(**{**kw, field: Job.__dataclass_fields__[field].default if field != "parties" else ["a", "b"]}))
+    s.close()
+
+
+def test_scheduler_arguments_and_event_times_are_checked():
+    from scheduler.clock import RealClock
+
+    for kw in ({"byte_budget": "x"}, {"byte_budget": -1}, {"checkpoint_bytes": 1.5}, {"hysteresis_s": float("nan")}):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            JITScheduler("eager", clock=VirtualClock(), **kw)
+    for clock in (VirtualClock(), RealClock()):
+        with pytest.raises(ValueError, match="NaN"):
+            clock.call_at(float("nan"), print)
+        if isinstance(clock, RealClock):
+            clock.close()
