@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -148,7 +149,9 @@ class Layout:
             if not (isinstance(name, str) and isinstance(shape, list) and is_leaf_dtype_name(dt)
                     and all(type(n) is int and n >= 0 for n in shape)):
                 raise ValueError(f"layout leaf {entry!r} is not (name, shape, supported dtype)")
-            size = int(np.prod(shape, dtype=np.int64))
+            size = math.prod(shape)  # (in Python ints: int64's product wraps, (2^32, 2^32, 1) made 0)
+            if size >= 1 << 62:
+                raise ValueError(f"layout leaf {name!r} has {size} values")
             leaves.append(Leaf(name, tuple(shape), dt, offset, size))
             offset += size
         tree_leaves = _check_treedef(d["treedef"])

@@ -46,6 +46,7 @@ run (safetensors' bytes), so a save or load of a k-row store peaks at twice the 
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import sys
@@ -217,8 +218,11 @@ class UpdateStore:
             raise ValueError(f"slab dtype must be one of {SLAB_DTYPES}, got {dtype!r}")
         self.dtype = dtype
         self._set_budget(budget_bytes, over_budget, spill_dir)
+        if shapes is not None and not all(isinstance(s, (list, tuple)) and all(
+                isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in s) for s in shapes):
+            raise ValueError(f"shapes must be lists of dimensions >= 0, got {shapes!r}")
         self.shapes = None if shapes is None else tuple(tuple(int(d) for d in s) for s in shapes)
-        if self.shapes is not None and sum(int(np.prod(s)) for s in self.shapes) != self.n:
+        if self.shapes is not None and sum(math.prod(s) for s in self.shapes) != self.n:
             raise ValueError(f"shapes {self.shapes} do not hold n={self.n} values")
         self._parties: list = []
         self._index: dict = {}
@@ -489,6 +493,8 @@ class UpdateStore:
         rows = rows if is_device_array(rows) else np.asarray(rows)
         if dtype == "bfloat16" and rows.dtype != np.uint16:
             rows = rows.view(np.uint16)  # ml_dtypes bfloat16
+        if not isinstance(parties, (list, tuple)):
+            raise ValueError(f"parties must be a list of ids, got {type(parties).__name__}")
         parties = [check_party(p) for p in parties]
         if rows.ndim != 2:
             raise ValueError(f"rows must be [k, N], got shape {rows.shape}")
@@ -581,7 +587,7 @@ class UpdateStore:
                 budget_bytes=json.loads(meta["budget_bytes"]) if budget_bytes is cls._UNSET else budget_bytes,
                 over_budget=over_budget or meta["over_budget"],
                 spill_dir=json.loads(meta["spill_dir"]) if spill_dir is cls._UNSET else spill_dir)
-        except (KeyError, ValueError, TypeError) as e:
+        except (KeyError, ValueError, TypeError, OverflowError, MemoryError, OSError) as e:
             raise CorruptState(f"{path}: inconsistent update store ({e})") from e
 
 

@@ -705,6 +705,10 @@ class SecAggSum:
             sizes = json.loads(meta["sizes"])
             parties = json.loads(meta["parties"])
             acc = np.array(tensors["acc"])
+            # the sizes against the accumulator first, in Python ints: a 288-byte file claiming 2^43 values built
+            # 6 GB of work items (and int64 sums wrap) before the length check below
+            if not isinstance(sizes, list) or sum(int(x) for x in sizes) != acc.size:
+                raise ValueError(f"its leaf sizes {str(sizes)[:80]} do not add up to the accumulator's {acc.size}")
             state = cls(sizes, bits, acc_dtype=acc.dtype.name, backend=backend, _acc=acc, _parties=parties)
         except (KeyError, ValueError, TypeError, DuplicateParty) as e:
             raise CorruptState(f"{path}: inconsistent SecAggSum ({e})") from e

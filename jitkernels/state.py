@@ -365,9 +365,44 @@ class FoldState:
             # the record must agree with the per-leaf weights folded beside it (they differ only by rounding)
             if absent and not np.allclose(state.exact_leaf_weights(), state.leaf_weight, rtol=1e-9, atol=0.0):
                 raise ValueError("the absent-leaf record disagrees with the per-leaf weights")
+            _check_values(state)
             return state
-        except (KeyError, ValueError, TypeError, AttributeError, OverflowError, RecursionError) as e:
+        except (KeyError, ValueError, TypeError, AttributeError, OverflowError, RecursionError, MemoryError,
+                OSError) as e:
             raise CorruptState(f"{path}: inconsistent state ({e})") from e
+
+
+def _check_values(st: "FoldState") -> None:
+    """What a checksum cannot vouch for (anyone can compute one): the values a fold could have made. Arrays of the
+    layout's size and finite; party weights finite and >= 0, and per leaf none or from the lightest party's to
+    their sum (a leaf weight of 1e-30 gave a 2e30 model); a round >= 0; an algorithm this build runs (ValueError otherwise, at
+    from_state); a robust store of the state's parties."""
+    from .algorithms import from_params
+
+    n, L = st.layout.size, len(st.layout)
+    for name, a in (("acc", st.acc), ("lo", st.lo), ("base", st.base), *((f"opt_{k}", v) for k, v in
+                                                                          (st.opt or {}).items())):
+        if a is not None and (a.shape != (n,) or a.dtype != np.dtype(st.acc_dtype) or not np.isfinite(a).all()):
+            raise ValueError(f"{name} is not {n} finite {st.acc_dtype} values")
+    w = np.fromiter(st.parties.values(), np.float64, len(st.parties))
+    if not (np.isfinite(w).all() and (w >= 0).all()):  # (Krum's Flower variant takes masses of 0)
+        raise ValueError("a party's weight is not a finite number >= 0")
+    # a leaf's weight sums the parties that carried it (partial updates): none, or at least the lightest of them
+    lw, total = st.leaf_weight, math.fsum(w)
+    lightest = float(w[w > 0].min()) if (w > 0).any() else 0.0
+    if lw.shape != (L,) or lw.dtype != np.float64 or not np.isfinite(lw).all() or (
+            (lw != 0) & ((lw < lightest * (1 - 1e-9)) | (lw > total * (1 + 1e-9)))).any() or (lw < 0).any():
+        raise ValueError(f"the per-leaf weights {lw[:4]} do not fit the parties' weights (total {total:.6g})")
+    if st.round < 0 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in st.scalars.values()):
+        raise ValueError(f"round {st.round} or scalars {st.scalars} out of range")
+    from_params(st.algorithm)
+    if st.algorithm.get("int_leaves", "mean") not in ("mean", "max"):
+        raise ValueError(f"int_leaves {st.algorithm.get('int_leaves')!r} is neither 'mean' nor 'max'")
+    bound = st.algorithm.get("deterministic")
+    if bound is not None and not (type(bound) is int and -960 <= bound <= 960):
+        raise ValueError(f"deterministic bound 2^{bound!r} outside [2^-960, 2^960]")
+    if st.store is not None and set(st.store.parties) != set(st.parties):
+        raise ValueError("the robust store holds other parties than the state's record")
 
 
 def _absent_from(tensors, meta, parties: list, n_leaves: int, algorithm: dict) -> dict:
@@ -399,12 +434,19 @@ def _rule(params: dict) -> dict:
     return {k: v for k, v in params.items() if k not in STORE_RESOURCES}
 
 
+MAX_STORE_ROWS = 1 << 20  # a robust store's k_max read from a file (its slab's address space is k_max x N values)
+
+
 def _store_from(tensors, meta, layout):
     if "store" not in meta:
         return None
     from .robust_store import UpdateStore
 
-    return UpdateStore.from_rows(tensors["store_rows"], **json.loads(meta["store"]),
+    d = json.loads(meta["store"])  # what describe() writes, no more: a spill directory or budget is this machine's
+    k_max = d["k_max"]
+    if type(k_max) is not int or not 0 <= k_max <= MAX_STORE_ROWS:
+        raise ValueError(f"store k_max {k_max!r} outside [0, {MAX_STORE_ROWS}]")
+    return UpdateStore.from_rows(tensors["store_rows"], k_max=k_max, dtype=d["dtype"], parties=d["parties"],
                                  shapes=[leaf.shape for leaf in layout.leaves])
 
 

@@ -404,6 +404,11 @@ def test_corrupted_or_foreign_files_raise_corrupt_state(tmp_path):
     p.write_bytes(checked_bytes({"acc": np.array([0, 1, 1 << 16], np.uint32)}, meta))
     with pytest.raises(jk.CorruptState, match="mod 2\\^16"):
         sa.SecAggSum.load(p)
+    # sizes that claim 2^43 values (6 GB of work items were built before the length check), or wrap int64's sum
+    for sizes in ([1 << 43], [1 << 62] * 4 + [3]):
+        p.write_bytes(checked_bytes({"acc": np.zeros(3, np.uint32)}, dict(s._metadata(), sizes=str(sizes))))
+        with pytest.raises(jk.CorruptState, match="do not add up"):
+            sa.SecAggSum.load(p)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -251,3 +251,59 @@ def test_atomic_write_is_not_blocked_by_a_leftover_temp_file(tmp_path):
     (tmp_path / f".s.jks.{os.getpid()}.tmp").write_bytes(b"left by a crash")
     atomic_write(str(path), b"new")
     assert path.read_bytes() == b"new"
+
+
+@pytest.mark.parametrize("what, tensors_edit, meta_edit, match", [
+    ("nan_acc", {"acc": np.full(4, np.nan, np.float32)}, {}, "acc is not 4 finite"),
+    ("inf_base", {"base": np.full(4, np.inf, np.float32)}, {}, "base is not 4 finite"),
+    ("tiny_leaf_weight", {"leaf_weight": np.array([1e-30])}, {}, "per-leaf weights"),
+    ("negative_leaf_weight", {"leaf_weight": np.array([-2.0])}, {}, "per-leaf weights"),
+    ("negative_party", {}, {"parties": '[["a", -1.0], ["b", 1.0]]'}, "party's weight"),
+    ("nan_party", {}, {"parties": '[["a", NaN], ["b", 1.0]]'}, "party's weight"),
+    ("negative_round", {}, {"round": "-7"}, "round -7"),
+    ("unknown_algorithm", {}, {"algorithm": '{"name": "nope"}'}, "unknown algorithm"),
+    ("bad_int_rule", {}, {"algorithm": '{"name": "fedavg", "int_leaves": "median"}'}, "int_leaves"),
+    ("deterministic_5000", {}, {"algorithm": '{"name": "fedavg", "deterministic": 5000}'}, "deterministic"),
+    ("wrapping_shape", {}, {"layout": None}, "values"),
+])
+def test_a_checksummed_state_a_fold_could_not_have_made_is_refused(what, tensors_edit, meta_edit, match):
+    """SHA-256 is unkeyed: anyone can re-sign a file. Values no fold makes (a NaN accumulator merged into a NaN
+    model; a leaf weight of 1e-30 against parties of weight 2 made a 2e30 model; negative or NaN party weights; a
+    deterministic bound of 2^5000; an algorithm this build does not have; a shape whose int64 product wraps to the
+    file's size) are CorruptState at load, not a wrong model or an untyped error later."""
+    import json
+
+    from jitkernels.state import FoldState, checked_bytes, read_checked_bytes
+
+    agg = jk.Aggregator({"w": np.zeros(4, np.float32)}, backend="numpy", base={"w": np.zeros(4, np.float32)})
+    agg.fold_many([{"w": np.ones(4, np.float32)}] * 2, parties=["a", "b"])
+    tensors, meta = read_checked_bytes(agg.state.to_bytes())
+    FoldState.from_bytes(checked_bytes(tensors, meta))  # as written: loads
+    if meta_edit.get("layout", "") is None:
+        lay = json.loads(meta["layout"])
+        lay["leaves"][0][1] = [2 ** 32, 2 ** 32, 1]
+        meta_edit = {"layout": json.dumps(lay)}
+    with pytest.raises(jk.CorruptState, match=match):
+        FoldState.from_bytes(checked_bytes({**tensors, **tensors_edit}, {**meta, **meta_edit}))
+
+
+def test_a_robust_state_takes_only_the_store_record_a_save_writes(tmp_path):
+    """The robust store's record came to UpdateStore as keyword arguments: a file could name a spill directory
+    (created, and written to) or a budget, ask for 2^50 rows (MemoryError), or list other parties than the state's
+    record (a KeyError at finalize). Only k_max, dtype and parties are read, bounded and checked."""
+    import json
+
+    import jitkernels.robust as R
+    from jitkernels.state import FoldState, checked_bytes, read_checked_bytes
+
+    agg = jk.Aggregator({"w": np.zeros(4, np.float32)}, R.FedMedian())
+    agg.fold_many([{"w": np.full(4, float(i), np.float32)} for i in range(3)], parties=list("abc"))
+    tensors, meta = read_checked_bytes(agg.state.to_bytes())
+    store = json.loads(meta["store"])
+    spill = tmp_path / "chosen"
+    loaded = FoldState.from_bytes(checked_bytes(tensors, dict(meta, store=json.dumps(
+        {**store, "spill_dir": str(spill), "budget_bytes": 0, "over_budget": "spill"}))))
+    assert not loaded.store.spilled and not spill.exists()
+    for bad, match in (({"k_max": 2 ** 50}, "k_max"), ({"parties": ["a", "b", "x"]}, "other parties")):
+        with pytest.raises(jk.CorruptState, match=match):
+            FoldState.from_bytes(checked_bytes(tensors, dict(meta, store=json.dumps({**store, **bad}))))
