@@ -587,6 +587,8 @@ class UpdateStore:
                 budget_bytes=json.loads(meta["budget_bytes"]) if budget_bytes is cls._UNSET else budget_bytes,
                 over_budget=over_budget or meta["over_budget"],
                 spill_dir=json.loads(meta["spill_dir"]) if spill_dir is cls._UNSET else spill_dir)
+        except BudgetExceeded:  # (a MemoryError: the rows pass the budget given, as an add would)
+            raise
         except (KeyError, ValueError, TypeError, OverflowError, MemoryError, OSError) as e:
             raise CorruptState(f"{path}: inconsistent update store ({e})") from e
 
