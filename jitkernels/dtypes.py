@@ -69,7 +69,8 @@ def torch_to_numpy(t):
     """A numpy view of a CPU tensor's memory (no copy), bf16 included. CUDA tensors are refused here."""
     torch = _torch()
     if t.device.type != "cpu":
-        raise TypeError(f"tensor on {t.device}: the CPU backends read host memory; use backend='cupy'")
+        raise TypeError(f"tensor on {t.device}: the CPU backends read host memory" + (
+            "; use backend='cupy'" if t.device.type == "cuda" else ""))
     t = t.detach()
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(bfloat16)

@@ -53,7 +53,14 @@ def _as_array(x, name, party, writable=False):
             raise LayoutMismatch("an output leaf must be C-contiguous", leaf=name, party=party)
         return device_leaf(x)
     if is_torch_tensor(x):
-        x = torch_to_numpy(x)
+        try:  # (sparse, meta, nested, quantized and float8 tensors, and views with the neg or conj bit set)
+            x = torch_to_numpy(x)
+        except (TypeError, RuntimeError) as e:
+            raise LayoutMismatch(f"a torch tensor that numpy cannot read in place: {e}", leaf=name,
+                                 party=party) from None
+    elif isinstance(x, np.ma.MaskedArray):  # np.asarray drops the mask: the masked values would be summed
+        raise LayoutMismatch("a masked array: fill or compress it first (its masked values would be summed)",
+                             leaf=name, party=party)
     elif not isinstance(x, (np.ndarray, np.generic)):
         raise LayoutMismatch(f"expected an array, got {type(x).__name__}", leaf=name, party=party)
     a = np.asarray(x)

@@ -882,3 +882,21 @@ def test_counters_nobody_sent_keep_their_value_in_every_output():
     for p in "abc":
         a.fold({"w": np.ones(2, np.float32), "n": np.int32(v)}, party=p)
     assert a.finalize()["n"] > 0
+
+
+def test_masked_arrays_and_odd_torch_tensors_are_refused_by_leaf():
+    """np.asarray dropped a masked array's mask, so its masked values (1e30 here) were summed; torch tensors numpy
+    cannot view (sparse, meta, quantized, float8, a neg-bit view) raised torch's TypeError or RuntimeError."""
+    torch = pytest.importorskip("torch")
+    agg = jk.Aggregator({"w": np.zeros(4, np.float32)}, backend="numpy")
+    masked = np.ma.MaskedArray(np.array([1, 1, 1, 1e30], np.float32), mask=[0, 0, 0, 1])
+    with pytest.raises(jk.LayoutMismatch, match="'w'.*masked array"):
+        agg.fold({"w": masked}, party="p")
+    odd = [torch.ones(4).to_sparse(), torch.ones(4, device="meta"), torch.ones(4).to(torch.float8_e4m3fn),
+           torch.quantize_per_tensor(torch.ones(4), 0.1, 0, torch.qint8),
+           torch.ones(4, dtype=torch.complex64).conj().imag]
+    tagg = jk.Aggregator({"w": torch.zeros(4)}, backend="numpy")
+    for t in odd:
+        with pytest.raises(jk.LayoutMismatch, match="party 'p', leaf 'w'"):
+            tagg.fold({"w": t}, party="p")
+    assert tagg.state.count == 0 and agg.state.count == 0
