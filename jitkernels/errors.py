@@ -34,11 +34,13 @@ class ValueOutOfRange(AggregationError, ValueError):
 
 
 class InvalidWeight(AggregationError, ValueError):
-    """A weight that is <= 0, NaN or inf."""
+    """A weight that is not a number, or <= 0, NaN or inf."""
 
     def __init__(self, party, weight):
         self.party, self.weight = party, weight
-        super().__init__(f"party {party!r}: weight {weight!r} must be finite and > 0")
+        shown = repr(weight)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."  # (10**400 has 401 digits)
+        super().__init__(f"party {party!r}: weight {shown} must be a finite number > 0")
 
 
 class InvalidUpdateInfo(AggregationError, ValueError):

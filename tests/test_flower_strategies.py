@@ -332,14 +332,17 @@ def test_a_malformed_first_result_is_the_one_named_and_fixes_nothing():
 
 
 def test_a_negative_or_nan_weight_is_refused_naming_the_client():
+    """Also by the rules that ignore weights (the median rules counted a negative or NaN num_examples as 1), and for
+    what is no number (None, a string, 10**400: untyped errors before)."""
     import jitkernels as jk
 
     a = [np.ones(3, np.float32)]
-    for n in (-5, float("nan")):
-        res = [(_Proxy("ok"), _fit_res(a, 10)), (_Proxy("liar"), _fit_res(a, 10))]
-        res[1][1].num_examples = n
-        with pytest.raises(jk.InvalidWeight, match="party 'liar'"):
-            jkfl.FedAvg().aggregate_fit(1, res, [])
+    for strategy in (jkfl.FedAvg, jkfl.FedMedian, lambda: jkfl.Krum(num_malicious_clients=0)):
+        for n in (-5, float("nan"), None, "7", 10 ** 400):
+            res = [(_Proxy("ok"), _fit_res(a, 10)), (_Proxy("liar"), _fit_res(a, 10))]
+            res[1][1].num_examples = n
+            with pytest.raises(jk.InvalidWeight, match="party 'liar'"):
+                strategy().aggregate_fit(1, res, [])
     zero = [(_Proxy("ok"), _fit_res(a, 10)), (_Proxy("idle"), _fit_res([a[0] * 5], 0))]
     p, _ = jkfl.FedAvg().aggregate_fit(1, zero, [])  # a weight of 0 weighs nothing, as in Flower
     np.testing.assert_array_equal(parameters_to_ndarrays(p)[0], a[0])

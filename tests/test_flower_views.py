@@ -48,6 +48,16 @@ def test_malformed_and_unsafe_buffers_are_refused():
     with pytest.raises(jk.LayoutMismatch, match="unpickling"):
         ndarray_view(buf.getvalue(), party="evil", index=0)
 
+    def npy(header: str, data: bytes = b"") -> bytes:
+        h = header.encode().ljust(118) + b"\n"
+        return b"\x93NUMPY\x01\x00" + len(h).to_bytes(2, "little") + h + data
+    # a zero-size dtype matched any shape with 0 data bytes, then frombuffer raised; a bool dimension is an int
+    for bad, what in [(npy("{'descr': '|V0', 'fortran_order': False, 'shape': (1000000000000,), }"), "holds no bytes"),
+                      (npy("{'descr': '<f4', 'fortran_order': False, 'shape': (True,), }", b"\0" * 4), "bad shape"),
+                      (None, "expected the bytes"), ("text", "expected the bytes")]:
+        with pytest.raises(jk.LayoutMismatch, match=what):
+            ndarray_view(bad, party="evil", index=0)
+
 
 def test_views_fold_in_place():
     rng = np.random.default_rng(0)

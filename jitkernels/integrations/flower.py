@@ -67,7 +67,11 @@ def ndarray_view(buf: bytes, *, party=None, index: int | None = None) -> np.ndar
     Raises :class:`~jitkernels.errors.LayoutMismatch` (naming the party and the array's index) for anything else:
     a truncated buffer, an object dtype (which would need unpickling), a bad header."""
     where = f"array {index}" if index is not None else None
-    mv = memoryview(buf)
+    try:
+        mv = memoryview(buf)
+    except TypeError:
+        raise LayoutMismatch(f"expected the bytes of a .npy array, got {type(buf).__name__}", leaf=where,
+                             party=party) from None
     if bytes(mv[:6]) != _MAGIC or len(mv) < 10:
         raise LayoutMismatch("not a .npy serialized array", leaf=where, party=party)
     major = mv[6]
@@ -82,8 +86,10 @@ def ndarray_view(buf: bytes, *, party=None, index: int | None = None) -> np.ndar
         raise LayoutMismatch("object arrays are refused (they would need unpickling)", leaf=where, party=party)
     if dtype.subdtype is not None:  # np.load would return another shape than the header's
         raise LayoutMismatch(f"subarray dtype {dtype} in the .npy header", leaf=where, party=party)
-    if any(not isinstance(d, int) or d < 0 for d in shape):
+    if not isinstance(shape, tuple) or any(type(d) is not int or d < 0 for d in shape):  # (True is an int)
         raise LayoutMismatch(f"bad shape {shape!r} in the .npy header", leaf=where, party=party)
+    if dtype.itemsize == 0:  # |V0, |S0: any shape matched the 0 data bytes
+        raise LayoutMismatch(f"dtype {dtype} in the .npy header holds no bytes", leaf=where, party=party)
     count = 1
     for d in shape:  # Python ints: a crafted (2^32, 2^32) wrapped to 0 in int64 and passed the size check
         count *= d
@@ -201,14 +207,16 @@ class _Runner:
         is then the one named, whatever its place), and a failed first fold fixes nothing. A float64 model (or base)
         is accumulated in float64, as Flower's numpy computes in the model's dtype: float32 accumulation lost
         updates below its resolution."""
+        # num_examples: 0 weighs nothing (Flower's too); a negative, non-finite or non-number one is refused, naming
+        # the result (it was left out as if it weighed 0, or counted as 1 by the median rules)
+        weights = [0.0 if type(w) in (int, float) and w == 0 else jk.check_weight(w, p)
+                   for w, p in zip(weights, parties)]
         infos = None
         if "mass" in getattr(self.algorithm, "info_keys", ()):  # Krum: Flower scores results of weight 0 too
-            infos = [{"mass": float(w)} for w in weights]
+            infos = [{"mass": w} for w in weights]
             weights = [1.0] * len(weights)
         elif not getattr(self.algorithm, "uses_weights", True):  # median & co.: Flower counts every result
-            weights = [w if w > 0 else 1.0 for w in weights]
-        # a weight of 0 weighs nothing (Flower's too); a negative or non-finite one is the aggregator's to refuse,
-        # naming the result (it was left out as if it weighed 0)
+            weights = [w or 1.0 for w in weights]
         kept = [j for j, w in enumerate(weights) if w != 0]
         if len(kept) < len(weights):
             log.info("jitkernels: %d result(s) with weight 0 left out", len(weights) - len(kept))
@@ -233,7 +241,7 @@ class _Runner:
             self.agg.reset(tree(base), reuse=True)
         try:
             self.agg.fold_many([tree(u) for u in self._conform([views[j] for j in kept], [parties[j] for j in kept])],
-                               [float(weights[j]) for j in kept], [parties[j] for j in kept],
+                               [weights[j] for j in kept], [parties[j] for j in kept],
                                None if infos is None else [infos[j] for j in kept])
         except BaseException:
             if fresh:  # the next round's results fix the layout
