@@ -58,11 +58,12 @@ def _as_array(x, name, party, writable=False):
         except (TypeError, RuntimeError) as e:
             raise LayoutMismatch(f"a torch tensor that numpy cannot read in place: {e}", leaf=name,
                                  party=party) from None
-    elif isinstance(x, np.ma.MaskedArray):  # np.asarray drops the mask: the masked values would be summed
-        raise LayoutMismatch("a masked array: fill or compress it first (its masked values would be summed)",
-                             leaf=name, party=party)
-    elif not isinstance(x, (np.ndarray, np.generic)):
-        raise LayoutMismatch(f"expected an array, got {type(x).__name__}", leaf=name, party=party)
+    elif type(x) is not np.ndarray:
+        if isinstance(x, np.ma.MaskedArray):  # np.asarray drops the mask: the masked values would be summed
+            raise LayoutMismatch("a masked array: fill or compress it first (its masked values would be summed)",
+                                 leaf=name, party=party)
+        if not isinstance(x, (np.ndarray, np.generic)):
+            raise LayoutMismatch(f"expected an array, got {type(x).__name__}", leaf=name, party=party)
     a = np.asarray(x)
     if writable and not (a.dtype.isnative and a.flags.c_contiguous and a.flags.writeable):
         raise LayoutMismatch("an output leaf must be writeable, C-contiguous and native-endian", leaf=name,

@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import tempfile
 import threading
 
@@ -490,6 +491,8 @@ def read_checked(path: str, what: str = "file") -> tuple:
     :class:`CorruptState` if it is truncated, altered or not such a file. Nothing is unpickled."""
     from safetensors import SafetensorError, safe_open
 
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open for ever (holding the GIL)
+        raise CorruptState(f"{path}: not a regular file")
     try:
         with safe_open(path, framework="np") as f:
             meta = dict(f.metadata() or {})

@@ -107,15 +107,51 @@ def encode_leaves(leaves) -> tuple:
 
 
 def decode_leaves(tensors, dtypes, n_leaves) -> list:
+    """The leaves :func:`encode_leaves` wrote; ValueError where the record does not describe the tensors (a file
+    it did not write: a leaf index past the layout, an entry of another form, values of another dtype)."""
+    if not isinstance(dtypes, dict):
+        raise ValueError(f"the leaves record is a {type(dtypes).__name__}, not a mapping")
     out = [None] * n_leaves
-    for key, (name, block) in dtypes.items():
-        i = int(key)
+    for key, entry in dtypes.items():
+        if not (_is_count(key) and int(key) < n_leaves and isinstance(entry, list) and len(entry) == 2):
+            raise ValueError(f"leaf record {key!r}: {entry!r} (the layout has {n_leaves} leaves)")
+        (name, block), i = entry, int(key)
         if name == "int8":
-            out[i] = jk.Quantized(tensors[f"{key}.q"], tensors[f"{key}.s"], block)
+            q, scale = tensors[f"{key}.q"], tensors[f"{key}.s"]
+            if q.dtype != np.int8:
+                raise ValueError(f"leaf {i}: int8 values stored as {q.dtype}")
+            out[i] = jk.Quantized(q, scale, block)
         else:
             a = tensors[key]
+            if dtype_name(a.dtype) != ("uint16" if name == "bfloat16" else name):
+                raise ValueError(f"leaf {i}: {name} values stored as {a.dtype}")
             out[i] = a.view(jk.bfloat16) if name == "bfloat16" else a
     return out
+
+
+def _check_entry(m) -> None:
+    """A job's manifest entry as commits write it (a checksum anyone can compute vouches for nothing): a round
+    number, state and carry files in states/, result files in results/ by round, failures as [type, message],
+    parties as [id, update id] pairs. A path elsewhere (/etc/passwd, a FIFO that hung the open) is refused."""
+    def named(rel, folder, suffix):
+        return (isinstance(rel, str) and os.path.dirname(rel) == folder and rel.endswith(suffix)
+                and os.path.basename(rel) not in ("", ".", ".."))
+    rounds = lambda d: isinstance(d, dict) and all(isinstance(k, str) and _is_count(k) for k in d)  # noqa: E731
+    ok = (isinstance(m, dict) and (m.get("round") is None or type(m["round"]) is int and m["round"] >= 0)
+          and all(m.get(k) is None or named(m[k], "states", ".jks") for k in ("state", "carry"))
+          and rounds(m.get("results", {})) and all(named(v, "results", ".jkr") for v in m.get("results", {}).values())
+          and rounds(m.get("failed", {})) and all(isinstance(v, list) and len(v) == 2 and all(
+              isinstance(x, str) for x in v) for v in m.get("failed", {}).values())
+          and isinstance(m.get("parties", []), list) and all(
+              isinstance(e, list) and len(e) == 2 for e in m.get("parties", []))
+          and isinstance(m.get("dropped", []), list) and isinstance(m.get("predictor") or [], list))
+    if not ok:
+        raise jk.CorruptState(f"a job entry not as a commit writes it: {json.dumps(m)[:200]}")
+
+
+def _is_count(name: str) -> bool:
+    """A directory or key name that is a round or leaf number (str.isdigit takes '²', which int() refuses)."""
+    return name.isascii() and name.isdecimal()
 
 
 class StateDir:
@@ -260,7 +296,7 @@ class StateDir:
         out = []
         if not os.path.isdir(root):
             return out
-        for rdir in sorted((d for d in os.listdir(root) if d.isdigit()), key=int):
+        for rdir in sorted((d for d in os.listdir(root) if _is_count(d)), key=int):
             r = int(rdir)
             if r in done or (cur is not None and r < cur):
                 continue
@@ -281,14 +317,17 @@ class StateDir:
                             UPDATE_FORMAT, json.dumps(job), str(r), json.dumps(party)):
                         raise jk.CorruptState(f"it was written for job {m.get('job')}, round {m.get('round')}, "
                                               f"party {m.get('party')} ({m.get('format')}), not where it lies")
-                except (jk.CorruptState, KeyError, ValueError) as e:
+                    uid, weight = json.loads(m["update_id"]), jk.check_weight(float(m["weight"]), party)
+                    carried = json.loads(m.get("carried_from", "null"))
+                    if carried is not None and not (type(carried) is int and carried < r):
+                        raise ValueError(f"carried from round {carried!r}")
+                except (jk.CorruptState, jk.InvalidWeight, KeyError, ValueError, TypeError) as e:
                     log.warning("skipping damaged update file %s: %s", path, e)
                     continue
                 if m.get("layout") != fingerprint:
                     raise jk.LayoutMismatch(f"update file {path} was written for layout {m.get('layout')}; the "
                                             f"job's layout is {fingerprint} (its template changed?)", party=party)
-                out.append((r, party, json.loads(m["update_id"]), float(m["weight"]),
-                            json.loads(m.get("carried_from", "null"))))
+                out.append((r, party, uid, weight, carried))
         moved = {(c, _key(p)) for _, p, _, _, c in out if c is not None}
         return [(r, p, u, w) for r, p, u, w, _ in out if (r, _key(p)) not in moved]
 
@@ -401,6 +440,7 @@ class StateDir:
                                           f"{VERSION}")
                 jobs = {unident(j): m for j, m in body["jobs"].items()}
                 for m in jobs.values():
+                    _check_entry(m)
                     if m.get("state"):
                         st = jk.FoldState.load(os.path.join(self.path, m["state"]))
                         if set(map(_key, st.parties)) != {_key(p) for p, _ in m["parties"]}:
@@ -455,7 +495,7 @@ class StateDir:
                 continue
             done, cur = set(map(int, m.get("results", {}))), m.get("round")
             covered = {_key(p) for p, _ in m.get("parties", [])}
-            for rdir in (d for d in os.listdir(root) if d.isdigit()):
+            for rdir in (d for d in os.listdir(root) if _is_count(d)):
                 r = int(rdir)
                 for f in os.listdir(os.path.join(root, rdir)):
                     if not f.endswith(".jku"):  # the writer thread's temp file of an update being persisted

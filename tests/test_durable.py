@@ -1294,3 +1294,62 @@ def test_a_missing_result_fails_its_round_only(tmp_path):
     assert isinstance(rec.result("j", 0).exception(timeout=5), jk.CorruptState)
     np.testing.assert_array_equal(rec.result("j", 1).result(timeout=5)["w"], np.full(8, 2.0, np.float32))
     rec.close()
+
+
+@pytest.mark.parametrize("edit", ["state_elsewhere", "fifo", "round_str", "results_key", "failed_entry", "predictor"])
+def test_a_resigned_manifest_entry_no_commit_writes_is_refused(tmp_path, edit):
+    """A manifest's checksum anyone can compute: its entries are checked as commits write them. A state file named
+    outside states/ was opened (/etc/passwd read; a FIFO blocked the open for ever, with the GIL held); a round as
+    a string, a results key 'zero', a failure that is no pair, a predictor that is no list raised untyped errors
+    in recovery. Each is now a damaged generation: the previous one is used, or CorruptState."""
+    from scheduler.durable import _digest
+
+    s = _sched(tmp_path)
+    s.add_job(_small_job())
+    for p in "abc":
+        s.submit("j", 0, p, {"w": np.ones(8, np.float32)})
+    s.clock.run()
+    s.close()
+    newest = sorted(tmp_path.glob("manifest-0*.json"))[-1]
+    body = json.loads(newest.read_text())
+    body.pop("checksum")
+    (m,) = body["jobs"].values()
+    if edit == "fifo":
+        os.mkfifo(tmp_path / "states" / "x.jks")
+    m.update({"state_elsewhere": {"state": "/etc/passwd"}, "fifo": {"state": "states/x.jks"},
+              "round_str": {"round": "1"}, "results_key": {"results": {"zero": "results/x.jkr"}},
+              "failed_entry": {"failed": {"0": "boom"}}, "predictor": {"predictor": "garbage"}}[edit])
+    body["checksum"] = _digest(body)
+    newest.write_text(json.dumps(body))
+    try:
+        d = StateDir(tmp_path)
+    except jk.CorruptState:
+        return
+    assert d.fallbacks and newest.name in d.fallbacks[0][0]
+    d.close()
+
+
+def test_update_files_whose_records_no_write_makes_are_skipped(tmp_path, caplog):
+    """An update file with a leaf record past the layout, of another form, or of another dtype than its tensor,
+    or a weight or update id that is no number or JSON, is skipped as damaged (untyped TypeError, JSONDecodeError
+    or a fold that never finished before); so is a round folder named '²' (isdigit took it, int() did not)."""
+    import logging
+
+    from jitkernels.state import checked_bytes, read_checked
+
+    s = _sched(tmp_path, checkpoint_bytes=None)
+    s.add_job(_small_job())
+    s.submit("j", 0, "a", {"w": np.ones(8, np.float32)}, update_id="a").durable.result(timeout=10)
+    s.close()
+    (path,) = (tmp_path / "updates").rglob("*.jku")
+    tensors, meta = read_checked(str(path))
+    (tmp_path / "updates" / path.parent.parent.name / "²").mkdir()
+    for bad in ({"leaves": '{"7": ["float32", null]}'}, {"leaves": '{"0": 5}'}, {"leaves": '{"0": ["int8", 4]}'},
+                {"weight": "nan"}, {"weight": "-3"}, {"update_id": "{x"}):
+        path.write_bytes(checked_bytes(tensors, {**meta, **bad}))
+        with caplog.at_level(logging.WARNING, logger="jitkernels.scheduler"):
+            rec = JITScheduler.recover(tmp_path, [_small_job()], policy="eager", slots=1, clock=VirtualClock())
+        assert not rec.jobs["j"].open.acked and any("skipping damaged update file" in r.message
+                                                    for r in caplog.records), bad
+        rec.close()
+        caplog.clear()
