@@ -291,6 +291,7 @@ class _JobState:
         self.seen: dict = {}  # (round, party) acknowledged -> its update id, for de-duplication
         self.forgotten: int | None = None  # rounds up to this one are finished and no longer held
         self.fold_bytes = 0  # bytes folded since the last checkpoint
+        self.buffered_bytes = 0  # its share of the scheduler's buffered_bytes
         self.spare = None  # an Aggregator to reuse for the next round
         # algorithms that close rounds (server optimizers, DP): the finished round's aggregator, whose state (model,
         # moments, round counter, clip norm) the next round continues
@@ -646,7 +647,7 @@ class JITScheduler:
             rnd.admitted += 1
             rnd.acked.add(party)
             if not spill:
-                self.buffered_bytes += nbytes  # reserved now so that a burst sees its own bytes
+                self._buffered(js, nbytes)  # reserved now so that a burst sees its own bytes
             elif not stored:
                 self.spilled += 1
         if spill:  # held from before its file exists until it is folded, carried or dropped
@@ -786,7 +787,7 @@ class JITScheduler:
         self._log("open_round", js, round=number)
         early, rnd.pending = rnd.pending, []
         for party, item, nbytes, weight in early:  # arrivals that came before the round opened
-            self.buffered_bytes -= nbytes
+            self._buffered(js, -nbytes)
             rnd.unobserved.add(party)  # sent before its round began: no response time (it read as 0 s)
             self._accept(js, rnd, party, item, nbytes, weight, now)
         self._plan(js)
@@ -803,7 +804,7 @@ class JITScheduler:
                 # acknowledged for a round that ended before its arrival came through (its deadline or an unreachable
                 # quorum failed it): a member, it shares the round's fate as the arrived members do. (It was carried
                 # to the next round, where its Ack did not say it counted, and the party's own update was refused.)
-                self.buffered_bytes -= nbytes
+                self._buffered(js, -nbytes)
                 self._observe_late(js, rnd, party)
                 self._log("dropped_with_round", js, round=rnd.number, party=party)
                 if isinstance(item, _Spilled):
@@ -812,7 +813,7 @@ class JITScheduler:
             if js.open is None or rnd.number != js.open.number:
                 rnd.pending.append((party, item, nbytes, weight))  # early: kept until the round opens
                 return
-            self.buffered_bytes -= nbytes
+            self._buffered(js, -nbytes)
             self._accept(js, rnd, party, item, nbytes, weight, now)
             self._plan(js)
 
@@ -821,15 +822,23 @@ class JITScheduler:
         rnd.members.append(party)
         rnd.pending.append((party, item, nbytes, weight))
         rnd.pending_bytes += nbytes
-        self.buffered_bytes += nbytes
-        self.peak_buffered_bytes = max(self.peak_buffered_bytes, self.buffered_bytes)
-        js.metrics.peak_bytes = max(js.metrics.peak_bytes, rnd.pending_bytes)
+        self._buffered(js, nbytes)
         if party not in rnd.unobserved:  # a carried update's time and answer belong to the round before; a
             js.predictor.observe(party, now - rnd.start)  # replayed one's arrival is the restart
         rnd.last_arrival = now
         if len(rnd.members) == rnd.quorum:
             rnd.quorum_time = now
             self._log("quorum", js, round=rnd.number, at=now)
+
+    def _buffered(self, js, delta: int) -> None:
+        """Bytes of admitted updates held in memory (acknowledged, waiting, or being folded), the scheduler's and
+        the job's, and their peaks (the job's was its open round's unfolded bytes: folds in progress and updates
+        sent ahead for a later round were left out)."""
+        self.buffered_bytes += delta
+        js.buffered_bytes += delta
+        if delta > 0:
+            self.peak_buffered_bytes = max(self.peak_buffered_bytes, self.buffered_bytes)
+            js.metrics.peak_bytes = max(js.metrics.peak_bytes, js.buffered_bytes)
 
     def _observe_late(self, js, rnd, party) -> None:
         """The predictor learns a late answer's response time: once per round and party (a refused update's
@@ -1125,7 +1134,7 @@ class JITScheduler:
                 self.executor.fold_many(agg, in_memory)
                 in_memory.clear()
             with self._lock:  # folded: their bytes are free (for the read-back, and for arrivals)
-                self.buffered_bytes -= task.nbytes
+                self._buffered(js, -task.nbytes)
                 task.nbytes = 0
             i = 0
             while i < len(spilled):
@@ -1134,7 +1143,7 @@ class JITScheduler:
                     self.executor.fold_many(agg, [self._read_spilled(js, sp) for sp in spilled[i:i + n]])
                 finally:
                     with self._lock:
-                        self.buffered_bytes -= n * js.update_bytes
+                        self._buffered(js, -n * js.update_bytes)
                         self._overdraft = self._overdraft and not overdraft
                         self._read_back_room.notify_all()
                 i += n
@@ -1180,8 +1189,7 @@ class JITScheduler:
                         overdraft = self._overdraft = True
                         break
                     self._read_back_room.wait(timeout=0.01)  # also woken by other folds' releases
-            self.buffered_bytes += n * js.update_bytes
-            self.peak_buffered_bytes = max(self.peak_buffered_bytes, self.buffered_bytes)
+            self._buffered(js, n * js.update_bytes)
             return n, overdraft
 
     def _read_spilled(self, js, sp):
@@ -1195,7 +1203,7 @@ class JITScheduler:
 
     def _drop_pending(self, js, rnd) -> None:
         """A round ended with updates unfolded: their bytes are freed, and spilled ones' files let go."""
-        self.buffered_bytes -= rnd.pending_bytes
+        self._buffered(js, -rnd.pending_bytes)
         for party, item, _, _ in rnd.pending:
             if isinstance(item, _Spilled):
                 self.store.release(js.job.id, item.round, party)
@@ -1294,7 +1302,7 @@ class JITScheduler:
     def _done(self, js, rnd, task, duration, result, error) -> None:
         with self._lock:
             if self._closed:  # a task that was running at close: its round resolved with SchedulerClosed
-                self.buffered_bytes -= task.nbytes if task.kind == "fold" else 0
+                self._buffered(js, -task.nbytes if task.kind == "fold" else 0)
                 return
             dep = js.deployment
             if dep is not None:
@@ -1302,7 +1310,7 @@ class JITScheduler:
             js.metrics.busy_s += duration
             if task.kind == "fold":
                 rnd.folded += task.n_updates
-                self.buffered_bytes -= task.nbytes
+                self._buffered(js, -task.nbytes)
                 if error is not None:
                     self._fail(js, rnd, error)
                     return

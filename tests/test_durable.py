@@ -327,7 +327,7 @@ def test_one_read_back_at_a_time_goes_past_the_budget():
     from types import SimpleNamespace
 
     sched = JITScheduler(policy="lazy", slots=2, clock=VirtualClock(), byte_budget=1000)
-    js = SimpleNamespace(update_bytes=300)
+    js = SimpleNamespace(update_bytes=300, buffered_bytes=0, metrics=SimpleNamespace(peak_bytes=0))
     sched.buffered_bytes = 1000  # the budget is full
     assert sched._reserve_read_back(js, 5) == (1, True)  # the first goes past it, by one update
     got = []

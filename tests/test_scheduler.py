@@ -824,3 +824,19 @@ def test_scheduler_arguments_and_event_times_are_checked():
             clock.call_at(float("nan"), print)
         if isinstance(clock, RealClock):
             clock.close()
+
+
+def test_a_jobs_peak_buffered_bytes_counts_folds_in_progress_and_early_updates():
+    """The job's metric was its open round's unfolded bytes: an update being folded, or sent ahead for the next
+    round, was buffered (the scheduler's peak counted it) but not the job's (12 MB against 16 MB here)."""
+    clock = VirtualClock()
+    cost = CostModel(backends={"cpu": BackendCost(throughput_Bps=1e6, call_s=0.0)})  # a 4 MB fold takes ~4 s
+    s = JITScheduler(policy="eager", slots=1, clock=clock, cost=cost)
+    s.add_job(Job("j", parties=list(range(4)), quorum=4, rounds=2, model_elems=1_000_000, update_bytes=4_000_000))
+    for i in range(4):
+        clock.call_at(float(i), lambda i=i: s.submit("j", 0, i, None, 1.0))
+    clock.call_at(1.5, lambda: s.submit("j", 1, 0, None, 1.0))  # ahead, for round 1
+    clock.run(until=60.0)
+    assert s.metrics()["j"]["peak_bytes_buffered"] == s.peak_buffered_bytes >= 16_000_000
+    assert s.jobs["j"].buffered_bytes == s.buffered_bytes
+    s.close()
