@@ -667,9 +667,9 @@ class JITScheduler:
         return Ack(job_id, round, party, True, durable)
 
     def result(self, job_id: str, round: int) -> Future:
-        """The future model of a round (resolves when it is finalized, or with its error). The last ``keep_rounds``
-        finished rounds are held; an older one raises :class:`RoundForgotten` (with a state directory, the
-        directory keeps as many)."""
+        """The future model of a round (resolves when it is finalized, or with its error). At least the last
+        ``keep_rounds`` finished rounds are held (up to twice as many: older ones go in batches); one let go raises
+        :class:`RoundForgotten` (with a state directory, the directory keeps the last ``keep_rounds``)."""
         with self._lock:
             js = self._job(job_id)
             round = _round_number(job_id, round)
