@@ -20,9 +20,10 @@ import numpy as np
 from . import backends
 from .batch import ABSENT, build_groups, dtype_code, leaf_entry, stack_entries
 from .dtypes import Quantized
-from .device import DeviceLeaf
+from .device import DeviceLeaf, to_host
 from .errors import InvalidWeight, LayoutMismatch, NonFiniteUpdate, ValueOutOfRange
 from .parties import anonymous_party, check_party
+from .state import BINNED_INT_HEADROOM
 
 try:
     from . import _core
@@ -323,14 +324,35 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
 
 
 def admit_many(updates, layout, *, weights=None, parties=None, base=None, backend="auto", acc_dtype="float32",
-               copy=False, partial=False, bound=None, host_base=None) -> list:
+               copy=False, partial=False, bound=None, host_base=None, sum_ints=True) -> list:
     """Admit k updates with one stats call per input dtype. Raises on the first bad update (in order); nothing
     is returned (so nothing is folded) unless all pass. ``bound`` (deterministic mode) caps ``weight * max|x|``.
-    Updates in GPU memory need ``backend`` "cupy" (or "auto" with the GPU backend available)."""
+    Updates in GPU memory need ``backend`` "cupy" (or "auto" with the GPU backend available). ``sum_ints``: integer
+    leaves are summed (the aggregator's int_leaves="mean"), so their terms are held to the limit too."""
     prep = prepare(updates, layout, weights=weights, parties=parties, backend=backend, copy=copy, partial=partial)
     _, *stats = batch_stats(layout, prep.leaves, base=base, host_base=host_base, backend=backend,
                             acc_dtype=acc_dtype, on_device=prep.on_device, entries=prep.entries)
-    return check(prep, layout, stats, acc_dtype=acc_dtype, bound=bound, against_base=base is not None)
+    admitted = check(prep, layout, stats, acc_dtype=acc_dtype, bound=bound, against_base=base is not None)
+    if sum_ints and layout.int_leaves and bound != math.inf:
+        _check_int_terms(prep, layout, *((headroom(acc_dtype), f"the {acc_dtype} accumulator's headroom")
+                                         if bound is None else (bound * BINNED_INT_HEADROOM,
+                                                                "2^10 x the deterministic bound, for integer leaves")))
+    return admitted
+
+
+def _check_int_terms(prep, layout, limit: float, what: str) -> None:
+    """Integer leaves (counters) are summed as ``weight * x`` in the accumulator: ``weight * max|x|`` within the
+    limit, as a float leaf's, checked here on arrival (the fold checks again with the algorithm's fold weight). The
+    fold found them first: a scheduler acknowledged the update, and its round failed for every party."""
+    for w, leaves, party in zip(prep.weights, prep.leaves, prep.parties):
+        for i in layout.int_leaves:
+            a = leaves[i]
+            if a is None or not a.size:
+                continue
+            t = w * float(np.abs(to_host(a).astype(np.float64)).max())
+            if not t <= limit:
+                raise ValueOutOfRange(f"party {party!r}: leaf {layout.leaves[i].name!r}: weight * max|x| = {t:.6g} "
+                                      f"exceeds {limit:.6g} ({what})")
 
 
 def admit(update, layout, *, weight=1.0, party=None, base=None, backend="auto", acc_dtype="float32", copy=False,

@@ -263,7 +263,8 @@ class Aggregator:
                               host_base=host_base, backend=self.backend, acc_dtype=self.acc_dtype,
                               copy=self.copy, partial=self.partial,
                               # buffered rules keep values, they do not sum them: no accumulator headroom to keep
-                              bound=2.0 ** st.bound_log2 if st.deterministic else (math.inf if self.buffered else None))
+                              bound=2.0 ** st.bound_log2 if st.deterministic else (math.inf if self.buffered else None),
+                              sum_ints=st.algorithm.get("int_leaves", "mean") == "mean")
         for a, i in zip(admitted, infos):
             a.info = i
             if a.against_base:

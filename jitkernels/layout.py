@@ -170,6 +170,11 @@ class Layout:
         return cls(leaves, d["treedef"], d.get("array_type", "numpy"))
 
     @cached_property
+    def int_leaves(self) -> tuple:
+        """Indices of the integer (and bool) leaves: counters, which the float kernels do not fold."""
+        return tuple(i for i, leaf in enumerate(self.leaves) if not is_float_name(leaf.dtype))
+
+    @cached_property
     def fingerprint(self) -> str:
         """Hash of names, shapes, dtypes and nesting (not of the array type): equal layouts can merge."""
         d = self.to_json()

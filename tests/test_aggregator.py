@@ -238,6 +238,16 @@ def test_an_integer_leaf_beyond_the_accumulators_headroom_is_refused_on_every_pa
     ok = jk.Aggregator(t, backend=backend, acc_dtype="float64")  # within a float64 accumulator's headroom
     ok.fold(big, weight=1e20, party="big")
     assert int(ok.finalize()["n"]) == 2 ** 62
+    # on arrival: admission refused nothing here, so a scheduler acknowledged the update and its round then failed
+    # for every party (deterministic: 5,000 samples x a BatchNorm counter of 300,000 is past 2^30)
+    with pytest.raises(jk.ValueOutOfRange, match="'big'.*leaf 'n'"):
+        jk.Aggregator(t, backend=backend).admit(big, 1e20, "big")
+    det = jk.Aggregator(t, backend=backend, deterministic=True)
+    with pytest.raises(jk.ValueOutOfRange, match="'bn'.*leaf 'n'.*deterministic bound"):
+        det.admit({"w": np.ones(2, np.float32), "n": np.array(300_000, np.int64)}, 5000, "bn")
+    maxrule = jk.Aggregator(t, backend=backend, int_leaves="max")  # not summed: nothing to hold
+    maxrule.fold(maxrule.admit(big, 1e20, "big"))
+    assert int(maxrule.finalize()["n"]) == 2 ** 62
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -840,3 +840,18 @@ def test_a_jobs_peak_buffered_bytes_counts_folds_in_progress_and_early_updates()
     assert s.metrics()["j"]["peak_bytes_buffered"] == s.peak_buffered_bytes >= 16_000_000
     assert s.jobs["j"].buffered_bytes == s.buffered_bytes
     s.close()
+
+
+def test_an_integer_leaf_past_the_limit_is_refused_at_submit():
+    """The fold found it: the update was acknowledged and its round failed for every party. 5,000 samples x a
+    BatchNorm counter of 300,000 is past a deterministic job's 2^30 for integer leaves."""
+    t = {"w": np.zeros(2, np.float32), "n": np.zeros((), np.int64)}
+    s = JITScheduler("eager", clock=VirtualClock())
+    s.add_job(Job("j", template=t, parties=["a", "b"], quorum=2, rounds=1, deterministic=True))
+    with pytest.raises(jk.ValueOutOfRange, match="'a'.*leaf 'n'"):
+        s.submit("j", 0, "a", {"w": np.ones(2, np.float32), "n": np.array(300_000, np.int64)}, weight=5000)
+    for p in "ab":
+        s.submit("j", 0, p, {"w": np.ones(2, np.float32), "n": np.array(3, np.int64)}, weight=5000)
+    s.clock.run()
+    assert int(s.result("j", 0).result(timeout=1)["n"]) == 3
+    s.close()
