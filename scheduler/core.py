@@ -201,6 +201,7 @@ class _Spilled:
     party: object
     weight: float
     durable: Future
+    info: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -323,10 +324,17 @@ class _JobState:
         """Predictor positions of the expected parties that have not arrived in ``rnd``."""
         return self.expected_idx[~self.flags(rnd)]
 
-    def admit(self, update, weight, party):
-        """Validate one update for this job, against the bound its aggregator will use."""
-        return jk.admit_many([update], self.layout, weights=[weight], parties=[party], backend=self.job.backend,
-                             acc_dtype=self.acc_dtype, bound=self._admit_bound)[0]
+    def admit(self, update, weight, party, info=None):
+        """Validate one update for this job, against the bound its aggregator will use, with the per-update values
+        its algorithm reads (``steps`` for FedNova, ``staleness`` for FedBuff)."""
+        u = jk.admit_many([update], self.layout, weights=[weight], parties=[party], backend=self.job.backend,
+                          acc_dtype=self.acc_dtype, bound=self._admit_bound)[0]
+        u.info = self.algorithm.check_info(info or {}, party)
+        return u
+
+    @functools.cached_property
+    def algorithm(self):
+        return jk.algorithms.resolve(self.job.algorithm)
 
     @functools.cached_property
     def _admit_bound(self):
@@ -518,12 +526,15 @@ class JITScheduler:
                 del self.jobs[job.id]
                 raise
 
-    def submit(self, job_id: str, round: int, party, update=None, weight: float = 1.0, update_id=None) -> Ack:
+    def submit(self, job_id: str, round: int, party, update=None, weight: float = 1.0, update_id=None,
+               **info) -> Ack:
         """Admit (validate) an update here, in the caller's thread, and hand it to the scheduler. Returns at once:
         folding happens later, on an aggregator slot; with a state directory, ``Ack.durable`` resolves once the
         update is on disk. Bad updates raise their typed error here. A resend of an acknowledged update with the
         same ``update_id`` is acknowledged again (``duplicate=True``) and not counted twice; another update from
-        the same party for the same round raises :class:`~jitkernels.DuplicateParty`."""
+        the same party for the same round raises :class:`~jitkernels.DuplicateParty`. ``info``: the per-update
+        values the job's algorithm reads (``steps=`` for FedNova, ``staleness=`` for FedBuff), checked here and
+        persisted with the update."""
         js = self._job(job_id)
         round = _round_number(job_id, round)
         try:
@@ -544,19 +555,19 @@ class JITScheduler:
             else:
                 failed = False
         if failed:  # the original's write failed (e.g. a full disk): the resend is written again
-            item = js.admit(update, weight, party)
+            item = js.admit(update, weight, party, info)
             durable = self._persist(js, round, party, update_id, weight, item)
             with self._lock:
                 js.rounds[round].durable[party] = durable
             return Ack(job_id, round, party, True, durable, duplicate=True)
-        return self._submit(js, round, party, update, weight, update_id, persist=True)
+        return self._submit(js, round, party, update, weight, update_id, persist=True, info=info)
 
     def _persist(self, js, round, party, update_id, weight, item) -> Future:
         """Hand an acknowledged update to the state directory's writer (SchedulerClosed if close() came after the
         caller's check: the writer is shut down)."""
         try:
             return self.store.persist_update(js.job.id, round, party, update_id, float(weight), item.leaves,
-                                             js.layout.fingerprint)
+                                             js.layout.fingerprint, item.info)
         except RuntimeError:
             if self._closed:
                 raise SchedulerClosed(f"job {js.job.id!r}: the scheduler closed while it took the update from "
@@ -570,15 +581,16 @@ class JITScheduler:
         durable = rnd.durable.get(party, DURABLE) if rnd is not None else DURABLE
         return Ack(js.job.id, round, party, True, durable, duplicate=True)
 
-    def _submit(self, js, round, party, update, weight, update_id, persist, stored=False) -> Ack:
+    def _submit(self, js, round, party, update, weight, update_id, persist, stored=False, info=None) -> Ack:
         """``stored``: an update replayed from its file after a restart (``update`` is None): it takes no memory
         and no budget, and is read back (and admitted again) when it is folded, as a spilled one is."""
         job_id = js.job.id
         acked_round = round
+        info = js.algorithm.check_info(info or {}, party)
         if stored:
             item, nbytes = None, 0
         elif js.layout is not None:
-            item = js.admit(update, weight, party)
+            item = js.admit(update, weight, party, info)
             nbytes = item.nbytes
         else:
             item, nbytes = None, js.update_bytes
@@ -662,7 +674,7 @@ class JITScheduler:
             with self._lock:
                 rnd.durable[party] = durable
         if spill:  # from here on only the file holds it (the writer thread lets the arrays go once written)
-            item, nbytes = _Spilled(round, party, float(weight), durable), 0
+            item, nbytes = _Spilled(round, party, float(weight), durable, info), 0
         self.clock.call_soon_threadsafe(self._on_arrival, js, round, party, item, nbytes, float(weight))
         return Ack(job_id, round, party, True, durable)
 
@@ -1199,7 +1211,7 @@ class JITScheduler:
         durable.result()  # the writer thread may still be writing it
         leaves = self.store.load_update(js.job.id, sp.round, sp.party, len(js.layout))
         self.store.release(js.job.id, sp.round, sp.party)  # folded next: the checkpoint or result covers it
-        return js.admit(js.layout.unflatten(leaves), sp.weight, sp.party)
+        return js.admit(js.layout.unflatten(leaves), sp.weight, sp.party, sp.info)
 
     def _drop_pending(self, js, rnd) -> None:
         """A round ended with updates unfolded: their bytes are freed, and spilled ones' files let go."""
@@ -1284,9 +1296,9 @@ class JITScheduler:
             rnd.folded = rnd.admitted = len(rnd.members)
             if rnd.folded >= rnd.quorum:
                 rnd.quorum_time = self.clock.now()
-        for r, party, uid, weight in replayed:
+        for r, party, uid, weight, info in replayed:
             self._round(js, r).unobserved.add(party)  # it arrives now, in replay: no response time to learn
-            self._submit(js, r, party, None, weight, uid, persist=False, stored=True)
+            self._submit(js, r, party, None, weight, uid, persist=False, stored=True, info=info)
         self._log("resumed", js, round=first, folded=rnd.folded, replayed=len(replayed),
                   fallbacks=len(st.fallbacks), orphans_removed=st.orphans_removed)
         self._plan(js)

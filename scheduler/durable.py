@@ -235,15 +235,16 @@ class StateDir:
     def _update_rel(self, job, rnd: int, party) -> str:
         return os.path.join("updates", ident(job), str(int(rnd)), ident(party) + ".jku")
 
-    def persist_update(self, job, rnd: int, party, update_id, weight: float, leaves, fingerprint: str):
-        """Write one acknowledged update (on the writer thread); returns the future that resolves once it is
-        durable."""
+    def persist_update(self, job, rnd: int, party, update_id, weight: float, leaves, fingerprint: str,
+                       info=None):
+        """Write one acknowledged update (on the writer thread), with its per-update values (``info``); returns the
+        future that resolves once it is durable."""
         def work():
             tensors, dtypes = encode_leaves(leaves)
             meta = {"format": UPDATE_FORMAT, "version": str(VERSION), "job": json.dumps(job),
                     "round": str(int(rnd)), "party": json.dumps(party), "update_id": json.dumps(update_id),
                     "weight": repr(float(weight)), "layout": fingerprint, "leaves": json.dumps(dtypes),
-                    "carried_from": "null"}
+                    "carried_from": "null", "info": json.dumps(info or {})}
             # save_file, not save: building the bytes would hold the GIL (22 ms for 32 MB), and submit waits on it
             self._write("update", self._update_rel(job, rnd, party), checked_writer(tensors, meta))
             return True
@@ -282,7 +283,7 @@ class StateDir:
         return decode_leaves(tensors, json.loads(m["leaves"]), n_leaves)
 
     def stored_updates(self, job, n_leaves: int, fingerprint: str) -> list:
-        """[(round, party, update_id, weight)] of ``job``'s updates on disk that the committed generation does not
+        """[(round, party, update_id, weight, info)] of ``job``'s updates on disk that the committed generation does not
         cover, in (round, file name) order. Each file is read and verified here, one at a time, and its leaves are
         not kept (:meth:`load_update` reads them when they are folded). A damaged file is skipped and logged (it
         never became durable: the rename is atomic); a file written for another layout than ``fingerprint`` (the
@@ -321,15 +322,18 @@ class StateDir:
                     carried = json.loads(m.get("carried_from", "null"))
                     if carried is not None and not (type(carried) is int and carried < r):
                         raise ValueError(f"carried from round {carried!r}")
+                    info = json.loads(m.get("info", "{}"))  # (files written before info was saved: none)
+                    if not isinstance(info, dict):
+                        raise ValueError(f"per-update values {info!r}")
                 except (jk.CorruptState, jk.InvalidWeight, KeyError, ValueError, TypeError) as e:
                     log.warning("skipping damaged update file %s: %s", path, e)
                     continue
                 if m.get("layout") != fingerprint:
                     raise jk.LayoutMismatch(f"update file {path} was written for layout {m.get('layout')}; the "
                                             f"job's layout is {fingerprint} (its template changed?)", party=party)
-                out.append((r, party, uid, weight, carried))
-        moved = {(c, _key(p)) for _, p, _, _, c in out if c is not None}
-        return [(r, p, u, w) for r, p, u, w, _ in out if (r, _key(p)) not in moved]
+                out.append((r, party, uid, weight, info, carried))
+        moved = {(c, _key(p)) for _, p, _, _, _, c in out if c is not None}
+        return [(r, p, u, w, i) for r, p, u, w, i, _ in out if (r, _key(p)) not in moved]
 
     # --- generations ---------------------------------------------------------------------------------------------
     def checkpoint(self, job, rnd: int, state: jk.FoldState, update_ids: dict) -> bool:

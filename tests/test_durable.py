@@ -640,7 +640,7 @@ def test_an_update_carried_late_is_replayed_only_where_it_was_carried(tmp_path):
     sd.persist_update("j", 0, "b", "b0", 1.0, one, "fp").result(timeout=10)
     sd.hold("j", 0, "a")
     sd.carry_update("j", 0, 1, "a", 0.5).result(timeout=10)  # a replayed update that came out late, filed again
-    assert [(r, p, w) for r, p, _, w in sd.stored_updates("j", 1, "fp")] == [(0, "b", 1.0), (1, "a", 0.5)]
+    assert [(r, p, w) for r, p, _, w, _ in sd.stored_updates("j", 1, "fp")] == [(0, "b", 1.0), (1, "a", 0.5)]
     sd.close()
 
 
@@ -1353,3 +1353,29 @@ def test_update_files_whose_records_no_write_makes_are_skipped(tmp_path, caplog)
                                                     for r in caplog.records), bad
         rec.close()
         caplog.clear()
+
+
+@pytest.mark.parametrize("spill", [False, True], ids=["in-memory", "spilled"])
+def test_per_update_values_reach_the_fold_and_survive_a_restart(tmp_path, spill):
+    """A FedNova job could not run under the scheduler: submit had no way to pass steps=, every update was
+    acknowledged and every round failed with InvalidUpdateInfo. submit takes them (checked there), the update file
+    keeps them, and a replay after a restart folds with them; the result equals one aggregator's."""
+    t = {"w": np.zeros(4, np.float32)}
+    job = Job("j", template=t, parties=["a", "b", "c"], quorum=3, rounds=1, algorithm="fednova", deterministic=True)
+    ups = {p: {"w": np.full(4, float(i + 1), np.float32)} for i, p in enumerate("abc")}
+    steps = {"a": 2, "b": 5, "c": 1}
+    s = JITScheduler("lazy", slots=1, clock=VirtualClock(), state_dir=tmp_path,
+                     **({"byte_budget": 0, "overflow": "spill"} if spill else {}))
+    s.add_job(job)
+    with pytest.raises(jk.InvalidUpdateInfo, match="'a'.*steps"):
+        s.submit("j", 0, "a", ups["a"])
+    for p in "ab":
+        s.submit("j", 0, p, ups[p], weight=10.0, update_id=p, steps=steps[p]).durable.result(timeout=10)
+    s.close()
+    rec = JITScheduler.recover(tmp_path, [job], policy="lazy", slots=1, clock=VirtualClock())
+    rec.submit("j", 0, "c", ups["c"], weight=10.0, update_id="c", steps=steps["c"])
+    rec.clock.run()
+    want = jk.Aggregator(t, "fednova", base=t, deterministic=True)
+    want.fold_many([ups[p] for p in "abc"], [10.0] * 3, list("abc"), [{"steps": steps[p]} for p in "abc"])
+    np.testing.assert_array_equal(rec.result("j", 0).result(timeout=5)["w"], want.finalize()["w"])
+    rec.close()
