@@ -753,8 +753,19 @@ class JITScheduler:
     def work_estimate(self, js: _JobState, rnd: _Round) -> float:
         """Seconds of work left for a round: fold what is not folded yet (in one batch), then finalize."""
         remaining = max(rnd.quorum - rnd.folded, 0)
-        return (self.cost.fold_s(remaining * js.update_bytes, remaining, js.model_elems)
-                + self.cost.finalize_s(js.model_elems))
+        return (self.cost.fold_s(remaining * js.update_bytes, remaining, js.model_elems, **self._priced(js))
+                + self.cost.finalize_s(js.model_elems, **self._priced(js)))
+
+    def _priced(self, js) -> dict:
+        """The job's own cost-model entry and accumulator bytes where they differ from the model's defaults: a GPU
+        job's host updates pay the bus, a deterministic job moves 16 bytes per element (both were priced as the
+        scheduler-wide backend's float32 job, and JIT deployed them late)."""
+        out = {}
+        if js.job.backend == "cupy" and "cupy" in self.cost.backends:
+            out["backend"] = "cupy"
+        if js.job.deterministic or js.job.acc_dtype != "float32":
+            out["acc_itemsize"] = 16 if js.job.deterministic else np.dtype(js.job.acc_dtype).itemsize
+        return out
 
     # --- internals: rounds ----------------------------------------------------------------------------------------
     def _job(self, job_id) -> _JobState:
@@ -1104,7 +1115,7 @@ class JITScheduler:
             nbytes = rnd.pending_bytes  # in memory; spilled (and replayed) updates are read back by the fold
             rnd.pending_bytes = 0
             work = nbytes + js.update_bytes * sum(isinstance(it, _Spilled) for _, it, _, _ in batch)
-            est = self.cost.fold_s(work, len(batch), js.model_elems)
+            est = self.cost.fold_s(work, len(batch), js.model_elems, **self._priced(js))
             fn = None
             if rnd.aggregator is not None:
                 # a late update carried to this round comes with its staleness-scaled weight
@@ -1119,7 +1130,7 @@ class JITScheduler:
             self.executor.run(task, lambda d, r, e, js=js, rnd=rnd, task=task: self._done(js, rnd, task, d, r, e))
             return
         if rnd.quorum_time is not None and rnd.folded >= rnd.quorum:
-            est = self.cost.finalize_s(js.model_elems)
+            est = self.cost.finalize_s(js.model_elems, **self._priced(js))
             fn = rnd.aggregator.finalize if rnd.aggregator is not None else None
             if fn is not None and self.store is not None:
                 fn = functools.partial(self._finalize_durably, js, rnd.number, rnd.aggregator,

@@ -55,18 +55,22 @@ class CostModel:
     def _b(self, backend=None) -> BackendCost:
         return self.backends[backend or self.backend]
 
-    def fold_s(self, update_bytes: float, n_updates: int, model_elems: int, backend=None) -> float:
+    def fold_s(self, update_bytes: float, n_updates: int, model_elems: int, backend=None,
+               acc_itemsize: int | None = None) -> float:
+        """``backend``, ``acc_itemsize``: a job's own (its backend's entry; 8 for a float64 accumulator, 16 for
+        deterministic mode's two), where they differ from the model's defaults."""
         if n_updates <= 0:
             return 0.0
         b = self._b(backend)
-        t = b.call_s + (update_bytes + 2 * model_elems * self.acc_itemsize) / b.throughput_Bps
+        t = b.call_s + (update_bytes + 2 * model_elems * (acc_itemsize or self.acc_itemsize)) / b.throughput_Bps
         if b.h2d_Bps:
             t += update_bytes / b.h2d_Bps
         return t
 
-    def finalize_s(self, model_elems: int, out_itemsize: int = 4, backend=None) -> float:
+    def finalize_s(self, model_elems: int, out_itemsize: int = 4, backend=None,
+                   acc_itemsize: int | None = None) -> float:
         b = self._b(backend)
-        return b.call_s + model_elems * (self.acc_itemsize + out_itemsize) / b.throughput_Bps
+        return b.call_s + model_elems * ((acc_itemsize or self.acc_itemsize) + out_itemsize) / b.throughput_Bps
 
     # --- files -------------------------------------------------------------------------------------------------
     def to_json(self) -> dict:

@@ -855,3 +855,21 @@ def test_an_integer_leaf_past_the_limit_is_refused_at_submit():
     s.clock.run()
     assert int(s.result("j", 0).result(timeout=1)["n"]) == 3
     s.close()
+
+
+def test_a_jobs_work_is_priced_on_its_own_backend_and_accumulator():
+    """work_estimate priced every job as the scheduler-wide backend's float32 job: a GPU job's host updates paid no
+    bus time, a deterministic job's 16 bytes per element were priced as 4 (JIT then deployed them late)."""
+    cost = CostModel(backends={"cpu": BackendCost(10e9, 0.0), "cupy": BackendCost(2000e9, 0.0, h2d_Bps=25e9)})
+    s = JITScheduler("jit", slots=2, clock=VirtualClock(), cost=cost)
+    kw = dict(parties=list(range(10)), quorum=10, rounds=1, model_elems=25_000_000, update_bytes=100_000_000)
+    for jid, extra in (("cpu", {}), ("gpu", {"backend": "cupy"}), ("det", {"deterministic": True}),
+                       ("f64", {"acc_dtype": "float64"})):
+        s.add_job(Job(jid, **kw, **extra))
+    est = {j: s.work_estimate(s.jobs[j], s.jobs[j].open) for j in s.jobs}
+    n, ub = 25_000_000, 1e9
+    assert est["cpu"] == pytest.approx((ub + 2 * n * 4) / 10e9 + n * 8 / 10e9)
+    assert est["gpu"] == pytest.approx((ub + 2 * n * 4) / 2000e9 + ub / 25e9 + n * 8 / 2000e9)
+    assert est["det"] == pytest.approx((ub + 2 * n * 16) / 10e9 + n * 20 / 10e9)
+    assert est["f64"] == pytest.approx((ub + 2 * n * 8) / 10e9 + n * 12 / 10e9)
+    s.close()
