@@ -22,6 +22,7 @@ from .batch import ABSENT, build_groups, dtype_code, leaf_entry, stack_entries
 from .dtypes import Quantized
 from .device import DeviceLeaf, to_host
 from .errors import InvalidWeight, LayoutMismatch, NonFiniteUpdate, ValueOutOfRange
+from .layout import Layout
 from .parties import anonymous_party, check_party
 from .state import BINNED_INT_HEADROOM
 
@@ -229,6 +230,12 @@ class Prepared:
 
 def prepare(updates, layout, *, weights=None, parties=None, backend="auto", copy=False, partial=False) -> Prepared:
     """The checks of admission that need no pass over the values (weights, layout, placement)."""
+    if not isinstance(layout, Layout):
+        raise TypeError(f"admission needs the aggregator's Layout (agg.layout), got {type(layout).__name__}")
+    if isinstance(updates, dict) or not hasattr(updates, "__len__"):
+        raise TypeError(f"expected a list of updates, got {type(updates).__name__} (one update: fold/admit)")
+    if any(isinstance(v, (str, bytes)) for v in (weights, parties)):
+        raise TypeError("weights and parties are lists, one per update (a string is not split into parties)")
     k = len(updates)
     weights = [1.0] * k if weights is None else list(weights)
     parties = [None] * k if parties is None else list(parties)

@@ -182,6 +182,8 @@ class Aggregator:
         """Resume from a (loaded) state: later folds continue it (its algorithm, mode and bound come with it). A
         robust rule's store keeps its byte budget and rule; ``spill_dir``: where it spills on this machine (needed
         when the rule is ``over_budget="spill"`` with a budget)."""
+        if not isinstance(state, FoldState):
+            raise TypeError(f"from_state takes a FoldState (FoldState.load(path)), got {type(state).__name__}")
         if partial and state.store is not None:
             raise ValueError("partial updates are not supported by buffered (robust) rules")
         alg = _algorithms.from_params(state.algorithm)
@@ -302,6 +304,8 @@ class Aggregator:
 
         Raw updates into an empty state (a round's first batch, JIT's usual case) on the C++ backend are admitted and
         folded in one pass over them: a rejection then zeroes the accumulator again, which restores its bits."""
+        if isinstance(updates, dict) or isinstance(updates, (str, bytes)) or not hasattr(updates, "__iter__"):
+            raise TypeError(f"fold_many takes a list of updates, got {type(updates).__name__} (one update: fold)")
         updates = list(updates)
         if not updates:
             return
@@ -614,6 +618,8 @@ class Aggregator:
 
     def merge(self, other) -> None:
         """Merge another Aggregator's or a FoldState's aggregate into this one (refuses shared parties)."""
+        if not isinstance(other, (Aggregator, FoldState)):
+            raise TypeError(f"merge takes an Aggregator or a FoldState, got {type(other).__name__}")
         if isinstance(other, Aggregator):  # both locked (in a fixed order): a fold into other must not tear it
             first, second = sorted((self, other), key=id)
             with first._lock, second._lock:
@@ -829,6 +835,8 @@ def _per_update(values, k: int, what: str) -> list:
     """``values`` as a list of k (None: k Nones); a list of another length is refused, not cut short by zip."""
     if values is None:
         return [None] * k
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):  # ('ab' became parties a, b)
+        raise TypeError(f"{what} is a list, one per update; got {type(values).__name__}")
     values = list(values)
     if len(values) != k:
         raise ValueError(f"{k} updates but {len(values)} {what}")

@@ -516,7 +516,7 @@ def read_checked_bytes(data: bytes, what: str = "buffer") -> tuple:
         n = int.from_bytes(bytes(data[:8]), "little")
         meta = dict(json.loads(bytes(data[8:8 + n])).get("__metadata__") or {})
         tensors = load(bytes(data))
-    except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError, TypeError) as e:
+    except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError, TypeError, RecursionError) as e:
         raise CorruptState(f"not a readable {what} ({e})") from e
     expected = meta.pop("checksum", None)
     if expected is None or _checksum(tensors, meta) != expected:

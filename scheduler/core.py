@@ -500,6 +500,8 @@ class JITScheduler:
 
     # --- public API ----------------------------------------------------------------------------------------------
     def add_job(self, job: Job) -> None:
+        if not isinstance(job, Job):
+            raise TypeError(f"add_job takes a Job, got {type(job).__name__}")
         job.check()
         with self._lock:
             if job.id in self.jobs:

@@ -910,3 +910,27 @@ def test_masked_arrays_and_odd_torch_tensors_are_refused_by_leaf():
         with pytest.raises(jk.LayoutMismatch, match="party 'p', leaf 'w'"):
             tagg.fold({"w": t}, party="p")
     assert tagg.state.count == 0 and agg.state.count == 0
+
+
+def test_misused_api_calls_raise_a_type_error_naming_the_argument():
+    """merge(None), from_state(None), admit(u, None) and add_job(None) raised AttributeError from deep inside;
+    fold_many(one_dict) said "expected a dict, got str" (its keys, taken for updates); parties='ab' became the
+    parties 'a' and 'b'; a header nested 100,000 deep in FoldState.from_bytes raised RecursionError."""
+    from scheduler import JITScheduler, VirtualClock
+
+    from jitkernels.state import FoldState
+
+    t, u = {"w": np.zeros(4, np.float32)}, {"w": np.ones(4, np.float32)}
+    agg = jk.Aggregator(t)
+    for call, match in ((lambda: agg.merge(None), "Aggregator or a FoldState"),
+                        (lambda: jk.Aggregator.from_state(None), "FoldState"),
+                        (lambda: jk.admit(u, None), "Layout"),
+                        (lambda: agg.fold_many(u), "list of updates"),
+                        (lambda: agg.fold_many([u, u], parties="ab"), "parties is a list"),
+                        (lambda: JITScheduler("eager", clock=VirtualClock()).add_job(None), "Job")):
+        with pytest.raises(TypeError, match=match):
+            call()
+    deep = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(jk.CorruptState):
+        FoldState.from_bytes(len(deep).to_bytes(8, "little") + deep)
+    assert agg.state.count == 0
