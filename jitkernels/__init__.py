@@ -7,7 +7,7 @@
 """
 
 from . import algorithms
-from .admission import Admitted, admit, admit_many, check_weight
+from .admission import Admitted, admit, admit_many, check_weight, norm_scores
 from .aggregator import Aggregator
 from .backends import available_backends
 from .dtypes import Quantized, bfloat16
@@ -35,5 +35,5 @@ __all__ = [
     "EmptyAggregate", "FoldState", "IncompatibleStates", "InvalidParty", "InvalidUpdateInfo", "InvalidWeight",
     "Layout", "LayoutMismatch", "NonFiniteUpdate", "OverlappingParties", "Quantized", "RoundClosed", "TooFewUpdates",
     "ValueOutOfRange", "admit", "admit_many", "algorithms", "atomic_write", "available_backends", "bench", "bfloat16",
-    "check_weight", "get_num_threads", "set_num_threads",
+    "check_weight", "get_num_threads", "norm_scores", "set_num_threads",
 ]

@@ -362,6 +362,26 @@ def _check_int_terms(prep, layout, limit: float, what: str) -> None:
                                       f"exceeds {limit:.6g} ({what})")
 
 
+def norm_scores(admitted) -> dict:
+    r"""Anomaly scores from admission's stats, without reading the updates again: each update's L2 norm (of its
+    delta, where it was admitted against a base) as a robust z-score against the batch's,
+
+    .. math:: s_j = \frac{\lVert u_j \rVert - \mathrm{median}_i \lVert u_i \rVert}{1.4826\,\mathrm{MAD}}
+
+    (the median absolute deviation scaled to a normal's sigma, so that one outlier cannot hide itself by
+    inflating the spread, as it would a mean and standard deviation). {party: score}, in the batch's order. A large
+    positive score flags an update far larger than the round's (a boosted or scaled one: clip or drop it before
+    folding); with MAD 0 (half the norms equal) the others score +-inf. Moves no model bytes."""
+    norms = np.array([u.norm for u in admitted], np.float64)
+    if norms.size == 0:
+        return {}
+    med = float(np.median(norms))
+    mad = 1.4826 * float(np.median(np.abs(norms - med)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(norms == med, 0.0, (norms - med) / mad)
+    return {u.party: float(s) for u, s in zip(admitted, z)}
+
+
 def admit(update, layout, *, weight=1.0, party=None, base=None, backend="auto", acc_dtype="float32", copy=False,
           partial=False) -> Admitted:
     """Validate one update against ``layout`` (one stats pass) and return it :class:`Admitted`.

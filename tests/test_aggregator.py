@@ -7,7 +7,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jitkernels as jk
@@ -938,3 +938,25 @@ def test_misused_api_calls_raise_a_type_error_naming_the_argument():
     with pytest.raises(jk.CorruptState):
         FoldState.from_bytes(len(deep).to_bytes(8, "little") + deep)
     assert agg.state.count == 0
+
+
+@settings(deadline=None, max_examples=30)
+@given(seed=st.integers(0, 2 ** 31 - 1), k=st.integers(3, 12), scale=st.floats(1e-3, 1e3))
+def test_norm_scores_are_robust_z_scores_of_the_admission_norms(seed, k, scale):
+    """jk.norm_scores: (norm - median) / (1.4826 MAD) of the norms admission measured (of the delta, with a base),
+    the same for any common scale of the updates, and a boosted update stands out whatever its size does to a
+    mean and standard deviation."""
+    rng = np.random.default_rng(seed)
+    base = {"w": rng.standard_normal(50).astype(np.float32)}
+    agg = jk.Aggregator(base, base=base, backend="numpy")
+    deltas = [scale * rng.standard_normal(50) for _ in range(k)]
+    deltas.append(1000 * scale * rng.standard_normal(50))  # the boosted one
+    ups = [{"w": (base["w"] + d).astype(np.float32)} for d in deltas]
+    adm = agg.admit_many(ups, parties=list(range(k + 1)))
+    scores = jk.norm_scores(adm)
+    norms = np.array([u.norm for u in adm])
+    med = np.median(norms)
+    mad = 1.4826 * np.median(np.abs(norms - med))
+    np.testing.assert_allclose([scores[j] for j in range(k + 1)], (norms - med) / mad, rtol=1e-12)
+    assert scores[k] > 20 and max(abs(scores[j]) for j in range(k)) < scores[k]
+    assert jk.norm_scores([]) == {}
