@@ -560,7 +560,8 @@ class JITScheduler:
             item = js.admit(update, weight, party, info)
             durable = self._persist(js, round, party, update_id, weight, item)
             with self._lock:
-                js.rounds[round].durable[party] = durable
+                if round in js.rounds:  # (a round forgotten meanwhile holds no futures)
+                    js.rounds[round].durable[party] = durable
             return Ack(job_id, round, party, True, durable, duplicate=True)
         return self._submit(js, round, party, update, weight, update_id, persist=True, info=info)
 
