@@ -873,3 +873,18 @@ def test_a_jobs_work_is_priced_on_its_own_backend_and_accumulator():
     assert est["det"] == pytest.approx((ub + 2 * n * 16) / 10e9 + n * 20 / 10e9)
     assert est["f64"] == pytest.approx((ub + 2 * n * 8) / 10e9 + n * 12 / 10e9)
     s.close()
+
+
+def test_a_round_whose_quorum_came_in_time_but_whose_model_was_late_counts_one_miss():
+    """The quorum is in at 9.5 s against a 10 s deadline; the folds take ~30 s: the round finalizes (it is not
+    unreachable) and counts one deadline miss."""
+    clk = VirtualClock()
+    s = JITScheduler("eager", clock=clk, cost=CostModel(backends={"cpu": BackendCost(1e6, 0.0)}))
+    s.add_job(Job("a", parties=["x", "y"], quorum=2, rounds=1, deadline_s=10.0, model_elems=1_000_000,
+                  update_bytes=4_000_000))
+    clk.call_at(9.0, s.submit, "a", 0, "x", None, 1.0)
+    clk.call_at(9.5, s.submit, "a", 0, "y", None, 1.0)
+    clk.run()
+    m = s.metrics()["a"]
+    assert s.jobs["a"].rounds[0].ready_time > 10.0 and m["deadline_misses"] == 1 and m["unreachable_rounds"] == 0
+    s.close()
