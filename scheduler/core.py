@@ -1,7 +1,8 @@
 """JITScheduler: decides when each job's aggregation runs, and on which aggregator slot.
 
 Event-driven: arrivals, timers and task completions are callbacks on a clock (real or virtual), run one at a time,
-so the policy code is the same in the runtime and in the simulator. The scheduler imports only jitkernels' public API.
+so the policy code is the same in the runtime and in the simulator. This module uses only jitkernels' public API;
+the state directory and the executors also use its file format (``jitkernels.state``) and device leaves.
 
 Lifecycle of a round: it opens (at the job's start, or when the previous round's model is ready); updates arrive and
 are admitted (validated) in ``submit``'s caller and buffered; the policy says when to deploy an aggregator; once
