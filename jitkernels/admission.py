@@ -331,34 +331,36 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
 
 
 def admit_many(updates, layout, *, weights=None, parties=None, base=None, backend="auto", acc_dtype="float32",
-               copy=False, partial=False, bound=None, host_base=None, sum_ints=True) -> list:
+               copy=False, partial=False, bound=None, host_base=None) -> list:
     """Admit k updates with one stats call per input dtype. Raises on the first bad update (in order); nothing
     is returned (so nothing is folded) unless all pass. ``bound`` (deterministic mode) caps ``weight * max|x|``.
-    Updates in GPU memory need ``backend`` "cupy" (or "auto" with the GPU backend available). ``sum_ints``: integer
-    leaves are summed (the aggregator's int_leaves="mean"), so their terms are held to the limit too."""
+    Updates in GPU memory need ``backend`` "cupy" (or "auto" with the GPU backend available)."""
     prep = prepare(updates, layout, weights=weights, parties=parties, backend=backend, copy=copy, partial=partial)
     _, *stats = batch_stats(layout, prep.leaves, base=base, host_base=host_base, backend=backend,
                             acc_dtype=acc_dtype, on_device=prep.on_device, entries=prep.entries)
-    admitted = check(prep, layout, stats, acc_dtype=acc_dtype, bound=bound, against_base=base is not None)
-    if sum_ints and layout.int_leaves and bound != math.inf:
-        _check_int_terms(prep, layout, *((headroom(acc_dtype), f"the {acc_dtype} accumulator's headroom")
-                                         if bound is None else (bound * BINNED_INT_HEADROOM,
-                                                                "2^10 x the deterministic bound, for integer leaves")))
-    return admitted
+    return check(prep, layout, stats, acc_dtype=acc_dtype, bound=bound, against_base=base is not None)
 
 
-def _check_int_terms(prep, layout, limit: float, what: str) -> None:
-    """Integer leaves (counters) are summed as ``weight * x`` in the accumulator: ``weight * max|x|`` within the
-    limit, as a float leaf's, checked here on arrival (the fold checks again with the algorithm's fold weight). The
-    fold found them first: a scheduler acknowledged the update, and its round failed for every party."""
-    for w, leaves, party in zip(prep.weights, prep.leaves, prep.parties):
+def check_int_terms(admitted, layout, masses, deterministic_bound=None, acc_dtype="float32") -> None:
+    """The "mean" rule sums integer leaves (counters) as terms ``t = mass * x`` in the accumulator, which the stats
+    pass (over the float leaves) does not measure: ``|t|`` must stay within the accumulator's headroom, as a float
+    leaf's must (a counter of 2^62 at weight 1e20 made the sum inf, and the result INT64_MIN). Deterministic mode
+    sums them on the float leaves' grids, which stay exact for ``|t|`` up to 2^10 x the bound
+    (:data:`state.BINNED_INT_HEADROOM`). ``masses``: the algorithm's, one per update (1 for an unweighted one). Run
+    on arrival (an aggregator's and a scheduler job's admission: the fold found them first, when a scheduler had
+    acknowledged the update, and its round failed for every party) and again by the fold."""
+    if deterministic_bound is None:
+        limit, what = headroom(acc_dtype), f"the {acc_dtype} accumulator's headroom"
+    else:
+        limit, what = deterministic_bound * BINNED_INT_HEADROOM, "2^10 x the deterministic bound, for integer leaves"
+    for u, m in zip(admitted, masses):
         for i in layout.int_leaves:
-            a = leaves[i]
+            a = u.leaves[i]
             if a is None or not a.size:
                 continue
-            t = w * float(np.abs(to_host(a).astype(np.float64)).max())
+            t = float(m) * float(np.abs(to_host(a).astype(np.float64)).max())
             if not t <= limit:
-                raise ValueOutOfRange(f"party {party!r}: leaf {layout.leaves[i].name!r}: weight * max|x| = {t:.6g} "
+                raise ValueOutOfRange(f"party {u.party!r}: leaf {layout.leaves[i].name!r}: mass * max|x| = {t:.6g} "
                                       f"exceeds {limit:.6g} ({what})")
 
 

@@ -233,6 +233,11 @@ class Aggregator:
     def state(self, st: FoldState) -> None:
         st.guard = self._lock  # its save() and to_bytes() wait for this aggregator's folds from other threads
         self._state = st
+        self._base_view = (st.base, self._base_token)
+
+    # which base the admission stats of an Admitted were measured against: one tuple, assigned at once, so that
+    # admission reads a base and its token together without the lock (a save or a fold holds it for long)
+    _base_view: tuple = (None, None)
 
     @property
     def acc_dtype(self) -> str:
@@ -258,19 +263,19 @@ class Aggregator:
     def admit_many(self, updates, weights=None, parties=None, infos=None) -> list:
         k = len(updates)
         parties, infos = self._parties_and_infos(parties, infos, k)
-        with self._lock:  # the base and its token together: a reset(base=) meanwhile must not stamp norms measured
-            st, token = self.state, self._base_token  # against the old base with the new base's token
-            base, host_base = st.base, st.host_base()
+        st = self.state
+        base, token = self._base_view  # together: a reset(base=) meanwhile must not stamp norms measured against the
+        host_base = None if base is None else st.host_base()  # old base with the new base's token
         admitted = admit_many(updates, self.layout, weights=weights, parties=parties, base=base,
                               host_base=host_base, backend=self.backend, acc_dtype=self.acc_dtype,
                               copy=self.copy, partial=self.partial,
                               # buffered rules keep values, they do not sum them: no accumulator headroom to keep
-                              bound=2.0 ** st.bound_log2 if st.deterministic else (math.inf if self.buffered else None),
-                              sum_ints=st.algorithm.get("int_leaves", "mean") == "mean")
+                              bound=2.0 ** st.bound_log2 if st.deterministic else (math.inf if self.buffered else None))
         for a, i in zip(admitted, infos):
             a.info = i
             if a.against_base:
                 a.against_base = token
+        self._check_int_bound(admitted)  # on arrival, with the masses the fold will use
         return admitted
 
     def _parties_and_infos(self, parties, infos, k: int) -> tuple:
@@ -358,7 +363,7 @@ class Aggregator:
                 admission.add_stats(stats, g.leaf_ids, *cpp.fold_stats(st.acc, st.base, g, norms=False))
             admitted = admission.check(prep, self.layout, stats, acc_dtype=self.acc_dtype,
                                        against_base=st.base is not None, fold_weights=fold_w)
-            self._check_int_bound(admitted, int_rows, self._fold_bound())
+            self._check_int_bound(admitted)
         except BaseException:
             st.acc.fill(0)  # the state was empty: all zeros
             raise
@@ -414,7 +419,7 @@ class Aggregator:
         w = float(alg.fold_weight(u, st))
         self._check_headroom(u, w, one.bound)
         if one.int_rows:
-            self._check_int_bound((u,), [(lid, [u.leaves[lid]]) for lid in one.int_rows], one.bound)
+            self._check_int_bound((u,))
         if len(one.mods) < len(one.groups):  # resolved after the checks, as the batch path does; then kept
             one.mods[:] = [backends.choose(self.backend, g.in_dtype) for g in one.groups]
         for mod, g in zip(one.mods, one.groups):
@@ -495,7 +500,7 @@ class Aggregator:
         if over.any():  # the first in order, as one by one
             j = int(np.argmax(over))
             self._check_headroom(admitted[j], fold_w[j], bound)
-        self._check_int_bound(admitted, int_rows, bound)
+        self._check_int_bound(admitted)
         mods = {name: backends.choose(self.backend, name) for name in groups}  # all refusals before any fold
         for name, g in groups.items():
             mod = mods[name]
@@ -508,29 +513,15 @@ class Aggregator:
                 mod.fold(st.acc, st.base, g)
         self._record(admitted, int_rows, plan)
 
-    def _check_int_bound(self, admitted, int_rows, bound) -> None:
-        """The "mean" rule sums integer leaves (counters) as terms t = mass * x in the accumulator, which admission
-        (a pass over the float leaves) did not measure: |t| must stay within the accumulator's headroom, as a float
-        leaf's must (a counter of 2^62 at weight 1e20 made the sum inf, and the result INT64_MIN). Deterministic mode
-        sums them on the float leaves' grids, which stay exact for |t| up to 2^(b+28) and the high part for sums
-        below 2^(b+30) (csrc/jk_math.h); past that, the sum of large counters depended on the arrival order. There a
-        counter's |t| may be up to 2^10 x the bound (:data:`state.BINNED_INT_HEADROOM`); a state that sums integer
-        leaves then holds 2^20 updates, not 2^30 (:attr:`FoldState.binned_capacity`, a count: the same for any
-        order, batching or merge tree)."""
-        if not int_rows or self.state.algorithm.get("int_leaves", "mean") != "mean":
+    def _check_int_bound(self, admitted) -> None:
+        """:func:`admission.check_int_terms` with this aggregator's masses, accumulator and bound, where integer
+        leaves are summed (int_leaves="mean"; buffered rules sum nothing). A state that sums integer leaves in
+        deterministic mode then holds 2^20 updates, not 2^30 (:attr:`FoldState.binned_capacity`)."""
+        st = self.state
+        if not self.layout.int_leaves or self.buffered or st.algorithm.get("int_leaves", "mean") != "mean":
             return
-        det = self.state.deterministic
-        limit = bound * state_module.BINNED_INT_HEADROOM if det else bound
-        what = ("2^10 x the deterministic bound, for integer leaves" if det
-                else f"the {self.acc_dtype} accumulator's headroom")
-        for lid, arrays in int_rows:
-            leaf = self.layout.leaves[lid]
-            carriers = [u for u in admitted if u.leaves[lid] is not None]  # build_groups' order of the arrays
-            for u, a in zip(carriers, arrays):
-                t = float(self.algorithm.mass(u)) * float(np.abs(to_host(a).astype(np.float64)).max(initial=0.0))
-                if not t <= limit:
-                    raise ValueOutOfRange(f"party {u.party!r}: leaf {leaf.name!r}: mass * max|x| = {t:.6g} exceeds "
-                                          f"{limit:.6g} ({what})")
+        admission.check_int_terms(admitted, self.layout, [self.algorithm.mass(u) for u in admitted],
+                                  2.0 ** st.bound_log2 if st.deterministic else None, self.acc_dtype)
 
     def _buffer(self, admitted) -> None:
         """Copy a batch into the store, all or nothing: room (capacity, the byte budget) is checked for the whole
@@ -819,6 +810,7 @@ class Aggregator:
                 old.info.clear()
                 old.absent.clear()
                 old.base = flat_base
+                self._base_view = (flat_base, self._base_token)
                 old.closed = False
                 if old.store is not None:  # a robust rule's slab too: its rows stay resident (first-touch page faults
                     # made filling a 1 GB slab 0.58 s, against 0.14 s reused); not one spilled to disk, whose later

@@ -103,6 +103,13 @@ class FoldState:
         """The accumulators live in GPU memory (the cupy backend's states)."""
         return not isinstance(self.acc, np.ndarray)
 
+    def __getstate__(self):  # (copy.deepcopy; files never pickle: see save)
+        return {k: v for k, v in self.__dict__.items() if k != "guard"}
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self.guard = threading.RLock()
+
     def to(self, on_device: bool) -> "FoldState":
         """Move the arrays (accumulators and base) to GPU memory or back, in place; returns self."""
         if on_device != self.on_device:
@@ -376,10 +383,9 @@ class FoldState:
 def _check_values(st: "FoldState") -> None:
     """What a checksum cannot vouch for (anyone can compute one): the values a fold could have made. Arrays of the
     layout's size and finite; party weights finite and >= 0, and per leaf none or from the lightest party's to
-    their sum (a leaf weight of 1e-30 gave a 2e30 model); a round >= 0; an algorithm this build runs (ValueError otherwise, at
-    from_state); a robust store of the state's parties."""
-    from .algorithms import from_params
-
+    their sum (a leaf weight of 1e-30 gave a 2e30 model; a robust rule's weights are its own: only not NaN nor
+    negative); a round >= 0; a known integer rule and deterministic bound; a robust store of the state's parties.
+    (The algorithm itself is rebuilt by from_state: a user's own algorithm class loads and merges as before.)"""
     n, L = st.layout.size, len(st.layout)
     for name, a in (("acc", st.acc), ("lo", st.lo), ("base", st.base), *((f"opt_{k}", v) for k, v in
                                                                           (st.opt or {}).items())):
@@ -388,15 +394,17 @@ def _check_values(st: "FoldState") -> None:
     w = np.fromiter(st.parties.values(), np.float64, len(st.parties))
     if not (np.isfinite(w).all() and (w >= 0).all()):  # (Krum's Flower variant takes masses of 0)
         raise ValueError("a party's weight is not a finite number >= 0")
-    # a leaf's weight sums the parties that carried it (partial updates): none, or at least the lightest of them
-    lw, total = st.leaf_weight, math.fsum(w)
-    lightest = float(w[w > 0].min()) if (w > 0).any() else 0.0
-    if lw.shape != (L,) or lw.dtype != np.float64 or not np.isfinite(lw).all() or (
-            (lw != 0) & ((lw < lightest * (1 - 1e-9)) | (lw > total * (1 + 1e-9)))).any() or (lw < 0).any():
-        raise ValueError(f"the per-leaf weights {lw[:4]} do not fit the parties' weights (total {total:.6g})")
+    lw = st.leaf_weight
+    if lw.shape != (L,) or lw.dtype != np.float64 or np.isnan(lw).any() or (lw < 0).any():
+        raise ValueError(f"the per-leaf weights {lw[:4]} are not {L} numbers >= 0")
+    if st.store is None:  # a sum: a leaf's weight sums the parties that carried it (partial updates), none or more
+        with np.errstate(over="ignore"):
+            total = float(w.sum())
+        lightest = float(w[w > 0].min()) if (w > 0).any() else 0.0
+        if not np.isfinite(lw).all() or ((lw != 0) & ((lw < lightest * (1 - 1e-9)) | (lw > total * (1 + 1e-9)))).any():
+            raise ValueError(f"the per-leaf weights {lw[:4]} do not fit the parties' weights (total {total:.6g})")
     if st.round < 0 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in st.scalars.values()):
         raise ValueError(f"round {st.round} or scalars {st.scalars} out of range")
-    from_params(st.algorithm)
     if st.algorithm.get("int_leaves", "mean") not in ("mean", "max"):
         raise ValueError(f"int_leaves {st.algorithm.get('int_leaves')!r} is neither 'mean' nor 'max'")
     bound = st.algorithm.get("deterministic")
@@ -435,18 +443,15 @@ def _rule(params: dict) -> dict:
     return {k: v for k, v in params.items() if k not in STORE_RESOURCES}
 
 
-MAX_STORE_ROWS = 1 << 20  # a robust store's k_max read from a file (its slab's address space is k_max x N values)
-
-
 def _store_from(tensors, meta, layout):
     if "store" not in meta:
         return None
     from .robust_store import UpdateStore
 
     d = json.loads(meta["store"])  # what describe() writes, no more: a spill directory or budget is this machine's
-    k_max = d["k_max"]
-    if type(k_max) is not int or not 0 <= k_max <= MAX_STORE_ROWS:
-        raise ValueError(f"store k_max {k_max!r} outside [0, {MAX_STORE_ROWS}]")
+    k_max = d["k_max"]  # (a k_max no machine can map fails the slab's reservation: MemoryError, CorruptState here)
+    if type(k_max) is not int or k_max < 1:
+        raise ValueError(f"store k_max {k_max!r} is not an integer >= 1")
     return UpdateStore.from_rows(tensors["store_rows"], k_max=k_max, dtype=d["dtype"], parties=d["parties"],
                                  shapes=[leaf.shape for leaf in layout.leaves])
 

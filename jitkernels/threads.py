@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 
 _lock = threading.Lock()
 # more threads than any machine runs kernels on: a larger count is a typo (100000 made OpenMP's team and the
@@ -28,8 +29,11 @@ def _default() -> int:
                 n = int(v)
             except ValueError:
                 raise ValueError(f"{var}={os.environ[var]!r} is not a thread count") from None
+            if n > MAX_THREADS:  # an environment meant for other programs should not stop the import
+                warnings.warn(f"{var}={n}: jitkernels' kernels use at most {MAX_THREADS} threads", stacklevel=2)
+                return MAX_THREADS
             if n > 0:
-                return _count(n, var)
+                return n
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux

@@ -331,6 +331,9 @@ class _JobState:
         u = jk.admit_many([update], self.layout, weights=[weight], parties=[party], backend=self.job.backend,
                           acc_dtype=self.acc_dtype, bound=self._admit_bound)[0]
         u.info = self.algorithm.check_info(info or {}, party)
+        if self.layout.int_leaves and self._admit_bound != math.inf:  # counters, as the job's aggregator sums them
+            jk.admission.check_int_terms([u], self.layout, [self.algorithm.mass(u)], self._admit_bound
+                                         if self.job.deterministic else None, self.acc_dtype)
         return u
 
     @functools.cached_property
@@ -642,18 +645,19 @@ class JITScheduler:
             early = js.open is not None and round > js.open.number
             # an update is taken in memory only within the budget (not merely while it has room left: with updates
             # of several sizes that, and one fold's read-back past it, made the budget plus two updates)
-            limit = None if self.byte_budget is None else self.byte_budget // 2 if early else self.byte_budget
+            # (at least one update: with a budget under two, nothing could drain until the round opens)
+            limit = None if self.byte_budget is None else max(self.byte_budget // 2, min(nbytes, self.byte_budget)) \
+                if early else self.byte_budget
             if not stored and limit is not None and self.buffered_bytes + nbytes > limit:
                 if not self._relieving:
                     self._relieving = True
                     self.clock.call_soon_threadsafe(self._relieve_pressure)
                 if self.overflow == "raise" or item is None:
                     why = (f"round {round} is not open yet, and updates for later rounds may take half the budget "
-                           f"of {self.byte_budget} bytes ({self.buffered_bytes} are buffered)" if early and
-                           self.buffered_bytes + nbytes <= self.byte_budget else f"{self.buffered_bytes} bytes are "
-                           f"buffered; its {nbytes} would pass the budget of {self.byte_budget}")
-                    raise Backpressure(f"job {job_id!r} round {acked_round}: update from {party!r} not taken: {why}; "
-                                       f"retry once the forced fold has drained them")
+                           f"of {self.byte_budget} bytes, or one update ({self.buffered_bytes} are buffered); retry "
+                           f"once it opens" if early else f"{self.buffered_bytes} bytes are buffered; its {nbytes} "
+                           f"would pass the budget of {self.byte_budget}; retry once the forced fold has drained them")
+                    raise Backpressure(f"job {job_id!r} round {acked_round}: update from {party!r} not taken: {why}")
                 spill = True
             if late_from is not None:  # taken: the predictor learns its answer (once), and it counts in ``round``
                 self._observe_late(js, late_from, party)
@@ -1313,7 +1317,11 @@ class JITScheduler:
                 rnd.quorum_time = self.clock.now()
         for r, party, uid, weight, info in replayed:
             self._round(js, r).unobserved.add(party)  # it arrives now, in replay: no response time to learn
-            self._submit(js, r, party, None, weight, uid, persist=False, stored=True, info=info)
+            try:
+                self._submit(js, r, party, None, weight, uid, persist=False, stored=True, info=info)
+            except jk.InvalidUpdateInfo as e:  # a file written before submit kept per-update values (FedNova's
+                # steps): it cannot be folded, and the job resumes without it (the party may resend)
+                log.error("job %r: update of %r for round %d not replayed: %s", job.id, party, r, e)
         self._log("resumed", js, round=first, folded=rnd.folded, replayed=len(replayed),
                   fallbacks=len(st.fallbacks), orphans_removed=st.orphans_removed)
         self._plan(js)

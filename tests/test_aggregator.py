@@ -245,6 +245,9 @@ def test_an_integer_leaf_beyond_the_accumulators_headroom_is_refused_on_every_pa
     det = jk.Aggregator(t, backend=backend, deterministic=True)
     with pytest.raises(jk.ValueOutOfRange, match="'bn'.*leaf 'n'.*deterministic bound"):
         det.admit({"w": np.ones(2, np.float32), "n": np.array(300_000, np.int64)}, 5000, "bn")
+    unweighted = jk.Aggregator(t, jk.algorithms.FedAvg(weighted=False), backend=backend, deterministic=True)
+    unweighted.fold(unweighted.admit({"w": np.ones(2, np.float32), "n": np.array(300_000, np.int64)}, 5000, "bn"))
+    assert int(unweighted.finalize()["n"]) == 300_000  # mass 1: held by its mass, not the raw weight (review)
     maxrule = jk.Aggregator(t, backend=backend, int_leaves="max")  # not summed: nothing to hold
     maxrule.fold(maxrule.admit(big, 1e20, "big"))
     assert int(maxrule.finalize()["n"]) == 2 ** 62

@@ -888,3 +888,15 @@ def test_a_round_whose_quorum_came_in_time_but_whose_model_was_late_counts_one_m
     m = s.metrics()["a"]
     assert s.jobs["a"].rounds[0].ready_time > 10.0 and m["deadline_misses"] == 1 and m["unreachable_rounds"] == 0
     s.close()
+
+
+def test_an_update_sent_ahead_fits_a_budget_under_two_updates():
+    """Updates for a round not open yet may take half the budget, but at least one update: with a budget under two
+    updates and nothing buffered, every update sent ahead was refused until its round opened (review)."""
+    s = JITScheduler("lazy", clock=VirtualClock(), byte_budget=1536, overflow="raise")
+    s.add_job(Job("j", parties=["a", "b"], quorum=2, rounds=2, model_elems=256, update_bytes=1024))
+    ack = s.submit("j", 1, "a", None, 1.0)
+    assert ack.round == 1 and s.buffered_bytes == 1024
+    with pytest.raises(Backpressure, match="not open yet"):
+        s.submit("j", 1, "b", None, 1.0)
+    s.close()

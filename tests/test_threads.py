@@ -28,7 +28,8 @@ def test_set_num_threads_returns_previous():
 
 
 @pytest.mark.parametrize("env,want", [({"JITKERNELS_NUM_THREADS": "3", "OMP_NUM_THREADS": "5"}, 3),
-                                      ({"OMP_NUM_THREADS": "5"}, 5)])
+                                      ({"OMP_NUM_THREADS": "5"}, 5),
+                                      ({"OMP_NUM_THREADS": "2048"}, 1024)])  # clamped (with a warning), not fatal
 def test_thread_env_vars(env, want):
     clean = {k: v for k, v in os.environ.items() if k not in ("JITKERNELS_NUM_THREADS", "OMP_NUM_THREADS")}
     out = subprocess.run([sys.executable, "-c", "import jitkernels as jk; print(jk.get_num_threads())"],
@@ -180,6 +181,10 @@ def test_save_waits_for_folds_from_other_threads(tmp_path, monkeypatch):
     folder.start()
     folder.join(0.3)
     assert folder.is_alive()  # held until the file is written
+    admitter = threading.Thread(target=agg.admit, args=({"w": np.ones(1000, np.float32)},), kwargs={"party": "c"})
+    admitter.start()
+    admitter.join(5)
+    assert not admitter.is_alive()  # admission does not wait for it (it took the lock for the base: 95 ms a save)
     release.set()
     saver.join(10)
     folder.join(10)

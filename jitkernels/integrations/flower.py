@@ -47,6 +47,7 @@ import collections
 import functools
 import io
 import logging
+import numbers
 
 import numpy as np
 
@@ -209,8 +210,8 @@ class _Runner:
         updates below its resolution."""
         # num_examples: 0 weighs nothing (Flower's too); a negative, non-finite or non-number one is refused, naming
         # the result (it was left out as if it weighed 0, or counted as 1 by the median rules)
-        weights = [0.0 if type(w) in (int, float) and w == 0 else jk.check_weight(w, p)
-                   for w, p in zip(weights, parties)]
+        weights = [0.0 if isinstance(w, numbers.Real) and not isinstance(w, (bool, np.bool_)) and w == 0
+                   else jk.check_weight(w, p) for w, p in zip(weights, parties)]
         infos = None
         if "mass" in getattr(self.algorithm, "info_keys", ()):  # Krum: Flower scores results of weight 0 too
             infos = [{"mass": w} for w in weights]
