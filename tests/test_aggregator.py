@@ -442,6 +442,29 @@ def test_an_update_admitted_without_the_base_is_checked_against_it_when_folded(b
     np.testing.assert_array_equal(agg.finalize()["w"], np.full(4, 3.0, np.float32))
 
 
+def test_updates_admitted_without_the_base_are_measured_again_only_where_needed(monkeypatch):
+    """max|u| + max|base| bounds max|u - base|: where that keeps a summing rule within the headroom, the fold does not
+    read the update again (measuring every one made a scheduler's FedAvg-with-base fold 3x as long); clipping rules,
+    which read the norm, measure all of them."""
+    import jitkernels.aggregator as A
+
+    calls = []
+    real = A.admission.batch_stats
+    monkeypatch.setattr(A.admission, "batch_stats", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    base = {"w": np.full(64, 2.0, np.float32)}
+    ups = [{"w": np.full(64, float(i), np.float32)} for i in range(3)]
+    for alg, measured in (("fedavg", 0), (jk.algorithms.DPFixedClipping(clip_norm=1.0, noise_multiplier=0.0), 1)):
+        calls.clear()
+        agg = jk.Aggregator(base, alg, base=base, backend="numpy")
+        adm = [jk.admit(u, agg.layout, party=i) for i, u in enumerate(ups)]  # (jk.admit: no batch_stats patch)
+        calls.clear()
+        agg.fold_many(adm)
+        assert len(calls) == measured
+        ref = jk.Aggregator(base, alg, base=base, backend="numpy")
+        ref.fold_many(ref.admit_many(ups, parties=list(range(3))))
+        np.testing.assert_array_equal(agg.finalize()["w"], ref.finalize()["w"])
+
+
 def test_a_rejection_found_by_the_fold_leaves_the_state_as_it_was():
     """Refusals the fold finds (a backend that cannot run a leaf's dtype, a fold weight that would overflow the
     accumulator, a leaf missing from an Admitted, a value the robust store's dtype cannot hold) come before any
