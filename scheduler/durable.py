@@ -90,20 +90,26 @@ def unident(name: str):
 # --- file encodings ---------------------------------------------------------------------------------------------
 def encode_leaves(leaves) -> tuple:
     """(tensors, dtypes) of flattened leaves: arrays as they are (bf16 as its uint16 bits), int8-quantized leaves as
-    values + scales (block size kept in ``dtypes``), device leaves copied to the host."""
+    values + scales under the tag "q8" (block size kept in ``dtypes``; "int8" is a plain int8 leaf), device leaves
+    copied to the host. Shapes are kept, 0-d ones too (np.ascontiguousarray makes them 1-d: a BatchNorm counter came
+    back as shape (1,), and its update was refused when read back)."""
     tensors, dtypes = {}, {}
     for i, a in enumerate(leaves):
         if a is None:
             continue
         if isinstance(a, jk.Quantized):
-            tensors[f"{i}.q"], tensors[f"{i}.s"] = np.ascontiguousarray(a.values), np.ascontiguousarray(a.scale)
-            dtypes[str(i)] = ["int8", a.block]
+            tensors[f"{i}.q"] = np.ascontiguousarray(a.values).reshape(np.shape(a.values))
+            tensors[f"{i}.s"] = np.ascontiguousarray(a.scale).reshape(np.shape(a.scale))
+            dtypes[str(i)] = [QUANTIZED, a.block]
             continue
         a = to_host(a) if isinstance(a, DeviceLeaf) else a
         name = dtype_name(a.dtype)
-        tensors[str(i)] = np.ascontiguousarray(a.view(np.uint16) if name == "bfloat16" else a)
+        tensors[str(i)] = np.ascontiguousarray(a.view(np.uint16) if name == "bfloat16" else a).reshape(a.shape)
         dtypes[str(i)] = [name, None]
     return tensors, dtypes
+
+
+QUANTIZED = "q8"  # an int8-quantized leaf's tag ("int8" in files written before 2026-11-27, told apart by its ".q")
 
 
 def decode_leaves(tensors, dtypes, n_leaves) -> list:
@@ -116,7 +122,7 @@ def decode_leaves(tensors, dtypes, n_leaves) -> list:
         if not (_is_count(key) and int(key) < n_leaves and isinstance(entry, list) and len(entry) == 2):
             raise ValueError(f"leaf record {key!r}: {entry!r} (the layout has {n_leaves} leaves)")
         (name, block), i = entry, int(key)
-        if name == "int8":
+        if name == QUANTIZED or name == "int8" and f"{key}.q" in tensors:
             q, scale = tensors[f"{key}.q"], tensors[f"{key}.s"]
             if q.dtype != np.int8:
                 raise ValueError(f"leaf {i}: int8 values stored as {q.dtype}")

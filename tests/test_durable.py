@@ -1379,3 +1379,37 @@ def test_per_update_values_reach_the_fold_and_survive_a_restart(tmp_path, spill)
     want.fold_many([ups[p] for p in "abc"], [10.0] * 3, list("abc"), [{"steps": steps[p]} for p in "abc"])
     np.testing.assert_array_equal(rec.result("j", 0).result(timeout=5)["w"], want.finalize()["w"])
     rec.close()
+
+
+def test_zero_d_and_plain_int8_leaves_survive_files(tmp_path):
+    """A 0-d leaf (BatchNorm's num_batches_tracked) came back from an update or result file as shape (1,): a spilled
+    or replayed update was refused, a restored result had the wrong shape. A plain int8 leaf was read back as an
+    int8-quantized one (KeyError '1.q' in recovery): quantized leaves are tagged "q8" now (old files' "int8" with
+    a ".q" tensor still read as quantized)."""
+    from scheduler.durable import decode_leaves, encode_leaves
+
+    t = {"w": np.zeros(4, np.float32), "n": np.zeros((), np.int64), "c": np.zeros(2, np.int8)}
+    job = Job("j", template=t, parties=["a", "b"], quorum=2, rounds=2)
+    up = {"w": np.ones(4, np.float32), "n": np.array(3, np.int64), "c": np.array([1, 2], np.int8)}
+    s = JITScheduler("lazy", clock=VirtualClock(), state_dir=tmp_path, byte_budget=0, overflow="spill")
+    s.add_job(job)
+    for p in "ab":
+        s.submit("j", 0, p, up, update_id=p).durable.result(timeout=5)
+    s.submit("j", 1, "a", up, update_id="a1").durable.result(timeout=5)
+    s.clock.run()
+    r0 = s.result("j", 0).result(timeout=5)
+    assert r0["n"].shape == () and int(r0["n"]) == 3 and r0["c"].tolist() == [1, 2]
+    s.close()
+    rec = JITScheduler.recover(tmp_path, [job], policy="lazy", clock=VirtualClock())
+    rec.submit("j", 1, "b", up, update_id="b1")
+    rec.clock.run()
+    for r in (0, 1):
+        got = rec.result("j", r).result(timeout=5)
+        assert got["n"].shape == () and int(got["n"]) == 3 and got["c"].tolist() == [1, 2]
+    rec.close()
+    q = jk.Quantized(np.array([1, -2], np.int8), np.float32(0.5))
+    tensors, dtypes = encode_leaves([q])
+    old = {"0": ["int8", None]}  # (how files written before the tag named it)
+    for d in (dtypes, old):
+        (back,) = decode_leaves(tensors, d, 1)
+        assert isinstance(back, jk.Quantized) and back.values.tolist() == [1, -2]
