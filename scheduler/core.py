@@ -749,6 +749,7 @@ class JITScheduler:
                     if not rnd.future.done():
                         rnd.future.set_exception(SchedulerClosed(f"job {js.job.id!r} round {rnd.number}: the "
                                                                  "scheduler was closed before the round finished"))
+                    self._drop_pending(js, rnd)  # (their bytes stayed counted in buffered_bytes)
                 if js.deployment is not None:
                     self._release(js, "scheduler closed")
         self.executor.close()
@@ -828,6 +829,7 @@ class JITScheduler:
     def _on_arrival(self, js, number, party, item, nbytes, weight) -> None:
         with self._lock:
             if self._closed:  # (queued before close: its round resolved with SchedulerClosed)
+                self._buffered(js, -nbytes)
                 return
             now = self.clock.now()
             rnd = self._round(js, number)
@@ -1233,8 +1235,9 @@ class JITScheduler:
         return js.admit(js.layout.unflatten(leaves), sp.weight, sp.party, sp.info)
 
     def _drop_pending(self, js, rnd) -> None:
-        """A round ended with updates unfolded: their bytes are freed, and spilled ones' files let go."""
-        self._buffered(js, -rnd.pending_bytes)
+        """A round ended with updates unfolded: their bytes are freed, and spilled ones' files let go. (Updates that
+        came before their round opened are counted in the buffered bytes but not in its pending_bytes.)"""
+        self._buffered(js, -sum(nbytes for _, _, nbytes, _ in rnd.pending))
         for party, item, _, _ in rnd.pending:
             if isinstance(item, _Spilled):
                 self.store.release(js.job.id, item.round, party)
@@ -1424,6 +1427,13 @@ class JITScheduler:
         if last:
             js.finished = True
             js.open = None
+            for later in [r for n, r in js.rounds.items() if n > rnd.number and not r.done]:
+                # updates sent ahead for rounds that will not open: let go, and their futures answered
+                later.done = True
+                self._drop_pending(js, later)
+                later.future.set_exception(QuorumUnreachable(
+                    f"job {js.job.id!r} round {later.number}: the job ended at round {rnd.number} (only "
+                    f"{len(js.expected)} parties left for a quorum of {js.job.quorum_count()})"))
         if js.deployment is not None and (not self.policy.keep_between_rounds or js.finished):
             if not js.deployment.busy:
                 self._release(js, "round done")

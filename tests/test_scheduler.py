@@ -900,3 +900,29 @@ def test_an_update_sent_ahead_fits_a_budget_under_two_updates():
     with pytest.raises(Backpressure, match="not open yet"):
         s.submit("j", 1, "b", None, 1.0)
     s.close()
+
+
+def test_buffered_bytes_return_to_zero_when_updates_are_let_go():
+    """close() with an update pending, and a job without a round count that ends (its parties dropped below the
+    quorum) holding an update sent ahead for its next round: the bytes stayed counted for good, and that round's
+    future never resolved (review)."""
+    from scheduler import QuorumUnreachable
+
+    t, u = {"w": np.zeros(256, np.float32)}, {"w": np.ones(256, np.float32)}
+    s = JITScheduler("lazy", clock=VirtualClock())
+    s.add_job(Job("j", template=t, parties=list("abc"), quorum=3, rounds=1))
+    s.submit("j", 0, "a", u)
+    s.clock.run()
+    s.close()
+    assert s.buffered_bytes == 0 and s.jobs["j"].buffered_bytes == 0
+    s = JITScheduler("lazy", clock=VirtualClock())
+    s.add_job(Job("j", template=t, parties=list("abc"), quorum=2))
+    s.submit("j", 1, "a", u)
+    s.clock.run()
+    s.drop_party("j", "b")
+    s.drop_party("j", "c")
+    s.clock.run(until=100.0)
+    assert s.buffered_bytes == 0 and s.jobs["j"].buffered_bytes == 0
+    with pytest.raises(QuorumUnreachable, match="round 1: the job ended at round 0"):
+        s.result("j", 1).result(timeout=1)
+    s.close()
