@@ -156,7 +156,7 @@ class Aggregator:
         if self.backend != "auto":
             backends.get(self.backend)  # fail now, with the reason, not at the first fold
         if _state is not None:
-            self.state = _state.to(self.on_gpu)
+            self._adopt(_state.to(self.on_gpu))
             return
         params = {**self.algorithm.params(), "int_leaves": int_leaves,
                   "deterministic": math.ceil(math.log2(bound)) if deterministic else None}
@@ -174,8 +174,8 @@ class Aggregator:
                 raise ValueError(f"{type(self.algorithm).__name__} buffers the round's updates: no partial updates "
                                  f"or deterministic mode")
             store = self.algorithm.new_store(self.layout, self.on_gpu)
-        self.state = FoldState(self.layout, algorithm=params, acc_dtype=acc_dtype, base=flat_base,
-                               on_device=self.on_gpu, opt=opt, scalars=self.algorithm.initial_scalars(), store=store)
+        self._adopt(FoldState(self.layout, algorithm=params, acc_dtype=acc_dtype, base=flat_base,
+                              on_device=self.on_gpu, opt=opt, scalars=self.algorithm.initial_scalars(), store=store))
 
     @classmethod
     def from_state(cls, state: FoldState, *, backend=None, partial=False, copy=False, spill_dir=None) -> "Aggregator":
@@ -224,21 +224,17 @@ class Aggregator:
             raise NonFiniteUpdate("<base>", leaf.name, int(bad[leaf.offset:leaf.offset + leaf.size].sum()))
         return place(flat, self.on_gpu)
 
-    # --- properties ----------------------------------------------------------------------------------------------
-    @property
-    def state(self) -> FoldState:
-        return self._state
-
-    @state.setter
-    def state(self, st: FoldState) -> None:
+    def _adopt(self, st: FoldState) -> None:
+        """Make ``st`` this aggregator's state (a plain attribute: the per-update fold reads it several times)."""
         st.guard = self._lock  # its save() and to_bytes() wait for this aggregator's folds from other threads
-        self._state = st
+        self.state = st
         self._base_view = (st.base, self._base_token)
 
     # which base the admission stats of an Admitted were measured against: one tuple, assigned at once, so that
     # admission reads a base and its token together without the lock (a save or a fold holds it for long)
     _base_view: tuple = (None, None)
 
+    # --- properties ----------------------------------------------------------------------------------------------
     @property
     def acc_dtype(self) -> str:
         return self.state.acc_dtype
@@ -416,8 +412,8 @@ class Aggregator:
             raise DuplicateParty(u.party)
         self._check_open()
         u.info = alg.check_info(u.info, u.party)
-        if self._stale([u]):  # its norm against the base is to be measured: the batch path does
-            return False
+        if st.base is not None and u.against_base is not self._base_token and self._stale([u]):
+            return False  # its stats against the base are to be measured: the batch path does
         w = float(alg.fold_weight(u, st))
         self._check_headroom(u, w, one.bound)
         if one.int_rows:
@@ -836,9 +832,9 @@ class Aggregator:
                     # rounds would stay there
                     old.store.clear(release=old.store.spilled)
                 return None
-            self.state = old.next_round(base=None if base is None else flat_base,
-                                        store=None if old.store is None else self.algorithm.new_store(self.layout,
-                                                                                                      self.on_gpu))
+            self._adopt(old.next_round(base=None if base is None else flat_base,
+                                       store=None if old.store is None else self.algorithm.new_store(self.layout,
+                                                                                                     self.on_gpu)))
             return old
 
 
