@@ -228,11 +228,11 @@ class Aggregator:
         """Make ``st`` this aggregator's state (a plain attribute: the per-update fold reads it several times)."""
         st.guard = self._lock  # its save() and to_bytes() wait for this aggregator's folds from other threads
         self.state = st
-        self._base_view = (st.base, self._base_token)
+        self._base_view = (st, st.base, self._base_token)
 
-    # which base the admission stats of an Admitted were measured against: one tuple, assigned at once, so that
-    # admission reads a base and its token together without the lock (a save or a fold holds it for long)
-    _base_view: tuple = (None, None)
+    # which base the admission stats of an Admitted were measured against: (state, base, token), one tuple assigned
+    # at once, so that admission reads them together without the lock (a save or a fold holds it for long)
+    _base_view: tuple = (None, None, None)
 
     # --- properties ----------------------------------------------------------------------------------------------
     @property
@@ -259,9 +259,8 @@ class Aggregator:
     def admit_many(self, updates, weights=None, parties=None, infos=None) -> list:
         k = len(updates)
         parties, infos = self._parties_and_infos(parties, infos, k)
-        st = self.state
-        base, token = self._base_view  # together: a reset(base=) meanwhile must not stamp norms measured against the
-        host_base = None if base is None else st.host_base()  # old base with the new base's token
+        st, base, token = self._base_view  # together: a reset(base=) meanwhile must not stamp stats measured
+        host_base = None if base is None else st.host_base()  # against the old base with the new base's token
         admitted = admit_many(updates, self.layout, weights=weights, parties=parties, base=base,
                               host_base=host_base, backend=self.backend, acc_dtype=self.acc_dtype,
                               copy=self.copy, partial=self.partial,
@@ -449,7 +448,9 @@ class Aggregator:
             b = st.base  # (max and min: no model-sized temporary, once per base)
             self._bmax = (self._base_token, max(float(b.max()), -float(b.min())) if b.size else 0.0)
         bound, bmax = self._fold_bound(), self._bmax[1]
-        return [u for u in stale if not max(u.weight, float(alg.fold_weight(u, st))) * (u.maxabs + bmax) <= bound]
+        # (stats of u itself only: one measured against another base bounds nothing here)
+        return [u for u in stale if u.against_base or not
+                max(u.weight, float(alg.fold_weight(u, st))) * (u.maxabs + bmax) <= bound]
 
     _bmax: tuple = (None, 0.0)  # (base token, max |base|), for _stale
 
@@ -825,7 +826,8 @@ class Aggregator:
                 old.info.clear()
                 old.absent.clear()
                 old.base = flat_base
-                self._base_view = (flat_base, self._base_token)
+                old.__dict__.pop("_host_base", None)  # (an admission during the step may have cached the moving base)
+                self._base_view = (old, flat_base, self._base_token)
                 old.closed = False
                 if old.store is not None:  # a robust rule's slab too: its rows stay resident (first-touch page faults
                     # made filling a 1 GB slab 0.58 s, against 0.14 s reused); not one spilled to disk, whose later

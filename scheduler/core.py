@@ -141,10 +141,11 @@ class Job:
             raise InvalidJob(f"job {self.id!r}: late must be 'reject' or 'next_round', got {self.late!r}")
         if self.unreachable not in ("error", "partial"):
             raise InvalidJob(f"job {self.id!r}: unreachable must be 'error' or 'partial', got {self.unreachable!r}")
-        try:
-            jk.check_weight(self.late_weight, f"<job {self.id!r} late_weight>")
+        try:  # a staleness weight: at most 1 (the checks at submit held the weight sent, which it only lowers)
+            if not jk.check_weight(self.late_weight, f"<job {self.id!r} late_weight>") <= 1.0:
+                raise jk.InvalidWeight(None, self.late_weight)
         except jk.InvalidWeight:
-            raise InvalidJob(f"job {self.id!r}: late_weight must be a finite number > 0, got "
+            raise InvalidJob(f"job {self.id!r}: late_weight must be a number in (0, 1], got "
                              f"{self.late_weight!r}") from None
         try:
             if len(set(self.parties)) != n:
@@ -645,16 +646,14 @@ class JITScheduler:
             early = js.open is not None and round > js.open.number
             # an update is taken in memory only within the budget (not merely while it has room left: with updates
             # of several sizes that, and one fold's read-back past it, made the budget plus two updates)
-            # (at least one update: with a budget under two, nothing could drain until the round opens)
-            limit = None if self.byte_budget is None else max(self.byte_budget // 2, min(nbytes, self.byte_budget)) \
-                if early else self.byte_budget
+            limit = None if self.byte_budget is None else self.byte_budget // 2 if early else self.byte_budget
             if not stored and limit is not None and self.buffered_bytes + nbytes > limit:
                 if not self._relieving:
                     self._relieving = True
                     self.clock.call_soon_threadsafe(self._relieve_pressure)
                 if self.overflow == "raise" or item is None:
                     why = (f"round {round} is not open yet, and updates for later rounds may take half the budget "
-                           f"of {self.byte_budget} bytes, or one update ({self.buffered_bytes} are buffered); retry "
+                           f"of {self.byte_budget} bytes ({self.buffered_bytes} are buffered); retry "
                            f"once it opens" if early else f"{self.buffered_bytes} bytes are buffered; its {nbytes} "
                            f"would pass the budget of {self.byte_budget}; retry once the forced fold has drained them")
                     raise Backpressure(f"job {job_id!r} round {acked_round}: update from {party!r} not taken: {why}")
@@ -749,9 +748,11 @@ class JITScheduler:
                     if not rnd.future.done():
                         rnd.future.set_exception(SchedulerClosed(f"job {js.job.id!r} round {rnd.number}: the "
                                                                  "scheduler was closed before the round finished"))
-                    self._drop_pending(js, rnd)  # (their bytes stayed counted in buffered_bytes)
+                    self._drop_pending(js, rnd)
+                js.buffered_bytes = 0  # (arrivals still queued on the clock, and running folds, end without effect)
                 if js.deployment is not None:
                     self._release(js, "scheduler closed")
+            self.buffered_bytes = 0
         self.executor.close()
         if self._own_clock and hasattr(self.clock, "close"):  # (a VirtualClock has no thread to stop)
             self.clock.close()
@@ -828,8 +829,7 @@ class JITScheduler:
 
     def _on_arrival(self, js, number, party, item, nbytes, weight) -> None:
         with self._lock:
-            if self._closed:  # (queued before close: its round resolved with SchedulerClosed)
-                self._buffered(js, -nbytes)
+            if self._closed:  # (queued before close: its round resolved with SchedulerClosed; close zeroed the bytes)
                 return
             now = self.clock.now()
             rnd = self._round(js, number)
@@ -1230,7 +1230,7 @@ class JITScheduler:
             rnd = js.rounds.get(sp.round)
             durable = rnd.durable.get(sp.party, sp.durable) if rnd is not None else sp.durable
         durable.result()  # the writer thread may still be writing it
-        leaves = self.store.load_update(js.job.id, sp.round, sp.party, len(js.layout))
+        leaves = self.store.load_update(js.job.id, sp.round, sp.party, js.layout)
         self.store.release(js.job.id, sp.round, sp.party)  # folded next: the checkpoint or result covers it
         return js.admit(js.layout.unflatten(leaves), sp.weight, sp.party, sp.info)
 
@@ -1323,7 +1323,8 @@ class JITScheduler:
             try:
                 self._submit(js, r, party, None, weight, uid, persist=False, stored=True, info=info)
             except jk.InvalidUpdateInfo as e:  # a file written before submit kept per-update values (FedNova's
-                # steps): it cannot be folded, and the job resumes without it (the party may resend)
+                # steps): it cannot be folded, and the job resumes without it (the party may resend: an answer)
+                self._round(js, r).unobserved.discard(party)
                 log.error("job %r: update of %r for round %d not replayed: %s", job.id, party, r, e)
         self._log("resumed", js, round=first, folded=rnd.folded, replayed=len(replayed),
                   fallbacks=len(st.fallbacks), orphans_removed=st.orphans_removed)
@@ -1340,8 +1341,7 @@ class JITScheduler:
     def _done(self, js, rnd, task, duration, result, error) -> None:
         with self._lock:
             if self._closed:  # a task that was running at close: its round resolved with SchedulerClosed
-                self._buffered(js, -task.nbytes if task.kind == "fold" else 0)
-                return
+                return  # (close zeroed the buffered bytes)
             dep = js.deployment
             if dep is not None:
                 dep.busy = False

@@ -35,6 +35,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -112,9 +113,14 @@ def encode_leaves(leaves) -> tuple:
 QUANTIZED = "q8"  # an int8-quantized leaf's tag ("int8" in files written before 2026-11-27, told apart by its ".q")
 
 
-def decode_leaves(tensors, dtypes, n_leaves) -> list:
+def decode_leaves(tensors, dtypes, n_leaves, shapes=None) -> list:
     """The leaves :func:`encode_leaves` wrote; ValueError where the record does not describe the tensors (a file
-    it did not write: a leaf index past the layout, an entry of another form, values of another dtype)."""
+    it did not write: a leaf index past the layout, an entry of another form, values of another dtype). ``shapes``:
+    the layout's, to which leaves of the same size are reshaped (files written before 2026-11-27 hold 0-d leaves
+    as shape (1,))."""
+    def shaped(a, i):
+        return a.reshape(shapes[i]) if shapes is not None and a.shape != shapes[i] and a.size == math.prod(
+            shapes[i]) else a
     if not isinstance(dtypes, dict):
         raise ValueError(f"the leaves record is a {type(dtypes).__name__}, not a mapping")
     out = [None] * n_leaves
@@ -126,12 +132,12 @@ def decode_leaves(tensors, dtypes, n_leaves) -> list:
             q, scale = tensors[f"{key}.q"], tensors[f"{key}.s"]
             if q.dtype != np.int8:
                 raise ValueError(f"leaf {i}: int8 values stored as {q.dtype}")
-            out[i] = jk.Quantized(q, scale, block)
+            out[i] = jk.Quantized(shaped(q, i), scale, block)
         else:
             a = tensors[key]
             if dtype_name(a.dtype) != ("uint16" if name == "bfloat16" else name):
                 raise ValueError(f"leaf {i}: {name} values stored as {a.dtype}")
-            out[i] = a.view(jk.bfloat16) if name == "bfloat16" else a
+            out[i] = shaped(a.view(jk.bfloat16) if name == "bfloat16" else a, i)
     return out
 
 
@@ -150,9 +156,20 @@ def _check_entry(m) -> None:
               isinstance(x, str) for x in v) for v in m.get("failed", {}).values())
           and isinstance(m.get("parties", []), list) and all(
               isinstance(e, list) and len(e) == 2 for e in m.get("parties", []))
-          and isinstance(m.get("dropped", []), list) and isinstance(m.get("predictor") or [], list))
+          and isinstance(m.get("dropped", []), list) and isinstance(m.get("predictor") or [], list)
+          and all(_predictor_row(r) for r in m.get("predictor") or []))
     if not ok:
         raise jk.CorruptState(f"a job entry not as a commit writes it: {json.dumps(m)[:200]}")
+
+
+def _predictor_row(row) -> bool:
+    """A row Predictor.to_json writes: party, n, mu, var, participation, rounds[, closed round, closed_no, late
+    round] (6 in manifests written before late answers were kept by round)."""
+    num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731  (NaN: no response yet)
+    opt_int = lambda x: x is None or type(x) is int  # noqa: E731
+    return (isinstance(row, list) and len(row) in (6, 9) and isinstance(row[0], (str, int))
+            and type(row[1]) is int and all(num(x) for x in row[2:5]) and type(row[5]) is int
+            and (len(row) == 6 or opt_int(row[6]) and num(row[7]) and opt_int(row[8])))
 
 
 def _is_count(name: str) -> bool:
@@ -283,10 +300,10 @@ class StateDir:
             return True
         return self._writer.submit(work)
 
-    def load_update(self, job, rnd: int, party, n_leaves: int) -> list:
-        """The leaves of one persisted update (verified)."""
+    def load_update(self, job, rnd: int, party, layout: jk.Layout) -> list:
+        """The leaves of one persisted update (verified), in the layout's shapes."""
         tensors, m = read_checked(os.path.join(self.path, self._update_rel(job, rnd, party)), what="update file")
-        return decode_leaves(tensors, json.loads(m["leaves"]), n_leaves)
+        return decode_leaves(tensors, json.loads(m["leaves"]), len(layout), [leaf.shape for leaf in layout.leaves])
 
     def stored_updates(self, job, n_leaves: int, fingerprint: str) -> list:
         """[(round, party, update_id, weight, info)] of ``job``'s updates on disk that the committed generation does not
@@ -413,7 +430,8 @@ class StateDir:
             raise jk.LayoutMismatch(f"round result {rel} was written for layout {meta.get('layout')}; the job's "
                                     f"layout is {layout.fingerprint} (its template changed?)")
         ids = {p: u for p, u in json.loads(meta["parties"])}
-        return decode_leaves(tensors, json.loads(meta["leaves"]), len(layout)), ids
+        shapes = [leaf.shape for leaf in layout.leaves]
+        return decode_leaves(tensors, json.loads(meta["leaves"]), len(layout), shapes), ids
 
     def load_state(self, rel: str) -> jk.FoldState:
         st = self._states.pop(rel, None)

@@ -442,6 +442,20 @@ def test_an_update_admitted_without_the_base_is_checked_against_it_when_folded(b
     np.testing.assert_array_equal(agg.finalize()["w"], np.full(4, 3.0, np.float32))
 
 
+def test_an_update_measured_against_an_old_base_is_measured_again(monkeypatch):
+    """max|u| + max|base| bounds max|u - base| only for stats of u itself: an update admitted against the previous
+    round's base carries max|u - old base|, which bounds nothing (base 1e36, u 1e36: maxabs 0; after reset(base=0)
+    the fold skipped its check and the accumulator went inf: found in review)."""
+    big = {"w": np.full(4, 1e36, np.float32)}
+    agg = jk.Aggregator(big, base=big, backend="numpy")
+    adm = agg.admit_many([big, big], [1000.0] * 2, ["a", "b"])
+    assert adm[0].maxabs == 0
+    agg.reset(base={"w": np.zeros(4, np.float32)})
+    with pytest.raises(jk.ValueOutOfRange, match="'a'"):
+        agg.fold_many(adm)
+    assert not agg.state.acc.any()
+
+
 def test_updates_admitted_without_the_base_are_measured_again_only_where_needed(monkeypatch):
     """max|u| + max|base| bounds max|u - base|: where that keeps a summing rule within the headroom, the fold does not
     read the update again (measuring every one made a scheduler's FedAvg-with-base fold 3x as long); clipping rules,

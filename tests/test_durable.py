@@ -1296,7 +1296,8 @@ def test_a_missing_result_fails_its_round_only(tmp_path):
     rec.close()
 
 
-@pytest.mark.parametrize("edit", ["state_elsewhere", "fifo", "round_str", "results_key", "failed_entry", "predictor"])
+@pytest.mark.parametrize("edit", ["state_elsewhere", "fifo", "round_str", "results_key", "failed_entry", "predictor",
+                                  "predictor_row"])
 def test_a_resigned_manifest_entry_no_commit_writes_is_refused(tmp_path, edit):
     """A manifest's checksum anyone can compute: its entries are checked as commits write them. A state file named
     outside states/ was opened (/etc/passwd read; a FIFO blocked the open for ever, with the GIL held); a round as
@@ -1318,7 +1319,8 @@ def test_a_resigned_manifest_entry_no_commit_writes_is_refused(tmp_path, edit):
         os.mkfifo(tmp_path / "states" / "x.jks")
     m.update({"state_elsewhere": {"state": "/etc/passwd"}, "fifo": {"state": "states/x.jks"},
               "round_str": {"round": "1"}, "results_key": {"results": {"zero": "results/x.jkr"}},
-              "failed_entry": {"failed": {"0": "boom"}}, "predictor": {"predictor": "garbage"}}[edit])
+              "failed_entry": {"failed": {"0": "boom"}}, "predictor": {"predictor": "garbage"},
+              "predictor_row": {"predictor": [["a"]]}}[edit])
     body["checksum"] = _digest(body)
     newest.write_text(json.dumps(body))
     try:
@@ -1413,3 +1415,6 @@ def test_zero_d_and_plain_int8_leaves_survive_files(tmp_path):
     for d in (dtypes, old):
         (back,) = decode_leaves(tensors, d, 1)
         assert isinstance(back, jk.Quantized) and back.values.tolist() == [1, -2]
+    # files written before: a 0-d leaf stored as (1,) comes back in the layout's shape
+    (n,) = decode_leaves({"0": np.array([3], np.int64)}, {"0": ["int64", None]}, 1, [()])
+    assert n.shape == () and int(n) == 3
