@@ -771,7 +771,9 @@ class JITScheduler:
         job's host updates pay the bus, a deterministic job moves 16 bytes per element (both were priced as the
         scheduler-wide backend's float32 job, and JIT deployed them late)."""
         out = {}
-        if js.job.backend == "cupy" and "cupy" in self.cost.backends:
+        gpu = js.job.backend == "cupy" or js.job.backend == "auto" and js.layout is not None and \
+            js.layout.array_type in ("cupy", "torch_cuda")  # (as the job's aggregator picks its backend)
+        if gpu and "cupy" in self.cost.backends:
             out["backend"] = "cupy"
         if js.job.deterministic or js.job.acc_dtype != "float32":
             out["acc_itemsize"] = 16 if js.job.deterministic else np.dtype(js.job.acc_dtype).itemsize

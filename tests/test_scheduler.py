@@ -873,6 +873,12 @@ def test_a_jobs_work_is_priced_on_its_own_backend_and_accumulator():
     assert est["gpu"] == pytest.approx((ub + 2 * n * 4) / 2000e9 + ub / 25e9 + n * 8 / 2000e9)
     assert est["det"] == pytest.approx((ub + 2 * n * 16) / 10e9 + n * 20 / 10e9)
     assert est["f64"] == pytest.approx((ub + 2 * n * 8) / 10e9 + n * 12 / 10e9)
+    # backend "auto" with a template in GPU memory: its aggregator runs on the GPU, and is priced so
+    s.add_job(Job("auto", template={"w": np.zeros(1000, np.float32)}, parties=list(range(10)), quorum=10, rounds=1))
+    js = s.jobs["auto"]
+    cpu = s.work_estimate(js, js.open)
+    js.layout = jk.Layout.from_json({**js.layout.to_json(), "array_type": "cupy"})
+    assert s.work_estimate(js, js.open) < cpu
     s.close()
 
 
