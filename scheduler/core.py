@@ -129,7 +129,9 @@ class Job:
     def check(self) -> None:
         """:class:`InvalidJob` naming what is wrong: a quorum that is neither a fraction in (0, 1] nor a count of 1
         to len(parties) (a round would wait for ever, or refuse every update), an unknown late or unreachable rule,
-        a late weight that is not a positive number (a negative one subtracted the update)."""
+        a late weight outside (0, 1] (a negative one subtracted the update), party ids that are not str or int or
+        repeat, a deadline or prior that is not a finite number > 0, bad round counts, sizes or priority. Party ids
+        and counts are normalized (numpy integers as ints)."""
         q, n = self.quorum, len(self.parties)
         fraction = isinstance(q, float) and 0.0 < q <= 1.0
         count = (isinstance(q, (int, np.integer)) and not isinstance(q, bool)
@@ -147,11 +149,12 @@ class Job:
         except jk.InvalidWeight:
             raise InvalidJob(f"job {self.id!r}: late_weight must be a number in (0, 1], got "
                              f"{self.late_weight!r}") from None
-        try:
-            if len(set(self.parties)) != n:
-                raise InvalidJob(f"job {self.id!r}: a party is listed twice (its quorum could never be met)")
-        except TypeError:
-            raise InvalidJob(f"job {self.id!r}: party ids must be str or int") from None
+        try:  # (as ints and strs: a float id went into the manifest's predictor rows, which recovery then refused)
+            self.parties = [jk.parties.check_party(p) for p in self.parties]
+        except jk.InvalidParty as e:
+            raise InvalidJob(f"job {self.id!r}: {e}") from None
+        if len(set(self.parties)) != n:
+            raise InvalidJob(f"job {self.id!r}: a party is listed twice (its quorum could never be met)")
         # a NaN deadline stopped the clock thread's waits (every job's events), one <= 0 failed rounds in a hot loop
         for name, v, lo in (("deadline_s", self.deadline_s, 0.0), ("prior_response_s", self.prior_response_s, 0.0)):
             if v is not None and not (_real(v) and math.isfinite(v) and v > lo):
@@ -162,6 +165,8 @@ class Job:
             if not (v is None and optional or _whole(v) and v >= lo):
                 raise InvalidJob(f"job {self.id!r}: {name} must be {'None or ' if optional else ''}an integer >= "
                                  f"{lo}, got {v!r}")
+            if v is not None:
+                setattr(self, name, int(v))  # (a numpy integer round number reached the manifest's JSON: TypeError)
         if not (_real(self.priority) and math.isfinite(self.priority)):
             raise InvalidJob(f"job {self.id!r}: priority must be a finite number, got {self.priority!r}")
 
@@ -868,7 +873,10 @@ class JITScheduler:
     def _buffered(self, js, delta: int) -> None:
         """Bytes of admitted updates held in memory (acknowledged, waiting, or being folded), the scheduler's and
         the job's, and their peaks (the job's was its open round's unfolded bytes: folds in progress and updates
-        sent ahead for a later round were left out)."""
+        sent ahead for a later round were left out). After close() (which zeroes them) nothing moves them: a fold
+        still running then gave back its bytes, and the counts went negative."""
+        if self._closed:
+            return
         self.buffered_bytes += delta
         js.buffered_bytes += delta
         if delta > 0:

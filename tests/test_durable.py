@@ -1418,3 +1418,27 @@ def test_zero_d_and_plain_int8_leaves_survive_files(tmp_path):
     # files written before: a 0-d leaf stored as (1,) comes back in the layout's shape
     (n,) = decode_leaves({"0": np.array([3], np.int64)}, {"0": ["int64", None]}, 1, [()])
     assert n.shape == () and int(n) == 3
+
+
+def test_job_ids_and_counts_reach_the_manifest_as_json_types(tmp_path):
+    """A float party id went into the manifest's predictor rows, which recovery then refused: the whole directory
+    (every job in it) could not be opened. A numpy first_round made every round after the first fail with
+    TypeError (not JSON serializable). Party ids must be str or int; numpy integers are normalized (review)."""
+    from scheduler import InvalidJob
+
+    s = _sched(tmp_path)
+    with pytest.raises(InvalidJob, match="party ids must be str or int"):
+        s.add_job(Job("bad", template={"w": np.zeros(4, np.float32)}, parties=[0.5, 1.5], quorum=2))
+    job = Job("j", template={"w": np.zeros(4, np.float32)}, parties=[np.int64(1), 2], quorum=2, rounds=3,
+              first_round=np.int64(0))
+    s.add_job(job)
+    assert type(job.first_round) is int and [type(p) for p in job.parties] == [int, int]
+    for r in range(3):
+        for p in (1, 2):
+            s.submit("j", r, p, {"w": np.full(4, float(r), np.float32)})
+        s.clock.run()
+    assert [float(s.result("j", r).result(timeout=1)["w"][0]) for r in range(3)] == [0.0, 1.0, 2.0]
+    s.close()
+    rec = JITScheduler.recover(tmp_path, [job], policy="eager", slots=1, clock=VirtualClock())
+    assert not rec.store.fallbacks
+    rec.close()
