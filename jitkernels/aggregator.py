@@ -304,7 +304,7 @@ class Aggregator:
 
         Raw updates into an empty state (a round's first batch, JIT's usual case) on the C++ backend are admitted and
         folded in one pass over them: a rejection then zeroes the accumulator again, which restores its bits."""
-        if isinstance(updates, dict) or isinstance(updates, (str, bytes)) or not hasattr(updates, "__iter__"):
+        if isinstance(updates, (dict, str, bytes)) or not hasattr(updates, "__iter__"):
             raise TypeError(f"fold_many takes a list of updates, got {type(updates).__name__} (one update: fold)")
         updates = list(updates)
         if not updates:

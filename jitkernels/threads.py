@@ -12,15 +12,6 @@ _lock = threading.Lock()
 MAX_THREADS = 1024
 
 
-def _count(n, what: str) -> int:
-    if isinstance(n, bool) or not float(n).is_integer():
-        raise ValueError(f"{what} must be a whole number of threads, got {n!r}")
-    n = int(n)
-    if not 1 <= n <= MAX_THREADS:
-        raise ValueError(f"{what} must be within 1 to {MAX_THREADS}, got {n}")
-    return n
-
-
 def _default() -> int:
     for var in ("JITKERNELS_NUM_THREADS", "OMP_NUM_THREADS"):
         v = os.environ.get(var, "").split(",")[0].strip()
@@ -50,7 +41,11 @@ def get_num_threads() -> int:
 def set_num_threads(n: int) -> int:
     """Set the threads every backend's kernels use; returns the previous value."""
     global _threads
-    n = _count(n, "the thread count")
+    if isinstance(n, bool) or not float(n).is_integer():
+        raise ValueError(f"the thread count must be a whole number of threads, got {n!r}")
+    n = int(n)
+    if not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"the thread count must be within 1 to {MAX_THREADS}, got {n}")
     with _lock:
         old, _threads = _threads, n
     return old

@@ -331,12 +331,12 @@ class _JobState:
         """Predictor positions of the expected parties that have not arrived in ``rnd``."""
         return self.expected_idx[~self.flags(rnd)]
 
-    def admit(self, update, weight, party, info=None):
+    def admit(self, update, weight, party, info):
         """Validate one update for this job, against the bound its aggregator will use, with the per-update values
-        its algorithm reads (``steps`` for FedNova, ``staleness`` for FedBuff)."""
+        its algorithm reads (``info``, checked by the caller: ``steps`` for FedNova, ``staleness`` for FedBuff)."""
         u = jk.admit_many([update], self.layout, weights=[weight], parties=[party], backend=self.job.backend,
                           acc_dtype=self.acc_dtype, bound=self._admit_bound)[0]
-        u.info = self.algorithm.check_info(info or {}, party)
+        u.info = info
         if self.layout.int_leaves and self._admit_bound != math.inf:  # counters, as the job's aggregator sums them
             jk.admission.check_int_terms([u], self.layout, [self.algorithm.mass(u)], self._admit_bound
                                          if self.job.deterministic else None, self.acc_dtype)
@@ -352,7 +352,7 @@ class _JobState:
         admits); else the accumulator's headroom (None)."""
         if self.job.deterministic:
             return 2.0 ** math.ceil(math.log2(DETERMINISTIC_BOUND))
-        return math.inf if getattr(jk.algorithms.resolve(self.job.algorithm), "buffered", False) else None
+        return math.inf if getattr(self.algorithm, "buffered", False) else None
 
     @property
     def acc_dtype(self) -> str:
@@ -567,7 +567,7 @@ class JITScheduler:
             else:
                 failed = False
         if failed:  # the original's write failed (e.g. a full disk): the resend is written again
-            item = js.admit(update, weight, party, info)
+            item = js.admit(update, weight, party, js.algorithm.check_info(info, party))
             durable = self._persist(js, round, party, update_id, weight, item)
             with self._lock:
                 if round in js.rounds:  # (a round forgotten meanwhile holds no futures)
@@ -768,8 +768,9 @@ class JITScheduler:
     def work_estimate(self, js: _JobState, rnd: _Round) -> float:
         """Seconds of work left for a round: fold what is not folded yet (in one batch), then finalize."""
         remaining = max(rnd.quorum - rnd.folded, 0)
-        return (self.cost.fold_s(remaining * js.update_bytes, remaining, js.model_elems, **self._priced(js))
-                + self.cost.finalize_s(js.model_elems, **self._priced(js)))
+        priced = self._priced(js)
+        return (self.cost.fold_s(remaining * js.update_bytes, remaining, js.model_elems, **priced)
+                + self.cost.finalize_s(js.model_elems, **priced))
 
     def _priced(self, js) -> dict:
         """The job's own cost-model entry and accumulator bytes where they differ from the model's defaults: a GPU
