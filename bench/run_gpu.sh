@@ -23,4 +23,4 @@ timeout "${BENCH_TIMEOUT:-600}" "$PY" -m jitkernels.gpu_benchmark ${BENCH_ARGS:-
   --markdown "$OUT/gpu_bench.md" --plot "$OUT/gpu_bench.png" 2>&1 | tee "$OUT/gpu_bench.log"
 echo "== robust rules on a device slab"
 timeout "${BENCH_TIMEOUT:-600}" "$PY" -m jitkernels.gpu_benchmark --robust --sizes 25000000 --reps 3 \
-  --json "$OUT/gpu_robust.json" --markdown "$OUT/gpu_robust.md" 2>&1 | tee "$OUT/gpu_robust.log"
+  --gram-columns 1,2 --json "$OUT/gpu_robust.json" --markdown "$OUT/gpu_robust.md" 2>&1 | tee "$OUT/gpu_robust.log"

@@ -401,7 +401,9 @@ void robust_select(const py::array& rows, int code, int mode, int64_t lo, int64_
                    py::array_t<float, py::array::c_style>& out, int64_t tile, int nthreads) {
   require(rows.ndim() == 2, "rows must be [k, N]");
   const int64_t item = code == 1 ? 4 : 2;
-  require(rows.itemsize() == item && rows.strides(1) == item && rows.strides(0) % item == 0,
+  // (the column stride of a slab of 0 or 1 columns is arbitrary)
+  require(rows.itemsize() == item && (rows.size() <= rows.shape(0) || rows.strides(1) == item) &&
+              rows.strides(0) % item == 0,
           "rows: unit column stride and an itemsize matching the code");
   require(out.ndim() == 1 && out.shape(0) == rows.shape(1) && out.writeable(), "out must be a writeable float32[N]");
   const int64_t k = rows.shape(0), n = rows.shape(1), ld = rows.strides(0) / item;

@@ -264,17 +264,20 @@ def cpu_rows(n, dtype, host_updates, w, reps, bw, log=print) -> list:
     return rows
 
 
-def robust_rows(n, k=10, reps=5, bw=None, log=print) -> list:
+def robust_rows(n, k=10, reps=5, bw=None, log=print, host=True, gram_columns=(None,)) -> list:
     """The robust rules over a round's k float32 updates in GPU memory: filling a
     :class:`~jitkernels.robust_store.DeviceUpdateStore` from device updates (what a GPU aggregator's fold does), then
-    each rule on its slab (robust_coord's kernels; robust_gram on CuPy, the Gram on cuBLAS); and the same rules on
-    the same slab in host memory (C++ coordinate kernels, numpy's BLAS Gram: nothing to compile on a fresh machine).
-    Device rows as fractions of the d2d copy bandwidth, bytes = what the pass must read (k N 4; the store's fill
-    reads and writes them)."""
+    each rule on its slab (robust_coord's kernels; robust_gram on CuPy, the Gram by its fused kernel), with the
+    Gram's kernel at each tile size (and at each U of ``gram_columns``: kernels.cu's JK_GRAM_COLUMNS, None for its
+    default) and the array path it replaced (the slab widened to float64 in tiles, centered, batched cuBLAS GEMMs)
+    beside it; and, with ``host``, the same rules on the same slab in host memory (C++
+    coordinate kernels, numpy's BLAS Gram: nothing to compile on a fresh machine). Device rows as fractions of the
+    d2d copy bandwidth, bytes = what the pass must read (k N 4; the store's fill reads and writes them)."""
     import cupy as cp
 
     from . import robust_coord as rc
     from . import robust_gram as rg
+    from .backends import cuda_source, cupy_backend
     from .robust_store import DeviceUpdateStore
 
     sync = cp.cuda.Device().synchronize
@@ -287,7 +290,7 @@ def robust_rows(n, k=10, reps=5, bw=None, log=print) -> list:
         for j, u in enumerate(ups):
             store.add(u, party=j, finite=True)  # as an aggregator adds its admitted updates
     fill()
-    host = np.stack([u.get() for u in ups])
+    host_slab = np.stack([u.get() for u in ups]) if host else None
     f = max(0, (k - 3) // 4)  # Bulyan's k >= 4f + 3
     rules = [("coordinate median", lambda x, b: rc.coordinate_median(x, backend=b[0])),
              ("trimmed mean 0.2", lambda x, b: rc.trimmed_mean(x, 0.2, backend=b[0])),
@@ -304,16 +307,34 @@ def robust_rows(n, k=10, reps=5, bw=None, log=print) -> list:
         log(f"  N={n:>11,} {where:11s} {method:26s} {secs * 1e3:9.2f} ms  {nbytes / secs / 1e9:7.1f} GB/s"
             + ("" if frac is None else f"  {frac:.2f} of d2d"))
     add("device slab", "store add (device updates)", _median_time(fill, reps, sync=sync), 2 * k * n * 4)
+    slab = store.rows()
     for name, rule in rules:
         add("device slab", name + " (cupy)", _median_time(lambda: rule(store, ("cupy", "cupy")), reps, sync=sync),
             k * n * 4)
-        add("host slab", name + " (cpp / numpy)", _median_time(lambda: rule(host, ("cpp", "numpy")), reps),
-            k * n * 4)
+        if name.startswith("Gram"):  # centered at row 0, as the rules' pilot picks a row
+            rt = cupy_backend.runtime()
+            for u in gram_columns:
+                rt.defines = {} if u is None else {"JK_GRAM_COLUMNS": u}
+                try:
+                    for T in cuda_source.GRAM_TILES:
+                        add("device slab", f"  Gram kernel, {T}-row tiles" + ("" if u is None else f", U={u}"),
+                            _median_time(lambda: cupy_backend.gram(slab, rg.MODE_ROW, 0, None, False, T), reps,
+                                         sync=sync), k * n * 4)
+                finally:
+                    rt.defines = {}
+            add("device slab", "  pilot reference row", _median_time(lambda: rg._pilot_reference(slab), reps,
+                                                                      sync=sync), k * n * 4)
+            add("device slab", "  Gram, array path (cuBLAS)", _median_time(
+                lambda: rg._gram_xp(slab, rg.MODE_ROW, 0, None, rg._tile_columns("cupy", k, rg.BLOCK), False), reps,
+                sync=sync), k * n * 4)
+        if host:
+            add("host slab", name + " (cpp / numpy)", _median_time(lambda: rule(host_slab, ("cpp", "numpy")), reps),
+                k * n * 4)
     return rows
 
 
 def run(sizes=SIZES, dtypes=DTYPES, k=10, leaves=10, reps=5, log=print, placements=PLACEMENTS, variants=(),
-        on_case=None, robust=False) -> dict:
+        on_case=None, robust=False, gram_columns=(None,)) -> dict:
     """The report: probes and rows; ``on_case(report)`` after each (N, dtype), so a run cut short keeps its rows."""
     gpu = jk.available_backends()["cupy"]
     report = {"gpu": gpu is True, "threads": jk.get_num_threads(), "rows": []}
@@ -340,7 +361,7 @@ def run(sizes=SIZES, dtypes=DTYPES, k=10, leaves=10, reps=5, log=print, placemen
         f"h2d pageable {bw['h2d_pageable_GBps']:.1f} GB/s")
     for n in sizes:
         if robust:  # the robust rules instead of the fold (float32 slabs)
-            report["rows"] += robust_rows(n, k, reps, bw, log)
+            report["rows"] += robust_rows(n, k, reps, bw, log, "pageable" in placements, gram_columns)
             if on_case is not None:
                 on_case(report)
             continue
@@ -407,6 +428,8 @@ def main(argv=None) -> int:
                    default=[], metavar="UxE,...", help="sweep the fold kernel's tuning macros (device updates)")
     p.add_argument("--robust", action="store_true",
                    help="the robust rules on a device slab against the host slab, instead of the fold")
+    p.add_argument("--gram-columns", type=lambda s: [int(x) for x in s.split(",")], default=[None], metavar="U,...",
+                   help="with --robust: time the Gram kernel at each JK_GRAM_COLUMNS (kernels.cu) too")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--markdown", metavar="PATH")
     p.add_argument("--plot", metavar="PATH")
@@ -420,7 +443,8 @@ def main(argv=None) -> int:
             with open(a.markdown, "w") as f:
                 f.write(markdown(report))
     report = run(a.sizes, a.dtypes, a.k, a.leaves, a.reps, log=lambda s: print(s, flush=True),
-                 placements=a.placements, variants=a.fold_variants, on_case=save, robust=a.robust)
+                 placements=a.placements, variants=a.fold_variants, on_case=save, robust=a.robust,
+                 gram_columns=a.gram_columns)
     save(report)
     print(markdown(report))
     if a.plot:

@@ -31,11 +31,12 @@ Outputs are float32 for a float32 slab (float64 for float64), computed in float6
 base)``), which is what an FL server logs to explain a round.
 
 Backends: ``"numpy"`` (BLAS ``dsyrk`` over float64 tiles: the specification), ``"numba"`` (one fused,
-cache-blocked kernel) and ``"cupy"`` (the numpy path's operations on a slab in GPU memory, in tiles of ~256 MB of
-float64: cuBLAS ``dgemm`` for the Gram; :class:`~jitkernels.robust_store.DeviceUpdateStore`, CuPy arrays, torch
-CUDA tensors). ``backend=None`` honors ``JITKERNELS_BACKEND``, else: cupy for a slab in GPU memory, numba when
-importable, numpy. A slab stays where it is (a host slab with "cupy", or a device slab with a CPU backend, raises
-TypeError), and a backend named explicitly always runs or raises :class:`~jitkernels.errors.BackendUnavailable`.
+cache-blocked kernel) and ``"cupy"`` (a slab in GPU memory: :class:`~jitkernels.robust_store.DeviceUpdateStore`,
+CuPy arrays, torch CUDA tensors; the Gram by one fused kernel up to ``cupy_backend.GRAM_MAX_K`` rows, else, as the
+other passes, the numpy path's operations in tiles of ~256 MB of float64, the Gram's products by cuBLAS).
+``backend=None`` honors ``JITKERNELS_BACKEND``, else: cupy for a slab in GPU memory, numba when importable, numpy.
+A slab stays where it is (a host slab with "cupy", or a device slab with a CPU backend, raises TypeError), and a
+backend named explicitly always runs or raises :class:`~jitkernels.errors.BackendUnavailable`.
 The k-space steps (scores, selections, iterations) run on the host whatever the backend: k x k numbers. Results
 are where the slab is.
 """
@@ -301,11 +302,16 @@ def _pilot_reference(rows) -> int:
     k, n = rows.shape
     if k <= 2 or n == 0:
         return 0
+    from . import robust_coord
+
     cols = np.unique(np.linspace(0, n - 1, min(n, PILOT)).astype(np.int64))
-    S = to_host(rows[:, array_module(rows).asarray(cols)]).astype(np.float64)
-    srt = np.sort(S, axis=0)  # the coordinate-wise median (np.median along axis 0 is ~6x slower here)
-    S -= 0.5 * srt[(k - 1) // 2] + 0.5 * srt[k // 2]
+    S = to_host(rows[:, array_module(rows).asarray(cols)])  # on the host whatever the slab: the same pick everywhere
     with np.errstate(over="ignore", invalid="ignore"):
+        # the coordinate kernels' median (float32: a center need not be exact). numpy's sort of 4096 short columns
+        # took 0.3 ms (k = 10) to 4 ms (k = 100) here, the time of the GPU's whole Gram kernel
+        center = robust_coord.coordinate_median(np.ascontiguousarray(S, dtype=np.float32),
+                                                backend="cpp" if robust_coord._cpp_available() is True else "numpy")
+        S = S.astype(np.float64) - center
         D = sq_distances(S @ S.T)
         med = _median_distances(D)
     med = np.where(np.isfinite(med), med, np.inf)
@@ -330,6 +336,11 @@ def _run_gram(be, rows, mode, refrow, refvec, block, diag_only):
     """(G [k, k] symmetric, uncentered sqnorms [k], centered sqnorms [k]); G is None when diag_only. Host arrays."""
     if be == "numba":
         return _gram_numba(rows, mode, refrow, refvec, block, diag_only)
+    if be == "cupy":
+        from .backends import cupy_backend
+
+        if rows.shape[0] <= cupy_backend.GRAM_MAX_K:
+            return cupy_backend.gram(rows, mode, refrow, refvec, diag_only)
     return _gram_xp(rows, mode, refrow, refvec, _tile_columns(be, rows.shape[0], block), diag_only)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from jitkernels.backends import cuda_source
 
-_LIB = None
+_LIB: dict = {}  # defines -> library
 
 
 def _build(stem: str, src: str, deps) -> ctypes.CDLL:
@@ -44,20 +44,23 @@ def _build(stem: str, src: str, deps) -> ctypes.CDLL:
     return ctypes.CDLL(lib)
 
 
-def emulation_library():
-    """Build (once, cached by source hash) the shared library of emulated kernels."""
-    global _LIB
-    if _LIB is not None:
-        return _LIB
+def emulation_library(defines=()):
+    """Build (once per ``defines``, cached by source hash) the shared library of emulated kernels; ``defines``:
+    (macro, value) pairs, kernels.cu's tuning macros."""
+    lib = _LIB.get(defines)
+    if lib is not None:
+        return lib
     names = cuda_source.kernel_names()
     cases = "\n".join(f"    case {i}: jk_emu::launch(&{n}, grid, block, args); break;" for i, n in enumerate(names))
-    src = (f"#define JK_HOST_EMULATION\n{cuda_source.instantiation_source(names)}\n"
+    macros = "".join(f"#define {m} {v}\n" for m, v in defines)
+    src = (f"#define JK_HOST_EMULATION\n{macros}{cuda_source.instantiation_source(names)}\n"
            "thread_local jk_dim3 blockIdx, threadIdx, blockDim;\n"
            'extern "C" int jk_launch(int id, unsigned grid, unsigned block, void** args) {\n'
            f"  switch (id) {{\n{cases}\n    default: return -1;\n  }}\n  return 0;\n}}\n")
-    _LIB = _build("emu", src, ("jk_math.h", "jk_noise.h", "jk_secagg.h", "cuda/kernels.cu", "cuda/emulate.h"))
-    _LIB.jk_launch.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p)]
-    return _LIB
+    lib = _LIB[defines] = _build("emu", src, ("jk_math.h", "jk_noise.h", "jk_secagg.h", "cuda/kernels.cu",
+                                              "cuda/emulate.h"))
+    lib.jk_launch.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p)]
+    return lib
 
 
 _GENERATED: dict = {}
@@ -117,9 +120,11 @@ class HostRuntime:
     """The CUDA runtime interface on the CPU: memory is numpy, kernels are emulated, streams replay lazily."""
 
     name = "host-shim"
+    warp_size = 1  # the emulation's warps are one thread (csrc/cuda/emulate.h)
+    sm_count = 2
 
-    def __init__(self, seed: int = 0):
-        self.lib = emulation_library()
+    def __init__(self, seed: int = 0, defines: dict | None = None):
+        self.lib = emulation_library(tuple(sorted((defines or {}).items())))
         self.index = {n: i for i, n in enumerate(cuda_source.kernel_names())}
         self.rng = np.random.default_rng(seed)
         self.streams: list = []

@@ -1,5 +1,7 @@
 """Hypothesis strategies: layouts with awkward leaves (empty, one element, uneven sizes) and random updates."""
 
+from typing import NamedTuple
+
 import numpy as np
 from hypothesis import strategies as st
 
@@ -91,3 +93,67 @@ def robust_rules() -> dict:
     return {"median": lambda: R.FedMedian(), "trimmed": lambda: R.FedTrimmedAvg(beta=0.2),
             "krum": lambda: R.Krum(f=1, m=2), "bulyan": lambda: R.Bulyan(f=1), "geomed": lambda: R.GeometricMedian(),
             "centered": lambda: R.CenteredClipping(tau=1.0)}
+
+
+class GramCase(NamedTuple):
+    padded: np.ndarray  # [k, n + pad]: the slab is its first n columns (row stride > n when pad > 0)
+    n: int
+    mode: int
+    refrow: int
+    ref: np.ndarray | None
+    diag_only: bool
+    tile: int  # T, of cuda_source.GRAM_TILES
+    columns: int = 1  # U, kernels.cu's JK_GRAM_COLUMNS
+
+    @property
+    def defines(self) -> dict:
+        return {} if self.columns == 1 else {"JK_GRAM_COLUMNS": self.columns}
+
+    @property
+    def X(self):
+        return self.padded[:, :self.n]
+
+
+@st.composite
+def device_gram_cases(draw, kmax=20, nmax=700, columns=(1, 2, 3)):
+    """Inputs of the GPU Gram kernel (cupy_backend.gram): float32/float64 slabs of rows with very different
+    magnitudes, some far from the origin, viewed with row stride >= n; every centering; both tile sizes; U
+    (JK_GRAM_COLUMNS) from ``columns``."""
+    from jitkernels import robust_gram as rg
+    from jitkernels.backends import cuda_source
+
+    k = draw(st.integers(1, kmax))
+    n = draw(st.integers(0, nmax))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    scale = 10.0 ** rng.integers(-20, 20, size=(k, 1))
+    P = (draw(st.sampled_from([0.0, 1e3])) + scale * rng.standard_normal((k, n + draw(st.sampled_from([0, 3])))))
+    mode = draw(st.sampled_from([rg.MODE_NONE, rg.MODE_ROW, rg.MODE_VECTOR]))
+    refrow = draw(st.integers(0, k - 1)) if mode == rg.MODE_ROW else 0
+    ref = rng.standard_normal(n).astype(draw(st.sampled_from([np.float32, np.float64])))
+    return GramCase(P.astype(dtype), n, mode, refrow, ref if mode == rg.MODE_VECTOR else None, draw(st.booleans()),
+                    draw(st.sampled_from(cuda_source.GRAM_TILES)), draw(st.sampled_from(columns)))
+
+
+def check_device_gram(case, run):
+    """``run(seed)`` -> (G, sqnorms, centered sqnorms) of ``case`` on a GPU path, checked against the float64 array
+    path (robust_gram._gram_xp): each entry within the bound of a float64 sum of n products, 4 n eps (|x_i - r| .
+    |x_j - r|); G exactly symmetric; the same bits from a second run."""
+    from jitkernels import robust_gram as rg
+
+    X, n = case.X, case.n
+    G, sq, csq = rg._gram_xp(X, case.mode, case.refrow, case.ref, rg.BLOCK, case.diag_only)
+    X64 = X.astype(np.float64)
+    r = X64[case.refrow] if case.mode == rg.MODE_ROW else case.ref.astype(np.float64) \
+        if case.mode == rg.MODE_VECTOR else 0.0
+    A = np.abs(X64 - r)
+    eps = 4 * max(n, 1) * np.finfo(np.float64).eps
+    bound = eps * (A @ A.T) + 1e-300
+    (g, s, c), again = run(0), run(1)
+    assert all(np.asarray(a).tobytes() == np.asarray(b).tobytes() for a, b in zip((g, s, c), again))
+    if case.diag_only:
+        assert g is None and G is None
+    else:
+        assert np.all(np.abs(g - G) <= bound) and np.array_equal(g, g.T)
+    assert np.all(np.abs(c - csq) <= np.diag(bound))
+    assert np.all(np.abs(s - sq) <= eps * (X64 * X64).sum(axis=1) + 1e-300)

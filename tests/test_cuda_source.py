@@ -35,25 +35,49 @@ def test_cuda_kernels_compile_with_nvcc_without_spills(tmp_path, arch):
 def test_cuda_kernels_compile_with_nvrtc_as_the_backend_does(arch, nvrtc):
     """The backend's own compile function (the one CupyRuntime calls), so the exact source, options and names.
     The PTX must hold no flush-to-zero and no fused multiply-add: either would break bit-exactness with numpy
-    (CuPy's RawModule would add -ftz=true, which is why the backend compiles with NVRTC itself)."""
+    (CuPy's RawModule would add -ftz=true, which is why the backend compiles with NVRTC itself). The one exception
+    is the Gram kernel's explicit fma (a reduction held to a tolerance, not to numpy's bits)."""
     image, lowered = cuda_source.compile_nvrtc(arch)
     assert set(lowered) == set(cuda_source.kernel_names()) and all(v.startswith("_Z") for v in lowered.values())
     if arch.startswith("compute_"):
         ptx = bytes(image).decode()
-        assert ".ftz" not in ptx and "fma.rn" not in ptx
+        entries = ptx.split(".entry ")[1:]
+        assert len(entries) == len(lowered) and ".ftz" not in ptx
+        fused = {e.split("(", 1)[0] for e in entries if "fma.rn" in e}
+        assert fused == {lowered[n] for n in lowered if "gram_tiles" in n}
+        assert "fma.rn.f32" not in ptx
         assert "mul.rn.f32" in ptx and "add.rn.f32" in ptx  # rounded separately, as numpy does
     else:
         assert bytes(image[:4]) == b"\x7fELF"  # a cubin
 
 
-def test_fold_tuning_macros_compile_and_are_checked(nvrtc):
-    """The benchmark's variant sweep compiles kernels.cu with other JK_FOLD_* values; a value that would make the
-    fold loop spin (no update per step) is refused at compile time."""
+def test_tuning_macros_compile_and_are_checked(nvrtc):
+    """The benchmark's variant sweeps compile kernels.cu with other JK_FOLD_* / JK_GRAM_COLUMNS values; a value
+    that would make a loop spin (no update, or no column, per step) is refused at compile time."""
     name = cuda_source.fold_name("float32", "bfloat16", False)
     _, lowered = cuda_source.compile_nvrtc("compute_90", [name], defines={"JK_FOLD_UPDATES": 3, "JK_FOLD_QUADS": 1})
     assert list(lowered) == [name]
     with pytest.raises(RuntimeError, match="at least one quad and one update"):
         cuda_source.compile_nvrtc("compute_90", [name], defines={"JK_FOLD_UPDATES": 0})
+    gram = [cuda_source.gram_name("float32", "float64", t) for t in cuda_source.GRAM_TILES]
+    _, lowered = cuda_source.compile_nvrtc("compute_90", gram, defines={"JK_GRAM_COLUMNS": 2})
+    assert set(lowered) == set(gram)
+    with pytest.raises(RuntimeError, match="at least one column per step"):
+        cuda_source.compile_nvrtc("compute_90", gram, defines={"JK_GRAM_COLUMNS": 0})
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
+def test_gram_kernel_with_two_columns_per_step_does_not_spill(tmp_path):
+    """JK_GRAM_COLUMNS = 2, the benchmark's next candidate, fits the registers of both tile sizes (sm_90)."""
+    names = [cuda_source.gram_name(x, r, t) for x in cuda_source.ACC_TYPES for r in cuda_source.ACC_TYPES
+             for t in cuda_source.GRAM_TILES]
+    src = tmp_path / "gram.cu"
+    src.write_text(cuda_source.instantiation_source(names))
+    cmd = [NVCC, *cuda_source.NVRTC_OPTIONS, "-DJK_GRAM_COLUMNS=2", "-Xptxas", "-warn-spills", "-Werror",
+           "all-warnings", "-gencode=arch=compute_90,code=sm_90", "-c", str(src), "-o", str(tmp_path / "gram.o")]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "spill" not in out.stderr.lower(), out.stderr
 
 
 def test_the_source_is_self_contained_for_nvrtc():

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 import jitkernels as jk
 
-from strategies import FLOAT_DTYPES, leaf_shapes, make_update, robust_rules, seeds
+from strategies import (FLOAT_DTYPES, GramCase, check_device_gram, device_gram_cases, leaf_shapes, make_update,
+                        robust_rules, seeds)
 
 REASON = jk.available_backends()["cupy"]
 pytestmark = pytest.mark.skipif(REASON is not True, reason=f"GPU backend unavailable: {REASON}")
@@ -401,3 +402,40 @@ def test_gram_rules_on_a_device_slab_equal_the_cpu():
         np.testing.assert_allclose(cp.asnumpy(got.aggregate), want.aggregate, rtol=1e-6, atol=1e-7)
     with pytest.raises(TypeError, match="host memory but the backend is 'cupy'"):
         rg.gram(X, backend="cupy")
+
+
+def _gram_on_device(case):
+    import cupy as cp
+
+    from jitkernels.backends import cupy_backend
+
+    X = cp.asarray(case.padded)[:, :case.n]  # the row stride of the padded slab
+    ref = None if case.ref is None else cp.asarray(case.ref)
+    rt = cupy_backend.runtime()
+
+    def run(seed):
+        rt.defines = case.defines
+        try:
+            return cupy_backend.gram(X, case.mode, case.refrow, ref, case.diag_only, case.tile)
+        finally:
+            rt.defines = {}
+    return run
+
+
+@settings(max_examples=25)
+@given(case=device_gram_cases(kmax=40, nmax=5000, columns=(1,)))
+def test_gram_kernel_on_the_gpu(case):
+    """The fused Gram kernel on a device slab against the float64 array path (the check of the host emulation)."""
+    check_device_gram(case, _gram_on_device(case))
+
+
+@pytest.mark.parametrize("k,tile,columns", [(10, 8, 1), (10, 4, 1), (37, 8, 1), (10, 4, 2), (37, 8, 2)])
+def test_gram_kernel_on_the_gpu_strides_over_many_column_blocks(k, tile, columns):
+    """A slab wider than one wave of blocks (each thread folds many columns), far from the origin, centered at a
+    row, with the default and another JK_GRAM_COLUMNS: as the array path."""
+    from jitkernels import robust_gram as rg
+
+    rng = np.random.default_rng(k)
+    P = (1e3 + rng.standard_normal((k, 1_000_003))).astype(np.float32)
+    case = GramCase(P, P.shape[1], rg.MODE_ROW, 3, None, False, tile, columns)
+    check_device_gram(case, _gram_on_device(case))

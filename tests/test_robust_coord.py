@@ -343,6 +343,17 @@ def test_cpp_reads_rows_with_a_stride(cpp):
     assert same_bits(rc.coordinate_median(wide[:, :n], backend="numpy"), ref_median(x64))
 
 
+def test_a_one_column_slab_may_have_any_column_stride():
+    """A [k, 1] slab (a column picked out of a wider one: numpy keeps that column stride) is read by every backend;
+    the Gram rules' pilot passes such slabs for one-parameter models."""
+    X = np.arange(15, dtype=np.float32).reshape(5, 3)[:, [1]]
+    assert X.strides[1] != X.itemsize
+    for b, ok in rc.available_backends().items():
+        if ok is True and b != "cupy":
+            assert rc.coordinate_median(X, backend=b).tolist() == [7.0]
+            assert rc.trimmed_mean(X, 0.2, backend=b).tolist() == [7.0]
+
+
 def test_cpp_rejects_bad_arguments(cpp):
     x = np.zeros((3, 4), np.float32)
     out = np.empty(4, np.float32)

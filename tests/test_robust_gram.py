@@ -21,6 +21,8 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from strategies import check_device_gram, device_gram_cases
+
 import jitkernels as jk
 from jitkernels import robust_gram as rg
 from jitkernels.errors import BackendUnavailable, DuplicateParty, InvalidWeight, NonFiniteUpdate
@@ -590,3 +592,22 @@ def test_bulyan_gpu_kernel_in_the_host_emulation():
         with cupy_backend.use_runtime(gpu_shim.HostRuntime(len(idx))):
             rg._bulyan_cupy(X, idx, beta, got, 100)
         assert got.tobytes() == want.tobytes(), (len(idx), beta)
+
+
+
+@given(case=device_gram_cases())
+def test_gram_gpu_kernel_in_the_host_emulation(case):
+    """The GPU's Gram kernel (kernels.cu gram_tiles, run by the backend's launch code on the CPU shim: pair tiles,
+    rows past k, columns past n in a step of U, row strides > n, every centering) against the float64 array path
+    (check_device_gram)."""
+    import shutil
+
+    if shutil.which("g++") is None:
+        pytest.skip("the host emulation needs g++")
+    import gpu_shim
+    from jitkernels.backends import cupy_backend
+
+    def run(seed):
+        with cupy_backend.use_runtime(gpu_shim.HostRuntime(seed, case.defines)):
+            return cupy_backend.gram(case.X, case.mode, case.refrow, case.ref, case.diag_only, case.tile)
+    check_device_gram(case, run)

@@ -15,6 +15,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __restrict__
+#define __launch_bounds__(...)
 
 struct jk_dim3 { unsigned x = 0, y = 0, z = 0; };
 extern thread_local jk_dim3 blockIdx, threadIdx, blockDim;

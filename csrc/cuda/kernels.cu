@@ -387,5 +387,110 @@ __global__ void stats_rows(const A* __restrict__ base, const i64* __restrict__ o
   }
 }
 
-}  // namespace jkcuda
+// Gram matrix of a slab's rows, one pair tile per block (robust_gram.gram on the GPU). The slab is [k, n] (row i at
+// x + i*ld, float or double), centered at r_c: 0 (mode 0), row refrow (mode 1) or the vector ref (mode 2). The rows
+// are cut into groups of T; block b = cb*ntiles + t works on pair tile t = (I, J), I >= J (t = I(I+1)/2 + J; with
+// diag_only, t = I = J and only the diagonal), over the columns c = (cb + m*ncb)*U*blockDim + u*blockDim + threadIdx
+// (u < U = JK_GRAM_COLUMNS; coalesced across the warp). Each thread widens its columns' values to double, centers
+// them (one rounding, as numpy's float64 tile) and adds
+//   acc[p][q] += (x[I*T+p][c] - r_c) * (x[J*T+q][c] - r_c)        (the lower triangle on a diagonal tile)
+//   sq[p]     += x[I*T+p][c]^2                                    (diagonal tiles: the uncentered sums of squares)
+// with fma: one rounding per term, and half the instructions of a product and a sum (T^2 terms for 2T values read
+// is float64 work a wide tile can be bound by). Rows past k and columns past n read nothing and add zeros. T = 8
+// holds 72 float64 accumulators (~200-250 registers: one block per multiprocessor); T = 4 fits 128 registers, and
+// two or more blocks share a multiprocessor. Each warp sums its threads' accumulators and writes them to
+// part[(b*warps + w)*P ..], P = T^2 + T; the caller sums the parts in a fixed order (deterministic for a given grid).
+// Reads each value of a column once per tile holding its row (ceil(k/T) tiles; the tiles of a column block run side
+// by side, so the re-reads mostly hit L2) and writes only the parts: one pass, where the array path widened the slab
+// to double in tiles, centered it and ran batched GEMMs (10.9 -> 2.5 ms for k = 10 x 25M float32 on an H200;
+// README, "GPU").
+#ifndef JK_GRAM_COLUMNS
+// Columns per thread whose loads are in flight together in gram_tiles. At 1 (one column's loads, waited on per
+// column, 8-16 warps per multiprocessor) the kernel measured 2.5 ms for k = 10 x 25M float32 on an H200, 0.10 of
+// the copy bandwidth: latency-bound. 2 (no spills at T = 4 or 8 on sm_90) is not yet measured on a GPU: the
+// benchmark's --gram-columns sweeps it.
+#define JK_GRAM_COLUMNS 1
+#endif
+static_assert(JK_GRAM_COLUMNS >= 1, "gram_tiles needs at least one column per step");
+#if defined(JK_HOST_EMULATION)
+constexpr unsigned kWarp = 1;  // the emulation's warps are one thread
+#else
+constexpr unsigned kWarp = 32;
+#endif
+template <class In, class R, int T>
+__global__ void __launch_bounds__(256, T <= 4 ? 2 : 1)
+    gram_tiles(const In* __restrict__ x, i64 ld, i64 k, i64 n, int mode, i64 refrow, const R* __restrict__ ref,
+               i64 ntiles, i64 ncb, int diag_only, double* __restrict__ part) {
+  const i64 t = blockIdx.x % ntiles, cb = blockIdx.x / ntiles;
+  i64 I = t, J = t;
+  if (!diag_only) {
+    I = 0;
+    while ((I + 1) * (I + 2) / 2 <= t) ++I;
+    J = t - I * (I + 1) / 2;
+  }
+  const i64 i0 = I * T, j0 = J * T;
+  const bool diag = I == J;
+  double acc[T][T], sq[T];
+#pragma unroll
+  for (int p = 0; p < T; ++p) {
+    sq[p] = 0.0;
+#pragma unroll
+    for (int q = 0; q < T; ++q) acc[p][q] = 0.0;
+  }
+  constexpr int U = JK_GRAM_COLUMNS;
+  const i64 step = blockDim.x, stride = ncb * step * U;
+  for (i64 c0 = cb * step * U + threadIdx.x; c0 < n; c0 += stride) {
+    // The loads of U columns are issued before any is used (see JK_GRAM_COLUMNS).
+    In xa[U][T], xb[U][T];
+    R xr[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const i64 c = c0 + u * step;
+      const bool in = c < n;  // columns past n add zeros
+      xr[u] = in && mode == 1 ? (R)x[refrow * ld + c] : in && mode == 2 ? ref[c] : (R)0;
+#pragma unroll
+      for (int p = 0; p < T; ++p) {
+        xa[u][p] = in && i0 + p < k ? x[(i0 + p) * ld + c] : (In)0;
+        xb[u][p] = in && !diag && j0 + p < k ? x[(j0 + p) * ld + c] : (In)0;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const double r = (double)xr[u];
+      double a[T];
+#pragma unroll
+      for (int p = 0; p < T; ++p) {
+        const double v = (double)xa[u][p];
+        if (diag) sq[p] = fma(v, v, sq[p]);
+        a[p] = v - r;  // rows past k: 0 - r, times a zero or never added (acc of such rows is dropped)
+      }
+      if (diag && diag_only) {
+#pragma unroll
+        for (int p = 0; p < T; ++p) acc[p][p] = fma(a[p], a[p], acc[p][p]);
+      } else if (diag) {
+#pragma unroll
+        for (int p = 0; p < T; ++p)
+#pragma unroll
+          for (int q = 0; q <= p; ++q) acc[p][q] = fma(a[p], a[q], acc[p][q]);
+      } else {
+#pragma unroll
+        for (int p = 0; p < T; ++p)
+#pragma unroll
+          for (int q = 0; q < T; ++q) acc[p][q] = fma(a[p], (double)xb[u][q] - r, acc[p][q]);
+      }
+    }
+  }
+  double* o = part + ((i64)blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp) * (T * T + T);
+#pragma unroll
+  for (int p = 0; p < T; ++p) {
+#pragma unroll
+    for (int q = 0; q < T; ++q) {
+      const double v = warp_sum(acc[p][q]);
+      if (lane() == 0) o[p * T + q] = v;
+    }
+    const double v = warp_sum(sq[p]);
+    if (lane() == 0) o[T * T + p] = v;
+  }
+}
 
+}  // namespace jkcuda

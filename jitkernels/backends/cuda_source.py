@@ -61,6 +61,14 @@ def modsum_name(acc: str) -> str:
     return f"jkcuda::modsum_rows<{SECAGG_C_TYPES[acc]}>"
 
 
+GRAM_TILES = (4, 8)
+"""Rows per group (T) of the Gram kernel's pair tiles: T^2 + T float64 accumulators per thread."""
+
+
+def gram_name(in_dtype: str, ref_dtype: str, tile: int) -> str:
+    return f"jkcuda::gram_tiles<{C_TYPES[in_dtype]}, {C_TYPES[ref_dtype]}, {tile}>"
+
+
 @lru_cache(maxsize=None)
 def kernel_names() -> tuple:
     """Every kernel the backend may launch, compiled together once per device."""
@@ -75,6 +83,7 @@ def kernel_names() -> tuple:
     names += [step_name(a, o) for a in ACC_TYPES for o in OUT_TYPES]
     names += [noise_name(a) for a in ACC_TYPES]
     names += [modsum_name(a) for a in SECAGG_C_TYPES]
+    names += [gram_name(x, r, t) for x in ACC_TYPES for r in ACC_TYPES for t in GRAM_TILES]
     return tuple(names)
 
 

@@ -18,16 +18,27 @@ from . import cuda_source
 
 class CupyRuntime:
     name = "cupy"
+    warp_size = 32
 
     def __init__(self):
         import cupy
 
         self.cp = cupy
         self._modules = {}
+        self._sms = {}
         self._lock = threading.Lock()
         self.defines = {}
         """Tuning macros of kernels.cu (``JK_FOLD_UPDATES``, ...) for the modules this runtime compiles; empty: the
         defaults in the source. Only the benchmark's variant sweep sets them."""
+
+    @property
+    def sm_count(self) -> int:
+        """Multiprocessors of the current device."""
+        dev = self.cp.cuda.Device().id
+        n = self._sms.get(dev)
+        if n is None:
+            n = self._sms[dev] = int(self.cp.cuda.runtime.getDeviceProperties(dev)["multiProcessorCount"])
+        return n
 
     # --- memory -------------------------------------------------------------------------------------------------
     def empty(self, n: int, dtype):
