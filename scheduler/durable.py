@@ -286,7 +286,8 @@ class StateDir:
     def carry_update(self, job, rnd: int, nxt: int, party, weight: float):
         """File a held (spilled) update that became late for round ``rnd`` again under round ``nxt`` at ``weight``
         (on the writer thread, after its first write); returns the future of the new file, which is held in turn.
-        The old file is released once the new one is written."""
+        The old file is released once the new one is written, and only then: if the write fails (the future raises),
+        the old file stays held, so that a restart still finds the update."""
         old = self._update_rel(job, rnd, party)
         self.hold(job, nxt, party)
 
@@ -295,8 +296,10 @@ class StateDir:
                 tensors, m = read_checked(os.path.join(self.path, old), what="update file")
                 meta = {**m, "round": str(int(nxt)), "weight": repr(float(weight)), "carried_from": json.dumps(int(rnd))}
                 self._write("update", self._update_rel(job, nxt, party), checked_writer(tensors, meta))
-            finally:
-                self.release(job, rnd, party)
+            except BaseException:
+                self.release(job, nxt, party)
+                raise
+            self.release(job, rnd, party)
             return True
         return self._writer.submit(work)
 

@@ -16,6 +16,7 @@ import pytest
 
 import jitkernels as jk
 from scheduler import Crashed, JITScheduler, Job, LateUpdate, RoundForgotten, StateDir, StateDirLocked, VirtualClock
+from scheduler.durable import ident
 
 import crash_workload as cw
 
@@ -641,6 +642,29 @@ def test_an_update_carried_late_is_replayed_only_where_it_was_carried(tmp_path):
     sd.hold("j", 0, "a")
     sd.carry_update("j", 0, 1, "a", 0.5).result(timeout=10)  # a replayed update that came out late, filed again
     assert [(r, p, w) for r, p, _, w, _ in sd.stored_updates("j", 1, "fp")] == [(0, "b", 1.0), (1, "a", 0.5)]
+    sd.close()
+
+
+def test_a_carried_update_whose_new_file_fails_keeps_its_old_file(tmp_path, monkeypatch):
+    """Carrying writes the update's file again under the next round; if that write fails (disk full), the future
+    raises and the old file stays held through collections: a restart still finds the update (it was released
+    whatever the outcome, and the next collection deleted the only copy)."""
+    sd = StateDir(tmp_path)
+    sd.persist_update("j", 0, "a", "a0", 1.0, [np.ones(2, np.float32)], "fp").result(timeout=10)
+    sd.hold("j", 0, "a")
+    real = sd._write
+
+    def full(kind, rel, data):
+        if kind == "update":
+            raise OSError(28, "No space left on device")
+        return real(kind, rel, data)
+    monkeypatch.setattr(sd, "_write", full)
+    with pytest.raises(OSError, match="No space"):
+        sd.carry_update("j", 0, 1, "a", 0.5).result(timeout=10)
+    monkeypatch.setattr(sd, "_write", real)
+    sd.commit_failure("j", 0, RuntimeError("deadline"))
+    sd.commit_dropped("j", "zz")  # two generations: round 0's files are collected unless held
+    assert [p.name for p in (tmp_path / "updates").rglob("*.jku")] == [f"{ident('a')}.jku"]
     sd.close()
 
 
