@@ -138,7 +138,8 @@ def device_gram_cases(draw, kmax=20, nmax=700, columns=(1, 2, 3)):
 def check_device_gram(case, run):
     """``run(seed)`` -> (G, sqnorms, centered sqnorms) of ``case`` on a GPU path, checked against the float64 array
     path (robust_gram._gram_xp): each entry within the bound of a float64 sum of n products, 4 n eps (|x_i - r| .
-    |x_j - r|); G exactly symmetric; the same bits from a second run."""
+    |x_j - r|); G exactly symmetric; the same bits from a second run (on a GPU, where blocks run in any order; the
+    host emulation runs them in one order, so there it holds by construction)."""
     from jitkernels import robust_gram as rg
 
     X, n = case.X, case.n

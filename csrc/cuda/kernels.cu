@@ -396,10 +396,11 @@ __global__ void stats_rows(const A* __restrict__ base, const i64* __restrict__ o
 //   acc[p][q] += (x[I*T+p][c] - r_c) * (x[J*T+q][c] - r_c)        (the lower triangle on a diagonal tile)
 //   sq[p]     += x[I*T+p][c]^2                                    (diagonal tiles: the uncentered sums of squares)
 // with fma: one rounding per term, and half the instructions of a product and a sum (T^2 terms for 2T values read
-// is float64 work a wide tile can be bound by). Rows past k and columns past n read nothing and add zeros. T = 8
-// holds 72 float64 accumulators (~200-250 registers: one block per multiprocessor); T = 4 fits 128 registers, and
-// two or more blocks share a multiprocessor. Each warp sums its threads' accumulators and writes them to
-// part[(b*warps + w)*P ..], P = T^2 + T; the caller sums the parts in a fixed order (deterministic for a given grid).
+// is float64 work a wide tile can be bound by). Rows past k read nothing (their terms go to accumulators the caller
+// drops) and columns past n add zeros. T = 8 holds 72 float64 accumulators (~200-250 registers: one block per
+// multiprocessor); T = 4 fits 128 registers, and two or more blocks share a multiprocessor. Each warp sums its
+// threads' accumulators and writes them to part[(b*warps + w)*P ..], P = T^2 + T; the caller sums the parts in a
+// fixed order (deterministic for a given grid).
 // Reads each value of a column once per tile holding its row (ceil(k/T) tiles; the tiles of a column block run side
 // by side, so the re-reads mostly hit L2) and writes only the parts: one pass, where the array path widened the slab
 // to double in tiles, centered it and ran batched GEMMs (10.9 -> 2.5 ms for k = 10 x 25M float32 on an H200;
