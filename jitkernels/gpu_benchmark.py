@@ -323,7 +323,7 @@ def robust_rows(n, k=10, reps=5, bw=None, log=print, host=True, gram_columns=(No
                 finally:
                     rt.defines = {}
             add("device slab", "  pilot reference row", _median_time(lambda: rg._pilot_reference(slab), reps,
-                                                                      sync=sync), k * n * 4)
+                                                                      sync=sync), k * min(n, rg.PILOT) * 4)
             add("device slab", "  Gram, array path (cuBLAS)", _median_time(
                 lambda: rg._gram_xp(slab, rg.MODE_ROW, 0, None, rg._tile_columns("cupy", k, rg.BLOCK), False), reps,
                 sync=sync), k * n * 4)
