@@ -270,9 +270,10 @@ def robust_rows(n, k=10, reps=5, bw=None, log=print, host=True, gram_columns=(No
     each rule on its slab (robust_coord's kernels; robust_gram on CuPy, the Gram by its fused kernel), with the
     Gram's kernel at each tile size (and at each U of ``gram_columns``: kernels.cu's JK_GRAM_COLUMNS, None for its
     default) and the array path it replaced (the slab widened to float64 in tiles, centered, batched cuBLAS GEMMs)
-    beside it; and, with ``host``, the same rules on the same slab in host memory (C++
-    coordinate kernels, numpy's BLAS Gram: nothing to compile on a fresh machine). Device rows as fractions of the
-    d2d copy bandwidth, bytes = what the pass must read (k N 4; the store's fill reads and writes them)."""
+    beside it, and likewise the rules' final weighted sum (combine); and, with ``host``, the same rules on the same
+    slab in host memory (C++ coordinate kernels, numpy's BLAS Gram: nothing to compile on a fresh machine). Device
+    rows as fractions of the d2d copy bandwidth, bytes = what the pass must read (k N 4; the store's fill reads and
+    writes them)."""
     import cupy as cp
 
     from . import robust_coord as rc
@@ -326,6 +327,13 @@ def robust_rows(n, k=10, reps=5, bw=None, log=print, host=True, gram_columns=(No
                                                                       sync=sync), k * min(n, rg.PILOT) * 4)
             add("device slab", "  Gram, array path (cuBLAS)", _median_time(
                 lambda: rg._gram_xp(slab, rg.MODE_ROW, 0, None, rg._tile_columns("cupy", k, rg.BLOCK), False), reps,
+                sync=sync), k * n * 4)
+        if name.startswith("Krum"):  # the rules' final weighted sum, kernel against the array path it replaced
+            coef, every, out = np.full(k, 1.0 / k), np.arange(k), cp.empty(n, cp.float32)
+            add("device slab", "  weighted sum of the k rows (kernel)", _median_time(
+                lambda: rg.combine(slab, coef), reps, sync=sync), k * n * 4)
+            add("device slab", "  weighted sum, array path", _median_time(
+                lambda: rg._combine_xp(slab, every, coef, None, out, rg._tile_columns("cupy", k, rg.BLOCK)), reps,
                 sync=sync), k * n * 4)
         if host:
             add("host slab", name + " (cpp / numpy)", _median_time(lambda: rule(host_slab, ("cpp", "numpy")), reps),

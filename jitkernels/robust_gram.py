@@ -348,8 +348,10 @@ def combine(X, coef, *, rows_idx=None, base=None, backend: str | None = None) ->
     be = _pick(backend, rows)
     idx = np.arange(rows.shape[0], dtype=np.int64) if rows_idx is None else np.asarray(rows_idx, dtype=np.int64)
     c = np.asarray(coef, dtype=np.float64)
-    if c.shape != idx.shape:
-        raise ValueError(f"{c.shape[0]} coefficients for {idx.shape[0]} rows")
+    if c.shape != idx.shape or idx.ndim != 1:
+        raise ValueError(f"{c.shape} coefficients for {idx.shape} rows")
+    if idx.size and not (0 <= idx.min() and idx.max() < rows.shape[0]):  # (the kernels do not check their reads)
+        raise ValueError(f"rows_idx must be in [0, {rows.shape[0]}), got {idx.min()}..{idx.max()}")
     if base is not None:
         base = _vector(base, rows)
         if base.shape != (rows.shape[1],):
@@ -357,6 +359,10 @@ def combine(X, coef, *, rows_idx=None, base=None, backend: str | None = None) ->
     out = array_module(rows).empty(rows.shape[1], rows.dtype)
     if be == "numba":
         _combine_numba(rows, idx, c, base, out)
+    elif be == "cupy" and (base is None or base.dtype in (np.float32, np.float64)):
+        from .backends import cupy_backend
+
+        cupy_backend.combine(rows, idx, c, base, out)
     else:
         _combine_xp(rows, idx, c, base, out, _tile_columns(be, len(idx), BLOCK))
     return out

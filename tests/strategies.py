@@ -158,3 +158,48 @@ def check_device_gram(case, run):
         assert np.all(np.abs(g - G) <= bound) and np.array_equal(g, g.T)
     assert np.all(np.abs(c - csq) <= np.diag(bound))
     assert np.all(np.abs(s - sq) <= eps * (X64 * X64).sum(axis=1) + 1e-300)
+
+
+class CombineCase(NamedTuple):
+    padded: np.ndarray  # [k, n + pad]: the slab is its first n columns
+    n: int
+    idx: np.ndarray
+    coef: np.ndarray
+    base: np.ndarray | None
+
+    @property
+    def X(self):
+        return self.padded[:, :self.n]
+
+
+@st.composite
+def combine_cases(draw, kmax=12, nmax=700):
+    """Inputs of robust_gram.combine: float32/float64 slabs with row stride >= n, rows chosen in any order (repeats
+    too), coefficients of both signs and very different sizes, a float32/float64 base or none."""
+    k = draw(st.integers(1, kmax))
+    n = draw(st.integers(0, nmax))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    P = (draw(st.sampled_from([0.0, 1e3])) + rng.standard_normal((k, n + draw(st.sampled_from([0, 5]))))).astype(dtype)
+    m = draw(st.integers(0, 2 * k))
+    idx = rng.integers(0, k, m)
+    coef = rng.standard_normal(m) * 10.0 ** rng.integers(-8, 8, m)
+    base = None if draw(st.booleans()) else rng.standard_normal(n).astype(draw(st.sampled_from([np.float32,
+                                                                                               np.float64])))
+    return CombineCase(P, n, idx, coef, base)
+
+
+def check_combine(case, got):
+    """``got``, the combine of ``case`` on a GPU path, against the float64 array path (robust_gram._combine_xp):
+    the two sums differ by at most 4 (m + 1) eps64 (|b| + sum_j |c_j (x_j - b)|) before the one rounding to the
+    slab's dtype, so by that plus one spacing of the result after it."""
+    from jitkernels import robust_gram as rg
+
+    X = case.X
+    want = np.empty(case.n, X.dtype)
+    rg._combine_xp(X, case.idx, case.coef, case.base, want, rg.BLOCK)
+    b = np.zeros(case.n) if case.base is None else case.base.astype(np.float64)
+    terms = np.abs(case.coef[:, None] * (X[case.idx].astype(np.float64) - b)).sum(axis=0) + np.abs(b)
+    bound = 4 * (len(case.idx) + 1) * np.finfo(np.float64).eps * terms + np.spacing(np.abs(want))
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert np.all(np.abs(got.astype(np.float64) - want) <= bound)

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 import jitkernels as jk
 
-from strategies import (FLOAT_DTYPES, GramCase, check_device_gram, device_gram_cases, leaf_shapes, make_update,
-                        robust_rules, seeds)
+from strategies import (FLOAT_DTYPES, GramCase, check_combine, check_device_gram, combine_cases, device_gram_cases,
+                        leaf_shapes, make_update, robust_rules, seeds)
 
 REASON = jk.available_backends()["cupy"]
 pytestmark = pytest.mark.skipif(REASON is not True, reason=f"GPU backend unavailable: {REASON}")
@@ -439,3 +439,17 @@ def test_gram_kernel_on_the_gpu_strides_over_many_column_blocks(k, tile, columns
     P = (1e3 + rng.standard_normal((k, 1_000_003))).astype(np.float32)
     case = GramCase(P, P.shape[1], rg.MODE_ROW, 3, None, False, tile, columns)
     check_device_gram(case, _gram_on_device(case))
+
+
+@settings(max_examples=25)
+@given(case=combine_cases(kmax=40, nmax=5000))
+def test_combine_kernel_on_the_gpu(case):
+    """robust_gram.combine on a device slab (the combine_rows kernel) against the float64 array path."""
+    import cupy as cp
+
+    from jitkernels import robust_gram as rg
+
+    X = cp.asarray(case.padded)[:, :case.n]
+    got = rg.combine(X, case.coef, rows_idx=case.idx, base=None if case.base is None else cp.asarray(case.base))
+    assert isinstance(got, cp.ndarray)
+    check_combine(case, got.get())

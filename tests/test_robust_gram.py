@@ -21,7 +21,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from strategies import check_device_gram, device_gram_cases
+from strategies import check_combine, check_device_gram, combine_cases, device_gram_cases
 
 import jitkernels as jk
 from jitkernels import robust_gram as rg
@@ -611,3 +611,27 @@ def test_gram_gpu_kernel_in_the_host_emulation(case):
         with cupy_backend.use_runtime(gpu_shim.HostRuntime(seed, case.defines)):
             return cupy_backend.gram(case.X, case.mode, case.refrow, case.ref, case.diag_only, case.tile)
     check_device_gram(case, run)
+
+
+@given(case=combine_cases())
+def test_combine_gpu_kernel_in_the_host_emulation(case):
+    """The GPU's weighted sum of chosen rows (kernels.cu combine_rows, by the backend's launch code on the CPU shim)
+    against the float64 array path (check_combine)."""
+    import shutil
+
+    if shutil.which("g++") is None:
+        pytest.skip("the host emulation needs g++")
+    import gpu_shim
+    from jitkernels.backends import cupy_backend
+
+    got = np.full(case.n, np.nan, case.X.dtype)  # every element must be written
+    with cupy_backend.use_runtime(gpu_shim.HostRuntime(0)):
+        cupy_backend.combine(case.X, case.idx, case.coef, case.base, got)
+    check_combine(case, got)
+
+
+def test_combine_refuses_rows_outside_the_slab():
+    X = np.ones((3, 4), np.float32)
+    for bad in ([3], [-1]):
+        with pytest.raises(ValueError, match=r"rows_idx must be in \[0, 3\)"):
+            rg.combine(X, [1.0], rows_idx=bad)

@@ -494,4 +494,21 @@ __global__ void __launch_bounds__(256, T <= 4 ? 2 : 1)
   }
 }
 
+// Weighted sum of chosen rows of a slab (robust_gram.combine on the GPU: Krum's selection, the geometric median's
+// and centered clipping's final sums): out[c] = In(b_c + sum_j coef[j] * (x[idx[j]][c] - b_c)) in double, the terms
+// added in table order, b = base (has_base) or 0, rounded once, one thread per column. A thread's m loads do not
+// depend on its sum, so they are in flight together. Reads m*n*itemsize(In) (+ n*itemsize(R) with a base) and writes
+// n*itemsize(In) bytes, where the array path widened each tile of the chosen rows to double before its GEMV.
+template <class In, class R>
+__global__ void combine_rows(const In* __restrict__ x, i64 ld, const i64* __restrict__ idx,
+                             const double* __restrict__ coef, i64 m, const R* __restrict__ base, int has_base, i64 n,
+                             In* __restrict__ out) {
+  const i64 c = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= n) return;
+  const double b = has_base ? (double)base[c] : 0.0;
+  double acc = 0.0;
+  for (i64 j = 0; j < m; ++j) acc = acc + coef[j] * ((double)x[idx[j] * ld + c] - b);
+  out[c] = (In)(b + acc);
+}
+
 }  // namespace jkcuda

@@ -69,6 +69,10 @@ def gram_name(in_dtype: str, ref_dtype: str, tile: int) -> str:
     return f"jkcuda::gram_tiles<{C_TYPES[in_dtype]}, {C_TYPES[ref_dtype]}, {tile}>"
 
 
+def combine_name(in_dtype: str, base_dtype: str) -> str:
+    return f"jkcuda::combine_rows<{C_TYPES[in_dtype]}, {C_TYPES[base_dtype]}>"
+
+
 @lru_cache(maxsize=None)
 def kernel_names() -> tuple:
     """Every kernel the backend may launch, compiled together once per device."""
@@ -84,6 +88,7 @@ def kernel_names() -> tuple:
     names += [noise_name(a) for a in ACC_TYPES]
     names += [modsum_name(a) for a in SECAGG_C_TYPES]
     names += [gram_name(x, r, t) for x in ACC_TYPES for r in ACC_TYPES for t in GRAM_TILES]
+    names += [combine_name(x, b) for x in ACC_TYPES for b in ACC_TYPES]
     return tuple(names)
 
 

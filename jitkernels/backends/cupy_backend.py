@@ -529,5 +529,22 @@ def gram(rows, mode: int, refrow: int, ref, diag_only: bool, tile: int | None = 
     return (None if diag_only else np.tril(G) + np.tril(G, -1).T), sq, csq
 
 
+def combine(rows, idx, coef, base, out) -> None:
+    """``out[c] = b_c + sum_j coef[j] (rows[idx[j], c] - b_c)`` in float64, rounded once to out's dtype (the
+    slab's), b = the device vector ``base`` (float32 or float64) or 0: csrc/cuda/kernels.cu combine_rows, one thread
+    per column. Reads len(idx) N itemsize (+ N itemsize(base)) and writes N itemsize bytes."""
+    rt = runtime()
+    n = rows.shape[1]
+    if n == 0:
+        return
+    tabs, (ip, cf) = _tables(rt, np.asarray(idx, np.int64), np.asarray(coef, np.float64))
+    compute = rt.current_stream()
+    rt.launch(cuda_source.combine_name(rows.dtype.name, rows.dtype.name if base is None else base.dtype.name),
+              -(-n // cuda_source.BLOCK),
+              (_addr(rt, rows), np.int64(rows.strides[0] // rows.itemsize), ip, cf, np.int64(len(idx)),
+               _addr(rt, base), np.int32(base is not None), np.int64(n), _addr(rt, out)), compute)
+    compute.synchronize()  # (tabs, the tables, stay alive until the launch has run)
+
+
 def set_num_threads(n: int) -> None:
     pass
