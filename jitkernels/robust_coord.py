@@ -251,6 +251,8 @@ def _slab(x, dtype):
         a = a.view(np.uint16)
     if a.size > a.shape[0] and a.strides[1] != a.itemsize:  # (the column stride of 0 or 1 column is arbitrary)
         raise ValueError("each row of the slab must be contiguous (the kernels stream rows)")
+    if a.shape[0] > 1 and a.strides[0] % a.itemsize:  # (a field of a structured array; kernels index rows)
+        raise ValueError(f"the slab's row stride ({a.strides[0]} bytes) is not a whole number of elements")
     return a, CODES[name]
 
 

@@ -127,6 +127,8 @@ def _slab(X, party_ids=None):
         raise ValueError("no updates: the slab has zero rows")
     if rows.shape[1] > 1 and rows.strides[1] != rows.itemsize:
         raise ValueError("each row of the slab must be contiguous (the kernels stream rows)")
+    if rows.shape[0] > 1 and rows.strides[0] % rows.itemsize:  # (a field of a structured array; kernels index rows)
+        raise ValueError(f"the slab's row stride ({rows.strides[0]} bytes) is not a whole number of elements")
     parties = None
     if party_ids is not None:
         parties = tuple(party_ids)

@@ -630,6 +630,20 @@ def test_combine_gpu_kernel_in_the_host_emulation(case):
     check_combine(case, got)
 
 
+def test_slabs_whose_row_stride_is_not_whole_elements_are_refused():
+    """A field of a structured array (row stride 5 bytes for float32 values): the kernels index rows by whole
+    elements (the GPU's combine read the wrong rows), so such a slab is refused by name."""
+    from jitkernels import robust_coord as rc
+
+    s = np.zeros(4, dtype=[("a", "<f4"), ("b", "u1")])
+    s["a"] = [1, 2, 3, 4]
+    X = s["a"][:, None]
+    for fn in (lambda: rg.combine(X, [1.0, 10.0, 100.0, 1000.0]), lambda: rg.gram(X),
+               lambda: rc.coordinate_median(X)):
+        with pytest.raises(ValueError, match="row stride"):
+            fn()
+
+
 def test_combine_refuses_rows_outside_the_slab():
     X = np.ones((3, 4), np.float32)
     for bad in ([3], [-1]):

@@ -496,9 +496,10 @@ __global__ void __launch_bounds__(256, T <= 4 ? 2 : 1)
 
 // Weighted sum of chosen rows of a slab (robust_gram.combine on the GPU: Krum's selection, the geometric median's
 // and centered clipping's final sums): out[c] = In(b_c + sum_j coef[j] * (x[idx[j]][c] - b_c)) in double, the terms
-// added in table order, b = base (has_base) or 0, rounded once, one thread per column. A thread's m loads do not
-// depend on its sum, so they are in flight together. Reads m*n*itemsize(In) (+ n*itemsize(R) with a base) and writes
-// n*itemsize(In) bytes, where the array path widened each tile of the chosen rows to double before its GEMV.
+// added in table order, b = base (has_base) or 0, rounded once, one thread per column. A thread's loads do not
+// depend on its sum, so they are issued ahead of it (nvcc unrolls the loop by 4). Reads m*n*itemsize(In)
+// (+ n*itemsize(R) with a base) and writes n*itemsize(In) bytes, where the array path widened each tile of the
+// chosen rows to double before its GEMV.
 template <class In, class R>
 __global__ void combine_rows(const In* __restrict__ x, i64 ld, const i64* __restrict__ idx,
                              const double* __restrict__ coef, i64 m, const R* __restrict__ base, int has_base, i64 n,
