@@ -249,11 +249,17 @@ def _slab(x, dtype):
         raise TypeError(f"the robust kernels read float32, float16 or bfloat16 slabs, got {name}")
     if name != "float32" and a.dtype != np.uint16:
         a = a.view(np.uint16)
+    check_strides(a)
+    return a, CODES[name]
+
+
+def check_strides(a) -> None:
+    """What the robust kernels (coordinate and Gram, host and GPU) need of a [k, N] slab's layout: each row
+    contiguous, rows a whole number of elements apart (they index row i at i * ld elements)."""
     if a.size > a.shape[0] and a.strides[1] != a.itemsize:  # (the column stride of 0 or 1 column is arbitrary)
         raise ValueError("each row of the slab must be contiguous (the kernels stream rows)")
-    if a.shape[0] > 1 and a.strides[0] % a.itemsize:  # (a field of a structured array; kernels index rows)
+    if a.shape[0] > 1 and a.strides[0] % a.itemsize:  # (a field of a structured array)
         raise ValueError(f"the slab's row stride ({a.strides[0]} bytes) is not a whole number of elements")
-    return a, CODES[name]
 
 
 def _tile(tile):

@@ -55,6 +55,7 @@ from .device import array_module, device_leaf, is_device_array, to_host
 from .algorithms import _count
 from .errors import (BackendUnavailable, DuplicateParty, EmptyAggregate, InvalidWeight, NonFiniteUpdate,
                      TooFewUpdates, ValueOutOfRange)
+from .robust_coord import check_strides
 from .threads import get_num_threads
 
 from ._numba import numba, reason as _numba_reason
@@ -125,10 +126,7 @@ def _slab(X, party_ids=None):
                         f"distance-based rules in a float32 UpdateStore)")
     if rows.shape[0] == 0:
         raise ValueError("no updates: the slab has zero rows")
-    if rows.shape[1] > 1 and rows.strides[1] != rows.itemsize:
-        raise ValueError("each row of the slab must be contiguous (the kernels stream rows)")
-    if rows.shape[0] > 1 and rows.strides[0] % rows.itemsize:  # (a field of a structured array; kernels index rows)
-        raise ValueError(f"the slab's row stride ({rows.strides[0]} bytes) is not a whole number of elements")
+    check_strides(rows)
     parties = None
     if party_ids is not None:
         parties = tuple(party_ids)
@@ -330,15 +328,26 @@ def _check_finite(rows, parties, sq, G) -> None:
 
 
 def _run_gram(be, rows, mode, refrow, refvec, block, diag_only):
-    """(G [k, k] symmetric, uncentered sqnorms [k], centered sqnorms [k]); G is None when diag_only. Host arrays."""
+    """(G [k, k] symmetric, uncentered sqnorms [k], centered sqnorms [k]); G is None when diag_only. Host arrays.
+    Each backend gives G's lower triangle (with the diagonal: csq) right; it is mirrored here, exactly symmetric."""
     if be == "numba":
-        return _gram_numba(rows, mode, refrow, refvec, block, diag_only)
-    if be == "cupy":
-        from .backends import cupy_backend
+        G, sq, csq = _gram_numba(rows, mode, refrow, refvec, block, diag_only)
+    elif be == "cupy" and rows.shape[0] <= _cupy().GRAM_MAX_K:
+        G, sq, csq = _cupy().gram(rows, mode, refrow, refvec, diag_only)
+    else:
+        G, sq, csq = _gram_xp(rows, mode, refrow, refvec, _tile_columns(be, rows.shape[0], block), diag_only)
+    return (None, sq, csq) if G is None else (mirrored(G), sq, np.diag(G).copy())
 
-        if rows.shape[0] <= cupy_backend.GRAM_MAX_K:
-            return cupy_backend.gram(rows, mode, refrow, refvec, diag_only)
-    return _gram_xp(rows, mode, refrow, refvec, _tile_columns(be, rows.shape[0], block), diag_only)
+
+def mirrored(G):
+    """G's lower triangle mirrored above the diagonal: exactly symmetric."""
+    return np.tril(G) + np.tril(G, -1).T
+
+
+def _cupy():
+    from .backends import cupy_backend
+
+    return cupy_backend
 
 
 # --- weighted sums over the slab ------------------------------------------------------------------------------------
@@ -832,12 +841,7 @@ def _gram_xp(rows, mode, refrow, refvec, block, diag_only):
             csq += _sumsq(T, part)
         else:
             G += _syrk(T, part)
-    sq, csq = to_host(sq), to_host(csq)
-    if not diag_only:
-        G = to_host(G)
-        G = np.tril(G) + np.tril(G, -1).T  # exactly symmetric
-        csq = np.diag(G).copy()
-    return G, sq, csq
+    return None if diag_only else to_host(G), to_host(sq), to_host(csq)
 
 
 def _combine_xp(rows, idx, coef, base, out, block):
@@ -916,11 +920,7 @@ def _gram_numba(rows, mode, refrow, refvec, block, diag_only):
     if n:
         _gram_nb(rows, mode, refrow, ref, block, _chunk(kp), diag_only, part, sq, csq)
     sq, csq = sq.sum(axis=0), csq.sum(axis=0)
-    if diag_only:
-        return None, sq, csq
-    G = part.sum(axis=0)[:k, :k]
-    G = np.tril(G) + np.tril(G, -1).T
-    return G, sq, np.diag(G).copy()
+    return None if diag_only else part.sum(axis=0)[:k, :k], sq, csq
 
 
 def _combine_numba(rows, idx, coef, base, out):

@@ -136,14 +136,14 @@ def device_gram_cases(draw, kmax=20, nmax=700, columns=(1, 2, 3)):
 
 
 def check_device_gram(case, run):
-    """``run(seed)`` -> (G, sqnorms, centered sqnorms) of ``case`` on a GPU path, checked against the float64 array
-    path (robust_gram._gram_xp): each entry within the bound of a float64 sum of n products, 4 n eps (|x_i - r| .
-    |x_j - r|); G exactly symmetric; the same bits from a second run (on a GPU, where blocks run in any order; the
-    host emulation runs them in one order, so there it holds by construction)."""
+    """``run(seed)`` -> (G's lower triangle, sqnorms, centered sqnorms) of ``case`` on a GPU path (cupy_backend.gram),
+    checked against the float64 array path (robust_gram._run_gram on numpy): each entry within the bound of a
+    float64 sum of n products, 4 n eps (|x_i - r| . |x_j - r|); the same bits from a second run (on a GPU, where
+    blocks run in any order; the host emulation runs them in one order, so there it holds by construction)."""
     from jitkernels import robust_gram as rg
 
     X, n = case.X, case.n
-    G, sq, csq = rg._gram_xp(X, case.mode, case.refrow, case.ref, rg.BLOCK, case.diag_only)
+    G, sq, csq = rg._run_gram("numpy", X, case.mode, case.refrow, case.ref, rg.BLOCK, case.diag_only)
     X64 = X.astype(np.float64)
     r = X64[case.refrow] if case.mode == rg.MODE_ROW else case.ref.astype(np.float64) \
         if case.mode == rg.MODE_VECTOR else 0.0
@@ -155,6 +155,7 @@ def check_device_gram(case, run):
     if case.diag_only:
         assert g is None and G is None
     else:
+        g = rg.mirrored(g)
         assert np.all(np.abs(g - G) <= bound) and np.array_equal(g, g.T)
     assert np.all(np.abs(c - csq) <= np.diag(bound))
     assert np.all(np.abs(s - sq) <= eps * (X64 * X64).sum(axis=1) + 1e-300)

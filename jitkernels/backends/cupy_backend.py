@@ -489,11 +489,11 @@ def gram_tile(k: int) -> int:
 
 
 def gram(rows, mode: int, refrow: int, ref, diag_only: bool, tile: int | None = None) -> tuple:
-    """(G [k, k] float64 symmetric or None with ``diag_only``, uncentered sums of squares [k], centered [k]) of a
-    device slab ``rows`` [k, n] (float32 or float64, rows contiguous), centered at nothing (mode 0), row ``refrow``
-    (1) or the device vector ``ref`` [n] (2, float32 or float64): csrc/cuda/kernels.cu gram_tiles, one pass. Reads
-    each value once per pair tile holding its row (ceil(k / T) tiles, side by side, so mostly from L2), and the
-    reference once per tile; host arrays out."""
+    """(G [k, k] float64, its lower triangle right, or None with ``diag_only``; uncentered sums of squares [k];
+    centered [k]) of a device slab ``rows`` [k, n] (float32 or float64, rows contiguous), centered at nothing
+    (mode 0), row ``refrow`` (1) or the device vector ``ref`` [n] (2, float32 or float64): csrc/cuda/kernels.cu
+    gram_tiles, one pass. Reads each value once per pair tile holding its row (ceil(k / T) tiles, side by side, so
+    mostly from L2), and the reference once per tile; host arrays out."""
     from ..device import array_module
 
     rt = runtime()
@@ -504,10 +504,10 @@ def gram(rows, mode: int, refrow: int, ref, diag_only: bool, tile: int | None = 
     ncb = max(1, min(-(-n // cuda_source.BLOCK), GRAM_BLOCKS_PER_SM * rt.sm_count // ntiles))
     warps = cuda_source.BLOCK // rt.warp_size
     P = T * T + T
-    part = rt.empty(ncb * ntiles * warps * P, np.float64)  # every part is written
     ref_dtype = ref.dtype.name if mode == 2 else rows.dtype.name
     compute = rt.current_stream()
     if n:
+        part = rt.empty(ncb * ntiles * warps * P, np.float64)  # every part is written
         rt.launch(cuda_source.gram_name(rows.dtype.name, ref_dtype, T), ncb * ntiles,
                   (_addr(rt, rows), np.int64(rows.strides[0] // rows.itemsize), np.int64(k), np.int64(n),
                    np.int32(mode), np.int64(refrow), _addr(rt, ref if mode == 2 else None), np.int64(ntiles),
@@ -524,9 +524,8 @@ def gram(rows, mode: int, refrow: int, ref, diag_only: bool, tile: int | None = 
         G[I * T:(I + 1) * T, J * T:(J + 1) * T] = sums[t, :T * T].reshape(T, T)
         if I == J:
             sq[I * T:(I + 1) * T] = sums[t, T * T:]
-    G, sq = G[:k, :k], sq[:k]
-    csq = np.diag(G).copy()
-    return (None if diag_only else np.tril(G) + np.tril(G, -1).T), sq, csq
+    G = G[:k, :k]
+    return (None if diag_only else G), sq[:k], np.diag(G).copy()
 
 
 def combine(rows, idx, coef, base, out) -> None:
