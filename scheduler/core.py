@@ -209,6 +209,8 @@ class _Spilled:
     weight: float
     durable: Future
     info: dict = field(default_factory=dict)
+    carried_from: int | None = None  # a replayed late update's first round: its file there stays held until the
+    # carried copy is written, and is read instead if that write failed (a full disk), so the round still folds it
 
 
 @dataclass
@@ -686,7 +688,8 @@ class JITScheduler:
             with self._lock:
                 rnd.durable[party] = durable
         if spill:  # from here on only the file holds it (the writer thread lets the arrays go once written)
-            item, nbytes = _Spilled(round, party, float(weight), durable, info), 0
+            item, nbytes = _Spilled(round, party, float(weight), durable, info,
+                                    acked_round if stored and round != acked_round else None), 0
         self.clock.call_soon_threadsafe(self._on_arrival, js, round, party, item, nbytes, float(weight))
         return Ack(job_id, round, party, True, durable)
 
@@ -849,7 +852,7 @@ class JITScheduler:
                 self._observe_late(js, rnd, party)
                 self._log("dropped_with_round", js, round=rnd.number, party=party)
                 if isinstance(item, _Spilled):
-                    self.store.release(js.job.id, item.round, party)
+                    self._release_spilled(js, item)
                 return
             if js.open is None or rnd.number != js.open.number:
                 rnd.pending.append((party, item, nbytes, weight))  # early: kept until the round opens
@@ -1193,7 +1196,7 @@ class JITScheduler:
                 i += n
         except BaseException:  # the round fails: the files of the spilled updates not read yet are let go
             for sp in spilled:
-                self.store.release(js.job.id, sp.round, sp.party)
+                self._release_spilled(js, sp)
             raise
         js.fold_bytes += nbytes
         limit = max(4 * agg.state.acc.nbytes, MIN_CHECKPOINT_BYTES) if self.checkpoint_bytes is None else \
@@ -1240,18 +1243,31 @@ class JITScheduler:
         with self._lock:  # a resend after a failed write wrote the file again: wait for that write
             rnd = js.rounds.get(sp.round)
             durable = rnd.durable.get(sp.party, sp.durable) if rnd is not None else sp.durable
-        durable.result()  # the writer thread may still be writing it
-        leaves = self.store.load_update(js.job.id, sp.round, sp.party, js.layout)
-        self.store.release(js.job.id, sp.round, sp.party)  # folded next: the checkpoint or result covers it
+        try:
+            durable.result()  # the writer thread may still be writing it
+            held = sp.round
+        except Exception:
+            if sp.carried_from is None:
+                raise
+            held = sp.carried_from  # the carried copy was not written: the first file still holds the update
+            log.warning("job %r round %d: update of %r read from its round-%d file (filing it again failed)",
+                        js.job.id, sp.round, sp.party, held)
+        leaves = self.store.load_update(js.job.id, held, sp.party, js.layout)
+        self._release_spilled(js, sp)  # folded next: the checkpoint or result covers it
         return js.admit(js.layout.unflatten(leaves), sp.weight, sp.party, sp.info)
+
+    def _release_spilled(self, js, sp) -> None:
+        self.store.release(js.job.id, sp.round, sp.party)
+        if sp.carried_from is not None:  # (released already once the carried copy was written)
+            self.store.release(js.job.id, sp.carried_from, sp.party)
 
     def _drop_pending(self, js, rnd) -> None:
         """A round ended with updates unfolded: their bytes are freed, and spilled ones' files let go. (Updates that
         came before their round opened are counted in the buffered bytes but not in its pending_bytes.)"""
         self._buffered(js, -sum(nbytes for _, _, nbytes, _ in rnd.pending))
-        for party, item, _, _ in rnd.pending:
+        for _, item, _, _ in rnd.pending:
             if isinstance(item, _Spilled):
-                self.store.release(js.job.id, item.round, party)
+                self._release_spilled(js, item)
         rnd.pending, rnd.pending_bytes = [], 0
 
     def _finalize_durably(self, js, number, agg, ids):

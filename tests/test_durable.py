@@ -668,6 +668,41 @@ def test_a_carried_update_whose_new_file_fails_keeps_its_old_file(tmp_path, monk
     sd.close()
 
 
+def test_a_replayed_update_whose_carried_copy_fails_is_still_folded(tmp_path, monkeypatch):
+    """A replayed update that comes out late (the job came back with a smaller quorum) is filed again under the
+    round it now counts for. If that write fails (a full disk), its round read the missing new file and failed
+    until a restart; it now reads the update from its first file, still held, and counts it once."""
+    template = {"w": np.zeros(4, np.float32)}
+    sched = JITScheduler("lazy", clock=VirtualClock(), state_dir=tmp_path)
+    sched.add_job(Job("j", template=template, parties=["a", "b", "c"], quorum=3, rounds=2, late="next_round",
+                      late_weight=0.5))
+    acks = [sched.submit("j", 0, p, {"w": np.full(4, v, np.float32)}) for p, v in (("a", 1.0), ("b", 3.0),
+                                                                                     ("c", 8.0))]
+    for a in acks:
+        a.durable.result(timeout=10)
+    sched.close()  # before the arrivals were processed: three files for round 0, nothing folded
+    real = StateDir._write
+
+    def full(self, kind, rel, data):
+        if kind == "update" and os.sep + "1" + os.sep in rel:
+            raise OSError(28, "No space left on device")
+        return real(self, kind, rel, data)
+    monkeypatch.setattr(StateDir, "_write", full)
+    job = Job("j", template=template, parties=["a", "b", "c"], quorum=2, rounds=2, late="next_round",
+              late_weight=0.5)
+    rec = JITScheduler.recover(tmp_path, [job], policy="lazy", clock=VirtualClock())
+    rec.clock.run(until=1.0)
+    assert np.array_equal(rec.result("j", 0).result(timeout=5)["w"], np.full(4, 2.0))
+    assert [d["round"] for d in rec.decisions if d["event"] == "late_to_next_round"] == [0]
+    monkeypatch.setattr(StateDir, "_write", real)
+    rec.submit("j", 1, "a", {"w": np.full(4, 4.0, np.float32)})
+    rec.clock.run(until=rec.clock.now() + 1.0)
+    # c's 8 at the late weight 0.5 (its sample count 1 halved) and a's 4: (0.5 * 8 + 4) / 1.5
+    np.testing.assert_allclose(rec.result("j", 1).result(timeout=5)["w"], np.full(4, 8.0 / 1.5), rtol=1e-6)
+    assert not rec.store._held
+    rec.close()
+
+
 def test_recovery_replays_stored_updates_from_disk_within_the_byte_budget(tmp_path):
     """Acknowledged updates that no checkpoint covers are replayed at a restart. They were decoded all at once
     (k updates in memory), and past the byte budget recovery itself raised Backpressure: a scheduler that could
