@@ -644,6 +644,17 @@ def test_slabs_whose_row_stride_is_not_whole_elements_are_refused():
             fn()
 
 
+def test_slabs_not_aligned_to_their_elements_are_refused():
+    """A view into a byte buffer at an odd offset: a GPU faults on such loads, so the robust kernels refuse it by
+    name on every backend."""
+    from jitkernels import robust_coord as rc
+
+    X = np.zeros(3 * 8 * 4 + 1, np.uint8)[1:].view(np.float32).reshape(3, 8)
+    for fn in (lambda: rg.combine(X, [1.0, 1.0, 1.0]), lambda: rg.gram(X), lambda: rc.coordinate_median(X)):
+        with pytest.raises(ValueError, match="not aligned"):
+            fn()
+
+
 def test_combine_refuses_rows_outside_the_slab():
     X = np.ones((3, 4), np.float32)
     for bad in ([3], [-1]):
