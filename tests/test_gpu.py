@@ -283,11 +283,23 @@ def test_robust_coordinate_kernels_on_the_gpu(k, dtype):
 COORDINATE_RULES = ("median", "trimmed")  # the coordinate kernels give the CPU's bits; the Gram rules' sums differ
 
 
-def _robust_round(make, store_kw=None, spill_dir=None):
-    """A host and a GPU aggregator (torch CUDA template and updates) that folded the same 8 updates (one outlier)
-    under the rule ``make(**store_kw)``."""
+def _on_device():
+    """(to device, is a device result, to numpy): torch CUDA tensors where torch has CUDA (the DLPack path), else
+    CuPy arrays (test_gpu_emulated.py's fake CuPy)."""
     import torch
 
+    if torch.cuda.is_available():
+        return (lambda a: torch.from_numpy(a).cuda(),
+                lambda t: t.is_cuda and t.dtype == torch.float32, lambda t: t.cpu().numpy())
+    import cupy as cp
+
+    return cp.asarray, lambda a: isinstance(a, cp.ndarray) and a.dtype == np.float32, lambda a: a.get()
+
+
+def _robust_round(make, store_kw=None, spill_dir=None):
+    """A host and a GPU aggregator (device template and updates: see _on_device) that folded the same 8 updates
+    (one outlier) under the rule ``make(**store_kw)``."""
+    dev = _on_device()[0]
     rng = np.random.default_rng(3)
     shapes = {"w": (60, 70), "b": (70,), "s": (3,)}
     base = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
@@ -295,24 +307,22 @@ def _robust_round(make, store_kw=None, spill_dir=None):
            for _ in range(8)]
     ups[2] = {n: a * 50.0 for n, a in ups[2].items()}  # an outlier the rules must resist
     w = rng.uniform(1.0, 50.0, len(ups))
-    cuda = {n: torch.from_numpy(a).cuda() for n, a in base.items()}
+    cuda = {n: dev(a) for n, a in base.items()}
     host = jk.Aggregator(base, make(**(store_kw or {})), base=base)
     gpu = jk.Aggregator(cuda, make(**(store_kw or {})), base=cuda)
     assert gpu.backend == "cupy" and gpu.on_gpu
     host.fold_many(ups, w, parties=list(range(len(ups))))
-    gpu.fold_many([{n: torch.from_numpy(a).cuda() for n, a in u.items()} for u in ups], w,
-                  parties=list(range(len(ups))))
+    gpu.fold_many([{n: dev(a) for n, a in u.items()} for u in ups], w, parties=list(range(len(ups))))
     return host, gpu, shapes
 
 
 def _check_same(host, gpu, shapes, exact, what):
-    import torch
-
+    _, on_device, to_numpy = _on_device()
     for output in ("model", "delta"):
         want, got = host.finalize(output), gpu.finalize(output)
         for n in shapes:
-            assert got[n].is_cuda and got[n].dtype == torch.float32
-            g = got[n].cpu().numpy()
+            assert on_device(got[n])
+            g = to_numpy(got[n])
             if exact:
                 assert g.tobytes() == want[n].tobytes(), (what, output, n)
             else:  # float64 sums in another order (cuBLAS), rounded once to float32
@@ -322,7 +332,7 @@ def _check_same(host, gpu, shapes, exact, what):
 @pytest.mark.parametrize("rule", list(robust_rules()))
 def test_robust_rules_on_a_gpu_aggregator_equal_the_cpu(rule):
     """A GPU aggregator keeps the round's updates in GPU memory (DeviceUpdateStore: torch CUDA updates copied in
-    device to device) and runs every robust rule there (coordinate kernels, the Gram on cuBLAS); the result comes
+    device to device; torch CUDA tensors, or CuPy arrays) and runs every robust rule there (coordinate kernels, the Gram on cuBLAS); the result comes
     back in the template's type on the device: the host aggregator's bits for the coordinate rules, its values to
     float32 rounding for the Gram rules (delta output too)."""
     from jitkernels.robust_store import DeviceUpdateStore
