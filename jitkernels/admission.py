@@ -99,7 +99,7 @@ def _copy_leaf(a):
 
 
 def _on_device(leaves, party) -> bool:
-    dev = [isinstance(a, DeviceLeaf) for a in leaves if a is not None]
+    dev = [isinstance(a, DeviceLeaf) or (isinstance(a, Quantized) and a.on_device) for a in leaves if a is not None]
     if any(dev) and not all(dev):
         raise LayoutMismatch("mixes GPU arrays and host arrays; send one update from one place", party=party)
     return bool(dev) and dev[0]

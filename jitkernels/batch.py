@@ -52,6 +52,8 @@ def leaf_entry(a):
 def _addr(a) -> int:
     if isinstance(a, DeviceLeaf):
         return a.ptr
+    if not isinstance(a, np.ndarray):  # a device Quantized leaf's values or scales (CuPy arrays)
+        return int(a.data.ptr) if a.size else 0
     return a.__array_interface__["data"][0] if a.size else 0
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .dtypes import bfloat16, np_dtype
+from .dtypes import Quantized, bfloat16, np_dtype
 
 
 def _cupy():
@@ -91,7 +91,10 @@ def empty_leaf(shape, dtype_name: str) -> DeviceLeaf:
 
 
 def to_host(a):
-    """numpy copy of a device array (or the array itself when it is already on the host)."""
+    """numpy copy of a device array (or the array itself when it is already on the host); a quantized leaf's values
+    and scales."""
+    if isinstance(a, Quantized):
+        return a.to_host()
     if isinstance(a, DeviceLeaf):
         h = a.array.get()
         return h.view(bfloat16) if a.dtype == bfloat16 else h

@@ -56,6 +56,23 @@ def is_leaf_dtype_name(name) -> bool:
         return False
 
 
+def _is_device(x) -> bool:
+    cp = sys.modules.get("cupy")
+    torch = _torch()
+    return (cp is not None and isinstance(x, cp.ndarray)) or (
+        torch is not None and isinstance(x, torch.Tensor) and x.device.type == "cuda")
+
+
+def _values(x) -> tuple:
+    """(array, array module) of a Quantized field: a CuPy array for one in GPU memory (a torch CUDA tensor through
+    DLPack), else numpy's view of it."""
+    if _is_device(x):
+        from .device import device_leaf  # (device imports this module)
+
+        return device_leaf(x).array, sys.modules["cupy"]
+    return np.asarray(x), np
+
+
 def _torch():
     return sys.modules.get("torch")
 
@@ -91,7 +108,9 @@ class Quantized:
 
     A scalar ``scale`` (or ``block=None``) is per tensor. Scales are float32. A quantized leaf stands in for any
     float leaf of the layout with the same shape (it is a wire encoding); the kernels dequantize in the accumulator
-    dtype as they read: ``x = acc_t(q) * acc_t(scale)``.
+    dtype as they read: ``x = acc_t(q) * acc_t(scale)``. ``values`` in GPU memory (a CuPy array or a torch CUDA
+    tensor) make a device-resident leaf, which the GPU backend reads in place; its scales are then kept in GPU memory
+    too (uploaded if given on the host).
     """
 
     values: np.ndarray
@@ -99,12 +118,15 @@ class Quantized:
     block: int | None = None
 
     def __post_init__(self):
-        q = np.asarray(self.values)
+        q, xp = _values(self.values)
         if q.dtype != np.int8:
             raise TypeError(f"Quantized.values must be int8, got {q.dtype}")
         if not q.flags.c_contiguous:  # the kernels read the values from their first byte on, in order
-            q = np.ascontiguousarray(q)  # (not for a 0-d array: it would come back 1-d)
-        s = np.ascontiguousarray(np.asarray(self.scale, dtype=np.float32).reshape(-1))
+            q = xp.ascontiguousarray(q)  # (not for a 0-d array: it would come back 1-d)
+        s = self.scale
+        if xp is np and not isinstance(s, np.ndarray) and _is_device(s):
+            raise TypeError("Quantized: scales in GPU memory for values in host memory")
+        s = xp.ascontiguousarray(xp.asarray(_values(s)[0] if xp is not np else s, dtype=np.float32).reshape(-1))
         n = q.size
         block = self.block
         if block is not None:
@@ -126,6 +148,15 @@ class Quantized:
         object.__setattr__(self, "block", int(block))
 
     @property
+    def on_device(self) -> bool:
+        """Whether the values (and so the scales) are in GPU memory."""
+        return not isinstance(self.values, np.ndarray)
+
+    def to_host(self) -> "Quantized":
+        """This leaf in host memory (itself if it is there)."""
+        return Quantized(self.values.get(), self.scale.get(), self.block) if self.on_device else self
+
+    @property
     def shape(self):
         return self.values.shape
 
@@ -136,8 +167,9 @@ class Quantized:
     def dequantize(self, dtype="float32") -> np.ndarray:
         """Reference dequantization, ``acc_t(q) * acc_t(scale[i // block])``."""
         dt = np.dtype(dtype)
+        xp = np if not self.on_device else sys.modules["cupy"]  # (made from CuPy arrays: CuPy is imported)
         q = self.values.reshape(-1).astype(dt)
-        s = np.repeat(self.scale.astype(dt), self.block)[: q.size]
+        s = xp.repeat(self.scale.astype(dt), self.block)[: q.size]
         return (q * s).reshape(self.values.shape)
 
     @classmethod

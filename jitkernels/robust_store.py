@@ -56,7 +56,7 @@ import weakref
 import numpy as np
 
 from .device import DeviceLeaf, array_module, device_leaf, is_device_array, to_host
-from .dtypes import dtype_name, is_torch_tensor, torch_to_numpy
+from .dtypes import Quantized, dtype_name, is_torch_tensor, torch_to_numpy
 from .errors import (AggregationError, CorruptState, DuplicateParty, IncompatibleStates, LayoutMismatch,
                      NonFiniteUpdate, ValueOutOfRange)
 from .state import atomic_write, check_format, checked_bytes, checked_writer, read_checked
@@ -382,9 +382,11 @@ class UpdateStore:
     def _array(self, a) -> tuple:
         """(array, dtype name) of one leaf as add reads it: a host array (torch CPU tensors viewed as numpy); a leaf
         in GPU memory is refused by name, the caller copies it (a GPU aggregator keeps a DeviceUpdateStore)."""
-        if isinstance(a, DeviceLeaf) or is_device_array(a):
+        if isinstance(a, DeviceLeaf) or is_device_array(a) or (isinstance(a, Quantized) and a.on_device):
             raise TypeError("a leaf in GPU memory for a host update store: copy it to the host, or keep the updates "
                             "in a DeviceUpdateStore")
+        if isinstance(a, Quantized):  # the values the streaming fold adds: fl32(q) * fl32(scale)
+            return a.dequantize("float32"), "float32"
         if is_torch_tensor(a):
             a = torch_to_numpy(a)
         a = np.asarray(a)
@@ -657,6 +659,8 @@ class DeviceUpdateStore(UpdateStore):
         if isinstance(a, DeviceLeaf) or is_device_array(a):
             leaf = a if isinstance(a, DeviceLeaf) else device_leaf(a)
             return leaf.array, dtype_name(leaf.dtype)
+        if isinstance(a, Quantized) and a.on_device:
+            return a.dequantize("float32"), "float32"
         return super()._array(a)
 
     def rows(self):

@@ -99,6 +99,71 @@ def test_torch_cuda_tensors_in_and_out(dtype):
                            want[n].view(torch.int16) if dtype == "bfloat16" else want[n])
 
 
+def _on_gpu(q, scales_on_host=False):
+    """A host Quantized leaf with its values (and scales, unless ``scales_on_host``) copied to GPU memory."""
+    import cupy as cp
+    return jk.Quantized(cp.asarray(q.values), q.scale if scales_on_host else cp.asarray(q.scale), q.block)
+
+
+@pytest.mark.parametrize("acc_dtype", ["float32", "float64"])
+@settings(max_examples=10)
+@given(seed=seeds, shapes=leaf_shapes(max_size=40000), k=st.integers(1, 5), block=st.sampled_from([None, 64]),
+       scales_on_host=st.booleans(), with_base=st.booleans())
+def test_quantized_updates_in_gpu_memory_read_in_place(acc_dtype, seed, shapes, k, block, scales_on_host,
+                                                        with_base):
+    """int8 values (and scales) already in GPU memory are folded where they are, by fold_many and by per-update
+    fold, with the bits of the same updates in host memory on the numpy reference."""
+    import cupy as cp
+    rng = np.random.default_rng(seed)
+    tmpl, ups, w = _updates(rng, shapes, "int8", k, block)
+    base = make_update(rng, shapes, "float32") if with_base else None
+    dev = [{n: _on_gpu(q, scales_on_host) for n, q in u.items()} for u in ups]
+    assert all(q.on_device and isinstance(q.scale, cp.ndarray) for u in dev for q in u.values())
+    ref = jk.Aggregator(tmpl, backend="numpy", acc_dtype=acc_dtype, base=base)
+    ref.fold_many(ups, w, parties=list(range(k)))
+    dev_base = None if base is None else {n: cp.asarray(a) for n, a in base.items()}
+    gpu = jk.Aggregator({n: cp.asarray(a) for n, a in tmpl.items()}, acc_dtype=acc_dtype, base=dev_base)
+    gpu.fold_many(dev[: k // 2], w[: k // 2], parties=list(range(k // 2)))
+    for j in range(k // 2, k):
+        gpu.fold(dev[j], weight=w[j], party=j)
+    assert gpu.backend == "cupy" and jk.FoldState.same_bits(gpu.state, ref.state)
+    assert _same({n: v.get() for n, v in gpu.finalize().items()}, ref.finalize())
+
+
+def test_quantized_updates_in_gpu_memory_are_checked_copied_and_buffered():
+    """A non-finite scale is refused by name with the state untouched; copy-on-admit copies values and scales on the
+    device; a robust rule's device store takes the dequantized values (the host rule's bits); host values with
+    device scales are refused."""
+    import cupy as cp
+    from jitkernels import robust as R
+
+    rng = np.random.default_rng(2)
+    tmpl, ups, w = _updates(rng, [(3000,), (5,)], "int8", 5, 64)
+    dev = [{n: _on_gpu(q) for n, q in u.items()} for u in ups]
+    agg = jk.Aggregator({n: cp.asarray(a) for n, a in tmpl.items()})
+    agg.fold(dev[0], weight=w[0], party=0)
+    before = agg.state.copy()
+    q = dev[1]["l1"]
+    bad = {**dev[1], "l1": jk.Quantized(q.values, cp.asarray(np.float32([np.inf])), None)}
+    with pytest.raises(jk.NonFiniteUpdate, match="'l1'") as e:
+        agg.fold(bad, weight=w[1], party=1)
+    assert e.value.party == 1 and agg.state.same_bits(before)
+    u = jk.admit(dev[1], agg.layout, weight=w[1], party=1, copy=True)
+    dev[1]["l0"].values[:] = 0  # the caller reuses its buffers: the admitted copy keeps the update
+    dev[1]["l0"].scale[:] = 0
+    agg.fold_many([u])
+    ref = jk.Aggregator(tmpl, backend="numpy")
+    ref.fold_many(ups[:2], w[:2], parties=[0, 1])
+    assert agg.state.same_bits(ref.state)
+    host, gpu = jk.Aggregator(tmpl, R.FedMedian()), jk.Aggregator({n: cp.asarray(a) for n, a in tmpl.items()},
+                                                                   R.FedMedian())
+    host.fold_many(ups[2:], w[2:], parties=[2, 3, 4])
+    gpu.fold_many(dev[2:], w[2:], parties=[2, 3, 4])
+    assert _same({n: v.get() for n, v in gpu.finalize().items()}, host.finalize())
+    with pytest.raises(TypeError, match="scales in GPU memory"):
+        jk.Quantized(ups[0]["l0"].values, cp.asarray(ups[0]["l0"].scale), 64)
+
+
 def test_nonfinite_device_update_rejected_state_untouched():
     import cupy as cp
     tmpl = {"a": cp.zeros(5000, cp.float32), "b": cp.zeros(7, cp.float32)}

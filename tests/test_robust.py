@@ -41,6 +41,24 @@ def test_median_and_trimmed_mean_through_the_aggregator(k):
         assert got["n"].dtype == np.int64 and got["n"] == np.rint(ref(_stack(ups, "n")))
 
 
+@pytest.mark.parametrize("rule", list(robust_rules()))
+def test_quantized_updates_are_buffered_as_their_dequantized_values(rule):
+    """int8-quantized updates go into the store as fl32(q) * fl32(scale), the values the streaming fold adds: the
+    rule gives the bits it gives over those float32 updates. (The store read a Quantized leaf as an array of
+    objects and refused it: "dtype object is neither a float dtype ...".)"""
+    rng = np.random.default_rng(4)
+    tmpl = {"w": np.zeros((20, 9), np.float32), "b": np.zeros(9, np.float32)}
+    ups = [{n: jk.Quantized.quantize(rng.standard_normal(a.shape).astype(np.float32), block=block)
+            for (n, a), block in zip(tmpl.items(), (32, None))} for _ in range(9)]
+    w = rng.uniform(1.0, 20.0, 9)
+    base = {n: rng.standard_normal(a.shape).astype(np.float32) for n, a in tmpl.items()}  # (centered clipping's)
+    got, want = (jk.Aggregator(tmpl, robust_rules()[rule](), base=base) for _ in range(2))
+    got.fold_many(ups, w, parties=list(range(9)))
+    want.fold_many([{n: q.dequantize("float32") for n, q in u.items()} for u in ups], w, parties=list(range(9)))
+    for n, a in got.finalize().items():
+        assert a.tobytes() == want.finalize()[n].tobytes(), n
+
+
 def test_a_rejected_batch_leaves_store_and_state_bit_identical(tmp_path):
     rng = np.random.default_rng(1)
     base = _model(rng)
