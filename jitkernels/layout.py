@@ -234,10 +234,12 @@ class Layout:
 
     def unflatten(self, arrays):
         """Rebuild the template's container from leaf arrays (numpy, or device leaves), as the template's array
-        type."""
+        type; a :class:`Quantized` leaf (an update's wire form) stays as it is."""
         at = self.array_type
 
         def conv(a):
+            if isinstance(a, Quantized):
+                return a
             if isinstance(a, DeviceLeaf):
                 return leaf_to(a, at)
             if at in ("torch", "torch_cuda"):

@@ -99,6 +99,7 @@ def encode_leaves(leaves) -> tuple:
         if a is None:
             continue
         if isinstance(a, jk.Quantized):
+            a = a.to_host()
             tensors[f"{i}.q"] = np.ascontiguousarray(a.values).reshape(np.shape(a.values))
             tensors[f"{i}.s"] = np.ascontiguousarray(a.scale).reshape(np.shape(a.scale))
             dtypes[str(i)] = [QUANTIZED, a.block]

@@ -668,6 +668,35 @@ def test_a_carried_update_whose_new_file_fails_keeps_its_old_file(tmp_path, monk
     sd.close()
 
 
+@pytest.mark.parametrize("array_type", ["numpy", "torch"])
+def test_quantized_updates_replayed_after_a_restart_for_a_torch_template(tmp_path, array_type):
+    """int8-quantized updates are stored as values and scales and replayed as Quantized leaves; rebuilding the
+    update in the template's container converted each leaf to the template's array type, and a Quantized leaf has
+    none (a torch template's replay raised AttributeError: 'Quantized' object has no attribute 'dtype')."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(8)
+    shapes = {"w": (300,), "b": (4,)}
+    host = {n: np.zeros(s, np.float32) for n, s in shapes.items()}
+    tmpl = host if array_type == "numpy" else {n: torch.from_numpy(a) for n, a in host.items()}
+    ups = [{n: jk.Quantized.quantize(rng.standard_normal(s).astype(np.float32), block=64) for n, s in shapes.items()}
+           for _ in range(3)]
+    job = Job("j", template=tmpl, parties=[0, 1, 2], quorum=3, rounds=1, deterministic=True)  # any fold order
+    sched = JITScheduler("lazy", clock=VirtualClock(), state_dir=tmp_path)
+    sched.add_job(job)
+    for p in (0, 1):
+        sched.submit("j", 0, p, ups[p], 1.0 + p).durable.result(timeout=10)
+    sched.close()
+    rec = JITScheduler.recover(tmp_path, [job], policy="lazy", clock=VirtualClock())
+    rec.submit("j", 0, 2, ups[2], 3.0)
+    rec.clock.run(until=1.0)
+    got = rec.result("j", 0).result(timeout=5)
+    rec.close()
+    ref = jk.Aggregator(host, backend="numpy", deterministic=True)
+    ref.fold_many(ups, [1.0, 2.0, 3.0], parties=[0, 1, 2])
+    for n, a in ref.finalize().items():
+        assert np.asarray(got[n]).tobytes() == a.tobytes(), n
+
+
 def test_a_replayed_update_whose_carried_copy_fails_is_still_folded(tmp_path, monkeypatch):
     """A replayed update that comes out late (the job came back with a smaller quorum) is filed again under the
     round it now counts for. If that write fails (a full disk), its round read the missing new file and failed
