@@ -309,6 +309,65 @@ def test_server_optimizer_rounds_bit_exact(name, acc_dtype):
     assert gpu.state.on_device and jk.FoldState.same_bits(gpu.state, ref.state)
 
 
+STREAMING = {  # (algorithm, per-update values of update j, bit-exact): clipping scales come from norms, reductions
+    "fedavg_unweighted": (lambda: jk.algorithms.FedAvg(weighted=False), lambda j: {}, True),
+    "fedprox": (lambda: jk.algorithms.FedProx(mu=0.1), lambda j: {}, True),
+    "fednova": (lambda: jk.algorithms.FedNova(), lambda j: {"steps": 1.0 + 3 * j}, True),
+    "fedbuff": (lambda: jk.algorithms.FedBuff(staleness="hinge", a=2.0, b=1.0, server_lr=0.5),
+                lambda j: {"staleness": j}, True),
+    "dp_fixed": (lambda: jk.algorithms.DPFixedClipping(clip_norm=3.0, noise_multiplier=0.0), lambda j: {}, False),
+    "dp_adaptive": (lambda: jk.algorithms.DPAdaptiveClipping(noise_multiplier=0.0, num_sampled=5,
+                                                             initial_clip_norm=3.0, count_stddev=0.0, seed=3),
+                    lambda j: {}, False),
+}
+
+
+@pytest.mark.parametrize("name", list(STREAMING))
+def test_streaming_algorithms_on_the_gpu_equal_the_cpu(name):
+    """Two rounds of each streaming algorithm (per-update values, clipping, a second state for SCAFFOLD below) on
+    a GPU aggregator, fold_many and per-update fold, against the numpy reference: bit for bit where the math is
+    element-wise, to float32 rounding where a clip factor comes from a norm (a reduction, summed in another
+    order)."""
+    make, info, exact = STREAMING[name]
+    rng = np.random.default_rng(14)
+    tmpl, _, _ = _updates(rng, [(20000,), (9, 5), ()], "float32", 1)
+    ref = jk.Aggregator(tmpl, make(), backend="numpy", base=tmpl)
+    gpu = jk.Aggregator(tmpl, make(), backend="cupy", base=tmpl)
+    for _ in range(2):
+        _, ups, w = _updates(rng, [(20000,), (9, 5), ()], "float32", 5)
+        ups = [{n: (tmpl[n] + 0.5 * (a - tmpl[n])).astype(np.float32) for n, a in u.items()} for u in ups]
+        infos = [info(j) for j in range(5)]
+        ref.fold_many(ups, w, parties=list(range(5)), infos=infos)
+        gpu.fold_many(ups[:3], w[:3], parties=[0, 1, 2], infos=infos[:3])
+        for j in (3, 4):
+            gpu.fold(ups[j], weight=w[j], party=j, **infos[j])
+        want, got = ref.finalize(), gpu.finalize()
+        if exact:
+            assert _same(got, want)
+        else:
+            for n in want:
+                np.testing.assert_allclose(got[n], want[n], rtol=2e-6, atol=1e-6)
+        ref.reset(base=want)
+        gpu.reset(base=want)
+    assert gpu.state.on_device
+
+
+def test_scaffold_on_the_gpu_equals_the_cpu():
+    rng = np.random.default_rng(15)
+    x = {"a": rng.standard_normal(5000).astype(np.float32), "b": rng.standard_normal(7).astype(np.float32)}
+    base = {"model": x, "control": {n: (0.1 * a).astype(np.float32) for n, a in x.items()}}
+    ups = [{part: {n: (a + 0.05 * rng.standard_normal(a.shape)).astype(np.float32) for n, a in leaves.items()}
+            for part, leaves in base.items()} for _ in range(4)]
+    aggs = [jk.Aggregator(base, jk.algorithms.SCAFFOLD(num_parties=10, server_lr=0.5), backend=b, base=base)
+            for b in ("numpy", "cupy")]
+    for agg in aggs:
+        agg.fold_many(ups, [1.0, 2.0, 3.0, 4.0], parties=[0, 1, 2, 3])
+    assert aggs[1].state.on_device
+    want, got = (agg.finalize() for agg in aggs)
+    for part in base:
+        assert _same(got[part], want[part]), part
+
+
 def test_dp_noise_on_the_gpu_equals_the_cpu():
     rng = np.random.default_rng(12)
     tmpl, ups, w = _updates(rng, [(50000,), (300,)], "float32", 3)
