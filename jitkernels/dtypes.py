@@ -65,12 +65,24 @@ def _is_device(x) -> bool:
 
 def _values(x) -> tuple:
     """(array, array module) of a Quantized field: a CuPy array for one in GPU memory (a torch CUDA tensor through
-    DLPack), else numpy's view of it."""
+    DLPack), else numpy's view of it (torch CPU tensors too). bfloat16, which CuPy holds as its uint16 bits, comes
+    back widened to float32 (exact), so that its values, not its bits, are converted."""
     if _is_device(x):
+        try:
+            import cupy
+        except ImportError:
+            from .errors import BackendUnavailable
+
+            raise BackendUnavailable("a quantized leaf in GPU memory needs the GPU backend: cupy is not installed "
+                                     "(pip install 'jitkernels[gpu]')") from None
         from .device import device_leaf  # (device imports this module)
 
-        return device_leaf(x).array, sys.modules["cupy"]
-    return np.asarray(x), np
+        leaf = device_leaf(x)
+        a = leaf.array
+        if leaf.dtype == bfloat16:
+            a = (a.astype(np.uint32) << 16).view(np.float32)
+        return a, cupy
+    return (torch_to_numpy(x) if is_torch_tensor(x) else np.asarray(x)), np
 
 
 def _torch():
@@ -126,7 +138,7 @@ class Quantized:
         s = self.scale
         if xp is np and not isinstance(s, np.ndarray) and _is_device(s):
             raise TypeError("Quantized: scales in GPU memory for values in host memory")
-        s = xp.ascontiguousarray(xp.asarray(_values(s)[0] if xp is not np else s, dtype=np.float32).reshape(-1))
+        s = xp.ascontiguousarray(xp.asarray(_values(s)[0], dtype=np.float32).reshape(-1))
         n = q.size
         block = self.block
         if block is not None:

@@ -385,8 +385,9 @@ class UpdateStore:
         if isinstance(a, DeviceLeaf) or is_device_array(a) or (isinstance(a, Quantized) and a.on_device):
             raise TypeError("a leaf in GPU memory for a host update store: copy it to the host, or keep the updates "
                             "in a DeviceUpdateStore")
-        if isinstance(a, Quantized):  # the values the streaming fold adds: fl32(q) * fl32(scale)
-            return a.dequantize("float32"), "float32"
+        if isinstance(a, Quantized):  # exact in float64 (8 x 24 bits), then rounded once into the slab: the bits of
+            # the streaming fold's fl32(q) * fl32(scale), and a value past the slab's range is refused, not stored inf
+            return a.dequantize("float64"), "float64"
         if is_torch_tensor(a):
             a = torch_to_numpy(a)
         a = np.asarray(a)
@@ -659,8 +660,8 @@ class DeviceUpdateStore(UpdateStore):
         if isinstance(a, DeviceLeaf) or is_device_array(a):
             leaf = a if isinstance(a, DeviceLeaf) else device_leaf(a)
             return leaf.array, dtype_name(leaf.dtype)
-        if isinstance(a, Quantized) and a.on_device:
-            return a.dequantize("float32"), "float32"
+        if isinstance(a, Quantized) and a.on_device:  # (as the host store's)
+            return a.dequantize("float64"), "float64"
         return super()._array(a)
 
     def rows(self):

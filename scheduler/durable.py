@@ -44,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 import jitkernels as jk
-from jitkernels.device import DeviceLeaf, to_host
+from jitkernels.device import to_host
 from jitkernels.dtypes import dtype_name
 from jitkernels.state import checked_writer, is_temp_file, read_checked
 
@@ -98,13 +98,12 @@ def encode_leaves(leaves) -> tuple:
     for i, a in enumerate(leaves):
         if a is None:
             continue
+        a = to_host(a)  # (a device leaf, or a quantized one's device values and scales)
         if isinstance(a, jk.Quantized):
-            a = a.to_host()
             tensors[f"{i}.q"] = np.ascontiguousarray(a.values).reshape(np.shape(a.values))
             tensors[f"{i}.s"] = np.ascontiguousarray(a.scale).reshape(np.shape(a.scale))
             dtypes[str(i)] = [QUANTIZED, a.block]
             continue
-        a = to_host(a) if isinstance(a, DeviceLeaf) else a
         name = dtype_name(a.dtype)
         tensors[str(i)] = np.ascontiguousarray(a.view(np.uint16) if name == "bfloat16" else a).reshape(a.shape)
         dtypes[str(i)] = [name, None]
@@ -288,7 +287,9 @@ class StateDir:
         """File a held (spilled) update that became late for round ``rnd`` again under round ``nxt`` at ``weight``
         (on the writer thread, after its first write); returns the future of the new file, which is held in turn.
         The old file is released once the new one is written, and only then: if the write fails (the future raises),
-        the old file stays held, so that a restart still finds the update."""
+        the old file stays held, and the scheduler folds the update from it (``_Spilled.carried_from``). A crash
+        before the next round is committed then loses it: a restart replays round ``rnd``'s files only while that
+        round is not done, and nothing on disk says the update was carried."""
         old = self._update_rel(job, rnd, party)
         self.hold(job, nxt, party)
 

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import jitkernels as jk
-from jitkernels.device import DeviceLeaf, to_host
+from jitkernels.device import to_host
 
 log = logging.getLogger("jitkernels.scheduler")
 
@@ -187,8 +187,7 @@ class RayExecutor(LocalExecutor):
                 "round": st.round, "scalars": st.scalars, "backend": agg.backend if agg.backend != "cupy" else "auto"}
         base = None if st.base is None else ray.put(to_host(st.base))
         shares = [items[i::self.workers] for i in range(min(self.workers, len(items)))]
-        refs = [self._task.remote(spec, base, [[to_host(a) if isinstance(a, DeviceLeaf) else a for a in u.leaves]
-                                               for u in share],
+        refs = [self._task.remote(spec, base, [[to_host(a) for a in u.leaves] for u in share],
                                   [u.weight for u in share], [u.party for u in share], [u.info for u in share])
                 for share in shares]
         states = [jk.FoldState.from_bytes(b, where="ray partial fold") for b in ray.get(refs)]

@@ -132,6 +132,16 @@ def test_quantized_updates(block):
     assert out["b"].dtype == np.float16
 
 
+def test_quantized_scales_from_torch_tensors_are_read_as_values():
+    """Scales given as torch tensors, bfloat16 ones included, are their values (numpy could not read a bf16
+    tensor: an unnamed TypeError)."""
+    torch = pytest.importorskip("torch")
+    q = np.array([1, 2, 3, 4], np.int8)
+    for dt in (torch.float32, torch.bfloat16, torch.float64):
+        got = jk.Quantized(torch.from_numpy(q), torch.tensor([1.0, 0.5], dtype=dt), 2)
+        assert got.dequantize().tolist() == [1.0, 2.0, 1.5, 2.0], dt
+
+
 def test_mixed_raw_and_quantized_batch():
     rng = np.random.default_rng(4)
     x = [rng.standard_normal(50).astype(np.float32) for _ in range(3)]

@@ -164,6 +164,18 @@ def test_quantized_updates_in_gpu_memory_are_checked_copied_and_buffered():
         jk.Quantized(ups[0]["l0"].values, cp.asarray(ups[0]["l0"].scale), 64)
 
 
+def test_quantized_torch_cuda_values_and_bfloat16_scales():
+    """int8 values and scales as torch CUDA tensors (DLPack); bfloat16 scales, which CuPy holds as their uint16
+    bits, are widened to their values (converting the bits read 1.0 as 16256.0)."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    q = torch.tensor([1, 2, 3, 4], dtype=torch.int8).cuda()
+    for dt in (torch.float32, torch.bfloat16):
+        got = jk.Quantized(q, torch.tensor([1.0, 0.5], dtype=dt).cuda(), 2)
+        assert got.on_device and got.dequantize().get().tolist() == [1.0, 2.0, 1.5, 2.0], dt
+
+
 def test_a_gpu_job_in_the_scheduler_persists_and_recovers_device_updates(tmp_path):
     """A job whose template is in GPU memory, run by the scheduler with a state directory: device updates (float
     and int8-quantized) are written to the host files, a restart replays them from disk into a GPU aggregator, and

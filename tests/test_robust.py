@@ -59,6 +59,22 @@ def test_quantized_updates_are_buffered_as_their_dequantized_values(rule):
         assert a.tobytes() == want.finalize()[n].tobytes(), n
 
 
+@pytest.mark.parametrize("rule", list(robust_rules()) + ["median_f16"])
+def test_quantized_updates_past_the_slab_range_are_refused_by_name(rule):
+    """q * scale past the slab dtype's range (finite int8 values, a finite scale) is refused at arrival, naming the
+    party and leaf, with nothing stored: it went into a float32 slab as inf, and the Gram rules then failed the
+    whole round at finalize."""
+    make = (lambda: R.FedMedian(slab_dtype="float16")) if rule == "median_f16" else robust_rules()[rule]
+    tmpl = {"c": np.zeros(4, np.float32)}
+    agg = jk.Aggregator(tmpl, make(), base=tmpl)
+    for p in range(6):
+        agg.fold({"c": np.full(4, 1.0 + p / 100, np.float32)}, weight=1, party=p)
+    before = agg.state.copy()
+    with pytest.raises(jk.ValueOutOfRange, match="party 'attacker': leaf 'c'"):
+        agg.fold({"c": jk.Quantized(np.full(4, 127, np.int8), 1e37)}, weight=1, party="attacker")
+    assert agg.state.same_bits(before) and len(agg.state.store) == 6
+
+
 def test_a_rejected_batch_leaves_store_and_state_bit_identical(tmp_path):
     rng = np.random.default_rng(1)
     base = _model(rng)
