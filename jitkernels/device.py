@@ -74,8 +74,8 @@ def device_leaf(x) -> DeviceLeaf:
     else:
         a = x
     if dtype is None:
-        dtype = np.dtype(a.dtype)
-    elif a.dtype != np.uint16:
+        dtype = np.dtype(a.dtype)  # (CuPy 14 has bfloat16, as ml_dtypes' type)
+    if dtype == bfloat16 and a.dtype != np.uint16:  # its bits: the kernels and copies never compute in it
         a = a.view(np.uint16)
     if not a.flags.c_contiguous:
         a = cp.ascontiguousarray(a)  # (not for 0-d arrays, which it would make 1-d, as numpy's does)
@@ -113,8 +113,8 @@ def place(x, on_device: bool):
 def leaf_to(leaf: DeviceLeaf, array_type: str):
     """A finalized device leaf as the template's array type: torch CUDA or CuPy stay on the device (no copy),
     numpy and torch CPU templates get host arrays."""
-    if array_type == "cupy":
-        return leaf.array
+    if array_type == "cupy":  # (a bf16 CuPy template: CuPy 14 reads ml_dtypes' bfloat16)
+        return leaf.array.view(bfloat16) if leaf.dtype == bfloat16 else leaf.array
     if array_type == "torch_cuda":
         import torch
 

@@ -53,6 +53,25 @@ def _no_host_arrays(args) -> None:
     for a in args:
         if isinstance(a, np.ndarray) and a.ndim > 0:  # (CuPy takes numpy scalars and 0-d arrays)
             raise TypeError("a numpy array mixed with a CuPy array (CuPy refuses host arrays in device operations)")
+        if isinstance(a, (list, tuple)):
+            _no_host_arrays(a)
+
+
+# What CuPy's ndarray has of numpy's (read through to the numpy array). numpy's __array_interface__, ctypes and
+# the like are not among them: numpy would read a fake array through those, as CuPy's arrays cannot be read.
+_ATTRIBUTES = frozenset("""
+    shape dtype size ndim nbytes itemsize strides base real imag
+    astype view reshape ravel flatten copy fill sum max min mean prod any all argmax argmin cumsum dot transpose
+    swapaxes squeeze take repeat clip round conj nonzero item tolist diagonal trace var std
+""".split())
+
+
+class _Flags:
+    """CuPy's flags: three, read-only."""
+
+    def __init__(self, a):
+        self.c_contiguous, self.f_contiguous, self.owndata = (a.flags.c_contiguous, a.flags.f_contiguous,
+                                                              a.flags.owndata)
 
 
 class _Memory:
@@ -95,6 +114,8 @@ class ndarray(NDArrayOperatorsMixin):
         return self._a.copy()
 
     def __getattr__(self, name):
+        if name not in _ATTRIBUTES:
+            raise AttributeError(f"'cupy.ndarray' object has no attribute {name!r} (fake_cupy: not one of CuPy's)")
         attr = getattr(self._a, name)
         if callable(attr):
             def method(*args, **kwargs):
@@ -106,6 +127,18 @@ class ndarray(NDArrayOperatorsMixin):
     @property
     def T(self):
         return ndarray(self._a.T)
+
+    @property
+    def flags(self):
+        return _Flags(self._a)
+
+    def sort(self, axis=-1):
+        _sync()
+        self._a.sort(axis=axis)
+
+    def argsort(self, axis=-1):
+        _sync()
+        return ndarray(self._a.argsort(axis=axis))
 
     def __getitem__(self, key):
         _sync()
@@ -134,10 +167,6 @@ class ndarray(NDArrayOperatorsMixin):
         _sync()
         return int(self._a)
 
-    def __index__(self):
-        _sync()
-        return self._a.__index__()
-
     def __repr__(self):
         return f"fake_cupy.{self._a!r}"
 
@@ -155,7 +184,10 @@ def asarray(a, dtype=None, order=None):
     if isinstance(a, ndarray):
         return a if dtype is None or a.dtype == np.dtype(dtype) else a.astype(dtype)
     _sync()
-    return ndarray(np.array(a, dtype=dtype, order=order or "K", copy=True))
+    h = np.array(_unwrap(a), dtype=dtype, order=order or "K", copy=True)
+    if h.dtype.kind in "OUSMm":  # (not "V": ml_dtypes' bfloat16, which CuPy 14 takes)
+        raise ValueError(f"Unsupported dtype {h.dtype}")
+    return ndarray(h)
 
 
 array = asarray

@@ -176,6 +176,101 @@ def test_quantized_torch_cuda_values_and_bfloat16_scales():
         assert got.on_device and got.dequantize().get().tolist() == [1.0, 2.0, 1.5, 2.0], dt
 
 
+def test_a_cupy_bfloat16_template_gets_bfloat16_results():
+    """CuPy 14 holds bfloat16 (ml_dtypes' type): a CuPy bf16 template's results come back as bf16 CuPy arrays with
+    the host aggregator's bits (they came back as the uint16 arrays the backend keeps the bits in)."""
+    import cupy as cp
+    rng = np.random.default_rng(9)
+    host = [rng.standard_normal(1000).astype(jk.bfloat16) for _ in range(4)]
+    try:
+        dev = [cp.asarray(a) for a in host]
+    except (TypeError, ValueError):
+        pytest.skip("this CuPy has no bfloat16")
+    ref = jk.Aggregator({"w": np.zeros(1000, jk.bfloat16)}, backend="numpy")
+    gpu = jk.Aggregator({"w": cp.zeros(1000, jk.bfloat16)})
+    ref.fold_many([{"w": a} for a in host], [1.0, 2.0, 3.0, 4.0], parties=[0, 1, 2, 3])
+    gpu.fold_many([{"w": a} for a in dev], [1.0, 2.0, 3.0, 4.0], parties=[0, 1, 2, 3])
+    out = gpu.finalize()["w"]
+    assert isinstance(out, cp.ndarray) and out.dtype == jk.bfloat16
+    assert out.get().tobytes() == ref.finalize()["w"].tobytes()
+
+
+@pytest.mark.parametrize("slab_dtype", ["float32", "float16", "bfloat16"])
+def test_device_store_half_slabs_growth_and_refusals(slab_dtype):
+    """A GPU aggregator's store past its first rows (it grows on the device), in a half slab (converted on the
+    device), against the host store's bits; a NaN and a value past the slab's range are refused by name with
+    nothing stored."""
+    import cupy as cp
+    from jitkernels import robust as R
+
+    rng = np.random.default_rng(10)
+    tmpl = {"w": np.zeros((40, 30), np.float32), "b": np.zeros(30, np.float32)}
+    ups = [{n: rng.standard_normal(a.shape).astype(np.float32) for n, a in tmpl.items()} for _ in range(13)]
+    w = rng.uniform(1.0, 9.0, 13)
+    host = jk.Aggregator(tmpl, R.FedMedian(slab_dtype=slab_dtype))
+    gpu = jk.Aggregator({n: cp.asarray(a) for n, a in tmpl.items()}, R.FedMedian(slab_dtype=slab_dtype))
+    host.fold_many(ups, w, parties=list(range(13)))
+    gpu.fold_many([{n: cp.asarray(a) for n, a in u.items()} for u in ups[:5]], w[:5], parties=list(range(5)))
+    for j in range(5, 13):
+        gpu.fold({n: cp.asarray(a) for n, a in ups[j].items()}, weight=w[j], party=j)
+    assert len(gpu.state.store) == 13 and gpu.state.store.on_device
+    nan = {n: cp.asarray(a) for n, a in ups[0].items()}
+    nan["b"][4] = cp.nan
+    with pytest.raises(jk.NonFiniteUpdate, match="'b'"):
+        gpu.fold(nan, weight=1.0, party="nan")
+    if slab_dtype == "float16":
+        big = {n: cp.asarray(a) for n, a in ups[0].items()}
+        big["w"][0, 0] = 1e6
+        with pytest.raises(jk.ValueOutOfRange, match="'w'"):
+            gpu.fold(big, weight=1.0, party="big")
+    assert len(gpu.state.store) == 13
+    assert _same({n: v.get() for n, v in gpu.finalize().items()}, host.finalize())
+
+
+@pytest.mark.parametrize("rule", ["mean", "max"])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_integer_leaves_on_a_gpu_aggregator(rule, deterministic):
+    """A counter leaf (BatchNorm's num_batches_tracked) beside float leaves, on a GPU aggregator: the int_leaves
+    rule's result, as on the host."""
+    import cupy as cp
+    rng = np.random.default_rng(11)
+    tmpl = {"w": np.zeros(300, np.float32), "n": np.zeros((), np.int64)}
+    ups = [{"w": rng.standard_normal(300).astype(np.float32), "n": np.array(100 + 7 * j, np.int64)}
+           for j in range(5)]
+    kw = {"int_leaves": rule, "deterministic": deterministic}
+    host = jk.Aggregator(tmpl, backend="numpy", **kw)
+    gpu = jk.Aggregator({n: cp.asarray(a) for n, a in tmpl.items()}, **kw)
+    w = [1.0, 2.0, 3.0, 4.0, 5.0]
+    host.fold_many(ups, w, parties=list(range(5)))
+    gpu.fold_many([{n: cp.asarray(a) for n, a in u.items()} for u in ups[:3]], w[:3], parties=[0, 1, 2])
+    for j in (3, 4):
+        gpu.fold({n: cp.asarray(a) for n, a in ups[j].items()}, weight=w[j], party=j)
+    got, want = gpu.finalize(), host.finalize()
+    assert got["n"].dtype == np.int64 and int(got["n"]) == int(want["n"])
+    if deterministic:
+        assert got["w"].get().tobytes() == want["w"].tobytes()
+    else:  # (fold orders differ: a batch and two single folds against one batch)
+        np.testing.assert_allclose(got["w"].get(), want["w"], rtol=1e-6, atol=1e-7)
+
+
+def test_gram_rules_past_the_fused_kernels_k_on_the_gpu():
+    """Past GRAM_MAX_K updates the Gram runs as array operations on the device slab, and Bulyan's coordinate step
+    past BULYAN_MAX_K as well: Krum and Bulyan there against the host."""
+    import cupy as cp
+    from jitkernels import robust as R
+
+    rng = np.random.default_rng(12)
+    k = 70
+    tmpl = {"w": np.zeros(500, np.float32)}
+    ups = [{"w": rng.standard_normal(500).astype(np.float32)} for _ in range(k)]
+    for make in (lambda: R.Krum(f=3, m=5), lambda: R.Bulyan(f=3)):
+        host = jk.Aggregator(tmpl, make())
+        gpu = jk.Aggregator({"w": cp.zeros(500, np.float32)}, make())
+        host.fold_many(ups, [1.0] * k, parties=list(range(k)))
+        gpu.fold_many([{"w": cp.asarray(u["w"])} for u in ups], [1.0] * k, parties=list(range(k)))
+        np.testing.assert_allclose(gpu.finalize()["w"].get(), host.finalize()["w"], rtol=1e-6, atol=1e-6)
+
+
 def test_a_gpu_job_in_the_scheduler_persists_and_recovers_device_updates(tmp_path):
     """A job whose template is in GPU memory, run by the scheduler with a state directory: device updates (float
     and int8-quantized) are written to the host files, a restart replays them from disk into a GPU aggregator, and
