@@ -1249,9 +1249,17 @@ class JITScheduler:
         except Exception:
             if sp.carried_from is None:
                 raise
-            held = sp.carried_from  # the carried copy was not written: the first file still holds the update
-            log.warning("job %r round %d: update of %r read from its round-%d file (filing it again failed)",
-                        js.job.id, sp.round, sp.party, held)
+            # the carried copy was not written; the first file still holds the update. Its round is done, so a
+            # restart would not replay that file: file the copy again (the failure may have passed), and fold from
+            # the first file if that fails too
+            try:
+                self.store.carry_update(js.job.id, sp.carried_from, sp.round, sp.party, sp.weight).result()
+                held = sp.round
+            except Exception as e:
+                held = sp.carried_from
+                log.warning("job %r round %d: update of %r folded from its round-%d file; filing it under this "
+                            "round failed twice (%s): a crash before this round is committed loses it",
+                            js.job.id, sp.round, sp.party, held, e)
         leaves = self.store.load_update(js.job.id, held, sp.party, js.layout)
         self._release_spilled(js, sp)  # folded next: the checkpoint or result covers it
         return js.admit(js.layout.unflatten(leaves), sp.weight, sp.party, sp.info)

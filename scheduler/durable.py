@@ -287,9 +287,10 @@ class StateDir:
         """File a held (spilled) update that became late for round ``rnd`` again under round ``nxt`` at ``weight``
         (on the writer thread, after its first write); returns the future of the new file, which is held in turn.
         The old file is released once the new one is written, and only then: if the write fails (the future raises),
-        the old file stays held, and the scheduler folds the update from it (``_Spilled.carried_from``). A crash
-        before the next round is committed then loses it: a restart replays round ``rnd``'s files only while that
-        round is not done, and nothing on disk says the update was carried."""
+        the old file stays held; the fold that reads the update files it again, and folds it from the old file if
+        that fails too (``_Spilled.carried_from``). A crash before the next round is committed then loses it: a
+        restart replays round ``rnd``'s files only while that round is not done, and nothing on disk says the
+        update was carried."""
         old = self._update_rel(job, rnd, party)
         self.hold(job, nxt, party)
 

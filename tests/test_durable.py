@@ -697,10 +697,13 @@ def test_quantized_updates_replayed_after_a_restart_for_a_torch_template(tmp_pat
         assert np.asarray(got[n]).tobytes() == a.tobytes(), n
 
 
-def test_a_replayed_update_whose_carried_copy_fails_is_still_folded(tmp_path, monkeypatch):
+@pytest.mark.parametrize("disk", ["full_again", "freed"])
+def test_a_replayed_update_whose_carried_copy_fails_is_still_folded(tmp_path, monkeypatch, disk):
     """A replayed update that comes out late (the job came back with a smaller quorum) is filed again under the
     round it now counts for. If that write fails (a full disk), its round read the missing new file and failed
-    until a restart; it now reads the update from its first file, still held, and counts it once."""
+    until a restart; it now counts once: the fold files it again ("freed": the disk has room again, and a crash
+    before the round commits replays it from the new file; it was lost, since its first round was done), or reads
+    it from its first file, still held ("full_again")."""
     template = {"w": np.zeros(4, np.float32)}
     sched = JITScheduler("lazy", clock=VirtualClock(), state_dir=tmp_path)
     sched.add_job(Job("j", template=template, parties=["a", "b", "c"], quorum=3, rounds=2, late="next_round",
@@ -713,7 +716,7 @@ def test_a_replayed_update_whose_carried_copy_fails_is_still_folded(tmp_path, mo
     real = StateDir._write
 
     def full(self, kind, rel, data):
-        if kind == "update" and os.sep + "1" + os.sep in rel:
+        if kind == "update" and os.path.join("1", ident("c")) in rel:
             raise OSError(28, "No space left on device")
         return real(self, kind, rel, data)
     monkeypatch.setattr(StateDir, "_write", full)
@@ -723,13 +726,27 @@ def test_a_replayed_update_whose_carried_copy_fails_is_still_folded(tmp_path, mo
     rec.clock.run(until=1.0)
     assert np.array_equal(rec.result("j", 0).result(timeout=5)["w"], np.full(4, 2.0))
     assert [d["round"] for d in rec.decisions if d["event"] == "late_to_next_round"] == [0]
-    monkeypatch.setattr(StateDir, "_write", real)
-    rec.submit("j", 1, "a", {"w": np.full(4, 4.0, np.float32)})
+    want = np.full(4, 8.0 / 1.5)  # c's 8 at the late weight 0.5 (its sample count 1 halved) and a's 4
+    if disk == "freed":
+        monkeypatch.setattr(StateDir, "_write", real)
+
+        def crash_before_commit(point):
+            if point == "result.begin":
+                rec.store.crash()
+                raise Crashed(point)
+        rec.store.crash_hook = crash_before_commit
+    rec.submit("j", 1, "a", {"w": np.full(4, 4.0, np.float32)}).durable.result(timeout=5)
     rec.clock.run(until=rec.clock.now() + 1.0)
-    # c's 8 at the late weight 0.5 (its sample count 1 halved) and a's 4: (0.5 * 8 + 4) / 1.5
-    np.testing.assert_allclose(rec.result("j", 1).result(timeout=5)["w"], np.full(4, 8.0 / 1.5), rtol=1e-6)
-    assert not rec.store._held
-    rec.close()
+    if disk == "full_again":
+        np.testing.assert_allclose(rec.result("j", 1).result(timeout=5)["w"], want, rtol=1e-6)
+        assert not rec.store._held
+        rec.close()
+        return
+    assert rec.store.dead
+    again = JITScheduler.recover(tmp_path, [job], policy="lazy", clock=VirtualClock())
+    again.clock.run(until=1.0)
+    np.testing.assert_allclose(again.result("j", 1).result(timeout=5)["w"], want, rtol=1e-6)
+    again.close()
 
 
 def test_recovery_replays_stored_updates_from_disk_within_the_byte_budget(tmp_path):
