@@ -52,6 +52,7 @@ import numpy as np
 
 from . import backends as _backends
 from .device import array_module, device_leaf, is_device_array, to_host
+from .dtypes import dtype_name
 from .algorithms import _count
 from .errors import (BackendUnavailable, DuplicateParty, EmptyAggregate, InvalidWeight, NonFiniteUpdate,
                      TooFewUpdates, ValueOutOfRange)
@@ -111,19 +112,21 @@ class RobustResult(NamedTuple):
 # --- inputs ---------------------------------------------------------------------------------------------------------
 def _slab(X, party_ids=None):
     """(rows [k, N] as stored (never copied; a CuPy view of a slab in GPU memory), parties tuple or None)."""
+    name = None
     if hasattr(X, "rows") and hasattr(X, "parties") and not isinstance(X, np.ndarray):  # an UpdateStore
         rows = X.rows()
         if party_ids is None:
             party_ids = X.parties
     elif is_device_array(X):
-        rows = device_leaf(X).array
+        leaf = device_leaf(X)  # (a bf16 one as its uint16 bits: named by its dtype below)
+        rows, name = leaf.array, dtype_name(leaf.dtype)
     else:
         rows = np.asarray(X)
     if rows.ndim != 2:
         raise ValueError(f"expected a [k, N] slab of updates, got shape {rows.shape}")
     if rows.dtype not in (np.float32, np.float64):
-        raise TypeError(f"the Gram kernels read float32 or float64 slabs, got {rows.dtype} (keep the updates of "
-                        f"distance-based rules in a float32 UpdateStore)")
+        raise TypeError(f"the Gram kernels read float32 or float64 slabs, got {name or dtype_name(rows.dtype)} (keep "
+                        f"the updates of distance-based rules in a float32 UpdateStore)")
     if rows.shape[0] == 0:
         raise ValueError("no updates: the slab has zero rows")
     check_strides(rows)

@@ -160,15 +160,37 @@ def _bad_count(x, slab: str) -> int:
 
 def _nonfinite_in(leaf, name: str) -> int:
     """Non-finite values in one input leaf (chunked: no leaf-sized temporary)."""
-    xp = array_module(leaf)
     n = 0
     for a in range(0, leaf.size, CHUNK):
         c = leaf[a:a + CHUNK]
+        xp = array_module(c)
         if name == "bfloat16":
             n += int(xp.count_nonzero((c.view(np.uint16) & np.uint16(0x7F80)) == np.uint16(0x7F80)))
         else:
             n += int(c.size - xp.count_nonzero(xp.isfinite(c)))
     return n
+
+
+class _Dequantized:
+    """A :class:`Quantized` leaf read as float64, chunk by chunk: ``fl64(q) * fl64(scale)``, exact (8 x 24 bits),
+    so that the store's conversion rounds it once, to the bits of the streaming fold's ``fl32(q) * fl32(scale)`` in a
+    float32 slab, and refuses a value past the slab's range by name. Chunks, not the whole leaf: its float64 form
+    would be 8 bytes per element, beside the store's chunk-sized temporaries."""
+
+    dtype = np.dtype(np.float64)
+
+    def __init__(self, q: Quantized):
+        self.values, self.scale, self.block = q.values.reshape(-1), q.scale, q.block
+        self.shape, self.size, self.ndim = tuple(q.values.shape), int(q.values.size), q.values.ndim
+
+    def reshape(self, *shape):  # (the store's flat view of a leaf)
+        return self
+
+    def __getitem__(self, s: slice):
+        a, b = s.start or 0, min(s.stop, self.size)
+        xp = array_module(self.values)
+        scale = self.scale[xp.arange(a, b) // self.block]
+        return self.values[a:b].astype(np.float64) * scale.astype(np.float64)
 
 
 def _check_values(leaves, party, slab: str, xp=np) -> None:
@@ -385,9 +407,8 @@ class UpdateStore:
         if isinstance(a, DeviceLeaf) or is_device_array(a) or (isinstance(a, Quantized) and a.on_device):
             raise TypeError("a leaf in GPU memory for a host update store: copy it to the host, or keep the updates "
                             "in a DeviceUpdateStore")
-        if isinstance(a, Quantized):  # exact in float64 (8 x 24 bits), then rounded once into the slab: the bits of
-            # the streaming fold's fl32(q) * fl32(scale), and a value past the slab's range is refused, not stored inf
-            return a.dequantize("float64"), "float64"
+        if isinstance(a, Quantized):
+            return _Dequantized(a), "float64"
         if is_torch_tensor(a):
             a = torch_to_numpy(a)
         a = np.asarray(a)
@@ -660,8 +681,11 @@ class DeviceUpdateStore(UpdateStore):
         if isinstance(a, DeviceLeaf) or is_device_array(a):
             leaf = a if isinstance(a, DeviceLeaf) else device_leaf(a)
             return leaf.array, dtype_name(leaf.dtype)
-        if isinstance(a, Quantized) and a.on_device:  # (as the host store's)
-            return a.dequantize("float64"), "float64"
+        if isinstance(a, Quantized):  # dequantized on the device: host values and scales go up as they are (1 byte
+            # an element, not the 8 of their float64 chunks)
+            if not a.on_device:
+                a = Quantized(self.xp.asarray(a.values), self.xp.asarray(a.scale), a.block)
+            return _Dequantized(a), "float64"
         return super()._array(a)
 
     def rows(self):

@@ -84,6 +84,7 @@ import threading
 import numpy as np
 
 from . import device
+from .dtypes import dtype_name
 from .errors import (CorruptState, DuplicateParty, IncompatibleStates, LayoutMismatch, NonFiniteUpdate,
                      OverlappingParties, BackendUnavailable, ValueOutOfRange)
 from .parties import check_party
@@ -259,11 +260,14 @@ def _leaves_of(update, plan: _Plan, who: str = "", party=None):
     flat = []
     for leaf, a in arrays:
         if device.is_device_array(a):  # CuPy / torch CUDA: a CuPy view of the same memory (cupy backend only)
-            a = device.device_leaf(a).array
+            dl = device.device_leaf(a)
+            a, dt = dl.array, dl.dtype  # (a bf16 one as its uint16 bits: named by its dtype)
         elif not isinstance(a, np.ndarray):
             raise LayoutMismatch(f"{who}expected a numpy array, got {type(a).__name__}", leaf=leaf, party=party)
-        if a.dtype not in _CODE:
-            raise LayoutMismatch(f"{who}dtype {a.dtype} is not one of uint32, int32, int64, uint64", leaf=leaf,
+        else:
+            dt = a.dtype
+        if dt not in _CODE:
+            raise LayoutMismatch(f"{who}dtype {dtype_name(dt)} is not one of uint32, int32, int64, uint64", leaf=leaf,
                                  party=party)
         if not a.dtype.isnative:
             raise LayoutMismatch(f"{who}byte-swapped arrays are not read in place; convert to native order first",

@@ -29,7 +29,8 @@ def _updates(rng, shapes, in_dtype, k, block=None):
 
 
 def _same(a, b):
-    return all(np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(a.values(), b.values()))
+    return list(a) == list(b) and all(np.asarray(x).tobytes() == np.asarray(y).tobytes()
+                                      for x, y in zip(a.values(), b.values()))
 
 
 @pytest.mark.parametrize("in_dtype", INPUTS)
@@ -162,6 +163,17 @@ def test_quantized_updates_in_gpu_memory_are_checked_copied_and_buffered():
     assert _same({n: v.get() for n, v in gpu.finalize().items()}, host.finalize())
     with pytest.raises(TypeError, match="scales in GPU memory"):
         jk.Quantized(ups[0]["l0"].values, cp.asarray(ups[0]["l0"].scale), 64)
+    big = {**dev[0], "l0": jk.Quantized(dev[0]["l0"].values, cp.full(dev[0]["l0"].scale.size, 1e37, cp.float32), 64)}
+    before = gpu.state.copy()
+    with pytest.raises(jk.ValueOutOfRange, match="leaf 'l0'"):  # q * scale past the slab's float32
+        gpu.fold(big, weight=1.0, party="big")
+    assert gpu.state.same_bits(before)
+    try:
+        bf16 = cp.asarray(np.array([1.0, 0.5], jk.bfloat16))
+    except (TypeError, ValueError):
+        return  # this CuPy has no bfloat16
+    got = jk.Quantized(cp.asarray(np.array([1, 2, 3, 4], np.int8)), bf16, 2)
+    assert got.dequantize().get().tolist() == [1.0, 2.0, 1.5, 2.0]  # the scales' values, not their bits
 
 
 def test_quantized_torch_cuda_values_and_bfloat16_scales():
@@ -190,6 +202,7 @@ def test_a_cupy_bfloat16_template_gets_bfloat16_results():
     gpu = jk.Aggregator({"w": cp.zeros(1000, jk.bfloat16)})
     ref.fold_many([{"w": a} for a in host], [1.0, 2.0, 3.0, 4.0], parties=[0, 1, 2, 3])
     gpu.fold_many([{"w": a} for a in dev], [1.0, 2.0, 3.0, 4.0], parties=[0, 1, 2, 3])
+    assert jk.device.device_leaf(dev[0]).array.dtype == np.uint16  # kept as its bits: kernels and copies only
     out = gpu.finalize()["w"]
     assert isinstance(out, cp.ndarray) and out.dtype == jk.bfloat16
     assert out.get().tobytes() == ref.finalize()["w"].tobytes()

@@ -75,6 +75,26 @@ def test_quantized_updates_past_the_slab_range_are_refused_by_name(rule):
     assert agg.state.same_bits(before) and len(agg.state.store) == 6
 
 
+def test_a_quantized_update_is_stored_through_chunk_sized_temporaries():
+    """A quantized leaf is dequantized chunk by chunk as the store converts it: its float64 form (8 bytes an element)
+    is never whole in memory (it was: 24 bytes an element of temporaries)."""
+    import tracemalloc
+
+    from jitkernels.robust_store import CHUNK, UpdateStore
+
+    n = 8 * CHUNK
+    store = UpdateStore(n, 2)
+    q = jk.Quantized(np.ones(n, np.int8), np.full(n // 64, 0.5, np.float32), 64)
+    tracemalloc.start()
+    try:
+        store.add({"c": q}, party=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 8 * CHUNK, peak  # a few chunks of float64 (and their int64 block indices), not the leaf's
+    assert np.all(store.row(0) == 0.5)
+
+
 def test_a_rejected_batch_leaves_store_and_state_bit_identical(tmp_path):
     rng = np.random.default_rng(1)
     base = _model(rng)
