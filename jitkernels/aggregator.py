@@ -642,6 +642,8 @@ class Aggregator:
         ``output="model"``: the average (with a base: ``base + average delta``). ``output="delta"`` (base only): the
         average delta. ``out``: a pytree like the template to write into (and return), e.g. last round's result:
         fresh model-sized outputs cost first-touch page faults, about as much as the fold itself at 25M parameters.
+        Outputs in the other memory (host buffers for a GPU aggregator) get the result copied in, one transfer a
+        leaf; a mix of host and GPU outputs is refused.
         The state is unchanged; call :meth:`reset` to start the next round. A result beyond its dtype's range (past
         65504 in float16) raises :class:`ValueOutOfRange` naming the leaf; ``out`` then holds what was written (inf
         there).
@@ -653,6 +655,14 @@ class Aggregator:
         """
         if output not in ("model", "delta"):
             raise ValueError(f"output must be 'model' or 'delta', got {output!r}")
+        if out is not None:
+            outs = self.layout.flatten(out, party="<out>", writable=True)
+            if outs and all(isinstance(o, DeviceLeaf) != self.on_gpu for o in outs):
+                # every output in the other memory (a GPU aggregator finalizing into host buffers, as Flower's
+                # Parameters are): computed where the state is, then copied in, one transfer a leaf
+                for o, r in zip(outs, self.layout.flatten(self.finalize(output), party="<result>")):
+                    _write(o, to_host(r))
+                return out
         with self._lock:
             st, alg = self.state, self.algorithm
             opt = alg.kind is not None

@@ -284,6 +284,56 @@ def test_gram_rules_past_the_fused_kernels_k_on_the_gpu():
         np.testing.assert_allclose(gpu.finalize()["w"].get(), host.finalize()["w"], rtol=1e-6, atol=1e-6)
 
 
+def test_finalize_into_outputs_in_the_other_memory():
+    """A GPU aggregator finalizes into host buffers (and a host one into GPU buffers): the result is copied in, with
+    the bits of a finalize into fresh outputs; a mix of host and GPU outputs is refused by name."""
+    import cupy as cp
+    rng = np.random.default_rng(16)
+    tmpl, ups, w = _updates(rng, [(3000,), (7, 3)], "float32", 3)
+    for backend, other in (("cupy", lambda a: np.full_like(a, 7)), ("cpp", lambda a: cp.full(a.shape, 7, a.dtype))):
+        agg = jk.Aggregator(tmpl, backend=backend)
+        agg.fold_many(ups, w, parties=[0, 1, 2])
+        want = agg.finalize()
+        out = {n: other(a) for n, a in tmpl.items()}
+        assert agg.finalize(out=out) is out
+        assert _same({n: a.get() if isinstance(a, cp.ndarray) else a for n, a in out.items()}, want)
+    mixed = {"l0": np.zeros(3000, np.float32), "l1": cp.zeros((7, 3), cp.float32)}
+    with pytest.raises(jk.LayoutMismatch, match="leaf 'l1': out must be in host memory"):
+        agg.finalize(out=mixed)  # (the last aggregator is the host's)
+
+
+def test_flower_strategies_on_the_gpu_equal_the_cpu():
+    """jitkernels' Flower strategies with backend='cupy' (they finalize into the bytes of the returned Parameters,
+    host memory: a GPU aggregator refused them) give the CPU backend's bits, round after round."""
+    pytest.importorskip("flwr")
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    import jitkernels.integrations.flower as jkfl
+
+    class Proxy:
+        def __init__(self, cid):
+            self.cid = cid
+
+    rng = np.random.default_rng(17)
+    x0 = [rng.standard_normal((40, 30)).astype(np.float32), rng.standard_normal(30).astype(np.float32)]
+    makes = {"FedAvg": lambda b: jkfl.FedAvg(backend=b),
+             "FedAdam": lambda b: jkfl.FedAdam(initial_parameters=ndarrays_to_parameters(x0), eta=0.01, tau=1e-3,
+                                               backend=b),
+             "FedMedian": lambda b: jkfl.FedMedian(backend=b)}
+    for name, make in makes.items():
+        cpu, gpu = make("cpp"), make("cupy")
+        glob = x0
+        for r in range(1, 4):
+            results = [(Proxy(f"c{j}"), FitRes(status=Status(code=Code.OK, message=""), num_examples=10 + j,
+                                               metrics={}, parameters=ndarrays_to_parameters(
+                                                   [(a + 0.05 * rng.standard_normal(a.shape)).astype(np.float32)
+                                                    for a in glob])))
+                       for j in range(4)]
+            want = parameters_to_ndarrays(cpu.aggregate_fit(r, results, [])[0])
+            got = parameters_to_ndarrays(gpu.aggregate_fit(r, results, [])[0])
+            assert all(g.tobytes() == x.tobytes() for g, x in zip(got, want)), (name, r)
+            glob = want
+
+
 def test_a_gpu_job_in_the_scheduler_persists_and_recovers_device_updates(tmp_path):
     """A job whose template is in GPU memory, run by the scheduler with a state directory: device updates (float
     and int8-quantized) are written to the host files, a restart replays them from disk into a GPU aggregator, and
