@@ -266,6 +266,31 @@ def test_integer_leaves_on_a_gpu_aggregator(rule, deterministic):
         np.testing.assert_allclose(got["w"].get(), want["w"], rtol=1e-6, atol=1e-7)
 
 
+def test_integer_leaves_in_robust_rules_and_merges_on_the_gpu():
+    """A counter beside the float leaves of a robust rule's GPU store (its mean rounded on the device), and a GPU
+    state merged with a host one under int_leaves='max': the host aggregator's values."""
+    import cupy as cp
+    from jitkernels import robust as R
+
+    rng = np.random.default_rng(13)
+    tmpl = {"w": np.zeros(300, np.float32), "n": np.zeros((), np.int64)}
+    ups = [{"w": rng.standard_normal(300).astype(np.float32), "n": np.array(10 + j, np.int64)} for j in range(7)]
+    w = [1.0 + j for j in range(7)]
+    for make in (R.FedMedian, lambda: R.Krum(f=1), R.GeometricMedian):
+        host, gpu = jk.Aggregator(tmpl, make()), jk.Aggregator({n: cp.asarray(a) for n, a in tmpl.items()}, make())
+        host.fold_many(ups, w, parties=list(range(7)))
+        gpu.fold_many([{n: cp.asarray(a) for n, a in u.items()} for u in ups], w, parties=list(range(7)))
+        got, want = gpu.finalize(), host.finalize()
+        assert int(got["n"]) == int(want["n"])
+        np.testing.assert_allclose(got["w"].get(), want["w"], rtol=1e-6, atol=1e-6)
+    gpu = jk.Aggregator({n: cp.asarray(a) for n, a in tmpl.items()}, int_leaves="max")
+    host = jk.Aggregator(tmpl, int_leaves="max", backend="cpp")
+    gpu.fold_many([{n: cp.asarray(a) for n, a in u.items()} for u in ups[:3]], w[:3], parties=[0, 1, 2])
+    host.fold_many(ups[3:], w[3:], parties=[3, 4, 5, 6])
+    gpu.merge(host)
+    assert int(gpu.finalize()["n"]) == 16
+
+
 def test_gram_rules_past_the_fused_kernels_k_on_the_gpu():
     """Past GRAM_MAX_K updates the Gram runs as array operations on the device slab, and Bulyan's coordinate step
     past BULYAN_MAX_K as well: Krum and Bulyan there against the host."""
