@@ -83,6 +83,26 @@ def _write(out, host_values) -> None:
         out[...] = host_values
 
 
+def _copy_out(src, outs) -> None:
+    """Finalized leaves ``src`` (where the state is) into ``outs`` (in the other memory), leaf by leaf: a device
+    leaf straight into its host buffer (no host temporary), a host leaf uploaded."""
+    for s, o in zip(src, outs):
+        if isinstance(s, DeviceLeaf):
+            s.array.get(out=o.view(s.array.dtype))
+        else:
+            _write(o, s)
+
+
+def _written(layout, outs, buffered: bool) -> int:
+    """How many leading outputs a finalize that raised ValueOutOfRange had written: all of them on the streaming
+    path (its range check follows the kernels), up to the refused leaf on the buffered one (written leaf by leaf)."""
+    if buffered:
+        for i, leaf in enumerate(layout.leaves):
+            if leaf.is_float and _overflowed(leaf.dtype, outs[i]):
+                return i + 1
+    return len(outs)
+
+
 class Aggregator:
     """Streaming aggregation of model updates into a :class:`FoldState`.
 
@@ -655,81 +675,91 @@ class Aggregator:
         """
         if output not in ("model", "delta"):
             raise ValueError(f"output must be 'model' or 'delta', got {output!r}")
-        if out is not None:
-            outs = self.layout.flatten(out, party="<out>", writable=True)
-            if outs and all(isinstance(o, DeviceLeaf) != self.on_gpu for o in outs):
-                # every output in the other memory (a GPU aggregator finalizing into host buffers, as Flower's
-                # Parameters are): computed where the state is, then copied in, one transfer a leaf
-                for o, r in zip(outs, self.layout.flatten(self.finalize(output), party="<result>")):
-                    _write(o, to_host(r))
-                return out
         with self._lock:
-            st, alg = self.state, self.algorithm
-            opt = alg.kind is not None
-            closing = alg.closes_round and not st.closed  # this call applies the noise / the step
-            if opt and output == "delta":
-                raise ValueError("server optimizers return the model (output='model')")
-            if st.count == 0:
-                raise EmptyAggregate("nothing has been folded")
-            base = st.base if output == "model" else None
-            if output == "delta" and st.base is None:
-                raise ValueError("output='delta' needs an aggregator created with a base")
-            outs = self._outputs(out)
-            if self.buffered:  # whole updates, each in a stored row, whatever its mass (Krum's may be 0)
-                return self._finalize_buffered(outs, out, delta=output == "delta")
-            missing = [i for i, w in enumerate(st.leaf_weight) if w <= 0]
-            if missing and st.base is None:
-                raise EmptyAggregate(f"no folded update carried leaf {self.layout.leaves[missing[0]].name!r}")
-            float_ids = [i for i, l in enumerate(self.layout.leaves) if l.is_float and st.leaf_weight[i] > 0]
-            mod = backends.get(self.backend) if self.backend != "auto" else backends.choose("auto", "float32")
-            # deterministic: every leaf is divided by the exactly rounded sum of its carriers' masses
-            mass = st.exact_leaf_weights() if st.deterministic else st.leaf_weight
-            weights = mass * alg.divisor_scale(st)  # the algorithm's scaling (FedBuff's server lr, FedNova's steps)
-            top = np.finfo(np.dtype(self.acc_dtype)).max
-            over = [i for i in float_ids if not weights[i] <= top]
-            if over:  # the kernels divide by it in the accumulator's dtype: inf, and a mean of 0
-                raise ValueOutOfRange(f"leaf {self.layout.leaves[over[0]].name!r}: its total weight "
-                                      f"{weights[over[0]]:.6g} is past the {self.acc_dtype} accumulator's range "
-                                      f"(use acc_dtype='float64', or smaller weights)")
-            if closing and alg.noise_std(st) > 0:  # on the average delta, before that scaling, as the sum is
-                alg.claim_noise(st)  # (refuses before anything changes)
-                self._add_noise(alg.noise_std(st), mass, float_ids)
-            acc = st.value()
-            for og in build_out_groups(self.layout, float_ids, [outs[i] for i in float_ids], weights):
-                if not opt:
-                    mod.finalize(acc, base, og)
-                elif closing:
-                    mod.step(acc, st.base, st.opt["m"], st.opt.get("v"), alg.kind, alg.coefficients(st.round + 1),
-                             og)
-            if closing:  # the noise and the step are in: the round closes even if the algorithm's close raises (a
-                # second finalize would add them again)
-                try:
-                    alg.close(st)
-                finally:
-                    st.round += 1
-                    st.closed = True
-                    st.__dict__.pop("_host_base", None)  # a step moved the base in place
-            # leaves no update carried (and, finalizing a stepped round again, every float leaf), and integer
-            # leaves: tiny or rare, finished on the host and written back
-            for i in (missing + float_ids if opt and not closing else missing):
-                leaf = self.layout.leaves[i]
-                if base is None and leaf.is_float:  # output="delta": a leaf nobody sent did not move (the model
-                    _write(outs[i], np.zeros(leaf.shape, outs[i].dtype))  # keeps the base's)
-                    continue
-                b = to_host(st.base[leaf.offset:leaf.offset + leaf.size])  # (a counter is its value, not a delta)
-                with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, by name
-                    _write(outs[i], _cast(b.reshape(leaf.shape), outs[i].dtype))
-            for i, leaf in enumerate(self.layout.leaves):
-                if leaf.is_float or st.leaf_weight[i] <= 0:
-                    continue
-                a = to_host(acc[leaf.offset:leaf.offset + leaf.size]).astype(np.float64)
-                if st.algorithm.get("int_leaves", "mean") == "mean":  # the plain mass-weighted mean
-                    a = np.rint(a / mass[i])
-                _write(outs[i], _cast(a.reshape(leaf.shape), outs[i].dtype))
-            # (a divisor below the masses, FedBuff's server_lr > 1, takes a mean past its values' range)
-            self._check_range(outs, float_ids, acc, base, weights, stepped=opt,
-                              amplified=bool(np.any(weights < mass)))
-            return out if out is not None else self.layout.unflatten(outs)
+            if out is None:
+                return self.layout.unflatten(self._finalize_into(output, self._outputs(None)))
+            outs = self.layout.flatten(out, party="<out>", writable=True)
+            if not (outs and all(isinstance(o, DeviceLeaf) != self.on_gpu for o in outs)):
+                self._finalize_into(output, self._outputs(out, outs))
+                return out
+            # every output in the other memory (a GPU aggregator finalizing into host buffers, as Flower's
+            # Parameters are): written where the state is, then copied in, one transfer a leaf
+            here = self._outputs(None)
+            try:
+                self._finalize_into(output, here)
+            except ValueOutOfRange:  # out holds what was written, as it would have here
+                _copy_out(here[:_written(self.layout, here, self.buffered)], outs)
+                raise
+            _copy_out(here, outs)
+            return out
+
+    def _finalize_into(self, output: str, outs: list) -> list:
+        """The body of :meth:`finalize` (under the lock), into the output leaves ``outs`` (where the state is)."""
+        st, alg = self.state, self.algorithm
+        opt = alg.kind is not None
+        closing = alg.closes_round and not st.closed  # this call applies the noise / the step
+        if opt and output == "delta":
+            raise ValueError("server optimizers return the model (output='model')")
+        if st.count == 0:
+            raise EmptyAggregate("nothing has been folded")
+        base = st.base if output == "model" else None
+        if output == "delta" and st.base is None:
+            raise ValueError("output='delta' needs an aggregator created with a base")
+        if self.buffered:  # whole updates, each in a stored row, whatever its mass (Krum's may be 0)
+            return self._finalize_buffered(outs, delta=output == "delta")
+        missing = [i for i, w in enumerate(st.leaf_weight) if w <= 0]
+        if missing and st.base is None:
+            raise EmptyAggregate(f"no folded update carried leaf {self.layout.leaves[missing[0]].name!r}")
+        float_ids = [i for i, l in enumerate(self.layout.leaves) if l.is_float and st.leaf_weight[i] > 0]
+        mod = backends.get(self.backend) if self.backend != "auto" else backends.choose("auto", "float32")
+        # deterministic: every leaf is divided by the exactly rounded sum of its carriers' masses
+        mass = st.exact_leaf_weights() if st.deterministic else st.leaf_weight
+        weights = mass * alg.divisor_scale(st)  # the algorithm's scaling (FedBuff's server lr, FedNova's steps)
+        top = np.finfo(np.dtype(self.acc_dtype)).max
+        over = [i for i in float_ids if not weights[i] <= top]
+        if over:  # the kernels divide by it in the accumulator's dtype: inf, and a mean of 0
+            raise ValueOutOfRange(f"leaf {self.layout.leaves[over[0]].name!r}: its total weight "
+                                  f"{weights[over[0]]:.6g} is past the {self.acc_dtype} accumulator's range "
+                                  f"(use acc_dtype='float64', or smaller weights)")
+        if closing and alg.noise_std(st) > 0:  # on the average delta, before that scaling, as the sum is
+            alg.claim_noise(st)  # (refuses before anything changes)
+            self._add_noise(alg.noise_std(st), mass, float_ids)
+        acc = st.value()
+        for og in build_out_groups(self.layout, float_ids, [outs[i] for i in float_ids], weights):
+            if not opt:
+                mod.finalize(acc, base, og)
+            elif closing:
+                mod.step(acc, st.base, st.opt["m"], st.opt.get("v"), alg.kind, alg.coefficients(st.round + 1),
+                         og)
+        if closing:  # the noise and the step are in: the round closes even if the algorithm's close raises (a
+            # second finalize would add them again)
+            try:
+                alg.close(st)
+            finally:
+                st.round += 1
+                st.closed = True
+                st.__dict__.pop("_host_base", None)  # a step moved the base in place
+        # leaves no update carried (and, finalizing a stepped round again, every float leaf), and integer
+        # leaves: tiny or rare, finished on the host and written back
+        for i in (missing + float_ids if opt and not closing else missing):
+            leaf = self.layout.leaves[i]
+            if base is None and leaf.is_float:  # output="delta": a leaf nobody sent did not move (the model
+                _write(outs[i], np.zeros(leaf.shape, outs[i].dtype))  # keeps the base's)
+                continue
+            b = to_host(st.base[leaf.offset:leaf.offset + leaf.size])  # (a counter is its value, not a delta)
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, by name
+                _write(outs[i], _cast(b.reshape(leaf.shape), outs[i].dtype))
+        for i, leaf in enumerate(self.layout.leaves):
+            if leaf.is_float or st.leaf_weight[i] <= 0:
+                continue
+            a = to_host(acc[leaf.offset:leaf.offset + leaf.size]).astype(np.float64)
+            if st.algorithm.get("int_leaves", "mean") == "mean":  # the plain mass-weighted mean
+                a = np.rint(a / mass[i])
+            _write(outs[i], _cast(a.reshape(leaf.shape), outs[i].dtype))
+        # (a divisor below the masses, FedBuff's server_lr > 1, takes a mean past its values' range)
+        self._check_range(outs, float_ids, acc, base, weights, stepped=opt,
+                          amplified=bool(np.any(weights < mass)))
+        return outs
 
     def _check_range(self, outs, float_ids, acc, base, weights, stepped: bool, amplified: bool) -> None:
         """Outputs whose value overflowed the narrowing to their dtype (inf; the accumulator's are finite) are refused
@@ -754,7 +784,7 @@ class Aggregator:
                      f"{self.acc_dtype})") if stepped else ""
             raise _beyond(leaf, float(np.abs(y).max()), where)
 
-    def _finalize_buffered(self, outs, out, delta: bool):
+    def _finalize_buffered(self, outs, delta: bool) -> list:
         """A robust rule over the store's rows, written leaf by leaf into the outputs (``delta``: less the base)."""
         st = self.state
         weights = np.array([st.parties[p] for p in st.store.parties], np.float64)
@@ -780,7 +810,7 @@ class Aggregator:
                     _write(o, _cast(to_host(v).reshape(leaf.shape), o.dtype))
             if leaf.is_float and _overflowed(leaf.dtype, o):  # (a delta of two in-range values may not be)
                 raise _beyond(leaf, float(xp.abs(v).max()))
-        return out if out is not None else self.layout.unflatten(outs)
+        return outs
 
     def _add_noise(self, std, weights, leaf_ids) -> None:
         """acc += A(std * W_leaf * z) per float leaf, z from jitkernels.noise keyed by (seed, round, leaf, index):
@@ -799,13 +829,14 @@ class Aggregator:
             leaf = self.layout.leaves[i]
             noise.add_noise(st.acc[leaf.offset:leaf.offset + leaf.size], sigma, seed, st.round, i, 0)
 
-    def _outputs(self, out) -> list:
-        """The output leaves: ``out``'s (checked to be where the backend writes), else fresh ones."""
+    def _outputs(self, out, outs=None) -> list:
+        """The output leaves: ``out``'s (``outs``, if flattened already; checked to be where the backend writes),
+        else fresh ones."""
         if out is None and self.on_gpu:
             return [empty_leaf(l.shape, l.dtype) for l in self.layout.leaves]
         if out is None:
             return [np.empty(l.shape, np_dtype(l.dtype)) for l in self.layout.leaves]
-        outs = self.layout.flatten(out, party="<out>", writable=True)
+        outs = self.layout.flatten(out, party="<out>", writable=True) if outs is None else outs
         where = [isinstance(o, DeviceLeaf) for o in outs]
         if not all(w == self.on_gpu for w in where):
             bad = self.layout.leaves[[w == self.on_gpu for w in where].index(False)].name

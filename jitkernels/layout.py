@@ -41,6 +41,8 @@ def _as_array(x, name, party, writable=False):
     """A native, C-contiguous numpy view of one leaf (a copy only when the leaf is strided or byte-swapped; with
     ``writable`` such a leaf is refused instead, since writes into a copy would be lost)."""
     if isinstance(x, Quantized):
+        if writable:  # (an update's wire form, not a buffer to write a result into)
+            raise LayoutMismatch("an output leaf must be an array, not a Quantized leaf", leaf=name, party=party)
         return x
     if is_device_array(x):
         from .backends import cupy_backend  # (imported here: it imports this module)

@@ -109,9 +109,15 @@ class ndarray(NDArrayOperatorsMixin):
     def data(self):
         return _Memory(self._a)
 
-    def get(self, stream=None, out=None):
+    def get(self, stream=None, order="C", out=None):
         _sync()
-        return self._a.copy()
+        if out is None:
+            return self._a.copy()
+        if not (isinstance(out, np.ndarray) and out.shape == self._a.shape and out.dtype == self._a.dtype and
+                out.flags.c_contiguous):  # (CuPy's conditions on out)
+            raise ValueError("fake_cupy: get(out=) needs a C-contiguous numpy array of the same shape and dtype")
+        out[...] = self._a
+        return out
 
     def __getattr__(self, name):
         if name not in _ATTRIBUTES:

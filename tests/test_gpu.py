@@ -327,6 +327,34 @@ def test_finalize_into_outputs_in_the_other_memory():
         agg.finalize(out=mixed)  # (the last aggregator is the host's)
 
 
+@pytest.mark.parametrize("rule", ["fedavgm", "median"])
+def test_a_refused_finalize_into_the_other_memory_leaves_what_was_written(rule):
+    """A result past float16's range: host outputs of a GPU aggregator hold what was written, as outputs where the
+    state is do (they held their old values, while a server optimizer's step had closed the round); a Quantized
+    output is refused before anything changes (the step was applied, then the copy failed)."""
+    import cupy as cp
+    from jitkernels import robust as R
+
+    tmpl = {"a": np.zeros(4, np.float16), "z": np.zeros(3, np.float16)}
+    ups = [{"a": np.array([6e4, 1, 2, 3], np.float16), "z": np.ones(3, np.float16)} for _ in range(2)]
+    make = (lambda: jk.algorithms.FedAvgM(lr=2.0)) if rule == "fedavgm" else R.FedMedian
+    low = {"a": np.array([-6e4, 0, 0, 0], np.float16), "z": np.zeros(3, np.float16)}  # the median's delta: 1.2e5
+    kw, output = ({"base": tmpl}, "model") if rule == "fedavgm" else ({"base": low}, "delta")
+    results = []
+    for backend in ("cpp", "cupy"):
+        agg = jk.Aggregator(tmpl, make(), backend=backend, **kw)
+        agg.fold_many(ups, [1.0, 1.0], parties=[0, 1])
+        if backend == "cupy" and rule == "fedavgm":
+            with pytest.raises(jk.LayoutMismatch, match="Quantized"):
+                agg.finalize(out={"a": jk.Quantized(np.zeros(4, np.int8), 1.0), "z": np.zeros(3, np.float16)})
+            assert not agg.state.closed
+        out = {n: np.full(a.shape, 7, a.dtype) for n, a in tmpl.items()}
+        with pytest.raises(jk.ValueOutOfRange, match="'a'"):
+            agg.finalize(output, out=out)
+        results.append(out)
+    assert _same(results[1], results[0]) and np.isinf(results[1]["a"][0])
+
+
 def test_flower_strategies_on_the_gpu_equal_the_cpu():
     """jitkernels' Flower strategies with backend='cupy' (they finalize into the bytes of the returned Parameters,
     host memory: a GPU aggregator refused them) give the CPU backend's bits, round after round."""
