@@ -332,7 +332,6 @@ def test_a_refused_finalize_into_the_other_memory_leaves_what_was_written(rule):
     """A result past float16's range: host outputs of a GPU aggregator hold what was written, as outputs where the
     state is do (they held their old values, while a server optimizer's step had closed the round); a Quantized
     output is refused before anything changes (the step was applied, then the copy failed)."""
-    import cupy as cp
     from jitkernels import robust as R
 
     tmpl = {"a": np.zeros(4, np.float16), "z": np.zeros(3, np.float16)}
