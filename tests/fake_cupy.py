@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 import types
 
 import numpy as np
@@ -108,6 +109,11 @@ class ndarray(NDArrayOperatorsMixin):
     @property
     def data(self):
         return _Memory(self._a)
+
+    def set(self, arr, stream=None):
+        """A host-to-device copy into this array."""
+        _sync()
+        self._a[...] = arr
 
     def get(self, stream=None, order="C", out=None):
         _sync()
@@ -213,6 +219,60 @@ def get_array_module(*args):
 
 def from_dlpack(x):
     raise TypeError("fake_cupy: no DLPack exchange (torch CUDA tensors need a GPU)")
+
+
+class _Device:
+    """CuPy's device: ``synchronize`` drains every emulated stream."""
+
+    id = 0
+
+    def __init__(self, device=0):
+        pass
+
+    def synchronize(self):
+        if _rt is not None:
+            _rt.run_until(lambda: not any(st.ops for st in _rt.streams))
+
+
+class _Event:
+    """A CUDA event timed on the host (emulated kernels run when a stream is drained: a dry run's timings mean
+    nothing)."""
+
+    t = 0.0
+
+    def record(self, stream=None):
+        self.t = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+
+class _Generator:
+    def __init__(self, seed):
+        self.g = np.random.default_rng(seed)
+
+    def standard_normal(self, size, dtype=np.float64):
+        return ndarray(self.g.standard_normal(size, dtype=dtype))
+
+
+class _Pool:
+    def free_all_blocks(self):
+        pass
+
+    def used_bytes(self):
+        return 0
+
+
+cuda = types.SimpleNamespace(
+    Device=_Device, Event=_Event, get_elapsed_time=lambda a, b: (b.t - a.t) * 1e3,
+    alloc_pinned_memory=lambda n: bytearray(n),
+    runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, getDeviceProperties=lambda i: {
+        "name": b"fake_cupy (host emulation)", "multiProcessorCount": 2, "totalGlobalMem": 1 << 30}))
+random = types.SimpleNamespace(default_rng=_Generator)
+
+
+def get_default_memory_pool():
+    return _Pool()
 
 
 def _module_getattr(name):

@@ -89,6 +89,7 @@ _CTYPE = {np.dtype(np.uint64): ctypes.c_uint64, np.dtype(np.int64): ctypes.c_int
 class Stream:
     def __init__(self, rt, name):
         self.rt, self.name, self.ops = rt, name, deque()
+        self.s = self  # (as CupyRuntime's streams hold CuPy's: what CUDA events record on)
         rt.streams.append(self)
 
     def wait(self, ev) -> None:

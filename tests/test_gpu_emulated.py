@@ -26,3 +26,22 @@ for _name in dir(test_gpu):
     if _name.startswith("test_"):
         _test = getattr(test_gpu, _name)
         globals()[_name] = pytest.mark.skip(reason=NOT_HERE[_name])(_test) if _name in NOT_HERE else _test
+
+
+@pytest.mark.parametrize("args", [["--placements", "device", "-k", "12"], []], ids=["device_k12", "with_host_rows"])
+def test_robust_gpu_benchmark_runs_end_to_end(args, tmp_path, monkeypatch):
+    """bench/run_gpu.sh's robust-rule benchmarks (both calls' options, at a tiny size) through the fake: a next GPU
+    session should spend its minutes measuring, not finding a script error. (Its timings here mean nothing: the
+    emulated kernels run when a stream is drained.)"""
+    import functools
+
+    from jitkernels import gpu_benchmark as gb
+
+    monkeypatch.setattr(gb, "probes", functools.partial(gb.probes, reps=1, nbytes=1 << 20))
+    md = tmp_path / "robust.md"
+    assert gb.main(["--robust", *args, "--sizes", "4000", "--reps", "1", "--gram-columns", "1,2",
+                    "--markdown", str(md), "--json", str(tmp_path / "robust.json")]) == 0
+    text = md.read_text()
+    for row in ("coordinate median", "Gram kernel, 8-row tiles, U=2", "pilot reference row", "weighted sum of the k",
+                "geometric median"):
+        assert row in text, row
