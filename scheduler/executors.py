@@ -183,8 +183,11 @@ class RayExecutor(LocalExecutor):
         if agg.partial or agg.buffered or not items:  # see the class docstring
             return super().fold_many(agg, items)
         ray, st = self._ray, agg.state
-        spec = {"layout": st.layout.to_json(), "algorithm": st.algorithm, "acc_dtype": st.acc_dtype,
-                "round": st.round, "scalars": st.scalars, "backend": agg.backend if agg.backend != "cupy" else "auto"}
+        # the workers fold host copies on their CPU backends: a GPU aggregator's layout (array type "cupy") made
+        # "auto" pick the GPU backend there, which a worker without one refused
+        spec = {"layout": {**st.layout.to_json(), "array_type": "numpy"}, "algorithm": st.algorithm,
+                "acc_dtype": st.acc_dtype, "round": st.round, "scalars": st.scalars,
+                "backend": agg.backend if agg.backend != "cupy" else "auto"}
         base = None if st.base is None else ray.put(to_host(st.base))
         shares = [items[i::self.workers] for i in range(min(self.workers, len(items)))]
         refs = [self._task.remote(spec, base, [[to_host(a) for a in u.leaves] for u in share],

@@ -50,6 +50,26 @@ def test_ray_partial_folds_equal_the_local_fold(executor, alg):
     assert all(out_l[n].tobytes() == out_r[n].tobytes() for n in out_l)
 
 
+def test_gpu_aggregators_send_host_copies_to_the_workers(executor):
+    """A GPU aggregator's device updates, float and int8-quantized, go to Ray's workers as host copies (a device
+    Quantized went as CuPy arrays), and the workers' partial states merge into the GPU state: the local fold's bits.
+    Run over the fake CuPy (tests/fake_cupy.py), which cannot reach the workers: only host arrays can."""
+    fake_cupy = pytest.importorskip("fake_cupy")
+    with fake_cupy.installed():
+        import cupy as cp
+        tmpl = cw.template()
+        rng = np.random.default_rng(5)
+        ups = [{n: rng.standard_normal(a.shape).astype(np.float32) for n, a in tmpl.items()} for _ in range(4)]
+        ups[1] = {n: jk.Quantized.quantize(a, block=32) for n, a in ups[1].items()}
+        dev = [{n: jk.Quantized(cp.asarray(a.values), cp.asarray(a.scale), a.block) if isinstance(a, jk.Quantized)
+                else cp.asarray(a) for n, a in u.items()} for u in ups]
+        gpu = jk.Aggregator({n: cp.asarray(a) for n, a in tmpl.items()}, deterministic=True)
+        local = jk.Aggregator(tmpl, deterministic=True)
+        executor.fold_many(gpu, gpu.admit_many(dev, [1.0, 2.0, 3.0, 4.0], ["a", "b", "c", "d"]))
+        local.fold_many(ups, [1.0, 2.0, 3.0, 4.0], parties=["a", "b", "c", "d"])
+        assert gpu.on_gpu and gpu.state.same_bits(local.state)
+
+
 def test_a_worker_killed_mid_fold_loses_nothing(executor, kill_file):
     agg = jk.Aggregator(cw.template(), deterministic=True)
     ref = jk.Aggregator(cw.template(), deterministic=True)
