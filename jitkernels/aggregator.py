@@ -21,7 +21,8 @@ from .batch import build_groups, build_out_groups, plan_of, stack_entries
 from .device import DeviceLeaf, array_module, empty_leaf, place, to_host
 from .dtypes import Quantized, np_dtype
 from .backends import numpy_ref
-from .errors import DuplicateParty, EmptyAggregate, LayoutMismatch, NonFiniteUpdate, RoundClosed, ValueOutOfRange
+from .errors import (BackendUnavailable, DuplicateParty, EmptyAggregate, LayoutMismatch, NonFiniteUpdate, RoundClosed,
+                     ValueOutOfRange)
 from .layout import Layout
 from . import state as state_module
 from .parties import anonymous_party, check_party
@@ -171,6 +172,15 @@ class Aggregator:
         self.layout = _state.layout if _state is not None else (
             template if isinstance(template, Layout) else Layout.from_template(template))
         self.backend = backends.requested(backend)
+        if self.layout.array_type in ("cupy", "torch_cuda") and not backends.is_available("cupy"):
+            # a GPU job's state resumed where the GPU backend cannot run: on the CPU backend the caller names, with
+            # results as host arrays; never by default (no silent fallback)
+            if self.backend in ("auto", "cupy"):
+                raise BackendUnavailable(
+                    f"the template is in GPU memory and the GPU backend cannot run here "
+                    f"({backends.available_backends()['cupy']}); name a CPU backend (backend='cpp') to go on on the "
+                    f"CPU, with results as host arrays")
+            self.layout = self.layout.on_host()
         if self.backend == "auto" and self.layout.array_type in ("cupy", "torch_cuda"):
             self.backend = "cupy"
         if self.backend != "auto":

@@ -183,6 +183,12 @@ class Layout:
         d.pop("array_type")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
+    def on_host(self) -> "Layout":
+        """This layout with the host counterpart of its array type (CuPy -> numpy, torch CUDA -> torch CPU): where
+        results go when its leaves are folded on a CPU backend of a machine without a GPU."""
+        host = {"cupy": "numpy", "torch_cuda": "torch"}.get(self.array_type)
+        return self if host is None else Layout(self.leaves, self.treedef, host)
+
     def __eq__(self, other):
         return isinstance(other, Layout) and self.fingerprint == other.fingerprint
 

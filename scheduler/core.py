@@ -373,6 +373,7 @@ class _JobState:
         """An aggregator that continues ``state`` (a checkpoint or a carry) with the job's backend, and for a robust
         rule, the spill directory its algorithm names on this machine."""
         spill_dir = getattr(jk.algorithms.resolve(self.job.algorithm), "spill_dir", None)
+        state.layout = self.layout  # (an equal one, checked: its array type is the job's template's, where results go)
         return jk.Aggregator.from_state(state, backend=self.job.backend, spill_dir=spill_dir)
 
     @property

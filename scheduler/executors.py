@@ -185,7 +185,7 @@ class RayExecutor(LocalExecutor):
         ray, st = self._ray, agg.state
         # the workers fold host copies on their CPU backends: a GPU aggregator's layout (array type "cupy") made
         # "auto" pick the GPU backend there, which a worker without one refused
-        spec = {"layout": {**st.layout.to_json(), "array_type": "numpy"}, "algorithm": st.algorithm,
+        spec = {"layout": st.layout.on_host().to_json(), "algorithm": st.algorithm,
                 "acc_dtype": st.acc_dtype, "round": st.round, "scalars": st.scalars,
                 "backend": agg.backend if agg.backend != "cupy" else "auto"}
         base = None if st.base is None else ray.put(to_host(st.base))

@@ -1547,3 +1547,34 @@ def test_job_ids_and_counts_reach_the_manifest_as_json_types(tmp_path):
     rec = JITScheduler.recover(tmp_path, [job], policy="eager", slots=1, clock=VirtualClock())
     assert not rec.store.fallbacks
     rec.close()
+
+
+def test_a_gpu_job_recovers_on_a_machine_without_a_gpu_given_a_host_template(tmp_path):
+    """A job run with its template in GPU memory (checkpointed), recovered where CuPy cannot run with the same model
+    as host arrays: the job's template says where results go (the stored state's layout said GPU memory, and the
+    recovery was refused)."""
+    fake_cupy = pytest.importorskip("fake_cupy")
+    if jk.available_backends()["cupy"] is True:
+        pytest.skip("a GPU backend runs here")
+    rng = np.random.default_rng(4)
+    tmpl = {"w": np.zeros(400, np.float32)}
+    ups = [{"w": rng.standard_normal(400).astype(np.float32)} for _ in range(3)]
+    with fake_cupy.installed():
+        import cupy as cp
+        sched = JITScheduler("eager", clock=VirtualClock(), state_dir=tmp_path, checkpoint_bytes=0)
+        sched.add_job(Job("j", template={"w": cp.zeros(400, np.float32)}, parties=[0, 1, 2], quorum=3, rounds=1,
+                          deterministic=True))
+        for p in (0, 1):
+            sched.submit("j", 0, p, {"w": cp.asarray(ups[p]["w"])}, 1.0 + p).durable.result(timeout=10)
+        sched.clock.run(until=1.0)  # eager: folded and checkpointed
+        sched.close()
+    rec = JITScheduler.recover(tmp_path, [Job("j", template=tmpl, parties=[0, 1, 2], quorum=3, rounds=1,
+                                              deterministic=True)], policy="eager", clock=VirtualClock())
+    rec.submit("j", 0, 2, ups[2], 3.0)
+    rec.clock.run(until=1.0)
+    got = rec.result("j", 0).result(timeout=5)
+    rec.close()
+    ref = jk.Aggregator(tmpl, deterministic=True)
+    ref.fold_many(ups, [1.0, 2.0, 3.0], parties=[0, 1, 2])
+    assert type(got["w"]) is np.ndarray and got["w"].tobytes() == ref.finalize()["w"].tobytes()
+

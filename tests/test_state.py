@@ -329,3 +329,32 @@ def test_states_a_fold_can_make_still_load(tmp_path):
         back = FoldState.load(tmp_path / "s.jks")
         assert back.same_bits(agg.state)
         assert copy.deepcopy(back).same_bits(back)  # (the state's lock is not copied: a new one)
+
+
+def test_a_gpu_jobs_state_resumes_on_a_machine_without_a_gpu_on_the_cpu_backend_it_names(tmp_path):
+    """A state saved by a GPU aggregator (a CuPy template), loaded where CuPy cannot run: backend='auto' is refused
+    with the reason and the way out (no silent fallback), a named CPU backend resumes it with results as host
+    arrays, equal to a host run's. It raised ModuleNotFoundError at finalize (uploading the result for the CuPy
+    template), and BackendUnavailable without a hint."""
+    fake_cupy = pytest.importorskip("fake_cupy")
+    if jk.available_backends()["cupy"] is True:
+        pytest.skip("a GPU backend runs here: the state would resume on it")
+    rng = np.random.default_rng(3)
+    tmpl = {"w": np.zeros(500, np.float32), "n": np.zeros((), np.int64)}
+    ups = [{"w": rng.standard_normal(500).astype(np.float32), "n": np.array(j, np.int64)} for j in range(4)]
+    path = tmp_path / "gpu.jks"
+    with fake_cupy.installed():
+        import cupy as cp
+        gpu = jk.Aggregator({n: cp.asarray(a) for n, a in tmpl.items()}, deterministic=True)
+        gpu.fold_many(ups[:2], [1.0, 2.0], parties=[0, 1])
+        gpu.state.save(path)
+    state = jk.FoldState.load(path)
+    with pytest.raises(jk.BackendUnavailable, match="backend='cpp'"):
+        jk.Aggregator.from_state(state)
+    cpu = jk.Aggregator.from_state(state, backend="cpp")
+    cpu.fold_many(ups[2:], [3.0, 4.0], parties=[2, 3])
+    ref = jk.Aggregator(tmpl, deterministic=True)
+    ref.fold_many(ups, [1.0, 2.0, 3.0, 4.0], parties=[0, 1, 2, 3])
+    got, want = cpu.finalize(), ref.finalize()
+    assert all(type(got[n]) is np.ndarray and got[n].tobytes() == want[n].tobytes() for n in want)
+
