@@ -172,7 +172,7 @@ class Aggregator:
         self.layout = _state.layout if _state is not None else (
             template if isinstance(template, Layout) else Layout.from_template(template))
         self.backend = backends.requested(backend)
-        if self.layout.array_type in ("cupy", "torch_cuda") and not backends.is_available("cupy"):
+        if self.layout.in_gpu_memory and not backends.is_available("cupy"):
             # a GPU job's state resumed where the GPU backend cannot run: on the CPU backend the caller names, with
             # results as host arrays; never by default (no silent fallback)
             if self.backend in ("auto", "cupy"):
@@ -181,7 +181,7 @@ class Aggregator:
                     f"({backends.available_backends()['cupy']}); name a CPU backend (backend='cpp') to go on on the "
                     f"CPU, with results as host arrays")
             self.layout = self.layout.on_host()
-        if self.backend == "auto" and self.layout.array_type in ("cupy", "torch_cuda"):
+        if self.backend == "auto" and self.layout.in_gpu_memory:
             self.backend = "cupy"
         if self.backend != "auto":
             backends.get(self.backend)  # fail now, with the reason, not at the first fold

@@ -56,18 +56,18 @@ def is_leaf_dtype_name(name) -> bool:
         return False
 
 
-def _is_device(x) -> bool:
-    cp = sys.modules.get("cupy")
-    torch = _torch()
-    return (cp is not None and isinstance(x, cp.ndarray)) or (
-        torch is not None and isinstance(x, torch.Tensor) and x.device.type == "cuda")
+def bf16_bits_to_float32(bits):
+    """float32 values of bfloat16 bits (a uint16 numpy or CuPy array): exact, the bits shifted into the top half."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def _values(x) -> tuple:
     """(array, array module) of a Quantized field: a CuPy array for one in GPU memory (a torch CUDA tensor through
     DLPack), else numpy's view of it (torch CPU tensors too). bfloat16, which CuPy holds as its uint16 bits, comes
     back widened to float32 (exact), so that its values, not its bits, are converted."""
-    if _is_device(x):
+    from .device import device_leaf, is_device_array  # (device imports this module)
+
+    if is_device_array(x):
         try:
             import cupy
         except ImportError:
@@ -75,13 +75,8 @@ def _values(x) -> tuple:
 
             raise BackendUnavailable("a quantized leaf in GPU memory needs the GPU backend: cupy is not installed "
                                      "(pip install 'jitkernels[gpu]')") from None
-        from .device import device_leaf  # (device imports this module)
-
         leaf = device_leaf(x)
-        a = leaf.array
-        if leaf.dtype == bfloat16:
-            a = (a.astype(np.uint32) << 16).view(np.float32)
-        return a, cupy
+        return (bf16_bits_to_float32(leaf.array) if leaf.dtype == bfloat16 else leaf.array), cupy
     return (torch_to_numpy(x) if is_torch_tensor(x) else np.asarray(x)), np
 
 
@@ -135,10 +130,10 @@ class Quantized:
             raise TypeError(f"Quantized.values must be int8, got {q.dtype}")
         if not q.flags.c_contiguous:  # the kernels read the values from their first byte on, in order
             q = xp.ascontiguousarray(q)  # (not for a 0-d array: it would come back 1-d)
-        s = self.scale
-        if xp is np and not isinstance(s, np.ndarray) and _is_device(s):
+        s, s_xp = _values(self.scale)
+        if xp is np and s_xp is not np:
             raise TypeError("Quantized: scales in GPU memory for values in host memory")
-        s = xp.ascontiguousarray(xp.asarray(_values(s)[0], dtype=np.float32).reshape(-1))
+        s = xp.ascontiguousarray(xp.asarray(s, dtype=np.float32).reshape(-1))
         n = q.size
         block = self.block
         if block is not None:
@@ -176,13 +171,16 @@ class Quantized:
     def nbytes(self) -> int:
         return self.values.nbytes + self.scale.nbytes
 
-    def dequantize(self, dtype="float32") -> np.ndarray:
-        """Reference dequantization, ``acc_t(q) * acc_t(scale[i // block])``."""
+    def dequantize(self, dtype="float32", start: int = 0, stop: int | None = None):
+        """Reference dequantization, ``acc_t(q[i]) * acc_t(scale[i // block])``: the leaf in its shape, or its flat
+        elements [start, stop) (a chunk: no leaf-sized temporaries)."""
         dt = np.dtype(dtype)
         xp = np if not self.on_device else sys.modules["cupy"]  # (made from CuPy arrays: CuPy is imported)
-        q = self.values.reshape(-1).astype(dt)
-        s = xp.repeat(self.scale.astype(dt), self.block)[: q.size]
-        return (q * s).reshape(self.values.shape)
+        q = self.values.reshape(-1)
+        whole = start == 0 and stop is None
+        stop = q.size if stop is None else min(stop, q.size)
+        x = q[start:stop].astype(dt) * self.scale[xp.arange(start, stop) // self.block].astype(dt)
+        return x.reshape(self.values.shape) if whole else x
 
     @classmethod
     def quantize(cls, x, block: int | None = None) -> "Quantized":

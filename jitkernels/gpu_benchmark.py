@@ -32,6 +32,7 @@ from contextlib import contextmanager
 import numpy as np
 
 import jitkernels as jk
+from jitkernels.dtypes import bf16_bits_to_float32
 
 DTYPES = ("float32", "bfloat16")
 SIZES = (25_000_000, 250_000_000)
@@ -126,7 +127,7 @@ def _unfused_cupy(acc, ups, w, to_device):
         for name, a in acc.items():
             x = to_device(u[name])
             if x.dtype == cp.int16:  # a bf16 tensor's bits
-                x = (x.view(cp.uint16).astype(cp.uint32) << 16).view(cp.float32)
+                x = bf16_bits_to_float32(x.view(cp.uint16))
             a += cp.float32(wj) * x
 
 

@@ -83,6 +83,7 @@ def _contiguous(x) -> bool:
 
 
 ARRAY_TYPES = ("numpy", "torch", "torch_cuda", "cupy")
+_HOST_OF = {"cupy": "numpy", "torch_cuda": "torch"}  # the array types of GPU memory, and their host counterparts
 
 
 def array_type_of(x) -> str:
@@ -183,11 +184,15 @@ class Layout:
         d.pop("array_type")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
+    @property
+    def in_gpu_memory(self) -> bool:
+        """The template's leaves were in GPU memory (CuPy arrays or torch CUDA tensors): results go there too."""
+        return self.array_type in _HOST_OF
+
     def on_host(self) -> "Layout":
         """This layout with the host counterpart of its array type (CuPy -> numpy, torch CUDA -> torch CPU): where
         results go when its leaves are folded on a CPU backend of a machine without a GPU."""
-        host = {"cupy": "numpy", "torch_cuda": "torch"}.get(self.array_type)
-        return self if host is None else Layout(self.leaves, self.treedef, host)
+        return Layout(self.leaves, self.treedef, _HOST_OF[self.array_type]) if self.in_gpu_memory else self
 
     def __eq__(self, other):
         return isinstance(other, Layout) and self.fingerprint == other.fingerprint

@@ -69,6 +69,7 @@ import numpy as np
 
 from . import backends as _backends
 from . import device as _device
+from .dtypes import bf16_bits_to_float32, dtype_name
 from .errors import BackendUnavailable, EmptyAggregate
 from .threads import get_num_threads
 
@@ -227,7 +228,6 @@ def _pick(backend, k: int, rows):
 def _slab(x, dtype):
     """(rows [k, N] as stored, code): a host slab, or a CuPy view of a device one (CuPy / torch CUDA, for the cupy
     backend). Never copies the slab; 16-bit floats are read as their uint16 bits."""
-    from .dtypes import dtype_name
     from .robust_store import UpdateStore
 
     if isinstance(x, UpdateStore):
@@ -301,7 +301,7 @@ def widen(block: np.ndarray, code: int) -> np.ndarray:
     if code == F32:
         return np.array(block, np.float32)
     if code == BF16:
-        return (block.astype(np.uint32) << 16).view(np.float32)
+        return bf16_bits_to_float32(block)
     return block.view(np.float16).astype(np.float32)
 
 

@@ -56,7 +56,7 @@ import weakref
 import numpy as np
 
 from .device import DeviceLeaf, array_module, device_leaf, is_device_array, to_host
-from .dtypes import Quantized, dtype_name, is_torch_tensor, torch_to_numpy
+from .dtypes import Quantized, bf16_bits_to_float32, dtype_name, is_torch_tensor, torch_to_numpy
 from .errors import (AggregationError, CorruptState, DuplicateParty, IncompatibleStates, LayoutMismatch,
                      NonFiniteUpdate, ValueOutOfRange)
 from .state import atomic_write, check_format, checked_bytes, checked_writer, read_checked
@@ -136,7 +136,7 @@ def _convert_into(dst, src, src_name: str, slab: str) -> None:
         if slab == "bfloat16":
             dst[...] = src
             return
-        src, src_name = (src.astype(np.uint32) << 16).view(np.float32), "float32"
+        src, src_name = bf16_bits_to_float32(src), "float32"
     if slab == "bfloat16":
         if src.dtype.kind in "iu":  # integers: exact in float64 up to 2**53, then rounded once (via round-to-odd)
             f = _f64_to_f32_odd(src.astype(np.float64))
@@ -180,17 +180,14 @@ class _Dequantized:
     dtype = np.dtype(np.float64)
 
     def __init__(self, q: Quantized):
-        self.values, self.scale, self.block = q.values.reshape(-1), q.scale, q.block
+        self.q = q
         self.shape, self.size, self.ndim = tuple(q.values.shape), int(q.values.size), q.values.ndim
 
     def reshape(self, *shape):  # (the store's flat view of a leaf)
         return self
 
     def __getitem__(self, s: slice):
-        a, b = s.start or 0, min(s.stop, self.size)
-        xp = array_module(self.values)
-        scale = self.scale[xp.arange(a, b) // self.block]
-        return self.values[a:b].astype(np.float64) * scale.astype(np.float64)
+        return self.q.dequantize("float64", s.start or 0, s.stop)
 
 
 def _check_values(leaves, party, slab: str, xp=np) -> None:

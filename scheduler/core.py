@@ -372,14 +372,14 @@ class _JobState:
     def from_state(self, state):
         """An aggregator that continues ``state`` (a checkpoint or a carry) with the job's backend, and for a robust
         rule, the spill directory its algorithm names on this machine."""
-        spill_dir = getattr(jk.algorithms.resolve(self.job.algorithm), "spill_dir", None)
+        spill_dir = getattr(self.algorithm, "spill_dir", None)
         state.layout = self.layout  # (an equal one, checked: its array type is the job's template's, where results go)
         return jk.Aggregator.from_state(state, backend=self.job.backend, spill_dir=spill_dir)
 
     @property
     def carries(self) -> bool:
         """The job's rounds hand state to the next one (see ``carry``)."""
-        return self.layout is not None and jk.algorithms.resolve(self.job.algorithm).closes_round
+        return self.layout is not None and self.algorithm.closes_round
 
 
 class JITScheduler:
@@ -782,7 +782,7 @@ class JITScheduler:
         scheduler-wide backend's float32 job, and JIT deployed them late)."""
         out = {}
         gpu = js.job.backend == "cupy" or js.job.backend == "auto" and js.layout is not None and \
-            js.layout.array_type in ("cupy", "torch_cuda")  # (as the job's aggregator picks its backend)
+            js.layout.in_gpu_memory  # (as the job's aggregator picks its backend)
         if gpu and "cupy" in self.cost.backends:
             out["backend"] = "cupy"
         if js.job.deterministic or js.job.acc_dtype != "float32":
