@@ -202,19 +202,12 @@ def asarray(a, dtype=None, order=None):
     return ndarray(h)
 
 
-array = asarray
-
-
 def ascontiguousarray(a, dtype=None):
     return ndarray(np.ascontiguousarray(_unwrap(asarray(a)), dtype=dtype))
 
 
 def asnumpy(a):
     return a.get() if isinstance(a, ndarray) else np.asarray(a)
-
-
-def get_array_module(*args):
-    return sys.modules[__name__] if any(isinstance(a, ndarray) for a in args) else np
 
 
 def from_dlpack(x):
