@@ -6,8 +6,10 @@ admission stats pass runs outside the lock (it only reads the update); the party
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import ml_dtypes
@@ -17,12 +19,12 @@ from . import admission
 from . import algorithms as _algorithms
 from . import backends
 from .admission import Admitted, admit_many
-from .batch import build_groups, build_out_groups, plan_of, stack_entries
+from .batch import address, build_groups, build_out_groups, plan_of, stack_entries
 from .device import DeviceLeaf, array_module, empty_leaf, place, to_host
 from .dtypes import Quantized, np_dtype
 from .backends import numpy_ref
-from .errors import (BackendUnavailable, DuplicateParty, EmptyAggregate, LayoutMismatch, NonFiniteUpdate, RoundClosed,
-                     ValueOutOfRange)
+from .errors import (BackendUnavailable, CorruptState, DuplicateParty, EmptyAggregate, LayoutMismatch, NonFiniteUpdate,
+                     RoundClosed, ValueOutOfRange)
 from .layout import Layout
 from . import state as state_module
 from .parties import anonymous_party, check_party
@@ -48,8 +50,13 @@ def _overflowed(dtype: str, out) -> bool:
     return u.size > 0 and (int(u.view(signed).max()) >= pos_inf or int(u.max()) >= neg_inf)
 
 
+@functools.cache
+def _largest(dtype: str) -> float:
+    return float(ml_dtypes.finfo(np_dtype(dtype)).max)  # (numpy's finfo has no bfloat16)
+
+
 def _beyond(leaf, reach: float, where: str = "") -> ValueOutOfRange:
-    top = float(ml_dtypes.finfo(np_dtype(leaf.dtype)).max)  # (numpy's finfo has no bfloat16)
+    top = _largest(leaf.dtype)
     return ValueOutOfRange(f"leaf {leaf.name!r}: the result reaches |{reach:.6g}|, beyond {leaf.dtype}'s {top:.6g}"
                            f"{where}")
 
@@ -216,7 +223,10 @@ class Aggregator:
             raise TypeError(f"from_state takes a FoldState (FoldState.load(path)), got {type(state).__name__}")
         if partial and state.store is not None:
             raise ValueError("partial updates are not supported by buffered (robust) rules")
-        alg = _algorithms.from_params(state.algorithm)
+        try:
+            alg = _algorithms.from_params(state.algorithm)
+        except (ValueError, TypeError) as e:  # (a record from a file that no algorithm's parameters could make)
+            raise CorruptState(f"the state's algorithm record {state.algorithm} does not rebuild: {e}") from None
         if getattr(alg, "buffered", False):
             if alg.over_budget == "spill" and alg.budget_bytes is not None and spill_dir is None:
                 raise ValueError(f"the state's {type(alg).__name__} spills past its budget of {alg.budget_bytes} "
@@ -307,7 +317,12 @@ class Aggregator:
         """The batch's party ids (anonymous ones made up, duplicates refused) and its checked info dicts."""
         parties = [anonymous_party() if p is None else check_party(p) for p in _per_update(parties, k, "parties")]
         self._check_parties(parties)
-        return parties, [self.algorithm.check_info(i or {}, p) for i, p in zip(_per_update(infos, k, "infos"), parties)]
+        infos = _per_update(infos, k, "infos")
+        for j, (i, p) in enumerate(zip(infos, parties)):
+            if i is not None and not isinstance(i, Mapping):  # (a string failed inside the algorithm, unnamed)
+                raise TypeError(f"infos[{j}] (party {p!r}) is a {type(i).__name__}: each is a dict of the per-update "
+                                f"values the algorithm reads, e.g. {{'steps': 40}}")
+        return parties, [self.algorithm.check_info(i or {}, p) for i, p in zip(infos, parties)]
 
     def _check_parties(self, parties):
         seen = set()
@@ -318,14 +333,16 @@ class Aggregator:
             if p in self.state.parties:
                 raise DuplicateParty(p)
 
-    def fold(self, update, weight=1.0, party=None, **info) -> None:
-        """Fold one update (raw, or :class:`Admitted`). Raw updates are admitted first (one stats pass).
-        ``info``: the per-update values the algorithm reads (``steps=`` for FedNova, ``staleness=`` for FedBuff)."""
+    def fold(self, update, weight=None, party=None, **info) -> None:
+        """Fold one update (raw, or :class:`Admitted`). Raw updates are admitted first (one stats pass); ``weight``
+        defaults to 1. ``info``: the per-update values the algorithm reads (``steps=`` for FedNova, ``staleness=``
+        for FedBuff). An admitted update brings its own weight, party and values: giving them again is refused."""
         if isinstance(update, Admitted):
+            _admitted_alone(weight, party, info or None)
             with self._lock:
                 self._fold_admitted([update])
         else:
-            self.fold_many([update], [weight], [party], [info])
+            self.fold_many([update], [1.0 if weight is None else weight], [party], [info])
 
     def fold_many(self, updates, weights=None, parties=None, infos=None) -> None:
         """Fold k updates in ONE pass over the accumulator. Items are :class:`Admitted` (weights, parties and info
@@ -340,6 +357,7 @@ class Aggregator:
         if not updates:
             return
         if all(isinstance(u, Admitted) for u in updates):
+            _admitted_alone(weights, parties, infos)
             with self._lock:
                 self._fold_admitted(updates)
         elif any(isinstance(u, Admitted) for u in updates):
@@ -394,6 +412,7 @@ class Aggregator:
             raise
         for a, i in zip(admitted, infos):
             a.info = i
+        self._note_peak(admitted, fold_w)
         self._record(admitted, int_rows, plan)
 
     def _check_layout(self, u) -> None:
@@ -456,6 +475,7 @@ class Aggregator:
             finally:
                 g.release()
         m = float(alg.mass(u))
+        self._note_peak((u,), (w,))
         for lid in one.int_rows:  # as _record: counters take the plain mass-weighted mean (or max), before the masses
             self._fold_int(lid, [u.leaves[lid]], [m])
         st.leaf_weight += m  # _record's per-leaf masses, for one whole update
@@ -557,6 +577,7 @@ class Aggregator:
                     mod.fold_binned(st.acc, st.lo, st.base, part, st.bound_log2)
             else:
                 mod.fold(st.acc, st.base, g)
+        self._note_peak(admitted, fold_w)
         self._record(admitted, int_rows, plan)
 
     def _check_int_bound(self, admitted) -> None:
@@ -601,6 +622,16 @@ class Aggregator:
             u.norm, u.maxabs = float(math.sqrt(sumsq[:, j].sum())), float(maxabs[:, j].max())
             u.worst_leaf = int(maxabs[:, j].argmax())
             u.against_base = self._base_token
+
+    def _note_peak(self, admitted, fold_w) -> None:
+        """Raise ``state.peak`` to the largest |x| of the folded updates, times fold weight / mass where an algorithm
+        folds an update at more than the mass it divides by (FedNova's n / steps with steps < 1): a bound on every
+        leaf's mean, so on what finalize writes (see _check_range)."""
+        st, alg = self.state, self.algorithm
+        for u, fw in zip(admitted, fold_w):
+            m = float(alg.mass(u))
+            x = u.maxabs * max(1.0, fw / m) if m > 0 else math.inf
+            st.peak = math.nan if math.isnan(x) else max(st.peak, x)  # (max keeps a NaN peak: not known)
 
     def _record(self, admitted, int_rows, plan) -> None:
         """After the float fold: integer leaves, per-leaf masses (the batch plan's ``carried[i, j]``: update j carries
@@ -657,13 +688,10 @@ class Aggregator:
         """Merge another Aggregator's or a FoldState's aggregate into this one (refuses shared parties)."""
         if not isinstance(other, (Aggregator, FoldState)):
             raise TypeError(f"merge takes an Aggregator or a FoldState, got {type(other).__name__}")
-        if isinstance(other, Aggregator):  # both locked (in a fixed order): a fold into other must not tear it
-            first, second = sorted((self, other), key=id)
-            with first._lock, second._lock:
-                self.state.merge_into(other.state)
-            return
-        with self._lock:
-            self.state.merge_into(other)
+        # both held (state_module.guarded): a fold into the other aggregator, or into the aggregator whose state
+        # ``other`` is, must not tear what is merged; a reset of either must not swap a state out from under it
+        with state_module.guarded(self.state, other.state if isinstance(other, Aggregator) else other):
+            self.state.merge_into(other.state if isinstance(other, Aggregator) else other)
 
     # --- finalize ------------------------------------------------------------------------------------------------
     def finalize(self, output: str = "model", *, out=None):
@@ -731,7 +759,8 @@ class Aggregator:
             raise ValueOutOfRange(f"leaf {self.layout.leaves[over[0]].name!r}: its total weight "
                                   f"{weights[over[0]]:.6g} is past the {self.acc_dtype} accumulator's range "
                                   f"(use acc_dtype='float64', or smaller weights)")
-        if closing and alg.noise_std(st) > 0:  # on the average delta, before that scaling, as the sum is
+        noisy = alg.noise_std(st) > 0  # (the accumulator holds noise once this round has closed)
+        if closing and noisy:  # on the average delta, before that scaling, as the sum is
             alg.claim_noise(st)  # (refuses before anything changes)
             self._add_noise(alg.noise_std(st), mass, float_ids)
         acc = st.value()
@@ -766,9 +795,9 @@ class Aggregator:
             if st.algorithm.get("int_leaves", "mean") == "mean":  # the plain mass-weighted mean
                 a = np.rint(a / mass[i])
             _write(outs[i], _cast(a.reshape(leaf.shape), outs[i].dtype))
-        # (a divisor below the masses, FedBuff's server_lr > 1, takes a mean past its values' range)
+        # (a divisor below the masses, FedBuff's server_lr > 1, takes a mean past its values' range; so may noise)
         self._check_range(outs, float_ids, acc, base, weights, stepped=opt,
-                          amplified=bool(np.any(weights < mass)))
+                          amplified=bool(np.any(weights < mass)) or noisy)
         return outs
 
     def _check_range(self, outs, float_ids, acc, base, weights, stepped: bool, amplified: bool) -> None:
@@ -776,13 +805,18 @@ class Aggregator:
         with the leaf and value, rather than handed on as a model that the next round's updates turn into NaN. The
         outputs are checked as written (an ``out=`` is then left holding them: the kernels write as they go). A
         server optimizer's step has been applied: its model stays in the state's base, in the accumulator dtype, and
-        finalizing the closed round again refuses again. float16 outputs are always checked; float32 and bfloat16
-        ones where they can overflow: from a float64 accumulator, with a base or a step added, or divided by less than
-        the masses (``amplified``); a plain mean of float32 values stays within their range."""
-        wide = self.acc_dtype == "float64" or base is not None or stepped or amplified
+        finalizing the closed round again refuses again.
+
+        Reading an output for inf costs a pass over it, so it is skipped where the mean cannot overflow: no base or
+        step added, no divisor below the masses (``amplified``), and the folded values' peak (state.peak) below the
+        dtype's largest value by more than the rounding of k weighted terms and their division, (k + 4) units of
+        float32's last place. (A float32 mean of float32 values can pass float32's range: each weight is rounded on
+        its own, the divisor as their sum, and three updates at its largest value made inf.)"""
+        bound = self.state.peak * (1.0 + (self.state.count + 4) * 2.0 ** -23)  # (NaN: not known, checked)
+        wide = base is not None or stepped or amplified
         for i in float_ids:
             leaf = self.layout.leaves[i]
-            if (leaf.dtype != "float16" and not wide) or not _overflowed(leaf.dtype, outs[i]):
+            if (not wide and bound < _largest(leaf.dtype)) or not _overflowed(leaf.dtype, outs[i]):
                 continue
             sl = slice(leaf.offset, leaf.offset + leaf.size)
             if stepped:
@@ -852,6 +886,7 @@ class Aggregator:
             bad = self.layout.leaves[[w == self.on_gpu for w in where].index(False)].name
             raise LayoutMismatch(f"out must be in {'GPU' if self.on_gpu else 'host'} memory for backend "
                                  f"{self.backend!r}", leaf=bad, party="<out>")
+        _check_disjoint(self.layout, outs)
         return outs
 
     def reset(self, base=None, *, reuse: bool = False) -> FoldState | None:
@@ -876,6 +911,7 @@ class Aggregator:
                 old.parties.clear()
                 old.info.clear()
                 old.absent.clear()
+                old.peak = 0.0
                 old.base = flat_base
                 old.__dict__.pop("_host_base", None)  # (an admission during the step may have cached the moving base)
                 self._base_view = (old, flat_base, self._base_token)
@@ -889,6 +925,27 @@ class Aggregator:
                                        store=None if old.store is None else self.algorithm.new_store(self.layout,
                                                                                                      self.on_gpu)))
             return old
+
+
+def _check_disjoint(layout, outs) -> None:
+    """Output leaves must not share memory: each backend writes them in its own order, so ``out=[buf, buf]`` gave
+    one leaf's mean on numpy and the other's on cpp. They are C-contiguous (flatten(writable=True)), so each spans
+    [address, address + nbytes): sorted by address, a leaf that starts before its predecessor ends overlaps it."""
+    spans = sorted((address(o), address(o) + o.nbytes, i) for i, o in enumerate(outs) if o.size)
+    for (_, end, i), (start, _, j) in zip(spans, spans[1:]):
+        if start < end:
+            a, b = sorted((i, j))
+            raise LayoutMismatch(f"shares memory with out leaf {layout.leaves[b].name!r}: each output leaf needs "
+                                 f"its own buffer", leaf=layout.leaves[a].name, party="<out>")
+
+
+def _admitted_alone(weights, parties, infos) -> None:
+    """Admitted updates carry the weight, party and values they were admitted with: others given beside them were
+    dropped without a word (a weight of 9 folded as 1)."""
+    given = [name for name, v in (("weight", weights), ("party", parties), ("info", infos)) if v is not None]
+    if given:
+        raise TypeError(f"admitted updates carry their own weight, party and info: {', '.join(given)} given beside "
+                        f"them (admit again with the values you mean)")
 
 
 def _per_update(values, k: int, what: str) -> list:

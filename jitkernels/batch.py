@@ -45,11 +45,12 @@ def leaf_entry(a):
     if a is None:
         return ABSENT, 0, 0, 0
     if isinstance(a, Quantized):
-        return CODE["int8"], _addr(a.values), _addr(a.scale), a.block
-    return dtype_code(dtype_name(a.dtype)), _addr(a), 0, 0
+        return CODE["int8"], address(a.values), address(a.scale), a.block
+    return dtype_code(dtype_name(a.dtype)), address(a), 0, 0
 
 
-def _addr(a) -> int:
+def address(a) -> int:
+    """The first byte of a host array or device leaf (0 if it is empty): what the kernels are given."""
     if isinstance(a, DeviceLeaf):
         return a.ptr
     if not isinstance(a, np.ndarray):  # a device Quantized leaf's values or scales (CuPy arrays)
@@ -354,7 +355,7 @@ def build_out_groups(layout, leaf_ids, outs, total_w, chunk: int = CHUNK):
             off=np.array([layout.leaves[i].offset for i in ids], dtype=np.int64),
             n=n,
             total_w=np.asarray(total_w, dtype=np.float64)[ids],
-            ptr=np.array([_addr(o) for _, o in items], dtype=np.int64),
+            ptr=np.array([address(o) for _, o in items], dtype=np.int64),
             outs=[o for _, o in items],
             work=work_items(n, chunk),
         ))

@@ -61,6 +61,9 @@ def _as_array(x, name, party, writable=False):
             raise LayoutMismatch(f"a torch tensor that numpy cannot read in place: {e}", leaf=name,
                                  party=party) from None
     elif type(x) is not np.ndarray:
+        if writable and isinstance(x, np.generic):  # np.asarray makes a new array: the result would be lost
+            raise LayoutMismatch(f"an output leaf must be an array to write into, got the numpy scalar "
+                                 f"{type(x).__name__} (use np.zeros(()) for a 0-d leaf)", leaf=name, party=party)
         if isinstance(x, np.ma.MaskedArray):  # np.asarray drops the mask: the masked values would be summed
             raise LayoutMismatch("a masked array: fill or compress it first (its masked values would be summed)",
                                  leaf=name, party=party)
@@ -140,6 +143,7 @@ class Layout:
         treedef = walk(template, "")
         if not leaves:
             raise TypeError("template has no array leaves")
+        _check_names([leaf.name for leaf in leaves], TypeError)
         return cls(leaves, treedef, array_type)
 
     # --- identity -----------------------------------------------------------------------------------------------
@@ -165,9 +169,11 @@ class Layout:
                 raise ValueError(f"layout leaf {name!r} has {size} values")
             leaves.append(Leaf(name, tuple(shape), dt, offset, size))
             offset += size
-        tree_leaves = _check_treedef(d["treedef"])
-        if tree_leaves != len(leaves) or not leaves:
-            raise ValueError(f"the layout's tree has {tree_leaves} leaves, its leaf list {len(leaves)}")
+        names = _tree_names(d["treedef"])
+        if names != [leaf.name for leaf in leaves] or not leaves:
+            raise ValueError(f"the layout's tree has {len(names)} leaves {names[:4]}, its leaf list {len(leaves)} "
+                             f"{[leaf.name for leaf in leaves][:4]}")
+        _check_names(names, ValueError)
         if d.get("array_type", "numpy") not in ARRAY_TYPES:
             raise ValueError(f"unknown array type {d['array_type']!r}")
         return cls(leaves, d["treedef"], d.get("array_type", "numpy"))
@@ -326,23 +332,34 @@ def _build(td, it, conv):
     return conv(next(it))
 
 
-def _check_treedef(td) -> int:
-    """The leaves of a tree read from a file, checked node by node without recursion (a crafted file may nest
-    deeply): ValueError unless every node is a dict (str keys, one child each), a list, a tuple or a leaf."""
-    count, todo = 0, [td]
+def _tree_names(td) -> list:
+    """The leaf names of a tree read from a file, in flattening order (as from_template names them), checked node by
+    node without recursion (a crafted file may nest deeply): ValueError unless every node is a dict (distinct str
+    keys, one child each), a list, a tuple or a leaf."""
+    names, todo = [], [(td, "")]
     while todo:
-        node = todo.pop()
+        node, prefix = todo.pop()
         kind = node.get("t") if isinstance(node, dict) else None
         if kind == "leaf":
-            count += 1
+            names.append(prefix or "<root>")
             continue
         children = node.get("c") if kind in ("dict", "list", "tuple") else None
+        keys = node.get("k") if kind == "dict" else range(len(children)) if isinstance(children, list) else None
         if not isinstance(children, list) or (kind == "dict" and not (
-                isinstance(node.get("k"), list) and len(node["k"]) == len(children)
-                and all(isinstance(k, str) for k in node["k"]))):
+                isinstance(keys, list) and len(keys) == len(children) and all(isinstance(k, str) for k in keys)
+                and len(set(keys)) == len(keys))):
             raise ValueError(f"the layout's tree has a malformed node {str(node)[:80]}")
-        todo.extend(children)
-    return count
+        todo.extend((c, _join(prefix, k)) for k, c in reversed(list(zip(keys, children))))
+    return names
+
+
+def _check_names(names, error) -> None:
+    """Leaf names are the keys of results, robust stores and files: two leaves of one name (``{"a.b": x, "a": {"b":
+    y}}``) would be told apart nowhere."""
+    if len(set(names)) < len(names):
+        seen = set()
+        twice = next(n for n in names if n in seen or seen.add(n))
+        raise error(f"two leaves are named {twice!r} (a key with a dot beside a nested one?): rename one")
 
 
 def _count_leaves(td) -> int:

@@ -16,6 +16,7 @@ directory, so a crash leaves either the old file or the new one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -48,7 +49,7 @@ class FoldState:
 
     def __init__(self, layout: Layout, *, algorithm: dict, acc_dtype: str = "float32", acc=None, leaf_weight=None,
                  parties=None, base=None, lo=None, on_device: bool = False, info=None, opt=None,
-                 round: int = 0, closed: bool = False, scalars=None, store=None, absent=None):
+                 round: int = 0, closed: bool = False, scalars=None, store=None, absent=None, peak=None):
         self.layout = layout
         # held while the state's file is built and written: an Aggregator puts its own lock here, so that folds
         # from other threads cannot change the arrays between the checksum and the write (nor tear them)
@@ -65,6 +66,10 @@ class FoldState:
         # updates are not listed), from which each leaf's total weight is summed exactly (exact_leaf_weights)
         self.absent: dict = {} if absent is None else {p: tuple(int(i) for i in v) for p, v in absent.items()}
         self.base = base
+        # the largest |x| any folded update brought (admission's max-abs of u, or of u - base): from it finalize
+        # knows when a mean cannot pass its output dtype's range and skips reading the output for inf. NaN where
+        # not known (a state from a file or made with its arrays): finalize then checks.
+        self.peak = (0.0 if acc is None and not self.parties else math.nan) if peak is None else float(peak)
         # server optimizers' moments {"m": acc-sized, "v": acc-sized or absent}; ``round``: rounds closed so far.
         # A round is closed when finalize changed the state in place (a server step moved the base, or DP noise
         # went into the accumulator): nothing more may be folded or merged into it, and finalize again returns
@@ -201,7 +206,7 @@ class FoldState:
                          lo=None if self.lo is None else self.lo.copy(), info=self.info,
                          opt=None if self.opt is None else {k: a.copy() for k, a in self.opt.items()},
                          round=self.round, closed=self.closed, scalars=self.scalars,
-                         store=None if self.store is None else self.store.copy(), absent=self.absent)
+                         store=None if self.store is None else self.store.copy(), absent=self.absent, peak=self.peak)
 
     def same_bits(self, other: "FoldState") -> bool:
         """True when both states hold bit-identical accumulators, weights, parties and bases."""
@@ -254,14 +259,20 @@ class FoldState:
 
     def merge(self, other: "FoldState") -> "FoldState":
         """A new state holding both aggregates: accumulators and weights add; parties are the union."""
-        self.check_mergeable(other)
-        out = self.copy()
-        out.merge_into(other, checked=True)
+        with guarded(self, other):
+            self.check_mergeable(other)
+            out = self.copy()
+            out.merge_into(other, checked=True)
         return out
 
     def merge_into(self, other: "FoldState", *, checked: bool = False) -> None:
         """Merge ``other`` into this state in place (checks first: a refused merge changes nothing). ``other`` may
-        live on the other side of the PCIe bus; its arrays are moved to this state's."""
+        live on the other side of the PCIe bus; its arrays are moved to this state's. Both states' guards are held:
+        an aggregator folding into either must not tear what is merged (an update's values without its weight)."""
+        with guarded(self, other):
+            self._merge_into(other, checked)
+
+    def _merge_into(self, other: "FoldState", checked: bool) -> None:
         if not checked:
             self.check_mergeable(other)
         if other.on_device != self.on_device:
@@ -282,6 +293,7 @@ class FoldState:
         if self.store is not None:
             self.store.extend(other.store)
         self.leaf_weight += other.leaf_weight
+        self.peak = max(self.peak, other.peak) if not math.isnan(other.peak) else math.nan  # (NaN: not known)
         self.parties.update(other.parties)
         self.info.update(other.info)
         self.absent.update(other.absent)
@@ -380,6 +392,16 @@ class FoldState:
             raise CorruptState(f"{path}: inconsistent state ({e})") from e
 
 
+@contextlib.contextmanager
+def guarded(*states):
+    """Hold the guards of ``states`` (an aggregator's lock, for its state), in one order whatever the call's: two
+    threads merging two states into each other must not each hold one guard and wait for the other."""
+    with contextlib.ExitStack() as stack:
+        for guard in sorted({id(s.guard): s.guard for s in states}.values(), key=id):
+            stack.enter_context(guard)
+        yield
+
+
 def _check_values(st: "FoldState") -> None:
     """What a checksum cannot vouch for (anyone can compute one): the values a fold could have made. Arrays of the
     layout's size and finite; party weights finite and >= 0, and per leaf none or from the lightest party's to
@@ -397,9 +419,14 @@ def _check_values(st: "FoldState") -> None:
     lw = st.leaf_weight
     if lw.shape != (L,) or lw.dtype != np.float64 or np.isnan(lw).any() or (lw < 0).any():
         raise ValueError(f"the per-leaf weights {lw[:4]} are not {L} numbers >= 0")
+    if not st.parties and (lw.any() or any(to_host(a).any() for a in (st.acc, st.lo) if a is not None)):
+        # (a fold into an empty state may rely on its zeros: a rejected first batch is undone by zeroing again)
+        raise ValueError("a state with no parties holds non-zero sums")
     if st.store is None:  # a sum: a leaf's weight sums the parties that carried it (partial updates), none or more
         with np.errstate(over="ignore"):
             total = float(w.sum())
+        if not math.isfinite(total):
+            raise ValueError(f"the parties' weights sum to {total}, past float64's range")
         lightest = float(w[w > 0].min()) if (w > 0).any() else 0.0
         if not np.isfinite(lw).all() or ((lw != 0) & ((lw < lightest * (1 - 1e-9)) | (lw > total * (1 + 1e-9)))).any():
             raise ValueError(f"the per-leaf weights {lw[:4]} do not fit the parties' weights (total {total:.6g})")

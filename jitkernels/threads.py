@@ -13,18 +13,25 @@ MAX_THREADS = 1024
 
 
 def _default() -> int:
+    """Our own variable must be a count (a wrong one is refused, naming it); OpenMP's is meant for other programs as
+    well and must not stop the import: one we cannot use is passed over with a warning."""
     for var in ("JITKERNELS_NUM_THREADS", "OMP_NUM_THREADS"):
         v = os.environ.get(var, "").split(",")[0].strip()
-        if v:
-            try:
-                n = int(v)
-            except ValueError:
-                raise ValueError(f"{var}={os.environ[var]!r} is not a thread count") from None
-            if n > MAX_THREADS:  # an environment meant for other programs should not stop the import
-                warnings.warn(f"{var}={n}: jitkernels' kernels use at most {MAX_THREADS} threads", stacklevel=2)
-                return MAX_THREADS
-            if n > 0:
-                return n
+        if not v:
+            continue
+        try:
+            n = int(v)
+        except ValueError:
+            n = 0
+        if n > MAX_THREADS:
+            warnings.warn(f"{var}={n}: jitkernels' kernels use at most {MAX_THREADS} threads", stacklevel=2)
+            return MAX_THREADS
+        if n > 0:
+            return n
+        if var == "JITKERNELS_NUM_THREADS":
+            raise ValueError(f"JITKERNELS_NUM_THREADS={os.environ[var]!r} is not a thread count (1 to {MAX_THREADS})")
+        warnings.warn(f"OMP_NUM_THREADS={os.environ[var]!r} is not a thread count: jitkernels passes it over",
+                      stacklevel=2)
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux

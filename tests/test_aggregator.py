@@ -314,6 +314,55 @@ def test_a_result_beyond_its_dtypes_range_is_refused_by_name(dtype, backend):
     assert np.isfinite(fine.finalize()["w"].astype(np.float64)).all()
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("path", ["fused", "per_update", "loaded"])
+def test_a_float32_mean_of_float32_values_past_the_range_is_refused(backend, path, tmp_path):
+    """Each weight is rounded to float32 on its own and the divisor as their sum, so a mean of values at float32's
+    largest can round past it: three of them at weight 0.7 x 2^-21 made inf, returned as the model. Refused by name on
+    every fold path, and after a state's round trip through a file (which does not carry the folded values' peak)."""
+    top = np.finfo(np.float32).max
+    agg = jk.Aggregator(np.zeros(4, np.float32), backend=backend)
+    ups = [np.full(4, top, np.float32)] * 3
+    w = 0.7 * 2.0 ** -21
+    if path == "fused":
+        agg.fold_many(ups, [w] * 3, parties=[0, 1, 2])
+    else:
+        for j, u in enumerate(ups):
+            agg.fold(u, weight=w, party=j)
+    if path == "loaded":
+        agg.state.save(tmp_path / "s.jks")
+        agg = jk.Aggregator.from_state(jk.FoldState.load(tmp_path / "s.jks"), backend=backend)
+        assert np.isnan(agg.state.peak)
+    with pytest.raises(jk.ValueOutOfRange, match="beyond float32's"):
+        agg.finalize()
+
+
+def test_finalize_reads_its_outputs_for_inf_only_where_the_mean_could_pass_their_range(monkeypatch):
+    """The check reads each output once more: skipped where the folded values' peak keeps the mean inside the
+    dtype's range (a float16 model of values below 65504), made where it does not, and always after a merge with a
+    state of unknown peak."""
+    import jitkernels.aggregator as ag
+
+    reads = []
+    real = ag._overflowed
+    monkeypatch.setattr(ag, "_overflowed", lambda dtype, out: reads.append(dtype) or real(dtype, out))
+    t = {"h": np.zeros(3, np.float16), "f": np.zeros(3, np.float32)}
+    agg = jk.Aggregator(t, backend="cpp")
+    agg.fold_many([{"h": np.full(3, 2.0, np.float16), "f": np.ones(3, np.float32)}] * 2, parties=["a", "b"])
+    agg.finalize()
+    assert reads == [] and agg.state.peak == 2.0
+    near = jk.Aggregator(t, backend="cpp")
+    near.fold({"h": np.full(3, 65504.0, np.float16), "f": np.ones(3, np.float32)}, party="c")
+    near.finalize()
+    assert reads == ["float16"]  # within (k + 4) ulp of float16's largest: checked (and in range)
+    reads.clear()
+    other = jk.FoldState.from_bytes(near.state.to_bytes())  # (a partial aggregate from a worker: peak not known)
+    agg.merge(other)
+    assert np.isnan(agg.state.peak)
+    agg.finalize()
+    assert sorted(reads) == ["float16", "float32"]
+
+
 def test_unweighted_fedavg_ignores_weights():
     agg = jk.Aggregator(np.zeros(2, np.float32), algorithm="fedavg_unweighted")
     agg.fold(np.array([1.0, 1.0], np.float32), weight=100, party="a")
@@ -355,6 +404,58 @@ def test_finalize_into_given_outputs():
     assert torch.equal(t, torch.ones(5))
     with pytest.raises(jk.LayoutMismatch, match="C-contiguous"):
         agg.finalize(out={"a": np.zeros(10, np.float32)[::2], "b": np.zeros((2, 2), np.float16)})
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_output_leaves_that_share_memory_are_refused(backend):
+    """Each backend writes the outputs in its own order: out=[buf, buf] gave one leaf's mean on numpy and the other's
+    on cpp and numba. Overlapping outputs are refused by name, before anything is written; a numpy scalar (which
+    np.asarray copies, losing the result) is refused as an output leaf."""
+    agg = jk.Aggregator([np.zeros(4, np.float32), np.zeros(4, np.float32)], backend=backend)
+    agg.fold([np.ones(4, np.float32), np.full(4, 2.0, np.float32)], party="p")
+    buf = np.full(8, 7.0, np.float32)
+    for out in ([buf[:4], buf[:4]], [buf[:4], buf[2:6]], [buf[4:], buf[1:5]]):
+        with pytest.raises(jk.LayoutMismatch, match="shares memory with out leaf '1'"):
+            agg.finalize(out=out)
+        assert (buf == 7.0).all()
+    agg.finalize(out=[buf[:4], buf[4:]])  # adjacent, not overlapping
+    np.testing.assert_array_equal(buf, [1] * 4 + [2] * 4)
+    scalar = jk.Aggregator({"s": np.zeros((), np.float32)}, backend=backend)
+    scalar.fold({"s": np.ones((), np.float32)}, party="p")
+    with pytest.raises(jk.LayoutMismatch, match="numpy scalar float32"):
+        scalar.finalize(out={"s": np.float32(-1)})
+    out = {"s": np.zeros((), np.float32)}
+    assert scalar.finalize(out=out)["s"] == 1.0
+
+
+def test_admitted_updates_refuse_a_weight_party_or_info_given_beside_them():
+    """An admitted update carries the weight and party it was admitted with: a weight given again was dropped
+    silently (a mean of 5 where 1 was meant). Refused on fold and fold_many, the state unchanged."""
+    agg = jk.Aggregator(np.zeros(2, np.float32))
+    u = agg.admit(np.ones(2, np.float32), weight=1.0, party="a")
+    before = agg.state.copy()
+    for call in (lambda: agg.fold(u, weight=9.0), lambda: agg.fold(u, party="renamed"),
+                 lambda: agg.fold(u, steps=3), lambda: agg.fold_many([u], weights=[9.0]),
+                 lambda: agg.fold_many([u], parties=["renamed"]), lambda: agg.fold_many([u], infos=[{}])):
+        with pytest.raises(TypeError, match="carry their own"):
+            call()
+        assert agg.state.same_bits(before)
+    agg.fold(u)
+    assert agg.state.parties == {"a": 1.0}
+
+
+def test_an_info_that_is_not_a_dict_is_refused_by_name():
+    agg = jk.Aggregator(np.zeros(2, np.float32), jk.algorithms.FedNova(), base=np.zeros(2, np.float32))
+    with pytest.raises(TypeError, match=r"infos\[1\] \(party 'b'\) is a str"):
+        agg.fold_many([np.ones(2, np.float32)] * 2, parties=["a", "b"], infos=[{"steps": 2}, "steps=3"])
+    assert agg.count == 0
+
+
+def test_leaves_of_one_name_are_refused():
+    """{"a.b": x, "a": {"b": y}} named two leaves 'a.b': a robust rule's store (keyed by name) kept one, and blamed
+    every party for the other."""
+    with pytest.raises(TypeError, match="two leaves are named 'a.b'"):
+        jk.Aggregator({"a.b": np.zeros(2, np.float32), "a": {"b": np.zeros(2, np.float32)}})
 
 
 def test_leaf_entries_fast_path_equals_the_per_leaf_one():

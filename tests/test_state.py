@@ -120,6 +120,7 @@ def test_golden_files_of_every_version_still_load(name):
 
 def test_merge_refusals():
     a, b = _agg(), _agg()
+    before = a.state.copy()  # (taken before the refusals: each must leave the state as it was)
     with pytest.raises(jk.OverlappingParties, match="p1"):
         a.merge(b)
     c = jk.Aggregator({"x": np.zeros(2, np.float32)})
@@ -128,7 +129,6 @@ def test_merge_refusals():
     d = jk.Aggregator(a.layout, acc_dtype="float64")
     with pytest.raises(jk.IncompatibleStates, match="accumulators"):
         a.merge(d)
-    before = a.state.copy()
     assert a.state.same_bits(before)
 
 
@@ -224,7 +224,11 @@ def test_a_checksummed_state_with_arrays_of_the_wrong_shape_is_refused():
     (lambda lay: lay["treedef"]["c"].__setitem__(0, {"t": "set"}), "malformed node"),
     (lambda lay: lay.update({"array_type": "jax"}), "array type"),
     (None, "recursion"),
-], ids=["tree_vs_leaves", "complex", "unknown_dtype", "negative_shape", "bad_node", "array_type", "deep_json"])
+    (lambda lay: lay["treedef"].update({"k": ["a", "a"]}), "malformed node"),  # finalize put b's values under a
+    (lambda lay: lay["leaves"][0].__setitem__(0, "z"), "tree has 2 leaves"),  # names the tree does not give
+    (lambda lay: [lay["leaves"][i].__setitem__(0, "a") for i in (0, 1)], "tree has 2 leaves"),
+], ids=["tree_vs_leaves", "complex", "unknown_dtype", "negative_shape", "bad_node", "array_type", "deep_json",
+        "duplicate_keys", "renamed_leaf", "one_name_twice"])
 def test_a_checksummed_state_with_an_impossible_layout_is_refused(edit, what):
     """A layout that from_template could not have made (read from a file whose checksum matches: a bug or a crafted
     file) is CorruptState at load, not a wrong or untyped failure at finalize."""
@@ -264,6 +268,9 @@ def test_atomic_write_is_not_blocked_by_a_leftover_temp_file(tmp_path):
     ("bad_int_rule", {}, {"algorithm": '{"name": "fedavg", "int_leaves": "median"}'}, "int_leaves"),
     ("deterministic_5000", {}, {"algorithm": '{"name": "fedavg", "deterministic": 5000}'}, "deterministic"),
     ("wrapping_shape", {}, {"layout": None}, "values"),
+    # an empty state is all zeros (a rejected first batch is undone by zeroing it again, a fold relies on it)
+    ("nonzero_empty", {"leaf_weight": np.zeros(1)}, {"parties": "[]"}, "no parties holds non-zero"),
+    ("overflowing_parties", {}, {"parties": '[["a", 1e308], ["b", 1e308]]'}, "past float64's range"),
 ])
 def test_a_checksummed_state_a_fold_could_not_have_made_is_refused(what, tensors_edit, meta_edit, match):
     """SHA-256 is unkeyed: anyone can re-sign a file. Values no fold makes (a NaN accumulator merged into a NaN
@@ -284,6 +291,19 @@ def test_a_checksummed_state_a_fold_could_not_have_made_is_refused(what, tensors
         meta_edit = {"layout": json.dumps(lay)}
     with pytest.raises(jk.CorruptState, match=match):
         FoldState.from_bytes(checked_bytes({**tensors, **tensors_edit}, {**meta, **meta_edit}))
+
+
+def test_an_algorithm_record_no_algorithm_makes_is_corrupt_state():
+    """The file loads (a user's own algorithm's record would too); resuming from it names the record instead of a
+    plain TypeError from the algorithm's constructor."""
+    from jitkernels.state import FoldState, checked_bytes, read_checked_bytes
+
+    agg = jk.Aggregator(np.zeros(4, np.float32))
+    agg.fold(np.ones(4, np.float32), party="a")
+    tensors, meta = read_checked_bytes(agg.state.to_bytes())
+    st = FoldState.from_bytes(checked_bytes(tensors, dict(meta, algorithm='{"name": "fedavg", "bogus": 1}')))
+    with pytest.raises(jk.CorruptState, match="does not rebuild"):
+        jk.Aggregator.from_state(st)
 
 
 def test_a_robust_state_takes_only_the_store_record_a_save_writes(tmp_path):

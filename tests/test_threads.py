@@ -29,12 +29,26 @@ def test_set_num_threads_returns_previous():
 
 @pytest.mark.parametrize("env,want", [({"JITKERNELS_NUM_THREADS": "3", "OMP_NUM_THREADS": "5"}, 3),
                                       ({"OMP_NUM_THREADS": "5"}, 5),
-                                      ({"OMP_NUM_THREADS": "2048"}, 1024)])  # clamped (with a warning), not fatal
+                                      ({"OMP_NUM_THREADS": "2048"}, 1024),  # clamped (with a warning), not fatal
+                                      # OpenMP's variable, meant for other programs too: one we cannot use is passed
+                                      # over (with a warning), not an import that fails
+                                      ({"OMP_NUM_THREADS": "abc"}, len(os.sched_getaffinity(0))),
+                                      ({"OMP_NUM_THREADS": "0", "JITKERNELS_NUM_THREADS": ""},
+                                       len(os.sched_getaffinity(0)))])
 def test_thread_env_vars(env, want):
     clean = {k: v for k, v in os.environ.items() if k not in ("JITKERNELS_NUM_THREADS", "OMP_NUM_THREADS")}
     out = subprocess.run([sys.executable, "-c", "import jitkernels as jk; print(jk.get_num_threads())"],
                          env={**clean, **env}, capture_output=True, text=True, check=True)
     assert int(out.stdout) == want
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "two"])
+def test_our_own_thread_variable_must_be_a_count(value):
+    """JITKERNELS_NUM_THREADS=0 was passed over without a word (set_num_threads(0) raises): refused, naming it."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("JITKERNELS_NUM_THREADS", "OMP_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", "import jitkernels"], env={**clean, "JITKERNELS_NUM_THREADS": value},
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and f"JITKERNELS_NUM_THREADS={value!r} is not a thread count" in out.stderr
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -109,6 +123,34 @@ def test_concurrent_folds_into_one_aggregator(backend):
     ref = jk.Aggregator(tmpl, backend="numpy", acc_dtype="float64")
     ref.fold_many(ups, [1 + j for j in range(32)], parties=list(range(32)))
     np.testing.assert_allclose(agg.finalize()["w"], ref.finalize()["w"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("via", ["state", "aggregator"])
+def test_merging_a_state_another_thread_folds_into_is_never_torn(via):
+    """merge(other.state) locked only the receiving aggregator: merged while the other folded, the result held an
+    update's values without its weight (83 of 150 merges in review). Every merged snapshot now has as many ones in
+    every element as parties recorded."""
+    n = 1 << 18
+    b = jk.Aggregator(np.zeros(n, np.float32), backend="cpp")
+    ones = np.ones(n, np.float32)
+    stop = threading.Event()
+
+    def folder():
+        for j in range(400):
+            if stop.is_set():
+                return
+            b.fold(ones, weight=1.0, party=j)
+
+    t = threading.Thread(target=folder)
+    t.start()
+    try:
+        for _ in range(40):
+            a = jk.Aggregator(np.zeros(n, np.float32), backend="cpp")
+            a.merge(b.state if via == "state" else b)
+            assert a.state.acc[0] == a.state.acc[-1] == a.state.count == a.state.leaf_weight[0]
+    finally:
+        stop.set()
+        t.join()
 
 
 def test_concurrent_duplicate_party_counts_once():
