@@ -192,6 +192,9 @@ class Aggregator:
             self.backend = "cupy"
         if self.backend != "auto":
             backends.get(self.backend)  # fail now, with the reason, not at the first fold
+        check_layout = getattr(self.algorithm, "check_layout", None)
+        if check_layout is not None:  # a template the algorithm cannot run (SCAFFOLD's two trees of the same leaves)
+            check_layout(self.layout)
         if _state is not None:
             self._adopt(_state.to(self.on_gpu))
             return
@@ -591,23 +594,15 @@ class Aggregator:
                                   2.0 ** st.bound_log2 if st.deterministic else None, self.acc_dtype)
 
     def _buffer(self, admitted) -> None:
-        """Copy a batch into the store, all or nothing: room (capacity, the byte budget) is checked for the whole
-        batch first, and a row refused partway (a value out of the store dtype's range) takes the batch's rows back
-        out."""
+        """Copy a batch into the store, all or nothing (UpdateStore.add_many: room for the whole batch first, a
+        row refused partway, a value out of the store dtype's range, takes the batch's rows back out)."""
         store = self.state.store
-        k0 = len(store)
-        for j, u in enumerate(admitted):  # the first row past the room names its party and the store's size then
-            store.check_room(k0 + j + 1, party=u.party)
         names = [leaf.name for leaf in self.layout.leaves]  # so that a refusal names the leaf
-        try:
-            for u in admitted:
-                # a GPU aggregator's store is in GPU memory (unless it may spill to disk): device updates go in
-                # device to device; a host store takes a copy of them
-                leaves = [to_host(a) for a in u.leaves] if u.on_device and not store.on_device else u.leaves
-                store.add(dict(zip(names, leaves)), u.party, finite=True)  # admission counted its values
-        except BaseException:  # a value the store's dtype cannot hold, a leaf it cannot take: no row of the batch
-            store.truncate(k0)
-            raise
+        # a GPU aggregator's store is in GPU memory (unless it may spill to disk): device updates go in device to
+        # device; a host store takes a copy of them
+        store.add_many([dict(zip(names, [to_host(a) for a in u.leaves] if u.on_device and not store.on_device
+                                      else u.leaves)) for u in admitted],
+                       [u.party for u in admitted], finite=True)  # (admission counted their values)
 
     def _norms_against_base(self, admitted) -> None:
         """Delta norms for updates admitted without this state's base (jk.admit, a scheduler buffering for a later

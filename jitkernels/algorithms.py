@@ -222,13 +222,20 @@ class SCAFFOLD(FedAvg):
     Learning", Algorithm 1): the model and the server control variate move in one fold.
 
     .. math::  x \leftarrow x + \eta_g \frac{1}{|S|} \sum_{i \in S} (y_i - x), \qquad
-               c \leftarrow c + \frac{|S|}{N} \frac{1}{|S|} \sum_{i \in S} (c_i^+ - c)
+               c \leftarrow c + \frac{|S|}{N} \frac{1}{|S|} \sum_{i \in S} \Delta c_i
+               = c + \frac{1}{N} \sum_{i \in S} \Delta c_i, \qquad \Delta c_i = c_i^+ - c_i
 
     The template (and every update, and the base) is a dict ``{"model": ..., "control": ...}`` of two trees of the
-    same leaves: party :math:`i` sends its new local model :math:`y_i` and control variate :math:`c_i^+`, the base
-    holds :math:`(x, c)`. Both trees are leaves of one layout, so the control variates are the *second accumulator*,
-    folded in the same pass as the model (bytes: twice FedAvg's). Divisor scales per leaf: :math:`1/\eta_g` on model
-    leaves, :math:`N / |S|` on control leaves. ``num_parties``: :math:`N`, all parties of the federation.
+    same leaves (names below the two keys, shapes, dtypes; one array each is a tree too): party :math:`i` sends its
+    new local model :math:`y_i` and, as its control, :math:`c + \Delta c_i` (:meth:`party_control`: the server's
+    :math:`c` plus the change of its *own* control variate), the base holds :math:`(x, c)`. Folded against the base,
+    the control leaves carry :math:`\Delta c_i`: the paper's update, which keeps :math:`c` the mean of all N parties'
+    :math:`c_i` under partial participation (a party that sent :math:`c_i^+` itself would fold
+    :math:`c_i^+ - c`, the same only where :math:`c_i = c`). Under the paper's option II,
+    :math:`c + \Delta c_i = (x - y_i) / (K \eta_l)`, which a party can send directly. Both trees are leaves of one
+    layout, so the control variates are the *second accumulator*, folded in the same pass as the model (bytes:
+    twice FedAvg's). Divisor scales per leaf: :math:`1/\eta_g` on model leaves, :math:`N / |S|` on control leaves.
+    ``num_parties``: :math:`N`, all parties of the federation.
     """
 
     name = "scaffold"
@@ -240,13 +247,42 @@ class SCAFFOLD(FedAvg):
             raise ValueError(f"server_lr must be finite and > 0, got {server_lr!r}")
         self.num_parties, self.server_lr = _count("num_parties", num_parties), float(server_lr)
 
+    @staticmethod
+    def party_control(c, c_new, c_old):
+        r"""What a party sends as its ``"control"`` tree: :math:`c + (c_i^+ - c_i)`, leaf by leaf, in the leaves'
+        own array type and dtype (the difference first: a small change is not lost against a large :math:`c`).
+        ``c``: the server's control variate the party received; ``c_new``, ``c_old``: its own after and before the
+        round's local training. Trees of dicts, lists and tuples of the same structure."""
+        if isinstance(c, dict):
+            return {k: SCAFFOLD.party_control(c[k], c_new[k], c_old[k]) for k in c}
+        if isinstance(c, (list, tuple)):
+            return type(c)(SCAFFOLD.party_control(*t) for t in zip(c, c_new, c_old, strict=True))
+        return c + (c_new - c_old)
+
+    def check_layout(self, layout) -> None:
+        """Refuse a template that is not ``{"model": tree, "control": tree}`` with the same leaves in both trees
+        (ValueError, naming the first leaf that differs): the control leaves are folded against the control base
+        leaf by leaf, and divided by another scale than the model's."""
+        td = layout.treedef
+        if td["t"] != "dict" or sorted(td["k"]) != ["control", "model"]:
+            raise ValueError("SCAFFOLD's template is a dict {'model': tree, 'control': tree} of the same leaves, got "
+                             + (f"keys {td['k']}" if td["t"] == "dict" else f"a {td['t']}"))
+        trees = {"model": {}, "control": {}}
+        for leaf in layout.leaves:  # "model" (one array) or "model.<path>"
+            part, _, path = leaf.name.partition(".")
+            trees[part][path] = (leaf.shape, leaf.dtype)
+        model, control = trees["model"], trees["control"]
+        path = next((p for p in [*model, *control] if model.get(p) != control.get(p)), None)
+        if path is not None:
+            told = [f"{part}{'.' + path if path else ''}: " + (f"{t[path][1]} {t[path][0]}" if path in t else "missing")
+                    for part, t in trees.items()]
+            raise ValueError(f"SCAFFOLD's model and control trees hold different leaves ({'; '.join(told)})")
+
     def divisor_scale(self, state):
         import numpy as np
 
-        names = [l.name for l in state.layout.leaves]
-        if not all(n.startswith(("model.", "control.")) for n in names):
-            raise ValueError("SCAFFOLD's template is {'model': ..., 'control': ...}")
-        control = np.array([n.startswith("control.") for n in names])
+        self.check_layout(state.layout)
+        control = np.array([leaf.name.partition(".")[0] == "control" for leaf in state.layout.leaves])
         return np.where(control, self.num_parties / state.count, 1.0 / self.server_lr)
 
     def params(self) -> dict:
@@ -437,7 +473,8 @@ class _DPClipping:
 
     # delegated: the inner algorithm's weights, optimizer and per-update values
     def __getattr__(self, name):
-        if name in ("kind", "moments", "v0", "coefficients", "info_keys", "check_info", "mass", "divisor_scale"):
+        if name in ("kind", "moments", "v0", "coefficients", "info_keys", "check_info", "mass", "divisor_scale",
+                    "check_layout"):
             return getattr(self.inner, name)
         raise AttributeError(name)
 
@@ -480,11 +517,16 @@ class _DPClipping:
     def closes_round(self) -> bool:
         return True
 
+    def cohort(self, state) -> int:
+        """min(m, k): m = ``num_sampled`` (else k), k = the parties folded this round. The unweighted average divides
+        each leaf by k (the inner algorithm's divisor scale then scales noise and deltas alike), so one party's
+        clipped delta moves it by up to C / k; where more than m report, the std stays Flower's sigma * C / m."""
+        return state.count if self.num_sampled is None else min(self.num_sampled, state.count)
+
     def noise_std(self, state) -> float:
-        """sigma * C / m on the average delta (Flower's ``compute_stdv``; McMahan et al., 2018): the sensitivity of
-        an unweighted average of m updates clipped to C. m = ``num_sampled``, else the parties folded."""
-        m = self.num_sampled or state.count
-        return self.noise_multiplier * self.clip_norm(state) / m
+        """sigma * C / min(m, k) on the average delta (McMahan et al., 2018; Flower's ``compute_stdv`` with m): the
+        sensitivity of an unweighted average of the round's k updates clipped to C, see :meth:`cohort`."""
+        return self.noise_multiplier * self.clip_norm(state) / self.cohort(state)
 
     def close(self, state) -> None:
         self.inner.close(state)
@@ -504,19 +546,24 @@ class DPFixedClipping(_DPClipping):
 
     .. math::  \Delta_j = u_j - x_t, \quad \bar\Delta_j = \Delta_j \min\Big(1, \frac{C}{\lVert \Delta_j \rVert_2}\Big),
                \quad \tilde\Delta = \frac{\sum_j w_j \bar\Delta_j}{\sum_j w_j} + \mathcal{N}\Big(0,
-               \big(\tfrac{\sigma C}{m}\big)^2 I\Big)
+               \big(\tfrac{\sigma C}{\min(m, k)}\big)^2 I\Big)
 
-    then the inner algorithm's finalize (FedAvg: :math:`x_t + \tilde\Delta`; a server optimizer steps on
-    :math:`\tilde\Delta`, where Flower would noise the optimizer's output). The norms come from admission's stats
-    pass, so clipping is a scaled fold: the clipped fold moves the bytes of the stats pass plus the fold, nothing
-    more. The noise is Philox-keyed by (seed, round, leaf, index) (:mod:`jitkernels.noise`): bit-identical across
-    backends and thread counts, and reproducible after a restart. The sensitivity bound assumes an unweighted
-    average (``weighted=False``, the default here); with sample-count weights a party moves the average by up to
-    :math:`w_j C / W`, which Flower's std (and this one) does not account for.
+    over the round's :math:`k` folded parties, :math:`m` = ``num_sampled`` (else :math:`k`). One party moves the
+    unweighted average by up to :math:`C / k`, so where fewer than :math:`m` report (dropouts) the noise grows to
+    keep the multiplier :math:`\sigma` for that cohort; Flower keeps :math:`\sigma C / m` and only warns, which at
+    :math:`k = 2` of :math:`m = 10` is an effective multiplier of :math:`0.2 \sigma`. Then the inner algorithm's
+    finalize (FedAvg: :math:`x_t + \tilde\Delta`; a server optimizer steps on :math:`\tilde\Delta`, where Flower
+    would noise the optimizer's output). The norms come from admission's stats pass, so clipping is a scaled fold:
+    the clipped fold moves the bytes of the stats pass plus the fold, nothing more. The noise is Philox-keyed by
+    (seed, round, leaf, index) (:mod:`jitkernels.noise`): bit-identical across backends and thread counts, and
+    reproducible after a restart. The sensitivity bound assumes an unweighted average (``weighted=False``, the
+    default here) of whole updates; with sample-count weights a party moves the average by up to :math:`w_j C / W`,
+    and with partial updates a leaf that fewer parties carried by up to :math:`C` over their number, which Flower's
+    std (and this one) does not account for.
 
     The noise goes on the average delta before the inner algorithm scales it (FedBuff's ``server_lr`` scales the
     noise with the step, so the ratio to one party's reach stays ``sigma``). FedNova inside reweights parties by their
-    local steps: one party's reach is then not :math:`C / m`, and ``noise_multiplier`` must be calibrated for it.
+    local steps: one party's reach is then not :math:`C / k`, and ``noise_multiplier`` must be calibrated for it.
 
     Caveats: floating-point noise is not exactly the Gaussian mechanism (see :mod:`jitkernels.noise`); the seed is
     saved with the state (which before finalize holds the un-noised aggregate anyway): protect state files; the
@@ -553,7 +600,8 @@ class DPAdaptiveClipping(_DPClipping):
                \tilde b = \frac{\sum_j b_j + \mathcal{N}(0, \sigma_b^2)}{m}, \quad
                C_{t+1} = C_t \exp\big(-\eta_C (\tilde b - \gamma)\big)
 
-    Updates are clipped to :math:`C_t` and the average delta noised with std :math:`\sigma_\Delta C_t / m`, where
+    Updates are clipped to :math:`C_t` and the average delta noised with std :math:`\sigma_\Delta C_t / \min(m, k)`
+    (:math:`k` the parties folded, as in :class:`DPFixedClipping`), where
     :math:`\sigma_\Delta = (\sigma^{-2} - (2\sigma_b)^{-2})^{-1/2}` keeps the total privacy cost that of noise
     multiplier :math:`\sigma` (their Theorem 1); :math:`\sigma_b` defaults to :math:`m / 20`. :math:`C` is saved with
     the state. Differences from Flower's ``DifferentialPrivacyServerSideAdaptiveClipping``, deliberate (tested):
@@ -601,7 +649,7 @@ class DPAdaptiveClipping(_DPClipping):
         return {**self.inner.derived_info(u, state), "unclipped": float(u.norm <= self.clip_norm(state))}
 
     def noise_std(self, state) -> float:
-        return self.delta_multiplier * self.clip_norm(state) / self.num_sampled
+        return self.delta_multiplier * self.clip_norm(state) / self.cohort(state)
 
     def close(self, state) -> None:
         from .noise import gaussian

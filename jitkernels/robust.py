@@ -22,8 +22,8 @@ from .algorithms import FedAvg, _count, _positive
 from . import robust_store as _store
 
 # the rules' store and its errors, where the rules are (``from jitkernels import robust as R; R.BudgetExceeded``)
-BudgetExceeded, DeviceUpdateStore, StoreFull, UpdateStore = (_store.BudgetExceeded, _store.DeviceUpdateStore,
-                                                             _store.StoreFull, _store.UpdateStore)
+BudgetExceeded, DeviceUpdateStore, SpillFailed, StoreFull, UpdateStore = (
+    _store.BudgetExceeded, _store.DeviceUpdateStore, _store.SpillFailed, _store.StoreFull, _store.UpdateStore)
 
 
 _GRAM_SLABS = ("float32",)

@@ -56,7 +56,7 @@ import weakref
 import numpy as np
 
 from .device import DeviceLeaf, array_module, device_leaf, is_device_array, to_host
-from .dtypes import Quantized, bf16_bits_to_float32, dtype_name, is_torch_tensor, torch_to_numpy
+from .dtypes import Quantized, bf16_bits_to_float32, bfloat16, dtype_name, is_torch_tensor, torch_to_numpy
 from .errors import (AggregationError, CorruptState, DuplicateParty, IncompatibleStates, LayoutMismatch,
                      NonFiniteUpdate, ValueOutOfRange)
 from .state import atomic_write, check_format, checked_bytes, checked_writer, read_checked
@@ -88,6 +88,15 @@ class BudgetExceeded(AggregationError, MemoryError):
         self.party, self.need, self.budget = party, need, budget
         super().__init__(f"party {party!r}: its row would bring the update store to {need} bytes, over its budget "
                          f"of {budget} bytes (over_budget='refuse'; use 'spill' with a spill_dir to go to disk)")
+
+
+class SpillFailed(AggregationError, OSError):
+    """The spill directory has no room (or no file) for the rows: the store is as it was before the call."""
+
+    def __init__(self, party, spill_dir, err: OSError):
+        self.party, self.spill_dir = party, spill_dir
+        super().__init__(err.errno, f"party {party!r}: the update store cannot hold its rows in {spill_dir!r}: "
+                                    f"{err.strerror or err}")
 
 
 # Python's mmap module only exports MAP_NORESERVE from 3.13 on; its value is 0x4000 on every Linux architecture.
@@ -245,8 +254,12 @@ class UpdateStore:
             raise ValueError(f"shapes {self.shapes} do not hold n={self.n} values")
         self._parties: list = []
         self._index: dict = {}
+        # the leaf names of the first update given as a dict: later dicts are read in their order (a party whose
+        # dict listed the same leaves in another order had them stored in each other's place)
+        self.names: tuple | None = None
         self._slab = None  # [k_max, n] storage: an anonymous mapping or a file-backed memmap
         self.spill_path = None
+        self._spilled_rows = 0  # rows of the spill file whose blocks are reserved (see _reserve)
         self._finalizer = None
         self._allocate()
 
@@ -268,7 +281,7 @@ class UpdateStore:
         self._set_budget(budget_bytes, over_budget, spill_dir)
         if (self.budget_bytes is not None and not self.spilled and self.over_budget == "spill"
                 and self.nbytes > self.budget_bytes):
-            self._spill()
+            self._spill(self.k, self._parties[-1])
 
     # --- storage ---------------------------------------------------------------------------------------------------
     @property
@@ -283,29 +296,49 @@ class UpdateStore:
         self._slab = _anonymous(self.k_max * self.row_bytes).view(_STORAGE[self.dtype]).reshape(self.k_max, self.n)
         self.closed = False
 
-    def _reserve(self, k: int) -> None:
-        """Room for k rows in the slab: the host slab has all k_max from the start (committed as written)."""
+    def _reserve(self, k: int, party=None) -> None:
+        """Room for k rows in the slab: the host slab has all k_max from the start (committed as written); a
+        spilled one has the file's blocks for them allocated before any is written through the mapping, where a
+        full disk is a SIGBUS that kills the process, not an error (SpillFailed here instead)."""
+        if self.spill_path is None or k <= self._spilled_rows:
+            return
+        try:
+            fd = os.open(self.spill_path, os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, k * self.row_bytes)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise SpillFailed(party, self.spill_dir, e) from None
+        self._spilled_rows = k
 
     def _stored(self, rows):
         """Rows given to :meth:`_append` (host or device) as this slab's assignments take them."""
         return to_host(rows)
 
-    def _spill(self):
-        """Move the slab into a sparse file of k_max rows in spill_dir; the memory is released."""
-        os.makedirs(self.spill_dir, exist_ok=True)
-        fd, path = tempfile.mkstemp(prefix="jk-updates-", suffix=".slab", dir=self.spill_dir)
+    def _spill(self, rows: int, party):
+        """Move the slab into a sparse file of k_max rows in spill_dir, the blocks of ``rows`` rows reserved (the
+        rows in use and those about to be added); the memory is released. SpillFailed leaves the slab in memory."""
+        try:
+            os.makedirs(self.spill_dir, exist_ok=True)
+            fd, path = tempfile.mkstemp(prefix="jk-updates-", suffix=".slab", dir=self.spill_dir)
+        except OSError as e:
+            raise SpillFailed(party, self.spill_dir, e) from None
         os.close(fd)
         try:
             mm = np.memmap(path, dtype=_STORAGE[self.dtype], mode="w+", shape=(self.k_max, max(self.n, 1)))
-        except BaseException:
+            self.spill_path, self._spilled_rows = path, 0
+            self._reserve(rows, party)
+        except BaseException as e:
+            self.spill_path = None
             os.unlink(path)
+            if isinstance(e, OSError) and not isinstance(e, SpillFailed):
+                raise SpillFailed(party, self.spill_dir, e) from None
             raise
         mm = mm[:, :self.n]
-        k = len(self._parties)
-        for r in range(k):  # row by row: no k-row temporary
+        for r in range(len(self._parties)):  # row by row: no k-row temporary
             mm[r] = self._slab[r]
         self._slab = mm
-        self.spill_path = path
         self._finalizer = weakref.finalize(self, _remove, path)
 
     @property
@@ -373,6 +406,11 @@ class UpdateStore:
     def _leaves(self, update, party) -> list:
         """[(name, flat numpy view, dtype name, shape)] of an update, validated against the layout."""
         if isinstance(update, dict):
+            if self.names is not None and tuple(update) != self.names:
+                if len(update) != len(self.names) or set(update) != set(self.names):
+                    odd = sorted(set(update).symmetric_difference(self.names), key=str)[:3]
+                    raise LayoutMismatch(f"leaves {odd} differ from the store's {list(self.names)[:6]}", party=party)
+                update = {name: update[name] for name in self.names}
             items = list(update.items())
         elif isinstance(update, (list, tuple)):
             items = [(str(i), a) for i, a in enumerate(update)]
@@ -421,11 +459,32 @@ class UpdateStore:
                 and self.over_budget == "refuse"):
             raise BudgetExceeded(party, need, self.budget_bytes)
 
+    def _spills_at(self, k: int) -> bool:
+        """Whether k rows in all move this (spilling) store to disk."""
+        return self.budget_bytes is not None and not self.spilled and k * self.row_bytes > self.budget_bytes
+
     def _make_room(self, k: int, party) -> None:
         """check_room, then spill if k rows pass the budget of a spilling store."""
         self.check_room(k, party)
-        if self.budget_bytes is not None and not self.spilled and k * self.row_bytes > self.budget_bytes:
-            self._spill()
+        if self._spills_at(k):
+            self._spill(k, party)
+
+    def add_many(self, updates, parties, *, finite: bool = False) -> None:
+        """:meth:`add` each update, all or nothing: room is checked for the whole batch first, a batch that moves
+        the store to disk has every update's values checked before (a refused one must not leave the slab in a
+        file), and a row refused partway takes the batch's rows back out."""
+        k0 = len(self._parties)
+        for j, p in enumerate(parties):  # the first row past the room names its party and the store's size then
+            self.check_room(k0 + j + 1, party=p)
+        if self._spills_at(k0 + len(parties)):
+            for u, p in zip(updates, parties):
+                _check_values(self._leaves(u, p), p, self.dtype)
+        try:
+            for u, p in zip(updates, parties):
+                self.add(u, p, finite=finite)
+        except BaseException:
+            self.truncate(k0)
+            raise
 
     def add(self, update, party, *, finite: bool = False) -> int:
         """Copy an update (one array, a list of leaves, or a dict of leaves) into the next free row; its row index.
@@ -446,10 +505,10 @@ class UpdateStore:
             raise StoreFull(party, self.k_max)
         leaves = self._leaves(update, party)
         self.check_room(k + 1, party)
-        if self.budget_bytes is not None and not self.spilled and (k + 1) * self.row_bytes > self.budget_bytes:
+        if self._spills_at(k + 1):
             _check_values(leaves, party, self.dtype)  # a dry run: a rejected update must not move the slab
-            self._spill()
-        self._reserve(k + 1)
+            self._spill(k + 1, party)
+        self._reserve(k + 1, party)
         row = self._slab[k]
         off = 0
         for name, flat, dn, _ in leaves:
@@ -466,6 +525,8 @@ class UpdateStore:
         self._index[party] = k
         if self.shapes is None and not (len(leaves) == 1 and len(leaves[0][3]) == 1):
             self.shapes = tuple(shape for _, _, _, shape in leaves)
+        if self.names is None and isinstance(update, dict):
+            self.names = tuple(update)
         return k
 
     def clear(self, *, release: bool = True) -> None:
@@ -497,7 +558,7 @@ class UpdateStore:
         if self._finalizer is not None:
             self._finalizer()
             self._finalizer = None
-        self.spill_path = None
+        self.spill_path, self._spilled_rows = None, 0
 
     # --- whole stores ----------------------------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -512,8 +573,8 @@ class UpdateStore:
         ``parties`` (k ids, row order). ValueError / TypeError if they are inconsistent or hold non-finite values;
         BudgetExceeded where the rows pass a refusing budget. The rows are copied in, one at a time."""
         rows = rows if is_device_array(rows) else np.asarray(rows)
-        if dtype == "bfloat16" and rows.dtype != np.uint16:
-            rows = rows.view(np.uint16)  # ml_dtypes bfloat16
+        if dtype == "bfloat16" and rows.dtype == bfloat16:
+            rows = rows.view(np.uint16)  # ml_dtypes bfloat16 (other rows are refused below, not read as its bits)
         if not isinstance(parties, (list, tuple)):
             raise ValueError(f"parties must be a list of ids, got {type(parties).__name__}")
         parties = [check_party(p) for p in parties]
@@ -539,7 +600,7 @@ class UpdateStore:
         k = len(self._parties)
         if parties:
             self._make_room(k + len(parties), parties[-1])
-            self._reserve(k + len(parties))
+            self._reserve(k + len(parties), parties[-1])
         for r, p in enumerate(parties):
             self._slab[k + r] = self._stored(rows[r])
         self._parties.extend(parties)
@@ -556,18 +617,24 @@ class UpdateStore:
         return self if type(self) is kind else self._copy_as(kind)
 
     def _copy_as(self, kind) -> "UpdateStore":
-        return kind.from_rows(self.rows(), **self.describe(), shapes=self.shapes, budget_bytes=self.budget_bytes,
-                              over_budget=self.over_budget, spill_dir=self.spill_dir)
+        other = kind.from_rows(self.rows(), **self.describe(), shapes=self.shapes, budget_bytes=self.budget_bytes,
+                               over_budget=self.over_budget, spill_dir=self.spill_dir)
+        other.names = self.names
+        return other
 
     def extend(self, other: "UpdateStore") -> None:
         """Append another store's rows and parties (merging two partial states): all or nothing. Raises
         IncompatibleStates (other size or dtype), DuplicateParty, StoreFull, BudgetExceeded."""
         if other.n != self.n or other.dtype != self.dtype:
             raise IncompatibleStates(f"update stores differ: {other.dtype}[{other.n}] into {self.dtype}[{self.n}]")
+        if self.names is not None and other.names is not None and self.names != other.names:
+            raise IncompatibleStates(f"update stores hold their leaves in other orders: {list(other.names)[:6]} "
+                                     f"into {list(self.names)[:6]}")
         shared = [p for p in other.parties if p in self._index]
         if shared:
             raise DuplicateParty(shared[0], "this update store")
         self._append(other.rows(), list(other.parties))
+        self.names = self.names or other.names
 
     def _metadata(self) -> dict:
         return {
@@ -658,7 +725,7 @@ class DeviceUpdateStore(UpdateStore):
         (a store in GPU memory has no file to spill to)."""
         return super().load(path, budget_bytes=budget_bytes, over_budget=over_budget or "refuse", spill_dir=spill_dir)
 
-    def _reserve(self, k: int) -> None:
+    def _reserve(self, k: int, party=None) -> None:
         cap = self._slab.shape[0]
         if k <= cap:
             return

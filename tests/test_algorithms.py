@@ -366,6 +366,29 @@ def test_dp_noise_has_the_stated_std():
     assert agg.state.round == 1 and agg.state.closed
 
 
+def test_dp_noise_covers_the_parties_that_reported():
+    """Fewer parties folded than num_sampled (dropouts): the unweighted average divides by the k folded, so one party
+    moves it by C / k, and the noise is sigma C / k (it stayed sigma C / m: at k = 2 of m = 10, an effective noise
+    multiplier of sigma / 5). More than m folded: Flower's sigma C / m. Adaptive clipping likewise."""
+    from jitkernels import noise
+
+    n, C, sigma, m = 50_000, 2.0, 0.8, 10
+    base = {"w": np.zeros(n, np.float32)}
+    z = noise.gaussian(7, 0, 0, 0, n)  # the noise of (seed 7, round 0, leaf 0)
+    algs = {"fixed": (lambda: A.DPFixedClipping(clip_norm=C, noise_multiplier=sigma, num_sampled=m, seed=7), sigma),
+            "adaptive": (lambda: A.DPAdaptiveClipping(noise_multiplier=sigma, num_sampled=m, initial_clip_norm=C,
+                                                      seed=7),
+                         (sigma ** -2 - (2 * m / 20) ** -2) ** -0.5)}
+    for name, (make, multiplier) in algs.items():
+        for k, cohort in ((2, 2), (m, m), (m + 3, m)):
+            agg = jk.Aggregator(base, make(), base=base, acc_dtype="float64")
+            for j in range(k):  # zero deltas: the output is the noise alone
+                agg.fold({"w": np.zeros(n, np.float32)}, party=j)
+            got = agg.finalize()["w"]
+            np.testing.assert_allclose(got, (multiplier * C / cohort * z).astype(np.float32), rtol=1e-6, atol=1e-12,
+                                       err_msg=f"{name}, {k} parties folded")
+
+
 def test_a_dp_round_is_closed_noise_once_and_restart_reproduces_it(tmp_path):
     rng = np.random.default_rng(10)
     base = _model(rng)
@@ -440,25 +463,61 @@ def test_adaptive_clipping_noise_uses_the_norm_it_clipped_to():
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_scaffold_moves_model_and_control_variate_in_one_fold(backend):
+    """Karimireddy et al. 2020, Alg. 1, with partial participation: |S| = 4 of N = 10 parties report, each with its
+    own control variate c_i (not the server's c); c moves by (1/N) sum_S (c_i^+ - c_i) and stays the mean of all N
+    parties' c_i (folding c_i^+ against c instead moved it by (1/N) sum_S (c_i^+ - c))."""
     rng = np.random.default_rng(15)
-    x, c = _model(rng), _model(rng)
+    x = _model(rng)
+    N, S, lr = 10, [1, 4, 6, 9], 0.5
+    c_old = [_model(rng) for _ in range(N)]  # the parties' control variates; the server's is their mean
+    c = {k: np.mean([ci[k] for ci in c_old], axis=0, dtype=np.float64).astype(np.float32) for k in x}
+    c_new = {i: _updates(rng, c_old[i], 1, scale=0.3)[0] for i in S}
+    y = {i: _updates(rng, x, 1)[0] for i in S}
+    sent = {i: A.SCAFFOLD.party_control(c, c_new[i], c_old[i]) for i in S}
+    for i in S:
+        for k in x:
+            assert sent[i][k].dtype == np.float32 and np.array_equal(sent[i][k], c[k] + (c_new[i][k] - c_old[i][k]))
     base = {"model": x, "control": c}
-    S, N, lr = 4, 10, 0.5
-    ups = [{"model": u, "control": v} for u, v in zip(_updates(rng, x, S), _updates(rng, c, S))]
     agg = jk.Aggregator(base, A.SCAFFOLD(num_parties=N, server_lr=lr), backend=backend, base=base,
                         acc_dtype="float64")
-    for j, u in enumerate(ups):
-        agg.fold(u, weight=7.0 * (j + 1), party=j)  # unweighted by default: the paper's 1/|S|
+    for i in S:
+        agg.fold({"model": y[i], "control": sent[i]}, weight=7.0 * (i + 1), party=i)  # unweighted: the paper's 1/|S|
     got = agg.finalize()
     for k in x:
-        dx = sum(u["model"][k] - x[k].astype(np.float64) for u in ups) / S
-        dc = sum(u["control"][k] - c[k].astype(np.float64) for u in ups) / S
+        dx = sum(y[i][k] - x[k].astype(np.float64) for i in S) / len(S)
         np.testing.assert_allclose(got["model"][k], (x[k] + lr * dx).astype(np.float32), rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose(got["control"][k], (c[k] + S / N * dc).astype(np.float32), rtol=1e-6, atol=1e-7)
-    with pytest.raises(ValueError, match="'model'"):
-        bad = jk.Aggregator(x, A.SCAFFOLD(num_parties=N), base=x)
-        bad.fold(ups[0]["model"], party=0)
-        bad.finalize()
+        # (float32 rounding: c's, and each party's c + (c_i^+ - c_i), ~0.5 ulp of |c| ~ 1)
+        paper = c[k] + sum(c_new[i][k].astype(np.float64) - c_old[i][k] for i in S) / N
+        np.testing.assert_allclose(got["control"][k], paper, rtol=0, atol=1e-6)
+        mean_of_parties = np.mean([(c_new[i] if i in S else c_old[i])[k] for i in range(N)], axis=0, dtype=np.float64)
+        np.testing.assert_allclose(got["control"][k], mean_of_parties, rtol=0, atol=1e-6)
+
+
+def test_scaffold_takes_one_array_trees_and_refuses_trees_of_other_leaves():
+    """{"model": array, "control": array} names its leaves "model" and "control" (no dot): it folds and finalizes
+    (finalize refused it). Model and control trees whose leaves differ (names, shapes, dtypes) are refused when the
+    aggregator is made, naming the leaf (they were folded, and only a missing prefix failed at finalize)."""
+    x = {"model": np.zeros(3), "control": np.full(3, 2.0)}
+    agg = jk.Aggregator(x, A.SCAFFOLD(num_parties=4), base=x)
+    for j in range(3):
+        agg.fold({"model": np.ones(3), "control": np.full(3, 3.0)}, party=j)
+    got = agg.finalize()
+    np.testing.assert_array_equal(got["model"], np.ones(3))
+    np.testing.assert_array_equal(got["control"], np.full(3, 2.0 + 3 / 4 * 1.0))
+    z = np.zeros(3, np.float32)
+    bad = [({"model": {"w": z}, "control": {"v": z}}, r"model.w: float32 \(3,\); control.w: missing"),
+           ({"model": [z], "control": [z[:2]]}, r"model.0: float32 \(3,\); control.0: float32 \(2,\)"),
+           ({"model": z, "control": z.astype(np.float64)}, "model: float32 .*control: float64"),
+           ({"model": z}, r"keys \['model'\]"),
+           ([z, z], "got a list"),
+           ({"model": z, "control": z, "extra": z}, "keys")]
+    for tmpl, match in bad:
+        with pytest.raises(ValueError, match=match):
+            A.SCAFFOLD(num_parties=4).check_layout(Layout.from_template(tmpl))
+        with pytest.raises(ValueError, match=match):  # when the aggregator is made, before any fold
+            jk.Aggregator(tmpl, A.SCAFFOLD(num_parties=4), base=tmpl)
+    A.SCAFFOLD(num_parties=4).check_layout(Layout.from_template({"control": {"a": z, "b": [z]},
+                                                                 "model": {"b": [z], "a": z}}))  # any order
 
 
 def test_dp_noise_scales_with_the_inner_step_and_integer_leaves_average_plainly():

@@ -68,7 +68,10 @@ def test_the_fused_kernel_without_norms_finds_what_the_stats_pass_finds(seed, sh
         want_nf, want_ss, want_mx = cpp.stats(base, g, "float32")
         cpp.fold(want_acc, base, g)
         assert np.array_equal(nf, want_nf) and np.array_equal(mx, want_mx) and not ss.any()
-        assert acc.tobytes() == want_acc.tobytes()
+        if nf.any():  # a batch the aggregator refuses (and zeroes again): which NaN's bits it summed is not specified
+            assert np.array_equal(acc, want_acc, equal_nan=True)
+        else:
+            assert acc.tobytes() == want_acc.tobytes()
 
 
 def test_only_an_empty_state_takes_the_fused_pass(fused_calls):

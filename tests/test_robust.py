@@ -405,11 +405,13 @@ def test_reset_reuse_keeps_the_slab_and_gives_the_same_rounds(rule, backend):
                for _ in range(k)]
         fresh = make()
         fresh.fold_many(ups, [1.0] * k, list(range(k)))
-        bad = {n: v.copy() for n, v in ups[0].items()}
-        bad["b"][2, 3] = np.nan  # rejected after its row's first leaf was written
-        with pytest.raises(jk.NonFiniteUpdate):
-            agg.fold(bad, weight=1.0, party="bad")
         agg.fold_many(ups, [1.0] * k, list(range(k)))
+        bad = {n: np.full(v.shape, 1e30, np.float32) for n, v in tmpl.items()}
+        bad["b"][2, 3] = np.nan  # refused by the store itself after row k's first leaf was written
+        store = agg.state.store
+        with pytest.raises(jk.NonFiniteUpdate):
+            store.add(bad, "bad")  # (the aggregator's admission would refuse it before the store saw it)
+        assert len(store) == k and (store._slab[k, :300] == 1e30).all()  # a half-written row past k
         want, got = fresh.finalize(), agg.finalize()
         for n in tmpl:
             np.testing.assert_array_equal(got[n], want[n])
@@ -432,3 +434,20 @@ def test_reset_reuse_releases_a_slab_that_spilled(tmp_path):
     agg.reset(reuse=True)
     agg.fold_many(ups[:2], [1.0] * 2, [0, 1])
     assert not agg.state.store.spilled and not list(tmp_path.iterdir())
+
+
+def test_a_refused_batch_does_not_leave_the_store_on_disk(tmp_path):
+    """A batch whose first update moved a spilling store to disk and whose second was refused (a value past the
+    float32 slab's range in a float64 model) was taken back out, but the slab stayed in the file. The batch's values
+    are checked before it moves the store: refused, the state and the store stay as they were, in memory."""
+    agg = jk.Aggregator({"w": np.zeros(100, np.float64)},
+                        R.FedMedian(budget_bytes=2 * 400, over_budget="spill", spill_dir=str(tmp_path)))
+    agg.fold_many([{"w": np.full(100, float(j))} for j in range(2)], parties=[0, 1])
+    before = agg.state.copy()
+    bad = np.full(100, 1.0)
+    bad[7] = 1e39
+    with pytest.raises(jk.ValueOutOfRange, match="party 3: leaf 'w'"):
+        agg.fold_many([{"w": np.full(100, 2.0)}, {"w": bad}], parties=[2, 3])
+    assert agg.state.same_bits(before) and not agg.state.store.spilled and list(tmp_path.iterdir()) == []
+    agg.fold_many([{"w": np.full(100, 2.0)}], parties=[2])
+    assert agg.state.store.spilled and agg.finalize()["w"][0] == 1.0

@@ -869,3 +869,75 @@ def test_device_store_loads_a_spilling_stores_file(tmp_path):
         HostShimDeviceStore.load(tmp_path / "s.jks")
     d = HostShimDeviceStore.load(tmp_path / "s.jks", budget_bytes=None)
     assert d.over_budget == "refuse" and d.parties == (0, 1, 2) and np.array_equal(d.rows(), s.rows())
+
+
+# --- review fixes (2026-11-28) ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["numpy", "numba", "cpp"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_a_direct_slab_holding_nan_is_refused_naming_its_row(backend, dtype):
+    """NaN has no place in an order: a slab with NaN gave [3,4,6] on numpy, [2,1,nan] on numba and [2,4,6] on cpp
+    (and another answer with tile=2). A slab given directly is read for NaN first; inf is ordered as usual."""
+    x = np.array([[1, 1, 5], [2, 3, 6], [3, 4, 7], [9, 9, 9], [0, 0, 0]], np.float32)
+    x[2, 1] = np.nan
+    slab = to_storage(x, dtype)
+    for fn in (lambda: rc.coordinate_median(slab, backend=backend, dtype=dtype),
+               lambda: rc.trimmed_mean(slab, 0.2, backend=backend, dtype=dtype, tile=2)):
+        with pytest.raises(jk.NonFiniteUpdate, match="party 2.*1 non-finite"):
+            fn()
+    x[2, 1] = np.inf
+    assert rc.coordinate_median(to_storage(x, dtype), backend=backend, dtype=dtype)[1] == 3.0
+
+
+def test_a_store_spilling_to_a_full_disk_refuses_by_name_and_stays_as_it_was(tmp_path, monkeypatch):
+    """Rows written through the spill file's mapping where the disk had no room killed the process (SIGBUS, found on a
+    1 MiB tmpfs). The file's blocks are allocated before a row is written: no room is SpillFailed naming the party,
+    the store as it was (in memory when the spill itself failed), and adds go on once there is room."""
+    from jitkernels.robust_store import SpillFailed
+
+    n = 1000
+    store = UpdateStore(n, 8, budget_bytes=2 * 4 * n, over_budget="spill", spill_dir=str(tmp_path))
+    for p in range(2):
+        store.add(np.full(n, p, np.float32), p)
+    real = os.posix_fallocate
+    full = [True]
+
+    def fallocate(fd, offset, length):
+        if full[0]:
+            raise OSError(28, "No space left on device")
+        return real(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    with pytest.raises(SpillFailed, match="party 2: .*No space left"):
+        store.add(np.full(n, 2, np.float32), 2)
+    assert not store.spilled and store.parties == (0, 1) and os.listdir(tmp_path) == []
+    full[0] = False
+    store.add(np.full(n, 2, np.float32), 2)
+    assert store.spilled
+    assert os.stat(store.spill_path).st_blocks * 512 >= 3 * 4 * n  # the rows' blocks are allocated
+    full[0] = True
+    with pytest.raises(SpillFailed, match="party 3"):
+        store.add(np.full(n, 3, np.float32), 3)
+    assert store.parties == (0, 1, 2) and [float(store.row(i)[0]) for i in range(3)] == [0.0, 1.0, 2.0]
+
+
+def test_dict_leaves_are_stored_by_name_not_by_position():
+    """A party whose dict listed the same leaves in another order had them stored in each other's place."""
+    store = UpdateStore(6, 4, shapes=[(3,), (3,)])
+    store.add({"a": np.zeros(3, np.float32), "b": np.full(3, 100, np.float32)}, "p")
+    store.add({"b": np.full(3, 100, np.float32), "a": np.zeros(3, np.float32)}, "q")
+    np.testing.assert_array_equal(store.rows()[1], [0, 0, 0, 100, 100, 100])
+    with pytest.raises(jk.LayoutMismatch, match="differ from the store's"):
+        store.add({"a": np.zeros(3, np.float32), "c": np.zeros(3, np.float32)}, "r")
+    other = UpdateStore(6, 4, shapes=[(3,), (3,)])
+    other.add({"b": np.zeros(3, np.float32), "a": np.zeros(3, np.float32)}, "s")
+    with pytest.raises(jk.IncompatibleStates, match="other orders"):
+        store.extend(other)
+    assert store.copy().names == ("a", "b")
+
+
+def test_from_rows_refuses_rows_of_another_dtype_for_a_bfloat16_store():
+    """Any rows were read as bfloat16 bits: float32 [1, 2, 3] became a store of 6 values."""
+    with pytest.raises(ValueError, match="bfloat16 store"):
+        UpdateStore.from_rows(np.array([[1, 2, 3]], np.float32), k_max=4, dtype="bfloat16", parties=["p"])
+    ok = UpdateStore.from_rows(np.array([[1, 2, 3]], jk.bfloat16), k_max=4, dtype="bfloat16", parties=["p"])
+    np.testing.assert_array_equal(ok.row(0), [1, 2, 3])

@@ -38,7 +38,9 @@ ZeroDivisionError); with ``num_clients_to_keep`` above k the strategy API keeps 
 
 The server optimizers step from the model Flower's own classes read each round (``current_weights``,
 ``initial_parameters``, ``current_arrays``), so a caller that replaces it between rounds gets Flower's result; this
-costs one copy of the model into the step's state per round.
+costs one copy of the model into the step's state per round. A round that raises (a float16 model stepped past its
+range) leaves their moments and round counter as they were (``_Runner._step`` says what that costs), and FedAvgM
+restarts its momentum at ``server_round`` 1, as Flower's strategy-API FedAvgM does.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ import io
 import logging
 import numbers
 
+import ml_dtypes
 import numpy as np
 
 import jitkernels as jk
@@ -193,16 +196,18 @@ class _Runner:
     def __init__(self, algorithm, backend):
         self.algorithm, self.backend = algorithm, backend
         self.agg = None
+        self.narrowing = False  # a float leaf's dtype narrower than the accumulator's (see _step)
         self.names = None  # the Message API's array names, in the layout's order (fixed by the first round)
         self.last_parties = []  # the party ids of the last round's replies (aggregate_records)
 
-    def fold_and_finalize(self, views, weights, parties, base=None, server_round=None, names=None):
+    def fold_and_finalize(self, views, weights, parties, base=None, server_round=None, names=None, restart=False):
         """(bytes per leaf, the arrays viewing them) of the round's aggregate, or None when no update weighs.
         ``base``: the model the round's updates start from (Flower's strategies keep it, and a caller may replace
         it between rounds); None continues from the model the last step produced. ``server_round``: Flower's round
         number, which its adaptive optimizers' bias correction counts (not the steps applied: a round that returned
         no model still counts there). ``names``: the arrays' names (the Message API's keys), which the layout's
-        leaves take (errors name them); views and base come in their order.
+        leaves take (errors name them); views and base come in their order. ``restart``: the step starts from zero
+        moments (Flower's strategy-API FedAvgM restarts its momentum at round 1).
 
         The first round's results fix the layout: the most common shapes and dtypes among them (a malformed result
         is then the one named, whatever its place), and a failed first fold fixes nothing. A float64 model (or base)
@@ -238,6 +243,9 @@ class _Runner:
             wide = any(np.dtype(a.dtype) == np.float64 for a in tmpl)
             self.agg = jk.Aggregator(tree(tmpl), self.algorithm, backend=self.backend, base=tree(base),
                                      acc_dtype="float64" if wide else None)
+            top = ml_dtypes.finfo(np.dtype(self.agg.acc_dtype)).max
+            self.narrowing = any(ml_dtypes.finfo(np_dtype(leaf.dtype)).max < top
+                                 for leaf in self.agg.layout.leaves if leaf.is_float)
         elif base is not None or self.agg.state.count or self.agg.state.closed:
             self.agg.reset(tree(base), reuse=True)
         try:
@@ -248,11 +256,35 @@ class _Runner:
             if fresh:  # the next round's results fix the layout
                 self.agg = None
             raise
-        if server_round is not None and self.agg.state.opt is not None:
-            self.agg.state.round = int(server_round) - 1  # steps before this one, as Flower counts them
         tensors, arrays = parameters_buffers([(leaf.shape, np_dtype(leaf.dtype)) for leaf in self.agg.layout.leaves])
-        self.agg.finalize(out=tree(arrays))
+        self._step(tree(arrays), server_round, restart)
         return tensors, arrays
+
+    def _step(self, out, server_round, restart):
+        """Finalize into ``out``; a server optimizer's round that raises leaves its moments and round counter as they
+        were (Flower's model is untouched too: the strategies store the new one only when the round returns it).
+        The step updates the moments in place before the output is checked (a float16 model stepped past 65504), so
+        they are copied first where an output can be out of range: a float leaf narrower than the accumulator
+        (float16, bfloat16, or float32 in a float64 model; 4 bytes a parameter per moment with a float32
+        accumulator). A float32 model in float32 pays nothing: its output is the state's model, refused only where
+        the step itself overflowed float32 (a model near 3e38), and then its moments stay stepped."""
+        st = self.agg.state
+        if st.opt is None:
+            self.agg.finalize(out=out)
+            return
+        before = st.round, dict(st.opt), {k: a.copy() for k, a in st.opt.items()} if self.narrowing else {}
+        if server_round is not None:
+            st.round = int(server_round) - 1  # steps before this one, as Flower counts them
+        if restart:  # a zeroed m in place of the old one, which a round that raises puts back as it was
+            st.opt["m"] = np.zeros_like(st.opt["m"])
+        try:
+            self.agg.finalize(out=out)
+        except BaseException:
+            st.round, moments, copies = before
+            st.opt.update(moments)
+            for k, a in copies.items():
+                st.opt[k][...] = a
+            raise
 
     def _conform(self, updates, parties):
         """The results with each float array in the model's float dtype: Flower's numpy math takes any mix (a
@@ -274,13 +306,14 @@ class _Runner:
                      len(converted), ", ".join(sorted({str(d) for d in want if d is not None})))
         return out
 
-    def aggregate(self, results, base=None, server_round=None):
+    def aggregate(self, results, base=None, server_round=None, restart=False):
         """Flower's strategy API: FitRes in, Parameters out."""
         from flwr.common import Parameters
 
         parties = [getattr(cp, "cid", None) or f"result-{i}" for i, (cp, _) in enumerate(results)]
         views = [ndarrays_from_parameters(fr.parameters, party=p) for (_, fr), p in zip(results, parties)]
-        out = self.fold_and_finalize(views, [fr.num_examples for _, fr in results], parties, base, server_round)
+        out = self.fold_and_finalize(views, [fr.num_examples for _, fr in results], parties, base, server_round,
+                                     restart=restart)
         return None if out is None else Parameters(tensors=out[0], tensor_type="numpy.ndarray")
 
     @staticmethod
@@ -384,8 +417,10 @@ def _strategies():
                                    self._backend)
             if self.initial_parameters is None:
                 raise ValueError("When using server-side optimization, model needs to be initialized.")
-            # Flower steps from initial_parameters each round (it stores each new model there; a caller may too)
-            params = self._jk.aggregate(results, base=ndarrays_from_parameters(self.initial_parameters))
+            # Flower steps from initial_parameters each round (it stores each new model there; a caller may too),
+            # and restarts its momentum at round 1 (momentum_vector = pseudo_gradient: a new run's first round)
+            params = self._jk.aggregate(results, base=ndarrays_from_parameters(self.initial_parameters),
+                                        restart=server_round <= 1)
             if params is not None:  # a round where no result weighed keeps the model
                 self.initial_parameters = params
             return params, _metrics(self, server_round, results)
