@@ -59,6 +59,10 @@ class FedAvg:
     kind = None  # server optimizers set their jk::OptKind
 
     def __init__(self, *, weighted: bool = True):
+        import numpy as np
+
+        if not isinstance(weighted, (bool, np.bool_)):  # ("no" was truthy: a weighted mean where none was meant)
+            raise TypeError(f"weighted must be True or False, got {weighted!r}")
         self.weighted = bool(weighted)
 
     def check_info(self, info: dict, party) -> dict:

@@ -624,3 +624,10 @@ def test_adaptive_clipping_survives_a_count_noise_far_above_the_sample_and_close
     st_ = agg.state
     assert st_.closed and st_.round == 1 and 1e-300 <= st_.scalars["clip_norm"] <= 1e300
     np.testing.assert_array_equal(agg.finalize()["w"], out)  # the closed round answers the same
+
+
+def test_weighted_must_be_a_bool():
+    """A state file's {"weighted": "no"} (or a caller's) made a weighted mean: "no" is truthy."""
+    with pytest.raises(TypeError, match="weighted must be True or False, got 'no'"):
+        A.FedAvg(weighted="no")
+    assert A.FedAvg(weighted=np.bool_(False)).weighted is False
