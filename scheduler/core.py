@@ -12,6 +12,7 @@ quorum (the first q arrivals); the model is finalized; the deployment is release
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -96,7 +97,7 @@ class Job:
     """One FL job. ``template`` (a pytree) makes real aggregation; without it the job is modelled by sizes only
     (``model_elems``, ``update_bytes``), as the simulator does."""
 
-    id: str
+    id: str  # or an int (numpy integers normalized), as party ids
     template: object = None
     parties: list = field(default_factory=list)
     quorum: float = 1.0  # a fraction of the parties (float <= 1) or a count (int)
@@ -131,7 +132,13 @@ class Job:
         to len(parties) (a round would wait for ever, or refuse every update), an unknown late or unreachable rule,
         a late weight outside (0, 1] (a negative one subtracted the update), party ids that are not str or int or
         repeat, a deadline or prior that is not a finite number > 0, bad round counts, sizes or priority. Party ids
-        and counts are normalized (numpy integers as ints)."""
+        and counts are normalized (numpy integers as ints). The job id too must be a str or an int, as party ids:
+        it names the state directory's files as JSON (a tuple came back from the manifest as a list, and no
+        generation of the directory verified again, for every job in it)."""
+        try:
+            self.id = jk.parties.check_party(self.id)  # (the rule of party ids)
+        except jk.InvalidParty:
+            raise InvalidJob(f"job ids must be str or int, got {type(self.id).__name__} {self.id!r}") from None
         q, n = self.quorum, len(self.parties)
         fraction = isinstance(q, float) and 0.0 < q <= 1.0
         count = (isinstance(q, (int, np.integer)) and not isinstance(q, bool)
@@ -187,6 +194,26 @@ def _round_number(job_id, number) -> int:
     raise NoSuchRound(f"job {job_id!r}: a round number is an int, got {number!r}")
 
 
+def _update_id(update_id):
+    """An update id as it is stored with the update, as JSON: None, a str or an int (numpy integers as ints), else
+    TypeError. (A UUID failed every durable write; a tuple came back from the file as a list, and a resend after a
+    restart was refused as another update.)"""
+    try:
+        return None if update_id is None else jk.parties.check_party(update_id)  # (the rule of party ids)
+    except jk.InvalidParty:
+        raise TypeError(f"update_id must be None, a str or an int, got {type(update_id).__name__} "
+                        f"{update_id!r}") from None
+
+
+def _round_future() -> Future:
+    """A round's future. ``result()`` hands the same one to every caller, so it is marked running: one caller's
+    ``cancel()`` (asyncio.wait_for's timeout cancels the future it waits on) returns False instead of cancelling it
+    for all; a cancelled one made the round's resolution raise InvalidStateError, and the job stopped for good."""
+    fut = Future()
+    fut.set_running_or_notify_cancel()
+    return fut
+
+
 @dataclass
 class Ack:
     """``durable`` resolves once the update is on disk (at once without a state directory). ``duplicate``: the same
@@ -228,7 +255,7 @@ class _Round:
     last_arrival: float | None = None
     ready_time: float | None = None
     aggregator: object = None
-    future: Future = field(default_factory=Future)
+    future: Future = field(default_factory=_round_future)
     timer: object = None
     plan_t: float | None = None  # the deploy time last planned (inf: unknown): what laxity is measured from
     since_plan: int = 0  # arrivals since the deploy time was last planned
@@ -468,6 +495,8 @@ class JITScheduler:
         self._read_back_room = threading.Condition(self._lock)
         self._overdraft = False
         self._closed = False
+        self._unresolved: list = []  # (round future, result, error) to resolve once the lock is let go: _settling
+        self._opening: list = []  # (job state, round) to open once they are resolved
         self._ids = itertools.count()
         self.buffered_bytes = 0
         self.peak_buffered_bytes = 0
@@ -516,7 +545,10 @@ class JITScheduler:
         if not isinstance(job, Job):
             raise TypeError(f"add_job takes a Job, got {type(job).__name__}")
         job.check()
-        with self._lock:
+        with self._settling():  # (a resumed job's finished rounds resolve their futures)
+            if self._closed:
+                raise SchedulerClosed(f"job {job.id!r}: the scheduler is closed; job not added (its rounds would "
+                                      "never resolve)")
             if job.id in self.jobs:
                 raise ValueError(f"job {job.id!r} already added")
             if self.store is not None and job.template is not None:
@@ -546,37 +578,66 @@ class JITScheduler:
         """Admit (validate) an update here, in the caller's thread, and hand it to the scheduler. Returns at once:
         folding happens later, on an aggregator slot; with a state directory, ``Ack.durable`` resolves once the
         update is on disk. Bad updates raise their typed error here. A resend of an acknowledged update with the
-        same ``update_id`` is acknowledged again (``duplicate=True``) and not counted twice; another update from
-        the same party for the same round raises :class:`~jitkernels.DuplicateParty`. ``info``: the per-update
-        values the job's algorithm reads (``steps=`` for FedNova, ``staleness=`` for FedBuff), checked here and
-        persisted with the update."""
+        same ``update_id`` is acknowledged again (``duplicate=True``, with the round that counts it: for a late
+        update, the one it was carried to) and not counted twice; another update from the same party for the same
+        round raises :class:`~jitkernels.DuplicateParty`. ``party``: one of the job's (numpy integers as ints);
+        ``update_id``: None, a str or an int (TypeError else: it is stored with the update, as JSON). ``info``: the
+        per-update values the job's algorithm reads (``steps=`` for FedNova, ``staleness=`` for FedBuff), checked
+        here and persisted with the update."""
         js = self._job(job_id)
         round = _round_number(job_id, round)
-        try:
-            known = party in js.predictor.parties or party in set(js.job.parties)
-        except TypeError:  # unhashable
-            known = False
-        if not known:
-            raise UnknownParty(f"job {job_id!r}: party {party!r} is not one of the job's parties")
+        party = self._party(js, party)
+        update_id = _update_id(update_id)
         with self._lock:
             if self._closed:
                 raise SchedulerClosed(f"job {job_id!r}: the scheduler is closed; update from {party!r} for round "
                                       f"{round} not taken")
-            if update_id is not None and js.seen.get((round, party), object()) == update_id:
-                ack = self._duplicate(js, round, party)
-                failed = ack.durable.done() and ack.durable.exception() is not None
-                if not failed or self.store is None or js.layout is None:
-                    return ack
+            counted = self._counted_round(js, round, party, update_id)
+            if counted is None:
+                rewrite = False
             else:
-                failed = False
-        if failed:  # the original's write failed (e.g. a full disk): the resend is written again
+                ack = self._duplicate(js, counted, party)
+                rewrite = (self.store is not None and js.layout is not None and ack.durable.done()
+                           and ack.durable.exception() is not None)
+                if not rewrite:
+                    return ack
+        if rewrite:  # the original's write failed (e.g. a full disk): the resend is written again, where it counts
             item = js.admit(update, weight, party, js.algorithm.check_info(info, party))
-            durable = self._persist(js, round, party, update_id, weight, item)
+            late = 1.0 if counted == round else js.job.late_weight  # (carried: at the late weight, as it was taken)
+            durable = self._persist(js, counted, party, update_id, float(weight) * late, item)
             with self._lock:
-                if round in js.rounds:  # (a round forgotten meanwhile holds no futures)
-                    js.rounds[round].durable[party] = durable
-            return Ack(job_id, round, party, True, durable, duplicate=True)
+                if counted in js.rounds:  # (a round forgotten meanwhile holds no futures)
+                    js.rounds[counted].durable[party] = durable
+            return Ack(job_id, counted, party, True, durable, duplicate=True)
         return self._submit(js, round, party, update, weight, update_id, persist=True, info=info)
+
+    @staticmethod
+    def _party(js, party):
+        """``party`` as the job lists its parties (numpy integers as ints: one reached the state directory's JSON,
+        and its update never became durable), else :class:`UnknownParty`."""
+        try:
+            party = jk.parties.check_party(party)
+        except jk.InvalidParty as e:
+            raise UnknownParty(f"job {js.job.id!r}: party {party!r} is not one of the job's parties ({e})") from None
+        if party not in js.predictor.parties and party not in js.job.parties:
+            raise UnknownParty(f"job {js.job.id!r}: party {party!r} is not one of the job's parties")
+        return party
+
+    @staticmethod
+    def _counted_round(js, round, party, update_id) -> int | None:
+        """The round that counts the update ``update_id`` of ``party`` sent for ``round``, if it was acknowledged
+        before, else None: that round or, for a late update carried on (late="next_round"), one of the full rounds
+        after it, up to the first with room (the rounds it was carried past stay full). Checking only the round a
+        resend ended on counted it again once the round it had been carried to filled up; what ``js.seen`` holds
+        is restored at a restart (results, checkpoints, replayed files), so a resend after one is recognized too."""
+        if update_id is None:
+            return None
+        while js.seen.get((round, party)) != update_id:
+            rnd = js.rounds.get(round)
+            if js.job.late != "next_round" or rnd is None or not (rnd.done or rnd.admitted >= rnd.quorum):
+                return None
+            round += 1
+        return round
 
     def _persist(self, js, round, party, update_id, weight, item) -> Future:
         """Hand an acknowledged update to the state directory's writer (SchedulerClosed if close() came after the
@@ -615,10 +676,11 @@ class JITScheduler:
             if self._closed:  # (submit checked before admitting; close() may have come meanwhile)
                 raise SchedulerClosed(f"job {job_id!r}: the scheduler is closed; update from {party!r} for round "
                                       f"{round} not taken")
+            counted = self._counted_round(js, round, party, update_id)  # (again: a resend may have raced this one)
+            if counted is not None:
+                return self._duplicate(js, counted, party)
             key = (round, party)
             if key in js.seen:
-                if update_id is not None and js.seen[key] == update_id:
-                    return self._duplicate(js, round, party)
                 raise jk.DuplicateParty(party, f"job {job_id!r} round {round}")
             if round not in js.rounds:  # a round the job has not got is that, whether it is over or not
                 self._check_round(js, round)
@@ -634,6 +696,12 @@ class JITScheduler:
                     self._observe_late(js, rnd, party)
                     raise LateUpdate(f"job {job_id!r} round {round} is closed (its quorum is in, or it ended); "
                                      f"update from {party!r} rejected (late rule 'reject')")
+                if round < js.open.number - 1:  # over: only the open round's and the one before's are carried (a
+                    # rule that does not hang on keep_rounds: a round let go refused what one still held carried)
+                    self._observe_late(js, rnd, party)
+                    raise LateUpdate(f"job {job_id!r} round {round} is over (round {js.open.number} is open, and late "
+                                     f"updates are carried from the round before it at most); update from {party!r} "
+                                     "not taken")
                 while rnd.done or rnd.admitted >= rnd.quorum:  # late rule 'next_round': the next round with room
                     round += 1
                     if js.job.after_last(round):
@@ -643,10 +711,8 @@ class JITScheduler:
                     rnd = self._round(js, round)
                 key = (round, party)
                 if key in js.seen:
-                    if update_id is not None and js.seen[key] == update_id:  # a resend of a carried update
-                        return self._duplicate(js, round, party)
                     raise jk.DuplicateParty(party, f"job {job_id!r} round {round} (a late update carried over from "
-                                                   f"round {round - 1})")
+                                                   f"round {late_from.number})")
                 weight = float(weight) * js.job.late_weight
             spill = stored
             # updates for a round not open yet cannot be folded before it opens: they may fill half the budget, so
@@ -669,7 +735,7 @@ class JITScheduler:
             if late_from is not None:  # taken: the predictor learns its answer (once), and it counts in ``round``
                 self._observe_late(js, late_from, party)
                 rnd.take_carried(party)
-                self._log("late_to_next_round", js, round=round - 1, party=party)
+                self._log("late_to_next_round", js, round=late_from.number, to=round, party=party)
             js.seen[key] = update_id
             rnd.admitted += 1
             rnd.acked.add(party)
@@ -709,9 +775,11 @@ class JITScheduler:
             return self._round(js, round).future
 
     def drop_party(self, job_id: str, party) -> None:
-        """A party left the job: it is no longer expected (a round may become unreachable)."""
+        """A party left the job: it is no longer expected (a round may become unreachable). A party that is not one
+        of the job's raises :class:`UnknownParty`; one dropped already is left as it is."""
+        js = self._job(job_id)
+        party = self._party(js, party)
         with self._lock:
-            js = self._job(job_id)
             if self._closed:
                 raise SchedulerClosed(f"job {job_id!r}: the scheduler is closed; party {party!r} not dropped")
             if party in js.expected:
@@ -733,7 +801,9 @@ class JITScheduler:
             return out
 
     def finish_job(self, job_id: str) -> None:
-        """The job ends: its deployment (eager's) is released."""
+        """The job's deployment is no longer kept between rounds: released now if idle, and after each round from
+        then on (eager's too). The job itself goes on: its rounds still take updates and resolve (a job ends after
+        its ``rounds``, or once its parties cannot meet its quorum)."""
         with self._lock:
             js = self._job(job_id)
             js.finished = True
@@ -746,7 +816,7 @@ class JITScheduler:
         running ends without effect on the closed scheduler, except that a finalize whose result was being written
         to the state directory completes the write (as if the process had stopped right after it): a scheduler
         resumed there returns that round's result."""
-        with self._lock:
+        with self._settling():
             self._closed = True
             self.waiting.clear()  # a slot freed below goes to nobody
             for timer in self._retries.values():
@@ -754,8 +824,9 @@ class JITScheduler:
             self._retries.clear()
             for js in self.jobs.values():
                 for rnd in js.rounds.values():
-                    if not rnd.future.done():
-                        rnd.future.set_exception(SchedulerClosed(f"job {js.job.id!r} round {rnd.number}: the "
+                    if not rnd.done:  # (a done round's future is resolved, or about to be)
+                        rnd.done = True
+                        self._resolve(rnd, error=SchedulerClosed(f"job {js.job.id!r} round {rnd.number}: the "
                                                                  "scheduler was closed before the round finished"))
                     self._drop_pending(js, rnd)
                 js.buffered_bytes = 0  # (arrivals still queued on the clock, and running folds, end without effect)
@@ -793,8 +864,38 @@ class JITScheduler:
     def _job(self, job_id) -> _JobState:
         try:
             return self.jobs[job_id]
-        except KeyError:
+        except (KeyError, TypeError):  # (an unhashable id is no job's either)
             raise UnknownJob(f"no job {job_id!r}") from None
+
+    @contextlib.contextmanager
+    def _settling(self):
+        """The scheduler's lock, for work that may end rounds (never entered with the lock held). The futures of
+        the rounds it ends (:meth:`_resolve`) are resolved once the lock is let go, and only then do their next
+        rounds open. Done-callbacks are the caller's code: under the lock, a slow one stalled every submit, and one
+        that called close() deadlocked (close waits for the fold threads, which waited for the lock). They still run
+        before the next round opens, as they did (the simulator draws that round's arrivals there, for the oracle
+        to plan it with)."""
+        try:
+            with self._lock:
+                yield
+        finally:
+            with self._lock:
+                ready, self._unresolved = self._unresolved, []
+                opening, self._opening = self._opening, []
+            for fut, result, error in ready:
+                if error is None:
+                    fut.set_result(result)
+                else:
+                    fut.set_exception(error)
+            if opening:
+                with self._lock:
+                    for js, number in opening:
+                        if not self._closed:  # (a done-callback may have closed the scheduler)
+                            self._open_round(js, number)
+
+    def _resolve(self, rnd, result=None, error=None) -> None:
+        """Resolve ``rnd``'s future with ``result`` or ``error`` when the lock is let go (see :meth:`_settling`)."""
+        self._unresolved.append((rnd.future, result, error))
 
     def _check_round(self, js: _JobState, number: int) -> None:
         job = js.job
@@ -898,7 +999,7 @@ class JITScheduler:
         js.predictor.observe_late(party, self.clock.now() - rnd.start, rnd.number)
 
     def _on_deadline(self, js, rnd) -> None:
-        with self._lock:
+        with self._settling():
             # (a quorum acknowledged but still queued as arrivals is in: it finalizes, late)
             if self._closed or rnd.done or rnd.quorum_time is not None or rnd.admitted >= rnd.quorum:
                 return
@@ -908,7 +1009,7 @@ class JITScheduler:
                                        f"{rnd.quorum} updates")
 
     def _check_reachable(self, js) -> None:
-        with self._lock:
+        with self._settling():
             rnd = js.open
             if self._closed or rnd is None or rnd.done or rnd.quorum_time is not None:
                 return
@@ -936,7 +1037,7 @@ class JITScheduler:
         self._drop_pending(js, rnd)
         error = QuorumUnreachable(f"job {js.job.id!r} round {rnd.number}: {why}")
         self._commit_failure(js, rnd, error)
-        rnd.future.set_exception(error)
+        self._resolve(rnd, error=error)
         self._round_finished(js, rnd)
 
     def _commit_failure(self, js, rnd, error) -> None:
@@ -1305,19 +1406,18 @@ class JITScheduler:
             try:
                 leaves, ids = st.load_result(rel, js.layout)
             except (OSError, jk.CorruptState) as e:  # (logged when the directory was opened) this round's answer only
-                rnd.future.set_exception(e if isinstance(e, jk.CorruptState) else jk.CorruptState(
+                self._resolve(rnd, error=e if isinstance(e, jk.CorruptState) else jk.CorruptState(
                     f"job {job.id!r} round {r}: its result {rel} cannot be read ({e})"))
                 continue
-            rnd.future.set_result(js.layout.unflatten(leaves))
+            self._resolve(rnd, js.layout.unflatten(leaves))
             js.seen.update({(int(r), p): u for p, u in ids.items()})
         for r, (kind, message) in meta.get("failed", {}).items():  # rounds that ended with an error
             if r in meta.get("results", {}):  # (recorded as failed after its result was committed: it finished)
                 continue
             rnd = self._round(js, int(r))
             rnd.done = True
-            rnd.future.set_exception(QuorumUnreachable(message) if kind == "QuorumUnreachable" else
-                                     SchedulerError(f"job {job.id!r} round {r} failed before the restart: {kind}: "
-                                                    f"{message}"))
+            self._resolve(rnd, error=QuorumUnreachable(message) if kind == "QuorumUnreachable" else
+                          SchedulerError(f"job {job.id!r} round {r} failed before the restart: {kind}: {message}"))
         ended = [int(r) for key in ("results", "failed") for r in meta.get(key, {})]
         if ended:
             if first <= max(ended):  # (a manifest that names an ended round as open: resume after it)
@@ -1375,7 +1475,7 @@ class JITScheduler:
         return state
 
     def _done(self, js, rnd, task, duration, result, error) -> None:
-        with self._lock:
+        with self._settling():
             if self._closed:  # a task that was running at close: its round resolved with SchedulerClosed
                 return  # (close zeroed the buffered bytes)
             dep = js.deployment
@@ -1406,9 +1506,7 @@ class JITScheduler:
                     # by replaying the round from its files (still on disk: nothing committed covers them)
                     if not js.carries:
                         self._commit_failure(js, rnd, error)
-                    rnd.future.set_exception(error)
-                else:
-                    rnd.future.set_result(result)
+                self._resolve(rnd, result, error)
                 self._round_finished(js, rnd)
                 return
             self._pump(js)
@@ -1424,7 +1522,7 @@ class JITScheduler:
             error.add_note(f"while folding job {js.job.id!r} round {rnd.number}")
         self._commit_failure(js, rnd, error)
         self._drop_pending(js, rnd)
-        rnd.future.set_exception(error)
+        self._resolve(rnd, error=error)
         self._round_finished(js, rnd)
 
     def _after_ended_round(self, js) -> None:
@@ -1467,14 +1565,14 @@ class JITScheduler:
                 # updates sent ahead for rounds that will not open: let go, and their futures answered
                 later.done = True
                 self._drop_pending(js, later)
-                later.future.set_exception(QuorumUnreachable(
+                self._resolve(later, error=QuorumUnreachable(
                     f"job {js.job.id!r} round {later.number}: the job ended at round {rnd.number} (only "
                     f"{len(js.expected)} parties left for a quorum of {js.job.quorum_count()})"))
         if js.deployment is not None and (not self.policy.keep_between_rounds or js.finished):
             if not js.deployment.busy:
                 self._release(js, "round done")
-        if not last:
-            self._open_round(js, nxt)
+        if not last:  # once its future is resolved (see _settling)
+            self._opening.append((js, nxt))
 
     def _forget_old_rounds(self, js, latest: int) -> None:
         """Drop finished rounds older than the last ``keep_rounds`` (their futures hold whole models: a long job

@@ -1578,3 +1578,85 @@ def test_a_gpu_job_recovers_on_a_machine_without_a_gpu_given_a_host_template(tmp
     ref.fold_many(ups, [1.0, 2.0, 3.0], parties=[0, 1, 2])
     assert type(got["w"]) is np.ndarray and got["w"].tobytes() == ref.finalize()["w"].tobytes()
 
+
+
+def test_a_resend_of_a_carried_update_after_a_crash_is_a_duplicate(tmp_path):
+    """A late update carried to round 1 was on disk, but the process died before its Ack's durable resolved; the
+    client resent it after the restart. Recovery replayed it into round 1 (which it filled), and the resend was
+    acknowledged as new for round 2: counted in rounds 1 and 2. The round a resend passes over is checked too, and
+    what it holds is restored at a restart."""
+    job = lambda: Job("j", template={"w": np.zeros(2, np.float32)}, parties=["a", "b"], quorum=1, rounds=3,  # noqa
+                      late="next_round", late_weight=1.0, deterministic=True)
+    u = lambda v: {"w": np.full(2, v, np.float32)}  # noqa: E731
+    renamed = []
+
+    def hook(point):  # dies right after the second update file's rename (b's carried update)
+        if point == "update.renamed":
+            renamed.append(point)
+            if len(renamed) == 2:
+                s.store.crash()
+                raise Crashed(point)
+    s = _sched(tmp_path, crash_hook=hook)
+    s.add_job(job())
+    s.submit("j", 0, "a", u(0.0), update_id="a0").durable.result(timeout=10)
+    s.clock.run()
+    ack = s.submit("j", 0, "b", u(100.0), update_id="b0")
+    assert ack.round == 1
+    with pytest.raises(Crashed):
+        ack.durable.result(timeout=10)
+    rec = JITScheduler.recover(tmp_path, [job()], policy="eager", clock=VirtualClock(), checkpoint_bytes=0)
+    rec.clock.run()
+    again = rec.submit("j", 0, "b", u(100.0), update_id="b0")
+    assert again.duplicate and again.round == 1
+    np.testing.assert_array_equal(rec.result("j", 1).result(timeout=5)["w"], np.full(2, 100.0, np.float32))
+    rec.submit("j", 2, "a", u(0.0), update_id="a2")
+    rec.clock.run()
+    np.testing.assert_array_equal(rec.result("j", 2).result(timeout=5)["w"], np.zeros(2, np.float32))
+    rec.close()
+    # and once round 1 is committed: the resend is recognized from its result's ids
+    rec = JITScheduler.recover(tmp_path, [job()], policy="eager", clock=VirtualClock(), checkpoint_bytes=0)
+    again = rec.submit("j", 0, "b", u(100.0), update_id="b0")
+    assert again.duplicate and again.round == 1
+    rec.close()
+
+
+def test_numpy_integer_party_and_update_ids_are_written_as_ints(tmp_path):
+    """Party ids such as np.arange's passed submit as they were: the durable write of each update failed (int64 is
+    not JSON serializable) and so did the round. They are normalized at submit and drop_party, as Job.check
+    normalizes the job's list; numpy integer update ids too, which a resend after a restart matches."""
+    job = lambda: Job("j", template={"w": np.zeros(4, np.float32)}, parties=list(np.arange(3)), quorum=2,  # noqa
+                      rounds=2)
+    s = _sched(tmp_path)
+    s.add_job(job())
+    for p in np.arange(2):
+        ack = s.submit("j", 0, p, {"w": np.ones(4, np.float32)}, update_id=np.int64(10 + p))
+        assert type(ack.party) is int and ack.durable.result(timeout=10)
+    s.clock.run()
+    np.testing.assert_array_equal(s.result("j", 0).result(timeout=10)["w"], np.ones(4, np.float32))
+    s.drop_party("j", np.int64(2))
+    s.submit("j", 1, np.int64(0), {"w": np.ones(4, np.float32)}, update_id=np.int64(20)).durable.result(timeout=10)
+    s.close()
+    rec = JITScheduler.recover(tmp_path, [job()], policy="eager", clock=VirtualClock())
+    assert not rec.store.fallbacks and rec.jobs["j"].expected == [0, 1]
+    assert rec.submit("j", 1, 0, {"w": np.ones(4, np.float32)}, update_id=20).duplicate
+    assert rec.submit("j", 0, 1, {"w": np.ones(4, np.float32)}, update_id=11).duplicate
+    rec.close()
+
+
+def test_a_tuple_job_id_is_refused_before_it_reaches_the_directory(tmp_path):
+    """A tuple job id was taken; its manifest entry came back from JSON as a list (unhashable), no generation
+    verified, and the directory was refused for every job in it."""
+    from scheduler import InvalidJob
+
+    s = _sched(tmp_path)
+    s.add_job(Job("other", template={"w": np.zeros(2, np.float32)}, parties=["a"], quorum=1))
+    with pytest.raises(InvalidJob, match="job ids must be str or int"):
+        s.add_job(Job(("tenant-1", "resnet"), template={"w": np.zeros(2, np.float32)}, parties=["a"], quorum=1))
+    for r in range(3):
+        s.submit("other", r, "a", {"w": np.ones(2, np.float32)})
+        s.clock.run()
+    s.close()
+    rec = JITScheduler.recover(tmp_path, [Job("other", template={"w": np.zeros(2, np.float32)}, parties=["a"],
+                                              quorum=1)], policy="eager", clock=VirtualClock())
+    assert not rec.store.fallbacks and rec.result("other", 2).done()
+    rec.close()

@@ -26,12 +26,17 @@ def test_runtime_two_jobs_two_slots(policy):
                 for p in parties:
                     ups[job, r, p] = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in tmpl.items()}
 
+        errors = []
+
         def client(job, p, i):
-            for r in range(2):
-                if r:
-                    sched.result(job, r - 1).result(timeout=30)  # the next round starts from the new model
-                ack = sched.submit(job, r, p, ups[job, r, p], weight=i + 1)
-                assert ack.accepted and ack.durable.result(timeout=5)
+            try:
+                for r in range(2):
+                    if r:
+                        sched.result(job, r - 1).result(timeout=30)  # the next round starts from the new model
+                    ack = sched.submit(job, r, p, ups[job, r, p], weight=i + 1)
+                    assert ack.accepted and ack.durable.result(timeout=5)
+            except BaseException as e:  # (a thread's failure is not the test's: it is raised below)
+                errors.append(e)
 
         threads = [threading.Thread(target=client, args=(job, p, i))
                    for job in ("a", "b") for i, p in enumerate(parties)]
@@ -39,6 +44,9 @@ def test_runtime_two_jobs_two_slots(policy):
             t.start()
         for t in threads:
             t.join(timeout=60)
+        assert not [t for t in threads if t.is_alive()]
+        if errors:
+            raise errors[0]
         for job in ("a", "b"):
             for r in range(2):
                 got = sched.result(job, r).result(timeout=30)
@@ -117,3 +125,55 @@ def test_a_scheduler_given_an_executor_runs_on_its_clock_and_closes_it():
         s.close()
     time.sleep(0.2)
     assert not [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
+
+
+def test_close_from_a_round_futures_done_callback_returns(tmp_path):
+    """close() called from a round's done-callback ("stop the server once job A is done") while job B's fold was
+    running deadlocked: the callback ran on the clock's thread under the scheduler's lock, close() waited for the fold
+    threads, and B's fold thread waited for the lock."""
+    import time
+
+    sched = JITScheduler("eager", slots=2, state_dir=tmp_path, checkpoint_bytes=0)
+    tmpl = {"w": np.zeros(1000, np.float32)}
+    sched.add_job(Job("A", template=tmpl, parties=["a"], quorum=1, rounds=1))
+    sched.add_job(Job("B", template=tmpl, parties=["b1", "b2"], quorum=2, rounds=1))
+    fold = sched.executor.fold_many
+    b_folding = threading.Event()
+
+    def slow_fold(agg, items):  # B's fold takes a while (a large model's)
+        if any(str(it.party).startswith("b") for it in items):
+            b_folding.set()
+            time.sleep(1.0)
+        return fold(agg, items)
+    sched.executor.fold_many = slow_fold
+    closed = threading.Event()
+    fut = sched.result("A", 0)
+    fut.add_done_callback(lambda f: (sched.close(), closed.set()))
+    sched.submit("B", 0, "b1", {"w": np.ones(1000, np.float32)})
+    assert b_folding.wait(10)
+    sched.submit("A", 0, "a", {"w": np.ones(1000, np.float32)})
+    np.testing.assert_array_equal(fut.result(timeout=10)["w"], np.ones(1000, np.float32))
+    assert closed.wait(10), "close() from the done-callback did not return"
+    assert sched._closed and sched.store.closed
+
+
+def test_a_timed_out_asyncio_wait_leaves_the_round_and_the_job_going():
+    """asyncio.wait_for(asyncio.wrap_future(fut), timeout) cancels the round's future when it times out: the job
+    stopped for good (the round's resolution raised InvalidStateError on the clock's thread)."""
+    import asyncio
+
+    sched = JITScheduler("eager")
+    try:
+        sched.add_job(Job("j", template=np.zeros(4, np.float32), parties=["a", "b"], quorum=2, rounds=2))
+
+        async def wait(r):
+            return await asyncio.wait_for(asyncio.wrap_future(sched.result("j", r)), 0.05)
+        with pytest.raises(asyncio.TimeoutError):
+            asyncio.run(wait(0))
+        assert not sched.result("j", 0).cancelled()
+        for r in range(2):
+            for p in ("a", "b"):
+                sched.submit("j", r, p, np.full(4, r + 1.0, np.float32))
+            np.testing.assert_array_equal(sched.result("j", r).result(timeout=10), np.full(4, r + 1.0))
+    finally:
+        sched.close()

@@ -971,3 +971,137 @@ def test_a_fold_running_at_close_leaves_the_counts_at_zero(tmp_path):
     release.set()
     closer.join(30)
     assert s.buffered_bytes == 0 and s.jobs["j"].buffered_bytes == 0
+
+
+def test_a_resend_of_a_carried_update_is_a_duplicate_after_the_round_it_went_to_fills():
+    """A late update carried to round 1 (late="next_round"), resent with its update_id once round 1 had filled, was
+    acknowledged as new for round 2 and counted there too (only the round the resend ended on was checked)."""
+    s = JITScheduler("eager", clock=VirtualClock())
+    s.add_job(Job("j", template=W4, parties=list("abc"), quorum=2, late="next_round", late_weight=1.0))
+    for p in "ab":
+        s.submit("j", 0, p, _ones(0.0))
+    assert s.submit("j", 0, "c", _ones(100.0), update_id="c0").round == 1
+    s.submit("j", 1, "a", _ones(0.0))  # round 1 fills: c's carried update and a's
+    s.clock.run()
+    ack = s.submit("j", 0, "c", _ones(100.0), update_id="c0")
+    assert ack.duplicate and ack.round == 1
+    assert s.jobs["j"].rounds[2].admitted == 0
+    np.testing.assert_array_equal(s.result("j", 1).result(timeout=0)["w"], np.full(4, 50.0))
+    assert [(d["round"], d["to"]) for d in s.decisions if d["event"] == "late_to_next_round"] == [(0, 1)]
+    s.close()
+
+
+def test_a_round_futures_done_callback_runs_without_the_schedulers_lock():
+    """Done-callbacks ran on the clock's thread under the scheduler's lock: a slow one stalled every submit (and
+    one that called close() deadlocked, see test_runtime). They still run before the next round opens."""
+    import threading
+
+    s = JITScheduler("eager", clock=VirtualClock())
+    s.add_job(Job("j", template=W4, parties=["a"], quorum=1, rounds=2))
+    seen = []
+
+    def on_done(fut):  # another thread takes the scheduler's lock meanwhile
+        t = threading.Thread(target=s.metrics)
+        t.start()
+        t.join(timeout=5)
+        seen.append((not t.is_alive(), s.jobs["j"].open.number))
+    s.result("j", 0).add_done_callback(on_done)
+    s.submit("j", 0, "a", _ones())
+    s.clock.run()
+    assert seen == [(True, 0)] and s.jobs["j"].open.number == 1
+    s.close()
+
+
+def test_a_cancelled_round_future_does_not_stop_the_job():
+    """Cancelling a round's future (asyncio.wait_for's timeout cancels the future it waits on) made its resolution
+    raise InvalidStateError, and the job stopped for good. A round's future is shared by every caller of result():
+    it cannot be cancelled, and the rounds go on."""
+    s = JITScheduler("eager", clock=VirtualClock())
+    s.add_job(Job("j", template=W4, parties=["a", "b"], quorum=2, rounds=3))
+    assert not s.result("j", 0).cancel() and not s.result("j", 0).cancelled()
+    for r in range(3):
+        for p in "ab":
+            s.submit("j", r, p, _ones(r + 1.0))
+        s.clock.run()
+    assert [float(s.result("j", r).result(timeout=0)["w"][0]) for r in range(3)] == [1.0, 2.0, 3.0]
+    assert s.jobs["j"].finished
+    s.close()
+
+
+def test_update_ids_are_str_or_int():
+    """A UUID update id made every durable write fail; a tuple one came back from the file as a list, and a resend
+    after a restart was refused as another update (test_durable). They are refused at submit, naming the value;
+    numpy integers are taken as ints."""
+    import uuid
+
+    s = JITScheduler("eager", clock=VirtualClock())
+    s.add_job(Job("j", template=W4, parties=["a", "b"], quorum=2))
+    u = uuid.UUID(int=7)
+    for bad in (u, ("a", 0), ["a"], 1.5, True, object()):
+        with pytest.raises(TypeError, match="update_id must be None, a str or an int, got .*" + type(bad).__name__):
+            s.submit("j", 0, "a", _ones(), update_id=bad)
+    assert s.jobs["j"].rounds[0].admitted == 0
+    s.submit("j", 0, "a", _ones(), update_id=np.int64(5))
+    assert s.jobs["j"].seen[(0, "a")] == 5 and type(s.jobs["j"].seen[(0, "a")]) is int
+    assert s.submit("j", 0, "a", _ones(), update_id=5).duplicate
+    s.close()
+
+
+def test_job_ids_are_str_or_int():
+    """A tuple job id was taken, and its state directory could not be opened again (test_durable): every job in it
+    was refused. Job ids follow the rule of party ids; numpy integers are normalized."""
+    from scheduler import InvalidJob
+
+    s = JITScheduler("eager", clock=VirtualClock())
+    for bad in (("tenant", "resnet"), 1.5, None, True):
+        with pytest.raises(InvalidJob, match="job ids must be str or int, got " + type(bad).__name__):
+            s.add_job(Job(bad, template=W4, parties=["a"]))
+    assert not s.jobs
+    job = Job(np.int64(3), template=W4, parties=["a"])
+    s.add_job(job)
+    assert type(job.id) is int and s.submit(3, 0, "a", _ones()).round == 0
+    s.close()
+
+
+def test_bad_ids_get_the_schedulers_typed_errors():
+    """add_job after close() was taken, and its rounds never resolved; an unhashable job id raised a bare TypeError;
+    drop_party of a party the job does not have did nothing without a word."""
+    from scheduler import UnknownJob
+
+    s = JITScheduler("eager", clock=VirtualClock())
+    s.add_job(Job("j", template=W4, parties=["a", "b", 3], quorum=2))
+    for fn in (lambda: s.submit(["j"], 0, "a", _ones()), lambda: s.result({"j"}, 0),
+               lambda: s.drop_party(["j"], "a")):
+        with pytest.raises(UnknownJob, match="no job"):
+            fn()
+    for bad in ("zz", ["a"], 3.0):
+        with pytest.raises(UnknownParty, match="is not one of the job's parties"):
+            s.drop_party("j", bad)
+    s.drop_party("j", np.int64(3))  # normalized: the job's party 3
+    s.drop_party("j", 3)  # already dropped: left as it is
+    assert s.jobs["j"].expected == ["a", "b"]
+    assert s.submit("j", 0, np.int64(3), _ones()).party == 3
+    s.close()
+    with pytest.raises(SchedulerClosed, match="'k'.*not added"):
+        s.add_job(Job("k", template=W4, parties=["a"]))
+    assert "k" not in s.jobs
+
+
+def test_late_updates_are_carried_from_the_round_before_the_open_one_at_most():
+    """late="next_round": an update for a round long over was carried to the open round while the scheduler still
+    held that round, and refused with LateUpdate once it had let it go (keep_rounds): one submit, two answers. Rounds
+    before the one before the open round are over, whether held or not; the decision log names the round the update
+    was sent for, and the one it counts in."""
+    s = JITScheduler("eager", clock=VirtualClock(), keep_rounds=2)
+    s.add_job(Job("j", template=W4, parties=list("abc"), quorum=2, late="next_round"))
+    for r in range(3):
+        for p in "ab":
+            s.submit("j", r, p, _ones())
+        s.clock.run()
+    assert s.jobs["j"].open.number == 3 and 0 in s.jobs["j"].rounds  # round 0: over, still held
+    for old in (0, 1):
+        with pytest.raises(LateUpdate, match=f"round {old} is over \\(round 3 is open"):
+            s.submit("j", old, "c", _ones())
+    assert s.submit("j", 2, "c", _ones()).round == 3
+    assert [(d["round"], d["to"]) for d in s.decisions if d["event"] == "late_to_next_round"] == [(2, 3)]
+    s.close()
