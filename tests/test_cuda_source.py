@@ -118,3 +118,26 @@ def test_generated_robust_kernels_compile_with_nvrtc(nvrtc):
         ptx, _ = cuda_source.compile_nvrtc("compute_90", names=(), text=cuda_source.header_source("jk_math.h") + body)
         text = bytes(ptx).decode()
         assert f".entry {name}(" in text and ".ftz" not in text and "fma.rn" not in text
+
+
+def test_a_machine_that_cannot_compile_the_kernels_has_no_gpu_backend(monkeypatch):
+    """cuda-bindings loads libnvrtc at its first call, and the kernels include cuda_fp16.h: a driver-only machine
+    (CuPy and a GPU, no NVRTC or headers) reported the backend available, so "auto" chose it, and the first fold
+    failed. Both are checked when the backend is asked for, and their absence is the reason it gives."""
+    import sys
+    import types
+
+    pytest.importorskip("cuda.bindings.nvrtc")
+    from jitkernels.backends import cupy_backend
+
+    cupy = types.ModuleType("cupy")  # a CuPy that sees one device
+    cupy.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setattr(cupy_backend, "_runtime", None)
+
+    def no_headers():
+        raise FileNotFoundError("no CUDA include folder with cuda_fp16.h (set CUDA_PATH)")
+
+    monkeypatch.setattr(cuda_source, "include_dirs", no_headers)
+    why = cupy_backend.available()
+    assert isinstance(why, str) and "NVRTC cannot compile the kernels here" in why and "cuda_fp16.h" in why

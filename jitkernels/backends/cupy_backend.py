@@ -67,10 +67,18 @@ def _make_runtime():
     if n == 0:
         raise BackendUnavailable("no CUDA device")
     try:
-        from cuda.bindings import nvrtc  # noqa: F401
+        from cuda.bindings import nvrtc
     except ImportError:
         raise BackendUnavailable("cuda-bindings is not installed: the kernels are compiled with NVRTC directly, "
                                  "since CuPy's compiler forces -ftz=true (pip install 'jitkernels[gpu]')") from None
+    # cuda-bindings loads libnvrtc at its first call, and the kernels include cuda_fp16.h: both checked here, so
+    # that a machine without them says so now ("auto" then runs on the CPU) instead of failing at the first fold
+    try:
+        nvrtc.nvrtcVersion()
+        cuda_source.include_dirs()
+    except Exception as e:
+        raise BackendUnavailable(f"NVRTC cannot compile the kernels here ({type(e).__name__}: {e}; pip install "
+                                 f"'jitkernels[gpu]' brings libnvrtc and the CUDA headers)") from None
     from .gpu_runtime import CupyRuntime
 
     return CupyRuntime()
