@@ -265,6 +265,7 @@ class _Round:
     acked: set = field(default_factory=set)  # their parties (carried ones too), arrived or still queued
     durable: dict = field(default_factory=dict)  # party -> its update's Ack.durable, for a resend's Ack
     carried: set = field(default_factory=set)  # parties whose late update for the round before counts here
+    carried_out: dict = field(default_factory=dict)  # party -> the round its late update for this one counts in
     unobserved: set = field(default_factory=set)  # parties whose arrival is no response time (carried, replayed)
     late_observed: set = field(default_factory=set)  # parties whose late answer the predictor has learnt
     missed: bool = False  # its deadline passed before its quorum (counted once in the metrics)
@@ -702,6 +703,10 @@ class JITScheduler:
                     raise LateUpdate(f"job {job_id!r} round {round} is over (round {js.open.number} is open, and late "
                                      f"updates are carried from the round before it at most); update from {party!r} "
                                      "not taken")
+                if party in rnd.carried_out:  # a second update for a round it answered late: not carried again (once
+                    # the round the first went to had filled, the second went on to the next, and counted too)
+                    raise jk.DuplicateParty(party, f"job {job_id!r} round {round} (its late update for it counts in "
+                                                   f"round {rnd.carried_out[party]})")
                 while rnd.done or rnd.admitted >= rnd.quorum:  # late rule 'next_round': the next round with room
                     round += 1
                     if js.job.after_last(round):
@@ -735,6 +740,7 @@ class JITScheduler:
             if late_from is not None:  # taken: the predictor learns its answer (once), and it counts in ``round``
                 self._observe_late(js, late_from, party)
                 rnd.take_carried(party)
+                late_from.carried_out[party] = round
                 self._log("late_to_next_round", js, round=late_from.number, to=round, party=party)
             js.seen[key] = update_id
             rnd.admitted += 1

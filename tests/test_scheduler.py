@@ -991,6 +991,23 @@ def test_a_resend_of_a_carried_update_is_a_duplicate_after_the_round_it_went_to_
     s.close()
 
 
+def test_a_second_update_for_a_round_answered_late_is_a_duplicate_party():
+    """c's late update for round 0 went to round 1; a second, different one for round 0 was carried again once
+    round 1 had filled, to round 2, where it counted too (c's round 0 in two models, and c's own round-2 update
+    then refused)."""
+    s = JITScheduler("eager", clock=VirtualClock())
+    s.add_job(Job("j", template=W4, parties=list("abc"), quorum=2, late="next_round", late_weight=1.0))
+    for p in "ab":
+        s.submit("j", 0, p, _ones(0.0))
+    assert s.submit("j", 0, "c", _ones(100.0), update_id="c0").round == 1
+    s.submit("j", 1, "a", _ones(0.0))  # round 1 fills
+    with pytest.raises(jk.DuplicateParty, match="round 0 .*counts in round 1"):
+        s.submit("j", 0, "c", _ones(7.0), update_id="c0-again")
+    assert 2 not in s.jobs["j"].rounds
+    assert s.submit("j", 2, "c", _ones(1.0)).round == 2  # c's own update for round 2 is taken
+    s.close()
+
+
 def test_a_round_futures_done_callback_runs_without_the_schedulers_lock():
     """Done-callbacks ran on the clock's thread under the scheduler's lock: a slow one stalled every submit (and
     one that called close() deadlocked, see test_runtime). They still run before the next round opens."""
