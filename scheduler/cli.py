@@ -98,13 +98,38 @@ def _json_ready(out: dict) -> dict:
             "occupancy": {p: r.occupancy for p, r in out["results"].items()}}
 
 
+def _out_dir(path: str) -> str:
+    """The output folder, made now: a path that is a file (or cannot be made) fails before the run, not after."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"jitagg: --out {path!r} cannot be the output folder: {e}") from None
+    return path
+
+
+def _workload(args) -> Workload:
+    """The workload of --config (or --mix), with --cost and --seed: a file that is missing or wrong is one line
+    naming what is wrong, not a traceback."""
+    try:
+        wl = Workload.from_toml(args.config) if args.config else Workload.builtin(args.mix)
+        if args.cost:
+            wl.use_cost(CostModel.load(args.cost))
+        if args.seed is not None:
+            wl.seed = args.seed
+        wl.check()
+    except (OSError, ValueError, TypeError) as e:  # (tomllib's TOMLDecodeError is a ValueError)
+        raise SystemExit(f"jitagg simulate: {e}") from None
+    return wl
+
+
+def _file_name(name: str) -> str:
+    """A workload's name as part of a file name (a "/" in it named a folder that was not there)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "workload"
+
+
 def cmd_simulate(args) -> int:
-    wl = Workload.from_toml(args.config) if args.config else Workload.builtin(args.mix)
-    if args.cost:
-        wl.use_cost(CostModel.load(args.cost))
-    if args.seed is not None:
-        wl.seed = args.seed
-    wl.check()
+    wl = _workload(args)
+    out_dir = _out_dir(args.out)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     unknown = [p for p in policies if p not in POLICIES]
     if unknown or not policies:  # before any policy runs (a typo at the end failed after the others had run)
@@ -121,9 +146,12 @@ def cmd_simulate(args) -> int:
               f"{j['latency_share_of_lazy_gap']:.1%} of the way from eager's to lazy's. "
               f"Saving vs eager: {j['saving_vs_eager']:.1%} (the seed paper reports 60+%).")
     if args.real:
-        print("--real: busy seconds are the kernels' measured time (models scaled to <= 1M parameters)")
-    os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"simulate_{wl.name}")
+        print("--real: busy seconds are the kernels' measured time, beside the cost model's estimate of the same work "
+              "(models scaled to <= 1M parameters, which a byte budget then binds less: savings differ from the "
+              "modelled run's)")
+        for p, row in out["policies"].items():
+            print(f"  {p:>6}: measured busy {row['real_busy_s']:.3f} s, cost model {row['model_busy_s']:.3f} s")
+    base = os.path.join(out_dir, f"simulate_{_file_name(wl.name)}")
     with open(base + ".json", "w") as f:
         json.dump(_json_ready(out), f, indent=1, default=float)
     _plot(out, base + ".png")
@@ -139,6 +167,11 @@ def cmd_sweep(args) -> int:
     if not all(r > 0 for r in rhos) or not all(c >= 0 for c in cvs) or args.rounds < 1:
         raise SystemExit(f"jitagg sweep: need --rho > 0, --cv >= 0 and --rounds >= 1; got {args.rho!r}, {args.cv!r}, "
                          f"{args.rounds}")
+    try:
+        cost = CostModel.load(args.cost) if args.cost else None
+    except (OSError, ValueError, TypeError) as e:
+        raise SystemExit(f"jitagg sweep: --cost {args.cost!r}: {e}") from None
+    out_dir = _out_dir(args.out)
     shape = (len(cvs), len(rhos))
     saving, capture, oracle, bound, latency, added = (np.zeros(shape) for _ in range(6))
     cells = []
@@ -148,7 +181,7 @@ def cmd_sweep(args) -> int:
         for j, r in enumerate(rhos):
             k += 1
             print(f"[{k}/{total}] rho={r} cv={cv}", file=sys.stderr)
-            wl = sweep_workload(r, cv, rounds=args.rounds, cost=CostModel.load(args.cost) if args.cost else None)
+            wl = sweep_workload(r, cv, rounds=args.rounds, cost=cost)
             out = compare(wl, POLICIES)
             row = out["policies"]["jit"]
             saving[i, j] = row["saving_vs_eager"]
@@ -158,8 +191,7 @@ def cmd_sweep(args) -> int:
             latency[i, j] = row["latency_share_of_lazy_gap"]
             added[i, j] = row["added_latency_p95_vs_eager_s"]
             cells.append({"rho": r, "jitter_cv": cv, **{p: v for p, v in out["policies"].items()}})
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "sweep.json"), "w") as f:
+    with open(os.path.join(out_dir, "sweep.json"), "w") as f:
         json.dump(cells, f, indent=1, default=float)
     for title, data, fmt in (("jit saving vs eager", saving, "{:>8.1%}"),
                              ("share of lazy's saving jit captures", capture, "{:>8.1%}"),
@@ -172,8 +204,8 @@ def cmd_sweep(args) -> int:
         print("cv \\ rho " + " ".join(f"{r:>8}" for r in rhos))
         for i, cv in enumerate(cvs):
             print(f"{cv:>8} " + " ".join(fmt.format(data[i, j]) for j in range(len(rhos))))
-    _heatmaps(rhos, cvs, saving, capture, added, os.path.join(args.out, "sweep.png"))
-    print(f"\nwrote {args.out}/sweep.json and {args.out}/sweep.png")
+    _heatmaps(rhos, cvs, saving, capture, added, os.path.join(out_dir, "sweep.png"))
+    print(f"\nwrote {out_dir}/sweep.json and {out_dir}/sweep.png")
     return 0
 
 

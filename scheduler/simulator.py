@@ -72,10 +72,17 @@ class Workload:
     @classmethod
     def from_toml(cls, path) -> "Workload":
         with open(path, "rb") as f:
-            d = tomllib.load(f)
+            try:
+                d = tomllib.load(f)
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"{path}: not TOML: {e}") from None
         known = {f.name for f in fields(JobSpec)}
         jobs = []
-        for j in d.pop("jobs", []):
+        listed = d.pop("jobs", [])
+        if not (isinstance(listed, list) and all(isinstance(j, dict) for j in listed)):
+            raise ValueError(f"{path}: jobs are tables [[jobs]] (one per group of jobs), got a "
+                             f"{type(listed).__name__} (written [jobs]?)")
+        for j in listed:
             unknown = set(j) - known
             if unknown:
                 raise ValueError(f"{path}: unknown job keys {sorted(unknown)}")
@@ -96,6 +103,11 @@ class Workload:
         over zero rounds)."""
         if not self.jobs:
             raise ValueError("the workload has no jobs")
+        if isinstance(self.byte_budget, float) and self.byte_budget.is_integer():  # (TOML reads 16e9 as a float)
+            self.byte_budget = int(self.byte_budget)
+        if not (isinstance(self.cost, dict) and all(isinstance(v, dict) for v in self.cost.values())):
+            raise ValueError(f"cost is a table per backend ([cost.cpu] throughput_Bps = ..., call_s = ...), got "
+                             f"{self.cost!r}")
         for name, value, ok in (("slots", self.slots, _is_int(self.slots) and self.slots >= 1),
                                 ("seed", self.seed, _is_int(self.seed) and self.seed >= 0),
                                 ("alpha", self.alpha, _is_real(self.alpha) and 0 < self.alpha < 1),
@@ -127,6 +139,9 @@ class Workload:
                              ("deadline_s", j.deadline_s is None or j.deadline_s > 0)):
                 if not ok:
                     raise ValueError(f"job {j.name!r}: {name} = {getattr(j, name)!r} is out of range")
+            if self.byte_budget is not None and j.model_params * j.bytes_per_param > self.byte_budget:
+                raise ValueError(f"job {j.name!r}: one update ({j.model_params * j.bytes_per_param} bytes) is larger "
+                                 f"than byte_budget = {self.byte_budget}")
 
     @classmethod
     def builtin(cls, name: str = "mixed") -> "Workload":
@@ -179,6 +194,14 @@ class Arrivals:
         idx = np.flatnonzero(answer)
         return idx, t[idx]
 
+    def mean_quorum_time(self, q: int, draws: int = 20_000) -> float:
+        """The expected time of a round's q-th response under this job's model (the round's length, before its
+        aggregation): the mean response time only for a quorum of one typical party; the slowest of 10 jittered
+        parties answers well after it."""
+        t, answer = self._draw(np.random.default_rng([self.seed, self.key, 0x51DE]), 0, (draws,))
+        t[~answer] = np.inf
+        return float(np.mean(np.partition(t, q - 1, axis=1)[:, q - 1]))
+
     def quorum_quantile(self, r: int, q: int, alpha: float, draws: int = 20_000) -> float:
         """The alpha-quantile of round r's quorum time (the q-th response) under this job's true model: speeds and
         dropouts as drawn, fresh jitter and availability per draw; inf where the quorum fails more often than alpha.
@@ -207,21 +230,28 @@ class PolicyResult:
     real_busy_s: float | None = None
     per_job: dict = field(default_factory=dict)
     ended: int = 0  # rounds that ended, with a model or an error (a round that cannot end stalls its job)
+    members: dict = field(default_factory=dict)  # (job, round) -> the parties whose updates it acknowledged
+    model_busy_s: float | None = None  # --real: the cost model's estimate of the busy time measured
 
     def summary(self) -> dict:
-        lat = np.array(self.latencies) if self.latencies else np.zeros(1)
+        # no round made a model (every one failed): no latency to report, not a latency of 0
+        lat = np.array(self.latencies) if self.latencies else np.full(1, np.nan)
         return {"policy": self.policy, "aggregator_s": self.deployed_s, "busy_s": self.busy_s,
                 "latency_p50_s": float(np.percentile(lat, 50)), "latency_p95_s": float(np.percentile(lat, 95)),
                 "latency_p99_s": float(np.percentile(lat, 99)), "deadline_misses": self.misses,
                 "unreachable_rounds": self.unreachable, "rounds": self.rounds, "peak_buffered_bytes": self.peak_bytes,
                 "makespan_s": self.makespan_s, "events": self.events,
                 "events_per_s": self.events / max(self.wall_s, 1e-9),
-                "wall_s": self.wall_s, "real_busy_s": self.real_busy_s}
+                "wall_s": self.wall_s, "real_busy_s": self.real_busy_s, "model_busy_s": self.model_busy_s}
 
 
 def simulate(workload: Workload, policy: str, *, real: bool = False, progress=None) -> PolicyResult:
     """Run one policy on the workload. ``real=True`` folds real arrays (model sizes scaled down to at most 1M
-    parameters) and advances virtual time by the kernels' measured time."""
+    parameters, which the jobs are then sized by: the cost model estimates the work that runs) and advances virtual
+    time by the kernels' measured time; ``model_busy_s`` is the cost model's estimate of the same work.
+
+    Added latency runs from the time the round's quorum was drawn to arrive (its q-th response) to the model being
+    ready: an update refused for buffer room (Backpressure) retries later, and the wait counts."""
     clock = VirtualClock()
     cost = workload.cost_model()
     truth: dict = {}
@@ -242,18 +272,19 @@ def simulate(workload: Workload, policy: str, *, real: bool = False, progress=No
         if progress is not None:
             progress(done_rounds[0], total_rounds)
 
+    drivers = []
     for jid, key, spec in instances:
         arrivals = Arrivals(workload.seed, key, spec)
         q = max(1, math.ceil(spec.quorum * spec.parties - 1e-9))
-        template = None
-        if real:
-            n = min(spec.model_params, 1_000_000)
-            template = templates.setdefault(n, np.zeros(n, np.float32))
+        template, elems, nbytes = None, spec.model_params, spec.model_params * spec.bytes_per_param
+        if real:  # the arrays folded (float32), which the job's figures describe
+            elems = min(spec.model_params, 1_000_000)
+            template, nbytes = templates.setdefault(elems, np.zeros(elems, np.float32)), 4 * elems
         job = Job(jid, template=template, parties=list(range(spec.parties)), quorum=q, rounds=spec.rounds,
-                  model_elems=spec.model_params, update_bytes=spec.model_params * spec.bytes_per_param,
-                  deadline_s=spec.deadline_s, priority=spec.priority, unreachable="partial",
-                  prior_response_s=spec.response_s)  # operators know a job's nominal round time
+                  model_elems=elems, update_bytes=nbytes, deadline_s=spec.deadline_s, priority=spec.priority,
+                  unreachable="partial", prior_response_s=spec.response_s)  # operators know a job's round time
         driver = _JobDriver(sched, clock, jid, spec, arrivals, q, template, truth, on_round)
+        drivers.append(driver)
         driver.draw(0)  # before add_job, which plans round 0: the oracle knows its quorum time from the start
         sched.add_job(job)
         driver.start(0)
@@ -271,18 +302,19 @@ def simulate(workload: Workload, policy: str, *, real: bool = False, progress=No
             gc.enable()
     wall = time.perf_counter() - t0
     metrics = sched.metrics()
-    lat, deployed, busy, misses, unreachable, rounds = [], 0.0, 0.0, 0, 0, 0
+    deployed, busy, misses, unreachable, rounds = 0.0, 0.0, 0, 0, 0
     for jid, js in sched.jobs.items():
         m = js.metrics
-        lat.extend(m.latencies)
         deployed += metrics[jid]["deployed_s"]
         busy += m.busy_s
         misses += m.misses
         unreachable += m.unreachable
         rounds += m.rounds
-    return PolicyResult(policy, deployed, busy, lat, misses, unreachable, rounds, sched.peak_buffered_bytes,
-                        list(sched.occupancy), clock.now(), clock.events, wall,
-                        real_busy_s=busy if real else None, per_job=metrics, ended=done_rounds[0])
+    return PolicyResult(policy, deployed, busy, [x for d in drivers for x in d.latencies], misses, unreachable,
+                        rounds, sched.peak_buffered_bytes, list(sched.occupancy), clock.now(), clock.events, wall,
+                        real_busy_s=busy if real else None, per_job=metrics, ended=done_rounds[0],
+                        members={(d.jid, r): frozenset(m) for d in drivers for r, m in d.members.items()},
+                        model_busy_s=executor.estimated_s if real else None)
 
 
 class _JobDriver:
@@ -291,6 +323,8 @@ class _JobDriver:
     def __init__(self, sched, clock, jid, spec, arrivals, q, template, truth, on_round):
         self.sched, self.clock, self.jid, self.spec = sched, clock, jid, spec
         self.arrivals, self.q, self.template, self.truth, self.on_round = arrivals, q, template, truth, on_round
+        self.latencies = []  # per round with a model: ready - the drawn quorum time (see simulate)
+        self.members = {}  # round -> the parties acknowledged for it
 
     def draw(self, r: int):
         """Round r's draws (cached for start), and the oracle's truth: the time its quorum arrives, if it does."""
@@ -312,7 +346,7 @@ class _JobDriver:
         upd = None if self.template is None else np.full(self.template.shape, float(r), np.float32)
         for i in order:
             self.clock.call_at(start + float(resp[i]), self._submit, r, int(idx[i]), upd)
-        self.sched.result(self.jid, r).add_done_callback(lambda _f: self._done(r))
+        self.sched.result(self.jid, r).add_done_callback(lambda f: self._done(r, f))
 
     def _submit(self, r, party, upd) -> None:
         try:
@@ -321,8 +355,13 @@ class _JobDriver:
             self.clock.call_later(RETRY_S, self._submit, r, party, upd)
         except LateUpdate:  # past the quorum: membership is fixed, the update is not needed
             pass
+        else:
+            self.members.setdefault(r, []).append(party)
 
-    def _done(self, r: int) -> None:
+    def _done(self, r: int, fut) -> None:
+        drawn = self.truth.get((self.jid, r))  # (None: the round's draws never reach its quorum)
+        if fut.exception() is None and drawn is not None:  # resolved as the model is ready, in virtual time
+            self.latencies.append(self.clock.now() - drawn)
         self.on_round()
         if r + 1 < self.spec.rounds:
             self.start(r + 1)
@@ -337,14 +376,16 @@ def _is_real(x) -> bool:
 
 
 def rho(workload: Workload) -> float:
-    """Aggregation work over round duration, averaged over the workload's jobs (from the cost model)."""
+    """Aggregation work over round duration, averaged over the workload's jobs (from the cost model); a round lasts
+    until its quorum's last response (:meth:`Arrivals.mean_quorum_time`)."""
     cost = workload.cost_model()
     work = dur = 0.0
-    for _, _, spec in workload.instances():
+    for _, key, spec in workload.instances():
         q = max(1, math.ceil(spec.quorum * spec.parties - 1e-9))
         work += spec.rounds * (cost.fold_s(q * spec.model_params * spec.bytes_per_param, q, spec.model_params)
                                + cost.finalize_s(spec.model_params))
-        dur += spec.rounds * spec.response_s
+        draws = max(200, 2_000_000 // spec.parties)  # (a draw is a response time per party)
+        dur += spec.rounds * Arrivals(workload.seed, key, spec).mean_quorum_time(q, draws)
     return work / dur
 
 
@@ -357,6 +398,10 @@ def compare(workload: Workload, policies=POLICIES, *, real: bool = False, progre
     if stalled:  # savings over a run cut short would be eager's idle time, not JIT's merit
         raise ValueError(f"workload {workload.name!r}: rounds ended {stalled} of {total}: a round could not reach "
                          f"its quorum and had no deadline (give the job deadline_s, or a lower quorum)")
+    barren = [p for p, r in results.items() if not r.latencies]
+    if barren:  # every round failed (deadlines shorter than the responses): a 100% saving over no models
+        raise ValueError(f"workload {workload.name!r}: no round made a model under {', '.join(barren)} (every round "
+                         f"failed: deadline_s shorter than the responses, or a quorum the parties cannot meet)")
     rows = {p: r.summary() for p, r in results.items()}
     if "eager" in rows:
         e = rows["eager"]
@@ -404,10 +449,13 @@ def risk_bound(workload: Workload, out: dict, *, draws: int = 20_000) -> float:
 
 def sweep_workload(rho_target: float, jitter_cv: float, *, seed: int = 3, rounds: int = 20,
                    cost: CostModel | None = None) -> Workload:
-    """One job whose round duration is set so that (aggregation work + start-up) / round duration = rho_target: the
-    share of a round that one deployment needs. (The sweep's rho counts the 5 s start-up, which the work alone is
-    about 1/72 of at 25M parameters on the default cost figures; :func:`rho` is the work alone.) ``cost``: a
-    calibrated cost model (``jitagg calibrate``), used to size the rounds as well as to run them."""
+    """One job whose rounds are sized so that (aggregation work + start-up) / round duration = rho_target: the share
+    of a round that one deployment needs. A round lasts until its quorum's last response, the q-th of the parties'
+    (their expected time, :meth:`Arrivals.mean_quorum_time`), not the mean response time it was once sized by: at CV
+    0.5 the slowest of 10 answers ~2x later, and the cells of one rho column had rhos that fell with the jitter.
+    (The sweep's rho counts the 5 s start-up, which the work alone is about 1/72 of at 25M parameters on the default
+    cost figures; :func:`rho` is the work alone.) ``cost``: a calibrated cost model (``jitagg calibrate``), used to
+    size the rounds as well as to run them."""
     if not (rho_target > 0 and math.isfinite(rho_target)):
         raise ValueError(f"rho must be a finite number > 0, got {rho_target!r}")
     spec = JobSpec(name="sweep", model_params=25_000_000, parties=10, quorum=1.0, rounds=rounds, jitter_cv=jitter_cv,
@@ -420,5 +468,6 @@ def sweep_workload(rho_target: float, jitter_cv: float, *, seed: int = 3, rounds
     q = spec.parties
     work = (cost.fold_s(q * spec.model_params * 4, q, spec.model_params) + cost.finalize_s(spec.model_params)
             + wl.startup_s)
-    spec.response_s = work / rho_target
+    spec.response_s = 1.0  # the quorum time scales with the response time: sized at 1 s, then scaled
+    spec.response_s = work / rho_target / Arrivals(seed, 0, spec).mean_quorum_time(q)
     return replace(wl, jobs=[spec])

@@ -48,6 +48,8 @@ def test_draws_do_not_depend_on_policy_or_call_order():
 
 
 def test_runs_repeat_exactly_and_membership_is_shared(tiny):
+    """Runs repeat bit for bit, and every policy's rounds have the same members: the first q of the round's draws
+    (quorum 0.5 of 6 intermittent parties, so members are a choice the draws make, not all parties)."""
     wl, _ = tiny
     r1, r2 = simulate(wl, "jit"), simulate(wl, "jit")
     assert r1.deployed_s == r2.deployed_s and r1.latencies == r2.latencies
@@ -56,6 +58,13 @@ def test_runs_repeat_exactly_and_membership_is_shared(tiny):
     assert rows["eager"]["saving_vs_eager"] == 0.0
     assert rows["lazy"]["aggregator_s"] <= rows["jit"]["aggregator_s"] <= rows["eager"]["aggregator_s"]
     assert all(r["rounds"] == 12 for r in rows.values())
+    members = {p: r.members for p, r in out["results"].items()}
+    assert len(members["eager"]) == 12 and all(len(m) == 3 for m in members["eager"].values())
+    assert len(set(members["eager"].values())) > 1  # (the draws choose them)
+    for (jid, r), m in members["eager"].items():
+        idx, t = Arrivals(wl.seed, int(jid.rsplit("-", 1)[1]), wl.jobs[0]).round(r)
+        assert m == frozenset(idx[np.argsort(t, kind="stable")][:3].tolist())
+        assert all(members[p][(jid, r)] == m for p in members)
 
 
 def test_unknown_keys_in_workload_files_are_errors(tmp_path):
@@ -72,9 +81,57 @@ def test_builtin_mixes_load():
 
 
 def test_real_mode_folds_real_arrays(tiny):
+    """--real: the kernels' measured busy time beside the cost model's estimate of the same work (the jobs sized by
+    the arrays folded: the estimate was of the full model's bytes, the measurement of the scaled one's)."""
     wl, _ = tiny
     r = simulate(wl, "lazy", real=True)
     assert r.real_busy_s is not None and r.real_busy_s > 0 and r.rounds == 12
+    cost = wl.cost_model()  # 12 rounds of 3 updates of 1M float32, folded and finalized
+    want = 12 * (cost.fold_s(3 * 4_000_000, 3, 1_000_000) + cost.finalize_s(1_000_000))
+    assert r.model_busy_s == pytest.approx(want, rel=0.05)
+    assert r.summary()["model_busy_s"] == r.model_busy_s
+
+
+def test_waits_for_buffer_room_count_as_added_latency():
+    """Under a byte budget an update refused for room (Backpressure) retries every second: lazy, which holds the
+    round's updates, met its quorum 25-38 s after the drawn one and reported 0.02 s of added latency (measured from
+    the accepted retry). Added latency now runs from the drawn quorum time."""
+    from scheduler.simulator import JobSpec
+
+    spec = JobSpec(name="a", model_params=1_000_000, parties=6, quorum=0.5, rounds=3, response_s=100.0,
+                   jitter_cv=0.3, party_spread=0.3)
+    wl = Workload(name="bp", seed=2, slots=1, startup_s=60.0, byte_budget=6_000_000,
+                  cost={"cpu": {"throughput_Bps": 1e9, "call_s": 0.0}}, jobs=[spec])
+    lazy, eager = simulate(wl, "lazy"), simulate(wl, "eager")
+    assert min(lazy.latencies) > 20.0 and max(eager.latencies) < 1.0
+
+
+def test_a_run_in_which_every_round_fails_is_refused_not_a_saving():
+    """Deadlines shorter than the responses: no round made a model, and compare() reported a 100% saving and a p95
+    added latency of 0."""
+    from scheduler.simulator import JobSpec
+
+    spec = JobSpec(name="a", model_params=1_000_000, parties=4, quorum=1.0, rounds=5, response_s=100.0,
+                   jitter_cv=0.0, party_spread=0.0, deadline_s=50.0)
+    wl = Workload(name="dl", seed=1, slots=1, startup_s=20.0, cost={"cpu": {"throughput_Bps": 1e9, "call_s": 0.0}},
+                  jobs=[spec])
+    with pytest.raises(ValueError, match="no round made a model"):
+        compare(wl)
+    assert np.isnan(simulate(wl, "lazy").summary()["latency_p95_s"])
+
+
+@pytest.mark.parametrize("cv", [0.05, 0.5])
+def test_the_sweeps_rho_is_that_of_the_rounds_it_runs(cv):
+    """A round lasts until its quorum's last response; the sweep sized its rounds by the mean response time, so
+    (work + start-up) / round time was 0.23 in the "0.3" cell at CV 0.05 and lower still at CV 0.5. Measured on
+    eager's run: the share of a round one deployment needs is the cell's rho, whatever the jitter."""
+    wl = sweep_workload(0.3, cv, rounds=100)
+    r = simulate(wl, "eager")
+    cost = wl.cost_model()
+    spec = wl.jobs[0]
+    need = cost.fold_s(10 * spec.model_params * 4, 10, spec.model_params) + cost.finalize_s(spec.model_params) \
+        + wl.startup_s
+    assert need / (r.makespan_s / spec.rounds) == pytest.approx(0.3, rel=0.06)
 
 
 def test_jitagg_simulate_writes_table_png_and_json(tiny, tmp_path, capsys):
@@ -101,6 +158,47 @@ def test_jitagg_sweep_reports_each_bar_per_cell(tmp_path, capsys):
         assert all(c[p]["rounds"] == 6 for p in ("eager", "lazy", "jit", "oracle"))
         assert 0.0 < c["jit"]["risk_bound_of_oracle_saving"] <= 1.0
     assert (out / "sweep.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("case", ["out_is_a_file", "cost_not_a_table", "jobs_as_one_table", "budget_below_an_update",
+                                  "missing_file", "not_toml"])
+def test_jitagg_refuses_bad_inputs_before_the_run_in_one_line(case, tmp_path):
+    """These failed after the whole run (--out a file), or as tracebacks (AttributeError for cost = 5, the letters of
+    [jobs]' keys as unknown keys, an InvalidJob from inside the run, FileNotFoundError, TOMLDecodeError)."""
+    import time
+
+    body, out, match = SMALL, tmp_path / "out", None
+    if case == "out_is_a_file":
+        out.write_text("a file")
+        match = "cannot be the output folder"
+    elif case == "cost_not_a_table":
+        body, match = "cost = 5\n" + SMALL.replace("[cost.cpu]\nthroughput_Bps = 1.0e9\ncall_s = 0.0\n", ""), \
+            "cost is a table per backend"
+    elif case == "jobs_as_one_table":
+        body, match = SMALL.replace("[[jobs]]", "[jobs]"), r"jobs are tables \[\[jobs\]\]"
+    elif case == "budget_below_an_update":
+        body, match = "byte_budget = 1000\n" + SMALL, "one update .* is larger than byte_budget = 1000"
+    elif case == "not_toml":
+        body, match = "name = = 1\n", "not TOML"
+    path = tmp_path / "w.toml"
+    if case != "missing_file":
+        path.write_text(body)
+    match = match or "No such file"
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit, match=match):
+        cli.main(["simulate", "--config", str(path), "--out", str(out)])
+    assert time.perf_counter() - t0 < 5.0  # (before the run)
+
+
+def test_jitagg_writes_files_named_after_any_workload_and_takes_a_float_budget(tmp_path):
+    """A workload named "a/b" crashed after the run (its file name named a folder); byte_budget = 16e9 (TOML's
+    float) was "out of range" where model_params = 1e6 was taken."""
+    path = tmp_path / "w.toml"
+    path.write_text(SMALL.replace('name = "tiny"', 'name = "a/b"\nbyte_budget = 16e9').replace("rounds = 6",
+                                                                                                "rounds = 2"))
+    assert Workload.from_toml(path).byte_budget == 16_000_000_000
+    assert cli.main(["simulate", "--config", str(path), "--out", str(tmp_path / "o"), "--policies", "eager"]) == 0
+    assert (tmp_path / "o" / "simulate_a_b.json").exists()
 
 
 def test_workloads_and_cost_models_refuse_values_a_run_cannot_use(tmp_path):
