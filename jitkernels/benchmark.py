@@ -19,12 +19,15 @@ What is measured, per workload (N float32 elements in uneven leaves, k updates):
 * **admit_many**: the admission stats pass alone over the k raw updates. Bytes moved: ``k*N*itemsize(in)``.
 * **peers** on the same float32 updates (:data:`PEERS`): numpy eager ``acc += w*u``, torch ``add_(alpha=)`` and
   ``_foreach_add_``, Flower's ``aggregate``/``aggregate_inplace``, NVFlare's ``WeightedAggregationHelper``; their
-  roofline counts the bytes of the fused float32 fold, the least any method moves for the job.
+  roofline counts the bytes of the fused float32 fold (``k*N*4 + 8N``), what a weighted sum must move; jitkernels'
+whole average (``fold_many+finalize``: zeroing, fold, finalize) counts its own, ``k*N*4 + 20N``.
 
 Every measurement is **interleaved** with the probe (probe, kernel, probe, kernel, ..., probe): the probe drifts
 over a run (10-20 %, up to 2x on a shared host), so a row reports its median time, the median of the probes
-around it, and ``fraction of roofline = (bytes / B) / time``. Above 1 means the data were partly served from cache
-(a workload whose updates fit in the last-level cache).
+around it, and ``fraction of roofline = (bytes / B) / time``. B is a read bandwidth: traffic that writes (the
+accumulator, an output) can go faster or slower than reads on a given machine, so a fraction is a ratio to that
+probe, not to a bound, and can pass 1 without any cache (the per-update fold rows did on an EPYC whose 32 MB L3
+could not hold their 100 MB accumulator); a workload whose data fit in the last-level cache passes it too.
 
 Accumulators are kept across repetitions, as a server keeps them across rounds: jitkernels clears its own with
 ``agg.reset(reuse=True)`` (zeroed in place) and numpy/torch eager get theirs zeroed, both untimed, so no timing pays
@@ -614,9 +617,11 @@ def _bench_jitkernels(wl, probe, backends, dtypes, bar):
 def _bench_peers(wl, probe, rows, bar):
     """The peers, and jitkernels' fold_many + finalize on the backend fastest at float32 fold_many."""
     f32 = [r for r in rows if r["method"] == "fold_many" and r["dtype"] == "float32" and r["time_s"]]
-    # what fold_many_finalize moves: zeroing (one accumulator), the fold (updates, the accumulator read and written),
-    # finalize (the accumulator read, a float32 output written)
-    nbytes = wl.update_bytes("float32") + 4 * wl.n * ACC_ITEMSIZE + 4 * wl.n
+    # the peers: the fused float32 fold's bytes (module docstring), as the legend and bench/ count them;
+    # fold_many_finalize: what it moves, zeroing (one accumulator), the fold (updates, the accumulator read and
+    # written), finalize (the accumulator read, a float32 output written)
+    fused = wl.update_bytes("float32") + 2 * wl.n * ACC_ITEMSIZE
+    whole = fused + 2 * wl.n * ACC_ITEMSIZE + 4 * wl.n
     out = []
     if f32:
         best = min(f32, key=lambda r: r["time_s"])["backend"]
@@ -624,7 +629,7 @@ def _bench_peers(wl, probe, rows, bar):
         agg, adm = prepare(wl, best, "float32")
         agg.reset(reuse=True)  # its pages resident, as in every later round
         out.append(_measure(wl, "fold_many+finalize", best, "float32", lambda: fold_many_finalize(agg, adm), probe,
-                            nbytes))
+                            whole))
     bar.update()
     for peer in PEERS:
         bar.set_postfix_str(peer.name)
@@ -634,7 +639,7 @@ def _bench_peers(wl, probe, rows, bar):
             importlib.import_module(peer.module)  # not counted as the call's memory
             args = peer.prepare(wl)
             clear = None if peer.clear is None else (lambda: peer.clear(*args))
-            out.append(_measure(wl, peer.name, peer.package, "float32", lambda: peer.run(*args), probe, nbytes, clear,
+            out.append(_measure(wl, peer.name, peer.package, "float32", lambda: peer.run(*args), probe, fused, clear,
                                 kind="peer"))
             del args
         bar.update()
@@ -747,9 +752,10 @@ _COLUMNS = (  # title, width, row -> text
 
 LEGEND = """\
 ms: median time; reps: repetitions (each between two probes); probe: median read bandwidth (GB/s) of the probes
-around them; MB: bytes the method must move (fold_many, peers: k*N*itemsize + 8N; fold: k*(N*itemsize + 8N);
+around them; MB: bytes the method must move (fold_many, peers: k*N*itemsize + 8N; fold_many+finalize: k*N*4 + 20N,
+zeroing and finalize included; fold: k*(N*itemsize + 8N);
 admit_many: k*N*itemsize; int8 counts values and scales; deterministic: k*N*itemsize + 32N); roofl: (MB / probe) /
-ms, above 1 = served partly from cache (fold: the accumulator stays cached between calls when it fits); us/call:
+ms, a ratio to a read probe, above 1 where writes or cache go faster than it (module docstring); us/call:
 time per fold call ("fold, 1 elem/leaf": a call's fixed cost, measured on the same layout shrunk to one element per
 leaf); +us/upd:
 (fold - fold_many) / k, what folding each update on arrival costs over batching; x eager: numpy eager's time / this
