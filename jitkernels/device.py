@@ -29,6 +29,21 @@ def is_device_array(x) -> bool:
     return torch is not None and isinstance(x, torch.Tensor) and x.device.type == "cuda"
 
 
+def gpu_of(x) -> int:
+    """The GPU that holds a device array: a CuPy array's device, a torch CUDA tensor's index."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        return x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return int(x.device.id)
+
+
+def current_gpu() -> int:
+    """CuPy's current device, where the GPU backend allocates and launches."""
+    import cupy as cp
+
+    return int(cp.cuda.Device().id)
+
+
 def array_module(a):
     """The array module of ``a``: CuPy for a CuPy array, else numpy (``cupy.get_array_module`` without importing
     CuPy where no device array was ever made)."""

@@ -18,7 +18,7 @@ from functools import cached_property
 
 import numpy as np
 
-from .device import DeviceLeaf, device_leaf, is_device_array, leaf_to, leaf_to_cupy
+from .device import DeviceLeaf, current_gpu, device_leaf, gpu_of, is_device_array, leaf_to, leaf_to_cupy
 from .dtypes import (Quantized, dtype_name, is_float_name, is_leaf_dtype_name, is_torch_tensor, np_dtype,
                      numpy_to_torch, torch_to_numpy)
 from .errors import BackendUnavailable, LayoutMismatch
@@ -51,6 +51,11 @@ def _as_array(x, name, party, writable=False):
         if why is not True:  # a torch CUDA tensor where CuPy is missing: the reason, naming the leaf and party
             raise BackendUnavailable(f"party {party!r}, leaf {name!r}: the array is in GPU memory, and the GPU backend "
                                      f"cannot run here: {why}")
+        gpu, current = gpu_of(x), current_gpu()
+        if gpu != current:  # the kernels run on the current device: another's memory is an illegal address there
+            raise LayoutMismatch(f"the array is on GPU {gpu}; the GPU backend runs on the current device, GPU "
+                                 f"{current} (copy it there, or work under cupy.cuda.Device({gpu}))", leaf=name,
+                                 party=party)
         if writable and not _contiguous(x):
             raise LayoutMismatch("an output leaf must be C-contiguous", leaf=name, party=party)
         return device_leaf(x)

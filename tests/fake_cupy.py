@@ -110,6 +110,10 @@ class ndarray(NDArrayOperatorsMixin):
     def data(self):
         return _Memory(self._a)
 
+    @property
+    def device(self):
+        return _Device(0)
+
     def set(self, arr, stream=None):
         """A host-to-device copy into this array."""
         _sync()
@@ -215,12 +219,10 @@ def from_dlpack(x):
 
 
 class _Device:
-    """CuPy's device: ``synchronize`` drains every emulated stream."""
+    """CuPy's device: one (GPU 0) holds every fake array; ``synchronize`` drains every emulated stream."""
 
-    id = 0
-
-    def __init__(self, device=0):
-        pass
+    def __init__(self, device=None):
+        self.id = 0 if device is None else int(device)
 
     def synchronize(self):
         if _rt is not None:

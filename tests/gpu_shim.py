@@ -124,6 +124,10 @@ class HostRuntime:
     warp_size = 1  # the emulation's warps are one thread (csrc/cuda/emulate.h)
     sm_count = 2
 
+    def device_id(self) -> int:
+        """One emulated device."""
+        return 0
+
     def __init__(self, seed: int = 0, defines: dict | None = None):
         self.lib = emulation_library(tuple(sorted((defines or {}).items())))
         self.index = {n: i for i, n in enumerate(cuda_source.kernel_names())}

@@ -45,3 +45,21 @@ def test_robust_gpu_benchmark_runs_end_to_end(args, tmp_path, monkeypatch):
     for row in ("coordinate median", "Gram kernel, 8-row tiles, U=2", "pilot reference row", "weighted sum of the k",
                 "geometric median"):
         assert row in text, row
+
+
+def test_an_update_on_another_gpu_is_refused_by_name(monkeypatch):
+    """The kernels run on the current device: a torch tensor on cuda:1 (or a CuPy array made under Device(1)) went
+    into the pointer table of a launch on GPU 0, an illegal address there. Refused, naming the leaf and party."""
+    import numpy as np
+
+    import cupy
+    import jitkernels as jk
+
+    agg = jk.Aggregator({"w": cupy.zeros(4, dtype=cupy.float32)})
+    on_gpu1 = cupy.ones(4, dtype=cupy.float32)
+    monkeypatch.setattr(fake_cupy.ndarray, "device", property(lambda self: fake_cupy._Device(1)))
+    with pytest.raises(jk.LayoutMismatch, match=r"party 'p', leaf 'w': the array is on GPU 1; .* GPU 0"):
+        agg.fold({"w": on_gpu1}, party="p")
+    monkeypatch.undo()
+    agg.fold({"w": on_gpu1}, party="p")
+    np.testing.assert_array_equal(agg.finalize()["w"].get(), np.ones(4, np.float32))

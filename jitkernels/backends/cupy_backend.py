@@ -51,7 +51,7 @@ TABLE_DEPTH = 4
 """Blocks in the kernel-table ring: a block is refilled once the copy that last read it is done."""
 
 _runtime = None
-_owned: dict = {}  # class -> its one object for the current runtime (_Stager, _TableRing): see _of_runtime
+_owned: dict = {}  # (class, device) -> its one object for the current runtime (_Stager, _TableRing): see _of_runtime
 _lock = threading.Lock()
 
 
@@ -137,11 +137,14 @@ class _Stager:
 
 
 def _of_runtime(cls, rt):
-    """The one ``cls(rt)`` (staging ring, table ring) of runtime ``rt``, made on first use."""
+    """The one ``cls(rt)`` (staging ring, table ring) of runtime ``rt`` on its current device, made on first use:
+    its slots, streams and events belong to the device they were made on (an event recorded on another device's
+    stream fails, and a kernel cannot read another device's slots)."""
     with _lock:
-        obj = _owned.get(cls)
+        key = (cls, rt.device_id())
+        obj = _owned.get(key)
         if obj is None or obj.rt is not rt:
-            obj = _owned[cls] = cls(rt)
+            obj = _owned[key] = cls(rt)
         return obj
 
 

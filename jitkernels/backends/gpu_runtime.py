@@ -31,10 +31,14 @@ class CupyRuntime:
         """Tuning macros of kernels.cu (``JK_FOLD_UPDATES``, ...) for the modules this runtime compiles; empty: the
         defaults in the source. Only the benchmark's variant sweep sets them."""
 
+    def device_id(self) -> int:
+        """The current device (CuPy's), where this runtime allocates and launches."""
+        return int(self.cp.cuda.Device().id)
+
     @property
     def sm_count(self) -> int:
         """Multiprocessors of the current device."""
-        dev = self.cp.cuda.Device().id
+        dev = self.device_id()
         n = self._sms.get(dev)
         if n is None:
             n = self._sms[dev] = int(self.cp.cuda.runtime.getDeviceProperties(dev)["multiProcessorCount"])
