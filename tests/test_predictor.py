@@ -204,3 +204,38 @@ def test_the_quantile_of_an_overdue_wide_party_is_finite_and_grows_with_the_time
         assert tau < q < math.inf
         qs.append(q)
     assert qs == sorted(qs)
+
+
+def test_one_missed_first_round_does_not_make_a_party_a_never_answerer():
+    """Participation starts from the prior p = 1 weighing ``prior_rounds`` (1) rounds. Without it the first round
+    weighed 1: a party that skipped round 0 had participation exactly 0, and a quorum of 9 of 10 that needed two such
+    parties got an infinite quantile in round 1 (the quorum came with probability ~0.74), so JIT waited like lazy."""
+    pred = Predictor()
+    answered = [p for p in range(10) if p not in (8, 9)]
+    for p in answered:
+        pred.observe(p, 100.0 + p)
+    pred.close_round(answered, range(10), 0)
+    assert pred.model(8).participation == pytest.approx(0.5) and pred.model(0).participation == 1.0
+    q = pred.quorum_quantile(list(range(10)), 9, 0.0, 0.05)
+    assert 50.0 < q < 200.0
+    cdf, _ = pred.quorum_cdf_fn(list(range(10)), 9, 0.0)
+    assert cdf(1e6) == pytest.approx(0.75, abs=1e-6)  # one of the two skippers (1/2 each) must answer
+    # the running phase is the Beta(n_0, 0) posterior mean: (n_0 + answered) / (n_0 + rounds)
+    for r, yes in enumerate([False, True, False, True, True], start=1):
+        pred.close_round(answered + ([8] if yes else []), range(10), r)
+    assert pred.model(8).participation == pytest.approx((1 + 3) / (1 + 6))
+    assert pred.model(0).participation == 1.0  # always answered: exactly 1 (an overdue one is late, not absent)
+    # an experienced party follows drift as before: once the EW window takes over, a miss costs the factor 1 - a
+    for r in range(6, 40):
+        pred.close_round(answered, range(10), r)
+    a = 1.0 - 0.5 ** (1.0 / pred.halflife)
+    before = pred.model(0).participation
+    pred.close_round([], range(10), 40)
+    assert pred.model(0).participation == pytest.approx(before * (1.0 - a), rel=1e-12)
+    # weight 0 is the old rule, on request; the weight must be a finite number >= 0
+    bare = Predictor(prior_rounds=0)
+    bare.close_round([], ["x"], 0)
+    assert bare.model("x").participation == 0.0
+    for bad in (-1.0, math.inf, math.nan, "1", True):
+        with pytest.raises(ValueError, match="prior_rounds"):
+            Predictor(prior_rounds=bad)
