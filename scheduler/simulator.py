@@ -196,11 +196,13 @@ class Arrivals:
 
     def mean_quorum_time(self, q: int, draws: int = 20_000) -> float:
         """The expected time of a round's q-th response under this job's model (the round's length, before its
-        aggregation): the mean response time only for a quorum of one typical party; the slowest of 10 jittered
-        parties answers well after it."""
+        aggregation), over the draws that reach the quorum (inf if none does): the mean response time only for a
+        quorum of one typical party; the slowest of 10 jittered parties answers well after it."""
         t, answer = self._draw(np.random.default_rng([self.seed, self.key, 0x51DE]), 0, (draws,))
         t[~answer] = np.inf
-        return float(np.mean(np.partition(t, q - 1, axis=1)[:, q - 1]))
+        tq = np.partition(t, q - 1, axis=1)[:, q - 1] if q <= t.shape[1] else np.full(draws, np.inf)
+        tq = tq[np.isfinite(tq)]  # (draws whose quorum never answers: such a round ends by its deadline, if any)
+        return float(tq.mean()) if tq.size else math.inf
 
     def quorum_quantile(self, r: int, q: int, alpha: float, draws: int = 20_000) -> float:
         """The alpha-quantile of round r's quorum time (the q-th response) under this job's true model: speeds and

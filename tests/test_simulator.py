@@ -297,3 +297,12 @@ def test_sweep_sizes_its_rounds_with_the_cost_model_it_runs():
     assert sweep_workload(0.3, 0.1, cost=slow).jobs[0].response_s > 3 * sweep_workload(0.3, 0.1).jobs[0].response_s
     with pytest.raises(ValueError, match="rho"):
         sweep_workload(0.0, 0.1)
+
+
+def test_the_expected_quorum_time_counts_the_draws_that_reach_the_quorum():
+    """Intermittent parties miss a quorum of all of them in some draws: their inf made the mean inf, and a
+    workload's rho 0."""
+    spec = JobSpec(parties=10, quorum=1.0, intermittent=0.5, availability=0.9, response_s=100.0, jitter_cv=0.1)
+    a = Arrivals(3, 0, spec)
+    assert 100.0 < a.mean_quorum_time(10, 4000) < 300.0
+    assert a.mean_quorum_time(11, 100) == float("inf")
