@@ -51,6 +51,10 @@ class JobSpec:
     party_spread: float = 0.3  # log-sd of party speeds (fixed per party)
     intermittent: float = 0.0  # share of parties that answer a round only with probability `availability`
     availability: float = 1.0
+    # availability windows: an intermittent party is online for window_open of every window_s seconds (from a phase
+    # of its own); a round that opens while it is offline gets its work started when its window opens (0: no windows)
+    window_s: float = 0.0
+    window_open: float = 1.0
     dropout: float = 0.0  # per-round probability that a party leaves the job for good
     deadline_s: float | None = None
     priority: int = 0
@@ -127,7 +131,7 @@ class Workload:
                 elif not _is_int(v):
                     raise ValueError(f"job {j.name!r}: {name} = {v!r} is not an integer")
             for name in ("quorum", "response_s", "jitter_cv", "party_spread", "intermittent", "availability",
-                         "dropout") + (("deadline_s",) if j.deadline_s is not None else ()):
+                         "dropout", "window_s", "window_open") + (("deadline_s",) if j.deadline_s is not None else ()):
                 if not (_is_real(getattr(j, name)) and math.isfinite(getattr(j, name))):
                     raise ValueError(f"job {j.name!r}: {name} = {getattr(j, name)!r} is not a finite number")
             for name, ok in (("count", j.count >= 1), ("parties", j.parties >= 1), ("rounds", j.rounds >= 1),
@@ -135,7 +139,8 @@ class Workload:
                              ("model_params", j.model_params >= 1), ("bytes_per_param", j.bytes_per_param >= 1),
                              ("jitter_cv", j.jitter_cv >= 0), ("party_spread", j.party_spread >= 0),
                              ("intermittent", 0 <= j.intermittent <= 1), ("availability", 0 < j.availability <= 1),
-                             ("dropout", 0 <= j.dropout < 1),
+                             ("dropout", 0 <= j.dropout < 1), ("window_s", j.window_s >= 0),
+                             ("window_open", 0 < j.window_open <= 1),
                              ("deadline_s", j.deadline_s is None or j.deadline_s > 0)):
                 if not ok:
                     raise ValueError(f"job {j.name!r}: {name} = {getattr(j, name)!r} is out of range")
@@ -179,6 +184,8 @@ class Arrivals:
         self.leaves = (rng.geometric(spec.dropout, n) if spec.dropout > 0 else np.full(n, 1 << 30))
         s = math.sqrt(math.log1p(spec.jitter_cv ** 2))
         self._sigma = s
+        # (a generator of their own: the draws above, and the figures of workloads without windows, stay as they were)
+        self.phase = np.random.default_rng([seed, key, 0x0FF1CE]).random(n) * spec.window_s
 
     def _draw(self, rng, r: int, shape: tuple = ()):
         """(response times, who answers) of round r for every party, ``shape`` rounds of them: jitter, then
@@ -194,11 +201,26 @@ class Arrivals:
         idx = np.flatnonzero(answer)
         return idx, t[idx]
 
+    def waits(self, idx, t: float) -> np.ndarray:
+        """How long parties ``idx`` wait, from a round opening at (absolute) time ``t``, before they start its work:
+        0 where online; an intermittent party outside its availability window waits for the window to open. Absolute
+        time, so a policy whose rounds start later meets other windows: the draws (speeds, jitter, phases) are
+        common to every policy, the windows they fall in are not."""
+        spec = self.spec
+        if spec.window_s <= 0 or spec.window_open >= 1:
+            return np.zeros(len(idx))
+        pos = (t - self.phase[idx]) % spec.window_s
+        offline = self.intermittent[idx] & (pos >= spec.window_open * spec.window_s)
+        return np.where(offline, spec.window_s - pos, 0.0)
+
     def mean_quorum_time(self, q: int, draws: int = 20_000) -> float:
         """The expected time of a round's q-th response under this job's model (the round's length, before its
         aggregation), over the draws that reach the quorum (inf if none does): the mean response time only for a
         quorum of one typical party; the slowest of 10 jittered parties answers well after it."""
-        t, answer = self._draw(np.random.default_rng([self.seed, self.key, 0x51DE]), 0, (draws,))
+        rng = np.random.default_rng([self.seed, self.key, 0x51DE])
+        t, answer = self._draw(rng, 0, (draws,))
+        if self.spec.window_s > 0:  # rounds that open at any point of the window cycle
+            t = t + self.waits(np.arange(self.spec.parties), rng.random((draws, 1)) * self.spec.window_s)
         t[~answer] = np.inf
         tq = np.partition(t, q - 1, axis=1)[:, q - 1] if q <= t.shape[1] else np.full(draws, np.inf)
         tq = tq[np.isfinite(tq)]  # (draws whose quorum never answers: such a round ends by its deadline, if any)
@@ -332,6 +354,7 @@ class _JobDriver:
         """Round r's draws (cached for start), and the oracle's truth: the time its quorum arrives, if it does."""
         if getattr(self, "_drawn", (None,))[0] != r:
             idx, resp = self.arrivals.round(r)
+            resp = resp + self.arrivals.waits(idx, self.clock.now())  # (availability windows)
             order = np.argsort(resp, kind="stable")
             self.truth[(self.jid, r)] = self.clock.now() + float(resp[order[self.q - 1]]) \
                 if idx.size >= self.q else None

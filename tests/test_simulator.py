@@ -1,6 +1,7 @@
 """The simulator: common random numbers, reproducible runs, TOML workloads, and the jitagg command."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -306,3 +307,26 @@ def test_the_expected_quorum_time_counts_the_draws_that_reach_the_quorum():
     a = Arrivals(3, 0, spec)
     assert 100.0 < a.mean_quorum_time(10, 4000) < 300.0
     assert a.mean_quorum_time(11, 100) == float("inf")
+
+
+def test_availability_windows_delay_the_parties_outside_them():
+    """An intermittent party is online window_open of every window_s seconds: a round that opens while it is offline
+    gets its answer only after its window opens. Without windows the draws are those of before (their own
+    generator); with them every policy still sees the same draws, and the round's members are decided by them."""
+    spec = JobSpec(parties=8, quorum=0.5, intermittent=1.0, response_s=10.0, jitter_cv=0.0, party_spread=0.0,
+                   window_s=100.0, window_open=0.3)
+    a = Arrivals(4, 0, spec)
+    idx = np.arange(8)
+    for t in (0.0, 37.0, 81.5):
+        w = a.waits(idx, t)
+        pos = (t - a.phase) % 100.0
+        offline = a.intermittent & (pos >= 30.0)
+        assert np.array_equal(w > 0, offline) and np.allclose((pos + w)[offline], 100.0)
+    plain = Arrivals(4, 0, JobSpec(parties=8, quorum=0.5, intermittent=0.5, response_s=10.0))
+    assert not plain.waits(idx, 50.0).any()
+    assert a.mean_quorum_time(4, 2000) > 10.0 == Arrivals(4, 0, replace(spec, window_s=0.0)).mean_quorum_time(4, 2000)
+    wl = Workload(name="w", seed=4, slots=1, startup_s=1.0, cost={"cpu": {"throughput_Bps": 1e9, "call_s": 0.0}},
+                  jobs=[replace(spec, rounds=6, name="a")])
+    windowed = simulate(wl, "eager")
+    flat = simulate(replace(wl, jobs=[replace(spec, rounds=6, name="a", window_s=0.0)]), "eager")
+    assert windowed.rounds == flat.rounds == 6 and windowed.makespan_s > flat.makespan_s
