@@ -330,3 +330,12 @@ def test_availability_windows_delay_the_parties_outside_them():
     windowed = simulate(wl, "eager")
     flat = simulate(replace(wl, jobs=[replace(spec, rounds=6, name="a", window_s=0.0)]), "eager")
     assert windowed.rounds == flat.rounds == 6 and windowed.makespan_s > flat.makespan_s
+
+
+def test_the_example_workload_with_availability_windows_loads():
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                        "cross_device_windows.toml")
+    spec = Workload.from_toml(path).jobs[0]
+    assert spec.window_s == 600.0 and spec.window_open == 0.5 and spec.intermittent > 0
