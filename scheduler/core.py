@@ -313,6 +313,9 @@ class _JobState:
         self._index_expected()
         self.rounds: dict = {}
         self.open: _Round | None = None
+        # the round that opens once the last one's futures are resolved (see JITScheduler._settling): submits in
+        # between take it for the open one, as they did when they waited on the lock until it had opened
+        self.opening: int | None = None
         self.deployment: _Deployment | None = None
         self.metrics = JobMetrics()
         self.added = added
@@ -604,8 +607,11 @@ class JITScheduler:
                     return ack
         if rewrite:  # the original's write failed (e.g. a full disk): the resend is written again, where it counts
             item = js.admit(update, weight, party, js.algorithm.check_info(info, party))
-            late = 1.0 if counted == round else js.job.late_weight  # (carried: at the late weight, as it was taken)
-            durable = self._persist(js, counted, party, update_id, float(weight) * late, item)
+            # (carried: at the late weight, as it was taken, whichever round the resend names)
+            held = js.rounds.get(counted)
+            late = js.job.late_weight if counted != round or (held is not None and party in held.carried) else 1.0
+            durable = self._persist(js, counted, party, update_id, float(weight) * late, item,
+                                    round if counted != round else None)
             with self._lock:
                 if counted in js.rounds:  # (a round forgotten meanwhile holds no futures)
                     js.rounds[counted].durable[party] = durable
@@ -640,12 +646,13 @@ class JITScheduler:
             round += 1
         return round
 
-    def _persist(self, js, round, party, update_id, weight, item) -> Future:
+    def _persist(self, js, round, party, update_id, weight, item, carried_from=None) -> Future:
         """Hand an acknowledged update to the state directory's writer (SchedulerClosed if close() came after the
-        caller's check: the writer is shut down)."""
+        caller's check: the writer is shut down). ``carried_from``: the round a late update was sent for (a restart
+        then still refuses a second update for that round)."""
         try:
             return self.store.persist_update(js.job.id, round, party, update_id, float(weight), item.leaves,
-                                             js.layout.fingerprint, item.info)
+                                             js.layout.fingerprint, item.info, carried_from)
         except RuntimeError:
             if self._closed:
                 raise SchedulerClosed(f"job {js.job.id!r}: the scheduler closed while it took the update from "
@@ -685,9 +692,10 @@ class JITScheduler:
                 raise jk.DuplicateParty(party, f"job {job_id!r} round {round}")
             if round not in js.rounds:  # a round the job has not got is that, whether it is over or not
                 self._check_round(js, round)
-            if js.open is None or (round < js.open.number and round not in js.rounds):
+            open_no = None if js.open is None else js.open.number if js.opening is None else js.opening
+            if open_no is None or (round < open_no and round not in js.rounds):
                 raise LateUpdate(f"job {job_id!r} round {round}: " + (
-                    "the job has finished" if js.open is None else f"the round is over (round {js.open.number} "
+                    "the job has finished" if open_no is None else f"the round is over (round {open_no} "
                     f"is open)") + f"; update from {party!r} not taken")
             rnd = self._round(js, round)
             late_from = None  # the round a late update was sent for (late rule 'next_round': it counts in a later one)
@@ -697,10 +705,10 @@ class JITScheduler:
                     self._observe_late(js, rnd, party)
                     raise LateUpdate(f"job {job_id!r} round {round} is closed (its quorum is in, or it ended); "
                                      f"update from {party!r} rejected (late rule 'reject')")
-                if round < js.open.number - 1:  # over: only the open round's and the one before's are carried (a
+                if round < open_no - 1:  # over: only the open round's and the one before's are carried (a
                     # rule that does not hang on keep_rounds: a round let go refused what one still held carried)
                     self._observe_late(js, rnd, party)
-                    raise LateUpdate(f"job {job_id!r} round {round} is over (round {js.open.number} is open, and late "
+                    raise LateUpdate(f"job {job_id!r} round {round} is over (round {open_no} is open, and late "
                                      f"updates are carried from the round before it at most); update from {party!r} "
                                      "not taken")
                 if party in rnd.carried_out:  # a second update for a round it answered late: not carried again (once
@@ -722,7 +730,7 @@ class JITScheduler:
             spill = stored
             # updates for a round not open yet cannot be folded before it opens: they may fill half the budget, so
             # that the open round's updates still find room (they had filled it, and the open round starved)
-            early = js.open is not None and round > js.open.number
+            early = open_no is not None and round > open_no
             # an update is taken in memory only within the budget (not merely while it has room left: with updates
             # of several sizes that, and one fold's read-back past it, made the budget plus two updates)
             limit = None if self.byte_budget is None else self.byte_budget // 2 if early else self.byte_budget
@@ -754,7 +762,8 @@ class JITScheduler:
         if stored and round != acked_round:  # (late on replay: its file goes under the round it now counts for)
             durable = self.store.carry_update(job_id, acked_round, round, party, float(weight))
         elif persist and self.store is not None and item is not None:
-            durable = self._persist(js, round, party, update_id, weight, item)
+            durable = self._persist(js, round, party, update_id, weight, item,
+                                    None if late_from is None else late_from.number)
         else:
             durable = DURABLE  # nothing to persist (no state directory), or already on disk (a replay)
         if durable is not DURABLE:
@@ -778,6 +787,10 @@ class JITScheduler:
                                      f"keeps the last {self.keep_rounds} rounds' results: keep_rounds)")
             if round not in js.rounds:
                 self._check_round(js, round)
+                if self._closed:  # (a round made now would never resolve: close() settled the ones it held)
+                    fut = _round_future()
+                    fut.set_exception(SchedulerClosed(f"job {job_id!r} round {round}: the scheduler is closed"))
+                    return fut
             return self._round(js, round).future
 
     def drop_party(self, job_id: str, party) -> None:
@@ -888,16 +901,22 @@ class JITScheduler:
             with self._lock:
                 ready, self._unresolved = self._unresolved, []
                 opening, self._opening = self._opening, []
+            interrupted = None  # (a callback's BaseException, re-raised once every future and round is settled)
             for fut, result, error in ready:
-                if error is None:
-                    fut.set_result(result)
-                else:
-                    fut.set_exception(error)
+                try:
+                    if error is None:
+                        fut.set_result(result)
+                    else:
+                        fut.set_exception(error)
+                except BaseException as e:
+                    interrupted = interrupted or e
             if opening:
                 with self._lock:
                     for js, number in opening:
                         if not self._closed:  # (a done-callback may have closed the scheduler)
                             self._open_round(js, number)
+            if interrupted is not None:
+                raise interrupted
 
     def _resolve(self, rnd, result=None, error=None) -> None:
         """Resolve ``rnd``'s future with ``result`` or ``error`` when the lock is let go (see :meth:`_settling`)."""
@@ -925,7 +944,7 @@ class JITScheduler:
         now = self.clock.now()
         rnd = self._round(js, number)
         rnd.start = now
-        js.open = rnd
+        js.open, js.opening = rnd, None
         if js.layout is not None:
             if js.carry is not None:  # the next round of a closed one: same model, moments and counters
                 rnd.aggregator, js.carry = js.carry, None
@@ -1460,7 +1479,9 @@ class JITScheduler:
             rnd.folded = rnd.admitted = len(rnd.members)
             if rnd.folded >= rnd.quorum:
                 rnd.quorum_time = self.clock.now()
-        for r, party, uid, weight, info in replayed:
+        for r, party, uid, weight, info, carried_from in replayed:
+            if carried_from in js.rounds:  # (a round whose result is in: a second update for it is refused)
+                js.rounds[carried_from].carried_out[party] = r
             self._round(js, r).unobserved.add(party)  # it arrives now, in replay: no response time to learn
             try:
                 self._submit(js, r, party, None, weight, uid, persist=False, stored=True, info=info)
@@ -1579,6 +1600,7 @@ class JITScheduler:
                 self._release(js, "round done")
         if not last:  # once its future is resolved (see _settling)
             self._opening.append((js, nxt))
+            js.opening = nxt
 
     def _forget_old_rounds(self, js, latest: int) -> None:
         """Drop finished rounds older than the last ``keep_rounds`` (their futures hold whole models: a long job

@@ -259,15 +259,17 @@ class StateDir:
         return os.path.join("updates", ident(job), str(int(rnd)), ident(party) + ".jku")
 
     def persist_update(self, job, rnd: int, party, update_id, weight: float, leaves, fingerprint: str,
-                       info=None):
-        """Write one acknowledged update (on the writer thread), with its per-update values (``info``); returns the
-        future that resolves once it is durable."""
+                       info=None, carried_from: int | None = None):
+        """Write one acknowledged update (on the writer thread), with its per-update values (``info``) and, for a late
+        update counted in ``rnd``, the round it was sent for (``carried_from``); returns the future that resolves once
+        it is durable."""
         def work():
             tensors, dtypes = encode_leaves(leaves)
             meta = {"format": UPDATE_FORMAT, "version": str(VERSION), "job": json.dumps(job),
                     "round": str(int(rnd)), "party": json.dumps(party), "update_id": json.dumps(update_id),
                     "weight": repr(float(weight)), "layout": fingerprint, "leaves": json.dumps(dtypes),
-                    "carried_from": "null", "info": json.dumps(info or {})}
+                    "carried_from": json.dumps(None if carried_from is None else int(carried_from)),
+                    "info": json.dumps(info or {})}
             # save_file, not save: building the bytes would hold the GIL (22 ms for 32 MB), and submit waits on it
             self._write("update", self._update_rel(job, rnd, party), checked_writer(tensors, meta))
             return True
@@ -312,8 +314,9 @@ class StateDir:
         return decode_leaves(tensors, json.loads(m["leaves"]), len(layout), [leaf.shape for leaf in layout.leaves])
 
     def stored_updates(self, job, n_leaves: int, fingerprint: str) -> list:
-        """[(round, party, update_id, weight, info)] of ``job``'s updates on disk that the committed generation does not
-        cover, in (round, file name) order. Each file is read and verified here, one at a time, and its leaves are
+        """[(round, party, update_id, weight, info, carried_from)] of ``job``'s updates on disk that the committed
+        generation does not cover, in (round, file name) order; ``carried_from``: the round a late update was sent
+        for (None: the round it lies in). Each file is read and verified here, one at a time, and its leaves are
         not kept (:meth:`load_update` reads them when they are folded). A damaged file is skipped and logged (it
         never became durable: the rename is atomic); a file written for another layout than ``fingerprint`` (the
         job's template changed between runs) raises :class:`~jitkernels.LayoutMismatch` here, before anything is
@@ -362,7 +365,7 @@ class StateDir:
                                             f"job's layout is {fingerprint} (its template changed?)", party=party)
                 out.append((r, party, uid, weight, info, carried))
         moved = {(c, _key(p)) for _, p, _, _, _, c in out if c is not None}
-        return [(r, p, u, w, i) for r, p, u, w, i, _ in out if (r, _key(p)) not in moved]
+        return [item for item in out if (item[0], _key(item[1])) not in moved]
 
     # --- generations ---------------------------------------------------------------------------------------------
     def checkpoint(self, job, rnd: int, state: jk.FoldState, update_ids: dict) -> bool:

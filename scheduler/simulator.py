@@ -274,8 +274,9 @@ def simulate(workload: Workload, policy: str, *, real: bool = False, progress=No
     parameters, which the jobs are then sized by: the cost model estimates the work that runs) and advances virtual
     time by the kernels' measured time; ``model_busy_s`` is the cost model's estimate of the same work.
 
-    Added latency runs from the time the round's quorum was drawn to arrive (its q-th response) to the model being
-    ready: an update refused for buffer room (Backpressure) retries later, and the wait counts."""
+    Added latency runs from the time the round's quorum was drawn to arrive (its q-th response; its deadline, where
+    that comes first and the round ends with what came) to the model being ready: an update refused for buffer room
+    (Backpressure) retries later, and the wait counts."""
     clock = VirtualClock()
     cost = workload.cost_model()
     truth: dict = {}
@@ -347,8 +348,9 @@ class _JobDriver:
     def __init__(self, sched, clock, jid, spec, arrivals, q, template, truth, on_round):
         self.sched, self.clock, self.jid, self.spec = sched, clock, jid, spec
         self.arrivals, self.q, self.template, self.truth, self.on_round = arrivals, q, template, truth, on_round
-        self.latencies = []  # per round with a model: ready - the drawn quorum time (see simulate)
+        self.latencies = []  # per round with a model: ready - when its membership was fixed (see simulate)
         self.members = {}  # round -> the parties acknowledged for it
+        self.starts = {}  # round -> its start
 
     def draw(self, r: int):
         """Round r's draws (cached for start), and the oracle's truth: the time its quorum arrives, if it does."""
@@ -362,7 +364,7 @@ class _JobDriver:
         return self._drawn[1:]
 
     def start(self, r: int) -> None:
-        start = self.clock.now()
+        start = self.starts[r] = self.clock.now()
         idx, resp, order = self.draw(r)
         # parties that leave the job (dropout) leave at this round's start: a round they make unreachable ends
         # (partially, as the simulated jobs are configured) instead of waiting for them
@@ -384,9 +386,14 @@ class _JobDriver:
             self.members.setdefault(r, []).append(party)
 
     def _done(self, r: int, fut) -> None:
-        drawn = self.truth.get((self.jid, r))  # (None: the round's draws never reach its quorum)
-        if fut.exception() is None and drawn is not None:  # resolved as the model is ready, in virtual time
-            self.latencies.append(self.clock.now() - drawn)
+        # membership is fixed at the drawn quorum time, or at the deadline where that comes first (a partial round's
+        # model is made of what came by then; None: the draws never reach the quorum and there is no deadline)
+        fixed = self.truth.get((self.jid, r))
+        if self.spec.deadline_s is not None:
+            end = self.starts[r] + self.spec.deadline_s
+            fixed = end if fixed is None else min(fixed, end)
+        if fut.exception() is None and fixed is not None:  # resolved as the model is ready, in virtual time
+            self.latencies.append(self.clock.now() - fixed)
         self.on_round()
         if r + 1 < self.spec.rounds:
             self.start(r + 1)

@@ -641,7 +641,8 @@ def test_an_update_carried_late_is_replayed_only_where_it_was_carried(tmp_path):
     sd.persist_update("j", 0, "b", "b0", 1.0, one, "fp").result(timeout=10)
     sd.hold("j", 0, "a")
     sd.carry_update("j", 0, 1, "a", 0.5).result(timeout=10)  # a replayed update that came out late, filed again
-    assert [(r, p, w) for r, p, _, w, _ in sd.stored_updates("j", 1, "fp")] == [(0, "b", 1.0), (1, "a", 0.5)]
+    assert [(r, p, w, c) for r, p, _, w, _, c in sd.stored_updates("j", 1, "fp")] == [(0, "b", 1.0, None),
+                                                                                         (1, "a", 0.5, 0)]
     sd.close()
 
 
@@ -1617,6 +1618,29 @@ def test_a_resend_of_a_carried_update_after_a_crash_is_a_duplicate(tmp_path):
     rec = JITScheduler.recover(tmp_path, [job()], policy="eager", clock=VirtualClock(), checkpoint_bytes=0)
     again = rec.submit("j", 0, "b", u(100.0), update_id="b0")
     assert again.duplicate and again.round == 1
+    rec.close()
+
+
+def test_a_second_update_for_a_round_answered_late_is_refused_after_a_restart(tmp_path):
+    """c's late update for round 0 counts in round 1 (which then fills); a second, different one for round 0 is
+    DuplicateParty, and after a restart too: the update file records the round it was sent for, and recovery
+    restores it (the restart took it as new, carried it to round 2, and refused c's own round-2 update)."""
+    job = lambda: Job("j", template={"w": np.zeros(4, np.float32)}, parties=list("abc"), quorum=2,  # noqa: E731
+                      late="next_round", late_weight=1.0)
+    u = lambda v: {"w": np.full(4, v, np.float32)}  # noqa: E731
+    s = _sched(tmp_path)
+    s.add_job(job())
+    for p in "ab":
+        s.submit("j", 0, p, u(0.0), update_id=f"0{p}").durable.result(timeout=10)
+    assert s.submit("j", 0, "c", u(100.0), update_id="c0").round == 1
+    s.submit("j", 1, "a", u(0.0), update_id="1a").durable.result(timeout=10)  # round 1 fills
+    s.close()
+    rec = JITScheduler.recover(tmp_path, [job()], policy="eager", clock=VirtualClock())
+    with pytest.raises(jk.DuplicateParty, match="round 0 .*counts in round 1"):
+        rec.submit("j", 0, "c", u(7.0), update_id="c0-again")
+    assert rec.submit("j", 2, "c", u(1.0), update_id="c2").round == 2
+    rec.clock.run()
+    np.testing.assert_array_equal(rec.result("j", 1).result(timeout=5)["w"], np.full(4, 50.0, np.float32))
     rec.close()
 
 

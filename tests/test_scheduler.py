@@ -1020,6 +1020,40 @@ def test_a_second_update_for_a_round_answered_late_is_a_duplicate_party():
     s.close()
 
 
+def test_between_a_round_resolving_and_the_next_opening_submits_take_the_next_for_open():
+    """Done-callbacks run after a round resolves and before the next opens (and on a real clock, threads woken by
+    its future submit meanwhile). Such submits took the finished round for the open one: one for the next round got
+    the half of the budget kept for rounds sent ahead (Backpressure with room left), and a late one for the round
+    before was carried two rounds on."""
+    s = JITScheduler("eager", clock=VirtualClock(), slots=2, byte_budget=48)  # an update: 16 bytes; ahead: 24
+    s.add_job(Job("j", template=W4, parties=["a", "b"], quorum=1, rounds=5, late="next_round"))
+    s.add_job(Job("k", template=W4, parties=["x", "y"], quorum=2, rounds=3))
+    s.submit("k", 1, "x", _ones(1.0))  # 16 bytes sent ahead for k's round 1
+    s.submit("j", 0, "a", _ones(0.0))
+    s.clock.run()
+    s.submit("j", 1, "a", _ones(1.0))
+    seen = {}
+
+    def in_the_gap(_fut):
+        seen["next"] = s.submit("j", 2, "a", _ones(2.0)).round  # (16 + 16 > 24: refused as sent ahead)
+        with pytest.raises(LateUpdate, match="round 0 is over"):
+            s.submit("j", 0, "b", _ones(9.0))
+        seen["late"] = True
+    s.result("j", 1).add_done_callback(in_the_gap)
+    s.clock.run()
+    assert seen == {"next": 2, "late": True}
+    s.close()
+
+
+def test_result_of_a_round_asked_after_close_resolves_with_scheduler_closed():
+    """It returned a future that nothing would ever resolve."""
+    s = JITScheduler("eager", clock=VirtualClock())
+    s.add_job(Job("j", template=W4, parties=["a"], quorum=1, rounds=4))
+    s.close()
+    fut = s.result("j", 2)
+    assert fut.done() and isinstance(fut.exception(), SchedulerClosed)
+
+
 def test_a_round_futures_done_callback_runs_without_the_schedulers_lock():
     """Done-callbacks ran on the clock's thread under the scheduler's lock: a slow one stalled every submit (and
     one that called close() deadlocked, see test_runtime). They still run before the next round opens."""
