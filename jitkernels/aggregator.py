@@ -626,6 +626,8 @@ class Aggregator:
         for u, fw in zip(admitted, fold_w):
             m = float(alg.mass(u))
             x = u.maxabs * max(1.0, fw / m) if m > 0 else math.inf
+            if st.base is not None and u.against_base is not self._base_token:
+                x = math.nan  # stats of u, not of u - base (admitted without the base: _stale let it be): not known
             st.peak = math.nan if math.isnan(x) else max(st.peak, x)  # (max keeps a NaN peak: not known)
 
     def _record(self, admitted, int_rows, plan) -> None:

@@ -34,7 +34,8 @@ def _positive(info: dict, key: str, party, *, allow_zero=False) -> float:
     if key not in info:
         raise InvalidUpdateInfo(party, key, None, "is required by this algorithm")
     try:
-        if isinstance(info[key], (str, bytes, bool)):  # (float("3") is 3.0, float(True) 1.0: not numbers sent)
+        v = info[key]  # (float("3") is 3.0, float(True) 1.0: not numbers sent)
+        if isinstance(v, (str, bytes, bool)) or getattr(getattr(v, "dtype", None), "kind", "") == "b":
             raise TypeError
         x = float(info[key])
     except (TypeError, ValueError):

@@ -43,6 +43,8 @@ def _as_array(x, name, party, writable=False):
     if isinstance(x, Quantized):
         if writable:  # (an update's wire form, not a buffer to write a result into)
             raise LayoutMismatch("an output leaf must be an array, not a Quantized leaf", leaf=name, party=party)
+        if x.on_device:
+            _on_current_gpu(x.values, name, party)
         return x
     if is_device_array(x):
         from .backends import cupy_backend  # (imported here: it imports this module)
@@ -51,11 +53,7 @@ def _as_array(x, name, party, writable=False):
         if why is not True:  # a torch CUDA tensor where CuPy is missing: the reason, naming the leaf and party
             raise BackendUnavailable(f"party {party!r}, leaf {name!r}: the array is in GPU memory, and the GPU backend "
                                      f"cannot run here: {why}")
-        gpu, current = gpu_of(x), current_gpu()
-        if gpu != current:  # the kernels run on the current device: another's memory is an illegal address there
-            raise LayoutMismatch(f"the array is on GPU {gpu}; the GPU backend runs on the current device, GPU "
-                                 f"{current} (copy it there, or work under cupy.cuda.Device({gpu}))", leaf=name,
-                                 party=party)
+        _on_current_gpu(x, name, party)
         if writable and not _contiguous(x):
             raise LayoutMismatch("an output leaf must be C-contiguous", leaf=name, party=party)
         return device_leaf(x)
@@ -83,6 +81,14 @@ def _as_array(x, name, party, writable=False):
     if not a.flags.c_contiguous:
         a = np.ascontiguousarray(a)
     return a
+
+
+def _on_current_gpu(x, name, party) -> None:
+    """The kernels run on the current device: another GPU's memory is an illegal address there."""
+    gpu, current = gpu_of(x), current_gpu()
+    if gpu != current:
+        raise LayoutMismatch(f"the array is on GPU {gpu}; the GPU backend runs on the current device, GPU {current} "
+                             f"(copy it there, or work under cupy.cuda.Device({gpu}))", leaf=name, party=party)
 
 
 def _contiguous(x) -> bool:

@@ -473,18 +473,35 @@ class UpdateStore:
         """:meth:`add` each update, all or nothing: room is checked for the whole batch first, a batch that moves
         the store to disk has every update's values checked before (a refused one must not leave the slab in a
         file), and a row refused partway takes the batch's rows back out."""
-        k0 = len(self._parties)
+        k0, names = len(self._parties), self.names
         for j, p in enumerate(parties):  # the first row past the room names its party and the store's size then
             self.check_room(k0 + j + 1, party=p)
-        if self._spills_at(k0 + len(parties)):
+        spilled_here = self._spills_at(k0 + len(parties))
+        if spilled_here:  # values first, then the file with every row of the batch reserved (one SpillFailed, before)
             for u, p in zip(updates, parties):
                 _check_values(self._leaves(u, p), p, self.dtype)
+            self._spill(k0 + len(parties), parties[0])
         try:
             for u, p in zip(updates, parties):
                 self.add(u, p, finite=finite)
         except BaseException:
             self.truncate(k0)
+            self.names = names
+            if spilled_here:  # (its k0 rows were within the budget, in memory)
+                self._unspill()
             raise
+
+    def _unspill(self) -> None:
+        """Bring a slab that spilled back into memory (its rows within the budget), the file removed."""
+        mm = self._slab
+        self._allocate()
+        for r in range(len(self._parties)):
+            self._slab[r] = mm[r]
+        del mm
+        if self._finalizer is not None:
+            self._finalizer()
+            self._finalizer = None
+        self.spill_path, self._spilled_rows = None, 0
 
     def add(self, update, party, *, finite: bool = False) -> int:
         """Copy an update (one array, a list of leaves, or a dict of leaves) into the next free row; its row index.
@@ -562,16 +579,23 @@ class UpdateStore:
 
     # --- whole stores ----------------------------------------------------------------------------------------------
     def describe(self) -> dict:
-        """JSON-able ``k_max``, ``dtype`` and ``parties`` (row order): with the rows, what :meth:`from_rows` needs.
-        The budget and spill directory are this machine's and are not included."""
-        return {"k_max": self.k_max, "dtype": self.dtype, "parties": list(self._parties)}
+        """JSON-able ``k_max``, ``dtype``, ``parties`` (row order) and ``names`` (the dict updates' leaf order, or
+        None): with the rows, what :meth:`from_rows` needs. The budget and spill directory are this machine's and are
+        not included."""
+        return {"k_max": self.k_max, "dtype": self.dtype, "parties": list(self._parties),
+                "names": None if self.names is None else list(self.names)}
 
     @classmethod
     def from_rows(cls, rows, *, k_max: int, dtype: str, parties, shapes=None, budget_bytes=None,
-                  over_budget: str = "refuse", spill_dir=None) -> "UpdateStore":
+                  over_budget: str = "refuse", spill_dir=None, names=None) -> "UpdateStore":
         """A store holding ``rows`` ([k, N] as stored: float32, float16, or uint16 / bfloat16 for bfloat16) for
-        ``parties`` (k ids, row order). ValueError / TypeError if they are inconsistent or hold non-finite values;
-        BudgetExceeded where the rows pass a refusing budget. The rows are copied in, one at a time."""
+        ``parties`` (k ids, row order); ``names``: the leaf order of dict updates, where the rows came from dicts.
+        ValueError / TypeError if they are inconsistent or hold non-finite values; BudgetExceeded where the rows
+        pass a refusing budget. The rows are copied in, one at a time."""
+        if names is not None and not (isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)
+                                      and len(set(names)) == len(names)
+                                      and (shapes is None or len(names) == len(shapes))):
+            raise ValueError(f"names must be distinct leaf names, one per shape, got {names!r}")
         rows = rows if is_device_array(rows) else np.asarray(rows)
         if dtype == "bfloat16" and rows.dtype == bfloat16:
             rows = rows.view(np.uint16)  # ml_dtypes bfloat16 (other rows are refused below, not read as its bits)
@@ -591,6 +615,7 @@ class UpdateStore:
             if _bad_count(rows[r], store.dtype):
                 raise ValueError(f"row {r} (party {parties[r]!r}) holds non-finite values")
         store._append(rows, parties)
+        store.names = None if names is None else tuple(names)
         return store
 
     def _append(self, rows, parties) -> None:
@@ -617,10 +642,8 @@ class UpdateStore:
         return self if type(self) is kind else self._copy_as(kind)
 
     def _copy_as(self, kind) -> "UpdateStore":
-        other = kind.from_rows(self.rows(), **self.describe(), shapes=self.shapes, budget_bytes=self.budget_bytes,
-                               over_budget=self.over_budget, spill_dir=self.spill_dir)
-        other.names = self.names
-        return other
+        return kind.from_rows(self.rows(), **self.describe(), shapes=self.shapes, budget_bytes=self.budget_bytes,
+                              over_budget=self.over_budget, spill_dir=self.spill_dir)
 
     def extend(self, other: "UpdateStore") -> None:
         """Append another store's rows and parties (merging two partial states): all or nothing. Raises
@@ -640,6 +663,7 @@ class UpdateStore:
         return {
             "format": FORMAT, "version": str(VERSION), "n": str(self.n), "k_max": str(self.k_max),
             "dtype": self.dtype, "parties": json.dumps(self._parties),
+            "names": json.dumps(None if self.names is None else list(self.names)),
             "shapes": json.dumps(None if self.shapes is None else [list(s) for s in self.shapes]),
             "budget_bytes": json.dumps(self.budget_bytes), "over_budget": self.over_budget,
             "spill_dir": json.dumps(self.spill_dir),
@@ -671,7 +695,7 @@ class UpdateStore:
                 raise ValueError(f"rows of shape {rows.shape} for n={meta['n']}")
             return cls.from_rows(
                 rows, k_max=int(meta["k_max"]), dtype=meta["dtype"], parties=json.loads(meta["parties"]),
-                shapes=json.loads(meta["shapes"]),
+                shapes=json.loads(meta["shapes"]), names=json.loads(meta.get("names", "null")),  # (older: none)
                 budget_bytes=json.loads(meta["budget_bytes"]) if budget_bytes is cls._UNSET else budget_bytes,
                 over_budget=over_budget or meta["over_budget"],
                 spill_dir=json.loads(meta["spill_dir"]) if spill_dir is cls._UNSET else spill_dir)

@@ -480,7 +480,7 @@ def _store_from(tensors, meta, layout):
     if type(k_max) is not int or k_max < 1:
         raise ValueError(f"store k_max {k_max!r} is not an integer >= 1")
     return UpdateStore.from_rows(tensors["store_rows"], k_max=k_max, dtype=d["dtype"], parties=d["parties"],
-                                 shapes=[leaf.shape for leaf in layout.leaves])
+                                 shapes=[leaf.shape for leaf in layout.leaves], names=d.get("names"))
 
 
 def check_format(path, meta: dict, fmt: str, versions, what: str) -> None:

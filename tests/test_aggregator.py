@@ -363,6 +363,18 @@ def test_finalize_reads_its_outputs_for_inf_only_where_the_mean_could_pass_their
     assert sorted(reads) == ["float16", "float32"]
 
 
+def test_a_delta_of_updates_admitted_without_the_base_is_checked_for_its_range():
+    """jk.admit measures u, not u - base, and the fold lets such an update be where max|u| + max|base| keeps it within
+    the headroom: the folded values' peak was then that of u, and finalize(output="delta") of a float16 leaf (base
+    -60000, u 60000) returned inf unread. Such an update leaves the peak unknown, so the output is read."""
+    tmpl = {"w": np.zeros(4, np.float16)}
+    agg = jk.Aggregator(tmpl, base={"w": np.full(4, -60000, np.float16)})
+    agg.fold(jk.admit({"w": np.full(4, 60000, np.float16)}, agg.layout, party="p"))
+    assert np.isnan(agg.state.peak)
+    with pytest.raises(jk.ValueOutOfRange, match="120000.*beyond float16's"):
+        agg.finalize(output="delta")
+
+
 def test_unweighted_fedavg_ignores_weights():
     agg = jk.Aggregator(np.zeros(2, np.float32), algorithm="fedavg_unweighted")
     agg.fold(np.array([1.0, 1.0], np.float32), weight=100, party="a")

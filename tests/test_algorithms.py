@@ -284,7 +284,7 @@ def test_per_update_values_are_checked_with_the_party_named():
         nova.fold(u, party="p1")
     with pytest.raises(jk.InvalidUpdateInfo, match="'p1'.*steps = -2"):
         nova.fold(u, party="p1", steps=-2)
-    for sent in ("3", True):  # (float() took them: a string or a bool is not a count of steps)
+    for sent in ("3", True, np.True_):  # (float() took them: a string or a bool is not a count of steps)
         with pytest.raises(jk.InvalidUpdateInfo, match="'p1'.*steps.*must be a number"):
             nova.fold(u, party="p1", steps=sent)
     with pytest.raises(jk.InvalidUpdateInfo, match="staleness.*not used"):

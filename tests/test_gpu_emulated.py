@@ -57,9 +57,12 @@ def test_an_update_on_another_gpu_is_refused_by_name(monkeypatch):
 
     agg = jk.Aggregator({"w": cupy.zeros(4, dtype=cupy.float32)})
     on_gpu1 = cupy.ones(4, dtype=cupy.float32)
+    q = jk.Quantized(cupy.ones(4, dtype=cupy.int8), cupy.ones(1, dtype=cupy.float32))
     monkeypatch.setattr(fake_cupy.ndarray, "device", property(lambda self: fake_cupy._Device(1)))
     with pytest.raises(jk.LayoutMismatch, match=r"party 'p', leaf 'w': the array is on GPU 1; .* GPU 0"):
         agg.fold({"w": on_gpu1}, party="p")
+    with pytest.raises(jk.LayoutMismatch, match=r"party 'q', leaf 'w': the array is on GPU 1"):  # int8 values too
+        agg.fold({"w": q}, party="q")
     monkeypatch.undo()
     agg.fold({"w": on_gpu1}, party="p")
     np.testing.assert_array_equal(agg.finalize()["w"].get(), np.ones(4, np.float32))

@@ -941,3 +941,49 @@ def test_from_rows_refuses_rows_of_another_dtype_for_a_bfloat16_store():
         UpdateStore.from_rows(np.array([[1, 2, 3]], np.float32), k_max=4, dtype="bfloat16", parties=["p"])
     ok = UpdateStore.from_rows(np.array([[1, 2, 3]], jk.bfloat16), k_max=4, dtype="bfloat16", parties=["p"])
     np.testing.assert_array_equal(ok.row(0), [1, 2, 3])
+
+
+def test_a_batch_that_cannot_spill_leaves_the_store_in_memory(tmp_path, monkeypatch):
+    """A batch that moved the store to disk and met a full disk partway (SpillFailed) left it spilled, its file
+    behind: the batch's rows are reserved at once before any is added, and a batch refused after its spill brings
+    the store back into memory, as it was."""
+    from jitkernels.robust_store import SpillFailed
+
+    n = 1000
+    store = UpdateStore(n, 16, budget_bytes=2 * 4 * n, over_budget="spill", spill_dir=str(tmp_path))
+    store.add(np.zeros(n, np.float32), "p0")
+    calls = []
+
+    def fallocate(fd, offset, length):
+        calls.append(length)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    with pytest.raises(SpillFailed, match="party 'p1'"):
+        store.add_many([np.full(n, j, np.float32) for j in range(1, 6)], [f"p{j}" for j in range(1, 6)])
+    assert calls == [6 * 4 * n] and not store.spilled and store.parties == ("p0",) and os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    bad = np.full(n, 1.0, np.float32)
+    bad[3] = np.nan
+    with pytest.raises(jk.NonFiniteUpdate):  # refused by the dry run, before any spill
+        store.add_many([np.ones(n, np.float32), np.ones(n, np.float32), bad], ["p1", "p2", "p3"])
+    assert not store.spilled and os.listdir(tmp_path) == []
+    with pytest.raises(jk.DuplicateParty):  # refused partway, after the batch spilled: back in memory
+        store.add_many([np.ones(n, np.float32), np.ones(n, np.float32)], ["p1", "p0"])
+    assert not store.spilled and store.parties == ("p0",) and os.listdir(tmp_path) == []
+    np.testing.assert_array_equal(store.row(0), np.zeros(n, np.float32))
+
+
+def test_the_leaf_order_of_dict_updates_survives_files_and_copies(tmp_path):
+    """A store that read dicts in its first update's order lost that order when saved and loaded (or sent as part of a
+    fold state): a dict in another order was then stored swapped."""
+    store = UpdateStore(4, 4, shapes=[(2,), (2,)])
+    store.add({"b": np.full(2, 1, np.float32), "a": np.full(2, 2, np.float32)}, "p")
+    store.save(tmp_path / "s.jks")
+    for other in (UpdateStore.load(tmp_path / "s.jks"), store.copy()):
+        other.add({"a": np.full(2, 2, np.float32), "b": np.full(2, 1, np.float32)}, "q")
+        np.testing.assert_array_equal(other.rows()[1], [1, 1, 2, 2])
+    agg = jk.Aggregator({"x": np.zeros(2, np.float32), "y": np.zeros(2, np.float32)}, jk.robust.FedMedian())
+    agg.fold({"x": np.ones(2, np.float32), "y": np.ones(2, np.float32)}, party="p")
+    st = jk.FoldState.from_bytes(agg.state.to_bytes())
+    assert st.store.names == ("x", "y")
