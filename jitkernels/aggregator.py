@@ -415,6 +415,8 @@ class Aggregator:
             raise
         for a, i in zip(admitted, infos):
             a.info = i
+            if a.against_base:  # (measured against this state's base, under the lock)
+                a.against_base = self._base_token
         self._note_peak(admitted, fold_w)
         self._record(admitted, int_rows, plan)
 

@@ -35,7 +35,7 @@ def _positive(info: dict, key: str, party, *, allow_zero=False) -> float:
         raise InvalidUpdateInfo(party, key, None, "is required by this algorithm")
     try:
         v = info[key]  # (float("3") is 3.0, float(True) 1.0: not numbers sent)
-        if isinstance(v, (str, bytes, bool)) or getattr(getattr(v, "dtype", None), "kind", "") == "b":
+        if isinstance(v, (str, bytes, bool)) or str(getattr(v, "dtype", "")) in ("bool", "torch.bool"):
             raise TypeError
         x = float(info[key])
     except (TypeError, ValueError):

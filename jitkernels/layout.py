@@ -45,6 +45,7 @@ def _as_array(x, name, party, writable=False):
             raise LayoutMismatch("an output leaf must be an array, not a Quantized leaf", leaf=name, party=party)
         if x.on_device:
             _on_current_gpu(x.values, name, party)
+            _on_current_gpu(x.scale, name, party)
         return x
     if is_device_array(x):
         from .backends import cupy_backend  # (imported here: it imports this module)

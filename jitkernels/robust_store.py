@@ -406,8 +406,8 @@ class UpdateStore:
     def _leaves(self, update, party) -> list:
         """[(name, flat numpy view, dtype name, shape)] of an update, validated against the layout."""
         if isinstance(update, dict):
-            if self.names is not None and tuple(update) != self.names:
-                if len(update) != len(self.names) or set(update) != set(self.names):
+            if self.names is not None and len(update) == len(self.names) and tuple(update) != self.names:
+                if set(update) != set(self.names):  # (another count of leaves: the checks below name it)
                     odd = sorted(set(update).symmetric_difference(self.names), key=str)[:3]
                     raise LayoutMismatch(f"leaves {odd} differ from the store's {list(self.names)[:6]}", party=party)
                 update = {name: update[name] for name in self.names}
@@ -460,8 +460,9 @@ class UpdateStore:
             raise BudgetExceeded(party, need, self.budget_bytes)
 
     def _spills_at(self, k: int) -> bool:
-        """Whether k rows in all move this (spilling) store to disk."""
-        return self.budget_bytes is not None and not self.spilled and k * self.row_bytes > self.budget_bytes
+        """Whether k rows in all move this store to disk (a spilling one: a refusing one keeps rows it has)."""
+        return (self.over_budget == "spill" and self.budget_bytes is not None and not self.spilled
+                and k * self.row_bytes > self.budget_bytes)
 
     def _make_room(self, k: int, party) -> None:
         """check_room, then spill if k rows pass the budget of a spilling store."""
@@ -473,6 +474,8 @@ class UpdateStore:
         """:meth:`add` each update, all or nothing: room is checked for the whole batch first, a batch that moves
         the store to disk has every update's values checked before (a refused one must not leave the slab in a
         file), and a row refused partway takes the batch's rows back out."""
+        if not parties:
+            return
         k0, names = len(self._parties), self.names
         for j, p in enumerate(parties):  # the first row past the room names its party and the store's size then
             self.check_room(k0 + j + 1, party=p)
@@ -542,7 +545,8 @@ class UpdateStore:
         self._index[party] = k
         if self.shapes is None and not (len(leaves) == 1 and len(leaves[0][3]) == 1):
             self.shapes = tuple(shape for _, _, _, shape in leaves)
-        if self.names is None and isinstance(update, dict):
+        if self.names is None and isinstance(update, dict) and len(update) > 1 and all(
+                isinstance(name, str) for name in update):  # (a file keeps them: str keys, leaf by leaf)
             self.names = tuple(update)
         return k
 

@@ -610,8 +610,8 @@ class JITScheduler:
             # (carried: at the late weight, as it was taken, whichever round the resend names)
             held = js.rounds.get(counted)
             late = js.job.late_weight if counted != round or (held is not None and party in held.carried) else 1.0
-            durable = self._persist(js, counted, party, update_id, float(weight) * late, item,
-                                    round if counted != round else None)
+            origin = next((n for n, r in js.rounds.items() if r.carried_out.get(party) == counted), None)
+            durable = self._persist(js, counted, party, update_id, float(weight) * late, item, origin)
             with self._lock:
                 if counted in js.rounds:  # (a round forgotten meanwhile holds no futures)
                     js.rounds[counted].durable[party] = durable
@@ -629,6 +629,12 @@ class JITScheduler:
         if party not in js.predictor.parties and party not in js.job.parties:
             raise UnknownParty(f"job {js.job.id!r}: party {party!r} is not one of the job's parties")
         return party
+
+    @staticmethod
+    def _carried_into(js, number: int) -> dict:
+        """{party: the round its late update was sent for} of the late updates that count in round ``number``
+        (under the lock)."""
+        return {p: n for n, r in js.rounds.items() for p, to in r.carried_out.items() if to == number}
 
     @staticmethod
     def _counted_round(js, round, party, update_id) -> int | None:
@@ -1331,9 +1337,10 @@ class JITScheduler:
         with self._lock:  # a round that ended meanwhile (its deadline) is not committed: it never finished
             rnd = js.rounds.get(task.round)
             live = rnd is not None and not rnd.done
+            carried = self._carried_into(js, task.round)
         if js.fold_bytes >= limit and live:
             try:
-                self.store.checkpoint(js.job.id, task.round, agg.state, ids)
+                self.store.checkpoint(js.job.id, task.round, agg.state, ids, carried)
                 js.fold_bytes = 0
             except Crashed:
                 raise
@@ -1470,6 +1477,9 @@ class JITScheduler:
             js.carry = carry
         self._open_round(js, first)
         rnd = js.open
+        for p, c in meta.get("carried", []):  # late updates the checkpoint holds: for the rounds they were sent for
+            if c in js.rounds:
+                js.rounds[c].carried_out[p] = first
         if resumed is not None:
             rnd.aggregator = resumed
             for p, uid in meta["parties"]:
@@ -1488,6 +1498,8 @@ class JITScheduler:
             except jk.InvalidUpdateInfo as e:  # a file written before submit kept per-update values (FedNova's
                 # steps): it cannot be folded, and the job resumes without it (the party may resend: an answer)
                 self._round(js, r).unobserved.discard(party)
+                if carried_from in js.rounds:
+                    js.rounds[carried_from].carried_out.pop(party, None)
                 log.error("job %r: update of %r for round %d not replayed: %s", job.id, party, r, e)
         self._log("resumed", js, round=first, folded=rnd.folded, replayed=len(replayed),
                   fallbacks=len(st.fallbacks), orphans_removed=st.orphans_removed)

@@ -156,6 +156,8 @@ def _check_entry(m) -> None:
               isinstance(x, str) for x in v) for v in m.get("failed", {}).values())
           and isinstance(m.get("parties", []), list) and all(
               isinstance(e, list) and len(e) == 2 for e in m.get("parties", []))
+          and isinstance(m.get("carried", []), list) and all(
+              isinstance(e, list) and len(e) == 2 and type(e[1]) is int for e in m.get("carried", []))
           and isinstance(m.get("dropped", []), list) and isinstance(m.get("predictor") or [], list)
           and all(_predictor_row(r) for r in m.get("predictor") or []))
     if not ok:
@@ -368,18 +370,20 @@ class StateDir:
         return [item for item in out if (item[0], _key(item[1])) not in moved]
 
     # --- generations ---------------------------------------------------------------------------------------------
-    def checkpoint(self, job, rnd: int, state: jk.FoldState, update_ids: dict) -> bool:
+    def checkpoint(self, job, rnd: int, state: jk.FoldState, update_ids: dict, carried: dict | None = None) -> bool:
         """Commit a round's partial aggregate: its state file, then a new generation naming it (with the update
-        ids of its parties, so that resends are recognized after a restart). False (nothing written) if the job has
-        moved past the round meanwhile (its failure or result committed first, e.g. its deadline while the fold
-        ran): committing it then would move the job back to a round that is over."""
+        ids of its parties, so that resends are recognized after a restart, and ``carried``, {party: the round its
+        late update was sent for}, so that a second update for that round is still refused). False (nothing
+        written) if the job has moved past the round meanwhile (its failure or result committed first, e.g. its
+        deadline while the fold ran): committing it then would move the job back to a round that is over."""
         with self._lock:
             if self.jobs.get(job, {}).get("round", rnd) > rnd:
                 return False
             gen = self.gen + 1
             rel = os.path.join("states", f"{ident(job)}-r{int(rnd)}-g{gen}.jks")
             self._write("state", rel, state.writer())
-            self._commit_job(job, round=int(rnd), state=rel, parties=[[p, update_ids.get(p)] for p in state.parties])
+            self._commit_job(job, round=int(rnd), state=rel, parties=[[p, update_ids.get(p)] for p in state.parties],
+                             carried=[[p, int(c)] for p, c in (carried or {}).items() if p in state.parties])
             return True
 
     def commit_result(self, job, rnd: int, layout: jk.Layout, leaves, update_ids: dict,
@@ -399,7 +403,7 @@ class StateDir:
             rel = os.path.join("results", f"{ident(job)}-r{int(rnd)}.jkr")
             self._write("result", rel, checked_writer(tensors, meta))
             old = self.jobs.get(job, {})
-            self._commit_job(job, round=int(rnd) + 1, state=None, parties=[],
+            self._commit_job(job, round=int(rnd) + 1, state=None, parties=[], carried=[],
                              results=self._recent({**old.get("results", {}), str(int(rnd)): rel}),
                              carry=carry_rel or old.get("carry"), predictor=predictor or old.get("predictor"))
 
@@ -410,7 +414,7 @@ class StateDir:
         with self._lock:
             old = self.jobs.get(job, {})
             failed = {**old.get("failed", {}), str(int(rnd)): [type(error).__name__, str(error)]}
-            self._commit_job(job, round=int(rnd) + 1, state=None, parties=[], failed=self._recent(failed),
+            self._commit_job(job, round=int(rnd) + 1, state=None, parties=[], carried=[], failed=self._recent(failed),
                              predictor=predictor or old.get("predictor"))
 
     def commit_dropped(self, job, party) -> None:

@@ -373,6 +373,9 @@ def test_a_delta_of_updates_admitted_without_the_base_is_checked_for_its_range()
     assert np.isnan(agg.state.peak)
     with pytest.raises(jk.ValueOutOfRange, match="120000.*beyond float16's"):
         agg.finalize(output="delta")
+    fused = jk.Aggregator({"w": np.zeros(4, np.float32)}, backend="cpp", base={"w": np.ones(4, np.float32)})
+    fused.fold_many([{"w": np.full(4, 3.0, np.float32)}], parties=["p"])  # (admitted and folded in one pass)
+    assert fused.state.peak == 2.0  # measured against the base: known
 
 
 def test_unweighted_fedavg_ignores_weights():

@@ -1644,6 +1644,62 @@ def test_a_second_update_for_a_round_answered_late_is_refused_after_a_restart(tm
     rec.close()
 
 
+def test_a_second_update_for_a_round_answered_late_is_refused_after_a_checkpoint_and_a_resend(tmp_path):
+    """The first fix restored where a late update came from only out of update files still replayed: one a
+    checkpoint covered (folded, its file collected) was forgotten, and so was one whose failed write was redone by
+    a resend naming the round its Ack named. Checkpoints record it too, and the rewrite keeps it."""
+    job = lambda: Job("j", template={"w": np.zeros(4, np.float32)}, parties=list("abcd"), quorum=2,  # noqa: E731
+                      late="next_round", late_weight=1.0)
+    u = lambda v: {"w": np.full(4, v, np.float32)}  # noqa: E731
+    full = [False]
+
+    def hook(point):
+        if full[0] and point == "update.begin":
+            raise OSError(28, "No space left on device")
+    for case in ("checkpoint", "rewrite"):
+        d = tmp_path / case
+        s = JITScheduler(policy="eager", slots=1, clock=VirtualClock(), state_dir=d, checkpoint_bytes=0,
+                         crash_hook=hook)
+        s.add_job(job())
+        for p in "ab":
+            s.submit("j", 0, p, u(0.0), update_id=f"0{p}").durable.result(timeout=10)
+        full[0] = case == "rewrite"
+        ack = s.submit("j", 0, "c", u(100.0), update_id="c0")
+        assert ack.round == 1
+        if case == "rewrite":
+            with pytest.raises(OSError):
+                ack.durable.result(timeout=10)
+            full[0] = False
+            again = s.submit("j", 1, "c", u(100.0), update_id="c0")  # (the round its Ack named)
+            assert again.duplicate and again.durable.result(timeout=10)
+        else:
+            s.clock.run()  # round 0 finalizes; round 1 folds c's carried update and checkpoints it
+        s.submit("j", 1, "d", u(0.0), update_id="1d").durable.result(timeout=10)  # round 1 fills
+        s.close()
+        rec = JITScheduler.recover(d, [job()], policy="eager", clock=VirtualClock())
+        with pytest.raises(jk.DuplicateParty, match="round 0 .*counts in round 1"):
+            rec.submit("j", 0, "c", u(7.0), update_id="c0-again")
+        rec.close()
+
+
+def test_a_late_update_that_cannot_be_replayed_may_be_sent_again(tmp_path):
+    """A replayed late update that fails (a job resumed as FedNova, its file without steps) is logged as "the party
+    may resend"; the round it was sent for still said its late update counted elsewhere, and refused the resend."""
+    job = lambda alg: Job("j", template={"w": np.zeros(4, np.float32)}, parties=list("abc"), quorum=2,  # noqa
+                          late="next_round", late_weight=1.0, algorithm=alg)
+    u = lambda v: {"w": np.full(4, v, np.float32)}  # noqa: E731
+    s = _sched(tmp_path)
+    s.add_job(job("fedavg"))
+    for p in "ab":
+        s.submit("j", 0, p, u(0.0), update_id=f"0{p}").durable.result(timeout=10)
+    s.clock.run()
+    assert s.submit("j", 0, "c", u(1.0), update_id="c0").round == 1
+    s.close()
+    rec = JITScheduler.recover(tmp_path, [job("fednova")], policy="eager", clock=VirtualClock())
+    assert rec.submit("j", 0, "c", u(1.0), update_id="c0", steps=1).round == 1
+    rec.close()
+
+
 def test_numpy_integer_party_and_update_ids_are_written_as_ints(tmp_path):
     """Party ids such as np.arange's passed submit as they were: the durable write of each update failed (int64 is
     not JSON serializable) and so did the round. They are normalized at submit and drop_party, as Job.check

@@ -983,7 +983,31 @@ def test_the_leaf_order_of_dict_updates_survives_files_and_copies(tmp_path):
     for other in (UpdateStore.load(tmp_path / "s.jks"), store.copy()):
         other.add({"a": np.full(2, 2, np.float32), "b": np.full(2, 1, np.float32)}, "q")
         np.testing.assert_array_equal(other.rows()[1], [1, 1, 2, 2])
-    agg = jk.Aggregator({"x": np.zeros(2, np.float32), "y": np.zeros(2, np.float32)}, jk.robust.FedMedian())
+    from jitkernels import robust
+
+    agg = jk.Aggregator({"x": np.zeros(2, np.float32), "y": np.zeros(2, np.float32)}, robust.FedMedian())
     agg.fold({"x": np.ones(2, np.float32), "y": np.ones(2, np.float32)}, party="p")
     st = jk.FoldState.from_bytes(agg.state.to_bytes())
     assert st.store.names == ("x", "y")
+
+
+def test_stores_of_other_keys_still_copy_and_load_and_an_empty_batch_is_nothing(tmp_path):
+    """The leaf order is kept for dicts of str keys (what a file holds): a store fed int keys or a flat one-leaf
+    dict failed copy() and load() once from_rows checked the names; add_many of nothing raised IndexError on a store
+    over a budget it had been given to refuse past."""
+    ints = UpdateStore(4, 4, shapes=[(2,), (2,)])
+    ints.add({0: np.zeros(2, np.float32), 1: np.ones(2, np.float32)}, "p")
+    ints.save(tmp_path / "i.jks")
+    assert ints.names is None and UpdateStore.load(tmp_path / "i.jks").k == 1 and ints.copy().k == 1
+    flat = UpdateStore(4, 4, shapes=[(2,), (2,)])
+    flat.add({"w": np.arange(4, dtype=np.float32)}, "p")
+    assert flat.names is None and flat.copy().k == 1
+    named = UpdateStore(4, 4, shapes=[(2,), (2,)])
+    named.add({"a": np.zeros(2, np.float32), "b": np.ones(2, np.float32)}, "p")
+    named.add({"w": np.arange(4, dtype=np.float32)}, "q")  # the flat form still goes in
+    over = UpdateStore(4, 4, budget_bytes=64)
+    for j in range(3):
+        over.add(np.zeros(4, np.float32), j)
+    over.set_budget(16, "refuse")  # (it keeps the rows it has)
+    over.add_many([], [])
+    assert over.k == 3
