@@ -186,6 +186,11 @@ class RayExecutor(LocalExecutor):
         if agg.partial or agg.buffered or not items:  # see the class docstring
             return super().fold_many(agg, items)
         ray, st = self._ray, agg.state
+        seen = set()
+        for u in items:  # DuplicateParty here, as in place (the merge after the workers' folds: OverlappingParties)
+            if u.party in st.parties or u.party in seen:
+                raise jk.DuplicateParty(u.party, *(() if u.party in st.parties else ("this batch",)))
+            seen.add(u.party)
         # the workers fold host copies on their CPU backends: a GPU aggregator's layout (array type "cupy") made
         # "auto" pick the GPU backend there, which a worker without one refused
         spec = {"layout": st.layout.on_host().to_json(), "algorithm": st.algorithm,

@@ -103,3 +103,16 @@ def test_buffered_rules_and_impossible_requests(executor):
         assert all(np.array_equal(a[n], b[n]) for n in a)
     with pytest.raises(ValueError, match="cpus_per_task=64"):
         RayExecutor(RealClock(), slots=1, cpus_per_task=64)
+
+
+def test_a_party_folded_already_is_a_duplicate_party_on_ray_as_in_place(executor):
+    """The same duplicate was DuplicateParty in place and OverlappingParties on Ray (from the merge of the workers'
+    partial states); the state is unchanged either way."""
+    agg = jk.Aggregator({"w": np.zeros(100, np.float32)})
+    ups = agg.admit_many([{"w": np.ones(100, np.float32)}] * 2, [1.0] * 2, ["p0", "p1"])
+    again = agg.admit_many([{"w": np.ones(100, np.float32)}] * 2, [1.0] * 2, ["p3", "p1"])  # (before either fold)
+    executor.fold_many(agg, ups)
+    before = agg.state.copy()
+    with pytest.raises(jk.DuplicateParty, match="'p1'"):
+        executor.fold_many(agg, again)
+    assert agg.state.same_bits(before)
