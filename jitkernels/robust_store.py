@@ -545,8 +545,7 @@ class UpdateStore:
         self._index[party] = k
         if self.shapes is None and not (len(leaves) == 1 and len(leaves[0][3]) == 1):
             self.shapes = tuple(shape for _, _, _, shape in leaves)
-        if self.names is None and isinstance(update, dict) and len(update) > 1 and all(
-                isinstance(name, str) for name in update):  # (a file keeps them: str keys, leaf by leaf)
+        if self.names is None and isinstance(update, dict):
             self.names = tuple(update)
         return k
 
@@ -586,8 +585,12 @@ class UpdateStore:
         """JSON-able ``k_max``, ``dtype``, ``parties`` (row order) and ``names`` (the dict updates' leaf order, or
         None): with the rows, what :meth:`from_rows` needs. The budget and spill directory are this machine's and are
         not included."""
-        return {"k_max": self.k_max, "dtype": self.dtype, "parties": list(self._parties),
-                "names": None if self.names is None else list(self.names)}
+        return {"k_max": self.k_max, "dtype": self.dtype, "parties": list(self._parties), "names": self._saved_names()}
+
+    def _saved_names(self):
+        """The leaf names as a file keeps them (JSON: str or int keys), else None (kept in memory only)."""
+        keep = self.names is not None and all(type(n) in (str, int) for n in self.names)
+        return list(self.names) if keep else None
 
     @classmethod
     def from_rows(cls, rows, *, k_max: int, dtype: str, parties, shapes=None, budget_bytes=None,
@@ -596,10 +599,9 @@ class UpdateStore:
         ``parties`` (k ids, row order); ``names``: the leaf order of dict updates, where the rows came from dicts.
         ValueError / TypeError if they are inconsistent or hold non-finite values; BudgetExceeded where the rows
         pass a refusing budget. The rows are copied in, one at a time."""
-        if names is not None and not (isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)
-                                      and len(set(names)) == len(names)
-                                      and (shapes is None or len(names) == len(shapes))):
-            raise ValueError(f"names must be distinct leaf names, one per shape, got {names!r}")
+        if names is not None and not (isinstance(names, (list, tuple)) and all(type(n) in (str, int) for n in names)
+                                      and len(set(names)) == len(names)):
+            raise ValueError(f"names must be distinct leaf names (str or int keys), got {names!r}")
         rows = rows if is_device_array(rows) else np.asarray(rows)
         if dtype == "bfloat16" and rows.dtype == bfloat16:
             rows = rows.view(np.uint16)  # ml_dtypes bfloat16 (other rows are refused below, not read as its bits)
@@ -646,8 +648,10 @@ class UpdateStore:
         return self if type(self) is kind else self._copy_as(kind)
 
     def _copy_as(self, kind) -> "UpdateStore":
-        return kind.from_rows(self.rows(), **self.describe(), shapes=self.shapes, budget_bytes=self.budget_bytes,
-                              over_budget=self.over_budget, spill_dir=self.spill_dir)
+        other = kind.from_rows(self.rows(), **self.describe(), shapes=self.shapes, budget_bytes=self.budget_bytes,
+                               over_budget=self.over_budget, spill_dir=self.spill_dir)
+        other.names = self.names  # (also names a file could not keep)
+        return other
 
     def extend(self, other: "UpdateStore") -> None:
         """Append another store's rows and parties (merging two partial states): all or nothing. Raises
@@ -667,7 +671,7 @@ class UpdateStore:
         return {
             "format": FORMAT, "version": str(VERSION), "n": str(self.n), "k_max": str(self.k_max),
             "dtype": self.dtype, "parties": json.dumps(self._parties),
-            "names": json.dumps(None if self.names is None else list(self.names)),
+            "names": json.dumps(self._saved_names()),
             "shapes": json.dumps(None if self.shapes is None else [list(s) for s in self.shapes]),
             "budget_bytes": json.dumps(self.budget_bytes), "over_budget": self.over_budget,
             "spill_dir": json.dumps(self.spill_dir),

@@ -1455,7 +1455,7 @@ class JITScheduler:
             if first <= max(ended):  # (a manifest that names an ended round as open: resume after it)
                 log.warning("job %r: the state directory names round %d as open, but round %d ended; resuming at %d",
                             job.id, first, max(ended), max(ended) + 1)
-                first, meta = max(ended) + 1, {k: v for k, v in meta.items() if k not in ("state", "parties")}
+                first, meta = max(ended) + 1, {k: v for k, v in meta.items() if k not in ("state", "parties", "carried")}
         if first > job.first_round:  # rounds before the open one that it does not hold: results let go (keep_rounds),
             js.forgotten = first - 1  # or a round whose end could not be recorded (a full disk)
         for p in meta.get("dropped", []):  # parties that left (drop_party) are not waited for

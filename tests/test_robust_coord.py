@@ -992,16 +992,22 @@ def test_the_leaf_order_of_dict_updates_survives_files_and_copies(tmp_path):
 
 
 def test_stores_of_other_keys_still_copy_and_load_and_an_empty_batch_is_nothing(tmp_path):
-    """The leaf order is kept for dicts of str keys (what a file holds): a store fed int keys or a flat one-leaf
-    dict failed copy() and load() once from_rows checked the names; add_many of nothing raised IndexError on a store
-    over a budget it had been given to refuse past."""
+    """A store fed int keys or a flat one-leaf dict failed copy() and load() once from_rows checked the names (and a
+    fix that kept names only for str keys let int-keyed leaves be stored swapped again); add_many of nothing raised
+    IndexError on a store over a budget it had been given to refuse past."""
+    zero, one = np.zeros(2, np.float32), np.ones(2, np.float32)
     ints = UpdateStore(4, 4, shapes=[(2,), (2,)])
-    ints.add({0: np.zeros(2, np.float32), 1: np.ones(2, np.float32)}, "p")
+    ints.add({0: zero, 1: one}, "p")
+    ints.add({1: one, 0: zero}, "q")
+    np.testing.assert_array_equal(ints.rows()[1], [0, 0, 1, 1])
     ints.save(tmp_path / "i.jks")
-    assert ints.names is None and UpdateStore.load(tmp_path / "i.jks").k == 1 and ints.copy().k == 1
+    for other in (UpdateStore.load(tmp_path / "i.jks"), ints.copy()):
+        assert other.names == (0, 1) and other.k == 2
     flat = UpdateStore(4, 4, shapes=[(2,), (2,)])
     flat.add({"w": np.arange(4, dtype=np.float32)}, "p")
-    assert flat.names is None and flat.copy().k == 1
+    assert flat.copy().k == 1
+    with pytest.raises(jk.LayoutMismatch, match="differ from the store's"):
+        flat.add({"v": np.arange(4, dtype=np.float32)}, "q")
     named = UpdateStore(4, 4, shapes=[(2,), (2,)])
     named.add({"a": np.zeros(2, np.float32), "b": np.ones(2, np.float32)}, "p")
     named.add({"w": np.arange(4, dtype=np.float32)}, "q")  # the flat form still goes in
