@@ -37,13 +37,6 @@ def gpu_of(x) -> int:
     return int(x.device.id)
 
 
-def current_gpu() -> int:
-    """CuPy's current device, where the GPU backend allocates and launches."""
-    import cupy as cp
-
-    return int(cp.cuda.Device().id)
-
-
 def array_module(a):
     """The array module of ``a``: CuPy for a CuPy array, else numpy (``cupy.get_array_module`` without importing
     CuPy where no device array was ever made)."""

@@ -18,7 +18,7 @@ from functools import cached_property
 
 import numpy as np
 
-from .device import DeviceLeaf, current_gpu, device_leaf, gpu_of, is_device_array, leaf_to, leaf_to_cupy
+from .device import DeviceLeaf, device_leaf, gpu_of, is_device_array, leaf_to, leaf_to_cupy
 from .dtypes import (Quantized, dtype_name, is_float_name, is_leaf_dtype_name, is_torch_tensor, np_dtype,
                      numpy_to_torch, torch_to_numpy)
 from .errors import BackendUnavailable, LayoutMismatch
@@ -85,8 +85,10 @@ def _as_array(x, name, party, writable=False):
 
 
 def _on_current_gpu(x, name, party) -> None:
-    """The kernels run on the current device: another GPU's memory is an illegal address there."""
-    gpu, current = gpu_of(x), current_gpu()
+    """The kernels run on the runtime's current device: another GPU's memory is an illegal address there."""
+    from .backends import cupy_backend  # (imported here: it imports this module)
+
+    gpu, current = gpu_of(x), cupy_backend.runtime().device_id()
     if gpu != current:
         raise LayoutMismatch(f"the array is on GPU {gpu}; the GPU backend runs on the current device, GPU {current} "
                              f"(copy it there, or work under cupy.cuda.Device({gpu}))", leaf=name, party=party)
