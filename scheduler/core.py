@@ -841,28 +841,31 @@ class JITScheduler:
         running ends without effect on the closed scheduler, except that a finalize whose result was being written
         to the state directory completes the write (as if the process had stopped right after it): a scheduler
         resumed there returns that round's result."""
-        with self._settling():
-            self._closed = True
-            self.waiting.clear()  # a slot freed below goes to nobody
-            for timer in self._retries.values():
-                timer.cancel()
-            self._retries.clear()
-            for js in self.jobs.values():
-                for rnd in js.rounds.values():
-                    if not rnd.done:  # (a done round's future is resolved, or about to be)
-                        rnd.done = True
-                        self._resolve(rnd, error=SchedulerClosed(f"job {js.job.id!r} round {rnd.number}: the "
-                                                                 "scheduler was closed before the round finished"))
-                    self._drop_pending(js, rnd)
-                js.buffered_bytes = 0  # (arrivals still queued on the clock, and running folds, end without effect)
-                if js.deployment is not None:
-                    self._release(js, "scheduler closed")
-            self.buffered_bytes = 0
-        self.executor.close()
-        if self._own_clock and hasattr(self.clock, "close"):  # (a VirtualClock has no thread to stop)
-            self.clock.close()
-        if self.store is not None:
-            self.store.close()
+        try:
+            with self._settling():
+                self._closed = True
+                self.waiting.clear()  # a slot freed below goes to nobody
+                for timer in self._retries.values():
+                    timer.cancel()
+                self._retries.clear()
+                for js in self.jobs.values():
+                    for rnd in js.rounds.values():
+                        if not rnd.done:  # (a done round's future is resolved, or about to be)
+                            rnd.done = True
+                            self._resolve(rnd, error=SchedulerClosed(
+                                f"job {js.job.id!r} round {rnd.number}: the scheduler was closed before the round "
+                                "finished"))
+                        self._drop_pending(js, rnd)
+                    js.buffered_bytes = 0  # (arrivals still queued on the clock, and running folds: no effect)
+                    if js.deployment is not None:
+                        self._release(js, "scheduler closed")
+                self.buffered_bytes = 0
+        finally:  # a done-callback that raised (KeyboardInterrupt) while its future resolved: stop all the same
+            self.executor.close()
+            if self._own_clock and hasattr(self.clock, "close"):  # (a VirtualClock has no thread to stop)
+                self.clock.close()
+            if self.store is not None:
+                self.store.close()
 
     # --- cost ---------------------------------------------------------------------------------------------------
     def work_estimate(self, js: _JobState, rnd: _Round) -> float:
@@ -920,7 +923,7 @@ class JITScheduler:
                 with self._lock:
                     for js, number in opening:
                         if not self._closed:  # (a done-callback may have closed the scheduler)
-                            self._open_round(js, number)
+                            self._open_next(js, number)
             if interrupted is not None:
                 raise interrupted
 
@@ -946,19 +949,39 @@ class JITScheduler:
             rnd = js.rounds[number] = _Round(number, math.nan, js.job.quorum_count())
         return rnd
 
+    def _open_next(self, js: _JobState, number: int) -> None:
+        """Open round ``number`` of a job whose last round ended (under the lock). A round whose aggregator cannot be
+        made now (a robust rule's k-update slab, say, with memory short: MemoryError) is tried again a start-up
+        later: it stays the job's opening round meanwhile, so its updates are taken as early ones, and the other
+        jobs' rounds open as they would. (The error went out of the thread that ended the last round, a fold's or a
+        submitter's, and the jobs whose rounds were to open after it in the same batch never opened theirs.)"""
+        try:
+            self._open_round(js, number)
+        except Exception as e:
+            retry = max(1.0, self.cost.startup_s)
+            log.error("job %r: round %d could not open (%r); trying again in %.3g s", js.job.id, number, e, retry)
+            self._log("open_failed", js, round=number, error=repr(e), retry_s=retry)
+            self.clock.call_at(self.clock.now() + retry, self._retry_open, js, number)
+
+    def _retry_open(self, js: _JobState, number: int) -> None:
+        with self._settling():
+            if not self._closed and js.opening == number and self.jobs.get(js.job.id) is js:
+                self._open_next(js, number)
+
     def _open_round(self, js: _JobState, number: int) -> None:
         now = self.clock.now()
         rnd = self._round(js, number)
-        rnd.start = now
-        js.open, js.opening = rnd, None
-        if js.layout is not None:
+        agg = None
+        if js.layout is not None:  # first, as it may fail: the round is not open until it has its aggregator
             if js.carry is not None:  # the next round of a closed one: same model, moments and counters
-                rnd.aggregator, js.carry = js.carry, None
-                rnd.aggregator.reset(reuse=True)
+                agg, js.carry = js.carry, None
+                agg.reset(reuse=True)
             elif js.spare is not None:  # last round's accumulator, zeroed: a fresh one costs first-touch page faults
-                rnd.aggregator, js.spare = js.spare, None
+                agg, js.spare = js.spare, None
             else:
-                rnd.aggregator = js.new_aggregator()
+                agg = js.new_aggregator()
+        rnd.start, rnd.aggregator = now, agg
+        js.open, js.opening = rnd, None
         if js.job.deadline_s is not None:
             rnd.deadline_timer = self.clock.call_at(now + js.job.deadline_s, self._on_deadline, js, rnd)
         self._log("open_round", js, round=number)

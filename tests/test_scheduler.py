@@ -259,6 +259,53 @@ def test_a_failed_fold_releases_its_bytes_and_a_late_failure_leaves_the_clock_ru
     assert isinstance(s.result("j", 0).exception(), OSError) and s.buffered_bytes == 0
 
 
+def test_a_round_that_cannot_open_is_tried_again_and_strands_no_other_job(monkeypatch):
+    """A round whose aggregator cannot be made (MemoryError) opens a start-up later, with the updates sent for it
+    meanwhile; the error does not leave the thread that ended the last round, and other jobs go on. (It went out of
+    the fold's completion, and the round, and every job's opening after it in that batch, never opened.)"""
+    clk = VirtualClock()
+    s = JITScheduler("eager", slots=2, clock=clk, cost=COST)
+    tmpl = {"w": np.zeros(3, np.float32)}
+    for j in "ab":
+        s.add_job(Job(j, template=tmpl, parties=["p", "q"], quorum=2, rounds=2))
+    real, failed = JITScheduler._open_round, []
+
+    def open_round(self, js, number):
+        if js.job.id == "a" and number == 1 and not failed:
+            failed.append(clk.now())
+            raise MemoryError("no room for the aggregator")
+        return real(self, js, number)
+
+    monkeypatch.setattr(JITScheduler, "_open_round", open_round)
+    for r in (0, 1):
+        for j in "ab":
+            for i, p in enumerate("pq"):
+                clk.call_at(10.0 * (r + 1) + i, s.submit, j, r, p, {"w": np.full(3, r + i, np.float32)})
+    clk.run()
+    assert failed
+    for j in "ab":  # round 1's mean of (1, 2): a's updates came before its round could open, and were kept
+        assert s.result(j, 1).done(), j
+        np.testing.assert_array_equal(s.result(j, 1).result()["w"], np.full(3, 1.5, np.float32))
+    assert any(d["event"] == "open_failed" and d["job"] == "a" for d in s.decisions)
+    opened = next(d["t"] for d in s.decisions if d["event"] == "open_round" and d["job"] == "a" and d["round"] == 1)
+    assert opened == failed[0] + COST.startup_s
+
+
+def test_close_shuts_down_even_if_a_done_callback_raises():
+    """A done-callback raising a BaseException while close() resolves the rounds: the scheduler still stops its
+    executor, clock and state directory (close went out before them)."""
+    s = JITScheduler("jit")
+    s.add_job(Job("j", template={"w": np.zeros(2, np.float32)}, parties=list("ab"), quorum=2))
+
+    def interrupt(_):
+        raise KeyboardInterrupt
+
+    s.result("j", 0).add_done_callback(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        s.close()
+    assert s.executor.pool._shutdown and not s.clock._thread.is_alive()
+
+
 def test_close_resolves_open_rounds_and_refuses_later_submits():
     s = JITScheduler("jit")
     s.add_job(Job("j", template={"w": np.zeros(2, np.float32)}, parties=list("ab"), quorum=2))
