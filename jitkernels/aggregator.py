@@ -230,6 +230,13 @@ class Aggregator:
             alg = _algorithms.from_params(state.algorithm)
         except (ValueError, TypeError) as e:  # (a record from a file that no algorithm's parameters could make)
             raise CorruptState(f"the state's algorithm record {state.algorithm} does not rebuild: {e}") from None
+        # (a checksummed file can still lack them: a save from another tool, or a worker's partial state)
+        if alg.needs_base and state.base is None:
+            raise CorruptState(f"the state's algorithm {type(alg).__name__} folds deltas against the global model, "
+                               "and the state has no base")
+        if getattr(alg, "buffered", False) and state.store is None:
+            raise CorruptState(f"the state's algorithm {type(alg).__name__} keeps the round's updates, and the "
+                               "state has no store of them")
         if getattr(alg, "buffered", False):
             if alg.over_budget == "spill" and alg.budget_bytes is not None and spill_dir is None:
                 raise ValueError(f"the state's {type(alg).__name__} spills past its budget of {alg.budget_bytes} "
@@ -758,6 +765,10 @@ class Aggregator:
             raise ValueOutOfRange(f"leaf {self.layout.leaves[over[0]].name!r}: its total weight "
                                   f"{weights[over[0]]:.6g} is past the {self.acc_dtype} accumulator's range "
                                   f"(use acc_dtype='float64', or smaller weights)")
+        if closing and opt and (st.opt is None or "m" not in st.opt or (alg.moments == 2 and "v" not in st.opt)):
+            # (a worker's partial state has none: it is merged into the server's, which steps)
+            raise CorruptState(f"{type(alg).__name__} steps with its moments, and this state has none: finalize "
+                               "the state it was made to merge into")
         noisy = alg.noise_std(st) > 0  # (the accumulator holds noise once this round has closed)
         if closing and noisy:  # on the average delta, before that scaling, as the sum is
             alg.claim_noise(st)  # (refuses before anything changes)

@@ -102,8 +102,13 @@ def torch_to_numpy(t):
 
 
 def numpy_to_torch(a):
-    """The inverse of :func:`torch_to_numpy` (no copy)."""
-    torch = _torch()
+    """The inverse of :func:`torch_to_numpy` (no copy). Imports torch: a state saved from a torch template is
+    finalized in a process that may not have imported it yet (a resumed job, a Ray worker)."""
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(f"the template's leaves were torch tensors, and torch is not installed here ({e}); "
+                          "pip install torch, or rebuild the aggregator from a numpy template") from None
     if a.dtype == bfloat16:
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)

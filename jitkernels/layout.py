@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -117,21 +118,27 @@ def _join(prefix: str, key) -> str:
 class Layout:
     """Leaves of a job in flattening order, with their offsets into one flat accumulator."""
 
-    def __init__(self, leaves, treedef, array_type: str = "numpy"):
+    def __init__(self, leaves, treedef, array_type: str = "numpy", makers=None):
         self.leaves = tuple(leaves)
         self.treedef = treedef
         self.array_type = array_type
         self.size = sum(leaf.size for leaf in self.leaves)
+        # the template's container types beyond dict/list/tuple, in the tree's pre-order (None: all plain): results
+        # come back as an OrderedDict (torch's state_dict) or a namedtuple as the template was. Not in files: a state
+        # loaded from one rebuilds plain dicts and tuples
+        self.makers = makers
 
     # --- construction -------------------------------------------------------------------------------------------
     @classmethod
     def from_template(cls, template) -> "Layout":
-        leaves, arrays = [], []
+        leaves, arrays, makers = [], [], []
         offset = 0
         array_type = "numpy"
 
         def walk(node, prefix):
             nonlocal offset, array_type
+            if isinstance(node, (dict, list, tuple)):
+                makers.append(_maker(node))
             if isinstance(node, dict):
                 keys = list(node.keys())
                 for k in keys:
@@ -158,7 +165,7 @@ class Layout:
         if not leaves:
             raise TypeError("template has no array leaves")
         _check_names([leaf.name for leaf in leaves], TypeError)
-        return cls(leaves, treedef, array_type)
+        return cls(leaves, treedef, array_type, tuple(makers) if any(makers) else None)
 
     # --- identity -----------------------------------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -212,7 +219,8 @@ class Layout:
     def on_host(self) -> "Layout":
         """This layout with the host counterpart of its array type (CuPy -> numpy, torch CUDA -> torch CPU): where
         results go when its leaves are folded on a CPU backend of a machine without a GPU."""
-        return Layout(self.leaves, self.treedef, _HOST_OF[self.array_type]) if self.in_gpu_memory else self
+        return Layout(self.leaves, self.treedef, _HOST_OF[self.array_type], self.makers) if self.in_gpu_memory \
+            else self
 
     def __eq__(self, other):
         return isinstance(other, Layout) and self.fingerprint == other.fingerprint
@@ -280,7 +288,7 @@ class Layout:
                 return t.cuda() if at == "torch_cuda" else t
             return a if at == "numpy" else leaf_to_cupy(a)
 
-        return _build(self.treedef, iter(arrays), conv)
+        return _build(self.treedef, iter(arrays), conv, iter(self.makers) if self.makers else None)
 
 
 def _flatten(layout, node, td, prefix, out, pos, party, partial, writable=False) -> int:
@@ -336,14 +344,32 @@ def _flat_dict(layout, update):
     return out
 
 
-def _build(td, it, conv):
+def _maker(node):
+    """How to rebuild a template container of a type other than dict, list and tuple, from its items (pairs for a
+    dict): an OrderedDict's or a namedtuple's; None for the plain types, and for other subclasses, which come back as
+    their plain type (a defaultdict, say: its constructor takes a default factory first)."""
+    t = type(node)
+    if t in (dict, list, tuple):
+        return None
+    if isinstance(node, tuple) and hasattr(t, "_make") and hasattr(t, "_fields"):  # a namedtuple
+        return t._make
+    if issubclass(t, OrderedDict):
+        return t
+    return None
+
+
+def _build(td, it, conv, makers=None):
     kind = td["t"]
+    if kind == "leaf":
+        return conv(next(it))
+    make = next(makers) if makers is not None else None  # (pre-order: this node's before its children's)
     if kind == "dict":
-        return {k: _build(c, it, conv) for k, c in zip(td["k"], td["c"])}
-    if kind in ("list", "tuple"):
-        items = [_build(c, it, conv) for c in td["c"]]
-        return items if kind == "list" else tuple(items)
-    return conv(next(it))
+        pairs = [(k, _build(c, it, conv, makers)) for k, c in zip(td["k"], td["c"])]
+        return dict(pairs) if make is None else make(pairs)
+    items = [_build(c, it, conv, makers) for c in td["c"]]
+    if make is not None:
+        return make(items)
+    return items if kind == "list" else tuple(items)
 
 
 def _tree_names(td) -> list:

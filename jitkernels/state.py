@@ -523,16 +523,23 @@ def read_checked(path: str, what: str = "file") -> tuple:
     :class:`CorruptState` if it is truncated, altered or not such a file. Nothing is unpickled."""
     from safetensors import SafetensorError, safe_open
 
-    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open for ever (holding the GIL)
-        raise CorruptState(f"{path}: not a regular file")
+    # opened here first, for the OS's own error (FileNotFoundError only for a missing file: safetensors reports every
+    # failure to open as one, "too many open files" included, and a resume that starts afresh on FileNotFoundError
+    # dropped an intact state); non-blocking, as a FIFO would block the open for ever (holding the GIL)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
-        with safe_open(path, framework="np") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, ValueError, OSError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise CorruptState(f"{path}: not a readable {what} ({e})") from e
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CorruptState(f"{path}: not a regular file")
+        try:
+            with safe_open(path, framework="np") as f:
+                meta = dict(f.metadata() or {})
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except FileNotFoundError as e:  # it is there (open above): the open failed for another reason
+            raise OSError(f"{path}: could not be opened to read ({e}; the file exists)") from e
+        except (SafetensorError, ValueError, OSError) as e:
+            raise CorruptState(f"{path}: not a readable {what} ({e})") from e
+    finally:
+        os.close(fd)
     expected = meta.pop("checksum", None)
     if expected is None or _checksum(tensors, meta) != expected:
         raise CorruptState(f"{path}: checksum mismatch (the {what} was altered or damaged)")
@@ -566,6 +573,21 @@ def _checksum(tensors: dict, meta: dict) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    """The process's umask: from /proc on Linux; elsewhere set and put back (the only way to read it there), to
+    0o077 meanwhile, so that a file another thread creates in between is private rather than open."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, data, *, on_step=None) -> None:
     """Crash-safe replace of ``path`` by ``data``: a reader sees the old file or the new one, never a mix. ``data``:
     bytes, or a function that writes the file at the path it is given (:func:`checked_writer`).
@@ -578,17 +600,19 @@ def atomic_write(path: str, data, *, on_step=None) -> None:
     # a fresh exclusive name: a pid alone collided with a dead process's leftover (pid 1 again in a container) and
     # with a second thread saving the same path
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
-    os.fchmod(fd, 0o644)
+    mode = 0o666 & ~_umask()  # a plain open's mode (mkstemp's 0600 is for its own temp files), by either path
     try:
         if callable(data):
             os.close(fd)
-            data(tmp)
+            data(tmp)  # (safetensors' writer makes a file of its own mode there)
             fd = os.open(tmp, os.O_RDONLY)
             try:
+                os.fchmod(fd, mode)
                 os.fsync(fd)
             finally:
                 os.close(fd)
         else:
+            os.fchmod(fd, mode)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()

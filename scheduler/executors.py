@@ -148,7 +148,8 @@ def _fold_partial(spec: dict, base, updates: list, weights: list, parties: list,
     state = jk.FoldState(layout, algorithm=spec["algorithm"], acc_dtype=spec["acc_dtype"], base=base,
                          round=spec["round"], scalars=spec["scalars"])
     agg = jk.Aggregator.from_state(state, backend=spec["backend"])
-    agg.fold_many([layout.unflatten(u) for u in updates], weights, parties, infos)
+    rebuild = jk.Layout(layout.leaves, layout.treedef)  # numpy containers: a torch job's worker need not load torch
+    agg.fold_many([rebuild.unflatten(u) for u in updates], weights, parties, infos)
     state.base = None
     return state.to_bytes()
 

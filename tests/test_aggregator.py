@@ -1,5 +1,6 @@
 """The user-facing API: containers and array types in and out, dtypes, partial updates, bases, integer leaves."""
 
+import collections
 import gc
 import weakref
 
@@ -64,6 +65,29 @@ def test_containers(container, backend="cpp"):
         assert type(out) is (list if container == "list" else tuple)
         for o, a in zip(out, arrs):
             np.testing.assert_allclose(o, 1.5 * a, rtol=1e-6)
+
+
+_Params = collections.namedtuple("_Params", "weight bias")
+
+
+def test_ordered_dicts_and_namedtuples_come_back_as_they_went_in():
+    """torch's state_dict() is an OrderedDict; a namedtuple template gives named fields: the result is of the
+    template's own container types at every level (they came back as a dict and a plain tuple, and ``.weight`` was
+    an AttributeError). A state from a file rebuilds plain ones: files keep no Python types."""
+    sd = torch.nn.Linear(3, 2).state_dict()
+    tmpl = {"net": sd, "extra": [_Params(np.zeros(2, np.float32), np.zeros(1, np.float32))]}
+    agg = jk.Aggregator(tmpl)
+    agg.fold({"net": {k: v + 1 for k, v in sd.items()},
+              "extra": [(np.ones(2, np.float32), np.full(1, 3, np.float32))]}, 1.0, "a")
+    out = agg.finalize()
+    assert type(out) is dict and type(out["net"]) is collections.OrderedDict and list(out["net"]) == list(sd)
+    assert type(out["extra"][0]) is _Params and out["extra"][0].bias[0] == 3
+    torch.testing.assert_close(out["net"]["weight"], sd["weight"] + 1)
+    solo = jk.Aggregator(_Params(np.zeros(2, np.float32), np.zeros(1, np.float32)))
+    solo.fold(_Params(np.ones(2, np.float32), np.ones(1, np.float32)), 1.0, "a")
+    assert solo.finalize().weight.tolist() == [1.0, 1.0]
+    loaded = jk.Aggregator.from_state(jk.FoldState.from_bytes(agg.state.to_bytes())).finalize()
+    assert type(loaded["net"]) is dict and type(loaded["extra"][0]) is tuple
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])

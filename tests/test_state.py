@@ -9,6 +9,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 
 import jitkernels as jk
 from jitkernels.state import atomic_write
@@ -101,6 +102,95 @@ def test_corrupt_files_are_refused(tmp_path, damage):
 def test_missing_file_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError):
         jk.FoldState.load(tmp_path / "nope.jks")
+
+
+def test_a_state_file_that_is_there_but_cannot_be_opened_is_not_file_not_found(tmp_path, monkeypatch):
+    """safetensors reports every failure to open a file as FileNotFoundError ("too many open files" too): a resume
+    that starts afresh on FileNotFoundError dropped an intact state. The OS's own error comes through instead."""
+    import safetensors
+
+    path = str(tmp_path / "s.jks")
+    agg = jk.Aggregator({"w": np.zeros(2, np.float32)})
+    agg.fold({"w": np.ones(2, np.float32)}, 1.0, "a")
+    agg.state.save(path)
+
+    def emfile(*_, **__):
+        raise FileNotFoundError("No such file or directory")  # what safe_open raises for EMFILE
+
+    monkeypatch.setattr(safetensors, "safe_open", emfile)
+    with pytest.raises(OSError, match="exists") as err:
+        jk.FoldState.load(path)
+    assert not isinstance(err.value, FileNotFoundError)
+
+
+@pytest.mark.parametrize("umask", [0o077, 0o022])
+def test_atomic_writes_follow_the_umask(tmp_path, umask):
+    """Files get a plain open's mode under the process's umask, by either path (bytes were written 0644 whatever
+    the umask: secure aggregation's state and the scheduler's journal world-readable under umask 077)."""
+    old = os.umask(umask)
+    try:
+        atomic_write(str(tmp_path / "b"), b"secret")
+        agg = jk.Aggregator({"w": np.zeros(2, np.float32)})
+        agg.fold({"w": np.ones(2, np.float32)}, 1.0, "a")
+        agg.state.save(str(tmp_path / "s.jks"))
+    finally:
+        os.umask(old)
+    for name in ("b", "s.jks"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_states_that_lack_what_their_algorithm_needs_are_corrupt_state():
+    """A checksummed state without the base its algorithm folds against, without a robust rule's store, or without
+    a server optimizer's moments is refused by name (each failed untyped at finalize, after folds were taken)."""
+    from jitkernels import robust as R
+    from jitkernels.state import checked_bytes, read_checked_bytes
+
+    def without(agg, drop_tensor, drop_meta=None):
+        t, m = read_checked_bytes(agg.state.to_bytes())
+        t = {k: np.ascontiguousarray(v) for k, v in t.items() if not k.startswith(drop_tensor)}
+        return jk.FoldState.from_bytes(checked_bytes(t, {k: v for k, v in m.items() if k != drop_meta}))
+
+    tmpl = {"a": np.ones(4, np.float32)}
+    adam = jk.Aggregator(tmpl, jk.algorithms.FedAdam(), base=tmpl)
+    adam.fold({"a": np.full(4, 2, np.float32)}, 1.0, "p")
+    with pytest.raises(jk.CorruptState, match="no base"):
+        jk.Aggregator.from_state(without(adam, "base"))
+    resumed = jk.Aggregator.from_state(without(adam, "opt_"))
+    with pytest.raises(jk.CorruptState, match="moments"):
+        resumed.finalize()
+    median = jk.Aggregator(tmpl, R.FedMedian())
+    median.fold({"a": np.full(4, 2, np.float32)}, 1.0, "p")
+    with pytest.raises(jk.CorruptState, match="no store"):
+        jk.Aggregator.from_state(without(median, "store_", "store"))
+
+
+def test_a_torch_jobs_state_comes_back_as_torch_in_a_process_that_has_not_imported_torch(tmp_path):
+    """Results of a torch template are torch tensors wherever the state is resumed: numpy_to_torch read torch from
+    sys.modules, and a resumed job or a Ray worker that had not imported it failed with 'NoneType' has no
+    'from_numpy'. A Ray worker's fold of a torch job does not need torch at all."""
+    path = str(tmp_path / "s.jks")
+    agg = jk.Aggregator({"w": torch.zeros(3), "b": torch.zeros(2, dtype=torch.bfloat16)})
+    agg.fold({"w": torch.ones(3), "b": torch.ones(2, dtype=torch.bfloat16)}, 1.0, "a")
+    agg.state.save(path)
+    spec = {"layout": agg.state.layout.to_json(), "algorithm": agg.state.algorithm, "acc_dtype": "float32",
+            "round": 0, "scalars": {}, "backend": "auto"}
+    code = textwrap.dedent(f"""
+        import json, sys
+        import numpy as np, ml_dtypes, jitkernels as jk
+        from scheduler.executors import _fold_partial
+        assert "torch" not in sys.modules
+        part = _fold_partial(json.loads({json.dumps(json.dumps(spec))}), None,
+                             [[np.full(3, 5, np.float32), np.full(2, 5, ml_dtypes.bfloat16)]], [1.0], ["w"], [{{}}])
+        print("worker", "torch" in sys.modules, len(part) > 0)
+        agg = jk.Aggregator.from_state(jk.FoldState.load({path!r}))
+        agg.fold({{"w": np.full(3, 3, np.float32), "b": np.full(2, 3, ml_dtypes.bfloat16)}}, 1.0, "b")
+        out = agg.finalize()
+        print(type(out["w"]).__name__, out["w"].tolist(), str(out["b"].dtype))
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(HERE), timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split("\n")[:2] == ["worker False True", "Tensor [2.0, 2.0, 2.0] torch.bfloat16"]
 
 
 @pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(HERE, "data")) if f.endswith(".jks")))
