@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 
-from .errors import InvalidUpdateInfo
+from .errors import InvalidUpdateInfo, LayoutMismatch
 
 MOMENTUM, NESTEROV, ADAM, YOGI, ADAGRAD = range(5)  # jk::OptKind
 
@@ -480,10 +480,22 @@ class _DPClipping:
 
     # delegated: the inner algorithm's weights, optimizer and per-update values
     def __getattr__(self, name):
-        if name in ("kind", "moments", "v0", "coefficients", "info_keys", "check_info", "mass", "divisor_scale",
-                    "check_layout"):
+        if name in ("kind", "moments", "v0", "coefficients", "info_keys", "check_info", "mass", "divisor_scale"):
             return getattr(self.inner, name)
         raise AttributeError(name)
+
+    def check_layout(self, layout) -> None:
+        """Integer and bool leaves are refused: they are averaged exactly (neither clipped nor noised), so a party's
+        value would move the released model by value / k and the guarantee would not cover it. (Flower's server-side
+        DP fails on them too: numpy will not add float noise to an int array.)"""
+        inner = getattr(self.inner, "check_layout", None)
+        if inner is not None:
+            inner(layout)
+        bad = next((leaf for leaf in layout.leaves if not leaf.is_float), None)
+        if bad is not None:
+            raise LayoutMismatch(f"{type(self).__name__} clips and noises float leaves only; this {bad.dtype} leaf "
+                                 "would be released un-noised: leave integer leaves (BatchNorm's "
+                                 "num_batches_tracked) out of the template and the updates", leaf=bad.name)
 
     def clip_norm(self, state) -> float:
         raise NotImplementedError

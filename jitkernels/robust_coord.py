@@ -55,9 +55,10 @@ thread. Any exact selection gives the same values, so backends and paths agree b
 Bytes moved per coordinate: k * itemsize read (4 for float32, 2 for float16/bfloat16) + 4 written.
 
 Inputs: an :class:`~jitkernels.robust_store.UpdateStore` or a [k, N] array of float32, float16, bfloat16
-(``jitkernels.bfloat16``), or uint16 holding bfloat16 bits with ``dtype="bfloat16"``. NaN has no place in an order:
-a store's rows were checked as they were added, and a slab given directly is read once for NaN first
-(NonFiniteUpdate naming the row; each backend placed NaN elsewhere); +-inf is ordered as usual.
+(``jitkernels.bfloat16``), or uint16 holding bfloat16 bits with ``dtype="bfloat16"``. Values must be finite, as
+admission makes them: a store's rows were checked as they were added, and a slab given directly is read once first
+(NonFiniteUpdate naming the row): NaN has no place in an order (each backend placed it elsewhere), and an inf in the
+kept ranks made the trimmed mean inf, -inf and +inf in them NaN (the Gram rules refuse both alike).
 """
 
 from __future__ import annotations
@@ -251,21 +252,21 @@ def _slab(x, dtype):
     if name != "float32" and a.dtype != np.uint16:
         a = a.view(np.uint16)
     check_strides(a)
-    _refuse_nan(a, name)
+    _refuse_nonfinite(a, name)
     return a, CODES[name]
 
 
-_NAN_FROM = {"float16": 0x7C00, "bfloat16": 0x7F80}  # past these, with the sign bit cleared, 16-bit bits are NaN
+_INF = {"float16": 0x7C00, "bfloat16": 0x7F80}  # from these on, with the sign bit cleared, 16-bit bits are inf or NaN
 
 
-def _refuse_nan(a, name: str) -> None:
-    """NonFiniteUpdate naming the first row of a direct slab that holds NaN: one read of it, a row at a time (no
-    slab-sized temporary)."""
+def _refuse_nonfinite(a, name: str) -> None:
+    """NonFiniteUpdate naming the first row of a direct slab that holds NaN or +-inf: one read of it, a row at a
+    time (no slab-sized temporary)."""
     xp = _device.array_module(a)
     for i in range(a.shape[0]):
-        nan = xp.isnan(a[i]) if name == "float32" else (a[i] & 0x7FFF) > _NAN_FROM[name]
-        if nan.any():
-            raise NonFiniteUpdate(i, "<slab row>", int(xp.count_nonzero(nan)))
+        bad = ~xp.isfinite(a[i]) if name == "float32" else (a[i] & 0x7FFF) >= _INF[name]
+        if bad.any():
+            raise NonFiniteUpdate(i, "<slab row>", int(xp.count_nonzero(bad)))
 
 
 def check_strides(a) -> None:

@@ -63,9 +63,11 @@ Differences from Flower 1.42 (each is a bug or a hazard there; the tests show th
 * Flower casts :math:`\lceil x' \rceil` to int32: :math:`T \geq 2^{31}` silently turns values above :math:`2^{31}`
   into :math:`-2^{31}`. Here the output is uint32 and :math:`T \leq 2^{32} - 1` is checked.
 * Flower turns NaN into :math:`-2^{31}`; here a non-finite value raises :class:`~jitkernels.errors.NonFiniteUpdate`.
-* :func:`dequantize` checks :math:`0 \le S \le kT`: a larger value proves the sum wrapped (too many parties for
-  :math:`T` and :math:`b`) or masks did not cancel; Flower returns a wrong model silently. Flower's overflow warning
-  compares ``num_shares`` (neighbours per party), not the number of parties summed, with :math:`2^b / T`.
+* :func:`dequantize` refuses more parties than :func:`max_parties` allows for :math:`T` and :math:`b` (their sum
+  may have wrapped, and a wrapped sum lies in :math:`[0, kT]` like a true one: no check of the values can tell), and
+  checks :math:`0 \le S \le kT` (a value outside proves that masks did not cancel); Flower returns a wrong model
+  silently. Flower's overflow warning compares ``num_shares`` (neighbours per party), not the number of parties
+  summed, with :math:`2^b / T`.
 
 Security notes on Flower's masks (not this module's math, but what a server sums): ``pseudo_rand_gen`` draws masks
 with ``randint(0, num_range - 1)``, so a mask never takes the value :math:`2^b - 1` (the masked value is not quite
@@ -146,11 +148,13 @@ def _check_target(target_range) -> int:
     return int(target_range)
 
 
-def _check_clip(clipping_range) -> float:
-    c = float(clipping_range)
-    if not (math.isfinite(c) and c > 0):
-        raise ValueError(f"clipping_range must be finite and > 0, got {clipping_range!r}")
-    return c
+def _check_range(clipping_range, target_range) -> tuple:
+    """(c, T), checked: c finite and > 0, and T / (2c) finite (c = 1e-310 made it inf: 0 quantized to T, -c to NaN)."""
+    c, T = float(clipping_range), _check_target(target_range)
+    if not (math.isfinite(c) and c > 0 and math.isfinite(T / (2 * c))):
+        raise ValueError(f"clipping_range must be finite and > 0, with target_range / (2 * clipping_range) finite; "
+                         f"got {clipping_range!r}")
+    return c, T
 
 
 def _rng(seed):
@@ -172,7 +176,7 @@ def quantize(arrays, clipping_range: float, target_range: int, *, seed=None):
     non-finite values raise :class:`NonFiniteUpdate`. Reads 4 or 8 and writes 4 bytes per element (plus numpy's
     temporaries).
     """
-    c, T = _check_clip(clipping_range), _check_target(target_range)
+    c, T = _check_range(clipping_range, target_range)
     single = not isinstance(arrays, (list, tuple))
     rng = _rng(seed)
     quantizer = T / (2 * c)
@@ -191,19 +195,26 @@ def quantize(arrays, clipping_range: float, target_range: int, *, seed=None):
     return out[0] if single else out
 
 
-def dequantize(arrays, clipping_range: float, target_range: int, k: int, *, q_total_ratio=None):
+def dequantize(arrays, clipping_range: float, target_range: int, k: int, *, q_total_ratio=None,
+               modulus_bits: int = 32):
     r"""Float64 arrays from a sum of ``k`` quantized vectors (unmasked, mod 2^b), Flower's server-side formula:
     ``((S * (2c / T)) + (-c)) + (-(k - 1) * c)``, each step rounded in float64 in that order, then, when
     ``q_total_ratio`` (SecAgg+'s summed weighting factor) is given, ``* (T / q_total_ratio)``.
 
-    ``arrays``: a list (a list comes back) or one array of integers. A value outside ``[0, k * T]`` raises
-    :class:`ValueOutOfRange`: the sum wrapped mod 2^b (more than :func:`max_parties` parties) or masks did not
-    cancel. Reads the sums twice (the range check, then the conversion) and writes 8 bytes per element.
+    ``arrays``: a list (a list comes back) or one array of integers. ``modulus_bits``: the b of the sum (Flower's
+    default modulus 2^32). More than :func:`max_parties` parties raises :class:`ValueOutOfRange` before any value is
+    read: their sum may have wrapped mod 2^b, and a wrapped sum lies in ``[0, k * T]`` like a true one, so no check
+    of the values can tell. A value outside ``[0, k * T]`` raises it too: masks did not cancel. Reads the sums
+    twice (the range check, then the conversion) and writes 8 bytes per element.
     """
-    c, T = _check_clip(clipping_range), _check_target(target_range)
+    c, T = _check_range(clipping_range, target_range)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k (parties summed) must be an integer >= 1, got {k!r}")
     k = int(k)
+    most = max_parties(T, modulus_bits)
+    if k > most:
+        raise ValueOutOfRange(f"{k} parties' values in [0, {T}] may have wrapped mod 2^{modulus_bits}: at most "
+                              f"{most} sum exactly (max_parties); use a smaller target range or a larger modulus")
     if q_total_ratio is not None and not (isinstance(q_total_ratio, (int, np.integer)) and q_total_ratio > 0):
         raise ValueError(f"q_total_ratio must be a positive integer, got {q_total_ratio!r}")
     single = not isinstance(arrays, (list, tuple))
@@ -217,8 +228,8 @@ def dequantize(arrays, clipping_range: float, target_range: int, k: int, *, q_to
             raise TypeError(f"array {i}: dequantize takes integers, got {a.dtype}")
         if a.size and (a.min() < 0 or int(a.max()) > k * T):
             raise ValueOutOfRange(
-                f"array {i}: values must lie in [0, k * T] = [0, {k * T}], found [{a.min()}, {a.max()}]: the sum "
-                f"wrapped mod 2^b (more parties than max_parties allows) or masks did not cancel")
+                f"array {i}: values must lie in [0, k * T] = [0, {k * T}], found [{a.min()}, {a.max()}]: masks did "
+                f"not cancel")
         r = a.astype(np.float64)
         r *= quantizer
         r += shift

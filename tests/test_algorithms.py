@@ -331,6 +331,19 @@ def test_fixed_clipping_scales_each_delta_to_the_clip_norm(backend):
         np.testing.assert_allclose(got[k], want.astype(np.float32), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("wrapper", [
+    lambda **kw: A.DPFixedClipping(clip_norm=1.0, **kw),
+    lambda **kw: A.DPAdaptiveClipping(num_sampled=4, count_stddev=1.0, **kw)])
+def test_dp_refuses_integer_leaves_it_would_release_un_noised(wrapper):
+    """Integer leaves are averaged exactly, neither clipped nor noised: one party's BatchNorm counter of 1e7 moved
+    the released model's by 1e7 / k, outside the guarantee. The layout is refused by name when the aggregator is made."""
+    t = {"w": np.zeros(3, np.float32), "bn.num_batches_tracked": np.zeros((), np.int64)}
+    with pytest.raises(jk.LayoutMismatch, match="'bn.num_batches_tracked'.*int64.*un-noised"):
+        jk.Aggregator(t, wrapper(noise_multiplier=1.0, seed=0), base=t)
+    floats = {"w": t["w"]}
+    jk.Aggregator(floats, wrapper(noise_multiplier=1.0, seed=0), base=floats)
+
+
 def _dp_round(backend, seed, *, threads=None, ups=None, base=None):
     alg = A.DPFixedClipping(clip_norm=1e6, noise_multiplier=1.0, seed=seed)
     agg = jk.Aggregator(base, alg, backend=backend, base=base)

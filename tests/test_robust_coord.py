@@ -874,17 +874,19 @@ def test_device_store_loads_a_spilling_stores_file(tmp_path):
 # --- review fixes (2026-11-28) ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["numpy", "numba", "cpp"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_a_direct_slab_holding_nan_is_refused_naming_its_row(backend, dtype):
+def test_a_direct_slab_holding_nan_or_inf_is_refused_naming_its_row(backend, dtype):
     """NaN has no place in an order: a slab with NaN gave [3,4,6] on numpy, [2,1,nan] on numba and [2,4,6] on cpp
-    (and another answer with tile=2). A slab given directly is read for NaN first; inf is ordered as usual."""
+    (and another answer with tile=2). Nor has inf a place in a mean: -inf and +inf in the kept ranks made NaN, as
+    admission and the Gram rules would refuse them. A slab given directly is read for both first."""
     x = np.array([[1, 1, 5], [2, 3, 6], [3, 4, 7], [9, 9, 9], [0, 0, 0]], np.float32)
-    x[2, 1] = np.nan
-    slab = to_storage(x, dtype)
-    for fn in (lambda: rc.coordinate_median(slab, backend=backend, dtype=dtype),
-               lambda: rc.trimmed_mean(slab, 0.2, backend=backend, dtype=dtype, tile=2)):
-        with pytest.raises(jk.NonFiniteUpdate, match="party 2.*1 non-finite"):
-            fn()
-    x[2, 1] = np.inf
+    for bad in (np.nan, np.inf, -np.inf):
+        x[2, 1] = bad
+        slab = to_storage(x, dtype)
+        for fn in (lambda: rc.coordinate_median(slab, backend=backend, dtype=dtype),
+                   lambda: rc.trimmed_mean(slab, 0.2, backend=backend, dtype=dtype, tile=2)):
+            with pytest.raises(jk.NonFiniteUpdate, match="party 2.*1 non-finite"):
+                fn()
+    x[2, 1] = 4
     assert rc.coordinate_median(to_storage(x, dtype), backend=backend, dtype=dtype)[1] == 3.0
 
 

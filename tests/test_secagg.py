@@ -494,11 +494,30 @@ def test_dequantize_bit_identical_to_flower(seed, k, weighted, ct):
             assert g.dtype == np.float64 and g.tobytes() == w.tobytes()
 
 
-def test_dequantize_detects_a_wrapped_sum():
+def test_dequantize_refuses_more_parties_than_sum_without_wrapping_and_masks_that_did_not_cancel():
+    """A wrapped sum lies in [0, kT] like a true one: 1100 parties at T = 2^22 summed mod 2^32 dequantized to -6.99
+    for a mean of 7.9, unflagged (the value check this test once made could only see masks that did not cancel)."""
     assert sa.max_parties(T, 32) == 1023
-    with pytest.raises(jk.ValueOutOfRange, match="wrapped"):
+    rng = np.random.default_rng(0)
+    k, x = 1100, np.full(4, 7.9)
+    q = [sa.quantize(x, C, T, seed=rng) for _ in range(k)]
+    s = sa.modsum(np.zeros(4, np.uint32), q, 32)
+    with pytest.raises(jk.ValueOutOfRange, match="1100 parties.*wrapped mod 2\\^32.*1023"):
+        sa.dequantize(s, C, T, k)
+    with pytest.raises(jk.ValueOutOfRange, match="at most 3 "):  # a smaller modulus allows fewer
+        sa.dequantize(s, C, T, sa.max_parties(T, 24) + 1, modulus_bits=24)
+    np.testing.assert_allclose(sa.dequantize(sa.modsum(np.zeros(4, np.uint32), q[:1023], 32), C, T, 1023) / 1023,
+                               x, atol=2 * C / T)
+    with pytest.raises(jk.ValueOutOfRange, match="masks did not cancel"):
         sa.dequantize([np.array([0, 3 * T + 1], np.uint32)], C, T, 3)
     assert sa.dequantize(np.array([3 * T], np.uint32), C, T, 3).tolist() == [3 * C]
+
+
+def test_a_clipping_range_whose_quantizer_is_not_finite_is_refused():
+    """c = 1e-310 made T / (2c) inf: 0 quantized to T and -c to NaN (cast to uint32 with a warning)."""
+    for fn in (lambda: sa.quantize(np.zeros(3), 1e-310, T), lambda: sa.dequantize(np.zeros(3, np.uint32), 1e-310, T, 1)):
+        with pytest.raises(ValueError, match="clipping_range"):
+            fn()
 
 
 # ------------------------------------------------------------------------------------------------------------------
