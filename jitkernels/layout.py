@@ -25,6 +25,11 @@ from .dtypes import (Quantized, dtype_name, is_float_name, is_leaf_dtype_name, i
 from .errors import BackendUnavailable, LayoutMismatch
 
 
+MAX_DEPTH = 100
+"""Containers a template may nest (a model's state_dict nests a few): the layout's walks recurse, and a file's tree
+is checked against it before they do."""
+
+
 @dataclass(frozen=True)
 class Leaf:
     name: str
@@ -135,19 +140,21 @@ class Layout:
         offset = 0
         array_type = "numpy"
 
-        def walk(node, prefix):
+        def walk(node, prefix, depth=0):
             nonlocal offset, array_type
             if isinstance(node, (dict, list, tuple)):
+                if depth >= MAX_DEPTH:
+                    raise TypeError(f"the template nests deeper than {MAX_DEPTH} containers (under {prefix!r})")
                 makers.append(_maker(node))
             if isinstance(node, dict):
                 keys = list(node.keys())
                 for k in keys:
                     if not isinstance(k, str):
                         raise TypeError(f"dict keys must be str, got {k!r} under {prefix or 'the root'!r}")
-                return {"t": "dict", "k": keys, "c": [walk(node[k], _join(prefix, k)) for k in keys]}
+                return {"t": "dict", "k": keys, "c": [walk(node[k], _join(prefix, k), depth + 1) for k in keys]}
             if isinstance(node, (list, tuple)):
                 kind = "list" if isinstance(node, list) else "tuple"
-                return {"t": kind, "c": [walk(v, _join(prefix, i)) for i, v in enumerate(node)]}
+                return {"t": kind, "c": [walk(v, _join(prefix, i), depth + 1) for i, v in enumerate(node)]}
             if array_type == "numpy":
                 array_type = array_type_of(node)
             if isinstance(node, Quantized):
@@ -376,20 +383,22 @@ def _tree_names(td) -> list:
     """The leaf names of a tree read from a file, in flattening order (as from_template names them), checked node by
     node without recursion (a crafted file may nest deeply): ValueError unless every node is a dict (distinct str
     keys, one child each), a list, a tuple or a leaf."""
-    names, todo = [], [(td, "")]
+    names, todo = [], [(td, "", 0)]
     while todo:
-        node, prefix = todo.pop()
+        node, prefix, depth = todo.pop()
         kind = node.get("t") if isinstance(node, dict) else None
         if kind == "leaf":
             names.append(prefix or "<root>")
             continue
+        if depth >= MAX_DEPTH:  # (the layout's other walks recurse: a crafted file loaded, then failed at finalize)
+            raise ValueError(f"the layout's tree nests deeper than {MAX_DEPTH} containers")
         children = node.get("c") if kind in ("dict", "list", "tuple") else None
         keys = node.get("k") if kind == "dict" else range(len(children)) if isinstance(children, list) else None
         if not isinstance(children, list) or (kind == "dict" and not (
                 isinstance(keys, list) and len(keys) == len(children) and all(isinstance(k, str) for k in keys)
                 and len(set(keys)) == len(keys))):
             raise ValueError(f"the layout's tree has a malformed node {str(node)[:80]}")
-        todo.extend((c, _join(prefix, k)) for k, c in reversed(list(zip(keys, children))))
+        todo.extend((c, _join(prefix, k), depth + 1) for k, c in reversed(list(zip(keys, children))))
     return names
 
 

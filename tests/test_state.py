@@ -104,6 +104,21 @@ def test_missing_file_is_file_not_found(tmp_path):
         jk.FoldState.load(tmp_path / "nope.jks")
 
 
+def test_trees_nested_past_the_limit_are_refused_by_the_template_and_by_the_file():
+    """The layout's walks recurse: a template nested 900 deep raised RecursionError, and a crafted file's tree of
+    that depth loaded (its check does not recurse) and failed at finalize. Both are refused by name now."""
+    t = np.zeros(2, np.float32)
+    for _ in range(jk.layout.MAX_DEPTH + 1):
+        t = [t]
+    with pytest.raises(TypeError, match="nests deeper than 100"):
+        jk.Aggregator(t)
+    td = {"t": "leaf"}
+    for _ in range(500):
+        td = {"t": "list", "c": [td]}
+    with pytest.raises(ValueError, match="nests deeper than 100"):
+        jk.Layout.from_json({"leaves": [["0" + ".0" * 499, [2], "float32"]], "treedef": td})
+
+
 def test_a_state_file_that_is_there_but_cannot_be_opened_is_not_file_not_found(tmp_path, monkeypatch):
     """safetensors reports every failure to open a file as FileNotFoundError ("too many open files" too): a resume
     that starts afresh on FileNotFoundError dropped an intact state. The OS's own error comes through instead."""
