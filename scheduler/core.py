@@ -640,11 +640,17 @@ class JITScheduler:
     def _counted_round(js, round, party, update_id) -> int | None:
         """The round that counts the update ``update_id`` of ``party`` sent for ``round``, if it was acknowledged
         before, else None: that round or, for a late update carried on (late="next_round"), one of the full rounds
-        after it, up to the first with room (the rounds it was carried past stay full). Checking only the round a
-        resend ended on counted it again once the round it had been carried to filled up; what ``js.seen`` holds
-        is restored at a restart (results, checkpoints, replayed files), so a resend after one is recognized too."""
+        after it, up to the first with room (the rounds it was carried past stay full), starting from the one that
+        round's ``carried_out`` names if it names one. Checking only the round a resend ended on counted it again
+        once the round it had been carried to filled up; walking full rounds only, again once a restart reopened the
+        round it was sent for with room (its lowered partial quorum, or a member whose write had failed, not on
+        disk). What ``js.seen`` holds is restored at a restart (results, failures, checkpoints, replayed files), so
+        a resend after one is recognized too."""
         if update_id is None:
             return None
+        sent_for = js.rounds.get(round)
+        if sent_for is not None and party in sent_for.carried_out:  # (that round's only: a later one's names where
+            round = sent_for.carried_out[party]  # the party's update for that later round went)
         while js.seen.get((round, party)) != update_id:
             rnd = js.rounds.get(round)
             if js.job.late != "next_round" or rnd is None or not (rnd.done or rnd.admitted >= rnd.quorum):
@@ -704,6 +710,11 @@ class JITScheduler:
                     "the job has finished" if open_no is None else f"the round is over (round {open_no} "
                     f"is open)") + f"; update from {party!r} not taken")
             rnd = self._round(js, round)
+            if party in rnd.carried_out:  # a second update for a round it answered late: not carried again (once the
+                # round the first went to had filled, the second went on to the next, and counted too), nor taken
+                # into the round itself where a restart reopened it with room
+                raise jk.DuplicateParty(party, f"job {job_id!r} round {round} (its late update for it counts in "
+                                               f"round {rnd.carried_out[party]})")
             late_from = None  # the round a late update was sent for (late rule 'next_round': it counts in a later one)
             if rnd.done or rnd.admitted >= rnd.quorum:  # membership is fixed: the first q acknowledged updates
                 late_from = rnd
@@ -717,10 +728,6 @@ class JITScheduler:
                     raise LateUpdate(f"job {job_id!r} round {round} is over (round {open_no} is open, and late "
                                      f"updates are carried from the round before it at most); update from {party!r} "
                                      "not taken")
-                if party in rnd.carried_out:  # a second update for a round it answered late: not carried again (once
-                    # the round the first went to had filled, the second went on to the next, and counted too)
-                    raise jk.DuplicateParty(party, f"job {job_id!r} round {round} (its late update for it counts in "
-                                                   f"round {rnd.carried_out[party]})")
                 while rnd.done or rnd.admitted >= rnd.quorum:  # late rule 'next_round': the next round with room
                     round += 1
                     if js.job.after_last(round):
@@ -1099,7 +1106,8 @@ class JITScheduler:
         if self.store is None or js.layout is None:
             return
         try:
-            self.store.commit_failure(js.job.id, rnd.number, error, predictor=js.predictor.to_json())
+            self.store.commit_failure(js.job.id, rnd.number, error, predictor=js.predictor.to_json(), update_ids={
+                p: u for (n, p), u in js.seen.items() if n == rnd.number})
         except Exception:  # the round has ended in memory either way; a restart would reopen it
             log.exception("job %r round %d: could not record its failure in %s", js.job.id, rnd.number,
                           self.store.path)
@@ -1473,6 +1481,7 @@ class JITScheduler:
             rnd.done = True
             self._resolve(rnd, error=QuorumUnreachable(message) if kind == "QuorumUnreachable" else
                           SchedulerError(f"job {job.id!r} round {r} failed before the restart: {kind}: {message}"))
+            js.seen.update({(int(r), p): u for p, u in meta.get("failed_parties", {}).get(r, [])})
         ended = [int(r) for key in ("results", "failed") for r in meta.get(key, {})]
         if ended:
             if first <= max(ended):  # (a manifest that names an ended round as open: resume after it)

@@ -144,18 +144,20 @@ def decode_leaves(tensors, dtypes, n_leaves, shapes=None) -> list:
 def _check_entry(m) -> None:
     """A job's manifest entry as commits write it (a checksum anyone can compute vouches for nothing): a round
     number, state and carry files in states/, result files in results/ by round, failures as [type, message],
-    parties as [id, update id] pairs. A path elsewhere (/etc/passwd, a FIFO that hung the open) is refused."""
+    parties as [id, update id] pairs (a failed round's too, by round: manifests written before they were kept lack
+    them). A path elsewhere (/etc/passwd, a FIFO that hung the open) is refused."""
     def named(rel, folder, suffix):
         return (isinstance(rel, str) and os.path.dirname(rel) == folder and rel.endswith(suffix)
                 and os.path.basename(rel) not in ("", ".", ".."))
     rounds = lambda d: isinstance(d, dict) and all(isinstance(k, str) and _is_count(k) for k in d)  # noqa: E731
+    pairs = lambda x: isinstance(x, list) and all(isinstance(e, list) and len(e) == 2 for e in x)  # noqa: E731
     ok = (isinstance(m, dict) and (m.get("round") is None or type(m["round"]) is int and m["round"] >= 0)
           and all(m.get(k) is None or named(m[k], "states", ".jks") for k in ("state", "carry"))
           and rounds(m.get("results", {})) and all(named(v, "results", ".jkr") for v in m.get("results", {}).values())
           and rounds(m.get("failed", {})) and all(isinstance(v, list) and len(v) == 2 and all(
               isinstance(x, str) for x in v) for v in m.get("failed", {}).values())
-          and isinstance(m.get("parties", []), list) and all(
-              isinstance(e, list) and len(e) == 2 for e in m.get("parties", []))
+          and pairs(m.get("parties", []))
+          and rounds(m.get("failed_parties", {})) and all(pairs(v) for v in m.get("failed_parties", {}).values())
           and isinstance(m.get("carried", []), list) and all(
               isinstance(e, list) and len(e) == 2 and type(e[1]) is int for e in m.get("carried", []))
           and isinstance(m.get("dropped", []), list) and isinstance(m.get("predictor") or [], list)
@@ -407,15 +409,20 @@ class StateDir:
                              results=self._recent({**old.get("results", {}), str(int(rnd)): rel}),
                              carry=carry_rel or old.get("carry"), predictor=predictor or old.get("predictor"))
 
-    def commit_failure(self, job, rnd: int, error: BaseException, predictor: list | None = None) -> None:
+    def commit_failure(self, job, rnd: int, error: BaseException, predictor: list | None = None,
+                       update_ids: dict | None = None) -> None:
         """Commit a round that ended with an error (unreachable quorum, failed fold): the job moves on to the next
         round, which starts from the same carry; a restart resolves the round with the error again instead of
-        reopening it (its updates are collected with the next generation)."""
+        reopening it (its updates are collected with the next generation). ``update_ids``: {party: update id} of
+        the updates acknowledged for the round (late ones carried into it too), so that a resend after a restart is
+        still a duplicate (it was taken as a late update, and took its party's place in the next round)."""
         with self._lock:
             old = self.jobs.get(job, {})
             failed = {**old.get("failed", {}), str(int(rnd)): [type(error).__name__, str(error)]}
+            failed_parties = {**old.get("failed_parties", {}),
+                              str(int(rnd)): [[p, u] for p, u in (update_ids or {}).items()]}
             self._commit_job(job, round=int(rnd) + 1, state=None, parties=[], carried=[], failed=self._recent(failed),
-                             predictor=predictor or old.get("predictor"))
+                             failed_parties=self._recent(failed_parties), predictor=predictor or old.get("predictor"))
 
     def commit_dropped(self, job, party) -> None:
         """Commit that ``party`` left ``job`` (``JITScheduler.drop_party``): a restart does not wait for it."""

@@ -1682,6 +1682,83 @@ def test_a_second_update_for_a_round_answered_late_is_refused_after_a_checkpoint
         rec.close()
 
 
+@pytest.mark.parametrize("reopened", ["failed_write", "partial"])
+def test_a_carried_update_counts_once_where_a_restart_reopens_its_round_with_room(tmp_path, reopened):
+    """Round 0 was full when c's update for it came, so it was carried to round 1 (Ack round 1, durable); the process
+    died before round 0's result was committed, and the restart reopened round 0 with room: a's write had failed
+    (ENOSPC: its file is missing), or the partial rule had lowered round 0's quorum at its deadline (not saved).
+    c's resend (same id) was then taken into round 0 while its carried copy was replayed into round 1: counted
+    twice; and a different second update of c for round 0 was taken too. A resend follows where the update was
+    carried; a second update is DuplicateParty before the round's room is looked at."""
+    one_hot = lambda i: {"w": np.eye(4, dtype=np.float32)[i]}  # noqa: E731
+    job = lambda: Job("j", template={"w": np.zeros(4, np.float32)}, parties=list("abcd"), rounds=3,  # noqa: E731
+                      late="next_round", late_weight=1.0, prior_response_s=1.0, deterministic=True,
+                      **({"quorum": 2} if reopened == "failed_write" else
+                         {"quorum": 3, "deadline_s": 5.0, "unreachable": "partial"}))
+    policy = "eager" if reopened == "failed_write" else "lazy"
+    s = JITScheduler(policy, slots=1, clock=VirtualClock(), state_dir=tmp_path, checkpoint_bytes=0,
+                     crash_hook=_enospc("update.begin") if reopened == "failed_write" else None)
+    s.add_job(job())
+    acks = {p: s.submit("j", 0, p, one_hot(i), update_id=f"{p}0") for i, p in enumerate("ab")}
+    if reopened == "partial":  # the deadline lowers the quorum to the 2 in; the finalize waits for a start-up
+        s.clock.run(until=5.0)
+        assert s.jobs["j"].rounds[0].quorum == 2 and not s.result("j", 0).done()
+    ack = s.submit("j", 0, "c", one_hot(2), update_id="c0")
+    assert ack.round == 1 and ack.durable.result(timeout=10)
+    if reopened == "failed_write":
+        with pytest.raises(OSError):
+            acks["a"].durable.result(timeout=10)
+    s.store.crash()
+    rec = JITScheduler.recover(tmp_path, [job()], policy=policy, clock=VirtualClock(), checkpoint_bytes=0)
+    again = rec.submit("j", 0, "c", one_hot(2), update_id="c0")
+    assert again.duplicate and again.round == 1
+    with pytest.raises(jk.DuplicateParty, match="round 0 .*counts in round 1"):
+        rec.submit("j", 0, "c", one_hot(2), update_id="c0-second")
+    if reopened == "failed_write":
+        rec.submit("j", 0, "a", one_hot(0), update_id="a0")  # (its Ack was not durable: the client resends it)
+    rec.clock.run(until=rec.clock.now() + 6.0)
+    rec.submit("j", 1, "d", one_hot(3), update_id="d1")
+    rec.clock.run()
+    np.testing.assert_array_equal(rec.result("j", 0).result(timeout=5)["w"], [0.5, 0.5, 0.0, 0.0])
+    assert rec.result("j", 1).result(timeout=5)["w"][2] > 0
+    rec.close()
+
+
+def test_a_resend_of_an_update_dropped_with_its_round_is_a_duplicate_after_a_restart(tmp_path):
+    """As without a restart (test_a_resend_of_an_update_dropped_with_its_round_is_a_duplicate): a round's failure
+    was committed without its members' update ids, so after a restart a resend of a's round-0 update was taken as a
+    new late update, counted in round 1 at the late weight, and a's own round-1 update was refused (DuplicateParty).
+    The failure records them; a manifest written before it did still loads."""
+    from scheduler.durable import _digest
+
+    job = lambda: Job("j", template={"w": np.zeros(4, np.float32)}, parties=list("abc"), quorum=2,  # noqa: E731
+                      rounds=3, deadline_s=5.0, late="next_round", late_weight=0.5, deterministic=True)
+    s = _sched(tmp_path)
+    s.add_job(job())
+    s.submit("j", 0, "a", {"w": np.full(4, 100.0, np.float32)}, update_id="a0").durable.result(timeout=10)
+    s.clock.run(until=6.0)  # round 0's deadline passes with 1 of 2: QuorumUnreachable
+    assert s.result("j", 0).exception(timeout=1) is not None
+    s.close()
+    rec = JITScheduler.recover(tmp_path, [job()], policy="eager", clock=VirtualClock(), checkpoint_bytes=0)
+    again = rec.submit("j", 0, "a", {"w": np.full(4, 100.0, np.float32)}, update_id="a0")
+    assert again.duplicate and again.round == 0
+    rec.submit("j", 1, "a", {"w": np.full(4, 2.0, np.float32)}, update_id="a1")
+    rec.submit("j", 1, "b", {"w": np.full(4, 4.0, np.float32)}, update_id="b1")
+    rec.clock.run(until=2.0)
+    np.testing.assert_array_equal(rec.result("j", 1).result(timeout=5)["w"], np.full(4, 3.0, np.float32))
+    rec.close()
+    newest = sorted(tmp_path.glob("manifest-0*.json"))[-1]
+    body = json.loads(newest.read_text())
+    (m,) = body["jobs"].values()
+    assert m.pop("failed_parties") == {"0": [["a", "a0"]]}
+    body.pop("checksum")
+    body["checksum"] = _digest(body)
+    newest.write_text(json.dumps(body))
+    d = StateDir(tmp_path)
+    assert not d.fallbacks and "failed_parties" not in d.jobs["j"]
+    d.close()
+
+
 def test_a_late_update_that_cannot_be_replayed_may_be_sent_again(tmp_path):
     """A replayed late update that fails (a job resumed as FedNova, its file without steps) is logged as "the party
     may resend"; the round it was sent for still said its late update counted elsewhere, and refused the resend."""
