@@ -8,6 +8,9 @@
 #include <stdint.h>
 #include <string.h>
 #endif
+#if !defined(__CUDACC__) && !defined(__CUDACC_RTC__) && (defined(__SSE__) || defined(_M_X64))
+#include <xmmintrin.h>
+#endif
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 #define JK_HD __host__ __device__ __forceinline__
@@ -41,8 +44,9 @@ JK_HD uint32_t float_to_bits(float f) {
 JK_HD float widen(bf16 h) { return bits_to_float((uint32_t)h.bits << 16); }
 
 // f16 -> f32 is exact. On the GPU, the hardware conversion (exact, and immune to flush-to-zero: f16 subnormals are
-// f32 normals). On the host, a branch-free decode (normal, subnormal, inf/nan) that vectorizes; its intermediate for
-// a subnormal is an f32 subnormal, which a flush-to-zero mode would lose, hence not used on the device.
+// f32 normals). On the host, a branch-free decode (normal, subnormal, inf/nan) that vectorizes. A subnormal is its
+// integer significand times 2^-24, both exact and normal: shifting its bits into place made an f32 subnormal, which
+// a denormals-are-zero mode (torch.set_flush_denormal) read as 0.
 JK_HD float widen(f16 h) {
 #if defined(__CUDA_ARCH__)
   __half_raw raw;
@@ -51,8 +55,9 @@ JK_HD float widen(f16 h) {
 #else
   const uint32_t sign = (uint32_t)(h.bits & 0x8000u) << 16;
   const uint32_t em = (uint32_t)(h.bits & 0x7fffu);
-  // normal and subnormal: shift into place and rescale by 2^112 (exact: a power of two)
-  const float mag = bits_to_float(em << 13) * bits_to_float(0x77800000u);
+  // a normal: shift into place and rescale by 2^112 (exact: a power of two)
+  const float normal = bits_to_float(em << 13) * bits_to_float(0x77800000u);
+  const float mag = em < 0x400u ? (float)(int32_t)em * bits_to_float(0x33800000u) : normal;
   const uint32_t infnan = (em >= 0x7c00u) ? (0x7f800000u | (em << 13)) : 0u;
   const uint32_t out = (em >= 0x7c00u) ? infnan : float_to_bits(mag);
   return bits_to_float(sign | out);
@@ -204,6 +209,23 @@ JK_HD void narrow_to(f16* o, double y) { __half_raw r = __double2half(y); o->bit
 #else
 inline void narrow_to(f16* o, float y) { _Float16 h = (_Float16)y; memcpy(&o->bits, &h, 2); }
 inline void narrow_to(f16* o, double y) { _Float16 h = (_Float16)y; memcpy(&o->bits, &h, 2); }
+#endif
+
+#if !defined(__CUDACC__) && !defined(__CUDACC_RTC__)
+// IEEE subnormals for a kernel's thread while it runs, its own mode put back after: flush-to-zero and
+// denormals-are-zero (torch.set_flush_denormal, a library built with -Ofast) are per-thread x86 modes, so that the
+// caller's thread and the OpenMP workers (which keep the mode they were started with) rounded subnormals
+// differently, and results (deterministic mode's too) depended on which thread ran an item. Entered on the calling
+// thread and inside each parallel region; MXCSR's FTZ (bit 15) and DAZ (bit 6) are cleared.
+struct IeeeMode {
+#if defined(__SSE__) || defined(_M_X64)
+  unsigned saved;
+  IeeeMode() : saved(_mm_getcsr()) { _mm_setcsr(saved & ~0x8040u); }
+  ~IeeeMode() { _mm_setcsr(saved); }
+  IeeeMode(const IeeeMode&) = delete;
+  IeeeMode& operator=(const IeeeMode&) = delete;
+#endif
+};
 #endif
 
 }  // namespace jk

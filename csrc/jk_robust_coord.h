@@ -352,10 +352,13 @@ void reg_rows(const In* x, int64_t n, int64_t ld, int64_t lo, int64_t hi, float*
   const double m = double(hi - lo);
   const int64_t nvec = n / W;  // whole blocks of W
   const int64_t nblocks = std::max<int64_t>(1, std::min<int64_t>(nthreads, nvec));
+  const ::jk::IeeeMode ieee;  // (the tail below runs on the calling thread)
 #pragma omp parallel for schedule(static, 1) num_threads(int(nblocks))
-  for (int64_t blk = 0; blk < nblocks; ++blk)
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    const ::jk::IeeeMode block_ieee;
     for (int64_t b = blk * nvec / nblocks; b < (blk + 1) * nvec / nblocks; ++b)
       reg_block<K, MODE>(x, ld, b * W, lo, hi, m, out + b * W);
+  }
   if (nvec * W < n) {  // the last n % W coordinates, through a padded copy (padding: the row's last value)
     const int64_t c0 = nvec * W, len = n - c0;
     In tmp[K * W];
@@ -387,7 +390,7 @@ template <class In>
 void tile_rows(const In* x, int64_t k, int64_t n, int64_t ld, int mode, int64_t r_lo, int64_t r_hi, float* out,
                  int64_t tile, int nthreads) {
   if (n <= 0 || k <= 0) return;
-  const int64_t T = tile > 0 ? tile : default_tile(k);
+  const int64_t T = std::min<int64_t>(tile > 0 ? tile : default_tile(k), n);  // (a longer tile only costs memory)
   const Network net = mode == 0 ? network(k, r_lo, r_hi + 1) : network(k, r_lo, r_hi);
   std::vector<char> paired(size_t(k), 0);
   for (int64_t f = 0; f < net.fused; ++f) paired[size_t(net.i[size_t(f)])] = paired[size_t(net.j[size_t(f)])] = 1;
@@ -396,6 +399,7 @@ void tile_rows(const In* x, int64_t k, int64_t n, int64_t ld, int mode, int64_t 
   const double m = double(r_hi - r_lo);
 #pragma omp parallel for schedule(static, 1) num_threads(int(nblocks))
   for (int64_t blk = 0; blk < nblocks; ++blk) {
+    const ::jk::IeeeMode ieee;
     std::vector<float> bufv(static_cast<size_t>(k * T));
     std::vector<double> accv(static_cast<size_t>(T));
     float* buf = bufv.data();

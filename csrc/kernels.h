@@ -120,6 +120,7 @@ static void walk_blocks(const int64_t* off, int64_t k, int64_t G, const Walk& wk
   const int64_t piece = std::max(min_sub, 8 * SUB);
 #pragma omp parallel num_threads(wk.nthreads) if (wk.nthreads > 1)
   for (int64_t t = thread_index(); t < wk.nthreads; t += thread_count()) {
+    const jk::IeeeMode ieee;  // (per share: one per thread, unless the team came up smaller than asked)
     for (int64_t ti = wk.share[t]; ti < wk.share[t + 1]; ++ti) {
       const int64_t t0 = wk.tiles[2 * ti], t1 = wk.tiles[2 * ti + 1];
       if (t1 - t0 == 1) {
@@ -439,9 +440,11 @@ static void fold_binned_rows(double* hi, double* lo, const double* base, const i
     }
   };
 #pragma omp parallel num_threads(wk.nthreads) if (wk.nthreads > 1)
-  for (int64_t t = thread_index(); t < wk.nthreads; t += thread_count())
+  for (int64_t t = thread_index(); t < wk.nthreads; t += thread_count()) {
+    const jk::IeeeMode ieee;
     for (int64_t ti = wk.share[t]; ti < wk.share[t + 1]; ++ti)
       for (int64_t it = wk.tiles[2 * ti]; it < wk.tiles[2 * ti + 1]; ++it) item(it);
+  }
 }
 
 // Stats per (work item, update): non-finite count, sum of squares (f64), max |x|. Values are formed in S: f64 when
@@ -610,6 +613,7 @@ static void finalize_rows(const A* acc, const A* base, const int64_t* off, const
                           const int64_t* optr, const int64_t* work, int64_t m, int nthreads) {
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t it = 0; it < m; ++it) {
+    const jk::IeeeMode ieee;  // (per item: two MXCSR writes against a chunk's pass)
     const int64_t r = work[3 * it], s = work[3 * it + 1], len = work[3 * it + 2];
     const A* __restrict a = acc + off[r] + s;
     const A* __restrict b = Base ? base + off[r] + s : nullptr;
@@ -644,6 +648,7 @@ static void step_rows(const A* acc, A* x, A* m, A* v, const int64_t* off, const 
                       const int64_t* work, int64_t nwork, jk::OptCoef<A> c, int nthreads) {
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t it = 0; it < nwork; ++it) {
+    const jk::IeeeMode ieee;
     const int64_t r = work[3 * it], s = work[3 * it + 1], len = work[3 * it + 2], o0 = off[r] + s;
     step_span<Kind, A, Out>(acc + o0, x + o0, m + o0, Kind >= jk::OPT_ADAM ? v + o0 : nullptr,
                             reinterpret_cast<Out*>(optr[r]) + s, len, (A)total_w[r], c);

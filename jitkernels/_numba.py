@@ -23,9 +23,34 @@ else:
         numba.config.THREADING_LAYER = "omp"
 
 
+_forked_from = None  # the threading layer that had started in the process this one was forked from
+
+
+def _after_fork_in_child() -> None:
+    global _forked_from
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel had run: the child starts a layer of its own
+        return
+    if layer != "workqueue":
+        _forked_from = layer
+
+
+if numba is not None and hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def available():
-    """True, or the reason numba cannot run here."""
-    return True if numba is not None else reason
+    """True, or the reason numba cannot run here: not importable, or this process was forked from one whose numba
+    kernels had started an OpenMP (or TBB) thread pool, which is not fork-safe: numba ends a child that runs a
+    parallel kernel then ("Terminating: fork() called from a process already using GNU OpenMP")."""
+    if numba is None:
+        return reason
+    if _forked_from is not None:
+        return (f"this process was forked from one whose numba kernels had started the {_forked_from!r} threading "
+                "layer, which is not fork-safe: use backend='cpp' here, or start worker processes with the 'spawn' "
+                "method")
+    return True
 
 
 if numba is not None:

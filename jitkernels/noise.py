@@ -57,7 +57,8 @@ import numpy as np
 
 from .threads import get_num_threads
 
-from ._numba import numba, reason as _numba_reason
+from . import _numba
+from ._numba import numba
 
 if numba is not None:
     from numba import njit, prange, types
@@ -105,7 +106,7 @@ def new_seed() -> int:
 
 def numba_available():
     """True, or the reason the numba kernels cannot be used."""
-    return True if numba is not None else _numba_reason
+    return _numba.available()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -425,8 +426,8 @@ if numba is not None:
 
 
 def _require_numba():
-    if numba is None:
-        raise RuntimeError(f"the numba noise kernel is unavailable: {_numba_reason}")
+    if _numba.available() is not True:
+        raise RuntimeError(f"the numba noise kernel is unavailable: {_numba.available()}")
     # Same policy as the numba backend: jitkernels' thread count, capped at numba's pool.
     t = min(get_num_threads(), numba.config.NUMBA_NUM_THREADS)
     if numba.get_num_threads() != t:
@@ -451,7 +452,7 @@ _ADD_BACKENDS = ("numpy", "numba")
 
 def _default_add_backend() -> str:
     """numba when importable, else the numpy reference (the one place that chooses)."""
-    return "numba" if numba is not None else "numpy"
+    return "numba" if _numba.available() is True else "numpy"
 
 
 def add_noise(out, sigma, seed, round, leaf, start=0, *, backend=None) -> np.ndarray:

@@ -75,7 +75,8 @@ from .dtypes import bf16_bits_to_float32, dtype_name
 from .errors import BackendUnavailable, EmptyAggregate, NonFiniteUpdate
 from .threads import get_num_threads
 
-from ._numba import numba, reason as _numba_reason
+from . import _numba
+from ._numba import numba
 
 if numba is not None:
     from numba import njit, prange, types
@@ -198,7 +199,7 @@ def available_backends() -> dict:
     """``{name: True or the reason it cannot run here}`` for the robust kernels."""
     from .backends import cupy_backend
 
-    return {"numpy": True, "numba": True if numba is not None else _numba_reason, "cpp": _cpp_available(),
+    return {"numpy": True, "numba": _numba.available(), "cpp": _cpp_available(),
             "cupy": cupy_backend.available()}
 
 
@@ -282,15 +283,20 @@ def check_strides(a) -> None:
         raise ValueError(f"the slab's row stride ({a.strides[0]} bytes) is not a whole number of elements")
 
 
+MAX_TILE = 1 << 16
+"""The longest tile taken (a longer one is this long: any tile gives the same values). A tile of 2^40 asked the C++
+backend for a k x T buffer inside its parallel region, and std::bad_alloc there ended the process."""
+
+
 def _tile(tile):
     """0: let the backend choose (the register path for small k, else tiles of default_tile(k)); > 0: the tile path
-    with tiles of that many coordinates (the tests compare both paths)."""
+    with tiles of that many coordinates, at most MAX_TILE (the tests compare both paths)."""
     if tile is None:
         return 0
     tile = int(tile)
     if tile < 1:
         raise ValueError(f"tile must be >= 1 coordinates, got {tile}")
-    return tile
+    return min(tile, MAX_TILE)
 
 
 def _out(out, rows):
@@ -616,8 +622,8 @@ def _writable_alias(rows):
 
 
 def _numba_run(rows, code, mode, r_lo, r_hi, ranks, out, tile, use_reg):
-    if numba is None:  # pragma: no cover
-        raise BackendUnavailable(f"backend 'numba' unavailable: {_numba_reason}")
+    if _numba.available() is not True:
+        raise BackendUnavailable(f"backend 'numba' unavailable: {_numba.available()}")
     k, n = rows.shape
     if n == 0:
         return

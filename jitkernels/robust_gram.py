@@ -59,7 +59,8 @@ from .errors import (BackendUnavailable, DuplicateParty, EmptyAggregate, Invalid
 from .robust_coord import check_strides
 from .threads import get_num_threads
 
-from ._numba import numba, reason as _numba_reason
+from . import _numba
+from ._numba import numba
 
 if numba is not None:
     from numba import njit, prange
@@ -168,7 +169,7 @@ def available_backends() -> dict:
     """``{name: True or the reason it cannot run here}`` for the Gram kernels."""
     from .backends import cupy_backend
 
-    return {"numpy": True, "numba": True if numba is not None else _numba_reason, "cupy": cupy_backend.available()}
+    return {"numpy": True, "numba": _numba.available(), "cupy": cupy_backend.available()}
 
 
 def gram_backend(backend: str) -> str:
@@ -183,7 +184,7 @@ def _pick(backend, rows) -> str:
     name = _backends.requested(backend)
     on_device = not isinstance(rows, np.ndarray)
     if name == "auto":
-        name = "cupy" if on_device else "numba" if numba is not None else "numpy"
+        name = "cupy" if on_device else "numba" if _numba.available() is True else "numpy"
     if name not in BACKENDS:
         raise BackendUnavailable(f"backend {name!r} has no Gram kernels (they run on {', '.join(BACKENDS)})")
     ok = available_backends()[name]
@@ -908,8 +909,8 @@ def _chunk(kp: int) -> int:
 
 
 def _gram_numba(rows, mode, refrow, refvec, block, diag_only):
-    if numba is None:  # pragma: no cover
-        raise BackendUnavailable(f"backend 'numba' unavailable: {_numba_reason}")
+    if _numba.available() is not True:
+        raise BackendUnavailable(f"backend 'numba' unavailable: {_numba.available()}")
     k, n = rows.shape
     kp = (k + 3) // 4 * 4
     # tile partial sums: keep their memory (nsup * kp^2 * 8 bytes) under ~32 MB

@@ -97,7 +97,8 @@ try:
 except ImportError:  # pragma: no cover - broken installs; the numba and numpy backends remain
     _core = None
 
-from ._numba import numba, reason as _numba_reason
+from . import _numba
+from ._numba import numba
 
 if numba is not None:
     from numba import carray, njit, prange, types
@@ -123,7 +124,7 @@ ACC_DTYPES = ("uint32", "uint64")
 
 
 def numba_available():
-    return True if numba is not None else _numba_reason
+    return _numba.available()
 
 
 def max_parties(target_range: int, modulus_bits: int) -> int:
@@ -420,8 +421,8 @@ if numba is not None:
 
 
 def _modsum_numba(acc, plan, leaves, bits, subtract):
-    if numba is None:
-        raise BackendUnavailable(f"backend 'numba' unavailable: {_numba_reason}")
+    if _numba.available() is not True:
+        raise BackendUnavailable(f"backend 'numba' unavailable: {_numba.available()}")
     k = len(leaves)
     ptr, code = _tables(leaves, plan)
     work = plan.work
@@ -464,7 +465,7 @@ def _default_backend() -> str:
     """cpp, else numba when importable, else the numpy reference (the one place that chooses)."""
     if _core is not None and hasattr(_core, "modsum"):
         return "cpp"
-    return "numba" if numba is not None else "numpy"
+    return "numba" if _numba.available() is True else "numpy"
 
 
 def _resolve(backend) -> str:
@@ -473,8 +474,8 @@ def _resolve(backend) -> str:
         raise BackendUnavailable("backend 'cpp' unavailable: the C++ extension is not built")
     if backend not in _BACKEND_FUNCS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-    if backend == "numba" and numba is None:
-        raise BackendUnavailable(f"backend 'numba' unavailable: {_numba_reason}")
+    if backend == "numba" and _numba.available() is not True:
+        raise BackendUnavailable(f"backend 'numba' unavailable: {_numba.available()}")
     if backend == "cupy":
         from .backends import cupy_backend
 

@@ -39,20 +39,46 @@ def _default() -> int:
 
 
 _threads = _default()
+# GNU OpenMP's thread pool is not fork-safe: a child forked after it started hangs for ever in its first parallel
+# region (multiprocessing's default start method on Linux before Python 3.14). A kernel that may have run on more
+# than one thread is one that asked for the count while it was above 1; a child forked after that runs its kernels
+# on one thread, which never enters the pool.
+_pool = False
+_forked = False
+
+
+def _after_fork_in_child() -> None:
+    global _threads, _forked
+    if _pool:
+        _threads, _forked = 1, True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def get_num_threads() -> int:
+    global _pool
+    if _threads > 1:
+        _pool = True
     return _threads
 
 
 def set_num_threads(n: int) -> int:
-    """Set the threads every backend's kernels use; returns the previous value."""
+    """Set the threads every backend's kernels use; returns the previous value. In a process forked from one whose
+    kernels ran on several threads, more than one is refused with a warning and 1 kept (GNU OpenMP is not fork-safe:
+    start worker processes with the 'spawn' method for threads of their own)."""
     global _threads
     if isinstance(n, bool) or not float(n).is_integer():
         raise ValueError(f"the thread count must be a whole number of threads, got {n!r}")
     n = int(n)
     if not 1 <= n <= MAX_THREADS:
         raise ValueError(f"the thread count must be within 1 to {MAX_THREADS}, got {n}")
+    if n > 1 and _forked:
+        warnings.warn(f"set_num_threads({n}): this process was forked from one whose kernels ran OpenMP threads, "
+                      "which cannot run in a forked child (it would hang): its kernels run on 1 thread; start worker "
+                      "processes with the 'spawn' method for more", RuntimeWarning, stacklevel=2)
+        n = 1
     with _lock:
         old, _threads = _threads, n
     return old

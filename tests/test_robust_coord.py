@@ -1019,3 +1019,15 @@ def test_stores_of_other_keys_still_copy_and_load_and_an_empty_batch_is_nothing(
     over.set_budget(16, "refuse")  # (it keeps the rows it has)
     over.add_many([], [])
     assert over.k == 3
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba", "cpp"])
+def test_a_tile_longer_than_any_slab_gives_the_same_values(backend):
+    """tile= beyond the slab (2^40) asked the C++ backend for a k x T buffer inside its parallel region: the
+    std::bad_alloc ended the process (numba raised a SystemError). Tiles are taken at most MAX_TILE long, and the
+    C++ kernels at most the slab's length: any tile gives the same values."""
+    x = np.random.default_rng(5).standard_normal((40, 1000)).astype(np.float32)
+    want = rc.coordinate_median(x, backend="numpy")
+    assert np.array_equal(rc.coordinate_median(x, backend=backend, tile=2 ** 40), want)
+    assert np.array_equal(rc.trimmed_mean(x, 0.1, backend=backend, tile=2 ** 40),
+                          rc.trimmed_mean(x, 0.1, backend="numpy"))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import jitkernels as jk
+from jitkernels import backends
 
 from strategies import CPU_BACKENDS
 
@@ -234,3 +235,87 @@ def test_save_waits_for_folds_from_other_threads(tmp_path, monkeypatch):
     assert set(st.parties) == {"a"} and np.all(st.acc == 1.0)
     assert set(agg.state.parties) == {"a", "b"}
     assert agg.state.to_bytes() and set(jk.FoldState.from_bytes(agg.state.to_bytes()).parties) == {"a", "b"}
+
+
+_FORK_CHILD = """
+import multiprocessing as mp, sys, warnings
+import numpy as np, jitkernels as jk
+
+def fold(backend):
+    t = {"w": np.zeros(400_000, np.float32)}
+    agg = jk.Aggregator(t, backend=backend)
+    agg.fold_many([{"w": np.ones(400_000, np.float32)}] * 2, [1.0, 3.0], parties=["a", "b"])
+    return float(agg.finalize()["w"][-1])
+
+def child(q):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        jk.set_num_threads(2)
+    out = [fold("auto"), fold("cpp"), jk.get_num_threads(), any("spawn" in str(w.message) for w in caught)]
+    try:
+        fold("numba")
+        out.append("numba ran")
+    except jk.BackendUnavailable as e:
+        out.append("fork-safe" in str(e))
+    q.put(out)
+
+if __name__ == "__main__":
+    jk.set_num_threads(2)
+    fold("cpp"), fold("numba")  # both OpenMP pools started here
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=child, args=(q,))
+    p.start()
+    p.join(60)
+    if p.exitcode is None:
+        p.kill()
+        print("hung")
+    else:
+        print(p.exitcode, q.get(timeout=5))
+"""
+
+
+@pytest.mark.skipif(not (backends.is_available("cpp") and backends.is_available("numba")), reason="needs cpp and numba")
+def test_a_forked_child_folds_on_one_thread_instead_of_hanging_or_being_killed(tmp_path):
+    """GNU OpenMP is not fork-safe: a child forked (multiprocessing's default on Linux) after the kernels ran on
+    several threads hung for ever in its first C++ fold, and numba's omp layer ended it at its first numba kernel.
+    The child now runs the C++ kernels on one thread (asking for more warns), and numba says why it cannot run."""
+    script = tmp_path / "fork_child.py"
+    script.write_text(_FORK_CHILD)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.stdout.strip() == "0 [1.0, 1.0, 1, True, True]", done.stdout + done.stderr[-2000:]
+
+
+_FLUSH_DENORMAL = """
+import numpy as np, torch, jitkernels as jk
+rng = np.random.default_rng(0)
+n = 300_001
+f16 = rng.integers(1, 0x400, n).astype(np.uint16).view(np.float16)  # every one a float16 subnormal
+f32 = (rng.standard_normal(n) * 2.0 ** -130).astype(np.float32)  # float32 subnormals
+
+def fold(u, backend, threads, det):
+    jk.set_num_threads(threads)
+    agg = jk.Aggregator({"w": np.zeros(n, u.dtype)}, backend=backend, deterministic=det,
+                        bound=2.0 ** -100 if det and u.dtype == np.float32 else 2.0 ** 20)
+    agg.fold({"w": u}, 1.0, "a")
+    return agg.state.acc.tobytes() + (agg.state.lo.tobytes() if det else b"")
+
+cases = [(u, det) for u in (f16, f32) for det in (False, True)]
+want = [fold(u, "numpy", 1, det) for u, det in cases]  # IEEE: before the mode is set
+fold(f32, "cpp", 2, False)  # the OpenMP workers exist before the calling thread's mode changes
+torch.set_flush_denormal(True)
+print([fold(u, "cpp", t, det) == w for (u, det), w in zip(cases, want) for t in (1, 2)])
+"""
+
+
+@pytest.mark.skipif(not backends.is_available("cpp"), reason="the C++ backend is not built")
+def test_cpp_results_keep_subnormals_whatever_the_calling_threads_float_mode(tmp_path):
+    """Flush-to-zero / denormals-are-zero are per-thread modes (torch.set_flush_denormal): the host float16 decode
+    went through an float32 subnormal that the mode read as 0, and the calling thread and the OpenMP workers, each
+    in its own mode, gave results (deterministic mode's too) that depended on the thread count. The kernels now
+    compute in IEEE mode on every thread: the same bits as numpy computed without the mode, on 1 and 2 threads."""
+    script = tmp_path / "flush.py"
+    script.write_text(_FLUSH_DENORMAL)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == str([True] * 8), done.stdout + done.stderr[-2000:]

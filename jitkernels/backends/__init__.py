@@ -68,6 +68,17 @@ def _module_available(name):
 _chosen: dict = {}
 
 
+def _forget_in_child() -> None:
+    """A forked child decides again: a backend may not run there (numba after its threading layer started in the
+    parent: jitkernels._numba.available)."""
+    _available_cache.clear()
+    _chosen.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
+
+
 def choose(name: str, in_dtype: str):
     """Backend module that runs ``in_dtype`` for a request ``name`` ('auto' or a backend). Resolved once per pair:
     what is installed does not change while the process runs."""

@@ -12,7 +12,8 @@ import functools
 
 import numpy as np
 
-from .._numba import numba, reason as _reason
+from .. import _numba
+from .._numba import numba
 from ..batch import rows_from_items, threads_for, walk
 from ..dtypes import np_dtype
 from ..threads import get_num_threads
@@ -30,7 +31,7 @@ DTYPES = ("float64", "float32", "bfloat16", "int8")
 
 
 def available():
-    return True if numba is not None else _reason
+    return _numba.available()
 
 
 if numba is not None:
