@@ -515,9 +515,10 @@ PYBIND11_MODULE(_core, mod) {
               "(OpenMP, GIL released)";
   mod.def("fold", &fold, py::arg("acc"), py::arg("base"), py::arg("in_code"), py::arg("off"), py::arg("ptr"),
           py::arg("w"), py::arg("scale_ptr"), py::arg("block"), py::arg("work"), py::arg("share"), py::arg("tiles"));
-  mod.def("fold_binned", &fold_binned, py::arg("hi"), py::arg("lo"), py::arg("base"), py::arg("in_code"),
-          py::arg("off"), py::arg("ptr"), py::arg("w"), py::arg("scale_ptr"), py::arg("block"), py::arg("work"),
-          py::arg("share"), py::arg("tiles"), py::arg("s1"), py::arg("s2"));
+  // (written in place: a converted copy would take the writes and drop them)
+  mod.def("fold_binned", &fold_binned, py::arg("hi").noconvert(), py::arg("lo").noconvert(), py::arg("base"),
+          py::arg("in_code"), py::arg("off"), py::arg("ptr"), py::arg("w"), py::arg("scale_ptr"), py::arg("block"),
+          py::arg("work"), py::arg("share"), py::arg("tiles"), py::arg("s1"), py::arg("s2"));
   mod.def("fold_stats", &fold_stats, py::arg("acc"), py::arg("base"), py::arg("in_code"), py::arg("off"),
           py::arg("ptr"), py::arg("w"), py::arg("scale_ptr"), py::arg("block"), py::arg("work"), py::arg("share"),
           py::arg("tiles"), py::arg("norms") = true);
@@ -529,16 +530,16 @@ PYBIND11_MODULE(_core, mod) {
   mod.def("step", &step, py::arg("acc"), py::arg("x"), py::arg("m"), py::arg("v"), py::arg("kind"),
           py::arg("coef"), py::arg("out_code"), py::arg("off"), py::arg("total_w"), py::arg("out_ptr"),
           py::arg("work"), py::arg("nthreads"));
-  mod.def("robust_median", &robust_median, py::arg("rows"), py::arg("code"), py::arg("out"), py::arg("tile"),
-          py::arg("nthreads"));
+  mod.def("robust_median", &robust_median, py::arg("rows"), py::arg("code"), py::arg("out").noconvert(),
+          py::arg("tile"), py::arg("nthreads"));
   mod.def("robust_trimmed_mean", &robust_trimmed_mean, py::arg("rows"), py::arg("code"), py::arg("lo"),
-          py::arg("hi"), py::arg("out"), py::arg("tile"), py::arg("nthreads"));
+          py::arg("hi"), py::arg("out").noconvert(), py::arg("tile"), py::arg("nthreads"));
   mod.def("modsum", &modsum, py::arg("acc"), py::arg("off"), py::arg("ptr"), py::arg("code"), py::arg("work"),
           py::arg("bits"), py::arg("subtract"), py::arg("nthreads"));
   mod.def("new_bytes", &new_bytes, py::arg("n"));
   mod.def("max_threads", &max_threads);
   mod.def("leaf_addresses", &leaf_addresses, py::arg("items"));
-  mod.def("probe_read", &probe_read, py::arg("buf"), py::arg("nthreads"),
+  mod.def("probe_read", &probe_read, py::arg("buf").noconvert(), py::arg("nthreads"),
           "Sum of a float32 buffer on nthreads threads: time it to measure read bandwidth.");
   mod.attr("openmp") =
 #ifdef _OPENMP

@@ -274,3 +274,8 @@ def test_cpp_tables_are_taken_as_they_are():
         with pytest.raises(TypeError, match="incompatible function arguments"):
             cpp._core.fold(acc, None, 1, *args[:i], bad, *args[i + 1:])
     assert (acc == 2.0).all()
+    # outputs written in place are not converted either (a converted copy took the writes and dropped them)
+    for call in (lambda out: cpp._core.robust_median(np.ones((3, 4), np.float32), 0, out, 0, 1),
+                 lambda out: cpp._core.robust_trimmed_mean(np.ones((3, 4), np.float32), 0, 1, 2, out, 0, 1)):
+        with pytest.raises(TypeError, match="incompatible function arguments"):
+            call(np.zeros(4, np.float64))
