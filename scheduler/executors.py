@@ -88,6 +88,10 @@ class MeasuredExecutor(_InPlace):
         pass
 
 
+_thread_setters: list = []  # [executor, the count before it set its own], oldest first (under _setters_lock)
+_setters_lock = threading.Lock()
+
+
 class LocalExecutor(_InPlace):
     def __init__(self, clock, slots: int, kernel_threads: int | None = None, nice: int = 0):
         self.clock = clock
@@ -95,7 +99,22 @@ class LocalExecutor(_InPlace):
                                        initializer=renice, initargs=(nice, "fold threads"))
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.kernel_threads = kernel_threads or max(1, cores // max(1, slots))
-        self._old_threads = jk.set_num_threads(self.kernel_threads)
+        with _setters_lock:
+            _thread_setters.append([self, jk.set_num_threads(self.kernel_threads)])
+
+    def _restore_threads(self) -> None:
+        """Put back the process's kernel thread count as it was before this executor, whatever order executors
+        close in: the last one open restores it, an earlier one hands its saved count to the one after it (each
+        restoring its own saved count left the first one's count in place once both had closed)."""
+        with _setters_lock:
+            i = next((i for i, e in enumerate(_thread_setters) if e[0] is self), None)
+            if i is None:
+                return
+            _, old = _thread_setters.pop(i)
+            if i < len(_thread_setters):
+                _thread_setters[i][1] = old
+            else:
+                jk.set_num_threads(old)
 
     def run(self, task: Task, done) -> None:
         def work():
@@ -105,7 +124,7 @@ class LocalExecutor(_InPlace):
 
     def close(self):
         self.pool.shutdown(wait=True)
-        jk.set_num_threads(self._old_threads)
+        self._restore_threads()
 
 
 def renice(nice: int, what: str) -> None:

@@ -127,6 +127,24 @@ def test_a_scheduler_given_an_executor_runs_on_its_clock_and_closes_it():
     assert not [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
 
 
+@pytest.mark.parametrize("order", ["first_first", "last_first"])
+def test_executors_put_the_kernel_thread_count_back_whatever_order_they_close_in(order):
+    """Each executor set the process's kernel thread count and put back the count it had found: closed first in,
+    first out, the first one's count stayed (2 threads, executors of 3 and 2: 3 after both had closed)."""
+    from scheduler import LocalExecutor, VirtualClock
+
+    old = jk.set_num_threads(2)
+    try:
+        a = LocalExecutor(VirtualClock(), 1, kernel_threads=3)
+        b = LocalExecutor(VirtualClock(), 1, kernel_threads=4)
+        assert jk.get_num_threads() == 4
+        for ex in ((a, b) if order == "first_first" else (b, a)):
+            ex.close()
+        assert jk.get_num_threads() == 2
+    finally:
+        jk.set_num_threads(old)
+
+
 def test_close_from_a_round_futures_done_callback_returns(tmp_path):
     """close() called from a round's done-callback ("stop the server once job A is done") while job B's fold was
     running deadlocked: the callback ran on the clock's thread under the scheduler's lock, close() waited for the fold
