@@ -33,13 +33,14 @@ from .state import FoldState
 INT_RULES = ("mean", "max")
 
 _INF_BITS = {"float16": (np.int16, np.uint16, 0x7C00, 0xFC00), "bfloat16": (np.int16, np.uint16, 0x7F80, 0xFF80),
-             "float32": (np.int32, np.uint32, 0x7F800000, 0xFF800000)}
-"""Per narrow output dtype: the integer views of its bits, and the first bits of inf/NaN, positive and negative
-(see _overflowed)."""
+             "float32": (np.int32, np.uint32, 0x7F800000, 0xFF800000),
+             "float64": (np.int64, np.uint64, 0x7FF0000000000000, 0xFFF0000000000000)}
+"""Per output dtype: the integer views of its bits, and the first bits of inf/NaN, positive and negative (see
+_overflowed)."""
 
 
 def _overflowed(dtype: str, out) -> bool:
-    """Whether an output of a narrow float dtype (float16, bfloat16, float32) holds inf or NaN: exponent all ones,
+    """Whether a float output holds inf or NaN: exponent all ones,
     from pos_inf up as signed integers (positive) or from neg_inf up as unsigned ones (negative). Two integer maxima
     find them without a temporary the size of the output."""
     bits = _INF_BITS.get(dtype)
@@ -170,6 +171,10 @@ class Aggregator:
         acc_dtype = acc_dtype or "float32"
         self.algorithm = _algorithms.resolve(algorithm)
         self.partial = bool(partial)
+        if self.partial and not getattr(self.algorithm, "supports_partial", True):
+            raise ValueError(f"{type(self.algorithm).__name__} scales the aggregate by a sum over all of the round's "
+                             "parties, which partial updates (leaves carried by only some) would get wrong: "
+                             "partial=False")
         self.copy = bool(copy)
         self._lock = threading.RLock()
         self._one: _OneUpdate | None = None
@@ -472,8 +477,8 @@ class Aggregator:
             raise DuplicateParty(u.party)
         self._check_open()
         u.info = alg.check_info(u.info, u.party)
-        if st.base is not None and u.against_base is not self._base_token and self._stale([u]):
-            return False  # its stats against the base are to be measured: the batch path does
+        if not self._measured_here(u) and self._stale([u]):
+            return False  # its stats against the base (or without one) are to be measured: the batch path does
         w = float(alg.fold_weight(u, st))
         self._check_headroom(u, w, one.bound)
         if one.int_rows:
@@ -501,11 +506,11 @@ class Aggregator:
         ``max|u - base|``, does not already keep within the headroom (base 3e38 and u 0, folded twice, made -inf;
         measuring every one read each update twice: a scheduler's FedAvg-with-base fold took 3x as long)."""
         st, alg = self.state, self.algorithm
-        if st.base is None or self.buffered:
+        if self.buffered:
             return []
-        stale = [u for u in admitted if u.against_base is not self._base_token]
-        if not stale or getattr(alg, "needs_norms", False):
-            return stale
+        stale = [u for u in admitted if not self._measured_here(u)]
+        if st.base is None or not stale or getattr(alg, "needs_norms", False):
+            return stale  # (no base here: stats of u - b for another base say nothing of u, which folds here)
         if self._bmax[0] is not self._base_token:
             b = st.base  # (max and min: no model-sized temporary, once per base)
             self._bmax = (self._base_token, max(float(b.max()), -float(b.min())) if b.size else 0.0)
@@ -515,6 +520,12 @@ class Aggregator:
                 max(u.weight, float(alg.fold_weight(u, st))) * (u.maxabs + bmax) <= bound]
 
     _bmax: tuple = (None, 0.0)  # (base token, max |base|), for _stale
+
+    def _measured_here(self, u) -> bool:
+        """``u``'s stats are of what folds here: of ``u - base`` against this state's base, or of ``u`` itself where
+        there is none (an update admitted against a base and folded where there is none had the headroom check and
+        the peak of its delta: two of 3e38 against a base of 3e38 made an inf accumulator, and finalize returned it)."""
+        return u.against_base is self._base_token if self.state.base is not None else not u.against_base
 
     def _one_update(self, u, sig: bytes) -> "_OneUpdate":
         """_fold_one's groups for updates of ``u``'s signature (``groups`` None: the batch path folds them)."""
@@ -625,7 +636,7 @@ class Aggregator:
         for j, u in enumerate(admitted):
             u.norm, u.maxabs = float(math.sqrt(sumsq[:, j].sum())), float(maxabs[:, j].max())
             u.worst_leaf = int(maxabs[:, j].argmax())
-            u.against_base = self._base_token
+            u.against_base = self._base_token if st.base is not None else False
 
     def _note_peak(self, admitted, fold_w) -> None:
         """Raise ``state.peak`` to the largest |x| of the folded updates, times fold weight / mass where an algorithm
@@ -635,7 +646,7 @@ class Aggregator:
         for u, fw in zip(admitted, fold_w):
             m = float(alg.mass(u))
             x = u.maxabs * max(1.0, fw / m) if m > 0 else math.inf
-            if st.base is not None and u.against_base is not self._base_token:
+            if not self._measured_here(u):
                 x = math.nan  # stats of u, not of u - base (admitted without the base: _stale let it be): not known
             st.peak = math.nan if math.isnan(x) else max(st.peak, x)  # (max keeps a NaN peak: not known)
 
@@ -826,7 +837,10 @@ class Aggregator:
         wide = base is not None or stepped or amplified
         for i in float_ids:
             leaf = self.layout.leaves[i]
-            if (not wide and bound < _largest(leaf.dtype)) or not _overflowed(leaf.dtype, outs[i]):
+            # (a float64 leaf read into a float32 accumulator: a value past float32's range whose delta against the
+            # base is small passed admission, which measures u - base in float64, and was inf once read)
+            if (leaf.dtype == "float64" and self.acc_dtype == "float64") or \
+                    (not wide and bound < _largest(leaf.dtype)) or not _overflowed(leaf.dtype, outs[i]):
                 continue
             sl = slice(leaf.offset, leaf.offset + leaf.size)
             if stepped:

@@ -150,6 +150,8 @@ class FedNova(FedAvg):
     name = "fednova"
     needs_base = True
     info_keys = ("steps",)
+    # tau_eff is a sum over the round's parties, not per leaf: a leaf only some sent took the others' steps in
+    supports_partial = False
 
     def check_info(self, info, party):
         super().check_info(info, party)
@@ -247,6 +249,8 @@ class SCAFFOLD(FedAvg):
 
     name = "scaffold"
     needs_base = True
+    # |S| / N scales by every party folded: a control leaf only some sent moved c by |S| / m times the paper's
+    supports_partial = False
 
     def __init__(self, *, num_parties: int, server_lr: float = 1.0, weighted: bool = False):
         super().__init__(weighted=weighted)
@@ -289,6 +293,9 @@ class SCAFFOLD(FedAvg):
         import numpy as np
 
         self.check_layout(state.layout)
+        if state.count > self.num_parties:  # (c would move by more than the mean of the N parties' changes)
+            raise ValueError(f"SCAFFOLD was told num_parties = {self.num_parties} (N, all parties of the federation), "
+                             f"and {state.count} parties were folded: N must count every party")
         control = np.array([leaf.name.partition(".")[0] == "control" for leaf in state.layout.leaves])
         return np.where(control, self.num_parties / state.count, 1.0 / self.server_lr)
 
@@ -480,7 +487,8 @@ class _DPClipping:
 
     # delegated: the inner algorithm's weights, optimizer and per-update values
     def __getattr__(self, name):
-        if name in ("kind", "moments", "v0", "coefficients", "info_keys", "check_info", "mass", "divisor_scale"):
+        if name in ("kind", "moments", "v0", "coefficients", "info_keys", "check_info", "mass", "divisor_scale",
+                    "supports_partial"):
             return getattr(self.inner, name)
         raise AttributeError(name)
 

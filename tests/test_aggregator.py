@@ -67,6 +67,33 @@ def test_containers(container, backend="cpp"):
             np.testing.assert_allclose(o, 1.5 * a, rtol=1e-6)
 
 
+@pytest.mark.parametrize("many", [False, True])
+def test_an_update_admitted_against_a_base_is_measured_again_where_none_is(many):
+    """Stats of u - b say nothing of u: two updates of 3e38 admitted against a base of 3e38 (max |u - b| = 0) were
+    folded as u by an aggregator without a base, past the headroom check, into an inf accumulator that finalize
+    returned. They are measured again and refused, as the same updates folded raw are."""
+    t = {"a": np.zeros(4, np.float32)}
+    big = {"a": np.full(4, 3e38, np.float32)}
+    adm = [jk.admit(big, jk.Layout.from_template(t), weight=1.0, party=p, base=big["a"]) for p in ("p0", "p1")]
+    assert adm[0].maxabs == 0.0
+    agg = jk.Aggregator(t)
+    with pytest.raises(jk.ValueOutOfRange, match="headroom"):
+        agg.fold_many(adm) if many else agg.fold(adm[0])
+    assert agg.count == 0 and not agg.state.acc.any()
+
+
+def test_a_float64_leaf_past_float32s_range_in_a_float32_accumulator_is_refused_at_finalize():
+    """Admission measures u - base in float64, where a float64 value past float32's range with a small delta
+    passes; read into a float32 accumulator it is inf, and finalize returned inf silently. It is refused by name."""
+    f32max = float(np.finfo(np.float32).max)
+    t = {"a": np.zeros(3, np.float64)}
+    agg = jk.Aggregator(t, base={"a": np.full(3, f32max)}, acc_dtype="float32", backend="numpy")
+    with np.errstate(over="ignore"):
+        agg.fold({"a": np.full(3, f32max + 1e32)}, party=1)
+    with pytest.raises(jk.ValueOutOfRange, match="leaf 'a'"):
+        agg.finalize()
+
+
 _Params = collections.namedtuple("_Params", "weight bias")
 
 

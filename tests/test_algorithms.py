@@ -536,6 +536,30 @@ def test_scaffold_takes_one_array_trees_and_refuses_trees_of_other_leaves():
                                                                  "model": {"b": [z], "a": z}}))  # any order
 
 
+def test_fednova_and_scaffold_refuse_partial_updates():
+    """Both scale the aggregate by a sum over every party folded (FedNova's tau_eff, SCAFFOLD's |S| / N), not over a
+    leaf's carriers: with partial updates a leaf only some parties sent came out wrong (FedNova: 50.5 where each
+    carrier moved it by 1; SCAFFOLD: a control leaf moved 3x the paper's). They are refused when made."""
+    x = {"model": {"a": np.zeros(3), "b": np.zeros(3)}, "control": {"a": np.zeros(3), "b": np.zeros(3)}}
+    for alg in (A.FedNova(), A.SCAFFOLD(num_parties=4),
+                A.DPFixedClipping(A.FedNova(), clip_norm=1.0, noise_multiplier=0.0)):
+        with pytest.raises(ValueError, match="partial=False"):
+            jk.Aggregator(x, alg, base=x, partial=True)
+        agg = jk.Aggregator(x, alg, base=x)
+        with pytest.raises(ValueError, match="partial=False"):
+            jk.Aggregator.from_state(agg.state, partial=True)
+
+
+def test_scaffold_refuses_more_parties_than_the_federation_it_was_told_of():
+    """|S| <= N: with N = 2 and four parties each sending a control change of 1, c moved by 2, twice the mean."""
+    x = {"model": np.zeros(2), "control": np.zeros(2)}
+    agg = jk.Aggregator(x, A.SCAFFOLD(num_parties=2), base=x)
+    for j in range(4):
+        agg.fold({"model": np.ones(2), "control": np.ones(2)}, party=j)
+    with pytest.raises(ValueError, match="num_parties = 2.*4 parties"):
+        agg.finalize()
+
+
 def test_dp_noise_scales_with_the_inner_step_and_integer_leaves_average_plainly():
     """DP noise goes on the average delta before the inner algorithm scales it (FedBuff's server_lr used to leave
     the noise at sigma C / m while one party moved the model by lr C / m); integer leaves take the plain weighted
