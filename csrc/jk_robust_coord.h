@@ -397,13 +397,17 @@ void tile_rows(const In* x, int64_t k, int64_t n, int64_t ld, int mode, int64_t 
   const int64_t ntiles = (n + T - 1) / T;
   const int64_t nblocks = std::max<int64_t>(1, std::min<int64_t>(ntiles, nthreads));
   const double m = double(r_hi - r_lo);
+  // each block's buffers, made here: std::bad_alloc inside the parallel region ended the process (std::terminate);
+  // here it is the caller's MemoryError
+  const std::vector<float> buf0(static_cast<size_t>(k * T));
+  const std::vector<double> acc0(static_cast<size_t>(T));
+  std::vector<std::vector<float>> bufs(static_cast<size_t>(nblocks), buf0);
+  std::vector<std::vector<double>> accs(static_cast<size_t>(nblocks), acc0);
 #pragma omp parallel for schedule(static, 1) num_threads(int(nblocks))
   for (int64_t blk = 0; blk < nblocks; ++blk) {
     const ::jk::IeeeMode ieee;
-    std::vector<float> bufv(static_cast<size_t>(k * T));
-    std::vector<double> accv(static_cast<size_t>(T));
-    float* buf = bufv.data();
-    double* __restrict acc = accv.data();
+    float* buf = bufs[size_t(blk)].data();
+    double* __restrict acc = accs[size_t(blk)].data();
     for (int64_t it = blk * ntiles / nblocks; it < (blk + 1) * ntiles / nblocks; ++it) {
       const int64_t c0 = it * T, len = std::min(T, n - c0);
       load_tile(x, ld, k, net, paired.data(), c0, len, buf, T);

@@ -356,10 +356,12 @@ if numba is not None:
 
     @njit(inline="always")
     def _f16_to_f32(h):
-        """jk::widen(f16) of csrc/jk_math.h: exact, branch-free (vectorizes), inf/nan kept."""
+        """jk::widen(f16) of csrc/jk_math.h: exact, branch-free (vectorizes), inf/nan kept; a subnormal as its integer
+        significand times 2^-24 (no float32 subnormal on the way, which a flush-to-zero mode would read as 0)."""
         em = np.uint32(h) & np.uint32(0x7FFF)
         sign = (np.uint32(h) & np.uint32(0x8000)) << np.uint32(16)
-        mag = _u32_as_f32(em << np.uint32(13)) * _u32_as_f32(np.uint32(0x77800000))
+        normal = _u32_as_f32(em << np.uint32(13)) * _u32_as_f32(np.uint32(0x77800000))
+        mag = np.float32(np.int32(em)) * _u32_as_f32(np.uint32(0x33800000)) if em < np.uint32(0x400) else normal
         bits = (np.uint32(0x7F800000) | (em << np.uint32(13))) if em >= np.uint32(0x7C00) else _f32_bits(mag)
         return _u32_as_f32(sign | bits)
 

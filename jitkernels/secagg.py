@@ -149,11 +149,12 @@ def _check_target(target_range) -> int:
     return int(target_range)
 
 
-def _check_range(clipping_range, target_range) -> tuple:
-    """(c, T), checked: c finite and > 0, and T / (2c) finite (c = 1e-310 made it inf: 0 quantized to T, -c to NaN)."""
+def _check_range(clipping_range, target_range, k: int = 1) -> tuple:
+    """(c, T), checked: c > 0, and every quantity the formulas form finite: 2c, T / (2c) and 2c / T, and k c for a
+    sum of k (c = 1e-310 made T / (2c) inf: 0 quantized to T, -c to NaN; c = 1e308 made 2c inf: all zeros, then NaN)."""
     c, T = float(clipping_range), _check_target(target_range)
-    if not (math.isfinite(c) and c > 0 and math.isfinite(T / (2 * c))):
-        raise ValueError(f"clipping_range must be finite and > 0, with target_range / (2 * clipping_range) finite; "
+    if not (c > 0 and all(math.isfinite(v) for v in (2 * c, T / (2 * c), 2 * c / T, k * c))):
+        raise ValueError(f"clipping_range must be > 0 with 2c, T / 2c, 2c / T and k c finite (T = {T}, k = {k}); "
                          f"got {clipping_range!r}")
     return c, T
 
@@ -208,10 +209,10 @@ def dequantize(arrays, clipping_range: float, target_range: int, k: int, *, q_to
     of the values can tell. A value outside ``[0, k * T]`` raises it too: masks did not cancel. Reads the sums
     twice (the range check, then the conversion) and writes 8 bytes per element.
     """
-    c, T = _check_range(clipping_range, target_range)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k (parties summed) must be an integer >= 1, got {k!r}")
     k = int(k)
+    c, T = _check_range(clipping_range, target_range, k)
     most = max_parties(T, modulus_bits)
     if k > most:
         raise ValueOutOfRange(f"{k} parties' values in [0, {T}] may have wrapped mod 2^{modulus_bits}: at most "

@@ -965,6 +965,9 @@ class JITScheduler:
         try:
             self._open_round(js, number)
         except Exception as e:
+            if js.opening != number:  # it opened: what failed came after (its plan), and no retry can open it again
+                log.exception("job %r: round %d opened, then failed", js.job.id, number)
+                return
             retry = max(1.0, self.cost.startup_s)
             log.error("job %r: round %d could not open (%r); trying again in %.3g s", js.job.id, number, e, retry)
             self._log("open_failed", js, round=number, error=repr(e), retry_s=retry)

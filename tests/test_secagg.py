@@ -514,10 +514,16 @@ def test_dequantize_refuses_more_parties_than_sum_without_wrapping_and_masks_tha
 
 
 def test_a_clipping_range_whose_quantizer_is_not_finite_is_refused():
-    """c = 1e-310 made T / (2c) inf: 0 quantized to T and -c to NaN (cast to uint32 with a warning)."""
-    for fn in (lambda: sa.quantize(np.zeros(3), 1e-310, T), lambda: sa.dequantize(np.zeros(3, np.uint32), 1e-310, T, 1)):
+    """c = 1e-310 made T / (2c) inf: 0 quantized to T and -c to NaN (cast to uint32 with a warning); c = 1e308 made
+    2c inf (all zeros, then NaN), and c = 1e306 summed over 1000 parties an offset of -inf (a true sum gave NaN)."""
+    for c in (1e-310, 1e308):
         with pytest.raises(ValueError, match="clipping_range"):
-            fn()
+            sa.quantize(np.zeros(3), c, T)
+        with pytest.raises(ValueError, match="clipping_range"):
+            sa.dequantize(np.zeros(3, np.uint32), c, T, 1)
+    sa.quantize(np.zeros(3), 1e306, T)  # one party's values form no k c
+    with pytest.raises(ValueError, match="clipping_range"):
+        sa.dequantize(np.zeros(3, np.uint32), 1e306, T, 1000)
 
 
 # ------------------------------------------------------------------------------------------------------------------

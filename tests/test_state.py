@@ -110,13 +110,19 @@ def test_trees_nested_past_the_limit_are_refused_by_the_template_and_by_the_file
     t = np.zeros(2, np.float32)
     for _ in range(jk.layout.MAX_DEPTH + 1):
         t = [t]
-    with pytest.raises(TypeError, match="nests deeper than 100"):
+    with pytest.raises(TypeError, match="nests deeper than 256"):
         jk.Aggregator(t)
     td = {"t": "leaf"}
     for _ in range(500):
         td = {"t": "list", "c": [td]}
-    with pytest.raises(ValueError, match="nests deeper than 100"):
+    with pytest.raises(ValueError, match="nests deeper than 256"):
         jk.Layout.from_json({"leaves": [["0" + ".0" * 499, [2], "float32"]], "treedef": td})
+    t = np.zeros(2, np.float32)  # what the old code saved (it took up to ~450) loads up to the limit
+    for _ in range(jk.layout.MAX_DEPTH):
+        t = [t]
+    agg = jk.Aggregator(t)
+    agg.fold(t, 1.0, "a")
+    assert jk.Aggregator.from_state(jk.FoldState.from_bytes(agg.state.to_bytes())).count == 1
 
 
 def test_a_state_file_that_is_there_but_cannot_be_opened_is_not_file_not_found(tmp_path, monkeypatch):
