@@ -260,3 +260,69 @@ def test_a_first_round_whose_step_is_refused_leaves_the_next_round_working():
     out, _ = s.aggregate_train(2, [_named_reply(j, [("layer0", np.full(5, 1e-3 * (j + 1), np.float16))], 10)
                                    for j in range(3)])
     assert np.isfinite(out["layer0"].numpy()).all()
+
+
+def _current_arrays(name, arrays):
+    """``arrays`` as Flower's configure_train records them: its FedOpt keeps numpy arrays by name, its FedAvgM the
+    ArrayRecord."""
+    return ArrayRecord({k: Array(a) for k, a in arrays.items()}) if name == "FedAvgM" else dict(arrays)
+
+
+@pytest.mark.parametrize("name, kw, change", [
+    ("FedAdam", {"eta": 0.01, "tau": 1e-3}, {"eta": 0.001, "beta_2": 0.9}),
+    ("FedAdagrad", {"eta": 0.01, "tau": 1e-3}, {"eta": 0.03}),
+    ("FedAvgM", {"server_learning_rate": 0.8, "server_momentum": 0.9},
+     {"server_learning_rate": 0.3, "server_momentum": 0.5}),
+    ("FedTrimmedAvg", {"beta": 0.2}, {"beta": 0.0}),
+    ("MultiKrum", {"num_malicious_nodes": 1, "num_nodes_to_select": 3}, {"num_nodes_to_select": 1}),
+])
+def test_message_hyperparameters_set_between_rounds_are_read_as_flower_reads_them(name, kw, change):
+    """Flower reads a strategy's hyperparameters at each aggregate_train (a learning-rate schedule sets them between
+    rounds); ours built the algorithm once from the constructor's and ignored the change (MessageFedAdam's eta
+    0.01 -> 0.001: 0.08 off). Set before round 2; round 3 checks that the moments and round counter carried."""
+    rng = np.random.default_rng(4)
+    glob = [rng.standard_normal((30, 20)).astype(np.float32), rng.standard_normal(20).astype(np.float32)]
+    theirs, ours = getattr(ms, name)(**kw), getattr(jkfl, "Message" + name)(**kw)
+    for r in range(1, 4):
+        if r == 2:
+            for s in (theirs, ours):
+                for k, v in change.items():
+                    setattr(s, k, v)
+        if name != "FedAvgM" or r == 1:  # configure_train records them (FedAvgM: once; each step stores its own)
+            for s in (theirs, ours):
+                s.current_arrays = _current_arrays(name, {f"layer{i}": a for i, a in enumerate(glob)})
+        seed = int(rng.integers(1 << 30))
+
+        def replies():  # rebuilt for each strategy: Flower's robust ones pop the arrays out of the replies
+            rr = np.random.default_rng(seed)
+            return [_reply(j, [(a + 0.05 * (j + 1) * rr.standard_normal(a.shape)).astype(np.float32) for a in glob],
+                           10 * (j + 1), 0.0) for j in range(5)]
+
+        a_t, _ = theirs.aggregate_train(r, replies())
+        a_o, _ = ours.aggregate_train(r, replies())
+        for k in a_t:
+            np.testing.assert_allclose(a_o[k].numpy(), a_t[k].numpy(), rtol=0, atol=2e-5)
+        glob = [a_t[f"layer{i}"].numpy().astype(np.float32) for i in range(2)]
+
+
+@pytest.mark.parametrize("name", ["FedAdam", "FedYogi", "FedAdagrad", "FedAvgM"])
+def test_message_optimizers_refuse_current_arrays_whose_keys_differ_from_the_replies(name):
+    """Flower refuses a current_arrays whose keys differ from the replies' (AggregationError; its FedAvgM's strict
+    zip, a ValueError). Ours dropped an array found only in current_arrays from the new model, and raised a bare
+    KeyError for one only in the replies; now LayoutMismatch names the array."""
+    from flwr.serverapp.exception import AggregationError
+
+    import jitkernels as jk
+
+    kw = {"server_learning_rate": 0.8, "server_momentum": 0.9} if name == "FedAvgM" else {}
+    model = {"a": np.ones(4, np.float32), "b": np.zeros(3, np.float32)}
+    for current, leaf, what in (({**model, "c": np.zeros(2, np.float32)}, "c", "in the strategy's current_arrays only"),
+                                ({"a": model["a"]}, "b", "missing from the strategy's current_arrays")):
+        theirs, ours = getattr(ms, name)(**kw), getattr(jkfl, "Message" + name)(**kw)
+        for s in (theirs, ours):
+            s.current_arrays = _current_arrays(name, current)
+        replies = [_named_reply(j, [(k, v + j) for k, v in model.items()], 10) for j in range(3)]
+        with pytest.raises((AggregationError, ValueError)):
+            theirs.aggregate_train(1, replies)
+        with pytest.raises(jk.LayoutMismatch, match=f"party '<base>', leaf '{leaf}': {what}"):
+            ours.aggregate_train(1, replies)

@@ -412,3 +412,119 @@ def test_a_header_whose_shape_overflows_int64_is_refused_by_name():
     buf = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(head)) + head
     with pytest.raises(jk.LayoutMismatch, match="party 'evil'.*array 0.*data bytes"):
         jkfl.ndarray_view(buf, party="evil", index=0)
+
+
+@pytest.mark.parametrize("name, change", [
+    ("FedAvgM", {"server_learning_rate": 0.3, "server_momentum": 0.5}),
+    ("FedAdam", {"eta": 0.001, "beta_1": 0.5, "beta_2": 0.9}),
+    ("FedYogi", {"eta": 0.03, "tau": 1e-2}),
+    ("FedAdagrad", {"eta": 0.001}),
+    ("FedTrimmedAvg", {"beta": 0.0}),
+    ("Krum", {"num_clients_to_keep": 3}),
+    ("Multi-Krum", {"num_malicious_clients": 0, "num_clients_to_keep": 0}),
+])
+def test_hyperparameters_set_between_rounds_are_read_as_flower_reads_them(name, change):
+    """Flower reads a strategy's hyperparameters at each aggregate_fit, so a learning-rate schedule (or a tuner) may
+    set them between rounds; ours built the algorithm once from the constructor's and ignored the change (FedAdam's
+    eta 0.01 -> 0.001: 0.08 off). Set before round 2; round 3 checks that the moments and round counter carried."""
+    make, gain = CASES[name] if name in CASES else (ROBUST[name], 0.0)
+    rng = np.random.default_rng(12)
+    x0 = _model(rng)
+    theirs, ours = make(fl, x0), make(jkfl, x0)
+    glob = x0
+    for r in range(1, 4):
+        if r == 2:
+            for s in (theirs, ours):
+                for k, v in change.items():
+                    setattr(s, k, v)
+        ups = [[(a + 0.05 * (j + 1) * rng.standard_normal(a.shape)).astype(np.float32) for a in glob]
+               for j in range(4)]
+        if name not in CASES:  # the robust rules: one result far out, which they leave out
+            ups.append([(a + 50.0).astype(np.float32) for a in glob])
+        results = [(_Proxy(f"c{j}"), _fit_res(u, 10 * (j + 1))) for j, u in enumerate(ups)]
+        p_t, p_o = _same_round(theirs, ours, r, results)
+        want = parameters_to_ndarrays(p_t)
+        tol = atol([want], gain) if name in CASES else 1e-6
+        for g, w in zip(parameters_to_ndarrays(p_o), want):
+            np.testing.assert_allclose(g, w.astype(np.float32), rtol=1e-6 if name not in CASES else 0, atol=tol)
+        glob = [a.astype(np.float32) for a in want]
+
+
+def test_robust_strategies_on_a_float64_model_store_and_select_in_float32():
+    """The robust rules keep a round's results in a float32 slab, whatever the model's dtype (the module docstring
+    said results equal Flower's within float64 where a float64 array is in the model): on a float64 model the median
+    is Flower's within float32 rounding, not float64's, and a value past float32's range is refused by name where
+    Flower's float64 median returns it. (This pins the documented behaviour; it held before the docstring said so.)"""
+    import jitkernels as jk
+
+    rng = np.random.default_rng(13)
+    x0 = [1.0 + rng.standard_normal(50)]
+    results = [(_Proxy(f"c{j}"), _fit_res([x0[0] + 1e-9 * rng.standard_normal(50)], 10)) for j in range(5)]
+    p_t, p_o = _same_round(fl.FedMedian(), jkfl.FedMedian(), 1, results)
+    got, want = parameters_to_ndarrays(p_o)[0], parameters_to_ndarrays(p_t)[0]
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=2 ** -24, atol=0)
+    assert not np.array_equal(got, want)  # float64's 1e-9 differences are below float32's resolution at 1
+    big = [(_Proxy(f"c{j}"), _fit_res([np.full(4, 1e39 * (j + 1))], 10)) for j in range(3)]
+    assert parameters_to_ndarrays(fl.FedMedian().aggregate_fit(1, big, [])[0])[0][0] == 2e39
+    with pytest.raises(jk.ValueOutOfRange, match="party 'c0'"):
+        jkfl.FedMedian().aggregate_fit(1, big, [])
+
+
+@pytest.mark.parametrize("name", ["FedAvgM", "FedAdam"])
+def test_a_base_in_another_float_dtype_is_converted_as_flower_promotes(name):
+    """A float32 model whose caller restores a float64 checkpoint between rounds (Flower's FedAdam returns float64
+    itself): Flower's numpy promotes; ours raised LayoutMismatch for '<base>'. The base is converted to the model's
+    dtype as results are (the model stays float32), and a value past float32's range is refused by name."""
+    import jitkernels as jk
+
+    make, gain = CASES[name]
+    rng = np.random.default_rng(14)
+    x0 = _model(rng)
+    theirs, ours = make(fl, x0), make(jkfl, x0)
+
+    def restore(arrays):
+        for s in (theirs, ours):
+            if name == "FedAvgM":
+                s.initial_parameters = ndarrays_to_parameters(arrays)
+            else:
+                s.current_weights = [a.copy() for a in arrays]
+
+    glob = x0
+    for r in range(1, 4):
+        results = [(_Proxy(f"c{j}"), _fit_res([(a + 0.05 * rng.standard_normal(a.shape)).astype(np.float32)
+                                                for a in glob], 10 * (j + 1))) for j in range(K)]
+        p_t, p_o = _same_round(theirs, ours, r, results)
+        want = parameters_to_ndarrays(p_t)
+        for g, w in zip(parameters_to_ndarrays(p_o), want):
+            assert g.dtype == np.float32
+            np.testing.assert_allclose(g, w, rtol=0, atol=atol([want], gain))
+        glob = [a.astype(np.float64) for a in want]  # a float64 checkpoint of the model
+        restore(glob)
+    restore([np.full(a.shape, 1e39) for a in glob])
+    with pytest.raises(jk.ValueOutOfRange, match="party '<base>', array 0: float64 value .*1e\\+39"):
+        ours.aggregate_fit(4, results, [])
+
+
+def test_results_whose_cids_are_not_distinct_ids_are_named_by_place():
+    """Flower takes any ClientProxy. Ours named each result by its cid and raised InvalidParty for MagicMock proxies
+    (their cid is a MagicMock), DuplicateParty for one proxy twice, and DuplicateParty for a proxy without a cid
+    (named 'result-1' by its place) beside one whose cid is 'result-1'. Where the cids are not distinct str or int
+    ids, every result is now named by its place, as the Message API names replies."""
+    from unittest.mock import MagicMock
+
+    import jitkernels as jk
+
+    rng = np.random.default_rng(15)
+    x0 = _model(rng)
+    same = _Proxy("c0")
+    for proxies in ([same, same], [MagicMock(), MagicMock()], [_Proxy("result-1"), object()], [_Proxy(0), _Proxy(1)]):
+        results = [(p, _fit_res([a + j for a in x0], 10 * (j + 1))) for j, p in enumerate(proxies)]
+        p_t, p_o = _same_round(fl.FedAvg(), jkfl.FedAvg(), 1, results)
+        for g, w in zip(parameters_to_ndarrays(p_o), parameters_to_ndarrays(p_t)):
+            np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+    nan = [np.full_like(a, np.nan) for a in x0]
+    with pytest.raises(jk.NonFiniteUpdate, match="party 'result-1'"):
+        jkfl.FedAvg().aggregate_fit(1, [(same, _fit_res(x0, 10)), (same, _fit_res(nan, 10))], [])
+    with pytest.raises(jk.NonFiniteUpdate, match="party 1:"):  # distinct ids keep their cids
+        jkfl.FedAvg().aggregate_fit(1, [(_Proxy(0), _fit_res(x0, 10)), (_Proxy(1), _fit_res(nan, 10))], [])

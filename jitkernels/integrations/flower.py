@@ -13,7 +13,10 @@ Strategies (:class:`FedAvg`, :class:`FedAvgM`, :class:`FedAdam`, :class:`FedYogi
 :class:`FedMedian`, :class:`FedTrimmedAvg`, :class:`Krum` over jitkernels' buffered slab kernels) subclass
 Flower's own, take the same arguments (plus ``backend=``), and replace ``aggregate_fit``; everything else (client
 sampling, configuration, evaluation) is Flower's. Their results equal Flower's within the rounding of the
-accumulator (float32 for float32 and float16 models, float64 where a float64 array is in the model), with these
+accumulator (float32 for float32 and float16 models, float64 where a float64 array is in the model; the robust
+strategies store the round's results in a float32 slab whatever the model's dtype, so on a float64 model they select
+and average float32-rounded values: a value past float32's range is refused by name, and Krum may select another
+result than Flower's where their float64 distances differ below float32's resolution), with these
 deliberate differences: integer arrays are averaged (Flower's ``aggregate_inplace`` zeroes them); float16 models are
 accumulated in float32 (Flower's ``aggregate`` overflows); results keep the model's dtype (Flower's FedAdam returns
 float64, a NEP 50 promotion): float results in another dtype (float32 clients of a float64 model, or a round whose
@@ -23,8 +26,10 @@ report ``num_examples == 0`` are left out of weighted averages (they weigh nothi
 rules that ignore weights (median, trimmed mean), as Flower keeps them; a negative or non-finite ``num_examples`` is
 refused naming the client (:class:`~jitkernels.errors.InvalidWeight`; Flower's average takes it). The first round's
 results fix the model's layout from the shapes and dtypes most of them share, so that a malformed result is the one
-named. The Message API's strategies match arrays by their names (keys), name the replies ``node-<src_node_id>``, and
-name the arrays in errors by their keys.
+named. Errors name a result by its proxy's ``cid`` (the Message API's: ``node-<src_node_id>``), or by its place
+(``result-<i>``, ``reply-<i>``) where those ids are not distinct strings or integers (Flower takes any). The Message
+API's strategies match arrays by their names (keys), name the arrays in errors by their keys, and refuse a
+``current_arrays`` whose keys differ from the replies' (:class:`~jitkernels.errors.LayoutMismatch`, as Flower refuses).
 
 Krum and Multi-Krum are ``variant="flower"`` of :class:`jitkernels.robust.Krum` (whose default keeps the paper's
 k >= 2f + 3): as Flower's ``aggregate_krum`` and ``select_multikrum``, they run with any k (``max(1, k - f - 2)``
@@ -37,10 +42,13 @@ ZeroDivisionError); with ``num_clients_to_keep`` above k the strategy API keeps 
 ``argsort(scores)[::-1][k - to_keep:]`` keeps the ``to_keep - k`` lowest).
 
 The server optimizers step from the model Flower's own classes read each round (``current_weights``,
-``initial_parameters``, ``current_arrays``), so a caller that replaces it between rounds gets Flower's result; this
-costs one copy of the model into the step's state per round. A round that raises (a float16 model stepped past its
-range) leaves their moments and round counter as they were (``_Runner._step`` says what that costs), and FedAvgM
-restarts its momentum at ``server_round`` 1, as Flower's strategy-API FedAvgM does.
+``initial_parameters``, ``current_arrays``), so a caller that replaces it between rounds gets Flower's result (a
+float base in another dtype than the model's is converted, as results are); this costs one copy of the model into
+the step's state per round. Every strategy reads its hyperparameters (``eta``, ``server_learning_rate``, ``beta``,
+``num_clients_to_keep``, ...) at each aggregate, as Flower's do: a schedule that sets them between rounds takes
+effect at the next aggregate, the moments and round counter carried. A round that raises (a float16 model stepped
+past its range) leaves their moments and round counter as they were (``_Runner._step`` says what that costs), and
+FedAvgM restarts its momentum at ``server_round`` 1, as Flower's strategy-API FedAvgM does.
 """
 
 from __future__ import annotations
@@ -58,7 +66,8 @@ import jitkernels as jk
 
 from .. import algorithms as A
 from ..dtypes import np_dtype
-from ..errors import LayoutMismatch
+from ..errors import InvalidParty, LayoutMismatch
+from ..parties import check_party
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +191,17 @@ def _to_model_dtype(v: np.ndarray, dtype, i: int, party) -> np.ndarray:
     return out
 
 
+def _distinct_ids(ids) -> bool:
+    """Whether ``ids`` (the results' client or node ids) can name them as parties: each a str or an int, none
+    repeated. Where not, both APIs name every result by its place: Flower takes any (a proxy without a cid, a
+    MagicMock's, one proxy twice), and a place given to only some results could be another's real id."""
+    try:
+        ids = [check_party(i) for i in ids]
+    except InvalidParty:
+        return False
+    return len(set(ids)) == len(ids)
+
+
 def _most_common_layout(views, kept) -> int:
     """The result among ``kept`` whose arrays' shapes and dtypes most results share (the first such on a tie)."""
     sigs = [tuple((v.shape, v.dtype.str) for v in views[j]) for j in kept]
@@ -191,10 +211,12 @@ def _most_common_layout(views, kept) -> int:
 
 class _Runner:
     """One jitkernels Aggregator kept across a strategy's rounds: the first results fix the layout; each round folds
-    the results' zero-copy views in one pass and finalizes into new bytes laid out as ``np.save`` writes them."""
+    the results' zero-copy views in one pass and finalizes into new bytes laid out as ``np.save`` writes them.
+    ``make()``: the algorithm with the strategy's hyperparameters as they are now (read again each round)."""
 
-    def __init__(self, algorithm, backend):
-        self.algorithm, self.backend = algorithm, backend
+    def __init__(self, make, backend):
+        self.make, self.backend = make, backend
+        self.algorithm = make()
         self.agg = None
         self.narrowing = False  # a float leaf's dtype narrower than the accumulator's (see _step)
         self.names = None  # the Message API's array names, in the layout's order (fixed by the first round)
@@ -213,6 +235,7 @@ class _Runner:
         is then the one named, whatever its place), and a failed first fold fixes nothing. A float64 model (or base)
         is accumulated in float64, as Flower's numpy computes in the model's dtype: float32 accumulation lost
         updates below its resolution."""
+        self._follow_hyperparameters()
         # num_examples: 0 weighs nothing (Flower's too); a negative, non-finite or non-number one is refused, naming
         # the result (it was left out as if it weighed 0, or counted as 1 by the median rules)
         weights = [0.0 if isinstance(w, numbers.Real) and not isinstance(w, (bool, np.bool_)) and w == 0
@@ -247,7 +270,9 @@ class _Runner:
             self.narrowing = any(ml_dtypes.finfo(np_dtype(leaf.dtype)).max < top
                                  for leaf in self.agg.layout.leaves if leaf.is_float)
         elif base is not None or self.agg.state.count or self.agg.state.closed:
-            self.agg.reset(tree(base), reuse=True)
+            # a base in another float dtype (a float64 checkpoint of a float32 model): Flower's numpy promotes, the
+            # layout is exact; converted as the results are
+            self.agg.reset(tree(None if base is None else self._conform([base], ["<base>"])[0]), reuse=True)
         try:
             self.agg.fold_many([tree(u) for u in self._conform([views[j] for j in kept], [parties[j] for j in kept])],
                                [weights[j] for j in kept], [parties[j] for j in kept],
@@ -259,6 +284,24 @@ class _Runner:
         tensors, arrays = parameters_buffers([(leaf.shape, np_dtype(leaf.dtype)) for leaf in self.agg.layout.leaves])
         self._step(tree(arrays), server_round, restart)
         return tensors, arrays
+
+    def _follow_hyperparameters(self):
+        """Flower reads a strategy's hyperparameters (eta, server_learning_rate, beta, num_clients_to_keep, ...) at
+        each aggregate, so that a schedule or a tuner may set them between rounds: the round runs with ``make()``'s
+        algorithm where its parameters differ from the last one's. The aggregator keeps its state (moments, round
+        counter, the robust rules' slab), which the algorithm reads at finalize; another class of algorithm (FedAvgM's
+        ``server_opt`` turned on) starts a new aggregator, as it has no state of the other's to carry."""
+        alg = self.make()
+        if alg.params() == self.algorithm.params():
+            return
+        self.algorithm = alg
+        if self.agg is None:
+            return
+        if type(alg) is not type(self.agg.algorithm):
+            self.agg = None
+            return
+        self.agg.algorithm = alg
+        self.agg.state.algorithm = {**self.agg.state.algorithm, **alg.params()}  # (what a saved state records)
 
     def _step(self, out, server_round, restart):
         """Finalize into ``out``; a server optimizer's round that raises leaves its moments and round counter as they
@@ -287,30 +330,32 @@ class _Runner:
             raise
 
     def _conform(self, updates, parties):
-        """The results with each float array in the model's float dtype: Flower's numpy math takes any mix (a
-        float64 global model and float32 clients, a model whose dtype changes between rounds) and promotes; the
-        aggregator's layout is exact. A result that differs is converted (a copy of those arrays; float32 -> float64
-        is exact, float64 -> float32 rounds once) and the round says so in the log; other kinds are left for the
-        aggregator to refuse (LayoutMismatch names the party and the array)."""
+        """The results (or the base, party ``<base>``) with each float array in the model's float dtype: Flower's
+        numpy math takes any mix (a float64 global model and float32 clients, a model whose dtype changes between
+        rounds) and promotes; the aggregator's layout is exact. One that differs is converted (a copy of those
+        arrays; float32 -> float64 is exact, float64 -> float32 rounds once) and the round says so in the log; other
+        kinds are left for the aggregator to refuse (LayoutMismatch names the party and the array)."""
         want = [np_dtype(leaf.dtype) if leaf.is_float else None for leaf in self.agg.layout.leaves]
-        out, converted = [], set()
+        out, converted = [], []
         for u, p in zip(updates, parties):
             if len(u) == len(want) and any(d is not None and v.dtype != d and v.dtype.kind == "f"
                                            for v, d in zip(u, want)):
                 u = [_to_model_dtype(v, d, i, p) if d is not None and v.dtype != d and v.dtype.kind == "f" else v
                      for i, (v, d) in enumerate(zip(u, want))]
-                converted.add(p)
+                converted.append(p)
             out.append(u)
         if converted:
-            log.info("jitkernels: %d result(s) sent float arrays in another dtype than the model's (%s): converted",
-                     len(converted), ", ".join(sorted({str(d) for d in want if d is not None})))
+            log.info("jitkernels: float arrays in another dtype than the model's (%s) converted, from %s",
+                     ", ".join(sorted({str(d) for d in want if d is not None})),
+                     ", ".join(map(repr, converted[:3])) + (f" and {len(converted) - 3} more" if converted[3:] else ""))
         return out
 
     def aggregate(self, results, base=None, server_round=None, restart=False):
         """Flower's strategy API: FitRes in, Parameters out."""
         from flwr.common import Parameters
 
-        parties = [getattr(cp, "cid", None) or f"result-{i}" for i, (cp, _) in enumerate(results)]
+        cids = [getattr(cp, "cid", None) for cp, _ in results]
+        parties = cids if _distinct_ids(cids) else [f"result-{i}" for i in range(len(results))]
         views = [ndarrays_from_parameters(fr.parameters, party=p) for (_, fr), p in zip(results, parties)]
         out = self.fold_and_finalize(views, [fr.num_examples for _, fr in results], parties, base, server_round,
                                      restart=restart)
@@ -319,9 +364,9 @@ class _Runner:
     @staticmethod
     def reply_ids(replies) -> list:
         """The party ids :meth:`aggregate_records` gives the replies, in order: their source nodes' ids
-        (``node-<id>``), or ``reply-<i>`` where two replies share a node."""
+        (``node-<id>``), or ``reply-<i>`` where those are not distinct ids (:func:`_distinct_ids`)."""
         nodes = [getattr(getattr(m, "metadata", None), "src_node_id", None) for m in replies]
-        if None in nodes or len(set(nodes)) < len(nodes):
+        if not _distinct_ids(nodes):
             return [f"reply-{i}" for i in range(len(replies))]
         return [f"node-{n}" for n in nodes]
 
@@ -336,17 +381,24 @@ class _Runner:
         weights = [float(next(iter(c.metric_records.values()))[weight_key]) for c in contents]
         parties = self.reply_ids(replies)
         names = self.names if self.agg is not None else list(records[0].keys())
-        views, known = [], set(names)
-        for rec, p in zip(records, parties):
+        known = set(names)
+
+        def same_names(rec, party, what):  # the model's arrays, no fewer and no more
             missing = [n for n in names if n not in rec]
             extra = [n for n in rec.keys() if n not in known]
             if missing or extra:
-                raise LayoutMismatch("missing from the reply" if missing else "not in the model's arrays",
-                                     leaf=(missing or extra)[0], party=p)
+                raise LayoutMismatch(f"missing from {what}" if missing else f"in {what} only",
+                                     leaf=(missing or extra)[0], party=party)
+
+        views = []
+        for rec, p in zip(records, parties):
+            same_names(rec, p, "the reply")
             for n in names:
                 if rec[n].stype != "numpy.ndarray":
                     raise LayoutMismatch(f"serialization {rec[n].stype!r}; expected 'numpy.ndarray'", leaf=n, party=p)
             views.append([ndarray_view(rec[n].data, party=p, index=n) for n in names])
+        if base is not None:  # the model the step moves, as Flower refuses it (an array only there was dropped)
+            same_names(base, "<base>", "the strategy's current_arrays")
         # set first: a first round whose finalize raises keeps its aggregator, whose layout has these names
         self.names, self.last_parties = names, parties
         out = self.fold_and_finalize(views, weights, parties,
@@ -364,6 +416,14 @@ def _flower_optimizer(strategy, ours):
     if ours is not A.FedAdagrad:
         kw["beta2"] = strategy.beta_2
     return ours(**kw)
+
+
+def _fedavgm(strategy):
+    """Our FedAvgM with a Flower FedAvgM strategy's hyperparameters; plain FedAvg without ``server_opt`` (server
+    learning rate 1, momentum 0), as Flower."""
+    if strategy.server_opt:
+        return A.FedAvgM(lr=strategy.server_learning_rate, momentum=strategy.server_momentum)
+    return A.FedAvg()
 
 
 def _metrics(strategy, server_round, results):
@@ -386,7 +446,7 @@ def _strategies():
 
             def __init__(self, *args, backend: str = "auto", **kwargs):
                 super().__init__(*args, **kwargs)
-                self._jk = _Runner(make(self), backend)
+                self._jk = _Runner(functools.partial(make, self), backend)
 
             def aggregate_fit(self, server_round, results, failures):
                 if not results or (not self.accept_failures and failures):
@@ -404,17 +464,13 @@ def _strategies():
 
         def __init__(self, *args, backend: str = "auto", **kwargs):
             super().__init__(*args, **kwargs)
-            self._backend = backend
-            self._jk = None
+            self._jk = _Runner(functools.partial(_fedavgm, self), backend)
 
         def aggregate_fit(self, server_round, results, failures):
             if not results or (not self.accept_failures and failures):
                 return None, {}
             if not self.server_opt:  # lr 1, momentum 0: plain FedAvg, as Flower does
-                return self._plain(results), _metrics(self, server_round, results)
-            if self._jk is None:
-                self._jk = _Runner(A.FedAvgM(lr=self.server_learning_rate, momentum=self.server_momentum),
-                                   self._backend)
+                return self._jk.aggregate(results), _metrics(self, server_round, results)
             if self.initial_parameters is None:
                 raise ValueError("When using server-side optimization, model needs to be initialized.")
             # Flower steps from initial_parameters each round (it stores each new model there; a caller may too),
@@ -425,11 +481,6 @@ def _strategies():
                 self.initial_parameters = params
             return params, _metrics(self, server_round, results)
 
-        def _plain(self, results):
-            if self._jk is None:
-                self._jk = _Runner(A.FedAvg(), self._backend)
-            return self._jk.aggregate(results)
-
     def _fedopt(flower_cls, ours):
         class Strategy(flower_cls):
             __doc__ = (f"Flower's {flower_cls.__name__} (``variant='flower'`` of "
@@ -438,7 +489,7 @@ def _strategies():
 
             def __init__(self, *args, backend: str = "auto", **kwargs):
                 super().__init__(*args, **kwargs)
-                self._jk = _Runner(_flower_optimizer(self, ours), backend)
+                self._jk = _Runner(functools.partial(_flower_optimizer, self, ours), backend)
 
             def aggregate_fit(self, server_round, results, failures):
                 if not results or (not self.accept_failures and failures):
@@ -479,7 +530,7 @@ def _message_strategies():
 
             def __init__(self, *args, backend: str = "auto", **kwargs):
                 super().__init__(*args, **kwargs)
-                self._jk = _Runner(make(self), backend)
+                self._jk = _Runner(functools.partial(make, self), backend)
 
             def aggregate_train(self, server_round, replies):
                 valid, _ = self._check_and_log_replies(replies, is_train=True)
@@ -503,7 +554,7 @@ def _message_strategies():
 
             def __init__(self, *args, backend: str = "auto", **kwargs):
                 super().__init__(*args, **kwargs)
-                self._jk = _Runner(_flower_optimizer(self, ours), backend)
+                self._jk = _Runner(functools.partial(_flower_optimizer, self, ours), backend)
 
             def aggregate_train(self, server_round, replies):
                 valid, _ = self._check_and_log_replies(replies, is_train=True)
@@ -532,9 +583,7 @@ def _message_strategies():
 
         def __init__(self, *args, backend: str = "auto", **kwargs):
             super().__init__(*args, **kwargs)
-            alg = (A.FedAvgM(lr=self.server_learning_rate, momentum=self.server_momentum) if self.server_opt
-                   else A.FedAvg())
-            self._jk = _Runner(alg, backend)
+            self._jk = _Runner(functools.partial(_fedavgm, self), backend)
 
         def aggregate_train(self, server_round, replies):
             valid, _ = self._check_and_log_replies(replies, is_train=True)
