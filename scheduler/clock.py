@@ -153,7 +153,9 @@ class RealClock:
                     if wait is not None and wait <= 0:
                         h = self._q.pop()
                         break
-                    self._cv.wait(timeout=wait)
+                    # (at most an hour at a time: a deadline of 1e10 s, past threading.TIMEOUT_MAX, raised
+                    # OverflowError here and the clock thread died, every job with it)
+                    self._cv.wait(timeout=None if wait is None else min(wait, 3600.0))
             self.events += 1
             try:
                 h.fn(*h.args)

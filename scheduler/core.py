@@ -37,6 +37,8 @@ from .predictor import Predictor
 
 log = logging.getLogger("jitkernels.scheduler")
 DETERMINISTIC_BOUND = 2.0 ** 20  # jitkernels' default bound on weight * |x| for deterministic jobs
+RETRY_MIN_S = 0.01  # a waiting quorum looks for a slot again at most this often (hysteresis and start-up may be 0:
+# the retry was at now, for ever, and a virtual clock's time stood still)
 
 
 MIN_CHECKPOINT_BYTES = 64 << 20
@@ -763,6 +765,8 @@ class JITScheduler:
                 rnd.take_carried(party)
                 late_from.carried_out[party] = round
                 self._log("late_to_next_round", js, round=late_from.number, to=round, party=party)
+            if early:  # sent before its round began: no response time, whenever its arrival is taken (it read as 0 s
+                rnd.unobserved.add(party)  # when the round opened before its arrival came through)
             js.seen[key] = update_id
             rnd.admitted += 1
             rnd.acked.add(party)
@@ -839,7 +843,11 @@ class JITScheduler:
         with self._lock:
             js = self._job(job_id)
             js.finished = True
-            if js.deployment is not None and not js.deployment.busy:
+            # only a deployment with nothing to do: one starting up for a round whose quorum is in, released, left
+            # the round without an aggregator and nothing to plan one again (it hung); the round's end releases it
+            dep, rnd = js.deployment, js.open
+            if dep is not None and dep.ready and not dep.busy and (
+                    rnd is None or rnd.done or (not rnd.pending and rnd.quorum_time is None)):
                 self._release(js, "job finished")
 
     def close(self) -> None:
@@ -1143,6 +1151,8 @@ class JITScheduler:
         if over_budget and (t is None or t > now):
             self._log("buffer_pressure", js, round=rnd.number, buffered=self.buffered_bytes, budget=self.byte_budget)
             t = now
+        if t is None or t > now:  # not waiting for a slot now (a slot freed meanwhile was its at once, far early)
+            self._leave_queue(js)
         if t is None:
             self._log("wait", js, round=rnd.number, plan=inputs)
             return
@@ -1245,7 +1255,8 @@ class JITScheduler:
         # this round's latency runs (on cross_silo a 25M job waited 360 s for a slot that a search freed after 300 s)
         if js.job.id in self.waiting and self._urgent(js) and js.job.id not in self._retries:
             self._retries[js.job.id] = self.clock.call_at(
-                self.clock.now() + max(self.hysteresis_s, self.cost.startup_s / 4), self._retry_slot, js, js.open)
+                self.clock.now() + max(self.hysteresis_s, self.cost.startup_s / 4, RETRY_MIN_S), self._retry_slot, js,
+                js.open)
 
     def _retry_slot(self, js, rnd) -> None:
         with self._lock:
@@ -1256,13 +1267,17 @@ class JITScheduler:
                 self._searched.pop(js.job.id, None)
                 self._request_slot(js, laxity=min(0.0, self._laxity(js)), inputs={"retry": True})
 
-    def _deploy(self, js, slot: int, laxity: float, inputs: dict) -> None:
-        now = self.clock.now()
+    def _leave_queue(self, js) -> None:
+        """``js`` no longer waits for a slot: deployed, its round over, or its plan moved later."""
         self.waiting.pop(js.job.id, None)
         self._searched.pop(js.job.id, None)
         retry = self._retries.pop(js.job.id, None)
         if retry is not None:
             retry.cancel()
+
+    def _deploy(self, js, slot: int, laxity: float, inputs: dict) -> None:
+        now = self.clock.now()
+        self._leave_queue(js)
         dep = js.deployment = _Deployment(slot, now, now + self.cost.startup_s)
         js.metrics.deployments += 1
         self.occupancy.append((now, self.occupancy[-1][1] + 1))
@@ -1610,6 +1625,7 @@ class JITScheduler:
             self._pump(js)
 
     def _round_finished(self, js, rnd) -> None:
+        self._leave_queue(js)  # (a round that ended waiting for a slot: the slot went to the ended job later)
         busy = js.deployment is not None and js.deployment.busy  # a fold of this round may still be running
         if rnd.aggregator is not None and js.carries and busy:
             # failed (deadline) mid-fold: the fold keeps its aggregator, the next round starts from a copy of the

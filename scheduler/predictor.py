@@ -101,8 +101,8 @@ class PartyModel:
         if self.closed_round == round:
             self.participation += self.closed_no
             self.closed_no = 0.0
-        else:
-            self.late_round = round
+        elif self.closed_round is None or round > self.closed_round:  # (an older round's answer: it held the open
+            self.late_round = round  # round's late answer, which then closed as a 'no')
 
 
 @dataclass(frozen=True)

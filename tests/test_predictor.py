@@ -239,3 +239,21 @@ def test_one_missed_first_round_does_not_make_a_party_a_never_answerer():
     for bad in (-1.0, math.inf, math.nan, "1", True):
         with pytest.raises(ValueError, match="prior_rounds"):
             Predictor(prior_rounds=bad)
+
+
+def test_an_answer_to_an_older_round_keeps_the_open_rounds_late_answer():
+    """A late answer to the open round, then a stale one to a round older than the one closed last: the stale one
+    took the open round's place, which then closed as a 'no' (participation 0.25 where it is 0.5)."""
+    from scheduler.predictor import PartyModel
+
+    def closes(old_answer):
+        m = PartyModel()
+        m.close_round(False, 0)
+        m.close_round(False, 1)
+        m.answered_late(2)  # round 2, still open, answered late
+        if old_answer:
+            m.answered_late(0)
+        m.close_round(False, 2)
+        return m.participation
+
+    assert closes(True) == closes(False) > 0.25

@@ -195,3 +195,17 @@ def test_a_timed_out_asyncio_wait_leaves_the_round_and_the_job_going():
             np.testing.assert_array_equal(sched.result("j", r).result(timeout=10), np.full(4, r + 1.0))
     finally:
         sched.close()
+
+
+def test_a_deadline_past_the_platforms_longest_wait_leaves_the_clock_running():
+    """deadline_s=1e10 ("practically none") is past threading.TIMEOUT_MAX: the real clock's wait raised
+    OverflowError, its thread died, and every acknowledged update waited for ever. It waits an hour at a time."""
+    s = JITScheduler("eager", slots=1)
+    try:
+        s.add_job(Job("a", template={"w": np.zeros(4, np.float32)}, parties=["p0"], quorum=1, rounds=2,
+                      deadline_s=1e10))
+        s.submit("a", 0, "p0", {"w": np.ones(4, np.float32)})
+        assert s.result("a", 0).result(timeout=30)["w"].tolist() == [1.0] * 4
+        assert s.clock._thread.is_alive()
+    finally:
+        s.close()

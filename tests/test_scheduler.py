@@ -1,5 +1,6 @@
 """The JIT scheduler on a virtual clock: exact accounting on hand-computed scenarios, policies, slots, errors."""
 
+import math
 import random
 
 import numpy as np
@@ -1215,3 +1216,71 @@ def test_late_updates_are_carried_from_the_round_before_the_open_one_at_most():
     assert s.submit("j", 2, "c", _ones()).round == 3
     assert [(d["round"], d["to"]) for d in s.decisions if d["event"] == "late_to_next_round"] == [(2, 3)]
     s.close()
+
+
+# --- review fixes (scheduler runtime, 2026-11-28) ---------------------------------------------------------------------
+def test_finish_job_while_a_deployment_starts_up_does_not_strand_the_round():
+    """finish_job released any deployment that was not busy, one still starting up for a round whose quorum was in
+    too: nothing planned that round again, and it never resolved. Such a deployment now stays for the round."""
+    clk = VirtualClock()
+    s = JITScheduler("lazy", slots=1, clock=clk, cost=COST)
+    s.add_job(Job("a", parties=["p0", "p1"], quorum=2, rounds=3, model_elems=1000, update_bytes=4000))
+    for p in ("p0", "p1"):
+        clk.call_at(10.0, s.submit, "a", 0, p, None, 1.0)
+    clk.run(until=10.5)  # the quorum is in; lazy's deployment starts up until 11
+    s.finish_job("a")
+    clk.run(until=100)
+    assert s.result("a", 0).done() and s.result("a", 0).exception() is None
+
+
+def test_a_waiting_quorum_retries_with_time_moving_when_hysteresis_and_start_up_are_zero():
+    """hysteresis_s=0 with a start-up of 0 (the default cost model's) re-armed the slot retry at now, for ever: a
+    virtual clock's time stood still (run() never returned), a real clock's thread spun."""
+    clk = VirtualClock()
+    s = JITScheduler("lazy", slots=1, clock=clk, cost=CostModel(backends={"cpu": BackendCost(1e6, 0.0)}),
+                     hysteresis_s=0.0)
+    for j in "AB":
+        s.add_job(Job(j, parties=["p"], quorum=1, rounds=1, model_elems=1000, update_bytes=4000))
+    clk.call_at(10.0, s.submit, "A", 0, "p", None, 1.0)
+    clk.call_at(10.001, s.submit, "B", 0, "p", None, 1.0)  # B's quorum in while A holds the only slot
+    real, calls = s._retry_slot, []
+
+    def counted(*a):
+        calls.append(clk.now())
+        assert len(calls) < 1000, "the retries do not let time move"
+        return real(*a)
+
+    s._retry_slot = counted
+    clk.run()
+    assert s.result("B", 0).done() and len(calls) < 10
+
+
+def test_a_job_whose_round_ends_while_it_waits_for_a_slot_leaves_the_queue():
+    """A job queued for a slot whose round then ended (its deadline) stayed in the queue: a slot freed later was
+    deployed to it at once, an ended job (rounds=1) or a next round planned for later (rounds=2), far early."""
+    for rounds in (1, 2):
+        clk = VirtualClock()
+        s = JITScheduler("jit", slots=1, clock=clk, cost=COST)
+        s.add_job(Job("A", parties=["x"], quorum=1, rounds=1, model_elems=1000, update_bytes=4000))
+        s.add_job(Job("B", parties=["y", "z"], quorum=2, rounds=rounds, model_elems=1000, update_bytes=4000,
+                      deadline_s=60.0, prior_response_s=40.0))
+        clk.call_at(70.0, s.submit, "A", 0, "x", None, 1.0)
+        clk.run(until=59.9)
+        assert "B" in s.waiting  # A's cold start holds the only slot
+        clk.run(until=71.5)
+        assert "B" not in s.waiting and s.jobs["B"].metrics.deployments == 0, rounds
+
+
+def test_an_update_sent_before_its_round_opened_teaches_no_response_time_whenever_it_arrives():
+    """An update acknowledged for round 1 while round 0 was open, whose arrival came through after round 1 had
+    opened (the finalize's completion queued ahead of it), was learnt as a response of ~0 s (log-time mean -9.2)."""
+    clk = VirtualClock()
+    s = JITScheduler("lazy", slots=1, clock=clk, cost=COST)
+    s.add_job(Job("a", parties=["p0", "p1"], quorum=2, rounds=3, model_elems=1000, update_bytes=4000))
+    ready = 10.0 + 1.0 + 0.016 + 0.008  # quorum at 10, start-up 1, fold of 2, finalize
+    clk.call_at(ready, lambda: s.submit("a", 1, "p0", None, 1.0))  # (before the completion at the same time)
+    for p in ("p0", "p1"):
+        clk.call_at(10.0, s.submit, "a", 0, p, None, 1.0)
+    clk.run()
+    m = s.jobs["a"].predictor.model("p0")
+    assert m.n == 1 and m.mu == pytest.approx(math.log(10.0))
