@@ -837,17 +837,17 @@ class Aggregator:
         wide = base is not None or stepped or amplified
         for i in float_ids:
             leaf = self.layout.leaves[i]
-            # (a float64 leaf read into a float32 accumulator: a value past float32's range whose delta against the
-            # base is small passed admission, which measures u - base in float64, and was inf once read)
-            if (leaf.dtype == "float64" and self.acc_dtype == "float64") or \
-                    (not wide and bound < _largest(leaf.dtype)) or not _overflowed(leaf.dtype, outs[i]):
+            # (float64 outputs too: a float64 leaf read into a float32 accumulator, past its range with a small delta
+            # against the base, was inf once read; a float64 model stepped or given a base near its largest value)
+            if (not wide and bound < _largest(leaf.dtype)) or not _overflowed(leaf.dtype, outs[i]):
                 continue
             sl = slice(leaf.offset, leaf.offset + leaf.size)
             if stepped:
                 y = to_host(self.state.base[sl])
             else:
-                y = to_host(acc[sl]).astype(np.float64) / float(weights[i])
-                y = y if base is None else to_host(base[sl]) + y
+                with np.errstate(over="ignore"):  # (the value named may be inf itself: a float64 model's)
+                    y = to_host(acc[sl]).astype(np.float64) / float(weights[i])
+                    y = y if base is None else to_host(base[sl]) + y
             where = (" (the step was applied and closed the round: the new model is in state.base, "
                      f"{self.acc_dtype})") if stepped else ""
             raise _beyond(leaf, float(np.abs(y).max()), where)

@@ -150,11 +150,12 @@ def _check_target(target_range) -> int:
 
 
 def _check_range(clipping_range, target_range, k: int = 1) -> tuple:
-    """(c, T), checked: c > 0, and every quantity the formulas form finite: 2c, T / (2c) and 2c / T, and k c for a
-    sum of k (c = 1e-310 made T / (2c) inf: 0 quantized to T, -c to NaN; c = 1e308 made 2c inf: all zeros, then NaN)."""
+    """(c, T), checked: c > 0, and every quantity the formulas form finite: 2c, T / (2c) and 2c / T, and for a sum of
+    k its largest, S 2c / T <= 2 k c (c = 1e-310 made T / (2c) inf: 0 quantized to T, -c to NaN; c = 1e308 made 2c
+    inf: all zeros, then NaN; c = 6e307 over 2 parties dequantized a true sum of 1.2e308 to inf)."""
     c, T = float(clipping_range), _check_target(target_range)
-    if not (c > 0 and all(math.isfinite(v) for v in (2 * c, T / (2 * c), 2 * c / T, k * c))):
-        raise ValueError(f"clipping_range must be > 0 with 2c, T / 2c, 2c / T and k c finite (T = {T}, k = {k}); "
+    if not (c > 0 and all(math.isfinite(v) for v in (2 * c, T / (2 * c), 2 * c / T, 2 * k * c))):
+        raise ValueError(f"clipping_range must be > 0 with 2c, T / 2c, 2c / T and 2 k c finite (T = {T}, k = {k}); "
                          f"got {clipping_range!r}")
     return c, T
 

@@ -94,6 +94,19 @@ def test_a_float64_leaf_past_float32s_range_in_a_float32_accumulator_is_refused_
         agg.finalize()
 
 
+@pytest.mark.parametrize("alg", [jk.algorithms.FedAvgM(lr=30.0), jk.algorithms.FedBuff(server_lr=30.0)])
+def test_a_float64_model_stepped_or_amplified_past_its_range_is_refused(alg):
+    """A server step (FedAvgM) or an amplified mean (FedBuff's server_lr > 1) can take a float64 model past float64's
+    range: the float32 model was refused by name, the float64 one returned inf (its outputs went unread)."""
+    top = float(np.finfo(np.float64).max)
+    t = {"w": np.zeros(4, np.float64)}
+    base = {"w": np.full(4, top * (1 - 1e-7))}
+    agg = jk.Aggregator(t, alg, base=base, acc_dtype="float64")
+    agg.fold({"w": base["w"] + top * 1e-7}, 1.0, "p", **({"staleness": 0} if alg.name == "fedbuff" else {}))
+    with pytest.raises(jk.ValueOutOfRange, match="leaf 'w'.*float64"):
+        agg.finalize()
+
+
 _Params = collections.namedtuple("_Params", "weight bias")
 
 

@@ -524,6 +524,8 @@ def test_a_clipping_range_whose_quantizer_is_not_finite_is_refused():
     sa.quantize(np.zeros(3), 1e306, T)  # one party's values form no k c
     with pytest.raises(ValueError, match="clipping_range"):
         sa.dequantize(np.zeros(3, np.uint32), 1e306, T, 1000)
+    with pytest.raises(ValueError, match="clipping_range"):  # S 2c / T reaches 2 k c: a true 1.2e308 came out inf
+        sa.dequantize(np.array([1024 * 2], np.uint32), 6e307, 1024, 2)
 
 
 # ------------------------------------------------------------------------------------------------------------------
