@@ -1333,7 +1333,7 @@ class JITScheduler:
                                             self._update_ids(js, rnd))
             dep.busy = True
             self._log("fold", js, round=rnd.number, updates=len(batch), bytes=nbytes, est_s=est)
-            self.executor.run(task, lambda d, r, e, js=js, rnd=rnd, task=task: self._done(js, rnd, task, d, r, e))
+            self._run(js, rnd, task)
             return
         if rnd.quorum_time is not None and rnd.folded >= rnd.quorum:
             est = self.cost.finalize_s(js.model_elems, **self._priced(js))
@@ -1344,7 +1344,19 @@ class JITScheduler:
             task = Task("finalize", js.job.id, rnd.number, 0, 0, est, fn)
             dep.busy = True
             self._log("finalize", js, round=rnd.number, est_s=est)
-            self.executor.run(task, lambda d, r, e, js=js, rnd=rnd, task=task: self._done(js, rnd, task, d, r, e))
+            self._run(js, rnd, task)
+
+    def _run(self, js, rnd, task) -> None:
+        """Hand ``task`` to the executor; its completion comes back through the clock (``_done``). An executor that
+        refuses the task (a custom one, a Ray cluster gone) is that task failing: the deployment stayed busy for
+        good, and its round never resolved."""
+        def done(duration, result, error):
+            self._done(js, rnd, task, duration, result, error)
+
+        try:
+            self.executor.run(task, done)
+        except Exception as e:
+            self.clock.call_soon_threadsafe(done, 0.0, None, e)
 
     # --- internals: crash safety (scheduler.durable) --------------------------------------------------------------
     def _update_ids(self, js, rnd) -> dict:

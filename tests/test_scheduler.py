@@ -1284,3 +1284,20 @@ def test_an_update_sent_before_its_round_opened_teaches_no_response_time_wheneve
     clk.run()
     m = s.jobs["a"].predictor.model("p0")
     assert m.n == 1 and m.mu == pytest.approx(math.log(10.0))
+
+
+def test_an_executor_that_refuses_a_task_fails_the_round_instead_of_holding_it():
+    """An executor whose run() raised (a custom one, a Ray cluster gone) left the deployment busy for good: the round
+    never resolved. The task now fails as if it had run, and the round resolves with the error."""
+
+    class Refusing(ModelExecutor):
+        def run(self, task, done):
+            raise ConnectionError("the cluster is gone")
+
+    clk = VirtualClock()
+    s = JITScheduler("eager", clock=clk, executor=Refusing(clk))
+    s.add_job(Job("j", template={"w": np.zeros(4, np.float32)}, parties=["a"], quorum=1, rounds=1))
+    s.submit("j", 0, "a", {"w": np.ones(4, np.float32)})
+    clk.run(until=30)
+    assert isinstance(s.result("j", 0).exception(), ConnectionError) and s.buffered_bytes == 0
+    assert s.jobs["j"].deployment is None or not s.jobs["j"].deployment.busy
