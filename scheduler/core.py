@@ -339,6 +339,9 @@ class _JobState:
         # algorithms that close rounds (server optimizers, DP): the finished round's aggregator, whose state (model,
         # moments, round counter, clip norm) the next round continues
         self.carry = None
+        # algorithms that fold deltas against the global model and do not close rounds (FedNova, SCAFFOLD, centered
+        # clipping): the last round's model, the next round's base (see rebases)
+        self.next_base = None
 
     def _index_expected(self) -> None:
         self.expected_pos = {p: i for i, p in enumerate(self.expected)}
@@ -398,9 +401,10 @@ class _JobState:
         algorithm is a copy of the job's: this scheduler numbers the job's rounds (a DP instance refuses to noise a
         round twice, and a scheduler resumed in the same process replays one)."""
         alg = copy.copy(jk.algorithms.resolve(self.job.algorithm))
+        base = None if not alg.needs_base else self.job.template if self.next_base is None else self.next_base
         return jk.Aggregator(self.job.template, alg, backend=self.job.backend,
                              acc_dtype=self.acc_dtype, deterministic=self.job.deterministic,
-                             bound=DETERMINISTIC_BOUND, base=self.job.template if alg.needs_base else None)
+                             bound=DETERMINISTIC_BOUND, base=base)
 
     def from_state(self, state):
         """An aggregator that continues ``state`` (a checkpoint or a carry) with the job's backend, and for a robust
@@ -413,6 +417,13 @@ class _JobState:
     def carries(self) -> bool:
         """The job's rounds hand state to the next one (see ``carry``)."""
         return self.layout is not None and self.algorithm.closes_round
+
+    @property
+    def rebases(self) -> bool:
+        """Each round folds deltas against the last round's model, which the job keeps (``next_base``): the state of
+        an algorithm that does not close its round does not move its base, and every round had folded against the
+        template (FedNova's second round was measured from the first model, not the one its parties trained from)."""
+        return self.layout is not None and self.algorithm.needs_base and not self.algorithm.closes_round
 
 
 class JITScheduler:
@@ -556,7 +567,7 @@ class JITScheduler:
                 raise SchedulerClosed(f"job {job.id!r}: the scheduler is closed; job not added (its rounds would "
                                       "never resolve)")
             if job.id in self.jobs:
-                raise ValueError(f"job {job.id!r} already added")
+                raise InvalidJob(f"job {job.id!r} already added")
             if self.store is not None and job.template is not None:
                 try:
                     self.store.check_ids(job.id, job.parties)
@@ -1504,6 +1515,8 @@ class JITScheduler:
                 continue
             self._resolve(rnd, js.layout.unflatten(leaves))
             js.seen.update({(int(r), p): u for p, u in ids.items()})
+            if js.rebases and int(r) == max(map(int, meta["results"])):  # the last model: the next round's base
+                js.next_base = js.layout.unflatten([leaf.copy() for leaf in leaves])
         for r, (kind, message) in meta.get("failed", {}).items():  # rounds that ended with an error
             if r in meta.get("results", {}):  # (recorded as failed after its result was committed: it finished)
                 continue
@@ -1607,6 +1620,8 @@ class JITScheduler:
                     # by replaying the round from its files (still on disk: nothing committed covers them)
                     if not js.carries:
                         self._commit_failure(js, rnd, error)
+                elif js.rebases:  # (a copy: the caller owns the result, and may change it before the next round)
+                    js.next_base = copy.deepcopy(result)
                 self._resolve(rnd, result, error)
                 self._round_finished(js, rnd)
                 return
@@ -1648,7 +1663,7 @@ class JITScheduler:
         elif rnd.aggregator is not None and not busy:  # the result is out (finalize allocates it): recycle it
             if rnd.aggregator.state.store is not None:  # a robust rule's slab (k models) is returned while it waits
                 rnd.aggregator.state.store.clear()
-            rnd.aggregator.reset(reuse=True)
+            rnd.aggregator.reset(js.next_base if js.rebases else None, reuse=True)
             js.spare, rnd.aggregator = rnd.aggregator, None
         if rnd.deadline_timer is not None:
             rnd.deadline_timer.cancel()

@@ -1301,3 +1301,50 @@ def test_an_executor_that_refuses_a_task_fails_the_round_instead_of_holding_it()
     clk.run(until=30)
     assert isinstance(s.result("j", 0).exception(), ConnectionError) and s.buffered_bytes == 0
     assert s.jobs["j"].deployment is None or not s.jobs["j"].deployment.busy
+
+
+@pytest.mark.parametrize("restart", [False, True])
+def test_fednova_rounds_fold_against_the_last_rounds_model(tmp_path, restart):
+    """An algorithm that folds deltas and does not close its round (FedNova, SCAFFOLD) had every round of a job
+    measured against the template: round 1 returned 4.22 where x_1 + tau_eff sum p_j (u_j - x_1) / tau_j is 3.78.
+    The job keeps the last model as the next round's base, through a restart too (from the committed result)."""
+    tmpl = {"w": np.full(4, 1.0, np.float32)}
+
+    def update(i, r):
+        return {"w": np.full(4, 2.0 + i + r, np.float32)}
+
+    want, base = [], tmpl
+    for r in range(2):
+        ref = jk.Aggregator(tmpl, jk.algorithms.FedNova(), base=base)
+        for i in range(3):
+            ref.fold(update(i, r), weight=1.0, party=i, steps=10 * (i + 1))
+        base = ref.finalize()
+        want.append(base["w"].tolist())
+
+    def scheduler():
+        s = JITScheduler("eager", slots=1, state_dir=tmp_path)
+        s.add_job(Job("n", template=tmpl, parties=[0, 1, 2], quorum=3, rounds=2, algorithm=jk.algorithms.FedNova()))
+        return s
+
+    s, got = scheduler(), []
+    try:
+        for r in range(2):
+            if r == 1 and restart:
+                s.close()
+                s = scheduler()
+            for i in range(3):
+                s.submit("n", r, i, update(i, r), 1.0, steps=10 * (i + 1))
+            got.append(s.result("n", r).result(timeout=30)["w"].tolist())
+    finally:
+        s.close()
+    assert got == want
+
+
+def test_a_job_id_added_twice_is_invalid_job():
+    """README: add_job refuses ids that repeat with InvalidJob (a repeated job id raised a plain ValueError)."""
+    from scheduler import InvalidJob
+
+    s = JITScheduler("eager", clock=VirtualClock(), cost=COST)
+    s.add_job(Job("a", parties=["p"], quorum=1, rounds=1, model_elems=10, update_bytes=40))
+    with pytest.raises(InvalidJob, match="already added"):
+        s.add_job(Job("a", parties=["p"], quorum=1, rounds=1, model_elems=10, update_bytes=40))
