@@ -1504,6 +1504,8 @@ class JITScheduler:
         first = meta.get("round", job.first_round)
         if meta.get("predictor"):  # what the arrivals of committed rounds taught it
             js.predictor.load_json(meta["predictor"])
+        last = max(map(int, meta.get("results", {})), default=None)
+        base_lost = None  # why the last model, the next round's base where the job rebases, cannot be read
         for r, rel in meta.get("results", {}).items():
             rnd = self._round(js, int(r))
             rnd.done = True
@@ -1512,10 +1514,12 @@ class JITScheduler:
             except (OSError, jk.CorruptState) as e:  # (logged when the directory was opened) this round's answer only
                 self._resolve(rnd, error=e if isinstance(e, jk.CorruptState) else jk.CorruptState(
                     f"job {job.id!r} round {r}: its result {rel} cannot be read ({e})"))
+                if int(r) == last:
+                    base_lost = f"{rel}: {e}"
                 continue
             self._resolve(rnd, js.layout.unflatten(leaves))
             js.seen.update({(int(r), p): u for p, u in ids.items()})
-            if js.rebases and int(r) == max(map(int, meta["results"])):  # the last model: the next round's base
+            if js.rebases and int(r) == last:  # the last model: the next round's base
                 js.next_base = js.layout.unflatten([leaf.copy() for leaf in leaves])
         for r, (kind, message) in meta.get("failed", {}).items():  # rounds that ended with an error
             if r in meta.get("results", {}):  # (recorded as failed after its result was committed: it finished)
@@ -1540,6 +1544,11 @@ class JITScheduler:
             js.finished = True
             self._log("resumed", js, round=first, finished=True)
             return
+        if js.rebases and base_lost is not None and not meta.get("state"):
+            # its rounds fold against the last model: from the template instead, every later model would be wrong
+            raise jk.CorruptState(f"job {job.id!r}: round {last}'s result, the model round {first} folds against, "
+                                  f"cannot be read ({base_lost}); restore it, or add the job again from a known model "
+                                  "in a fresh state directory")
         # everything that may refuse the job is read before its round opens (an open round arms timers and takes
         # a slot, which a refused add_job would leave behind): its states, then its stored updates (replayed from
         # their files, as spilled updates: read back within the byte budget when folded; decoding them all here

@@ -1070,6 +1070,31 @@ def test_a_damaged_result_fails_its_round_only(tmp_path):
     rec.close()
 
 
+def test_a_job_that_folds_against_its_last_model_is_refused_when_that_model_cannot_be_read(tmp_path):
+    """A FedNova job's next round folds against the last round's model, which a restart reads from the committed
+    result: with that file damaged (and no checkpoint of the open round holding its base), the job folded against the
+    template again and every later model was wrong. It is refused by name; a job that does not rebase (FedAvg) still
+    resumes with that round alone failed."""
+    import glob
+    from scheduler.durable import ident
+
+    tmpl = {"w": np.zeros(8, np.float32)}
+    job = Job("j", template=tmpl, parties=["a", "b", "c"], quorum=3, rounds=3, algorithm=jk.algorithms.FedNova())
+    s = _sched(tmp_path)
+    s.add_job(job)
+    for p in "abc":
+        s.submit("j", 0, p, {"w": np.ones(8, np.float32)}, update_id=f"0{p}", steps=2)
+    s.clock.run()
+    assert s.result("j", 0).result(timeout=5)["w"].tolist() == [1.0] * 8
+    s.close()
+    path, = glob.glob(str(tmp_path / "results" / f"{ident('j')}-r0.jkr"))
+    raw = bytearray(open(path, "rb").read())
+    raw[-10] ^= 0xFF
+    open(path, "wb").write(raw)
+    with pytest.raises(jk.CorruptState, match="round 0's result, the model round 1 folds against"):
+        JITScheduler.recover(tmp_path, [job], policy="eager", clock=VirtualClock(), checkpoint_bytes=0)
+
+
 def test_a_directory_where_no_generation_verifies_is_refused(tmp_path):
     """Opening it as new would collect every job's files."""
     s = _sched(tmp_path)
