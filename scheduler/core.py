@@ -578,6 +578,10 @@ class JITScheduler:
             if self.byte_budget is not None and self.overflow == "raise" and js.update_bytes > self.byte_budget:
                 raise InvalidJob(f"job {job.id!r}: its updates ({js.update_bytes} bytes) do not fit the byte budget "
                                  f"of {self.byte_budget}: with overflow='raise' every one would be refused")
+            if js.rebases and job.late == "next_round":  # (a late update was trained from the round before's model)
+                raise InvalidJob(f"job {job.id!r}: {type(js.algorithm).__name__} folds each round against the last "
+                                 "round's model, and a late update carried to the next round would be measured "
+                                 "against the wrong one: late='reject'")
             js.metrics.latencies = deque(maxlen=self.history)
             self.jobs[job.id] = js
             self._log("add_job", js, quorum=job.quorum_count(), parties=len(job.parties))
@@ -1344,7 +1348,8 @@ class JITScheduler:
                                             self._update_ids(js, rnd))
             dep.busy = True
             self._log("fold", js, round=rnd.number, updates=len(batch), bytes=nbytes, est_s=est)
-            self._run(js, rnd, task)
+            spilled = [it for _, it, _, _ in batch if isinstance(it, _Spilled)]
+            self._run(js, rnd, task, refused=lambda: [self._release_spilled(js, sp) for sp in spilled])
             return
         if rnd.quorum_time is not None and rnd.folded >= rnd.quorum:
             est = self.cost.finalize_s(js.model_elems, **self._priced(js))
@@ -1357,16 +1362,19 @@ class JITScheduler:
             self._log("finalize", js, round=rnd.number, est_s=est)
             self._run(js, rnd, task)
 
-    def _run(self, js, rnd, task) -> None:
+    def _run(self, js, rnd, task, refused=None) -> None:
         """Hand ``task`` to the executor; its completion comes back through the clock (``_done``). An executor that
         refuses the task (a custom one, a Ray cluster gone) is that task failing: the deployment stayed busy for
-        good, and its round never resolved."""
+        good, and its round never resolved. ``refused()`` lets go of what the task would have (a fold's spilled
+        updates' files, which its own failure path releases)."""
         def done(duration, result, error):
             self._done(js, rnd, task, duration, result, error)
 
         try:
             self.executor.run(task, done)
         except Exception as e:
+            if refused is not None:
+                refused()
             self.clock.call_soon_threadsafe(done, 0.0, None, e)
 
     # --- internals: crash safety (scheduler.durable) --------------------------------------------------------------
@@ -1629,8 +1637,8 @@ class JITScheduler:
                     # by replaying the round from its files (still on disk: nothing committed covers them)
                     if not js.carries:
                         self._commit_failure(js, rnd, error)
-                elif js.rebases:  # (a copy: the caller owns the result, and may change it before the next round)
-                    js.next_base = copy.deepcopy(result)
+                elif js.rebases and not js.job.after_last(rnd.number + 1):  # (a copy: the caller owns the result,
+                    js.next_base = copy.deepcopy(result)  # and may change it before the next round)
                 self._resolve(rnd, result, error)
                 self._round_finished(js, rnd)
                 return
@@ -1687,6 +1695,7 @@ class JITScheduler:
         if last:
             js.finished = True
             js.open = None
+            js.next_base = None  # (no next round folds against it)
             for later in [r for n, r in js.rounds.items() if n > rnd.number and not r.done]:
                 # updates sent ahead for rounds that will not open: let go, and their futures answered
                 later.done = True

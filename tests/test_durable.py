@@ -1785,8 +1785,9 @@ def test_a_resend_of_an_update_dropped_with_its_round_is_a_duplicate_after_a_res
 
 
 def test_a_late_update_that_cannot_be_replayed_may_be_sent_again(tmp_path):
-    """A replayed late update that fails (a job resumed as FedNova, its file without steps) is logged as "the party
-    may resend"; the round it was sent for still said its late update counted elsewhere, and refused the resend."""
+    """A replayed late update that fails (a job resumed as FedBuff, its file without staleness) is logged as "the
+    party may resend"; the round it was sent for still said its late update counted elsewhere, and refused the
+    resend."""
     job = lambda alg: Job("j", template={"w": np.zeros(4, np.float32)}, parties=list("abc"), quorum=2,  # noqa
                           late="next_round", late_weight=1.0, algorithm=alg)
     u = lambda v: {"w": np.full(4, v, np.float32)}  # noqa: E731
@@ -1797,8 +1798,8 @@ def test_a_late_update_that_cannot_be_replayed_may_be_sent_again(tmp_path):
     s.clock.run()
     assert s.submit("j", 0, "c", u(1.0), update_id="c0").round == 1
     s.close()
-    rec = JITScheduler.recover(tmp_path, [job("fednova")], policy="eager", clock=VirtualClock())
-    assert rec.submit("j", 0, "c", u(1.0), update_id="c0", steps=1).round == 1
+    rec = JITScheduler.recover(tmp_path, [job("fedbuff")], policy="eager", clock=VirtualClock())
+    assert rec.submit("j", 0, "c", u(1.0), update_id="c0", staleness=0).round == 1
     rec.close()
 
 

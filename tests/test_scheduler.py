@@ -1348,3 +1348,53 @@ def test_a_job_id_added_twice_is_invalid_job():
     s.add_job(Job("a", parties=["p"], quorum=1, rounds=1, model_elems=10, update_bytes=40))
     with pytest.raises(InvalidJob, match="already added"):
         s.add_job(Job("a", parties=["p"], quorum=1, rounds=1, model_elems=10, update_bytes=40))
+
+
+def test_a_job_that_folds_against_its_last_model_refuses_to_carry_late_updates():
+    """A late update carried from round r to r + 1 was trained from round r's base, and was folded against round
+    r + 1's: FedNova's round 1 gave 3.5 where the party's own delta gives 3.75. Such jobs take late='reject' only."""
+    from scheduler import InvalidJob
+
+    s = JITScheduler("eager", clock=VirtualClock(), cost=COST)
+    tmpl = {"w": np.zeros(4, np.float32)}
+    with pytest.raises(InvalidJob, match="late='reject'"):
+        s.add_job(Job("n", template=tmpl, parties=[0, 1], quorum=1, algorithm=jk.algorithms.FedNova(),
+                      late="next_round"))
+    s.add_job(Job("m", template=tmpl, parties=[0, 1], quorum=1, algorithm="fedavg", late="next_round"))
+
+
+def test_a_refused_fold_lets_its_spilled_updates_files_go(tmp_path):
+    """A fold task refused by the executor (run() raises) held its spilled updates' files for the life of the
+    process: the task's own failure path releases them, and it never ran."""
+
+    class Refusing(ModelExecutor):
+        def run(self, task, done):
+            raise ConnectionError("the cluster is gone")
+
+    clk = VirtualClock()
+    s = JITScheduler("lazy", clock=clk, executor=Refusing(clk), state_dir=tmp_path, byte_budget=64,
+                     overflow="spill")
+    try:
+        s.add_job(Job("j", template={"w": np.zeros(16, np.float32)}, parties=["a", "b"], quorum=2, rounds=2))
+        for p in "ab":
+            s.submit("j", 0, p, {"w": np.ones(16, np.float32)})
+        clk.run(until=30)
+        assert isinstance(s.result("j", 0).exception(), ConnectionError) and s.spilled >= 1
+        assert not s.store._held
+    finally:
+        s.close()
+
+
+def test_a_rebasing_jobs_last_round_keeps_no_copy_of_its_model():
+    """The next round's base is a copy of the result; after a job's last round there is no next round to keep one
+    for (a finished FedNova job held a model-sized copy for the life of the scheduler)."""
+    clk = VirtualClock()
+    s = JITScheduler("eager", clock=clk, cost=COST)
+    s.add_job(Job("n", template={"w": np.zeros(4, np.float32)}, parties=[0], quorum=1, rounds=2,
+                  algorithm=jk.algorithms.FedNova()))
+    s.submit("n", 0, 0, {"w": np.ones(4, np.float32)}, 1.0, steps=1)
+    clk.run()
+    assert s.jobs["n"].next_base is not None
+    s.submit("n", 1, 0, {"w": np.full(4, 3.0, np.float32)}, 1.0, steps=1)
+    clk.run()
+    assert s.result("n", 1).result()["w"].tolist() == [3.0] * 4 and s.jobs["n"].next_base is None
