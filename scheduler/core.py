@@ -401,7 +401,7 @@ class _JobState:
         algorithm is a copy of the job's: this scheduler numbers the job's rounds (a DP instance refuses to noise a
         round twice, and a scheduler resumed in the same process replays one)."""
         alg = copy.copy(jk.algorithms.resolve(self.job.algorithm))
-        base = None if not alg.needs_base else self.job.template if self.next_base is None else self.next_base
+        base = (self.job.template if self.next_base is None else self.next_base) if alg.needs_base else None
         return jk.Aggregator(self.job.template, alg, backend=self.job.backend,
                              acc_dtype=self.acc_dtype, deterministic=self.job.deterministic,
                              bound=DETERMINISTIC_BOUND, base=base)
@@ -1680,7 +1680,7 @@ class JITScheduler:
         elif rnd.aggregator is not None and not busy:  # the result is out (finalize allocates it): recycle it
             if rnd.aggregator.state.store is not None:  # a robust rule's slab (k models) is returned while it waits
                 rnd.aggregator.state.store.clear()
-            rnd.aggregator.reset(js.next_base if js.rebases else None, reuse=True)
+            rnd.aggregator.reset(js.next_base, reuse=True)  # (None but where the job rebases: the base as it was)
             js.spare, rnd.aggregator = rnd.aggregator, None
         if rnd.deadline_timer is not None:
             rnd.deadline_timer.cancel()
