@@ -1115,6 +1115,7 @@ class JITScheduler:
             # finalize what was acknowledged, with the updates whose arrivals are still queued (an acknowledged
             # update left out of the partial model was lost without a word)
             rnd.quorum = rnd.admitted
+            self._commit_quorum(js, rnd)
             if len(rnd.members) >= rnd.quorum:
                 rnd.quorum_time = self.clock.now()
                 self._log("quorum", js, round=rnd.number, at=rnd.quorum_time)
@@ -1126,6 +1127,17 @@ class JITScheduler:
         self._commit_failure(js, rnd, error)
         self._resolve(rnd, error=error)
         self._round_finished(js, rnd)
+
+    def _commit_quorum(self, js, rnd) -> None:
+        """With a state directory, record the round's lowered quorum: a restart before its result is committed would
+        otherwise wait a whole deadline again (deadlines start afresh) for the full quorum."""
+        if self.store is None or js.layout is None:
+            return
+        try:
+            self.store.commit_quorum(js.job.id, rnd.number, rnd.quorum)
+        except Exception:  # the round ends with what is in either way; a restart would wait for its deadline again
+            log.exception("job %r round %d: could not record its lowered quorum in %s", js.job.id, rnd.number,
+                          self.store.path)
 
     def _commit_failure(self, js, rnd, error) -> None:
         """With a state directory, record that the round ended with ``error`` (a restart then moves past it)."""
@@ -1569,6 +1581,9 @@ class JITScheduler:
             js.carry = carry
         self._open_round(js, first)
         rnd = js.open
+        lowered = meta.get("quorum")
+        if lowered and lowered[0] == first:  # the partial rule's quorum, set at its deadline before the restart
+            rnd.quorum = min(rnd.quorum, lowered[1])
         for p, c in meta.get("carried", []):  # late updates the checkpoint holds: for the rounds they were sent for
             if c in js.rounds:
                 js.rounds[c].carried_out[p] = first

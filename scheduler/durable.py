@@ -145,7 +145,8 @@ def _check_entry(m) -> None:
     """A job's manifest entry as commits write it (a checksum anyone can compute vouches for nothing): a round
     number, state and carry files in states/, result files in results/ by round, failures as [type, message],
     parties as [id, update id] pairs (a failed round's too, by round: manifests written before they were kept lack
-    them). A path elsewhere (/etc/passwd, a FIFO that hung the open) is refused."""
+    them), a lowered quorum as [round, quorum] (optional too). A path elsewhere (/etc/passwd, a FIFO that hung the
+    open) is refused."""
     def named(rel, folder, suffix):
         return (isinstance(rel, str) and os.path.dirname(rel) == folder and rel.endswith(suffix)
                 and os.path.basename(rel) not in ("", ".", ".."))
@@ -160,6 +161,8 @@ def _check_entry(m) -> None:
           and rounds(m.get("failed_parties", {})) and all(pairs(v) for v in m.get("failed_parties", {}).values())
           and isinstance(m.get("carried", []), list) and all(
               isinstance(e, list) and len(e) == 2 and type(e[1]) is int for e in m.get("carried", []))
+          and (m.get("quorum") is None or isinstance(m["quorum"], list) and len(m["quorum"]) == 2
+               and all(type(x) is int and x >= 0 for x in m["quorum"]))
           and isinstance(m.get("dropped", []), list) and isinstance(m.get("predictor") or [], list)
           and all(_predictor_row(r) for r in m.get("predictor") or []))
     if not ok:
@@ -405,7 +408,7 @@ class StateDir:
             rel = os.path.join("results", f"{ident(job)}-r{int(rnd)}.jkr")
             self._write("result", rel, checked_writer(tensors, meta))
             old = self.jobs.get(job, {})
-            self._commit_job(job, round=int(rnd) + 1, state=None, parties=[], carried=[],
+            self._commit_job(job, round=int(rnd) + 1, state=None, parties=[], carried=[], quorum=None,
                              results=self._recent({**old.get("results", {}), str(int(rnd)): rel}),
                              carry=carry_rel or old.get("carry"), predictor=predictor or old.get("predictor"))
 
@@ -421,8 +424,19 @@ class StateDir:
             failed = {**old.get("failed", {}), str(int(rnd)): [type(error).__name__, str(error)]}
             failed_parties = {**old.get("failed_parties", {}),
                               str(int(rnd)): [[p, u] for p, u in (update_ids or {}).items()]}
-            self._commit_job(job, round=int(rnd) + 1, state=None, parties=[], carried=[], failed=self._recent(failed),
+            self._commit_job(job, round=int(rnd) + 1, state=None, parties=[], carried=[], quorum=None,
+                             failed=self._recent(failed),
                              failed_parties=self._recent(failed_parties), predictor=predictor or old.get("predictor"))
+
+    def commit_quorum(self, job, rnd: int, quorum: int) -> bool:
+        """Commit that the open round ``rnd`` of ``job`` ends at ``quorum`` updates (the partial rule lowered it at
+        its deadline): a restart finalizes it with what is in instead of waiting a whole deadline again for its full
+        quorum. False (nothing written) if the job has moved past the round meanwhile."""
+        with self._lock:
+            if self.jobs.get(job, {}).get("round", rnd) > rnd:
+                return False
+            self._commit_job(job, quorum=[int(rnd), int(quorum)])
+            return True
 
     def commit_dropped(self, job, party) -> None:
         """Commit that ``party`` left ``job`` (``JITScheduler.drop_party``): a restart does not wait for it."""

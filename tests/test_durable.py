@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import jitkernels as jk
-from scheduler import Crashed, JITScheduler, Job, LateUpdate, RoundForgotten, StateDir, StateDirLocked, VirtualClock
+from scheduler import (CostModel, Crashed, JITScheduler, Job, LateUpdate, RoundForgotten, StateDir, StateDirLocked,
+                       VirtualClock)
 from scheduler.durable import ident
 
 import crash_workload as cw
@@ -1746,6 +1747,28 @@ def test_a_carried_update_counts_once_where_a_restart_reopens_its_round_with_roo
     rec.clock.run()
     np.testing.assert_array_equal(rec.result("j", 0).result(timeout=5)["w"], [0.5, 0.5, 0.0, 0.0])
     assert rec.result("j", 1).result(timeout=5)["w"][2] > 0
+    rec.close()
+
+
+def test_a_quorum_lowered_at_the_deadline_survives_a_restart(tmp_path):
+    """The partial rule lowered round 0's quorum to the 2 updates in at its deadline (5 s); the process died before
+    the round's result was committed. The restart reopened round 0 with its full quorum of 3 and waited a whole
+    deadline again (deadlines start afresh) before finalizing the same 2. The lowered quorum is committed, and the
+    restart finalizes after a start-up; the round after starts with its own full quorum."""
+    job = lambda: Job("j", template={"w": np.zeros(4, np.float32)}, parties=list("abc"), quorum=3,  # noqa: E731
+                      rounds=2, deadline_s=5.0, unreachable="partial", prior_response_s=1.0)
+    s = JITScheduler("lazy", slots=1, clock=VirtualClock(), state_dir=tmp_path, cost=CostModel(startup_s=1.0))
+    s.add_job(job())
+    for i, p in enumerate("ab"):
+        s.submit("j", 0, p, {"w": np.full(4, float(i + 1), np.float32)}, update_id=f"{p}0").durable.result(timeout=10)
+    s.clock.run(until=5.0)  # the deadline lowers the quorum; the finalize waits for the deployment's start-up
+    assert s.jobs["j"].rounds[0].quorum == 2 and not s.result("j", 0).done()
+    s.store.crash()
+    rec = JITScheduler.recover(tmp_path, [job()], policy="lazy", clock=VirtualClock(), cost=CostModel(startup_s=1.0))
+    assert rec.jobs["j"].rounds[0].quorum == 2
+    rec.clock.run(until=2.0)  # a start-up, not a deadline
+    np.testing.assert_array_equal(rec.result("j", 0).result(timeout=5)["w"], np.full(4, 1.5, np.float32))
+    assert rec.jobs["j"].rounds[1].quorum == 3
     rec.close()
 
 
