@@ -40,13 +40,22 @@ class Task:
 
 
 def _call(task: Task):
+    """(duration, result, error) of a task. Any error is caught, BaseExceptions too (a SystemExit raised in a fold
+    thread left its deployment busy and its round unresolved for good): it is surfaced through the round's future.
+    Executors that run tasks on the caller's thread raise a BaseException again once the round has it
+    (:func:`_reraise`), so that Ctrl-C still stops a simulation."""
     t0 = time.perf_counter()
     result, error = None, None
     try:
         result = task.fn() if task.fn is not None else None
-    except Exception as e:  # surfaced through the round's future
+    except BaseException as e:
         error = e
     return time.perf_counter() - t0, result, error
+
+
+def _reraise(error) -> None:
+    if error is not None and not isinstance(error, Exception):
+        raise error
 
 
 class _InPlace:
@@ -66,6 +75,7 @@ class ModelExecutor(_InPlace):
     def run(self, task: Task, done) -> None:
         _, result, error = _call(task)
         self.clock.call_later(task.est_s, done, task.est_s, result, error)
+        _reraise(error)
 
     def close(self):
         pass
@@ -83,6 +93,7 @@ class MeasuredExecutor(_InPlace):
         dt, result, error = _call(task)
         self.estimated_s += task.est_s
         self.clock.call_later(dt, done, dt, result, error)
+        _reraise(error)
 
     def close(self):
         pass

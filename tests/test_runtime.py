@@ -209,3 +209,41 @@ def test_a_deadline_past_the_platforms_longest_wait_leaves_the_clock_running():
         assert s.clock._thread.is_alive()
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("where", ["thread", "caller"])
+def test_a_base_exception_in_a_fold_fails_its_round_and_frees_the_deployment(monkeypatch, where):
+    """A fold that raised a BaseException (SystemExit from code it calls) on a fold thread left the thread without
+    a word: its deployment stayed busy and its round unresolved for good, and every later round waited behind it.
+    It now fails its round as an error would; on the caller's thread (a virtual clock's executor) it is raised
+    again once the round has it, so that Ctrl-C still stops a simulation."""
+    from scheduler import LocalExecutor, ModelExecutor, VirtualClock
+
+    calls = []
+
+    def fold_many(agg, items):
+        calls.append(len(items))
+        if len(calls) == 1:
+            raise SystemExit("a fold that exits")
+        agg.fold_many(items)
+
+    monkeypatch.setattr(LocalExecutor, "fold_many", staticmethod(fold_many))
+    monkeypatch.setattr(ModelExecutor, "fold_many", staticmethod(fold_many))
+    clk = VirtualClock() if where == "caller" else None
+    s = JITScheduler("eager", slots=1, clock=clk)
+    s.add_job(Job("j", template={"w": np.zeros(4, np.float32)}, parties=["a"], quorum=1, rounds=2))
+    try:
+        if where == "caller":
+            s.submit("j", 0, "a", {"w": np.ones(4, np.float32)})
+            with pytest.raises(SystemExit):
+                clk.run(until=10)
+            clk.run(until=20)
+        else:
+            s.submit("j", 0, "a", {"w": np.ones(4, np.float32)})
+        assert isinstance(s.result("j", 0).exception(timeout=10), SystemExit)
+        s.submit("j", 1, "a", {"w": np.full(4, 2.0, np.float32)})
+        if where == "caller":
+            clk.run(until=40)
+        np.testing.assert_array_equal(s.result("j", 1).result(timeout=10)["w"], np.full(4, 2.0, np.float32))
+    finally:
+        s.close()
