@@ -208,14 +208,19 @@ class StateDir:
         self._lock = threading.RLock()
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="jitkernels-durable", initializer=renice,
                                           initargs=(writer_nice, "state directory writer"))
-        self.orphans_removed = self._collect_orphans()
         self.fallbacks: list = []  # (manifest, reason) skipped at open
         self._states: dict = {}  # verified state files, loaded once
         self._held: set = set()  # update files collection must keep (spilled updates not yet folded: hold/release)
         # its own lock, not the commits': submit holds a spilled update's file, and must not wait for a checkpoint's
         # write and fsync (46-82 ms at 16 MB)
         self._held_lock = threading.Lock()
-        self.gen, self.jobs = self._load()
+        try:
+            self.orphans_removed = self._collect_orphans()
+            self.gen, self.jobs = self._load()
+        except BaseException:  # (an unreadable directory, no memory): let the lock and the writer go, or the
+            self._writer.shutdown(wait=False)  # directory stayed locked to every later scheduler in this process
+            self._lockf.close()
+            raise
         self.prev_jobs = self.jobs  # the older retained generation (what deletions wait for)
 
     # --- protocol steps -------------------------------------------------------------------------------------------
@@ -523,7 +528,6 @@ class StateDir:
                 self.fallbacks.append((f, f"{type(e).__name__}: {e}"))
                 log.warning("state directory %s: %s unusable (%s); trying the previous generation", self.path, f, e)
         if gens:  # starting afresh would collect every job's files: the operator decides
-            self._lockf.close()
             raise jk.CorruptState(f"state directory {self.path}: no generation verifies ("
                                   + "; ".join(f"{f}: {why}" for f, why in self.fallbacks) + ")")
         return 0, {}

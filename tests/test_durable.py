@@ -101,6 +101,23 @@ def test_a_second_scheduler_cannot_open_a_held_directory(tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the nice value is per thread on Linux only")
+def test_a_directory_that_fails_to_open_is_not_left_locked(tmp_path, monkeypatch):
+    """An open that failed with anything but CorruptState (an unreadable manifest: PermissionError) kept its LOCK
+    for as long as anything held the error's traceback (a caller that keeps the error to report it): a scheduler
+    opened meanwhile got StateDirLocked for the directory."""
+    StateDir(tmp_path).close()
+    real_listdir = os.listdir
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(os, "listdir", unreadable)
+    with pytest.raises(PermissionError) as kept:
+        StateDir(tmp_path)
+    monkeypatch.setattr(os, "listdir", real_listdir)
+    StateDir(tmp_path).close()
+
+
 def test_writer_nice_renices_the_writer_thread_alone(tmp_path):
     """JITScheduler(writer_nice=19) yields the writer's CPU to submit's callers and the folds; the caller's thread
     keeps its own priority, and the default leaves the writer as it was."""
