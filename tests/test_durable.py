@@ -116,6 +116,7 @@ def test_a_directory_that_fails_to_open_is_not_left_locked(tmp_path, monkeypatch
         StateDir(tmp_path)
     monkeypatch.setattr(os, "listdir", real_listdir)
     StateDir(tmp_path).close()
+    assert kept.value.filename == str(tmp_path)  # (the error, held to here, names the directory)
 
 
 def test_writer_nice_renices_the_writer_thread_alone(tmp_path):
