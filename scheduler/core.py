@@ -97,7 +97,10 @@ class InvalidJob(SchedulerError, ValueError):
 @dataclass
 class Job:
     """One FL job. ``template`` (a pytree) makes real aggregation; without it the job is modelled by sizes only
-    (``model_elems``, ``update_bytes``), as the simulator does."""
+    (``model_elems``, ``update_bytes``), as the simulator does. Algorithms that fold deltas against the global model
+    (FedNova, SCAFFOLD, centered clipping) take the template as round 0's model and the last round's result after
+    it; a FedBuff job keeps no model: its parties send deltas against the model they trained from, and a round's
+    result is the server's step, which the caller adds to its model."""
 
     id: str  # or an int (numpy integers normalized), as party ids
     template: object = None

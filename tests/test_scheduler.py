@@ -1398,3 +1398,19 @@ def test_a_rebasing_jobs_last_round_keeps_no_copy_of_its_model():
     s.submit("n", 1, 0, {"w": np.full(4, 3.0, np.float32)}, 1.0, steps=1)
     clk.run()
     assert s.result("n", 1).result()["w"].tolist() == [3.0] * 4 and s.jobs["n"].next_base is None
+
+
+def test_a_fedbuff_job_returns_the_servers_step_of_the_deltas_sent():
+    """README's contract for FedBuff jobs (they keep no model): parties send deltas, and a round's result is
+    lr sum w_j s(tau_j) delta_j / sum w_j, in each round alike (the template is not a base)."""
+    alg = jk.algorithms.FedBuff(staleness="polynomial", a=0.5, server_lr=0.5, weighted=True)
+    s = JITScheduler("eager", clock=VirtualClock())
+    s.add_job(Job("b", template={"w": np.full(3, 7.0, np.float32)}, parties=["p", "q"], quorum=2, rounds=2,
+                  algorithm=alg))
+    for r in range(2):
+        s.submit("b", r, "p", {"w": np.full(3, 1.0 + r, np.float32)}, weight=3.0, staleness=0)
+        s.submit("b", r, "q", {"w": np.full(3, -2.0, np.float32)}, weight=1.0, staleness=3)
+        s.clock.run()
+        want = 0.5 * (3.0 * (1.0 + r) + 1.0 * 0.5 * -2.0) / 4.0  # (1 + 3)^-1/2 = 0.5
+        np.testing.assert_allclose(s.result("b", r).result(timeout=5)["w"], np.full(3, want), rtol=1e-6)
+    s.close()
