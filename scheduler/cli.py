@@ -15,7 +15,7 @@ import os
 import sys
 
 from .cost import CostModel
-from .simulator import POLICIES, Workload, compare, risk_bound, sweep_workload
+from .simulator import MAX_SPREAD, POLICIES, Workload, compare, risk_bound, sweep_workload
 
 COLUMNS = [("policy", "policy", "{}"), ("aggregator_s", "aggr-s", "{:,.0f}"), ("busy_s", "busy-s", "{:,.1f}"),
            ("saving_vs_eager", "saving", "{:.1%}"), ("latency_p50_s", "lat p50", "{:.2f}"),
@@ -136,7 +136,10 @@ def cmd_simulate(args) -> int:
         raise SystemExit(f"jitagg simulate: --policies takes some of {', '.join(POLICIES)}; got {args.policies!r}")
     print(f"workload {wl.name}: {sum(s.count for s in wl.jobs)} jobs, slots {wl.slots}, start-up {wl.startup_s}s, "
           f"alpha {wl.alpha}, seed {wl.seed}", file=sys.stderr)
-    out = compare(wl, policies, real=args.real, progress=_progress(wl.name))
+    try:
+        out = compare(wl, policies, real=args.real, progress=_progress(wl.name))
+    except ValueError as e:  # a run that cannot be compared (rounds that stall or all fail): one line, as _workload's
+        raise SystemExit(f"jitagg simulate: {e}") from None
     print(f"\n{wl.name}: rho = aggregation work / round time = {out['rho']:.5f}")
     print(_table(out["policies"]))
     j = out["policies"].get("jit", {})
@@ -162,11 +165,15 @@ def cmd_simulate(args) -> int:
 def cmd_sweep(args) -> int:
     import numpy as np
 
-    rhos = [float(x) for x in args.rho.split(",")]
-    cvs = [float(x) for x in args.cv.split(",")]
-    if not all(r > 0 for r in rhos) or not all(c >= 0 for c in cvs) or args.rounds < 1:
-        raise SystemExit(f"jitagg sweep: need --rho > 0, --cv >= 0 and --rounds >= 1; got {args.rho!r}, {args.cv!r}, "
-                         f"{args.rounds}")
+    try:
+        rhos = [float(x) for x in args.rho.split(",")]
+        cvs = [float(x) for x in args.cv.split(",")]
+    except ValueError:
+        rhos = cvs = []
+    if not rhos or not cvs or not all(0 < r < math.inf for r in rhos) or not all(
+            0 <= c <= MAX_SPREAD for c in cvs) or args.rounds < 1:
+        raise SystemExit(f"jitagg sweep: need comma-separated --rho > 0, --cv in [0, {MAX_SPREAD:g}] and --rounds >= 1; "
+                         f"got {args.rho!r}, {args.cv!r}, {args.rounds}")
     try:
         cost = CostModel.load(args.cost) if args.cost else None
     except (OSError, ValueError, TypeError) as e:

@@ -302,7 +302,7 @@ class JobMetrics:
     unreachable: int = 0
 
     def summary(self) -> dict:
-        lat = np.array(self.latencies) if self.latencies else np.zeros(1)
+        lat = np.array(self.latencies) if self.latencies else np.full(1, np.nan)  # no model: no latency, not 0
         return {"deployed_s": self.deployed_s, "busy_s": self.busy_s, "idle_s": self.deployed_s - self.busy_s,
                 "deployments": self.deployments, "rounds": self.rounds,
                 "latency_p50_s": float(np.percentile(lat, 50)), "latency_p95_s": float(np.percentile(lat, 95)),

@@ -79,6 +79,9 @@ class CostModel:
 
     @classmethod
     def from_json(cls, d: dict) -> "CostModel":
+        missing = [k for k in ("backends", "backend") if not isinstance(d, dict) or k not in d]
+        if missing:  # (a KeyError reached jitagg's user as a traceback)
+            raise ValueError(f"a cost model file needs {' and '.join(missing)} (jitagg calibrate writes one)")
         return cls(backends={k: BackendCost(**v) for k, v in d["backends"].items()}, startup_s=d.get("startup_s", 0.0),
                    backend=d["backend"], acc_itemsize=d.get("acc_itemsize", 4))
 

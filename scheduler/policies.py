@@ -80,7 +80,8 @@ class JIT(Policy):
 
 
 class Oracle(Policy):
-    """Knows the true quorum time (from the simulator): a bound no online policy can beat."""
+    """Knows the true time a round's membership is fixed (from the simulator: its quorum, or its deadline where that
+    comes first): a bound no online policy can beat."""
 
     name = "oracle"
 
@@ -88,6 +89,8 @@ class Oracle(Policy):
         self.quorum_time_fn = quorum_time_fn  # (job_id, round) -> absolute time of the q-th arrival
 
     def deploy_at(self, sched, js, rnd, *, redeploy=False):
+        if rnd.quorum_time is not None:  # (a deadline's partial rule ended the round early: no drawn quorum says when)
+            return sched.clock.now(), {"quorum": "reached"}
         t_q = self.quorum_time_fn(js.job.id, rnd.number)
         if t_q is None:
             return None, {"oracle": "no quorum"}

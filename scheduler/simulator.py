@@ -7,7 +7,9 @@ Fair comparison:
 * common random numbers: each party's response time and availability in round r are drawn from a generator seeded
   by (seed, job, round), relative to the round's start, so every policy sees the same draws; a policy's latency
   shifts later rounds in time, not the draws;
-* round membership is fixed at the quorum (the first q arrivals), the same set under every policy;
+* round membership is fixed at the quorum (the first q arrivals), the same set under every policy while the byte
+  budget does not bind (updates refused with Backpressure retry RETRY_S later, and their order then differs by
+  policy: the shipped mixed workload's 220 rounds had the same members under all four);
 * eager is deployed for the job's whole life, one aggregator per job (it gets as many slots as there are jobs:
   that is how platforms run today); the other policies share the workload's slots; every deployment pays the
   start-up.
@@ -33,6 +35,7 @@ from .executors import MeasuredExecutor, ModelExecutor
 WORKLOADS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workloads")
 POLICIES = ("eager", "lazy", "jit", "oracle")
 RETRY_S = 1.0  # a party whose update met Backpressure retries after this long
+MAX_SPREAD = 100.0  # jitter_cv and party_spread past this overflowed the draws (1e200: OverflowError in every policy)
 
 
 @dataclass
@@ -119,7 +122,12 @@ class Workload:
                                  or _is_int(self.byte_budget) and self.byte_budget > 0)):
             if not ok:  # (a budget of 0 refused every update for ever; slots = 1.5 ran as 1)
                 raise ValueError(f"{name} = {value!r} is out of range")
+        if not isinstance(self.name, str):  # (it names the output files, written after the whole run)
+            raise ValueError(f"name = {self.name!r} is not a string")
         names = [j.name for j in self.jobs]
+        bad = next((n for n in names if not isinstance(n, str)), None)
+        if bad is not None:  # (5 and "5" both made job ids "5-0")
+            raise ValueError(f"job name {bad!r} is not a string")
         if len(set(names)) < len(names):
             raise ValueError(f"job names must be unique, got {names}")
         self.cost_model()  # its own checks: a cost entry for the backend, throughputs > 0, start-up >= 0
@@ -137,7 +145,7 @@ class Workload:
             for name, ok in (("count", j.count >= 1), ("parties", j.parties >= 1), ("rounds", j.rounds >= 1),
                              ("quorum", 0 < j.quorum <= 1), ("response_s", j.response_s > 0),
                              ("model_params", j.model_params >= 1), ("bytes_per_param", j.bytes_per_param >= 1),
-                             ("jitter_cv", j.jitter_cv >= 0), ("party_spread", j.party_spread >= 0),
+                             ("jitter_cv", 0 <= j.jitter_cv <= MAX_SPREAD), ("party_spread", 0 <= j.party_spread <= MAX_SPREAD),
                              ("intermittent", 0 <= j.intermittent <= 1), ("availability", 0 < j.availability <= 1),
                              ("dropout", 0 <= j.dropout < 1), ("window_s", j.window_s >= 0),
                              ("window_open", 0 < j.window_open <= 1),
@@ -305,6 +313,9 @@ def simulate(workload: Workload, policy: str, *, real: bool = False, progress=No
         if real:  # the arrays folded (float32), which the job's figures describe
             elems = min(spec.model_params, 1_000_000)
             template, nbytes = templates.setdefault(elems, np.zeros(elems, np.float32)), 4 * elems
+            if workload.byte_budget is not None and nbytes > workload.byte_budget:  # (bytes_per_param < 4)
+                raise ValueError(f"--real: job {spec.name!r} folds float32 updates of {nbytes} bytes, more than "
+                                 f"byte_budget = {workload.byte_budget}; raise the budget for a real run")
         job = Job(jid, template=template, parties=list(range(spec.parties)), quorum=q, rounds=spec.rounds,
                   model_elems=elems, update_bytes=nbytes, deadline_s=spec.deadline_s, priority=spec.priority,
                   unreachable="partial", prior_response_s=spec.response_s)  # operators know a job's round time
@@ -350,21 +361,28 @@ class _JobDriver:
         self.arrivals, self.q, self.template, self.truth, self.on_round = arrivals, q, template, truth, on_round
         self.latencies = []  # per round with a model: ready - when its membership was fixed (see simulate)
         self.members = {}  # round -> the parties acknowledged for it
-        self.starts = {}  # round -> its start
 
     def draw(self, r: int):
-        """Round r's draws (cached for start), and the oracle's truth: the time its quorum arrives, if it does."""
+        """Round r's draws (cached for start), and the oracle's truth: when its membership is fixed, at the time its
+        quorum arrives or at its deadline where that comes first (a partial round's model is made of what came by
+        then), if ever (None: the draws never reach the quorum and no deadline ends the round, or nothing comes
+        before the deadline, and the round fails)."""
         if getattr(self, "_drawn", (None,))[0] != r:
+            now = self.clock.now()
             idx, resp = self.arrivals.round(r)
-            resp = resp + self.arrivals.waits(idx, self.clock.now())  # (availability windows)
+            resp = resp + self.arrivals.waits(idx, now)  # (availability windows)
             order = np.argsort(resp, kind="stable")
-            self.truth[(self.jid, r)] = self.clock.now() + float(resp[order[self.q - 1]]) \
-                if idx.size >= self.q else None
+            fixed = now + float(resp[order[self.q - 1]]) if idx.size >= self.q else None
+            if self.spec.deadline_s is not None:
+                end = now + self.spec.deadline_s
+                if fixed is None or fixed > end:
+                    fixed = end if idx.size and now + float(resp[order[0]]) <= end else None
+            self.truth[(self.jid, r)] = fixed
             self._drawn = (r, idx, resp, order)
         return self._drawn[1:]
 
     def start(self, r: int) -> None:
-        start = self.starts[r] = self.clock.now()
+        start = self.clock.now()
         idx, resp, order = self.draw(r)
         # parties that leave the job (dropout) leave at this round's start: a round they make unreachable ends
         # (partially, as the simulated jobs are configured) instead of waiting for them
@@ -386,12 +404,7 @@ class _JobDriver:
             self.members.setdefault(r, []).append(party)
 
     def _done(self, r: int, fut) -> None:
-        # membership is fixed at the drawn quorum time, or at the deadline where that comes first (a partial round's
-        # model is made of what came by then; None: the draws never reach the quorum and there is no deadline)
-        fixed = self.truth.get((self.jid, r))
-        if self.spec.deadline_s is not None:
-            end = self.starts[r] + self.spec.deadline_s
-            fixed = end if fixed is None else min(fixed, end)
+        fixed = self.truth.get((self.jid, r))  # (when its membership was fixed: see draw)
         if fut.exception() is None and fixed is not None:  # resolved as the model is ready, in virtual time
             self.latencies.append(self.clock.now() - fixed)
         self.on_round()

@@ -370,3 +370,66 @@ def test_rounds_cut_by_their_deadline_take_their_latency_from_it():
                     jitter_cv=0.2, intermittent=1.0, availability=0.5, deadline_s=120.0)
     out = compare(Workload(name="flaky", jobs=[flaky], slots=1, startup_s=5.0), ["eager", "jit"])
     assert len(out["results"]["eager"].latencies) == 10
+
+
+@pytest.mark.parametrize("case", ["no_quorum_drawn", "quorum_after_the_deadline"])
+def test_the_oracle_is_ready_when_a_deadline_ends_the_round(case):
+    """The oracle planned on the drawn quorum time alone: a round that its deadline ended (the partial rule) with no
+    quorum drawn stalled the oracle for good (compare refused the run: "had no deadline"), and one whose drawn
+    quorum came after the deadline deployed after it (latency 40-92 s against lazy's 5). It now knows the round
+    ends at min(quorum, deadline): ready then, as late as lazy is early, at lazy's cost."""
+    spec = JobSpec(name="j", parties=4, quorum=1.0, rounds=6, response_s=60.0, model_params=100_000,
+                   **({"intermittent": 1.0, "availability": 0.6, "deadline_s": 200.0} if case == "no_quorum_drawn"
+                      else {"party_spread": 0.5, "jitter_cv": 0.3, "deadline_s": 55.0}))
+    out = compare(Workload(name="od", seed=3, slots=1, startup_s=5.0, jobs=[spec]))
+    oracle, lazy = out["results"]["oracle"], out["results"]["lazy"]
+    assert oracle.ended == lazy.ended == 6 and max(oracle.latencies) < 1e-3 and min(lazy.latencies) >= 5.0
+    assert oracle.deployed_s == pytest.approx(lazy.deployed_s, abs=1e-2)  # (lazy's start-ups, a finalize apart)
+
+
+def test_workloads_refuse_names_and_spreads_that_fail_after_the_run(tmp_path):
+    """A workload named 5 ran every policy and then failed to name its files; jobs named 5 and "5" both became job
+    "5-0" (InvalidJob from inside the run); jitter_cv = 1e200 overflowed every policy's draws."""
+    for body, what in (("name = 5\n[[jobs]]\n", "name = 5 is not a string"),
+                       ("[[jobs]]\nname = 5\n[[jobs]]\nname = '5'\n", "job name 5 is not a string"),
+                       ("[[jobs]]\njitter_cv = 1e200\n", "jitter_cv"), ("[[jobs]]\nparty_spread = 1e200\n",
+                                                                        "party_spread")):
+        p = tmp_path / "w.toml"
+        p.write_text(body)
+        with pytest.raises(ValueError, match=what):
+            Workload.from_toml(p)
+
+
+def test_real_mode_refuses_a_budget_its_float32_updates_do_not_fit():
+    """--real folds float32 arrays (4 bytes a parameter): a workload of 1-byte parameters within its budget ran
+    modelled, and --real died inside the run with InvalidJob."""
+    spec = JobSpec(name="a", parties=2, quorum=1.0, rounds=1, response_s=10.0, model_params=10_000, bytes_per_param=1)
+    wl = Workload(name="rb", jobs=[spec], slots=1, byte_budget=20_000)
+    wl.check()
+    with pytest.raises(ValueError, match="--real: job 'a' folds float32 updates of 40000 bytes"):
+        simulate(wl, "eager", real=True)
+
+
+def test_jitagg_reports_runs_it_cannot_compare_and_bad_cost_files_in_one_line(tmp_path):
+    """compare's refusal (rounds that stall) and a cost file without its backends came out as tracebacks."""
+    path = tmp_path / "w.toml"  # every party intermittent, a quorum of all, no deadline: rounds that never end
+    path.write_text(SMALL.replace("quorum = 0.5", "quorum = 1.0").replace("intermittent = 0.5", "intermittent = 1.0")
+                    .replace("availability = 0.8", "availability = 0.3"))
+    with pytest.raises(SystemExit, match="jitagg simulate: workload 'tiny': rounds ended"):
+        cli.main(["simulate", "--config", str(path), "--policies", "eager", "--out", str(tmp_path)])
+    (tmp_path / "cost.json").write_text('{"startup_s": 1.0}')
+    with pytest.raises(SystemExit, match="needs backends and backend"):
+        cli.main(["simulate", "--config", str(path), "--cost", str(tmp_path / "cost.json"), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="needs backends and backend"):
+        cli.main(["sweep", "--cost", str(tmp_path / "cost.json"), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="comma-separated --rho"):
+        cli.main(["sweep", "--rho", "x", "--out", str(tmp_path)])
+
+
+def test_per_job_latency_of_a_job_without_models_is_nan_not_zero():
+    """JobMetrics.summary reported p50/p95 0 s for a job whose every round failed: a perfect latency."""
+    from scheduler.core import JobMetrics
+
+    m = JobMetrics(rounds=0, unreachable=3).summary()
+    assert np.isnan(m["latency_p50_s"]) and np.isnan(m["latency_p95_s"])
+    assert JobMetrics(latencies=[2.0]).summary()["latency_p95_s"] == 2.0
