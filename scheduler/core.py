@@ -1331,7 +1331,7 @@ class JITScheduler:
         if self.waiting:  # jobs whose quorum is in first (their latency runs), then least laxity (now), priority
             cands = [(not self._urgent(self.jobs[j]), self._laxity(self.jobs[j]), -self.jobs[j].job.priority, j)
                      for j in self.waiting]
-            _, lx, _, jid = min(cands)
+            _, lx, _, jid = min(cands, key=lambda c: c[:3])  # (ties: the first queued; ids may mix str and int)
             nxt = self.jobs[jid]
             self.waiting.pop(jid)
             if nxt.deployment is None:

@@ -46,7 +46,10 @@ class Lazy(Policy):
 class JIT(Policy):
     """Deploy at the latest start that meets the quorum time's alpha-quantile:
 
-        deploy_at = round_start + Q_alpha(T_q) - work(remaining updates + finalize) - startup (if not deployed)
+        deploy_at = round_start + min(Q_alpha(T_q), deadline) - work(remaining updates + finalize) - startup (if not
+                deployed)
+
+(the deadline where the job's rounds end with what came by then, ``unreachable="partial"``)
 
     then fold the buffered updates in one fused batch and the rest as they come. alpha is the accepted risk that the
     quorum arrives before the aggregator is ready (then the round waits for the start-up and the backlog). Before
@@ -66,9 +69,13 @@ class JIT(Policy):
             return now, {"quorum": "reached"}
         need = rnd.quorum - len(rnd.members)
         q = js.predictor.quorum_quantile(js.pending_idx(rnd), need, now - rnd.start, self.alpha)
+        if math.isinf(q) and not js.predictor.has_history():  # cold start: nothing to predict from, so behave like
+            return now, {"quantile": "unknown (no history yet)", "need": need}  # eager
+        if js.job.deadline_s is not None and js.job.unreachable == "partial":
+            # the round ends at its deadline with what came if the quorum has not: it is ready by then (planned on
+            # the quorum alone it deployed after the deadline, and every such round paid a whole start-up late)
+            q = min(q, js.job.deadline_s)
         if math.isinf(q):
-            if not js.predictor.has_history():  # cold start: nothing to predict from, so behave like eager
-                return now, {"quantile": "unknown (no history yet)", "need": need}
             return None, {"quantile": "inf", "need": need}
         work = sched.work_estimate(js, rnd)
         startup = 0.0 if js.deployment is not None and not redeploy else sched.cost.startup_s

@@ -300,7 +300,8 @@ class Predictor:
             return math.inf
         mu, sigma = arrays[0], arrays[1]
         step = 6.0 * max(float(sigma.max()), 1e-3)
-        hi = max(float(np.exp(mu + step).max()), tau * 2 + 1e-6)
+        with np.errstate(over="ignore"):  # (exp past 709: inf, and the bisection from an inf bracket never ended)
+            hi = min(max(float(np.exp(mu + step).max()), tau * 2 + 1e-6), _HI_MAX)
         # the bracket grows by 6 sigmas in log time while the CDF is short of alpha: conditioned on no arrival by
         # tau, a wide party's arrivals lie beyond mu + 6 sigma (a bracket that ignored tau gave a false inf)
         for _ in range(8):

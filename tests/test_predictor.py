@@ -257,3 +257,11 @@ def test_an_answer_to_an_older_round_keeps_the_open_rounds_late_answer():
         return m.participation
 
     assert closes(True) == closes(False) > 0.25
+
+
+def test_a_quantile_whose_bracket_overflows_still_ends():
+    """A job's prior_response_s of 1e308 (finite, accepted) put exp(mu + 6 sigma) at inf as the bracket's upper end,
+    and the compiled bisection from it never ended: add_job hung for good. The bracket is capped."""
+    p = Predictor(prior_s=1e308)
+    q = p.quorum_quantile(p.indices(["a", "b"]), 2, 0.0, 0.05)
+    assert q == math.inf or q > 1e300
