@@ -44,9 +44,9 @@ MIN_SPREAD_PARTIES = 3  # parties with three responses or more before their spre
 EXACT_MAX = 64  # pending parties up to which the Poisson-binomial tail is computed exactly (O(n * need) per call)
 _HI_MAX = 1e300  # (s) the quantile's bracket stays finite: a bisection to inf would not end
 EXACT_WORK = 1 << 14
-"""Past EXACT_MAX parties the tail is still exact while n * need is at most this: the normal approximation's lower
-tail is poor where few more arrivals are needed (asked for risk 0.05 at need = 1 among 200 pending parties, it
-gave 0.069-0.070; and the tail jumped at 64 parties)."""
+"""Past EXACT_MAX parties the tail is still exact while n * min(need, n - need + 1) is at most this: the normal
+approximation's tail is poor where few more arrivals are needed (asked for risk 0.05 at need = 1 among 200 pending
+parties, it gave 0.069-0.070; and the tail jumped at 64 parties) and where few misses are allowed."""
 
 
 @dataclass
@@ -375,24 +375,43 @@ def _log_sf_and_w(t: float, mu, sigma, part):
 
 
 @numba.njit(cache=True)
+def _exact(n: int, need: int) -> bool:
+    """Whether the tail of ``need`` among ``n`` is computed exactly: up to EXACT_MAX parties, or where the DP's
+    work, n x the counts it keeps (the shorter side: arrivals short of ``need``, or misses allowed), is at most
+    EXACT_WORK. The normal approximation is poor at both ends: where few arrivals are needed, and where nearly every
+    party must arrive (a quorum of all 129 parties: the quantile 3% early, risk 0.027 for 0.05, 4.5% late at 0.5)."""
+    return n <= EXACT_MAX or n * min(need, n - need + 1) <= EXACT_WORK
+
+
+@numba.njit(cache=True)
 def _tail(probs, need: int) -> float:
-    """P(sum of Bernoulli(probs) >= need) over positive probs: exact DP up to EXACT_MAX parties or EXACT_WORK
-    (n * need), else normal approximation with continuity correction."""
+    """P(sum of Bernoulli(probs) >= need) over positive probs: exact DP where :func:`_exact` says, else normal
+    approximation with continuity correction. The DP keeps P(count == c) for c < need, or, where need is more than
+    half of n, P(misses == c) for the n - need misses allowed: P(count >= need) = P(misses <= n - need)."""
     n = probs.size
     if need <= 0:
         return 1.0
     if need > n:
         return 0.0
-    if n <= EXACT_MAX or n * need <= EXACT_WORK:
-        dist = np.zeros(need)  # dist[c] = P(count == c) for c < need; the rest is folded into the tail
-        dist[0] = 1.0
-        tail = 0.0
+    if _exact(n, need):
+        if need <= n - need + 1:
+            dist = np.zeros(need)  # dist[c] = P(count == c) for c < need; the rest is folded into the tail
+            dist[0] = 1.0
+            tail = 0.0
+            for p in probs:
+                tail += dist[need - 1] * p
+                for c in range(need - 1, 0, -1):
+                    dist[c] = dist[c] * (1 - p) + dist[c - 1] * p
+                dist[0] *= 1 - p
+            return min(1.0, max(0.0, tail))
+        allowed = n - need
+        miss = np.zeros(allowed + 1)  # miss[c] = P(misses == c) for c <= allowed; more misses are dropped
+        miss[0] = 1.0
         for p in probs:
-            tail += dist[need - 1] * p
-            for c in range(need - 1, 0, -1):
-                dist[c] = dist[c] * (1 - p) + dist[c - 1] * p
-            dist[0] *= 1 - p
-        return min(1.0, max(0.0, tail))
+            for c in range(allowed, 0, -1):
+                miss[c] = miss[c] * p + miss[c - 1] * (1 - p)
+            miss[0] *= p
+        return min(1.0, max(0.0, miss.sum()))
     mean = 0.0
     var = 0.0
     for p in probs:
@@ -454,13 +473,13 @@ def _quorum_tail_into(probs, logt, mu, isig, w, lsf_tau, s_tau, ws, need):
             m += 1
             mean += p
             var += p * (1.0 - p)
-    if m <= EXACT_MAX or m * need <= EXACT_WORK or need <= 0 or need > m:
+    if need <= 0 or need > m or _exact(m, need):
         return _tail(probs[:m], need)
     return _normal_tail(mean, var, need)
 
 
 def poisson_binomial_tail(probs, need: int) -> float:
-    """P(sum of independent Bernoulli(p_i) >= need): exact (dynamic programming over counts) for up to EXACT_MAX
-    parties, a normal approximation with continuity correction beyond."""
+    """P(sum of independent Bernoulli(p_i) >= need): exact (dynamic programming over counts, or over misses) where
+    :func:`_exact` says, a normal approximation with continuity correction beyond."""
     probs = np.asarray(probs, dtype=np.float64)
     return float(_tail(probs[probs > 0.0], int(need)))
