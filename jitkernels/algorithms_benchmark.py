@@ -20,8 +20,8 @@ leaves and k updates:
 * **robust** (``--robust``): the round's k updates in an :class:`~jitkernels.robust_store.UpdateStore` slab (k x N
   float32); coordinate median and trimmed mean (beta 0.2) per backend against Flower's ``aggregate_median`` /
   ``aggregate_trimmed_avg`` (bytes: the slab read once + 4N written); the Gram step of Krum against numpy's
-  ``X @ X.T`` on the same slab (SSYRK, in the same run: ``speedup`` < 1 means slower than BLAS); Krum (f = 2)
-  against Flower's ``aggregate_krum``; the geometric median's passes over the slab.
+  ``X @ X.T`` on the same slab (SSYRK, in the same run: ``speedup`` < 1 means slower than BLAS); Krum (f =
+  :data:`KRUM_F`, so k >= 7) against Flower's ``aggregate_krum``; the geometric median's passes over the slab.
 * **round from FitRes**: a whole round from Flower ``FitRes`` in to the new ``Parameters`` out, by the strategies of
   :mod:`jitkernels.integrations.flower` (zero-copy views of the serialized bytes folded in one pass, finalized into
   the bytes of the new Parameters) and by Flower's own ``FedAdam`` / ``FedAvg`` (``inplace=True``, as shipped), whose
@@ -42,9 +42,11 @@ import jitkernels as jk
 from . import algorithms as A
 from .backends import numpy_ref
 from .batch import build_out_groups
-from .benchmark import Probe, header, installed, interleaved, make_workload, peak_memory
+from .benchmark import (Probe, available_or_exit, header, installed, interleaved, make_workload, peak_memory,
+                        positive_int)
 from .progress import bar as progress_bar
 
+KRUM_F = 2  # Byzantine parties the Krum rows tolerate (k >= 2f + 3)
 OPTIMIZERS = {"fedadam": (lambda: A.FedAdam(lr=0.01, tau=1e-3), 32, 28),
               "fedavgm": (lambda: A.FedAvgM(lr=1.0, momentum=0.9), 24, 20)}
 
@@ -120,10 +122,12 @@ def bench_clipping(wl, probe, backend):
     rows = []
     # bytes: the fused pass reads the updates and the base once, the accumulator read and written; clipping reads the
     # updates and the base twice (the stats pass for the norms, then the scaled fold)
-    for method, alg, passes in (("fold_many raw: FedAvg (fused admission)", A.FedAvg(weighted=False), 1),
-                                ("fold_many raw: DP fixed clipping",
-                                 A.DPFixedClipping(clip_norm=1.0, noise_multiplier=0.0), 2)):
+    for method, alg in (("fold_many raw: FedAvg", A.FedAvg(weighted=False)),
+                        ("fold_many raw: DP fixed clipping", A.DPFixedClipping(clip_norm=1.0, noise_multiplier=0.0))):
         agg = jk.Aggregator(base, alg, backend=backend, base=base)
+        # (admission fused into the fold on cpp only: elsewhere FedAvg's raw fold reads the updates twice too)
+        passes = 1 if agg._fused_admission() else 2
+        method += " (fused admission)" if passes == 1 else ""
         rows.append(_row(wl.label, method, backend,
                          interleaved(lambda: agg.fold_many(ups, wl.weights, wl.parties), probe,
                                      setup=lambda: agg.reset(reuse=True)),
@@ -188,10 +192,10 @@ def bench_robust(wl, probe, backends):
                      X.nbytes))
     rows.append(_row(wl.label, "robust Gram step: numpy X @ X.T (SSYRK)", "blas", interleaved(lambda: X @ X.T, probe),
                      X.nbytes))
-    rows.append(_row(wl.label, "robust Krum f=2", "numba", interleaved(lambda: robust_gram.krum(store, 2), probe),
-                     X.nbytes))
-    rows.append(_row(wl.label, "robust Krum f=2: Flower", "flwr",
-                     interleaved(lambda: aggregate_krum(flower_in, 2, 0), probe, min_reps=1, max_reps=2, cap_s=30),
+    rows.append(_row(wl.label, f"robust Krum f={KRUM_F}", "numba",
+                     interleaved(lambda: robust_gram.krum(store, KRUM_F), probe), X.nbytes))
+    rows.append(_row(wl.label, f"robust Krum f={KRUM_F}: Flower", "flwr",
+                     interleaved(lambda: aggregate_krum(flower_in, KRUM_F, 0), probe, min_reps=1, max_reps=2, cap_s=30),
                      X.nbytes))
     gm = robust_gram.geometric_median(store)
     rows.append({**_row(wl.label, f"robust geometric median ({gm.info.get('passes')} passes)", "numba",
@@ -312,15 +316,20 @@ def format_table(head, rows, label) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jitkernels.algorithms_benchmark",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=25_000_000)
-    p.add_argument("--leaves", type=int, default=50)
-    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--n", type=positive_int, default=25_000_000)
+    p.add_argument("--leaves", type=positive_int, default=50)
+    p.add_argument("--k", type=positive_int, default=10)
     p.add_argument("--backends", nargs="+", choices=("cpp", "numba", "numpy"))
     p.add_argument("--no-flower", action="store_true")
     p.add_argument("--robust", action="store_true", help="also the robust rules (the slab needs k x N x 4 bytes more)")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    if a.leaves > a.n:
+        p.error(f"--leaves {a.leaves} is more than --n {a.n}")
+    if a.robust and a.k < 2 * KRUM_F + 3:  # (the robust rows come last: the crash took every row with it)
+        p.error(f"--robust runs Krum with f = {KRUM_F}, which needs --k >= {2 * KRUM_F + 3}; got {a.k}")
+    available_or_exit(a.backends, "python -m jitkernels.algorithms_benchmark")
     run(a.n, a.leaves, a.k, backends=a.backends, flower=not a.no_flower, robust=a.robust, json_path=a.json,
         progress=not a.no_progress)
     return 0

@@ -835,11 +835,35 @@ def plot(rows: list, path: str) -> None:
 
 
 def _size(text: str) -> tuple:
+    """N:LEAVES:K, checked when parsed (a bad second --size crashed when its workload was built, after the first
+    had been measured, and took every row with it)."""
     try:
         n, leaves, k = (int(x.replace("_", "")) for x in text.split(":"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected N:LEAVES:K, got {text!r}") from None
+    if not (1 <= leaves <= n and k >= 1):
+        raise argparse.ArgumentTypeError(f"need 1 <= LEAVES <= N and K >= 1, got {text!r}")
     return n, leaves, k
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (``--threads 0`` was ignored, ``--probe-mb 0`` divided by zero)."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return v
+
+
+def available_or_exit(names, what: str) -> None:
+    """Stop with one line for each backend named on the command line that this machine cannot run (they were dropped
+    without a word, or left none, and the run crashed at its end)."""
+    avail = jk.available_backends()
+    missing = [f"{b} ({avail.get(b)})" for b in names or () if avail.get(b) is not True]
+    if missing:
+        raise SystemExit(f"{what}: backends not available here: {', '.join(missing)}")
 
 
 def main(argv=None) -> int:
@@ -850,12 +874,13 @@ def main(argv=None) -> int:
     p.add_argument("--backends", nargs="+", choices=BACKENDS)
     p.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
     p.add_argument("--no-peers", action="store_true")
-    p.add_argument("--threads", type=int, help="kernel threads (default: jitkernels.get_num_threads())")
-    p.add_argument("--probe-mb", type=int, default=PROBE_MB)
+    p.add_argument("--threads", type=positive_int, help="kernel threads (default: jitkernels.get_num_threads())")
+    p.add_argument("--probe-mb", type=positive_int, default=PROBE_MB)
     p.add_argument("--json", metavar="PATH", help="write header and rows as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of fold_many's fraction of roofline")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    available_or_exit(a.backends, "python -m jitkernels.benchmark")
     run(a.size, quick=a.quick, backends=a.backends, dtypes=a.dtypes, peers=not a.no_peers, threads=a.threads,
         probe_mb=a.probe_mb, json_path=a.json, plot_path=a.plot, progress=not a.no_progress)
     return 0

@@ -107,14 +107,18 @@ def _kernel_seconds(agg, adm, reps) -> float:
     return statistics.median(times[1:])
 
 
+def _leaf_sizes(n, leaves) -> list:
+    """n elements in ``leaves`` nearly equal leaves (the rows count n)."""
+    return [n // leaves + (1 if i < n % leaves else 0) for i in range(leaves)]
+
+
 def _model(n, leaves, dtype, k, seed):
     """k updates (dicts of torch CUDA tensors) and their weights."""
     import torch
 
     g = torch.Generator(device="cuda").manual_seed(seed)
-    sizes = [n // leaves + (1 if i < n % leaves else 0) for i in range(leaves)]
     tdt = getattr(torch, dtype)
-    ups = [{f"l{i}": torch.randn(s, device="cuda", generator=g).to(tdt) for i, s in enumerate(sizes)}
+    ups = [{f"l{i}": torch.randn(s, device="cuda", generator=g).to(tdt) for i, s in enumerate(_leaf_sizes(n, leaves))}
            for _ in range(k)]
     return ups, np.random.default_rng(seed).uniform(1, 100, k)
 
@@ -357,7 +361,8 @@ def run(sizes=SIZES, dtypes=DTYPES, k=10, leaves=10, reps=5, log=print, placemen
         for n in sizes:
             for dtype in dtypes:
                 tdt = getattr(torch, dtype)
-                ups = [{f"l{i}": torch.randn(n // leaves).to(tdt) for i in range(leaves)} for _ in range(k)]
+                ups = [{f"l{i}": torch.randn(m).to(tdt) for i, m in enumerate(_leaf_sizes(n, leaves))}
+                       for _ in range(k)]
                 report["rows"] += cpu_rows(n, dtype, ups, np.random.default_rng(0).uniform(1, 100, k), reps,
                                            None, log)
         return report
@@ -425,6 +430,18 @@ def plot(report, path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _variants(text: str) -> list:
+    """--fold-variants: comma-separated UxE pairs of integers >= 1 (a lone "4" parsed, and the sweep crashed on a GPU
+    after timing its case)."""
+    try:
+        out = [tuple(int(x) for x in v.split("x")) for v in text.split(",")]
+    except ValueError:
+        out = []
+    if not out or any(len(v) != 2 or min(v) < 1 for v in out):
+        raise argparse.ArgumentTypeError(f"expected UxE,... (e.g. 1x2,4x2), got {text!r}")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jitkernels.gpu_benchmark", description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=lambda s: [int(float(x)) for x in s.split(",")], default=list(SIZES))
@@ -433,7 +450,7 @@ def main(argv=None) -> int:
     p.add_argument("--leaves", type=int, default=10)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--placements", nargs="+", choices=PLACEMENTS, default=list(PLACEMENTS))
-    p.add_argument("--fold-variants", type=lambda s: [tuple(int(x) for x in v.split("x")) for v in s.split(",")],
+    p.add_argument("--fold-variants", type=_variants,
                    default=[], metavar="UxE,...", help="sweep the fold kernel's tuning macros (device updates)")
     p.add_argument("--robust", action="store_true",
                    help="the robust rules on a device slab against the host slab, instead of the fold")

@@ -172,8 +172,8 @@ def cmd_sweep(args) -> int:
         rhos = cvs = []
     if not rhos or not cvs or not all(0 < r < math.inf for r in rhos) or not all(
             0 <= c <= MAX_SPREAD for c in cvs) or args.rounds < 1:
-        raise SystemExit(f"jitagg sweep: need comma-separated --rho > 0, --cv in [0, {MAX_SPREAD:g}] and --rounds >= 1; "
-                         f"got {args.rho!r}, {args.cv!r}, {args.rounds}")
+        raise SystemExit(f"jitagg sweep: need comma-separated --rho > 0, --cv in [0, {MAX_SPREAD:g}] and --rounds "
+                         f">= 1; got {args.rho!r}, {args.cv!r}, {args.rounds}")
     try:
         cost = CostModel.load(args.cost) if args.cost else None
     except (OSError, ValueError, TypeError) as e:

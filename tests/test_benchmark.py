@@ -84,3 +84,52 @@ def test_peer_ratios_at_equal_bandwidth():
     assert torch_row["jk_speedup"] == 0.08 / 0.04 and torch_row["jk_speedup_equal_bw"] == 0.08 * 20 / (0.04 * 30)
     assert flwr_row["jk_speedup"] == 0.6 / 0.06 and flwr_row["jk_speedup_equal_bw"] == 0.6 * 30 / (0.06 * 25)
     assert rows[0]["jk_speedup_equal_bw"] is None  # ours: no ratio to ourselves
+
+
+def test_benchmark_command_lines_refuse_what_would_crash_mid_run(monkeypatch, capsys):
+    """Bad --size values, --probe-mb 0, --threads 0, a named backend this machine lacks, --robust with k < 7 and a
+    malformed --fold-variants were taken: they crashed after earlier workloads had been measured (and every row was
+    lost), were ignored, or dropped the backend without a word."""
+    import argparse
+
+    from jitkernels import algorithms_benchmark, gpu_benchmark
+
+    for bad in ("100:0:4", "100:10:0", "5:10:1", "100:10:-2", "a:b:c"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            jb._size(bad)
+    assert jb._size("1_000:10:3") == (1000, 10, 3)
+    for argv in (["--probe-mb", "0"], ["--threads", "0"], ["--size", "10:0:1"]):
+        with pytest.raises(SystemExit) as e:
+            jb.main(argv)
+        assert e.value.code == 2
+    real = jk.available_backends
+
+    def without_numba():
+        return {**real(), "numba": "not installed (test)"}
+
+    monkeypatch.setattr(jk, "available_backends", without_numba)
+    with pytest.raises(SystemExit, match=r"not available here: numba \(not installed \(test\)\)"):
+        jb.main(["--backends", "numba"])
+    with pytest.raises(SystemExit, match="numba"):
+        algorithms_benchmark.main(["--backends", "numba"])
+    with pytest.raises(SystemExit) as e:
+        algorithms_benchmark.main(["--robust", "--k", "6"])
+    assert e.value.code == 2 and "needs --k >= 7" in capsys.readouterr().err
+    with pytest.raises(argparse.ArgumentTypeError):
+        gpu_benchmark._variants("4,4x2")
+    assert gpu_benchmark._variants("1x2,4x2") == [(1, 2), (4, 2)]
+
+
+def test_the_clipping_rows_say_whether_admission_was_fused(monkeypatch):
+    """The FedAvg row read "(fused admission)" and counted one pass over the updates on every backend, where only cpp
+    fuses admission into the fold: numba's and numpy's read the updates twice, and their fraction of roofline was
+    understated by half."""
+    from jitkernels import algorithms_benchmark as ab
+
+    probe = jb.Probe(mb=1)
+    wl = jb.make_workload(4096, 4, 3)
+    for backend in [b for b in ("cpp", "numba", "numpy") if jk.available_backends()[b] is True]:
+        fedavg = ab.bench_clipping(wl, probe, backend)[0]
+        fused = backend == "cpp"
+        assert fedavg["method"].endswith("(fused admission)") == fused
+        assert fedavg["bytes"] == (1 if fused else 2) * (3 * 4096 * 4 + 4 * 4096) + 8 * 4096
