@@ -129,6 +129,12 @@ def fit_call_and_throughput(nbytes, seconds) -> tuple:
     timings span four orders of magnitude, and a plain least-squares line takes its intercept (microseconds) from the
     noise of the largest timings (milliseconds; calibrations on a busy machine gave 4-7 ms per call)."""
     x, y = np.asarray(nbytes, float), np.asarray(seconds, float)
+    bad = next((v for v in y if not (np.isfinite(v) and v > 0)), None)
+    if bad is not None or x.size != y.size or x.size < 2:  # (a 0 or NaN timing: LAPACK's SVD failed, untyped)
+        raise ValueError(f"calibration needs finite timings > 0 for two sizes or more; got {list(seconds)!r}")
     slope, intercept = np.polyfit(x, y, 1, w=1.0 / y)
-    throughput = 1.0 / slope if slope > 0 else float(np.max(x / y))
+    best = float(np.max(x / y))  # the best rate a call showed, its fixed cost included: a floor
+    # a line with no clear slope (timings that the per-call cost dominates, or noise) gave 1.6e27 B/s, and every
+    # estimate its call cost alone: the sizes did not measure the throughput, and the floor stands in for it
+    throughput = 1.0 / slope if slope > 0 and 1.0 / slope <= 10 * best else best
     return float(min(max(intercept, 1e-6), float(y.min()))), float(throughput)

@@ -468,6 +468,20 @@ def test_the_calibration_fit_takes_the_call_cost_from_the_small_calls():
         assert 0.5 * call < got_call < 2 * call and 0.9 * bw < got_bw < 1.1 * bw
 
 
+def test_the_calibration_fit_refuses_bad_timings_and_a_line_without_slope():
+    """A 0 or NaN timing failed in LAPACK (an untyped LinAlgError, and a message on stderr); timings that the
+    per-call cost dominates fitted 1.6e27 B/s, and every estimate became the call cost alone. Bad timings are a
+    ValueError; a line without a clear slope takes the best rate a call showed."""
+    from scheduler.cost import fit_call_and_throughput
+
+    sizes = np.array([1_000, 100_000, 1_000_000, 8_000_000]) * 40.0
+    for bad in (0.0, -1e-6, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite timings > 0"):
+            fit_call_and_throughput(sizes, [bad, 2e-4, 2e-3, 1.6e-2])
+    call, bw = fit_call_and_throughput(sizes, [1e-3] * 4)
+    assert bw == pytest.approx(sizes[-1] / 1e-3) and call == pytest.approx(1e-3)
+
+
 @pytest.mark.parametrize("rule", ["fedmedian", "krum"])
 def test_a_robust_job_buffers_its_rounds_through_the_scheduler(rule):
     """A buffered (robust) rule runs through the JIT scheduler unchanged: each round's result equals the rule over
