@@ -171,12 +171,16 @@ def _check_entry(m) -> None:
 
 def _predictor_row(row) -> bool:
     """A row Predictor.to_json writes: party, n, mu, var, participation, rounds[, closed round, closed_no, late
-    round] (6 in manifests written before late answers were kept by round)."""
-    num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731  (NaN: no response yet)
+    round] (6 in manifests written before late answers were kept by round), with the values a model can hold: counts
+    >= 0, a finite spread >= 0 (mu is NaN before a first response), rates in [0, 1] (a NaN or negative variance
+    restored as it was made every plan of the job NaN)."""
+    num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    rate = lambda x: num(x) and 0.0 <= x <= 1.0  # noqa: E731
     opt_int = lambda x: x is None or type(x) is int  # noqa: E731
     return (isinstance(row, list) and len(row) in (6, 9) and isinstance(row[0], (str, int))
-            and type(row[1]) is int and all(num(x) for x in row[2:5]) and type(row[5]) is int
-            and (len(row) == 6 or opt_int(row[6]) and num(row[7]) and opt_int(row[8])))
+            and type(row[1]) is int and row[1] >= 0 and num(row[2]) and (row[1] == 0 or math.isfinite(row[2]))
+            and num(row[3]) and 0.0 <= row[3] < math.inf and rate(row[4]) and type(row[5]) is int and row[5] >= 0
+            and (len(row) == 6 or opt_int(row[6]) and rate(row[7]) and opt_int(row[8])))
 
 
 def _is_count(name: str) -> bool:

@@ -1447,12 +1447,13 @@ def test_a_missing_result_fails_its_round_only(tmp_path):
 
 
 @pytest.mark.parametrize("edit", ["state_elsewhere", "fifo", "round_str", "results_key", "failed_entry", "predictor",
-                                  "predictor_row"])
+                                  "predictor_row", "predictor_var", "predictor_rate", "quorum"])
 def test_a_resigned_manifest_entry_no_commit_writes_is_refused(tmp_path, edit):
     """A manifest's checksum anyone can compute: its entries are checked as commits write them. A state file named
     outside states/ was opened (/etc/passwd read; a FIFO blocked the open for ever, with the GIL held); a round as
     a string, a results key 'zero', a failure that is no pair, a predictor that is no list raised untyped errors
-    in recovery. Each is now a damaged generation: the previous one is used, or CorruptState."""
+    in recovery; a predictor row with a negative or NaN variance, or a rate past 1, was restored and made every plan
+    of the job NaN. Each is now a damaged generation: the previous one is used, or CorruptState."""
     from scheduler.durable import _digest
 
     s = _sched(tmp_path)
@@ -1470,7 +1471,10 @@ def test_a_resigned_manifest_entry_no_commit_writes_is_refused(tmp_path, edit):
     m.update({"state_elsewhere": {"state": "/etc/passwd"}, "fifo": {"state": "states/x.jks"},
               "round_str": {"round": "1"}, "results_key": {"results": {"zero": "results/x.jkr"}},
               "failed_entry": {"failed": {"0": "boom"}}, "predictor": {"predictor": "garbage"},
-              "predictor_row": {"predictor": [["a"]]}}[edit])
+              "predictor_row": {"predictor": [["a"]]},
+              "predictor_var": {"predictor": [["a", 3, 0.1, float("nan"), 1.0, 1, 0, 0.0, None]]},
+              "predictor_rate": {"predictor": [["a", 3, 0.1, 0.2, 1.5, 1, 0, 0.0, None]]},
+              "quorum": {"quorum": ["0", 2]}}[edit])
     body["checksum"] = _digest(body)
     newest.write_text(json.dumps(body))
     try:
