@@ -625,12 +625,15 @@ class JITScheduler:
                            and ack.durable.exception() is not None)
                 if not rewrite:
                     return ack
+                # (read under the lock: other threads add and forget rounds, and a walk of them raised "dictionary
+                # changed size during iteration")
+                held = js.rounds.get(counted)
+                carried = counted != round or (held is not None and party in held.carried)
+                origin = next((n for n, r in js.rounds.items() if r.carried_out.get(party) == counted), None)
         if rewrite:  # the original's write failed (e.g. a full disk): the resend is written again, where it counts
             item = js.admit(update, weight, party, js.algorithm.check_info(info, party))
             # (carried: at the late weight, as it was taken, whichever round the resend names)
-            held = js.rounds.get(counted)
-            late = js.job.late_weight if counted != round or (held is not None and party in held.carried) else 1.0
-            origin = next((n for n, r in js.rounds.items() if r.carried_out.get(party) == counted), None)
+            late = js.job.late_weight if carried else 1.0
             durable = self._persist(js, counted, party, update_id, float(weight) * late, item, origin)
             with self._lock:
                 if counted in js.rounds:  # (a round forgotten meanwhile holds no futures)

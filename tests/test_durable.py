@@ -387,6 +387,31 @@ def test_recovery_restores_the_arrival_predictor(tmp_path):
     again.close()
 
 
+def test_a_resend_after_a_failed_write_reads_the_rounds_under_the_lock(tmp_path):
+    """The resend of an update whose write failed walked the job's rounds without the scheduler's lock, while other
+    threads add rounds (result(), arrivals) and forget them: a concurrent change raised "dictionary changed size
+    during iteration" and the resend was refused. Every read of the rounds on that path now holds the lock."""
+    class LockedReads(dict):
+        def items(self):
+            assert sched._lock._is_owned(), "the rounds walked without the scheduler's lock"
+            return super().items()
+
+        def get(self, *a):
+            assert sched._lock._is_owned(), "a round read without the scheduler's lock"
+            return super().get(*a)
+
+    sched = _sched(tmp_path, crash_hook=_enospc("update.begin"))
+    sched.add_job(Job("j", template={"w": np.zeros(4, np.float32)}, parties=["a", "b"], quorum=2, rounds=1))
+    first = sched.submit("j", 0, "a", {"w": np.ones(4, np.float32)}, update_id="a0")
+    with pytest.raises(OSError):
+        first.durable.result(timeout=10)
+    js = sched.jobs["j"]
+    js.rounds = LockedReads(js.rounds)
+    again = sched.submit("j", 0, "a", {"w": np.ones(4, np.float32)}, update_id="a0")
+    assert again.duplicate and again.round == 0
+    sched.store.crash()
+
+
 def test_a_resend_after_a_failed_write_writes_it_again(tmp_path):
     """A write that fails (a full disk) fails the Ack's ``durable``; the resend (same update_id) shows that failure
     instead of claiming the update is on disk, and once the disk takes writes again a resend writes it: the
