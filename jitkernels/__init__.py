@@ -13,7 +13,7 @@ from .backends import available_backends
 from .dtypes import Quantized, bfloat16
 from .errors import (AggregationError, BackendUnavailable, CorruptState, DuplicateParty, EmptyAggregate,
                      IncompatibleStates, InvalidParty, InvalidUpdateInfo, InvalidWeight, LayoutMismatch,
-                     NonFiniteUpdate, OverlappingParties, RoundClosed, TooFewUpdates, ValueOutOfRange)
+                     NonFiniteUpdate, OverlappingParties, RoundClosed, TooFewUpdates, TornState, ValueOutOfRange)
 from .layout import Layout
 from .state import FoldState, atomic_write
 from .threads import get_num_threads, set_num_threads
@@ -34,6 +34,6 @@ __all__ = [
     "Admitted", "AggregationError", "Aggregator", "BackendUnavailable", "CorruptState", "DuplicateParty",
     "EmptyAggregate", "FoldState", "IncompatibleStates", "InvalidParty", "InvalidUpdateInfo", "InvalidWeight",
     "Layout", "LayoutMismatch", "NonFiniteUpdate", "OverlappingParties", "Quantized", "RoundClosed", "TooFewUpdates",
-    "ValueOutOfRange", "admit", "admit_many", "algorithms", "atomic_write", "available_backends", "bench", "bfloat16",
+    "TornState", "ValueOutOfRange", "admit", "admit_many", "algorithms", "atomic_write", "available_backends", "bench", "bfloat16",
     "check_weight", "get_num_threads", "norm_scores", "set_num_threads",
 ]

@@ -392,7 +392,8 @@ class Aggregator:
         """Whether raw updates may be admitted and folded in one pass: into an empty state (all zeros, so a rejected
         batch is undone by zeroing), by the C++ kernel, with weights that do not depend on the admission stats."""
         st = self.state
-        return (st.count == 0 and not st.closed and not st.deterministic and not self.on_gpu and not self.buffered
+        return (st.count == 0 and not st.closed and st.torn is None and not st.deterministic and not self.on_gpu
+                and not self.buffered
                 and self.backend in ("auto", "cpp") and backends.is_available("cpp")
                 and not getattr(self.algorithm, "needs_norms", False))
 
@@ -439,6 +440,7 @@ class Aggregator:
                                  party=u.party)
 
     def _check_open(self) -> None:
+        self.state.check_whole()
         if self.state.closed:
             raise RoundClosed("finalize closed this round (a server step or DP noise); reset() to start the next")
 
@@ -485,12 +487,18 @@ class Aggregator:
             self._check_int_bound((u,))
         if len(one.mods) < len(one.groups):  # resolved after the checks, as the batch path does; then kept
             one.mods[:] = [backends.choose(self.backend, g.in_dtype) for g in one.groups]
-        for mod, g in zip(one.mods, one.groups):
-            g.repoint(u.entries, w, u.leaves)
-            try:
-                mod.fold(st.acc, st.base, g)
-            finally:
-                g.release()
+        done = 0
+        try:
+            for mod, g in zip(one.mods, one.groups):
+                g.repoint(u.entries, w, u.leaves)
+                try:
+                    mod.fold(st.acc, st.base, g)
+                finally:
+                    g.release()
+                done += 1
+        except BaseException as e:
+            self._mark_torn(e, done, mod, 1)
+            raise
         m = float(alg.mass(u))
         self._note_peak((u,), (w,))
         for lid in one.int_rows:  # as _record: counters take the plain mass-weighted mean (or max), before the masses
@@ -591,17 +599,34 @@ class Aggregator:
             self._check_headroom(admitted[j], fold_w[j], bound)
         self._check_int_bound(admitted)
         mods = {name: backends.choose(self.backend, name) for name in groups}  # all refusals before any fold
-        for name, g in groups.items():
-            mod = mods[name]
-            if deterministic:
-                step = state_module.BINNED_BATCH
-                for j0 in range(0, g.k, step):
-                    part = g if g.k <= step else g.columns(j0, j0 + step)
-                    mod.fold_binned(st.acc, st.lo, st.base, part, st.bound_log2)
-            else:
-                mod.fold(st.acc, st.base, g)
+        done = 0
+        try:
+            for name, g in groups.items():
+                mod = mods[name]
+                if deterministic:
+                    step = state_module.BINNED_BATCH
+                    for j0 in range(0, g.k, step):
+                        part = g if g.k <= step else g.columns(j0, j0 + step)
+                        mod.fold_binned(st.acc, st.lo, st.base, part, st.bound_log2)
+                        done += 1
+                else:
+                    mod.fold(st.acc, st.base, g)
+                    done += 1
+        except BaseException as e:
+            self._mark_torn(e, done, mod, len(admitted))
+            raise
         self._note_peak(admitted, fold_w)
         self._record(admitted, int_rows, plan)
+
+    def _mark_torn(self, error, done: int, mod, n: int) -> None:
+        """A batch's fold calls (one per dtype group, or per deterministic part) stopped at ``error`` after ``done``
+        of them: where one had written (or the failed one may have: the GPU's passes, numpy's leaf after leaf; a
+        compiled host kernel, WHOLE_CALLS, writes all of its call or nothing), the state holds part of the batch and
+        records none of it, and the batch folded again would count those leaves twice: the state is torn."""
+        if done or not getattr(mod, "WHOLE_CALLS", False):
+            self.state.torn = (f"a fold of {n} update(s) failed part-way ({type(error).__name__}: {error}); the "
+                               "state holds part of it: reset() and fold the round again, or load the last saved "
+                               "state")
 
     def _check_int_bound(self, admitted) -> None:
         """:func:`admission.check_int_terms` with this aggregator's masses, accumulator and bound, where integer
@@ -751,6 +776,7 @@ class Aggregator:
     def _finalize_into(self, output: str, outs: list) -> list:
         """The body of :meth:`finalize` (under the lock), into the output leaves ``outs`` (where the state is)."""
         st, alg = self.state, self.algorithm
+        st.check_whole()
         opt = alg.kind is not None
         closing = alg.closes_round and not st.closed  # this call applies the noise / the step
         if opt and output == "delta":
@@ -928,6 +954,7 @@ class Aggregator:
             old = self.state
             flat_base = old.base if base is None else self._flat(base, old.acc_dtype)
             if reuse:
+                old.torn = None
                 old.acc.fill(0)
                 if old.lo is not None:
                     old.lo.fill(0)

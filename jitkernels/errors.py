@@ -64,6 +64,13 @@ class RoundClosed(AggregationError, RuntimeError):
     """A server optimizer's round was finalized (its step applied): reset() before folding into the next one."""
 
 
+class TornState(AggregationError, RuntimeError):
+    """A fold failed part-way through a batch (out of memory on the GPU between two groups, an interrupt): the
+    accumulator holds some of the batch's leaves and the state records none of its parties, so folding the batch
+    again would count those leaves twice. The state refuses folds, merges, finalize and saves until reset(); restore
+    the last saved state, or fold the round again."""
+
+
 class InvalidParty(AggregationError, TypeError):
     """A party id that is not a str or an int (ids go into state files as JSON)."""
 

@@ -28,7 +28,7 @@ import threading
 import numpy as np
 
 from .device import place, to_host, zeros
-from .errors import CorruptState, IncompatibleStates, OverlappingParties, ValueOutOfRange
+from .errors import CorruptState, IncompatibleStates, OverlappingParties, TornState, ValueOutOfRange
 from .layout import Layout
 from .parties import check_party
 
@@ -80,6 +80,9 @@ class FoldState:
         # buffered (robust) rules: the round's updates, one row per party (jitkernels.robust_store.UpdateStore)
         self.store = store
         self.closed = bool(closed)
+        # why a fold failed part-way into this state (it holds part of a batch: see errors.TornState), else None;
+        # never saved: such a state is refused by every use until reset
+        self.torn: str | None = None
         # deterministic mode: acc is the high part of a binned sum and lo the low part (see csrc/jk_math.h)
         if self.deterministic:
             if self.acc_dtype != "float64":
@@ -200,13 +203,15 @@ class FoldState:
                          opt={k: a.copy() for k, a in self.opt.items()} if own else None)
 
     def copy(self) -> "FoldState":
-        return FoldState(self.layout, algorithm=self.algorithm, acc_dtype=self.acc_dtype, acc=self.acc.copy(),
+        new = FoldState(self.layout, algorithm=self.algorithm, acc_dtype=self.acc_dtype, acc=self.acc.copy(),
                          leaf_weight=self.leaf_weight.copy(), parties=self.parties,
                          base=None if self.base is None else self.base.copy(),
                          lo=None if self.lo is None else self.lo.copy(), info=self.info,
                          opt=None if self.opt is None else {k: a.copy() for k, a in self.opt.items()},
                          round=self.round, closed=self.closed, scalars=self.scalars,
                          store=None if self.store is None else self.store.copy(), absent=self.absent, peak=self.peak)
+        new.torn = self.torn
+        return new
 
     def same_bits(self, other: "FoldState") -> bool:
         """True when both states hold bit-identical accumulators, weights, parties and bases."""
@@ -229,6 +234,8 @@ class FoldState:
 
     # --- merge -------------------------------------------------------------------------------------------------
     def check_mergeable(self, other: "FoldState") -> None:
+        self.check_whole()
+        other.check_whole()
         if self.layout != other.layout:
             raise IncompatibleStates("states have different layouts "
                                      f"({self.layout.fingerprint} vs {other.layout.fingerprint})")
@@ -319,7 +326,13 @@ class FoldState:
         number of parties: listing each party's would outgrow safetensors' 100 MB header)."""
         return sorted(set(self.absent.values()))
 
+    def check_whole(self) -> None:
+        """TornState where a fold failed part-way into this state."""
+        if self.torn is not None:
+            raise TornState(self.torn)
+
     def _metadata(self) -> dict:
+        self.check_whole()  # (a saved torn state would be taken for a whole one at its load)
         return {
             "format": FORMAT,
             "version": str(VERSION if self.absent else 2),  # version 2 readers read every state without the record

@@ -1190,3 +1190,49 @@ def test_norm_scores_are_robust_z_scores_of_the_admission_norms(seed, k, scale):
     np.testing.assert_allclose([scores[j] for j in range(k + 1)], (norms - med) / mad, rtol=1e-12)
     assert scores[k] > 20 and max(abs(scores[j]) for j in range(k)) < scores[k]
     assert jk.norm_scores([]) == {}
+
+
+@pytest.mark.parametrize("path", ["fold_many", "fold"])
+@pytest.mark.parametrize("backend", ["cpp", "numpy"])
+def test_a_fold_that_fails_part_way_tears_the_state_instead_of_counting_twice(monkeypatch, path, backend):
+    """A batch folds one dtype group after another; an error between them (the GPU out of memory at the second
+    group's launch, an interrupt) left the first group's leaves in the accumulator and no party recorded, so the
+    retry was taken and counted those leaves twice (4.0 where the mean is 2.0). The state is now torn: folds,
+    merges, finalize and saves refuse it (TornState) until reset. A compiled host call that fails before writing
+    (the first, on cpp) leaves the state as it was."""
+    mod = jk.backends.get(backend)
+    tmpl = {"a": np.zeros(3, np.float32), "b": np.zeros(3, bfloat16)}
+    upd = {"a": np.full(3, 2.0, np.float32), "b": np.full(3, 2.0, bfloat16)}
+    real, calls = mod.fold, []
+
+    def failing(nth):
+        def fold(acc, base, g):
+            calls.append(g.in_dtype)
+            if len(calls) == nth:
+                raise MemoryError("out of memory (injected)")
+            return real(acc, base, g)
+        return fold
+
+    for nth, torn in ((2, True), (1, backend == "numpy")):
+        agg = jk.Aggregator(tmpl, backend=backend)
+        u = jk.admit(upd, agg.layout, weight=1.0, party="p")
+        before = agg.state.copy()
+        calls.clear()
+        monkeypatch.setattr(mod, "fold", failing(nth))
+        with pytest.raises(MemoryError):
+            agg.fold_many([u]) if path == "fold_many" else agg.fold(u)
+        monkeypatch.setattr(mod, "fold", real)
+        assert len(set(calls)) == nth  # (the groups: one per dtype)
+        if not torn:
+            assert agg.state.torn is None and agg.state.same_bits(before)
+            agg.fold(u)
+            assert agg.finalize()["a"].tolist() == [2.0] * 3
+            continue
+        for use in (lambda: agg.fold(u), lambda: agg.fold_many([u]), agg.finalize,
+                    lambda: agg.merge(jk.Aggregator(tmpl, backend=backend)),
+                    lambda: agg.state.save("/nonexistent/never-written.jks")):
+            with pytest.raises(jk.TornState, match="failed part-way .*MemoryError"):
+                use()
+        agg.reset(reuse=True)
+        agg.fold(u)
+        assert agg.finalize()["a"].tolist() == [2.0] * 3 and agg.state.count == 1

@@ -11,6 +11,7 @@ from .numpy_ref import binned_constants
 
 NAME = "cpp"
 DTYPES = ("float64", "float32", "float16", "bfloat16", "int8")
+WHOLE_CALLS = True  # a fold call checks its arguments and allocates before it writes: it writes all or nothing
 
 try:
     from .. import _core

@@ -28,6 +28,7 @@ if numba is not None:
 
 NAME = "numba"
 DTYPES = ("float64", "float32", "bfloat16", "int8")
+WHOLE_CALLS = True  # a compiled fold call cannot stop part-way (no allocation, no exception, no interrupt inside)
 
 
 def available():
