@@ -20,7 +20,7 @@ from . import algorithms as _algorithms
 from . import backends
 from .admission import Admitted, admit_many
 from .batch import address, build_groups, build_out_groups, plan_of, stack_entries
-from .device import DeviceLeaf, array_module, empty_leaf, place, to_host
+from .device import DeviceLeaf, array_module, empty_leaf, gpu_of, place, to_host
 from .dtypes import Quantized, np_dtype
 from .backends import numpy_ref
 from .errors import (BackendUnavailable, CorruptState, DuplicateParty, EmptyAggregate, LayoutMismatch, NonFiniteUpdate,
@@ -439,7 +439,20 @@ class Aggregator:
             raise LayoutMismatch(f"admitted against layout {u.layout_fingerprint}, this aggregator's is {fp}",
                                  party=u.party)
 
+    def _check_device(self) -> None:
+        """A GPU state is used on the GPU it lives on: the kernels launch on the current device, and there another
+        GPU's accumulator is an illegal address (a sticky error that loses the context) or, with peer access, a
+        silent crawl over the interconnect. (Updates on another GPU are refused by name at admission.)"""
+        if self.on_gpu:
+            from .backends import cupy_backend
+
+            gpu, current = gpu_of(self.state.acc), cupy_backend.runtime().device_id()
+            if gpu != current:
+                raise LayoutMismatch(f"this aggregator's state is on GPU {gpu}; the current device is GPU {current} "
+                                     f"(work with it under cupy.cuda.Device({gpu}))")
+
     def _check_open(self) -> None:
+        self._check_device()
         self.state.check_whole()
         if self.state.closed:
             raise RoundClosed("finalize closed this round (a server step or DP noise); reset() to start the next")
@@ -733,6 +746,7 @@ class Aggregator:
         # both held (state_module.guarded): a fold into the other aggregator, or into the aggregator whose state
         # ``other`` is, must not tear what is merged; a reset of either must not swap a state out from under it
         with state_module.guarded(self.state, other.state if isinstance(other, Aggregator) else other):
+            self._check_device()
             self.state.merge_into(other.state if isinstance(other, Aggregator) else other)
 
     # --- finalize ------------------------------------------------------------------------------------------------
@@ -756,6 +770,7 @@ class Aggregator:
         if output not in ("model", "delta"):
             raise ValueError(f"output must be 'model' or 'delta', got {output!r}")
         with self._lock:
+            self._check_device()
             if out is None:
                 return self.layout.unflatten(self._finalize_into(output, self._outputs(None)))
             outs = self.layout.flatten(out, party="<out>", writable=True)

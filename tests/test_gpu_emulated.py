@@ -28,6 +28,31 @@ for _name in dir(test_gpu):
         globals()[_name] = pytest.mark.skip(reason=NOT_HERE[_name])(_test) if _name in NOT_HERE else _test
 
 
+def test_an_aggregator_used_under_another_gpu_is_refused_by_name(monkeypatch):
+    """The state lives on the GPU current when the aggregator was made; folds, merges and finalize launched on
+    whichever GPU was current at the call, with the accumulator's address on the other one (an illegal address,
+    a sticky error that loses the context). Refused, naming both GPUs; the state is untouched."""
+    import numpy as np
+
+    import cupy
+    import jitkernels as jk
+    from jitkernels.backends import cupy_backend
+
+    agg = jk.Aggregator({"w": cupy.zeros(4, dtype=cupy.float32)})
+    agg.fold({"w": np.ones(4, np.float32)}, party="a")
+    before, other = agg.state.copy(), jk.Aggregator({"w": cupy.zeros(4, dtype=cupy.float32)})
+    rt = cupy_backend.runtime()
+    monkeypatch.setattr(type(rt), "device_id", lambda self: 1)
+    for use in (lambda: agg.fold({"w": np.ones(4, np.float32)}, party="b"),
+                lambda: agg.fold_many([{"w": np.ones(4, np.float32)}], [1.0], ["c"]),
+                agg.finalize, lambda: agg.merge(other)):
+        with pytest.raises(jk.LayoutMismatch, match=r"state is on GPU 0; the current device is GPU 1"):
+            use()
+    monkeypatch.undo()
+    assert agg.state.same_bits(before)
+    np.testing.assert_array_equal(agg.finalize()["w"].get(), np.ones(4, np.float32))
+
+
 @pytest.mark.parametrize("args", [["--placements", "device", "-k", "12"], []], ids=["device_k12", "with_host_rows"])
 def test_robust_gpu_benchmark_runs_end_to_end(args, tmp_path, monkeypatch):
     """bench/run_gpu.sh's robust-rule benchmarks (both calls' options, at a tiny size) through the fake: a next GPU
