@@ -23,7 +23,7 @@ from .dtypes import Quantized
 from .device import DeviceLeaf, to_host
 from .errors import InvalidWeight, LayoutMismatch, NonFiniteUpdate, ValueOutOfRange
 from .layout import Layout
-from .parties import anonymous_party, check_party
+from .parties import anonymous_party, check_party, real_value
 from .state import BINNED_INT_HEADROOM
 
 try:
@@ -69,14 +69,9 @@ class Admitted:
 
 
 def check_weight(weight, party) -> float:
-    """A weight as a float: a real number (not a bool, a string or bytes, which float() would read), finite, > 0."""
-    if isinstance(weight, (bool, np.bool_, str, bytes, bytearray)):
-        raise InvalidWeight(party, weight)
-    try:
-        w = float(weight)
-    except (TypeError, ValueError, OverflowError):  # (10**400 overflows)
-        raise InvalidWeight(party, weight) from None
-    if not (math.isfinite(w) and w > 0):
+    """A weight as a float: a real number (:func:`~jitkernels.parties.real_value`), finite, > 0."""
+    w = real_value(weight)
+    if w is None or not (math.isfinite(w) and w > 0):
         raise InvalidWeight(party, weight)
     return w
 
@@ -330,12 +325,14 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
                 prep.signatures)]
 
 
-def admit_many(updates, layout, *, weights=None, parties=None, base=None, backend="auto", acc_dtype="float32",
+def admit_many(updates, layout, *, weights=None, parties=None, base=None, backend="auto", acc_dtype=None,
                copy=False, partial=False, bound=None, host_base=None) -> list:
     """Admit k updates with one stats call per input dtype. Raises on the first bad update (in order); nothing
     is returned (so nothing is folded) unless all pass. ``bound`` (deterministic mode) caps ``weight * max|x|``.
+    ``acc_dtype``: the accumulator's, whose headroom is checked (default: the layout's, as an Aggregator's).
     Updates in GPU memory need ``backend`` "cupy" (or "auto" with the GPU backend available)."""
     prep = prepare(updates, layout, weights=weights, parties=parties, backend=backend, copy=copy, partial=partial)
+    acc_dtype = acc_dtype or layout.default_acc_dtype  # (after prepare, which refuses what is not a Layout)
     _, *stats = batch_stats(layout, prep.leaves, base=base, host_base=host_base, backend=backend,
                             acc_dtype=acc_dtype, on_device=prep.on_device, entries=prep.entries)
     return check(prep, layout, stats, acc_dtype=acc_dtype, bound=bound, against_base=base is not None)
@@ -384,7 +381,7 @@ def norm_scores(admitted) -> dict:
     return {u.party: float(s) for u, s in zip(admitted, z)}
 
 
-def admit(update, layout, *, weight=1.0, party=None, base=None, backend="auto", acc_dtype="float32", copy=False,
+def admit(update, layout, *, weight=1.0, party=None, base=None, backend="auto", acc_dtype=None, copy=False,
           partial=False) -> Admitted:
     """Validate one update against ``layout`` (one stats pass) and return it :class:`Admitted`.
 

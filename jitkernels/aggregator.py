@@ -131,7 +131,9 @@ class Aggregator:
         staged through pinned buffers, device updates are read in place, and the result comes back as the
         template's array type (on the device for CuPy / torch CUDA templates).
     acc_dtype : "float32" | "float64"
-        Accumulator dtype; never the input dtype (fp16/bf16/int8 inputs are widened as they are read).
+        Accumulator dtype; never narrower than float32 (fp16/bf16/int8 inputs are widened as they are read). Default:
+        float64 where the template has a float64 leaf (a float64 model averaged in float32 came back rounded to
+        float32 inside float64 arrays), else float32.
     base : pytree like ``template``, optional
         Fold deltas ``u - base`` (never materialized) and return ``base + average delta``.
     int_leaves : "mean" | "max"
@@ -168,7 +170,6 @@ class Aggregator:
             if not (2.0 ** -960 <= bound <= 2.0 ** 960):  # its grids, and 2^30 terms summed on them, stay in float64
                 raise ValueError(f"bound must be within [2^-960, 2^960], got {bound!r}")
             acc_dtype = "float64"
-        acc_dtype = acc_dtype or "float32"
         self.algorithm = _algorithms.resolve(algorithm)
         self.partial = bool(partial)
         if self.partial and not getattr(self.algorithm, "supports_partial", True):
@@ -183,6 +184,7 @@ class Aggregator:
         self._base_token = object()
         self.layout = _state.layout if _state is not None else (
             template if isinstance(template, Layout) else Layout.from_template(template))
+        acc_dtype = acc_dtype or self.layout.default_acc_dtype
         self.backend = backends.requested(backend)
         if self.layout.in_gpu_memory and not backends.is_available("cupy"):
             # a GPU job's state resumed where the GPU backend cannot run: on the CPU backend the caller names, with
@@ -235,7 +237,7 @@ class Aggregator:
             raise ValueError("partial updates are not supported by buffered (robust) rules")
         try:
             alg = _algorithms.from_params(state.algorithm)
-        except (ValueError, TypeError) as e:  # (a record from a file that no algorithm's parameters could make)
+        except (ValueError, TypeError, OverflowError) as e:  # (a record from a file that no algorithm could make)
             raise CorruptState(f"the state's algorithm record {state.algorithm} does not rebuild: {e}") from None
         # (a checksummed file can still lack them: a save from another tool, or a worker's partial state)
         if alg.needs_base and state.base is None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 
 from .errors import InvalidUpdateInfo, LayoutMismatch
+from .parties import real_value
 
 MOMENTUM, NESTEROV, ADAM, YOGI, ADAGRAD = range(5)  # jk::OptKind
 
@@ -33,13 +34,9 @@ MOMENTUM, NESTEROV, ADAM, YOGI, ADAGRAD = range(5)  # jk::OptKind
 def _positive(info: dict, key: str, party, *, allow_zero=False) -> float:
     if key not in info:
         raise InvalidUpdateInfo(party, key, None, "is required by this algorithm")
-    try:
-        v = info[key]  # (float("3") is 3.0, float(True) 1.0: not numbers sent)
-        if isinstance(v, (str, bytes, bool)) or str(getattr(v, "dtype", "")) in ("bool", "torch.bool"):
-            raise TypeError
-        x = float(info[key])
-    except (TypeError, ValueError):
-        raise InvalidUpdateInfo(party, key, info[key], "must be a number") from None
+    x = real_value(info[key])
+    if x is None:
+        raise InvalidUpdateInfo(party, key, info[key], "must be a number")
     if not math.isfinite(x) or x < 0 or (x == 0 and not allow_zero):
         raise InvalidUpdateInfo(party, key, info[key], "must be finite and " + (">= 0" if allow_zero else "> 0"))
     return x
@@ -730,6 +727,8 @@ def resolve(algorithm):
 
 def from_params(params: dict):
     """Rebuild an algorithm from the ``params()`` saved in a state."""
+    if not isinstance(params, dict):  # (a wrapper's inner record from a file: its checksum vouches for nothing)
+        raise ValueError(f"an algorithm record is a dict of parameters, got {type(params).__name__}")
     p = {k: v for k, v in params.items() if k not in ("name", "int_leaves", "deterministic")}
     cls = _CLASSES.get(params.get("name"))
     if cls is None:

@@ -206,6 +206,12 @@ class Layout:
             raise ValueError(f"unknown array type {d['array_type']!r}")
         return cls(leaves, d["treedef"], d.get("array_type", "numpy"))
 
+    @property
+    def default_acc_dtype(self) -> str:
+        """The accumulator dtype where none is named: float64 for a template with a float64 leaf (averaged in float32
+        it came back rounded to float32 inside float64 arrays), else float32."""
+        return "float64" if any(leaf.dtype == "float64" for leaf in self.leaves) else "float32"
+
     @cached_property
     def int_leaves(self) -> tuple:
         """Indices of the integer (and bool) leaves: counters, which the float kernels do not fold."""

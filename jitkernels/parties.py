@@ -4,18 +4,53 @@ without an id."""
 from __future__ import annotations
 
 import numbers
+import sys
 import uuid
 
+import numpy as np
+
 from .errors import InvalidParty
+
+MAX_ID_CHARS = 1 << 16
+"""The longest str id (an int id is one of int64's): a 100 MB id was folded and then failed every save (safetensors'
+header limit), an int of 5,000 digits every message and save that printed it (Python's int-to-str limit)."""
 
 
 def check_party(p):
     """``p`` as a party id (a numpy integer as an int), or :class:`InvalidParty`."""
     if type(p) is str or type(p) is int:  # (the usual ids; the ABC check below costs 0.4 us, once per update)
-        return p
-    if isinstance(p, str) or (isinstance(p, numbers.Integral) and not isinstance(p, bool)):
-        return str(p) if isinstance(p, str) else int(p)
-    raise InvalidParty(f"party ids must be str or int, got {type(p).__name__} {p!r}")
+        q = p
+    elif isinstance(p, str) or (isinstance(p, numbers.Integral) and not isinstance(p, bool)):
+        q = str(p) if isinstance(p, str) else int(p)
+    else:
+        raise InvalidParty(f"party ids must be str or int, got {type(p).__name__} {p!r}")
+    if (len(q) > MAX_ID_CHARS) if type(q) is str else not (-(1 << 63) <= q < (1 << 63)):
+        what = f"{len(q):,} characters" if type(q) is str else f"an int of {q.bit_length()} bits"
+        raise InvalidParty(f"party ids are str of at most {MAX_ID_CHARS:,} characters or int64s; got {what}")
+    return q
+
+
+def real_value(x) -> float | None:
+    """The float of a real number a party sent, else None: an int or a float (numpy's too), a 0-d numpy array or a
+    one-element torch tensor of an integer or float dtype. Not a bool, a complex (float() dropped its imaginary
+    part), a str or bytes (float() read "2" as 2.0), nor an array of them; None also where float() overflows
+    (10**400) or fails."""
+    if isinstance(x, (bool, np.bool_)):
+        return None
+    if not isinstance(x, numbers.Real):
+        torch = sys.modules.get("torch")
+        if isinstance(x, np.ndarray):
+            ok = x.ndim == 0 and x.dtype.kind in "iuf"
+        elif torch is not None and isinstance(x, torch.Tensor):
+            ok = x.numel() == 1 and not x.dtype.is_complex and x.dtype != torch.bool
+        else:
+            ok = False
+        if not ok:
+            return None
+    try:
+        return float(x)
+    except (TypeError, ValueError, OverflowError, RuntimeError):
+        return None
 
 
 def anonymous_party() -> str:

@@ -114,7 +114,7 @@ class Job:
     model_elems: int | None = None
     update_bytes: int | None = None
     backend: str = "auto"
-    acc_dtype: str = "float32"
+    acc_dtype: str | None = None  # None: float64 for a template with a float64 leaf, else float32 (as Aggregator)
     late: str = "reject"  # or "next_round": fold into the next round with weight * late_weight
     late_weight: float = 0.5
     unreachable: str = "error"  # or "partial": finalize what is there
@@ -397,7 +397,11 @@ class _JobState:
 
     @property
     def acc_dtype(self) -> str:
-        return "float64" if self.job.deterministic else self.job.acc_dtype
+        if self.job.deterministic:
+            return "float64"
+        if self.job.acc_dtype or self.layout is None:
+            return self.job.acc_dtype or "float32"
+        return self.layout.default_acc_dtype
 
     def new_aggregator(self):
         """A first round's aggregator. Algorithms that fold deltas start from the template as the global model. The
@@ -920,8 +924,8 @@ class JITScheduler:
             js.layout.in_gpu_memory  # (as the job's aggregator picks its backend)
         if gpu and "cupy" in self.cost.backends:
             out["backend"] = "cupy"
-        if js.job.deterministic or js.job.acc_dtype != "float32":
-            out["acc_itemsize"] = 16 if js.job.deterministic else np.dtype(js.job.acc_dtype).itemsize
+        if js.job.deterministic or js.acc_dtype != "float32":
+            out["acc_itemsize"] = 16 if js.job.deterministic else np.dtype(js.acc_dtype).itemsize
         return out
 
     # --- internals: rounds ----------------------------------------------------------------------------------------

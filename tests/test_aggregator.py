@@ -1,6 +1,7 @@
 """The user-facing API: containers and array types in and out, dtypes, partial updates, bases, integer leaves."""
 
 import collections
+import json
 import gc
 import weakref
 
@@ -1221,3 +1222,62 @@ def test_a_named_backend_that_cannot_run_the_templates_dtypes_is_refused_when_th
     with pytest.raises(jk.BackendUnavailable, match="'numba' does not run float16"):
         jk.Aggregator({"a": np.zeros(3, np.float32), "b": np.zeros(3, np.float16)}, backend="numba")
     jk.Aggregator({"a": np.zeros(3, np.float32), "n": np.zeros(1, np.int64)}, backend="numba")  # (ints: no kernel)
+
+
+def test_a_float64_model_is_averaged_in_float64_unless_told_otherwise():
+    """The default accumulator was float32 whatever the template: one float64 update of pi came back as pi rounded
+    to float32, inside a float64 array. A template with a float64 leaf now defaults to a float64 accumulator (as the
+    Flower strategies already chose), admission checks that accumulator's headroom, and a scheduler job follows."""
+    from scheduler import JITScheduler, Job, VirtualClock
+
+    pi = np.array([1.0, np.pi, 1e-300], np.float64)
+    agg = jk.Aggregator({"w": np.zeros(3)})
+    assert agg.acc_dtype == "float64"
+    agg.fold({"w": pi}, party="a")
+    assert agg.finalize()["w"].tobytes() == pi.tobytes()
+    assert jk.Aggregator({"a": np.zeros(2, np.float32), "b": np.zeros(2)}).acc_dtype == "float64"
+    assert jk.Aggregator({"a": np.zeros(2, np.float32), "n": np.zeros(1, np.int64)}).acc_dtype == "float32"
+    assert jk.Aggregator({"w": np.zeros(3)}, acc_dtype="float32").acc_dtype == "float32"  # (named: honored)
+    big = {"w": np.full(3, 1e300)}
+    jk.admit(big, agg.layout, party="b")  # float64 headroom (float32's refused it)
+    with pytest.raises(jk.ValueOutOfRange):
+        jk.admit(big, agg.layout, party="b", acc_dtype="float32")
+    s = JITScheduler("eager", clock=VirtualClock())
+    s.add_job(Job("j", template={"w": np.zeros(3)}, parties=["a"], quorum=1, rounds=1))
+    s.submit("j", 0, "a", {"w": pi})
+    s.clock.run()
+    assert s.result("j", 0).result(timeout=5)["w"].tobytes() == pi.tobytes()
+    s.close()
+
+
+def test_numbers_parties_send_are_real_numbers_and_ids_are_bounded():
+    """Weights and per-update values went through float(), which read a 0-d string or bool array, a numpy complex
+    (its imaginary part dropped) and a bool tensor as numbers, and let a torch complex tensor's RuntimeError and
+    10**400's OverflowError out untyped; an int party id of 5,000 digits or a 100 MB str id was folded, and every
+    message and save that printed it then failed. A resumed state whose algorithm record was damaged raised
+    AttributeError or OverflowError, not CorruptState."""
+    from jitkernels import state as S
+
+    agg = jk.Aggregator({"w": np.zeros(2, np.float32)})
+    u = {"w": np.ones(2, np.float32)}
+    for w in (np.array("2"), np.array(True), np.complex128(1 + 2j), torch.tensor(True), torch.tensor(1 + 2j),
+              np.array(b"7"), np.array([2.0, 3.0]), 10 ** 400, "2"):
+        with pytest.raises(jk.InvalidWeight):
+            agg.fold(u, weight=w, party="p")
+    for i, w in enumerate((np.float32(2), np.array(2.0), torch.tensor(2.0), torch.tensor([2.0]), np.int64(3))):
+        agg.fold(u, weight=w, party=f"ok{i}")
+    nova = jk.Aggregator({"w": np.zeros(2, np.float32)}, "fednova", base={"w": np.zeros(2, np.float32)})
+    for steps in (10 ** 400, np.complex128(3), np.array("3"), torch.tensor(True)):
+        with pytest.raises(jk.InvalidUpdateInfo, match="steps"):
+            nova.fold(u, weight=1.0, party="p", steps=steps)
+    assert nova.state.count == 0 and agg.state.count == 5
+    for party in (10 ** 5000, 1 << 63, "x" * ((1 << 16) + 1)):
+        with pytest.raises(jk.InvalidParty, match="at most 65,536 characters or int64s"):
+            agg.fold(u, party=party)
+    agg.fold(u, party=(1 << 63) - 1)
+    st = agg.state
+    for record in ({"name": "dp_fedavg_fixed", "algorithm": "x", "clip_norm": 1.0, "noise_multiplier": 1.0},
+                   {"name": "fedprox", "mu": 10 ** 400}):
+        meta = {**st._metadata(), "algorithm": json.dumps(record)}
+        with pytest.raises(jk.CorruptState, match="does not rebuild"):
+            jk.Aggregator.from_state(jk.FoldState.from_bytes(S.checked_bytes(st._tensors(), meta)))
