@@ -145,6 +145,8 @@ class Job:
         except jk.InvalidParty:
             raise InvalidJob(f"job ids must be str or int, got {type(self.id).__name__} {self.id!r}") from None
         q, n = self.quorum, len(self.parties)
+        if n == 0:  # (any quorum of no parties: every round failed, "only 0 parties left")
+            raise InvalidJob(f"job {self.id!r}: it has no parties")
         fraction = isinstance(q, float) and 0.0 < q <= 1.0
         count = (isinstance(q, (int, np.integer)) and not isinstance(q, bool)
                  or isinstance(q, float) and q.is_integer()) and 1 <= q <= n  # (a TOML count may read as 5.0)
@@ -585,6 +587,11 @@ class JITScheduler:
             if self.byte_budget is not None and self.overflow == "raise" and js.update_bytes > self.byte_budget:
                 raise InvalidJob(f"job {job.id!r}: its updates ({js.update_bytes} bytes) do not fit the byte budget "
                                  f"of {self.byte_budget}: with overflow='raise' every one would be refused")
+            unweighed = not getattr(js.algorithm, "uses_weights", True) or not getattr(js.algorithm, "weighted", True)
+            if job.late == "next_round" and job.late_weight < 1 and unweighed:
+                raise InvalidJob(f"job {job.id!r}: {js.algorithm!r} does not weigh updates, so a late update carried "
+                                 f"to the next round would count as a fresh one, not at late_weight "
+                                 f"{job.late_weight}: late='reject', or late_weight=1.0")
             if js.rebases and job.late == "next_round":  # (a late update was trained from the round before's model)
                 raise InvalidJob(f"job {job.id!r}: {type(js.algorithm).__name__} folds each round against the last "
                                  "round's model, and a late update carried to the next round would be measured "
@@ -824,6 +831,8 @@ class JITScheduler:
         with self._lock:
             js = self._job(job_id)
             round = _round_number(job_id, round)
+            if round < js.job.first_round:  # (never a round: NoSuchRound, not RoundForgotten once rounds went)
+                self._check_round(js, round)
             if js.forgotten is not None and round <= js.forgotten and round not in js.rounds:
                 raise RoundForgotten(f"job {job_id!r} round {round}: finished, and no longer held (the scheduler "
                                      f"keeps the last {self.keep_rounds} rounds' results: keep_rounds)")
@@ -1263,8 +1272,10 @@ class JITScheduler:
         # earlier by more than the hysteresis (each search re-plans idle deployments: quantiles over their parties),
         # or once its quorum is in (its latency runs from then: it is served first, see _release)
         latest = -math.inf if self._urgent(js) else self.clock.now() + laxity
+        # the budget full (the next update is refused): half of it, where early folds start, took back a deployment
+        # half a second from its quorum for a job that was not short of memory, a start-up added to its latency
         pressure = self.byte_budget is not None and js.open is not None and js.open.pending and \
-            self.buffered_bytes > self.byte_budget // 2
+            self.buffered_bytes + js.update_bytes > self.byte_budget
         if latest >= self._searched.get(js.job.id, math.inf) - self.hysteresis_s and not pressure:
             return
         self._searched[js.job.id] = latest
@@ -1272,8 +1283,9 @@ class JITScheduler:
                 and o.open is not None and not o.open.pending and o.open.quorum_time is None]
         if pressure:
             # memory first: an idle deployment (nothing buffered) yields to a job whose buffered updates must be
-            # folded to free the budget; otherwise the idle job's own parties stay blocked by Backpressure
-            victims = [(self._laxity(o), o) for o in idle]
+            # folded to free the budget; otherwise the idle job's own parties stay blocked by Backpressure. The
+            # one that can wait longest, re-planned now (its last plan, from before it deployed, is stale)
+            victims = [(self._redeploy_laxity(o), o) for o in idle]
         else:
             # take back an idle deployment whose job can wait longer, if the gap beats the hysteresis + start-up;
             # its laxity is re-planned now as if it had to redeploy (a few quantiles, only when a job must wait)
@@ -1651,11 +1663,14 @@ class JITScheduler:
                 now = self.clock.now()
                 rnd.ready_time = now
                 rnd.done = True
-                js.metrics.latencies.append(now - rnd.quorum_time)
-                js.metrics.rounds += 1
-                if js.job.deadline_s is not None and now > rnd.start + js.job.deadline_s and not rnd.missed:
-                    js.metrics.misses += 1
-                self._log("ready", js, round=rnd.number, latency_s=now - rnd.quorum_time, busy_s=duration)
+                if error is None:  # (a failed finalize made no model: no round, no latency, as a failed fold)
+                    js.metrics.latencies.append(now - rnd.quorum_time)
+                    js.metrics.rounds += 1
+                    if js.job.deadline_s is not None and now > rnd.start + js.job.deadline_s and not rnd.missed:
+                        js.metrics.misses += 1
+                    self._log("ready", js, round=rnd.number, latency_s=now - rnd.quorum_time, busy_s=duration)
+                else:
+                    self._log("round_failed", js, round=rnd.number, error=repr(error))
                 if error is not None:
                     # recorded, so that a restart resolves the round with it; not for a job whose rounds hand state
                     # on: the next round here continues from this round's (stepped) state, and a restart must too,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jitkernels as jk
-from scheduler import (Backpressure, BackendCost, CostModel, JITScheduler, Job, LateUpdate, NoSuchRound,
+from scheduler import (Backpressure, BackendCost, CostModel, InvalidJob, JITScheduler, Job, LateUpdate, NoSuchRound,
                        QuorumUnreachable, SchedulerClosed, UnknownParty, VirtualClock)
 from scheduler.executors import ModelExecutor, _call
 
@@ -1481,3 +1481,71 @@ def test_jit_is_ready_by_the_deadline_of_a_round_that_ends_partial_there():
     jit, lazy = run("jit"), run("lazy")
     assert jit["rounds"] == lazy["rounds"] == 12 and lazy["latency_p50_s"] == pytest.approx(5.0, abs=1e-3)
     assert jit["latency_p95_s"] < 1e-3
+
+
+def test_buffer_pressure_takes_back_a_deployment_only_with_the_budget_full():
+    """Past half the byte budget (where early folds start, nothing refused yet) a job queued for a slot took back
+    any idle deployment, ranked by its plan from before it deployed: B, half a second from its quorum, lost its
+    ready deployment to A and paid a whole start-up (latency 1 s, two deployments). It is taken back only where
+    the budget is full, and the job that can wait longest, re-planned now, yields."""
+    cost = CostModel(backends={"cpu": BackendCost(1e9, 0.0)}, startup_s=1.0)
+    clk = VirtualClock()
+    s = JITScheduler("jit", slots=2, clock=clk, cost=cost, byte_budget=40_000, hysteresis_s=0.5)
+
+    def job(jid, n, prior):
+        return Job(jid, parties=[f"{jid}{i}" for i in range(n)], quorum=n, rounds=1, model_elems=1000,
+                   update_bytes=4000, prior_response_s=prior)
+
+    s.add_job(job("B", 2, 10.0))  # its quorum at 10 s, as predicted
+    s.add_job(job("C", 2, 5.0))  # predicted at 5 s, answers at 1000 s
+    s.add_job(job("A", 10, 1000.0))  # 6 early answers at 9.5 s (past half the budget), the rest at 1000 s
+    for p in ("B0", "B1"):
+        clk.call_at(10.0, s.submit, "B", 0, p, None, 1.0)
+    for p in ("C0", "C1"):
+        clk.call_at(1000.0, s.submit, "C", 0, p, None, 1.0)
+    for i in range(10):
+        clk.call_at(9.5 if i < 6 else 1000.0, s.submit, "A", 0, f"A{i}", None, 1.0)
+    clk.run()
+    m = s.metrics()
+    assert m["B"]["deployments"] == 1 and m["B"]["latency_p50_s"] < 1e-3
+    assert all(s.result(j, 0).done() for j in "ABC")
+    s.close()
+
+
+def test_round_semantics_the_scheduler_review_found():
+    """A late weight on an algorithm that weighs no update (unweighted FedAvg, the median) was ignored: a carried
+    update counted as a fresh one; a finalize that failed was counted a finished round with a latency; result()
+    of a round before the first raised RoundForgotten once rounds had been let go; a job without parties was
+    taken, and every round then failed."""
+    from jitkernels import robust as R
+
+    tmpl = {"w": np.zeros(2, np.float32)}
+    for alg in (jk.algorithms.FedAvg(weighted=False), R.FedMedian()):
+        with pytest.raises(InvalidJob, match="does not weigh updates"):
+            JITScheduler("eager", clock=VirtualClock()).add_job(
+                Job("j", template=tmpl, parties=["a", "b"], quorum=1, late="next_round", late_weight=0.5,
+                    algorithm=alg))
+    JITScheduler("eager", clock=VirtualClock()).add_job(  # (a late weight of 1 asks for nothing)
+        Job("j", template=tmpl, parties=["a", "b"], quorum=1, late="next_round", late_weight=1.0,
+            algorithm=R.FedMedian()))
+    with pytest.raises(InvalidJob, match="no parties"):
+        JITScheduler("eager", clock=VirtualClock()).add_job(Job("j", template=tmpl, parties=[], quorum=1.0))
+
+    class FailingFinalize(ModelExecutor):
+        def run(self, task, done):
+            if task.kind != "fold":
+                task.fn = lambda: (_ for _ in ()).throw(MemoryError("finalize failed"))
+            super().run(task, done)
+
+    clk = VirtualClock()
+    s = JITScheduler("eager", clock=clk, executor=FailingFinalize(clk), keep_rounds=1)
+    s.add_job(Job("f", template=tmpl, parties=["a"], quorum=1, rounds=4, first_round=1))
+    for r in range(1, 5):
+        s.submit("f", r, "a", {"w": np.ones(2, np.float32)})
+        clk.run()
+    assert isinstance(s.result("f", 4).exception(), MemoryError)
+    m = s.metrics()["f"]
+    assert m["rounds"] == 0 and np.isnan(m["latency_p50_s"])
+    with pytest.raises(NoSuchRound):
+        s.result("f", 0)
+    s.close()
