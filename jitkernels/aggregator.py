@@ -969,9 +969,9 @@ class Aggregator:
         ``base`` given here replaces the model. The returned state holds copies of them.
         """
         with self._lock:
-            self._base_token = object()
             old = self.state
             flat_base = old.base if base is None else self._flat(base, old.acc_dtype)
+            self._base_token = object()  # (after the base is taken: a refused one leaves admitted updates' marks)
             if reuse:
                 old.torn = None
                 old.acc.fill(0)
