@@ -197,10 +197,10 @@ class Aggregator:
             self.layout = self.layout.on_host()
         if self.backend == "auto" and self.layout.in_gpu_memory:
             self.backend = "cupy"
-        if self.backend != "auto":  # fail now, with the reason, not at the first fold
+        if self.backend != "auto":
+            # a backend that is not here fails now, with the reason; one that cannot run a dtype, at the first fold
+            # of an update of it (a float16 template's updates may come as int8, or never carry that leaf)
             backends.get(self.backend)
-            for dtype in sorted({leaf.dtype for leaf in self.layout.leaves if leaf.is_float}):
-                backends.choose(self.backend, dtype)  # (numba and a float16 template: refused at its first fold)
         check_layout = getattr(self.algorithm, "check_layout", None)
         if check_layout is not None:  # a template the algorithm cannot run (SCAFFOLD's two trees of the same leaves)
             check_layout(self.layout)

@@ -671,9 +671,16 @@ def test_updates_admitted_without_the_base_are_measured_again_only_where_needed(
 
 
 def test_a_rejection_found_by_the_fold_leaves_the_state_as_it_was():
-    """Refusals the fold finds (a fold weight that would overflow the accumulator, a leaf missing from an Admitted,
-    a value the robust store's dtype cannot hold) come before any bit of the state changes. (A backend that cannot
-    run a leaf's dtype is refused when the aggregator is made: see below.)"""
+    """Refusals the fold finds (a backend that cannot run a leaf's dtype, a fold weight that would overflow the
+    accumulator, a leaf missing from an Admitted, a value the robust store's dtype cannot hold) come before any
+    bit of the state changes."""
+    t = {"a": np.zeros(4, np.float32), "h": np.zeros(4, np.float16)}
+    agg = jk.Aggregator(t, backend="numba")
+    adm = jk.admit({"a": np.ones(4, np.float32), "h": np.ones(4, np.float16)}, agg.layout, party="p")
+    with pytest.raises(jk.BackendUnavailable, match="float16"):
+        agg.fold(adm)
+    assert not agg.state.acc.any() and agg.state.count == 0
+
     nova = jk.Aggregator({"w": np.zeros(4, np.float32)}, "fednova", base={"w": np.zeros(4, np.float32)})
     nova.fold({"w": np.ones(4, np.float32)}, 10.0, "good", steps=5)
     before = nova.state.acc.copy()
@@ -886,6 +893,22 @@ def test_per_update_fold_takes_integer_leaves(rule):
     batch.fold_many(batch.admit_many(ups, [j + 1.0 for j in range(5)], list(range(5))))
     assert one.state.acc.tobytes() == batch.state.acc.tobytes()
     assert one.finalize()["n"] == batch.finalize()["n"]
+
+
+@pytest.mark.skipif("numba" not in CPU_BACKENDS, reason="numba is not installed")
+def test_per_update_fold_refuses_in_the_batch_paths_order():
+    """A closed round is refused as such even where the backend could not run the update's dtype: the per-update
+    path picks backends after the checks, as the batch path does."""
+    t = {"h": np.zeros(4, np.float16)}
+    agg = jk.Aggregator(t, backend="numba")
+    agg.state.closed = True
+    adm = jk.admit({"h": np.ones(4, np.float16)}, agg.layout, party="p", backend="numpy")
+    with pytest.raises(jk.RoundClosed):
+        agg.fold(adm)
+    agg.state.closed = False
+    with pytest.raises(jk.BackendUnavailable, match="float16"):
+        agg.fold(adm)
+    assert agg.state.count == 0 and not agg.state.acc.any()
 
 
 def test_an_overflowing_fold_weight_is_refused_by_name_under_strict_numpy_errors():
@@ -1214,14 +1237,6 @@ def test_a_fold_that_fails_part_way_tears_the_state_instead_of_counting_twice(mo
         agg.reset(reuse=True)
         agg.fold(u)
         assert agg.finalize()["a"].tolist() == [2.0] * 3 and agg.state.count == 1
-
-
-def test_a_named_backend_that_cannot_run_the_templates_dtypes_is_refused_when_the_aggregator_is_made():
-    """backend='numba' with a float16 template was taken, and every fold then raised: the constructor's own comment
-    promised the refusal "now, with the reason, not at the first fold" (a scheduler job failed mid-round)."""
-    with pytest.raises(jk.BackendUnavailable, match="'numba' does not run float16"):
-        jk.Aggregator({"a": np.zeros(3, np.float32), "b": np.zeros(3, np.float16)}, backend="numba")
-    jk.Aggregator({"a": np.zeros(3, np.float32), "n": np.zeros(1, np.int64)}, backend="numba")  # (ints: no kernel)
 
 
 def test_a_float64_model_is_averaged_in_float64_unless_told_otherwise():

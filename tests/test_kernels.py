@@ -109,8 +109,10 @@ def test_env_var_selects_backend(monkeypatch):
     monkeypatch.setenv("JITKERNELS_BACKEND", "numpy")
     assert jk.Aggregator(np.zeros(3, np.float32)).backend == "numpy"
     monkeypatch.setenv("JITKERNELS_BACKEND", "numba")
-    with pytest.raises(jk.BackendUnavailable, match="float16"):  # named backends are honored, never swapped
-        jk.Aggregator(np.zeros(3, np.float16))
+    agg = jk.Aggregator(np.zeros(3, np.float16))
+    with pytest.raises(jk.BackendUnavailable, match="float16"):
+        agg.fold(np.ones(3, np.float16), party="a")  # named backends are honored, never swapped
+    assert agg.count == 0
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
