@@ -24,7 +24,7 @@ from .device import DeviceLeaf, array_module, empty_leaf, gpu_of, place, to_host
 from .dtypes import Quantized, np_dtype
 from .backends import numpy_ref
 from .errors import (BackendUnavailable, CorruptState, DuplicateParty, EmptyAggregate, LayoutMismatch, NonFiniteUpdate,
-                     RoundClosed, ValueOutOfRange)
+                     RoundClosed, TornState, ValueOutOfRange)
 from .layout import Layout
 from . import state as state_module
 from .parties import anonymous_party, check_party
@@ -434,8 +434,12 @@ class Aggregator:
             a.info = i
             if a.against_base:  # (measured against this state's base, under the lock)
                 a.against_base = self._base_token
-        self._note_peak(admitted, fold_w)
-        self._record(admitted, int_rows, plan)
+        try:
+            self._note_peak(admitted, fold_w)
+            self._record(admitted, int_rows, plan)
+        except BaseException as e:  # (the batch is in the accumulator; its records are not, or not all)
+            self._tear(f"a fold of {k} update(s)", e)
+            raise
 
     def _check_layout(self, u) -> None:
         fp = self.layout.fingerprint
@@ -504,24 +508,26 @@ class Aggregator:
             self._check_int_bound((u,))
         if len(one.mods) < len(one.groups):  # resolved after the checks, as the batch path does; then kept
             one.mods[:] = [backends.choose(self.backend, g.in_dtype) for g in one.groups]
-        done = 0
+        done, mod = 0, None
         try:
             for mod, g in zip(one.mods, one.groups):
                 g.repoint(u.entries, w, u.leaves)
                 try:
                     mod.fold(st.acc, st.base, g)
+                    done += 1
                 finally:
                     g.release()
+            m = float(alg.mass(u))
+            self._note_peak((u,), (w,))
+            for lid in one.int_rows:  # as _record: counters take the plain mass-weighted mean (or max), before the
+                self._fold_int(lid, [u.leaves[lid]], [m])  # masses
                 done += 1
+            st.leaf_weight += m  # _record's per-leaf masses, for one whole update
+            self._record_party(u, m, alg.derived_info(u, st))
         except BaseException as e:
-            self._mark_torn(e, done, mod, 1)
+            if self._may_have_written(e, done, mod):
+                self._tear("a fold of 1 update", e)
             raise
-        m = float(alg.mass(u))
-        self._note_peak((u,), (w,))
-        for lid in one.int_rows:  # as _record: counters take the plain mass-weighted mean (or max), before the masses
-            self._fold_int(lid, [u.leaves[lid]], [m])
-        st.leaf_weight += m  # _record's per-leaf masses, for one whole update
-        self._record_party(u, m, alg.derived_info(u, st))
         return True
 
     def _stale(self, admitted) -> list:
@@ -616,7 +622,7 @@ class Aggregator:
             self._check_headroom(admitted[j], fold_w[j], bound)
         self._check_int_bound(admitted)
         mods = {name: backends.choose(self.backend, name) for name in groups}  # all refusals before any fold
-        done = 0
+        done, mod = 0, None
         try:
             for name, g in groups.items():
                 mod = mods[name]
@@ -629,21 +635,28 @@ class Aggregator:
                 else:
                     mod.fold(st.acc, st.base, g)
                     done += 1
+            self._note_peak(admitted, fold_w)
+            done += bool(int_rows)  # (the integer leaves are folded in _record, before the masses and parties)
+            self._record(admitted, int_rows, plan)
         except BaseException as e:
-            self._mark_torn(e, done, mod, len(admitted))
+            if self._may_have_written(e, done, mod):
+                self._tear(f"a fold of {len(admitted)} update(s)", e)
             raise
-        self._note_peak(admitted, fold_w)
-        self._record(admitted, int_rows, plan)
 
-    def _mark_torn(self, error, done: int, mod, n: int) -> None:
-        """A batch's fold calls (one per dtype group, or per deterministic part) stopped at ``error`` after ``done``
-        of them: where one had written (or the failed one may have: the GPU's passes, numpy's leaf after leaf; a
-        compiled host kernel, WHOLE_CALLS, writes all of its call or nothing), the state holds part of the batch and
-        records none of it, and the batch folded again would count those leaves twice: the state is torn."""
-        if done or not getattr(mod, "WHOLE_CALLS", False):
-            self.state.torn = (f"a fold of {n} update(s) failed part-way ({type(error).__name__}: {error}); the "
-                               "state holds part of it: reset() and fold the round again, or load the last saved "
-                               "state")
+    @staticmethod
+    def _may_have_written(error, done: int, mod) -> bool:
+        """Whether a batch's writes that stopped at ``error`` after ``done`` calls (one per dtype group, or per
+        deterministic part, then the integer leaves and the records) may have changed the state: where a call had
+        written, where the failed one may have (the GPU's passes, numpy's leaf after leaf: a compiled host kernel,
+        WHOLE_CALLS, writes all of its call or nothing), or where the error is no Exception (an interrupt is raised
+        once a compiled call has returned: all of it written)."""
+        return bool(done) or mod is None or not getattr(mod, "WHOLE_CALLS", False) or not isinstance(error, Exception)
+
+    def _tear(self, what: str, error) -> None:
+        """The state holds part of ``what`` and records none of it (or not all): doing it again would count the part
+        twice. Torn: refused by every use until reset (errors.TornState)."""
+        self.state.torn = (f"{what} failed part-way ({type(error).__name__}: {error}); the state holds part of it: "
+                           "reset() and fold the round again, or load the last saved state")
 
     def _check_int_bound(self, admitted) -> None:
         """:func:`admission.check_int_terms` with this aggregator's masses, accumulator and bound, where integer
@@ -828,14 +841,23 @@ class Aggregator:
         noisy = alg.noise_std(st) > 0  # (the accumulator holds noise once this round has closed)
         if closing and noisy:  # on the average delta, before that scaling, as the sum is
             alg.claim_noise(st)  # (refuses before anything changes)
-            self._add_noise(alg.noise_std(st), mass, float_ids)
-        acc = st.value()
-        for og in build_out_groups(self.layout, float_ids, [outs[i] for i in float_ids], weights):
-            if not opt:
-                mod.finalize(acc, base, og)
-            elif closing:
-                mod.step(acc, st.base, st.opt["m"], st.opt.get("v"), alg.kind, alg.coefficients(st.round + 1),
-                         og)
+        try:
+            if closing and noisy:
+                self._add_noise(alg.noise_std(st), mass, float_ids)
+            acc = st.value()
+            for og in build_out_groups(self.layout, float_ids, [outs[i] for i in float_ids], weights):
+                if not opt:
+                    mod.finalize(acc, base, og)
+                elif closing:
+                    mod.step(acc, st.base, st.opt["m"], st.opt.get("v"), alg.kind, alg.coefficients(st.round + 1),
+                             og)
+        except BaseException as e:
+            if closing and (noisy or opt):  # (noise added, or some leaves stepped: a retry would do it again)
+                self._tear("a finalize that closes its round", e)
+                if opt:  # (the model and moments stepped in part: no reset recovers them)
+                    st.torn_model = True
+                    st.torn += " (its model and moments were stepped in part: load the last saved state)"
+            raise
         if closing:  # the noise and the step are in: the round closes even if the algorithm's close raises (a
             # second finalize would add them again)
             try:
@@ -970,6 +992,8 @@ class Aggregator:
         """
         with self._lock:
             old = self.state
+            if old.torn_model:
+                raise TornState(old.torn)
             flat_base = old.base if base is None else self._flat(base, old.acc_dtype)
             self._base_token = object()  # (after the base is taken: a refused one leaves admitted updates' marks)
             if reuse:

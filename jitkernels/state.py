@@ -83,6 +83,7 @@ class FoldState:
         # why a fold failed part-way into this state (it holds part of a batch: see errors.TornState), else None;
         # never saved: such a state is refused by every use until reset
         self.torn: str | None = None
+        self.torn_model = False  # a server step stopped part-way: the model and moments, not only the sums, are torn
         # deterministic mode: acc is the high part of a binned sum and lo the low part (see csrc/jk_math.h)
         if self.deterministic:
             if self.acc_dtype != "float64":
@@ -210,7 +211,7 @@ class FoldState:
                          opt=None if self.opt is None else {k: a.copy() for k, a in self.opt.items()},
                          round=self.round, closed=self.closed, scalars=self.scalars,
                          store=None if self.store is None else self.store.copy(), absent=self.absent, peak=self.peak)
-        new.torn = self.torn
+        new.torn, new.torn_model = self.torn, self.torn_model
         return new
 
     def same_bits(self, other: "FoldState") -> bool:
@@ -284,6 +285,15 @@ class FoldState:
             self.check_mergeable(other)
         if other.on_device != self.on_device:
             other = other.copy().to(self.on_device)
+        try:
+            self._add(other)
+        except BaseException as e:  # (the accumulator took the other's sums first: a retry would add them twice)
+            self.torn = (f"a merge failed part-way ({type(e).__name__}: {e}); the state holds part of the other "
+                         "state: reset() and merge again, or load the last saved state")
+            raise
+
+    def _add(self, other: "FoldState") -> None:
+        """The writes of a merge (checked, ``other`` on this state's side of the bus)."""
         if self.algorithm.get("int_leaves") == "max":
             for i, leaf in enumerate(self.layout.leaves):
                 sl = slice(leaf.offset, leaf.offset + leaf.size)

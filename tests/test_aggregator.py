@@ -1296,3 +1296,64 @@ def test_numbers_parties_send_are_real_numbers_and_ids_are_bounded():
         meta = {**st._metadata(), "algorithm": json.dumps(record)}
         with pytest.raises(jk.CorruptState, match="does not rebuild"):
             jk.Aggregator.from_state(jk.FoldState.from_bytes(S.checked_bytes(st._tensors(), meta)))
+
+
+def test_the_writes_after_the_kernels_and_those_of_merges_and_steps_tear_the_state_too(monkeypatch):
+    """Review of the torn state: an interrupt is raised once a compiled call has returned (all of it written), so a
+    Ctrl-C "before any call finished" left the whole batch in the sums, unrecorded; integer leaves are folded after
+    the float kernels, in _record; a merge adds the sums before its carry and records; a server optimizer's finalize
+    steps one dtype group after another, and DP adds its noise before the outputs. Each failure part-way was retried
+    on top of what it had written (a mean of 4 for 2, a leaf stepped twice, the noise twice). Each now tears the
+    state; a torn step also refuses reset (the model and moments are torn: load the last saved state)."""
+    from jitkernels import state as state_module
+    from jitkernels.backends import cpp
+
+    u = {"w": np.full(3, 2.0, np.float32), "n": np.ones(1, np.int64)}
+    tmpl = {"w": np.zeros(3, np.float32), "n": np.zeros(1, np.int64)}
+    real_fold = cpp.fold
+
+    def interrupted(*a):  # (the call writes in full, then the interrupt is raised)
+        real_fold(*a)
+        raise KeyboardInterrupt
+
+    def fail(*a, **k):
+        raise MemoryError("injected")
+
+    cases = {"interrupt": (cpp, "fold", interrupted), "int_leaf": (jk.Aggregator, "_fold_int", fail)}
+    for name, (owner, attr, fn) in cases.items():
+        for how in ("fold", "fold_many") + (("fused",) if name == "int_leaf" else ()):  # (fused: fold_stats runs)
+            agg = jk.Aggregator(tmpl, backend="cpp")
+            items = [u] if how == "fused" else [jk.admit(u, agg.layout, party="p")]
+            monkeypatch.setattr(owner, attr, fn)
+            with pytest.raises((KeyboardInterrupt, MemoryError)):
+                if how == "fold":
+                    agg.fold(items[0])
+                else:
+                    agg.fold_many(items, [1.0], ["p"]) if how == "fused" else agg.fold_many(items)
+            monkeypatch.undo()
+            with pytest.raises(jk.TornState):
+                agg.fold(jk.admit(u, agg.layout, party="p"))
+
+    a = jk.Aggregator({"w": np.zeros(3)}, deterministic=True)
+    b = jk.Aggregator({"w": np.zeros(3)}, deterministic=True)
+    a.fold({"w": np.ones(3)}, party="x")
+    b.fold({"w": np.full(3, 3.0)}, party="y")
+    monkeypatch.setattr(state_module.FoldState, "_add", lambda self, other: (self.acc.__iadd__(other.acc), fail()))
+    with pytest.raises(MemoryError):
+        a.merge(b)
+    monkeypatch.undo()
+    with pytest.raises(jk.TornState, match="a merge failed part-way"):
+        a.merge(b)
+
+    two = {"a": np.zeros(3, np.float32), "b": np.zeros(3, np.float64)}
+    adam = jk.Aggregator(two, jk.algorithms.FedAdam(lr=0.1, tau=1e-3), backend="cpp", base=two)
+    adam.fold({"a": np.ones(3, np.float32), "b": np.ones(3)}, 1.0, "p")
+    calls = []
+    real_step = cpp.step
+    monkeypatch.setattr(cpp, "step", lambda *a: calls.append(1) or (fail() if len(calls) == 2 else real_step(*a)))
+    with pytest.raises(MemoryError):
+        adam.finalize()
+    monkeypatch.undo()
+    for use in (adam.finalize, adam.reset):
+        with pytest.raises(jk.TornState, match="stepped in part: load the last saved state"):
+            use()
