@@ -162,7 +162,7 @@ def _check_entry(m) -> None:
           and isinstance(m.get("carried", []), list) and all(
               isinstance(e, list) and len(e) == 2 and type(e[1]) is int for e in m.get("carried", []))
           and (m.get("quorum") is None or isinstance(m["quorum"], list) and len(m["quorum"]) == 2
-               and all(type(x) is int and x >= 0 for x in m["quorum"]))
+               and all(type(x) is int for x in m["quorum"]) and m["quorum"][0] >= 0 and m["quorum"][1] >= 1)
           and isinstance(m.get("dropped", []), list) and isinstance(m.get("predictor") or [], list)
           and all(_predictor_row(r) for r in m.get("predictor") or []))
     if not ok:

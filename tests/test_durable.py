@@ -1472,7 +1472,7 @@ def test_a_missing_result_fails_its_round_only(tmp_path):
 
 
 @pytest.mark.parametrize("edit", ["state_elsewhere", "fifo", "round_str", "results_key", "failed_entry", "predictor",
-                                  "predictor_row", "predictor_var", "predictor_rate", "quorum"])
+                                  "predictor_row", "predictor_var", "predictor_rate", "quorum", "quorum_zero"])
 def test_a_resigned_manifest_entry_no_commit_writes_is_refused(tmp_path, edit):
     """A manifest's checksum anyone can compute: its entries are checked as commits write them. A state file named
     outside states/ was opened (/etc/passwd read; a FIFO blocked the open for ever, with the GIL held); a round as
@@ -1499,7 +1499,7 @@ def test_a_resigned_manifest_entry_no_commit_writes_is_refused(tmp_path, edit):
               "predictor_row": {"predictor": [["a"]]},
               "predictor_var": {"predictor": [["a", 3, 0.1, float("nan"), 1.0, 1, 0, 0.0, None]]},
               "predictor_rate": {"predictor": [["a", 3, 0.1, 0.2, 1.5, 1, 0, 0.0, None]]},
-              "quorum": {"quorum": ["0", 2]}}[edit])
+              "quorum": {"quorum": ["0", 2]}, "quorum_zero": {"quorum": [0, 0]}}[edit])
     body["checksum"] = _digest(body)
     newest.write_text(json.dumps(body))
     try:
