@@ -327,6 +327,7 @@ class _JobState:
         self.metrics = JobMetrics()
         self.added = added
         self.finished = False
+        self.ended: str | None = None  # why the job ended before its last round, if it did
         self.layout = jk.Layout.from_template(job.template) if job.template is not None else None
         if self.layout is not None:
             self.model_elems = self.layout.size
@@ -985,9 +986,8 @@ class JITScheduler:
         if number < job.first_round or job.after_last(number):
             last = "" if job.rounds is None else f" to {job.first_round + job.rounds - 1}"
             raise NoSuchRound(f"job {job.id!r} has no round {number} (its rounds: {job.first_round}{last})")
-        if job.rounds is None and js.open is None and js.finished:  # (its parties fell below its quorum for good)
-            raise NoSuchRound(f"job {job.id!r} has ended: its remaining parties cannot meet its quorum; no round "
-                              f"{number}")
+        if js.ended is not None and js.open is None:  # (its parties fell below its quorum for good, or its model tore)
+            raise NoSuchRound(f"job {job.id!r} has ended: {js.ended}; no round {number}")
         if job.rounds is None and js.open is not None and number > js.open.number + self.keep_rounds:
             raise NoSuchRound(f"job {job.id!r} round {number} is more than keep_rounds = {self.keep_rounds} ahead of "
                               f"the open round {js.open.number}")
@@ -1026,8 +1026,8 @@ class JITScheduler:
         agg = None
         if js.layout is not None:  # first, as it may fail: the round is not open until it has its aggregator
             if js.carry is not None:  # the next round of a closed one: same model, moments and counters
+                js.carry.reset(reuse=True)  # (before it is taken: a retry after a failure here must still have it)
                 agg, js.carry = js.carry, None
-                agg.reset(reuse=True)
             elif js.spare is not None:  # last round's accumulator, zeroed: a fresh one costs first-touch page faults
                 agg, js.spare = js.spare, None
             else:
@@ -1710,6 +1710,9 @@ class JITScheduler:
 
     def _round_finished(self, js, rnd) -> None:
         self._leave_queue(js)  # (a round that ended waiting for a slot: the slot went to the ended job later)
+        # a server step that stopped part-way tore the model and moments the next round would continue: the job
+        # ends here (a restart from a state directory replays the round from its files, which nothing covers)
+        torn = rnd.aggregator.state.torn if rnd.aggregator is not None and rnd.aggregator.state.torn_model else None
         busy = js.deployment is not None and js.deployment.busy  # a fold of this round may still be running
         if rnd.aggregator is not None and js.carries and busy:
             # failed (deadline) mid-fold: the fold keeps its aggregator, the next round starts from a copy of the
@@ -1731,16 +1734,21 @@ class JITScheduler:
         nxt = rnd.number + 1
         # parties left for good (drop_party) below the quorum: a job without a round count ends here (its every
         # later round would fail at once, an endless chain); a counted one fails its remaining rounds in turn
-        last = js.job.after_last(nxt) or (js.job.rounds is None and len(js.expected) < js.job.quorum_count())
+        last = js.job.after_last(nxt) or (js.job.rounds is None and len(js.expected) < js.job.quorum_count()) or \
+            torn is not None
         if last:
             js.finished = True
+            if not js.job.after_last(nxt):
+                js.ended = torn or "its remaining parties cannot meet its quorum"
             js.open = None
             js.next_base = None  # (no next round folds against it)
             for later in [r for n, r in js.rounds.items() if n > rnd.number and not r.done]:
                 # updates sent ahead for rounds that will not open: let go, and their futures answered
                 later.done = True
                 self._drop_pending(js, later)
-                self._resolve(later, error=QuorumUnreachable(
+                self._resolve(later, error=jk.TornState(
+                    f"job {js.job.id!r} round {later.number}: the job ended at round {rnd.number}: {torn}")
+                    if torn is not None else QuorumUnreachable(
                     f"job {js.job.id!r} round {later.number}: the job ended at round {rnd.number} (only "
                     f"{len(js.expected)} parties left for a quorum of {js.job.quorum_count()})"))
         if js.deployment is not None and (not self.policy.keep_between_rounds or js.finished):

@@ -1549,3 +1549,34 @@ def test_round_semantics_the_scheduler_review_found():
     with pytest.raises(NoSuchRound):
         s.result("f", 0)
     s.close()
+
+
+def test_a_server_step_torn_part_way_ends_its_job_instead_of_continuing_from_it(monkeypatch):
+    """A FedAdam job whose finalize stopped part-way (the second dtype group's step: out of GPU memory at a launch)
+    handed its half-stepped model and moments to the next round as its carry; the next round's reset then failed
+    again and again (every start-up), and the carry, taken before the reset, was lost to the retry, which
+    continued from the template. The job now ends there, its later rounds answered with TornState."""
+    from jitkernels.backends import cpp
+
+    two = {"a": np.zeros(3, np.float32), "b": np.zeros(3, np.float64)}
+    s = JITScheduler("eager", clock=VirtualClock())
+    s.add_job(Job("adam", template=two, parties=["p"], quorum=1, rounds=4, backend="cpp",
+                  algorithm=jk.algorithms.FedAdam(lr=0.1, tau=1e-3)))
+    later = s.result("adam", 1)
+    calls, real = [], cpp.step
+
+    def step(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("injected at the second group's step")
+        return real(*a)
+
+    monkeypatch.setattr(cpp, "step", step)
+    s.submit("adam", 0, "p", {"a": np.ones(3, np.float32), "b": np.ones(3)})
+    s.clock.run()
+    monkeypatch.undo()
+    assert isinstance(s.result("adam", 0).exception(timeout=5), MemoryError)
+    assert isinstance(later.exception(timeout=5), jk.TornState)
+    with pytest.raises(NoSuchRound, match="has ended: a finalize that closes its round failed part-way"):
+        s.result("adam", 2)
+    s.close()
