@@ -603,8 +603,12 @@ class Aggregator:
         self._norms_against_base(self._stale(admitted))
         fold_w = [float(alg.fold_weight(u, st)) for u in admitted]
         if self.buffered:
-            self._buffer(admitted)
-            self._record(admitted, [], plan)
+            self._buffer(admitted)  # (all or nothing)
+            try:
+                self._record(admitted, [], plan)
+            except BaseException as e:  # (the store holds the rows; the records not, or not all)
+                self._tear(f"a fold of {len(admitted)} update(s)", e)
+                raise
             return
         groups, int_rows, _ = build_groups(self.layout, tab, [u.leaves for u in admitted], fold_w,
                                            device=on_device, plan=plan)
@@ -652,11 +656,11 @@ class Aggregator:
         once a compiled call has returned: all of it written)."""
         return bool(done) or mod is None or not getattr(mod, "WHOLE_CALLS", False) or not isinstance(error, Exception)
 
-    def _tear(self, what: str, error) -> None:
+    def _tear(self, what: str, error, held: str = "the state holds part of it: reset() and fold the round again, or "
+              "load the last saved state") -> None:
         """The state holds part of ``what`` and records none of it (or not all): doing it again would count the part
         twice. Torn: refused by every use until reset (errors.TornState)."""
-        self.state.torn = (f"{what} failed part-way ({type(error).__name__}: {error}); the state holds part of it: "
-                           "reset() and fold the round again, or load the last saved state")
+        self.state.torn = f"{what} failed part-way ({type(error).__name__}: {error}); {held}"
 
     def _check_int_bound(self, admitted) -> None:
         """:func:`admission.check_int_terms` with this aggregator's masses, accumulator and bound, where integer
@@ -841,22 +845,31 @@ class Aggregator:
         noisy = alg.noise_std(st) > 0  # (the accumulator holds noise once this round has closed)
         if closing and noisy:  # on the average delta, before that scaling, as the sum is
             alg.claim_noise(st)  # (refuses before anything changes)
+        noised, stepping, stepped = False, False, 0
         try:
             if closing and noisy:
+                noised = True
                 self._add_noise(alg.noise_std(st), mass, float_ids)
             acc = st.value()
             for og in build_out_groups(self.layout, float_ids, [outs[i] for i in float_ids], weights):
                 if not opt:
                     mod.finalize(acc, base, og)
                 elif closing:
+                    stepping = True
                     mod.step(acc, st.base, st.opt["m"], st.opt.get("v"), alg.kind, alg.coefficients(st.round + 1),
                              og)
+                    stepped += 1
         except BaseException as e:
-            if closing and (noisy or opt):  # (noise added, or some leaves stepped: a retry would do it again)
+            # noise added, or leaves stepped (a call that ran, or may have written): a retry would do it again
+            model = stepping and self._may_have_written(e, stepped, mod)
+            if model:  # (no reset recovers them)
+                self._tear("a finalize that closes its round", e, "its model and moments were stepped in part: load "
+                           "the last saved state")
+                st.torn_model = True
+            elif noised:
                 self._tear("a finalize that closes its round", e)
-                if opt:  # (the model and moments stepped in part: no reset recovers them)
-                    st.torn_model = True
-                    st.torn += " (its model and moments were stepped in part: load the last saved state)"
+            if noised:  # its round's noise is spent (drawn; in part perhaps released into out): never drawn again
+                st.round += 1
             raise
         if closing:  # the noise and the step are in: the round closes even if the algorithm's close raises (a
             # second finalize would add them again)

@@ -3,17 +3,20 @@ without an id."""
 
 from __future__ import annotations
 
+import decimal
 import numbers
 import sys
 import uuid
 
 import numpy as np
 
+from .dtypes import is_float_name
 from .errors import InvalidParty
 
 MAX_ID_CHARS = 1 << 16
-"""The longest str id (an int id is one of int64's): a 100 MB id was folded and then failed every save (safetensors'
-header limit), an int of 5,000 digits every message and save that printed it (Python's int-to-str limit)."""
+"""The longest str id (an int id is a 64-bit one, signed or not: Flower's node ids are random uint64s): a 100 MB id
+was folded and then failed every save (safetensors' header limit), an int of 5,000 digits every message and save
+that printed it (Python's int-to-str limit)."""
 
 
 def check_party(p):
@@ -24,32 +27,31 @@ def check_party(p):
         q = str(p) if isinstance(p, str) else int(p)
     else:
         raise InvalidParty(f"party ids must be str or int, got {type(p).__name__} {p!r}")
-    if (len(q) > MAX_ID_CHARS) if type(q) is str else not (-(1 << 63) <= q < (1 << 63)):
+    if (len(q) > MAX_ID_CHARS) if type(q) is str else not (-(1 << 63) <= q < (1 << 64)):
         what = f"{len(q):,} characters" if type(q) is str else f"an int of {q.bit_length()} bits"
-        raise InvalidParty(f"party ids are str of at most {MAX_ID_CHARS:,} characters or int64s; got {what}")
+        raise InvalidParty(f"party ids are str of at most {MAX_ID_CHARS:,} characters or 64-bit ints; got {what}")
     return q
 
 
 def real_value(x) -> float | None:
-    """The float of a real number a party sent, else None: an int or a float (numpy's too), a 0-d numpy array or a
-    one-element torch tensor of an integer or float dtype. Not a bool, a complex (float() dropped its imaginary
-    part), a str or bytes (float() read "2" as 2.0), nor an array of them; None also where float() overflows
-    (10**400) or fails."""
+    """The float of a real number a party sent, else None: an int, a float, a Fraction or a Decimal, a numpy scalar
+    or one-element array, or a one-element torch tensor, of an integer or float dtype (bfloat16 too). Not a bool, a
+    complex (float() dropped its imaginary part), a str or bytes (float() read "2" as 2.0), nor an array of them;
+    None also where float() overflows (10**400) or fails."""
     if isinstance(x, (bool, np.bool_)):
         return None
-    if not isinstance(x, numbers.Real):
+    if not isinstance(x, (numbers.Real, decimal.Decimal)):
         torch = sys.modules.get("torch")
-        if isinstance(x, np.ndarray):
-            ok = x.ndim == 0 and x.dtype.kind in "iuf"
-        elif torch is not None and isinstance(x, torch.Tensor):
-            ok = x.numel() == 1 and not x.dtype.is_complex and x.dtype != torch.bool
-        else:
-            ok = False
-        if not ok:
+        if isinstance(x, (np.ndarray, np.generic)):
+            if not (x.size == 1 and (x.dtype.kind in "iuf" or is_float_name(x.dtype.name))):  # (bfloat16: kind V)
+                return None
+            x = x.reshape(-1)[0] if isinstance(x, np.ndarray) else x
+        elif not (torch is not None and isinstance(x, torch.Tensor) and x.numel() == 1 and not x.dtype.is_complex
+                  and x.dtype != torch.bool):
             return None
     try:
         return float(x)
-    except (TypeError, ValueError, OverflowError, RuntimeError):
+    except (TypeError, ValueError, OverflowError, RuntimeError, decimal.InvalidOperation):
         return None
 
 

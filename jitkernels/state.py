@@ -285,15 +285,21 @@ class FoldState:
             self.check_mergeable(other)
         if other.on_device != self.on_device:
             other = other.copy().to(self.on_device)
+        rows = None if self.store is None else len(self.store.parties)
         try:
             self._add(other)
         except BaseException as e:  # (the accumulator took the other's sums first: a retry would add them twice)
+            if rows is not None and len(self.store.parties) == rows and isinstance(e, Exception):
+                raise  # (the store refused the rows, before anything was written)
             self.torn = (f"a merge failed part-way ({type(e).__name__}: {e}); the state holds part of the other "
                          "state: reset() and merge again, or load the last saved state")
             raise
 
     def _add(self, other: "FoldState") -> None:
-        """The writes of a merge (checked, ``other`` on this state's side of the bus)."""
+        """The writes of a merge (checked, ``other`` on this state's side of the bus). A robust rule's store first:
+        it refuses all or nothing (StoreFull, a shared party), before anything else is written."""
+        if self.store is not None:
+            self.store.extend(other.store)
         if self.algorithm.get("int_leaves") == "max":
             for i, leaf in enumerate(self.layout.leaves):
                 sl = slice(leaf.offset, leaf.offset + leaf.size)
@@ -307,8 +313,6 @@ class FoldState:
             from .backends.numpy_ref import binned_carry, binned_constants
             self.lo += other.lo
             binned_carry(self.acc, self.lo, binned_constants(self.bound_log2)[0])
-        if self.store is not None:
-            self.store.extend(other.store)
         self.leaf_weight += other.leaf_weight
         self.peak = max(self.peak, other.peak) if not math.isnan(other.peak) else math.nan  # (NaN: not known)
         self.parties.update(other.parties)

@@ -528,3 +528,41 @@ def test_results_whose_cids_are_not_distinct_ids_are_named_by_place():
         jkfl.FedAvg().aggregate_fit(1, [(same, _fit_res(x0, 10)), (same, _fit_res(nan, 10))], [])
     with pytest.raises(jk.NonFiniteUpdate, match="party 1:"):  # distinct ids keep their cids
         jkfl.FedAvg().aggregate_fit(1, [(_Proxy(0), _fit_res(x0, 10)), (_Proxy(1), _fit_res(nan, 10))], [])
+
+
+@pytest.mark.parametrize("model", ["float16+float32", "float32"])
+def test_a_server_step_stopped_part_way_does_not_stop_the_strategy(monkeypatch, model):
+    """A FedAdam round whose step stopped part-way (out of memory at the second dtype group's step) tore the
+    aggregator the strategy keeps across rounds: every later round failed at its reset (TornState). The model is
+    Flower's, given again each round: where the moments were copied (a narrower float leaf) they are put back and
+    the state is whole again; where they were not, the next round starts afresh."""
+    import jitkernels as jk
+    from jitkernels.backends import cpp
+
+    r = jkfl._Runner(lambda: jk.algorithms.FedAdam(lr=0.1, tau=1e-3), "cpp")
+    dtypes = (np.float16, np.float32) if model == "float16+float32" else (np.float32, np.float32)
+    base = [np.zeros(3, d) for d in dtypes]
+    views = [[np.ones(3, d) for d in dtypes]]
+    r.fold_and_finalize(views, [1.0], ["c1"], base=base, server_round=1)
+    calls, real = [], cpp.step
+
+    def step(*a):  # round 2's second group (float16+float32), or its one group after it wrote (float32)
+        calls.append(1)
+        if len(calls) == (1 if model == "float32" else 2):
+            if model == "float32":
+                real(*a)
+            raise MemoryError("injected at a step")
+        return real(*a)
+
+    monkeypatch.setattr(cpp, "step", step)
+    with pytest.raises(MemoryError):
+        r.fold_and_finalize(views, [1.0], ["c1"], base=base, server_round=2)
+    monkeypatch.undo()
+    for rnd in (3, 4):
+        assert len(r.fold_and_finalize(views, [1.0], ["c1"], base=base, server_round=rnd)) == 2
+
+
+def test_flower_node_ids_past_int64_name_their_replies():
+    """Flower's node ids are random uint64s: about half of them are 2^63 or more, which the party-id bound
+    (int64) refused, and every reply of such a round was named by its place ("reply-<i>")."""
+    assert jkfl._distinct_ids([12345, (1 << 63) + 7])

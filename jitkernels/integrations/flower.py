@@ -327,6 +327,12 @@ class _Runner:
             st.opt.update(moments)
             for k, a in copies.items():
                 st.opt[k][...] = a
+            if st.torn_model:  # a step stopped part-way (jitkernels.TornState): the model is Flower's, given again
+                if copies:  # next round; the moments are back as they were: whole again
+                    st.torn, st.torn_model = None, False
+                else:  # moments stepped in part, with no copy to put back: the next round starts afresh (every
+                    log.warning("jitkernels: the server step stopped part-way; its moments restart next round")
+                    self.agg = None  # later one refused TornState at its reset)
             raise
 
     def _conform(self, updates, parties):
