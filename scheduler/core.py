@@ -328,6 +328,7 @@ class _JobState:
         self.added = added
         self.finished = False
         self.ended: str | None = None  # why the job ended before its last round, if it did
+        self.resumed_acc_dtype: str | None = None  # a resumed state's accumulator dtype (see acc_dtype)
         self.layout = jk.Layout.from_template(job.template) if job.template is not None else None
         if self.layout is not None:
             self.model_elems = self.layout.size
@@ -400,11 +401,13 @@ class _JobState:
 
     @property
     def acc_dtype(self) -> str:
+        """The accumulator's dtype: the job's, else the template's default, unless the job resumed a state of another
+        (saved before float64 templates defaulted to float64): its aggregators go on in it, and submit admits for it."""
         if self.job.deterministic:
             return "float64"
         if self.job.acc_dtype or self.layout is None:
             return self.job.acc_dtype or "float32"
-        return self.layout.default_acc_dtype
+        return self.resumed_acc_dtype or self.layout.default_acc_dtype
 
     def new_aggregator(self):
         """A first round's aggregator. Algorithms that fold deltas start from the template as the global model. The
@@ -421,6 +424,7 @@ class _JobState:
         rule, the spill directory its algorithm names on this machine."""
         spill_dir = getattr(self.algorithm, "spill_dir", None)
         state.layout = self.layout  # (an equal one, checked: its array type is the job's template's, where results go)
+        self.resumed_acc_dtype = state.acc_dtype
         return jk.Aggregator.from_state(state, backend=self.job.backend, spill_dir=spill_dir)
 
     @property

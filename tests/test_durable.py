@@ -1913,3 +1913,25 @@ def test_a_tuple_job_id_is_refused_before_it_reaches_the_directory(tmp_path):
                                               quorum=1)], policy="eager", clock=VirtualClock())
     assert not rec.store.fallbacks and rec.result("other", 2).done()
     rec.close()
+
+
+def test_a_job_resumed_from_a_float32_state_of_a_float64_model_admits_for_float32(tmp_path):
+    """States saved before float64 templates defaulted to float64 accumulators hold float32 ones: a job resumed from
+    one goes on in it (its aggregator is the state's), but submit admitted for float64, so an update past float32's
+    range was acknowledged and then failed the round's whole fold. Submit admits for the resumed accumulator."""
+    job = lambda acc: Job("j", template={"w": np.zeros(3)}, parties=list("abc"), quorum=3, rounds=1,  # noqa: E731
+                          acc_dtype=acc)
+    s = JITScheduler("eager", slots=1, clock=VirtualClock(), state_dir=tmp_path, checkpoint_bytes=0)
+    s.add_job(job("float32"))
+    s.submit("j", 0, "a", {"w": np.ones(3)}, update_id="a0").durable.result(timeout=10)
+    s.clock.run()
+    s.store.crash()
+    rec = JITScheduler.recover(tmp_path, [job(None)], policy="eager", clock=VirtualClock(), checkpoint_bytes=0)
+    assert rec.jobs["j"].acc_dtype == "float32"
+    with pytest.raises(jk.ValueOutOfRange):
+        rec.submit("j", 0, "b", {"w": np.full(3, 1e300)}, update_id="b0")
+    rec.submit("j", 0, "b", {"w": np.ones(3)}, update_id="b0")
+    rec.submit("j", 0, "c", {"w": np.ones(3)}, update_id="c0")
+    rec.clock.run()
+    assert rec.result("j", 0).result(timeout=5)["w"].tolist() == [1.0] * 3
+    rec.close()
