@@ -397,8 +397,7 @@ class Aggregator:
         batch is undone by zeroing), by the C++ kernel, with weights that do not depend on the admission stats."""
         st = self.state
         return (st.count == 0 and not st.closed and st.torn is None and not st.deterministic and not self.on_gpu
-                and not self.buffered
-                and self.backend in ("auto", "cpp") and backends.is_available("cpp")
+                and not self.buffered and self.backend in ("auto", "cpp") and backends.is_available("cpp")
                 and not getattr(self.algorithm, "needs_norms", False))
 
     def _admit_and_fold(self, updates, weights, parties, infos) -> None:
