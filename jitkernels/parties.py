@@ -38,6 +38,8 @@ def real_value(x) -> float | None:
     or one-element array, or a one-element torch tensor, of an integer or float dtype (bfloat16 too). Not a bool, a
     complex (float() dropped its imaginary part), a str or bytes (float() read "2" as 2.0), nor an array of them;
     None also where float() overflows (10**400) or fails."""
+    if type(x) is float:  # (the usual weight: the ABC checks below cost a submit ~1 us)
+        return x
     if isinstance(x, (bool, np.bool_)):
         return None
     if not isinstance(x, (numbers.Real, decimal.Decimal)):
