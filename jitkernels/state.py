@@ -196,6 +196,8 @@ class FoldState:
         """An empty state that continues this one: its layout, algorithm and mode, its model (or ``base``), server
         moments, round counter and scalars. With a server optimizer the model and moments are copied (its step moves
         them in place, which must not reach the other state); folds touch neither."""
+        if self.torn_model:  # (its model and moments were stepped in part: nothing may continue them)
+            raise TornState(self.torn)
         own = self.opt is not None
         if base is None:
             base = self.base.copy() if own and self.base is not None else self.base

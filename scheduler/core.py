@@ -405,9 +405,11 @@ class _JobState:
         (saved before float64 templates defaulted to float64): its aggregators go on in it, and submit admits for it."""
         if self.job.deterministic:
             return "float64"
+        if self.resumed_acc_dtype:  # (a job that names another goes on in the state's all the same)
+            return self.resumed_acc_dtype
         if self.job.acc_dtype or self.layout is None:
             return self.job.acc_dtype or "float32"
-        return self.resumed_acc_dtype or self.layout.default_acc_dtype
+        return self.layout.default_acc_dtype
 
     def new_aggregator(self):
         """A first round's aggregator. Algorithms that fold deltas start from the template as the global model. The

@@ -1358,7 +1358,7 @@ def test_the_writes_after_the_kernels_and_those_of_merges_and_steps_tear_the_sta
     with pytest.raises(MemoryError):
         adam.finalize()
     monkeypatch.undo()
-    for use in (adam.finalize, adam.reset):
+    for use in (adam.finalize, adam.reset, adam.state.next_round):
         with pytest.raises(jk.TornState, match="model and moments were stepped in part: load the last saved"):
             use()
 

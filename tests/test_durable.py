@@ -1921,17 +1921,19 @@ def test_a_job_resumed_from_a_float32_state_of_a_float64_model_admits_for_float3
     range was acknowledged and then failed the round's whole fold. Submit admits for the resumed accumulator."""
     job = lambda acc: Job("j", template={"w": np.zeros(3)}, parties=list("abc"), quorum=3, rounds=1,  # noqa: E731
                           acc_dtype=acc)
-    s = JITScheduler("eager", slots=1, clock=VirtualClock(), state_dir=tmp_path, checkpoint_bytes=0)
-    s.add_job(job("float32"))
-    s.submit("j", 0, "a", {"w": np.ones(3)}, update_id="a0").durable.result(timeout=10)
-    s.clock.run()
-    s.store.crash()
-    rec = JITScheduler.recover(tmp_path, [job(None)], policy="eager", clock=VirtualClock(), checkpoint_bytes=0)
-    assert rec.jobs["j"].acc_dtype == "float32"
-    with pytest.raises(jk.ValueOutOfRange):
-        rec.submit("j", 0, "b", {"w": np.full(3, 1e300)}, update_id="b0")
-    rec.submit("j", 0, "b", {"w": np.ones(3)}, update_id="b0")
-    rec.submit("j", 0, "c", {"w": np.ones(3)}, update_id="c0")
-    rec.clock.run()
-    assert rec.result("j", 0).result(timeout=5)["w"].tolist() == [1.0] * 3
-    rec.close()
+    for named in (None, "float64"):  # (a job that names another dtype goes on in the state's too)
+        d = tmp_path / str(named)
+        s = JITScheduler("eager", slots=1, clock=VirtualClock(), state_dir=d, checkpoint_bytes=0)
+        s.add_job(job("float32"))
+        s.submit("j", 0, "a", {"w": np.ones(3)}, update_id="a0").durable.result(timeout=10)
+        s.clock.run()
+        s.store.crash()
+        rec = JITScheduler.recover(d, [job(named)], policy="eager", clock=VirtualClock(), checkpoint_bytes=0)
+        assert rec.jobs["j"].acc_dtype == "float32"
+        with pytest.raises(jk.ValueOutOfRange):
+            rec.submit("j", 0, "b", {"w": np.full(3, 1e300)}, update_id="b0")
+        rec.submit("j", 0, "b", {"w": np.ones(3)}, update_id="b0")
+        rec.submit("j", 0, "c", {"w": np.ones(3)}, update_id="c0")
+        rec.clock.run()
+        assert rec.result("j", 0).result(timeout=5)["w"].tolist() == [1.0] * 3
+        rec.close()
