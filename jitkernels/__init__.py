@@ -34,6 +34,6 @@ __all__ = [
     "Admitted", "AggregationError", "Aggregator", "BackendUnavailable", "CorruptState", "DuplicateParty",
     "EmptyAggregate", "FoldState", "IncompatibleStates", "InvalidParty", "InvalidUpdateInfo", "InvalidWeight",
     "Layout", "LayoutMismatch", "NonFiniteUpdate", "OverlappingParties", "Quantized", "RoundClosed", "TooFewUpdates",
-    "TornState", "ValueOutOfRange", "admit", "admit_many", "algorithms", "atomic_write", "available_backends", "bench", "bfloat16",
-    "check_weight", "get_num_threads", "norm_scores", "set_num_threads",
+    "TornState", "ValueOutOfRange", "admit", "admit_many", "algorithms", "atomic_write", "available_backends", "bench",
+    "bfloat16", "check_weight", "get_num_threads", "norm_scores", "set_num_threads",
 ]

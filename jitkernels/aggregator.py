@@ -437,7 +437,7 @@ class Aggregator:
             self._note_peak(admitted, fold_w)
             self._record(admitted, int_rows, plan)
         except BaseException as e:  # (the batch is in the accumulator; its records are not, or not all)
-            self._tear(f"a fold of {k} update(s)", e)
+            self.state.tear(f"a fold of {k} update(s)", e)
             raise
 
     def _check_layout(self, u) -> None:
@@ -525,7 +525,7 @@ class Aggregator:
             self._record_party(u, m, alg.derived_info(u, st))
         except BaseException as e:
             if self._may_have_written(e, done, mod):
-                self._tear("a fold of 1 update", e)
+                self.state.tear("a fold of 1 update", e)
             raise
         return True
 
@@ -606,7 +606,7 @@ class Aggregator:
             try:
                 self._record(admitted, [], plan)
             except BaseException as e:  # (the store holds the rows; the records not, or not all)
-                self._tear(f"a fold of {len(admitted)} update(s)", e)
+                self.state.tear(f"a fold of {len(admitted)} update(s)", e)
                 raise
             return
         groups, int_rows, _ = build_groups(self.layout, tab, [u.leaves for u in admitted], fold_w,
@@ -643,7 +643,7 @@ class Aggregator:
             self._record(admitted, int_rows, plan)
         except BaseException as e:
             if self._may_have_written(e, done, mod):
-                self._tear(f"a fold of {len(admitted)} update(s)", e)
+                self.state.tear(f"a fold of {len(admitted)} update(s)", e)
             raise
 
     @staticmethod
@@ -655,11 +655,6 @@ class Aggregator:
         once a compiled call has returned: all of it written)."""
         return bool(done) or mod is None or not getattr(mod, "WHOLE_CALLS", False) or not isinstance(error, Exception)
 
-    def _tear(self, what: str, error, held: str = "the state holds part of it: reset() and fold the round again, or "
-              "load the last saved state") -> None:
-        """The state holds part of ``what`` and records none of it (or not all): doing it again would count the part
-        twice. Torn: refused by every use until reset (errors.TornState)."""
-        self.state.torn = f"{what} failed part-way ({type(error).__name__}: {error}); {held}"
 
     def _check_int_bound(self, admitted) -> None:
         """:func:`admission.check_int_terms` with this aggregator's masses, accumulator and bound, where integer
@@ -862,11 +857,11 @@ class Aggregator:
             # noise added, or leaves stepped (a call that ran, or may have written): a retry would do it again
             model = stepping and self._may_have_written(e, stepped, mod)
             if model:  # (no reset recovers them)
-                self._tear("a finalize that closes its round", e, "its model and moments were stepped in part: load "
-                           "the last saved state")
+                st.tear("a finalize that closes its round", e, "its model and moments were stepped in part: load the "
+                        "last saved state")
                 st.torn_model = True
             elif noised:
-                self._tear("a finalize that closes its round", e)
+                st.tear("a finalize that closes its round", e)
             if noised:  # its round's noise is spent (drawn; in part perhaps released into out): never drawn again
                 st.round += 1
             raise

@@ -65,10 +65,10 @@ class RoundClosed(AggregationError, RuntimeError):
 
 
 class TornState(AggregationError, RuntimeError):
-    """A fold failed part-way through a batch (out of memory on the GPU between two groups, an interrupt): the
-    accumulator holds some of the batch's leaves and the state records none of its parties, so folding the batch
-    again would count those leaves twice. The state refuses folds, merges, finalize and saves until reset(); restore
-    the last saved state, or fold the round again."""
+    """A fold, merge or closing finalize failed part-way (out of memory on the GPU between two groups, an interrupt):
+    the state holds part of it (a batch's leaves without its parties, DP noise, leaves stepped), so doing it again
+    would count that part twice. The state refuses folds, merges, finalize and saves until reset() (a server step
+    stopped part-way refuses reset too); restore the last saved state, or fold the round again."""
 
 
 class InvalidParty(AggregationError, TypeError):

@@ -207,12 +207,12 @@ class FoldState:
 
     def copy(self) -> "FoldState":
         new = FoldState(self.layout, algorithm=self.algorithm, acc_dtype=self.acc_dtype, acc=self.acc.copy(),
-                         leaf_weight=self.leaf_weight.copy(), parties=self.parties,
-                         base=None if self.base is None else self.base.copy(),
-                         lo=None if self.lo is None else self.lo.copy(), info=self.info,
-                         opt=None if self.opt is None else {k: a.copy() for k, a in self.opt.items()},
-                         round=self.round, closed=self.closed, scalars=self.scalars,
-                         store=None if self.store is None else self.store.copy(), absent=self.absent, peak=self.peak)
+                        leaf_weight=self.leaf_weight.copy(), parties=self.parties,
+                        base=None if self.base is None else self.base.copy(),
+                        lo=None if self.lo is None else self.lo.copy(), info=self.info,
+                        opt=None if self.opt is None else {k: a.copy() for k, a in self.opt.items()},
+                        round=self.round, closed=self.closed, scalars=self.scalars,
+                        store=None if self.store is None else self.store.copy(), absent=self.absent, peak=self.peak)
         new.torn, new.torn_model = self.torn, self.torn_model
         return new
 
@@ -293,8 +293,8 @@ class FoldState:
         except BaseException as e:  # (the accumulator took the other's sums first: a retry would add them twice)
             if rows is not None and len(self.store.parties) == rows and isinstance(e, Exception):
                 raise  # (the store refused the rows, before anything was written)
-            self.torn = (f"a merge failed part-way ({type(e).__name__}: {e}); the state holds part of the other "
-                         "state: reset() and merge again, or load the last saved state")
+            self.tear("a merge", e, "the state holds part of the other state: reset() and merge again, or load the "
+                      "last saved state")
             raise
 
     def _add(self, other: "FoldState") -> None:
@@ -341,6 +341,12 @@ class FoldState:
         """The distinct sets of leaves that partial updates lacked (a LoRA round has one or a few, whatever the
         number of parties: listing each party's would outgrow safetensors' 100 MB header)."""
         return sorted(set(self.absent.values()))
+
+    def tear(self, what: str, error, held: str = "the state holds part of it: reset() and fold the round again, or "
+             "load the last saved state") -> None:
+        """``what`` stopped at ``error`` after it had written part of itself into this state: doing it again would
+        count that part twice. Torn: refused by every use until reset (errors.TornState)."""
+        self.torn = f"{what} failed part-way ({type(error).__name__}: {error}); {held}"
 
     def check_whole(self) -> None:
         """TornState where a fold failed part-way into this state."""

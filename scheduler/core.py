@@ -594,8 +594,8 @@ class JITScheduler:
             if self.byte_budget is not None and self.overflow == "raise" and js.update_bytes > self.byte_budget:
                 raise InvalidJob(f"job {job.id!r}: its updates ({js.update_bytes} bytes) do not fit the byte budget "
                                  f"of {self.byte_budget}: with overflow='raise' every one would be refused")
-            unweighed = not getattr(js.algorithm, "uses_weights", True) or not getattr(js.algorithm, "weighted", True)
-            if job.late == "next_round" and job.late_weight < 1 and unweighed:
+            unweighted = not getattr(js.algorithm, "uses_weights", True) or not getattr(js.algorithm, "weighted", True)
+            if job.late == "next_round" and job.late_weight < 1 and unweighted:
                 raise InvalidJob(f"job {job.id!r}: {js.algorithm!r} does not weigh updates, so a late update carried "
                                  f"to the next round would count as a fresh one, not at late_weight "
                                  f"{job.late_weight}: late='reject', or late_weight=1.0")
@@ -1675,16 +1675,15 @@ class JITScheduler:
                     if js.job.deadline_s is not None and now > rnd.start + js.job.deadline_s and not rnd.missed:
                         js.metrics.misses += 1
                     self._log("ready", js, round=rnd.number, latency_s=now - rnd.quorum_time, busy_s=duration)
+                    if js.rebases and not js.job.after_last(rnd.number + 1):  # (a copy: the caller owns the result,
+                        js.next_base = copy.deepcopy(result)  # and may change it before the next round)
                 else:
                     self._log("round_failed", js, round=rnd.number, error=repr(error))
-                if error is not None:
                     # recorded, so that a restart resolves the round with it; not for a job whose rounds hand state
                     # on: the next round here continues from this round's (stepped) state, and a restart must too,
                     # by replaying the round from its files (still on disk: nothing committed covers them)
                     if not js.carries:
                         self._commit_failure(js, rnd, error)
-                elif js.rebases and not js.job.after_last(rnd.number + 1):  # (a copy: the caller owns the result,
-                    js.next_base = copy.deepcopy(result)  # and may change it before the next round)
                 self._resolve(rnd, result, error)
                 self._round_finished(js, rnd)
                 return
