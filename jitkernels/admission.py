@@ -11,8 +11,10 @@ Pass ``copy=True`` (copy-on-admit) when the caller's buffers are reused.
 
 from __future__ import annotations
 
+import decimal
 import functools
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,11 +71,23 @@ class Admitted:
 
 
 def check_weight(weight, party) -> float:
-    """A weight as a float: a real number (:func:`~jitkernels.parties.real_value`), finite, > 0."""
+    """A weight as a float: a real number (:func:`~jitkernels.parties.real_value`), finite, > 0. A positive int,
+    Fraction or Decimal that float64 cannot hold (10**400, Fraction(1, 10**400)) is a valid weight out of range:
+    ValueOutOfRange, as one the accumulator cannot hold."""
     w = real_value(weight)
     if w is None or not (math.isfinite(w) and w > 0):
+        if (w is None or w == 0 or math.isinf(w)) and exact_positive(weight):
+            raise ValueOutOfRange(f"party {party!r}: weight {InvalidWeight.shown(weight)} is > 0 but outside what a "
+                                  "float64 holds (weights are floats)")
         raise InvalidWeight(party, weight)
     return w
+
+
+def exact_positive(x) -> bool:
+    """An exact number (an int, a Fraction, a finite Decimal) > 0: one whose float may overflow or round to 0."""
+    if isinstance(x, bool) or not isinstance(x, (numbers.Rational, decimal.Decimal)):
+        return False
+    return (x.is_finite() if isinstance(x, decimal.Decimal) else True) and x > 0
 
 
 def _flatten(layout, update, party, partial: bool) -> list:

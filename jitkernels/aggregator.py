@@ -373,7 +373,9 @@ class Aggregator:
         if isinstance(updates, (dict, str, bytes)) or not hasattr(updates, "__iter__"):
             raise TypeError(f"fold_many takes a list of updates, got {type(updates).__name__} (one update: fold)")
         updates = list(updates)
-        if not updates:
+        if not updates:  # nothing to fold, but weights or parties given for updates that are missing are an error
+            for values, what in ((weights, "weights"), (parties, "parties"), (infos, "infos")):
+                _per_update(values, 0, what)
             return
         if all(isinstance(u, Admitted) for u in updates):
             _admitted_alone(weights, parties, infos)

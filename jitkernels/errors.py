@@ -38,9 +38,12 @@ class InvalidWeight(AggregationError, ValueError):
 
     def __init__(self, party, weight):
         self.party, self.weight = party, weight
+        super().__init__(f"party {party!r}: weight {self.shown(weight)} must be a finite number > 0")
+
+    @staticmethod
+    def shown(weight) -> str:
         shown = repr(weight)
-        shown = shown if len(shown) <= 40 else shown[:37] + "..."  # (10**400 has 401 digits)
-        super().__init__(f"party {party!r}: weight {shown} must be a finite number > 0")
+        return shown if len(shown) <= 40 else shown[:37] + "..."  # (10**400 has 401 digits)
 
 
 class InvalidUpdateInfo(AggregationError, ValueError):

@@ -8,8 +8,8 @@
 """
 
 from .clock import RealClock, VirtualClock
-from .core import (Ack, Backpressure, InvalidJob, Job, JITScheduler, LateUpdate, NoSuchRound, QuorumUnreachable,
-                   RoundForgotten, SchedulerClosed, SchedulerError, UnknownJob, UnknownParty)
+from .core import (Ack, Backpressure, InvalidJob, Job, JITScheduler, JobRemoved, LateUpdate, NoSuchRound,
+                   QuorumUnreachable, RoundForgotten, SchedulerClosed, SchedulerError, UnknownJob, UnknownParty)
 from .cost import BackendCost, CostModel
 from .durable import Crashed, StateDir, StateDirLocked
 from .executors import LocalExecutor, MeasuredExecutor, ModelExecutor, RayExecutor, Task
@@ -17,7 +17,7 @@ from .policies import JIT, Eager, Lazy, Oracle, Policy
 from .predictor import Predictor, poisson_binomial_tail
 
 __all__ = ["Ack", "Backpressure", "BackendCost", "CostModel", "Crashed", "Eager", "InvalidJob", "JIT", "JITScheduler",
-           "Job", "LateUpdate", "Lazy", "LocalExecutor", "MeasuredExecutor", "ModelExecutor", "NoSuchRound", "Oracle",
-           "Policy", "Predictor", "QuorumUnreachable", "RayExecutor", "RealClock", "RoundForgotten", "SchedulerClosed",
-           "SchedulerError", "StateDir", "StateDirLocked", "Task", "UnknownJob", "UnknownParty", "VirtualClock",
-           "poisson_binomial_tail"]
+           "Job", "JobRemoved", "LateUpdate", "Lazy", "LocalExecutor", "MeasuredExecutor", "ModelExecutor",
+           "NoSuchRound", "Oracle", "Policy", "Predictor", "QuorumUnreachable", "RayExecutor", "RealClock",
+           "RoundForgotten", "SchedulerClosed", "SchedulerError", "StateDir", "StateDirLocked", "Task", "UnknownJob",
+           "UnknownParty", "VirtualClock", "poisson_binomial_tail"]

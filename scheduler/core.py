@@ -90,6 +90,10 @@ class SchedulerClosed(SchedulerError, RuntimeError):
     """The scheduler was closed: no more updates, and rounds still open resolve with this error."""
 
 
+class JobRemoved(SchedulerError, RuntimeError):
+    """The job was removed (:meth:`JITScheduler.remove_job`) before the round finished."""
+
+
 class InvalidJob(SchedulerError, ValueError):
     """A job definition the scheduler cannot run as given (a quorum its parties cannot meet, an unknown rule)."""
 
@@ -327,6 +331,7 @@ class _JobState:
         self.metrics = JobMetrics()
         self.added = added
         self.finished = False
+        self.removed = False  # remove_job: what still runs for it (a fold, a queued arrival) ends without effect
         self.ended: str | None = None  # why the job ended before its last round, if it did
         self.resumed_acc_dtype: str | None = None  # a resumed state's accumulator dtype (see acc_dtype)
         self.layout = jk.Layout.from_template(job.template) if job.template is not None else None
@@ -531,6 +536,7 @@ class JITScheduler:
         self._unresolved: list = []  # (round future, result, error) to resolve once the lock is let go: _settling
         self._opening: list = []  # (job state, round) to open once they are resolved
         self._ids = itertools.count()
+        self._removing: dict = {}  # job id -> a removed job whose running task has not ended yet
         self.buffered_bytes = 0
         self.peak_buffered_bytes = 0
         self._relieving = False
@@ -584,11 +590,15 @@ class JITScheduler:
                                       "never resolve)")
             if job.id in self.jobs:
                 raise InvalidJob(f"job {job.id!r} already added")
+            if job.id in self._removing:  # (its task would still write to the state directory as the job's)
+                raise InvalidJob(f"job {job.id!r} was removed, and a fold or finalize of it is still running: add it "
+                                 "again once that ends")
             if self.store is not None and job.template is not None:
                 try:
                     self.store.check_ids(job.id, job.parties)
                 except ValueError as e:
                     raise InvalidJob(str(e)) from None
+                self.store.revive(job.id)  # (a job removed under its id: it starts afresh)
             pred = Predictor(prior_s=job.prior_response_s)
             js = _JobState(job, pred, self.clock.now())
             if self.byte_budget is not None and self.overflow == "raise" and js.update_bytes > self.byte_budget:
@@ -630,10 +640,14 @@ class JITScheduler:
         round = _round_number(job_id, round)
         party = self._party(js, party)
         update_id = _update_id(update_id)
+        # a float from here on: a weight float() cannot take (a one-element 2-D array, which admission accepts)
+        # raised after the round had counted the update, and the round waited for an arrival that never came
+        weight = jk.check_weight(weight, party)
         with self._lock:
             if self._closed:
                 raise SchedulerClosed(f"job {job_id!r}: the scheduler is closed; update from {party!r} for round "
                                       f"{round} not taken")
+            self._check_live(js)
             counted = self._counted_round(js, round, party, update_id)
             if counted is None:
                 rewrite = False
@@ -705,7 +719,8 @@ class JITScheduler:
         then still refuses a second update for that round)."""
         try:
             return self.store.persist_update(js.job.id, round, party, update_id, float(weight), item.leaves,
-                                             js.layout.fingerprint, item.info, carried_from)
+                                             js.layout.fingerprint, item.info, carried_from,
+                                             live=lambda: not js.removed)
         except RuntimeError:
             if self._closed:
                 raise SchedulerClosed(f"job {js.job.id!r}: the scheduler closed while it took the update from "
@@ -732,11 +747,11 @@ class JITScheduler:
             nbytes = item.nbytes
         else:
             item, nbytes = None, js.update_bytes
-            jk.check_weight(weight, party)
         with self._lock:
             if self._closed:  # (submit checked before admitting; close() may have come meanwhile)
                 raise SchedulerClosed(f"job {job_id!r}: the scheduler is closed; update from {party!r} for round "
                                       f"{round} not taken")
+            self._check_live(js)  # (and remove_job)
             counted = self._counted_round(js, round, party, update_id)  # (again: a resend may have raced this one)
             if counted is not None:
                 return self._duplicate(js, counted, party)
@@ -867,15 +882,14 @@ class JITScheduler:
 
     def metrics(self) -> dict:
         with self._lock:
-            out = {}
-            now = self.clock.now()
-            for jid, js in self.jobs.items():
-                m = js.metrics.summary()
-                if js.deployment is not None:  # count the open deployment up to now
-                    m["deployed_s"] += now - js.deployment.start
-                    m["idle_s"] = m["deployed_s"] - m["busy_s"]
-                out[jid] = m
-            return out
+            return {jid: self._job_metrics(js) for jid, js in self.jobs.items()}
+
+    def _job_metrics(self, js) -> dict:
+        m = js.metrics.summary()
+        if js.deployment is not None:  # count the open deployment up to now
+            m["deployed_s"] += self.clock.now() - js.deployment.start
+            m["idle_s"] = m["deployed_s"] - m["busy_s"]
+        return m
 
     def finish_job(self, job_id: str) -> None:
         """The job's deployment is no longer kept between rounds: released now if idle, and after each round from
@@ -890,6 +904,49 @@ class JITScheduler:
             if dep is not None and dep.ready and not dep.busy and (
                     rnd is None or rnd.done or (not rnd.pending and rnd.quorum_time is None)):
                 self._release(js, "job finished")
+
+    def remove_job(self, job_id) -> dict:
+        """Forget a job, finished or abandoned, and all the scheduler holds for it: rounds still open (and rounds
+        updates were sent ahead for) resolve with :class:`JobRemoved` and their buffered updates go; its deployment
+        is released (a fold or finalize running now ends first, without effect); the results it holds go (later
+        calls naming it raise :class:`UnknownJob`). With a state directory the job leaves the manifest and its files
+        are deleted: a restart does not resume it, and a job added again under its id starts afresh. Returns the
+        job's last metrics (as :meth:`metrics` gave them)."""
+        with self._settling():
+            if self._closed:
+                raise SchedulerClosed(f"job {job_id!r}: the scheduler is closed; nothing removed")
+            js = self._job(job_id)
+            js.removed = True  # (first: a write of its updates still queued is skipped from here on)
+            if self.store is not None and js.layout is not None:
+                try:
+                    self.store.remove_job(js.job.id)  # a failed commit leaves the job as it was
+                except BaseException:
+                    js.removed = False
+                    raise
+            final = self._job_metrics(js)
+            del self.jobs[js.job.id]
+            self._leave_queue(js)
+            for rnd in js.rounds.values():
+                if not rnd.done:
+                    rnd.done = True
+                    self._resolve(rnd, error=JobRemoved(f"job {js.job.id!r} round {rnd.number}: the job was removed "
+                                                        "before the round finished"))
+                for timer in (rnd.timer, rnd.deadline_timer):
+                    if timer is not None:
+                        timer.cancel()
+                self._drop_pending(js, rnd)
+            # what else it holds (arrivals still queued, a fold in progress) goes with the job: nothing moves the
+            # counts once it is removed
+            self.buffered_bytes -= js.buffered_bytes
+            js.buffered_bytes = 0
+            js.open = js.opening = js.spare = js.carry = js.next_base = None
+            js.rounds = {}
+            if js.deployment is not None and js.deployment.busy:
+                self._removing[js.job.id] = js  # released when its task ends (_done)
+            elif js.deployment is not None:
+                self._release(js, "job removed")
+            self._log("remove_job", js)
+            return final
 
     def close(self) -> None:
         """Stop: release the deployments, end the executor, clock and state directory. Rounds still open resolve
@@ -951,6 +1008,12 @@ class JITScheduler:
         except (KeyError, TypeError):  # (an unhashable id is no job's either)
             raise UnknownJob(f"no job {job_id!r}") from None
 
+    @staticmethod
+    def _check_live(js) -> None:
+        """UnknownJob for a job removed since the caller looked it up (under the lock)."""
+        if js.removed:
+            raise UnknownJob(f"no job {js.job.id!r} (it was removed)")
+
     @contextlib.contextmanager
     def _settling(self):
         """The scheduler's lock, for work that may end rounds (never entered with the lock held). The futures of
@@ -978,7 +1041,8 @@ class JITScheduler:
             if opening:
                 with self._lock:
                     for js, number in opening:
-                        if not self._closed:  # (a done-callback may have closed the scheduler)
+                        # (a done-callback may have closed the scheduler, or removed the job)
+                        if not self._closed and not js.removed:
                             self._open_next(js, number)
             if interrupted is not None:
                 raise interrupted
@@ -1054,8 +1118,8 @@ class JITScheduler:
 
     def _on_arrival(self, js, number, party, item, nbytes, weight) -> None:
         with self._lock:
-            if self._closed:  # (queued before close: its round resolved with SchedulerClosed; close zeroed the bytes)
-                return
+            if self._closed or js.removed:  # (queued before close or remove_job: its round resolved with their
+                return  # error, and they let its bytes go)
             now = self.clock.now()
             rnd = self._round(js, number)
             if rnd.done or (rnd.quorum_time is not None and party not in rnd.arrived):
@@ -1093,7 +1157,7 @@ class JITScheduler:
         the job's, and their peaks (the job's was its open round's unfolded bytes: folds in progress and updates
         sent ahead for a later round were left out). After close() (which zeroes them) nothing moves them: a fold
         still running then gave back its bytes, and the counts went negative."""
-        if self._closed:
+        if self._closed or js.removed:  # (remove_job let the job's bytes go)
             return
         self.buffered_bytes += delta
         js.buffered_bytes += delta
@@ -1536,8 +1600,8 @@ class JITScheduler:
         """A finalize task with a state directory: the result is committed before its future resolves."""
         result = agg.finalize()
         with self._lock:
-            if self._closed:  # the round resolved with SchedulerClosed: a restart reopens it
-                return result
+            if self._closed or js.removed:  # the round resolved with SchedulerClosed (a restart reopens it), or the
+                return result  # job is gone
         self.store.commit_result(js.job.id, number, js.layout, js.layout.flatten(result), ids,
                                  carry=agg.state if js.carries else None, predictor=js.predictor.to_json())
         js.fold_bytes = 0
@@ -1652,6 +1716,11 @@ class JITScheduler:
         with self._settling():
             if self._closed:  # a task that was running at close: its round resolved with SchedulerClosed
                 return  # (close zeroed the buffered bytes)
+            if js.removed:  # a task that was running at remove_job: its slot is free now, and nothing else moves
+                self._removing.pop(js.job.id, None)
+                if js.deployment is not None:
+                    self._release(js, "job removed")
+                return
             dep = js.deployment
             if dep is not None:
                 dep.busy = False
@@ -1663,6 +1732,7 @@ class JITScheduler:
                     self._fail(js, rnd, error)
                     return
                 if rnd.done:  # its round ended while it ran (a deadline)
+                    rnd.aggregator = None  # (this fold was its last use: the round is held for its result only)
                     self._after_ended_round(js)
                     return
             else:
@@ -1719,7 +1789,16 @@ class JITScheduler:
         # ends here (a restart from a state directory replays the round from its files, which nothing covers)
         torn = rnd.aggregator.state.torn if rnd.aggregator is not None and rnd.aggregator.state.torn_model else None
         busy = js.deployment is not None and js.deployment.busy  # a fold of this round may still be running
-        if rnd.aggregator is not None and js.carries and busy:
+        nxt = rnd.number + 1
+        # parties left for good (drop_party) below the quorum: a job without a round count ends here (its every
+        # later round would fail at once, an endless chain); a counted one fails its remaining rounds in turn
+        last = js.job.after_last(nxt) or (js.job.rounds is None and len(js.expected) < js.job.quorum_count()) or \
+            torn is not None
+        if last:  # no next round: nothing model-sized is kept for one (a server adding jobs grew by each one's)
+            js.spare = js.carry = None
+            if not busy:
+                rnd.aggregator = None
+        elif rnd.aggregator is not None and js.carries and busy:
             # failed (deadline) mid-fold: the fold keeps its aggregator, the next round starts from a copy of the
             # server state (folds do not touch it, so it is read without waiting for the fold)
             js.carry = js.from_state(rnd.aggregator.state.next_round())
@@ -1736,11 +1815,6 @@ class JITScheduler:
             rnd.timer.cancel()
         js.predictor.close_round(rnd.arrived - rnd.carried, js.expected, rnd.number)
         self._forget_old_rounds(js, rnd.number)
-        nxt = rnd.number + 1
-        # parties left for good (drop_party) below the quorum: a job without a round count ends here (its every
-        # later round would fail at once, an endless chain); a counted one fails its remaining rounds in turn
-        last = js.job.after_last(nxt) or (js.job.rounds is None and len(js.expected) < js.job.quorum_count()) or \
-            torn is not None
         if last:
             js.finished = True
             if not js.job.after_last(nxt):

@@ -21,6 +21,10 @@ manifest and every file it names, and falls back to the previous generation if a
 are removed. Files are deleted only once the *older* of the two retained generations covers them, so that the
 fallback never misses an update.
 
+A removed job (``JITScheduler.remove_job``) keeps a tombstone entry, ``{"removed": true}``, until a job is added
+again under its id; its files are deleted once two generations say so (the updates' folder at once, or at the next
+open after a crash).
+
 A round's result and its carry commit together (one generation names both): a server-optimizer step (FedAdam, say)
 or a round's DP noise applied twice would not be idempotent, and the next round must start from exactly that state.
 
@@ -38,6 +42,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -165,6 +170,7 @@ def _check_entry(m) -> None:
                and all(type(x) is int for x in m["quorum"]) and m["quorum"][0] >= 0 and m["quorum"][1] >= 1)
           and isinstance(m.get("dropped", []), list) and isinstance(m.get("predictor") or [], list)
           and all(_predictor_row(r) for r in m.get("predictor") or []))
+    ok = ok and (m.get("removed") is None or m == {"removed": True})  # (a removed job's tombstone)
     if not ok:
         raise jk.CorruptState(f"a job entry not as a commit writes it: {json.dumps(m)[:200]}")
 
@@ -221,6 +227,9 @@ class StateDir:
         try:
             self.orphans_removed = self._collect_orphans()
             self.gen, self.jobs = self._load()
+            for job, m in self.jobs.items():  # removed before a crash that came before their updates were deleted
+                if m.get("removed"):
+                    self._purge(job)
         except BaseException:  # (an unreadable directory, no memory): let the lock and the writer go, or the
             self._writer.shutdown(wait=False)  # directory stayed locked to every later scheduler in this process
             self._lockf.close()
@@ -275,11 +284,14 @@ class StateDir:
         return os.path.join("updates", ident(job), str(int(rnd)), ident(party) + ".jku")
 
     def persist_update(self, job, rnd: int, party, update_id, weight: float, leaves, fingerprint: str,
-                       info=None, carried_from: int | None = None):
+                       info=None, carried_from: int | None = None, live=None):
         """Write one acknowledged update (on the writer thread), with its per-update values (``info``) and, for a late
         update counted in ``rnd``, the round it was sent for (``carried_from``); returns the future that resolves once
-        it is durable."""
+        it is durable. ``live()`` false when the write comes: the job was removed meanwhile, and nothing is written
+        (a job added again under its id must not find it)."""
         def work():
+            if live is not None and not live():
+                raise RuntimeError(f"job {job!r} was removed; its update from {party!r} for round {rnd} is not kept")
             tensors, dtypes = encode_leaves(leaves)
             meta = {"format": UPDATE_FORMAT, "version": str(VERSION), "job": json.dumps(job),
                     "round": str(int(rnd)), "party": json.dumps(party), "update_id": json.dumps(update_id),
@@ -457,8 +469,45 @@ class StateDir:
     def _commit_job(self, job, **changes) -> None:
         """Commit a generation in which ``job``'s manifest entry takes ``changes`` (its other keys kept)."""
         jobs = dict(self.jobs)
+        if jobs.get(job, {}).get("removed"):  # (a task of a removed job, still running when it was removed)
+            raise RuntimeError(f"job {job!r} was removed from {self.path}; nothing of it is committed")
         jobs[job] = {**jobs.get(job, {}), **changes}
         self._commit(self.gen + 1, jobs)
+
+    # --- removed jobs ---------------------------------------------------------------------------------------------
+    def remove_job(self, job) -> None:
+        """Commit that ``job`` was removed (``JITScheduler.remove_job``), then delete its files. Its entry becomes
+        a tombstone, ``{"removed": true}``, in two generations, so that neither retained generation names its
+        states or results (the second's collection deletes them) and no fallback resumes it; then its updates go.
+        Writes queued for it before are waited for first. A crash part-way is finished at the next open, and a job
+        added again under its id starts afresh (:meth:`revive`)."""
+        self._writer.submit(lambda: None).result()  # (one thread, in order: every write queued before is done)
+        with self._lock:
+            self._commit(self.gen + 1, {**self.jobs, job: {"removed": True}})  # the decision (raises: none made)
+            try:
+                self._commit(self.gen + 1, dict(self.jobs))
+                self._purge(job)
+            except Crashed:
+                raise
+            except Exception as e:  # removed all the same: its updates go at the next open, the rest with a commit
+                log.warning("state directory %s: job %r removed, but deleting its files failed (%s)", self.path, job, e)
+
+    def revive(self, job) -> None:
+        """A job added under the id of a removed one: its tombstone goes (with any update a late write left), so
+        that it starts afresh."""
+        with self._lock:
+            if self.jobs.get(job, {}).get("removed"):
+                self._purge(job)
+                self._commit(self.gen + 1, {j: m for j, m in self.jobs.items() if j != job})
+
+    def _purge(self, job) -> None:
+        """Delete a removed job's updates (its spilled ones' holds too)."""
+        root = os.path.join(self.path, "updates", ident(job))
+        with self._held_lock:
+            self._held = {h for h in self._held if not h.startswith(os.path.join("updates", ident(job), ""))}
+        if os.path.isdir(root):
+            shutil.rmtree(root)
+            self._step("gc.deleted")
 
     def _recent(self, by_round: dict) -> dict:
         """The last ``keep_results`` entries of a {round: ...} map (older result files go at the next collection)."""

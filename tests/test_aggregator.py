@@ -588,6 +588,12 @@ def test_per_update_lists_of_another_length_are_refused():
     with pytest.raises(ValueError, match="3 updates but 1 infos"):
         agg.fold_many(ups, [1, 2, 3], ["a", "b", "c"], infos=[{}])
     assert agg.state.count == 0
+    # an empty batch too: weights given for updates that are missing are an error, not nothing to do
+    with pytest.raises(ValueError, match="0 updates but 2 weights"):
+        agg.fold_many([], weights=[1, 2])
+    with pytest.raises(TypeError, match="parties is a list"):
+        agg.fold_many([], parties="ab")
+    agg.fold_many([], weights=[], parties=None)  # (nothing given, nothing to do)
 
 
 def test_anonymous_parties_of_two_aggregators_merge():
@@ -1271,17 +1277,21 @@ def test_numbers_parties_send_are_real_numbers_and_ids_are_bounded():
     10**400's OverflowError out untyped; an int party id of 5,000 digits or a 100 MB str id was folded, and every
     message and save that printed it then failed. A resumed state whose algorithm record was damaged raised
     AttributeError or OverflowError, not CorruptState."""
+    import decimal
+    import fractions
+
     from jitkernels import state as S
 
     agg = jk.Aggregator({"w": np.zeros(2, np.float32)})
     u = {"w": np.ones(2, np.float32)}
     for w in (np.array("2"), np.array(True), np.complex128(1 + 2j), torch.tensor(True), torch.tensor(1 + 2j),
-              np.array(b"7"), np.array([2.0, 3.0]), 10 ** 400, "2"):
+              np.array(b"7"), np.array([2.0, 3.0]), "2", -10 ** 400, decimal.Decimal("Infinity")):
         with pytest.raises(jk.InvalidWeight):
             agg.fold(u, weight=w, party="p")
-    import decimal
-    import fractions
-
+    # positive exact numbers a float64 cannot hold: valid weights out of range, as one the accumulator cannot hold
+    for w in (10 ** 400, fractions.Fraction(1, 10 ** 400), decimal.Decimal("1e400"), decimal.Decimal("1e-400")):
+        with pytest.raises(jk.ValueOutOfRange, match="outside what a float64 holds"):
+            agg.fold(u, weight=w, party="p")
     for i, w in enumerate((np.float32(2), np.array(2.0), torch.tensor(2.0), torch.tensor([2.0]), np.int64(3),
                            np.array([2.0]), np.array(3.0, bfloat16), decimal.Decimal("2.5"), fractions.Fraction(1, 2))):
         agg.fold(u, weight=w, party=f"ok{i}")

@@ -347,7 +347,7 @@ def test_one_read_back_at_a_time_goes_past_the_budget():
     from types import SimpleNamespace
 
     sched = JITScheduler(policy="lazy", slots=2, clock=VirtualClock(), byte_budget=1000)
-    js = SimpleNamespace(update_bytes=300, buffered_bytes=0, metrics=SimpleNamespace(peak_bytes=0))
+    js = SimpleNamespace(update_bytes=300, buffered_bytes=0, removed=False, metrics=SimpleNamespace(peak_bytes=0))
     sched.buffered_bytes = 1000  # the budget is full
     assert sched._reserve_read_back(js, 5) == (1, True)  # the first goes past it, by one update
     got = []
@@ -1937,3 +1937,53 @@ def test_a_job_resumed_from_a_float32_state_of_a_float64_model_admits_for_float3
         rec.clock.run()
         assert rec.result("j", 0).result(timeout=5)["w"].tolist() == [1.0] * 3
         rec.close()
+
+
+@pytest.mark.parametrize("crash_before_purge", [False, True])
+def test_a_removed_job_leaves_the_directory_and_its_id_starts_afresh(tmp_path, crash_before_purge):
+    """remove_job: the job's entry becomes a tombstone in two generations (no fallback resumes it), its states,
+    results and updates are deleted, and a job added again under its id does not replay the old one's updates.
+    A crash after the tombstone's commit and before the updates' deletion is finished at the next open."""
+    t = {"w": np.zeros(3, np.float32)}
+
+    def job():
+        return Job("j", template=t, parties=["p", "q", "r"], quorum=3, rounds=3, deterministic=True)
+
+    def dies_in_purge(point):
+        if point == "gc.deleted" and removing:
+            s.store.crash()
+            raise Crashed(point)
+
+    removing = False
+    s = _sched(tmp_path, crash_hook=dies_in_purge)
+    s.add_job(job())
+    for p in "pqr":
+        s.submit("j", 0, p, {"w": np.ones(3, np.float32)}, update_id=p).durable.result(timeout=10)
+    s.clock.run()
+    s.result("j", 0).result(timeout=10)
+    for p in "pq":  # round 1: two of three, folded and checkpointed
+        s.submit("j", 1, p, {"w": np.full(3, 5.0, np.float32)}, update_id=p).durable.result(timeout=10)
+    s.clock.run()
+    files = lambda: sorted(os.path.relpath(os.path.join(d, f), tmp_path) for d, _, fs in os.walk(tmp_path)  # noqa: E731
+                           for f in fs if not f.startswith(("manifest-", "LOCK")))
+    assert any(f.startswith("results") for f in files()) and any(f.startswith("updates") for f in files())
+    removing = crash_before_purge
+    if crash_before_purge:
+        with pytest.raises(Crashed):
+            s.remove_job("j")
+        assert any(f.startswith("updates") for f in files())  # (the crash came first)
+    else:
+        s.remove_job("j")
+        assert files() == []
+        s.close()
+    s = _sched(tmp_path)
+    # its updates go at the open; its states and results (named by the generation before the tombstone, which
+    # the crash left retained) with the next commit
+    assert s.store.jobs == {"j": {"removed": True}} and not any(f.startswith("updates") for f in files())
+    s.add_job(job())  # afresh: round 0 again, without the old rounds' results or round 1's updates
+    assert s.store.jobs == {} and s.jobs["j"].open.number == 0 and files() == []
+    for p in "pqr":
+        s.submit("j", 0, p, {"w": np.full(3, 2.0, np.float32)}, update_id=p).durable.result(timeout=10)
+    s.clock.run()
+    assert s.result("j", 0).result(timeout=10)["w"].tolist() == [2, 2, 2]
+    s.close()

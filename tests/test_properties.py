@@ -109,7 +109,7 @@ def test_rejection_leaves_state_bit_identical(backend, kind, seed, shapes, k, da
     expected = {"nan": jk.NonFiniteUpdate, "inf": jk.NonFiniteUpdate, "shape": jk.LayoutMismatch,
                 "dtype": jk.LayoutMismatch, "missing": jk.LayoutMismatch, "extra": jk.LayoutMismatch,
                 "weight0": jk.InvalidWeight, "weightnan": jk.InvalidWeight, "weightneg": jk.InvalidWeight,
-                "weightstr": jk.InvalidWeight, "weightbool": jk.InvalidWeight, "weighthuge": jk.InvalidWeight,
+                "weightstr": jk.InvalidWeight, "weightbool": jk.InvalidWeight, "weighthuge": jk.ValueOutOfRange,
                 "dup_state": jk.DuplicateParty, "dup_batch": jk.DuplicateParty, "container": jk.LayoutMismatch,
                 "huge": jk.ValueOutOfRange}[kind]
     if kind in ("nan", "inf", "huge"):
@@ -132,7 +132,7 @@ def test_rejection_leaves_state_bit_identical(backend, kind, seed, shapes, k, da
         leaf = "intruder"
     elif kind.startswith("weight"):
         bw = list(bw)
-        # (float() reads "5" and True, and raises OverflowError, not InvalidWeight, on 10**400)
+        # (float() reads "5" and True, and raises OverflowError on 10**400: a weight float64 cannot hold)
         bw[j] = {"weight0": 0.0, "weightnan": float("nan"), "weightneg": -1.0, "weightstr": "5", "weightbool": True,
                  "weighthuge": 10 ** 400}[kind]
     elif kind == "dup_state":

@@ -1580,3 +1580,68 @@ def test_a_server_step_torn_part_way_ends_its_job_instead_of_continuing_from_it(
     with pytest.raises(NoSuchRound, match="has ended: a finalize that closes its round failed part-way"):
         s.result("adam", 2)
     s.close()
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_a_weight_in_a_one_element_array_counts_once_and_its_round_resolves(tmp_path, durable):
+    """Admission takes a one-element array as a weight; submit then called float() on it after the round had
+    counted the update (a 2-D one: TypeError), so the round waited for ever for an arrival that never came, a resend
+    was a DuplicateParty and the others' updates were late."""
+    clk = VirtualClock()
+    sched = JITScheduler("lazy", clock=clk, cost=COST, state_dir=tmp_path if durable else None)
+    sched.add_job(Job("a", template={"w": np.zeros(3, np.float32)}, parties=["p", "q"], quorum=2, rounds=1))
+    acks = [sched.submit("a", 0, "p", {"w": np.ones(3, np.float32)}, np.array([[2.0]])),
+            sched.submit("a", 0, "q", {"w": np.full(3, 4.0, np.float32)}, np.array([1.0]))]
+    [a.durable.result(timeout=10) for a in acks]
+    clk.run()
+    np.testing.assert_array_equal(sched.result("a", 0).result(timeout=0)["w"], np.full(3, 2.0, np.float32))
+    sched.close()
+
+
+def test_remove_job_lets_go_of_all_it_holds_and_its_id_starts_afresh():
+    """A server that adds jobs over time must be able to forget them: there was no way to, and an ended job kept a
+    model-sized aggregator for a next round that never came."""
+    from scheduler import JobRemoved, UnknownJob
+
+    clk = VirtualClock()
+    slow = CostModel(backends={"cpu": BackendCost(1e3, 0.0)}, startup_s=1.0)  # a fold of 12 bytes takes 12 ms
+    sched = JITScheduler("eager", slots=1, clock=clk, cost=slow, byte_budget=1 << 20)
+    t = {"w": np.zeros(3, np.float32)}
+    one = {"w": np.ones(3, np.float32)}
+    sched.add_job(Job("done", template=t, parties=["p"], rounds=1))
+    sched.submit("done", 0, "p", one)
+    clk.run(until=5)
+    ended = sched.jobs["done"]
+    assert ended.open is None and ended.spare is None and ended.rounds[0].aggregator is None
+    assert sched.remove_job("done")["rounds"] == 1 and "done" not in sched.metrics()
+
+    sched.add_job(Job("a", template=t, parties=["p", "q"], quorum=2, rounds=3))
+    sched.add_job(Job("b", template=t, parties=["p"], rounds=1))  # waits for the one slot "a" holds
+    sched.submit("a", 0, "p", one)
+    sched.submit("a", 1, "p", one)  # sent ahead for a round not open
+    clk.run(until=clk.now() + 2.0)
+    sched.submit("a", 0, "q", one)  # the quorum: its fold starts, and runs 12 ms
+    clk.run(until=clk.now() + 0.001)
+    a = sched.jobs["a"]
+    assert a.deployment is not None and a.deployment.busy and sched.buffered_bytes > 0
+    futures = [sched.result("a", r) for r in (0, 1, 2)]
+    final = sched.remove_job("a")
+    assert final["deployments"] == 1
+    for f in futures:
+        with pytest.raises(JobRemoved, match="removed before the round finished"):
+            f.result(timeout=0)
+    assert sched.buffered_bytes == 0 and sched.free_slots == []  # its slot comes back when its fold ends
+    for call in (lambda: sched.submit("a", 0, "p", one), lambda: sched.result("a", 0),
+                 lambda: sched.remove_job("a"), lambda: sched.finish_job("a")):
+        with pytest.raises(UnknownJob):
+            call()
+    with pytest.raises(InvalidJob, match="still running"):  # (its fold ends first)
+        sched.add_job(Job("a", template=t, parties=["p"], rounds=1))
+    sched.submit("b", 0, "p", one)
+    clk.run(until=clk.now() + 5)
+    assert sched.result("b", 0).result(timeout=0)["w"].tolist() == [1, 1, 1]  # the slot went to "b"
+    sched.add_job(Job("a", template=t, parties=["p"], rounds=1))  # afresh: round 0 open, nothing sent ahead
+    sched.submit("a", 0, "p", {"w": np.full(3, 2.0, np.float32)})
+    clk.run(until=clk.now() + 5)
+    assert sched.result("a", 0).result(timeout=0)["w"].tolist() == [2, 2, 2]
+    sched.close()
