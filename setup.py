@@ -6,8 +6,10 @@ chosen at run time.
 """
 
 import os
+import shlex
 import subprocess
 import sys
+import sysconfig
 import tempfile
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
@@ -33,13 +35,17 @@ def _openmp_flags():
     """(-fopenmp, -fopenmp) if the compiler links OpenMP code, else no flags (the kernels then run serially)."""
     if os.environ.get("JITKERNELS_NO_OPENMP"):
         return [], []
-    cc = os.environ.get("CXX", "c++")
+    # the compiler the build uses, which may come with arguments ("ccache g++": one executable name before)
+    cc = shlex.split(os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++")
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "t.cpp")
         with open(src, "w") as f:
             f.write("#include <omp.h>\nint main(){return omp_get_max_threads() > 0 ? 0 : 1;}\n")
-        ok = subprocess.call([cc, "-fopenmp", src, "-o", os.path.join(d, "t")],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) == 0
+        try:
+            ok = subprocess.call([*cc, "-fopenmp", src, "-o", os.path.join(d, "t")],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) == 0
+        except OSError:  # (no such compiler: the build itself will say so)
+            ok = False
     if not ok:
         print("jitkernels: OpenMP not available, building the C++ backend single-threaded", file=sys.stderr)
         return [], []
@@ -55,7 +61,7 @@ ext = Pybind11Extension(
     cxx_std=17,
     extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd", *omp_compile],
     extra_link_args=omp_link,
-    depends=["csrc/jk_math.h", "csrc/jk_robust_coord.h", "csrc/jk_secagg.h", "csrc/kernels.h"],
+    depends=["csrc/jk_math.h", "csrc/jk_noise.h", "csrc/jk_robust_coord.h", "csrc/jk_secagg.h", "csrc/kernels.h"],
 )
 
 setup(ext_modules=[ext], cmdclass={"build_ext": build_ext, "build_py": build_py_with_cuda})

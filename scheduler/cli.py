@@ -61,11 +61,23 @@ def _table(rows: dict) -> str:
     return "\n".join(lines)
 
 
-def _plot(out: dict, path: str) -> None:
-    import matplotlib
-
+def _pyplot():
+    """matplotlib's pyplot, headless, or None with a note: the plots need the bench extra's matplotlib, the figures
+    and the JSON do not (a plain install wrote the JSON and then died in the plot)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("plot skipped: matplotlib is not installed (pip install 'jitkernels[bench]')", file=sys.stderr)
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def _plot(out: dict, path: str) -> bool:
+    plt = _pyplot()
+    if plt is None:
+        return False
     import numpy as np
 
     results = out["results"]
@@ -90,6 +102,7 @@ def _plot(out: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def _json_ready(out: dict) -> dict:
@@ -157,8 +170,8 @@ def cmd_simulate(args) -> int:
     base = os.path.join(out_dir, f"simulate_{_file_name(wl.name)}")
     with open(base + ".json", "w") as f:
         json.dump(_json_ready(out), f, indent=1, default=float)
-    _plot(out, base + ".png")
-    print(f"\nwrote {base}.json and {base}.png")
+    plotted = _plot(out, base + ".png")
+    print(f"\nwrote {base}.json" + (f" and {base}.png" if plotted else ""))
     return 0
 
 
@@ -211,16 +224,15 @@ def cmd_sweep(args) -> int:
         print("cv \\ rho " + " ".join(f"{r:>8}" for r in rhos))
         for i, cv in enumerate(cvs):
             print(f"{cv:>8} " + " ".join(fmt.format(data[i, j]) for j in range(len(rhos))))
-    _heatmaps(rhos, cvs, saving, capture, added, os.path.join(out_dir, "sweep.png"))
-    print(f"\nwrote {out_dir}/sweep.json and {out_dir}/sweep.png")
+    plotted = _heatmaps(rhos, cvs, saving, capture, added, os.path.join(out_dir, "sweep.png"))
+    print(f"\nwrote {out_dir}/sweep.json" + (f" and {out_dir}/sweep.png" if plotted else ""))
     return 0
 
 
-def _heatmaps(rhos, cvs, saving, capture, added, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _heatmaps(rhos, cvs, saving, capture, added, path) -> bool:
+    plt = _pyplot()
+    if plt is None:
+        return False
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, data, title, fmt in ((axes[0], saving, "jit saving vs eager", "{:.0%}"),
@@ -239,6 +251,7 @@ def _heatmaps(rhos, cvs, saving, capture, added, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def cmd_calibrate(args) -> int:

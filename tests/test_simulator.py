@@ -1,6 +1,7 @@
 """The simulator: common random numbers, reproducible runs, TOML workloads, and the jitagg command."""
 
 import json
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -144,6 +145,18 @@ def test_jitagg_simulate_writes_table_png_and_json(tiny, tmp_path, capsys):
     data = json.loads((out / "simulate_tiny.json").read_text())
     assert set(data["policies"]) == {"eager", "lazy", "jit", "oracle"}
     assert (out / "simulate_tiny.png").stat().st_size > 1000
+
+
+def test_without_matplotlib_the_figures_and_json_are_written_and_the_plot_skipped(tiny, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """matplotlib is the bench extra's: a plain install ran the simulation, wrote the JSON, then died in the plot."""
+    _, path = tiny
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # (its import raises ImportError)
+    assert cli.main(["simulate", "--config", str(path), "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr()
+    assert "plot skipped: matplotlib is not installed" in printed.err and "simulate_tiny.png" not in printed.out
+    assert json.loads((tmp_path / "simulate_tiny.json").read_text())["policies"]
+    assert not (tmp_path / "simulate_tiny.png").exists()
 
 
 def test_jitagg_sweep_reports_each_bar_per_cell(tmp_path, capsys):
