@@ -808,7 +808,10 @@ class JITScheduler:
                     self._relieving = True
                     self.clock.call_soon_threadsafe(self._relieve_pressure)
                 if self.overflow == "raise" or item is None:
-                    why = (f"round {round} is not open yet, and updates for later rounds may take half the budget "
+                    why = (f"its {nbytes} bytes are more than the whole budget of {self.byte_budget}: no fold makes "
+                           "room for it (the job's update_bytes, which add_job checked, is below its real size; a "
+                           "larger byte_budget, or overflow='spill')" if nbytes > self.byte_budget else
+                           f"round {round} is not open yet, and updates for later rounds may take half the budget "
                            f"of {self.byte_budget} bytes ({self.buffered_bytes} are buffered); retry "
                            f"once it opens" if early else f"{self.buffered_bytes} bytes are buffered; its {nbytes} "
                            f"would pass the budget of {self.byte_budget}; retry once the forced fold has drained them")

@@ -384,6 +384,11 @@ def test_an_update_is_taken_in_memory_only_within_the_budget():
     with pytest.raises(InvalidJob, match="do not fit the byte budget"):
         s.add_job(Job("c", parties=[0], quorum=1, rounds=1, model_elems=3000, update_bytes=12_000))
     assert "c" not in s.jobs
+    # a job's update_bytes below its real updates' size passes add_job's check: each update says it can never fit
+    # (it said to retry once the folds had drained the buffer, which held nothing)
+    s.add_job(Job("d", template={"w": np.zeros(3000, np.float32)}, parties=[0], rounds=1, update_bytes=4000))
+    with pytest.raises(Backpressure, match="12000 bytes are more than the whole budget of 10000: no fold makes room"):
+        s.submit("d", 0, 0, {"w": np.ones(3000, np.float32)})
     s.close()
 
 
