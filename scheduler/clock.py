@@ -73,6 +73,11 @@ class VirtualClock:
     def now(self) -> float:
         return self._now
 
+    def wall(self) -> float:
+        """Time that outlives a restart (the state directory records when rounds open): the virtual time itself,
+        for a scheduler resumed on the same clock."""
+        return self._now
+
     def call_at(self, when: float, fn, *args) -> Handle:
         when = _time(when)
         if when <= self._now:
@@ -126,6 +131,10 @@ class RealClock:
 
     def now(self) -> float:
         return time.monotonic() - self._t0
+
+    def wall(self) -> float:
+        """Time that outlives a restart (the state directory records when rounds open): the Unix time."""
+        return time.time()
 
     def call_at(self, when: float, fn, *args) -> Handle:
         when = _time(when)

@@ -164,7 +164,7 @@ class Job:
         try:  # a staleness weight: at most 1 (the checks at submit held the weight sent, which it only lowers)
             if not jk.check_weight(self.late_weight, f"<job {self.id!r} late_weight>") <= 1.0:
                 raise jk.InvalidWeight(None, self.late_weight)
-        except jk.InvalidWeight:
+        except (jk.InvalidWeight, jk.ValueOutOfRange):  # (Fraction(1, 10**400): out of float64's range)
             raise InvalidJob(f"job {self.id!r}: late_weight must be a number in (0, 1], got "
                              f"{self.late_weight!r}") from None
         try:  # (as ints and strs: a float id went into the manifest's predictor rows, which recovery then refused)
@@ -599,6 +599,8 @@ class JITScheduler:
                 except ValueError as e:
                     raise InvalidJob(str(e)) from None
                 self.store.revive(job.id)  # (a job removed under its id: it starts afresh)
+                # new here: its entry, with the time its first round opens (deadlines outlive a restart)
+                self.store.commit_new(job.id, job.first_round, self._wall())
             pred = Predictor(prior_s=job.prior_response_s)
             js = _JobState(job, pred, self.clock.now())
             if self.byte_budget is not None and self.overflow == "raise" and js.update_bytes > self.byte_budget:
@@ -831,8 +833,8 @@ class JITScheduler:
                 self._buffered(js, nbytes)  # reserved now so that a burst sees its own bytes
             elif not stored:
                 self.spilled += 1
-        if spill:  # held from before its file exists until it is folded, carried or dropped
-            self.store.hold(job_id, acked_round if stored else round, party)
+            if spill:  # held from before its file exists until it is folded, carried or dropped (under the lock:
+                self.store.hold(job_id, acked_round if stored else round, party)  # remove_job lets holds go)
         if stored and round != acked_round:  # (late on replay: its file goes under the round it now counts for)
             durable = self.store.carry_update(job_id, acked_round, round, party, float(weight))
         elif persist and self.store is not None and item is not None:
@@ -877,6 +879,7 @@ class JITScheduler:
         with self._lock:
             if self._closed:
                 raise SchedulerClosed(f"job {job_id!r}: the scheduler is closed; party {party!r} not dropped")
+            self._check_live(js)  # (removed meanwhile: its drop went into the entry of a job re-added under its id)
             if party in js.expected:
                 if self.store is not None and js.layout is not None:  # first: a failed commit changes nothing
                     self.store.commit_dropped(job_id, party)
@@ -919,13 +922,11 @@ class JITScheduler:
             if self._closed:
                 raise SchedulerClosed(f"job {job_id!r}: the scheduler is closed; nothing removed")
             js = self._job(job_id)
-            js.removed = True  # (first: a write of its updates still queued is skipped from here on)
             if self.store is not None and js.layout is not None:
-                try:
-                    self.store.remove_job(js.job.id)  # a failed commit leaves the job as it was
-                except BaseException:
-                    js.removed = False
-                    raise
+                # a failed commit leaves the job as it was; once it is made, writes of its updates still queued are
+                # skipped (those before are deleted with the rest)
+                self.store.remove_job(js.job.id, decided=lambda: setattr(js, "removed", True))
+            js.removed = True
             final = self._job_metrics(js)
             del self.jobs[js.job.id]
             self._leave_queue(js)
@@ -1011,6 +1012,11 @@ class JITScheduler:
         except (KeyError, TypeError):  # (an unhashable id is no job's either)
             raise UnknownJob(f"no job {job_id!r}") from None
 
+    def _wall(self) -> float | None:
+        """The clock's time that outlives a restart (None for a clock without one)."""
+        wall = getattr(self.clock, "wall", None)
+        return None if wall is None else float(wall())
+
     @staticmethod
     def _check_live(js) -> None:
         """UnknownJob for a job removed since the caller looked it up (under the lock)."""
@@ -1093,7 +1099,8 @@ class JITScheduler:
             if not self._closed and js.opening == number and self.jobs.get(js.job.id) is js:
                 self._open_next(js, number)
 
-    def _open_round(self, js: _JobState, number: int) -> None:
+    def _open_round(self, js: _JobState, number: int, start: float | None = None) -> None:
+        """``start``: the time the round opened before a restart (its deadline and response times run from it)."""
         now = self.clock.now()
         rnd = self._round(js, number)
         agg = None
@@ -1105,10 +1112,10 @@ class JITScheduler:
                 agg, js.spare = js.spare, None
             else:
                 agg = js.new_aggregator()
-        rnd.start, rnd.aggregator = now, agg
+        rnd.start, rnd.aggregator = now if start is None else min(start, now), agg
         js.open, js.opening = rnd, None
-        if js.job.deadline_s is not None:
-            rnd.deadline_timer = self.clock.call_at(now + js.job.deadline_s, self._on_deadline, js, rnd)
+        if js.job.deadline_s is not None:  # (one that passed while the scheduler was down fires at once)
+            rnd.deadline_timer = self.clock.call_at(rnd.start + js.job.deadline_s, self._on_deadline, js, rnd)
         self._log("open_round", js, round=number)
         early, rnd.pending = rnd.pending, []
         for party, item, nbytes, weight in early:  # arrivals that came before the round opened
@@ -1221,8 +1228,8 @@ class JITScheduler:
         self._round_finished(js, rnd)
 
     def _commit_quorum(self, js, rnd) -> None:
-        """With a state directory, record the round's lowered quorum: a restart before its result is committed would
-        otherwise wait a whole deadline again (deadlines start afresh) for the full quorum."""
+        """With a state directory, record the round's lowered quorum: a restart before its result is committed
+        finalizes the round with what is in (where the clock has no wall time, its deadline starts again there)."""
         if self.store is None or js.layout is None:
             return
         try:
@@ -1237,7 +1244,7 @@ class JITScheduler:
             return
         try:
             self.store.commit_failure(js.job.id, rnd.number, error, predictor=js.predictor.to_json(), update_ids={
-                p: u for (n, p), u in js.seen.items() if n == rnd.number})
+                p: u for (n, p), u in js.seen.items() if n == rnd.number}, opened=self._wall())
         except Exception:  # the round has ended in memory either way; a restart would reopen it
             log.exception("job %r round %d: could not record its failure in %s", js.job.id, rnd.number,
                           self.store.path)
@@ -1382,9 +1389,9 @@ class JITScheduler:
 
     def _retry_slot(self, js, rnd) -> None:
         with self._lock:
-            self._retries.pop(js.job.id, None)
-            if self._closed:
+            if self._closed or self.jobs.get(js.job.id) is not js:  # (a removed job's: its id may be another's now)
                 return
+            self._retries.pop(js.job.id, None)
             if js.open is rnd and js.job.id in self.waiting and self._urgent(js) and js.deployment is None:
                 self._searched.pop(js.job.id, None)
                 self._request_slot(js, laxity=min(0.0, self._laxity(js)), inputs={"retry": True})
@@ -1606,7 +1613,8 @@ class JITScheduler:
             if self._closed or js.removed:  # the round resolved with SchedulerClosed (a restart reopens it), or the
                 return result  # job is gone
         self.store.commit_result(js.job.id, number, js.layout, js.layout.flatten(result), ids,
-                                 carry=agg.state if js.carries else None, predictor=js.predictor.to_json())
+                                 carry=agg.state if js.carries else None, predictor=js.predictor.to_json(),
+                                 opened=self._wall())
         js.fold_bytes = 0
         return result
 
@@ -1674,7 +1682,11 @@ class JITScheduler:
         replayed = st.stored_updates(job.id, len(js.layout), js.layout.fingerprint)
         if carry is not None:  # the open round starts from the last round's carry
             js.carry = carry
-        self._open_round(js, first)
+        wall, opened = self._wall(), meta.get("opened") if meta.get("round", job.first_round) == first else None
+        # the round opened before the restart: its deadline and its parties' response times run from then (they
+        # restarted with every restart, and a server that kept crashing never failed a round at its deadline)
+        self._open_round(js, first, None if wall is None or opened is None else
+                         self.clock.now() - max(0.0, wall - opened))
         rnd = js.open
         lowered = meta.get("quorum")
         if lowered and lowered[0] == first:  # the partial rule's quorum, set at its deadline before the restart
@@ -1765,6 +1777,7 @@ class JITScheduler:
     def _fail(self, js, rnd, error) -> None:
         if rnd.done:  # already resolved (e.g. its deadline passed while this fold ran)
             self._log("fold_failed_after_round_end", js, round=rnd.number, error=repr(error))
+            rnd.aggregator = None  # (as after a fold that succeeded: the round is held for its result only)
             self._after_ended_round(js)
             return
         rnd.done = True

@@ -150,7 +150,7 @@ def _check_entry(m) -> None:
     """A job's manifest entry as commits write it (a checksum anyone can compute vouches for nothing): a round
     number, state and carry files in states/, result files in results/ by round, failures as [type, message],
     parties as [id, update id] pairs (a failed round's too, by round: manifests written before they were kept lack
-    them), a lowered quorum as [round, quorum] (optional too). A path elsewhere (/etc/passwd, a FIFO that hung the
+    them), a lowered quorum as [round, quorum] and the wall time the open round opened (optional too). A path elsewhere (/etc/passwd, a FIFO that hung the
     open) is refused."""
     def named(rel, folder, suffix):
         return (isinstance(rel, str) and os.path.dirname(rel) == folder and rel.endswith(suffix)
@@ -169,6 +169,7 @@ def _check_entry(m) -> None:
           and (m.get("quorum") is None or isinstance(m["quorum"], list) and len(m["quorum"]) == 2
                and all(type(x) is int for x in m["quorum"]) and m["quorum"][0] >= 0 and m["quorum"][1] >= 1)
           and isinstance(m.get("dropped", []), list) and isinstance(m.get("predictor") or [], list)
+          and (m.get("opened") is None or type(m["opened"]) is float and math.isfinite(m["opened"]))
           and all(_predictor_row(r) for r in m.get("predictor") or []))
     ok = ok and (m.get("removed") is None or m == {"removed": True})  # (a removed job's tombstone)
     if not ok:
@@ -413,10 +414,12 @@ class StateDir:
             return True
 
     def commit_result(self, job, rnd: int, layout: jk.Layout, leaves, update_ids: dict,
-                      carry: jk.FoldState | None = None, predictor: list | None = None) -> None:
+                      carry: jk.FoldState | None = None, predictor: list | None = None,
+                      opened: float | None = None) -> None:
         """Commit a finished round: its model, the state the next round starts from (``carry``, for algorithms
         that close rounds), then a generation that names both, records the arrival predictor's models (so that a
-        restart plans as well as before) and moves the job to the next round."""
+        restart plans as well as before) and moves the job to the next round, which opens at ``opened`` (the
+        clock's wall time: a restart keeps the round's deadline and response times running from it)."""
         with self._lock:
             carry_rel = None
             if carry is not None:
@@ -431,10 +434,11 @@ class StateDir:
             old = self.jobs.get(job, {})
             self._commit_job(job, round=int(rnd) + 1, state=None, parties=[], carried=[], quorum=None,
                              results=self._recent({**old.get("results", {}), str(int(rnd)): rel}),
-                             carry=carry_rel or old.get("carry"), predictor=predictor or old.get("predictor"))
+                             carry=carry_rel or old.get("carry"), predictor=predictor or old.get("predictor"),
+                             opened=opened)
 
     def commit_failure(self, job, rnd: int, error: BaseException, predictor: list | None = None,
-                       update_ids: dict | None = None) -> None:
+                       update_ids: dict | None = None, opened: float | None = None) -> None:
         """Commit a round that ended with an error (unreachable quorum, failed fold): the job moves on to the next
         round, which starts from the same carry; a restart resolves the round with the error again instead of
         reopening it (its updates are collected with the next generation). ``update_ids``: {party: update id} of
@@ -447,7 +451,8 @@ class StateDir:
                               str(int(rnd)): [[p, u] for p, u in (update_ids or {}).items()]}
             self._commit_job(job, round=int(rnd) + 1, state=None, parties=[], carried=[], quorum=None,
                              failed=self._recent(failed),
-                             failed_parties=self._recent(failed_parties), predictor=predictor or old.get("predictor"))
+                             failed_parties=self._recent(failed_parties), predictor=predictor or old.get("predictor"),
+                             opened=opened)
 
     def commit_quorum(self, job, rnd: int, quorum: int) -> bool:
         """Commit that the open round ``rnd`` of ``job`` ends at ``quorum`` updates (the partial rule lowered it at
@@ -458,6 +463,12 @@ class StateDir:
                 return False
             self._commit_job(job, quorum=[int(rnd), int(quorum)])
             return True
+
+    def commit_new(self, job, first_round: int, opened: float | None) -> None:
+        """Commit a job new to the directory, with the time its first round opens (see :meth:`commit_result`)."""
+        with self._lock:
+            if job not in self.jobs:
+                self._commit_job(job, round=int(first_round), opened=opened)
 
     def commit_dropped(self, job, party) -> None:
         """Commit that ``party`` left ``job`` (``JITScheduler.drop_party``): a restart does not wait for it."""
@@ -475,16 +486,19 @@ class StateDir:
         self._commit(self.gen + 1, jobs)
 
     # --- removed jobs ---------------------------------------------------------------------------------------------
-    def remove_job(self, job) -> None:
+    def remove_job(self, job, decided=None) -> None:
         """Commit that ``job`` was removed (``JITScheduler.remove_job``), then delete its files. Its entry becomes
         a tombstone, ``{"removed": true}``, in two generations, so that neither retained generation names its
         states or results (the second's collection deletes them) and no fallback resumes it; then its updates go.
-        Writes queued for it before are waited for first. A crash part-way is finished at the next open, and a job
-        added again under its id starts afresh (:meth:`revive`)."""
-        self._writer.submit(lambda: None).result()  # (one thread, in order: every write queued before is done)
+        ``decided()`` is called once the tombstone is committed (the caller's writes of the job's updates refuse
+        themselves from then on); writes queued before are waited for, and deleted with the rest. A crash part-way is
+        finished at the next open, and a job added again under its id starts afresh (:meth:`revive`)."""
         with self._lock:
             self._commit(self.gen + 1, {**self.jobs, job: {"removed": True}})  # the decision (raises: none made)
+            if decided is not None:
+                decided()
             try:
+                self._writer.submit(lambda: None).result()  # (one thread, in order: every write queued is done)
                 self._commit(self.gen + 1, dict(self.jobs))
                 self._purge(job)
             except Crashed:

@@ -1650,3 +1650,27 @@ def test_remove_job_lets_go_of_all_it_holds_and_its_id_starts_afresh():
     clk.run(until=clk.now() + 5)
     assert sched.result("a", 0).result(timeout=0)["w"].tolist() == [2, 2, 2]
     sched.close()
+
+
+def test_an_ended_job_keeps_no_aggregator_after_a_fold_that_failed_past_its_deadline():
+    """The last round's deadline passed while its fold ran, and the fold then failed: the round kept its aggregator
+    for the scheduler's life (a fold that succeeded let it go)."""
+    from scheduler.executors import ModelExecutor as Model
+
+    class Failing(Model):
+        def fold_many(self, agg, items):
+            raise RuntimeError("worker lost")
+
+    clk = VirtualClock()
+    slow = CostModel(backends={"cpu": BackendCost(1.0, 0.0)}, startup_s=0.0)  # a 4 KB fold takes 4000 s
+    s = JITScheduler("eager", clock=clk, executor=Failing(clk), cost=slow)
+    s.add_job(Job("a", template={"w": np.zeros(1024, np.float32)}, parties=["p", "q"], quorum=2, rounds=1,
+                  deadline_s=10.0))
+    s.submit("a", 0, "p", {"w": np.ones(1024, np.float32)})
+    clk.run()
+    js = s.jobs["a"]
+    assert js.open is None and js.rounds[0].aggregator is None and js.spare is None
+    assert isinstance(s.result("a", 0).exception(timeout=0), QuorumUnreachable)
+    with pytest.raises(InvalidJob, match="late_weight"):  # (a weight no float holds: InvalidJob as any bad one)
+        Job("b", parties=["p"], late_weight=__import__("fractions").Fraction(1, 10 ** 400)).check()
+    s.close()
