@@ -295,6 +295,9 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
     rules)."""
     nonfinite, sumsq, maxabs = stats
     limit = headroom(acc_dtype) if bound is None else float(bound)
+    # each value too must be one the accumulator's dtype holds: the kernels read x as A(x) before weighing it, so a
+    # float64 leaf's 1e39 (or an int8 value times its scale) with a small weight passed the headroom and folded inf
+    cap = float(np.finfo(np.dtype(acc_dtype)).max)
     raw = prep.weights
     fold = raw if fold_weights is None else [float(w) for w in fold_weights]
     # the larger of the weight and the fold weight: admission without the aggregator checks the weight, the fold
@@ -305,15 +308,15 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
     if len(scale) == 1:  # one update (a submit): Python floats, a third of the numpy calls' time
         peak = [float(maxabs.max(initial=0.0))]
         worst = [int(maxabs.argmax()) if maxabs.size else -1]
-        bad = [bool(nonfinite.any()) or not scale[0] * peak[0] <= limit or not lo <= raw[0] <= hi
-               or not lo <= fold[0] <= hi]
+        bad = [bool(nonfinite.any()) or not scale[0] * peak[0] <= limit or not peak[0] <= cap
+               or not lo <= raw[0] <= hi or not lo <= fold[0] <= hi]
         # the sum over leaves in the order the batch path's row sum takes (pairwise): the same bits
         norms = [math.sqrt(float(sumsq.sum()))]
     else:  # every update at once (a Python loop of numpy calls per update was most of admitting small updates)
         peak = maxabs.max(axis=0, initial=0.0)
         worst = maxabs.argmax(axis=0).tolist() if maxabs.size else [-1] * len(scale)
         with np.errstate(over="ignore", invalid="ignore"):  # an inf or NaN product is refused below, by name
-            bad = (nonfinite.any(axis=0) | ~(np.asarray(scale, np.float64) * peak <= limit)).tolist()
+            bad = (nonfinite.any(axis=0) | ~(np.asarray(scale, np.float64) * peak <= limit) | ~(peak <= cap)).tolist()
         bad = [b or not lo <= r <= hi or not lo <= f <= hi for b, r, f in zip(bad, raw, fold)]
         norms = np.sqrt(np.ascontiguousarray(sumsq.T).sum(axis=1)).tolist()
         peak = peak.tolist()
@@ -323,6 +326,10 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
         leaf = np.flatnonzero(nonfinite[:, j])
         if leaf.size:
             raise NonFiniteUpdate(party, layout.leaves[leaf[0]].name, int(nonfinite[leaf[0], j]))
+        if not peak[j] <= cap:
+            raise ValueOutOfRange(f"party {party!r}: leaf {layout.leaves[worst[j]].name!r} has |x| = {peak[j]:.6g}, "
+                                  f"past the {acc_dtype} accumulator's range ({cap:.6g}; acc_dtype='float64' "
+                                  "takes more)")
         if scale[j] * peak[j] <= limit:  # (its values are in range: its weight is not)
             check_weight_range(raw[j], party, acc_dtype)
             check_weight_range(fold[j], party, acc_dtype, "fold weight")

@@ -910,7 +910,8 @@ class Aggregator:
         float32's last place. (A float32 mean of float32 values can pass float32's range: each weight is rounded on
         its own, the divisor as their sum, and three updates at its largest value made inf.)"""
         bound = self.state.peak * (1.0 + (self.state.count + 4) * 2.0 ** -23)  # (NaN: not known, checked)
-        wide = base is not None or stepped or amplified
+        # past 2^20 terms at the headroom the sum itself may have overflowed: the mean of its values no longer bounds it
+        wide = base is not None or stepped or amplified or self.state.count * admission.HEADROOM > 1.0
         for i in float_ids:
             leaf = self.layout.leaves[i]
             # (float64 outputs too: a float64 leaf read into a float32 accumulator, past its range with a small delta

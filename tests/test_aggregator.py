@@ -1425,3 +1425,43 @@ def test_what_a_torn_state_review_found_recovers_or_tears_as_it_should(monkeypat
     monkeypatch.undo()
     assert adam.state.torn is None and not adam.state.torn_model
     assert np.isfinite(adam.finalize()["w"]).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_value_past_the_accumulators_range_is_refused_whatever_its_weight(backend):
+    """The headroom bounds weight * |x|, but the kernels read x into the accumulator's dtype first: a float64 leaf's
+    1e39 (or an int8 value times a scale of 3e38) with a small weight passed it, folded inf, and finalize returned
+    inf (numpy and numba; the C++ stats, in float32, refused the quantized one: the backends disagreed)."""
+    raw = jk.Aggregator({"w": np.zeros(3)}, backend=backend, acc_dtype="float32")
+    q = jk.Aggregator({"w": np.zeros(2, np.float32)}, backend=backend)
+    for agg, bad in ((raw, {"w": np.array([1e39, 1.0, 1.0])}),
+                     (q, {"w": jk.Quantized(np.array([127, 1], np.int8), np.float32(3e38))})):
+        n = agg.layout.leaves[0].size
+        for first in (True, False):  # into an empty state (C++'s fused pass) and into one that holds an update
+            if not first:
+                agg.fold({"w": np.ones(n, agg.layout.leaves[0].dtype)}, party="honest")
+            kept = agg.state.copy()
+            for fold in (lambda: agg.fold(bad, weight=1e-9, party="x"),
+                         lambda: agg.fold_many([bad], [1e-9], parties=["x"]),
+                         lambda: agg.admit(bad, 1e-9, "x")):
+                with pytest.raises(jk.ValueOutOfRange, match="'x'.*leaf 'w'.*past the float32 accumulator's range"):
+                    fold()
+                assert agg.state.same_bits(kept)
+        assert agg.finalize()["w"].tolist() == [1.0] * n
+    ok = jk.Aggregator({"w": np.zeros(3)}, backend=backend, acc_dtype="float64")  # (float64 holds it)
+    ok.fold({"w": np.array([1e39, 1.0, 1.0])}, weight=1e-9, party="x")
+    assert ok.finalize()["w"][0] == 1e39
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_finalize_reads_the_mean_for_inf_past_the_headrooms_count_of_terms(backend):
+    """The headroom keeps 2^20 terms from overflowing the sum; finalize skipped reading the output for inf wherever
+    the largest |x| was within range, and past 2^20 updates at the headroom the float32 sum was inf: returned."""
+    agg = jk.Aggregator({"w": np.zeros(2, np.float32)}, backend=backend)
+    agg.fold({"w": np.ones(2, np.float32)}, party=0)
+    st = agg.state
+    st.parties.update({p: 1.0 for p in range(1, (1 << 20) + 2)})  # (the record of 2^20 + 2 folds, not their time)
+    st.leaf_weight[:] = st.total_weight
+    st.acc[:] = np.inf  # what their sum came to
+    with pytest.raises(jk.ValueOutOfRange, match="leaf 'w'"):
+        agg.finalize()
