@@ -1465,3 +1465,99 @@ def test_finalize_reads_the_mean_for_inf_past_the_headrooms_count_of_terms(backe
     st.acc[:] = np.inf  # what their sum came to
     with pytest.raises(jk.ValueOutOfRange, match="leaf 'w'"):
         agg.finalize()
+
+
+# --- contracts the mutation review of 2026-11-28 found untested (each fails on code with the mutation it names) ---
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_party_admitted_twice_before_either_fold_is_folded_once(backend):
+    """Both admitted while the party was not folded yet (a resend): the per-update fold must refuse the second."""
+    agg = jk.Aggregator({"w": np.zeros(8, np.float32)}, backend=backend)
+    first = agg.admit({"w": np.ones(8, np.float32)}, 2.0, "a")
+    resend = agg.admit({"w": np.full(8, 5.0, np.float32)}, 1.0, "a")
+    agg.fold(first)
+    kept = agg.state.copy()
+    with pytest.raises(jk.DuplicateParty, match="'a'"):
+        agg.fold(resend)
+    assert agg.state.same_bits(kept) and agg.finalize()["w"].tolist() == [1.0] * 8
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_integer_leaves_max_of_negative_counters_and_mean_rounded_to_nearest(backend):
+    t = {"w": np.zeros(2, np.float32), "n": np.zeros(2, np.int64)}
+    mx = jk.Aggregator(t, int_leaves="max", backend=backend)  # the first carrier sets the leaf (not max with 0)
+    mx.fold({"w": np.ones(2, np.float32), "n": np.array([-5, -7])}, 1.0, "a")
+    assert mx.finalize()["n"].tolist() == [-5, -7]
+    mean = jk.Aggregator(t, backend=backend)  # (10 * 1 + 19 * 3) / 4 = 16.75: rounded, not floored
+    mean.fold_many([{"w": np.ones(2, np.float32), "n": np.array([10, -10])},
+                    {"w": np.ones(2, np.float32), "n": np.array([19, -19])}], [1.0, 3.0], ["a", "b"])
+    assert mean.finalize()["n"].tolist() == [17, -17]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_merged_fednova_states_keep_every_partys_steps(backend):
+    """FedNova divides by the parties' steps at finalize: a merge that dropped the other state's info failed."""
+    t = {"w": np.zeros(4, np.float32)}
+    mk = lambda: jk.Aggregator(t, jk.algorithms.FedNova(), base=t, backend=backend)  # noqa: E731
+    a, b, whole = mk(), mk(), mk()
+    for agg, u, p, s in ((a, 1.0, "p0", 10), (b, 2.0, "p1", 40), (whole, 1.0, "p0", 10), (whole, 2.0, "p1", 40)):
+        agg.fold({"w": np.full(4, u, np.float32)}, 1.0, p, steps=s)
+    a.merge(b)
+    assert a.state.info == whole.state.info
+    np.testing.assert_array_equal(a.finalize()["w"], whole.finalize()["w"])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_merge_keeps_the_larger_peak_so_finalize_still_refuses_an_overflow(backend):
+    top = np.finfo(np.float32).max
+    w = 0.7 * 2.0 ** -21  # three terms of top * w: within the headroom each, their float32 mean past float32's range
+    big = jk.Aggregator(np.zeros(4, np.float32), backend=backend)
+    big.fold_many([np.full(4, top, np.float32)] * 3, [w] * 3, parties=[0, 1, 2])
+    small = jk.Aggregator(np.zeros(4, np.float32), backend=backend)
+    small.fold(np.zeros(4, np.float32), weight=1e-30, party="s")
+    small.merge(big)
+    assert small.state.peak == big.state.peak
+    with pytest.raises(jk.ValueOutOfRange, match="beyond float32"):
+        small.finalize()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cpp"])  # (numba runs no float16)
+def test_fednova_below_one_step_is_refused_past_the_output_dtype(backend):
+    """steps < 1 folds an update at w / steps > w: the peak that bounds the output is scaled by it."""
+    t = {"h": np.zeros(2, np.float16)}
+    agg = jk.Aggregator(t, jk.algorithms.FedNova(), base=t, backend=backend)
+    agg.fold({"h": np.full(2, 10000, np.float16)}, 1.0, "a", steps=0.01)  # delta 10000 at fold weight 100
+    agg.fold({"h": np.zeros(2, np.float16)}, 1.0, "b", steps=1)
+    with pytest.raises(jk.ValueOutOfRange, match="beyond float16"):
+        agg.finalize(output="delta")
+
+
+def test_states_of_different_rounds_do_not_merge():
+    """A DP worker still at round 0 merged into a round-1 state would mix two rounds' parties under one noise key."""
+    t = {"w": np.zeros(4, np.float32)}
+    alg = lambda: jk.algorithms.DPFixedClipping(jk.algorithms.FedAvg(), clip_norm=10.0, noise_multiplier=0.5,  # noqa
+                                                seed=7)
+    a = jk.Aggregator(t, alg(), base=t)
+    a.fold({"w": np.ones(4, np.float32)}, 1.0, "p0")
+    a.finalize()
+    a.reset(base=t)
+    a.fold({"w": np.ones(4, np.float32)}, 1.0, "p1")
+    b = jk.Aggregator(t, alg(), base=t)
+    b.fold({"w": np.ones(4, np.float32)}, 1.0, "p2")
+    kept = a.state.copy()
+    with pytest.raises(jk.IncompatibleStates, match="different rounds"):
+        a.merge(b)
+    assert a.state.same_bits(kept)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_deterministic_merge_holds_the_bits_of_one_batch(backend):
+    """The merge carries the (hi, lo) pair as a fold does: the merged state, not just its mean, equals one batch's."""
+    rng = np.random.default_rng(0)
+    ups = [{"w": rng.standard_normal(1000)} for _ in range(6)]
+    mk = lambda: jk.Aggregator({"w": np.zeros(1000)}, deterministic=True, bound=2.0 ** 4, acc_dtype="float64",  # noqa
+                               backend=backend)
+    a, b, whole = mk(), mk(), mk()
+    a.fold_many(ups[:3], parties=[0, 1, 2])
+    b.fold_many(ups[3:], parties=[3, 4, 5])
+    whole.fold_many(ups, parties=list(range(6)))
+    assert a.state.merge(b.state).same_bits(whole.state)

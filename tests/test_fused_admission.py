@@ -110,3 +110,16 @@ def test_a_rejected_fused_batch_leaves_the_state_bit_identical(fused_calls, bad,
     good = ups[:2] + ups[3:]
     agg.fold_many(good, [1.0] * 3, ["p0", "p1", "p3"])  # the state is usable: the good ones fold
     assert agg.state.count == 3
+
+
+def test_the_fused_pass_checks_the_weight_where_the_fold_weight_is_below_it():
+    """FedNova folds w / steps: weight 10 x 1e32 is past float32's headroom even where the fold weight 0.1 is not.
+    Admission then fold refused it; the fused first batch, checking the fold weight only, took it."""
+    t = {"w": np.zeros(4, np.float32)}
+    u = {"w": np.full(4, 1e32, np.float32)}
+    for fold in (lambda a: a.fold_many([u], [10.0], ["p"], [{"steps": 100}]),
+                 lambda a: a.fold(a.admit(u, 10.0, "p", steps=100))):
+        agg = jk.Aggregator(t, jk.algorithms.FedNova(), base=t, backend="cpp")
+        with pytest.raises(jk.ValueOutOfRange, match="headroom"):
+            fold(agg)
+        assert agg.state.count == 0

@@ -617,3 +617,18 @@ def test_quantize_stays_within_the_target_range_at_the_clip():
     for c, T in ((0.7, 2 ** 32 - 1), (1.3, 2 ** 32 - 1), (0.3, 176985557)):
         q = quantize(np.full(200_000, c), c, T, seed=0)
         assert q.min() >= T - 1 and q.max() == T
+
+
+def test_quantize_caps_plus_c_at_the_target_range():
+    """At x = +c, (2c) * (T / 2c) can round just above T: ceil made T + 1, which wraps to 0 at T = 2^32 - 1, for the
+    uniforms above ceil - x' (one element in ~2 million at this c: a silent corruption of model-sized updates)."""
+    T = 2 ** 32 - 1
+    c = 3.1519396508141906
+    assert (2 * c) * (T / (2 * c)) > T
+
+    class Highest(np.random.RandomState):  # the uniforms that keep ceil(x'): the rare case, every time
+        def random(self, size=None):
+            return np.full(size, 1.0 - 2.0 ** -53)
+
+    q = sa.quantize(np.full(1000, c), c, T, seed=Highest(0))
+    assert q.dtype == np.uint32 and (q == T).all()
