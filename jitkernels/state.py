@@ -533,7 +533,7 @@ def checked_bytes(tensors: dict, meta: dict) -> bytes:
     writes the metadata from a hash map, in no fixed order (compare what :func:`read_checked_bytes` returns)."""
     from safetensors.numpy import save
 
-    return save(tensors, metadata=_with_checksum(tensors, meta))
+    return save(*_with_checksum(tensors, meta))
 
 
 def checked_writer(tensors: dict, meta: dict):
@@ -543,14 +543,38 @@ def checked_writer(tensors: dict, meta: dict):
     included, waits that long), ``save_file`` held it at most 4.7 ms for the same write."""
     from safetensors.numpy import save_file
 
-    meta = _with_checksum(tensors, meta)
+    tensors, meta = _with_checksum(tensors, meta)
     return lambda path: save_file(tensors, path, metadata=meta)
 
 
-def _with_checksum(tensors: dict, meta: dict) -> dict:
-    meta = dict(meta)
+def _with_checksum(tensors: dict, meta: dict) -> tuple:
+    """(tensors, metadata) to write: the metadata with the checksum, the tensors with the values too long for the
+    header (see :data:`META_SPILL`)."""
+    tensors, meta = dict(tensors), dict(meta)
+    spilled = sorted(k for k, v in meta.items() if len(v) > META_SPILL)
+    for k in spilled:
+        tensors[SPILLED_PREFIX + k] = np.frombuffer(meta.pop(k).encode(), np.uint8)
+    if spilled:
+        meta[SPILLED_KEY] = json.dumps(spilled)
     meta["checksum"] = _checksum(tensors, meta)
-    return meta
+    return tensors, meta
+
+
+META_SPILL = 1 << 20
+"""Metadata values longer than this (characters) are written as uint8 tensors (``__meta__.<key>``, listed under
+``__spilled__``) and put back by the readers: safetensors refuses a header past 100 MB, and a state of many parties
+(a million ids of 60 characters, or 1,800 of the longest ids) failed every save with its untyped error."""
+SPILLED_PREFIX, SPILLED_KEY = "__meta__.", "__spilled__"
+
+
+def _unspill(tensors: dict, meta: dict, where: str) -> tuple:
+    """(tensors, metadata) as written: the spilled values back in the metadata (verified by the checksum)."""
+    try:
+        for k in json.loads(meta.pop(SPILLED_KEY, "[]")):
+            meta[k] = tensors.pop(SPILLED_PREFIX + k).tobytes().decode()
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # (checksummed: only a forged file gets here)
+        raise CorruptState(f"{where}: a metadata value written as a tensor cannot be read back ({e})") from e
+    return tensors, meta
 
 
 def read_checked(path: str, what: str = "file") -> tuple:
@@ -578,7 +602,7 @@ def read_checked(path: str, what: str = "file") -> tuple:
     expected = meta.pop("checksum", None)
     if expected is None or _checksum(tensors, meta) != expected:
         raise CorruptState(f"{path}: checksum mismatch (the {what} was altered or damaged)")
-    return tensors, meta
+    return _unspill(tensors, meta, path)
 
 
 def read_checked_bytes(data: bytes, what: str = "buffer") -> tuple:
@@ -595,7 +619,7 @@ def read_checked_bytes(data: bytes, what: str = "buffer") -> tuple:
     expected = meta.pop("checksum", None)
     if expected is None or _checksum(tensors, meta) != expected:
         raise CorruptState(f"checksum mismatch (the {what} was altered or damaged)")
-    return tensors, meta
+    return _unspill(tensors, meta, what)
 
 
 def _checksum(tensors: dict, meta: dict) -> str:

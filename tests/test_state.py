@@ -489,3 +489,23 @@ def test_a_gpu_jobs_state_resumes_on_a_machine_without_a_gpu_on_the_cpu_backend_
     got, want = cpu.finalize(), ref.finalize()
     assert all(type(got[n]) is np.ndarray and got[n].tobytes() == want[n].tobytes() for n in want)
 
+
+
+def test_a_state_of_many_parties_saves_past_the_header_limit(tmp_path):
+    """safetensors refuses a header past 100 MB: a state of 1,800 parties with the longest ids (or a million of 60
+    characters) failed every save with its untyped SafetensorError. Long metadata values go in tensors now."""
+    from jitkernels.state import SPILLED_KEY, checked_bytes, read_checked_bytes
+
+    agg = jk.Aggregator({"w": np.zeros(2, np.float32)})
+    ids = ["x" * 60_000 + str(i) for i in range(1800)]
+    agg.fold_many([{"w": np.ones(2, np.float32)}] * len(ids), parties=ids)
+    agg.state.save(tmp_path / "big.jks")
+    for st in (jk.FoldState.load(tmp_path / "big.jks"), jk.FoldState.from_bytes(agg.state.to_bytes())):
+        assert st.same_bits(agg.state) and list(st.parties) == ids
+    small = jk.Aggregator({"w": np.zeros(2, np.float32)})  # (a usual state's file is as it was: nothing spilled)
+    small.fold({"w": np.ones(2, np.float32)}, party="p")
+    tensors, meta = read_checked_bytes(small.state.to_bytes())
+    assert SPILLED_KEY not in meta and set(tensors) == {"acc", "leaf_weight"}
+    # a forged file naming a spilled value it lacks (the checksum is unkeyed: anyone can recompute it)
+    with pytest.raises(jk.CorruptState, match="cannot be read back"):
+        read_checked_bytes(checked_bytes({"a": np.zeros(1)}, {SPILLED_KEY: '["parties"]'}))
