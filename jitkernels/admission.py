@@ -287,17 +287,18 @@ def headroom(acc_dtype) -> float:
 
 
 def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, against_base=False,
-          fold_weights=None) -> list:
+          fold_weights=None, base_max=0.0) -> list:
     """Admitted updates from their stats ([L, k] non-finite counts, sums of squares, max-abs), or the error of the
     first bad one (in order). ``bound`` (deterministic mode) caps ``weight * max|x|``; with ``fold_weights`` (the
     algorithm's, e.g. FedNova's w / steps) the headroom is checked against those too, which the fold multiplies by.
     The weights must be ones the accumulator holds (:func:`check_weight_range`), unless ``bound`` is inf (buffered
-    rules)."""
+    rules). Stats ``against_base`` are of ``u - base``: ``max|u - base| + base_max`` (``max|base|``) bounds the
+    ``|u|`` the kernels read into the accumulator's dtype."""
     nonfinite, sumsq, maxabs = stats
     limit = headroom(acc_dtype) if bound is None else float(bound)
     # each value too must be one the accumulator's dtype holds: the kernels read x as A(x) before weighing it, so a
     # float64 leaf's 1e39 (or an int8 value times its scale) with a small weight passed the headroom and folded inf
-    cap = float(np.finfo(np.dtype(acc_dtype)).max)
+    cap = float(np.finfo(np.dtype(acc_dtype)).max) - (float(base_max) if against_base else 0.0)
     raw = prep.weights
     fold = raw if fold_weights is None else [float(w) for w in fold_weights]
     # the larger of the weight and the fold weight: admission without the aggregator checks the weight, the fold
@@ -327,9 +328,10 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
         if leaf.size:
             raise NonFiniteUpdate(party, layout.leaves[leaf[0]].name, int(nonfinite[leaf[0], j]))
         if not peak[j] <= cap:
-            raise ValueOutOfRange(f"party {party!r}: leaf {layout.leaves[worst[j]].name!r} has |x| = {peak[j]:.6g}, "
-                                  f"past the {acc_dtype} accumulator's range ({cap:.6g}; acc_dtype='float64' "
-                                  "takes more)")
+            where = f" as its delta against a base of max |{base_max:.6g}|" if against_base and base_max else ""
+            raise ValueOutOfRange(f"party {party!r}: leaf {layout.leaves[worst[j]].name!r} has |x| = {peak[j]:.6g}"
+                                  f"{where}, past the {acc_dtype} accumulator's range "
+                                  f"({float(np.finfo(np.dtype(acc_dtype)).max):.6g}; acc_dtype='float64' takes more)")
         if scale[j] * peak[j] <= limit:  # (its values are in range: its weight is not)
             check_weight_range(raw[j], party, acc_dtype)
             check_weight_range(fold[j], party, acc_dtype, "fold weight")
@@ -347,16 +349,25 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
 
 
 def admit_many(updates, layout, *, weights=None, parties=None, base=None, backend="auto", acc_dtype=None,
-               copy=False, partial=False, bound=None, host_base=None) -> list:
+               copy=False, partial=False, bound=None, host_base=None, base_max=None) -> list:
     """Admit k updates with one stats call per input dtype. Raises on the first bad update (in order); nothing
     is returned (so nothing is folded) unless all pass. ``bound`` (deterministic mode) caps ``weight * max|x|``.
     ``acc_dtype``: the accumulator's, whose headroom is checked (default: the layout's, as an Aggregator's).
-    Updates in GPU memory need ``backend`` "cupy" (or "auto" with the GPU backend available)."""
+    Updates in GPU memory need ``backend`` "cupy" (or "auto" with the GPU backend available). ``base_max``:
+    ``max|base|``, if the caller keeps it (else a pass over the base)."""
     prep = prepare(updates, layout, weights=weights, parties=parties, backend=backend, copy=copy, partial=partial)
     acc_dtype = acc_dtype or layout.default_acc_dtype  # (after prepare, which refuses what is not a Layout)
     _, *stats = batch_stats(layout, prep.leaves, base=base, host_base=host_base, backend=backend,
                             acc_dtype=acc_dtype, on_device=prep.on_device, entries=prep.entries)
-    return check(prep, layout, stats, acc_dtype=acc_dtype, bound=bound, against_base=base is not None)
+    if base is not None and base_max is None:
+        base_max = abs_max(base)
+    return check(prep, layout, stats, acc_dtype=acc_dtype, bound=bound, against_base=base is not None,
+                 base_max=base_max or 0.0)
+
+
+def abs_max(a) -> float:
+    """max |a| of a flat host or device array, without a temporary of its size (0 for an empty one)."""
+    return max(float(a.max()), -float(a.min())) if a.size else 0.0
 
 
 def check_int_terms(admitted, layout, masses, deterministic_bound=None, acc_dtype="float32") -> None:

@@ -81,7 +81,7 @@ def _cast(values, dtype):
         hi = float(info.max)
         values = np.clip(np.asarray(values, np.float64), float(info.min),  # (in float32, the bounds round too)
                          hi if hi <= info.max else float(np.nextafter(hi, -np.inf)))
-    return values.astype(dtype)
+    return values.astype(dtype, copy=False)  # (a robust rule's float32 result into a float32 leaf: no copy)
 
 
 def _write(out, host_values) -> None:
@@ -324,7 +324,9 @@ class Aggregator:
                               host_base=host_base, backend=self.backend, acc_dtype=self.acc_dtype,
                               copy=self.copy, partial=self.partial,
                               # buffered rules keep values, they do not sum them: no accumulator headroom to keep
-                              bound=2.0 ** st.bound_log2 if st.deterministic else (math.inf if self.buffered else None))
+                              bound=2.0 ** st.bound_log2 if st.deterministic else (math.inf if self.buffered else None),
+                              # (the kept max |base|, if this base is still the state's: else one pass over it)
+                              base_max=self._base_max() if base is not None and token is self._base_token else None)
         for a, i in zip(admitted, infos):
             a.info = i
             if a.against_base:
@@ -426,7 +428,8 @@ class Aggregator:
             for g in groups.values():
                 admission.add_stats(stats, g.leaf_ids, *cpp.fold_stats(st.acc, st.base, g, norms=False))
             admitted = admission.check(prep, self.layout, stats, acc_dtype=self.acc_dtype,
-                                       against_base=st.base is not None, fold_weights=fold_w)
+                                       against_base=st.base is not None, fold_weights=fold_w,
+                                       base_max=self._base_max())
             self._check_int_bound(admitted)
         except BaseException:
             st.acc.fill(0)  # the state was empty: all zeros
@@ -543,15 +546,20 @@ class Aggregator:
         stale = [u for u in admitted if not self._measured_here(u)]
         if st.base is None or not stale or getattr(alg, "needs_norms", False):
             return stale  # (no base here: stats of u - b for another base say nothing of u, which folds here)
-        if self._bmax[0] is not self._base_token:
-            b = st.base  # (max and min: no model-sized temporary, once per base)
-            self._bmax = (self._base_token, max(float(b.max()), -float(b.min())) if b.size else 0.0)
-        bound, bmax = self._fold_bound(), self._bmax[1]
+        bound, bmax = self._fold_bound(), self._base_max()
         # (stats of u itself only: one measured against another base bounds nothing here)
         return [u for u in stale if u.against_base or not
                 max(u.weight, float(alg.fold_weight(u, st))) * (u.maxabs + bmax) <= bound]
 
-    _bmax: tuple = (None, 0.0)  # (base token, max |base|), for _stale
+    _bmax: tuple = (None, 0.0)  # (base token, max |base|)
+
+    def _base_max(self) -> float:
+        """max |base| (0 without one), once per base: what bounds |u| by |u - base| (_stale, admission's range)."""
+        if self.state.base is None:
+            return 0.0
+        if self._bmax[0] is not self._base_token:
+            self._bmax = (self._base_token, admission.abs_max(self.state.base))  # (max and min: no temporary)
+        return self._bmax[1]
 
     def _measured_here(self, u) -> bool:
         """``u``'s stats are of what folds here: of ``u - base`` against this state's base, or of ``u`` itself where

@@ -572,7 +572,8 @@ def _unspill(tensors: dict, meta: dict, where: str) -> tuple:
     try:
         for k in json.loads(meta.pop(SPILLED_KEY, "[]")):
             meta[k] = tensors.pop(SPILLED_PREFIX + k).tobytes().decode()
-    except (ValueError, KeyError, TypeError, AttributeError) as e:  # (checksummed: only a forged file gets here)
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:  # (only a forged file: the
+        # checksum is unkeyed)
         raise CorruptState(f"{where}: a metadata value written as a tensor cannot be read back ({e})") from e
     return tensors, meta
 

@@ -26,23 +26,36 @@ def _time(when) -> float:
 
 
 class Handle:
-    __slots__ = ("when", "fn", "args", "cancelled")
+    __slots__ = ("when", "fn", "args", "cancelled", "heap")
 
-    def __init__(self, when, fn, args):
-        self.when, self.fn, self.args, self.cancelled = when, fn, args, False
+    def __init__(self, when, fn, args, heap=None):
+        self.when, self.fn, self.args, self.cancelled, self.heap = when, fn, args, False, heap
 
     def cancel(self) -> None:
-        self.cancelled = True
+        """Never called; what it would have been called with is let go now (a round's deadline, cancelled when the
+        round ended, held the round and its result model until the deadline's time came: a job kept every round
+        of the last deadline_s in memory, not its last keep_rounds)."""
+        if not self.cancelled:
+            self.cancelled = True
+            self.fn, self.args = None, ()
+            if self.heap is not None:
+                self.heap.cancelled += 1  # (from any thread: a count that may run ahead only compacts sooner)
 
 
 class _Heap:
     def __init__(self):
         self._heap = []
         self._seq = itertools.count()
+        self.cancelled = 0  # about how many cancelled handles it holds
 
     def push(self, when, fn, args) -> Handle:
-        h = Handle(when, fn, args)
+        h = Handle(when, fn, args, self)
         heapq.heappush(self._heap, (when, next(self._seq), h))
+        if self.cancelled > 64 and 2 * self.cancelled > len(self._heap):
+            # mostly cancelled (deadlines of rounds that ended long before them): drop them, as asyncio does
+            self._heap[:] = [e for e in self._heap if not e[2].cancelled]  # (in place: VirtualClock.run holds it)
+            heapq.heapify(self._heap)
+            self.cancelled = 0
         return h
 
     def peek_time(self):
@@ -161,15 +174,18 @@ class RealClock:
                     wait = None if t is None else t - self.now()
                     if wait is not None and wait <= 0:
                         h = self._q.pop()
+                        fn, args = h.fn, h.args  # (read here: a cancel() from another thread lets them go)
+                        if fn is None:  # cancelled since it was peeked
+                            continue
                         break
                     # (at most an hour at a time: a deadline of 1e10 s, past threading.TIMEOUT_MAX, raised
                     # OverflowError here and the clock thread died, every job with it)
                     self._cv.wait(timeout=None if wait is None else min(wait, 3600.0))
             self.events += 1
             try:
-                h.fn(*h.args)
+                fn(*args)
             except Exception:  # one failed callback must not stop every job's clock
-                log.exception("scheduler callback %r failed", getattr(h.fn, "__qualname__", h.fn))
+                log.exception("scheduler callback %r failed", getattr(fn, "__qualname__", fn))
 
     def close(self) -> None:
         with self._cv:

@@ -280,6 +280,7 @@ class _Round:
     unobserved: set = field(default_factory=set)  # parties whose arrival is no response time (carried, replayed)
     late_observed: set = field(default_factory=set)  # parties whose late answer the predictor has learnt
     missed: bool = False  # its deadline passed before its quorum (counted once in the metrics)
+    opened_wall: float | None = None  # the clock's wall time when it opened (checkpoints record it: _resume)
 
     def take_carried(self, party) -> None:
         """``party``'s late update for the round before counts here: not as this round's answer, nor its time."""
@@ -598,9 +599,6 @@ class JITScheduler:
                     self.store.check_ids(job.id, job.parties)
                 except ValueError as e:
                     raise InvalidJob(str(e)) from None
-                self.store.revive(job.id)  # (a job removed under its id: it starts afresh)
-                # new here: its entry, with the time its first round opens (deadlines outlive a restart)
-                self.store.commit_new(job.id, job.first_round, self._wall())
             pred = Predictor(prior_s=job.prior_response_s)
             js = _JobState(job, pred, self.clock.now())
             if self.byte_budget is not None and self.overflow == "raise" and js.update_bytes > self.byte_budget:
@@ -616,6 +614,10 @@ class JITScheduler:
                                  "round's model, and a late update carried to the next round would be measured "
                                  "against the wrong one: late='reject'")
             js.metrics.latencies = deque(maxlen=self.history)
+            if self.store is not None and js.layout is not None:  # (after every check: a refused job commits nothing)
+                self.store.revive(job.id)  # (a job removed under its id: it starts afresh)
+                # new here: its entry, with the time its first round opens (deadlines outlive a restart)
+                self.store.commit_new(job.id, job.first_round, self._wall())
             self.jobs[job.id] = js
             self._log("add_job", js, quorum=job.quorum_count(), parties=len(job.parties))
             try:
@@ -1013,9 +1015,11 @@ class JITScheduler:
             raise UnknownJob(f"no job {job_id!r}") from None
 
     def _wall(self) -> float | None:
-        """The clock's time that outlives a restart (None for a clock without one)."""
+        """The clock's time that outlives a restart (None for a clock without one, or one that gave no finite
+        number: the manifest would not verify)."""
         wall = getattr(self.clock, "wall", None)
-        return None if wall is None else float(wall())
+        t = None if wall is None else wall()
+        return float(t) if _real(t) and math.isfinite(t) else None
 
     @staticmethod
     def _check_live(js) -> None:
@@ -1099,8 +1103,10 @@ class JITScheduler:
             if not self._closed and js.opening == number and self.jobs.get(js.job.id) is js:
                 self._open_next(js, number)
 
-    def _open_round(self, js: _JobState, number: int, start: float | None = None) -> None:
-        """``start``: the time the round opened before a restart (its deadline and response times run from it)."""
+    def _open_round(self, js: _JobState, number: int, start: float | None = None,
+                    opened: float | None = None) -> None:
+        """``start``: the time the round opened before a restart (its deadline and response times run from it), at
+        wall time ``opened``."""
         now = self.clock.now()
         rnd = self._round(js, number)
         agg = None
@@ -1113,6 +1119,7 @@ class JITScheduler:
             else:
                 agg = js.new_aggregator()
         rnd.start, rnd.aggregator = now if start is None else min(start, now), agg
+        rnd.opened_wall = self._wall() if start is None else opened
         js.open, js.opening = rnd, None
         if js.job.deadline_s is not None:  # (one that passed while the scheduler was down fires at once)
             rnd.deadline_timer = self.clock.call_at(rnd.start + js.job.deadline_s, self._on_deadline, js, rnd)
@@ -1534,7 +1541,9 @@ class JITScheduler:
             carried = self._carried_into(js, task.round)
         if js.fold_bytes >= limit and live:
             try:
-                self.store.checkpoint(js.job.id, task.round, agg.state, ids, carried)
+                # (with when the round opened: the last result's commit, which recorded it before, came before the
+                # round opened, by its futures' callbacks, a retry, or a simulated finalize's time)
+                self.store.checkpoint(js.job.id, task.round, agg.state, ids, carried, opened=rnd.opened_wall)
                 js.fold_bytes = 0
             except Crashed:
                 raise
@@ -1686,7 +1695,7 @@ class JITScheduler:
         # the round opened before the restart: its deadline and its parties' response times run from then (they
         # restarted with every restart, and a server that kept crashing never failed a round at its deadline)
         self._open_round(js, first, None if wall is None or opened is None else
-                         self.clock.now() - max(0.0, wall - opened))
+                         self.clock.now() - max(0.0, wall - opened), opened)
         rnd = js.open
         lowered = meta.get("quorum")
         if lowered and lowered[0] == first:  # the partial rule's quorum, set at its deadline before the restart

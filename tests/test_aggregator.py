@@ -83,18 +83,6 @@ def test_an_update_admitted_against_a_base_is_measured_again_where_none_is(many)
     assert agg.count == 0 and not agg.state.acc.any()
 
 
-def test_a_float64_leaf_past_float32s_range_in_a_float32_accumulator_is_refused_at_finalize():
-    """Admission measures u - base in float64, where a float64 value past float32's range with a small delta
-    passes; read into a float32 accumulator it is inf, and finalize returned inf silently. It is refused by name."""
-    f32max = float(np.finfo(np.float32).max)
-    t = {"a": np.zeros(3, np.float64)}
-    agg = jk.Aggregator(t, base={"a": np.full(3, f32max)}, acc_dtype="float32", backend="numpy")
-    with np.errstate(over="ignore"):
-        agg.fold({"a": np.full(3, f32max + 1e32)}, party=1)
-    with pytest.raises(jk.ValueOutOfRange, match="leaf 'a'"):
-        agg.finalize()
-
-
 @pytest.mark.parametrize("alg", [jk.algorithms.FedAvgM(lr=30.0), jk.algorithms.FedBuff(server_lr=30.0)])
 def test_a_float64_model_stepped_or_amplified_past_its_range_is_refused(alg):
     """A server step (FedAvgM) or an amplified mean (FedBuff's server_lr > 1) can take a float64 model past float64's
@@ -1561,3 +1549,23 @@ def test_a_deterministic_merge_holds_the_bits_of_one_batch(backend):
     b.fold_many(ups[3:], parties=[3, 4, 5])
     whole.fold_many(ups, parties=list(range(6)))
     assert a.state.merge(b.state).same_bits(whole.state)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_value_past_the_range_is_refused_against_a_base_too(backend):
+    """Against a base the stats measure u - base, but the kernels read u into the accumulator's dtype: a float64
+    leaf past float32's range whose delta was small passed, the accumulator went inf, and the round was lost (a
+    test of 2026-11-27 had it refused at finalize only, the state then unusable)."""
+    f32max = float(np.finfo(np.float32).max)
+    t = {"w": np.zeros(4)}
+    base = {"w": np.full(4, f32max)}
+    u = {"w": np.full(4, f32max + 1e32)}  # (read as float32: inf; its delta, 1e32, is within the headroom)
+    for fold in (lambda a: a.fold(u, 1.0, party="p"), lambda a: a.fold_many([u], [1.0], ["p"]),
+                 lambda a: a.fold(a.admit(u, 1.0, party="p"))):
+        agg = jk.Aggregator(t, acc_dtype="float32", base=base, backend=backend)
+        with pytest.raises(jk.ValueOutOfRange, match="'p'.*as its delta against a base"):
+            fold(agg)
+        assert agg.state.count == 0
+    ok = jk.Aggregator(t, acc_dtype="float32", base={"w": np.full(4, 1.0)}, backend=backend)
+    ok.fold({"w": np.full(4, 3.0)}, 1.0, party="p")  # (a usual base costs nothing)
+    assert ok.finalize()["w"].tolist() == [3.0] * 4

@@ -133,21 +133,19 @@ def test_writer_nice_renices_the_writer_thread_alone(tmp_path):
 @pytest.mark.parametrize("point", POINTS)
 @pytest.mark.parametrize("nth", [1, 3])
 def test_crash_at_every_protocol_step_loses_nothing_counts_nothing_twice(tmp_path, want, point, nth):
-    seen = []
+    seen, armed = [], [False]
 
     def hook(p):
-        if p == point:
+        if p == point and armed[0]:  # (from the first update on: add_job's commit has its own test)
             seen.append(p)
             if len(seen) == nth:
                 sched.store.crash()
                 raise Crashed(p)
 
     sched = _sched(tmp_path, crash_hook=hook)
-    try:  # (add_job commits the new job's entry: the first manifest's steps crash there)
-        sched.add_job(cw.job())
-        acked = _submit_all(sched)
-    except Crashed:
-        acked = set()
+    sched.add_job(cw.job())
+    armed[0] = True
+    acked = _submit_all(sched)
     if len(seen) < nth:
         pytest.skip(f"{point} is reached fewer than {nth} times in this workload")
     assert sched.store.dead
@@ -165,20 +163,18 @@ def test_crashes_keep_the_state_that_rounds_hand_on(tmp_path, point, alg):
     """Server optimizers and DP close their rounds: the next round starts from the committed carry (model, moments,
     round counter keying the noise). A crash anywhere, then recovery, gives the uninterrupted run's bits."""
     want = cw.expected(alg=alg)
-    seen = []
+    seen, armed = [], [False]
 
     def hook(p):
-        if p == point and not seen:
+        if p == point and not seen and armed[0]:
             seen.append(p)
             sched.store.crash()
             raise Crashed(p)
 
     sched = _sched(tmp_path, crash_hook=hook)
-    try:
-        sched.add_job(cw.job(alg=alg))
-        acked = _submit_all(sched)
-    except Crashed:
-        acked = set()
+    sched.add_job(cw.job(alg=alg))
+    armed[0] = True
+    acked = _submit_all(sched)
     if not seen:
         pytest.skip(f"{point} is not reached in this workload")
     again = JITScheduler.recover(tmp_path, [cw.job(alg=alg)], policy="eager", slots=1, clock=VirtualClock(),
@@ -1986,7 +1982,9 @@ def test_a_removed_job_leaves_the_directory_and_its_id_starts_afresh(tmp_path, c
     s = _sched(tmp_path)
     # its updates go at the open; its states and results (named by the generation before the tombstone, which
     # the crash left retained) with the next commit
-    assert s.store.jobs == {"j": {"removed": True}} and not any(f.startswith("updates") for f in files())
+    # (without the crash a third generation dropped the tombstone: kept, every later commit wrote it again)
+    assert s.store.jobs == ({"j": {"removed": True}} if crash_before_purge else {})
+    assert not any(f.startswith("updates") for f in files())
     s.add_job(job())  # afresh: round 0 again, without the old rounds' results or round 1's updates
     assert s.store.jobs == {"j": {"round": 0, "opened": 0.0}} and s.jobs["j"].open.number == 0 and files() == []
     for p in "pqr":
@@ -2088,4 +2086,61 @@ def test_drop_party_of_a_job_removed_meanwhile_is_unknown_job(tmp_path, monkeypa
         s.drop_party("A", "r")
     monkeypatch.setattr(S, "_party", staticmethod(party))
     assert "dropped" not in s.store.jobs["A"] and s.jobs["A"].expected == ["p", "q", "r"]
+    s.close()
+
+
+@pytest.mark.parametrize("point", [p for p in POINTS if p.startswith("manifest")] + ["gc.started"])
+def test_a_crash_in_add_jobs_commit_leaves_a_directory_the_job_recovers_from(tmp_path, want, point):
+    """add_job commits a new job's entry (the time its first round opens): a crash at any step of that commit."""
+    def hook(p):
+        if p == point:
+            sched.store.crash()
+            raise Crashed(p)
+
+    sched = _sched(tmp_path, crash_hook=hook)
+    with pytest.raises(Crashed):
+        sched.add_job(cw.job())
+    again = JITScheduler.recover(tmp_path, [cw.job()], policy="eager", slots=1, clock=VirtualClock(),
+                                 checkpoint_bytes=0)
+    _submit_all(again)
+    assert _same(_results(again), want)
+    again.close()
+
+
+def test_a_checkpoint_records_when_its_round_opened():
+    """The result's commit records the next round's opening before it happens (by its futures' callbacks, a retry,
+    or here a simulated finalize's 12 s): a checkpoint of the round records the time it opened."""
+    import tempfile
+
+    from scheduler import BackendCost
+
+    clk = VirtualClock()
+    slow = CostModel(backends={"cpu": BackendCost(1.0, 0.0)}, startup_s=0.0)  # 12 bytes: 12 s
+    with tempfile.TemporaryDirectory() as d:
+        s = JITScheduler("eager", clock=clk, cost=slow, state_dir=d, checkpoint_bytes=0)
+        s.add_job(Job("j", template={"w": np.zeros(3, np.float32)}, parties=["a", "b"], quorum=2, rounds=2))
+        for p in "ab":
+            s.submit("j", 0, p, {"w": np.ones(3, np.float32)}).durable.result(timeout=10)
+        clk.run(until=100.0)
+        opened = s.jobs["j"].open.start
+        assert s.store.jobs["j"]["opened"] < opened - 10  # (the result's commit: at its finalize's start)
+        s.submit("j", 1, "a", {"w": np.ones(3, np.float32)}).durable.result(timeout=10)
+        clk.run(until=200.0)
+        assert s.store.jobs["j"]["state"] and s.store.jobs["j"]["opened"] == opened
+        s.close()
+
+
+def test_a_refused_add_job_commits_nothing(tmp_path):
+    """add_job committed the new job's entry before its last checks: a refused job left {round, opened}, and the
+    corrected job resumed from it (a round it does not have, or a deadline already run)."""
+    from scheduler import InvalidJob
+
+    s = JITScheduler("eager", clock=VirtualClock(), state_dir=tmp_path)
+    t = {"w": np.zeros(3, np.float32)}
+    with pytest.raises(InvalidJob, match="does not weigh updates"):
+        s.add_job(Job("j", template=t, parties=["a", "b"], algorithm=jk.algorithms.FedAvg(weighted=False),
+                      late="next_round"))
+    assert s.store.jobs == {}
+    s.add_job(Job("j", template=t, parties=["a", "b"], first_round=5))
+    assert s.jobs["j"].open.number == 5 and s.store.jobs["j"]["round"] == 5
     s.close()

@@ -1674,3 +1674,27 @@ def test_an_ended_job_keeps_no_aggregator_after_a_fold_that_failed_past_its_dead
     with pytest.raises(InvalidJob, match="late_weight"):  # (a weight no float holds: InvalidJob as any bad one)
         Job("b", parties=["p"], late_weight=__import__("fractions").Fraction(1, 10 ** 400)).check()
     s.close()
+
+
+def test_a_finished_rounds_cancelled_deadline_lets_its_result_go():
+    """A round's deadline timer, cancelled when the round ended, held the round (and its result model) until the
+    deadline's time came whenever an earlier event stood before it in the clock's heap: a job kept every round of
+    the last deadline_s in memory, not its last keep_rounds."""
+    import gc
+    import weakref
+
+    clk = VirtualClock()
+    s = JITScheduler("eager", slots=2, clock=clk, cost=COST, keep_rounds=2)
+    t = {"w": np.zeros(1000, np.float32)}
+    s.add_job(Job("slow", template=t, parties=["p", "q"], quorum=2, deadline_s=3600.0))  # its deadline stays first
+    s.add_job(Job("fast", template=t, parties=["p"], deadline_s=3600.0))
+    refs = []
+    for r in range(200):
+        s.submit("fast", r, "p", {"w": np.full(1000, r, np.float32)})
+        clk.run(until=clk.now() + 2.0)
+        if r == 0:
+            refs.append(weakref.ref(s.result("fast", 0).result(timeout=0)["w"]))
+    gc.collect()
+    assert refs[0]() is None  # let go with its round (keep_rounds), not held by its cancelled deadline
+    assert len(clk._q) < 150  # and the heap drops its cancelled handles once they are most of it
+    s.close()
