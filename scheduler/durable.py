@@ -550,6 +550,10 @@ class StateDir:
         shapes = [leaf.shape for leaf in layout.leaves]
         return decode_leaves(tensors, json.loads(meta["leaves"]), len(layout), shapes), ids
 
+    def forget_verified(self) -> None:
+        """Let go of the states verified at the open that no job has taken (:meth:`load_state` reads them again)."""
+        self._states.clear()
+
     def load_state(self, rel: str) -> jk.FoldState:
         st = self._states.pop(rel, None)
         return st if st is not None else jk.FoldState.load(os.path.join(self.path, rel))

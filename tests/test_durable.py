@@ -2144,3 +2144,24 @@ def test_a_refused_add_job_commits_nothing(tmp_path):
     s.add_job(Job("j", template=t, parties=["a", "b"], first_round=5))
     assert s.jobs["j"].open.number == 5 and s.store.jobs["j"]["round"] == 5
     s.close()
+
+
+def test_recover_lets_go_of_the_checkpoints_of_jobs_it_was_not_given(tmp_path):
+    """The directory verifies every job's checkpoint when it opens and held each until its job was added: one never
+    added again held its (model-sized) state for the scheduler's life."""
+    t = {"w": np.zeros(1000, np.float32)}
+    s = JITScheduler("eager", slots=2, clock=VirtualClock(), state_dir=tmp_path, checkpoint_bytes=0)
+    for j in ("a", "b"):
+        s.add_job(Job(j, template=t, parties=["p", "q"], quorum=2, rounds=1))
+        s.submit(j, 0, "p", {"w": np.ones(1000, np.float32)}).durable.result(timeout=10)
+    s.clock.run()
+    assert all(m.get("state") for m in s.store.jobs.values())
+    s.close()
+    again = JITScheduler.recover(tmp_path, [Job("a", template=t, parties=["p", "q"], quorum=2, rounds=1)],
+                                 clock=VirtualClock())
+    assert again.store._states == {}
+    again.add_job(Job("b", template=t, parties=["p", "q"], quorum=2, rounds=1))  # (reads its own again)
+    again.submit("b", 0, "q", {"w": np.full(1000, 3.0, np.float32)})
+    again.clock.run()
+    assert again.result("b", 0).result(timeout=10)["w"][0] == 2.0
+    again.close()
