@@ -281,6 +281,12 @@ def weight_range(acc_dtype) -> tuple:
 
 
 @functools.cache
+def largest(acc_dtype) -> float:
+    """The accumulator dtype's largest value (cached: np.finfo costs a per-update fold 0.7 us)."""
+    return float(np.finfo(np.dtype(acc_dtype)).max)
+
+
+@functools.cache
 def headroom(acc_dtype) -> float:
     """The largest ``weight * max|x|`` a fold may add: the accumulator's range, less room for 2^20 such terms."""
     return float(np.finfo(np.dtype(acc_dtype)).max) * HEADROOM
@@ -298,7 +304,7 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
     limit = headroom(acc_dtype) if bound is None else float(bound)
     # each value too must be one the accumulator's dtype holds: the kernels read x as A(x) before weighing it, so a
     # float64 leaf's 1e39 (or an int8 value times its scale) with a small weight passed the headroom and folded inf
-    cap = float(np.finfo(np.dtype(acc_dtype)).max) - (float(base_max) if against_base else 0.0)
+    cap = largest(acc_dtype) - (float(base_max) if against_base else 0.0)
     raw = prep.weights
     fold = raw if fold_weights is None else [float(w) for w in fold_weights]
     # the larger of the weight and the fold weight: admission without the aggregator checks the weight, the fold
@@ -331,7 +337,7 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
             where = f" as its delta against a base of max |{base_max:.6g}|" if against_base and base_max else ""
             raise ValueOutOfRange(f"party {party!r}: leaf {layout.leaves[worst[j]].name!r} has |x| = {peak[j]:.6g}"
                                   f"{where}, past the {acc_dtype} accumulator's range "
-                                  f"({float(np.finfo(np.dtype(acc_dtype)).max):.6g}; acc_dtype='float64' takes more)")
+                                  f"({largest(acc_dtype):.6g}; acc_dtype='float64' takes more)")
         if scale[j] * peak[j] <= limit:  # (its values are in range: its weight is not)
             check_weight_range(raw[j], party, acc_dtype)
             check_weight_range(fold[j], party, acc_dtype, "fold weight")
