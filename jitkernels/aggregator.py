@@ -325,8 +325,7 @@ class Aggregator:
                               copy=self.copy, partial=self.partial,
                               # buffered rules keep values, they do not sum them: no accumulator headroom to keep
                               bound=2.0 ** st.bound_log2 if st.deterministic else (math.inf if self.buffered else None),
-                              # (the kept max |base|, if this base is still the state's: else one pass over it)
-                              base_max=self._base_max() if base is not None and token is self._base_token else None)
+                              base_max=self._base_max(base, token))
         for a, i in zip(admitted, infos):
             a.info = i
             if a.against_base:
@@ -476,6 +475,11 @@ class Aggregator:
         return 2.0 ** st.bound_log2 if st.deterministic else admission.headroom(self.acc_dtype)
 
     def _check_headroom(self, u, w: float, bound: float) -> None:
+        cap = self._range_cap()
+        if not u.maxabs <= cap:  # (admission's range check, for stats measured again against this base)
+            leaf = f"leaf {self.layout.leaves[u.worst_leaf].name!r} " if u.worst_leaf >= 0 else ""
+            raise ValueOutOfRange(f"party {u.party!r}: {leaf}has |x| = {u.maxabs:.6g} as its delta against the base, "
+                                  f"past the {self.acc_dtype} accumulator's range less max |base| ({cap:.6g})")
         if not w * u.maxabs <= bound:
             what = "the deterministic bound" if self.deterministic else f"the {self.acc_dtype} accumulator's headroom"
             leaf = f"leaf {self.layout.leaves[u.worst_leaf].name!r} " if u.worst_leaf >= 0 else ""
@@ -546,20 +550,31 @@ class Aggregator:
         stale = [u for u in admitted if not self._measured_here(u)]
         if st.base is None or not stale or getattr(alg, "needs_norms", False):
             return stale  # (no base here: stats of u - b for another base say nothing of u, which folds here)
-        bound, bmax = self._fold_bound(), self._base_max()
-        # (stats of u itself only: one measured against another base bounds nothing here)
-        return [u for u in stale if u.against_base or not
-                max(u.weight, float(alg.fold_weight(u, st))) * (u.maxabs + bmax) <= bound]
+        bound, bmax, top = self._fold_bound(), self._base_max(), admission.largest(self.acc_dtype)
+        # (stats of u itself only: one measured against another base bounds nothing here; and u - base must be a
+        # value of the accumulator's dtype, whatever the weight)
+        return [u for u in stale if u.against_base or not (
+                max(u.weight, float(alg.fold_weight(u, st))) * (u.maxabs + bmax) <= bound and u.maxabs + bmax <= top)]
 
     _bmax: tuple = (None, 0.0)  # (base token, max |base|)
 
-    def _base_max(self) -> float:
-        """max |base| (0 without one), once per base: what bounds |u| by |u - base| (_stale, admission's range)."""
-        if self.state.base is None:
+    def _base_max(self, base=None, token=None) -> float:
+        """max |base| (0 without one), once per base: what bounds |u| by |u - base| (_stale, admission's range).
+        ``base`` and ``token`` as read together from ``_base_view`` (default: now): reset(base=) takes a new token
+        before it has set the new base, and the old base's max was kept under the new token."""
+        if token is None:
+            _, base, token = self._base_view
+        if base is None:
             return 0.0
-        if self._bmax[0] is not self._base_token:
-            self._bmax = (self._base_token, admission.abs_max(self.state.base))  # (max and min: no temporary)
-        return self._bmax[1]
+        cached = self._bmax
+        if cached[0] is not token:
+            cached = self._bmax = (token, admission.abs_max(base))  # (max and min: no temporary)
+        return cached[1]
+
+    def _range_cap(self) -> float:
+        """The largest max|x| an update's stats may show: the accumulator dtype's largest value, less max|base|
+        (stats against a base are of u - base, and the kernels read u, then subtract)."""
+        return admission.largest(self.acc_dtype) - self._base_max()
 
     def _measured_here(self, u) -> bool:
         """``u``'s stats are of what folds here: of ``u - base`` against this state's base, or of ``u`` itself where
@@ -627,9 +642,9 @@ class Aggregator:
         bound = self._fold_bound()
         fw = np.asarray(fold_w, np.float64)
         lo, hi = admission.weight_range(self.acc_dtype)
+        peaks = np.fromiter((u.maxabs for u in admitted), float, len(admitted))
         with np.errstate(over="ignore", invalid="ignore"):  # an inf or NaN product is refused below, by name
-            over = ~(fw * np.fromiter((u.maxabs for u in admitted), float, len(admitted)) <= bound) | ~(
-                (lo <= fw) & (fw <= hi))
+            over = ~(fw * peaks <= bound) | ~((lo <= fw) & (fw <= hi)) | ~(peaks <= self._range_cap())
         if over.any():  # the first in order, as one by one
             j = int(np.argmax(over))
             self._check_headroom(admitted[j], fold_w[j], bound)

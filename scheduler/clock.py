@@ -175,8 +175,8 @@ class RealClock:
                     if wait is not None and wait <= 0:
                         h = self._q.pop()
                         fn, args = h.fn, h.args  # (read here: a cancel() from another thread lets them go)
-                        if fn is None:  # cancelled since it was peeked
-                            continue
+                        if h.cancelled:  # cancelled since it was peeked, or between the two reads (cancel() sets
+                            continue  # the flag first)
                         break
                     # (at most an hour at a time: a deadline of 1e10 s, past threading.TIMEOUT_MAX, raised
                     # OverflowError here and the clock thread died, every job with it)

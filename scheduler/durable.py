@@ -503,6 +503,7 @@ class StateDir:
         themselves from then on); writes queued before are waited for, and deleted with the rest. A crash part-way is
         finished at the next open, and a job added again under its id starts afresh (:meth:`revive`)."""
         with self._lock:
+            self._purged.discard(job)  # (an earlier removal's: this tombstone must be written, not filtered)
             self._commit(self.gen + 1, {**self.jobs, job: {"removed": True}})  # the decision (raises: none made)
             if decided is not None:
                 decided()
@@ -524,6 +525,7 @@ class StateDir:
             if self.jobs.get(job, {}).get("removed"):
                 self._purge(job)
                 self._commit(self.gen + 1, {j: m for j, m in self.jobs.items() if j != job})
+            self._purged.discard(job)
 
     def _purge(self, job) -> None:
         """Delete a removed job's updates (its spilled ones' holds too)."""
@@ -560,12 +562,14 @@ class StateDir:
 
     def _commit(self, gen: int, jobs: dict) -> None:
         # tombstones of removed jobs whose files are gone: a fallback to the generation before finds one still
-        jobs = {j: m for j, m in jobs.items() if not (j in self._purged and m.get("removed"))}
+        dropped = {j for j, m in jobs.items() if j in self._purged and m.get("removed")}
+        jobs = {j: m for j, m in jobs.items() if j not in dropped}
         body = {"format": MANIFEST_FORMAT, "version": VERSION, "gen": gen, "jobs": {ident(j): m for j, m in
                                                                                    jobs.items()}}
         body["checksum"] = _digest(body)
         self._write("manifest", f"manifest-{gen:08d}.json", json.dumps(body, sort_keys=True).encode())
         self.prev_jobs, self.jobs, self.gen = self.jobs, jobs, gen
+        self._purged -= dropped
         try:
             self._gc()
         except Crashed:

@@ -619,7 +619,8 @@ def test_an_update_admitted_without_the_base_is_checked_against_it_when_folded(b
     for fold in (lambda agg, us: agg.fold(us[0]), lambda agg, us: agg.fold_many(us)):
         agg = jk.Aggregator(base, base=base, backend=backend)
         us = [jk.admit(zero, agg.layout, weight=1.0, party=f"p{i}") for i in range(2)]
-        with pytest.raises(jk.ValueOutOfRange, match="'p0'.*headroom"):
+        # (its delta, 3e38, plus max|base| is past float32's range too: refused for either, as the first it meets)
+        with pytest.raises(jk.ValueOutOfRange, match="'p0'.*(headroom|range)"):
             fold(agg, us)
         assert agg.state.count == 0 and not agg.state.acc.any()
     agg = jk.Aggregator({"w": np.zeros(4, np.float32)}, base={"w": np.ones(4, np.float32)}, backend=backend)
@@ -1569,3 +1570,35 @@ def test_a_value_past_the_range_is_refused_against_a_base_too(backend):
     ok = jk.Aggregator(t, acc_dtype="float32", base={"w": np.full(4, 1.0)}, backend=backend)
     ok.fold({"w": np.full(4, 3.0)}, 1.0, party="p")  # (a usual base costs nothing)
     assert ok.finalize()["w"].tolist() == [3.0] * 4
+    # updates whose stats were taken elsewhere, measured again against this base: admitted against another base
+    # (then reset(base=)), or without one (jk.admit); u - base past the range made the accumulator inf
+    t32 = {"w": np.zeros(4, np.float32)}
+    up, down = {"w": np.full(4, 3e38, np.float32)}, {"w": np.full(4, -3e38, np.float32)}
+    stale = jk.Aggregator(t32, base=up, backend=backend)
+    admitted = stale.admit(up, 1e-7, party="p")
+    stale.reset(base=down)
+    elsewhere = jk.Aggregator(t32, base=down, backend=backend)
+    for agg, u in ((stale, admitted), (elsewhere, jk.admit(up, elsewhere.layout, weight=1e-7, party="p"))):
+        agg.fold({"w": np.full(4, -3e38, np.float32)}, 1.0, party="honest")
+        kept = agg.state.copy()
+        with pytest.raises(jk.ValueOutOfRange, match="'p'.*as its delta against the base"):
+            agg.fold(u)
+        assert agg.state.same_bits(kept)
+        assert agg.finalize()["w"][0] == np.float32(-3e38)
+
+
+def test_the_kept_max_of_the_base_is_the_new_bases_after_a_reset():
+    """reset(base=) took its new token before it set the new base: an admission in between (lock-free, from a
+    scheduler's submit) kept max|old base| under the new token, and valid updates were refused all round."""
+    t = {"w": np.zeros(4, np.float32)}
+    a = jk.Aggregator(t, base={"w": np.full(4, 3e38, np.float32)})
+
+    class Parties(dict):
+        def clear(self):  # (runs inside reset, after its new token, before the new base is set)
+            a._base_max()
+            super().clear()
+
+    a.state.parties = Parties()
+    a.reset(base={"w": np.zeros(4, np.float32)}, reuse=True)
+    assert a._base_max() == 0.0
+    a.fold(a.admit({"w": np.full(4, 1e38, np.float32)}, 1e-7, party="p"))

@@ -2165,3 +2165,30 @@ def test_recover_lets_go_of_the_checkpoints_of_jobs_it_was_not_given(tmp_path):
     again.clock.run()
     assert again.result("b", 0).result(timeout=10)["w"][0] == 2.0
     again.close()
+
+
+def test_a_job_removed_twice_under_one_id_keeps_its_second_tombstone(tmp_path):
+    """The first removal's id stayed among the purged ones, so the second removal's decision commit filtered its own
+    tombstone out: after a crash there the update files stayed with no tombstone, and a job added again under the id
+    replayed the removed job's update."""
+    armed = [False]
+
+    def hook(p):
+        if armed[0] and p == "gc.started":  # right after the second removal's decision commit
+            s.store.crash()
+            raise Crashed(p)
+
+    s = JITScheduler("eager", slots=1, clock=VirtualClock(), state_dir=tmp_path, checkpoint_bytes=1 << 40,
+                     crash_hook=hook)
+    s.add_job(cw.job())
+    s.remove_job("crash-job")
+    s.add_job(cw.job())
+    s.submit("crash-job", 0, "p0", cw.update(0, "p0"), 1.0, update_id="old").durable.result(timeout=10)
+    armed[0] = True
+    with pytest.raises(Crashed):
+        s.remove_job("crash-job")
+    again = JITScheduler("eager", slots=1, clock=VirtualClock(), state_dir=tmp_path, checkpoint_bytes=1 << 40)
+    again.add_job(cw.job())
+    assert not again.jobs["crash-job"].open.acked  # the removed job's update is not replayed into the new one
+    assert again.submit("crash-job", 0, "p0", cw.update(0, "p0"), 1.0, update_id="new").duplicate is False
+    again.close()

@@ -247,3 +247,38 @@ def test_a_base_exception_in_a_fold_fails_its_round_and_frees_the_deployment(mon
         np.testing.assert_array_equal(s.result("j", 1).result(timeout=10)["w"], np.full(4, 2.0, np.float32))
     finally:
         s.close()
+
+
+def test_the_real_clock_never_calls_a_handle_cancelled_as_it_is_read(caplog):
+    """cancel() from another thread (remove_job cancels timers) between the clock thread's reads of a handle's fn and
+    args: the live fn was called with no arguments, and its TypeError logged as a failed callback."""
+    import time
+
+    from scheduler.clock import Handle, RealClock
+
+    class CancelledWhileRead(Handle):  # the other thread's cancel() lands between the two reads
+        @property
+        def args(self):
+            self.cancel()
+            return self._args
+
+        @args.setter
+        def args(self, value):
+            self._args = value
+
+        __slots__ = ("_args",)
+
+    calls = []
+    clk = RealClock()
+    try:
+        with clk._cv:
+            h = CancelledWhileRead(clk.now(), lambda x: calls.append(x), (1,))
+            clk._q._heap.append((h.when, next(clk._q._seq), h))
+            clk._cv.notify()
+        done = threading.Event()
+        clk.call_later(0.05, done.set)
+        assert done.wait(5)
+    finally:
+        clk.close()
+    time.sleep(0.05)
+    assert calls == [] and "failed" not in caplog.text
