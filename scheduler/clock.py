@@ -124,8 +124,11 @@ class VirtualClock:
                     break
                 h = self._q.pop()
                 self._now = h.when
+            fn = h.fn
+            if fn is None:  # (cancelled from another thread since it was peeked: its callback is let go)
+                continue
             self.events += 1
-            h.fn(*h.args)
+            fn(*h.args)
         if until is not None:
             self._now = max(self._now, until)
 

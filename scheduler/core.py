@@ -1546,7 +1546,8 @@ class JITScheduler:
             try:
                 # (with when the round opened: the last result's commit, which recorded it before, came before the
                 # round opened, by its futures' callbacks, a retry, or a simulated finalize's time)
-                self.store.checkpoint(js.job.id, task.round, agg.state, ids, carried, opened=rnd.opened_wall)
+                self.store.checkpoint(js.job.id, task.round, agg.state, ids, carried, opened=rnd.opened_wall,
+                                      live=lambda: not js.removed)
                 js.fold_bytes = 0
             except Crashed:
                 raise
@@ -1626,7 +1627,7 @@ class JITScheduler:
                 return result  # job is gone
         self.store.commit_result(js.job.id, number, js.layout, js.layout.flatten(result), ids,
                                  carry=agg.state if js.carries else None, predictor=js.predictor.to_json(),
-                                 opened=self._wall())
+                                 opened=self._wall(), live=lambda: not js.removed)
         js.fold_bytes = 0
         return result
 

@@ -400,15 +400,15 @@ class StateDir:
 
     # --- generations ---------------------------------------------------------------------------------------------
     def checkpoint(self, job, rnd: int, state: jk.FoldState, update_ids: dict, carried: dict | None = None,
-                   opened: float | None = None) -> bool:
+                   opened: float | None = None, live=None) -> bool:
         """Commit a round's partial aggregate: its state file, then a new generation naming it (with the update
         ids of its parties, so that resends are recognized after a restart, and ``carried``, {party: the round its
         late update was sent for}, so that a second update for that round is still refused). False (nothing
         written) if the job has moved past the round meanwhile (its failure or result committed first, e.g. its
         deadline while the fold ran): committing it then would move the job back to a round that is over."""
         with self._lock:
-            if self.jobs.get(job, {}).get("round", rnd) > rnd:
-                return False
+            if self.jobs.get(job, {}).get("round", rnd) > rnd or live is not None and not live():
+                return False  # (live() false: the job was removed, under this lock, since its fold checked)
             gen = self.gen + 1
             rel = os.path.join("states", f"{ident(job)}-r{int(rnd)}-g{gen}.jks")
             self._write("state", rel, state.writer())
@@ -419,12 +419,16 @@ class StateDir:
 
     def commit_result(self, job, rnd: int, layout: jk.Layout, leaves, update_ids: dict,
                       carry: jk.FoldState | None = None, predictor: list | None = None,
-                      opened: float | None = None) -> None:
+                      opened: float | None = None, live=None) -> None:
         """Commit a finished round: its model, the state the next round starts from (``carry``, for algorithms
         that close rounds), then a generation that names both, records the arrival predictor's models (so that a
         restart plans as well as before) and moves the job to the next round, which opens at ``opened`` (the
-        clock's wall time: a restart keeps the round's deadline and response times running from it)."""
+        clock's wall time: a restart keeps the round's deadline and response times running from it). Nothing is
+        committed once ``live()`` is false (the job was removed since its finalize checked: its entry, gone with the
+        tombstone, came back, and a job added again under its id resumed it)."""
         with self._lock:
+            if live is not None and not live():
+                raise RuntimeError(f"job {job!r} was removed from {self.path}; its round {rnd} is not committed")
             carry_rel = None
             if carry is not None:
                 carry_rel = os.path.join("states", f"{ident(job)}-carry-r{int(rnd)}.jks")
@@ -499,16 +503,23 @@ class StateDir:
         states or results (the second's collection deletes them) and no fallback resumes it; then its updates go,
         and a third generation drops the tombstone (kept, every commit wrote it again: a server that removed 4,000
         jobs took 41 ms per round, 2.7 ms with none).
-        ``decided()`` is called once the tombstone is committed (the caller's writes of the job's updates refuse
-        themselves from then on); writes queued before are waited for, and deleted with the rest. A crash part-way is
+        ``decided()`` is called, under this directory's lock, once the tombstone is committed: from then on the
+        caller's writes and commits of the job refuse themselves (``live``). The rest runs on the writer thread, after
+        the writes queued before (deleted with the rest); waiting for them here, under the scheduler's lock,
+        deadlocked with a durable future's callback that called the scheduler. Returns its future. A crash part-way is
         finished at the next open, and a job added again under its id starts afresh (:meth:`revive`)."""
         with self._lock:
             self._purged.discard(job)  # (an earlier removal's: this tombstone must be written, not filtered)
             self._commit(self.gen + 1, {**self.jobs, job: {"removed": True}})  # the decision (raises: none made)
             if decided is not None:
                 decided()
+        return self._writer.submit(self._finish_removal, job)
+
+    def _finish_removal(self, job) -> None:
+        with self._lock:
+            if not self.jobs.get(job, {}).get("removed"):  # added again meanwhile: revive() did this
+                return
             try:
-                self._writer.submit(lambda: None).result()  # (one thread, in order: every write queued is done)
                 self._commit(self.gen + 1, dict(self.jobs))
                 self._purge(job)
                 self._purged.add(job)

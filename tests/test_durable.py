@@ -1971,12 +1971,13 @@ def test_a_removed_job_leaves_the_directory_and_its_id_starts_afresh(tmp_path, c
                            for f in fs if not f.startswith(("manifest-", "LOCK")))
     assert any(f.startswith("results") for f in files()) and any(f.startswith("updates") for f in files())
     removing = crash_before_purge
-    if crash_before_purge:
+    if crash_before_purge:  # (in the tombstone's commit, after its rename: the decision is made)
         with pytest.raises(Crashed):
             s.remove_job("j")
         assert any(f.startswith("updates") for f in files())  # (the crash came first)
     else:
-        s.remove_job("j")
+        s.remove_job("j")  # (the tombstone is committed here; the rest on the writer thread, after its writes)
+        s.store._writer.submit(lambda: None).result(timeout=10)
         assert files() == []
         s.close()
     s = _sched(tmp_path)
@@ -2192,3 +2193,62 @@ def test_a_job_removed_twice_under_one_id_keeps_its_second_tombstone(tmp_path):
     assert not again.jobs["crash-job"].open.acked  # the removed job's update is not replayed into the new one
     assert again.submit("crash-job", 0, "p0", cw.update(0, "p0"), 1.0, update_id="new").duplicate is False
     again.close()
+
+
+def test_a_finalize_racing_remove_job_commits_nothing_for_the_removed_job(tmp_path):
+    """A finalize checked that its job was there, let the lock go, and committed: a remove_job in between (another
+    thread) had dropped the entry with its tombstone, the result's commit wrote it back, and a job added again under
+    the id resumed the removed one's round."""
+    import threading
+
+    from scheduler import RealClock
+
+    t = {"w": np.zeros(3, np.float32)}
+    job = lambda: Job("j", template=t, parties=["p", "q"], quorum=2, rounds=3)  # noqa: E731
+    s = JITScheduler("eager", slots=1, clock=RealClock(), state_dir=tmp_path, checkpoint_bytes=0)
+    s.add_job(job())
+    commit = s.store.commit_result
+
+    def racing(*a, **k):  # the other thread's remove_job lands between the finalize's check and its commit
+        th = threading.Thread(target=s.remove_job, args=("j",))
+        th.start()
+        th.join(5)
+        return commit(*a, **k)
+
+    s.store.commit_result = racing
+    for p in "pq":
+        s.submit("j", 0, p, {"w": np.full(3, 9.0, np.float32)}, update_id=p).durable.result(timeout=10)
+    deadline = time.monotonic() + 10
+    while ("j" in s.jobs or s._removing) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    s.store._writer.submit(lambda: None).result(timeout=10)
+    assert s.store.jobs == {}
+    s.close()
+    again = JITScheduler("eager", slots=1, clock=VirtualClock(), state_dir=tmp_path)
+    again.add_job(job())  # afresh
+    assert again.jobs["j"].open.number == 0 and not again.result("j", 0).done()
+    again.close()
+
+
+def test_remove_job_does_not_wait_for_the_writer_under_the_schedulers_lock(tmp_path):
+    """remove_job waited for the writer's queue holding the scheduler's lock; a durable future's callback (run on the
+    writer thread) that called the scheduler waited for that lock: neither went on."""
+    import threading
+
+    t = {"w": np.zeros(1 << 12, np.float32)}
+    s = JITScheduler("lazy", clock=VirtualClock(), state_dir=tmp_path)
+    for j in ("A", "B"):
+        s.add_job(Job(j, template=t, parties=["p", "q"], quorum=2, rounds=1))
+    in_callback = threading.Event()
+
+    def callback(_):
+        in_callback.set()
+        time.sleep(0.3)
+        s.metrics()  # (into the scheduler, from the writer thread)
+
+    s.submit("A", 0, "p", {"w": np.ones(1 << 12, np.float32)}).durable.add_done_callback(callback)
+    assert in_callback.wait(5)
+    done = threading.Event()
+    threading.Thread(target=lambda: (s.remove_job("B"), done.set()), daemon=True).start()
+    assert done.wait(10)
+    s.close()
