@@ -478,8 +478,9 @@ class Aggregator:
         cap = self._range_cap()
         if not u.maxabs <= cap:  # (admission's range check, for stats measured again against this base)
             leaf = f"leaf {self.layout.leaves[u.worst_leaf].name!r} " if u.worst_leaf >= 0 else ""
-            raise ValueOutOfRange(f"party {u.party!r}: {leaf}has |x| = {u.maxabs:.6g} as its delta against the base, "
-                                  f"past the {self.acc_dtype} accumulator's range less max |base| ({cap:.6g})")
+            what = (" as its delta against the base", " less max |base|") if self.state.base is not None else ("", "")
+            raise ValueOutOfRange(f"party {u.party!r}: {leaf}has |x| = {u.maxabs:.6g}{what[0]}, past the "
+                                  f"{self.acc_dtype} accumulator's range{what[1]} ({cap:.6g})")
         if not w * u.maxabs <= bound:
             what = "the deterministic bound" if self.deterministic else f"the {self.acc_dtype} accumulator's headroom"
             leaf = f"leaf {self.layout.leaves[u.worst_leaf].name!r} " if u.worst_leaf >= 0 else ""

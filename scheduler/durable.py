@@ -150,8 +150,8 @@ def _check_entry(m) -> None:
     """A job's manifest entry as commits write it (a checksum anyone can compute vouches for nothing): a round
     number, state and carry files in states/, result files in results/ by round, failures as [type, message],
     parties as [id, update id] pairs (a failed round's too, by round: manifests written before they were kept lack
-    them), a lowered quorum as [round, quorum] and the wall time the open round opened (optional too). A path elsewhere (/etc/passwd, a FIFO that hung the
-    open) is refused."""
+    them), a lowered quorum as [round, quorum] and the wall time the open round opened (optional too); a removed
+    job's tombstone. A path elsewhere (/etc/passwd, a FIFO that hung the open) is refused."""
     def named(rel, folder, suffix):
         return (isinstance(rel, str) and os.path.dirname(rel) == folder and rel.endswith(suffix)
                 and os.path.basename(rel) not in ("", ".", ".."))
@@ -497,7 +497,7 @@ class StateDir:
         self._commit(self.gen + 1, jobs)
 
     # --- removed jobs ---------------------------------------------------------------------------------------------
-    def remove_job(self, job, decided=None) -> None:
+    def remove_job(self, job, decided=None):
         """Commit that ``job`` was removed (``JITScheduler.remove_job``), then delete its files. Its entry becomes
         a tombstone, ``{"removed": true}``, in two generations, so that neither retained generation names its
         states or results (the second's collection deletes them) and no fallback resumes it; then its updates go,
