@@ -551,11 +551,11 @@ class Aggregator:
         stale = [u for u in admitted if not self._measured_here(u)]
         if st.base is None or not stale or getattr(alg, "needs_norms", False):
             return stale  # (no base here: stats of u - b for another base say nothing of u, which folds here)
-        bound, bmax, top = self._fold_bound(), self._base_max(), admission.largest(self.acc_dtype)
+        bound, bmax, cap = self._fold_bound(), self._base_max(), self._range_cap()
         # (stats of u itself only: one measured against another base bounds nothing here; and u - base must be a
         # value of the accumulator's dtype, whatever the weight)
         return [u for u in stale if u.against_base or not (
-                max(u.weight, float(alg.fold_weight(u, st))) * (u.maxabs + bmax) <= bound and u.maxabs + bmax <= top)]
+                max(u.weight, float(alg.fold_weight(u, st))) * (u.maxabs + bmax) <= bound and u.maxabs <= cap)]
 
     _bmax: tuple = (None, 0.0)  # (base token, max |base|)
 

@@ -116,8 +116,6 @@ class VirtualClock:
                     h = heapq.heappop(heap)[2]
                 else:
                     h = soon.popleft()[1]
-                if h.cancelled:
-                    continue
             else:
                 t = self._q.peek_time()
                 if t is None or (until is not None and t > until):
@@ -125,7 +123,7 @@ class VirtualClock:
                 h = self._q.pop()
                 self._now = h.when
             fn = h.fn
-            if fn is None:  # (cancelled from another thread since it was peeked: its callback is let go)
+            if fn is None:  # cancelled (from another thread too, since it was peeked): its callback is let go
                 continue
             self.events += 1
             fn(*h.args)

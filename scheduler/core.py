@@ -618,8 +618,8 @@ class JITScheduler:
                                  "against the wrong one: late='reject'")
             js.metrics.latencies = deque(maxlen=self.history)
             if self.store is not None and js.layout is not None:  # (after every check: a refused job commits nothing)
-                self.store.revive(job.id)  # (a job removed under its id: it starts afresh)
-                # new here: its entry, with the time its first round opens (deadlines outlive a restart)
+                # new here (or removed before under its id: it starts afresh): its entry, with the time its first
+                # round opens (deadlines outlive a restart)
                 self.store.commit_new(job.id, job.first_round, self._wall())
             self.jobs[job.id] = js
             self._log("add_job", js, quorum=job.quorum_count(), parties=len(job.parties))

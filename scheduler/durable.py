@@ -475,9 +475,14 @@ class StateDir:
     def commit_new(self, job, first_round: int, opened: float | None) -> None:
         """Commit a job new to the directory, with the time its first round opens (see :meth:`commit_result`). An
         entry of nothing but that (the job was added before, and nothing of it committed since) for another first
-        round is another job's: replaced."""
+        round is another job's, and a removed job's tombstone too: replaced (the removed job's files, any update a
+        late write left included, are deleted first: the job starts afresh)."""
         with self._lock:
             old = self.jobs.get(job)
+            if old is not None and old.get("removed"):
+                self._purge(job)
+                old = None
+            self._purged.discard(job)
             if old is None or set(old) <= {"round", "opened"} and old.get("round") != int(first_round):
                 self._commit(self.gen + 1, {**self.jobs, job: {"round": int(first_round), "opened": opened}})
 
@@ -507,7 +512,7 @@ class StateDir:
         caller's writes and commits of the job refuse themselves (``live``). The rest runs on the writer thread, after
         the writes queued before (deleted with the rest); waiting for them here, under the scheduler's lock,
         deadlocked with a durable future's callback that called the scheduler. Returns its future. A crash part-way is
-        finished at the next open, and a job added again under its id starts afresh (:meth:`revive`)."""
+        finished at the next open, and a job added again under its id starts afresh (:meth:`commit_new`)."""
         with self._lock:
             self._purged.discard(job)  # (an earlier removal's: this tombstone must be written, not filtered)
             self._commit(self.gen + 1, {**self.jobs, job: {"removed": True}})  # the decision (raises: none made)
@@ -517,7 +522,7 @@ class StateDir:
 
     def _finish_removal(self, job) -> None:
         with self._lock:
-            if not self.jobs.get(job, {}).get("removed"):  # added again meanwhile: revive() did this
+            if not self.jobs.get(job, {}).get("removed"):  # added again meanwhile: commit_new() did this
                 return
             try:
                 self._commit(self.gen + 1, dict(self.jobs))
@@ -528,15 +533,6 @@ class StateDir:
                 raise
             except Exception as e:  # removed all the same: its updates go at the next open, the rest with a commit
                 log.warning("state directory %s: job %r removed, but deleting its files failed (%s)", self.path, job, e)
-
-    def revive(self, job) -> None:
-        """A job added under the id of a removed one: its tombstone goes (with any update a late write left), so
-        that it starts afresh."""
-        with self._lock:
-            if self.jobs.get(job, {}).get("removed"):
-                self._purge(job)
-                self._commit(self.gen + 1, {j: m for j, m in self.jobs.items() if j != job})
-            self._purged.discard(job)
 
     def _purge(self, job) -> None:
         """Delete a removed job's updates (its spilled ones' holds too)."""
