@@ -690,10 +690,12 @@ class UpdateStore:
     _UNSET = object()
 
     @classmethod
-    def load(cls, path, *, budget_bytes=_UNSET, over_budget=None, spill_dir=_UNSET) -> "UpdateStore":
+    def load(cls, path, *, budget_bytes=_UNSET, over_budget=None, spill_dir=None) -> "UpdateStore":
         """Load and verify a saved store (CorruptState if truncated, altered, inconsistent or of another version).
-        The budget settings may be overridden (a spill_dir of the saving machine may not exist here); rows that pass
-        the budget spill or raise BudgetExceeded as add would."""
+        The budget and its rule come from the file unless given; a spill directory only from the caller (the file's
+        is recorded, never used: a store file is not trusted to choose where this process writes), so a store that
+        spilled loads as a refusing one unless ``spill_dir`` is given. Rows that pass the budget spill or raise
+        BudgetExceeded as add would."""
         path = os.fspath(path)
         tensors, meta = read_checked(path, what="update store file")
         check_format(path, meta, FORMAT, (VERSION,), "jitkernels update store")
@@ -705,8 +707,8 @@ class UpdateStore:
                 rows, k_max=int(meta["k_max"]), dtype=meta["dtype"], parties=json.loads(meta["parties"]),
                 shapes=json.loads(meta["shapes"]), names=json.loads(meta.get("names", "null")),  # (older: none)
                 budget_bytes=json.loads(meta["budget_bytes"]) if budget_bytes is cls._UNSET else budget_bytes,
-                over_budget=over_budget or meta["over_budget"],
-                spill_dir=json.loads(meta["spill_dir"]) if spill_dir is cls._UNSET else spill_dir)
+                over_budget=over_budget or (meta["over_budget"] if spill_dir is not None else "refuse"),
+                spill_dir=spill_dir)
         except BudgetExceeded:  # (a MemoryError: the rows pass the budget given, as an add would)
             raise
         except (KeyError, ValueError, TypeError, OverflowError, MemoryError, OSError) as e:
@@ -752,10 +754,10 @@ class DeviceUpdateStore(UpdateStore):
         self.closed = False
 
     @classmethod
-    def load(cls, path, *, budget_bytes=UpdateStore._UNSET, over_budget=None, spill_dir=None) -> "UpdateStore":
+    def load(cls, path, *, budget_bytes=UpdateStore._UNSET, over_budget=None) -> "UpdateStore":
         """:meth:`UpdateStore.load` into GPU memory: a file saved by a store that spilled loads as a refusing one
         (a store in GPU memory has no file to spill to)."""
-        return super().load(path, budget_bytes=budget_bytes, over_budget=over_budget or "refuse", spill_dir=spill_dir)
+        return super().load(path, budget_bytes=budget_bytes, over_budget=over_budget or "refuse")
 
     def _reserve(self, k: int, party=None) -> None:
         cap = self._slab.shape[0]

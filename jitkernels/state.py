@@ -423,8 +423,8 @@ class FoldState:
             _check_values(state)
             return state
         except (KeyError, ValueError, TypeError, AttributeError, OverflowError, RecursionError, MemoryError,
-                OSError) as e:
-            raise CorruptState(f"{path}: inconsistent state ({e})") from e
+                OSError, SyntaxError) as e:  # (SyntaxError: np.dtype of a long digit string)
+            raise CorruptState(f"{path}: inconsistent state ({type(e).__name__}: {str(e)[:300]})") from e
 
 
 @contextlib.contextmanager

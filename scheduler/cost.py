@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,18 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 import jitkernels as jk
+
+
+def _number(v) -> float:
+    """``v`` as a finite float, else NaN (so that every comparison fails): a file's ``true`` is no throughput of 1,
+    and its 400-digit integer no OverflowError."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        return math.nan
+    try:
+        v = float(v)
+    except OverflowError:
+        return math.nan
+    return v if math.isfinite(v) else math.nan
 
 
 @dataclass
@@ -31,10 +44,11 @@ class BackendCost:
     def __post_init__(self):
         for name in ("throughput_Bps", "h2d_Bps"):
             v = getattr(self, name)
-            if v is not None and not (math.isfinite(v) and v > 0):
+            if v is not None and not _number(v) > 0:
                 raise ValueError(f"{name} must be finite and > 0, got {v!r}")
-        if not (math.isfinite(self.call_s) and self.call_s >= 0):
+        if not _number(self.call_s) >= 0:
             raise ValueError(f"call_s must be finite and >= 0, got {self.call_s!r}")
+
 
 
 @dataclass
@@ -47,7 +61,7 @@ class CostModel:
     def __post_init__(self):
         if self.backend not in self.backends:
             raise ValueError(f"backend {self.backend!r} has no cost entry (entries: {sorted(self.backends)})")
-        if not (math.isfinite(self.startup_s) and self.startup_s >= 0):
+        if not _number(self.startup_s) >= 0:
             raise ValueError(f"startup_s must be finite and >= 0, got {self.startup_s!r}")
         if isinstance(self.acc_itemsize, bool) or not isinstance(self.acc_itemsize, int) or self.acc_itemsize < 1:
             raise ValueError(f"acc_itemsize must be an integer >= 1, got {self.acc_itemsize!r}")
@@ -82,6 +96,8 @@ class CostModel:
         missing = [k for k in ("backends", "backend") if not isinstance(d, dict) or k not in d]
         if missing:  # (a KeyError reached jitagg's user as a traceback)
             raise ValueError(f"a cost model file needs {' and '.join(missing)} (jitagg calibrate writes one)")
+        if not isinstance(d["backends"], dict) or not all(isinstance(v, dict) for v in d["backends"].values()):
+            raise ValueError("a cost model file's backends are a mapping of name to {throughput_Bps, call_s, h2d_Bps}")
         return cls(backends={k: BackendCost(**v) for k, v in d["backends"].items()}, startup_s=d.get("startup_s", 0.0),
                    backend=d["backend"], acc_itemsize=d.get("acc_itemsize", 4))
 
@@ -92,7 +108,11 @@ class CostModel:
     @classmethod
     def load(cls, path) -> "CostModel":
         with open(path) as f:
-            return cls.from_json(json.load(f))
+            try:
+                d = json.load(f)
+            except RecursionError:  # (a file nested past the parser's limit)
+                raise ValueError(f"{os.fspath(path)}: not a cost model file (JSON nested too deep)") from None
+        return cls.from_json(d)
 
     # --- calibration -------------------------------------------------------------------------------------------
     @classmethod

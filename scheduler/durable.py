@@ -29,8 +29,8 @@ A round's result and its carry commit together (one generation names both): a se
 or a round's DP noise applied twice would not be idempotent, and the next round must start from exactly that state.
 
 Names in paths are the hex of the JSON of job ids and party ids (any str or int is a safe file name that way, up
-to MAX_JOB_ID_BYTES / MAX_PARTY_ID_BYTES of JSON: a job new to the directory with a longer id is refused when it is
-added, not when a file name turns out too long).
+to MAX_JOB_ID_BYTES / MAX_PARTY_ID_BYTES of JSON: a job new to the directory with a longer id, or any job with a
+longer party id, is refused when it is added, not when a file name turns out too long).
 """
 
 from __future__ import annotations
@@ -274,11 +274,12 @@ class StateDir:
         return n
 
     def check_ids(self, job, parties) -> None:
-        """ValueError for a job new to the directory whose id, or a party's, would name files over 255 bytes (see
-        MAX_JOB_ID_BYTES); a job the directory holds files of keeps its ids (they fitted)."""
-        if job in self.jobs or os.path.isdir(os.path.join(self.path, "updates", ident(job))):
-            return
-        _check_id(job, "job id", MAX_JOB_ID_BYTES)
+        """ValueError for a job id new to the directory, or any party id, that would name files over 255 bytes (see
+        MAX_JOB_ID_BYTES); a job the directory holds files of keeps its id (they fitted). Parties are checked for
+        every job: no longer id has a file anywhere (atomic_write's temporary name would pass 255 bytes), and one
+        that joined a known job on a restart had every update acknowledged and none written."""
+        if not (job in self.jobs or os.path.isdir(os.path.join(self.path, "updates", ident(job)))):
+            _check_id(job, "job id", MAX_JOB_ID_BYTES)
         for p in parties:
             _check_id(p, f"job {job!r}: party id", MAX_PARTY_ID_BYTES)
 
@@ -388,7 +389,7 @@ class StateDir:
                     info = json.loads(m.get("info", "{}"))  # (files written before info was saved: none)
                     if not isinstance(info, dict):
                         raise ValueError(f"per-update values {info!r}")
-                except (jk.CorruptState, jk.InvalidWeight, KeyError, ValueError, TypeError) as e:
+                except (jk.CorruptState, jk.InvalidWeight, KeyError, ValueError, TypeError, RecursionError) as e:
                     log.warning("skipping damaged update file %s: %s", path, e)
                     continue
                 if m.get("layout") != fingerprint:
@@ -555,9 +556,12 @@ class StateDir:
         if meta.get("layout") != layout.fingerprint:
             raise jk.LayoutMismatch(f"round result {rel} was written for layout {meta.get('layout')}; the job's "
                                     f"layout is {layout.fingerprint} (its template changed?)")
-        ids = {p: u for p, u in json.loads(meta["parties"])}
-        shapes = [leaf.shape for leaf in layout.leaves]
-        return decode_leaves(tensors, json.loads(meta["leaves"]), len(layout), shapes), ids
+        try:
+            ids = {p: u for p, u in json.loads(meta["parties"])}
+            shapes = [leaf.shape for leaf in layout.leaves]
+            return decode_leaves(tensors, json.loads(meta["leaves"]), len(layout), shapes), ids
+        except (KeyError, ValueError, TypeError, RecursionError) as e:
+            raise jk.CorruptState(f"round result {rel}: {type(e).__name__}: {str(e)[:200]}") from None
 
     def forget_verified(self) -> None:
         """Let go of the states verified at the open that no job has taken (:meth:`load_state` reads them again)."""
@@ -618,8 +622,8 @@ class StateDir:
                         if not m.get("state"):
                             self._states[m["carry"]] = carry
                 return int(body["gen"]), jobs
-            except (OSError, ValueError, KeyError, TypeError, jk.CorruptState) as e:
-                self._states.clear()
+            except (OSError, ValueError, KeyError, TypeError, RecursionError, MemoryError, jk.CorruptState) as e:
+                self._states.clear()  # (json of a crafted depth: RecursionError, not a directory that will not open)
                 self.fallbacks.append((f, f"{type(e).__name__}: {e}"))
                 log.warning("state directory %s: %s unusable (%s); trying the previous generation", self.path, f, e)
         if gens:  # starting afresh would collect every job's files: the operator decides

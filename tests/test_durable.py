@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import jitkernels as jk
-from scheduler import (CostModel, Crashed, JITScheduler, Job, LateUpdate, RoundForgotten, StateDir, StateDirLocked,
-                       VirtualClock)
+from scheduler import (CostModel, Crashed, InvalidJob, JITScheduler, Job, LateUpdate, RoundForgotten, StateDir,
+                       StateDirLocked, VirtualClock)
 from scheduler.durable import ident
 
 import crash_workload as cw
@@ -1293,7 +1293,7 @@ def test_a_resend_of_an_update_dropped_with_its_round_is_a_duplicate(tmp_path):
 def test_ids_too_long_for_file_names_are_refused_when_the_job_is_added(tmp_path):
     """A party id over ~125 characters named a file over 255 bytes: every update it sent failed to become durable.
     The limits are the longest ids whose every file name (temp names included) fits; a job the directory already
-    holds files of keeps its ids (ids just under the old failure point worked)."""
+    holds files of keeps its job id (ids just under the old failure point worked), never a longer party id."""
     from scheduler import InvalidJob
     from scheduler.durable import MAX_JOB_ID_BYTES, MAX_PARTY_ID_BYTES
 
@@ -2251,4 +2251,42 @@ def test_remove_job_does_not_wait_for_the_writer_under_the_schedulers_lock(tmp_p
     done = threading.Event()
     threading.Thread(target=lambda: (s.remove_job("B"), done.set()), daemon=True).start()
     assert done.wait(10)
+    s.close()
+
+
+def test_crafted_json_in_the_directory_is_a_damaged_file(tmp_path):
+    """JSON nested past the parser's recursion limit raised RecursionError out of the open (the newest manifest:
+    the directory would not open at all, where a damaged generation falls back to the one before) and out of a
+    result's read (a round's answer, where damage fails that round only)."""
+    s = JITScheduler(policy="eager", slots=1, clock=VirtualClock(), state_dir=tmp_path, checkpoint_bytes=0)
+    s.add_job(Job("J", template={"w": np.zeros(4, np.float32)}, parties=["a"], quorum=1.0, rounds=3))
+    s.submit("J", 0, "a", {"w": np.ones(4, np.float32)}, update_id="0a")
+    s.clock.run()
+    s.close()
+    gens = sorted(tmp_path.glob("manifest-0*.json"))
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / f"manifest-{int(gens[-1].name[9:17]) + 1:08d}.json").write_text(deep)
+    d = StateDir(tmp_path)
+    assert d.fallbacks and "RecursionError" in d.fallbacks[0][1]
+    rel = next(iter(d.jobs["J"]["results"].values()))
+    from jitkernels.state import atomic_write, checked_bytes, read_checked
+
+    tensors, meta = read_checked(str(tmp_path / rel), what="round result")
+    atomic_write(str(tmp_path / rel), checked_bytes(tensors, {**meta, "parties": deep}))
+    with pytest.raises(jk.CorruptState, match="RecursionError"):
+        d.load_result(rel, jk.Layout.from_template({"w": np.zeros(4, np.float32)}))
+    d.close()
+
+
+def test_a_resumed_job_gains_no_party_whose_updates_cannot_be_written(tmp_path):
+    """The id limit was checked only for jobs new to the directory: a party past it added to a resumed job had
+    every update acknowledged, and its file write failed (ENAMETOOLONG), so a crash lost them."""
+    template = {"w": np.zeros(4, np.float32)}
+    s = JITScheduler(policy="eager", slots=1, clock=VirtualClock(), state_dir=tmp_path)
+    s.add_job(Job("J", template=template, parties=["a"], quorum=1.0, rounds=3))
+    s.close()
+    s = JITScheduler(policy="eager", slots=1, clock=VirtualClock(), state_dir=tmp_path)
+    with pytest.raises(InvalidJob, match="party id"):
+        s.add_job(Job("J", template=template, parties=["a", "p" * 200], quorum=1.0, rounds=3))
+    s.add_job(Job("J", template=template, parties=["a", "p" * 100], quorum=1.0, rounds=3))  # within the limit
     s.close()

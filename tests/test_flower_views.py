@@ -59,6 +59,23 @@ def test_malformed_and_unsafe_buffers_are_refused():
             ndarray_view(bad, party="evil", index=0)
 
 
+@pytest.mark.parametrize("major, shape, data", [
+    (1, "(" + "-" * 3000 + "4,)", 16),  # literal_eval: RecursionError
+    (3, "(" + "+" * 9000 + "4,)", 16),  # literal_eval: MemoryError
+    (1, "(0, 9223372036854775807, 9223372036854775807)", 0),  # zero bytes, a shape no index holds
+    (1, "(" + "1," * 100 + ")", 4),  # past numpy's 64 dimensions
+], ids=["minus-chain", "plus-chain", "no-index-holds", "100-dims"])
+def test_hostile_headers_are_layout_mismatch(major, shape, data):
+    """A client's crafted header reached the strategy as a RecursionError, a MemoryError or a plain ValueError that
+    named no party: a server that drops the client on an AggregationError lost the round."""
+    header = ("{'descr': '<f4', 'fortran_order': False, 'shape': " + shape + "}\n").encode()
+    size = len(header).to_bytes(2 if major == 1 else 4, "little")
+    blob = b"\x93NUMPY" + bytes([major, 0]) + size + header + b"\0" * data
+    with pytest.raises(jk.LayoutMismatch) as e:
+        ndarray_view(blob, party="evil", index=1)
+    assert e.value.party == "evil" and e.value.leaf == "array 1" and len(str(e.value)) < 400
+
+
 def test_views_fold_in_place():
     rng = np.random.default_rng(0)
     ups = [[rng.standard_normal((30, 20)).astype(np.float32), rng.standard_normal(20).astype(np.float32)]

@@ -1031,3 +1031,24 @@ def test_a_tile_longer_than_any_slab_gives_the_same_values(backend):
     assert np.array_equal(rc.coordinate_median(x, backend=backend, tile=2 ** 40), want)
     assert np.array_equal(rc.trimmed_mean(x, 0.1, backend=backend, tile=2 ** 40),
                           rc.trimmed_mean(x, 0.1, backend="numpy"))
+
+
+def test_a_store_file_does_not_choose_where_the_loader_writes(tmp_path):
+    """A store file recorded its spill directory, and load spilled there (creating it): a crafted file made the
+    loading process create directories and a sparse file of k_max rows wherever it could write. The directory now
+    comes only from the caller; without one the store loads as a refusing one under the file's budget."""
+    s = UpdateStore(5, 4, budget_bytes=20, over_budget="spill", spill_dir=tmp_path / "saved_here")
+    for j in range(3):
+        s.add(np.full(5, float(j)), party=j)
+    assert s.spilled
+    s.save(tmp_path / "s.jks")
+    s.close()
+    shutil.rmtree(tmp_path / "saved_here")
+    with pytest.raises(BudgetExceeded):
+        UpdateStore.load(tmp_path / "s.jks")
+    assert not (tmp_path / "saved_here").exists()
+    back = UpdateStore.load(tmp_path / "s.jks", spill_dir=tmp_path / "mine")
+    assert back.spilled and back.over_budget == "spill" and os.path.dirname(back.spill_path) == str(tmp_path / "mine")
+    assert np.array_equal(back.rows(), np.stack([np.full(5, float(j), np.float32) for j in range(3)]))
+    assert not (tmp_path / "saved_here").exists()
+    back.close()

@@ -459,6 +459,21 @@ def test_cost_model_calibrates_saves_and_loads(tmp_path):
     assert again.fold_s(4000 * 10, 10, 1000) == pytest.approx(b.call_s + (40000 + 8000) / b.throughput_Bps)
 
 
+@pytest.mark.parametrize("body", [
+    '{"backend": "cpu", "backends": {"cpu": {"throughput_Bps": 1' + "0" * 400 + '}}}',  # OverflowError
+    '{"backend": "cpu", "backends": {"cpu": {"throughput_Bps": true}}}',  # a throughput of 1
+    '{"backend": "cpu", "backends": ["cpu"]}',  # AttributeError
+    '{"backend": "cpu", "backends": {"cpu": {"throughput_Bps": 1e9}}, "startup_s": "1"}',
+    "[" * 100_000 + "]" * 100_000,  # RecursionError
+], ids=["400-digits", "true", "list", "str", "deep"])
+def test_bad_cost_files_are_value_errors(tmp_path, body):
+    """A calibration file is read by jitagg, which reports ValueError/TypeError/OSError by name: a 400-digit
+    integer, a list of backends or JSON nested too deep escaped as tracebacks, and `true` was a throughput of 1."""
+    (tmp_path / "cost.json").write_text(body)
+    with pytest.raises(ValueError):
+        CostModel.load(tmp_path / "cost.json")
+
+
 def test_the_calibration_fit_takes_the_call_cost_from_the_small_calls():
     """Timings of 0.4 MB to 300 MB folds with 5% noise on the largest: a plain least-squares line took its intercept
     (the per-call cost, ~20 us) from that noise (a busy machine's calibrations gave 4-7 ms)."""

@@ -417,6 +417,18 @@ def test_an_algorithm_record_no_algorithm_makes_is_corrupt_state():
         jk.Aggregator.from_state(st)
 
 
+def test_an_acc_dtype_numpy_cannot_parse_is_corrupt_state():
+    """np.dtype of a 5,000-digit string raises SyntaxError, which escaped the load (the Ray executor's path reads
+    partial states from bytes) as an untyped error."""
+    from jitkernels.state import FoldState, checked_bytes, read_checked_bytes
+
+    agg = jk.Aggregator(np.zeros(4, np.float32))
+    agg.fold(np.ones(4, np.float32), party="a")
+    tensors, meta = read_checked_bytes(agg.state.to_bytes())
+    with pytest.raises(jk.CorruptState, match="SyntaxError"):
+        FoldState.from_bytes(checked_bytes(tensors, dict(meta, acc_dtype="9" * 5000)), where="ray partial fold")
+
+
 def test_a_robust_state_takes_only_the_store_record_a_save_writes(tmp_path):
     """The robust store's record came to UpdateStore as keyword arguments: a file could name a spill directory
     (created, and written to) or a budget, ask for 2^50 rows (an untyped MemoryError), or list other parties than the
