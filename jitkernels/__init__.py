@@ -12,8 +12,9 @@ from .aggregator import Aggregator
 from .backends import available_backends
 from .dtypes import Quantized, bfloat16
 from .errors import (AggregationError, BackendUnavailable, CorruptState, DuplicateParty, EmptyAggregate,
-                     IncompatibleStates, InvalidParty, InvalidUpdateInfo, InvalidWeight, LayoutMismatch,
-                     NonFiniteUpdate, OverlappingParties, RoundClosed, TooFewUpdates, TornState, ValueOutOfRange)
+                     IncompatibleStates, InvalidParty, InvalidQuantized, InvalidTemplate, InvalidUpdateInfo,
+                     InvalidWeight, LayoutMismatch, NonFiniteUpdate, OverlappingParties, RoundClosed, TooFewUpdates,
+                     TornState, ValueOutOfRange)
 from .layout import Layout
 from .state import FoldState, atomic_write
 from .threads import get_num_threads, set_num_threads
@@ -32,8 +33,9 @@ def bench(sizes=None, **kwargs) -> list:
 
 __all__ = [
     "Admitted", "AggregationError", "Aggregator", "BackendUnavailable", "CorruptState", "DuplicateParty",
-    "EmptyAggregate", "FoldState", "IncompatibleStates", "InvalidParty", "InvalidUpdateInfo", "InvalidWeight",
-    "Layout", "LayoutMismatch", "NonFiniteUpdate", "OverlappingParties", "Quantized", "RoundClosed", "TooFewUpdates",
-    "TornState", "ValueOutOfRange", "admit", "admit_many", "algorithms", "atomic_write", "available_backends", "bench",
-    "bfloat16", "check_weight", "get_num_threads", "norm_scores", "set_num_threads",
+    "EmptyAggregate", "FoldState", "IncompatibleStates", "InvalidParty", "InvalidQuantized", "InvalidTemplate",
+    "InvalidUpdateInfo", "InvalidWeight", "Layout", "LayoutMismatch", "NonFiniteUpdate", "OverlappingParties",
+    "Quantized", "RoundClosed", "TooFewUpdates", "TornState", "ValueOutOfRange", "admit", "admit_many", "algorithms",
+    "atomic_write", "available_backends", "bench", "bfloat16", "check_weight", "get_num_threads", "norm_scores",
+    "set_num_threads",
 ]

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
+from .errors import InvalidQuantized
+
 bfloat16 = np.dtype(ml_dtypes.bfloat16)
 
 FLOAT_INPUTS = ("float64", "float32", "float16", "bfloat16")
@@ -132,12 +134,12 @@ class Quantized:
     def __post_init__(self):
         q, xp = _values(self.values)
         if q.dtype != np.int8:
-            raise TypeError(f"Quantized.values must be int8, got {q.dtype}")
+            raise InvalidQuantized(f"Quantized.values must be int8, got {q.dtype}")
         if not q.flags.c_contiguous:  # the kernels read the values from their first byte on, in order
             q = xp.ascontiguousarray(q)  # (not for a 0-d array: it would come back 1-d)
         s, s_xp = _values(self.scale)
         if xp is np and s_xp is not np:
-            raise TypeError("Quantized: scales in GPU memory for values in host memory")
+            raise InvalidQuantized("Quantized: scales in GPU memory for values in host memory")
         s = xp.ascontiguousarray(xp.asarray(s, dtype=np.float32).reshape(-1))
         n = q.size
         block = self.block
@@ -145,16 +147,16 @@ class Quantized:
             try:
                 block = operator.index(block)
             except TypeError:
-                raise TypeError(f"Quantized: block must be an integer, got {block!r}") from None
+                raise InvalidQuantized(f"Quantized: block must be an integer, got {block!r}") from None
         if block is None or s.size == 1:
             block = max(n, 1)
             if s.size != 1:
-                raise ValueError(f"Quantized: {s.size} scales given without a block size")
+                raise InvalidQuantized(f"Quantized: {s.size} scales given without a block size")
         if block <= 0:
-            raise ValueError(f"Quantized: block must be > 0, got {block}")
+            raise InvalidQuantized(f"Quantized: block must be > 0, got {block}")
         need = -(-n // block) if n else 1
         if s.size != need:
-            raise ValueError(f"Quantized: {n} values in blocks of {block} need {need} scales, got {s.size}")
+            raise InvalidQuantized(f"Quantized: {n} values in blocks of {block} need {need} scales, got {s.size}")
         object.__setattr__(self, "values", q)
         object.__setattr__(self, "scale", s)
         object.__setattr__(self, "block", int(block))

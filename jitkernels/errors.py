@@ -21,6 +21,16 @@ class LayoutMismatch(AggregationError, ValueError):
         super().__init__(f"{', '.join(where)}: {message}" if where else message)
 
 
+class InvalidQuantized(LayoutMismatch, TypeError):
+    """A ``Quantized`` leaf whose values are not int8 or whose scales do not match its values and block (built from a
+    party's bytes, it is that party's bad update; a TypeError too, as it was before it had a type of its own)."""
+
+
+class InvalidTemplate(AggregationError, TypeError):
+    """A template that cannot describe a model: no array leaves, a leaf dtype that is not float, integer or bool, a
+    key that is not a str, two leaves of one name, or containers nested past the limit."""
+
+
 class NonFiniteUpdate(AggregationError, ValueError):
     """An update holds NaN or inf (found by the admission stats pass)."""
 

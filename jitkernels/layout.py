@@ -22,7 +22,7 @@ import numpy as np
 from .device import DeviceLeaf, device_leaf, gpu_of, is_device_array, leaf_to, leaf_to_cupy
 from .dtypes import (Quantized, dtype_name, is_float_name, is_leaf_dtype_name, is_torch_tensor, np_dtype,
                      numpy_to_torch, torch_to_numpy)
-from .errors import BackendUnavailable, LayoutMismatch
+from .errors import BackendUnavailable, InvalidTemplate, LayoutMismatch
 
 
 MAX_DEPTH = 256
@@ -144,13 +144,13 @@ class Layout:
             nonlocal offset, array_type
             if isinstance(node, (dict, list, tuple)):
                 if depth >= MAX_DEPTH:
-                    raise TypeError(f"the template nests deeper than {MAX_DEPTH} containers (under {prefix!r})")
+                    raise InvalidTemplate(f"the template nests deeper than {MAX_DEPTH} containers (under {prefix!r})")
                 makers.append(_maker(node))
             if isinstance(node, dict):
                 keys = list(node.keys())
                 for k in keys:
                     if not isinstance(k, str):
-                        raise TypeError(f"dict keys must be str, got {k!r} under {prefix or 'the root'!r}")
+                        raise InvalidTemplate(f"dict keys must be str, got {k!r} under {prefix or 'the root'!r}")
                 return {"t": "dict", "k": keys, "c": [walk(node[k], _join(prefix, k), depth + 1) for k in keys]}
             if isinstance(node, (list, tuple)):
                 kind = "list" if isinstance(node, list) else "tuple"
@@ -158,11 +158,11 @@ class Layout:
             if array_type == "numpy":
                 array_type = array_type_of(node)
             if isinstance(node, Quantized):
-                raise TypeError(f"template leaf {prefix!r} is Quantized: a template gives the output dtype")
+                raise InvalidTemplate(f"template leaf {prefix!r} is Quantized: a template gives the output dtype")
             a = _as_array(node, prefix or "<root>", None)
             name = prefix or "<root>"
             if not is_leaf_dtype_name(dtype_name(a.dtype)):
-                raise TypeError(f"template leaf {name!r} has dtype {a.dtype}: leaves are float, integer or bool")
+                raise InvalidTemplate(f"template leaf {name!r} has dtype {a.dtype}: leaves are float, integer or bool")
             leaves.append(Leaf(name, tuple(a.shape), dtype_name(a.dtype), offset, int(a.size)))
             arrays.append(a)
             offset += int(a.size)
@@ -170,8 +170,8 @@ class Layout:
 
         treedef = walk(template, "")
         if not leaves:
-            raise TypeError("template has no array leaves")
-        _check_names([leaf.name for leaf in leaves], TypeError)
+            raise InvalidTemplate("template has no array leaves")
+        _check_names([leaf.name for leaf in leaves], InvalidTemplate)
         return cls(leaves, treedef, array_type, tuple(makers) if any(makers) else None)
 
     # --- identity -----------------------------------------------------------------------------------------------

@@ -1602,3 +1602,26 @@ def test_the_kept_max_of_the_base_is_the_new_bases_after_a_reset():
     a.reset(base={"w": np.zeros(4, np.float32)}, reuse=True)
     assert a._base_max() == 0.0
     a.fold(a.admit({"w": np.full(4, 1e38, np.float32)}, 1e-7, party="p"))
+
+
+@pytest.mark.parametrize("template", [
+    {}, {"a": np.zeros(3, np.complex64)}, {"a": np.array([1, None], dtype=object)}, {1: np.zeros(3, np.float32)},
+    {"a": jk.Quantized(np.zeros(3, np.int8), 1.0)}, {"a.b": np.zeros(1), "a": {"b": np.zeros(1)}},
+])
+def test_bad_templates_raise_invalid_template(template):
+    """A template that describes no model raises the library's typed error (still a TypeError, as before)."""
+    with pytest.raises(jk.InvalidTemplate) as e:
+        jk.Aggregator(template, backend="numpy")
+    assert isinstance(e.value, TypeError) and isinstance(e.value, jk.AggregationError)
+
+
+@pytest.mark.parametrize("values, scale, block", [
+    (np.zeros(3, np.float32), 1.0, None), (np.zeros(4, np.int8), np.ones(2), None), (np.zeros(4, np.int8), np.ones(2), 0),
+    (np.zeros(4, np.int8), np.ones(3), 2), (np.zeros(4, np.int8), 1.0, "2"),
+])
+def test_bad_quantized_leaves_raise_invalid_quantized(values, scale, block):
+    """A Quantized leaf built from a party's bad bytes is that party's bad update: AggregationError (LayoutMismatch),
+    still a TypeError for code that caught the old error."""
+    with pytest.raises(jk.InvalidQuantized) as e:
+        jk.Quantized(values, scale, block)
+    assert isinstance(e.value, (jk.LayoutMismatch, TypeError))

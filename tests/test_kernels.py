@@ -249,6 +249,18 @@ def test_baseline_isa_bit_exact():
     assert " passed" in done.stdout and "1 skipped" not in done.stdout.splitlines()[-1], done.stdout[-500:]
 
 
+@pytest.mark.skipif(not backends.is_available("cpp"), reason="C++ extension not built")
+@pytest.mark.parametrize("value, warns", [("basline", True), ("avx512", True), ("baseline", False), ("auto", False)])
+def test_simd_env_typo_warns(value, warns):
+    """The extension honours only JITKERNELS_SIMD=baseline: any other value but 'auto' is named in a warning at import
+    (a typo had silently run the AVX2 code that the variable was set to rule out)."""
+    code = ("import warnings\nwith warnings.catch_warnings(record=True) as w:\n    warnings.simplefilter('always')\n"
+            "    import jitkernels.backends.cpp\nprint([str(x.message) for x in w if x.category is RuntimeWarning])")
+    env = {**os.environ, "JITKERNELS_SIMD": value}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert (f"JITKERNELS_SIMD='{value}'" in done.stdout) is warns, done.stdout
+
+
 def _core_simd() -> str:
     from jitkernels import _core
 

@@ -68,3 +68,25 @@ def test_a_robust_finalize_into_out_allocates_one_result(rule):
         tracemalloc.stop()
     assert peak - base <= 1.2 * 4 * N, f"finalize(out=) took {(peak - base) / (4 * N):.2f}x the model"
     np.testing.assert_array_equal(out["a"], np.full(N // 2, 2.0, np.float32))
+
+
+@pytest.mark.parametrize("out_dtype", ["float16", "bfloat16"])
+def test_numba_finalize_into_a_half_type_holds_no_leaf_sized_buffer(out_dtype):
+    """numba rounds to half types through numpy: a whole leaf's float32 buffer and the cast's temporary had made a
+    finalize of one large leaf take 3x its output; the buffer is now a block, and the cast writes in place."""
+    dt = np.dtype(jk.bfloat16 if out_dtype == "bfloat16" else out_dtype)
+    template = {"w": np.zeros(N, dt), "b": np.zeros(3, dt)}
+    agg = jk.Aggregator(template, backend="numba")
+    q = [{k: jk.Quantized(np.full(n, j, np.int8), 1.0) for k, n in (("w", N), ("b", 3))} for j in range(3)]
+    agg.fold_many(q, parties=list(range(3)))  # (numba reads no float16 updates; int8 stands in for any float leaf)
+    agg.finalize()  # (warm: compile, caches)
+    tracemalloc.start()
+    try:
+        base, _ = tracemalloc.get_traced_memory()
+        got = agg.finalize()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    out_bytes = N * dt.itemsize
+    assert peak - base <= out_bytes + 4 * 1.1 * (1 << 20), f"finalize took {(peak - base) / out_bytes:.2f}x its output"
+    np.testing.assert_array_equal(got["w"], np.full(N, 1, dt))

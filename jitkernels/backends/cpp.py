@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import numpy as np
 
 from ..batch import CODE, rows_from_items, threads_for, walk
@@ -20,6 +23,10 @@ except ImportError as e:  # pragma: no cover - exercised only on broken installs
     _reason = f"C++ extension not built ({e}); reinstall with `pip install -e .`"
 else:
     _reason = None
+    # The extension reads the variable itself and honours only "baseline"; a typo would silently test the AVX2 code.
+    if os.environ.get("JITKERNELS_SIMD", "auto") not in ("auto", "", "baseline"):
+        warnings.warn(f"JITKERNELS_SIMD={os.environ['JITKERNELS_SIMD']!r} is neither 'baseline' nor 'auto'; ignored "
+                      f"(the C++ backend runs {_core.simd})", RuntimeWarning, stacklevel=2)
 
 
 def available():

@@ -14,8 +14,7 @@ import numpy as np
 
 from .. import _numba
 from .._numba import numba
-from ..batch import rows_from_items, threads_for, walk
-from ..dtypes import np_dtype
+from ..batch import address, rows_from_items, threads_for, walk, work_items
 from ..threads import get_num_threads
 from .numpy_ref import binned_constants
 
@@ -339,22 +338,27 @@ def stats(base, g, acc_dtype):
 
 
 def finalize(acc, base, og):
-    """float32/float64 outputs are written in place; float16/bfloat16 ones go through an acc-dtype buffer and numpy's
-    rounding (numba cannot round to half types itself)."""
+    """float32/float64 outputs are written in place; float16/bfloat16 ones go through an acc-dtype buffer of at most
+    HALF_BLOCK elements and numpy's rounding (numba cannot round to half types itself): a whole leaf's buffer and
+    the cast's temporary had held 3x a large leaf's output."""
     _set_threads()
     b, has = _base_arg(base, acc.dtype)
     if og.out_dtype in ("float32", "float64"):
         _finalize(acc, b, has, og.off, og.total_w, og.ptr, og.work, _none(np.dtype(og.out_dtype)))
         return
-    out_t = np_dtype(og.out_dtype)
+    buf = np.empty(min(HALF_BLOCK, int(og.n.max(initial=0))), acc.dtype)
+    one = np.array([address(buf)], np.int64)
     for r, out in enumerate(og.outs):
-        buf = np.empty(int(og.n[r]), acc.dtype)
-        one = np.array([buf.__array_interface__["data"][0] if buf.size else 0], np.int64)
-        work = og.work[og.work[:, 0] == r].copy()
-        work[:, 0] = 0
-        _finalize(acc, b, has, og.off[r:r + 1], og.total_w[r:r + 1], one, work, np.empty(0, acc.dtype))
-        with np.errstate(over="ignore"):  # past the output dtype's range it rounds to inf (IEEE)
-            out.reshape(-1)[...] = buf.astype(out_t)
+        flat = out.reshape(-1)
+        for s in range(0, int(og.n[r]), HALF_BLOCK):
+            n = min(HALF_BLOCK, int(og.n[r]) - s)
+            _finalize(acc, b, has, og.off[r:r + 1] + s, og.total_w[r:r + 1], one, work_items(np.array([n])),
+                      np.empty(0, acc.dtype))
+            with np.errstate(over="ignore"):  # past the output dtype's range it rounds to inf (IEEE)
+                np.copyto(flat[s:s + n], buf[:n], casting="unsafe")
+
+
+HALF_BLOCK = 1 << 20
 
 
 def step(acc, x, m, v, kind, coef, og):
@@ -364,8 +368,7 @@ def step(acc, x, m, v, kind, coef, og):
     _step(acc, x, m, np.empty(0, acc.dtype) if v is None else v, kind, np.asarray(coef, np.float64), og.off,
           og.total_w, og.ptr, og.work, np.empty(0, og.out_dtype if direct else acc.dtype), direct)
     if not direct:
-        out_t = np_dtype(og.out_dtype)
         for r, out in enumerate(og.outs):
             o = int(og.off[r])
             with np.errstate(over="ignore"):  # past the output dtype's range it rounds to inf (IEEE)
-                out.reshape(-1)[...] = x[o:o + int(og.n[r])].astype(out_t)
+                np.copyto(out.reshape(-1), x[o:o + int(og.n[r])], casting="unsafe")
