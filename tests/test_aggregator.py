@@ -1616,7 +1616,8 @@ def test_bad_templates_raise_invalid_template(template):
 
 
 @pytest.mark.parametrize("values, scale, block", [
-    (np.zeros(3, np.float32), 1.0, None), (np.zeros(4, np.int8), np.ones(2), None), (np.zeros(4, np.int8), np.ones(2), 0),
+    (np.zeros(3, np.float32), 1.0, None), (np.zeros(4, np.int8), np.ones(2), None),
+    (np.zeros(4, np.int8), np.ones(2), 0),
     (np.zeros(4, np.int8), np.ones(3), 2), (np.zeros(4, np.int8), 1.0, "2"),
 ])
 def test_bad_quantized_leaves_raise_invalid_quantized(values, scale, block):
