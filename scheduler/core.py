@@ -617,6 +617,17 @@ class JITScheduler:
                                  "round's model, and a late update carried to the next round would be measured "
                                  "against the wrong one: late='reject'")
             js.metrics.latencies = deque(maxlen=self.history)
+            if js.layout is not None:  # built before anything is committed: a job whose aggregator refuses it
+                # (FedMedian in deterministic mode, a backend not here) is InvalidJob, and leaves no entry whose
+                # open time a corrected job would inherit (its round 0's deadline ran from the refusal)
+                try:
+                    first = js.new_aggregator()
+                except (ValueError, TypeError, jk.AggregationError) as e:
+                    raise InvalidJob(f"job {job.id!r}: {e}") from None
+                meta = self.store.jobs.get(job.id, {}) if self.store is not None else {}
+                if meta.get("removed") or not meta.keys() & {"results", "state", "carry"}:
+                    js.spare = first  # its first round's (from the template; a resumed job starts from its files)
+                del first
             if self.store is not None and js.layout is not None:  # (after every check: a refused job commits nothing)
                 # new here (or removed before under its id: it starts afresh): its entry, with the time its first
                 # round opens (deadlines outlive a restart)
@@ -1820,9 +1831,12 @@ class JITScheduler:
         busy = js.deployment is not None and js.deployment.busy  # a fold of this round may still be running
         nxt = rnd.number + 1
         # parties left for good (drop_party) below the quorum: a job without a round count ends here (its every
-        # later round would fail at once, an endless chain); a counted one fails its remaining rounds in turn
-        last = js.job.after_last(nxt) or (js.job.rounds is None and len(js.expected) < js.job.quorum_count()) or \
-            torn is not None
+        # later round would fail at once, an endless chain) once no later round holds acknowledged updates (sent
+        # ahead by parties that then left: those rounds open and meet their quorum or fail in turn, as a counted
+        # job's remaining rounds do)
+        last = js.job.after_last(nxt) or torn is not None or (
+            js.job.rounds is None and len(js.expected) < js.job.quorum_count()
+            and not any(r.acked for n, r in js.rounds.items() if n > rnd.number and not r.done))
         if last:  # no next round: nothing model-sized is kept for one (a server adding jobs grew by each one's)
             js.spare = js.carry = None
             if not busy:
@@ -1851,7 +1865,7 @@ class JITScheduler:
             js.open = None
             js.next_base = None  # (no next round folds against it)
             for later in [r for n, r in js.rounds.items() if n > rnd.number and not r.done]:
-                # updates sent ahead for rounds that will not open: let go, and their futures answered
+                # rounds that will not open (holding no acknowledged update, unless the job tore): answered
                 later.done = True
                 self._drop_pending(js, later)
                 self._resolve(later, error=jk.TornState(

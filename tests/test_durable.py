@@ -2290,3 +2290,28 @@ def test_a_resumed_job_gains_no_party_whose_updates_cannot_be_written(tmp_path):
         s.add_job(Job("J", template=template, parties=["a", "p" * 200], quorum=1.0, rounds=3))
     s.add_job(Job("J", template=template, parties=["a", "p" * 100], quorum=1.0, rounds=3))  # within the limit
     s.close()
+
+
+@pytest.mark.parametrize("with_dir", [True, False])
+def test_a_job_its_aggregator_refuses_is_invalid_job_and_commits_nothing(tmp_path, with_dir):
+    """FedMedian cannot run in deterministic mode: add_job committed the job's entry, then raised a plain ValueError
+    building its aggregator; the corrected job, added next, inherited the entry's open time, and its round 0's
+    deadline had run from the refused attempt."""
+    from jitkernels import robust as R
+
+    s = JITScheduler(policy="eager", slots=1, clock=VirtualClock(), state_dir=tmp_path if with_dir else None)
+    template = {"w": np.zeros(4, np.float32)}
+    with pytest.raises(InvalidJob, match="deterministic"):
+        s.add_job(Job("j", template=template, parties=["a", "b"], quorum=2, algorithm=R.FedMedian(),
+                      deterministic=True, deadline_s=10.0))
+    assert not s.jobs
+    if with_dir:
+        assert "j" not in s.store.jobs
+    s.clock.run(until=20.0)  # (time passes before the corrected job is added)
+    s.add_job(Job("j", template=template, parties=["a", "b"], quorum=2, algorithm=R.FedMedian(), deadline_s=10.0,
+                  rounds=1))
+    for p in "ab":
+        s.submit("j", 0, p, {"w": np.ones(4, np.float32)}, update_id=p)
+    s.clock.run()
+    np.testing.assert_array_equal(s.result("j", 0).result(timeout=5)["w"], np.ones(4, np.float32))
+    s.close()

@@ -1713,3 +1713,29 @@ def test_a_finished_rounds_cancelled_deadline_lets_its_result_go():
     assert refs[0]() is None  # let go with its round (keep_rounds), not held by its cancelled deadline
     assert len(clk._q) < 150  # and the heap drops its cancelled handles once they are most of it
     s.close()
+
+
+@pytest.mark.parametrize("rounds", [4, None])
+def test_a_job_ending_keeps_a_later_round_whose_quorum_was_acknowledged(rounds):
+    """Parties 1 and 2 sent round 1's quorum ahead and then left: a counted job opened round 1 and finalized it, but
+    a job without a round count ended at round 0 and failed round 1, dropping the acknowledged updates (its message
+    "only 1 parties left" false for round 1). Found by a stateful model of the scheduler."""
+    s = JITScheduler("eager", clock=VirtualClock())
+    s.add_job(Job("j", template={"a": np.zeros(2, np.float32)}, parties=[0, 1, 2], quorum=2, rounds=rounds))
+    s.submit("j", 0, 0, {"a": np.ones(2, np.float32)})
+    for p, v in ((1, 2.0), (2, 4.0)):
+        assert s.submit("j", 1, p, {"a": np.full(2, v, np.float32)}).accepted
+    s.drop_party("j", 1)
+    s.drop_party("j", 2)
+    s.clock.run(until=100)
+    with pytest.raises(QuorumUnreachable):
+        s.result("j", 0).result(timeout=0)
+    np.testing.assert_array_equal(s.result("j", 1).result(timeout=0)["a"], np.full(2, 3.0, np.float32))
+    if rounds is None:  # then the job ends: no round ahead holds an update
+        assert s.jobs["j"].ended and s.jobs["j"].finished
+        with pytest.raises(NoSuchRound, match="has ended"):
+            s.result("j", 2)
+    else:  # its remaining rounds fail in turn
+        for r in (2, 3):
+            assert isinstance(s.result("j", r).exception(timeout=0), QuorumUnreachable)
+    s.close()
