@@ -49,8 +49,10 @@ class FedAvg:
     .. math::  x = \frac{\sum_j w_j\, u_j}{\sum_j w_j}, \qquad w_j = n_j \text{ (weighted) or } 1 \text{ (unweighted)}
 
     With a base :math:`b` (the global model) the kernels fold deltas, :math:`x = b + \sum_j w_j (u_j - b) / \sum_j w_j`,
-    which keeps rounding noise out of small steps. Streaming: O(model) memory, one read of each update
-    (bytes moved per element: ``itemsize(u)`` per update, plus ``2 * itemsize(acc)`` once per fused batch).
+    which keeps rounding noise out of small steps. Streaming: O(model) memory. Bytes moved per element: a fold
+    reads each update once and the accumulator twice per batch, ``itemsize(u)`` per update + ``2 * itemsize(acc)``
+    (+ ``itemsize(base)`` with a base); admission's stats pass reads each update (and the base) once more, except
+    for the first batch of a round into an empty state on cpp, where the two are one pass.
     """
 
     name = "fedavg"
@@ -241,7 +243,9 @@ class SCAFFOLD(FedAvg):
     :math:`c + \Delta c_i = (x - y_i) / (K \eta_l)`, which a party can send directly. Both trees are leaves of one
     layout, so the control variates are the *second accumulator*, folded in the same pass as the model (bytes:
     twice FedAvg's). Divisor scales per leaf: :math:`1/\eta_g` on model leaves, :math:`N / |S|` on control leaves.
-    ``num_parties``: :math:`N`, all parties of the federation.
+    ``num_parties``: :math:`N`, all parties of the federation. ``weighted=True`` replaces both means over
+    :math:`S` by means weighted by sample counts, :math:`c \leftarrow c + \frac{|S|}{N} \sum_i n_i \Delta c_i /
+    \sum_i n_i` (not the paper's: :math:`c` then no longer stays the mean of the parties' :math:`c_i`).
     """
 
     name = "scaffold"
@@ -632,7 +636,8 @@ class DPAdaptiveClipping(_DPClipping):
     Flower counts *clipped* updates as :math:`b_j` in the same update rule, which drives :math:`C` the wrong way
     (more clipping shrinks :math:`C` further), and it noises the round's aggregate with the *updated*
     :math:`C_{t+1}` although the updates were clipped to :math:`C_t` (under-noising when :math:`C` shrinks). The
-    count's noise is Philox-keyed like the model's (leaf id :data:`COUNT_LEAF`).
+    count's noise is Philox-keyed like the model's (leaf id :data:`COUNT_LEAF`). Bytes moved: those of
+    :class:`DPFixedClipping` (the stats pass for the norms, then the scaled fold); the count is k numbers.
     """
 
     name = "dp_adaptive"

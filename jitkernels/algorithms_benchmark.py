@@ -12,8 +12,9 @@ leaves and k updates:
   Flower writes them: ``m = b1*m + (1-b1)*d`` ...), each allocating its result.
 * **clipped fold**: ``fold_many`` of the k raw updates into an empty state with a base, by FedAvg (admission and
   fold fused in one pass over the updates) and by :class:`~jitkernels.algorithms.DPFixedClipping` (noise off: the
-  clip factors need the norms first, so the stats pass, then the fold). Bytes: ``k*N*4 + 12N`` (updates, base,
-  accumulator); ``speedup`` of the clipped row is unclipped time / clipped time.
+  clip factors need the norms first, so the stats pass, then the fold). Bytes: ``passes * (k*N*4 + 4N) + 8N``
+  (updates and base per pass, accumulator), passes 1 for FedAvg where admission is fused (cpp), else 2, and always 2
+  for clipping; ``speedup`` of the clipped row is unclipped time / clipped time.
 * **SecAgg sum**: the k-way modular sum of k masked uint32 vectors (:mod:`jitkernels.secagg`, ``SecAggSum.fold_many``
   into a cleared state) against Flower's SecAgg+ server loop (``parameters_addition`` per client on its int64 wire
   arrays, then ``parameters_mod``). Bytes: ``k*N*4 + 8N``.

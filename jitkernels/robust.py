@@ -9,7 +9,8 @@ loses nothing. Peak memory: the slab + O(tile), not k copies of the model.
 
 Each class holds one rule; its docstring states the math, the paper and the passes over the slab. Rules aggregate
 the updates as sent (models or deltas alike: coordinate-wise and distance-based rules commute with a shift by the
-base); with ``base=`` the result is returned as the model either way.
+base), and return the rule's value in the updates' own terms, with ``base=`` too: a model for models, a delta for
+deltas (the base is not added).
 """
 
 from __future__ import annotations
@@ -130,8 +131,10 @@ class Krum(_Buffered):
     id, so that the order of arrival and the merge tree do not decide; ``variant="flower"``: to the earlier result).
     Distances come from the k x k Gram matrix of the centered rows, accumulated in float64 in one cache-blocked pass
     (``robust_gram.gram``), then one pass for the weighted sum of the selected rows. ``variant="paper"`` needs
-    k >= 2f + 3; ``variant="flower"`` runs wherever Flower's Krum does (any k, m > k keeps all; see
-    :func:`~jitkernels.robust_gram.krum`) and takes a per-update ``mass=`` (>= 0; default: the update's weight):
+    k >= 2f + 3; ``variant="flower"`` runs wherever Flower's Krum does (any k, m > k keeps all, as the Message
+    API's ``select_multikrum``: the legacy ``aggregate_krum`` keeps only the m - k best for k < m < 2k, a slicing
+    slip not copied; see :func:`~jitkernels.robust_gram.krum`) and takes a per-update ``mass=`` (>= 0; default: the
+    update's weight):
     its weight in the average, so that an update of mass 0 takes part in the scores and weighs nothing, as
     Flower's results with ``num_examples == 0`` (a fold weight must be > 0).
     """
@@ -174,8 +177,14 @@ class Bulyan(_Buffered):
     ``Bulyan``): :math:`\theta = k - 2f` rows chosen by iterated Krum, then per coordinate the mean of the
     :math:`\beta = \theta - 2f` selected values closest to their median.
 
-    The iterated Krum runs on one distance matrix (the Gram pass), not on the data again; the coordinate step is a
-    sorting network per cache-sized tile over the selected rows. Unweighted. Needs k >= 4f + 3.
+    .. math::  S = \text{Krum}^{\theta}(u_1, \dots, u_k), \qquad
+               x_t = \frac{1}{\beta} \sum_{i \in B_t} u_{i,t}, \ B_t = \text{the } \beta \text{ rows of } S
+               \text{ nearest } \operatorname{median}_{i \in S} u_{i,t}
+
+    (ties in the distance to the median to the smaller value). The iterated Krum runs on one distance matrix (the
+    Gram pass), not on the data again; the coordinate step is a sorting network per cache-sized tile over the
+    selected rows. Bytes per element: the slab read twice (the Gram, then the theta selected rows), 4 written.
+    Unweighted. Needs k >= 4f + 3 (:func:`~jitkernels.robust_gram.bulyan`).
     """
 
     slab_dtypes = _GRAM_SLABS

@@ -39,10 +39,14 @@ def _walk(g):
 
 
 def fold(acc, base, g):
+    """:func:`numpy_ref.fold`'s math, element order and bytes (csrc/kernels.h ``fold_rows``; the updates of a tile
+    in groups of four per pass over its accumulator, which stays in cache)."""
     _core.fold(acc, base, CODE[g.in_dtype], g.off, g.ptr, g.w, g.scale_ptr, g.block, *_walk(g))
 
 
 def fold_binned(hi, lo, base, g, bound_log2):
+    """:func:`numpy_ref.fold_binned` (deterministic mode), bit for bit: 32 bytes of accumulator moved per element
+    (``hi`` and ``lo`` read and written) beside the updates (``fold_binned_rows``)."""
     if g.k > BINNED_BATCH:  # the kernel's biased low part has room for 2^19 terms; Aggregator folds in parts
         raise ValueError(f"the deterministic kernel takes at most {BINNED_BATCH} updates per call, got {g.k}")
     s1, s2 = binned_constants(bound_log2)
@@ -50,6 +54,7 @@ def fold_binned(hi, lo, base, g, bound_log2):
 
 
 def stats(base, g, acc_dtype):
+    """:func:`numpy_ref.stats` (``stats_rows``: float64 sums of squares, in lanes)."""
     per_item = _core.stats(base, np.dtype(acc_dtype), CODE[g.in_dtype], g.off, g.ptr, g.scale_ptr, g.block,
                            *_walk(g))
     return rows_from_items(g, *per_item)
@@ -64,9 +69,13 @@ def fold_stats(acc, base, g, norms: bool = True):
 
 
 def finalize(acc, base, og):
+    """:func:`numpy_ref.finalize`: reads the accumulator (and base), writes each output once, rounded to its dtype
+    in the kernel (``finalize_rows``)."""
     _core.finalize(acc, base, CODE[og.out_dtype], og.off, og.total_w, og.ptr, og.work, get_num_threads())
 
 
 def step(acc, x, m, v, kind, coef, og):
+    """:func:`numpy_ref.step`, one fused pass (``step_span``: 24 bytes per float32 element for momentum, 32 for the
+    adaptive optimizers)."""
     _core.step(acc, x, m, v, kind, np.asarray(coef, np.float64), CODE[og.out_dtype], og.off, og.total_w, og.ptr,
                og.work, get_num_threads())

@@ -316,12 +316,14 @@ def _walk(g):
 
 
 def fold(acc, base, g):
+    """:func:`numpy_ref.fold`'s math, element order and bytes, compiled (``_fold``)."""
     b, has = _base_arg(base, acc.dtype)
     _fold(acc, b, has, g.off, g.ptr, g.w.astype(acc.dtype), g.scale_ptr, g.block, g.work, *_walk(g),
           _none(_WITNESS[g.in_dtype]), g.in_dtype == "int8")
 
 
 def fold_binned(hi, lo, base, g, bound_log2):
+    """:func:`numpy_ref.fold_binned` (deterministic mode), bit for bit, one term at a time."""
     s1, s2 = binned_constants(bound_log2)
     b, has = _base_arg(base, np.float64)
     _fold_binned(hi, lo, b, has, g.off, g.ptr, g.w, g.scale_ptr, g.block, g.work, *_walk(g),
@@ -329,6 +331,7 @@ def fold_binned(hi, lo, base, g, bound_log2):
 
 
 def stats(base, g, acc_dtype):
+    """:func:`numpy_ref.stats`, per work item, summed into rows in their order (``rows_from_items``)."""
     b, has = _base_arg(base, np.dtype(acc_dtype))
     m, k = g.work.shape[0], g.ptr.shape[1]
     nf, ss, mx = np.zeros((m, k), np.int64), np.zeros((m, k)), np.zeros((m, k))

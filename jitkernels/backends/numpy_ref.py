@@ -34,8 +34,9 @@ def _load(u, A):
 
 
 def fold(acc, base, g):
-    """acc[off:off+n] += sum_j A(w_j) * (x_j - base), sequentially in j. Reads k*n*itemsize(in) + 2*n*itemsize(A)
-    bytes per leaf in a fused kernel; this reference makes two temporaries per update (~5x the bytes)."""
+    """acc[off:off+n] += sum_j A(w_j) * (x_j - base), sequentially in j. Moves k*n*itemsize(in) + 2*n*itemsize(A)
+    (+ n*itemsize(base) with a base) bytes per leaf in a fused kernel; this reference makes two temporaries per update
+    (~5x the bytes)."""
     A = acc.dtype
     for r, row in enumerate(g.arrays):
         o, n = int(g.off[r]), int(g.n[r])
@@ -96,7 +97,9 @@ def binned_carry(hi, lo, s1):
 
 
 def stats(base, g, acc_dtype):
-    """Per (row, update): non-finite count, sum of squares and max |x| of x = u (or u - base), in float64."""
+    """Per (row, update): non-finite count, sum of squares and max |x| of x = u (or u - base), in float64. Reads
+    k*n*itemsize(in) (+ n*itemsize(base) per update with a base) bytes per leaf in a compiled kernel, and writes
+    three numbers per (leaf, update)."""
     R, k = g.ptr.shape
     nonfinite = np.zeros((R, k), np.int64)
     sumsq = np.zeros((R, k), np.float64)
