@@ -221,7 +221,7 @@ def test_message_optimizers_match_arrays_by_name_whatever_the_replies_key_order(
     arrays (they were kept by position and went to the other layer)."""
     glob = {"a": np.zeros(5, np.float32), "b": np.zeros(5, np.float32)}
     theirs, ours = ms.FedAdam(eta=0.1, tau=1e-3), jkfl.MessageFedAdam(eta=0.1, tau=1e-3)
-    for r, order in ((1, ["a", "b"]), (2, ["b", "a"]), (3, ["b", "a"])):
+    for r, order in ((1, ["b", "a"]), (2, ["a", "b"]), (3, ["b", "a"])):
         for s in (theirs, ours):
             s.current_arrays = {k: v.copy() for k, v in glob.items()}  # as configure_train records them
         step = {"a": 1.0, "b": -1.0}
@@ -230,7 +230,22 @@ def test_message_optimizers_match_arrays_by_name_whatever_the_replies_key_order(
         o, _ = ours.aggregate_train(r, replies)
         for k in glob:
             np.testing.assert_allclose(o[k].numpy(), t[k].numpy(), rtol=1e-6)
+        # and in Flower's order (current_arrays'): callers load records by position (it was the first round's)
+        assert list(o.keys()) == list(t.keys())
         glob = {k: t[k].numpy().astype(np.float32) for k in glob}
+
+
+def test_message_fedavg_lists_arrays_in_the_rounds_first_reply_order():
+    """As Flower's: a round whose replies list their keys in another order than the first round's returns them in
+    its first reply's order (the first round's order was kept for good)."""
+    theirs, ours = ms.FedAvg(), jkfl.MessageFedAvg()
+    for r, order in ((1, ["w", "b"]), (2, ["b", "w"])):
+        shapes = {"w": (3, 2), "b": (2,)}
+        replies = [_named_reply(j, [(k, np.full(shapes[k], j, np.float32)) for k in order], 10) for j in range(2)]
+        t, _ = theirs.aggregate_train(r, replies)
+        o, _ = ours.aggregate_train(r, replies)
+        assert list(o.keys()) == list(t.keys()) == order
+        assert [a.shape for a in o.to_numpy_ndarrays()] == [a.shape for a in t.to_numpy_ndarrays()]
 
 
 def test_message_errors_name_the_node_and_the_array():

@@ -403,6 +403,20 @@ def test_a_negative_or_nan_weight_is_refused_naming_the_client():
         np.testing.assert_array_equal(parameters_to_ndarrays(p)[0], a[0])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("counts", [(10 ** 33, 10 ** 33), (3, 10 ** 36), (7, 9)], ids=["1e33", "3-1e36", "small"])
+def test_sample_counts_past_the_accumulators_range_average_as_flowers(dtype, counts):
+    """Flower's numpy divides by the total: counts of 1e33 averaged there, and were refused here (ValueOutOfRange:
+    the float32 accumulator's headroom). The weights are scaled by a common power of two, which moves no bit."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 2)).astype(dtype)
+    res = [(_Proxy(f"c{j}"), _fit_res([x + dtype(0.25 * j)], n)) for j, n in enumerate(counts)]
+    with np.errstate(all="ignore"):
+        theirs = parameters_to_ndarrays(fl.FedAvg().aggregate_fit(1, res, [])[0])[0]
+    ours = parameters_to_ndarrays(jkfl.FedAvg().aggregate_fit(1, res, [])[0])[0]
+    np.testing.assert_allclose(ours, theirs, rtol=4 * np.finfo(dtype).eps, atol=4 * np.finfo(dtype).eps)
+
+
 def test_a_header_whose_shape_overflows_int64_is_refused_by_name():
     import struct
 

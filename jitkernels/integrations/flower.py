@@ -57,6 +57,7 @@ import collections
 import functools
 import io
 import logging
+import math
 import numbers
 
 import ml_dtypes
@@ -261,6 +262,10 @@ class _Runner:
             log.info("jitkernels: %d result(s) with weight 0 left out", len(weights) - len(kept))
         if not kept:
             return None
+        # sample counts past ~1e32 passed a float32 accumulator's headroom (Flower's numpy divides by the total
+        # first): a common power of two brings the largest to [0.5, 1), which changes no bit of the mean
+        top = math.frexp(max(weights[j] for j in kept))[1]
+        weights = [math.ldexp(w, -top) for w in weights]
         for j in kept:  # complex, datetime, structured: there is no average of those here (complex lost its part)
             for i, v in enumerate(views[j]):
                 if v.dtype.kind not in "fiub":
@@ -389,7 +394,8 @@ class _Runner:
     def aggregate_records(self, replies, weight_key, base=None, server_round=None):
         """Flower's Message API: the replies (one ArrayRecord and one MetricRecord each in their content, as
         Flower's strategies check) in, an ArrayRecord of the aggregate out (its Arrays' data are the new bytes).
-        Arrays are matched by name: the first round's order is kept (a reply may list its keys in another)."""
+        Arrays are matched by name (a reply may list its keys in another order than the first round's); the result
+        lists them as Flower's do: in ``base``'s order where given, else in this round's first reply's."""
         from flwr.app import Array, ArrayRecord
 
         contents = [m.content for m in replies]
@@ -422,8 +428,11 @@ class _Runner:
                                      names=names)
         if out is None:
             return None
-        return ArrayRecord({n: Array(dtype=str(a.dtype), shape=tuple(a.shape), stype="numpy.ndarray", data=t)
-                            for n, t, a in zip(names, *out)})
+        arrays = {n: Array(dtype=str(a.dtype), shape=tuple(a.shape), stype="numpy.ndarray", data=t)
+                  for n, t, a in zip(names, *out)}
+        # in Flower's order, the model's (current_arrays) or this round's first reply's: callers load the record by
+        # position (to_numpy_ndarrays -> set_weights), and the first round's order put arrays in other layers
+        return ArrayRecord({n: arrays[n] for n in (base if base is not None else records[0]).keys()})
 
 
 def _flower_optimizer(strategy, ours):
