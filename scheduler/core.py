@@ -349,6 +349,7 @@ class _JobState:
         self.fold_bytes = 0  # bytes folded since the last checkpoint
         self.buffered_bytes = 0  # its share of the scheduler's buffered_bytes
         self.spare = None  # an Aggregator to reuse for the next round
+        self.restarted = False  # added on a state directory that held it: its open round began before the restart
         # algorithms that close rounds (server optimizers, DP): the finished round's aggregator, whose state (model,
         # moments, round counter, clip norm) the next round continues
         self.carry = None
@@ -625,7 +626,8 @@ class JITScheduler:
                 except (ValueError, TypeError, jk.AggregationError) as e:
                     raise InvalidJob(f"job {job.id!r}: {e}") from None
                 meta = self.store.jobs.get(job.id, {}) if self.store is not None else {}
-                if meta.get("removed") or not meta.keys() & {"results", "state", "carry"}:
+                js.restarted = bool(meta) and not meta.get("removed")
+                if not js.restarted or not meta.keys() & {"results", "state", "carry"}:
                     js.spare = first  # its first round's (from the template; a resumed job starts from its files)
                 del first
             if self.store is not None and js.layout is not None:  # (after every check: a refused job commits nothing)
@@ -1712,6 +1714,10 @@ class JITScheduler:
         self._open_round(js, first, None if wall is None or opened is None else
                          self.clock.now() - max(0.0, wall - opened), opened)
         rnd = js.open
+        if js.restarted:  # the round opened before a restart: its arrivals from now on teach no response times
+            # (those of parties that tried while the server was down would read the outage as their own: an
+            # hour's outage inflated a party's model for many rounds)
+            rnd.unobserved.update(job.parties)
         lowered = meta.get("quorum")
         if lowered and lowered[0] == first:  # the partial rule's quorum, set at its deadline before the restart
             rnd.quorum = min(rnd.quorum, lowered[1])

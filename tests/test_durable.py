@@ -6,6 +6,7 @@ update that was lost, or one counted twice, would change the result.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -2315,3 +2316,32 @@ def test_a_job_its_aggregator_refuses_is_invalid_job_and_commits_nothing(tmp_pat
     s.clock.run()
     np.testing.assert_array_equal(s.result("j", 0).result(timeout=5)["w"], np.ones(4, np.float32))
     s.close()
+
+
+def test_a_resumed_rounds_arrivals_teach_no_response_times(tmp_path):
+    """A party that tried to answer while the scheduler was down arrives once it is back: its time since the round
+    opened is the outage's, not its own, and an hour's outage taught the predictor a response time of an hour."""
+    from scheduler import BackendCost
+
+    clk = VirtualClock()
+    cost = CostModel(backends={"cpu": BackendCost(1e12, 0.0)}, startup_s=0.0)
+
+    def job():
+        return Job("j", template={"w": np.zeros(3, np.float32)}, parties=["a", "b"], quorum=2, rounds=3)
+
+    s = JITScheduler("eager", clock=clk, cost=cost, state_dir=tmp_path)
+    s.add_job(job())
+    clk.run(until=2.0)
+    for p in "ab":
+        s.submit("j", 0, p, {"w": np.ones(3, np.float32)}).durable.result(timeout=10)
+    clk.run(until=3.0)  # round 1 opens at 2 s
+    s.submit("j", 1, "a", {"w": np.ones(3, np.float32)}).durable.result(timeout=10)
+    s.close()
+    clk.run(until=3600.0)  # down for an hour; b answers once it is back
+    again = JITScheduler.recover(tmp_path, [job()], policy="eager", clock=clk, cost=cost)
+    again.submit("j", 1, "b", {"w": np.ones(3, np.float32)})
+    clk.run(until=3601.0)
+    assert again.result("j", 1).done()
+    m = again.jobs["j"].predictor.model("b")
+    assert m.n == 1 and math.exp(m.mu) == pytest.approx(2.0, rel=1e-6)  # round 0's answer only
+    again.close()
