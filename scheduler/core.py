@@ -571,9 +571,8 @@ class JITScheduler:
     def recover(cls, state_dir, jobs, **kwargs) -> "JITScheduler":
         """A scheduler resumed from ``state_dir``: each job continues from its last committed generation, with the
         acknowledged updates that generation does not cover replayed (the results of finished rounds resolve
-        their futures). ``jobs`` are the same :class:`Job` definitions (templates are code, not state). The
-        checkpoints of jobs in the directory that are not among them, verified and held since it was opened, are let
-        go (a job added later reads its own again)."""
+        their futures). ``jobs`` are the same :class:`Job` definitions (templates are code, not state); a job of the
+        directory may be added later as well."""
         sched = cls(state_dir=state_dir, **kwargs)
         try:
             for job in jobs:
@@ -581,7 +580,6 @@ class JITScheduler:
         except BaseException:  # (e.g. a job whose template changed): the directory is let go, for a retry
             sched.close()
             raise
-        sched.store.forget_verified()
         return sched
 
     # --- public API ----------------------------------------------------------------------------------------------

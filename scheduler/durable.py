@@ -220,7 +220,6 @@ class StateDir:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="jitkernels-durable", initializer=renice,
                                           initargs=(writer_nice, "state directory writer"))
         self.fallbacks: list = []  # (manifest, reason) skipped at open
-        self._states: dict = {}  # verified state files, loaded once
         self._held: set = set()  # update files collection must keep (spilled updates not yet folded: hold/release)
         self._purged: set = set()  # removed jobs whose files are gone: the next commit drops their tombstones
         # its own lock, not the commits': submit holds a spilled update's file, and must not wait for a checkpoint's
@@ -563,13 +562,8 @@ class StateDir:
         except (KeyError, ValueError, TypeError, RecursionError) as e:
             raise jk.CorruptState(f"round result {rel}: {type(e).__name__}: {str(e)[:200]}") from None
 
-    def forget_verified(self) -> None:
-        """Let go of the states verified at the open that no job has taken (:meth:`load_state` reads them again)."""
-        self._states.clear()
-
     def load_state(self, rel: str) -> jk.FoldState:
-        st = self._states.pop(rel, None)
-        return st if st is not None else jk.FoldState.load(os.path.join(self.path, rel))
+        return jk.FoldState.load(os.path.join(self.path, rel))
 
     def _commit(self, gen: int, jobs: dict) -> None:
         # tombstones of removed jobs whose files are gone: a fallback to the generation before finds one still
@@ -607,23 +601,22 @@ class StateDir:
                 jobs = {unident(j): m for j, m in body["jobs"].items()}
                 for m in jobs.values():
                     _check_entry(m)
-                    if m.get("state"):
+                    if m.get("state"):  # verified, not held: a job added reads its own again (held, every job's
+                        # state stayed in memory from the open on, a job never added again's for good)
                         st = jk.FoldState.load(os.path.join(self.path, m["state"]))
                         if set(map(_key, st.parties)) != {_key(p) for p, _ in m["parties"]}:
                             raise jk.CorruptState(f"{m['state']} holds other parties than the manifest says")
-                        self._states[m["state"]] = st
+                        del st
                     for rel in m.get("results", {}).values():  # a damaged result fails its round only
                         try:
                             read_checked(os.path.join(self.path, rel), what="round result")
                         except (OSError, jk.CorruptState) as e:
                             log.error("state directory %s: round result %s is damaged (%s)", self.path, rel, e)
-                    if m.get("carry"):  # verified always, kept only where the open round starts from it
-                        carry = jk.FoldState.load(os.path.join(self.path, m["carry"]))
-                        if not m.get("state"):
-                            self._states[m["carry"]] = carry
+                    if m.get("carry"):
+                        jk.FoldState.load(os.path.join(self.path, m["carry"]))
                 return int(body["gen"]), jobs
             except (OSError, ValueError, KeyError, TypeError, RecursionError, MemoryError, jk.CorruptState) as e:
-                self._states.clear()  # (json of a crafted depth: RecursionError, not a directory that will not open)
+                # (RecursionError: json of a crafted depth, a generation that does not verify)
                 self.fallbacks.append((f, f"{type(e).__name__}: {e}"))
                 log.warning("state directory %s: %s unusable (%s); trying the previous generation", self.path, f, e)
         if gens:  # starting afresh would collect every job's files: the operator decides
