@@ -671,3 +671,62 @@ def test_weighted_must_be_a_bool():
     with pytest.raises(TypeError, match="weighted must be True or False, got 'no'"):
         A.FedAvg(weighted="no")
     assert A.FedAvg(weighted=np.bool_(False)).weighted is False
+
+
+# --- contracts a mutation review found untested (2026-11-28); each test kills its mutant ----------------------------
+def test_reddi_adam_starts_its_second_moment_at_tau_squared():
+    """Reddi et al.'s v_{-1} = tau^2: the first step is lr * m / (sqrt(v) + tau) with v = b2 tau^2 + (1 - b2) d^2."""
+    lr, tau, b1, b2 = 0.1, 0.1, 0.9, 0.99
+    assert A.FedAdam(tau=tau).v0() == pytest.approx(tau * tau)
+    d = np.array([1e-2, -2e-2, 0.5])
+    x = {"w": np.zeros(3, np.float32)}
+    agg = jk.Aggregator(x, A.FedAdam(lr=lr, tau=tau, beta1=b1, beta2=b2), base=x, acc_dtype="float64")
+    agg.fold({"w": d.astype(np.float32)}, party=0)
+    m, v = (1 - b1) * d.astype(np.float32), b2 * tau * tau + (1 - b2) * d.astype(np.float32) ** 2
+    np.testing.assert_allclose(agg.finalize()["w"], lr * m / (np.sqrt(v) + tau), rtol=1e-5)
+
+
+def test_adaptive_clipping_follows_the_papers_count_update():
+    """b~ = (sum_j [||d_j|| <= C] + N(0, sigma_b^2)) / m with m = num_sampled (not the parties folded), the count's
+    noise keyed by (seed, round, COUNT_LEAF, 0), and an update whose norm equals C counted as unclipped."""
+    from jitkernels import noise
+
+    base = {"w": np.zeros(4, np.float32)}
+    alg = A.DPAdaptiveClipping(noise_multiplier=0.0, num_sampled=4, initial_clip_norm=1.0, count_stddev=0.5,
+                               clip_norm_lr=0.2, target_quantile=0.5, seed=7)
+    agg = jk.Aggregator(base, alg, base=base)
+    for j, v in enumerate((0.1, 0.2)):  # 2 of the 4 sampled report, both unclipped
+        agg.fold({"w": np.array([v, 0, 0, 0], np.float32)}, party=j)
+    agg.finalize()
+    z = noise.gaussian(7, 0, A.COUNT_LEAF, 0, 1)[0]
+    assert agg.state.scalars["clip_norm"] == pytest.approx(math.exp(-0.2 * ((2 + 0.5 * z) / 4 - 0.5)), rel=1e-12)
+    alg = A.DPAdaptiveClipping(noise_multiplier=0.0, num_sampled=2, initial_clip_norm=0.5, count_stddev=0.0,
+                               clip_norm_lr=0.2, target_quantile=0.5)
+    agg = jk.Aggregator(base, alg, base=base)
+    agg.fold({"w": np.array([0.5, 0, 0, 0], np.float32)}, party=0)  # its norm is C exactly
+    agg.fold({"w": np.array([0.3, 0, 0, 0], np.float32)}, party=1)
+    agg.finalize()
+    assert agg.state.scalars["clip_norm"] == pytest.approx(0.5 * math.exp(-0.2 * (1.0 - 0.5)), rel=1e-12)
+
+
+def test_scaffold_refuses_more_parties_than_the_federation_has():
+    x = {"model": np.zeros(3), "control": np.full(3, 2.0)}
+    for k, ok in ((2, True), (3, False)):
+        agg = jk.Aggregator(x, A.SCAFFOLD(num_parties=2), base=x)
+        for j in range(k):
+            agg.fold({"model": np.ones(3), "control": np.full(3, 3.0)}, party=j)
+        if ok:
+            np.testing.assert_allclose(agg.finalize()["control"], np.full(3, 3.0))
+        else:
+            with pytest.raises(ValueError, match="num_parties = 2"):
+                agg.finalize()
+
+
+def test_hyperparameters_at_their_bounds():
+    """A beta of 1 divides by zero in Flower's bias correction, a server learning rate of 0 in FedBuff's finalize:
+    refused when made; FedProx's mu = 0 (plain FedAvg on the server) is valid."""
+    for make in (lambda: A.FedAdam(beta1=1.0, variant="flower"), lambda: A.FedAvgM(momentum=1.0),
+                 lambda: A.FedBuff(server_lr=0.0)):
+        with pytest.raises(ValueError):
+            make()
+    assert A.FedProx(mu=0.0).mu == 0.0

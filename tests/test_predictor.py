@@ -5,6 +5,7 @@ import math
 import random
 from fractions import Fraction
 
+import numpy as np
 import pytest
 
 from scheduler import Predictor, poisson_binomial_tail
@@ -302,3 +303,53 @@ def test_a_partys_first_responses_take_a_running_mean_of_their_logs():
     mean = sum(logs) / 3
     assert m.mu == pytest.approx(mean, abs=1e-12)
     assert m.var == pytest.approx(sum((y - mean) ** 2 for y in logs) / 3, abs=1e-12)  # (the population variance)
+
+
+# --- contracts a mutation review found untested (2026-11-28); each test kills its mutant ----------------------------
+def test_a_newcomer_borrows_the_spread_between_parties():
+    """The pooled model a party without history plans on holds the spread of the parties' means, not only the
+    spread within each (dropped, a newcomer's 5% quantile was 9.7 s where the parties answer in 1-100 s)."""
+    pr = Predictor()
+    for p, y in (("a", 1.0), ("b", 10.0), ("c", 100.0)):
+        for _ in range(5):
+            pr.observe(p, y)
+    d, _ = pr.distribution("newcomer")
+    assert d.sigma == pytest.approx(float(np.std(np.log([1.0, 10.0, 100.0]))), rel=1e-6)
+
+
+def test_a_party_with_three_responses_plans_on_its_own_spread():
+    """distribution() and the planning arrays must agree on when a party is experienced (three responses)."""
+    pr = Predictor()
+    for p, ys in (("a", [10, 10.1, 9.9]), ("b", [5, 20, 9, 30]), ("c", [5, 20, 9, 30]), ("d", [4, 25, 8, 31])):
+        for y in ys:
+            pr.observe(p, y)
+    d, _ = pr.distribution("a")
+    _, sigma, _, _ = pr._arrays()
+    assert float(sigma[pr.indices(["a"])[0]]) == pytest.approx(d.sigma, rel=1e-12)
+
+
+def test_an_overdue_party_has_not_arrived_by_the_time_it_is_overdue():
+    """Its arrival chance is conditioned on its absence so far: 0 at tau, so the quorum time lies after tau."""
+    pr = Predictor()
+    for y in (1.0, 1.2, 0.8, 1.1, 0.9):
+        pr.observe("a", y)
+    d, _ = pr.distribution("a")
+    tau = math.exp(d.mu + 40 * d.sigma)  # 40 sigmas overdue: its survival underflows
+    cdf, _ = pr.quorum_cdf_fn(["a"], 1, tau)
+    assert cdf(tau) == 0.0
+    assert pr.quorum_quantile(["a"], 1, tau, 0.5) > tau
+
+
+def test_the_prior_is_the_mean_response_time():
+    """prior_s is the mean of the log-normal a party without history gets: mu = log(prior_s) - sigma^2 / 2."""
+    d, _ = Predictor(prior_s=10.0, prior_cv=1.0).distribution("x")
+    assert math.exp(d.mu + d.sigma ** 2 / 2) == pytest.approx(10.0, rel=1e-12)
+
+
+def test_sub_millisecond_responses_are_learned():
+    """The log floor (1e-9 s) lies far below such answers: a party answering in ~15 us has that median."""
+    pr = Predictor()
+    ys = (1e-5, 2e-5, 1.5e-5, 1e-5)
+    for y in ys:
+        pr.observe("a", y)
+    assert pr.quorum_quantile(["a"], 1, 0.0, 0.5) == pytest.approx(math.exp(np.mean(np.log(ys))), rel=0.05)

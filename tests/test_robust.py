@@ -451,3 +451,23 @@ def test_a_refused_batch_does_not_leave_the_store_on_disk(tmp_path):
     assert agg.state.same_bits(before) and not agg.state.store.spilled and list(tmp_path.iterdir()) == []
     agg.fold_many([{"w": np.full(100, 2.0)}], parties=[2])
     assert agg.state.store.spilled and agg.finalize()["w"][0] == 1.0
+
+
+# --- contracts a mutation review found untested (2026-11-28); each test kills its mutant ----------------------------
+def test_geometric_median_and_centered_clipping_weigh_the_parties():
+    """Both are weighted by sample counts through the Aggregator: a party of weight 10 among two of weight 1 holds
+    the weighted geometric median (10 > 1 + 1), and centered clipping without clipping is the weighted mean."""
+    x = {"w": np.zeros(2, np.float32)}
+    ups = [np.array([0, 0], np.float32), np.array([1, 0], np.float32), np.array([0, 1], np.float32)]
+    for alg, want in ((R.GeometricMedian(), [1.0, 0.0]), (R.CenteredClipping(tau=10.0), [10 / 12, 1 / 12])):
+        agg = jk.Aggregator(x, alg, base=x)
+        for j, (u, w) in enumerate(zip(ups, (1.0, 10.0, 1.0))):
+            agg.fold({"w": u}, party=j, weight=w)
+        np.testing.assert_allclose(agg.finalize()["w"], want, atol=1e-4)
+
+
+def test_trimmed_mean_refuses_a_cut_of_half_when_made():
+    """beta = 0.5 trims every update: refused at construction, not at finalize after the round was buffered."""
+    with pytest.raises(ValueError, match="beta"):
+        R.FedTrimmedAvg(beta=0.5)
+    assert R.FedTrimmedAvg(beta=0.49).beta == 0.49

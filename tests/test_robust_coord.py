@@ -1052,3 +1052,17 @@ def test_a_store_file_does_not_choose_where_the_loader_writes(tmp_path):
     assert np.array_equal(back.rows(), np.stack([np.full(5, float(j), np.float32) for j in range(3)]))
     assert not (tmp_path / "saved_here").exists()
     back.close()
+
+
+def test_generated_kernels_are_not_imported_from_a_directory_others_can_write(tmp_path, monkeypatch):
+    """A group- or world-writable cache directory is refused (anyone who can write there could plant code the
+    next process imports): kernels are then compiled in memory."""
+    from jitkernels import robust_coord as rc
+
+    monkeypatch.setenv("JITKERNELS_CACHE_DIR", str(tmp_path))
+    (tmp_path / "robust_coord").mkdir(mode=0o700)
+    assert rc._cache_dir() == str(tmp_path / "robust_coord")
+    os.chmod(tmp_path / "robust_coord", 0o777)
+    assert rc._cache_dir() is None
+    os.chmod(tmp_path / "robust_coord", 0o720)
+    assert rc._cache_dir() is None

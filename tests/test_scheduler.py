@@ -1740,3 +1740,42 @@ def test_a_job_ending_keeps_a_later_round_whose_quorum_was_acknowledged(rounds):
         for r in (2, 3):
             assert isinstance(s.result("j", r).exception(timeout=0), QuorumUnreachable)
     s.close()
+
+
+# --- contracts a mutation review found untested (2026-11-28); each test kills its mutant ----------------------------
+def _policy_fixture(pending, deployed=False):
+    from types import SimpleNamespace as NS
+
+    from scheduler.predictor import Predictor
+
+    pred = Predictor()
+    for p in "abc":
+        for y in (10.0, 11.0, 9.0, 10.5):
+            pred.observe(p, y)
+    sched = NS(clock=NS(now=lambda: 0.0), cost=NS(startup_s=2.0), work_estimate=lambda js, rnd: 3.0)
+    js = NS(predictor=pred, job=NS(id="j", deadline_s=None, unreachable="wait"),
+            deployment=object() if deployed else None, pending_idx=lambda rnd: pred.indices(pending))
+    return sched, js, NS(quorum_time=None, quorum=3, members=[], start=0.0, number=0)
+
+
+def test_jit_deploys_the_work_and_a_start_up_ahead_of_the_quorum_quantile():
+    """deploy at = start + Q_alpha - work - start-up (dropping the work deployed 3 s late)."""
+    from scheduler.policies import JIT
+
+    sched, js, rnd = _policy_fixture(list("abc"))
+    t, info = JIT(0.05).deploy_at(sched, js, rnd)
+    assert info["work_s"] == 3.0 and info["startup_s"] == 2.0
+    assert t == pytest.approx(rnd.start + info["quantile_s"] - 3.0 - 2.0, abs=1e-6)  # (quantile_s is rounded)
+    # a quorum its pending parties cannot make, with history: not yet known (None), not "deploy now"
+    sched, js, rnd = _policy_fixture(list("ab"))
+    t, info = JIT(0.05).deploy_at(sched, js, rnd)
+    assert t is None and info["quantile"] == "inf"
+
+
+def test_an_oracle_redeployment_pays_its_start_up():
+    """A deployed job's redeployment (preemption) starts afresh: the oracle plans its start-up too."""
+    from scheduler.policies import Oracle
+
+    sched, js, rnd = _policy_fixture(list("abc"), deployed=True)
+    t, info = Oracle(lambda job_id, r: 20.0).deploy_at(sched, js, rnd, redeploy=True)
+    assert t == pytest.approx(20.0 - 3.0 - 2.0) and info["startup_s"] == 2.0

@@ -632,3 +632,19 @@ def test_quantize_caps_plus_c_at_the_target_range():
 
     q = sa.quantize(np.full(1000, c), c, T, seed=Highest(0))
     assert q.dtype == np.uint32 and (q == T).all()
+
+
+# --- contracts a mutation review found untested (2026-11-28); each test kills its mutant ----------------------------
+@pytest.mark.parametrize("backend", ["numpy", "numba", "cpp"])
+def test_a_negative_int32_value_is_out_of_range_at_32_bits(backend):
+    """An int32 vector's sign counts at b = 32 too: -1 is outside [0, 2^32), on every backend."""
+    s = sa.SecAggSum(4, 32, backend=backend)
+    with pytest.raises(jk.ValueOutOfRange, match="first -1 at index 1"):
+        s.fold(np.array([1, -1, 2, 3], np.int32), party="p")
+
+
+def test_dequantize_refuses_no_parties_and_a_zero_ratio():
+    with pytest.raises(ValueError, match="k"):
+        sa.dequantize(np.array([0, 0], np.uint32), 1.0, 10, k=0)
+    with pytest.raises(ValueError, match="q_total_ratio"):
+        sa.dequantize(np.array([0, 0], np.uint32), 1.0, 10, k=1, q_total_ratio=0)
