@@ -693,9 +693,11 @@ class UpdateStore:
     def load(cls, path, *, budget_bytes=_UNSET, over_budget=None, spill_dir=None) -> "UpdateStore":
         """Load and verify a saved store (CorruptState if truncated, altered, inconsistent or of another version).
         The budget and its rule come from the file unless given; a spill directory only from the caller (the file's
-        is recorded, never used: a store file is not trusted to choose where this process writes), so a store that
-        spilled loads as a refusing one unless ``spill_dir`` is given. Rows that pass the budget spill or raise
-        BudgetExceeded as add would."""
+        is recorded, never used: a store file is not trusted to choose where this process writes), and without one
+        the rule is to refuse. Rows that pass the budget spill or raise BudgetExceeded as add would: a store that
+        spilled needs ``spill_dir`` here (or ``budget_bytes=None``, to hold it in memory)."""
+        if over_budget == "spill" and spill_dir is None:  # (the caller's mistake, not a corrupt file)
+            raise ValueError("over_budget='spill' needs a spill_dir")
         path = os.fspath(path)
         tensors, meta = read_checked(path, what="update store file")
         check_format(path, meta, FORMAT, (VERSION,), "jitkernels update store")
@@ -711,8 +713,8 @@ class UpdateStore:
                 spill_dir=spill_dir)
         except BudgetExceeded:  # (a MemoryError: the rows pass the budget given, as an add would)
             raise
-        except (KeyError, ValueError, TypeError, OverflowError, MemoryError, OSError) as e:
-            raise CorruptState(f"{path}: inconsistent update store ({e})") from e
+        except (KeyError, ValueError, TypeError, OverflowError, MemoryError, OSError, RecursionError) as e:
+            raise CorruptState(f"{path}: inconsistent update store ({type(e).__name__}: {str(e)[:300]})") from e
 
 
 class DeviceUpdateStore(UpdateStore):

@@ -624,14 +624,13 @@ class JITScheduler:
                 except (ValueError, TypeError, jk.AggregationError) as e:
                     raise InvalidJob(f"job {job.id!r}: {e}") from None
                 meta = self.store.jobs.get(job.id, {}) if self.store is not None else {}
-                js.restarted = bool(meta) and not meta.get("removed")
-                if not js.restarted or not meta.keys() & {"results", "state", "carry"}:
+                if meta.get("removed") or not meta.keys() & {"results", "state", "carry"}:
                     js.spare = first  # its first round's (from the template; a resumed job starts from its files)
                 del first
             if self.store is not None and js.layout is not None:  # (after every check: a refused job commits nothing)
                 # new here (or removed before under its id: it starts afresh): its entry, with the time its first
                 # round opens (deadlines outlive a restart)
-                self.store.commit_new(job.id, job.first_round, self._wall())
+                js.restarted = not self.store.commit_new(job.id, job.first_round, self._wall())
             self.jobs[job.id] = js
             self._log("add_job", js, quorum=job.quorum_count(), parties=len(job.parties))
             try:

@@ -63,8 +63,9 @@ class CostModel:
             raise ValueError(f"backend {self.backend!r} has no cost entry (entries: {sorted(self.backends)})")
         if not _number(self.startup_s) >= 0:
             raise ValueError(f"startup_s must be finite and >= 0, got {self.startup_s!r}")
-        if isinstance(self.acc_itemsize, bool) or not isinstance(self.acc_itemsize, int) or self.acc_itemsize < 1:
-            raise ValueError(f"acc_itemsize must be an integer >= 1, got {self.acc_itemsize!r}")
+        if isinstance(self.acc_itemsize, bool) or not isinstance(self.acc_itemsize, int) or not \
+                1 <= self.acc_itemsize <= 64:  # (a file's 400-digit one passed, and every fold estimate overflowed)
+            raise ValueError(f"acc_itemsize must be an integer in [1, 64], got {self.acc_itemsize!r:.40}")
 
     def _b(self, backend=None) -> BackendCost:
         return self.backends[backend or self.backend]

@@ -472,11 +472,12 @@ class StateDir:
             self._commit_job(job, quorum=[int(rnd), int(quorum)])
             return True
 
-    def commit_new(self, job, first_round: int, opened: float | None) -> None:
+    def commit_new(self, job, first_round: int, opened: float | None) -> bool:
         """Commit a job new to the directory, with the time its first round opens (see :meth:`commit_result`). An
         entry of nothing but that (the job was added before, and nothing of it committed since) for another first
         round is another job's, and a removed job's tombstone too: replaced (the removed job's files, any update a
-        late write left included, are deleted first: the job starts afresh)."""
+        late write left included, are deleted first: the job starts afresh). True where the job starts afresh,
+        False where it resumes the directory's entry."""
         with self._lock:
             old = self.jobs.get(job)
             if old is not None and old.get("removed"):
@@ -485,6 +486,8 @@ class StateDir:
             self._purged.discard(job)
             if old is None or set(old) <= {"round", "opened"} and old.get("round") != int(first_round):
                 self._commit(self.gen + 1, {**self.jobs, job: {"round": int(first_round), "opened": opened}})
+                return True
+            return False
 
     def commit_dropped(self, job, party) -> None:
         """Commit that ``party`` left ``job`` (``JITScheduler.drop_party``): a restart does not wait for it."""
@@ -615,7 +618,7 @@ class StateDir:
                     if m.get("carry"):
                         jk.FoldState.load(os.path.join(self.path, m["carry"]))
                 return int(body["gen"]), jobs
-            except (OSError, ValueError, KeyError, TypeError, RecursionError, MemoryError, jk.CorruptState) as e:
+            except (OSError, ValueError, KeyError, TypeError, RecursionError, jk.CorruptState) as e:
                 # (RecursionError: json of a crafted depth, a generation that does not verify)
                 self.fallbacks.append((f, f"{type(e).__name__}: {e}"))
                 log.warning("state directory %s: %s unusable (%s); trying the previous generation", self.path, f, e)

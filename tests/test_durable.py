@@ -2378,3 +2378,24 @@ def test_a_resumed_rounds_arrivals_teach_no_response_times(tmp_path):
     m = again.jobs["j"].predictor.model("b")
     assert m.n == 1 and math.exp(m.mu) == pytest.approx(2.0, rel=1e-6)  # round 0's answer only
     again.close()
+
+
+def test_a_stale_entry_for_another_first_round_is_no_restart(tmp_path):
+    """An entry of nothing but a round and its open time, for another first round, is another job's, replaced: the
+    job starts afresh and its first round teaches the predictor (it was taken for a restarted round)."""
+    from scheduler import BackendCost
+
+    clk = VirtualClock()
+    cost = CostModel(backends={"cpu": BackendCost(1e12, 0.0)}, startup_s=0.0)
+    t = {"w": np.zeros(3, np.float32)}
+    s = JITScheduler("eager", clock=clk, cost=cost, state_dir=tmp_path)
+    s.add_job(Job("j", template=t, parties=["a"], quorum=1, rounds=1))
+    s.close()
+    s = JITScheduler("eager", clock=clk, cost=cost, state_dir=tmp_path)
+    s.add_job(Job("j", template=t, parties=["a"], quorum=1, rounds=1, first_round=5))
+    assert not s.jobs["j"].restarted
+    clk.run(until=clk.now() + 2.0)
+    s.submit("j", 5, "a", {"w": np.ones(3, np.float32)})
+    clk.run(until=clk.now() + 1.0)
+    assert s.result("j", 5).done() and s.jobs["j"].predictor.model("a").n == 1
+    s.close()

@@ -1052,6 +1052,25 @@ def test_a_store_file_does_not_choose_where_the_loader_writes(tmp_path):
     assert np.array_equal(back.rows(), np.stack([np.full(5, float(j), np.float32) for j in range(3)]))
     assert not (tmp_path / "saved_here").exists()
     back.close()
+    with pytest.raises(ValueError, match="needs a spill_dir"):  # (the caller's mistake: it was CorruptState)
+        UpdateStore.load(tmp_path / "s.jks", over_budget="spill")
+    held = UpdateStore.load(tmp_path / "s.jks", budget_bytes=None)  # in memory
+    assert not held.spilled and held.k == 3
+
+
+@pytest.mark.parametrize("key", ["parties", "shapes", "names", "budget_bytes"])
+def test_a_store_file_of_deep_json_is_corrupt_state(tmp_path, key):
+    """JSON nested past the parser's limit raised RecursionError out of UpdateStore.load (its checksum is one anyone
+    can compute)."""
+    from jitkernels.state import atomic_write, checked_bytes, read_checked
+
+    s = UpdateStore(5, 4)
+    s.add(np.ones(5, np.float32), party="a")
+    s.save(tmp_path / "s.jks")
+    tensors, meta = read_checked(str(tmp_path / "s.jks"), what="update store file")
+    atomic_write(str(tmp_path / "s.jks"), checked_bytes(tensors, {**meta, key: "[" * 100_000 + "]" * 100_000}))
+    with pytest.raises(jk.CorruptState, match="RecursionError"):
+        UpdateStore.load(tmp_path / "s.jks")
 
 
 def test_generated_kernels_are_not_imported_from_a_directory_others_can_write(tmp_path, monkeypatch):

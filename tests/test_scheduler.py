@@ -465,10 +465,12 @@ def test_cost_model_calibrates_saves_and_loads(tmp_path):
     '{"backend": "cpu", "backends": ["cpu"]}',  # AttributeError
     '{"backend": "cpu", "backends": {"cpu": {"throughput_Bps": 1e9}}, "startup_s": "1"}',
     "[" * 100_000 + "]" * 100_000,  # RecursionError
-], ids=["400-digits", "true", "list", "str", "deep"])
+    '{"backend": "cpu", "backends": {"cpu": {"throughput_Bps": 1e9}}, "acc_itemsize": 1' + "0" * 400 + '}',
+], ids=["400-digits", "true", "list", "str", "deep", "itemsize"])
 def test_bad_cost_files_are_value_errors(tmp_path, body):
     """A calibration file is read by jitagg, which reports ValueError/TypeError/OSError by name: a 400-digit
-    integer, a list of backends or JSON nested too deep escaped as tracebacks, and `true` was a throughput of 1."""
+    integer, a list of backends or JSON nested too deep escaped as tracebacks, and `true` was a throughput of 1; a
+    400-digit acc_itemsize loaded, and every fold estimate raised OverflowError on the clock's thread."""
     (tmp_path / "cost.json").write_text(body)
     with pytest.raises(ValueError):
         CostModel.load(tmp_path / "cost.json")
