@@ -615,7 +615,7 @@ class StateDir:
                             read_checked(os.path.join(self.path, rel), what="round result")
                         except (OSError, jk.CorruptState) as e:
                             log.error("state directory %s: round result %s is damaged (%s)", self.path, rel, e)
-                    if m.get("carry"):
+                    if m.get("carry"):  # (verified the same way: the open round starts from it)
                         jk.FoldState.load(os.path.join(self.path, m["carry"]))
                 return int(body["gen"]), jobs
             except (OSError, ValueError, KeyError, TypeError, RecursionError, jk.CorruptState) as e:
