@@ -330,6 +330,10 @@ class Aggregator:
             a.info = i
             if a.against_base:
                 a.against_base = token
+        if not self.buffered:  # the weight the fold multiplies by, too (FedBuff's is 1 whatever the sample count):
+            bound = self._fold_bound()  # admitted here, refused by every fold after
+            for a in admitted:
+                self._check_headroom(a, float(self.algorithm.fold_weight(a, st)), bound)
         self._check_int_bound(admitted)  # on arrival, with the masses the fold will use
         return admitted
 
@@ -352,6 +356,15 @@ class Aggregator:
             seen.add(p)
             if p in self.state.parties:
                 raise DuplicateParty(p)
+        self._check_room(len(parties), parties[-1] if parties else None)
+
+    def _check_room(self, k: int, party) -> None:
+        """An algorithm that knows how many parties there are (SCAFFOLD's N) refuses a party past them on arrival:
+        finalize refused the round, which then could not be finished without losing it all (reset)."""
+        most = getattr(self.algorithm, "max_parties", None)
+        if most is not None and self.state.count + k > most:
+            raise ValueOutOfRange(f"party {party!r}: {type(self.algorithm).__name__} was told of {most} parties in "
+                                  f"all, and {self.state.count} are folded already (num_parties counts every party)")
 
     def fold(self, update, weight=None, party=None, **info) -> None:
         """Fold one update (raw, or :class:`Admitted`). Raw updates are admitted first (one stats pass); ``weight``
@@ -507,6 +520,7 @@ class Aggregator:
             return False
         if u.party in st.parties:  # (_check_parties for one party)
             raise DuplicateParty(u.party)
+        self._check_room(1, u.party)
         self._check_open()
         u.info = alg.check_info(u.info, u.party)
         if not self._measured_here(u) and self._stale([u]):
@@ -788,7 +802,9 @@ class Aggregator:
         # ``other`` is, must not tear what is merged; a reset of either must not swap a state out from under it
         with state_module.guarded(self.state, other.state if isinstance(other, Aggregator) else other):
             self._check_device()
-            self.state.merge_into(other.state if isinstance(other, Aggregator) else other)
+            theirs = other.state if isinstance(other, Aggregator) else other
+            self._check_room(theirs.count, next(iter(theirs.parties), None))
+            self.state.merge_into(theirs)
 
     # --- finalize ------------------------------------------------------------------------------------------------
     def finalize(self, output: str = "model", *, out=None):

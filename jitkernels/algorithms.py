@@ -290,11 +290,17 @@ class SCAFFOLD(FedAvg):
                     for part, t in trees.items()]
             raise ValueError(f"SCAFFOLD's model and control trees hold different leaves ({'; '.join(told)})")
 
+    @property
+    def max_parties(self) -> int:
+        """The Aggregator refuses a party past N on arrival (a fold or merge: ValueOutOfRange, the state as it was)."""
+        return self.num_parties
+
     def divisor_scale(self, state):
         import numpy as np
 
         self.check_layout(state.layout)
-        if state.count > self.num_parties:  # (c would move by more than the mean of the N parties' changes)
+        if state.count > self.num_parties:  # (c would move by more than the mean of the N parties' changes; folds
+            # and merges refuse such a party on arrival, so only a state from elsewhere gets here)
             raise ValueError(f"SCAFFOLD was told num_parties = {self.num_parties} (N, all parties of the federation), "
                              f"and {state.count} parties were folded: N must count every party")
         control = np.array([leaf.name.partition(".")[0] == "control" for leaf in state.layout.leaves])

@@ -150,8 +150,10 @@ class FoldState:
         return int(self.algorithm["deterministic"])
 
     def value(self) -> np.ndarray:
-        """The accumulated sums as one float64/float32 array (hi + lo, correctly rounded, in deterministic mode)."""
-        return self.acc + self.lo if self.deterministic else self.acc
+        """The accumulated sums as one float64/float32 array (hi + lo, correctly rounded, in deterministic mode;
+        the two read under the guard, so that no fold lands between them)."""
+        with self.guard:
+            return self.acc + self.lo if self.deterministic else self.acc
 
     # --- summary -----------------------------------------------------------------------------------------------
     @property
@@ -206,14 +208,18 @@ class FoldState:
                          opt={k: a.copy() for k, a in self.opt.items()} if own else None)
 
     def copy(self) -> "FoldState":
-        new = FoldState(self.layout, algorithm=self.algorithm, acc_dtype=self.acc_dtype, acc=self.acc.copy(),
-                        leaf_weight=self.leaf_weight.copy(), parties=self.parties,
-                        base=None if self.base is None else self.base.copy(),
-                        lo=None if self.lo is None else self.lo.copy(), info=self.info,
-                        opt=None if self.opt is None else {k: a.copy() for k, a in self.opt.items()},
-                        round=self.round, closed=self.closed, scalars=self.scalars,
-                        store=None if self.store is None else self.store.copy(), absent=self.absent, peak=self.peak)
-        new.torn, new.torn_model = self.torn, self.torn_model
+        """A snapshot, taken under the guard (save and merge hold it too): one taken while another thread folded
+        recorded parties whose sums were not in its accumulator, or the reverse."""
+        with self.guard:
+            new = FoldState(self.layout, algorithm=self.algorithm, acc_dtype=self.acc_dtype, acc=self.acc.copy(),
+                            leaf_weight=self.leaf_weight.copy(), parties=self.parties,
+                            base=None if self.base is None else self.base.copy(),
+                            lo=None if self.lo is None else self.lo.copy(), info=self.info,
+                            opt=None if self.opt is None else {k: a.copy() for k, a in self.opt.items()},
+                            round=self.round, closed=self.closed, scalars=self.scalars,
+                            store=None if self.store is None else self.store.copy(), absent=self.absent,
+                            peak=self.peak)
+            new.torn, new.torn_model = self.torn, self.torn_model
         return new
 
     def same_bits(self, other: "FoldState") -> bool:

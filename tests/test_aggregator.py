@@ -1062,17 +1062,20 @@ def test_a_quantized_base_is_refused_by_name():
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_weight_range_verdicts_do_not_depend_on_the_path(backend):
     """A fold weight out of range was refused alone but folded in a batch (only the headroom's first offender was
-    checked), and the fused first batch did not check the raw weight; a batch's errors come in update order."""
+    checked), and the fused first batch did not check the raw weight; a batch's errors come in update order. The
+    aggregator's admission refuses it on arrival too (since 2026-11-28; it was admitted, then refused by the fold)."""
     from jitkernels.algorithms import FedBuff
 
     t = {"a": np.zeros(3, np.float32)}
     u = {"a": np.ones(3, np.float32)}
+    agg = jk.Aggregator(t, FedBuff(weighted=True), backend=backend)
+    agg.fold(u, 1.0, "warm", staleness=0)
+    with pytest.raises(jk.ValueOutOfRange, match="'p'.*fold weight"):  # ~3e-39: below float32's normal numbers
+        agg.admit(u, 1e-37, "p", staleness=1000)
     for batch in (False, True):
-        agg = jk.Aggregator(t, FedBuff(weighted=True), backend=backend)
-        agg.fold(u, 1.0, "warm", staleness=0)
-        tiny = agg.admit(u, 1e-37, "p", staleness=1000)  # fold weight ~3e-39: below float32's normal numbers
         with pytest.raises(jk.ValueOutOfRange, match="'p'.*fold weight"):
-            agg.fold_many([tiny, agg.admit(u, 1.0, "q", staleness=0)] if batch else [tiny])
+            agg.fold_many([u, u] if batch else [u], [1e-37, 1.0][:1 + batch], ["p", "q"][:1 + batch],
+                          [{"staleness": 1000}, {"staleness": 0}][:1 + batch])
         assert agg.count == 1
     for first in (True, False):
         agg = jk.Aggregator(t, backend=backend)

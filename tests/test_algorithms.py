@@ -550,16 +550,6 @@ def test_fednova_and_scaffold_refuse_partial_updates():
             jk.Aggregator.from_state(agg.state, partial=True)
 
 
-def test_scaffold_refuses_more_parties_than_the_federation_it_was_told_of():
-    """|S| <= N: with N = 2 and four parties each sending a control change of 1, c moved by 2, twice the mean."""
-    x = {"model": np.zeros(2), "control": np.zeros(2)}
-    agg = jk.Aggregator(x, A.SCAFFOLD(num_parties=2), base=x)
-    for j in range(4):
-        agg.fold({"model": np.ones(2), "control": np.ones(2)}, party=j)
-    with pytest.raises(ValueError, match="num_parties = 2.*4 parties"):
-        agg.finalize()
-
-
 def test_dp_noise_scales_with_the_inner_step_and_integer_leaves_average_plainly():
     """DP noise goes on the average delta before the inner algorithm scales it (FedBuff's server_lr used to leave
     the noise at sigma C / m while one party moved the model by lr C / m); integer leaves take the plain weighted
@@ -709,17 +699,23 @@ def test_adaptive_clipping_follows_the_papers_count_update():
     assert agg.state.scalars["clip_norm"] == pytest.approx(0.5 * math.exp(-0.2 * (1.0 - 0.5)), rel=1e-12)
 
 
-def test_scaffold_refuses_more_parties_than_the_federation_has():
+@pytest.mark.parametrize("how", ["fold", "fold_many", "admit", "merge"])
+def test_scaffold_refuses_more_parties_than_the_federation_has(how):
+    """|S| <= N (with N = 2 and four parties each sending a control change of 1, c moved by 2, twice the mean): a
+    party past num_parties is refused on arrival, the state as it was (it was refused at finalize, when the round
+    could no longer be finished without losing it all); the N parties' round finalizes."""
     x = {"model": np.zeros(3), "control": np.full(3, 2.0)}
-    for k, ok in ((2, True), (3, False)):
-        agg = jk.Aggregator(x, A.SCAFFOLD(num_parties=2), base=x)
-        for j in range(k):
-            agg.fold({"model": np.ones(3), "control": np.full(3, 3.0)}, party=j)
-        if ok:
-            np.testing.assert_allclose(agg.finalize()["control"], np.full(3, 3.0))
-        else:
-            with pytest.raises(ValueError, match="num_parties = 2"):
-                agg.finalize()
+    u = {"model": np.ones(3), "control": np.full(3, 3.0)}
+    agg = jk.Aggregator(x, A.SCAFFOLD(num_parties=2), base=x)
+    agg.fold_many([u, u], parties=[0, 1])
+    before = agg.state.copy()
+    other = jk.Aggregator(x, A.SCAFFOLD(num_parties=2), base=x)
+    other.fold(u, party=2)
+    with pytest.raises(jk.ValueOutOfRange, match="2 parties in all"):
+        {"fold": lambda: agg.fold(u, party=2), "fold_many": lambda: agg.fold_many([u], parties=[2]),
+         "admit": lambda: agg.admit(u, party=2), "merge": lambda: agg.merge(other)}[how]()
+    assert agg.state.same_bits(before)
+    np.testing.assert_allclose(agg.finalize()["control"], np.full(3, 3.0))
 
 
 def test_hyperparameters_at_their_bounds():
@@ -730,3 +726,18 @@ def test_hyperparameters_at_their_bounds():
         with pytest.raises(ValueError):
             make()
     assert A.FedProx(mu=0.0).mu == 0.0
+
+
+def test_admission_by_the_aggregator_checks_the_weight_its_fold_multiplies_by():
+    """agg.admit() checked weight * max|x| against the headroom, not the algorithm's fold weight: an unweighted
+    FedBuff update of 6e32 at sample weight 1/3 was admitted, then refused by every fold (the fused batch path
+    refused it at once: two verdicts for one update)."""
+    t = {"z": np.zeros(3, np.float32)}
+    u = {"z": np.full(3, 6e32, np.float32)}
+    for be in CPU_BACKENDS:
+        agg = jk.Aggregator(t, A.FedBuff(staleness="constant"), base=t, backend=be)
+        with pytest.raises(jk.ValueOutOfRange, match="fold weight 1"):
+            agg.admit(u, weight=1 / 3, party="p", staleness=0)
+        with pytest.raises(jk.ValueOutOfRange):
+            agg.fold(u, weight=1 / 3, party="p", staleness=0)
+        assert agg.count == 0

@@ -154,6 +154,31 @@ def test_merging_a_state_another_thread_folds_into_is_never_torn(via):
         t.join()
 
 
+def test_a_state_copied_while_another_thread_folds_is_never_torn():
+    """FoldState.copy() read the state without the guard save() and merge() hold: a copy taken while another
+    thread folded recorded parties whose sums were not in its accumulator (159 of 300 copies in review)."""
+    n = 1 << 20
+    b = jk.Aggregator(np.zeros(n, np.float32), backend="cpp")
+    ones = np.ones(n, np.float32)
+    stop = threading.Event()
+
+    def folder():
+        for j in range(2000):
+            if stop.is_set():
+                return
+            b.fold(ones, weight=1.0, party=j)
+
+    t = threading.Thread(target=folder)
+    t.start()
+    try:
+        for _ in range(150):
+            c = b.state.copy()
+            assert c.acc[0] == c.acc[-1] == c.count == c.leaf_weight[0]
+    finally:
+        stop.set()
+        t.join()
+
+
 def test_concurrent_duplicate_party_counts_once():
     agg = jk.Aggregator(np.zeros(1000, np.float32))
     x = np.ones(1000, np.float32)
