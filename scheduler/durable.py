@@ -302,7 +302,13 @@ class StateDir:
                     "carried_from": json.dumps(None if carried_from is None else int(carried_from)),
                     "info": json.dumps(info or {})}
             # save_file, not save: building the bytes would hold the GIL (22 ms for 32 MB), and submit waits on it
-            self._write("update", self._update_rel(job, rnd, party), checked_writer(tensors, meta))
+            try:
+                self._write("update", self._update_rel(job, rnd, party), checked_writer(tensors, meta))
+            except FileNotFoundError:  # its round's folder collected under the write: a generation committed since
+                with self._lock:  # covers the round (its result or failure), and the update with it
+                    if int(rnd) < self.jobs.get(job, {}).get("round", -1):
+                        return True
+                raise
             return True
         return self._writer.submit(work)
 

@@ -2399,3 +2399,34 @@ def test_a_stale_entry_for_another_first_round_is_no_restart(tmp_path):
     clk.run(until=clk.now() + 1.0)
     assert s.result("j", 5).done() and s.jobs["j"].predictor.model("a").n == 1
     s.close()
+
+
+def test_an_update_whose_round_is_collected_under_its_write_is_durable(tmp_path):
+    """A collection after later commits deleted an acknowledged update's round folder while the writer was between
+    the file's rename and the directory's fsync: Ack.durable failed (FileNotFoundError) although the update was in
+    a committed result. Found by an extended model-based test."""
+    import threading
+
+    from scheduler import BackendCost
+
+    renamed, go_on = threading.Event(), threading.Event()
+
+    def hook(point):  # the writer's write of round 0's update: paused between its rename and the directory fsync
+        if point == "update.renamed" and threading.current_thread().name.startswith("jitkernels-durable") \
+                and not renamed.is_set():
+            renamed.set()
+            go_on.wait(10)
+
+    clk = VirtualClock()
+    s = JITScheduler("eager", clock=clk, state_dir=tmp_path, crash_hook=hook,
+                     cost=CostModel(backends={"cpu": BackendCost(1e6, 0.0)}, startup_s=1.0))
+    s.add_job(Job("j", template={"a": np.zeros(3, np.float32)}, parties=[0], quorum=1))
+    a0 = s.submit("j", 0, 0, {"a": np.ones(3, np.float32)})
+    assert renamed.wait(10)
+    clk.run(until=clk.now() + 5)  # round 0's result committed
+    s.submit("j", 1, 0, {"a": np.full(3, 3, np.float32)})  # (its write queues behind the paused one)
+    clk.run(until=clk.now() + 5)  # round 1's: its collection deletes round 0's files
+    assert s.result("j", 1).result(timeout=5)["a"][0] == 3.0
+    go_on.set()
+    assert a0.durable.result(timeout=10) is True
+    s.close()
