@@ -389,6 +389,16 @@ class _JobState:
         u = jk.admit_many([update], self.layout, weights=[weight], parties=[party], backend=self.job.backend,
                           acc_dtype=self.acc_dtype, bound=self._admit_bound)[0]
         u.info = info
+        if self._admit_bound != math.inf and not getattr(self.algorithm, "needs_norms", False):
+            # the weight the fold multiplies by too (FedBuff's is 1 whatever the sample count, FedNova's w / steps):
+            # an update admitted here and refused by the fold failed its whole round (DP's clip only lowers it)
+            w = float(self.algorithm.fold_weight(u, None))
+            bound = jk.admission.headroom(self.acc_dtype) if self._admit_bound is None else self._admit_bound
+            if not w * u.maxabs <= bound:
+                raise jk.ValueOutOfRange(f"party {party!r}: |x| = {u.maxabs:.6g}, which times fold weight {w:.6g} "
+                                         f"exceeds {bound:.6g} (the job's {self.acc_dtype} accumulator's headroom, "
+                                         "or its deterministic bound)")
+            jk.admission.check_weight_range(w, party, self.acc_dtype, "fold weight")
         if self.layout.int_leaves and self._admit_bound != math.inf:  # counters, as the job's aggregator sums them
             jk.admission.check_int_terms([u], self.layout, [self.algorithm.mass(u)], self._admit_bound
                                          if self.job.deterministic else None, self.acc_dtype)

@@ -1781,3 +1781,22 @@ def test_an_oracle_redeployment_pays_its_start_up():
     sched, js, rnd = _policy_fixture(list("abc"), deployed=True)
     t, info = Oracle(lambda job_id, r: 20.0).deploy_at(sched, js, rnd, redeploy=True)
     assert t == pytest.approx(20.0 - 3.0 - 2.0) and info["startup_s"] == 2.0
+
+
+def test_submit_refuses_an_update_its_fold_weight_takes_past_the_headroom():
+    """submit checked weight * max|x|, the fold the algorithm's fold weight (FedBuff's is 1 whatever the sample
+    count): an unweighted FedBuff update of 6e32 at weight 1/3 was acknowledged, and its fold failed the round,
+    the other party's update with it."""
+    from jitkernels import algorithms as A
+
+    s = JITScheduler("eager", clock=VirtualClock())
+    t = {"z": np.zeros(3, np.float32)}
+    s.add_job(Job("j", template=t, parties=["a", "b"], quorum=2, rounds=1,
+                  algorithm=A.FedBuff(staleness="constant")))
+    with pytest.raises(jk.ValueOutOfRange, match="'a'.*fold weight 1"):
+        s.submit("j", 0, "a", {"z": np.full(3, 6e32, np.float32)}, weight=1 / 3, staleness=0)
+    for p in "ab":
+        s.submit("j", 0, p, {"z": np.ones(3, np.float32)}, weight=1.0, staleness=0)
+    s.clock.run()
+    np.testing.assert_array_equal(s.result("j", 0).result(timeout=0)["z"], np.ones(3, np.float32))
+    s.close()
