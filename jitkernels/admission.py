@@ -264,6 +264,16 @@ def prepare(updates, layout, *, weights=None, parties=None, backend="auto", copy
     return Prepared(ws, parties, leaves_list, *leaf_entries(layout, leaves_list), on_device)
 
 
+def check_fold_weight(u, w: float, bound: float, layout, acc_dtype, what: str) -> None:
+    """The weight a fold multiplies ``u`` by (the algorithm's: FedBuff's staleness weight, FedNova's w / steps), as
+    the fold checks it: ``w * max|x| <= bound`` (``what`` names the bound) and a weight the accumulator holds."""
+    if not w * u.maxabs <= bound:
+        leaf = f"leaf {layout.leaves[u.worst_leaf].name!r} " if u.worst_leaf >= 0 else ""
+        raise ValueOutOfRange(f"party {u.party!r}: {leaf}has |x| = {u.maxabs:.6g}, which times fold weight "
+                              f"{w:.6g} exceeds {bound:.6g} ({what})")
+    check_weight_range(w, u.party, acc_dtype, "fold weight")
+
+
 def check_weight_range(w: float, party, acc_dtype, what: str = "weight") -> None:
     """Weights are rounded to the accumulator's dtype in the kernels: one below its smallest normal number rounds to 0
     or loses bits, one above its headroom makes inf (times an all-zero update, NaN). Refused by name, as

@@ -330,10 +330,12 @@ class Aggregator:
             a.info = i
             if a.against_base:
                 a.against_base = token
-        if not self.buffered:  # the weight the fold multiplies by, too (FedBuff's is 1 whatever the sample count):
-            bound = self._fold_bound()  # admitted here, refused by every fold after
-            for a in admitted:
-                self._check_headroom(a, float(self.algorithm.fold_weight(a, st)), bound)
+        if not self.buffered:  # the weight the fold multiplies by, where it is not the weight admission checked
+            bound = self._fold_bound()  # (FedBuff's is 1 whatever the sample count: admitted here, refused by
+            for a in admitted:  # every fold after)
+                w = float(self.algorithm.fold_weight(a, st))
+                if w != a.weight:
+                    self._check_headroom(a, w, bound)
         self._check_int_bound(admitted)  # on arrival, with the masses the fold will use
         return admitted
 
@@ -356,13 +358,15 @@ class Aggregator:
             seen.add(p)
             if p in self.state.parties:
                 raise DuplicateParty(p)
-        self._check_room(len(parties), parties[-1] if parties else None)
+        self._check_room(parties)
 
-    def _check_room(self, k: int, party) -> None:
-        """An algorithm that knows how many parties there are (SCAFFOLD's N) refuses a party past them on arrival:
-        finalize refused the round, which then could not be finished without losing it all (reset)."""
+    def _check_room(self, parties) -> None:
+        """An algorithm that knows how many parties there are (SCAFFOLD's N) refuses a party past them on arrival
+        (the first one past them is named): finalize refused the round, which then could not be finished without
+        losing it all (reset)."""
         most = getattr(self.algorithm, "max_parties", None)
-        if most is not None and self.state.count + k > most:
+        if most is not None and self.state.count + len(parties) > most:
+            party = list(parties)[max(0, most - self.state.count)]
             raise ValueOutOfRange(f"party {party!r}: {type(self.algorithm).__name__} was told of {most} parties in "
                                   f"all, and {self.state.count} are folded already (num_parties counts every party)")
 
@@ -494,12 +498,8 @@ class Aggregator:
             what = (" as its delta against the base", " less max |base|") if self.state.base is not None else ("", "")
             raise ValueOutOfRange(f"party {u.party!r}: {leaf}has |x| = {u.maxabs:.6g}{what[0]}, past the "
                                   f"{self.acc_dtype} accumulator's range{what[1]} ({cap:.6g})")
-        if not w * u.maxabs <= bound:
-            what = "the deterministic bound" if self.deterministic else f"the {self.acc_dtype} accumulator's headroom"
-            leaf = f"leaf {self.layout.leaves[u.worst_leaf].name!r} " if u.worst_leaf >= 0 else ""
-            raise ValueOutOfRange(f"party {u.party!r}: {leaf}has |x| = {u.maxabs:.6g}, which times fold weight "
-                                  f"{w:.6g} exceeds {bound:.6g} ({what})")
-        admission.check_weight_range(w, u.party, self.acc_dtype, "fold weight")
+        what = "the deterministic bound" if self.deterministic else f"the {self.acc_dtype} accumulator's headroom"
+        admission.check_fold_weight(u, w, bound, self.layout, self.acc_dtype, what)
 
     def _fold_one(self, u) -> bool:
         """The streaming server's per-update fold: one whole host update into a plain float state, through the batch
@@ -520,7 +520,7 @@ class Aggregator:
             return False
         if u.party in st.parties:  # (_check_parties for one party)
             raise DuplicateParty(u.party)
-        self._check_room(1, u.party)
+        self._check_room((u.party,))
         self._check_open()
         u.info = alg.check_info(u.info, u.party)
         if not self._measured_here(u) and self._stale([u]):
@@ -803,7 +803,7 @@ class Aggregator:
         with state_module.guarded(self.state, other.state if isinstance(other, Aggregator) else other):
             self._check_device()
             theirs = other.state if isinstance(other, Aggregator) else other
-            self._check_room(theirs.count, next(iter(theirs.parties), None))
+            self._check_room(theirs.parties)
             self.state.merge_into(theirs)
 
     # --- finalize ------------------------------------------------------------------------------------------------

@@ -393,12 +393,10 @@ class _JobState:
             # the weight the fold multiplies by too (FedBuff's is 1 whatever the sample count, FedNova's w / steps):
             # an update admitted here and refused by the fold failed its whole round (DP's clip only lowers it)
             w = float(self.algorithm.fold_weight(u, None))
-            bound = jk.admission.headroom(self.acc_dtype) if self._admit_bound is None else self._admit_bound
-            if not w * u.maxabs <= bound:
-                raise jk.ValueOutOfRange(f"party {party!r}: |x| = {u.maxabs:.6g}, which times fold weight {w:.6g} "
-                                         f"exceeds {bound:.6g} (the job's {self.acc_dtype} accumulator's headroom, "
-                                         "or its deterministic bound)")
-            jk.admission.check_weight_range(w, party, self.acc_dtype, "fold weight")
+            if w != u.weight:
+                bound, what = (jk.admission.headroom(self.acc_dtype), f"the {self.acc_dtype} accumulator's headroom") \
+                    if self._admit_bound is None else (self._admit_bound, "the deterministic bound")
+                jk.admission.check_fold_weight(u, w, bound, self.layout, self.acc_dtype, what)
         if self.layout.int_leaves and self._admit_bound != math.inf:  # counters, as the job's aggregator sums them
             jk.admission.check_int_terms([u], self.layout, [self.algorithm.mass(u)], self._admit_bound
                                          if self.job.deterministic else None, self.acc_dtype)
