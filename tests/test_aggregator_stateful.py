@@ -28,7 +28,6 @@ from jitkernels import algorithms as A
 BF16 = np.dtype(ml_dtypes.bfloat16)
 N_AGG = 3
 _counter = itertools.count()
-TMP = tempfile.mkdtemp(prefix="aggsm_")
 
 
 def _event(x):
@@ -67,6 +66,10 @@ class AggMachine(RuleBasedStateMachine):
         self.bases = []  # per agg: the base (float64 flat per leaf dict) the current round's folds use
         self.closed_result = {}  # agg index -> the bits of the finalize that closed its round
         self.pending = []  # (admitted, source agg index, party, weight, update)
+        self.tmp = tempfile.TemporaryDirectory(prefix="aggsm_")
+
+    def teardown(self):
+        self.tmp.cleanup()
 
     # ------------------------------------------------------------------ setup
     @initialize(backend=hs.sampled_from(["numpy", "numba", "cpp"]), det=hs.booleans(),
@@ -307,7 +310,7 @@ class AggMachine(RuleBasedStateMachine):
     @rule(i=hs.integers(0, N_AGG - 1))
     def save_load(self, i):
         agg = self.aggs[i]
-        path = os.path.join(TMP, f"s{next(_counter)}.jkstate")
+        path = os.path.join(self.tmp.name, f"s{next(_counter)}.jkstate")
         note(f"agg{i} = from_state(load(save(agg{i}.state)))")
         before = snapshot(agg)
         agg.state.save(path)
