@@ -39,11 +39,11 @@ _INF_BITS = {"float16": (np.int16, np.uint16, 0x7C00, 0xFC00), "bfloat16": (np.i
 _overflowed)."""
 
 
-def _overflowed(dtype: str, out) -> bool:
+def _overflowed(out) -> bool:
     """Whether a float output holds inf or NaN: exponent all ones,
     from pos_inf up as signed integers (positive) or from neg_inf up as unsigned ones (negative). Two integer maxima
-    find them without a temporary the size of the output."""
-    bits = _INF_BITS.get(dtype)
+    find them without a temporary the size of the output. (Its own dtype: reset() finalizes into the accumulator's.)"""
+    bits = _INF_BITS.get(np.dtype(out.dtype).name)
     if bits is None:
         return False
     signed, unsigned, pos_inf, neg_inf = bits
@@ -107,7 +107,7 @@ def _written(layout, outs, buffered: bool) -> int:
     path (its range check follows the kernels), up to the refused leaf on the buffered one (written leaf by leaf)."""
     if buffered:
         for i, leaf in enumerate(layout.leaves):
-            if leaf.is_float and _overflowed(leaf.dtype, outs[i]):
+            if leaf.is_float and _overflowed(outs[i]):
                 return i + 1
     return len(outs)
 
@@ -959,7 +959,7 @@ class Aggregator:
             leaf = self.layout.leaves[i]
             # (float64 outputs too: a float64 leaf read into a float32 accumulator, past its range with a small delta
             # against the base, was inf once read; a float64 model stepped or given a base near its largest value)
-            if (not wide and bound < _largest(leaf.dtype)) or not _overflowed(leaf.dtype, outs[i]):
+            if (not wide and bound < _largest(leaf.dtype)) or not _overflowed(outs[i]):
                 continue
             sl = slice(leaf.offset, leaf.offset + leaf.size)
             if stepped:
@@ -996,7 +996,7 @@ class Aggregator:
             else:
                 with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, by name
                     _write(o, _cast(to_host(v).reshape(leaf.shape), o.dtype))
-            if leaf.is_float and _overflowed(leaf.dtype, o):  # (a delta of two in-range values may not be)
+            if leaf.is_float and _overflowed(o):  # (a delta of two in-range values may not be)
                 raise _beyond(leaf, float(xp.abs(v).max()))
         return outs
 
@@ -1041,13 +1041,20 @@ class Aggregator:
         page faults on first touch, measured at 0.2-0.4 ns per byte here, about 2x a fold pass over it.
 
         Server optimizers carry their model (the base, moved by the last step) and moments into the new round; a
+        round that DP closed without a step (DP over FedAvg) carries the model its finalize released (base + the
+        noised mean delta): the next round's deltas are measured from the model its parties trained from. A
         ``base`` given here replaces the model. The returned state holds copies of them.
         """
         with self._lock:
             old = self.state
             if old.torn_model:
                 raise TornState(old.torn)
-            flat_base = old.base if base is None else self._flat(base, old.acc_dtype)
+            if base is not None:
+                flat_base = self._flat(base, old.acc_dtype)
+            elif old.closed and old.base is not None and self.algorithm.kind is None:
+                flat_base = self._released_model()
+            else:
+                flat_base = old.base
             self._base_token = object()  # (after the base is taken: a refused one leaves admitted updates' marks)
             if reuse:
                 old.torn = None
@@ -1068,10 +1075,22 @@ class Aggregator:
                     # rounds would stay there
                     old.store.clear(release=old.store.spilled)
                 return None
-            self._adopt(old.next_round(base=None if base is None else flat_base,
+            # (its own base goes as None: next_round copies a model that a step moves in place)
+            self._adopt(old.next_round(base=None if flat_base is old.base else flat_base,
                                        store=None if old.store is None else self.algorithm.new_store(self.layout,
                                                                                                      self.on_gpu)))
             return old
+
+
+    def _released_model(self):
+        """The model a closed round's finalize released, base + the (noised) mean delta, flat in the accumulator
+        dtype as the state's base is: the same finalize into outputs of that dtype (the kernels compute it there and
+        round to the output dtype last, so it is the released model before that rounding). Under the lock."""
+        acc_dtype = self.state.acc_dtype
+        outs = [empty_leaf(leaf.shape, acc_dtype) if self.on_gpu else np.empty(leaf.shape, acc_dtype)
+                for leaf in self.layout.leaves]
+        self._finalize_into("model", outs)
+        return place(np.concatenate([to_host(o).reshape(-1) for o in outs]), self.on_gpu)
 
 
 def _check_disjoint(layout, outs) -> None:

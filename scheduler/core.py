@@ -619,7 +619,8 @@ class JITScheduler:
                 raise InvalidJob(f"job {job.id!r}: {js.algorithm!r} does not weigh updates, so a late update carried "
                                  f"to the next round would count as a fresh one, not at late_weight "
                                  f"{job.late_weight}: late='reject', or late_weight=1.0")
-            if js.rebases and job.late == "next_round":  # (a late update was trained from the round before's model)
+            if js.layout is not None and js.algorithm.needs_base and job.late == "next_round":
+                # (a late update was trained from the round before's model; server optimizers and DP move theirs too)
                 raise InvalidJob(f"job {job.id!r}: {type(js.algorithm).__name__} folds each round against the last "
                                  "round's model, and a late update carried to the next round would be measured "
                                  "against the wrong one: late='reject'")

@@ -442,6 +442,48 @@ def test_dp_over_a_server_optimizer_noises_the_delta_before_the_step():
     assert dp.state.round == 1 and dp.state.opt is not None
 
 
+@pytest.mark.parametrize("backend", ["numpy", "cpp"])
+@pytest.mark.parametrize("dp", ["fixed", "adaptive"])
+def test_dp_over_fedavg_measures_each_round_from_the_model_it_released(backend, dp):
+    """reset() opens the next round from the model the closed round released, as a server optimizer's does: it kept
+    the first round's base, so each round clipped its parties' drift from the first model (round 1 returned 1.0
+    where the parties' own steps of 0.75 give 1.5, and the model never got further than C from where it began)."""
+    alg = (A.DPFixedClipping(clip_norm=1.0, noise_multiplier=0.0) if dp == "fixed" else
+           A.DPAdaptiveClipping(noise_multiplier=0.0, num_sampled=2, initial_clip_norm=1.0, target_quantile=1.0,
+                                count_stddev=0.0))
+    x = {"w": np.zeros(1, np.float32)}
+    agg = jk.Aggregator(x, alg, base=x, backend=backend)
+    models = []
+    for r in range(3):
+        for j in range(2):  # each party steps 0.75 from the model it was sent: within C = 1
+            agg.fold({"w": x["w"] + np.float32(0.75)}, party=j)
+        x = agg.finalize()
+        models.append(float(x["w"][0]))
+        agg.reset()
+    assert models == [0.75, 1.5, 2.25]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_the_next_rounds_base_is_the_released_model_before_its_rounding(tmp_path, dtype):
+    """With noise: the base reset() carries is the released model in the accumulator dtype (bit for bit where the
+    template's dtype is that one; rounding to it gives the released model where it is narrower), after a save and
+    load of the closed state too."""
+    rng = np.random.default_rng(21)
+    x0 = {"w": rng.standard_normal(300).astype(dtype)}
+    agg = jk.Aggregator(x0, A.DPFixedClipping(clip_norm=0.5, noise_multiplier=1.0, num_sampled=3, seed=4), base=x0)
+    for j in range(3):
+        agg.fold({"w": (x0["w"] + 0.1 * rng.standard_normal(300)).astype(dtype)}, party=j)
+    released = agg.finalize()["w"]
+    agg.state.save(tmp_path / "closed.jks")
+    agg.reset()
+    base = agg.state.base
+    assert base.dtype == np.float32 and base.astype(dtype).tobytes() == released.tobytes()
+    assert not np.array_equal(base, x0["w"].astype(np.float32))
+    again = jk.Aggregator.from_state(jk.FoldState.load(tmp_path / "closed.jks"))
+    again.reset()
+    assert again.state.base.tobytes() == base.tobytes()
+
+
 def test_adaptive_clipping_moves_the_norm_toward_the_target_quantile():
     rng = np.random.default_rng(14)
     base = _model(rng)

@@ -1377,6 +1377,46 @@ def test_fednova_rounds_fold_against_the_last_rounds_model(tmp_path, restart):
     assert got == want
 
 
+@pytest.mark.parametrize("restart", [False, True])
+def test_a_dp_job_measures_each_round_from_the_last_model(tmp_path, restart):
+    """A DP job over FedAvg clipped every round's deltas against the template: its model never got further than the
+    clip norm from it (round 1 returned 1.0 where the parties' steps of 0.75 give 1.5). Its rounds carry the
+    released model, through a restart too."""
+    def scheduler():
+        s = JITScheduler("eager", slots=1, state_dir=tmp_path)
+        s.add_job(Job("d", template={"w": np.zeros(1, np.float32)}, parties=[0, 1], quorum=2, rounds=3,
+                      algorithm=jk.algorithms.DPFixedClipping(clip_norm=1.0, noise_multiplier=0.0)))
+        return s
+
+    s, got, x = scheduler(), [], np.zeros(1, np.float32)
+    try:
+        for r in range(3):
+            if r == 2 and restart:
+                s.close()
+                s = scheduler()
+            for i in range(2):
+                s.submit("d", r, i, {"w": x + np.float32(0.75)})
+            x = s.result("d", r).result(timeout=30)["w"]
+            got.append(float(x[0]))
+    finally:
+        s.close()
+    assert got == [0.75, 1.5, 2.25]
+
+
+@pytest.mark.parametrize("alg", [jk.algorithms.FedAdam(), jk.algorithms.FedAvgM(),
+                                 jk.algorithms.DPFixedClipping(clip_norm=1.0, noise_multiplier=0.0)],
+                         ids=["fedadam", "fedavgm", "dp"])
+def test_jobs_whose_model_moves_refuse_to_carry_late_updates(alg):
+    """A server optimizer's or DP's round measures deltas from the model its step released, as FedNova's does: a
+    late update carried to the next round was trained from the round before's (FedAdam's was accepted)."""
+    from scheduler import InvalidJob
+
+    with pytest.raises(InvalidJob, match="late='reject'"):
+        JITScheduler("eager", clock=VirtualClock()).add_job(
+            Job("j", template={"w": np.zeros(4, np.float32)}, parties=[0, 1], quorum=1, algorithm=alg,
+                late="next_round"))
+
+
 def test_a_job_id_added_twice_is_invalid_job():
     """README: add_job refuses ids that repeat with InvalidJob (a repeated job id raised a plain ValueError)."""
     from scheduler import InvalidJob
