@@ -84,8 +84,9 @@ def check_weight(weight, party) -> float:
 
 
 def exact_positive(x) -> bool:
-    """An exact number (an int, a Fraction, a finite Decimal) > 0: one whose float may overflow or round to 0."""
-    if isinstance(x, bool) or not isinstance(x, (numbers.Rational, decimal.Decimal)):
+    """An exact number (an int, a Fraction, a finite Decimal) > 0: one whose float may overflow or round to 0 (not a
+    numpy scalar: its integers fit a float64, and a timedelta64 is one of them)."""
+    if isinstance(x, (bool, np.generic)) or not isinstance(x, (numbers.Rational, decimal.Decimal)):
         return False
     return (x.is_finite() if isinstance(x, decimal.Decimal) else True) and x > 0
 

@@ -159,8 +159,11 @@ class Layout:
                 array_type = array_type_of(node)
             if isinstance(node, Quantized):
                 raise InvalidTemplate(f"template leaf {prefix!r} is Quantized: a template gives the output dtype")
-            a = _as_array(node, prefix or "<root>", None)
             name = prefix or "<root>"
+            try:
+                a = _as_array(node, name, None)
+            except LayoutMismatch as e:  # (a template that describes no model is not a party's bad update)
+                raise InvalidTemplate(f"template {e}") from None
             if not is_leaf_dtype_name(dtype_name(a.dtype)):
                 raise InvalidTemplate(f"template leaf {name!r} has dtype {a.dtype}: leaves are float, integer or bool")
             leaves.append(Leaf(name, tuple(a.shape), dtype_name(a.dtype), offset, int(a.size)))

@@ -42,14 +42,15 @@ def real_value(x) -> float | None:
         return x
     if isinstance(x, (bool, np.bool_)):
         return None
-    if not isinstance(x, (numbers.Real, decimal.Decimal)):
+    if isinstance(x, (np.ndarray, np.generic)):  # (before numbers.Real: a timedelta64 is a numpy integer, and passed
+        # as its count of units)
+        if not (x.size == 1 and (x.dtype.kind in "iuf" or is_float_name(x.dtype.name))):  # (bfloat16: kind V)
+            return None
+        x = x.reshape(-1)[0] if isinstance(x, np.ndarray) else x
+    elif not isinstance(x, (numbers.Real, decimal.Decimal)):
         torch = sys.modules.get("torch")
-        if isinstance(x, (np.ndarray, np.generic)):
-            if not (x.size == 1 and (x.dtype.kind in "iuf" or is_float_name(x.dtype.name))):  # (bfloat16: kind V)
-                return None
-            x = x.reshape(-1)[0] if isinstance(x, np.ndarray) else x
-        elif not (torch is not None and isinstance(x, torch.Tensor) and x.numel() == 1 and not x.dtype.is_complex
-                  and x.dtype != torch.bool):
+        if not (torch is not None and isinstance(x, torch.Tensor) and x.numel() == 1 and not x.dtype.is_complex
+                and x.dtype != torch.bool):
             return None
     try:
         return float(x)

@@ -398,7 +398,7 @@ def test_finalize_reads_its_outputs_for_inf_only_where_the_mean_could_pass_their
 
     reads = []
     real = ag._overflowed
-    monkeypatch.setattr(ag, "_overflowed", lambda dtype, out: reads.append(dtype) or real(dtype, out))
+    monkeypatch.setattr(ag, "_overflowed", lambda out: reads.append(out.dtype.name) or real(out))
     t = {"h": np.zeros(3, np.float16), "f": np.zeros(3, np.float32)}
     agg = jk.Aggregator(t, backend="cpp")
     agg.fold_many([{"h": np.full(3, 2.0, np.float16), "f": np.ones(3, np.float32)}] * 2, parties=["a", "b"])
@@ -1277,7 +1277,10 @@ def test_numbers_parties_send_are_real_numbers_and_ids_are_bounded():
     agg = jk.Aggregator({"w": np.zeros(2, np.float32)})
     u = {"w": np.ones(2, np.float32)}
     for w in (np.array("2"), np.array(True), np.complex128(1 + 2j), torch.tensor(True), torch.tensor(1 + 2j),
-              np.array(b"7"), np.array([2.0, 3.0]), "2", -10 ** 400, decimal.Decimal("Infinity")):
+              np.array(b"7"), np.array([2.0, 3.0]), "2", -10 ** 400, decimal.Decimal("Infinity"),
+              np.timedelta64(5), np.timedelta64(7, "D"), np.array([5], "m8"), np.datetime64(5, "s")):
+        # (a numpy timedelta64 is a numpy integer: one without a unit was taken as its count, one with a unit
+        # refused as out of float64's range)
         with pytest.raises(jk.InvalidWeight):
             agg.fold(u, weight=w, party="p")
     # positive exact numbers a float64 cannot hold: valid weights out of range, as one the accumulator cannot hold
@@ -1610,7 +1613,8 @@ def test_the_kept_max_of_the_base_is_the_new_bases_after_a_reset():
 @pytest.mark.parametrize("template", [
     {}, {"a": np.zeros(3, np.complex64)}, {"a": np.array([1, None], dtype=object)}, {1: np.zeros(3, np.float32)},
     {"a": jk.Quantized(np.zeros(3, np.int8), 1.0)}, {"a.b": np.zeros(1), "a": {"b": np.zeros(1)}},
-])
+    5, None, "model", {"a": 3.0},  # (LayoutMismatch, "expected an array", as if a party's update were bad)
+], ids=["empty", "complex", "object", "int key", "quantized", "two names", "int", "none", "str", "float leaf"])
 def test_bad_templates_raise_invalid_template(template):
     """A template that describes no model raises the library's typed error (still a TypeError, as before)."""
     with pytest.raises(jk.InvalidTemplate) as e:
