@@ -6,6 +6,24 @@ from __future__ import annotations
 class AggregationError(Exception):
     """Base class of every error jitkernels raises on bad input or state."""
 
+    def __reduce__(self):
+        # pickled with its fields, not rebuilt by calling the class with its message (what Exception does, which
+        # most of these classes' __init__ does not take): a Ray task's error reaches the driver pickled, and came as
+        # Ray's UnserializableException, no AggregationError, or with .party set to the whole message
+        return _rebuilt, (type(self), self.args), self.__dict__
+
+
+def _rebuilt(cls, args):
+    """An error of ``cls`` made from ``args`` by its built-in base's __new__ and __init__ (an OSError's parse errno
+    and strerror from them), not its own __init__; pickle then restores its fields and notes from __dict__."""
+    builtin = next(c for c in cls.__mro__ if c.__module__ == "builtins")
+    try:
+        e = cls.__new__(cls, *args)
+    except TypeError:  # (MemoryError's __new__ refuses a subclass whose layout comes from another base)
+        e = BaseException.__new__(cls, *args)
+    builtin.__init__(e, *args)
+    return e
+
 
 class LayoutMismatch(AggregationError, ValueError):
     """An update's leaves differ from the job's layout (name, shape, dtype or container)."""

@@ -14,6 +14,7 @@ folds through ``executor.fold_many(aggregator, items)``: in place by default, on
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -192,17 +193,19 @@ class RayExecutor(LocalExecutor):
     scheduler's bookkeeping stay in this process.
 
     Connect to a cluster with ``ray.init(address=...)`` before creating it (else a local Ray is started with
-    ``ray_init`` arguments). ``cpus_per_task`` is the Ray resource request of each fold task, and the kernels use
-    that many threads (the CPUs Ray assigned the task). A request no node can meet is refused here (Ray would wait
-    for one forever). Partial updates and buffered (robust) rules are folded in this process: the first need their
-    masks shipped, the second a slab.
+    ``ray_init`` arguments, and shut down by :meth:`close`). ``cpus_per_task`` is the Ray resource request of each
+    fold task, and the kernels use that many threads (the CPUs Ray assigned the task). A request no node can meet is
+    refused here (Ray would wait for one forever); tasks still waiting for CPUs, or running, when the executor
+    closes are cancelled. Partial updates and buffered (robust) rules are folded in this process: the first need
+    their masks shipped, the second a slab.
     """
 
     def __init__(self, clock, slots: int, *, workers: int = 2, cpus_per_task: int = 1, max_retries: int = 3,
                  kernel_threads: int | None = None, **ray_init):
         import ray
 
-        if not ray.is_initialized():
+        self._own_ray = not ray.is_initialized()
+        if self._own_ray:
             ray.init(**ray_init)
         most = max((n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
         if cpus_per_task > most:
@@ -212,16 +215,23 @@ class RayExecutor(LocalExecutor):
         self.workers = max(1, int(workers))
         self._ray = ray
         self._task = ray.remote(num_cpus=cpus_per_task, max_retries=max_retries)(_fold_partial)
+        self._running = set()  # the fold tasks' refs, cancelled by close() (under _running_lock)
+        self._running_lock = threading.Lock()
 
     def fold_many(self, agg, items) -> None:
         if agg.partial or agg.buffered or not items:  # see the class docstring
             return super().fold_many(agg, items)
         ray, st = self._ray, agg.state
-        seen = set()
-        for u in items:  # DuplicateParty here, as in place (the merge after the workers' folds: OverlappingParties)
-            if u.party in st.parties or u.party in seen:
-                raise jk.DuplicateParty(u.party, *(() if u.party in st.parties else ("this batch",)))
-            seen.add(u.party)
+        if not ray.is_initialized():  # (ray.put would start a new local Ray, and the job would fold here unnoticed)
+            raise RuntimeError("Ray is not initialized (shut down while the scheduler ran?): the RayExecutor has no "
+                               "cluster to fold on")
+        # the fold's own checks, before any work is sent (the merge after the workers' folds found a closed round or
+        # a shared party late, as IncompatibleStates or OverlappingParties, and the workers re-admitted an update
+        # of another layout into this one's leaves by position)
+        for u in items:
+            agg._check_layout(u)
+        agg._check_open()
+        agg._check_parties([u.party for u in items])
         # the workers fold host copies on their CPU backends: a GPU aggregator's layout (array type "cupy") made
         # "auto" pick the GPU backend there, which a worker without one refused
         spec = {"layout": st.layout.on_host().to_json(), "algorithm": st.algorithm,
@@ -232,9 +242,38 @@ class RayExecutor(LocalExecutor):
         refs = [self._task.remote(spec, base, [[to_host(a) for a in u.leaves] for u in share],
                                   [u.weight for u in share], [u.party for u in share], [u.info for u in share])
                 for share in shares]
-        states = [jk.FoldState.from_bytes(b, where="ray partial fold") for b in ray.get(refs)]
+        with self._running_lock:
+            self._running.update(refs)
+        try:
+            blobs = ray.get(refs)
+        except BaseException as e:
+            with contextlib.suppress(Exception):  # (the error to report is the fold's)
+                for ref in refs:  # the other shares' tasks: their work is lost with this batch's
+                    ray.cancel(ref)
+            # the round keeps its error, and so its traceback's frames: ray.get's below this one held the refs (the
+            # base and the tasks' results stayed pinned in Ray's object store until the scheduler itself was gone).
+            # Raised from here (the worker's traceback is in the error's message), with this frame's refs let go:
+            raise e.with_traceback(None)
+        finally:
+            with self._running_lock:
+                self._running.difference_update(refs)
+            base = refs = ref = None
+        states = [jk.FoldState.from_bytes(b, where="ray partial fold") for b in blobs]
         while len(states) > 1:  # a fixed balanced tree: the merge order (hence the rounding) does not vary
             states = [states[i].merge(states[i + 1]) if i + 1 < len(states) else states[i]
                       for i in range(0, len(states), 2)]
         states[0].base = st.base
         agg.merge(states[0])
+
+    def close(self):
+        """Cancel the fold tasks still waiting for CPUs or running (their rounds end with the scheduler; a fold
+        waiting on a CPU another tenant held kept close() waiting with it), end the pool, and shut down a Ray this
+        executor started."""
+        with self._running_lock:
+            running = list(self._running)
+        with contextlib.suppress(Exception):  # (a Ray shut down meanwhile has nothing left to cancel)
+            for ref in running:
+                self._ray.cancel(ref, force=True)
+        super().close()
+        if self._own_ray:
+            self._ray.shutdown()

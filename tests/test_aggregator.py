@@ -1633,3 +1633,34 @@ def test_bad_quantized_leaves_raise_invalid_quantized(values, scale, block):
     with pytest.raises(jk.InvalidQuantized) as e:
         jk.Quantized(values, scale, block)
     assert isinstance(e.value, (jk.LayoutMismatch, TypeError))
+
+
+def test_every_error_pickles_with_its_type_and_fields():
+    """A Ray task's error reaches the driver pickled. Exception's pickling calls the class with its message alone:
+    NonFiniteUpdate, InvalidWeight, InvalidUpdateInfo, TooFewUpdates and the store's errors could not be rebuilt
+    (the driver got Ray's UnserializableException, no AggregationError), DuplicateParty came back with the whole
+    message as its party."""
+    import errno
+    import pickle
+
+    import scheduler  # noqa: F401 (its errors are AggregationErrors too)
+    from jitkernels import errors as E, robust_store as RS
+
+    def every(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from every(sub)
+
+    made = {E.NonFiniteUpdate: ("p", "w", 3), E.InvalidWeight: ("p", -1.0), E.DuplicateParty: (7, "this batch"),
+            E.InvalidUpdateInfo: ("p", "steps", 0, "must be > 0"), E.TooFewUpdates: ("krum", 3, 1, 5),
+            E.OverlappingParties: (["a", "b"],), RS.StoreFull: ("p", 3), RS.BudgetExceeded: ("p", 100, 10),
+            RS.SpillFailed: ("p", "/spill", OSError(errno.ENOSPC, "No space left on device"))}
+    classes = set(every(jk.AggregationError))
+    assert len(classes) > 25
+    for cls in classes:
+        e = cls(*made.get(cls, ("what is wrong",)))  # a class with another __init__ belongs in `made`
+        e.add_note("while folding job 'j' round 3")
+        back = pickle.loads(pickle.dumps(e))
+        assert type(back) is cls and str(back) == str(e) and back.args == e.args, cls
+        assert back.__dict__ == e.__dict__ and getattr(back, "errno", None) == getattr(e, "errno", None), cls
+    assert pickle.loads(pickle.dumps(E.DuplicateParty(7))).party == 7

@@ -116,3 +116,83 @@ def test_a_party_folded_already_is_a_duplicate_party_on_ray_as_in_place(executor
     with pytest.raises(jk.DuplicateParty, match="'p1'"):
         executor.fold_many(agg, again)
     assert agg.state.same_bits(before)
+
+
+def test_the_folds_own_checks_come_before_any_task(executor, monkeypatch):
+    """An update admitted for another layout of the same shapes was re-admitted on the workers into this one's leaves
+    by position (in place: LayoutMismatch); a fold after a closing finalize ran on the workers and was refused at the
+    merge as IncompatibleStates (in place: RoundClosed); a Ray shut down under the executor was started again, as a
+    new local Ray, by the next fold's ray.put."""
+    from jitkernels.admission import admit
+
+    agg = jk.Aggregator({"w": np.zeros(8, np.float32)})
+    other = jk.Aggregator({"x": np.zeros(8, np.float32)})
+    before = agg.state.copy()
+    with pytest.raises(jk.LayoutMismatch, match="admitted against layout"):
+        executor.fold_many(agg, [admit({"x": np.ones(8, np.float32)}, other.layout, party=p) for p in "ab"])
+    assert agg.state.same_bits(before)
+    adam = jk.Aggregator({"w": np.zeros(8, np.float32)}, "fedadam", base={"w": np.zeros(8, np.float32)})
+    executor.fold_many(adam, adam.admit_many([{"w": np.ones(8, np.float32)}] * 2, [1.0, 1.0], ["a", "b"]))
+    adam.finalize()
+    with pytest.raises(jk.RoundClosed):
+        executor.fold_many(adam, adam.admit_many([{"w": np.ones(8, np.float32)}] * 2, [1.0, 1.0], ["c", "d"]))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    with pytest.raises(RuntimeError, match="Ray is not initialized"):
+        executor.fold_many(agg, agg.admit_many([{"w": np.ones(8, np.float32)}] * 2, [1.0, 1.0], ["a", "b"]))
+
+
+def test_a_failed_fold_pins_nothing_in_the_object_store(executor):
+    """A worker's refusal keeps its type (RayTaskError of it), and the error's frames hold no object refs: the base
+    and the other tasks' results stayed pinned in Ray's object store for as long as the round kept its error."""
+    from jitkernels.admission import admit
+
+    agg = jk.Aggregator({"w": np.zeros(1000, np.float32)}, base={"w": np.full(1000, -2e32, np.float32)})
+    items = [admit({"w": np.full(1000, 2e32 if j == 0 else 0.0, np.float32)}, agg.layout, party=f"q{j}")
+             for j in range(4)]  # (admitted without the base: u - base passes the headroom on the worker)
+    with pytest.raises(jk.ValueOutOfRange) as e:
+        executor.fold_many(agg, items)
+    tb, held = e.value.__traceback__, []
+    while tb is not None:
+        for v in tb.tb_frame.f_locals.values():
+            held += [r for r in (v if isinstance(v, list) else [v]) if isinstance(r, ray.ObjectRef)]
+        tb = tb.tb_next
+    assert held == [] and agg.state.count == 0
+
+
+def test_close_cancels_folds_waiting_for_cpus():
+    """Fold tasks waiting for CPUs another tenant holds kept close() waiting with them (the pool's thread sat in
+    ray.get); close cancels them."""
+    import threading
+
+    @ray.remote(num_cpus=2)
+    class Hog:
+        def ping(self):
+            return 1
+
+    hog = Hog.remote()
+    ray.get(hog.ping.remote())  # both CPUs of the local Ray are held
+    ex = RayExecutor(RealClock(), slots=1, workers=1)
+    agg = jk.Aggregator({"w": np.zeros(8, np.float32)})
+    errors = []
+    fold = threading.Thread(target=lambda: errors.append(_raises(ex.fold_many, agg, agg.admit_many(
+        [{"w": np.ones(8, np.float32)}] * 2, [1.0, 1.0], ["a", "b"]))))
+    try:
+        fold.start()
+        fold.join(2.0)
+        assert fold.is_alive()  # waiting for a CPU
+        closing = threading.Thread(target=ex.close)
+        closing.start()
+        closing.join(30)
+        assert not closing.is_alive()
+        fold.join(30)
+        assert isinstance(errors[0], ray.exceptions.TaskCancelledError) and agg.state.count == 0
+    finally:
+        ray.kill(hog)
+
+
+def _raises(f, *args):
+    try:
+        f(*args)
+    except BaseException as e:  # noqa: BLE001 (the test looks at it)
+        return e
+    return None
