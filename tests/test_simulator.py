@@ -446,3 +446,22 @@ def test_per_job_latency_of_a_job_without_models_is_nan_not_zero():
     m = JobMetrics(rounds=0, unreachable=3).summary()
     assert np.isnan(m["latency_p50_s"]) and np.isnan(m["latency_p95_s"])
     assert JobMetrics(latencies=[2.0]).summary()["latency_p95_s"] == 2.0
+
+
+def test_a_slot_taken_back_under_memory_pressure_goes_to_the_job_it_was_taken_for(tmp_path):
+    """An idle deployment preempted because the byte budget was full went to the queue's first job by laxity, which
+    often had nothing buffered, became the next idle victim within milliseconds, and so on: on this 6-job mix JIT
+    made 2,436 deployments in 30 rounds and the oracle 23,173 (more aggregator-seconds than lazy, 4 misses)."""
+    path = tmp_path / "multi.toml"
+    path.write_text('name = "multi"\nseed = 3\nslots = 2\nstartup_s = 20.0\nbyte_budget = 40_000_000\n'
+                    '[cost.cpu]\nthroughput_Bps = 1e8\n'
+                    '[[jobs]]\nname = "a"\ncount = 3\nmodel_params = 1_000_000\nparties = 20\nquorum = 0.6\n'
+                    'rounds = 5\nresponse_s = 100.0\njitter_cv = 0.3\nintermittent = 0.5\navailability = 0.7\n'
+                    '[[jobs]]\nname = "b"\ncount = 3\nmodel_params = 2_000_000\nparties = 8\nrounds = 5\n'
+                    'response_s = 150.0\ndeadline_s = 400.0\n')
+    w = Workload.from_toml(path)
+    lazy = simulate(w, "lazy")
+    for policy in ("jit", "oracle"):
+        r = simulate(w, policy)
+        assert r.rounds == 30 and sum(v["deployments"] for v in r.per_job.values()) <= 3 * r.rounds, policy
+        assert r.deployed_s < 1.05 * lazy.deployed_s and r.misses <= 1, policy
