@@ -13,6 +13,9 @@ import json
 import math
 import os
 import sys
+import tempfile
+
+import numpy as np
 
 from .cost import CostModel
 from .simulator import MAX_SPREAD, POLICIES, Workload, compare, risk_bound, sweep_workload
@@ -78,8 +81,6 @@ def _plot(out: dict, path: str) -> bool:
     plt = _pyplot()
     if plt is None:
         return False
-    import numpy as np
-
     results = out["results"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     ax = axes[0]
@@ -105,18 +106,51 @@ def _plot(out: dict, path: str) -> bool:
     return True
 
 
+TIMING = ("wall_s", "events_per_s")  # the run's own speed: under "timing", so that one seed's figures diff equal
+
+
 def _json_ready(out: dict) -> dict:
-    return {"workload": out["workload"], "rho": out["rho"], "policies": out["policies"],
+    rows = out["policies"]
+    return {"workload": out["workload"], "rho": out["rho"],
+            "policies": {p: {k: v for k, v in row.items() if k not in TIMING} for p, row in rows.items()},
+            "timing": {p: {k: row[k] for k in TIMING if k in row} for p, row in rows.items()},
             "per_job": {p: r.per_job for p, r in out["results"].items()},
             "occupancy": {p: r.occupancy for p, r in out["results"].items()}}
 
 
-def _out_dir(path: str) -> str:
-    """The output folder, made now: a path that is a file (or cannot be made) fails before the run, not after."""
+def _plain(x):
+    """``x`` as strict JSON takes it: numpy numbers as Python's, NaN and inf (a latency where no round made a model)
+    as null (json.dump wrote NaN, which JSON parsers refuse)."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def _write_json(path: str, obj, cmd: str) -> None:
+    try:
+        with open(path, "w") as f:
+            json.dump(_plain(obj), f, indent=1, allow_nan=False)
+    except OSError as e:  # (the folder was checked before the run; it may have changed since)
+        raise SystemExit(f"jitagg {cmd}: cannot write {path!r}: {e}") from None
+
+
+def _out_dir(path: str, files=(), cmd: str = "simulate") -> str:
+    """The output folder, made and written to now, and ``files`` in it not folders: a path that cannot be the
+    folder fails before the run, not after it (the results lost in a traceback)."""
     try:
         os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()  # (a folder that takes no files: /proc, read-only, full)
     except OSError as e:
-        raise SystemExit(f"jitagg: --out {path!r} cannot be the output folder: {e}") from None
+        raise SystemExit(f"jitagg {cmd}: --out {path!r} cannot be the output folder: {e}") from None
+    taken = next((f for f in files if os.path.isdir(os.path.join(path, f))), None)
+    if taken is not None:
+        raise SystemExit(f"jitagg {cmd}: {os.path.join(path, taken)!r} is a folder, where the output file goes")
     return path
 
 
@@ -126,7 +160,11 @@ def _workload(args) -> Workload:
     try:
         wl = Workload.from_toml(args.config) if args.config else Workload.builtin(args.mix)
         if args.cost:
-            wl.use_cost(CostModel.load(args.cost))
+            try:
+                cost = CostModel.load(args.cost)
+            except (OSError, ValueError, TypeError) as e:
+                raise ValueError(f"--cost {args.cost!r}: {e}") from None
+            wl.use_cost(cost)
         if args.seed is not None:
             wl.seed = args.seed
         wl.check()
@@ -142,7 +180,8 @@ def _file_name(name: str) -> str:
 
 def cmd_simulate(args) -> int:
     wl = _workload(args)
-    out_dir = _out_dir(args.out)
+    base = f"simulate_{_file_name(wl.name)}"
+    out_dir = _out_dir(args.out, (base + ".json", base + ".png"))
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     unknown = [p for p in policies if p not in POLICIES]
     if unknown or not policies:  # before any policy runs (a typo at the end failed after the others had run)
@@ -167,17 +206,14 @@ def cmd_simulate(args) -> int:
               "modelled run's)")
         for p, row in out["policies"].items():
             print(f"  {p:>6}: measured busy {row['real_busy_s']:.3f} s, cost model {row['model_busy_s']:.3f} s")
-    base = os.path.join(out_dir, f"simulate_{_file_name(wl.name)}")
-    with open(base + ".json", "w") as f:
-        json.dump(_json_ready(out), f, indent=1, default=float)
+    base = os.path.join(out_dir, base)
+    _write_json(base + ".json", _json_ready(out), "simulate")
     plotted = _plot(out, base + ".png")
     print(f"\nwrote {base}.json" + (f" and {base}.png" if plotted else ""))
     return 0
 
 
 def cmd_sweep(args) -> int:
-    import numpy as np
-
     try:
         rhos = [float(x) for x in args.rho.split(",")]
         cvs = [float(x) for x in args.cv.split(",")]
@@ -191,7 +227,7 @@ def cmd_sweep(args) -> int:
         cost = CostModel.load(args.cost) if args.cost else None
     except (OSError, ValueError, TypeError) as e:
         raise SystemExit(f"jitagg sweep: --cost {args.cost!r}: {e}") from None
-    out_dir = _out_dir(args.out)
+    out_dir = _out_dir(args.out, ("sweep.json", "sweep.png"), "sweep")
     shape = (len(cvs), len(rhos))
     saving, capture, oracle, bound, latency, added = (np.zeros(shape) for _ in range(6))
     cells = []
@@ -211,8 +247,7 @@ def cmd_sweep(args) -> int:
             latency[i, j] = row["latency_share_of_lazy_gap"]
             added[i, j] = row["added_latency_p95_vs_eager_s"]
             cells.append({"rho": r, "jitter_cv": cv, **{p: v for p, v in out["policies"].items()}})
-    with open(os.path.join(out_dir, "sweep.json"), "w") as f:
-        json.dump(cells, f, indent=1, default=float)
+    _write_json(os.path.join(out_dir, "sweep.json"), cells, "sweep")
     for title, data, fmt in (("jit saving vs eager", saving, "{:>8.1%}"),
                              ("share of lazy's saving jit captures", capture, "{:>8.1%}"),
                              ("share of oracle's saving jit captures", oracle, "{:>8.1%}"),
@@ -255,9 +290,17 @@ def _heatmaps(rhos, cvs, saving, capture, added, path) -> bool:
 
 
 def cmd_calibrate(args) -> int:
-    cm = CostModel.calibrate(backend=args.backend, startup_s=args.startup,
-                             progress=lambda n, t: print(f"  N={n:>10,}: {t * 1e3:8.2f} ms", file=sys.stderr))
-    cm.save(args.out)
+    import jitkernels as jk
+
+    if not (math.isfinite(args.startup) and args.startup >= 0):  # (before the measuring, not after it)
+        raise SystemExit(f"jitagg calibrate: --startup must be a finite number of seconds >= 0, got {args.startup}")
+    try:
+        jk.backends.choose(args.backend, "float32")
+        cm = CostModel.calibrate(backend=args.backend, startup_s=args.startup,
+                                 progress=lambda n, t: print(f"  N={n:>10,}: {t * 1e3:8.2f} ms", file=sys.stderr))
+        cm.save(args.out)
+    except (OSError, ValueError, jk.BackendUnavailable) as e:
+        raise SystemExit(f"jitagg calibrate: {e}") from None
     b = cm.backends[cm.backend]
     print(f"throughput {b.throughput_Bps / 1e9:.2f} GB/s, per-call {b.call_s * 1e6:.0f} us -> {args.out}")
     return 0

@@ -35,7 +35,19 @@ from .executors import MeasuredExecutor, ModelExecutor
 WORKLOADS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workloads")
 POLICIES = ("eager", "lazy", "jit", "oracle")
 RETRY_S = 1.0  # a party whose update met Backpressure retries after this long
-MAX_SPREAD = 100.0  # jitter_cv and party_spread past this overflowed the draws (1e200: OverflowError in every policy)
+MAX_SPREAD = 100.0  # jitter_cv past this overflowed the draws (1e200: OverflowError in every policy)
+# party_spread is the log-normal sigma of the parties' speeds, exp(N(0, s) - s^2 / 2): from s = 38 every speed
+# underflowed to 0, and every response time with it (rho divided by a round time of 0)
+MAX_PARTY_SPREAD = 10.0
+# sizes past what a run here can finish (10M update events take about 5 minutes), refused rather than run for days
+# or until memory runs out: update events (count x parties x rounds, summed), parties per job, slots, update bytes
+MAX_EVENTS, MAX_PARTIES, MAX_SLOTS, MAX_UPDATE_BYTES = 10 ** 10, 10 ** 7, 10 ** 5, 10 ** 15
+
+
+def _shown(value) -> str:
+    """A value as an error message shows it: a 300-digit int by its first digits."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass
@@ -83,6 +95,8 @@ class Workload:
                 d = tomllib.load(f)
             except tomllib.TOMLDecodeError as e:
                 raise ValueError(f"{path}: not TOML: {e}") from None
+            except RecursionError:  # (arrays or tables nested past the parser's limit)
+                raise ValueError(f"{path}: not a workload (TOML nested too deep)") from None
         known = {f.name for f in fields(JobSpec)}
         jobs = []
         listed = d.pop("jobs", [])
@@ -115,13 +129,13 @@ class Workload:
         if not (isinstance(self.cost, dict) and all(isinstance(v, dict) for v in self.cost.values())):
             raise ValueError(f"cost is a table per backend ([cost.cpu] throughput_Bps = ..., call_s = ...), got "
                              f"{self.cost!r}")
-        for name, value, ok in (("slots", self.slots, _is_int(self.slots) and self.slots >= 1),
+        for name, value, ok in (("slots", self.slots, _is_int(self.slots) and 1 <= self.slots <= MAX_SLOTS),
                                 ("seed", self.seed, _is_int(self.seed) and self.seed >= 0),
                                 ("alpha", self.alpha, _is_real(self.alpha) and 0 < self.alpha < 1),
                                 ("byte_budget", self.byte_budget, self.byte_budget is None
                                  or _is_int(self.byte_budget) and self.byte_budget > 0)):
             if not ok:  # (a budget of 0 refused every update for ever; slots = 1.5 ran as 1)
-                raise ValueError(f"{name} = {value!r} is out of range")
+                raise ValueError(f"{name} = {_shown(value)} is out of range")
         if not isinstance(self.name, str):  # (it names the output files, written after the whole run)
             raise ValueError(f"name = {self.name!r} is not a string")
         names = [j.name for j in self.jobs]
@@ -146,16 +160,22 @@ class Workload:
                              ("quorum", 0 < j.quorum <= 1), ("response_s", j.response_s > 0),
                              ("model_params", j.model_params >= 1), ("bytes_per_param", j.bytes_per_param >= 1),
                              ("jitter_cv", 0 <= j.jitter_cv <= MAX_SPREAD),
-                             ("party_spread", 0 <= j.party_spread <= MAX_SPREAD),
+                             ("party_spread", 0 <= j.party_spread <= MAX_PARTY_SPREAD),
+                             ("parties", j.parties <= MAX_PARTIES),
+                             ("model_params", j.model_params * j.bytes_per_param <= MAX_UPDATE_BYTES),
                              ("intermittent", 0 <= j.intermittent <= 1), ("availability", 0 < j.availability <= 1),
                              ("dropout", 0 <= j.dropout < 1), ("window_s", j.window_s >= 0),
                              ("window_open", 0 < j.window_open <= 1),
                              ("deadline_s", j.deadline_s is None or j.deadline_s > 0)):
                 if not ok:
-                    raise ValueError(f"job {j.name!r}: {name} = {getattr(j, name)!r} is out of range")
+                    raise ValueError(f"job {j.name!r}: {name} = {_shown(getattr(j, name))} is out of range")
             if self.byte_budget is not None and j.model_params * j.bytes_per_param > self.byte_budget:
                 raise ValueError(f"job {j.name!r}: one update ({j.model_params * j.bytes_per_param} bytes) is larger "
                                  f"than byte_budget = {self.byte_budget}")
+        events = sum(j.count * j.parties * j.rounds for j in self.jobs)
+        if events > MAX_EVENTS:
+            raise ValueError(f"count x parties x rounds, summed over the jobs, is {events:.3g} update events: past the "
+                             f"{MAX_EVENTS:.0e} a run can simulate")
 
     @classmethod
     def builtin(cls, name: str = "mixed") -> "Workload":
@@ -432,7 +452,7 @@ def rho(workload: Workload) -> float:
                                + cost.finalize_s(spec.model_params))
         draws = max(200, 2_000_000 // spec.parties)  # (a draw is a response time per party)
         dur += spec.rounds * Arrivals(workload.seed, key, spec).mean_quorum_time(q, draws)
-    return work / dur
+    return work / dur if dur > 0 else math.inf
 
 
 def compare(workload: Workload, policies=POLICIES, *, real: bool = False, progress=None) -> dict:

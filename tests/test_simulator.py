@@ -175,16 +175,31 @@ def test_jitagg_sweep_reports_each_bar_per_cell(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["out_is_a_file", "cost_not_a_table", "jobs_as_one_table", "budget_below_an_update",
-                                  "missing_file", "not_toml"])
+                                  "missing_file", "not_toml", "json_is_a_folder", "too_deep", "speeds_underflow",
+                                  "count_past_a_run", "model_past_a_run"])
 def test_jitagg_refuses_bad_inputs_before_the_run_in_one_line(case, tmp_path):
-    """These failed after the whole run (--out a file), or as tracebacks (AttributeError for cost = 5, the letters of
-    [jobs]' keys as unknown keys, an InvalidJob from inside the run, FileNotFoundError, TOMLDecodeError)."""
+    """These failed after the whole run (--out a file, a folder where the JSON goes), or as tracebacks
+    (AttributeError for cost = 5, the letters of [jobs]' keys as unknown keys, an InvalidJob from inside the run,
+    FileNotFoundError, TOMLDecodeError, RecursionError; ZeroDivisionError after the run where a party_spread of 40
+    made every response time 0; OverflowError for model_params = 1e308), or hung (count = 1e12)."""
     import time
 
     body, out, match = SMALL, tmp_path / "out", None
     if case == "out_is_a_file":
         out.write_text("a file")
         match = "cannot be the output folder"
+    elif case == "json_is_a_folder":
+        (out / "simulate_tiny.json").mkdir(parents=True)
+        match = "is a folder, where the output file goes"
+    elif case == "too_deep":
+        body, match = "name = " + "[" * 100_000 + "]" * 100_000 + "\n" + SMALL, "TOML nested too deep"
+    elif case == "speeds_underflow":
+        body, match = SMALL + "party_spread = 40\n", "party_spread = 40 is out of range"
+    elif case == "count_past_a_run":
+        body, match = SMALL.replace("count = 2", "count = 1e12"), "past the 1e\\+10 a run can simulate"
+    elif case == "model_past_a_run":
+        body, match = SMALL.replace("model_params = 1_000_000", "model_params = 1e308"), \
+            r"model_params = 1000000000000000010979063629440455417\.\.\. is out of range"
     elif case == "cost_not_a_table":
         body, match = "cost = 5\n" + SMALL.replace("[cost.cpu]\nthroughput_Bps = 1.0e9\ncall_s = 0.0\n", ""), \
             "cost is a table per backend"
@@ -465,3 +480,25 @@ def test_a_slot_taken_back_under_memory_pressure_goes_to_the_job_it_was_taken_fo
         r = simulate(w, policy)
         assert r.rounds == 30 and sum(v["deployments"] for v in r.per_job.values()) <= 3 * r.rounds, policy
         assert r.deployed_s < 1.05 * lazy.deployed_s and r.misses <= 1, policy
+
+
+def test_jitagg_json_is_strict_and_one_seed_writes_the_same_figures(tmp_path):
+    """A job whose rounds all failed had NaN latencies, written as NaN (not JSON: strict parsers refuse it); the
+    run's own wall time and events per second sat among the figures, so two runs of one seed never diffed equal."""
+    path = tmp_path / "w.toml"
+    path.write_text(SMALL + '[[jobs]]\nname = "late"\nmodel_params = 1000\nparties = 3\nrounds = 2\n'
+                    'response_s = 100.0\njitter_cv = 0.0\nparty_spread = 0.0\ndeadline_s = 50.0\n')
+
+    def strict(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    runs = []
+    for out in ("a", "b"):
+        assert cli.main(["simulate", "--config", str(path), "--seed", "5", "--out", str(tmp_path / out),
+                         "--policies", "eager,jit"]) == 0
+        runs.append(json.loads((tmp_path / out / "simulate_tiny.json").read_text(), parse_constant=strict))
+    a, b = runs
+    assert a["per_job"]["eager"]["late-0"]["latency_p95_s"] is None
+    assert a["timing"]["jit"]["events_per_s"] > 0 and "wall_s" not in a["policies"]["jit"]
+    del a["timing"], b["timing"]
+    assert a == b
