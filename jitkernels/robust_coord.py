@@ -63,9 +63,12 @@ kept ranks made the trimmed mean inf, -inf and +inf in them NaN (the Gram rules 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
+import tempfile
+import threading
 
 import numpy as np
 
@@ -559,29 +562,29 @@ def _cache_dir():
         return None
 
 
+_build_lock = threading.Lock()  # (lru_cache does not serialize first calls: two threads built one kernel at once)
+
+
 @functools.lru_cache(maxsize=None)
 def _reg_kernel(k: int, code: int, mode: int, lo: int, hi: int):
+    with _build_lock:
+        return _build_reg_kernel(k, code, mode, lo, hi)
+
+
+def _build_reg_kernel(k: int, code: int, mode: int, lo: int, hi: int):
     import hashlib
     import importlib.util
 
     src = _reg_source(k, code, mode, lo, hi)
     name = f"jk_rc_{'med' if mode == 0 else f'trim{lo}_{hi}'}_k{k}_c{code}_{hashlib.sha256(src.encode()).hexdigest()[:16]}"
     d = _cache_dir()
-    if d is None:  # no private cache directory: compile in memory, every process
+    path = None if d is None else os.path.join(d, name + ".py")
+    if path is not None and not _cached(path, src):
+        path = _write_kernel(path, src)
+    if path is None:  # no private cache directory (or no room in it): compile in memory, every process
         ns: dict = {}
         exec(compile(src.replace("cache=True", "cache=False"), name, "exec"), ns)
         return ns["kernel"]
-    path = os.path.join(d, name + ".py")
-    try:
-        with open(path) as f:
-            ok = f.read() == src
-    except OSError:
-        ok = False
-    if not ok:  # write it (atomically: another process may be importing it)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(src)
-        os.replace(tmp, path)
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod  # numba's cache finds the function's module by name when it loads
@@ -589,20 +592,49 @@ def _reg_kernel(k: int, code: int, mode: int, lo: int, hi: int):
     return mod.kernel
 
 
-_pools: dict = {}
+def _cached(path: str, src: str) -> bool:
+    try:
+        with open(path) as f:
+            return f.read() == src
+    except OSError:
+        return False
+
+
+def _write_kernel(path: str, src: str) -> str | None:
+    """Write a kernel's source into the cache (atomically: another process may be importing it); None where it
+    cannot be written (a full disk, a read-only cache), leaving no temporary file."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(src)
+        os.replace(tmp, path)
+        return path
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        return None
+
+
+_pool: tuple = (0, None)  # (workers, ThreadPoolExecutor) of _run_threads, replaced by a larger one when a call needs
+_pool_lock = threading.Lock()  # more (one per thread count kept every one's threads for the process's life)
 
 
 def _run_threads(fn, n: int, nthreads: int, *args) -> None:
     """fn(*args[:2], c0, c1, *args[2:]) over nthreads contiguous ranges of [0, n), on threads (fn releases the GIL)."""
+    global _pool
     x, out, *rest = args
     if nthreads <= 1:
         fn(x, out, 0, n, *rest)
         return
     from concurrent.futures import ThreadPoolExecutor
 
-    pool = _pools.get(nthreads)
-    if pool is None:
-        pool = _pools[nthreads] = ThreadPoolExecutor(nthreads, thread_name_prefix="jk-robust")
+    with _pool_lock:
+        if _pool[0] < nthreads - 1:  # (the pool it replaces ends its threads once calls running on it let it go)
+            _pool = (nthreads - 1, ThreadPoolExecutor(nthreads - 1, thread_name_prefix="jk-robust"))
+        pool = _pool[1]
     bounds = [b * n // nthreads for b in range(nthreads + 1)]
     futures = [pool.submit(fn, x, out, bounds[b], bounds[b + 1], *rest) for b in range(1, nthreads)]
     fn(x, out, bounds[0], bounds[1], *rest)

@@ -647,8 +647,13 @@ class JITScheduler:
                     self._resume(js)
                 else:
                     self._open_round(js, job.first_round)
-            except BaseException:  # not added (a resumed job's files stay as they are)
+            except BaseException as e:  # not added (a resumed job's files stay as they are)
                 del self.jobs[job.id]
+                # nor left running: a replayed update refused after its round had opened (a job added again with a
+                # lower quorum) left that round's timers and slot to a job no longer listed, which went on
+                # committing rounds in the directory (one of them from part of the acknowledged updates)
+                self._forget(js, lambda rnd: SchedulerError(f"job {job.id!r} round {rnd.number}: add_job was "
+                                                            f"refused ({type(e).__name__})"), "add_job refused")
                 raise
 
     def submit(self, job_id: str, round: int, party, update=None, weight: float = 1.0, update_id=None,
@@ -950,31 +955,37 @@ class JITScheduler:
                 # a failed commit leaves the job as it was; once it is made, writes of its updates still queued are
                 # skipped (those before are deleted with the rest)
                 self.store.remove_job(js.job.id, decided=lambda: setattr(js, "removed", True))
-            js.removed = True
             final = self._job_metrics(js)
             del self.jobs[js.job.id]
-            self._leave_queue(js)
-            for rnd in js.rounds.values():
-                if not rnd.done:
-                    rnd.done = True
-                    self._resolve(rnd, error=JobRemoved(f"job {js.job.id!r} round {rnd.number}: the job was removed "
-                                                        "before the round finished"))
-                for timer in (rnd.timer, rnd.deadline_timer):
-                    if timer is not None:
-                        timer.cancel()
-                self._drop_pending(js, rnd)
-            # what else it holds (arrivals still queued, a fold in progress) goes with the job: nothing moves the
-            # counts once it is removed
-            self.buffered_bytes -= js.buffered_bytes
-            js.buffered_bytes = 0
-            js.open = js.opening = js.spare = js.carry = js.next_base = None
-            js.rounds = {}
-            if js.deployment is not None and js.deployment.busy:
-                self._removing[js.job.id] = js  # released when its task ends (_done)
-            elif js.deployment is not None:
-                self._release(js, "job removed")
+            self._forget(js, lambda rnd: JobRemoved(f"job {js.job.id!r} round {rnd.number}: the job was removed "
+                                                    "before the round finished"), "job removed")
             self._log("remove_job", js)
             return final
+
+    def _forget(self, js, error, why: str) -> None:
+        """Let go of all the scheduler holds for ``js``, out of ``self.jobs`` now (under the lock; the state
+        directory is the caller's): rounds still open resolve with ``error(round)``, its timers, queue place,
+        pending updates and buffered bytes go, and its deployment is released (once a task running on it ends)."""
+        js.removed = True
+        self._leave_queue(js)
+        for rnd in js.rounds.values():
+            if not rnd.done:
+                rnd.done = True
+                self._resolve(rnd, error=error(rnd))
+            for timer in (rnd.timer, rnd.deadline_timer):
+                if timer is not None:
+                    timer.cancel()
+            self._drop_pending(js, rnd)
+        # what else it holds (arrivals still queued, a fold in progress) goes with the job: nothing moves the counts
+        # once it is removed
+        self.buffered_bytes -= js.buffered_bytes
+        js.buffered_bytes = 0
+        js.open = js.opening = js.spare = js.carry = js.next_base = None
+        js.rounds = {}
+        if js.deployment is not None and js.deployment.busy:
+            self._removing[js.job.id] = js  # released when its task ends (_done)
+        elif js.deployment is not None:
+            self._release(js, why)
 
     def close(self) -> None:
         """Stop: release the deployments, end the executor, clock and state directory. Rounds still open resolve

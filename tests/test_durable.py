@@ -2430,3 +2430,30 @@ def test_an_update_whose_round_is_collected_under_its_write_is_durable(tmp_path)
     go_on.set()
     assert a0.durable.result(timeout=10) is True
     s.close()
+
+
+def test_a_refused_add_job_leaves_nothing_running(tmp_path):
+    """A resumed job's round opened (deadline timer, an eager slot) before its stored updates were replayed; a replay
+    that was refused (the job added again with a lower quorum: the second update came late) refused add_job, but
+    the opened round went on, tied to a job no longer listed: it held the only slot, so the corrected job's round
+    never got one, and it committed rounds of its own to the directory."""
+    tmpl = {"w": np.zeros(4, np.float32)}
+    job = lambda q: Job("A", tmpl, ["a", "b", "c"], quorum=q, deadline_s=50.0)  # noqa: E731
+    s = JITScheduler("eager", clock=VirtualClock(), state_dir=tmp_path)
+    s.add_job(job(3))
+    for p, v in (("a", 1.0), ("b", 2.0)):
+        s.submit("A", 0, p, {"w": np.full(4, v, np.float32)}).durable.result(5)
+    s.clock.run(until=1.0)
+    s.close()
+    s = JITScheduler("eager", slots=1, clock=VirtualClock(), state_dir=tmp_path)
+    with pytest.raises(LateUpdate):
+        s.add_job(job(1))
+    assert s.jobs == {} and s.free_slots == [0] and s.buffered_bytes == 0
+    s.add_job(job(3))  # the corrected definition
+    s.submit("A", 0, "c", {"w": np.full(4, 6.0, np.float32)})
+    s.clock.run(until=10.0)
+    assert s.result("A", 0).result(timeout=0)["w"].tolist() == [3.0] * 4
+    s.close()
+    rec = JITScheduler.recover(tmp_path, [job(3)], clock=VirtualClock())
+    assert rec.result("A", 0).result(timeout=0)["w"].tolist() == [3.0] * 4
+    rec.close()
