@@ -678,8 +678,8 @@ def atomic_write(path: str, data, *, on_step=None) -> None:
             finally:
                 os.close(fd)
         else:
-            os.fchmod(fd, mode)
-            with os.fdopen(fd, "wb") as f:
+            with os.fdopen(fd, "wb") as f:  # (fchmod inside: one refused (EPERM on vfat, CIFS) leaked the descriptor)
+                os.fchmod(f.fileno(), mode)
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())

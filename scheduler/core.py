@@ -1013,11 +1013,22 @@ class JITScheduler:
                         self._release(js, "scheduler closed")
                 self.buffered_bytes = 0
         finally:  # a done-callback that raised (KeyboardInterrupt) while its future resolved: stop all the same
-            self.executor.close()
-            if self._own_clock and hasattr(self.clock, "close"):  # (a VirtualClock has no thread to stop)
-                self.clock.close()
-            if self.store is not None:
-                self.store.close()
+            with contextlib.ExitStack() as steps:  # (each step runs whatever the one before raised: the state
+                # directory's lock was held for the process's life after an executor that failed to close)
+                if self.store is not None:
+                    steps.callback(self.store.close)
+                if self._own_clock and hasattr(self.clock, "close"):  # (a VirtualClock has no thread to stop)
+                    steps.callback(self.clock.close)
+                steps.callback(self._let_go)
+                self.executor.close()
+
+    def _let_go(self) -> None:
+        """Once closed, with no task running: the rounds' aggregators (a robust rule's slab, perhaps a spill file),
+        spares, carries and bases go; a closed scheduler kept for its metrics or decisions held them all."""
+        for js in self.jobs.values():
+            for rnd in js.rounds.values():
+                rnd.aggregator = None
+            js.spare = js.carry = js.next_base = None
 
     # --- cost ---------------------------------------------------------------------------------------------------
     def work_estimate(self, js: _JobState, rnd: _Round) -> float:

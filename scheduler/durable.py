@@ -217,8 +217,9 @@ class StateDir:
         self.dead = False
         self.closed = False  # close() was called: nothing more is written (a stale reference must not)
         self._lock = threading.RLock()
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="jitkernels-durable", initializer=renice,
-                                          initargs=(writer_nice, "state directory writer"))
+        self._writer_thread = None  # (set as it starts: close() from it cannot wait for it)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="jitkernels-durable", initializer=self._start_writer,
+                                          initargs=(writer_nice,))
         self.fallbacks: list = []  # (manifest, reason) skipped at open
         self._held: set = set()  # update files collection must keep (spilled updates not yet folded: hold/release)
         self._purged: set = set()  # removed jobs whose files are gone: the next commit drops their tombstones
@@ -682,11 +683,20 @@ class StateDir:
         os.unlink(path)
         self._step("gc.deleted")
 
+    def _start_writer(self, nice: int) -> None:
+        self._writer_thread = threading.current_thread()
+        renice(nice, "state directory writer")
+
     def close(self) -> None:
-        self._writer.shutdown(wait=not self.dead)
-        self.closed = True
-        if not self._lockf.closed:
-            self._lockf.close()  # closing the descriptor releases the flock
+        # (from the writer's own thread, an Ack.durable callback that closes the scheduler, it cannot wait for
+        # itself: the join raised, and the directory stayed locked for the process's life)
+        own = threading.current_thread() is self._writer_thread
+        try:
+            self._writer.shutdown(wait=not self.dead and not own)
+        finally:
+            self.closed = True
+            if not self._lockf.closed:
+                self._lockf.close()  # closing the descriptor releases the flock
 
 
 def _party_of(name: str):

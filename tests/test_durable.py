@@ -2457,3 +2457,60 @@ def test_a_refused_add_job_leaves_nothing_running(tmp_path):
     rec = JITScheduler.recover(tmp_path, [job(3)], clock=VirtualClock())
     assert rec.result("A", 0).result(timeout=0)["w"].tolist() == [3.0] * 4
     rec.close()
+
+
+def test_close_from_a_durable_callback_releases_the_directory(tmp_path):
+    """Ack.durable's callbacks run on the state directory's writer thread: close() there joined that thread, raised
+    RuntimeError, and left the directory locked for the process's life (StateDirLocked on every reopen)."""
+    import threading
+
+    s = JITScheduler("eager", clock=VirtualClock(), state_dir=tmp_path)
+    s.add_job(Job("j", {"w": np.zeros(64, np.float32)}, ["a", "b"]))
+    closed, errors = threading.Event(), []
+
+    def close(_):
+        try:
+            s.close()
+        except BaseException as e:  # noqa: BLE001 (the assertion below names it)
+            errors.append(e)
+        closed.set()
+
+    s.submit("j", 0, "a", {"w": np.ones(64, np.float32)}).durable.add_done_callback(close)
+    assert closed.wait(10) and errors == [] and s.store.closed
+    JITScheduler("eager", clock=VirtualClock(), state_dir=tmp_path).close()  # (not StateDirLocked)
+
+
+def test_atomic_write_keeps_no_descriptor_when_fchmod_is_refused(tmp_path, monkeypatch):
+    """os.fchmod ran before the descriptor had a file object: one refused (EPERM on vfat or CIFS) leaked it, once per
+    manifest commit retried."""
+    from jitkernels.state import atomic_write
+
+    def refused(fd, mode):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchmod", refused)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        with pytest.raises(PermissionError):
+            atomic_write(str(tmp_path / "m.json"), b"{}")
+    assert len(os.listdir("/proc/self/fd")) == before and os.listdir(tmp_path) == []
+
+
+def test_a_closed_scheduler_lets_go_of_its_rounds_aggregators(tmp_path):
+    """close() resolved the open rounds but kept their aggregators: a closed scheduler kept for its metrics held a
+    robust rule's slab, and its spill file stayed on disk."""
+    from jitkernels import robust as R
+
+    n = 1 << 12
+    alg = R.FedMedian(k_max=8, budget_bytes=2 * n * 4, over_budget="spill", spill_dir=str(tmp_path))
+    clk = VirtualClock()
+    s = JITScheduler("eager", clock=clk)
+    s.add_job(Job("j", {"w": np.zeros(n, np.float32)}, [f"p{i}" for i in range(6)], algorithm=alg))
+    for i in range(4):
+        s.submit("j", 0, f"p{i}", {"w": np.full(n, float(i), np.float32)})
+    clk.run(until=5.0)
+    assert len(list(tmp_path.glob("*.slab"))) == 1
+    s.close()
+    import gc
+    gc.collect()
+    assert all(r.aggregator is None for r in s.jobs["j"].rounds.values()) and list(tmp_path.glob("*.slab")) == []
