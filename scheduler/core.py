@@ -648,12 +648,13 @@ class JITScheduler:
                 else:
                     self._open_round(js, job.first_round)
             except BaseException as e:  # not added (a resumed job's files stay as they are)
+                refused = type(e).__name__
                 del self.jobs[job.id]
                 # nor left running: a replayed update refused after its round had opened (a job added again with a
                 # lower quorum) left that round's timers and slot to a job no longer listed, which went on
                 # committing rounds in the directory (one of them from part of the acknowledged updates)
                 self._forget(js, lambda rnd: SchedulerError(f"job {job.id!r} round {rnd.number}: add_job was "
-                                                            f"refused ({type(e).__name__})"), "add_job refused")
+                                                            f"refused ({refused})"), "add_job refused")
                 raise
 
     def submit(self, job_id: str, round: int, party, update=None, weight: float = 1.0, update_id=None,

@@ -1643,7 +1643,7 @@ def test_every_error_pickles_with_its_type_and_fields():
     import errno
     import pickle
 
-    import scheduler  # noqa: F401 (its errors are AggregationErrors too)
+    import importlib
     from jitkernels import errors as E, robust_store as RS
 
     def every(cls):
@@ -1655,6 +1655,7 @@ def test_every_error_pickles_with_its_type_and_fields():
             E.InvalidUpdateInfo: ("p", "steps", 0, "must be > 0"), E.TooFewUpdates: ("krum", 3, 1, 5),
             E.OverlappingParties: (["a", "b"],), RS.StoreFull: ("p", 3), RS.BudgetExceeded: ("p", 100, 10),
             RS.SpillFailed: ("p", "/spill", OSError(errno.ENOSPC, "No space left on device"))}
+    importlib.import_module("scheduler")  # (its errors are AggregationErrors too)
     classes = set(every(jk.AggregationError))
     assert len(classes) > 25
     for cls in classes:
