@@ -1053,6 +1053,7 @@ class Aggregator:
                 flat_base = self._flat(base, old.acc_dtype)
             elif old.closed and old.base is not None and self.algorithm.kind is None:
                 flat_base = self._released_model()
+                flat_base = old.base if flat_base is None else flat_base
             else:
                 flat_base = old.base
             self._base_token = object()  # (after the base is taken: a refused one leaves admitted updates' marks)
@@ -1085,7 +1086,15 @@ class Aggregator:
     def _released_model(self):
         """The model a closed round's finalize released, base + the (noised) mean delta, flat in the accumulator
         dtype as the state's base is: the same finalize into outputs of that dtype (the kernels compute it there and
-        round to the output dtype last, so it is the released model before that rounding). Under the lock."""
+        round to the output dtype last, so it is the released model before that rounding). None where the closing
+        finalize released none: refused, a leaf past its dtype's range (the round closed all the same: its noise is
+        spent), which the finalize into the leaves' own dtypes refuses again (taken as the base, a model no party had
+        trained from, or a reset that failed on every call, and a scheduler's next round that never opened). Under
+        the lock."""
+        try:
+            self._finalize_into("model", self._outputs(None))
+        except ValueOutOfRange:
+            return None
         acc_dtype = self.state.acc_dtype
         outs = [empty_leaf(leaf.shape, acc_dtype) if self.on_gpu else np.empty(leaf.shape, acc_dtype)
                 for leaf in self.layout.leaves]

@@ -413,15 +413,18 @@ def _scores(D, g, f, active=None):
 
 
 def _lowest(scores, err, m, rank=None) -> list:
-    """Positions of the m lowest scores, one at a time: among the remaining scores within their rounding allowances
-    of the minimum (so exact duplicates, whose Gram-derived scores may differ in the last bits when BLAS computes
-    their entries by different paths, are ties), the lowest ``rank`` (:func:`party_ranks`), else the lowest index."""
+    """Positions of the m lowest scores, one at a time: among the remaining scores within twice the smaller of the two
+    rounding allowances of the minimum (so exact duplicates, whose Gram-derived scores may differ in the last bits
+    when BLAS computes their entries by different paths, are ties), the lowest ``rank`` (:func:`party_ranks`), else
+    the lowest index. (The sum of the two allowances let a row far from the reference, whose allowance is of the
+    size of its squared distance to it, tie with the minimum: two colluding attackers 1e12 away, at an exact score
+    1e9 times the honest rows', were picked by Krum and Bulyan.)"""
     left = list(range(len(scores)))
     out = []
     for _ in range(m):
         sc = scores[left]
         j = left[int(np.argmin(sc))]
-        ties = [i for i in left if scores[i] <= scores[j] + err[j] + err[i]]  # `left` is in index order
+        ties = [i for i in left if scores[i] <= scores[j] + 2.0 * min(err[i], err[j])]  # `left` is in index order
         pick = ties[0] if rank is None else min(ties, key=rank.__getitem__)
         out.append(pick)
         left.remove(pick)

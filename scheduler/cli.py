@@ -294,6 +294,7 @@ def cmd_calibrate(args) -> int:
 
     if not (math.isfinite(args.startup) and args.startup >= 0):  # (before the measuring, not after it)
         raise SystemExit(f"jitagg calibrate: --startup must be a finite number of seconds >= 0, got {args.startup}")
+    _out_dir(os.path.dirname(args.out) or ".", (os.path.basename(args.out),), "calibrate")
     try:
         jk.backends.choose(args.backend, "float32")
         cm = CostModel.calibrate(backend=args.backend, startup_s=args.startup,

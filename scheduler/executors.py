@@ -193,19 +193,18 @@ class RayExecutor(LocalExecutor):
     scheduler's bookkeeping stay in this process.
 
     Connect to a cluster with ``ray.init(address=...)`` before creating it (else a local Ray is started with
-    ``ray_init`` arguments, and shut down by :meth:`close`). ``cpus_per_task`` is the Ray resource request of each
-    fold task, and the kernels use that many threads (the CPUs Ray assigned the task). A request no node can meet is
-    refused here (Ray would wait for one forever); tasks still waiting for CPUs, or running, when the executor
-    closes are cancelled. Partial updates and buffered (robust) rules are folded in this process: the first need
-    their masks shipped, the second a slab.
+    ``ray_init`` arguments, and left running for other users in the process). ``cpus_per_task`` is the Ray resource
+    request of each fold task, and the kernels use that many threads (the CPUs Ray assigned the task). A request no
+    node can meet is refused here (Ray would wait for one forever); tasks still waiting for CPUs, or running, when
+    the executor closes are cancelled. Partial updates and buffered (robust) rules are folded in this process: the
+    first need their masks shipped, the second a slab.
     """
 
     def __init__(self, clock, slots: int, *, workers: int = 2, cpus_per_task: int = 1, max_retries: int = 3,
                  kernel_threads: int | None = None, **ray_init):
         import ray
 
-        self._own_ray = not ray.is_initialized()
-        if self._own_ray:
+        if not ray.is_initialized():
             ray.init(**ray_init)
         most = max((n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
         if cpus_per_task > most:
@@ -267,13 +266,11 @@ class RayExecutor(LocalExecutor):
 
     def close(self):
         """Cancel the fold tasks still waiting for CPUs or running (their rounds end with the scheduler; a fold
-        waiting on a CPU another tenant held kept close() waiting with it), end the pool, and shut down a Ray this
-        executor started."""
+        waiting on a CPU another tenant held kept close() waiting with it), and end the pool. Ray stays up (other
+        executors in the process may be folding on it)."""
         with self._running_lock:
             running = list(self._running)
         with contextlib.suppress(Exception):  # (a Ray shut down meanwhile has nothing left to cancel)
             for ref in running:
                 self._ray.cancel(ref, force=True)
         super().close()
-        if self._own_ray:
-            self._ray.shutdown()

@@ -39,9 +39,10 @@ MAX_SPREAD = 100.0  # jitter_cv past this overflowed the draws (1e200: OverflowE
 # party_spread is the log-normal sigma of the parties' speeds, exp(N(0, s) - s^2 / 2): from s = 38 every speed
 # underflowed to 0, and every response time with it (rho divided by a round time of 0)
 MAX_PARTY_SPREAD = 10.0
-# sizes past what a run here can finish (10M update events take about 5 minutes), refused rather than run for days
-# or until memory runs out: update events (count x parties x rounds, summed), parties per job, slots, update bytes
-MAX_EVENTS, MAX_PARTIES, MAX_SLOTS, MAX_UPDATE_BYTES = 10 ** 10, 10 ** 7, 10 ** 5, 10 ** 15
+# sizes past what a run here can finish (10M update events, 1,000 jobs, take about 5 minutes), refused rather than
+# run for days or until memory runs out: update events (count x parties x rounds, summed), jobs, parties per job,
+# slots, update bytes
+MAX_EVENTS, MAX_JOBS, MAX_PARTIES, MAX_SLOTS, MAX_UPDATE_BYTES = 10 ** 8, 10 ** 4, 10 ** 7, 10 ** 5, 10 ** 15
 
 
 def _shown(value) -> str:
@@ -172,10 +173,10 @@ class Workload:
             if self.byte_budget is not None and j.model_params * j.bytes_per_param > self.byte_budget:
                 raise ValueError(f"job {j.name!r}: one update ({j.model_params * j.bytes_per_param} bytes) is larger "
                                  f"than byte_budget = {self.byte_budget}")
-        events = sum(j.count * j.parties * j.rounds for j in self.jobs)
-        if events > MAX_EVENTS:
-            raise ValueError(f"count x parties x rounds, summed over the jobs, is {events:.3g} update events: past the "
-                             f"{MAX_EVENTS:.0e} a run can simulate")
+        events, jobs = sum(j.count * j.parties * j.rounds for j in self.jobs), sum(j.count for j in self.jobs)
+        if events > MAX_EVENTS or jobs > MAX_JOBS:
+            raise ValueError(f"{jobs:.3g} jobs and {events:.3g} update events (count x parties x rounds, summed over "
+                             f"the jobs): past the {MAX_JOBS:.0e} jobs and {MAX_EVENTS:.0e} events a run can simulate")
 
     @classmethod
     def builtin(cls, name: str = "mixed") -> "Workload":

@@ -484,6 +484,25 @@ def test_the_next_rounds_base_is_the_released_model_before_its_rounding(tmp_path
     assert again.state.base.tobytes() == base.tobytes()
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_a_refused_dp_finalize_released_no_model_and_the_next_round_keeps_the_base(dtype):
+    """A closing finalize refused for a leaf past its dtype's range still closes its round (the noise is spent), but
+    released no model: reset() took it as the next base all the same (float16: a base of 1.5e5 no party had; float32:
+    every reset raised ValueOutOfRange, and a scheduler's next round never opened)."""
+    # (float32: updates equal to the base, all the range in the noise)
+    b, u, c = (65000.0, 65400.0, 1e5) if dtype == "float16" else (3.3e38, 3.3e38, 1e38)
+    base = {"w": np.full(64, b, dtype)}
+    agg = jk.Aggregator({"w": np.zeros(64, dtype)}, A.DPFixedClipping(clip_norm=c, noise_multiplier=1.0, seed=3),
+                        base=base)
+    for p in "ab":
+        agg.fold({"w": np.full(64, u, dtype)}, party=p)
+    with pytest.raises(jk.ValueOutOfRange):
+        agg.finalize()
+    before = agg.state.base.copy()
+    agg.reset()
+    assert agg.state.base.tobytes() == before.tobytes() and agg.state.round == 1
+
+
 def test_adaptive_clipping_moves_the_norm_toward_the_target_quantile():
     rng = np.random.default_rng(14)
     base = _model(rng)

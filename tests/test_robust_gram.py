@@ -660,3 +660,34 @@ def test_combine_refuses_rows_outside_the_slab():
     for bad in ([3], [-1]):
         with pytest.raises(ValueError, match=r"rows_idx must be in \[0, 3\)"):
             rg.combine(X, [1.0], rows_idx=bad)
+
+
+def _exact_sq_distances(X):
+    import math
+
+    X = X.astype(np.float64)
+    return np.array([[math.fsum(((a - b) * (a - b)).tolist()) for b in X] for a in X])
+
+
+def test_a_far_colluding_pair_does_not_tie_with_the_honest_minimum():
+    """Two attackers 1e5 apart and 1e12 from the honest rows: each one's nearest neighbour is the other, an exact
+    score of 1e10 against the honest rows' ~10. The tie rule added the two rows' rounding allowances, and a far row's
+    is of the size of its squared distance to the reference (1e12 here): both attackers 'tied' with the honest
+    minimum, and Krum (Flower's variant, one neighbour) and Bulyan's last pick chose one by party rank."""
+    from jitkernels import robust as R
+
+    rng = np.random.default_rng(0)
+    n, f = 10, 2
+    X = rng.standard_normal((4 * f + 3, n)).astype(np.float32)
+    X[0] = np.float32(1e12)
+    X[1] = X[0] + np.float32(1e5) * np.eye(n, dtype=np.float32)[0]
+    D = _exact_sq_distances(X)
+    Y = X[:5]
+    s = np.sort(_exact_sq_distances(Y) + np.diag(np.full(5, np.inf)), axis=1)[:, 0]  # one neighbour each
+    assert rg.krum(Y, f, variant="flower").selected.tolist() == [int(np.argmin(s))] and s.argmin() >= 2
+    sel = rg.bulyan(X, f, party_ids=list(range(len(X)))).selected.tolist()
+    assert 0 not in sel and 1 not in sel and D[np.ix_(sel, sel)].max() < 100
+    agg = jk.Aggregator(np.zeros(n, np.float32), R.Krum(f=2, variant="flower"))
+    for i, x in enumerate(Y):
+        agg.fold(x, party=f"{'evil' if i < 2 else 'honest'}{i}")
+    assert np.abs(agg.finalize()).max() < 10 and agg.algorithm.selected[0].startswith("honest")

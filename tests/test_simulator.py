@@ -196,7 +196,7 @@ def test_jitagg_refuses_bad_inputs_before_the_run_in_one_line(case, tmp_path):
     elif case == "speeds_underflow":
         body, match = SMALL + "party_spread = 40\n", "party_spread = 40 is out of range"
     elif case == "count_past_a_run":
-        body, match = SMALL.replace("count = 2", "count = 1e12"), "past the 1e\\+10 a run can simulate"
+        body, match = SMALL.replace("count = 2", "count = 1e12"), "past the 1e\\+04 jobs and 1e\\+08 events"
     elif case == "model_past_a_run":
         body, match = SMALL.replace("model_params = 1_000_000", "model_params = 1e308"), \
             r"model_params = 1000000000000000010979063629440455417\.\.\. is out of range"
