@@ -233,7 +233,9 @@ def _pick(backend, k: int, rows):
 
 def _slab(x, dtype):
     """(rows [k, N] as stored, code): a host slab, or a CuPy view of a device one (CuPy / torch CUDA, for the cupy
-    backend). Never copies the slab; 16-bit floats are read as their uint16 bits."""
+    backend). Copies the slab only where its byte order is not the machine's (the kernels read its bytes as native
+    values: a big-endian float32 slab's median came back byte-swapped); 16-bit floats are read as their uint16
+    bits."""
     from .robust_store import UpdateStore
 
     if isinstance(x, UpdateStore):
@@ -244,6 +246,8 @@ def _slab(x, dtype):
         a, name = leaf.array, dtype_name(leaf.dtype)
     else:
         a = np.asarray(x)
+        if not a.dtype.isnative:
+            a = a.astype(a.dtype.newbyteorder("="))
         name = dtype_name(a.dtype)
     if a.ndim != 2:
         raise ValueError(f"expected a [k, N] slab, got shape {a.shape}")

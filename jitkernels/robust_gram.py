@@ -112,7 +112,8 @@ class RobustResult(NamedTuple):
 
 # --- inputs ---------------------------------------------------------------------------------------------------------
 def _slab(X, party_ids=None):
-    """(rows [k, N] as stored (never copied; a CuPy view of a slab in GPU memory), parties tuple or None)."""
+    """(rows [k, N] as stored (copied only where its byte order is not the machine's; a CuPy view of a slab in GPU
+    memory), parties tuple or None)."""
     name = None
     if hasattr(X, "rows") and hasattr(X, "parties") and not isinstance(X, np.ndarray):  # an UpdateStore
         rows = X.rows()
@@ -123,6 +124,8 @@ def _slab(X, party_ids=None):
         rows, name = leaf.array, dtype_name(leaf.dtype)
     else:
         rows = np.asarray(X)
+        if not rows.dtype.isnative:  # (refused as "not float32" before)
+            rows = rows.astype(rows.dtype.newbyteorder("="))
     if rows.ndim != 2:
         raise ValueError(f"expected a [k, N] slab of updates, got shape {rows.shape}")
     if rows.dtype not in (np.float32, np.float64):
@@ -791,9 +794,9 @@ def _positive_float(x, name) -> float:
 
 
 def _clip_factor(norms, M) -> np.ndarray:
-    """min(1, M / norm), 1 where norm == 0."""
+    """min(1, M / norm), and 0 where norm == 0 (it multiplies a zero vector there: x_i, or x_i - v)."""
     norms = np.asarray(norms, dtype=np.float64)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", over="ignore"):  # (M / a tiny norm is inf: a factor of 1)
         return np.minimum(1.0, M / np.where(norms > 0, norms, np.inf))
 
 

@@ -691,3 +691,12 @@ def test_a_far_colluding_pair_does_not_tie_with_the_honest_minimum():
     for i, x in enumerate(Y):
         agg.fold(x, party=f"{'evil' if i < 2 else 'honest'}{i}")
     assert np.abs(agg.finalize()).max() < 10 and agg.algorithm.selected[0].startswith("honest")
+
+
+def test_gram_rules_read_a_slab_in_the_other_byte_order_and_clip_without_floating_point_errors():
+    """A big-endian float32 slab was refused as "not float32"; centered clipping's M / norm overflowed to inf for a
+    tiny norm (a factor of 1, right), which raised under np.seterr(all="raise")."""
+    X = np.random.default_rng(1).standard_normal((7, 5)).astype(np.float32)
+    assert rg.krum(X.astype(">f4"), 1).selected.tolist() == rg.krum(X, 1).selected.tolist()
+    with np.errstate(all="raise"):
+        assert rg._clip_factor([1e-300, 0.0, 4.0e10], 1e10).tolist() == [1.0, 0.0, 0.25]
