@@ -64,11 +64,15 @@ def test_malformed_and_unsafe_buffers_are_refused():
     (3, "(" + "+" * 9000 + "4,)", 16),  # literal_eval: MemoryError
     (1, "(0, 9223372036854775807, 9223372036854775807)", 0),  # zero bytes, a shape no index holds
     (1, "(" + "1," * 100 + ")", 4),  # past numpy's 64 dimensions
-], ids=["minus-chain", "plus-chain", "no-index-holds", "100-dims"])
+    (1, "(4,), ", 16),  # an unclosed brace: tokenize's TokenError
+    (1, "(4,), b'x': 1", 16),  # a bytes key, sorted against str keys: TypeError
+], ids=["minus-chain", "plus-chain", "no-index-holds", "100-dims", "unclosed", "bytes-key"])
 def test_hostile_headers_are_layout_mismatch(major, shape, data):
-    """A client's crafted header reached the strategy as a RecursionError, a MemoryError or a plain ValueError that
-    named no party: a server that drops the client on an AggregationError lost the round."""
-    header = ("{'descr': '<f4', 'fortran_order': False, 'shape': " + shape + "}\n").encode()
+    """A client's crafted header reached the strategy as a RecursionError, a MemoryError, a plain ValueError that
+    named no party, tokenize's TokenError or a TypeError: a server that drops the client on an AggregationError lost
+    the round."""
+    header = ("{'descr': '<f4', 'fortran_order': False, 'shape': " + shape +
+              ("" if shape.endswith(", ") else "}") + "\n").encode()
     size = len(header).to_bytes(2 if major == 1 else 4, "little")
     blob = b"\x93NUMPY" + bytes([major, 0]) + size + header + b"\0" * data
     with pytest.raises(jk.LayoutMismatch) as e:

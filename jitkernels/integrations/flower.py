@@ -130,7 +130,8 @@ def _parse_header(head: bytes) -> tuple:
 def _header(head: bytes, where, party) -> tuple:
     try:
         return _parse_header(head)
-    except (ValueError, SyntaxError, RecursionError, MemoryError) as e:  # (literal_eval of a crafted header)
+    except Exception as e:  # (numpy's parse of a crafted header: ValueError, SyntaxError, RecursionError,
+        # MemoryError, and also tokenize's TokenError for an unclosed brace and TypeError for a bytes key)
         raise LayoutMismatch(f"bad .npy header ({type(e).__name__}: {str(e)[:200]})", leaf=where,
                              party=party) from None
 
