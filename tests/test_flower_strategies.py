@@ -317,6 +317,23 @@ def test_fedavgm_restarts_its_momentum_at_round_one_as_flower():
     np.testing.assert_array_equal(parameters_to_ndarrays(p_o)[0], np.full(3, 1.9, np.float32))  # 1 + (0.9 + 0)
 
 
+def test_fedavgm_at_momentum_zero_sets_the_momentum_where_flower_keeps_the_old_one():
+    """A deliberate difference (README): a round at server_momentum 0 makes the momentum that round's delta (m = 0 m
+    + d), where Flower's skips its update and a later round at 0.9 continues from the older momentum."""
+    x0 = [np.zeros(3, np.float32)]
+    kw = {"server_learning_rate": 1.0, "server_momentum": 0.9}
+    theirs = fl.FedAvgM(initial_parameters=ndarrays_to_parameters(x0), **kw)
+    ours = jkfl.FedAvgM(initial_parameters=ndarrays_to_parameters(x0), **kw)
+    got = []
+    for r, (momentum, d) in enumerate([(0.9, 1.0), (0.0, 2.0), (0.9, 4.0)], 1):
+        theirs.server_momentum = ours.server_momentum = momentum
+        x = parameters_to_ndarrays(theirs.initial_parameters if r == 1 else p_t)[0]
+        p_t, p_o = _same_round(theirs, ours, r, [(_Proxy("a"), _fit_res([x + np.float32(d)], 5))])
+        got.append((parameters_to_ndarrays(p_o)[0][0], parameters_to_ndarrays(p_t)[0][0]))
+    # momenta: ours 1, 2, 0.9 * 2 + 4 = 5.8; Flower's 1, (kept 1), 0.9 * 1 + 4 = 4.9 (models 1, 3, 8.8 / 7.9)
+    assert got[:2] == [(1.0, 1.0), (3.0, 3.0)] and got[2] == (np.float32(8.8), np.float32(7.9))
+
+
 def test_parameters_arrays_are_refused_unless_they_average_and_views_stay_valid():
     with pytest.raises(jkfl.LayoutMismatch, match="'a'.*complex64 cannot be averaged"):
         jkfl.FedAvg().aggregate_fit(1, [(_Proxy("a"), _fit_res([np.ones(2, np.complex64)], 3))], [])
