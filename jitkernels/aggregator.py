@@ -1084,22 +1084,20 @@ class Aggregator:
 
 
     def _released_model(self):
-        """The model a closed round's finalize released, base + the (noised) mean delta, flat in the accumulator
-        dtype as the state's base is: the same finalize into outputs of that dtype (the kernels compute it there and
-        round to the output dtype last, so it is the released model before that rounding). None where the closing
-        finalize released none: refused, a leaf past its dtype's range (the round closed all the same: its noise is
-        spent), which the finalize into the leaves' own dtypes refuses again (taken as the base, a model no party had
-        trained from, or a reset that failed on every call, and a scheduler's next round that never opened). Under
-        the lock."""
+        """The model a closed round's finalize released, base + the (noised) mean delta, as its parties got it (in
+        the leaves' dtypes: the same finalize again), widened to the accumulator dtype as the state's base is (the
+        model before that rounding differed from a float16 one by its rounding, whose norm over many coordinates
+        passed the clip norm: a party's small step was clipped to a tenth). None where the closing finalize released
+        none: refused, a leaf past its dtype's range (the round closed all the same: its noise is spent), which this
+        finalize refuses again (taken as the base, a model no party had trained from, or a reset that failed on every
+        call, and a scheduler's next round that never opened). Under the lock."""
+        outs = self._outputs(None)
         try:
-            self._finalize_into("model", self._outputs(None))
+            self._finalize_into("model", outs)
         except ValueOutOfRange:
             return None
         acc_dtype = self.state.acc_dtype
-        outs = [empty_leaf(leaf.shape, acc_dtype) if self.on_gpu else np.empty(leaf.shape, acc_dtype)
-                for leaf in self.layout.leaves]
-        self._finalize_into("model", outs)
-        return place(np.concatenate([to_host(o).reshape(-1) for o in outs]), self.on_gpu)
+        return place(np.concatenate([np.asarray(to_host(o), dtype=acc_dtype).reshape(-1) for o in outs]), self.on_gpu)
 
 
 def _check_disjoint(layout, outs) -> None:

@@ -75,6 +75,10 @@ def device_leaf(x) -> DeviceLeaf:
     dtype = None
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(x, torch.Tensor):
+        if x.is_neg() or x.is_conj():  # (DLPack exports the memory without the lazy negation: read with the wrong
+            # sign, where the host path's numpy() refuses such a view)
+            raise TypeError("a torch tensor with its negative or conjugate bit set (a lazy view, e.g. z.conj().imag):"
+                            " its memory holds other values; resolve_neg() / resolve_conj() it first")
         t = x.detach()
         if t.dtype == torch.bfloat16:
             t, dtype = t.view(torch.int16), bfloat16

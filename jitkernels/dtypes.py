@@ -132,17 +132,28 @@ class Quantized:
     block: int | None = None
 
     def __post_init__(self):
-        q, xp = _values(self.values)
+        try:  # (a tensor that numpy cannot read in place, e.g. one with its negative bit set)
+            q, xp = _values(self.values)
+            s, s_xp = _values(self.scale)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise InvalidQuantized(f"Quantized: values or scales that cannot be read as arrays ({e})") from None
         if q.dtype != np.int8:
             raise InvalidQuantized(f"Quantized.values must be int8, got {q.dtype}")
         if not q.flags.c_contiguous:  # the kernels read the values from their first byte on, in order
             q = xp.ascontiguousarray(q)  # (not for a 0-d array: it would come back 1-d)
-        s, s_xp = _values(self.scale)
         if xp is np and s_xp is not np:
             raise InvalidQuantized("Quantized: scales in GPU memory for values in host memory")
-        s = xp.ascontiguousarray(xp.asarray(s, dtype=np.float32).reshape(-1))
+        if s.dtype.kind not in "fiu" and s.dtype != bfloat16:  # (a complex scale lost its imaginary part, a str one
+            # raised a bare ValueError)
+            raise InvalidQuantized(f"Quantized: scales must be real numbers, got dtype {s.dtype}")
+        s32 = xp.ascontiguousarray(xp.asarray(s, dtype=np.float32).reshape(-1))
+        if bool(xp.any((s32 == 0) & (xp.asarray(s).reshape(-1) != 0))):  # (the update then counted as zeros)
+            raise InvalidQuantized("Quantized: a nonzero scale rounds to 0 in float32 (scales are float32)")
+        s = s32
         n = q.size
         block = self.block
+        if isinstance(block, (bool, np.bool_)):  # (True was a block of 1)
+            raise InvalidQuantized(f"Quantized: block must be an integer, got {block!r}")
         if block is not None:
             try:
                 block = operator.index(block)

@@ -63,7 +63,10 @@ def _as_array(x, name, party, writable=False):
         _on_current_gpu(x, name, party)
         if writable and not _contiguous(x):
             raise LayoutMismatch("an output leaf must be C-contiguous", leaf=name, party=party)
-        return device_leaf(x)
+        try:  # (as the host path below: what DLPack cannot export, or exports as other values)
+            return device_leaf(x)
+        except (TypeError, RuntimeError, ValueError, BufferError) as e:
+            raise LayoutMismatch(f"a GPU array that cannot be read in place: {e}", leaf=name, party=party) from None
     if is_torch_tensor(x):
         try:  # (sparse, meta, nested, quantized and float8 tensors, and views with the neg or conj bit set)
             x = torch_to_numpy(x)

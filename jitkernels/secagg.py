@@ -218,7 +218,8 @@ def dequantize(arrays, clipping_range: float, target_range: int, k: int, *, q_to
     if k > most:
         raise ValueOutOfRange(f"{k} parties' values in [0, {T}] may have wrapped mod 2^{modulus_bits}: at most "
                               f"{most} sum exactly (max_parties); use a smaller target range or a larger modulus")
-    if q_total_ratio is not None and not (isinstance(q_total_ratio, (int, np.integer)) and q_total_ratio > 0):
+    if q_total_ratio is not None and (isinstance(q_total_ratio, (bool, np.bool_)) or not (  # (True was a ratio of 1)
+            isinstance(q_total_ratio, (int, np.integer)) and q_total_ratio > 0)):
         raise ValueError(f"q_total_ratio must be a positive integer, got {q_total_ratio!r}")
     single = not isinstance(arrays, (list, tuple))
     quantizer = (2 * c) / T

@@ -1626,7 +1626,15 @@ def test_bad_templates_raise_invalid_template(template):
     (np.zeros(3, np.float32), 1.0, None), (np.zeros(4, np.int8), np.ones(2), None),
     (np.zeros(4, np.int8), np.ones(2), 0),
     (np.zeros(4, np.int8), np.ones(3), 2), (np.zeros(4, np.int8), 1.0, "2"),
-])
+    # a complex scale lost its imaginary part; a str one raised a bare ValueError, None came back as NonFiniteUpdate
+    # at the fold; block=True was a block of 1; a float64 scale of 1e-50 was 0 in float32 (the update all zeros); a
+    # tensor with its negative bit raised numpy's RuntimeError
+    (np.zeros(4, np.int8), 2 + 1j, None), (np.zeros(4, np.int8), "2", None), (np.zeros(4, np.int8), None, None),
+    (np.zeros(4, np.int8), np.ones(4), True), (np.zeros(4, np.int8), 1e-50, None),
+    (-torch.zeros(4, dtype=torch.float32).to(torch.int8), torch.complex(torch.zeros(1), torch.ones(1)).conj().imag,
+     None),
+], ids=["float values", "no block", "block 0", "3 scales", "str block", "complex scale", "str scale", "no scale",
+        "block True", "scale underflows", "neg-bit scale"])
 def test_bad_quantized_leaves_raise_invalid_quantized(values, scale, block):
     """A Quantized leaf built from a party's bad bytes is that party's bad update: AggregationError (LayoutMismatch),
     still a TypeError for code that caught the old error."""

@@ -91,3 +91,27 @@ def test_an_update_on_another_gpu_is_refused_by_name(monkeypatch):
     monkeypatch.undo()
     agg.fold({"w": on_gpu1}, party="p")
     np.testing.assert_array_equal(agg.finalize()["w"].get(), np.ones(4, np.float32))
+
+
+def test_a_torch_cuda_tensor_with_its_negative_bit_is_refused(monkeypatch):
+    """torch's DLPack export hands over a lazily negated view's memory without the negation (z.conj().imag holds
+    +1..+4 for the values -1..-4): the GPU path folded it with the wrong sign, where the host path refuses such a
+    view. Emulated: torch CPU tensors taken as CUDA ones, and a from_dlpack that wraps the export as CuPy's does."""
+    import numpy as np
+    import torch
+
+    import jitkernels as jk
+    from jitkernels import device, layout
+
+    z = torch.complex(torch.zeros(4), torch.arange(1.0, 5.0)).conj().imag
+    assert z.is_neg() and np.from_dlpack(z).tolist() == [1.0, 2.0, 3.0, 4.0]
+    monkeypatch.setattr(fake_cupy, "from_dlpack", lambda x: fake_cupy.ndarray(np.from_dlpack(x)))
+    on_gpu = device.is_device_array
+    for mod in (device, layout):
+        monkeypatch.setattr(mod, "is_device_array", lambda x: isinstance(x, torch.Tensor) or on_gpu(x))
+        monkeypatch.setattr(mod, "gpu_of", lambda x: 0)
+    agg = jk.Aggregator({"w": fake_cupy.zeros(4, np.float32)}, backend="cupy")
+    with pytest.raises(jk.LayoutMismatch, match="negative or conjugate bit"):
+        agg.fold({"w": z}, party="p")
+    agg.fold({"w": z.resolve_neg()}, party="p")
+    assert agg.finalize()["w"].get().tolist() == [-1.0, -2.0, -3.0, -4.0]

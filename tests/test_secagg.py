@@ -646,5 +646,6 @@ def test_a_negative_int32_value_is_out_of_range_at_32_bits(backend):
 def test_dequantize_refuses_no_parties_and_a_zero_ratio():
     with pytest.raises(ValueError, match="k"):
         sa.dequantize(np.array([0, 0], np.uint32), 1.0, 10, k=0)
-    with pytest.raises(ValueError, match="q_total_ratio"):
-        sa.dequantize(np.array([0, 0], np.uint32), 1.0, 10, k=1, q_total_ratio=0)
+    for ratio in (0, True):  # (True passed as a ratio of 1, where k=True was refused)
+        with pytest.raises(ValueError, match="q_total_ratio"):
+            sa.dequantize(np.array([0, 0], np.uint32), 1.0, 10, k=1, q_total_ratio=ratio)
