@@ -324,12 +324,12 @@ def test_fedavgm_at_momentum_zero_sets_the_momentum_where_flower_keeps_the_old_o
     kw = {"server_learning_rate": 1.0, "server_momentum": 0.9}
     theirs = fl.FedAvgM(initial_parameters=ndarrays_to_parameters(x0), **kw)
     ours = jkfl.FedAvgM(initial_parameters=ndarrays_to_parameters(x0), **kw)
-    got = []
+    got, x = [], x0[0]
     for r, (momentum, d) in enumerate([(0.9, 1.0), (0.0, 2.0), (0.9, 4.0)], 1):
         theirs.server_momentum = ours.server_momentum = momentum
-        x = parameters_to_ndarrays(theirs.initial_parameters if r == 1 else p_t)[0]
         p_t, p_o = _same_round(theirs, ours, r, [(_Proxy("a"), _fit_res([x + np.float32(d)], 5))])
-        got.append((parameters_to_ndarrays(p_o)[0][0], parameters_to_ndarrays(p_t)[0][0]))
+        x = parameters_to_ndarrays(p_t)[0]
+        got.append((parameters_to_ndarrays(p_o)[0][0], x[0]))
     # momenta: ours 1, 2, 0.9 * 2 + 4 = 5.8; Flower's 1, (kept 1), 0.9 * 1 + 4 = 4.9 (models 1, 3, 8.8 / 7.9)
     assert got[:2] == [(1.0, 1.0), (3.0, 3.0)] and got[2] == (np.float32(8.8), np.float32(7.9))
 
