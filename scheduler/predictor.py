@@ -431,9 +431,10 @@ def _normal_tail(mean: float, var: float, need: int) -> float:
 @numba.njit(cache=True)
 def _prepare(mu, sigma, w, lsf_tau):
     """(mu, 1 / sigma, w, log S(tau), S(tau), w / S(tau)): what every evaluation of the quorum CDF reuses, made once
-    per plan (S(tau) = 0 where it underflows: those parties take the log path)."""
+    per plan (S(tau) = 0 where it is below 1e-300: those parties take the log path; w / S(tau) with S(tau) clipped
+    at 1e-300 made an overdue party between 1e-300 and 1e-323 never arrive, and JIT stopped planning)."""
     isig = 1.0 / np.maximum(sigma, 1e-12)
-    s_tau = np.exp(lsf_tau)
+    s_tau = np.where(lsf_tau > -690.0, np.exp(lsf_tau), 0.0)
     ws = np.where(s_tau > 0.0, w / np.maximum(s_tau, 1e-300), 0.0)
     return mu, isig, w, lsf_tau, s_tau, ws
 

@@ -211,6 +211,18 @@ def test_the_quantile_of_an_overdue_wide_party_is_finite_and_grows_with_the_time
     assert qs == sorted(qs)
 
 
+def test_an_overdue_party_on_the_spread_floor_is_expected_at_every_time_waited():
+    """S(tau) between 1e-323 and 1e-300 was clipped at 1e-300 in w / S(tau): over that band (2.10-2.16x the usual
+    time of a party at the 0.02 spread floor) a reliable overdue party 'never' arrived, the quantile was inf, and
+    JIT stopped planning (a start-up added to the round's latency)."""
+    p = Predictor()
+    m = p.model("a")
+    m.n, m.mu, m.var, m.participation = 10, math.log(100.0), 0.02 ** 2, 1.0
+    for tau in (150.0, 205.0, 210.0, 212.0, 215.0, 216.0, 220.0, 300.0):
+        q = p.quorum_quantile(["a"], 1, tau, 0.05)
+        assert tau < q < tau * 1.001, tau
+
+
 def test_one_missed_first_round_does_not_make_a_party_a_never_answerer():
     """Participation starts from the prior p = 1 weighing ``prior_rounds`` (1) rounds. Without it the first round
     weighed 1: a party that skipped round 0 had participation exactly 0, and a quorum of 9 of 10 that needed two such
