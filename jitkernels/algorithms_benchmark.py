@@ -284,8 +284,10 @@ def _ratios(rows):
         peer = None
         if m.endswith("step (fused)"):
             peer = by.get(m.replace("step (fused)", "numpy f32 expressions"))
-        elif m == "fold_many raw: DP fixed clipping":
-            peer = by.get("fold_many raw: FedAvg (fused admission)")
+        elif m == "fold_many raw: DP fixed clipping":  # FedAvg's row on the same backend, "(fused admission)" on
+            # cpp only (looked up by that name alone, the ratio was blank wherever the first backend was not cpp)
+            peer = next((p for p in rows if p["method"].startswith("fold_many raw: FedAvg")
+                         and p["backend"] == r["backend"]), None)
         elif m.startswith("robust ") and not m.endswith(("Flower", "(SSYRK)")) and "geometric" not in m:
             peer = by.get("robust Gram step: numpy X @ X.T (SSYRK)" if "Gram" in m else m + ": Flower")
         elif m.startswith("SecAgg sum (uint32"):

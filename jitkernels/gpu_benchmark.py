@@ -411,7 +411,8 @@ def plot(report, path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in report["rows"] if r["fraction_of_ceiling"] is not None]
-    if not rows:  # the CPU half alone has no GPU ceiling to plot against
+    if not rows:  # the CPU half alone has no GPU ceiling to plot against (said: --plot wrote nothing, silently)
+        print(f"plot skipped ({path}): no GPU rows, whose fraction of the GPU ceiling it plots", file=sys.stderr)
         return
     cases = sorted({(r["N"], r["dtype"], r["placement"]) for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))

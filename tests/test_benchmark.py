@@ -133,3 +133,31 @@ def test_the_clipping_rows_say_whether_admission_was_fused(monkeypatch):
         fused = backend == "cpp"
         assert fedavg["method"].endswith("(fused admission)") == fused
         assert fedavg["bytes"] == (1 if fused else 2) * (3 * 4096 * 4 + 4 * 4096) + 8 * 4096
+
+
+def test_benchmark_sizes_are_checked_before_any_is_measured_and_rows_compare_like_with_like(capsys, monkeypatch):
+    """jk.bench's sizes were not checked: a k = 0 second size divided by zero after the first was measured (every row
+    lost). The clipped fold's ratio looked FedAvg's row up by cpp's name, and was blank on another first backend. The
+    GPU comparison's --plot wrote nothing without a GPU, silently. The deterministic kernels compiled inside their
+    row's memory pass (numba's compiler counted as the row's peak memory on a first run)."""
+    from jitkernels import algorithms_benchmark as ab
+    from jitkernels import gpu_benchmark as gb
+
+    measured = []
+    monkeypatch.setattr(jb, "make_workload", lambda *a, **k: measured.append(a))
+    for bad in ((200, 5, 0), (200, 0, 3), (5, 10, 1), (200, 5), (200.0, 5, 3)):
+        with pytest.raises(ValueError, match="LEAVES"):
+            jk.bench(sizes=[(200, 5, 3), bad], progress=False)
+    assert measured == []
+    monkeypatch.undo()
+    rows = [{"method": m, "backend": "numba", "time_s": t} for m, t in
+            (("fold_many raw: FedAvg", 1.0), ("fold_many raw: DP fixed clipping", 4.0))]
+    ab._ratios(rows)
+    assert rows[1]["speedup"] == 0.25
+    gb.plot({"rows": [{"fraction_of_ceiling": None}]}, "nowhere.png")
+    assert "plot skipped" in capsys.readouterr().err
+    if jk.available_backends()["numba"] is True:
+        from jitkernels.backends import numba_kernels
+
+        jb._warm_up(["numba"], ["float32"])
+        assert numba_kernels._fold_binned.signatures
