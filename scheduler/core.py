@@ -1634,8 +1634,10 @@ class JITScheduler:
             rnd = js.rounds.get(sp.round)
             durable = rnd.durable.get(sp.party, sp.durable) if rnd is not None else sp.durable
         try:
-            durable.result()  # the writer thread may still be writing it
+            self._wait_written(durable)  # the writer thread may still be writing it
             held = sp.round
+        except SchedulerClosed:
+            raise
         except Exception:
             if sp.carried_from is None:
                 raise
@@ -1643,8 +1645,11 @@ class JITScheduler:
             # restart would not replay that file: file the copy again (the failure may have passed), and fold from
             # the first file if that fails too
             try:
-                self.store.carry_update(js.job.id, sp.carried_from, sp.round, sp.party, sp.weight).result()
+                self._wait_written(self.store.carry_update(js.job.id, sp.carried_from, sp.round, sp.party,
+                                                           sp.weight))
                 held = sp.round
+            except SchedulerClosed:
+                raise
             except Exception as e:
                 held = sp.carried_from
                 log.warning("job %r round %d: update of %r folded from its round-%d file; filing it under this "
@@ -1653,6 +1658,18 @@ class JITScheduler:
         leaves = self.store.load_update(js.job.id, held, sp.party, js.layout)
         self._release_spilled(js, sp)  # folded next: the checkpoint or result covers it
         return js.admit(js.layout.unflatten(leaves), sp.weight, sp.party, sp.info)
+
+    def _wait_written(self, durable) -> None:
+        """Wait for an update's write, giving up with SchedulerClosed once the scheduler closes: a close() called from
+        an Ack.durable callback holds the writer thread, and waited for this fold, which waited for a write queued
+        behind that callback (neither ever returned)."""
+        while True:
+            try:
+                return durable.result(timeout=0.1)
+            except TimeoutError:
+                if self._closed:
+                    raise SchedulerClosed("the scheduler closed while a fold waited for a spilled update's write") \
+                        from None
 
     def _release_spilled(self, js, sp) -> None:
         self.store.release(js.job.id, sp.round, sp.party)

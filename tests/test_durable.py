@@ -2514,3 +2514,29 @@ def test_a_closed_scheduler_lets_go_of_its_rounds_aggregators(tmp_path):
     import gc
     gc.collect()
     assert all(r.aggregator is None for r in s.jobs["j"].rounds.values()) and list(tmp_path.glob("*.slab")) == []
+
+
+def test_close_on_the_writer_thread_while_a_fold_waits_for_a_spilled_write(tmp_path):
+    """close() from an Ack.durable callback (it runs on the state directory's writer thread) waited for the folds,
+    and a fold reading a spilled update back waited for that update's write, queued on the same thread: neither
+    returned. The fold now gives up once the scheduler is closed."""
+    import threading
+
+    closed, errors, writes = threading.Event(), [], []
+
+    def hook(point):  # (the writer thread, as a durable callback runs: the second update's write closes the scheduler)
+        if point == "update.begin":
+            writes.append(point)
+            if len(writes) == 2:
+                time.sleep(0.5)  # the fold of that update is waiting for this write by now
+                try:
+                    s.close()
+                except BaseException as e:  # noqa: BLE001 (the assertion below names it)
+                    errors.append(e)
+                closed.set()
+
+    s = JITScheduler("eager", slots=1, state_dir=tmp_path, byte_budget=0, overflow="spill", crash_hook=hook)
+    s.add_job(Job("j", {"w": np.zeros(8, np.float32)}, ["a", "b", "c"], quorum=3))
+    for p in "ab":
+        s.submit("j", 0, p, {"w": np.ones(8, np.float32)}, update_id=p)
+    assert closed.wait(20) and errors == []
