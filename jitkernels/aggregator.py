@@ -148,7 +148,7 @@ class Aggregator:
     deterministic : bool
         Bit-identical results for any arrival order, batching, merge tree and thread count: each term ``w * x`` (f64)
         is pre-rounded on two fixed grids into two float64 accumulators whose sums are exact (Demmel & Nguyen,
-        ReproBLAS; halfway values round away from zero). Limits: every ``weight * |x|`` must be <= ``bound``
+        ReproBLAS; each grid's halfway remainder rounds away from zero). Limits: every ``weight * |x|`` must be <= ``bound``
         (rounded up to a power of two, fixed when the job is created; larger updates are rejected at admission with
         ``ValueOutOfRange``); terms are resolved to ``bound * 2^-56`` (absolute); the state holds 16 bytes per
         element; at most 2^30 updates per state, 2^20 when it sums integer leaves (``ValueOutOfRange`` past it);
@@ -208,7 +208,7 @@ class Aggregator:
             self._adopt(_state.to(self.on_gpu))
             return
         params = {**self.algorithm.params(), "int_leaves": int_leaves,
-                  "deterministic": math.ceil(math.log2(bound)) if deterministic else None}
+                  "deterministic": _log2_up(bound) if deterministic else None}
         flat_base = None if base is None else self._flat(base, acc_dtype)
         if self.algorithm.needs_base and base is None:
             raise ValueError(f"{type(self.algorithm).__name__} folds deltas against the global model: pass base=")
@@ -1098,6 +1098,13 @@ class Aggregator:
             return None
         acc_dtype = self.state.acc_dtype
         return place(np.concatenate([np.asarray(to_host(o), dtype=acc_dtype).reshape(-1) for o in outs]), self.on_gpu)
+
+
+def _log2_up(x: float) -> int:
+    """The exponent of the smallest power of two >= x > 0, exactly (ceil(log2(x)) rounded 2^20 (1 + 2^-52) down to
+    2^20: updates within the bound given were refused)."""
+    m, e = math.frexp(x)
+    return e - 1 if m == 0.5 else e
 
 
 def _check_disjoint(layout, outs) -> None:

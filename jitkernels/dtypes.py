@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from .errors import InvalidQuantized
+from .errors import BackendUnavailable, InvalidQuantized
 
 bfloat16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -135,6 +135,8 @@ class Quantized:
         try:  # (a tensor that numpy cannot read in place, e.g. one with its negative bit set)
             q, xp = _values(self.values)
             s, s_xp = _values(self.scale)
+        except BackendUnavailable:  # (GPU values where the GPU backend cannot run: not a malformed leaf)
+            raise
         except (TypeError, ValueError, RuntimeError) as e:
             raise InvalidQuantized(f"Quantized: values or scales that cannot be read as arrays ({e})") from None
         if q.dtype != np.int8:
@@ -146,10 +148,11 @@ class Quantized:
         if s.dtype.kind not in "fiu" and s.dtype != bfloat16:  # (a complex scale lost its imaginary part, a str one
             # raised a bare ValueError)
             raise InvalidQuantized(f"Quantized: scales must be real numbers, got dtype {s.dtype}")
-        s32 = xp.ascontiguousarray(xp.asarray(s, dtype=np.float32).reshape(-1))
-        if bool(xp.any((s32 == 0) & (xp.asarray(s).reshape(-1) != 0))):  # (the update then counted as zeros)
+        s32 = s_xp.asarray(s, dtype=np.float32).reshape(-1)  # (checked where the scales are, then uploaded once:
+        # CuPy takes no host bfloat16)
+        if bool(s_xp.any((s32 == 0) & (s.reshape(-1) != 0))):  # (the update then counted as zeros)
             raise InvalidQuantized("Quantized: a nonzero scale rounds to 0 in float32 (scales are float32)")
-        s = s32
+        s = xp.ascontiguousarray(xp.asarray(s32))
         n = q.size
         block = self.block
         if isinstance(block, (bool, np.bool_)):  # (True was a block of 1)

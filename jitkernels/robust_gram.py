@@ -282,6 +282,8 @@ def _vector(v, rows):
     value stays 0-d, and the caller's shape check refuses it.)"""
     xp = array_module(rows)
     v = xp.asarray(v) if xp is not np else np.asarray(to_host(v))
+    if not v.dtype.isnative:  # (as _slab: numba refused a big-endian base with a TypingError)
+        v = v.astype(v.dtype.newbyteorder("="))
     return xp.ascontiguousarray(v) if v.ndim else v
 
 

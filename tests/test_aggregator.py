@@ -1673,3 +1673,36 @@ def test_every_error_pickles_with_its_type_and_fields():
         assert type(back) is cls and str(back) == str(e) and back.args == e.args, cls
         assert back.__dict__ == e.__dict__ and getattr(back, "errno", None) == getattr(e, "errno", None), cls
     assert pickle.loads(pickle.dumps(E.DuplicateParty(7))).party == 7
+
+
+def test_quantized_leaves_in_gpu_memory_keep_their_host_scales_and_their_errors(monkeypatch):
+    """Two slips of the Quantized checks: the rounding check uploaded the host scales without a dtype, which CuPy
+    refuses for bfloat16 (GPU values with host bf16 scales raised ValueError), and GPU values where the GPU backend
+    cannot run came out as InvalidQuantized, not BackendUnavailable. CuPy stood in for by numpy with its upload
+    rule (cupy/_core: numpy.array(obj, dtype), then 'Unsupported dtype' for a type char it lacks)."""
+    import types
+
+    from jitkernels import device, dtypes
+
+    gpu = types.SimpleNamespace(any=np.any, ascontiguousarray=np.ascontiguousarray, float32=np.float32)
+
+    def upload(obj, dtype=None):
+        a = np.array(obj, dtype=dtype)
+        if a.dtype.char not in "?bhilqBHILQefdFD":
+            raise ValueError(f"Unsupported dtype {a.dtype}")
+        return a
+
+    gpu.asarray = upload
+    values = dtypes._values
+    monkeypatch.setattr(dtypes, "_values", lambda x: (x, gpu) if isinstance(x, np.ndarray) and x.dtype == np.int8
+                        else values(x))
+    for scale in (np.array([0.5], bfloat16), np.array([0.5], np.float16), torch.tensor([0.5], dtype=torch.bfloat16)):
+        assert jk.Quantized(np.array([1, 2, 3], np.int8), scale).scale.tolist() == [0.5]
+    monkeypatch.undo()
+    marker = object()
+    on_gpu = device.is_device_array
+    monkeypatch.setattr(device, "is_device_array", lambda x: x is marker or on_gpu(x))
+    if jk.available_backends()["cupy"] is not True:
+        monkeypatch.setitem(__import__("sys").modules, "cupy", None)
+        with pytest.raises(jk.BackendUnavailable, match="needs the GPU backend"):
+            jk.Quantized(marker, 0.5)

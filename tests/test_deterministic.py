@@ -295,3 +295,15 @@ def test_a_large_partial_state_saves_its_record_once_per_pattern(tmp_path):
     assert len(json.loads(meta["absent_patterns"])) == 1 and len(meta["absent_patterns"]) < 1000
     loaded = jk.FoldState.load(tmp_path / "lora.jks")
     assert loaded.same_bits(a.state) and len(loaded.absent) == 500
+
+
+def test_a_bound_just_past_a_power_of_two_rounds_up():
+    """ceil(log2(bound)) rounded 2^20 (1 + 2^-52) to 2^20 (math.log2 rounds to 20.0): an update within the bound
+    given was refused. The bound is rounded up to a power of two, as README says."""
+    just = 2.0 ** 20 * (1 + 2.0 ** -52)
+    for bound, log2 in ((just, 21), (2.0 ** 20, 20), (2.0 ** 20 * 0.75, 20), (2.0 ** -900 * (1 + 2.0 ** -52), -899)):
+        agg = jk.Aggregator({"w": np.zeros(2)}, deterministic=True, bound=bound, backend="numpy")
+        assert agg.state.bound_log2 == log2, bound
+    agg = jk.Aggregator({"w": np.zeros(2)}, deterministic=True, bound=just, backend="numpy")
+    agg.fold({"w": np.array([just, -just])}, party="p")
+    assert agg.finalize()["w"].tolist() == [just, -just]

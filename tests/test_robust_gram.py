@@ -700,3 +700,14 @@ def test_gram_rules_read_a_slab_in_the_other_byte_order_and_clip_without_floatin
     assert rg.krum(X.astype(">f4"), 1).selected.tolist() == rg.krum(X, 1).selected.tolist()
     with np.errstate(all="raise"):
         assert rg._clip_factor([1e-300, 0.0, 4.0e10], 1e10).tolist() == [1.0, 0.0, 0.25]
+
+
+def test_a_base_in_the_other_byte_order_is_read_as_its_values():
+    """combine(base=) with a big-endian base raised numba's TypingError (the slab was converted, the base not)."""
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((4, 6)).astype(np.float32)
+    base = rng.standard_normal(6).astype(np.float32)
+    for backend in [b for b in ("numpy", "numba") if jk.available_backends()[b] is True]:
+        want = rg.combine(X, [0.5, 0.25, 0.25, 0.0], base=base, backend=backend)
+        got = rg.combine(X, [0.5, 0.25, 0.25, 0.0], base=base.astype(">f4"), backend=backend)
+        assert got.tobytes() == want.tobytes()
