@@ -17,6 +17,7 @@ directory, so a crash leaves either the old file or the new one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -547,10 +548,18 @@ def checked_writer(tensors: dict, meta: dict):
     ``save_file``), for :func:`atomic_write`. Large states should go this way: ``save`` builds the bytes while
     holding the GIL (up to 22 ms for 32 MB, measured: every other thread of the process, a scheduler's ``submit``
     included, waits that long), ``save_file`` held it at most 4.7 ms for the same write."""
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
     tensors, meta = _with_checksum(tensors, meta)
-    return lambda path: save_file(tensors, path, metadata=meta)
+
+    def write(path):
+        try:
+            save_file(tensors, path, metadata=meta)
+        except SafetensorError as e:  # (a full disk is safetensors' own error, no OSError: callers that catch
+            # OSError for a failed write, the state directory's, missed it)
+            raise OSError(errno.EIO, f"safetensors could not write {path}: {e}") from None
+    return write
 
 
 def _with_checksum(tensors: dict, meta: dict) -> tuple:

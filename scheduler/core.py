@@ -249,6 +249,14 @@ class _Spilled:
     info: dict = field(default_factory=dict)
     carried_from: int | None = None  # a replayed late update's first round: its file there stays held until the
     # carried copy is written, and is read instead if that write failed (a full disk), so the round still folds it
+    item: object = None  # the admitted update, held while its write runs (the writer holds its arrays then anyway),
+    # and kept if the write failed: the fold takes it from memory (one failed write failed the whole round)
+
+
+def _written(sp: _Spilled, durable: Future) -> None:
+    """A spilled update's write is done: only its file holds it now, unless the write failed."""
+    if not durable.cancelled() and durable.exception() is None:
+        sp.item = None
 
 
 @dataclass
@@ -875,9 +883,11 @@ class JITScheduler:
         if durable is not DURABLE:
             with self._lock:
                 rnd.durable[party] = durable
-        if spill:  # from here on only the file holds it (the writer thread lets the arrays go once written)
+        if spill:  # once written, only the file holds it (the writer thread lets the arrays go then)
             item, nbytes = _Spilled(round, party, float(weight), durable, info,
-                                    acked_round if stored and round != acked_round else None), 0
+                                    acked_round if stored and round != acked_round else None, item), 0
+            if item.item is not None:
+                durable.add_done_callback(functools.partial(_written, item))
         self.clock.call_soon_threadsafe(self._on_arrival, js, round, party, item, nbytes, float(weight))
         return Ack(job_id, round, party, True, durable)
 
@@ -1638,7 +1648,12 @@ class JITScheduler:
             held = sp.round
         except SchedulerClosed:
             raise
-        except Exception:
+        except Exception as e:
+            if sp.item is not None:  # its write failed: folded from memory (a resend writes it again)
+                log.warning("job %r round %d: update of %r folded from memory; its write failed (%s)", js.job.id,
+                            sp.round, sp.party, e)
+                self._release_spilled(js, sp)
+                return sp.item
             if sp.carried_from is None:
                 raise
             # the carried copy was not written; the first file still holds the update. Its round is done, so a

@@ -582,7 +582,14 @@ class StateDir:
         body = {"format": MANIFEST_FORMAT, "version": VERSION, "gen": gen, "jobs": {ident(j): m for j, m in
                                                                                    jobs.items()}}
         body["checksum"] = _digest(body)
-        self._write("manifest", f"manifest-{gen:08d}.json", json.dumps(body, sort_keys=True).encode())
+        rel = f"manifest-{gen:08d}.json"
+        try:
+            self._write("manifest", rel, json.dumps(body, sort_keys=True).encode())
+        except Crashed:
+            raise
+        except BaseException:
+            self._unpublish(rel)
+            raise
         self.prev_jobs, self.jobs, self.gen = self.jobs, jobs, gen
         self._purged -= dropped
         try:
@@ -591,6 +598,27 @@ class StateDir:
             raise
         except Exception as e:  # committed all the same: what it no longer needs goes at the next collection
             log.warning("state directory %s: collection after generation %d failed (%s)", self.path, gen, e)
+
+    def _unpublish(self, rel: str) -> None:
+        """A manifest whose write failed after its rename (the directory's fsync, EIO) is on disk, and a restart
+        would open it, though the commit failed here and its caller was told so (a remove_job that raised came back
+        as done at the restart, its results and later acknowledged updates gone): it is deleted again. Where that
+        fails too, the directory dies (nothing more is written or acknowledged), the disk and this process no longer
+        agreeing on what is committed."""
+        path = os.path.join(self.path, rel)
+        if not os.path.exists(path):
+            return
+        try:
+            os.unlink(path)
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            log.error("state directory %s: a failed commit's manifest %s could not be taken back (%s): nothing more "
+                      "is written here; restart from the directory", self.path, rel, e)
+            self.die()
 
     def _load(self) -> tuple:
         """The newest generation whose manifest and files verify; older ones on failure (recorded in

@@ -522,3 +522,20 @@ def test_a_state_of_many_parties_saves_past_the_header_limit(tmp_path):
     for forged in ('["parties"]', "[" * 100_000):  # (a list too deep for json: RecursionError escaped)
         with pytest.raises(jk.CorruptState, match="cannot be read back"):
             read_checked_bytes(checked_bytes({"a": np.zeros(1)}, {SPILLED_KEY: forged}))
+
+
+def test_a_failed_write_of_a_state_file_is_an_oserror(tmp_path, monkeypatch):
+    """safetensors reports a full disk (a write past RLIMIT_FSIZE) as its own SafetensorError, no OSError: the state
+    directory, which catches OSError for a failed write, let it through as an unknown error."""
+    import safetensors
+    import safetensors.numpy
+
+    def full(*a, **k):
+        raise safetensors.SafetensorError("I/O error: File too large (os error 27)")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", full)
+    agg = jk.Aggregator({"w": np.zeros(4, np.float32)})
+    agg.fold({"w": np.ones(4, np.float32)}, party="p")
+    with pytest.raises(OSError, match="File too large"):
+        agg.state.save(tmp_path / "s.jks")
+    assert os.listdir(tmp_path) == []
