@@ -17,11 +17,11 @@ directory, so a crash leaves either the old file or the new one.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import math
 import os
+import re
 import stat
 import tempfile
 import threading
@@ -557,8 +557,11 @@ def checked_writer(tensors: dict, meta: dict):
         try:
             save_file(tensors, path, metadata=meta)
         except SafetensorError as e:  # (a full disk is safetensors' own error, no OSError: callers that catch
-            # OSError for a failed write, the state directory's, missed it)
-            raise OSError(errno.EIO, f"safetensors could not write {path}: {e}") from None
+            # OSError for a failed write, the state directory's, missed it; its message names the OS error)
+            code = re.search(r"\(os error (\d+)\)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), f"safetensors could not write {path}: {e}") from None
     return write
 
 

@@ -12,6 +12,7 @@ quorum (the first q arrivals); the model is finalized; the deployment is release
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
 import dataclasses
@@ -1649,11 +1650,13 @@ class JITScheduler:
         except SchedulerClosed:
             raise
         except Exception as e:
-            if sp.item is not None:  # its write failed: folded from memory (a resend writes it again)
+            if sp.item is not None:  # its write failed: folded from memory (a resend writes it again), at the
+                # weight it counts with (a late update's was admitted at the weight sent, before late_weight)
                 log.warning("job %r round %d: update of %r folded from memory; its write failed (%s)", js.job.id,
                             sp.round, sp.party, e)
                 self._release_spilled(js, sp)
-                return sp.item
+                u, sp.item = sp.item, None  # (the failed future keeps sp through its callback)
+                return u if u.weight == sp.weight else dataclasses.replace(u, weight=sp.weight)
             if sp.carried_from is None:
                 raise
             # the carried copy was not written; the first file still holds the update. Its round is done, so a
@@ -1681,7 +1684,7 @@ class JITScheduler:
         while True:
             try:
                 return durable.result(timeout=0.1)
-            except TimeoutError:
+            except concurrent.futures.TimeoutError:  # (the builtin TimeoutError from Python 3.11 on only)
                 if self._closed:
                     raise SchedulerClosed("the scheduler closed while a fold waited for a spilled update's write") \
                         from None

@@ -258,11 +258,18 @@ class StateDir:
         if self.crash_hook is not None:
             self.crash_hook(point)
 
-    def _write(self, kind: str, rel: str, data) -> None:  # bytes, or a writer (jitkernels.state.checked_writer)
+    def _write(self, kind: str, rel: str, data, on_renamed=None) -> None:  # data: bytes, or a writer
+        # (jitkernels.state.checked_writer); on_renamed(): called once the file is in place (before its directory's
+        # fsync)
         self._step(f"{kind}.begin")
         path = os.path.join(self.path, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        jk.atomic_write(path, data, on_step=lambda s: self._step(f"{kind}.{s}"))
+
+        def step(s):
+            if s == "renamed" and on_renamed is not None:
+                on_renamed()
+            self._step(f"{kind}.{s}")
+        jk.atomic_write(path, data, on_step=step)
 
     def _collect_orphans(self) -> int:
         n = 0
@@ -583,12 +590,15 @@ class StateDir:
                                                                                    jobs.items()}}
         body["checksum"] = _digest(body)
         rel = f"manifest-{gen:08d}.json"
+        renamed = []
         try:
-            self._write("manifest", rel, json.dumps(body, sort_keys=True).encode())
+            self._write("manifest", rel, json.dumps(body, sort_keys=True).encode(),
+                        on_renamed=lambda: renamed.append(True))
         except Crashed:
             raise
         except BaseException:
-            self._unpublish(rel)
+            if renamed:  # (not before the rename: a file of that name is then not this write's)
+                self._unpublish(rel)
             raise
         self.prev_jobs, self.jobs, self.gen = self.jobs, jobs, gen
         self._purged -= dropped
@@ -606,8 +616,6 @@ class StateDir:
         fails too, the directory dies (nothing more is written or acknowledged), the disk and this process no longer
         agreeing on what is committed."""
         path = os.path.join(self.path, rel)
-        if not os.path.exists(path):
-            return
         try:
             os.unlink(path)
             fd = os.open(self.path, os.O_RDONLY)

@@ -2604,3 +2604,21 @@ def test_a_spilled_update_whose_write_failed_is_folded_from_memory(tmp_path):
         s.clock.run()
     assert s.result("j", 0).result(timeout=10)["w"].tolist() == [2.0] * 8
     s.close()
+    # a late update carried to the next round at late_weight 0.5, its write failed: folded from memory at that
+    # weight (the first version of this folded the update as admitted, at the weight sent: 2.5, not 2.0)
+    writes[0] = -100
+    s = JITScheduler("eager", slots=1, clock=VirtualClock(), state_dir=tmp_path / "late", checkpoint_bytes=1 << 40,
+                     byte_budget=16, overflow="spill", crash_hook=hook)
+    s.add_job(Job("j", template={"w": np.zeros(8, np.float32)}, parties=["a", "b", "c"], quorum=2, rounds=2,
+                  late="next_round", late_weight=0.5, deterministic=True))
+    for p in "bc":
+        s.submit("j", 0, p, {"w": np.full(8, 1.0, np.float32)}, update_id=p + "0").durable.result(10)
+        s.clock.run()
+    writes[0] = 0  # the next write fails
+    late = s.submit("j", 0, "a", {"w": np.full(8, 4.0, np.float32)}, update_id="a0")
+    assert late.round == 1 and isinstance(late.durable.exception(10), OSError)
+    s.clock.run()
+    s.submit("j", 1, "b", {"w": np.full(8, 1.0, np.float32)}, update_id="b1").durable.result(10)
+    s.clock.run()
+    assert s.result("j", 1).result(timeout=10)["w"].tolist() == [2.0] * 8  # (0.5 * 4 + 1) / 1.5
+    s.close()

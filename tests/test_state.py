@@ -536,6 +536,6 @@ def test_a_failed_write_of_a_state_file_is_an_oserror(tmp_path, monkeypatch):
     monkeypatch.setattr(safetensors.numpy, "save_file", full)
     agg = jk.Aggregator({"w": np.zeros(4, np.float32)})
     agg.fold({"w": np.ones(4, np.float32)}, party="p")
-    with pytest.raises(OSError, match="File too large"):
+    with pytest.raises(OSError, match="File too large") as e:
         agg.state.save(tmp_path / "s.jks")
-    assert os.listdir(tmp_path) == []
+    assert e.value.errno == 27 and os.listdir(tmp_path) == []
