@@ -258,18 +258,11 @@ class StateDir:
         if self.crash_hook is not None:
             self.crash_hook(point)
 
-    def _write(self, kind: str, rel: str, data, on_renamed=None) -> None:  # data: bytes, or a writer
-        # (jitkernels.state.checked_writer); on_renamed(): called once the file is in place (before its directory's
-        # fsync)
+    def _write(self, kind: str, rel: str, data) -> None:  # bytes, or a writer (jitkernels.state.checked_writer)
         self._step(f"{kind}.begin")
         path = os.path.join(self.path, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-
-        def step(s):
-            if s == "renamed" and on_renamed is not None:
-                on_renamed()
-            self._step(f"{kind}.{s}")
-        jk.atomic_write(path, data, on_step=step)
+        jk.atomic_write(path, data, on_step=lambda s: self._step(f"{kind}.{s}"))
 
     def _collect_orphans(self) -> int:
         n = 0
@@ -589,16 +582,13 @@ class StateDir:
         body = {"format": MANIFEST_FORMAT, "version": VERSION, "gen": gen, "jobs": {ident(j): m for j, m in
                                                                                    jobs.items()}}
         body["checksum"] = _digest(body)
-        rel = f"manifest-{gen:08d}.json"
-        renamed = []
+        rel, data = f"manifest-{gen:08d}.json", json.dumps(body, sort_keys=True).encode()
         try:
-            self._write("manifest", rel, json.dumps(body, sort_keys=True).encode(),
-                        on_renamed=lambda: renamed.append(True))
+            self._write("manifest", rel, data)
         except Crashed:
             raise
         except BaseException:
-            if renamed:  # (not before the rename: a file of that name is then not this write's)
-                self._unpublish(rel)
+            self._unpublish(rel, data)
             raise
         self.prev_jobs, self.jobs, self.gen = self.jobs, jobs, gen
         self._purged -= dropped
@@ -609,20 +599,26 @@ class StateDir:
         except Exception as e:  # committed all the same: what it no longer needs goes at the next collection
             log.warning("state directory %s: collection after generation %d failed (%s)", self.path, gen, e)
 
-    def _unpublish(self, rel: str) -> None:
+    def _unpublish(self, rel: str, data: bytes) -> None:
         """A manifest whose write failed after its rename (the directory's fsync, EIO) is on disk, and a restart
         would open it, though the commit failed here and its caller was told so (a remove_job that raised came back
-        as done at the restart, its results and later acknowledged updates gone): it is deleted again. Where that
+        as done at the restart, its results and later acknowledged updates gone): it is deleted again, if the file
+        of that name holds ``data`` (not one this write never reached: an older damaged generation's). Where that
         fails too, the directory dies (nothing more is written or acknowledged), the disk and this process no longer
         agreeing on what is committed."""
         path = os.path.join(self.path, rel)
         try:
+            with open(path, "rb") as f:
+                if f.read(len(data) + 1) != data:
+                    return
             os.unlink(path)
             fd = os.open(self.path, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        except FileNotFoundError:  # (the write failed before its rename: nothing to take back)
+            return
         except OSError as e:
             log.error("state directory %s: a failed commit's manifest %s could not be taken back (%s): nothing more "
                       "is written here; restart from the directory", self.path, rel, e)
