@@ -42,7 +42,7 @@ _overflowed)."""
 def _overflowed(out) -> bool:
     """Whether a float output holds inf or NaN: exponent all ones,
     from pos_inf up as signed integers (positive) or from neg_inf up as unsigned ones (negative). Two integer maxima
-    find them without a temporary the size of the output. (Its own dtype: reset() finalizes into the accumulator's.)"""
+    find them without a temporary the size of the output, read as the output's own dtype."""
     bits = _INF_BITS.get(np.dtype(out.dtype).name)
     if bits is None:
         return False
@@ -148,10 +148,10 @@ class Aggregator:
     deterministic : bool
         Bit-identical results for any arrival order, batching, merge tree and thread count: each term ``w * x`` (f64)
         is pre-rounded on two fixed grids into two float64 accumulators whose sums are exact (Demmel & Nguyen,
-        ReproBLAS; each grid's halfway remainder rounds away from zero). Limits: every ``weight * |x|`` must be <= ``bound``
-        (rounded up to a power of two, fixed when the job is created; larger updates are rejected at admission with
-        ``ValueOutOfRange``); terms are resolved to ``bound * 2^-56`` (absolute); the state holds 16 bytes per
-        element; at most 2^30 updates per state, 2^20 when it sums integer leaves (``ValueOutOfRange`` past it);
+        ReproBLAS; each grid's halfway remainder rounds away from zero). Limits: every ``weight * |x|`` must be
+        <= ``bound`` (rounded up to a power of two, fixed when the job is created; larger updates are rejected at
+        admission with ``ValueOutOfRange``); terms are resolved to ``bound * 2^-56`` (absolute); the state holds 16
+        bytes per element; at most 2^30 updates per state, 2^20 when it sums integer leaves (``ValueOutOfRange`` past it);
         batches over 2^18 updates are folded in parts (same bits); integer leaves' ``mass * |x|`` up to 2^10 x the
         bound; the total weight, and with ``partial`` each leaf's, is summed exactly (``math.fsum``).
     bound : float
@@ -1081,7 +1081,6 @@ class Aggregator:
                                        store=None if old.store is None else self.algorithm.new_store(self.layout,
                                                                                                      self.on_gpu)))
             return old
-
 
     def _released_model(self):
         """The model a closed round's finalize released, base + the (noised) mean delta, as its parties got it (in
