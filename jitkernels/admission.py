@@ -374,12 +374,30 @@ def admit_many(updates, layout, *, weights=None, parties=None, base=None, backen
     ``max|base|``, if the caller keeps it (else a pass over the base)."""
     prep = prepare(updates, layout, weights=weights, parties=parties, backend=backend, copy=copy, partial=partial)
     acc_dtype = acc_dtype or layout.default_acc_dtype  # (after prepare, which refuses what is not a Layout)
+    for b, what in ((base, "base"), (host_base, "host_base")):
+        _check_flat_base(b, layout, acc_dtype, what)
     _, *stats = batch_stats(layout, prep.leaves, base=base, host_base=host_base, backend=backend,
                             acc_dtype=acc_dtype, on_device=prep.on_device, entries=prep.entries)
     if base is not None and base_max is None:
         base_max = abs_max(base)
     return check(prep, layout, stats, acc_dtype=acc_dtype, bound=bound, against_base=base is not None,
                  base_max=base_max or 0.0)
+
+
+def _check_flat_base(base, layout, acc_dtype, what: str) -> None:
+    """``base`` as the stats kernels read it: the flat model, C-contiguous, of the layout's size, in the accumulator
+    dtype, as an Aggregator's state holds it (jk.admit's was not checked: a short one was read past its end by the
+    C++ kernel, a strided one as if contiguous, each backend giving other stats)."""
+    if base is None:
+        return
+    dtype, shape, flags = (getattr(base, a, None) for a in ("dtype", "shape", "flags"))
+    want = f"the flat model in the accumulator dtype ({acc_dtype}[{layout.size}]; Aggregator(..., base=model) " \
+           "flattens a model)"
+    if dtype is None or shape is None or flags is None:
+        raise TypeError(f"{what} must be {want}, got a {type(base).__name__}")
+    if np.dtype(dtype) != np.dtype(acc_dtype) or tuple(shape) != (layout.size,) or not flags.c_contiguous:
+        raise ValueError(f"{what} must be {want}, C-contiguous; got {np.dtype(dtype)}{list(shape)}"
+                         + ("" if flags.c_contiguous else ", strided"))
 
 
 def abs_max(a) -> float:

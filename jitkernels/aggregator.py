@@ -935,6 +935,9 @@ class Aggregator:
             if st.algorithm.get("int_leaves", "mean") == "mean":  # the plain mass-weighted mean
                 a = np.rint(a / mass[i])
             _write(outs[i], _cast(a.reshape(leaf.shape), outs[i].dtype))
+            if opt and closing:  # the stepped model carries the counter too (its float leaves moved in place): a
+                # later partial round that no party sent it in returned the first round's value from the base
+                st.base[leaf.offset:leaf.offset + leaf.size] = place(a.reshape(-1).astype(st.acc_dtype), st.on_device)
         # (a divisor below the masses, FedBuff's server_lr > 1, takes a mean past its values' range; so may noise)
         self._check_range(outs, float_ids, acc, base, weights, stepped=opt,
                           amplified=bool(np.any(weights < mass)) or noisy)

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .errors import InvalidUpdateInfo, LayoutMismatch
 from .parties import real_value
 
@@ -61,8 +63,6 @@ class FedAvg:
     kind = None  # server optimizers set their jk::OptKind
 
     def __init__(self, *, weighted: bool = True):
-        import numpy as np
-
         if not isinstance(weighted, (bool, np.bool_)):  # ("no" was truthy: a weighted mean where none was meant)
             raise TypeError(f"weighted must be True or False, got {weighted!r}")
         self.weighted = bool(weighted)
@@ -73,7 +73,7 @@ class FedAvg:
             return {}
         extra = set(info) - set(self.info_keys)
         if extra:
-            key = sorted(extra)[0]
+            key = sorted(extra, key=repr)[0]  # (keys of mixed types raised a bare TypeError sorted by value)
             raise InvalidUpdateInfo(party, key, info[key], f"is not used by {type(self).__name__} "
                                     f"(it reads {', '.join(self.info_keys) or 'nothing'})")
         return {}
@@ -160,9 +160,10 @@ class FedNova(FedAvg):
         return self.mass(u) / u.info["steps"]
 
     def divisor_scale(self, state) -> float:
+        # 1 / sum p_j tau_j with p_j = n_j / sum n (not sum n / sum n_j tau_j: n tau = 1e10 x 1e300 overflowed, and
+        # the round could not be finalized)
         n = math.fsum(state.parties.values())
-        n_tau = math.fsum(state.parties[p] * state.info[p]["steps"] for p in state.parties)
-        return n / n_tau
+        return 1.0 / math.fsum(state.parties[p] / n * state.info[p]["steps"] for p in state.parties)
 
 
 STALENESS = ("constant", "polynomial", "hinge", "nvflare")
@@ -296,8 +297,6 @@ class SCAFFOLD(FedAvg):
         return self.num_parties
 
     def divisor_scale(self, state):
-        import numpy as np
-
         self.check_layout(state.layout)
         if state.count > self.num_parties:  # (c would move by more than the mean of the N parties' changes; folds
             # and merges refuse such a party on arrival, so only a state from elsewhere gets here)
@@ -341,8 +340,20 @@ def _count(name: str, x, minimum: int = 1) -> int:
 
 def _check_hyper(**kw):
     for name, (x, lo, hi) in kw.items():
-        if not (math.isfinite(x) and lo <= x < hi):
+        if isinstance(x, (bool, np.bool_)) or not (math.isfinite(x) and lo <= x < hi):  # (True was a 1)
             raise ValueError(f"{name} must be in [{lo}, {hi}), got {x!r}")
+
+
+_F32_RANGE = (float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max))
+
+
+def _check_rates(**kw):
+    """Step sizes and tau: finite and > 0 (not bools), and still so in float32, the accumulator they are applied in
+    (tau = 1e-50 was 0 there and lr = 1e39 inf: a coordinate whose delta was 0 stepped to NaN, and the NaN model
+    was carried into every later round)."""
+    for name, x in kw.items():
+        if isinstance(x, (bool, np.bool_)) or not (math.isfinite(x) and _F32_RANGE[0] <= x <= _F32_RANGE[1]):
+            raise ValueError(f"{name} must be finite and > 0 (in float32 too: > 1.2e-38 and < 3.4e38), got {x!r}")
 
 
 class FedAvgM(_ServerOptimizer):
@@ -363,8 +374,9 @@ class FedAvgM(_ServerOptimizer):
     def __init__(self, *, lr: float = 1.0, momentum: float = 0.0, nesterov: bool = False, weighted: bool = True):
         super().__init__(weighted=weighted)
         _check_hyper(momentum=(momentum, 0.0, 1.0))
-        if not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"lr must be finite and > 0, got {lr!r}")
+        _check_rates(lr=lr)
+        if not isinstance(nesterov, (bool, np.bool_)):  # ("no" was truthy: Nesterov where none was meant)
+            raise TypeError(f"nesterov must be True or False, got {nesterov!r}")
         self.lr, self.momentum, self.nesterov = float(lr), float(momentum), bool(nesterov)
         self.kind = NESTEROV if nesterov else MOMENTUM
 
@@ -398,8 +410,7 @@ class _Adaptive(_ServerOptimizer):
     def __init__(self, *, lr, beta1, beta2, tau, variant, weighted=True):
         super().__init__(weighted=weighted)
         _check_hyper(beta1=(beta1, 0.0, 1.0), beta2=(beta2, 0.0, 1.0))
-        if not (math.isfinite(lr) and lr > 0 and math.isfinite(tau) and tau > 0):
-            raise ValueError(f"lr and tau must be finite and > 0, got lr={lr!r}, tau={tau!r}")
+        _check_rates(lr=lr, tau=tau)
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         self.lr, self.beta1, self.beta2, self.tau = float(lr), float(beta1), float(beta2), float(tau)

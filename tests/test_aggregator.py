@@ -1706,3 +1706,20 @@ def test_quantized_leaves_in_gpu_memory_keep_their_host_scales_and_their_errors(
         monkeypatch.setitem(__import__("sys").modules, "cupy", None)
         with pytest.raises(jk.BackendUnavailable, match="needs the GPU backend"):
             jk.Quantized(marker, 0.5)
+
+
+@pytest.mark.parametrize("base, error", [
+    (np.zeros(1, np.float32), ValueError), (np.zeros(8, np.float32)[::2], ValueError),
+    (np.zeros(4, np.float64), ValueError), (np.zeros((2, 2), np.float32), ValueError),
+    ({"w": np.zeros(4, np.float32)}, TypeError), ([0.0] * 4, TypeError),
+], ids=["short", "strided", "float64", "2-d", "dict", "list"])
+def test_jk_admit_checks_its_base(base, error):
+    """jk.admit's base (flat, in the accumulator dtype) was not checked: the C++ stats kernel read a short one past
+    its end (a 4-float base for a 4M-element layout: 16 MB of other memory), a strided one as if contiguous, and each
+    backend gave other stats or another error."""
+    layout = jk.Aggregator({"w": np.zeros(4, np.float32)}).layout
+    for backend in CPU_BACKENDS:
+        with pytest.raises(error, match="the flat model in the accumulator dtype"):
+            jk.admit({"w": np.ones(4, np.float32)}, layout, party="p", base=base, backend=backend)
+    u = jk.admit({"w": np.ones(4, np.float32)}, layout, party="p", base=np.full(4, 0.5, np.float32))
+    assert u.maxabs == 0.5

@@ -507,6 +507,41 @@ def test_a_refused_dp_finalize_released_no_model_and_the_next_round_keeps_the_ba
     assert agg.state.base.tobytes() == before.tobytes() and agg.state.round == 1
 
 
+def test_hyperparameters_and_values_an_optimizer_could_not_apply_are_refused():
+    """tau = 1e-50 passed the float64 check and was 0 in the float32 accumulator (lr = 1e39: inf): a coordinate
+    whose delta was 0 stepped to NaN, and reset() carried the NaN model into every later round; nesterov="no" was
+    truthy; bools passed as numbers; info keys of mixed types raised a bare TypeError; FedNova's divisor n / sum n
+    tau overflowed for n tau = 1e10 x 1e300, and the round could not be finalized."""
+    for make in (lambda: A.FedAdam(tau=1e-50), lambda: A.FedYogi(lr=1e39), lambda: A.FedAvgM(lr=1e39),
+                 lambda: A.FedAvgM(lr=True), lambda: A.FedAdam(beta1=False), lambda: A.FedAvgM(momentum=True)):
+        with pytest.raises(ValueError):
+            make()
+    with pytest.raises(TypeError, match="nesterov"):
+        A.FedAvgM(nesterov="no")
+    agg = jk.Aggregator({"w": np.zeros(2)}, "fedavg")
+    with pytest.raises(jk.InvalidUpdateInfo, match="party 'p'"):
+        agg.fold_many([{"w": np.ones(2)}], [1.0], ["p"], [{1: 2, "x": 3}])
+    x = {"w": np.zeros(2)}
+    nova = jk.Aggregator(x, A.FedNova(), base=x, acc_dtype="float64")
+    nova.fold({"w": np.full(2, 3.0)}, weight=1e10, party="a", steps=1e300)
+    nova.fold({"w": np.full(2, 3.0)}, weight=1e10, party="b", steps=1e300)
+    np.testing.assert_allclose(nova.finalize()["w"], [3.0, 3.0], rtol=1e-15)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cpp"])
+def test_a_server_optimizers_counter_nobody_sent_keeps_its_last_value(backend):
+    """With partial updates, a server optimizer's step moved its float leaves in the base it carries, not its integer
+    leaves (BatchNorm's num_batches_tracked): a later round that no party sent the counter in returned the first
+    round's value from the base (100 went back to 0)."""
+    x = {"w": np.ones(3, np.float32), "nbt": np.array(0, np.int64)}
+    agg = jk.Aggregator(x, A.FedAvgM(lr=1.0, momentum=0.5), base=x, partial=True, backend=backend)
+    agg.fold({"w": np.full(3, 2, np.float32), "nbt": np.array(100, np.int64)}, 1.0, "a")
+    assert agg.finalize()["nbt"] == 100
+    agg.reset()
+    agg.fold({"w": np.full(3, 3, np.float32)}, 1.0, "b")
+    assert agg.finalize()["nbt"] == 100
+
+
 def test_adaptive_clipping_moves_the_norm_toward_the_target_quantile():
     rng = np.random.default_rng(14)
     base = _model(rng)
