@@ -1723,3 +1723,15 @@ def test_jk_admit_checks_its_base(base, error):
             jk.admit({"w": np.ones(4, np.float32)}, layout, party="p", base=base, backend=backend)
     u = jk.admit({"w": np.ones(4, np.float32)}, layout, party="p", base=np.full(4, 0.5, np.float32))
     assert u.maxabs == 0.5
+
+
+def test_a_finite_update_whose_delta_overflows_is_out_of_range_on_every_backend():
+    """numpy and numba formed u - base in float64 and counted an overflow there as a non-finite value: an honest
+    party's finite update was NonFiniteUpdate on them, ValueOutOfRange on cpp. And a float64 accumulator's refusal
+    hinted "acc_dtype='float64' takes more"."""
+    x = {"w": np.array([1e308, 0.0])}
+    for backend in CPU_BACKENDS:
+        agg = jk.Aggregator(x, base=x, backend=backend)
+        with pytest.raises(jk.ValueOutOfRange, match=r"has \|x\| = inf as its delta") as e:
+            agg.fold({"w": np.array([-1e308, 0.0])}, party="p")
+        assert "takes more" not in str(e.value) and agg.state.count == 0

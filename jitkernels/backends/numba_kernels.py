@@ -229,7 +229,10 @@ if numba is not None:
                             for i in range(ln):
                                 x = _value(u, b, scales, i, s, B, quant, has_base)
                                 xb = _f64_bits(x) & _MAG
-                                if xb >= _INF_BITS:
+                                if xb >= _INF_BITS and has_base and (_f64_bits(_value(
+                                        u, b, scales, i, s, B, quant, False)) & _MAG) < _INF_BITS:
+                                    mxb = _INF_BITS  # a finite update whose delta overflowed: out of range, as on cpp
+                                elif xb >= _INF_BITS:
                                     bad += 1
                                 else:
                                     ss += x * x

@@ -110,9 +110,11 @@ def stats(base, g, acc_dtype):
             if u is None or n == 0:
                 continue
             x = _load(u, np.float64)
+            fin = np.isfinite(x)  # (of the update: a finite one whose delta overflows float64 is out of range, as
+            # on cpp, not non-finite)
             if base is not None:
-                x = x - base[o:o + n].astype(np.float64)
-            fin = np.isfinite(x)
+                with np.errstate(over="ignore", invalid="ignore"):  # (an overflowed delta is measured: inf)
+                    x = x - base[o:o + n].astype(np.float64)
             nonfinite[r, j] = n - int(fin.sum())
             xf = np.where(fin, x, 0.0)
             sumsq[r, j] = float(np.add.reduce(xf * xf))  # not np.dot: a BLAS call per leaf stalls on busy cores
