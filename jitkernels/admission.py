@@ -285,7 +285,7 @@ def check_weight_range(w: float, party, acc_dtype, what: str = "weight") -> None
     lo, hi = weight_range(acc_dtype)
     if not lo <= w <= hi:
         raise ValueOutOfRange(f"party {party!r}: {what} {w:.6g} is outside what the {acc_dtype} accumulator holds "
-                              f"([{lo:.6g}, {hi:.6g}]{_WIDER.get(str(acc_dtype), '')})")
+                              f"([{lo:.6g}, {hi:.6g}]{_WIDER.get(np.dtype(acc_dtype).name, '')})")
 
 
 @functools.cache
@@ -351,7 +351,7 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
             where = f" as its delta against a base of max |{base_max:.6g}|" if against_base and base_max else ""
             raise ValueOutOfRange(f"party {party!r}: leaf {layout.leaves[worst[j]].name!r} has |x| = {peak[j]:.6g}"
                                   f"{where}, past the {acc_dtype} accumulator's range "
-                                  f"({largest(acc_dtype):.6g}{_WIDER.get(str(acc_dtype), '')})")
+                                  f"({largest(acc_dtype):.6g}{_WIDER.get(np.dtype(acc_dtype).name, '')})")
         if scale[j] * peak[j] <= limit:  # (its values are in range: its weight is not)
             check_weight_range(raw[j], party, acc_dtype)
             check_weight_range(fold[j], party, acc_dtype, "fold weight")

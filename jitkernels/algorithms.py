@@ -141,7 +141,8 @@ class FedNova(FedAvg):
                p_j = \frac{n_j}{\sum_i n_i}, \quad \tau_{\mathrm{eff}} = \sum_j p_j \tau_j
 
     As a fold: fold weight :math:`n_j / \tau_j`, mass :math:`n_j`, divisor scale
-    :math:`\sum_j n_j / \sum_j n_j \tau_j` (both sums exact, ``math.fsum`` over the recorded parties). Needs a base
+    :math:`1 / \sum_j p_j \tau_j` (``math.fsum`` over the recorded parties: the form of
+    :math:`\sum_j n_j / \sum_j n_j \tau_j` whose sums cannot overflow). Needs a base
     (:math:`x_t`) and ``steps=`` (:math:`\tau_j`; for local momentum SGD pass FedNova's :math:`\lVert a_j \rVert_1`
     instead). Bytes moved: as FedAvg.
     """
@@ -441,6 +442,8 @@ class FedAdam(_Adaptive):
     def __init__(self, *, lr: float = 0.1, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-9,
                  variant: str = "reddi", weighted: bool = True):
         super().__init__(lr=lr, beta1=beta1, beta2=beta2, tau=tau, variant=variant, weighted=weighted)
+        if variant == "flower":  # its step size lr sqrt(1 - b2^(t+1)) / (1 - b1^(t+1)) reaches up to lr / (1 - b1)
+            _check_rates(**{"lr / (1 - beta1)": self.lr / (1.0 - self.beta1)})
 
     def step_size(self, t):
         if self.variant == "flower":

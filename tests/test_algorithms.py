@@ -513,7 +513,8 @@ def test_hyperparameters_and_values_an_optimizer_could_not_apply_are_refused():
     truthy; bools passed as numbers; info keys of mixed types raised a bare TypeError; FedNova's divisor n / sum n
     tau overflowed for n tau = 1e10 x 1e300, and the round could not be finalized."""
     for make in (lambda: A.FedAdam(tau=1e-50), lambda: A.FedYogi(lr=1e39), lambda: A.FedAvgM(lr=1e39),
-                 lambda: A.FedAvgM(lr=True), lambda: A.FedAdam(beta1=False), lambda: A.FedAvgM(momentum=True)):
+                 lambda: A.FedAvgM(lr=True), lambda: A.FedAdam(beta1=False), lambda: A.FedAvgM(momentum=True),
+                 lambda: A.FedAdam(lr=1e36, beta1=0.999, variant="flower")):  # (its step size reaches lr / (1 - b1))
         with pytest.raises(ValueError):
             make()
     with pytest.raises(TypeError, match="nesterov"):

@@ -115,3 +115,21 @@ def test_a_torch_cuda_tensor_with_its_negative_bit_is_refused(monkeypatch):
         agg.fold({"w": z}, party="p")
     agg.fold({"w": z.resolve_neg()}, party="p")
     assert agg.finalize()["w"].get().tolist() == [-1.0, -2.0, -3.0, -4.0]
+
+
+def test_a_device_update_whose_delta_overflows_is_out_of_range():
+    """The GPU stats kernel counted a finite update whose float64 delta overflowed as non-finite (NonFiniteUpdate),
+    where the CPU backends, and the same update in host memory, say ValueOutOfRange."""
+    import numpy as np
+
+    import cupy
+    import jitkernels as jk
+
+    x = {"w": cupy.asarray(np.array([1e308, 0.0]))}
+    agg = jk.Aggregator(x, base=x)
+    for u in ({"w": cupy.asarray(np.array([-1e308, 0.0]))}, {"w": np.array([-1e308, 0.0])}):
+        with pytest.raises(jk.ValueOutOfRange, match=r"\|x\| = inf as its delta"):
+            agg.fold(u, party="p")
+    with pytest.raises(jk.NonFiniteUpdate, match="1 non-finite"):
+        agg.fold({"w": cupy.asarray(np.array([np.nan, 0.0]))}, party="p")
+    assert agg.state.count == 0

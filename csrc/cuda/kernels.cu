@@ -346,8 +346,8 @@ __device__ __forceinline__ double warp_max(double v) {
 __device__ __forceinline__ unsigned lane() { return threadIdx.x & 31u; }
 #endif
 
-// Admission stats of device-resident updates, per (row, update): count of non-finite x, sum of x^2 and max |x| over
-// the finite ones, x = f64(u) [- f64(base)] as in the reference. Each thread reduces its strided elements, each
+// Admission stats of device-resident updates, per (row, update): count of non-finite values of u, sum of x^2 and max
+// |x| over the finite ones (inf where a finite u's delta overflows), x = f64(u) [- f64(base)] as in the reference. Each thread reduces its strided elements, each
 // warp its threads, and lane 0 adds into the row's totals with atomics (outputs zeroed by the caller; max-abs as the
 // bits of a non-negative double, whose integer order is its numeric order). A reduction: equal to the reference
 // within a tolerance, in an order that varies between runs. Reads k*n*itemsize(in) (+ n*itemsize(A) per update
@@ -366,12 +366,14 @@ __global__ void stats_rows(const A* __restrict__ base, const i64* __restrict__ o
     unsigned long long nf = 0;
     double ss = 0.0, mx = 0.0;
     for (i64 i = threadIdx.x; i < len; i += blockDim.x) {
-      double x = load_x<double, In, Quant>(p, sptr, blk, r * k + j, s + i);
-      if (Base) x = x - (double)b[i];
+      const double u = load_x<double, In, Quant>(p, sptr, blk, r * k + j, s + i);
+      const double x = Base ? u - (double)b[i] : u;
       if (jk::is_finite(x)) {
         ss = ss + x * x;
         const double ax = x < 0 ? -x : x;
         mx = ax > mx ? ax : mx;
+      } else if (jk::is_finite(u)) {  // a finite update whose delta overflows: out of range (max inf), as on the CPU
+        mx = x < 0 ? -x : x;
       } else {
         ++nf;
       }
