@@ -205,8 +205,14 @@ class Quantized:
 
     @classmethod
     def quantize(cls, x, block: int | None = None) -> "Quantized":
-        """Symmetric int8 quantization of ``x`` (per tensor, or per ``block`` flat elements)."""
-        x = np.asarray(x, dtype=np.float32)
+        """Symmetric int8 quantization of ``x`` (per tensor, or per ``block`` flat elements). Non-finite values (and
+        float64 ones past float32's range) are refused with a ValueError: a NaN came out as a finite 0, with a scale
+        of 1 for its block, and the corrupt update passed admission."""
+        with np.errstate(over="ignore"):  # (a float64 value past float32's range: inf, refused below)
+            x = np.asarray(x, dtype=np.float32)
+        if not np.all(np.isfinite(x)):
+            raise ValueError("Quantized.quantize: the values hold NaN or inf (or float64 values past float32's "
+                             "range): an int8 encoding has none")
         flat = x.reshape(-1)
         b = flat.size if block is None else block
         nb = max(-(-flat.size // max(b, 1)), 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import os
 import threading
 import warnings
@@ -69,9 +70,13 @@ def set_num_threads(n: int) -> int:
     kernels ran on several threads, more than one is refused with a warning and 1 kept (GNU OpenMP is not fork-safe:
     start worker processes with the 'spawn' method for threads of their own)."""
     global _threads
-    if isinstance(n, bool) or not float(n).is_integer():
+    try:  # (ints and numpy ints as they are: float(10**400) raised OverflowError; "2" was taken)
+        count = operator.index(n) if not isinstance(n, bool) else None
+    except TypeError:
+        count = int(n) if isinstance(n, float) and n.is_integer() else None
+    if count is None:
         raise ValueError(f"the thread count must be a whole number of threads, got {n!r}")
-    n = int(n)
+    n = count
     if not 1 <= n <= MAX_THREADS:
         raise ValueError(f"the thread count must be within 1 to {MAX_THREADS}, got {n}")
     if n > 1 and _forked:

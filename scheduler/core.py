@@ -54,6 +54,9 @@ DURABLE.set_result(True)
 future never changes, and making one per update was a tenth of a large simulation's time)."""
 
 
+MAX_SLOTS = 100_000  # (list(range(10**30)) raised OverflowError at construction)
+
+
 class SchedulerError(jk.AggregationError):
     """Base of the scheduler's own errors."""
 
@@ -524,8 +527,8 @@ class JITScheduler:
             raise ValueError("overflow='spill' needs a state_dir (spilled updates live there)")
         if keep_rounds < 1:
             raise ValueError(f"keep_rounds must be >= 1, got {keep_rounds}")
-        if int(slots) < 1:
-            raise ValueError(f"slots must be >= 1, got {slots}")
+        if isinstance(slots, bool) or not isinstance(slots, (int, np.integer)) or not 1 <= slots <= MAX_SLOTS:
+            raise ValueError(f"slots must be an integer in [1, {MAX_SLOTS}], got {slots!r}")  # (1.5 ran as 1)
         if history is not None and (isinstance(history, bool) or not isinstance(history, int) or history < 1):
             raise ValueError(f"history must be None or an integer >= 1, got {history!r}")
         for name, v in (("byte_budget", byte_budget), ("checkpoint_bytes", checkpoint_bytes)):

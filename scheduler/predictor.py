@@ -481,6 +481,11 @@ def _quorum_tail_into(probs, logt, mu, isig, w, lsf_tau, s_tau, ws, need):
 
 def poisson_binomial_tail(probs, need: int) -> float:
     """P(sum of independent Bernoulli(p_i) >= need): exact (dynamic programming over counts, or over misses) where
-    :func:`_exact` says, a normal approximation with continuity correction beyond."""
-    probs = np.asarray(probs, dtype=np.float64)
-    return float(_tail(probs[probs > 0.0], int(need)))
+    :func:`_exact` says, a normal approximation with continuity correction beyond. ``probs`` in [0, 1] (else
+    ValueError: they were clipped or dropped, NaN too); ``need`` rounded up (2.7 was 2)."""
+    probs = np.asarray(probs, dtype=np.float64).reshape(-1)
+    if not np.all((probs >= 0.0) & (probs <= 1.0)):
+        raise ValueError(f"probabilities must be in [0, 1], got {probs[~((probs >= 0.0) & (probs <= 1.0))][:3]}")
+    need = math.ceil(need)
+    pos = probs[probs > 0.0]
+    return float(_tail(pos, min(need, pos.size + 1)))  # (a count of 10^30 overflowed numba's int)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 
 from .clock import VirtualClock
-from .core import Backpressure, JITScheduler, Job, LateUpdate
+from .core import MAX_SLOTS, Backpressure, JITScheduler, Job, LateUpdate
 from .cost import BackendCost, CostModel
 from .executors import MeasuredExecutor, ModelExecutor
 
@@ -42,7 +42,7 @@ MAX_PARTY_SPREAD = 10.0
 # sizes past what a run here can finish (10M update events, 1,000 jobs, take about 5 minutes), refused rather than
 # run for days or until memory runs out: update events (count x parties x rounds, summed), jobs, parties per job,
 # slots, update bytes
-MAX_EVENTS, MAX_JOBS, MAX_PARTIES, MAX_SLOTS, MAX_UPDATE_BYTES = 10 ** 8, 10 ** 4, 10 ** 7, 10 ** 5, 10 ** 15
+MAX_EVENTS, MAX_JOBS, MAX_PARTIES, MAX_UPDATE_BYTES = 10 ** 8, 10 ** 4, 10 ** 7, 10 ** 15
 
 
 def _shown(value) -> str:

@@ -1735,3 +1735,12 @@ def test_a_finite_update_whose_delta_overflows_is_out_of_range_on_every_backend(
         with pytest.raises(jk.ValueOutOfRange, match=r"has \|x\| = inf as its delta") as e:
             agg.fold({"w": np.array([-1e308, 0.0])}, party="p")
         assert "takes more" not in str(e.value) and agg.state.count == 0
+
+
+def test_quantize_refuses_values_an_int8_encoding_cannot_hold():
+    """A NaN came out of Quantized.quantize as a finite 0 (its block's scale 1), and the corrupt update passed
+    admission; a float64 value past float32's range likewise."""
+    for x in ([np.nan, 1.0, 2.0], [np.inf, 1.0], np.array([1e39, 1.0])):
+        with pytest.raises(ValueError, match="NaN or inf"):
+            jk.Quantized.quantize(np.asarray(x), block=2)
+    assert jk.Quantized.quantize(np.array([1.0, -3.0], np.float32)).values.tolist() == [42, -127]

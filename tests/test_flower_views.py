@@ -47,6 +47,8 @@ def test_malformed_and_unsafe_buffers_are_refused():
     np.save(buf, np.array([{"x": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(jk.LayoutMismatch, match="unpickling"):
         ndarray_view(buf.getvalue(), party="evil", index=0)
+    with pytest.raises(jk.LayoutMismatch, match="expected flwr Parameters"):  # (a bare AttributeError before)
+        ndarrays_from_parameters(None, party="evil")
 
     def npy(header: str, data: bytes = b"") -> bytes:
         h = header.encode().ljust(118) + b"\n"

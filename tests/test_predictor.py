@@ -365,3 +365,13 @@ def test_sub_millisecond_responses_are_learned():
     for y in ys:
         pr.observe("a", y)
     assert pr.quorum_quantile(["a"], 1, 0.0, 0.5) == pytest.approx(math.exp(np.mean(np.log(ys))), rel=0.05)
+
+
+def test_poisson_binomial_tail_checks_its_probabilities_and_count():
+    """NaN, 1.5 and -0.5 were dropped or clipped in silence, need = 2.7 read as 2, and need = 10**30 overflowed
+    numba's integer."""
+    for bad in ([np.nan], [1.5], [-0.5, 0.5]):
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            poisson_binomial_tail(bad, 1)
+    assert poisson_binomial_tail([0.5], 10 ** 30) == 0.0
+    assert poisson_binomial_tail([0.5, 0.5], 1.5) == poisson_binomial_tail([0.5, 0.5], 2) == 0.25

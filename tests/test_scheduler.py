@@ -1842,3 +1842,11 @@ def test_submit_refuses_an_update_its_fold_weight_takes_past_the_headroom():
     s.clock.run()
     np.testing.assert_array_equal(s.result("j", 0).result(timeout=0)["z"], np.ones(3, np.float32))
     s.close()
+
+
+def test_slots_are_a_whole_number_in_range():
+    """slots = 1.5 ran as 1 slot, "2" was taken, and 10**30 raised OverflowError from list(range(...))."""
+    for bad in (1.5, "2", 10 ** 30, 0, True):
+        with pytest.raises(ValueError, match="slots must be an integer"):
+            JITScheduler("eager", slots=bad, clock=VirtualClock())
+    JITScheduler("eager", slots=np.int64(2), clock=VirtualClock()).close()

@@ -324,3 +324,15 @@ def test_cpp_results_keep_subnormals_whatever_the_calling_threads_float_mode(tmp
     script.write_text(_FLUSH_DENORMAL)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert done.stdout.strip() == str([True] * 8), done.stdout + done.stderr[-2000:]
+
+
+def test_thread_counts_are_whole_numbers():
+    """set_num_threads(10**400) raised OverflowError (float() of it) where README says ValueError; "2" was taken."""
+    old = jk.set_num_threads(1)
+    try:
+        for bad in (10 ** 400, "2", True, 2.5, 0):
+            with pytest.raises(ValueError):
+                jk.set_num_threads(bad)
+        assert jk.set_num_threads(np.int64(1)) == 1 and jk.set_num_threads(1.0) == 1
+    finally:
+        jk.set_num_threads(old)

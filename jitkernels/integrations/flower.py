@@ -143,6 +143,8 @@ def _shown(shape) -> str:
 
 def ndarrays_from_parameters(parameters, *, party=None) -> list:
     """Zero-copy views of a ``flwr.common.Parameters``' tensors (numpy.ndarray serialization)."""
+    if not hasattr(parameters, "tensors"):  # (None raised a bare AttributeError)
+        raise LayoutMismatch(f"expected flwr Parameters, got {type(parameters).__name__}", party=party)
     if getattr(parameters, "tensor_type", "numpy.ndarray") != "numpy.ndarray":
         raise LayoutMismatch(f"tensor_type {parameters.tensor_type!r}; expected 'numpy.ndarray'", party=party)
     return [ndarray_view(t, party=party, index=i) for i, t in enumerate(parameters.tensors)]
