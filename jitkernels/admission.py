@@ -23,7 +23,7 @@ from . import backends
 from .batch import ABSENT, build_groups, dtype_code, leaf_entry, stack_entries
 from .dtypes import Quantized
 from .device import DeviceLeaf, to_host
-from .errors import InvalidWeight, LayoutMismatch, NonFiniteUpdate, ValueOutOfRange
+from .errors import InvalidWeight, LayoutMismatch, NonFiniteUpdate, ValueOutOfRange, shown
 from .layout import Layout
 from .parties import anonymous_party, check_party, real_value
 from .state import BINNED_INT_HEADROOM
@@ -77,7 +77,7 @@ def check_weight(weight, party) -> float:
     w = real_value(weight)
     if w is None or not (math.isfinite(w) and w > 0):
         if (w is None or w == 0 or math.isinf(w)) and exact_positive(weight):
-            raise ValueOutOfRange(f"party {party!r}: weight {InvalidWeight.shown(weight)} is > 0 but outside what a "
+            raise ValueOutOfRange(f"party {party!r}: weight {shown(weight)} is > 0 but outside what a "
                                   "float64 holds (weights are floats)")
         raise InvalidWeight(party, weight)
     return w

@@ -23,6 +23,12 @@ FLOAT_INPUTS = ("float64", "float32", "float16", "bfloat16")
 _NAMES: dict = {}
 
 
+def native(a: np.ndarray) -> np.ndarray:
+    """``a`` in the machine's byte order (a converted copy only where it is not): the kernels read bytes as native
+    values."""
+    return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
+
+
 def dtype_name(dt) -> str:
     """Canonical name of a numpy dtype ('bfloat16' for ml_dtypes' type). Cached: numpy computes ``dtype.name`` in
     Python, and admission asks for it per leaf (it was a third of a small update's admission time)."""

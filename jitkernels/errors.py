@@ -66,12 +66,13 @@ class InvalidWeight(AggregationError, ValueError):
 
     def __init__(self, party, weight):
         self.party, self.weight = party, weight
-        super().__init__(f"party {party!r}: weight {self.shown(weight)} must be a finite number > 0")
+        super().__init__(f"party {party!r}: weight {shown(weight)} must be a finite number > 0")
 
-    @staticmethod
-    def shown(weight) -> str:
-        shown = repr(weight)
-        return shown if len(shown) <= 40 else shown[:37] + "..."  # (10**400 has 401 digits)
+
+def shown(value, limit: int = 40) -> str:
+    """``repr(value)`` as an error message shows it: at most ``limit`` characters (10**400 has 401 digits)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class InvalidUpdateInfo(AggregationError, ValueError):

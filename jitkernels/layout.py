@@ -20,7 +20,7 @@ from functools import cached_property
 import numpy as np
 
 from .device import DeviceLeaf, device_leaf, gpu_of, is_device_array, leaf_to, leaf_to_cupy
-from .dtypes import (Quantized, dtype_name, is_float_name, is_leaf_dtype_name, is_torch_tensor, np_dtype,
+from .dtypes import (Quantized, dtype_name, is_float_name, is_leaf_dtype_name, is_torch_tensor, native, np_dtype,
                      numpy_to_torch, torch_to_numpy)
 from .errors import BackendUnavailable, InvalidTemplate, LayoutMismatch
 
@@ -86,8 +86,7 @@ def _as_array(x, name, party, writable=False):
     if writable and not (a.dtype.isnative and a.flags.c_contiguous and a.flags.writeable):
         raise LayoutMismatch("an output leaf must be writeable, C-contiguous and native-endian", leaf=name,
                              party=party)
-    if not a.dtype.isnative:
-        a = a.astype(a.dtype.newbyteorder("="))
+    a = native(a)
     if not a.flags.c_contiguous:
         a = np.ascontiguousarray(a)
     return a

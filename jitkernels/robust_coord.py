@@ -63,18 +63,16 @@ kept ranks made the trimmed mean inf, -inf and +inf in them NaN (the Gram rules 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import sys
-import tempfile
 import threading
 
 import numpy as np
 
 from . import backends as _backends
 from . import device as _device
-from .dtypes import bf16_bits_to_float32, dtype_name
+from .dtypes import bf16_bits_to_float32, dtype_name, native
 from .errors import BackendUnavailable, EmptyAggregate, NonFiniteUpdate
 from .threads import get_num_threads
 
@@ -245,9 +243,7 @@ def _slab(x, dtype):
         leaf = _device.device_leaf(x)
         a, name = leaf.array, dtype_name(leaf.dtype)
     else:
-        a = np.asarray(x)
-        if not a.dtype.isnative:
-            a = a.astype(a.dtype.newbyteorder("="))
+        a = native(np.asarray(x))
         name = dtype_name(a.dtype)
     if a.ndim != 2:
         raise ValueError(f"expected a [k, N] slab, got shape {a.shape}")
@@ -607,19 +603,13 @@ def _cached(path: str, src: str) -> bool:
 def _write_kernel(path: str, src: str) -> str | None:
     """Write a kernel's source into the cache (atomically: another process may be importing it); None where it
     cannot be written (a full disk, a read-only cache), leaving no temporary file."""
+    from .state import atomic_write  # (a unique temporary file, taken back on failure)
+
     try:
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        atomic_write(path, src.encode())
     except OSError:
         return None
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(src)
-        os.replace(tmp, path)
-        return path
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        return None
+    return path
 
 
 _pool: tuple = (0, None)  # (workers, ThreadPoolExecutor) of _run_threads, replaced by a larger one when a call needs

@@ -52,7 +52,7 @@ import numpy as np
 
 from . import backends as _backends
 from .device import array_module, device_leaf, is_device_array, to_host
-from .dtypes import dtype_name
+from .dtypes import dtype_name, native
 from .algorithms import _count
 from .errors import (BackendUnavailable, DuplicateParty, EmptyAggregate, InvalidWeight, NonFiniteUpdate,
                      TooFewUpdates, ValueOutOfRange)
@@ -123,9 +123,7 @@ def _slab(X, party_ids=None):
         leaf = device_leaf(X)  # (a bf16 one as its uint16 bits: named by its dtype below)
         rows, name = leaf.array, dtype_name(leaf.dtype)
     else:
-        rows = np.asarray(X)
-        if not rows.dtype.isnative:  # (refused as "not float32" before)
-            rows = rows.astype(rows.dtype.newbyteorder("="))
+        rows = native(np.asarray(X))  # (a big-endian slab was refused as "not float32")
     if rows.ndim != 2:
         raise ValueError(f"expected a [k, N] slab of updates, got shape {rows.shape}")
     if rows.dtype not in (np.float32, np.float64):
@@ -281,9 +279,7 @@ def _vector(v, rows):
     """A contiguous vector (a center, a base) where the slab is: uploaded or downloaded once if it is not. (A 0-d
     value stays 0-d, and the caller's shape check refuses it.)"""
     xp = array_module(rows)
-    v = xp.asarray(v) if xp is not np else np.asarray(to_host(v))
-    if not v.dtype.isnative:  # (as _slab: numba refused a big-endian base with a TypingError)
-        v = v.astype(v.dtype.newbyteorder("="))
+    v = xp.asarray(v) if xp is not np else native(np.asarray(to_host(v)))  # (numba refused a big-endian base)
     return xp.ascontiguousarray(v) if v.ndim else v
 
 

@@ -527,7 +527,7 @@ class JITScheduler:
             raise ValueError("overflow='spill' needs a state_dir (spilled updates live there)")
         if keep_rounds < 1:
             raise ValueError(f"keep_rounds must be >= 1, got {keep_rounds}")
-        if isinstance(slots, bool) or not isinstance(slots, (int, np.integer)) or not 1 <= slots <= MAX_SLOTS:
+        if not (_whole(slots) and 1 <= slots <= MAX_SLOTS):
             raise ValueError(f"slots must be an integer in [1, {MAX_SLOTS}], got {slots!r}")  # (1.5 ran as 1)
         if history is not None and (isinstance(history, bool) or not isinstance(history, int) or history < 1):
             raise ValueError(f"history must be None or an integer >= 1, got {history!r}")

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
+from jitkernels.errors import shown
+
 from .clock import VirtualClock
 from .core import MAX_SLOTS, Backpressure, JITScheduler, Job, LateUpdate
 from .cost import BackendCost, CostModel
@@ -43,12 +45,6 @@ MAX_PARTY_SPREAD = 10.0
 # run for days or until memory runs out: update events (count x parties x rounds, summed), jobs, parties per job,
 # slots, update bytes
 MAX_EVENTS, MAX_JOBS, MAX_PARTIES, MAX_UPDATE_BYTES = 10 ** 8, 10 ** 4, 10 ** 7, 10 ** 15
-
-
-def _shown(value) -> str:
-    """A value as an error message shows it: a 300-digit int by its first digits."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass
@@ -136,7 +132,7 @@ class Workload:
                                 ("byte_budget", self.byte_budget, self.byte_budget is None
                                  or _is_int(self.byte_budget) and self.byte_budget > 0)):
             if not ok:  # (a budget of 0 refused every update for ever; slots = 1.5 ran as 1)
-                raise ValueError(f"{name} = {_shown(value)} is out of range")
+                raise ValueError(f"{name} = {shown(value)} is out of range")
         if not isinstance(self.name, str):  # (it names the output files, written after the whole run)
             raise ValueError(f"name = {self.name!r} is not a string")
         names = [j.name for j in self.jobs]
@@ -169,7 +165,7 @@ class Workload:
                              ("window_open", 0 < j.window_open <= 1),
                              ("deadline_s", j.deadline_s is None or j.deadline_s > 0)):
                 if not ok:
-                    raise ValueError(f"job {j.name!r}: {name} = {_shown(getattr(j, name))} is out of range")
+                    raise ValueError(f"job {j.name!r}: {name} = {shown(getattr(j, name))} is out of range")
             if self.byte_budget is not None and j.model_params * j.bytes_per_param > self.byte_budget:
                 raise ValueError(f"job {j.name!r}: one update ({j.model_params * j.bytes_per_param} bytes) is larger "
                                  f"than byte_budget = {self.byte_budget}")

@@ -67,7 +67,7 @@ import jitkernels as jk
 
 from .. import algorithms as A
 from ..dtypes import np_dtype
-from ..errors import InvalidParty, LayoutMismatch
+from ..errors import InvalidParty, LayoutMismatch, shown
 from ..parties import check_party
 
 log = logging.getLogger(__name__)
@@ -101,14 +101,14 @@ def ndarray_view(buf: bytes, *, party=None, index: int | None = None) -> np.ndar
     if dtype.subdtype is not None:  # np.load would return another shape than the header's
         raise LayoutMismatch(f"subarray dtype {dtype} in the .npy header", leaf=where, party=party)
     if not isinstance(shape, tuple) or any(type(d) is not int or d < 0 for d in shape):  # (True is an int)
-        raise LayoutMismatch(f"bad shape {_shown(shape)} in the .npy header", leaf=where, party=party)
+        raise LayoutMismatch(f"bad shape {shown(shape, 80)} in the .npy header", leaf=where, party=party)
     if dtype.itemsize == 0:  # |V0, |S0: any shape matched the 0 data bytes
         raise LayoutMismatch(f"dtype {dtype} in the .npy header holds no bytes", leaf=where, party=party)
     count = 1
     for d in shape:  # Python ints: a crafted (2^32, 2^32) wrapped to 0 in int64 and passed the size check
         count *= d
     if len(mv) - start != count * dtype.itemsize:
-        raise LayoutMismatch(f"{len(mv) - start} data bytes for {dtype}{_shown(tuple(shape))} "
+        raise LayoutMismatch(f"{len(mv) - start} data bytes for {dtype}{shown(tuple(shape), 80)} "
                              f"({count * dtype.itemsize})",
                              leaf=where, party=party)
     flat = np.frombuffer(buf, dtype=dtype, count=count, offset=start)
@@ -116,7 +116,7 @@ def ndarray_view(buf: bytes, *, party=None, index: int | None = None) -> np.ndar
     try:  # (more than numpy's 64 dimensions; zero elements in dimensions whose other sizes overflow an index)
         return flat.reshape(shape, order="F" if fortran else "C")
     except ValueError as e:
-        raise LayoutMismatch(f"shape {_shown(shape)} in the .npy header ({e})", leaf=where, party=party) from None
+        raise LayoutMismatch(f"shape {shown(shape, 80)} in the .npy header ({e})", leaf=where, party=party) from None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -134,11 +134,6 @@ def _header(head: bytes, where, party) -> tuple:
         # MemoryError, and also tokenize's TokenError for an unclosed brace and TypeError for a bytes key)
         raise LayoutMismatch(f"bad .npy header ({type(e).__name__}: {str(e)[:200]})", leaf=where,
                              party=party) from None
-
-
-def _shown(shape) -> str:
-    text = repr(shape)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def ndarrays_from_parameters(parameters, *, party=None) -> list:
