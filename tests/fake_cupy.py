@@ -203,7 +203,19 @@ def asarray(a, dtype=None, order=None):
     h = np.array(_unwrap(a), dtype=dtype, order=order or "K", copy=True)
     if h.dtype.kind in "OUSMm":  # (not "V": ml_dtypes' bfloat16, which CuPy 14 takes)
         raise ValueError(f"Unsupported dtype {h.dtype}")
-    return ndarray(h)
+    return ndarray(gpu_shim.aligned_copy(h) if h.flags.c_contiguous else h)
+
+
+def empty(shape, dtype=np.float64):
+    """Device memory, aligned as cudaMalloc's (numpy's own is not: see gpu_shim.aligned_empty)."""
+    _sync()
+    return ndarray(gpu_shim.aligned_empty(shape, dtype))
+
+
+def zeros(shape, dtype=np.float64):
+    out = empty(shape, dtype)
+    out._a[...] = 0
+    return out
 
 
 def ascontiguousarray(a, dtype=None):
@@ -287,13 +299,13 @@ class DeviceRuntime(gpu_shim.HostRuntime):
     """gpu_shim's runtime with device memory made of fake CuPy arrays (pinned host memory stays numpy)."""
 
     def empty(self, n, dtype):
-        return ndarray(np.empty(n, dtype))
+        return ndarray(super().empty(n, dtype))
 
     def zeros(self, n, dtype):
-        return ndarray(np.zeros(n, dtype))
+        return ndarray(super().zeros(n, dtype))
 
     def upload(self, a):
-        return ndarray(np.array(a, copy=True))
+        return ndarray(super().upload(a))
 
     def download(self, a):
         return a.get() if isinstance(a, ndarray) else super().download(a)

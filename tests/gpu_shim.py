@@ -22,6 +22,25 @@ import numpy as np
 from jitkernels.backends import cuda_source
 
 _LIB: dict = {}  # defines -> library
+DEVICE_ALIGN = 256  # cudaMalloc's alignment (CuPy's pool keeps it): the kernels' vector paths test their pointers
+
+
+def aligned_empty(shape, dtype, align: int = DEVICE_ALIGN) -> np.ndarray:
+    """An uninitialized array whose data starts on an ``align``-byte boundary, as device memory does. numpy's own
+    start 16 bytes past a 32-byte boundary from ~128 KB up, and the float64 accumulator's quad path (32-byte loads)
+    never ran in the emulation."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64))
+    raw = np.empty(n * dtype.itemsize + align, np.uint8)
+    skip = -raw.ctypes.data % align
+    return raw[skip:skip + n * dtype.itemsize].view(dtype).reshape(shape)
+
+
+def aligned_copy(a) -> np.ndarray:
+    a = np.asarray(a)
+    out = aligned_empty(a.shape, a.dtype)
+    out[...] = a
+    return out
 
 
 def _build(stem: str, src: str, deps) -> ctypes.CDLL:
@@ -140,13 +159,15 @@ class HostRuntime:
 
     # memory
     def empty(self, n, dtype):
-        return np.empty(n, dtype)
+        return aligned_empty(n, dtype)
 
     def zeros(self, n, dtype):
-        return np.zeros(n, dtype)
+        a = aligned_empty(n, dtype)
+        a[...] = 0
+        return a
 
     def upload(self, a):
-        return np.array(a, copy=True)
+        return aligned_copy(a)
 
     def download(self, a):
         self.default.synchronize()
@@ -157,7 +178,7 @@ class HostRuntime:
         return a.ctypes.data
 
     def pinned(self, nbytes):
-        a = np.empty(nbytes, np.uint8)
+        a = aligned_empty(nbytes, np.uint8, 4096)  # (page-locked memory comes in pages)
         self.pin(a)
         return a
 

@@ -253,3 +253,22 @@ def test_segment_table_maps_every_block_to_its_item(sizes, chunk, cut):
 def test_segment_table_refuses_items_not_cut_in_chunks():
     with pytest.raises(ValueError, match="chunks of 7"):
         segment_table(np.array([[0, 0, 5], [0, 5, 7]], np.int64))
+
+
+def test_emulated_device_memory_is_aligned_as_cuda_allocates_it(gpu_shim):
+    """The kernels take their vector paths only on aligned pointers (fold_rows' float64 quads: 32 bytes). Device
+    memory is 256-byte aligned; numpy's is 16 bytes from ~128 KB up, and the emulation never ran the float64
+    accumulator's quad path."""
+    import fake_cupy
+
+    rt = gpu_shim.HostRuntime(seed=0)
+    with fake_cupy.installed():
+        import cupy
+        drt = fake_cupy.DeviceRuntime(seed=0)
+        arrays = [rt.empty(n, np.float64) for n in (1, 1000, 1 << 17, 1 << 20)]
+        arrays += [rt.zeros(1 << 18, np.float32), rt.upload(np.ones(1 << 18)), rt.pinned(1 << 18)]
+        arrays += [drt.zeros(1 << 18, np.float64)._a, drt.upload(np.ones(1 << 17))._a,
+                   cupy.asarray(np.ones(1 << 18))._a, cupy.zeros((3, 1 << 16), np.float32)._a,
+                   cupy.empty(1 << 18, np.float64)._a]
+    assert all(a.ctypes.data % gpu_shim.DEVICE_ALIGN == 0 for a in arrays)
+    assert not rt.zeros(1 << 18, np.float64).any() and (rt.upload(np.arange(5.0)) == np.arange(5.0)).all()
