@@ -7,6 +7,7 @@ ever touched by one callback at a time.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import logging
@@ -70,6 +71,30 @@ class _Heap:
         return len(self._heap)
 
 
+class _Stream:
+    """Calls in time order that hold one heap entry between them: the next is pushed, with the sequence number
+    reserved for it, as the one before it runs (it cannot be due before that one: its (time, sequence) is later)."""
+
+    __slots__ = ("heap", "times", "fn", "args", "seq", "i", "handle")
+
+    def __init__(self, heap: _Heap, times, fn, args):
+        self.heap, self.times, self.fn, self.args, self.i = heap, times, fn, args, 0
+        self.seq = next(heap._seq)
+        deque(itertools.islice(heap._seq, len(times) - 1), maxlen=0)  # (reserved: seq .. seq + len - 1)
+        self.handle = Handle(times[0], self._fire, ())
+
+    def start(self) -> None:
+        heapq.heappush(self.heap._heap, (self.times[0], self.seq, self.handle))
+
+    def _fire(self) -> None:
+        i = self.i
+        self.i = i + 1
+        if i + 1 < len(self.times):
+            self.handle.when = self.times[i + 1]
+            heapq.heappush(self.heap._heap, (self.times[i + 1], self.seq + i + 1, self.handle))
+        self.fn(*self.args[i])
+
+
 class VirtualClock:
     """Discrete-event time: ``run()`` jumps from event to event. Nothing sleeps.
 
@@ -106,6 +131,22 @@ class VirtualClock:
         return self.call_at(self._now, fn, *args)
 
     call_soon = call_soon_threadsafe
+
+    def call_at_each(self, times, fn, args) -> None:
+        """``fn(*args[i])`` at ``times[i]`` for every i (``times`` ascending): the order of as many ``call_at`` calls
+        made now (their sequence numbers are taken now), with one heap entry at a time instead of all of them. A
+        simulated round schedules each of its thousands of arrivals at its start; held in the heap together they made
+        every event of the run pay for their depth."""
+        times = [_time(t) for t in times]
+        if len(args) != len(times):
+            raise ValueError(f"{len(times)} times for {len(args)} calls")
+        if any(b < a for a, b in zip(times, times[1:])):
+            raise ValueError("call_at_each takes its times in ascending order")
+        now = bisect.bisect_right(times, self._now)  # (due now: the FIFO, as call_at puts them)
+        for t, a in zip(times[:now], args[:now]):
+            self.call_at(t, fn, *a)
+        if now < len(times):
+            _Stream(self._q, times[now:], fn, args[now:]).start()
 
     def run(self, until: float | None = None) -> None:
         """Process events in time order until none is left (or the next is after ``until``)."""

@@ -407,8 +407,8 @@ class _JobDriver:
         for party in np.flatnonzero(self.arrivals.leaves == r).tolist():
             self.sched.drop_party(self.jid, party)
         upd = None if self.template is None else np.full(self.template.shape, float(r), np.float32)
-        for i in order:
-            self.clock.call_at(start + float(resp[i]), self._submit, r, int(idx[i]), upd)
+        self.clock.call_at_each((start + resp[order]).tolist(), self._submit,
+                                [(r, party, upd) for party in idx[order].tolist()])
         self.sched.result(self.jid, r).add_done_callback(lambda f: self._done(r, f))
 
     def _submit(self, r, party, upd) -> None:

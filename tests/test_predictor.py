@@ -375,3 +375,56 @@ def test_poisson_binomial_tail_checks_its_probabilities_and_count():
             poisson_binomial_tail(bad, 1)
     assert poisson_binomial_tail([0.5], 10 ** 30) == 0.0
     assert poisson_binomial_tail([0.5, 0.5], 1.5) == poisson_binomial_tail([0.5, 0.5], 2) == 0.25
+
+
+def test_the_quantile_search_closes_its_bracket_on_the_first_time_the_cdf_reaches_alpha():
+    """The search interpolates (on the CDF's probit) instead of bisecting; its answer must still be the bisection's:
+    the CDF reaches alpha there and not 1e-5 (the search's tolerance, in log time) before it, over random party mixes,
+    sizes, risks and times already waited, and in about half bisection's evaluations."""
+    from scheduler import predictor as P
+
+    rng = np.random.default_rng(7)
+    checked = 0
+    evaluations = []
+    real_tail = P._quorum_tail_into
+    for _ in range(150):
+        pred = Predictor()
+        n = int(rng.integers(2, 2500))
+        cv = float(rng.choice([0.02, 0.05, 0.2, 0.5, 1.5]))
+        for r in range(int(rng.integers(1, 5))):
+            for i in range(n):
+                if rng.random() < 0.8:
+                    pred.observe(i, float(np.exp(rng.normal(4.0, cv))))
+            pred.close_round(range(0, n, 2), range(n), r)
+        idx = pred.indices(range(n))
+        pending = idx[rng.random(n) < rng.random()]
+        if pending.size == 0:
+            continue
+        need = int(rng.integers(1, pending.size + 1))
+        tau = float(rng.choice([0.0, 10.0, 50.0, 200.0]))
+        alpha = float(rng.choice([0.001, 0.05, 0.2, 0.5, 0.9]))
+        q = pred.quorum_quantile(pending, need, tau, alpha)
+        if not math.isfinite(q) or q == tau:
+            continue
+        _, prep = pred._prepared(pending, tau)
+        assert P._cdf(prep, need, q) >= alpha > P._cdf(prep, need, q * math.exp(-1e-5))
+        checked += 1
+        if checked <= 20:  # count the search's evaluations (the compiled one calls the compiled tail: count it
+            calls = [0]  # through the pure-Python version of the same function)
+
+            def counted(*a):
+                calls[0] += 1
+                return real_tail(*a)
+            P._quorum_tail_into = counted
+            try:
+                _, prep = pred._prepared(pending, tau)
+                lo, hi = max(tau, 1e-9), q * 4.0
+                c_lo, c_hi = P._cdf(prep, need, lo), P._cdf(prep, need, hi)
+                if c_lo < alpha <= c_hi:
+                    P._quantile_log_t.py_func(math.log(lo), math.log(hi), c_lo, c_hi, 1e-5, alpha, *prep, need)
+                    evaluations.append((calls[0], math.ceil(math.log2((math.log(hi) - math.log(lo)) / 1e-5))))
+            finally:
+                P._quorum_tail_into = real_tail
+    assert checked >= 60
+    ours, bisection = sum(e for e, _ in evaluations), sum(b for _, b in evaluations)
+    assert len(evaluations) >= 10 and ours <= 0.75 * bisection, evaluations

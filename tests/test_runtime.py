@@ -6,6 +6,7 @@ import threading
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import jitkernels as jk
 from scheduler import BackendCost, CostModel, JITScheduler, Job
@@ -282,3 +283,57 @@ def test_the_real_clock_never_calls_a_handle_cancelled_as_it_is_read(caplog):
         clk.close()
     time.sleep(0.05)
     assert calls == [] and "failed" not in caplog.text
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_call_at_each_runs_in_the_order_of_as_many_call_at_calls(data):
+    """The simulator schedules a round's arrivals with one heap entry at a time (call_at_each); the clock must run
+    them, and everything scheduled around and between them (ties included, events due now, callbacks that schedule
+    more), in exactly the order that one call_at per arrival gave."""
+    from scheduler import VirtualClock
+
+    times = st.sampled_from([0.0, 1.0, 1.5, 2.0, 3.0])  # few values: ties between streams and single events
+    batches = data.draw(st.lists(st.lists(times, max_size=6), min_size=1, max_size=4))
+    singles = data.draw(st.lists(st.tuples(times, st.booleans()), max_size=6))
+    start = data.draw(st.sampled_from([0.0, 1.0]))
+
+    def run(each: bool) -> list:
+        clk, log = VirtualClock(), []
+
+        def fire(tag, spawn=False):
+            log.append((clk.now(), tag))
+            if spawn:  # a callback that schedules more, now and later, between the batches' calls
+                clk.call_soon(fire, tag + "/soon")
+                clk.call_later(0.5, fire, tag + "/later")
+
+        def begin():
+            for b, batch in enumerate(batches):
+                ts = sorted(start + t for t in batch)
+                calls = [(f"b{b}.{i}", i == 0) for i in range(len(ts))]
+                if each:
+                    clk.call_at_each(ts, fire, calls)
+                else:
+                    for t, c in zip(ts, calls):
+                        clk.call_at(t, fire, *c)
+                for s, (t, spawn) in enumerate(singles):
+                    clk.call_at(start + t, fire, f"s{b}.{s}", spawn)
+        clk.call_at(start, begin)
+        clk.run()
+        return log
+
+    assert run(True) == run(False)
+
+
+def test_call_at_each_refuses_times_out_of_order_and_a_count_mismatch():
+    from scheduler import VirtualClock
+
+    clk = VirtualClock()
+    with pytest.raises(ValueError, match="ascending"):
+        clk.call_at_each([2.0, 1.0], print, [(), ()])
+    with pytest.raises(ValueError, match="2 times for 1 calls"):
+        clk.call_at_each([1.0, 2.0], print, [()])
+    with pytest.raises(ValueError, match="NaN"):
+        clk.call_at_each([1.0, float("nan")], print, [(), ()])
+    clk.run()
+    assert clk.events == 0
