@@ -478,15 +478,16 @@ def _quantile_log_t(llo, lhi, clo, chi, tol, alpha, mu, isig, w, lsf_tau, s_tau,
     nearly linear in log t where the count of arrivals is nearly normal (the CDF itself is a steep sigmoid there, and
     interpolating on it crept along its flat side), with the Illinois rule (an end kept twice in a row has its value
     halved, so that both ends close in), each step at least tol / 4 inside the bracket so that the last one can
-    close it: 9-12 evaluations of the CDF where bisection took 18-20, each a pass over every pending party. Every
-    third step bisects instead where the two before it did not halve the bracket, so a CDF that defeats
-    interpolation costs at most about 3x bisection's count."""
+    close it: 9-12 evaluations of the CDF on a large round's plans where bisection took 18-20, each a pass over
+    every pending party. Every third step bisects instead where the two before it did not halve the bracket, so a
+    CDF that defeats interpolation (a plateau just below alpha, a step, an alpha whose probit is clipped) costs at
+    most about 3x bisection's count; the ends' values stay on their sides of 0, so a step never divides by 0."""
     probs = np.empty(mu.size)
     za = _probit(alpha)
     a, b = llo, lhi
     fa, fb = min(_probit(clo) - za, -1e-300), max(_probit(chi) - za, 0.0)
     kept = 0  # +1: b moved last, -1: a did
-    ref = b - a  # the bracket's width at the last third step
+    ref = b - a  # the bracket's width after the last third step
     step = 0
     while b - a > tol:
         step += 1
@@ -495,19 +496,19 @@ def _quantile_log_t(llo, lhi, clo, chi, tol, alpha, mu, isig, w, lsf_tau, s_tau,
         else:
             m = 0.25 * tol
             x = min(max((a * fb - b * fa) / (fb - fa), a + m), b - m)
-        if step % 3 == 0:
-            ref = b - a
         c = _quorum_tail_into(probs, x, mu, isig, w, lsf_tau, s_tau, ws, need)
         if c >= alpha:  # (the decision reads the CDF itself; the probit only places the next step)
             b, fb = x, max(_probit(c) - za, 0.0)
-            if kept == 1:
-                fa *= 0.5
+            if kept == 1:  # (fa stays below 0, fb - fa above it: halved ~80 times it underflowed, and with fb
+                fa = min(0.5 * fa, -1e-300)  # at 0 (a clipped probit) the next step was 0 / 0)
             kept = 1
         else:
             a, fa = x, min(_probit(c) - za, -1e-300)
             if kept == -1:
                 fb *= 0.5
             kept = -1
+        if step % 3 == 0:  # (after the step: taken before it, a bisection counted as the next check's halving)
+            ref = b - a
     return b
 
 

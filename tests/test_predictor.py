@@ -428,3 +428,42 @@ def test_the_quantile_search_closes_its_bracket_on_the_first_time_the_cdf_reache
     assert checked >= 60
     ours, bisection = sum(e for e, _ in evaluations), sum(b for _, b in evaluations)
     assert len(evaluations) >= 10 and ours <= 0.75 * bisection, evaluations
+
+
+@pytest.mark.parametrize("cdf, llo, lhi, alpha", [
+    # a plateau just below alpha, then a jump: interpolation keeps landing on the low side
+    (lambda x: (0.05 - 1e-12 if x > -10 else 0.0) + (0.95 if x >= 5 else 0.0), math.log(1e-9), math.log(1e300), 0.05),
+    # probits clipped at both ends (alpha past what the probit resolves): fb = 0 all along
+    (lambda x: 0.5 * math.erfc(-(x - 4.0) / math.sqrt(2)), 0.0, 40.0, 1 - 1e-16),
+    (lambda x: 0.5 * math.erfc(-(x - 4.0) * 30 / math.sqrt(2)), -20.0, 40.0, 1e-300),
+    (lambda x: 1.0 if x >= 5.0 else 0.0, math.log(1e-9), math.log(1e300), 0.05),  # a step
+])
+def test_the_quantile_search_takes_at_most_about_three_times_bisections_evaluations(cdf, llo, lhi, alpha):
+    """Every third step bisects where the two before it did not halve the bracket, so a CDF that defeats the
+    interpolation costs at most ~3x bisection's count (the width was taken before the third step's evaluation, so a
+    bisection counted as the next check's halving, and these took 4.6-5.5x: 119-123 evaluations for 22-27)."""
+    from scheduler import predictor as P
+
+    calls = [0]
+
+    def tail(probs, x, *rest):
+        calls[0] += 1
+        return cdf(x)
+    real, P._quorum_tail_into = P._quorum_tail_into, tail
+    try:
+        b = P._quantile_log_t.py_func(llo, lhi, cdf(llo), cdf(lhi), 1e-5, alpha, *(np.zeros(1),) * 6, 1)
+    finally:
+        P._quorum_tail_into = real
+    bisection = math.ceil(math.log2((lhi - llo) / 1e-5))
+    assert cdf(b) >= alpha and calls[0] <= 3 * bisection + 3, (calls[0], bisection)
+
+
+def test_a_quantile_at_a_risk_below_what_the_probit_resolves_is_found_not_a_division_by_zero():
+    """alpha = 1e-310 (JIT takes any 0 < alpha < 1) and a party whose participation has decayed to ~1e-301: both
+    probits clip, the kept end's value was halved to -0.0, and the interpolation divided 0 by 0 (ZeroDivisionError
+    out of quorum_quantile, on the scheduler's clock thread)."""
+    for sd in (100.0, 110.0):
+        pred = Predictor()
+        pred.load_json([[0, 40, math.log(100.0), sd * sd, 1e-301, 9000]])
+        q = pred.quorum_quantile([0], 1, 50.0, 1e-310)
+        assert 50.0 <= q < 50.01
