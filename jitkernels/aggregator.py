@@ -6,6 +6,7 @@ admission stats pass runs outside the lock (it only reads the update); the party
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import threading
@@ -230,9 +231,14 @@ class Aggregator:
     def from_state(cls, state: FoldState, *, backend=None, partial=False, copy=False, spill_dir=None) -> "Aggregator":
         """Resume from a (loaded) state: later folds continue it (its algorithm, mode and bound come with it). A
         robust rule's store keeps its byte budget and rule; ``spill_dir``: where it spills on this machine (needed
-        when the rule is ``over_budget="spill"`` with a budget)."""
+        when the rule is ``over_budget="spill"`` with a budget). A loaded state is taken over (not copied); one that
+        another aggregator holds (``agg.state``) is copied, a snapshot taken under that aggregator's lock, and the two
+        go on apart (sharing it, folds through either ran under different locks: a party racing itself through both
+        was summed twice and recorded once, and the other's saves were written torn)."""
         if not isinstance(state, FoldState):
             raise TypeError(f"from_state takes a FoldState (FoldState.load(path)), got {type(state).__name__}")
+        if state.held:
+            state = state.copy()
         if partial and state.store is not None:
             raise ValueError("partial updates are not supported by buffered (robust) rules")
         try:
@@ -640,7 +646,12 @@ class Aggregator:
         if device and not self.on_gpu:
             raise LayoutMismatch(f"the update is in GPU memory; this aggregator's backend {self.backend!r} reads "
                                  f"host memory (use backend='cupy')", party=admitted[int(np.argmax(on_device))].party)
-        self._norms_against_base(self._stale(admitted))
+        stale = self._stale(admitted)
+        if stale:  # measured into copies: another aggregator (another base) may be folding the caller's Admitted at
+            # once, and its stats, written between this one's and their reading, clipped here by another base's norm
+            fresh = {id(u): dataclasses.replace(u) for u in stale}
+            admitted = [fresh.get(id(u), u) for u in admitted]
+            self._norms_against_base(list(fresh.values()))
         fold_w = [float(alg.fold_weight(u, st)) for u in admitted]
         if self.buffered:
             self._buffer(admitted)  # (all or nothing)
@@ -832,21 +843,25 @@ class Aggregator:
         with self._lock:
             self._check_device()
             if out is None:
-                return self.layout.unflatten(self._finalize_into(output, self._outputs(None)))
-            outs = self.layout.flatten(out, party="<out>", writable=True)
-            if not (outs and all(isinstance(o, DeviceLeaf) != self.on_gpu for o in outs)):
-                self._finalize_into(output, self._outputs(out, outs))
-                return out
-            # every output in the other memory (a GPU aggregator finalizing into host buffers, as Flower's
-            # Parameters are): written where the state is, then copied in, one transfer a leaf
-            here = self._outputs(None)
-            try:
-                self._finalize_into(output, here)
-            except ValueOutOfRange:  # out holds what was written, as it would have here
-                _copy_out(here[:_written(self.layout, here, self.buffered)], outs)
-                raise
-            _copy_out(here, outs)
-            return out
+                result = self.layout.unflatten(self._finalize_into(output, self._outputs(None)))
+            else:
+                outs = self.layout.flatten(out, party="<out>", writable=True)
+                result = out
+                if not (outs and all(isinstance(o, DeviceLeaf) != self.on_gpu for o in outs)):
+                    self._finalize_into(output, self._outputs(out, outs))
+                else:
+                    # every output in the other memory (a GPU aggregator finalizing into host buffers, as Flower's
+                    # Parameters are): written where the state is, then copied in, one transfer a leaf
+                    here = self._outputs(None)
+                    try:
+                        self._finalize_into(output, here)
+                    except ValueOutOfRange:  # out holds what was written, as it would have here
+                        _copy_out(here[:_written(self.layout, here, self.buffered)], outs)
+                        raise
+                    _copy_out(here, outs)
+            if output == "model":  # (the model its parties get: reset() starts the next round from it, see there)
+                self.state.released = True
+            return result
 
     def _finalize_into(self, output: str, outs: list) -> list:
         """The body of :meth:`finalize` (under the lock), into the output leaves ``outs`` (where the state is)."""
@@ -1045,8 +1060,12 @@ class Aggregator:
 
         Server optimizers carry their model (the base, moved by the last step) and moments into the new round; a
         round that DP closed without a step (DP over FedAvg) carries the model its finalize released (base + the
-        noised mean delta): the next round's deltas are measured from the model its parties trained from. A
-        ``base`` given here replaces the model. The returned state holds copies of them.
+        noised mean delta), and so does a finalized round of a rule whose model steps from its base (FedNova,
+        FedBuff and SCAFFOLD with their base, norm bounding, centered clipping: ``moves_from_base``; the model as
+        the state finalizes it now, so with anything folded since that finalize): the next round's deltas are
+        measured from the model its parties trained from. A round not finalized keeps its base (for FedAvg and the
+        coordinate rules the base does not change the model). A ``base`` given here replaces the model. The
+        returned state holds copies of them.
         """
         with self._lock:
             old = self.state
@@ -1054,7 +1073,8 @@ class Aggregator:
                 raise TornState(old.torn)
             if base is not None:
                 flat_base = self._flat(base, old.acc_dtype)
-            elif old.closed and old.base is not None and self.algorithm.kind is None:
+            elif old.base is not None and self.algorithm.kind is None and (
+                    old.closed or old.released and self.algorithm.moves_from_base):
                 flat_base = self._released_model()
                 flat_base = old.base if flat_base is None else flat_base
             else:
@@ -1073,7 +1093,7 @@ class Aggregator:
                 old.base = flat_base
                 old.__dict__.pop("_host_base", None)  # (an admission during the step may have cached the moving base)
                 self._base_view = (old, flat_base, self._base_token)
-                old.closed = False
+                old.closed = old.released = False
                 if old.store is not None:  # a robust rule's slab too: its rows stay resident (first-touch page faults
                     # made filling a 1 GB slab 0.58 s, against 0.14 s reused); not one spilled to disk, whose later
                     # rounds would stay there
@@ -1086,13 +1106,13 @@ class Aggregator:
             return old
 
     def _released_model(self):
-        """The model a closed round's finalize released, base + the (noised) mean delta, as its parties got it (in
-        the leaves' dtypes: the same finalize again), widened to the accumulator dtype as the state's base is (the
-        model before that rounding differed from a float16 one by its rounding, whose norm over many coordinates
-        passed the clip norm: a party's small step was clipped to a tenth). None where the closing finalize released
-        none: refused, a leaf past its dtype's range (the round closed all the same: its noise is spent), which this
-        finalize refuses again (taken as the base, a model no party had trained from, or a reset that failed on every
-        call, and a scheduler's next round that never opened). Under the lock."""
+        """The model a closed (or finalized) round's finalize released, base + the (noised) mean delta, as its
+        parties got it (in the leaves' dtypes: the same finalize again), widened to the accumulator dtype as the
+        state's base is (the model before that rounding differed from a float16 one by its rounding, whose norm over
+        many coordinates passed the clip norm: a party's small step was clipped to a tenth). None where the closing
+        finalize released none: refused, a leaf past its dtype's range (the round closed all the same: its noise is
+        spent), which this finalize refuses again (taken as the base, a model no party had trained from, or a reset
+        that failed on every call, and a scheduler's next round that never opened). Under the lock."""
         outs = self._outputs(None)
         try:
             self._finalize_into("model", outs)

@@ -98,6 +98,14 @@ class FedAvg:
     def closes_round(self) -> bool:
         return self.kind is not None
 
+    @property
+    def moves_from_base(self) -> bool:
+        """Whether the model finalize gives depends on the base (it steps from it), not only measures the deltas
+        from it: FedAvg's ``b + mean(u - b)`` is the mean of the updates whatever ``b`` is, FedNova's, FedBuff's and
+        SCAFFOLD's steps are not. Aggregator.reset() after a finalize then starts the next round from the model
+        that finalize released."""
+        return self.needs_base
+
     def noise_std(self, state) -> float:
         return 0.0
 
@@ -221,6 +229,8 @@ class FedBuff(FedAvg):
 
     def divisor_scale(self, state) -> float:
         return 1.0 / self.server_lr
+
+    moves_from_base = True  # (with a base: x + eta_g times the discounted mean delta)
 
     def params(self) -> dict:
         return {**super().params(), "staleness": self.staleness, "a": self.a, "b": self.b,
@@ -651,7 +661,7 @@ class DPAdaptiveClipping(_DPClipping):
     Updates are clipped to :math:`C_t` and the average delta noised with std :math:`\sigma_\Delta C_t / \min(m, k)`
     (:math:`k` the parties folded, as in :class:`DPFixedClipping`), where
     :math:`\sigma_\Delta = (\sigma^{-2} - (2\sigma_b)^{-2})^{-1/2}` keeps the total privacy cost that of noise
-    multiplier :math:`\sigma` (their Theorem 1); :math:`\sigma_b` defaults to :math:`m / 20`. :math:`C` is saved with
+    multiplier :math:`\sigma` (their Theorem 1); :math:`\sigma_b` defaults to :math:`m / 20` (to 0 with :math:`\sigma = 0`, as Flower's). :math:`C` is saved with
     the state. Differences from Flower's ``DifferentialPrivacyServerSideAdaptiveClipping``, deliberate (tested):
     Flower counts *clipped* updates as :math:`b_j` in the same update rule, which drives :math:`C` the wrong way
     (more clipping shrinks :math:`C` further), and it noises the round's aggregate with the *updated*
@@ -677,7 +687,9 @@ class DPAdaptiveClipping(_DPClipping):
             raise ValueError(f"clip_norm_lr must be finite and > 0, got {clip_norm_lr!r}")
         self.initial_clip_norm, self.target_quantile = float(initial_clip_norm), float(target_quantile)
         self.clip_norm_lr = float(clip_norm_lr)
-        self.count_stddev = float(num_sampled / 20 if count_stddev is None else count_stddev)
+        # (as Flower's: no count noise where there is no noise, so that noise_multiplier=0 runs are deterministic)
+        self.count_stddev = float((num_sampled / 20 if noise_multiplier > 0 else 0.0) if count_stddev is None
+                                  else count_stddev)
         if not (math.isfinite(self.count_stddev) and self.count_stddev >= 0):
             raise ValueError(f"count_stddev must be finite and >= 0, got {count_stddev!r}")
         if self.noise_multiplier > 0:

@@ -8,7 +8,8 @@ base for delta folds, a server optimizer's moments, and the count of rounds that
 
 File format (version 3): a safetensors file (tensors ``acc``, ``leaf_weight``, optionally ``base``, ``lo``, ``opt_m``,
 ``opt_v``) whose metadata holds ``format``, ``version``, the JSON of layout / algorithm / parties / info / absent, the
-rounds closed so far (``round``) and whether this one is (``closed``), and ``checksum``: SHA-256 over every tensor's
+rounds closed so far (``round``), whether this one is (``closed``) and whether a finalize released its model
+(``released``, written only where one did), and ``checksum``: SHA-256 over every tensor's
 name, dtype, shape and bytes and over the other metadata, verified on load (safetensors itself has none). Nothing is
 ever unpickled. Saving writes a temp file (exclusive create), fsyncs it, renames it over the target and fsyncs the
 directory, so a crash leaves either the old file or the new one.
@@ -50,11 +51,12 @@ class FoldState:
 
     def __init__(self, layout: Layout, *, algorithm: dict, acc_dtype: str = "float32", acc=None, leaf_weight=None,
                  parties=None, base=None, lo=None, on_device: bool = False, info=None, opt=None,
-                 round: int = 0, closed: bool = False, scalars=None, store=None, absent=None, peak=None):
+                 round: int = 0, closed: bool = False, scalars=None, store=None, absent=None, peak=None,
+                 released: bool = False):
         self.layout = layout
         # held while the state's file is built and written: an Aggregator puts its own lock here, so that folds
         # from other threads cannot change the arrays between the checksum and the write (nor tear them)
-        self.guard = threading.RLock()
+        self.guard = self._own_guard = threading.RLock()
         self.algorithm = dict(algorithm)
         self.acc_dtype = np.dtype(acc_dtype).name
         if self.acc_dtype not in ("float32", "float64"):
@@ -81,6 +83,9 @@ class FoldState:
         # buffered (robust) rules: the round's updates, one row per party (jitkernels.robust_store.UpdateStore)
         self.store = store
         self.closed = bool(closed)
+        # a finalize released this round's model (see Aggregator.reset: the next round of a rule that steps from its
+        # base starts from it)
+        self.released = bool(released)
         # why a fold failed part-way into this state (it holds part of a batch: see errors.TornState), else None;
         # never saved: such a state is refused by every use until reset
         self.torn: str | None = None
@@ -114,11 +119,11 @@ class FoldState:
         return not isinstance(self.acc, np.ndarray)
 
     def __getstate__(self):  # (copy.deepcopy; files never pickle: see save)
-        return {k: v for k, v in self.__dict__.items() if k != "guard"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("guard", "_own_guard")}
 
     def __setstate__(self, d):
         self.__dict__.update(d)
-        self.guard = threading.RLock()
+        self.guard = self._own_guard = threading.RLock()
 
     def to(self, on_device: bool) -> "FoldState":
         """Move the arrays (accumulators and base) to GPU memory or back, in place; returns self."""
@@ -132,6 +137,11 @@ class FoldState:
             if self.store is not None:  # a GPU aggregator keeps its rows in GPU memory (robust_store.store_class)
                 self.store = self.store.placed(on_device)
         return self
+
+    @property
+    def held(self) -> bool:
+        """Whether an Aggregator holds this state (its lock is the state's guard)."""
+        return self.guard is not self._own_guard
 
     def host_base(self):
         """The base in host memory (cached: admission of host updates computes their delta stats on the CPU)."""
@@ -217,7 +227,7 @@ class FoldState:
                             base=None if self.base is None else self.base.copy(),
                             lo=None if self.lo is None else self.lo.copy(), info=self.info,
                             opt=None if self.opt is None else {k: a.copy() for k, a in self.opt.items()},
-                            round=self.round, closed=self.closed, scalars=self.scalars,
+                            round=self.round, closed=self.closed, released=self.released, scalars=self.scalars,
                             store=None if self.store is None else self.store.copy(), absent=self.absent,
                             peak=self.peak)
             new.torn, new.torn_model = self.torn, self.torn_model
@@ -235,7 +245,8 @@ class FoldState:
                 and eq(self.base, other.base) and eq(self.lo, other.lo) and self.info == other.info
                 and self.absent == other.absent
                 and (self.opt is None) == (other.opt is None) and self.round == other.round
-                and self.closed == other.closed and self.scalars == other.scalars
+                and self.closed == other.closed and self.released == other.released
+                and self.scalars == other.scalars
                 and (self.store is None) == (other.store is None)
                 and (self.store is None or (self.store.parties == other.store.parties
                                             and eq(self.store.rows(), other.store.rows())))
@@ -375,6 +386,7 @@ class FoldState:
             "scalars": json.dumps(self.scalars, sort_keys=True),
             **({} if self.store is None else {"store": json.dumps(self.store.describe())}),
             "closed": "1" if self.closed else "0",
+            **({"released": "1"} if self.released else {}),  # (absent from older files, and from most states)
         }
 
     def to_bytes(self) -> bytes:
@@ -422,6 +434,7 @@ class FoldState:
                        base=np.array(tensors["base"]) if "base" in tensors else None,
                        lo=np.array(tensors["lo"]) if "lo" in tensors else None, info=info, opt=opt or None,
                        round=int(meta.get("round", "0")), closed=meta.get("closed", "0") == "1",
+                       released=meta.get("released", "0") == "1",
                        scalars=json.loads(meta.get("scalars", "{}")),
                        store=_store_from(tensors, meta, layout), absent=absent)
             # the record must agree with the per-leaf weights folded beside it (they differ only by rounding)

@@ -1744,3 +1744,38 @@ def test_quantize_refuses_values_an_int8_encoding_cannot_hold():
         with pytest.raises(ValueError, match="NaN or inf"):
             jk.Quantized.quantize(np.asarray(x), block=2)
     assert jk.Quantized.quantize(np.array([1.0, -3.0], np.float32)).values.tolist() == [42, -127]
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba", "cpp"])
+def test_from_state_of_a_held_state_copies_it_and_leaves_the_first_aggregator_its_lock(backend):
+    """from_state(agg.state) took over the live state: folds through either aggregator ran under different locks (a
+    party racing itself through both was summed twice, recorded once) and the first one's saves waited on the
+    second's lock (torn files). A held state is now copied; a loaded one is still taken over."""
+    t = {"w": np.zeros(8, np.float32)}
+    a = jk.Aggregator(t, backend=backend)
+    a.fold({"w": np.ones(8, np.float32)}, weight=1.0, party="p0")
+    b = jk.Aggregator.from_state(a.state, backend=backend)
+    assert b.state is not a.state and a.state.guard is a._lock and b.state.guard is b._lock
+    b.fold({"w": np.full(8, 3.0, np.float32)}, weight=1.0, party="p1")
+    a.fold({"w": np.full(8, 5.0, np.float32)}, weight=1.0, party="p1")  # its own round: p1 is new to it
+    assert a.finalize()["w"][0] == 3.0 and b.finalize()["w"][0] == 2.0
+    loaded = jk.FoldState.from_bytes(a.state.to_bytes())
+    c = jk.Aggregator.from_state(loaded, backend=backend)
+    assert c.state is loaded
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cpp"])
+def test_a_fold_measures_an_update_admitted_elsewhere_into_a_copy_not_the_callers_admitted(backend):
+    """An update admitted without this aggregator's base is measured against it at the fold; the stats were written
+    into the caller's Admitted, which another aggregator (another base) folding it at once then read: it clipped by
+    the other base's delta norm (DP, 4 of 10 concurrent runs off by 5% of the model's change)."""
+    A = jk.algorithms
+    t = {"w": np.zeros(4, np.float32)}
+    aggs = [jk.Aggregator(t, A.DPFixedClipping(A.FedAvg(), clip_norm=1.0, noise_multiplier=0.0), base=b,
+                          backend=backend) for b in ({"w": np.zeros(4, np.float32)}, {"w": np.full(4, 5.0, np.float32)})]
+    u = jk.admit({"w": np.full(4, 2.0, np.float32)}, aggs[0].layout, weight=1.0, party="p")
+    before = (u.norm, u.maxabs, u.against_base, u.worst_leaf)
+    for agg in aggs:
+        agg.fold_many([u])
+        assert (u.norm, u.maxabs, u.against_base, u.worst_leaf) == before
+    assert np.allclose(aggs[0].finalize()["w"], 0.5) and np.allclose(aggs[1].finalize()["w"], 4.5)

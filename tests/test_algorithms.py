@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import jitkernels as jk
 from jitkernels import algorithms as A
+from jitkernels import robust as R
 from jitkernels.backends import numpy_ref
 from jitkernels.batch import build_out_groups
 from jitkernels.dtypes import np_dtype
@@ -842,3 +843,66 @@ def test_admission_by_the_aggregator_checks_the_weight_its_fold_multiplies_by():
         with pytest.raises(jk.ValueOutOfRange):
             agg.fold(u, weight=1 / 3, party="p", staleness=0)
         assert agg.count == 0
+
+
+def _scaffold_template(x):
+    return {"model": x, "control": np.zeros_like(x)}
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cpp"])
+@pytest.mark.parametrize("name", ["fednova", "fedbuff", "scaffold", "normbounding", "fedavg"])
+def test_a_plain_reset_after_finalize_starts_the_next_round_from_the_released_model(name, backend):
+    """README's loop is ``model = agg.finalize(); agg.reset()``. A rule whose model steps from its base (FedNova,
+    FedBuff with a base, SCAFFOLD, norm bounding) kept round 0's base there, so every later round was measured from
+    a stale model (FedNova 7%, FedBuff 8%, SCAFFOLD 64% off Algorithm 1 after a few rounds). It now carries the
+    model finalize released, as reset(base=model) does, through a save and load too (FedAvg's model does not
+    depend on its base: the same within rounding); a round not finalized keeps its base."""
+    rng = np.random.default_rng(3)
+    x0 = rng.normal(size=32)
+    make = {"fednova": A.FedNova, "fedbuff": lambda: A.FedBuff(server_lr=0.5), "fedavg": A.FedAvg,
+            "scaffold": lambda: A.SCAFFOLD(num_parties=5, server_lr=0.7),
+            "normbounding": lambda: R.NormBounding(max_norm=0.3)}[name]
+    tmpl = _scaffold_template if name == "scaffold" else (lambda x: x)
+    info = {"fednova": lambda j: {"steps": j + 1}, "fedbuff": lambda j: {"staleness": j}}.get(name, lambda j: {})
+
+    def run(plain: bool, save: bool) -> np.ndarray:
+        draws = np.random.default_rng(9)
+        agg = jk.Aggregator(tmpl(x0), make(), base=tmpl(x0), acc_dtype="float64", backend=backend)
+        x = x0  # the model the parties got
+        for r in range(3):
+            for j in range(3):
+                agg.fold(tmpl(x + draws.normal(size=32) * 0.1 * (j + 1)), weight=10.0 * (j + 1), party=j, **info(j))
+            out = agg.finalize()
+            x = out["model"] if name == "scaffold" else out
+            if save:
+                agg = jk.Aggregator.from_state(jk.FoldState.from_bytes(agg.state.to_bytes()), backend=backend)
+            agg.reset() if plain else agg.reset(base=out)
+        return x
+
+    expected = run(False, False)
+    for save in (False, True):
+        if name == "fedavg":
+            np.testing.assert_allclose(run(True, save), expected, rtol=1e-12, atol=1e-12)
+        else:
+            assert np.array_equal(run(True, save), expected)
+    agg = jk.Aggregator(tmpl(x0), make(), base=tmpl(x0), acc_dtype="float64", backend=backend)
+    agg.fold(tmpl(x0 + 1.0), weight=1.0, party=0, **info(0))
+    agg.reset()  # not finalized: the round's base stays
+    assert np.array_equal(agg.state.base[:32], x0)
+
+
+def test_adaptive_clipping_without_noise_adds_no_count_noise_by_default():
+    """With noise_multiplier=0 the clipped count's std defaulted to m/20 all the same (Flower's default is 0 there):
+    a run with the noise off moved C by a seeded random amount (0.1105-0.1126 for the noiseless 0.110517)."""
+    alg = A.DPAdaptiveClipping(noise_multiplier=0.0, num_sampled=20, initial_clip_norm=0.1, target_quantile=0.5)
+    assert alg.count_stddev == 0.0 and A.DPAdaptiveClipping(noise_multiplier=1.0, num_sampled=40).count_stddev == 2.0
+    base = {"w": np.zeros(4, np.float32)}
+    clips = set()
+    for seed in (1, 2, 3):
+        agg = jk.Aggregator(base, A.DPAdaptiveClipping(noise_multiplier=0.0, num_sampled=20, initial_clip_norm=0.1,
+                                                       seed=seed), base=base)
+        for j in range(20):
+            agg.fold({"w": np.array([0.05 if j < 10 else 0.5, 0, 0, 0], np.float32)}, party=j)
+        agg.finalize()
+        clips.add(agg.state.scalars["clip_norm"])
+    assert len(clips) == 1 and clips.pop() == pytest.approx(0.1, rel=1e-12)  # half unclipped: the target
