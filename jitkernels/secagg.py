@@ -279,14 +279,20 @@ def _leaves_of(update, plan: _Plan, who: str = "", party=None):
             a, dt = dl.array, dl.dtype  # (a bf16 one as its uint16 bits: named by its dtype)
         elif not isinstance(a, np.ndarray):
             raise LayoutMismatch(f"{who}expected a numpy array, got {type(a).__name__}", leaf=leaf, party=party)
+        elif isinstance(a, np.ma.MaskedArray):  # (its masked words would be summed: the aggregator refuses them too)
+            raise LayoutMismatch(f"{who}a masked array's masked values would be summed; send a plain array",
+                                 leaf=leaf, party=party)
         else:
+            # a subclass as the plain array it holds: an np.matrix stayed 2-D through reshape(-1), the leaves were
+            # sliced from its rows, and every leaf past the first summed nothing while the party counted
+            a = np.asarray(a)
             dt = a.dtype
+        if not dt.isnative:  # (before the dtype's name: a big-endian uint32 was "not one of uint32, ...")
+            raise LayoutMismatch(f"{who}byte-swapped arrays ({dt.str}) are not read in place; convert to native "
+                                 f"order first", leaf=leaf, party=party)
         if dt not in _CODE:
             raise LayoutMismatch(f"{who}dtype {dtype_name(dt)} is not one of uint32, int32, int64, uint64", leaf=leaf,
                                  party=party)
-        if not a.dtype.isnative:
-            raise LayoutMismatch(f"{who}byte-swapped arrays are not read in place; convert to native order first",
-                                 leaf=leaf, party=party)
         if not a.flags.c_contiguous:
             raise LayoutMismatch(f"{who}array is not C-contiguous (the kernels read it in place)", leaf=leaf,
                                  party=party)

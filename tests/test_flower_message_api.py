@@ -10,6 +10,7 @@ pytest.importorskip("flwr", reason="Flower (flwr) is a test dependency: pip inst
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict  # noqa: E402
 from flwr.serverapp import strategy as ms  # noqa: E402
 
+import jitkernels as jk  # noqa: E402
 import jitkernels.integrations.flower as jkfl  # noqa: E402
 
 
@@ -341,3 +342,15 @@ def test_message_optimizers_refuse_current_arrays_whose_keys_differ_from_the_rep
             theirs.aggregate_train(1, replies)
         with pytest.raises(jk.LayoutMismatch, match=f"party '<base>', leaf '{leaf}': {what}"):
             ours.aggregate_train(1, replies)
+
+
+def test_message_api_errors_name_the_array_by_its_key():
+    """Two refusals named an array by its place in the first reply's order ('array 1'), which need not be where it
+    sits in the reply at fault: a dtype that cannot be averaged, and a value past the model's dtype."""
+    good = [_reply(j, [np.ones((3, 4), np.float32), np.ones(4, np.float32)], 10, 0.0) for j in range(3)]
+    for bad, err, what in ((np.ones(4, np.complex64), jk.LayoutMismatch, "complex64"),
+                           (np.full(4, 1e300), jk.ValueOutOfRange, "1e\\+300")):
+        strategy = jkfl.MessageFedAvg(backend="numpy")
+        strategy.aggregate_train(1, good)
+        with pytest.raises(err, match=f"leaf 'layer1'.*{what}"):
+            strategy.aggregate_train(2, good + [_reply(9, [np.ones((3, 4), np.float32), bad], 5, 0.0)])

@@ -8,6 +8,7 @@ pytest.importorskip("flwr", reason="Flower (flwr) is a test dependency: pip inst
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays  # noqa: E402
 from flwr.server import strategy as fl  # noqa: E402
 
+import jitkernels as jk  # noqa: E402
 import jitkernels.integrations.flower as jkfl  # noqa: E402
 from test_flower_oracle import adaptive_gain, atol, momentum_gain  # noqa: E402
 
@@ -353,7 +354,7 @@ def test_a_result_beyond_the_models_float_range_is_refused_by_name():
 
     results = [(_Proxy("a"), _fit_res([np.ones(3, np.float16)], 10)),
                (_Proxy("b"), _fit_res([np.array([7e4, 1.0, 2.0], np.float32)], 10))]
-    with pytest.raises(jk.ValueOutOfRange, match=r"party 'b', array 0: float32 value .*70000.* float16"):
+    with pytest.raises(jk.ValueOutOfRange, match=r"party 'b', leaf 'array 0': float32 value .*70000.* float16"):
         jkfl.FedMedian().aggregate_fit(1, results, [])
     fine = [(_Proxy("a"), _fit_res([np.ones(3, np.float16)], 10)),
             (_Proxy("b"), _fit_res([np.array([3.0, 1.0, 2.0], np.float32)], 10))]
@@ -534,7 +535,7 @@ def test_a_base_in_another_float_dtype_is_converted_as_flower_promotes(name):
         glob = [a.astype(np.float64) for a in want]  # a float64 checkpoint of the model
         restore(glob)
     restore([np.full(a.shape, 1e39) for a in glob])
-    with pytest.raises(jk.ValueOutOfRange, match="party '<base>', array 0: float64 value .*1e\\+39"):
+    with pytest.raises(jk.ValueOutOfRange, match="party '<base>', leaf 'array 0': float64 value .*1e\\+39"):
         ours.aggregate_fit(4, results, [])
 
 
@@ -598,3 +599,18 @@ def test_flower_node_ids_past_int64_name_their_replies():
     """Flower's node ids are random uint64s: about half of them are 2^63 or more, which the party-id bound
     (int64) refused, and every reply of such a round was named by its place ("reply-<i>")."""
     assert jkfl._distinct_ids([12345, (1 << 63) + 7])
+
+
+def test_float128_results_are_refused_by_name_in_the_first_round_and_later():
+    """An all-float128 first round failed with InvalidTemplate naming no result; later, a float128 result was
+    narrowed to the model's dtype without a word. Both are LayoutMismatch naming the result and the array."""
+    x = [np.ones(4, np.float32)]
+    long = [np.ones(4, np.longdouble)]
+    if np.dtype(np.longdouble).itemsize <= 8:
+        pytest.skip("long double is float64 here")
+    ours = jkfl.FedAvg(backend="numpy")
+    with pytest.raises(jk.LayoutMismatch, match="party 'c0', leaf 'array 0'.*float128"):
+        ours.aggregate_fit(1, [(_Proxy(f"c{j}"), _fit_res(long, 10)) for j in range(2)], [])
+    ours.aggregate_fit(1, [(_Proxy(f"c{j}"), _fit_res(x, 10)) for j in range(2)], [])
+    with pytest.raises(jk.LayoutMismatch, match="party 'c1', leaf 'array 0'.*float128"):
+        ours.aggregate_fit(2, [(_Proxy("c0"), _fit_res(x, 10)), (_Proxy("c1"), _fit_res(long, 10))], [])

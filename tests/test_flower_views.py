@@ -93,3 +93,19 @@ def test_views_fold_in_place():
     want = [sum((j + 1) * u[i].astype(np.float64) for j, u in enumerate(ups)) / 6 for i in range(2)]
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+
+
+def test_buffers_that_are_not_flat_bytes_and_tensors_that_are_no_list_are_typed():
+    """A strided memoryview raised a bare BufferError, a 2-D uint8 array of the bytes NotImplementedError, and
+    Parameters whose tensors are None a bare TypeError (in-process clients can send them)."""
+    from flwr.common import Parameters
+
+    buf = io.BytesIO()
+    np.save(buf, np.arange(6, dtype=np.float32))
+    data = buf.getvalue()
+    np.testing.assert_array_equal(ndarray_view(np.frombuffer(data, np.uint8).reshape(1, -1)), np.arange(6))
+    strided = memoryview(np.frombuffer(data + data, np.uint8)[::2])
+    with pytest.raises(jk.LayoutMismatch, match="not contiguous"):
+        ndarray_view(strided, party="p", index=0)
+    with pytest.raises(jk.LayoutMismatch, match="list of tensors"):
+        ndarrays_from_parameters(Parameters(tensors=None, tensor_type="numpy.ndarray"), party="p")

@@ -649,3 +649,20 @@ def test_dequantize_refuses_no_parties_and_a_zero_ratio():
     for ratio in (0, True):  # (True passed as a ratio of 1, where k=True was refused)
         with pytest.raises(ValueError, match="q_total_ratio"):
             sa.dequantize(np.array([0, 0], np.uint32), 1.0, 10, k=1, q_total_ratio=ratio)
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+@pytest.mark.parametrize("backend", ["numpy", "numba", "cpp"])
+def test_secagg_reads_array_subclasses_as_plain_arrays_and_refuses_masked_and_swapped_ones(backend):
+    """An np.matrix stayed 2-D through reshape(-1): the leaves were sliced from its rows, every leaf past the first
+    summed nothing (cpp, numba) or raised a bare ValueError (numpy), and the party counted. A masked array's masked
+    words were summed; a big-endian uint32 was "not one of uint32, ...". The state is unchanged by the refusals."""
+    y = np.arange(1, 9, dtype=np.uint32)
+    s = sa.SecAggSum([3, 5], 32, backend=backend)
+    s.fold(np.matrix(y), "p0")
+    assert s.result().tolist() == y.tolist() and s.parties == ("p0",)
+    with pytest.raises(jk.LayoutMismatch, match="masked"):
+        s.fold(np.ma.masked_array(y, mask=[0] * 7 + [1]), "p1")
+    with pytest.raises(jk.LayoutMismatch, match="byte-swapped"):
+        s.fold(y.astype(">u4"), "p2")
+    assert s.result().tolist() == y.tolist() and s.parties == ("p0",)

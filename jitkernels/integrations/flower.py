@@ -24,7 +24,9 @@ clients switched dtype) are converted to the model's, a copy of those arrays, wh
 are folded as ``u - x`` (Flower forms the average, then subtracts, which turns rounding into steps); clients that
 report ``num_examples == 0`` are left out of weighted averages (they weigh nothing in Flower either) and kept by the
 rules that ignore weights (median, trimmed mean), as Flower keeps them; a negative or non-finite ``num_examples`` is
-refused naming the client (:class:`~jitkernels.errors.InvalidWeight`; Flower's average takes it). The first round's
+refused naming the client (:class:`~jitkernels.errors.InvalidWeight`; Flower's average takes it); a round whose
+results all hold no arrays is refused (:class:`~jitkernels.errors.InvalidTemplate`: there is no model to fold;
+Flower returns empty parameters); float128 arrays are refused by name (Flower's numpy averages them). The first round's
 results fix the model's layout from the shapes and dtypes most of them share, so that a malformed result is the one
 named. Errors name a result by its proxy's ``cid`` (the Message API's: ``node-<src_node_id>``), or by its place
 (``result-<i>``, ``reply-<i>``) where those ids are not distinct strings or integers (Flower takes any). The Message
@@ -86,6 +88,10 @@ def ndarray_view(buf: bytes, *, party=None, index: int | None = None) -> np.ndar
     except TypeError:
         raise LayoutMismatch(f"expected the bytes of a .npy array, got {type(buf).__name__}", leaf=where,
                              party=party) from None
+    if not mv.c_contiguous:  # (a strided view raised a bare BufferError at frombuffer)
+        raise LayoutMismatch("the .npy bytes are not contiguous", leaf=where, party=party)
+    if mv.ndim != 1 or mv.itemsize != 1:  # (a 2-D uint8 array's view raised NotImplementedError at mv[6])
+        mv = mv.cast("B")
     if bytes(mv[:6]) != _MAGIC or len(mv) < 10:
         raise LayoutMismatch("not a .npy serialized array", leaf=where, party=party)
     major = mv[6]
@@ -142,6 +148,8 @@ def ndarrays_from_parameters(parameters, *, party=None) -> list:
         raise LayoutMismatch(f"expected flwr Parameters, got {type(parameters).__name__}", party=party)
     if getattr(parameters, "tensor_type", "numpy.ndarray") != "numpy.ndarray":
         raise LayoutMismatch(f"tensor_type {parameters.tensor_type!r}; expected 'numpy.ndarray'", party=party)
+    if not isinstance(parameters.tensors, (list, tuple)):  # (None raised a bare TypeError)
+        raise LayoutMismatch(f"expected a list of tensors, got {type(parameters.tensors).__name__}", party=party)
     return [ndarray_view(t, party=party, index=i) for i, t in enumerate(parameters.tensors)]
 
 
@@ -185,7 +193,7 @@ class _BytesData:
         self.__array_interface__ = {"data": (addr, False), "shape": (n,), "typestr": "|u1", "version": 3}
 
 
-def _to_model_dtype(v: np.ndarray, dtype, i: int, party) -> np.ndarray:
+def _to_model_dtype(v: np.ndarray, dtype, name: str, party) -> np.ndarray:
     """``v`` converted to the model's float ``dtype``; a finite value beyond its range (a float32 client of a
     float16 model sending 7e4) is refused, naming the result and the array, rather than turned into inf here and
     blamed on the client as a non-finite update."""
@@ -194,10 +202,15 @@ def _to_model_dtype(v: np.ndarray, dtype, i: int, party) -> np.ndarray:
     if out.dtype.itemsize < v.dtype.itemsize:
         bad = np.isfinite(v) & ~np.isfinite(out)
         if bad.any():
-            raise jk.ValueOutOfRange(f"party {party!r}, array {i}: {v.dtype} value {v[bad].flat[0]!r} is beyond the "
-                                     f"range of the model's dtype {np.dtype(dtype)} (the first result's; Flower's "
-                                     f"numpy would promote)")
+            raise jk.ValueOutOfRange(f"party {party!r}, leaf {name!r}: {v.dtype} value {v[bad].flat[0]!r} is beyond "
+                                     f"the range of the model's dtype {np.dtype(dtype)} (the first result's; "
+                                     f"Flower's numpy would promote)")
     return out
+
+
+def _label(names, i: int) -> str:
+    """How errors name array ``i``: by its key (the Message API's), else by its place."""
+    return f"array {i}" if names is None else names[i]
 
 
 def _distinct_ids(ids) -> bool:
@@ -264,11 +277,11 @@ class _Runner:
         # first): a common power of two brings the largest to [0.5, 1), which changes no bit of the mean
         top = math.frexp(max(weights[j] for j in kept))[1]
         weights = [math.ldexp(w, -top) for w in weights]
-        for j in kept:  # complex, datetime, structured: there is no average of those here (complex lost its part)
-            for i, v in enumerate(views[j]):
-                if v.dtype.kind not in "fiub":
-                    raise LayoutMismatch(f"dtype {v.dtype} cannot be averaged (float, integer or bool arrays only)",
-                                         leaf=f"array {i}", party=parties[j])
+        for j in kept:  # complex, datetime, structured: there is no average of those here (complex lost its part);
+            for i, v in enumerate(views[j]):  # float128 neither (a first round of them failed naming no result)
+                if v.dtype.kind not in "fiub" or v.dtype.kind == "f" and v.dtype.itemsize > 8:
+                    raise LayoutMismatch(f"dtype {v.dtype} cannot be averaged (float16, float32, float64, integer or "
+                                         f"bool arrays only)", leaf=_label(names, i), party=parties[j])
         def tree(arrays):  # the layout's container: a list, or a dict by the arrays' names
             return arrays if names is None or arrays is None else dict(zip(names, arrays))
 
@@ -285,9 +298,10 @@ class _Runner:
         elif base is not None or self.agg.state.count or self.agg.state.closed:
             # a base in another float dtype (a float64 checkpoint of a float32 model): Flower's numpy promotes, the
             # layout is exact; converted as the results are
-            self.agg.reset(tree(None if base is None else self._conform([base], ["<base>"])[0]), reuse=True)
+            self.agg.reset(tree(None if base is None else self._conform([base], ["<base>"], names)[0]), reuse=True)
         try:
-            self.agg.fold_many([tree(u) for u in self._conform([views[j] for j in kept], [parties[j] for j in kept])],
+            self.agg.fold_many([tree(u) for u in self._conform([views[j] for j in kept], [parties[j] for j in kept],
+                                                               names)],
                                [weights[j] for j in kept], [parties[j] for j in kept],
                                None if infos is None else [infos[j] for j in kept])
         except BaseException:
@@ -348,7 +362,7 @@ class _Runner:
                     self.agg = None  # later one refused TornState at its reset)
             raise
 
-    def _conform(self, updates, parties):
+    def _conform(self, updates, parties, names=None):
         """The results (or the base, party ``<base>``) with each float array in the model's float dtype: Flower's
         numpy math takes any mix (a float64 global model and float32 clients, a model whose dtype changes between
         rounds) and promotes; the aggregator's layout is exact. One that differs is converted (a copy of those
@@ -359,8 +373,8 @@ class _Runner:
         for u, p in zip(updates, parties):
             if len(u) == len(want) and any(d is not None and v.dtype != d and v.dtype.kind == "f"
                                            for v, d in zip(u, want)):
-                u = [_to_model_dtype(v, d, i, p) if d is not None and v.dtype != d and v.dtype.kind == "f" else v
-                     for i, (v, d) in enumerate(zip(u, want))]
+                u = [_to_model_dtype(v, d, _label(names, i), p) if d is not None and v.dtype != d
+                     and v.dtype.kind == "f" else v for i, (v, d) in enumerate(zip(u, want))]
                 converted.append(p)
             out.append(u)
         if converted:
