@@ -467,3 +467,13 @@ def test_a_quantile_at_a_risk_below_what_the_probit_resolves_is_found_not_a_divi
         pred.load_json([[0, 40, math.log(100.0), sd * sd, 1e-301, 9000]])
         q = pred.quorum_quantile([0], 1, 50.0, 1e-310)
         assert 50.0 <= q < 50.01
+
+
+def test_log_sf_keeps_its_accuracy_where_it_switches_to_the_asymptotic_series():
+    """From z = 30 on, log P(Z > z) comes from the asymptotic series (erfc nears underflow): to ~1e-8 relative in
+    P, as its docstring says. Where erfc is still a double (to z ~ 37), it is the reference; dropping the series'
+    correction terms was 1.1e-3 off at z = 30, and no test saw it."""
+    from scheduler.predictor import _log_sf
+
+    for z in (29.9, 30.0, 31.0, 33.0, 35.0, 37.0):
+        assert abs(_log_sf(z) - math.log(0.5 * math.erfc(z / math.sqrt(2.0)))) < 1e-7, z

@@ -711,3 +711,37 @@ def test_a_base_in_the_other_byte_order_is_read_as_its_values():
         want = rg.combine(X, [0.5, 0.25, 0.25, 0.0], base=base, backend=backend)
         got = rg.combine(X, [0.5, 0.25, 0.25, 0.0], base=base.astype(">f4"), backend=backend)
         assert got.tobytes() == want.tobytes()
+
+
+def test_norm_bound_with_given_norms_weighs_as_without_them():
+    """The norms= path (norms from admission's stats) dropped the weights: [1, 3] averaged as [1, 1]."""
+    X = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    a = rg.norm_bound(X, 10.0, weights=[1.0, 3.0]).aggregate
+    b = rg.norm_bound(X, 10.0, weights=[1.0, 3.0], norms=[1.0, 1.0]).aggregate
+    np.testing.assert_allclose(a, [0.25, 0.75], rtol=1e-6)
+    np.testing.assert_allclose(b, a, rtol=1e-6)
+
+
+def test_geometric_median_is_scale_equivariant():
+    """Its smoothing is relative to the data's scale (an absolute floor made the median of data scaled by 1e-9 the
+    mean's neighbourhood: 10.4 for 0.79 per unit)."""
+    X = np.array([[0, 0], [1, 0], [0, 1], [1, 1], [50, 50]], np.float64)
+    ref = rg.geometric_median(X).aggregate
+    for s in (1e-9, 1e6):
+        np.testing.assert_allclose(rg.geometric_median(X * s).aggregate / s, ref, rtol=1e-4)
+
+
+def test_geometric_median_starts_from_the_half_of_the_rows_nearest_the_medoid():
+    """The documented robust start: the mean of the ceil(k/2) rows nearest the medoid (with max_iter=0, the start
+    is the result)."""
+    X = np.array([[0.0, 0], [1, 0], [0, 1], [5, 5], [9, 1]], np.float32)
+    r = rg.geometric_median(X, max_iter=0)
+    np.testing.assert_allclose(r.coef, [1 / 3, 1 / 3, 1 / 3, 0, 0], rtol=1e-12)
+
+
+def test_robust_scale_is_the_lower_median_of_the_rows_medians_and_distances_are_never_negative():
+    x = np.array([0.0, 1.0, 5.0, 6.0])
+    assert rg.robust_scale((x[:, None] - x[None, :]) ** 2) == 4.0  # row medians 5, 4, 4, 5: the lower median
+    G = np.array([[1.0, 1.0 + 2 ** -50, 0], [1.0 + 2 ** -50, 1.0, 0], [0, 0, 4.0]])  # rounding: g_ii + g_jj < 2 g_ij
+    D = rg.sq_distances(G)
+    assert D.min() >= 0.0 and (rg.krum_scores(D, 0) >= 0).all()

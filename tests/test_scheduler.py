@@ -1850,3 +1850,26 @@ def test_slots_are_a_whole_number_in_range():
         with pytest.raises(ValueError, match="slots must be an integer"):
             JITScheduler("eager", slots=bad, clock=VirtualClock())
     JITScheduler("eager", slots=np.int64(2), clock=VirtualClock()).close()
+
+
+def test_live_metrics_count_an_open_deployment_and_each_jobs_peak_is_its_own():
+    """Mutation testing found these untested: metrics() while a deployment is open (its time so far, and idle =
+    deployed - busy), and a job's peak buffered bytes (the scheduler's total passed for it)."""
+    cost = CostModel(backends={"cpu": BackendCost(1e6, 0.0)}, startup_s=1.0)
+    clk = VirtualClock()
+    s = JITScheduler("eager", slots=1, clock=clk, cost=cost)
+    s.add_job(Job("a", parties=["p0", "p1"], quorum=2, rounds=2, model_elems=1000, update_bytes=4000))
+    clk.call_at(10.0, s.submit, "a", 0, "p0", None, 1.0)
+    clk.run(until=15.0)
+    m = s.metrics()["a"]
+    assert m["deployed_s"] == pytest.approx(15.0) and m["idle_s"] == pytest.approx(m["deployed_s"] - m["busy_s"])
+    assert 0 < m["busy_s"] < 0.1
+    clk = VirtualClock()
+    s = JITScheduler("lazy", slots=2, clock=clk, cost=cost)
+    for job, parties in (("a", ["p0", "p1"]), ("b", ["q0", "q1"])):
+        s.add_job(Job(job, parties=parties, quorum=2, rounds=1, model_elems=1000, update_bytes=4000))
+    for t, job, p in ((1, "b", "q0"), (2, "a", "p0"), (3, "a", "p1"), (4, "b", "q1")):
+        clk.call_at(t, s.submit, job, 0, p, None, 1.0)
+    clk.run()
+    m = s.metrics()
+    assert m["a"]["peak_bytes_buffered"] == m["b"]["peak_bytes_buffered"] == 8000

@@ -502,3 +502,30 @@ def test_jitagg_json_is_strict_and_one_seed_writes_the_same_figures(tmp_path):
     assert a["timing"]["jit"]["events_per_s"] > 0 and "wall_s" not in a["policies"]["jit"]
     del a["timing"], b["timing"]
     assert a == b
+
+
+def test_a_runs_totals_sum_its_jobs_and_its_percentiles_are_the_named_ones():
+    """Mutation testing found these untested: the run's busy time summed over jobs (the last job's alone passed),
+    the p95 of the summaries (p90 passed), the mean quorum time (the median passed), and risk_bound at most 1."""
+    from scheduler.core import JobMetrics
+    from scheduler.simulator import PolicyResult
+
+    wl = Workload(name="two", seed=1, slots=2, startup_s=5.0,
+                  jobs=[JobSpec(name="j", count=2, model_params=100_000, parties=4, rounds=3, response_s=50.0)])
+    r = simulate(wl, "eager")
+    assert len(r.per_job) == 2 and r.busy_s == pytest.approx(sum(m["busy_s"] for m in r.per_job.values()))
+    assert r.deployed_s == pytest.approx(sum(m["deployed_s"] for m in r.per_job.values()))
+    lat = list(range(1, 101))
+    want = {"latency_p50_s": 50.5, "latency_p95_s": 95.05, "latency_p99_s": 99.01}
+    got = PolicyResult("x", 0.0, 0.0, lat, 0, 0, 0, 0, [], 0.0, 0, 1.0).summary()
+    assert {k: got[k] for k in want} == pytest.approx(want)
+    got = JobMetrics(latencies=lat).summary()
+    assert {k: got[k] for k in want} == pytest.approx(want)
+    spec = JobSpec(parties=1, quorum=1.0, response_s=100.0, jitter_cv=1.0, party_spread=0.0)
+    a = Arrivals(0, 0, spec)
+    draws = np.array([a.round(r)[1][0] for r in range(20000)])
+    assert a.mean_quorum_time(1) == pytest.approx(draws.mean(), rel=0.03)  # a mean (the median is 70)
+    sweep = sweep_workload(0.01, 0.2, rounds=30)
+    out = compare(sweep, ("eager", "oracle"))
+    sweep.alpha = 0.5
+    assert 0.0 <= risk_bound(sweep, out) <= 1.0

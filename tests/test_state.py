@@ -539,3 +539,29 @@ def test_a_failed_write_of_a_state_file_is_an_oserror(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="File too large") as e:
         agg.state.save(tmp_path / "s.jks")
     assert e.value.errno == 27 and os.listdir(tmp_path) == []
+
+
+def test_merge_refuses_states_whose_server_values_differ_and_takes_the_max_of_int_leaves():
+    """Mutation testing found these untested: two DP adaptive-clipping states at different clip norms merged
+    (updates clipped to different C, summed as one), and merging int_leaves="max" states took the other's values
+    where both held some (Hypothesis alone, in the stateful test, caught it)."""
+    t = {"w": np.zeros(4, np.float32)}
+
+    def dp():
+        return jk.Aggregator(t, jk.algorithms.DPAdaptiveClipping(noise_multiplier=0.0, num_sampled=2, seed=1), base=t)
+    a, b = dp(), dp()
+    for agg, v in ((a, 0.01), (b, 5.0)):  # the round closes at finalize: each updates its clip norm
+        agg.fold({"w": np.full(4, v, np.float32)}, 1.0, "p0")
+        agg.finalize()
+        agg.reset(base=t)
+    assert a.state.scalars != b.state.scalars
+    a.fold({"w": np.ones(4, np.float32)}, 1.0, "p1")
+    b.fold({"w": np.ones(4, np.float32)}, 1.0, "p2")
+    with pytest.raises(jk.IncompatibleStates, match="server values"):
+        a.merge(b)
+    t = {"w": np.zeros(2, np.float32), "n": np.zeros(2, np.int64)}
+    a, b = jk.Aggregator(t, int_leaves="max"), jk.Aggregator(t, int_leaves="max")
+    a.fold({"w": np.ones(2, np.float32), "n": np.array([9, 1])}, 1.0, "a")
+    b.fold({"w": np.ones(2, np.float32), "n": np.array([3, 4])}, 1.0, "b")
+    a.merge(b)
+    assert a.finalize()["n"].tolist() == [9, 4]
