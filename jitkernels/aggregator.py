@@ -1074,7 +1074,9 @@ class Aggregator:
             if base is not None:
                 flat_base = self._flat(base, old.acc_dtype)
             elif old.base is not None and self.algorithm.kind is None and (
-                    old.closed or old.released and self.algorithm.moves_from_base):
+                    old.closed or old.released and self.algorithm.moves_from_base and old.torn is None):
+                # (a fold torn since the finalize: its model cannot be taken again, and reset() is the way out of a
+                # torn state, so the base stays; a closed round refuses folds before they write)
                 flat_base = self._released_model()
                 flat_base = old.base if flat_base is None else flat_base
             else:
@@ -1103,6 +1105,7 @@ class Aggregator:
             self._adopt(old.next_round(base=None if flat_base is old.base else flat_base,
                                        store=None if old.store is None else self.algorithm.new_store(self.layout,
                                                                                                      self.on_gpu)))
+            old.guard = old._own_guard  # (no longer this aggregator's: from_state takes it over, as a loaded one)
             return old
 
     def _released_model(self):

@@ -1930,6 +1930,9 @@ class JITScheduler:
         elif rnd.aggregator is not None and not busy:  # the result is out (finalize allocates it): recycle it
             if rnd.aggregator.state.store is not None:  # a robust rule's slab (k models) is returned while it waits
                 rnd.aggregator.state.store.clear()
+            if js.next_base is None:  # the base as it was: a round that failed after its finalize (its result not
+                # committed) released no model to its parties, and a plain reset would start the next from it
+                rnd.aggregator.state.released = False
             rnd.aggregator.reset(js.next_base, reuse=True)  # (None but where the job rebases: the base as it was)
             js.spare, rnd.aggregator = rnd.aggregator, None
         if rnd.deadline_timer is not None:

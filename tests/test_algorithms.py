@@ -906,3 +906,34 @@ def test_adaptive_clipping_without_noise_adds_no_count_noise_by_default():
         agg.finalize()
         clips.add(agg.state.scalars["clip_norm"])
     assert len(clips) == 1 and clips.pop() == pytest.approx(0.1, rel=1e-12)  # half unclipped: the target
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_reset_recovers_a_state_torn_after_a_finalize_and_keeps_its_base(reuse, monkeypatch):
+    """reset() is the way out of a torn state. After a finalize, a plain reset() of a rule that steps from its base
+    finalized again to carry the model, which a torn state refuses: TornState on every reset. A torn round keeps its
+    base; and the state reset() returns is no longer guarded by the aggregator's lock (from_state takes it over)."""
+    from jitkernels import backends
+
+    tmpl = {"a": np.zeros(3, np.float32), "b": np.zeros(3, np.float64)}
+    base = {"a": np.ones(3, np.float32), "b": np.ones(3, np.float64)}
+    agg = jk.Aggregator(tmpl, A.FedNova(), backend="numpy", base=base)
+    agg.fold({"a": np.full(3, 2.0, np.float32), "b": np.full(3, 2.0)}, party="p", steps=2)
+    agg.finalize()
+    mod, calls = backends.get("numpy"), []
+    real = mod.fold
+
+    def fold(acc, b, g):  # the second dtype group fails: the first is written
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("injected")
+        return real(acc, b, g)
+    monkeypatch.setattr(mod, "fold", fold)
+    with pytest.raises(MemoryError):
+        agg.fold_many([{"a": np.full(3, 3.0, np.float32), "b": np.full(3, 3.0)}], parties=["q"], infos=[{"steps": 1}])
+    monkeypatch.setattr(mod, "fold", real)
+    assert agg.state.torn is not None
+    old = agg.reset(reuse=reuse)
+    assert np.array_equal(agg.state.base, np.ones(6)) and agg.state.torn is None
+    if not reuse:
+        assert not old.held and jk.Aggregator.from_state(old).state is old

@@ -2622,3 +2622,41 @@ def test_a_spilled_update_whose_write_failed_is_folded_from_memory(tmp_path):
     s.clock.run()
     assert s.result("j", 1).result(timeout=10)["w"].tolist() == [2.0] * 8  # (0.5 * 4 + 1) / 1.5
     s.close()
+
+
+@pytest.mark.parametrize("algorithm", ["fednova", "centered"])
+def test_a_round_that_fails_after_its_finalize_leaves_the_next_round_on_the_base_as_it_was(tmp_path, monkeypatch,
+                                                                                          algorithm):
+    """Round 0 finalized, then its result failed to commit (a full disk): no party got that model. A plain reset()
+    after a finalize now starts from the released model, and the scheduler's reset took it: FedNova's round 1
+    folded against a model nobody had (1.33 for 2.33), and centered clipping re-ran its rule over the slab it had
+    just cleared (ValueError on the clock thread: round 1 never resolved)."""
+    from jitkernels import robust as R
+
+    make = {"fednova": jk.algorithms.FedNova, "centered": lambda: R.CenteredClipping(tau=10.0)}[algorithm]
+    info = (lambda i: {"steps": 1 + 2 * i}) if algorithm == "fednova" else (lambda i: {})
+    tmpl = {"w": np.full(4, 1.0, np.float32)}
+    real, calls = StateDir.commit_result, []
+
+    def failing(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device (injected)")
+        return real(self, *a, **k)
+    monkeypatch.setattr(StateDir, "commit_result", failing)
+    s = JITScheduler("eager", slots=1, state_dir=tmp_path)
+    try:
+        s.add_job(Job("n", template=tmpl, parties=[0, 1], quorum=2, rounds=3, algorithm=make()))
+        for i in range(2):
+            s.submit("n", 0, i, {"w": np.full(4, 3.0 + i, np.float32)}, 1.0, **info(i))
+        with pytest.raises(OSError, match="injected"):
+            s.result("n", 0).result(timeout=30)
+        for i in range(2):  # parties trained from the template: no model came out of round 0
+            s.submit("n", 1, i, {"w": np.full(4, 2.0, np.float32)}, 1.0, **info(i))
+        got = s.result("n", 1).result(timeout=30)["w"]
+    finally:
+        s.close()
+    ref = jk.Aggregator(tmpl, make(), base=tmpl)
+    for i in range(2):
+        ref.fold({"w": np.full(4, 2.0, np.float32)}, party=i, **info(i))
+    np.testing.assert_array_equal(got, ref.finalize()["w"])
