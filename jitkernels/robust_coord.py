@@ -612,23 +612,35 @@ def _write_kernel(path: str, src: str) -> str | None:
     return path
 
 
-_pool: tuple = (0, None)  # (workers, ThreadPoolExecutor) of _run_threads, replaced by a larger one when a call needs
-_pool_lock = threading.Lock()  # more (one per thread count kept every one's threads for the process's life)
+# nice value -> (workers, ThreadPoolExecutor) of _run_threads, replaced by a larger one when a call needs more (one
+# per thread count kept every one's threads for the process's life). A pool per nice value: threads take the nice of
+# the thread that starts them, which is one that submits to the pool, so a scheduler's niced fold threads
+# (fold_nice) get niced helpers and the caller's do not (one shared pool gave one of them the other's nice)
+_pools: dict = {}
+_pool_lock = threading.Lock()
+
+
+def _nice() -> int:
+    try:
+        return os.getpriority(os.PRIO_PROCESS, 0)  # (Linux: the calling thread's)
+    except (AttributeError, OSError):
+        return 0
 
 
 def _run_threads(fn, n: int, nthreads: int, *args) -> None:
     """fn(*args[:2], c0, c1, *args[2:]) over nthreads contiguous ranges of [0, n), on threads (fn releases the GIL)."""
-    global _pool
     x, out, *rest = args
     if nthreads <= 1:
         fn(x, out, 0, n, *rest)
         return
     from concurrent.futures import ThreadPoolExecutor
 
+    nice = _nice()
     with _pool_lock:
-        if _pool[0] < nthreads - 1:  # (the pool it replaces ends its threads once calls running on it let it go)
-            _pool = (nthreads - 1, ThreadPoolExecutor(nthreads - 1, thread_name_prefix="jk-robust"))
-        pool = _pool[1]
+        workers, pool = _pools.get(nice, (0, None))
+        if workers < nthreads - 1:  # (the pool it replaces ends its threads once calls running on it let it go)
+            pool = ThreadPoolExecutor(nthreads - 1, thread_name_prefix="jk-robust")
+            _pools[nice] = (nthreads - 1, pool)
     bounds = [b * n // nthreads for b in range(nthreads + 1)]
     futures = [pool.submit(fn, x, out, bounds[b], bounds[b + 1], *rest) for b in range(1, nthreads)]
     fn(x, out, bounds[0], bounds[1], *rest)
@@ -656,12 +668,12 @@ def _numba_run(rows, code, mode, r_lo, r_hi, ranks, out, tile, use_reg):
     if n == 0:
         return
     rows = _writable_alias(rows)
-    nthreads = _threads(rows)
+    # (NUMBA_NUM_THREADS caps the register path's own threads too: it did not, while every other numba path obeyed)
+    nthreads = min(_threads(rows), numba.config.NUMBA_NUM_THREADS)
     if use_reg and k <= NUMBA_REG_MAX_K:
         lo, hi = (r_lo, r_hi) if mode == 1 else (0, 0)
         _run_threads(_reg_kernel(k, code, mode, lo, hi), n, min(nthreads, max(1, n // 4096)), rows, out)
         return
-    nthreads = min(nthreads, numba.config.NUMBA_NUM_THREADS)
     if numba.get_num_threads() != nthreads:
         numba.set_num_threads(nthreads)
     ci, cj, fused = network(k, *ranks)

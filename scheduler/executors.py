@@ -106,11 +106,15 @@ _setters_lock = threading.Lock()
 
 class LocalExecutor(_InPlace):
     def __init__(self, clock, slots: int, kernel_threads: int | None = None, nice: int = 0):
+        if kernel_threads is not None and not (isinstance(kernel_threads, int) and not isinstance(kernel_threads, bool)
+                                               and kernel_threads >= 1):
+            raise ValueError(f"kernel_threads must be a whole number >= 1 or None, got {kernel_threads!r}")
         self.clock = clock
         self.pool = ThreadPoolExecutor(max_workers=max(1, slots), thread_name_prefix="jitkernels-fold",
                                        initializer=renice, initargs=(nice, "fold threads"))
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        self.kernel_threads = kernel_threads or max(1, cores // max(1, slots))
+        # (the user's count, jk.set_num_threads or the environment's, shared by the slots: sized from the CPUs, an
+        # OMP_NUM_THREADS=1 was overridden while the scheduler ran)
+        self.kernel_threads = kernel_threads or max(1, jk.get_num_threads() // max(1, slots))
         with _setters_lock:
             _thread_setters.append([self, jk.set_num_threads(self.kernel_threads)])
 

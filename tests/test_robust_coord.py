@@ -1142,7 +1142,56 @@ def test_the_robust_kernels_keep_one_thread_pool(monkeypatch):
         jk.set_num_threads(old)
     import gc
     gc.collect()
-    assert rc._pool[0] >= 4 and sum(t.name.startswith("jk-robust") for t in threading.enumerate()) <= rc._pool[0]
+    import numba
+    workers = rc._pools.get(rc._nice(), (0, None))[0]  # (capped by NUMBA_NUM_THREADS, as every numba path is)
+    assert workers >= min(4, numba.config.NUMBA_NUM_THREADS - 1)
+    assert sum(t.name.startswith("jk-robust") for t in threading.enumerate()) <= sum(w for w, _ in rc._pools.values())
+
+
+def test_the_robust_register_path_obeys_numba_num_threads_and_the_callers_nice():
+    """The numba register path split its work over Python threads sized by the kernel thread count alone
+    (NUMBA_NUM_THREADS=1 ran it on 2), from one pool whose threads took the nice of the thread that first made it:
+    a scheduler's niced fold thread (fold_nice) then ran its median on un-niced helpers, or the caller on niced
+    ones. Run in a subprocess: NUMBA_NUM_THREADS is read at numba's import."""
+    import textwrap
+    import threading
+
+    code = textwrap.dedent('''
+        import os, threading
+        import numpy as np
+        import jitkernels as jk
+        from jitkernels import robust_coord as rc
+        x = np.random.default_rng(0).standard_normal((5, 1 << 17)).astype(np.float32)
+        jk.set_num_threads(2)
+        rc.coordinate_median(x, backend="numba")
+        print("capped", sum(w for w, _ in rc._pools.values()))
+    ''')
+    env = {**os.environ, "NUMBA_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "capped 0" in out.stdout
+    if not hasattr(os, "getpriority"):
+        return
+    import numba
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        return
+    x = np.random.default_rng(0).standard_normal((5, 1 << 17)).astype(np.float32)
+    seen = {}
+
+    def niced():
+        os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + 3)
+        old = jk.set_num_threads(2)
+        try:
+            rc.coordinate_median(x, backend="numba")
+        finally:
+            jk.set_num_threads(old)
+        seen["nice"] = rc._nice()
+    t = threading.Thread(target=niced)
+    t.start()
+    t.join()
+    pool = rc._pools[seen["nice"]][1]
+    nices = set(pool.submit(rc._nice).result() for _ in range(4))
+    assert nices == {seen["nice"]}
 
 
 @pytest.mark.parametrize("backend", ["numpy", "numba", "cpp"])

@@ -337,3 +337,24 @@ def test_call_at_each_refuses_times_out_of_order_and_a_count_mismatch():
         clk.call_at_each([1.0, float("nan")], print, [(), ()])
     clk.run()
     assert clk.events == 0
+
+
+def test_the_local_executor_shares_the_users_thread_count_between_its_slots():
+    """Its kernel threads were the CPUs over the slots whatever the user had set: under OMP_NUM_THREADS=1 (or
+    jk.set_num_threads(1)) a scheduler ran OpenMP workers anyway. And kernel_threads=0 was taken as "not given"."""
+    from scheduler import LocalExecutor, VirtualClock
+
+    old = jk.set_num_threads(1)
+    try:
+        ex = LocalExecutor(VirtualClock(), 2)
+        assert ex.kernel_threads == 1 and jk.get_num_threads() == 1
+        ex.close()
+        jk.set_num_threads(4)
+        ex = LocalExecutor(VirtualClock(), 2)
+        assert ex.kernel_threads == 2
+        ex.close()
+        for bad in (0, -1, 2.5):
+            with pytest.raises(ValueError, match="kernel_threads"):
+                LocalExecutor(VirtualClock(), 1, kernel_threads=bad)
+    finally:
+        jk.set_num_threads(old)
