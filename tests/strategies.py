@@ -71,15 +71,21 @@ def misaligned(a):
 
 
 def make_batch(rng, shapes, in_dtype, k, ties=False, scale=1.0, block=None, chunk=CHUNK, device=None,
-               misalign=False):
+               misalign=False, absent=0.0):
     """(layout, {in_dtype: Group}, leaves) of k random updates with random weights; ``device`` marks updates as
-    GPU-resident (for the GPU backend's shim); ``misalign`` moves the odd updates' leaves off vector boundaries."""
+    GPU-resident (for the GPU backend's shim); ``misalign`` moves the odd updates' leaves off vector boundaries;
+    ``absent``: the chance that an update lacks a leaf (a partial update: a null address in the tables); ``chunk``
+    below CHUNK splits leaves over several work items without large arrays."""
     src = "float32" if in_dtype == "int8" else in_dtype
     lay = Layout.from_template(make_update(rng, shapes, src))
     ups = [make_update(rng, shapes, src, scale, ties, quantize=in_dtype == "int8", block=block) for _ in range(k)]
     if misalign and in_dtype != "int8":
         ups = [{n: misaligned(a) for n, a in u.items()} if j % 2 else u for j, u in enumerate(ups)]
     leaves = [lay.flatten(u) for u in ups]
+    if absent:
+        for lv in leaves:
+            for r in np.flatnonzero(rng.random(len(lv)) < absent):
+                lv[r] = None
     entries = [np.array([leaf_entry(a) for a in l], np.int64).reshape(len(lay), 4) for l in leaves]
     w = rng.uniform(0.1, 100.0, k)
     groups = build_groups(lay, entries, leaves, w, chunk=chunk, device=device)[0]
