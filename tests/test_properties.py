@@ -47,20 +47,34 @@ def test_one_by_one_equals_one_batch_bitwise(backend, seed, shapes, k, data):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@given(seed=seeds, shapes=leaf_shapes(max_leaves=4, max_size=500), k=st.integers(2, 8), data=st.data())
-def test_order_and_merge_tree_independence(backend, seed, shapes, k, data):
+@pytest.mark.parametrize("acc_dtype", ["float32", "float64"])
+@given(seed=seeds, shapes=leaf_shapes(max_leaves=4, max_size=500), k=st.integers(2, 8), with_base=st.booleans(),
+       cancel=st.booleans(), data=st.data())
+def test_order_and_merge_tree_independence(backend, acc_dtype, seed, shapes, k, with_base, cancel, data):
+    """Any order and merge tree gives the float64 mean within the accumulator's rounding of the terms summed, with
+    and without a base (deltas folded against it), in both accumulators. ``cancel``: the second update is the
+    first's negation at the same weight, so that sums cancel (the bound scales with sum |w x|, not |sum w x|)."""
     tmpl, ups, ws = _mk(seed, shapes, k)
+    if cancel:
+        ups[1], ws[1] = {n: -a for n, a in ups[0].items()}, ws[0]
+    base = make_update(np.random.default_rng(seed + 1), shapes, "float32") if with_base else None
     ref = jk.Aggregator(tmpl, backend="numpy", acc_dtype="float64")
     ref.fold_many(ups, ws, parties=list(range(k)))
     want = _flat(ref.finalize())
-    tol = _tolerance(ups, ws)
+    if base is None:
+        tol = _tolerance(ups, ws, acc_dtype)
+    else:  # the deltas are summed; base + mean rounds once in the accumulator, once more to float32
+        b = _flat(base)
+        tol = _tolerance([{n: a.astype(np.float64) - base[n] for n, a in u.items()} for u in ups], ws, acc_dtype) \
+            + 2 * np.finfo(acc_dtype).eps * (np.abs(b) + np.abs(want))
+    tol = tol + np.finfo(np.float32).eps * np.abs(want)  # (the float32 output's rounding)
     perm = data.draw(st.permutations(range(k)))
     # random merge tree: split the permuted parties into parts, fold each, merge in random pairs
     cuts = sorted(data.draw(st.lists(st.integers(1, k - 1), max_size=3, unique=True)))
     parts = [perm[i:j] for i, j in zip([0] + cuts, cuts + [k])]
     states = []
     for part in parts:
-        a = jk.Aggregator(tmpl, backend=backend)
+        a = jk.Aggregator(tmpl, backend=backend, acc_dtype=acc_dtype, base=base)
         a.fold_many([ups[i] for i in part], [ws[i] for i in part], parties=list(part))
         states.append(a.state)
     while len(states) > 1:
