@@ -1071,12 +1071,15 @@ class Aggregator:
             old = self.state
             if old.torn_model:
                 raise TornState(old.torn)
+            carries = old.base is not None and self.algorithm.kind is None and (
+                old.closed or old.released and self.algorithm.moves_from_base)
             if base is not None:
                 flat_base = self._flat(base, old.acc_dtype)
-            elif old.base is not None and self.algorithm.kind is None and (
-                    old.closed or old.released and self.algorithm.moves_from_base and old.torn is None):
-                # (a fold torn since the finalize: its model cannot be taken again, and reset() is the way out of a
-                # torn state, so the base stays; a closed round refuses folds before they write)
+            elif carries and old.torn is not None:  # (a closed round refuses folds before they write: not DP's)
+                raise TornState(f"{old.torn}; a finalize released this round's model before, and the torn state "
+                                "cannot give it again: reset(base=<that model>) starts the next round from it, as "
+                                "its parties have it (reset(base=<the round's base>) to start from the base)")
+            elif carries:
                 flat_base = self._released_model()
                 flat_base = old.base if flat_base is None else flat_base
             else:

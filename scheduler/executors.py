@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 import os
 import sys
 import threading
@@ -104,18 +105,32 @@ _thread_setters: list = []  # [executor, the count before it set its own], oldes
 _setters_lock = threading.Lock()
 
 
+def _kernel_threads(value) -> int | None:
+    """``kernel_threads`` as an int >= 1, or None (the default); numpy integers too, as jk.set_num_threads takes
+    them; ValueError else (0 was taken as "not given", a bool as a count)."""
+    if value is None:
+        return None
+    try:
+        n = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        n = None
+    if n is None or n < 1:
+        raise ValueError(f"kernel_threads must be a whole number >= 1 or None, got {value!r}")
+    return n
+
+
 class LocalExecutor(_InPlace):
     def __init__(self, clock, slots: int, kernel_threads: int | None = None, nice: int = 0):
-        if kernel_threads is not None and not (isinstance(kernel_threads, int) and not isinstance(kernel_threads, bool)
-                                               and kernel_threads >= 1):
-            raise ValueError(f"kernel_threads must be a whole number >= 1 or None, got {kernel_threads!r}")
+        kernel_threads = _kernel_threads(kernel_threads)
         self.clock = clock
         self.pool = ThreadPoolExecutor(max_workers=max(1, slots), thread_name_prefix="jitkernels-fold",
                                        initializer=renice, initargs=(nice, "fold threads"))
-        # (the user's count, jk.set_num_threads or the environment's, shared by the slots: sized from the CPUs, an
-        # OMP_NUM_THREADS=1 was overridden while the scheduler ran)
-        self.kernel_threads = kernel_threads or max(1, jk.get_num_threads() // max(1, slots))
         with _setters_lock:
+            # the user's count (jk.set_num_threads or the environment's), as it was before any executor set its
+            # own, shared by the slots: sized from the CPUs, an OMP_NUM_THREADS=1 was overridden while the
+            # scheduler ran; read now, a second scheduler's took the first's share and shared it again
+            user = _thread_setters[0][1] if _thread_setters else jk.get_num_threads()
+            self.kernel_threads = kernel_threads or max(1, user // max(1, slots))
             _thread_setters.append([self, jk.set_num_threads(self.kernel_threads)])
 
     def _restore_threads(self) -> None:
@@ -208,6 +223,7 @@ class RayExecutor(LocalExecutor):
                  kernel_threads: int | None = None, **ray_init):
         import ray
 
+        kernel_threads = _kernel_threads(kernel_threads)  # (before Ray is started for nothing)
         if not ray.is_initialized():
             ray.init(**ray_init)
         most = max((n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)

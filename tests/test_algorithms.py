@@ -909,17 +909,18 @@ def test_adaptive_clipping_without_noise_adds_no_count_noise_by_default():
 
 
 @pytest.mark.parametrize("reuse", [False, True])
-def test_reset_recovers_a_state_torn_after_a_finalize_and_keeps_its_base(reuse, monkeypatch):
-    """reset() is the way out of a torn state. After a finalize, a plain reset() of a rule that steps from its base
-    finalized again to carry the model, which a torn state refuses: TornState on every reset. A torn round keeps its
-    base; and the state reset() returns is no longer guarded by the aggregator's lock (from_state takes it over)."""
+def test_a_state_torn_after_a_finalize_says_how_to_reset(reuse, monkeypatch):
+    """After a finalize, a plain reset() of a rule that steps from its base carries the released model, which a
+    torn state cannot give again: it refused with the torn fold's TornState alone, and keeping the old base instead
+    started the next round from a model no party had. It now says to pass the model as the base, which resets it;
+    and the state reset() returns is no longer guarded by the aggregator's lock (from_state takes it over)."""
     from jitkernels import backends
 
     tmpl = {"a": np.zeros(3, np.float32), "b": np.zeros(3, np.float64)}
     base = {"a": np.ones(3, np.float32), "b": np.ones(3, np.float64)}
     agg = jk.Aggregator(tmpl, A.FedNova(), backend="numpy", base=base)
     agg.fold({"a": np.full(3, 2.0, np.float32), "b": np.full(3, 2.0)}, party="p", steps=2)
-    agg.finalize()
+    released = agg.finalize()
     mod, calls = backends.get("numpy"), []
     real = mod.fold
 
@@ -933,7 +934,9 @@ def test_reset_recovers_a_state_torn_after_a_finalize_and_keeps_its_base(reuse, 
         agg.fold_many([{"a": np.full(3, 3.0, np.float32), "b": np.full(3, 3.0)}], parties=["q"], infos=[{"steps": 1}])
     monkeypatch.setattr(mod, "fold", real)
     assert agg.state.torn is not None
-    old = agg.reset(reuse=reuse)
-    assert np.array_equal(agg.state.base, np.ones(6)) and agg.state.torn is None
+    with pytest.raises(jk.TornState, match=r"reset\(base=<that model>\)"):
+        agg.reset(reuse=reuse)
+    old = agg.reset(released, reuse=reuse)
+    assert np.array_equal(agg.state.base, np.full(6, 2.0)) and agg.state.torn is None
     if not reuse:
         assert not old.held and jk.Aggregator.from_state(old).state is old

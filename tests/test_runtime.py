@@ -350,10 +350,15 @@ def test_the_local_executor_shares_the_users_thread_count_between_its_slots():
         assert ex.kernel_threads == 1 and jk.get_num_threads() == 1
         ex.close()
         jk.set_num_threads(4)
-        ex = LocalExecutor(VirtualClock(), 2)
-        assert ex.kernel_threads == 2
+        a, b = LocalExecutor(VirtualClock(), 2), LocalExecutor(VirtualClock(), 2)  # (the second took the first's
+        assert a.kernel_threads == b.kernel_threads == 2  # share and shared it again: 1)
+        b.close()
+        a.close()
+        assert jk.get_num_threads() == 4
+        ex = LocalExecutor(VirtualClock(), 1, kernel_threads=np.int64(3))  # (as jk.set_num_threads takes it)
+        assert ex.kernel_threads == 3
         ex.close()
-        for bad in (0, -1, 2.5):
+        for bad in (0, -1, 2.5, True, "2"):
             with pytest.raises(ValueError, match="kernel_threads"):
                 LocalExecutor(VirtualClock(), 1, kernel_threads=bad)
     finally:
