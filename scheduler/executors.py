@@ -129,7 +129,11 @@ class LocalExecutor(_InPlace):
             # the user's count (jk.set_num_threads or the environment's), as it was before any executor set its
             # own, shared by the slots: sized from the CPUs, an OMP_NUM_THREADS=1 was overridden while the
             # scheduler ran; read now, a second scheduler's took the first's share and shared it again
-            user = _thread_setters[0][1] if _thread_setters else jk.get_num_threads()
+            current = jk.get_num_threads()
+            if _thread_setters and current != _thread_setters[-1][0].kernel_threads:
+                _thread_setters[0][1] = current  # the user's own since the last executor: the share, and what the
+                # last close restores
+            user = _thread_setters[0][1] if _thread_setters else current
             self.kernel_threads = kernel_threads or max(1, user // max(1, slots))
             _thread_setters.append([self, jk.set_num_threads(self.kernel_threads)])
 

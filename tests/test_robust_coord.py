@@ -1182,10 +1182,12 @@ def test_the_robust_register_path_obeys_numba_num_threads_and_the_callers_nice()
     finally:
         jk.set_num_threads(old)
     mine = rc._nice()
+    if mine > 16:  # (nice stops at 19)
+        pytest.skip(f"the tests run at nice {mine}: a thread cannot be niced further by 3")
     seen = {}
 
     def niced():
-        os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + 3)
+        os.setpriority(os.PRIO_PROCESS, 0, mine + 3)
         old = jk.set_num_threads(2)
         try:
             rc.coordinate_median(x, backend="numba")

@@ -355,6 +355,14 @@ def test_the_local_executor_shares_the_users_thread_count_between_its_slots():
         b.close()
         a.close()
         assert jk.get_num_threads() == 4
+        a = LocalExecutor(VirtualClock(), 1)  # the user sets a count while an executor is open: it is theirs
+        jk.set_num_threads(1)
+        b = LocalExecutor(VirtualClock(), 1)
+        assert b.kernel_threads == 1
+        b.close()
+        a.close()
+        assert jk.get_num_threads() == 1  # (and what the last close restores)
+        jk.set_num_threads(4)
         ex = LocalExecutor(VirtualClock(), 1, kernel_threads=np.int64(3))  # (as jk.set_num_threads takes it)
         assert ex.kernel_threads == 3
         ex.close()
