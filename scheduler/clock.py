@@ -89,10 +89,15 @@ class _Stream:
     def _fire(self) -> None:
         i = self.i
         self.i = i + 1
+        fn, args = self.fn, self.args[i]
         if i + 1 < len(self.times):
             self.handle.when = self.times[i + 1]
             heapq.heappush(self.heap._heap, (self.times[i + 1], self.seq + i + 1, self.handle))
-        self.fn(*self.args[i])
+        else:  # the last: let go of it all (stream -> handle -> bound method -> stream is a cycle, which a simulation,
+            # run with the cyclic collector off, kept for its whole run: ~0.2 MB a round, 1 GB over 6,250 rounds)
+            self.handle.fn = None
+            self.handle = self.fn = self.args = self.times = None
+        fn(*args)
 
 
 class VirtualClock:

@@ -280,7 +280,8 @@ class PolicyResult:
     real_busy_s: float | None = None
     per_job: dict = field(default_factory=dict)
     ended: int = 0  # rounds that ended, with a model or an error (a round that cannot end stalls its job)
-    members: dict = field(default_factory=dict)  # (job, round) -> the parties whose updates it acknowledged
+    members: dict = field(default_factory=dict)  # (job, round) -> the parties whose updates it acknowledged, where
+    # simulate(members=True) was asked (an entry per update: 180 MB over 2,000 cross_device rounds)
     model_busy_s: float | None = None  # --real: the cost model's estimate of the busy time measured
 
     def summary(self) -> dict:
@@ -295,10 +296,12 @@ class PolicyResult:
                 "wall_s": self.wall_s, "real_busy_s": self.real_busy_s, "model_busy_s": self.model_busy_s}
 
 
-def simulate(workload: Workload, policy: str, *, real: bool = False, progress=None) -> PolicyResult:
+def simulate(workload: Workload, policy: str, *, real: bool = False, progress=None,
+             members: bool = False) -> PolicyResult:
     """Run one policy on the workload. ``real=True`` folds real arrays (model sizes scaled down to at most 1M
     parameters, which the jobs are then sized by: the cost model estimates the work that runs) and advances virtual
     time by the kernels' measured time; ``model_busy_s`` is the cost model's estimate of the same work.
+    ``members``: record each round's acknowledged parties (``PolicyResult.members``; see :func:`compare`).
 
     Added latency runs from the time the round's quorum was drawn to arrive (its q-th response; its deadline, where
     that comes first and the round ends with what came) to the model being ready: an update refused for buffer room
@@ -337,7 +340,7 @@ def simulate(workload: Workload, policy: str, *, real: bool = False, progress=No
         job = Job(jid, template=template, parties=list(range(spec.parties)), quorum=q, rounds=spec.rounds,
                   model_elems=elems, update_bytes=nbytes, deadline_s=spec.deadline_s, priority=spec.priority,
                   unreachable="partial", prior_response_s=spec.response_s)  # operators know a job's round time
-        driver = _JobDriver(sched, clock, jid, spec, arrivals, q, template, truth, on_round)
+        driver = _JobDriver(sched, clock, jid, spec, arrivals, q, template, truth, on_round, members)
         drivers.append(driver)
         driver.draw(0)  # before add_job, which plans round 0: the oracle knows its quorum time from the start
         sched.add_job(job)
@@ -367,18 +370,18 @@ def simulate(workload: Workload, policy: str, *, real: bool = False, progress=No
     return PolicyResult(policy, deployed, busy, [x for d in drivers for x in d.latencies], misses, unreachable,
                         rounds, sched.peak_buffered_bytes, list(sched.occupancy), clock.now(), clock.events, wall,
                         real_busy_s=busy if real else None, per_job=metrics, ended=done_rounds[0],
-                        members={(d.jid, r): frozenset(m) for d in drivers for r, m in d.members.items()},
+                        members={(d.jid, r): frozenset(m) for d in drivers for r, m in (d.members or {}).items()},
                         model_busy_s=executor.estimated_s if real else None)
 
 
 class _JobDriver:
     """Feeds one job's arrivals: when round r opens (its predecessor's model is ready), its draws are scheduled."""
 
-    def __init__(self, sched, clock, jid, spec, arrivals, q, template, truth, on_round):
+    def __init__(self, sched, clock, jid, spec, arrivals, q, template, truth, on_round, members=False):
         self.sched, self.clock, self.jid, self.spec = sched, clock, jid, spec
         self.arrivals, self.q, self.template, self.truth, self.on_round = arrivals, q, template, truth, on_round
         self.latencies = []  # per round with a model: ready - when its membership was fixed (see simulate)
-        self.members = {}  # round -> the parties acknowledged for it
+        self.members = {} if members else None  # round -> the parties acknowledged for it (asked for)
 
     def draw(self, r: int):
         """Round r's draws (cached for start), and the oracle's truth: when its membership is fixed, at the time its
@@ -419,7 +422,8 @@ class _JobDriver:
         except LateUpdate:  # past the quorum: membership is fixed, the update is not needed
             pass
         else:
-            self.members.setdefault(r, []).append(party)
+            if self.members is not None:
+                self.members.setdefault(r, []).append(party)
 
     def _done(self, r: int, fut) -> None:
         fixed = self.truth.get((self.jid, r))  # (when its membership was fixed: see draw)
@@ -452,10 +456,13 @@ def rho(workload: Workload) -> float:
     return work / dur if dur > 0 else math.inf
 
 
-def compare(workload: Workload, policies=POLICIES, *, real: bool = False, progress=None) -> dict:
-    """Every policy on the same draws; savings and added latencies relative to eager and lazy."""
-    results = {p: simulate(workload, p, real=real, progress=(lambda d, t, p=p: progress(p, d, t)) if progress else None)
-               for p in policies}
+def compare(workload: Workload, policies=POLICIES, *, real: bool = False, progress=None,
+            members: bool = False) -> dict:
+    """Every policy on the same draws; savings and added latencies relative to eager and lazy. ``members``: record
+    each round's acknowledged parties in the results (``PolicyResult.members``, to check that every policy's rounds
+    had the same; an entry per update, which no reported figure reads: off by default)."""
+    results = {p: simulate(workload, p, real=real, progress=(lambda d, t, p=p: progress(p, d, t)) if progress else None,
+                           members=members) for p in policies}
     total = sum(spec.rounds for _, _, spec in workload.instances())
     stalled = {p: r.ended for p, r in results.items() if r.ended != total}
     if stalled:  # savings over a run cut short would be eager's idle time, not JIT's merit

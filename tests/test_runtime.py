@@ -371,3 +371,31 @@ def test_the_local_executor_shares_the_users_thread_count_between_its_slots():
                 LocalExecutor(VirtualClock(), 1, kernel_threads=bad)
     finally:
         jk.set_num_threads(old)
+
+
+def test_a_finished_stream_of_calls_is_freed_without_the_cyclic_collector():
+    """A stream (call_at_each) held itself through its handle's bound method; the simulator runs with the cyclic
+    collector off, so every round's arrival list stayed until the run ended (~0.2 MB a round: 1 GB over the 10M-event
+    run). The last call lets it all go."""
+    import gc
+    import weakref
+
+    from scheduler import VirtualClock
+
+    class Arg:
+        pass
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        clk, seen = VirtualClock(), []
+        arg = Arg()
+        ref = weakref.ref(arg)
+        clk.call_at_each([1.0, 2.0, 3.0], seen.append, [(arg,), (arg,), (arg,)])
+        del arg
+        clk.run()
+        assert len(seen) == 3
+        seen.clear()
+        assert ref() is None
+    finally:
+        if was:
+            gc.enable()

@@ -55,7 +55,7 @@ def test_runs_repeat_exactly_and_membership_is_shared(tiny):
     wl, _ = tiny
     r1, r2 = simulate(wl, "jit"), simulate(wl, "jit")
     assert r1.deployed_s == r2.deployed_s and r1.latencies == r2.latencies
-    out = compare(wl)
+    out = compare(wl, members=True)
     rows = out["policies"]
     assert rows["eager"]["saving_vs_eager"] == 0.0
     assert rows["lazy"]["aggregator_s"] <= rows["jit"]["aggregator_s"] <= rows["eager"]["aggregator_s"]
