@@ -65,20 +65,26 @@ def get_num_threads() -> int:
     return _threads
 
 
-def set_num_threads(n: int) -> int:
-    """Set the threads every backend's kernels use; returns the previous value. In a process forked from one whose
-    kernels ran on several threads, more than one is refused with a warning and 1 kept (GNU OpenMP is not fork-safe:
-    start worker processes with the 'spawn' method for threads of their own)."""
-    global _threads
+def thread_count(n, what: str = "the thread count") -> int:
+    """``n`` as a whole number of threads in [1, MAX_THREADS] (ints, numpy ints, integral floats), else ValueError
+    naming ``what``."""
     try:  # (ints and numpy ints as they are: float(10**400) raised OverflowError; "2" was taken)
         count = operator.index(n) if not isinstance(n, bool) else None
     except TypeError:
         count = int(n) if isinstance(n, float) and n.is_integer() else None
     if count is None:
-        raise ValueError(f"the thread count must be a whole number of threads, got {n!r}")
-    n = count
-    if not 1 <= n <= MAX_THREADS:
-        raise ValueError(f"the thread count must be within 1 to {MAX_THREADS}, got {n}")
+        raise ValueError(f"{what} must be a whole number of threads, got {n!r}")
+    if not 1 <= count <= MAX_THREADS:
+        raise ValueError(f"{what} must be within 1 to {MAX_THREADS}, got {count}")
+    return count
+
+
+def set_num_threads(n: int) -> int:
+    """Set the threads every backend's kernels use; returns the previous value. In a process forked from one whose
+    kernels ran on several threads, more than one is refused with a warning and 1 kept (GNU OpenMP is not fork-safe:
+    start worker processes with the 'spawn' method for threads of their own)."""
+    global _threads
+    n = thread_count(n)
     if n > 1 and _forked:
         warnings.warn(f"set_num_threads({n}): this process was forked from one whose kernels ran OpenMP threads, "
                       "which cannot run in a forked child (it would hang): its kernels run on 1 thread; start worker "

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import operator
 import os
 import sys
 import threading
@@ -106,17 +105,9 @@ _setters_lock = threading.Lock()
 
 
 def _kernel_threads(value) -> int | None:
-    """``kernel_threads`` as an int >= 1, or None (the default); numpy integers too, as jk.set_num_threads takes
-    them; ValueError else (0 was taken as "not given", a bool as a count)."""
-    if value is None:
-        return None
-    try:
-        n = None if isinstance(value, bool) else operator.index(value)
-    except TypeError:
-        n = None
-    if n is None or n < 1:
-        raise ValueError(f"kernel_threads must be a whole number >= 1 or None, got {value!r}")
-    return n
+    """``kernel_threads`` as jk.set_num_threads takes a count, or None (the default); ValueError else (0 was taken
+    as "not given")."""
+    return None if value is None else jk.threads.thread_count(value, "kernel_threads")
 
 
 class LocalExecutor(_InPlace):
