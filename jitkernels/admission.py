@@ -78,7 +78,7 @@ def check_weight(weight, party) -> float:
     if w is None or not (math.isfinite(w) and w > 0):
         if (w is None or w == 0 or math.isinf(w)) and exact_positive(weight):
             raise ValueOutOfRange(f"party {party!r}: weight {shown(weight)} is > 0 but outside what a "
-                                  "float64 holds (weights are floats)")
+                                  "float64 holds (weights are floats)", party=party, value=weight)
         raise InvalidWeight(party, weight)
     return w
 
@@ -269,9 +269,10 @@ def check_fold_weight(u, w: float, bound: float, layout, acc_dtype, what: str) -
     """The weight a fold multiplies ``u`` by (the algorithm's: FedBuff's staleness weight, FedNova's w / steps), as
     the fold checks it: ``w * max|x| <= bound`` (``what`` names the bound) and a weight the accumulator holds."""
     if not w * u.maxabs <= bound:
-        leaf = f"leaf {layout.leaves[u.worst_leaf].name!r} " if u.worst_leaf >= 0 else ""
+        name = layout.leaves[u.worst_leaf].name if u.worst_leaf >= 0 else None
+        leaf = "" if name is None else f"leaf {name!r} "
         raise ValueOutOfRange(f"party {u.party!r}: {leaf}has |x| = {u.maxabs:.6g}, which times fold weight "
-                              f"{w:.6g} exceeds {bound:.6g} ({what})")
+                              f"{w:.6g} exceeds {bound:.6g} ({what})", party=u.party, leaf=name, value=u.maxabs)
     check_weight_range(w, u.party, acc_dtype, "fold weight")
 
 
@@ -285,7 +286,7 @@ def check_weight_range(w: float, party, acc_dtype, what: str = "weight") -> None
     lo, hi = weight_range(acc_dtype)
     if not lo <= w <= hi:
         raise ValueOutOfRange(f"party {party!r}: {what} {w:.6g} is outside what the {acc_dtype} accumulator holds "
-                              f"([{lo:.6g}, {hi:.6g}]{_WIDER.get(np.dtype(acc_dtype).name, '')})")
+                              f"([{lo:.6g}, {hi:.6g}]{_WIDER.get(np.dtype(acc_dtype).name, '')})", party=party, value=w)
 
 
 @functools.cache
@@ -351,7 +352,8 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
             where = f" as its delta against a base of max |{base_max:.6g}|" if against_base and base_max else ""
             raise ValueOutOfRange(f"party {party!r}: leaf {layout.leaves[worst[j]].name!r} has |x| = {peak[j]:.6g}"
                                   f"{where}, past the {acc_dtype} accumulator's range "
-                                  f"({largest(acc_dtype):.6g}{_WIDER.get(np.dtype(acc_dtype).name, '')})")
+                                  f"({largest(acc_dtype):.6g}{_WIDER.get(np.dtype(acc_dtype).name, '')})",
+                                  party=party, leaf=layout.leaves[worst[j]].name, value=peak[j])
         if scale[j] * peak[j] <= limit:  # (its values are in range: its weight is not)
             check_weight_range(raw[j], party, acc_dtype)
             check_weight_range(fold[j], party, acc_dtype, "fold weight")
@@ -359,7 +361,7 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
         raise ValueOutOfRange(
             f"party {party!r}: leaf {layout.leaves[worst[j]].name!r} has |x| = {peak[j]:.6g}, "
             f"which times {'weight' if scale[j] == prep.weights[j] else 'fold weight'} {scale[j]:.6g} exceeds "
-            f"{limit:.6g} ({what})")
+            f"{limit:.6g} ({what})", party=party, leaf=layout.leaves[worst[j]].name, value=peak[j])
     fp = layout.fingerprint
     return [Admitted(party, w, leaves, entries, fp, norm, mx, sum(a.nbytes for a in leaves if a is not None),
                      against_base, dev, worst_leaf=wl, sig=sig)
@@ -428,7 +430,8 @@ def check_int_terms(admitted, layout, masses, deterministic_bound=None, acc_dtyp
             t = float(m) * float(np.abs(to_host(a).astype(np.float64)).max())
             if not t <= limit:
                 raise ValueOutOfRange(f"party {u.party!r}: leaf {layout.leaves[i].name!r}: mass * max|x| = {t:.6g} "
-                                      f"exceeds {limit:.6g} ({what})")
+                                      f"exceeds {limit:.6g} ({what})", party=u.party, leaf=layout.leaves[i].name,
+                                      value=t)
 
 
 def norm_scores(admitted) -> dict:

@@ -60,7 +60,7 @@ def _largest(dtype: str) -> float:
 def _beyond(leaf, reach: float, where: str = "") -> ValueOutOfRange:
     top = _largest(leaf.dtype)
     return ValueOutOfRange(f"leaf {leaf.name!r}: the result reaches |{reach:.6g}|, beyond {leaf.dtype}'s {top:.6g}"
-                           f"{where}")
+                           f"{where}", leaf=leaf.name, value=reach)
 
 
 class _OneUpdate(NamedTuple):
@@ -374,7 +374,8 @@ class Aggregator:
         if most is not None and self.state.count + len(parties) > most:
             party = list(parties)[max(0, most - self.state.count)]
             raise ValueOutOfRange(f"party {party!r}: {type(self.algorithm).__name__} was told of {most} parties in "
-                                  f"all, and {self.state.count} are folded already (num_parties counts every party)")
+                                  f"all, and {self.state.count} are folded already (num_parties counts every party)",
+                                  party=party)
 
     def fold(self, update, weight=None, party=None, **info) -> None:
         """Fold one update (raw, or :class:`Admitted`). Raw updates are admitted first (one stats pass); ``weight``
@@ -501,10 +502,12 @@ class Aggregator:
     def _check_headroom(self, u, w: float, bound: float) -> None:
         cap = self._range_cap()
         if not u.maxabs <= cap:  # (admission's range check, for stats measured again against this base)
-            leaf = f"leaf {self.layout.leaves[u.worst_leaf].name!r} " if u.worst_leaf >= 0 else ""
+            name = self.layout.leaves[u.worst_leaf].name if u.worst_leaf >= 0 else None
+            leaf = "" if name is None else f"leaf {name!r} "
             what = (" as its delta against the base", " less max |base|") if self.state.base is not None else ("", "")
             raise ValueOutOfRange(f"party {u.party!r}: {leaf}has |x| = {u.maxabs:.6g}{what[0]}, past the "
-                                  f"{self.acc_dtype} accumulator's range{what[1]} ({cap:.6g})")
+                                  f"{self.acc_dtype} accumulator's range{what[1]} ({cap:.6g})", party=u.party,
+                                  leaf=name, value=u.maxabs)
         what = "the deterministic bound" if self.deterministic else f"the {self.acc_dtype} accumulator's headroom"
         admission.check_fold_weight(u, w, bound, self.layout, self.acc_dtype, what)
 
@@ -891,7 +894,8 @@ class Aggregator:
         if over:  # the kernels divide by it in the accumulator's dtype: inf, and a mean of 0
             raise ValueOutOfRange(f"leaf {self.layout.leaves[over[0]].name!r}: its total weight "
                                   f"{weights[over[0]]:.6g} is past the {self.acc_dtype} accumulator's range "
-                                  f"(use acc_dtype='float64', or smaller weights)")
+                                  f"(use acc_dtype='float64', or smaller weights)",
+                                  leaf=self.layout.leaves[over[0]].name, value=float(weights[over[0]]))
         if closing and opt and (st.opt is None or "m" not in st.opt or (alg.moments == 2 and "v" not in st.opt)):
             # (a worker's partial state has none: it is merged into the server's, which steps)
             raise CorruptState(f"{type(alg).__name__} steps with its moments, and this state has none: finalize "

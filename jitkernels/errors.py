@@ -58,7 +58,13 @@ class NonFiniteUpdate(AggregationError, ValueError):
 
 
 class ValueOutOfRange(AggregationError, ValueError):
-    """An update's magnitude exceeds what the accumulator (or deterministic grid) can hold."""
+    """An update's magnitude, or a weight, exceeds what the accumulator (or deterministic grid) can hold. ``party``,
+    ``leaf`` and ``value`` name what is out of range where one party, leaf or value is (None where the limit is the
+    round's: a state's capacity, a leaf's total weight)."""
+
+    def __init__(self, message: str, *, party=None, leaf: str | None = None, value=None):
+        self.party, self.leaf, self.value = party, leaf, value
+        super().__init__(message)
 
 
 class InvalidWeight(AggregationError, ValueError):

@@ -326,10 +326,12 @@ def _check_finite(rows, parties, sq, G) -> None:
         cnt = int(xp.count_nonzero(~xp.isfinite(rows[i])))  # error path only: one more read of that row
         if cnt:
             raise NonFiniteUpdate(_party(parties, i), "<slab row>", cnt)
-        raise ValueOutOfRange(f"party {_party(parties, i)!r}: the squared norm of its update overflows float64")
+        raise ValueOutOfRange(f"party {_party(parties, i)!r}: the squared norm of its update overflows float64",
+                              party=_party(parties, i))
     if not np.all(np.isfinite(G)):
         i = int(np.flatnonzero(~np.all(np.isfinite(G), axis=1))[0])
-        raise ValueOutOfRange(f"party {_party(parties, i)!r}: its inner products overflow float64")
+        raise ValueOutOfRange(f"party {_party(parties, i)!r}: its inner products overflow float64",
+                              party=_party(parties, i))
 
 
 def _run_gram(be, rows, mode, refrow, refvec, block, diag_only):

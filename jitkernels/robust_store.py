@@ -215,7 +215,7 @@ def _check_values(leaves, party, slab: str, xp=np) -> None:
             if bad_in:
                 raise NonFiniteUpdate(party, name, bad_in)
             raise ValueOutOfRange(f"party {party!r}: leaf {name!r} holds {over} value(s) that round beyond the "
-                                  f"{slab} range (largest finite {_FINITE_MAX[slab]:.6g})")
+                                  f"{slab} range (largest finite {_FINITE_MAX[slab]:.6g})", party=party, leaf=name)
 
 
 class UpdateStore:

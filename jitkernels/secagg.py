@@ -624,21 +624,24 @@ class SecAggSum:
             if bad.any():
                 _run(self.acc, self._plan, leaves, self.modulus_bits, True, self.backend)  # exact rollback
                 j = int(np.flatnonzero(bad)[0])
-                raise ValueOutOfRange(self._range_message(parties[j], leaves[j]))
+                raise self._out_of_range(parties[j], leaves[j])
             for p in parties:
                 self._add_party(p)
 
-    def _range_message(self, party, rows) -> str:
+    def _out_of_range(self, party, rows) -> ValueOutOfRange:
         hi = 1 << self.modulus_bits
         for r, u in enumerate(rows):
             u = device.to_host(u)
             out = (u < 0) | (u >= hi) if u.dtype.kind == "i" else (u >= hi)
             idx = np.flatnonzero(out)
             if idx.size:
-                where = f"leaf '{r}' " if len(rows) > 1 else ""
-                return (f"party {party!r}: {where}holds {idx.size} value(s) outside [0, 2^{self.modulus_bits}), "
-                        f"first {u[idx[0]]} at index {idx[0]}")
-        return f"party {party!r}: holds values outside [0, 2^{self.modulus_bits})"  # pragma: no cover
+                leaf = str(r) if len(rows) > 1 else None
+                where = "" if leaf is None else f"leaf {leaf!r} "
+                return ValueOutOfRange(f"party {party!r}: {where}holds {idx.size} value(s) outside "
+                                       f"[0, 2^{self.modulus_bits}), first {u[idx[0]]} at index {idx[0]}",
+                                       party=party, leaf=leaf, value=u[idx[0]].item())
+        return ValueOutOfRange(f"party {party!r}: holds values outside [0, 2^{self.modulus_bits})",  # pragma: no cover
+                               party=party)
 
     # --- merge ---------------------------------------------------------------------------------------------------
     def _check_mergeable(self, other: "SecAggSum") -> None:

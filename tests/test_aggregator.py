@@ -3,6 +3,7 @@
 import collections
 import json
 import gc
+import pickle
 import weakref
 
 import ml_dtypes
@@ -332,6 +333,32 @@ def test_a_finite_update_whose_value_overflows_is_out_of_range_not_non_finite(ba
             with pytest.raises(error, match="'p'.*leaf 'w'"):
                 fold()
         assert agg.state.count == 0 and not agg.state.acc.any()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_value_out_of_range_names_its_party_leaf_and_value_as_fields(backend):
+    """ValueOutOfRange carries what it names (``party``, ``leaf``, ``value``) as fields, as NonFiniteUpdate does: a
+    server that quarantines a party reads them, not the message. It carried them in its message only."""
+    t = {"a": np.zeros(2, np.float32), "w": np.zeros(2, np.float32)}
+    big = {"a": np.zeros(2, np.float32), "w": np.array([3e38, 0], np.float32)}
+    agg = jk.Aggregator(t, backend=backend, base={"a": np.zeros(2, np.float32), "w": np.array([-3e38, 0], np.float32)})
+    for fold in (lambda: agg.fold(big, party="p"), lambda: agg.fold_many([big], parties=["p"])):
+        with pytest.raises(jk.ValueOutOfRange) as e:
+            fold()
+        # (6e38; inf on cpp, whose float32 admission stats measure the delta in float32)
+        assert (e.value.party, e.value.leaf) == ("p", "w") and e.value.value > 3.4e38
+    agg = jk.Aggregator(t, backend=backend)
+    for weight in (1e-300, 10 ** 400):
+        with pytest.raises(jk.ValueOutOfRange) as e:
+            agg.fold(big, weight, party=7)
+        assert (e.value.party, e.value.leaf, e.value.value) == (7, None, weight)
+    top = np.array([6e4, 0], np.float16)
+    f16 = jk.Aggregator({"h": np.zeros(2, np.float16)}, base={"h": top})  # (numba runs no float16)
+    f16.fold({"h": -top}, party="x")
+    with pytest.raises(jk.ValueOutOfRange) as e:  # a mean delta past float16's 65504: the leaf and its reach
+        f16.finalize("delta")
+    assert (e.value.party, e.value.leaf) == (None, "h") and e.value.value == pytest.approx(1.2e5, rel=1e-3)
+    assert pickle.loads(pickle.dumps(e.value)).__dict__ == e.value.__dict__
 
 
 @pytest.mark.parametrize("dtype", [np.complex64, np.longdouble, np.dtype("U3"), np.dtype("datetime64[s]")])
@@ -1649,7 +1676,6 @@ def test_every_error_pickles_with_its_type_and_fields():
     (the driver got Ray's UnserializableException, no AggregationError), DuplicateParty came back with the whole
     message as its party."""
     import errno
-    import pickle
 
     import importlib
     from jitkernels import errors as E, robust_store as RS

@@ -1,28 +1,36 @@
 """Invariants the design relies on: order, batching and merge-tree independence; rejection leaves state untouched."""
 
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 import jitkernels as jk
+from jitkernels import backends
 
 from strategies import CPU_BACKENDS, leaf_shapes, make_update, seeds
 
 
 def _mk(seed, shapes, k, dtype="float32"):
+    """(template, k updates, weights); int8: float32 template, Quantized updates."""
     rng = np.random.default_rng(seed)
-    tmpl = make_update(rng, shapes, dtype)
-    ups = [make_update(rng, shapes, dtype) for _ in range(k)]
+    src = "float32" if dtype == "int8" else dtype
+    tmpl = make_update(rng, shapes, src)
+    ups = [make_update(rng, shapes, src, quantize=dtype == "int8") for _ in range(k)]
     ws = list(rng.uniform(0.5, 20.0, k))
     return tmpl, ups, ws
+
+
+def _values(u) -> dict:
+    return {n: a.dequantize() if isinstance(a, jk.Quantized) else a for n, a in u.items()}
 
 
 def _tolerance(ups, ws, acc_dtype="float32"):
     """|error| of a sum of k weighted terms in any order <= ~k * eps * sum |w*x| (per element, then / W)."""
     k = len(ups)
     eps = np.finfo(acc_dtype).eps
-    mag = sum(abs(w) * np.abs(np.concatenate([a.reshape(-1).astype(np.float64) for a in u.values()]))
+    mag = sum(abs(w) * np.abs(np.concatenate([np.asarray(a, np.float64).reshape(-1) for a in _values(u).values()]))
               for u, w in zip(ups, ws))
     return 2 * (k + 1) * eps * mag / sum(ws) + 1e-30
 
@@ -52,22 +60,27 @@ def test_one_by_one_equals_one_batch_bitwise(backend, seed, shapes, k, data):
        cancel=st.booleans(), data=st.data())
 def test_order_and_merge_tree_independence(backend, acc_dtype, seed, shapes, k, with_base, cancel, data):
     """Any order and merge tree gives the float64 mean within the accumulator's rounding of the terms summed, with
-    and without a base (deltas folded against it), in both accumulators. ``cancel``: the second update is the
-    first's negation at the same weight, so that sums cancel (the bound scales with sum |w x|, not |sum w x|)."""
-    tmpl, ups, ws = _mk(seed, shapes, k)
+    and without a base (deltas folded against it), in both accumulators, for every input dtype the backend runs
+    (int8: Quantized updates of a float32 model). ``cancel``: the second update is the first's negation at the same
+    weight, so that sums cancel (the bound scales with sum |w x|, not |sum w x|)."""
+    in_dtype = data.draw(st.sampled_from(backends.get(backend).DTYPES), label="in_dtype")
+    tmpl, ups, ws = _mk(seed, shapes, k, in_dtype)
+    out_dtype = next(iter(tmpl.values())).dtype  # (every leaf's)
     if cancel:
-        ups[1], ws[1] = {n: -a for n, a in ups[0].items()}, ws[0]
-    base = make_update(np.random.default_rng(seed + 1), shapes, "float32") if with_base else None
+        ups[1], ws[1] = {n: -a if isinstance(a, np.ndarray) else jk.Quantized(a.values, -np.asarray(a.scale), a.block)
+                         for n, a in ups[0].items()}, ws[0]
+    base = make_update(np.random.default_rng(seed + 1), shapes, out_dtype.name) if with_base else None
     ref = jk.Aggregator(tmpl, backend="numpy", acc_dtype="float64")
     ref.fold_many(ups, ws, parties=list(range(k)))
     want = _flat(ref.finalize())
     if base is None:
         tol = _tolerance(ups, ws, acc_dtype)
-    else:  # the deltas are summed; base + mean rounds once in the accumulator, once more to float32
+    else:  # the deltas are summed; base + mean rounds once in the accumulator, once more to the output dtype
         b = _flat(base)
-        tol = _tolerance([{n: a.astype(np.float64) - base[n] for n, a in u.items()} for u in ups], ws, acc_dtype) \
-            + 2 * np.finfo(acc_dtype).eps * (np.abs(b) + np.abs(want))
-    tol = tol + np.finfo(np.float32).eps * np.abs(want)  # (the float32 output's rounding)
+        tol = _tolerance([{n: np.asarray(a, np.float64) - base[n] for n, a in _values(u).items()} for u in ups], ws,
+                         acc_dtype) + 2 * np.finfo(acc_dtype).eps * (np.abs(b) + np.abs(want))
+    out = ml_dtypes.finfo(out_dtype)  # (numpy's finfo has no bfloat16)
+    tol = tol + float(out.eps) * np.abs(want) + float(out.smallest_subnormal)  # (the output's rounding)
     perm = data.draw(st.permutations(range(k)))
     # random merge tree: split the permuted parties into parts, fold each, merge in random pairs
     cuts = sorted(data.draw(st.lists(st.integers(1, k - 1), max_size=3, unique=True)))

@@ -347,6 +347,7 @@ def test_rejections_name_the_party_and_leave_state_untouched(backend, acc_dtype)
         bad[123] = bad_val
         e = rejected(jk.ValueOutOfRange, f"party 'bad': leaf '2' holds 1 value.*first {bad_val} at index 118",
                      [good, [bad[:5], bad[5:5], bad[5:]], good.astype(np.uint32)], ["ok1", "bad", "ok2"])
+        assert (e.party, e.leaf, e.value) == ("bad", "2", bad_val)
     assert s.parties == ("a", "b", "c")
     s.fold_many([good], ["ok"])  # and the state still works
     assert s.count == 4

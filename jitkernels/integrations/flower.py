@@ -204,7 +204,7 @@ def _to_model_dtype(v: np.ndarray, dtype, name: str, party) -> np.ndarray:
         if bad.any():
             raise jk.ValueOutOfRange(f"party {party!r}, leaf {name!r}: {v.dtype} value {v[bad].flat[0]!r} is beyond "
                                      f"the range of the model's dtype {np.dtype(dtype)} (the first result's; "
-                                     f"Flower's numpy would promote)")
+                                     f"Flower's numpy would promote)", party=party, leaf=name, value=v[bad].flat[0])
     return out
 
 
