@@ -34,7 +34,7 @@ from .clock import RealClock
 from .cost import CostModel
 from .durable import Crashed, StateDir
 from .executors import LocalExecutor, ModelExecutor, Task
-from .predictor import Predictor
+from .predictor import Predictor, warm as _warm_predictor
 
 log = logging.getLogger("jitkernels.scheduler")
 DETERMINISTIC_BOUND = 2.0 ** 20  # jitkernels' default bound on weight * |x| for deterministic jobs
@@ -152,6 +152,11 @@ class Job:
             self.id = jk.parties.check_party(self.id)  # (the rule of party ids)
         except jk.InvalidParty:
             raise InvalidJob(f"job ids must be str or int, got {type(self.id).__name__} {self.id!r}") from None
+        if isinstance(self.parties, (str, bytes)) or not hasattr(self.parties, "__iter__"):  # ("p0p1" was 4 parties,
+            # "listed twice")
+            raise InvalidJob(f"job {self.id!r}: parties must be a list of party ids, got "
+                             f"{type(self.parties).__name__} {jk.errors.shown(self.parties)}")
+        self.parties = list(self.parties)
         q, n = self.quorum, len(self.parties)
         if n == 0:  # (any quorum of no parties: every round failed, "only 0 parties left")
             raise InvalidJob(f"job {self.id!r}: it has no parties")
@@ -353,7 +358,7 @@ class _JobState:
             self.update_bytes = job.update_bytes or self.layout.nbytes
         else:
             if job.model_elems is None:
-                raise ValueError(f"job {job.id!r}: give a template, or model_elems (and update_bytes) to model it")
+                raise InvalidJob(f"job {job.id!r}: give a template, or model_elems (and update_bytes) to model it")
             self.model_elems = job.model_elems
             self.update_bytes = job.update_bytes or 4 * job.model_elems
         self.seen: dict = {}  # (round, party) acknowledged -> its update id, for de-duplication
@@ -395,11 +400,12 @@ class _JobState:
         """Predictor positions of the expected parties that have not arrived in ``rnd``."""
         return self.expected_idx[~self.flags(rnd)]
 
-    def admit(self, update, weight, party, info):
+    def admit(self, update, weight, party, info, copy=False):
         """Validate one update for this job, against the bound its aggregator will use, with the per-update values
-        its algorithm reads (``info``, checked by the caller: ``steps`` for FedNova, ``staleness`` for FedBuff)."""
+        its algorithm reads (``info``, checked by the caller: ``steps`` for FedNova, ``staleness`` for FedBuff).
+        ``copy``: hold a copy of its arrays (see :meth:`JITScheduler.submit`)."""
         u = jk.admit_many([update], self.layout, weights=[weight], parties=[party], backend=self.job.backend,
-                          acc_dtype=self.acc_dtype, bound=self._admit_bound)[0]
+                          acc_dtype=self.acc_dtype, bound=self._admit_bound, copy=copy)[0]
         u.info = info
         if self._admit_bound != math.inf and not getattr(self.algorithm, "needs_norms", False):
             # the weight the fold multiplies by too (FedBuff's is 1 whatever the sample count, FedNova's w / steps):
@@ -537,6 +543,10 @@ class JITScheduler:
         if not (_real(hysteresis_s) and math.isfinite(hysteresis_s) and hysteresis_s >= 0):
             raise ValueError(f"hysteresis_s must be a finite number >= 0, got {hysteresis_s!r}")
         self.policy = _policies.make(policy, alpha=alpha, oracle=oracle)
+        if isinstance(self.policy, _policies.JIT):
+            # its plans run the predictor's compiled code, which numba loads (or compiles) on first use, 0.4-1.8 s
+            # here: in the first add_job that was under the scheduler's lock, with round 0's deadline running
+            _warm_predictor()
         self.slots = int(slots)
         self.cost = cost or CostModel()
         self.byte_budget = byte_budget
@@ -623,6 +633,10 @@ class JITScheduler:
                     raise InvalidJob(str(e)) from None
             pred = Predictor(prior_s=job.prior_response_s)
             js = _JobState(job, pred, self.clock.now())
+            try:
+                js.algorithm  # (an unknown name, or bad arguments: refused here, as the aggregator's refusals below)
+            except (ValueError, TypeError, jk.AggregationError) as e:
+                raise InvalidJob(f"job {job.id!r}: {e}") from None
             if self.byte_budget is not None and self.overflow == "raise" and js.update_bytes > self.byte_budget:
                 raise InvalidJob(f"job {job.id!r}: its updates ({js.update_bytes} bytes) do not fit the byte budget "
                                  f"of {self.byte_budget}: with overflow='raise' every one would be refused")
@@ -669,8 +683,8 @@ class JITScheduler:
                                                             f"refused ({refused})"), "add_job refused")
                 raise
 
-    def submit(self, job_id: str, round: int, party, update=None, weight: float = 1.0, update_id=None,
-               **info) -> Ack:
+    def submit(self, job_id: str, round: int, party, update=None, weight: float = 1.0, update_id=None, *,
+               copy: bool = False, **info) -> Ack:
         """Admit (validate) an update here, in the caller's thread, and hand it to the scheduler. Returns at once:
         folding happens later, on an aggregator slot; with a state directory, ``Ack.durable`` resolves once the
         update is on disk. Bad updates raise their typed error here. A resend of an acknowledged update with the
@@ -679,7 +693,11 @@ class JITScheduler:
         round raises :class:`~jitkernels.DuplicateParty`. ``party``: one of the job's (numpy integers as ints);
         ``update_id``: None, a str or an int (TypeError else: it is stored with the update, as JSON). ``info``: the
         per-update values the job's algorithm reads (``steps=`` for FedNova, ``staleness=`` for FedBuff), checked
-        here and persisted with the update."""
+        here and persisted with the update.
+
+        The scheduler holds the update's arrays as they are (no copy) until its round's future resolves (and, with
+        a state directory, until ``Ack.durable`` resolves): a caller that reuses its receive buffers before then
+        passes ``copy=True``, which copies them once, here."""
         js = self._job(job_id)
         round = _round_number(job_id, round)
         party = self._party(js, party)
@@ -707,7 +725,7 @@ class JITScheduler:
                 carried = counted != round or (held is not None and party in held.carried)
                 origin = next((n for n, r in js.rounds.items() if r.carried_out.get(party) == counted), None)
         if rewrite:  # the original's write failed (e.g. a full disk): the resend is written again, where it counts
-            item = js.admit(update, weight, party, js.algorithm.check_info(info, party))
+            item = js.admit(update, weight, party, js.algorithm.check_info(info, party), copy=copy)
             # (carried: at the late weight, as it was taken, whichever round the resend names)
             late = js.job.late_weight if carried else 1.0
             durable = self._persist(js, counted, party, update_id, float(weight) * late, item, origin)
@@ -715,7 +733,7 @@ class JITScheduler:
                 if counted in js.rounds:  # (a round forgotten meanwhile holds no futures)
                     js.rounds[counted].durable[party] = durable
             return Ack(job_id, counted, party, True, durable, duplicate=True)
-        return self._submit(js, round, party, update, weight, update_id, persist=True, info=info)
+        return self._submit(js, round, party, update, weight, update_id, persist=True, info=info, copy=copy)
 
     @staticmethod
     def _party(js, party):
@@ -778,7 +796,8 @@ class JITScheduler:
         durable = rnd.durable.get(party, DURABLE) if rnd is not None else DURABLE
         return Ack(js.job.id, round, party, True, durable, duplicate=True)
 
-    def _submit(self, js, round, party, update, weight, update_id, persist, stored=False, info=None) -> Ack:
+    def _submit(self, js, round, party, update, weight, update_id, persist, stored=False, info=None,
+                copy=False) -> Ack:
         """``stored``: an update replayed from its file after a restart (``update`` is None): it takes no memory
         and no budget, and is read back (and admitted again) when it is folded, as a spilled one is."""
         job_id = js.job.id
@@ -787,7 +806,7 @@ class JITScheduler:
         if stored:
             item, nbytes = None, 0
         elif js.layout is not None:
-            item = js.admit(update, weight, party, info)
+            item = js.admit(update, weight, party, info, copy=copy)
             nbytes = item.nbytes
         else:
             item, nbytes = None, js.update_bytes
@@ -1336,9 +1355,10 @@ class JITScheduler:
                 rnd.timer.cancel()
                 rnd.timer = None
         rnd.since_plan = 0
-        now = self.clock.now()
         over_budget = self._over_budget(rnd)
         t, inputs = self.policy.deploy_at(self, js, rnd)
+        now = self.clock.now()  # (after the policy's own reading: on the real clock, "now" read before it was
+        # earlier than the policy's, and a deployment due at once became a timer, leaving its place in the queue)
         rnd.plan_t = math.inf if t is None else t
         if over_budget and (t is None or t > now):
             self._log("buffer_pressure", js, round=rnd.number, buffered=self.buffered_bytes, budget=self.byte_budget)

@@ -331,6 +331,17 @@ class Predictor:
         return math.exp(_quantile_log_t(math.log(lo), math.log(hi), c_lo, c_hi, 1e-5, alpha, *prep, need))
 
 
+@functools.cache
+def warm() -> None:
+    """Load (or compile) the compiled code that planning runs, once per process: a quantile over a few parties (the
+    exact tail) and over many (the normal approximation)."""
+    p = Predictor()
+    for party, t in enumerate(np.geomspace(1.0, 2.0, 300)):
+        p.observe(party, float(t))
+    p.quorum_quantile(np.arange(3), 2, 0.0, 0.05)
+    p.quorum_quantile(np.arange(300), 150, 0.0, 0.05)
+
+
 def _cdf(prep, need: int, t: float) -> float:
     """P(T_q <= t) from _prepare's arrays (None: nobody left who may arrive)."""
     if need <= 0:

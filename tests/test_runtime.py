@@ -399,3 +399,39 @@ def test_a_finished_stream_of_calls_is_freed_without_the_cyclic_collector():
     finally:
         if was:
             gc.enable()
+
+
+@pytest.mark.parametrize("policy", ["eager", "jit"])
+def test_a_deployment_due_now_on_the_real_clock_is_requested_at_once(policy):
+    """The policy reads the clock after _plan did: on the real clock its "now" came later, and a deployment due at
+    once (eager's at the round's start, JIT's once the quorum is in) became a timer, logged as planned, leaving the
+    slot queue. The same decisions as on the virtual clock now."""
+    sched = JITScheduler(policy, slots=1)
+    try:
+        sched.add_job(Job("A", template={"w": np.zeros(4, np.float32)}, parties=["p0", "p1"], quorum=2, rounds=1,
+                          prior_response_s=100.0))
+        for p in ("p0", "p1"):
+            sched.submit("A", 0, p, {"w": np.ones(4, np.float32)})
+        sched.result("A", 0).result(timeout=30)
+        events = [d["event"] for d in sched.decisions if d["event"] in ("deploy_planned", "deploy")]
+        assert events[-1] == "deploy" and (policy == "jit" or events == ["deploy"]), events
+        assert not [d for d in sched.decisions if d.get("plan", {}).get("timer")]
+    finally:
+        sched.close()
+
+
+def test_submit_copy_holds_its_own_arrays_until_the_round_ends():
+    """The scheduler holds a submitted update's arrays until its round ends (no copy): a server that reuses its
+    receive buffer passes copy=True. Without it, what the buffer holds at fold time is folded."""
+    for copy in (True, False):
+        sched = JITScheduler("lazy", slots=1)
+        try:
+            sched.add_job(Job("A", template={"w": np.zeros(4, np.float32)}, parties=["p0", "p1"], quorum=2, rounds=1))
+            buf = np.ones(4, np.float32)
+            sched.submit("A", 0, "p0", {"w": buf}, copy=copy)
+            buf[:] = 5.0  # the receive buffer, reused for the next party's update
+            sched.submit("A", 0, "p1", {"w": buf}, copy=copy)
+            got = sched.result("A", 0).result(timeout=30)["w"]
+            np.testing.assert_array_equal(got, np.full(4, 3.0 if copy else 5.0, np.float32))
+        finally:
+            sched.close()

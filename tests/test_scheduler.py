@@ -794,13 +794,18 @@ def test_a_refused_construction_starts_no_thread_and_changes_no_setting(tmp_path
     ({"quorum": 5}, "quorum 5"), ({"quorum": 0}, "quorum 0"), ({"quorum": -1}, "quorum -1"),
     ({"quorum": 2.5}, "quorum 2.5"), ({"quorum": True}, "quorum True"), ({"late": "rejct"}, "late must be"),
     ({"unreachable": "part"}, "unreachable must be"), ({"late_weight": -0.5}, "late_weight"),
-    ({"late_weight": 0.0}, "late_weight"), ({"late_weight": float("nan")}, "late_weight")])
+    ({"late_weight": 0.0}, "late_weight"), ({"late_weight": float("nan")}, "late_weight"),
+    # (bare ValueErrors before: an algorithm name was resolved, and the sizes checked, past the InvalidJob checks;
+    # a str of parties was its characters, "listed twice")
+    ({"algorithm": "nope"}, "job 'j': unknown algorithm 'nope'"), ({"template": None}, "give a template, or model"),
+    ({"parties": "abc"}, "parties must be a list of party ids, got str 'abc'"), ({"parties": 3}, "got int 3")])
 def test_a_job_that_cannot_run_as_given_is_refused_by_add_job(change, what):
     from scheduler import InvalidJob
 
     s = JITScheduler("jit", clock=VirtualClock())
     with pytest.raises(InvalidJob, match=what):
-        s.add_job(Job("j", template=W4, parties=["a", "b", "c"], **change))
+        s.add_job(Job("j", **{"template": W4, "parties": ["a", "b", "c"], **change}))
+    assert "j" not in s.jobs
     s.add_job(Job("ok", template=W4, parties=["a", "b", "c"], quorum=3.0))  # a count read from TOML as a float
     s.close()
 
@@ -1873,3 +1878,16 @@ def test_live_metrics_count_an_open_deployment_and_each_jobs_peak_is_its_own():
     clk.run()
     m = s.metrics()
     assert m["a"]["peak_bytes_buffered"] == m["b"]["peak_bytes_buffered"] == 8000
+
+
+def test_a_jit_scheduler_loads_the_planning_code_before_its_first_job():
+    """numba loads (or compiles) the predictor's code on first use: 0.4-1.8 s here, which the first add_job of a JIT
+    scheduler spent under the scheduler's lock, with round 0's deadline running (a deadline of 1 s failed the round
+    before add_job returned). Constructing a JIT scheduler loads it; eager, which plans nothing, does not."""
+    from scheduler import predictor
+
+    predictor.warm.cache_clear()
+    JITScheduler("eager", clock=VirtualClock()).close()
+    assert predictor.warm.cache_info().currsize == 0
+    JITScheduler("jit", clock=VirtualClock()).close()
+    assert predictor.warm.cache_info().currsize == 1
