@@ -385,8 +385,40 @@ def admit_many(updates, layout, *, weights=None, parties=None, base=None, backen
                             acc_dtype=acc_dtype, on_device=prep.on_device, entries=prep.entries)
     if base is not None and base_max is None:
         base_max = abs_max(base)
-    return check(prep, layout, stats, acc_dtype=acc_dtype, bound=bound, against_base=base is not None,
-                 base_max=base_max or 0.0)
+    admitted = check(prep, layout, stats, acc_dtype=acc_dtype, bound=bound, against_base=base is not None,
+                     base_max=base_max or 0.0)
+    rescale_norms(admitted, layout, base if host_base is None else host_base)
+    return admitted
+
+
+NORM_SAFE_MAXABS = (2.0 ** -480, 2.0 ** 480)
+"""max |x| within which the stats kernels' float64 sum of squares can neither overflow nor lose the largest terms
+to underflow (2^-960 stays clear of float64's subnormals at 2^-1022)."""
+
+
+def rescale_norms(admitted, layout, base) -> None:
+    """The L2 norm of an update whose sum of squares left float64's range, taken again on the host, scaled by its
+    max |x|: ``s sqrt(sum (x / s)^2)`` (what BLAS's dnrm2 does). A finite float64 update past |x| ~ 1.3e154 had an inf
+    norm (clipping rules then folded it at weight C / inf = 0, refused as "fold weight 0"), one below ~1e-162 a norm
+    of 0. Only such updates pay the extra pass; a NaN norm (the fused path's, which reads none) stays."""
+    for u in admitted:
+        if not (u.maxabs > 0 and (math.isinf(u.norm) or u.maxabs < NORM_SAFE_MAXABS[0])):
+            continue
+        s, total = u.maxabs, 0.0
+        for i, a in enumerate(u.leaves):
+            leaf = layout.leaves[i]
+            if a is None or not leaf.size or i in layout.int_leaves:  # (the stats measure float leaves)
+                continue
+            if isinstance(a, Quantized):
+                x = to_host(a.dequantize("float64")).reshape(-1)
+            elif isinstance(a, DeviceLeaf):
+                x = to_host(a.array).view(a.dtype).astype(np.float64).reshape(-1)
+            else:
+                x = np.asarray(a, np.float64).reshape(-1)
+            if base is not None:
+                x = x - to_host(base[leaf.offset:leaf.offset + leaf.size]).astype(np.float64)
+            total += float(np.sum(np.square(x / s)))
+        u.norm = s * math.sqrt(total)
 
 
 def _check_flat_base(base, layout, acc_dtype, what: str) -> None:

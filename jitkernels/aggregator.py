@@ -746,6 +746,7 @@ class Aggregator:
             u.norm, u.maxabs = float(math.sqrt(sumsq[:, j].sum())), float(maxabs[:, j].max())
             u.worst_leaf = int(maxabs[:, j].argmax())
             u.against_base = self._base_token if st.base is not None else False
+        admission.rescale_norms(admitted, self.layout, st.host_base())
 
     def _note_peak(self, admitted, fold_w, mass) -> None:
         """Raise ``state.peak`` to the largest |x| of the folded updates, times fold weight / mass where an algorithm

@@ -171,8 +171,11 @@ class FedNova(FedAvg):
     def divisor_scale(self, state) -> float:
         # 1 / sum p_j tau_j with p_j = n_j / sum n (not sum n / sum n_j tau_j: n tau = 1e10 x 1e300 overflowed, and
         # the round could not be finalized)
-        n = math.fsum(state.parties.values())
-        return 1.0 / math.fsum(state.parties[p] / n * state.info[p]["steps"] for p in state.parties)
+        n, top = state.total_weight, 1.0
+        if n == math.inf:  # (weights whose sum is past float64's range: p_j taken from weights scaled by the largest)
+            top = max(state.parties.values())
+            n = math.fsum(w / top for w in state.parties.values())
+        return 1.0 / math.fsum(state.parties[p] / top / n * state.info[p]["steps"] for p in state.parties)
 
 
 STALENESS = ("constant", "polynomial", "hinge", "nvflare")

@@ -154,10 +154,14 @@ class Quantized:
         if s.dtype.kind not in "fiu" and s.dtype != bfloat16:  # (a complex scale lost its imaginary part, a str one
             # raised a bare ValueError)
             raise InvalidQuantized(f"Quantized: scales must be real numbers, got dtype {s.dtype}")
-        s32 = s_xp.asarray(s, dtype=np.float32).reshape(-1)  # (checked where the scales are, then uploaded once:
-        # CuPy takes no host bfloat16)
+        with np.errstate(over="ignore"):  # (checked where the scales are, then uploaded once: CuPy takes no host
+            s32 = s_xp.asarray(s, dtype=np.float32).reshape(-1)  # bfloat16)
         if bool(s_xp.any((s32 == 0) & (s.reshape(-1) != 0))):  # (the update then counted as zeros)
             raise InvalidQuantized("Quantized: a nonzero scale rounds to 0 in float32 (scales are float32)")
+        if s.dtype.kind == "f" and bool(s_xp.any(s_xp.isinf(s32) & s_xp.isfinite(s.reshape(-1)))):
+            # (the update was then refused as non-finite, a party's finite values blamed)
+            raise InvalidQuantized(f"Quantized: a finite scale overflows float32 (scales are float32, at most "
+                                   f"{float(np.finfo(np.float32).max):.6g})")
         s = xp.ascontiguousarray(xp.asarray(s32))
         n = q.size
         block = self.block

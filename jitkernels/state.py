@@ -46,6 +46,16 @@ BINNED_INT_HEADROOM = 2.0 ** 10  # integer leaves' terms may be this many times 
 BINNED_MAX_UPDATES_INT = 2 ** 20  # ... so a state that sums them holds this many updates
 
 
+def weight_sum(weights) -> float:
+    """The exactly rounded sum of positive weights (``math.fsum``), inf past float64's range: fsum raised a bare
+    OverflowError there (2^20 updates at the largest weight admitted), from finalize, ``total_weight`` and repr,
+    where the range check names the leaf whose total weight the accumulator cannot hold."""
+    try:
+        return math.fsum(weights)
+    except OverflowError:
+        return math.inf
+
+
 class FoldState:
     """A partial aggregate. Merge two with :meth:`merge` (associative, commutative, refuses shared parties)."""
 
@@ -189,7 +199,7 @@ class FoldState:
         by_pattern: dict = {}  # the leaves an update lacked -> the masses of the parties that sent such updates
         for p, m in self.parties.items():
             by_pattern.setdefault(self.absent.get(p, ()), []).append(m)
-        return np.array([math.fsum(m for pattern, ms in by_pattern.items() if i not in pattern for m in ms)
+        return np.array([weight_sum(m for pattern, ms in by_pattern.items() if i not in pattern for m in ms)
                          for i in range(len(self.layout))])
 
     @property
@@ -199,7 +209,7 @@ class FoldState:
     @property
     def total_weight(self) -> float:
         """Sum of the fold weights of every party (exactly rounded, whatever the fold order)."""
-        return math.fsum(self.parties.values())
+        return weight_sum(self.parties.values())
 
     def __repr__(self):
         return (f"FoldState({self.algorithm.get('name')}, {self.count} parties, weight {self.total_weight:g}, "

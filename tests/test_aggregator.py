@@ -1660,8 +1660,10 @@ def test_bad_templates_raise_invalid_template(template):
     (np.zeros(4, np.int8), np.ones(4), True), (np.zeros(4, np.int8), 1e-50, None),
     (-torch.zeros(4, dtype=torch.float32).to(torch.int8), torch.complex(torch.zeros(1), torch.ones(1)).conj().imag,
      None),
+    # a finite float64 scale past float32's range was inf there: the party's update refused as non-finite
+    (np.zeros(4, np.int8), 1e39, None), (np.zeros(4, np.int8), np.array([1.0, -1e39]), 2),
 ], ids=["float values", "no block", "block 0", "3 scales", "str block", "complex scale", "str scale", "no scale",
-        "block True", "scale underflows", "neg-bit scale"])
+        "block True", "scale underflows", "neg-bit scale", "scale overflows", "a block's scale overflows"])
 def test_bad_quantized_leaves_raise_invalid_quantized(values, scale, block):
     """A Quantized leaf built from a party's bad bytes is that party's bad update: AggregationError (LayoutMismatch),
     still a TypeError for code that caught the old error."""

@@ -940,3 +940,25 @@ def test_a_state_torn_after_a_finalize_says_how_to_reset(reuse, monkeypatch):
     assert np.array_equal(agg.state.base, np.full(6, 2.0)) and agg.state.torn is None
     if not reuse:
         assert not old.held and jk.Aggregator.from_state(old).state is old
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("magnitude", [1e154, 1e300, 1e-170, 1e-300])
+def test_norms_of_float64_updates_past_the_squares_range_are_measured_scaled(backend, magnitude):
+    """The stats kernels sum squares in float64: past |x| ~ 1.3e154 the norm was inf (a clipping rule then folded the
+    update at C / inf = 0, refused as "fold weight 0"), below ~1e-162 it was 0. Such updates are measured again,
+    scaled by their max |x|, on every path that measures norms: admission with and without the state's base, and
+    the delta norms of an update admitted elsewhere."""
+    z = {"w": np.zeros(4), "b": np.zeros(3)}
+    base = {"w": np.full(4, -magnitude / 2), "b": np.zeros(3)}
+    u = {"w": np.full(4, magnitude / 2), "b": np.full(3, magnitude / 2)}
+    want_delta = magnitude * math.sqrt(4 + 3 / 4)  # ||u - base||
+    plain = jk.admit(u, jk.Layout.from_template(z), backend=backend)
+    assert plain.norm == pytest.approx(magnitude / 2 * math.sqrt(7), rel=1e-12, abs=0)
+    for clipping in (lambda: A.DPFixedClipping(A.FedAvg(), clip_norm=1.0, noise_multiplier=0.0),
+                     lambda: R.NormBounding(max_norm=1.0)):
+        for fold in ("raw", "admitted elsewhere"):
+            agg = jk.Aggregator(z, clipping(), backend=backend, base=base)
+            agg.fold(u, party="p") if fold == "raw" else agg.fold(jk.admit(u, agg.layout, backend=backend, party="p"))
+            got = agg.finalize("delta")
+            assert got["w"] == pytest.approx(np.full(4, min(1.0, 1.0 / want_delta) * magnitude), rel=1e-12, abs=0)

@@ -307,3 +307,29 @@ def test_a_bound_just_past_a_power_of_two_rounds_up():
     agg = jk.Aggregator({"w": np.zeros(2)}, deterministic=True, bound=just, backend="numpy")
     agg.fold({"w": np.array([just, -just])}, party="p")
     assert agg.finalize()["w"].tolist() == [just, -just]
+
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_a_total_weight_past_float64_is_out_of_range_not_a_bare_overflow(partial):
+    """math.fsum raises OverflowError where the exact sum leaves float64's range (2^20 updates at the largest
+    weight admitted reach it): finalize, total_weight and repr raised it bare. The total is inf, and finalize refuses
+    it naming the leaf. (The masses are set directly: a fold of 2^20 updates takes minutes.)"""
+    agg = jk.Aggregator({"w": np.zeros(3), "b": np.zeros(2)}, deterministic=True, acc_dtype="float64",
+                        partial=partial)
+    agg.fold_many([{"w": np.ones(3), "b": np.ones(2)}, {"w": np.ones(3)} if partial else {"w": np.ones(3),
+                   "b": np.ones(2)}], parties=["p", "q"])
+    agg.state.parties = {"p": 1.7e308, "q": 1.7e308}
+    assert agg.state.total_weight == math.inf and "weight inf" in repr(agg.state)
+    with pytest.raises(jk.ValueOutOfRange, match="total weight inf") as e:
+        agg.finalize()
+    assert e.value.leaf in ("w", "b")
+
+
+def test_fednova_divides_by_its_normalized_steps_when_the_weights_sum_past_float64():
+    """FedNova's divisor 1 / sum p_j tau_j, p_j = n_j / sum n: with sum n past float64's range it took every p_j as 0
+    (a division by zero); the p_j are then taken from the weights scaled by the largest."""
+    from jitkernels import algorithms as A
+
+    st = jk.Aggregator({"w": np.zeros(2)}, A.FedNova(), base={"w": np.zeros(2)}).state
+    st.parties, st.info = {"p": 1.5e308, "q": 0.5e308}, {"p": {"steps": 2}, "q": {"steps": 6}}
+    assert A.FedNova().divisor_scale(st) == pytest.approx(1 / (0.75 * 2 + 0.25 * 6), rel=1e-15)

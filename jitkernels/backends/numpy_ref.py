@@ -117,7 +117,8 @@ def stats(base, g, acc_dtype):
                     x = x - base[o:o + n].astype(np.float64)
             nonfinite[r, j] = n - int(fin.sum())
             xf = np.where(fin, x, 0.0)
-            sumsq[r, j] = float(np.add.reduce(xf * xf))  # not np.dot: a BLAS call per leaf stalls on busy cores
+            with np.errstate(over="ignore"):  # (an overflowed sum is measured again: admission.rescale_norms)
+                sumsq[r, j] = float(np.add.reduce(xf * xf))  # not np.dot: a BLAS call per leaf stalls on busy cores
             maxabs[r, j] = float(np.abs(xf).max())
     return nonfinite, sumsq, maxabs
 
