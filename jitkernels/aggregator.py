@@ -25,7 +25,7 @@ from .device import DeviceLeaf, array_module, empty_leaf, gpu_of, place, to_host
 from .dtypes import Quantized, np_dtype
 from .backends import numpy_ref
 from .errors import (BackendUnavailable, CorruptState, DuplicateParty, EmptyAggregate, LayoutMismatch, NonFiniteUpdate,
-                     RoundClosed, TornState, ValueOutOfRange)
+                     InvalidUpdateInfo, RoundClosed, TornState, ValueOutOfRange)
 from .layout import Layout
 from . import state as state_module
 from .parties import anonymous_party, check_party
@@ -252,6 +252,16 @@ class Aggregator:
         if getattr(alg, "buffered", False) and state.store is None:
             raise CorruptState(f"the state's algorithm {type(alg).__name__} keeps the round's updates, and the "
                                "state has no store of them")
+        missing = sorted(alg.initial_scalars().keys() - state.scalars.keys())
+        if missing:  # (a DP adaptive state without its clip norm raised a bare KeyError at its next fold)
+            raise CorruptState(f"the state's algorithm {type(alg).__name__} keeps server values {missing}, and the "
+                               "state has none of them")
+        check = getattr(alg, "check_record", None)  # (a user's own algorithm class may have none)
+        for p in state.parties if check is not None else ():
+            try:
+                check(state.info.get(p) or {}, p)
+            except InvalidUpdateInfo as e:
+                raise CorruptState(f"the state's record of {e}") from None
         if getattr(alg, "buffered", False):
             if alg.over_budget == "spill" and alg.budget_bytes is not None and spill_dir is None:
                 raise ValueError(f"the state's {type(alg).__name__} spills past its budget of {alg.budget_bytes} "

@@ -78,6 +78,12 @@ class FedAvg:
                                     f"(it reads {', '.join(self.info_keys) or 'nothing'})")
         return {}
 
+    def check_record(self, record: dict, party) -> None:
+        """A saved state's record of one party, from a file (a checksum vouches for nothing): the per-update values
+        this algorithm reads, checked as on arrival (a FedNova record without ``steps`` raised a bare KeyError at
+        finalize; steps of -3 gave a wrong model)."""
+        self.check_info({k: record[k] for k in self.info_keys if k in record}, party)
+
     def mass(self, u) -> float:
         return u.weight if self.weighted else 1.0
 
@@ -517,12 +523,13 @@ class _DPClipping:
         from .noise import _uint, new_seed
 
         self.seed = new_seed() if seed is None else _uint("seed", seed, 64)
+        self.seed_given = seed is not None  # (a restarted scheduler job compares its saved seed only if so)
         self._noised = {}  # round -> the state whose aggregate took that round's noise (see claim_noise)
 
     # delegated: the inner algorithm's weights, optimizer and per-update values
     def __getattr__(self, name):
-        if name in ("kind", "moments", "v0", "coefficients", "info_keys", "check_info", "mass", "divisor_scale",
-                    "supports_partial"):
+        if name in ("kind", "moments", "v0", "coefficients", "info_keys", "check_info", "check_record", "mass",
+                    "divisor_scale", "supports_partial"):
             return getattr(self.inner, name)
         raise AttributeError(name)
 
@@ -711,6 +718,11 @@ class DPAdaptiveClipping(_DPClipping):
 
     def derived_info(self, u, state) -> dict:
         return {**self.inner.derived_info(u, state), "unclipped": float(u.norm <= self.clip_norm(state))}
+
+    def check_record(self, record, party) -> None:
+        self.inner.check_record(record, party)
+        if record.get("unclipped") not in (0.0, 1.0):  # (what derived_info records: the noised count sums them)
+            raise InvalidUpdateInfo(party, "unclipped", record.get("unclipped"), "must be 0 or 1 in a saved state")
 
     def noise_std(self, state) -> float:
         return self.delta_multiplier * self.clip_norm(state) / self.cohort(state)

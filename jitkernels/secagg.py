@@ -732,6 +732,8 @@ class SecAggSum:
             bits = int(meta["modulus_bits"])
             sizes = json.loads(meta["sizes"])
             parties = json.loads(meta["parties"])
+            if not isinstance(parties, list):  # (a str was its characters: "abc" three parties)
+                raise ValueError(f"its parties are a {type(parties).__name__}, not a list")
             acc = np.array(tensors["acc"])
             # the sizes against the accumulator first, in Python ints: a 288-byte file claiming 2^43 values built
             # 6 GB of work items (and int64 sums wrap) before the length check below

@@ -270,7 +270,7 @@ class FoldState:
         if self.layout != other.layout:
             raise IncompatibleStates("states have different layouts "
                                      f"({self.layout.fingerprint} vs {other.layout.fingerprint})")
-        if _rule(self.algorithm) != _rule(other.algorithm):
+        if algorithm_rule(self.algorithm) != algorithm_rule(other.algorithm):
             raise IncompatibleStates(f"states use different algorithms: {self.algorithm} vs {other.algorithm}")
         if self.acc_dtype != other.acc_dtype:
             raise IncompatibleStates(f"accumulators differ: {self.acc_dtype} vs {other.acc_dtype}")
@@ -471,7 +471,7 @@ def _check_values(st: "FoldState") -> None:
     """What a checksum cannot vouch for (anyone can compute one): the values a fold could have made. Arrays of the
     layout's size and finite; party weights finite and >= 0, and per leaf none or from the lightest party's to
     their sum (a leaf weight of 1e-30 gave a 2e30 model; a robust rule's weights are its own: only not NaN nor
-    negative); a round >= 0; a known integer rule and deterministic bound; a robust store of the state's parties.
+    negative), and a leaf of weight 0 summing nothing; a round in [0, 2^32); a known integer rule and deterministic bound; a robust store of the state's parties.
     (The algorithm itself is rebuilt by from_state: a user's own algorithm class loads and merges as before.)"""
     n, L = st.layout.size, len(st.layout)
     for name, a in (("acc", st.acc), ("lo", st.lo), ("base", st.base), *((f"opt_{k}", v) for k, v in
@@ -495,7 +495,13 @@ def _check_values(st: "FoldState") -> None:
         lightest = float(w[w > 0].min()) if (w > 0).any() else 0.0
         if not np.isfinite(lw).all() or ((lw != 0) & ((lw < lightest * (1 - 1e-9)) | (lw > total * (1 + 1e-9)))).any():
             raise ValueError(f"the per-leaf weights {lw[:4]} do not fit the parties' weights (total {total:.6g})")
-    if st.round < 0 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in st.scalars.values()):
+        for i in np.flatnonzero(lw == 0):  # a leaf nobody carried sums nothing (finalize divided its sums by the
+            leaf = st.layout.leaves[i]  # total weight instead: a model 3x off)
+            if any(to_host(a[leaf.offset:leaf.offset + leaf.size]).any() for a in (st.acc, st.lo) if a is not None):
+                raise ValueError(f"leaf {leaf.name!r} has a weight of 0 and non-zero sums")
+    # (rounds key DP noise as 32-bit counters: 2^64 loaded, then finalize raised a bare ValueError)
+    if not 0 <= st.round < 2 ** 32 or not all(isinstance(v, (int, float)) and math.isfinite(v)
+                                              for v in st.scalars.values()):
         raise ValueError(f"round {st.round} or scalars {st.scalars} out of range")
     if st.algorithm.get("int_leaves", "mean") not in ("mean", "max"):
         raise ValueError(f"int_leaves {st.algorithm.get('int_leaves')!r} is neither 'mean' nor 'max'")
@@ -531,7 +537,9 @@ them merge (a coordinator with a budget merges a worker's partial aggregate with
 were saved)."""
 
 
-def _rule(params: dict) -> dict:
+def algorithm_rule(params: dict) -> dict:
+    """An algorithm's parameters less what describes this machine's resources (a store's budget): what two states
+    must share to be one computation."""
     return {k: v for k, v in params.items() if k not in STORE_RESOURCES}
 
 

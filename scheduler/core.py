@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import functools
 import itertools
+import json
 import logging
 import threading
 import math
@@ -1800,6 +1801,13 @@ class JITScheduler:
             else None
         resumed = js.from_state(self._stored_state(js, meta["state"])) if meta.get("state") else None
         replayed = st.stored_updates(job.id, len(js.layout), js.layout.fingerprint)
+        held = {p for p, _ in meta["parties"]} if resumed is not None else set()
+        strangers = sorted((held | {u[1] for u in replayed}) - set(job.parties), key=repr)
+        if strangers:  # (they filled the quorum and were in the model; the job's own parties were then turned away)
+            raise InvalidJob(f"job {job.id!r}: its state directory holds updates of parties it no longer lists "
+                             f"({', '.join(map(repr, strangers[:5]))}{' and more' if len(strangers) > 5 else ''}): "
+                             "add it with the parties it ran with (drop_party takes one out from the next round on), "
+                             "or start it afresh in a new state directory")
         if carry is not None:  # the open round starts from the last round's carry
             js.carry = carry
         wall, opened = self._wall(), meta.get("opened") if meta.get("round", job.first_round) == first else None
@@ -1844,11 +1852,27 @@ class JITScheduler:
         self._plan(js)
 
     def _stored_state(self, js, rel):
-        """A committed state file of the job, refused if it holds another layout (the template changed)."""
+        """A committed state file of the job, refused if it holds another layout (the template changed), or was
+        saved by another algorithm or configuration of it (InvalidJob): the job would continue with the file's,
+        silently (a DP job restarted with a larger noise_multiplier ran every later round at the old one)."""
         state = self.store.load_state(rel)
         if state.layout.fingerprint != js.layout.fingerprint:
             raise jk.LayoutMismatch(f"job {js.job.id!r}: {rel} holds layout {state.layout.fingerprint}; the job's "
                                     f"layout is {js.layout.fingerprint} (its template changed?)")
+        alg = js.algorithm
+        ignore = {"int_leaves", "deterministic"} | (set() if getattr(alg, "seed_given", True) else {"seed"})
+        have = {k: v for k, v in jk.state.algorithm_rule(state.algorithm).items() if k not in ignore}
+        want = {k: v for k, v in json.loads(json.dumps(jk.state.algorithm_rule(alg.params()))).items()
+                if k not in ignore}
+        changed = sorted(k for k in have.keys() | want.keys() if have.get(k) != want.get(k))
+        if bool(state.deterministic) != bool(js.job.deterministic):
+            changed.append("deterministic")
+            have["deterministic"], want["deterministic"] = bool(state.deterministic), bool(js.job.deterministic)
+        if changed:
+            diff = ", ".join(f"{k} {have.get(k)!r} -> {want.get(k)!r}" for k in changed)
+            raise InvalidJob(f"job {js.job.id!r}: {rel} was saved by another configuration of the job ({diff}); a "
+                             "restarted job continues its saved state: add it with the configuration it ran with, or "
+                             "start it afresh in a new state directory")
         return state
 
     def _done(self, js, rnd, task, duration, result, error) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import jitkernels as jk
+from jitkernels import algorithms as A
 from scheduler import (CostModel, Crashed, InvalidJob, JITScheduler, Job, LateUpdate, RoundForgotten, StateDir,
                        StateDirLocked, VirtualClock)
 from scheduler.durable import ident
@@ -2660,3 +2661,65 @@ def test_a_round_that_fails_after_its_finalize_leaves_the_next_round_on_the_base
     for i in range(2):
         ref.fold({"w": np.full(4, 2.0, np.float32)}, party=i, **info(i))
     np.testing.assert_array_equal(got, ref.finalize()["w"])
+
+
+@pytest.mark.parametrize("before, after, what", [
+    (lambda: A.DPFixedClipping(clip_norm=40.0, noise_multiplier=0.3, seed=7),
+     lambda: A.DPFixedClipping(clip_norm=40.0, noise_multiplier=1.0, seed=7), "noise_multiplier 0.3 -> 1.0"),
+    (lambda: A.DPFixedClipping(clip_norm=40.0, noise_multiplier=0.3, seed=7),
+     lambda: A.DPFixedClipping(clip_norm=40.0, noise_multiplier=0.3, seed=8), "seed 7 -> 8"),
+    (lambda: A.FedAdam(lr=0.05, tau=1e-3), lambda: A.FedAdam(lr=0.5, tau=1e-3), "lr 0.05 -> 0.5"),
+    (lambda: A.FedAdam(lr=0.05, tau=1e-3), lambda: "fedavg", "name 'fedadam' -> 'fedavg'"),
+    (lambda: "fedavg", lambda: "fedavg", None),
+    (lambda: A.DPFixedClipping(clip_norm=40.0, noise_multiplier=0.3),  # no seed given: a new one each time
+     lambda: A.DPFixedClipping(clip_norm=40.0, noise_multiplier=0.3), None)])
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_a_job_restarted_with_another_configuration_is_refused(tmp_path, before, after, what, checkpoint):
+    """A restarted job continued with the algorithm its saved state (a carry, a checkpoint) was written by, whatever
+    the job now gave: a DP job restarted with a larger noise_multiplier ran every later round at the old one,
+    bit for bit. It is refused, naming what changed."""
+    def job(alg):
+        return Job("crash-job", template=cw.template(), parties=cw.PARTIES, quorum=1.0, rounds=3,
+                   deterministic=True, prior_response_s=1.0, algorithm=alg)
+
+    s = _sched(tmp_path, checkpoint_bytes=0 if checkpoint else 1 << 40)
+    s.add_job(job(before()))
+    for p in cw.PARTIES[:None if not checkpoint else 3]:  # a whole round 0, or part of it (its checkpoint)
+        s.submit("crash-job", 0, p, cw.update(0, p), cw.weight(0, p), update_id=p).durable.result(timeout=10)
+        s.clock.run()
+    s.close()
+    again = _sched(tmp_path)
+    try:
+        if what is None:
+            again.add_job(job(after()))
+            return
+        with pytest.raises(InvalidJob, match=f"saved by another configuration of the job.*{what}"):
+            again.add_job(job(after()))
+        assert "crash-job" not in again.jobs
+        again.add_job(job(before()))  # the configuration it ran with
+    finally:
+        again.close()
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_a_job_restarted_without_parties_whose_updates_it_holds_is_refused(tmp_path, checkpoint):
+    """A job re-added without parties whose updates its directory holds (a checkpoint of them, or their files) counted
+    them: they filled the quorum and went into the model, and the job's own parties were turned away (LateUpdate)."""
+    def job(parties):
+        return Job("crash-job", template=cw.template(), parties=parties, quorum=1.0, rounds=2, deterministic=True,
+                   prior_response_s=1.0)
+
+    s = _sched(tmp_path, checkpoint_bytes=0 if checkpoint else 1 << 40)
+    s.add_job(job(cw.PARTIES))
+    for p in cw.PARTIES[:3]:
+        s.submit("crash-job", 0, p, cw.update(0, p), cw.weight(0, p), update_id=p).durable.result(timeout=10)
+        s.clock.run()
+    s.store.crash()
+    s.close()
+    again = _sched(tmp_path)
+    try:
+        with pytest.raises(InvalidJob, match=f"parties it no longer lists \\({cw.PARTIES[0]!r}"):
+            again.add_job(job(cw.PARTIES[3:]))
+        again.add_job(job(cw.PARTIES))
+    finally:
+        again.close()

@@ -410,6 +410,10 @@ def test_corrupted_or_foreign_files_raise_corrupt_state(tmp_path):
         p.write_bytes(checked_bytes({"acc": np.zeros(3, np.uint32)}, dict(s._metadata(), sizes=str(sizes))))
         with pytest.raises(jk.CorruptState, match="do not add up"):
             sa.SecAggSum.load(p)
+    # parties as a JSON str: its characters were read as parties ("abc": a, b and c)
+    p.write_bytes(checked_bytes({"acc": np.zeros(3, np.uint32)}, dict(s._metadata(), sizes="[3]", parties='"abc"')))
+    with pytest.raises(jk.CorruptState, match="parties are a str, not a list"):
+        sa.SecAggSum.load(p)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -382,6 +382,10 @@ def test_atomic_write_is_not_blocked_by_a_leftover_temp_file(tmp_path):
     # an empty state is all zeros (a rejected first batch is undone by zeroing it again, a fold relies on it)
     ("nonzero_empty", {"leaf_weight": np.zeros(1)}, {"parties": "[]"}, "no parties holds non-zero"),
     ("overflowing_parties", {}, {"parties": '[["a", 1e308], ["b", 1e308]]'}, "past float64's range"),
+    # a leaf no party carried, holding sums (finalize divided them by the total weight: a model 3x off); a round
+    # past DP noise's 32-bit counter (a bare ValueError at finalize)
+    ("zero_leaf_weight", {"leaf_weight": np.zeros(1)}, {}, "leaf 'w' has a weight of 0 and non-zero sums"),
+    ("huge_round", {}, {"round": str(2 ** 64)}, "round 18446744073709551616"),
 ])
 def test_a_checksummed_state_a_fold_could_not_have_made_is_refused(what, tensors_edit, meta_edit, match):
     """SHA-256 is unkeyed: anyone can re-sign a file. Values no fold makes (a NaN accumulator merged into a NaN
@@ -415,6 +419,27 @@ def test_an_algorithm_record_no_algorithm_makes_is_corrupt_state():
     st = FoldState.from_bytes(checked_bytes(tensors, dict(meta, algorithm='{"name": "fedavg", "bogus": 1}')))
     with pytest.raises(jk.CorruptState, match="does not rebuild"):
         jk.Aggregator.from_state(st)
+
+
+def test_per_party_records_and_server_values_are_checked_when_a_state_is_resumed():
+    """A checksummed state whose per-party records or server values its algorithm could not have written: FedNova
+    without steps, or with steps of -3, DP adaptive clipping without its clip norm or with an unclipped count of 7
+    (bare KeyErrors at the next fold or finalize, or a wrong model) is CorruptState naming the party and value."""
+    from jitkernels.state import FoldState, checked_bytes, read_checked_bytes
+
+    z = {"w": np.zeros(3)}
+    nova = jk.Aggregator(z, jk.algorithms.FedNova(), base=z)
+    nova.fold({"w": np.ones(3)}, party="p", steps=2)
+    dp = jk.Aggregator(z, jk.algorithms.DPAdaptiveClipping("fedavg", noise_multiplier=0.0, num_sampled=2), base=z)
+    dp.fold({"w": np.ones(3)}, party="p")
+    for agg, edit, match in ((nova, {"info": '[["p", {}]]'}, "party 'p': steps is required"),
+                             (nova, {"info": '[["p", {"steps": -3}]]'}, "party 'p': steps = -3.0 must be"),
+                             (dp, {"info": '[["p", {"unclipped": 7.0}]]'}, "party 'p': unclipped = 7.0"),
+                             (dp, {"scalars": "{}"}, "keeps server values \\['clip_norm'\\]")):
+        tensors, meta = read_checked_bytes(agg.state.to_bytes())
+        jk.Aggregator.from_state(FoldState.from_bytes(checked_bytes(tensors, meta)))  # as written: resumes
+        with pytest.raises(jk.CorruptState, match=match):
+            jk.Aggregator.from_state(FoldState.from_bytes(checked_bytes(tensors, {**meta, **edit})))
 
 
 def test_an_acc_dtype_numpy_cannot_parse_is_corrupt_state():
