@@ -372,7 +372,8 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
 
 def admit_many(updates, layout, *, weights=None, parties=None, base=None, backend="auto", acc_dtype=None,
                copy=False, partial=False, bound=None, host_base=None, base_max=None) -> list:
-    """Admit k updates with one stats call per input dtype. Raises on the first bad update (in order); nothing
+    """Admit k updates with one stats call per input dtype. Raises on the first bad update, check by check: parties,
+    weights and layouts over the whole batch first, then the stats' findings (non-finite, range) in order; nothing
     is returned (so nothing is folded) unless all pass. ``bound`` (deterministic mode) caps ``weight * max|x|``.
     ``acc_dtype``: the accumulator's, whose headroom is checked (default: the layout's, as an Aggregator's).
     Updates in GPU memory need ``backend`` "cupy" (or "auto" with the GPU backend available). ``base_max``:

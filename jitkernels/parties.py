@@ -28,7 +28,8 @@ def check_party(p):
     else:
         raise InvalidParty(f"party ids must be str or int, got {type(p).__name__} {p!r}")
     if (len(q) > MAX_ID_CHARS) if type(q) is str else not (-(1 << 63) <= q < (1 << 64)):
-        what = f"{len(q):,} characters" if type(q) is str else f"an int of {q.bit_length()} bits"
+        what = (f"{len(q):,} characters" if type(q) is str else  # (repr refuses ints past 4,300 digits)
+                f"{q if q.bit_length() <= 128 else f'an int of {q.bit_length()} bits'}, outside [-2^63, 2^64)")
         raise InvalidParty(f"party ids are str of at most {MAX_ID_CHARS:,} characters or 64-bit ints; got {what}")
     return q
 

@@ -1243,4 +1243,8 @@ def bench(shapes=((10, 25_000_000), (50, 5_000_000)), *, repeat: int = 3, flower
 
 
 if __name__ == "__main__":  # pragma: no cover
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m jitkernels.robust_gram", description=bench.__doc__.split("\n\n")[0]
+                            ).parse_args()  # (--help ran the whole benchmark, minutes of it)
     bench()

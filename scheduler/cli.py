@@ -246,7 +246,10 @@ def cmd_sweep(args) -> int:
             bound[i, j] = row["risk_bound_of_oracle_saving"] = risk_bound(wl, out)
             latency[i, j] = row["latency_share_of_lazy_gap"]
             added[i, j] = row["added_latency_p95_vs_eager_s"]
-            cells.append({"rho": r, "jitter_cv": cv, **{p: v for p, v in out["policies"].items()}})
+            rows = out["policies"]  # (the run's speed apart, under "timing", as simulate's: it wrote it in the figures)
+            cells.append({"rho": r, "jitter_cv": cv,
+                          **{p: {k: v for k, v in row.items() if k not in TIMING} for p, row in rows.items()},
+                          "timing": {p: {k: row[k] for k in TIMING if k in row} for p, row in rows.items()}})
     _write_json(os.path.join(out_dir, "sweep.json"), cells, "sweep")
     for title, data, fmt in (("jit saving vs eager", saving, "{:>8.1%}"),
                              ("share of lazy's saving jit captures", capture, "{:>8.1%}"),

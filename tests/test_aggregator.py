@@ -1322,8 +1322,10 @@ def test_numbers_parties_send_are_real_numbers_and_ids_are_bounded():
         with pytest.raises(jk.InvalidUpdateInfo, match="steps"):
             nova.fold(u, weight=1.0, party="p", steps=steps)
     assert nova.state.count == 0 and agg.state.count == 9
-    for party in (10 ** 5000, 1 << 64, -(1 << 63) - 1, "x" * ((1 << 16) + 1)):
-        with pytest.raises(jk.InvalidParty, match="at most 65,536 characters or 64-bit ints"):
+    for party, got in ((10 ** 5000, "got an int of 16610 bits, outside"), (1 << 64, "got 18446744073709551616, outside"),
+                       (-(1 << 63) - 1, "got -9223372036854775809, outside \\[-2\\^63, 2\\^64\\)"),  # ("64 bits")
+                       ("x" * ((1 << 16) + 1), "got 65,537 characters")):
+        with pytest.raises(jk.InvalidParty, match="at most 65,536 characters or 64-bit ints; " + got):
             agg.fold(u, party=party)
     agg.fold(u, party=(1 << 64) - 1)  # (Flower's node ids are random uint64s)
     st = agg.state

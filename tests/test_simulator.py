@@ -171,6 +171,8 @@ def test_jitagg_sweep_reports_each_bar_per_cell(tmp_path, capsys):
         assert 0.0 <= c["jit"]["capture_of_oracle_saving"] <= 1.0 + 1e-9
         assert all(c[p]["rounds"] == 6 for p in ("eager", "lazy", "jit", "oracle"))
         assert 0.0 < c["jit"]["risk_bound_of_oracle_saving"] <= 1.0
+        # the run's speed apart, as simulate's JSON keeps it (it sat among the figures: two runs of a seed differed)
+        assert not {"wall_s", "events_per_s"} & set(c["jit"]) and c["timing"]["jit"]["wall_s"] > 0
     assert (out / "sweep.png").stat().st_size > 1000
 
 
