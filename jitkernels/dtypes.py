@@ -6,6 +6,7 @@ read in place through ``tensor.view(torch.int16).numpy().view(bfloat16)``.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import sys
 from dataclasses import dataclass
@@ -154,12 +155,15 @@ class Quantized:
         if s.dtype.kind not in "fiu" and s.dtype != bfloat16:  # (a complex scale lost its imaginary part, a str one
             # raised a bare ValueError)
             raise InvalidQuantized(f"Quantized: scales must be real numbers, got dtype {s.dtype}")
-        with np.errstate(over="ignore"):  # (checked where the scales are, then uploaded once: CuPy takes no host
-            s32 = s_xp.asarray(s, dtype=np.float32).reshape(-1)  # bfloat16)
-        if bool(s_xp.any((s32 == 0) & (s.reshape(-1) != 0))):  # (the update then counted as zeros)
+        # only a float wider than float32 may round to 0 there (the update then counted as zeros) or past its range
+        # (then inf: the party's finite update was refused as non-finite); checked where the scales are, then
+        # uploaded once (CuPy takes no host bfloat16)
+        wide = s.dtype.kind == "f" and s.dtype.itemsize > 4
+        with np.errstate(over="ignore") if wide else contextlib.nullcontext():
+            s32 = s_xp.asarray(s, dtype=np.float32).reshape(-1)
+        if wide and bool(s_xp.any((s32 == 0) & (s.reshape(-1) != 0))):
             raise InvalidQuantized("Quantized: a nonzero scale rounds to 0 in float32 (scales are float32)")
-        if s.dtype.kind == "f" and bool(s_xp.any(s_xp.isinf(s32) & s_xp.isfinite(s.reshape(-1)))):
-            # (the update was then refused as non-finite, a party's finite values blamed)
+        if wide and bool(s_xp.any(s_xp.isinf(s32) & s_xp.isfinite(s.reshape(-1)))):
             raise InvalidQuantized(f"Quantized: a finite scale overflows float32 (scales are float32, at most "
                                    f"{float(np.finfo(np.float32).max):.6g})")
         s = xp.ascontiguousarray(xp.asarray(s32))
