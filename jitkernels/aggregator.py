@@ -113,6 +113,23 @@ def _written(layout, outs, buffered: bool) -> int:
     return len(outs)
 
 
+def _check_records(alg, state: FoldState) -> None:
+    """A state from outside (a file, a worker's bytes: a checksum vouches for nothing) holds what ``alg``'s folds
+    could have recorded: its server values, and each party's per-update record (``check_record``). A DP adaptive
+    state without its clip norm raised a bare KeyError at its next fold; a FedNova record without steps one at
+    finalize, one with steps of -3 a wrong model."""
+    missing = sorted(alg.initial_scalars().keys() - state.scalars.keys())
+    if missing:
+        raise CorruptState(f"the state's algorithm {type(alg).__name__} keeps server values {missing}, and the state "
+                           "has none of them")
+    check = getattr(alg, "check_record", None)  # (a user's own algorithm class may have none)
+    for p in state.parties if check is not None else ():
+        try:
+            check(state.info.get(p) or {}, p)
+        except InvalidUpdateInfo as e:
+            raise CorruptState(f"the state's record of {e}") from None
+
+
 class Aggregator:
     """Streaming aggregation of model updates into a :class:`FoldState`.
 
@@ -252,16 +269,7 @@ class Aggregator:
         if getattr(alg, "buffered", False) and state.store is None:
             raise CorruptState(f"the state's algorithm {type(alg).__name__} keeps the round's updates, and the "
                                "state has no store of them")
-        missing = sorted(alg.initial_scalars().keys() - state.scalars.keys())
-        if missing:  # (a DP adaptive state without its clip norm raised a bare KeyError at its next fold)
-            raise CorruptState(f"the state's algorithm {type(alg).__name__} keeps server values {missing}, and the "
-                               "state has none of them")
-        check = getattr(alg, "check_record", None)  # (a user's own algorithm class may have none)
-        for p in state.parties if check is not None else ():
-            try:
-                check(state.info.get(p) or {}, p)
-            except InvalidUpdateInfo as e:
-                raise CorruptState(f"the state's record of {e}") from None
+        _check_records(alg, state)
         if getattr(alg, "buffered", False):
             if alg.over_budget == "spill" and alg.budget_bytes is not None and spill_dir is None:
                 raise ValueError(f"the state's {type(alg).__name__} spills past its budget of {alg.budget_bytes} "
@@ -831,6 +839,8 @@ class Aggregator:
         with state_module.guarded(self.state, other.state if isinstance(other, Aggregator) else other):
             self._check_device()
             theirs = other.state if isinstance(other, Aggregator) else other
+            if isinstance(other, FoldState):  # (a worker's partial state, from bytes: Ray's merge path)
+                _check_records(self.algorithm, theirs)
             self._check_room(theirs.parties)
             self.state.merge_into(theirs)
 

@@ -39,6 +39,7 @@ from .predictor import Predictor, warm as _warm_predictor
 
 log = logging.getLogger("jitkernels.scheduler")
 DETERMINISTIC_BOUND = 2.0 ** 20  # jitkernels' default bound on weight * |x| for deterministic jobs
+TAKE_BACKS = 2  # times a job's deployment may be taken back in a round before it stops taking others' (_request_slot)
 RETRY_MIN_S = 0.01  # a waiting quorum looks for a slot again at most this often (hysteresis and start-up may be 0:
 # the retry was at now, for ever, and a virtual clock's time stood still)
 
@@ -157,7 +158,10 @@ class Job:
             # "listed twice")
             raise InvalidJob(f"job {self.id!r}: parties must be a list of party ids, got "
                              f"{type(self.parties).__name__} {jk.errors.shown(self.parties)}")
-        self.parties = list(self.parties)
+        try:
+            self.parties = list(self.parties)
+        except TypeError as e:  # (a 0-d numpy array has __iter__ and refuses it)
+            raise InvalidJob(f"job {self.id!r}: parties must be a list of party ids ({e})") from None
         q, n = self.quorum, len(self.parties)
         if n == 0:  # (any quorum of no parties: every round failed, "only 0 parties left")
             raise InvalidJob(f"job {self.id!r}: it has no parties")
@@ -288,6 +292,7 @@ class _Round:
     timer: object = None
     plan_t: float | None = None  # the deploy time last planned (inf: unknown): what laxity is measured from
     since_plan: int = 0  # arrivals since the deploy time was last planned
+    taken_back: int = 0  # times its idle deployment was taken back for another job (see _request_slot)
     deadline_timer: object = None
     done: bool = False
     admitted: int = 0  # updates acknowledged for the round: membership is decided at submit, the first q
@@ -1453,6 +1458,12 @@ class JITScheduler:
             # folded to free the budget; otherwise the idle job's own parties stay blocked by Backpressure. The
             # one that can wait longest, re-planned now (its last plan, from before it deployed, is stale)
             victims = [(self._redeploy_laxity(o), o) for o in idle]
+        elif inputs.get("timer") and js.open is not None and js.open.taken_back >= TAKE_BACKS:
+            # its planned deploy time came, and its own idle deployment was taken back TAKE_BACKS times this round: it
+            # waits for a free slot (or its quorum, or buffer pressure) to deploy again. Two jobs whose quorums did
+            # not come took the slot from each other at every plan, each conditional quantile a little past the
+            # other's: a take-back every ~4e-4 x the round's age, for ever (a simulation never ended)
+            victims = []
         else:
             # take back an idle deployment whose job can wait longer, if the gap beats the hysteresis + start-up;
             # its laxity is re-planned now as if it had to redeploy (a few quantiles, only when a job must wait)
@@ -1466,6 +1477,7 @@ class JITScheduler:
             # mix on a 40 MB budget: 23,173 oracle deployments in 30 rounds, costing more than lazy)
             self._release(victim, f"preempted by {js.job.id}", to=(js, laxity) if pressure else None)
             if victim.open is not None and not victim.open.done:
+                victim.open.taken_back += 1
                 self._plan(victim)  # it plans its redeployment now, not at its next arrival
         else:
             self._log("wait_slot", js, laxity=laxity, waiting=len(self.waiting), plan=inputs)
@@ -1860,10 +1872,14 @@ class JITScheduler:
             raise jk.LayoutMismatch(f"job {js.job.id!r}: {rel} holds layout {state.layout.fingerprint}; the job's "
                                     f"layout is {js.layout.fingerprint} (its template changed?)")
         alg = js.algorithm
+        try:  # the record rebuilt, as from_state rebuilds it: a parameter added since the file was written takes its
+            # default, as the file's algorithm did (a Krum file from before `variant` was "variant None -> 'paper'")
+            saved = jk.algorithms.from_params(state.algorithm).params()
+        except (ValueError, TypeError, OverflowError):
+            return state  # (no algorithm makes that record: from_state refuses it, CorruptState)
         ignore = {"int_leaves", "deterministic"} | (set() if getattr(alg, "seed_given", True) else {"seed"})
-        have = {k: v for k, v in jk.state.algorithm_rule(state.algorithm).items() if k not in ignore}
-        want = {k: v for k, v in json.loads(json.dumps(jk.state.algorithm_rule(alg.params()))).items()
-                if k not in ignore}
+        have, want = ({k: v for k, v in json.loads(json.dumps(jk.state.algorithm_rule(p))).items() if k not in ignore}
+                      for p in (saved, alg.params()))
         changed = sorted(k for k in have.keys() | want.keys() if have.get(k) != want.get(k))
         if bool(state.deterministic) != bool(js.job.deterministic):
             changed.append("deterministic")

@@ -45,6 +45,7 @@ MAX_PARTY_SPREAD = 10.0
 # run for days or until memory runs out: update events (count x parties x rounds, summed), jobs, parties per job,
 # slots, update bytes
 MAX_EVENTS, MAX_JOBS, MAX_PARTIES, MAX_UPDATE_BYTES = 10 ** 8, 10 ** 4, 10 ** 7, 10 ** 15
+MAX_RESPONSE_S = 1e12  # (s) a response time the quantile search can still bracket, times the run's rounds
 
 
 @dataclass
@@ -100,10 +101,10 @@ class Workload:
         if not (isinstance(listed, list) and all(isinstance(j, dict) for j in listed)):
             raise ValueError(f"{path}: jobs are tables [[jobs]] (one per group of jobs), got a "
                              f"{type(listed).__name__} (written [jobs]?)")
-        for j in listed:
+        for i, j in enumerate(listed):
             unknown = set(j) - known
             if unknown:
-                raise ValueError(f"{path}: unknown job keys {sorted(unknown)}")
+                raise ValueError(f"{path}: job {j.get('name', f'#{i + 1}')!r}: unknown job keys {sorted(unknown)}")
             jobs.append(JobSpec(**j))
         wl_known = {f.name for f in fields(cls)}
         unknown = set(d) - wl_known
@@ -133,8 +134,9 @@ class Workload:
                                  or _is_int(self.byte_budget) and self.byte_budget > 0)):
             if not ok:  # (a budget of 0 refused every update for ever; slots = 1.5 ran as 1)
                 raise ValueError(f"{name} = {shown(value)} is out of range")
-        if not isinstance(self.name, str):  # (it names the output files, written after the whole run)
-            raise ValueError(f"name = {self.name!r} is not a string")
+        for name, value in (("name", self.name), ("backend", self.backend)):  # (the name names the output files,
+            if not isinstance(value, str):  # written after the whole run; backend = [1] was "unhashable type")
+                raise ValueError(f"{name} = {shown(value)} is not a string")
         names = [j.name for j in self.jobs]
         bad = next((n for n in names if not isinstance(n, str)), None)
         if bad is not None:  # (5 and "5" both made job ids "5-0")
@@ -154,7 +156,7 @@ class Workload:
                 if not (_is_real(getattr(j, name)) and math.isfinite(getattr(j, name))):
                     raise ValueError(f"job {j.name!r}: {name} = {getattr(j, name)!r} is not a finite number")
             for name, ok in (("count", j.count >= 1), ("parties", j.parties >= 1), ("rounds", j.rounds >= 1),
-                             ("quorum", 0 < j.quorum <= 1), ("response_s", j.response_s > 0),
+                             ("quorum", 0 < j.quorum <= 1), ("response_s", 0 < j.response_s <= MAX_RESPONSE_S),
                              ("model_params", j.model_params >= 1), ("bytes_per_param", j.bytes_per_param >= 1),
                              ("jitter_cv", 0 <= j.jitter_cv <= MAX_SPREAD),
                              ("party_spread", 0 <= j.party_spread <= MAX_PARTY_SPREAD),
@@ -166,6 +168,15 @@ class Workload:
                              ("deadline_s", j.deadline_s is None or j.deadline_s > 0)):
                 if not ok:
                     raise ValueError(f"job {j.name!r}: {name} = {shown(getattr(j, name))} is out of range")
+            # keys that describe intermittent parties, where the job has none (or windows of no length): the run
+            # was the default's, and said nothing
+            for name, unused, why in (("availability", j.availability < 1 and j.intermittent == 0, "intermittent = 0"),
+                                      ("window_s", j.window_s > 0 and j.intermittent == 0, "intermittent = 0"),
+                                      ("window_open", j.window_open < 1 and (j.intermittent == 0 or j.window_s == 0),
+                                       "intermittent = 0" if j.intermittent == 0 else "window_s = 0")):
+                if unused:
+                    raise ValueError(f"job {j.name!r}: {name} = {shown(getattr(j, name))} applies to intermittent "
+                                     f"parties' availability, and {why}: it would change nothing")
             if self.byte_budget is not None and j.model_params * j.bytes_per_param > self.byte_budget:
                 raise ValueError(f"job {j.name!r}: one update ({j.model_params * j.bytes_per_param} bytes) is larger "
                                  f"than byte_budget = {self.byte_budget}")
@@ -540,4 +551,7 @@ def sweep_workload(rho_target: float, jitter_cv: float, *, seed: int = 3, rounds
             + wl.startup_s)
     spec.response_s = 1.0  # the quorum time scales with the response time: sized at 1 s, then scaled
     spec.response_s = work / rho_target / Arrivals(seed, 0, spec).mean_quorum_time(q)
+    if not spec.response_s < MAX_RESPONSE_S:  # (rho = 1e-320 sized rounds of inf seconds: a traceback in the run)
+        raise ValueError(f"rho = {rho_target!r} needs rounds of {spec.response_s:.3g} s, past the {MAX_RESPONSE_S:.0e} "
+                         "s a run can time")
     return replace(wl, jobs=[spec])

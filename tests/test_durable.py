@@ -2723,3 +2723,38 @@ def test_a_job_restarted_without_parties_whose_updates_it_holds_is_refused(tmp_p
         again.add_job(job(cw.PARTIES))
     finally:
         again.close()
+
+
+def test_a_state_saved_before_a_parameter_existed_resumes_with_its_default(tmp_path):
+    """The configuration check compares the saved record rebuilt (a parameter added since takes its default, as
+    from_state rebuilds it), not the raw record: a Krum checkpoint from before Krum's ``variant`` was refused,
+    "variant None -> 'paper'", though it resumes as it ran."""
+    import glob
+
+    from jitkernels import robust as R
+    from jitkernels.state import checked_bytes, read_checked_bytes
+
+    def job():
+        return Job("j", template=cw.template(), parties=cw.PARTIES, quorum=1.0, rounds=3, prior_response_s=1.0,
+                   algorithm=R.Krum(f=1))
+
+    s = _sched(tmp_path)
+    s.add_job(job())
+    for p in cw.PARTIES[:3]:
+        s.submit("j", 0, p, cw.update(0, p), cw.weight(0, p), update_id=p).durable.result(timeout=10)
+        s.clock.run()
+    s.close()
+    files = glob.glob(str(tmp_path / "states" / "*.jks"))
+    assert files
+    for f in files:  # as the older version wrote it
+        t, m = read_checked_bytes(open(f, "rb").read())
+        alg = json.loads(m["algorithm"])
+        del alg["variant"]
+        m["algorithm"] = json.dumps(alg, sort_keys=True)
+        open(f, "wb").write(checked_bytes(t, m))
+    again = _sched(tmp_path)
+    try:
+        again.add_job(job())
+        assert again.jobs["j"].open.folded == 3
+    finally:
+        again.close()

@@ -798,7 +798,8 @@ def test_a_refused_construction_starts_no_thread_and_changes_no_setting(tmp_path
     # (bare ValueErrors before: an algorithm name was resolved, and the sizes checked, past the InvalidJob checks;
     # a str of parties was its characters, "listed twice")
     ({"algorithm": "nope"}, "job 'j': unknown algorithm 'nope'"), ({"template": None}, "give a template, or model"),
-    ({"parties": "abc"}, "parties must be a list of party ids, got str 'abc'"), ({"parties": 3}, "got int 3")])
+    ({"parties": "abc"}, "parties must be a list of party ids, got str 'abc'"), ({"parties": 3}, "got int 3"),
+    ({"parties": np.array(5)}, "parties must be a list of party ids \\(iteration over a 0-d array")])
 def test_a_job_that_cannot_run_as_given_is_refused_by_add_job(change, what):
     from scheduler import InvalidJob
 

@@ -178,7 +178,9 @@ def test_jitagg_sweep_reports_each_bar_per_cell(tmp_path, capsys):
 
 @pytest.mark.parametrize("case", ["out_is_a_file", "cost_not_a_table", "jobs_as_one_table", "budget_below_an_update",
                                   "missing_file", "not_toml", "json_is_a_folder", "too_deep", "speeds_underflow",
-                                  "count_past_a_run", "model_past_a_run"])
+                                  "count_past_a_run", "model_past_a_run", "availability_without_intermittent",
+                                  "window_open_without_window", "backend_not_a_str", "misspelled_job_key",
+                                  "response_past_a_run"])
 def test_jitagg_refuses_bad_inputs_before_the_run_in_one_line(case, tmp_path):
     """These failed after the whole run (--out a file, a folder where the JSON goes), or as tracebacks
     (AttributeError for cost = 5, the letters of [jobs]' keys as unknown keys, an InvalidJob from inside the run,
@@ -211,6 +213,18 @@ def test_jitagg_refuses_bad_inputs_before_the_run_in_one_line(case, tmp_path):
         body, match = "byte_budget = 1000\n" + SMALL, "one update .* is larger than byte_budget = 1000"
     elif case == "not_toml":
         body, match = "name = = 1\n", "not TOML"
+    # keys that change nothing where the job has no intermittent parties (or no windows) ran as the defaults
+    elif case == "availability_without_intermittent":
+        body, match = SMALL.replace("intermittent = 0.5\n", ""), \
+            "job 'a': availability = 0.8 applies to intermittent parties' availability, and intermittent = 0"
+    elif case == "window_open_without_window":
+        body, match = SMALL + "window_open = 0.5\n", "job 'a': window_open = 0.5 applies .*, and window_s = 0"
+    elif case == "backend_not_a_str":  # ("unhashable type: 'list'", naming no key)
+        body, match = "backend = [1]\n" + SMALL, r"backend = \[1\] is not a string"
+    elif case == "misspelled_job_key":  # (the job was not named)
+        body, match = SMALL + "quorom = 0.5\n", r"job 'a': unknown job keys \['quorom'\]"
+    elif case == "response_past_a_run":
+        body, match = SMALL.replace("response_s = 100.0", "response_s = 1e300"), r"response_s = 1e\+300 is out of range"
     path = tmp_path / "w.toml"
     if case != "missing_file":
         path.write_text(body)
@@ -531,3 +545,66 @@ def test_a_runs_totals_sum_its_jobs_and_its_percentiles_are_the_named_ones():
     out = compare(sweep, ("eager", "oracle"))
     sweep.alpha = 0.5
     assert 0.0 <= risk_bound(sweep, out) <= 1.0
+
+
+STUCK = """
+name = "stuck"
+seed = 1
+slots = 1
+startup_s = 0.0
+[cost.cpu]
+throughput_Bps = 2.0e10
+call_s = 5e-5
+[[jobs]]
+name = "g"
+count = 2
+model_params = 1_000_000
+parties = 20
+quorum = 0.9
+rounds = 2
+response_s = 60.0
+intermittent = 1.0
+availability = 0.5
+"""
+
+
+def test_jobs_whose_quorum_never_comes_do_not_take_a_slot_from_each_other_for_ever(tmp_path, monkeypatch):
+    """Two jobs whose rounds cannot reach their quorum (no deadline), one slot: under JIT each took the idle
+    deployment back from the other at its next plan, each conditional quantile a little past the other's, a
+    take-back every ~4e-4 x the round's age for ever (the simulation never ended; a server would thrash). A job
+    whose deployment was taken back waits for a free slot or its quorum; the run ends, and compare names the stall."""
+    from scheduler import simulator
+
+    path = tmp_path / "stuck.toml"
+    path.write_text(STUCK)
+    wl = Workload.from_toml(path)
+
+    class Bounded(simulator.VirtualClock):  # (the old code's run never ended: bounded here, it fails on its count)
+        def run(self, until=None):
+            super().run(until=1e5)
+
+    monkeypatch.setattr(simulator, "VirtualClock", Bounded)
+    r = simulate(wl, "jit")
+    assert r.ended == 0 and r.events < 1000, r.events
+    with pytest.raises(ValueError, match="rounds ended .* a round could not reach its quorum and had no deadline"):
+        compare(wl)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--rho", "1e-320"], r"rho=1e-320, cv=0.2: rho = 1e-320 needs rounds of inf s"),
+    (["--rho", "0.01", "--rounds", "100000000"], r"rho=0.01, cv=0.2: .* past the 1e\+04 jobs and 1e\+08 events")])
+def test_jitagg_sweep_refuses_cells_it_cannot_run_in_one_line(tmp_path, args, match):
+    """Arguments its own check took (a finite rho > 0, rounds >= 1) ended in tracebacks from inside the run."""
+    with pytest.raises(SystemExit, match=match):
+        cli.main(["sweep", "--cv", "0.2", "--out", str(tmp_path), *args])
+
+
+def test_jitagg_simulate_says_how_many_rounds_made_no_model(tmp_path, capsys):
+    """The table's figures are over the rounds that made a model: with 9 of 10 rounds failed for dropouts it showed
+    "misses 0" and a 95% saving, the failures in the JSON only."""
+    path = tmp_path / "w.toml"
+    path.write_text(SMALL.replace("count = 2", "count = 1").replace("rounds = 6", "rounds = 10")
+                    .replace("intermittent = 0.5\navailability = 0.8\n", "dropout = 0.5\n"))
+    assert cli.main(["simulate", "--config", str(path), "--out", str(tmp_path)]) == 0
+    line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("rounds that made no model"))
+    assert "of 10: eager " in line and "the figures are over the others" in line

@@ -440,6 +440,12 @@ def test_per_party_records_and_server_values_are_checked_when_a_state_is_resumed
         jk.Aggregator.from_state(FoldState.from_bytes(checked_bytes(tensors, meta)))  # as written: resumes
         with pytest.raises(jk.CorruptState, match=match):
             jk.Aggregator.from_state(FoldState.from_bytes(checked_bytes(tensors, {**meta, **edit})))
+        if "info" in edit:  # merged into a live aggregator (a worker's partial state: the Ray executor's path)
+            live = jk.Aggregator.from_state(FoldState.from_bytes(checked_bytes(tensors, meta)))
+            live.reset()
+            with pytest.raises(jk.CorruptState, match=match):
+                live.merge(FoldState.from_bytes(checked_bytes(tensors, {**meta, **edit})))
+            assert live.state.count == 0
 
 
 def test_an_acc_dtype_numpy_cannot_parse_is_corrupt_state():
