@@ -280,6 +280,17 @@ class Aggregator:
         return cls(state.layout, alg, backend=backend, partial=partial, copy=copy,
                    int_leaves=state.algorithm.get("int_leaves", "mean"), _state=state)
 
+    def __getstate__(self):
+        # (copy.deepcopy and pickle: a Flower strategy copied for a sweep or sent to a Ray task holds one; the lock
+        # and the per-update fold's cache of compiled tables are this object's own)
+        with self._lock:
+            return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_one")}
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._lock, self._one = threading.RLock(), None
+        self.state.guard = self._lock
+
     @property
     def buffered(self) -> bool:
         """The algorithm needs all of a round's updates (robust rules): they are kept in ``state.store``."""

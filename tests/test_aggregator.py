@@ -1809,3 +1809,21 @@ def test_a_fold_measures_an_update_admitted_elsewhere_into_a_copy_not_the_caller
         agg.fold_many([u])
         assert (u.norm, u.maxabs, u.against_base, u.worst_leaf) == before
     assert np.allclose(aggs[0].finalize()["w"], 0.5) and np.allclose(aggs[1].finalize()["w"], 4.5)
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedmedian", "fedadam"])
+def test_an_aggregator_copies_and_pickles_with_its_own_lock(algorithm):
+    """copy.deepcopy and pickle of an Aggregator (inside a Flower strategy copied for a sweep, or sent to a Ray task)
+    raised "cannot pickle '_thread.RLock'". A copy takes its own lock and goes on apart from the original."""
+    import copy
+
+    z = {"w": np.zeros(3, np.float32)}
+    agg = jk.Aggregator(z, algorithm, base=z if algorithm == "fedadam" else None)
+    agg.fold({"w": np.ones(3, np.float32)}, party="p")
+    for c in (copy.deepcopy(agg), pickle.loads(pickle.dumps(agg))):
+        assert c.state.guard is c._lock and c._lock is not agg._lock
+        c.fold({"w": np.full(3, 3, np.float32)}, party="q")
+        assert (c.state.count, agg.state.count) == (2, 1)
+        want = jk.Aggregator(z, algorithm, base=z if algorithm == "fedadam" else None)
+        want.fold_many([{"w": np.ones(3, np.float32)}, {"w": np.full(3, 3, np.float32)}], parties=["p", "q"])
+        np.testing.assert_array_equal(c.finalize()["w"], want.finalize()["w"])

@@ -614,3 +614,39 @@ def test_float128_results_are_refused_by_name_in_the_first_round_and_later():
     ours.aggregate_fit(1, [(_Proxy(f"c{j}"), _fit_res(x, 10)) for j in range(2)], [])
     with pytest.raises(jk.LayoutMismatch, match="party 'c1', leaf 'array 0'.*float128"):
         ours.aggregate_fit(2, [(_Proxy("c0"), _fit_res(x, 10)), (_Proxy("c1"), _fit_res(long, 10))], [])
+
+
+@pytest.mark.parametrize("name", ["FedAvg", "FedAvgM", "FedAdam", "FedMedian", "FedTrimmedAvg", "Krum"])
+def test_a_strategy_copies_and_pickles_as_flowers_do(name):
+    """Flower's strategies deep-copy and pickle (a sweep copies one; Ray sends one to a task). Ours did not: their
+    algorithm factories were lambdas, and after a round they held an Aggregator and its lock. A copy taken after a
+    round goes on as the original does, and apart from it."""
+    import copy
+    import pickle
+
+    rng = np.random.default_rng(3)
+    x0 = _model(rng)
+    ours = getattr(jkfl, name)(initial_parameters=ndarrays_to_parameters(x0))
+    rounds = [[(_Proxy(f"c{j}"), _fit_res([(a + 0.05 * rng.standard_normal(a.shape)).astype(np.float32) for a in x0],
+                                          10 + j)) for j in range(5)] for _ in range(3)]
+    ours.aggregate_fit(1, rounds[0], [])
+    copies = [copy.deepcopy(ours), pickle.loads(pickle.dumps(ours))]
+    want = [parameters_to_ndarrays(ours.aggregate_fit(r, res, [])[0]) for r, res in ((2, rounds[1]), (3, rounds[2]))]
+    for c in copies:
+        got = [parameters_to_ndarrays(c.aggregate_fit(r, res, [])[0]) for r, res in ((2, rounds[1]), (3, rounds[2]))]
+        for g, w in zip(got, want):
+            for a, b in zip(g, w):
+                np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["MessageFedAvg", "MessageFedAvgM", "MessageFedAdam", "MessageFedYogi",
+                                  "MessageFedAdagrad", "MessageFedMedian", "MessageFedTrimmedAvg", "MessageKrum",
+                                  "MessageMultiKrum"])
+def test_the_message_api_strategies_copy_and_pickle(name):
+    """As the strategy API's (above): their factories were lambdas, and FedAvgM's class a local name."""
+    import copy
+    import pickle
+
+    s = getattr(jkfl, name)()
+    for c in (copy.deepcopy(s), pickle.loads(pickle.dumps(s))):
+        assert type(c) is type(s) and c._jk.algorithm.params() == s._jk.algorithm.params()

@@ -37,8 +37,10 @@ Krum and Multi-Krum are ``variant="flower"`` of :class:`jitkernels.robust.Krum` 
 k >= 2f + 3): as Flower's ``aggregate_krum`` and ``select_multikrum``, they run with any k (``max(1, k - f - 2)``
 neighbours), score the results with ``num_examples == 0`` (which weigh 0 in Multi-Krum's average; Krum returns its
 selected result whatever its weight) and keep all k when asked to keep more. Differences: exact score ties go to the
-earlier result (Flower's Message API takes whichever ``np.argsort``, not stable, puts first; its strategy-API Krum's
-``np.argmin`` also takes the earlier); a Multi-Krum selection whose results all report 0 examples raises
+earlier result (Flower's strategy-API Krum with ``num_clients_to_keep=0`` does too, by ``np.argmin``; its Multi-Krum,
+``num_clients_to_keep >= 1``, and its Message API take whichever ``np.argsort``, not stable, puts first: often the
+later one. Ties are certain where k - f - 2 <= 1, since the closest pair then share the lowest score, so such small
+federations may keep another client's model than Flower's); a Multi-Krum selection whose results all report 0 examples raises
 :class:`~jitkernels.errors.EmptyAggregate` (Flower's strategy API returns NaN arrays, its Message API raises
 ZeroDivisionError); with ``num_clients_to_keep`` above k the strategy API keeps all k (Flower's slice
 ``argsort(scores)[::-1][k - to_keep:]`` keeps the ``to_keep - k`` lowest).
@@ -68,6 +70,7 @@ import numpy as np
 import jitkernels as jk
 
 from .. import algorithms as A
+from .. import robust as R
 from ..dtypes import np_dtype
 from ..errors import InvalidParty, LayoutMismatch, shown
 from ..parties import check_party
@@ -463,6 +466,28 @@ def _fedavgm(strategy):
     return A.FedAvg()
 
 
+# Each strategy's algorithm from its hyperparameters, read each round (module functions, not lambdas: a strategy
+# copied for a sweep, or sent to a Ray task, is pickled with them)
+def _fedavg(strategy):
+    return A.FedAvg()
+
+
+def _median(strategy):
+    return R.FedMedian()
+
+
+def _trimmed(strategy):
+    return R.FedTrimmedAvg(beta=strategy.beta)
+
+
+def _krum(strategy):
+    return R.Krum(f=strategy.num_malicious_clients, m=max(1, strategy.num_clients_to_keep), variant="flower")
+
+
+def _message_krum(strategy):
+    return R.Krum(f=strategy.num_malicious_nodes, m=strategy.num_nodes_to_select, variant="flower")
+
+
 def _metrics(strategy, server_round, results):
     """Fit metrics, aggregated as Flower's FedAvg does."""
     if strategy.fit_metrics_aggregation_fn:
@@ -490,10 +515,10 @@ def _strategies():
                     return None, {}
                 return self._jk.aggregate(results), _metrics(self, server_round, results)
 
-        Strategy.__name__ = Strategy.__qualname__ = flower_cls.__name__
+        Strategy.__name__ = flower_cls.__name__
         return Strategy
 
-    FedAvg = _fold_rule(fl.FedAvg, lambda st: A.FedAvg(),
+    FedAvg = _fold_rule(fl.FedAvg, _fedavg,
                         "Flower's FedAvg (``aggregate_fit`` by jitkernels: one fused pass, zero-copy in and out).")
 
     class FedAvgM(fl.FedAvgM):
@@ -537,21 +562,17 @@ def _strategies():
                     self.current_weights = ndarrays_from_parameters(params)
                 return params, _metrics(self, server_round, results)
 
-        Strategy.__name__ = Strategy.__qualname__ = flower_cls.__name__
+        Strategy.__name__ = flower_cls.__name__
         return Strategy
 
     def _robust(flower_cls, make):
         return _fold_rule(flower_cls, make, f"Flower's {flower_cls.__name__} by jitkernels' buffered robust kernels "
                                             f"(one slab of the round's updates, cache-blocked selection).")
 
-    from .. import robust as R
-
     return {"FedAvg": FedAvg, "FedAvgM": FedAvgM, "FedAdam": _fedopt(fl.FedAdam, A.FedAdam),
             "FedYogi": _fedopt(fl.FedYogi, A.FedYogi), "FedAdagrad": _fedopt(fl.FedAdagrad, A.FedAdagrad),
-            "FedMedian": _robust(fl.FedMedian, lambda st: R.FedMedian()),
-            "FedTrimmedAvg": _robust(fl.FedTrimmedAvg, lambda st: R.FedTrimmedAvg(beta=st.beta)),
-            "Krum": _robust(fl.Krum, lambda st: R.Krum(f=st.num_malicious_clients, m=max(1, st.num_clients_to_keep),
-                                                       variant="flower"))}
+            "FedMedian": _robust(fl.FedMedian, _median), "FedTrimmedAvg": _robust(fl.FedTrimmedAvg, _trimmed),
+            "Krum": _robust(fl.Krum, _krum)}
 
 
 def _message_strategies():
@@ -578,10 +599,10 @@ def _message_strategies():
                 chosen = contents if selected is None else selected(self, contents)
                 return arrays, self.train_metrics_aggr_fn(chosen, self.weighted_by_key)
 
-        Strategy.__name__ = Strategy.__qualname__ = "Message" + flower_cls.__name__
+        Strategy.__name__ = "Message" + flower_cls.__name__
         return Strategy
 
-    MessageFedAvg = _train_rule(ms.FedAvg, lambda st: A.FedAvg(), "``flwr.serverapp.strategy.FedAvg`` with "
+    MessageFedAvg = _train_rule(ms.FedAvg, _fedavg, "``flwr.serverapp.strategy.FedAvg`` with "
                                 "``aggregate_train`` by jitkernels (zero-copy in and out).")
 
     def _fedopt(flower_cls, ours):
@@ -606,7 +627,7 @@ def _message_strategies():
                                                    server_round=server_round),
                         self.train_metrics_aggr_fn(contents, self.weighted_by_key))
 
-        Strategy.__name__ = Strategy.__qualname__ = "Message" + flower_cls.__name__
+        Strategy.__name__ = "Message" + flower_cls.__name__
         return Strategy
 
     def _robust(flower_cls, make):
@@ -639,30 +660,29 @@ def _message_strategies():
                 self.current_arrays = arrays
             return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
-    from .. import robust as R
-
-    def _krum(flower_cls):
+    def _krum_rule(flower_cls):
         def kept(st, contents):  # the replies Krum kept, by increasing score (Flower's order)
             index = {p: i for i, p in enumerate(st._jk.last_parties)}
             return [contents[index[p]] for p in st._jk.algorithm.selected]
 
-        return _train_rule(flower_cls, lambda st: R.Krum(f=st.num_malicious_nodes, m=st.num_nodes_to_select,
-                                                         variant="flower"),
+        return _train_rule(flower_cls, _message_krum,
                            f"``flwr.serverapp.strategy.{flower_cls.__name__}`` by jitkernels' Krum (distances from "
                            f"one float64 Gram pass over the round's slab): the weighted average of the selected "
                            f"replies, their metrics aggregated as Flower does (over the selected replies only).", kept)
 
     return {"MessageFedAvg": MessageFedAvg, "MessageFedAvgM": MessageFedAvgM,
-            "MessageKrum": _krum(ms.Krum), "MessageMultiKrum": _krum(ms.MultiKrum),
-            "MessageFedMedian": _robust(ms.FedMedian, lambda st: R.FedMedian()),
-            "MessageFedTrimmedAvg": _robust(ms.FedTrimmedAvg, lambda st: R.FedTrimmedAvg(beta=st.beta)),
+            "MessageKrum": _krum_rule(ms.Krum), "MessageMultiKrum": _krum_rule(ms.MultiKrum),
+            "MessageFedMedian": _robust(ms.FedMedian, _median), "MessageFedTrimmedAvg": _robust(ms.FedTrimmedAvg, _trimmed),
             "MessageFedAdam": _fedopt(ms.FedAdam, A.FedAdam),
             "MessageFedYogi": _fedopt(ms.FedYogi, A.FedYogi), "MessageFedAdagrad": _fedopt(ms.FedAdagrad, A.FedAdagrad)}
 
 
 @functools.lru_cache(maxsize=None)
 def _classes():
-    return {**_strategies(), **_message_strategies()}
+    classes = {**_strategies(), **_message_strategies()}
+    for name, cls in classes.items():  # pickled by reference, as module.qualname (which __getattr__ resolves):
+        cls.__qualname__ = name  # "_strategies.<locals>.FedAvgM" was no name a pickle finds
+    return classes
 
 
 def __getattr__(name):  # module-level lazy classes: ``from jitkernels.integrations.flower import FedAdam``
