@@ -433,9 +433,11 @@ def _check_flat_base(base, layout, acc_dtype, what: str) -> None:
            "flattens a model)"
     if dtype is None or shape is None or flags is None:
         raise TypeError(f"{what} must be {want}, got a {type(base).__name__}")
-    if np.dtype(dtype) != np.dtype(acc_dtype) or tuple(shape) != (layout.size,) or not flags.c_contiguous:
-        raise ValueError(f"{what} must be {want}, C-contiguous; got {np.dtype(dtype)}{list(shape)}"
-                         + ("" if flags.c_contiguous else ", strided"))
+    aligned = getattr(flags, "aligned", True)  # (CuPy's flags have none: its allocations are)
+    if np.dtype(dtype) != np.dtype(acc_dtype) or tuple(shape) != (layout.size,) or not flags.c_contiguous or \
+            not aligned:
+        raise ValueError(f"{what} must be {want}, C-contiguous and aligned; got {np.dtype(dtype)}{list(shape)}"
+                         + ("" if flags.c_contiguous else ", strided") + ("" if aligned else ", misaligned"))
 
 
 def abs_max(a) -> float:

@@ -282,9 +282,14 @@ class Aggregator:
 
     def __getstate__(self):
         # (copy.deepcopy and pickle: a Flower strategy copied for a sweep or sent to a Ray task holds one; the lock
-        # and the per-update fold's cache of compiled tables are this object's own)
+        # and the per-update fold's cache of compiled tables are this object's own). The state is snapshotted under
+        # the lock: copied after it, as deepcopy and pickle do, a fold from another thread tore the copy (an
+        # update's sums without its record). A DP algorithm's copy shares its noise claims (deepcopy) or, pickled,
+        # cannot: see _DPClipping.__deepcopy__.
         with self._lock:
-            return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_one")}
+            d = {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_one", "state")}
+            d["state"] = self.state.copy()
+        return d
 
     def __setstate__(self, d):
         self.__dict__.update(d)

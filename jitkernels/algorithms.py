@@ -23,6 +23,7 @@ by ``numpy_ref.step``).
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -555,6 +556,16 @@ class _DPClipping:
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new._noised = {}
+        return new
+
+    def __deepcopy__(self, memo):
+        """A copy that shares the rounds claimed (an aggregator copied with copy.deepcopy, say in a Flower strategy
+        copied for a sweep): two aggregates of one round from it and the original would carry the same noise,
+        which cancels in their difference, and the second is refused as with one instance. (A pickled copy cannot
+        share them, as a state saved and loaded twice cannot: release one aggregate per round.)"""
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update({k: v if k == "_noised" else copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
         return new
 
     def claim_noise(self, state) -> None:

@@ -44,8 +44,10 @@ class Leaf:
 
 
 def _as_array(x, name, party, writable=False):
-    """A native, C-contiguous numpy view of one leaf (a copy only when the leaf is strided or byte-swapped; with
-    ``writable`` such a leaf is refused instead, since writes into a copy would be lost)."""
+    """A native, C-contiguous, aligned numpy view of one leaf (a copy only when the leaf is strided, byte-swapped or
+    off its elements' alignment; with ``writable`` such a leaf is refused instead, since writes into a copy would be
+    lost). Alignment: the compiled kernels read through typed pointers, so a view at an odd byte offset of a
+    received buffer was undefined behaviour there (right on x86 today, UBSan's finding; a fault on a GPU)."""
     if isinstance(x, Quantized):
         if writable:  # (an update's wire form, not a buffer to write a result into)
             raise LayoutMismatch("an output leaf must be an array, not a Quantized leaf", leaf=name, party=party)
@@ -83,12 +85,12 @@ def _as_array(x, name, party, writable=False):
         if not isinstance(x, (np.ndarray, np.generic)):
             raise LayoutMismatch(f"expected an array, got {type(x).__name__}", leaf=name, party=party)
     a = np.asarray(x)
-    if writable and not (a.dtype.isnative and a.flags.c_contiguous and a.flags.writeable):
-        raise LayoutMismatch("an output leaf must be writeable, C-contiguous and native-endian", leaf=name,
+    if writable and not (a.dtype.isnative and a.flags.c_contiguous and a.flags.writeable and a.flags.aligned):
+        raise LayoutMismatch("an output leaf must be writeable, C-contiguous, aligned and native-endian", leaf=name,
                              party=party)
     a = native(a)
-    if not a.flags.c_contiguous:
-        a = np.ascontiguousarray(a)
+    if not (a.flags.c_contiguous and a.flags.aligned):
+        a = a.copy(order="C")  # (np.ascontiguousarray keeps a misaligned view that is contiguous)
     return a
 
 
@@ -350,13 +352,14 @@ def _flatten(layout, node, td, prefix, out, pos, party, partial, writable=False)
 
 
 def _flat_dict(layout, update):
-    """Leaves of a flat dict whose values are all native, C-contiguous numpy arrays of the layout's shapes and
-    dtypes, or None (then the general walk runs and names what is wrong)."""
+    """Leaves of a flat dict whose values are all native, C-contiguous, aligned numpy arrays of the layout's shapes
+    and dtypes, or None (then the general walk runs: it names what is wrong, and copies what is only strided,
+    byte-swapped or misaligned)."""
     out = []
     for key, shape, dt in layout._flat_keys:
         a = update.get(key)
         if type(a) is not np.ndarray or a.dtype != dt or a.shape != shape or not a.flags.c_contiguous or \
-                not a.dtype.isnative:
+                not a.flags.aligned or not a.dtype.isnative:
             return None
         out.append(a)
     return out

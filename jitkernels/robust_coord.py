@@ -255,6 +255,10 @@ def _slab(x, dtype):
         raise TypeError(f"the robust kernels read float32, float16 or bfloat16 slabs, got {name}")
     if name != "float32" and a.dtype != np.uint16:
         a = a.view(np.uint16)
+    if a.shape[1] and a.strides[0] < a.shape[1] * a.itemsize:
+        # rows that overlap or repeat (a row stride of 0 from x[None] or broadcast_to, a negative one from x[::-1]):
+        # the kernels index row i at i * stride, which C++ refuses below a row's length ("invalid arguments")
+        a = a.copy()
     check_strides(a)
     _refuse_nonfinite(a, name)
     return a, CODES[name]
@@ -308,8 +312,9 @@ def _out(out, rows):
     if out is None:
         return _device.zeros(n, np.float32, on_device) if on_device else np.empty(n, np.float32)
     if (not on_device and not isinstance(out, np.ndarray)) or (on_device and not _device.is_device_array(out)) or \
-            out.dtype != np.float32 or out.shape != (n,) or not out.flags.c_contiguous:
-        raise ValueError(f"out must be a contiguous float32[{n}] in {'GPU' if on_device else 'host'} memory")
+            out.dtype != np.float32 or out.shape != (n,) or not out.flags.c_contiguous or \
+            not getattr(out.flags, "aligned", True):  # (C++ writes it through a typed pointer)
+        raise ValueError(f"out must be a contiguous, aligned float32[{n}] in {'GPU' if on_device else 'host'} memory")
     return out
 
 

@@ -293,9 +293,10 @@ def _leaves_of(update, plan: _Plan, who: str = "", party=None):
         if dt not in _CODE:
             raise LayoutMismatch(f"{who}dtype {dtype_name(dt)} is not one of uint32, int32, int64, uint64", leaf=leaf,
                                  party=party)
-        if not a.flags.c_contiguous:
-            raise LayoutMismatch(f"{who}array is not C-contiguous (the kernels read it in place)", leaf=leaf,
-                                 party=party)
+        if not (a.flags.c_contiguous and getattr(a.flags, "aligned", True)):  # (C++ reads it through typed
+            # pointers; CuPy's flags have no aligned: its allocations are)
+            raise LayoutMismatch(f"{who}array is not C-contiguous and aligned to its elements (the kernels read it "
+                                 f"in place)", leaf=leaf, party=party)
         if _CODE[a.dtype] == _W64 and sys.byteorder != "little":  # pragma: no cover - big-endian hosts
             raise LayoutMismatch(f"{who}64-bit inputs are read by their low word: little-endian hosts only", leaf=leaf,
                                  party=party)

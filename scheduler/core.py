@@ -292,7 +292,7 @@ class _Round:
     timer: object = None
     plan_t: float | None = None  # the deploy time last planned (inf: unknown): what laxity is measured from
     since_plan: int = 0  # arrivals since the deploy time was last planned
-    taken_back: int = 0  # times its idle deployment was taken back for another job (see _request_slot)
+    taken_back: int = 0  # times its idle deployment was taken back at another job's planned time (_request_slot)
     deadline_timer: object = None
     done: bool = False
     admitted: int = 0  # updates acknowledged for the round: membership is decided at submit, the first q
@@ -1459,10 +1459,11 @@ class JITScheduler:
             # one that can wait longest, re-planned now (its last plan, from before it deployed, is stale)
             victims = [(self._redeploy_laxity(o), o) for o in idle]
         elif inputs.get("timer") and js.open is not None and js.open.taken_back >= TAKE_BACKS:
-            # its planned deploy time came, and its own idle deployment was taken back TAKE_BACKS times this round: it
-            # waits for a free slot (or its quorum, or buffer pressure) to deploy again. Two jobs whose quorums did
-            # not come took the slot from each other at every plan, each conditional quantile a little past the
-            # other's: a take-back every ~4e-4 x the round's age, for ever (a simulation never ended)
+            # its planned deploy time came, and its own idle deployment was taken back at others' planned times
+            # TAKE_BACKS times this round: it waits for a free slot (or its quorum, or buffer pressure) to deploy
+            # again. Two jobs whose quorums did not come took the slot from each other at every plan, each
+            # conditional quantile a little past the other's: a take-back every ~4e-4 x the round's age, for ever
+            # (a simulation never ended)
             victims = []
         else:
             # take back an idle deployment whose job can wait longer, if the gap beats the hysteresis + start-up;
@@ -1477,7 +1478,8 @@ class JITScheduler:
             # mix on a 40 MB budget: 23,173 oracle deployments in 30 rounds, costing more than lazy)
             self._release(victim, f"preempted by {js.job.id}", to=(js, laxity) if pressure else None)
             if victim.open is not None and not victim.open.done:
-                victim.open.taken_back += 1
+                if inputs.get("timer"):  # (take-backs for a quorum that is in, or for buffer room, are not thrash)
+                    victim.open.taken_back += 1
                 self._plan(victim)  # it plans its redeployment now, not at its next arrival
         else:
             self._log("wait_slot", js, laxity=laxity, waiting=len(self.waiting), plan=inputs)

@@ -171,7 +171,8 @@ class Workload:
             # keys that describe intermittent parties, where the job has none (or windows of no length): the run
             # was the default's, and said nothing
             for name, unused, why in (("availability", j.availability < 1 and j.intermittent == 0, "intermittent = 0"),
-                                      ("window_s", j.window_s > 0 and j.intermittent == 0, "intermittent = 0"),
+                                      ("window_s", j.window_s > 0 and (j.intermittent == 0 or j.window_open == 1),
+                                       "intermittent = 0" if j.intermittent == 0 else "window_open = 1"),
                                       ("window_open", j.window_open < 1 and (j.intermittent == 0 or j.window_s == 0),
                                        "intermittent = 0" if j.intermittent == 0 else "window_s = 0")):
                 if unused:

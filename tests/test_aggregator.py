@@ -1827,3 +1827,75 @@ def test_an_aggregator_copies_and_pickles_with_its_own_lock(algorithm):
         want = jk.Aggregator(z, algorithm, base=z if algorithm == "fedadam" else None)
         want.fold_many([{"w": np.ones(3, np.float32)}, {"w": np.full(3, 3, np.float32)}], parties=["p", "q"])
         np.testing.assert_array_equal(c.finalize()["w"], want.finalize()["w"])
+
+
+def _off_alignment(a):
+    """``a``'s values in a view one byte past an aligned address (a leaf cut out of a received byte buffer)."""
+    buf = np.zeros(a.nbytes + 1, np.uint8)
+    out = np.frombuffer(buf.data, a.dtype, a.size, offset=1).reshape(a.shape)
+    out[...] = a
+    assert not out.flags.aligned
+    return out
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_leaves_off_their_alignment_are_copied_and_outputs_refused(backend):
+    """The compiled kernels read leaves through typed pointers: a view at an odd byte offset was undefined behaviour
+    there (UBSan: "load of misaligned address"; right on x86, a fault where the compiler or a GPU assumes the
+    alignment). Such a leaf is copied once, as a strided one is; an output leaf off its alignment is refused, as a
+    strided one is. Quantized scales too."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(33).astype(np.float32)
+    m = _off_alignment(x)
+    lay = jk.Layout.from_template({"w": np.zeros(33, np.float32)})
+    u = jk.admit({"w": m}, lay, backend=backend)
+    assert u.leaves[0].flags.aligned and np.array_equal(u.leaves[0], x)
+    agg = jk.Aggregator({"w": np.zeros(33, np.float32)}, backend=backend)
+    agg.fold({"w": m}, party="p")
+    agg.fold_many([{"w": m}], parties=["q"])
+    np.testing.assert_array_equal(agg.finalize()["w"], x)
+    with pytest.raises(jk.LayoutMismatch, match="output leaf must be writeable, C-contiguous, aligned"):
+        agg.finalize(out={"w": _off_alignment(np.zeros(33, np.float32))})
+    q = jk.Quantized(np.ones(33, np.int8), _off_alignment(np.full(3, 0.5, np.float32)), block=11)
+    assert q.scale.flags.aligned and np.array_equal(q.dequantize(), np.full(33, 0.5, np.float32))
+
+
+def test_a_copy_is_a_snapshot_and_holds_a_robust_stores_rows_only(tmp_path):
+    """deepcopy and pickle copied the state after the lock was let go (a fold from another thread tore the copy: an
+    update's sums without its record), the whole k_max x N reservation of a robust rule's store (1.5 GB for 3 rows
+    of 100k), and a spilled store's copy wrote into the original's file."""
+    import copy
+
+    from jitkernels import robust as R
+
+    z = {"w": np.zeros(100_000, np.float32)}
+    agg = jk.Aggregator(z, R.FedMedian())
+    for p in "abc":
+        agg.fold({"w": np.full(100_000, ord(p), np.float32)}, party=p)
+    assert agg.__getstate__()["state"] is not agg.state  # (taken under the lock)
+    assert len(pickle.dumps(agg)) < 5 * agg.state.store.rows().nbytes
+    spilled = jk.Aggregator(z, R.FedMedian(budget_bytes=1, over_budget="spill", spill_dir=str(tmp_path)))
+    spilled.fold({"w": np.ones(100_000, np.float32)}, party="a")
+    for c in (copy.deepcopy(spilled), pickle.loads(pickle.dumps(spilled))):
+        assert c.state.store.spill_path != spilled.state.store.spill_path
+        spilled.reset()  # (the original's file goes)
+        c.fold({"w": np.full(100_000, 3, np.float32)}, party="b")
+        np.testing.assert_array_equal(c.finalize()["w"], np.full(100_000, 2, np.float32))
+        spilled.fold({"w": np.ones(100_000, np.float32)}, party="a")
+
+
+def test_a_deep_copy_of_a_dp_aggregator_shares_its_noise_claims():
+    """Two aggregates of one round, from a DP aggregator and its deep copy, carried the same noise, which cancels in
+    their difference; the second is refused, as it is from one instance."""
+    import copy
+
+    from jitkernels import algorithms as A
+
+    z = {"w": np.zeros(3)}
+    agg = jk.Aggregator(z, A.DPFixedClipping(A.FedAvg(), clip_norm=1.0, noise_multiplier=1.0, seed=1234), base=z)
+    agg.fold({"w": np.full(3, 0.1)}, party="p")
+    twin = copy.deepcopy(agg)
+    twin.fold({"w": np.full(3, 0.3)}, party="q")
+    agg.finalize()
+    with pytest.raises(ValueError, match="round 0's noise .* was already added"):
+        twin.finalize()

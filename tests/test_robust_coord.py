@@ -354,6 +354,22 @@ def test_a_one_column_slab_may_have_any_column_stride():
             assert rc.trimmed_mean(X, 0.2, backend=b).tolist() == [7.0]
 
 
+def test_slabs_whose_rows_repeat_or_run_backwards_are_read_by_every_backend():
+    """A row stride of 0 (x[None], np.broadcast_to), a negative one (x[::-1]) or one shorter than a row (rows that
+    overlap) was "robust kernel: invalid arguments (code -1)" on C++, the default below 16 rows, where numpy and
+    numba took them: such slabs are copied first."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(9).astype(np.float32)
+    two = np.stack([x, 2 * x])
+    overlapping = np.lib.stride_tricks.as_strided(np.arange(12, dtype=np.float32), (4, 6), (8, 4))
+    for slab in (x[None], np.broadcast_to(x, (3, 9)), two[::-1], overlapping):
+        want_med = np.median(slab.astype(np.float64), axis=0).astype(np.float32)
+        for b, ok in rc.available_backends().items():
+            if ok is True and b != "cupy":
+                np.testing.assert_array_equal(rc.coordinate_median(slab, backend=b), want_med, err_msg=b)
+                rc.trimmed_mean(slab, 0.0, backend=b)
+
+
 def test_cpp_rejects_bad_arguments(cpp):
     x = np.zeros((3, 4), np.float32)
     out = np.empty(4, np.float32)

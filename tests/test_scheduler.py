@@ -1892,3 +1892,33 @@ def test_a_jit_scheduler_loads_the_planning_code_before_its_first_job():
     assert predictor.warm.cache_info().currsize == 0
     JITScheduler("jit", clock=VirtualClock()).close()
     assert predictor.warm.cache_info().currsize == 1
+
+
+def test_take_backs_for_quorums_that_are_in_do_not_count_against_a_job():
+    """The rule that stops two idle jobs taking a slot from each other for ever counts take-backs made at another
+    job's planned time only: a job whose deployment two urgent jobs (quorums in) took back could no longer take a
+    third job's long-idle deployment at its own planned time, and paid a whole start-up at its quorum."""
+    from scheduler.policies import Policy
+
+    plans = {"A": [(0, 10.0), (11, 40.0), (41, 70.0)], "B": [], "C": [], "D": [(0, 50.0), (55, 500.0)]}
+
+    class Table(Policy):  # planned deploy times that move later while nothing arrives, as JIT's quantiles do
+        name = "table"
+
+        def deploy_at(self, sched, js, rnd, *, redeploy=False):
+            now = sched.clock.now()
+            if rnd.quorum_time is not None:
+                return now, {"quorum": "reached"}
+            return max(((s, t) for s, t in plans[js.job.id] if now >= s), default=(0, None))[1], {}
+
+    clock = VirtualClock()
+    s = JITScheduler(Table(), slots=1, clock=clock, cost=CostModel(backends={"cpu": BackendCost(1e9, 0.0)},
+                                                                  startup_s=1.0))
+    for j in "ABCD":
+        s.add_job(Job(j, parties=[j + "0"], quorum=1, rounds=1, model_elems=1000, update_bytes=4000))
+    for t, j in [(12, "B"), (45, "C"), (80, "A"), (510, "D")]:
+        clock.call_at(t, s.submit, j, 0, j + "0", None, 1.0)
+    clock.run()
+    m = s.metrics()
+    # (the work's 2e-5 s; a start-up of 1 s, and D deployed 40 s, where those take-backs counted)
+    assert m["A"]["latency_p50_s"] < 0.01 and m["D"]["deployed_s"] == pytest.approx(30.0, abs=0.01)

@@ -335,6 +335,9 @@ def test_rejections_name_the_party_and_leave_state_untouched(backend, acc_dtype)
     e = rejected(jk.LayoutMismatch, "party 'bad'", [good, good[:-1]], ["ok", "bad"])
     assert e.party == "bad"
     rejected(jk.LayoutMismatch, "party 'bad'.*float64", [good, good.astype(np.float64)], ["ok", "bad"])
+    # off its elements' alignment (a view at an odd byte offset): C++ read it through typed pointers (UBSan)
+    off = np.frombuffer(np.zeros(good.nbytes + 1, np.uint8).data, good.dtype, good.size, offset=1)
+    rejected(jk.LayoutMismatch, "party 'bad'.*not C-contiguous and aligned", [good, off], ["ok", "bad"])
     rejected(jk.LayoutMismatch, "party 'bad'.*has 2 arrays", [[good[:5], good[5:]]], ["bad"])
     e = rejected(jk.LayoutMismatch, "party 'bad', leaf '2'", [[good[:5], good[5:5], good[5:-1]]], ["bad"])
     assert e.leaf == "2"

@@ -180,7 +180,7 @@ def test_jitagg_sweep_reports_each_bar_per_cell(tmp_path, capsys):
                                   "missing_file", "not_toml", "json_is_a_folder", "too_deep", "speeds_underflow",
                                   "count_past_a_run", "model_past_a_run", "availability_without_intermittent",
                                   "window_open_without_window", "backend_not_a_str", "misspelled_job_key",
-                                  "response_past_a_run"])
+                                  "response_past_a_run", "windows_always_open"])
 def test_jitagg_refuses_bad_inputs_before_the_run_in_one_line(case, tmp_path):
     """These failed after the whole run (--out a file, a folder where the JSON goes), or as tracebacks
     (AttributeError for cost = 5, the letters of [jobs]' keys as unknown keys, an InvalidJob from inside the run,
@@ -223,6 +223,8 @@ def test_jitagg_refuses_bad_inputs_before_the_run_in_one_line(case, tmp_path):
         body, match = "backend = [1]\n" + SMALL, r"backend = \[1\] is not a string"
     elif case == "misspelled_job_key":  # (the job was not named)
         body, match = SMALL + "quorom = 0.5\n", r"job 'a': unknown job keys \['quorom'\]"
+    elif case == "windows_always_open":
+        body, match = SMALL + "window_s = 600.0\n", "job 'a': window_s = 600.0 applies .*, and window_open = 1"
     elif case == "response_past_a_run":
         body, match = SMALL.replace("response_s = 100.0", "response_s = 1e300"), r"response_s = 1e\+300 is out of range"
     path = tmp_path / "w.toml"
