@@ -22,7 +22,7 @@ import numpy as np
 from . import backends
 from .batch import ABSENT, build_groups, dtype_code, leaf_entry, stack_entries
 from .dtypes import Quantized
-from .device import DeviceLeaf, to_host
+from .device import DeviceLeaf, aligned as device_aligned, to_host
 from .errors import InvalidWeight, LayoutMismatch, NonFiniteUpdate, ValueOutOfRange, shown
 from .layout import Layout
 from .parties import anonymous_party, check_party, real_value
@@ -433,11 +433,11 @@ def _check_flat_base(base, layout, acc_dtype, what: str) -> None:
            "flattens a model)"
     if dtype is None or shape is None or flags is None:
         raise TypeError(f"{what} must be {want}, got a {type(base).__name__}")
-    aligned = getattr(flags, "aligned", True)  # (CuPy's flags have none: its allocations are)
+    on_alignment = device_aligned(base)
     if np.dtype(dtype) != np.dtype(acc_dtype) or tuple(shape) != (layout.size,) or not flags.c_contiguous or \
-            not aligned:
+            not on_alignment:
         raise ValueError(f"{what} must be {want}, C-contiguous and aligned; got {np.dtype(dtype)}{list(shape)}"
-                         + ("" if flags.c_contiguous else ", strided") + ("" if aligned else ", misaligned"))
+                         + ("" if flags.c_contiguous else ", strided") + ("" if on_alignment else ", misaligned"))
 
 
 def abs_max(a) -> float:

@@ -287,7 +287,7 @@ class Aggregator:
         # update's sums without its record). A DP algorithm's copy shares its noise claims (deepcopy) or, pickled,
         # cannot: see _DPClipping.__deepcopy__.
         with self._lock:
-            d = {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_one", "state")}
+            d = {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_one", "state", "_base_view")}
             d["state"] = self.state.copy()
         return d
 
@@ -295,6 +295,8 @@ class Aggregator:
         self.__dict__.update(d)
         self._lock, self._one = threading.RLock(), None
         self.state.guard = self._lock
+        # (the live state it named was copied outside the lock, and twice: rebuilt from the snapshot)
+        self._base_view = (self.state, self.state.base, self._base_token)
 
     @property
     def buffered(self) -> bool:

@@ -68,6 +68,13 @@ class DeviceLeaf:
         return int(self.array.data.ptr) if self.size else 0
 
 
+def aligned(a) -> bool:
+    """``a``'s data on its elements' alignment, host or GPU (CuPy has no such flag, and a view of a byte buffer at an
+    odd offset is not: the kernels read leaves through typed pointers, and a GPU faults on a misaligned load)."""
+    flag = getattr(a.flags, "aligned", None)
+    return bool(flag) if flag is not None else (not a.size or int(a.data.ptr) % a.itemsize == 0)
+
+
 def device_leaf(x) -> DeviceLeaf:
     """The :class:`DeviceLeaf` of a CuPy array or torch CUDA tensor (a device copy only when it is strided)."""
     import cupy as cp
@@ -91,6 +98,8 @@ def device_leaf(x) -> DeviceLeaf:
         a = a.view(np.uint16)
     if not a.flags.c_contiguous:
         a = cp.ascontiguousarray(a)  # (not for 0-d arrays, which it would make 1-d, as numpy's does)
+    if not aligned(a):
+        a = a.copy()
     return DeviceLeaf(a, dtype)
 
 

@@ -167,7 +167,9 @@ class Quantized:
             raise InvalidQuantized(f"Quantized: a finite scale overflows float32 (scales are float32, at most "
                                    f"{float(np.finfo(np.float32).max):.6g})")
         s = xp.ascontiguousarray(xp.asarray(s32))
-        if xp is np and not s.flags.aligned:  # (float32 scales viewed at an odd byte offset: kernels read them typed)
+        from .device import aligned  # (device imports this module)
+
+        if not aligned(s):  # (float32 scales viewed at an odd byte offset: the kernels read them typed)
             s = s.copy()
         n = q.size
         block = self.block

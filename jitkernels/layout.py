@@ -19,7 +19,7 @@ from functools import cached_property
 
 import numpy as np
 
-from .device import DeviceLeaf, device_leaf, gpu_of, is_device_array, leaf_to, leaf_to_cupy
+from .device import DeviceLeaf, aligned, device_leaf, gpu_of, is_device_array, leaf_to, leaf_to_cupy
 from .dtypes import (Quantized, dtype_name, is_float_name, is_leaf_dtype_name, is_torch_tensor, native, np_dtype,
                      numpy_to_torch, torch_to_numpy)
 from .errors import BackendUnavailable, InvalidTemplate, LayoutMismatch
@@ -54,6 +54,8 @@ def _as_array(x, name, party, writable=False):
         if x.on_device:
             _on_current_gpu(x.values, name, party)
             _on_current_gpu(x.scale, name, party)
+        if not aligned(x.scale):  # (built without __post_init__: unpickled from out-of-band buffers, say)
+            x = Quantized(x.values, x.scale.copy(), x.block)
         return x
     if is_device_array(x):
         from .backends import cupy_backend  # (imported here: it imports this module)
@@ -358,8 +360,10 @@ def _flat_dict(layout, update):
     out = []
     for key, shape, dt in layout._flat_keys:
         a = update.get(key)
-        if type(a) is not np.ndarray or a.dtype != dt or a.shape != shape or not a.flags.c_contiguous or \
-                not a.flags.aligned or not a.dtype.isnative:
+        if type(a) is not np.ndarray or a.dtype != dt or a.shape != shape:
+            return None
+        f = a.flags  # (a new flags object each time it is read)
+        if not (f.c_contiguous and f.aligned and a.dtype.isnative):
             return None
         out.append(a)
     return out

@@ -313,7 +313,7 @@ def _out(out, rows):
         return _device.zeros(n, np.float32, on_device) if on_device else np.empty(n, np.float32)
     if (not on_device and not isinstance(out, np.ndarray)) or (on_device and not _device.is_device_array(out)) or \
             out.dtype != np.float32 or out.shape != (n,) or not out.flags.c_contiguous or \
-            not getattr(out.flags, "aligned", True):  # (C++ writes it through a typed pointer)
+            not _device.aligned(out):  # (the kernels write it through a typed pointer)
         raise ValueError(f"out must be a contiguous, aligned float32[{n}] in {'GPU' if on_device else 'host'} memory")
     return out
 

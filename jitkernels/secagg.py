@@ -293,8 +293,7 @@ def _leaves_of(update, plan: _Plan, who: str = "", party=None):
         if dt not in _CODE:
             raise LayoutMismatch(f"{who}dtype {dtype_name(dt)} is not one of uint32, int32, int64, uint64", leaf=leaf,
                                  party=party)
-        if not (a.flags.c_contiguous and getattr(a.flags, "aligned", True)):  # (C++ reads it through typed
-            # pointers; CuPy's flags have no aligned: its allocations are)
+        if not (a.flags.c_contiguous and device.aligned(a)):  # (the kernels read it through typed pointers)
             raise LayoutMismatch(f"{who}array is not C-contiguous and aligned to its elements (the kernels read it "
                                  f"in place)", leaf=leaf, party=party)
         if _CODE[a.dtype] == _W64 and sys.byteorder != "little":  # pragma: no cover - big-endian hosts

@@ -113,6 +113,12 @@ class LogNormal:
     sigma: float
 
 
+
+def _typical(v: np.ndarray) -> float:
+    """The mean of the values within 10x their median: the typical party's variance, which one erratic party does not
+    move (of 10 parties with three responses each, a steady one is dropped about once in 100 rounds)."""
+    return float(v[v <= 10.0 * np.median(v)].mean())
+
 class Predictor:
     """Per-party models of one job, and quorum-time quantiles for its rounds."""
 
@@ -230,32 +236,36 @@ class Predictor:
         """Per party, the spread (sd of log time) of its next response: what it will do, not what it did.
         Experienced parties (three responses or more): their own variance made a predictive one (unbiased and
         widened by their mean's uncertainty, var n / (n - 1) (1 + 1 / n), while the running mean lasts; the
-        exponentially weighted estimate's var / (1 - a) after), pooled with the experienced parties' shared spread
-        (:meth:`_young_spread` of any number of them) weighing SPREAD_PRIOR responses. Their raw running variance (which divides by n,
+        exponentially weighted estimate's var / (1 - a) after), pooled with the experienced parties' typical spread
+        (:meth:`_young_spread` of any number of them, the mean of their variances within 10x the median: one erratic
+        party among steady ones widened every steady one's 3-5x with the plain mean, and the median alone, of
+        variances from few responses, lies low) weighing SPREAD_PRIOR responses. Their raw running variance (which divides by n,
         from as few as three responses, and leaves out the mean's uncertainty) planned at 2-3x the risk asked
         for in the rounds after a party's third response (alpha 0.05: 0.13 at 10 parties, CV 0.05, round 3;
         0.06-0.07 for good; found by calibrating against known distributions, 2026-11-28). Younger parties: the
         larger of their own and the shared spread."""
-        shared = self._young_spread(n, var, enough=1)
+        shared = self._young_spread(n, var, enough=1, centre=_typical)
         a = 1.0 - 0.5 ** (1.0 / self.halflife)
         m = np.maximum(n, 2).astype(np.float64)
-        own = np.where(n + 1 < 1.0 / a, var * m / (m - 1) * (1.0 + 1.0 / m), var / (1.0 - a))
+        # PartyModel.observe takes the n-th response at weight max(a, 1 / n): a running mean through n <= 1 / a
+        own = np.where(n * a <= 1.0, var * m / (m - 1) * (1.0 + 1.0 / m), var / (1.0 - a))
         pooled = (SPREAD_PRIOR * shared * shared + (m - 1) * own) / (SPREAD_PRIOR + m - 1)
         return np.where(n >= 3, np.sqrt(pooled), np.maximum(np.sqrt(var), self._young_spread(n, var)))
 
-    def _young_spread(self, n, var, enough: int = MIN_SPREAD_PARTIES) -> np.ndarray:
+    def _young_spread(self, n, var, enough: int = MIN_SPREAD_PARTIES, centre=np.mean) -> np.ndarray:
         """Per party, the spread to give it while it has fewer than three responses (one or two say little about
         it): the parties' pooled within-party spread (their running variances, which divide by n, made unbiased)
         widened by the uncertainty of its own mean, sqrt(1 + 1/n), once ``enough`` parties (MIN_SPREAD_PARTIES) have
-        three responses or more; else the prior CV, as a log-normal's sigma. Parties share the job's jitter more
-        than they share a prior: with the prior CV (0.5 by default) for every young party, the intermittent mixes'
-        early rounds planned for quorums far earlier than came, and their deployments held slots idle while other
-        jobs' quorums waited (cross_device: 10 jobs on 4 slots; p95 latency share 19% -> 10%)."""
+        three responses or more (``centre``: of their variances; the mean, the spread of a party that could be any of
+        them); else the prior CV, as a log-normal's sigma. Parties share the job's jitter more than they share a
+        prior: with the prior CV (0.5 by default) for every young party, the intermittent mixes' early rounds planned
+        for quorums far earlier than came, and their deployments held slots idle while other jobs' quorums waited
+        (cross_device: 10 jobs on 4 slots; p95 latency share 19% -> 10%)."""
         old = n >= 3
         if old.sum() < enough:  # (the prior CV as a log-normal's sigma: it was taken as one, 0.5 for 0.47)
             return np.full(n.shape, math.sqrt(math.log1p(self.prior_cv ** 2)))
         m = n[old]
-        within = float(np.sqrt((var[old] * m / (m - 1)).mean()))  # the running variance divides by n
+        within = float(np.sqrt(centre(var[old] * m / (m - 1))))  # (the running variance divides by n)
         # the spread of its next answer: the shared within-party spread, and its mean's, known from n answers
         return within * np.sqrt(1.0 + 1.0 / np.maximum(n, 1))
 

@@ -1858,6 +1858,8 @@ def test_leaves_off_their_alignment_are_copied_and_outputs_refused(backend):
         agg.finalize(out={"w": _off_alignment(np.zeros(33, np.float32))})
     q = jk.Quantized(np.ones(33, np.int8), _off_alignment(np.full(3, 0.5, np.float32)), block=11)
     assert q.scale.flags.aligned and np.array_equal(q.dequantize(), np.full(33, 0.5, np.float32))
+    object.__setattr__(q, "scale", _off_alignment(q.scale))  # (as unpickled from out-of-band buffers: no checks)
+    assert jk.admit({"w": q}, lay, backend=backend).leaves[0].scale.flags.aligned
 
 
 def test_a_copy_is_a_snapshot_and_holds_a_robust_stores_rows_only(tmp_path):
@@ -1873,6 +1875,8 @@ def test_a_copy_is_a_snapshot_and_holds_a_robust_stores_rows_only(tmp_path):
     for p in "abc":
         agg.fold({"w": np.full(100_000, ord(p), np.float32)}, party=p)
     assert agg.__getstate__()["state"] is not agg.state  # (taken under the lock)
+    twin = copy.deepcopy(agg)  # (its admission's view of the state named the original's: copied unlocked, twice)
+    assert twin._base_view[0] is twin.state
     assert len(pickle.dumps(agg)) < 5 * agg.state.store.rows().nbytes
     spilled = jk.Aggregator(z, R.FedMedian(budget_bytes=1, over_budget="spill", spill_dir=str(tmp_path)))
     spilled.fold({"w": np.ones(100_000, np.float32)}, party="a")

@@ -133,3 +133,25 @@ def test_a_device_update_whose_delta_overflows_is_out_of_range():
     with pytest.raises(jk.NonFiniteUpdate, match="1 non-finite"):
         agg.fold({"w": cupy.asarray(np.array([np.nan, 0.0]))}, party="p")
     assert agg.state.count == 0
+
+
+def test_device_leaves_and_scales_off_their_alignment_are_copied():
+    """A device leaf viewed at an odd byte offset of a device buffer (no CuPy flag says so) reached the kernels at
+    that address, and so did a device Quantized's scales: a misaligned load faults on a GPU. They are copied once."""
+    import numpy as np
+
+    import cupy as cp
+    import jitkernels as jk
+    from jitkernels.layout import _as_array
+
+    buf = cp.zeros(4 * 5 + 1, dtype=np.uint8)
+    x = buf[1:].view(np.float32)
+    x[...] = cp.asarray(np.arange(5, dtype=np.float32))
+    assert x.data.ptr % 4 and x.flags.c_contiguous
+    leaf = _as_array(x, "w", "a")
+    assert leaf.array.data.ptr % 4 == 0 and np.array_equal(leaf.array.get(), np.arange(5, dtype=np.float32))
+    q = jk.Quantized(cp.ones(5, dtype=np.int8), buf[1:5].view(np.float32), block=None)
+    assert q.scale.data.ptr % 4 == 0
+    agg = jk.Aggregator({"w": cp.zeros(5, dtype=np.float32)})
+    agg.fold({"w": x}, party="p")
+    np.testing.assert_array_equal(agg.finalize()["w"].get(), np.arange(5, dtype=np.float32))

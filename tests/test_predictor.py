@@ -480,26 +480,40 @@ def test_log_sf_keeps_its_accuracy_where_it_switches_to_the_asymptotic_series():
         assert abs(_log_sf(z) - math.log(0.5 * math.erfc(z / math.sqrt(2.0)))) < 1e-7, z
 
 
-@pytest.mark.parametrize("cv, quorum", [(0.05, 5), (0.2, 5)])
-def test_the_quantile_keeps_the_risk_asked_for_once_parties_have_three_responses(cv, quorum):
-    """Calibration against known distributions: 10 parties (log-normal, means spread 0.3, jitter ``cv``), three
-    rounds of responses, then the quorum's 5% quantile at the round's start; the risk achieved is the true
-    P(T_q <= Q), exact over the true parameters, averaged over 200 draws. A party with three responses was given its
-    raw running variance (which divides by n, and leaves out its mean's uncertainty) as its spread: 0.134 and 0.120
-    achieved for 0.05 asked (here ~0.05)."""
+@pytest.mark.parametrize("cv", [0.05, 0.2])
+@pytest.mark.parametrize("rounds, most", [(3, 0.07), (12, 0.064), (30, 0.056)])
+def test_the_quantile_keeps_the_risk_asked_for_once_parties_have_three_responses(cv, rounds, most):
+    """Calibration against known distributions: 10 parties (log-normal, means spread 0.3, jitter ``cv``), ``rounds``
+    rounds of responses, then the 5-of-10 quorum's 5% quantile at the round's start; the risk achieved is the true
+    P(T_q <= Q), exact over the true parameters, averaged over 300 draws. An experienced party was given its raw
+    running variance (which divides by n, and leaves out its mean's uncertainty) as its spread: 0.136 / 0.130
+    achieved for 0.05 asked at round 3, 0.072 / 0.069 at 12 (where the running mean gives way to the exponential
+    window), 0.057 at 30; now 0.062 / 0.055, 0.057 / 0.054 and 0.051."""
     from scheduler.predictor import poisson_binomial_tail
 
     rng = np.random.default_rng(11)
     s = math.sqrt(math.log1p(cv * cv))
     achieved = []
-    for _ in range(200):
+    for _ in range(300):
         mu = rng.normal(math.log(10.0), 0.3, 10)
         pred = Predictor()
-        for r in range(3):
+        for r in range(rounds):
             for p in range(10):
                 pred.observe(p, float(np.exp(rng.normal(mu[p], s))))
             pred.close_round(set(range(10)), range(10), r)
-        q = pred.quorum_quantile(list(range(10)), quorum, 0.0, 0.05)
+        q = pred.quorum_quantile(list(range(10)), 5, 0.0, 0.05)
         probs = 0.5 * (1.0 + np.vectorize(math.erf)((math.log(q) - mu) / (s * math.sqrt(2.0))))
-        achieved.append(poisson_binomial_tail(probs, quorum))
-    assert np.mean(achieved) < 0.075, np.mean(achieved)
+        achieved.append(poisson_binomial_tail(probs, 5))
+    assert np.mean(achieved) < most, np.mean(achieved)
+
+
+def test_one_erratic_party_does_not_widen_the_steady_parties_spreads():
+    """An experienced party's spread is pooled with the parties' typical one: the plain mean of their variances let one
+    erratic party (CV 1) among nine steady ones (CV 0.05) give every steady party a spread of 0.23 at its third
+    response (true 0.05), which planned 10% early."""
+    rng = np.random.default_rng(5)
+    pred = Predictor()
+    for _ in range(3):
+        for p in range(10):
+            pred.observe(p, float(10.0 * np.exp(rng.normal(0.0, 0.83 if p == 9 else 0.05))))
+    assert pred.distribution(0)[0].sigma < 0.1 and pred.distribution(9)[0].sigma > 0.4
