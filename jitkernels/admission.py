@@ -392,9 +392,9 @@ def admit_many(updates, layout, *, weights=None, parties=None, base=None, backen
     return admitted
 
 
-NORM_SAFE_MAXABS = (2.0 ** -480, 2.0 ** 480)
-"""max |x| within which the stats kernels' float64 sum of squares can neither overflow nor lose the largest terms
-to underflow (2^-960 stays clear of float64's subnormals at 2^-1022)."""
+NORM_SMALLEST_MAXABS = 2.0 ** -480
+"""max |x| below which the stats kernels' float64 sum of squares may lose its largest terms to underflow (their
+squares, below 2^-960, near float64's subnormals at 2^-1022); an overflowed sum shows as an inf norm."""
 
 
 def rescale_norms(admitted, layout, base) -> None:
@@ -403,7 +403,7 @@ def rescale_norms(admitted, layout, base) -> None:
     norm (clipping rules then folded it at weight C / inf = 0, refused as "fold weight 0"), one below ~1e-162 a norm
     of 0. Only such updates pay the extra pass; a NaN norm (the fused path's, which reads none) stays."""
     for u in admitted:
-        if not (u.maxabs > 0 and (math.isinf(u.norm) or u.maxabs < NORM_SAFE_MAXABS[0])):
+        if not (u.maxabs > 0 and (math.isinf(u.norm) or u.maxabs < NORM_SMALLEST_MAXABS)):
             continue
         s, total = u.maxabs, 0.0
         for i, a in enumerate(u.leaves):

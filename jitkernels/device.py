@@ -75,8 +75,15 @@ def aligned(a) -> bool:
     return bool(flag) if flag is not None else (not a.size or int(a.data.ptr) % a.itemsize == 0)
 
 
-def device_leaf(x) -> DeviceLeaf:
-    """The :class:`DeviceLeaf` of a CuPy array or torch CUDA tensor (a device copy only when it is strided)."""
+def realigned(a):
+    """A copy of the C-contiguous ``a`` on its elements' alignment, copied byte by byte: an element-wise copy (CuPy's
+    ``copy()``) reads a misaligned array through typed pointers, the load it is meant to avoid."""
+    return a.reshape(-1).view(np.uint8).copy().view(a.dtype).reshape(a.shape)
+
+
+def device_leaf(x, *, copy: bool = True) -> DeviceLeaf:
+    """The :class:`DeviceLeaf` of a CuPy array or torch CUDA tensor (a device copy only when it is strided or
+    misaligned; ``copy=False``: never, for an output the caller checks)."""
     import cupy as cp
 
     dtype = None
@@ -96,10 +103,10 @@ def device_leaf(x) -> DeviceLeaf:
         dtype = np.dtype(a.dtype)  # (CuPy 14 has bfloat16, as ml_dtypes' type)
     if dtype == bfloat16 and a.dtype != np.uint16:  # its bits: the kernels and copies never compute in it
         a = a.view(np.uint16)
-    if not a.flags.c_contiguous:
+    if copy and not a.flags.c_contiguous:
         a = cp.ascontiguousarray(a)  # (not for 0-d arrays, which it would make 1-d, as numpy's does)
-    if not aligned(a):
-        a = a.copy()
+    if copy and not aligned(a):
+        a = realigned(a)
     return DeviceLeaf(a, dtype)
 
 

@@ -167,10 +167,10 @@ class Quantized:
             raise InvalidQuantized(f"Quantized: a finite scale overflows float32 (scales are float32, at most "
                                    f"{float(np.finfo(np.float32).max):.6g})")
         s = xp.ascontiguousarray(xp.asarray(s32))
-        from .device import aligned  # (device imports this module)
+        from .device import aligned, realigned  # (device imports this module)
 
         if not aligned(s):  # (float32 scales viewed at an odd byte offset: the kernels read them typed)
-            s = s.copy()
+            s = realigned(s)
         n = q.size
         block = self.block
         if isinstance(block, (bool, np.bool_)):  # (True was a block of 1)

@@ -19,7 +19,7 @@ from functools import cached_property
 
 import numpy as np
 
-from .device import DeviceLeaf, aligned, device_leaf, gpu_of, is_device_array, leaf_to, leaf_to_cupy
+from .device import DeviceLeaf, aligned, device_leaf, gpu_of, is_device_array, leaf_to, leaf_to_cupy, realigned
 from .dtypes import (Quantized, dtype_name, is_float_name, is_leaf_dtype_name, is_torch_tensor, native, np_dtype,
                      numpy_to_torch, torch_to_numpy)
 from .errors import BackendUnavailable, InvalidTemplate, LayoutMismatch
@@ -55,7 +55,7 @@ def _as_array(x, name, party, writable=False):
             _on_current_gpu(x.values, name, party)
             _on_current_gpu(x.scale, name, party)
         if not aligned(x.scale):  # (built without __post_init__: unpickled from out-of-band buffers, say)
-            x = Quantized(x.values, x.scale.copy(), x.block)
+            x = Quantized(x.values, realigned(x.scale), x.block)
         return x
     if is_device_array(x):
         from .backends import cupy_backend  # (imported here: it imports this module)
@@ -68,9 +68,12 @@ def _as_array(x, name, party, writable=False):
         if writable and not _contiguous(x):
             raise LayoutMismatch("an output leaf must be C-contiguous", leaf=name, party=party)
         try:  # (as the host path below: what DLPack cannot export, or exports as other values)
-            return device_leaf(x)
+            leaf = device_leaf(x, copy=not writable)
         except (TypeError, RuntimeError, ValueError, BufferError) as e:
             raise LayoutMismatch(f"a GPU array that cannot be read in place: {e}", leaf=name, party=party) from None
+        if writable and not aligned(leaf.array):  # (a copy would take the result, and the caller's buffer nothing)
+            raise LayoutMismatch("an output leaf must be C-contiguous and aligned", leaf=name, party=party)
+        return leaf
     if is_torch_tensor(x):
         try:  # (sparse, meta, nested, quantized and float8 tensors, and views with the neg or conj bit set)
             x = torch_to_numpy(x)
@@ -91,8 +94,10 @@ def _as_array(x, name, party, writable=False):
         raise LayoutMismatch("an output leaf must be writeable, C-contiguous, aligned and native-endian", leaf=name,
                              party=party)
     a = native(a)
-    if not (a.flags.c_contiguous and a.flags.aligned):
-        a = a.copy(order="C")  # (np.ascontiguousarray keeps a misaligned view that is contiguous)
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    if not a.flags.aligned:  # (np.ascontiguousarray keeps a misaligned view that is contiguous)
+        a = realigned(a)
     return a
 
 

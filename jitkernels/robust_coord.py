@@ -282,7 +282,8 @@ def check_strides(a) -> None:
     contiguous, rows a whole number of elements apart (they index row i at i * ld elements), the data on an element
     boundary (a GPU faults on a misaligned load; C++ reads through typed pointers)."""
     ptr = a.ctypes.data if isinstance(a, np.ndarray) else a.data.ptr
-    if a.size and ptr % a.itemsize:  # (a view into a byte buffer at an odd offset)
+    if a.size and ptr % a.itemsize:  # (a view into a byte buffer at an odd offset; numpy's aligned flag also weighs
+        # the strides, which the checks below name)
         raise ValueError(f"the slab's data (address {ptr:#x}) is not aligned to its {a.itemsize}-byte elements")
     if a.size > a.shape[0] and a.strides[1] != a.itemsize:  # (the column stride of 0 or 1 column is arbitrary)
         raise ValueError("each row of the slab must be contiguous (the kernels stream rows)")

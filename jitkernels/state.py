@@ -488,8 +488,7 @@ def _check_values(st: "FoldState") -> None:
         # (a fold into an empty state may rely on its zeros: a rejected first batch is undone by zeroing again)
         raise ValueError("a state with no parties holds non-zero sums")
     if st.store is None:  # a sum: a leaf's weight sums the parties that carried it (partial updates), none or more
-        with np.errstate(over="ignore"):
-            total = float(w.sum())
+        total = weight_sum(w)
         if not math.isfinite(total):
             raise ValueError(f"the parties' weights sum to {total}, past float64's range")
         lightest = float(w[w > 0].min()) if (w > 0).any() else 0.0

@@ -109,11 +109,16 @@ def _plot(out: dict, path: str) -> bool:
 TIMING = ("wall_s", "events_per_s")  # the run's own speed: under "timing", so that one seed's figures diff equal
 
 
+def _split_timing(rows: dict) -> dict:
+    """Each policy's figures, and apart under "timing" the run's own speed (so that one seed's figures diff equal)."""
+    return {**{p: {k: v for k, v in row.items() if k not in TIMING} for p, row in rows.items()},
+            "timing": {p: {k: row[k] for k in TIMING if k in row} for p, row in rows.items()}}
+
+
 def _json_ready(out: dict) -> dict:
-    rows = out["policies"]
-    return {"workload": out["workload"], "rho": out["rho"],
-            "policies": {p: {k: v for k, v in row.items() if k not in TIMING} for p, row in rows.items()},
-            "timing": {p: {k: row[k] for k in TIMING if k in row} for p, row in rows.items()},
+    split = _split_timing(out["policies"])
+    timing = split.pop("timing")
+    return {"workload": out["workload"], "rho": out["rho"], "policies": split, "timing": timing,
             "per_job": {p: r.per_job for p, r in out["results"].items()},
             "occupancy": {p: r.occupancy for p, r in out["results"].items()}}
 
@@ -254,10 +259,7 @@ def cmd_sweep(args) -> int:
             bound[i, j] = row["risk_bound_of_oracle_saving"] = risk_bound(wl, out)
             latency[i, j] = row["latency_share_of_lazy_gap"]
             added[i, j] = row["added_latency_p95_vs_eager_s"]
-            rows = out["policies"]  # (the run's speed apart, under "timing", as simulate's: it wrote it in the figures)
-            cells.append({"rho": r, "jitter_cv": cv,
-                          **{p: {k: v for k, v in row.items() if k not in TIMING} for p, row in rows.items()},
-                          "timing": {p: {k: row[k] for k in TIMING if k in row} for p, row in rows.items()}})
+            cells.append({"rho": r, "jitter_cv": cv, **_split_timing(out["policies"])})
     _write_json(os.path.join(out_dir, "sweep.json"), cells, "sweep")
     for title, data, fmt in (("jit saving vs eager", saving, "{:>8.1%}"),
                              ("share of lazy's saving jit captures", capture, "{:>8.1%}"),

@@ -1478,7 +1478,8 @@ class JITScheduler:
             # mix on a 40 MB budget: 23,173 oracle deployments in 30 rounds, costing more than lazy)
             self._release(victim, f"preempted by {js.job.id}", to=(js, laxity) if pressure else None)
             if victim.open is not None and not victim.open.done:
-                if inputs.get("timer"):  # (take-backs for a quorum that is in, or for buffer room, are not thrash)
+                if inputs.get("timer") and not pressure:  # (take-backs for a quorum that is in, or for buffer
+                    # room, are not thrash)
                     victim.open.taken_back += 1
                 self._plan(victim)  # it plans its redeployment now, not at its next arrival
         else:

@@ -42,7 +42,7 @@ import numpy as np
 
 SQRT2 = math.sqrt(2.0)
 MIN_SPREAD_PARTIES = 3  # parties with three responses or more before their spread stands in for the young ones
-SPREAD_PRIOR = 3.0  # the weight, in responses, of the parties' pooled spread in an experienced party's own
+SPREAD_PRIOR = 3.0  # the weight, in responses, of the parties' typical spread where it widens an experienced party's
 EXACT_MAX = 64  # pending parties up to which the Poisson-binomial tail is computed exactly (O(n * need) per call)
 _HI_MAX = 1e300  # (s) the quantile's bracket stays finite: a search from an inf bracket would not end
 EXACT_WORK = 1 << 14
@@ -115,9 +115,11 @@ class LogNormal:
 
 
 def _typical(v: np.ndarray) -> float:
-    """The mean of the values within 10x their median: the typical party's variance, which one erratic party does not
-    move (of 10 parties with three responses each, a steady one is dropped about once in 100 rounds)."""
-    return float(v[v <= 10.0 * np.median(v)].mean())
+    """The mean of the values within 10x their median (of them all where the median is 0): the typical party's
+    variance, which one erratic party does not move (of 10 parties with three responses each, one steady party is
+    left out in about one round of 25)."""
+    median = float(np.median(v))
+    return float(v[v <= 10.0 * median].mean()) if median > 0 else float(v.mean())
 
 class Predictor:
     """Per-party models of one job, and quorum-time quantiles for its rounds."""
@@ -225,7 +227,7 @@ class Predictor:
 
     def distribution(self, party, pooled=None) -> tuple[LogNormal | None, float]:
         """(response-time distribution, participation rate) of a party (pooled if it has no history; pass
-        ``pooled`` when asking for many parties, it costs O(parties) to compute)."""
+        ``pooled`` when asking for many parties). O(parties): its spread pools in the others' (:meth:`_spreads`)."""
         m = self.parties.get(party)
         if m is None or m.n == 0:
             return (pooled if pooled is not None else self._pooled()), (m.participation if m is not None else 1.0)
@@ -234,33 +236,35 @@ class Predictor:
 
     def _spreads(self, n, var) -> np.ndarray:
         """Per party, the spread (sd of log time) of its next response: what it will do, not what it did.
-        Experienced parties (three responses or more): their own variance made a predictive one (unbiased and
-        widened by their mean's uncertainty, var n / (n - 1) (1 + 1 / n), while the running mean lasts; the
-        exponentially weighted estimate's var / (1 - a) after), pooled with the experienced parties' typical spread
-        (:meth:`_young_spread` of any number of them, the mean of their variances within 10x the median: one erratic
-        party among steady ones widened every steady one's 3-5x with the plain mean, and the median alone, of
-        variances from few responses, lies low) weighing SPREAD_PRIOR responses. Their raw running variance (which divides by n,
-        from as few as three responses, and leaves out the mean's uncertainty) planned at 2-3x the risk asked
-        for in the rounds after a party's third response (alpha 0.05: 0.13 at 10 parties, CV 0.05, round 3;
-        0.06-0.07 for good; found by calibrating against known distributions, 2026-11-28). Younger parties: the
-        larger of their own and the shared spread."""
+        Experienced parties (n >= 3 responses), with s2 the typical variance (:func:`_typical` over them) widened by
+        the party's mean's uncertainty and v its own predictive variance,
+
+            v = var n / (n - 1) (1 + 1/n)   while the running mean lasts (n a <= 1), var / (1 - a) after,
+            sigma^2 = max(v, (SPREAD_PRIOR s2 + (n - 1) v) / (SPREAD_PRIOR + n - 1)):
+
+        the typical spread pooled in where it widens (a few responses understate a spread as often as not), never
+        where it would narrow (a party's own larger spread is evidence it differs); with many responses the
+        party's own spread decides. Younger parties: the larger of their own and the shared spread
+        (:meth:`_young_spread`). The raw running variance, which divides by n and leaves out the mean's
+        uncertainty, took 2-3x the risk asked for after the third responses (README, "Predictive spread")."""
         shared = self._young_spread(n, var, enough=1, centre=_typical)
         a = 1.0 - 0.5 ** (1.0 / self.halflife)
         m = np.maximum(n, 2).astype(np.float64)
         # PartyModel.observe takes the n-th response at weight max(a, 1 / n): a running mean through n <= 1 / a
         own = np.where(n * a <= 1.0, var * m / (m - 1) * (1.0 + 1.0 / m), var / (1.0 - a))
-        pooled = (SPREAD_PRIOR * shared * shared + (m - 1) * own) / (SPREAD_PRIOR + m - 1)
+        pooled = np.maximum(own, (SPREAD_PRIOR * shared * shared + (m - 1) * own) / (SPREAD_PRIOR + m - 1))
         return np.where(n >= 3, np.sqrt(pooled), np.maximum(np.sqrt(var), self._young_spread(n, var)))
 
     def _young_spread(self, n, var, enough: int = MIN_SPREAD_PARTIES, centre=np.mean) -> np.ndarray:
-        """Per party, the spread to give it while it has fewer than three responses (one or two say little about
-        it): the parties' pooled within-party spread (their running variances, which divide by n, made unbiased)
-        widened by the uncertainty of its own mean, sqrt(1 + 1/n), once ``enough`` parties (MIN_SPREAD_PARTIES) have
-        three responses or more (``centre``: of their variances; the mean, the spread of a party that could be any of
-        them); else the prior CV, as a log-normal's sigma. Parties share the job's jitter more than they share a
-        prior: with the prior CV (0.5 by default) for every young party, the intermittent mixes' early rounds planned
-        for quorums far earlier than came, and their deployments held slots idle while other jobs' quorums waited
-        (cross_device: 10 jobs on 4 slots; p95 latency share 19% -> 10%)."""
+        """Per party, the parties' shared within-party spread, as the spread of its next response: what a party with
+        fewer than three responses gets (one or two say little about it), and what pools into an experienced
+        party's (:meth:`_spreads`, ``centre=_typical``). The experienced parties' running variances (which divide by
+        n) made unbiased, their ``centre`` (the mean: the spread of a party that could be any of them), widened by
+        the uncertainty of the party's own mean, sqrt(1 + 1/n), once ``enough`` parties (MIN_SPREAD_PARTIES) have
+        three responses or more; else the prior CV, as a log-normal's sigma. Parties share the job's jitter more
+        than they share a prior: with the prior CV (0.5 by default) for every young party, the intermittent mixes'
+        early rounds planned for quorums far earlier than came, and their deployments held slots idle while other
+        jobs' quorums waited (cross_device: 10 jobs on 4 slots; p95 latency share 19% -> 10%)."""
         old = n >= 3
         if old.sum() < enough:  # (the prior CV as a log-normal's sigma: it was taken as one, 0.5 for 0.47)
             return np.full(n.shape, math.sqrt(math.log1p(self.prior_cv ** 2)))

@@ -155,3 +155,21 @@ def test_device_leaves_and_scales_off_their_alignment_are_copied():
     agg = jk.Aggregator({"w": cp.zeros(5, dtype=np.float32)})
     agg.fold({"w": x}, party="p")
     np.testing.assert_array_equal(agg.finalize()["w"].get(), np.arange(5, dtype=np.float32))
+
+
+def test_a_device_output_off_its_alignment_is_refused():
+    """finalize(out=) into a device buffer at an odd byte offset wrote into a private aligned copy: the caller's
+    buffer kept its zeros. Refused, as a misaligned host output is."""
+    import numpy as np
+
+    import cupy as cp
+    import jitkernels as jk
+
+    agg = jk.Aggregator({"w": cp.zeros(5, dtype=np.float32)})
+    agg.fold({"w": cp.asarray(np.arange(5, dtype=np.float32))}, party="p")
+    out = cp.zeros(4 * 5 + 1, dtype=np.uint8)[1:].view(np.float32)
+    with pytest.raises(jk.LayoutMismatch, match="output leaf must be C-contiguous and aligned"):
+        agg.finalize(out={"w": out})
+    fine = cp.zeros(5, dtype=np.float32)
+    agg.finalize(out={"w": fine})
+    np.testing.assert_array_equal(fine.get(), np.arange(5, dtype=np.float32))

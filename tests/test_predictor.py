@@ -504,16 +504,23 @@ def test_the_quantile_keeps_the_risk_asked_for_once_parties_have_three_responses
         q = pred.quorum_quantile(list(range(10)), 5, 0.0, 0.05)
         probs = 0.5 * (1.0 + np.vectorize(math.erf)((math.log(q) - mu) / (s * math.sqrt(2.0))))
         achieved.append(poisson_binomial_tail(probs, 5))
-    assert np.mean(achieved) < most, np.mean(achieved)
+    assert 0.035 < np.mean(achieved) < most, np.mean(achieved)  # (and not far below: deployed too early)
 
 
 def test_one_erratic_party_does_not_widen_the_steady_parties_spreads():
-    """An experienced party's spread is pooled with the parties' typical one: the plain mean of their variances let one
-    erratic party (CV 1) among nine steady ones (CV 0.05) give every steady party a spread of 0.23 at its third
-    response (true 0.05), which planned 10% early."""
+    """An experienced party's spread is pooled with the parties' typical one where that widens it: the plain mean of
+    their variances (a version of this session's, e53e737) let one erratic party (CV 1) among nine steady ones
+    (CV 0.05) give every steady party a spread of 0.23 at its third response (true 0.05), which planned 10% early;
+    pooling it down shrank the erratic one's."""
     rng = np.random.default_rng(5)
     pred = Predictor()
     for _ in range(3):
         for p in range(10):
             pred.observe(p, float(10.0 * np.exp(rng.normal(0.0, 0.83 if p == 9 else 0.05))))
     assert pred.distribution(0)[0].sigma < 0.1 and pred.distribution(9)[0].sigma > 0.4
+    pred = Predictor()  # half the parties never vary: their median variance is 0, and pooling kept only the zeros
+    for _ in range(3):
+        for p in range(10):
+            pred.observe(p, float(10.0 * np.exp(rng.normal(0.0, 0.5))) if p >= 5 else 10.0)
+    own = math.sqrt(pred.parties[9].var * 3 / 2 * (1 + 1 / 3))
+    assert pred.distribution(9)[0].sigma >= own * (1 - 1e-12)
