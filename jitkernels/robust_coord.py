@@ -315,7 +315,8 @@ def _out(out, rows):
     if (not on_device and not isinstance(out, np.ndarray)) or (on_device and not _device.is_device_array(out)) or \
             out.dtype != np.float32 or out.shape != (n,) or not out.flags.c_contiguous or \
             not _device.aligned(out):  # (the kernels write it through a typed pointer)
-        raise ValueError(f"out must be a contiguous, aligned float32[{n}] in {'GPU' if on_device else 'host'} memory")
+        raise ValueError(f"out must be a contiguous, aligned float32[{n}] in {'GPU' if on_device else 'host'} memory; "
+                         f"got {type(out).__name__} {getattr(out, 'dtype', '')}{list(getattr(out, 'shape', []))}")
     return out
 
 

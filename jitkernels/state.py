@@ -471,7 +471,8 @@ def _check_values(st: "FoldState") -> None:
     """What a checksum cannot vouch for (anyone can compute one): the values a fold could have made. Arrays of the
     layout's size and finite; party weights finite and >= 0, and per leaf none or from the lightest party's to
     their sum (a leaf weight of 1e-30 gave a 2e30 model; a robust rule's weights are its own: only not NaN nor
-    negative), and a leaf of weight 0 summing nothing; a round in [0, 2^32); a known integer rule and deterministic bound; a robust store of the state's parties.
+    negative), and a leaf of weight 0 summing nothing; a round in [0, 2^32) and finite server values; a known integer
+    rule and deterministic bound; a robust store of the state's parties.
     (The algorithm itself is rebuilt by from_state: a user's own algorithm class loads and merges as before.)"""
     n, L = st.layout.size, len(st.layout)
     for name, a in (("acc", st.acc), ("lo", st.lo), ("base", st.base), *((f"opt_{k}", v) for k, v in
@@ -499,9 +500,11 @@ def _check_values(st: "FoldState") -> None:
             if any(to_host(a[leaf.offset:leaf.offset + leaf.size]).any() for a in (st.acc, st.lo) if a is not None):
                 raise ValueError(f"leaf {leaf.name!r} has a weight of 0 and non-zero sums")
     # (rounds key DP noise as 32-bit counters: 2^64 loaded, then finalize raised a bare ValueError)
-    if not 0 <= st.round < 2 ** 32 or not all(isinstance(v, (int, float)) and math.isfinite(v)
-                                              for v in st.scalars.values()):
-        raise ValueError(f"round {st.round} or scalars {st.scalars} out of range")
+    if not 0 <= st.round < 2 ** 32:
+        raise ValueError(f"round {st.round} is outside [0, 2^32)")
+    bad = next((k for k, v in st.scalars.items() if not (isinstance(v, (int, float)) and math.isfinite(v))), None)
+    if bad is not None:  # (which one: the message named the round too, and every scalar)
+        raise ValueError(f"server value {bad!r} = {st.scalars[bad]!r} is not a finite number")
     if st.algorithm.get("int_leaves", "mean") not in ("mean", "max"):
         raise ValueError(f"int_leaves {st.algorithm.get('int_leaves')!r} is neither 'mean' nor 'max'")
     bound = st.algorithm.get("deterministic")

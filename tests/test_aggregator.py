@@ -1672,6 +1672,10 @@ def test_bad_quantized_leaves_raise_invalid_quantized(values, scale, block):
     with pytest.raises(jk.InvalidQuantized) as e:
         jk.Quantized(values, scale, block)
     assert isinstance(e.value, (jk.LayoutMismatch, TypeError))
+    if np.ndim(scale) == 0 and isinstance(scale, float) and scale > 1e38:  # (it names the scale and its value)
+        assert "scale 0 = 1e+39 overflows float32" in str(e.value)
+    elif block == 2 and np.ndim(scale) and np.size(scale) == 2 and np.abs(np.asarray(scale)).max() > 1e38:
+        assert "scale 1 = -1e+39 overflows float32" in str(e.value)
 
 
 def test_every_error_pickles_with_its_type_and_fields():

@@ -385,7 +385,8 @@ def test_atomic_write_is_not_blocked_by_a_leftover_temp_file(tmp_path):
     # a leaf no party carried, holding sums (finalize divided them by the total weight: a model 3x off); a round
     # past DP noise's 32-bit counter (a bare ValueError at finalize)
     ("zero_leaf_weight", {"leaf_weight": np.zeros(1)}, {}, "leaf 'w' has a weight of 0 and non-zero sums"),
-    ("huge_round", {}, {"round": str(2 ** 64)}, "round 18446744073709551616"),
+    ("huge_round", {}, {"round": str(2 ** 64)}, "round 18446744073709551616 is outside \\[0, 2\\^32\\)"),
+    ("nan_scalar", {}, {"scalars": '{"clip_norm": NaN}'}, "server value 'clip_norm' = nan is not a finite number"),
 ])
 def test_a_checksummed_state_a_fold_could_not_have_made_is_refused(what, tensors_edit, meta_edit, match):
     """SHA-256 is unkeyed: anyone can re-sign a file. Values no fold makes (a NaN accumulator merged into a NaN
