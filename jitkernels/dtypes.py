@@ -161,13 +161,15 @@ class Quantized:
         wide = s.dtype.kind == "f" and s.dtype.itemsize > 4
         with np.errstate(over="ignore") if wide else contextlib.nullcontext():
             s32 = s_xp.asarray(s, dtype=np.float32).reshape(-1)
-        if wide and bool(s_xp.any((s32 == 0) & (s.reshape(-1) != 0))):
-            raise InvalidQuantized("Quantized: a nonzero scale rounds to 0 in float32 (scales are float32)")
-        over = s_xp.isinf(s32) & s_xp.isfinite(s.reshape(-1)) if wide else None
-        if wide and bool(over.any()):
-            i = int(s_xp.flatnonzero(over)[0])
-            raise InvalidQuantized(f"Quantized: scale {i} = {float(s.reshape(-1)[i]):.6g} overflows float32 (scales "
-                                   f"are float32, at most {float(np.finfo(np.float32).max):.6g})")
+        if wide:
+            given = s.reshape(-1)
+            if bool(s_xp.any((s32 == 0) & (given != 0))):
+                raise InvalidQuantized("Quantized: a nonzero scale rounds to 0 in float32 (scales are float32)")
+            over = s_xp.flatnonzero(s_xp.isinf(s32) & s_xp.isfinite(given))
+            if over.size:
+                i = int(over[0])
+                raise InvalidQuantized(f"Quantized: scale {i} = {float(given[i]):.6g} overflows float32 (scales are "
+                                       f"float32, at most {float(np.finfo(np.float32).max):.6g})")
         s = xp.ascontiguousarray(xp.asarray(s32))
         from .device import aligned, realigned  # (device imports this module)
 

@@ -723,13 +723,13 @@ class UpdateStore:
             raise CorruptState(f"{path}: inconsistent update store ({type(e).__name__}: {str(e)[:300]})") from e
 
 
-
 def _rebuilt(kind, rows, described, shapes, budget_bytes, over_budget, spill_dir, names) -> "UpdateStore":
     """A store of ``kind`` holding ``rows``, as another was (a spilled one spills again, into a file of its own)."""
     store = kind.from_rows(rows, **described, shapes=shapes, budget_bytes=budget_bytes, over_budget=over_budget,
                            spill_dir=spill_dir)
     store.names = names  # (also names a file could not keep)
     return store
+
 
 class DeviceUpdateStore(UpdateStore):
     """An :class:`UpdateStore` whose slab is in GPU memory (CuPy): a GPU aggregator's robust rules read it there

@@ -113,13 +113,13 @@ class LogNormal:
     sigma: float
 
 
-
 def _typical(v: np.ndarray) -> float:
     """The mean of the values within 10x their median (of them all where the median is 0): the typical party's
     variance, which one erratic party does not move (of 10 parties with three responses each, one steady party is
     left out in about one round of 25)."""
     median = float(np.median(v))
     return float(v[v <= 10.0 * median].mean()) if median > 0 else float(v.mean())
+
 
 class Predictor:
     """Per-party models of one job, and quorum-time quantiles for its rounds."""
