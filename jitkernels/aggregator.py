@@ -115,14 +115,21 @@ def _written(layout, outs, buffered: bool) -> int:
 
 def _check_records(alg, state: FoldState) -> None:
     """A state from outside (a file, a worker's bytes: a checksum vouches for nothing) holds what ``alg``'s folds
-    could have recorded: its server values, and each party's per-update record (``check_record``). A DP adaptive
-    state without its clip norm raised a bare KeyError at its next fold; a FedNova record without steps one at
-    finalize, one with steps of -3 a wrong model."""
+    could have recorded: its server values (``check_scalars``), and each party's per-update record
+    (``check_record``). A DP adaptive state without its clip norm raised a bare KeyError at its next fold, one with
+    a forged clip norm of 1e308 clipped nothing; a FedNova record without steps raised one at finalize, one with
+    steps of -3 made a wrong model."""
     missing = sorted(alg.initial_scalars().keys() - state.scalars.keys())
     if missing:
         raise CorruptState(f"the state's algorithm {type(alg).__name__} keeps server values {missing}, and the state "
                            "has none of them")
-    check = getattr(alg, "check_record", None)  # (a user's own algorithm class may have none)
+    scalars = getattr(alg, "check_scalars", None)  # (a user's own algorithm class may have neither check)
+    try:
+        if scalars is not None:
+            scalars(state.scalars)
+    except ValueError as e:
+        raise CorruptState(f"the state's {e}") from None
+    check = getattr(alg, "check_record", None)
     for p in state.parties if check is not None else ():
         try:
             check(state.info.get(p) or {}, p)

@@ -730,6 +730,14 @@ class DPAdaptiveClipping(_DPClipping):
     def derived_info(self, u, state) -> dict:
         return {**self.inner.derived_info(u, state), "unclipped": float(u.norm <= self.clip_norm(state))}
 
+    def check_scalars(self, scalars: dict) -> None:
+        """A saved state's clip norm is one this rule could have reached (ValueError else): its start, or within
+        the range ``close`` keeps it in (a forged 1e308 turned clipping off unseen; 0 or less refused every party)."""
+        c = scalars["clip_norm"]
+        if not (c == self.initial_clip_norm or math.exp(_LOG_CLIP_MIN) <= c <= math.exp(_LOG_CLIP_MAX)):
+            raise ValueError(f"server value 'clip_norm' = {c!r} is neither the initial clip norm "
+                             f"({self.initial_clip_norm!r}) nor within [1e-300, 1e300]")
+
     def check_record(self, record, party) -> None:
         self.inner.check_record(record, party)
         if record.get("unclipped") not in (0.0, 1.0):  # (what derived_info records: the noised count sums them)

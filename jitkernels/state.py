@@ -119,7 +119,9 @@ class FoldState:
             if arr is not None and (arr.shape != (n,) or arr.dtype != np.dtype(dt)):
                 raise ValueError(f"{name} must be {dt}[{n}], got {arr.dtype}{arr.shape}")
         for k, arr in (self.opt or {}).items():
-            if k not in ("m", "v") or arr.shape != (layout.size,) or arr.dtype != np.dtype(self.acc_dtype):
+            if k not in ("m", "v"):
+                raise ValueError(f"optimizer state {k!r} is none of a server optimizer's ('m', 'v')")
+            if arr.shape != (layout.size,) or arr.dtype != np.dtype(self.acc_dtype):
                 raise ValueError(f"optimizer state {k!r} must be {self.acc_dtype}[{layout.size}], got "
                                  f"{arr.dtype}{arr.shape}")
 
@@ -479,6 +481,9 @@ def _check_values(st: "FoldState") -> None:
                                                                           (st.opt or {}).items())):
         if a is not None and (a.shape != (n,) or a.dtype != np.dtype(st.acc_dtype) or not np.isfinite(a).all()):
             raise ValueError(f"{name} is not {n} finite {st.acc_dtype} values")
+    if st.opt and "v" in st.opt and (to_host(st.opt["v"]) < 0).any():  # (Adam's, Yogi's and Adagrad's steps divide
+        # by its square root: a negative one made the model NaN at the next finalize, and blamed the next parties)
+        raise ValueError("opt_v, a second moment, holds negative values")
     w = np.fromiter(st.parties.values(), np.float64, len(st.parties))
     if not (np.isfinite(w).all() and (w >= 0).all()):  # (Krum's Flower variant takes masses of 0)
         raise ValueError("a party's weight is not a finite number >= 0")
@@ -554,8 +559,12 @@ def _store_from(tensors, meta, layout):
     k_max = d["k_max"]  # (a k_max no machine can map fails the slab's reservation: MemoryError, CorruptState here)
     if type(k_max) is not int or k_max < 1:
         raise ValueError(f"store k_max {k_max!r} is not an integer >= 1")
+    names, leaves = d.get("names"), [leaf.name for leaf in layout.leaves]
+    if names is not None and names != leaves:  # (the aggregator adds its rows by the layout's names: later dicts
+        # are read in the store's order, and names swapped put two leaves of one size in each other's place)
+        raise ValueError(f"the robust store's leaf names {names[:6]!r} are not the layout's {leaves[:6]!r}")
     return UpdateStore.from_rows(tensors["store_rows"], k_max=k_max, dtype=d["dtype"], parties=d["parties"],
-                                 shapes=[leaf.shape for leaf in layout.leaves], names=d.get("names"))
+                                 shapes=[leaf.shape for leaf in layout.leaves], names=names)
 
 
 def check_format(path, meta: dict, fmt: str, versions, what: str) -> None:

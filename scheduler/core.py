@@ -1815,7 +1815,8 @@ class JITScheduler:
         carry = js.from_state(self._stored_state(js, meta["carry"])) if meta.get("carry") and not meta.get("state") \
             else None
         resumed = js.from_state(self._stored_state(js, meta["state"])) if meta.get("state") else None
-        replayed = st.stored_updates(job.id, len(js.layout), js.layout.fingerprint)
+        replayed = st.stored_updates(job.id, len(js.layout), js.layout.fingerprint,
+                                     [leaf.shape for leaf in js.layout.leaves], functools.partial(self._readmit, js))
         held = {p for p, _ in meta["parties"]} if resumed is not None else set()
         strangers = sorted((held | {u[1] for u in replayed}) - set(job.parties), key=repr)
         if strangers:  # (they filled the quorum and were in the model; the job's own parties were then turned away)
@@ -1854,17 +1855,17 @@ class JITScheduler:
             if carried_from in js.rounds:  # (a round whose result is in: a second update for it is refused)
                 js.rounds[carried_from].carried_out[party] = r
             self._round(js, r).unobserved.add(party)  # it arrives now, in replay: no response time to learn
-            try:
-                self._submit(js, r, party, None, weight, uid, persist=False, stored=True, info=info)
-            except jk.InvalidUpdateInfo as e:  # a file written before submit kept per-update values (FedNova's
-                # steps): it cannot be folded, and the job resumes without it (the party may resend: an answer)
-                self._round(js, r).unobserved.discard(party)
-                if carried_from in js.rounds:
-                    js.rounds[carried_from].carried_out.pop(party, None)
-                log.error("job %r: update of %r for round %d not replayed: %s", job.id, party, r, e)
+            self._submit(js, r, party, None, weight, uid, persist=False, stored=True, info=info)
         self._log("resumed", js, round=first, folded=rnd.folded, replayed=len(replayed),
                   fallbacks=len(st.fallbacks), orphans_removed=st.orphans_removed)
         self._plan(js)
+
+    @staticmethod
+    def _readmit(js, leaves, weight, party, info) -> None:
+        """A stored update checked as submit checked it (its file is replayed only if this passes): a file written
+        before submit kept per-update values (FedNova's steps) cannot be folded, nor can values signed into a file
+        by anyone but us. The job resumes without it; the party may resend (an answer)."""
+        js.admit(js.layout.unflatten(leaves), weight, party, js.algorithm.check_info(info, party))
 
     def _stored_state(self, js, rel):
         """A committed state file of the job, refused if it holds another layout (the template changed), or was

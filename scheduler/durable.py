@@ -351,15 +351,18 @@ class StateDir:
         tensors, m = read_checked(os.path.join(self.path, self._update_rel(job, rnd, party)), what="update file")
         return decode_leaves(tensors, json.loads(m["leaves"]), len(layout), [leaf.shape for leaf in layout.leaves])
 
-    def stored_updates(self, job, n_leaves: int, fingerprint: str) -> list:
+    def stored_updates(self, job, n_leaves: int, fingerprint: str, shapes=None, admit=None) -> list:
         """[(round, party, update_id, weight, info, carried_from)] of ``job``'s updates on disk that the committed
         generation does not cover, in (round, file name) order; ``carried_from``: the round a late update was sent
         for (None: the round it lies in). Each file is read and verified here, one at a time, and its leaves are
         not kept (:meth:`load_update` reads them when they are folded). A damaged file is skipped and logged (it
-        never became durable: the rename is atomic); a file written for another layout than ``fingerprint`` (the
-        job's template changed between runs) raises :class:`~jitkernels.LayoutMismatch` here, before anything is
-        replayed. An update carried late to a later round is replayed there only: its file in the round it was
-        acknowledged for (still uncollected if a crash came before that round's commit) would count it twice."""
+        never became durable: the rename is atomic), and so is one whose update ``admit(leaves, weight, party,
+        info)`` refuses (a typed :class:`~jitkernels.AggregationError`: a checksum anyone can compute vouches for
+        nothing, and a NaN signed into a file failed its whole round when folded; ``shapes``: the layout's, for
+        the leaves given to it); a file written for another layout than ``fingerprint`` (the job's template
+        changed between runs) raises :class:`~jitkernels.LayoutMismatch` here, before anything is replayed. An
+        update carried late to a later round is replayed there only: its file in the round it was acknowledged
+        for (still uncollected if a crash came before that round's commit) would count it twice."""
         meta = self.jobs.get(job, {})
         cur, covered = meta.get("round"), {_key(p) for p, _ in meta.get("parties", [])}
         done = set(map(int, meta.get("results", {})))
@@ -382,7 +385,7 @@ class StateDir:
                 path = os.path.join(root, rdir, f)
                 try:
                     tensors, m = read_checked(path, what="update file")
-                    decode_leaves(tensors, json.loads(m["leaves"]), n_leaves)
+                    leaves = decode_leaves(tensors, json.loads(m["leaves"]), n_leaves, shapes)
                     del tensors
                     if (m.get("format"), m.get("job"), m.get("round"), m.get("party")) != (
                             UPDATE_FORMAT, json.dumps(job), str(r), json.dumps(party)):
@@ -401,6 +404,14 @@ class StateDir:
                 if m.get("layout") != fingerprint:
                     raise jk.LayoutMismatch(f"update file {path} was written for layout {m.get('layout')}; the "
                                             f"job's layout is {fingerprint} (its template changed?)", party=party)
+                try:
+                    if admit is not None:
+                        admit(leaves, weight, party, info)
+                except jk.AggregationError as e:
+                    log.warning("skipping update file %s: the job refuses its update (%s)", path, e)
+                    continue
+                finally:
+                    del leaves  # (before the next file is read: one update in memory at a time)
                 out.append((r, party, uid, weight, info, carried))
         moved = {(c, _key(p)) for _, p, _, _, _, c in out if c is not None}
         return [item for item in out if (item[0], _key(item[1])) not in moved]

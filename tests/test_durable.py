@@ -1541,6 +1541,44 @@ def test_update_files_whose_records_no_write_makes_are_skipped(tmp_path, caplog)
         caplog.clear()
 
 
+@pytest.mark.parametrize("bad", ["nan", "shape", "weight", "steps"])
+def test_a_signed_update_file_the_job_refuses_is_skipped_not_the_round(tmp_path, caplog, bad):
+    """An update file whose checksum is right (anyone can compute one) but whose update the job refuses (a NaN, a
+    leaf of another shape, a weight past the headroom; a FedNova update without its steps) was replayed and failed
+    its whole round when folded, with every honest party's acknowledged update in it. It is skipped at recovery,
+    as a damaged file is, and the round folds the others."""
+    import logging
+
+    from jitkernels.state import checked_bytes, read_checked
+
+    fednova = bad == "steps"
+    job = _small_job(quorum=2, **({"algorithm": "fednova"} if fednova else {}))
+    info = {"steps": 4} if fednova else {}
+    s = _sched(tmp_path, checkpoint_bytes=None)
+    s.add_job(job)
+    for p in "ab":
+        s.submit("j", 0, p, {"w": np.full(8, 2.0, np.float32)}, update_id=p, **info).durable.result(timeout=10)
+    s.close()
+    path = next(p for p in (tmp_path / "updates").rglob("*.jku") if read_checked(str(p))[1]["party"] == '"b"')
+    tensors, meta = read_checked(str(path))
+    w = tensors["0"].copy()
+    if bad == "nan":
+        w[3] = np.nan
+    elif bad == "shape":
+        w = w[:5]
+    forged = {"weight": "1e+300"} if bad == "weight" else {"info": "{}"} if fednova else {}
+    path.write_bytes(checked_bytes({**tensors, "0": w}, {**meta, **forged}))
+    with caplog.at_level(logging.WARNING, logger="jitkernels.scheduler"):
+        rec = JITScheduler.recover(tmp_path, [job], policy="eager", slots=1, clock=VirtualClock())
+    assert any("the job refuses its update" in r.message and "'b'" in r.message for r in caplog.records)
+    assert list(rec.jobs["j"].open.acked) == ["a"]
+    rec.submit("j", 0, "c", {"w": np.full(8, 5.0, np.float32)}, update_id="c", **info)
+    rec.clock.run()
+    # (FedNova with equal steps from a zero model: the mean too)
+    np.testing.assert_array_equal(rec.result("j", 0).result(timeout=10)["w"], np.full(8, 3.5, np.float32))
+    rec.close()
+
+
 @pytest.mark.parametrize("spill", [False, True], ids=["in-memory", "spilled"])
 def test_per_update_values_reach_the_fold_and_survive_a_restart(tmp_path, spill):
     """A FedNova job could not run under the scheduler: submit had no way to pass steps=, every update was

@@ -595,6 +595,35 @@ def test_a_server_step_stopped_part_way_does_not_stop_the_strategy(monkeypatch, 
         assert len(r.fold_and_finalize(views, [1.0], ["c1"], base=base, server_round=rnd)) == 2
 
 
+def test_a_fold_stopped_part_way_does_not_stop_a_strategy_without_a_base(monkeypatch):
+    """A fold that failed part-way (out of memory at the second dtype group) tears the aggregator before any party
+    is recorded; a strategy with no base (Flower's FedAvg) reset it only when a party was recorded or the round was
+    closed, so every later round raised TornState. The next round resets it and runs."""
+    import jitkernels as jk
+    from jitkernels.backends import numpy_ref
+
+    r = jkfl._Runner(lambda: jk.algorithms.FedAvg(), "numpy")  # (cpp's first batch of a round is undone by zeroing)
+    views = [[np.ones(3, np.float16), np.ones(3, np.float32)]]
+    r.fold_and_finalize(views, [1.0], ["c1"], server_round=1)
+    calls, real = [], numpy_ref.fold
+
+    def fold(*a):  # round 2's second group, after its first was written
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("injected at a fold")
+        return real(*a)
+
+    monkeypatch.setattr(numpy_ref, "fold", fold)
+    with pytest.raises(MemoryError):
+        r.fold_and_finalize(views, [1.0], ["c1"], server_round=2)
+    monkeypatch.undo()
+    assert r.agg.state.torn and not r.agg.state.count
+    for rnd in (3, 4):
+        _, arrays = r.fold_and_finalize([[np.full(3, 2.0, np.float16), np.full(3, 2.0, np.float32)]], [1.0], ["c1"],
+                                        server_round=rnd)
+        assert [a.tolist() for a in arrays] == [[2.0] * 3] * 2
+
+
 def test_flower_node_ids_past_int64_name_their_replies():
     """Flower's node ids are random uint64s: about half of them are 2^63 or more, which the party-id bound
     (int64) refused, and every reply of such a round was named by its place ("reply-<i>")."""

@@ -409,6 +409,44 @@ def test_a_checksummed_state_a_fold_could_not_have_made_is_refused(what, tensors
         FoldState.from_bytes(checked_bytes({**tensors, **tensors_edit}, {**meta, **meta_edit}))
 
 
+def test_server_optimizer_moments_no_step_makes_are_refused():
+    """A second moment below 0 (Adam's, Yogi's and Adagrad's steps take its square root) loaded, then made the
+    model NaN at the next finalize and blamed the next round's parties; an optimizer state of another name was
+    refused as "must be float32[4]"."""
+    from jitkernels.state import FoldState, checked_bytes, read_checked_bytes
+
+    z = {"w": np.zeros(4, np.float32)}
+    for alg in ("fedadam", "fedyogi", "fedadagrad"):
+        agg = jk.Aggregator(z, alg, base=z)
+        agg.fold({"w": np.ones(4, np.float32)}, party="a")
+        agg.finalize()
+        tensors, meta = read_checked_bytes(agg.state.to_bytes())
+        FoldState.from_bytes(checked_bytes(tensors, meta))  # as written: loads
+        v = tensors["opt_v"].copy()
+        v[2] = -1.0
+        with pytest.raises(jk.CorruptState, match="opt_v, a second moment, holds negative values"):
+            FoldState.from_bytes(checked_bytes({**tensors, "opt_v": v}, meta))
+    with pytest.raises(jk.CorruptState, match="optimizer state 'zzz' is none of"):
+        FoldState.from_bytes(checked_bytes({**tensors, "opt_zzz": v}, meta))
+
+
+def test_a_robust_store_whose_leaf_names_are_not_the_layouts_is_refused():
+    """A robust state's store keeps the leaf order its rows were added in, and reads later dict updates in it: a
+    file with two leaves of one size named the other way round put every later party's leaves in each other's
+    place (a wrong median, no error); bogus names refused every later party by name."""
+    from jitkernels.state import FoldState, checked_bytes, read_checked_bytes
+
+    t = {"w": np.zeros(3, np.float32), "b": np.zeros(3, np.float32)}
+    agg = jk.Aggregator(t, "fedmedian")
+    agg.fold({"w": np.full(3, 2.0, np.float32), "b": np.full(3, 100.0, np.float32)}, party="a")
+    tensors, meta = read_checked_bytes(agg.state.to_bytes())
+    FoldState.from_bytes(checked_bytes(tensors, meta))  # as written: loads
+    store = json.loads(meta["store"])
+    for names in (["b", "w"], ["x", "y"]):
+        with pytest.raises(jk.CorruptState, match="store's leaf names .* are not the layout's"):
+            FoldState.from_bytes(checked_bytes(tensors, {**meta, "store": json.dumps({**store, "names": names})}))
+
+
 def test_an_algorithm_record_no_algorithm_makes_is_corrupt_state():
     """The file loads (a user's own algorithm's record would too); resuming from it names the record instead of a
     plain TypeError from the algorithm's constructor."""
@@ -424,8 +462,9 @@ def test_an_algorithm_record_no_algorithm_makes_is_corrupt_state():
 
 def test_per_party_records_and_server_values_are_checked_when_a_state_is_resumed():
     """A checksummed state whose per-party records or server values its algorithm could not have written: FedNova
-    without steps, or with steps of -3, DP adaptive clipping without its clip norm or with an unclipped count of 7
-    (bare KeyErrors at the next fold or finalize, or a wrong model) is CorruptState naming the party and value."""
+    without steps, or with steps of -3, DP adaptive clipping without its clip norm, with a clip norm outside the
+    range its rule keeps it in, or with an unclipped count of 7 (bare KeyErrors at the next fold or finalize, a wrong
+    model, clipping turned off) is CorruptState naming the party and value."""
     from jitkernels.state import FoldState, checked_bytes, read_checked_bytes
 
     z = {"w": np.zeros(3)}
@@ -436,7 +475,10 @@ def test_per_party_records_and_server_values_are_checked_when_a_state_is_resumed
     for agg, edit, match in ((nova, {"info": '[["p", {}]]'}, "party 'p': steps is required"),
                              (nova, {"info": '[["p", {"steps": -3}]]'}, "party 'p': steps = -3.0 must be"),
                              (dp, {"info": '[["p", {"unclipped": 7.0}]]'}, "party 'p': unclipped = 7.0"),
-                             (dp, {"scalars": "{}"}, "keeps server values \\['clip_norm'\\]")):
+                             (dp, {"scalars": "{}"}, "keeps server values \\['clip_norm'\\]"),
+                             # a forged clip norm: 1e308 clipped nothing, unseen; 0 or less refused every party
+                             (dp, {"scalars": '{"clip_norm": 1e308}'}, "'clip_norm' = 1e\\+308 is neither"),
+                             (dp, {"scalars": '{"clip_norm": 0.0}'}, "'clip_norm' = 0.0 is neither")):
         tensors, meta = read_checked_bytes(agg.state.to_bytes())
         jk.Aggregator.from_state(FoldState.from_bytes(checked_bytes(tensors, meta)))  # as written: resumes
         with pytest.raises(jk.CorruptState, match=match):

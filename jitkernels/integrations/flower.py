@@ -298,7 +298,8 @@ class _Runner:
             top = ml_dtypes.finfo(np.dtype(self.agg.acc_dtype)).max
             self.narrowing = any(ml_dtypes.finfo(np_dtype(leaf.dtype)).max < top
                                  for leaf in self.agg.layout.leaves if leaf.is_float)
-        elif base is not None or self.agg.state.count or self.agg.state.closed:
+        elif base is not None or self.agg.state.count or self.agg.state.closed or self.agg.state.torn:
+            # (torn: a fold that failed part-way has recorded no party, and every later round was refused)
             # a base in another float dtype (a float64 checkpoint of a float32 model): Flower's numpy promotes, the
             # layout is exact; converted as the results are
             self.agg.reset(tree(None if base is None else self._conform([base], ["<base>"], names)[0]), reuse=True)
