@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import copy
+import collections
 import dataclasses
 import functools
 import itertools
@@ -261,8 +262,6 @@ class _Spilled:
     weight: float
     durable: Future
     info: dict = field(default_factory=dict)
-    carried_from: int | None = None  # a replayed late update's first round: its file there stays held until the
-    # carried copy is written, and is read instead if that write failed (a full disk), so the round still folds it
     item: object = None  # the admitted update, held while its write runs (the writer holds its arrays then anyway),
     # and kept if the write failed: the fold takes it from memory (one failed write failed the whole round)
 
@@ -671,7 +670,10 @@ class JITScheduler:
             if self.store is not None and js.layout is not None:  # (after every check: a refused job commits nothing)
                 # new here (or removed before under its id: it starts afresh): its entry, with the time its first
                 # round opens (deadlines outlive a restart)
-                js.restarted = not self.store.commit_new(job.id, job.first_round, self._wall())
+                try:
+                    js.restarted = not self.store.commit_new(job.id, job.first_round, self._wall())
+                except ValueError as e:  # (acknowledged updates of a run that began at another first round)
+                    raise InvalidJob(str(e)) from None
             self.jobs[job.id] = js
             self._log("add_job", js, quorum=job.quorum_count(), parties=len(job.parties))
             try:
@@ -900,11 +902,9 @@ class JITScheduler:
                 self._buffered(js, nbytes)  # reserved now so that a burst sees its own bytes
             elif not stored:
                 self.spilled += 1
-            if spill:  # held from before its file exists until it is folded, carried or dropped (under the lock:
-                self.store.hold(job_id, acked_round if stored else round, party)  # remove_job lets holds go)
-        if stored and round != acked_round:  # (late on replay: its file goes under the round it now counts for)
-            durable = self.store.carry_update(job_id, acked_round, round, party, float(weight))
-        elif persist and self.store is not None and item is not None:
+            if spill:  # held from before its file exists until it is folded or dropped (under the lock: remove_job
+                self.store.hold(job_id, round, party)  # lets holds go)
+        if persist and self.store is not None and item is not None:
             durable = self._persist(js, round, party, update_id, weight, item,
                                     None if late_from is None else late_from.number)
         else:
@@ -913,8 +913,7 @@ class JITScheduler:
             with self._lock:
                 rnd.durable[party] = durable
         if spill:  # once written, only the file holds it (the writer thread lets the arrays go then)
-            item, nbytes = _Spilled(round, party, float(weight), durable, info,
-                                    acked_round if stored and round != acked_round else None, item), 0
+            item, nbytes = _Spilled(round, party, float(weight), durable, info, item), 0
             if item.item is not None:
                 durable.add_done_callback(functools.partial(_written, item))
         self.clock.call_soon_threadsafe(self._on_arrival, js, round, party, item, nbytes, float(weight))
@@ -1685,34 +1684,19 @@ class JITScheduler:
             durable = rnd.durable.get(sp.party, sp.durable) if rnd is not None else sp.durable
         try:
             self._wait_written(durable)  # the writer thread may still be writing it
-            held = sp.round
         except SchedulerClosed:
             raise
         except Exception as e:
-            if sp.item is not None:  # its write failed: folded from memory (a resend writes it again), at the
-                # weight it counts with (a late update's was admitted at the weight sent, before late_weight)
-                log.warning("job %r round %d: update of %r folded from memory; its write failed (%s)", js.job.id,
-                            sp.round, sp.party, e)
-                self._release_spilled(js, sp)
-                u, sp.item = sp.item, None  # (the failed future keeps sp through its callback)
-                return u if u.weight == sp.weight else dataclasses.replace(u, weight=sp.weight)
-            if sp.carried_from is None:
+            if sp.item is None:
                 raise
-            # the carried copy was not written; the first file still holds the update. Its round is done, so a
-            # restart would not replay that file: file the copy again (the failure may have passed), and fold from
-            # the first file if that fails too
-            try:
-                self._wait_written(self.store.carry_update(js.job.id, sp.carried_from, sp.round, sp.party,
-                                                           sp.weight))
-                held = sp.round
-            except SchedulerClosed:
-                raise
-            except Exception as e:
-                held = sp.carried_from
-                log.warning("job %r round %d: update of %r folded from its round-%d file; filing it under this "
-                            "round failed twice (%s): a crash before this round is committed loses it",
-                            js.job.id, sp.round, sp.party, held, e)
-        leaves = self.store.load_update(js.job.id, held, sp.party, js.layout)
+            # its write failed: folded from memory (a resend writes it again), at the weight it counts with (a
+            # late update's was admitted at the weight sent, before late_weight)
+            log.warning("job %r round %d: update of %r folded from memory; its write failed (%s)", js.job.id,
+                        sp.round, sp.party, e)
+            self._release_spilled(js, sp)
+            u, sp.item = sp.item, None  # (the failed future keeps sp through its callback)
+            return u if u.weight == sp.weight else dataclasses.replace(u, weight=sp.weight)
+        leaves = self.store.load_update(js.job.id, sp.round, sp.party, js.layout)
         self._release_spilled(js, sp)  # folded next: the checkpoint or result covers it
         return js.admit(js.layout.unflatten(leaves), sp.weight, sp.party, sp.info)
 
@@ -1730,8 +1714,6 @@ class JITScheduler:
 
     def _release_spilled(self, js, sp) -> None:
         self.store.release(js.job.id, sp.round, sp.party)
-        if sp.carried_from is not None:  # (released already once the carried copy was written)
-            self.store.release(js.job.id, sp.carried_from, sp.party)
 
     def _drop_pending(self, js, rnd) -> None:
         """A round ended with updates unfolded: their bytes are freed, and spilled ones' files let go. (Updates that
@@ -1849,8 +1831,14 @@ class JITScheduler:
                 rnd.members.append(p)
                 js.seen[(first, p)] = uid
             rnd.folded = rnd.admitted = len(rnd.members)
-            if rnd.folded >= rnd.quorum:
-                rnd.quorum_time = self.clock.now()
+        for r, n in collections.Counter(u[0] for u in replayed).items():
+            # what was acknowledged for a round counts in it, whatever the quorum now (so no replayed update is
+            # late): a job added again with a lower quorum closed its round on the first replayed updates and
+            # carried the rest to the next round as late ones, or refused the restart (LateUpdate)
+            later = self._round(js, r)
+            later.quorum = max(later.quorum, later.admitted + n)
+        if resumed is not None and rnd.folded >= rnd.quorum:
+            rnd.quorum_time = self.clock.now()
         for r, party, uid, weight, info, carried_from in replayed:
             if carried_from in js.rounds:  # (a round whose result is in: a second update for it is refused)
                 js.rounds[carried_from].carried_out[party] = r

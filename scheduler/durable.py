@@ -323,29 +323,6 @@ class StateDir:
         with self._held_lock:
             self._held.discard(self._update_rel(job, rnd, party))
 
-    def carry_update(self, job, rnd: int, nxt: int, party, weight: float):
-        """File a held (spilled) update that became late for round ``rnd`` again under round ``nxt`` at ``weight``
-        (on the writer thread, after its first write); returns the future of the new file, which is held in turn.
-        The old file is released once the new one is written, and only then: if the write fails (the future raises),
-        the old file stays held; the fold that reads the update files it again, and folds it from the old file if
-        that fails too (``_Spilled.carried_from``). A crash before the next round is committed then loses it: a
-        restart replays round ``rnd``'s files only while that round is not done, and nothing on disk says the
-        update was carried."""
-        old = self._update_rel(job, rnd, party)
-        self.hold(job, nxt, party)
-
-        def work():
-            try:
-                tensors, m = read_checked(os.path.join(self.path, old), what="update file")
-                meta = {**m, "round": str(int(nxt)), "weight": repr(float(weight)), "carried_from": json.dumps(int(rnd))}
-                self._write("update", self._update_rel(job, nxt, party), checked_writer(tensors, meta))
-            except BaseException:
-                self.release(job, nxt, party)
-                raise
-            self.release(job, rnd, party)
-            return True
-        return self._writer.submit(work)
-
     def load_update(self, job, rnd: int, party, layout: jk.Layout) -> list:
         """The leaves of one persisted update (verified), in the layout's shapes."""
         tensors, m = read_checked(os.path.join(self.path, self._update_rel(job, rnd, party)), what="update file")
@@ -361,8 +338,9 @@ class StateDir:
         nothing, and a NaN signed into a file failed its whole round when folded; ``shapes``: the layout's, for
         the leaves given to it); a file written for another layout than ``fingerprint`` (the job's template
         changed between runs) raises :class:`~jitkernels.LayoutMismatch` here, before anything is replayed. An
-        update carried late to a later round is replayed there only: its file in the round it was acknowledged
-        for (still uncollected if a crash came before that round's commit) would count it twice."""
+        update carried late to a later round is replayed there only: a directory written before 2026-11-28 may also
+        hold its file in the round it was acknowledged for (a replay carried updates past a lowered quorum), which
+        would count it twice."""
         meta = self.jobs.get(job, {})
         cur, covered = meta.get("round"), {_key(p) for p, _ in meta.get("parties", [])}
         done = set(map(int, meta.get("results", {})))
@@ -494,8 +472,9 @@ class StateDir:
         """Commit a job new to the directory, with the time its first round opens (see :meth:`commit_result`). An
         entry of nothing but that (the job was added before, and nothing of it committed since) for another first
         round is another job's, and a removed job's tombstone too: replaced (the removed job's files, any update a
-        late write left included, are deleted first: the job starts afresh). True where the job starts afresh,
-        False where it resumes the directory's entry."""
+        late write left included, are deleted first: the job starts afresh), unless the directory holds updates
+        acknowledged for it: ValueError (they were dropped unseen, and their files deleted later). True where the
+        job starts afresh, False where it resumes the directory's entry."""
         with self._lock:
             old = self.jobs.get(job)
             if old is not None and old.get("removed"):
@@ -503,9 +482,23 @@ class StateDir:
                 old = None
             self._purged.discard(job)
             if old is None or set(old) <= {"round", "opened"} and old.get("round") != int(first_round):
+                held = self._update_rounds(job) if old is not None else []
+                if held:
+                    raise ValueError(f"job {job!r}: the state directory holds updates acknowledged for its round(s) "
+                                     f"{held[:5]} of a run that began at round {old.get('round')!r}: add it with "
+                                     f"first_round={old.get('round')!r} to fold them, or start it afresh in a new "
+                                     "state directory")
                 self._commit(self.gen + 1, {**self.jobs, job: {"round": int(first_round), "opened": opened}})
                 return True
             return False
+
+    def _update_rounds(self, job) -> list:
+        """The rounds for which ``job``'s folder holds update files."""
+        root = os.path.join(self.path, "updates", ident(job))
+        if not os.path.isdir(root):
+            return []
+        return sorted(int(d) for d in os.listdir(root) if _is_count(d) and os.path.isdir(os.path.join(root, d))
+                      and any(f.endswith(".jku") for f in os.listdir(os.path.join(root, d))))
 
     def commit_dropped(self, job, party) -> None:
         """Commit that ``party`` left ``job`` (``JITScheduler.drop_party``): a restart does not wait for it."""

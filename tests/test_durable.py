@@ -19,7 +19,6 @@ import jitkernels as jk
 from jitkernels import algorithms as A
 from scheduler import (CostModel, Crashed, InvalidJob, JITScheduler, Job, LateUpdate, RoundForgotten, StateDir,
                        StateDirLocked, VirtualClock)
-from scheduler.durable import ident
 
 import crash_workload as cw
 
@@ -681,39 +680,16 @@ def test_a_held_update_file_outlives_its_round_until_released(tmp_path):
 
 
 def test_an_update_carried_late_is_replayed_only_where_it_was_carried(tmp_path):
-    """A crash after a late update was carried (and filed under the next round) but before its own round was
-    committed leaves both files: replay takes the carried one only, so the update is not counted twice."""
+    """A directory written before 2026-11-28 may hold a replayed update twice: in the round it was acknowledged for
+    and, carried past a lowered quorum, in the next (a crash came before the first round's commit). Replay takes
+    the carried one only, so the update is not counted twice."""
     sd = StateDir(tmp_path)
     one = [np.ones(2, np.float32)]
     sd.persist_update("j", 0, "a", "a0", 1.0, one, "fp").result(timeout=10)
     sd.persist_update("j", 0, "b", "b0", 1.0, one, "fp").result(timeout=10)
-    sd.hold("j", 0, "a")
-    sd.carry_update("j", 0, 1, "a", 0.5).result(timeout=10)  # a replayed update that came out late, filed again
+    sd.persist_update("j", 1, "a", "a0", 0.5, one, "fp", carried_from=0).result(timeout=10)
     assert [(r, p, w, c) for r, p, _, w, _, c in sd.stored_updates("j", 1, "fp")] == [(0, "b", 1.0, None),
                                                                                          (1, "a", 0.5, 0)]
-    sd.close()
-
-
-def test_a_carried_update_whose_new_file_fails_keeps_its_old_file(tmp_path, monkeypatch):
-    """Carrying writes the update's file again under the next round; if that write fails (disk full), the future
-    raises and the old file stays held through collections: a restart still finds the update (it was released
-    whatever the outcome, and the next collection deleted the only copy)."""
-    sd = StateDir(tmp_path)
-    sd.persist_update("j", 0, "a", "a0", 1.0, [np.ones(2, np.float32)], "fp").result(timeout=10)
-    sd.hold("j", 0, "a")
-    real = sd._write
-
-    def full(kind, rel, data):
-        if kind == "update":
-            raise OSError(28, "No space left on device")
-        return real(kind, rel, data)
-    monkeypatch.setattr(sd, "_write", full)
-    with pytest.raises(OSError, match="No space"):
-        sd.carry_update("j", 0, 1, "a", 0.5).result(timeout=10)
-    monkeypatch.setattr(sd, "_write", real)
-    sd.commit_failure("j", 0, RuntimeError("deadline"))
-    sd.commit_dropped("j", "zz")  # two generations: round 0's files are collected unless held
-    assert [p.name for p in (tmp_path / "updates").rglob("*.jku")] == [f"{ident('a')}.jku"]
     sd.close()
 
 
@@ -744,58 +720,6 @@ def test_quantized_updates_replayed_after_a_restart_for_a_torch_template(tmp_pat
     ref.fold_many(ups, [1.0, 2.0, 3.0], parties=[0, 1, 2])
     for n, a in ref.finalize().items():
         assert np.asarray(got[n]).tobytes() == a.tobytes(), n
-
-
-@pytest.mark.parametrize("disk", ["full_again", "freed"])
-def test_a_replayed_update_whose_carried_copy_fails_is_still_folded(tmp_path, monkeypatch, disk):
-    """A replayed update that comes out late (the job came back with a smaller quorum) is filed again under the
-    round it now counts for. If that write fails (a full disk), its round read the missing new file and failed
-    until a restart; it now counts once: the fold files it again ("freed": the disk has room again, and a crash
-    before the round commits replays it from the new file; it was lost, since its first round was done), or reads
-    it from its first file, still held ("full_again")."""
-    template = {"w": np.zeros(4, np.float32)}
-    sched = JITScheduler("lazy", clock=VirtualClock(), state_dir=tmp_path)
-    sched.add_job(Job("j", template=template, parties=["a", "b", "c"], quorum=3, rounds=2, late="next_round",
-                      late_weight=0.5))
-    acks = [sched.submit("j", 0, p, {"w": np.full(4, v, np.float32)}) for p, v in (("a", 1.0), ("b", 3.0),
-                                                                                     ("c", 8.0))]
-    for a in acks:
-        a.durable.result(timeout=10)
-    sched.close()  # before the arrivals were processed: three files for round 0, nothing folded
-    real = StateDir._write
-
-    def full(self, kind, rel, data):
-        if kind == "update" and os.path.join("1", ident("c")) in rel:
-            raise OSError(28, "No space left on device")
-        return real(self, kind, rel, data)
-    monkeypatch.setattr(StateDir, "_write", full)
-    job = Job("j", template=template, parties=["a", "b", "c"], quorum=2, rounds=2, late="next_round",
-              late_weight=0.5)
-    rec = JITScheduler.recover(tmp_path, [job], policy="lazy", clock=VirtualClock())
-    rec.clock.run(until=1.0)
-    assert np.array_equal(rec.result("j", 0).result(timeout=5)["w"], np.full(4, 2.0))
-    assert [d["round"] for d in rec.decisions if d["event"] == "late_to_next_round"] == [0]
-    want = np.full(4, 8.0 / 1.5)  # c's 8 at the late weight 0.5 (its sample count 1 halved) and a's 4
-    if disk == "freed":
-        monkeypatch.setattr(StateDir, "_write", real)
-
-        def crash_before_commit(point):
-            if point == "result.begin":
-                rec.store.crash()
-                raise Crashed(point)
-        rec.store.crash_hook = crash_before_commit
-    rec.submit("j", 1, "a", {"w": np.full(4, 4.0, np.float32)}).durable.result(timeout=5)
-    rec.clock.run(until=rec.clock.now() + 1.0)
-    if disk == "full_again":
-        np.testing.assert_allclose(rec.result("j", 1).result(timeout=5)["w"], want, rtol=1e-6)
-        assert not rec.store._held
-        rec.close()
-        return
-    assert rec.store.dead
-    again = JITScheduler.recover(tmp_path, [job], policy="lazy", clock=VirtualClock())
-    again.clock.run(until=1.0)
-    np.testing.assert_allclose(again.result("j", 1).result(timeout=5)["w"], want, rtol=1e-6)
-    again.close()
 
 
 def test_recovery_replays_stored_updates_from_disk_within_the_byte_budget(tmp_path):
@@ -1576,6 +1500,42 @@ def test_a_signed_update_file_the_job_refuses_is_skipped_not_the_round(tmp_path,
     rec.clock.run()
     # (FedNova with equal steps from a zero model: the mean too)
     np.testing.assert_array_equal(rec.result("j", 0).result(timeout=10)["w"], np.full(8, 3.5, np.float32))
+    rec.close()
+
+
+@pytest.mark.parametrize("late", ["reject", "next_round"])
+def test_updates_acknowledged_for_a_round_count_in_it_after_a_restart_with_a_lower_quorum(tmp_path, late):
+    """Three updates acknowledged for round 0 (quorum 4); the job is added again with quorum 2. The replay closed the
+    round on the first two and took the third as late: carried to round 1 at the late weight (its Ack said round
+    0), or, under late='reject', the restart itself raised LateUpdate. The round counts all three."""
+    job = _small_job(parties=list("abcd"), quorum=4, late=late)
+    s = _sched(tmp_path, checkpoint_bytes=None)
+    s.add_job(job)
+    for i, p in enumerate("abc"):
+        assert s.submit("j", 0, p, {"w": np.full(8, 10.0 ** i, np.float32)}, update_id=p).durable.result(timeout=10)
+    s.close()
+    rec = JITScheduler.recover(tmp_path, [_small_job(parties=list("abcd"), quorum=2, late=late)], policy="eager",
+                               slots=1, clock=VirtualClock())
+    rec.clock.run()
+    np.testing.assert_array_equal(rec.result("j", 0).result(timeout=10)["w"], np.full(8, 37.0, np.float32))
+    assert not rec.jobs["j"].rounds[1].admitted
+    assert rec.submit("j", 0, "c", {"w": np.full(8, 100.0, np.float32)}, update_id="c").round == 0  # a resend
+    rec.close()
+
+
+def test_a_job_added_again_from_another_first_round_does_not_drop_its_acknowledged_updates(tmp_path):
+    """Updates acknowledged for round 0 of a job that committed nothing else; the job added again with first_round=1
+    was taken for another job: no error, round 0 gone (NoSuchRound), its files deleted at a later start. It is
+    InvalidJob naming the rounds held; added as it ran, it folds them."""
+    s = _sched(tmp_path, checkpoint_bytes=None)
+    s.add_job(_small_job())
+    for p in "ab":
+        assert s.submit("j", 0, p, {"w": np.ones(8, np.float32)}, update_id=p).durable.result(timeout=10)
+    s.close()
+    with pytest.raises(InvalidJob, match=r"holds updates acknowledged for its round\(s\) \[0\].*first_round=0"):
+        JITScheduler.recover(tmp_path, [_small_job(first_round=1)], policy="eager", slots=1, clock=VirtualClock())
+    rec = JITScheduler.recover(tmp_path, [_small_job()], policy="eager", slots=1, clock=VirtualClock())
+    assert sorted(rec.jobs["j"].open.acked) == ["a", "b"]
     rec.close()
 
 
@@ -2471,11 +2431,12 @@ def test_an_update_whose_round_is_collected_under_its_write_is_durable(tmp_path)
     s.close()
 
 
-def test_a_refused_add_job_leaves_nothing_running(tmp_path):
+def test_a_refused_add_job_leaves_nothing_running(tmp_path, monkeypatch):
     """A resumed job's round opened (deadline timer, an eager slot) before its stored updates were replayed; a replay
-    that was refused (the job added again with a lower quorum: the second update came late) refused add_job, but
-    the opened round went on, tied to a job no longer listed: it held the only slot, so the corrected job's round
-    never got one, and it committed rounds of its own to the directory."""
+    that was refused (it was then a job added again with a lower quorum, whose second update came late; here a
+    replay that fails) refused add_job, but the opened round went on, tied to a job no longer listed: it held the
+    only slot, so the job's round never got one when added again, and it committed rounds of its own to the
+    directory."""
     tmpl = {"w": np.zeros(4, np.float32)}
     job = lambda q: Job("A", tmpl, ["a", "b", "c"], quorum=q, deadline_s=50.0)  # noqa: E731
     s = JITScheduler("eager", clock=VirtualClock(), state_dir=tmp_path)
@@ -2485,10 +2446,18 @@ def test_a_refused_add_job_leaves_nothing_running(tmp_path):
     s.clock.run(until=1.0)
     s.close()
     s = JITScheduler("eager", slots=1, clock=VirtualClock(), state_dir=tmp_path)
+    real = JITScheduler._submit
+
+    def refused(self, *a, stored=False, **kw):
+        if stored and a[2] == "b":
+            raise LateUpdate("refused in replay")
+        return real(self, *a, stored=stored, **kw)
+    monkeypatch.setattr(JITScheduler, "_submit", refused)
     with pytest.raises(LateUpdate):
-        s.add_job(job(1))
+        s.add_job(job(3))
+    monkeypatch.undo()
     assert s.jobs == {} and s.free_slots == [0] and s.buffered_bytes == 0
-    s.add_job(job(3))  # the corrected definition
+    s.add_job(job(3))  # again
     s.submit("A", 0, "c", {"w": np.full(4, 6.0, np.float32)})
     s.clock.run(until=10.0)
     assert s.result("A", 0).result(timeout=0)["w"].tolist() == [3.0] * 4
