@@ -23,6 +23,7 @@ by ``numpy_ref.step``).
 
 from __future__ import annotations
 
+import bisect
 import copy
 import math
 
@@ -504,6 +505,46 @@ class FedAdagrad(_Adaptive):
 
 # --- differential privacy -----------------------------------------------------------------------------------------
 
+class _NoiseClaims:
+    """The rounds whose noise one DP instance's aggregates took (see ``_DPClipping.claim_noise``): round -> owner
+    (the state that took it) for the last :attr:`RECENT` claims, the earlier rounds as runs of rounds whose owners
+    are forgotten (a record per round, kept for ever, grew a long-running server by ~80 bytes a round). A round is
+    claimed by one owner; a round past the recent ones, by none again."""
+
+    RECENT = 64
+
+    def __init__(self):
+        self.recent = {}
+        self.spent = []  # sorted, disjoint [first, last] runs of rounds
+
+    def claim(self, rnd: int, owner) -> bool:
+        """Claim round ``rnd`` for ``owner``; False where another owner has it (or, past the recent ones, anyone)."""
+        if rnd in self.recent:
+            return self.recent[rnd] is owner
+        i = bisect.bisect_right(self.spent, rnd, key=lambda run: run[0])
+        if i and self.spent[i - 1][1] >= rnd:
+            return False
+        self.recent[rnd] = owner
+        if len(self.recent) > self.RECENT:
+            oldest = next(iter(self.recent))
+            del self.recent[oldest]
+            self._spend(oldest)
+        return True
+
+    def _spend(self, rnd: int) -> None:
+        runs = self.spent
+        i = bisect.bisect_right(runs, rnd, key=lambda run: run[0])  # (rnd lies in no run: claim checked it)
+        left, right = i and runs[i - 1][1] + 1 == rnd, i < len(runs) and runs[i][0] - 1 == rnd
+        if left and right:
+            runs[i - 1][1] = runs.pop(i)[1]
+        elif left:
+            runs[i - 1][1] = rnd
+        elif right:
+            runs[i][0] = rnd
+        else:
+            runs.insert(i, [rnd, rnd])
+
+
 class _DPClipping:
     """Shared by the DP wrappers: delegate to the inner algorithm, clip each update's delta by scaling its fold
     weight, add Gaussian noise to the average delta at finalize."""
@@ -525,7 +566,7 @@ class _DPClipping:
 
         self.seed = new_seed() if seed is None else _uint("seed", seed, 64)
         self.seed_given = seed is not None  # (a restarted scheduler job compares its saved seed only if so)
-        self._noised = {}  # round -> the state whose aggregate took that round's noise (see claim_noise)
+        self._noised = _NoiseClaims()  # the rounds whose noise this instance's aggregates took (claim_noise)
 
     # delegated: the inner algorithm's weights, optimizer and per-update values
     def __getattr__(self, name):
@@ -555,7 +596,7 @@ class _DPClipping:
         (a recovery in the same process replays a round's noise, as it must)."""
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
-        new._noised = {}
+        new._noised = _NoiseClaims()
         return new
 
     def __deepcopy__(self, memo):
@@ -573,7 +614,7 @@ class _DPClipping:
         noised by one instance in the same round (a fresh Aggregator each round, whose round counter starts at 0
         again) would get the same noise, which cancels in the difference of the released models. Refused."""
         owner = state.__dict__.setdefault("_dp_owner", object())
-        if self._noised.setdefault(state.round, owner) is not owner:
+        if not self._noised.claim(state.round, owner):
             raise ValueError(f"{type(self).__name__}: round {state.round}'s noise (seed {self.seed}) was already "
                              f"added to another aggregate by this instance, and the same noise in two released models "
                              f"cancels in their difference. Keep one Aggregator across rounds (reset() between "

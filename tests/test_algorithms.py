@@ -743,6 +743,47 @@ def test_one_dp_instance_never_noises_two_aggregates_in_the_same_round():
     assert not np.array_equal(first.finalize()["w"], out0)  # round 1: other noise
 
 
+def test_a_dp_instance_keeps_a_bounded_record_of_the_rounds_it_noised():
+    """claim_noise kept one entry per round noised, for ever (a long-running server grew by ~80 bytes a round):
+    the last RECENT rounds keep their owner, the earlier ones are runs of rounds, claimed by nobody again."""
+    x = {"w": np.zeros(4, np.float32)}
+    dp = A.DPFixedClipping(clip_norm=1.0, noise_multiplier=1.0, num_sampled=1, seed=5)
+    agg = jk.Aggregator(x, dp, base=x)
+    rounds = 3 * A._NoiseClaims.RECENT
+    for _ in range(rounds):
+        agg.fold({"w": np.full(4, 0.1, np.float32)}, party="a")
+        agg.finalize()
+        agg.reset()
+    claims = dp._noised
+    assert len(claims.recent) == A._NoiseClaims.RECENT and claims.spent == [[0, rounds - A._NoiseClaims.RECENT - 1]]
+    for rnd in (0, rounds - 1):  # a spent round and a recent one: another aggregate of it is refused
+        other = jk.Aggregator(x, dp, base=x)
+        other.state.round = rnd
+        other.fold({"w": np.full(4, 0.1, np.float32)}, party="a")
+        with pytest.raises(ValueError, match=f"round {rnd}'s noise .* already added to another aggregate"):
+            other.finalize()
+
+
+@given(st.lists(st.tuples(st.integers(0, 150), st.integers(0, 3)), max_size=400))
+def test_noise_claims_never_give_a_round_to_two_owners(claims):
+    """Whatever the order: a round is granted to one owner only; a round nobody claimed is granted; the last RECENT
+    rounds granted are granted again to their owner."""
+    record, granted, owners = A._NoiseClaims(), {}, [object() for _ in range(4)]  # (states: told apart by identity)
+    for rnd, who in claims:
+        owner = owners[who]
+        ok = record.claim(rnd, owner)
+        if rnd not in granted:
+            assert ok
+            granted[rnd] = owner
+        elif granted[rnd] is not owner:
+            assert not ok
+        elif rnd in list(granted)[-A._NoiseClaims.RECENT:]:
+            assert ok
+    spent = [r for lo, hi in record.spent for r in range(lo, hi + 1)]
+    assert sorted(spent + list(record.recent)) == sorted(granted) and len(record.recent) <= A._NoiseClaims.RECENT
+    assert all(a[1] + 1 < b[0] for a, b in zip(record.spent, record.spent[1:]))  # disjoint runs, merged
+
+
 def test_adaptive_clipping_survives_a_count_noise_far_above_the_sample_and_closes_its_round_once():
     """A count noise far above num_sampled overflowed exp() after the noise and the step were applied, and left the
     round open: a second finalize noised and stepped again. The clip norm is now updated in log space, within
