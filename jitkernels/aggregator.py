@@ -425,7 +425,8 @@ class Aggregator:
         defaults to 1. ``info``: the per-update values the algorithm reads (``steps=`` for FedNova, ``staleness=``
         for FedBuff). An admitted update brings its own weight, party and values: giving them again is refused."""
         if isinstance(update, Admitted):
-            _admitted_alone(weight, party, info or None)
+            if weight is not None or party is not None or info:
+                _admitted_alone(weight, party, info)
             with self._lock:
                 self._fold_admitted([update])
         else:
@@ -796,14 +797,13 @@ class Aggregator:
         folds an update at more than the mass it divides by (FedNova's n / steps with steps < 1): a bound on every
         leaf's mean, so on what finalize writes (see _check_range). (One expression per update, with the masses the
         caller has: this ran three method calls per update, a quarter of a 100-update fold_many's fixed cost.)"""
-        st = self.state
-        if not all(map(self._measured_here, admitted)):
-            st.peak = math.nan  # stats of u, not of u - base (admitted without the base: _stale let it be): not known
-            return
-        xs = [u.maxabs * max(1.0, fw / m) if m > 0 else math.inf for u, fw, m in zip(admitted, fold_w, mass)]
+        st, here = self.state, self._measured_here
+        # (NaN where the stats are of u, not of u - base: admitted without the base, which _stale let be; not known)
+        xs = [(u.maxabs * max(1.0, fw / m) if m > 0 else math.inf) if here(u) else math.nan
+              for u, fw, m in zip(admitted, fold_w, mass)]
         # (terms are >= 0 or NaN, so their sum is NaN exactly where one is, which max() may pass over; max keeps a
         # NaN peak: not known)
-        st.peak = math.nan if math.isnan(sum(xs)) else max(st.peak, max(xs))
+        st.peak = math.nan if math.isnan(sum(xs)) else max(st.peak, *xs)
 
     def _record(self, admitted, int_rows, plan, mass) -> None:
         """After the float fold: integer leaves, per-leaf masses (``mass``, the algorithm's, per update; the batch
