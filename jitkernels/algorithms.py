@@ -26,6 +26,7 @@ from __future__ import annotations
 import bisect
 import copy
 import math
+import threading
 
 import numpy as np
 
@@ -516,20 +517,30 @@ class _NoiseClaims:
     def __init__(self):
         self.recent = {}
         self.spent = []  # sorted, disjoint [first, last] runs of rounds
+        # two aggregators of one instance (or a deep copy) finalize under locks of their own: a claim is one step
+        self._lock = threading.Lock()
+
+    def __getstate__(self):  # (a pickled DP instance: the lock is this process's)
+        return {"recent": self.recent, "spent": self.spent}
+
+    def __setstate__(self, d):
+        self.__init__()
+        self.recent, self.spent = d["recent"], d["spent"]
 
     def claim(self, rnd: int, owner) -> bool:
         """Claim round ``rnd`` for ``owner``; False where another owner has it (or, past the recent ones, anyone)."""
-        if rnd in self.recent:
-            return self.recent[rnd] is owner
-        i = bisect.bisect_right(self.spent, rnd, key=lambda run: run[0])
-        if i and self.spent[i - 1][1] >= rnd:
-            return False
-        self.recent[rnd] = owner
-        if len(self.recent) > self.RECENT:
-            oldest = next(iter(self.recent))
-            del self.recent[oldest]
-            self._spend(oldest)
-        return True
+        with self._lock:
+            if rnd in self.recent:
+                return self.recent[rnd] is owner
+            i = bisect.bisect_right(self.spent, rnd, key=lambda run: run[0])
+            if i and self.spent[i - 1][1] >= rnd:
+                return False
+            self.recent[rnd] = owner
+            if len(self.recent) > self.RECENT:
+                oldest = next(iter(self.recent))
+                del self.recent[oldest]
+                self._spend(oldest)
+            return True
 
     def _spend(self, rnd: int) -> None:
         runs = self.spent

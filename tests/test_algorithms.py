@@ -3,6 +3,7 @@ element-wise), each algorithm against its equations written out in float64, roun
 save/load, and the typed errors of per-update values."""
 
 import math
+import pickle
 import shutil
 
 import ml_dtypes
@@ -782,6 +783,39 @@ def test_noise_claims_never_give_a_round_to_two_owners(claims):
     spent = [r for lo, hi in record.spent for r in range(lo, hi + 1)]
     assert sorted(spent + list(record.recent)) == sorted(granted) and len(record.recent) <= A._NoiseClaims.RECENT
     assert all(a[1] + 1 < b[0] for a, b in zip(record.spent, record.spent[1:]))  # disjoint runs, merged
+
+
+def test_noise_claims_from_two_threads_give_each_round_once():
+    """Two aggregators of one DP instance finalize under locks of their own. The bounded record's claim was several
+    steps: both threads could be granted a round (the same noise in two released models) and an eviction raced
+    into a KeyError. One owner per round, whatever the interleaving."""
+    import sys
+    import threading
+
+    record, owners, n = A._NoiseClaims(), (object(), object()), 20_000
+    granted = [[], []]
+    errors = []
+    barrier = threading.Barrier(2)
+
+    def claim(i):
+        barrier.wait()
+        try:
+            granted[i] = [r for r in range(n) if record.claim(r, owners[i])]
+        except Exception as e:  # noqa: BLE001 - any error is the failure shown
+            errors.append(e)
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # (switches often: the window a busy server meets rarely)
+    try:
+        threads = [threading.Thread(target=claim, args=(i,)) for i in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert not errors and not set(granted[0]) & set(granted[1])
+    assert sorted(granted[0] + granted[1]) == list(range(n))
+    assert pickle.loads(pickle.dumps(record)).claim(n, owners[0])  # (pickles: the lock is made again)
 
 
 def test_adaptive_clipping_survives_a_count_noise_far_above_the_sample_and_closes_its_round_once():
