@@ -120,11 +120,21 @@ JK_HD void binned_step(double& hi, double& lo, double t, double s1, double s2) {
 }
 
 // Carry: move the multiple of unit1 held in lo into hi (exact), so lo stays within unit1/2 and can take 2^20 more
-// terms before it could lose bits.
+// terms before it could lose bits. One representation per sum: lo in (-unit1/2, unit1/2]. The rounding leaves a tie
+// at either end (lo = +-unit1/2 stays), so the same sum was held as (hi, +h) after one batching or merge tree and
+// as (hi + unit1, -h) after another: their bits differed, and DP noise, added to hi, rounded differently (a
+// released model that depended on the tree).
+JK_HD double binned_half(double s1) { return (s1 / 3.0) * 0x1p-52; }  // unit1 / 2 = ulp(s1) / 2, exactly
+
 JK_HD void binned_carry(double& hi, double& lo, double s1) {
   const double c = (lo + s1) - s1;
   hi = hi + c;
   lo = lo - c;
+  const double h = binned_half(s1);
+  if (lo == -h) {  // (exact: hi is a multiple of unit1 far inside its range)
+    hi = hi - 2 * h;
+    lo = h;
+  }
 }
 
 // Finalize: y = acc / A(W), then base + y when a base is given.

@@ -361,6 +361,8 @@ static void fold_binned_rows(double* hi, double* lo, const double* base, const i
   using Src = BinSrc<In, Quant>;
   const int64_t* work = wk.work;
   const bin_d4 vs1 = {s1, s1, s1, s1}, vs2 = {s2, s2, s2, s2};
+  const double half = jk::binned_half(s1);
+  const bin_d4 vhalf = {half, half, half, half}, vunit = vhalf + vhalf;
   const int64_t isz = Quant ? 1 : int64_t(sizeof(In));
   auto item = [&](int64_t it) {
     const int64_t r = work[3 * it], s = work[3 * it + 1], len = work[3 * it + 2];
@@ -420,10 +422,13 @@ static void fold_binned_rows(double* hi, double* lo, const double* base, const i
         for (int v = 0; v < BIN_VECS; ++v) {
           vh[v] = vh[v] + (bh[v] - vs1);  // both exact
           vl[v] = bl[v] - vs2;
-          if (last) {  // jk::binned_carry
+          if (last) {  // jk::binned_carry, its tie at -h moved to +h too
             const bin_d4 c = (vl[v] + vs1) - vs1;
             vh[v] = vh[v] + c;
             vl[v] = vl[v] - c;
+            const bin_d4 unit = (bin_d4)((bin_i4)vunit & (vl[v] == -vhalf));
+            vh[v] = vh[v] - unit;
+            vl[v] = vl[v] + unit;
           }
           memcpy(h + i + 4 * v, &vh[v], sizeof(bin_d4));
           memcpy(l + i + 4 * v, &vl[v], sizeof(bin_d4));

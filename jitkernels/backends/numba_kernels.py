@@ -141,6 +141,7 @@ if numba is not None:
     def _fold_binned(hi, lo, base, has_base, off, ptr, w, sptr, blk, work, share, tiles, witness, quant, s1, s2):
         k = ptr.shape[1]
         f64 = np.empty(0, np.float64)
+        half = (s1 / 3.0) * 2.0 ** -52  # jk::binned_half
         for t in prange(share.size - 1):
             for ti in range(share[t], share[t + 1]):
                 for j in range(k):
@@ -176,6 +177,9 @@ if numba is not None:
                         c = (lw[i] + s1) - s1
                         h[i] = h[i] + c
                         lw[i] = lw[i] - c
+                        if lw[i] == -half:  # (jk::binned_carry: one representation per sum)
+                            h[i] = h[i] - 2 * half
+                            lw[i] = half
 
     # Max-abs as an integer max over the magnitude bits of the f64 value: integer max vectorizes where a float
     # compare-select does not (it would need "nnan"), and bits >= those of inf flag NaN/inf in the same pass.

@@ -90,10 +90,19 @@ def or_last_bit(x):
 
 
 def binned_carry(hi, lo, s1):
-    """Move lo's multiple of unit1 into hi, exactly (jk::binned_carry)."""
+    """Move lo's multiple of unit1 into hi, exactly, leaving lo in (-unit1/2, unit1/2]: one representation per sum
+    (jk::binned_carry)."""
     c = (lo + s1) - s1
     hi += c
     lo -= c
+    unit = (lo == -binned_half(s1)) * (2 * binned_half(s1))  # (0 or unit1: the tie at -unit1/2 moves to +unit1/2)
+    hi -= unit
+    lo += unit
+
+
+def binned_half(s1: float) -> float:
+    """unit1 / 2 = ulp(s1) / 2, exactly (jk::binned_half)."""
+    return (s1 / 3.0) * 2.0 ** -52
 
 
 def stats(base, g, acc_dtype):
