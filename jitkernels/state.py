@@ -280,6 +280,9 @@ class FoldState:
             raise IncompatibleStates("finalize closed the round of one of the states (a server step or DP noise)")
         if self.round != other.round:
             raise IncompatibleStates(f"states are at different rounds ({self.round} vs {other.round})")
+        if (self.store is None) != (other.store is None):  # (a robust rule's state from a file without its store:
+            # merged into one with a store it raised AttributeError; the other way its rows were dropped unseen)
+            raise IncompatibleStates("one state keeps the round's updates (a robust rule's store), the other has none")
         if self.scalars != other.scalars:
             raise IncompatibleStates(f"states carry different server values: {self.scalars} vs {other.scalars}")
         if (self.base is None) != (other.base is None) or (

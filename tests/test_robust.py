@@ -472,3 +472,20 @@ def test_trimmed_mean_refuses_a_cut_of_half_when_made():
     with pytest.raises(ValueError, match="beta"):
         R.FedTrimmedAvg(beta=0.5)
     assert R.FedTrimmedAvg(beta=0.49).beta == 0.49
+
+
+def test_a_robust_state_without_its_store_does_not_merge():
+    """A robust rule's state from a file without its store (a checksum vouches for nothing): merged into one with a
+    store it raised a bare AttributeError; merged the other way, the other state's rows were dropped unseen."""
+    from jitkernels.state import FoldState
+
+    t = {"w": np.zeros(10, np.float32)}
+    agg = jk.Aggregator(t, R.FedMedian())
+    agg.fold_many([{"w": np.ones(10, np.float32)}] * 2, [1.0, 1.0], ["a", "b"])
+    bare = FoldState.from_bytes(FoldState(agg.state.layout, algorithm=agg.state.algorithm).to_bytes())
+    kept = agg.state.copy()
+    with pytest.raises(jk.IncompatibleStates, match="robust rule's store.*the other has none"):
+        agg.merge(bare)
+    assert agg.state.same_bits(kept)
+    with pytest.raises(jk.IncompatibleStates, match="robust rule's store.*the other has none"):
+        bare.merge(agg.state)
