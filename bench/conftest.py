@@ -59,6 +59,7 @@ def measure(benchmark, probe):
 
         benchmark.pedantic(fn, setup=before_round, rounds=rounds, warmup_rounds=warmup_rounds)
         bws.append(probe())
+        del bws[:warmup_rounds]  # (pytest-benchmark runs setup before its warm-up rounds too: no timed round follows)
         bw = statistics.median(bws)
         benchmark.extra_info.update(bytes_moved=nbytes, probe_gbps=bw, probe_gbps_all=bws)
         if benchmark.stats is not None:  # None under --benchmark-disable
