@@ -59,9 +59,11 @@ def measure(benchmark, probe):
 
         benchmark.pedantic(fn, setup=before_round, rounds=rounds, warmup_rounds=warmup_rounds)
         bws.append(probe())
-        del bws[:warmup_rounds]  # (pytest-benchmark runs setup before its warm-up rounds too: no timed round follows)
-        bw = statistics.median(bws)
-        benchmark.extra_info.update(bytes_moved=nbytes, probe_gbps=bw, probe_gbps_all=bws)
+        # the probes around the timed rounds (pytest-benchmark runs setup before its warm-up rounds too, and once in
+        # all under --benchmark-disable)
+        kept = bws[-(rounds + 1):]
+        bw = statistics.median(kept)
+        benchmark.extra_info.update(bytes_moved=nbytes, probe_gbps=bw, probe_gbps_all=kept)
         if benchmark.stats is not None:  # None under --benchmark-disable
             benchmark.extra_info["frac_roofline"] = nbytes / (bw * 1e9) / benchmark.stats.stats.median
 

@@ -456,6 +456,10 @@ class FoldState:
             if absent and not np.allclose(state.exact_leaf_weights(), state.leaf_weight, rtol=1e-9, atol=0.0):
                 raise ValueError("the absent-leaf record disagrees with the per-leaf weights")
             _check_values(state)
+            if state.deterministic:  # one representation per sum (jk::binned_carry): a state saved before
+                # 2026-11-28 may hold a tie's other form, which DP noise, added to the high part, rounded otherwise
+                from .backends.numpy_ref import binned_carry, binned_constants
+                binned_carry(state.acc, state.lo, binned_constants(state.bound_log2)[0])
             return state
         except (KeyError, ValueError, TypeError, AttributeError, OverflowError, RecursionError, MemoryError,
                 OSError, SyntaxError) as e:  # (SyntaxError: np.dtype of a long digit string)
