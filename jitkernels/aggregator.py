@@ -189,6 +189,8 @@ class Aggregator:
                  _state: FoldState | None = None):
         if int_leaves not in INT_RULES:
             raise ValueError(f"int_leaves must be one of {INT_RULES}, got {int_leaves!r}")
+        deterministic, partial, copy = (_algorithms.flag(name, v) for name, v in (
+            ("deterministic", deterministic), ("partial", partial), ("copy", copy)))
         if deterministic:
             if acc_dtype not in (None, "float64"):
                 raise ValueError("deterministic mode accumulates in float64 (two float64 parts)")
@@ -196,12 +198,12 @@ class Aggregator:
                 raise ValueError(f"bound must be within [2^-960, 2^960], got {bound!r}")
             acc_dtype = "float64"
         self.algorithm = _algorithms.resolve(algorithm)
-        self.partial = bool(partial)
+        self.partial = partial
         if self.partial and not getattr(self.algorithm, "supports_partial", True):
             raise ValueError(f"{type(self.algorithm).__name__} scales the aggregate by a sum over all of the round's "
                              "parties, which partial updates (leaves carried by only some) would get wrong: "
                              "partial=False")
-        self.copy = bool(copy)
+        self.copy = copy
         self._lock = threading.RLock()
         self._one: _OneUpdate | None = None
         # which base the admission stats of an Admitted were measured against (renewed by reset(), which may change
@@ -1117,6 +1119,7 @@ class Aggregator:
         coordinate rules the base does not change the model). A ``base`` given here replaces the model. The
         returned state holds copies of them.
         """
+        reuse = _algorithms.flag("reuse", reuse)
         with self._lock:
             old = self.state
             if old.torn_model:

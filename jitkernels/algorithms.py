@@ -66,9 +66,7 @@ class FedAvg:
     kind = None  # server optimizers set their jk::OptKind
 
     def __init__(self, *, weighted: bool = True):
-        if not isinstance(weighted, (bool, np.bool_)):  # ("no" was truthy: a weighted mean where none was meant)
-            raise TypeError(f"weighted must be True or False, got {weighted!r}")
-        self.weighted = bool(weighted)
+        self.weighted = flag("weighted", weighted)
 
     def check_info(self, info: dict, party) -> dict:
         """The per-update values this algorithm reads, validated (a typed error names the party and the key)."""
@@ -353,6 +351,14 @@ class _ServerOptimizer(FedAvg):
         raise NotImplementedError
 
 
+def flag(name: str, x) -> bool:
+    """``x`` as a bool: True or False (numpy's too), else TypeError naming ``name`` ("no" was truthy: a weighted
+    mean, Nesterov momentum, deterministic mode where none was meant)."""
+    if not isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {x!r}")
+    return bool(x)
+
+
 def _count(name: str, x, minimum: int = 1) -> int:
     """A count >= ``minimum``: an int, or a float with an integral value (2.7 was truncated to 2 without a word)."""
     whole = hasattr(x, "__index__") or isinstance(x, float) and math.isfinite(x) and x.is_integer()
@@ -398,9 +404,7 @@ class FedAvgM(_ServerOptimizer):
         super().__init__(weighted=weighted)
         _check_hyper(momentum=(momentum, 0.0, 1.0))
         _check_rates(lr=lr)
-        if not isinstance(nesterov, (bool, np.bool_)):  # ("no" was truthy: Nesterov where none was meant)
-            raise TypeError(f"nesterov must be True or False, got {nesterov!r}")
-        self.lr, self.momentum, self.nesterov = float(lr), float(momentum), bool(nesterov)
+        self.lr, self.momentum, self.nesterov = float(lr), float(momentum), flag("nesterov", nesterov)
         self.kind = NESTEROV if nesterov else MOMENTUM
 
     def coefficients(self, t):

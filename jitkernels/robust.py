@@ -46,7 +46,9 @@ class _Buffered(FedAvg):
         if self.slab_dtypes is not None and str(slab_dtype) not in self.slab_dtypes:  # not at finalize, after a round
             raise ValueError(f"{type(self).__name__} reads {' or '.join(self.slab_dtypes)} slabs (its distances "
                              f"come from the Gram kernels), not {slab_dtype}")
-        self.k_max, self.slab_dtype = int(k_max), str(slab_dtype)
+        # (2.9 rows became 2, True one, "8" eight; a budget of True one byte)
+        self.k_max, self.slab_dtype = _count("k_max", k_max), str(slab_dtype)
+        budget_bytes = None if budget_bytes is None else _count("budget_bytes", budget_bytes, 0)
         self.budget_bytes, self.over_budget, self.spill_dir = budget_bytes, over_budget, spill_dir
 
     def new_store(self, layout, on_device: bool = False):

@@ -604,6 +604,8 @@ class SecAggSum:
     def fold_many(self, updates, parties) -> None:
         """Fold k masked vectors in one pass over the accumulator. All are checked (structure, dtype, parties)
         before anything is added; a value outside [0, 2^b) rolls the whole batch back. Errors name the party."""
+        if isinstance(parties, (str, bytes, dict)):  # ('pq' was folded as parties 'p' and 'q')
+            raise TypeError(f"parties is a list, one per update; got {type(parties).__name__}")
         updates, parties = list(updates), list(parties)
         if len(updates) != len(parties):
             raise ValueError(f"{len(updates)} updates but {len(parties)} parties")

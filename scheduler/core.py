@@ -163,6 +163,10 @@ class Job:
             self.parties = list(self.parties)
         except TypeError as e:  # (a 0-d numpy array has __iter__ and refuses it)
             raise InvalidJob(f"job {self.id!r}: parties must be a list of party ids ({e})") from None
+        try:
+            self.deterministic = jk.algorithms.flag("deterministic", self.deterministic)  # ("no" was truthy)
+        except TypeError as e:
+            raise InvalidJob(f"job {self.id!r}: {e}") from None
         q, n = self.quorum, len(self.parties)
         if n == 0:  # (any quorum of no parties: every round failed, "only 0 parties left")
             raise InvalidJob(f"job {self.id!r}: it has no parties")
@@ -538,6 +542,9 @@ class JITScheduler:
             raise ValueError("overflow='spill' needs a state_dir (spilled updates live there)")
         if keep_rounds < 1:
             raise ValueError(f"keep_rounds must be >= 1, got {keep_rounds}")
+        for name, v in (("writer_nice", writer_nice), ("fold_nice", fold_nice)):
+            if not (_whole(v) and -20 <= v <= 19):  # (a bad one broke the writer's pool at its first update)
+                raise ValueError(f"{name} must be a nice value, an integer in [-20, 19], got {v!r}")
         if not (_whole(slots) and 1 <= slots <= MAX_SLOTS):
             raise ValueError(f"slots must be an integer in [1, {MAX_SLOTS}], got {slots!r}")  # (1.5 ran as 1)
         if history is not None and (isinstance(history, bool) or not isinstance(history, int) or history < 1):
@@ -791,11 +798,18 @@ class JITScheduler:
             return self.store.persist_update(js.job.id, round, party, update_id, float(weight), item.leaves,
                                              js.layout.fingerprint, item.info, carried_from,
                                              live=lambda: not js.removed)
-        except RuntimeError:
-            if self._closed:
+        except Exception as e:
+            if self._closed and isinstance(e, RuntimeError):
                 raise SchedulerClosed(f"job {js.job.id!r}: the scheduler closed while it took the update from "
                                       f"{party!r} for round {round}; not taken") from None
-            raise
+            # a writer that cannot take it (a broken pool): the update is counted already, and its round folds it
+            # from memory; its durable future says it is not on disk (it raised here, after the round had counted
+            # it: the arrival never came and the round waited for ever), and a resend writes it again
+            log.error("job %r round %d: the update of %r could not be handed to the writer: %s", js.job.id, round,
+                      party, e)
+            failed = Future()
+            failed.set_exception(e)
+            return failed
 
     def _duplicate(self, js, round, party) -> Ack:
         """The Ack of a resend: the original's durable future (a failed write shows as failed: resend to retry it),

@@ -1907,3 +1907,32 @@ def test_a_deep_copy_of_a_dp_aggregator_shares_its_noise_claims():
     agg.finalize()
     with pytest.raises(ValueError, match="round 0's noise .* was already added"):
         twin.finalize()
+
+
+def test_switches_are_true_or_false_not_truthy():
+    """deterministic="False", partial="no", copy="no", reset(reuse="no") and Job(deterministic="no") switched the
+    modes on (a string is truthy); robust rules truncated k_max=2.9 to 2 and took a budget of True as 1 byte; SecAgg
+    folded parties "pq" as 'p' and 'q'. Each is refused, naming the parameter."""
+    from jitkernels import robust as R
+    from jitkernels.secagg import SecAggSum
+    from scheduler import InvalidJob, Job
+
+    t = {"w": np.zeros(4, np.float32)}
+    for name in ("deterministic", "partial", "copy"):
+        with pytest.raises(TypeError, match=f"{name} must be True or False, got 'no'"):
+            jk.Aggregator(t, **{name: "no"})
+    agg = jk.Aggregator(t)
+    with pytest.raises(TypeError, match="reuse must be True or False"):
+        agg.reset(reuse="no")
+    with pytest.raises(InvalidJob, match="deterministic must be True or False"):
+        Job("j", template=t, parties=["a"], deterministic="no").check()
+    for bad in (2.9, True, "8", 0):
+        with pytest.raises(ValueError, match="k_max must be an integer"):
+            R.FedMedian(k_max=bad)
+    for bad in (True, 1.5, "x"):
+        with pytest.raises(ValueError, match="budget_bytes must be an integer"):
+            R.FedMedian(budget_bytes=bad)
+    s = SecAggSum([4], 32)
+    with pytest.raises(TypeError, match="parties is a list"):
+        s.fold_many([np.zeros(4, np.uint32)] * 2, "pq")
+    assert s.count == 0

@@ -1503,6 +1503,36 @@ def test_a_signed_update_file_the_job_refuses_is_skipped_not_the_round(tmp_path,
     rec.close()
 
 
+def test_a_writer_that_cannot_take_an_update_leaves_it_counted_and_folded(tmp_path, monkeypatch):
+    """A writer pool that could not take an update (broken: a writer_nice of "x" or NaN was taken, and its
+    initializer failed at the first update) raised from submit after the round had counted the update: its arrival
+    never came, a resend was acknowledged as a duplicate, and the round waited past its deadline. The update now
+    counts and is folded from memory; its durable future fails (a resend writes it again). Bad nice values are
+    refused when the scheduler is built."""
+    for bad in ("x", float("nan"), 1.5, 40, True):
+        with pytest.raises(ValueError, match="writer_nice must be a nice value"):
+            JITScheduler(state_dir=tmp_path / "never", writer_nice=bad)
+        with pytest.raises(ValueError, match="fold_nice must be a nice value"):
+            JITScheduler(fold_nice=bad)
+    s = _sched(tmp_path, checkpoint_bytes=None)
+    s.add_job(_small_job(quorum=2))
+    s.submit("j", 0, "a", {"w": np.ones(8, np.float32)}, update_id="a").durable.result(timeout=10)
+    real = StateDir.persist_update
+
+    def broken(self, *a, **kw):
+        raise RuntimeError("cannot schedule new futures after shutdown")  # (BrokenThreadPool is one)
+    monkeypatch.setattr(StateDir, "persist_update", broken)
+    ack = s.submit("j", 0, "b", {"w": np.full(8, 3.0, np.float32)}, update_id="b")
+    with pytest.raises(RuntimeError, match="cannot schedule"):
+        ack.durable.result(timeout=10)
+    monkeypatch.setattr(StateDir, "persist_update", real)
+    again = s.submit("j", 0, "b", {"w": np.full(8, 3.0, np.float32)}, update_id="b")
+    assert again.duplicate and again.durable.result(timeout=10)  # a resend writes it again
+    s.clock.run()
+    np.testing.assert_array_equal(s.result("j", 0).result(timeout=10)["w"], np.full(8, 2.0, np.float32))
+    s.close()
+
+
 @pytest.mark.parametrize("late", ["reject", "next_round"])
 def test_updates_acknowledged_for_a_round_count_in_it_after_a_restart_with_a_lower_quorum(tmp_path, late):
     """Three updates acknowledged for round 0 (quorum 4); the job is added again with quorum 2. The replay closed the
