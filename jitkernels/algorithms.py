@@ -771,8 +771,9 @@ class DPAdaptiveClipping(_DPClipping):
             raise ValueError(f"count_stddev must be finite and >= 0, got {count_stddev!r}")
         if self.noise_multiplier > 0:
             if not self.noise_multiplier < 2 * self.count_stddev:
+                given = "" if count_stddev is not None else ", the default num_sampled / 20: pass count_stddev="
                 raise ValueError(f"noise_multiplier {noise_multiplier} needs count_stddev > {noise_multiplier / 2} "
-                                 f"(got {self.count_stddev})")
+                                 f"(got {self.count_stddev}{given})")
             self.delta_multiplier = (self.noise_multiplier ** -2 - (2 * self.count_stddev) ** -2) ** -0.5
         else:
             self.delta_multiplier = 0.0

@@ -615,6 +615,8 @@ class JITScheduler:
         acknowledged updates that generation does not cover replayed (the results of finished rounds resolve
         their futures). ``jobs`` are the same :class:`Job` definitions (templates are code, not state); a job of the
         directory may be added later as well."""
+        if state_dir is None:  # (it returned a scheduler that had recovered nothing and would persist nothing)
+            raise ValueError("recover needs the state_dir the crashed scheduler wrote")
         sched = cls(state_dir=state_dir, **kwargs)
         try:
             for job in jobs:

@@ -2795,3 +2795,9 @@ def test_a_state_saved_before_a_parameter_existed_resumes_with_its_default(tmp_p
         assert again.jobs["j"].open.folded == 3
     finally:
         again.close()
+
+
+def test_recover_needs_a_state_directory():
+    """recover(None, jobs) returned a plain scheduler: nothing recovered, nothing persisted from then on."""
+    with pytest.raises(ValueError, match="recover needs the state_dir"):
+        JITScheduler.recover(None, [_small_job()], clock=VirtualClock())
