@@ -679,3 +679,9 @@ def test_the_message_api_strategies_copy_and_pickle(name):
     s = getattr(jkfl, name)()
     for c in (copy.deepcopy(s), pickle.loads(pickle.dumps(s))):
         assert type(c) is type(s) and c._jk.algorithm.params() == s._jk.algorithm.params()
+
+
+def test_an_unknown_backend_is_refused_when_the_strategy_is_made():
+    """backend="cpu" was taken, and the first aggregate_fit raised, after a round of client training."""
+    with pytest.raises(ValueError, match="unknown backend 'cpu'"):
+        jkfl.FedAvg(backend="cpu")

@@ -240,6 +240,9 @@ class _Runner:
     ``make()``: the algorithm with the strategy's hyperparameters as they are now (read again each round)."""
 
     def __init__(self, make, backend):
+        from ..backends import requested
+
+        requested(backend)  # (a typo failed at the first round, after the clients had trained)
         self.make, self.backend = make, backend
         self.algorithm = make()
         self.agg = None
