@@ -337,7 +337,7 @@ def test_fedavgm_at_momentum_zero_sets_the_momentum_where_flower_keeps_the_old_o
 
 def test_parameters_arrays_are_refused_unless_they_average_and_views_stay_valid():
     with pytest.raises(jkfl.LayoutMismatch, match="'a'.*complex64 cannot be averaged"):
-        jkfl.FedAvg().aggregate_fit(1, [(_Proxy("a"), _fit_res([np.ones(2, np.complex64)], 3))], [])
+        jkfl.FedAvg(accept_failures=False).aggregate_fit(1, [(_Proxy("a"), _fit_res([np.ones(2, np.complex64)], 3))], [])
     view = jkfl.ndarray_view(bytearray(ndarrays_to_parameters([np.ones(3, np.float32)]).tensors[0]))
     assert not view.flags.writeable
     tensors, arrays = jkfl.parameters_buffers([((4,), np.float32)])
@@ -355,7 +355,7 @@ def test_a_result_beyond_the_models_float_range_is_refused_by_name():
     results = [(_Proxy("a"), _fit_res([np.ones(3, np.float16)], 10)),
                (_Proxy("b"), _fit_res([np.array([7e4, 1.0, 2.0], np.float32)], 10))]
     with pytest.raises(jk.ValueOutOfRange, match=r"party 'b', leaf 'array 0': float32 value .*70000.* float16"):
-        jkfl.FedMedian().aggregate_fit(1, results, [])
+        jkfl.FedMedian(accept_failures=False).aggregate_fit(1, results, [])
     fine = [(_Proxy("a"), _fit_res([np.ones(3, np.float16)], 10)),
             (_Proxy("b"), _fit_res([np.array([3.0, 1.0, 2.0], np.float32)], 10))]
     p, _ = jkfl.FedAvg().aggregate_fit(1, fine, [])
@@ -390,7 +390,7 @@ def test_a_malformed_first_result_is_the_one_named_and_fixes_nothing():
 
     good = [np.ones((4, 3), np.float32), np.ones(3, np.float32)]
     bad = [np.ones((3, 3), np.float32), np.ones(3, np.float32)]
-    ours = jkfl.FedAvg()
+    ours = jkfl.FedAvg(accept_failures=False)  # (refusals raised: accept_failures=True leaves them out)
     with pytest.raises(jk.LayoutMismatch, match="party 'bad'.*shape \\(3, 3\\)"):
         ours.aggregate_fit(1, [(_Proxy("bad"), _fit_res(bad, 10)), (_Proxy("g1"), _fit_res(good, 10)),
                                (_Proxy("g2"), _fit_res(good, 10))], [])
@@ -407,7 +407,8 @@ def test_a_negative_or_nan_weight_is_refused_naming_the_client():
     import jitkernels as jk
 
     a = [np.ones(3, np.float32)]
-    for strategy in (jkfl.FedAvg, jkfl.FedMedian, lambda: jkfl.Krum(num_malicious_clients=0)):
+    for strategy in (lambda: jkfl.FedAvg(accept_failures=False), lambda: jkfl.FedMedian(accept_failures=False),
+                     lambda: jkfl.Krum(num_malicious_clients=0, accept_failures=False)):
         for n in (-5, float("nan"), None, "7", 10 ** 400):
             res = [(_Proxy("ok"), _fit_res(a, 10)), (_Proxy("liar"), _fit_res(a, 10))]
             res[1][1].num_examples = n
@@ -501,7 +502,7 @@ def test_robust_strategies_on_a_float64_model_store_and_select_in_float32():
     big = [(_Proxy(f"c{j}"), _fit_res([np.full(4, 1e39 * (j + 1))], 10)) for j in range(3)]
     assert parameters_to_ndarrays(fl.FedMedian().aggregate_fit(1, big, [])[0])[0][0] == 2e39
     with pytest.raises(jk.ValueOutOfRange, match="party 'c0'"):
-        jkfl.FedMedian().aggregate_fit(1, big, [])
+        jkfl.FedMedian(accept_failures=False).aggregate_fit(1, big, [])
 
 
 @pytest.mark.parametrize("name", ["FedAvgM", "FedAdam"])
@@ -558,9 +559,10 @@ def test_results_whose_cids_are_not_distinct_ids_are_named_by_place():
             np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
     nan = [np.full_like(a, np.nan) for a in x0]
     with pytest.raises(jk.NonFiniteUpdate, match="party 'result-1'"):
-        jkfl.FedAvg().aggregate_fit(1, [(same, _fit_res(x0, 10)), (same, _fit_res(nan, 10))], [])
+        jkfl.FedAvg(accept_failures=False).aggregate_fit(1, [(same, _fit_res(x0, 10)), (same, _fit_res(nan, 10))], [])
     with pytest.raises(jk.NonFiniteUpdate, match="party 1:"):  # distinct ids keep their cids
-        jkfl.FedAvg().aggregate_fit(1, [(_Proxy(0), _fit_res(x0, 10)), (_Proxy(1), _fit_res(nan, 10))], [])
+        jkfl.FedAvg(accept_failures=False).aggregate_fit(1, [(_Proxy(0), _fit_res(x0, 10)), (_Proxy(1), _fit_res(nan, 10))],
+                                                         [])
 
 
 @pytest.mark.parametrize("model", ["float16+float32", "float32"])
@@ -637,7 +639,7 @@ def test_float128_results_are_refused_by_name_in_the_first_round_and_later():
     long = [np.ones(4, np.longdouble)]
     if np.dtype(np.longdouble).itemsize <= 8:
         pytest.skip("long double is float64 here")
-    ours = jkfl.FedAvg(backend="numpy")
+    ours = jkfl.FedAvg(backend="numpy", accept_failures=False)
     with pytest.raises(jk.LayoutMismatch, match="party 'c0', leaf 'array 0'.*float128"):
         ours.aggregate_fit(1, [(_Proxy(f"c{j}"), _fit_res(long, 10)) for j in range(2)], [])
     ours.aggregate_fit(1, [(_Proxy(f"c{j}"), _fit_res(x, 10)) for j in range(2)], [])
@@ -685,3 +687,33 @@ def test_an_unknown_backend_is_refused_when_the_strategy_is_made():
     """backend="cpu" was taken, and the first aggregate_fit raised, after a round of client training."""
     with pytest.raises(ValueError, match="unknown backend 'cpu'"):
         jkfl.FedAvg(backend="cpu")
+
+
+@pytest.mark.parametrize("name", ["FedAvg", "FedMedian", "FedTrimmedAvg", "Krum", "FedAdam"])
+def test_a_refused_result_is_left_out_not_the_round(name, caplog):
+    """One client sending inf or NaN (or a shape the model lacks) failed the whole aggregate_fit, and with it
+    Flower's server loop, where Flower's own median and Krum had sorted it out: as Flower's server leaves out a
+    client that failed, the refused result is logged and left out (accept_failures=True, Flower's default), and the
+    round aggregates the others; with accept_failures=False it is raised, naming the result."""
+    import logging
+
+    rng = np.random.default_rng(3)
+    x0 = _model(rng)
+    kw = {"Krum": {"num_malicious_clients": 1, "num_clients_to_keep": 0},
+          "FedAdam": {"initial_parameters": ndarrays_to_parameters([np.zeros_like(a) for a in x0])}}.get(name, {})
+    good = [(_Proxy(f"c{j}"), _fit_res([a + 0.1 * rng.standard_normal(a.shape).astype(a.dtype) for a in x0], 10))
+            for j in range(4)]
+    for bad_arrays in ([np.full_like(a, np.inf) for a in x0], [np.full_like(a, np.nan) for a in x0],
+                       [np.ones((7, 7), np.float32)] + x0[1:]):
+        results = good[:2] + [(_Proxy("evil"), _fit_res(bad_arrays, 10))] + good[2:]
+        with caplog.at_level(logging.WARNING, logger="jitkernels.integrations.flower"):
+            got, _ = getattr(jkfl, name)(**kw).aggregate_fit(1, results, [])
+        assert any("'evil' is left out" in r.message for r in caplog.records)
+        caplog.clear()
+        want, _ = getattr(jkfl, name)(**kw).aggregate_fit(1, good, [])
+        for g, w in zip(parameters_to_ndarrays(got), parameters_to_ndarrays(want)):
+            np.testing.assert_array_equal(g, w)
+        with pytest.raises(jk.AggregationError, match="party 'evil'"):
+            getattr(jkfl, name)(accept_failures=False, **kw).aggregate_fit(1, results, [])
+    only_bad = [(_Proxy("evil"), _fit_res([np.full_like(a, np.nan) for a in x0], 10))]
+    assert getattr(jkfl, name)(**kw).aggregate_fit(1, only_bad, [])[0] is None

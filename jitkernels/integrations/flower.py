@@ -72,7 +72,7 @@ import jitkernels as jk
 from .. import algorithms as A
 from .. import robust as R
 from ..dtypes import np_dtype
-from ..errors import InvalidParty, LayoutMismatch, shown
+from ..errors import AggregationError, InvalidParty, LayoutMismatch, shown
 from ..parties import check_party
 
 log = logging.getLogger(__name__)
@@ -390,16 +390,36 @@ class _Runner:
                      ", ".join(map(repr, converted[:3])) + (f" and {len(converted) - 3} more" if converted[3:] else ""))
         return out
 
-    def aggregate(self, results, base=None, server_round=None, restart=False):
-        """Flower's strategy API: FitRes in, Parameters out."""
+    def aggregate(self, results, base=None, server_round=None, restart=False, drop=True):
+        """Flower's strategy API: FitRes in, Parameters out (``drop``: see :meth:`without_refused`)."""
         from flwr.common import Parameters
 
         cids = [getattr(cp, "cid", None) for cp, _ in results]
         parties = cids if _distinct_ids(cids) else [f"result-{i}" for i in range(len(results))]
         views = [ndarrays_from_parameters(fr.parameters, party=p) for (_, fr), p in zip(results, parties)]
-        out = self.fold_and_finalize(views, [fr.num_examples for _, fr in results], parties, base, server_round,
-                                     restart=restart)
+        out = self.without_refused(views, [fr.num_examples for _, fr in results], parties, base, server_round,
+                                   restart=restart, drop=drop)
         return None if out is None else Parameters(tensors=out[0], tensor_type="numpy.ndarray")
+
+    def without_refused(self, views, weights, parties, *args, drop=True, **kw):
+        """:meth:`fold_and_finalize` of the results but those refused by name (a NaN, a value out of range, a shape
+        or dtype the model does not have, a bad weight): each is logged and left out, as Flower's server leaves out
+        a client that failed, and the others are aggregated (one bad client failed the round, and with it a Flower
+        run, where Flower's median and Krum had sorted it out). ``drop=False`` (a strategy with
+        ``accept_failures=False``): the refusal is raised, naming the result."""
+        keep = list(range(len(parties)))
+        while keep:
+            try:
+                return self.fold_and_finalize([views[j] for j in keep], [weights[j] for j in keep],
+                                              [parties[j] for j in keep], *args, **kw)
+            except AggregationError as e:
+                bad = [j for j in keep if getattr(e, "party", None) is not None and parties[j] == e.party]
+                if not drop or not bad:  # (not bad: the base, the model's range, an algorithm's: no one result's)
+                    raise
+                log.warning("jitkernels: the result of %r is left out of the round: %s: %s", e.party,
+                            type(e).__name__, e)
+                keep.remove(bad[0])
+        return None
 
     @staticmethod
     def reply_ids(replies) -> list:
@@ -517,7 +537,7 @@ def _strategies():
             def aggregate_fit(self, server_round, results, failures):
                 if not results or (not self.accept_failures and failures):
                     return None, {}
-                return self._jk.aggregate(results), _metrics(self, server_round, results)
+                return self._jk.aggregate(results, drop=self.accept_failures), _metrics(self, server_round, results)
 
         Strategy.__name__ = flower_cls.__name__
         return Strategy
@@ -536,13 +556,13 @@ def _strategies():
             if not results or (not self.accept_failures and failures):
                 return None, {}
             if not self.server_opt:  # lr 1, momentum 0: plain FedAvg, as Flower does
-                return self._jk.aggregate(results), _metrics(self, server_round, results)
+                return self._jk.aggregate(results, drop=self.accept_failures), _metrics(self, server_round, results)
             if self.initial_parameters is None:
                 raise ValueError("When using server-side optimization, model needs to be initialized.")
             # Flower steps from initial_parameters each round (it stores each new model there; a caller may too),
             # and restarts its momentum at round 1 (momentum_vector = pseudo_gradient: a new run's first round)
             params = self._jk.aggregate(results, base=ndarrays_from_parameters(self.initial_parameters),
-                                        restart=server_round <= 1)
+                                        restart=server_round <= 1, drop=self.accept_failures)
             if params is not None:  # a round where no result weighed keeps the model
                 self.initial_parameters = params
             return params, _metrics(self, server_round, results)
@@ -561,7 +581,8 @@ def _strategies():
                 if not results or (not self.accept_failures and failures):
                     return None, {}
                 # Flower steps from current_weights each round (it stores each new model there; a caller may too)
-                params = self._jk.aggregate(results, base=self.current_weights, server_round=server_round)
+                params = self._jk.aggregate(results, base=self.current_weights, server_round=server_round,
+                                            drop=self.accept_failures)
                 if params is not None:
                     self.current_weights = ndarrays_from_parameters(params)
                 return params, _metrics(self, server_round, results)
