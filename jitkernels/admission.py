@@ -21,7 +21,7 @@ import numpy as np
 
 from . import backends
 from .batch import ABSENT, build_groups, dtype_code, leaf_entry, stack_entries
-from .dtypes import Quantized
+from .dtypes import Quantized, acc_dtype_name
 from .device import DeviceLeaf, aligned as device_aligned, to_host
 from .errors import InvalidWeight, LayoutMismatch, NonFiniteUpdate, ValueOutOfRange, shown
 from .layout import Layout
@@ -379,7 +379,8 @@ def admit_many(updates, layout, *, weights=None, parties=None, base=None, backen
     Updates in GPU memory need ``backend`` "cupy" (or "auto" with the GPU backend available). ``base_max``:
     ``max|base|``, if the caller keeps it (else a pass over the base)."""
     prep = prepare(updates, layout, weights=weights, parties=parties, backend=backend, copy=copy, partial=partial)
-    acc_dtype = acc_dtype or layout.default_acc_dtype  # (after prepare, which refuses what is not a Layout)
+    acc_dtype = acc_dtype_name(acc_dtype or layout.default_acc_dtype)  # (after prepare, which refuses what is not
+    # a Layout)
     for b, what in ((base, "base"), (host_base, "host_base")):
         _check_flat_base(b, layout, acc_dtype, what)
     _, *stats = batch_stats(layout, prep.leaves, base=base, host_base=host_base, backend=backend,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import bisect
 import copy
 import math
+import numbers
 import threading
 
 import numpy as np
@@ -139,7 +140,7 @@ class FedProx(FedAvg):
 
     def __init__(self, *, mu: float, weighted: bool = True):
         super().__init__(weighted=weighted)
-        if not (math.isfinite(mu) and mu >= 0):
+        if not (math.isfinite(number("mu", mu)) and mu >= 0):
             raise ValueError(f"mu must be finite and >= 0, got {mu!r}")
         self.mu = float(mu)
 
@@ -217,7 +218,7 @@ class FedBuff(FedAvg):
         if staleness not in STALENESS:
             raise ValueError(f"staleness must be one of {STALENESS}, got {staleness!r}")
         for name, x in (("a", a), ("b", b), ("server_lr", server_lr)):
-            if not (math.isfinite(x) and x >= 0) or (name == "server_lr" and x == 0):
+            if not (math.isfinite(number(name, x)) and x >= 0) or (name == "server_lr" and x == 0):
                 raise ValueError(f"{name} must be finite and {'> 0' if name == 'server_lr' else '>= 0'}, got {x!r}")
         self.staleness, self.a, self.b, self.server_lr = staleness, float(a), float(b), float(server_lr)
 
@@ -277,7 +278,7 @@ class SCAFFOLD(FedAvg):
 
     def __init__(self, *, num_parties: int, server_lr: float = 1.0, weighted: bool = False):
         super().__init__(weighted=weighted)
-        if not (math.isfinite(server_lr) and server_lr > 0):
+        if not (math.isfinite(number("server_lr", server_lr)) and server_lr > 0):
             raise ValueError(f"server_lr must be finite and > 0, got {server_lr!r}")
         self.num_parties, self.server_lr = _count("num_parties", num_parties), float(server_lr)
 
@@ -351,6 +352,14 @@ class _ServerOptimizer(FedAvg):
         raise NotImplementedError
 
 
+def number(name: str, x) -> float:
+    """``x`` as a float: a real number, not a bool or a string, else ValueError naming ``name`` (True was taken as 1
+    and "3" as 3; None and "0.1" failed inside math.isfinite, naming nothing)."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {x!r}")
+    return float(x)
+
+
 def flag(name: str, x) -> bool:
     """``x`` as a bool: True or False (numpy's too), else TypeError naming ``name`` ("no" was truthy: a weighted
     mean, Nesterov momentum, deterministic mode where none was meant)."""
@@ -369,7 +378,7 @@ def _count(name: str, x, minimum: int = 1) -> int:
 
 def _check_hyper(**kw):
     for name, (x, lo, hi) in kw.items():
-        if isinstance(x, (bool, np.bool_)) or not (math.isfinite(x) and lo <= x < hi):  # (True was a 1)
+        if not (math.isfinite(number(name, x)) and lo <= x < hi):
             raise ValueError(f"{name} must be in [{lo}, {hi}), got {x!r}")
 
 
@@ -381,7 +390,7 @@ def _check_rates(**kw):
     (tau = 1e-50 was 0 there and lr = 1e39 inf: a coordinate whose delta was 0 stepped to NaN, and the NaN model
     was carried into every later round)."""
     for name, x in kw.items():
-        if isinstance(x, (bool, np.bool_)) or not (math.isfinite(x) and _F32_RANGE[0] <= x <= _F32_RANGE[1]):
+        if not (math.isfinite(number(name, x)) and _F32_RANGE[0] <= x <= _F32_RANGE[1]):
             raise ValueError(f"{name} must be finite and > 0 (in float32 too: > 1.2e-38 and < 3.4e38), got {x!r}")
 
 
@@ -573,7 +582,7 @@ class _DPClipping:
             raise ValueError("DP wrappers do not nest")
         if getattr(self.inner, "buffered", False):
             raise ValueError(f"DP wrappers take streaming algorithms; {type(self.inner).__name__} is buffered")
-        if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+        if not (math.isfinite(number("noise_multiplier", noise_multiplier)) and noise_multiplier >= 0):
             raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier!r}")
         self.noise_multiplier = float(noise_multiplier)
         self.num_sampled = None if num_sampled is None else _count("num_sampled", num_sampled)
@@ -711,7 +720,7 @@ class DPFixedClipping(_DPClipping):
                  seed: int | None = None):
         super().__init__(FedAvg(weighted=False) if algorithm is None else algorithm,
                          noise_multiplier=noise_multiplier, num_sampled=num_sampled, seed=seed)
-        if not (math.isfinite(clip_norm) and clip_norm > 0):
+        if not (math.isfinite(number("clip_norm", clip_norm)) and clip_norm > 0):
             raise ValueError(f"clip_norm must be finite and > 0, got {clip_norm!r}")
         self.fixed_clip_norm = float(clip_norm)
 
@@ -756,17 +765,17 @@ class DPAdaptiveClipping(_DPClipping):
             raise ValueError("num_sampled (the parties sampled per round) is required for adaptive clipping")
         super().__init__(FedAvg(weighted=False) if algorithm is None else algorithm,
                          noise_multiplier=noise_multiplier, num_sampled=num_sampled, seed=seed)
-        if not (math.isfinite(initial_clip_norm) and initial_clip_norm > 0):
+        if not (math.isfinite(number("initial_clip_norm", initial_clip_norm)) and initial_clip_norm > 0):
             raise ValueError(f"initial_clip_norm must be finite and > 0, got {initial_clip_norm!r}")
-        if not 0 <= target_quantile <= 1:
+        if not 0 <= number("target_quantile", target_quantile) <= 1:
             raise ValueError(f"target_quantile must be in [0, 1], got {target_quantile!r}")
-        if not (math.isfinite(clip_norm_lr) and clip_norm_lr > 0):
+        if not (math.isfinite(number("clip_norm_lr", clip_norm_lr)) and clip_norm_lr > 0):
             raise ValueError(f"clip_norm_lr must be finite and > 0, got {clip_norm_lr!r}")
         self.initial_clip_norm, self.target_quantile = float(initial_clip_norm), float(target_quantile)
         self.clip_norm_lr = float(clip_norm_lr)
         # (as Flower's: no count noise where there is no noise, so that noise_multiplier=0 runs are deterministic)
-        self.count_stddev = float((num_sampled / 20 if noise_multiplier > 0 else 0.0) if count_stddev is None
-                                  else count_stddev)
+        self.count_stddev = ((num_sampled / 20 if noise_multiplier > 0 else 0.0) if count_stddev is None
+                             else number("count_stddev", count_stddev))
         if not (math.isfinite(self.count_stddev) and self.count_stddev >= 0):
             raise ValueError(f"count_stddev must be finite and >= 0, got {count_stddev!r}")
         if self.noise_multiplier > 0:

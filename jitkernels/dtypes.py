@@ -46,6 +46,18 @@ def dtype_name(dt) -> str:
     return name
 
 
+def acc_dtype_name(x) -> str:
+    """An accumulator dtype's name, 'float32' or 'float64', else ValueError naming ``x`` (numpy's own "Cannot
+    interpret '64' as a data type" named nothing; jk.admit took float16 and blamed the party's weight)."""
+    try:
+        name = np.dtype(x).name
+    except TypeError:
+        name = None
+    if name not in ("float32", "float64"):
+        raise ValueError(f"acc_dtype must be float32 or float64, got {x!r}")
+    return name
+
+
 def np_dtype(name: str) -> np.dtype:
     return bfloat16 if name == "bfloat16" else np.dtype(name)
 

@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from .algorithms import FedAvg, _count, _positive
+from .algorithms import FedAvg, _count, _positive, number
 from . import robust_store as _store
 
 # the rules' store and its errors, where the rules are (``from jitkernels import robust as R; R.BudgetExceeded``)
@@ -109,7 +109,7 @@ class FedTrimmedAvg(_Buffered):
 
     def __init__(self, *, beta: float = 0.2, **store):
         super().__init__(**store)
-        if not 0 <= beta < 0.5:
+        if not 0 <= number("beta", beta) < 0.5:
             raise ValueError(f"beta must be in [0, 0.5), got {beta!r}")
         self.beta = float(beta)
 
@@ -225,7 +225,7 @@ class GeometricMedian(_Buffered):
 
     def __init__(self, *, eps: float = 1e-6, max_iter: int = 100, **store):
         super().__init__(**store)
-        if not (math.isfinite(eps) and eps > 0):
+        if not (math.isfinite(number("eps", eps)) and eps > 0):
             raise ValueError(f"need eps > 0, got eps={eps!r}")
         self.eps, self.max_iter = float(eps), _count("max_iter", max_iter)
 
@@ -253,7 +253,7 @@ class CenteredClipping(_Buffered):
 
     def __init__(self, *, tau: float, iters: int = 1, **store):
         super().__init__(**store)
-        if not (math.isfinite(tau) and tau > 0):
+        if not (math.isfinite(number("tau", tau)) and tau > 0):
             raise ValueError(f"need tau > 0, got tau={tau!r}")
         self.tau, self.iters = float(tau), _count("iters", iters)
 
@@ -283,7 +283,7 @@ class NormBounding(FedAvg):
 
     def __init__(self, *, max_norm: float, weighted: bool = True):
         super().__init__(weighted=weighted)
-        if not (math.isfinite(max_norm) and max_norm > 0):
+        if not (math.isfinite(number("max_norm", max_norm)) and max_norm > 0):
             raise ValueError(f"max_norm must be finite and > 0, got {max_norm!r}")
         self.max_norm = float(max_norm)
 

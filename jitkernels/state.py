@@ -30,6 +30,7 @@ import threading
 import numpy as np
 
 from .device import place, to_host, zeros
+from .dtypes import acc_dtype_name
 from .errors import CorruptState, IncompatibleStates, OverlappingParties, TornState, ValueOutOfRange
 from .layout import Layout
 from .parties import check_party
@@ -68,9 +69,7 @@ class FoldState:
         # from other threads cannot change the arrays between the checksum and the write (nor tear them)
         self.guard = self._own_guard = threading.RLock()
         self.algorithm = dict(algorithm)
-        self.acc_dtype = np.dtype(acc_dtype).name
-        if self.acc_dtype not in ("float32", "float64"):
-            raise ValueError(f"acc_dtype must be float32 or float64, got {acc_dtype!r}")
+        self.acc_dtype = acc_dtype_name(acc_dtype)
         self.acc = zeros(layout.size, self.acc_dtype, on_device) if acc is None else acc
         self.leaf_weight = np.zeros(len(layout), np.float64) if leaf_weight is None else leaf_weight
         self.parties: dict = {} if parties is None else dict(parties)

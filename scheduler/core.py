@@ -35,7 +35,7 @@ from . import policies as _policies
 from .clock import RealClock
 from .cost import CostModel
 from .durable import Crashed, StateDir
-from .executors import LocalExecutor, ModelExecutor, Task
+from .executors import LocalExecutor, ModelExecutor, Task, check_nice
 from .predictor import Predictor, warm as _warm_predictor
 
 log = logging.getLogger("jitkernels.scheduler")
@@ -542,9 +542,8 @@ class JITScheduler:
             raise ValueError("overflow='spill' needs a state_dir (spilled updates live there)")
         if keep_rounds < 1:
             raise ValueError(f"keep_rounds must be >= 1, got {keep_rounds}")
-        for name, v in (("writer_nice", writer_nice), ("fold_nice", fold_nice)):
-            if not (_whole(v) and -20 <= v <= 19):  # (a bad one broke the writer's pool at its first update)
-                raise ValueError(f"{name} must be a nice value, an integer in [-20, 19], got {v!r}")
+        check_nice(writer_nice, "writer_nice")  # (a bad one broke the writer's pool at its first update)
+        check_nice(fold_nice, "fold_nice")
         if not (_whole(slots) and 1 <= slots <= MAX_SLOTS):
             raise ValueError(f"slots must be an integer in [1, {MAX_SLOTS}], got {slots!r}")  # (1.5 ran as 1)
         if history is not None and (isinstance(history, bool) or not isinstance(history, int) or history < 1):

@@ -53,7 +53,7 @@ from jitkernels.device import to_host
 from jitkernels.dtypes import dtype_name
 from jitkernels.state import checked_writer, is_temp_file, read_checked
 
-from .executors import renice
+from .executors import check_nice, renice
 
 log = logging.getLogger("jitkernels.scheduler")
 
@@ -204,6 +204,7 @@ class StateDir:
     calls :meth:`die` and raises stops the directory there, as a crash would."""
 
     def __init__(self, path, *, crash_hook=None, keep_results: int | None = None, writer_nice: int = 0):
+        writer_nice = check_nice(writer_nice, "writer_nice")
         self.path = os.path.abspath(os.fspath(path))
         self.keep_results = keep_results  # finished rounds' results a job's manifest names (None: all)
         os.makedirs(self.path, exist_ok=True)

@@ -23,6 +23,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
+
 import jitkernels as jk
 from jitkernels.device import to_host
 
@@ -112,6 +114,7 @@ def _kernel_threads(value) -> int | None:
 
 class LocalExecutor(_InPlace):
     def __init__(self, clock, slots: int, kernel_threads: int | None = None, nice: int = 0):
+        nice = check_nice(nice, "nice")
         kernel_threads = _kernel_threads(kernel_threads)
         self.clock = clock
         self.pool = ThreadPoolExecutor(max_workers=max(1, slots), thread_name_prefix="jitkernels-fold",
@@ -151,6 +154,14 @@ class LocalExecutor(_InPlace):
     def close(self):
         self.pool.shutdown(wait=True)
         self._restore_threads()
+
+
+def check_nice(nice, what: str) -> int:
+    """A nice value: a whole number in [-20, 19], else ValueError naming ``what`` (a bad one was taken, and the pool
+    whose threads take it broke at its first task: a round that never resolved)."""
+    if isinstance(nice, bool) or not isinstance(nice, (int, np.integer)) or not -20 <= nice <= 19:
+        raise ValueError(f"{what} must be a nice value, an integer in [-20, 19], got {nice!r}")
+    return int(nice)
 
 
 def renice(nice: int, what: str) -> None:

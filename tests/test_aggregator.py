@@ -1936,3 +1936,16 @@ def test_switches_are_true_or_false_not_truthy():
     with pytest.raises(TypeError, match="parties is a list"):
         s.fold_many([np.zeros(4, np.uint32)] * 2, "pq")
     assert s.count == 0
+
+
+def test_an_accumulator_dtype_is_float32_or_float64_everywhere():
+    """jk.admit took acc_dtype="float16" and blamed the party ("weight 1 is outside what the float16 accumulator
+    holds"); Aggregator(acc_dtype=64) leaked numpy's "Cannot interpret '64' as a data type"."""
+    t = {"w": np.zeros(4, np.float32)}
+    lay = jk.Aggregator(t).layout
+    for bad in ("float16", 64, "u32", "int32"):
+        with pytest.raises(ValueError, match="acc_dtype must be float32 or float64"):
+            jk.admit({"w": np.ones(4, np.float32)}, lay, acc_dtype=bad)
+        with pytest.raises(ValueError, match="acc_dtype must be float32 or float64"):
+            jk.Aggregator(t, acc_dtype=bad)
+    assert jk.admit({"w": np.ones(4, np.float32)}, lay, acc_dtype=np.float64).weight == 1.0

@@ -1037,3 +1037,20 @@ def test_norms_of_float64_updates_past_the_squares_range_are_measured_scaled(bac
             agg.fold(u, party="p") if fold == "raw" else agg.fold(jk.admit(u, agg.layout, backend=backend, party="p"))
             got = agg.finalize("delta")
             assert got["w"] == pytest.approx(np.full(4, min(1.0, 1.0 / want_delta) * magnitude), rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda x: A.FedProx(mu=x), "mu"), (lambda x: A.FedBuff(a=x), "a"), (lambda x: A.FedBuff(server_lr=x), "server_lr"),
+    (lambda x: A.SCAFFOLD(num_parties=3, server_lr=x), "server_lr"), (lambda x: A.FedAdam(lr=x), "lr"),
+    (lambda x: A.DPFixedClipping(clip_norm=x, noise_multiplier=1.0), "clip_norm"),
+    (lambda x: A.DPFixedClipping(clip_norm=1.0, noise_multiplier=x), "noise_multiplier"),
+    (lambda x: A.DPAdaptiveClipping(noise_multiplier=0.1, num_sampled=10, target_quantile=x), "target_quantile"),
+    (lambda x: A.DPAdaptiveClipping(noise_multiplier=0.1, num_sampled=10, count_stddev=x), "count_stddev"),
+    (lambda x: R.FedTrimmedAvg(beta=x), "beta"), (lambda x: R.GeometricMedian(eps=x), "eps"),
+    (lambda x: R.CenteredClipping(tau=x), "tau"), (lambda x: R.NormBounding(max_norm=x), "max_norm")])
+def test_numeric_hyperparameters_are_numbers_named_when_not(make, name):
+    """True was taken as 1 and "3" as 3 by several constructors; None and "0.1" raised inside math.isfinite, naming
+    no parameter. Each is ValueError naming it."""
+    for bad in (True, "3") + (() if name == "count_stddev" else (None,)):  # (count_stddev=None: its default)
+        with pytest.raises(ValueError, match=f"{name} must be a number"):
+            make(bad)

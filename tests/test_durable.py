@@ -1509,11 +1509,17 @@ def test_a_writer_that_cannot_take_an_update_leaves_it_counted_and_folded(tmp_pa
     never came, a resend was acknowledged as a duplicate, and the round waited past its deadline. The update now
     counts and is folded from memory; its durable future fails (a resend writes it again). Bad nice values are
     refused when the scheduler is built."""
+    from scheduler.executors import LocalExecutor
+
     for bad in ("x", float("nan"), 1.5, 40, True):
         with pytest.raises(ValueError, match="writer_nice must be a nice value"):
             JITScheduler(state_dir=tmp_path / "never", writer_nice=bad)
         with pytest.raises(ValueError, match="fold_nice must be a nice value"):
             JITScheduler(fold_nice=bad)
+        with pytest.raises(ValueError, match="writer_nice must be a nice value"):
+            StateDir(tmp_path / "never", writer_nice=bad)
+        with pytest.raises(ValueError, match="nice must be a nice value"):
+            LocalExecutor(VirtualClock(), 1, nice=bad)
     s = _sched(tmp_path, checkpoint_bytes=None)
     s.add_job(_small_job(quorum=2))
     s.submit("j", 0, "a", {"w": np.ones(8, np.float32)}, update_id="a").durable.result(timeout=10)

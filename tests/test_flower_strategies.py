@@ -691,29 +691,47 @@ def test_an_unknown_backend_is_refused_when_the_strategy_is_made():
 
 @pytest.mark.parametrize("name", ["FedAvg", "FedMedian", "FedTrimmedAvg", "Krum", "FedAdam"])
 def test_a_refused_result_is_left_out_not_the_round(name, caplog):
-    """One client sending inf or NaN (or a shape the model lacks) failed the whole aggregate_fit, and with it
-    Flower's server loop, where Flower's own median and Krum had sorted it out: as Flower's server leaves out a
-    client that failed, the refused result is logged and left out (accept_failures=True, Flower's default), and the
-    round aggregates the others; with accept_failures=False it is raised, naming the result."""
+    """One client sending inf or NaN (or, once the model's layout is fixed, a shape it lacks) failed the whole
+    aggregate_fit, and with it Flower's server loop, where Flower's own median and Krum had sorted it out: as
+    Flower's server leaves out a client that failed, the refused result is logged and left out (accept_failures=True,
+    Flower's default), and the round aggregates the others, its metrics theirs; with accept_failures=False it is
+    raised, naming the result. Refusals that are not one result's own (the accumulator's headroom) are raised."""
     import logging
 
     rng = np.random.default_rng(3)
     x0 = _model(rng)
     kw = {"Krum": {"num_malicious_clients": 1, "num_clients_to_keep": 0},
           "FedAdam": {"initial_parameters": ndarrays_to_parameters([np.zeros_like(a) for a in x0])}}.get(name, {})
-    good = [(_Proxy(f"c{j}"), _fit_res([a + 0.1 * rng.standard_normal(a.shape).astype(a.dtype) for a in x0], 10))
-            for j in range(4)]
+    metrics = {"fit_metrics_aggregation_fn": lambda ms: {"n": sum(n for n, _ in ms)}}
+    good = [(_Proxy(f"c{j}"), _fit_res([a + 0.1 * rng.standard_normal(a.shape).astype(a.dtype) for a in x0], 10,
+                                       {"loss": 1.0})) for j in range(4)]
+
+    def fitted():  # a strategy whose layout is fixed by a first round of good results
+        strategy = getattr(jkfl, name)(**kw, **metrics)
+        strategy.aggregate_fit(1, good, [])
+        return strategy
     for bad_arrays in ([np.full_like(a, np.inf) for a in x0], [np.full_like(a, np.nan) for a in x0],
                        [np.ones((7, 7), np.float32)] + x0[1:]):
         results = good[:2] + [(_Proxy("evil"), _fit_res(bad_arrays, 10))] + good[2:]
         with caplog.at_level(logging.WARNING, logger="jitkernels.integrations.flower"):
-            got, _ = getattr(jkfl, name)(**kw).aggregate_fit(1, results, [])
+            got, got_metrics = fitted().aggregate_fit(2, results, [])
         assert any("'evil' is left out" in r.message for r in caplog.records)
         caplog.clear()
-        want, _ = getattr(jkfl, name)(**kw).aggregate_fit(1, good, [])
+        want, want_metrics = fitted().aggregate_fit(2, good, [])
         for g, w in zip(parameters_to_ndarrays(got), parameters_to_ndarrays(want)):
             np.testing.assert_array_equal(g, w)
+        assert got_metrics == want_metrics == {"n": 40}
+        strict = getattr(jkfl, name)(accept_failures=False, **kw)
+        strict.aggregate_fit(1, good, [])
         with pytest.raises(jk.AggregationError, match="party 'evil'"):
-            getattr(jkfl, name)(accept_failures=False, **kw).aggregate_fit(1, results, [])
+            strict.aggregate_fit(2, results, [])
     only_bad = [(_Proxy("evil"), _fit_res([np.full_like(a, np.nan) for a in x0], 10))]
-    assert getattr(jkfl, name)(**kw).aggregate_fit(1, only_bad, [])[0] is None
+    assert fitted().aggregate_fit(2, only_bad, [])[0] is None
+    if name == "FedAvg":  # the float32 accumulator's headroom: the others' fault as much as any one's
+        big = [(_Proxy(f"b{j}"), _fit_res([np.full(2, 1e33, np.float32)], 10)) for j in range(3)]
+        with pytest.raises(jk.ValueOutOfRange, match="headroom"):
+            jkfl.FedAvg().aggregate_fit(1, big, [])
+        tie = [(_Proxy("evil"), _fit_res([np.ones((3, 3), np.float32)], 10)),
+               (_Proxy("good"), _fit_res([np.ones((4, 3), np.float32)], 10))]
+        with pytest.raises(jk.LayoutMismatch):  # a first round fixing the layout: raised, not a layout of one
+            jkfl.FedAvg().aggregate_fit(1, tie, [])

@@ -72,7 +72,7 @@ import jitkernels as jk
 from .. import algorithms as A
 from .. import robust as R
 from ..dtypes import np_dtype
-from ..errors import AggregationError, InvalidParty, LayoutMismatch, shown
+from ..errors import InvalidParty, InvalidWeight, LayoutMismatch, NonFiniteUpdate, shown
 from ..parties import check_party
 
 log = logging.getLogger(__name__)
@@ -249,6 +249,7 @@ class _Runner:
         self.narrowing = False  # a float leaf's dtype narrower than the accumulator's (see _step)
         self.names = None  # the Message API's array names, in the layout's order (fixed by the first round)
         self.last_parties = []  # the party ids of the last round's replies (aggregate_records)
+        self.kept = []  # the results the last aggregate aggregated (without_refused)
 
     def fold_and_finalize(self, views, weights, parties, base=None, server_round=None, names=None, restart=False):
         """(bytes per leaf, the arrays viewing them) of the round's aggregate, or None when no update weighs.
@@ -391,7 +392,8 @@ class _Runner:
         return out
 
     def aggregate(self, results, base=None, server_round=None, restart=False, drop=True):
-        """Flower's strategy API: FitRes in, Parameters out (``drop``: see :meth:`without_refused`)."""
+        """Flower's strategy API: FitRes in, Parameters out (``drop``: see :meth:`without_refused`; ``kept``: the
+        results aggregated)."""
         from flwr.common import Parameters
 
         cids = [getattr(cp, "cid", None) for cp, _ in results]
@@ -401,25 +403,34 @@ class _Runner:
                                    restart=restart, drop=drop)
         return None if out is None else Parameters(tensors=out[0], tensor_type="numpy.ndarray")
 
-    def without_refused(self, views, weights, parties, *args, drop=True, **kw):
-        """:meth:`fold_and_finalize` of the results but those refused by name (a NaN, a value out of range, a shape
-        or dtype the model does not have, a bad weight): each is logged and left out, as Flower's server leaves out
-        a client that failed, and the others are aggregated (one bad client failed the round, and with it a Flower
-        run, where Flower's median and Krum had sorted it out). ``drop=False`` (a strategy with
-        ``accept_failures=False``): the refusal is raised, naming the result."""
-        keep = list(range(len(parties)))
-        while keep:
+    def without_refused(self, views, weights, parties, base=None, server_round=None, restart=False, drop=True):
+        """:meth:`fold_and_finalize` of the results but those refused for what they are themselves: NaN or inf
+        (``NonFiniteUpdate``), a bad ``num_examples`` (``InvalidWeight``), and, once the layout is fixed (by a base,
+        or by an earlier round), a shape, dtype or array the model lacks (``LayoutMismatch``). Each is logged and left
+        out, as Flower's server leaves out a client that failed, and the others are aggregated (one bad client failed
+        the round, and with it a Flower run, where Flower's median and Krum had sorted it out); ``kept`` lists the
+        results aggregated. Refusals that depend on the others or on the model (the accumulator's headroom, a weight
+        ratio, a value past the model's dtype, a layout still being fixed) are raised, naming the result, as is any
+        refusal with ``drop=False`` (a strategy with ``accept_failures=False``)."""
+        self.kept = list(range(len(parties)))
+        while self.kept:
+            fixed = self.agg is not None or base is not None
             try:
-                return self.fold_and_finalize([views[j] for j in keep], [weights[j] for j in keep],
-                                              [parties[j] for j in keep], *args, **kw)
-            except AggregationError as e:
-                bad = [j for j in keep if getattr(e, "party", None) is not None and parties[j] == e.party]
-                if not drop or not bad:  # (not bad: the base, the model's range, an algorithm's: no one result's)
+                return self.fold_and_finalize([views[j] for j in self.kept], [weights[j] for j in self.kept],
+                                              [parties[j] for j in self.kept], base, server_round, restart=restart)
+            except (NonFiniteUpdate, InvalidWeight, LayoutMismatch) as e:
+                bad = [j for j in self.kept if parties[j] == e.party]
+                if not drop or not bad or isinstance(e, LayoutMismatch) and not fixed:
                     raise
                 log.warning("jitkernels: the result of %r is left out of the round: %s: %s", e.party,
                             type(e).__name__, e)
-                keep.remove(bad[0])
+                self.kept.remove(bad[0])
         return None
+
+    def kept_of(self, results) -> list:
+        """The results the last :meth:`aggregate` aggregated (its metrics are theirs: Flower never sees a failed
+        client's)."""
+        return [results[j] for j in self.kept]
 
     @staticmethod
     def reply_ids(replies) -> list:
@@ -537,7 +548,8 @@ def _strategies():
             def aggregate_fit(self, server_round, results, failures):
                 if not results or (not self.accept_failures and failures):
                     return None, {}
-                return self._jk.aggregate(results, drop=self.accept_failures), _metrics(self, server_round, results)
+                params = self._jk.aggregate(results, drop=self.accept_failures)
+                return params, _metrics(self, server_round, self._jk.kept_of(results))
 
         Strategy.__name__ = flower_cls.__name__
         return Strategy
@@ -556,7 +568,8 @@ def _strategies():
             if not results or (not self.accept_failures and failures):
                 return None, {}
             if not self.server_opt:  # lr 1, momentum 0: plain FedAvg, as Flower does
-                return self._jk.aggregate(results, drop=self.accept_failures), _metrics(self, server_round, results)
+                params = self._jk.aggregate(results, drop=self.accept_failures)
+                return params, _metrics(self, server_round, self._jk.kept_of(results))
             if self.initial_parameters is None:
                 raise ValueError("When using server-side optimization, model needs to be initialized.")
             # Flower steps from initial_parameters each round (it stores each new model there; a caller may too),
@@ -565,7 +578,7 @@ def _strategies():
                                         restart=server_round <= 1, drop=self.accept_failures)
             if params is not None:  # a round where no result weighed keeps the model
                 self.initial_parameters = params
-            return params, _metrics(self, server_round, results)
+            return params, _metrics(self, server_round, self._jk.kept_of(results))
 
     def _fedopt(flower_cls, ours):
         class Strategy(flower_cls):
@@ -585,7 +598,7 @@ def _strategies():
                                             drop=self.accept_failures)
                 if params is not None:
                     self.current_weights = ndarrays_from_parameters(params)
-                return params, _metrics(self, server_round, results)
+                return params, _metrics(self, server_round, self._jk.kept_of(results))
 
         Strategy.__name__ = flower_cls.__name__
         return Strategy
