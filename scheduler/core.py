@@ -540,8 +540,9 @@ class JITScheduler:
             raise ValueError(f"overflow must be 'raise' or 'spill', got {overflow!r}")
         if overflow == "spill" and state_dir is None:
             raise ValueError("overflow='spill' needs a state_dir (spilled updates live there)")
-        if keep_rounds < 1:
-            raise ValueError(f"keep_rounds must be >= 1, got {keep_rounds}")
+        for name, v, lo in (("keep_rounds", keep_rounds, 1), ("decision_log", decision_log, 0)):
+            if not (_whole(v) and v >= lo):  # (keep_rounds=1.5 kept 1; None and "x" failed as bare TypeErrors)
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
         check_nice(writer_nice, "writer_nice")  # (a bad one broke the writer's pool at its first update)
         check_nice(fold_nice, "fold_nice")
         if not (_whole(slots) and 1 <= slots <= MAX_SLOTS):

@@ -1922,3 +1922,13 @@ def test_take_backs_for_quorums_that_are_in_do_not_count_against_a_job():
     m = s.metrics()
     # (the work's 2e-5 s; a start-up of 1 s, and D deployed 40 s, where those take-backs counted)
     assert m["A"]["latency_p50_s"] < 0.01 and m["D"]["deployed_s"] == pytest.approx(30.0, abs=0.01)
+
+
+def test_scheduler_arguments_are_refused_by_name():
+    """keep_rounds=1.5 kept 1; keep_rounds=None, decision_log="x" and alpha=None failed as bare TypeErrors."""
+    for kw, name in (({"keep_rounds": 1.5}, "keep_rounds"), ({"keep_rounds": None}, "keep_rounds"),
+                     ({"decision_log": "x"}, "decision_log"), ({"decision_log": -1}, "decision_log"),
+                     ({"alpha": None}, "alpha"), ({"alpha": "0.1"}, "alpha"), ({"alpha": True}, "alpha")):
+        with pytest.raises(ValueError, match=name):
+            JITScheduler(clock=VirtualClock(), **kw)
+    JITScheduler(clock=VirtualClock(), alpha=np.float64(0.1), keep_rounds=np.int64(3), decision_log=0).close()
