@@ -25,7 +25,7 @@ from .dtypes import Quantized, acc_dtype_name
 from .device import DeviceLeaf, aligned as device_aligned, to_host
 from .errors import InvalidWeight, LayoutMismatch, NonFiniteUpdate, ValueOutOfRange, shown
 from .layout import Layout
-from .parties import anonymous_party, check_party, real_value
+from .parties import anonymous_party, check_party, per_update, real_value
 from .state import BINNED_INT_HEADROOM
 
 try:
@@ -244,13 +244,9 @@ def prepare(updates, layout, *, weights=None, parties=None, backend="auto", copy
         raise TypeError(f"admission needs the aggregator's Layout (agg.layout), got {type(layout).__name__}")
     if isinstance(updates, dict) or not hasattr(updates, "__len__"):
         raise TypeError(f"expected a list of updates, got {type(updates).__name__} (one update: fold/admit)")
-    if any(isinstance(v, (str, bytes)) for v in (weights, parties)):
-        raise TypeError("weights and parties are lists, one per update (a string is not split into parties)")
     k = len(updates)
-    weights = [1.0] * k if weights is None else list(weights)
-    parties = [None] * k if parties is None else list(parties)
-    if len(weights) != k or len(parties) != k:
-        raise ValueError(f"{k} updates, {len(weights)} weights, {len(parties)} parties")
+    weights = [1.0] * k if weights is None else per_update(weights, k, "weights")
+    parties = per_update(parties, k, "parties")
     # (an id the state could not save, or None twice, was admitted and then failed later)
     parties = [anonymous_party() if p is None else check_party(p) for p in parties]
     ws = [check_weight(w, p) for w, p in zip(weights, parties)]
@@ -379,8 +375,8 @@ def admit_many(updates, layout, *, weights=None, parties=None, base=None, backen
     Updates in GPU memory need ``backend`` "cupy" (or "auto" with the GPU backend available). ``base_max``:
     ``max|base|``, if the caller keeps it (else a pass over the base)."""
     prep = prepare(updates, layout, weights=weights, parties=parties, backend=backend, copy=copy, partial=partial)
-    acc_dtype = acc_dtype_name(acc_dtype or layout.default_acc_dtype)  # (after prepare, which refuses what is not
-    # a Layout)
+    # (after prepare, which refuses what is not a Layout)
+    acc_dtype = acc_dtype_name(acc_dtype or layout.default_acc_dtype)
     for b, what in ((base, "base"), (host_base, "host_base")):
         _check_flat_base(b, layout, acc_dtype, what)
     _, *stats = batch_stats(layout, prep.leaves, base=base, host_base=host_base, backend=backend,

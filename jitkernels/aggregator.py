@@ -28,7 +28,7 @@ from .errors import (BackendUnavailable, CorruptState, DuplicateParty, EmptyAggr
                      InvalidUpdateInfo, RoundClosed, TornState, ValueOutOfRange)
 from .layout import Layout
 from . import state as state_module
-from .parties import anonymous_party, check_party
+from .parties import anonymous_party, check_party, per_update
 from .state import FoldState
 
 INT_RULES = ("mean", "max")
@@ -392,9 +392,9 @@ class Aggregator:
 
     def _parties_and_infos(self, parties, infos, k: int) -> tuple:
         """The batch's party ids (anonymous ones made up, duplicates refused) and its checked info dicts."""
-        parties = [anonymous_party() if p is None else check_party(p) for p in _per_update(parties, k, "parties")]
+        parties = [anonymous_party() if p is None else check_party(p) for p in per_update(parties, k, "parties")]
         self._check_parties(parties)
-        infos = _per_update(infos, k, "infos")
+        infos = per_update(infos, k, "infos")
         for j, (i, p) in enumerate(zip(infos, parties)):
             if i is not None and not isinstance(i, Mapping):  # (a string failed inside the algorithm, unnamed)
                 raise TypeError(f"infos[{j}] (party {p!r}) is a {type(i).__name__}: each is a dict of the per-update "
@@ -427,8 +427,7 @@ class Aggregator:
         defaults to 1. ``info``: the per-update values the algorithm reads (``steps=`` for FedNova, ``staleness=``
         for FedBuff). An admitted update brings its own weight, party and values: giving them again is refused."""
         if isinstance(update, Admitted):
-            if weight is not None or party is not None or info:
-                _admitted_alone(weight, party, info)
+            _admitted_alone(weight, party, info or None)
             with self._lock:
                 self._fold_admitted([update])
         else:
@@ -446,7 +445,7 @@ class Aggregator:
         updates = list(updates)
         if not updates:  # nothing to fold, but weights or parties given for updates that are missing are an error
             for values, what in ((weights, "weights"), (parties, "parties"), (infos, "infos")):
-                _per_update(values, 0, what)
+                per_update(values, 0, what)
             return
         if all(isinstance(u, Admitted) for u in updates):
             _admitted_alone(weights, parties, infos)
@@ -1203,19 +1202,9 @@ def _check_disjoint(layout, outs) -> None:
 def _admitted_alone(weights, parties, infos) -> None:
     """Admitted updates carry the weight, party and values they were admitted with: others given beside them were
     dropped without a word (a weight of 9 folded as 1)."""
+    if weights is None and parties is None and infos is None:  # (the per-update fold's usual case)
+        return
     given = [name for name, v in (("weight", weights), ("party", parties), ("info", infos)) if v is not None]
     if given:
         raise TypeError(f"admitted updates carry their own weight, party and info: {', '.join(given)} given beside "
                         f"them (admit again with the values you mean)")
-
-
-def _per_update(values, k: int, what: str) -> list:
-    """``values`` as a list of k (None: k Nones); a list of another length is refused, not cut short by zip."""
-    if values is None:
-        return [None] * k
-    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):  # ('ab' became parties a, b)
-        raise TypeError(f"{what} is a list, one per update; got {type(values).__name__}")
-    values = list(values)
-    if len(values) != k:
-        raise ValueError(f"{k} updates but {len(values)} {what}")
-    return values

@@ -63,3 +63,15 @@ def anonymous_party() -> str:
     """A party id for an update given without one: unique across aggregators and processes (a per-aggregator
     counter made two workers' "anon-0" collide when their states were merged)."""
     return f"anon-{uuid.uuid4().hex}"
+
+
+def per_update(values, k: int, what: str) -> list:
+    """``values`` as a list of k (None: k Nones); a list of another length is refused, not cut short by zip."""
+    if values is None:
+        return [None] * k
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):  # ('ab' became parties a, b)
+        raise TypeError(f"{what} is a list, one per update; got {type(values).__name__}")
+    values = list(values)
+    if len(values) != k:
+        raise ValueError(f"{k} updates but {len(values)} {what}")
+    return values

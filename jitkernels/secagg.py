@@ -89,7 +89,7 @@ from . import device
 from .dtypes import dtype_name
 from .errors import (CorruptState, DuplicateParty, IncompatibleStates, LayoutMismatch, NonFiniteUpdate,
                      OverlappingParties, BackendUnavailable, ValueOutOfRange)
-from .parties import check_party
+from .parties import check_party, per_update
 from .threads import get_num_threads
 
 try:
@@ -604,11 +604,8 @@ class SecAggSum:
     def fold_many(self, updates, parties) -> None:
         """Fold k masked vectors in one pass over the accumulator. All are checked (structure, dtype, parties)
         before anything is added; a value outside [0, 2^b) rolls the whole batch back. Errors name the party."""
-        if isinstance(parties, (str, bytes, dict)):  # ('pq' was folded as parties 'p' and 'q')
-            raise TypeError(f"parties is a list, one per update; got {type(parties).__name__}")
-        updates, parties = list(updates), list(parties)
-        if len(updates) != len(parties):
-            raise ValueError(f"{len(updates)} updates but {len(parties)} parties")
+        updates = list(updates)
+        parties = per_update(parties, len(updates), "parties")  # ('pq' was folded as parties 'p' and 'q')
         if not updates:
             return
         parties = [check_party(p) for p in parties]

@@ -8,7 +8,8 @@ scheduler does everything else (slots, folding, release, metrics) the same way f
 from __future__ import annotations
 
 import math
-import numbers
+
+from jitkernels.algorithms import number
 
 
 class Policy:
@@ -60,9 +61,8 @@ class JIT(Policy):
     name = "jit"
 
     def __init__(self, alpha: float = 0.05):
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha < 1:  # (None and "x"
-            # failed as bare TypeErrors)
-            raise ValueError(f"alpha must be a number in (0, 1), got {alpha!r}")
+        if not 0 < number("alpha", alpha) < 1:  # (None and "x" failed as bare TypeErrors)
+            raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
         self.alpha = alpha
 
     def deploy_at(self, sched, js, rnd, *, redeploy=False):

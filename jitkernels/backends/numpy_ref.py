@@ -95,7 +95,8 @@ def binned_carry(hi, lo, s1):
     c = (lo + s1) - s1
     hi += c
     lo -= c
-    unit = (lo == -binned_half(s1)) * (2 * binned_half(s1))  # (0 or unit1: the tie at -unit1/2 moves to +unit1/2)
+    half = binned_half(s1)
+    unit = (lo == -half) * (2 * half)  # (0 or unit1: the tie at -unit1/2 moves to +unit1/2)
     hi -= unit
     lo += unit
 
