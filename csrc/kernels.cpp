@@ -256,7 +256,7 @@ py::tuple fold_stats(py::array acc, py::object base_obj, int in_code, I64 off, I
 
 void fold_binned(py::array_t<double, py::array::c_style> hi, py::array_t<double, py::array::c_style> lo,
                  py::object base_obj, int in_code, I64 off, I64 ptr, F64A w, I64 sptr, I64 blk, I64 work, I64 share,
-                 I64 tiles, double s1, double s2) {
+                 I64 tiles, double s1, double s2, bool zero) {
   check_walk(work, share, tiles);
   require(hi.writeable() && lo.writeable() && hi.size() == lo.size(), "hi and lo must be writeable and equal-sized");
   const bool has_base = !base_obj.is_none();
@@ -272,9 +272,9 @@ void fold_binned(py::array_t<double, py::array::c_style> hi, py::array_t<double,
     NogilIfLarge nogil(work, k);
 #define JK_BINNED(NS)                                                                                          \
   if (has_base) NS::fold_binned_rows<In, true, Q>(h, l, bp, off.data(), ptr.data(), w.data(), sptr.data(),      \
-                                                   blk.data(), k, JK_WALK(NS), s1, s2);                         \
+                                                   blk.data(), k, JK_WALK(NS), s1, s2, zero);                   \
   else NS::fold_binned_rows<In, false, Q>(h, l, bp, off.data(), ptr.data(), w.data(), sptr.data(), blk.data(),  \
-                                          k, JK_WALK(NS), s1, s2)
+                                          k, JK_WALK(NS), s1, s2, zero)
 #ifdef JK_X86
     if (use_avx2()) { JK_BINNED(avx2); return; }
 #endif
@@ -518,7 +518,8 @@ PYBIND11_MODULE(_core, mod) {
   // (written in place: a converted copy would take the writes and drop them)
   mod.def("fold_binned", &fold_binned, py::arg("hi").noconvert(), py::arg("lo").noconvert(), py::arg("base"),
           py::arg("in_code"), py::arg("off"), py::arg("ptr"), py::arg("w"), py::arg("scale_ptr"), py::arg("block"),
-          py::arg("work"), py::arg("share"), py::arg("tiles"), py::arg("s1"), py::arg("s2"));
+          py::arg("work"), py::arg("share"), py::arg("tiles"), py::arg("s1"), py::arg("s2"),
+          py::arg("zero") = false);
   mod.def("fold_stats", &fold_stats, py::arg("acc"), py::arg("base"), py::arg("in_code"), py::arg("off"),
           py::arg("ptr"), py::arg("w"), py::arg("scale_ptr"), py::arg("block"), py::arg("work"), py::arg("share"),
           py::arg("tiles"), py::arg("norms") = true);

@@ -285,7 +285,11 @@ static void fold_rows_q(A* acc, const A* base, const int64_t* off, const int64_t
 }
 
 // Deterministic fold: jk::binned_step per term, in batch order, then a carry per element once the batch is in.
-// Reads k*len*itemsize(In) bytes of updates and reads and writes hi and lo (32 bytes per element).
+// Reads k*len*itemsize(In) bytes of updates and reads and writes hi and lo (32 bytes per element); with ``zero``
+// (the caller's state is empty) hi and lo are taken as 0 and not read, 16 bytes per element: the first group starts
+// its registers at 0 (the same bits as adding to +0 or -0: bh - s1 is never -0). A round's first fold_many is such a
+// batch; skipping the loads took it from 79 to 68-71 ms at 25M x 10 on 2 vCPUs, 151 to 133-141 ms on one
+// (bench/results/deterministic_zero_ab_epyc.txt; the stores still read their lines for ownership).
 // The pass is bound by its float64 arithmetic, not by memory, on 2 vCPUs; so BIN_V elements of hi and lo stay in
 // vector registers while up to BIN_GROUP updates pass (no round trip through L1 per term), the terms are added in
 // the biased form below, and the batch's last group carries before it stores. Every sum is exact and each term's
@@ -357,7 +361,7 @@ struct BinSrc {
 template <class In, bool Base, bool Quant>
 static void fold_binned_rows(double* hi, double* lo, const double* base, const int64_t* off, const int64_t* ptr,
                              const double* w, const int64_t* sptr, const int64_t* blk, int64_t k,
-                             const Walk& wk, double s1, double s2) {
+                             const Walk& wk, double s1, double s2, bool zero) {
   using Src = BinSrc<In, Quant>;
   const int64_t* work = wk.work;
   const bin_d4 vs1 = {s1, s1, s1, s1}, vs2 = {s2, s2, s2, s2};
@@ -372,8 +376,8 @@ static void fold_binned_rows(double* hi, double* lo, const double* base, const i
     const double* __restrict b = Base ? base + o : nullptr;
     Src src[BIN_GROUP];
     int64_t j0 = 0;
-    bool last = false;
-    while (!last) {
+    bool last = false, load = !zero;  // (only the first group may skip the loads: the later ones add to its sums)
+    for (; !last; load = true) {
       int64_t g = 0;  // the next group: up to BIN_GROUP present updates, in batch order
       for (; j0 < k && g < BIN_GROUP; ++j0) {
         const int64_t e = r * k + j0;
@@ -389,8 +393,12 @@ static void fold_binned_rows(double* hi, double* lo, const double* base, const i
         bin_d4 vh[BIN_VECS], vl[BIN_VECS], vb[BIN_VECS];
 #pragma GCC unroll 4
         for (int v = 0; v < BIN_VECS; ++v) {
-          memcpy(&vh[v], h + i + 4 * v, sizeof(bin_d4));
-          memcpy(&vl[v], l + i + 4 * v, sizeof(bin_d4));
+          if (load) {
+            memcpy(&vh[v], h + i + 4 * v, sizeof(bin_d4));
+            memcpy(&vl[v], l + i + 4 * v, sizeof(bin_d4));
+          } else {
+            vh[v] = vl[v] = bin_d4{};
+          }
           if (Base) memcpy(&vb[v], b + i + 4 * v, sizeof(bin_d4));
         }
         // jk::binned_step four lanes at a time, in ReproBLAS's biased form: the group's q1 sum is kept as s1 + sum
@@ -435,6 +443,7 @@ static void fold_binned_rows(double* hi, double* lo, const double* base, const i
         }
       }
       for (; i < len; ++i) {
+        if (!load) h[i] = l[i] = 0.0;
         for (int64_t q = 0; q < g; ++q) {
           double x = src[q].at(i);
           if (Base) x = x - b[i];

@@ -44,13 +44,15 @@ def fold(acc, base, g):
     _core.fold(acc, base, CODE[g.in_dtype], g.off, g.ptr, g.w, g.scale_ptr, g.block, *_walk(g))
 
 
-def fold_binned(hi, lo, base, g, bound_log2):
+def fold_binned(hi, lo, base, g, bound_log2, zero=False):
     """:func:`numpy_ref.fold_binned` (deterministic mode), bit for bit: 32 bytes of accumulator moved per element
-    (``hi`` and ``lo`` read and written) beside the updates (``fold_binned_rows``)."""
+    (``hi`` and ``lo`` read and written) beside the updates (``fold_binned_rows``); with ``zero`` (hi and lo hold
+    zeros over the group's rows: a state's first batch) they are written and not read, 16 bytes."""
     if g.k > BINNED_BATCH:  # the kernel's biased low part has room for 2^19 terms; Aggregator folds in parts
         raise ValueError(f"the deterministic kernel takes at most {BINNED_BATCH} updates per call, got {g.k}")
     s1, s2 = binned_constants(bound_log2)
-    _core.fold_binned(hi, lo, base, CODE[g.in_dtype], g.off, g.ptr, g.w, g.scale_ptr, g.block, *_walk(g), s1, s2)
+    _core.fold_binned(hi, lo, base, CODE[g.in_dtype], g.off, g.ptr, g.w, g.scale_ptr, g.block, *_walk(g), s1, s2,
+                      zero)
 
 
 def stats(base, g, acc_dtype):

@@ -213,8 +213,9 @@ def fold(acc, base, g):
     _pipeline(rt, g, name, (_addr(rt, acc), _addr(rt, base)), ())
 
 
-def fold_binned(hi, lo, base, g, bound_log2):
-    """Deterministic fold (jk::binned_step per term, jk::binned_carry per stage): bit-identical to the CPU."""
+def fold_binned(hi, lo, base, g, bound_log2, zero=False):
+    """Deterministic fold (jk::binned_step per term, jk::binned_carry per stage): bit-identical to the CPU
+    (``zero``: see numpy_ref.fold_binned)."""
     rt = runtime()
     s1, s2 = binned_constants(bound_log2)
     name = cuda_source.binned_name(g.in_dtype, base is not None)

@@ -329,8 +329,8 @@ def fold(acc, base, g):
           _none(_WITNESS[g.in_dtype]), g.in_dtype == "int8")
 
 
-def fold_binned(hi, lo, base, g, bound_log2):
-    """:func:`numpy_ref.fold_binned` (deterministic mode), bit for bit, one term at a time."""
+def fold_binned(hi, lo, base, g, bound_log2, zero=False):
+    """:func:`numpy_ref.fold_binned` (deterministic mode), bit for bit, one term at a time (``zero``: see there)."""
     s1, s2 = binned_constants(bound_log2)
     b, has = _base_arg(base, np.float64)
     _fold_binned(hi, lo, b, has, g.off, g.ptr, g.w, g.scale_ptr, g.block, g.work, *_walk(g),

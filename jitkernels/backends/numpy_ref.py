@@ -56,9 +56,11 @@ def binned_constants(bound_log2: int):
     return 1.5 * 2.0 ** (bound_log2 + 29), 1.5 * 2.0 ** (bound_log2 - 4)
 
 
-def fold_binned(hi, lo, base, g, bound_log2):
+def fold_binned(hi, lo, base, g, bound_log2, zero=False):
     """Deterministic fold: t = f64(w) * x in f64, split on two fixed grids, both partial sums exact, then a carry
-    from lo into hi at the end of the batch. Reads k*n*itemsize(in) + 4*n*8 bytes in a fused kernel."""
+    from lo into hi at the end of the batch. Reads k*n*itemsize(in) + 4*n*8 bytes in a fused kernel. ``zero`` says
+    that hi and lo hold zeros over the group's rows, which a kernel may then write without reading (cpp's does;
+    this one and numba's and CuPy's read them all the same)."""
     s1, s2 = binned_constants(bound_log2)
     for r, row in enumerate(g.arrays):
         o, n = int(g.off[r]), int(g.n[r])
