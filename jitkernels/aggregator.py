@@ -293,8 +293,8 @@ class Aggregator:
         # (copy.deepcopy and pickle: a Flower strategy copied for a sweep or sent to a Ray task holds one; the lock
         # and the per-update fold's cache of compiled tables are this object's own). The state is snapshotted under
         # the lock: copied after it, as deepcopy and pickle do, a fold from another thread tore the copy (an
-        # update's sums without its record). A DP algorithm's copy shares its noise claims (deepcopy) or, pickled,
-        # cannot: see _DPClipping.__deepcopy__.
+        # update's sums without its record). A DP algorithm's copy keys its noise as the original does: by the
+        # aggregate it releases (noise.aggregate_key).
         with self._lock:
             d = {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_one", "state", "_base_view")}
             d["state"] = self.state.copy()
@@ -733,7 +733,9 @@ class Aggregator:
                     step = state_module.BINNED_BATCH
                     for j0 in range(0, g.k, step):
                         part = g if g.k <= step else g.columns(j0, j0 + step)
-                        mod.fold_binned(st.acc, st.lo, st.base, part, st.bound_log2)
+                        # an empty state holds zeros (FoldState.from_bytes refuses one that does not): its first
+                        # call writes its sums without reading them
+                        mod.fold_binned(st.acc, st.lo, st.base, part, st.bound_log2, zero=not (done or st.count))
                         done += 1
                 else:
                     mod.fold(st.acc, st.base, g)
@@ -947,14 +949,18 @@ class Aggregator:
             # (a worker's partial state has none: it is merged into the server's, which steps)
             raise CorruptState(f"{type(alg).__name__} steps with its moments, and this state has none: finalize "
                                "the state it was made to merge into")
-        noisy = alg.noise_std(st) > 0  # (the accumulator holds noise once this round has closed)
-        if closing and noisy:  # on the average delta, before that scaling, as the sum is
-            alg.claim_noise(st)  # (refuses before anything changes)
+        std = alg.noise_std(st)
+        noisy = std > 0  # (the accumulator holds noise once this round has closed)
+        if closing and noisy:  # keyed by this aggregate's bits, before anything changes (noise.aggregate_key)
+            from .noise import aggregate_key
+
+            key = aggregate_key(alg.seed, st.round, [a for a in (st.acc, st.lo) if a is not None]
+                                      + [np.asarray(mass, np.float64), np.float64(std)])
         noised, stepping, stepped = False, False, 0
         try:
-            if closing and noisy:
+            if closing and noisy:  # on the average delta, before that scaling, as the sum is
                 noised = True
-                self._add_noise(alg.noise_std(st), mass, float_ids)
+                self._add_noise(std, mass, float_ids, key)
             acc = st.value()
             for og in build_out_groups(self.layout, float_ids, [outs[i] for i in float_ids], weights):
                 if not opt:
@@ -1069,22 +1075,22 @@ class Aggregator:
                 raise _beyond(leaf, float(xp.abs(v).max()))
         return outs
 
-    def _add_noise(self, std, weights, leaf_ids) -> None:
-        """acc += A(std * W_leaf * z) per float leaf, z from jitkernels.noise keyed by (seed, round, leaf, index):
-        after the division by W_leaf the average delta carries N(0, std^2) noise. Device accumulators get the same
-        bits from the CUDA kernel (csrc/jk_noise.h)."""
+    def _add_noise(self, std, weights, leaf_ids, key) -> None:
+        """acc += A(std * W_leaf * z) per float leaf, z from jitkernels.noise keyed by (key, round, leaf, index),
+        ``key`` the aggregate's (noise.aggregate_key): after the division by W_leaf the average delta carries
+        N(0, std^2) noise. Device accumulators get the same bits from the CUDA kernel (csrc/jk_noise.h)."""
         from . import noise
 
-        st, seed = self.state, self.algorithm.seed
+        st = self.state
         sigmas = [std * float(weights[i]) for i in leaf_ids]
         if st.on_device:  # one kernel over every leaf: the same bits, generated where the accumulator lives
             leaves = [self.layout.leaves[i] for i in leaf_ids]
             backends.get("cupy").add_noise(st.acc, leaf_ids, [l.offset for l in leaves], [l.size for l in leaves],
-                                           sigmas, seed, st.round)
+                                           sigmas, key, st.round)
             return
         for i, sigma in zip(leaf_ids, sigmas):
             leaf = self.layout.leaves[i]
-            noise.add_noise(st.acc[leaf.offset:leaf.offset + leaf.size], sigma, seed, st.round, i, 0)
+            noise.add_noise(st.acc[leaf.offset:leaf.offset + leaf.size], sigma, key, st.round, i, 0)
 
     def _outputs(self, out, outs=None) -> list:
         """The output leaves: ``out``'s (``outs``, if flattened already; checked to be where the backend writes),

@@ -23,11 +23,8 @@ by ``numpy_ref.step``).
 
 from __future__ import annotations
 
-import bisect
-import copy
 import math
 import numbers
-import threading
 
 import numpy as np
 
@@ -519,56 +516,6 @@ class FedAdagrad(_Adaptive):
 
 # --- differential privacy -----------------------------------------------------------------------------------------
 
-class _NoiseClaims:
-    """The rounds whose noise one DP instance's aggregates took (see ``_DPClipping.claim_noise``): round -> owner
-    (the state that took it) for the last :attr:`RECENT` claims, the earlier rounds as runs of rounds whose owners
-    are forgotten (a record per round, kept for ever, grew a long-running server by ~80 bytes a round). A round is
-    claimed by one owner; a round past the recent ones, by none again."""
-
-    RECENT = 64
-
-    def __init__(self):
-        self.recent = {}
-        self.spent = []  # sorted, disjoint [first, last] runs of rounds
-        # two aggregators of one instance (or a deep copy) finalize under locks of their own: a claim is one step
-        self._lock = threading.Lock()
-
-    def __getstate__(self):  # (a pickled DP instance: the lock is this process's)
-        return {"recent": self.recent, "spent": self.spent}
-
-    def __setstate__(self, d):
-        self.__init__()
-        self.recent, self.spent = d["recent"], d["spent"]
-
-    def claim(self, rnd: int, owner) -> bool:
-        """Claim round ``rnd`` for ``owner``; False where another owner has it (or, past the recent ones, anyone)."""
-        with self._lock:
-            if rnd in self.recent:
-                return self.recent[rnd] is owner
-            i = bisect.bisect_right(self.spent, rnd, key=lambda run: run[0])
-            if i and self.spent[i - 1][1] >= rnd:
-                return False
-            self.recent[rnd] = owner
-            if len(self.recent) > self.RECENT:
-                oldest = next(iter(self.recent))
-                del self.recent[oldest]
-                self._spend(oldest)
-            return True
-
-    def _spend(self, rnd: int) -> None:
-        runs = self.spent
-        i = bisect.bisect_right(runs, rnd, key=lambda run: run[0])  # (rnd lies in no run: claim checked it)
-        left, right = i and runs[i - 1][1] + 1 == rnd, i < len(runs) and runs[i][0] - 1 == rnd
-        if left and right:
-            runs[i - 1][1] = runs.pop(i)[1]
-        elif left:
-            runs[i - 1][1] = rnd
-        elif right:
-            runs[i][0] = rnd
-        else:
-            runs.insert(i, [rnd, rnd])
-
-
 class _DPClipping:
     """Shared by the DP wrappers: delegate to the inner algorithm, clip each update's delta by scaling its fold
     weight, add Gaussian noise to the average delta at finalize."""
@@ -590,7 +537,6 @@ class _DPClipping:
 
         self.seed = new_seed() if seed is None else _uint("seed", seed, 64)
         self.seed_given = seed is not None  # (a restarted scheduler job compares its saved seed only if so)
-        self._noised = _NoiseClaims()  # the rounds whose noise this instance's aggregates took (claim_noise)
 
     # delegated: the inner algorithm's weights, optimizer and per-update values
     def __getattr__(self, name):
@@ -614,35 +560,6 @@ class _DPClipping:
 
     def clip_norm(self, state) -> float:
         raise NotImplementedError
-
-    def __copy__(self):
-        """A copy that has claimed no rounds: what a scheduler gives its aggregators, whose rounds it numbers itself
-        (a recovery in the same process replays a round's noise, as it must)."""
-        new = object.__new__(type(self))
-        new.__dict__.update(self.__dict__)
-        new._noised = _NoiseClaims()
-        return new
-
-    def __deepcopy__(self, memo):
-        """A copy that shares the rounds claimed (an aggregator copied with copy.deepcopy, say in a Flower strategy
-        copied for a sweep): two aggregates of one round from it and the original would carry the same noise,
-        which cancels in their difference, and the second is refused as with one instance. (A pickled copy cannot
-        share them, as a state saved and loaded twice cannot: release one aggregate per round.)"""
-        new = object.__new__(type(self))
-        memo[id(self)] = new
-        new.__dict__.update({k: v if k == "_noised" else copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
-        return new
-
-    def claim_noise(self, state) -> None:
-        """Called before a round's noise is added: noise is keyed by (seed, round, leaf, index), so two aggregates
-        noised by one instance in the same round (a fresh Aggregator each round, whose round counter starts at 0
-        again) would get the same noise, which cancels in the difference of the released models. Refused."""
-        owner = state.__dict__.setdefault("_dp_owner", object())
-        if not self._noised.claim(state.round, owner):
-            raise ValueError(f"{type(self).__name__}: round {state.round}'s noise (seed {self.seed}) was already "
-                             f"added to another aggregate by this instance, and the same noise in two released models "
-                             f"cancels in their difference. Keep one Aggregator across rounds (reset() between "
-                             f"them), or give each aggregate its own DP algorithm (a new seed)")
 
     def clip_factor(self, u, state) -> float:
         c = self.clip_norm(state)  # u.norm is ||u - base||: the Aggregator re-measures updates admitted without it
@@ -699,8 +616,10 @@ class DPFixedClipping(_DPClipping):
     finalize (FedAvg: :math:`x_t + \tilde\Delta`; a server optimizer steps on :math:`\tilde\Delta`, where Flower
     would noise the optimizer's output). The norms come from admission's stats pass, so clipping is a scaled fold:
     the clipped fold moves the bytes of the stats pass plus the fold, nothing more. The noise is Philox-keyed by
-    (seed, round, leaf, index) (:mod:`jitkernels.noise`): bit-identical across backends and thread counts, and
-    reproducible after a restart. The sensitivity bound assumes an unweighted average (``weighted=False``, the
+    (key, round, leaf, index), the key an HMAC under the seed of the aggregate it noises
+    (:func:`jitkernels.noise.aggregate_key`): two aggregates that differ get independent noise, however many
+    aggregators, copies or saved states share the seed; the same aggregate gets the same bits on every backend and
+    thread count, and after a restart. The sensitivity bound assumes an unweighted average (``weighted=False``, the
     default here) of whole updates; with sample-count weights a party moves the average by up to :math:`w_j C / W`,
     and with partial updates a leaf that fewer parties carried by up to :math:`C` over their number, which Flower's
     std (and this one) does not account for.
@@ -752,7 +671,7 @@ class DPAdaptiveClipping(_DPClipping):
     Flower counts *clipped* updates as :math:`b_j` in the same update rule, which drives :math:`C` the wrong way
     (more clipping shrinks :math:`C` further), and it noises the round's aggregate with the *updated*
     :math:`C_{t+1}` although the updates were clipped to :math:`C_t` (under-noising when :math:`C` shrinks). The
-    count's noise is Philox-keyed like the model's (leaf id :data:`COUNT_LEAF`). Bytes moved: those of
+    count's noise is Philox-keyed like the model's, by the count it noises (leaf id :data:`COUNT_LEAF`). Bytes moved: those of
     :class:`DPFixedClipping` (the stats pass for the norms, then the scaled fold); the count is k numbers.
     """
 
@@ -813,13 +732,18 @@ class DPAdaptiveClipping(_DPClipping):
         return self.delta_multiplier * self.clip_norm(state) / self.cohort(state)
 
     def close(self, state) -> None:
-        from .noise import gaussian
+        from .noise import aggregate_key, gaussian
 
         unclipped = math.fsum(state.info[p]["unclipped"] for p in state.parties)
-        z = float(gaussian(self.seed, state.round, COUNT_LEAF, 0, 1)[0])
+        c = self.clip_norm(state)
+        # keyed by the count and everything that turns it into the next clip norm, as the model's noise is by its
+        # aggregate: two rounds released with one z would give away the difference of their counts
+        key = aggregate_key(self.seed, state.round, [np.array([unclipped, self.count_stddev, self.num_sampled, c,
+                                                               self.clip_norm_lr, self.target_quantile])])
+        z = float(gaussian(key, state.round, COUNT_LEAF, 0, 1)[0])
         frac = (unclipped + self.count_stddev * z) / self.num_sampled
         # in log space, kept within float64's normal range: a count noise far above num_sampled overflowed exp()
-        log_c = math.log(self.clip_norm(state)) - self.clip_norm_lr * (frac - self.target_quantile)
+        log_c = math.log(c) - self.clip_norm_lr * (frac - self.target_quantile)
         state.scalars["clip_norm"] = math.exp(min(max(log_c, _LOG_CLIP_MIN), _LOG_CLIP_MAX))
         self.inner.close(state)
 

@@ -39,7 +39,12 @@ Privacy caveats
 * The samples are also not exactly normal: ``u1`` lies on a grid of 2^53 points, so ``|z| <= 8.57`` (the normal's
   mass beyond that is ~1e-17), and each sample is a float64.
 * Philox is a fast statistical generator, not a cryptographic one. The seed must be secret and unpredictable:
-  :func:`new_seed` draws it from ``os.urandom``. A new seed per job; ``round`` and ``leaf`` separate the rest.
+  :func:`new_seed` draws it from ``os.urandom``. ``round`` and ``leaf`` separate the streams of one aggregate.
+* The same noise on two different aggregates cancels in the difference of the two released models, which then
+  gives the difference of their sums exactly. So the aggregator keys each aggregate's noise with
+  :func:`aggregate_key` (an HMAC of the aggregate's own bytes under the seed), not with the seed alone: aggregates
+  that differ get independent noise, whatever copies, pickles, saved states or seeds they share, and an aggregate
+  released again (a replay after a restart, a second finalize) gets its noise again, which releases nothing new.
 * Epsilon/delta accounting (choosing ``sigma`` for a privacy budget) is out of scope: use an accountant such as
   Opacus' RDP accountant (``opacus.accountants.RDPAccountant``).
 
@@ -50,11 +55,15 @@ one sqrt per two elements.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import operator
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .device import to_host
 from .threads import get_num_threads
 
 from . import _numba
@@ -102,6 +111,39 @@ _CHUNK = 1 << 20  # elements per numpy pass: bounds the reference's temporaries 
 def new_seed() -> int:
     """A fresh secret 64-bit job seed from the OS CSPRNG (``os.urandom(8)``)."""
     return int.from_bytes(os.urandom(8), "little")
+
+
+_KEY_CHUNK = 8 << 20  # bytes per SHA-256 of aggregate_key: fixed, so that the key does not depend on the threads
+_KEY_PARALLEL = 4 * _KEY_CHUNK  # past this many bytes, the chunks are hashed on the kernel threads
+
+
+def aggregate_key(seed: int, round: int, arrays) -> int:
+    """The 64-bit Philox key of one aggregate's noise: the first 8 bytes of HMAC-SHA-256 under ``seed`` of
+    ``round`` and the SHA-256 of each 8 MiB chunk of ``arrays`` (the noised sums, the weights that divide them and
+    the noise's scale; host or device arrays). A pseudorandom function of the aggregate under the secret seed:
+    two aggregates that differ in any bit get independent noise; the same aggregate gets the same noise. Reads
+    every byte once: SHA-256 runs at ~2 GB/s per core here (~50 ms for 25M float32 sums, half that on two
+    threads); device arrays are copied to the host first."""
+    seed = _uint("seed", seed, 64)
+    views = [memoryview(np.ascontiguousarray(to_host(a))).cast("B") for a in arrays]
+    chunks = [v[i:i + _KEY_CHUNK] for v in views for i in range(0, len(v), _KEY_CHUNK)]
+    total = sum(len(v) for v in views)
+    threads = get_num_threads()
+    if threads > 1 and total > _KEY_PARALLEL:
+        with ThreadPoolExecutor(threads) as pool:  # (hashlib releases the GIL on large inputs)
+            digests = list(pool.map(_sha256, chunks))
+    else:
+        digests = [_sha256(c) for c in chunks]
+    mac = hmac.new(seed.to_bytes(8, "little"), _uint("round", round, 64).to_bytes(8, "little"), hashlib.sha256)
+    for v in views:  # (the lengths too: arrays split differently into the same bytes are other aggregates)
+        mac.update(len(v).to_bytes(8, "little"))
+    for d in digests:
+        mac.update(d)
+    return int.from_bytes(mac.digest()[:8], "little")
+
+
+def _sha256(data) -> bytes:
+    return hashlib.sha256(data).digest()
 
 
 def numba_available():

@@ -454,10 +454,8 @@ class _JobState:
         return self.layout.default_acc_dtype
 
     def new_aggregator(self):
-        """A first round's aggregator. Algorithms that fold deltas start from the template as the global model. The
-        algorithm is a copy of the job's: this scheduler numbers the job's rounds (a DP instance refuses to noise a
-        round twice, and a scheduler resumed in the same process replays one)."""
-        alg = copy.copy(jk.algorithms.resolve(self.job.algorithm))
+        """A first round's aggregator. Algorithms that fold deltas start from the template as the global model."""
+        alg = jk.algorithms.resolve(self.job.algorithm)
         base = (self.job.template if self.next_base is None else self.next_base) if alg.needs_base else None
         return jk.Aggregator(self.job.template, alg, backend=self.job.backend,
                              acc_dtype=self.acc_dtype, deterministic=self.job.deterministic,

@@ -1892,21 +1892,52 @@ def test_a_copy_is_a_snapshot_and_holds_a_robust_stores_rows_only(tmp_path):
         spilled.fold({"w": np.ones(100_000, np.float32)}, party="a")
 
 
-def test_a_deep_copy_of_a_dp_aggregator_shares_its_noise_claims():
-    """Two aggregates of one round, from a DP aggregator and its deep copy, carried the same noise, which cancels in
-    their difference; the second is refused, as it is from one instance."""
+def test_dp_noise_is_keyed_by_the_aggregate_it_noises(tmp_path):
+    """Noise keyed by (seed, round) alone was released twice: by a deep copy or a pickle of an aggregator, a state
+    resumed with from_state, a shallow copy of the algorithm, two aggregators of one instance, or two instances given
+    one seed. k * (r2 - r1) then gave the difference of the two rounds' sums exactly (the noise cancelled). Noise keyed
+    by the aggregate: every second aggregate that differs gets its own noise, and one that does not gets the same
+    release (nothing new)."""
     import copy
 
     from jitkernels import algorithms as A
 
-    z = {"w": np.zeros(3)}
-    agg = jk.Aggregator(z, A.DPFixedClipping(A.FedAvg(), clip_norm=1.0, noise_multiplier=1.0, seed=1234), base=z)
-    agg.fold({"w": np.full(3, 0.1)}, party="p")
-    twin = copy.deepcopy(agg)
-    twin.fold({"w": np.full(3, 0.3)}, party="q")
-    agg.finalize()
-    with pytest.raises(ValueError, match="round 0's noise .* was already added"):
-        twin.finalize()
+    z = {"w": np.zeros(64)}
+    u1, u2, u3 = ({"w": np.full(64, v)} for v in (0.01, 0.02, 0.05))
+
+    def dp():
+        return A.DPFixedClipping(A.FedAvg(), clip_norm=1.0, noise_multiplier=1.0, seed=1234)
+
+    def leaked(r1, r2):  # the two sums' difference read off the releases exactly: the noise cancelled
+        return np.allclose(2 * (r2["w"] - r1["w"]), u3["w"] - u2["w"], rtol=0, atol=1e-12)
+
+    def twin(make):  # an aggregator holding u1, and what ``make`` makes of it
+        a = jk.Aggregator(z, dp(), base=z)
+        a.fold(u1, party="p")
+        return a, make(a)
+
+    def two(algorithms):  # two aggregators holding u1, of these algorithms
+        pair = tuple(jk.Aggregator(z, alg, base=z) for alg in algorithms)
+        for agg in pair:
+            agg.fold(u1, party="p")
+        return pair
+
+    one = dp()
+    pairs = {"deepcopy": twin(copy.deepcopy), "pickle": twin(lambda a: pickle.loads(pickle.dumps(a))),
+             "from_state": twin(lambda a: jk.Aggregator.from_state(a.state.copy())),
+             "one instance": two((one, one)), "copy.copy": two((one, copy.copy(one))), "one seed": two((dp(), dp()))}
+    for how, (a, b) in pairs.items():
+        a.fold(u2, party="q")
+        b.fold(u3, party="q")
+        ra, rb = a.finalize(), b.finalize()
+        assert not leaked(ra, rb), how
+        np.testing.assert_allclose(ra["w"], (u1["w"] + u2["w"]) / 2, atol=5)  # (noise of std 0.5 on each)
+    same = jk.Aggregator(z, dp(), base=z), jk.Aggregator(z, dp(), base=z)
+    for agg in same:
+        agg.fold(u1, party="p")
+        agg.fold(u2, party="q")
+    r = [agg.finalize()["w"] for agg in same]
+    assert r[0].tobytes() == r[1].tobytes() and not np.allclose(r[0], (u1["w"] + u2["w"]) / 2, atol=1e-3)
 
 
 def test_switches_are_true_or_false_not_truthy():

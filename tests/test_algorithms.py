@@ -388,12 +388,10 @@ def test_dp_noise_has_the_stated_std():
 def test_dp_noise_covers_the_parties_that_reported():
     """Fewer parties folded than num_sampled (dropouts): the unweighted average divides by the k folded, so one party
     moves it by C / k, and the noise is sigma C / k (it stayed sigma C / m: at k = 2 of m = 10, an effective noise
-    multiplier of sigma / 5). More than m folded: Flower's sigma C / m. Adaptive clipping likewise."""
-    from jitkernels import noise
-
+    multiplier of sigma / 5). More than m folded: Flower's sigma C / m. Adaptive clipping likewise. (Over 50,000
+    draws the sample std is within 2% of the std, six standard errors.)"""
     n, C, sigma, m = 50_000, 2.0, 0.8, 10
     base = {"w": np.zeros(n, np.float32)}
-    z = noise.gaussian(7, 0, 0, 0, n)  # the noise of (seed 7, round 0, leaf 0)
     algs = {"fixed": (lambda: A.DPFixedClipping(clip_norm=C, noise_multiplier=sigma, num_sampled=m, seed=7), sigma),
             "adaptive": (lambda: A.DPAdaptiveClipping(noise_multiplier=sigma, num_sampled=m, initial_clip_norm=C,
                                                       seed=7),
@@ -403,9 +401,8 @@ def test_dp_noise_covers_the_parties_that_reported():
             agg = jk.Aggregator(base, make(), base=base, acc_dtype="float64")
             for j in range(k):  # zero deltas: the output is the noise alone
                 agg.fold({"w": np.zeros(n, np.float32)}, party=j)
-            got = agg.finalize()["w"]
-            np.testing.assert_allclose(got, (multiplier * C / cohort * z).astype(np.float32), rtol=1e-6, atol=1e-12,
-                                       err_msg=f"{name}, {k} parties folded")
+            z = agg.finalize()["w"] / (multiplier * C / cohort)
+            assert abs(z.std() - 1) < 0.02 and abs(z.mean()) < 0.02, f"{name}, {k} parties folded"
 
 
 def test_a_dp_round_is_closed_noise_once_and_restart_reproduces_it(tmp_path):
@@ -563,19 +560,16 @@ def test_adaptive_clipping_moves_the_norm_toward_the_target_quantile():
 
 
 def test_adaptive_clipping_noise_uses_the_norm_it_clipped_to():
-    from jitkernels import noise
-
     m, C0 = 40, 2.0
     alg = A.DPAdaptiveClipping(noise_multiplier=1.0, num_sampled=m, initial_clip_norm=C0, seed=3)
     base = {"w": np.zeros(50_000, np.float32)}
     agg = jk.Aggregator(base, alg, base=base, acc_dtype="float64")
     for j in range(m):  # zero deltas: the output is the noise alone
         agg.fold({"w": np.zeros(50_000, np.float32)}, party=j)
-    got = agg.finalize()["w"]
     sigma_delta = (1.0 ** -2 - (2 * m / 20) ** -2) ** -0.5
-    z = noise.gaussian(3, 0, 0, 0, 50_000)
-    np.testing.assert_allclose(got, (sigma_delta * C0 / m * z).astype(np.float32), rtol=1e-6, atol=1e-12)
-    assert agg.state.scalars["clip_norm"] != C0  # updated after, for the next round
+    z = agg.finalize()["w"] / (sigma_delta * C0 / m)
+    assert abs(z.std() - 1) < 0.02  # (six standard errors; the next round's norm is 10% off C0)
+    assert abs(agg.state.scalars["clip_norm"] / C0 - 1) > 0.05  # updated after, for the next round
     with pytest.raises(ValueError, match="count_stddev"):
         A.DPAdaptiveClipping(noise_multiplier=1.0, num_sampled=10)  # m/20 = 0.5 is too little count noise
 
@@ -724,10 +718,11 @@ def test_counts_are_integers_not_truncated(make, name, required):
     assert getattr(make(3.0), name) == 3 and getattr(make(np.int64(4)), name) == 4
 
 
-def test_one_dp_instance_never_noises_two_aggregates_in_the_same_round():
-    """Noise is keyed by (seed, round): a fresh Aggregator per round with one DP instance gave every round the same
-    noise, which cancels in the difference of two released models. Refused before anything changes; one Aggregator
-    across rounds (reset) gets new noise each round."""
+def test_one_dp_instance_noises_each_aggregate_by_what_it_holds():
+    """A fresh Aggregator per round with one DP instance starts its round counter at 0 each time: the same aggregate
+    gets the same release (nothing new), another aggregate other noise (test_aggregator's
+    test_dp_noise_is_keyed_by_the_aggregate_it_noises), and one Aggregator across rounds (reset) new noise each
+    round."""
     x = {"w": np.zeros(64, np.float32)}
     dp = A.DPFixedClipping(clip_norm=1.0, noise_multiplier=1.0, num_sampled=2, seed=5)
     first = jk.Aggregator(x, dp, base=x)
@@ -735,87 +730,65 @@ def test_one_dp_instance_never_noises_two_aggregates_in_the_same_round():
     out0 = first.finalize()["w"].copy()
     second = jk.Aggregator(x, dp, base=x)
     second.fold({"w": np.full(64, 0.1, np.float32)}, party="a")
-    kept = second.state.copy()
-    with pytest.raises(ValueError, match="round 0's noise .* already added to another aggregate"):
-        second.finalize()
-    assert second.state.same_bits(kept)
+    assert second.finalize()["w"].tobytes() == out0.tobytes()
     first.reset()
     first.fold({"w": np.full(64, 0.1, np.float32)}, party="a")
     assert not np.array_equal(first.finalize()["w"], out0)  # round 1: other noise
 
 
-def test_a_dp_instance_keeps_a_bounded_record_of_the_rounds_it_noised():
-    """claim_noise kept one entry per round noised, for ever (a long-running server grew by ~80 bytes a round):
-    the last RECENT rounds keep their owner, the earlier ones are runs of rounds, claimed by nobody again."""
-    x = {"w": np.zeros(4, np.float32)}
-    dp = A.DPFixedClipping(clip_norm=1.0, noise_multiplier=1.0, num_sampled=1, seed=5)
-    agg = jk.Aggregator(x, dp, base=x)
-    rounds = 3 * A._NoiseClaims.RECENT
-    for _ in range(rounds):
-        agg.fold({"w": np.full(4, 0.1, np.float32)}, party="a")
-        agg.finalize()
-        agg.reset()
-    claims = dp._noised
-    assert len(claims.recent) == A._NoiseClaims.RECENT and claims.spent == [[0, rounds - A._NoiseClaims.RECENT - 1]]
-    for rnd in (0, rounds - 1):  # a spent round and a recent one: another aggregate of it is refused
-        other = jk.Aggregator(x, dp, base=x)
-        other.state.round = rnd
-        other.fold({"w": np.full(4, 0.1, np.float32)}, party="a")
-        with pytest.raises(ValueError, match=f"round {rnd}'s noise .* already added to another aggregate"):
-            other.finalize()
+@given(seed=st.integers(0, 2**64 - 1), rnd=st.integers(0, 2**32 - 1), n=st.integers(1, 64), bit=st.integers(0, 63),
+       at=st.integers(0, 63), split=st.integers(0, 64))
+def test_aggregate_key_is_a_function_of_every_bit(seed, rnd, n, bit, at, split):
+    """The same seed, round and bytes give the same key; another seed, round, any one bit flipped, or the same bytes
+    split into other arrays give another (two aggregates must not share noise)."""
+    from jitkernels.noise import aggregate_key
+
+    x = np.random.default_rng(seed % 2**32).standard_normal(n)
+    key = aggregate_key(seed, rnd, [x])
+    assert aggregate_key(seed, rnd, [x.copy()]) == key
+    flipped = x.copy()
+    flipped.view(np.uint64)[at % n] ^= np.uint64(1) << np.uint64(bit)
+    split = split % (n + 1)
+    others = {aggregate_key(seed ^ 1, rnd, [x]), aggregate_key(seed, rnd ^ 1, [x]), aggregate_key(seed, rnd, [flipped])}
+    if 0 < split < n:
+        others.add(aggregate_key(seed, rnd, [x[:split], x[split:]]))
+    assert key not in others
 
 
-@given(st.lists(st.tuples(st.integers(0, 150), st.integers(0, 3)), max_size=400))
-def test_noise_claims_never_give_a_round_to_two_owners(claims):
-    """Whatever the order: a round is granted to one owner only; a round nobody claimed is granted; the last RECENT
-    rounds granted are granted again to their owner."""
-    record, granted, owners = A._NoiseClaims(), {}, [object() for _ in range(4)]  # (states: told apart by identity)
-    for rnd, who in claims:
-        owner = owners[who]
-        ok = record.claim(rnd, owner)
-        if rnd not in granted:
-            assert ok
-            granted[rnd] = owner
-        elif granted[rnd] is not owner:
-            assert not ok
-        elif rnd in list(granted)[-A._NoiseClaims.RECENT:]:
-            assert ok
-    spent = [r for lo, hi in record.spent for r in range(lo, hi + 1)]
-    assert sorted(spent + list(record.recent)) == sorted(granted) and len(record.recent) <= A._NoiseClaims.RECENT
-    assert all(a[1] + 1 < b[0] for a, b in zip(record.spent, record.spent[1:]))  # disjoint runs, merged
+def test_aggregate_key_does_not_depend_on_the_threads(monkeypatch):
+    """Past _KEY_PARALLEL bytes the chunks are hashed on the kernel threads: the same key on one thread."""
+    from jitkernels import noise
 
-
-def test_noise_claims_from_two_threads_give_each_round_once():
-    """Two aggregators of one DP instance finalize under locks of their own. The bounded record's claim was several
-    steps: both threads could be granted a round (the same noise in two released models) and an eviction raced
-    into a KeyError. One owner per round, whatever the interleaving."""
-    import sys
-    import threading
-
-    record, owners, n = A._NoiseClaims(), (object(), object()), 20_000
-    granted = [[], []]
-    errors = []
-    barrier = threading.Barrier(2)
-
-    def claim(i):
-        barrier.wait()
-        try:
-            granted[i] = [r for r in range(n) if record.claim(r, owners[i])]
-        except Exception as e:  # noqa: BLE001 - any error is the failure shown
-            errors.append(e)
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # (switches often: the window a busy server meets rarely)
+    x = np.arange(noise._KEY_PARALLEL // 8 + 12345, dtype=np.float64)
+    old = jk.set_num_threads(2)
     try:
-        threads = [threading.Thread(target=claim, args=(i,)) for i in (0, 1)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        key = noise.aggregate_key(7, 3, [x, x[:5]])
+        jk.set_num_threads(1)
+        assert noise.aggregate_key(7, 3, [x, x[:5]]) == key
     finally:
-        sys.setswitchinterval(old)
-    assert not errors and not set(granted[0]) & set(granted[1])
-    assert sorted(granted[0] + granted[1]) == list(range(n))
-    assert pickle.loads(pickle.dumps(record)).claim(n, owners[0])  # (pickles: the lock is made again)
+        jk.set_num_threads(old)
+
+
+def test_adaptive_clipping_keys_its_count_noise_by_the_count():
+    """The noised count of unclipped updates sets the next clip norm. Keyed by (seed, round), two aggregates of one
+    instance got the same z: the difference of their next clip norms (in log space) gave the difference of their
+    counts exactly. Keyed by the count, rounds with other counts draw other noise, and the same count the same (the
+    same clip norm released again)."""
+    x = {"w": np.zeros(4)}
+    dp = A.DPAdaptiveClipping(noise_multiplier=0.5, num_sampled=4, initial_clip_norm=1.0, clip_norm_lr=0.2,
+                              count_stddev=1.0, seed=9)
+
+    def next_log_clip(norms):
+        agg = jk.Aggregator(x, dp, base=x)
+        for j, v in enumerate(norms):
+            agg.fold({"w": np.full(4, v / 2)}, party=j)  # (norm v: 4 elements of v / 2)
+        agg.finalize()
+        return math.log(agg.state.scalars["clip_norm"])
+
+    small, large = next_log_clip([0.5, 0.5, 0.5, 0.5]), next_log_clip([0.5, 0.5, 3.0, 3.0])  # 4 and 2 unclipped
+    assert not math.isclose(small - large, -0.2 * (4 - 2) / 4, rel_tol=0, abs_tol=1e-12)
+    assert next_log_clip([0.5, 0.5, 0.5, 0.5]) == small == next_log_clip([0.5, 0.25, 0.5, 0.5])
+
 
 
 def test_adaptive_clipping_survives_a_count_noise_far_above_the_sample_and_closes_its_round_once():
@@ -855,7 +828,8 @@ def test_reddi_adam_starts_its_second_moment_at_tau_squared():
 
 def test_adaptive_clipping_follows_the_papers_count_update():
     """b~ = (sum_j [||d_j|| <= C] + N(0, sigma_b^2)) / m with m = num_sampled (not the parties folded), the count's
-    noise keyed by (seed, round, COUNT_LEAF, 0), and an update whose norm equals C counted as unclipped."""
+    noise keyed by (its key, round, COUNT_LEAF, 0), the key the count's with what makes it the next norm
+    (DPAdaptiveClipping.close), and an update whose norm equals C counted as unclipped."""
     from jitkernels import noise
 
     base = {"w": np.zeros(4, np.float32)}
@@ -865,7 +839,8 @@ def test_adaptive_clipping_follows_the_papers_count_update():
     for j, v in enumerate((0.1, 0.2)):  # 2 of the 4 sampled report, both unclipped
         agg.fold({"w": np.array([v, 0, 0, 0], np.float32)}, party=j)
     agg.finalize()
-    z = noise.gaussian(7, 0, A.COUNT_LEAF, 0, 1)[0]
+    key = noise.aggregate_key(7, 0, [np.array([2.0, 0.5, 4, 1.0, 0.2, 0.5])])
+    z = noise.gaussian(key, 0, A.COUNT_LEAF, 0, 1)[0]
     assert agg.state.scalars["clip_norm"] == pytest.approx(math.exp(-0.2 * ((2 + 0.5 * z) / 4 - 0.5)), rel=1e-12)
     alg = A.DPAdaptiveClipping(noise_multiplier=0.0, num_sampled=2, initial_clip_norm=0.5, count_stddev=0.0,
                                clip_norm_lr=0.2, target_quantile=0.5)

@@ -826,8 +826,8 @@ def test_round_numbers_and_parties_of_the_wrong_type_are_refused_by_name():
 
 
 def test_a_dp_job_run_again_in_the_same_process_replays_its_noise():
-    """A scheduler gives its aggregators a copy of the job's DP algorithm: a second scheduler (a recovery in the same
-    process) replays round 0 with the same noise, where the shared instance refused to noise round 0 twice."""
+    """A second scheduler (a recovery in the same process) replays round 0 with the same noise: the same aggregate,
+    the same release."""
     dp = jk.algorithms.DPFixedClipping(jk.algorithms.FedAvg(), clip_norm=1.0, noise_multiplier=0.5, seed=3)
     job = Job("j", template=W4, parties=["a"], quorum=1, rounds=1, algorithm=dp)
     outs = []
@@ -840,6 +840,24 @@ def test_a_dp_job_run_again_in_the_same_process_replays_its_noise():
         outs.append(s.result("j", 0).result(timeout=0)["w"])
         s.close()
     assert outs[0].tobytes() == outs[1].tobytes() and not np.array_equal(outs[0], np.ones(4, np.float32))
+
+
+def test_two_jobs_given_one_dp_instance_noise_their_rounds_apart():
+    """Two jobs given one DP algorithm instance (its seed drawn from os.urandom) released round 0 with the same
+    noise, each aggregator holding its own copy of the instance, with no record of the other's rounds: the
+    difference of the two models gave the difference of the two jobs' sums exactly. Noise is keyed by the
+    aggregate: the two rounds draw their own."""
+    dp = jk.algorithms.DPFixedClipping(jk.algorithms.FedAvg(), clip_norm=10.0, noise_multiplier=0.5)
+    clk = VirtualClock()
+    s = JITScheduler("eager", slots=2, clock=clk)
+    for j in ("j1", "j2"):
+        s.add_job(Job(j, template=W4, parties=["a"], quorum=1, rounds=1, algorithm=dp))
+    s.submit("j1", 0, "a", _ones())
+    s.submit("j2", 0, "a", {"w": np.full(4, 3, np.float32)})
+    clk.run()
+    r1, r2 = (s.result(j, 0).result(timeout=0)["w"] for j in ("j1", "j2"))
+    s.close()
+    assert not np.allclose(r2 - r1, 2.0, rtol=0, atol=1e-6)
 
 
 def test_a_job_without_a_round_count_ends_when_its_parties_fall_below_its_quorum():
