@@ -695,14 +695,24 @@ def test_a_refused_result_is_left_out_not_the_round(name, caplog):
     aggregate_fit, and with it Flower's server loop, where Flower's own median and Krum had sorted it out: as
     Flower's server leaves out a client that failed, the refused result is logged and left out (accept_failures=True,
     Flower's default), and the round aggregates the others, its metrics theirs; with accept_failures=False it is
-    raised, naming the result. Refusals that are not one result's own (the accumulator's headroom) are raised."""
+    raised, naming the result. Refusals that are not one result's own (the accumulator's headroom) are raised.
+    Review of 2026-11-28: bytes that are no numpy array (a truncated .npy, another tensor_type) failed the round
+    even with accept_failures=True; a round whose every result was left out called the metrics function with no
+    results (a weighted mean divided by zero); and results that all disagreed with the model's layout (a model
+    changed between rounds) were all left out, round after round, with a warning each: that is raised."""
     import logging
+
+    from flwr.common import Parameters
 
     rng = np.random.default_rng(3)
     x0 = _model(rng)
     kw = {"Krum": {"num_malicious_clients": 1, "num_clients_to_keep": 0},
           "FedAdam": {"initial_parameters": ndarrays_to_parameters([np.zeros_like(a) for a in x0])}}.get(name, {})
-    metrics = {"fit_metrics_aggregation_fn": lambda ms: {"n": sum(n for n, _ in ms)}}
+
+    def count(ms):
+        assert ms, "the metrics function was called with no results"
+        return {"n": sum(n for n, _ in ms)}
+    metrics = {"fit_metrics_aggregation_fn": count}
     good = [(_Proxy(f"c{j}"), _fit_res([a + 0.1 * rng.standard_normal(a.shape).astype(a.dtype) for a in x0], 10,
                                        {"loss": 1.0})) for j in range(4)]
 
@@ -710,9 +720,18 @@ def test_a_refused_result_is_left_out_not_the_round(name, caplog):
         strategy = getattr(jkfl, name)(**kw, **metrics)
         strategy.aggregate_fit(1, good, [])
         return strategy
-    for bad_arrays in ([np.full_like(a, np.inf) for a in x0], [np.full_like(a, np.nan) for a in x0],
-                       [np.ones((7, 7), np.float32)] + x0[1:]):
-        results = good[:2] + [(_Proxy("evil"), _fit_res(bad_arrays, 10))] + good[2:]
+
+    def bytes_of(arrays, cut=0, tensor_type="numpy.ndarray"):
+        tensors = ndarrays_to_parameters(arrays).tensors
+        return Parameters(tensors=[tensors[0][:len(tensors[0]) - cut]] + tensors[1:], tensor_type=tensor_type)
+    bad_results = [_fit_res(a, 10) for a in ([np.full_like(a, np.inf) for a in x0],
+                                             [np.full_like(a, np.nan) for a in x0],
+                                             [np.ones((7, 7), np.float32)] + x0[1:])]
+    for params in (bytes_of(x0, cut=8), bytes_of(x0, tensor_type="torch")):
+        bad_results.append(_fit_res(x0, 10))
+        bad_results[-1].parameters = params
+    for bad in bad_results:
+        results = good[:2] + [(_Proxy("evil"), bad)] + good[2:]
         with caplog.at_level(logging.WARNING, logger="jitkernels.integrations.flower"):
             got, got_metrics = fitted().aggregate_fit(2, results, [])
         assert any("'evil' is left out" in r.message for r in caplog.records)
@@ -726,7 +745,10 @@ def test_a_refused_result_is_left_out_not_the_round(name, caplog):
         with pytest.raises(jk.AggregationError, match="party 'evil'"):
             strict.aggregate_fit(2, results, [])
     only_bad = [(_Proxy("evil"), _fit_res([np.full_like(a, np.nan) for a in x0], 10))]
-    assert fitted().aggregate_fit(2, only_bad, [])[0] is None
+    assert fitted().aggregate_fit(2, only_bad, []) == (None, {})
+    reshaped = [(_Proxy(f"c{j}"), _fit_res([np.ones((7, 7), np.float32)] + x0[1:], 10)) for j in range(3)]
+    with pytest.raises(jk.LayoutMismatch, match="party 'c0'"):
+        fitted().aggregate_fit(2, reshaped, [])
     if name == "FedAvg":  # the float32 accumulator's headroom: the others' fault as much as any one's
         big = [(_Proxy(f"b{j}"), _fit_res([np.full(2, 1e33, np.float32)], 10)) for j in range(3)]
         with pytest.raises(jk.ValueOutOfRange, match="headroom"):

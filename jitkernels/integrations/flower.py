@@ -227,6 +227,19 @@ def _distinct_ids(ids) -> bool:
     return len(set(ids)) == len(ids)
 
 
+def _or_refusal(read, *args, party):
+    """``read(*args, party=party)``, or the LayoutMismatch it raised: a result whose bytes are no array of ours is
+    refused, and the others are still read (:meth:`_Runner.without_refused` decides)."""
+    try:
+        return read(*args, party=party)
+    except LayoutMismatch as e:
+        return e
+
+
+def _left_out(e) -> None:
+    log.warning("jitkernels: the result of %r is left out of the round: %s: %s", e.party, type(e).__name__, e)
+
+
 def _most_common_layout(views, kept) -> int:
     """The result among ``kept`` whose arrays' shapes and dtypes most results share (the first such on a tie)."""
     sigs = [tuple((v.shape, v.dtype.str) for v in views[j]) for j in kept]
@@ -398,33 +411,46 @@ class _Runner:
 
         cids = [getattr(cp, "cid", None) for cp, _ in results]
         parties = cids if _distinct_ids(cids) else [f"result-{i}" for i in range(len(results))]
-        views = [ndarrays_from_parameters(fr.parameters, party=p) for (_, fr), p in zip(results, parties)]
+        views = [_or_refusal(ndarrays_from_parameters, fr.parameters, party=p) for (_, fr), p in zip(results, parties)]
         out = self.without_refused(views, [fr.num_examples for _, fr in results], parties, base, server_round,
                                    restart=restart, drop=drop)
         return None if out is None else Parameters(tensors=out[0], tensor_type="numpy.ndarray")
 
-    def without_refused(self, views, weights, parties, base=None, server_round=None, restart=False, drop=True):
-        """:meth:`fold_and_finalize` of the results but those refused for what they are themselves: NaN or inf
-        (``NonFiniteUpdate``), a bad ``num_examples`` (``InvalidWeight``), and, once the layout is fixed (by a base,
-        or by an earlier round), a shape, dtype or array the model lacks (``LayoutMismatch``). Each is logged and left
-        out, as Flower's server leaves out a client that failed, and the others are aggregated (one bad client failed
-        the round, and with it a Flower run, where Flower's median and Krum had sorted it out); ``kept`` lists the
-        results aggregated. Refusals that depend on the others or on the model (the accumulator's headroom, a weight
-        ratio, a value past the model's dtype, a layout still being fixed) are raised, naming the result, as is any
-        refusal with ``drop=False`` (a strategy with ``accept_failures=False``)."""
-        self.kept = list(range(len(parties)))
+    def without_refused(self, views, weights, parties, base=None, server_round=None, names=None, restart=False,
+                        drop=True):
+        """:meth:`fold_and_finalize` of the results but those refused for what they are themselves: bytes that are
+        no array of ours (a view that is the ``LayoutMismatch`` its reading raised: a truncated ``.npy``, another
+        serialization), NaN or inf (``NonFiniteUpdate``), a bad ``num_examples`` (``InvalidWeight``), and, once the
+        layout is fixed (by a base, or by an earlier round), a shape, dtype or array the model lacks
+        (``LayoutMismatch``). Each is logged and left out, as Flower's server leaves out a client that failed, and
+        the others are aggregated (one bad client failed the round, and with it a Flower run, where Flower's median
+        and Krum had sorted it out); ``kept`` lists the results aggregated, and None comes back where none is
+        (Flower's "no results"), unless every refusal was a layout's: results that all disagree with the model are
+        no client's fault (a model changed between rounds), and the first is raised. Refusals that depend on the
+        others or on the model (the accumulator's headroom, a weight ratio, a value past the model's dtype, a layout
+        still being fixed) are raised, naming the result, as is any refusal with ``drop=False`` (a strategy with
+        ``accept_failures=False``)."""
+        refused = [v for v in views if isinstance(v, LayoutMismatch)]
+        if refused and not drop:
+            raise refused[0]
+        for e in refused:
+            _left_out(e)
+        self.kept = [j for j, v in enumerate(views) if not isinstance(v, LayoutMismatch)]
         while self.kept:
             fixed = self.agg is not None or base is not None
             try:
                 return self.fold_and_finalize([views[j] for j in self.kept], [weights[j] for j in self.kept],
-                                              [parties[j] for j in self.kept], base, server_round, restart=restart)
+                                              [parties[j] for j in self.kept], base, server_round, names=names,
+                                              restart=restart)
             except (NonFiniteUpdate, InvalidWeight, LayoutMismatch) as e:
                 bad = [j for j in self.kept if parties[j] == e.party]
                 if not drop or not bad or isinstance(e, LayoutMismatch) and not fixed:
                     raise
-                log.warning("jitkernels: the result of %r is left out of the round: %s: %s", e.party,
-                            type(e).__name__, e)
+                _left_out(e)
+                refused.append(e)
                 self.kept.remove(bad[0])
+        if refused and all(isinstance(e, LayoutMismatch) for e in refused):
+            raise refused[0]
         return None
 
     def kept_of(self, results) -> list:
@@ -441,9 +467,10 @@ class _Runner:
             return [f"reply-{i}" for i in range(len(replies))]
         return [f"node-{n}" for n in nodes]
 
-    def aggregate_records(self, replies, weight_key, base=None, server_round=None):
+    def aggregate_records(self, replies, weight_key, base=None, server_round=None, drop=True):
         """Flower's Message API: the replies (one ArrayRecord and one MetricRecord each in their content, as
-        Flower's strategies check) in, an ArrayRecord of the aggregate out (its Arrays' data are the new bytes).
+        Flower's strategies check) in, an ArrayRecord of the aggregate out (its Arrays' data are the new bytes), or
+        None where no reply is kept (``drop``: see :meth:`without_refused`).
         Arrays are matched by name (a reply may list its keys in another order than the first round's); the result
         lists them as Flower's do: in ``base``'s order where given, else in this round's first reply's."""
         from flwr.app import Array, ArrayRecord
@@ -462,20 +489,21 @@ class _Runner:
                 raise LayoutMismatch(f"missing from {what}" if missing else f"in {what} only",
                                      leaf=(missing or extra)[0], party=party)
 
-        views = []
-        for rec, p in zip(records, parties):
-            same_names(rec, p, "the reply")
+        def read(rec, party):
+            same_names(rec, party, "the reply")
             for n in names:
                 if rec[n].stype != "numpy.ndarray":
-                    raise LayoutMismatch(f"serialization {rec[n].stype!r}; expected 'numpy.ndarray'", leaf=n, party=p)
-            views.append([ndarray_view(rec[n].data, party=p, index=n) for n in names])
+                    raise LayoutMismatch(f"serialization {rec[n].stype!r}; expected 'numpy.ndarray'", leaf=n,
+                                         party=party)
+            return [ndarray_view(rec[n].data, party=party, index=n) for n in names]
+
+        views = [_or_refusal(read, rec, party=p) for rec, p in zip(records, parties)]
         if base is not None:  # the model the step moves, as Flower refuses it (an array only there was dropped)
             same_names(base, "<base>", "the strategy's current_arrays")
         # set first: a first round whose finalize raises keeps its aggregator, whose layout has these names
         self.names, self.last_parties = names, parties
-        out = self.fold_and_finalize(views, weights, parties,
-                                     None if base is None else [np.array(base[n]) for n in names], server_round,
-                                     names=names)
+        out = self.without_refused(views, weights, parties, None if base is None else [np.array(base[n]) for n in names],
+                                   server_round, names=names, drop=drop)
         if out is None:
             return None
         arrays = {n: Array(dtype=str(a.dtype), shape=tuple(a.shape), stype="numpy.ndarray", data=t)
@@ -524,7 +552,10 @@ def _message_krum(strategy):
 
 
 def _metrics(strategy, server_round, results):
-    """Fit metrics, aggregated as Flower's FedAvg does."""
+    """Fit metrics, aggregated as Flower's FedAvg does (none where no result was kept: Flower's function is never
+    called with no results)."""
+    if not results:
+        return {}
     if strategy.fit_metrics_aggregation_fn:
         return strategy.fit_metrics_aggregation_fn([(res.num_examples, res.metrics) for _, res in results])
     if server_round == 1:
@@ -613,6 +644,31 @@ def _strategies():
             "Krum": _robust(fl.Krum, _krum)}
 
 
+def _message_runner(strategy, make, backend, accept_failures) -> None:
+    """A Message API strategy's _Runner, and its ``accept_failures`` (which Flower's Message strategies lack: they
+    leave out replies that carry an error, and ours leave out, as well, replies that cannot be aggregated for what
+    they are themselves, see :meth:`_Runner.without_refused`; False raises those)."""
+    strategy._jk = _Runner(functools.partial(make, strategy), backend)
+    strategy.accept_failures = A.flag("accept_failures", accept_failures)
+
+
+def _train(strategy, server_round, replies, base=lambda: None, selected=None):
+    """``aggregate_train``'s body: Flower's checks of the replies (those with errors left out; inconsistent ones
+    raise), the model they step from (``base()``, asked for only where some reply is valid, as Flower's do), our
+    aggregate of the replies kept, and their metrics (``selected(strategy, contents)``: those whose metrics are
+    aggregated, by default those kept). (None, None) where no reply is kept."""
+    valid, _ = strategy._check_and_log_replies(replies, is_train=True)
+    if not valid:
+        return None, None
+    contents = [msg.content for msg in valid]
+    arrays = strategy._jk.aggregate_records(valid, strategy.weighted_by_key, base=base(), server_round=server_round,
+                                            drop=strategy.accept_failures)
+    if arrays is None:
+        return None, None
+    chosen = strategy._jk.kept_of(contents) if selected is None else selected(strategy, contents)
+    return arrays, strategy.train_metrics_aggr_fn(chosen, strategy.weighted_by_key)
+
+
 def _message_strategies():
     """Strategies of Flower's Message API (``flwr.serverapp.strategy``): the same aggregation behind
     ``aggregate_train``."""
@@ -620,22 +676,16 @@ def _message_strategies():
 
     def _train_rule(flower_cls, make, doc, selected=None):
         """A strategy whose aggregate_train is our Aggregator with ``make(strategy)``'s algorithm;
-        ``selected(strategy, contents)``: the replies whose metrics are aggregated (default: all of them)."""
+        ``selected(strategy, contents)``: the replies whose metrics are aggregated (default: those kept)."""
         class Strategy(flower_cls):
             __doc__ = doc
 
-            def __init__(self, *args, backend: str = "auto", **kwargs):
+            def __init__(self, *args, backend: str = "auto", accept_failures: bool = True, **kwargs):
                 super().__init__(*args, **kwargs)
-                self._jk = _Runner(functools.partial(make, self), backend)
+                _message_runner(self, make, backend, accept_failures)
 
             def aggregate_train(self, server_round, replies):
-                valid, _ = self._check_and_log_replies(replies, is_train=True)
-                if not valid:
-                    return None, None
-                contents = [msg.content for msg in valid]
-                arrays = self._jk.aggregate_records(valid, self.weighted_by_key)
-                chosen = contents if selected is None else selected(self, contents)
-                return arrays, self.train_metrics_aggr_fn(chosen, self.weighted_by_key)
+                return _train(self, None, replies, selected=selected)
 
         Strategy.__name__ = "Message" + flower_cls.__name__
         return Strategy
@@ -648,22 +698,18 @@ def _message_strategies():
             __doc__ = (f"``flwr.serverapp.strategy.{flower_cls.__name__}`` with ``aggregate_train`` by jitkernels "
                        f"(``variant='flower'`` of jitkernels.algorithms.{ours.__name__}: one fused finalize pass).")
 
-            def __init__(self, *args, backend: str = "auto", **kwargs):
+            def __init__(self, *args, backend: str = "auto", accept_failures: bool = True, **kwargs):
                 super().__init__(*args, **kwargs)
-                self._jk = _Runner(functools.partial(_flower_optimizer, self, ours), backend)
+                _message_runner(self, functools.partial(_flower_optimizer, ours=ours), backend, accept_failures)
 
             def aggregate_train(self, server_round, replies):
-                valid, _ = self._check_and_log_replies(replies, is_train=True)
-                if not valid:
-                    return None, None
-                if self.current_arrays is None:
-                    raise ValueError("Current arrays not set. Ensure that `configure_train` has been called before "
-                                     "aggregation.")
-                contents = [msg.content for msg in valid]
-                # Flower steps from current_arrays, which configure_train sets each round to the arrays it sends
-                return (self._jk.aggregate_records(valid, self.weighted_by_key, base=self.current_arrays,
-                                                   server_round=server_round),
-                        self.train_metrics_aggr_fn(contents, self.weighted_by_key))
+                def base():  # Flower steps from current_arrays, which configure_train sets each round to those sent
+                    if self.current_arrays is None:
+                        raise ValueError("Current arrays not set. Ensure that `configure_train` has been called "
+                                         "before aggregation.")
+                    return self.current_arrays
+
+                return _train(self, server_round, replies, base)
 
         Strategy.__name__ = "Message" + flower_cls.__name__
         return Strategy
@@ -677,26 +723,24 @@ def _message_strategies():
         """``flwr.serverapp.strategy.FedAvgM`` with ``aggregate_train`` by jitkernels: server momentum on the folded
         average delta in one fused pass (plain FedAvg when lr is 1 and momentum 0, as Flower)."""
 
-        def __init__(self, *args, backend: str = "auto", **kwargs):
+        def __init__(self, *args, backend: str = "auto", accept_failures: bool = True, **kwargs):
             super().__init__(*args, **kwargs)
-            self._jk = _Runner(functools.partial(_fedavgm, self), backend)
+            _message_runner(self, _fedavgm, backend, accept_failures)
 
         def aggregate_train(self, server_round, replies):
-            valid, _ = self._check_and_log_replies(replies, is_train=True)
-            if not valid:
-                return None, None
-            contents = [msg.content for msg in valid]
-            base = None
-            if self.server_opt:
+            def base():
+                if not self.server_opt:
+                    return None
                 if self.current_arrays is None:
                     raise ValueError("No initial parameters set for FedAvgM. Ensure that `configure_train` has been "
                                      "called before aggregation.")
                 # Flower steps from current_arrays each round (configure_train sets it once, each step after)
-                base = {k: a.numpy() for k, a in self.current_arrays.items()}
-            arrays = self._jk.aggregate_records(valid, self.weighted_by_key, base=base)
+                return {k: a.numpy() for k, a in self.current_arrays.items()}
+
+            arrays, metrics = _train(self, None, replies, base)
             if self.server_opt and arrays is not None:
                 self.current_arrays = arrays
-            return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+            return arrays, metrics
 
     def _krum_rule(flower_cls):
         def kept(st, contents):  # the replies Krum kept, by increasing score (Flower's order)
