@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -28,6 +29,8 @@ COLUMNS = [("policy", "policy", "{}"), ("aggregator_s", "aggr-s", "{:,.0f}"), ("
 
 
 def _progress(desc_total):
+    """The run's progress callback (``bars``: its tqdm bars, by policy); its ``close()`` closes the bars a run that
+    stopped left open (an error printed after them was drawn into them)."""
     try:
         from tqdm import tqdm
     except ImportError:  # progress is a nicety: print dots instead
@@ -47,6 +50,8 @@ def _progress(desc_total):
         if done == total:
             bar.close()
 
+    update.bars = bars
+    update.close = lambda: [bar.close() for bar in bars.values()]
     return update
 
 
@@ -179,8 +184,10 @@ def _workload(args) -> Workload:
 
 
 def _file_name(name: str) -> str:
-    """A workload's name as part of a file name (a "/" in it named a folder that was not there)."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "workload"
+    """A workload's name as part of a file name (a "/" in it named a folder that was not there); a long one cut to
+    80 characters and a hash of the whole (a 300-character name failed to write after the run)."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "workload"
+    return safe if len(safe) <= 100 else f"{safe[:80]}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
 
 
 def cmd_simulate(args) -> int:
@@ -193,17 +200,25 @@ def cmd_simulate(args) -> int:
         raise SystemExit(f"jitagg simulate: --policies takes some of {', '.join(POLICIES)}; got {args.policies!r}")
     print(f"workload {wl.name}: {sum(s.count for s in wl.jobs)} jobs, slots {wl.slots}, start-up {wl.startup_s}s, "
           f"alpha {wl.alpha}, seed {wl.seed}", file=sys.stderr)
+    progress = _progress(wl.name)
     try:
-        out = compare(wl, policies, real=args.real, progress=_progress(wl.name))
+        out = compare(wl, policies, real=args.real, progress=progress)
     except ValueError as e:  # a run that cannot be compared (rounds that stall or all fail): one line, as _workload's
         raise SystemExit(f"jitagg simulate: {e}") from None
+    finally:
+        progress.close()
     print(f"\n{wl.name}: rho = aggregation work / round time = {out['rho']:.5f}")
     print(_table(out["policies"]))
-    failed = {p: row["unreachable_rounds"] for p, row in out["policies"].items() if row["unreachable_rounds"]}
+    rows, total = out["policies"], sum(s.count * s.rounds for s in wl.jobs)
+    failed = {p: row["rounds_without_model"] for p, row in rows.items() if row["rounds_without_model"]}
     if failed:  # (figures over the rounds that made a model: "misses 0" sat beside 9 of 10 rounds failed)
-        total = sum(s.count * s.rounds for s in wl.jobs)
-        print("rounds that made no model (quorum unreachable), of " + f"{total}: "
-              + ", ".join(f"{p} {n}" for p, n in failed.items()) + "; the figures are over the others")
+        print(f"rounds that made no model, of {total}: " + ", ".join(f"{p} {n}" for p, n in failed.items())
+              + "; the figures are over the others")
+    partial = {p: row["unreachable_rounds"] - row["rounds_without_model"] for p, row in rows.items()
+               if row["unreachable_rounds"] > row["rounds_without_model"]}
+    if partial:  # (they were counted as rounds without a model: 6 of 8 had one, in the table)
+        print(f"rounds whose quorum became unreachable, finalized with the updates that came, of {total}: "
+              + ", ".join(f"{p} {n}" for p, n in partial.items()))
     j = out["policies"].get("jit", {})
     if "capture_of_lazy_saving" in j:
         print(f"\njit captures {j['capture_of_lazy_saving']:.1%} of lazy's saving over eager "

@@ -143,7 +143,9 @@ class Workload:
             raise ValueError(f"job name {bad!r} is not a string")
         if len(set(names)) < len(names):
             raise ValueError(f"job names must be unique, got {names}")
-        self.cost_model()  # its own checks: a cost entry for the backend, throughputs > 0, start-up >= 0
+        cm = self.cost_model()  # its own checks: a cost entry for the backend, throughputs > 0, start-up >= 0
+        if not cm.startup_s <= MAX_RESPONSE_S:  # (1e308 ran, and the run failed on a NaN response time)
+            raise ValueError(f"startup_s = {shown(cm.startup_s)} is past the {MAX_RESPONSE_S:.0e} s a run can time")
         for j in self.jobs:
             for name in ("count", "parties", "rounds", "model_params", "bytes_per_param", "priority"):
                 v = getattr(j, name)
@@ -171,6 +173,8 @@ class Workload:
             # keys that describe intermittent parties, where the job has none (or windows of no length): the run
             # was the default's, and said nothing
             for name, unused, why in (("availability", j.availability < 1 and j.intermittent == 0, "intermittent = 0"),
+                                      ("intermittent", j.intermittent > 0 and j.availability == 1 and j.window_s == 0,
+                                       "availability = 1 and window_s = 0"),
                                       ("window_s", j.window_s > 0 and (j.intermittent == 0 or j.window_open == 1),
                                        "intermittent = 0" if j.intermittent == 0 else "window_open = 1"),
                                       ("window_open", j.window_open < 1 and (j.intermittent == 0 or j.window_s == 0),
@@ -178,6 +182,11 @@ class Workload:
                 if unused:
                     raise ValueError(f"job {j.name!r}: {name} = {shown(getattr(j, name))} applies to intermittent "
                                      f"parties' availability, and {why}: it would change nothing")
+            work = cm.fold_s(j.model_params * j.bytes_per_param * j.parties, j.parties, j.model_params) \
+                + cm.finalize_s(j.model_params)
+            if not work <= MAX_RESPONSE_S:  # (a call_s of 1e308 or a throughput of 5e-324: NaN response times)
+                raise ValueError(f"job {j.name!r}: a round's aggregation takes {work:.3g} s by [cost.{self.backend}] "
+                                 f"(throughput_Bps, call_s), past the {MAX_RESPONSE_S:.0e} s a run can time")
             if self.byte_budget is not None and j.model_params * j.bytes_per_param > self.byte_budget:
                 raise ValueError(f"job {j.name!r}: one update ({j.model_params * j.bytes_per_param} bytes) is larger "
                                  f"than byte_budget = {self.byte_budget}")
@@ -192,9 +201,10 @@ class Workload:
 
     def use_cost(self, cm: CostModel) -> "Workload":
         """Take the kernel figures of a calibrated cost model (``jitagg calibrate``'s file: its backends and which one
-        runs); the deployment start-up stays the workload's (a platform's, not a kernel's). Returns self."""
+        runs); the deployment start-up and the accumulator's bytes per element stay the workload's (a platform's and
+        the jobs', not a kernel's: a workload's 16, deterministic mode, ran as the file's 4). Returns self."""
         self.cost = {k: dataclasses.asdict(v) for k, v in cm.backends.items()}
-        self.backend, self.acc_itemsize = cm.backend, cm.acc_itemsize
+        self.backend = cm.backend
         self.check()
         return self
 
@@ -302,7 +312,8 @@ class PolicyResult:
         return {"policy": self.policy, "aggregator_s": self.deployed_s, "busy_s": self.busy_s,
                 "latency_p50_s": float(np.percentile(lat, 50)), "latency_p95_s": float(np.percentile(lat, 95)),
                 "latency_p99_s": float(np.percentile(lat, 99)), "deadline_misses": self.misses,
-                "unreachable_rounds": self.unreachable, "rounds": self.rounds, "peak_buffered_bytes": self.peak_bytes,
+                "unreachable_rounds": self.unreachable, "rounds_without_model": self.ended - len(self.latencies),
+                "rounds": self.rounds, "peak_buffered_bytes": self.peak_bytes,
                 "makespan_s": self.makespan_s, "events": self.events,
                 "events_per_s": self.events / max(self.wall_s, 1e-9),
                 "wall_s": self.wall_s, "real_busy_s": self.real_busy_s, "model_busy_s": self.model_busy_s}

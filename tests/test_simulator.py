@@ -610,3 +610,70 @@ def test_jitagg_simulate_says_how_many_rounds_made_no_model(tmp_path, capsys):
     assert cli.main(["simulate", "--config", str(path), "--out", str(tmp_path)]) == 0
     line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("rounds that made no model"))
     assert "of 10: eager " in line and "the figures are over the others" in line
+
+
+def test_jitagg_simulate_tells_rounds_finalized_partial_from_rounds_without_a_model(tmp_path, capsys):
+    """The simulator's jobs finalize what came when a quorum becomes unreachable (a deadline): the line counted
+    every such round as one that made no model (all 8, where 6 had one and were in the table's figures)."""
+    path = tmp_path / "w.toml"
+    path.write_text('name = "tiny"\nseed = 5\nslots = 2\nstartup_s = 5.0\n[cost.cpu]\nthroughput_Bps = 2.0e10\n'
+                    'call_s = 5e-5\n[[jobs]]\nname = "a"\ncount = 2\nmodel_params = 100_000\nparties = 5\n'
+                    'quorum = 0.6\nrounds = 4\ndeadline_s = 45.0\nintermittent = 0.6\navailability = 0.4\n'
+                    'response_s = 60.0\njitter_cv = 0.2\nparty_spread = 0.3\n')
+    assert cli.main(["simulate", "--config", str(path), "--out", str(tmp_path), "--policies", "eager"]) == 0
+    rows = json.loads((tmp_path / "simulate_tiny.json").read_text())["policies"]["eager"]
+    lines = capsys.readouterr().out.splitlines()
+    none, partial = rows["rounds_without_model"], rows["unreachable_rounds"] - rows["rounds_without_model"]
+    assert partial > 0 and none > 0  # (2 and 6 on this seed)
+    assert f"rounds that made no model, of 8: eager {none};" in "\n".join(lines)
+    assert f"finalized with the updates that came, of 8: eager {partial}" in "\n".join(lines)
+
+
+def test_workload_keys_a_run_cannot_use_are_refused_by_name(tmp_path, capsys, monkeypatch):
+    """Review of the jitagg command (2026-11-28): a start-up or a round's aggregation past what a run can time
+    (startup_s = 1e308, call_s = 1e308, a throughput of 5e-324) failed inside the run with "response time must be
+    finite, got nan", naming no key; intermittent parties that are always available and keep no windows changed
+    nothing, unsaid (the mirror case was refused); --cost replaced the workload's acc_itemsize (deterministic mode's
+    16 ran as the file's 4); a 300-character name failed to write its files after the whole run; and a run that
+    stopped drew its error into the progress bars it left open."""
+    from scheduler.cost import BackendCost, CostModel
+
+    def refused(text, match):
+        path = tmp_path / "w.toml"
+        path.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            Workload.from_toml(path).check()
+    refused(SMALL.replace("startup_s = 5.0", "startup_s = 1e308"), r"startup_s = 1e\+308 is past")
+    refused(SMALL.replace("call_s = 0.0", "call_s = 1e308"), r"job 'a': a round's aggregation takes .* \[cost.cpu\]")
+    refused(SMALL.replace("throughput_Bps = 1.0e9", "throughput_Bps = 5e-324"), r"job 'a': a round's aggregation")
+    refused(SMALL.replace("availability = 0.8\n", ""), "intermittent = 0.5 applies .* availability = 1 and window_s")
+    wl = Workload.from_toml(_written(tmp_path, SMALL.replace('name = "tiny"', 'name = "tiny"\nacc_itemsize = 16')))
+    wl.use_cost(CostModel(backends={"cpu": BackendCost(2e9)}))
+    assert wl.acc_itemsize == 16 and wl.cost["cpu"]["throughput_Bps"] == 2e9
+    long = "x" * 300
+    path = _written(tmp_path, SMALL.replace('name = "tiny"', f'name = "{long}"').replace("rounds = 6", "rounds = 2"))
+    assert cli.main(["simulate", "--config", str(path), "--out", str(tmp_path / "out"), "--policies", "eager"]) == 0
+    assert sorted(len(p.name) for p in (tmp_path / "out").iterdir()) == [106, 107]  # .png, .json
+
+    bars = []
+    real = cli._progress
+
+    def progress(desc):
+        update = real(desc)
+        bars.append(update)
+        return update
+
+    def stalled(wl, policies, real=False, progress=None):
+        progress("eager", 1, 8)
+        raise ValueError("rounds ended {'eager': 1} of 8")
+    monkeypatch.setattr(cli, "_progress", progress)
+    monkeypatch.setattr(cli, "compare", stalled)
+    with pytest.raises(SystemExit, match="rounds ended"):
+        cli.main(["simulate", "--config", str(path), "--out", str(tmp_path / "out")])
+    assert bars[0].bars and all(bar.disable for bar in bars[0].bars.values())
+
+
+def _written(tmp_path, text):
+    path = tmp_path / "w.toml"
+    path.write_text(text)
+    return path
