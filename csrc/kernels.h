@@ -154,12 +154,13 @@ static void for_blocks(const int64_t* off, const int64_t* ptr, int64_t k, const 
   }, done, min_sub);
 }
 
-// Prefetch the bytes of an update's next block (it is read after the other k - 1 updates' blocks): a compute-heavy
-// body (the deterministic fold) leaves the hardware prefetchers behind on k streams visited one block at a time
-// (in the fused admission it measured no gain). Past the end of a row the prefetch is harmless (it never faults).
-static inline void prefetch_next(int64_t p, int64_t pos, int64_t n, int64_t itemsize) {
-  const char* next = reinterpret_cast<const char*>(p) + (pos + n) * itemsize;
-  for (int64_t c = 0; c < n * itemsize; c += 64) __builtin_prefetch(next + c);
+// Prefetch the cache lines that start in [p + from, p + to) bytes (past the end of a row it is harmless: a prefetch
+// never faults). Called once per register block of the deterministic fold with the block's window some elements
+// ahead, so that each line of each stream is asked for once, a steady distance before its use.
+static inline void prefetch_lines(const void* p, int64_t from, int64_t to) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  for (uintptr_t line = (a + from + 63) & ~uintptr_t(63); line < a + to; line += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(line));
 }
 
 // One block of one update into the accumulator: a[i] = a[i] + w * x, x = A(u[i]) [- b[i]].
@@ -301,7 +302,12 @@ constexpr bin_i4 bin_one = {1, 1, 1, 1};  // jk::or_last_bit
 constexpr int BIN_VECS = 4;
 constexpr int64_t BIN_V = 4 * BIN_VECS;  // elements per register block
 constexpr int64_t BIN_GROUP = 16;        // updates per register pass: BIN_GROUP read streams, as batch.MANY_UPDATES
-constexpr int64_t BIN_PREFETCH = 4096;   // elements of each update prefetched one block ahead
+// Elements ahead at which each register block prefetches its streams' lines. The hardware prefetchers alone, or a
+// burst of 16 KB per update every 4096 elements (as before), left the pass 1.6x slower when the updates lay at like
+// offsets in huge pages (numpy's arrays past 4 MB, flat buffers split into leaves): 41-67 ms by where they were
+// placed, 27-29 ms with this steady per-line distance (25M x 10, 2 threads, a C++ model of this loop; 2048 bytes
+// ahead already lost ground, 4096 lost it all). Set in elements: each block takes the same number from every stream.
+constexpr int64_t BIN_AHEAD = 256;
 
 // Four f32 to f64 (exact). GCC lowers __builtin_convertvector(f4 -> d4) to two 128-bit conversions and an insert
 // even under AVX2, which cost the deterministic pass a sixth of its time (72 -> 60 ms at 25M x 10).
@@ -388,8 +394,12 @@ static void fold_binned_rows(double* hi, double* lo, const double* base, const i
       last = j0 == k;  // the batch's last group carries before it stores (the carry of every term in)
       int64_t i = 0;
       for (; i + BIN_V <= len; i += BIN_V) {
-        if (i % BIN_PREFETCH == 0)
-          for (int64_t q = 0; q < g; ++q) prefetch_next(reinterpret_cast<int64_t>(src[q].u), i, BIN_PREFETCH, isz);
+        for (int64_t q = 0; q < g; ++q) prefetch_lines(src[q].u, (i + BIN_AHEAD) * isz, (i + BIN_AHEAD + BIN_V) * isz);
+        if (load) {
+          prefetch_lines(h, (i + BIN_AHEAD) * 8, (i + BIN_AHEAD + BIN_V) * 8);
+          prefetch_lines(l, (i + BIN_AHEAD) * 8, (i + BIN_AHEAD + BIN_V) * 8);
+        }
+        if (Base) prefetch_lines(b, (i + BIN_AHEAD) * 8, (i + BIN_AHEAD + BIN_V) * 8);
         bin_d4 vh[BIN_VECS], vl[BIN_VECS], vb[BIN_VECS];
 #pragma GCC unroll 4
         for (int v = 0; v < BIN_VECS; ++v) {

@@ -572,13 +572,15 @@ def _dispatch_row(wl, backend, probe):
 
 
 def _deterministic_row(wl, backend, probe):
-    """``fold_many`` in deterministic mode: two float64 partial sums per element, read and written (32N bytes)."""
+    """``fold_many`` in deterministic mode: two float64 partial sums per element, read and written (32N bytes), or
+    on cpp written only (16N): the round's first batch goes into an empty state, whose zeros its kernel does not
+    read (:func:`jitkernels.backends.cpp.fold_binned`)."""
     agg, adm = prepare(wl, backend, "float32", deterministic=True)
 
     def clear():
         agg.reset(reuse=True)
 
-    nbytes = wl.update_bytes("float32") + 4 * wl.n * 8
+    nbytes = wl.update_bytes("float32") + (2 if backend == "cpp" else 4) * wl.n * 8
     return _measure(wl, DETERMINISTIC, backend, "float32", lambda: fold_many(agg, adm), probe, nbytes, clear)
 
 
@@ -757,7 +759,7 @@ LEGEND = """\
 ms: median time; reps: repetitions (each between two probes); probe: median read bandwidth (GB/s) of the probes
 around them; MB: bytes the method must move (fold_many, peers: k*N*itemsize + 8N; fold_many+finalize: k*N*4 + 20N,
 zeroing and finalize included; fold: k*(N*itemsize + 8N);
-admit_many: k*N*itemsize; int8 counts values and scales; deterministic: k*N*itemsize + 32N); roofl: (MB / probe) /
+admit_many: k*N*itemsize; int8 counts values and scales; deterministic: k*N*itemsize + 32N, or + 16N on cpp, which only writes an empty state's sums); roofl: (MB / probe) /
 ms, a ratio to a read probe, above 1 where writes or cache go faster than it (module docstring); us/call:
 time per fold call ("fold, 1 elem/leaf": a call's fixed cost, measured on the same layout shrunk to one element per
 leaf); +us/upd:
