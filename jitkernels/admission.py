@@ -476,6 +476,10 @@ def norm_scores(admitted) -> dict:
     inflating the spread, as it would a mean and standard deviation). {party: score}, in the batch's order. A large
     positive score flags an update far larger than the round's (a boosted or scaled one: clip or drop it before
     folding); with MAD 0 (half the norms equal) the others score +-inf. Moves no model bytes."""
+    bad = next((j for j, u in enumerate(admitted) if not isinstance(u, Admitted)), None)
+    if bad is not None:  # (a list of numbers failed on 'int' object has no attribute 'norm')
+        raise TypeError(f"norm_scores takes admitted updates (jk.admit, Aggregator.admit); item {bad} is a "
+                        f"{type(admitted[bad]).__name__}")
     norms = np.array([u.norm for u in admitted], np.float64)
     if norms.size == 0:
         return {}

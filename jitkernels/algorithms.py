@@ -779,6 +779,9 @@ def resolve(algorithm):
             raise ValueError(f"unknown algorithm {algorithm!r}; choose from {', '.join(_BY_NAME)}, fedmedian, "
                              f"fedtrimmedavg (or an instance)")
         return make()
+    if isinstance(algorithm, type):  # (the class's methods were called unbound: "params() missing 'self'")
+        raise TypeError(f"algorithm {algorithm.__name__} is a class; pass an instance, {algorithm.__name__}(...), or "
+                        f"a name")
     for hook in ("fold_weight", "mass", "divisor_scale", "check_info", "derived_info", "noise_std", "close",
                  "params"):
         if not hasattr(algorithm, hook):

@@ -135,6 +135,22 @@ def numpy_to_torch(a):
     return torch.from_numpy(a)
 
 
+def _block(block) -> int | None:
+    """A quantization block size: None (per tensor) or an integer > 0 (InvalidQuantized naming it else; True was a
+    block of 1)."""
+    if block is None:
+        return None
+    if isinstance(block, (bool, np.bool_)):
+        raise InvalidQuantized(f"Quantized: block must be an integer, got {block!r}")
+    try:
+        block = operator.index(block)
+    except TypeError:
+        raise InvalidQuantized(f"Quantized: block must be an integer, got {block!r}") from None
+    if block <= 0:
+        raise InvalidQuantized(f"Quantized: block must be > 0, got {block}")
+    return block
+
+
 @dataclass(frozen=True)
 class Quantized:
     """An int8-quantized leaf: ``value = values * scale[block]``, one scale per ``block`` flat elements.
@@ -188,20 +204,11 @@ class Quantized:
         if not aligned(s):  # (float32 scales viewed at an odd byte offset: the kernels read them typed)
             s = realigned(s)
         n = q.size
-        block = self.block
-        if isinstance(block, (bool, np.bool_)):  # (True was a block of 1)
-            raise InvalidQuantized(f"Quantized: block must be an integer, got {block!r}")
-        if block is not None:
-            try:
-                block = operator.index(block)
-            except TypeError:
-                raise InvalidQuantized(f"Quantized: block must be an integer, got {block!r}") from None
+        block = _block(self.block)
         if block is None or s.size == 1:
             block = max(n, 1)
             if s.size != 1:
                 raise InvalidQuantized(f"Quantized: {s.size} scales given without a block size")
-        if block <= 0:
-            raise InvalidQuantized(f"Quantized: block must be > 0, got {block}")
         need = -(-n // block) if n else 1
         if s.size != need:
             raise InvalidQuantized(f"Quantized: {n} values in blocks of {block} need {need} scales, got {s.size}")
@@ -242,6 +249,7 @@ class Quantized:
         """Symmetric int8 quantization of ``x`` (per tensor, or per ``block`` flat elements). Non-finite values (and
         float64 ones past float32's range) are refused with a ValueError: a NaN came out as a finite 0, with a scale
         of 1 for its block, and the corrupt update passed admission."""
+        block = _block(block)  # (2.5 failed inside numpy, naming no parameter)
         with np.errstate(over="ignore"):  # (a float64 value past float32's range: inf, refused below)
             x = np.asarray(x, dtype=np.float32)
         if not np.all(np.isfinite(x)):

@@ -155,6 +155,8 @@ def numba_available():
 # Argument checks (shared by every backend, so that all reject the same inputs with the same exception)
 
 def _uint(name: str, v, bits: int) -> int:
+    if isinstance(v, (bool, np.bool_)):  # (seed=True was the seed 1)
+        raise TypeError(f"{name} must be an integer, got {v!r}")
     try:
         v = operator.index(v)
     except TypeError:

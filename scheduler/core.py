@@ -586,6 +586,10 @@ class JITScheduler:
         self.checkpoint_bytes = checkpoint_bytes
         # a scheduler handed an executor runs on the executor's clock (both must be one event loop), and closes it
         # unless it was handed the clock too: RayExecutor(RealClock(), ...) inline left a clock thread per scheduler
+        missing = [m for m in ("now", "call_at") if not callable(getattr(clock, m, None))]
+        if clock is not None and missing:  # (clock="x" failed later on 'str' object has no attribute 'now')
+            raise TypeError(f"clock must be a clock (scheduler.RealClock, VirtualClock: now() and call_at()), got "
+                            f"{type(clock).__name__} without {missing[0]}()")
         self.clock = clock if clock is not None else executor.clock if executor is not None else RealClock()
         self._own_clock = clock is None  # closed with the scheduler (as a given executor is)
         self.executor = self.store = None

@@ -1980,3 +1980,27 @@ def test_an_accumulator_dtype_is_float32_or_float64_everywhere():
         with pytest.raises(ValueError, match="acc_dtype must be float32 or float64"):
             jk.Aggregator(t, acc_dtype=bad)
     assert jk.admit({"w": np.ones(4, np.float32)}, lay, acc_dtype=np.float64).weight == 1.0
+
+
+def test_the_error_audit_leftovers_name_what_is_wrong():
+    """Leftovers of the error-message audit of 2026-11-28: an algorithm class in place of an instance failed on
+    "params() missing 'self'", a clock that is no clock on "'str' object has no attribute 'now'", a float block
+    inside numpy, norm_scores of numbers on "'int' object has no attribute 'norm'", an unknown backend said
+    "unavailable: KeyError", and seed=True was the seed 1."""
+    from jitkernels import algorithms as A
+    from scheduler import JITScheduler
+
+    t = {"w": np.zeros(3, np.float32)}
+    with pytest.raises(TypeError, match=r"algorithm FedAvg is a class; pass an instance, FedAvg\(...\)"):
+        jk.Aggregator(t, A.FedAvg)
+    with pytest.raises(TypeError, match=r"clock must be a clock .* got str without now\(\)"):
+        JITScheduler(clock="x")
+    with pytest.raises(jk.InvalidQuantized, match="block must be an integer, got 2.5"):
+        jk.Quantized.quantize(np.ones(8, np.float32), block=2.5)
+    assert jk.Quantized.quantize(np.ones(8, np.float32), block=np.int64(4)).block == 4
+    with pytest.raises(TypeError, match="norm_scores takes admitted updates .* item 1 is a int"):
+        jk.norm_scores([jk.admit(t, jk.Layout.from_template(t)), 2])
+    with pytest.raises(jk.BackendUnavailable, match="no backend 'foo'; the backends are numpy, numba, cpp, cupy"):
+        jk.backends.get("foo")
+    with pytest.raises(TypeError, match="seed must be an integer, got True"):
+        A.DPFixedClipping(clip_norm=1.0, noise_multiplier=1.0, seed=True)

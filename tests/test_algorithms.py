@@ -3,7 +3,6 @@ element-wise), each algorithm against its equations written out in float64, roun
 save/load, and the typed errors of per-update values."""
 
 import math
-import pickle
 import shutil
 
 import ml_dtypes

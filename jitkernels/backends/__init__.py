@@ -52,6 +52,8 @@ def requested(name: str | None) -> str:
 
 def get(name: str):
     """The module of an explicitly named backend, or :class:`BackendUnavailable` with the reason."""
+    if name not in _MODULES:  # ("unavailable: KeyError: 'foo'" named no backend there is)
+        raise BackendUnavailable(f"no backend {name!r}; the backends are {', '.join(_MODULES)}")
     ok = _module_available(name)
     if ok is not True:
         raise BackendUnavailable(f"backend {name!r} unavailable: {ok}")
