@@ -7,6 +7,7 @@ Kernels may be called from several threads at once only under the ``omp`` or ``t
 
 from __future__ import annotations
 
+import functools
 import os
 
 try:
@@ -38,6 +39,21 @@ def _after_fork_in_child() -> None:
 
 if numba is not None and hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def keeps_threads(fn):
+    """``fn``, leaving numba's thread count as it found it: the kernels set it to jitkernels' count (capped at
+    numba's pool) for their parallel regions, and numba.set_num_threads is the calling thread's setting for every
+    later prange too, the user's own code included (it ran on the count of our last kernel)."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        old = numba.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if numba.get_num_threads() != old:
+                numba.set_num_threads(old)
+    return call
 
 
 def available():

@@ -67,7 +67,7 @@ from .device import to_host
 from .threads import get_num_threads
 
 from . import _numba
-from ._numba import numba
+from ._numba import keeps_threads, numba
 
 if numba is not None:
     from numba import njit, prange, types
@@ -469,13 +469,15 @@ if numba is not None:
                     out[o + 1] = out[o + 1] + _narrow(sigma * z1[j], out) if add else z1[j]
 
 
-def _require_numba():
+@keeps_threads
+def _noise_numba(out, sigma, seed, round, leaf, start, add) -> None:
+    """The numba kernel on jitkernels' thread count, capped at numba's pool (the numba backend's policy)."""
     if _numba.available() is not True:
         raise RuntimeError(f"the numba noise kernel is unavailable: {_numba.available()}")
-    # Same policy as the numba backend: jitkernels' thread count, capped at numba's pool.
     t = min(get_num_threads(), numba.config.NUMBA_NUM_THREADS)
     if numba.get_num_threads() != t:
         numba.set_num_threads(t)
+    _noise_nb(out, sigma, np.uint64(seed), np.uint64(round), np.uint64(leaf), np.uint64(start), add)
 
 
 def gaussian_numba(seed, round, leaf, start, n, out=None) -> np.ndarray:
@@ -486,8 +488,7 @@ def gaussian_numba(seed, round, leaf, start, n, out=None) -> np.ndarray:
         out = np.empty(n, dtype=np.float64)
     elif out.dtype != np.float64 or out.shape != (n,) or not out.flags.c_contiguous or not out.flags.writeable:
         raise ValueError(f"out must be a writeable contiguous float64 array of shape ({n},)")
-    _require_numba()
-    _noise_nb(out, 1.0, np.uint64(seed), np.uint64(round), np.uint64(leaf), np.uint64(start), False)
+    _noise_numba(out, 1.0, seed, round, leaf, start, False)
     return out
 
 
@@ -515,8 +516,7 @@ def add_noise(out, sigma, seed, round, leaf, start=0, *, backend=None) -> np.nda
     if backend == "numpy":
         _add_noise_numpy(out, sigma, seed, round, leaf, start)
     elif backend == "numba":
-        _require_numba()
-        _noise_nb(out, sigma, np.uint64(seed), np.uint64(round), np.uint64(leaf), np.uint64(start), True)
+        _noise_numba(out, sigma, seed, round, leaf, start, True)
     else:
         raise ValueError(f"backend must be one of {_ADD_BACKENDS}, got {backend!r}")
     return out

@@ -77,7 +77,7 @@ from .errors import BackendUnavailable, EmptyAggregate, NonFiniteUpdate
 from .threads import get_num_threads
 
 from . import _numba
-from ._numba import numba
+from ._numba import keeps_threads, numba
 
 if numba is not None:
     from numba import njit, prange, types
@@ -668,6 +668,7 @@ def _writable_alias(rows):
     return v
 
 
+@keeps_threads
 def _numba_run(rows, code, mode, r_lo, r_hi, ranks, out, tile, use_reg):
     if _numba.available() is not True:
         raise BackendUnavailable(f"backend 'numba' unavailable: {_numba.available()}")

@@ -60,7 +60,7 @@ from .robust_coord import check_strides
 from .threads import get_num_threads
 
 from . import _numba
-from ._numba import numba
+from ._numba import keeps_threads, numba
 
 if numba is not None:
     from numba import njit, prange
@@ -914,6 +914,7 @@ def _chunk(kp: int) -> int:
     return int(max(64, min(512, (196608 // (8 * kp)) // 8 * 8)))
 
 
+@keeps_threads
 def _gram_numba(rows, mode, refrow, refvec, block, diag_only):
     if _numba.available() is not True:
         raise BackendUnavailable(f"backend 'numba' unavailable: {_numba.available()}")
@@ -933,6 +934,7 @@ def _gram_numba(rows, mode, refrow, refvec, block, diag_only):
     return None if diag_only else part.sum(axis=0)[:k, :k], sq, csq
 
 
+@keeps_threads
 def _combine_numba(rows, idx, coef, base, out):
     n = rows.shape[1]
     if n == 0:
@@ -944,6 +946,7 @@ def _combine_numba(rows, idx, coef, base, out):
                 min(-(-n // C), 4 * nthreads))
 
 
+@keeps_threads
 def _bulyan_numba(rows, idx, beta, out):
     n = rows.shape[1]
     if n == 0:

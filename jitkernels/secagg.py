@@ -98,7 +98,7 @@ except ImportError:  # pragma: no cover - broken installs; the numba and numpy b
     _core = None
 
 from . import _numba
-from ._numba import numba
+from ._numba import keeps_threads, numba
 
 if numba is not None:
     from numba import carray, njit, prange, types
@@ -429,6 +429,7 @@ if numba is not None:
                     a[i] = a[i] & mask
 
 
+@keeps_threads
 def _modsum_numba(acc, plan, leaves, bits, subtract):
     if _numba.available() is not True:
         raise BackendUnavailable(f"backend 'numba' unavailable: {_numba.available()}")

@@ -336,3 +336,42 @@ def test_thread_counts_are_whole_numbers():
         assert jk.set_num_threads(np.int64(1)) == 1 and jk.set_num_threads(1.0) == 1
     finally:
         jk.set_num_threads(old)
+
+
+def test_numba_kernels_leave_numbas_thread_count_as_they_found_it():
+    """The numba kernels set numba's thread count to jitkernels' for their parallel regions and left it there: the
+    user's own prange code after a fold ran on our count. Each path puts it back: the backend's fold, deterministic
+    fold, stats, finalize and step, the noise, the robust selection and Gram kernels, SecAgg's sum."""
+    numba = pytest.importorskip("numba")
+    if backends.is_available("numba") is not True or numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs the numba backend and a pool of two threads")
+    from jitkernels import algorithms as A
+    from jitkernels import noise, robust, secagg
+
+    rng = np.random.default_rng(0)
+    t = {"w": np.zeros(300_000, np.float32)}
+    ups = [{"w": rng.standard_normal(300_000).astype(np.float32)} for _ in range(5)]
+    runs = {
+        "fold + finalize": lambda: _fold_finalize(jk.Aggregator(t, backend="numba"), ups),
+        "deterministic": lambda: _fold_finalize(jk.Aggregator(t, backend="numba", deterministic=True, bound=2**10), ups),
+        "step": lambda: _fold_finalize(jk.Aggregator(t, A.FedAdam(lr=0.1), backend="numba", base=t), ups),
+        "noise": lambda: noise.gaussian_numba(1, 0, 0, 0, 300_000),
+        "median": lambda: _fold_finalize(jk.Aggregator(t, robust.FedMedian(), backend="numba"), ups),
+        "krum": lambda: _fold_finalize(jk.Aggregator(t, robust.Krum(f=1), backend="numba"), ups),
+        "secagg": lambda: secagg.SecAggSum(300_000, backend="numba").fold_many(
+            [rng.integers(0, 2**32, 300_000, dtype=np.uint32) for _ in range(3)], parties=[0, 1, 2]),
+    }
+    old = jk.set_num_threads(2)
+    try:
+        numba.set_num_threads(1)
+        for what, run in runs.items():
+            run()
+            assert numba.get_num_threads() == 1, what
+    finally:
+        jk.set_num_threads(old)
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
+
+def _fold_finalize(agg, ups):
+    agg.fold_many(ups, parties=list(range(len(ups))))
+    return agg.finalize()

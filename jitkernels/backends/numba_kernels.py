@@ -13,7 +13,7 @@ import functools
 import numpy as np
 
 from .. import _numba
-from .._numba import numba
+from .._numba import keeps_threads, numba
 from ..batch import address, rows_from_items, threads_for, walk, work_items
 from ..threads import get_num_threads
 from .numpy_ref import binned_constants
@@ -322,6 +322,7 @@ def _walk(g):
     return walk(g, _set_threads(g))
 
 
+@keeps_threads
 def fold(acc, base, g):
     """:func:`numpy_ref.fold`'s math, element order and bytes, compiled (``_fold``)."""
     b, has = _base_arg(base, acc.dtype)
@@ -329,6 +330,7 @@ def fold(acc, base, g):
           _none(_WITNESS[g.in_dtype]), g.in_dtype == "int8")
 
 
+@keeps_threads
 def fold_binned(hi, lo, base, g, bound_log2, zero=False):
     """:func:`numpy_ref.fold_binned` (deterministic mode), bit for bit, one term at a time (``zero``: see there)."""
     s1, s2 = binned_constants(bound_log2)
@@ -337,6 +339,7 @@ def fold_binned(hi, lo, base, g, bound_log2, zero=False):
                  _none(_WITNESS[g.in_dtype]), g.in_dtype == "int8", s1, s2)
 
 
+@keeps_threads
 def stats(base, g, acc_dtype):
     """:func:`numpy_ref.stats`, per work item, summed into rows in their order (``rows_from_items``)."""
     b, has = _base_arg(base, np.dtype(acc_dtype))
@@ -347,6 +350,7 @@ def stats(base, g, acc_dtype):
     return rows_from_items(g, nf, ss, mx)
 
 
+@keeps_threads
 def finalize(acc, base, og):
     """float32/float64 outputs are written in place; float16/bfloat16 ones go through an acc-dtype buffer of at most
     HALF_BLOCK elements and numpy's rounding (numba cannot round to half types itself): a whole leaf's buffer and
@@ -371,6 +375,7 @@ def finalize(acc, base, og):
 HALF_BLOCK = 1 << 20
 
 
+@keeps_threads
 def step(acc, x, m, v, kind, coef, og):
     """The optimizer step of numpy_ref.step; float16/bfloat16 outputs are rounded by numpy from the updated x."""
     _set_threads()
