@@ -399,7 +399,22 @@ def test_a_reply_refused_for_what_it_is_is_left_out_not_the_round(name, kw):
         with pytest.raises(jk.AggregationError, match="party 'node-19'"):
             strategy(accept_failures=False).aggregate_train(2, good()[:2] + [reply] + good()[2:])
     assert strategy().aggregate_train(2, [bad["nan"]]) == (None, None)
+    assert strategy().aggregate_train(2, [bad["truncated"]]) == (None, None)  # (unreadable bytes: that node's fault)
     with pytest.raises(jk.LayoutMismatch, match="party 'node-19'"):  # all of them: a model changed, no node's fault
         strategy().aggregate_train(2, [bad["shape"]])
+    with pytest.raises(jk.LayoutMismatch, match="party 'node-19'"):  # (the other's count refused before its shape)
+        strategy().aggregate_train(2, [bad["shape"], _reply(8, [np.ones((3, 3), np.float32), x0[1]], -5, 0.0)])
     with pytest.raises(TypeError, match="accept_failures must be True or False"):
         getattr(jkfl, "Message" + name)(**kw, accept_failures="no")
+
+
+def test_the_record_takes_its_order_from_the_first_reply_kept():
+    """Without a model to follow (FedAvg), the returned record lists the arrays in the round's first reply's order,
+    as Flower does; when that reply was left out, it took the order of a reply never aggregated (callers that load
+    the record by position put arrays into other layers)."""
+    good = [("layer0", np.ones((3, 2), np.float32)), ("layer1", np.ones(2, np.float32))]
+    nan_reversed = [("layer1", np.full(2, np.nan, np.float32)), ("layer0", np.ones((3, 2), np.float32))]
+    s = jkfl.MessageFedAvg()
+    s.aggregate_train(1, [_named_reply(j, good, 10) for j in range(2)])
+    out, _ = s.aggregate_train(2, [_named_reply(5, nan_reversed, 10)] + [_named_reply(j, good, 10) for j in range(2)])
+    assert list(out.keys()) == ["layer0", "layer1"]

@@ -749,6 +749,11 @@ def test_a_refused_result_is_left_out_not_the_round(name, caplog):
     reshaped = [(_Proxy(f"c{j}"), _fit_res([np.ones((7, 7), np.float32)] + x0[1:], 10)) for j in range(3)]
     with pytest.raises(jk.LayoutMismatch, match="party 'c0'"):
         fitted().aggregate_fit(2, reshaped, [])
+    # one of them also with a bad num_examples, refused before its shape was looked at: the model still changed
+    reshaped[2] = (_Proxy("c2"), _fit_res([np.ones((7, 7), np.float32)] + x0[1:], -1))
+    with pytest.raises(jk.LayoutMismatch, match="party 'c0'"):
+        fitted().aggregate_fit(2, reshaped, [])
+    assert fitted().aggregate_fit(2, [(_Proxy("evil"), bad_results[3])], []) == (None, {})  # unreadable bytes only
     if name == "FedAvg":  # the float32 accumulator's headroom: the others' fault as much as any one's
         big = [(_Proxy(f"b{j}"), _fit_res([np.full(2, 1e33, np.float32)], 10)) for j in range(3)]
         with pytest.raises(jk.ValueOutOfRange, match="headroom"):

@@ -425,17 +425,20 @@ class _Runner:
         (``LayoutMismatch``). Each is logged and left out, as Flower's server leaves out a client that failed, and
         the others are aggregated (one bad client failed the round, and with it a Flower run, where Flower's median
         and Krum had sorted it out); ``kept`` lists the results aggregated, and None comes back where none is
-        (Flower's "no results"), unless every refusal was a layout's: results that all disagree with the model are
-        no client's fault (a model changed between rounds), and the first is raised. Refusals that depend on the
+        (Flower's "no results"), unless the fold refused some for the layout and none of the readable results has
+        the model's shapes: results that all disagree with the model are no client's fault (a model changed
+        between rounds; one that also failed otherwise, a bad ``num_examples``, hid that), and the first layout
+        refusal is raised (bytes that could not be read are a client's fault alone). Refusals that depend on the
         others or on the model (the accumulator's headroom, a weight ratio, a value past the model's dtype, a layout
         still being fixed) are raised, naming the result, as is any refusal with ``drop=False`` (a strategy with
         ``accept_failures=False``)."""
-        refused = [v for v in views if isinstance(v, LayoutMismatch)]
-        if refused and not drop:
-            raise refused[0]
-        for e in refused:
+        unread = [v for v in views if isinstance(v, LayoutMismatch)]
+        if unread and not drop:
+            raise unread[0]
+        for e in unread:
             _left_out(e)
-        self.kept = [j for j, v in enumerate(views) if not isinstance(v, LayoutMismatch)]
+        readable = [j for j, v in enumerate(views) if not isinstance(v, LayoutMismatch)]
+        self.kept, layout = list(readable), []
         while self.kept:
             fixed = self.agg is not None or base is not None
             try:
@@ -447,10 +450,13 @@ class _Runner:
                 if not drop or not bad or isinstance(e, LayoutMismatch) and not fixed:
                     raise
                 _left_out(e)
-                refused.append(e)
+                if isinstance(e, LayoutMismatch):
+                    layout.append(e)
                 self.kept.remove(bad[0])
-        if refused and all(isinstance(e, LayoutMismatch) for e in refused):
-            raise refused[0]
+        if layout:  # (dropped only once the layout is fixed: by the aggregator, or by a base)
+            model = [leaf.shape for leaf in self.agg.layout.leaves] if self.agg is not None else [a.shape for a in base]
+            if not any([v.shape for v in views[j]] == model for j in readable):
+                raise layout[0]
         return None
 
     def kept_of(self, results) -> list:
@@ -510,7 +516,7 @@ class _Runner:
                   for n, t, a in zip(names, *out)}
         # in Flower's order, the model's (current_arrays) or this round's first reply's: callers load the record by
         # position (to_numpy_ndarrays -> set_weights), and the first round's order put arrays in other layers
-        return ArrayRecord({n: arrays[n] for n in (base if base is not None else records[0]).keys()})
+        return ArrayRecord({n: arrays[n] for n in (base if base is not None else records[self.kept[0]]).keys()})
 
 
 def _flower_optimizer(strategy, ours):
