@@ -954,8 +954,9 @@ class Aggregator:
         if closing and noisy:  # keyed by this aggregate's bits, before anything changes (noise.aggregate_key)
             from .noise import aggregate_key
 
-            key = aggregate_key(alg.seed, st.round, [a for a in (st.acc, st.lo) if a is not None]
-                                      + [np.asarray(mass, np.float64), np.float64(std)])
+            sums = [a for a in (st.acc, st.lo) if a is not None]  # (the divisor too: FedNova's steps are no mass)
+            key = aggregate_key(alg.seed, st.round, sums + [np.asarray(mass, np.float64),
+                                                            np.asarray(weights, np.float64), np.float64(std)])
         noised, stepping, stepped = False, False, 0
         try:
             if closing and noisy:  # on the average delta, before that scaling, as the sum is
@@ -977,10 +978,8 @@ class Aggregator:
                 st.tear("a finalize that closes its round", e, "its model and moments were stepped in part: load the "
                         "last saved state")
                 st.torn_model = True
-            elif noised:
-                st.tear("a finalize that closes its round", e)
-            if noised:  # its round's noise is spent (drawn; in part perhaps released into out): never drawn again
-                st.round += 1
+            elif noised:  # (the round keeps its number: folded again, the same aggregate gets the same noise as the
+                st.tear("a finalize that closes its round", e)  # leaves this call may have written into out)
             raise
         if closing:  # the noise and the step are in: the round closes even if the algorithm's close raises (a
             # second finalize would add them again)

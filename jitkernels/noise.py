@@ -45,6 +45,8 @@ Privacy caveats
   :func:`aggregate_key` (an HMAC of the aggregate's own bytes under the seed), not with the seed alone: aggregates
   that differ get independent noise, whatever copies, pickles, saved states or seeds they share, and an aggregate
   released again (a replay after a restart, a second finalize) gets its noise again, which releases nothing new.
+  "The same" is bit for bit: outside deterministic mode the same updates folded in another order give other bits,
+  so other noise, and a second release of them costs the privacy budget again.
 * Epsilon/delta accounting (choosing ``sigma`` for a privacy budget) is out of scope: use an accountant such as
   Opacus' RDP accountant (``opacus.accountants.RDPAccountant``).
 

@@ -1028,3 +1028,22 @@ def test_numeric_hyperparameters_are_numbers_named_when_not(make, name):
     for bad in (True, "3") + (() if name == "count_stddev" else (None,)):  # (count_stddev=None: its default)
         with pytest.raises(ValueError, match=f"{name} must be a number"):
             make(bad)
+
+
+def test_dp_noise_keys_the_divisor_too():
+    """The key hashed the sums and the parties' masses, not the divisor: FedNova's effective steps (the parties'
+    step counts, never noised) divided two aggregates with equal sums differently under one noise draw, and the
+    ratio of the two released deltas gave the ratio of their divisors exactly (found in review)."""
+    n = 1000
+    rng = np.random.default_rng(3)
+    b = {"w": np.zeros(n)}
+    d, e = 0.001 * rng.standard_normal(n), 0.001 * rng.standard_normal(n)
+
+    def release(steps, delta):
+        agg = jk.Aggregator(b, A.DPFixedClipping(A.FedNova(weighted=False), clip_norm=1.0, noise_multiplier=1.0,
+                                                 seed=11), base=b, acc_dtype="float64")
+        agg.fold({"w": delta}, party=0, steps=steps)  # (steps 2 and 2d: the same sum of d / steps)
+        agg.fold({"w": e}, party=1, steps=1)
+        return agg.finalize()["w"]
+    ratio = release(2, 2 * d) / release(1, d)
+    assert ratio.max() - ratio.min() > 0.1  # (one draw: exactly 1.5 everywhere)
