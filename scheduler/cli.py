@@ -184,9 +184,10 @@ def _workload(args) -> Workload:
 
 
 def _file_name(name: str) -> str:
-    """A workload's name as part of a file name (a "/" in it named a folder that was not there); a long one cut to
-    80 characters and a hash of the whole (a 300-character name failed to write after the run)."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "workload"
+    """A workload's name as part of a file name (a "/" in it named a folder that was not there), in ASCII (a byte a
+    character: file names are limited in bytes); a long one cut to 80 characters and a hash of the whole (a
+    300-character name, or 90 CJK characters, failed to write after the run)."""
+    safe = "".join(c if c.isascii() and c.isalnum() or c in "-_." else "_" for c in name) or "workload"
     return safe if len(safe) <= 100 else f"{safe[:80]}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
 
 
@@ -214,8 +215,7 @@ def cmd_simulate(args) -> int:
     if failed:  # (figures over the rounds that made a model: "misses 0" sat beside 9 of 10 rounds failed)
         print(f"rounds that made no model, of {total}: " + ", ".join(f"{p} {n}" for p, n in failed.items())
               + "; the figures are over the others")
-    partial = {p: row["unreachable_rounds"] - row["rounds_without_model"] for p, row in rows.items()
-               if row["unreachable_rounds"] > row["rounds_without_model"]}
+    partial = {p: row["partial_rounds"] for p, row in rows.items() if row["partial_rounds"]}
     if partial:  # (they were counted as rounds without a model: 6 of 8 had one, in the table)
         print(f"rounds whose quorum became unreachable, finalized with the updates that came, of {total}: "
               + ", ".join(f"{p} {n}" for p, n in partial.items()))

@@ -333,6 +333,7 @@ class JobMetrics:
     misses: int = 0
     peak_bytes: int = 0
     unreachable: int = 0
+    partial: int = 0  # of the unreachable rounds, those finalized with what came (Job.unreachable = "partial")
 
     def summary(self) -> dict:
         lat = np.array(self.latencies) if self.latencies else np.full(1, np.nan)  # no model: no latency, not 0
@@ -340,7 +341,8 @@ class JobMetrics:
                 "deployments": self.deployments, "rounds": self.rounds,
                 "latency_p50_s": float(np.percentile(lat, 50)), "latency_p95_s": float(np.percentile(lat, 95)),
                 "latency_p99_s": float(np.percentile(lat, 99)), "deadline_misses": self.misses,
-                "peak_bytes_buffered": self.peak_bytes, "unreachable_rounds": self.unreachable}
+                "peak_bytes_buffered": self.peak_bytes, "unreachable_rounds": self.unreachable,
+                "partial_rounds": self.partial}
 
 
 class _JobState:
@@ -1319,6 +1321,7 @@ class JITScheduler:
         js.metrics.unreachable += 1
         self._log("unreachable", js, round=rnd.number, why=why)
         if js.job.unreachable == "partial" and rnd.admitted:
+            js.metrics.partial += 1
             # finalize what was acknowledged, with the updates whose arrivals are still queued (an acknowledged
             # update left out of the partial model was lost without a word)
             rnd.quorum = rnd.admitted

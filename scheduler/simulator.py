@@ -302,6 +302,7 @@ class PolicyResult:
     real_busy_s: float | None = None
     per_job: dict = field(default_factory=dict)
     ended: int = 0  # rounds that ended, with a model or an error (a round that cannot end stalls its job)
+    partial: int = 0  # unreachable rounds finalized with what came
     members: dict = field(default_factory=dict)  # (job, round) -> the parties whose updates it acknowledged, where
     # simulate(members=True) was asked (an entry per update: 180 MB over 2,000 cross_device rounds)
     model_busy_s: float | None = None  # --real: the cost model's estimate of the busy time measured
@@ -312,7 +313,8 @@ class PolicyResult:
         return {"policy": self.policy, "aggregator_s": self.deployed_s, "busy_s": self.busy_s,
                 "latency_p50_s": float(np.percentile(lat, 50)), "latency_p95_s": float(np.percentile(lat, 95)),
                 "latency_p99_s": float(np.percentile(lat, 99)), "deadline_misses": self.misses,
-                "unreachable_rounds": self.unreachable, "rounds_without_model": self.ended - len(self.latencies),
+                "unreachable_rounds": self.unreachable, "partial_rounds": self.partial,
+                "rounds_without_model": self.ended - len(self.latencies),
                 "rounds": self.rounds, "peak_buffered_bytes": self.peak_bytes,
                 "makespan_s": self.makespan_s, "events": self.events,
                 "events_per_s": self.events / max(self.wall_s, 1e-9),
@@ -393,6 +395,7 @@ def simulate(workload: Workload, policy: str, *, real: bool = False, progress=No
     return PolicyResult(policy, deployed, busy, [x for d in drivers for x in d.latencies], misses, unreachable,
                         rounds, sched.peak_buffered_bytes, list(sched.occupancy), clock.now(), clock.events, wall,
                         real_busy_s=busy if real else None, per_job=metrics, ended=done_rounds[0],
+                        partial=sum(js.metrics.partial for js in sched.jobs.values()),
                         members={(d.jid, r): frozenset(m) for d in drivers for r, m in (d.members or {}).items()},
                         model_busy_s=executor.estimated_s if real else None)
 
