@@ -118,7 +118,11 @@ def _check_records(alg, state: FoldState) -> None:
     could have recorded: its server values (``check_scalars``), and each party's per-update record
     (``check_record``). A DP adaptive state without its clip norm raised a bare KeyError at its next fold, one with
     a forged clip norm of 1e308 clipped nothing; a FedNova record without steps raised one at finalize, one with
-    steps of -3 made a wrong model."""
+    steps of -3 made a wrong model), and, with no parties, no sums (state.check_empty_sums)."""
+    try:
+        state_module.check_empty_sums(state)
+    except ValueError as e:
+        raise CorruptState(f"the state's {e}") from None
     missing = sorted(alg.initial_scalars().keys() - state.scalars.keys())
     if missing:
         raise CorruptState(f"the state's algorithm {type(alg).__name__} keeps server values {missing}, and the state "

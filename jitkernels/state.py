@@ -475,6 +475,14 @@ def guarded(*states):
         yield
 
 
+def check_empty_sums(st: "FoldState") -> None:
+    """A state with no parties holds zero sums (ValueError else): a fold into an empty state relies on them (a
+    rejected first batch is undone by zeroing again; the C++ deterministic fold writes an empty state's sums without
+    reading them, where numpy's and numba's added to a hand-made state's)."""
+    if not st.parties and (st.leaf_weight.any() or any(to_host(a).any() for a in (st.acc, st.lo) if a is not None)):
+        raise ValueError("a state with no parties holds non-zero sums")
+
+
 def _check_values(st: "FoldState") -> None:
     """What a checksum cannot vouch for (anyone can compute one): the values a fold could have made. Arrays of the
     layout's size and finite; party weights finite and >= 0, and per leaf none or from the lightest party's to
@@ -496,9 +504,7 @@ def _check_values(st: "FoldState") -> None:
     lw = st.leaf_weight
     if lw.shape != (L,) or lw.dtype != np.float64 or np.isnan(lw).any() or (lw < 0).any():
         raise ValueError(f"the per-leaf weights {lw[:4]} are not {L} numbers >= 0")
-    if not st.parties and (lw.any() or any(to_host(a).any() for a in (st.acc, st.lo) if a is not None)):
-        # (a fold into an empty state may rely on its zeros: a rejected first batch is undone by zeroing again)
-        raise ValueError("a state with no parties holds non-zero sums")
+    check_empty_sums(st)
     if st.store is None:  # a sum: a leaf's weight sums the parties that carried it (partial updates), none or more
         total = weight_sum(w)
         if not math.isfinite(total):

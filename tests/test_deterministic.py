@@ -385,3 +385,17 @@ def test_fednova_divides_by_its_normalized_steps_when_the_weights_sum_past_float
     st = jk.Aggregator({"w": np.zeros(2)}, A.FedNova(), base={"w": np.zeros(2)}).state
     st.parties, st.info = {"p": 1.5e308, "q": 0.5e308}, {"p": {"steps": 2}, "q": {"steps": 6}}
     assert A.FedNova().divisor_scale(st) == pytest.approx(1 / (0.75 * 2 + 0.25 * 6), rel=1e-15)
+
+
+@pytest.mark.parametrize("how", ["from_state", "merge"])
+def test_a_state_with_no_parties_and_non_zero_sums_is_refused_where_it_enters(how):
+    """from_bytes refused such a state; from_state and merge took a hand-made one, and the C++ deterministic fold,
+    which writes an empty state's sums without reading them, gave other bits than numpy's and numba's, which added
+    to them (found in review)."""
+    t = {"w": np.zeros(40, np.float32)}
+    empty = jk.Aggregator(t, deterministic=True)
+    made = jk.FoldState(empty.layout, algorithm=empty.state.algorithm, acc_dtype="float64", acc=np.full(40, 3.0),
+                        lo=np.zeros(40))
+    with pytest.raises(jk.CorruptState, match="a state with no parties holds non-zero sums"):
+        jk.Aggregator.from_state(made) if how == "from_state" else empty.merge(made)
+    assert not empty.state.acc.any() and empty.state.count == 0
