@@ -290,7 +290,8 @@ static void fold_rows_q(A* acc, const A* base, const int64_t* off, const int64_t
 // (the caller's state is empty) hi and lo are taken as 0 and not read, 16 bytes per element: the first group starts
 // its registers at 0 (the same bits as adding to +0 or -0: bh - s1 is never -0). A round's first fold_many is such a
 // batch; skipping the loads took it from 79 to 68-71 ms at 25M x 10 on 2 vCPUs, 151 to 133-141 ms on one
-// (bench/results/deterministic_zero_ab_epyc.txt; the stores still read their lines for ownership).
+// (bench/results/deterministic_zero_ab_epyc.txt; the stores still read their lines for ownership), before the
+// steady prefetch below; with it, 0-4 ms of 35-66 ms.
 // The pass is bound by its float64 arithmetic, not by memory, on 2 vCPUs; so BIN_V elements of hi and lo stay in
 // vector registers while up to BIN_GROUP updates pass (no round trip through L1 per term), the terms are added in
 // the biased form below, and the batch's last group carries before it stores. Every sum is exact and each term's
