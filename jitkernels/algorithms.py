@@ -671,7 +671,8 @@ class DPAdaptiveClipping(_DPClipping):
     Flower counts *clipped* updates as :math:`b_j` in the same update rule, which drives :math:`C` the wrong way
     (more clipping shrinks :math:`C` further), and it noises the round's aggregate with the *updated*
     :math:`C_{t+1}` although the updates were clipped to :math:`C_t` (under-noising when :math:`C` shrinks). The
-    count's noise is Philox-keyed like the model's, by the count it noises (leaf id :data:`COUNT_LEAF`). Bytes moved: those of
+    count's noise is Philox-keyed like the model's, by the count it noises (leaf id
+    :data:`COUNT_LEAF`). Bytes moved: those of
     :class:`DPFixedClipping` (the stats pass for the norms, then the scaled fold); the count is k numbers.
     """
 

@@ -759,7 +759,8 @@ LEGEND = """\
 ms: median time; reps: repetitions (each between two probes); probe: median read bandwidth (GB/s) of the probes
 around them; MB: bytes the method must move (fold_many, peers: k*N*itemsize + 8N; fold_many+finalize: k*N*4 + 20N,
 zeroing and finalize included; fold: k*(N*itemsize + 8N);
-admit_many: k*N*itemsize; int8 counts values and scales; deterministic: k*N*itemsize + 32N, or + 16N on cpp, which only writes an empty state's sums); roofl: (MB / probe) /
+admit_many: k*N*itemsize; int8 counts values and scales; deterministic: k*N*itemsize + 32N, or + 16N on cpp,
+which only writes an empty state's sums); roofl: (MB / probe) /
 ms, a ratio to a read probe, above 1 where writes or cache go faster than it (module docstring); us/call:
 time per fold call ("fold, 1 elem/leaf": a call's fixed cost, measured on the same layout shrunk to one element per
 leaf); +us/upd:

@@ -1399,10 +1399,10 @@ def test_the_writes_after_the_kernels_and_those_of_merges_and_steps_tear_the_sta
 
 def test_what_a_torn_state_review_found_recovers_or_tears_as_it_should(monkeypatch):
     """Review of the torn states: a DP finalize torn after its noise left its round claimed, so the documented
-    reset() could never finalize again (its retry now gets the noise of its aggregate); a robust fold interrupted in its records kept the
-    store's rows unrecorded and untorn; a robust merge that the store refused (StoreFull, before any write) tore an
-    intact state; a server optimizer's finalize that failed before any step (its model's float64 sum) refused
-    reset for good."""
+    reset() could never finalize again (its retry now gets the noise of its aggregate); a robust fold interrupted in
+    its records kept the store's rows unrecorded and untorn; a robust merge that the store refused (StoreFull,
+    before any write) tore an intact state; a server optimizer's finalize that failed before any step (its model's
+    float64 sum) refused reset for good."""
     from jitkernels.backends import cpp
     from jitkernels.robust import FedMedian
 

@@ -383,7 +383,8 @@ def test_a_reply_refused_for_what_it_is_is_left_out_not_the_round(name, kw):
     def corrupt(stype="numpy.ndarray", cut=0):
         reply = _reply(9, x0, 10, 0.0)
         a = Array(x0[0])
-        reply.content["arrays"]["layer0"] = Array(dtype=a.dtype, shape=a.shape, stype=stype, data=a.data[:len(a.data) - cut])
+        reply.content["arrays"]["layer0"] = Array(dtype=a.dtype, shape=a.shape, stype=stype,
+                                                  data=a.data[:len(a.data) - cut])
         return reply
     bad = {"nan": _reply(9, [np.full_like(x0[0], np.nan), x0[1]], 10, 0.0),
            "inf": _reply(9, [x0[0], np.full_like(x0[1], np.inf)], 10, 0.0),

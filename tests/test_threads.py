@@ -353,7 +353,8 @@ def test_numba_kernels_leave_numbas_thread_count_as_they_found_it():
     ups = [{"w": rng.standard_normal(300_000).astype(np.float32)} for _ in range(5)]
     runs = {
         "fold + finalize": lambda: _fold_finalize(jk.Aggregator(t, backend="numba"), ups),
-        "deterministic": lambda: _fold_finalize(jk.Aggregator(t, backend="numba", deterministic=True, bound=2**10), ups),
+        "deterministic": lambda: _fold_finalize(jk.Aggregator(t, backend="numba", deterministic=True, bound=2**10),
+                                                ups),
         "step": lambda: _fold_finalize(jk.Aggregator(t, A.FedAdam(lr=0.1), backend="numba", base=t), ups),
         "noise": lambda: noise.gaussian_numba(1, 0, 0, 0, 300_000),
         "median": lambda: _fold_finalize(jk.Aggregator(t, robust.FedMedian(), backend="numba"), ups),

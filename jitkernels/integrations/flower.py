@@ -411,7 +411,8 @@ class _Runner:
 
         cids = [getattr(cp, "cid", None) for cp, _ in results]
         parties = cids if _distinct_ids(cids) else [f"result-{i}" for i in range(len(results))]
-        views = [_or_refusal(ndarrays_from_parameters, fr.parameters, party=p) for (_, fr), p in zip(results, parties)]
+        views = [_or_refusal(ndarrays_from_parameters, fr.parameters, party=p)
+                 for (_, fr), p in zip(results, parties)]
         out = self.without_refused(views, [fr.num_examples for _, fr in results], parties, base, server_round,
                                    restart=restart, drop=drop)
         return None if out is None else Parameters(tensors=out[0], tensor_type="numpy.ndarray")
@@ -508,8 +509,8 @@ class _Runner:
             same_names(base, "<base>", "the strategy's current_arrays")
         # set first: a first round whose finalize raises keeps its aggregator, whose layout has these names
         self.names, self.last_parties = names, parties
-        out = self.without_refused(views, weights, parties, None if base is None else [np.array(base[n]) for n in names],
-                                   server_round, names=names, drop=drop)
+        model = None if base is None else [np.array(base[n]) for n in names]
+        out = self.without_refused(views, weights, parties, model, server_round, names=names, drop=drop)
         if out is None:
             return None
         arrays = {n: Array(dtype=str(a.dtype), shape=tuple(a.shape), stype="numpy.ndarray", data=t)
