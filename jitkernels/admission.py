@@ -303,6 +303,16 @@ def headroom(acc_dtype) -> float:
     return float(np.finfo(np.dtype(acc_dtype)).max) * HEADROOM
 
 
+def _host_values(a) -> np.ndarray:
+    """A leaf's values as flat float64 in host memory (int8 dequantized, a device leaf copied over): for the rare
+    paths that look at values themselves."""
+    if isinstance(a, Quantized):
+        return to_host(a.dequantize("float64")).reshape(-1)
+    if isinstance(a, DeviceLeaf):
+        return to_host(a.array).view(a.dtype).astype(np.float64).reshape(-1)
+    return np.asarray(a, np.float64).reshape(-1)
+
+
 def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, against_base=False,
           fold_weights=None, base_max=0.0) -> list:
     """Admitted updates from their stats ([L, k] non-finite counts, sums of squares, max-abs), or the error of the
@@ -342,8 +352,12 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
         j = bad.index(True)
         party = prep.parties[j]
         leaf = np.flatnonzero(nonfinite[:, j])
-        if leaf.size:
-            raise NonFiniteUpdate(party, layout.leaves[leaf[0]].name, int(nonfinite[leaf[0], j]))
+        if leaf.size:  # (the stats pass counts them; the error names the first, found on this path only)
+            r = int(leaf[0])
+            x = _host_values(prep.leaves[j][r])
+            hit = np.flatnonzero(~np.isfinite(x))
+            first = {"index": int(hit[0]), "value": float(x[hit[0]])} if hit.size else {}
+            raise NonFiniteUpdate(party, layout.leaves[r].name, int(nonfinite[r, j]), **first)
         if not peak[j] <= cap:
             where = f" as its delta against a base of max |{base_max:.6g}|" if against_base and base_max else ""
             raise ValueOutOfRange(f"party {party!r}: leaf {layout.leaves[worst[j]].name!r} has |x| = {peak[j]:.6g}"
@@ -407,12 +421,7 @@ def rescale_norms(admitted, layout, base) -> None:
             leaf = layout.leaves[i]
             if a is None or not leaf.size or i in layout.int_leaves:  # (the stats measure float leaves)
                 continue
-            if isinstance(a, Quantized):
-                x = to_host(a.dequantize("float64")).reshape(-1)
-            elif isinstance(a, DeviceLeaf):
-                x = to_host(a.array).view(a.dtype).astype(np.float64).reshape(-1)
-            else:
-                x = np.asarray(a, np.float64).reshape(-1)
+            x = _host_values(a)
             if base is not None:
                 x = x - to_host(base[leaf.offset:leaf.offset + leaf.size]).astype(np.float64)
             total += float(np.sum(np.square(x / s)))

@@ -52,9 +52,10 @@ class InvalidTemplate(AggregationError, TypeError):
 class NonFiniteUpdate(AggregationError, ValueError):
     """An update holds NaN or inf (found by the admission stats pass)."""
 
-    def __init__(self, party, leaf: str, count: int):
-        self.party, self.leaf, self.count = party, leaf, count
-        super().__init__(f"party {party!r}: leaf {leaf!r} holds {count} non-finite value(s)")
+    def __init__(self, party, leaf: str, count: int, *, index: int | None = None, value: float | None = None):
+        self.party, self.leaf, self.count, self.index, self.value = party, leaf, count, index, value
+        first = "" if index is None else f", the first ({value}) at flat index {index}"
+        super().__init__(f"party {party!r}: leaf {leaf!r} holds {count} non-finite value(s){first}")
 
 
 class ValueOutOfRange(AggregationError, ValueError):

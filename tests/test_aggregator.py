@@ -2,6 +2,7 @@
 
 import collections
 import json
+import math
 import gc
 import pickle
 import weakref
@@ -2009,3 +2010,23 @@ def test_the_error_audit_leftovers_name_what_is_wrong():
         jk.backends.get("foo")
     with pytest.raises(TypeError, match="seed must be an integer, got True"):
         A.DPFixedClipping(clip_norm=1.0, noise_multiplier=1.0, seed=True)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba", "cpp"])
+def test_a_non_finite_update_names_its_first_bad_value(backend):
+    """The error named the party, the leaf and how many values were NaN or inf (all the stats pass counts); it now
+    names the first of them too, and where it sits (int8: where its non-finite scale's block starts)."""
+    t = {"a": np.zeros(4, np.float32), "b": np.zeros((2, 3), np.float32)}
+    agg = jk.Aggregator(t, backend=backend)
+    bad = {"a": np.ones(4, np.float32), "b": np.array([[1, 2, 3], [np.inf, 5, np.nan]], np.float32)}
+    with pytest.raises(jk.NonFiniteUpdate, match=r"party 'p': leaf 'b' holds 2 non-finite value\(s\), the first "
+                                                 r"\(inf\) at flat index 3") as e:
+        agg.fold(bad, party="p")
+    assert (e.value.index, e.value.value, e.value.count) == (3, math.inf, 2)
+    with pytest.raises(jk.NonFiniteUpdate, match=r"party 'y': .* the first \(inf\) at flat index 3"):
+        agg.fold_many([t, bad], parties=["x", "y"])
+    q = jk.Quantized(np.ones(6, np.int8).reshape(2, 3), np.array([1.0, np.nan], np.float32), 4)
+    with pytest.raises(jk.NonFiniteUpdate, match=r"leaf 'b' holds 2 non-finite value\(s\), the first \(nan\) at flat "
+                                                 r"index 4"):
+        agg.fold({"a": np.ones(4, np.float32), "b": q}, party="q")
+    assert agg.state.count == 0
