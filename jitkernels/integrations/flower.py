@@ -32,6 +32,9 @@ named. Errors name a result by its proxy's ``cid`` (the Message API's: ``node-<s
 (``result-<i>``, ``reply-<i>``) where those ids are not distinct strings or integers (Flower takes any). The Message
 API's strategies match arrays by their names (keys), name the arrays in errors by their keys, and refuse a
 ``current_arrays`` whose keys differ from the replies' (:class:`~jitkernels.errors.LayoutMismatch`, as Flower refuses).
+A result refused for what it is itself (unreadable bytes, NaN or inf, a bad ``num_examples``, a shape the fixed
+model lacks) is logged and left out of the round, with ``accept_failures=True`` (Flower's default; the Message API
+strategies take the keyword too), and raised with ``False``: :meth:`_Runner.without_refused`.
 
 Krum and Multi-Krum are ``variant="flower"`` of :class:`jitkernels.robust.Krum` (whose default keeps the paper's
 k >= 2f + 3): as Flower's ``aggregate_krum`` and ``select_multikrum``, they run with any k (``max(1, k - f - 2)``
