@@ -405,6 +405,9 @@ def test_a_reply_refused_for_what_it_is_is_left_out_not_the_round(name, kw):
         strategy().aggregate_train(2, [bad["shape"]])
     with pytest.raises(jk.LayoutMismatch, match="party 'node-19'"):  # (the other's count refused before its shape)
         strategy().aggregate_train(2, [bad["shape"], _reply(8, [np.ones((3, 3), np.float32), x0[1]], -5, 0.0)])
+    renamed = [_named_reply(j, [("fc.w", x0[0]), ("fc.b", x0[1])], 10) for j in range(3)]  # (a second review)
+    with pytest.raises(jk.LayoutMismatch, match="party 'node-10', leaf 'layer0': missing from the reply"):
+        strategy().aggregate_train(2, renamed)
     with pytest.raises(TypeError, match="accept_failures must be True or False"):
         getattr(jkfl, "Message" + name)(**kw, accept_failures="no")
 

@@ -754,6 +754,13 @@ def test_a_refused_result_is_left_out_not_the_round(name, caplog):
     with pytest.raises(jk.LayoutMismatch, match="party 'c0'"):
         fitted().aggregate_fit(2, reshaped, [])
     assert fitted().aggregate_fit(2, [(_Proxy("evil"), bad_results[3])], []) == (None, {})  # unreadable bytes only
+    # a second review: a result weighing 0 (left out before its fold), every one weighing 0, or another dtype kind
+    # with the same shapes hid the change as well
+    for changed in ([(_Proxy("c5"), _fit_res([np.ones((7, 7), np.float32)] + x0[1:], 0))] + reshaped[:2],
+                    [(_Proxy(f"c{j}"), _fit_res([np.ones((7, 7), np.float32)] + x0[1:], 0)) for j in range(3)],
+                    [(_Proxy(f"c{j}"), _fit_res([x0[0].astype(np.int32)] + x0[1:], 10)) for j in range(3)]):
+        with pytest.raises(jk.LayoutMismatch, match="party .c[015]."):
+            fitted().aggregate_fit(2, changed, [])
     if name == "FedAvg":  # the float32 accumulator's headroom: the others' fault as much as any one's
         big = [(_Proxy(f"b{j}"), _fit_res([np.full(2, 1e33, np.float32)], 10)) for j in range(3)]
         with pytest.raises(jk.ValueOutOfRange, match="headroom"):

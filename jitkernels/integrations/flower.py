@@ -239,6 +239,14 @@ def _or_refusal(read, *args, party):
         return e
 
 
+class _Misfit:
+    """A result whose arrays are not the model's (other names: the Message API's keys), refused for the layout: if
+    no result fits, the model changed (see :meth:`_Runner.without_refused`)."""
+
+    def __init__(self, error):
+        self.error = error
+
+
 def _left_out(e) -> None:
     log.warning("jitkernels: the result of %r is left out of the round: %s: %s", e.party, type(e).__name__, e)
 
@@ -429,26 +437,28 @@ class _Runner:
         (``LayoutMismatch``). Each is logged and left out, as Flower's server leaves out a client that failed, and
         the others are aggregated (one bad client failed the round, and with it a Flower run, where Flower's median
         and Krum had sorted it out); ``kept`` lists the results aggregated, and None comes back where none is
-        (Flower's "no results"), unless the fold refused some for the layout and none of the readable results has
-        the model's shapes: results that all disagree with the model are no client's fault (a model changed
-        between rounds; one that also failed otherwise, a bad ``num_examples``, hid that), and the first layout
-        refusal is raised (bytes that could not be read are a client's fault alone). Refusals that depend on the
+        (Flower's "no results"), unless no result fits the model's layout (:meth:`_misfit`; other array names are
+        a :class:`_Misfit` view): results that all disagree with the model are no client's fault (a model changed
+        between rounds; results refused otherwise first, a bad ``num_examples``, or left out for weighing 0, hid
+        that), and the first layout refusal is raised (bytes that could not be read are a client's fault alone). Refusals that depend on the
         others or on the model (the accumulator's headroom, a weight ratio, a value past the model's dtype, a layout
         still being fixed) are raised, naming the result, as is any refusal with ``drop=False`` (a strategy with
         ``accept_failures=False``)."""
-        unread = [v for v in views if isinstance(v, LayoutMismatch)]
-        if unread and not drop:
-            raise unread[0]
-        for e in unread:
+        refused = [v.error if isinstance(v, _Misfit) else v for v in views if isinstance(v, (_Misfit, LayoutMismatch))]
+        layout = [v.error for v in views if isinstance(v, _Misfit)]
+        if refused and not drop or layout and self.agg is None and base is None:  # (a layout still being fixed)
+            raise (layout or refused)[0]
+        for e in refused:
             _left_out(e)
-        readable = [j for j, v in enumerate(views) if not isinstance(v, LayoutMismatch)]
-        self.kept, layout = list(readable), []
+        readable = [j for j, v in enumerate(views) if not isinstance(v, (_Misfit, LayoutMismatch))]
+        self.kept, out = list(readable), None
         while self.kept:
             fixed = self.agg is not None or base is not None
             try:
-                return self.fold_and_finalize([views[j] for j in self.kept], [weights[j] for j in self.kept],
-                                              [parties[j] for j in self.kept], base, server_round, names=names,
-                                              restart=restart)
+                out = self.fold_and_finalize([views[j] for j in self.kept], [weights[j] for j in self.kept],
+                                             [parties[j] for j in self.kept], base, server_round, names=names,
+                                             restart=restart)
+                break
             except (NonFiniteUpdate, InvalidWeight, LayoutMismatch) as e:
                 bad = [j for j in self.kept if parties[j] == e.party]
                 if not drop or not bad or isinstance(e, LayoutMismatch) and not fixed:
@@ -457,10 +467,26 @@ class _Runner:
                 if isinstance(e, LayoutMismatch):
                     layout.append(e)
                 self.kept.remove(bad[0])
-        if layout:  # (dropped only once the layout is fixed: by the aggregator, or by a base)
-            model = [leaf.shape for leaf in self.agg.layout.leaves] if self.agg is not None else [a.shape for a in base]
-            if not any([v.shape for v in views[j]] == model for j in readable):
-                raise layout[0]
+        if out is None and (self.agg is not None or base is not None):
+            misfits = [self._misfit(views[j], base, names, parties[j]) for j in readable]
+            if not any(m is None for m in misfits) and (layout or misfits):
+                raise (layout + misfits)[0]
+        return out
+
+    def _misfit(self, view, base, names, party):
+        """The LayoutMismatch of a result's arrays against the model's layout (the aggregator's, else the base's),
+        or None where they fit: the layout's checks, which look at no value, with a float array in another float
+        dtype standing in as the model's (the fold converts it: :meth:`_conform`; the stand-in is allocated, never
+        touched)."""
+        def tree(arrays):
+            return arrays if names is None else dict(zip(names, arrays))
+        layout = self.agg.layout if self.agg is not None else jk.Layout.from_template(tree(base))
+        stand_in = [np.empty(v.shape, np_dtype(leaf.dtype)) if leaf.is_float and v.dtype.kind == "f" else v
+                    for v, leaf in zip(view, layout.leaves)] + list(view[len(layout.leaves):])
+        try:
+            layout.flatten(tree(stand_in), party=party)
+        except LayoutMismatch as e:
+            return e
         return None
 
     def kept_of(self, results) -> list:
@@ -500,14 +526,20 @@ class _Runner:
                                      leaf=(missing or extra)[0], party=party)
 
         def read(rec, party):
-            same_names(rec, party, "the reply")
             for n in names:
                 if rec[n].stype != "numpy.ndarray":
                     raise LayoutMismatch(f"serialization {rec[n].stype!r}; expected 'numpy.ndarray'", leaf=n,
                                          party=party)
             return [ndarray_view(rec[n].data, party=party, index=n) for n in names]
 
-        views = [_or_refusal(read, rec, party=p) for rec, p in zip(records, parties)]
+        views = []
+        for rec, p in zip(records, parties):
+            try:  # (other names: the model's arrays changed, if no reply has them; unreadable bytes are its own)
+                same_names(rec, p, "the reply")
+            except LayoutMismatch as e:
+                views.append(_Misfit(e))
+                continue
+            views.append(_or_refusal(read, rec, party=p))
         if base is not None:  # the model the step moves, as Flower refuses it (an array only there was dropped)
             same_names(base, "<base>", "the strategy's current_arrays")
         # set first: a first round whose finalize raises keeps its aggregator, whose layout has these names
