@@ -303,6 +303,35 @@ def headroom(acc_dtype) -> float:
     return float(np.finfo(np.dtype(acc_dtype)).max) * HEADROOM
 
 
+FIRST_CHUNK = 1 << 20  # elements a time that _first_nonfinite reads
+
+
+def _first_nonfinite(a) -> dict:
+    """{index, value} of a leaf's first NaN or inf in flat (C) order, or {} if it finds none: read in chunks of
+    FIRST_CHUNK elements on the host, stopping at the first (an all-NaN update of a large model had made float64
+    copies of the whole leaf, 4-8x its size, on the way to its refusal). int8: the first element of the first block
+    whose scale is not finite (its values are), q * scale."""
+    if isinstance(a, Quantized):
+        s = to_host(a.scale).reshape(-1)
+        bad = np.flatnonzero(~np.isfinite(s))
+        if not bad.size:
+            return {}
+        i = int(bad[0]) * a.block
+        with np.errstate(invalid="ignore"):  # (0 * inf)
+            return {"index": i, "value": float(np.float64(to_host(a.values).reshape(-1)[i]) * np.float64(s[bad[0]]))}
+    if isinstance(a, DeviceLeaf):  # (C-contiguous, its dtype's bits: bf16 as uint16, viewed on the host)
+        flat, view = a.array.reshape(-1), a.dtype
+    else:  # (a transposed or strided leaf is copied once, in its own dtype, to read it in C order)
+        flat, view = np.ascontiguousarray(np.asarray(a)).reshape(-1), None
+    for start in range(0, flat.size, FIRST_CHUNK):
+        chunk = to_host(flat[start:start + FIRST_CHUNK])
+        chunk = chunk if view is None else chunk.view(view)
+        hit = np.flatnonzero(~np.isfinite(chunk))
+        if hit.size:
+            return {"index": start + int(hit[0]), "value": float(chunk[hit[0]])}
+    return {}
+
+
 def _host_values(a) -> np.ndarray:
     """A leaf's values as flat float64 in host memory (int8 dequantized, a device leaf copied over): for the rare
     paths that look at values themselves."""
@@ -354,10 +383,8 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
         leaf = np.flatnonzero(nonfinite[:, j])
         if leaf.size:  # (the stats pass counts them; the error names the first, found on this path only)
             r = int(leaf[0])
-            x = _host_values(prep.leaves[j][r])
-            hit = np.flatnonzero(~np.isfinite(x))
-            first = {"index": int(hit[0]), "value": float(x[hit[0]])} if hit.size else {}
-            raise NonFiniteUpdate(party, layout.leaves[r].name, int(nonfinite[r, j]), **first)
+            raise NonFiniteUpdate(party, layout.leaves[r].name, int(nonfinite[r, j]),
+                                  **_first_nonfinite(prep.leaves[j][r]))
         if not peak[j] <= cap:
             where = f" as its delta against a base of max |{base_max:.6g}|" if against_base and base_max else ""
             raise ValueOutOfRange(f"party {party!r}: leaf {layout.leaves[worst[j]].name!r} has |x| = {peak[j]:.6g}"
@@ -485,10 +512,11 @@ def norm_scores(admitted) -> dict:
     inflating the spread, as it would a mean and standard deviation). {party: score}, in the batch's order. A large
     positive score flags an update far larger than the round's (a boosted or scaled one: clip or drop it before
     folding); with MAD 0 (half the norms equal) the others score +-inf. Moves no model bytes."""
-    bad = next((j for j, u in enumerate(admitted) if not isinstance(u, Admitted)), None)
+    admitted = list(admitted)  # (read twice below: a generator gave {})
+    bad = next(((j, u) for j, u in enumerate(admitted) if not isinstance(u, Admitted)), None)
     if bad is not None:  # (a list of numbers failed on 'int' object has no attribute 'norm')
-        raise TypeError(f"norm_scores takes admitted updates (jk.admit, Aggregator.admit); item {bad} is a "
-                        f"{type(admitted[bad]).__name__}")
+        raise TypeError(f"norm_scores takes admitted updates (jk.admit, Aggregator.admit); item {bad[0]} is a "
+                        f"{type(bad[1]).__name__}")
     norms = np.array([u.norm for u in admitted], np.float64)
     if norms.size == 0:
         return {}

@@ -185,10 +185,11 @@ def _workload(args) -> Workload:
 
 def _file_name(name: str) -> str:
     """A workload's name as part of a file name (a "/" in it named a folder that was not there), in ASCII (a byte a
-    character: file names are limited in bytes); a long one cut to 80 characters and a hash of the whole (a
-    300-character name, or 90 CJK characters, failed to write after the run)."""
-    safe = "".join(c if c.isascii() and c.isalnum() or c in "-_." else "_" for c in name) or "workload"
-    return safe if len(safe) <= 100 else f"{safe[:80]}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+    character: file names are limited in bytes), cut to 80 characters; where that changed the name, a hash of the
+    whole follows (a 300-character name, or 90 CJK characters, failed to write after the run; "训练" and "测试" both
+    became "__", and the second run wrote over the first's files)."""
+    safe = "".join(c if c.isascii() and c.isalnum() or c in "-_." else "_" for c in name)[:80]
+    return safe if safe == name and safe else f"{safe}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
 
 
 def cmd_simulate(args) -> int:

@@ -589,9 +589,12 @@ class JITScheduler:
         # a scheduler handed an executor runs on the executor's clock (both must be one event loop), and closes it
         # unless it was handed the clock too: RayExecutor(RealClock(), ...) inline left a clock thread per scheduler
         missing = [m for m in ("now", "call_at") if not callable(getattr(clock, m, None))]
-        if clock is not None and missing:  # (clock="x" failed later on 'str' object has no attribute 'now')
-            raise TypeError(f"clock must be a clock (scheduler.RealClock, VirtualClock: now() and call_at()), got "
-                            f"{type(clock).__name__} without {missing[0]}()")
+        if clock is not None and (missing or isinstance(clock, type)):  # (clock="x" failed later on 'str' object
+            # has no attribute 'now'; the class VirtualClock, on now() missing 'self', holding the state directory)
+            got = f"the class {clock.__name__}" if isinstance(clock, type) else \
+                f"{type(clock).__name__} without {missing[0]}()"
+            raise TypeError(f"clock must be a clock (scheduler.RealClock(), VirtualClock(): now() and call_at()), "
+                            f"got {got}")
         self.clock = clock if clock is not None else executor.clock if executor is not None else RealClock()
         self._own_clock = clock is None  # closed with the scheduler (as a given executor is)
         self.executor = self.store = None

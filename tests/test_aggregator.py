@@ -2001,11 +2001,19 @@ def test_the_error_audit_leftovers_name_what_is_wrong():
         jk.Aggregator(t, A.FedAvg)
     with pytest.raises(TypeError, match=r"clock must be a clock .* got str without now\(\)"):
         JITScheduler(clock="x")
+    from scheduler import VirtualClock
+
+    with pytest.raises(TypeError, match="got the class VirtualClock"):  # (a second review: the class passed, then
+        JITScheduler(clock=VirtualClock)  # failed on now() missing 'self', holding its state directory)
     with pytest.raises(jk.InvalidQuantized, match="block must be an integer, got 2.5"):
         jk.Quantized.quantize(np.ones(8, np.float32), block=2.5)
     assert jk.Quantized.quantize(np.ones(8, np.float32), block=np.int64(4)).block == 4
+    ok = jk.admit(t, jk.Layout.from_template(t), party="a")
     with pytest.raises(TypeError, match="norm_scores takes admitted updates .* item 1 is a int"):
-        jk.norm_scores([jk.admit(t, jk.Layout.from_template(t)), 2])
+        jk.norm_scores([ok, 2])
+    with pytest.raises(TypeError, match="item 0 is a str"):  # (a dict of them: its keys; it failed on KeyError 0)
+        jk.norm_scores({"a": ok})
+    assert list(jk.norm_scores(u for u in [ok])) == ["a"]  # (a generator gave {})
     with pytest.raises(jk.BackendUnavailable, match="no backend 'foo'; the backends are numpy, numba, cpp, cupy"):
         jk.backends.get("foo")
     with pytest.raises(TypeError, match="seed must be an integer, got True"):

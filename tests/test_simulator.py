@@ -654,6 +654,8 @@ def test_workload_keys_a_run_cannot_use_are_refused_by_name(tmp_path, capsys, mo
     path = _written(tmp_path, SMALL.replace('name = "tiny"', f'name = "{long}"').replace("rounds = 6", "rounds = 2"))
     assert cli.main(["simulate", "--config", str(path), "--out", str(tmp_path / "out"), "--policies", "eager"]) == 0
     assert sorted(len(p.name) for p in (tmp_path / "out").iterdir()) == [106, 107]  # .png, .json
+    names = ["训练", "测试", "café", "cafè", "mixed", "a/b", "a_b"]  # (a second review: the first four made two names)
+    assert len({cli._file_name(n) for n in names}) == len(names) and cli._file_name("mixed") == "mixed"
 
     bars = []
     real = cli._progress
