@@ -599,7 +599,10 @@ class JITScheduler:
         self._own_clock = clock is None  # closed with the scheduler (as a given executor is)
         self.executor = self.store = None
         own_executor = executor is None
+        self.history = history
         try:  # the state directory may be locked by another scheduler: what was started here is stopped again
+            # (time, deployed aggregators) at changes; first: a clock whose now() fails holds nothing yet
+            self.occupancy = deque([(self.clock.now(), 0)], maxlen=history)
             if own_executor:
                 executor = LocalExecutor(self.clock, self.slots, nice=fold_nice) \
                     if isinstance(self.clock, RealClock) else ModelExecutor(self.clock)
@@ -613,8 +616,6 @@ class JITScheduler:
             if clock is None and own_executor:
                 self.clock.close()
             raise
-        self.history = history
-        self.occupancy = deque([(self.clock.now(), 0)], maxlen=history)  # (time, deployed aggregators) at changes
 
     @classmethod
     def recover(cls, state_dir, jobs, **kwargs) -> "JITScheduler":
