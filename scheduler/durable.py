@@ -631,7 +631,10 @@ class StateDir:
 
     def _load(self) -> tuple:
         """The newest generation whose manifest and files verify; older ones on failure (recorded in
-        ``fallbacks``)."""
+        ``fallbacks``). A file that cannot be read for another reason than its absence (EIO, EMFILE, EACCES) is
+        raised: an older generation reopens rounds the newer one had finished, whose results were served (a DP round
+        folded again in another order released other noise), so only a generation that does not verify is passed
+        over (found in review: one EMFILE while reading a carry)."""
         gens = sorted((int(m[1]), m[0]) for m in map(_MANIFEST.fullmatch, os.listdir(self.path)) if m)
         for _, f in reversed(gens):
             try:
@@ -662,7 +665,7 @@ class StateDir:
                     if m.get("carry"):  # (verified the same way: the open round starts from it)
                         jk.FoldState.load(os.path.join(self.path, m["carry"]))
                 return int(body["gen"]), jobs
-            except (OSError, ValueError, KeyError, TypeError, RecursionError, jk.CorruptState) as e:
+            except (FileNotFoundError, ValueError, KeyError, TypeError, RecursionError, jk.CorruptState) as e:
                 # (RecursionError: json of a crafted depth, a generation that does not verify)
                 self.fallbacks.append((f, f"{type(e).__name__}: {e}"))
                 log.warning("state directory %s: %s unusable (%s); trying the previous generation", self.path, f, e)
