@@ -245,7 +245,8 @@ def test_jitagg_writes_files_named_after_any_workload_and_takes_a_float_budget(t
                                                                                                 "rounds = 2"))
     assert Workload.from_toml(path).byte_budget == 16_000_000_000
     assert cli.main(["simulate", "--config", str(path), "--out", str(tmp_path / "o"), "--policies", "eager"]) == 0
-    assert (tmp_path / "o" / "simulate_a_b.json").exists()
+    assert (tmp_path / "o" / f"simulate_{cli._file_name('a/b')}.json").exists()
+    assert cli._file_name("a/b").startswith("a_b-")  # (and a hash: "a_b" is another workload's name)
 
 
 def test_workloads_and_cost_models_refuse_values_a_run_cannot_use(tmp_path):
