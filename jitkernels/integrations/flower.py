@@ -440,10 +440,10 @@ class _Runner:
         (Flower's "no results"), unless no result fits the model's layout (:meth:`_misfit`; other array names are
         a :class:`_Misfit` view): results that all disagree with the model are no client's fault (a model changed
         between rounds; results refused otherwise first, a bad ``num_examples``, or left out for weighing 0, hid
-        that), and the first layout refusal is raised (bytes that could not be read are a client's fault alone). Refusals that depend on the
-        others or on the model (the accumulator's headroom, a weight ratio, a value past the model's dtype, a layout
-        still being fixed) are raised, naming the result, as is any refusal with ``drop=False`` (a strategy with
-        ``accept_failures=False``)."""
+        that), and the first layout refusal is raised (bytes that could not be read are a client's fault alone).
+        Refusals that depend on the others or on the model (the accumulator's headroom, a weight ratio, a value past
+        the model's dtype, a layout still being fixed) are raised, naming the result, as is any refusal with
+        ``drop=False`` (a strategy with ``accept_failures=False``)."""
         refused = [v.error if isinstance(v, _Misfit) else v for v in views if isinstance(v, (_Misfit, LayoutMismatch))]
         layout = [v.error for v in views if isinstance(v, _Misfit)]
         if refused and not drop or layout and self.agg is None and base is None:  # (a layout still being fixed)
