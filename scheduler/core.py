@@ -1946,13 +1946,14 @@ class JITScheduler:
                 else:
                     self._log("round_failed", js, round=rnd.number, error=repr(error))
                     # recorded, so that a restart resolves the round with it; not for a job whose rounds hand state
-                    # on once the finalize closed the state (stepped, noised): the next round here continues from
-                    # it, and a restart must too, by replaying the round from its files (nothing committed covers
-                    # them). A finalize that failed before closing it (an executor error, a torn noise) hands on the
-                    # last carry, as a restart does from disk: recorded (a restart replayed the round that had failed,
-                    # released a model for it, and every later round differed from the uninterrupted run's)
+                    # on once the finalize closed the state (stepped, noised) or tore its model: the next round here
+                    # continues from it (or the job ends), and a restart replays the round from its files (nothing
+                    # committed covers them). A finalize that failed before it changed the state (an executor error,
+                    # a torn noise) hands on the last carry, as a restart does from disk: recorded (a restart replayed
+                    # the round that had failed, released a model for it, and every later round differed from the
+                    # uninterrupted run's)
                     state = None if rnd.aggregator is None else rnd.aggregator.state
-                    if not js.carries or state is None or not state.closed:
+                    if not js.carries or state is None or not (state.closed or state.torn_model):
                         self._commit_failure(js, rnd, error)
                 self._resolve(rnd, result, error)
                 self._round_finished(js, rnd)
