@@ -15,6 +15,7 @@ import decimal
 import functools
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -407,15 +408,18 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
                 prep.signatures)]
 
 
-def admit_many(updates, layout, *, weights=None, parties=None, base=None, backend="auto", acc_dtype=None,
-               copy=False, partial=False, bound=None, host_base=None, base_max=None) -> list:
+def admit_many(updates, layout, *, weights=None, parties=None, infos=None, base=None, backend="auto",
+               acc_dtype=None, copy=False, partial=False, bound=None, host_base=None, base_max=None) -> list:
     """Admit k updates with one stats call per input dtype. Raises on the first bad update, check by check: parties,
-    weights and layouts over the whole batch first, then the stats' findings (non-finite, range) in order; nothing
-    is returned (so nothing is folded) unless all pass. ``bound`` (deterministic mode) caps ``weight * max|x|``.
-    ``acc_dtype``: the accumulator's, whose headroom is checked (default: the layout's, as an Aggregator's).
-    Updates in GPU memory need ``backend`` "cupy" (or "auto" with the GPU backend available). ``base_max``:
-    ``max|base|``, if the caller keeps it (else a pass over the base)."""
+    weights, infos and layouts over the whole batch first, then the stats' findings (non-finite, range) in order;
+    nothing is returned (so nothing is folded) unless all pass. ``infos``: per update, a dict of the values the
+    algorithm reads (``{"steps": 40}`` for FedNova), or None; the aggregator that folds it checks them against its
+    algorithm. ``bound`` (deterministic mode) caps ``weight * max|x|``. ``acc_dtype``: the accumulator's, whose
+    headroom is checked (default: the layout's, as an Aggregator's). Updates in GPU memory need ``backend`` "cupy"
+    (or "auto" with the GPU backend available). ``base_max``: ``max|base|``, if the caller keeps it (else a pass over
+    the base)."""
     prep = prepare(updates, layout, weights=weights, parties=parties, backend=backend, copy=copy, partial=partial)
+    infos = info_dicts(infos, prep.parties)
     # (after prepare, which refuses what is not a Layout)
     acc_dtype = acc_dtype_name(acc_dtype or layout.default_acc_dtype)
     for b, what in ((base, "base"), (host_base, "host_base")):
@@ -427,7 +431,21 @@ def admit_many(updates, layout, *, weights=None, parties=None, base=None, backen
     admitted = check(prep, layout, stats, acc_dtype=acc_dtype, bound=bound, against_base=base is not None,
                      base_max=base_max or 0.0)
     rescale_norms(admitted, layout, base if host_base is None else host_base)
+    for a, i in zip(admitted, infos):
+        a.info = i
     return admitted
+
+
+def info_dicts(infos, parties) -> list:
+    """Each update's info as a dict of its own (``infos``: a Mapping or None per update), refused by party where
+    one is no Mapping (a string failed inside the algorithm, unnamed). Copies: what folds is what was admitted,
+    whatever the caller does with its dicts after."""
+    infos = per_update(infos, len(parties), "infos")
+    for j, (i, p) in enumerate(zip(infos, parties)):
+        if i is not None and not isinstance(i, Mapping):
+            raise TypeError(f"infos[{j}] (party {p!r}) is a {type(i).__name__}: each is a dict of the per-update "
+                            f"values the algorithm reads, e.g. {{'steps': 40}}")
+    return [dict(i) if i else {} for i in infos]
 
 
 NORM_SMALLEST_MAXABS = 2.0 ** -480
@@ -527,13 +545,14 @@ def norm_scores(admitted) -> dict:
     return {u.party: float(s) for u, s in zip(admitted, z)}
 
 
-def admit(update, layout, *, weight=1.0, party=None, base=None, backend="auto", acc_dtype=None, copy=False,
-          partial=False) -> Admitted:
-    """Validate one update against ``layout`` (one stats pass) and return it :class:`Admitted`.
+def admit(update, layout, *, weight=1.0, party=None, info=None, base=None, backend="auto", acc_dtype=None,
+          copy=False, partial=False) -> Admitted:
+    """Validate one update against ``layout`` (one stats pass) and return it :class:`Admitted`. ``info``: the
+    per-update values the algorithm reads (``{"steps": 40}`` for FedNova), checked by the aggregator that folds it.
 
     Raises :class:`~jitkernels.errors.LayoutMismatch`, :class:`~jitkernels.errors.InvalidWeight`,
     :class:`~jitkernels.errors.NonFiniteUpdate` or :class:`~jitkernels.errors.ValueOutOfRange`, naming the party and
     the leaf. ``base`` (flat, accumulator dtype) makes the stats those of the delta ``u - base``.
     """
-    return admit_many([update], layout, weights=[weight], parties=[party], base=base, backend=backend,
+    return admit_many([update], layout, weights=[weight], parties=[party], infos=[info], base=base, backend=backend,
                       acc_dtype=acc_dtype, copy=copy, partial=partial)[0]

@@ -10,7 +10,6 @@ import dataclasses
 import functools
 import math
 import threading
-from collections.abc import Mapping
 from typing import NamedTuple
 
 import ml_dtypes
@@ -398,12 +397,8 @@ class Aggregator:
         """The batch's party ids (anonymous ones made up, duplicates refused) and its checked info dicts."""
         parties = [anonymous_party() if p is None else check_party(p) for p in per_update(parties, k, "parties")]
         self._check_parties(parties)
-        infos = per_update(infos, k, "infos")
-        for j, (i, p) in enumerate(zip(infos, parties)):
-            if i is not None and not isinstance(i, Mapping):  # (a string failed inside the algorithm, unnamed)
-                raise TypeError(f"infos[{j}] (party {p!r}) is a {type(i).__name__}: each is a dict of the per-update "
-                                f"values the algorithm reads, e.g. {{'steps': 40}}")
-        return parties, [self.algorithm.check_info(i or {}, p) for i, p in zip(infos, parties)]
+        return parties, [self.algorithm.check_info(i, p) for i, p in zip(admission.info_dicts(infos, parties),
+                                                                         parties)]
 
     def _check_parties(self, parties):
         seen = set()

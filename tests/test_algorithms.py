@@ -300,6 +300,34 @@ def test_per_update_values_are_checked_with_the_party_named():
     assert nova.state.count == 0
 
 
+def test_updates_admitted_elsewhere_bring_their_info():
+    """jk.admit / jk.admit_many take each update's info (FedNova's steps), which the folding aggregator checks: a
+    server that admits on arrival, away from the aggregator, could not give FedNova its steps."""
+    rng = np.random.default_rng(16)
+    base = _model(rng)
+    us = _updates(rng, base, 3)
+    direct = jk.Aggregator(base, A.FedNova(), base=base)
+    for j, u in enumerate(us):
+        direct.fold(u, weight=j + 1, party=f"p{j}", steps=4 * j + 2)
+    nova = jk.Aggregator(base, A.FedNova(), base=base)
+    info = {"steps": 2}
+    first = jk.admit(us[0], nova.layout, weight=1, party="p0", info=info, base=nova.state.base)
+    info["steps"] = 99  # what folds is what was admitted
+    rest = jk.admit_many(us[1:], nova.layout, weights=[2, 3], parties=["p1", "p2"],
+                         infos=[{"steps": 6}, {"steps": 10}], base=nova.state.base)
+    nova.fold_many([first] + rest)
+    want, got = direct.finalize(), nova.finalize()
+    for name in base:
+        np.testing.assert_array_equal(got[name], want[name])
+    with pytest.raises(TypeError, match=r"infos\[1\] \(party 'b'\).*str"):
+        jk.admit_many(us[:2], nova.layout, parties=["a", "b"], infos=[None, "steps=3"])
+    bad = jk.admit(us[0], nova.layout, party="q", info={"staleness": 1}, base=nova.state.base)
+    nova.reset()
+    with pytest.raises(jk.InvalidUpdateInfo, match="'q'.*staleness.*not used"):
+        nova.fold(bad)
+    assert nova.state.count == 0
+
+
 @pytest.mark.parametrize("alg", [A.FedAvg(weighted=False), A.FedProx(mu=0.1), A.FedNova(), A.FedBuff(staleness="hinge"),
                                  A.FedAvgM(lr=0.5, momentum=0.9, nesterov=True), A.FedAdam(variant="flower"),
                                  A.FedYogi(), A.FedAdagrad(), A.SCAFFOLD(num_parties=9, server_lr=0.3),
