@@ -476,9 +476,7 @@ def _noise_numba(out, sigma, seed, round, leaf, start, add) -> None:
     """The numba kernel on jitkernels' thread count, capped at numba's pool (the numba backend's policy)."""
     if _numba.available() is not True:
         raise RuntimeError(f"the numba noise kernel is unavailable: {_numba.available()}")
-    t = min(get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-    if numba.get_num_threads() != t:
-        numba.set_num_threads(t)
+    _numba.use_threads(get_num_threads())
     _noise_nb(out, sigma, np.uint64(seed), np.uint64(round), np.uint64(leaf), np.uint64(start), add)
 
 

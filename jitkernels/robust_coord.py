@@ -682,8 +682,7 @@ def _numba_run(rows, code, mode, r_lo, r_hi, ranks, out, tile, use_reg):
         lo, hi = (r_lo, r_hi) if mode == 1 else (0, 0)
         _run_threads(_reg_kernel(k, code, mode, lo, hi), n, min(nthreads, max(1, n // 4096)), rows, out)
         return
-    if numba.get_num_threads() != nthreads:
-        numba.set_num_threads(nthreads)
+    _numba.use_threads(nthreads)
     ci, cj, fused = network(k, *ranks)
     ntiles = -(-n // tile)
     _coord_nb(rows, code, mode, r_lo, r_hi, ci, cj, fused, out, tile, min(ntiles, nthreads))

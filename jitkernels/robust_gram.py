@@ -902,11 +902,7 @@ def _bulyan_cupy(rows, idx, beta, out, block):
 
 # --- numba backend --------------------------------------------------------------------------------------------------
 def _threads(size) -> int:
-    t = 1 if size < SMALL_CALL else get_num_threads()
-    t = min(t, numba.config.NUMBA_NUM_THREADS)
-    if numba.get_num_threads() != t:
-        numba.set_num_threads(t)
-    return t
+    return _numba.use_threads(1 if size < SMALL_CALL else get_num_threads())
 
 
 def _chunk(kp: int) -> int:

@@ -436,10 +436,7 @@ def _modsum_numba(acc, plan, leaves, bits, subtract):
     k = len(leaves)
     ptr, code = _tables(leaves, plan)
     work = plan.work
-    nt = 1 if plan.total * max(k, 1) < SMALL_CALL else get_num_threads()
-    nt = min(nt, numba.config.NUMBA_NUM_THREADS)
-    if numba.get_num_threads() != nt:
-        numba.set_num_threads(nt)
+    _numba.use_threads(1 if plan.total * max(k, 1) < SMALL_CALL else get_num_threads())
     bad = np.zeros((work.shape[0], k), np.bool_)
     mask = acc.dtype.type((1 << bits) - 1)
     _modsum_nb(acc, plan.offsets, ptr, code, work, np.int64(bits), mask, bool(subtract), bad,

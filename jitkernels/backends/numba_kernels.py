@@ -311,10 +311,7 @@ def _base_arg(base, dt):
 
 
 def _set_threads(g=None):
-    n = min(get_num_threads() if g is None else threads_for(g, get_num_threads()), numba.config.NUMBA_NUM_THREADS)
-    if numba.get_num_threads() != n:
-        numba.set_num_threads(n)
-    return n
+    return _numba.use_threads(get_num_threads() if g is None else threads_for(g, get_num_threads()))
 
 
 def _walk(g):
