@@ -23,7 +23,7 @@ import numpy as np
 from . import backends
 from .batch import ABSENT, build_groups, dtype_code, leaf_entry, stack_entries
 from .dtypes import Quantized, acc_dtype_name
-from .device import DeviceLeaf, aligned as device_aligned, to_host
+from .device import DeviceLeaf, aligned as device_aligned, place, to_host
 from .errors import InvalidWeight, LayoutMismatch, NonFiniteUpdate, ValueOutOfRange, shown
 from .layout import Layout
 from .parties import anonymous_party, check_party, per_update, real_value
@@ -149,17 +149,20 @@ def batch_stats(layout, leaves_list, *, base=None, host_base=None, backend="auto
 
     Updates are validated where they are: device-resident ones by the GPU backend (against ``base``), host ones by
     a CPU backend (against ``host_base``, the base's host copy when the base lives on the GPU): checking host bytes
-    on the host spares them a trip over PCIe that the fold would repeat."""
+    on the host spares them a trip over PCIe that the fold would repeat. Each side reads a base where it lives: a
+    base on the other side is copied over (jk.admit of device updates with a host base handed the GPU kernel a host
+    address)."""
     k = len(leaves_list)
     L = len(layout.leaves)
     entries = leaf_entries(layout, leaves_list)[0] if entries is None else entries
-    host_base = base if host_base is None else host_base
+    host_base = to_host(base) if host_base is None else host_base
     stats = None
     if on_device is None or not any(on_device):  # the usual case: every update on the host, no columns to gather
         sides = [(False, np.arange(k))]
     else:
         on_device = np.asarray(on_device, bool)
         sides = [(dev, np.flatnonzero(on_device == dev)) for dev in (False, True)]
+        device_base = None if base is None else place(base, True)  # (a device base as it is: no copy)
     for dev, cols in sides:
         if cols.size == 0:
             continue
@@ -173,7 +176,7 @@ def batch_stats(layout, leaves_list, *, base=None, host_base=None, backend="auto
         try:
             for name, g in groups.items():
                 if dev:
-                    mod, b = backends.get("cupy"), base
+                    mod, b = backends.get("cupy"), device_base
                 else:
                     mod, b = backends.choose("auto" if backend == "cupy" else backend, name), host_base
                 got = mod.stats(b, g, acc_dtype)

@@ -312,7 +312,11 @@ class DeviceRuntime(gpu_shim.HostRuntime):
 
     @staticmethod
     def ptr(a) -> int:
-        return a.data.ptr if isinstance(a, ndarray) else a.ctypes.data
+        # (CupyRuntime.ptr reads a.data.ptr, which a numpy array lacks: a host array handed to a GPU kernel fails
+        # there, and must here, or the emulated kernel reads host memory that a real GPU cannot)
+        if not isinstance(a, ndarray):
+            raise AttributeError(f"a host {type(a).__name__} handed to a GPU kernel as a device array")
+        return a.data.ptr
 
 
 def _cupyx(rt):

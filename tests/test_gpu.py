@@ -438,6 +438,26 @@ def test_nonfinite_device_update_rejected_state_untouched():
     assert u.on_device and u.norm == pytest.approx(3.0 * np.sqrt(5000)) and u.maxabs == 3.0
 
 
+def test_jk_admit_reads_a_base_where_the_updates_are():
+    """jk.admit_many with a base on the other side from the updates: device updates against a host base (the GPU
+    stats kernel was handed the host array's address: AttributeError on CuPy, a silent host read in the emulation),
+    host updates against a device base. Each side reads a copy of the base where it lives (stats of deltas: within
+    float32 rounding of the numpy reference, which takes u - base in float64)."""
+    import cupy as cp
+    rng = np.random.default_rng(3)
+    layout = jk.Layout.from_template({"w": np.zeros(3000, np.float32), "b": np.zeros(5, np.float32)})
+    base = rng.standard_normal(layout.size).astype(np.float32)
+    ups = [{"w": rng.standard_normal(3000).astype(np.float32), "b": rng.standard_normal(5).astype(np.float32)}
+           for _ in range(2)]
+    want = jk.admit_many(ups, layout, base=base, backend="numpy")
+    on_gpu = [{n: cp.asarray(a) for n, a in u.items()} for u in ups]
+    for got in (jk.admit_many(on_gpu, layout, base=base, backend="cupy"),
+                jk.admit_many(ups, layout, base=cp.asarray(base), backend="cupy"),
+                jk.admit_many([on_gpu[0], ups[1]], layout, base=base, backend="cupy")):
+        for g, w in zip(got, want):
+            assert g.maxabs == pytest.approx(w.maxabs, rel=1e-6) and g.norm == pytest.approx(w.norm, rel=1e-6)
+
+
 def test_deterministic_gpu_equals_cpu_bit_for_bit():
     rng = np.random.default_rng(5)
     tmpl, ups, w = _updates(rng, [(50000,), (300,)], "float32", 9)
