@@ -754,8 +754,14 @@ class Aggregator:
         deterministic part, then the integer leaves and the records) may have changed the state: where a call had
         written, where the failed one may have (the GPU's passes, numpy's leaf after leaf: a compiled host kernel,
         WHOLE_CALLS, writes all of its call or nothing), or where the error is no Exception (an interrupt is raised
-        once a compiled call has returned: all of it written)."""
-        return bool(done) or mod is None or not getattr(mod, "WHOLE_CALLS", False) or not isinstance(error, Exception)
+        once a compiled call has returned: all of it written). A backend that could not start writes nothing: the
+        GPU's kernels that failed to build raise BackendUnavailable before the call's first launch (a first fold on
+        a machine whose NVRTC lacked the GPU's architecture tore the state for good)."""
+        if done:
+            return True
+        if isinstance(error, BackendUnavailable):
+            return False
+        return mod is None or not getattr(mod, "WHOLE_CALLS", False) or not isinstance(error, Exception)
 
 
     def _check_int_bound(self, admitted) -> None:

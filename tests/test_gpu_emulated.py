@@ -173,3 +173,39 @@ def test_a_device_output_off_its_alignment_is_refused():
     fine = cp.zeros(5, dtype=np.float32)
     agg.finalize(out={"w": fine})
     np.testing.assert_array_equal(fine.get(), np.arange(5, dtype=np.float32))
+
+
+def test_kernels_that_fail_to_build_leave_the_state_untorn(monkeypatch):
+    """The first launch compiles kernels.cu (NVRTC) and writes the kernel cache: a failure there (an architecture
+    NVRTC does not know, a cache folder it cannot write) is BackendUnavailable, raised before the call writes
+    anything, and leaves the state as it was (it was torn for good: every later fold raised TornState)."""
+    import threading
+    import types
+
+    import numpy as np
+
+    import cupy
+    import jitkernels as jk
+    from jitkernels.backends import cupy_backend
+    from jitkernels.backends.gpu_runtime import CupyRuntime
+
+    cuda = types.SimpleNamespace(Device=lambda: types.SimpleNamespace(id=0, compute_capability="120"))
+    real = object.__new__(CupyRuntime)
+    real.cp, real._modules, real._lock, real.defines = types.SimpleNamespace(cuda=cuda), {}, threading.Lock(), {}
+
+    def unwritable(*args):
+        raise PermissionError(13, "Permission denied", "/home/u/.cache/jitkernels/cuda")
+    monkeypatch.setattr(real, "_load", unwritable)
+    with pytest.raises(jk.BackendUnavailable, match=r"sm_120 \(PermissionError.*JITKERNELS_CACHE_DIR"):
+        real.module()
+    assert real._modules == {}  # (tried again at the next call)
+
+    agg = jk.Aggregator({"w": cupy.zeros(1000, dtype=cupy.float32)}, backend="cupy")
+    rt = cupy_backend.runtime()
+    monkeypatch.setattr(type(rt), "launch", lambda self, *a: real.module())
+    with pytest.raises(jk.BackendUnavailable, match="could not be built"):
+        agg.fold({"w": np.ones(1000, np.float32)}, party="a")
+    monkeypatch.undo()
+    assert not agg.state.torn and agg.state.count == 0
+    agg.fold({"w": np.ones(1000, np.float32)}, weight=2, party="a")
+    np.testing.assert_array_equal(agg.finalize()["w"].get(), np.ones(1000, np.float32))

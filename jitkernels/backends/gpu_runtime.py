@@ -13,6 +13,7 @@ import threading
 
 import numpy as np
 
+from ..errors import BackendUnavailable
 from . import cuda_source
 
 
@@ -103,7 +104,14 @@ class CupyRuntime:
         with self._lock:
             mod = self._modules.get(key)
             if mod is None:
-                mod = self._modules[key] = self._load(f"sm_{dev.compute_capability}", tag, text, defines)
+                arch = f"sm_{dev.compute_capability}"
+                try:
+                    mod = self._load(arch, tag, text, defines)
+                except Exception as e:  # (before the call's first launch: the aggregator keeps its state untorn)
+                    raise BackendUnavailable(
+                        f"the CUDA kernels could not be built or loaded for {arch} ({type(e).__name__}: {e}); where "
+                        f"the cause is the kernel cache, point JITKERNELS_CACHE_DIR at a writable folder") from e
+                self._modules[key] = mod
         return mod
 
     def _load(self, arch: str, tag: str, text, defines: dict):
