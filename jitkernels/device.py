@@ -8,6 +8,7 @@ CuPy unless a device array is actually seen, so ``import jitkernels`` works on m
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 
@@ -35,6 +36,13 @@ def gpu_of(x) -> int:
     if torch is not None and isinstance(x, torch.Tensor):
         return x.device.index if x.device.index is not None else torch.cuda.current_device()
     return int(x.device.id)
+
+
+def on_gpu_of(a):
+    """A context under which CuPy works on the GPU that holds ``a``: its allocations and copies go there
+    (``ndarray.copy()`` copies onto the current device, which may be another); a no-op for a host array."""
+    cp = _cupy()
+    return a.device if cp is not None and isinstance(a, cp.ndarray) else contextlib.nullcontext()
 
 
 def array_module(a):

@@ -29,7 +29,7 @@ import threading
 
 import numpy as np
 
-from .device import place, to_host, zeros
+from .device import on_gpu_of, place, to_host, zeros
 from .dtypes import acc_dtype_name
 from .errors import CorruptState, IncompatibleStates, OverlappingParties, TornState, ValueOutOfRange
 from .layout import Layout
@@ -223,16 +223,18 @@ class FoldState:
         if self.torn_model:  # (its model and moments were stepped in part: nothing may continue them)
             raise TornState(self.torn)
         own = self.opt is not None
-        if base is None:
-            base = self.base.copy() if own and self.base is not None else self.base
-        return FoldState(self.layout, algorithm=self.algorithm, acc_dtype=self.acc_dtype, on_device=self.on_device,
-                         base=base, round=self.round, scalars=self.scalars, store=store,
-                         opt={k: a.copy() for k, a in self.opt.items()} if own else None)
+        with on_gpu_of(self.acc):  # (the next round's arrays on this state's GPU, whichever is current)
+            if base is None:
+                base = self.base.copy() if own and self.base is not None else self.base
+            return FoldState(self.layout, algorithm=self.algorithm, acc_dtype=self.acc_dtype,
+                             on_device=self.on_device, base=base, round=self.round, scalars=self.scalars, store=store,
+                             opt={k: a.copy() for k, a in self.opt.items()} if own else None)
 
     def copy(self) -> "FoldState":
         """A snapshot, taken under the guard (save and merge hold it too): one taken while another thread folded
-        recorded parties whose sums were not in its accumulator, or the reverse."""
-        with self.guard:
+        recorded parties whose sums were not in its accumulator, or the reverse. A GPU state's copy is made on its
+        GPU, whichever is current."""
+        with self.guard, on_gpu_of(self.acc):
             new = FoldState(self.layout, algorithm=self.algorithm, acc_dtype=self.acc_dtype, acc=self.acc.copy(),
                             leaf_weight=self.leaf_weight.copy(), parties=self.parties,
                             base=None if self.base is None else self.base.copy(),

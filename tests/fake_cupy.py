@@ -236,6 +236,12 @@ class _Device:
     def __init__(self, device=None):
         self.id = 0 if device is None else int(device)
 
+    def __enter__(self):  # (CuPy's Device is a context: work on that GPU)
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
     def synchronize(self):
         if _rt is not None:
             _rt.run_until(lambda: not any(st.ops for st in _rt.streams))

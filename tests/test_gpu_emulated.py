@@ -209,3 +209,29 @@ def test_kernels_that_fail_to_build_leave_the_state_untorn(monkeypatch):
     assert not agg.state.torn and agg.state.count == 0
     agg.fold({"w": np.ones(1000, np.float32)}, weight=2, party="a")
     np.testing.assert_array_equal(agg.finalize()["w"].get(), np.ones(1000, np.float32))
+
+
+def test_a_gpu_states_copies_and_next_round_are_made_on_its_gpu(monkeypatch):
+    """CuPy's ndarray.copy() and allocations go to the current device: a snapshot (copy, pickle, deepcopy) or the
+    next round's state made while another GPU was current put them on that GPU. They are made under the state's own
+    device context."""
+    import numpy as np
+
+    import cupy
+    import fake_cupy as fc
+    import jitkernels as jk
+
+    agg = jk.Aggregator({"w": cupy.zeros(8, dtype=cupy.float32)}, algorithm=jk.algorithms.FedAdam(lr=0.1),
+                        base={"w": cupy.zeros(8, dtype=cupy.float32)})
+    agg.fold({"w": np.ones(8, np.float32)}, party="a")
+    entered = []
+
+    class Held(fc._Device):
+        def __enter__(self):
+            entered.append(self.id)
+            return self
+
+    monkeypatch.setattr(fc.ndarray, "device", property(lambda self: Held(1)))
+    agg.state.copy()
+    agg.state.next_round()  # (what reset() makes: its base and moments copied, its accumulator new)
+    assert entered == [1, 1]
