@@ -160,6 +160,23 @@ def test_shim_catches_a_missing_stream_wait(gpu_shim, monkeypatch):
     assert not all(_staged_run(gpu_shim, gpu_shim.HostRuntime(seed=s), s) for s in range(20))
 
 
+def test_a_pass_that_fails_midway_ends_its_queued_work_before_raising(gpu_shim, monkeypatch):
+    """A launch that fails after earlier stages' copies and folds were queued: the error leaves only once the
+    queued work has run (it may still read the caller's updates, which the caller may free on the error)."""
+    rt = gpu_shim.HostRuntime(seed=3)
+    real, calls = type(rt).launch, []
+
+    def launch(self, name, grid, args, stream):
+        calls.append(name)
+        if len(calls) == 3:
+            raise RuntimeError("launch failed")
+        real(self, name, grid, args, stream)
+    monkeypatch.setattr(type(rt), "launch", launch)
+    with pytest.raises(RuntimeError, match="launch failed"):
+        _staged_run(gpu_shim, rt, 3)
+    assert len(calls) == 3 and not any(s.ops for s in rt.streams), "work still queued when the error left"
+
+
 @pytest.mark.parametrize("wait", [True, False], ids=["ring", "negative-control"])
 def test_table_ring_refills_a_block_only_after_its_copy(gpu_shim, monkeypatch, wait):
     """More tables queued than the ring has blocks, with no synchronization between them (copies replay lazily):

@@ -244,7 +244,16 @@ def _pipeline(rt, g, name, head, tail):
     compute = rt.current_stream()
     with st.lock:
         for ja, jb in passes:
-            _run_pass(rt, st, compute, g, ja, jb, dev, isz, name, head, tail)  # each ends synchronized
+            try:
+                _run_pass(rt, st, compute, g, ja, jb, dev, isz, name, head, tail)  # each ends synchronized
+            except BaseException:
+                # copies and launches queued before the error may still read the caller's updates and this pass's
+                # tables: they end before the error leaves (a CUDA error, sticky, raises again here: the first is
+                # the one to see)
+                for stream in (st.copy_stream, compute):
+                    with contextlib.suppress(Exception):
+                        stream.synchronize()
+                raise
 
 
 def _run_pass(rt, st, compute, g, ja, jb, dev, isz, name, head, tail):
