@@ -257,6 +257,17 @@ class Ack:
     duplicate: bool = False
 
 
+def _relay(src: Future, dst: Future) -> None:
+    """``dst`` takes ``src``'s outcome once it has one."""
+    def done(f):
+        e = f.exception()
+        if e is None:
+            dst.set_result(f.result())
+        else:
+            dst.set_exception(e)
+    src.add_done_callback(done)
+
+
 @dataclass
 class _Spilled:
     """An update accepted over the byte budget with overflow='spill': only its file holds it until it is folded."""
@@ -928,14 +939,14 @@ class JITScheduler:
                 self.spilled += 1
             if spill:  # held from before its file exists until it is folded or dropped (under the lock: remove_job
                 self.store.hold(job_id, round, party)  # lets holds go)
-        if persist and self.store is not None and item is not None:
-            durable = self._persist(js, round, party, update_id, weight, item,
-                                    None if late_from is None else late_from.number)
-        else:
-            durable = DURABLE  # nothing to persist (no state directory), or already on disk (a replay)
-        if durable is not DURABLE:
-            with self._lock:
-                rnd.durable[party] = durable
+            writes = persist and self.store is not None and item is not None
+            if writes:  # the round knows its durable future from the moment it counts the update: a resend racing
+                rnd.durable[party] = durable = Future()  # this submit got DURABLE, "on disk", before the write
+            else:
+                durable = DURABLE  # nothing to persist (no state directory), or already on disk (a replay)
+        if writes:
+            _relay(self._persist(js, round, party, update_id, weight, item,
+                                 None if late_from is None else late_from.number), durable)
         if spill:  # once written, only the file holds it (the writer thread lets the arrays go then)
             item, nbytes = _Spilled(round, party, float(weight), durable, info, item), 0
             if item.item is not None:
@@ -1932,33 +1943,42 @@ class JITScheduler:
                     self._after_ended_round(js)
                     return
             else:
-                now = self.clock.now()
-                rnd.ready_time = now
                 rnd.done = True
-                if error is None:  # (a failed finalize made no model: no round, no latency, as a failed fold)
-                    js.metrics.latencies.append(now - rnd.quorum_time)
-                    js.metrics.rounds += 1
-                    if js.job.deadline_s is not None and now > rnd.start + js.job.deadline_s and not rnd.missed:
-                        js.metrics.misses += 1
-                    self._log("ready", js, round=rnd.number, latency_s=now - rnd.quorum_time, busy_s=duration)
-                    if js.rebases and not js.job.after_last(rnd.number + 1):  # (a copy: the caller owns the result,
-                        js.next_base = copy.deepcopy(result)  # and may change it before the next round)
-                else:
-                    self._log("round_failed", js, round=rnd.number, error=repr(error))
-                    # recorded, so that a restart resolves the round with it; not for a job whose rounds hand state
-                    # on once the finalize closed the state (stepped, noised) or tore its model: the next round here
-                    # continues from it (or the job ends), and a restart replays the round from its files (nothing
-                    # committed covers them). A finalize that failed before it changed the state (an executor error,
-                    # a torn noise) hands on the last carry, as a restart does from disk: recorded (a restart replayed
-                    # the round that had failed, released a model for it, and every later round differed from the
-                    # uninterrupted run's)
-                    state = None if rnd.aggregator is None else rnd.aggregator.state
-                    if not js.carries or state is None or not (state.closed or state.torn_model):
-                        self._commit_failure(js, rnd, error)
+                try:
+                    self._finalized(js, rnd, duration, result, error)
+                except Exception as e:  # (what failed after the finalize, a model-sized copy or a disk write, ends
+                    # the round with its error: the clock thread logged it and went on, and the round's future was
+                    # left unresolved for good, close() included, with its job stuck on it)
+                    log.exception("job %r round %d: finishing the round failed", js.job.id, rnd.number)
+                    e.add_note(f"while finishing job {js.job.id!r} round {rnd.number}")
+                    result, error = None, error or e
                 self._resolve(rnd, result, error)
                 self._round_finished(js, rnd)
                 return
             self._pump(js)
+
+    def _finalized(self, js, rnd, duration, result, error) -> None:
+        """A round's finalize task is over: its metrics, and the next base (a success) or the failure's record."""
+        now = rnd.ready_time = self.clock.now()
+        if error is None:  # (a failed finalize made no model: no round, no latency, as a failed fold)
+            js.metrics.latencies.append(now - rnd.quorum_time)
+            js.metrics.rounds += 1
+            if js.job.deadline_s is not None and now > rnd.start + js.job.deadline_s and not rnd.missed:
+                js.metrics.misses += 1
+            self._log("ready", js, round=rnd.number, latency_s=now - rnd.quorum_time, busy_s=duration)
+            if js.rebases and not js.job.after_last(rnd.number + 1):  # (a copy: the caller owns the result, and
+                js.next_base = copy.deepcopy(result)  # may change it before the next round)
+            return
+        self._log("round_failed", js, round=rnd.number, error=repr(error))
+        # recorded, so that a restart resolves the round with it; not for a job whose rounds hand state on once the
+        # finalize closed the state (stepped, noised) or tore its model: the next round here continues from it (or
+        # the job ends), and a restart replays the round from its files (nothing committed covers them). A finalize
+        # that failed before it changed the state (an executor error, a torn noise) hands on the last carry, as a
+        # restart does from disk: recorded (a restart replayed the round that had failed, released a model for it,
+        # and every later round differed from the uninterrupted run's)
+        state = None if rnd.aggregator is None else rnd.aggregator.state
+        if not js.carries or state is None or not (state.closed or state.torn_model):
+            self._commit_failure(js, rnd, error)
 
     def _fail(self, js, rnd, error) -> None:
         if rnd.done:  # already resolved (e.g. its deadline passed while this fold ran)

@@ -415,6 +415,27 @@ def test_a_resend_after_a_failed_write_reads_the_rounds_under_the_lock(tmp_path)
     sched.store.crash()
 
 
+def test_a_resend_racing_its_original_waits_for_the_original_write(tmp_path, monkeypatch):
+    """A resend (same update_id) that comes while its original's submit is between counting the update and handing
+    its write over (a client retrying on a timeout): its Ack.durable is the original's write, not DURABLE ("on
+    disk" before the file existed: a server that drops its copy on it could lose the update in a crash)."""
+    sched = _sched(tmp_path)
+    sched.add_job(Job("j", template={"w": np.zeros(4, np.float32)}, parties=["a", "b"], quorum=2, rounds=1))
+    upd, resent = {"w": np.ones(4, np.float32)}, []
+    real = type(sched)._persist
+
+    def persist(self, *args):  # the resend comes in that window (the lock is free)
+        resent.append(sched.submit("j", 0, "a", upd, update_id="a0"))
+        assert not resent[0].durable.done(), "the resend was told 'on disk' before the write was handed over"
+        return real(self, *args)
+    monkeypatch.setattr(type(sched), "_persist", persist)
+    first = sched.submit("j", 0, "a", upd, update_id="a0")
+    assert resent[0].duplicate and not first.duplicate
+    first.durable.result(timeout=10)
+    assert resent[0].durable.result(timeout=10) == first.durable.result()
+    sched.close()
+
+
 def test_a_resend_after_a_failed_write_writes_it_again(tmp_path):
     """A write that fails (a full disk) fails the Ack's ``durable``; the resend (same update_id) shows that failure
     instead of claiming the update is on disk, and once the disk takes writes again a resend writes it: the
