@@ -141,3 +141,14 @@ def test_a_machine_that_cannot_compile_the_kernels_has_no_gpu_backend(monkeypatc
     monkeypatch.setattr(cuda_source, "include_dirs", no_headers)
     why = cupy_backend.available()
     assert isinstance(why, str) and "NVRTC cannot compile the kernels here" in why and "cuda_fp16.h" in why
+
+
+def test_the_kernel_cache_key_follows_the_cuda_headers(nvrtc, tmp_path, monkeypatch):
+    """The cached image is keyed by the headers the source includes too: CUDA headers upgraded under the same NVRTC
+    reused an image compiled against the old ones."""
+    (tmp_path / "cuda_fp16.h").write_text("// headers of one CUDA release\n")
+    monkeypatch.setattr(cuda_source, "include_dirs", lambda: [str(tmp_path)])
+    before = cuda_source.cache_key("sm_90")
+    assert cuda_source.cache_key("sm_90") == before
+    (tmp_path / "cuda_fp16.hpp").write_text("// and its implementation, of another\n")
+    assert cuda_source.cache_key("sm_90") != before

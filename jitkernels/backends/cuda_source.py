@@ -271,11 +271,18 @@ def compile_nvrtc(arch: str, names=None, text: str | None = None, defines: dict 
 
 
 def cache_key(arch: str) -> str:
-    """Source, options, architecture and NVRTC version: what a compiled image depends on."""
+    """Source, options, architecture, NVRTC version and the CUDA headers the source includes: what a compiled image
+    depends on (headers upgraded under the same NVRTC reused an image built against the old ones)."""
     import hashlib
 
     from cuda.bindings import nvrtc
 
     h = hashlib.sha256(source().encode())
     h.update(repr((NVRTC_OPTIONS, arch, nvrtc.nvrtcVersion()[1:], kernel_names())).encode())
+    folder = include_dirs()[0]
+    for name in ("cuda_fp16.h", "cuda_fp16.hpp"):  # (what the prelude's #include <cuda_fp16.h> reads)
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                h.update(f.read())
     return h.hexdigest()[:24]
