@@ -589,6 +589,7 @@ class JITScheduler:
         self._overdraft = False
         self._closed = False
         self._unresolved: list = []  # (round future, result, error) to resolve once the lock is let go: _settling
+        self._commits: list = []  # state-directory commits of rounds' ends, made once the lock is let go: _settling
         self._opening: list = []  # (job state, round) to open once they are resolved
         self._ids = itertools.count()
         self._removing: dict = {}  # job id -> a removed job whose running task has not ended yet
@@ -1160,6 +1161,9 @@ class JITScheduler:
             with self._lock:
                 ready, self._unresolved = self._unresolved, []
                 opening, self._opening = self._opening, []
+                commits, self._commits = self._commits, []
+            for make in commits:  # (the rounds' ends on disk before their futures resolve, as under the lock)
+                make()
             interrupted = None  # (a callback's BaseException, re-raised once every future and round is settled)
             for fut, result, error in ready:
                 try:
@@ -1355,25 +1359,33 @@ class JITScheduler:
 
     def _commit_quorum(self, js, rnd) -> None:
         """With a state directory, record the round's lowered quorum: a restart before its result is committed
-        finalizes the round with what is in (where the clock has no wall time, its deadline starts again there)."""
-        if self.store is None or js.layout is None:
-            return
-        try:
-            self.store.commit_quorum(js.job.id, rnd.number, rnd.quorum)
-        except Exception:  # the round ends with what is in either way; a restart would wait for its deadline again
-            log.exception("job %r round %d: could not record its lowered quorum in %s", js.job.id, rnd.number,
-                          self.store.path)
+        finalizes the round with what is in (where the clock has no wall time, its deadline starts again there).
+        (The round ends with what is in either way; unrecorded, a restart waits for its deadline again.)"""
+        if self.store is not None and js.layout is not None:
+            self._commit_later(js, rnd, "its lowered quorum", self.store.commit_quorum, js.job.id, rnd.number,
+                               rnd.quorum)
 
     def _commit_failure(self, js, rnd, error) -> None:
-        """With a state directory, record that the round ended with ``error`` (a restart then moves past it)."""
-        if self.store is None or js.layout is None:
-            return
-        try:
-            self.store.commit_failure(js.job.id, rnd.number, error, predictor=js.predictor.to_json(), update_ids={
-                p: u for (n, p), u in js.seen.items() if n == rnd.number}, opened=self._wall())
-        except Exception:  # the round has ended in memory either way; a restart would reopen it
-            log.exception("job %r round %d: could not record its failure in %s", js.job.id, rnd.number,
-                          self.store.path)
+        """With a state directory, record that the round ended with ``error`` (a restart then moves past it; the
+        round has ended in memory either way: unrecorded, a restart reopens it)."""
+        if self.store is not None and js.layout is not None:
+            self._commit_later(js, rnd, "its failure", self.store.commit_failure, js.job.id, rnd.number, error,
+                               predictor=js.predictor.to_json(), opened=self._wall(),
+                               update_ids={p: u for (n, p), u in js.seen.items() if n == rnd.number})
+
+    def _commit_later(self, js, rnd, what: str, commit, *args, **kwargs) -> None:
+        """Make a state-directory commit of a round's end (its arguments taken now, under the lock) once the lock is
+        let go, before the round's future resolves (see :meth:`_settling`, which every caller is in). Made under
+        the lock, its fsync, and any checkpoint holding the directory, stalled every submit of every job (a round
+        failing at its deadline held them 25-80 ms behind another job's checkpoints). A job removed meanwhile is
+        not written (``live``)."""
+        def make():
+            try:
+                commit(*args, live=lambda: not js.removed, **kwargs)
+            except Exception:
+                log.exception("job %r round %d: could not record %s in %s", js.job.id, rnd.number, what,
+                              self.store.path)
+        self._commits.append(make)
 
     # --- internals: planning and slots ---------------------------------------------------------------------------
     def _plan(self, js) -> None:

@@ -443,13 +443,16 @@ class StateDir:
                              opened=opened)
 
     def commit_failure(self, job, rnd: int, error: BaseException, predictor: list | None = None,
-                       update_ids: dict | None = None, opened: float | None = None) -> None:
+                       update_ids: dict | None = None, opened: float | None = None, live=None) -> None:
         """Commit a round that ended with an error (unreachable quorum, failed fold): the job moves on to the next
         round, which starts from the same carry; a restart resolves the round with the error again instead of
         reopening it (its updates are collected with the next generation). ``update_ids``: {party: update id} of
         the updates acknowledged for the round (late ones carried into it too), so that a resend after a restart is
-        still a duplicate (it was taken as a late update, and took its party's place in the next round)."""
+        still a duplicate (it was taken as a late update, and took its party's place in the next round). ``live()``
+        false: the job was removed since (under this lock, :meth:`remove_job`), and nothing is written."""
         with self._lock:
+            if live is not None and not live():
+                return
             old = self.jobs.get(job, {})
             failed = {**old.get("failed", {}), str(int(rnd)): [type(error).__name__, str(error)]}
             failed_parties = {**old.get("failed_parties", {}),
@@ -459,12 +462,13 @@ class StateDir:
                              failed_parties=self._recent(failed_parties), predictor=predictor or old.get("predictor"),
                              opened=opened)
 
-    def commit_quorum(self, job, rnd: int, quorum: int) -> bool:
+    def commit_quorum(self, job, rnd: int, quorum: int, live=None) -> bool:
         """Commit that the open round ``rnd`` of ``job`` ends at ``quorum`` updates (the partial rule lowered it at
         its deadline): a restart finalizes it with what is in instead of waiting a whole deadline again for its full
-        quorum. False (nothing written) if the job has moved past the round meanwhile."""
+        quorum. False (nothing written) if the job has moved past the round meanwhile, or was removed (``live()``
+        false, as for :meth:`commit_failure`)."""
         with self._lock:
-            if self.jobs.get(job, {}).get("round", rnd) > rnd:
+            if live is not None and not live() or self.jobs.get(job, {}).get("round", rnd) > rnd:
                 return False
             self._commit_job(job, quorum=[int(rnd), int(quorum)])
             return True

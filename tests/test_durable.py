@@ -436,6 +436,68 @@ def test_a_resend_racing_its_original_waits_for_the_original_write(tmp_path, mon
     sched.close()
 
 
+def test_submit_does_not_wait_for_a_failed_rounds_commit(tmp_path):
+    """A round that fails at its deadline records its failure in the state directory; that commit (an fsync, or a
+    wait behind another job's checkpoint) ran under the scheduler's lock, and every submit of every job waited for
+    it. Here the commit's fsync stalls until the test lets it go: another job's submit returns meanwhile."""
+    import threading
+
+    from scheduler import QuorumUnreachable
+
+    armed, entered, release = threading.Event(), threading.Event(), threading.Event()
+
+    def hook(point):
+        if armed.is_set() and point == "manifest.tmp_synced" and not entered.is_set():
+            entered.set()
+            release.wait(30)
+
+    sched = JITScheduler("eager", slots=2, state_dir=tmp_path, crash_hook=hook)
+    try:
+        sched.add_job(Job("a", template={"w": np.zeros(4, np.float32)}, parties=["p", "q"], quorum=2, rounds=1,
+                          deadline_s=0.05))
+        sched.add_job(Job("b", template={"w": np.zeros(4, np.float32)}, parties=["x", "y"], quorum=2, rounds=1))
+        armed.set()
+        assert entered.wait(30), "round a/0's failure was never committed"
+        done = threading.Event()
+        threading.Thread(target=lambda: (sched.submit("b", 0, "x", {"w": np.ones(4, np.float32)}), done.set()),
+                         daemon=True).start()
+        assert done.wait(5), "submit waited for another job's failure commit"
+    finally:
+        release.set()
+    with pytest.raises(QuorumUnreachable):
+        sched.result("a", 0).result(timeout=10)
+    sched.close()
+
+
+def test_a_failure_commit_made_after_its_job_was_removed_writes_nothing(tmp_path, monkeypatch):
+    """A round's failure is committed once the scheduler's lock is let go; a remove_job that comes in between
+    (and finishes: its tombstone dropped) must not see the job's entry written back (a job added again under its
+    id would resume it)."""
+    import time
+
+    from scheduler import QuorumUnreachable
+
+    sched = _sched(tmp_path)
+    sched.add_job(Job("a", template={"w": np.zeros(4, np.float32)}, parties=["p", "q"], quorum=2, rounds=2,
+                      deadline_s=1.0))
+    first = sched.result("a", 0)
+    real, gen = sched.store.commit_failure, []
+
+    def removed_first(*args, **kwargs):
+        sched.remove_job("a")
+        t = time.monotonic()
+        while "a" in sched.store.jobs and time.monotonic() - t < 10:  # (the removal ends on the writer thread)
+            time.sleep(0.01)
+        gen.append(sched.store.gen)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(sched.store, "commit_failure", removed_first)
+    sched.clock.run(until=2.0)
+    with pytest.raises(QuorumUnreachable):
+        first.result(timeout=10)
+    assert "a" not in sched.store.jobs and sched.store.gen == gen[0], "the removed job's entry was written back"
+    sched.close()
+
+
 def test_a_resend_after_a_failed_write_writes_it_again(tmp_path):
     """A write that fails (a full disk) fails the Ack's ``durable``; the resend (same update_id) shows that failure
     instead of claiming the update is on disk, and once the disk takes writes again a resend writes it: the
