@@ -54,6 +54,37 @@ static inline void fold_f16_f32(float* __restrict a, const jk::f16* __restrict u
 }
 #endif
 
+#ifdef JK_F16C
+// int8 -> f32 terms of fold_block_g, 8 elements at a time: jk::dequant (exact int -> float, then one multiply by the
+// scale) [- b], times w, added: the scalar spec's roundings in its order. GCC vectorizes the scalar loop 32 elements
+// wide (the int8 loads), widening through words with extracts and spilling registers across the four streams; loading
+// 8 bytes straight into vpmovsxbd took the grouped pass from 10.9 to 8.7 ms per 25M x 10 with the data in cache
+// (2 threads, a C++ model of fold_rows_q; the one-update loop: 9.2-9.8 ms, so grouping alone did not pay: int8's
+// fold is bound by its convert-multiply-multiply-add work, not by the accumulator's traffic). Returns the elements
+// done; the caller's scalar loop does the rest.
+template <bool Base, int G>
+static inline int64_t fold_q8_f32(float* __restrict a, const float* __restrict b, const int8_t* const* u,
+                                  const float* w, const float* s, int64_t n) {
+  __m256 vw[G], vs[G];
+  for (int j = 0; j < G; ++j) {
+    vw[j] = _mm256_set1_ps(w[j]);
+    vs[j] = _mm256_set1_ps(s[j]);
+  }
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 x = _mm256_loadu_ps(a + i);
+    for (int j = 0; j < G; ++j) {
+      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(u[j] + i));
+      __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), vs[j]);
+      if (Base) v = _mm256_sub_ps(v, _mm256_loadu_ps(b + i));
+      x = _mm256_add_ps(x, _mm256_mul_ps(vw[j], v));
+    }
+    _mm256_storeu_ps(a + i, x);
+  }
+  return i;
+}
+#endif
+
 // Calls seg(i0, i1, g) over [0, n) cut where the scale block g = (start + i) / B changes: one division per block.
 template <class Seg>
 static inline void for_scale_segments(int64_t start, int64_t n, int64_t B, Seg&& seg) {
@@ -202,29 +233,40 @@ static inline void fold_block_q(A* __restrict a, const A* __restrict b, const in
 // side. Measured on 2 vCPUs, interleaved with the previous one-update-at-a-time loop (bench/results/
 // fold_group_ab_epyc.txt): 25M float32 x 10 in 50 leaves 40.6-42.4 -> 33.2-36.4 ms (0.80 -> 1.0 of the read
 // roofline), 100k bfloat16 x 100 1.7-1.9 -> 1.1-1.5 ms; 100k float32 x 100 within noise (2.0 -> 1.7-2.1 ms: there
-// one core's read of 4 KB pages bounds it). f16 (F16C widening) and int8 (scale segments) keep the one-update loop.
+// one core's read of 4 KB pages bounds it). f16 (F16C widening) keeps the one-update loop. int8 (In = int8_t) groups
+// too, over one scale segment at a time (see fold_group): x_j = jk::dequant(q_j[i], s[j]), s the group's scales there.
 constexpr int64_t FOLD_GROUP = 4;
 
 template <class In>
 constexpr bool groups_fold = std::is_same_v<In, float> || std::is_same_v<In, double> || std::is_same_v<In, jk::bf16>;
 
 template <class A, class In, bool Base, int G>
-static inline void fold_block_g(A* __restrict a, const A* __restrict b, const In* const* u, const A* w, int64_t n) {
+static inline void fold_block_g(A* __restrict a, const A* __restrict b, const In* const* u, const A* w,
+                                const float* s, int64_t n) {
+  constexpr bool Quant = std::is_same_v<In, int8_t>;
   const In* __restrict u0 = u[0];
   const In* __restrict u1 = u[G > 1 ? 1 : 0];
   const In* __restrict u2 = u[G > 2 ? 2 : 0];
   const In* __restrict u3 = u[G > 3 ? 3 : 0];
   const A w0 = w[0], w1 = w[G > 1 ? 1 : 0], w2 = w[G > 2 ? 2 : 0], w3 = w[G > 3 ? 3 : 0];
-  auto term = [&](const In* __restrict v, int64_t i) {
-    A x = jk::load<A>(v[i]);
+  // (scales in registers, not read through s per element: s is not restrict, so the stores to a could alias it)
+  const float s0 = Quant ? s[0] : 0.f, s1 = Quant ? s[G > 1 ? 1 : 0] : 0.f, s2 = Quant ? s[G > 2 ? 2 : 0] : 0.f,
+              s3 = Quant ? s[G > 3 ? 3 : 0] : 0.f;
+  auto term = [&](const In* __restrict v, float sc, int64_t i) {
+    A x;
+    if constexpr (Quant) x = jk::dequant<A>(v[i], sc); else x = jk::load<A>(v[i]);
     if (Base) x = x - b[i];
     return x;
   };
-  for (int64_t i = 0; i < n; ++i) {
-    A x = jk::fold_step(a[i], w0, term(u0, i));
-    if constexpr (G > 1) x = jk::fold_step(x, w1, term(u1, i));
-    if constexpr (G > 2) x = jk::fold_step(x, w2, term(u2, i));
-    if constexpr (G > 3) x = jk::fold_step(x, w3, term(u3, i));
+  int64_t i = 0;
+#ifdef JK_F16C
+  if constexpr (Quant && std::is_same_v<A, float>) i = fold_q8_f32<Base, G>(a, b, u, w, s, n);
+#endif
+  for (; i < n; ++i) {
+    A x = jk::fold_step(a[i], w0, term(u0, s0, i));
+    if constexpr (G > 1) x = jk::fold_step(x, w1, term(u1, s1, i));
+    if constexpr (G > 2) x = jk::fold_step(x, w2, term(u2, s2, i));
+    if constexpr (G > 3) x = jk::fold_step(x, w3, term(u3, s3, i));
     a[i] = x;
   }
 }
@@ -237,25 +279,32 @@ static inline int present_updates(const int64_t* ptr, int64_t r, int64_t k, int6
   return g;
 }
 
-// fold_block_g of the g updates es[0..g) over elements pos .. pos + n of their leaf (o in the accumulator).
+// fold_block_g of the g updates es[0..g) over elements pos .. pos + n of their leaf (o in the accumulator). int8
+// (In = int8_t): sptr, the updates' scale addresses, and B, the block size all g share: the updates of a row share
+// pos, so their scale blocks then change at the same elements, and each segment between is one fold_block_g.
 template <class A, class In, bool Base>
 static inline void fold_group(A* acc, const A* base, const int64_t* ptr, const double* w, const int64_t* es, int g,
-                              int64_t pos, int64_t o, int64_t n) {
-  const In* u[FOLD_GROUP];
-  A wg[FOLD_GROUP];
-  for (int q = 0; q < g; ++q) {
-    u[q] = reinterpret_cast<const In*>(ptr[es[q]]) + pos;
-    wg[q] = (A)w[es[q]];
-  }
-  A* a = acc + o;
-  const A* b = Base ? base + o : nullptr;
-  switch (g) {
-    case 1: fold_block_g<A, In, Base, 1>(a, b, u, wg, n); break;
-    case 2: fold_block_g<A, In, Base, 2>(a, b, u, wg, n); break;
-    case 3: fold_block_g<A, In, Base, 3>(a, b, u, wg, n); break;
-    case 4: fold_block_g<A, In, Base, 4>(a, b, u, wg, n); break;
-    default: break;
-  }
+                              int64_t pos, int64_t o, int64_t n, const int64_t* sptr = nullptr, int64_t B = 0) {
+  auto seg = [&](int64_t i0, int64_t i1, int64_t blk_index) {
+    const In* u[FOLD_GROUP];
+    A wg[FOLD_GROUP];
+    float s[FOLD_GROUP];
+    for (int q = 0; q < g; ++q) {
+      u[q] = reinterpret_cast<const In*>(ptr[es[q]]) + pos + i0;
+      wg[q] = (A)w[es[q]];
+      if constexpr (std::is_same_v<In, int8_t>) s[q] = reinterpret_cast<const float*>(sptr[es[q]])[blk_index];
+    }
+    A* a = acc + o + i0;
+    const A* b = Base ? base + o + i0 : nullptr;
+    switch (g) {
+      case 1: fold_block_g<A, In, Base, 1>(a, b, u, wg, s, i1 - i0); break;
+      case 2: fold_block_g<A, In, Base, 2>(a, b, u, wg, s, i1 - i0); break;
+      case 3: fold_block_g<A, In, Base, 3>(a, b, u, wg, s, i1 - i0); break;
+      case 4: fold_block_g<A, In, Base, 4>(a, b, u, wg, s, i1 - i0); break;
+      default: break;
+    }
+  };
+  if constexpr (std::is_same_v<In, int8_t>) for_scale_segments(pos, n, B, seg); else seg(0, n, 0);
 }
 
 template <class A, class In, bool Base>
@@ -276,13 +325,25 @@ static void fold_rows(A* acc, const A* base, const int64_t* off, const int64_t* 
   }
 }
 
+// int8 in groups as fold_rows: each run of consecutive present updates with one block size (all of them, when the
+// parties quantized alike) is one fold_group; a group of mixed block sizes falls back to runs down to one update,
+// whose scale segments differ. Runs in batch order keep each element's updates in batch order: the same bits.
+// Interleaved with the one-update loop on 2 vCPUs (bench/results/int8_group_ab_epyc.txt): 25M x 10 in 50 leaves
+// 12.1-13.9 -> 10.0-10.9 ms (float32's fold_many 26.5-28 ms in both: 2.16-2.24x -> 2.58-2.70x its rate), 100k x 100
+// 0.53-0.57 -> 0.41-0.44 ms.
 template <class A, bool Base>
 static void fold_rows_q(A* acc, const A* base, const int64_t* off, const int64_t* ptr, const double* w,
                         const int64_t* sptr, const int64_t* blk, int64_t k, const Walk& wk) {
-  for_blocks(off, ptr, k, wk, [&](int64_t, int64_t e, int64_t p, int64_t pos, int64_t o, int64_t n) {
-    fold_block_q<A, Base>(acc + o, Base ? base + o : nullptr, reinterpret_cast<const int8_t*>(p) + pos,
-                          reinterpret_cast<const float*>(sptr[e]), pos, blk[e], (A)w[e], n);
-  }, no_done);
+  const int64_t* work = wk.work;
+  walk_blocks(off, k, FOLD_GROUP, wk, [&](int64_t it, int64_t j0, int64_t j1, int64_t b0, int64_t n) {
+    const int64_t r = work[3 * it], pos = work[3 * it + 1] + b0;
+    int64_t es[FOLD_GROUP];
+    const int g = present_updates(ptr, r, k, j0, j1, es);
+    for (int q0 = 0, q1; q0 < g; q0 = q1) {
+      for (q1 = q0 + 1; q1 < g && blk[es[q1]] == blk[es[q0]];) ++q1;
+      fold_group<A, int8_t, Base>(acc, base, ptr, w, es + q0, q1 - q0, pos, off[r] + pos, n, sptr, blk[es[q0]]);
+    }
+  }, no_done, SUB);
 }
 
 // Deterministic fold: jk::binned_step per term, in batch order, then a carry per element once the batch is in.

@@ -216,6 +216,36 @@ def test_absent_leaves_bit_exact(backend, in_dtype, seed, k, with_base):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("acc_dtype", ["float32", "float64"])
+@given(seed=seeds, with_base=st.booleans(), absent=ABSENT, k=st.sampled_from([10, 20]))
+def test_int8_mixed_block_sizes_bit_exact(backend, acc_dtype, seed, with_base, absent, k):
+    """int8 updates quantized with different block sizes in one batch: the C++ fold takes FOLD_GROUP updates of a
+    row through a block together only where they share a block size (their scale segments then fall at the same
+    elements), in runs of consecutive updates (7, 7 | 5, 5 | 7 | 64, 64, 64 | ...), and falls back to fewer, down to
+    one, where they differ. Each update's scales must be read at its own block boundaries: folding a group at the
+    first update's block size would read the others' scales at the wrong elements. Leaves of 300 and 5000 elements
+    hold many blocks of 5 and 7 (different scales: random values), and split over several work items (chunk 300)."""
+    mod = _module(backend, "int8")
+    rng = np.random.default_rng(seed)
+    shapes = [(5000,), (37,), (300,), (1,), (64, 33)]
+    lay = Layout.from_template(make_update(rng, shapes, "float32"))
+    blocks = [(7, 7, 5, 5, 7, 64, 64, 64, 5, None)[j % 10] for j in range(k)]
+    leaves = [lay.flatten(make_update(rng, shapes, "float32", quantize=True, block=b)) for b in blocks]
+    for lv in leaves if absent else ():
+        for r in np.flatnonzero(rng.random(len(lv)) < absent):
+            lv[r] = None
+    entries = [np.array([leaf_entry(a) for a in lv], np.int64).reshape(len(lay), 4) for lv in leaves]
+    groups = build_groups(lay, entries, leaves, rng.uniform(0.1, 100.0, k), chunk=300)[0]
+    start = rng.standard_normal(lay.size).astype(acc_dtype)
+    base = rng.standard_normal(lay.size).astype(acc_dtype) if with_base else None
+    for g in groups.values():
+        want, got = start.copy(), start.copy()
+        numpy_ref.fold(want, base, g)
+        mod.fold(got, base, g)
+        assert got.tobytes() == want.tobytes(), f"{backend} int8 fold with mixed block sizes differs from numpy"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("in_dtype", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_many_updates_bit_exact_across_tiles_and_threads(backend, in_dtype, threads):
