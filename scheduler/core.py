@@ -590,6 +590,8 @@ class JITScheduler:
         self._closed = False
         self._unresolved: list = []  # (round future, result, error) to resolve once the lock is let go: _settling
         self._commits: list = []  # state-directory commits of rounds' ends, made once the lock is let go: _settling
+        self._committing = 0  # of them, those being made now (close() waits for them before the directory closes)
+        self._committed = threading.Condition(self._lock)
         self._opening: list = []  # (job state, round) to open once they are resolved
         self._ids = itertools.count()
         self._removing: dict = {}  # job id -> a removed job whose running task has not ended yet
@@ -946,8 +948,13 @@ class JITScheduler:
             else:
                 durable = DURABLE  # nothing to persist (no state directory), or already on disk (a replay)
         if writes:
-            _relay(self._persist(js, round, party, update_id, weight, item,
-                                 None if late_from is None else late_from.number), durable)
+            try:
+                written = self._persist(js, round, party, update_id, weight, item,
+                                        None if late_from is None else late_from.number)
+            except BaseException as e:  # (closed meanwhile: a resend that raced it waits on this future)
+                durable.set_exception(e)
+                raise
+            _relay(written, durable)
         if spill:  # once written, only the file holds it (the writer thread lets the arrays go then)
             item, nbytes = _Spilled(round, party, float(weight), durable, info, item), 0
             if item.item is not None:
@@ -1092,10 +1099,18 @@ class JITScheduler:
                 # directory's lock was held for the process's life after an executor that failed to close)
                 if self.store is not None:
                     steps.callback(self.store.close)
+                    steps.callback(self._wait_commits)  # (before the directory closes: a round's failure, decided
+                    # before close, was lost to a closed directory on a clock the caller owns)
                 if self._own_clock and hasattr(self.clock, "close"):  # (a VirtualClock has no thread to stop)
                     steps.callback(self.clock.close)
                 steps.callback(self._let_go)
                 self.executor.close()
+
+    def _wait_commits(self) -> None:
+        """Wait until no deferred commit (:meth:`_commit_later`) is being made. (A close() from a round future's
+        done-callback runs after that thread's own commits: it never waits for itself.)"""
+        with self._lock:
+            self._committed.wait_for(lambda: self._committing == 0)
 
     def _let_go(self) -> None:
         """Once closed, with no task running: the rounds' aggregators (a robust rule's slab, perhaps a spill file),
@@ -1162,8 +1177,14 @@ class JITScheduler:
                 ready, self._unresolved = self._unresolved, []
                 opening, self._opening = self._opening, []
                 commits, self._commits = self._commits, []
-            for make in commits:  # (the rounds' ends on disk before their futures resolve, as under the lock)
-                make()
+                self._committing += len(commits)
+            try:
+                for make in commits:  # (the rounds' ends on disk before their futures resolve, as under the lock)
+                    make()
+            finally:
+                with self._lock:
+                    self._committing -= len(commits)
+                    self._committed.notify_all()
             interrupted = None  # (a callback's BaseException, re-raised once every future and round is settled)
             for fut, result, error in ready:
                 try:
@@ -1623,10 +1644,8 @@ class JITScheduler:
             return
         if rnd.quorum_time is not None and rnd.folded >= rnd.quorum:
             est = self.cost.finalize_s(js.model_elems, **self._priced(js))
-            fn = rnd.aggregator.finalize if rnd.aggregator is not None else None
-            if fn is not None and self.store is not None:
-                fn = functools.partial(self._finalize_durably, js, rnd.number, rnd.aggregator,
-                                       self._update_ids(js, rnd))
+            fn = None if rnd.aggregator is None else functools.partial(
+                self._finalize, js, rnd.number, rnd.aggregator, None if self.store is None else self._update_ids(js, rnd))
             task = Task("finalize", js.job.id, rnd.number, 0, 0, est, fn)
             dep.busy = True
             self._log("finalize", js, round=rnd.number, est_s=est)
@@ -1772,17 +1791,24 @@ class JITScheduler:
                 self._release_spilled(js, item)
         rnd.pending, rnd.pending_bytes = [], 0
 
-    def _finalize_durably(self, js, number, agg, ids):
-        """A finalize task with a state directory: the result is committed before its future resolves."""
+    def _finalize(self, js, number, agg, ids):
+        """A finalize task: (the result, the next round's base where the job rebases). The base is a copy (the caller
+        owns the result, and may change it before the next round), made before the result is committed: a copy that
+        fails (a model-sized allocation) fails the round here and on disk alike (made after the commit, it reported a
+        round failed whose result a restart then served). With a state directory the result is committed before the
+        round's future resolves."""
         result = agg.finalize()
+        nxt = copy.deepcopy(result) if js.rebases and not js.job.after_last(number + 1) else None
+        if self.store is None:
+            return result, nxt
         with self._lock:
             if self._closed or js.removed:  # the round resolved with SchedulerClosed (a restart reopens it), or the
-                return result  # job is gone
+                return result, nxt  # job is gone
         self.store.commit_result(js.job.id, number, js.layout, js.layout.flatten(result), ids,
                                  carry=agg.state if js.carries else None, predictor=js.predictor.to_json(),
                                  opened=self._wall(), live=lambda: not js.removed)
         js.fold_bytes = 0
-        return result
+        return result, nxt
 
     def _resume(self, js) -> None:
         """Continue a job from the state directory: finished rounds' results, the open round's committed partial
@@ -1956,30 +1982,29 @@ class JITScheduler:
                     return
             else:
                 rnd.done = True
+                result, nxt = (None, None) if result is None else result  # (None: no arrays, the simulator's)
                 try:
-                    self._finalized(js, rnd, duration, result, error)
-                except Exception as e:  # (what failed after the finalize, a model-sized copy or a disk write, ends
-                    # the round with its error: the clock thread logged it and went on, and the round's future was
-                    # left unresolved for good, close() included, with its job stuck on it)
-                    log.exception("job %r round %d: finishing the round failed", js.job.id, rnd.number)
-                    e.add_note(f"while finishing job {js.job.id!r} round {rnd.number}")
-                    result, error = None, error or e
+                    self._finalized(js, rnd, duration, nxt, error)
+                except Exception:  # (the round resolves as its finalize did, whatever failed here: the clock thread
+                    # logged it and went on, and the round's future was left unresolved for good, its job stuck)
+                    log.exception("job %r round %d: the bookkeeping after its finalize failed", js.job.id, rnd.number)
                 self._resolve(rnd, result, error)
                 self._round_finished(js, rnd)
                 return
             self._pump(js)
 
-    def _finalized(self, js, rnd, duration, result, error) -> None:
-        """A round's finalize task is over: its metrics, and the next base (a success) or the failure's record."""
+    def _finalized(self, js, rnd, duration, nxt, error) -> None:
+        """A round's finalize task is over: the next base (``nxt``, where the job rebases) and the metrics of a
+        success, or the failure's record."""
         now = rnd.ready_time = self.clock.now()
         if error is None:  # (a failed finalize made no model: no round, no latency, as a failed fold)
+            if nxt is not None:
+                js.next_base = nxt
             js.metrics.latencies.append(now - rnd.quorum_time)
             js.metrics.rounds += 1
             if js.job.deadline_s is not None and now > rnd.start + js.job.deadline_s and not rnd.missed:
                 js.metrics.misses += 1
             self._log("ready", js, round=rnd.number, latency_s=now - rnd.quorum_time, busy_s=duration)
-            if js.rebases and not js.job.after_last(rnd.number + 1):  # (a copy: the caller owns the result, and
-                js.next_base = copy.deepcopy(result)  # may change it before the next round)
             return
         self._log("round_failed", js, round=rnd.number, error=repr(error))
         # recorded, so that a restart resolves the round with it; not for a job whose rounds hand state on once the

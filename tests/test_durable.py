@@ -498,6 +498,92 @@ def test_a_failure_commit_made_after_its_job_was_removed_writes_nothing(tmp_path
     sched.close()
 
 
+def test_close_waits_for_a_failure_commit_in_progress(tmp_path):
+    """A round's failure is committed after the scheduler's lock is let go; a close() in between (on a clock the
+    caller owns, which close does not stop) closed the directory under the commit: the live run reported the
+    failure, and a restart reopened the round. close() waits for the commit."""
+    import threading
+
+    from scheduler import QuorumUnreachable, RealClock
+
+    armed, entered, release = threading.Event(), threading.Event(), threading.Event()
+
+    def hook(point):
+        if armed.is_set() and point == "manifest.begin" and not entered.is_set():
+            entered.set()
+            release.wait(30)
+
+    clock = RealClock()
+    job = dict(template={"w": np.zeros(4, np.float32)}, parties=["p", "q"], quorum=2, rounds=2)
+    sched = JITScheduler("eager", slots=1, state_dir=tmp_path, crash_hook=hook, clock=clock)
+    sched.add_job(Job("a", deadline_s=0.05, **job))
+    first = sched.result("a", 0)
+    armed.set()
+    assert entered.wait(30)
+    closing = threading.Thread(target=sched.close)
+    closing.start()
+    closing.join(0.5)
+    assert closing.is_alive(), "close() did not wait for the failure's commit"
+    release.set()
+    closing.join(30)
+    clock.close()
+    with pytest.raises(QuorumUnreachable):
+        first.result(timeout=10)
+    again = JITScheduler("eager", slots=1, state_dir=tmp_path)
+    again.add_job(Job("a", deadline_s=60, **job))
+    with pytest.raises(QuorumUnreachable):
+        again.result("a", 0).result(timeout=10)
+    again.close()
+
+
+def test_a_resend_racing_an_original_that_close_refused_is_not_left_waiting(tmp_path, monkeypatch):
+    """The original's write was never handed over (close() came first): the resend that raced it gets the same
+    refusal from its durable future instead of waiting on it for good."""
+    from scheduler import SchedulerClosed
+
+    sched = _sched(tmp_path)
+    sched.add_job(Job("j", template={"w": np.zeros(4, np.float32)}, parties=["a", "b"], quorum=2, rounds=1))
+    upd, resent = {"w": np.ones(4, np.float32)}, []
+    real = type(sched)._persist
+
+    def persist(self, *args):
+        resent.append(sched.submit("j", 0, "a", upd, update_id="a0"))
+        sched.close()
+        return real(self, *args)
+    monkeypatch.setattr(type(sched), "_persist", persist)
+    with pytest.raises(SchedulerClosed):
+        sched.submit("j", 0, "a", upd, update_id="a0")
+    with pytest.raises(SchedulerClosed):
+        resent[0].durable.result(timeout=5)
+
+
+def test_a_round_whose_next_base_cannot_be_made_fails_before_its_result_is_committed(tmp_path, monkeypatch):
+    """The copy of a rebasing job's model that the next round folds against is made by the finalize task before
+    the result is committed: a copy that fails (a model-sized allocation) fails the round on disk as in the live
+    run. Made after the commit, the live run reported the round failed, its metrics counted it, and a restart
+    served its result (and folded the next round against another base)."""
+    import scheduler.core as core
+
+    real, calls = core.copy.deepcopy, []
+
+    def deepcopy(x, *a):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MemoryError("no room for the next round's base")
+        return real(x, *a)
+    monkeypatch.setattr(core.copy, "deepcopy", deepcopy)
+    job = dict(template={"w": np.zeros(8, np.float32)}, parties=["a", "b"], quorum=2, rounds=2, algorithm="fednova")
+    sched = JITScheduler("eager", state_dir=tmp_path)
+    sched.add_job(Job("j", **job))
+    for p in ("a", "b"):
+        sched.submit("j", 0, p, {"w": np.ones(8, np.float32)}, steps=4)
+    with pytest.raises(MemoryError, match="next round's base"):
+        sched.result("j", 0).result(timeout=10)
+    assert sched.metrics()["j"]["rounds"] == 0
+    assert "0" not in sched.store.jobs["j"].get("results", {})
+    sched.close()
+
+
 def test_a_resend_after_a_failed_write_writes_it_again(tmp_path):
     """A write that fails (a full disk) fails the Ack's ``durable``; the resend (same update_id) shows that failure
     instead of claiming the update is on disk, and once the disk takes writes again a resend writes it: the

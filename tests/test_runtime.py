@@ -199,9 +199,9 @@ def test_a_timed_out_asyncio_wait_leaves_the_round_and_the_job_going():
 
 
 def test_a_round_whose_finishing_fails_resolves_with_the_error_and_the_job_goes_on(monkeypatch):
-    """After a finalize, the round's bookkeeping can fail (here the copy of a FedNova model kept as the next round's
-    base: a model-sized allocation). Its future was left unresolved for good (the clock thread logged the error),
-    close() included, and the job stuck on the round. It resolves with that error; the next rounds run."""
+    """A round's finishing can fail (here the copy of a FedNova model kept as the next round's base: a model-sized
+    allocation). Its future was left unresolved for good (the clock thread logged the error), close() included,
+    and the job stuck on the round. It resolves with that error; the next rounds run."""
     import scheduler.core as core
 
     real, calls = core.copy.deepcopy, []
@@ -218,9 +218,8 @@ def test_a_round_whose_finishing_fails_resolves_with_the_error_and_the_job_goes_
                           algorithm="fednova"))
         for p in ("a", "b"):
             sched.submit("j", 0, p, {"w": np.ones(8, np.float32)}, steps=4)
-        with pytest.raises(MemoryError, match="next round's base") as e:
+        with pytest.raises(MemoryError, match="next round's base"):
             sched.result("j", 0).result(timeout=10)
-        assert "while finishing job 'j' round 0" in "".join(getattr(e.value, "__notes__", []))
         for p in ("a", "b"):
             sched.submit("j", 1, p, {"w": np.full(8, 2.0, np.float32)}, steps=4)
         assert sched.result("j", 1).result(timeout=10)["w"].shape == (8,)
