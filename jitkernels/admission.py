@@ -155,17 +155,18 @@ def batch_stats(layout, leaves_list, *, base=None, host_base=None, backend="auto
     k = len(leaves_list)
     L = len(layout.leaves)
     entries = leaf_entries(layout, leaves_list)[0] if entries is None else entries
-    host_base = to_host(base) if host_base is None else host_base
+    host_base = base if host_base is None else host_base
     stats = None
     if on_device is None or not any(on_device):  # the usual case: every update on the host, no columns to gather
         sides = [(False, np.arange(k))]
     else:
         on_device = np.asarray(on_device, bool)
         sides = [(dev, np.flatnonzero(on_device == dev)) for dev in (False, True)]
-        device_base = None if base is None else place(base, True)  # (a device base as it is: no copy)
     for dev, cols in sides:
         if cols.size == 0:
             continue
+        if host_base is not None:  # copied over only for a side that has updates (a device base as it is: no copy)
+            side_base = place(base, True) if dev else to_host(host_base)
         every = cols.size == k
         one = k == 1 and not dev  # a submit's admission: its signature's groups, re-pointed (see _OneStats)
         table = stack_entries(entries)[:, 0] if one else None  # (a list of tables, or one stacked table)
@@ -175,10 +176,8 @@ def batch_stats(layout, leaves_list, *, base=None, host_base=None, backend="auto
             device=np.ones(cols.size, bool) if dev else None)[0]
         try:
             for name, g in groups.items():
-                if dev:
-                    mod, b = backends.get("cupy"), device_base
-                else:
-                    mod, b = backends.choose("auto" if backend == "cupy" else backend, name), host_base
+                mod = backends.get("cupy") if dev else backends.choose("auto" if backend == "cupy" else backend, name)
+                b = None if host_base is None else side_base
                 got = mod.stats(b, g, acc_dtype)
                 if every and len(groups) == 1 and len(g.leaf_ids) == L:  # one group, every leaf in order: the answer
                     return (entries, *got)

@@ -456,6 +456,15 @@ def test_jk_admit_reads_a_base_where_the_updates_are():
                 jk.admit_many([on_gpu[0], ups[1]], layout, base=base, backend="cupy")):
         for g, w in zip(got, want):
             assert g.maxabs == pytest.approx(w.maxabs, rel=1e-6) and g.norm == pytest.approx(w.norm, rel=1e-6)
+    from jitkernels import admission
+    downloads = []
+    real = admission.to_host
+    try:  # a base is copied over only for a side that has updates: device ones with a device base, none
+        admission.to_host = lambda a: downloads.append(type(a).__name__) or real(a)
+        jk.admit_many(on_gpu, layout, base=cp.asarray(base), backend="cupy")
+    finally:
+        admission.to_host = real
+    assert downloads == []
 
 
 def test_deterministic_gpu_equals_cpu_bit_for_bit():
