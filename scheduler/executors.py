@@ -218,11 +218,14 @@ class RayExecutor(LocalExecutor):
     scheduler's bookkeeping stay in this process.
 
     Connect to a cluster with ``ray.init(address=...)`` before creating it (else a local Ray is started with
-    ``ray_init`` arguments, and left running for other users in the process). ``cpus_per_task`` is the Ray resource
-    request of each fold task, and the kernels use that many threads (the CPUs Ray assigned the task). A request no
-    node can meet is refused here (Ray would wait for one forever); tasks still waiting for CPUs, or running, when
-    the executor closes are cancelled. Partial updates and buffered (robust) rules are folded in this process: the
-    first need their masks shipped, the second a slab.
+    ``ray_init`` arguments, and left running for other users in the process; given while Ray runs already, they are
+    refused: they would change nothing). ``cpus_per_task`` is the Ray resource request of each fold task, and the
+    kernels use that many threads (the CPUs Ray assigned the task). A request no node can meet is refused here (Ray
+    would wait for one forever); tasks still waiting for CPUs, or running, when the executor closes are cancelled,
+    and folds that reach it after are refused. Partial updates, buffered (robust) rules and algorithms the workers
+    cannot rebuild from their parameters (a class of your own, or a subclass of ours: the workers would fold
+    with the class its name registers) are folded in this process: the first need their masks shipped, the second
+    a slab.
     """
 
     def __init__(self, clock, slots: int, *, workers: int = 2, cpus_per_task: int = 1, max_retries: int = 3,
@@ -232,6 +235,9 @@ class RayExecutor(LocalExecutor):
         kernel_threads = _kernel_threads(kernel_threads)  # (before Ray is started for nothing)
         if not ray.is_initialized():
             ray.init(**ray_init)
+        elif ray_init:  # (a misspelt keyword, or a setting of a Ray that runs already, was dropped without a word)
+            raise ValueError(f"Ray is running already: {', '.join(sorted(ray_init))} would change nothing (they are "
+                             "ray.init's, for a Ray this executor starts)")
         most = max((n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
         if cpus_per_task > most:
             raise ValueError(f"cpus_per_task={cpus_per_task}, but no Ray node has more than {most:g} CPUs: its tasks "
@@ -242,10 +248,25 @@ class RayExecutor(LocalExecutor):
         self._task = ray.remote(num_cpus=cpus_per_task, max_retries=max_retries)(_fold_partial)
         self._running = set()  # the fold tasks' refs, cancelled by close() (under _running_lock)
         self._running_lock = threading.Lock()
+        self._closed = False  # (under _running_lock) folds that reach the executor after close() are refused
+
+    @staticmethod
+    def _rebuilds(alg, params) -> bool:
+        """Whether the workers, which rebuild the algorithm from its parameters, get ``alg``'s own class (and its
+        inner algorithm's, for a wrapper)."""
+        try:
+            rebuilt = jk.algorithms.from_params(params)
+        except (ValueError, TypeError):  # (a name no class of ours registers, parameters ours do not take)
+            return False
+        while type(rebuilt) is type(alg):
+            if not hasattr(alg, "inner"):  # (a DP wrapper's inner algorithm)
+                return True
+            alg, rebuilt = alg.inner, rebuilt.inner
+        return False
 
     def fold_many(self, agg, items) -> None:
-        if agg.partial or agg.buffered or not items:  # see the class docstring
-            return super().fold_many(agg, items)
+        if agg.partial or agg.buffered or not items or not self._rebuilds(agg.algorithm, agg.state.algorithm):
+            return super().fold_many(agg, items)  # (see the class docstring)
         ray, st = self._ray, agg.state
         if not ray.is_initialized():  # (ray.put would start a new local Ray, and the job would fold here unnoticed)
             raise RuntimeError("Ray is not initialized (shut down while the scheduler ran?): the RayExecutor has no "
@@ -262,12 +283,14 @@ class RayExecutor(LocalExecutor):
         spec = {"layout": st.layout.on_host().to_json(), "algorithm": st.algorithm,
                 "acc_dtype": st.acc_dtype, "round": st.round, "scalars": st.scalars,
                 "backend": agg.backend if agg.backend != "cupy" else "auto"}
-        base = None if st.base is None else ray.put(to_host(st.base))
         shares = [items[i::self.workers] for i in range(min(self.workers, len(items)))]
-        refs = [self._task.remote(spec, base, [[to_host(a) for a in u.leaves] for u in share],
-                                  [u.weight for u in share], [u.party for u in share], [u.info for u in share])
-                for share in shares]
-        with self._running_lock:
+        with self._running_lock:  # (submitted under it: a close() meanwhile cancels them, or refuses this fold)
+            if self._closed:  # (a fold queued behind the pool at close: its tasks waited for CPUs another tenant
+                raise RuntimeError("the RayExecutor is closed: nothing folded")  # held, and close() with them)
+            base = None if st.base is None else ray.put(to_host(st.base))
+            refs = [self._task.remote(spec, base, [[to_host(a) for a in u.leaves] for u in share],
+                                      [u.weight for u in share], [u.party for u in share], [u.info for u in share])
+                    for share in shares]
             self._running.update(refs)
         try:
             blobs = ray.get(refs)
@@ -275,6 +298,12 @@ class RayExecutor(LocalExecutor):
             with contextlib.suppress(Exception):  # (the error to report is the fold's)
                 for ref in refs:  # the other shares' tasks: their work is lost with this batch's
                     ray.cancel(ref)
+                # their outcomes (the same refusal, or the cancellation), read and dropped: left unread, Ray logged
+                # each as an unhandled error when the refs went
+                done, _ = ray.wait(refs, num_returns=len(refs), timeout=5.0)
+                for ref in done:
+                    with contextlib.suppress(Exception):
+                        ray.get(ref)
             # the round keeps its error, and so its traceback's frames: ray.get's below this one held the refs (the
             # base and the tasks' results stayed pinned in Ray's object store until the scheduler itself was gone).
             # Raised from here (the worker's traceback is in the error's message), with this frame's refs let go:
@@ -282,7 +311,7 @@ class RayExecutor(LocalExecutor):
         finally:
             with self._running_lock:
                 self._running.difference_update(refs)
-            base = refs = ref = None
+            base = refs = ref = done = None
         states = [jk.FoldState.from_bytes(b, where="ray partial fold") for b in blobs]
         while len(states) > 1:  # a fixed balanced tree: the merge order (hence the rounding) does not vary
             states = [states[i].merge(states[i + 1]) if i + 1 < len(states) else states[i]
@@ -295,6 +324,7 @@ class RayExecutor(LocalExecutor):
         waiting on a CPU another tenant held kept close() waiting with it), and end the pool. Ray stays up (other
         executors in the process may be folding on it)."""
         with self._running_lock:
+            self._closed = True
             running = list(self._running)
         with contextlib.suppress(Exception):  # (a Ray shut down meanwhile has nothing left to cancel)
             for ref in running:

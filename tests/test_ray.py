@@ -190,6 +190,56 @@ def test_close_cancels_folds_waiting_for_cpus():
         ray.kill(hog)
 
 
+def test_an_algorithm_the_workers_cannot_rebuild_folds_in_this_process(executor):
+    """The workers rebuild the algorithm from its parameters, by its name: a subclass of ours that keeps its
+    name (here FedAvg weighing by the square of the sample count) folded as plain FedAvg there, a wrong model
+    without a word, and a class of its own name failed as CorruptState. Both fold in this process."""
+    class Squared(jk.algorithms.FedAvg):
+        def mass(self, u):
+            return u.weight ** 2
+
+    class Named(jk.algorithms.FedAvg):
+        name = "my_avg"
+
+    for alg in (Squared(), Named(), jk.algorithms.DPFixedClipping(Squared(), clip_norm=10.0, noise_multiplier=0.0)):
+        base = cw.template() if alg.needs_base else None
+        local, remote = jk.Aggregator(cw.template(), alg, base=base), jk.Aggregator(cw.template(), alg, base=base)
+        local.fold_many(_batch(local))
+        executor.fold_many(remote, _batch(remote))
+        a, b = local.finalize(), remote.finalize()
+        assert all(a[n].tobytes() == b[n].tobytes() for n in a)
+
+
+def test_kernel_threads_follow_the_cpus_ray_gives_a_task(executor):
+    """A fold task sizes its kernel threads to the CPUs Ray assigned it, whatever OMP_NUM_THREADS its worker
+    started with."""
+    from scheduler.executors import _fold_partial
+
+    @ray.remote(num_cpus=2, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    def fold_and_count(*args):
+        _fold_partial(*args)
+        return jk.get_num_threads()
+
+    agg = jk.Aggregator({"w": np.zeros(8, np.float32)})
+    spec = {"layout": agg.layout.to_json(), "algorithm": agg.state.algorithm, "acc_dtype": "float32", "round": 0,
+            "scalars": agg.state.scalars, "backend": "auto"}
+    assert ray.get(fold_and_count.remote(spec, None, [[np.ones(8, np.float32)]], [1.0], ["a"], [{}])) == 2
+
+
+def test_a_closed_executor_refuses_folds_and_ray_settings_it_cannot_apply(executor):
+    """A fold that reaches the executor after close() (queued behind its pool) sent its tasks all the same, and
+    close() waited on them; it is refused. ray.init's keywords for a Ray that runs already (a misspelt one too)
+    were dropped without a word."""
+    ex = RayExecutor(RealClock(), slots=1, workers=1)
+    ex.close()
+    agg = jk.Aggregator({"w": np.zeros(8, np.float32)})
+    with pytest.raises(RuntimeError, match="closed"):
+        ex.fold_many(agg, agg.admit_many([{"w": np.ones(8, np.float32)}] * 2, [1.0, 1.0], ["a", "b"]))
+    assert agg.state.count == 0
+    with pytest.raises(ValueError, match="Ray is running already: num_cpus, worker"):
+        RayExecutor(RealClock(), slots=1, worker=4, num_cpus=16)
+
+
 def _raises(f, *args):
     try:
         f(*args)
