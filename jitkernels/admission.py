@@ -346,11 +346,13 @@ def _host_values(a) -> np.ndarray:
 
 
 def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, against_base=False,
-          fold_weights=None, base_max=0.0) -> list:
+          fold_weights=None, base_max=0.0, clipped=False) -> list:
     """Admitted updates from their stats ([L, k] non-finite counts, sums of squares, max-abs), or the error of the
     first bad one (in order). ``bound`` (deterministic mode) caps ``weight * max|x|``; with ``fold_weights`` (the
     algorithm's, e.g. FedNova's w / steps) the headroom is checked against those too, which the fold multiplies by.
-    The weights must be ones the accumulator holds (:func:`check_weight_range`), unless ``bound`` is inf (buffered
+    ``clipped``: the fold scales each update by a factor its norm decides (clipping rules), so ``weight * max|x|``
+    bounds nothing it folds: the caller checks the headroom with the fold weights, once the norms are known. The
+    weights must be ones the accumulator holds (:func:`check_weight_range`), unless ``bound`` is inf (buffered
     rules). Stats ``against_base`` are of ``u - base``: ``max|u - base| + base_max`` (``max|base|``) bounds the
     ``|u|`` the kernels read into the accumulator's dtype."""
     nonfinite, sumsq, maxabs = stats
@@ -362,7 +364,7 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
     fold = raw if fold_weights is None else [float(w) for w in fold_weights]
     # the larger of the weight and the fold weight: admission without the aggregator checks the weight, the fold
     # the fold weight (FedNova's w / steps), so the fused pass checks both, or its verdict depended on the path
-    scale = raw if fold_weights is None else [max(f, r) for f, r in zip(fold, raw)]
+    scale = [0.0] * len(raw) if clipped else raw if fold_weights is None else [max(f, r) for f, r in zip(fold, raw)]
     # weights the accumulator holds (the kernels round them to its dtype); buffered rules (limit inf) sum nothing
     lo, hi = weight_range(acc_dtype) if limit != math.inf else (0.0, math.inf)
     if len(scale) == 1:  # one update (a submit): Python floats, a third of the numpy calls' time
@@ -411,7 +413,8 @@ def check(prep: Prepared, layout, stats, *, acc_dtype="float32", bound=None, aga
 
 
 def admit_many(updates, layout, *, weights=None, parties=None, infos=None, base=None, backend="auto",
-               acc_dtype=None, copy=False, partial=False, bound=None, host_base=None, base_max=None) -> list:
+               acc_dtype=None, copy=False, partial=False, bound=None, host_base=None, base_max=None,
+               clipped=False) -> list:
     """Admit k updates with one stats call per input dtype. Raises on the first bad update, check by check: parties,
     weights, infos and layouts over the whole batch first, then the stats' findings (non-finite, range) in order;
     nothing is returned (so nothing is folded) unless all pass. ``infos``: per update, a dict of the values the
@@ -419,7 +422,7 @@ def admit_many(updates, layout, *, weights=None, parties=None, infos=None, base=
     algorithm. ``bound`` (deterministic mode) caps ``weight * max|x|``. ``acc_dtype``: the accumulator's, whose
     headroom is checked (default: the layout's, as an Aggregator's). Updates in GPU memory need ``backend`` "cupy"
     (or "auto" with the GPU backend available). ``base_max``: ``max|base|``, if the caller keeps it (else a pass over
-    the base)."""
+    the base). ``clipped``: see :func:`check` (an Aggregator of a clipping rule)."""
     prep = prepare(updates, layout, weights=weights, parties=parties, backend=backend, copy=copy, partial=partial)
     infos = info_dicts(infos, prep.parties)
     # (after prepare, which refuses what is not a Layout)
@@ -431,7 +434,7 @@ def admit_many(updates, layout, *, weights=None, parties=None, infos=None, base=
     if base is not None and base_max is None:
         base_max = abs_max(base)
     admitted = check(prep, layout, stats, acc_dtype=acc_dtype, bound=bound, against_base=base is not None,
-                     base_max=base_max or 0.0)
+                     base_max=base_max or 0.0, clipped=clipped)
     rescale_norms(admitted, layout, base if host_base is None else host_base)
     for a, i in zip(admitted, infos):
         a.info = i

@@ -374,12 +374,16 @@ class Aggregator:
         parties, infos = self._parties_and_infos(parties, infos, k)
         st, base, token = self._base_view  # together: a reset(base=) meanwhile must not stamp stats measured
         host_base = None if base is None else st.host_base()  # against the old base with the new base's token
+        # a clipping rule's fold weight is the weight scaled by what the norm decides: the headroom is the fold
+        # weight's to keep, checked below (the raw weight times the unclipped max|x| refused a large update that
+        # the rule clips, and with it the batch: any party could fail a NormBounding round)
+        clipped = getattr(self.algorithm, "needs_norms", False) and not self.buffered
         admitted = admit_many(updates, self.layout, weights=weights, parties=parties, base=base,
                               host_base=host_base, backend=self.backend, acc_dtype=self.acc_dtype,
                               copy=self.copy, partial=self.partial,
                               # buffered rules keep values, they do not sum them: no accumulator headroom to keep
                               bound=2.0 ** st.bound_log2 if st.deterministic else (math.inf if self.buffered else None),
-                              base_max=self._base_max(base, token))
+                              base_max=self._base_max(base, token), clipped=clipped)
         for a, i in zip(admitted, infos):
             a.info = i
             if a.against_base:
@@ -388,7 +392,7 @@ class Aggregator:
             bound = self._fold_bound()  # (FedBuff's is 1 whatever the sample count: admitted here, refused by
             for a in admitted:  # every fold after)
                 w = float(self.algorithm.fold_weight(a, st))
-                if w != a.weight:
+                if w != a.weight or clipped:
                     self._check_headroom(a, w, bound)
         self._check_int_bound(admitted)  # on arrival, with the masses the fold will use
         return admitted

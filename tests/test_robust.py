@@ -142,6 +142,27 @@ def test_norm_bounding_clips_each_delta():
     np.testing.assert_allclose(agg.finalize()["w"], want.astype(np.float32), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("alg", [R.NormBounding(max_norm=1.0),
+                                 jk.algorithms.DPFixedClipping("fedavg", clip_norm=1.0, noise_multiplier=0.0)])
+def test_clipping_rules_take_a_huge_update_they_clip(alg):
+    """A clipping rule's headroom is its fold weight's (the weight scaled by the clip factor): the weight times
+    the unclipped max|x| (1e6 x 1e27, past float32's headroom) refused the attacker's update and, in a batch, the
+    honest ones with it, though clipped it adds about 1e4 per coordinate. Folded as its equations say."""
+    rng = np.random.default_rng(12)
+    n = 10_000
+    base = {"w": np.zeros(n, np.float32)}
+    ups = [{"w": (0.01 * rng.standard_normal(n)).astype(np.float32)} for _ in range(5)]
+    ups.append({"w": np.full(n, 1e27, np.float32)})
+    w = [100.0] * 5 + [1e6]
+    agg = jk.Aggregator(base, alg, base=base)
+    agg.fold_many(ups, w, parties=list(range(6)))
+    x = np.stack([u["w"] for u in ups]).astype(np.float64)
+    factor = np.minimum(1.0, 1.0 / np.linalg.norm(x, axis=1))
+    mass = np.array(w) if getattr(alg, "weighted", True) else np.ones(len(w))
+    want = (mass * factor) @ x / mass.sum()
+    np.testing.assert_allclose(agg.finalize()["w"], want, rtol=1e-5, atol=1e-9)
+
+
 def test_names_resolve():
     assert isinstance(jk.algorithms.resolve("fedmedian"), R.FedMedian)
     assert isinstance(jk.algorithms.from_params(R.FedTrimmedAvg(beta=0.1).params()), R.FedTrimmedAvg)
