@@ -87,13 +87,41 @@ if numba is not None:
                 x = x + w2 * _as_acc(_widen(u2[i]), acc)
                 a[i] = x + w3 * _as_acc(_widen(u3[i]), acc)
 
+    @njit(inline="always")
+    def _fold_four_q(a, b, has_base, u0, u1, u2, u3, c0, c1, c2, c3, B, s, w0, w1, w2, w3, acc):
+        """Four int8 updates of one block size: over each scale segment (the same elements for all four: they
+        share the item's start), x_j = q_j * scale_j [- b], added in batch order as _fold_four adds."""
+        ln = a.size
+        i0 = 0
+        while i0 < ln:
+            g = (s + i0) // B
+            i1 = min(ln, (g + 1) * B - s)
+            s0, s1, s2, s3 = _as_acc(c0[g], acc), _as_acc(c1[g], acc), _as_acc(c2[g], acc), _as_acc(c3[g], acc)
+            aa, q0, q1, q2, q3 = a[i0:i1], u0[i0:i1], u1[i0:i1], u2[i0:i1], u3[i0:i1]
+            if has_base:
+                bb = b[i0:i1]
+                for i in range(i1 - i0):
+                    x = aa[i] + w0 * (_as_acc(_widen(q0[i]), acc) * s0 - bb[i])
+                    x = x + w1 * (_as_acc(_widen(q1[i]), acc) * s1 - bb[i])
+                    x = x + w2 * (_as_acc(_widen(q2[i]), acc) * s2 - bb[i])
+                    aa[i] = x + w3 * (_as_acc(_widen(q3[i]), acc) * s3 - bb[i])
+            else:
+                for i in range(i1 - i0):
+                    x = aa[i] + w0 * (_as_acc(_widen(q0[i]), acc) * s0)
+                    x = x + w1 * (_as_acc(_widen(q1[i]), acc) * s1)
+                    x = x + w2 * (_as_acc(_widen(q2[i]), acc) * s2)
+                    aa[i] = x + w3 * (_as_acc(_widen(q3[i]), acc) * s3)
+            i0 = i1
+
     @njit(parallel=True, cache=True, nogil=True)
     def _fold(acc, base, has_base, off, ptr, w, sptr, blk, work, share, tiles, witness, quant):
         """Raw updates go through an item four at a time where all four carry it (_fold_four: the accumulator read
         and written once per four, their streams read side by side; C++ also packs the present ones of a group),
-        else one at a time, as int8 ones always are (their scale segments)."""
+        int8 ones where the four also share a block size (_fold_four_q, over scale segments: 25M x 10 in 37 -> 24 ms
+        on 2 vCPUs, interleaved with other work running), else one at a time."""
         k = ptr.shape[1]
-        G = 1 if quant else 4
+        G = 4
+        f32 = np.empty(0, np.float32)
         for t in prange(share.size - 1):
             for ti in range(share[t], share[t + 1]):
                 for j0 in range(0, k, G):
@@ -102,8 +130,21 @@ if numba is not None:
                         r, s, ln = work[it, 0], work[it, 1], work[it, 2]
                         a = acc[off[r] + s:off[r] + s + ln]
                         b = base[off[r] + s:off[r] + s + ln] if has_base else base[:0]
-                        if not quant and j1 - j0 == 4 and ptr[r, j0] != 0 and ptr[r, j0 + 1] != 0 \
-                                and ptr[r, j0 + 2] != 0 and ptr[r, j0 + 3] != 0:
+                        four = j1 - j0 == 4 and ptr[r, j0] != 0 and ptr[r, j0 + 1] != 0 and ptr[r, j0 + 2] != 0 \
+                            and ptr[r, j0 + 3] != 0
+                        if four and quant and blk[r, j0] == blk[r, j0 + 1] == blk[r, j0 + 2] == blk[r, j0 + 3]:
+                            B, n = blk[r, j0], 1 + (s + ln - 1) // blk[r, j0]
+                            _fold_four_q(a, b, has_base, carray(_typed_ptr(ptr[r, j0], witness), (s + ln,))[s:],
+                                         carray(_typed_ptr(ptr[r, j0 + 1], witness), (s + ln,))[s:],
+                                         carray(_typed_ptr(ptr[r, j0 + 2], witness), (s + ln,))[s:],
+                                         carray(_typed_ptr(ptr[r, j0 + 3], witness), (s + ln,))[s:],
+                                         carray(_typed_ptr(sptr[r, j0], f32), (n,)),
+                                         carray(_typed_ptr(sptr[r, j0 + 1], f32), (n,)),
+                                         carray(_typed_ptr(sptr[r, j0 + 2], f32), (n,)),
+                                         carray(_typed_ptr(sptr[r, j0 + 3], f32), (n,)), B, s,
+                                         w[r, j0], w[r, j0 + 1], w[r, j0 + 2], w[r, j0 + 3], acc)
+                            continue
+                        if four and not quant:
                             _fold_four(a, b, has_base, carray(_typed_ptr(ptr[r, j0], witness), (s + ln,))[s:],
                                        carray(_typed_ptr(ptr[r, j0 + 1], witness), (s + ln,))[s:],
                                        carray(_typed_ptr(ptr[r, j0 + 2], witness), (s + ln,))[s:],
