@@ -617,6 +617,12 @@ class SecAggSum:
                 if p in self._party_set:
                     raise DuplicateParty(p)
             leaves = [_leaves_of(u, self._plan, party=p) for u, p in zip(updates, parties)]
+            xp = device.array_module(self.acc)
+            for p, rows in zip(parties, leaves):  # (the add changes such an update: the rollback then subtracts
+                for r, a in enumerate(rows):  # other values, and a refused batch left the sums changed)
+                    if type(a) is type(self.acc) and xp.may_share_memory(a, self.acc):
+                        raise LayoutMismatch("the update shares memory with this sum's accumulator; send a copy",
+                                             leaf=str(r), party=p)
             bad = _run(self.acc, self._plan, leaves, self.modulus_bits, False, self.backend)
             if bad.any():
                 _run(self.acc, self._plan, leaves, self.modulus_bits, True, self.backend)  # exact rollback

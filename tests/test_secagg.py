@@ -341,6 +341,12 @@ def test_rejections_name_the_party_and_leave_state_untouched(backend, acc_dtype)
     rejected(jk.LayoutMismatch, "party 'bad'.*has 2 arrays", [[good[:5], good[5:]]], ["bad"])
     e = rejected(jk.LayoutMismatch, "party 'bad', leaf '2'", [[good[:5], good[5:5], good[5:-1]]], ["bad"])
     assert e.leaf == "2"
+    # the sum's own accumulator as an update, with a value out of range in the batch: the add changed it, and the
+    # rollback subtracted other values (a rejected batch left the state changed)
+    bad = good.astype(np.uint32)
+    bad[7] = 1 << bits
+    e = rejected(jk.LayoutMismatch, "party 'self', leaf '0'.*shares memory", [s.acc, bad], ["self", "bad"])
+    assert e.party == "self"
     rejected(jk.DuplicateParty, "'b' is already folded", [good], ["b"])
     rejected(jk.DuplicateParty, "'z' is already folded into this batch", [good, good], ["z", "z"])
     rejected(TypeError, "party ids", [good], [True])
