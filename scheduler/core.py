@@ -590,7 +590,9 @@ class JITScheduler:
         self._closed = False
         self._unresolved: list = []  # (round future, result, error) to resolve once the lock is let go: _settling
         self._commits: list = []  # state-directory commits of rounds' ends, made once the lock is let go: _settling
-        self._committing = 0  # of them, those being made now (close() waits for them before the directory closes)
+        # of them, those being made now, by thread (close() waits for other threads' before the directory closes;
+        # its own thread's, a crash hook's close() inside one, it cannot wait for)
+        self._committing = collections.Counter()
         self._committed = threading.Condition(self._lock)
         self._opening: list = []  # (job state, round) to open once they are resolved
         self._ids = itertools.count()
@@ -1107,10 +1109,11 @@ class JITScheduler:
                 self.executor.close()
 
     def _wait_commits(self) -> None:
-        """Wait until no deferred commit (:meth:`_commit_later`) is being made. (A close() from a round future's
-        done-callback runs after that thread's own commits: it never waits for itself.)"""
+        """Wait until no other thread makes a deferred commit (:meth:`_commit_later`). (This thread's own, where
+        close() is called from inside one, cannot end before close() returns: a crash hook's close() hung.)"""
+        me = threading.get_ident()
         with self._lock:
-            self._committed.wait_for(lambda: self._committing == 0)
+            self._committed.wait_for(lambda: not any(n for t, n in self._committing.items() if t != me))
 
     def _let_go(self) -> None:
         """Once closed, with no task running: the rounds' aggregators (a robust rule's slab, perhaps a spill file),
@@ -1177,13 +1180,16 @@ class JITScheduler:
                 ready, self._unresolved = self._unresolved, []
                 opening, self._opening = self._opening, []
                 commits, self._commits = self._commits, []
-                self._committing += len(commits)
+                me = threading.get_ident()
+                self._committing[me] += len(commits)
             try:
                 for make in commits:  # (the rounds' ends on disk before their futures resolve, as under the lock)
                     make()
             finally:
                 with self._lock:
-                    self._committing -= len(commits)
+                    self._committing[me] -= len(commits)
+                    if not self._committing[me]:
+                        del self._committing[me]
                     self._committed.notify_all()
             interrupted = None  # (a callback's BaseException, re-raised once every future and round is settled)
             for fut, result, error in ready:

@@ -256,7 +256,7 @@ class RayExecutor(LocalExecutor):
         inner algorithm's, for a wrapper)."""
         try:
             rebuilt = jk.algorithms.from_params(params)
-        except (ValueError, TypeError):  # (a name no class of ours registers, parameters ours do not take)
+        except Exception:  # (a name no class of ours registers, parameters ours do not take: a 10**400 overflows)
             return False
         while type(rebuilt) is type(alg):
             if not hasattr(alg, "inner"):  # (a DP wrapper's inner algorithm)
@@ -265,6 +265,8 @@ class RayExecutor(LocalExecutor):
         return False
 
     def fold_many(self, agg, items) -> None:
+        if self._closed:  # (checked again under the lock before tasks are sent; here for the folds made in place too)
+            raise RuntimeError("the RayExecutor is closed: nothing folded")
         if agg.partial or agg.buffered or not items or not self._rebuilds(agg.algorithm, agg.state.algorithm):
             return super().fold_many(agg, items)  # (see the class docstring)
         ray, st = self._ray, agg.state

@@ -536,6 +536,27 @@ def test_close_waits_for_a_failure_commit_in_progress(tmp_path):
     again.close()
 
 
+def test_close_from_inside_a_failure_commit_returns(tmp_path):
+    """close() called on the thread that makes a deferred commit (here from the state directory's crash hook, on
+    the clock's thread) waited for that commit, which could not end before close() returned: it hung for good."""
+    import threading
+
+    box, returned = {}, threading.Event()
+
+    def hook(point):
+        if point == "manifest.begin" and box.get("armed") and not returned.is_set():
+            box["sched"].close()
+            returned.set()
+
+    sched = box["sched"] = JITScheduler("eager", slots=1, state_dir=tmp_path, crash_hook=hook)
+    sched.add_job(Job("a", template={"w": np.zeros(4, np.float32)}, parties=["p", "q"], quorum=2, rounds=2,
+                      deadline_s=0.05))
+    first = sched.result("a", 0)
+    box["armed"] = True
+    assert returned.wait(10), "close() inside the commit did not return"
+    assert first.exception(timeout=10) is not None
+
+
 def test_a_resend_racing_an_original_that_close_refused_is_not_left_waiting(tmp_path, monkeypatch):
     """The original's write was never handed over (close() came first): the resend that raced it gets the same
     refusal from its durable future instead of waiting on it for good."""

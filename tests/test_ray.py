@@ -201,7 +201,12 @@ def test_an_algorithm_the_workers_cannot_rebuild_folds_in_this_process(executor)
     class Named(jk.algorithms.FedAvg):
         name = "my_avg"
 
-    for alg in (Squared(), Named(), jk.algorithms.DPFixedClipping(Squared(), clip_norm=10.0, noise_multiplier=0.0)):
+    class Unbuildable(jk.algorithms.FedAvg):  # (params the registered class cannot take: 10**400 overflows it)
+        def params(self):
+            return {**super().params(), "name": "fedprox", "mu": 10 ** 400}
+
+    for alg in (Squared(), Named(), Unbuildable(),
+                jk.algorithms.DPFixedClipping(Squared(), clip_norm=10.0, noise_multiplier=0.0)):
         base = cw.template() if alg.needs_base else None
         local, remote = jk.Aggregator(cw.template(), alg, base=base), jk.Aggregator(cw.template(), alg, base=base)
         local.fold_many(_batch(local))
@@ -232,10 +237,11 @@ def test_a_closed_executor_refuses_folds_and_ray_settings_it_cannot_apply(execut
     were dropped without a word."""
     ex = RayExecutor(RealClock(), slots=1, workers=1)
     ex.close()
-    agg = jk.Aggregator({"w": np.zeros(8, np.float32)})
-    with pytest.raises(RuntimeError, match="closed"):
-        ex.fold_many(agg, agg.admit_many([{"w": np.ones(8, np.float32)}] * 2, [1.0, 1.0], ["a", "b"]))
-    assert agg.state.count == 0
+    for agg in (jk.Aggregator({"w": np.zeros(8, np.float32)}), jk.Aggregator({"w": np.zeros(8, np.float32)},
+                                                                             "fedmedian")):  # (folded in place)
+        with pytest.raises(RuntimeError, match="closed"):
+            ex.fold_many(agg, agg.admit_many([{"w": np.ones(8, np.float32)}] * 2, [1.0, 1.0], ["a", "b"]))
+        assert agg.state.count == 0
     with pytest.raises(ValueError, match="Ray is running already: num_cpus, worker"):
         RayExecutor(RealClock(), slots=1, worker=4, num_cpus=16)
 
