@@ -578,11 +578,13 @@ def test_a_resend_racing_an_original_that_close_refused_is_not_left_waiting(tmp_
         resent[0].durable.result(timeout=5)
 
 
-def test_a_round_whose_next_base_cannot_be_made_fails_before_its_result_is_committed(tmp_path, monkeypatch):
-    """The copy of a rebasing job's model that the next round folds against is made by the finalize task before
-    the result is committed: a copy that fails (a model-sized allocation) fails the round on disk as in the live
-    run. Made after the commit, the live run reported the round failed, its metrics counted it, and a restart
-    served its result (and folded the next round against another base)."""
+@pytest.mark.parametrize("durable", [False, True], ids=["memory", "state_dir"])
+def test_a_round_whose_next_base_cannot_be_made_fails_and_its_job_goes_on(tmp_path, monkeypatch, durable):
+    """The copy of a rebasing job's model that the next round folds against (a model-sized allocation) can fail.
+    Made after the round's finalize task, in the clock thread, its error left the round's future unresolved for
+    good (close() included) and the job stuck on it; made after the result was committed, the live run reported the
+    round failed while a restart served its result. The finalize task makes it before the commit: the round fails,
+    here and on disk alike, nothing counts it, and the next round runs."""
     import scheduler.core as core
 
     real, calls = core.copy.deepcopy, []
@@ -593,16 +595,21 @@ def test_a_round_whose_next_base_cannot_be_made_fails_before_its_result_is_commi
             raise MemoryError("no room for the next round's base")
         return real(x, *a)
     monkeypatch.setattr(core.copy, "deepcopy", deepcopy)
-    job = dict(template={"w": np.zeros(8, np.float32)}, parties=["a", "b"], quorum=2, rounds=2, algorithm="fednova")
-    sched = JITScheduler("eager", state_dir=tmp_path)
-    sched.add_job(Job("j", **job))
-    for p in ("a", "b"):
-        sched.submit("j", 0, p, {"w": np.ones(8, np.float32)}, steps=4)
-    with pytest.raises(MemoryError, match="next round's base"):
-        sched.result("j", 0).result(timeout=10)
-    assert sched.metrics()["j"]["rounds"] == 0
-    assert "0" not in sched.store.jobs["j"].get("results", {})
-    sched.close()
+    sched = JITScheduler("eager", state_dir=tmp_path if durable else None)
+    try:
+        sched.add_job(Job("j", template={"w": np.zeros(8, np.float32)}, parties=["a", "b"], quorum=2, rounds=2,
+                          algorithm="fednova"))
+        for p in ("a", "b"):
+            sched.submit("j", 0, p, {"w": np.ones(8, np.float32)}, steps=4)
+        with pytest.raises(MemoryError, match="next round's base"):
+            sched.result("j", 0).result(timeout=10)
+        assert sched.metrics()["j"]["rounds"] == 0
+        assert not durable or "0" not in sched.store.jobs["j"].get("results", {})
+        for p in ("a", "b"):
+            sched.submit("j", 1, p, {"w": np.full(8, 2.0, np.float32)}, steps=4)
+        assert sched.result("j", 1).result(timeout=10)["w"].shape == (8,)
+    finally:
+        sched.close()
 
 
 def test_a_resend_after_a_failed_write_writes_it_again(tmp_path):

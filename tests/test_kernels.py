@@ -45,6 +45,11 @@ def test_fold_bit_exact(backend, in_dtype, acc_dtype, seed, shapes, k, with_base
     rng = np.random.default_rng(seed)
     lay, groups, _ = make_batch(rng, shapes, in_dtype, k, ties=ties, block=block, chunk=chunk, misalign=misalign,
                                 absent=absent)
+    _assert_fold_bit_exact(mod, rng, lay, groups, acc_dtype, with_base, backend)
+
+
+def _assert_fold_bit_exact(mod, rng, lay, groups, acc_dtype, with_base, backend):
+    """``mod``'s fold of each group, from a random start (and base), gives numpy's bits."""
     start = rng.standard_normal(lay.size).astype(acc_dtype)
     base = rng.standard_normal(lay.size).astype(acc_dtype) if with_base else None
     for g in groups.values():
@@ -236,13 +241,7 @@ def test_int8_mixed_block_sizes_bit_exact(backend, acc_dtype, seed, with_base, a
             lv[r] = None
     entries = [np.array([leaf_entry(a) for a in lv], np.int64).reshape(len(lay), 4) for lv in leaves]
     groups = build_groups(lay, entries, leaves, rng.uniform(0.1, 100.0, k), chunk=300)[0]
-    start = rng.standard_normal(lay.size).astype(acc_dtype)
-    base = rng.standard_normal(lay.size).astype(acc_dtype) if with_base else None
-    for g in groups.values():
-        want, got = start.copy(), start.copy()
-        numpy_ref.fold(want, base, g)
-        mod.fold(got, base, g)
-        assert got.tobytes() == want.tobytes(), f"{backend} int8 fold with mixed block sizes differs from numpy"
+    _assert_fold_bit_exact(mod, rng, lay, groups, acc_dtype, with_base, backend)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
