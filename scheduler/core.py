@@ -1650,8 +1650,9 @@ class JITScheduler:
             return
         if rnd.quorum_time is not None and rnd.folded >= rnd.quorum:
             est = self.cost.finalize_s(js.model_elems, **self._priced(js))
-            fn = None if rnd.aggregator is None else functools.partial(
-                self._finalize, js, rnd.number, rnd.aggregator, None if self.store is None else self._update_ids(js, rnd))
+            ids = None if self.store is None else self._update_ids(js, rnd)
+            fn = None if rnd.aggregator is None else functools.partial(self._finalize, js, rnd.number, rnd.aggregator,
+                                                                       ids)
             task = Task("finalize", js.job.id, rnd.number, 0, 0, est, fn)
             dep.busy = True
             self._log("finalize", js, round=rnd.number, est_s=est)
