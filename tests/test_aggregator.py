@@ -484,6 +484,31 @@ def test_reset_starts_next_round():
     np.testing.assert_array_equal(agg.finalize(), [4.0, 4.0])
 
 
+def test_finalize_packs_small_output_leaves_into_shared_allocations(monkeypatch):
+    """Fresh outputs under 4 MB share allocations of at most PACK_BYTES, each leaf on a 64-byte boundary and apart
+    from the others (one allocation each made a model of many small leaves fault a page per 4 KB written); larger
+    ones own theirs. The values are the same either way."""
+    from jitkernels import aggregator as agg_mod
+
+    monkeypatch.setattr(agg_mod, "PACK_BYTES", 1 << 12)  # (small packs: several of them here)
+    rng = np.random.default_rng(21)
+    tmpl = {"a": np.zeros(300, np.float32), "b": np.zeros((7, 5), np.float16), "c": np.zeros(0, np.float32),
+            "d": np.zeros(1500, ml_dtypes.bfloat16), "e": np.zeros(1 << 20, np.float32), "f": np.zeros((), np.float64)}
+    agg = jk.Aggregator(tmpl, backend="numpy")
+    ups = [{n: rng.standard_normal(a.shape).astype(a.dtype) for n, a in tmpl.items()} for _ in range(3)]
+    agg.fold_many(ups, [1.0, 2.0, 3.0], ["p", "q", "r"])
+    out = agg.finalize()
+    want = {n: sum(w * u[n].astype(np.float64) for w, u in zip((1, 2, 3), ups)) / 6 for n in tmpl}
+    for n in tmpl:
+        assert out[n].dtype == tmpl[n].dtype and out[n].shape == tmpl[n].shape and out[n].flags.writeable
+        np.testing.assert_allclose(out[n].astype(np.float64), want[n], rtol=1e-2)
+        assert out[n].ctypes.data % 64 == 0
+    assert out["e"].flags.owndata  # (4 MB: its own allocation, in huge pages)
+    assert out["a"].base is out["b"].base and out["d"].base is not out["a"].base  # (3000 bytes more: the next pack)
+    for x, y in ((out["a"], out["b"]), (out["b"], out["f"]), (out["a"], out["d"])):
+        assert not np.shares_memory(x, y)
+
+
 def test_finalize_into_given_outputs():
     tmpl = {"a": np.zeros(5, np.float32), "b": np.zeros((2, 2), np.float16)}
     agg = jk.Aggregator(tmpl)
