@@ -950,10 +950,12 @@ class Aggregator:
         top = np.finfo(np.dtype(self.acc_dtype)).max
         over = [i for i in float_ids if not weights[i] <= top]
         if over:  # the kernels divide by it in the accumulator's dtype: inf, and a mean of 0
-            raise ValueOutOfRange(f"leaf {self.layout.leaves[over[0]].name!r}: its total weight "
-                                  f"{weights[over[0]]:.6g} is past the {self.acc_dtype} accumulator's range "
-                                  f"(use acc_dtype='float64', or smaller weights)",
-                                  leaf=self.layout.leaves[over[0]].name, value=float(weights[over[0]]))
+            i = over[0]
+            scaled = "" if weights[i] == mass[i] else f" (its mass {mass[i]:.6g} scaled by {type(alg).__name__}'s " \
+                f"divisor, e.g. 1 / server_lr)"
+            raise ValueOutOfRange(f"leaf {self.layout.leaves[i].name!r}: its total weight {weights[i]:.6g}{scaled} is "
+                                  f"past the {self.acc_dtype} accumulator's range (use acc_dtype='float64', or smaller "
+                                  f"weights)", leaf=self.layout.leaves[i].name, value=float(weights[i]))
         if closing and opt and (st.opt is None or "m" not in st.opt or (alg.moments == 2 and "v" not in st.opt)):
             # (a worker's partial state has none: it is merged into the server's, which steps)
             raise CorruptState(f"{type(alg).__name__} steps with its moments, and this state has none: finalize "

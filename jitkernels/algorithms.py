@@ -214,10 +214,11 @@ class FedBuff(FedAvg):
         super().__init__(weighted=weighted)
         if staleness not in STALENESS:
             raise ValueError(f"staleness must be one of {STALENESS}, got {staleness!r}")
-        for name, x in (("a", a), ("b", b), ("server_lr", server_lr)):
-            if not (math.isfinite(number(name, x)) and x >= 0) or (name == "server_lr" and x == 0):
-                raise ValueError(f"{name} must be finite and {'> 0' if name == 'server_lr' else '>= 0'}, got {x!r}")
-        self.staleness, self.a, self.b, self.server_lr = staleness, float(a), float(b), float(server_lr)
+        for name, x in (("a", a), ("b", b)):
+            if not (math.isfinite(number(name, x)) and x >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {x!r}")
+        _check_rates(server_lr=server_lr)  # (it divides the round's mass in the accumulator: 1e-39 failed every
+        self.staleness, self.a, self.b, self.server_lr = staleness, float(a), float(b), float(server_lr)  # finalize)
 
     def discount(self, s: float) -> float:
         if self.staleness == "polynomial":
@@ -275,8 +276,7 @@ class SCAFFOLD(FedAvg):
 
     def __init__(self, *, num_parties: int, server_lr: float = 1.0, weighted: bool = False):
         super().__init__(weighted=weighted)
-        if not (math.isfinite(number("server_lr", server_lr)) and server_lr > 0):
-            raise ValueError(f"server_lr must be finite and > 0, got {server_lr!r}")
+        _check_rates(server_lr=server_lr)  # (as FedBuff's: it divides the round's mass in the accumulator)
         self.num_parties, self.server_lr = _count("num_parties", num_parties), float(server_lr)
 
     @staticmethod

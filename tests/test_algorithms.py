@@ -555,6 +555,22 @@ def test_hyperparameters_and_values_an_optimizer_could_not_apply_are_refused():
     np.testing.assert_allclose(nova.finalize()["w"], [3.0, 3.0], rtol=1e-15)
 
 
+def test_a_server_lr_that_divides_the_mass_past_float32_is_refused_when_made():
+    """FedBuff's and SCAFFOLD's server_lr divides the round's mass in the accumulator: 1e-39 was taken, every fold
+    of the round accepted, and every finalize refused, naming the weights. Refused when made, as the optimizers'
+    rates are; one in range that a large mass still pushes past the range is named at finalize."""
+    for make in (lambda: A.FedBuff(server_lr=1e-39), lambda: A.SCAFFOLD(num_parties=3, server_lr=1e-300)):
+        with pytest.raises(ValueError, match="server_lr must be finite and > 0 .in float32 too"):
+            make()
+    x = {"w": np.zeros(2, np.float32)}
+    agg = jk.Aggregator(x, A.FedBuff(server_lr=2e-38), base=x)  # (unweighted: a mass of 1 a party)
+    for p in range(7):
+        agg.fold({"w": np.ones(2, np.float32)}, party=p, staleness=0)
+    with pytest.raises(jk.ValueOutOfRange, match=r"3.5e\+38 \(its mass 7 scaled by FedBuff's divisor, e.g. "
+                                                 r"1 / server_lr\)"):
+        agg.finalize()
+
+
 @pytest.mark.parametrize("backend", ["numpy", "cpp"])
 def test_a_server_optimizers_counter_nobody_sent_keeps_its_last_value(backend):
     """With partial updates, a server optimizer's step moved its float leaves in the base it carries, not its integer
