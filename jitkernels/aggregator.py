@@ -252,6 +252,9 @@ class Aggregator:
             if self.partial or deterministic:
                 raise ValueError(f"{type(self.algorithm).__name__} buffers the round's updates: no partial updates "
                                  f"or deterministic mode")
+            if int_leaves != "mean":  # (taken, and ignored: its counters came back as the rule's value)
+                raise ValueError(f"{type(self.algorithm).__name__} gives integer leaves its own value (rounded), as "
+                                 f"it gives every leaf: int_leaves={int_leaves!r} would change nothing")
             store = self.algorithm.new_store(self.layout, self.on_gpu)
         self._adopt(FoldState(self.layout, algorithm=params, acc_dtype=acc_dtype, base=flat_base,
                               on_device=self.on_gpu, opt=opt, scalars=self.algorithm.initial_scalars(), store=store))

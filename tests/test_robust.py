@@ -163,6 +163,18 @@ def test_clipping_rules_take_a_huge_update_they_clip(alg):
     np.testing.assert_allclose(agg.finalize()["w"], want, rtol=1e-5, atol=1e-9)
 
 
+def test_robust_rules_refuse_an_integer_leaf_rule_they_would_not_apply():
+    """A robust rule gives counters its own value (the median of 1, 2, 100, 3, 4 is 3): int_leaves="max" was taken
+    and ignored (3, not 100)."""
+    tmpl = {"w": np.zeros(4, np.float32), "n": np.zeros((), np.int64)}
+    with pytest.raises(ValueError, match="FedMedian gives integer leaves its own value.*'max'"):
+        jk.Aggregator(tmpl, R.FedMedian(), int_leaves="max")
+    agg = jk.Aggregator(tmpl, R.FedMedian())
+    agg.fold_many([{"w": np.full(4, v, np.float32), "n": np.int64(v)} for v in (1, 2, 100, 3, 4)],
+                  parties=list(range(5)))
+    assert int(agg.finalize()["n"]) == 3
+
+
 def test_names_resolve():
     assert isinstance(jk.algorithms.resolve("fedmedian"), R.FedMedian)
     assert isinstance(jk.algorithms.from_params(R.FedTrimmedAvg(beta=0.1).params()), R.FedTrimmedAvg)
