@@ -165,8 +165,8 @@ def batch_stats(layout, leaves_list, *, base=None, host_base=None, backend="auto
     for dev, cols in sides:
         if cols.size == 0:
             continue
-        if host_base is not None:  # copied over only for a side that has updates (a device base as it is: no copy)
-            side_base = place(base, True) if dev else to_host(host_base)
+        # (copied over only for a side that has updates; a device base as it is: no copy)
+        side_base = None if host_base is None else place(base, True) if dev else to_host(host_base)
         every = cols.size == k
         one = k == 1 and not dev  # a submit's admission: its signature's groups, re-pointed (see _OneStats)
         table = stack_entries(entries)[:, 0] if one else None  # (a list of tables, or one stacked table)
@@ -177,8 +177,7 @@ def batch_stats(layout, leaves_list, *, base=None, host_base=None, backend="auto
         try:
             for name, g in groups.items():
                 mod = backends.get("cupy") if dev else backends.choose("auto" if backend == "cupy" else backend, name)
-                b = None if host_base is None else side_base
-                got = mod.stats(b, g, acc_dtype)
+                got = mod.stats(side_base, g, acc_dtype)
                 if every and len(groups) == 1 and len(g.leaf_ids) == L:  # one group, every leaf in order: the answer
                     return (entries, *got)
                 if stats is None:

@@ -88,14 +88,30 @@ if numba is not None:
                 a[i] = x + w3 * _as_acc(_widen(u3[i]), acc)
 
     @njit(inline="always")
+    def _segment(s, i0, ln, B):
+        """(g, i1): the scale block g of item element i0 (leaf element s + i0) and the end of its run in the item,
+        for int8 updates with blocks of B: the loops take one scale per run, no division per element."""
+        g = (s + i0) // B
+        return g, min(ln, (g + 1) * B - s)
+
+    @njit(inline="always")
+    def _x(u, b, i, sc, quant, has_base):
+        """x = f64(u[i]) [* sc] [- b[i]]: a term's value in float64 (the deterministic fold's and the stats')."""
+        x = _as_acc(_widen(u[i]), np.empty(0, np.float64))
+        if quant:
+            x = x * sc
+        if has_base:
+            x = x - np.float64(b[i])
+        return x
+
+    @njit(inline="always")
     def _fold_four_q(a, b, has_base, u0, u1, u2, u3, c0, c1, c2, c3, B, s, w0, w1, w2, w3, acc):
         """Four int8 updates of one block size: over each scale segment (the same elements for all four: they
         share the item's start), x_j = q_j * scale_j [- b], added in batch order as _fold_four adds."""
         ln = a.size
         i0 = 0
         while i0 < ln:
-            g = (s + i0) // B
-            i1 = min(ln, (g + 1) * B - s)
+            g, i1 = _segment(s, i0, ln, B)
             s0, s1, s2, s3 = _as_acc(c0[g], acc), _as_acc(c1[g], acc), _as_acc(c2[g], acc), _as_acc(c3[g], acc)
             aa, q0, q1, q2, q3 = a[i0:i1], u0[i0:i1], u1[i0:i1], u2[i0:i1], u3[i0:i1]
             if has_base:
@@ -165,8 +181,7 @@ if numba is not None:
                                             (1 + (s + ln - 1) // B,))
                             i0 = 0
                             while i0 < ln:
-                                g = (s + i0) // B
-                                i1 = min(ln, (g + 1) * B - s)
+                                g, i1 = _segment(s, i0, ln, B)
                                 sc = _as_acc(scales[g], acc)
                                 aa, uu = a[i0:i1], u[i0:i1]
                                 if has_base:
@@ -186,31 +201,21 @@ if numba is not None:
         return xh + q1, xl + q2
 
     @njit(inline="always")
-    def _x64(u, b, i, has_base):
-        x = _as_acc(_widen(u[i]), np.empty(0, np.float64))
-        return x - b[i] if has_base else x
-
-    @njit(inline="always")
     def _binned_four(h, lw, b, u0, u1, u2, u3, w0, w1, w2, w3, has_base, s1, s2):
         """Four updates' terms of one item, in batch order, into hi and lo. ``has_base`` is a constant at each
         call: as a run-time flag inside the loop (with int8's) it kept LLVM from vectorizing it (14x slower in a
         model of the loop)."""
         for i in range(h.size):
-            xh, xl = _binned_add(h[i], lw[i], w0 * _x64(u0, b, i, has_base), s1, s2)
-            xh, xl = _binned_add(xh, xl, w1 * _x64(u1, b, i, has_base), s1, s2)
-            xh, xl = _binned_add(xh, xl, w2 * _x64(u2, b, i, has_base), s1, s2)
-            h[i], lw[i] = _binned_add(xh, xl, w3 * _x64(u3, b, i, has_base), s1, s2)
+            xh, xl = _binned_add(h[i], lw[i], w0 * _x(u0, b, i, 1.0, False, has_base), s1, s2)
+            xh, xl = _binned_add(xh, xl, w1 * _x(u1, b, i, 1.0, False, has_base), s1, s2)
+            xh, xl = _binned_add(xh, xl, w2 * _x(u2, b, i, 1.0, False, has_base), s1, s2)
+            h[i], lw[i] = _binned_add(xh, xl, w3 * _x(u3, b, i, 1.0, False, has_base), s1, s2)
 
     @njit(inline="always")
     def _binned_one(h, lw, b, u, wj, sc, has_base, quant, s1, s2):
         """One update's terms (int8: one scale segment, x = q * scale) into hi and lo; flags constant as above."""
         for i in range(h.size):
-            x = _as_acc(_widen(u[i]), np.empty(0, np.float64))
-            if quant:
-                x = x * sc
-            if has_base:
-                x = x - b[i]
-            h[i], lw[i] = _binned_add(h[i], lw[i], wj * x, s1, s2)
+            h[i], lw[i] = _binned_add(h[i], lw[i], wj * _x(u, b, i, sc, quant, has_base), s1, s2)
 
     @njit(parallel=True, cache=True, nogil=True)
     def _fold_binned(hi, lo, base, has_base, off, ptr, w, sptr, blk, work, share, tiles, witness, quant, s1, s2):
@@ -262,8 +267,7 @@ if numba is not None:
                                             (1 + (s + ln - 1) // B,))
                             i0 = 0
                             while i0 < ln:
-                                g = (s + i0) // B
-                                i1 = min(ln, (g + 1) * B - s)
+                                g, i1 = _segment(s, i0, ln, B)
                                 sc = np.float64(scales[g])
                                 if has_base:
                                     _binned_one(h[i0:i1], lw[i0:i1], b[i0:i1], u[i0:i1], wj, sc, True, True, s1, s2)
@@ -289,23 +293,15 @@ if numba is not None:
 
     @njit(inline="always")
     def _value(u, b, scales, i, s, B, quant, has_base):
-        x = _as_acc(_widen(u[i]), np.empty(0, np.float64))
-        if quant:
-            x = x * np.float64(scales[(s + i) // B])
-        if has_base:
-            x = x - np.float64(b[i])
-        return x
+        """_x with the element's scale looked up (the stats' rare exact recount)."""
+        return _x(u, b, i, np.float64(scales[(s + i) // B]) if quant else 1.0, quant, has_base)
 
     @njit(inline="always")
     def _sum_sq(u, b, sc, ss, mxb, has_base, quant):
-        """(ss + sum x^2, max(mxb, the magnitude bits of x)) over u's values x (_value's: times ``sc`` for int8, less
-        b with a base); the flags are constants at each call (run-time flags in the loop kept it from vectorizing)."""
+        """(ss + sum x^2, max(mxb, the magnitude bits of x)) over u's values x (_x's); the flags are constants at each
+        call (run-time flags in the loop kept it from vectorizing)."""
         for i in range(u.size):
-            x = _as_acc(_widen(u[i]), np.empty(0, np.float64))
-            if quant:
-                x = x * sc
-            if has_base:
-                x = x - np.float64(b[i])
+            x = _x(u, b, i, sc, quant, has_base)
             ss += x * x
             mxb = max(mxb, _f64_bits(x) & _MAG)
         return ss, mxb
@@ -333,8 +329,7 @@ if numba is not None:
                         if quant:  # over scale segments (a division per element looked its scale up: 25M x 10
                             i0 = 0  # in 208 ms, 25 ms this way)
                             while i0 < ln:
-                                g = (s + i0) // B
-                                i1 = min(ln, (g + 1) * B - s)
+                                g, i1 = _segment(s, i0, ln, B)
                                 sc = np.float64(scales[g])
                                 if has_base:
                                     ss, mxb = _sum_sq(u[i0:i1], b[i0:i1], sc, ss, mxb, True, True)
