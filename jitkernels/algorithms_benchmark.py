@@ -23,6 +23,8 @@ leaves and k updates:
   ``aggregate_trimmed_avg`` (bytes: the slab read once + 4N written); the Gram step of Krum against numpy's
   ``X @ X.T`` on the same slab (SSYRK, in the same run: ``speedup`` < 1 means slower than BLAS); Krum (f =
   :data:`KRUM_F`, so k >= 7) against Flower's ``aggregate_krum``; the geometric median's passes over the slab.
+  Each row also gives the peak resident-set growth of one call (the slab, filled before, not counted): ours
+  should be O(tile), Flower's stacks its inputs.
 * **round from FitRes**: a whole round from Flower ``FitRes`` in to the new ``Parameters`` out, by the strategies of
   :mod:`jitkernels.integrations.flower` (zero-copy views of the serialized bytes folded in one pass, finalized into
   the bytes of the new Parameters) and by Flower's own ``FedAdam`` / ``FedAvg`` (``inplace=True``, as shipped), whose
@@ -178,6 +180,12 @@ def bench_robust(wl, probe, backends):
     flower_in = [(list(u.values()), w) for u, w in zip(wl.updates("float32"), wl.weights)]
     nbytes = X.nbytes + 4 * wl.n
     rows = []
+
+    def measured(method, backend, fn, nbytes, **reps):  # peak memory of one call (a warm one), then the timing
+        mem = peak_memory(fn)
+        rows.append(_row(wl.label, method, backend, interleaved(fn, probe, **reps), nbytes, mem=mem))
+
+    flower_reps = {"min_reps": 1, "max_reps": 2, "cap_s": 30}
     for name, ours, theirs in (("median", lambda b: robust_coord.coordinate_median(store, backend=b),
                                 lambda: aggregate_median(flower_in)),
                                ("trimmed mean 0.2", lambda b: robust_coord.trimmed_mean(store, 0.2, backend=b),
@@ -185,23 +193,17 @@ def bench_robust(wl, probe, backends):
         for b in backends:
             if robust_coord.available_backends().get(b) is True and b != "numpy":
                 ours(b)  # compile / warm
-                rows.append(_row(wl.label, f"robust {name}", b, interleaved(lambda: ours(b), probe), nbytes))
-        rows.append(_row(wl.label, f"robust {name}: Flower", "flwr",
-                         interleaved(theirs, probe, min_reps=1, max_reps=2, cap_s=20), nbytes))
+                measured(f"robust {name}", b, lambda: ours(b), nbytes)
+        measured(f"robust {name}: Flower", "flwr", theirs, nbytes, **flower_reps)
     robust_gram.gram(X[:, :4096])
-    rows.append(_row(wl.label, "robust Gram step (Krum)", "numba", interleaved(lambda: robust_gram.gram(X), probe),
-                     X.nbytes))
-    rows.append(_row(wl.label, "robust Gram step: numpy X @ X.T (SSYRK)", "blas", interleaved(lambda: X @ X.T, probe),
-                     X.nbytes))
-    rows.append(_row(wl.label, f"robust Krum f={KRUM_F}", "numba",
-                     interleaved(lambda: robust_gram.krum(store, KRUM_F), probe), X.nbytes))
-    rows.append(_row(wl.label, f"robust Krum f={KRUM_F}: Flower", "flwr",
-                     interleaved(lambda: aggregate_krum(flower_in, KRUM_F, 0), probe, min_reps=1, max_reps=2, cap_s=30),
-                     X.nbytes))
+    measured("robust Gram step (Krum)", "numba", lambda: robust_gram.gram(X), X.nbytes)
+    measured("robust Gram step: numpy X @ X.T (SSYRK)", "blas", lambda: X @ X.T, X.nbytes)
+    measured(f"robust Krum f={KRUM_F}", "numba", lambda: robust_gram.krum(store, KRUM_F), X.nbytes)
+    measured(f"robust Krum f={KRUM_F}: Flower", "flwr", lambda: aggregate_krum(flower_in, KRUM_F, 0), X.nbytes,
+             **flower_reps)
     gm = robust_gram.geometric_median(store)
-    rows.append({**_row(wl.label, f"robust geometric median ({gm.info.get('passes')} passes)", "numba",
-                        interleaved(lambda: robust_gram.geometric_median(store), probe),
-                        gm.info["passes"] * X.nbytes)})
+    measured(f"robust geometric median ({gm.info.get('passes')} passes)", "numba",
+             lambda: robust_gram.geometric_median(store), gm.info["passes"] * X.nbytes)
     store.close()
     return rows
 

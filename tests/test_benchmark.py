@@ -120,6 +120,27 @@ def test_benchmark_command_lines_refuse_what_would_crash_mid_run(monkeypatch, ca
     assert gpu_benchmark._variants("1x2,4x2") == [(1, 2), (4, 2)]
 
 
+def test_the_robust_rows_time_and_measure_every_rule_and_its_flower_peer():
+    """The robust rows gave no peak memory (the issue asks for it, measured, beside Flower's), and no test ran them."""
+    pytest.importorskip("flwr")
+    from jitkernels import algorithms_benchmark as ab
+
+    wl = jb.make_workload(4096, 4, 7)
+    backends = [b for b in ("cpp", "numba") if jk.available_backends()[b] is True]
+    rows = ab.bench_robust(wl, jb.Probe(mb=1), backends)
+    ab._ratios(rows)
+    methods = [r["method"] for r in rows]
+    for rule in ("median", "trimmed mean 0.2"):
+        assert [r["backend"] for r in rows if r["method"] == f"robust {rule}"] == backends
+        assert f"robust {rule}: Flower" in methods
+    assert "robust geometric median (2 passes)" in methods and "robust Krum f=2: Flower" in methods
+    for r in rows:
+        assert r["time_s"] > 0 and r["traced_peak_bytes"] is not None
+        if sys.platform.startswith("linux"):
+            assert r["rss_peak_bytes"] is not None
+        assert (r["speedup"] is None) == (r["method"].endswith(("Flower", "(SSYRK)")) or "geometric" in r["method"])
+
+
 def test_the_clipping_rows_say_whether_admission_was_fused(monkeypatch):
     """The FedAvg row read "(fused admission)" and counted one pass over the updates on every backend, where only cpp
     fuses admission into the fold: numba's and numpy's read the updates twice, and their fraction of roofline was
