@@ -559,8 +559,8 @@ static inline void stats_term(double& ss, S& chk, S x) {
   else chk += x - x;
 }
 
-template <bool Norms, class S, class Value, class Ahead>
-static inline void stats_seg(Lanes<S>& st, int64_t n, Value value, Ahead ahead) {
+template <bool Norms, class S, class Value, class Ahead, class Also>
+static inline void stats_seg(Lanes<S>& st, int64_t n, Value value, Ahead ahead, Also also) {
   // STAT_LANES independent partial sums and maxima: with one vector accumulator the loop waits on the add's latency
   // every 4 elements (f64 lanes); the fused admission ran at 83 ms instead of ~45 at N = 25M, k = 10.
   constexpr int64_t L = STAT_LANES;
@@ -575,12 +575,14 @@ static inline void stats_seg(Lanes<S>& st, int64_t n, Value value, Ahead ahead) 
       const S x = value(i + l), ax = std::fabs(x);
       stats_term<Norms>(ss[l], chk[l], x);
       mx[l] = ax > mx[l] ? ax : mx[l];
+      also(i + l, x);
     }
   }
   for (int64_t l = 0; i < n; ++i, ++l) {
     const S x = value(i), ax = std::fabs(x);
     stats_term<Norms>(ss[l], chk[l], x);
     mx[l] = ax > mx[l] ? ax : mx[l];
+    also(i, x);
   }
   double total = 0;
   S m = st.mx;
@@ -612,12 +614,12 @@ using StatT = std::conditional_t<std::is_same_v<A, double> || std::is_same_v<In,
 // only if it saw a NaN/inf, an exact recount that skips them. A finite input whose value overflows S (its delta
 // against the finite base, or q * scale) is out of range, not non-finite: it sets max-abs to inf, which admission
 // refuses by name as the numpy and numba backends do (they form the value in f64 and see its size).
-template <class A, class In, bool Base, bool Quant, bool Norms, class S>
+template <class A, class In, bool Base, bool Quant, bool Norms, class S, class Also>
 static inline void stats_span(Lanes<S>& st, int64_t& bad, int64_t p, const float* scales, int64_t B,
-                              const A* __restrict b, int64_t pos, int64_t len) {
-  auto run = [&](int64_t n, auto value, auto input_finite, auto ahead) {
+                              const A* __restrict b, int64_t pos, int64_t len, Also also) {
+  auto run = [&](int64_t n, auto value, auto input_finite, auto ahead, int64_t i0) {
     const Lanes<S> before = st;
-    stats_seg<Norms>(st, n, value, ahead);
+    stats_seg<Norms>(st, n, value, ahead, [&](int64_t i, S x) { also(i0 + i, x); });
     if (!jk::is_finite(st.ss)) {
       st = before;
       for (int64_t q = 0; q < n; ++q) {
@@ -640,7 +642,7 @@ static inline void stats_span(Lanes<S>& st, int64_t& bad, int64_t p, const float
         if constexpr (Base) x = x - (S)b[i0 + i];
         return x;
       }, [=](int64_t) { return std::isfinite(sc); },  // q * scale past S's range, from a finite scale
-      [=](int64_t i) { stats_ahead<Base>(q8 + i0 + i, b ? b + i0 + i : nullptr); });
+      [=](int64_t i) { stats_ahead<Base>(q8 + i0 + i, b ? b + i0 + i : nullptr); }, i0);
     });
   } else {
     const In* src = reinterpret_cast<const In*>(p) + pos;
@@ -650,20 +652,22 @@ static inline void stats_span(Lanes<S>& st, int64_t& bad, int64_t p, const float
         if constexpr (Base) x = x - (S)b[i0 + i];
         return x;
       }, [=](int64_t i) { return Base && std::isfinite(jk::load<S>(u[i])); },
-      [=](int64_t i) { stats_ahead<Base>(src + i0 + i, b ? b + i0 + i : nullptr); });
+      [=](int64_t i) { stats_ahead<Base>(src + i0 + i, b ? b + i0 + i : nullptr); }, i0);
     });
   }
 }
 
 // Stats of update entry e over one piece [pos, pos + n), added into its (work item, update) outputs q = it * k + j
 // (zeroed by the caller): the body of stats_rows and fold_stats_rows.
-template <class A, class In, bool Base, bool Quant, bool Norms = true>
+constexpr auto no_also = [](int64_t, auto) {};
+
+template <class A, class In, bool Base, bool Quant, bool Norms = true, class Also = decltype(no_also)>
 static inline void add_stats(const A* b, int64_t p, const float* scales, int64_t B, int64_t pos, int64_t n, int64_t q,
-                             int64_t* nonfinite, double* sumsq, double* maxabs) {
+                             int64_t* nonfinite, double* sumsq, double* maxabs, Also also = no_also) {
   Lanes<StatT<A, In, Base>> st;
   st.mx = (StatT<A, In, Base>)maxabs[q];
   int64_t bad = 0;
-  stats_span<A, In, Base, Quant, Norms>(st, bad, p, scales, B, b, pos, n);
+  stats_span<A, In, Base, Quant, Norms>(st, bad, p, scales, B, b, pos, n, also);
   nonfinite[q] += bad;
   sumsq[q] += st.ss;
   maxabs[q] = (double)st.mx;
@@ -685,8 +689,12 @@ static void stats_rows(const A* base, const int64_t* off, const int64_t* ptr, co
 }
 
 // Admission and fold in one pass, for a batch folded into an empty state (Norms = false: no sums of squares, for
-// an algorithm that reads no norms; see stats_term): per block of each update, its stats
-// (added into the (work item, update) outputs, zeroed by the caller), then its fold while the block is in cache.
+// an algorithm that reads no norms; see stats_term): per block of each update, its stats (added into the (work
+// item, update) outputs, zeroed by the caller) and its fold. Where the stats form x in the accumulator's type (S =
+// A: every input but f64 into f32 and int8 against a base), the stats loop adds each x into the accumulator as it
+// measures it (the memory stream never idles while a second loop re-reads the block from L2 and subtracts the base
+// again: 25M x 10 f32 with a base 45-46 -> 37-38 ms, f16 75-78 -> 36-42 ms on 2 vCPUs, interleaved,
+// bench/results/fused_one_loop_ab_epyc.txt); else the block's fold follows its stats while it is in cache.
 // The updates are read from memory once instead of twice. If any update fails admission, the caller zeroes the
 // accumulator again: it was all zeros, so that restores its bits. Per element the fold is fold_rows', bit for bit.
 // Blocks of 32 KB of f32 per update: the stats' fixed cost per block (lanes, the non-finite check) amortized, and
@@ -703,6 +711,13 @@ static void fold_stats_rows(A* acc, const A* base, const int64_t* off, const int
   for_blocks(off, ptr, k, wk, [&](int64_t it, int64_t e, int64_t p, int64_t pos, int64_t o, int64_t n) {
     const A* b = Base ? base + o : nullptr;
     const float* scales = Quant ? reinterpret_cast<const float*>(sptr[e]) : nullptr;
+    if constexpr (std::is_same_v<StatT<A, In, Base>, A>) {  // the stats' x is the fold's: added as it is measured
+      A* __restrict a = acc + o;
+      const A wj = (A)w[e];
+      add_stats<A, In, Base, Quant, Norms>(b, p, scales, Quant ? blk[e] : 1, pos, n, it * k + e % k, nonfinite,
+                                           sumsq, maxabs, [=](int64_t i, A x) { a[i] = jk::fold_step(a[i], wj, x); });
+      return;
+    }
     add_stats<A, In, Base, Quant, Norms>(b, p, scales, Quant ? blk[e] : 1, pos, n, it * k + e % k, nonfinite, sumsq,
                                          maxabs);
     if constexpr (Quant)
