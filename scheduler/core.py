@@ -34,7 +34,7 @@ import jitkernels as jk
 from . import policies as _policies
 from .clock import RealClock
 from .cost import CostModel
-from .durable import Crashed, StateDir
+from .durable import Crashed, StateDir, same_leaves
 from .executors import LocalExecutor, ModelExecutor, Task, check_nice
 from .predictor import Predictor, warm as _warm_predictor
 
@@ -1822,7 +1822,7 @@ class JITScheduler:
         aggregate, and the acknowledged updates that it does not cover (replayed as arrivals, which the predictor
         does not learn response times from: it resumes from the models the manifest saved)."""
         st, job = self.store, js.job
-        meta = st.jobs.get(job.id, {})
+        meta = self._serve_unnamed_result(js, st.jobs.get(job.id, {}))
         first = meta.get("round", job.first_round)
         if meta.get("predictor"):  # what the arrivals of committed rounds taught it
             js.predictor.load_json(meta["predictor"])
@@ -1832,7 +1832,7 @@ class JITScheduler:
             rnd = self._round(js, int(r))
             rnd.done = True
             try:
-                leaves, ids = st.load_result(rel, js.layout)
+                leaves, ids = st.load_result(rel, js.layout, job.id, int(r))
             except (OSError, jk.CorruptState) as e:  # (logged when the directory was opened) this round's answer only
                 self._resolve(rnd, error=e if isinstance(e, jk.CorruptState) else jk.CorruptState(
                     f"job {job.id!r} round {r}: its result {rel} cannot be read ({e})"))
@@ -1928,6 +1928,66 @@ class JITScheduler:
         self._log("resumed", js, round=first, folded=rnd.folded, replayed=len(replayed),
                   fallbacks=len(st.fallbacks), orphans_removed=st.orphans_removed)
         self._plan(js)
+
+    def _serve_unnamed_result(self, js, meta) -> dict:
+        """The job's manifest entry ``meta``; or, where the directory holds the result of the round it names as open
+        (:meth:`StateDir.unnamed_result`: a fallback passed over the damaged generation that had finished the round,
+        or a crash came between the result's file and its manifest), the entry of a generation committed now that
+        names it, as the round's own commit would have: the resume then serves the round as any finished one (its
+        future, its update ids for resends, the next round's carry or base, its updates covered). Folded again
+        instead, outside deterministic mode its sums could differ in their last bits: a DP round whose model had
+        reached its future was released a second time with other noise (twice the privacy cost, and another model
+        for a round the server had used). A file that does not verify or match is not served: the round is folded
+        again, as before (logged)."""
+        found = self.store.unnamed_result(js.job.id)
+        if found is None:
+            return meta
+        rnd, rel, carry_rel = found
+        why = self._unservable(js, meta, rnd, rel, carry_rel)
+        if why is not None:
+            log.warning("job %r round %d: its result %s, which no generation in force names, is not served (%s); the "
+                        "round is folded again from its updates", js.job.id, rnd, rel, why)
+            self.store.forget_unnamed_result(js.job.id)
+            return meta
+        self.store.commit_unnamed_result(js.job.id, rnd, carry_rel if js.carries else None, self._wall())
+        js.spare = None  # (add_job made it, against the template, for a job that had finished no round)
+        log.info("job %r round %d: served from %s, which no generation in force named", js.job.id, rnd, rel)
+        self._log("served_unnamed_result", js, round=rnd)
+        return self.store.jobs[js.job.id]
+
+    def _unservable(self, js, meta, rnd, rel, carry_rel) -> str | None:
+        """Why the result file ``rel`` cannot stand for the open round ``rnd``, or None. It must verify (its record
+        naming this job and round), and hold the updates the directory holds for the round (the checkpoint's parties
+        and the files it does not cover, with their update ids: one it lacks was acknowledged for the round and
+        counts in it, as a replay counts it) and none of parties the job does not list; where the job's rounds hand
+        on a carry, that file must verify too and be of the same finalize (finalized again, a closed state gives its
+        model again: a carry written for the round folded again, and a crash before its result, would continue
+        another model than the one served). A file of another layout or a carry of another configuration refuses
+        the job, as its named files do; an error of reading (EMFILE) is raised, not taken for damage (a round
+        folded again is what serving the file avoids)."""
+        if js.carries and carry_rel is None:
+            return "the carry its round hands on is missing"
+        try:
+            leaves, ids = self.store.load_result(rel, js.layout, js.job.id, rnd)
+            carry = self._stored_state(js, carry_rel) if js.carries else None
+        except jk.CorruptState as e:
+            return str(e)
+        held = dict(meta.get("parties", [])) if meta.get("state") else {}
+        held.update((p, u) for r, p, u, *_ in self.store.stored_updates(js.job.id, len(js.layout),
+                                                                         js.layout.fingerprint) if r == rnd)
+        strangers = sorted(set(ids) - set(js.job.parties), key=repr)
+        lacked = sorted((p for p, u in held.items() if p not in ids or ids[p] != u), key=repr)
+        if strangers:
+            return f"it holds updates of parties the job does not list: {strangers[:5]}"
+        if lacked:
+            return f"it lacks the updates acknowledged for the round of {lacked[:5]}"
+        if carry is None:
+            return None
+        try:  # (the job's backend, not from_state: nothing of the job changes for a file that may be refused)
+            again = js.layout.flatten(jk.Aggregator.from_state(carry, backend=js.job.backend).finalize())
+        except jk.AggregationError as e:
+            return f"its carry {carry_rel} gives no model ({type(e).__name__}: {e})"
+        return None if same_leaves(again, leaves) else f"its carry {carry_rel} is of another finalize than the result"
 
     @staticmethod
     def _readmit(js, leaves, weight, party, info) -> None:

@@ -27,6 +27,12 @@ drops the tombstone.
 
 A round's result and its carry commit together (one generation names both): a server-optimizer step (FedAdam, say)
 or a round's DP noise applied twice would not be idempotent, and the next round must start from exactly that state.
+Where the generation in force names a round as open though the directory holds its result (a fallback passed over
+the damaged generation that had finished it, or a crash came between the result's file and its manifest), a resume
+serves that file, if it verifies and matches what the directory holds of the round, instead of folding the round
+again (``StateDir.unnamed_result``, ``JITScheduler._resume``): outside deterministic mode the fold's sums may differ
+in their last bits, and a DP round was released twice, with other noise. So such a file and its carry are not
+collected until the job's resume has served them or let them go.
 
 Names in paths are the hex of the JSON of job ids and party ids (any str or int is a safe file name that way, up
 to MAX_JOB_ID_BYTES / MAX_PARTY_ID_BYTES of JSON: a job new to the directory with a longer id, or any job with a
@@ -91,6 +97,14 @@ def _check_id(x, what: str, limit: int) -> None:
 
 def unident(name: str):
     return json.loads(bytes.fromhex(name).decode())
+
+
+def _result_rel(job, rnd: int) -> str:
+    return os.path.join("results", f"{ident(job)}-r{int(rnd)}.jkr")
+
+
+def _carry_rel(job, rnd: int) -> str:
+    return os.path.join("states", f"{ident(job)}-carry-r{int(rnd)}.jks")
 
 
 # --- file encodings ---------------------------------------------------------------------------------------------
@@ -230,6 +244,7 @@ class StateDir:
         try:
             self.orphans_removed = self._collect_orphans()
             self.gen, self.jobs = self._load()
+            self._unnamed = self._find_unnamed()
             for job, m in self.jobs.items():  # removed before a crash that came before their updates were deleted
                 if m.get("removed"):
                     self._purge(job)
@@ -428,19 +443,56 @@ class StateDir:
                 raise RuntimeError(f"job {job!r} was removed from {self.path}; its round {rnd} is not committed")
             carry_rel = None
             if carry is not None:
-                carry_rel = os.path.join("states", f"{ident(job)}-carry-r{int(rnd)}.jks")
+                carry_rel = _carry_rel(job, rnd)
                 self._write("state", carry_rel, carry.writer())
             tensors, dtypes = encode_leaves(leaves)
             meta = {"format": RESULT_FORMAT, "version": str(VERSION), "job": json.dumps(job),
                     "round": str(int(rnd)), "layout": layout.fingerprint, "leaves": json.dumps(dtypes),
                     "parties": json.dumps([[p, u] for p, u in update_ids.items()])}
-            rel = os.path.join("results", f"{ident(job)}-r{int(rnd)}.jkr")
+            rel = _result_rel(job, rnd)
             self._write("result", rel, checked_writer(tensors, meta))
-            old = self.jobs.get(job, {})
-            self._commit_job(job, round=int(rnd) + 1, state=None, parties=[], carried=[], quorum=None,
-                             results=self._recent({**old.get("results", {}), str(int(rnd)): rel}),
-                             carry=carry_rel or old.get("carry"), predictor=predictor or old.get("predictor"),
-                             opened=opened)
+            self._commit_finished(job, rnd, rel, carry_rel, predictor, opened)
+
+    def _find_unnamed(self) -> dict:
+        """{job: round} of the jobs whose open round's result the directory holds though the generation in force
+        does not name it: a fallback passed over the damaged generation that had finished the round (its model
+        reached the round's future), or a crash came between the file and its manifest (its model reached none).
+        Their files are kept from collection until the job's resume serves them or lets them go."""
+        return {job: m["round"] for job, m in self.jobs.items() if m.get("round") is not None
+                and str(m["round"]) not in m.get("results", {}) and str(m["round"]) not in m.get("failed", {})
+                and os.path.exists(os.path.join(self.path, _result_rel(job, m["round"])))}
+
+    def unnamed_result(self, job) -> tuple | None:
+        """(round, result file, carry file or None where there is none) of ``job``'s open round where the directory
+        held its result at the open, no generation naming it (:meth:`_find_unnamed`); not verified here (the caller
+        knows the job: its layout, its parties, whether its rounds hand on a carry). None where there is none."""
+        rnd = self._unnamed.get(job)
+        if rnd is None:
+            return None
+        carry_rel = _carry_rel(job, rnd)
+        return rnd, _result_rel(job, rnd), carry_rel if os.path.exists(os.path.join(self.path, carry_rel)) else None
+
+    def commit_unnamed_result(self, job, rnd: int, carry_rel: str | None, opened: float | None) -> None:
+        """Commit ``job``'s open round ``rnd`` as finished with the files :meth:`unnamed_result` found (verified by
+        the caller), as :meth:`commit_result` would have: its updates are covered from then on, and a second restart
+        serves the same result."""
+        with self._lock:
+            self._commit_finished(job, rnd, _result_rel(job, rnd), carry_rel, None, opened)
+            del self._unnamed[job]
+
+    def forget_unnamed_result(self, job) -> None:
+        """The result :meth:`unnamed_result` found for ``job`` is not served (its round is folded again): collected
+        with the next commit, if the fold's own result has not written over it by then."""
+        with self._lock:
+            self._unnamed.pop(job, None)
+
+    def _commit_finished(self, job, rnd: int, rel: str, carry_rel: str | None, predictor: list | None,
+                         opened: float | None) -> None:
+        old = self.jobs.get(job, {})
+        self._commit_job(job, round=int(rnd) + 1, state=None, parties=[], carried=[], quorum=None,
+                         results=self._recent({**old.get("results", {}), str(int(rnd)): rel}),
+                         carry=carry_rel or old.get("carry"), predictor=predictor or old.get("predictor"),
+                         opened=opened)
 
     def commit_failure(self, job, rnd: int, error: BaseException, predictor: list | None = None,
                        update_ids: dict | None = None, opened: float | None = None, live=None) -> None:
@@ -487,6 +539,7 @@ class StateDir:
                 old = None
             self._purged.discard(job)
             if old is None or set(old) <= {"round", "opened"} and old.get("round") != int(first_round):
+                self._unnamed.pop(job, None)  # (another job's, or a removed one's: collected)
                 held = self._update_rounds(job) if old is not None else []
                 if held:
                     raise ValueError(f"job {job!r}: the state directory holds updates acknowledged for its round(s) "
@@ -568,9 +621,13 @@ class StateDir:
             return by_round
         return dict(sorted(by_round.items(), key=lambda kv: int(kv[0]))[-self.keep_results:])
 
-    def load_result(self, rel: str, layout: jk.Layout) -> tuple:
-        """(model leaves, {party: update id}) of a committed round."""
+    def load_result(self, rel: str, layout: jk.Layout, job, rnd: int) -> tuple:
+        """(model leaves, {party: update id}) of round ``rnd`` of ``job``; CorruptState where the file's record
+        names another format, job or round (a checksum anyone can compute vouches for nothing)."""
         tensors, meta = read_checked(os.path.join(self.path, rel), what="round result")
+        if (meta.get("format"), meta.get("job"), meta.get("round")) != (RESULT_FORMAT, json.dumps(job), str(int(rnd))):
+            raise jk.CorruptState(f"round result {rel} was written for job {meta.get('job')}, round "
+                                  f"{meta.get('round')} ({meta.get('format')}), not job {json.dumps(job)} round {rnd}")
         if meta.get("layout") != layout.fingerprint:
             raise jk.LayoutMismatch(f"round result {rel} was written for layout {meta.get('layout')}; the job's "
                                     f"layout is {layout.fingerprint} (its template changed?)")
@@ -679,23 +736,26 @@ class StateDir:
         return 0, {}
 
     def _gc(self) -> None:
-        """Delete what the older retained generation covers: older manifests, unreferenced state files, updates
-        folded into its states or its results."""
+        """Delete what the older retained generation covers: older manifests, unreferenced state files and results
+        (but those a resume may serve yet: _find_unnamed), updates folded into its states or its results."""
         self._step("gc.started")
         keep_gens = {self.gen, self.gen - 1}
         for f in os.listdir(self.path):
             m = _MANIFEST.fullmatch(f)
             if m and int(m[1]) not in keep_gens:
                 self._delete(os.path.join(self.path, f))
-        referenced = {m[key] for jobs in (self.jobs, self.prev_jobs) for m in jobs.values()
-                      for key in ("state", "carry") if m.get(key)}
+        # results (and their carries) that no generation names, until their jobs' resumes serve them or let them go
+        # (_find_unnamed): collected, the round was folded again (a DP round released twice, with other noise)
+        unnamed = {rel(j, r) for j, r in self._unnamed.items() for rel in (_result_rel, _carry_rel)}
+        referenced = unnamed | {m[key] for jobs in (self.jobs, self.prev_jobs) for m in jobs.values()
+                                for key in ("state", "carry") if m.get(key)}
         sdir = os.path.join(self.path, "states")
         if os.path.isdir(sdir):
             for f in os.listdir(sdir):
                 if os.path.join("states", f) not in referenced:
                     self._delete(os.path.join(sdir, f))
-        named = {rel for jobs in (self.jobs, self.prev_jobs) for m in jobs.values()
-                 for rel in m.get("results", {}).values()}
+        named = unnamed | {rel for jobs in (self.jobs, self.prev_jobs) for m in jobs.values()
+                           for rel in m.get("results", {}).values()}
         rdir = os.path.join(self.path, "results")
         if os.path.isdir(rdir):  # results past keep_results, named by neither retained generation
             for f in os.listdir(rdir):
@@ -741,6 +801,13 @@ class StateDir:
             self.closed = True
             if not self._lockf.closed:
                 self._lockf.close()  # closing the descriptor releases the flock
+
+
+def same_leaves(a, b) -> bool:
+    """Whether two models' flattened leaves are the same bits, as a file holds them (device leaves copied)."""
+    (ta, da), (tb, db) = encode_leaves(a), encode_leaves(b)
+    return da == db and ta.keys() == tb.keys() and all(
+        ta[k].shape == tb[k].shape and ta[k].tobytes() == tb[k].tobytes() for k in ta)
 
 
 def _party_of(name: str):

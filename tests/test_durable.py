@@ -193,20 +193,27 @@ def test_optimizer_and_dp_jobs_equal_one_aggregator_across_rounds(tmp_path):
         assert _same(_results(sched), cw.expected(alg=alg)), alg
 
 
+def _damage_newest_manifest(path) -> str:
+    """Flip a byte of the newest manifest (it no longer verifies: the directory falls back to the one before);
+    returns its name."""
+    newest = sorted(f for f in os.listdir(path) if f.startswith("manifest-"))[-1]
+    with open(os.path.join(path, newest), "r+b") as f:
+        f.seek(40)
+        b = f.read(1)
+        f.seek(40)
+        f.write(bytes([b[0] ^ 1]))
+    return newest
+
+
 def test_a_damaged_newest_generation_falls_back_to_the_previous(tmp_path, want):
     sched = _sched(tmp_path)
     sched.add_job(cw.job())
     acked = _submit_all(sched, skip={(r, p) for r, p in cw.order() if r > 0 or p in ("p4", "p5")})
     sched.clock.run()
     sched.store.crash()
-    manifests = sorted(f for f in os.listdir(tmp_path) if f.startswith("manifest-"))
-    with open(tmp_path / manifests[-1], "r+b") as f:  # flip a byte of the newest manifest
-        f.seek(40)
-        b = f.read(1)
-        f.seek(40)
-        f.write(bytes([b[0] ^ 1]))
+    newest = _damage_newest_manifest(tmp_path)
     again = JITScheduler.recover(tmp_path, [cw.job()], policy="eager", clock=VirtualClock(), checkpoint_bytes=0)
-    assert again.store.fallbacks and again.store.fallbacks[0][0] == manifests[-1]
+    assert again.store.fallbacks and again.store.fallbacks[0][0] == newest
     _submit_all(again, skip=acked)
     assert _same(_results(again), want)
     again.close()
@@ -2540,7 +2547,7 @@ def test_crafted_json_in_the_directory_is_a_damaged_file(tmp_path):
     tensors, meta = read_checked(str(tmp_path / rel), what="round result")
     atomic_write(str(tmp_path / rel), checked_bytes(tensors, {**meta, "parties": deep}))
     with pytest.raises(jk.CorruptState, match="RecursionError"):
-        d.load_result(rel, jk.Layout.from_template({"w": np.zeros(4, np.float32)}))
+        d.load_result(rel, jk.Layout.from_template({"w": np.zeros(4, np.float32)}), "J", 0)
     d.close()
 
 
@@ -3110,3 +3117,209 @@ def test_a_generation_that_cannot_be_read_for_now_is_not_passed_over(tmp_path, m
     s2 = JITScheduler.recover(tmp_path, [job], policy="eager", clock=VirtualClock(), checkpoint_bytes=1 << 40)
     assert not s2.store.fallbacks and s2.result("dp", 0).result(timeout=0)["w"].tobytes() == first
     s2.close()
+
+
+# --- a round's result that the generation in force does not name (a fallback past the one that did, a crash before
+# its manifest): served from its file, not folded again ---------------------------------------------------------------
+_DP_PARTIES = ["a", "b", "c"]
+
+
+def _dp_update(r, p):
+    rng = np.random.default_rng(10 * r + _DP_PARTIES.index(p))
+    return {"w": (rng.standard_normal(500) * 10.0 ** rng.integers(-3, 3, 500)).astype(np.float32)}
+
+
+def _dp_job(det, job_id="dp"):
+    return Job(job_id, template={"w": np.zeros(500, np.float32)}, parties=_DP_PARTIES, quorum=1.0, rounds=3,
+               deterministic=det, prior_response_s=1.0,
+               algorithm=A.DPFixedClipping(clip_norm=50.0, noise_multiplier=0.5, seed=7))
+
+
+def _dp_round(s, r, job_id="dp"):
+    """Round ``r``'s updates, arriving one at a time in reverse order (a replay folds them in file order, in one
+    batch: outside deterministic mode its sums differ in their last bits, and the noise keyed by them altogether),
+    each durable before the next."""
+    for p in reversed(_DP_PARTIES):
+        if s.store.dead:
+            return
+        assert s.submit(job_id, r, p, _dp_update(r, p), update_id=f"{r}{p}").durable.result(timeout=10)
+        s.clock.run()
+
+
+def _dp_models(s, job_id="dp"):
+    return [s.result(job_id, r).result(timeout=10)["w"].tobytes() for r in range(3)]
+
+
+def _dp_reference(path, det):
+    s = _sched(path, checkpoint_bytes=1 << 40)
+    s.add_job(_dp_job(det))
+    for r in range(3):
+        _dp_round(s, r)
+    out = _dp_models(s)
+    s.close()
+    return out
+
+
+def _refolded(s, rnd, job_id="dp"):
+    """Whether ``s`` folded or finalized round ``rnd`` (a round served from its result file does neither)."""
+    return any(d["event"] in ("fold", "finalize") and d["job"] == job_id and d["round"] == rnd for d in s.decisions)
+
+
+def _resends_are_duplicates(s, rnd):
+    for p in _DP_PARTIES:
+        ack = s.submit("dp", rnd, p, _dp_update(rnd, p), update_id=f"{rnd}{p}")
+        assert ack.accepted and ack.duplicate and ack.round == rnd
+    with pytest.raises(jk.DuplicateParty):
+        s.submit("dp", rnd, "a", _dp_update(rnd, "a"), update_id="another")
+
+
+@pytest.mark.parametrize("det", [False, True])
+@pytest.mark.parametrize("checkpoint", [False, True])
+@pytest.mark.parametrize("new_job_first", [False, True])
+def test_a_round_a_damaged_generation_had_finished_is_served_not_folded_again(tmp_path, det, checkpoint,
+                                                                             new_job_first):
+    """The newest generation finished a DP round, whose model reached its future; damaged, the directory fell back
+    to the generation before, in which the round is open, and the resume folded it again from its updates: outside
+    deterministic mode in another order, so with other noise (the round released twice: twice the privacy cost, and
+    a second model for a round the server had used). Its result file, still on disk, is served now: the same bits,
+    the next round continues from its carry, resends are duplicates, the directory names it again (a second restart
+    agrees), and a job added before it (whose first commit collected files no generation named) does not take the
+    file away."""
+    want = _dp_reference(tmp_path / "ref", det)
+    path = tmp_path / "run"
+    s = _sched(path, checkpoint_bytes=0 if checkpoint else 1 << 40)
+    s.add_job(_dp_job(det))
+    _dp_round(s, 0)
+    released = s.result("dp", 0).result(timeout=0)["w"].tobytes()
+    # acknowledged for round 1 before the crash: replayed there, not lost
+    assert s.submit("dp", 1, "c", _dp_update(1, "c"), update_id="1c").durable.result(timeout=10)
+    s.store.crash()
+    newest = _damage_newest_manifest(path)
+    new = Job("new", template={"w": np.zeros(4, np.float32)}, parties=["a"], quorum=1, rounds=1)
+    s2 = JITScheduler.recover(path, [new, _dp_job(det)] if new_job_first else [_dp_job(det)], policy="eager",
+                              slots=2, clock=VirtualClock(), checkpoint_bytes=1 << 40)  # (a slot each: as batched)
+    assert s2.store.fallbacks and s2.store.fallbacks[0][0] == newest
+    s2.clock.run()  # (where round 0 was folded again)
+    assert s2.result("dp", 0).result(timeout=0)["w"].tobytes() == released
+    assert not _refolded(s2, 0)
+    _resends_are_duplicates(s2, 0)
+    for r in (1, 2):
+        _dp_round(s2, r)  # (round 1's from "c" too: a duplicate of its replayed update)
+    assert _dp_models(s2) == want
+    s2.close()
+    s3 = JITScheduler.recover(path, [_dp_job(det)], policy="eager", clock=VirtualClock())
+    assert not s3.store.fallbacks and _dp_models(s3) == want
+    s3.close()
+
+
+@pytest.mark.parametrize("det", [False, True])
+@pytest.mark.parametrize("point", ["result.renamed", "result.dir_synced", "manifest.begin", "manifest.tmp_synced"])
+def test_a_result_whose_manifest_a_crash_cut_off_is_served(tmp_path, det, point):
+    """A crash between a round's result file and the manifest naming it: the round is open again, and its file (the
+    round's own aggregate, which reached no future) was written over by the round folded again (another model
+    outside deterministic mode). It is served now: the uninterrupted run's model, and its resends are duplicates."""
+    want = _dp_reference(tmp_path / "ref", det)
+    path = tmp_path / "run"
+    armed = []
+
+    def hook(p):  # round 0's result commit: from its file's rename on
+        if p == "result.renamed":
+            armed.append(p)
+        if armed and p == point:
+            s.store.crash()
+            raise Crashed(p)
+    s = _sched(path, checkpoint_bytes=1 << 40, crash_hook=hook)
+    s.add_job(_dp_job(det))
+    _dp_round(s, 0)
+    assert s.store.dead
+    s2 = JITScheduler.recover(path, [_dp_job(det)], policy="eager", clock=VirtualClock(), checkpoint_bytes=1 << 40)
+    s2.clock.run()
+    assert s2.result("dp", 0).result(timeout=0)["w"].tobytes() == want[0]
+    assert not _refolded(s2, 0)
+    _resends_are_duplicates(s2, 0)
+    for r in (1, 2):
+        _dp_round(s2, r)
+    assert _dp_models(s2) == want
+    s2.close()
+
+
+@pytest.mark.parametrize("bad", ["damaged", "other_job", "other_round", "other_update_id", "lacks_a_party",
+                                 "stranger", "no_carry", "damaged_carry", "other_carry"])
+def test_an_unnamed_result_that_does_not_verify_or_match_is_not_served(tmp_path, caplog, bad):
+    """A result file the generation in force does not name is served only if it verifies, is this job's and round's,
+    holds the updates acknowledged for the round (and none of parties the job does not list), and comes with its
+    carry, of the same finalize (here: round 0's): else the round is folded again from its updates, as before, and
+    the log says why. (Deterministic: the round folded again is the uninterrupted run's.)"""
+    from jitkernels.state import atomic_write, checked_bytes, read_checked
+    from scheduler.durable import ident
+
+    want = _dp_reference(tmp_path / "ref", True)
+    path = tmp_path / "run"
+    s = _sched(path, checkpoint_bytes=1 << 40)
+    for job_id in ("other", "dp"):  # (dp's round 1 result last: the newest generation)
+        s.add_job(_dp_job(True, job_id))
+        for r in (0, 1):
+            _dp_round(s, r, job_id)
+    s.close()
+    _damage_newest_manifest(path)  # (dp's round 1 is open again)
+    result = path / "results" / f"{ident('dp')}-r1.jkr"
+    carry = path / "states" / f"{ident('dp')}-carry-r1.jks"
+
+    def resigned(parties):
+        tensors, meta = read_checked(str(result), what="round result")
+        atomic_write(str(result), checked_bytes(tensors, {**meta, "parties": json.dumps(parties)}))
+    if bad in ("damaged", "damaged_carry"):
+        f = result if bad == "damaged" else carry
+        raw = bytearray(f.read_bytes())
+        raw[-10] ^= 0xFF
+        f.write_bytes(raw)
+    elif bad in ("other_job", "other_round"):
+        src = path / "results" / (f"{ident('other')}-r1.jkr" if bad == "other_job" else f"{ident('dp')}-r0.jkr")
+        result.write_bytes(src.read_bytes())
+    elif bad == "no_carry":
+        carry.unlink()
+    elif bad == "other_carry":
+        carry.write_bytes((path / "states" / f"{ident('dp')}-carry-r0.jks").read_bytes())
+    else:
+        resigned({"other_update_id": [["a", "1a"], ["b", "1b"], ["c", "another"]],
+                  "lacks_a_party": [["a", "1a"], ["b", "1b"]],
+                  "stranger": [["a", "1a"], ["b", "1b"], ["c", "1c"], ["z", "1z"]]}[bad])
+    s2 = JITScheduler.recover(path, [_dp_job(True), _dp_job(True, "other")], policy="eager", clock=VirtualClock(),
+                              checkpoint_bytes=1 << 40)
+    s2.clock.run()
+    assert _refolded(s2, 1) and not _refolded(s2, 1, "other")
+    assert any("is not served" in r.message and "round 1" in r.message for r in caplog.records)
+    _resends_are_duplicates(s2, 1)
+    _dp_round(s2, 2)
+    assert _dp_models(s2) == want
+    s2.close()
+
+
+def test_a_served_round_is_the_next_rounds_base_where_the_job_rebases(tmp_path):
+    """FedNova folds each round against the last round's model: a round served from a result file no generation
+    named (a crash before its manifest) is that model, as a committed round's is."""
+    def job():
+        return Job("j", template={"w": np.zeros(8, np.float32)}, parties=["a", "b"], quorum=2, rounds=2,
+                   algorithm=A.FedNova(), deterministic=True)
+
+    def run(path, crash):
+        def hook(p):
+            if crash and p == "result.dir_synced":
+                s.store.crash()
+                raise Crashed(p)
+        s = _sched(path, checkpoint_bytes=1 << 40, crash_hook=hook)
+        s.add_job(job())
+        for r in range(2):
+            for i, p in enumerate("ab"):
+                if not s.store.dead:
+                    s.submit("j", r, p, {"w": np.full(8, r + i + 0.5, np.float32)}, update_id=f"{r}{p}",
+                             steps=2 + i).durable.result(timeout=10)
+                s.clock.run()
+            if s.store.dead:
+                s = JITScheduler.recover(path, [job()], policy="eager", clock=VirtualClock(), checkpoint_bytes=0)
+                s.clock.run()
+                assert not _refolded(s, 0, "j") and s.jobs["j"].open.number == 1
+        out = [s.result("j", r).result(timeout=10)["w"].tobytes() for r in range(2)]
+        s.close()
+        return out
+    assert run(tmp_path / "crash", True) == run(tmp_path / "plain", False)
