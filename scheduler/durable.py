@@ -693,9 +693,10 @@ class StateDir:
     def _load(self) -> tuple:
         """The newest generation whose manifest and files verify; older ones on failure (recorded in
         ``fallbacks``). A file that cannot be read for another reason than its absence (EIO, EMFILE, EACCES) is
-        raised: an older generation reopens rounds the newer one had finished, whose results were served (a DP round
-        folded again in another order released other noise), so only a generation that does not verify is passed
-        over (found in review: one EMFILE while reading a carry)."""
+        raised: an older generation reopens rounds the newer one had finished, whose results were served (served
+        again from their files where those verify, else folded again: a DP round folded in another order releases
+        other noise), so only a generation that does not verify is passed over (found in review: one EMFILE while
+        reading a carry)."""
         gens = sorted((int(m[1]), m[0]) for m in map(_MANIFEST.fullmatch, os.listdir(self.path)) if m)
         for _, f in reversed(gens):
             try:
