@@ -80,6 +80,32 @@ def test_message_robust_strategies_equal_flowers(name):
     assert all(len(next(iter(m.content.array_records.values()))) == 2 for m in mine)  # ours left them intact
 
 
+def test_message_fedavgm_steps_from_its_own_last_record_in_place(monkeypatch):
+    """MessageFedAvgM read its model back from current_arrays each round (the record its last step returned) with two
+    copies, then the reset copied and checked it a third time. It is read in place now, and where it is the state's
+    own model not copied in at all: the same bits as a strategy whose current_arrays is replaced by a copy each
+    round (which is copied in, as before)."""
+    flats = []
+    flat = jk.Aggregator._flat
+    monkeypatch.setattr(jk.Aggregator, "_flat", lambda self, *a: flats.append(self) or flat(self, *a))
+    rng = np.random.default_rng(4)
+    x0 = [rng.standard_normal((30, 20)).astype(np.float32), rng.standard_normal(20).astype(np.float32)]
+    kw = {"server_learning_rate": 0.8, "server_momentum": 0.9}
+    own, copied = jkfl.MessageFedAvgM(**kw), jkfl.MessageFedAvgM(**kw)
+    for s in (own, copied):
+        s.current_arrays = ArrayRecord({f"layer{i}": Array(a) for i, a in enumerate(x0)})
+    for r in range(1, 5):
+        replies = [_reply(j, [(a + 0.05 * rng.standard_normal(a.shape)).astype(np.float32) for a in x0],
+                          int(rng.integers(1, 100)), 0.0) for j in range(4)]
+        copied.current_arrays = ArrayRecord({k: Array(a.numpy()) for k, a in copied.current_arrays.items()})
+        flats.clear()
+        a_own, a_copied = own.aggregate_train(r, replies)[0], copied.aggregate_train(r, replies)[0]
+        for k in a_copied:
+            np.testing.assert_array_equal(a_own[k].numpy(), a_copied[k].numpy())
+        assert len([s for s in flats if s is own._jk.agg]) == (0 if r > 1 else 1)
+        assert len([s for s in flats if s is copied._jk.agg]) == 1
+
+
 def test_message_fedavgm_equals_flowers_over_rounds():
     rng = np.random.default_rng(3)
     x0 = [rng.standard_normal((30, 20)).astype(np.float32), rng.standard_normal(20).astype(np.float32)]

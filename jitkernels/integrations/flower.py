@@ -565,7 +565,7 @@ class _Runner:
             same_names(base, "<base>", "the strategy's current_arrays")
         # set first: a first round whose finalize raises keeps its aggregator, whose layout has these names
         self.names, self.last_parties = names, parties
-        model = None if base is None else [np.array(base[n]) for n in names]
+        model = None if base is None else [np.asarray(base[n]) for n in names]  # (the reset copies it)
         out = self.without_refused(views, weights, parties, model, server_round, names=names, drop=drop)
         if out is None:
             return None
@@ -797,8 +797,10 @@ def _message_strategies():
                 if self.current_arrays is None:
                     raise ValueError("No initial parameters set for FedAvgM. Ensure that `configure_train` has been "
                                      "called before aggregation.")
-                # Flower steps from current_arrays each round (configure_train sets it once, each step after)
-                return {k: a.numpy() for k, a in self.current_arrays.items()}
+                # Flower steps from current_arrays each round (configure_train sets it once, each step after); read
+                # in place (the last step's record: the state's own model, not copied in again, see _Runner.model)
+                return {k: ndarray_view(a.data, party="<base>", index=k) if a.stype == "numpy.ndarray" else a.numpy()
+                        for k, a in self.current_arrays.items()}
 
             arrays, metrics = _train(self, None, replies, base)
             if self.server_opt and arrays is not None:
