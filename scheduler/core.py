@@ -712,6 +712,7 @@ class JITScheduler:
             try:
                 if self.store is not None and js.layout is not None:
                     self._resume(js)
+                    self.store.forget_unnamed_result(job.id)  # (not served: the round folds again)
                 else:
                     self._open_round(js, job.first_round)
             except BaseException as e:  # not added (a resumed job's files stay as they are)
@@ -1947,8 +1948,7 @@ class JITScheduler:
         if why is not None:
             log.warning("job %r round %d: its result %s, which no generation in force names, is not served (%s); the "
                         "round is folded again from its updates", js.job.id, rnd, rel, why)
-            self.store.forget_unnamed_result(js.job.id)
-            return meta
+            return meta  # (let go once add_job has taken the job: a refused one keeps it for the corrected job)
         self.store.commit_unnamed_result(js.job.id, rnd, carry_rel if js.carries else None, self._wall())
         js.spare = None  # (add_job made it, against the template, for a job that had finished no round)
         log.info("job %r round %d: served from %s, which no generation in force named", js.job.id, rnd, rel)
@@ -1968,7 +1968,7 @@ class JITScheduler:
         if js.carries and carry_rel is None:
             return "the carry its round hands on is missing"
         try:
-            leaves, ids = self.store.load_result(rel, js.layout, js.job.id, rnd)
+            leaves, ids = self.store.load_result(rel, js.layout, js.job.id, rnd, unnamed=True)
             carry = self._stored_state(js, carry_rel) if js.carries else None
         except jk.CorruptState as e:
             return str(e)

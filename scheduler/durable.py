@@ -32,7 +32,9 @@ the damaged generation that had finished it, or a crash came between the result'
 serves that file, if it verifies and matches what the directory holds of the round, instead of folding the round
 again (``StateDir.unnamed_result``, ``JITScheduler._resume``): outside deterministic mode the fold's sums may differ
 in their last bits, and a DP round was released twice, with other noise. So such a file and its carry are not
-collected until the job's resume has served them or let them go.
+collected until the job's resume has served them or let them go. A job that starts afresh (new to the directory, or
+added again after its removal) records a random incarnation in its entry, and its result files record it too: a file
+that a removed run under the same id left (a failed collection kept it) is not served to the run after it.
 
 Names in paths are the hex of the JSON of job ids and party ids (any str or int is a safe file name that way, up
 to MAX_JOB_ID_BYTES / MAX_PARTY_ID_BYTES of JSON: a job new to the directory with a longer id, or any job with a
@@ -184,6 +186,7 @@ def _check_entry(m) -> None:
                and all(type(x) is int for x in m["quorum"]) and m["quorum"][0] >= 0 and m["quorum"][1] >= 1)
           and isinstance(m.get("dropped", []), list) and isinstance(m.get("predictor") or [], list)
           and (m.get("opened") is None or type(m["opened"]) is float and math.isfinite(m["opened"]))
+          and (m.get("incarnation") is None or isinstance(m["incarnation"], str))
           and all(_predictor_row(r) for r in m.get("predictor") or []))
     ok = ok and (m.get("removed") is None or m == {"removed": True})  # (a removed job's tombstone)
     if not ok:
@@ -448,7 +451,8 @@ class StateDir:
             tensors, dtypes = encode_leaves(leaves)
             meta = {"format": RESULT_FORMAT, "version": str(VERSION), "job": json.dumps(job),
                     "round": str(int(rnd)), "layout": layout.fingerprint, "leaves": json.dumps(dtypes),
-                    "parties": json.dumps([[p, u] for p, u in update_ids.items()])}
+                    "parties": json.dumps([[p, u] for p, u in update_ids.items()]),
+                    "incarnation": self.jobs.get(job, {}).get("incarnation", "")}
             rel = _result_rel(job, rnd)
             self._write("result", rel, checked_writer(tensors, meta))
             self._commit_finished(job, rnd, rel, carry_rel, predictor, opened)
@@ -481,8 +485,9 @@ class StateDir:
             del self._unnamed[job]
 
     def forget_unnamed_result(self, job) -> None:
-        """The result :meth:`unnamed_result` found for ``job`` is not served (its round is folded again): collected
-        with the next commit, if the fold's own result has not written over it by then."""
+        """The result :meth:`unnamed_result` found for ``job`` was not served (its round is folded again, and the job
+        was added: a refused add_job keeps it for the corrected one): collected with the next commit, if the fold's
+        own result has not written over it by then."""
         with self._lock:
             self._unnamed.pop(job, None)
 
@@ -538,7 +543,7 @@ class StateDir:
                 self._purge(job)
                 old = None
             self._purged.discard(job)
-            if old is None or set(old) <= {"round", "opened"} and old.get("round") != int(first_round):
+            if old is None or set(old) <= {"round", "opened", "incarnation"} and old.get("round") != int(first_round):
                 self._unnamed.pop(job, None)  # (another job's, or a removed one's: collected)
                 held = self._update_rounds(job) if old is not None else []
                 if held:
@@ -546,7 +551,10 @@ class StateDir:
                                      f"{held[:5]} of a run that began at round {old.get('round')!r}: add it with "
                                      f"first_round={old.get('round')!r} to fold them, or start it afresh in a new "
                                      "state directory")
-                self._commit(self.gen + 1, {**self.jobs, job: {"round": int(first_round), "opened": opened}})
+                # (its result files record the incarnation: one that a removed job under this id left, which a
+                # crash kept from collection, is not taken for this job's, see unnamed_result)
+                self._commit(self.gen + 1, {**self.jobs, job: {"round": int(first_round), "opened": opened,
+                                                               "incarnation": os.urandom(8).hex()}})
                 return True
             return False
 
@@ -621,13 +629,18 @@ class StateDir:
             return by_round
         return dict(sorted(by_round.items(), key=lambda kv: int(kv[0]))[-self.keep_results:])
 
-    def load_result(self, rel: str, layout: jk.Layout, job, rnd: int) -> tuple:
+    def load_result(self, rel: str, layout: jk.Layout, job, rnd: int, unnamed: bool = False) -> tuple:
         """(model leaves, {party: update id}) of round ``rnd`` of ``job``; CorruptState where the file's record
-        names another format, job or round (a checksum anyone can compute vouches for nothing)."""
+        names another format, job or round (a checksum anyone can compute vouches for nothing), and for a file no
+        generation names (``unnamed``), another incarnation of the job (the job's entry and the file record the one
+        commit_new started; files written before either did record none)."""
         tensors, meta = read_checked(os.path.join(self.path, rel), what="round result")
         if (meta.get("format"), meta.get("job"), meta.get("round")) != (RESULT_FORMAT, json.dumps(job), str(int(rnd))):
             raise jk.CorruptState(f"round result {rel} was written for job {meta.get('job')}, round "
                                   f"{meta.get('round')} ({meta.get('format')}), not job {json.dumps(job)} round {rnd}")
+        if unnamed and meta.get("incarnation", "") != self.jobs.get(job, {}).get("incarnation", ""):
+            raise jk.CorruptState(f"round result {rel} was written by an earlier run of job {json.dumps(job)} (one "
+                                  "removed, or replaced, before this one started afresh)")
         if meta.get("layout") != layout.fingerprint:
             raise jk.LayoutMismatch(f"round result {rel} was written for layout {meta.get('layout')}; the job's "
                                     f"layout is {layout.fingerprint} (its template changed?)")

@@ -2227,7 +2227,9 @@ def test_a_removed_job_leaves_the_directory_and_its_id_starts_afresh(tmp_path, c
     assert s.store.jobs == ({"j": {"removed": True}} if crash_before_purge else {})
     assert not any(f.startswith("updates") for f in files())
     s.add_job(job())  # afresh: round 0 again, without the old rounds' results or round 1's updates
-    assert s.store.jobs == {"j": {"round": 0, "opened": 0.0}} and s.jobs["j"].open.number == 0 and files() == []
+    entry = s.store.jobs["j"]
+    assert entry == {"round": 0, "opened": 0.0, "incarnation": entry["incarnation"]} and len(entry["incarnation"]) == 16
+    assert s.jobs["j"].open.number == 0 and files() == []
     for p in "pqr":
         s.submit("j", 0, p, {"w": np.full(3, 2.0, np.float32)}, update_id=p).durable.result(timeout=10)
     s.clock.run()
@@ -3323,3 +3325,65 @@ def test_a_served_round_is_the_next_rounds_base_where_the_job_rebases(tmp_path):
         s.close()
         return out
     assert run(tmp_path / "crash", True) == run(tmp_path / "plain", False)
+
+
+def test_a_result_left_by_a_removed_run_of_a_job_is_not_served_to_the_run_that_replaced_it(tmp_path, monkeypatch):
+    """A removed job's result file, which a failed collection kept on disk, was taken for the round 0 of the job added
+    again under its id: the old run's model served, and the new run's acknowledged updates taken as covered (one
+    resend acknowledged as a duplicate and dropped). Each run that starts afresh records an incarnation, and so do
+    its result files: another's is not served (found in review)."""
+    def job():
+        return Job("j", template={"w": np.zeros(3, np.float32)}, parties=["a", "b", "c"], quorum=3, rounds=2,
+                   deterministic=True)
+
+    s = _sched(tmp_path)
+    s.add_job(job())
+    for p in "abc":  # the first run: round 0 all ones
+        assert s.submit("j", 0, p, {"w": np.ones(3, np.float32)}, update_id=f"0{p}").durable.result(timeout=10)
+    s.clock.run()
+    delete = StateDir._delete
+    monkeypatch.setattr(StateDir, "_delete", lambda self, p: None if "results" in p else delete(self, p))
+    s.remove_job("j")
+    s.store._writer.submit(lambda: None).result(timeout=10)  # (the removal's deletions done; its result file stays)
+    s.add_job(job())  # the second run, from round 0: all fives
+    for p in "ab":
+        assert s.submit("j", 0, p, {"w": np.full(3, 5.0, np.float32)}, update_id=f"0{p}").durable.result(timeout=10)
+    s.clock.run()
+    s.store.crash()
+    monkeypatch.undo()
+    from scheduler.durable import ident
+
+    assert os.path.exists(tmp_path / "results" / f"{ident('j')}-r0.jkr")
+    s2 = _sched(tmp_path)
+    s2.add_job(job())
+    ack = s2.submit("j", 0, "c", {"w": np.full(3, 5.0, np.float32)}, update_id="0c")
+    assert ack.accepted and not ack.duplicate
+    s2.clock.run()
+    assert s2.result("j", 0).result(timeout=0)["w"].tolist() == [5.0, 5.0, 5.0]
+    s2.close()
+
+
+def test_a_refused_add_job_keeps_the_unnamed_result_for_the_corrected_one(tmp_path):
+    """An add_job refused after its resume had found the round's result unservable (the job, as given, lacked a
+    party the file and the directory hold) let the file go: the corrected add_job on the same scheduler folded the
+    round again (a DP round released a second time, with other noise), and any commit in between collected the
+    file. It is let go only once a job is added (found in review)."""
+    s = _sched(tmp_path, checkpoint_bytes=1 << 40)
+    s.add_job(_dp_job(False))
+    for r in (0, 1):
+        _dp_round(s, r)
+    released = s.result("dp", 1).result(timeout=0)["w"].tobytes()
+    s.store.crash()
+    _damage_newest_manifest(tmp_path)  # (round 1 open again)
+    s2 = _sched(tmp_path, checkpoint_bytes=1 << 40)
+    wrong = _dp_job(False)
+    wrong.parties = _DP_PARTIES[:2]
+    with pytest.raises(InvalidJob):
+        s2.add_job(wrong)
+    s2.add_job(Job("other", template={"w": np.zeros(4, np.float32)}, parties=["x"], quorum=1, rounds=5))
+    assert s2.submit("other", 0, "x", {"w": np.ones(4, np.float32)}).durable.result(timeout=10)
+    s2.clock.run()  # (a commit, and its collection, in between)
+    s2.add_job(_dp_job(False))
+    s2.clock.run()
+    assert s2.result("dp", 1).result(timeout=0)["w"].tobytes() == released and not _refolded(s2, 1)
+    s2.close()
