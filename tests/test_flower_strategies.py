@@ -136,6 +136,35 @@ def test_a_step_from_the_strategys_own_last_model_gives_the_bits_of_a_copy_of_it
         assert [s for s in flats if s is copied._jk.agg] or r == 1
 
 
+def test_a_model_loaded_into_the_returned_parameters_in_place_is_stepped_from():
+    """The strategy kept its last model's bytes through the list it returned, which FedAvgM stores as its
+    initial_parameters: a caller that loaded a checkpoint into that list in place freed them, the new bytes could
+    take their addresses, and the round stepped from the old model as if it were the one given (found in review,
+    2.4 apart). The strategy holds its own references now: the model given is the one stepped from."""
+    import pickle
+
+    rng = np.random.default_rng(11)
+    x0 = [rng.standard_normal(100_000).astype(np.float32) for _ in range(2)]  # (mmap-sized: freed, reused)
+    make, _ = CASES["FedAvgM"]
+    own, copied = make(jkfl, x0), make(jkfl, x0)
+    ckpt = pickle.dumps([np.zeros_like(a).tobytes() for a in x0])
+    for r in range(1, 4):
+        results = [(_Proxy(f"c{j}"), _fit_res([(a + 0.05 * rng.standard_normal(a.shape)).astype(np.float32) for a in x0],
+                                              rng.integers(10, 500))) for j in range(K)]
+        if r == 3:  # a checkpoint loaded into both strategies' model, in place: the old bytes dropped first
+            last = [id(t) for t in own.initial_parameters.tensors]
+            for s in (own, copied):
+                tensors = s.initial_parameters.tensors
+                header = [bytes(t[:len(t) - a.nbytes]) for t, a in zip(tensors, x0)]
+                tensors.clear()
+                tensors.extend(h + b for h, b in zip(header, pickle.loads(ckpt)))
+            assert [id(t) for t in own._jk.model[0]] == last  # (held by the strategy, not by the list it gave)
+        got, want = (parameters_to_ndarrays(s.aggregate_fit(r, results, [])[0]) for s in (own, copied))
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+        copied.initial_parameters = ndarrays_to_parameters(parameters_to_ndarrays(copied.initial_parameters))
+
+
 @pytest.mark.parametrize("name", ["FedAvg", "FedAdam", "FedMedian"])
 def test_results_in_another_float_dtype_are_converted_as_flower_promotes(name, caplog):
     """float32 clients of a float64 global model (a numpy-initialized model, a torch client), then a round whose

@@ -348,8 +348,9 @@ class _Runner:
         self._step(tree(arrays), server_round, restart)
         if self.agg.state.opt is not None and not self.narrowing and all(l.is_float for l in self.agg.layout.leaves):
             # a server step leaves its new model in the state (the next round's base), and a float model in the
-            # accumulator's dtype is that model's bits
-            self.model = (tensors, [(a.ctypes.data, a.shape, a.dtype) for a in arrays])
+            # accumulator's dtype is that model's bits. The bytes are held here (not through the list handed out,
+            # which a caller may refill in place: freed, their addresses came back for other bytes, found in review)
+            self.model = (tuple(tensors), [(a.ctypes.data, a.shape, a.dtype) for a in arrays])
         return tensors, arrays
 
     def _own_model(self, base) -> bool:
