@@ -84,10 +84,11 @@ class StoreFull(AggregationError, RuntimeError):
 class BudgetExceeded(AggregationError, MemoryError):
     """Admitting the update would pass the store's memory budget, and the store refuses rather than spill."""
 
-    def __init__(self, party, need: int, budget: int):
+    def __init__(self, party, need: int, budget: int,
+                 hint: str = "over_budget='refuse'; use 'spill' with a spill_dir to go to disk"):
         self.party, self.need, self.budget = party, need, budget
         super().__init__(f"party {party!r}: its row would bring the update store to {need} bytes, over its budget "
-                         f"of {budget} bytes (over_budget='refuse'; use 'spill' with a spill_dir to go to disk)")
+                         f"of {budget} bytes ({hint})")
 
 
 class SpillFailed(AggregationError, OSError):
@@ -717,7 +718,10 @@ class UpdateStore:
                 budget_bytes=json.loads(meta["budget_bytes"]) if budget_bytes is cls._UNSET else budget_bytes,
                 over_budget=over_budget or (meta["over_budget"] if spill_dir is not None else "refuse"),
                 spill_dir=spill_dir)
-        except BudgetExceeded:  # (a MemoryError: the rows pass the budget given, as an add would)
+        except BudgetExceeded as e:  # (a MemoryError: the rows pass the budget given, as an add would)
+            if over_budget is None and spill_dir is None and meta.get("over_budget") == "spill":
+                raise BudgetExceeded(e.party, e.need, e.budget, "the store was saved with over_budget='spill': load "
+                                     "it with a spill_dir, or with budget_bytes=None to hold it in memory") from None
             raise
         except (KeyError, ValueError, TypeError, OverflowError, MemoryError, OSError, RecursionError) as e:
             raise CorruptState(f"{path}: inconsistent update store ({type(e).__name__}: {str(e)[:300]})") from e

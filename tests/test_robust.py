@@ -326,6 +326,23 @@ def test_a_restored_robust_state_keeps_its_byte_budget(tmp_path, over):
     assert back.state.store.budget_bytes == 2 * row
 
 
+def test_loading_a_spilled_store_without_a_spill_dir_says_what_to_give(tmp_path):
+    """UpdateStore.load of a store saved with over_budget='spill' and rows past its budget, without a spill_dir,
+    refuses (the file does not choose where this process writes): its message told the caller to use 'spill' with
+    a spill_dir, as if the store had been saved with 'refuse' (found in review)."""
+    from jitkernels.robust_store import UpdateStore
+
+    store = UpdateStore(1000, 4, budget_bytes=4000, over_budget="spill", spill_dir=tmp_path)
+    for j in range(3):
+        store.add([np.full(1000, float(j), np.float32)], f"p{j}")
+    assert store.spilled
+    store.save(tmp_path / "s.jks")
+    with pytest.raises(BudgetExceeded, match="saved with over_budget='spill': load it with a spill_dir"):
+        UpdateStore.load(tmp_path / "s.jks")
+    assert len(UpdateStore.load(tmp_path / "s.jks", budget_bytes=None)) == 3
+    store.close()
+
+
 def test_a_buffered_delta_beyond_its_dtype_is_refused_and_counters_are_not_deltas():
     t = {"w": np.zeros(4, np.float16), "c": np.zeros(1, np.int8)}
     base = {"w": np.full(4, -60000, np.float16), "c": np.array([-100], np.int8)}
