@@ -463,6 +463,28 @@ double probe_read(py::array_t<float, py::array::c_style> buf, int nthreads) {
   return baseline::probe_sum(buf.data(), buf.size(), nthreads);
 }
 
+// (non-finite values, max |x| of the finite ones) of a C-contiguous float32 or float64 array, on nthreads threads.
+py::tuple finite_maxabs(py::array a, int nthreads) {
+  require(bool(a.flags() & py::array::c_style), "finite_maxabs takes a C-contiguous array");
+  const bool f64 = same_dtype(a.dtype(), py::dtype::of<double>());
+  require(f64 || same_dtype(a.dtype(), py::dtype::of<float>()), "finite_maxabs takes float32 or float64");
+  const int64_t n = a.size();
+  int64_t bad = 0;
+  double mx = 0;
+  {
+    std::optional<py::gil_scoped_release> nogil;
+    if (n >= NOGIL_MIN_ELEMENTS) nogil.emplace();
+    auto run = [&](auto* x) {
+#ifdef JK_X86
+      if (use_avx2()) return avx2::finite_maxabs(x, n, nthreads, bad, mx);
+#endif
+      baseline::finite_maxabs(x, n, nthreads, bad, mx);
+    };
+    if (f64) run(static_cast<const double*>(a.data())); else run(static_cast<const float*>(a.data()));
+  }
+  return py::make_tuple(bad, mx);
+}
+
 // A new bytes object of n uninitialized bytes and the address of its data: the caller fills it (numpy views over that
 // address) before sharing it, as C extensions fill PyBytes_FromStringAndSize(NULL, n). Lets a finalize write straight
 // into the bytes that a framework's messages carry (Flower's Parameters.tensors must be bytes), without a copy.
@@ -540,6 +562,8 @@ PYBIND11_MODULE(_core, mod) {
   mod.def("new_bytes", &new_bytes, py::arg("n"));
   mod.def("max_threads", &max_threads);
   mod.def("leaf_addresses", &leaf_addresses, py::arg("items"));
+  mod.def("finite_maxabs", &finite_maxabs, py::arg("a"), py::arg("nthreads"),
+          "(non-finite values, max |x| of the finite ones) of a C-contiguous float32/float64 array.");
   mod.def("probe_read", &probe_read, py::arg("buf").noconvert(), py::arg("nthreads"),
           "Sum of a float32 buffer on nthreads threads: time it to measure read bandwidth.");
   mod.attr("openmp") =

@@ -774,6 +774,52 @@ static void step_rows(const A* acc, A* x, A* m, A* v, const int64_t* off, const 
   }
 }
 
+// The non-finite values and max |x| of the finite ones in x[0, n), on nthreads threads: a base's or an output's
+// finiteness check and max |x| in one pass, where numpy takes two single-threaded reductions (and isfinite a
+// temporary of the array's size). Lanes, as the probe's, so that loads bound the loop, of float ops only (a count
+// in the loop kept it from vectorizing): x - x is 0 unless x is NaN or inf, and only a chunk whose sum of those is
+// not 0 is counted again, element by element, as stats_span does.
+template <class T>
+static void finite_maxabs(const T* x, int64_t n, int nthreads, int64_t& bad, double& mx) {
+  constexpr int L = 16;
+  const int64_t C = 1 << 16;
+  int64_t b = 0;
+  double m = 0;
+#pragma omp parallel for schedule(static) reduction(+ : b) reduction(max : m) num_threads(nthreads)
+  for (int64_t c = 0; c < (n + C - 1) / C; ++c) {
+    T lm[L] = {}, chk[L] = {};
+    const int64_t lo = c * C, hi = std::min(n, lo + C);
+    int64_t i = lo;
+    for (; i + L <= hi; i += L)
+#pragma omp simd
+      for (int l = 0; l < L; ++l) {
+        const T v = x[i + l], ax = std::fabs(v);
+        chk[l] += v - v;
+        lm[l] = ax > lm[l] ? ax : lm[l];
+      }
+    for (int l = 0; i < hi; ++i, ++l) {
+      const T v = x[i], ax = std::fabs(v);
+      chk[l] += v - v;
+      lm[l] = ax > lm[l] ? ax : lm[l];
+    }
+    T sum = 0, top = 0;
+    for (int l = 0; l < L; ++l) {
+      sum += chk[l];
+      top = lm[l] > top ? lm[l] : top;
+    }
+    if (sum != 0) {  // NaN: a NaN or an inf in the chunk (inf - inf); their max was skipped or is inf: again
+      top = 0;
+      for (i = lo; i < hi; ++i) {
+        const T ax = std::fabs(x[i]);
+        if (ax <= std::numeric_limits<T>::max()) top = ax > top ? ax : top; else ++b;
+      }
+    }
+    m = std::max(m, (double)top);
+  }
+  bad = b;
+  mx = m;
+}
+
 // Read-bandwidth probe: 32 independent f32 lanes per thread, so that loads, not add latency, bound the loop.
 static double probe_sum(const float* x, int64_t n, int nthreads) {
   double total = 0;

@@ -495,8 +495,34 @@ def _check_flat_base(base, layout, acc_dtype, what: str) -> None:
                          + ("" if flags.c_contiguous else ", strided") + ("" if on_alignment else ", misaligned"))
 
 
+def finite_maxabs(a) -> tuple | None:
+    """(non-finite values, max |x| of the finite ones) of a host float32/float64 C-contiguous array of 64K elements or
+    more, in one pass on the kernel threads (the C++ extension's); None for another array, or without the extension
+    (numpy's reductions are single-threaded: max and min of 100 MB of float32 took 5.1 ms here, isfinite 4.0 ms,
+    this 1.7 ms)."""
+    if type(a) is not np.ndarray or a.size < _THREADED_CHECK or a.dtype not in _CHECKED or not a.flags.c_contiguous:
+        return None
+    cpp = _cpp()
+    return None if cpp is None else cpp.finite_maxabs(a)
+
+
+_THREADED_CHECK = 1 << 16
+_CHECKED = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+@functools.cache
+def _cpp():
+    from .backends import cpp
+
+    return cpp if cpp.available() is True else None
+
+
 def abs_max(a) -> float:
-    """max |a| of a flat host or device array, without a temporary of its size (0 for an empty one)."""
+    """max |a| of a flat host or device array, without a temporary of its size (0 for an empty one; NaN or inf
+    where it holds them)."""
+    checked = finite_maxabs(a)
+    if checked is not None and checked[0] == 0:
+        return checked[1]
     return max(float(a.max()), -float(a.min())) if a.size else 0.0
 
 

@@ -46,6 +46,9 @@ def _overflowed(out) -> bool:
     bits = _INF_BITS.get(np.dtype(out.dtype).name)
     if bits is None:
         return False
+    checked = admission.finite_maxabs(out)
+    if checked is not None:
+        return checked[0] > 0
     signed, unsigned, pos_inf, neg_inf = bits
     u = (out.array if isinstance(out, DeviceLeaf) else out).view(unsigned)
     return u.size > 0 and (int(u.view(signed).max()) >= pos_inf or int(u.max()) >= neg_inf)
@@ -333,8 +336,9 @@ class Aggregator:
                 raise LayoutMismatch(f"leaf {leaf.name!r} of the base is int8-quantized: a base (the global model) is "
                                      f"given as plain arrays (Quantized.dequantize())", party="<base>")
         flat = np.concatenate([np.asarray(to_host(a), dtype=acc_dtype).reshape(-1) for a in leaves])
-        bad = ~np.isfinite(flat)
-        if bad.any():  # else every later fold would be blamed on its party
+        checked = admission.finite_maxabs(flat)
+        bad = ~np.isfinite(flat) if checked is None or checked[0] else None
+        if bad is not None and bad.any():  # else every later fold would be blamed on its party
             leaf = self.layout.leaves[int(np.searchsorted([l.offset for l in self.layout.leaves], np.argmax(bad),
                                                           side="right")) - 1]
             raise NonFiniteUpdate("<base>", leaf.name, int(bad[leaf.offset:leaf.offset + leaf.size].sum()))

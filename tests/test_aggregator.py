@@ -459,6 +459,27 @@ def test_a_delta_of_updates_admitted_without_the_base_is_checked_for_its_range()
     assert fused.state.peak == 2.0  # measured against the base: known
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_large_leaves_take_the_threaded_finiteness_check_with_the_same_refusals(backend):
+    """Leaves of 64K elements or more are checked in one pass on the kernel threads (admission.finite_maxabs: a
+    base's finiteness and max |x|, a finalized output's overflow) where numpy took two single-threaded reductions
+    each: the same refusals, naming the same leaf and value, as the numpy path of small leaves."""
+    n = 70_000
+    zeros = {"a": np.zeros(n, np.float32), "b": np.zeros(n, np.float32)}
+    base = {"a": np.zeros(n, np.float32), "b": np.zeros(n, np.float32)}
+    base["b"][n - 3] = np.nan
+    with pytest.raises(jk.NonFiniteUpdate, match="'<base>'.*leaf 'b'.*1 non-finite"):
+        jk.Aggregator(zeros, backend=backend, base=base)
+    base["b"][n - 3] = -3e38  # max |base| 3e38 (the range cap: 3.4e38 less it) ...
+    agg = jk.Aggregator(zeros, backend=backend, base=base, acc_dtype="float64")
+    big = {"a": np.zeros(n, np.float32), "b": np.zeros(n, np.float32)}
+    big["b"][n - 3] = 3e38  # ... and a delta of 6e38, which float64 holds: its float32 delta output does not
+    agg.fold(big, party="p")
+    with pytest.raises(jk.ValueOutOfRange, match="leaf 'b'.*6e\\+38.*beyond float32"):
+        agg.finalize(output="delta")
+    np.testing.assert_array_equal(agg.finalize()["b"], big["b"])  # (the model itself is in range)
+
+
 def test_unweighted_fedavg_ignores_weights():
     agg = jk.Aggregator(np.zeros(2, np.float32), algorithm="fedavg_unweighted")
     agg.fold(np.array([1.0, 1.0], np.float32), weight=100, party="a")

@@ -296,6 +296,25 @@ def test_walk_visits_every_work_item_once_in_order(sizes, threads, many):
                 assert all(lo <= x < total * (t + 1) // threads for x in start[a:b])
 
 
+@pytest.mark.skipif(backends.get("cpp").available() is not True, reason="the C++ extension is not built")
+@given(seed=seeds, n=st.one_of(st.integers(0, 40), st.integers(65_500, 65_600), st.integers(131_000, 140_000)),
+       dtype=st.sampled_from(["float32", "float64"]), specials=st.integers(0, 5), threads=st.sampled_from([1, 2]))
+def test_cpp_finite_maxabs_bit_exact(seed, n, dtype, specials, threads):
+    """The threaded finiteness check and max |x| of a base or an output (one pass: numpy's took two reductions and
+    isfinite a temporary) against numpy: the count of NaN and inf, and max |x| of the finite values, exactly, with
+    NaN, +-inf, -0 and subnormal values anywhere (chunk and lane tails included)."""
+    from jitkernels import _core
+
+    rng = np.random.default_rng(seed)
+    with np.errstate(over="ignore"):  # (float32 values past its range: inf, counted as such)
+        x = (rng.standard_normal(n) * 10.0 ** rng.integers(-45, 39, n)).astype(dtype)
+    for _ in range(specials if n else 0):
+        x[rng.integers(n)] = rng.choice([np.nan, np.inf, -np.inf, -0.0, np.finfo(dtype).smallest_subnormal])
+    finite = np.isfinite(x)
+    want = (int((~finite).sum()), float(np.abs(x[finite]).max()) if finite.any() else 0.0)
+    assert _core.finite_maxabs(x, threads) == want
+
+
 def test_simd_env_selects_the_baseline_path():
     """JITKERNELS_SIMD=baseline makes the C++ backend run its portable kernels (checked in the subprocess below)."""
     if os.environ.get("JITKERNELS_SIMD") != "baseline":

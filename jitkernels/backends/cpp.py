@@ -38,6 +38,12 @@ def _walk(g):
     return (g.work,) + walk(g, threads_for(g, get_num_threads()))
 
 
+def finite_maxabs(a) -> tuple:
+    """(non-finite values, max |x| of the finite ones) of a C-contiguous float32/float64 array, on the kernel
+    threads (csrc/kernels.h ``finite_maxabs``)."""
+    return _core.finite_maxabs(a, get_num_threads())
+
+
 def fold(acc, base, g):
     """:func:`numpy_ref.fold`'s math, element order and bytes (csrc/kernels.h ``fold_rows``; the updates of a tile
     in groups of four per pass over its accumulator, which stays in cache)."""
