@@ -149,8 +149,8 @@ def test_a_model_loaded_into_the_returned_parameters_in_place_is_stepped_from():
     own, copied = make(jkfl, x0), make(jkfl, x0)
     ckpt = pickle.dumps([np.zeros_like(a).tobytes() for a in x0])
     for r in range(1, 4):
-        results = [(_Proxy(f"c{j}"), _fit_res([(a + 0.05 * rng.standard_normal(a.shape)).astype(np.float32) for a in x0],
-                                              rng.integers(10, 500))) for j in range(K)]
+        results = [(_Proxy(f"c{j}"), _fit_res([(a + 0.05 * rng.standard_normal(a.shape)).astype(np.float32)
+                                                for a in x0], rng.integers(10, 500))) for j in range(K)]
         if r == 3:  # a checkpoint loaded into both strategies' model, in place: the old bytes dropped first
             last = [id(t) for t in own.initial_parameters.tensors]
             for s in (own, copied):

@@ -52,11 +52,12 @@ The server optimizers step from the model Flower's own classes read each round (
 ``initial_parameters``, ``current_arrays``), so a caller that replaces it between rounds gets Flower's result (a
 float base in another dtype than the model's is converted, as results are); this costs one copy of the model into
 the step's state per round, but where the model is the one the strategy returned last (views of its bytes), which
-the state holds already (``_Runner.model``). Every strategy reads its hyperparameters (``eta``, ``server_learning_rate``, ``beta``,
-``num_clients_to_keep``, ...) at each aggregate, as Flower's do: a schedule that sets them between rounds takes
-effect at the next aggregate, the moments and round counter carried. A round that raises (a float16 model stepped
-past its range) leaves their moments and round counter as they were (``_Runner._step`` says what that costs), and
-FedAvgM restarts its momentum at ``server_round`` 1, as Flower's strategy-API FedAvgM does.
+the state holds already (``_Runner.model``). Every strategy reads its hyperparameters (``eta``,
+``server_learning_rate``, ``beta``, ``num_clients_to_keep``, ...) at each aggregate, as Flower's do: a schedule that
+sets them between rounds takes effect at the next aggregate, the moments and round counter carried. A round that
+raises (a float16 model stepped past its range) leaves their moments and round counter as they were
+(``_Runner._step`` says what that costs), and FedAvgM restarts its momentum at ``server_round`` 1, as Flower's
+strategy-API FedAvgM does.
 """
 
 from __future__ import annotations
