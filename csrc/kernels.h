@@ -787,6 +787,7 @@ static void finite_maxabs(const T* x, int64_t n, int nthreads, int64_t& bad, dou
   double m = 0;
 #pragma omp parallel for schedule(static) reduction(+ : b) reduction(max : m) num_threads(nthreads)
   for (int64_t c = 0; c < (n + C - 1) / C; ++c) {
+    const jk::IeeeMode ieee;  // (a caller's DAZ read a subnormal maximum as 0, on its own thread only: found in review)
     T lm[L] = {}, chk[L] = {};
     const int64_t lo = c * C, hi = std::min(n, lo + C);
     int64_t i = lo;

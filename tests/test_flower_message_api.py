@@ -106,6 +106,27 @@ def test_message_fedavgm_steps_from_its_own_last_record_in_place(monkeypatch):
         assert len([s for s in flats if s is copied._jk.agg]) == 1
 
 
+def test_message_fedavgm_takes_a_current_record_whose_bytes_np_load_reads():
+    """A current_arrays Array whose .npy bytes carry trailing bytes (which np.load, and so Flower's FedAvgM, reads)
+    was refused once the record was read in place (LayoutMismatch naming '<base>'): such an Array is read as Flower
+    reads it, and the round equals Flower's (found in review)."""
+    rng = np.random.default_rng(9)
+    x0 = [rng.standard_normal((6, 4)).astype(np.float32), rng.standard_normal(4).astype(np.float32)]
+    kw = {"server_learning_rate": 0.8, "server_momentum": 0.9}
+    theirs, ours = ms.FedAvgM(**kw), jkfl.MessageFedAvgM(**kw)
+
+    def padded(a):
+        arr = Array(a)
+        return Array(dtype=arr.dtype, shape=arr.shape, stype=arr.stype, data=arr.data + b"\0" * 8)
+    for s in (theirs, ours):
+        s.current_arrays = ArrayRecord({f"layer{i}": padded(a) for i, a in enumerate(x0)})
+    replies = [_reply(j, [(a + 0.05 * rng.standard_normal(a.shape)).astype(np.float32) for a in x0],
+                      int(rng.integers(1, 100)), 0.0) for j in range(3)]
+    a_t, a_o = theirs.aggregate_train(1, replies)[0], ours.aggregate_train(1, replies)[0]
+    for k in a_t:
+        np.testing.assert_allclose(a_o[k].numpy(), a_t[k].numpy(), rtol=0, atol=2e-6)
+
+
 def test_message_fedavgm_equals_flowers_over_rounds():
     rng = np.random.default_rng(3)
     x0 = [rng.standard_normal((30, 20)).astype(np.float32), rng.standard_normal(20).astype(np.float32)]

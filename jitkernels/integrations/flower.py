@@ -710,6 +710,18 @@ def _strategies():
             "Krum": _robust(fl.Krum, _krum)}
 
 
+def _array_in_place(a, key):
+    """A flwr ``Array`` as numpy: a read-only view of its bytes where they hold one ``.npy`` array and nothing more
+    (as a step's own record does), else Flower's ``Array.numpy()`` (np.load's copy, which takes trailing bytes; the
+    view refused them, where Flower's FedAvgM stepped: found in review)."""
+    if a.stype == "numpy.ndarray":
+        try:
+            return ndarray_view(a.data, party="<base>", index=key)
+        except LayoutMismatch:
+            pass
+    return a.numpy()
+
+
 def _message_runner(strategy, make, backend, accept_failures) -> None:
     """A Message API strategy's _Runner, and its ``accept_failures`` (which Flower's Message strategies lack: they
     leave out replies that carry an error, and ours leave out, as well, replies that cannot be aggregated for what
@@ -802,8 +814,7 @@ def _message_strategies():
                                      "called before aggregation.")
                 # Flower steps from current_arrays each round (configure_train sets it once, each step after); read
                 # in place (the last step's record: the state's own model, not copied in again, see _Runner.model)
-                return {k: ndarray_view(a.data, party="<base>", index=k) if a.stype == "numpy.ndarray" else a.numpy()
-                        for k, a in self.current_arrays.items()}
+                return {k: _array_in_place(a, k) for k, a in self.current_arrays.items()}
 
             arrays, metrics = _train(self, None, replies, base)
             if self.server_opt and arrays is not None:
