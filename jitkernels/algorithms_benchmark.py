@@ -35,8 +35,12 @@ leaves and k updates:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import itertools
 import json
 import sys
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -167,50 +171,75 @@ def bench_secagg(wl, probe):
                  interleaved(flower, probe, min_reps=2, max_reps=4, cap_s=20), nbytes)]
 
 
-def bench_robust(wl, probe, backends):
+class Case(NamedTuple):
+    """One timed call of the robust or round rows: ``key`` names it across backends (``"median"``,
+    ``"median: Flower"``...), ``method`` is the table's label; ``peer`` calls are Flower's (few repetitions)."""
+
+    key: str
+    method: str
+    backend: str
+    fn: Callable
+    nbytes: int
+    peer: bool = False
+
+
+@contextlib.contextmanager
+def robust_cases(wl, backends):
+    """The robust rows' calls on one slab of the workload's k float32 updates (filled here, closed on exit), each
+    warmed up (numba compiles): the coordinate median and trimmed mean per backend and Flower's, the Gram step and
+    numpy's SSYRK, Krum and Flower's, the geometric median. Used by :func:`bench_robust` and by
+    ``bench/test_algorithms_bench.py``."""
     from flwr.server.strategy.aggregate import aggregate_krum, aggregate_median, aggregate_trimmed_avg
 
     from . import robust_coord, robust_gram
     from .robust_store import UpdateStore
 
     store = UpdateStore(wl.n, wl.k)
-    for u, p in zip(wl.updates("float32"), wl.parties):
-        store.add(list(u.values()), p)
-    X = store.rows()
-    flower_in = [(list(u.values()), w) for u, w in zip(wl.updates("float32"), wl.weights)]
-    nbytes = X.nbytes + 4 * wl.n
+    try:
+        for u, p in zip(wl.updates("float32"), wl.parties):
+            store.add(list(u.values()), p)
+        X = store.rows()
+        flower_in = [(list(u.values()), w) for u, w in zip(wl.updates("float32"), wl.weights)]
+        nbytes = X.nbytes + 4 * wl.n
+        cases = []
+        for name, ours, theirs in (("median", lambda b: robust_coord.coordinate_median(store, backend=b),
+                                    lambda: aggregate_median(flower_in)),
+                                   ("trimmed mean 0.2", lambda b: robust_coord.trimmed_mean(store, 0.2, backend=b),
+                                    lambda: aggregate_trimmed_avg(flower_in, 0.2))):
+            for b in backends:
+                if robust_coord.available_backends().get(b) is True and b != "numpy":
+                    ours(b)  # compile / warm
+                    cases.append(Case(name, f"robust {name}", b, functools.partial(ours, b), nbytes))
+            cases.append(Case(f"{name}: Flower", f"robust {name}: Flower", "flwr", theirs, nbytes, True))
+        robust_gram.gram(X[:, :4096])
+        gm = robust_gram.geometric_median(store)
+        cases += [Case("gram", "robust Gram step (Krum)", "numba", lambda: robust_gram.gram(X), X.nbytes),
+                  Case("gram: SSYRK", "robust Gram step: numpy X @ X.T (SSYRK)", "blas", lambda: X @ X.T, X.nbytes),
+                  Case("krum", f"robust Krum f={KRUM_F}", "numba", lambda: robust_gram.krum(store, KRUM_F), X.nbytes),
+                  Case("krum: Flower", f"robust Krum f={KRUM_F}: Flower", "flwr",
+                       lambda: aggregate_krum(flower_in, KRUM_F, 0), X.nbytes, True),
+                  Case("geometric median", f"robust geometric median ({gm.info.get('passes')} passes)", "numba",
+                       lambda: robust_gram.geometric_median(store), gm.info["passes"] * X.nbytes)]
+        yield cases
+    finally:
+        store.close()
+
+
+def bench_robust(wl, probe, backends):
+    """The robust rows: each case's peak memory of one (warm) call, then its timing."""
     rows = []
-
-    def measured(method, backend, fn, nbytes, **reps):  # peak memory of one call (a warm one), then the timing
-        mem = peak_memory(fn)
-        rows.append(_row(wl.label, method, backend, interleaved(fn, probe, **reps), nbytes, mem=mem))
-
-    flower_reps = {"min_reps": 1, "max_reps": 2, "cap_s": 30}
-    for name, ours, theirs in (("median", lambda b: robust_coord.coordinate_median(store, backend=b),
-                                lambda: aggregate_median(flower_in)),
-                               ("trimmed mean 0.2", lambda b: robust_coord.trimmed_mean(store, 0.2, backend=b),
-                                lambda: aggregate_trimmed_avg(flower_in, 0.2))):
-        for b in backends:
-            if robust_coord.available_backends().get(b) is True and b != "numpy":
-                ours(b)  # compile / warm
-                measured(f"robust {name}", b, lambda: ours(b), nbytes)
-        measured(f"robust {name}: Flower", "flwr", theirs, nbytes, **flower_reps)
-    robust_gram.gram(X[:, :4096])
-    measured("robust Gram step (Krum)", "numba", lambda: robust_gram.gram(X), X.nbytes)
-    measured("robust Gram step: numpy X @ X.T (SSYRK)", "blas", lambda: X @ X.T, X.nbytes)
-    measured(f"robust Krum f={KRUM_F}", "numba", lambda: robust_gram.krum(store, KRUM_F), X.nbytes)
-    measured(f"robust Krum f={KRUM_F}: Flower", "flwr", lambda: aggregate_krum(flower_in, KRUM_F, 0), X.nbytes,
-             **flower_reps)
-    gm = robust_gram.geometric_median(store)
-    measured(f"robust geometric median ({gm.info.get('passes')} passes)", "numba",
-             lambda: robust_gram.geometric_median(store), gm.info["passes"] * X.nbytes)
-    store.close()
+    with robust_cases(wl, backends) as cases:
+        for c in cases:
+            mem = peak_memory(c.fn)
+            reps = {"min_reps": 1, "max_reps": 2, "cap_s": 30} if c.peer else {}
+            rows.append(_row(wl.label, c.method, c.backend, interleaved(c.fn, probe, **reps), c.nbytes, mem=mem))
     return rows
 
 
-def bench_rounds(wl, probe, backend):
-    """A FedAdam and a FedAvg round, Flower FitRes in -> new Parameters out: jitkernels' Flower strategies against
-    Flower's own, ``aggregate_fit`` on the same FitRes objects."""
+def round_cases(wl, backend):
+    """A FedAdam and a FedAvg round, Flower FitRes in -> new Parameters out: jitkernels' Flower strategies (on
+    ``backend``) and Flower's own, ``aggregate_fit`` on the same FitRes objects, each call a new round. Used by
+    :func:`bench_rounds` and by ``bench/test_algorithms_bench.py``."""
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
     from flwr.server import strategy as fl
 
@@ -221,26 +250,30 @@ def bench_rounds(wl, probe, backend):
     results = [(None, FitRes(status=ok, parameters=ndarrays_to_parameters(u), num_examples=w, metrics={}))
                for u, w in zip(ups, wl.weights)]
     x0 = ndarrays_to_parameters([np.zeros_like(a) for a in ups[0]])
-    rows = []
+    cases = []
     # the fold: the updates, the accumulator read and written, and for FedAdam (deltas against the model) the model
     for name, make, fold_bytes, step_bytes in (
             ("FedAdam", lambda m: m.FedAdam(initial_parameters=x0, eta=0.01, tau=1e-3), 12, 32),
             ("FedAvg", lambda m: m.FedAvg(), 8, 8)):
         nbytes = wl.k * wl.n * 4 + fold_bytes * wl.n + step_bytes * wl.n
-        for method, mod, be in ((f"{name} round from FitRes", jkfl, backend),
-                                (f"{name} round: Flower aggregate_fit", fl, "flwr")):
+        for key, method, mod, be in ((name, f"{name} round from FitRes", jkfl, backend),
+                                     (f"{name}: Flower", f"{name} round: Flower aggregate_fit", fl, "flwr")):
             strat = make(mod)
             if mod is jkfl:
                 strat._jk.backend = backend
-            state = {"r": 0}
+            rounds = itertools.count(1)
+            cases.append(Case(key, method, be, lambda s=strat, r=rounds: s.aggregate_fit(next(r), results, []),
+                              nbytes, mod is fl))
+    return cases
 
-            def round_():
-                state["r"] += 1
-                return strat.aggregate_fit(state["r"], results, [])
 
-            mem = peak_memory(round_)
-            rows.append(_row(wl.label, method, be, interleaved(round_, probe, min_reps=2, max_reps=5, cap_s=30),
-                             nbytes, mem=mem))
+def bench_rounds(wl, probe, backend):
+    """The round rows: each case's peak memory of one round, then its timing (2-5 rounds)."""
+    rows = []
+    for c in round_cases(wl, backend):
+        mem = peak_memory(c.fn)
+        rows.append(_row(wl.label, c.method, c.backend, interleaved(c.fn, probe, min_reps=2, max_reps=5, cap_s=30),
+                         c.nbytes, mem=mem))
     return rows
 
 

@@ -139,6 +139,12 @@ def test_the_robust_rows_time_and_measure_every_rule_and_its_flower_peer():
         if sys.platform.startswith("linux"):
             assert r["rss_peak_bytes"] is not None
         assert (r["speedup"] is None) == (r["method"].endswith(("Flower", "(SSYRK)")) or "geometric" in r["method"])
+    if "cpp" in backends:  # the round cases, which bench/test_algorithms_bench.py times too: each call a new round
+        cases = {(c.key, c.backend): c for c in ab.round_cases(wl, "cpp")}
+        assert set(cases) == {("FedAdam", "cpp"), ("FedAdam: Flower", "flwr"), ("FedAvg", "cpp"),
+                              ("FedAvg: Flower", "flwr")}
+        for c in cases.values():
+            assert c.fn() is not None and c.fn()[0] is not None
 
 
 def test_the_clipping_rows_say_whether_admission_was_fused(monkeypatch):
