@@ -566,9 +566,12 @@ class StateDir:
         return sorted(int(d) for d in os.listdir(root) if _is_count(d) and os.path.isdir(os.path.join(root, d))
                       and any(f.endswith(".jku") for f in os.listdir(os.path.join(root, d))))
 
-    def commit_dropped(self, job, party) -> None:
-        """Commit that ``party`` left ``job`` (``JITScheduler.drop_party``): a restart does not wait for it."""
+    def commit_dropped(self, job, party, live=None) -> None:
+        """Commit that ``party`` left ``job`` (``JITScheduler.drop_party``): a restart does not wait for it. Nothing
+        is committed once ``live()`` is false (the job was removed: its entry may be a job's added again since)."""
         with self._lock:
+            if live is not None and not live():
+                return
             dropped = self.jobs.get(job, {}).get("dropped", [])
             if _key(party) not in {_key(p) for p in dropped}:
                 self._commit_job(job, dropped=[*dropped, party])
