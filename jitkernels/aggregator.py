@@ -242,7 +242,7 @@ class Aggregator:
             return
         params = {**self.algorithm.params(), "int_leaves": int_leaves,
                   "deterministic": _log2_up(bound) if deterministic else None}
-        flat_base = None if base is None else self._flat(base, acc_dtype)
+        flat_base, base_max = (None, None) if base is None else self._flat(base, acc_dtype)
         if self.algorithm.needs_base and base is None:
             raise ValueError(f"{type(self.algorithm).__name__} folds deltas against the global model: pass base=")
         opt = None
@@ -261,6 +261,8 @@ class Aggregator:
             store = self.algorithm.new_store(self.layout, self.on_gpu)
         self._adopt(FoldState(self.layout, algorithm=params, acc_dtype=acc_dtype, base=flat_base,
                               on_device=self.on_gpu, opt=opt, scalars=self.algorithm.initial_scalars(), store=store))
+        if base_max is not None:
+            self._bmax = (self._base_token, base_max)
 
     @classmethod
     def from_state(cls, state: FoldState, *, backend=None, partial=False, copy=False, spill_dir=None) -> "Aggregator":
@@ -329,7 +331,10 @@ class Aggregator:
     def on_gpu(self) -> bool:
         return self.backend == "cupy"
 
-    def _flat(self, tree, acc_dtype):
+    def _flat(self, tree, acc_dtype) -> tuple:
+        """(the base ``tree`` as one flat array of the accumulator's dtype, where the state keeps it; its max |x|
+        where the finiteness check measured it, else None): the caller seeds ``_bmax`` with it under the base's token,
+        so that no second pass over the base takes it again."""
         leaves = self.layout.flatten(tree, party="<base>")
         for a, leaf in zip(leaves, self.layout.leaves):
             if isinstance(a, Quantized):
@@ -342,7 +347,7 @@ class Aggregator:
             leaf = self.layout.leaves[int(np.searchsorted([l.offset for l in self.layout.leaves], np.argmax(bad),
                                                           side="right")) - 1]
             raise NonFiniteUpdate("<base>", leaf.name, int(bad[leaf.offset:leaf.offset + leaf.size].sum()))
-        return place(flat, self.on_gpu)
+        return place(flat, self.on_gpu), None if checked is None else checked[1]
 
     def _adopt(self, st: FoldState) -> None:
         """Make ``st`` this aggregator's state (a plain attribute: the per-update fold reads it several times)."""
@@ -1148,8 +1153,9 @@ class Aggregator:
                 raise TornState(old.torn)
             carries = old.base is not None and self.algorithm.kind is None and (
                 old.closed or old.released and self.algorithm.moves_from_base)
+            base_max = None
             if base is not None:
-                flat_base = self._flat(base, old.acc_dtype)
+                flat_base, base_max = self._flat(base, old.acc_dtype)
             elif carries and old.torn is not None:  # (a closed round refuses folds before they write: not DP's)
                 raise TornState(f"{old.torn}; a finalize released this round's model before, and the torn state "
                                 "cannot give it again: reset(base=<that model>) starts the next round from it, as "
@@ -1160,6 +1166,8 @@ class Aggregator:
             else:
                 flat_base = old.base
             self._base_token = object()  # (after the base is taken: a refused one leaves admitted updates' marks)
+            if base_max is not None:
+                self._bmax = (self._base_token, base_max)
             if reuse:
                 old.torn = None
                 old.acc.fill(0)

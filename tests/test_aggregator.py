@@ -480,6 +480,28 @@ def test_large_leaves_take_the_threaded_finiteness_check_with_the_same_refusals(
     np.testing.assert_array_equal(agg.finalize()["b"], big["b"])  # (the model itself is in range)
 
 
+def test_a_large_bases_max_is_taken_in_its_finiteness_pass(monkeypatch):
+    """A base given to the constructor or to reset() was read once for its finiteness and again for its max |x|
+    (admission's range cap): the one threaded pass gives both, and the second pass is not made."""
+    from jitkernels import admission
+
+    n = 70_000
+    base = {"w": np.full(n, -2.0, np.float32)}
+    calls = []
+    real = admission.abs_max
+    monkeypatch.setattr(admission, "abs_max", lambda a: calls.append(a) or real(a))
+    agg = jk.Aggregator({"w": np.zeros(n, np.float32)}, backend="numpy", base=base)
+    assert agg._base_max() == 2.0
+    agg.reset(base={"w": np.full(n, 3.0, np.float32)})
+    assert agg._base_max() == 3.0 and agg._range_cap() == admission.largest("float32") - 3.0
+    agg.fold({"w": np.ones(n, np.float32)}, party="p")
+    np.testing.assert_array_equal(agg.finalize()["w"], np.ones(n, np.float32))
+    small = jk.Aggregator({"w": np.zeros(4, np.float32)}, backend="numpy", base={"w": np.full(4, 5.0, np.float32)})
+    assert small._base_max() == 5.0  # (a small base: numpy's reductions, as before)
+    expected = 0 if jk.available_backends()["cpp"] is True else 2
+    assert len(calls) == expected + 1
+
+
 def test_unweighted_fedavg_ignores_weights():
     agg = jk.Aggregator(np.zeros(2, np.float32), algorithm="fedavg_unweighted")
     agg.fold(np.array([1.0, 1.0], np.float32), weight=100, party="a")
