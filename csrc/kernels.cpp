@@ -13,6 +13,10 @@
 #include <string>
 #include <type_traits>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -488,11 +492,21 @@ py::tuple finite_maxabs(py::array a, int nthreads) {
 // A new bytes object of n uninitialized bytes and the address of its data: the caller fills it (numpy views over that
 // address) before sharing it, as C extensions fill PyBytes_FromStringAndSize(NULL, n). Lets a finalize write straight
 // into the bytes that a framework's messages carry (Flower's Parameters.tensors must be bytes), without a copy.
-py::tuple new_bytes(py::ssize_t n) {
+// ``huge``: from 4 MB, ask for transparent huge pages over the data's whole pages, as numpy does for its own arrays
+// (numpy._core.multiarray._get_madvise_hugepage): a fresh 100 MB bytes object took 40 ms to fill on 4 KB pages (a
+// fault each) against 6 ms for a numpy array of the same size, most of a Flower round's finalize.
+py::tuple new_bytes(py::ssize_t n, bool huge) {
   require(n >= 0, "n must be >= 0");
   PyObject* b = PyBytes_FromStringAndSize(nullptr, n);
   if (b == nullptr) throw py::error_already_set();
   const auto addr = reinterpret_cast<std::uintptr_t>(PyBytes_AS_STRING(b));
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr std::uintptr_t kPage = 4096;
+  if (huge && n >= (py::ssize_t{1} << 22)) {
+    const std::uintptr_t lo = (addr + kPage - 1) & ~(kPage - 1), hi = (addr + n) & ~(kPage - 1);
+    madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // advice only: a kernel without THP says EINVAL
+  }
+#endif
   return py::make_tuple(py::reinterpret_steal<py::bytes>(b), addr);
 }
 
@@ -559,7 +573,7 @@ PYBIND11_MODULE(_core, mod) {
           py::arg("hi"), py::arg("out").noconvert(), py::arg("tile"), py::arg("nthreads"));
   mod.def("modsum", &modsum, py::arg("acc"), py::arg("off"), py::arg("ptr"), py::arg("code"), py::arg("work"),
           py::arg("bits"), py::arg("subtract"), py::arg("nthreads"));
-  mod.def("new_bytes", &new_bytes, py::arg("n"));
+  mod.def("new_bytes", &new_bytes, py::arg("n"), py::arg("huge") = false);
   mod.def("max_threads", &max_threads);
   mod.def("leaf_addresses", &leaf_addresses, py::arg("items"));
   mod.def("finite_maxabs", &finite_maxabs, py::arg("a"), py::arg("nthreads"),

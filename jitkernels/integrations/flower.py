@@ -184,12 +184,22 @@ def parameters_buffers(shapes_dtypes) -> tuple:
         dt = np.dtype(dtype)
         head = _npy_header(shape, dt)
         n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-        b, addr = _core.new_bytes(len(head) + n)
+        b, addr = _core.new_bytes(len(head) + n, _numpy_hugepages())
         raw = np.asarray(_BytesData(b, addr, len(head) + n))  # the array's base keeps the bytes alive
         raw[:len(head)] = np.frombuffer(head, np.uint8)
         tensors.append(b)
         arrays.append(raw[len(head):].view(dt).reshape(shape))
     return tensors, arrays
+
+
+def _numpy_hugepages() -> bool:
+    """numpy's switch for huge pages under its own large arrays (``NUMPY_MADVISE_HUGEPAGE``; on by default on Linux),
+    which new bytes follow: filled on 4 KB pages, a fresh 100 MB took 40 ms against numpy's 6 ms."""
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray
+    return bool(getattr(multiarray, "_get_madvise_hugepage", lambda: False)())
 
 
 class _BytesData:
