@@ -372,6 +372,8 @@ class _JobState:
         self.added = added
         self.finished = False
         self.removed = False  # remove_job: what still runs for it (a fold, a queued arrival) ends without effect
+        self.removing = False  # remove_job is committing its removal (outside the scheduler's lock)
+        self.tombstoned = False  # ... and has committed it: the job's writes and commits refuse themselves
         self.ended: str | None = None  # why the job ended before its last round, if it did
         self.resumed_acc_dtype: str | None = None  # a resumed state's accumulator dtype (see acc_dtype)
         self.layout = jk.Layout.from_template(job.template) if job.template is not None else None
@@ -405,6 +407,11 @@ class _JobState:
         self._index_expected()
         for rnd in self.rounds.values():
             rnd.arrived_flags = None  # re-derived from the arrived set on next use
+
+    def live(self) -> bool:
+        """Its writes and commits go to the state directory (``live=`` of :class:`StateDir`'s commits): neither
+        removed nor its removal committed."""
+        return not (self.removed or self.tombstoned)
 
     def flags(self, rnd):
         """rnd.arrived_flags, aligned with ``expected`` (built from the arrived set when missing)."""
@@ -824,7 +831,7 @@ class JITScheduler:
         try:
             return self.store.persist_update(js.job.id, round, party, update_id, float(weight), item.leaves,
                                              js.layout.fingerprint, item.info, carried_from,
-                                             live=lambda: not js.removed)
+                                             live=js.live)
         except Exception as e:
             if self._closed and isinstance(e, RuntimeError):
                 raise SchedulerClosed(f"job {js.job.id!r}: the scheduler closed while it took the update from "
@@ -999,7 +1006,7 @@ class JITScheduler:
                 self._committing[threading.get_ident()] += 1
         if durable:  # first, a failed commit changing nothing; outside the lock, whose fsync stalled every submit
             try:  # (of every job, 25-80 ms behind a checkpoint) while a party left
-                self.store.commit_dropped(job_id, party, live=lambda: not js.removed)
+                self.store.commit_dropped(job_id, party, live=js.live)
             finally:
                 self._commits_done(1)
         with self._lock:
@@ -1041,14 +1048,30 @@ class JITScheduler:
         calls naming it raise :class:`UnknownJob`). With a state directory the job leaves the manifest and its files
         are deleted: a restart does not resume it, and a job added again under its id starts afresh. Returns the
         job's last metrics (as :meth:`metrics` gave them)."""
-        with self._settling():
+        with self._lock:
             if self._closed:
                 raise SchedulerClosed(f"job {job_id!r}: the scheduler is closed; nothing removed")
             js = self._job(job_id)
-            if self.store is not None and js.layout is not None:
-                # a failed commit leaves the job as it was; once it is made, writes of its updates still queued are
-                # skipped (those before are deleted with the rest)
-                self.store.remove_job(js.job.id, decided=lambda: setattr(js, "removed", True))
+            if js.removing:
+                raise UnknownJob(f"no job {job_id!r} (another call is removing it)")
+            js.removing = True
+            durable = self.store is not None and js.layout is not None
+            if durable:  # (close() waits for it)
+                self._committing[threading.get_ident()] += 1
+        if durable:
+            # first, outside the lock (its fsyncs stalled every submit of every job, as drop_party's did): a failed
+            # commit leaves the job as it was; once it is made, the job's writes still queued and its commits are
+            # skipped (tombstoned: live() is False), and what it wrote before is deleted with the rest. A round that
+            # ends meanwhile ends as it would have before the call
+            try:
+                self.store.remove_job(js.job.id, decided=lambda: setattr(js, "tombstoned", True))
+            except BaseException:
+                with self._lock:
+                    js.removing = False
+                raise
+            finally:
+                self._commits_done(1)
+        with self._settling():
             final = self._job_metrics(js)
             del self.jobs[js.job.id]
             self._forget(js, lambda rnd: JobRemoved(f"job {js.job.id!r} round {rnd.number}: the job was removed "
@@ -1423,7 +1446,7 @@ class JITScheduler:
         not written (``live``)."""
         def make():
             try:
-                commit(*args, live=lambda: not js.removed, **kwargs)
+                commit(*args, live=js.live, **kwargs)
             except Exception:
                 log.exception("job %r round %d: could not record %s in %s", js.job.id, rnd.number, what,
                               self.store.path)
@@ -1734,7 +1757,7 @@ class JITScheduler:
                 # (with when the round opened: the last result's commit, which recorded it before, came before the
                 # round opened, by its futures' callbacks, a retry, or a simulated finalize's time)
                 self.store.checkpoint(js.job.id, task.round, agg.state, ids, carried, opened=rnd.opened_wall,
-                                      live=lambda: not js.removed)
+                                      live=js.live)
                 js.fold_bytes = 0
             except Crashed:
                 raise
@@ -1828,7 +1851,7 @@ class JITScheduler:
                 return result, nxt  # job is gone
         self.store.commit_result(js.job.id, number, js.layout, js.layout.flatten(result), ids,
                                  carry=agg.state if js.carries else None, predictor=js.predictor.to_json(),
-                                 opened=self._wall(), live=lambda: not js.removed)
+                                 opened=self._wall(), live=js.live)
         js.fold_bytes = 0
         return result, nxt
 

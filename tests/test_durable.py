@@ -2395,6 +2395,79 @@ def test_drop_partys_commit_does_not_hold_the_scheduler(tmp_path, monkeypatch):
     s.close()
 
 
+def test_remove_jobs_commit_does_not_hold_the_scheduler(tmp_path, monkeypatch):
+    """remove_job committed its tombstone (and fsynced) under the scheduler's lock: every submit of every job waited
+    for it. It commits outside the lock now, still first: while the commit is held up a submit to another job goes
+    through, and one to the job itself too (the round it joins then ends with JobRemoved); a second remove_job of
+    the job is UnknownJob; close() waits for the commit; a failed commit leaves the job as it was, removable."""
+    import threading
+
+    from scheduler import JobRemoved, UnknownJob
+
+    gate, entered, fail = threading.Event(), threading.Event(), []
+    remove = StateDir.remove_job
+
+    def slow(self, *a, **k):
+        entered.set()
+        assert gate.wait(10)
+        if fail:
+            raise fail.pop()
+        return remove(self, *a, **k)
+
+    monkeypatch.setattr(StateDir, "remove_job", slow)
+    s = _sched(tmp_path, checkpoint_bytes=1 << 40)
+    s.add_job(_small_job(rounds=2))
+    s.add_job(Job("k", template={"w": np.zeros(8, np.float32)}, parties=["a", "b"], quorum=2, rounds=1))
+    out = []
+
+    def removal():
+        try:
+            out.append(s.remove_job("j"))
+        except Exception as e:
+            out.append(e)
+
+    fail.append(OSError(28, "No space left on device"))
+    t = threading.Thread(target=removal)
+    t.start()
+    assert entered.wait(10)
+    with pytest.raises(UnknownJob, match="another call is removing it"):
+        s.remove_job("j")
+    gate.set()
+    t.join(10)
+    assert isinstance(out.pop(), OSError) and "j" in s.jobs and not s.jobs["j"].removing
+    assert "removed" not in s.store.jobs["j"]
+
+    gate.clear(), entered.clear()
+    t = threading.Thread(target=removal)
+    t.start()
+    assert entered.wait(10)
+    assert s.submit("k", 0, "a", {"w": np.ones(8, np.float32)}, update_id="a").accepted  # (the lock is free)
+    assert s.submit("j", 0, "a", {"w": np.ones(8, np.float32)}, update_id="a").accepted
+    fut = s.result("j", 0)
+    gate.set()
+    t.join(10)
+    assert isinstance(out.pop(), dict) and "j" not in s.jobs
+    assert s.store.jobs.get("j", {"removed": True}) == {"removed": True}  # (a third generation drops the tombstone)
+    with pytest.raises(JobRemoved):
+        fut.result(timeout=10)
+
+    s.add_job(_small_job(rounds=2))
+    gate.clear(), entered.clear()
+    t = threading.Thread(target=removal)
+    t.start()
+    assert entered.wait(10)
+    closing = threading.Thread(target=s.close)
+    closing.start()
+    closing.join(0.5)
+    assert closing.is_alive()  # (it waits for the commit in progress)
+    gate.set()
+    t.join(10), closing.join(10)
+    assert not closing.is_alive() and isinstance(out.pop(), dict) and "j" not in s.jobs
+    again = StateDir(tmp_path)
+    assert "j" not in again.jobs and "k" in again.jobs
+    again.close()
+
+
 @pytest.mark.parametrize("point", [p for p in POINTS if p.startswith("manifest")] + ["gc.started"])
 def test_a_crash_in_add_jobs_commit_leaves_a_directory_the_job_recovers_from(tmp_path, want, point):
     """add_job commits a new job's entry (the time its first round opens): a crash at any step of that commit."""
