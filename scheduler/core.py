@@ -1065,10 +1065,15 @@ class JITScheduler:
             # ends meanwhile ends as it would have before the call
             try:
                 self.store.remove_job(js.job.id, decided=lambda: setattr(js, "tombstoned", True))
-            except BaseException:
-                with self._lock:
-                    js.removing = False
-                raise
+            except BaseException as e:
+                if not js.tombstoned:  # nothing committed: the job goes on as it was
+                    with self._lock:
+                        js.removing = False
+                    raise
+                # committed, then the deletion could not be queued (the writer refused it: interpreter shutdown):
+                # removed all the same (its files go at the directory's next open), or it would take updates that
+                # are never written, for a job that a restart drops
+                log.warning("job %r removed, but the deletion of its files was not queued (%r)", js.job.id, e)
             finally:
                 self._commits_done(1)
         with self._settling():
@@ -1076,6 +1081,8 @@ class JITScheduler:
             del self.jobs[js.job.id]
             self._forget(js, lambda rnd: JobRemoved(f"job {js.job.id!r} round {rnd.number}: the job was removed "
                                                     "before the round finished"), "job removed")
+            if durable:  # (a spilled submit's hold taken before the tombstone, after the writer let holds go)
+                self.store.drop_holds(js.job.id)
             self._log("remove_job", js)
             return final
 
@@ -1161,7 +1168,9 @@ class JITScheduler:
     def _let_go(self) -> None:
         """Once closed, with no task running: the rounds' aggregators (a robust rule's slab, perhaps a spill file),
         spares, carries and bases go; a closed scheduler kept for its metrics or decisions held them all."""
-        for js in self.jobs.values():
+        with self._lock:  # (a remove_job whose removal was committed before close forgets its job after it)
+            jobs = list(self.jobs.values())
+        for js in jobs:
             for rnd in js.rounds.values():
                 rnd.aggregator = None
             js.spare = js.carry = js.next_base = None
@@ -1203,8 +1212,9 @@ class JITScheduler:
 
     @staticmethod
     def _check_live(js) -> None:
-        """UnknownJob for a job removed since the caller looked it up (under the lock)."""
-        if js.removed:
+        """UnknownJob for a job removed since the caller looked it up (under the lock), or whose removal is committed
+        (remove_job forgets it next: an update taken then was acknowledged and never written)."""
+        if not js.live():
             raise UnknownJob(f"no job {js.job.id!r} (it was removed)")
 
     @contextlib.contextmanager
@@ -1847,8 +1857,8 @@ class JITScheduler:
         if self.store is None:
             return result, nxt
         with self._lock:
-            if self._closed or js.removed:  # the round resolved with SchedulerClosed (a restart reopens it), or the
-                return result, nxt  # job is gone
+            if self._closed or not js.live():  # the round resolved with SchedulerClosed (a restart reopens it), or
+                return result, nxt  # the job is gone (or going: remove_job has committed its removal)
         self.store.commit_result(js.job.id, number, js.layout, js.layout.flatten(result), ids,
                                  carry=agg.state if js.carries else None, predictor=js.predictor.to_json(),
                                  opened=self._wall(), live=js.live)
@@ -2069,6 +2079,11 @@ class JITScheduler:
                 self._removing.pop(js.job.id, None)
                 if js.deployment is not None:
                     self._release(js, "job removed")
+                return
+            if js.tombstoned:  # its removal is committed and remove_job forgets it next (its rounds end with
+                # JobRemoved, as they would have under the lock): nothing moves; the slot goes then, not busy
+                if js.deployment is not None:  # (the task's commit refused itself: a finalize's round would have
+                    js.deployment.busy = False  # failed with that RuntimeError, and the next round opened)
                 return
             dep = js.deployment
             if dep is not None:

@@ -342,6 +342,11 @@ class StateDir:
         with self._held_lock:
             self._held.discard(self._update_rel(job, rnd, party))
 
+    def drop_holds(self, job) -> None:
+        """Let go of every hold of a removed job's files (their deletion, :meth:`_purge`, may already be done)."""
+        with self._held_lock:
+            self._held = {h for h in self._held if not h.startswith(os.path.join("updates", ident(job), ""))}
+
     def load_update(self, job, rnd: int, party, layout: jk.Layout) -> list:
         """The leaves of one persisted update (verified), in the layout's shapes."""
         tensors, m = read_checked(os.path.join(self.path, self._update_rel(job, rnd, party)), what="update file")
@@ -620,8 +625,7 @@ class StateDir:
     def _purge(self, job) -> None:
         """Delete a removed job's updates (its spilled ones' holds too)."""
         root = os.path.join(self.path, "updates", ident(job))
-        with self._held_lock:
-            self._held = {h for h in self._held if not h.startswith(os.path.join("updates", ident(job), ""))}
+        self.drop_holds(job)
         if os.path.isdir(root):
             shutil.rmtree(root)
             self._step("gc.deleted")

@@ -2468,6 +2468,94 @@ def test_remove_jobs_commit_does_not_hold_the_scheduler(tmp_path, monkeypatch):
     again.close()
 
 
+def test_a_round_finalized_while_its_removal_commits_ends_with_job_removed(tmp_path, monkeypatch):
+    """(Review of the change above.) A finalize that passed its check, then committed after the tombstone, failed
+    with the commit's RuntimeError ("... is not committed"), its round's future with it, and the next round opened:
+    its task ended before remove_job forgot the job. It ends with JobRemoved, as under the lock; and a submit once
+    the removal is committed is UnknownJob (it was acknowledged, never written, and a spilled one's hold stayed)."""
+    import threading
+
+    from scheduler import JobRemoved, RealClock, UnknownJob
+
+    s = JITScheduler("eager", slots=1, clock=RealClock(), state_dir=tmp_path, checkpoint_bytes=1 << 40)
+    s.add_job(Job("A", template={"w": np.zeros(4, np.float32)}, parties=["p", "q"], quorum=2, rounds=3))
+    in_commit, go, late = threading.Event(), threading.Event(), []
+    commit_result = s.store.commit_result
+
+    def held_commit(*a, **k):  # the finalize has passed its check
+        in_commit.set()
+        assert go.wait(10)
+        return commit_result(*a, **k)
+    s.store.commit_result = held_commit
+    remove = StateDir.remove_job
+
+    def remove_then_pause(self, job, decided=None):  # the tombstone is committed; the remover is slow to go on
+        f = remove(self, job, decided=decided)
+        try:
+            s.submit("A", 1, "p", {"w": np.ones(4, np.float32)}, update_id="p1")
+        except UnknownJob as e:
+            late.append(e)
+        go.set()
+        time.sleep(0.5)
+        return f
+    monkeypatch.setattr(StateDir, "remove_job", remove_then_pause)
+    fut = s.result("A", 0)
+    for p in "pq":
+        s.submit("A", 0, p, {"w": np.ones(4, np.float32)}, update_id=p)
+    assert in_commit.wait(10)
+    s.remove_job("A")
+    with pytest.raises(JobRemoved):
+        fut.result(timeout=10)
+    assert len(late) == 1 and "A" not in s.jobs and not s._removing and s.free_slots == [0]
+    s.close()
+
+
+def test_a_removal_committed_whose_deletion_cannot_be_queued_still_removes_the_job(tmp_path, caplog):
+    """(Review.) The tombstone committed, then the writer refused the deletion (at interpreter shutdown): remove_job
+    raised and kept the job, which took updates that were never written, for a job that a restart drops. The
+    removal is made (logged); the directory's next open deletes the files."""
+    s = JITScheduler("lazy", clock=VirtualClock(), state_dir=tmp_path)
+    job = lambda: Job("A", template={"w": np.zeros(4, np.float32)}, parties=["p", "q", "r"], quorum=3)  # noqa: E731
+    s.add_job(job())
+    s.submit("A", 0, "p", {"w": np.ones(4, np.float32)}, update_id="p").durable.result(timeout=10)
+    submit = s.store._writer.submit
+
+    def refusing(fn, *a):
+        if getattr(fn, "__name__", "") == "_finish_removal":
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+        return submit(fn, *a)
+    s.store._writer.submit = refusing
+    with caplog.at_level("WARNING", logger="jitkernels.scheduler"):
+        s.remove_job("A")
+    assert "A" not in s.jobs and "deletion of its files was not queued" in caplog.text
+    s.store._writer.submit = submit
+    s.close()
+    again = JITScheduler.recover(tmp_path, [job()], policy="lazy", clock=VirtualClock())
+    assert not again.jobs["A"].rounds[0].acked and not list((tmp_path / "updates").glob("*/*/*"))
+    again.close()
+
+
+def test_close_lets_go_of_aggregators_while_a_committed_removal_forgets_its_job(tmp_path):
+    """(Review.) close() walked the jobs unlocked to let their aggregators go, while a remove_job whose removal was
+    committed before close forgot its job on another thread: "dictionary changed size during iteration", and the
+    jobs after it kept theirs. (The other thread is played by the first job's rounds, read during the walk.)"""
+    s = JITScheduler("lazy", clock=VirtualClock(), state_dir=tmp_path)
+    for j in "ABC":
+        s.add_job(Job(j, template={"w": np.zeros(4, np.float32)}, parties=["p"], quorum=1))
+
+    class Forgetting(dict):
+        calls = 0
+
+        def values(self):  # close's own walk under its lock first (where no remove_job runs), then _let_go's
+            Forgetting.calls += 1
+            if Forgetting.calls == 2:
+                s.jobs.pop("B", None)
+            return super().values()
+    s.jobs["A"].rounds = Forgetting(s.jobs["A"].rounds)
+    s.close()
+    assert all(r.aggregator is None for r in s.jobs["C"].rounds.values())
+
+
 @pytest.mark.parametrize("point", [p for p in POINTS if p.startswith("manifest")] + ["gc.started"])
 def test_a_crash_in_add_jobs_commit_leaves_a_directory_the_job_recovers_from(tmp_path, want, point):
     """add_job commits a new job's entry (the time its first round opens): a crash at any step of that commit."""
