@@ -90,6 +90,33 @@ inline u64 secagg_segment(A* __restrict a, const W* __restrict u, i64 n, int shi
   return excess;
 }
 
+// Four updates' segments into one accumulator chunk in one loop: the accumulator is loaded and stored once per four
+// updates (as the fold's groups), each element's four adds in the same order as four secagg_segment calls. excess[i]:
+// as secagg_segment's return, for update i.
+template <class A, class W>
+inline void secagg_segment4(A* __restrict a, const W* __restrict u0, const W* __restrict u1, const W* __restrict u2,
+                            const W* __restrict u3, i64 n, int shift, bool subtract, u64* excess) {
+  u64 e0 = 0, e1 = 0, e2 = 0, e3 = 0;
+  if (subtract) {
+    for (i64 i = 0; i < n; ++i)
+      a[i] = secagg_sub(secagg_sub(secagg_sub(secagg_sub(a[i], secagg_word(u0[i])), secagg_word(u1[i])),
+                                   secagg_word(u2[i])), secagg_word(u3[i]));
+  } else {
+    for (i64 i = 0; i < n; ++i)
+      a[i] = secagg_add(secagg_add(secagg_add(secagg_add(a[i], secagg_word(u0[i])), secagg_word(u1[i])),
+                                   secagg_word(u2[i])), secagg_word(u3[i]));
+  }
+  if (shift != 64) {  // (a second pass over the segments, from L2: rare inputs, int32 and 64-bit words or b < 32)
+    for (i64 i = 0; i < n; ++i) {
+      e0 |= secagg_excess(u0[i], shift);
+      e1 |= secagg_excess(u1[i], shift);
+      e2 |= secagg_excess(u2[i], shift);
+      e3 |= secagg_excess(u3[i], shift);
+    }
+  }
+  excess[0] = e0, excess[1] = e1, excess[2] = e2, excess[3] = e3;
+}
+
 // The host loop over an address table (jitkernels/batch.py's layout of tables):
 //   acc        A[total], A = uint32_t or u64 (values mod 2^b after the call)
 //   off[r]     offset of row (leaf) r in acc
@@ -97,7 +124,9 @@ inline u64 secagg_segment(A* __restrict a, const W* __restrict u, i64 n, int shi
 //   code[r*k+j] SecAggInput of that row: 32-bit words (uint32, int32) or 64-bit (int64, uint64; little-endian)
 //   work[3*t]  work item t = (row, start, len): elements [start, start + len) of the row
 //   bad[t*k+j] set to 1 when update j holds an out-of-range value in item t (may be null)
-// Per item: every update in table order, then the reduction mod 2^b; items run in parallel (disjoint chunks).
+// Per item: every update in table order (four at a time where four in a row are present and of one input kind: the
+// accumulator chunk is then read and written once per four, each element's adds still in table order), then the
+// reduction mod 2^b; items run in parallel (disjoint chunks).
 // The caller releases the GIL around it.
 template <class A>
 void modsum_rows(A* acc, const i64* off, const i64* ptr, const i64* code, const i64* work, i64 m, i64 k, int bits,
@@ -118,6 +147,25 @@ void modsum_rows(A* acc, const i64* off, const i64* ptr, const i64* code, const 
       }
       const int c = (int)code[r * k + j];
       const int shift = secagg_range_shift(c, bits);
+      if (j + 4 <= k) {  // four present updates of one input kind: one loop (N = 25M uint32, k = 10: 31 -> 26 ms)
+        const i64* q = ptr + r * k + j;
+        const i64* cq = code + r * k + j;
+        if (q[1] && q[2] && q[3] && cq[1] == c && cq[2] == c && cq[3] == c) {
+          u64 ex[4];
+          if (c == SECAGG_64)
+            secagg_segment4(a, reinterpret_cast<const u64*>(q[0]) + s, reinterpret_cast<const u64*>(q[1]) + s,
+                            reinterpret_cast<const u64*>(q[2]) + s, reinterpret_cast<const u64*>(q[3]) + s, n, shift,
+                            subtract, ex);
+          else
+            secagg_segment4(a, reinterpret_cast<const uint32_t*>(q[0]) + s,
+                            reinterpret_cast<const uint32_t*>(q[1]) + s, reinterpret_cast<const uint32_t*>(q[2]) + s,
+                            reinterpret_cast<const uint32_t*>(q[3]) + s, n, shift >= 32 ? 64 : shift, subtract, ex);
+          if (bad)
+            for (int g = 0; g < 4; ++g) bad[t * k + j + g] = ex[g] != 0;
+          j += 3;
+          continue;
+        }
+      }
       u64 excess;
       if (c == SECAGG_64)
         excess = secagg_segment(a, reinterpret_cast<const u64*>(p) + s, n, shift, subtract);
