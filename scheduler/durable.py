@@ -226,6 +226,7 @@ class StateDir:
         self.keep_results = keep_results  # finished rounds' results a job's manifest names (None: all)
         os.makedirs(self.path, exist_ok=True)
         self._lockf = open(os.path.join(self.path, "LOCK"), "a+")
+        self._close_lock = threading.Lock()
         try:
             fcntl.flock(self._lockf.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -820,8 +821,9 @@ class StateDir:
             self._writer.shutdown(wait=not self.dead and not own)
         finally:
             self.closed = True
-            if not self._lockf.closed:
-                self._lockf.close()  # closing the descriptor releases the flock
+            with self._close_lock:  # (two threads' close() closed the file at once: "I/O operation on closed file")
+                if not self._lockf.closed:
+                    self._lockf.close()  # closing the descriptor releases the flock
 
 
 def same_leaves(a, b) -> bool:
