@@ -2332,6 +2332,23 @@ def test_drop_party_of_a_job_removed_meanwhile_is_unknown_job(tmp_path, monkeypa
     s.close()
 
 
+def _close_waits_for(sched, thread, gate, entered) -> None:
+    """Start ``thread``, whose commit outside the scheduler's lock signals ``entered`` and waits for ``gate``; then
+    close() on another thread, which must wait for that commit: it returns only once the gate opens."""
+    import threading
+
+    gate.clear(), entered.clear()
+    thread.start()
+    assert entered.wait(10)
+    closing = threading.Thread(target=sched.close)
+    closing.start()
+    closing.join(0.5)
+    assert closing.is_alive()  # (it waits for the commit in progress)
+    gate.set()
+    thread.join(10), closing.join(10)
+    assert not thread.is_alive() and not closing.is_alive()
+
+
 def test_drop_partys_commit_does_not_hold_the_scheduler(tmp_path, monkeypatch):
     """drop_party committed (and fsynced) under the scheduler's lock: every submit of every job waited for it, 25-80
     ms behind a checkpoint, whenever a party left. It commits outside the lock now, still first (a failed commit
@@ -2368,17 +2385,8 @@ def test_drop_partys_commit_does_not_hold_the_scheduler(tmp_path, monkeypatch):
     t.join(10)
     assert not errors and "c" not in s.jobs["j"].expected and s.store.jobs["j"]["dropped"] == ["c"]
 
-    gate.clear(), entered.clear()
-    t = threading.Thread(target=drop, args=("b",))
-    t.start()
-    assert entered.wait(10)
-    closing = threading.Thread(target=s.close)
-    closing.start()
-    closing.join(0.5)
-    assert closing.is_alive()  # (it waits for the commit in progress)
-    gate.set()
-    t.join(10), closing.join(10)
-    assert not errors and not closing.is_alive() and s.store.jobs["j"]["dropped"] == ["c", "b"]
+    _close_waits_for(s, threading.Thread(target=drop, args=("b",)), gate, entered)
+    assert not errors and s.store.jobs["j"]["dropped"] == ["c", "b"]
 
     s = _sched(tmp_path, checkpoint_bytes=1 << 40)
     s.add_job(_small_job(rounds=2))
@@ -2452,17 +2460,8 @@ def test_remove_jobs_commit_does_not_hold_the_scheduler(tmp_path, monkeypatch):
         fut.result(timeout=10)
 
     s.add_job(_small_job(rounds=2))
-    gate.clear(), entered.clear()
-    t = threading.Thread(target=removal)
-    t.start()
-    assert entered.wait(10)
-    closing = threading.Thread(target=s.close)
-    closing.start()
-    closing.join(0.5)
-    assert closing.is_alive()  # (it waits for the commit in progress)
-    gate.set()
-    t.join(10), closing.join(10)
-    assert not closing.is_alive() and isinstance(out.pop(), dict) and "j" not in s.jobs
+    _close_waits_for(s, threading.Thread(target=removal), gate, entered)
+    assert isinstance(out.pop(), dict) and "j" not in s.jobs
     again = StateDir(tmp_path)
     assert "j" not in again.jobs and "k" in again.jobs
     again.close()
