@@ -379,13 +379,15 @@ def test_availability_windows_delay_the_parties_outside_them():
     assert windowed.rounds == flat.rounds == 6 and windowed.makespan_s > flat.makespan_s
 
 
-def test_the_example_workload_with_availability_windows_loads():
+def test_the_example_workloads_load():
     import os
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
                         "cross_device_windows.toml")
     spec = Workload.from_toml(path).jobs[0]
     assert spec.window_s == 600.0 and spec.window_open == 0.5 and spec.intermittent > 0
+    scale = Workload.from_toml(os.path.join(os.path.dirname(path), "scale_1000_jobs.toml"))
+    assert [(j.count, j.parties, j.rounds) for j in scale.jobs] == [(1000, 1000, 10)] and scale.slots == 200
 
 
 def test_rounds_cut_by_their_deadline_take_their_latency_from_it():
