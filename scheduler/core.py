@@ -1141,6 +1141,10 @@ class JITScheduler:
                     js.buffered_bytes = 0  # (arrivals still queued on the clock, and running folds: no effect)
                     if js.deployment is not None:
                         self._release(js, "scheduler closed")
+                for js in self._removing.values():  # (removed while a task ran on its slot: that task's end, after
+                    if js.deployment is not None:  # close, returned nothing, and the slot stayed counted as held)
+                        self._release(js, "scheduler closed")
+                self._removing.clear()
                 self.buffered_bytes = 0
         finally:  # a done-callback that raised (KeyboardInterrupt) while its future resolved: stop all the same
             with contextlib.ExitStack() as steps:  # (each step runs whatever the one before raised: the state
@@ -1582,19 +1586,27 @@ class JITScheduler:
         idle = sorted((o for o in self.deployed.values() if o is not js and not o.deployment.busy
                        and o.open is not None and not o.open.pending and o.open.quorum_time is None),
                       key=lambda o: o.seq)  # (ties go to the first added, as when this walked self.jobs)
+        first, rest = idle, []
         if len(idle) > SEARCH_MAX:
             # each candidate is re-planned as a redeployment (a quantile over its parties): with hundreds of slots
             # that was most of a run (1,000 jobs on 200 slots: 1.9M quantiles for 2M updates). The SEARCH_MAX
-            # planned furthest ahead before they deployed are the likeliest to wait longest; the one chosen is
-            # still weighed exactly
-            idle = heapq.nlargest(SEARCH_MAX, idle, key=lambda o: o.open.plan_t if o.open.plan_t is not None
-                                  else -math.inf)
-        if pressure:
-            # memory first: an idle deployment (nothing buffered) yields to a job whose buffered updates must be
-            # folded to free the budget; otherwise the idle job's own parties stay blocked by Backpressure. The
-            # one that can wait longest, re-planned now (its last plan, from before it deployed, is stale)
-            victims = [(self._redeploy_laxity(o), o) for o in idle]
-        elif inputs.get("timer") and js.open is not None and js.open.taken_back >= TAKE_BACKS:
+            # planned furthest ahead before they deployed are weighed first (kept in add order: ties go to the
+            # first added); the one chosen is still weighed exactly
+            top = {id(o) for o in heapq.nlargest(SEARCH_MAX, idle, key=lambda o: -math.inf if o.open.plan_t is None
+                                                 else o.open.plan_t)}
+            first, rest = [o for o in idle if id(o) in top], [o for o in idle if id(o) not in top]
+
+        def weighed(cands):
+            if pressure:
+                # memory first: an idle deployment (nothing buffered) yields to a job whose buffered updates must
+                # be folded to free the budget; otherwise the idle job's own parties stay blocked by Backpressure.
+                # The one that can wait longest, re-planned now (its last plan, from before it deployed, is stale)
+                return [(self._redeploy_laxity(o), o) for o in cands]
+            # take back an idle deployment whose job can wait longer, if the gap beats the hysteresis + start-up;
+            # its laxity is re-planned now as if it had to redeploy (a few quantiles, only when a job must wait)
+            return [(lx, o) for lx, o in ((self._redeploy_laxity(o), o) for o in cands)
+                    if lx - laxity > self.hysteresis_s + self.cost.startup_s]
+        if not pressure and inputs.get("timer") and js.open is not None and js.open.taken_back >= TAKE_BACKS:
             # its planned deploy time came, and its own idle deployment was taken back at others' planned times
             # TAKE_BACKS times this round: it waits for a free slot (or its quorum, or buffer pressure) to deploy
             # again. Two jobs whose quorums did not come took the slot from each other at every plan, each
@@ -1602,10 +1614,11 @@ class JITScheduler:
             # (a simulation never ended)
             victims = []
         else:
-            # take back an idle deployment whose job can wait longer, if the gap beats the hysteresis + start-up;
-            # its laxity is re-planned now as if it had to redeploy (a few quantiles, only when a job must wait)
-            victims = [(lx, o) for lx, o in ((self._redeploy_laxity(o), o) for o in idle)
-                       if lx - laxity > self.hysteresis_s + self.cost.startup_s]
+            victims = weighed(first)
+            if not victims and rest and (pressure or self._urgent(js)):
+                # its latency runs: the rest too (their plans from before they deployed rank them poorly once
+                # their quorums are overdue, and a quorum waited 10 s for a deployment outside the first: review)
+                victims = weighed(rest)
         if victims:
             lx, victim = max(victims, key=lambda v: v[0])
             self._log("preempt", victim, for_job=js.job.id, victim_laxity=lx, laxity=laxity, pressure=bool(pressure))

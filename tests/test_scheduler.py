@@ -651,6 +651,61 @@ def test_the_search_for_a_slot_to_take_back_replans_at_most_search_max_deploymen
     sched.close()
 
 
+def test_a_quorum_that_is_in_weighs_the_idle_deployments_past_the_first_search_max():
+    """(Review.) The search weighs first the SEARCH_MAX idle deployments planned furthest ahead, by plans made
+    before they deployed: h0 deployed first and its parties are late (it could redeploy 100 s from now), h1..h8
+    planned later and expect their quorums at once. u's quorum is in: it waited 10 s for a slot (and then took h8's,
+    which took h0's: two start-ups). Where none of the first qualifies and a quorum waits, the rest are weighed."""
+    from scheduler import core
+    from scheduler.policies import Policy
+
+    most = getattr(core, "SEARCH_MAX", 8)
+
+    class Late(Policy):
+        name = "late"
+
+        def deploy_at(self, sched, js, rnd, *, redeploy=False):
+            now, j = sched.clock.now(), js.job.id
+            if j == "u":
+                return (now, {}) if rnd.quorum_time is not None else (None, {})
+            i = int(j[1:])
+            if redeploy or js.metrics.deployments:
+                return now + (100.0 if i == 0 else 0.1), {}
+            return (0.0 if i == 0 else 1.0 + 0.1 * i), {}
+
+    clk = VirtualClock()
+    cost = CostModel(backends={"cpu": BackendCost(1e9, 0.0)}, startup_s=8.0)
+    sched = JITScheduler(Late(), slots=most + 1, clock=clk, cost=cost, hysteresis_s=0.5)
+    for j in [f"h{i}" for i in range(most + 1)] + ["u"]:
+        sched.add_job(Job(j, parties=["p0", "p1"], quorum=2, rounds=1, model_elems=1000, update_bytes=4000))
+    clk.run(until=3.0)
+    for p in ("p0", "p1"):
+        clk.call_at(5.0, sched.submit, "u", 0, p, None, 1.0)
+    clk.run(until=6.0)
+    got = [(d["t"], d["event"], d["job"]) for d in sched.decisions if d["event"] in ("preempt", "deploy", "wait_slot")
+           and d["t"] >= 5.0]
+    assert got[:2] == [(5.0, "preempt", "h0"), (5.0, "deploy", "u")]
+    sched.close()
+
+
+def test_close_releases_the_slot_of_a_job_removed_while_its_task_ran():
+    """(Review.) remove_job while a task runs leaves the slot to the task's end, which after close() returns without
+    effect: the slot stayed held, the removed job reachable, the occupancy at 1 for good."""
+    from scheduler.executors import ModelExecutor
+
+    clk = VirtualClock()
+    s = JITScheduler("lazy", slots=1, clock=clk, executor=ModelExecutor(clk),
+                     cost=CostModel(backends={"cpu": BackendCost(1e3, 1.0)}, startup_s=0.0))
+    s.add_job(Job("a", parties=["p"], quorum=1, rounds=1, model_elems=1000, update_bytes=4000, prior_response_s=1.0))
+    clk.call_at(1.0, s.submit, "a", 0, "p", None, 1.0)
+    clk.run(until=1.5)
+    assert s.jobs["a"].deployment.busy
+    s.remove_job("a")
+    s.close()
+    clk.run(until=100.0)
+    assert not s._removing and not getattr(s, "deployed", {}) and s.free_slots == [0] and s.occupancy[-1][1] == 0
+
+
 def test_a_quorum_whose_search_freed_a_slot_for_another_job_keeps_looking():
     """u1's search takes h1's slot back, but the slot goes to u2 (higher priority) first: u1 keeps looking, and
     takes h2's slot once h2 can wait (it had no retry left and waited for u2's round to end)."""
