@@ -54,11 +54,25 @@ def test_submit_latency_while_folding(benchmark, tmp_path, durable, nice, fold_n
           f"p99 {np.percentile(lat_us, 99):.0f} us, max {lat_us.max():.0f} us")
 
 
-def test_simulator_event_rate(benchmark):
-    wl = Workload.builtin("cross_device")
+def _scale_shape(rounds: int) -> Workload:
+    """The issue's scale shape (examples/scale_1000_jobs.toml: 1,000 jobs x 1,000 parties) cut to ``rounds``."""
+    import dataclasses
+    import os
+
+    wl = Workload.from_toml(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                                         "scale_1000_jobs.toml"))
+    return dataclasses.replace(wl, jobs=[dataclasses.replace(j, rounds=rounds) for j in wl.jobs])
+
+
+@pytest.mark.parametrize("shape", ["cross_device", "1000_jobs_1_round"])
+def test_simulator_event_rate(benchmark, shape):
+    """Events per second of a JIT run: the cross_device mix (10 jobs x 2,000 parties), and the issue's scale shape
+    of many jobs cut to one round (1M updates, ~1 minute here), where costs that grow with the number of jobs show
+    (a slot search that weighed every idle deployment took most of it, README "Simulator speed")."""
+    wl = Workload.builtin("cross_device") if shape == "cross_device" else _scale_shape(rounds=1)
     result = benchmark.pedantic(lambda: simulate(wl, "jit"), rounds=1, iterations=1)
     benchmark.extra_info.update(events=result.events, events_per_s=result.events / result.wall_s)
-    print(f"\ncross_device, jit: {result.events:,} events at {result.events / result.wall_s:,.0f} events/s")
+    print(f"\n{shape}, jit: {result.events:,} events at {result.events / result.wall_s:,.0f} events/s")
 
 
 @pytest.mark.parametrize("executor", ["local", "ray"])
