@@ -1064,6 +1064,7 @@ class JITScheduler:
             durable = self.store is not None and js.layout is not None
             if durable:  # (close() waits for it)
                 self._committing[threading.get_ident()] += 1
+        interrupted = None
         if durable:
             # first, outside the lock (its fsyncs stalled every submit of every job, as drop_party's did): a failed
             # commit leaves the job as it was; once it is made, the job's writes still queued and its commits are
@@ -1080,6 +1081,8 @@ class JITScheduler:
                 # removed all the same (its files go at the directory's next open), or it would take updates that
                 # are never written, for a job that a restart drops
                 log.warning("job %r removed, but the deletion of its files was not queued (%r)", js.job.id, e)
+                if not isinstance(e, Exception):  # (KeyboardInterrupt, SystemExit: raised once the job is removed)
+                    interrupted = e
             finally:
                 self._commits_done(1)
         with self._settling():
@@ -1090,7 +1093,9 @@ class JITScheduler:
             if durable:  # (a spilled submit's hold taken before the tombstone, after the writer let holds go)
                 self.store.drop_holds(js.job.id)
             self._log("remove_job", js)
-            return final
+        if interrupted is not None:
+            raise interrupted
+        return final
 
     def _forget(self, js, error, why: str) -> None:
         """Let go of all the scheduler holds for ``js``, out of ``self.jobs`` now (under the lock; the state

@@ -2527,6 +2527,16 @@ def test_a_removal_committed_whose_deletion_cannot_be_queued_still_removes_the_j
     with caplog.at_level("WARNING", logger="jitkernels.scheduler"):
         s.remove_job("A")
     assert "A" not in s.jobs and "deletion of its files was not queued" in caplog.text
+    s.add_job(job())  # (re-review) a KeyboardInterrupt there is raised, once the job is removed all the same
+
+    def interrupted(fn, *a):
+        if getattr(fn, "__name__", "") == "_finish_removal":
+            raise KeyboardInterrupt
+        return submit(fn, *a)
+    s.store._writer.submit = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        s.remove_job("A")
+    assert "A" not in s.jobs
     s.store._writer.submit = submit
     s.close()
     again = JITScheduler.recover(tmp_path, [job()], policy="lazy", clock=VirtualClock())
