@@ -375,8 +375,8 @@ class _JobState:
         self.added = added
         self.finished = False
         self.removed = False  # remove_job: what still runs for it (a fold, a queued arrival) ends without effect
-        self.removing = False  # remove_job is committing its removal (outside the scheduler's lock)
         self.seq = 0  # its place among the scheduler's jobs, in the order they were added (add_job)
+        self.removing = False  # remove_job is committing its removal (outside the scheduler's lock)
         self.tombstoned = False  # ... and has committed it: the job's writes and commits refuse themselves
         self.ended: str | None = None  # why the job ended before its last round, if it did
         self.resumed_acc_dtype: str | None = None  # a resumed state's accumulator dtype (see acc_dtype)
