@@ -1608,9 +1608,10 @@ class JITScheduler:
                 # The one that can wait longest, re-planned now (its last plan, from before it deployed, is stale)
                 return [(self._redeploy_laxity(o), o) for o in cands]
             # take back an idle deployment whose job can wait longer, if the gap beats the hysteresis + start-up;
-            # its laxity is re-planned now as if it had to redeploy (a few quantiles, only when a job must wait)
-            return [(lx, o) for lx, o in ((self._redeploy_laxity(o), o) for o in cands)
-                    if lx - laxity > self.hysteresis_s + self.cost.startup_s]
+            # its laxity is re-planned now as if it had to redeploy (a quantile, only for those that can wait)
+            now = self.clock.now()
+            after = now + laxity + self.hysteresis_s + self.cost.startup_s
+            return [(t - now, o) for o in cands if (t := self.policy.redeploy_after(self, o, o.open, after)) is not None]
         if not pressure and inputs.get("timer") and js.open is not None and js.open.taken_back >= TAKE_BACKS:
             # its planned deploy time came, and its own idle deployment was taken back at others' planned times
             # TAKE_BACKS times this round: it waits for a free slot (or its quorum, or buffer pressure) to deploy

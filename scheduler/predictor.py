@@ -15,7 +15,7 @@ and then the exponentially weighted share with the prior's weight decaying like 
 and a quorum that needed it had an infinite quantile (10 parties, quorum 9, 2 of them skipping round 0: inf in round
 1, where the quorum came with probability ~0.74), so JIT waited like lazy. With it one miss gives 1/2, two 1/3; an
 experienced party's rate follows drift as before (the same step a), and a party that always answered stays at
-exactly 1 (which _pending_arrays reads as "it is late, not absent" once it is overdue). A prior mean below 1, the
+exactly 1 (which _pending_prep reads as "it is late, not absent" once it is overdue). A prior mean below 1, the
 job's pooled rate or Laplace's 1/2, would take that from every reliable party for good. The price of the optimistic
 mean: parties answering 70-75% of rounds look likelier early on, and JIT deploys a little earlier (2026-11-28, shipped
 mixes: capture of lazy's saving mixed 0.898 -> 0.896, cross_device 0.962 -> 0.957; p95 latency shares within their
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numba
 import numpy as np
@@ -51,10 +51,11 @@ approximation's tail is poor where few more arrivals are needed (asked for risk 
 parties, it gave 0.069-0.070; and the tail jumped at 64 parties) and where few misses are allowed."""
 
 
-@dataclass
+@dataclass(slots=True)
 class PartyModel:
     """Running log-normal model of one party's response time, and its participation rate (started from the prior
-    p = 1 weighing ``prior_rounds`` rounds: see the module docstring)."""
+    p = 1 weighing ``prior_rounds`` rounds: see the module docstring). Slotted: a simulation of 1,000 jobs x 1,000
+    parties holds a million of them, at 120 bytes each where an instance dict made 352."""
 
     halflife: float = 8.0  # rounds
     prior_rounds: float = 1.0  # the weight, in rounds, of the prior that the party answers
@@ -66,10 +67,10 @@ class PartyModel:
     closed_round: int | None = None  # the last round closed, and the step its 'no' took (0.0 for a 'yes')
     closed_no: float = 0.0
     late_round: int | None = None  # a round not yet closed that the party answered late
+    _a: float = field(init=False, repr=False, compare=False)  # the EW step, 1 - 2^(-1 / halflife)
 
-    @functools.cached_property  # (read twice per arrival)
-    def _a(self) -> float:
-        return 1.0 - 0.5 ** (1.0 / self.halflife)
+    def __post_init__(self):
+        self._a = 1.0 - 0.5 ** (1.0 / self.halflife)
 
     def observe(self, response_s: float) -> None:
         if not math.isfinite(response_s):  # one NaN would poison mu and var for good
@@ -168,8 +169,8 @@ class Predictor:
     def _sync(self, party, m: PartyModel) -> None:
         """Note that one party's model changed, in O(1): an arrival must not cost a rebuild over thousands of
         parties (that rebuild was most of a large round's planning time). The arrays take the changes at their next
-        read, in one vector assignment (planning reads them every ~2% of a round's arrivals; four element writes
-        per arrival cost more)."""
+        read (planning reads them every ~2% of a round's arrivals), each changed party's once, element by element
+        (for the ~20 parties a plan finds changed, 3 us, where four vector assignments from lists took 7)."""
         self._cache = None
         if self._raw is not None:
             self._stale[party] = m
@@ -198,10 +199,9 @@ class Predictor:
         if self._stale:
             if self._raw is not None:
                 index, n, mu, var, part = self._raw
-                i = [index[p] for p in self._stale]
-                ms = self._stale.values()
-                n[i], mu[i] = [m.n for m in ms], [m.mu for m in ms]
-                var[i], part[i] = [m.var for m in ms], [m.participation for m in ms]
+                for p, m in self._stale.items():
+                    i = index[p]
+                    n[i], mu[i], var[i], part[i] = m.n, m.mu, m.var, m.participation
             self._stale = {}
         if self._raw is None:
             order = list(self.parties)
@@ -231,10 +231,10 @@ class Predictor:
         m = self.parties.get(party)
         if m is None or m.n == 0:
             return (pooled if pooled is not None else self._pooled()), (m.participation if m is not None else 1.0)
-        index, n, _, var, _ = self._raw_arrays()
-        return LogNormal(m.mu, max(float(self._spreads(n, var)[index[party]]), self.min_sigma)), m.participation
+        index = self._raw_arrays()[0]
+        return LogNormal(m.mu, float(self._arrays()[1][index[party]])), m.participation
 
-    def _spreads(self, n, var) -> np.ndarray:
+    def _spreads(self, n, var) -> tuple[float, float, bool]:
         """Per party, the spread (sd of log time) of its next response: what it will do, not what it did.
         Experienced parties (n >= 3 responses), with s2 the typical variance (:func:`_typical` over them) widened by
         the party's mean's uncertainty and v its own predictive variance,
@@ -244,47 +244,45 @@ class Predictor:
 
         the typical spread pooled in where it widens (a few responses understate a spread as often as not), never
         where it would narrow (a party's own larger spread is evidence it differs); with many responses the
-        party's own spread decides. Younger parties: the larger of their own and the shared spread
-        (:meth:`_young_spread`). The raw running variance, which divides by n and leaves out the mean's
-        uncertainty, took 2-3x the risk asked for after the third responses (README, "Predictive spread")."""
-        shared = self._young_spread(n, var, enough=1, centre=_typical)
-        a = 1.0 - 0.5 ** (1.0 / self.halflife)
-        m = np.maximum(n, 2).astype(np.float64)
-        # PartyModel.observe takes the n-th response at weight max(a, 1 / n): a running mean through n <= 1 / a
-        own = np.where(n * a <= 1.0, var * m / (m - 1) * (1.0 + 1.0 / m), var / (1.0 - a))
-        pooled = np.maximum(own, (SPREAD_PRIOR * shared * shared + (m - 1) * own) / (SPREAD_PRIOR + m - 1))
-        return np.where(n >= 3, np.sqrt(pooled), np.maximum(np.sqrt(var), self._young_spread(n, var)))
+        party's own spread decides. Younger parties: the larger of their own and the shared spread below. The raw
+        running variance, which divides by n and leaves out the mean's uncertainty, took 2-3x the risk asked for
+        after the third responses (README, "Predictive spread").
 
-    def _young_spread(self, n, var, enough: int = MIN_SPREAD_PARTIES, centre=np.mean) -> np.ndarray:
-        """Per party, the parties' shared within-party spread, as the spread of its next response: what a party with
-        fewer than three responses gets (one or two say little about it), and what pools into an experienced
-        party's (:meth:`_spreads`, ``centre=_typical``). The experienced parties' running variances (which divide by
-        n) made unbiased, their ``centre`` (the mean: the spread of a party that could be any of them), widened by
-        the uncertainty of the party's own mean, sqrt(1 + 1/n), once ``enough`` parties (MIN_SPREAD_PARTIES) have
-        three responses or more; else the prior CV, as a log-normal's sigma. Parties share the job's jitter more
-        than they share a prior: with the prior CV (0.5 by default) for every young party, the intermittent mixes'
-        early rounds planned for quorums far earlier than came, and their deployments held slots idle while other
-        jobs' quorums waited (cross_device: 10 jobs on 4 slots; p95 latency share 19% -> 10%)."""
+        The shared spread of a party with fewer than three responses (one or two say little about it): the
+        experienced parties' running variances (which divide by n) made unbiased, their mean (the spread of a party
+        that could be any of them), widened by the uncertainty of the party's own mean, sqrt(1 + 1/n), once
+        MIN_SPREAD_PARTIES parties have three responses or more; else the prior CV, as a log-normal's sigma.
+        Parties share the job's jitter more than they share a prior: with the prior CV (0.5 by default) for every
+        young party, the intermittent mixes' early rounds planned for quorums far earlier than came, and their
+        deployments held slots idle while other jobs' quorums waited (cross_device: 10 jobs on 4 slots; p95 latency
+        share 19% -> 10%).
+
+        Returns the two shared spreads and whether the young parties' is the experienced parties' (else the prior's):
+        reductions over the experienced parties, in numpy; the per-party rest is :func:`_party_arrays`'s."""
         old = n >= 3
-        if old.sum() < enough:  # (the prior CV as a log-normal's sigma: it was taken as one, 0.5 for 0.47)
-            return np.full(n.shape, math.sqrt(math.log1p(self.prior_cv ** 2)))
-        m = n[old]
-        within = float(np.sqrt(centre(var[old] * m / (m - 1))))  # (the running variance divides by n)
-        # the spread of its next answer: the shared within-party spread, and its mean's, known from n answers
-        return within * np.sqrt(1.0 + 1.0 / np.maximum(n, 1))
+        count = int(old.sum())
+        # (the prior CV as a log-normal's sigma: it was taken as one, 0.5 for 0.47)
+        prior = math.sqrt(math.log1p(self.prior_cv ** 2))
+        shared = young = prior
+        if count:
+            m = n[old]
+            v = var[old] * m / (m - 1)  # (the running variance divides by n)
+            shared = math.sqrt(_typical(v))
+            if count >= MIN_SPREAD_PARTIES:
+                young = math.sqrt(float(np.mean(v)))
+        return shared, young, count >= MIN_SPREAD_PARTIES
 
     # --- quorum time -------------------------------------------------------------------------------------------
     def _arrays(self):
-        """Per-party (mu, sigma, participation) as arrays indexed like the models, derived again after a change:
-        planning a round of thousands of parties then costs a few vector operations, not a Python loop."""
+        """Per-party (mu, sigma, participation, known) as arrays indexed like the models, derived again after a
+        change (planning re-derives them after every ~2% of a round's arrivals): a few reductions and one compiled
+        pass, where the dozen array expressions the pass replaced cost about as much as the plan's quantile."""
         if self._cache is None:
             _, n, mu, var, part = self._raw_arrays()
-            sigma = np.maximum(self._spreads(n, var), self.min_sigma)
             pooled = self._pooled()
-            if pooled is not None:
-                mu = np.where(n > 0, mu, pooled.mu)
-                sigma = np.where(n > 0, sigma, pooled.sigma)
-            known = (n > 0) | (pooled is not None)
+            mu, sigma, known = _party_arrays(n, mu, var, *self._spreads(n, var), 1.0 - 0.5 ** (1.0 / self.halflife),
+                                             self.min_sigma, pooled is not None,
+                                             *((pooled.mu, pooled.sigma) if pooled is not None else (0.0, 0.0)))
             self._cache = (mu, sigma, part, known)
         return self._cache
 
@@ -297,30 +295,17 @@ class Predictor:
         index = self._raw_arrays()[0]
         return np.fromiter((index[p] for p in parties), np.int64, len(parties))
 
-    def _pending_arrays(self, pending, tau: float):
-        """(mu, sigma, w, log S(tau)) of the pending parties that may still arrive: w is the probability that a
-        party answers this round given that it has not by ``tau``, w = p S(tau) / (1 - p + p S(tau)) with S the
-        survival function of its response time. ``pending``: party ids, or their :meth:`indices` (an int64 array).
-
-        Survival form, in logs, because an overdue party (tau far past its model: S(tau) below 1e-16) is still
-        pending. Computed as 1 - p F(tau), the denominator rounded to 0 and the party was dropped; a quorum that
-        needed it had an infinite quantile and JIT planned nothing. Here it keeps w = 1 if it always answered
-        (p = 1: it is late and comes next) and w -> 0 if it sometimes does not (it most likely skipped the round)."""
-        idx = pending if isinstance(pending, np.ndarray) else self.indices(pending)
-        mu, sigma, part, known = self._arrays()
-        idx = idx[known[idx]]
-        mu, sigma, part = mu[idx], sigma[idx], part[idx]
-        lsf_tau, w = _log_sf_and_w(tau, mu, sigma, part)
-        keep = w > 0.0
-        if not keep.any():
-            return None
-        return mu[keep], sigma[keep], w[keep], lsf_tau[keep]
-
     def _prepared(self, pending, tau: float):
-        """(mu, sigma, w, log S(tau)) of the pending parties, and what every CDF evaluation reuses (see _prepare);
-        (None, None) when no pending party may still arrive."""
-        arrays = self._pending_arrays(pending, tau)
-        return (None, None) if arrays is None else (arrays, _prepare(*arrays))
+        """((mu, sigma, w, log S(tau)) of the pending parties that may still arrive, and what every evaluation of the
+        quorum CDF reuses: (mu, 1 / sigma, w, log S(tau), S(tau), w / S(tau))); (None, None) when none may. w is the
+        probability that a party answers this round given that it has not by ``tau``, w = p S(tau) / (1 - p +
+        p S(tau)) with S the survival function of its response time. ``pending``: party ids, or their
+        :meth:`indices` (an int64 array). One compiled pass (:func:`_pending_prep`)."""
+        idx = pending if isinstance(pending, np.ndarray) else self.indices(pending)
+        mu, sigma, w, lsf_tau, isig, s_tau, ws = _pending_prep(idx, *self._arrays(), tau)
+        if mu.size == 0:
+            return None, None
+        return (mu, sigma, w, lsf_tau), (mu, isig, w, lsf_tau, s_tau, ws)
 
     def quorum_cdf_fn(self, pending, need: int, tau: float):
         """t -> P(T_q <= t) for ``need`` more arrivals among ``pending`` parties, given none arrived by ``tau``."""
@@ -357,6 +342,14 @@ class Predictor:
         # solved in log time, to 1e-5 relative (a tenth of a second in three hours), compiled
         return math.exp(_quantile_log_t(math.log(lo), math.log(hi), c_lo, c_hi, 1e-5, alpha, *prep, need))
 
+    def quantile_after(self, pending, need: int, tau: float, alpha: float, t: float) -> bool:
+        """Whether :meth:`quorum_quantile` is later than ``t`` (to its tolerance), from one evaluation of the CDF:
+        the quantile is the first time the CDF reaches alpha, so it lies past t exactly where P(T_q <= t) < alpha."""
+        if need <= 0 or t < tau:  # (the quantile is tau, or at least tau)
+            return tau > t
+        arrays, prep = self._prepared(pending, tau)
+        return arrays is None or arrays[0].size < need or _cdf(prep, need, t) < alpha
+
 
 @functools.cache
 def warm() -> None:
@@ -370,7 +363,7 @@ def warm() -> None:
 
 
 def _cdf(prep, need: int, t: float) -> float:
-    """P(T_q <= t) from _prepare's arrays (None: nobody left who may arrive)."""
+    """P(T_q <= t) from what _prepared makes for it (None: nobody left who may arrive)."""
     if need <= 0:
         return 1.0
     if prep is None or t <= 0:
@@ -402,25 +395,71 @@ def _sf_fast(z: float) -> float:
 
 
 @numba.njit(cache=True)
-def _log_sf_and_w(t: float, mu, sigma, part):
-    """Per party: log S(t), S the survival function of its log-normal response time (0 for t <= 0), and
-    w = p S(t) / (1 - p + p S(t)), the probability that it answers this round given that it has not by t (p = 1: 1
-    whatever S(t) is; S(t) -> 0 with p < 1: -> 0)."""
-    lsf = np.zeros(mu.size)
-    w = np.empty(mu.size)
-    logt = math.log(t) if t > 0 else 0.0
-    for i in range(mu.size):
-        if t > 0:
-            lsf[i] = _log_sf((logt - mu[i]) / max(sigma[i], 1e-12))
+def _party_arrays(n, mu, var, shared: float, young: float, young_widens: bool, a: float, min_sigma: float,
+                  pooled: bool, pooled_mu: float, pooled_sigma: float):
+    """Per party: (mu, sigma, known) of :meth:`Predictor._arrays`, from the shared spreads of
+    :meth:`Predictor._spreads` (each widened by sqrt(1 + 1/n): the young parties' only where ``young_widens``, else
+    it is the prior's, a constant), ``a`` (the running model's step) and the pooled model that parties with no
+    response take, if any; in the order of operations of the array expressions it replaces (the same bits)."""
+    mu_out = np.empty(n.size)
+    sigma = np.empty(n.size)
+    known = np.empty(n.size, np.bool_)
+    for i in range(n.size):
+        k = n[i]
+        widen = math.sqrt(1.0 + 1.0 / max(k, 1))
+        if k >= 3:
+            s = shared * widen
+            m = float(k)
+            own = var[i] * m / (m - 1) * (1.0 + 1.0 / m) if k * a <= 1.0 else var[i] / (1.0 - a)
+            spread = math.sqrt(max(own, (SPREAD_PRIOR * s * s + (m - 1) * own) / (SPREAD_PRIOR + m - 1)))
+        else:
+            spread = max(math.sqrt(var[i]), young * widen if young_widens else young)
+        if k > 0 or not pooled:
+            mu_out[i], sigma[i] = mu[i], max(spread, min_sigma)
+        else:
+            mu_out[i], sigma[i] = pooled_mu, pooled_sigma
+        known[i] = k > 0 or pooled
+    return mu_out, sigma, known
+
+
+@numba.njit(cache=True)
+def _pending_prep(idx, mu, sigma, part, known, tau: float):
+    """Of the parties at ``idx`` that are ``known`` and may still arrive (w > 0), given none arrived by ``tau``:
+    (mu, sigma, w, log S(tau), 1 / sigma, S(tau), w / S(tau)), S the survival function of a party's log-normal
+    response time (log S = 0 for tau <= 0) and w = p S(tau) / (1 - p + p S(tau)) the probability that it answers
+    this round (p = 1: 1 whatever S(tau) is; S(tau) -> 0 with p < 1: -> 0).
+
+    Survival form, in logs, because an overdue party (tau far past its model: S(tau) below 1e-16) is still
+    pending. Computed as 1 - p F(tau), the denominator rounded to 0 and the party was dropped; a quorum that needed
+    it had an infinite quantile and JIT planned nothing. Here it keeps w = 1 if it always answered (p = 1: it is
+    late and comes next) and w -> 0 if it sometimes does not (it most likely skipped the round). S(tau) = 0 where it
+    is below 1e-300: those parties take the log path in the CDF (w / S(tau) with S(tau) clipped at 1e-300 made an
+    overdue party between 1e-300 and 1e-323 never arrive, and JIT stopped planning)."""
+    out = np.empty((7, idx.size))
+    logt = math.log(tau) if tau > 0 else 0.0
+    m = 0
+    for j in range(idx.size):
+        i = idx[j]
+        if not known[i]:
+            continue
+        lsf = _log_sf((logt - mu[i]) / max(sigma[i], 1e-12)) if tau > 0 else 0.0
         p = part[i]
         if p >= 1.0:
-            w[i] = 1.0
+            w = 1.0
         elif p <= 0.0:
-            w[i] = 0.0
+            w = 0.0
         else:  # 1 / (1 + (1 - p) / (p S)), in logs: S may be far below the smallest double
-            e = math.log1p(-p) - math.log(p) - lsf[i]
-            w[i] = 0.0 if e > 700.0 else 1.0 / (1.0 + math.exp(e))
-    return lsf, w
+            e = math.log1p(-p) - math.log(p) - lsf
+            w = 0.0 if e > 700.0 else 1.0 / (1.0 + math.exp(e))
+        if not w > 0.0:
+            continue
+        s_tau = math.exp(lsf) if lsf > -690.0 else 0.0
+        out[0, m], out[1, m], out[2, m], out[3, m] = mu[i], sigma[i], w, lsf
+        out[4, m] = 1.0 / max(sigma[i], 1e-12)
+        out[5, m] = s_tau
+        out[6, m] = w / max(s_tau, 1e-300) if s_tau > 0.0 else 0.0
+        m += 1
+    return out[0, :m], out[1, :m], out[2, :m], out[3, :m], out[4, :m], out[5, :m], out[6, :m]
 
 
 @numba.njit(cache=True)
@@ -475,17 +514,6 @@ def _normal_tail(mean: float, var: float, need: int) -> float:
     if var <= 1e-12:
         return 1.0 if mean >= need - 0.5 else 0.0
     return 1.0 - 0.5 * math.erfc(-((need - 0.5 - mean) / math.sqrt(var)) / SQRT2)
-
-
-@numba.njit(cache=True)
-def _prepare(mu, sigma, w, lsf_tau):
-    """(mu, 1 / sigma, w, log S(tau), S(tau), w / S(tau)): what every evaluation of the quorum CDF reuses, made once
-    per plan (S(tau) = 0 where it is below 1e-300: those parties take the log path; w / S(tau) with S(tau) clipped
-    at 1e-300 made an overdue party between 1e-300 and 1e-323 never arrive, and JIT stopped planning)."""
-    isig = 1.0 / np.maximum(sigma, 1e-12)
-    s_tau = np.where(lsf_tau > -690.0, np.exp(lsf_tau), 0.0)
-    ws = np.where(s_tau > 0.0, w / np.maximum(s_tau, 1e-300), 0.0)
-    return mu, isig, w, lsf_tau, s_tau, ws
 
 
 @numba.njit(cache=True)

@@ -7,8 +7,10 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from hypothesis import given, strategies as st
 
 from scheduler import Predictor, poisson_binomial_tail
+from scheduler import predictor as P
 
 
 def test_poisson_binomial_tail_exact_and_normal():
@@ -524,3 +526,81 @@ def test_one_erratic_party_does_not_widen_the_steady_parties_spreads():
             pred.observe(p, float(10.0 * np.exp(rng.normal(0.0, 0.5))) if p >= 5 else 10.0)
     own = math.sqrt(pred.parties[9].var * 3 / 2 * (1 + 1 / 3))
     assert pred.distribution(9)[0].sigma >= own * (1 - 1e-12)
+
+
+_histories = st.lists(st.lists(st.floats(1e-3, 1e5), max_size=12), min_size=1, max_size=25)
+_predictor_kw = st.fixed_dictionaries({"halflife": st.sampled_from([1.0, 2.0, 8.0, 40.0]),
+                                       "prior_cv": st.sampled_from([0.1, 0.5, 2.0]),
+                                       "prior_s": st.sampled_from([None, 3.0, 500.0]),
+                                       "min_sigma": st.sampled_from([0.0, 0.02, 0.5])})
+
+
+def _observed(kw, histories, unseen=2):
+    pr = Predictor(**kw)
+    for party, times in enumerate(histories):
+        pr.model(party)
+        for t in times:
+            pr.observe(party, t)
+    for party in range(len(histories), len(histories) + unseen):
+        pr.model(party)  # (no response yet: the pooled model, or unknown)
+    return pr
+
+
+@given(_histories, _predictor_kw)
+def test_party_arrays_are_the_array_expressions_bit_for_bit(histories, kw):
+    """Planning's per-party (mu, sigma, known) come from one compiled pass (_party_arrays) since 2026-11-29; the
+    array expressions it replaced are the reference here, to the bit (an element-wise order that the pass keeps)."""
+    pr = _observed(kw, histories)
+    _, n, mu, var, part = pr._raw_arrays()
+    shared, young, young_widens = pr._spreads(n, var)
+    a = 1.0 - 0.5 ** (1.0 / pr.halflife)
+    m = np.maximum(n, 2).astype(np.float64)
+    widen = np.sqrt(1.0 + 1.0 / np.maximum(n, 1))
+    own = np.where(n * a <= 1.0, var * m / (m - 1) * (1.0 + 1.0 / m), var / (1.0 - a))
+    s = shared * widen
+    experienced = np.sqrt(np.maximum(own, (P.SPREAD_PRIOR * s * s + (m - 1) * own) / (P.SPREAD_PRIOR + m - 1)))
+    young = np.maximum(np.sqrt(var), young * widen if young_widens else np.full(n.shape, young))
+    sigma = np.maximum(np.where(n >= 3, experienced, young), pr.min_sigma)
+    pooled = pr._pooled()
+    if pooled is not None:
+        mu, sigma = np.where(n > 0, mu, pooled.mu), np.where(n > 0, sigma, pooled.sigma)
+    got = pr._arrays()
+    for want, have in zip((mu, sigma, part, (n > 0) | (pooled is not None)), got):
+        assert want.dtype == have.dtype and want.tobytes() == have.tobytes()
+    for party in range(len(histories)):  # (a party with responses: its own row of the arrays)
+        d, _ = pr.distribution(party)
+        if pr.model(party).n:
+            assert (d.mu, d.sigma) == (mu[party], sigma[party])
+
+
+@given(_histories, _predictor_kw, st.sampled_from([0.0, 0.5, 30.0, 3e4, 1e9]), st.data())
+def test_pending_prep_is_the_conditioned_arrival_model(histories, kw, tau, data):
+    """_pending_prep against its definition in numpy: the known pending parties with w > 0, in order, each with
+    log S(tau), w = p S(tau) / (1 - p + p S(tau)) and what the CDF reuses (1 / sigma, S(tau), w / S(tau))."""
+    pr = _observed(kw, histories)
+    n_all = len(histories) + 2
+    for party in range(n_all):  # participation below 1 for some (w < 1, and w -> 0 when long overdue)
+        pr.model(party).participation = data.draw(st.sampled_from([1.0, 1.0, 0.5, 0.01, 0.0]))
+    pr._raw = pr._cache = None
+    idx = np.array(data.draw(st.lists(st.integers(0, n_all - 1), unique=True, max_size=n_all)), np.int64)
+    mu, sigma, part, known = pr._arrays()
+    sel = idx[known[idx]]
+    z = (math.log(tau) - mu[sel]) / np.maximum(sigma[sel], 1e-12) if tau > 0 else np.zeros(sel.size)
+    lsf = np.array([P._log_sf(float(x)) for x in z]) if tau > 0 else np.zeros(sel.size)
+    p = part[sel]
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        e = np.log1p(-p) - np.log(p) - lsf
+        w = np.where(p >= 1.0, 1.0, np.where(p <= 0.0, 0.0, np.where(e > 700.0, 0.0, 1.0 / (1.0 + np.exp(e)))))
+    keep = w > 0.0
+    s_tau = np.where(lsf > -690.0, np.exp(lsf), 0.0)[keep]
+    want = (mu[sel][keep], sigma[sel][keep], w[keep], lsf[keep], 1.0 / np.maximum(sigma[sel][keep], 1e-12), s_tau,
+            np.where(s_tau > 0.0, w[keep] / np.maximum(s_tau, 1e-300), 0.0))
+    got = P._pending_prep(idx, mu, sigma, part, known, tau)
+    for a, b in zip(want, got):
+        np.testing.assert_allclose(b, a, rtol=1e-13, atol=0.0)
+    arrays, prep = pr._prepared(idx, tau)
+    if keep.any():
+        assert [x.tobytes() for x in arrays + prep] == [x.tobytes() for x in got[:4] + (got[0], got[4], got[2], got[3],
+                                                                                        got[5], got[6])]
+    else:
+        assert arrays is None and prep is None

@@ -2043,3 +2043,59 @@ def test_scheduler_arguments_are_refused_by_name():
         with pytest.raises(ValueError, match=name):
             JITScheduler(clock=VirtualClock(), **kw)
     JITScheduler(clock=VirtualClock(), alpha=np.float64(0.1), keep_rounds=np.int64(3), decision_log=0).close()
+
+
+@pytest.mark.parametrize("deadline", [None, 130.0])
+def test_jit_tells_a_redeployment_later_than_t_from_one_cdf_as_its_plan_does(deadline):
+    """The search for a slot to take back asks each idle deployment whether its redeployment comes later than t, by
+    one evaluation of the quorum CDF (JIT.redeploy_after) instead of the quantile's search: the answer is deploy_at's
+    (redeploy=True), and its time where it does, for rounds before any response, part way and near the deadline;
+    deploy_at itself runs only for those."""
+    from scheduler.policies import JIT
+
+    rng = np.random.default_rng(4)
+    clk = VirtualClock()
+    sched = JITScheduler("jit", slots=1, clock=clk, cost=CostModel(backends={"cpu": BackendCost(1e8, 0.0)},
+                                                                    startup_s=5.0))
+    parties = list(range(30))
+    sched.add_job(Job("a", parties=parties, quorum=0.8, rounds=4, model_elems=10_000, update_bytes=40_000,
+                      prior_response_s=100.0, deadline_s=deadline, unreachable="partial"))
+    js, pol = sched.jobs["a"], sched.policy
+    assert isinstance(pol, JIT)
+
+    def submit(r, p):
+        try:
+            sched.submit("a", r, p, None, 1.0)
+        except LateUpdate:  # (past the quorum)
+            pass
+    checked = 0
+    for r in range(3):
+        start = js.open.start
+        assert js.open.number == r and start <= clk.now() < start + 1.0
+        for p, dt in zip(parties, rng.lognormal(np.log(100.0), 0.3, len(parties))):
+            clk.call_at(start + dt, submit, r, p)
+        for frac in (0.0, 0.3, 0.6, 0.9):
+            clk.run(until=start + 20.0 + 100.0 * frac)
+            rnd = js.open
+            if rnd is None or rnd.number != r or rnd.quorum_time is not None:
+                continue
+            d, _ = pol.deploy_at(sched, js, rnd, redeploy=True)
+            d = math.inf if d is None else d
+            near = [] if math.isinf(d) else [d + e for e in (-10.0, -2.0, -0.1, -0.01, 0.01, 0.1, 2.0, 10.0)]
+            for t in [clk.now() + e for e in (-50.0, 0.0, 200.0)] + near:
+                if abs(t - d) <= 1e-3:  # (the quantile is solved to 1e-5 relative)
+                    continue
+                planned = []
+                pol.deploy_at = lambda *a, **k: planned.append(1) or JIT.deploy_at(pol, *a, **k)
+                try:
+                    assert pol.redeploy_after(sched, js, rnd, t) == (d if d > t else None)
+                finally:
+                    del pol.deploy_at
+                assert len(planned) == (d > t)  # (one CDF said no: no plan made)
+                checked += d > t
+        fut = sched.result("a", r)
+        while not fut.done():  # (to the round's end: the next opens then, and its arrivals are drawn from there)
+            clk.run(until=clk.now() + 0.25)
+        fut.result()
+    assert checked >= 20
+    sched.close()
