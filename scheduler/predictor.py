@@ -324,23 +324,9 @@ class Predictor:
         step = 6.0 * max(float(sigma.max()), 1e-3)
         with np.errstate(over="ignore"):  # (exp past 709: inf, and the search from an inf bracket never ended)
             hi = min(max(float(np.exp(mu + step).max()), tau * 2 + 1e-6), _HI_MAX)
-        # the bracket grows by 6 sigmas in log time while the CDF is short of alpha: conditioned on no arrival by
-        # tau, a wide party's arrivals lie beyond mu + 6 sigma (a bracket that ignored tau gave a false inf)
-        for _ in range(8):
-            c_hi = _cdf(prep, need, hi)
-            if c_hi >= alpha:
-                break
-            if hi >= _HI_MAX:
-                return math.inf
-            hi = min(hi * math.exp(step), _HI_MAX)
-        else:
-            return math.inf
-        lo = max(tau, 1e-9)
-        c_lo = _cdf(prep, need, lo)
-        if c_lo >= alpha:
-            return tau
         # solved in log time, to 1e-5 relative (a tenth of a second in three hours), compiled
-        return math.exp(_quantile_log_t(math.log(lo), math.log(hi), c_lo, c_hi, 1e-5, alpha, *prep, need))
+        found, log_t = _quantile_search(tau, hi, step, alpha, *prep, need)
+        return math.inf if found < 0 else tau if found == 0 else math.exp(log_t)
 
     def quantile_after(self, pending, need: int, tau: float, alpha: float, t: float) -> bool:
         """Whether :meth:`quorum_quantile` is later than ``t`` (to its tolerance), from one evaluation of the CDF:
@@ -533,6 +519,29 @@ def _probit(p: float) -> float:
           + 4.374664141464968) * q + 2.938163982698783) / \
         ((((7.784695709041462e-03 * q + 0.3224671290700398) * q + 2.445134137142996) * q + 3.754408661907416) * q + 1.0)
     return z if p < 0.5 else -z
+
+
+@numba.njit(cache=True)
+def _quantile_search(tau, hi, step, alpha, mu, isig, w, lsf_tau, s_tau, ws, need):
+    """(-1, _) where the quorum CDF does not reach alpha, (0, _) where it has by ``tau`` (the quantile is tau), else
+    (1, log of the quantile): the bracket [max(tau, 1e-9), hi] first grows by ``step`` (6 sigmas) in log time while
+    the CDF at its top is short of alpha, at most 8 times and to _HI_MAX (conditioned on no arrival by tau, a wide
+    party's arrivals lie beyond mu + 6 sigma: a bracket that ignored tau gave a false inf); then
+    :func:`_quantile_log_t` closes it."""
+    probs = np.empty(mu.size)
+    for grown in range(8):
+        c_hi = _quorum_tail_into(probs, math.log(hi), mu, isig, w, lsf_tau, s_tau, ws, need)
+        if c_hi >= alpha:
+            break
+        if hi >= _HI_MAX or grown == 7:
+            return -1, 0.0
+        hi = min(hi * math.exp(step), _HI_MAX)
+    lo = max(tau, 1e-9)
+    c_lo = _quorum_tail_into(probs, math.log(lo), mu, isig, w, lsf_tau, s_tau, ws, need)
+    if c_lo >= alpha:
+        return 0, 0.0
+    return 1, _quantile_log_t(math.log(lo), math.log(hi), c_lo, c_hi, 1e-5, alpha, mu, isig, w, lsf_tau, s_tau, ws,
+                              need)
 
 
 @numba.njit(cache=True)
