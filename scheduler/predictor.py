@@ -591,8 +591,11 @@ def _quantile_log_t(llo, lhi, clo, chi, tol, alpha, mu, isig, w, lsf_tau, s_tau,
 def _quorum_tail_into(probs, logt, mu, isig, w, lsf_tau, s_tau, ws, need):
     """P(at least ``need`` of the pending parties arrive by log time ``logt``): each party's conditional arrival
     probability p = w (1 - S(t) / S(tau)), one erfc per party (in logs only where S(tau) underflows: an overdue
-    party), then the Poisson-binomial tail; for more than EXACT_MAX positive p its normal approximation, whose mean
-    and variance are summed in the same loop (no second pass)."""
+    party), then the Poisson-binomial tail: exact (over the positive p) where :func:`_exact` allows it for all the
+    pending parties, else its normal approximation, whose mean and variance are summed in the same loop (no second
+    pass). The method goes by the pending parties, not by how many have p > 0 at t: that count grows with t, and
+    the method switched with it, so the CDF could fall back below a level it had reached (review, 2026-11-29: 820
+    pending, 20 needed, 0.032 -> 0.026); the quantile's search could then settle on a later crossing."""
     m = 0
     mean = 0.0
     var = 0.0
@@ -609,7 +612,7 @@ def _quorum_tail_into(probs, logt, mu, isig, w, lsf_tau, s_tau, ws, need):
             m += 1
             mean += p
             var += p * (1.0 - p)
-    if need <= 0 or need > m or _exact(m, need):
+    if need <= 0 or need > m or _exact(mu.size, need):
         return _tail(probs[:m], need)
     return _normal_tail(mean, var, need)
 

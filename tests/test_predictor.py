@@ -552,7 +552,13 @@ def test_party_arrays_are_the_array_expressions_bit_for_bit(histories, kw):
     array expressions it replaced are the reference here, to the bit (an element-wise order that the pass keeps)."""
     pr = _observed(kw, histories)
     _, n, mu, var, part = pr._raw_arrays()
-    shared, young, young_widens = pr._spreads(n, var)
+    old = n >= 3  # the shared spreads: the experienced parties' typical and mean unbiased variance
+    v = var[old] * n[old] / (n[old] - 1)
+    prior = math.sqrt(math.log1p(pr.prior_cv ** 2))
+    shared = float(np.sqrt(P._typical(v))) if old.any() else prior
+    young_widens = old.sum() >= P.MIN_SPREAD_PARTIES
+    young = float(np.sqrt(np.mean(v))) if young_widens else prior
+    assert pr._spreads(n, var) == (shared, young, young_widens)
     a = 1.0 - 0.5 ** (1.0 / pr.halflife)
     m = np.maximum(n, 2).astype(np.float64)
     widen = np.sqrt(1.0 + 1.0 / np.maximum(n, 1))
@@ -604,3 +610,23 @@ def test_pending_prep_is_the_conditioned_arrival_model(histories, kw, tau, data)
                                                                                         got[5], got[6])]
     else:
         assert arrays is None and prep is None
+
+
+def test_the_quorum_cdf_never_falls_as_t_grows():
+    """(Review, 2026-11-29.) The tail was exact or normal by the count of parties with p > 0 at t, so the method
+    switched as t grew and the CDF could fall back (820 pending, 20 needed: 0.0322 -> 0.0258 at t = 0.5232): the
+    quantile's search could settle on a later crossing, and one CDF evaluation (quantile_after, which the search for
+    a slot to take back asks) disagreed with it. The method goes by the pending parties now: the CDF is monotone, and
+    the two agree."""
+    pr = Predictor()
+    a = 1.0 - 0.5 ** (1.0 / 8.0)
+    pr.load_json([[p, 100, 0.0, 0.09 * (1 - a), 1.0, 100] for p in range(819)] + [[819, 100, 0.30, 0.01, 1.0, 100]])
+    idx = np.arange(820, dtype=np.int64)
+    cdf, _ = pr.quorum_cdf_fn(idx, 20, 0.0)
+    ts = np.exp(np.linspace(-1.5, 0.5, 4001))
+    assert np.all(np.diff([cdf(t) for t in ts]) >= 0.0)
+    for alpha in (1e-3, 0.029, 0.05, 0.5, 0.9):
+        q = pr.quorum_quantile(idx, 20, 0.0, alpha)
+        for x in ts[::20]:
+            if abs(x - q) > 1e-4 * q:  # (the quantile is solved to 1e-5 relative)
+                assert pr.quantile_after(idx, 20, 0.0, alpha, x) == (q > x)
