@@ -235,7 +235,8 @@ class Predictor:
         return LogNormal(m.mu, float(self._arrays()[1][index[party]])), m.participation
 
     def _spreads(self, n, var) -> tuple[float, float, bool]:
-        """Per party, the spread (sd of log time) of its next response: what it will do, not what it did.
+        """The shared parts of each party's spread (sd of log time) of its next response: what it will do, not what
+        it did.
         Experienced parties (n >= 3 responses), with s2 the typical variance (:func:`_typical` over them) widened by
         the party's mean's uncertainty and v its own predictive variance,
 
@@ -396,6 +397,7 @@ def _party_arrays(n, mu, var, shared: float, young: float, young_widens: bool, a
         if k >= 3:
             s = shared * widen
             m = float(k)
+            # PartyModel.observe takes the n-th response at weight max(a, 1 / n): a running mean through n <= 1 / a
             own = var[i] * m / (m - 1) * (1.0 + 1.0 / m) if k * a <= 1.0 else var[i] / (1.0 - a)
             spread = math.sqrt(max(own, (SPREAD_PRIOR * s * s + (m - 1) * own) / (SPREAD_PRIOR + m - 1)))
         else:
