@@ -67,7 +67,7 @@ def _scale_shape(rounds: int) -> Workload:
 @pytest.mark.parametrize("shape", ["cross_device", "1000_jobs_1_round"])
 def test_simulator_event_rate(benchmark, shape):
     """Events per second of a JIT run: the cross_device mix (10 jobs x 2,000 parties), and the issue's scale shape
-    of many jobs cut to one round (1M updates, ~1 minute here), where costs that grow with the number of jobs show
+    of many jobs cut to one round (1M updates, ~40 s here), where costs that grow with the number of jobs show
     (a slot search that weighed every idle deployment took most of it, README "Simulator speed")."""
     wl = Workload.builtin("cross_device") if shape == "cross_device" else _scale_shape(rounds=1)
     result = benchmark.pedantic(lambda: simulate(wl, "jit"), rounds=1, iterations=1)
