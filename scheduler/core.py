@@ -1611,7 +1611,8 @@ class JITScheduler:
             # its laxity is re-planned now as if it had to redeploy (a quantile, only for those that can wait)
             now = self.clock.now()
             after = now + laxity + self.hysteresis_s + self.cost.startup_s
-            return [(t - now, o) for o in cands if (t := self.policy.redeploy_after(self, o, o.open, after)) is not None]
+            return [(t - now, o) for o in cands
+                    if (t := self.policy.redeploy_after(self, o, o.open, after)) is not None]
         if not pressure and inputs.get("timer") and js.open is not None and js.open.taken_back >= TAKE_BACKS:
             # its planned deploy time came, and its own idle deployment was taken back at others' planned times
             # TAKE_BACKS times this round: it waits for a free slot (or its quorum, or buffer pressure) to deploy
