@@ -1568,10 +1568,6 @@ class JITScheduler:
         rnd = js.open
         return rnd is not None and not rnd.done and rnd.quorum_time is not None
 
-    def _redeploy_laxity(self, js) -> float:
-        t, _ = self.policy.deploy_at(self, js, js.open, redeploy=True)
-        return math.inf if t is None else t - self.clock.now()
-
     def _request_slot(self, js, laxity: float, inputs: dict) -> None:
         if self.free_slots:
             self._deploy(js, self.free_slots.pop(0), laxity, inputs)
@@ -1602,15 +1598,14 @@ class JITScheduler:
             first, rest = [o for o in idle if id(o) in top], [o for o in idle if id(o) not in top]
 
         def weighed(cands):
-            if pressure:
-                # memory first: an idle deployment (nothing buffered) yields to a job whose buffered updates must
-                # be folded to free the budget; otherwise the idle job's own parties stay blocked by Backpressure.
-                # The one that can wait longest, re-planned now (its last plan, from before it deployed, is stale)
-                return [(self._redeploy_laxity(o), o) for o in cands]
             # take back an idle deployment whose job can wait longer, if the gap beats the hysteresis + start-up;
-            # its laxity is re-planned now as if it had to redeploy (a quantile, only for those that can wait)
+            # its laxity is re-planned now as if it had to redeploy (a quantile, only for those that can wait).
+            # Under pressure, memory first: any idle deployment (nothing buffered) yields to a job whose buffered
+            # updates must be folded to free the budget; otherwise the idle job's own parties stay blocked by
+            # Backpressure. The one that can wait longest, re-planned now (its last plan, from before it deployed,
+            # is stale)
             now = self.clock.now()
-            after = now + laxity + self.hysteresis_s + self.cost.startup_s
+            after = -math.inf if pressure else now + laxity + self.hysteresis_s + self.cost.startup_s
             return [(t - now, o) for o in cands
                     if (t := self.policy.redeploy_after(self, o, o.open, after)) is not None]
         if not pressure and inputs.get("timer") and js.open is not None and js.open.taken_back >= TAKE_BACKS:
