@@ -114,14 +114,6 @@ class LogNormal:
     sigma: float
 
 
-def _typical(v: np.ndarray) -> float:
-    """The mean of the values within 10x their median (of them all where the median is 0): the typical party's
-    variance, which one erratic party does not move (of 10 parties with three responses each, one steady party is
-    left out in about one round of 25)."""
-    median = float(np.median(v))
-    return float(v[v <= 10.0 * median].mean()) if median > 0 else float(v.mean())
-
-
 class Predictor:
     """Per-party models of one job, and quorum-time quantiles for its rounds."""
 
@@ -211,81 +203,42 @@ class Predictor:
                          np.array([m.participation for m in ms], np.float64))
         return self._raw
 
+    # --- quorum time -------------------------------------------------------------------------------------------
+    def _derived(self):
+        """((mu, sigma, participation, known) per party, the pooled model or None), derived again after a change
+        (planning re-derives them after every ~2% of a round's arrivals): two compiled passes, the reductions
+        (:func:`_shared_model`) and the per-party arrays (:func:`_party_arrays`), where two dozen numpy calls had
+        cost about as much as the plan's quantile."""
+        if self._cache is None:
+            _, n, mu, var, part = self._raw_arrays()
+            prior = math.sqrt(math.log1p(self.prior_cv ** 2))  # (the prior CV as a log-normal's sigma)
+            seen, pooled_mu, pooled_sigma, shared, young, widens = _shared_model(n, mu, var, prior, self.min_sigma)
+            pooled = (LogNormal(pooled_mu, pooled_sigma) if seen else None if self.prior_s is None else
+                      LogNormal(math.log(self.prior_s) - prior * prior / 2, prior))
+            mu, sigma, known = _party_arrays(n, mu, var, shared, young, widens, 1.0 - 0.5 ** (1.0 / self.halflife),
+                                             self.min_sigma, pooled is not None,
+                                             *((pooled.mu, pooled.sigma) if pooled is not None else (0.0, 0.0)))
+            self._cache = ((mu, sigma, part, known), pooled)
+        return self._cache
+
+    def _arrays(self):
+        """Per-party (mu, sigma, participation, known) as arrays indexed like the models."""
+        return self._derived()[0]
+
     def _pooled(self) -> LogNormal | None:
-        _, n, mu, var, _ = self._raw_arrays()
-        seen = n > 0
-        if not seen.any():
-            if self.prior_s is None:
-                return None
-            s = math.sqrt(math.log1p(self.prior_cv ** 2))
-            return LogNormal(math.log(self.prior_s) - s * s / 2, s)
-        mus = mu[seen]
-        m = float(mus.mean())
-        # spread across parties plus within: a newcomer could be any of them
-        v = float((var[seen] + (mus - m) ** 2).mean())
-        return LogNormal(m, max(math.sqrt(v), self.min_sigma))
+        """The model of a party with no response: the pooled one (every seen party's mean and spread), else the
+        prior's, else None."""
+        return self._derived()[1]
 
     def distribution(self, party, pooled=None) -> tuple[LogNormal | None, float]:
         """(response-time distribution, participation rate) of a party (pooled if it has no history; pass
-        ``pooled`` when asking for many parties). O(parties): its spread pools in the others' (:meth:`_spreads`)."""
+        ``pooled`` when asking for many parties). O(parties): its spread pools in the others'
+        (:func:`_shared_model`)."""
         m = self.parties.get(party)
         if m is None or m.n == 0:
             return (pooled if pooled is not None else self._pooled()), (m.participation if m is not None else 1.0)
         index = self._raw_arrays()[0]
         return LogNormal(m.mu, float(self._arrays()[1][index[party]])), m.participation
-
-    def _spreads(self, n, var) -> tuple[float, float, bool]:
-        """The shared parts of each party's spread (sd of log time) of its next response: what it will do, not what
-        it did.
-        Experienced parties (n >= 3 responses), with s2 the typical variance (:func:`_typical` over them) widened by
-        the party's mean's uncertainty and v its own predictive variance,
-
-            v = var n / (n - 1) (1 + 1/n)   while the running mean lasts (n a <= 1), var / (1 - a) after,
-            sigma^2 = max(v, (SPREAD_PRIOR s2 + (n - 1) v) / (SPREAD_PRIOR + n - 1)):
-
-        the typical spread pooled in where it widens (a few responses understate a spread as often as not), never
-        where it would narrow (a party's own larger spread is evidence it differs); with many responses the
-        party's own spread decides. Younger parties: the larger of their own and the shared spread below. The raw
-        running variance, which divides by n and leaves out the mean's uncertainty, took 2-3x the risk asked for
-        after the third responses (README, "Predictive spread").
-
-        The shared spread of a party with fewer than three responses (one or two say little about it): the
-        experienced parties' running variances (which divide by n) made unbiased, their mean (the spread of a party
-        that could be any of them), widened by the uncertainty of the party's own mean, sqrt(1 + 1/n), once
-        MIN_SPREAD_PARTIES parties have three responses or more; else the prior CV, as a log-normal's sigma.
-        Parties share the job's jitter more than they share a prior: with the prior CV (0.5 by default) for every
-        young party, the intermittent mixes' early rounds planned for quorums far earlier than came, and their
-        deployments held slots idle while other jobs' quorums waited (cross_device: 10 jobs on 4 slots; p95 latency
-        share 19% -> 10%).
-
-        Returns the two shared spreads and whether the young parties' is the experienced parties' (else the prior's):
-        reductions over the experienced parties, in numpy; the per-party rest is :func:`_party_arrays`'s."""
-        old = n >= 3
-        count = int(old.sum())
-        # (the prior CV as a log-normal's sigma: it was taken as one, 0.5 for 0.47)
-        prior = math.sqrt(math.log1p(self.prior_cv ** 2))
-        shared = young = prior
-        if count:
-            m = n[old]
-            v = var[old] * m / (m - 1)  # (the running variance divides by n)
-            shared = math.sqrt(_typical(v))
-            if count >= MIN_SPREAD_PARTIES:
-                young = math.sqrt(float(np.mean(v)))
-        return shared, young, count >= MIN_SPREAD_PARTIES
-
-    # --- quorum time -------------------------------------------------------------------------------------------
-    def _arrays(self):
-        """Per-party (mu, sigma, participation, known) as arrays indexed like the models, derived again after a
-        change (planning re-derives them after every ~2% of a round's arrivals): a few reductions and one compiled
-        pass, where the dozen array expressions the pass replaced cost about as much as the plan's quantile."""
-        if self._cache is None:
-            _, n, mu, var, part = self._raw_arrays()
-            pooled = self._pooled()
-            mu, sigma, known = _party_arrays(n, mu, var, *self._spreads(n, var), 1.0 - 0.5 ** (1.0 / self.halflife),
-                                             self.min_sigma, pooled is not None,
-                                             *((pooled.mu, pooled.sigma) if pooled is not None else (0.0, 0.0)))
-            self._cache = (mu, sigma, part, known)
-        return self._cache
 
     def indices(self, parties) -> np.ndarray:
         """The parties' positions in the model arrays (registering new ones). Positions never change: parties are
@@ -382,10 +335,135 @@ def _sf_fast(z: float) -> float:
 
 
 @numba.njit(cache=True)
+def _block(a, lo: int, n: int) -> float:
+    """The sum of a[lo:lo + n], n <= 128, as numpy's pairwise summation adds a block: eight running sums, then the
+    rest in turn (fewer than eight: in turn)."""
+    if n < 8:
+        res = 0.0
+        for i in range(lo, lo + n):
+            res += a[i]
+        return res
+    r = a[lo:lo + 8].copy()
+    end = lo + n - n % 8
+    for i in range(lo + 8, end, 8):
+        for j in range(8):
+            r[j] += a[i + j]
+    res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+    for i in range(end, lo + n):
+        res += a[i]
+    return res
+
+
+@numba.njit(cache=True)
+def _pairwise(a) -> float:
+    """The sum of ``a`` in numpy's order, ``np.add.reduce``'s pairwise summation: blocks of up to 128
+    (:func:`_block`), halves (the first a multiple of 8) added above them, so that compiled reductions give numpy's
+    bits (tested against it). The halving runs on a stack, not by recursion: numba's cache cannot load a recursive
+    function back (it crashed the process)."""
+    if a.size <= 128:
+        return _block(a, 0, a.size)
+    los = np.empty(64, np.int64)  # the frames from the whole array down: 2^64 elements fit
+    ns = np.empty(64, np.int64)
+    lefts = np.empty(64)
+    right = np.zeros(64, np.bool_)  # the frame's left half is summed (in lefts), its right is on the stack above
+    top = 0
+    los[0], ns[0] = 0, a.size
+    while True:
+        if ns[top] > 128:  # split: the left half first
+            half = ns[top] // 2
+            half -= half % 8
+            los[top + 1], ns[top + 1], right[top + 1] = los[top], half, False
+            top += 1
+            continue
+        val = _block(a, los[top], ns[top])
+        top -= 1
+        while top >= 0 and right[top]:  # right halves done: add them to their left halves, up the stack
+            val = lefts[top] + val
+            top -= 1
+        if top < 0:
+            return val
+        lefts[top], right[top] = val, True  # a left half done: its right half next
+        half = ns[top] // 2
+        half -= half % 8
+        los[top + 1], ns[top + 1], right[top + 1] = los[top] + half, ns[top] - half, False
+        top += 1
+
+
+@numba.njit(cache=True)
+def _shared_model(n, mu, var, prior: float, min_sigma: float):
+    """What every party's planning model shares, from the running models' arrays (responses ``n``, log-time mean
+    ``mu`` and running variance ``var``): (any party seen, the pooled model's mu and sigma, the experienced parties'
+    shared spread, the young parties' spread, whether the latter is the experienced parties' rather than ``prior``).
+    Reductions in numpy's order (:func:`_pairwise`): the same bits as the numpy expressions they replaced.
+
+    Pooled model (a party with no response could be any of the seen ones): the mean of their mus, and the mean of
+    their within-party variance plus their mean's squared distance from it (at least ``min_sigma``).
+
+    Spreads (sd of log time) of a party's next response: what it will do, not what it did. Experienced parties (n >=
+    3 responses), with s2 the typical variance (the mean of the experienced parties' unbiased variances within 10x
+    their median, of them all where the median is 0: one erratic party does not move it) widened by the party's
+    mean's uncertainty and v its own predictive variance,
+
+        v = var n / (n - 1) (1 + 1/n)   while the running mean lasts (n a <= 1), var / (1 - a) after,
+        sigma^2 = max(v, (SPREAD_PRIOR s2 + (n - 1) v) / (SPREAD_PRIOR + n - 1)):
+
+    the typical spread pooled in where it widens (a few responses understate a spread as often as not), never where
+    it would narrow (a party's own larger spread is evidence it differs); with many responses the party's own spread
+    decides. Younger parties: the larger of their own and the young parties' spread: the experienced parties'
+    unbiased variances' mean (the spread of a party that could be any of them), widened by the uncertainty of the
+    party's own mean, sqrt(1 + 1/n), once MIN_SPREAD_PARTIES parties have three responses or more; else the prior
+    CV as a log-normal's sigma. Parties share the job's jitter more than they share a prior: with the prior CV (0.5 by
+    default) for every young party, the intermittent mixes' early rounds planned for quorums far earlier than came,
+    and their deployments held slots idle while other jobs' quorums waited (cross_device: 10 jobs on 4 slots; p95
+    latency share 19% -> 10%). The raw running variance, which divides by n and leaves out the mean's uncertainty,
+    took 2-3x the risk asked for after the third responses (README, "Predictive spread"). The per-party rest (v,
+    the widening, sigma) is :func:`_party_arrays`'s."""
+    seen = 0
+    old = 0
+    for k in n:
+        seen += k > 0
+        old += k >= 3
+    pooled_mu = pooled_sigma = 0.0
+    if seen:
+        mus = np.empty(seen)
+        j = 0
+        for i in range(n.size):
+            if n[i] > 0:
+                mus[j] = mu[i]
+                j += 1
+        pooled_mu = _pairwise(mus) / seen
+        within = np.empty(seen)  # spread across parties plus within: a newcomer could be any of them
+        j = 0
+        for i in range(n.size):
+            if n[i] > 0:
+                d = mus[j] - pooled_mu
+                within[j] = var[i] + d * d
+                j += 1
+        pooled_sigma = max(math.sqrt(_pairwise(within) / seen), min_sigma)
+    shared = young = prior
+    if old:
+        v = np.empty(old)
+        j = 0
+        for i in range(n.size):
+            if n[i] >= 3:
+                v[j] = var[i] * float(n[i]) / float(n[i] - 1)  # (the running variance divides by n)
+                j += 1
+        median = np.median(v)
+        if median > 0:
+            typical = v[v <= 10.0 * median]
+            shared = math.sqrt(_pairwise(typical) / typical.size)
+        else:
+            shared = math.sqrt(_pairwise(v) / old)
+        if old >= MIN_SPREAD_PARTIES:
+            young = math.sqrt(_pairwise(v) / old)
+    return seen > 0, pooled_mu, pooled_sigma, shared, young, old >= MIN_SPREAD_PARTIES
+
+
+@numba.njit(cache=True)
 def _party_arrays(n, mu, var, shared: float, young: float, young_widens: bool, a: float, min_sigma: float,
                   pooled: bool, pooled_mu: float, pooled_sigma: float):
     """Per party: (mu, sigma, known) of :meth:`Predictor._arrays`, from the shared spreads of
-    :meth:`Predictor._spreads` (each widened by sqrt(1 + 1/n): the young parties' only where ``young_widens``, else
+    :func:`_shared_model` (each widened by sqrt(1 + 1/n): the young parties' only where ``young_widens``, else
     it is the prior's, a constant), ``a`` (the running model's step) and the pooled model that parties with no
     response take, if any; in the order of operations of the array expressions it replaces (the same bits)."""
     mu_out = np.empty(n.size)

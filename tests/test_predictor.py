@@ -546,19 +546,34 @@ def _observed(kw, histories, unseen=2):
     return pr
 
 
+def _typical(v):
+    """The reference of the shared spread's typical variance: the mean of the values within 10x their median (of
+    them all where the median is 0), in numpy."""
+    median = float(np.median(v))
+    return float(v[v <= 10.0 * median].mean()) if median > 0 else float(v.mean())
+
+
 @given(_histories, _predictor_kw)
 def test_party_arrays_are_the_array_expressions_bit_for_bit(histories, kw):
-    """Planning's per-party (mu, sigma, known) come from one compiled pass (_party_arrays) since 2026-11-29; the
-    array expressions it replaced are the reference here, to the bit (an element-wise order that the pass keeps)."""
+    """Planning's per-party (mu, sigma, known) and the pooled model come from two compiled passes since 2026-11-29
+    (_shared_model's reductions in numpy's order, then _party_arrays); the numpy expressions they replaced are the
+    reference here, to the bit."""
     pr = _observed(kw, histories)
     _, n, mu, var, part = pr._raw_arrays()
     old = n >= 3  # the shared spreads: the experienced parties' typical and mean unbiased variance
     v = var[old] * n[old] / (n[old] - 1)
     prior = math.sqrt(math.log1p(pr.prior_cv ** 2))
-    shared = float(np.sqrt(P._typical(v))) if old.any() else prior
+    shared = float(np.sqrt(_typical(v))) if old.any() else prior
     young_widens = old.sum() >= P.MIN_SPREAD_PARTIES
     young = float(np.sqrt(np.mean(v))) if young_widens else prior
-    assert pr._spreads(n, var) == (shared, young, young_widens)
+    seen = n > 0
+    if seen.any():  # the pooled model: across parties plus within
+        m = float(mu[seen].mean())
+        pooled = P.LogNormal(m, max(math.sqrt(float((var[seen] + (mu[seen] - m) ** 2).mean())), pr.min_sigma))
+    else:
+        pooled = None if pr.prior_s is None else P.LogNormal(math.log(pr.prior_s) - prior * prior / 2, prior)
+    assert P._shared_model(n, mu, var, prior, pr.min_sigma)[3:] == (shared, young, young_widens)
+    assert pr._pooled() == pooled
     a = 1.0 - 0.5 ** (1.0 / pr.halflife)
     m = np.maximum(n, 2).astype(np.float64)
     widen = np.sqrt(1.0 + 1.0 / np.maximum(n, 1))
@@ -567,7 +582,6 @@ def test_party_arrays_are_the_array_expressions_bit_for_bit(histories, kw):
     experienced = np.sqrt(np.maximum(own, (P.SPREAD_PRIOR * s * s + (m - 1) * own) / (P.SPREAD_PRIOR + m - 1)))
     young = np.maximum(np.sqrt(var), young * widen if young_widens else np.full(n.shape, young))
     sigma = np.maximum(np.where(n >= 3, experienced, young), pr.min_sigma)
-    pooled = pr._pooled()
     if pooled is not None:
         mu, sigma = np.where(n > 0, mu, pooled.mu), np.where(n > 0, sigma, pooled.sigma)
     got = pr._arrays()
@@ -577,6 +591,16 @@ def test_party_arrays_are_the_array_expressions_bit_for_bit(histories, kw):
         d, _ = pr.distribution(party)
         if pr.model(party).n:
             assert (d.mu, d.sigma) == (mu[party], sigma[party])
+
+
+@given(st.integers(0, 3000), st.integers(0, 2 ** 32 - 1), st.sampled_from([0.0, 1.0, 6.0]))
+def test_pairwise_is_numpys_sum_to_the_bit(n, seed, decades):
+    """The compiled reductions' sum is np.add.reduce's, bit for bit, at every length (blocks of 8 and 128, halves
+    at multiples of 8 above) and over magnitudes that make the order show."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal(n) * 10.0 ** rng.uniform(-decades, decades, n)
+    assert P._pairwise(a) == np.add.reduce(a)
+    assert P._pairwise(a[::-1].copy()) == np.add.reduce(a[::-1].copy())
 
 
 @given(_histories, _predictor_kw, st.sampled_from([0.0, 0.5, 30.0, 3e4, 1e9]), st.data())
