@@ -429,9 +429,10 @@ class _JobState:
         if i is not None and rnd.arrived_flags is not None:
             rnd.arrived_flags[i] = True
 
-    def pending_idx(self, rnd) -> np.ndarray:
-        """Predictor positions of the expected parties that have not arrived in ``rnd``."""
-        return self.expected_idx[~self.flags(rnd)]
+    def pending(self, rnd) -> tuple:
+        """The parties still pending in ``rnd``, as the predictor takes them: (predictor positions of the expected
+        parties, which of them have arrived)."""
+        return self.expected_idx, self.flags(rnd)
 
     def admit(self, update, weight, party, info, copy=False):
         """Validate one update for this job, against the bound its aggregator will use, with the per-update values
@@ -1338,7 +1339,6 @@ class JITScheduler:
         self._log("open_round", js, round=number)
         early, rnd.pending = rnd.pending, []
         for party, item, nbytes, weight in early:  # arrivals that came before the round opened
-            self._buffered(js, -nbytes)
             rnd.unobserved.add(party)  # sent before its round began: no response time (it read as 0 s)
             self._accept(js, rnd, party, item, nbytes, weight, now)
         self._plan(js)
@@ -1364,16 +1364,16 @@ class JITScheduler:
             if js.open is None or rnd.number != js.open.number:
                 rnd.pending.append((party, item, nbytes, weight))  # early: kept until the round opens
                 return
-            self._buffered(js, -nbytes)
             self._accept(js, rnd, party, item, nbytes, weight, now)
             self._plan(js)
 
     def _accept(self, js, rnd, party, item, nbytes, weight, now) -> None:
+        """An arrival joins its open round: a member, its update pending a fold (its bytes stay counted as they were
+        at submit: buffered until folded)."""
         js.mark_arrived(rnd, party)
         rnd.members.append(party)
         rnd.pending.append((party, item, nbytes, weight))
         rnd.pending_bytes += nbytes
-        self._buffered(js, nbytes)
         if party not in rnd.unobserved:  # a carried update's time and answer belong to the round before; a
             js.predictor.observe(party, now - rnd.start)  # replayed one's arrival is the restart
         rnd.last_arrival = now
@@ -1421,7 +1421,7 @@ class JITScheduler:
             # an acknowledged update whose arrival is still queued is in, whether or not its party is still
             # expected (one dropped right after its update was acknowledged, or before a restart replays it)
             queued = [p for p in rnd.acked if p not in rnd.arrived]
-            possible = (len(rnd.members) + len(queued) + int(js.pending_idx(rnd).size)
+            possible = (len(rnd.members) + len(queued) + len(js.expected) - int(np.count_nonzero(js.flags(rnd)))
                         - sum(p in js.expected_pos for p in queued))
             if possible < rnd.quorum:
                 self._unreachable(js, rnd, f"only {possible} parties left for a quorum of {rnd.quorum}")

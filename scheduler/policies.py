@@ -78,7 +78,7 @@ class JIT(Policy):
         if rnd.quorum_time is not None:
             return now, {"quorum": "reached"}
         need = rnd.quorum - len(rnd.members)
-        q = js.predictor.quorum_quantile(js.pending_idx(rnd), need, now - rnd.start, self.alpha)
+        q = js.predictor.quorum_quantile(js.pending(rnd), need, now - rnd.start, self.alpha)
         if math.isinf(q) and not js.predictor.has_history():  # cold start: nothing to predict from, so behave like
             return now, {"quantile": "unknown (no history yet)", "need": need}  # eager
         if js.job.deadline_s is not None and js.job.unreachable == "partial":
@@ -101,7 +101,7 @@ class JIT(Policy):
             x = t - rnd.start + sched.work_estimate(js, rnd) + sched.cost.startup_s
             if js.job.deadline_s is not None and js.job.unreachable == "partial" and js.job.deadline_s <= x:
                 return None
-            if not js.predictor.quantile_after(js.pending_idx(rnd), rnd.quorum - len(rnd.members),
+            if not js.predictor.quantile_after(js.pending(rnd), rnd.quorum - len(rnd.members),
                                                sched.clock.now() - rnd.start, self.alpha, x):
                 return None
         return super().redeploy_after(sched, js, rnd, t)

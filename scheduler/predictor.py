@@ -253,10 +253,15 @@ class Predictor:
         """((mu, sigma, w, log S(tau)) of the pending parties that may still arrive, and what every evaluation of the
         quorum CDF reuses: (mu, 1 / sigma, w, log S(tau), S(tau), w / S(tau))); (None, None) when none may. w is the
         probability that a party answers this round given that it has not by ``tau``, w = p S(tau) / (1 - p +
-        p S(tau)) with S the survival function of its response time. ``pending``: party ids, or their
-        :meth:`indices` (an int64 array). One compiled pass (:func:`_pending_prep`)."""
-        idx = pending if isinstance(pending, np.ndarray) else self.indices(pending)
-        mu, sigma, w, lsf_tau, isig, s_tau, ws = _pending_prep(idx, *self._arrays(), tau)
+        p S(tau)) with S the survival function of its response time. ``pending``: party ids, their :meth:`indices`
+        (an int64 array), or (indices, arrived): a round's expected parties and a bool array of those that have
+        arrived, which the pass skips (a scheduler's plans: no pending set made for each). One compiled pass
+        (:func:`_pending_prep`)."""
+        if isinstance(pending, tuple):
+            idx, arrived = pending
+        else:
+            idx, arrived = (pending if isinstance(pending, np.ndarray) else self.indices(pending)), None
+        mu, sigma, w, lsf_tau, isig, s_tau, ws = _pending_prep(idx, arrived, *self._arrays(), tau)
         if mu.size == 0:
             return None, None
         return (mu, sigma, w, lsf_tau), (mu, isig, w, lsf_tau, s_tau, ws)
@@ -489,8 +494,9 @@ def _party_arrays(n, mu, var, shared: float, young: float, young_widens: bool, a
 
 
 @numba.njit(cache=True)
-def _pending_prep(idx, mu, sigma, part, known, tau: float):
-    """Of the parties at ``idx`` that are ``known`` and may still arrive (w > 0), given none arrived by ``tau``:
+def _pending_prep(idx, arrived, mu, sigma, part, known, tau: float):
+    """Of the parties at ``idx`` (less those ``arrived`` marks, where it is not None) that are ``known`` and may
+    still arrive (w > 0), given none arrived by ``tau``:
     (mu, sigma, w, log S(tau), 1 / sigma, S(tau), w / S(tau)), S the survival function of a party's log-normal
     response time (log S = 0 for tau <= 0) and w = p S(tau) / (1 - p + p S(tau)) the probability that it answers
     this round (p = 1: 1 whatever S(tau) is; S(tau) -> 0 with p < 1: -> 0).
@@ -505,6 +511,8 @@ def _pending_prep(idx, mu, sigma, part, known, tau: float):
     logt = math.log(tau) if tau > 0 else 0.0
     m = 0
     for j in range(idx.size):
+        if arrived is not None and arrived[j]:
+            continue
         i = idx[j]
         if not known[i]:
             continue

@@ -625,9 +625,17 @@ def test_pending_prep_is_the_conditioned_arrival_model(histories, kw, tau, data)
     s_tau = np.where(lsf > -690.0, np.exp(lsf), 0.0)[keep]
     want = (mu[sel][keep], sigma[sel][keep], w[keep], lsf[keep], 1.0 / np.maximum(sigma[sel][keep], 1e-12), s_tau,
             np.where(s_tau > 0.0, w[keep] / np.maximum(s_tau, 1e-300), 0.0))
-    got = P._pending_prep(idx, mu, sigma, part, known, tau)
+    got = P._pending_prep(idx, None, mu, sigma, part, known, tau)
     for a, b in zip(want, got):
         np.testing.assert_allclose(b, a, rtol=1e-13, atol=0.0)
+    # a round's expected parties with those that arrived marked: the same as the pending ones alone, to the bit
+    expected = np.array(data.draw(st.permutations(range(n_all))), np.int64)
+    arrived = np.isin(expected, idx, invert=True)
+    marked = P._pending_prep(expected, arrived, mu, sigma, part, known, tau)
+    alone = P._pending_prep(expected[~arrived], None, mu, sigma, part, known, tau)
+    assert [x.tobytes() for x in marked] == [x.tobytes() for x in alone]
+    assert [x.tobytes() for x in pr._prepared((expected, arrived), tau)[1] or ()] == \
+        [x.tobytes() for x in pr._prepared(expected[~arrived], tau)[1] or ()]
     arrays, prep = pr._prepared(idx, tau)
     if keep.any():
         assert [x.tobytes() for x in arrays + prep] == [x.tobytes() for x in got[:4] + (got[0], got[4], got[2], got[3],

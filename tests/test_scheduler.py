@@ -1915,7 +1915,7 @@ def _policy_fixture(pending, deployed=False):
             pred.observe(p, y)
     sched = NS(clock=NS(now=lambda: 0.0), cost=NS(startup_s=2.0), work_estimate=lambda js, rnd: 3.0)
     js = NS(predictor=pred, job=NS(id="j", deadline_s=None, unreachable="wait"),
-            deployment=object() if deployed else None, pending_idx=lambda rnd: pred.indices(pending))
+            deployment=object() if deployed else None, pending=lambda rnd: pred.indices(pending))
     return sched, js, NS(quorum_time=None, quorum=3, members=[], start=0.0, number=0)
 
 
