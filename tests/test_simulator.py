@@ -682,3 +682,23 @@ def _written(tmp_path, text):
     path = tmp_path / "w.toml"
     path.write_text(text)
     return path
+
+
+def test_rho_budgets_its_draws_over_the_workloads_jobs(monkeypatch):
+    """rho's Monte Carlo quorum times draw 200M response times in all once a workload has more than 100 jobs' worth
+    (2M per job drew 2e9 for the issue's 1,000 jobs of 1,000 parties: 32 s beside the simulation); a few jobs keep
+    2M each, so the shipped mixes' rho is as it was."""
+    from scheduler import simulator
+    drawn = []
+
+    def mean_quorum_time(self, q, draws=20_000):
+        drawn.append(draws * self.spec.parties)
+        return 100.0
+    monkeypatch.setattr(Arrivals, "mean_quorum_time", mean_quorum_time)
+    many = Workload(name="many", jobs=[JobSpec(name="j", count=1000, parties=1000)])
+    simulator.rho(many)
+    assert len(drawn) == 1000 and sum(drawn) <= 200_000_000
+    drawn.clear()
+    mixed = Workload.builtin("mixed")
+    simulator.rho(mixed)
+    assert drawn and all(d > 2_000_000 - spec.parties for d, (_, _, spec) in zip(drawn, mixed.instances()))
