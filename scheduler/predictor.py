@@ -257,8 +257,8 @@ class Predictor:
         (an int64 array), or (indices, arrived): a round's expected parties and a bool array of those that have
         arrived, which the pass skips (a scheduler's plans: no pending set made for each). One compiled pass
         (:func:`_pending_prep`)."""
-        if isinstance(pending, tuple):
-            idx, arrived = pending
+        if isinstance(pending, tuple) and len(pending) == 2 and isinstance(pending[1], np.ndarray):  # (a tuple of
+            idx, arrived = pending  # party ids is ids: no id is an array)
         else:
             idx, arrived = (pending if isinstance(pending, np.ndarray) else self.indices(pending)), None
         mu, sigma, w, lsf_tau, isig, s_tau, ws = _pending_prep(idx, arrived, *self._arrays(), tau)

@@ -662,3 +662,16 @@ def test_the_quorum_cdf_never_falls_as_t_grows():
         for x in ts[::20]:
             if abs(x - q) > 1e-4 * q:  # (the quantile is solved to 1e-5 relative)
                 assert pr.quantile_after(idx, 20, 0.0, alpha, x) == (q > x)
+
+
+def test_pending_parties_as_a_tuple_of_ids_are_ids():
+    """A tuple of party ids is parties, as a list is (a pair was once read as (positions, arrived flags), the form a
+    scheduler's plans pass)."""
+    pred = Predictor()
+    for p, y in (("a", 10.0), ("b", 20.0), ("a", 11.0), ("b", 19.0), ("a", 9.0), ("b", 21.0)):
+        pred.observe(p, y)
+    for ids in (["a", "b"], ("a", "b"), ("a",), ("a", "b", "a")[:2]):
+        assert pred.quorum_quantile(ids, 1, 0.0, 0.05) == pred.quorum_quantile(list(ids), 1, 0.0, 0.05)
+    idx = pred.indices(["a", "b"])
+    assert pred.quorum_quantile((idx, np.array([True, False])), 1, 0.0, 0.05) == \
+        pred.quorum_quantile(["b"], 1, 0.0, 0.05)
