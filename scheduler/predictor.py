@@ -299,12 +299,13 @@ class Predictor:
 @functools.cache
 def warm() -> None:
     """Load (or compile) the compiled code that planning runs, once per process: a quantile over a few parties (the
-    exact tail) and over many (the normal approximation)."""
+    exact tail) and over many (the normal approximation), the latter as a scheduler's plans ask (expected parties
+    and their arrived flags: a specialization of its own)."""
     p = Predictor()
     for party, t in enumerate(np.geomspace(1.0, 2.0, 300)):
         p.observe(party, float(t))
     p.quorum_quantile(np.arange(3), 2, 0.0, 0.05)
-    p.quorum_quantile(np.arange(300), 150, 0.0, 0.05)
+    p.quorum_quantile((np.arange(300), np.zeros(300, np.bool_)), 150, 0.0, 0.05)
 
 
 def _cdf(prep, need: int, t: float) -> float:
