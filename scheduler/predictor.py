@@ -259,6 +259,8 @@ class Predictor:
         (:func:`_pending_prep`)."""
         if isinstance(pending, tuple) and len(pending) == 2 and isinstance(pending[1], np.ndarray):  # (a tuple of
             idx, arrived = pending  # party ids is ids: no id is an array)
+            if arrived.shape != idx.shape:  # (the compiled pass reads the flags unchecked)
+                raise ValueError(f"pending: {arrived.shape} arrived flags for {idx.shape} parties")
         else:
             idx, arrived = (pending if isinstance(pending, np.ndarray) else self.indices(pending)), None
         mu, sigma, w, lsf_tau, isig, s_tau, ws = _pending_prep(idx, arrived, *self._arrays(), tau)
@@ -367,7 +369,7 @@ def _pairwise(a) -> float:
     bits (tested against it). The halving runs on a stack, not by recursion: numba's cache cannot load a recursive
     function back (it crashed the process)."""
     if a.size <= 128:
-        return _block(a, 0, a.size)
+        return 0.0 + _block(a, 0, a.size)  # (numpy adds the sum to its identity: +0.0 where the values are all -0.0)
     los = np.empty(64, np.int64)  # the frames from the whole array down: 2^64 elements fit
     ns = np.empty(64, np.int64)
     lefts = np.empty(64)
@@ -387,7 +389,7 @@ def _pairwise(a) -> float:
             val = lefts[top] + val
             top -= 1
         if top < 0:
-            return val
+            return 0.0 + val
         lefts[top], right[top] = val, True  # a left half done: its right half next
         half = ns[top] // 2
         half -= half % 8
@@ -454,7 +456,7 @@ def _shared_model(n, mu, var, prior: float, min_sigma: float):
             if n[i] >= 3:
                 v[j] = var[i] * float(n[i]) / float(n[i] - 1)  # (the running variance divides by n)
                 j += 1
-        median = np.median(v)
+        median = np.nan if np.isnan(v).any() else np.median(v)  # (numpy's median of values with a NaN is NaN)
         if median > 0:
             typical = v[v <= 10.0 * median]
             shared = math.sqrt(_pairwise(typical) / typical.size)
