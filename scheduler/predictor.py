@@ -456,14 +456,15 @@ def _shared_model(n, mu, var, prior: float, min_sigma: float):
             if n[i] >= 3:
                 v[j] = var[i] * float(n[i]) / float(n[i] - 1)  # (the running variance divides by n)
                 j += 1
+        mean = _pairwise(v) / old
         median = np.nan if np.isnan(v).any() else np.median(v)  # (numpy's median of values with a NaN is NaN)
         if median > 0:
             typical = v[v <= 10.0 * median]
             shared = math.sqrt(_pairwise(typical) / typical.size)
         else:
-            shared = math.sqrt(_pairwise(v) / old)
+            shared = math.sqrt(mean)
         if old >= MIN_SPREAD_PARTIES:
-            young = math.sqrt(_pairwise(v) / old)
+            young = math.sqrt(mean)
     return seen > 0, pooled_mu, pooled_sigma, shared, young, old >= MIN_SPREAD_PARTIES
 
 

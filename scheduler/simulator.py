@@ -481,7 +481,7 @@ def rho(workload: Workload) -> float:
         q = max(1, math.ceil(spec.quorum * spec.parties - 1e-9))
         work += spec.rounds * (cost.fold_s(q * spec.model_params * spec.bytes_per_param, q, spec.model_params)
                                + cost.finalize_s(spec.model_params))
-        # (a draw is a response time per party) the mean over the jobs needs its draws in all, not per job: 2M
+        # a draw is a response time per party; the mean over the jobs needs its precision in all, not per job: 2M
         # response times per job drew 2e9 for 1,000 jobs of 1,000 parties, 32 s beside a 4-minute simulation
         draws = max(200, min(2_000_000, 200_000_000 // len(instances)) // spec.parties)
         dur += spec.rounds * Arrivals(workload.seed, key, spec).mean_quorum_time(q, draws)
