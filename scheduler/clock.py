@@ -28,6 +28,7 @@ def _time(when) -> float:
 
 class Handle:
     __slots__ = ("when", "fn", "args", "cancelled", "heap")
+    pops_itself = False  # a stream's handle, whose call takes its own heap entry (see _Stream)
 
     def __init__(self, when, fn, args, heap=None):
         self.when, self.fn, self.args, self.cancelled, self.heap = when, fn, args, False, heap
@@ -71,6 +72,11 @@ class _Heap:
         return len(self._heap)
 
 
+class _StreamHandle(Handle):
+    __slots__ = ()
+    pops_itself = True
+
+
 class _Stream:
     """Calls in time order that hold one heap entry between them: the next is pushed, with the sequence number
     reserved for it, as the one before it runs (it cannot be due before that one: its (time, sequence) is later)."""
@@ -81,19 +87,22 @@ class _Stream:
         self.heap, self.times, self.fn, self.args, self.i = heap, times, fn, args, 0
         self.seq = next(heap._seq)
         deque(itertools.islice(heap._seq, len(times) - 1), maxlen=0)  # (reserved: seq .. seq + len - 1)
-        self.handle = Handle(times[0], self._fire, ())
+        self.handle = _StreamHandle(times[0], self._fire, ())
 
     def start(self) -> None:
         heapq.heappush(self.heap._heap, (self.times[0], self.seq, self.handle))
 
     def _fire(self) -> None:
+        """Called with its entry still at the top of the heap (``pops_itself``): the next call replaces it there, one
+        sift where a pop and a push took two (a simulation's arrivals are most of its heap's traffic)."""
         i = self.i
         self.i = i + 1
         fn, args = self.fn, self.args[i]
         if i + 1 < len(self.times):
             self.handle.when = self.times[i + 1]
-            heapq.heappush(self.heap._heap, (self.times[i + 1], self.seq + i + 1, self.handle))
-        else:  # the last: let go of it all (stream -> handle -> bound method -> stream is a cycle, which a simulation,
+            heapq.heapreplace(self.heap._heap, (self.times[i + 1], self.seq + i + 1, self.handle))
+        else:
+            heapq.heappop(self.heap._heap)  # the last: let go of it all (stream -> handle -> bound method -> stream is a cycle, which a simulation,
             # run with the cyclic collector off, kept for its whole run: ~0.2 MB a round, 1 GB over 6,250 rounds)
             self.handle.fn = None
             self.handle = self.fn = self.args = self.times = None
@@ -159,14 +168,18 @@ class VirtualClock:
         while True:
             if soon:  # due now; a heap event due now that was scheduled earlier goes first
                 if heap and heap[0][0] <= self._now and heap[0][1] < soon[0][0]:
-                    h = heapq.heappop(heap)[2]
+                    h = heap[0][2]
+                    if not h.pops_itself:
+                        heapq.heappop(heap)
                 else:
                     h = soon.popleft()[1]
             else:
                 t = self._q.peek_time()
                 if t is None or (until is not None and t > until):
                     break
-                h = self._q.pop()
+                h = heap[0][2]
+                if not h.pops_itself:
+                    heapq.heappop(heap)
                 self._now = h.when
             fn = h.fn
             if fn is None:  # cancelled (from another thread too, since it was peeked): its callback is let go

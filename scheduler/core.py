@@ -24,6 +24,7 @@ import json
 import logging
 import threading
 import math
+import types
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ DURABLE = Future()
 DURABLE.set_result(True)
 """The acknowledgement's future when there is nothing (more) to persist: one shared, finished future (a finished
 future never changes, and making one per update was a tenth of a large simulation's time)."""
+_NO_IDS = types.MappingProxyType({})  # the update ids of a round nothing was acknowledged for (read only)
 
 
 MAX_SLOTS = 100_000  # (list(range(10**30)) raised OverflowError at construction)
@@ -389,7 +391,9 @@ class _JobState:
                 raise InvalidJob(f"job {job.id!r}: give a template, or model_elems (and update_bytes) to model it")
             self.model_elems = job.model_elems
             self.update_bytes = job.update_bytes or 4 * job.model_elems
-        self.seen: dict = {}  # (round, party) acknowledged -> its update id, for de-duplication
+        # round -> {party acknowledged: its update id}, for de-duplication (per round: no key tuple made per update,
+        # and a forgotten round's go at once)
+        self.seen: dict = {}
         self.forgotten: int | None = None  # rounds up to this one are finished and no longer held
         self.fold_bytes = 0  # bytes folded since the last checkpoint
         self.buffered_bytes = 0  # its share of the scheduler's buffered_bytes
@@ -824,7 +828,7 @@ class JITScheduler:
         sent_for = js.rounds.get(round)
         if sent_for is not None and party in sent_for.carried_out:  # (that round's only: a later one's names where
             round = sent_for.carried_out[party]  # the party's update for that later round went)
-        while js.seen.get((round, party)) != update_id:
+        while js.seen.get(round, _NO_IDS).get(party) != update_id:
             rnd = js.rounds.get(round)
             if js.job.late != "next_round" or rnd is None or not (rnd.done or rnd.admitted >= rnd.quorum):
                 return None
@@ -881,8 +885,7 @@ class JITScheduler:
             counted = self._counted_round(js, round, party, update_id)  # (again: a resend may have raced this one)
             if counted is not None:
                 return self._duplicate(js, counted, party)
-            key = (round, party)
-            if key in js.seen:
+            if party in js.seen.get(round, _NO_IDS):
                 raise jk.DuplicateParty(party, f"job {job_id!r} round {round}")
             if round not in js.rounds:  # a round the job has not got is that, whether it is over or not
                 self._check_round(js, round)
@@ -917,8 +920,7 @@ class JITScheduler:
                         raise LateUpdate(f"job {job_id!r} round {round - 1} is closed and it is the job's last; "
                                          f"update from {party!r} not taken (no round to carry it to)")
                     rnd = self._round(js, round)
-                key = (round, party)
-                if key in js.seen:
+                if party in js.seen.get(round, _NO_IDS):
                     raise jk.DuplicateParty(party, f"job {job_id!r} round {round} (a late update carried over from "
                                                    f"round {late_from.number})")
                 weight = float(weight) * js.job.late_weight
@@ -950,7 +952,7 @@ class JITScheduler:
                 self._log("late_to_next_round", js, round=late_from.number, to=round, party=party)
             if early:  # sent before its round began: no response time, whenever its arrival is taken (it read as 0 s
                 rnd.unobserved.add(party)  # when the round opened before its arrival came through)
-            js.seen[key] = update_id
+            js.seen.setdefault(round, {})[party] = update_id
             rnd.admitted += 1
             rnd.acked.add(party)
             if not spill:
@@ -1461,7 +1463,7 @@ class JITScheduler:
         if self.store is not None and js.layout is not None:
             self._commit_later(js, rnd, "its failure", self.store.commit_failure, js.job.id, rnd.number, error,
                                predictor=js.predictor.to_json(), opened=self._wall(),
-                               update_ids={p: u for (n, p), u in js.seen.items() if n == rnd.number})
+                               update_ids=dict(js.seen.get(rnd.number, _NO_IDS)))
 
     def _commit_later(self, js, rnd, what: str, commit, *args, **kwargs) -> None:
         """Make a state-directory commit of a round's end (its arguments taken now, under the lock) once the lock is
@@ -1754,7 +1756,8 @@ class JITScheduler:
 
     # --- internals: crash safety (scheduler.durable) --------------------------------------------------------------
     def _update_ids(self, js, rnd) -> dict:
-        return {p: js.seen.get((rnd.number, p)) for p in rnd.members}
+        ids = js.seen.get(rnd.number, _NO_IDS)
+        return {p: ids.get(p) for p in rnd.members}
 
     def _fold_durably(self, js, task, agg, items, nbytes, ids) -> None:
         """A fold task with a state directory: fold the updates in memory, free their bytes, then read back the
@@ -1904,7 +1907,7 @@ class JITScheduler:
         meta = self._serve_unnamed_result(js, st.jobs.get(job.id, {}))
         first = meta.get("round", job.first_round)
         if meta.get("predictor"):  # what the arrivals of committed rounds taught it
-            js.predictor.load_json(meta["predictor"])
+            js.predictor.load_json(meta["predictor"])  # (checked as the directory was opened)
         last = max(map(int, meta.get("results", {})), default=None)
         base_lost = None  # why the last model, the next round's base where the job rebases, cannot be read
         for r, rel in meta.get("results", {}).items():
@@ -1919,7 +1922,7 @@ class JITScheduler:
                     base_lost = f"{rel}: {e}"
                 continue
             self._resolve(rnd, js.layout.unflatten(leaves))
-            js.seen.update({(int(r), p): u for p, u in ids.items()})
+            js.seen.setdefault(int(r), {}).update(ids)
             if js.rebases and int(r) == last:  # the last model: the next round's base
                 js.next_base = js.layout.unflatten([leaf.copy() for leaf in leaves])
         for r, (kind, message) in meta.get("failed", {}).items():  # rounds that ended with an error
@@ -1929,7 +1932,7 @@ class JITScheduler:
             rnd.done = True
             self._resolve(rnd, error=QuorumUnreachable(message) if kind == "QuorumUnreachable" else
                           SchedulerError(f"job {job.id!r} round {r} failed before the restart: {kind}: {message}"))
-            js.seen.update({(int(r), p): u for p, u in meta.get("failed_parties", {}).get(r, [])})
+            js.seen.setdefault(int(r), {}).update((p, u) for p, u in meta.get("failed_parties", {}).get(r, []))
         ended = [int(r) for key in ("results", "failed") for r in meta.get(key, {})]
         if ended:
             if first <= max(ended):  # (a manifest that names an ended round as open: resume after it)
@@ -1989,7 +1992,7 @@ class JITScheduler:
             for p, uid in meta["parties"]:
                 js.mark_arrived(rnd, p)
                 rnd.members.append(p)
-                js.seen[(first, p)] = uid
+                js.seen.setdefault(first, {})[p] = uid
             rnd.folded = rnd.admitted = len(rnd.members)
         for r, n in collections.Counter(u[0] for u in replayed).items():
             # what was acknowledged for a round counts in it, whatever the quorum now (so no replayed update is
@@ -2266,7 +2269,7 @@ class JITScheduler:
         gone = set(done)
         for n in gone:
             del js.rounds[n]
-        js.seen = {k: v for k, v in js.seen.items() if k[0] not in gone}
+            js.seen.pop(n, None)
         js.forgotten = max(gone) if js.forgotten is None else max(js.forgotten, max(gone))
 
     def _log(self, event: str, js=None, **inputs) -> None:

@@ -62,6 +62,7 @@ from jitkernels.dtypes import dtype_name
 from jitkernels.state import checked_writer, is_temp_file, read_checked
 
 from .executors import check_nice, renice
+from .predictor import model_row_error
 
 log = logging.getLogger("jitkernels.scheduler")
 
@@ -186,25 +187,13 @@ def _check_entry(m) -> None:
                and all(type(x) is int for x in m["quorum"]) and m["quorum"][0] >= 0 and m["quorum"][1] >= 1)
           and isinstance(m.get("dropped", []), list) and isinstance(m.get("predictor") or [], list)
           and (m.get("opened") is None or type(m["opened"]) is float and math.isfinite(m["opened"]))
-          and (m.get("incarnation") is None or isinstance(m["incarnation"], str))
-          and all(_predictor_row(r) for r in m.get("predictor") or []))
-    ok = ok and (m.get("removed") is None or m == {"removed": True})  # (a removed job's tombstone)
+          and (m.get("incarnation") is None or isinstance(m["incarnation"], str)))
+    # the arrival models, with values a model can hold (a NaN variance restored made every plan of the job NaN)
+    row = next(filter(None, map(model_row_error, m.get("predictor") or [])), None) if ok else None
+    ok = ok and row is None and (m.get("removed") is None or m == {"removed": True})  # (a removed job's tombstone)
     if not ok:
-        raise jk.CorruptState(f"a job entry not as a commit writes it: {json.dumps(m)[:200]}")
-
-
-def _predictor_row(row) -> bool:
-    """A row Predictor.to_json writes: party, n, mu, var, participation, rounds[, closed round, closed_no, late
-    round] (6 in manifests written before late answers were kept by round), with the values a model can hold: counts
-    >= 0, a finite spread >= 0 (mu is NaN before a first response), rates in [0, 1] (a NaN or negative variance
-    restored as it was made every plan of the job NaN)."""
-    num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
-    rate = lambda x: num(x) and 0.0 <= x <= 1.0  # noqa: E731
-    opt_int = lambda x: x is None or type(x) is int  # noqa: E731
-    return (isinstance(row, list) and len(row) in (6, 9) and isinstance(row[0], (str, int))
-            and type(row[1]) is int and row[1] >= 0 and num(row[2]) and (row[1] == 0 or math.isfinite(row[2]))
-            and num(row[3]) and 0.0 <= row[3] < math.inf and rate(row[4]) and type(row[5]) is int and row[5] >= 0
-            and (len(row) == 6 or opt_int(row[6]) and rate(row[7]) and opt_int(row[8])))
+        raise jk.CorruptState(f"a job entry not as a commit writes it: {json.dumps(m)[:200]}"
+                              + (f" (its arrival model of {row})" if row else ""))
 
 
 def _is_count(name: str) -> bool:

@@ -145,10 +145,17 @@ class Predictor:
                 for p, m in self.parties.items()]
 
     def load_json(self, rows) -> None:
-        """Restore models saved by :meth:`to_json` (replacing those of the same parties)."""
+        """Restore models saved by :meth:`to_json` (replacing those of the same parties). All or nothing: a row
+        :func:`model_row_error` refuses (a NaN mean or variance where the party has responses, which made every
+        party's shared spread NaN; a negative count; a rate outside [0, 1]) raises ValueError naming it, and no model
+        changes."""
+        for i, row in enumerate(rows):
+            why = model_row_error(row)
+            if why is not None:
+                raise ValueError(f"party model row {i} ({str(row)[:120]}): {why}")
         for p, n, mu, var, part, rounds, *late in rows:  # rows saved before late answers were kept by round: 6
             m = self.model(p)
-            m.n, m.mu, m.var, m.participation, m.rounds = int(n), float(mu), float(var), float(part), int(rounds)
+            m.n, m.mu, m.var, m.participation, m.rounds = n, float(mu), float(var), float(part), rounds
             if late:
                 m.closed_round, m.closed_no, m.late_round = late[0], float(late[1]), late[2]
         self._raw = self._cache = None
@@ -296,6 +303,27 @@ class Predictor:
             return tau > t
         arrays, prep = self._prepared(pending, tau)
         return arrays is None or arrays[0].size < need or _cdf(prep, need, t) < alpha
+
+
+def model_row_error(row) -> str | None:
+    """Why ``row`` is not one :meth:`Predictor.to_json` writes, or None: [party, n, mu, var, participation, rounds,
+    closed round, closed_no, late round] (the first 6 in state files written before late answers were kept by round),
+    with values a model can hold: counts >= 0, mu finite once there are responses (NaN before), a finite variance
+    >= 0, rates in [0, 1]."""
+    num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    rate = lambda x: num(x) and 0.0 <= x <= 1.0  # noqa: E731
+    count = lambda x: type(x) is int and x >= 0  # noqa: E731
+    if not isinstance(row, list) or len(row) not in (6, 9):
+        return "not a list of 6 or 9 values"
+    checks = [(isinstance(row[0], (str, int)) and not isinstance(row[0], bool), "party id"), (count(row[1]), "n"),
+              (num(row[2]) and (row[1] == 0 or math.isfinite(row[2])), "mu"),
+              (num(row[3]) and 0.0 <= row[3] < math.inf, "var"), (rate(row[4]), "participation"),
+              (count(row[5]), "rounds")]
+    if len(row) == 9:
+        checks += [(row[6] is None or type(row[6]) is int, "closed round"), (rate(row[7]), "closed_no"),
+                   (row[8] is None or type(row[8]) is int, "late round")]
+    bad = [f"{name} = {row[i]!r}" for i, (ok, name) in enumerate(checks) if not ok]
+    return f"party {row[0]!r}: " + ", ".join(bad) if bad else None
 
 
 @functools.cache

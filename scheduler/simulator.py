@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import itertools
 import math
 import os
 import time
@@ -352,6 +353,9 @@ def simulate(workload: Workload, policy: str, *, real: bool = False, progress=No
             progress(done_rounds[0], total_rounds)
 
     drivers = []
+    # one set of party id objects for every job: a dict lookup hashes its key, and with ids of their own the 1,000
+    # jobs of a large run read 1,000 copies of each (a cache miss per update); shared, they stay in the cache
+    ids = list(range(max((spec.parties for _, _, spec in instances), default=0)))
     for jid, key, spec in instances:
         arrivals = Arrivals(workload.seed, key, spec)
         q = max(1, math.ceil(spec.quorum * spec.parties - 1e-9))
@@ -362,7 +366,7 @@ def simulate(workload: Workload, policy: str, *, real: bool = False, progress=No
             if workload.byte_budget is not None and nbytes > workload.byte_budget:  # (bytes_per_param < 4)
                 raise ValueError(f"--real: job {spec.name!r} folds float32 updates of {nbytes} bytes, more than "
                                  f"byte_budget = {workload.byte_budget}; raise the budget for a real run")
-        job = Job(jid, template=template, parties=list(range(spec.parties)), quorum=q, rounds=spec.rounds,
+        job = Job(jid, template=template, parties=ids[:spec.parties], quorum=q, rounds=spec.rounds,
                   model_elems=elems, update_bytes=nbytes, deadline_s=spec.deadline_s, priority=spec.priority,
                   unreachable="partial", prior_response_s=spec.response_s)  # operators know a job's round time
         driver = _JobDriver(sched, clock, jid, spec, arrivals, q, template, truth, on_round, members, job.parties)
@@ -407,7 +411,8 @@ class _JobDriver:
         self.sched, self.clock, self.jid, self.spec = sched, clock, jid, spec
         # the job's party ids, the very objects the scheduler's dicts are keyed by: a lookup matches them by identity
         # without reading the key (in a run of 1,000 jobs, a cache miss per dict an update goes through)
-        self.parties = parties
+        self.parties = np.empty(len(parties), dtype=object)  # (gathered per round in the draws' order, in C)
+        self.parties[:] = parties
         self.arrivals, self.q, self.template, self.truth, self.on_round = arrivals, q, template, truth, on_round
         self.latencies = []  # per round with a model: ready - when its membership was fixed (see simulate)
         self.members = {} if members else None  # round -> the parties acknowledged for it (asked for)
@@ -440,7 +445,7 @@ class _JobDriver:
             self.sched.drop_party(self.jid, party)
         upd = None if self.template is None else np.full(self.template.shape, float(r), np.float32)
         self.clock.call_at_each((start + resp[order]).tolist(), self._submit,
-                                [(r, self.parties[party], upd) for party in idx[order].tolist()])
+                                list(zip(itertools.repeat(r), self.parties[idx[order]].tolist(), itertools.repeat(upd))))
         self.sched.result(self.jid, r).add_done_callback(lambda f: self._done(r, f))
 
     def _submit(self, r, party, upd) -> None:

@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import re
 import random
 from fractions import Fraction
 
@@ -174,6 +175,25 @@ def test_a_late_answer_counts_for_its_own_round_whenever_it_comes():
     saved = Predictor(halflife=4)
     saved.load_json(pred.to_json())
     assert saved.to_json() == pred.to_json()
+
+
+@pytest.mark.parametrize("row, named", [
+    (["b", 3, float("nan"), 0.01, 1.0, 3], "mu = nan"), (["b", 3, 0.1, float("nan"), 1.0, 3], "var = nan"),
+    (["b", 3, 0.1, -0.01, 1.0, 3], "var = -0.01"), (["b", 3, 0.1, 0.01, 1.5, 3], "participation = 1.5"),
+    (["b", -1, 0.1, 0.01, 1.0, 3], "n = -1"), (["b", 3, 0.1, 0.01, 1.0, 3, 2, 0.0], "6 or 9"), ("b", "6 or 9")])
+def test_load_json_refuses_a_model_no_party_can_have_and_changes_nothing(row, named):
+    """load_json took a NaN mean or variance of a party with responses as it came (a state file edited or written
+    by another program): every party's shared spread went NaN with it (found in review, 2026-11-29). It checks
+    every row first, with the rule the state directory's check applies (one function: ``model_row_error``)."""
+    pred = Predictor()
+    for t in (10.0, 11.0, 12.0):
+        pred.observe("a", t)
+    before = pred.to_json()
+    with pytest.raises(ValueError, match=re.escape(named)):
+        pred.load_json([["a", 1, 0.0, 0.0, 1.0, 1], row])
+    assert pred.to_json() == before and list(pred.parties) == ["a"]
+    pred.load_json([["c", 0, float("nan"), 0.0, 1.0, 2]])  # no response yet: its mean is NaN, as to_json writes it
+    assert pred.model("c").rounds == 2 and pred.to_json()[0] == before[0]
 
 
 @pytest.mark.filterwarnings("error")  # far past the model, S(tau) underflows: no overflow warning on the way

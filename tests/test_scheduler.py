@@ -1309,7 +1309,7 @@ def test_update_ids_are_str_or_int():
             s.submit("j", 0, "a", _ones(), update_id=bad)
     assert s.jobs["j"].rounds[0].admitted == 0
     s.submit("j", 0, "a", _ones(), update_id=np.int64(5))
-    assert s.jobs["j"].seen[(0, "a")] == 5 and type(s.jobs["j"].seen[(0, "a")]) is int
+    assert s.jobs["j"].seen[0]["a"] == 5 and type(s.jobs["j"].seen[0]["a"]) is int
     assert s.submit("j", 0, "a", _ones(), update_id=5).duplicate
     s.close()
 
