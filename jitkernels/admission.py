@@ -263,12 +263,18 @@ def prepare(updates, layout, *, weights=None, parties=None, backend="auto", copy
     return Prepared(ws, parties, leaves_list, *leaf_entries(layout, leaves_list), on_device)
 
 
+def worst_leaf(u, layout) -> tuple:
+    """(name, "leaf 'name' ") of the leaf holding an admitted update's max |x|, or (None, "") where none is known,
+    for the errors that name it."""
+    name = layout.leaves[u.worst_leaf].name if u.worst_leaf >= 0 else None
+    return name, "" if name is None else f"leaf {name!r} "
+
+
 def check_fold_weight(u, w: float, bound: float, layout, acc_dtype, what: str) -> None:
     """The weight a fold multiplies ``u`` by (the algorithm's: FedBuff's staleness weight, FedNova's w / steps), as
     the fold checks it: ``w * max|x| <= bound`` (``what`` names the bound) and a weight the accumulator holds."""
     if not w * u.maxabs <= bound:
-        name = layout.leaves[u.worst_leaf].name if u.worst_leaf >= 0 else None
-        leaf = "" if name is None else f"leaf {name!r} "
+        name, leaf = worst_leaf(u, layout)
         raise ValueOutOfRange(f"party {u.party!r}: {leaf}has |x| = {u.maxabs:.6g}, which times fold weight "
                               f"{w:.6g} exceeds {bound:.6g} ({what})", party=u.party, leaf=name, value=u.maxabs)
     check_weight_range(w, u.party, acc_dtype, "fold weight")

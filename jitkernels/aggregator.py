@@ -577,8 +577,7 @@ class Aggregator:
     def _check_headroom(self, u, w: float, bound: float) -> None:
         cap = self._range_cap()
         if not u.maxabs <= cap:  # (admission's range check, for stats measured again against this base)
-            name = self.layout.leaves[u.worst_leaf].name if u.worst_leaf >= 0 else None
-            leaf = "" if name is None else f"leaf {name!r} "
+            name, leaf = admission.worst_leaf(u, self.layout)
             what = (" as its delta against the base", " less max |base|") if self.state.base is not None else ("", "")
             raise ValueOutOfRange(f"party {u.party!r}: {leaf}has |x| = {u.maxabs:.6g}{what[0]}, past the "
                                   f"{self.acc_dtype} accumulator's range{what[1]} ({cap:.6g})", party=u.party,

@@ -51,6 +51,11 @@ approximation's tail is poor where few more arrivals are needed (asked for risk 
 parties, it gave 0.069-0.070; and the tail jumped at 64 parties) and where few misses are allowed."""
 
 
+def ew_step(halflife: float) -> float:
+    """The exponential window's step a = 1 - 2^(-1 / halflife): an observation's weight halves every ``halflife``."""
+    return 1.0 - 0.5 ** (1.0 / halflife)
+
+
 @dataclass(slots=True)
 class PartyModel:
     """Running log-normal model of one party's response time, and its participation rate (started from the prior
@@ -70,7 +75,7 @@ class PartyModel:
     _a: float = field(init=False, repr=False, compare=False)  # the EW step, 1 - 2^(-1 / halflife)
 
     def __post_init__(self):
-        self._a = 1.0 - 0.5 ** (1.0 / self.halflife)
+        self._a = ew_step(self.halflife)
 
     def observe(self, response_s: float) -> None:
         if not math.isfinite(response_s):  # one NaN would poison mu and var for good
@@ -222,7 +227,7 @@ class Predictor:
             seen, pooled_mu, pooled_sigma, shared, young, widens = _shared_model(n, mu, var, prior, self.min_sigma)
             pooled = (LogNormal(pooled_mu, pooled_sigma) if seen else None if self.prior_s is None else
                       LogNormal(math.log(self.prior_s) - prior * prior / 2, prior))
-            mu, sigma, known = _party_arrays(n, mu, var, shared, young, widens, 1.0 - 0.5 ** (1.0 / self.halflife),
+            mu, sigma, known = _party_arrays(n, mu, var, shared, young, widens, ew_step(self.halflife),
                                              self.min_sigma, pooled is not None,
                                              *((pooled.mu, pooled.sigma) if pooled is not None else (0.0, 0.0)))
             self._cache = ((mu, sigma, part, known), pooled)
