@@ -311,6 +311,7 @@ class _Round:
     timer: object = None
     plan_t: float | None = None  # the deploy time last planned (inf: unknown): what laxity is measured from
     since_plan: int = 0  # arrivals since the deploy time was last planned
+    quantile_s: float | None = None  # the quorum time's quantile at the last plan (s since the round's start)
     taken_back: int = 0  # times its idle deployment was taken back at another job's planned time (_request_slot)
     deadline_timer: object = None
     done: bool = False

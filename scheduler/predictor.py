@@ -45,6 +45,10 @@ MIN_SPREAD_PARTIES = 3  # parties with three responses or more before their spre
 SPREAD_PRIOR = 3.0  # the weight, in responses, of the parties' typical spread where it widens an experienced party's
 EXACT_MAX = 64  # pending parties up to which the Poisson-binomial tail is computed exactly (O(n * need) per call)
 _HI_MAX = 1e300  # (s) the quantile's bracket stays finite: a search from an inf bracket would not end
+_LOG_HI_MAX = math.log(_HI_MAX)
+GRID = 1e-5  # the quorum quantile's grid in log time: its points are exp(k GRID), 1e-5 relative apart
+NEAR_STEPS = 2000  # a re-plan's search starts with the grid points 2% either side of the last plan's quantile (it
+# moved less than that in 2 of 3 re-plans of the 1,000-job simulation: median 1.8%)
 EXACT_WORK = 1 << 14
 """Past EXACT_MAX parties the tail is still exact while n * min(need, n - need + 1) is at most this: the normal
 approximation's tail is poor where few more arrivals are needed (asked for risk 0.05 at need = 1 among 200 pending
@@ -269,45 +273,50 @@ class Predictor:
         (an int64 array), or (indices, arrived): a round's expected parties and a bool array of those that have
         arrived, which the pass skips (a scheduler's plans: no pending set made for each). One compiled pass
         (:func:`_pending_prep`)."""
+        mu, sigma, w, lsf_tau, isig, s_tau, ws = _pending_prep(*self._pending_pair(pending), *self._arrays(), tau)
+        if mu.size == 0:
+            return None, None
+        return (mu, sigma, w, lsf_tau), (mu, isig, w, lsf_tau, s_tau, ws)
+
+    def _pending_pair(self, pending) -> tuple:
+        """(indices, arrived flags or None) of ``pending`` as :meth:`_prepared` takes it."""
         if isinstance(pending, tuple) and len(pending) == 2 and isinstance(pending[1], np.ndarray):  # (a tuple of
             idx, arrived = pending  # party ids is ids: no id is an array)
             if arrived.shape != idx.shape:  # (the compiled pass reads the flags unchecked)
                 raise ValueError(f"pending: {arrived.shape} arrived flags for {idx.shape} parties")
-        else:
-            idx, arrived = (pending if isinstance(pending, np.ndarray) else self.indices(pending)), None
-        mu, sigma, w, lsf_tau, isig, s_tau, ws = _pending_prep(idx, arrived, *self._arrays(), tau)
-        if mu.size == 0:
-            return None, None
-        return (mu, sigma, w, lsf_tau), (mu, isig, w, lsf_tau, s_tau, ws)
+            return idx, arrived
+        return (pending if isinstance(pending, np.ndarray) else self.indices(pending)), None
 
     def quorum_cdf_fn(self, pending, need: int, tau: float):
         """t -> P(T_q <= t) for ``need`` more arrivals among ``pending`` parties, given none arrived by ``tau``."""
         arrays, prep = self._prepared(pending, tau)
         return (lambda t: _cdf(prep, need, t)), arrays
 
-    def quorum_quantile(self, pending, need: int, tau: float, alpha: float) -> float:
+    def quorum_quantile(self, pending, need: int, tau: float, alpha: float, near: float | None = None) -> float:
         """The alpha-quantile of the quorum time (seconds since round start), or ``inf`` when the quorum is not
-        reached with probability alpha at all (too few parties left, or nothing learned yet)."""
+        reached with probability alpha at all (too few parties left, or nothing learned yet). Past ``tau`` it is a
+        point of a grid in log time (``GRID``: 1e-5 relative, a tenth of a second in three hours), the first whose
+        CDF reaches alpha. ``near``: a guess (the round's last quantile, for a re-plan), where the search starts; it
+        changes how fast the answer is found, never the answer."""
         if need <= 0:
             return tau
         arrays, prep = self._prepared(pending, tau)
         if arrays is None or arrays[0].size < need:
             return math.inf
-        mu, sigma = arrays[0], arrays[1]
-        step = 6.0 * max(float(sigma.max()), 1e-3)
-        with np.errstate(over="ignore"):  # (exp past 709: inf, and the search from an inf bracket never ended)
-            hi = min(max(float(np.exp(mu + step).max()), tau * 2 + 1e-6), _HI_MAX)
-        # solved in log time, to 1e-5 relative (a tenth of a second in three hours), compiled
-        found, log_t = _quantile_search(tau, hi, step, alpha, *prep, need)
-        return math.inf if found < 0 else tau if found == 0 else math.exp(log_t)
+        step = 6.0 * max(float(arrays[1].max()), 1e-3)
+        top = float(arrays[0].max()) + step  # (the latest party's mu + 6 sigma: where the cold bracket starts)
+        hi = _HI_MAX if top >= _LOG_HI_MAX else min(max(math.exp(top), tau * 2 + 1e-6), _HI_MAX)
+        near = math.log(near) if near is not None and 0.0 < near < math.inf else math.nan
+        found, k = _quantile_search(tau, hi, step, alpha, near, *prep, need)  # (compiled)
+        return math.inf if found < 0 else tau if found == 0 else math.exp(k * GRID)
 
     def quantile_after(self, pending, need: int, tau: float, alpha: float, t: float) -> bool:
         """Whether :meth:`quorum_quantile` is later than ``t`` (to its tolerance), from one evaluation of the CDF:
         the quantile is the first time the CDF reaches alpha, so it lies past t exactly where P(T_q <= t) < alpha."""
         if need <= 0 or t < tau:  # (the quantile is tau, or at least tau)
             return tau > t
-        arrays, prep = self._prepared(pending, tau)
-        return arrays is None or arrays[0].size < need or _cdf(prep, need, t) < alpha
+        n, cdf = _pending_cdf(*self._pending_pair(pending), *self._arrays(), tau, t, need)
+        return n < need or cdf < alpha
 
 
 def model_row_error(row) -> str | None:
@@ -335,12 +344,13 @@ def model_row_error(row) -> str | None:
 def warm() -> None:
     """Load (or compile) the compiled code that planning runs, once per process: a quantile over a few parties (the
     exact tail) and over many (the normal approximation), the latter as a scheduler's plans ask (expected parties
-    and their arrived flags: a specialization of its own)."""
+    and their arrived flags: a specialization of its own), and the one-evaluation check a slot search makes."""
     p = Predictor()
     for party, t in enumerate(np.geomspace(1.0, 2.0, 300)):
         p.observe(party, float(t))
     p.quorum_quantile(np.arange(3), 2, 0.0, 0.05)
     p.quorum_quantile((np.arange(300), np.zeros(300, np.bool_)), 150, 0.0, 0.05)
+    p.quantile_after((np.arange(300), np.zeros(300, np.bool_)), 150, 0.0, 0.05, 1.5)  # (a slot search's check)
 
 
 def _cdf(prep, need: int, t: float) -> float:
@@ -553,24 +563,76 @@ def _pending_prep(idx, arrived, mu, sigma, part, known, tau: float):
         i = idx[j]
         if not known[i]:
             continue
-        lsf = _log_sf((logt - mu[i]) / max(sigma[i], 1e-12)) if tau > 0 else 0.0
-        p = part[i]
-        if p >= 1.0:
-            w = 1.0
-        elif p <= 0.0:
-            w = 0.0
-        else:  # 1 / (1 + (1 - p) / (p S)), in logs: S may be far below the smallest double
-            e = math.log1p(-p) - math.log(p) - lsf
-            w = 0.0 if e > 700.0 else 1.0 / (1.0 + math.exp(e))
+        w, lsf, isig, s_tau, ws = _party_prep(mu[i], sigma[i], part[i], tau, logt)
         if not w > 0.0:
             continue
-        s_tau = math.exp(lsf) if lsf > -690.0 else 0.0
         out[0, m], out[1, m], out[2, m], out[3, m] = mu[i], sigma[i], w, lsf
-        out[4, m] = 1.0 / max(sigma[i], 1e-12)
-        out[5, m] = s_tau
-        out[6, m] = w / max(s_tau, 1e-300) if s_tau > 0.0 else 0.0
+        out[4, m], out[5, m], out[6, m] = isig, s_tau, ws
         m += 1
     return out[0, :m], out[1, :m], out[2, :m], out[3, :m], out[4, :m], out[5, :m], out[6, :m]
+
+
+@numba.njit(cache=True)
+def _party_prep(mu, sigma, p, tau, logtau):
+    """(w, log S(tau), 1 / sigma, S(tau), w / S(tau)) of one party (see :func:`_pending_prep`)."""
+    lsf = _log_sf((logtau - mu) / max(sigma, 1e-12)) if tau > 0 else 0.0
+    if p >= 1.0:
+        w = 1.0
+    elif p <= 0.0:
+        w = 0.0
+    else:  # 1 / (1 + (1 - p) / (p S)), in logs: S may be far below the smallest double
+        e = math.log1p(-p) - math.log(p) - lsf
+        w = 0.0 if e > 700.0 else 1.0 / (1.0 + math.exp(e))
+    s_tau = math.exp(lsf) if lsf > -690.0 else 0.0
+    return w, lsf, 1.0 / max(sigma, 1e-12), s_tau, (w / max(s_tau, 1e-300) if s_tau > 0.0 else 0.0)
+
+
+@numba.njit(cache=True)
+def _arrival_p(logt, mu, isig, w, lsf_tau, s_tau, ws):
+    """A pending party's probability of arriving by log time ``logt``, given none by tau: p = w (1 - S(t) / S(tau)),
+    one erfc (in logs only where S(tau) underflows: an overdue party)."""
+    z = (logt - mu) * isig
+    if s_tau > 0.01:  # 1.5e-7 absolute in S(t) is <= 1.5e-5 of S(tau): the cheap form does
+        return ws * (s_tau - _sf_fast(z))
+    if s_tau > 0.0:
+        return ws * (s_tau - 0.5 * math.erfc(z / SQRT2))
+    return -w * math.expm1(_log_sf(z) - lsf_tau)
+
+
+@numba.njit(cache=True)
+def _pending_cdf(idx, arrived, mu, sigma, part, known, tau: float, t: float, need: int):
+    """(how many of the pending parties may still arrive, P(T_q <= t)): :func:`_pending_prep` and one
+    :func:`_quorum_tail_into` in one pass, each party's arithmetic the same (the same bits), no arrays made: for a
+    check that reads the CDF once (a slot search asks it of up to SEARCH_MAX deployments, ~200k times a round of the
+    1,000-job simulation)."""
+    logtau = math.log(tau) if tau > 0 else 0.0
+    logt = math.log(t) if t > 0 else 0.0
+    probs = np.empty(idx.size)
+    n = m = 0
+    mean = var = 0.0
+    for j in range(idx.size):
+        if arrived is not None and arrived[j]:
+            continue
+        i = idx[j]
+        if not known[i]:
+            continue
+        w, lsf, isig, s_tau, ws = _party_prep(mu[i], sigma[i], part[i], tau, logtau)
+        if not w > 0.0:
+            continue
+        n += 1
+        p = _arrival_p(logt, mu[i], isig, w, lsf, s_tau, ws)
+        if p > 0.0:
+            probs[m] = p
+            m += 1
+            mean += p
+            var += p * (1.0 - p)
+    if need <= 0:
+        return n, 1.0
+    if n == 0 or t <= 0:
+        return n, 0.0
+    if need > m or _exact(n, need):
+        return n, _tail(probs[:m], need)
+    return n, _normal_tail(mean, var, need)
 
 
 @numba.njit(cache=True)
@@ -647,56 +709,94 @@ def _probit(p: float) -> float:
 
 
 @numba.njit(cache=True)
-def _quantile_search(tau, hi, step, alpha, mu, isig, w, lsf_tau, s_tau, ws, need):
+def _quantile_search(tau, hi, step, alpha, near, mu, isig, w, lsf_tau, s_tau, ws, need):
     """(-1, _) where the quorum CDF does not reach alpha, (0, _) where it has by ``tau`` (the quantile is tau), else
-    (1, log of the quantile): the bracket [max(tau, 1e-9), hi] first grows by ``step`` (6 sigmas) in log time while
-    the CDF at its top is short of alpha, at most 8 times and to _HI_MAX (conditioned on no arrival by tau, a wide
-    party's arrivals lie beyond mu + 6 sigma: a bracket that ignored tau gave a false inf); then
-    :func:`_quantile_log_t` closes it."""
+    (1, k): the quantile is exp(k GRID), k the first index of the grid whose CDF reaches alpha. The bracket [max(tau,
+    1e-9), hi] first grows by ``step`` (6 sigmas) in log time while the CDF at its top is short of alpha, at most 8
+    times and to _HI_MAX (conditioned on no arrival by tau, a wide party's arrivals lie beyond mu + 6 sigma: a bracket
+    that ignored tau gave a false inf); then :func:`_grid_search` closes it. ``near`` (log time, NaN: none): a guess,
+    the last plan's quantile, tried first as a bracket of +-NEAR_STEPS around it, moved up or down (4x wider each
+    time) while it does not hold the answer, within (tau, the cold bracket's reach]; past them the search goes on
+    cold. Either way the answer is the same: a bracket that holds the first grid index reaching alpha closes on that
+    index (the CDF rises with t), and one found from the guess lies inside (tau, reach], so the cold search would
+    have answered neither -1 nor 0."""
     probs = np.empty(mu.size)
+    llo = math.log(max(tau, 1e-9))
+    if near == near:
+        reach = hi  # the cold bracket's top at its last growth
+        for _ in range(7):
+            reach = min(reach * math.exp(step), _HI_MAX)
+        lreach = math.log(reach)
+        ka, kb = math.floor(near / GRID) - NEAR_STEPS, math.floor(near / GRID) + NEAR_STEPS
+        if kb * GRID <= lreach:
+            if ka * GRID > llo:
+                ca = _quorum_tail_into(probs, ka * GRID, mu, isig, w, lsf_tau, s_tau, ws, need)
+            else:  # (the guess is at tau or before it, a round whose quorum is due: from tau up, as cold)
+                ca = _quorum_tail_into(probs, llo, mu, isig, w, lsf_tau, s_tau, ws, need)
+                if ca >= alpha:
+                    return 0, 0
+                ka, kb = math.floor(llo / GRID), max(kb, math.floor(llo / GRID) + 1)
+            width = 2 * NEAR_STEPS
+            if ca < alpha:  # the answer is above ka: a bracket [ka, kb], moved up 4x wider each time it is not
+                while kb * GRID <= lreach:
+                    cb = _quorum_tail_into(probs, kb * GRID, mu, isig, w, lsf_tau, s_tau, ws, need)
+                    if cb >= alpha:
+                        return 1, _grid_search(ka, kb, ca, cb, alpha, mu, isig, w, lsf_tau, s_tau, ws, need)
+                    ka, ca, width = kb, cb, 4 * width
+                    kb = ka + width
+            else:  # at or below ka: the same downwards
+                kb, cb = ka, ca
+                ka = kb - width
+                while ka * GRID > llo:
+                    ca = _quorum_tail_into(probs, ka * GRID, mu, isig, w, lsf_tau, s_tau, ws, need)
+                    if ca < alpha:
+                        return 1, _grid_search(ka, kb, ca, cb, alpha, mu, isig, w, lsf_tau, s_tau, ws, need)
+                    kb, cb, width = ka, ca, 4 * width
+                    ka = kb - width
     for grown in range(8):
         c_hi = _quorum_tail_into(probs, math.log(hi), mu, isig, w, lsf_tau, s_tau, ws, need)
         if c_hi >= alpha:
             break
         if hi >= _HI_MAX or grown == 7:
-            return -1, 0.0
+            return -1, 0
         hi = min(hi * math.exp(step), _HI_MAX)
-    lo = max(tau, 1e-9)
-    c_lo = _quorum_tail_into(probs, math.log(lo), mu, isig, w, lsf_tau, s_tau, ws, need)
+    c_lo = _quorum_tail_into(probs, llo, mu, isig, w, lsf_tau, s_tau, ws, need)
     if c_lo >= alpha:
-        return 0, 0.0
-    return 1, _quantile_log_t(math.log(lo), math.log(hi), c_lo, c_hi, 1e-5, alpha, mu, isig, w, lsf_tau, s_tau, ws,
-                              need)
+        return 0, 0
+    # (the grid points around the bracket's ends: the CDF there is no higher at the bottom one and no lower at the
+    # top one, so the values read at the ends place the first steps)
+    return 1, _grid_search(math.floor(llo / GRID), math.ceil(math.log(hi) / GRID), c_lo, c_hi, alpha, mu, isig, w,
+                           lsf_tau, s_tau, ws, need)
 
 
 @numba.njit(cache=True)
-def _quantile_log_t(llo, lhi, clo, chi, tol, alpha, mu, isig, w, lsf_tau, s_tau, ws, need):
-    """The smallest log t (to ``tol``) in [llo, lhi] whose quorum CDF reaches alpha, given the CDF at both ends
-    (``clo`` < alpha <= ``chi``): a bracket [a, b] with CDF(a) < alpha <= CDF(b), closed to ``tol``.
+def _grid_search(a, b, clo, chi, alpha, mu, isig, w, lsf_tau, s_tau, ws, need):
+    """The first grid index in (a, b] whose quorum CDF (at log t = index GRID) reaches alpha, given CDF values at
+    the ends (``clo`` < alpha <= ``chi``): a bracket of indices [a, b] with CDF(a) < alpha <= CDF(b), closed until
+    they are adjacent. On a fixed grid the answer is a function of the CDF alone, not of the path to it (a plan's
+    quantile is the same whether its search started from the last plan's or cold).
 
     Each step interpolates linearly (regula falsi) on the CDF's probit, probit(CDF) - probit(alpha), which is
     nearly linear in log t where the count of arrivals is nearly normal (the CDF itself is a steep sigmoid there, and
     interpolating on it crept along its flat side), with the Illinois rule (an end kept twice in a row has its value
-    halved, so that both ends close in), each step at least tol / 4 inside the bracket so that the last one can
-    close it: 9-12 evaluations of the CDF on a large round's plans where bisection took 18-20, each a pass over
+    halved, so that both ends close in), each step at least one index inside the bracket so that the last one can
+    close it: 9-12 evaluations of the CDF on a large round's cold plans where bisection took 18-20, each a pass over
     every pending party. Every third step bisects instead where the two before it did not halve the bracket, so a
     CDF that defeats interpolation (a plateau just below alpha, a step, an alpha whose probit is clipped) costs at
     most about 3x bisection's count; the ends' values stay on their sides of 0, so a step never divides by 0."""
     probs = np.empty(mu.size)
     za = _probit(alpha)
-    a, b = llo, lhi
     fa, fb = min(_probit(clo) - za, -1e-300), max(_probit(chi) - za, 0.0)
     kept = 0  # +1: b moved last, -1: a did
     ref = b - a  # the bracket's width after the last third step
     step = 0
-    while b - a > tol:
+    while b - a > 1:
         step += 1
         if step % 3 == 0 and b - a > 0.5 * ref:
-            x = 0.5 * (a + b)
+            x = math.floor(0.5 * (a + b))
         else:
-            m = 0.25 * tol
-            x = min(max((a * fb - b * fa) / (fb - fa), a + m), b - m)
-        c = _quorum_tail_into(probs, x, mu, isig, w, lsf_tau, s_tau, ws, need)
+            x = min(max(math.floor((a * fb - b * fa) / (fb - fa) + 0.5), a + 1), b - 1)
+        c = _quorum_tail_into(probs, x * GRID, mu, isig, w, lsf_tau, s_tau, ws, need)
         if c >= alpha:  # (the decision reads the CDF itself; the probit only places the next step)
             b, fb = x, max(_probit(c) - za, 0.0)
             if kept == 1:  # (fa stays below 0, fb - fa above it: halved ~80 times it underflowed, and with fb
@@ -725,13 +825,7 @@ def _quorum_tail_into(probs, logt, mu, isig, w, lsf_tau, s_tau, ws, need):
     mean = 0.0
     var = 0.0
     for i in range(mu.size):
-        z = (logt - mu[i]) * isig[i]
-        if s_tau[i] > 0.01:  # 1.5e-7 absolute in S(t) is <= 1.5e-5 of S(tau): the cheap form does
-            p = ws[i] * (s_tau[i] - _sf_fast(z))
-        elif s_tau[i] > 0.0:
-            p = ws[i] * (s_tau[i] - 0.5 * math.erfc(z / SQRT2))
-        else:
-            p = -w[i] * math.expm1(_log_sf(z) - lsf_tau[i])
+        p = _arrival_p(logt, mu[i], isig[i], w[i], lsf_tau[i], s_tau[i], ws[i])
         if p > 0.0:
             probs[m] = p
             m += 1

@@ -444,13 +444,68 @@ def test_the_quantile_search_closes_its_bracket_on_the_first_time_the_cdf_reache
                 lo, hi = max(tau, 1e-9), q * 4.0
                 c_lo, c_hi = P._cdf(prep, need, lo), P._cdf(prep, need, hi)
                 if c_lo < alpha <= c_hi:
-                    P._quantile_log_t.py_func(math.log(lo), math.log(hi), c_lo, c_hi, 1e-5, alpha, *prep, need)
+                    P._grid_search.py_func(math.floor(math.log(lo) / P.GRID), math.ceil(math.log(hi) / P.GRID),
+                                           c_lo, c_hi, alpha, *prep, need)
                     evaluations.append((calls[0], math.ceil(math.log2((math.log(hi) - math.log(lo)) / 1e-5))))
             finally:
                 P._quorum_tail_into = real_tail
     assert checked >= 60
     ours, bisection = sum(e for e, _ in evaluations), sum(b for _, b in evaluations)
     assert len(evaluations) >= 10 and ours <= 0.75 * bisection, evaluations
+
+
+def test_a_quantile_is_the_same_whatever_guess_its_search_starts_from():
+    """A re-plan's search starts from the last plan's quantile (``near``): on a fixed grid in log time the answer is
+    the first point whose CDF reaches alpha, which no starting bracket changes, whether the guess is right, close,
+    far, below tau or past the cold bracket's reach (then the search runs cold: inf and tau come out as before). A
+    close guess takes few evaluations: two to check its bracket, then the closing steps."""
+    from scheduler import predictor as P
+
+    rng = np.random.default_rng(11)
+    counts = {"cold": [], "near": []}
+    real_tail = P._quorum_tail_into
+    for case in range(60):
+        pred = Predictor()
+        n = int(rng.integers(2, 1500))
+        cv = float(rng.choice([0.02, 0.05, 0.2, 0.5]))
+        for r in range(int(rng.integers(1, 4))):
+            for i in range(n):
+                if rng.random() < 0.8:
+                    pred.observe(i, float(np.exp(rng.normal(4.0, cv))))
+            pred.close_round(range(0, n, 2), range(n), r)
+        idx = pred.indices(range(n))
+        pending = idx[rng.random(n) < rng.random()]
+        if pending.size == 0:
+            continue
+        need = int(rng.integers(1, pending.size + 2))
+        tau = float(rng.choice([0.0, 10.0, 50.0, 200.0]))
+        alpha = float(rng.choice([0.001, 0.05, 0.5]))
+        q = pred.quorum_quantile(pending, need, tau, alpha)
+        base = q if 0 < q < math.inf else 60.0
+        for near in (q, base * 1.003, base * 0.99, base * 1.019, base * 1.5, base * 0.2, tau * 0.5, 1e-300, 1e300,
+                     math.inf, math.nan, None):
+            assert pred.quorum_quantile(pending, need, tau, alpha, near=near) == q, (case, near)
+        if 0 < q < math.inf and q != tau and len(counts["near"]) < 12:
+            calls = [0]
+
+            def counted(*a):
+                calls[0] += 1
+                return real_tail(*a)
+            _, prep = pred._prepared(pending, tau)
+            step = 6.0 * max(float(pred._prepared(pending, tau)[0][1].max()), 1e-3)
+            hi = min(max(float(np.exp(pred._prepared(pending, tau)[0][0] + step).max()), tau * 2 + 1e-6), 1e300)
+            real_grid = P._grid_search  # (the pure-Python versions, which call the counted tail)
+            P._quorum_tail_into, P._grid_search = counted, real_grid.py_func
+            try:
+                for name, guess in (("cold", math.nan), ("near", math.log(q * 1.01))):
+                    calls[0] = 0
+                    found, k = P._quantile_search.py_func(tau, hi, step, alpha, guess, *prep, need)
+                    assert found == 1 and math.exp(k * P.GRID) == q
+                    counts[name].append(calls[0])
+            finally:
+                P._quorum_tail_into, P._grid_search = real_tail, real_grid
+    assert len(counts["near"]) >= 8
+    assert sum(counts["near"]) <= 0.65 * sum(counts["cold"]), counts
 
 
 @pytest.mark.parametrize("cdf, llo, lhi, alpha", [
@@ -474,11 +529,12 @@ def test_the_quantile_search_takes_at_most_about_three_times_bisections_evaluati
         return cdf(x)
     real, P._quorum_tail_into = P._quorum_tail_into, tail
     try:
-        b = P._quantile_log_t.py_func(llo, lhi, cdf(llo), cdf(lhi), 1e-5, alpha, *(np.zeros(1),) * 6, 1)
+        b = P._grid_search.py_func(math.floor(llo / P.GRID), math.ceil(lhi / P.GRID), cdf(llo), cdf(lhi), alpha,
+                                   *(np.zeros(1),) * 6, 1)
     finally:
         P._quorum_tail_into = real
     bisection = math.ceil(math.log2((lhi - llo) / 1e-5))
-    assert cdf(b) >= alpha and calls[0] <= 3 * bisection + 3, (calls[0], bisection)
+    assert cdf(b * P.GRID) >= alpha > cdf((b - 1) * P.GRID) and calls[0] <= 3 * bisection + 3, (calls[0], bisection)
 
 
 def test_a_quantile_at_a_risk_below_what_the_probit_resolves_is_found_not_a_division_by_zero():
@@ -674,6 +730,45 @@ def test_pending_prep_is_the_conditioned_arrival_model(histories, kw, tau, data)
                                                                                         got[5], got[6])]
     else:
         assert arrays is None and prep is None
+
+
+@given(_histories, _predictor_kw, st.sampled_from([0.0, 0.5, 30.0, 3e4, 1e9]), st.data())
+def test_the_one_pass_check_reads_the_cdf_of_the_two_passes_to_the_bit(histories, kw, tau, data):
+    """quantile_after's one compiled pass (_pending_cdf: the pending parties' model and the CDF at t, no arrays made)
+    against _pending_prep followed by one CDF evaluation, which it replaced: the same count of parties that may still
+    arrive and the same CDF, bit for bit, with arrived flags, participation below 1 and overdue parties."""
+    pr = _observed(kw, histories)
+    n_all = len(histories) + 2
+    for party in range(n_all):
+        pr.model(party).participation = data.draw(st.sampled_from([1.0, 1.0, 0.5, 0.01, 0.0]))
+    pr._raw = pr._cache = None
+    idx = np.arange(n_all, dtype=np.int64)
+    arrived = np.array(data.draw(st.lists(st.booleans(), min_size=n_all, max_size=n_all)), np.bool_)
+    need = data.draw(st.integers(0, n_all + 1))
+    t = tau + data.draw(st.sampled_from([0.0, 1e-3, 1.0, 60.0, 1e4]))
+    arrays, prep = pr._prepared((idx, arrived), tau)
+    n, cdf = P._pending_cdf(idx, arrived, *pr._arrays(), tau, t, need)
+    assert n == (0 if arrays is None else arrays[0].size)
+    assert str(cdf) == str(P._cdf(prep, need, t))
+
+
+def test_the_one_pass_check_is_the_two_passes_to_the_bit_where_the_tail_is_normal():
+    """The same on large rounds (1,500 parties: the normal approximation's tail), the shape a slot search checks."""
+    rng = np.random.default_rng(3)
+    pr = Predictor()
+    for r in range(4):
+        for i in range(1500):
+            if rng.random() < 0.9:
+                pr.observe(i, float(np.exp(rng.normal(5.0, 0.3))))
+        pr.close_round(range(0, 1500, 3), range(1500), r)
+    idx = pr.indices(range(1500))
+    arrived = rng.random(1500) < 0.3
+    for tau in (0.0, 100.0, 150.0):
+        for need in (1, 40, 700, 1040):
+            for t in (tau, tau + 5.0, 160.0, 400.0):
+                arrays, prep = pr._prepared((idx, arrived), tau)
+                n, cdf = P._pending_cdf(idx, arrived, *pr._arrays(), tau, t, need)
+                assert n == arrays[0].size and str(cdf) == str(P._cdf(prep, need, t)), (tau, need, t)
 
 
 def test_the_quorum_cdf_never_falls_as_t_grows():

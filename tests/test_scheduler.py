@@ -1916,7 +1916,7 @@ def _policy_fixture(pending, deployed=False):
     sched = NS(clock=NS(now=lambda: 0.0), cost=NS(startup_s=2.0), work_estimate=lambda js, rnd: 3.0)
     js = NS(predictor=pred, job=NS(id="j", deadline_s=None, unreachable="wait"),
             deployment=object() if deployed else None, pending=lambda rnd: pred.indices(pending))
-    return sched, js, NS(quorum_time=None, quorum=3, members=[], start=0.0, number=0)
+    return sched, js, NS(quorum_time=None, quorum=3, members=[], start=0.0, number=0, quantile_s=None)
 
 
 def test_jit_deploys_the_work_and_a_start_up_ahead_of_the_quorum_quantile():
