@@ -447,8 +447,9 @@ class _JobDriver:
         for party in np.flatnonzero(self.arrivals.leaves == r).tolist():
             self.sched.drop_party(self.jid, party)
         upd = None if self.template is None else np.full(self.template.shape, float(r), np.float32)
+        parties = self.parties[idx[order]].tolist()
         self.clock.call_at_each((start + resp[order]).tolist(), self._submit,
-                                list(zip(itertools.repeat(r), self.parties[idx[order]].tolist(), itertools.repeat(upd))))
+                                list(zip(itertools.repeat(r), parties, itertools.repeat(upd))))
         self.sched.result(self.jid, r).add_done_callback(lambda f: self._done(r, f))
 
     def _submit(self, r, party, upd) -> None:
