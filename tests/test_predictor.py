@@ -400,6 +400,21 @@ def test_poisson_binomial_tail_checks_its_probabilities_and_count():
     assert poisson_binomial_tail([0.5, 0.5], 1.5) == poisson_binomial_tail([0.5, 0.5], 2) == 0.25
 
 
+def _random_pending(rng, max_n=2500, cvs=(0.02, 0.05, 0.2, 0.5, 1.5), max_rounds=5):
+    """A predictor of 2 to max_n parties with 1 to max_rounds - 1 rounds of log-normal response times (one CV of
+    ``cvs``; 80% answer, half of them counted as answering), and a random pending subset (positions)."""
+    pred = Predictor()
+    n = int(rng.integers(2, max_n))
+    cv = float(rng.choice(cvs))
+    for r in range(int(rng.integers(1, max_rounds))):
+        for i in range(n):
+            if rng.random() < 0.8:
+                pred.observe(i, float(np.exp(rng.normal(4.0, cv))))
+        pred.close_round(range(0, n, 2), range(n), r)
+    idx = pred.indices(range(n))
+    return pred, idx[rng.random(n) < rng.random()]
+
+
 def test_the_quantile_search_closes_its_bracket_on_the_first_time_the_cdf_reaches_alpha():
     """The search interpolates (on the CDF's probit) instead of bisecting; its answer must still be the bisection's:
     the CDF reaches alpha there and not 1e-5 (the search's tolerance, in log time) before it, over random party mixes,
@@ -411,16 +426,7 @@ def test_the_quantile_search_closes_its_bracket_on_the_first_time_the_cdf_reache
     evaluations = []
     real_tail = P._quorum_tail_into
     for _ in range(150):
-        pred = Predictor()
-        n = int(rng.integers(2, 2500))
-        cv = float(rng.choice([0.02, 0.05, 0.2, 0.5, 1.5]))
-        for r in range(int(rng.integers(1, 5))):
-            for i in range(n):
-                if rng.random() < 0.8:
-                    pred.observe(i, float(np.exp(rng.normal(4.0, cv))))
-            pred.close_round(range(0, n, 2), range(n), r)
-        idx = pred.indices(range(n))
-        pending = idx[rng.random(n) < rng.random()]
+        pred, pending = _random_pending(rng)
         if pending.size == 0:
             continue
         need = int(rng.integers(1, pending.size + 1))
@@ -465,16 +471,7 @@ def test_a_quantile_is_the_same_whatever_guess_its_search_starts_from():
     counts = {"cold": [], "near": []}
     real_tail = P._quorum_tail_into
     for case in range(60):
-        pred = Predictor()
-        n = int(rng.integers(2, 1500))
-        cv = float(rng.choice([0.02, 0.05, 0.2, 0.5]))
-        for r in range(int(rng.integers(1, 4))):
-            for i in range(n):
-                if rng.random() < 0.8:
-                    pred.observe(i, float(np.exp(rng.normal(4.0, cv))))
-            pred.close_round(range(0, n, 2), range(n), r)
-        idx = pred.indices(range(n))
-        pending = idx[rng.random(n) < rng.random()]
+        pred, pending = _random_pending(rng, 1500, (0.02, 0.05, 0.2, 0.5), 4)
         if pending.size == 0:
             continue
         need = int(rng.integers(1, pending.size + 2))
