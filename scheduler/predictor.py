@@ -558,7 +558,10 @@ def _pending_prep(idx, arrived, mu, sigma, part, known, tau: float):
     logt = math.log(tau) if tau > 0 else 0.0
     m = 0
     for j in range(idx.size):
-        i, w, lsf, isig, s_tau, ws = _pending_party(j, idx, arrived, mu, sigma, part, known, tau, logt)
+        i = idx[j]
+        if (arrived is not None and arrived[j]) or not known[i]:
+            continue
+        w, lsf, isig, s_tau, ws = _party_prep(mu[i], sigma[i], part[i], tau, logt)
         if not w > 0.0:
             continue
         out[0, m], out[1, m], out[2, m], out[3, m] = mu[i], sigma[i], w, lsf
@@ -568,14 +571,11 @@ def _pending_prep(idx, arrived, mu, sigma, part, known, tau: float):
 
 
 @numba.njit(cache=True)
-def _pending_party(j, idx, arrived, mu, sigma, part, known, tau, logtau):
-    """(i, w, log S(tau), 1 / sigma, S(tau), w / S(tau)) of the j-th of the parties at ``idx``, i its position; w = 0
-    where it has arrived or is not known (the passes over pending parties skip w = 0)."""
-    i = idx[j]
-    if (arrived is not None and arrived[j]) or not known[i]:
-        return i, 0.0, 0.0, 0.0, 0.0, 0.0
-    lsf = _log_sf((logtau - mu[i]) / max(sigma[i], 1e-12)) if tau > 0 else 0.0
-    p = part[i]
+def _party_prep(mu, sigma, p, tau, logtau):
+    """(w, log S(tau), 1 / sigma, S(tau), w / S(tau)) of one party (see :func:`_pending_prep`). Its arguments are
+    numbers: the passes over pending parties each keep their loop (a step taking the arrays, which numba's calls
+    count references of, tripled a 1,000-party pass: 18 -> 56 us)."""
+    lsf = _log_sf((logtau - mu) / max(sigma, 1e-12)) if tau > 0 else 0.0
     if p >= 1.0:
         w = 1.0
     elif p <= 0.0:
@@ -584,7 +584,7 @@ def _pending_party(j, idx, arrived, mu, sigma, part, known, tau, logtau):
         e = math.log1p(-p) - math.log(p) - lsf
         w = 0.0 if e > 700.0 else 1.0 / (1.0 + math.exp(e))
     s_tau = math.exp(lsf) if lsf > -690.0 else 0.0
-    return i, w, lsf, 1.0 / max(sigma[i], 1e-12), s_tau, (w / max(s_tau, 1e-300) if s_tau > 0.0 else 0.0)
+    return w, lsf, 1.0 / max(sigma, 1e-12), s_tau, (w / max(s_tau, 1e-300) if s_tau > 0.0 else 0.0)
 
 
 @numba.njit(cache=True)
@@ -611,7 +611,10 @@ def _pending_cdf(idx, arrived, mu, sigma, part, known, tau: float, t: float, nee
     n = m = 0
     mean = var = 0.0
     for j in range(idx.size):
-        i, w, lsf, isig, s_tau, ws = _pending_party(j, idx, arrived, mu, sigma, part, known, tau, logtau)
+        i = idx[j]
+        if (arrived is not None and arrived[j]) or not known[i]:
+            continue
+        w, lsf, isig, s_tau, ws = _party_prep(mu[i], sigma[i], part[i], tau, logtau)
         if not w > 0.0:
             continue
         n += 1
